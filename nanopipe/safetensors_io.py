@@ -1,0 +1,171 @@
+"""The safetensors file format, read and written with numpy and the standard library.
+
+A worker on a Raspberry Pi needs nothing but numpy to read its slice, so nanopipe reads the format
+itself (it is tiny) instead of importing a library for it. The file is:
+
+    [8 bytes: N, little-endian u64][N bytes: JSON header][data: raw little-endian tensor bytes]
+
+and the header maps each tensor name to its dtype, shape and [begin, end) byte offsets relative to
+the start of the data section, plus an optional "__metadata__" dict of str -> str:
+
+    {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]}, ...}
+
+The tests check that files written here load with the official `safetensors` package and back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
+
+DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+NUMPY_TO_DTYPE = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
+                  np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<i2"): "I16",
+                  np.dtype("i1"): "I8", np.dtype("u1"): "U8", np.dtype("?"): "BOOL"}
+
+
+class SafetensorsError(ValueError):
+    """The file is not a valid safetensors file; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str           # safetensors dtype string, e.g. "F32"
+    shape: tuple
+    begin: int           # absolute byte offset in the file
+    end: int             # absolute byte offset in the file (exclusive)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict        # name -> TensorInfo
+    metadata: dict       # the "__metadata__" dict (str -> str), {} if absent
+    data_start: int      # 8 + header length
+    file_size: int | None = None
+
+
+def parse_header(prefix: bytes, source: str, file_size: int | None = None) -> Header:
+    """Parse a header from the first bytes of a file (at least 8 + N of them).
+
+    `source` names the file or URL in error messages. When `file_size` is given, every tensor's
+    byte range is checked to lie inside the file.
+    """
+    if len(prefix) < 8:
+        raise SafetensorsError(f"{source}: too short to be a safetensors file ({len(prefix)} bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"{source}: header claims {n} bytes (max {MAX_HEADER_BYTES}); "
+                               "not a safetensors file, or a corrupted one")
+    if len(prefix) < 8 + n:
+        raise SafetensorsError(f"{source}: truncated header (need {8 + n} bytes, have {len(prefix)})")
+    try:
+        raw = json.loads(prefix[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{source}: header is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SafetensorsError(f"{source}: header is not a JSON object")
+    data_start = 8 + n
+    metadata = raw.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in raw.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{source}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{source}: tensor {name!r} has unsupported dtype {dtype}")
+        want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        if not (0 <= b <= e) or e - b != want:
+            raise SafetensorsError(f"{source}: tensor {name!r} {dtype}{list(shape)} needs {want} bytes "
+                                   f"but its offsets are [{b}, {e})")
+        if file_size is not None and data_start + e > file_size:
+            raise SafetensorsError(f"{source}: tensor {name!r} ends at byte {data_start + e} but the file "
+                                   f"has {file_size} bytes (truncated download?)")
+        tensors[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+    return Header(tensors, dict(metadata), data_start, file_size)
+
+
+def read_header(path: str) -> Header:
+    """Read and check the header of a local file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head8 = f.read(8)
+        if len(head8) < 8:
+            raise SafetensorsError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head8)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise SafetensorsError(f"{path}: header claims {n} bytes but the file has {size}; "
+                                   "not a safetensors file, or a truncated one")
+        return parse_header(head8 + f.read(n), path, file_size=size)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert raw tensor storage to float32 once, at load time (float16 matmul is 30-130x slower)."""
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+def read_tensor(f, info: TensorInfo) -> np.ndarray:
+    """Read one tensor from an open file straight into a fresh array: one copy, no mmap.
+
+    Reading with readinto() keeps peak memory at the size of what we keep (page cache is not RSS),
+    where mmap + copy would count both the mapped pages and the copy.
+    """
+    out = np.empty(info.shape, dtype=DTYPES[info.dtype])
+    f.seek(info.begin)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < info.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise SafetensorsError(f"{getattr(f, 'name', '?')}: file ends inside tensor {info.name!r}")
+        got += n
+    if not out.dtype.isnative:
+        out = out.astype(out.dtype.newbyteorder("="))
+    return out
+
+
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> int:
+    """Write `tensors` (name -> ndarray) to `path` in safetensors format; returns the file size.
+
+    Tensors are laid out in the order given; the header is padded with spaces to a multiple of 8
+    bytes, as the reference writer does, so the data section is aligned.
+    """
+    header, offset = {}, 0
+    arrays = []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        if arr.dtype not in NUMPY_TO_DTYPE:
+            raise SafetensorsError(f"{path}: tensor {name!r} has dtype {arr.dtype}, which safetensors "
+                                   "cannot store")
+        header[name] = {"dtype": NUMPY_TO_DTYPE[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    os.replace(tmp, path)
+    return 8 + len(blob) + offset
