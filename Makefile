@@ -1,0 +1,44 @@
+# nanopipe: `make test` works from a fresh clone with nothing installed but python3.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTEST  := $(BIN)/python -m pytest
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-engine parity bench lint golden clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# the whole default suite (parity against transformers lives in `make parity`)
+test: install
+	$(PYTEST) -q tests --ignore=tests/parity
+
+# the engine alone: what .ci/run also runs under the oldest numpy we support (a Pi's)
+ENGINE_TESTS := tests/test_model.py tests/test_weights.py tests/test_decoding.py tests/test_engine.py \
+                tests/test_golden.py tests/test_safetensors_io.py
+test-engine: install
+	$(PYTEST) -q $(ENGINE_TESTS)
+
+# live comparison against HF transformers (installs torch 2.13.0 CPU + transformers, dev only)
+parity: install
+	$(BIN)/python -m pip install -q -r requirements-parity.txt
+	$(PYTEST) -q -s tests/parity tests/test_golden.py
+
+bench: install
+	$(BIN)/nanopipe bench
+
+lint: install
+	$(BIN)/ruff check nanopipe tests
+
+# rebuild the golden files from transformers (needs `make parity`'s packages)
+golden: install
+	$(BIN)/python tests/golden/make_golden.py
+
+clean:
+	rm -rf $(VENV) .venv-np124 .pytest_cache build *.egg-info

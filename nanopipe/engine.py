@@ -1,0 +1,387 @@
+"""Generation: one scheduler for one process and for the whole cluster.
+
+The scheduler owns rank 0's work: embed -> blocks[lo0:hi0] -> (the ring of workers, if any) -> head
+-> sample. In a single process there is no ring and rank 0 holds every block; in a cluster the
+same code hands rank 0's output to `ring.send()` and picks the final activations up from
+`ring.recv()`. So "the cluster's output equals the single process's" holds by construction, and
+the tests check it anyway.
+
+Continuous batching: every step takes the pending rows of every live session (a prompt chunk of
+up to PREFILL_CHUNK rows, or the one row of the last sampled token), runs them through the stage
+as ONE batch (one matmul per weight; attention per session against its own cache), samples each
+session's next token, and lets new requests join and finished ones leave between steps. With a
+ring of N stages, up to N batches are in flight so every stage has work.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoding import DecodingError, SamplingParams, log_softmax, make_rng, sample
+from .model import KVCache, blocks_forward, embed, head
+from .weights import StageWeights, load_stage
+
+PREFILL_CHUNK = 64        # prompt rows per session per step, so a long prompt never stalls the others
+EOT = 50256               # <|endoftext|>
+
+
+@dataclass
+class Request:
+    """One generation request. Events go to `emit(kind, data)`: "token", "status", "done", "error"."""
+    prompt_ids: list
+    params: SamplingParams
+    emit: object = None
+    echo: bool = False              # also score the prompt: prompt_logprobs
+    top_logprobs: int = 0           # K most likely ids with their logprobs at each generated position
+    stop_at_eot: bool = True
+    id: str = ""
+
+
+@dataclass
+class Session:
+    """Rank 0's state for one live request."""
+    req: Request
+    cache: KVCache
+    rng: np.random.Generator
+    pending: list                   # token ids still to feed through the model
+    pos: int = 0                    # tokens already fed (== every stage's cache length)
+    out_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    in_flight: bool = False
+    finished: bool = False
+    cancelled: bool = False
+    t_start: float = 0.0
+    t_first: float | None = None
+    t_prefill_done: float | None = None
+    node_ms: dict = field(default_factory=dict)   # rank -> {"compute": ms, "transit": ms}
+
+    @property
+    def id(self) -> str:
+        return self.req.id
+
+
+@dataclass
+class Batch:
+    id: int
+    sessions: list                  # Session, in row order
+    counts: list                    # rows per session
+    t0: float = 0.0
+    front_ms: float = 0.0
+
+
+class Scheduler:
+    """Runs every live session forward, one batched step at a time.
+
+    `stage` is rank 0's StageWeights (with embeddings and head). `ring`, when given, carries the
+    activations through the workers: ring.send(batch_id, sessions_meta, x), ring.recv() ->
+    (batch_id, x, trace), ring.free(ids); `ring.depth` is how many batches may be in flight.
+    """
+
+    def __init__(self, stage: StageWeights, ring=None, max_sessions: int = 16, max_batch_rows: int = 256):
+        if not stage.has_head:
+            raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
+        self.stage, self.ring = stage, ring
+        self.config = stage.config
+        self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
+        self.sessions: dict = {}
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.in_flight: dict = {}
+        self._ids = itertools.count(1)
+        self._batch_ids = itertools.count(1)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cancel: set = set()
+        self.stats = {"requests": 0, "tokens": 0, "errors": 0}
+
+    # -- requests in ------------------------------------------------------------------------
+
+    def check(self, req: Request):
+        """Validate a request before it is queued; raises DecodingError with a clear message."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise DecodingError("prompt is empty: give at least one token")
+        if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
+            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}")
+        req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n)
+
+    def submit(self, req: Request) -> str:
+        self.check(req)
+        req.id = req.id or f"s{next(self._ids)}"
+        self.waiting.put(req)
+        self._wake.set()
+        return req.id
+
+    def cancel(self, session_id: str):
+        """Stop a generation (its client went away); its caches are freed at every stage."""
+        self._cancel.add(session_id)
+        self._wake.set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.sessions) or not self.waiting.empty()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run_forever(self):
+        """The leader's scheduler thread."""
+        while not self._stop.is_set():
+            if not self.step():
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+
+    def run_until_idle(self):
+        """Single-process generation: step until every request has finished."""
+        while self.busy or self.in_flight:
+            self.step()
+
+    def step(self) -> bool:
+        """Start batches while the pipeline has room, then finish one. Returns False if idle."""
+        self._admit()
+        self._apply_cancels()
+        depth = getattr(self.ring, "depth", 1)
+        did = False
+        while len(self.in_flight) < depth:
+            batch = self._make_batch(depth)
+            if batch is None:
+                break
+            x = self._front(batch)
+            did = True
+            if self.ring is None:
+                self._finish(batch, x, [])
+            else:
+                self.in_flight[batch.id] = batch
+                self.ring.send(batch.id, [{"id": s.id, "pos": s.pos, "n": n} for s, n in zip(batch.sessions, batch.counts)], x)
+        if self.in_flight:
+            got = self.ring.recv(timeout=0.5)
+            if got is not None:
+                batch_id, x, trace = got
+                batch = self.in_flight.pop(batch_id, None)
+                if batch is not None:
+                    self._finish(batch, x, trace)
+            did = True
+        return did
+
+    def fail_in_flight(self, message: str):
+        """The ring broke: every session with rows in flight gets an error and is dropped."""
+        for batch in list(self.in_flight.values()):
+            for s in batch.sessions:
+                self._end(s, error=message)
+        self.in_flight.clear()
+
+    def fail_all(self, message: str):
+        self.fail_in_flight(message)
+        for s in list(self.sessions.values()):
+            self._end(s, error=message)
+        while not self.waiting.empty():
+            req = self.waiting.get()
+            _emit(req, "error", {"error": message})
+
+    # -- the pieces of a step ----------------------------------------------------------------
+
+    def _admit(self):
+        while len(self.sessions) < self.max_sessions and not self.waiting.empty():
+            req = self.waiting.get()
+            cache = KVCache(len(self.stage.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
+            s = Session(req, cache, make_rng(req.params.seed), list(req.prompt_ids), t_start=time.perf_counter())
+            self.sessions[req.id] = s
+            self.stats["requests"] += 1
+
+    def _apply_cancels(self):
+        for sid in list(self._cancel):
+            s = self.sessions.get(sid)
+            if s is None:
+                self._cancel.discard(sid)
+            elif not s.in_flight:
+                self._cancel.discard(sid)
+                s.cancelled = True
+                self._end(s)
+
+    def _make_batch(self, depth: int):
+        ready = [s for s in self.sessions.values() if not s.in_flight and s.pending and not s.finished]
+        if not ready:
+            return None
+        # with a ring of `depth` stages, split the live sessions into about `depth` groups so
+        # every stage has a batch to work on
+        cap = max(1, math.ceil(len(self.sessions) / depth))
+        sessions, counts, rows = [], [], 0
+        for s in ready[:cap]:
+            n = min(len(s.pending), PREFILL_CHUNK)
+            if rows and rows + n > self.max_batch_rows:
+                break
+            sessions.append(s)
+            counts.append(n)
+            rows += n
+        for s in sessions:
+            s.in_flight = True
+        return Batch(next(self._batch_ids), sessions, counts, t0=time.perf_counter())
+
+    def _front(self, batch: Batch) -> np.ndarray:
+        """Rank 0's part before the ring: embed the new rows and run its blocks."""
+        st = self.stage
+        ids = np.concatenate([np.asarray(s.pending[:n], np.int64) for s, n in zip(batch.sessions, batch.counts)])
+        pos = np.concatenate([np.arange(s.pos, s.pos + n) for s, n in zip(batch.sessions, batch.counts)])
+        x = embed(ids, pos, st.wte, st.wpe)                                     # (T_all, C)
+        x = blocks_forward(x, st.blocks, n_head=self.config.n_head,
+                           segments=[(s.cache, n) for s, n in zip(batch.sessions, batch.counts)])
+        batch.front_ms = (time.perf_counter() - batch.t0) * 1000
+        return x
+
+    def _finish(self, batch: Batch, x: np.ndarray, trace: list):
+        """After the last block: head, sample, emit; sessions that are done leave."""
+        t_back = time.perf_counter()
+        rows, owners = [], []                   # which rows of x need logits, and for whom
+        row = 0
+        for s, n in zip(batch.sessions, batch.counts):
+            last_chunk = n == len(s.pending)
+            if s.req.echo or last_chunk:   # echo scores every prompt row; otherwise only the last row
+                for r in range(row if s.req.echo else row + n - 1, row + n):
+                    rows.append(r)
+                    owners.append((s, r - row, n, last_chunk))
+            row += n
+        logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (R, V)
+        for i, (s, j, n, last_chunk) in enumerate(owners):
+            p = s.pos + j                       # the position whose next token these logits predict
+            if p + 1 < len(s.req.prompt_ids):   # still inside the prompt: score it (echo)
+                s.prompt_logprobs.append(float(log_softmax(logits[i])[s.req.prompt_ids[p + 1]]))
+            elif j == n - 1 and last_chunk:
+                self._sample(s, logits[i])
+        now = time.perf_counter()
+        for s, n in zip(batch.sessions, batch.counts):
+            s.in_flight = False
+            del s.pending[:n]
+            s.pos += n
+            _add_times(s.node_ms, batch, trace, now, t_back)
+            if not s.pending and s.t_prefill_done is None:
+                s.t_prefill_done = now
+            if s.finished or s.id in self._cancel:
+                s.cancelled = s.id in self._cancel
+                self._cancel.discard(s.id)
+                self._end(s)
+
+    def _sample(self, s: Session, logits: np.ndarray):
+        lp = log_softmax(logits)                                                # (V,)
+        tok = int(sample(logits, s.req.params, s.rng))
+        s.out_ids.append(tok)
+        s.logprobs.append(float(lp[tok]))
+        if s.req.top_logprobs:
+            top = np.argsort(-lp, kind="stable")[:s.req.top_logprobs]
+            s.top_logprobs.append([(int(t), float(lp[t])) for t in top])
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        self.stats["tokens"] += 1
+        _emit(s.req, "token", {"id": tok, "logprob": float(lp[tok]), "index": len(s.out_ids) - 1})
+        eot = s.req.stop_at_eot and tok == EOT
+        if eot or len(s.out_ids) >= s.req.params.max_tokens:
+            s.finished = True
+        else:
+            s.pending.append(tok)
+
+    def _end(self, s: Session, error: str | None = None):
+        self.sessions.pop(s.id, None)
+        s.finished = True
+        s.cache = None                                                          # free rank 0's cache
+        if self.ring is not None:
+            self.ring.free([s.id])
+        if error:
+            self.stats["errors"] += 1
+            _emit(s.req, "error", {"error": error})
+        elif not s.cancelled:
+            _emit(s.req, "done", result_of(s))
+
+
+def _emit(req: Request, kind: str, data: dict):
+    if req.emit is not None:
+        req.emit(kind, data)
+
+
+def _add_times(node_ms: dict, batch: Batch, trace: list, now: float, t_back: float):
+    """Accumulate each node's compute and transit time for one session's share of a batch."""
+    r0 = node_ms.setdefault(0, {"compute": 0.0, "transit": 0.0})
+    r0["compute"] += batch.front_ms + (now - t_back) * 1000
+    remote = 0.0
+    for hop in trace:
+        t = node_ms.setdefault(hop["rank"], {"compute": 0.0, "transit": 0.0})
+        t["compute"] += hop["compute_ms"]
+        remote += hop["compute_ms"]
+    if trace:
+        ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms
+        r0["transit"] += max(0.0, ring_ms - remote)
+
+
+def result_of(s: Session) -> dict:
+    """The final stats of a session, shared by the CLI's --json, the client protocol and the web."""
+    end = time.perf_counter()
+    n = len(s.out_ids)
+    prefill_ms = ((s.t_first or end) - s.t_start) * 1000
+    decode_s = end - (s.t_first or end)
+    out = {
+        "id": s.id, "token_ids": list(s.out_ids), "prompt_ids": list(s.req.prompt_ids), "tokens_generated": n,
+        "decoding_strategy": s.req.params.strategy, "logprobs": list(s.logprobs),
+        "prefill_ms": round(prefill_ms, 3), "ttft_ms": round(prefill_ms, 3),
+        "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
+        "total_ms": round((end - s.t_start) * 1000, 3),
+        "finish_reason": "stop" if s.out_ids and s.out_ids[-1] == EOT and s.req.stop_at_eot else "length",
+        "node_ms": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in sorted(s.node_ms.items())},
+        "seed": s.req.params.seed,
+    }
+    if s.req.top_logprobs:
+        out["top_logprobs"] = [[{"id": t, "logprob": lp} for t, lp in pos] for pos in s.top_logprobs]
+    if s.req.echo:
+        out["prompt_logprobs"] = list(s.prompt_logprobs)
+    return out
+
+
+class Engine:
+    """The whole model in one process: the scheduler with no ring.
+
+        eng = Engine.load("weights/gpt2.safetensors")
+        eng.generate([15496, 995], SamplingParams("greedy", max_tokens=5))["token_ids"]
+    """
+
+    def __init__(self, stage: StageWeights):
+        if stage.lo != 0 or stage.hi != stage.config.n_layer:
+            raise ValueError("an Engine holds the whole model; use load_stage() for a pipeline slice")
+        self.stage = stage
+        self.config = stage.config
+        self.scheduler = Scheduler(stage)
+
+    @classmethod
+    def load(cls, path: str, n_head: int | None = None) -> "Engine":
+        return cls(load_stage(path, n_head=n_head))
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""
+        st = self.stage
+        cache = KVCache(len(st.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
+        x = embed(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe)         # (T, C)
+        x = blocks_forward(x, st.blocks, n_head=self.config.n_head, segments=[(cache, len(ids))])
+        return head(x, st.ln_f, st.lm_head)                                     # (T, V)
+
+    def generate(self, prompt_ids, params: SamplingParams, on_token=None, echo: bool = False,
+                 top_logprobs: int = 0) -> dict:
+        """Generate for one prompt; `on_token(id)` is called as each token is sampled."""
+        box = {}
+
+        def emit(kind, data):
+            if kind == "token" and on_token is not None:
+                on_token(data["id"])
+            elif kind in ("done", "error"):
+                box[kind] = data
+
+        self.scheduler.submit(Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs))
+        self.scheduler.run_until_idle()
+        if "error" in box:
+            raise RuntimeError(box["error"]["error"])
+        return box["done"]

@@ -1,0 +1,196 @@
+"""GPT-2 as small numpy functions, split into embed -> blocks[lo:hi] -> head.
+
+A pipeline stage is literally a slice of `blocks`; single-process generation runs the very same
+functions with lo=0, hi=n_layer. Parameter names follow GPT-2's own (wte, wpe, ln_1, attn.c_attn,
+attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f), so calls read like the paper's diagram:
+
+    x = embed(ids, positions, wte, wpe)                        # (T, C)
+    for p in blocks[lo:hi]:
+        x = block(x, **p, n_head=n_head, ...)                  # (T, C)
+    logits = head(x, ln_f, lm_head)                            # (T, V)
+
+Shape notation used across nanopipe: T rows (tokens) in this step, S positions attended to
+(cached + new), C = n_embd, H = n_head, D = C // H (head size), V = vocabulary size, L = layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_ctx: int = 1024
+    n_vocab: int = 50257
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class ContextOverflow(ValueError):
+    """A sequence would go past the model's context window (n_ctx)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the building blocks
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay float32
+
+
+def gelu(x):
+    """GPT-2's GELU, the tanh approximation: gelu(0) = 0, gelu(1) ~ 0.8412, gelu(-1) ~ -0.1588."""
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+
+
+def softmax(x, axis=-1):
+    """softmax([1, 2, 3]) = [0.090, 0.245, 0.665]; subtracting the max keeps exp() from overflowing."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def layer_norm(x, g, b, eps: float = 1e-5):
+    """Normalize each row to mean 0 and variance 1, then scale by g and shift by b."""
+    mean = x.mean(axis=-1, keepdims=True)                       # (T, 1)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)        # (T, 1)
+    return g * (x - mean) / np.sqrt(var + eps) + b              # (T, C)
+
+
+def linear(x, w, b):
+    """x @ w + b with GPT-2's Conv1D layout: w is stored (in, out), so no transpose is needed."""
+    return x @ w + b                                            # (T, in) @ (in, out) -> (T, out)
+
+
+def embed(ids, positions, wte, wpe):
+    """Token embedding plus learned position embedding: row t is wte[ids[t]] + wpe[positions[t]]."""
+    return wte[ids] + wpe[positions]                            # (T, C)
+
+
+def head(x, ln_f, lm_head):
+    """Final LayerNorm, then the LM head: lm_head is wte transposed (tied weights), shape (C, V)."""
+    return layer_norm(x, **ln_f) @ lm_head                      # (T, C) @ (C, V) -> (T, V)
+
+
+def mlp(x, c_fc, c_proj):
+    """Position-wise feed-forward: expand to 4C, GELU, project back to C."""
+    return linear(gelu(linear(x, **c_fc)), **c_proj)            # (T, C) -> (T, 4C) -> (T, C)
+
+
+def attention(q, k, v, start: int):
+    """Causal scaled dot-product attention for one sequence, all heads at once.
+
+    q: (H, T, D) queries for positions start .. start+T-1
+    k, v: (H, S, D) keys and values for positions 0 .. S-1, where S = start + T
+    Query t may look at keys 0 .. start+t and never at a later position (the causal mask).
+    """
+    T, S = q.shape[1], k.shape[1]
+    att = q @ k.transpose(0, 2, 1) * (1.0 / math.sqrt(q.shape[-1]))   # (H, T, S)
+    if T > 1:  # a single new row may see everything cached: no mask needed
+        future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
+        att = np.where(future, np.float32(-1e10), att)
+    return softmax(att) @ v                                     # (H, T, S) @ (H, S, D) -> (H, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# the KV cache
+
+
+class KVCache:
+    """Keys and values of ONE sequence for the layers of ONE stage.
+
+    k and v are (L, H, capacity, D); `length` positions are filled. Capacity grows in chunks
+    (never by re-concatenating the whole cache every token) and never past n_ctx.
+    Worked example: after a 5-token prompt, length == 5; each generated token adds one row.
+    """
+
+    CHUNK = 128
+
+    def __init__(self, n_layers: int, n_head: int, head_dim: int, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.length = 0
+        self._shape = (n_layers, n_head, 0, head_dim)
+        self.k = np.empty(self._shape, np.float32)
+        self.v = np.empty(self._shape, np.float32)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reserve(self, n_new: int) -> int:
+        """Make room for n_new more positions; returns the start position of those rows."""
+        need = self.length + n_new
+        if need > self.n_ctx:
+            raise ContextOverflow(f"sequence of {need} tokens exceeds the context window n_ctx={self.n_ctx} "
+                                  f"({self.length} already in the cache, {n_new} new); "
+                                  "use a shorter prompt or fewer max_tokens")
+        if need > self.capacity:
+            cap = min(self.n_ctx, max(need, 2 * self.capacity, self.CHUNK))
+            cap = min(self.n_ctx, -(-cap // self.CHUNK) * self.CHUNK)
+            L, H, _, D = self._shape
+            for name in ("k", "v"):
+                grown = np.empty((L, H, cap, D), np.float32)
+                grown[:, :, :self.length] = getattr(self, name)[:, :, :self.length]
+                setattr(self, name, grown)
+        return self.length
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformer block, over a batch of sequences
+
+
+def mha(x, c_attn, c_proj, *, n_head: int, layer: int, segments):
+    """Multi-head causal self-attention over the rows of several sequences at once.
+
+    x holds the new rows of every sequence in `segments` (a list of (KVCache, n_rows), in row order),
+    so the big matmuls (c_attn, c_proj) run once for all of them, while each sequence attends only
+    to its own cache. Each sequence's new keys/values are written into its cache at `layer`.
+    """
+    T_all, C = x.shape
+    D = C // n_head
+    qkv = linear(x, **c_attn)                                   # (T_all, 3C)
+    out = np.empty((T_all, C), np.float32)                      # (T_all, C)
+    row = 0
+    for cache, n in segments:
+        start, end = cache.length, cache.length + n
+        q, k, v = (qkv[row:row + n, i * C:(i + 1) * C].reshape(n, n_head, D).transpose(1, 0, 2)
+                   for i in range(3))                           # each (H, n, D)
+        cache.k[layer, :, start:end] = k
+        cache.v[layer, :, start:end] = v
+        y = attention(q, cache.k[layer, :, :end], cache.v[layer, :, :end], start)  # (H, n, D)
+        out[row:row + n] = y.transpose(1, 0, 2).reshape(n, C)
+        row += n
+    return linear(out, **c_proj)                                # (T_all, C)
+
+
+def block(x, ln_1, attn, ln_2, mlp, *, n_head: int, layer: int, segments):
+    """One transformer block: two residual lines, attention then MLP (pre-LayerNorm)."""
+    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head, layer=layer, segments=segments)
+    x = x + _mlp(layer_norm(x, **ln_2), **mlp)
+    return x                                                    # (T_all, C)
+
+
+_mlp = mlp  # `block` takes a parameter named mlp (GPT-2's name); keep the function reachable
+
+
+def blocks_forward(x, blocks, *, n_head: int, segments):
+    """Run a stage's blocks over the new rows of each sequence, then advance each cache.
+
+    segments: list of (KVCache, n_rows); the caches must belong to this stage (len(blocks) layers).
+    """
+    for cache, n in segments:
+        cache.reserve(n)
+    for layer, p in enumerate(blocks):
+        x = block(x, **p, n_head=n_head, layer=layer, segments=segments)
+    for cache, n in segments:
+        cache.length += n
+    return x                                                    # (T_all, C)
