@@ -25,10 +25,14 @@ ENGINE_TESTS := tests/test_model.py tests/test_weights.py tests/test_decoding.py
 test-engine: install
 	$(PYTEST) -q $(ENGINE_TESTS)
 
-# live comparison against HF transformers (installs torch 2.13.0 CPU + transformers, dev only)
-parity: install
-	$(BIN)/python -m pip install -q -r requirements-parity.txt
-	$(PYTEST) -q -s tests/parity tests/test_golden.py
+# live comparison against HF transformers, in its own venv so the main one never holds torch
+# (pip takes the CPU build of torch 2.13.0 that lies on this machine class's disk)
+PARITY_VENV ?= .venv-parity
+parity:
+	test -x $(PARITY_VENV)/bin/python || $(PY) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/python -m pip install -q -r requirements-parity.txt
+	$(PARITY_VENV)/bin/python -m pip install -q -e . --no-deps
+	$(PARITY_VENV)/bin/python -m pytest -q -s tests/parity tests/test_golden.py
 
 bench: install
 	$(BIN)/nanopipe bench
@@ -37,8 +41,8 @@ lint: install
 	$(BIN)/ruff check nanopipe tests
 
 # rebuild the golden files from transformers (needs `make parity`'s packages)
-golden: install
-	$(BIN)/python tests/golden/make_golden.py
+golden: parity
+	$(PARITY_VENV)/bin/python tests/golden/make_golden.py
 
 clean:
-	rm -rf $(VENV) .venv-np124 .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-np124 $(PARITY_VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,257 @@
+"""Which rank holds which transformer blocks.
+
+A plan is a list of half-open (lo, hi) layer ranges indexed by rank: rank r runs blocks[lo:hi].
+The ranges are contiguous and cover every layer exactly once, in rank order, because activations
+flow rank 0 -> 1 -> ... -> n-1 -> rank 0. Rank 0 (the leader) also holds the token and position
+embeddings, the final LayerNorm and the LM head:
+
+    gpt2 (12 layers) on 3 nodes, even:     [(0, 4), (4, 8), (8, 12)]
+    rank 0: embed -> blocks 0-3 -> | rank 1: blocks 4-7 -> | rank 2: blocks 8-11 -> | rank 0: ln_f, head
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+STRATEGIES = ("even", "balanced", "mapping")
+
+
+class PartitionError(ValueError):
+    """A layer plan or layer_mapping is impossible; the message says which rank and layers."""
+
+
+def _ranges(counts: list[int]) -> list[tuple[int, int]]:
+    """[4, 4, 4] -> [(0, 4), (4, 8), (8, 12)]"""
+    out, lo = [], 0
+    for c in counts:
+        out.append((lo, lo + c))
+        lo += c
+    return out
+
+
+def _even_counts(n_layer: int, n_nodes: int) -> list[int]:
+    q, r = divmod(n_layer, n_nodes)
+    return [q + 1] * r + [q] * (n_nodes - r)
+
+
+def _check_sizes(n_layer: int, n_nodes: int) -> None:
+    if n_nodes < 1:
+        raise PartitionError(f"need at least 1 node, got {n_nodes}")
+    if n_layer < 1:
+        raise PartitionError(f"the model needs at least 1 layer, got {n_layer}")
+    if n_nodes > n_layer:
+        raise PartitionError(f"{n_nodes} nodes but only {n_layer} layers: every node needs at least "
+                             f"one layer, so use at most {n_layer} nodes")
+
+
+def even(n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
+    """Split layers as evenly as possible; the remainder goes to the first ranks, one each.
+
+    12 over 3 -> 4, 4, 4 -> [(0, 4), (4, 8), (8, 12)]
+    12 over 5 -> 3, 3, 2, 2, 2 -> [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
+    """
+    _check_sizes(n_layer, n_nodes)
+    return _ranges(_even_counts(n_layer, n_nodes))
+
+
+def head_cost_blocks(n_embd: int, n_vocab: int = 50257) -> float:
+    """The LM head's matmul in units of one block's matmuls, per token.
+
+    A block does ~12*C^2 multiply-adds per token (c_attn 3C^2, attn c_proj C^2, c_fc 4C^2,
+    mlp c_proj 4C^2); the head does V*C. For gpt2: 50257*768 / (12*768^2) = 5.45 blocks.
+    """
+    return n_vocab * n_embd / (12 * n_embd * n_embd)
+
+
+def balanced(n_layer: int, n_nodes: int, head_cost: float | None = None, n_embd: int | None = None,
+             n_vocab: int = 50257) -> list[tuple[int, int]]:
+    """Give rank 0 fewer blocks to make up for the LM head, minimizing the slowest stage.
+
+    Costs are in blocks: rank 0 costs c0 + head_cost, rank r > 0 costs c_r. Pass `head_cost`, or
+    `n_embd` (and `n_vocab`) to compute it with `head_cost_blocks`. For a given c0 the best split
+    of the rest is the even one, so trying every c0 is an exact search.
+
+    Worked example, gpt2 (12 layers, n_embd 768, head = 5.45 blocks) over 3 nodes:
+
+        c0 = 1: rank 0 costs 1 + 5.45 = 6.45, the other 11 split 6/5  -> slowest 6.45
+        c0 = 2: rank 0 costs 2 + 5.45 = 7.45, the other 10 split 5/5  -> slowest 7.45
+        ...
+        best: [(0, 1), (1, 7), (7, 12)], against 4 + 5.45 = 9.45 for the even split.
+    """
+    _check_sizes(n_layer, n_nodes)
+    if head_cost is None:
+        if n_embd is None:
+            raise PartitionError("balanced partition needs head_cost or n_embd to weigh the LM head")
+        head_cost = head_cost_blocks(n_embd, n_vocab)
+    if n_nodes == 1:
+        return [(0, n_layer)]
+    best = None
+    for c0 in range(1, n_layer - (n_nodes - 1) + 1):
+        rest = _even_counts(n_layer - c0, n_nodes - 1)
+        slowest = max(c0 + head_cost, rest[0])
+        if best is None or slowest < best[0]:   # ties keep the smaller c0: less work on the leader
+            best = (slowest, [c0] + rest)
+    return _ranges(best[1])
+
+
+def _parse_span(rank: int, value) -> tuple[int, int]:
+    """[4, 7] or "4-7" (inclusive) -> (4, 8) half-open."""
+    if isinstance(value, str):
+        parts = value.replace(" ", "").split("-")
+        try:
+            first, last = (int(p) for p in parts)
+        except ValueError:
+            raise PartitionError(f"layer_mapping rank {rank}: {value!r} is not \"first-last\", "
+                                 "e.g. \"0-3\"") from None
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        first, last = value
+    else:
+        raise PartitionError(f"layer_mapping rank {rank}: expected [first, last] or \"first-last\" "
+                             f"(inclusive), got {value!r}")
+    if first > last:
+        raise PartitionError(f"layer_mapping rank {rank}: first layer {first} is after last {last}")
+    return first, last + 1
+
+
+def _parse_rank(key) -> int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    raise PartitionError(f"layer_mapping key {key!r} is not a rank number")
+
+
+def _show(lo: int, hi: int) -> str:
+    """(4, 8) -> "4-7": layer ranges are shown inclusive, as people write them."""
+    return f"{lo}-{hi - 1}"
+
+
+def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
+    """An explicit layer_mapping from YAML, {rank: [first, last]} with INCLUSIVE layers.
+
+    >>> from_mapping({0: [0, 1], "1": "2-7", 2: [8, 11]}, n_layer=12, n_nodes=3)
+    [(0, 2), (2, 8), (8, 12)]
+    """
+    _check_sizes(n_layer, n_nodes)
+    if not isinstance(mapping, Mapping):
+        raise PartitionError(f"layer_mapping must map rank -> [first, last], got {mapping!r}")
+    spans: dict[int, tuple[int, int]] = {}
+    for key, value in mapping.items():
+        rank = _parse_rank(key)
+        if rank in spans:
+            raise PartitionError(f"layer_mapping lists rank {rank} twice")
+        spans[rank] = _parse_span(rank, value)
+
+    for rank in sorted(spans):
+        if not 0 <= rank < n_nodes:
+            raise PartitionError(f"layer_mapping lists rank {rank} but the cluster has {n_nodes} "
+                                 f"nodes (ranks 0-{n_nodes - 1})")
+    for rank in range(n_nodes):
+        if rank not in spans:
+            raise PartitionError(f"layer_mapping has no entry for rank {rank} (it lists ranks "
+                                 f"{sorted(spans)}; the cluster has {n_nodes} nodes)")
+    for rank, (lo, hi) in spans.items():
+        if lo < 0 or hi > n_layer:
+            raise PartitionError(f"layer_mapping rank {rank}: layers {_show(lo, hi)} out of range; "
+                                 f"the model has {n_layer} layers (0-{n_layer - 1})")
+
+    by_start = sorted(range(n_nodes), key=lambda r: spans[r])
+    for a, b in zip(by_start, by_start[1:]):
+        if spans[b][0] < spans[a][1]:
+            raise PartitionError(f"layer_mapping: ranks {a} and {b} both hold layers "
+                                 f"{_show(spans[b][0], min(spans[a][1], spans[b][1]))}")
+    if by_start != list(range(n_nodes)):
+        raise PartitionError(f"layer_mapping ranks are out of order ({_describe(spans)}); "
+                             "activations flow rank 0 -> 1 -> 2 ..., so rank r+1 must start where "
+                             "rank r ends")
+
+    ranges = [spans[r] for r in range(n_nodes)]
+    edges = [(0, 0)] + ranges + [(n_layer, n_layer)]
+    for prev, nxt in zip(edges, edges[1:]):
+        if nxt[0] > prev[1]:
+            raise PartitionError(f"layer_mapping: layers {_show(prev[1], nxt[0])} are held by no "
+                                 f"rank ({_describe(spans)})")
+    return ranges
+
+
+def _describe(spans: dict) -> str:
+    return ", ".join(f"rank {r}: {_show(*spans[r])}" for r in sorted(spans))
+
+
+def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | None = None,
+         **kw) -> list[tuple[int, int]]:
+    """The layer ranges for a cluster: an explicit `mapping` wins, else `strategy`.
+
+    `strategy` is "even", "balanced" (pass head_cost= or n_embd=) or "mapping" (needs `mapping`).
+    """
+    _check_sizes(n_layer, n_nodes)
+    if strategy not in STRATEGIES:
+        raise PartitionError(f"unknown partition strategy {strategy!r}; use one of "
+                             f"{', '.join(STRATEGIES)}")
+    if mapping is not None:
+        return from_mapping(mapping, n_layer, n_nodes)
+    if strategy == "mapping":
+        raise PartitionError("partition strategy 'mapping' needs a layer_mapping")
+    if strategy == "balanced":
+        return balanced(n_layer, n_nodes, **kw)
+    return even(n_layer, n_nodes)
+
+
+def block_params(n_embd: int) -> int:
+    """Parameters in one transformer block: 12*C^2 + 13*C, i.e. 7,087,872 for gpt2 (C=768)."""
+    c = n_embd
+    ln_1 = 2 * c
+    c_attn = c * 3 * c + 3 * c
+    attn_proj = c * c + c
+    ln_2 = 2 * c
+    c_fc = c * 4 * c + 4 * c
+    mlp_proj = 4 * c * c + c
+    return ln_1 + c_attn + attn_proj + ln_2 + c_fc + mlp_proj
+
+
+def stage_bytes(n_layer_slice: int, n_embd: int, n_vocab: int, n_ctx: int, rank0: bool,
+                tied: bool = True) -> int:
+    """float32 bytes of weights a stage holds.
+
+    Rank 0 adds wte (V*C), wpe (n_ctx*C), ln_f (2C) and the transposed LM-head copy (V*C) the
+    engine keeps so the head is one contiguous `x @ W` (C, V) matmul. With tied=False the
+    checkpoint has its own lm_head.weight (V*C) that is held as well.
+
+    gpt2, 4 blocks on rank 0: 4*7,087,872 + 2*38,597,376 + 786,432 + 1,536 = 106,334,208 params
+    = 425,336,832 bytes; a worker with 4 blocks holds 4*7,087,872*4 = 113,405,952 bytes.
+    """
+    params = n_layer_slice * block_params(n_embd)
+    if rank0:
+        c, v = n_embd, n_vocab
+        params += v * c + n_ctx * c + 2 * c + v * c
+        if not tied:
+            params += v * c
+    return 4 * params
+
+
+def format_plan(ranges: list[tuple[int, int]], names: list[str] | None = None,
+                bytes_per_rank: list[int] | None = None) -> str:
+    """The plan as a table, one row per rank:
+
+        Node    Rank  Layers  Count
+        leader     0  0-3         4
+        pi-1       1  4-7         4
+        pi-2       2  8-11        4
+    """
+    names = names or [f"rank{r}" for r in range(len(ranges))]
+    for what, xs in (("names", names), ("bytes_per_rank", bytes_per_rank)):
+        if xs is not None and len(xs) != len(ranges):
+            raise PartitionError(f"format_plan: {len(xs)} {what} for {len(ranges)} ranks")
+    header = ["Node", "Rank", "Layers", "Count"] + (["Weights MB"] if bytes_per_rank else [])
+    rows = []
+    for r, (lo, hi) in enumerate(ranges):
+        row = [names[r], str(r), _show(lo, hi), str(hi - lo)]
+        if bytes_per_rank:
+            row.append(f"{bytes_per_rank[r] / 1e6:.1f}")
+        rows.append(row)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    right = {1, 3, 4}   # numbers right-aligned
+    lines = ["  ".join(x.rjust(w) if i in right else x.ljust(w)
+                       for i, (x, w) in enumerate(zip(line, widths))).rstrip()
+             for line in [header] + rows]
+    return "\n".join(lines)

@@ -1,0 +1,329 @@
+"""The wire: how nanopipe nodes talk over plain TCP, one length-prefixed frame at a time.
+
+TCP delivers a stream of bytes, not messages, so every message is framed. A frame is
+
+    [20-byte header][meta: UTF-8 JSON object][payload: raw bytes]
+
+and the header says how long the other two parts are:
+
+    offset  size  field            type       value
+    0       4     magic            4s         b"NPIP"
+    4       1     version          u8         PROTOCOL_VERSION (1)
+    5       1     message type     u8         a Msg, e.g. 6 = ACT
+    6       2     flags            u16        0 (reserved)
+    8       4     meta length      u32        bytes of JSON that follow the header
+    12      8     payload length   u64        bytes of payload that follow the meta
+
+all little-endian. For an ACT frame the payload is the activations, `ndarray.tobytes()` in
+little-endian order, and the meta carries their dtype and shape. Worked example, one decode step of
+gpt2-small (n_embd 768) for one session:
+
+    meta    = {"sessions": [{"id": "s1", "pos": 7, "n": 1}], "dtype": "float32", "shape": [1, 768]}
+    payload = 1 * 768 * 4 = 3072 bytes
+    frame   = 20 + 74 (compact meta JSON) + 3072 = 3166 bytes, sent with one sendall
+
+Nothing here unpickles: a peer can only make us parse JSON and copy bytes, and every length is
+checked against a cap before anything is allocated. docs/PROTOCOL.md lists every message type.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import socket
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAGIC = b"NPIP"
+HEADER = struct.Struct("<4sBBHIQ")  # magic, version, msg type, flags, meta length, payload length
+MAX_META_BYTES = 1024 * 1024              # 1 MiB: meta is small JSON (ids, sampling params, stats)
+MAX_PAYLOAD_BYTES = 256 * 1024 * 1024     # 256 MiB: a 1024-token gpt2-xl prefill is 6.5 MB
+
+# dtype names allowed in an array frame's meta -> the little-endian numpy dtype they mean
+DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+
+
+class Msg(enum.IntEnum):
+    """Message types; docs/PROTOCOL.md gives each one's direction, meta keys and payload."""
+    HELLO = 1       # peer -> leader: role, rank, version, auth proof
+    CHALLENGE = 2   # leader -> peer: nonce for HMAC auth
+    WELCOME = 3     # leader -> peer: accepted (+ layer range, model info, next hop for a worker)
+    REJECT = 4      # leader -> peer: reason
+    READY = 5       # worker -> leader: slice loaded, listening
+    ACT = 6         # activations of one or more sessions, round the ring
+    FREE = 7        # free these sessions' KV caches at every stage
+    GENERATE = 8    # client -> leader: prompt + sampling params
+    TOKEN = 9       # leader -> client: one token id + text piece
+    DONE = 10       # leader -> client: stats
+    ERROR = 11      # either way: message
+    PING = 12
+    PONG = 13
+    STATS = 14      # worker -> leader: rss, compute times
+    CANCEL = 15     # client -> leader
+    STATUS = 16     # leader -> client: status text, e.g. waiting for a rank to rejoin
+
+
+class WireError(Exception):
+    """Something went wrong on a connection; the message names the peer."""
+
+
+class ProtocolError(WireError):
+    """The peer sent bytes that are not a valid frame. Close this connection (only this one)."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The peer closed the connection in the middle of a frame."""
+
+
+class ConnectionClosed(WireError):
+    """The peer closed the connection cleanly, between two frames."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    msg: Msg
+    meta: dict
+    payload: bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# sending
+
+def encode_frame(msg: Msg, meta: dict | None = None, payload: bytes | np.ndarray = b"") -> bytes:
+    """Header + JSON meta + payload as one bytes object, ready for a single sendall.
+
+    >>> len(encode_frame(Msg.PING))   # 20-byte header + b"{}"
+    22
+
+    An ndarray payload is sent as its little-endian, C-contiguous bytes; use `send_array` to also
+    record its dtype and shape in the meta.
+    """
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise TypeError(f"{Msg(msg).name} meta must be a dict, got {type(meta).__name__}")
+    meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise WireError(f"{Msg(msg).name} meta is {len(meta_bytes)} bytes, over the "
+                        f"{MAX_META_BYTES}-byte limit; send bulk data as the payload")
+    if isinstance(payload, np.ndarray):
+        payload = _array_bytes(payload)
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg), 0, len(meta_bytes), len(payload))
+    return b"".join((header, meta_bytes, payload))
+
+
+def _array_bytes(array: np.ndarray) -> bytes:
+    little = array.dtype.newbyteorder("<")   # '<' for multi-byte dtypes, no-op for 1-byte ones
+    return np.ascontiguousarray(array, dtype=little).tobytes()
+
+
+def array_meta(array: np.ndarray, meta: dict | None = None) -> dict:
+    """`meta` plus the "dtype" and "shape" keys that `frame_array` rebuilds the array from."""
+    name = array.dtype.name   # byte order is not part of the name: '>f4' is "float32" too
+    if name not in DTYPES:
+        raise WireError(f"cannot send a {array.dtype} array; allowed dtypes: {', '.join(DTYPES)}")
+    return {**(meta or {}), "dtype": name, "shape": list(array.shape)}
+
+
+def send_frame(sock: socket.socket, msg: Msg, meta: dict | None = None,
+               payload: bytes | np.ndarray = b"") -> None:
+    sock.sendall(encode_frame(msg, meta, payload))
+
+
+def send_array(sock: socket.socket, msg: Msg, meta: dict | None, array: np.ndarray) -> None:
+    """Send `array` as the payload, with its dtype and shape added to the meta."""
+    send_frame(sock, msg, array_meta(array, meta), array)
+
+
+# ---------------------------------------------------------------------------------------------
+# receiving
+
+def recv_exact(sock: socket.socket, n: int, peer: str = "peer", at_boundary: bool = False,
+               part: str = "frame") -> bytes:
+    """Read exactly n bytes; `sock.recv` may return fewer than asked, so loop.
+
+    If the peer closes before anything arrived and `at_boundary` is true (we were between frames),
+    that is a clean close: ConnectionClosed. A close after some bytes is a TruncatedFrame.
+    Socket errors (timeouts, resets) propagate as OSError; after one the stream is out of step, so
+    close the connection.
+    """
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0 and at_boundary:
+                raise ConnectionClosed(f"{peer} closed the connection")
+            raise TruncatedFrame(f"truncated frame from {peer}: connection closed in the {part}, "
+                                 f"got {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket, peer: str = "peer",
+               max_payload: int = MAX_PAYLOAD_BYTES) -> Frame:
+    """Read one frame. The header is checked before the meta or payload is allocated, so a peer
+    that claims a 4 GB payload gets a ProtocolError, not a 4 GB bytearray."""
+    header = recv_exact(sock, HEADER.size, peer, at_boundary=True, part="header")
+    msg, meta_len, payload_len = _parse_header(header, peer, max_payload)
+    meta = _parse_meta(recv_exact(sock, meta_len, peer, part="meta"), msg, peer)
+    payload = recv_exact(sock, payload_len, peer, part="payload")
+    return Frame(msg, meta, payload)
+
+
+def decode_frame(data: bytes, peer: str = "buffer", max_payload: int = MAX_PAYLOAD_BYTES) -> Frame:
+    """Parse one complete frame held in `data`, with the same checks as `recv_frame`."""
+    if len(data) < HEADER.size:
+        raise TruncatedFrame(f"truncated frame from {peer}: got {len(data)} of {HEADER.size} "
+                             "header bytes")
+    msg, meta_len, payload_len = _parse_header(data[:HEADER.size], peer, max_payload)
+    total = HEADER.size + meta_len + payload_len
+    if len(data) < total:
+        raise TruncatedFrame(f"truncated frame from {peer}: got {len(data)} of {total} bytes")
+    if len(data) > total:
+        raise ProtocolError(f"{peer}: {len(data) - total} bytes after the end of a {total}-byte "
+                            f"{msg.name} frame")
+    meta = _parse_meta(data[HEADER.size:HEADER.size + meta_len], msg, peer)
+    return Frame(msg, meta, bytes(data[HEADER.size + meta_len:]))
+
+
+def _parse_header(header: bytes, peer: str, max_payload: int) -> tuple[Msg, int, int]:
+    """Check a 20-byte header; returns (msg, meta length, payload length)."""
+    magic, version, msg_type, flags, meta_len, payload_len = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"{peer}: bad magic {magic!r} (expected {MAGIC!r}); the peer is not a "
+                            "nanopipe node, or the stream is out of step")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{peer} speaks protocol version {version}, this node speaks "
+                            f"{PROTOCOL_VERSION}; run the same nanopipe version on every node")
+    try:
+        msg = Msg(msg_type)
+    except ValueError:
+        raise ProtocolError(f"{peer}: unknown message type {msg_type}") from None
+    if flags != 0:
+        raise ProtocolError(f"{peer}: {msg.name} frame has flags {flags:#06x}; flags are reserved "
+                            "and must be 0 in protocol version 1")
+    if meta_len > MAX_META_BYTES:
+        raise ProtocolError(f"{peer}: {msg.name} frame claims {meta_len} bytes of meta, over the "
+                            f"{MAX_META_BYTES}-byte limit")
+    if payload_len > max_payload:
+        raise ProtocolError(f"{peer}: {msg.name} frame claims a {payload_len}-byte payload, over "
+                            f"the {max_payload}-byte limit (raise max_payload if it is genuine)")
+    return msg, meta_len, payload_len
+
+
+def _parse_meta(raw: bytes, msg: Msg, peer: str) -> dict:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{peer}: {msg.name} frame meta is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"{peer}: {msg.name} frame meta must be a JSON object, "
+                            f"got {type(meta).__name__}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the handshake's proof: the peer shows it knows the cluster token without sending it
+
+def make_nonce() -> str:
+    """A fresh CHALLENGE nonce: 32 random bytes as 64 hex characters."""
+    return secrets.token_hex(32)
+
+
+def auth_proof(token: str | None, nonce: str) -> str | None:
+    """HELLO's "proof": HMAC-SHA256 keyed by the token over the nonce's bytes, as hex.
+
+    None when the cluster runs without a token. A new nonce per connection means a proof
+    overheard on the network cannot be replayed.
+    """
+    if not token:
+        return None
+    try:
+        message = bytes.fromhex(nonce)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"CHALLENGE nonce {nonce!r} is not hex") from None
+    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def proof_ok(token: str | None, nonce: str, proof) -> bool:
+    """Does HELLO's proof match? Always true when the cluster has no token."""
+    if not token:
+        return True
+    return isinstance(proof, str) and hmac.compare_digest(proof, auth_proof(token, nonce))
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays and sessions in a frame
+
+def frame_array(frame: Frame, expect_cols: int | None = None, peer: str = "peer") -> np.ndarray:
+    """Rebuild the array a peer sent with `send_array`, without copying the payload.
+
+    The array is a read-only view of `frame.payload`; numpy ops like `x + y` make new arrays,
+    so only in-place writes (`x += y`) need a `.copy()` first.
+
+    >>> f = decode_frame(encode_frame(Msg.ACT, {"dtype": "float32", "shape": [2, 3]},
+    ...                               np.arange(6, dtype=np.float32)))
+    >>> frame_array(f, expect_cols=3)
+    array([[0., 1., 2.],
+           [3., 4., 5.]], dtype=float32)
+    """
+    what = f"{peer}: {frame.msg.name} frame"
+    name = frame.meta.get("dtype")
+    if name not in DTYPES:
+        raise ProtocolError(f"{what} has dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    shape = frame.meta.get("shape")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise ProtocolError(f"{what} has shape {shape!r}; expected a list of non-negative ints")
+    dtype = DTYPES[name]
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(frame.payload):
+        raise ProtocolError(f"{what} says {name} {shape} ({expected} bytes) but carries "
+                            f"{len(frame.payload)} payload bytes")
+    if expect_cols is not None and (not shape or shape[-1] != expect_cols):
+        raise ProtocolError(f"{what} has rows of width {shape[-1] if shape else None} but this "
+                            f"model has n_embd={expect_cols}; do all nodes run the same model?")
+    return np.frombuffer(frame.payload, dtype=dtype).reshape(shape)
+
+
+def act_sessions(frame: Frame, peer: str = "peer") -> list[dict]:
+    """Check an ACT frame's "sessions" list against its rows; returns the list.
+
+    The rows of the payload are the rows of each listed session concatenated in order:
+
+        sessions [{"id": "a", "pos": 0, "n": 5}, {"id": "b", "pos": 9, "n": 1}], shape [6, 768]
+        -> rows 0-4 are session a's prompt (positions 0-4), row 5 is session b's next token (pos 9)
+    """
+    what = f"{peer}: {frame.msg.name} frame"
+    sessions = frame.meta.get("sessions")
+    if not isinstance(sessions, list) or not sessions:
+        raise ProtocolError(f"{what} needs a non-empty \"sessions\" list, got {sessions!r}")
+    for s in sessions:
+        if not (isinstance(s, dict) and isinstance(s.get("id"), str) and _is_count(s.get("pos"))
+                and _is_count(s.get("n")) and s["n"] > 0):
+            raise ProtocolError(f"{what} has a bad session entry {s!r}; expected "
+                                "{\"id\": str, \"pos\": int >= 0, \"n\": int >= 1}")
+    ids = [s["id"] for s in sessions]
+    if len(set(ids)) != len(ids):
+        raise ProtocolError(f"{what} lists a session twice: {ids}")
+    shape = frame.meta.get("shape")
+    rows = shape[0] if isinstance(shape, list) and shape else None
+    if sum(s["n"] for s in sessions) != rows:
+        raise ProtocolError(f"{what}: sessions hold {sum(s['n'] for s in sessions)} rows "
+                            f"but the array has shape {shape!r}")
+    return sessions
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
