@@ -1,0 +1,687 @@
+"""Download model weights: the whole file, or just the byte ranges one pipeline stage needs.
+
+A safetensors file is a JSON header followed by raw tensor bytes, and the header says where each
+tensor lives. So a worker that runs blocks 16..31 of gpt2-xl does not need the whole 6.4 GB file:
+it reads the header with two small HTTP Range requests, picks its tensors, and fetches only their
+byte ranges (about a third of the file):
+
+    GET Range: bytes=0-7            -> 8 bytes: N, the header length (little-endian u64)
+    GET Range: bytes=8-(8+N-1)      -> the JSON header: name -> dtype, shape, data_offsets
+    GET Range: bytes=b-e            -> one request per run of adjacent tensors the stage keeps
+
+Everything is downloaded into `dest + ".part"` and renamed to `dest` only once it is complete and
+verified, so a loader never meets a half-written file. An interrupted download resumes where the
+`.part` file ends (`Range: bytes=N-`); a server that ignores Range makes us start again from zero.
+
+Only the standard library is used (urllib), so a worker needs nothing beyond numpy to fetch its part.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from .safetensors_io import Header, SafetensorsError, parse_header, read_header
+
+USER_AGENT = "nanopipe-pull/0.1"
+RESUMES = 3           # how many dropped connections one pull() rides out before giving up
+REDRAW_SECONDS = 0.25  # progress line redraws at most ~4 times a second
+
+
+class PullError(RuntimeError):
+    """A download failed; the message names the URL or path and says what to do next."""
+
+
+def _what_to_do(dest: str) -> str:
+    return (f"copy the file to {dest} from a machine that has it, or run "
+            f"`nanopipe init-weights {dest}` for synthetic (random) weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# naming: layer ranges and slice files
+
+
+def parse_layers(text: str) -> tuple:
+    """Inclusive block range as typed on the command line -> half-open (lo, hi), like h[lo:hi].
+
+        "4-7" -> (4, 8)      blocks 4, 5, 6 and 7
+        "5"   -> (5, 6)      block 5 alone
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise PullError(f"--layers {text!r}: expected a block range like '4-7' (inclusive) "
+                        "or one block like '5'")
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) is not None else first
+    if last < first:
+        raise PullError(f"--layers {text!r}: the range is backwards; write the lower block first, "
+                        f"e.g. '{last}-{first}'")
+    return first, last + 1
+
+
+def _layers_tag(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}"  # half-open, as in h[lo:hi]
+
+
+def slice_path(dest: str, lo: int, hi: int) -> str:
+    """Where the slice of blocks lo..hi-1 of `dest` is stored.
+
+        slice_path("weights/model.safetensors", 4, 8) -> "weights/model.layers-4-8.safetensors"
+    """
+    root, ext = os.path.splitext(dest)
+    return f"{root}.layers-{_layers_tag(lo, hi)}{ext or '.safetensors'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# which tensors a stage needs
+
+
+def _base(name: str) -> str:
+    """'transformer.h.0.ln_1.weight' (save_pretrained) -> 'h.0.ln_1.weight' (hub file)."""
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
+
+def _block_index(base: str):
+    """'h.7.attn.c_attn.weight' -> (7, 'attn.c_attn.weight'); anything else -> (None, base)."""
+    parts = base.split(".", 2)
+    if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return None, base
+
+
+def wanted(name: str, lo: int, hi: int, rank0: bool) -> bool:
+    """Does the stage running blocks lo..hi-1 (plus embeddings and head when rank0) need `name`?
+
+    The causal-mask buffers `h.N.attn.bias` ([1, 1, n_ctx, n_ctx] float32, 4 MiB each in gpt2-xl)
+    are skipped: the model builds its mask itself. Both 'h.0.ln_1.weight' and the
+    'transformer.h.0.ln_1.weight' of save_pretrained files are understood.
+    """
+    base = _base(name)
+    i, rest = _block_index(base)
+    if i is not None:
+        return lo <= i < hi and rest not in ("attn.bias", "attn.masked_bias")
+    return rank0 and (base in ("wte.weight", "wpe.weight", "lm_head.weight") or base.startswith("ln_f."))
+
+
+def _n_layer(names) -> int:
+    idx = [i for i, _ in map(_block_index, map(_base, names)) if i is not None]
+    return max(idx) + 1 if idx else 0
+
+
+def select_tensors(header: Header, lo: int, hi: int, rank0: bool, source: str = "the file") -> list:
+    """The TensorInfos the stage needs, in file order; a clear error if the file lacks those blocks."""
+    n_layer = _n_layer(header.tensors)
+    if not 0 <= lo < hi <= n_layer:
+        raise PullError(f"{source}: blocks {lo}..{hi - 1} asked for, but the file holds {n_layer} blocks "
+                        f"(0..{n_layer - 1}); pick --layers inside that range")
+    infos = [t for t in header.tensors.values() if wanted(t.name, lo, hi, rank0)]
+    return sorted(infos, key=lambda t: t.begin)
+
+
+def merge_ranges(infos) -> list:
+    """Byte ranges [begin, end) of tensors, with touching neighbours merged into one request.
+
+        [(100, 200), (200, 260), (300, 400)] -> [(100, 260), (300, 400)]
+    """
+    runs = []
+    for t in sorted(infos, key=lambda t: t.begin):
+        if runs and runs[-1][1] == t.begin:
+            runs[-1][1] = t.end
+        else:
+            runs.append([t.begin, t.end])
+    return [tuple(r) for r in runs]
+
+
+def total_and_slice_bytes(header: Header, lo: int, hi: int, rank0: bool) -> tuple:
+    """(bytes of the whole file, tensor bytes the stage downloads) for a header already read.
+
+    The slice file adds its own small JSON header (a few KB) on top of the tensor bytes.
+    """
+    total = header.file_size or max((t.end for t in header.tensors.values()), default=header.data_start)
+    return total, sum(t.nbytes for t in select_tensors(header, lo, hi, rank0))
+
+
+def gpt2_tensor_shapes(n_layer: int, n_embd: int, n_vocab: int, n_ctx: int) -> dict:
+    """name -> shape of the official hub file (with its [1, 1, n_ctx, n_ctx] mask buffers)."""
+    C = n_embd
+    shapes = {"wte.weight": (n_vocab, C), "wpe.weight": (n_ctx, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(n_layer):
+        shapes.update({
+            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,), f"h.{i}.attn.bias": (1, 1, n_ctx, n_ctx),
+            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
+            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
+            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
+            f"h.{i}.mlp.c_fc.weight": (C, 4 * C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
+            f"h.{i}.mlp.c_proj.weight": (4 * C, C), f"h.{i}.mlp.c_proj.bias": (C,),
+        })
+    return shapes
+
+
+def slice_bytes_for(n_layer: int, n_embd: int, n_vocab: int, n_ctx: int, lo: int, hi: int, rank0: bool,
+                    itemsize: int = 4) -> tuple:
+    """(tensor bytes of the official float32 file, tensor bytes a stage downloads), from shapes alone.
+
+    A hand-checkable case, n_layer = n_embd = n_vocab = n_ctx = 1: a block holds 26 floats
+    (ln_1 2, mask 1, c_attn 3+3, attn.c_proj 1+1, ln_2 2, c_fc 4+4, mlp.c_proj 4+1) and the rest
+    4 (wte 1, wpe 1, ln_f 2), so the file has 30 floats = 120 bytes and a worker running block 0
+    fetches 25 floats (no mask) = 100 bytes.
+    """
+    shapes = gpt2_tensor_shapes(n_layer, n_embd, n_vocab, n_ctx)
+    size = {name: itemsize * _numel(shape) for name, shape in shapes.items()}
+    if not 0 <= lo < hi <= n_layer:
+        raise PullError(f"blocks {lo}..{hi - 1} asked for, but the model has {n_layer} blocks")
+    return sum(size.values()), sum(b for name, b in size.items() if wanted(name, lo, hi, rank0))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# verifying a file
+
+
+def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: str, sha256: str | None = None, expected_size: int | None = None) -> Header:
+    """Check a downloaded file; return its header or raise PullError saying what is wrong.
+
+    The header must parse and every tensor's bytes must lie inside the file (this catches a
+    truncated download even without a checksum); the size must match what the server announced;
+    the sha256 must match when one is given (it covers the whole file, so only full downloads have one).
+    """
+    try:
+        header = read_header(path)
+    except (SafetensorsError, OSError) as e:
+        raise PullError(f"{path}: not a valid safetensors file ({e})") from None
+    size = os.path.getsize(path)
+    if expected_size is not None and size != expected_size:
+        raise PullError(f"{path}: has {size} bytes but the server announced {expected_size} "
+                        "(incomplete download)")
+    if sha256:
+        got = sha256_of(path)
+        if got.lower() != sha256.strip().lower():
+            raise PullError(f"{path}: sha256 is {got}, expected {sha256} (corrupted download, or the "
+                            "sha256 in the config belongs to another file)")
+    return header
+
+
+# ---------------------------------------------------------------------------------------------
+# progress line
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """One line on `out`, redrawn with \\r at most ~4 times a second, then a final newline:
+
+        12.6 MB / 548.1 MB   2%  8.3 MB/s  ETA 1:04
+    The rate counts only bytes fetched in this run, not those resumed from a .part file.
+    """
+
+    def __init__(self, total: int | None, done: int = 0, out=None, enabled: bool = True):
+        self.total, self.done, self.enabled = total, done, enabled
+        self.out = sys.stderr if out is None else out
+        self.start_done, self.t0 = done, time.monotonic()
+        self.last_draw = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self.last_draw >= REDRAW_SECONDS:
+            self.last_draw = now
+            self._draw(now)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.monotonic()) - self.t0, 1e-6)
+        rate = (self.done - self.start_done) / elapsed                  # bytes/s
+        text = _mb(self.done)
+        if self.total:
+            left = max(self.total - self.done, 0)
+            eta = _clock(left / rate) if rate > 0 else "?"
+            text += f" / {_mb(self.total)}  {100 * self.done // self.total:3d}%"
+        else:
+            eta = "?"
+        return f"{text}  {rate / 1e6:.1f} MB/s  ETA {eta}"
+
+    def _draw(self, now: float) -> None:
+        self.out.write("\r" + self.line(now).ljust(60))
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.out.write("\n")
+            self.out.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+class _Dropped(Exception):
+    """The connection ended before the announced number of bytes arrived."""
+
+
+def _open(url: str, start: int = 0, end: int | None = None, *, timeout: float, dest: str):
+    """GET url, with `Range: bytes=start-(end-1)` unless start == 0 and end is None.
+
+    Returns the response; network failures and HTTP errors other than 416 become PullErrors.
+    """
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if start or end is not None:
+        headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:
+            raise
+        e.close()
+        hint = " (check the url for this model in the config)" if e.code == 404 else ""
+        raise PullError(f"{url}: HTTP {e.code} {e.reason}{hint}; {_what_to_do(dest)}") from None
+    except ValueError as e:   # 'unknown url type', an empty url
+        raise PullError(f"{url!r} is not a usable url ({e}); fix the url for this model in the config, or "
+                        f"{_what_to_do(dest)}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise PullError(f"cannot reach {url} ({reason}); if this machine has no network, "
+                        f"{_what_to_do(dest)}") from None
+
+
+def _content_range(resp) -> tuple:
+    """'bytes 100-199/1000' -> (100, 1000); total is None for '/*'."""
+    m = re.fullmatch(r"bytes\s+(\d+)-\d+/(\d+|\*)", (resp.headers.get("Content-Range") or "").strip())
+    if not m:
+        return None, None
+    return int(m.group(1)), (None if m.group(2) == "*" else int(m.group(2)))
+
+
+def _length(resp):
+    n = resp.headers.get("Content-Length")
+    return int(n) if n is not None and n.isdigit() else None
+
+
+def _copy(resp, f, n: int | None, bar: Progress, chunk: int) -> None:
+    """Stream the body into f chunk by chunk; raise _Dropped if it stops short of n bytes."""
+    got = 0
+    while n is None or got < n:
+        try:
+            buf = resp.read(chunk if n is None else min(chunk, n - got))
+        except (http.client.HTTPException, OSError) as e:   # reset, timeout, IncompleteRead
+            raise _Dropped(f"{type(e).__name__}: {e}") from None
+        if not buf:
+            break
+        f.write(buf)  # an OSError here is the disk, not the network: let it through
+        got += len(buf)
+        bar.update(len(buf))
+    if n is not None and got < n:
+        raise _Dropped(f"connection closed after {got} of {n} bytes")
+
+
+def _check_space(path: str, need: int | None) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if need and free < need:
+        raise PullError(f"not enough disk space for {path}: it needs {_mb(need)} more, {folder} has "
+                        f"{_mb(free)} free; free some space or use another weights directory")
+
+
+def _disk_full(path: str, need: int | None) -> PullError:
+    folder = os.path.dirname(os.path.abspath(path))
+    need_text = f"it needs {_mb(need)} in total" if need else "the file needs more space"
+    return PullError(f"disk full while writing {path}: {need_text}, {folder} has "
+                     f"{_mb(shutil.disk_usage(folder).free)} free; free some space and run the same "
+                     f"command again to resume, or use another weights directory")
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole file
+
+
+def _open_resumed(url: str, part: str, *, timeout: float, out, dest: str):
+    """Open a GET that continues `part`. Returns (response or None if part is already whole,
+    offset the body starts at, total file size or None)."""
+    have = _size(part)
+    try:
+        resp = _open(url, have, timeout=timeout, dest=dest)
+    except urllib.error.HTTPError as e:   # 416: nothing left past `have`
+        e.close()
+        total = _content_range_total(e.headers.get("Content-Range"))
+        if total == have:
+            return None, have, total
+        out.write(f"{part}: {have} bytes do not fit {url} ({total} bytes); starting again from zero\n")
+        os.remove(part)
+        resp = _open(url, 0, timeout=timeout, dest=dest)
+    if resp.status == 206:
+        start, total = _content_range(resp)
+        if start != have:
+            resp.close()
+            raise PullError(f"{url}: asked to resume at byte {have} but the server answered from byte "
+                            f"{start}; delete {part} and run again")
+        return resp, have, total
+    if have:
+        out.write(f"{url}: the server does not support resuming (no HTTP Range); "
+                  f"restarting from zero, discarding {have} bytes of {part}\n")
+    return resp, 0, _length(resp)
+
+
+def _content_range_total(value) -> int | None:
+    m = re.search(r"/(\d+)\s*$", value or "")
+    return int(m.group(1)) if m else None
+
+
+def _resuming(url: str, part: str, attempt, out) -> None:
+    """Call attempt() until it finishes, riding out up to RESUMES dropped connections; each call
+    continues from wherever `part` ends."""
+    for drops in range(RESUMES + 1):
+        try:
+            return attempt()
+        except _Dropped as e:
+            if drops == RESUMES:
+                raise PullError(f"{url}: the connection kept dropping ({e}); {_size(part)} bytes are kept in "
+                                f"{part}, run the same command again to resume") from None
+            out.write(f"{url}: {e}; resuming at byte {_size(part)}\n")
+
+
+@contextlib.contextmanager
+def _disk_errors(part: str, need: int | None):
+    """Writing `part`: a full disk says how much is needed and where; other errors name the file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _disk_full(part, need) from None
+        raise PullError(f"cannot write {part} ({e}); check the weights directory") from None
+
+
+def _fetch_whole(url: str, part: str, *, timeout: float, chunk: int, progress: bool, out, dest: str):
+    """Download url into part, resuming what is there; return the total size (None if unknown)."""
+    total = None
+
+    def attempt():
+        nonlocal total
+        resp, start, total = _open_resumed(url, part, timeout=timeout, out=out, dest=dest)
+        if resp is None:
+            return
+        with resp:
+            _check_space(part, total - start if total else None)
+            bar = Progress(total, start, out, progress)
+            try:
+                with _disk_errors(part, total), open(part, "ab" if start else "wb") as f:
+                    _copy(resp, f, total - start if total is not None else _length(resp), bar, chunk)
+            finally:
+                bar.finish()
+
+    _resuming(url, part, attempt, out)
+    return total
+
+
+def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> str:
+    for attempt in (1, 2):
+        total = _fetch_whole(url, part, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+        try:
+            verify(part, sha256, total)
+            break
+        except PullError as e:
+            os.remove(part)
+            if attempt == 2:
+                raise PullError(f"{url}: the download failed verification twice ({e}); check the url and "
+                                f"sha256 for this model in the config, or {_what_to_do(dest)}") from None
+            out.write(f"{e}; deleted it, downloading again\n")
+    os.replace(part, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# a slice: header by Range, then only the stage's tensors
+
+
+def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str) -> tuple:
+    """Bytes [start, end) of url and the file's total size; insists on a 206 answer."""
+    resp = _open(url, start, end, timeout=timeout, dest=dest)
+    with resp:
+        if resp.status != 206:
+            raise PullError(f"{url}: the server does not support HTTP Range requests, so a slice cannot be "
+                            "fetched; download the full file instead (`nanopipe pull NAME` without --layers)")
+        got_start, total = _content_range(resp)
+        try:
+            data = resp.read(end - start)
+        except (http.client.HTTPException, OSError) as e:
+            raise PullError(f"{url}: connection dropped while reading bytes {start}-{end - 1} ({e}); "
+                            "run again") from None
+    if got_start != start or len(data) != end - start:
+        raise PullError(f"{url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes from "
+                        f"{got_start}; run again")
+    return data, total
+
+
+def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/") -> Header:
+    """Read a remote file's safetensors header with two small Range requests."""
+    head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest)
+    (n,) = struct.unpack("<Q", head8)
+    if total is not None and 8 + n > total:
+        raise PullError(f"{url}: header claims {n} bytes but the file has {total}; not a safetensors file")
+    try:
+        blob, _ = _get_range(url, 8, 8 + n, timeout=timeout, dest=dest)
+        return parse_header(head8 + blob, url, file_size=total)
+    except SafetensorsError as e:
+        raise PullError(f"{e}; check the url for this model in the config") from None
+
+
+def _slice_metadata(header: Header, url: str, lo: int, hi: int) -> dict:
+    """The source's metadata, plus what a loader cannot read off a slice's own tensor shapes."""
+    meta = dict(header.metadata)
+    t = {_base(n): v for n, v in header.tensors.items()}
+    meta.setdefault("n_layer", str(_n_layer(t)))
+    if "wte.weight" in t:
+        meta.setdefault("n_vocab", str(t["wte.weight"].shape[0]))
+    if "wpe.weight" in t:
+        meta.setdefault("n_ctx", str(t["wpe.weight"].shape[0]))
+    meta["nanopipe_layers"] = _layers_tag(lo, hi)
+    meta["nanopipe_source"] = url
+    return meta
+
+
+def _header_bytes(infos, metadata: dict) -> bytes:
+    """The slice file's prefix (8-byte length + JSON), laid out as safetensors_io.write_safetensors
+    does, with tensors in the order given so their bytes can be streamed in after it."""
+    header, offset = {}, 0
+    for t in infos:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, out, dest) -> None:
+    """Write prefix + the bytes of each run into part, resuming a part that has the same prefix."""
+    need = len(prefix) + sum(e - b for b, e in runs)
+
+    def attempt():
+        with _disk_errors(part, need):
+            have = _size(part)
+            if have < len(prefix) or have > need or _read_prefix(part, len(prefix)) != prefix:
+                with open(part, "wb") as f:
+                    f.write(prefix)
+                have = len(prefix)
+            _check_space(part, need - have)
+            skip = have - len(prefix)   # data bytes already in part
+            bar = Progress(need, have, out, progress)
+            try:
+                with open(part, "ab") as f:
+                    for b, e in runs:
+                        if skip >= e - b:
+                            skip -= e - b
+                            continue
+                        _fetch_run(url, b + skip, e, f, bar, timeout=timeout, chunk=chunk, dest=dest)
+                        skip = 0
+            finally:
+                bar.finish()
+
+    _resuming(url, part, attempt, out)
+
+
+def _read_prefix(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest) -> None:
+    resp = _open(url, b, e, timeout=timeout, dest=dest)
+    with resp:
+        start, _ = _content_range(resp)
+        if resp.status != 206 or start != b:
+            sent = "the whole file" if resp.status == 200 else f"HTTP {resp.status} from byte {start}"
+            raise PullError(f"{url}: asked for bytes {b}-{e - 1} but the server sent {sent}; "
+                            "download the full file instead (`nanopipe pull NAME` without --layers)")
+        _copy(resp, f, e - b, bar, chunk)
+
+
+def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out) -> str:
+    header = remote_header(url, timeout=timeout, dest=dest)
+    infos = select_tensors(header, lo, hi, rank0, source=url)
+    prefix = _header_bytes(infos, _slice_metadata(header, url, lo, hi))
+    runs = merge_ranges(infos)
+    size = len(prefix) + sum(t.nbytes for t in infos)
+    if progress:
+        total, _ = total_and_slice_bytes(header, lo, hi, rank0)
+        extra = " + embeddings/head" if rank0 else ""
+        out.write(f"{url}: blocks {lo}..{hi - 1}{extra}: {len(infos)} tensors, "
+                  f"{_mb(size)} of {_mb(total)} in {len(runs)} range requests\n")
+    for attempt in (1, 2):
+        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out,
+                     dest=dest)
+        try:
+            got = verify(part, expected_size=size)
+            if set(got.tensors) != {t.name for t in infos}:
+                raise PullError(f"{part}: holds the wrong tensors")
+            break
+        except PullError as e:
+            os.remove(part)
+            if attempt == 2:
+                raise PullError(f"{url}: the slice failed verification twice ({e}); "
+                                f"{_what_to_do(dest)}") from None
+            out.write(f"{e}; deleted it, downloading again\n")
+    os.replace(part, dest)
+    return dest
+
+
+def _slice_ok(path: str, lo: int, hi: int, rank0: bool) -> None:
+    """Raise PullError unless `path` is a verified slice holding blocks lo..hi-1 (and embeddings if rank0)."""
+    header = verify(path)
+    tag = header.metadata.get("nanopipe_layers")
+    if tag is not None and tag != _layers_tag(lo, hi):
+        raise PullError(f"{path}: holds blocks {tag}, not {_layers_tag(lo, hi)}")
+    names = {_base(n) for n in header.tensors}
+    missing = [f"h.{i}" for i in range(lo, hi) if f"h.{i}.ln_1.weight" not in names]
+    if rank0 and "wte.weight" not in names:
+        missing.append("wte.weight")
+    if missing:
+        raise PullError(f"{path}: lacks {', '.join(missing)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry points
+
+
+def pull(url: str, dest: str, *, sha256: str | None = None, layers: tuple | None = None, rank0: bool = True,
+         progress: bool = True, out=None, timeout: float = 30, chunk: int = 1 << 20) -> str:
+    """Download `url` to `dest` (or, with layers=(lo, hi), only what that stage needs); return dest.
+
+    `dest` is the file written: for a slice, pass `slice_path(full_dest, lo, hi)`. A `dest` that
+    already verifies is returned at once without touching the network; one that does not is fetched
+    again. The bytes go to `dest + ".part"` first and are renamed only when complete and verified.
+    `sha256` checks full downloads only (it is the hash of the whole file, not of a slice).
+    Progress and notes go to `out` (sys.stderr as it is at call time, so test runners capture it).
+    """
+    out = sys.stderr if out is None else out
+    if os.path.exists(dest):
+        try:
+            if layers is None:
+                verify(dest, sha256)
+            else:
+                _slice_ok(dest, *layers, rank0)
+            return dest
+        except PullError as e:
+            out.write(f"{e}; deleting it and downloading again\n")
+            os.remove(dest)
+    folder = os.path.dirname(dest)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    part = dest + ".part"
+    if progress:
+        out.write(f"Downloading {url} -> {dest}\n")
+    opts = dict(timeout=timeout, chunk=chunk, progress=progress, out=out)
+    if layers is None:
+        return _pull_whole(url, dest, part, sha256=sha256, **opts)
+    lo, hi = layers
+    return _pull_slice(url, dest, part, lo, hi, rank0, **opts)
+
+
+def ensure_weights(name: str, weights_cfg_entry: dict, weights_dir: str = "weights",
+                   layers: tuple | None = None, rank0: bool = True, log=print, **pull_options) -> str:
+    """Make sure the weights a node needs are on disk, pulling what is missing; return their path.
+
+    Rank 0 without `layers` gets the full file. With layers=(lo, hi) a full file already on disk is
+    used as is (a loader reads its stage out of it); otherwise only the slice is fetched, into
+    `slice_path(full, lo, hi)`. `weights_cfg_entry` is the model's config entry:
+    {"url": ..., "filename": ..., "sha256": optional}. `pull_options` go to pull() (progress, out, timeout).
+
+        ensure_weights("gpt2", {"url": "https://.../model.safetensors", "filename": "model.safetensors"})
+        # prints:
+        Checking for model weights (gpt2)...
+        Model weights ready at: weights/model.safetensors
+    """
+    log(f"Checking for model weights ({name})...")
+    entry = dict(weights_cfg_entry or {})
+    full = os.path.join(weights_dir, entry.get("filename") or f"{name}.safetensors")
+    url, sha256 = entry.get("url"), entry.get("sha256")
+    path = None
+    if layers is not None and os.path.exists(full):   # a full file serves any stage
+        try:
+            verify(full, sha256)
+            path = full
+        except PullError as e:
+            log(f"{e}; fetching only blocks {layers[0]}..{layers[1] - 1} instead")
+    if path is None:
+        target = full if layers is None else slice_path(full, *layers)
+        if not url and not os.path.exists(target):
+            raise PullError(f"no weights at {target} and no url for '{name}' in the config; "
+                            f"{_what_to_do(target)}")
+        path = pull(url or "", target, sha256=sha256 if layers is None else None, layers=layers, rank0=rank0,
+                    **pull_options)
+    log(f"Model weights ready at: {path}")
+    return path
