@@ -116,7 +116,9 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         from .client import ClientError, LeaderClient
         try:
             with LeaderClient.connect(leader, token=_token(config_dir)) as c:
-                result = c.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
+                result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
+                                    on_token=lambda t, _text: t is not None and on_token(t),
+                                    on_status=lambda text: click.echo(f"\n[{text}]", err=True))
         except ClientError as e:
             raise UserError(str(e)) from None
     else:
@@ -207,6 +209,193 @@ def _node_names(config_dir, n):
     except ConfigError:
         names = []
     return [names[r] if r < len(names) else f"node{r}" for r in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster
+
+
+def _cluster_setup(config_dir, model_name, weights_path, rank):
+    """Configs, the layer plan, and this rank's weights file (pulled if missing and configured)."""
+    from .config import load_cluster_config, load_model_config, load_weights_config
+    mc = load_model_config(config_dir, model_name)
+    cc = load_cluster_config(config_dir)
+    if weights_path is None:
+        src = load_weights_config(config_dir, mc.weights_model_name)
+        weights_path = _ensure_weights(mc, src, rank, cc, config_dir)
+    elif not os.path.exists(weights_path):
+        raise UserError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
+                        f"`nanopipe init-weights {weights_path}` for synthetic weights")
+    cfg = _model_shape(config_dir, mc, weights_path)
+    if mc.num_nodes != len(cc.nodes):
+        raise UserError(f"model_config.yaml says num_nodes={mc.num_nodes} but cluster_config.yaml has "
+                        f"{len(cc.nodes)} nodes (server + {cc.num_workers} workers); make them agree")
+    ranges = plan_ranges(mc, cfg, len(cc.nodes))
+    return mc, cc, cfg, ranges, weights_path
+
+
+def _ensure_weights(mc, src, rank, cc, config_dir):
+    from .pull import PullError, ensure_weights, slice_path
+    full = os.path.join("weights", src.filename)
+    entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
+    try:
+        if rank == 0:
+            return ensure_weights(mc.weights_model_name, entry, "weights", log=click.echo)
+        cfg = _model_shape(config_dir, mc, None)
+        lo, hi = plan_ranges(mc, cfg, len(cc.nodes))[rank]
+        if os.path.exists(full):
+            return full
+        path = ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False, log=click.echo)
+        return path if os.path.exists(path) else slice_path(full, lo, hi)
+    except PullError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.option("--rank", type=int, default=0, show_default=True, help="Always 0: the leader.")
+@common_options
+@click.option("--n-head", type=int, default=None)
+@_fail_clean
+def serve(rank, config_dir, model_name, weights_path, n_head):
+    """Run the leader (rank 0): tokenizer, embeddings, its blocks, LM head, clients."""
+    if rank != 0:
+        raise UserError(f"`serve` runs rank 0 (the leader); start rank {rank} with `nanopipe join --rank {rank} "
+                        "--host NAME`")
+    from .leader import Leader
+    from .weights import load_stage
+    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0)
+    lo, hi = ranges[0]
+    stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
+    click.echo(f"[LEADER] Loaded {hi - lo} layers for the leader (layers {lo}-{hi - 1}) plus embeddings and "
+               f"LM head from {path}")
+    leader = Leader(cc, mc, stage, ranges)
+    _on_sigterm()
+    try:
+        leader.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("[LEADER] Shutting down")
+    except OSError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.option("--rank", type=int, required=True, help="This worker's rank (1..num_workers).")
+@click.option("--host", "host", default=None, help="This worker's name in host_ip (checked against the config).")
+@common_options
+@click.option("--n-head", type=int, default=None)
+@_fail_clean
+def join(rank, host, config_dir, model_name, weights_path, n_head):
+    """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
+    from .config import load_cluster_config
+    from .worker import Worker
+    cc = load_cluster_config(config_dir)
+    if rank < 1 or rank >= len(cc.nodes):
+        raise UserError(f"{cc.path}: no worker rank {rank}; workers are ranks 1..{len(cc.nodes) - 1}")
+    if host is not None:
+        cc.rank_of(host)    # an unknown host name is an error naming the config
+    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank)
+    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head)
+    _on_sigterm()
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        click.echo(f"[WORKER-{rank}] Shutting down")
+
+
+def _on_sigterm():
+    """SIGTERM (what `demo` and process managers send) stops as cleanly as Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--layers", default=None, help="Only these blocks, e.g. 4-7 (inclusive), for a worker.")
+@click.option("--rank0/--no-rank0", default=None, help="Include embeddings and ln_f (default: with no --layers).")
+@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False))
+@click.option("--url", default=None, help="Override the URL from model_weights.yaml.")
+def pull(name, config_dir, layers, rank0, out_dir, url):
+    """Download NAME's weights (or only --layers A-B of them) into weights/, resumable and verified."""
+    from .config import load_weights_config
+    from .pull import PullError, parse_layers, slice_path
+    from .pull import pull as do_pull
+    try:
+        src = load_weights_config(config_dir, name)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    dest = os.path.join(out_dir, src.filename)
+    try:
+        if layers:
+            lo, hi = parse_layers(layers)
+            path = do_pull(url or src.url, slice_path(dest, lo, hi), layers=(lo, hi),
+                           rank0=bool(rank0) if rank0 is not None else lo == 0)
+        else:
+            path = do_pull(url or src.url, dest, sha256=src.sha256)
+    except PullError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"Model weights ready at: {path}")
+
+
+@main.command()
+@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False))
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--web/--no-web", default=True, show_default=True, help="Also start the web chat.")
+@click.option("--web-port", type=int, default=8000, show_default=True)
+@click.option("--synthetic", is_flag=True, help="Use synthetic weights (gibberish) if no real ones are here.")
+def demo(nodes, weights_path, config_dir, web, web_port, synthetic):
+    """Start a whole local cluster (leader + workers on 127.0.0.1), and the web chat. Ctrl-C stops all."""
+    import time as _time
+
+    from .localcluster import LocalCluster
+    path = weights_path or _find_real_weights(config_dir)
+    if path is None:
+        path = os.path.join("weights", "synthetic-gpt2.safetensors")
+        if not synthetic and not os.path.exists(path):
+            raise UserError("no GPT-2 weights here and none can be downloaded offline. Either `nanopipe pull gpt2` "
+                            "on a machine with internet (or copy model.safetensors into weights/), or run "
+                            "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
+        if not os.path.exists(path):
+            from .weights import init_weights
+            click.echo(f"Writing synthetic weights to {path} (random: the text will be gibberish)")
+            init_weights(path)
+    cl = LocalCluster(path, nodes=nodes, quiet=False)
+    click.echo(f"Starting {nodes} nodes on 127.0.0.1 (configs in {cl.config_dir})")
+    web_proc = None
+    try:
+        cl.start()
+        click.echo(f"Cluster ready: leader at {cl.leader_addr}")
+        if web:
+            import subprocess
+            import sys
+            web_proc = subprocess.Popen([sys.executable, "-m", "nanopipe.cli", "web", "--leader", cl.leader_addr,
+                                         "--port", str(web_port), "--config-dir", cl.config_dir])
+            click.echo(f"Web chat: http://127.0.0.1:{web_port}/")
+        click.echo("Press Ctrl-C to stop every process.")
+        while all(p.poll() is None for p in cl.procs.values()):
+            _time.sleep(0.5)
+        click.echo("A node exited; stopping the cluster")
+    except KeyboardInterrupt:
+        click.echo("Stopping")
+    finally:
+        if web_proc is not None:
+            web_proc.terminate()
+            web_proc.wait(5)
+        cl.stop()
+
+
+def _find_real_weights(config_dir):
+    try:
+        from .config import load_model_config, load_weights_config
+        mc = load_model_config(config_dir)
+        path = os.path.join("weights", load_weights_config(config_dir, mc.weights_model_name).filename)
+        return path if os.path.exists(path) else None
+    except ConfigError:
+        return None
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cancel: set = set()
+        self.lock = threading.RLock()
         self.stats = {"requests": 0, "tokens": 0, "errors": 0}
 
     # -- requests in ------------------------------------------------------------------------
@@ -148,6 +149,12 @@ class Scheduler:
 
     def step(self) -> bool:
         """Start batches while the pipeline has room, then finish one. Returns False if idle."""
+        with self.lock:
+            return self._step()
+
+    def _step(self) -> bool:
+        if self.ring is None and self.stage.hi != self.config.n_layer:
+            return False                    # a cluster whose ring is down: wait for it to heal
         self._admit()
         self._apply_cancels()
         depth = getattr(self.ring, "depth", 1)
@@ -173,28 +180,55 @@ class Scheduler:
             did = True
         return did
 
-    def fail_in_flight(self, message: str):
-        """The ring broke: every session with rows in flight gets an error and is dropped."""
-        for batch in list(self.in_flight.values()):
-            for s in batch.sessions:
-                self._end(s, error=message)
-        self.in_flight.clear()
+    def interrupt(self, message: str):
+        """The ring broke: batches in flight are lost. Sessions stay, waiting for replay_all()."""
+        with self.lock:
+            for batch in self.in_flight.values():
+                for s in batch.sessions:
+                    s.in_flight = False
+            self.in_flight.clear()
+            for s in self.sessions.values():
+                _emit(s.req, "status", {"text": message})
+
+    def replay_all(self) -> int:
+        """After the ring is rebuilt, every stage's caches are gone: feed each live session's tokens
+        (prompt + generated so far) again from position 0. Tokens already sampled are not sampled
+        again, so a greedy answer comes out exactly as if nothing had happened."""
+        with self.lock:
+            for s in self.sessions.values():
+                s.cache = self._new_cache()
+                s.pending = list(s.req.prompt_ids) + list(s.out_ids)
+                s.pos = 0
+                s.in_flight = False
+            return len(self.sessions)
 
     def fail_all(self, message: str):
-        self.fail_in_flight(message)
-        for s in list(self.sessions.values()):
-            self._end(s, error=message)
-        while not self.waiting.empty():
-            req = self.waiting.get()
-            _emit(req, "error", {"error": message})
+        """Every live and waiting request ends with `message` (the ring did not heal in time)."""
+        with self.lock:
+            for batch in self.in_flight.values():
+                for s in batch.sessions:
+                    s.in_flight = False
+            self.in_flight.clear()
+            for s in list(self.sessions.values()):
+                self._end(s, error=message)
+            while not self.waiting.empty():
+                req = self.waiting.get()
+                self.stats["errors"] += 1
+                _emit(req, "error", {"error": message})
+
+    def cache_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in list(self.sessions.values()) if s.cache is not None)
+
+    def _new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
 
     # -- the pieces of a step ----------------------------------------------------------------
 
     def _admit(self):
         while len(self.sessions) < self.max_sessions and not self.waiting.empty():
             req = self.waiting.get()
-            cache = KVCache(len(self.stage.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
-            s = Session(req, cache, make_rng(req.params.seed), list(req.prompt_ids), t_start=time.perf_counter())
+            s = Session(req, self._new_cache(), make_rng(req.params.seed), list(req.prompt_ids), t_start=time.perf_counter())
             self.sessions[req.id] = s
             self.stats["requests"] += 1
 
@@ -252,11 +286,14 @@ class Scheduler:
             row += n
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (R, V)
         for i, (s, j, n, last_chunk) in enumerate(owners):
-            p = s.pos + j                       # the position whose next token these logits predict
-            if p + 1 < len(s.req.prompt_ids):   # still inside the prompt: score it (echo)
-                s.prompt_logprobs.append(float(log_softmax(logits[i])[s.req.prompt_ids[p + 1]]))
-            elif j == n - 1 and last_chunk:
+            p = s.pos + j                       # these logits predict the token at position p + 1
+            known = len(s.req.prompt_ids) + len(s.out_ids)
+            if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once
+                if len(s.prompt_logprobs) == p:
+                    s.prompt_logprobs.append(float(log_softmax(logits[i])[s.req.prompt_ids[p + 1]]))
+            elif p + 1 == known:                # the newest token: sample the next one
                 self._sample(s, logits[i])
+            # else: a replayed position whose next token is already known
         now = time.perf_counter()
         for s, n in zip(batch.sessions, batch.counts):
             s.in_flight = False

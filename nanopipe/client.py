@@ -1,0 +1,114 @@
+"""A client of the leader: what `nanopipe generate --leader`, the web app and the tests use.
+
+    with LeaderClient.connect("127.0.0.1:65432") as c:
+        result = c.generate([15496, 995], SamplingParams("greedy", max_tokens=5), on_token=print)
+
+One generation at a time per connection; open one connection per concurrent chat. Tokens arrive
+as they are sampled (TOKEN frames), then a DONE frame with the stats.
+"""
+from __future__ import annotations
+
+import itertools
+
+from .net import HandshakeError, client_tls, dial, parse_addr
+from .wire import ConnectionClosed, Msg, WireError, recv_frame, send_frame
+
+
+class ClientError(RuntimeError):
+    """The leader is unreachable, refused us, or the generation failed; `kind` says which."""
+
+    def __init__(self, message: str, kind: str = "cluster"):
+        super().__init__(message)
+        self.kind = kind        # "unreachable" | "invalid" (bad request) | "cluster" (failed mid-way)
+
+
+class LeaderClient:
+    _ids = itertools.count(1)
+
+    def __init__(self, sock, addr: str, welcome: dict):
+        self.sock, self.addr, self.welcome = sock, addr, welcome
+
+    @classmethod
+    def connect(cls, addr: str, token: str | None = None, timeout: float = 5.0, tls_ca: str | None = None,
+                attempts: int = 1) -> "LeaderClient":
+        host, port = parse_addr(addr, 65432)
+        try:
+            sock, _, welcome = dial(host, port, role="client", token=token, attempts=attempts, who="leader",
+                                    tls=client_tls(tls_ca))
+        except HandshakeError as e:
+            raise ClientError(str(e), "unreachable") from None
+        except OSError as e:
+            raise ClientError(f"leader at {addr} is unreachable: {e}. Is `nanopipe serve --rank 0` running?",
+                              "unreachable") from None
+        return cls(sock, addr, welcome)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def status(self) -> dict:
+        """Every node's state, live sessions and counters (see Leader.status)."""
+        self._send(Msg.STATUS, {})
+        while True:
+            frame = self._recv()
+            if frame.msg is Msg.STATUS and "nodes" in frame.meta:
+                return frame.meta
+
+    def generate(self, prompt=None, params=None, on_token=None, on_status=None, echo: bool = False,
+                 top_logprobs: int = 0, text: bool = True, **fields) -> dict:
+        """Run one generation. `prompt` is token ids (a list) or text (a str, tokenized by the leader).
+        `params` is a SamplingParams or None (the leader's defaults); `fields` override single values
+        (strategy, temperature, top_k, top_p, max_tokens, seed). on_token(id, text) sees each token."""
+        meta = {"request": f"r{next(self._ids)}", "echo": echo, "top_logprobs": top_logprobs, "text": text}
+        meta["prompt_ids" if isinstance(prompt, list) else "prompt"] = prompt
+        if params is not None:
+            meta.update(strategy=params.strategy, temperature=params.temperature, top_k=params.top_k,
+                        top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed)
+        meta.update({k: v for k, v in fields.items() if v is not None})
+        self._send(Msg.GENERATE, meta)
+        tail = ""
+        while True:
+            frame = self._recv()
+            m = frame.meta
+            if frame.msg is Msg.TOKEN:
+                self.session = m.get("session")
+                if on_token is not None:
+                    on_token(m["token"], m.get("text", ""))
+            elif frame.msg is Msg.STATUS:
+                if on_status is not None:
+                    on_status(m.get("text", ""))
+            elif frame.msg is Msg.DONE:
+                tail = m.pop("tail", "") or ""
+                if tail and on_token is not None:
+                    on_token(None, tail)
+                return m
+            elif frame.msg is Msg.ERROR:
+                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"))
+
+    def cancel(self):
+        sid = getattr(self, "session", None)
+        if sid:
+            self._send(Msg.CANCEL, {"session": sid})
+
+    def _send(self, msg, meta):
+        try:
+            send_frame(self.sock, msg, meta)
+        except OSError as e:
+            raise ClientError(f"lost the connection to the leader at {self.addr}: {e}", "unreachable") from None
+
+    def _recv(self):
+        try:
+            return recv_frame(self.sock, f"leader {self.addr}")
+        except ConnectionClosed:
+            raise ClientError(f"the leader at {self.addr} closed the connection", "unreachable") from None
+        except (WireError, OSError) as e:
+            raise ClientError(f"lost the connection to the leader at {self.addr}: {e}", "unreachable") from None
+

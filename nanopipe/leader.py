@@ -1,0 +1,490 @@
+"""Rank 0, the leader: `nanopipe serve --rank 0`.
+
+It tokenizes, embeds, runs its slice of blocks, samples, and talks to clients. Workers register
+over a control connection; once every rank is READY the leader closes the ring
+
+    rank 0 --ACT--> worker 1 --ACT--> worker 2 --ACT--> ... --ACT--> rank 0
+
+and its scheduler (nanopipe/engine.py, the same one a single process uses) starts sending batches
+round it. If a worker drops out, generations in progress wait up to `rejoin_grace_s` for that rank
+to come back; then every session is replayed from its tokens so all caches are rebuilt, and
+generation continues where it stopped.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ClusterConfig, ModelConfig
+from .decoding import DecodingError, make_params
+from .engine import Request, Scheduler
+from .net import HandshakeError, challenge, dial, listen, server_tls, tune
+from .wire import ConnectionClosed, Msg, WireError, frame_array, recv_frame, send_array, send_frame
+
+CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed")
+
+
+def log(msg: str):
+    print(f"[LEADER] {msg}", flush=True)
+
+
+@dataclass
+class WorkerState:
+    rank: int
+    host: str
+    layers: tuple
+    addr: str = ""
+    status: str = "down"            # down | joined | ready
+    last_seen: float = 0.0
+    stats: dict = field(default_factory=dict)
+    sock: object = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Ring:
+    """The leader's two ends of the ring: it sends to worker 1 and receives from the last worker."""
+
+    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break):
+        self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
+        self.inbox: queue.Queue = queue.Queue()
+        self.on_break = on_break
+        self.broken = False
+
+    def send(self, batch_id, sessions, x):
+        try:
+            send_array(self.out_sock, Msg.ACT, {"batch": batch_id, "epoch": self.epoch, "sessions": sessions,
+                                                "trace": []}, np.ascontiguousarray(x, np.float32))
+        except OSError as e:
+            self.on_break(f"lost the link to worker 1: {e}")
+
+    def free(self, ids):
+        if self.broken:
+            return
+        try:
+            send_frame(self.out_sock, Msg.FREE, {"sessions": list(ids), "epoch": self.epoch})
+        except OSError as e:
+            self.on_break(f"lost the link to worker 1: {e}")
+
+    def recv(self, timeout: float):
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def deliver(self, frame, peer):
+        """Called by the thread reading the last worker's data link."""
+        if frame.meta.get("epoch") != self.epoch:
+            return                                   # a frame from before a rebuild
+        if frame.msg is Msg.ACT:
+            x = frame_array(frame, expect_cols=self.n_embd, peer=peer)
+            self.inbox.put((frame.meta.get("batch"), x, frame.meta.get("trace", [])))
+
+    def close(self):
+        self.broken = True
+        try:
+            self.out_sock.close()
+        except OSError:
+            pass
+
+
+class Leader:
+    def __init__(self, cluster: ClusterConfig, model: ModelConfig, stage, ranges: list, tokenizer=None,
+                 log_fn=log):
+        self.cluster, self.model, self.stage, self.ranges = cluster, model, stage, ranges
+        self.config = stage.config
+        self.tokenizer = tokenizer
+        self.log = log_fn
+        self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
+        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions)
+        self.ring: Ring | None = None
+        self.epoch = 0
+        self.lock = threading.RLock()
+        self.ring_ready = threading.Event()
+        self.down_since: float | None = None
+        self.stop_event = threading.Event()
+        self.started = time.time()
+        self.metrics = {"requests": 0, "errors": 0, "rejected_peers": 0, "bad_frames": 0}
+        self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
+        self.srv = None
+        self._build_lock = threading.Lock()
+        self._ring_in_epoch = None
+        if len(ranges) == 1:
+            self.ring_ready.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def serve_forever(self):
+        node = self.cluster.leader
+        host = self.cluster.bind or node.ip
+        self.srv = listen(host, node.port)
+        self.log(f"Server listening on {host}:{node.port}")
+        if not self.cluster.auth_token:
+            self.log("WARNING: no auth_token set: anyone who can reach this port can join the cluster or "
+                     "read prompts. Set auth_token in cluster_config.yaml or NANOPIPE_TOKEN.")
+        if self.workers:
+            self.log(f"Waiting for {len(self.workers)} worker(s): "
+                     + ", ".join(f"rank {r} ({w.host}, layers {w.layers[0]}-{w.layers[1] - 1})"
+                                 for r, w in self.workers.items()))
+        threading.Thread(target=self._scheduler_loop, daemon=True, name="scheduler").start()
+        threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    sock, addr = self.srv.accept()
+                except OSError:
+                    break
+                threading.Thread(target=self._handle, args=(sock, addr), daemon=True).start()
+        finally:
+            self.shutdown()
+
+    def shutdown(self):
+        self.stop_event.set()
+        self.scheduler.stop()
+        for s in (self.srv, self.ring.out_sock if self.ring else None):
+            try:
+                s and s.close()
+            except OSError:
+                pass
+
+    def _scheduler_loop(self):
+        sch = self.scheduler
+        while not self.stop_event.is_set():
+            if not self.ring_ready.is_set():
+                self.ring_ready.wait(0.2)
+                continue
+            try:
+                if not sch.step():
+                    sch._wake.wait(0.05)
+                    sch._wake.clear()
+            except Exception as e:  # a bug must not kill the leader silently
+                self.log(f"scheduler error: {type(e).__name__}: {e}")
+                sch.fail_all(f"internal error in the leader: {e}")
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _handle(self, sock, addr):
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            tune(sock)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("worker", "data", "client"))
+        except (HandshakeError, WireError, OSError, ValueError) as e:
+            self.metrics["rejected_peers"] += 1
+            self.log(f"Rejected connection from {peer}: {e}")
+            sock.close()
+            return
+        role = hello["role"]
+        try:
+            if role == "worker":
+                self._worker_conn(sock, peer, hello)
+            elif role == "data":
+                self._data_conn(sock, peer, hello)
+            else:
+                self._client_conn(sock, peer)
+        except (WireError, OSError, ValueError) as e:
+            if not isinstance(e, ConnectionClosed):
+                self.metrics["bad_frames"] += 1
+                self.log(f"Closed connection from {peer} ({role}): {e}")
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    # workers ----------------------------------------------------------------------------------
+
+    def _worker_conn(self, sock, peer, hello):
+        rank = hello.get("rank")
+        w = self.workers.get(rank) if isinstance(rank, int) else None
+        if w is None:
+            send_frame(sock, Msg.REJECT, {"reason": f"no worker rank {rank!r} in this cluster (ranks "
+                                                    f"{', '.join(map(str, self.workers)) or 'none'})"})
+            self.log(f"Rejected worker from {peer}: unknown rank {rank!r}")
+            return
+        with self.lock:
+            if w.status != "down":
+                send_frame(sock, Msg.REJECT, {"reason": f"rank {rank} is already connected from {w.addr}"})
+                self.log(f"Rejected worker from {peer}: rank {rank} is already connected from {w.addr}")
+                return
+            if hello.get("host") not in (None, w.host):
+                send_frame(sock, Msg.REJECT, {"reason": f"rank {rank} is host '{w.host}' in the cluster config, "
+                                                        f"not '{hello.get('host')}'"})
+                self.log(f"Rejected worker from {peer}: rank {rank} claims host {hello.get('host')!r}, "
+                         f"config says {w.host!r}")
+                return
+            w.status, w.addr, w.sock, w.last_seen = "joined", peer, sock, time.time()
+        nxt = self.cluster.node(rank + 1 if rank + 1 < len(self.ranges) else 0)
+        c = self.config
+        send_frame(sock, Msg.WELCOME, {
+            "rank": rank, "layers": list(w.layers), "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+            "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model.name, "next": [nxt.ip, nxt.port],
+            "next_rank": nxt.rank, "heartbeat_s": self.cluster.heartbeat_s})
+        self.log(f"Worker {rank} registered from {peer} (host {w.host}, layers {w.layers[0]}-{w.layers[1] - 1})")
+        try:
+            while True:
+                frame = recv_frame(sock, f"worker {rank} ({peer})")
+                w.last_seen = time.time()
+                if frame.msg is Msg.READY:
+                    self._on_ready(w, frame.meta)
+                elif frame.msg is Msg.STATS:
+                    w.stats = {k: v for k, v in frame.meta.items() if isinstance(v, (int, float, str))}
+                elif frame.msg is Msg.ERROR:
+                    self.log(f"Worker {rank} reports: {frame.meta.get('message')}")
+        finally:
+            with self.lock:
+                if w.sock is sock:
+                    w.status, w.sock = "down", None
+            self._on_worker_lost(rank, f"worker {rank} ({w.host}, {peer}) disconnected")
+
+    def _on_ready(self, w, meta):
+        if meta.get("epoch") is not None:
+            return                          # a worker confirming its part of a ring rebuild
+        with self.lock:
+            w.status = "ready"
+            everyone = all(x.status == "ready" for x in self.workers.values())
+        self.log(f"Worker {w.rank} ready: loaded layers {w.layers[0]}-{w.layers[1] - 1}")
+        if everyone:
+            threading.Thread(target=self._build_ring, daemon=True).start()
+
+    def _build_ring(self):
+        """Every rank is up: tell each worker to (re)dial its next hop, then dial worker 1."""
+        with self._build_lock:
+            self._build_ring_locked()
+
+    def _build_ring_locked(self):
+        with self.lock:
+            self.epoch += 1
+            epoch = self.epoch
+            if self.ring:
+                self.ring.close()
+            self.ring = None
+            self._ring_in_epoch = None
+        for w in self.workers.values():
+            try:
+                with w.lock:
+                    send_frame(w.sock, Msg.STATUS, {"ring": "connect", "epoch": epoch})
+            except (OSError, AttributeError):
+                return
+        first = self.cluster.node(1)
+        try:
+            sock, _, _ = dial(first.ip, first.port, role="data", rank=0, token=self.cluster.auth_token, attempts=20,
+                           backoff_s=0.1, max_backoff_s=1.0, who="worker 1", extra={"epoch": epoch})
+        except (OSError, WireError) as e:
+            self.log(f"Cannot open the ring to worker 1: {e}")
+            return
+        ring = Ring(sock, self.config.n_embd, depth=len(self.ranges), epoch=epoch, on_break=self._on_ring_break)
+        deadline = time.time() + 30
+        while time.time() < deadline and self._ring_in_epoch != epoch:
+            time.sleep(0.02)
+        if self._ring_in_epoch != epoch:
+            self.log("The last worker never connected back to the leader; check that the leader's address "
+                     "in host_ip is reachable from it")
+            ring.close()
+            return
+        with self.lock:
+            if epoch != self.epoch:
+                ring.close()
+                return
+            self.ring = ring
+            self.scheduler.ring = ring
+            replayed = self.scheduler.replay_all()
+            self.down_since = None
+            self.ring_ready.set()
+        path = " -> ".join(["0"] + [str(r) for r in self.workers] + ["0"])
+        self.log(f"All {len(self.workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
+                 + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
+
+    def _data_conn(self, sock, peer, hello):
+        """The last worker's link back to the leader: final activations arrive here."""
+        last = len(self.ranges) - 1
+        if hello.get("rank") != last:
+            send_frame(sock, Msg.REJECT, {"reason": f"only rank {last} sends activations to the leader"})
+            return
+        epoch = hello.get("epoch")
+        send_frame(sock, Msg.WELCOME, {})
+        self._ring_in_epoch = epoch
+        name = f"worker {last} ({peer}, data)"
+        while True:
+            frame = recv_frame(sock, name)
+            ring = self.ring
+            if frame.msg is Msg.ACT and ring is not None and frame.meta.get("epoch") == ring.epoch:
+                ring.deliver(frame, name)
+            elif frame.msg is Msg.ERROR:
+                self.log(f"{name}: {frame.meta.get('message')}")
+                self._on_ring_break(f"{name} reported: {frame.meta.get('message')}")
+
+    def _on_ring_break(self, reason: str):
+        with self.lock:
+            if not self.ring_ready.is_set() and self.ring is None:
+                return
+            self.ring_ready.clear()
+            if self.ring:
+                self.ring.close()
+            self.ring = None
+            self.scheduler.ring = None
+            if self.down_since is None:
+                self.down_since = time.time()
+        self.log(f"Ring broken: {reason}; generations wait up to {self.cluster.rejoin_grace_s:g}s for it to heal")
+        self.scheduler.interrupt(f"{reason}; waiting up to {self.cluster.rejoin_grace_s:g}s for it to rejoin")
+
+    def _on_worker_lost(self, rank, reason):
+        if self.stop_event.is_set():
+            return
+        self.log(f"Worker {rank} is down: {reason}")
+        self._on_ring_break(reason)
+
+    def _watchdog(self):
+        """Notice silent workers (a cut cable sends no FIN) and enforce the rejoin grace period."""
+        timeout = max(3.0, 3 * self.cluster.heartbeat_s)
+        while not self.stop_event.wait(0.5):
+            now = time.time()
+            for w in list(self.workers.values()):
+                if w.status != "down" and now - w.last_seen > timeout:
+                    self.log(f"Worker {w.rank} silent for {now - w.last_seen:.1f}s; dropping it")
+                    sock = w.sock
+                    with self.lock:
+                        w.status, w.sock = "down", None
+                    try:
+                        sock and sock.close()
+                    except OSError:
+                        pass
+                    self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
+            if self.down_since is not None and now - self.down_since > self.cluster.rejoin_grace_s:
+                down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
+                msg = (f"rank {', '.join(down) or '?'} did not come back within rejoin_grace_s="
+                       f"{self.cluster.rejoin_grace_s:g}s; restart it with `nanopipe join` and retry")
+                self.scheduler.fail_all(msg)
+                self.down_since = now   # new requests keep waiting; fail them after another grace period
+
+    # clients ----------------------------------------------------------------------------------
+
+    def _client_conn(self, sock, peer):
+        send_frame(sock, Msg.WELCOME, {"model": self.model.name, "n_ctx": self.config.n_ctx})
+        send_lock = threading.Lock()
+        mine: set = set()
+
+        def send(msg, meta):
+            with send_lock:
+                try:
+                    send_frame(sock, msg, meta)
+                except OSError:
+                    pass
+
+        try:
+            while True:
+                frame = recv_frame(sock, f"client {peer}", max_payload=0)
+                if frame.msg is Msg.GENERATE:
+                    self._generate(frame.meta, send, mine)
+                elif frame.msg is Msg.CANCEL:
+                    sid = frame.meta.get("session")
+                    if sid in mine:
+                        self.scheduler.cancel(sid)
+                elif frame.msg is Msg.STATUS:
+                    send(Msg.STATUS, self.status())
+                elif frame.msg is Msg.PING:
+                    send(Msg.PONG, frame.meta)
+                else:
+                    send(Msg.ERROR, {"message": f"a client may not send {frame.msg.name}"})
+        finally:
+            for sid in mine:    # the client went away: stop its generations, free their caches
+                self.scheduler.cancel(sid)
+
+    def _generate(self, meta: dict, send, mine: set):
+        req_id = meta.get("request")
+        try:
+            prompt_ids = meta.get("prompt_ids")
+            if prompt_ids is None:
+                text = meta.get("prompt")
+                if not isinstance(text, str) or not text:
+                    raise DecodingError("prompt: give a non-empty 'prompt' string or 'prompt_ids'")
+                prompt_ids = self._tok().encode(text)
+            if not isinstance(prompt_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in prompt_ids):
+                raise DecodingError("prompt_ids: must be a list of token ids")
+            overrides = {k: meta.get(k) for k in CLIENT_FIELDS}
+            params = make_params(self.model.decoding_defaults(), **overrides)
+            top = meta.get("top_logprobs", 0) or 0
+            if not isinstance(top, int) or not 0 <= top <= 20:
+                raise DecodingError("top_logprobs: must be an integer in 0..20")
+            if self.scheduler.waiting.qsize() >= 4 * self.cluster.max_sessions:
+                raise DecodingError(f"busy: {self.scheduler.waiting.qsize()} requests already waiting; retry later")
+        except DecodingError as e:
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid"})
+            return
+        tok = self._tok() if meta.get("text", True) else None
+        stream = tok.stream_decoder() if tok is not None else None
+
+        def emit(kind, data):
+            if kind == "token":
+                send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"],
+                                 "logprob": data["logprob"], "text": stream.push(data["id"]) if stream else ""})
+            elif kind == "status":
+                send(Msg.STATUS, {"request": req_id, "session": req.id, "text": data["text"]})
+            elif kind == "done":
+                mine.discard(req.id)
+                data = dict(data, text=tok.decode(data["token_ids"]) if tok else None,
+                            tail=stream.flush() if stream else "")
+                send(Msg.DONE, dict(data, request=req_id, session=req.id))
+            elif kind == "error":
+                mine.discard(req.id)
+                self.metrics["errors"] += 1
+                send(Msg.ERROR, {"request": req_id, "session": req.id, "message": data["error"], "kind": "cluster"})
+
+        req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top)
+        try:
+            self.scheduler.submit(req)
+        except DecodingError as e:
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid"})
+            return
+        mine.add(req.id)
+        self.metrics["requests"] += 1
+        if not self.ring_ready.is_set():
+            down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
+            emit("status", {"text": f"waiting for rank {', '.join(down)} to join"})
+
+    def _tok(self):
+        if self.tokenizer is None:
+            from .tokenizer import get_tokenizer
+            self.tokenizer = get_tokenizer()
+        return self.tokenizer
+
+    def status(self) -> dict:
+        """What /health, /config and /metrics show: every node, up or down."""
+        now = time.time()
+        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
+                  "last_seen_s": 0.0, "rss_mb": _rss_mb()}]
+        for r, w in self.workers.items():
+            nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
+                          "status": "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
+                          "last_seen_s": round(now - w.last_seen, 3) if w.last_seen else None,
+                          "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
+                          "addr": w.addr})
+        s = self.scheduler
+        return {"model": self.model.name, "ready": self.ring_ready.is_set(), "nodes": nodes,
+                "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
+                "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],
+                "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
+                "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
+                "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes()}
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except Exception:
+        return None

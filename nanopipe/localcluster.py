@@ -1,0 +1,168 @@
+"""A whole cluster on this machine: a leader and N-1 workers as real processes on 127.0.0.1.
+
+`nanopipe demo`, `nanopipe bench --nodes N`, `nanopipe trace` and the tests use it:
+
+    with LocalCluster("weights/x.safetensors", nodes=3) as cl:
+        with cl.client() as c:
+            c.generate("Hello", max_tokens=5)
+
+It writes a config folder of its own (free ports, every host 127.0.0.1) and runs exactly the
+commands a user runs on real machines: `nanopipe serve --rank 0` and `nanopipe join --rank R`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+from .client import ClientError, LeaderClient
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list:
+    """n distinct ports that were free a moment ago."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_configs(config_dir: str, *, weights: str, nodes: int, n_layer: int, partition: str = "even",
+                  layer_mapping: dict | None = None, n_head: int | None = None, host: str = "127.0.0.1",
+                  cluster_extra: dict | None = None, max_new_tokens: int = 20, hosts: list | None = None) -> dict:
+    """Write model_config.yaml, cluster_config.yaml and model_weights.yaml for a local cluster."""
+    os.makedirs(config_dir, exist_ok=True)
+    ports = free_ports(nodes, host)
+    names = [f"node{r}" for r in range(nodes)]
+    ips = hosts or [host] * nodes
+    model = {"hf_model_name": "synthetic", "weights_model_name": "local", "num_layers": n_layer,
+             "num_nodes": nodes, "partition": partition, "max_new_tokens": max_new_tokens,
+             "active_decoding_strategy": "greedy",
+             "decoding_strategies": {"greedy": {}, "sampling": {"temperature": 0.8},
+                                     "top_p": {"temperature": 0.8, "p": 0.9}, "top_k": {"temperature": 0.8, "k": 50}}}
+    if n_head:
+        model["n_head"] = n_head
+    if layer_mapping:
+        model["layer_mapping"] = layer_mapping
+    cluster = {"host_ip": dict(zip(names, ips)), "server": names[0], "port": ports[0], "num_workers": nodes - 1,
+               "workers": [{"rank": r, "host": names[r], "port": ports[r]} for r in range(1, nodes)],
+               "max_sessions": 16, "rejoin_grace_s": 30}
+    cluster.update(cluster_extra or {})
+    files = {"model_config.yaml": {"default_model": "local", "models": {"local": model}},
+             "cluster_config.yaml": cluster,
+             "model_weights.yaml": {"local": {"url": "file://" + os.path.abspath(weights),
+                                              "filename": os.path.basename(weights)}}}
+    for name, data in files.items():
+        with open(os.path.join(config_dir, name), "w") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
+    return cluster
+
+
+class LocalCluster:
+    def __init__(self, weights: str, nodes: int = 3, *, workdir: str | None = None, partition: str = "even",
+                 layer_mapping: dict | None = None, cluster_extra: dict | None = None, n_head: int | None = None,
+                 env: dict | None = None, quiet: bool = True, ready_timeout: float = 120.0):
+        from .weights import read_config
+        self.weights = os.path.abspath(weights)
+        self.nodes = nodes
+        self.workdir = workdir or tempfile.mkdtemp(prefix="nanopipe-cluster-")
+        self.config_dir = os.path.join(self.workdir, "configs")
+        cfg = read_config(self.weights, n_head)[0]
+        self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
+                                     partition=partition, layer_mapping=layer_mapping, n_head=n_head,
+                                     cluster_extra=cluster_extra)
+        self.token = (cluster_extra or {}).get("auth_token")
+        self.env = dict(os.environ, **(env or {}))
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.quiet = quiet
+        self.ready_timeout = ready_timeout
+        self.procs: dict = {}
+
+    @property
+    def leader_addr(self) -> str:
+        return f"127.0.0.1:{self.cluster['port']}"
+
+    def log_path(self, rank: int) -> str:
+        return os.path.join(self.workdir, f"rank{rank}.log")
+
+    def command(self, rank: int) -> list:
+        base = [sys.executable, "-m", "nanopipe.cli"]
+        common = ["--config-dir", self.config_dir, "--weights", self.weights]
+        if rank == 0:
+            return base + ["serve", "--rank", "0"] + common
+        return base + ["join", "--rank", str(rank), "--host", f"node{rank}"] + common
+
+    def start_rank(self, rank: int):
+        out = None if not self.quiet else open(self.log_path(rank), "ab")
+        self.procs[rank] = subprocess.Popen(self.command(rank), stdout=out, stderr=subprocess.STDOUT if out else None,
+                                            env=self.env, cwd=self.workdir)
+        return self.procs[rank]
+
+    def kill_rank(self, rank: int, sig=signal.SIGKILL):
+        p = self.procs.get(rank)
+        if p and p.poll() is None:
+            p.send_signal(sig)
+            p.wait(10)
+
+    def start(self):
+        for rank in range(self.nodes):
+            self.start_rank(rank)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float | None = None):
+        deadline = time.time() + (timeout or self.ready_timeout)
+        last = None
+        while time.time() < deadline:
+            for rank, p in self.procs.items():
+                if p.poll() is not None and rank == 0:
+                    raise RuntimeError(f"the leader exited with code {p.returncode}:\n{self.logs()}")
+            try:
+                with self.client(timeout=2) as c:
+                    last = c.status()
+                if last["ready"]:
+                    return last
+            except ClientError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"cluster not ready after {timeout or self.ready_timeout}s; status {last}\n{self.logs()}")
+
+    def client(self, timeout: float = 5.0) -> LeaderClient:
+        return LeaderClient.connect(self.leader_addr, token=self.token, timeout=timeout)
+
+    def logs(self) -> str:
+        parts = []
+        for rank in sorted(self.procs):
+            try:
+                with open(self.log_path(rank), errors="replace") as f:
+                    parts.append(f"--- rank {rank} ---\n{f.read()[-4000:]}")
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,155 @@
+"""Connections between nodes: listen, dial with backoff, and the handshake every connection makes.
+
+    peer dials  ->  listener sends CHALLENGE {nonce}
+                <-  peer sends HELLO {role, rank, version, proof = HMAC(token, nonce)}
+    listener checks version and proof, then carries on by role (worker, data, client).
+
+Nothing about a prompt, a token or an activation is sent before the proof checks out.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+from .wire import (PROTOCOL_VERSION, ConnectionClosed, Msg, ProtocolError, WireError, auth_proof, make_nonce,
+                   proof_ok, recv_frame, send_frame)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class HandshakeError(WireError):
+    """The peer failed the handshake (wrong secret, wrong version, wrong role); named in the message."""
+
+
+def parse_addr(addr: str, default_port: int | None = None) -> tuple:
+    """'10.0.0.1:65432' -> ('10.0.0.1', 65432)."""
+    host, _, port = addr.rpartition(":")
+    if not host:
+        if default_port is None:
+            raise ValueError(f"address {addr!r} must be HOST:PORT")
+        return addr, default_port
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ValueError(f"address {addr!r} must be HOST:PORT with a numeric port") from None
+
+
+def listen(host: str, port: int, backlog: int = 64) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        srv.bind((host, port))
+    except OSError as e:
+        srv.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; is another nanopipe running, or "
+                      "is the port taken? Change 'port' in cluster_config.yaml") from None
+    srv.listen(backlog)
+    return srv
+
+
+def tune(sock: socket.socket):
+    """Activations are small and latency-bound: send each frame at once."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def client_tls(cafile: str | None):
+    if not cafile:
+        return None
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.check_hostname = False          # nodes are addressed by IP; the pinned certificate is the check
+    return ctx
+
+
+def server_tls(cert: str | None, key: str | None):
+    if not cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str | None = None,
+         attempts: int = 1, backoff_s: float = 0.5, max_backoff_s: float = 5.0, log=None, who: str = "",
+         tls=None, extra: dict | None = None) -> tuple:
+    """Connect and pass the handshake, retrying with exponential backoff.
+
+    Returns (sock, attempt, welcome meta). Raises OSError after the last attempt, HandshakeError if refused.
+    """
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
+        except OSError as e:
+            if attempt == attempts:
+                raise OSError(f"cannot reach {who or 'peer'} at {host}:{port} after {attempts} attempt(s): "
+                              f"{e.strerror or e}") from None
+            if log:
+                log(f"Connection to {host}:{port} failed ({e.strerror or e}); retrying in {delay:.1f}s "
+                    f"(attempt {attempt})")
+            time.sleep(delay)
+            delay = min(max_backoff_s, delay * 2)
+            continue
+        try:
+            tune(sock)
+            if tls is not None:
+                sock = tls.wrap_socket(sock)
+            welcome = hello(sock, role=role, rank=rank, token=token, peer=f"{who or 'peer'} at {host}:{port}",
+                            extra=extra)
+            sock.settimeout(None)
+            return sock, attempt, welcome
+        except BaseException:
+            sock.close()
+            raise
+    raise AssertionError("unreachable")
+
+
+def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None) -> dict:
+    """The dialing side of the handshake. Returns the WELCOME meta."""
+    try:
+        challenge = recv_frame(sock, peer)
+        if challenge.msg is not Msg.CHALLENGE:
+            raise HandshakeError(f"{peer} opened with {challenge.msg.name}, expected CHALLENGE; is it a nanopipe node?")
+        meta = {"role": role, "rank": rank, "version": PROTOCOL_VERSION,
+                "proof": auth_proof(token, str(challenge.meta.get("nonce", "")))}
+        meta.update(extra or {})
+        send_frame(sock, Msg.HELLO, meta)
+        reply = recv_frame(sock, peer)
+    except ConnectionClosed:
+        raise HandshakeError(f"{peer} closed the connection during the handshake (wrong auth_token?)") from None
+    if reply.msg is Msg.REJECT:
+        raise HandshakeError(f"{peer} refused us: {reply.meta.get('reason', 'no reason given')}")
+    if reply.msg is not Msg.WELCOME:
+        raise HandshakeError(f"{peer} answered HELLO with {reply.msg.name}, expected WELCOME")
+    return reply.meta
+
+
+def challenge(sock, *, token: str | None, peer: str, roles: tuple) -> dict:
+    """The listening side: send CHALLENGE, check HELLO. Returns the HELLO meta; the caller answers
+    WELCOME (with whatever it adds) or REJECT. Raises HandshakeError after sending REJECT."""
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    nonce = make_nonce()
+    send_frame(sock, Msg.CHALLENGE, {"nonce": nonce, "version": PROTOCOL_VERSION})
+    frame = recv_frame(sock, peer, max_payload=0)
+    if frame.msg is not Msg.HELLO:
+        raise ProtocolError(f"{peer}: expected HELLO, got {frame.msg.name}")
+    meta = frame.meta
+    if meta.get("version") != PROTOCOL_VERSION:
+        reject(sock, f"protocol version {meta.get('version')!r} is not this node's {PROTOCOL_VERSION}; "
+                     "run the same nanopipe version on every node")
+        raise HandshakeError(f"{peer} speaks protocol version {meta.get('version')!r}, we speak {PROTOCOL_VERSION}")
+    if not proof_ok(token, nonce, meta.get("proof")):
+        reject(sock, "authentication failed: wrong or missing cluster secret (auth_token / NANOPIPE_TOKEN)")
+        raise HandshakeError(f"{peer} failed authentication (wrong or missing auth_token)")
+    if meta.get("role") not in roles:
+        reject(sock, f"role {meta.get('role')!r} not accepted here (expected {' or '.join(roles)})")
+        raise HandshakeError(f"{peer} asked for role {meta.get('role')!r}; expected {' or '.join(roles)}")
+    sock.settimeout(None)
+    return meta
+
+
+def reject(sock, reason: str):
+    try:
+        send_frame(sock, Msg.REJECT, {"reason": reason})
+    except OSError:
+        pass

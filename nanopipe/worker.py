@@ -1,0 +1,260 @@
+"""A worker: `nanopipe join --rank R --host NAME`.
+
+It needs numpy, PyYAML and the standard library only (never tiktoken, flask or torch). It dials the
+leader, registers its rank, is told its layer range, loads only those blocks, opens its data port,
+and then, for every ACT frame from the rank before it:
+
+    x = blocks_forward(x, my_blocks, segments=[(cache of each session, its rows)])   # (N, C)
+
+and sends x on to the next rank (the last worker sends it back to the leader). Each session has
+its own KV cache here; a FREE frame drops it. If the leader goes away the worker dials again with
+backoff, so restarting the leader heals the cluster by itself.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from .config import ClusterConfig
+from .model import GPTConfig, KVCache, blocks_forward
+from .net import HandshakeError, challenge, client_tls, dial, listen, server_tls, tune
+from .wire import (ConnectionClosed, Msg, ProtocolError, WireError, act_sessions, frame_array, recv_frame, send_array,
+                   send_frame)
+
+
+class Worker:
+    def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str, host: str | None = None,
+                 n_head: int | None = None, max_attempts: int = 0):
+        if rank < 1:
+            raise ValueError("workers have rank >= 1; rank 0 is the leader (`nanopipe serve --rank 0`)")
+        node = cluster.node(rank)
+        if host is not None and host != node.host:
+            from .config import ConfigError
+            if host not in {n.host for n in cluster.nodes}:
+                raise ConfigError(f"{cluster.path}: host '{host}' is not in host_ip/workers "
+                                  f"(known: {', '.join(n.host for n in cluster.nodes)})")
+            raise ConfigError(f"{cluster.path}: rank {rank} runs on host '{node.host}', not '{host}'; "
+                              f"check 'workers' or pass --host {node.host}")
+        self.cluster, self.rank, self.node = cluster, rank, node
+        self.weights_path, self.n_head = weights_path, n_head
+        self.max_attempts = max_attempts or 10**9
+        self.tag = f"[WORKER-{rank}]"
+        self.stage = None
+        self.caches: dict = {}
+        self.down_sock = None
+        self.down_lock = threading.Lock()
+        self.down_ready = threading.Event()
+        self.work_lock = threading.Lock()
+        self.control_lock = threading.Lock()
+        self._last_welcome: dict = {}
+        self.compute_ms = 0.0
+        self.frames = 0
+        self.stop_event = threading.Event()
+        self.srv = None
+        self.tls_server = server_tls(cluster.tls_cert, cluster.tls_key)
+        self.tls_client = client_tls(cluster.tls_cert)
+
+    def log(self, msg: str):
+        print(f"{self.tag} {msg}", flush=True)
+
+    # -- the control connection to the leader ------------------------------------------------
+
+    def run(self):
+        """Register with the leader and serve until stopped; re-register if the leader goes away."""
+        leader = self.cluster.leader
+        while not self.stop_event.is_set():
+            try:
+                sock, attempt, self._last_welcome = dial(leader.ip, leader.port, role="worker", rank=self.rank,
+                                     token=self.cluster.auth_token, attempts=self.max_attempts, log=self.log,
+                                     who="server", tls=self.tls_client, extra={"host": self.node.host})
+            except HandshakeError as e:
+                self.log(f"Registration refused: {e}")
+                raise SystemExit(2) from None
+            except OSError as e:
+                self.log(str(e))
+                raise SystemExit(1) from None
+            self.log(f"Connected to server at {leader.ip}:{leader.port} on attempt {attempt}")
+            try:
+                self._session(sock)
+            except (WireError, OSError) as e:
+                if not isinstance(e, ConnectionClosed):
+                    self.log(f"Lost the leader: {e}")
+            finally:
+                sock.close()
+                self._drop_downstream()
+            if self.stop_event.is_set():
+                break
+            self.log("Leader connection closed; reconnecting")
+            time.sleep(0.5)
+
+    def _session(self, sock):
+        welcome = self._last_welcome
+        lo, hi = welcome["layers"]
+        expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
+                           n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
+        if self.stage is None or (self.stage.lo, self.stage.hi) != (lo, hi):
+            from .weights import WeightsError, load_stage
+            try:
+                self.stage = load_stage(self.weights_path, lo, hi, rank0=False,
+                                        n_head=self.n_head or expect.n_head, expect=expect)
+            except WeightsError as e:
+                self.log(f"Cannot load layers {lo}-{hi - 1}: {e}")
+                send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
+                raise SystemExit(2) from None
+            self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
+                     f"{self.stage.nbytes / 1e6:.1f} MB)")
+        self.config = expect
+        self.next_addr = tuple(welcome["next"])
+        self.next_rank = welcome.get("next_rank", 0)
+        self.caches.clear()
+        self._ensure_listening()
+        send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
+        hb = threading.Thread(target=self._heartbeat, args=(sock,), daemon=True)
+        hb.start()
+        while True:
+            frame = recv_frame(sock, "leader")
+            if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
+                self._connect_downstream(frame.meta.get("epoch"))
+                with self.control_lock:
+                    send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": frame.meta.get("epoch")})
+            elif frame.msg is Msg.PING:
+                with self.control_lock:
+                    send_frame(sock, Msg.PONG, frame.meta)
+
+    def _heartbeat(self, sock):
+        """Tell the leader we're alive (and how big we are) every heartbeat_s."""
+        period = self._last_welcome.get("heartbeat_s", 1.0)
+        while True:
+            try:
+                with self.control_lock:
+                    send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": _rss_mb(),
+                                                 "compute_ms": round(self.compute_ms, 3), "frames": self.frames,
+                                                 "sessions": len(self.caches),
+                                                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))})
+            except OSError:
+                return
+            time.sleep(period)
+
+    # -- the data links: upstream in, downstream out -----------------------------------------
+
+    def _ensure_listening(self):
+        if self.srv is not None:
+            return
+        host = self.cluster.bind or self.node.ip
+        self.srv = listen(host, self.node.port)
+        self.log(f"Listening for activations on {host}:{self.node.port}")
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self):
+        while not self.stop_event.is_set():
+            try:
+                sock, addr = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._upstream, args=(sock, addr), daemon=True).start()
+
+    def _upstream(self, sock, addr):
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            tune(sock)
+            if self.tls_server is not None:
+                sock = self.tls_server.wrap_socket(sock, server_side=True)
+            hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("data",))
+            if hello.get("rank") != self.rank - 1:
+                send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
+                                                        f"{self.rank - 1} only"})
+                raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.rank - 1}")
+            send_frame(sock, Msg.WELCOME, {"rank": self.rank})
+        except (WireError, OSError) as e:
+            self.log(f"Rejected data connection from {peer}: {e}")
+            sock.close()
+            return
+        name = f"rank {self.rank - 1} ({peer})"
+        try:
+            while True:
+                frame = recv_frame(sock, name)
+                with self.work_lock:
+                    self._on_frame(frame, name)
+        except (WireError, OSError, ValueError) as e:
+            if not isinstance(e, ConnectionClosed):
+                self.log(f"Closed data connection from {name}: {e}")
+        finally:
+            sock.close()
+
+    def _on_frame(self, frame, peer):
+        if frame.msg is Msg.ACT:
+            sessions = act_sessions(frame, peer)
+            x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)
+            if x.dtype != np.float32 or x.ndim != 2:
+                raise ProtocolError(f"{peer}: ACT must carry float32 rows (N, {self.config.n_embd}), "
+                                    f"got {x.dtype} {list(x.shape)}")
+            t0 = time.perf_counter()
+            segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]
+            y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (N, C)
+            ms = (time.perf_counter() - t0) * 1000
+            self.compute_ms += ms
+            self.frames += 1
+            meta = dict(frame.meta)
+            meta["trace"] = list(meta.get("trace", [])) + [{"rank": self.rank, "compute_ms": round(ms, 3)}]
+            self._send_down(Msg.ACT, meta, y)
+        elif frame.msg is Msg.FREE:
+            ids = frame.meta.get("sessions", [])
+            for sid in ids if isinstance(ids, list) else []:
+                self.caches.pop(sid, None)
+            self._send_down(Msg.FREE, frame.meta, None)
+        else:
+            raise ProtocolError(f"{peer}: unexpected {frame.msg.name} on a data link")
+
+    def _cache_for(self, s: dict, peer: str) -> KVCache:
+        """pos 0 starts (or, on a replay, restarts) a session; later rows must continue it exactly."""
+        c = self.config
+        if s["pos"] == 0:
+            cache = self.caches[s["id"]] = KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
+            return cache
+        cache = self.caches.get(s["id"])
+        if cache is None or cache.length != s["pos"]:
+            have = None if cache is None else cache.length
+            raise ProtocolError(f"{peer}: session {s['id']!r} at position {s['pos']} but this stage's cache "
+                                f"holds {have} positions; the ring is out of step")
+        return cache
+
+    def _send_down(self, msg, meta, array):
+        if not self.down_ready.wait(10):
+            raise WireError(f"worker {self.rank}: no link to rank {self.next_rank} to pass activations on")
+        with self.down_lock:
+            if array is None:
+                send_frame(self.down_sock, msg, meta)
+            else:
+                send_array(self.down_sock, msg, meta, array)
+
+    def _connect_downstream(self, epoch):
+        self._drop_downstream()
+        host, port = self.next_addr
+        sock, _, _ = dial(host, port, role="data", rank=self.rank, token=self.cluster.auth_token, attempts=20,
+                       backoff_s=0.1, max_backoff_s=1.0, who=f"rank {self.next_rank}", tls=self.tls_client,
+                       extra={"epoch": epoch})
+        with self.down_lock:
+            self.down_sock = sock
+        self.down_ready.set()
+
+    def _drop_downstream(self):
+        self.down_ready.clear()
+        with self.down_lock:
+            if self.down_sock is not None:
+                try:
+                    self.down_sock.close()
+                except OSError:
+                    pass
+            self.down_sock = None
+
+
+def _rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
