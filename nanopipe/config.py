@@ -10,6 +10,7 @@ mistyped key is a ConfigError naming the file and the key.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -161,7 +162,15 @@ class ClusterConfig:
     tls_key: str | None = None
     api_token: str | None = field(default=None, repr=False)
     cors_origins: tuple = ()
+    link_delay_ms: float = 0.0       # a simulated link on every hop (benchmarks): latency ...
+    link_mbps: float = 0.0           # ... and bandwidth (0 = no limit)
     path: str = ""
+
+    def link_sleep(self, nbytes: int):
+        """Wait as long as a hop over the simulated link would take: latency + bytes / bandwidth."""
+        t = self.link_delay_ms / 1000 + (nbytes * 8 / (self.link_mbps * 1e6) if self.link_mbps > 0 else 0.0)
+        if t > 0:
+            time.sleep(t)
 
     @property
     def num_workers(self) -> int:
@@ -232,4 +241,6 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
         tls_key=_get(data, "tls_key", str, path, default=None),
         api_token=_get(data, "api_token", str, path, default=None),
         cors_origins=tuple(str(o) for o in origins), path=path,
+        link_delay_ms=float(_get(data, "link_delay_ms", (int, float), path, default=0.0)),
+        link_mbps=float(_get(data, "link_mbps", (int, float), path, default=0.0)),
     )

@@ -48,13 +48,16 @@ class WorkerState:
 class Ring:
     """The leader's two ends of the ring: it sends to worker 1 and receives from the last worker."""
 
-    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break):
+    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break, link_sleep=None):
         self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
+        self.link_sleep = link_sleep
         self.inbox: queue.Queue = queue.Queue()
         self.on_break = on_break
         self.broken = False
 
     def send(self, batch_id, sessions, x):
+        if self.link_sleep is not None:
+            self.link_sleep(x.nbytes)           # a simulated slower link, for benchmarks
         try:
             send_array(self.out_sock, Msg.ACT, {"batch": batch_id, "epoch": self.epoch, "sessions": sessions,
                                                 "trace": []}, np.ascontiguousarray(x, np.float32))
@@ -277,7 +280,8 @@ class Leader:
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}")
             return
-        ring = Ring(sock, self.config.n_embd, depth=len(self.ranges), epoch=epoch, on_break=self._on_ring_break)
+        ring = Ring(sock, self.config.n_embd, depth=len(self.ranges), epoch=epoch, on_break=self._on_ring_break,
+                    link_sleep=self.cluster.link_sleep)
         deadline = time.time() + 30
         while time.time() < deadline and self._ring_in_epoch != epoch:
             time.sleep(0.02)

@@ -223,6 +223,8 @@ class Worker:
     def _send_down(self, msg, meta, array):
         if not self.down_ready.wait(10):
             raise WireError(f"worker {self.rank}: no link to rank {self.next_rank} to pass activations on")
+        if array is not None:
+            self.cluster.link_sleep(array.nbytes)       # a simulated slower link, for benchmarks
         with self.down_lock:
             if array is None:
                 send_frame(self.down_sock, msg, meta)
