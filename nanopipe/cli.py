@@ -128,7 +128,8 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
     if as_json:
         result = dict(result, text=tok.decode(result["token_ids"]))
-        result.pop("id", None)
+        for key in ("id", "request", "session"):    # bookkeeping of one process or one connection
+            result.pop(key, None)
         click.echo(json.dumps(result))
     else:
         click.echo(stream.flush())
@@ -396,6 +397,81 @@ def _find_real_weights(config_dir):
         return path if os.path.exists(path) else None
     except ConfigError:
         return None
+
+
+@main.command()
+@click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
+              help="Weights to run (default: gpt2-small-shaped synthetic weights, written on first use).")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Tokens to generate.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True, help="Prompt tokens.")
+@click.option("--no-hf", is_flag=True, help="Skip the HF transformers comparison.")
+@click.option("--bandwidth-mb", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Size of the array the memory-bandwidth measurement streams.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
+@_fail_clean
+def bench(weights_path, n_tokens, prompt_len, no_hf, bandwidth_mb, csv_path):
+    """Measure prefill and decode tokens/s against this machine's memory-bandwidth bound and HF transformers."""
+    from .bench import run_bench
+    run_bench(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, hf=not no_hf, csv_path=csv_path,
+              bandwidth_mb=bandwidth_mb, echo=click.echo)
+
+
+@main.command("trace")
+@click.argument("prompt")
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True, help="Nodes of the local cluster.")
+@click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
+              help="Weights file (default: the model's, else synthetic gpt2 weights, written on first use).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
+@click.option("--leader", default=None, metavar="HOST:PORT", help="Trace on a running cluster instead.")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@_fail_clean
+def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_dir):
+    """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
+    from .client import ClientError
+    from .trace import TraceError, format_trace, resolve_weights, run_trace
+
+    def log(msg):       # progress goes to stderr, so stdout stays clean for --json
+        click.echo(msg, err=True)
+
+    try:
+        path = None if leader else resolve_weights(weights_path or _find_real_weights(config_dir), log=log)
+        report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
+                           token=_token(config_dir) if leader else None, log=log)
+    except (TraceError, ClientError) as e:
+        raise UserError(str(e)) from None
+    click.echo(json.dumps(report) if as_json else format_trace(report))
+
+
+@main.command()
+@click.option("--leader", default=None, metavar="HOST:PORT",
+              help="The leader (default: the server's ip:port in cluster_config.yaml).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; 0.0.0.0 opens the chat to the network (set api_token first).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--model", "model_name", default=None, help="An entry of model_config.yaml (decoding defaults).")
+@_fail_clean
+def web(leader, host, port, config_dir, model_name):
+    """Serve the chat page, its JSON API, an OpenAI-compatible API and /metrics in front of the leader."""
+    from werkzeug.serving import run_simple
+
+    from .net import parse_addr
+    from .tokenizer import get_tokenizer
+    from .webapp import create_app, settings_from_configs
+    if leader is not None:
+        try:
+            parse_addr(leader)
+        except ValueError as e:
+            raise UserError(f"--leader: {e}") from None
+    app = create_app(settings_from_configs(config_dir, model_name, leader))
+    app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
+    if host not in ("127.0.0.1", "localhost", "::1") and not app.config["API_TOKEN"]:
+        click.echo(f"WARNING: serving on {host} without api_token: anyone who can reach port {port} can use "
+                   "the cluster. Set api_token in cluster_config.yaml or NANOPIPE_API_TOKEN.", err=True)
+    click.echo(f"Web chat on http://{host}:{port}/  (leader {app.config['LEADER']})")
+    run_simple(host, port, app, threaded=True)
 
 
 if __name__ == "__main__":

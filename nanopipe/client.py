@@ -34,7 +34,7 @@ class LeaderClient:
         host, port = parse_addr(addr, 65432)
         try:
             sock, _, welcome = dial(host, port, role="client", token=token, attempts=attempts, who="leader",
-                                    tls=client_tls(tls_ca))
+                                    tls=client_tls(tls_ca), timeout=timeout)
         except HandshakeError as e:
             raise ClientError(str(e), "unreachable") from None
         except OSError as e:
@@ -63,10 +63,11 @@ class LeaderClient:
                 return frame.meta
 
     def generate(self, prompt=None, params=None, on_token=None, on_status=None, echo: bool = False,
-                 top_logprobs: int = 0, text: bool = True, **fields) -> dict:
+                 top_logprobs: int = 0, text: bool = True, on_event=None, **fields) -> dict:
         """Run one generation. `prompt` is token ids (a list) or text (a str, tokenized by the leader).
         `params` is a SamplingParams or None (the leader's defaults); `fields` override single values
-        (strategy, temperature, top_k, top_p, max_tokens, seed). on_token(id, text) sees each token."""
+        (strategy, temperature, top_k, top_p, max_tokens, seed, and trace=True for per-hop data).
+        on_token(id, text) sees each token; on_event(meta) sees each TOKEN frame's whole meta."""
         meta = {"request": f"r{next(self._ids)}", "echo": echo, "top_logprobs": top_logprobs, "text": text}
         meta["prompt_ids" if isinstance(prompt, list) else "prompt"] = prompt
         if params is not None:
@@ -82,6 +83,8 @@ class LeaderClient:
                 self.session = m.get("session")
                 if on_token is not None:
                     on_token(m["token"], m.get("text", ""))
+                if on_event is not None:
+                    on_event(m)
             elif frame.msg is Msg.STATUS:
                 if on_status is not None:
                     on_status(m.get("text", ""))

@@ -145,6 +145,31 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
+def logsumexp(logits: np.ndarray) -> float:
+    """log(sum(exp(logits))) for one position's logits (V,): logprob of token t = logits[t] - logsumexp.
+
+    [2.0, 1.0, 0.0] -> 2.408, so the logprob of token 0 is 2.0 - 2.408 = -0.408, as log_softmax says.
+    One pass over V per generated token, instead of a whole float64 log_softmax: exp runs in the
+    logits' own float32 (vectorized, several times faster than float64), the sum in float64.
+    """
+    x = np.asarray(logits)
+    top = x.max()
+    return float(top) + math.log(float(np.sum(np.exp(x - top), dtype=np.float64)))
+
+
+def most_likely(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits, most likely first, ties broken by the lower id.
+
+    [0.1, 3.0, 2.0, 3.0], k=3 -> [1, 3, 2]. The same as a stable argsort of -logits cut to k, but
+    without sorting all 50257 entries: only those at or above the k-th largest value are sorted.
+    """
+    x = np.asarray(logits)
+    k = min(k, x.shape[-1])
+    kth = np.partition(x, x.shape[-1] - k)[x.shape[-1] - k]   # the k-th largest value
+    ids = np.flatnonzero(x >= kth)                             # (>= k,) in increasing id order
+    return ids[np.argsort(-x[ids], kind="stable")][:k]
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) as float64: (V,) -> (V,) summing to 1.
 

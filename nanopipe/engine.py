@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoding import DecodingError, SamplingParams, log_softmax, make_rng, sample
+from .decoding import DecodingError, SamplingParams, log_softmax, logsumexp, make_rng, most_likely, sample
 from .model import KVCache, blocks_forward, embed, head
+from .trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
 PREFILL_CHUNK = 64        # prompt rows per session per step, so a long prompt never stalls the others
@@ -41,6 +42,7 @@ class Request:
     top_logprobs: int = 0           # K most likely ids with their logprobs at each generated position
     stop_at_eot: bool = True
     id: str = ""
+    trace: bool = False             # each token event also carries its step's hops and top-5 (nanopipe/trace.py)
 
 
 @dataclass
@@ -285,14 +287,15 @@ class Scheduler:
                     owners.append((s, r - row, n, last_chunk))
             row += n
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (R, V)
+        step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j, n, last_chunk) in enumerate(owners):
             p = s.pos + j                       # these logits predict the token at position p + 1
             known = len(s.req.prompt_ids) + len(s.out_ids)
             if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once
                 if len(s.prompt_logprobs) == p:
-                    s.prompt_logprobs.append(float(log_softmax(logits[i])[s.req.prompt_ids[p + 1]]))
+                    s.prompt_logprobs.append(float(logits[i][s.req.prompt_ids[p + 1]]) - logsumexp(logits[i]))
             elif p + 1 == known:                # the newest token: sample the next one
-                self._sample(s, logits[i])
+                self._sample(s, logits[i], step)
             # else: a replayed position whose next token is already known
         now = time.perf_counter()
         for s, n in zip(batch.sessions, batch.counts):
@@ -307,18 +310,21 @@ class Scheduler:
                 self._cancel.discard(s.id)
                 self._end(s)
 
-    def _sample(self, s: Session, logits: np.ndarray):
-        lp = log_softmax(logits)                                                # (V,)
+    def _sample(self, s: Session, logits: np.ndarray, step: dict | None = None):
         tok = int(sample(logits, s.req.params, s.rng))
+        lse = logsumexp(logits)             # logprob(t) = logits[t] - lse: no full (V,) log_softmax per token
         s.out_ids.append(tok)
-        s.logprobs.append(float(lp[tok]))
+        s.logprobs.append(float(logits[tok]) - lse)
         if s.req.top_logprobs:
-            top = np.argsort(-lp, kind="stable")[:s.req.top_logprobs]
-            s.top_logprobs.append([(int(t), float(lp[t])) for t in top])
+            top = most_likely(logits, s.req.top_logprobs)
+            s.top_logprobs.append([(int(t), float(logits[t]) - lse) for t in top])
         if s.t_first is None:
             s.t_first = time.perf_counter()
         self.stats["tokens"] += 1
-        _emit(s.req, "token", {"id": tok, "logprob": float(lp[tok]), "index": len(s.out_ids) - 1})
+        data = {"id": tok, "logprob": s.logprobs[-1], "index": len(s.out_ids) - 1}
+        if step is not None and s.req.trace:
+            data.update(step, top=top_probs(log_softmax(logits), 5))
+        _emit(s.req, "token", data)
         eot = s.req.stop_at_eot and tok == EOT
         if eot or len(s.out_ids) >= s.req.params.max_tokens:
             s.finished = True

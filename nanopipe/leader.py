@@ -13,8 +13,12 @@ generation continues where it stopped.
 from __future__ import annotations
 
 import queue
+import secrets
+import socket
+import struct
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +26,33 @@ import numpy as np
 from .config import ClusterConfig, ModelConfig
 from .decoding import DecodingError, make_params
 from .engine import Request, Scheduler
-from .net import HandshakeError, challenge, dial, listen, server_tls, tune
-from .wire import ConnectionClosed, Msg, WireError, frame_array, recv_frame, send_array, send_frame
+from .net import (
+    HANDSHAKE_TIMEOUT_S,
+    HandshakeError,
+    challenge,
+    client_tls,
+    close_now,
+    dial,
+    listen,
+    max_act_bytes,
+    server_tls,
+    tune,
+)
+from .wire import (
+    ConnectionClosed,
+    Msg,
+    ProtocolError,
+    WireError,
+    encode_frame,
+    frame_array,
+    recv_frame,
+    send_array,
+    send_frame,
+)
 
 CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed")
+RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
+CLIENT_SEND_TIMEOUT_S = 10.0   # a client that stops reading this long is dropped, not waited for
 
 
 def log(msg: str):
@@ -42,27 +69,33 @@ class WorkerState:
     last_seen: float = 0.0
     stats: dict = field(default_factory=dict)
     sock: object = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)    # one sender at a time on sock
+    ring_epoch: object = None       # the ring epoch it last confirmed (dialed its next hop for)
 
 
 class Ring:
-    """The leader's two ends of the ring: it sends to worker 1 and receives from the last worker."""
+    """The leader's two ends of the ring: it sends to worker 1 and receives from the last worker.
 
-    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break, link_sleep=None):
+    A failed send marks the ring broken and reports it from another thread: the scheduler thread
+    calls send() while holding its lock, and must finish its step with the ring it started with.
+    """
+
+    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break):
         self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
-        self.link_sleep = link_sleep
         self.inbox: queue.Queue = queue.Queue()
         self.on_break = on_break
         self.broken = False
+        self.rows_sent: dict = {}                    # batch id -> rows, to check what comes back
 
     def send(self, batch_id, sessions, x):
-        if self.link_sleep is not None:
-            self.link_sleep(x.nbytes)           # a simulated slower link, for benchmarks
+        if self.broken:
+            return                                   # the batch is replayed once the ring is rebuilt
+        self.rows_sent[batch_id] = len(x)
         try:
             send_array(self.out_sock, Msg.ACT, {"batch": batch_id, "epoch": self.epoch, "sessions": sessions,
                                                 "trace": []}, np.ascontiguousarray(x, np.float32))
         except OSError as e:
-            self.on_break(f"lost the link to worker 1: {e}")
+            self._broke(f"lost the link to worker 1: {e}")
 
     def free(self, ids):
         if self.broken:
@@ -70,7 +103,12 @@ class Ring:
         try:
             send_frame(self.out_sock, Msg.FREE, {"sessions": list(ids), "epoch": self.epoch})
         except OSError as e:
-            self.on_break(f"lost the link to worker 1: {e}")
+            self._broke(f"lost the link to worker 1: {e}")
+
+    def _broke(self, reason: str):
+        if not self.broken:
+            self.broken = True
+            threading.Thread(target=self.on_break, args=(reason, self.epoch), daemon=True).start()
 
     def recv(self, timeout: float):
         try:
@@ -79,19 +117,36 @@ class Ring:
             return None
 
     def deliver(self, frame, peer):
-        """Called by the thread reading the last worker's data link."""
+        """Called by the thread reading the last worker's data link. Raises ProtocolError if the
+        frame cannot be the answer to a batch we sent (the caller closes that link)."""
         if frame.meta.get("epoch") != self.epoch:
             return                                   # a frame from before a rebuild
         if frame.msg is Msg.ACT:
-            x = frame_array(frame, expect_cols=self.n_embd, peer=peer)
-            self.inbox.put((frame.meta.get("batch"), x, frame.meta.get("trace", [])))
+            x = frame_array(frame, expect_cols=self.n_embd, peer=peer)                  # (N, C)
+            batch = frame.meta.get("batch")
+            rows = self.rows_sent.pop(batch, None) if isinstance(batch, int) else None
+            if rows is None or x.ndim != 2 or x.dtype != np.float32 or len(x) != rows:
+                raise ProtocolError(f"{peer}: ACT for batch {batch!r} with {x.dtype} {list(x.shape)} does not "
+                                    f"answer a batch in flight ({rows} rows of float32 sent)")
+            trace = _checked_trace(frame.meta.get("trace"), peer)
+            if trace:   # the last hop's frame size and arrival time, for `nanopipe trace`
+                nbytes = len(encode_frame(frame.msg, frame.meta)) + len(frame.payload)
+                trace[-1].update(bytes_out=nbytes, t_back=time.time())
+            self.inbox.put((batch, x, trace))
 
     def close(self):
         self.broken = True
-        try:
-            self.out_sock.close()
-        except OSError:
-            pass
+        close_now(self.out_sock)
+
+
+def _checked_trace(trace, peer: str) -> list:
+    """The per-hop timings an ACT collects on its way round: [{"rank": 1, "compute_ms": 0.4}, ...]."""
+    ok = isinstance(trace, list) and all(
+        isinstance(h, dict) and isinstance(h.get("rank"), int) and isinstance(h.get("compute_ms"), (int, float))
+        for h in trace)
+    if not ok:
+        raise ProtocolError(f"{peer}: ACT has a malformed trace {trace!r}")
+    return trace
 
 
 class Leader:
@@ -104,7 +159,9 @@ class Leader:
         self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
         self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions)
         self.ring: Ring | None = None
-        self.epoch = 0
+        # ring epochs count up from a random start, so a restarted leader never reuses one that a
+        # worker may still hold frames of
+        self.epoch = secrets.randbelow(1 << 30)
         self.lock = threading.RLock()
         self.ring_ready = threading.Event()
         self.down_since: float | None = None
@@ -112,8 +169,12 @@ class Leader:
         self.started = time.time()
         self.metrics = {"requests": 0, "errors": 0, "rejected_peers": 0, "bad_frames": 0}
         self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
+        self.tls_client = client_tls(cluster.tls_cert)      # for dialing worker 1
+        self.max_act_bytes = max_act_bytes(self.config, cluster.max_sessions)
         self.srv = None
-        self._build_lock = threading.Lock()
+        self._tok_lock = threading.Lock()
+        self._building = False
+        self._last_build = 0.0
         self._ring_in_epoch = None
         if len(ranges) == 1:
             self.ring_ready.set()
@@ -173,13 +234,14 @@ class Leader:
         peer = f"{addr[0]}:{addr[1]}"
         try:
             tune(sock)
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)     # a peer that connects and says nothing is dropped
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True)
             hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("worker", "data", "client"))
         except (HandshakeError, WireError, OSError, ValueError) as e:
             self.metrics["rejected_peers"] += 1
             self.log(f"Rejected connection from {peer}: {e}")
-            sock.close()
+            close_now(sock)
             return
         role = hello["role"]
         try:
@@ -193,17 +255,18 @@ class Leader:
             if not isinstance(e, ConnectionClosed):
                 self.metrics["bad_frames"] += 1
                 self.log(f"Closed connection from {peer} ({role}): {e}")
+        except Exception as e:      # a bug must cost one connection, never the leader
+            self.metrics["bad_frames"] += 1
+            self.log(f"Closed connection from {peer} ({role}) after an internal error: {type(e).__name__}: {e}\n"
+                     + traceback.format_exc())
         finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
+            close_now(sock)
 
     # workers ----------------------------------------------------------------------------------
 
     def _worker_conn(self, sock, peer, hello):
         rank = hello.get("rank")
-        w = self.workers.get(rank) if isinstance(rank, int) else None
+        w = self.workers.get(rank) if type(rank) is int else None
         if w is None:
             send_frame(sock, Msg.REJECT, {"reason": f"no worker rank {rank!r} in this cluster (ranks "
                                                     f"{', '.join(map(str, self.workers)) or 'none'})"})
@@ -220,7 +283,7 @@ class Leader:
                 self.log(f"Rejected worker from {peer}: rank {rank} claims host {hello.get('host')!r}, "
                          f"config says {w.host!r}")
                 return
-            w.status, w.addr, w.sock, w.last_seen = "joined", peer, sock, time.time()
+            w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
         nxt = self.cluster.node(rank + 1 if rank + 1 < len(self.ranges) else 0)
         c = self.config
         send_frame(sock, Msg.WELCOME, {
@@ -230,7 +293,7 @@ class Leader:
         self.log(f"Worker {rank} registered from {peer} (host {w.host}, layers {w.layers[0]}-{w.layers[1] - 1})")
         try:
             while True:
-                frame = recv_frame(sock, f"worker {rank} ({peer})")
+                frame = recv_frame(sock, f"worker {rank} ({peer})", max_payload=0)
                 w.last_seen = time.time()
                 if frame.msg is Msg.READY:
                     self._on_ready(w, frame.meta)
@@ -238,62 +301,80 @@ class Leader:
                     w.stats = {k: v for k, v in frame.meta.items() if isinstance(v, (int, float, str))}
                 elif frame.msg is Msg.ERROR:
                     self.log(f"Worker {rank} reports: {frame.meta.get('message')}")
+                    if frame.meta.get("epoch") is not None:     # it closed a data link of that ring
+                        self._on_ring_break(f"worker {rank} reported: {frame.meta.get('message')}",
+                                            frame.meta["epoch"])
         finally:
             with self.lock:
-                if w.sock is sock:
+                current = w.sock is sock     # not if the watchdog already dropped this connection
+                if current:
                     w.status, w.sock = "down", None
-            self._on_worker_lost(rank, f"worker {rank} ({w.host}, {peer}) disconnected")
+            if current:
+                self._on_worker_lost(rank, f"worker {rank} ({w.host}, {peer}) disconnected")
 
     def _on_ready(self, w, meta):
         if meta.get("epoch") is not None:
-            return                          # a worker confirming its part of a ring rebuild
+            w.ring_epoch = meta["epoch"]    # it has dialed its next hop for the ring of that epoch
+            return
         with self.lock:
             w.status = "ready"
-            everyone = all(x.status == "ready" for x in self.workers.values())
         self.log(f"Worker {w.rank} ready: loaded layers {w.layers[0]}-{w.layers[1] - 1}")
-        if everyone:
-            threading.Thread(target=self._build_ring, daemon=True).start()
+        self._maybe_build_ring()
+
+    def _maybe_build_ring(self, retry_after_s: float = 0.0):
+        """Start closing the ring if every worker is ready and no ring is up or being built."""
+        with self.lock:
+            if (self.ring_ready.is_set() or self._building or time.time() - self._last_build < retry_after_s
+                    or any(w.status != "ready" for w in self.workers.values())):
+                return
+            self._building = True
+        threading.Thread(target=self._build_ring, daemon=True, name="ring-builder").start()
 
     def _build_ring(self):
-        """Every rank is up: tell each worker to (re)dial its next hop, then dial worker 1."""
-        with self._build_lock:
-            self._build_ring_locked()
+        try:
+            self._build_ring_once()
+        finally:
+            with self.lock:
+                self._building, self._last_build = False, time.time()
 
-    def _build_ring_locked(self):
+    def _build_ring_once(self) -> bool:
+        """Close a new ring: each worker re-dials its next hop (the last one dials us), then we dial
+        worker 1 and replay every live session. Returns False, after logging why, if it could not;
+        the watchdog tries again while every worker is still ready."""
         with self.lock:
             self.epoch += 1
             epoch = self.epoch
-            if self.ring:
-                self.ring.close()
-            self.ring = None
-            self._ring_in_epoch = None
-        for w in self.workers.values():
+        workers = list(self.workers.values())
+        for w in workers:
             try:
                 with w.lock:
                     send_frame(w.sock, Msg.STATUS, {"ring": "connect", "epoch": epoch})
-            except (OSError, AttributeError):
-                return
+            except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
+                self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away")
+                return False
+        deadline = time.time() + RING_BUILD_TIMEOUT_S
+        while not (all(w.ring_epoch == epoch for w in workers) and self._ring_in_epoch == epoch):
+            if time.time() > deadline or any(w.status != "ready" for w in workers):
+                late = [str(w.rank) for w in workers if w.ring_epoch != epoch]
+                self.log(f"Cannot close the ring (epoch {epoch}): rank {', '.join(late) or '?'} did not connect to "
+                         f"its next hop within {RING_BUILD_TIMEOUT_S:g}s"
+                         + ("" if self._ring_in_epoch == epoch else "; the last worker never connected back to the "
+                            "leader: check that the leader's address in host_ip is reachable from it"))
+                return False
+            time.sleep(0.01)
         first = self.cluster.node(1)
         try:
-            sock, _, _ = dial(first.ip, first.port, role="data", rank=0, token=self.cluster.auth_token, attempts=20,
-                           backoff_s=0.1, max_backoff_s=1.0, who="worker 1", extra={"epoch": epoch})
+            sock, _, _ = dial(first.ip, first.port, role="data", rank=0, token=self.cluster.auth_token, attempts=5,
+                              backoff_s=0.1, max_backoff_s=1.0, who="worker 1", tls=self.tls_client,
+                              extra={"epoch": epoch})
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}")
-            return
-        ring = Ring(sock, self.config.n_embd, depth=len(self.ranges), epoch=epoch, on_break=self._on_ring_break,
-                    link_sleep=self.cluster.link_sleep)
-        deadline = time.time() + 30
-        while time.time() < deadline and self._ring_in_epoch != epoch:
-            time.sleep(0.02)
-        if self._ring_in_epoch != epoch:
-            self.log("The last worker never connected back to the leader; check that the leader's address "
-                     "in host_ip is reachable from it")
-            ring.close()
-            return
-        with self.lock:
-            if epoch != self.epoch:
+            return False
+        ring = Ring(sock, self.config.n_embd, depth=len(self.ranges), epoch=epoch, on_break=self._on_ring_break)
+        with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
+            if epoch != self.epoch or any(w.status != "ready" for w in workers):
                 ring.close()
-                return
+                return False
             self.ring = ring
             self.scheduler.ring = ring
             replayed = self.scheduler.replay_all()
@@ -302,39 +383,56 @@ class Leader:
         path = " -> ".join(["0"] + [str(r) for r in self.workers] + ["0"])
         self.log(f"All {len(self.workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
                  + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
+        return True
 
     def _data_conn(self, sock, peer, hello):
         """The last worker's link back to the leader: final activations arrive here."""
         last = len(self.ranges) - 1
-        if hello.get("rank") != last:
+        if hello.get("rank") != last or last == 0:
             send_frame(sock, Msg.REJECT, {"reason": f"only rank {last} sends activations to the leader"})
+            self.log(f"Rejected data link from {peer}: it claims rank {hello.get('rank')!r}; only rank {last} "
+                     "sends activations to the leader")
             return
         epoch = hello.get("epoch")
         send_frame(sock, Msg.WELCOME, {})
         self._ring_in_epoch = epoch
         name = f"worker {last} ({peer}, data)"
-        while True:
-            frame = recv_frame(sock, name)
-            ring = self.ring
-            if frame.msg is Msg.ACT and ring is not None and frame.meta.get("epoch") == ring.epoch:
-                ring.deliver(frame, name)
-            elif frame.msg is Msg.ERROR:
-                self.log(f"{name}: {frame.meta.get('message')}")
-                self._on_ring_break(f"{name} reported: {frame.meta.get('message')}")
+        try:
+            while True:
+                frame = recv_frame(sock, name, max_payload=self.max_act_bytes)
+                ring = self.ring
+                if frame.msg is Msg.ACT:
+                    if ring is not None and frame.meta.get("epoch") == ring.epoch:
+                        ring.deliver(frame, name)
+                elif frame.msg is Msg.FREE:
+                    pass                        # a FREE that went all the way round: every stage has freed
+                elif frame.msg is Msg.ERROR:
+                    self.log(f"{name}: {frame.meta.get('message')}")
+                    self._on_ring_break(f"{name} reported: {frame.meta.get('message')}", epoch)
+                else:
+                    raise ProtocolError(f"{name}: unexpected {frame.msg.name} on a data link")
+        finally:
+            # the ring of this epoch (if it is still the current one) has lost its last hop
+            self._on_ring_break(f"{name}: the link back to the leader closed", epoch)
 
-    def _on_ring_break(self, reason: str):
+    def _on_ring_break(self, reason: str, epoch=None):
+        """The ring is down: batches in flight are lost, generations wait for it to be rebuilt
+        (by _maybe_build_ring, once every worker is ready). `epoch`: only if that ring is current."""
         with self.lock:
-            if not self.ring_ready.is_set() and self.ring is None:
+            ring = self.ring
+            if ring is None or (epoch is not None and epoch != ring.epoch):
+                return                          # already down, or news about an older ring
+            ring.close()                        # first: a scheduler step blocked sending on it wakes up
+        with self.scheduler.lock, self.lock:
+            if self.ring is not ring:
                 return
-            self.ring_ready.clear()
-            if self.ring:
-                self.ring.close()
             self.ring = None
             self.scheduler.ring = None
+            self.ring_ready.clear()
             if self.down_since is None:
                 self.down_since = time.time()
-        self.log(f"Ring broken: {reason}; generations wait up to {self.cluster.rejoin_grace_s:g}s for it to heal")
-        self.scheduler.interrupt(f"{reason}; waiting up to {self.cluster.rejoin_grace_s:g}s for it to rejoin")
+            self.log(f"Ring broken: {reason}; generations wait up to {self.cluster.rejoin_grace_s:g}s for it to heal")
+            self.scheduler.interrupt(f"{reason}; waiting up to {self.cluster.rejoin_grace_s:g}s for it to rejoin")
 
     def _on_worker_lost(self, rank, reason):
         if self.stop_event.is_set():
@@ -343,41 +441,58 @@ class Leader:
         self._on_ring_break(reason)
 
     def _watchdog(self):
-        """Notice silent workers (a cut cable sends no FIN) and enforce the rejoin grace period."""
+        """Notice silent workers (a cut cable sends no FIN), rebuild the ring when every worker is
+        ready again, and fail what waited longer than the rejoin grace period."""
         timeout = max(3.0, 3 * self.cluster.heartbeat_s)
-        while not self.stop_event.wait(0.5):
+        while not self.stop_event.wait(0.25):
             now = time.time()
             for w in list(self.workers.values()):
-                if w.status != "down" and now - w.last_seen > timeout:
-                    self.log(f"Worker {w.rank} silent for {now - w.last_seen:.1f}s; dropping it")
-                    sock = w.sock
-                    with self.lock:
-                        w.status, w.sock = "down", None
-                    try:
-                        sock and sock.close()
-                    except OSError:
-                        pass
-                    self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
-            if self.down_since is not None and now - self.down_since > self.cluster.rejoin_grace_s:
-                down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
-                msg = (f"rank {', '.join(down) or '?'} did not come back within rejoin_grace_s="
-                       f"{self.cluster.rejoin_grace_s:g}s; restart it with `nanopipe join` and retry")
-                self.scheduler.fail_all(msg)
-                self.down_since = now   # new requests keep waiting; fail them after another grace period
+                sock = w.sock
+                if w.status == "down" or sock is None or now - w.last_seen <= timeout:
+                    continue
+                with self.lock:
+                    if w.sock is not sock:
+                        continue
+                    w.status, w.sock = "down", None
+                self.log(f"Worker {w.rank} ({w.host}, {w.addr}) silent for {now - w.last_seen:.1f}s "
+                         f"(heartbeat_s={self.cluster.heartbeat_s:g}); dropping it")
+                close_now(sock)                    # wakes its connection thread, which then exits
+                self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
+            self._maybe_build_ring(retry_after_s=1.0)
+            self._enforce_grace(now)
+
+    def _enforce_grace(self, now: float):
+        since = self.down_since
+        if since is None or self.ring_ready.is_set() or now - since <= self.cluster.rejoin_grace_s:
+            return
+        down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
+        if down:
+            msg = (f"rank {', '.join(down)} did not come back within rejoin_grace_s="
+                   f"{self.cluster.rejoin_grace_s:g}s; restart it with `nanopipe join` and retry")
+        else:
+            msg = (f"the ring could not be rebuilt within rejoin_grace_s={self.cluster.rejoin_grace_s:g}s; "
+                   "see the leader's log")
+        self.down_since = None                  # the next request to arrive starts a new wait
+        self.scheduler.fail_all(msg)
 
     # clients ----------------------------------------------------------------------------------
 
     def _client_conn(self, sock, peer):
         send_frame(sock, Msg.WELCOME, {"model": self.model.name, "n_ctx": self.config.n_ctx})
+        _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
         send_lock = threading.Lock()
         mine: set = set()
 
         def send(msg, meta):
+            # The scheduler thread sends tokens: a client that stops reading must not stall every
+            # other session. A send that fails or times out drops this client (its reader wakes,
+            # and the finally below cancels its generations).
             with send_lock:
                 try:
                     send_frame(sock, msg, meta)
-                except OSError:
-                    pass
+                except OSError as e:
+                    self.log(f"Dropping client {peer}: cannot send to it ({e})")
+                    close_now(sock)
 
         try:
             while True:
@@ -386,7 +501,7 @@ class Leader:
                     self._generate(frame.meta, send, mine)
                 elif frame.msg is Msg.CANCEL:
                     sid = frame.meta.get("session")
-                    if sid in mine:
+                    if isinstance(sid, str) and sid in mine:
                         self.scheduler.cancel(sid)
                 elif frame.msg is Msg.STATUS:
                     send(Msg.STATUS, self.status())
@@ -417,17 +532,18 @@ class Leader:
                 raise DecodingError("top_logprobs: must be an integer in 0..20")
             if self.scheduler.waiting.qsize() >= 4 * self.cluster.max_sessions:
                 raise DecodingError(f"busy: {self.scheduler.waiting.qsize()} requests already waiting; retry later")
-        except DecodingError as e:
+        except (DecodingError, TypeError, ValueError) as e:     # TypeError: e.g. a list where a name goes
             self.metrics["errors"] += 1
-            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid"})
+            send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid"})
             return
         tok = self._tok() if meta.get("text", True) else None
         stream = tok.stream_decoder() if tok is not None else None
 
         def emit(kind, data):
             if kind == "token":
-                send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"],
-                                 "logprob": data["logprob"], "text": stream.push(data["id"]) if stream else ""})
+                traced = {k: data[k] for k in ("hops", "head_ms", "transit_total_ms", "top") if k in data}
+                send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"], "logprob": data["logprob"],
+                                 "text": stream.push(data["id"]) if stream else "", **traced})
             elif kind == "status":
                 send(Msg.STATUS, {"request": req_id, "session": req.id, "text": data["text"]})
             elif kind == "done":
@@ -440,7 +556,8 @@ class Leader:
                 self.metrics["errors"] += 1
                 send(Msg.ERROR, {"request": req_id, "session": req.id, "message": data["error"], "kind": "cluster"})
 
-        req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top)
+        req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
+                      trace=meta.get("trace") is True)
         try:
             self.scheduler.submit(req)
         except DecodingError as e:
@@ -450,13 +567,20 @@ class Leader:
         mine.add(req.id)
         self.metrics["requests"] += 1
         if not self.ring_ready.is_set():
+            with self.lock:
+                if self.down_since is None:     # never wait longer than rejoin_grace_s, even at start-up
+                    self.down_since = time.time()
             down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
-            emit("status", {"text": f"waiting for rank {', '.join(down)} to join"})
+            emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
+                                    f"{self.cluster.rejoin_grace_s:g}s)"})
 
     def _tok(self):
-        if self.tokenizer is None:
-            from .tokenizer import get_tokenizer
-            self.tokenizer = get_tokenizer()
+        # Under a lock: 32 clients arriving at once would otherwise build 32 tokenizers side by
+        # side (lru_cache does not hold back concurrent first callers): seconds and hundreds of MB.
+        with self._tok_lock:
+            if self.tokenizer is None:
+                from .tokenizer import get_tokenizer
+                self.tokenizer = get_tokenizer()
         return self.tokenizer
 
     def status(self) -> dict:
@@ -469,6 +593,7 @@ class Leader:
                           "status": "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
                           "last_seen_s": round(now - w.last_seen, 3) if w.last_seen else None,
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
+                          "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
                           "addr": w.addr})
         s = self.scheduler
         return {"model": self.model.name, "ready": self.ring_ready.is_set(), "nodes": nodes,
@@ -477,6 +602,15 @@ class Leader:
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes()}
+
+
+def _send_timeout(sock, seconds: float):
+    """Make sends on `sock` fail after `seconds` instead of blocking forever; receives still wait."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    except (OSError, struct.error):
+        pass                                # not on this platform: sends block as before
 
 
 def _rss_mb() -> float | None:

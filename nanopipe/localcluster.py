@@ -115,9 +115,13 @@ class LocalCluster:
             p.wait(10)
 
     def start(self):
-        for rank in range(self.nodes):
-            self.start_rank(rank)
-        self.wait_ready()
+        try:
+            for rank in range(self.nodes):
+                self.start_rank(rank)
+            self.wait_ready()
+        except BaseException:
+            self.stop()     # `with` never calls __exit__ when __enter__ fails: don't leave nodes running
+            raise
         return self
 
     def wait_ready(self, timeout: float | None = None):

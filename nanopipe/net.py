@@ -5,6 +5,11 @@
     listener checks version and proof, then carries on by role (worker, data, client).
 
 Nothing about a prompt, a token or an activation is sent before the proof checks out.
+
+Without an auth_token every proof passes: anyone who can reach a port can join as a worker, open
+a data link as rank r-1 and feed (or read) activations, or generate. That is fine on a private
+network of your own machines only; the leader says so at start. With a token, a stranger gets
+the CHALLENGE, then a REJECT, and nothing else.
 """
 from __future__ import annotations
 
@@ -12,8 +17,18 @@ import socket
 import ssl
 import time
 
-from .wire import (PROTOCOL_VERSION, ConnectionClosed, Msg, ProtocolError, WireError, auth_proof, make_nonce,
-                   proof_ok, recv_frame, send_frame)
+from .wire import (
+    PROTOCOL_VERSION,
+    ConnectionClosed,
+    Msg,
+    ProtocolError,
+    WireError,
+    auth_proof,
+    make_nonce,
+    proof_ok,
+    recv_frame,
+    send_frame,
+)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -48,9 +63,28 @@ def listen(host: str, port: int, backlog: int = 64) -> socket.socket:
     return srv
 
 
+def max_act_bytes(config, max_sessions: int) -> int:
+    """The largest ACT payload a data link accepts: every session's whole context at once,
+    max_sessions * n_ctx rows of n_embd float32s. gpt2-small with 16 sessions: 16 * 1024 * 768 * 4
+    = 48 MiB. A header claiming more is refused before anything is allocated."""
+    return max_sessions * config.n_ctx * config.n_embd * 4
+
+
 def tune(sock: socket.socket):
     """Activations are small and latency-bound: send each frame at once."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def close_now(sock):
+    """Close a socket that another thread may be blocked on: shutdown() wakes that thread at once
+    (close() alone would leave it waiting for a peer that may be behind a cut cable)."""
+    if sock is None:
+        return
+    for op in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            op()
+        except OSError:
+            pass
 
 
 def client_tls(cafile: str | None):
@@ -71,15 +105,16 @@ def server_tls(cert: str | None, key: str | None):
 
 def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str | None = None,
          attempts: int = 1, backoff_s: float = 0.5, max_backoff_s: float = 5.0, log=None, who: str = "",
-         tls=None, extra: dict | None = None) -> tuple:
+         tls=None, extra: dict | None = None, timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple:
     """Connect and pass the handshake, retrying with exponential backoff.
 
-    Returns (sock, attempt, welcome meta). Raises OSError after the last attempt, HandshakeError if refused.
+    Returns (sock, attempt, welcome meta). Raises OSError after the last attempt, HandshakeError if
+    refused. `timeout` bounds the connect and the handshake; the returned socket blocks.
     """
     delay = backoff_s
     for attempt in range(1, attempts + 1):
         try:
-            sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
+            sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
             if attempt == attempts:
                 raise OSError(f"cannot reach {who or 'peer'} at {host}:{port} after {attempts} attempt(s): "

@@ -149,7 +149,8 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
     header, offset = {}, 0
     arrays = []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        # .reshape: ascontiguousarray turns a 0-d array (a scalar tensor, shape []) into shape [1]
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(np.shape(arr))
         if arr.dtype not in NUMPY_TO_DTYPE:
             raise SafetensorsError(f"{path}: tensor {name!r} has dtype {arr.dtype}, which safetensors "
                                    "cannot store")

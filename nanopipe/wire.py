@@ -281,7 +281,7 @@ def frame_array(frame: Frame, expect_cols: int | None = None, peer: str = "peer"
     """
     what = f"{peer}: {frame.msg.name} frame"
     name = frame.meta.get("dtype")
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:     # a list here must not raise TypeError
         raise ProtocolError(f"{what} has dtype {name!r}; allowed: {', '.join(DTYPES)}")
     shape = frame.meta.get("shape")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):

@@ -12,6 +12,7 @@ backoff, so restarting the leader heals the cluster by itself.
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -19,9 +20,30 @@ import numpy as np
 
 from .config import ClusterConfig
 from .model import GPTConfig, KVCache, blocks_forward
-from .net import HandshakeError, challenge, client_tls, dial, listen, server_tls, tune
-from .wire import (ConnectionClosed, Msg, ProtocolError, WireError, act_sessions, frame_array, recv_frame, send_array,
-                   send_frame)
+from .net import (
+    HANDSHAKE_TIMEOUT_S,
+    HandshakeError,
+    challenge,
+    client_tls,
+    close_now,
+    dial,
+    listen,
+    max_act_bytes,
+    server_tls,
+    tune,
+)
+from .wire import (
+    ConnectionClosed,
+    Msg,
+    ProtocolError,
+    WireError,
+    act_sessions,
+    encode_frame,
+    frame_array,
+    recv_frame,
+    send_array,
+    send_frame,
+)
 
 
 class Worker:
@@ -48,6 +70,8 @@ class Worker:
         self.down_ready = threading.Event()
         self.work_lock = threading.Lock()
         self.control_lock = threading.Lock()
+        self.control_sock = None
+        self.epoch = None               # the ring this worker is part of; frames of other rings are stale
         self._last_welcome: dict = {}
         self.compute_ms = 0.0
         self.frames = 0
@@ -83,6 +107,7 @@ class Worker:
                     self.log(f"Lost the leader: {e}")
             finally:
                 sock.close()
+                self.control_sock = self.epoch = None
                 self._drop_downstream()
             if self.stop_event.is_set():
                 break
@@ -108,7 +133,9 @@ class Worker:
         self.config = expect
         self.next_addr = tuple(welcome["next"])
         self.next_rank = welcome.get("next_rank", 0)
-        self.caches.clear()
+        self.caches.clear()                 # a (re)started leader starts every session from scratch
+        self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
+        self.control_sock = sock
         self._ensure_listening()
         send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
         hb = threading.Thread(target=self._heartbeat, args=(sock,), daemon=True)
@@ -116,9 +143,16 @@ class Worker:
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
-                self._connect_downstream(frame.meta.get("epoch"))
+                epoch = frame.meta.get("epoch")
+                try:
+                    self._connect_downstream(epoch)
+                except (WireError, OSError) as e:
+                    # not fatal: the leader sees no READY for this epoch and tries again
+                    self.log(f"Cannot join the ring (epoch {epoch}): {e}")
+                    self._report(f"worker {self.rank}: cannot reach rank {self.next_rank}: {e}")
+                    continue
                 with self.control_lock:
-                    send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": frame.meta.get("epoch")})
+                    send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
             elif frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
@@ -159,6 +193,7 @@ class Worker:
         peer = f"{addr[0]}:{addr[1]}"
         try:
             tune(sock)
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)     # a peer that connects and says nothing is dropped
             if self.tls_server is not None:
                 sock = self.tls_server.wrap_socket(sock, server_side=True)
             hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("data",))
@@ -167,29 +202,50 @@ class Worker:
                                                         f"{self.rank - 1} only"})
                 raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.rank - 1}")
             send_frame(sock, Msg.WELCOME, {"rank": self.rank})
-        except (WireError, OSError) as e:
+        except (WireError, OSError, ValueError) as e:
             self.log(f"Rejected data connection from {peer}: {e}")
-            sock.close()
+            close_now(sock)
             return
+        # Each upstream link is served on its own: a second link (a stranger on a cluster without
+        # auth_token, or a link from before a ring rebuild) cannot replace or break the current one.
         name = f"rank {self.rank - 1} ({peer})"
+        link_epoch = hello.get("epoch")
         try:
             while True:
-                frame = recv_frame(sock, name)
+                frame = recv_frame(sock, name, max_payload=self.max_act_bytes)
                 with self.work_lock:
                     self._on_frame(frame, name)
-        except (WireError, OSError, ValueError) as e:
-            if not isinstance(e, ConnectionClosed):
-                self.log(f"Closed data connection from {name}: {e}")
+        except ConnectionClosed:
+            pass
+        except Exception as e:      # a bad frame (WireError, ValueError), a dead next hop (OSError), a bug
+            self.log(f"Closed data connection from {name}: {type(e).__name__}: {e}")
+            if link_epoch is not None and link_epoch == self.epoch:
+                # the current ring has lost this hop: tell the leader, which rebuilds it
+                self._report(f"worker {self.rank} closed its data link from {name}: {e}", epoch=link_epoch)
         finally:
-            sock.close()
+            close_now(sock)
+
+    def _report(self, message: str, epoch=None):
+        """An ERROR to the leader on the control link; with `epoch`, that ring is broken."""
+        sock = self.control_sock
+        if sock is None:
+            return
+        try:
+            with self.control_lock:
+                send_frame(sock, Msg.ERROR, {"message": message, "epoch": epoch})
+        except OSError:
+            pass
 
     def _on_frame(self, frame, peer):
         if frame.msg is Msg.ACT:
+            t_in = time.time()          # wall clock, so `nanopipe trace` can time the hop that brought it
             sessions = act_sessions(frame, peer)
             x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)
             if x.dtype != np.float32 or x.ndim != 2:
                 raise ProtocolError(f"{peer}: ACT must carry float32 rows (N, {self.config.n_embd}), "
                                     f"got {x.dtype} {list(x.shape)}")
+            if frame.meta.get("epoch") != self.epoch:
+                return                  # from a ring since rebuilt: the leader replays its sessions
             t0 = time.perf_counter()
             segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]
             y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (N, C)
@@ -197,12 +253,17 @@ class Worker:
             self.compute_ms += ms
             self.frames += 1
             meta = dict(frame.meta)
-            meta["trace"] = list(meta.get("trace", [])) + [{"rank": self.rank, "compute_ms": round(ms, 3)}]
+            meta["trace"] = list(meta.get("trace", [])) + [{
+                "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
+                "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6)}]
             self._send_down(Msg.ACT, meta, y)
         elif frame.msg is Msg.FREE:
+            if frame.meta.get("epoch") != self.epoch:
+                return                  # the rebuild that made the current ring dropped every cache
             ids = frame.meta.get("sessions", [])
             for sid in ids if isinstance(ids, list) else []:
-                self.caches.pop(sid, None)
+                if isinstance(sid, str):
+                    self.caches.pop(sid, None)
             self._send_down(Msg.FREE, frame.meta, None)
         else:
             raise ProtocolError(f"{peer}: unexpected {frame.msg.name} on a data link")
@@ -221,34 +282,49 @@ class Worker:
         return cache
 
     def _send_down(self, msg, meta, array):
-        if not self.down_ready.wait(10):
-            raise WireError(f"worker {self.rank}: no link to rank {self.next_rank} to pass activations on")
+        epoch = meta.get("epoch")
+        deadline = time.monotonic() + 10
+        while not self.down_ready.wait(0.1):
+            if epoch != self.epoch:
+                return                  # the ring was rebuilt meanwhile: this frame is stale
+            if time.monotonic() > deadline:
+                raise WireError(f"worker {self.rank}: no link to rank {self.next_rank} to pass activations on")
         if array is not None:
             self.cluster.link_sleep(array.nbytes)       # a simulated slower link, for benchmarks
         with self.down_lock:
+            if epoch != self.epoch or self.down_sock is None:
+                return
             if array is None:
                 send_frame(self.down_sock, msg, meta)
             else:
                 send_array(self.down_sock, msg, meta, array)
 
     def _connect_downstream(self, epoch):
+        """Join the ring of `epoch`: drop the old link and every cache (the leader replays each live
+        session from position 0 on a new ring), then dial the next rank."""
+        self.epoch = epoch              # from now on, frames of older rings are dropped
         self._drop_downstream()
+        with self.work_lock:
+            self.caches.clear()
         host, port = self.next_addr
         sock, _, _ = dial(host, port, role="data", rank=self.rank, token=self.cluster.auth_token, attempts=20,
-                       backoff_s=0.1, max_backoff_s=1.0, who=f"rank {self.next_rank}", tls=self.tls_client,
-                       extra={"epoch": epoch})
+                          backoff_s=0.1, max_backoff_s=1.0, who=f"rank {self.next_rank}", tls=self.tls_client,
+                          extra={"epoch": epoch})
         with self.down_lock:
             self.down_sock = sock
         self.down_ready.set()
 
     def _drop_downstream(self):
         self.down_ready.clear()
+        sock = self.down_sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # wakes a sender blocked on a dead link (it holds down_lock)
+            except OSError:
+                pass
         with self.down_lock:
             if self.down_sock is not None:
-                try:
-                    self.down_sock.close()
-                except OSError:
-                    pass
+                close_now(self.down_sock)
             self.down_sock = None
 
 

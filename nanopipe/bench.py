@@ -1,0 +1,289 @@
+"""How fast nanopipe decodes, and how fast it could decode on this machine.
+
+Decoding one token multiplies a single row (1, C) by every weight matrix of every block and by
+the LM head (C, V). Each weight is used for one multiply-add per token, so the CPU spends its time
+waiting for memory: a token cannot come faster than memory delivers those bytes. For gpt2-small
+in float32:
+
+    blocks   12 x 7.08 M parameters x 4 bytes  =  340 MB
+    LM head  768 x 50257 x 4 bytes             =  154 MB
+    read per token                                494 MB
+    bound = memory bandwidth / bytes per token:  29 GB/s / 494 MB = 59 tokens/s
+
+`nanopipe bench` measures the bandwidth (`memory_bandwidth`), nanopipe's own prefill and decode
+speed in one process (`bench_single`), where a decode step's time goes (`profile_decode`), and,
+when torch and transformers are installed, HF transformers on the same weights (`bench_hf`), then
+prints one table (`run_bench`). Each part returns a plain dict, so more rows (a cluster, many
+concurrent clients) can be added to the same table.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+import numpy as np
+
+from .decoding import SamplingParams, log_softmax, make_rng, sample
+from .engine import Engine, Request
+from .model import KVCache, blocks_forward, embed, head
+from .weights import init_weights, load_stage
+
+DEFAULT_WEIGHTS = os.path.join("weights", "bench-gpt2.safetensors")
+TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers
+TARGET_VS_BOUND = 0.85      # decode tokens/s relative to the memory-bandwidth bound
+
+
+def ensure_weights(path: str = DEFAULT_WEIGHTS, echo=print) -> str:
+    """gpt2-small-shaped synthetic weights at `path`, written once (about 550 MB, a few seconds)."""
+    if not os.path.exists(path):
+        echo(f"writing gpt2-small-shaped synthetic weights to {path} ...")
+        init_weights(path, size="gpt2", seed=0)
+    return path
+
+
+def blas_threads() -> int:
+    """The threads numpy's BLAS uses: threadpoolctl's answer if installed, else the usual variables."""
+    try:
+        from threadpoolctl import threadpool_info
+        counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+        if counts:
+            return int(counts[0])
+    except ImportError:
+        pass
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return os.cpu_count() or 1
+
+
+def bench_prompt(prompt_len: int, seed: int = 0) -> list:
+    return np.random.default_rng(seed).integers(0, 50000, prompt_len).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# the bound
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth in GB/s, as a decode step sees it.
+
+    The measurement is a decode step's own operation, a (1, K) @ (K, N) product, on a matrix far
+    larger than any cache: every byte comes from memory once, and BLAS uses all its threads.
+    Best of `repeats`.
+    """
+    K = 1024
+    N = max(1, nbytes // (4 * K))
+    w = np.full((K, N), 0.5, np.float32)                    # (K, N), touched once so it is resident
+    x = np.ones((1, K), np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ w                                               # (1, K) @ (K, N) -> (1, N)
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best / 1e9
+
+
+def bytes_per_token(stage) -> int:
+    """Weight bytes one decode step reads: every block matrix and bias, and the LM head (C, V).
+
+    The embeddings contribute one row each, which is negligible, so they are left out.
+    """
+    def leaves(d):
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+    blocks = sum(a.nbytes for p in stage.blocks for a in leaves(p))
+    return blocks + (stage.lm_head.nbytes if stage.lm_head is not None else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# nanopipe in one process
+
+
+def generate_fixed(engine: Engine, prompt_ids: list, n_tokens: int) -> dict:
+    """Greedy generation of exactly n_tokens (no stop at <|endoftext|>), through the real scheduler."""
+    box = {}
+
+    def emit(kind, data):
+        box[kind] = data
+    params = SamplingParams("greedy", max_tokens=n_tokens).validate(engine.config.n_ctx, len(prompt_ids))
+    engine.scheduler.submit(Request(list(prompt_ids), params, emit, stop_at_eot=False))
+    engine.scheduler.run_until_idle()
+    if "error" in box:
+        raise RuntimeError(box["error"]["error"])
+    return box["done"]
+
+
+def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats: int = 3) -> dict:
+    """Prefill and decode speed of one process on `weights`: best of `repeats` after one warm-up.
+
+    prefill tokens/s = prompt_len / time to first token; decode tokens/s = (n_tokens - 1) / the
+    time from the first token to the last.
+    """
+    t = time.perf_counter()
+    engine = Engine.load(weights)
+    load_s = time.perf_counter() - t
+    ids = bench_prompt(prompt_len)
+    generate_fixed(engine, ids, 2)                                      # warm-up: BLAS threads, caches
+    runs = [generate_fixed(engine, ids, n_tokens) for _ in range(repeats)]
+    best_prefill = min(r["prefill_ms"] for r in runs)
+    best_decode = max(r["decode_tokens_per_s"] or 0.0 for r in runs)
+    return {
+        "name": "nanopipe (1 process)", "prompt_len": prompt_len, "tokens": n_tokens,
+        "load_s": round(load_s, 3), "prefill_ms": best_prefill,
+        "prefill_tokens_per_s": round(prompt_len / (best_prefill / 1000), 1),
+        "decode_tokens_per_s": round(best_decode, 2),
+        "ms_per_token": round(1000 / best_decode, 2) if best_decode else None,
+        "threads": blas_threads(), "bytes_per_token": bytes_per_token(engine.stage),
+        "token_ids": runs[-1]["token_ids"],
+    }
+
+
+def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) -> dict:
+    """Where one decode step's time goes, in ms per token: blocks, head, log_softmax, sampling.
+
+    The pieces are timed one by one outside the scheduler, so the scheduler's own bookkeeping is
+    what `bench_single`'s ms/token has on top of their sum.
+    """
+    engine = weights_or_engine if isinstance(weights_or_engine, Engine) else Engine.load(weights_or_engine)
+    st, c = engine.stage, engine.config
+    params, rng = SamplingParams("greedy", max_tokens=n_tokens), make_rng(0)
+    cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
+    ids = bench_prompt(prompt_len)
+    x = blocks_forward(embed(np.asarray(ids), np.arange(prompt_len), st.wte, st.wpe), st.blocks,
+                       n_head=c.n_head, segments=[(cache, prompt_len)])
+    tok = int(np.argmax(head(x[-1:], st.ln_f, st.lm_head)[0]))
+    parts = dict.fromkeys(("embed", "blocks", "head", "log_softmax", "sample"), 0.0)
+    for i in range(n_tokens):
+        t0 = time.perf_counter()
+        x = embed(np.array([tok]), np.array([prompt_len + i]), st.wte, st.wpe)         # (1, C)
+        t1 = time.perf_counter()
+        x = blocks_forward(x, st.blocks, n_head=c.n_head, segments=[(cache, 1)])      # (1, C)
+        t2 = time.perf_counter()
+        logits = head(x, st.ln_f, st.lm_head)[0]                                        # (V,)
+        t3 = time.perf_counter()
+        log_softmax(logits)
+        t4 = time.perf_counter()
+        tok = sample(logits, params, rng)
+        t5 = time.perf_counter()
+        for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            parts[k] += dt
+    return {k: round(v * 1000 / n_tokens, 3) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference: HF transformers on the same weights (only if torch and transformers are installed)
+
+
+def bench_hf(weights: str, prompt_len: int = 32, n_tokens: int = 64, threads: int | None = None,
+             repeats: int = 3) -> dict | None:
+    """HF transformers' GPT2LMHeadModel.generate (greedy, use_cache=True) on the same weights and
+    prompt with the same number of threads; None when torch or transformers is not installed.
+
+    decode tokens/s = (n_tokens - 1) / (time for n_tokens - time for 1 token), best of `repeats`.
+    """
+    try:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    import transformers
+
+    threads = threads or blas_threads()
+    torch.set_num_threads(threads)
+    stage = load_stage(weights)
+    c = stage.config
+    model = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_positions=c.n_ctx,
+                                       vocab_size=c.n_vocab)).eval()
+    state = {"transformer.wte.weight": stage.wte, "transformer.wpe.weight": stage.wpe,
+             "transformer.ln_f.weight": stage.ln_f["g"], "transformer.ln_f.bias": stage.ln_f["b"]}
+    for i, p in enumerate(stage.blocks):
+        pre = f"transformer.h.{i}."
+        for part in ("ln_1", "ln_2"):
+            state[f"{pre}{part}.weight"], state[f"{pre}{part}.bias"] = p[part]["g"], p[part]["b"]
+        for group, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
+            for n in names:   # Conv1D stores (in, out), as nanopipe does: no transpose
+                state[f"{pre}{group}.{n}.weight"] = p[group][n]["w"]
+                state[f"{pre}{group}.{n}.bias"] = p[group][n]["b"]
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    if unexpected or any(not (k == "lm_head.weight" or k.endswith(("attn.bias", "attn.masked_bias"))) for k in missing):
+        raise RuntimeError(f"transformers' GPT-2 did not take the weights: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    del stage
+
+    x = torch.tensor([bench_prompt(prompt_len)])
+
+    def run(n):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=c.n_vocab - 1)
+        return time.perf_counter() - t, out[0, prompt_len:].tolist()
+
+    run(2)                                                              # warm-up
+    first = min(run(1)[0] for _ in range(repeats))
+    full, tokens = min(run(n_tokens) for _ in range(repeats))
+    decode = (n_tokens - 1) / (full - first) if full > first else float("nan")
+    return {"name": f"transformers {transformers.__version__} (torch {torch.__version__})",
+            "prompt_len": prompt_len, "tokens": n_tokens, "prefill_ms": round(first * 1000, 3),
+            "prefill_tokens_per_s": round(prompt_len / first, 1), "decode_tokens_per_s": round(decode, 2),
+            "ms_per_token": round(1000 / decode, 2), "threads": threads, "token_ids": tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def format_table(rows: list) -> str:
+    """One line per measured configuration."""
+    head_ = f"{'':<40} {'prefill tok/s':>13} {'decode tok/s':>13} {'ms/token':>9} {'threads':>7}"
+    lines = [head_]
+    for r in rows:
+        lines.append(f"{r['name']:<40} {r.get('prefill_tokens_per_s', ''):>13} {r['decode_tokens_per_s']:>13} "
+                     f"{r.get('ms_per_token', ''):>9} {r.get('threads', ''):>7}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list, path: str):
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys and k != "token_ids"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 32, hf: bool = True,
+              csv_path: str | None = None, bandwidth_mb: int = 1024, echo=print) -> dict:
+    """Measure, print the table and the ratios to the targets; return every number measured."""
+    weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
+    ours = bench_single(weights, prompt_len, n_tokens)
+    parts = profile_decode(weights, prompt_len, min(n_tokens, 32))
+    gbps = memory_bandwidth(bandwidth_mb << 20)
+    bound = gbps * 1e9 / ours["bytes_per_token"]
+    rows = [ours]
+    ref = bench_hf(weights, prompt_len, n_tokens, threads=ours["threads"]) if hf else None
+    if ref is not None:
+        rows.append(ref)
+
+    echo(f"weights {weights}: prompt {prompt_len} tokens, {n_tokens} generated (greedy)")
+    echo(format_table(rows))
+    echo("decode step, ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+         + f"; scheduler and the rest {max(0.0, ours['ms_per_token'] - sum(parts.values())):.2f}")
+    echo(f"memory bandwidth {gbps:.1f} GB/s; weights read per token {ours['bytes_per_token'] / 1e6:.1f} MB "
+         f"-> bound {bound:.1f} tok/s")
+    summary = {"rows": rows, "profile_ms": parts, "bandwidth_gb_s": round(gbps, 2),
+               "bound_tokens_per_s": round(bound, 2), "vs_bound": round(ours["decode_tokens_per_s"] / bound, 3)}
+    echo(f"decode vs bound:        {summary['vs_bound']:.2f}x (target >= {TARGET_VS_BOUND}x)")
+    if ref is not None:
+        summary["vs_hf"] = round(ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
+        same = ours["token_ids"] == ref["token_ids"]
+        echo(f"decode vs transformers: {summary['vs_hf']:.2f}x (target >= {TARGET_VS_HF}x); "
+             f"greedy tokens {'identical' if same else 'differ'}")
+    elif hf:
+        echo("transformers: not installed (pip install -r requirements-parity.txt to compare)")
+    if csv_path:
+        write_csv(rows, csv_path)
+        echo(f"wrote {csv_path}")
+    return summary

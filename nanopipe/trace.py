@@ -1,0 +1,271 @@
+"""One token's journey through the cluster: `nanopipe trace PROMPT`.
+
+For every new token, the step that produced it, hop by hop. gpt2's shapes on 3 local nodes (synthetic
+weights, hence the gibberish token; one shared 2-core machine, hence the noisy times):
+
+    token 2: '598' (id 41292), p=4.07e-04    decode: 1 row goes round the ring
+      node   rank  layers  sends     bytes on wire  compute ms  transit ms
+      node0     0  0-3     (1, 768)          3,205       12.14        2.72  -> rank 1
+      node1     1  4-7     (1, 768)          3,292      154.13        0.49  -> rank 2
+      node2     2  8-11    (1, 768)          3,380      145.25        0.66  -> rank 0
+      node0     0  ln_f + LM head: 11.13 ms
+      top-5: '598' 4.07e-04 | '130' 1.74e-04 | ' Ukrainian' 1.36e-04 | ' dry' 1.28e-04 | ' kinds' 1.25e-04
+
+Where the numbers come from:
+  compute    each node times its own work: rank 0 its embed + blocks (and, at the end, ln_f + the
+             LM head); a worker its blocks, which it appends to the ACT frame's "trace" list.
+  bytes      the real size of the ACT frame a node sends on: 20-byte header + JSON meta +
+             rows * C * 4 payload bytes, counted where the frame arrives (the next worker's
+             "bytes_in"; the leader adds "bytes_out" for the last hop). The meta grows a little
+             at each hop because it carries the trace so far.
+  transit    from the end of one node's compute to the frame's arrival at the next node, on wall
+             clocks ("t_in" in each trace entry): exact on one machine, right on a LAN only if the
+             clocks are synchronized. "transit_total_ms" needs no clocks: the ring's round trip as
+             the leader saw it, minus the workers' compute.
+
+The leader sends this per token when a GENERATE asks for it (meta "trace": true); each TOKEN frame
+then also carries "hops", "head_ms", "transit_total_ms" and "top" (the 5 likeliest ids with their
+probabilities, before temperature). `step_info` builds it inside the scheduler (engine.py).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# what the scheduler records for a traced step
+
+
+def step_info(stage, batch, trace: list, t_back: float) -> dict:
+    """The journey of one batch round the ring, from the scheduler's timings and the workers' trace.
+
+    stage: rank 0's StageWeights; batch: the engine's Batch (t0, front_ms, counts);
+    trace: the workers' entries in ring order, each {"rank", "compute_ms", "layers", "bytes_in", "t_in"},
+    the last one also {"bytes_out", "t_back"}; t_back: perf_counter() when the batch came back.
+    Hop i is node i's compute and the frame it sends on. In one process (no ring, trace == [])
+    there is a single hop and nothing goes on a wire.
+    """
+    now_wall, now_perf = time.time(), time.perf_counter()
+
+    def wall(perf: float) -> float:         # rank 0 times with perf_counter; the workers' stamps are wall clock
+        return now_wall - (now_perf - perf)
+
+    rows, C = sum(batch.counts), stage.config.n_embd
+    front_done = wall(batch.t0) + batch.front_ms / 1000
+    # an older worker leaves out what it does not know: those cells become None ("?" when printed)
+    done = [(0, [stage.lo, stage.hi], batch.front_ms, front_done)]          # (rank, layers, ms, when it ended)
+    done += [(e["rank"], _span(e.get("layers")), e["compute_ms"], _plus_ms(_number(e.get("t_in")), e["compute_ms"]))
+             for e in trace]
+    arrived = [(_number(e.get("bytes_in")), _number(e.get("t_in"))) for e in trace]   # (frame bytes, when it came)
+    arrived += [(_number(trace[-1].get("bytes_out")), _number(trace[-1].get("t_back")))] if trace else [(0, front_done)]
+    hops = [{"rank": rank, "layers": layers, "shape": [rows, C], "bytes": nbytes, "compute_ms": round(ms, 3),
+             "transit_ms": None if t is None or end is None else round((t - end) * 1000, 3)}
+            for (rank, layers, ms, end), (nbytes, t) in zip(done, arrived)]
+    ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms if trace else 0.0
+    return {"hops": hops, "head_ms": round((now_perf - t_back) * 1000, 3),
+            "transit_total_ms": round(max(0.0, ring_ms - sum(e["compute_ms"] for e in trace)), 3)}
+
+
+def _plus_ms(t: float | None, ms: float) -> float | None:
+    return None if t is None else t + ms / 1000
+
+
+def _number(x) -> float | None:
+    """A number a worker reported, or None: a bad value must not stop the scheduler."""
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _span(x) -> list | None:
+    return x if isinstance(x, list) and len(x) == 2 and all(_number(v) is not None for v in x) else None
+
+
+def top_probs(logprobs: np.ndarray, k: int = 5) -> list:
+    """The k likeliest ids as [[id, probability], ...], likeliest first.
+
+    log_softmax([0.0, 2.0, 1.0]) = [-2.408, -0.408, -1.408] (probabilities 0.090, 0.665, 0.245), k=2
+    -> [[1, 0.665241], [2, 0.244728]]     (6 significant digits: a random model's 2.7e-05 stays readable)
+    """
+    k = min(k, logprobs.shape[-1])
+    ids = np.argpartition(-logprobs, k - 1)[:k]                             # (k,) in no particular order
+    ids = ids[np.lexsort((ids, -logprobs[ids]))]                            # likeliest first, ties by id
+    return [[int(i), _sig(np.exp(logprobs[i]))] for i in ids]
+
+
+def _sig(p) -> float:
+    return float(f"{float(p):.6g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# running a trace
+
+
+class TraceError(RuntimeError):
+    """The trace could not run; the message says what to fix."""
+
+
+def resolve_weights(path: str | None, log=print) -> str:
+    """The file to trace with: `path` if given, else synthetic gpt2 weights, written on first use."""
+    if path is not None:
+        if not os.path.exists(path):
+            raise TraceError(f"{path}: no such weights file; run `nanopipe pull gpt2`, or leave out --weights "
+                             f"to use synthetic weights ({SYNTHETIC_PATH})")
+        return path
+    if not os.path.exists(SYNTHETIC_PATH):
+        from .weights import init_weights
+        log(f"No GPT-2 weights found; writing synthetic ones to {SYNTHETIC_PATH} (random: the text will be "
+            "gibberish, but every shape, byte count and hop is the real model's)")
+        init_weights(SYNTHETIC_PATH)
+    return SYNTHETIC_PATH
+
+
+def is_synthetic(path: str) -> bool:
+    """Was this file written by `init_weights` (random weights)?"""
+    from .safetensors_io import read_header
+    return "nanopipe_synthetic" in read_header(path).metadata
+
+
+def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights: str | None = None,
+              max_tokens: int = 3, token: str | None = None, log=print) -> dict:
+    """Generate `max_tokens` tokens for `prompt` with tracing on; returns the report `format_trace` prints.
+
+    With `leader` ("HOST:PORT") it runs on that cluster; otherwise it starts a LocalCluster of `nodes`
+    processes on 127.0.0.1 over `weights`, and stops it afterwards.
+    """
+    from .tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    prompt_ids = tok.encode(prompt)
+    if not prompt_ids:
+        raise TraceError("the prompt is empty: give some text to trace")
+    if leader is not None:
+        from .client import LeaderClient
+        with LeaderClient.connect(leader, token=token) as c:
+            report = _trace(c, prompt_ids, max_tokens)
+        report.update(leader=leader, weights=None, synthetic=None)
+    else:
+        report = _trace_local(prompt_ids, nodes, weights, max_tokens, log)
+    return _describe(report, prompt, tok)
+
+
+def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, log) -> dict:
+    import tempfile
+
+    from .localcluster import LocalCluster
+    from .partition import PartitionError, even
+    from .weights import read_config
+    n_layer = read_config(weights)[0].n_layer
+    try:
+        even(n_layer, nodes)
+    except PartitionError as e:
+        raise TraceError(f"--nodes {nodes}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="nanopipe-trace-") as workdir:
+        cluster = LocalCluster(weights, nodes=nodes, workdir=workdir)
+        log(f"Starting {nodes} node(s) on 127.0.0.1 with {weights} ...")
+        try:
+            cluster.start()
+            with cluster.client() as c:
+                report = _trace(c, prompt_ids, max_tokens)
+        except (RuntimeError, TimeoutError) as e:
+            raise TraceError(f"the local cluster did not run: {e}") from None
+        finally:
+            cluster.stop()
+    report.update(leader=None, weights=weights, synthetic=is_synthetic(weights))
+    return report
+
+
+def _trace(client, prompt_ids: list, max_tokens: int) -> dict:
+    """One traced generation over an open LeaderClient: the leader's TOKEN metas, as they came."""
+    status = client.status()
+    events: list = []
+    result = client.generate(prompt_ids, None, max_tokens=max_tokens, trace=True, text=False,
+                             on_event=events.append)
+    if events and "hops" not in events[0]:
+        raise TraceError("the leader sent no trace data; it runs an older nanopipe: update every node")
+    nodes = [{"rank": n["rank"], "host": n["host"], "layers": n["layers"]} for n in status["nodes"]]
+    return {"prompt_ids": list(prompt_ids), "nodes": nodes, "strategy": result.get("decoding_strategy"),
+            "events": events, "token_ids": result.get("token_ids", [])}
+
+
+def _describe(raw: dict, prompt: str, tok) -> dict:
+    """Name everything a reader needs: token pieces, node names; drop the wire-only keys."""
+    hosts = {n["rank"]: n["host"] for n in raw["nodes"]}
+    tokens = []
+    for m in raw.pop("events"):
+        hops = [dict(h, node=hosts.get(h["rank"], f"rank{h['rank']}")) for h in m["hops"]]
+        tokens.append({"index": len(tokens), "id": m["token"], "piece": tok.pieces([m["token"]])[0],
+                       "logprob": m["logprob"], "prob": _sig(np.exp(m["logprob"])), "hops": hops,
+                       "head_ms": m.get("head_ms"), "transit_total_ms": m.get("transit_total_ms"),
+                       "top": [{"id": i, "piece": tok.pieces([i])[0], "prob": p} for i, p in m["top"]]})
+    return {"prompt": prompt, "prompt_ids": raw["prompt_ids"], "prompt_pieces": tok.pieces(raw["prompt_ids"]),
+            "leader": raw["leader"], "weights": raw["weights"], "synthetic": raw["synthetic"],
+            "strategy": raw["strategy"], "nodes": raw["nodes"], "tokens": tokens,
+            "text": tok.decode(raw["token_ids"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# printing it
+
+
+def format_trace(report: dict) -> str:
+    """The report as text: a header, then one table per token (see the module docstring)."""
+    n = len(report["nodes"])
+    where = f"the cluster at {report['leader']}" if report["leader"] else f"a local cluster of {n} node(s)"
+    lines = [f"Tracing {report['prompt']!r} on {where}, {report['strategy']} decoding"]
+    if report["weights"]:
+        label = ("SYNTHETIC random weights: the text is gibberish; shapes, bytes and hops are real"
+                 if report["synthetic"] else "real weights")
+        lines.append(f"weights: {report['weights']} ({label})")
+    lines.append("plan:   " + " | ".join(f"rank {n['rank']} {n['host']} layers {_layers(n['layers'])}"
+                                         for n in report["nodes"]))
+    lines.append(f"prompt: {report['prompt_pieces']} -> {report['prompt_ids']}")
+    for t in report["tokens"]:
+        rows = t["hops"][0]["shape"][0]
+        route = "round the ring" if len(t["hops"]) > 1 else "through rank 0 alone"
+        kind = (f"prefill: the {rows}-row prompt goes {route}" if t["index"] == 0
+                else f"decode: {rows} row{'s' if rows != 1 else ''} go{'es' if rows == 1 else ''} {route}")
+        lines += ["", f"token {t['index'] + 1}: {t['piece']!r} (id {t['id']}), p={_prob(t['prob'])}    {kind}"]
+        lines += _hop_table(t)
+        lines.append("  top-5: " + " | ".join(f"{c['piece']!r} {_prob(c['prob'])}" for c in t["top"]))
+    lines += ["", f"text: {report['text']!r}"]
+    if any(h["transit_ms"] is not None and h["transit_ms"] < 0 for t in report["tokens"] for h in t["hops"]):
+        lines.append("note: a negative transit means the nodes' clocks disagree; per-hop transit needs "
+                     "synchronized clocks, transit_total_ms (in --json) does not")
+    return "\n".join(lines)
+
+
+def _hop_table(t: dict) -> list:
+    n = len(t["hops"])
+    wire = n > 1                            # one node: nothing goes on a wire
+    header = ["node", "rank", "layers", "sends", "bytes on wire", "compute ms", "transit ms", ""]
+    rows = [[h["node"], str(h["rank"]), _layers(h["layers"]), f"({h['shape'][0]}, {h['shape'][1]})",
+             _num(h["bytes"], "{:,}") if wire else "-", _num(h["compute_ms"], "{:.2f}"),
+             _num(h["transit_ms"], "{:.2f}") if wire else "-",
+             f"-> rank {t['hops'][(i + 1) % n]['rank']}" if wire else ""]
+            for i, h in enumerate(t["hops"])]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    right = {1, 4, 5, 6}
+    out = ["  " + "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+           for r in [header] + rows]
+    out = [line.rstrip() for line in out]
+    first = t["hops"][0]
+    out.append(f"  {first['node'].ljust(widths[0])}  {str(first['rank']).rjust(widths[1])}  "
+               f"ln_f + LM head: {_num(t['head_ms'], '{:.2f}')} ms")
+    return out
+
+
+def _layers(layers) -> str:
+    """[4, 8] (half-open) -> "4-7", as people write layer ranges."""
+    return "?" if not layers else f"{layers[0]}-{layers[1] - 1}"
+
+
+def _prob(p: float) -> str:
+    """0.18203 -> "0.1820"; a random model's 2.03e-05 -> "2.03e-05" rather than "0.0000"."""
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.2e}"
+
+
+def _num(x, fmt: str) -> str:
+    return "?" if x is None else fmt.format(x)

@@ -1,0 +1,46 @@
+"""Shared fixtures: synthetic GPT-2 weights written once per test session.
+
+    tiny_weights   4 layers, n_embd 64, 4 heads, n_ctx 128, the real 50257-token vocabulary (~14 MB):
+                   small enough for every unit test, real enough to run the tokenizer's ids
+    small_weights  gpt2-small's exact shapes (~550 MB, a few seconds to write): for tests marked slow
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanopipe.model import GPTConfig
+from nanopipe.weights import init_weights
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+TINY = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=128, n_vocab=50257)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> GPTConfig:
+    """The shape of tiny_weights."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    init_weights(str(path), n_layer=TINY.n_layer, n_embd=TINY.n_embd, n_head=TINY.n_head, n_ctx=TINY.n_ctx,
+                 n_vocab=TINY.n_vocab, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_weights(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("small") / "gpt2-small.safetensors"
+    init_weights(str(path), size="gpt2", seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_weights):
+    """One Engine on the tiny weights; tests only generate with it, never change its weights."""
+    from nanopipe.engine import Engine
+    return Engine.load(tiny_weights)

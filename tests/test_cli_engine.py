@@ -1,0 +1,151 @@
+"""The single-process CLI: `nanopipe init-weights`, `generate`, `plan` and `bench`, through click's CliRunner."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nanopipe.cli import main
+from nanopipe.decoding import log_softmax
+from nanopipe.engine import Engine
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+PROMPT = "Hello world, distributed computing!"
+PROMPT_IDS = [15496, 995, 11, 9387, 14492, 0]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def weights(runner, tmp_path_factory):
+    """Tiny synthetic weights, written by the CLI itself."""
+    path = str(tmp_path_factory.mktemp("cli") / "tiny.safetensors")
+    result = runner.invoke(main, ["init-weights", path, "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+                                  "--n-ctx", "64", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "n_layer=2 n_embd=32 n_head=2 n_ctx=64 n_vocab=50257" in result.output
+    assert "gibberish" in result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(weights):
+    return Engine.load(weights)
+
+
+def generate(runner, weights, *args, prompt=PROMPT):
+    return runner.invoke(main, ["generate", prompt, "--weights", weights, "--config-dir", CONFIG_DIR, *args])
+
+
+def generate_json(runner, weights, *args, prompt=PROMPT) -> dict:
+    result = generate(runner, weights, "--json", *args, prompt=prompt)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_generate_json_keys(runner, weights):
+    out = generate_json(runner, weights, "--max-tokens", "5", "--strategy", "greedy")
+    for key in ("text", "token_ids", "prompt_ids", "tokens_generated", "decoding_strategy", "prefill_ms",
+                "decode_tokens_per_s", "logprobs"):
+        assert key in out, key
+    assert out["prompt_ids"] == PROMPT_IDS
+    assert out["tokens_generated"] == len(out["token_ids"]) == len(out["logprobs"]) == 5
+    assert out["decoding_strategy"] == "greedy"
+    assert "top_logprobs" not in out and "prompt_logprobs" not in out
+    assert isinstance(out["text"], str) and out["text"]
+
+
+def test_default_strategy_comes_from_model_config(runner, weights):
+    assert generate_json(runner, weights, "--max-tokens", "2")["decoding_strategy"] == "top_p"
+
+
+def test_top_logprobs(runner, weights):
+    out = generate_json(runner, weights, "--max-tokens", "4", "--strategy", "greedy", "--top-logprobs", "3")
+    top = out["top_logprobs"]
+    assert len(top) == 4 and all(len(pos) == 3 for pos in top)
+    for i, pos in enumerate(top):
+        assert pos[0]["id"] == out["token_ids"][i], "greedy picks the most likely token"
+        assert pos[0]["logprob"] == pytest.approx(out["logprobs"][i])
+        assert pos[0]["logprob"] >= pos[1]["logprob"] >= pos[2]["logprob"]
+
+
+def test_echo_prompt_logprobs_equal_recomputed_log_softmax(runner, weights, engine):
+    out = generate_json(runner, weights, "--max-tokens", "2", "--strategy", "greedy", "--echo")
+    assert len(out["prompt_logprobs"]) == len(PROMPT_IDS) - 1
+    lp = log_softmax(engine.logits(PROMPT_IDS))                         # (T, V)
+    want = [lp[t, PROMPT_IDS[t + 1]] for t in range(len(PROMPT_IDS) - 1)]
+    np.testing.assert_allclose(out["prompt_logprobs"], want, atol=1e-5)
+
+
+def test_greedy_logprobs_equal_recomputed_log_softmax(runner, weights, engine):
+    out = generate_json(runner, weights, "--max-tokens", "6", "--strategy", "greedy")
+    lp = log_softmax(engine.logits(PROMPT_IDS + out["token_ids"]))
+    n = len(PROMPT_IDS)
+    want = [lp[n - 1 + i, t] for i, t in enumerate(out["token_ids"])]
+    np.testing.assert_allclose(out["logprobs"], want, atol=1e-5)
+    assert out["token_ids"] == [int(np.argmax(lp[n - 1 + i])) for i in range(6)]
+
+
+@pytest.mark.parametrize("strategy", ["sampling", "top_k", "top_p"])
+def test_seed_reproduces_and_different_seeds_differ(runner, weights, strategy):
+    def tokens(seed):
+        return generate_json(runner, weights, "--strategy", strategy, "--temperature", "1.0", "--max-tokens", "12",
+                             "--seed", str(seed))["token_ids"]
+    first = tokens(7)
+    assert tokens(7) == first
+    assert tokens(8) != first
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--temperature", "0", "--strategy", "sampling"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--strategy", "nope"], "strategy"),
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--max-tokens", "100"], "max_tokens"),           # 6 prompt tokens + 100 > n_ctx=64
+    (["--top-k", "0", "--strategy", "top_k"], "top_k"),
+])
+def test_bad_values_are_clean_errors(runner, weights, args, field):
+    result = generate(runner, weights, *args)
+    assert result.exit_code != 0
+    assert "Error:" in result.output and field in result.output, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), f"an exception escaped: {result.exception!r}"
+
+
+def test_missing_weights_file_is_a_clean_error(runner, tmp_path):
+    result = generate(runner, str(tmp_path / "nope.safetensors"))
+    assert result.exit_code != 0 and "Error:" in result.output
+    assert "nope.safetensors" in result.output and "init-weights" in result.output
+
+
+def test_generate_streams_prompt_then_text(runner, weights):
+    out = generate_json(runner, weights, "--max-tokens", "5", "--strategy", "greedy")
+    result = generate(runner, weights, "--max-tokens", "5", "--strategy", "greedy")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == PROMPT + out["text"] + "\n"
+
+
+def test_plan_prints_the_shipped_split(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                     # no weights/ here: the plan comes from the config
+    result = runner.invoke(main, ["plan", "--config-dir", CONFIG_DIR])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.strip().splitlines()]
+    assert rows[0][:4] == ["Node", "Rank", "Layers", "Count"]
+    assert [r[:4] for r in rows[1:]] == [["mini1", "0", "0-3", "4"], ["mini2", "1", "4-7", "4"],
+                                         ["pi1", "2", "8-11", "4"]]
+
+
+def test_bench_smoke(runner, weights, tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    result = runner.invoke(main, ["bench", "--weights", weights, "--tokens", "4", "--prompt-len", "8", "--no-hf",
+                                  "--bandwidth-mb", "64", "--csv", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    assert "decode" in result.output and "tok/s" in result.output
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("name,") and len(lines) >= 2

@@ -1,0 +1,635 @@
+"""Reliability and security of the cluster: real `nanopipe serve` / `nanopipe join` processes on 127.0.0.1.
+
+What must hold, each checked below against live processes:
+
+    a secret       a peer without the cluster's auth_token sees a CHALLENGE, then a REJECT, nothing else;
+                   the leader's log names its address. TLS, when configured, carries every link.
+    bad frames     each closes only its own connection, with a log line naming the peer and the fault;
+                   the generation running meanwhile comes out exactly as in one process.
+    a worker dies  the leader notices at once, generations wait up to rejoin_grace_s, then either go
+                   on where they stopped (greedy answer unchanged) or fail with a clear ClientError.
+    the leader     restarted, it is found again by every worker on its own.
+    load           32 chats at once through the web app: each answer is its single-process answer,
+                   and every KV cache is freed afterwards.
+
+The model is tiny and synthetic (4 layers, n_embd 64), so a cluster starts in about a second and a
+100-token greedy answer takes about one more.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from nanopipe.client import ClientError, LeaderClient
+from nanopipe.decoding import SamplingParams, make_params
+from nanopipe.localcluster import LocalCluster
+from nanopipe.wire import (
+    HEADER,
+    MAGIC,
+    PROTOCOL_VERSION,
+    ConnectionClosed,
+    Msg,
+    WireError,
+    auth_proof,
+    encode_frame,
+    recv_frame,
+    send_frame,
+)
+
+TOKEN = "correct horse battery staple"
+PROMPT = [15496, 995, 11, 616, 1438]               # "Hello world, my name"
+LONG = SamplingParams("greedy", max_tokens=100)    # about a second on the tiny model, through the ring
+HEARTBEAT_S = 0.2
+READY_S = 30
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: start a cluster, speak the protocol by hand, read logs
+
+
+def start(cl: LocalCluster, token=None, tls_ca=None, timeout: float = READY_S) -> LocalCluster:
+    """Start every rank and wait until the ring is up, dialing with `token` (and TLS if `tls_ca`)."""
+    for rank in range(cl.nodes):
+        cl.start_rank(rank)
+    wait_ready(cl, token=token, tls_ca=tls_ca, timeout=timeout)
+    return cl
+
+
+def client(cl: LocalCluster, token=None, tls_ca=None) -> LeaderClient:
+    return LeaderClient.connect(cl.leader_addr, token=token, tls_ca=tls_ca)
+
+
+def wait_ready(cl: LocalCluster, token=None, tls_ca=None, timeout: float = READY_S) -> dict:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        assert cl.procs[0].poll() is None, f"the leader exited:\n{cl.logs()}"
+        try:
+            with client(cl, token, tls_ca) as c:
+                last = c.status()
+            if last["ready"]:
+                return last
+        except ClientError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"cluster not ready within {timeout}s; last status {last}\n{cl.logs()}")
+
+
+def wait_until(what: str, ok, timeout: float, interval: float = 0.05):
+    """Poll ok() until it returns something truthy; return that, or fail naming `what`."""
+    deadline = time.time() + timeout
+    while True:
+        got = ok()
+        if got:
+            return got
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout}s")
+        time.sleep(interval)
+
+
+def log_of(cl: LocalCluster, rank: int) -> str:
+    with open(cl.log_path(rank), errors="replace") as f:
+        return f.read()
+
+
+def wait_log(cl: LocalCluster, rank: int, *needles: str, timeout: float = 5.0) -> str:
+    """The first line of rank's log holding every needle (the log is written as things happen)."""
+    def find():
+        for line in log_of(cl, rank).splitlines():
+            if all(n in line for n in needles):
+                return line
+        return None
+    try:
+        return wait_until(f"a line with {needles} in rank {rank}'s log", find, timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{cl.logs()}") from None
+
+
+def handshake(addr: tuple, *, token, role="client", rank=None, version=PROTOCOL_VERSION, extra=None):
+    """Do the handshake by hand: (sock, CHALLENGE frame, the reply to our HELLO)."""
+    sock = socket.create_connection(addr, timeout=5)
+    challenge = recv_frame(sock, "node")
+    meta = {"role": role, "rank": rank, "version": version, "proof": auth_proof(token, challenge.meta["nonce"])}
+    send_frame(sock, Msg.HELLO, {**meta, **(extra or {})})
+    return sock, challenge, recv_frame(sock, "node")
+
+
+def frames_until_close(sock, timeout: float = 5.0) -> list:
+    """Every frame the peer sends until it closes the connection; fails if it never does."""
+    sock.settimeout(timeout)
+    got = []
+    while True:
+        try:
+            got.append(recv_frame(sock, "node").msg)
+        except (ConnectionClosed, ConnectionResetError):
+            return got
+        except socket.timeout:
+            raise AssertionError(f"the node kept the connection open for {timeout}s (got {got})") from None
+        except WireError:           # it closed in the middle of something: closed all the same
+            return got
+
+
+def local_peer(sock) -> str:
+    """How the node names us in its log: 127.0.0.1:<our port>."""
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def worker_addr(cl: LocalCluster, rank: int) -> tuple:
+    return "127.0.0.1", cl.cluster["workers"][rank - 1]["port"]
+
+
+def leader_addr(cl: LocalCluster) -> tuple:
+    return "127.0.0.1", cl.cluster["port"]
+
+
+def run_generation(cl: LocalCluster, params=LONG, token=None, tls_ca=None, on_token=None, prompt=PROMPT) -> dict:
+    """Start a generation on its own thread; box["result"] or box["error"] when it ends, box["status"] texts."""
+    box = {"status": [], "tokens": []}
+
+    def tokens(t, text):
+        if t is not None:
+            box["tokens"].append(t)
+            if on_token is not None:
+                on_token(len(box["tokens"]))
+
+    def run():
+        try:
+            with client(cl, token, tls_ca) as c:
+                box["result"] = c.generate(prompt, params, on_token=tokens, on_status=box["status"].append)
+        except Exception as e:   # the test thread looks at it
+            box["error"] = e
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def finish(box: dict, timeout: float = 60) -> dict:
+    box["thread"].join(timeout)
+    assert not box["thread"].is_alive(), f"the generation hung for {timeout}s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def status(cl: LocalCluster, token=None) -> dict:
+    with client(cl, token) as c:
+        return c.status()
+
+
+def node(st: dict, rank: int) -> dict:
+    return next(n for n in st["nodes"] if n["rank"] == rank)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine):
+    """reference(prompt, params) -> the single process's token ids, computed once per question."""
+    memo = {}
+
+    def run(prompt, params):
+        key = (tuple(prompt), params)
+        if key not in memo:
+            memo[key] = tiny_engine.generate(list(prompt), params)["token_ids"]
+        return memo[key]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# authentication
+
+
+@pytest.fixture(scope="module")
+def secure(tiny_weights):
+    """3 nodes sharing the secret TOKEN; the hardened-frame tests hammer this one too."""
+    cl = LocalCluster(tiny_weights, nodes=3, cluster_extra={"auth_token": TOKEN, "heartbeat_s": HEARTBEAT_S})
+    try:
+        yield start(cl, token=TOKEN)
+    finally:
+        cl.stop()
+
+
+def test_right_secret_generates_as_one_process(secure, reference):
+    with client(secure, TOKEN) as c:
+        got = c.generate(PROMPT, SamplingParams("greedy", max_tokens=20))
+    assert got["token_ids"] == reference(PROMPT, SamplingParams("greedy", max_tokens=20))
+    assert "WARNING: no auth_token" not in log_of(secure, 0)
+
+
+@pytest.mark.parametrize("token", ["wrong secret", None], ids=["wrong", "missing"])
+def test_client_without_the_secret_is_refused_and_logged(secure, token):
+    with pytest.raises(ClientError, match="authentication failed"):
+        client(secure, token)
+    sock, challenge, reply = handshake(leader_addr(secure), token=token)
+    with sock:
+        assert challenge.msg is Msg.CHALLENGE
+        assert reply.msg is Msg.REJECT and "auth_token" in reply.meta["reason"]
+        assert frames_until_close(sock) == []
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "failed authentication")
+
+
+def test_peer_skipping_the_handshake_gets_nothing_but_the_challenge(secure):
+    """A raw socket that sends GENERATE instead of HELLO: no token, no status, no prompt comes back."""
+    sock = socket.create_connection(leader_addr(secure), timeout=5)
+    with sock:
+        first = recv_frame(sock, "leader")
+        sock.sendall(encode_frame(Msg.GENERATE, {"prompt_ids": PROMPT, "max_tokens": 5})
+                     + encode_frame(Msg.STATUS, {}))
+        rest = frames_until_close(sock)
+        assert first.msg is Msg.CHALLENGE and set(first.meta) == {"nonce", "version"}
+        assert set(rest) <= {Msg.REJECT}, f"a peer without the secret was sent {rest}"
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "expected HELLO, got GENERATE")
+
+
+def test_data_link_without_the_secret_is_refused_by_the_worker(secure):
+    sock, _, reply = handshake(worker_addr(secure, 2), token="guess", role="data", rank=1)
+    with sock:
+        assert reply.msg is Msg.REJECT
+        assert frames_until_close(sock) == []
+        wait_log(secure, 2, "Rejected data connection from", local_peer(sock), "failed authentication")
+
+
+def test_worker_with_the_wrong_secret_is_refused_and_exits(secure):
+    before = log_of(secure, 0).count("failed authentication")
+    cmd = secure.command(2)
+    out = subprocess.run(cmd, env=dict(secure.env, NANOPIPE_TOKEN="not the secret"), cwd=secure.workdir,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Registration refused" in out.stdout and "authentication failed" in out.stdout, out.stdout
+    wait_until("the leader logging the refused worker",
+               lambda: log_of(secure, 0).count("failed authentication") > before, 5)
+    assert status(secure, TOKEN)["ready"], "a refused worker disturbed the ring"
+
+
+def test_token_from_the_environment(tiny_weights, reference):
+    """NANOPIPE_TOKEN, set for every process, is the secret when the config has none."""
+    cl = LocalCluster(tiny_weights, nodes=2, env={"NANOPIPE_TOKEN": "from the environment"})
+    try:
+        start(cl, token="from the environment")
+        with pytest.raises(ClientError, match="authentication failed"):
+            client(cl, None)
+        with client(cl, "from the environment") as c:
+            got = c.generate(PROMPT, SamplingParams("greedy", max_tokens=10))
+        assert got["token_ids"] == reference(PROMPT, SamplingParams("greedy", max_tokens=10))
+        assert "WARNING: no auth_token" not in log_of(cl, 0)
+    finally:
+        cl.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+def self_signed_cert(folder) -> tuple:
+    """A throwaway certificate for 127.0.0.1, made with the openssl command line."""
+    if shutil.which("openssl") is None:
+        pytest.skip("TLS test needs the `openssl` command to make a self-signed certificate")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=nanopipe-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_cluster_over_tls(tiny_weights, reference, tmp_path):
+    cert, key = self_signed_cert(str(tmp_path))
+    cl = LocalCluster(tiny_weights, nodes=3, cluster_extra={"auth_token": TOKEN, "tls_cert": cert, "tls_key": key})
+    try:
+        start(cl, token=TOKEN, tls_ca=cert)
+        with client(cl, TOKEN, tls_ca=cert) as c:
+            assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+            got = c.generate(PROMPT, SamplingParams("greedy", max_tokens=20))
+        assert got["token_ids"] == reference(PROMPT, SamplingParams("greedy", max_tokens=20))
+        # a plaintext peer gets not even the CHALLENGE, from the leader or from a worker
+        for rank, addr in ((0, leader_addr(cl)), (2, worker_addr(cl, 2))):
+            with socket.create_connection(addr, timeout=5) as sock:
+                sock.sendall(encode_frame(Msg.HELLO, {"role": "client", "version": PROTOCOL_VERSION}))
+                assert frames_until_close(sock) == []
+                wait_log(cl, rank, "Rejected", local_peer(sock))
+    finally:
+        cl.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# hardened frames: each bad frame closes only its own connection
+
+
+def header(msg=Msg.PING, meta_len=2, payload_len=0, magic=MAGIC, version=PROTOCOL_VERSION, flags=0) -> bytes:
+    return HEADER.pack(magic, version, int(msg), flags, meta_len, payload_len)
+
+
+# name -> (bytes a client sends after a good handshake, what the leader's log line must say)
+BAD_CLIENT_FRAMES = {
+    "bad magic": (header(magic=b"HTTP") + b"{}", "bad magic"),
+    "wrong version": (header(version=2) + b"{}", "protocol version 2"),
+    "unknown type": (HEADER.pack(MAGIC, PROTOCOL_VERSION, 99, 0, 2, 0) + b"{}", "unknown message type 99"),
+    "4 GB payload": (header(Msg.GENERATE, payload_len=1 << 32) + b"{}", "4294967296-byte payload"),
+    "4 GB meta": (header(Msg.GENERATE, meta_len=(1 << 32) - 1), "4294967295 bytes of meta"),
+    "truncated": (encode_frame(Msg.GENERATE, {"prompt_ids": PROMPT, "max_tokens": 5})[:30], "truncated frame"),
+    "meta not JSON": (header(Msg.GENERATE, meta_len=5) + b"{nope", "not valid UTF-8 JSON"),
+    "meta not an object": (header(Msg.GENERATE, meta_len=5) + b"[1,2]", "must be a JSON object"),
+    "payload from a client": (encode_frame(Msg.PING, {}, b"x" * 8), "over the 0-byte limit"),
+    "flags set": (header(flags=1) + b"{}", "flags"),
+}
+
+
+def send_bad(addr, data: bytes, **hello) -> socket.socket:
+    """Pass the handshake, send `data`, half-close (so a truncated frame really ends), expect a close."""
+    sock, _, reply = handshake(addr, **hello)
+    assert reply.msg is Msg.WELCOME, reply
+    sock.sendall(data)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass                # it has already hung up on us
+    got = frames_until_close(sock)
+    assert Msg.TOKEN not in got and Msg.DONE not in got, got
+    return sock
+
+
+def test_bad_frames_close_only_their_connection(secure, reference):
+    rss_before = node(status(secure, TOKEN), 0)["rss_mb"]
+    box = run_generation(secure, token=TOKEN)          # another session, going on throughout
+    for name, (data, says) in BAD_CLIENT_FRAMES.items():
+        with send_bad(leader_addr(secure), data, token=TOKEN) as sock:
+            line = wait_log(secure, 0, "Closed connection from", local_peer(sock), says)
+            assert "(client)" in line, f"{name}: {line}"
+    # before the handshake too: a bad first frame is a rejected connection
+    with socket.create_connection(leader_addr(secure), timeout=5) as sock:
+        recv_frame(sock, "leader")
+        sock.sendall(header(magic=b"GET ") + b"{}")
+        assert frames_until_close(sock) == []
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "bad magic")
+    assert finish(box)["token_ids"] == reference(PROMPT, LONG), "the session beside the bad frames changed"
+    st = status(secure, TOKEN)
+    assert st["ready"] and st["bad_frames"] >= len(BAD_CLIENT_FRAMES)
+    assert node(st, 0)["rss_mb"] - rss_before < 100, "a 4 GB header made the leader allocate"
+    with client(secure, TOKEN) as c:
+        assert c.generate(PROMPT, SamplingParams("greedy", max_tokens=20))["token_ids"] == \
+            reference(PROMPT, SamplingParams("greedy", max_tokens=20))
+
+
+def act(shape, dtype="float32", sessions=None, nbytes=None, epoch=0) -> bytes:
+    """An ACT frame as rank r-1 would send it; `nbytes` overrides the payload size to lie about it."""
+    rows = shape[0] if shape else 0
+    sessions = sessions if sessions is not None else [{"id": "x", "pos": 0, "n": rows}]
+    size = {"float32": 4, "float16": 2, "int64": 8, "float64": 8}[dtype]
+    n = 1
+    for d in shape:
+        n *= d
+    payload = b"\0" * (nbytes if nbytes is not None else n * size)
+    return encode_frame(Msg.ACT, {"sessions": sessions, "epoch": epoch, "trace": [], "dtype": dtype,
+                                  "shape": shape}, payload)
+
+
+# name -> (what rank 1 sends worker 2 on its data port, what worker 2's log line must say)
+BAD_ACTS = {
+    "float16 rows": (act([1, 64], "float16"), "ACT must carry float32 rows"),
+    "float64": (act([1, 64], "float64"), "has dtype 'float64'"),
+    "wrong width": (act([1, 32]), "rows of width 32 but this model has n_embd=64"),
+    "3-d": (act([1, 1, 64]), "ACT must carry float32 rows"),
+    "payload shorter than shape": (act([2, 64], nbytes=256), "carries 256 payload bytes"),
+    "rows not matching sessions": (act([1, 64], sessions=[{"id": "x", "pos": 0, "n": 2}]), "sessions hold 2 rows"),
+    "no sessions": (act([1, 64], sessions=[]), "non-empty \"sessions\""),
+    "meta not JSON": (header(Msg.ACT, meta_len=3) + b"{x}", "not valid UTF-8 JSON"),
+    "huge payload": (header(Msg.ACT, payload_len=1 << 40) + b"{}", "-byte payload, over the"),
+    "a client message": (encode_frame(Msg.GENERATE, {}), "unexpected GENERATE on a data link"),
+}
+
+
+def test_bad_activations_close_only_that_data_link(secure, reference):
+    """Rank 1's data port of worker 2, with the right secret: every bad ACT closes only its link;
+    worker 2 lives on and the ring (whose own link from rank 1 stays open beside ours) still works."""
+    addr = worker_addr(secure, 2)
+    box = run_generation(secure, token=TOKEN)
+    for data, says in BAD_ACTS.values():
+        with send_bad(addr, data, token=TOKEN, role="data", rank=1) as sock:
+            wait_log(secure, 2, "Closed data connection from", local_peer(sock), says)
+    # a well-formed ACT of a ring that is not the current one is dropped, and the link stays open
+    sock, _, reply = handshake(addr, token=TOKEN, role="data", rank=1)
+    with sock:
+        sock.sendall(act([1, 64], epoch="not this ring"))
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            recv_frame(sock, "worker 2")
+    # rank 2 only takes activations from rank 1
+    sock, _, reply = handshake(addr, token=TOKEN, role="data", rank=0)
+    with sock:
+        assert reply.msg is Msg.REJECT and "from rank 1 only" in reply.meta["reason"]
+    assert finish(box)["token_ids"] == reference(PROMPT, LONG)
+    assert secure.procs[2].poll() is None, "worker 2 died of a bad frame"
+    st = status(secure, TOKEN)
+    assert st["ready"] and node(st, 2)["status"] == "up"
+    assert "Ring broken" not in log_of(secure, 0), "a stranger's bad frames broke the ring"
+
+
+def test_other_protocol_version_is_refused_at_registration(secure):
+    """A worker of another nanopipe version: its HELLO says version 2 (its frames still parse)."""
+    sock, _, reply = handshake(leader_addr(secure), token=TOKEN, role="worker", rank=2, version=2,
+                               extra={"host": "node2"})
+    with sock:
+        assert reply.msg is Msg.REJECT and "protocol version 2" in reply.meta["reason"]
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "protocol version 2")
+    # and one whose very frames are version 2
+    with socket.create_connection(leader_addr(secure), timeout=5) as sock:
+        recv_frame(sock, "leader")
+        body = json.dumps({"role": "worker", "rank": 2, "version": 2}).encode()
+        sock.sendall(header(Msg.HELLO, meta_len=len(body), version=2) + body)
+        assert frames_until_close(sock) == []
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "protocol version 2")
+
+
+@pytest.mark.parametrize("rank, says", [(7, "no worker rank 7"), (2, "already connected"),
+                                        (True, "no worker rank True")])
+def test_registration_of_a_rank_that_cannot_join(secure, rank, says):
+    sock, _, reply = handshake(leader_addr(secure), token=TOKEN, role="worker", rank=rank)
+    with sock:
+        assert reply.msg is Msg.REJECT and says in reply.meta["reason"], reply.meta
+        wait_log(secure, 0, "Rejected worker from", local_peer(sock))
+    assert status(secure, TOKEN)["ready"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a worker dies in the middle of an answer
+
+
+def failover_cluster(weights, grace: float) -> LocalCluster:
+    return LocalCluster(weights, nodes=3, cluster_extra={"rejoin_grace_s": grace, "heartbeat_s": HEARTBEAT_S})
+
+
+def test_worker_killed_mid_answer_rejoins_and_the_answer_is_unchanged(tiny_weights, reference):
+    cl = failover_cluster(tiny_weights, grace=30)
+    try:
+        start(cl)
+        assert "WARNING: no auth_token set" in log_of(cl, 0), "no secret, and the leader did not warn"
+        killed = threading.Event()
+        t_kill = {}
+
+        def kill_after_5(n):
+            if n == 5:
+                cl.kill_rank(2, signal.SIGKILL)
+                t_kill["t"] = time.time()
+                killed.set()
+        box = run_generation(cl, on_token=kill_after_5)
+        assert killed.wait(30), "the generation never reached 5 tokens"
+        with client(cl) as watcher:       # a second client sees the rank go down
+            wait_until("rank 2 down in status()", lambda: node(watcher.status(), 2)["status"] == "down", 5, 0.02)
+        noticed_s = time.time() - t_kill["t"]
+        assert noticed_s < 5, f"the leader took {noticed_s:.1f}s to notice"
+        wait_log(cl, 0, "Worker 2 is down")
+        assert "result" not in box, "the answer finished without rank 2"
+        cl.start_rank(2)
+        got = finish(box)
+        assert got["token_ids"] == reference(PROMPT, LONG), "the replayed answer differs from one process's"
+        assert any("waiting up to 30s" in s for s in box["status"]), f"no STATUS event: {box['status']}"
+        wait_log(cl, 0, "replaying 1 interrupted session")
+    finally:
+        cl.stop()
+
+
+def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weights, reference):
+    cl = failover_cluster(tiny_weights, grace=3)
+    try:
+        start(cl)
+        box = run_generation(cl, on_token=lambda n: n == 5 and cl.kill_rank(1, signal.SIGKILL))
+        t0 = time.time()
+        box["thread"].join(15)
+        waited = time.time() - t0
+        assert not box["thread"].is_alive(), "the client hung after the grace period"
+        err = box.get("error")
+        assert isinstance(err, ClientError), f"expected a ClientError, got {box}"
+        assert "rank 1 (node1) did not come back within rejoin_grace_s=3s" in str(err)
+        assert 2.5 < waited < 6, f"failed after {waited:.1f}s with rejoin_grace_s=3"
+        # a request while rank 1 is away waits, and is served once it is back
+        cl.start_rank(1)
+        late = run_generation(cl, params=SamplingParams("greedy", max_tokens=20))
+        wait_until("the waiting request's STATUS", lambda: late["status"], 5)
+        assert "waiting for rank 1" in late["status"][0]
+        assert finish(late)["token_ids"] == reference(PROMPT, SamplingParams("greedy", max_tokens=20))
+        with client(cl) as c:
+            assert c.generate(PROMPT, LONG)["token_ids"] == reference(PROMPT, LONG)
+    finally:
+        cl.stop()
+
+
+def test_leader_restart_workers_find_it_again_with_fresh_caches(tiny_weights, reference):
+    cl = failover_cluster(tiny_weights, grace=30)
+    try:
+        start(cl)
+        box = run_generation(cl)
+        with client(cl) as watcher:      # caches held on the workers, mid-answer
+            wait_until("a session on every worker", lambda: all(
+                (node(st, r).get("sessions") or 0) >= 1 for st in [watcher.status()] for r in (1, 2)), 10, 0.02)
+        cl.kill_rank(0, signal.SIGKILL)
+        with pytest.raises(ClientError, match="closed the connection|lost the connection"):
+            finish(box)
+        cl.start_rank(0)
+        st = wait_ready(cl)
+        for r in (1, 2):
+            assert "Leader connection closed; reconnecting" in log_of(cl, r)
+
+        def fresh_stats():
+            s = status(cl)
+            return s if all(node(s, r).get("sessions") is not None for r in (1, 2)) else None
+        st = wait_until("worker STATS after the restart", fresh_stats, 5)
+        assert all(node(st, r)["sessions"] == 0 and node(st, r)["kv_cache_bytes"] == 0 for r in (1, 2)), \
+            f"workers kept caches from before the leader restarted: {st['nodes']}"
+        with client(cl) as c:
+            assert c.generate(PROMPT, LONG)["token_ids"] == reference(PROMPT, LONG)
+    finally:
+        cl.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# load: 32 chats at once, through the web app
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's high-water mark of resident memory (VmHWM), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine):
+    from werkzeug.serving import make_server
+
+    from nanopipe.tokenizer import get_tokenizer
+    from nanopipe.webapp import create_app
+
+    tok = get_tokenizer()
+    cl = LocalCluster(tiny_weights, nodes=3, cluster_extra={"heartbeat_s": HEARTBEAT_S})
+    server = None
+    try:
+        start(cl)
+        defaults = status(cl)["defaults"]
+        app = create_app({"LEADER": cl.leader_addr, "LEADER_TOKEN": None, "MODEL_DEFAULTS": defaults})
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/chat"
+
+        chats = []
+        for i in range(32):
+            body = {"text": f"Chat number {i}: the {['cat', 'dog', 'ship', 'river'][i % 4]} said", "max_tokens": 12}
+            if i % 2:
+                body.update(decoding_strategy="sampling", temperature=0.8, seed=i)
+            else:
+                body.update(decoding_strategy="greedy")
+            params = make_params(defaults, strategy=body["decoding_strategy"], temperature=body.get("temperature"),
+                                 seed=body.get("seed"), max_tokens=body["max_tokens"])
+            ids = tiny_engine.generate(tok.encode(body["text"]), params)["token_ids"]
+            chats.append((body, tok.decode([t for t in ids if t != 50256])))
+
+        answers, errors = [None] * len(chats), []
+        barrier = threading.Barrier(len(chats))
+
+        def chat(i, body):
+            try:
+                req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                barrier.wait(10)
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    answers[i] = json.loads(resp.read())
+            except Exception as e:  # reported in the test thread
+                errors.append((i, e))
+        threads = [threading.Thread(target=chat, args=(i, body)) for i, (body, _) in enumerate(chats)]
+        t0 = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        elapsed = time.time() - t0
+        assert not errors, errors[:3]
+        for i, ((body, want), got) in enumerate(zip(chats, answers)):
+            assert got["response"] == want, f"chat {i} ({body}): got {got['response']!r}, one process {want!r}"
+            assert got["stats"]["tokens"] == body["max_tokens"] or got["stats"]["finish_reason"] == "stop"
+
+        def freed():
+            s = status(cl)
+            workers = [node(s, r) for r in (1, 2)]
+            done = s["live_sessions"] == 0 and s["kv_cache_bytes"] == 0 and all(
+                w["sessions"] == 0 and w["kv_cache_bytes"] == 0 for w in workers)
+            return s if done else None
+        time.sleep(3 * HEARTBEAT_S)              # worker reports from after the last chat ended
+        st = wait_until("every KV cache back to zero", freed, 5)
+        peaks = {r: peak_rss_mb(cl.procs[r].pid) for r in range(3)}
+        print(f"\n32 chats through the web app in {elapsed:.1f}s; peak RSS MB per rank: "
+              + ", ".join(f"{r}: {p:.0f}" for r, p in peaks.items() if p is not None)
+              + "; RSS now: " + ", ".join(f"{n['rank']}: {n['rss_mb']}" for n in st["nodes"]))
+        assert st["errors"] == 0 and st["requests"] >= 32
+    finally:
+        if server is not None:
+            server.shutdown()
+        cl.stop()

@@ -1,0 +1,765 @@
+"""The web app (nanopipe/webapp.py): every route against a fake leader, then a few against a real
+local cluster.
+
+The fake leader stands in for the cluster behind the app's CLIENT_FACTORY: it streams scripted
+tokens, answers status, and can be switched to "down", "fails mid-reply" or "refuses the request",
+so each error path is checked without starting processes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import CONFIG_DIR
+
+from nanopipe.client import ClientError
+from nanopipe.tokenizer import get_tokenizer
+from nanopipe.webapp import Histogram, chat_prompt, create_app, openai_strategy, settings_from_configs
+
+EOT = 50256
+DEFAULTS = {"active_decoding_strategy": "top_p", "max_new_tokens": 50,
+            "decoding_strategies": {"greedy": {}, "sampling": {"temperature": 0.8},
+                                    "top_p": {"temperature": 0.8, "p": 0.9}, "top_k": {"temperature": 0.8, "k": 40}}}
+NODES = [{"rank": 0, "host": "mini1", "layers": [0, 4], "status": "up", "last_seen_s": 0.0, "rss_mb": 512.0},
+         {"rank": 1, "host": "mini2", "layers": [4, 8], "status": "up", "last_seen_s": 0.4, "rss_mb": 300.5},
+         {"rank": 2, "host": "pi1", "layers": [8, 12], "status": "up", "last_seen_s": 0.7, "rss_mb": 290.0}]
+NODE_MS = {"0": {"compute": 6.0, "transit": 2.0}, "1": {"compute": 3.0, "transit": 0.0},
+           "2": {"compute": 4.0, "transit": 0.0}}
+
+
+class FakeClient:
+    """What LeaderClient.connect returns, minus the socket."""
+
+    def __init__(self, leader: FakeLeader, addr: str, token, attempts: int):
+        self.leader, self.addr, self.token, self.attempts = leader, addr, token, attempts
+        self.welcome = {"model": "fake-gpt2", "n_ctx": leader.n_ctx}
+        self.calls: list = []
+        self.closed = threading.Event()
+
+    def generate(self, prompt=None, params=None, on_token=None, on_status=None, echo=False, top_logprobs=0,
+                 text=True, **fields):
+        lead = self.leader
+        self.calls.append({"prompt": prompt, "params": params, "echo": echo, "top_logprobs": top_logprobs})
+        for s in lead.statuses:
+            on_status(s)
+        script = lead.tokens[:params.max_tokens]
+        for i, (tid, piece) in enumerate(script):
+            if lead.fail is not None and i == lead.fail_after:
+                raise lead.fail
+            if lead.hang_after is not None and i == lead.hang_after:
+                self.closed.wait(5)             # like a recv() that the web app's hang-up wakes
+                raise ClientError(f"the leader at {self.addr} closed the connection", "unreachable")
+            on_token(tid, piece)
+        if lead.fail is not None:
+            raise lead.fail
+        ids = [t for t, _ in script]
+        result = {"token_ids": ids, "prompt_ids": list(prompt), "tokens_generated": len(ids),
+                  "logprobs": [-1.0 - 0.5 * i for i in range(len(ids))], "ttft_ms": 5.0,
+                  "finish_reason": "stop" if ids and ids[-1] == EOT else "length", "node_ms": NODE_MS}
+        if top_logprobs:
+            result["top_logprobs"] = [[{"id": t, "logprob": -1.0 - 0.5 * i}, {"id": 13, "logprob": -7.0}][:top_logprobs]
+                                      for i, t in enumerate(ids)]
+        if echo:
+            result["prompt_logprobs"] = [-2.0] * (len(prompt) - 1)
+        return result
+
+    def status(self):
+        return self.leader.status()
+
+    def close(self):
+        self.closed.set()
+
+
+class FakeLeader:
+    """The cluster as the app sees it. `connect` is the app's CLIENT_FACTORY; connections are recorded."""
+
+    def __init__(self):
+        self.tokens = [(15496, "Hello"), (995, " world"), (11, ","), (9387, " distributed")]
+        self.statuses: list = []
+        self.down = False
+        self.fail: ClientError | None = None
+        self.fail_after = 0
+        self.hang_after: int | None = None
+        self.n_ctx = 64
+        self.nodes = [dict(n) for n in NODES]
+        self.defaults = DEFAULTS
+        self.connections: list = []
+
+    def connect(self, addr, token, attempts=1):
+        if self.down:
+            raise ClientError(f"leader at {addr} is unreachable: [Errno 111] Connection refused. "
+                              "Is `nanopipe serve --rank 0` running?", "unreachable")
+        client = FakeClient(self, addr, token, attempts)
+        self.connections.append(client)
+        return client
+
+    def status(self):
+        return {"model": "fake-gpt2", "ready": all(n["status"] == "up" for n in self.nodes), "nodes": self.nodes,
+                "live_sessions": 1, "requests": 7, "tokens": 99, "errors": 2, "n_ctx": self.n_ctx,
+                "defaults": self.defaults, "kv_cache_bytes": 4096}
+
+    @property
+    def calls(self) -> list:
+        return [call for c in self.connections for call in c.calls]
+
+
+@pytest.fixture
+def leader():
+    return FakeLeader()
+
+
+@pytest.fixture
+def app(leader):
+    return create_app({"TESTING": True, "CLIENT_FACTORY": leader.connect, "LEADER": "10.0.0.1:65432",
+                       "MODEL_NAME": "gpt2", "MODEL_DEFAULTS": DEFAULTS})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def sse_events(body: bytes) -> list:
+    """A text/event-stream body -> [(event name, data)], data parsed as JSON where it is JSON.
+
+    Checks the framing too: every event ends with a blank line, every line is a known field."""
+    text = body.decode()
+    assert text.endswith("\n\n"), f"stream does not end with a blank line: {text[-40:]!r}"
+    events = []
+    for block in text[:-2].split("\n\n"):
+        name, data = "message", []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                continue
+            field, sep, value = line.partition(": ")
+            assert sep and field in ("event", "data"), f"bad SSE line {line!r}"
+            if field == "event":
+                name = value
+            else:
+                data.append(value)
+        if data:
+            raw = "\n".join(data)
+            events.append((name, raw if raw == "[DONE]" else json.loads(raw)))
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+
+def test_page_and_its_files_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert 'src="static/app.js"' in html and 'href="static/style.css"' in html
+    assert "http://" not in html and "https://" not in html          # no CDN: works offline
+    for name, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.mimetype == mimetype and len(r.data) > 1000
+
+
+def test_unknown_route_and_wrong_method_answer_json(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and "Not Found" in r.json["error"]
+    r = client.get("/chat")
+    assert r.status_code == 405 and "Method Not Allowed" in r.json["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /chat
+
+
+def test_chat_returns_response_config_and_stats(client, leader):
+    r = client.post("/chat", json={"text": "Hello", "max_tokens": 3, "temperature": 0.5, "top_k": 7, "top_p": 0.8,
+                                   "decoding_strategy": "top_k", "seed": 11})
+    assert r.status_code == 200, r.json
+    assert r.json["response"] == "Hello world,"
+    assert r.json["config"] == {"tokens_generated": 3, "temperature": 0.5, "top_k": 7, "top_p": 0.8,
+                                "decoding_strategy": "top_k", "max_tokens": 3, "seed": 11}
+    stats = r.json["stats"]
+    assert stats["tokens"] == 3 and stats["finish_reason"] == "length" and stats["node_ms"] == NODE_MS
+    assert stats["ttft_ms"] >= 0 and stats["total_ms"] >= stats["ttft_ms"]
+    (call,) = leader.calls
+    assert call["prompt"] == [15496]                                  # tokenized here: "Hello"
+    p = call["params"]
+    assert (p.strategy, p.temperature, p.top_k, p.top_p, p.max_tokens, p.seed) == ("top_k", 0.5, 7, 0.8, 3, 11)
+
+
+def test_chat_defaults_come_from_the_model_config(client, leader):
+    r = client.post("/chat", json={"text": "Hello"})
+    assert r.status_code == 200
+    assert r.json["config"]["decoding_strategy"] == "top_p"
+    assert (r.json["config"]["temperature"], r.json["config"]["top_p"]) == (0.8, 0.9)
+    assert leader.calls[0]["params"].max_tokens == 50
+
+
+def test_chat_temperature_zero_without_a_strategy_is_greedy(client, leader):
+    r = client.post("/chat", json={"text": "Hello", "temperature": 0})
+    assert r.status_code == 200 and r.json["config"]["decoding_strategy"] == "greedy"
+
+
+def test_chat_defaults_from_the_leader_when_there_is_no_model_config(leader):
+    leader.defaults = {"active_decoding_strategy": "greedy", "max_new_tokens": 3, "decoding_strategies": {"greedy": {}}}
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": None})
+    r = app.test_client().post("/chat", json={"text": "Hello"})
+    assert r.status_code == 200 and r.json["config"]["decoding_strategy"] == "greedy"
+    assert r.json["config"]["tokens_generated"] == 3
+
+
+def test_each_request_gets_its_own_leader_connection_and_closes_it(client, leader):
+    for _ in range(2):
+        assert client.post("/chat", json={"text": "Hello", "max_tokens": 2}).status_code == 200
+    assert len(leader.connections) == 2
+    assert all(c.closed.is_set() and len(c.calls) == 1 for c in leader.connections)
+
+
+def test_two_streams_at_once_use_two_connections(client, leader):
+    a = client.post("/chat", json={"text": "Hello", "stream": True}, buffered=False)
+    b = client.post("/chat", json={"text": "Hello", "stream": True}, buffered=False)
+    first_a, first_b = next(a.response), next(b.response)
+    assert b'"token":15496' in first_a and b'"token":15496' in first_b
+    rest_a, rest_b = b"".join(a.response), b"".join(b.response)
+    assert b"event: done" in rest_a and b"event: done" in rest_b
+    assert len(leader.connections) == 2 and leader.connections[0] is not leader.connections[1]
+
+
+BAD_CHAT = [
+    (b"{not json", "request body: not valid JSON"),
+    (b"", "request body: expected a JSON object, got an empty body"),
+    (b"[1, 2]", "request body: expected a JSON object, got list"),
+    ({}, "text: give the prompt as a non-empty string"),
+    ({"text": ""}, "text: give the prompt as a non-empty string"),
+    ({"text": "   \n"}, "text: give the prompt as a non-empty string"),
+    ({"text": 42}, "text: give the prompt as a non-empty string"),
+    ({"text": "hi", "decoding_strategy": "beam"}, "decoding_strategy: must be one of greedy, sampling, top_k, top_p"),
+    ({"text": "hi", "max_tokens": 0}, "max_tokens: must be an integer >= 1 (got 0)"),
+    ({"text": "hi", "max_tokens": "5"}, 'max_tokens: must be an integer >= 1 (got "5")'),
+    ({"text": "hi", "max_tokens": 2.5}, "max_tokens: must be an integer >= 1 (got 2.5)"),
+    ({"text": "hi", "temperature": -0.1}, "temperature: must be a number >= 0 (got -0.1)"),
+    ({"text": "hi", "temperature": True}, "temperature: must be a number >= 0 (got true)"),
+    ({"text": "hi", "decoding_strategy": "sampling", "temperature": 0}, "temperature must be > 0 for strategy"),
+    ({"text": "hi", "top_p": 1.5}, "top_p: must be a number in (0, 1] (got 1.5)"),
+    ({"text": "hi", "top_p": 0}, "top_p: must be a number in (0, 1] (got 0)"),
+    ({"text": "hi", "top_k": 0}, "top_k: must be an integer >= 1 (got 0)"),
+    ({"text": "hi", "seed": -3}, "seed: must be an integer >= 0 or null (got -3)"),
+    ({"text": "hi", "seed": "abc"}, 'seed: must be an integer >= 0 or null (got "abc")'),
+    ({"text": "hi", "stream": "yes"}, 'stream: must be true or false (got "yes")'),
+    ({"text": "hi", "temprature": 1}, "unknown field 'temprature'; known fields: text, max_tokens"),
+    ({"text": "hi", "max_tokens": 64}, "max_tokens too large: prompt length 1 + max_tokens 64 = 65 exceeds the "
+                                       "context size n_ctx=64"),
+    ({"text": "hi" + " hi" * 69}, "text: the prompt is 70 tokens, but the model's context is n_ctx=64 tokens"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_CHAT)
+def test_chat_bad_input_is_a_400_naming_the_field(client, leader, body, message):
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    r = client.post("/chat", data=data, content_type="application/json")
+    assert r.status_code == 400, r.data
+    assert r.json["error"].startswith(message), r.json["error"]
+    assert leader.calls == []                 # refused before the cluster did any work
+
+
+def test_nan_is_refused_even_though_python_json_accepts_it(client):
+    r = client.post("/chat", data='{"text": "hi", "temperature": NaN}', content_type="application/json")
+    assert r.status_code == 400 and r.json["error"].startswith("temperature: must be a number >= 0")
+
+
+def test_oversized_body_is_a_json_413(client):
+    r = client.post("/chat", data=b"{" + b" " * (1 << 21) + b"}", content_type="application/json")
+    assert r.status_code == 413 and "Too Large" in r.json["error"]
+
+
+def test_a_request_the_leader_refuses_is_a_400_with_its_message(client, leader):
+    leader.fail = ClientError("max_tokens too large: prompt length 60 + max_tokens 10 = 70 exceeds the context "
+                              "size n_ctx=64; use max_tokens <= 4 or a shorter prompt", "invalid")
+    r = client.post("/chat", json={"text": "Hello"})
+    assert r.status_code == 400 and r.json["error"] == str(leader.fail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_chat_stream_sends_each_token_then_done(client, leader):
+    leader.statuses = ["waiting for rank 2 to join"]
+    r = client.post("/chat", json={"text": "Hello", "max_tokens": 4, "decoding_strategy": "greedy", "stream": True})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    assert r.headers["Cache-Control"] == "no-cache"
+    events = sse_events(r.data)
+    assert events[0] == ("status", {"status": "waiting for rank 2 to join"})
+    tokens = [data for name, data in events if name == "message"]
+    assert tokens == [{"token": 15496, "text": "Hello"}, {"token": 995, "text": " world"}, {"token": 11, "text": ","},
+                      {"token": 9387, "text": " distributed"}]
+    name, done = events[-1]
+    assert name == "done"
+    assert done["response"] == "".join(t["text"] for t in tokens) == "Hello world, distributed"
+    assert done["config"]["tokens_generated"] == 4 and done["config"]["decoding_strategy"] == "greedy"
+    assert done["stats"]["tokens"] == 4 and done["stats"]["node_ms"] == NODE_MS
+    assert done["stats"]["tokens_per_s"] is None or done["stats"]["tokens_per_s"] > 0
+
+
+def test_chat_stream_ends_with_an_error_event_if_the_cluster_fails(client, leader):
+    leader.fail = ClientError("rank 2 (pi1) did not come back within rejoin_grace_s=30s", "cluster")
+    leader.fail_after = 2
+    events = sse_events(client.post("/chat", json={"text": "Hello", "stream": True}).data)
+    assert [name for name, _ in events] == ["message", "message", "error"]
+    assert events[-1][1] == {"error": "rank 2 (pi1) did not come back within rejoin_grace_s=30s", "status": 503}
+
+
+def test_the_end_of_text_token_ends_a_reply_without_showing_up(client, leader):
+    leader.tokens = [(15496, "Hello"), (EOT, "<|endoftext|>")]
+    r = client.post("/chat", json={"text": "Hello"})
+    assert r.json["response"] == "Hello" and r.json["stats"]["finish_reason"] == "stop"
+
+
+def test_a_browser_that_goes_away_hangs_up_on_the_leader(client, leader):
+    leader.hang_after = 1
+    r = client.post("/chat", json={"text": "Hello", "stream": True}, buffered=False)
+    assert b'"token":15496' in next(r.response)
+    r.close()                                            # what the server does when the socket dies
+    (conn,) = leader.connections
+    assert conn.closed.wait(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# /config, /health, /reconnect
+
+
+def test_config_lists_defaults_model_and_nodes(client):
+    r = client.get("/config")
+    assert r.status_code == 200
+    c = r.json
+    assert (c["max_tokens"], c["temperature"], c["top_k"], c["top_p"], c["active_strategy"]) == (50, 0.8, 50, 0.9,
+                                                                                                 "top_p")
+    assert c["strategies"]["top_k"] == {"temperature": 0.8, "top_k": 40, "top_p": 1.0}
+    assert c["strategy_uses"]["greedy"] == []
+    assert c["model"] == "fake-gpt2" and c["n_ctx"] == 64 and c["leader_up"] is True
+    assert [(n["rank"], n["host"], n["layers"]) for n in c["nodes"]] == [(0, "mini1", [0, 4]), (1, "mini2", [4, 8]),
+                                                                         (2, "pi1", [8, 12])]
+
+
+def test_health_is_200_when_every_node_is_up(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json["ok"] is True
+    assert r.json["leader"] == {"addr": "10.0.0.1:65432", "reachable": True, "ready": True, "model": "fake-gpt2"}
+    assert [(n["rank"], n["host"], n["layers"], n["status"]) for n in r.json["nodes"]] == [
+        (0, "mini1", [0, 4], "up"), (1, "mini2", [4, 8], "up"), (2, "pi1", [8, 12], "up")]
+    assert r.json["nodes"][2]["last_seen_s"] == 0.7
+
+
+def test_health_is_503_naming_the_node_that_is_down(client, leader):
+    leader.nodes[2].update(status="down", last_seen_s=41.0)
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json["ok"] is False
+    assert r.json["error"] == "not ready: rank 2 (pi1) is down"
+    assert r.json["nodes"][2]["last_seen_s"] == 41.0
+
+
+def test_reconnect_redials_with_retries_and_reports(client, leader):
+    r = client.post("/reconnect")
+    assert r.status_code == 200
+    assert r.json == {"ok": True, "leader": "10.0.0.1:65432", "model": "fake-gpt2", "ready": True, "nodes_up": 3,
+                      "nodes": 3}
+    assert leader.connections[-1].attempts == 3 and leader.connections[-1].closed.is_set()
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("post", "/chat", {"text": "Hello"}),
+    ("post", "/chat", {"text": "Hello", "stream": True}),
+    ("post", "/v1/completions", {"prompt": "Hello"}),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True}),
+    ("get", "/health", None),
+    ("post", "/reconnect", None),
+])
+def test_leader_down_is_a_503_with_a_clear_message(client, leader, method, path, body):
+    leader.down = True
+    r = getattr(client, method)(path, json=body)
+    assert r.status_code == 503 and r.mimetype == "application/json"
+    message = r.json["error"]["message"] if path.startswith("/v1/") else r.json["error"]
+    assert "leader at 10.0.0.1:65432 is unreachable" in message
+
+
+def test_leader_down_still_serves_config_metrics_and_models(client, leader):
+    leader.down = True
+    c = client.get("/config")
+    assert c.status_code == 200 and c.json["leader_up"] is False and c.json["nodes"] == []
+    assert c.json["active_strategy"] == "top_p" and "unreachable" in c.json["leader_error"]
+    m = client.get("/metrics")
+    assert m.status_code == 200 and parse_metrics(m.get_data(as_text=True))[("nanopipe_leader_up", ())] == 0
+    assert client.get("/v1/models").json["data"][0]["id"] == "gpt2"
+
+
+def test_a_cluster_failure_without_streaming_is_a_503(client, leader):
+    leader.fail = ClientError("rank 1 (mini2) did not come back within rejoin_grace_s=30s", "cluster")
+    r = client.post("/chat", json={"text": "Hello"})
+    assert r.status_code == 503 and "rank 1 (mini2)" in r.json["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# /metrics
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+
+
+def parse_metrics(text: str) -> dict:
+    """Prometheus text format -> {(name, ((label, value), ...)): float}, checking every line's syntax
+    and that each sample's family was declared by a # TYPE line before it."""
+    declared, out = {}, {}
+    for line in text.strip().split("\n"):
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram"), line
+            declared[name] = kind
+            continue
+        if line.startswith("# HELP "):
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a Prometheus sample: {line!r}"
+        name = m.group(1)
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in declared else name
+        assert family in declared, f"{name} has no # TYPE line before it"
+        labels = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out[(name, labels)] = float(m.group(3))
+    return out
+
+
+def test_metrics_count_requests_tokens_times_and_nodes(client, leader):
+    for stream in (False, True):
+        client.post("/chat", json={"text": "Hello", "max_tokens": 3, "stream": stream})
+    client.post("/chat", json={"text": ""})                                    # one invalid request
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    m = parse_metrics(r.get_data(as_text=True))
+    assert m[("nanopipe_web_requests_total", (("route", "chat"),))] == 2
+    assert m[("nanopipe_web_tokens_total", ())] == 6
+    assert m[("nanopipe_web_errors_total", (("kind", "invalid"),))] == 1
+    assert m[("nanopipe_web_ttft_seconds_count", ())] == 2                     # one first token per reply
+    assert m[("nanopipe_web_time_per_token_seconds_count", ())] == 4           # and the gaps between the others
+    assert m[("nanopipe_web_ttft_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert m[("nanopipe_node_compute_seconds_total", (("rank", "0"),))] == pytest.approx(2 * 6.0 / 1000)
+    assert m[("nanopipe_node_transit_seconds_total", (("rank", "0"),))] == pytest.approx(2 * 2.0 / 1000)
+    assert m[("nanopipe_node_compute_seconds_total", (("rank", "2"),))] == pytest.approx(2 * 4.0 / 1000)
+    assert m[("nanopipe_node_rss_bytes", (("rank", "1"), ("host", "mini2")))] == int(300.5 * 1024 * 1024)
+    assert m[("nanopipe_node_up", (("rank", "2"), ("host", "pi1")))] == 1
+    assert m[("nanopipe_live_sessions", ())] == 1 and m[("nanopipe_leader_up", ())] == 1
+    assert m[("nanopipe_leader_tokens_total", ())] == 99
+
+
+def test_histogram_buckets_are_cumulative():
+    h = Histogram((0.01, 0.1))
+    for v in (0.005, 0.01, 0.05, 3.0):          # 0.01 belongs in le="0.01": buckets are "less or equal"
+        h.observe(v)
+    assert h.lines("t") == ['t_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 3', 't_bucket{le="+Inf"} 4',
+                            "t_sum 3.065", "t_count 4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible routes
+
+
+def test_chat_template_by_hand():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": [{"type": "text", "text": "Who are "}, {"type": "text", "text": "you?"}]}]
+    assert chat_prompt(messages) == "System: Be brief.\nUser: Hi\nAssistant: Hello!\nUser: Who are you?\nAssistant:"
+
+
+@pytest.mark.parametrize("fields, strategy", [
+    ({"temperature": 0, "top_p": 0.5}, "greedy"),
+    ({"temperature": 0.7, "top_p": 0.5, "top_k": 5}, "top_p"),
+    ({"temperature": 0.7, "top_p": 1, "top_k": 5}, "top_k"),
+    ({"temperature": 0.7}, "sampling"),
+    ({"top_p": 0.3}, "top_p"),
+    ({}, "top_p"),                               # nothing given: the model's default strategy
+])
+def test_openai_fields_map_to_a_strategy(client, leader, fields, strategy):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, **fields})
+    assert r.status_code == 200, r.json
+    p = leader.calls[0]["params"]
+    assert p.strategy == strategy
+    if "temperature" in fields and strategy != "greedy":
+        assert p.temperature == fields["temperature"]
+    assert openai_strategy(fields.get("temperature"), fields.get("top_p"), fields.get("top_k")) == (
+        None if not fields else strategy)
+
+
+def test_completions(client, leader):
+    r = client.post("/v1/completions", json={"model": "gpt2", "prompt": "Hello", "max_tokens": 2, "temperature": 0,
+                                             "seed": 3})
+    assert r.status_code == 200
+    body = r.json
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "fake-gpt2"
+    assert body["choices"] == [{"text": "Hello world", "index": 0, "finish_reason": "length", "logprobs": None}]
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert leader.calls[0]["params"].seed == 3
+
+
+def test_completions_with_token_id_prompt_logprobs_and_echo(client, leader):
+    r = client.post("/v1/completions", json={"prompt": [15496, 995], "max_tokens": 2, "logprobs": 2, "echo": True})
+    assert r.status_code == 200
+    choice = r.json["choices"][0]
+    assert choice["text"] == "Hello world" + "Hello world"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["Hello", " world", "Hello", " world"]
+    assert lp["token_logprobs"] == [None, -2.0, -1.0, -1.5]
+    assert lp["top_logprobs"] == [None, None, {"Hello": -1.0, ".": -7.0}, {" world": -1.5, ".": -7.0}]
+    assert lp["text_offset"] == [0, 5, 11, 16]
+    assert leader.calls[0]["prompt"] == [15496, 995] and leader.calls[0]["top_logprobs"] == 2
+
+
+def test_completions_stream_in_openai_chunks(client):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    events = sse_events(r.data)
+    assert events[-1] == ("message", "[DONE]")
+    chunks = [data for _, data in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello world,"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None, None, None, "length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_chat_completions_use_the_template(client, leader):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = client.post("/v1/chat/completions", json={"model": "gpt2", "messages": messages, "max_tokens": 2,
+                                                  "logprobs": True, "top_logprobs": 1})
+    assert r.status_code == 200
+    assert get_tokenizer().decode(leader.calls[0]["prompt"]) == "System: Be brief.\nUser: Hi\nAssistant:"
+    body = r.json
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Hello world"} and choice["finish_reason"] == "length"
+    content = choice["logprobs"]["content"]
+    assert [(c["token"], c["logprob"], [t["token"] for t in c["top_logprobs"]]) for c in content] == [
+        ("Hello", -1.0, ["Hello"]), (" world", -1.5, [" world"])]
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_chat_completions_stream_in_openai_chunks(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                                  "stream": True})
+    events = sse_events(r.data)
+    assert events[-1] == ("message", "[DONE]")
+    chunks = [data for _, data in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": "Hello"}, {"content": " world"}, {}]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_stream_reports_a_cluster_failure_in_band(client, leader):
+    leader.fail, leader.fail_after = ClientError("worker 1 stopped answering", "cluster"), 1
+    events = sse_events(client.post("/v1/completions", json={"prompt": "Hello", "stream": True}).data)
+    assert events[-2][1]["error"]["message"] == "worker 1 stopped answering" and events[-1][1] == "[DONE]"
+
+
+def test_models(client):
+    r = client.get("/v1/models")
+    assert r.json == {"object": "list", "data": [{"id": "fake-gpt2", "object": "model", "created": 0,
+                                                  "owned_by": "nanopipe"}]}
+
+
+BAD_OPENAI = [
+    ("/v1/completions", {}, "prompt", "prompt: must be a non-empty string or a list of token ids"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "prompt: give a non-empty prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "prompt: only one prompt per request"),
+    ("/v1/completions", {"prompt": [1, 99999]}, "prompt", "prompt: must be a non-empty string or a list of token ids"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 9}, "logprobs", "logprobs: must be an integer in 0..5"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 1, "stream": True}, "logprobs", "logprobs/echo: not available"),
+    ("/v1/completions", {"prompt": "Hi", "n": 2}, "n", "n: only n=1 is supported"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["\n"]}, "stop", "stop: stop sequences are not supported"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}, "temperature", "temperature: must be a number >= 0"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 2}, "top_p", "top_p: must be a number in (0, 1]"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 100}, "max_tokens", "max_tokens too large"),
+    ("/v1/chat/completions", {}, "messages", "messages: give a non-empty list"),
+    ("/v1/chat/completions", {"messages": []}, "messages", "messages: give a non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages",
+     'messages[0].role: must be system, user or assistant (got "robot")'),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages[0].content: must be a string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_k": 0}, "top_k",
+     "top_k: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("path, body, param, message", BAD_OPENAI)
+def test_openai_bad_input_is_a_400_in_openai_shape(client, leader, path, body, param, message):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.data
+    err = r.json["error"]
+    assert err["message"].startswith(message), err["message"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert leader.calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+# CORS and the API token
+
+
+def make_app(leader, **settings):
+    return create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": DEFAULTS, **settings}).test_client()
+
+
+def test_cors_allows_only_configured_origins(leader):
+    c = make_app(leader, CORS_ORIGINS=("https://chat.example",))
+    ok = c.get("/config", headers={"Origin": "https://chat.example"})
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    assert "Origin" in ok.headers["Vary"]
+    other = c.get("/config", headers={"Origin": "https://evil.example"})
+    assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_no_cors_by_default_and_never_a_wildcard(client):
+    r = client.get("/config", headers={"Origin": "https://chat.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_preflight_needs_no_token_and_allows_the_authorization_header(leader):
+    c = make_app(leader, CORS_ORIGINS=("https://chat.example",), API_TOKEN="s3cret")
+    r = c.options("/chat", headers={"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+                                    "Access-Control-Request-Headers": "authorization, content-type"})
+    assert r.status_code == 200
+    assert r.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+
+
+API_ROUTES = [("get", "/config", None), ("get", "/health", None), ("post", "/reconnect", None),
+              ("get", "/metrics", None), ("post", "/chat", {"text": "Hello"}), ("get", "/v1/models", None),
+              ("post", "/v1/completions", {"prompt": "Hello"}),
+              ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
+
+
+@pytest.mark.parametrize("method, path, body", API_ROUTES)
+def test_api_token_is_required_on_api_routes(leader, method, path, body):
+    c = make_app(leader, API_TOKEN="s3cret")
+    send = getattr(c, method)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        r = send(path, json=body, headers=headers)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        message = r.json["error"]["message"] if path.startswith("/v1/") else r.json["error"]
+        assert "Authorization: Bearer <api_token>" in message
+    assert send(path, json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_the_page_is_served_without_the_token(leader):
+    c = make_app(leader, API_TOKEN="s3cret")
+    assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the `nanopipe web` command
+
+
+def test_settings_from_the_repository_configs():
+    s = settings_from_configs(str(CONFIG_DIR))
+    assert s["LEADER"] == "127.0.0.1:65432" and s["MODEL_NAME"] == "gpt2"
+    assert s["MODEL_DEFAULTS"]["active_decoding_strategy"] == "top_p"
+    assert s["CORS_ORIGINS"] == () and s["API_TOKEN"] is None
+
+
+def test_web_command_serves_on_localhost_by_default(monkeypatch):
+    import werkzeug.serving
+
+    from nanopipe.cli import main
+    seen = {}
+    monkeypatch.setattr(werkzeug.serving, "run_simple", lambda host, port, app, **kw: seen.update(
+        host=host, port=port, app=app, **kw))
+    r = CliRunner().invoke(main, ["web", "--config-dir", str(CONFIG_DIR)])
+    assert r.exit_code == 0, r.output
+    assert (seen["host"], seen["port"], seen["threaded"]) == ("127.0.0.1", 8000, True)
+    assert seen["app"].config["LEADER"] == "127.0.0.1:65432"
+    assert "http://127.0.0.1:8000/" in r.output and "WARNING" not in r.output
+
+    r = CliRunner().invoke(main, ["web", "--config-dir", str(CONFIG_DIR), "--host", "0.0.0.0", "--port", "9000",
+                                  "--leader", "10.0.0.5:7000"])
+    assert r.exit_code == 0 and (seen["host"], seen["port"]) == ("0.0.0.0", 9000)
+    assert seen["app"].config["LEADER"] == "10.0.0.5:7000" and "without api_token" in r.output
+
+
+def test_web_command_rejects_a_malformed_leader_address():
+    from nanopipe.cli import main
+    r = CliRunner().invoke(main, ["web", "--config-dir", str(CONFIG_DIR), "--leader", "nohost"])
+    assert r.exit_code == 1 and "--leader: address 'nohost' must be HOST:PORT" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a real local cluster: 3 processes on 127.0.0.1, the tiny synthetic model
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_weights):
+    from nanopipe.localcluster import LocalCluster
+    with LocalCluster(tiny_weights, nodes=3) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def live(cluster):
+    app = create_app(settings_from_configs(cluster.config_dir, leader=cluster.leader_addr))
+    return app.test_client()
+
+
+def single_process_text(engine, prompt: str, max_tokens: int) -> str:
+    from nanopipe.decoding import SamplingParams
+    tok = get_tokenizer()
+    ids = engine.generate(tok.encode(prompt), SamplingParams("greedy", max_tokens=max_tokens))["token_ids"]
+    return tok.decode([t for t in ids if t != EOT])
+
+
+def test_cluster_chat_equals_single_process_greedy(live, tiny_engine):
+    prompt = "The three small computers on my desk"
+    expected = single_process_text(tiny_engine, prompt, 12)
+    r = live.post("/chat", json={"text": prompt, "max_tokens": 12, "decoding_strategy": "greedy"})
+    assert r.status_code == 200, r.json
+    assert r.json["response"] == expected and r.json["config"]["tokens_generated"] == 12
+    assert sorted(r.json["stats"]["node_ms"]) == ["0", "1", "2"]
+
+    events = sse_events(live.post("/chat", json={"text": prompt, "max_tokens": 12, "temperature": 0,
+                                                 "stream": True}).data)
+    assert "".join(d["text"] for name, d in events if name == "message") == expected
+    assert events[-1][0] == "done" and events[-1][1]["response"] == expected
+
+
+def test_cluster_openai_completion_equals_single_process_greedy(live, tiny_engine):
+    r = live.post("/v1/completions", json={"prompt": "Hello world", "max_tokens": 6, "temperature": 0})
+    assert r.json["choices"][0]["text"] == single_process_text(tiny_engine, "Hello world", 6)
+
+
+def test_cluster_health_lists_three_nodes(live, cluster):
+    r = live.get("/health")
+    assert r.status_code == 200 and r.json["ok"] is True
+    nodes = r.json["nodes"]
+    assert [(n["rank"], n["host"], n["status"]) for n in nodes] == [(0, "node0", "up"), (1, "node1", "up"),
+                                                                    (2, "node2", "up")]
+    assert nodes[0]["layers"][0] == 0 and nodes[-1]["layers"][1] == 4          # the 4 layers, split in 3
+    m = parse_metrics(live.get("/metrics").get_data(as_text=True))
+    assert all(m[("nanopipe_node_up", (("rank", str(r)), ("host", f"node{r}")))] == 1 for r in range(3))
+
+
+def test_cluster_prompt_longer_than_the_context_is_a_400(live):
+    r = live.post("/chat", json={"text": "word " * 200})
+    assert r.status_code == 400 and "n_ctx=128" in r.json["error"]
+
+
+def test_cluster_stops_generating_when_the_browser_goes_away(live, cluster):
+    with cluster.client() as c:
+        before = c.status()["tokens"]
+    r = live.post("/chat", json={"text": "Hi", "max_tokens": 120, "stream": True}, buffered=False)
+    assert b'"token"' in next(r.response)
+    r.close()                                        # the web app hangs up; the leader cancels the session
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        with cluster.client() as c:
+            status = c.status()
+        if status["live_sessions"] == 0:
+            break
+        time.sleep(0.05)
+    assert status["live_sessions"] == 0
+    assert status["tokens"] - before < 120, "the leader generated the whole reply for nobody"

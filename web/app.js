@@ -1,0 +1,496 @@
+// nanopipe chat page: plain JavaScript, no build step, no network but this server.
+//
+// One reply, as it happens:
+//   POST chat {"text", ..., "stream": true}
+//   <- data: {"token": 995, "text": " world"}       appended to the reply as it arrives
+//   <- event: status / data: {"status": "..."}      e.g. "waiting for rank 2 to join"
+//   <- event: done / data: {"response", "config", "stats"}   parameters, timings, per-node bar
+//   <- event: error / data: {"error", "status"}
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "nanopipe.apiToken";
+  const HEALTH_EVERY_MS = 5000;          // while everything is up
+  const RETRY_MIN_MS = 1000;             // while something is down: 1 s, 2 s, 4 s ... up to RETRY_MAX_MS
+  const RETRY_MAX_MS = 15000;
+  const FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed"];
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    config: null,          // GET config
+    nodes: [],             // the last nodes /health or /config listed
+    controller: null,      // AbortController of the reply streaming now
+    retryMs: RETRY_MIN_MS,
+    healthTimer: null,
+  };
+
+  // ---------------------------------------------------------------------------------------
+  // Server-Sent Events, parsed from a fetch() body
+
+  /** One SSE block ("event: done\ndata: {...}") -> {event, data}; null for a comment-only block. */
+  function parseEvent(block) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line === "" || line.startsWith(":")) continue;     // ":" starts a comment
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    return data.length ? { event, data: data.join("\n") } : null;
+  }
+
+  /**
+   * Network chunks do not respect event boundaries: one read() may hold half an event, or three.
+   * push() keeps the unfinished tail in a buffer and returns only complete events, so
+   *   push('data: {"tok') -> []      push('en": 1}\n\nda') -> [{event: "message", data: '{"token": 1}'}]
+   */
+  class SSEParser {
+    constructor() { this.buffer = ""; }
+    push(text) {
+      this.buffer = (this.buffer + text).replace(/\r\n/g, "\n");
+      const events = [];
+      let end;
+      while ((end = this.buffer.indexOf("\n\n")) >= 0) {
+        const ev = parseEvent(this.buffer.slice(0, end));
+        this.buffer = this.buffer.slice(end + 2);
+        if (ev) events.push(ev);
+      }
+      return events;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Talking to the web app
+
+  function headers(json) {
+    const h = {};
+    if (json) h["Content-Type"] = "application/json";
+    const token = localStorage.getItem(TOKEN_KEY);
+    if (token) h.Authorization = "Bearer " + token;
+    return h;
+  }
+
+  /** fetch + JSON; never throws: {ok, status, body}, status 0 when the web server is unreachable. */
+  async function call(path, options = {}) {
+    try {
+      const resp = await fetch(path, { ...options, headers: headers(options.body !== undefined) });
+      let body = null;
+      try { body = await resp.json(); } catch (_) { body = null; }
+      if (resp.status === 401) askForToken(body && body.error);
+      return { ok: resp.ok, status: resp.status, body };
+    } catch (e) {
+      return { ok: false, status: 0, body: { error: "the web server is unreachable (" + e.message + ")" } };
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Connection indicator: poll /health; while down, re-dial with POST /reconnect and back off
+
+  function setConn(kind, text) {
+    $("conn").dataset.state = kind;          // up | degraded | down | auth | unknown
+    $("conn-text").textContent = text;
+  }
+
+  function scheduleHealth(ms) {
+    clearTimeout(state.healthTimer);
+    state.healthTimer = setTimeout(checkHealth, ms);
+  }
+
+  async function checkHealth(redial) {
+    const r = redial ? await call("reconnect", { method: "POST", body: "{}" }) : await call("health");
+    if (redial && r.ok) return checkHealth(false);
+    if (r.status === 401) { setConn("auth", "needs an API token"); return; }
+    const body = r.body || {};
+    if (body.nodes && body.nodes.length) renderNodes(body.nodes);
+    if (r.ok) {
+      const n = body.nodes.length;
+      setConn("up", `connected · ${n}/${n} node${n === 1 ? "" : "s"} up`);
+      state.retryMs = RETRY_MIN_MS;
+      if (!state.config) loadConfig();
+      scheduleHealth(HEALTH_EVERY_MS);
+      return;
+    }
+    const secs = Math.round(state.retryMs / 1000);
+    if (body.leader && body.leader.reachable) {
+      const up = body.nodes.filter((n) => n.status === "up").length;
+      setConn("degraded", `${up}/${body.nodes.length} nodes up · ${body.error || "not ready"} · checking again in ${secs}s`);
+    } else {
+      setConn("down", `${r.status === 0 ? "web server" : "leader"} unreachable · retrying in ${secs}s`);
+      markNodesDown();
+    }
+    const wait = state.retryMs;
+    state.retryMs = Math.min(RETRY_MAX_MS, state.retryMs * 2);
+    clearTimeout(state.healthTimer);
+    state.healthTimer = setTimeout(() => checkHealth(r.status !== 0 && !(body.leader && body.leader.reachable)), wait);
+  }
+
+  function layersText(layers) {
+    if (!layers || layers.length !== 2) return "";
+    const [lo, hi] = layers;                 // half-open [lo, hi) as the leader reports them
+    return hi - lo === 1 ? `layer ${lo}` : `layers ${lo}–${hi - 1}`;
+  }
+
+  function renderNodes(nodes) {
+    state.nodes = nodes;
+    const box = $("nodes");
+    box.replaceChildren(...nodes.map((n) => {
+      const chip = el("div", "node");
+      chip.dataset.status = n.status || "unknown";
+      chip.title = `rank ${n.rank} on ${n.host}: ${n.status}` +
+        (n.last_seen_s != null ? `, last heard ${n.last_seen_s.toFixed(1)} s ago` : "");
+      chip.append(el("span", "dot"), el("b", "", `${n.rank}`), el("span", "host", n.host || "?"),
+                  el("span", "layers", layersText(n.layers)));
+      return chip;
+    }));
+  }
+
+  function markNodesDown() {
+    for (const chip of $("nodes").children) chip.dataset.status = "unknown";
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Parameters
+
+  async function loadConfig() {
+    const r = await call("config");
+    if (!r.ok) return;
+    state.config = r.body;
+    $("model").textContent = r.body.model || "";
+    if (r.body.n_ctx) $("max_tokens").max = r.body.n_ctx;
+    const select = $("strategy");
+    select.replaceChildren(...Object.keys(r.body.strategies).map((name) => {
+      const opt = el("option", "", name);
+      opt.value = name;
+      return opt;
+    }));
+    if (r.body.nodes && r.body.nodes.length) renderNodes(r.body.nodes);
+    resetControls();
+  }
+
+  function resetControls() {
+    const c = state.config;
+    if (!c) return;
+    $("strategy").value = c.active_strategy;
+    setStrategyDefaults(c.active_strategy);
+    $("max_tokens").value = c.max_tokens;
+    $("seed").value = "";
+  }
+
+  function setStrategyDefaults(name) {
+    const s = (state.config && state.config.strategies[name]) || {};
+    for (const f of ["temperature", "top_p", "top_k"]) if (s[f] != null) setValue(f, s[f]);
+    markUsedControls();
+  }
+
+  function setValue(field, value) {
+    $(field).value = value;
+    const range = $(field + "-range");
+    if (range) range.value = value;
+  }
+
+  /** Dim the controls the chosen strategy ignores (greedy ignores all three). */
+  function markUsedControls() {
+    const name = $("strategy").value;
+    const uses = (state.config && state.config.strategy_uses[name]) || [];
+    for (const box of document.querySelectorAll("[data-uses]")) {
+      box.classList.toggle("unused", !uses.includes(box.dataset.uses));
+    }
+    const ignored = ["temperature", "top_p", "top_k"].filter((f) => !uses.includes(f));
+    $("uses-note").textContent = ignored.length
+      ? `${name} ignores ${ignored.map(label).join(", ")}.` : "";
+  }
+
+  function label(field) {
+    return { temperature: "temperature", top_p: "top-p", top_k: "top-k" }[field] || field;
+  }
+
+  function currentParams() {
+    const body = { decoding_strategy: $("strategy").value || undefined };
+    for (const f of FIELDS) {
+      const raw = $(f).value.trim();
+      if (raw === "") continue;
+      body[f] = Number(raw);
+    }
+    return body;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // The conversation
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  function scrollToEnd(force) {
+    const log = $("log");
+    if (force || log.scrollHeight - log.scrollTop - log.clientHeight < 120) log.scrollTop = log.scrollHeight;
+  }
+
+  function addUserMessage(text) {
+    $("empty").hidden = true;
+    const msg = el("article", "msg user");
+    msg.append(el("div", "bubble", text));
+    $("log").append(msg);
+    scrollToEnd(true);
+  }
+
+  function addReply() {
+    const node = $("reply-template").content.firstElementChild.cloneNode(true);
+    node.dataset.tokens = "0";
+    $("log").append(node);
+    scrollToEnd(true);
+    return {
+      node,
+      textEl: node.querySelector(".text"),
+      text: "",
+      tokens: 0,
+      append(piece) {
+        this.text += piece;
+        // GPT-2 usually continues with a space (" world"); a reply bubble need not start with one
+        this.textEl.textContent = this.text.replace(/^\s+/, "");
+      },
+    };
+  }
+
+  function setBusy(busy) {
+    $("send").disabled = busy;
+    $("stop").hidden = !busy;
+  }
+
+  async function send(text) {
+    if (!text || state.controller) return;
+    addUserMessage(text);
+    const reply = addReply();
+    state.controller = new AbortController();
+    setBusy(true);
+    try {
+      await streamReply(text, reply, state.controller.signal);
+    } catch (e) {
+      if (e.name === "AbortError") finishReply(reply, "stopped");
+      else showError(reply, "the web server is unreachable (" + e.message + ")", text, true);
+    } finally {
+      state.controller = null;
+      setBusy(false);
+    }
+  }
+
+  async function streamReply(text, reply, signal) {
+    const resp = await fetch("chat", {
+      method: "POST", headers: headers(true), signal,
+      body: JSON.stringify({ text, stream: true, ...currentParams() }),
+    });
+    if (!resp.ok) {
+      let msg = `HTTP ${resp.status}`;
+      try { msg = (await resp.json()).error || msg; } catch (_) { /* not JSON */ }
+      if (resp.status === 401) askForToken(msg);
+      showError(reply, msg, text, resp.status >= 500);
+      return;
+    }
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();          // {stream: true} keeps a character split across reads whole
+    const parser = new SSEParser();
+    let ended = false;
+    for (;;) {
+      const { value, done } = await reader.read();
+      const chunk = done ? decoder.decode() : decoder.decode(value, { stream: true });
+      for (const ev of parser.push(chunk)) ended = handleEvent(reply, ev, text) || ended;
+      if (done) break;
+    }
+    if (!ended) showError(reply, "the reply stopped before it was finished", text, true);
+  }
+
+  /** Returns true for the events that end a reply. */
+  function handleEvent(reply, ev, prompt) {
+    let data;
+    try { data = JSON.parse(ev.data); } catch (_) { return false; }
+    if (ev.event === "message" && "token" in data) {
+      reply.append(data.text || "");
+      if (data.token !== null) reply.node.dataset.tokens = String(++reply.tokens);
+      reply.node.querySelector(".status").textContent = "";
+      scrollToEnd(false);
+    } else if (ev.event === "status") {
+      reply.node.querySelector(".status").textContent = data.status;
+    } else if (ev.event === "done") {
+      finishReply(reply, "done", data);
+      return true;
+    } else if (ev.event === "error") {
+      showError(reply, data.error, prompt, data.status >= 500);
+      return true;
+    }
+    return false;
+  }
+
+  function finishReply(reply, how, done) {
+    reply.node.dataset.state = how;
+    reply.node.querySelector(".status").textContent = how === "stopped" ? "stopped" : "";
+    if (done) {
+      if (typeof done.response === "string" && done.response !== reply.text) {
+        reply.text = "";                        // the server's whole text wins over what streamed
+        reply.append(done.response);
+      }
+      renderParams(reply.node.querySelector(".params"), done.config);
+      renderStats(reply.node.querySelector(".stats"), done.stats);
+      renderNodeBar(reply.node.querySelector(".nodebar"), done.stats.node_ms);
+    }
+    scrollToEnd(false);
+  }
+
+  function showError(reply, message, prompt, retryable) {
+    reply.node.dataset.state = "error";
+    const status = reply.node.querySelector(".status");
+    status.replaceChildren(el("span", "error-text", message));
+    if (retryable) {
+      const again = el("button", "ghost small", "Retry");
+      again.type = "button";
+      again.addEventListener("click", () => { reply.node.remove(); removeLastUser(); send(prompt); });
+      status.append(again);
+      checkHealth(false);                       // the indicator then keeps retrying by itself
+    }
+    scrollToEnd(false);
+  }
+
+  function removeLastUser() {
+    const users = $("log").querySelectorAll(".msg.user");
+    if (users.length) users[users.length - 1].remove();
+  }
+
+  /** The parameters a reply ran with: tokens, temperature, top-p, top-k, strategy (and seed). */
+  function renderParams(box, config) {
+    const chips = [["tokens", config.tokens_generated], ["temperature", config.temperature],
+                   ["top_p", config.top_p], ["top_k", config.top_k], ["strategy", config.decoding_strategy]];
+    if (config.seed != null) chips.push(["seed", config.seed]);
+    box.replaceChildren(...chips.map(([name, value]) => {
+      const chip = el("span", "chip");
+      chip.dataset.param = name;
+      chip.append(el("span", "key", name.replace("_", "-")), el("span", "value", String(value)));
+      return chip;
+    }));
+  }
+
+  function fmtMs(ms) {
+    if (ms == null) return "–";
+    return ms >= 1000 ? (ms / 1000).toFixed(2) + " s" : (ms >= 10 ? ms.toFixed(0) : ms.toFixed(1)) + " ms";
+  }
+
+  function renderStats(box, stats) {
+    const parts = [
+      ["tokens", `${stats.tokens} tokens`],
+      ["ttft", `first token ${fmtMs(stats.ttft_ms)}`],
+      ["tps", stats.tokens_per_s != null ? `${stats.tokens_per_s.toFixed(1)} tok/s` : "– tok/s"],
+      ["total", `${fmtMs(stats.total_ms)} total`],
+    ];
+    box.replaceChildren(...parts.map(([name, text]) => {
+      const s = el("span", "stat", text);
+      s.dataset.stat = name;
+      return s;
+    }));
+  }
+
+  /** One row per node: how long it computed (solid) and waited on the network (light). */
+  function renderNodeBar(box, nodeMs) {
+    const ranks = Object.keys(nodeMs || {}).sort((a, b) => Number(a) - Number(b));
+    if (!ranks.length) { box.replaceChildren(); return; }
+    const total = (r) => (nodeMs[r].compute || 0) + (nodeMs[r].transit || 0);
+    const longest = Math.max(...ranks.map(total), 1e-9);
+    const hostOf = (r) => (state.nodes.find((n) => String(n.rank) === r) || {}).host;
+    const rows = ranks.map((r) => {
+      const row = el("div", "nb-row");
+      row.dataset.rank = r;
+      const t = nodeMs[r];
+      row.title = `rank ${r}: compute ${fmtMs(t.compute)}, transit ${fmtMs(t.transit)}`;
+      const track = el("div", "nb-track");
+      const compute = el("span", "nb-compute");
+      compute.style.width = (100 * (t.compute || 0) / longest) + "%";
+      const transit = el("span", "nb-transit");
+      transit.style.width = (100 * (t.transit || 0) / longest) + "%";
+      track.append(compute, transit);
+      const host = hostOf(r);
+      row.append(el("span", "nb-label", host ? `${r} · ${host}` : `rank ${r}`), track, el("span", "nb-ms", fmtMs(total(r))));
+      return row;
+    });
+    const legend = el("div", "nb-legend");
+    legend.append(el("span", "sw compute"), "compute", el("span", "sw transit"), "transit");
+    box.replaceChildren(...rows, legend);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // API token
+
+  function askForToken(message) {
+    const panel = $("token-panel");
+    panel.hidden = false;
+    $("token-note").textContent = message || "This server needs an API token.";
+    $("token-input").focus();
+  }
+
+  function saveToken(event) {
+    event.preventDefault();
+    const value = $("token-input").value.trim();
+    if (value) localStorage.setItem(TOKEN_KEY, value);
+    $("token-input").value = "";
+    $("token-panel").hidden = true;
+    state.config = null;
+    checkHealth(false);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Wiring
+
+  function bindRange(field) {
+    const range = $(field + "-range");
+    range.addEventListener("input", () => { $(field).value = range.value; });
+    $(field).addEventListener("input", () => { range.value = $(field).value; });
+  }
+
+  function start() {
+    bindRange("temperature");
+    bindRange("top_p");
+    $("strategy").addEventListener("change", (e) => setStrategyDefaults(e.target.value));
+    $("reset").addEventListener("click", resetControls);
+    $("composer").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const text = $("prompt").value;
+      if (!text.trim()) return;
+      $("prompt").value = "";
+      send(text);
+    });
+    $("prompt").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        $("composer").requestSubmit();
+      }
+    });
+    $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+    $("clear").addEventListener("click", () => {
+      for (const m of $("log").querySelectorAll(".msg")) m.remove();
+      $("empty").hidden = false;
+    });
+    $("conn").addEventListener("click", () => { state.retryMs = RETRY_MIN_MS; checkHealth(true); });
+    $("token-btn").addEventListener("click", () => {
+      const panel = $("token-panel");
+      panel.hidden = !panel.hidden;
+      if (!panel.hidden) $("token-input").focus();
+    });
+    $("token-panel").addEventListener("submit", saveToken);
+    $("token-clear").addEventListener("click", () => {
+      localStorage.removeItem(TOKEN_KEY);
+      $("token-note").textContent = "Forgotten.";
+    });
+    $("settings-btn").addEventListener("click", () => {
+      const open = $("settings").classList.toggle("open");
+      $("settings-btn").setAttribute("aria-expanded", String(open));
+    });
+    loadConfig();
+    checkHealth(false);
+  }
+
+  window.nanopipe = { SSEParser, parseEvent };     // for the browser test and the curious
+  start();
+})();
