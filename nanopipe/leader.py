@@ -284,6 +284,7 @@ class Leader:
                          f"config says {w.host!r}")
                 return
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
+            w.stats = {}                    # until its first STATS, nothing is known of this process
         nxt = self.cluster.node(rank + 1 if rank + 1 < len(self.ranges) else 0)
         c = self.config
         send_frame(sock, Msg.WELCOME, {
@@ -345,16 +346,18 @@ class Leader:
             self.epoch += 1
             epoch = self.epoch
         workers = list(self.workers.values())
+        socks = {w.rank: w.sock for w in workers}
         for w in workers:
             try:
                 with w.lock:
-                    send_frame(w.sock, Msg.STATUS, {"ring": "connect", "epoch": epoch})
+                    send_frame(socks[w.rank], Msg.STATUS, {"ring": "connect", "epoch": epoch})
             except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
                 self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away")
                 return False
         deadline = time.time() + RING_BUILD_TIMEOUT_S
         while not (all(w.ring_epoch == epoch for w in workers) and self._ring_in_epoch == epoch):
-            if time.time() > deadline or any(w.status != "ready" for w in workers):
+            # a worker that left (even one already back, on a new connection) never got this epoch
+            if time.time() > deadline or any(w.sock is not socks[w.rank] for w in workers):
                 late = [str(w.rank) for w in workers if w.ring_epoch != epoch]
                 self.log(f"Cannot close the ring (epoch {epoch}): rank {', '.join(late) or '?'} did not connect to "
                          f"its next hop within {RING_BUILD_TIMEOUT_S:g}s"
@@ -422,7 +425,8 @@ class Leader:
             ring = self.ring
             if ring is None or (epoch is not None and epoch != ring.epoch):
                 return                          # already down, or news about an older ring
-            ring.close()                        # first: a scheduler step blocked sending on it wakes up
+            ring.close()                        # a scheduler step blocked sending on it wakes up,
+            self.ring_ready.clear()             # and no new step starts: the lock below comes free
         with self.scheduler.lock, self.lock:
             if self.ring is not ring:
                 return
@@ -462,8 +466,11 @@ class Leader:
             self._enforce_grace(now)
 
     def _enforce_grace(self, now: float):
-        since = self.down_since
-        if since is None or self.ring_ready.is_set() or now - since <= self.cluster.rejoin_grace_s:
+        with self.lock:
+            if self.ring_ready.is_set():
+                self.down_since = None
+            since = self.down_since
+        if since is None or now - since <= self.cluster.rejoin_grace_s:
             return
         down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
         if down:
@@ -473,6 +480,9 @@ class Leader:
             msg = (f"the ring could not be rebuilt within rejoin_grace_s={self.cluster.rejoin_grace_s:g}s; "
                    "see the leader's log")
         self.down_since = None                  # the next request to arrive starts a new wait
+        n = len(self.scheduler.sessions) + self.scheduler.waiting.qsize()
+        if n:
+            self.log(f"Failing {n} request(s): {msg}")
         self.scheduler.fail_all(msg)
 
     # clients ----------------------------------------------------------------------------------
@@ -491,7 +501,8 @@ class Leader:
                 try:
                     send_frame(sock, msg, meta)
                 except OSError as e:
-                    self.log(f"Dropping client {peer}: cannot send to it ({e})")
+                    if isinstance(e, (BlockingIOError, TimeoutError)) and sock.fileno() != -1:
+                        self.log(f"Dropping client {peer}: it read nothing for {CLIENT_SEND_TIMEOUT_S:g}s")
                     close_now(sock)
 
         try:
@@ -567,8 +578,8 @@ class Leader:
         mine.add(req.id)
         self.metrics["requests"] += 1
         if not self.ring_ready.is_set():
-            with self.lock:
-                if self.down_since is None:     # never wait longer than rejoin_grace_s, even at start-up
+            with self.lock:                     # never wait longer than rejoin_grace_s, even at start-up
+                if self.down_since is None and not self.ring_ready.is_set():
                     self.down_since = time.time()
             down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
             emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "

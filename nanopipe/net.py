@@ -70,9 +70,18 @@ def max_act_bytes(config, max_sessions: int) -> int:
     return max_sessions * config.n_ctx * config.n_embd * 4
 
 
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}   # a vanished peer is noticed in ~25 s
+
+
 def tune(sock: socket.socket):
-    """Activations are small and latency-bound: send each frame at once."""
+    """Activations are small and latency-bound: send each frame at once. And probe idle links: a
+    side that only listens (a worker waiting for its leader, a client waiting for tokens) would
+    otherwise wait forever for a peer whose machine lost power, as no FIN or RST ever comes."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        if hasattr(socket, name):                 # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def close_now(sock):

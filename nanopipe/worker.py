@@ -109,6 +109,7 @@ class Worker:
                 sock.close()
                 self.control_sock = self.epoch = None
                 self._drop_downstream()
+                self.caches.clear()         # the sessions they hold died with that leader
             if self.stop_event.is_set():
                 break
             self.log("Leader connection closed; reconnecting")
@@ -117,6 +118,9 @@ class Worker:
     def _session(self, sock):
         welcome = self._last_welcome
         lo, hi = welcome["layers"]
+        # heartbeats start before the weights load: a big slice takes longer to read than the
+        # leader waits for a silent worker
+        threading.Thread(target=self._heartbeat, args=(sock,), daemon=True).start()
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
         if self.stage is None or (self.stage.lo, self.stage.hi) != (lo, hi):
@@ -126,7 +130,8 @@ class Worker:
                                         n_head=self.n_head or expect.n_head, expect=expect)
             except WeightsError as e:
                 self.log(f"Cannot load layers {lo}-{hi - 1}: {e}")
-                send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
+                with self.control_lock:
+                    send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
             self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
                      f"{self.stage.nbytes / 1e6:.1f} MB)")
@@ -137,9 +142,8 @@ class Worker:
         self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
         self.control_sock = sock
         self._ensure_listening()
-        send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
-        hb = threading.Thread(target=self._heartbeat, args=(sock,), daemon=True)
-        hb.start()
+        with self.control_lock:
+            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":

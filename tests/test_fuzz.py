@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -167,12 +168,12 @@ def test_valid_frames_round_trip():
 
 
 @pytest.fixture(scope="module")
-def leader(tiny_weights):
-    cl = LocalCluster(tiny_weights, nodes=2, cluster_extra={"auth_token": TOKEN})
+def leader(tiny_weights, tmp_path_factory):
+    cl = LocalCluster(tiny_weights, nodes=2, workdir=str(tmp_path_factory.mktemp("fuzz")),
+                      cluster_extra={"auth_token": TOKEN})
     for rank in range(cl.nodes):
         cl.start_rank(rank)
     try:
-        import time
         deadline = time.time() + 30
         while True:
             try:

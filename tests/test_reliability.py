@@ -208,9 +208,10 @@ def reference(tiny_engine):
 
 
 @pytest.fixture(scope="module")
-def secure(tiny_weights):
+def secure(tiny_weights, tmp_path_factory):
     """3 nodes sharing the secret TOKEN; the hardened-frame tests hammer this one too."""
-    cl = LocalCluster(tiny_weights, nodes=3, cluster_extra={"auth_token": TOKEN, "heartbeat_s": HEARTBEAT_S})
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path_factory.mktemp("secure")),
+                      cluster_extra={"auth_token": TOKEN, "heartbeat_s": HEARTBEAT_S})
     try:
         yield start(cl, token=TOKEN)
     finally:
@@ -269,9 +270,9 @@ def test_worker_with_the_wrong_secret_is_refused_and_exits(secure):
     assert status(secure, TOKEN)["ready"], "a refused worker disturbed the ring"
 
 
-def test_token_from_the_environment(tiny_weights, reference):
+def test_token_from_the_environment(tiny_weights, reference, tmp_path):
     """NANOPIPE_TOKEN, set for every process, is the secret when the config has none."""
-    cl = LocalCluster(tiny_weights, nodes=2, env={"NANOPIPE_TOKEN": "from the environment"})
+    cl = LocalCluster(tiny_weights, nodes=2, workdir=str(tmp_path), env={"NANOPIPE_TOKEN": "from the environment"})
     try:
         start(cl, token="from the environment")
         with pytest.raises(ClientError, match="authentication failed"):
@@ -301,7 +302,8 @@ def self_signed_cert(folder) -> tuple:
 
 def test_cluster_over_tls(tiny_weights, reference, tmp_path):
     cert, key = self_signed_cert(str(tmp_path))
-    cl = LocalCluster(tiny_weights, nodes=3, cluster_extra={"auth_token": TOKEN, "tls_cert": cert, "tls_key": key})
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path),
+                      cluster_extra={"auth_token": TOKEN, "tls_cert": cert, "tls_key": key})
     try:
         start(cl, token=TOKEN, tls_ca=cert)
         with client(cl, TOKEN, tls_ca=cert) as c:
@@ -461,12 +463,13 @@ def test_registration_of_a_rank_that_cannot_join(secure, rank, says):
 # a worker dies in the middle of an answer
 
 
-def failover_cluster(weights, grace: float) -> LocalCluster:
-    return LocalCluster(weights, nodes=3, cluster_extra={"rejoin_grace_s": grace, "heartbeat_s": HEARTBEAT_S})
+def failover_cluster(weights, grace: float, workdir, **extra) -> LocalCluster:
+    return LocalCluster(weights, nodes=3, workdir=str(workdir),
+                        cluster_extra={"rejoin_grace_s": grace, "heartbeat_s": HEARTBEAT_S, **extra})
 
 
-def test_worker_killed_mid_answer_rejoins_and_the_answer_is_unchanged(tiny_weights, reference):
-    cl = failover_cluster(tiny_weights, grace=30)
+def test_worker_killed_mid_answer_rejoins_and_the_answer_is_unchanged(tiny_weights, reference, tmp_path):
+    cl = failover_cluster(tiny_weights, grace=30, workdir=tmp_path)
     try:
         start(cl)
         assert "WARNING: no auth_token set" in log_of(cl, 0), "no secret, and the leader did not warn"
@@ -482,9 +485,11 @@ def test_worker_killed_mid_answer_rejoins_and_the_answer_is_unchanged(tiny_weigh
         assert killed.wait(30), "the generation never reached 5 tokens"
         with client(cl) as watcher:       # a second client sees the rank go down
             wait_until("rank 2 down in status()", lambda: node(watcher.status(), 2)["status"] == "down", 5, 0.02)
+        wait_until("the client told the answer waits", lambda: box["status"], 5, 0.02)
         noticed_s = time.time() - t_kill["t"]
-        assert noticed_s < 5, f"the leader took {noticed_s:.1f}s to notice"
+        assert noticed_s < 5, f"the leader took {noticed_s:.1f}s to notice and tell the client"
         wait_log(cl, 0, "Worker 2 is down")
+        wait_log(cl, 0, "Ring broken")
         assert "result" not in box, "the answer finished without rank 2"
         cl.start_rank(2)
         got = finish(box)
@@ -495,8 +500,34 @@ def test_worker_killed_mid_answer_rejoins_and_the_answer_is_unchanged(tiny_weigh
         cl.stop()
 
 
-def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weights, reference):
-    cl = failover_cluster(tiny_weights, grace=3)
+def test_frozen_worker_is_dropped_after_missed_heartbeats(tiny_weights, reference, tmp_path):
+    """SIGSTOP: the process keeps its sockets open but says nothing, like a machine behind a cut
+    cable. Only the heartbeat watchdog can tell: max(3 s, 3 heartbeats) of silence."""
+    cl = failover_cluster(tiny_weights, grace=30, workdir=tmp_path)
+    try:
+        start(cl)
+        t_stop = {}
+
+        def freeze_after_5(n):
+            if n == 5:
+                cl.procs[2].send_signal(signal.SIGSTOP)
+                t_stop["t"] = time.time()
+        box = run_generation(cl, on_token=freeze_after_5)
+        wait_until("worker 2 frozen", lambda: t_stop, 30)
+        with client(cl) as watcher:
+            wait_until("rank 2 down in status()", lambda: node(watcher.status(), 2)["status"] == "down", 8, 0.05)
+        silent_s = time.time() - t_stop["t"]
+        assert 2.5 < silent_s < 5, f"dropped after {silent_s:.1f}s of silence; the watchdog waits 3s"
+        wait_log(cl, 0, "Worker 2", "silent for", "dropping it")
+        cl.kill_rank(2, signal.SIGKILL)      # its port is still held: only a new process can take it
+        cl.start_rank(2)
+        assert finish(box)["token_ids"] == reference(PROMPT, LONG)
+    finally:
+        cl.stop()
+
+
+def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weights, reference, tmp_path):
+    cl = failover_cluster(tiny_weights, grace=3, workdir=tmp_path)
     try:
         start(cl)
         box = run_generation(cl, on_token=lambda n: n == 5 and cl.kill_rank(1, signal.SIGKILL))
@@ -508,6 +539,7 @@ def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weigh
         assert isinstance(err, ClientError), f"expected a ClientError, got {box}"
         assert "rank 1 (node1) did not come back within rejoin_grace_s=3s" in str(err)
         assert 2.5 < waited < 6, f"failed after {waited:.1f}s with rejoin_grace_s=3"
+        wait_log(cl, 0, "Failing 1 request(s): rank 1 (node1) did not come back")
         # a request while rank 1 is away waits, and is served once it is back
         cl.start_rank(1)
         late = run_generation(cl, params=SamplingParams("greedy", max_tokens=20))
@@ -520,8 +552,9 @@ def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weigh
         cl.stop()
 
 
-def test_leader_restart_workers_find_it_again_with_fresh_caches(tiny_weights, reference):
-    cl = failover_cluster(tiny_weights, grace=30)
+def test_leader_restart_workers_find_it_again_with_fresh_caches(tiny_weights, reference, tmp_path):
+    # 20 ms per hop: the answer takes ~4 s, time enough to see caches on every worker and kill the leader
+    cl = failover_cluster(tiny_weights, grace=30, workdir=tmp_path, link_delay_ms=20)
     try:
         start(cl)
         box = run_generation(cl)
@@ -542,8 +575,9 @@ def test_leader_restart_workers_find_it_again_with_fresh_caches(tiny_weights, re
         st = wait_until("worker STATS after the restart", fresh_stats, 5)
         assert all(node(st, r)["sessions"] == 0 and node(st, r)["kv_cache_bytes"] == 0 for r in (1, 2)), \
             f"workers kept caches from before the leader restarted: {st['nodes']}"
+        short = SamplingParams("greedy", max_tokens=20)
         with client(cl) as c:
-            assert c.generate(PROMPT, LONG)["token_ids"] == reference(PROMPT, LONG)
+            assert c.generate(PROMPT, short)["token_ids"] == reference(PROMPT, short)
     finally:
         cl.stop()
 
@@ -564,14 +598,14 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine):
+def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_path):
     from werkzeug.serving import make_server
 
     from nanopipe.tokenizer import get_tokenizer
     from nanopipe.webapp import create_app
 
     tok = get_tokenizer()
-    cl = LocalCluster(tiny_weights, nodes=3, cluster_extra={"heartbeat_s": HEARTBEAT_S})
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path), cluster_extra={"heartbeat_s": HEARTBEAT_S})
     server = None
     try:
         start(cl)
