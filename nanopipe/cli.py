@@ -115,7 +115,8 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
     if leader:
         from .client import ClientError, LeaderClient
         try:
-            with LeaderClient.connect(leader, token=_token(config_dir)) as c:
+            token, tls_ca = _leader_auth(config_dir)
+            with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
                 result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                     on_token=lambda t, _text: t is not None and on_token(t),
                                     on_status=lambda text: click.echo(f"\n[{text}]", err=True))
@@ -135,12 +136,15 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         click.echo(stream.flush())
 
 
-def _token(config_dir):
+def _leader_auth(config_dir) -> tuple:
+    """How to dial the cluster's leader: (auth_token, CA file or None). A cluster with tls_cert
+    pins that certificate, so it is the CA a client checks the leader against."""
     from .config import load_cluster_config
     try:
-        return load_cluster_config(config_dir).auth_token
+        cc = load_cluster_config(config_dir)
     except ConfigError:
-        return os.environ.get("NANOPIPE_TOKEN")
+        return os.environ.get("NANOPIPE_TOKEN"), None
+    return cc.auth_token, cc.tls_cert
 
 
 @main.command("init-weights")
@@ -221,6 +225,9 @@ def _cluster_setup(config_dir, model_name, weights_path, rank):
     from .config import load_cluster_config, load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
+    if mc.num_nodes != len(cc.nodes):       # checked before anything is downloaded
+        raise UserError(f"model_config.yaml says num_nodes={mc.num_nodes} but cluster_config.yaml has "
+                        f"{len(cc.nodes)} nodes (server + {cc.num_workers} workers); make them agree")
     if weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
         weights_path = _ensure_weights(mc, src, rank, cc, config_dir)
@@ -228,28 +235,51 @@ def _cluster_setup(config_dir, model_name, weights_path, rank):
         raise UserError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
                         f"`nanopipe init-weights {weights_path}` for synthetic weights")
     cfg = _model_shape(config_dir, mc, weights_path)
-    if mc.num_nodes != len(cc.nodes):
-        raise UserError(f"model_config.yaml says num_nodes={mc.num_nodes} but cluster_config.yaml has "
-                        f"{len(cc.nodes)} nodes (server + {cc.num_workers} workers); make them agree")
     ranges = plan_ranges(mc, cfg, len(cc.nodes))
     return mc, cc, cfg, ranges, weights_path
 
 
 def _ensure_weights(mc, src, rank, cc, config_dir):
-    from .pull import PullError, ensure_weights, slice_path
-    full = os.path.join("weights", src.filename)
+    """This rank's weights file, pulled if it is not here yet.
+
+    Rank 0 needs the whole file, weights/<filename>. A worker uses the whole file if it is here,
+    else only its own blocks lo..hi-1, pulled into weights/<name>.layers-<lo>-<hi>.safetensors
+    (half-open, as in h[lo:hi]; `pull.slice_path`): rank 2 of gpt2 on 3 nodes fetches blocks 8..11,
+    about a quarter of the file, into weights/gpt2.layers-8-12.safetensors.
+    """
+    from .pull import PullError, ensure_weights
     entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
     try:
         if rank == 0:
             return ensure_weights(mc.weights_model_name, entry, "weights", log=click.echo)
-        cfg = _model_shape(config_dir, mc, None)
-        lo, hi = plan_ranges(mc, cfg, len(cc.nodes))[rank]
-        if os.path.exists(full):
-            return full
-        path = ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False, log=click.echo)
-        return path if os.path.exists(path) else slice_path(full, lo, hi)
+        lo, hi = plan_ranges(mc, _planning_shape(config_dir, mc, src), len(cc.nodes))[rank]
+        return ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False,
+                              log=click.echo)
     except PullError as e:
         raise UserError(str(e)) from None
+
+
+def _planning_shape(config_dir, mc, src):
+    """The model's shape, for a worker to work out its slice before it has any weights.
+
+    The even split and a layer_mapping need only the layer count. The balanced split also weighs
+    the LM head (n_embd, n_vocab): for a model of no known GPT-2 size, the remote file's header
+    (two small Range requests) says what they are.
+    """
+    from .weights import SIZES
+    cfg = _model_shape(config_dir, mc, None)
+    full = os.path.join("weights", src.filename)
+    if mc.partition != "balanced" or os.path.exists(full) or mc.weights_model_name in SIZES:
+        return cfg
+    import dataclasses
+
+    from .pull import remote_header
+    shapes = {n[len("transformer."):] if n.startswith("transformer.") else n: t.shape
+              for n, t in remote_header(src.url).tensors.items()}
+    if "wte.weight" not in shapes:
+        return cfg
+    n_vocab, n_embd = shapes["wte.weight"]
+    return dataclasses.replace(cfg, n_embd=n_embd, n_vocab=n_vocab)
 
 
 @main.command()
@@ -405,16 +435,26 @@ def _find_real_weights(config_dir):
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=64, show_default=True,
               help="Tokens to generate.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True, help="Prompt tokens.")
-@click.option("--no-hf", is_flag=True, help="Skip the HF transformers comparison.")
 @click.option("--bandwidth-mb", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Size of the array the memory-bandwidth measurement streams.")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Also run a local cluster of this many nodes next to one process.")
+@click.option("--link-delay-ms", type=click.FloatRange(min=0), default=0.0, help="Simulated latency on every hop.")
+@click.option("--link-mbps", type=click.FloatRange(min=0), default=0.0, help="Simulated bandwidth of every hop.")
+@click.option("--sweep", is_flag=True, help="Concurrency sweep: 1, 2, 4, 8 streams, one process and --nodes.")
+@click.option("--positions", is_flag=True, help="Time per token at context positions 16, 256 and 1000.")
+@click.option("--links", is_flag=True, help="Thunderbolt / Ethernet / WiFi links for 2, 3, 4 and 8 nodes.")
+@click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write every table as CSV (and the sweep as PNG with matplotlib) into this folder.")
 @_fail_clean
-def bench(weights_path, n_tokens, prompt_len, no_hf, bandwidth_mb, csv_path):
-    """Measure prefill and decode tokens/s against this machine's memory-bandwidth bound and HF transformers."""
-    from .bench import run_bench
-    run_bench(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, hf=not no_hf, csv_path=csv_path,
-              bandwidth_mb=bandwidth_mb, echo=click.echo)
+def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
+          single, out_dir):
+    """Measure tokens/s: one process against the memory bound, a cluster, concurrency, context, links."""
+    from .bench_cluster import run_all
+    run_all(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
+            link_delay_ms=link_delay_ms, link_mbps=link_mbps, sweep=sweep, positions=positions, links=links,
+            single=single, out_dir=out_dir, echo=click.echo)
 
 
 @main.command("trace")
@@ -437,8 +477,9 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
 
     try:
         path = None if leader else resolve_weights(weights_path or _find_real_weights(config_dir), log=log)
+        token, tls_ca = _leader_auth(config_dir) if leader else (None, None)
         report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
-                           token=_token(config_dir) if leader else None, log=log)
+                           token=token, tls_ca=tls_ca, log=log)
     except (TraceError, ClientError) as e:
         raise UserError(str(e)) from None
     click.echo(json.dumps(report) if as_json else format_trace(report))

@@ -568,7 +568,7 @@ class Leader:
                 send(Msg.ERROR, {"request": req_id, "session": req.id, "message": data["error"], "kind": "cluster"})
 
         req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
-                      trace=meta.get("trace") is True)
+                      trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True)
         try:
             self.scheduler.submit(req)
         except DecodingError as e:

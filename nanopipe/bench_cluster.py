@@ -1,0 +1,338 @@
+"""Benchmarks of the cluster and of concurrency: `nanopipe bench --nodes 3 --sweep --positions --links`.
+
+- `bench_cluster`: one stream through a local N-node cluster next to one process, in the same run,
+  with each hop's compute and transit per token;
+- `sweep`: 1, 2, 4, 8 concurrent streams, one process and a cluster: aggregate tokens/s, per-stream
+  tokens/s, p50/p95 time per token (continuous batching is what makes 8 streams cheap);
+- `positions`: time per token at context positions 16, 256 and 1000 (the KV cache keeps it flat);
+- `links`: a simulated link on every hop (latency + bandwidth) for 2..8 nodes, measured, next to the
+  model  time per token = sum of stage compute + hops x (latency + bytes / bandwidth).
+
+All of it runs the real code: the scheduler of `engine.py`, real `serve`/`join` processes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from .bench import bench_prompt, generate_fixed
+from .decoding import SamplingParams
+from .engine import Engine, Request
+from .localcluster import LocalCluster
+from .wire import HEADER, Msg, encode_frame
+
+LINKS = {  # name: (latency ms, Mbit/s)
+    "loopback": (0.0, 0.0),
+    "thunderbolt": (0.05, 10_000.0),
+    "ethernet": (0.2, 1_000.0),
+    "wifi": (3.0, 100.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring streams
+
+
+def _stats(streams: list, n_tokens: int) -> dict:
+    """streams: [{"t_start", "token_times"}] of one run -> aggregate and per-stream numbers."""
+    t0 = min(s["t_start"] for s in streams)
+    t_end = max(s["token_times"][-1] for s in streams)
+    total = sum(len(s["token_times"]) for s in streams)
+    gaps = np.concatenate([np.diff(s["token_times"]) for s in streams]) * 1000      # ms between tokens
+    per_stream = [len(s["token_times"]) / (s["token_times"][-1] - s["t_start"]) for s in streams]
+    return {"streams": len(streams), "tokens": total, "aggregate_tok_s": round(total / (t_end - t0), 2),
+            "per_stream_tok_s": round(float(np.mean(per_stream)), 2),
+            "p50_ms_per_token": round(float(np.percentile(gaps, 50)), 2),
+            "p95_ms_per_token": round(float(np.percentile(gaps, 95)), 2)}
+
+
+def streams_single(engine: Engine, n_streams: int, prompt_len: int, n_tokens: int) -> dict:
+    """n_streams requests submitted at once to one process's scheduler (batched together)."""
+    streams = [{"token_times": []} for _ in range(n_streams)]
+    for i, s in enumerate(streams):
+        def emit(kind, data, s=s):
+            if kind == "token":
+                s["token_times"].append(time.perf_counter())
+        params = SamplingParams("greedy", max_tokens=n_tokens)
+        s["t_start"] = time.perf_counter()
+        engine.scheduler.submit(Request(bench_prompt(prompt_len, seed=i), params, emit, stop_at_eot=False))
+    engine.scheduler.run_until_idle()
+    return _stats(streams, n_tokens)
+
+
+def streams_cluster(cluster: LocalCluster, n_streams: int, prompt_len: int, n_tokens: int,
+                    trace: bool = False) -> dict:
+    """n_streams clients at once, each on its own connection to the leader."""
+    streams = [{"token_times": [], "events": []} for _ in range(n_streams)]
+    errors = []
+
+    def run(i, s):
+        try:
+            with cluster.client(timeout=30) as c:
+                s["t_start"] = time.perf_counter()
+                s["done"] = c.generate(bench_prompt(prompt_len, seed=i), strategy="greedy", max_tokens=n_tokens,
+                                       ignore_eos=True, text=False, trace=trace,
+                                       on_token=lambda t, _x: t is not None and s["token_times"].append(
+                                           time.perf_counter()),
+                                       on_event=s["events"].append if trace else None)
+        except Exception as e:  # reported below; a benchmark must not hang on one failed stream
+            errors.append(f"stream {i}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    out = _stats(streams, n_tokens)
+    out["_streams"] = streams
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one stream: cluster vs one process, and where a token's time goes
+
+
+def hop_breakdown(events: list) -> list:
+    """Median per-token compute and transit of each hop, from TOKEN frames with `hops` (decode steps
+    only: the first token's step is the prefill)."""
+    decode = [e["hops"] for e in events[1:] if e.get("hops")]
+    if not decode:
+        return []
+    out = []
+    for i, hop in enumerate(decode[0]):
+        comp = [d[i]["compute_ms"] for d in decode if i < len(d)]
+        tran = [d[i]["transit_ms"] for d in decode if i < len(d) and d[i]["transit_ms"] is not None]
+        out.append({"rank": hop["rank"], "layers": hop["layers"], "shape": hop["shape"], "bytes": hop["bytes"],
+                    "compute_ms": round(float(np.median(comp)), 3),
+                    "transit_ms": round(float(np.median(tran)), 3) if tran else None})
+    head = [e.get("head_ms") for e in events[1:] if e.get("head_ms") is not None]
+    if head:
+        out.append({"rank": 0, "layers": "head", "compute_ms": round(float(np.median(head)), 3), "transit_ms": None})
+    return out
+
+
+def serialize_cost(n_embd: int, repeats: int = 2000) -> dict:
+    """What building one decode frame costs (header + meta JSON + tobytes), in microseconds."""
+    x = np.ones((1, n_embd), np.float32)
+    meta = {"batch": 1, "epoch": 1, "sessions": [{"id": "s1", "pos": 7, "n": 1}], "dtype": "float32",
+            "shape": [1, n_embd], "trace": [{"rank": 1, "compute_ms": 1.0}]}
+    t = time.perf_counter()
+    for _ in range(repeats):
+        frame = encode_frame(Msg.ACT, meta, x)
+    us = (time.perf_counter() - t) / repeats * 1e6
+    return {"encode_us": round(us, 2), "frame_bytes": len(frame), "header_bytes": HEADER.size}
+
+
+def bench_cluster(weights: str, nodes: int, prompt_len: int = 32, n_tokens: int = 64, repeats: int = 3,
+                  extra: dict | None = None) -> dict:
+    """One stream: a local `nodes`-node cluster and one process, measured alternately in one run."""
+    engine = Engine.load(weights)
+    ids = bench_prompt(prompt_len)
+    generate_fixed(engine, ids, 2)
+    single, multi, events = [], [], []
+    n_embd = engine.config.n_embd
+    with LocalCluster(weights, nodes=nodes, cluster_extra=extra) as cl:
+        streams_cluster(cl, 1, prompt_len, 2)                                   # warm-up
+        for _ in range(repeats):
+            r = generate_fixed(engine, ids, n_tokens)
+            single.append(1.0 / float(np.median(np.diff(r["token_times"]))))
+            c = streams_cluster(cl, 1, prompt_len, n_tokens, trace=True)
+            s = c["_streams"][0]
+            multi.append(1.0 / float(np.median(np.diff(s["token_times"]))))
+            events = s["events"]
+            same = s["done"]["token_ids"] == r["token_ids"]
+    del engine
+    one, many = float(np.median(single)), float(np.median(multi))
+    return {"nodes": nodes, "single_tok_s": round(one, 2), "cluster_tok_s": round(many, 2),
+            "ratio": round(many / one, 3), "identical_tokens": same, "hops": hop_breakdown(events),
+            "serialize": serialize_cost(n_embd)}
+
+
+def format_hops(result: dict) -> str:
+    lines = [f"{'rank':>4} {'layers':>8} {'sends':>10} {'bytes':>7} {'compute ms':>10} {'transit ms':>10}"]
+    for h in result["hops"]:
+        layers = h["layers"] if isinstance(h["layers"], str) else f"{h['layers'][0]}-{h['layers'][1] - 1}"
+        shape = f"({h['shape'][0]}, {h['shape'][1]})" if h.get("shape") else ""
+        lines.append(f"{h['rank']:>4} {layers:>8} {shape:>10} {h.get('bytes') or '':>7} {h['compute_ms']:>10.3f} "
+                     f"{'' if h['transit_ms'] is None else format(h['transit_ms'], '.3f'):>10}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep, the positions, the links
+
+
+def sweep(weights: str, counts=(1, 2, 4, 8), nodes: int = 3, prompt_len: int = 16, n_tokens: int = 48,
+          echo=print) -> list:
+    """Concurrent streams in one process and on a local cluster of `nodes` nodes."""
+    rows = []
+    engine = Engine.load(weights)
+    streams_single(engine, 1, prompt_len, 2)
+    for n in counts:
+        rows.append(dict(streams_single(engine, n, prompt_len, n_tokens), setup="1 process"))
+        echo(f"  1 process, {n} stream(s): {rows[-1]['aggregate_tok_s']} tok/s aggregate")
+    del engine
+    if nodes > 1:
+        with LocalCluster(weights, nodes=nodes) as cl:
+            streams_cluster(cl, 1, prompt_len, 2)
+            for n in counts:
+                r = streams_cluster(cl, n, prompt_len, n_tokens)
+                r.pop("_streams")
+                rows.append(dict(r, setup=f"{nodes} nodes (loopback)"))
+                echo(f"  {nodes} nodes, {n} stream(s): {rows[-1]['aggregate_tok_s']} tok/s aggregate")
+    return rows
+
+
+def positions(weights: str, at=(16, 256, 1000), n_tokens: int = 16) -> list:
+    """Decode time per token once the context holds `at` positions (one process)."""
+    engine = Engine.load(weights)
+    n_ctx = engine.config.n_ctx
+    rows = []
+    generate_fixed(engine, bench_prompt(8), 2)
+    for p in at:
+        n = min(n_tokens, n_ctx - p)
+        r = generate_fixed(engine, bench_prompt(p), n)
+        gaps = np.diff(r["token_times"]) * 1000
+        rows.append({"position": p, "ms_per_token": round(float(np.median(gaps)), 2),
+                     "tok_s": round(1000 / float(np.median(gaps)), 2)})
+    return rows
+
+
+def predict_ms(stage_ms: float, hops: int, latency_ms: float, mbps: float, frame_bytes: int) -> float:
+    """The link model: time per token = stage compute + hops x (latency + bytes / bandwidth)."""
+    wire = frame_bytes * 8 / (mbps * 1e6) * 1000 if mbps > 0 else 0.0
+    return stage_ms + hops * (latency_ms + wire)
+
+
+def links(weights: str, node_counts=(2, 3, 4, 8), names=("loopback", "thunderbolt", "ethernet", "wifi"),
+          prompt_len: int = 16, n_tokens: int = 24, echo=print) -> list:
+    """Measured tokens/s over simulated links, next to the model's prediction."""
+    rows = []
+    for nodes in node_counts:
+        base_ms = None
+        for name in names:
+            latency, mbps = LINKS[name]
+            extra = {"link_delay_ms": latency, "link_mbps": mbps}
+            with LocalCluster(weights, nodes=nodes, cluster_extra=extra) as cl:
+                streams_cluster(cl, 1, prompt_len, 2)
+                r = streams_cluster(cl, 1, prompt_len, n_tokens, trace=True)
+            s = r["_streams"][0]
+            measured = float(np.median(np.diff(s["token_times"]))) * 1000
+            hops = [h for h in hop_breakdown(s["events"]) if h.get("bytes")]
+            frame = int(np.mean([h["bytes"] for h in hops])) if hops else 3200
+            if base_ms is None:      # loopback: the compute (+ loopback hops) every other link adds to
+                base_ms = measured
+            pred = predict_ms(base_ms, nodes, latency, mbps, frame)
+            rows.append({"nodes": nodes, "link": name, "latency_ms": latency, "mbps": mbps,
+                         "measured_ms_per_token": round(measured, 2), "measured_tok_s": round(1000 / measured, 2),
+                         "predicted_ms_per_token": round(pred, 2), "predicted_tok_s": round(1000 / pred, 2),
+                         "error_pct": round((measured - pred) / pred * 100, 1)})
+            echo(f"  {nodes} nodes over {name}: {rows[-1]['measured_tok_s']} tok/s "
+                 f"(model {rows[-1]['predicted_tok_s']})")
+    return rows
+
+
+def table(rows: list, cols: list) -> str:
+    """A plain text table of `cols` (key names) for `rows` (dicts)."""
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list, path: str) -> str | None:
+    """A PNG of aggregate tokens/s against streams, when matplotlib is installed (the plot extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        pts = [r for r in rows if r["setup"] == setup]
+        ax.plot([r["streams"] for r in pts], [r["aggregate_tok_s"] for r in pts], marker="o", label=setup)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("nanopipe: continuous batching, gpt2-small shape")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# everything, as `nanopipe bench` runs it
+
+
+def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int = 32, bandwidth_mb: int = 1024,
+            nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
+            positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
+            reference=None, echo=print) -> dict:
+    import os
+
+    from .bench import DEFAULT_WEIGHTS, ensure_weights, run_bench, write_csv
+    weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
+    report = {}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    def save(name, rows):
+        if out_dir and rows:
+            write_csv(rows, os.path.join(out_dir, f"{name}.csv"))
+
+    if single:
+        echo("== one process ==")
+        report["single"] = run_bench(weights, n_tokens=n_tokens, prompt_len=prompt_len, reference=reference,
+                                     bandwidth_mb=bandwidth_mb, echo=echo)
+        save("single", report["single"]["rows"])
+    if nodes > 1:
+        echo(f"== {nodes} nodes on loopback vs one process, 1 stream ==")
+        if link_delay_ms or link_mbps:
+            echo(f"(simulated link: {link_delay_ms} ms, {link_mbps or 'unlimited'} Mbit/s per hop)")
+        r = bench_cluster(weights, nodes, prompt_len, n_tokens, extra={"link_delay_ms": link_delay_ms,
+                                                                        "link_mbps": link_mbps})
+        report["cluster"] = r
+        echo(f"one process {r['single_tok_s']} tok/s, {nodes} nodes {r['cluster_tok_s']} tok/s: "
+             f"{r['ratio']:.2f}x (target >= 0.9x on loopback); greedy tokens "
+             f"{'identical' if r['identical_tokens'] else 'DIFFER'}")
+        echo("per token (median of decode steps):")
+        echo(format_hops(r))
+        if r.get("serialize"):
+            echo(f"serializing one decode frame: {r['serialize']['encode_us']} us for {r['serialize']['frame_bytes']}"
+                 " bytes (header + meta + payload); the rest of a hop's transit is the kernel and the wake-up")
+        save("cluster_hops", r["hops"])
+    if sweep:
+        echo(f"== concurrency sweep ({max(nodes, 3)}-node cluster and one process) ==")
+        rows = globals()["sweep"](weights, nodes=max(nodes, 3), echo=echo)
+        report["sweep"] = rows
+        echo(table(rows, ["setup", "streams", "aggregate_tok_s", "per_stream_tok_s", "p50_ms_per_token",
+                          "p95_ms_per_token"]))
+        one = next(r for r in rows if r["setup"] == "1 process" and r["streams"] == 1)
+        eight = next((r for r in rows if r["setup"] == "1 process" and r["streams"] == 8), None)
+        if eight:
+            echo(f"8 streams vs 1, one process: {eight['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}x aggregate "
+                 "(target >= 4x)")
+        save("sweep", rows)
+        if out_dir:
+            png = plot_sweep(rows, os.path.join(out_dir, "sweep.png"))
+            echo(f"wrote {png}" if png else "matplotlib not installed: no chart (pip install nanopipe[plot])")
+    if positions:
+        echo("== time per token by context position (one process) ==")
+        rows = globals()["positions"](weights)
+        report["positions"] = rows
+        echo(table(rows, ["position", "ms_per_token", "tok_s"]))
+        save("positions", rows)
+    if links:
+        echo("== simulated links (1 stream): measured vs model ==")
+        rows = globals()["links"](weights, echo=echo)
+        report["links"] = rows
+        echo(table(rows, ["nodes", "link", "latency_ms", "mbps", "measured_tok_s", "predicted_tok_s", "error_pct"]))
+        save("links", rows)
+    return report

@@ -1,0 +1,81 @@
+"""HF transformers on the same weights, timed exactly as nanopipe.bench times nanopipe.
+
+Dev-only (needs torch + transformers, installed by `make parity`); `make bench` passes `bench_hf`
+to nanopipe's benchmark as its reference, so nanopipe itself never imports torch.
+"""
+from __future__ import annotations
+
+import time
+
+from nanopipe.bench import bench_prompt, blas_threads, decode_rate
+from nanopipe.weights import load_stage
+
+
+def bench_hf(weights: str, prompt_len: int = 32, n_tokens: int = 64, threads: int | None = None,
+             repeats: int = 5) -> dict | None:
+    """HF transformers' GPT2LMHeadModel.generate (greedy, use_cache=True) on the same weights and
+    prompt with the same number of threads; None when torch or transformers is not installed.
+
+    Timed exactly as `bench_single` times nanopipe: each token's arrival (here through a streamer),
+    the shortest time to first token, the median gap between tokens.
+    """
+    try:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.generation.streamers import BaseStreamer
+    except ImportError:
+        return None
+    import transformers
+
+    threads = threads or blas_threads()
+    torch.set_num_threads(threads)
+    stage = load_stage(weights)
+    c = stage.config
+    model = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_positions=c.n_ctx,
+                                       vocab_size=c.n_vocab)).eval()
+    state = {"transformer.wte.weight": stage.wte, "transformer.wpe.weight": stage.wpe,
+             "transformer.ln_f.weight": stage.ln_f["g"], "transformer.ln_f.bias": stage.ln_f["b"]}
+    for i, p in enumerate(stage.blocks):
+        pre = f"transformer.h.{i}."
+        for part in ("ln_1", "ln_2"):
+            state[f"{pre}{part}.weight"], state[f"{pre}{part}.bias"] = p[part]["g"], p[part]["b"]
+        for group, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
+            for n in names:   # Conv1D stores (in, out), as nanopipe does: no transpose
+                state[f"{pre}{group}.{n}.weight"] = p[group][n]["w"]
+                state[f"{pre}{group}.{n}.bias"] = p[group][n]["b"]
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    if unexpected or any(not (k == "lm_head.weight" or k.endswith(("attn.bias", "attn.masked_bias"))) for k in missing):
+        raise RuntimeError(f"transformers' GPT-2 did not take the weights: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    del stage
+
+    x = torch.tensor([bench_prompt(prompt_len)])
+
+    class Clock(BaseStreamer):
+        """generate() hands a streamer the prompt, then each new token as it is chosen."""
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(n):
+        clock = Clock()
+        t_start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=c.n_vocab - 1, streamer=clock)
+        return {"token_times": clock.times[1:], "t_start": t_start, "token_ids": out[0, prompt_len:].tolist()}
+
+    run(2)                                                              # warm-up
+    runs = [run(n_tokens) for _ in range(repeats)]
+    ttft = min(r["token_times"][0] - r["t_start"] for r in runs)
+    median, best_mean = decode_rate(runs)
+    return {"name": f"transformers {transformers.__version__} (torch {torch.__version__})",
+            "prompt_len": prompt_len, "tokens": n_tokens, "prefill_ms": round(ttft * 1000, 2),
+            "prefill_tokens_per_s": round(prompt_len / ttft, 1), "decode_tokens_per_s": round(median, 2),
+            "decode_tokens_per_s_best_run": round(best_mean, 2), "ms_per_token": round(1000 / median, 2),
+            "threads": threads, "token_ids": runs[-1]["token_ids"]}
