@@ -27,7 +27,7 @@ import numpy as np
 from .decoding import SamplingParams, log_softmax, make_rng, sample
 from .engine import Engine, Request
 from .model import KVCache, blocks_forward, embed, head
-from .weights import init_weights, load_stage
+from .weights import init_weights
 
 DEFAULT_WEIGHTS = os.path.join("weights", "bench-gpt2.safetensors")
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers

@@ -171,7 +171,8 @@ class Scheduler:
                 self._finish(batch, x, [])
             else:
                 self.in_flight[batch.id] = batch
-                self.ring.send(batch.id, [{"id": s.id, "pos": s.pos, "n": n} for s, n in zip(batch.sessions, batch.counts)], x)
+                sessions = [{"id": s.id, "pos": s.pos, "n": n} for s, n in zip(batch.sessions, batch.counts)]
+                self.ring.send(batch.id, sessions, x)
         if self.in_flight:
             got = self.ring.recv(timeout=0.5)
             if got is not None:
@@ -230,7 +231,8 @@ class Scheduler:
     def _admit(self):
         while len(self.sessions) < self.max_sessions and not self.waiting.empty():
             req = self.waiting.get()
-            s = Session(req, self._new_cache(), make_rng(req.params.seed), list(req.prompt_ids), t_start=time.perf_counter())
+            s = Session(req, self._new_cache(), make_rng(req.params.seed), list(req.prompt_ids),
+                        t_start=time.perf_counter())
             self.sessions[req.id] = s
             self.stats["requests"] += 1
 
@@ -284,11 +286,11 @@ class Scheduler:
             if s.req.echo or last_chunk:   # echo scores every prompt row; otherwise only the last row
                 for r in range(row if s.req.echo else row + n - 1, row + n):
                     rows.append(r)
-                    owners.append((s, r - row, n, last_chunk))
+                    owners.append((s, r - row))
             row += n
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (R, V)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
-        for i, (s, j, n, last_chunk) in enumerate(owners):
+        for i, (s, j) in enumerate(owners):
             p = s.pos + j                       # these logits predict the token at position p + 1
             known = len(s.req.prompt_ids) + len(s.out_ids)
             if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once

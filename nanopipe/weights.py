@@ -189,14 +189,16 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
     hi = config.n_layer if hi is None else hi
     if expect is not None and (config.n_embd, config.n_layer) != (expect.n_embd, expect.n_layer):
         raise WeightsError(f"{path}: holds a model with n_layer={config.n_layer}, n_embd={config.n_embd}, but the "
-                           f"cluster runs n_layer={expect.n_layer}, n_embd={expect.n_embd}; use the same weights everywhere")
+                           f"cluster runs n_layer={expect.n_layer}, n_embd={expect.n_embd}; "
+                           "use the same weights everywhere")
     if not 0 <= lo <= hi <= config.n_layer:
         raise WeightsError(f"{path}: layers {lo}..{hi - 1} requested, but the model has {config.n_layer} layers")
     present = set(layer_indices(header, prefix))
     missing = [i for i in range(lo, hi) if i not in present]
     if missing:
         raise WeightsError(f"{path}: lacks layers {missing[0]}..{missing[-1]} that this stage needs "
-                           f"(it holds {_ranges(sorted(present))}); pull them with `nanopipe pull NAME --layers {lo}-{hi - 1}`")
+                           f"(it holds {_ranges(sorted(present))}); "
+                           f"pull them with `nanopipe pull NAME --layers {lo}-{hi - 1}`")
     C, V = config.n_embd, config.n_vocab
     with open(path, "rb") as f:
         blocks = [_block(f, header, prefix, i, config, path) for i in range(lo, hi)]
