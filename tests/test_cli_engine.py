@@ -142,10 +142,21 @@ def test_plan_prints_the_shipped_split(runner, tmp_path, monkeypatch):
 
 
 def test_bench_smoke(runner, weights, tmp_path):
-    csv_path = tmp_path / "bench.csv"
-    result = runner.invoke(main, ["bench", "--weights", weights, "--tokens", "4", "--prompt-len", "8", "--no-hf",
-                                  "--bandwidth-mb", "64", "--csv", str(csv_path)])
+    out = tmp_path / "bench"
+    result = runner.invoke(main, ["bench", "--weights", weights, "--tokens", "4", "--prompt-len", "8",
+                                  "--bandwidth-mb", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "decode" in result.output and "tok/s" in result.output
-    lines = csv_path.read_text().splitlines()
+    lines = (out / "single.csv").read_text().splitlines()
     assert lines[0].startswith("name,") and len(lines) >= 2
+
+
+def test_bench_positions_and_sweep_measure_what_they_say(weights):
+    """The context-position rows cover each position asked for; the sweep reports each stream count with
+    a token count equal to streams x tokens (every stream generated all of its tokens)."""
+    from nanopipe.bench_cluster import positions, sweep
+    rows = positions(weights, at=(8, 32), n_tokens=4)
+    assert [r["position"] for r in rows] == [8, 32] and all(r["ms_per_token"] > 0 for r in rows)
+    rows = sweep(weights, counts=(1, 3), nodes=1, prompt_len=4, n_tokens=5, echo=lambda *_: None)
+    assert [(r["streams"], r["tokens"]) for r in rows] == [(1, 5), (3, 15)]
+    assert all(r["p95_ms_per_token"] >= r["p50_ms_per_token"] > 0 for r in rows)
