@@ -168,6 +168,8 @@ def _load(f, header: Header, name: str, shape: tuple, path: str) -> np.ndarray:
 def _block(f, header, prefix, i, config, path) -> dict:
     shapes = _expected_shapes(config)
     t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path) for k in BLOCK_PARAMS}
+    for k in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+        t[k] = np.asfortranarray(t[k])      # column-major, once, at load: see model.linear
     return {
         "ln_1": {"g": t["ln_1.weight"], "b": t["ln_1.bias"]},
         "attn": {"c_attn": {"w": t["attn.c_attn.weight"], "b": t["attn.c_attn.bias"]},

@@ -503,4 +503,5 @@ def test_15_every_link_in_docs_walkthrough_lands_on_its_function():
         if not (int(line) <= len(lines) and defines.match(lines[int(line) - 1])):
             now = [i + 1 for i, text in enumerate(lines) if defines.match(text)]
             stale.append(f"{name} -> {path}#L{line}, but it is defined at line(s) {now}")
-    assert not stale, "update these links in docs/WALKTHROUGH.md:\n  " + "\n  ".join(stale)
+    assert not stale, ("update these links in docs/WALKTHROUGH.md (python tests/update_walkthrough_links.py):\n  "
+                       + "\n  ".join(stale))
