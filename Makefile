@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-engine parity bench lint golden clean
+.PHONY: install test test-engine parity-env parity bench lint golden clean
 
 install: $(STAMP)
 
@@ -28,20 +28,24 @@ test-engine: install
 # live comparison against HF transformers, in its own venv so the main one never holds torch
 # (pip takes the CPU build of torch 2.13.0 that lies on this machine class's disk)
 PARITY_VENV ?= .venv-parity
-parity:
+parity-env:
 	test -x $(PARITY_VENV)/bin/python || $(PY) -m venv $(PARITY_VENV)
 	$(PARITY_VENV)/bin/python -m pip install -q -r requirements-parity.txt
 	$(PARITY_VENV)/bin/python -m pip install -q -e . --no-deps
+
+parity: parity-env
 	$(PARITY_VENV)/bin/python -m pytest -q -s tests/parity tests/test_golden.py
 
-bench: install
-	$(BIN)/nanopipe bench
+# every benchmark (one process vs the memory bound and HF transformers, 3 nodes, concurrency,
+# context positions, simulated links); tables as CSV in artifacts/bench. Not part of `make test`.
+bench: parity-env
+	$(PARITY_VENV)/bin/python tests/parity/hf_bench.py artifacts/bench
 
 lint: install
 	$(BIN)/ruff check nanopipe tests
 
 # rebuild the golden files from transformers (needs `make parity`'s packages)
-golden: parity
+golden: parity-env
 	$(PARITY_VENV)/bin/python tests/golden/make_golden.py
 
 clean:

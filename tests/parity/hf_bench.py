@@ -79,3 +79,12 @@ def bench_hf(weights: str, prompt_len: int = 32, n_tokens: int = 64, threads: in
             "prefill_tokens_per_s": round(prompt_len / ttft, 1), "decode_tokens_per_s": round(median, 2),
             "decode_tokens_per_s_best_run": round(best_mean, 2), "ms_per_token": round(1000 / median, 2),
             "threads": threads, "token_ids": runs[-1]["token_ids"]}
+
+
+if __name__ == "__main__":
+    # `make bench`: every benchmark, with HF transformers as the single-process reference
+    import sys
+
+    from nanopipe.bench_cluster import run_all
+    out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
+    run_all(nodes=3, sweep=True, positions=True, links=True, out_dir=out, reference=bench_hf)
