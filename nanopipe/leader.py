@@ -12,6 +12,7 @@ generation continues where it stopped.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import secrets
 import socket
@@ -52,7 +53,8 @@ from .wire import (
 
 CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed")
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
-CLIENT_SEND_TIMEOUT_S = 10.0   # a client that stops reading this long is dropped, not waited for
+CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while frames wait is dropped
+CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
 
 
 def log(msg: str):
@@ -149,6 +151,76 @@ def _checked_trace(trace, peer: str) -> list:
     return trace
 
 
+class ClientOutbox:
+    """One client's outgoing frames, and the thread that writes them to its socket.
+
+    The scheduler thread emits every session's tokens. If it wrote to client sockets itself, a
+    client that stops reading would, once the socket buffers fill, stall every generation of every
+    client. So it only appends here, which never blocks; this client's own sender thread waits on
+    its socket instead:
+
+        scheduler --put(TOKEN)--> [frames of client A] --sender A--> socket A   (reads: fine)
+                  --put(TOKEN)--> [frames of client B] --sender B--> socket B   (stopped reading)
+
+    A client whose queue passes `limit` frames, or whose socket takes nothing for
+    CLIENT_SEND_TIMEOUT_S, is dropped: its socket is closed, which wakes its connection thread,
+    which then cancels its sessions.
+    """
+
+    def __init__(self, sock, peer: str, log, limit: int = CLIENT_QUEUE_MAX):
+        self.sock, self.peer, self.log, self.limit = sock, peer, log, limit
+        self.frames: collections.deque = collections.deque()       # (msg, meta), oldest first
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"send-{peer}")
+        self.thread.start()
+
+    def put(self, msg, meta: dict):
+        """Queue a frame for this client; never blocks. Frames to a dropped client are discarded."""
+        with self.cond:
+            if self.closed:
+                return
+            if len(self.frames) >= self.limit:
+                self._drop(f"{len(self.frames)} frames are waiting for it (limit {self.limit}); it reads too slowly")
+                return
+            self.frames.append((msg, meta))
+            self.cond.notify()
+
+    def close(self):
+        """The connection is over: stop the sender, discard what was not sent."""
+        with self.cond:
+            self.closed = True
+            self.frames.clear()
+            self.cond.notify()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.frames and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                msg, meta = self.frames.popleft()
+            try:
+                send_frame(self.sock, msg, meta)
+            except OSError as e:
+                with self.cond:
+                    if not self.closed:
+                        stuck = isinstance(e, (BlockingIOError, TimeoutError))
+                        self._drop(f"it read nothing for {CLIENT_SEND_TIMEOUT_S:g}s" if stuck else f"send failed: {e}")
+                return
+            except WireError as e:      # a frame we cannot encode (too big): a bug, but only this frame's
+                self.log(f"Not sent to client {self.peer}: {e}")
+
+    def _drop(self, reason: str):
+        """Called with self.cond held."""
+        self.closed = True
+        self.frames.clear()
+        self.cond.notify()
+        self.log(f"Dropping client {self.peer}: {reason}")
+        close_now(self.sock)
+
+
 class Leader:
     def __init__(self, cluster: ClusterConfig, model: ModelConfig, stage, ranges: list, tokenizer=None,
                  log_fn=log):
@@ -172,7 +244,7 @@ class Leader:
         self.tls_client = client_tls(cluster.tls_cert)      # for dialing worker 1
         self.max_act_bytes = max_act_bytes(self.config, cluster.max_sessions)
         self.srv = None
-        self._tok_lock = threading.Lock()
+        self.client_queue_max = CLIENT_QUEUE_MAX
         self._building = False
         self._last_build = 0.0
         self._ring_in_epoch = None
@@ -490,21 +562,9 @@ class Leader:
     def _client_conn(self, sock, peer):
         send_frame(sock, Msg.WELCOME, {"model": self.model.name, "n_ctx": self.config.n_ctx})
         _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
-        send_lock = threading.Lock()
+        outbox = ClientOutbox(sock, peer, self.log, limit=self.client_queue_max)
+        send = outbox.put                # every frame to this client, from any thread, goes through it
         mine: set = set()
-
-        def send(msg, meta):
-            # The scheduler thread sends tokens: a client that stops reading must not stall every
-            # other session. A send that fails or times out drops this client (its reader wakes,
-            # and the finally below cancels its generations).
-            with send_lock:
-                try:
-                    send_frame(sock, msg, meta)
-                except OSError as e:
-                    if isinstance(e, (BlockingIOError, TimeoutError)) and sock.fileno() != -1:
-                        self.log(f"Dropping client {peer}: it read nothing for {CLIENT_SEND_TIMEOUT_S:g}s")
-                    close_now(sock)
-
         try:
             while True:
                 frame = recv_frame(sock, f"client {peer}", max_payload=0)
@@ -521,7 +581,8 @@ class Leader:
                 else:
                     send(Msg.ERROR, {"message": f"a client may not send {frame.msg.name}"})
         finally:
-            for sid in mine:    # the client went away: stop its generations, free their caches
+            outbox.close()
+            for sid in list(mine):    # the client went away (or was dropped): stop its generations
                 self.scheduler.cancel(sid)
 
     def _generate(self, meta: dict, send, mine: set):
@@ -586,12 +647,9 @@ class Leader:
                                     f"{self.cluster.rejoin_grace_s:g}s)"})
 
     def _tok(self):
-        # Under a lock: 32 clients arriving at once would otherwise build 32 tokenizers side by
-        # side (lru_cache does not hold back concurrent first callers): seconds and hundreds of MB.
-        with self._tok_lock:
-            if self.tokenizer is None:
-                from .tokenizer import get_tokenizer
-                self.tokenizer = get_tokenizer()
+        if self.tokenizer is None:      # get_tokenizer builds one for all, however many clients ask at once
+            from .tokenizer import get_tokenizer
+            self.tokenizer = get_tokenizer()
         return self.tokenizer
 
     def status(self) -> dict:

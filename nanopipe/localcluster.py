@@ -39,8 +39,12 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list:
 
 def write_configs(config_dir: str, *, weights: str, nodes: int, n_layer: int, partition: str = "even",
                   layer_mapping: dict | None = None, n_head: int | None = None, host: str = "127.0.0.1",
-                  cluster_extra: dict | None = None, max_new_tokens: int = 20, hosts: list | None = None) -> dict:
-    """Write model_config.yaml, cluster_config.yaml and model_weights.yaml for a local cluster."""
+                  cluster_extra: dict | None = None, max_new_tokens: int = 20, hosts: list | None = None,
+                  weights_url: str | None = None) -> dict:
+    """Write model_config.yaml, cluster_config.yaml and model_weights.yaml for a local cluster.
+
+    model_weights.yaml points at `weights_url` (default: the weights file itself, as a file:// url).
+    """
     os.makedirs(config_dir, exist_ok=True)
     ports = free_ports(nodes, host)
     names = [f"node{r}" for r in range(nodes)]
@@ -60,7 +64,7 @@ def write_configs(config_dir: str, *, weights: str, nodes: int, n_layer: int, pa
     cluster.update(cluster_extra or {})
     files = {"model_config.yaml": {"default_model": "local", "models": {"local": model}},
              "cluster_config.yaml": cluster,
-             "model_weights.yaml": {"local": {"url": "file://" + os.path.abspath(weights),
+             "model_weights.yaml": {"local": {"url": weights_url or "file://" + os.path.abspath(weights),
                                               "filename": os.path.basename(weights)}}}
     for name, data in files.items():
         with open(os.path.join(config_dir, name), "w") as f:
@@ -71,7 +75,11 @@ def write_configs(config_dir: str, *, weights: str, nodes: int, n_layer: int, pa
 class LocalCluster:
     def __init__(self, weights: str, nodes: int = 3, *, workdir: str | None = None, partition: str = "even",
                  layer_mapping: dict | None = None, cluster_extra: dict | None = None, n_head: int | None = None,
-                 env: dict | None = None, quiet: bool = True, ready_timeout: float = 120.0):
+                 env: dict | None = None, quiet: bool = True, ready_timeout: float = 120.0,
+                 pull_ranks: tuple = (), weights_url: str | None = None):
+        """`pull_ranks` start without --weights, as on a fresh machine: each looks for
+        weights/<filename> under `workdir` (its working directory) and pulls what it lacks from the
+        url in model_weights.yaml (`weights_url`; pulling a slice needs an HTTP server with Range)."""
         from .weights import read_config
         self.weights = os.path.abspath(weights)
         self.nodes = nodes
@@ -80,8 +88,10 @@ class LocalCluster:
         cfg = read_config(self.weights, n_head)[0]
         self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
                                      partition=partition, layer_mapping=layer_mapping, n_head=n_head,
-                                     cluster_extra=cluster_extra)
+                                     cluster_extra=cluster_extra, weights_url=weights_url)
+        self.pull_ranks = tuple(pull_ranks)
         self.token = (cluster_extra or {}).get("auth_token")
+        self.tls_ca = (cluster_extra or {}).get("tls_cert")     # the pinned certificate is the CA
         self.env = dict(os.environ, **(env or {}))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.quiet = quiet
@@ -97,7 +107,9 @@ class LocalCluster:
 
     def command(self, rank: int) -> list:
         base = [sys.executable, "-m", "nanopipe.cli"]
-        common = ["--config-dir", self.config_dir, "--weights", self.weights]
+        common = ["--config-dir", self.config_dir]
+        if rank not in self.pull_ranks:
+            common += ["--weights", self.weights]
         if rank == 0:
             return base + ["serve", "--rank", "0"] + common
         return base + ["join", "--rank", str(rank), "--host", f"node{rank}"] + common
@@ -142,7 +154,7 @@ class LocalCluster:
         raise TimeoutError(f"cluster not ready after {timeout or self.ready_timeout}s; status {last}\n{self.logs()}")
 
     def client(self, timeout: float = 5.0) -> LeaderClient:
-        return LeaderClient.connect(self.leader_addr, token=self.token, timeout=timeout)
+        return LeaderClient.connect(self.leader_addr, token=self.token, timeout=timeout, tls_ca=self.tls_ca)
 
     def logs(self) -> str:
         parts = []

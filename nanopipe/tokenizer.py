@@ -293,14 +293,29 @@ class StreamDecoder:
         return text
 
 
-@functools.lru_cache(maxsize=None)
+_BUILD_LOCK = threading.Lock()
+
+
 def get_tokenizer() -> Tokenizer:
     """The process's GPT-2 tokenizer, built on first use (~0.4 s) and shared afterwards.
+
+    Safe to call from many threads at once: the first caller builds it and the others wait for
+    that one. (lru_cache alone would let 32 chats reaching a fresh web app or leader together
+    build 32 tokenizers side by side: seconds of CPU and hundreds of MB.)
 
     Raises TokenizerError if the files are missing or corrupted. Tests that change
     NANOPIPE_TOKENIZER_DIR call `get_tokenizer.cache_clear()` to build a fresh one.
     """
+    with _BUILD_LOCK:
+        return _build_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_tokenizer() -> Tokenizer:
     directory = find_tokenizer_dir()
     if directory is not None:
         return Tokenizer(encoding_from_files(directory), source=str(directory))
     return Tokenizer(_download_encoding(), source="tiktoken.get_encoding('gpt2')")
+
+
+get_tokenizer.cache_clear = _build_tokenizer.cache_clear

@@ -130,11 +130,12 @@ def is_synthetic(path: str) -> bool:
 
 
 def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights: str | None = None,
-              max_tokens: int = 3, token: str | None = None, log=print) -> dict:
+              max_tokens: int = 3, token: str | None = None, tls_ca: str | None = None, log=print) -> dict:
     """Generate `max_tokens` tokens for `prompt` with tracing on; returns the report `format_trace` prints.
 
     With `leader` ("HOST:PORT") it runs on that cluster; otherwise it starts a LocalCluster of `nodes`
-    processes on 127.0.0.1 over `weights`, and stops it afterwards.
+    processes on 127.0.0.1 over `weights`, and stops it afterwards. `token` and `tls_ca` (the
+    cluster's tls_cert) are what dialing `leader` needs.
     """
     from .tokenizer import get_tokenizer
     tok = get_tokenizer()
@@ -143,7 +144,7 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
         raise TraceError("the prompt is empty: give some text to trace")
     if leader is not None:
         from .client import LeaderClient
-        with LeaderClient.connect(leader, token=token) as c:
+        with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
             report = _trace(c, prompt_ids, max_tokens)
         report.update(leader=leader, weights=None, synthetic=None)
     else:

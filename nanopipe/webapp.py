@@ -91,8 +91,9 @@ def web_dir() -> str:
 
 def settings_from_configs(config_dir: str = "configs", model_name: str | None = None,
                           leader: str | None = None) -> dict:
-    """The app's settings from the YAML configs: where the leader is, the cluster secret to dial it
-    with, the API token, CORS origins, and the decoding defaults of model_config.yaml.
+    """The app's settings from the YAML configs: where the leader is, the cluster secret (and, on a
+    TLS cluster, the certificate) to dial it with, the API token, CORS origins, and the decoding
+    defaults of model_config.yaml.
 
     With --leader given, missing config files are fine: defaults then come from the leader itself.
     """
@@ -100,7 +101,7 @@ def settings_from_configs(config_dir: str = "configs", model_name: str | None = 
     try:
         cc = load_cluster_config(config_dir)
         settings.update(LEADER=leader or f"{cc.leader.ip}:{cc.leader.port}", LEADER_TOKEN=cc.auth_token,
-                        API_TOKEN=cc.api_token, CORS_ORIGINS=tuple(cc.cors_origins))
+                        LEADER_TLS_CA=cc.tls_cert, API_TOKEN=cc.api_token, CORS_ORIGINS=tuple(cc.cors_origins))
     except ConfigError:
         if leader is None:
             raise
@@ -116,9 +117,10 @@ def settings_from_configs(config_dir: str = "configs", model_name: str | None = 
     return settings
 
 
-def dial_leader(addr: str, token: str | None, attempts: int = 1) -> LeaderClient:
-    """The real CLIENT_FACTORY: a new connection to the leader, passed the handshake."""
-    return LeaderClient.connect(addr, token=token, attempts=attempts)
+def dial_leader(addr: str, token: str | None, attempts: int = 1, tls_ca: str | None = None) -> LeaderClient:
+    """The real CLIENT_FACTORY: a new connection to the leader, passed the handshake (over TLS,
+    checked against the cluster's pinned certificate `tls_ca`, when the cluster sets tls_cert)."""
+    return LeaderClient.connect(addr, token=token, attempts=attempts, tls_ca=tls_ca)
 
 
 class ApiError(Exception):
@@ -143,11 +145,12 @@ def leader_error(e: ClientError) -> ApiError:
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The Flask app. `test_config` overrides settings; tests pass CLIENT_FACTORY, a function
-    (addr, token, attempts=1) -> an object with LeaderClient's generate/status/close/welcome."""
+    (addr, token, attempts=1) -> an object with LeaderClient's generate/status/close/welcome
+    (with LEADER_TLS_CA set, it is also passed tls_ca=)."""
     app = Flask(__name__, static_folder=None)
     app.config.from_mapping(
-        LEADER="127.0.0.1:65432", LEADER_TOKEN=None, API_TOKEN=None, CORS_ORIGINS=(), MODEL_NAME=None,
-        MODEL_DEFAULTS=None, CLIENT_FACTORY=dial_leader, WEB_DIR=web_dir(), TOKENIZER=None,
+        LEADER="127.0.0.1:65432", LEADER_TOKEN=None, LEADER_TLS_CA=None, API_TOKEN=None, CORS_ORIGINS=(),
+        MODEL_NAME=None, MODEL_DEFAULTS=None, CLIENT_FACTORY=dial_leader, WEB_DIR=web_dir(), TOKENIZER=None,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     app.json.sort_keys = False          # keep the documented field order in every answer
@@ -393,7 +396,7 @@ def chat_prompt(messages) -> str:
 
 def tokenizer():
     tok = current_app.config["TOKENIZER"]
-    if tok is None:
+    if tok is None:     # many first requests at once: get_tokenizer lets one build, the others wait
         from .tokenizer import get_tokenizer
         tok = current_app.config["TOKENIZER"] = get_tokenizer()
     return tok
@@ -421,8 +424,9 @@ def encode_prompt(prompt, field: str) -> list:
 def connect(attempts: int = 1):
     """A new connection to the leader for this request (never shared between requests)."""
     cfg = current_app.config
+    tls = {"tls_ca": cfg["LEADER_TLS_CA"]} if cfg.get("LEADER_TLS_CA") else {}
     try:
-        client = cfg["CLIENT_FACTORY"](cfg["LEADER"], cfg["LEADER_TOKEN"], attempts=attempts)
+        client = cfg["CLIENT_FACTORY"](cfg["LEADER"], cfg["LEADER_TOKEN"], attempts=attempts, **tls)
     except ClientError as e:
         raise ApiError(503, f"{e} (the web app keeps retrying; check `nanopipe serve --rank 0`)",
                        kind="unreachable") from None

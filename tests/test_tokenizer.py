@@ -173,3 +173,33 @@ def test_building_touches_no_network_and_no_cache(monkeypatch, tmp_path, fresh_t
     assert tok.encode("Hello world") == [15496, 995]
     assert not cache.exists(), "tiktoken copied the local files into its cache"
     assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache)  # our temporary override was undone
+
+
+def test_concurrent_first_calls_build_one_tokenizer(monkeypatch, fresh_tokenizer):
+    """16 threads ask at the same moment (the first chats reaching a fresh web app): one build."""
+    import threading
+    import time
+    builds = []
+    real = tk.encoding_from_files
+
+    def slow_build(directory):
+        builds.append(threading.current_thread().name)
+        time.sleep(0.2)         # a wide window: every thread arrives while the first one builds
+        return real(directory)
+
+    monkeypatch.setattr(tk, "encoding_from_files", slow_build)
+    barrier = threading.Barrier(16)
+    got = []
+
+    def ask():
+        barrier.wait(10)
+        got.append(get_tokenizer())
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 16
+    assert len(builds) == 1, f"{len(builds)} tokenizers built side by side"
+    assert all(tok is got[0] for tok in got)
