@@ -82,8 +82,9 @@ class Ring:
     calls send() while holding its lock, and must finish its step with the ring it started with.
     """
 
-    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break):
+    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break, link_sleep=None):
         self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
+        self.link_sleep = link_sleep                 # a simulated slower link, for benchmarks
         self.inbox: queue.Queue = queue.Queue()
         self.on_break = on_break
         self.broken = False
@@ -93,6 +94,8 @@ class Ring:
         if self.broken:
             return                                   # the batch is replayed once the ring is rebuilt
         self.rows_sent[batch_id] = len(x)
+        if self.link_sleep is not None:
+            self.link_sleep(x.nbytes)
         try:
             send_array(self.out_sock, Msg.ACT, {"batch": batch_id, "epoch": self.epoch, "sessions": sessions,
                                                 "trace": []}, np.ascontiguousarray(x, np.float32))
@@ -445,7 +448,8 @@ class Leader:
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}")
             return False
-        ring = Ring(sock, self.config.n_embd, depth=len(self.ranges), epoch=epoch, on_break=self._on_ring_break)
+        ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self._on_ring_break,
+                    link_sleep=self.cluster.link_sleep)
         with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
             if epoch != self.epoch or any(w.status != "ready" for w in workers):
                 ring.close()
