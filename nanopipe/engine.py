@@ -102,7 +102,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._cancel: set = set()
         self.lock = threading.RLock()
-        self.stats = {"requests": 0, "tokens": 0, "errors": 0}
+        self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0}
 
     # -- requests in ------------------------------------------------------------------------
 
@@ -173,6 +173,7 @@ class Scheduler:
                 self.in_flight[batch.id] = batch
                 sessions = [{"id": s.id, "pos": s.pos, "n": n} for s, n in zip(batch.sessions, batch.counts)]
                 self.ring.send(batch.id, sessions, x)
+                self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(self.in_flight))
         if self.in_flight:
             got = self.ring.recv(timeout=0.5)
             if got is not None:

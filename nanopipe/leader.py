@@ -672,6 +672,7 @@ class Leader:
         return {"model": self.model.name, "ready": self.ring_ready.is_set(), "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
                 "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],
+                "max_batches_in_flight": s.stats["max_in_flight"],
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes()}

@@ -239,12 +239,26 @@ JOBS = [
 
 
 def test_concurrent_clients_get_their_own_tokens(cluster, reference):
+    """On one machine (all hosts 127.0.0.1) the default is one batch at a time holding every session."""
     results, streams = concurrently(JOBS, cluster)
+    assert status(cluster)["max_batches_in_flight"] == 1
     for i, ((prompt, params), got) in enumerate(zip(JOBS, results)):
         assert_same(got, reference(prompt, params), f"client {i} ({params.strategy})")
         assert streams[i] == got["token_ids"], f"client {i} was streamed tokens that are not its own"
         assert got["prompt_ids"] == prompt
     assert len({r["session"] for r in results}) == len(JOBS)
+
+
+def test_pipelined_batches_in_flight_give_each_client_its_own_answer(weights, reference):
+    """pipeline_depth=3 (the default when the 3 nodes are 3 machines): the sessions are split into
+    groups that are round the ring at the same time. Each client still gets exactly its own answer."""
+    with LocalCluster(weights, ready_timeout=READY_S, nodes=3, cluster_extra={"pipeline_depth": 3}) as cl:
+        results, streams = concurrently(JOBS, cl)
+        in_flight = status(cl)["max_batches_in_flight"]
+    assert in_flight > 1, "the groups never were round the ring at the same time"
+    for i, ((prompt, params), got) in enumerate(zip(JOBS, results)):
+        assert_same(got, reference(prompt, params), f"pipelined client {i} ({params.strategy})")
+        assert streams[i] == got["token_ids"]
 
 
 def test_bounded_sessions_queue_and_complete(weights, reference):
