@@ -21,40 +21,25 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
-    GET  /metrics               Prometheus text format
-    POST /v1/completions        OpenAI-compatible (text_completion)
-    POST /v1/chat/completions   OpenAI-compatible (chat.completion), with the template below
+    GET  /metrics               Prometheus text format (web_metrics.py)
+    POST /v1/completions        OpenAI-compatible: openai_api.py, a Blueprint that builds on the
+    POST /v1/chat/completions     request checks, leader connection and SSE helpers below
     GET  /v1/models
 
-Chat template. GPT-2 is not a chat model; /v1/chat/completions turns the messages into one prompt
-that ends where the assistant's reply should start:
-
-    [{"role": "system", "content": "Be brief."},         System: Be brief.
-     {"role": "user", "content": "Hi"},          ->       User: Hi
-     {"role": "assistant", "content": "Hello!"},          Assistant: Hello!
-     {"role": "user", "content": "Who are you?"}]         User: Who are you?
-                                                          Assistant:
-
-OpenAI sampling fields map onto a decoding strategy: temperature 0 -> greedy; otherwise top_p if
-top_p < 1, else top_k if top_k (an extension) is given, else sampling. A request that sets none of
-temperature, top_p and top_k gets the model's configured default strategy (model_config.yaml).
-
 Errors are JSON, never a traceback: 400 {"error": "..."} naming the field for bad input, 401 for a
-missing API token, 503 when the leader or a worker is down. /v1 routes use OpenAI's error shape
-{"error": {"message", "type", "param", "code"}}.
+missing API token, 503 when the leader or a worker is down. /v1 routes use OpenAI's error shape.
 """
 from __future__ import annotations
 
-import bisect
 import hmac
 import json
 import math
 import os
 import queue
 import socket
+import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
@@ -63,16 +48,14 @@ from werkzeug.exceptions import HTTPException
 from .client import ClientError, LeaderClient
 from .config import ConfigError, load_cluster_config, load_model_config
 from .decoding import STRATEGIES, STRATEGY_USES, DecodingError, SamplingParams, make_params
+from .web_metrics import WebMetrics, render_metrics
 
 EOT = 50256                        # <|endoftext|>: ends a reply; it is not shown as text
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
 RECONNECT_ATTEMPTS = 3
 MAX_BODY_BYTES = 1 << 20
 PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: the page asks for it
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream")
-ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
 
 def web_dir() -> str:
@@ -81,7 +64,6 @@ def web_dir() -> str:
     here = Path(__file__).resolve().parent.parent / "web"
     if here.is_dir():
         return str(here)
-    import sys
     return os.path.join(sys.prefix, "share", "nanopipe", "web")
 
 
@@ -131,11 +113,19 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def named_field(message: str) -> str | None:
+    """The request field an error message starts with, so a client can point at it.
+
+    "max_tokens must be >= 1 (got 0)" -> "max_tokens";  "prompt: too long" -> "prompt";  "lost the leader" -> None
+    """
+    words = message.split(":")[0].split()
+    return words[0] if words and words[0] in CHAT_FIELDS + ("prompt",) else None
+
+
 def leader_error(e: ClientError) -> ApiError:
     """The leader's refusal of a request is the caller's fault (400); anything else is 503."""
     if e.kind == "invalid":
-        head = str(e).split(":")[0].split()[0] if str(e) else ""
-        return ApiError(400, str(e), param=head if head in CHAT_FIELDS + ("prompt",) else None)
+        return ApiError(400, str(e), param=named_field(str(e)))
     return ApiError(503, str(e), kind=e.kind)
 
 
@@ -163,7 +153,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     _register_pages(app)
     _register_chat(app)
     _register_cluster(app)
-    _register_openai(app)
+    # imported here, not at the top: openai_api builds on this module
+    from . import openai_api
+    app.register_blueprint(openai_api.bp)
     return app
 
 
@@ -182,12 +174,9 @@ def state() -> AppState:
 def error_response(status: int, message: str, param: str | None = None):
     """{"error": "..."} for our API; OpenAI's shape under /v1 so its client libraries show the message."""
     if request.path.startswith("/v1/"):
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
-        body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param,
-                          "code": None}}
-    else:
-        body = {"error": message}
-    return jsonify(body), status
+        from .openai_api import openai_error
+        return jsonify(openai_error(status, message, param)), status
+    return jsonify(error=message), status
 
 
 def _register_guards(app: Flask):
@@ -266,7 +255,8 @@ def json_body() -> dict:
     return body
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """True for 3, False for 3.0 and for True (JSON true is not a number here)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -284,15 +274,20 @@ def optional(body: dict, field: str, check, what: str):
     return value
 
 
+def flag(body: dict, field: str) -> bool:
+    """body[field] as a switch: absent or null is False; anything but true/false is a 400."""
+    return bool(optional(body, field, lambda v: isinstance(v, bool), "true or false"))
+
+
 def sampling_fields(body: dict) -> dict:
     """The sampling numbers both APIs share, type- and range-checked; absent ones are None."""
     return {
-        "max_tokens": optional(body, "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "max_tokens": optional(body, "max_tokens", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "temperature": optional(body, "temperature", lambda v: _is_number(v) and math.isfinite(v) and v >= 0,
                                 "a number >= 0"),
-        "top_k": optional(body, "top_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "top_k": optional(body, "top_k", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "top_p": optional(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "seed": optional(body, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0 or null"),
+        "seed": optional(body, "seed", lambda v: is_int(v) and v >= 0, "an integer >= 0 or null"),
     }
 
 
@@ -312,8 +307,7 @@ def resolve(strategy: str | None, fields: dict) -> SamplingParams:
     try:
         return make_params(decoding_defaults(), strategy=strategy, **fields)
     except DecodingError as e:
-        field = str(e).split()[0]
-        raise ApiError(400, str(e), param=field if field in CHAT_FIELDS else None) from None
+        raise ApiError(400, str(e), param=named_field(str(e))) from None
 
 
 def chat_request(body: dict) -> tuple:
@@ -330,68 +324,11 @@ def chat_request(body: dict) -> tuple:
         raise ApiError(400, "text: give the prompt as a non-empty string", param="text")
     strategy = optional(body, "decoding_strategy", lambda v: v in STRATEGIES,
                         f"one of {', '.join(sorted(STRATEGIES))}")
-    stream = optional(body, "stream", lambda v: isinstance(v, bool), "true or false")
+    stream = flag(body, "stream")
     fields = sampling_fields(body)
     if strategy is None and fields["temperature"] == 0:
         strategy = "greedy"
-    return text, resolve(strategy, fields), bool(stream)
-
-
-def openai_strategy(temperature, top_p, top_k) -> str | None:
-    """OpenAI's knobs -> a strategy name; None means "the model's default".
-
-    (0, *, *) -> greedy;  (0.7, 0.9, None) -> top_p;  (0.7, 1, 40) -> top_k;  (0.7, None, None) -> sampling
-    """
-    if temperature is None and top_p is None and top_k is None:
-        return None
-    if temperature == 0:
-        return "greedy"
-    if top_p is not None and top_p < 1:
-        return "top_p"
-    if top_k is not None:
-        return "top_k"
-    return "sampling"
-
-
-def openai_request(body: dict) -> tuple:
-    """The fields /v1/completions and /v1/chat/completions share -> (SamplingParams, stream)."""
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
-        body = dict(body, max_tokens=body["max_completion_tokens"])     # the chat API's newer name
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "n: only n=1 is supported (one completion per request)", param="n")
-    if body.get("stop") not in (None, [], ""):
-        raise ApiError(400, "stop: stop sequences are not supported; generation ends at <|endoftext|> or "
-                            "max_tokens", param="stop")
-    stream = optional(body, "stream", lambda v: isinstance(v, bool), "true or false")
-    fields = sampling_fields(body)
-    strategy = openai_strategy(fields["temperature"], fields["top_p"], fields["top_k"])
-    return resolve(strategy, fields), bool(stream)
-
-
-def chat_prompt(messages) -> str:
-    """OpenAI messages -> one GPT-2 prompt, with the template in this module's docstring.
-
-    [{"role": "user", "content": "Hi"}] -> "User: Hi\\nAssistant:"
-    """
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: give a non-empty list of {\"role\", \"content\"} objects", param="messages")
-    lines = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"{where}: must be an object with role and content", param="messages")
-        role = m.get("role")
-        if role not in ROLE_NAMES:
-            raise ApiError(400, f"{where}.role: must be system, user or assistant (got {json.dumps(role)})",
-                           param="messages")
-        content = m.get("content")
-        if isinstance(content, list):       # [{"type": "text", "text": "..."}]: the newer content form
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            content = "".join(p for p in parts if isinstance(p, str)) if len(parts) == len(content) else None
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content: must be a string (or a list of text parts)", param="messages")
-        lines.append(f"{ROLE_NAMES[role]}: {content}")
-    return "\n".join(lines) + "\nAssistant:"
+    return text, resolve(strategy, fields), stream
 
 
 def tokenizer():
@@ -400,21 +337,6 @@ def tokenizer():
         from .tokenizer import get_tokenizer
         tok = current_app.config["TOKENIZER"] = get_tokenizer()
     return tok
-
-
-def encode_prompt(prompt, field: str) -> list:
-    """Text (or a list of token ids, as OpenAI allows) -> token ids, checked."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ApiError(400, f"{field}: give a non-empty prompt", param=field)
-        return tokenizer().encode(prompt)
-    if isinstance(prompt, list) and prompt and all(_is_int(t) and 0 <= t <= EOT for t in prompt):
-        return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, f"{field}: only one prompt per request", param=field)
-    raise ApiError(400, f"{field}: must be a non-empty string or a list of token ids in 0..{EOT}", param=field)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +374,10 @@ def leader_status(attempts: int = 1) -> dict:
         client.close()
     state().leader_info.update({k: status[k] for k in ("model", "n_ctx", "defaults") if k in status})
     return status
+
+
+def model_name() -> str:
+    return state().leader_info.get("model") or current_app.config["MODEL_NAME"] or "gpt2"
 
 
 def check_fits(params: SamplingParams, prompt_ids: list, n_ctx, field: str):
@@ -538,6 +464,13 @@ class Generation:
                 return event[1]
         raise ApiError(503, "the leader stopped answering", kind="cluster")
 
+    def stream_error(self, e: ClientError) -> ApiError:
+        """An error met mid-stream, counted in /metrics here: the 200 went out already, so it is sent
+        as an event and no error handler ever sees it."""
+        err = leader_error(e)
+        self.metrics.count_error(err.kind)
+        return err
+
     @property
     def text(self) -> str:
         return "".join(self.pieces)
@@ -572,7 +505,8 @@ class Generation:
             now = time.perf_counter()
             self.metrics.observe_token(now - (self.t_last if self.t_last is not None else self.t0),
                                        first=self.t_first is None)
-            self.t_first = self.t_first if self.t_first is not None else now
+            if self.t_first is None:
+                self.t_first = now
             self.t_last = now
             self.n_tokens += 1
             if token_id == EOT:
@@ -601,16 +535,17 @@ def sse(data, event: str | None = None) -> str:
 
 
 def sse_comment(text: str) -> str:
+    """': waiting for rank 2\\n\\n': clients skip comments; a person reading the stream sees why it waits."""
     return ": " + " ".join(str(text).splitlines()) + "\n\n"
 
 
-def event_stream(chunks) -> Response:
-    return Response(chunks, mimetype="text/event-stream",
+def event_stream(chunks, gen: Generation) -> Response:
+    """A streamed text/event-stream response. However it ends (finished, or the client left before
+    the first chunk), closing it also closes `gen`'s leader connection."""
+    resp = Response(chunks, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def model_name() -> str:
-    return state().leader_info.get("model") or current_app.config["MODEL_NAME"] or "gpt2"
+    resp.call_on_close(gen.close)
+    return resp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,7 +567,7 @@ def _register_chat(app: Flask):
         if not stream:
             result = gen.run()
             return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result))
-        return event_stream(_chat_events(gen, params))
+        return event_stream(_chat_events(gen, params), gen)
 
 
 def _chat_events(gen: Generation, params: SamplingParams):
@@ -647,8 +582,7 @@ def _chat_events(gen: Generation, params: SamplingParams):
             yield sse({"response": gen.text, "config": params_view(params, gen.n_tokens),
                        "stats": gen.stats(event[1])}, event="done")
         else:
-            err = leader_error(event[1])
-            gen.metrics.count_error(err.kind)
+            err = gen.stream_error(event[1])
             yield sse({"error": err.message, "status": err.status}, event="error")
 
 
@@ -723,284 +657,3 @@ def _register_cluster(app: Flask):
             status = None
         return Response(render_metrics(state().metrics, status),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-class Histogram:
-    """A Prometheus histogram: observe(0.03) with buckets (0.01, 0.05) counts in le="0.05" and le="+Inf"."""
-
-    def __init__(self, buckets: tuple):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)      # per bucket, not yet cumulative; the last is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float):
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def lines(self, name: str) -> list:
-        out, running = [], 0
-        for le, n in zip([*map(_num, self.buckets), "+Inf"], self.counts):
-            running += n
-            out.append(f'{name}_bucket{{le="{le}"}} {running}')
-        return out + [f"{name}_sum {_num(self.sum)}", f"{name}_count {running}"]
-
-
-class WebMetrics:
-    """The web app's own measurements, shared by every request thread."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict = {}            # route -> generations started
-        self.errors: dict = {}              # kind -> errors answered
-        self.tokens = 0
-        self.in_flight = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.per_token = Histogram(TOKEN_BUCKETS)
-        self.node_s: dict = {}              # (rank, "compute" | "transit") -> seconds
-
-    def count_request(self, route: str):
-        with self.lock:
-            self.requests[route] = self.requests.get(route, 0) + 1
-
-    def count_error(self, kind: str):
-        with self.lock:
-            self.errors[kind] = self.errors.get(kind, 0) + 1
-
-    def begin(self):
-        with self.lock:
-            self.in_flight += 1
-
-    def end(self):
-        with self.lock:
-            self.in_flight -= 1
-
-    def observe_token(self, seconds: float, first: bool):
-        with self.lock:
-            self.tokens += 1
-            (self.ttft if first else self.per_token).observe(seconds)
-
-    def observe_nodes(self, node_ms: dict):
-        with self.lock:
-            for rank, times in node_ms.items():
-                for part in ("compute", "transit"):
-                    key = (str(rank), part)
-                    self.node_s[key] = self.node_s.get(key, 0.0) + float(times.get(part) or 0.0) / 1000
-
-
-def _num(v) -> str:
-    return repr(float(v)) if isinstance(v, float) else str(v)
-
-
-def _label(v) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def render_metrics(m: WebMetrics, status: dict | None) -> str:
-    """Prometheus text exposition format 0.0.4: # HELP, # TYPE, then samples."""
-    out: list = []
-
-    def family(name, kind, help_text, samples):
-        out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
-
-    with m.lock:
-        family("nanopipe_web_requests_total", "counter", "Generations the web app started, by route.",
-               [({"route": r}, n) for r, n in sorted(m.requests.items())] or [({"route": "chat"}, 0)])
-        family("nanopipe_web_tokens_total", "counter", "Tokens the web app passed on to callers.", [({}, m.tokens)])
-        family("nanopipe_web_errors_total", "counter", "Error answers, by kind (invalid, unauthorized, "
-               "unreachable, cluster, internal).",
-               [({"kind": k}, n) for k, n in sorted(m.errors.items())] or [({"kind": "invalid"}, 0)])
-        family("nanopipe_web_in_flight", "gauge", "Generations the web app is streaming now.", [({}, m.in_flight)])
-        out.extend(["# HELP nanopipe_web_ttft_seconds Time from the HTTP request to its first token.",
-                    "# TYPE nanopipe_web_ttft_seconds histogram", *m.ttft.lines("nanopipe_web_ttft_seconds"),
-                    "# HELP nanopipe_web_time_per_token_seconds Time between consecutive tokens of a reply.",
-                    "# TYPE nanopipe_web_time_per_token_seconds histogram",
-                    *m.per_token.lines("nanopipe_web_time_per_token_seconds")])
-        for part in ("compute", "transit"):
-            family(f"nanopipe_node_{part}_seconds_total", "counter",
-                   f"Each node's {part} time, summed over the replies this web app served.",
-                   [({"rank": r}, s) for (r, p), s in sorted(m.node_s.items()) if p == part])
-    family("nanopipe_leader_up", "gauge", "1 if the leader answered a status request.", [({}, int(status is not None))])
-    if status is not None:
-        family("nanopipe_leader_ready", "gauge", "1 if every rank is up and the ring is closed.",
-               [({}, int(bool(status.get("ready"))))])
-        family("nanopipe_live_sessions", "gauge", "Generations live on the leader now.",
-               [({}, status.get("live_sessions") or 0)])
-        for key, help_text in (("requests", "Requests the leader has admitted."),
-                               ("tokens", "Tokens the leader has sampled."),
-                               ("errors", "Requests the leader failed.")):
-            family(f"nanopipe_leader_{key}_total", "counter", help_text, [({}, status.get(key) or 0)])
-        nodes = status.get("nodes", [])
-        family("nanopipe_node_up", "gauge", "1 if the node is up.",
-               [({"rank": n.get("rank"), "host": n.get("host")}, int(n.get("status") == "up")) for n in nodes])
-        family("nanopipe_node_rss_bytes", "gauge", "Each node's resident memory as it last reported.",
-               [({"rank": n.get("rank"), "host": n.get("host")}, int(n["rss_mb"] * 1024 * 1024))
-                for n in nodes if isinstance(n.get("rss_mb"), (int, float))])
-        if status.get("kv_cache_bytes") is not None:
-            family("nanopipe_leader_kv_cache_bytes", "gauge", "Rank 0's KV cache memory.",
-                   [({}, status["kv_cache_bytes"])])
-    return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenAI-compatible routes
-
-
-def _completion_logprobs(tok, result: dict, echo: bool, offset0: int = 0) -> dict:
-    """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
-    ids = (list(result.get("prompt_ids") or []) if echo else []) + list(result["token_ids"])
-    lps = (([None] + list(result.get("prompt_logprobs") or [])) if echo else []) + list(result.get("logprobs") or [])
-    tops = result.get("top_logprobs")
-    pieces = ["" if t == EOT else p for t, p in zip(ids, tok.pieces(ids))]
-    offsets, pos = [], offset0
-    for p in pieces:
-        offsets.append(pos)
-        pos += len(p)
-    out = {"tokens": pieces, "token_logprobs": lps, "text_offset": offsets}
-    if tops is not None:
-        prompt_part = [None] * (len(result.get("prompt_ids") or []) if echo else 0)
-        out["top_logprobs"] = prompt_part + [{tok.pieces([t["id"]])[0]: t["logprob"] for t in pos_top}
-                                             for pos_top in tops]
-    else:
-        out["top_logprobs"] = None
-    return out
-
-
-def _chat_logprobs(tok, result: dict) -> dict:
-    """The chat API's logprobs: one entry per generated token with its top alternatives."""
-    tops = result.get("top_logprobs") or [[] for _ in result["token_ids"]]
-    content = []
-    for t, lp, top in zip(result["token_ids"], result.get("logprobs") or [], tops):
-        piece = tok.pieces([t])[0]
-        content.append({"token": piece, "logprob": lp, "bytes": list(tok.token_bytes(t)),
-                        "top_logprobs": [{"token": tok.pieces([x["id"]])[0], "logprob": x["logprob"],
-                                          "bytes": list(tok.token_bytes(x["id"]))} for x in top]})
-    return {"content": content}
-
-
-def _usage(result: dict, gen: Generation) -> dict:
-    prompt = len(result.get("prompt_ids") or gen.prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
-
-
-def _register_openai(app: Flask):
-    @app.get("/v1/models")
-    def models():
-        try:
-            leader_status()
-        except ApiError:
-            if not current_app.config["MODEL_NAME"]:
-                raise
-        return jsonify(object="list", data=[{"id": model_name(), "object": "model", "created": 0,
-                                             "owned_by": "nanopipe"}])
-
-    @app.post("/v1/completions")
-    def completions():
-        body = json_body()
-        params, stream = openai_request(body)
-        logprobs = optional(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5, "an integer in 0..5 or null")
-        echo = optional(body, "echo", lambda v: isinstance(v, bool), "true or false") or False
-        if stream and (logprobs is not None or echo):
-            raise ApiError(400, "logprobs/echo: not available with stream=true; ask without streaming",
-                           param="logprobs" if logprobs is not None else "echo")
-        ids = encode_prompt(body.get("prompt"), "prompt")
-        gen = start_generation(ids, params, "completions", "prompt", echo=echo, top_logprobs=logprobs or 0)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name()}
-        if stream:
-            return event_stream(_completion_chunks(gen, meta, _include_usage(body)))
-        result = gen.run()
-        prompt_text = tokenizer().decode(ids) if echo else ""
-        choice = {"text": prompt_text + gen.text, "index": 0, "finish_reason": result.get("finish_reason"),
-                  "logprobs": None if logprobs is None else _completion_logprobs(tokenizer(), result, echo)}
-        return jsonify(**meta, choices=[choice], usage=_usage(result, gen))
-
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        body = json_body()
-        params, stream = openai_request(body)
-        want_logprobs = optional(body, "logprobs", lambda v: isinstance(v, bool), "true or false") or False
-        top = optional(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= 20, "an integer in 0..20")
-        if stream and want_logprobs:
-            raise ApiError(400, "logprobs: not available with stream=true; ask without streaming", param="logprobs")
-        ids = encode_prompt(chat_prompt(body.get("messages")), "messages")
-        gen = start_generation(ids, params, "chat_completions", "messages",
-                               top_logprobs=(top or 0) if want_logprobs else 0)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name()}
-        if stream:
-            return event_stream(_chat_chunks(gen, dict(meta, object="chat.completion.chunk"), _include_usage(body)))
-        result = gen.run()
-        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
-                  "logprobs": _chat_logprobs(tokenizer(), result) if want_logprobs else None,
-                  "finish_reason": result.get("finish_reason")}
-        return jsonify(**meta, choices=[choice], usage=_usage(result, gen))
-
-
-def _include_usage(body: dict) -> bool:
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def _openai_error_chunk(gen: Generation, e: ClientError) -> str:
-    err = leader_error(e)
-    gen.metrics.count_error(err.kind)
-    return sse({"error": {"message": err.message, "type": "invalid_request_error" if err.status == 400 else
-                          "server_error", "param": err.param, "code": None}})
-
-
-def _completion_chunks(gen: Generation, meta: dict, usage: bool):
-    """OpenAI's text_completion stream: one chunk per token, a last one with finish_reason, [DONE]."""
-    try:
-        yield from _completion_events(gen, meta, usage)
-    finally:
-        gen.close()
-
-
-def _completion_events(gen: Generation, meta: dict, usage: bool):
-    for event in gen.events():
-        if event[0] == "token" and event[2]:
-            yield sse({**meta, "choices": [{"text": event[2], "index": 0, "logprobs": None, "finish_reason": None}]})
-        elif event[0] == "status":
-            yield sse_comment(event[1])          # clients skip comments; a person reading the stream sees why it waits
-        elif event[0] == "done":
-            yield sse({**meta, "choices": [{"text": "", "index": 0, "logprobs": None,
-                                            "finish_reason": event[1].get("finish_reason")}]})
-            if usage:
-                yield sse({**meta, "choices": [], "usage": _usage(event[1], gen)})
-        elif event[0] == "error":
-            yield _openai_error_chunk(gen, event[1])
-    yield sse("[DONE]")
-
-
-def _chat_chunks(gen: Generation, meta: dict, usage: bool):
-    """OpenAI's chat.completion.chunk stream: the role first, then content deltas, then finish_reason."""
-    try:
-        yield from _chat_chunk_events(gen, meta, usage)
-    finally:
-        gen.close()
-
-
-def _chat_chunk_events(gen: Generation, meta: dict, usage: bool):
-    yield sse({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}]})
-    for event in gen.events():
-        if event[0] == "token" and event[2]:
-            yield sse({**meta, "choices": [{"index": 0, "delta": {"content": event[2]}, "logprobs": None,
-                                            "finish_reason": None}]})
-        elif event[0] == "status":
-            yield sse_comment(event[1])
-        elif event[0] == "done":
-            yield sse({**meta, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                            "finish_reason": event[1].get("finish_reason")}]})
-            if usage:
-                yield sse({**meta, "choices": [], "usage": _usage(event[1], gen)})
-        elif event[0] == "error":
-            yield _openai_error_chunk(gen, event[1])
-    yield sse("[DONE]")

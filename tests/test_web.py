@@ -1,4 +1,4 @@
-"""The web app (nanopipe/webapp.py): every route against a fake leader, then a few against a real
+"""The web app (nanopipe/webapp.py, openai_api.py, web_metrics.py): every route against a fake leader, then a few against a real
 local cluster.
 
 The fake leader stands in for the cluster behind the app's CLIENT_FACTORY: it streams scripted
@@ -17,8 +17,10 @@ from click.testing import CliRunner
 from conftest import CONFIG_DIR
 
 from nanopipe.client import ClientError
+from nanopipe.openai_api import chat_prompt, openai_strategy
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.webapp import Histogram, chat_prompt, create_app, openai_strategy, settings_from_configs
+from nanopipe.web_metrics import Histogram
+from nanopipe.webapp import create_app, settings_from_configs
 
 EOT = 50256
 DEFAULTS = {"active_decoding_strategy": "top_p", "max_new_tokens": 50,
