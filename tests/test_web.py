@@ -1,4 +1,4 @@
-"""The web app (nanopipe/webapp.py, openai_api.py, web_metrics.py): every route against a fake leader, then a few against a real
+"""The web app (webapp.py, openai_api.py, web_metrics.py): every route against a fake leader, then a few against a real
 local cluster.
 
 The fake leader stands in for the cluster behind the app's CLIENT_FACTORY: it streams scripted
