@@ -50,6 +50,7 @@ from .wire import (
     send_array,
     send_frame,
 )
+from .worker import rss_mb
 
 CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed")
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
@@ -660,7 +661,7 @@ class Leader:
         """What /health, /config and /metrics show: every node, up or down."""
         now = time.time()
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
-                  "last_seen_s": 0.0, "rss_mb": _rss_mb()}]
+                  "last_seen_s": 0.0, "rss_mb": rss_mb()}]
         for r, w in self.workers.items():
             nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
                           "status": "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
@@ -685,18 +686,3 @@ def _send_timeout(sock, seconds: float):
                         struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
     except (OSError, struct.error):
         pass                                # not on this platform: sends block as before
-
-
-def _rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    try:
-        import resource
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    except Exception:
-        return None

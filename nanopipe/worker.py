@@ -167,7 +167,7 @@ class Worker:
         while True:
             try:
                 with self.control_lock:
-                    send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": _rss_mb(),
+                    send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": rss_mb(),
                                                  "compute_ms": round(self.compute_ms, 3), "frames": self.frames,
                                                  "sessions": len(self.caches),
                                                  "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))})
@@ -332,11 +332,19 @@ class Worker:
             self.down_sock = None
 
 
-def _rss_mb():
+def rss_mb() -> float | None:
+    """This process's resident memory in MB: what each node reports for /health and /metrics."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
+        pass
+    try:                                    # no /proc (macOS): the peak instead, in bytes there
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+    except (ImportError, OSError):
         return None
