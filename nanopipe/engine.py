@@ -10,7 +10,8 @@ Continuous batching: every step takes the pending rows of every live session (a 
 up to PREFILL_CHUNK rows, or the one row of the last sampled token), runs them through the stage
 as ONE batch (one matmul per weight; attention per session against its own cache), samples each
 session's next token, and lets new requests join and finished ones leave between steps. With a
-ring of N stages, up to N batches are in flight so every stage has work.
+ring over N machines, up to N batches are in flight (`ring.depth`, see ClusterConfig.depth) so every
+machine has work; stages that share a machine get one batch holding every session.
 """
 from __future__ import annotations
 
