@@ -446,20 +446,31 @@ def _fetch_whole(url: str, part: str, *, timeout: float, chunk: int, progress: b
     return total
 
 
-def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> str:
+def _fetch_verified(fetch, check, url, dest, part, out, advice: str) -> str:
+    """fetch() into `part`, check(part); on a bad file delete it and fetch once more. Only a file
+    that passed the check is renamed to `dest`, so a loader never sees a partial or corrupt one."""
     for attempt in (1, 2):
-        total = _fetch_whole(url, part, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+        fetch()
         try:
-            verify(part, sha256, total)
+            check(part)
             break
         except PullError as e:
             os.remove(part)
             if attempt == 2:
-                raise PullError(f"{url}: the download failed verification twice ({e}); check the url and "
-                                f"sha256 for this model in the config, or {_what_to_do(dest)}") from None
+                raise PullError(f"{url}: the download failed verification twice ({e}); {advice}") from None
             out.write(f"{e}; deleted it, downloading again\n")
     os.replace(part, dest)
     return dest
+
+
+def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> str:
+    got = {}
+
+    def fetch():
+        got["total"] = _fetch_whole(url, part, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+
+    return _fetch_verified(fetch, lambda path: verify(path, sha256, got["total"]), url, dest, part, out,
+                           f"check the url and sha256 for this model in the config, or {_what_to_do(dest)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,22 +592,14 @@ def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out
         extra = " + embeddings/head" if rank0 else ""
         out.write(f"{url}: blocks {lo}..{hi - 1}{extra}: {len(infos)} tensors, "
                   f"{_mb(size)} of {_mb(total)} in {len(runs)} range requests\n")
-    for attempt in (1, 2):
-        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out,
-                     dest=dest)
-        try:
-            got = verify(part, expected_size=size)
-            if set(got.tensors) != {t.name for t in infos}:
-                raise PullError(f"{part}: holds the wrong tensors")
-            break
-        except PullError as e:
-            os.remove(part)
-            if attempt == 2:
-                raise PullError(f"{url}: the slice failed verification twice ({e}); "
-                                f"{_what_to_do(dest)}") from None
-            out.write(f"{e}; deleted it, downloading again\n")
-    os.replace(part, dest)
-    return dest
+    def fetch():
+        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+
+    def check(path):
+        if set(verify(path, expected_size=size).tensors) != {t.name for t in infos}:
+            raise PullError(f"{path}: holds the wrong tensors")
+
+    return _fetch_verified(fetch, check, url, dest, part, out, _what_to_do(dest))
 
 
 def _slice_ok(path: str, lo: int, hi: int, rank0: bool) -> None:
