@@ -37,6 +37,7 @@ from .net import (
     listen,
     max_act_bytes,
     server_tls,
+    tls_wrap,
     tune,
 )
 from .wire import (
@@ -312,7 +313,7 @@ class Leader:
             tune(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT_S)     # a peer that connects and says nothing is dropped
             if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_side=True)
+                sock = tls_wrap(self.tls, sock, server_side=True)
             hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("worker", "data", "client"))
         except (HandshakeError, WireError, OSError, ValueError) as e:
             self.metrics["rejected_peers"] += 1
@@ -681,6 +682,9 @@ class Leader:
 
 def _send_timeout(sock, seconds: float):
     """Make sends on `sock` fail after `seconds` instead of blocking forever; receives still wait."""
+    if hasattr(sock, "set_send_timeout"):   # a TLSStream: its socket is non-blocking, it keeps the bound
+        sock.set_send_timeout(seconds)
+        return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))

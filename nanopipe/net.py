@@ -13,8 +13,11 @@ the CHALLENGE, then a REJECT, and nothing else.
 """
 from __future__ import annotations
 
+import errno
+import select
 import socket
 import ssl
+import threading
 import time
 
 from .wire import (
@@ -96,6 +99,109 @@ def close_now(sock):
             pass
 
 
+class TLSStream:
+    """A TLS connection that several threads may use at once, like a plain socket.
+
+    Our links are full duplex across threads: a worker's heartbeat thread writes STATS while its
+    main thread waits in recv on the same connection; the leader sends STATUS to a worker whose
+    thread is reading it; a client's sender thread streams tokens while its reader waits for the
+    next request. A plain socket allows that. An SSL object does not: OpenSSL forbids two threads
+    in one SSL at a time and CPython's ssl module does not serialize them (cpython#151508), so a
+    blocked SSL_read racing an SSL_write corrupts the heap (CI saw the leader die with `free():
+    corrupted unsorted chunks`).
+
+    So the SSL object runs non-blocking and every call into it holds one lock, which is never held
+    while waiting: a thread that must wait for the socket releases the lock and polls the fd.
+
+        reader: [lock] SSL_read -> want read [unlock]  poll(readable) ...  [lock] SSL_read -> data
+        writer:                [lock] SSL_write -> done [unlock]
+
+    A second lock keeps each sendall() whole, so two senders never interleave their frames.
+    """
+
+    def __init__(self, ssock: ssl.SSLSocket):
+        self._s = ssock
+        self._lock = threading.Lock()          # one thread inside the SSL object at a time
+        self._send_lock = threading.Lock()     # one sendall() at a time
+        self._timeout = ssock.gettimeout()     # None: block; seconds: raise socket.timeout
+        self._send_timeout = None              # a bound on sends only (SO_SNDTIMEO of a plain socket)
+        self._closed = False
+        ssock.setblocking(False)
+
+    def _call(self, op, *args, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the TLS connection is closed")
+                try:
+                    return op(*args)
+                except ssl.SSLWantReadError:
+                    want_write = False
+                except ssl.SSLWantWriteError:
+                    want_write = True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise socket.timeout("timed out")
+            _wait_fd(self._s.fileno(), want_write, left)
+
+    def recv_into(self, buf, nbytes: int = 0) -> int:
+        return self._call(self._s.recv_into, buf, nbytes or len(buf), timeout=self._timeout)
+
+    def recv(self, nbytes: int) -> bytes:
+        return self._call(self._s.recv, nbytes, timeout=self._timeout)
+
+    def sendall(self, data):
+        view = memoryview(data).cast("B")
+        timeouts = [t for t in (self._timeout, self._send_timeout) if t is not None]
+        with self._send_lock:
+            sent = 0
+            while sent < len(view):     # a retry after want-write passes the same bytes, as OpenSSL requires
+                sent += self._call(self._s.send, view[sent:], timeout=min(timeouts) if timeouts else None)
+
+    def settimeout(self, seconds):
+        self._timeout = seconds
+
+    def gettimeout(self):
+        return self._timeout
+
+    def set_send_timeout(self, seconds: float):
+        self._send_timeout = seconds
+
+    def version(self):
+        with self._lock:
+            return None if self._closed else self._s.version()
+
+    def shutdown(self, how):
+        """Wake threads waiting on this connection: shuts the TCP socket without touching the SSL
+        object another thread may be in (SSLSocket.shutdown would drop it)."""
+        socket.socket.shutdown(self._s, how)
+
+    def close(self):
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._s.close()
+
+    def __getattr__(self, name):       # fileno, getpeername, setsockopt, ...: the TCP socket's
+        return getattr(self._s, name)
+
+
+def _wait_fd(fd: int, for_write: bool, timeout: float | None):
+    """Block until fd is readable (or writable), or timeout seconds pass; either way the caller retries."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(fd, select.POLLOUT if for_write else select.POLLIN)
+        p.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+    else:
+        select.select([] if for_write else [fd], [fd] if for_write else [], [], timeout)
+
+
+def tls_wrap(ctx: ssl.SSLContext, sock: socket.socket, server_side: bool = False) -> TLSStream:
+    """Run the TLS handshake on sock (bounded by its timeout) and return the thread-safe stream."""
+    return TLSStream(ctx.wrap_socket(sock, server_side=server_side))
+
+
 def client_tls(cafile: str | None):
     if not cafile:
         return None
@@ -137,7 +243,7 @@ def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str
         try:
             tune(sock)
             if tls is not None:
-                sock = tls.wrap_socket(sock)
+                sock = tls_wrap(tls, sock)
             welcome = hello(sock, role=role, rank=rank, token=token, peer=f"{who or 'peer'} at {host}:{port}",
                             extra=extra)
             sock.settimeout(None)

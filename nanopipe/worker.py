@@ -30,6 +30,7 @@ from .net import (
     listen,
     max_act_bytes,
     server_tls,
+    tls_wrap,
     tune,
 )
 from .wire import (
@@ -199,7 +200,7 @@ class Worker:
             tune(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT_S)     # a peer that connects and says nothing is dropped
             if self.tls_server is not None:
-                sock = self.tls_server.wrap_socket(sock, server_side=True)
+                sock = tls_wrap(self.tls_server, sock, server_side=True)
             hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("data",))
             if hello.get("rank") != self.rank - 1:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
