@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 import click
 
@@ -35,17 +36,23 @@ def _fail_clean(fn):
 
 
 def _share_cores(cluster, rank: int):
-    """When other ranks run on this same machine, stop idle OpenBLAS threads from spinning.
+    """When other ranks run on this same machine, make idle OpenBLAS threads sleep sooner.
 
-    OpenBLAS threads spin for a while after each call before they sleep. With one process per
-    machine that is a few percent faster, but when several stages share a machine (the shipped
-    configs, `nanopipe demo`, the tests) the idle stages' spinning threads steal the cores from the
-    busy one: a 3-node cluster on 2 cores measured 10 tok/s with the default spin, 44 tok/s without.
-    Must run before numpy loads OpenBLAS; an explicit OPENBLAS_THREAD_TIMEOUT wins.
+    After each call, OpenBLAS threads spin for 2**OPENBLAS_THREAD_TIMEOUT timer ticks before they
+    sleep (default 2**28, about 0.1 s). With one process per machine that is what you want. When
+    several stages share a machine (the shipped configs, `nanopipe demo`, the tests), an idle
+    stage's spinning threads steal the cores from the busy one: a 3-node cluster on 2 cores made
+    10 tok/s with the default. Too short a spin costs too: the threads then fall asleep between the
+    back-to-back matmuls of one stage and each call pays a wake-up. Measured on x86-64 (2 cores, 3
+    nodes, side by side in one session): 2**4 ticks 43-44 tok/s, 2**20 (~0.4 ms) 48-50 tok/s,
+    2**24 34-37 tok/s, 2**26 17 tok/s. On ARM the timer ticks some 50x slower than on x86, so
+    there the short setting stays. Must run before numpy loads OpenBLAS; an explicit
+    OPENBLAS_THREAD_TIMEOUT wins.
     """
     me = cluster.node(rank).ip
     if sum(n.ip == me for n in cluster.nodes) > 1:
-        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20" if x86 else "4")
 
 
 def common_options(fn):
