@@ -11,6 +11,7 @@ tls_cert as the CA it checks the leader against:
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from click.testing import CliRunner
@@ -78,3 +79,33 @@ def test_web_app_dials_the_leader_over_tls(tls_cluster, reference):
     chat = client.post("/chat", json={"text": TEXT, "decoding_strategy": "greedy", "max_tokens": 8})
     assert chat.status_code == 200, chat.get_json()
     assert chat.get_json()["response"] == get_tokenizer().decode(reference)
+
+
+def test_concurrent_chats_over_tls_never_cross_and_the_leader_survives(tls_cluster, tiny_engine):
+    """Many full-duplex TLS connections at once: each client's sender and reader threads on the
+    leader, the workers' heartbeats, the ring. (CI once lost the leader to two threads inside one
+    SSL object; see tests/test_tls_stream.py.)"""
+    tok = get_tokenizer()
+    prompts = [tok.encode(f"Chat number {i} says") for i in range(6)]
+    params = [SamplingParams("greedy", max_tokens=12), SamplingParams("sampling", max_tokens=12, temperature=0.9,
+                                                                     seed=7)]
+    expected = {(i, j): tiny_engine.generate(p, params[j])["token_ids"]
+                for i, p in enumerate(prompts) for j in range(2)}
+    got, errors = {}, []
+
+    def chat(i, j):
+        try:
+            with tls_cluster.client(timeout=30) as c:
+                got[i, j] = c.generate(prompts[i], params[j])["token_ids"]
+        except Exception as e:  # reported below
+            errors.append(f"chat {i}/{j}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=chat, args=key) for key in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert got == expected
+    assert all(p.poll() is None for p in tls_cluster.procs.values()), tls_cluster.logs()
+    assert "Traceback" not in tls_cluster.logs()
