@@ -188,12 +188,16 @@ class Scheduler:
     def interrupt(self, message: str):
         """The ring broke: batches in flight are lost. Sessions stay, waiting for replay_all()."""
         with self.lock:
-            for batch in self.in_flight.values():
-                for s in batch.sessions:
-                    s.in_flight = False
-            self.in_flight.clear()
+            self._drop_in_flight()
             for s in self.sessions.values():
                 _emit(s.req, "status", {"text": message})
+
+    def _drop_in_flight(self):
+        """Forget the batches out on a ring that broke; their sessions may be batched again."""
+        for batch in self.in_flight.values():
+            for s in batch.sessions:
+                s.in_flight = False
+        self.in_flight.clear()
 
     def replay_all(self) -> int:
         """After the ring is rebuilt, every stage's caches are gone: feed each live session's tokens
@@ -210,10 +214,7 @@ class Scheduler:
     def fail_all(self, message: str):
         """Every live and waiting request ends with `message` (the ring did not heal in time)."""
         with self.lock:
-            for batch in self.in_flight.values():
-                for s in batch.sessions:
-                    s.in_flight = False
-            self.in_flight.clear()
+            self._drop_in_flight()
             for s in list(self.sessions.values()):
                 self._end(s, error=message)
             while not self.waiting.empty():

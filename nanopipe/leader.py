@@ -28,17 +28,14 @@ from .config import ClusterConfig, ModelConfig
 from .decoding import DecodingError, make_params
 from .engine import Request, Scheduler
 from .net import (
-    HANDSHAKE_TIMEOUT_S,
     HandshakeError,
-    challenge,
+    accept,
     client_tls,
     close_now,
     dial,
     listen,
     max_act_bytes,
     server_tls,
-    tls_wrap,
-    tune,
 )
 from .wire import (
     ConnectionClosed,
@@ -310,15 +307,11 @@ class Leader:
     def _handle(self, sock, addr):
         peer = f"{addr[0]}:{addr[1]}"
         try:
-            tune(sock)
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)     # a peer that connects and says nothing is dropped
-            if self.tls is not None:
-                sock = tls_wrap(self.tls, sock, server_side=True)
-            hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("worker", "data", "client"))
+            sock, hello = accept(sock, peer=peer, tls=self.tls, token=self.cluster.auth_token,
+                                 roles=("worker", "data", "client"))
         except (HandshakeError, WireError, OSError, ValueError) as e:
             self.metrics["rejected_peers"] += 1
             self.log(f"Rejected connection from {peer}: {e}")
-            close_now(sock)
             return
         role = hello["role"]
         try:
@@ -682,9 +675,6 @@ class Leader:
 
 def _send_timeout(sock, seconds: float):
     """Make sends on `sock` fail after `seconds` instead of blocking forever; receives still wait."""
-    if hasattr(sock, "set_send_timeout"):   # a TLSStream: its socket is non-blocking, it keeps the bound
-        sock.set_send_timeout(seconds)
-        return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))

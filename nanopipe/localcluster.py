@@ -90,9 +90,10 @@ class LocalCluster:
                                      partition=partition, layer_mapping=layer_mapping, n_head=n_head,
                                      cluster_extra=cluster_extra, weights_url=weights_url)
         self.pull_ranks = tuple(pull_ranks)
-        self.token = (cluster_extra or {}).get("auth_token")
-        self.tls_ca = (cluster_extra or {}).get("tls_cert")     # the pinned certificate is the CA
         self.env = dict(os.environ, **(env or {}))
+        # the secret its processes use: NANOPIPE_TOKEN wins over auth_token, as in config.py
+        self.token = self.env.get("NANOPIPE_TOKEN") or (cluster_extra or {}).get("auth_token")
+        self.tls_ca = (cluster_extra or {}).get("tls_cert")     # the pinned certificate is the CA
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.quiet = quiet
         self.ready_timeout = ready_timeout

@@ -17,6 +17,7 @@ import errno
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -124,7 +125,7 @@ class TLSStream:
         self._lock = threading.Lock()          # one thread inside the SSL object at a time
         self._send_lock = threading.Lock()     # one sendall() at a time
         self._timeout = ssock.gettimeout()     # None: block; seconds: raise socket.timeout
-        self._send_timeout = None              # a bound on sends only (SO_SNDTIMEO of a plain socket)
+        self._send_timeout = None              # a bound on sends only: SO_SNDTIMEO, see setsockopt
         self._closed = False
         ssock.setblocking(False)
 
@@ -165,8 +166,13 @@ class TLSStream:
     def gettimeout(self):
         return self._timeout
 
-    def set_send_timeout(self, seconds: float):
-        self._send_timeout = seconds
+    def setsockopt(self, level, option, value):
+        """As a socket's. SO_SNDTIMEO (`struct.pack("ll", seconds, microseconds)`) also bounds
+        sendall here: this socket never blocks in the kernel, so the kernel's bound would not apply."""
+        self._s.setsockopt(level, option, value)
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_SNDTIMEO) and isinstance(value, bytes):
+            seconds, micros = struct.unpack("ll", value)
+            self._send_timeout = (seconds + micros / 1e6) or None
 
     def version(self):
         with self._lock:
@@ -252,6 +258,24 @@ def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str
             sock.close()
             raise
     raise AssertionError("unreachable")
+
+
+def accept(sock, *, peer: str, tls, token: str | None, roles: tuple) -> tuple:
+    """The listening side of a new connection, the mirror of `dial`: tune it, bound the handshake in
+    time (a peer that connects and says nothing is dropped), TLS if configured, CHALLENGE / HELLO.
+
+    Returns (sock, HELLO meta); under TLS, sock is the TLSStream to use from now on. Raises
+    HandshakeError, WireError, OSError or ValueError after closing the connection.
+    """
+    try:
+        tune(sock)
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        if tls is not None:
+            sock = tls_wrap(tls, sock, server_side=True)
+        return sock, challenge(sock, token=token, peer=peer, roles=roles)
+    except BaseException:
+        close_now(sock)
+        raise
 
 
 def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None) -> dict:

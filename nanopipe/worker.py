@@ -21,17 +21,14 @@ import numpy as np
 from .config import ClusterConfig
 from .model import GPTConfig, KVCache, blocks_forward
 from .net import (
-    HANDSHAKE_TIMEOUT_S,
     HandshakeError,
-    challenge,
+    accept,
     client_tls,
     close_now,
     dial,
     listen,
     max_act_bytes,
     server_tls,
-    tls_wrap,
-    tune,
 )
 from .wire import (
     ConnectionClosed,
@@ -197,11 +194,7 @@ class Worker:
     def _upstream(self, sock, addr):
         peer = f"{addr[0]}:{addr[1]}"
         try:
-            tune(sock)
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)     # a peer that connects and says nothing is dropped
-            if self.tls_server is not None:
-                sock = tls_wrap(self.tls_server, sock, server_side=True)
-            hello = challenge(sock, token=self.cluster.auth_token, peer=peer, roles=("data",))
+            sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token, roles=("data",))
             if hello.get("rank") != self.rank - 1:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
                                                         f"{self.rank - 1} only"})

@@ -121,7 +121,8 @@ def wait_until(cl: LocalCluster, ok, timeout: float, what: str) -> dict:
         if ok(st):
             return st
         if time.time() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout}s; last status:\n{json.dumps(st, indent=1)}")
+            raise AssertionError(f"{what} not seen within {timeout}s; last status:\n{json.dumps(st, indent=1)}\n"
+                                 f"{cl.logs()}")
         time.sleep(0.05)
 
 

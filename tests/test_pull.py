@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nanopipe import pull as P
-from nanopipe.pull import PullError, parse_layers, pull, slice_path, verify
+from nanopipe.pull import PullError, gpt2_tensor_shapes, parse_layers, pull, slice_path, verify
 from nanopipe.safetensors_io import TensorInfo, read_header, read_tensor, write_safetensors
 
 try:
@@ -27,16 +27,7 @@ L, C, V, T = 4, 32, 100, 16
 
 def hub_tensors(prefix: str = "", lm_head: bool = False) -> dict:
     rng = np.random.default_rng(0)
-    shapes = {"wte.weight": (V, C), "wpe.weight": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(L):
-        shapes.update({
-            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,), f"h.{i}.attn.bias": (1, 1, T, T),
-            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-            f"h.{i}.mlp.c_fc.weight": (C, 4 * C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
-            f"h.{i}.mlp.c_proj.weight": (4 * C, C), f"h.{i}.mlp.c_proj.bias": (C,),
-        })
+    shapes = gpt2_tensor_shapes(L, C, V, T)           # the official hub layout, mask buffers included
     tensors = {prefix + n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     for i in range(L):
         tensors[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((T, T), np.float32)).reshape(1, 1, T, T)

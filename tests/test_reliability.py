@@ -56,32 +56,18 @@ READY_S = 30
 # helpers: start a cluster, speak the protocol by hand, read logs
 
 
-def start(cl: LocalCluster, token=None, tls_ca=None, timeout: float = READY_S) -> LocalCluster:
-    """Start every rank and wait until the ring is up, dialing with `token` (and TLS if `tls_ca`)."""
+def start(cl: LocalCluster, timeout: float = READY_S) -> LocalCluster:
+    """Start every rank and wait until the ring is up; LocalCluster dials with the cluster's own
+    secret (auth_token or NANOPIPE_TOKEN) and, under TLS, pins its certificate."""
     for rank in range(cl.nodes):
         cl.start_rank(rank)
-    wait_ready(cl, token=token, tls_ca=tls_ca, timeout=timeout)
+    cl.wait_ready(timeout)
     return cl
 
 
 def client(cl: LocalCluster, token=None, tls_ca=None) -> LeaderClient:
+    """A client with exactly the given secret: None to show what a peer without one gets."""
     return LeaderClient.connect(cl.leader_addr, token=token, tls_ca=tls_ca)
-
-
-def wait_ready(cl: LocalCluster, token=None, tls_ca=None, timeout: float = READY_S) -> dict:
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        assert cl.procs[0].poll() is None, f"the leader exited:\n{cl.logs()}"
-        try:
-            with client(cl, token, tls_ca) as c:
-                last = c.status()
-            if last["ready"]:
-                return last
-        except ClientError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"cluster not ready within {timeout}s; last status {last}\n{cl.logs()}")
 
 
 def wait_until(what: str, ok, timeout: float, interval: float = 0.05):
@@ -213,7 +199,7 @@ def secure(tiny_weights, tmp_path_factory):
     cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path_factory.mktemp("secure")),
                       cluster_extra={"auth_token": TOKEN, "heartbeat_s": HEARTBEAT_S})
     try:
-        yield start(cl, token=TOKEN)
+        yield start(cl)
     finally:
         cl.stop()
 
@@ -274,7 +260,7 @@ def test_token_from_the_environment(tiny_weights, reference, tmp_path):
     """NANOPIPE_TOKEN, set for every process, is the secret when the config has none."""
     cl = LocalCluster(tiny_weights, nodes=2, workdir=str(tmp_path), env={"NANOPIPE_TOKEN": "from the environment"})
     try:
-        start(cl, token="from the environment")
+        start(cl)
         with pytest.raises(ClientError, match="authentication failed"):
             client(cl, None)
         with client(cl, "from the environment") as c:
@@ -305,7 +291,7 @@ def test_cluster_over_tls(tiny_weights, reference, tmp_path):
     cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path),
                       cluster_extra={"auth_token": TOKEN, "tls_cert": cert, "tls_key": key})
     try:
-        start(cl, token=TOKEN, tls_ca=cert)
+        start(cl)
         with client(cl, TOKEN, tls_ca=cert) as c:
             assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
             got = c.generate(PROMPT, SamplingParams("greedy", max_tokens=20))
@@ -565,7 +551,7 @@ def test_leader_restart_workers_find_it_again_with_fresh_caches(tiny_weights, re
         with pytest.raises(ClientError, match="closed the connection|lost the connection"):
             finish(box)
         cl.start_rank(0)
-        st = wait_ready(cl)
+        st = cl.wait_ready(READY_S)
         for r in (1, 2):
             assert "Leader connection closed; reconnecting" in log_of(cl, r)
 

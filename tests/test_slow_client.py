@@ -26,6 +26,11 @@ from nanopipe.leader import CLIENT_QUEUE_MAX, CLIENT_SEND_TIMEOUT_S
 from nanopipe.localcluster import LocalCluster
 from nanopipe.wire import PROTOCOL_VERSION, Msg, auth_proof, encode_frame, recv_frame, send_frame
 
+try:
+    from tests.test_cluster import status, wait_until
+except ImportError:   # pytest run with tests/ itself on sys.path
+    from test_cluster import status, wait_until
+
 PROMPT = [15496, 995, 11, 616, 1438]               # "Hello world, my name"
 LONG = 120                                          # tokens: prompt + LONG fills most of n_ctx=128
 STUCK_SESSIONS, STUCK_TOKENS = 4, 60
@@ -65,22 +70,6 @@ def fill_buffers(sock):
         sock.sendall(FILL)
     except OSError:         # timed out: the leader stopped reading from us (or hung up)
         pass
-
-
-def status(cl: LocalCluster) -> dict:
-    with cl.client() as c:
-        return c.status()
-
-
-def wait_until(cl: LocalCluster, ok, timeout: float, what: str) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        st = status(cl)
-        if ok(st):
-            return st
-        if time.time() > deadline:
-            raise AssertionError(f"{what}: not seen within {timeout}s; last status {st}\n{cl.logs()}")
-        time.sleep(0.05)
 
 
 def leader_log(cl: LocalCluster) -> str:

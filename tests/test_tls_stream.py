@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from nanopipe.leader import _send_timeout
 from nanopipe.net import TLSStream, close_now, tls_wrap
 from nanopipe.wire import ConnectionClosed, Msg, recv_frame, send_frame
 
@@ -160,7 +161,7 @@ def test_shutdown_from_another_thread_wakes_a_blocked_reader(pair):
 
 def test_a_send_to_a_peer_that_never_reads_fails_after_the_send_timeout(pair):
     client, _ = pair
-    client.set_send_timeout(0.3)
+    _send_timeout(client, 0.3)          # how the leader bounds sends to a client (SO_SNDTIMEO)
     with pytest.raises(socket.timeout):
         for _ in range(10_000):                    # the peer never reads: the buffers fill, then we wait
             client.sendall(b"x" * 65536)
