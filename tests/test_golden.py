@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from floats import assert_same
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
@@ -144,4 +145,4 @@ def test_both_layouts_give_bit_identical_logits(engines):
     """Same float32 weights, same code: the layout must not change a single bit."""
     ids = CASES[-1][0]
     a, b = engines["transformers"].logits(ids), engines["hub"].logits(ids)
-    assert np.array_equal(a, b), f"layouts disagree by up to {np.abs(a - b).max():.3e}"
+    assert_same(a, b, "both layouts load into the same float32 arrays and run the very same calls")

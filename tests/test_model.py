@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from floats import assert_same
 
 from nanopipe.model import (
     ContextOverflow,
@@ -178,8 +179,8 @@ def test_kv_cache_grows_in_chunks_and_keeps_its_rows():
         capacities.append(cache.capacity)
     grown = sorted(set(capacities))
     assert grown == [128, 256, 300], "capacity should jump by chunks and stop at n_ctx"
-    assert np.array_equal(cache.k[0, 1, :, 0], np.arange(300, dtype=np.float32)), "rows lost while growing"
-    assert np.array_equal(cache.v[1, 0, :, 3], -np.arange(300, dtype=np.float32))
+    assert_same(cache.k[0, 1, :, 0], np.arange(300, dtype=np.float32), "keys copied while growing")
+    assert_same(cache.v[1, 0, :, 3], -np.arange(300, dtype=np.float32), "values copied while growing")
     assert cache.nbytes == 2 * 2 * 2 * 300 * 4 * 4
 
 
