@@ -77,8 +77,12 @@ def resolve_weights(config_dir: str, model_name: str | None, weights_path: str |
 
 @click.group()
 @click.version_option(package_name="nanopipe")
-def main():
+@click.option("-v", "--verbose", count=True, help="More log detail (debug lines).")
+@click.option("-q", "--quiet", count=True, help="Fewer log lines: -q warnings and errors only, -qq errors only.")
+def main(verbose, quiet):
     """nanopipe: GPT-2 split across small machines, in pure numpy."""
+    from .logs import setup
+    setup(verbose - quiet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +250,10 @@ def _node_names(config_dir, n):
 # the cluster
 
 
-def _cluster_setup(config_dir, model_name, weights_path, rank):
-    """Configs, the layer plan, and this rank's weights file (pulled if missing and configured)."""
+def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
+    """Configs, the layer plan, and this rank's weights file (pulled if missing and configured).
+
+    `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>"."""
     from .config import load_cluster_config, load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
@@ -257,16 +263,19 @@ def _cluster_setup(config_dir, model_name, weights_path, rank):
                         f"{len(cc.nodes)} nodes (server + {cc.num_workers} workers); make them agree")
     if weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
-        weights_path = _ensure_weights(mc, src, rank, cc, config_dir)
-    elif not os.path.exists(weights_path):
-        raise UserError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
-                        f"`nanopipe init-weights {weights_path}` for synthetic weights")
+        weights_path = _ensure_weights(mc, src, rank, cc, config_dir, log)
+    else:
+        log(f"Checking for model weights ({mc.weights_model_name})...")
+        if not os.path.exists(weights_path):
+            raise UserError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
+                            f"`nanopipe init-weights {weights_path}` for synthetic weights")
+        log(f"Model weights ready at: {weights_path}")
     cfg = _model_shape(config_dir, mc, weights_path)
     ranges = plan_ranges(mc, cfg, len(cc.nodes))
     return mc, cc, cfg, ranges, weights_path
 
 
-def _ensure_weights(mc, src, rank, cc, config_dir):
+def _ensure_weights(mc, src, rank, cc, config_dir, log=click.echo):
     """This rank's weights file, pulled if it is not here yet.
 
     Rank 0 needs the whole file, weights/<filename>. A worker uses the whole file if it is here,
@@ -278,10 +287,10 @@ def _ensure_weights(mc, src, rank, cc, config_dir):
     entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
     try:
         if rank == 0:
-            return ensure_weights(mc.weights_model_name, entry, "weights", log=click.echo)
+            return ensure_weights(mc.weights_model_name, entry, "weights", log=log)
         lo, hi = plan_ranges(mc, _planning_shape(config_dir, mc, src), len(cc.nodes))[rank]
         return ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False,
-                              log=click.echo)
+                              log=log)
     except PullError as e:
         raise UserError(str(e)) from None
 
@@ -319,19 +328,24 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     if rank != 0:
         raise UserError(f"`serve` runs rank 0 (the leader); start rank {rank} with `nanopipe join --rank {rank} "
                         "--host NAME`")
-    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0)
+    from .config import load_cluster_config
+    from .logs import leader_logger
+    log = leader_logger().info
+    cc = load_cluster_config(config_dir)
+    log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
+    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
     from .leader import Leader  # numpy loads only now, after _share_cores
     from .weights import load_stage
     lo, hi = ranges[0]
+    log("Loading server's share of model layers (rank 0)...")
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
-    click.echo(f"[LEADER] Loaded {hi - lo} layers for the leader (layers {lo}-{hi - 1}) plus embeddings and "
-               f"LM head from {path}")
+    log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from {path}")
     leader = Leader(cc, mc, stage, ranges)
     _on_sigterm()
     try:
-        leader.serve_forever()
+        leader.serve_forever()      # logs "Server listening on <ip>:<port>"
     except KeyboardInterrupt:
-        click.echo("[LEADER] Shutting down")
+        log("Shutting down")
     except OSError as e:
         raise UserError(str(e)) from None
 
@@ -350,14 +364,17 @@ def join(rank, host, config_dir, model_name, weights_path, n_head):
         raise UserError(f"{cc.path}: no worker rank {rank}; workers are ranks 1..{len(cc.nodes) - 1}")
     if host is not None:
         cc.rank_of(host)    # an unknown host name is an error naming the config
-    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank)
+    from .logs import worker_logger
+    log = worker_logger(rank).info
+    log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
+    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
     from .worker import Worker  # numpy loads only now, after _share_cores
-    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head)
+    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, layers=ranges[rank])
     _on_sigterm()
     try:
-        worker.run()
+        worker.run()                # logs "Loaded <n> layers for worker R", "Connected to server at ...", ...
     except KeyboardInterrupt:
-        click.echo(f"[WORKER-{rank}] Shutting down")
+        log("Shutting down")
 
 
 def _on_sigterm():

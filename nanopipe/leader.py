@@ -13,6 +13,7 @@ generation continues where it stopped.
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import secrets
 import socket
@@ -27,6 +28,7 @@ import numpy as np
 from .config import ClusterConfig, ModelConfig
 from .decoding import DecodingError, make_params
 from .engine import Request, Scheduler
+from .logs import leader_logger
 from .net import (
     HandshakeError,
     accept,
@@ -56,8 +58,13 @@ CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while fra
 CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
 
 
-def log(msg: str):
-    print(f"[LEADER] {msg}", flush=True)
+_LOG = leader_logger()
+WARNING, ERROR = logging.WARNING, logging.ERROR
+
+
+def log(msg: str, level: int = logging.INFO):
+    """One line of the leader's log: `[LEADER] msg` (nanopipe/logs.py)."""
+    _LOG.log(level, msg)
 
 
 @dataclass
@@ -212,14 +219,14 @@ class ClientOutbox:
                         self._drop(f"it read nothing for {CLIENT_SEND_TIMEOUT_S:g}s" if stuck else f"send failed: {e}")
                 return
             except WireError as e:      # a frame we cannot encode (too big): a bug, but only this frame's
-                self.log(f"Not sent to client {self.peer}: {e}")
+                self.log(f"Not sent to client {self.peer}: {e}", WARNING)
 
     def _drop(self, reason: str):
         """Called with self.cond held."""
         self.closed = True
         self.frames.clear()
         self.cond.notify()
-        self.log(f"Dropping client {self.peer}: {reason}")
+        self.log(f"Dropping client {self.peer}: {reason}", WARNING)
         close_now(self.sock)
 
 
@@ -262,7 +269,7 @@ class Leader:
         self.log(f"Server listening on {host}:{node.port}")
         if not self.cluster.auth_token:
             self.log("WARNING: no auth_token set: anyone who can reach this port can join the cluster or "
-                     "read prompts. Set auth_token in cluster_config.yaml or NANOPIPE_TOKEN.")
+                     "read prompts. Set auth_token in cluster_config.yaml or NANOPIPE_TOKEN.", WARNING)
         if self.workers:
             self.log(f"Waiting for {len(self.workers)} worker(s): "
                      + ", ".join(f"rank {r} ({w.host}, layers {w.layers[0]}-{w.layers[1] - 1})"
@@ -299,7 +306,7 @@ class Leader:
                     sch._wake.wait(0.05)
                     sch._wake.clear()
             except Exception as e:  # a bug must not kill the leader silently
-                self.log(f"scheduler error: {type(e).__name__}: {e}")
+                self.log(f"scheduler error: {type(e).__name__}: {e}", ERROR)
                 sch.fail_all(f"internal error in the leader: {e}")
 
     # -- connections ------------------------------------------------------------------------
@@ -311,7 +318,7 @@ class Leader:
                                  roles=("worker", "data", "client"))
         except (HandshakeError, WireError, OSError, ValueError) as e:
             self.metrics["rejected_peers"] += 1
-            self.log(f"Rejected connection from {peer}: {e}")
+            self.log(f"Rejected connection from {peer}: {e}", WARNING)
             return
         role = hello["role"]
         try:
@@ -324,11 +331,11 @@ class Leader:
         except (WireError, OSError, ValueError) as e:
             if not isinstance(e, ConnectionClosed):
                 self.metrics["bad_frames"] += 1
-                self.log(f"Closed connection from {peer} ({role}): {e}")
+                self.log(f"Closed connection from {peer} ({role}): {e}", WARNING)
         except Exception as e:      # a bug must cost one connection, never the leader
             self.metrics["bad_frames"] += 1
             self.log(f"Closed connection from {peer} ({role}) after an internal error: {type(e).__name__}: {e}\n"
-                     + traceback.format_exc())
+                     + traceback.format_exc(), ERROR)
         finally:
             close_now(sock)
 
@@ -340,18 +347,18 @@ class Leader:
         if w is None:
             send_frame(sock, Msg.REJECT, {"reason": f"no worker rank {rank!r} in this cluster (ranks "
                                                     f"{', '.join(map(str, self.workers)) or 'none'})"})
-            self.log(f"Rejected worker from {peer}: unknown rank {rank!r}")
+            self.log(f"Rejected worker from {peer}: unknown rank {rank!r}", WARNING)
             return
         with self.lock:
             if w.status != "down":
                 send_frame(sock, Msg.REJECT, {"reason": f"rank {rank} is already connected from {w.addr}"})
-                self.log(f"Rejected worker from {peer}: rank {rank} is already connected from {w.addr}")
+                self.log(f"Rejected worker from {peer}: rank {rank} is already connected from {w.addr}", WARNING)
                 return
             if hello.get("host") not in (None, w.host):
                 send_frame(sock, Msg.REJECT, {"reason": f"rank {rank} is host '{w.host}' in the cluster config, "
                                                         f"not '{hello.get('host')}'"})
                 self.log(f"Rejected worker from {peer}: rank {rank} claims host {hello.get('host')!r}, "
-                         f"config says {w.host!r}")
+                         f"config says {w.host!r}", WARNING)
                 return
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
             w.stats = {}                    # until its first STATS, nothing is known of this process
@@ -371,7 +378,7 @@ class Leader:
                 elif frame.msg is Msg.STATS:
                     w.stats = {k: v for k, v in frame.meta.items() if isinstance(v, (int, float, str))}
                 elif frame.msg is Msg.ERROR:
-                    self.log(f"Worker {rank} reports: {frame.meta.get('message')}")
+                    self.log(f"Worker {rank} reports: {frame.meta.get('message')}", WARNING)
                     if frame.meta.get("epoch") is not None:     # it closed a data link of that ring
                         self._on_ring_break(f"worker {rank} reported: {frame.meta.get('message')}",
                                             frame.meta["epoch"])
@@ -422,7 +429,7 @@ class Leader:
                 with w.lock:
                     send_frame(socks[w.rank], Msg.STATUS, {"ring": "connect", "epoch": epoch})
             except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
-                self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away")
+                self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away", WARNING)
                 return False
         deadline = time.time() + RING_BUILD_TIMEOUT_S
         while not (all(w.ring_epoch == epoch for w in workers) and self._ring_in_epoch == epoch):
@@ -432,7 +439,7 @@ class Leader:
                 self.log(f"Cannot close the ring (epoch {epoch}): rank {', '.join(late) or '?'} did not connect to "
                          f"its next hop within {RING_BUILD_TIMEOUT_S:g}s"
                          + ("" if self._ring_in_epoch == epoch else "; the last worker never connected back to the "
-                            "leader: check that the leader's address in host_ip is reachable from it"))
+                            "leader: check that the leader's address in host_ip is reachable from it"), WARNING)
                 return False
             time.sleep(0.01)
         first = self.cluster.node(1)
@@ -441,7 +448,7 @@ class Leader:
                               backoff_s=0.1, max_backoff_s=1.0, who="worker 1", tls=self.tls_client,
                               extra={"epoch": epoch})
         except (OSError, WireError) as e:
-            self.log(f"Cannot open the ring to worker 1: {e}")
+            self.log(f"Cannot open the ring to worker 1: {e}", WARNING)
             return False
         ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self._on_ring_break,
                     link_sleep=self.cluster.link_sleep)
@@ -465,7 +472,7 @@ class Leader:
         if hello.get("rank") != last or last == 0:
             send_frame(sock, Msg.REJECT, {"reason": f"only rank {last} sends activations to the leader"})
             self.log(f"Rejected data link from {peer}: it claims rank {hello.get('rank')!r}; only rank {last} "
-                     "sends activations to the leader")
+                     "sends activations to the leader", WARNING)
             return
         epoch = hello.get("epoch")
         send_frame(sock, Msg.WELCOME, {})
@@ -481,7 +488,7 @@ class Leader:
                 elif frame.msg is Msg.FREE:
                     pass                        # a FREE that went all the way round: every stage has freed
                 elif frame.msg is Msg.ERROR:
-                    self.log(f"{name}: {frame.meta.get('message')}")
+                    self.log(f"{name}: {frame.meta.get('message')}", WARNING)
                     self._on_ring_break(f"{name} reported: {frame.meta.get('message')}", epoch)
                 else:
                     raise ProtocolError(f"{name}: unexpected {frame.msg.name} on a data link")
@@ -506,13 +513,14 @@ class Leader:
             self.ring_ready.clear()
             if self.down_since is None:
                 self.down_since = time.time()
-            self.log(f"Ring broken: {reason}; generations wait up to {self.cluster.rejoin_grace_s:g}s for it to heal")
+            self.log(f"Ring broken: {reason}; generations wait up to {self.cluster.rejoin_grace_s:g}s for it to heal",
+                     WARNING)
             self.scheduler.interrupt(f"{reason}; waiting up to {self.cluster.rejoin_grace_s:g}s for it to rejoin")
 
     def _on_worker_lost(self, rank, reason):
         if self.stop_event.is_set():
             return
-        self.log(f"Worker {rank} is down: {reason}")
+        self.log(f"Worker {rank} is down: {reason}", WARNING)
         self._on_ring_break(reason)
 
     def _watchdog(self):
@@ -530,7 +538,7 @@ class Leader:
                         continue
                     w.status, w.sock = "down", None
                 self.log(f"Worker {w.rank} ({w.host}, {w.addr}) silent for {now - w.last_seen:.1f}s "
-                         f"(heartbeat_s={self.cluster.heartbeat_s:g}); dropping it")
+                         f"(heartbeat_s={self.cluster.heartbeat_s:g}); dropping it", WARNING)
                 close_now(sock)                    # wakes its connection thread, which then exits
                 self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
             self._maybe_build_ring(retry_after_s=1.0)
@@ -553,7 +561,7 @@ class Leader:
         self.down_since = None                  # the next request to arrive starts a new wait
         n = len(self.scheduler.sessions) + self.scheduler.waiting.qsize()
         if n:
-            self.log(f"Failing {n} request(s): {msg}")
+            self.log(f"Failing {n} request(s): {msg}", WARNING)
         self.scheduler.fail_all(msg)
 
     # clients ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ backoff, so restarting the leader heals the cluster by itself.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import time
 import numpy as np
 
 from .config import ClusterConfig
+from .logs import worker_logger
 from .model import GPTConfig, KVCache, blocks_forward
 from .net import (
     HandshakeError,
@@ -46,7 +48,7 @@ from .wire import (
 
 class Worker:
     def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str, host: str | None = None,
-                 n_head: int | None = None, max_attempts: int = 0):
+                 n_head: int | None = None, max_attempts: int = 0, layers: tuple | None = None):
         if rank < 1:
             raise ValueError("workers have rank >= 1; rank 0 is the leader (`nanopipe serve --rank 0`)")
         node = cluster.node(rank)
@@ -61,6 +63,8 @@ class Worker:
         self.weights_path, self.n_head = weights_path, n_head
         self.max_attempts = max_attempts or 10**9
         self.tag = f"[WORKER-{rank}]"
+        self.logger = worker_logger(rank)
+        self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
         self.stage = None
         self.caches: dict = {}
         self.down_sock = None
@@ -78,31 +82,40 @@ class Worker:
         self.tls_server = server_tls(cluster.tls_cert, cluster.tls_key)
         self.tls_client = client_tls(cluster.tls_cert)
 
-    def log(self, msg: str):
-        print(f"{self.tag} {msg}", flush=True)
+    def log(self, msg: str, level: int = logging.INFO):
+        """One line of this worker's log: `[WORKER-R] msg` (nanopipe/logs.py)."""
+        self.logger.log(level, msg)
 
     # -- the control connection to the leader ------------------------------------------------
 
     def run(self):
         """Register with the leader and serve until stopped; re-register if the leader goes away."""
         leader = self.cluster.leader
+        if self.layers is not None and self.stage is None:
+            # the guide's order: load, then connect. The leader's welcome has the last word on the
+            # range; _session reloads (and reports a failure to the leader) if it differs.
+            from .weights import WeightsError
+            try:
+                self._load(*self.layers)
+            except WeightsError as e:
+                self.log(f"Cannot load layers {self.layers[0]}-{self.layers[1] - 1} yet: {e}", logging.WARNING)
         while not self.stop_event.is_set():
             try:
                 sock, attempt, self._last_welcome = dial(leader.ip, leader.port, role="worker", rank=self.rank,
                                      token=self.cluster.auth_token, attempts=self.max_attempts, log=self.log,
                                      who="server", tls=self.tls_client, extra={"host": self.node.host})
             except HandshakeError as e:
-                self.log(f"Registration refused: {e}")
+                self.log(f"Registration refused: {e}", logging.ERROR)
                 raise SystemExit(2) from None
             except OSError as e:
-                self.log(str(e))
+                self.log(str(e), logging.ERROR)
                 raise SystemExit(1) from None
             self.log(f"Connected to server at {leader.ip}:{leader.port} on attempt {attempt}")
             try:
                 self._session(sock)
             except (WireError, OSError) as e:
                 if not isinstance(e, ConnectionClosed):
-                    self.log(f"Lost the leader: {e}")
+                    self.log(f"Lost the leader: {e}", logging.WARNING)
             finally:
                 sock.close()
                 self.control_sock = self.epoch = None
@@ -110,7 +123,7 @@ class Worker:
                 self.caches.clear()         # the sessions they hold died with that leader
             if self.stop_event.is_set():
                 break
-            self.log("Leader connection closed; reconnecting")
+            self.log("Leader connection closed; reconnecting", logging.WARNING)
             time.sleep(0.5)
 
     def _session(self, sock):
@@ -121,18 +134,16 @@ class Worker:
         threading.Thread(target=self._heartbeat, args=(sock,), daemon=True).start()
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
-        if self.stage is None or (self.stage.lo, self.stage.hi) != (lo, hi):
-            from .weights import WeightsError, load_stage
+        have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer)
+        if have != (lo, hi, expect.n_embd, expect.n_layer):
+            from .weights import WeightsError
             try:
-                self.stage = load_stage(self.weights_path, lo, hi, rank0=False,
-                                        n_head=self.n_head or expect.n_head, expect=expect)
+                self._load(lo, hi, expect)
             except WeightsError as e:
-                self.log(f"Cannot load layers {lo}-{hi - 1}: {e}")
+                self.log(f"Cannot load layers {lo}-{hi - 1}: {e}", logging.ERROR)
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
-            self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
-                     f"{self.stage.nbytes / 1e6:.1f} MB)")
         self.config = expect
         self.next_addr = tuple(welcome["next"])
         self.next_rank = welcome.get("next_rank", 0)
@@ -140,24 +151,36 @@ class Worker:
         self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
         self.control_sock = sock
         self._ensure_listening()
+        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
         with self.control_lock:
             send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
                 epoch = frame.meta.get("epoch")
+                self.log(f"Received start_inference command from server. (ring epoch {epoch}: passing "
+                         f"activations to rank {self.next_rank} at {self.next_addr[0]}:{self.next_addr[1]})")
                 try:
                     self._connect_downstream(epoch)
                 except (WireError, OSError) as e:
                     # not fatal: the leader sees no READY for this epoch and tries again
-                    self.log(f"Cannot join the ring (epoch {epoch}): {e}")
+                    self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
                     self._report(f"worker {self.rank}: cannot reach rank {self.next_rank}: {e}")
                     continue
                 with self.control_lock:
                     send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
+                self.log(f"Waiting for generation requests... (from rank {self.rank - 1})")
             elif frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
+
+    def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
+        """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape)."""
+        from .weights import load_stage
+        n_head = self.n_head or (expect.n_head if expect is not None else None)
+        self.stage = load_stage(self.weights_path, lo, hi, rank0=False, n_head=n_head, expect=expect)
+        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
+                 f"{self.stage.nbytes / 1e6:.1f} MB)")
 
     def _heartbeat(self, sock):
         """Tell the leader we're alive (and how big we are) every heartbeat_s."""
@@ -201,7 +224,7 @@ class Worker:
                 raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.rank - 1}")
             send_frame(sock, Msg.WELCOME, {"rank": self.rank})
         except (WireError, OSError, ValueError) as e:
-            self.log(f"Rejected data connection from {peer}: {e}")
+            self.log(f"Rejected data connection from {peer}: {e}", logging.WARNING)
             close_now(sock)
             return
         # Each upstream link is served on its own: a second link (a stranger on a cluster without
@@ -216,7 +239,7 @@ class Worker:
         except ConnectionClosed:
             pass
         except Exception as e:      # a bad frame (WireError, ValueError), a dead next hop (OSError), a bug
-            self.log(f"Closed data connection from {name}: {type(e).__name__}: {e}")
+            self.log(f"Closed data connection from {name}: {type(e).__name__}: {e}", logging.WARNING)
             if link_epoch is not None and link_epoch == self.epoch:
                 # the current ring has lost this hop: tell the leader, which rebuilds it
                 self._report(f"worker {self.rank} closed its data link from {name}: {e}", epoch=link_epoch)

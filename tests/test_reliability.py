@@ -250,7 +250,7 @@ def test_worker_with_the_wrong_secret_is_refused_and_exits(secure):
     out = subprocess.run(cmd, env=dict(secure.env, NANOPIPE_TOKEN="not the secret"), cwd=secure.workdir,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "Registration refused" in out.stdout and "authentication failed" in out.stdout, out.stdout
+    assert "Registration refused" in out.stderr and "authentication failed" in out.stderr, out.stderr   # the log
     wait_until("the leader logging the refused worker",
                lambda: log_of(secure, 0).count("failed authentication") > before, 5)
     assert status(secure, TOKEN)["ready"], "a refused worker disturbed the ring"
