@@ -492,3 +492,15 @@ def wait_for_leader(cl: LocalCluster, timeout: float = 30):
             assert cl.procs[0].poll() is None, f"the leader exited:\n{cl.logs()}"
             time.sleep(0.05)
     raise AssertionError(f"the leader did not start listening within {timeout}s:\n{cl.logs()}")
+
+
+def test_every_rank_inherits_the_blas_kernel_setting(cluster):
+    """.ci/blas-kernels reruns these tests under OPENBLAS_CORETYPE=Haswell, Zen, SkylakeX: every
+    rank must run the kernel the single process it is compared with runs, or cluster == one
+    process would compare two kernels' roundings. (With the variable unset, all agree it is unset.)"""
+    if not os.path.exists(f"/proc/{os.getpid()}/environ"):
+        pytest.skip("reads /proc/<pid>/environ, which only Linux has")
+    for rank, proc in cluster.procs.items():
+        with open(f"/proc/{proc.pid}/environ", "rb") as f:
+            env = dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
+        assert env.get("OPENBLAS_CORETYPE") == os.environ.get("OPENBLAS_CORETYPE"), f"rank {rank}"
