@@ -133,15 +133,20 @@ class LocalCluster:
         self.owns_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="nanopipe-cluster-")
         self.config_dir = os.path.join(self.workdir, "configs")
-        if configs is not None:
-            write_yaml_files(self.config_dir, configs)
-            self.cluster = configs["cluster_config.yaml"]
-        else:
-            from .weights import read_config
-            cfg = read_config(self.weights, n_head)[0]
-            self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
-                                         partition=partition, layer_mapping=layer_mapping, n_head=n_head,
-                                         cluster_extra=cluster_extra, weights_url=weights_url)
+        try:
+            if configs is not None:
+                write_yaml_files(self.config_dir, configs)
+                self.cluster = configs["cluster_config.yaml"]
+            else:
+                from .weights import read_config
+                cfg = read_config(self.weights, n_head)[0]
+                self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
+                                             partition=partition, layer_mapping=layer_mapping, n_head=n_head,
+                                             cluster_extra=cluster_extra, weights_url=weights_url)
+        except BaseException:
+            if self.owns_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self.pull_ranks = tuple(pull_ranks)
         self.env = dict(os.environ, **(env or {}))
         # the secret its processes use: NANOPIPE_TOKEN wins over auth_token, as in config.py

@@ -376,6 +376,10 @@ def test_local_cluster_removes_its_folder_and_starts_the_leader_first(tiny_weigh
             assert "retrying" not in log, f"worker {rank} dialed the leader before it listened:\n{log}"
     assert os.listdir(tmp_path) == [], f"LocalCluster left {os.listdir(tmp_path)}"
 
+    with pytest.raises(ValueError, match="no-such.safetensors"):     # set-up fails: nothing left either
+        LocalCluster(str(tmp_path / "no-such.safetensors"), nodes=2)
+    assert os.listdir(tmp_path) == [], f"a failed LocalCluster left {os.listdir(tmp_path)}"
+
     kept = tmp_path / "mine"                 # a workdir the caller gives stays theirs
     with LocalCluster(tiny_weights, nodes=2, workdir=str(kept), ready_timeout=60):
         pass
