@@ -416,18 +416,25 @@ def pull(name, config_dir, layers, rank0, out_dir, url):
 
 
 @main.command()
-@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), default=None,
+              help="Number of nodes (default: num_nodes in model_config.yaml).")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False))
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--model", "model_name", default=None, help="An entry of model_config.yaml (default: default_model).")
 @click.option("--web/--no-web", default=True, show_default=True, help="Also start the web chat.")
-@click.option("--web-port", type=int, default=8000, show_default=True)
+@click.option("--web-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--restarts", type=click.IntRange(min=0), default=2, show_default=True,
+              help="How many times a node that dies is started again.")
 @click.option("--synthetic", is_flag=True, help="Use synthetic weights (gibberish) if no real ones are here.")
-def demo(nodes, weights_path, config_dir, web, web_port, synthetic):
-    """Start a whole local cluster (leader + workers on 127.0.0.1), and the web chat. Ctrl-C stops all."""
-    import time as _time
-
-    from .localcluster import LocalCluster
-    path = weights_path or _find_real_weights(config_dir)
+@_fail_clean
+def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, synthetic):
+    """Run the configs/ cluster on this machine (every address 127.0.0.1) with the web chat."""
+    from .config import load_cluster_config, load_model_config
+    from .demo import DemoError, run_demo
+    from .partition import PartitionError
+    mc = load_model_config(config_dir, model_name)
+    cc = load_cluster_config(config_dir)
+    path = weights_path or _find_real_weights(config_dir, model_name)
     if path is None:
         path = os.path.join("weights", "synthetic-gpt2.safetensors")
         if not synthetic and not os.path.exists(path):
@@ -438,35 +445,17 @@ def demo(nodes, weights_path, config_dir, web, web_port, synthetic):
             from .weights import init_weights
             click.echo(f"Writing synthetic weights to {path} (random: the text will be gibberish)")
             init_weights(path)
-    cl = LocalCluster(path, nodes=nodes, quiet=False)
-    click.echo(f"Starting {nodes} nodes on 127.0.0.1 (configs in {cl.config_dir})")
-    web_proc = None
     try:
-        cl.start()
-        click.echo(f"Cluster ready: leader at {cl.leader_addr}")
-        if web:
-            import subprocess
-            import sys
-            web_proc = subprocess.Popen([sys.executable, "-m", "nanopipe.cli", "web", "--leader", cl.leader_addr,
-                                         "--port", str(web_port), "--config-dir", cl.config_dir])
-            click.echo(f"Web chat: http://127.0.0.1:{web_port}/")
-        click.echo("Press Ctrl-C to stop every process.")
-        while all(p.poll() is None for p in cl.procs.values()):
-            _time.sleep(0.5)
-        click.echo("A node exited; stopping the cluster")
-    except KeyboardInterrupt:
-        click.echo("Stopping")
-    finally:
-        if web_proc is not None:
-            web_proc.terminate()
-            web_proc.wait(5)
-        cl.stop()
+        ranges = plan_ranges(mc, _model_shape(config_dir, mc, path), nodes)
+        run_demo(path, mc, cc, ranges, web=web, web_port=web_port, restarts=restarts, echo=click.echo)
+    except (DemoError, PartitionError) as e:
+        raise UserError(str(e)) from None
 
 
-def _find_real_weights(config_dir):
+def _find_real_weights(config_dir, model_name=None):
     try:
         from .config import load_model_config, load_weights_config
-        mc = load_model_config(config_dir)
+        mc = load_model_config(config_dir, model_name)
         path = os.path.join("weights", load_weights_config(config_dir, mc.weights_model_name).filename)
         return path if os.path.exists(path) else None
     except ConfigError:

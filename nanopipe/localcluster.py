@@ -6,17 +6,25 @@
         with cl.client() as c:
             c.generate("Hello", max_tokens=5)
 
-It writes a config folder of its own (free ports, every host 127.0.0.1) and runs exactly the
-commands a user runs on real machines: `nanopipe serve --rank 0` and `nanopipe join --rank R`.
+It writes a config folder of its own (free ports, every host 127.0.0.1; or the `configs` it is
+given, as `nanopipe demo` does) and runs exactly the commands a user runs on real machines:
+`nanopipe serve --rank 0` and `nanopipe join --rank R`. It cleans up after itself:
+
+- the leader starts first and the workers once it listens, so no worker dials a closed port;
+- on Linux each node gets SIGTERM when the process that started it dies, even by SIGKILL
+  (prctl PR_SET_PDEATHSIG), so no node outlives its cluster;
+- stop() removes the temporary folder it made (its configs and the nodes' logs).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import yaml
@@ -66,34 +74,84 @@ def write_configs(config_dir: str, *, weights: str, nodes: int, n_layer: int, pa
              "cluster_config.yaml": cluster,
              "model_weights.yaml": {"local": {"url": weights_url or "file://" + os.path.abspath(weights),
                                               "filename": os.path.basename(weights)}}}
+    write_yaml_files(config_dir, files)
+    return cluster
+
+
+def write_yaml_files(config_dir: str, files: dict):
+    """{"cluster_config.yaml": {...}, ...} -> one YAML file each in config_dir."""
+    os.makedirs(config_dir, exist_ok=True)
     for name, data in files.items():
         with open(os.path.join(config_dir, name), "w") as f:
             yaml.safe_dump(data, f, sort_keys=False)
-    return cluster
+
+
+def _linux_prctl():
+    """libc's prctl, looked up in the parent: the child between fork and exec should only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """A Popen preexec_fn: on Linux, SIGTERM this child when its parent dies (even by SIGKILL), so a
+    killed `nanopipe demo` or test run leaves no node behind. None where it cannot work: other
+    systems, and threads other than the main one (the kernel signals the child when the *thread*
+    that forked it ends, not the process)."""
+    prctl = _linux_prctl()
+    if prctl is None or threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:      # the parent died before prctl: nobody will signal us
+            os._exit(1)
+    return preexec
 
 
 class LocalCluster:
     def __init__(self, weights: str, nodes: int = 3, *, workdir: str | None = None, partition: str = "even",
                  layer_mapping: dict | None = None, cluster_extra: dict | None = None, n_head: int | None = None,
                  env: dict | None = None, quiet: bool = True, ready_timeout: float = 120.0,
-                 pull_ranks: tuple = (), weights_url: str | None = None):
+                 pull_ranks: tuple = (), weights_url: str | None = None, configs: dict | None = None):
         """`pull_ranks` start without --weights, as on a fresh machine: each looks for
         weights/<filename> under `workdir` (its working directory) and pulls what it lacks from the
-        url in model_weights.yaml (`weights_url`; pulling a slice needs an HTTP server with Range)."""
-        from .weights import read_config
+        url in model_weights.yaml (`weights_url`; pulling a slice needs an HTTP server with Range).
+
+        `configs` ({file name: data} for the three YAML files) replaces the generated ones.
+        Without `workdir`, the cluster works in a temporary folder that stop() removes."""
         self.weights = os.path.abspath(weights)
         self.nodes = nodes
+        self.owns_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="nanopipe-cluster-")
         self.config_dir = os.path.join(self.workdir, "configs")
-        cfg = read_config(self.weights, n_head)[0]
-        self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
-                                     partition=partition, layer_mapping=layer_mapping, n_head=n_head,
-                                     cluster_extra=cluster_extra, weights_url=weights_url)
+        try:
+            if configs is not None:
+                write_yaml_files(self.config_dir, configs)
+                self.cluster = configs["cluster_config.yaml"]
+            else:
+                from .weights import read_config
+                cfg = read_config(self.weights, n_head)[0]
+                self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
+                                             partition=partition, layer_mapping=layer_mapping, n_head=n_head,
+                                             cluster_extra=cluster_extra, weights_url=weights_url)
+        except BaseException:
+            if self.owns_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self.pull_ranks = tuple(pull_ranks)
         self.env = dict(os.environ, **(env or {}))
         # the secret its processes use: NANOPIPE_TOKEN wins over auth_token, as in config.py
-        self.token = self.env.get("NANOPIPE_TOKEN") or (cluster_extra or {}).get("auth_token")
-        self.tls_ca = (cluster_extra or {}).get("tls_cert")     # the pinned certificate is the CA
+        self.token = self.env.get("NANOPIPE_TOKEN") or self.cluster.get("auth_token")
+        self.tls_ca = self.cluster.get("tls_cert")     # the pinned certificate is the CA
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.quiet = quiet
         self.ready_timeout = ready_timeout
@@ -113,12 +171,21 @@ class LocalCluster:
             common += ["--weights", self.weights]
         if rank == 0:
             return base + ["serve", "--rank", "0"] + common
-        return base + ["join", "--rank", str(rank), "--host", f"node{rank}"] + common
+        return base + ["join", "--rank", str(rank), "--host", self.host_of(rank)] + common
+
+    def host_of(self, rank: int) -> str:
+        """Rank's name in host_ip (node<R> in the generated configs)."""
+        return self.cluster["server"] if rank == 0 else self.cluster["workers"][rank - 1]["host"]
 
     def start_rank(self, rank: int):
         out = None if not self.quiet else open(self.log_path(rank), "ab")
-        self.procs[rank] = subprocess.Popen(self.command(rank), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                            env=self.env, cwd=self.workdir)
+        try:
+            self.procs[rank] = subprocess.Popen(self.command(rank), stdout=out,
+                                                stderr=subprocess.STDOUT if out else None, env=self.env,
+                                                cwd=self.workdir, preexec_fn=die_with_parent())
+        finally:
+            if out is not None:
+                out.close()     # the child holds its own copy
         return self.procs[rank]
 
     def kill_rank(self, rank: int, sig=signal.SIGKILL):
@@ -128,14 +195,31 @@ class LocalCluster:
             p.wait(10)
 
     def start(self):
+        """The leader, then (once it listens) the workers; returns when the ring is up."""
         try:
-            for rank in range(self.nodes):
+            self.start_rank(0)
+            self.wait_leader()
+            for rank in range(1, self.nodes):
                 self.start_rank(rank)
             self.wait_ready()
         except BaseException:
             self.stop()     # `with` never calls __exit__ when __enter__ fails: don't leave nodes running
             raise
         return self
+
+    def wait_leader(self, timeout: float | None = None):
+        """Until the leader takes clients (it listens once its weights are loaded)."""
+        deadline = time.time() + (timeout or self.ready_timeout)
+        while time.time() < deadline:
+            p = self.procs[0]
+            if p.poll() is not None:
+                raise RuntimeError(f"the leader exited with code {p.returncode}:\n{self.logs()}")
+            try:
+                self.client(timeout=2).close()
+                return
+            except ClientError:
+                time.sleep(0.05)
+        raise TimeoutError(f"the leader did not listen within {timeout or self.ready_timeout}s\n{self.logs()}")
 
     def wait_ready(self, timeout: float | None = None):
         deadline = time.time() + (timeout or self.ready_timeout)
@@ -168,6 +252,7 @@ class LocalCluster:
         return "\n".join(parts)
 
     def stop(self):
+        """SIGTERM every node (SIGKILL what is still up 5 s later), then remove the temporary folder."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -177,6 +262,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

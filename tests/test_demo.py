@@ -1,0 +1,386 @@
+"""`nanopipe demo` as a user runs it: a real process, its real nodes, its real ports and folders.
+
+What each test proves:
+- the demo runs the config folder's model, decoding defaults, hosts and ports (addresses become
+  127.0.0.1; a taken port is replaced and said so), and prints one short ready block;
+- SIGINT, SIGTERM and SIGHUP stop every process it started, free its ports and remove its folder;
+  SIGKILL (no handler can run) still takes its nodes with it (Linux: PR_SET_PDEATHSIG);
+- a web port in use is an error at start, not a second demo serving the first one's page;
+- a worker killed mid-answer is reported down and started again, and the streamed answer resumes
+  and equals the uninterrupted one; once the restarts are used up, the stream ends with an error
+  event after rejoin_grace_s;
+- a LocalCluster removes the folder it made, and its workers never dial a leader not yet listening.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import yaml
+
+from nanopipe.localcluster import LocalCluster, free_ports
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="finds a process's children in /proc, and PR_SET_PDEATHSIG is Linux's")
+
+START_S = 60        # a demo on tiny weights is up in ~3 s; a loaded machine gets room
+
+
+def write_config_dir(path, ports: list, **cluster_extra) -> str:
+    """A config folder unlike the demo's old built-in one: model `tinygpt`, top_k, 7 tokens, hosts
+    alpha/beta/gamma at addresses that are not this machine's, fixed ports."""
+    os.makedirs(path, exist_ok=True)
+    model = {"default_model": "tinygpt", "models": {"tinygpt": {
+        "hf_model_name": "tiny", "weights_model_name": "tinygpt", "num_layers": 4, "n_head": 4, "num_nodes": 3,
+        "max_new_tokens": 7, "active_decoding_strategy": "top_k",
+        "decoding_strategies": {"greedy": {}, "top_k": {"temperature": 0.7, "k": 30}}}}}
+    cluster = {"host_ip": {"alpha": "10.9.9.1", "beta": "10.9.9.2", "gamma": "10.9.9.3"}, "server": "alpha",
+               "port": ports[0], "num_workers": 2,
+               "workers": [{"rank": 1, "host": "beta", "port": ports[1]},
+                           {"rank": 2, "host": "gamma", "port": ports[2]}],
+               **cluster_extra}
+    weights = {"tinygpt": {"url": "http://example.invalid/tiny.safetensors", "filename": "tiny.safetensors"}}
+    for name, data in (("model_config.yaml", model), ("cluster_config.yaml", cluster),
+                       ("model_weights.yaml", weights)):
+        with open(os.path.join(path, name), "w") as f:
+            yaml.safe_dump(data, f)
+    return str(path)
+
+
+def child_pids(pid: int) -> dict:
+    """{child pid: its command line} for the processes whose parent is `pid`."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    out[int(entry)] = f.read().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def wait_until(what: str, ok, timeout: float, every: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = ok()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+class Demo:
+    """`nanopipe demo` in its own process; its output is collected line by line."""
+
+    def __init__(self, tmp_path, config_dir: str, weights: str, *args, web_port: int | None = None):
+        self.tmp = tmp_path / "tmp"              # TMPDIR: whatever folders the demo leaves show up here
+        self.tmp.mkdir(exist_ok=True)
+        self.web_port = web_port or free_ports(1)[0]
+        env = dict(os.environ, TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nanopipe.cli", "demo", "--config-dir", config_dir,
+                                      "--weights", weights, "--web-port", str(self.web_port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=str(tmp_path))
+        self.lines: list = []
+        self.seen: dict = {}                     # every child pid ever seen -> its command line
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = START_S) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in self.lines):
+                return self.output
+            if self.proc.poll() is not None:
+                time.sleep(0.2)     # the reader catches up with the last lines
+                raise AssertionError(f"the demo exited ({self.proc.returncode}) before {text!r}:\n{self.output}")
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the demo's output within {timeout}s:\n{self.output}")
+
+    def wait_ready(self) -> str:
+        return self.wait_for("Stop: Ctrl-C")
+
+    def nodes(self) -> dict:
+        """{rank: pid} of the nodes it runs now."""
+        found = {}
+        for pid, cmd in child_pids(self.proc.pid).items():
+            self.seen[pid] = cmd
+            if " serve " in cmd:
+                found[0] = pid
+            elif " join " in cmd:
+                found[int(cmd.split("--rank ")[1].split()[0])] = pid
+        return found
+
+    def get(self, path: str) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=30)
+        try:
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def chat_stream(self, body: dict, on_event=None) -> list:
+        """POST /chat with stream: true -> [(event name, data)], calling on_event(name, data, events) as they come."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=60)
+        events: list = []
+        try:
+            conn.request("POST", "/chat", json.dumps(dict(body, stream=True)), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            name, data = "message", None
+            for raw in iter(resp.readline, b""):
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[len("event: "):]
+                elif line.startswith("data: "):
+                    data = json.loads(line[len("data: "):])
+                elif line == "" and data is not None:
+                    events.append((name, data))
+                    if on_event:
+                        on_event(name, data, events)
+                    name, data = "message", None
+        finally:
+            conn.close()
+        return events
+
+    def kill(self):
+        """Whatever happened, leave nothing running: the demo, and every child it ever had."""
+        if self.proc.poll() is None:
+            self.nodes()
+            self.proc.kill()
+            self.proc.wait()
+        for pid, cmd in self.seen.items():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    same = f.read().replace(b"\0", b" ").decode() == cmd       # not a recycled pid
+                if same:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def ports():
+    return free_ports(3)
+
+
+@pytest.fixture
+def demo_of(tmp_path, tiny_weights):
+    started = []
+
+    def start(config_dir, *args, web_port=None) -> Demo:
+        d = Demo(tmp_path, config_dir, tiny_weights, *args, web_port=web_port)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.kill()
+
+
+def assert_all_gone(demo: Demo, nodes: dict, ports: list):
+    """Every node process ended, every port free, no nanopipe-cluster-* folder left."""
+    wait_until(f"nodes {sorted(nodes.values())} to exit", lambda: not any(alive(p) for p in nodes.values()), 10)
+    wait_until(f"ports {ports} to be free", lambda: all(port_free(p) for p in ports), 10)
+    assert sorted(os.listdir(demo.tmp)) == [], f"the demo left {os.listdir(demo.tmp)} in TMPDIR"
+
+
+# ---------------------------------------------------------------------------------------------
+# the config folder, the ready block
+
+
+@linux_only
+def test_demo_runs_the_config_folder_and_prints_one_ready_block(demo_of, tmp_path, ports):
+    config_dir = write_config_dir(tmp_path / "cfg", ports)
+    with socket.socket() as squatter:           # beta's configured port is taken
+        squatter.bind(("127.0.0.1", ports[1]))
+        squatter.listen()
+        demo = demo_of(config_dir)
+        out = demo.wait_ready()
+        nodes = demo.nodes()
+        assert sorted(nodes) == [0, 1, 2], f"expected leader + 2 workers, found {nodes}:\n{out}"
+
+        models = demo.get("/v1/models")
+        assert [m["id"] for m in models["data"]] == ["tinygpt"], models
+        config = demo.get("/config")
+        assert (config["model"], config["active_strategy"], config["max_tokens"], config["temperature"],
+                config["top_k"]) == ("tinygpt", "top_k", 7, 0.7, 30), config
+        assert [(n["rank"], n["host"], n["layers"], n["status"]) for n in config["nodes"]] == [
+            (0, "alpha", [0, 2], "up"), (1, "beta", [2, 3], "up"), (2, "gamma", [3, 4], "up")], config["nodes"]
+
+        moved = [line for line in demo.lines if line.startswith(f"port {ports[1]} (beta, rank 1) is in use; using")]
+        assert len(moved) == 1, f"the demo did not say that beta's port {ports[1]} is taken:\n{out}"
+        new_port = int(moved[0].rsplit(" ", 1)[1])
+        assert config["leader"] == f"127.0.0.1:{ports[0]}", config["leader"]
+
+    # the ready block: the plan with each node's address, the URL, how to stop
+    for row in (f"alpha     0  0-1         2  127.0.0.1:{ports[0]}",
+                f"beta      1  2-2         1  127.0.0.1:{new_port}",
+                f"gamma     2  3-3         1  127.0.0.1:{ports[2]}"):
+        assert row in demo.lines, f"plan row {row!r} missing:\n{out}"
+    assert f"Web chat: http://127.0.0.1:{demo.web_port}/" in out
+    assert f"kill {demo.proc.pid}" in out
+    # ... and nothing else: no dial retries, no second URL, no Flask banner
+    for noise in ("retrying", "Connection refused", "development server", "Serving Flask", "Debug mode",
+                  "Web chat on"):
+        assert noise not in out, f"start-up noise {noise!r}:\n{out}"
+    assert out.count("Web chat") == 1, out
+    start_up = demo.lines[:next(i for i, line in enumerate(demo.lines) if line.startswith("Stop: Ctrl-C")) + 1]
+    assert len(start_up) <= 9, f"the start-up output should be one short block:\n{out}"
+
+    demo.proc.send_signal(signal.SIGTERM)
+    assert demo.proc.wait(30) == 0, demo.output
+    assert_all_gone(demo, nodes, [ports[0], new_port, ports[2], demo.web_port])
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping: every signal a user sends, and the one no handler sees
+
+
+@linux_only
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_demo_stops_everything_it_started_on(sig, demo_of, tmp_path, ports):
+    demo = demo_of(write_config_dir(tmp_path / "cfg", ports))
+    demo.wait_ready()
+    nodes = demo.nodes()
+    assert sorted(nodes) == [0, 1, 2], demo.output
+    demo.proc.send_signal(sig)
+    assert demo.proc.wait(30) == 0, demo.output
+    assert f"Stopping ({sig.name})" in demo.output
+    assert "Traceback" not in demo.output, demo.output
+    assert_all_gone(demo, nodes, ports + [demo.web_port])
+
+
+@linux_only
+def test_a_sigkilled_demo_takes_its_nodes_with_it(demo_of, tmp_path, ports):
+    demo = demo_of(write_config_dir(tmp_path / "cfg", ports))
+    demo.wait_ready()
+    nodes = demo.nodes()
+    assert sorted(nodes) == [0, 1, 2], demo.output
+    demo.proc.kill()
+    demo.proc.wait()
+    wait_until(f"nodes {sorted(nodes.values())} to exit after the demo was SIGKILLed",
+               lambda: not any(alive(p) for p in nodes.values()), 15)
+    wait_until("every port free", lambda: all(port_free(p) for p in ports + [demo.web_port]), 10)
+
+
+@linux_only
+def test_a_taken_web_port_fails_at_start(demo_of, tmp_path, ports):
+    with socket.socket() as first:           # what a first demo (or `nanopipe web`) holds
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        demo = demo_of(write_config_dir(tmp_path / "cfg", ports), web_port=port)
+        try:
+            code = demo.proc.wait(START_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the demo kept running without its web port:\n{demo.output}") from None
+        time.sleep(0.2)
+        out = demo.output
+    assert code != 0, out
+    assert f"127.0.0.1:{port}" in out and "in use" in out and "--web-port" in out, out
+    assert "Traceback" not in out and "Starting" not in out, f"nodes were started:\n{out}"
+    assert all(port_free(p) for p in ports), "a node took its port although the demo failed"
+    assert os.listdir(demo.tmp) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# a worker dies: reported down, started again, the answer resumes
+
+
+@linux_only
+def test_a_killed_worker_is_started_again_and_the_answer_resumes(demo_of, tmp_path, ports):
+    # 20 ms per hop: 40 tokens take ~2.5 s, time enough to kill a worker mid-answer
+    grace = 8
+    demo = demo_of(write_config_dir(tmp_path / "cfg", ports, link_delay_ms=20, rejoin_grace_s=grace,
+                                    heartbeat_s=0.2), "--restarts", "1")
+    demo.wait_ready()
+    body = {"text": "Hello world", "max_tokens": 40, "decoding_strategy": "greedy"}
+    (name, whole), = [e for e in demo.chat_stream(body) if e[0] != "message"]
+    assert name == "done" and whole["config"]["tokens_generated"] == 40, whole
+
+    def kill_gamma_after_3_tokens(name, data, events):
+        if name == "message" and len(events) == 3:
+            os.kill(demo.nodes()[2], signal.SIGKILL)
+
+    events = demo.chat_stream(body, kill_gamma_after_3_tokens)
+    assert events[-1][0] == "done", f"the answer did not resume: {events[-3:]}\n{demo.output}"
+    assert events[-1][1]["response"] == whole["response"], "the resumed answer differs from the uninterrupted one"
+    assert any(name == "status" and "rejoin" in data["status"] for name, data in events), \
+        f"the stream never said it waits for the node: {[e for e in events if e[0] == 'status']}"
+    out = demo.wait_for("[LEADER] Worker 2 is down")
+    assert "[DEMO] The worker gamma (rank 2) was killed by SIGKILL; starting it again (1 of 1)" in out, out
+
+    # the restarts are used up: the next answer fails after the grace period, and says so
+    events = demo.chat_stream(body, kill_gamma_after_3_tokens)
+    name, data = events[-1]
+    assert name == "error", f"a failed stream must end with an error event, got {events[-2:]}"
+    assert data["status"] == 503 and "rejoin_grace_s" in data["error"], data
+    assert "not starting it again (--restarts 1)" in demo.wait_for("not starting it again"), demo.output
+    assert sorted(demo.nodes()) == [0, 1], "the demo stopped the rest of the cluster"
+    assert demo.proc.poll() is None, "the demo exited when a node died"
+
+
+# ---------------------------------------------------------------------------------------------
+# LocalCluster, as the tests and the bench use it
+
+
+def test_local_cluster_removes_its_folder_and_starts_the_leader_first(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with LocalCluster(tiny_weights, nodes=3, ready_timeout=60) as cl:
+        assert os.path.dirname(cl.workdir) == str(tmp_path)
+        for rank in (1, 2):
+            with open(cl.log_path(rank)) as f:
+                log = f.read()
+            assert "retrying" not in log, f"worker {rank} dialed the leader before it listened:\n{log}"
+    assert os.listdir(tmp_path) == [], f"LocalCluster left {os.listdir(tmp_path)}"
+
+    with pytest.raises(ValueError, match="no-such.safetensors"):     # set-up fails: nothing left either
+        LocalCluster(str(tmp_path / "no-such.safetensors"), nodes=2)
+    assert os.listdir(tmp_path) == [], f"a failed LocalCluster left {os.listdir(tmp_path)}"
+
+    kept = tmp_path / "mine"                 # a workdir the caller gives stays theirs
+    with LocalCluster(tiny_weights, nodes=2, workdir=str(kept), ready_timeout=60):
+        pass
+    assert (kept / "rank0.log").exists()
