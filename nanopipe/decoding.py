@@ -26,13 +26,13 @@ Everything random goes through one np.random.Generator, so a seed reproduces a g
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-
 
 EOT = 50256     # GPT-2's <|endoftext|>: the one special token, and the end of a reply
 
@@ -45,7 +45,7 @@ class DecodingError(ValueError):
     """An invalid decoding value. `field` names the request field it is about (None: no one field),
     so an API can point at it; the message names the field, the value and what is allowed.
 
-        DecodingError("top_k must be an integer >= 1 (got 0)", field="top_k")
+        DecodingError("top_k: must be an integer >= 1 (got 0)", field="top_k")
     """
 
     def __init__(self, message: str, field: str | None = None):
@@ -100,23 +100,23 @@ class SamplingParams:
         `n_vocab`, also that every logit_bias id is a token of the model.
         """
         if self.strategy not in STRATEGIES:
-            raise DecodingError(f"strategy must be one of {', '.join(sorted(STRATEGIES))} "
-                                f"(got {self.strategy!r})", field="strategy")
+            raise DecodingError(f"strategy: must be one of {', '.join(sorted(STRATEGIES))} "
+                                f"(got {_show(self.strategy)})", field="strategy")
         uses = STRATEGY_USES[self.strategy]
-        temperature = _real("temperature", self.temperature)
+        temperature = _real("temperature", self.temperature, "a number >= 0")
         if not (math.isfinite(temperature) and temperature >= 0):
-            raise DecodingError(f"temperature must be a number >= 0 (got {self.temperature!r})",
+            raise DecodingError(f"temperature: must be a number >= 0 (got {_show(self.temperature)})",
                                 field="temperature")
         if "temperature" in uses and temperature == 0:
-            raise DecodingError(f"temperature must be > 0 for strategy {self.strategy!r} "
-                                f"(got {self.temperature!r}); use strategy 'greedy' for the argmax",
+            raise DecodingError(f"temperature: must be > 0 for strategy {self.strategy!r} "
+                                f"(got {_show(self.temperature)}); use strategy 'greedy' for the argmax",
                                 field="temperature")
-        top_p = _real("top_p", self.top_p)
+        top_p = _real("top_p", self.top_p, "a number in (0, 1]")
         if not 0 < top_p <= 1:
-            raise DecodingError(f"top_p must be in (0, 1] (got {self.top_p!r})", field="top_p")
+            raise DecodingError(f"top_p: must be a number in (0, 1] (got {_show(self.top_p)})", field="top_p")
         top_k = _integer("top_k", self.top_k, minimum=1)
         max_tokens = _integer("max_tokens", self.max_tokens, minimum=1)
-        seed = None if self.seed is None else _integer("seed", self.seed, minimum=0)
+        seed = None if self.seed is None else _integer("seed", self.seed, minimum=0, what="an integer >= 0 or null")
         if n_ctx is not None:
             prompt_len = _integer("prompt_len", prompt_len, minimum=0)
             if prompt_len + max_tokens > n_ctx:
@@ -126,10 +126,11 @@ class SamplingParams:
                     f"use max_tokens <= {max(n_ctx - prompt_len, 0)} or a shorter prompt", field="max_tokens")
         penalties = {name: _ranged(name, getattr(self, name), -PENALTY_RANGE, PENALTY_RANGE)
                      for name in ("frequency_penalty", "presence_penalty")}
-        repetition = _real("repetition_penalty", self.repetition_penalty)
+        what = "a number > 0 (1: none, 1.2 is common)"
+        repetition = _real("repetition_penalty", self.repetition_penalty, what)
         if not (math.isfinite(repetition) and repetition > 0):
-            raise DecodingError(f"repetition_penalty must be a number > 0, 1 for none (got "
-                                f"{self.repetition_penalty!r})", field="repetition_penalty")
+            raise DecodingError(f"repetition_penalty: must be {what} (got {_show(self.repetition_penalty)})",
+                                field="repetition_penalty")
         return dataclasses.replace(self, temperature=temperature, top_p=top_p, top_k=top_k,
                                    max_tokens=max_tokens, seed=seed, stop=_stops(self.stop),
                                    repetition_penalty=repetition, logit_bias=_bias(self.logit_bias, n_vocab),
@@ -153,25 +154,33 @@ class SamplingParams:
         return out
 
 
-def _real(field: str, value) -> float:
+def _show(value) -> str:
+    """A value as the caller wrote it: JSON where it can be (true, "5"), else repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _real(field: str, value, what: str = "a number") -> float:
     # bool is an int subclass in Python; True as a temperature is a caller's bug, not 1.0.
     if not is_number(value):
-        raise DecodingError(f"{field} must be a number (got {value!r})", field=field)
+        raise DecodingError(f"{field}: must be {what} (got {_show(value)})", field=field)
     return float(value)
 
 
 def _ranged(field: str, value, lo: float, hi: float) -> float:
-    x = _real(field, value)
+    what = f"a number in [{lo:g}, {hi:g}]"
+    x = _real(field, value, what)
     if not lo <= x <= hi:
-        raise DecodingError(f"{field} must be a number in [{lo:g}, {hi:g}] (got {value!r})", field=field)
+        raise DecodingError(f"{field}: must be {what} (got {_show(value)})", field=field)
     return x
 
 
-def _integer(field: str, value, minimum: int) -> int:
-    if not is_int(value):
-        raise DecodingError(f"{field} must be an integer >= {minimum} (got {value!r})", field=field)
-    if value < minimum:
-        raise DecodingError(f"{field} must be >= {minimum} (got {value!r})", field=field)
+def _integer(field: str, value, minimum: int, what: str | None = None) -> int:
+    what = what or f"an integer >= {minimum}"
+    if not is_int(value) or value < minimum:
+        raise DecodingError(f"{field}: must be {what} (got {_show(value)})", field=field)
     return int(value)
 
 
@@ -182,8 +191,8 @@ def _stops(value) -> tuple:
     stops = (value,) if isinstance(value, str) else value
     if (not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS
             or not all(isinstance(s, str) and s for s in stops)):
-        raise DecodingError(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings "
-                            f"(got {value!r})", field="stop")
+        raise DecodingError(f"stop: must be a string or a list of up to {MAX_STOPS} non-empty strings "
+                            f"(got {_show(value)})", field="stop")
     return tuple(stops)
 
 
@@ -197,14 +206,14 @@ def _bias(value, n_vocab: int | None) -> tuple:
     elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
         pairs = list(value)
     else:
-        raise DecodingError(f"logit_bias must map token ids to numbers in [-{BIAS_RANGE:g}, {BIAS_RANGE:g}], "
-                            f'e.g. {{"50256": -100}} (got {value!r})', field="logit_bias")
+        raise DecodingError(f"logit_bias: must map token ids to numbers in [-{BIAS_RANGE:g}, {BIAS_RANGE:g}], "
+                            f'e.g. {{"50256": -100}} (got {_show(value)})', field="logit_bias")
     out = {}
     for key, bias in pairs:
         token = int(key) if isinstance(key, str) and key.isdigit() else key
         if not is_int(token) or token < 0 or (n_vocab is not None and token >= n_vocab):
             limit = f"0..{n_vocab - 1}" if n_vocab is not None else ">= 0"
-            raise DecodingError(f"logit_bias: {key!r} is not a token id ({limit})", field="logit_bias")
+            raise DecodingError(f"logit_bias: {_show(key)} is not a token id ({limit})", field="logit_bias")
         out[int(token)] = _ranged("logit_bias", bias, -BIAS_RANGE, BIAS_RANGE)
     return tuple(sorted(out.items()))
 
@@ -417,8 +426,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     try:
         strategy = STRATEGIES[params.strategy]
     except KeyError:
-        raise DecodingError(f"strategy must be one of {', '.join(sorted(STRATEGIES))} "
-                            f"(got {params.strategy!r})", field="strategy") from None
+        raise DecodingError(f"strategy: must be one of {', '.join(sorted(STRATEGIES))} "
+                            f"(got {_show(params.strategy)})", field="strategy") from None
     return int(strategy(logits, rng, params))
 
 

@@ -266,6 +266,9 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    def stop_stream(self, stops: Iterable[str] = ()) -> StopStream:
+        return StopStream(self, stops)
+
 
 class StreamDecoder:
     """Incremental detokenizer: feed token ids one at a time, get back only newly complete text.
