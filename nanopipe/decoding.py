@@ -36,7 +36,8 @@ import numpy as np
 
 EOT = 50256     # GPT-2's <|endoftext|>: the one special token, and the end of a reply
 
-MAX_STOPS = 4           # stop strings per request, as OpenAI allows
+MAX_STOPS = 4           # stop strings a client may send, as OpenAI allows (check_stop)
+MAX_STOPS_TOTAL = 8     # with those an API route adds (the chat template's turn marker)
 PENALTY_RANGE = 2.0     # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI)
 BIAS_RANGE = 100.0      # a logit_bias value lies in [-100, 100] (OpenAI)
 
@@ -132,7 +133,7 @@ class SamplingParams:
             raise DecodingError(f"repetition_penalty: must be {what} (got {_show(self.repetition_penalty)})",
                                 field="repetition_penalty")
         return dataclasses.replace(self, temperature=temperature, top_p=top_p, top_k=top_k,
-                                   max_tokens=max_tokens, seed=seed, stop=_stops(self.stop),
+                                   max_tokens=max_tokens, seed=seed, stop=check_stop(self.stop, MAX_STOPS_TOTAL),
                                    repetition_penalty=repetition, logit_bias=_bias(self.logit_bias, n_vocab),
                                    **penalties)
 
@@ -184,14 +185,17 @@ def _integer(field: str, value, minimum: int, what: str | None = None) -> int:
     return int(value)
 
 
-def _stops(value) -> tuple:
-    """None, "" or [] -> ();  "\n" -> ("\n",);  ["\n", "User:"] -> ("\n", "User:")."""
+def check_stop(value, limit: int = MAX_STOPS) -> tuple:
+    r"""A request's `stop` as a tuple of strings.
+
+    None, "" or [] -> ();  "\n" -> ("\n",);  ["\n", "User:"] -> ("\n", "User:");  5 strings -> error
+    """
     if value is None or value == "":
         return ()
     stops = (value,) if isinstance(value, str) else value
-    if (not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS
+    if (not isinstance(stops, (list, tuple)) or len(stops) > limit
             or not all(isinstance(s, str) and s for s in stops)):
-        raise DecodingError(f"stop: must be a string or a list of up to {MAX_STOPS} non-empty strings "
+        raise DecodingError(f"stop: must be a string or a list of up to {limit} non-empty strings "
                             f"(got {_show(value)})", field="stop")
     return tuple(stops)
 

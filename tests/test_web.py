@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from conftest import CONFIG_DIR
 
 from nanopipe.client import ClientError
-from nanopipe.openai_api import chat_prompt, openai_strategy
+from nanopipe.decoding import infer_strategy
+from nanopipe.openai_api import chat_prompt
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.web_metrics import Histogram
 from nanopipe.webapp import create_app, settings_from_configs
@@ -176,11 +177,12 @@ def test_unknown_route_and_wrong_method_answer_json(client):
 
 
 def test_chat_returns_response_config_and_stats(client, leader):
-    r = client.post("/chat", json={"text": "Hello", "max_tokens": 3, "temperature": 0.5, "top_k": 7, "top_p": 0.8,
+    r = client.post("/chat", json={"text": "Hello", "max_tokens": 3, "temperature": 0.5, "top_k": 7,
                                    "decoding_strategy": "top_k", "seed": 11})
     assert r.status_code == 200, r.json
     assert r.json["response"] == "Hello world,"
-    assert r.json["config"] == {"tokens_generated": 3, "temperature": 0.5, "top_k": 7, "top_p": 0.8,
+    # what ran: top_k does not use top_p, so it is null rather than a value that played no part
+    assert r.json["config"] == {"tokens_generated": 3, "temperature": 0.5, "top_k": 7, "top_p": None,
                                 "decoding_strategy": "top_k", "max_tokens": 3, "seed": 11}
     stats = r.json["stats"]
     assert stats["tokens"] == 3 and stats["finish_reason"] == "length" and stats["node_ms"] == NODE_MS
@@ -188,7 +190,35 @@ def test_chat_returns_response_config_and_stats(client, leader):
     (call,) = leader.calls
     assert call["prompt"] == [15496]                                  # tokenized here: "Hello"
     p = call["params"]
-    assert (p.strategy, p.temperature, p.top_k, p.top_p, p.max_tokens, p.seed) == ("top_k", 0.5, 7, 0.8, 3, 11)
+    assert (p.strategy, p.temperature, p.top_k, p.max_tokens, p.seed) == ("top_k", 0.5, 7, 3, 11)
+
+
+def test_guide_chat_request_runs_top_k_on_a_greedy_cluster(leader):
+    # issue 11 §4: the guide's curl, against a cluster whose default is greedy, used to run greedily
+    # while its config claimed temperature 0.8 and top_k 40
+    leader.defaults = {"active_decoding_strategy": "greedy", "max_new_tokens": 50,
+                       "decoding_strategies": {"greedy": {}, "top_k": {"temperature": 1.0, "k": 50}}}
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": None})
+    r = app.test_client().post("/chat", json={"text": "What is distributed computing?", "max_tokens": 30,
+                                               "temperature": 0.8, "top_k": 40})
+    assert r.status_code == 200, r.json
+    p = leader.calls[0]["params"]
+    assert (p.strategy, p.temperature, p.top_k, p.max_tokens) == ("top_k", 0.8, 40, 30), "what ran"
+    config = r.json["config"]
+    assert {k: config[k] for k in ("temperature", "top_k", "decoding_strategy")} == {
+        "temperature": 0.8, "top_k": 40, "decoding_strategy": "top_k"}, "what the response says ran"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"decoding_strategy": "greedy", "top_k": 40}, "top_k"),
+    ({"decoding_strategy": "greedy", "temperature": 0.8}, "temperature"),
+    ({"decoding_strategy": "top_k", "top_p": 0.8}, "top_p"),
+    ({"top_k": 40, "top_p": 0.9}, "top_p"),
+])
+def test_chat_field_the_strategy_would_ignore_is_a_400(client, leader, body, param):
+    r = client.post("/chat", json={"text": "Hello", **body})
+    assert r.status_code == 400 and r.json["error"].startswith(f"{param}:"), r.json
+    assert leader.calls == [], "nothing ran"
 
 
 def test_chat_defaults_come_from_the_model_config(client, leader):
@@ -243,7 +273,7 @@ BAD_CHAT = [
     ({"text": "hi", "max_tokens": 2.5}, "max_tokens: must be an integer >= 1 (got 2.5)"),
     ({"text": "hi", "temperature": -0.1}, "temperature: must be a number >= 0 (got -0.1)"),
     ({"text": "hi", "temperature": True}, "temperature: must be a number >= 0 (got true)"),
-    ({"text": "hi", "decoding_strategy": "sampling", "temperature": 0}, "temperature must be > 0 for strategy"),
+    ({"text": "hi", "decoding_strategy": "sampling", "temperature": 0}, "temperature: must be > 0 for strategy"),
     ({"text": "hi", "top_p": 1.5}, "top_p: must be a number in (0, 1] (got 1.5)"),
     ({"text": "hi", "top_p": 0}, "top_p: must be a number in (0, 1] (got 0)"),
     ({"text": "hi", "top_k": 0}, "top_k: must be an integer >= 1 (got 0)"),
@@ -473,7 +503,6 @@ def test_chat_template_by_hand():
 
 @pytest.mark.parametrize("fields, strategy", [
     ({"temperature": 0, "top_p": 0.5}, "greedy"),
-    ({"temperature": 0.7, "top_p": 0.5, "top_k": 5}, "top_p"),
     ({"temperature": 0.7, "top_p": 1, "top_k": 5}, "top_k"),
     ({"temperature": 0.7}, "sampling"),
     ({"top_p": 0.3}, "top_p"),
@@ -486,7 +515,7 @@ def test_openai_fields_map_to_a_strategy(client, leader, fields, strategy):
     assert p.strategy == strategy
     if "temperature" in fields and strategy != "greedy":
         assert p.temperature == fields["temperature"]
-    assert openai_strategy(fields.get("temperature"), fields.get("top_p"), fields.get("top_k")) == (
+    assert infer_strategy(None, fields.get("temperature"), fields.get("top_k"), fields.get("top_p")) == (
         None if not fields else strategy)
 
 
@@ -575,7 +604,15 @@ BAD_OPENAI = [
     ("/v1/completions", {"prompt": "Hi", "logprobs": 9}, "logprobs", "logprobs: must be an integer in 0..5"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 1, "stream": True}, "logprobs", "logprobs/echo: not available"),
     ("/v1/completions", {"prompt": "Hi", "n": 2}, "n", "n: only n=1 is supported"),
-    ("/v1/completions", {"prompt": "Hi", "stop": ["\n"]}, "stop", "stop: stop sequences are not supported"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop",
+     "stop: must be a string or a list of up to 4 non-empty strings"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stop": list("abcde")}, "stop",
+     "stop: must be a string or a list of up to 4 non-empty strings"),
+    ("/v1/completions", {"prompt": "Hi", "frequency_penalty": 3}, "frequency_penalty",
+     "frequency_penalty: must be a number in [-2, 2]"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"50256": -101}}, "logit_bias",
+     "logit_bias: must be a number in [-100, 100]"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": 0.5, "top_k": 5, "top_p": 0.5}, "top_p", "top_p: top_k=5"),
     ("/v1/completions", {"prompt": "Hi", "temperature": -1}, "temperature", "temperature: must be a number >= 0"),
     ("/v1/completions", {"prompt": "Hi", "top_p": 2}, "top_p", "top_p: must be a number in (0, 1]"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 100}, "max_tokens", "max_tokens too large"),
