@@ -36,13 +36,12 @@ import uuid
 
 from flask import Blueprint, current_app, jsonify
 
+from .decoding import EOT, is_int
 from .webapp import (
-    EOT,
     ApiError,
     Generation,
     event_stream,
     flag,
-    is_int,
     json_body,
     leader_status,
     model_name,

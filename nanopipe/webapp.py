@@ -53,7 +53,6 @@ from .decoding import (
     DecodingError,
     SamplingParams,
     check_stop,
-    is_int,
     request_params,
 )
 from .web_metrics import WebMetrics, render_metrics
