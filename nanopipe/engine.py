@@ -122,9 +122,9 @@ class Scheduler:
         """Validate a request before it is queued; raises DecodingError with a clear message."""
         n = len(req.prompt_ids)
         if n == 0:
-            raise DecodingError("prompt is empty: give at least one token")
+            raise DecodingError("prompt is empty: give at least one token", field="prompt")
         if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
-            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}")
+            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}", field="prompt")
         req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
 
     def submit(self, req: Request) -> str:
