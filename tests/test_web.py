@@ -771,6 +771,80 @@ def test_cluster_openai_completion_equals_single_process_greedy(live, tiny_engin
     assert r.json["choices"][0]["text"] == single_process_text(tiny_engine, "Hello world", 6)
 
 
+def _stop_from(text: str) -> str:
+    """A stop string that first occurs in `text` a few words in: two of its words."""
+    words = text.split(" ")
+    for i in range(2, len(words) - 2):
+        stop = " " + " ".join(words[i:i + 2])
+        if words[i] and words[i + 1] and "\ufffd" not in stop and text.index(stop) > 0:
+            return stop
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+SEEDED = {"temperature": 1.0, "seed": 5}        # sampling: greedy on random weights repeats one word
+
+
+def seeded_text(engine, prompt: str, max_tokens: int) -> str:
+    from nanopipe.decoding import SamplingParams
+    tok = get_tokenizer()
+    ids = engine.generate(tok.encode(prompt), SamplingParams("sampling", max_tokens=max_tokens, **SEEDED))["token_ids"]
+    return tok.decode([t for t in ids if t != EOT])
+
+
+def test_cluster_completion_with_stop_ends_before_it(live, tiny_engine):
+    # the issue's curl request: {"prompt": "Hello", "max_tokens": 3, "stop": ["\n"]} used to be a 400
+    r = live.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "stop": ["\n"]})
+    assert r.status_code == 200, r.json
+    full = seeded_text(tiny_engine, "Hello world", 30)
+    stop = _stop_from(full)
+    r = live.post("/v1/completions", json={"prompt": "Hello world", "max_tokens": 30, **SEEDED,
+                                           "stop": [stop, "never appears"]})
+    choice = r.json["choices"][0]
+    assert choice["text"] == full[:full.index(stop)] and choice["finish_reason"] == "stop", (choice, stop)
+    assert r.json["usage"]["completion_tokens"] < 30
+
+
+def test_cluster_streamed_chat_with_stop_never_sends_the_stop_string(live, tiny_engine):
+    from nanopipe.openai_api import chat_prompt
+    messages = [{"role": "user", "content": "Tell me about the three computers"}]
+    full = seeded_text(tiny_engine, chat_prompt(messages), 40)
+    cut = full.split("\nUser:")[0]         # the chat route also stops at the template's next turn
+    stop = _stop_from(cut)
+    events = sse_events(live.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 40, **SEEDED, "stream": True, "stop": stop}).data)
+    chunks = [d for _, d in events if isinstance(d, dict) and d.get("choices")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == cut[:cut.index(stop)], (text, stop)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(stop in c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+def test_chat_completions_stop_at_the_next_user_turn_by_default(client, leader):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200 and leader.calls[-1]["params"].stop == ("\nUser:",)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "stop": ["."]})
+    assert r.status_code == 200 and leader.calls[-1]["params"].stop == ("\nUser:", ".")
+    r = client.post("/v1/completions", json={"prompt": "Hi"})
+    assert r.status_code == 200 and leader.calls[-1]["params"].stop == (), "completions add no stop of their own"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/chat", {"text": "Hi"}),
+    ("/v1/completions", {"prompt": "Hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_penalties_bias_and_stop_reach_the_leader(client, leader, path, body):
+    extra = {"stop": ["x"], "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.2,
+             "logit_bias": {"50256": -100}}
+    r = client.post(path, json={**body, **extra})
+    assert r.status_code == 200, r.json
+    p = leader.calls[-1]["params"]
+    assert "x" in p.stop and (p.frequency_penalty, p.presence_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert p.logit_bias == ((50256, -100.0),)
+    if path == "/chat":
+        assert r.json["config"]["logit_bias"] == {"50256": -100.0} and r.json["config"]["stop"] == ["x"]
+
+
 def test_cluster_health_lists_three_nodes(live, cluster):
     r = live.get("/health")
     assert r.status_code == 200 and r.json["ok"] is True
