@@ -125,7 +125,8 @@ class Scheduler:
             raise DecodingError("prompt is empty: give at least one token", field="prompt")
         if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
             raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}", field="prompt")
-        req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
+        # the checked copy is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers
+        req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
 
     def submit(self, req: Request) -> str:
         self.check(req)
@@ -445,6 +446,7 @@ class Engine:
         `text`: a tokenizer.StopStream; one is made when params has stop strings. With one, the
         result also holds "text" (the reply, without the stop string) and "stop" (which one hit).
         """
+        params = params.validate()          # stop "x" -> ("x",) before a StopStream reads it
         if text is None and params.stop:
             from .tokenizer import StopStream
             text = StopStream(stops=params.stop)
