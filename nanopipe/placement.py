@@ -114,7 +114,8 @@ def cgroup_memory_room(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/s
     v1 = _own_cgroup("memory", proc_cgroup)
     if v1 is not None:
         base = os.path.join(root, "memory", v1.lstrip("/"))
-        limit, usage = _read(os.path.join(base, "memory.limit_in_bytes")), _read(os.path.join(base, "memory.usage_in_bytes"))
+        limit = _read(os.path.join(base, "memory.limit_in_bytes"))
+        usage = _read(os.path.join(base, "memory.usage_in_bytes"))
         if limit is not None and limit.isdigit() and int(limit) < (1 << 60):
             return max(0, int(limit) - int(usage or 0))
         return None

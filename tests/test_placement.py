@@ -11,8 +11,14 @@ import random
 import pytest
 
 from nanopipe.placement import (
-    Capacity, ModelShape, PlacementError, cgroup_memory_room, max_blocks, mem_available_bytes,
-    predict, solve,
+    Capacity,
+    ModelShape,
+    PlacementError,
+    cgroup_memory_room,
+    max_blocks,
+    mem_available_bytes,
+    predict,
+    solve,
 )
 
 GPT2 = ModelShape(n_layer=12, n_embd=768)
