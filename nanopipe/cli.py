@@ -130,6 +130,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
     from .tokenizer import StreamDecoder, get_tokenizer
     tok = get_tokenizer()
     params = make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed)
+    token, tls_ca = _leader_auth(config_dir) if leader else (None, None)   # config errors before any output
     prompt_ids = tok.encode(prompt)
     stream = StreamDecoder(tok)
 
@@ -142,7 +143,6 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
     if leader:
         from .client import ClientError, LeaderClient
         try:
-            token, tls_ca = _leader_auth(config_dir)
             with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
                 result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                     on_token=lambda t, _text: t is not None and on_token(t),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import string
 import time
 from dataclasses import dataclass, field
 
@@ -188,8 +189,9 @@ def _model_entries(data: dict, path: str) -> tuple:
                                   f"'models:'; use one layout for all; {_MODEL_LAYOUTS}")
             _check_keys({key: value}, MODEL_FILE_KEYS, path)
         if any(key in MODEL_KEYS for key in models):
-            raise ConfigError(f"{path}: 'models:' holds model settings ({', '.join(k for k in models if k in MODEL_KEYS)}) "
-                              f"rather than named model entries; {_MODEL_LAYOUTS}")
+            settings = ", ".join(k for k in models if k in MODEL_KEYS)
+            raise ConfigError(f"{path}: 'models:' holds model settings ({settings}) rather than named model "
+                              f"entries; {_MODEL_LAYOUTS}")
         return models, "models."
     entries = {}
     for key, value in data.items():
@@ -261,7 +263,8 @@ def _model_entry(name, m, where: str) -> ModelConfig:
         raise ConfigError(f"{where}: num_nodes is {cfg.num_nodes} but the model has {cfg.num_layers} layers; "
                           "every node needs at least one layer")
     if cfg.partition not in _partition.STRATEGIES:
-        raise ConfigError(f"{where}: unknown partition '{cfg.partition}'{did_you_mean(cfg.partition, _partition.STRATEGIES)}")
+        raise ConfigError(f"{where}: unknown partition '{cfg.partition}'"
+                          f"{did_you_mean(cfg.partition, _partition.STRATEGIES)}")
     if cfg.layer_mapping is not None:
         if cfg.partition not in ("even", "mapping"):
             raise ConfigError(f"{where}: layer_mapping is given but partition is '{cfg.partition}', which would "
@@ -319,8 +322,8 @@ def _weights_entries(data: dict, path: str) -> tuple:
     if "models" in data and isinstance(data["models"], dict) and not set(data["models"]) & set(WEIGHTS_KEYS):
         others = [k for k in data if k != "models"]
         if others:
-            raise ConfigError(f"{path}: has both a 'models:' section and top-level entries ({', '.join(map(str, others))}); "
-                              f"use one layout for all; {_WEIGHTS_LAYOUTS}")
+            raise ConfigError(f"{path}: has both a 'models:' section and top-level entries "
+                              f"({', '.join(map(str, others))}); use one layout for all; {_WEIGHTS_LAYOUTS}")
         return data["models"], "models."
     if set(data) & set(WEIGHTS_KEYS):
         raise ConfigError(f"{path}: {', '.join(k for k in WEIGHTS_KEYS if k in data)} at the top level; "
@@ -335,7 +338,7 @@ def _weights_entry(name, entry, where: str) -> WeightsSource:
     src = WeightsSource(name=str(name), url=_str(entry, "url", where), filename=_str(entry, "filename", where),
                         sha256=_str(entry, "sha256", where, default=None),
                         size=_int(entry, "size", where, default=None, lo=0))
-    if src.sha256 is not None and not (len(src.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in src.sha256)):
+    if src.sha256 is not None and not (len(src.sha256) == 64 and all(c in string.hexdigits for c in src.sha256)):
         raise ConfigError(f"{where}: 'sha256' must be 64 hex digits, got {src.sha256!r}")
     return src
 

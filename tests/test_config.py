@@ -353,7 +353,8 @@ MODEL_VALUES = {
     "active topp": (_model(lambda d, m: m.update(active_decoding_strategy="topp")),
                     "active_decoding_strategy 'topp' is not one of decoding_strategies (greedy, sampling, top_p, "
                     "top_k) (did you mean 'top_p'?)"),
-    "partition auto": (_model(lambda d, m: m.update(partition="evne")), "unknown partition 'evne' (did you mean 'even'?)"),
+    "partition misspelled": (_model(lambda d, m: m.update(partition="evne")),
+                             "unknown partition 'evne' (did you mean 'even'?)"),
     "more nodes than layers": (_model(lambda d, m: m.update(num_nodes=13)),
                                "num_nodes is 13 but the model has 12 layers"),
     "mapping with balanced": (_model(lambda d, m: m.update(partition="balanced", layer_mapping={0: [0, 11]})),
