@@ -7,7 +7,7 @@ import platform
 
 import click
 
-from .config import DEFAULT_CONFIG_DIR, ConfigError
+from .config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound
 
 
 class UserError(click.ClickException):
@@ -27,9 +27,11 @@ def _fail_clean(fn):
             # OpenBLAS's environment before anything loads numpy (see _share_cores)
             from .decoding import DecodingError
             from .model import ContextOverflow
+            from .partition import PartitionError
             from .safetensors_io import SafetensorsError
             from .weights import WeightsError
-            if isinstance(e, (ConfigError, DecodingError, WeightsError, SafetensorsError, ContextOverflow)):
+            if isinstance(e, (ConfigError, PartitionError, DecodingError, WeightsError, SafetensorsError,
+                              ContextOverflow)):
                 raise UserError(str(e)) from None
             raise
     return wrapper
@@ -137,10 +139,10 @@ def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, m
     from .decoding import check_stop, request_params
     try:
         defaults = load_model_config(config_dir, model_name).decoding_defaults()
-    except ConfigError:
+    except ConfigNotFound:
         if model_name:
             raise
-        defaults = None     # no configs folder: built-in defaults
+        defaults = None     # no model_config.yaml at all: built-in defaults (a broken one is an error)
     return request_params(defaults, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
                           max_tokens=max_tokens, seed=seed, stop=list(check_stop(list(stop))),
                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -165,6 +167,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
     tok = get_tokenizer()
     params = make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed, stop,
                            frequency_penalty, presence_penalty, repetition_penalty, logit_bias)
+    token, tls_ca = _leader_auth(config_dir) if leader else (None, None)   # config errors before any output
     prompt_ids = tok.encode(prompt)
     stream = StopStream(tok, params.stop)      # what is printed: the same cut the generation makes
 
@@ -178,7 +181,6 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
     if leader:
         from .client import ClientError, LeaderClient
         try:
-            token, tls_ca = _leader_auth(config_dir)
             with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
                 result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                     on_token=lambda t, _text: t is not None and on_token(t),
@@ -207,7 +209,7 @@ def _leader_auth(config_dir) -> tuple:
     from .config import load_cluster_config
     try:
         cc = load_cluster_config(config_dir)
-    except ConfigError:
+    except ConfigNotFound:      # no cluster file: the environment's token (a broken file is an error)
         return os.environ.get("NANOPIPE_TOKEN"), None
     return cc.auth_token, cc.tls_cert
 
@@ -240,24 +242,35 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed):
 @_fail_clean
 def plan(config_dir, model_name, weights_path, nodes, partition):
     """Print which node holds which layers, and each node's weight MB."""
-    from .config import load_model_config
+    from .config import check_agree, load_model_config
     from .partition import format_plan, stage_bytes
     mc = load_model_config(config_dir, model_name)
+    cluster = _cluster_if_any(config_dir)
+    if cluster is not None and nodes is None:
+        try:
+            check_agree(mc, cluster, os.path.join(config_dir, "model_config.yaml"))
+        except ConfigError as e:
+            raise UserError(f"{e} (or pass --nodes N to plan for another size)") from None
     cfg = _model_shape(config_dir, mc, weights_path)
     ranges = plan_ranges(mc, cfg, nodes, partition)
-    names = _node_names(config_dir, len(ranges))
+    names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
     sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0))
              for r, (lo, hi) in enumerate(ranges)]
     click.echo(format_plan(ranges, names=names, bytes_per_rank=sizes))
 
 
 def plan_ranges(mc, cfg, nodes=None, partition=None):
+    """The layer ranges per rank: the model's layer_mapping if it has one (for its num_nodes),
+    else the `partition` strategy (default: the model's)."""
+    from .partition import PartitionError
     from .partition import plan as make_plan
     nodes = nodes or mc.num_nodes
     partition = partition or mc.partition
-    mapping = mc.layer_mapping if partition == "even" and mc.layer_mapping and nodes == mc.num_nodes else None
-    if mapping:
-        return make_plan(cfg.n_layer, nodes, "mapping", mapping=mapping)
+    if mc.layer_mapping and partition in ("even", "mapping"):
+        if nodes != mc.num_nodes:
+            raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
+                                 "for another number of nodes pass --strategy even or balanced")
+        return make_plan(cfg.n_layer, nodes, "mapping", mapping=mc.layer_mapping)
     return make_plan(cfg.n_layer, nodes, partition, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab)
 
 
@@ -272,14 +285,13 @@ def _model_shape(config_dir, mc, weights_path):
     return GPTConfig(n_layer=mc.num_layers, n_embd=C, n_head=mc.n_head or H)
 
 
-def _node_names(config_dir, n):
+def _cluster_if_any(config_dir):
+    """cluster_config.yaml if the folder has one (None if not); a broken one is an error."""
     from .config import load_cluster_config
     try:
-        cc = load_cluster_config(config_dir)
-        names = [node.host for node in cc.nodes]
-    except ConfigError:
-        names = []
-    return [names[r] if r < len(names) else f"node{r}" for r in range(n)]
+        return load_cluster_config(config_dir)
+    except ConfigNotFound:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,13 +302,11 @@ def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
     """Configs, the layer plan, and this rank's weights file (pulled if missing and configured).
 
     `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>"."""
-    from .config import load_cluster_config, load_model_config, load_weights_config
+    from .config import check_agree, load_cluster_config, load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
     _share_cores(cc, rank)
-    if mc.num_nodes != len(cc.nodes):       # checked before anything is downloaded
-        raise UserError(f"model_config.yaml says num_nodes={mc.num_nodes} but cluster_config.yaml has "
-                        f"{len(cc.nodes)} nodes (server + {cc.num_workers} workers); make them agree")
+    check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
     if weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
         weights_path = _ensure_weights(mc, src, rank, cc, config_dir, log)
@@ -494,7 +504,7 @@ def _find_real_weights(config_dir, model_name=None):
         mc = load_model_config(config_dir, model_name)
         path = os.path.join("weights", load_weights_config(config_dir, mc.weights_model_name).filename)
         return path if os.path.exists(path) else None
-    except ConfigError:
+    except ConfigNotFound:      # no configs here: synthetic weights (a broken config is an error)
         return None
 
 

@@ -4,22 +4,59 @@
     cluster_config.yaml  who is where: host_ip map, ports, which rank runs on which host
     model_weights.yaml   where each model's weights come from
 
-Config is data: nothing here is global; commands read it once and pass it on. A missing or
-mistyped key is a ConfigError naming the file and the key.
+Config is data: nothing here is global; commands read it once and pass it on. Every key and value
+is checked here, once, at load: a missing, mistyped, misspelled or out-of-range key is a
+ConfigError naming the file and the key, e.g.
+
+    configs/cluster_config.yaml: unknown key 'auth_tokn' (did you mean 'auth_token'?)
+
+The keys each file may hold are listed once, in the *_KEYS tables below: a new key goes there and
+into its loader.
 """
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import string
 import time
 from dataclasses import dataclass, field
 
 import yaml
 
+from . import partition as _partition
+
 DEFAULT_CONFIG_DIR = "configs"
+
+# model_config.yaml: the top level holds model entries (any name) and these keys.
+MODEL_FILE_KEYS = ("default_model", "models")
+MODEL_KEYS = ("hf_model_name", "weights_model_name", "num_layers", "num_nodes", "max_new_tokens",
+              "active_decoding_strategy", "decoding_strategies", "n_head", "partition", "layer_mapping")
+# decoding_strategies: the built-in strategies (decoding.py registers them) and the keys each reads.
+STRATEGY_KEYS = {"greedy": (), "sampling": ("temperature",), "top_k": ("temperature", "k", "top_k"),
+                 "top_p": ("temperature", "p", "top_p")}
+# A model entry that leaves out its decoding settings gets the guide's.
+DEFAULT_DECODING = {"max_new_tokens": 50, "active_decoding_strategy": "greedy",
+                    "decoding_strategies": {"greedy": {}, "sampling": {"temperature": 1.0},
+                                            "top_p": {"temperature": 1.0, "p": 0.9},
+                                            "top_k": {"temperature": 1.0, "k": 40}}}
+# cluster_config.yaml, and one entry of its `workers` list.
+CLUSTER_KEYS = ("host_ip", "port", "server", "num_workers", "workers", "bind", "max_sessions", "rejoin_grace_s",
+                "heartbeat_s", "auth_token", "tls_cert", "tls_key", "api_token", "cors_origins", "pipeline_depth",
+                "link_delay_ms", "link_mbps")
+WORKER_KEYS = ("rank", "host", "port")
+# model_weights.yaml: entries under `models:`, each with these keys.
+WEIGHTS_FILE_KEYS = ("models",)
+WEIGHTS_KEYS = ("url", "filename", "sha256", "size")
 
 
 class ConfigError(ValueError):
-    """A config file is missing, malformed, or has a missing or mistyped key."""
+    """A config file is missing, malformed, or has a missing, unknown or mistyped key."""
+
+
+class ConfigNotFound(ConfigError):
+    """The config file is not there at all (a command may then use built-in defaults; a broken
+    file is never replaced by defaults)."""
 
 
 def _load_yaml(config_dir: str, name: str) -> tuple:
@@ -28,13 +65,31 @@ def _load_yaml(config_dir: str, name: str) -> tuple:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; pass --config-dir pointing at a folder with {name} "
-                          "(the repository's configs/ is an example)") from None
+        raise ConfigNotFound(f"{path}: not found; pass --config-dir pointing at a folder with {name} "
+                             "(the repository's configs/ is an example)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data, path
+
+
+def did_you_mean(word, known) -> str:
+    """" (did you mean 'auth_token'?)" for a near miss, else the list of what is known."""
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(word), known, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known: {', '.join(known)})" if known else ""
+
+
+def _check_keys(d: dict, known, where: str):
+    """Refuse any key of `d` not in `known`: a misspelled key must never be silently ignored."""
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, known)}")
 
 
 def _get(d: dict, key: str, kind, where: str, default=...):
@@ -48,6 +103,37 @@ def _get(d: dict, key: str, kind, where: str, default=...):
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
+    return value
+
+
+def _int(d: dict, key: str, where: str, default=..., lo: int | None = None, hi: int | None = None):
+    """An int key within [lo, hi]."""
+    value = _get(d, key, int, where, default)
+    if value is not None and (lo is not None and value < lo or hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"{where}: '{key}' must be {bound}, got {value}")
+    return value
+
+
+def _real(d: dict, key: str, where: str, default=..., lo: float = 0.0, above: bool = False,
+          hi: float | None = None):
+    """A number key (int or float), finite, >= lo (> lo with above=True) and <= hi."""
+    value = _get(d, key, (int, float), where, default)
+    if value is None:
+        return None
+    value = float(value)
+    low_ok = value > lo if above else value >= lo
+    if not (math.isfinite(value) and low_ok and (hi is None or value <= hi)):
+        bound = f"{'>' if above else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+        raise ConfigError(f"{where}: '{key}' must be a number {bound}, got {d[key]!r}")
+    return value
+
+
+def _str(d: dict, key: str, where: str, default=...):
+    """A non-empty string key."""
+    value = _get(d, key, str, where, default)
+    if value is not None and not value.strip():
+        raise ConfigError(f"{where}: '{key}' is empty")
     return value
 
 
@@ -75,40 +161,147 @@ class ModelConfig:
                 "decoding_strategies": self.decoding_strategies}
 
 
-def load_model_config(config_dir: str = DEFAULT_CONFIG_DIR, name: str | None = None) -> ModelConfig:
-    data, path = _load_yaml(config_dir, "model_config.yaml")
-    models = _get(data, "models", dict, path)
-    name = name or _get(data, "default_model", str, path, default=None) or next(iter(models), None)
-    if name not in models:
-        raise ConfigError(f"{path}: no model '{name}'; known: {', '.join(map(str, models))}")
-    m = models[name]
-    where = f"{path}: models.{name}"
+_MODEL_LAYOUTS = """the two accepted shapes are
+  the guide's: model entries at the top level      or entries under 'models:'
+    default_model: gpt2     # needed with 2+ models   default_model: gpt2
+    gpt2:                                           models:
+      hf_model_name: gpt2                             gpt2:
+      num_layers: 12                                    hf_model_name: gpt2
+      ...                                               num_layers: 12"""
+
+_WEIGHTS_LAYOUTS = """the two accepted shapes are
+  the guide's: entries under 'models:'     or entries at the top level
+    models:                                  gpt2:
+      gpt2:                                    url: https://...
+        url: https://...                       filename: gpt2.safetensors
+        filename: gpt2.safetensors"""
+
+
+def _model_entries(data: dict, path: str) -> tuple:
+    """(entries, prefix) from either layout of model_config.yaml; prefix names where they sit."""
+    if "models" in data:
+        models = _get(data, "models", dict, path)
+        for key, value in data.items():
+            if key in MODEL_FILE_KEYS:
+                continue
+            if isinstance(value, dict):
+                raise ConfigError(f"{path}: model '{key}' is at the top level but other models are under "
+                                  f"'models:'; use one layout for all; {_MODEL_LAYOUTS}")
+            _check_keys({key: value}, MODEL_FILE_KEYS, path)
+        if any(key in MODEL_KEYS for key in models):
+            settings = ", ".join(k for k in models if k in MODEL_KEYS)
+            raise ConfigError(f"{path}: 'models:' holds model settings ({settings}) rather than named model "
+                              f"entries; {_MODEL_LAYOUTS}")
+        return models, "models."
+    entries = {}
+    for key, value in data.items():
+        if key in MODEL_FILE_KEYS:
+            continue
+        if isinstance(value, dict):
+            entries[key] = value
+        elif key in MODEL_KEYS:
+            raise ConfigError(f"{path}: '{key}' is at the top level; it belongs inside a model entry "
+                              f"(indent it under the model's name); {_MODEL_LAYOUTS}")
+        elif difflib.get_close_matches(str(key), MODEL_FILE_KEYS, n=1):
+            raise ConfigError(f"{path}: unknown key '{key}'{did_you_mean(key, MODEL_FILE_KEYS)}")
+        else:
+            raise ConfigError(f"{path}: top-level key '{key}' is neither a model entry (a mapping of settings) "
+                              f"nor one of {', '.join(MODEL_FILE_KEYS)}; {_MODEL_LAYOUTS}")
+    return entries, ""
+
+
+def _decoding_strategies(value: dict, where: str) -> dict:
+    """Check each strategy's section: a known strategy, known keys, values in range."""
+    out = {}
+    for name, params in value.items():
+        here = f"{where}.decoding_strategies.{name}"
+        if name not in STRATEGY_KEYS:
+            raise ConfigError(f"{where}: decoding_strategies: unknown strategy '{name}'"
+                              f"{did_you_mean(name, STRATEGY_KEYS)}")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{here}: expected a mapping of parameters, e.g. {{temperature: 1.0}}")
+        _check_keys(params, STRATEGY_KEYS[name], here)
+        if "k" in params and "top_k" in params or "p" in params and "top_p" in params:
+            raise ConfigError(f"{here}: give 'k' or 'top_k' ('p' or 'top_p'), not both")
+        _real(params, "temperature", here, default=None, above=True)
+        for key in ("k", "top_k"):
+            _int(params, key, here, default=None, lo=1)
+        for key in ("p", "top_p"):
+            _real(params, key, here, default=None, above=True, hi=1.0)
+        out[name] = dict(params)
+    return out
+
+
+def _model_entry(name, m, where: str) -> ModelConfig:
     if not isinstance(m, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    strategies = _get(m, "decoding_strategies", dict, where)
-    for s, params in strategies.items():
-        if params is not None and not isinstance(params, dict):
-            raise ConfigError(f"{where}.decoding_strategies.{s}: expected a mapping of parameters")
+        raise ConfigError(f"{where}: expected a mapping of the model's settings")
+    _check_keys(m, MODEL_KEYS, where)
+    strategies = _get(m, "decoding_strategies", dict, where, default=None)
+    strategies = (_decoding_strategies(strategies, where) if strategies is not None
+                  else {k: dict(v) for k, v in DEFAULT_DECODING["decoding_strategies"].items()})
     cfg = ModelConfig(
-        name=name,
-        hf_model_name=_get(m, "hf_model_name", str, where),
-        weights_model_name=_get(m, "weights_model_name", str, where),
-        num_layers=_get(m, "num_layers", int, where),
-        num_nodes=_get(m, "num_nodes", int, where),
-        max_new_tokens=_get(m, "max_new_tokens", int, where),
-        active_decoding_strategy=_get(m, "active_decoding_strategy", str, where),
-        decoding_strategies={k: dict(v or {}) for k, v in strategies.items()},
-        n_head=_get(m, "n_head", int, where, default=None),
-        partition=_get(m, "partition", str, where, default="even"),
+        name=str(name),
+        hf_model_name=_str(m, "hf_model_name", where),
+        weights_model_name=_str(m, "weights_model_name", where),
+        num_layers=_int(m, "num_layers", where, lo=1),
+        num_nodes=_int(m, "num_nodes", where, lo=1),
+        max_new_tokens=_int(m, "max_new_tokens", where, default=DEFAULT_DECODING["max_new_tokens"], lo=1),
+        active_decoding_strategy=_str(m, "active_decoding_strategy", where,
+                                      default=DEFAULT_DECODING["active_decoding_strategy"]),
+        decoding_strategies=strategies,
+        n_head=_int(m, "n_head", where, default=None, lo=1),
+        partition=_str(m, "partition", where, default="even"),
         layer_mapping=_get(m, "layer_mapping", dict, where, default=None),
     )
     if cfg.active_decoding_strategy not in cfg.decoding_strategies:
         raise ConfigError(f"{where}: active_decoding_strategy '{cfg.active_decoding_strategy}' is not one of "
-                          f"decoding_strategies ({', '.join(cfg.decoding_strategies)})")
-    for key in ("num_layers", "num_nodes", "max_new_tokens"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{where}: '{key}' must be >= 1")
+                          f"decoding_strategies ({', '.join(cfg.decoding_strategies)})"
+                          f"{did_you_mean(cfg.active_decoding_strategy, cfg.decoding_strategies)}")
+    if cfg.num_nodes > cfg.num_layers:
+        raise ConfigError(f"{where}: num_nodes is {cfg.num_nodes} but the model has {cfg.num_layers} layers; "
+                          "every node needs at least one layer")
+    if cfg.partition not in _partition.STRATEGIES:
+        raise ConfigError(f"{where}: unknown partition '{cfg.partition}'"
+                          f"{did_you_mean(cfg.partition, _partition.STRATEGIES)}")
+    if cfg.layer_mapping is not None:
+        if cfg.partition not in ("even", "mapping"):
+            raise ConfigError(f"{where}: layer_mapping is given but partition is '{cfg.partition}', which would "
+                              "ignore it; remove one of the two (with a layer_mapping, partition may be left out)")
+        try:
+            _partition.from_mapping(cfg.layer_mapping, cfg.num_layers, cfg.num_nodes)
+        except _partition.PartitionError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    elif cfg.partition == "mapping":
+        raise ConfigError(f"{where}: partition is 'mapping' but there is no layer_mapping")
     return cfg
+
+
+def load_model_config(config_dir: str = DEFAULT_CONFIG_DIR, name: str | None = None) -> ModelConfig:
+    """The model entry `name` (else default_model, else the only entry), every entry checked.
+
+    Two layouts are accepted: the guide's, model entries at the top level under any name
+    (`causal_gpt2: {hf_model_name: ..., ...}`), and entries under `models:`.
+    """
+    data, path = _load_yaml(config_dir, "model_config.yaml")
+    entries, prefix = _model_entries(data, path)
+    if not entries:
+        raise ConfigError(f"{path}: no model entries; {_MODEL_LAYOUTS}")
+    models = {key: _model_entry(key, m, f"{path}: {prefix}{key}") for key, m in entries.items()}
+    default = _str(data, "default_model", path, default=None)
+    if default is not None and default not in models:
+        raise ConfigError(f"{path}: default_model '{default}' is not one of the models "
+                          f"({', '.join(map(str, models))}){did_you_mean(default, models)}")
+    name = name or default
+    if name is None:
+        if len(models) > 1:
+            raise ConfigError(f"{path}: {len(models)} models ({', '.join(map(str, models))}) and no default_model; "
+                              "add `default_model: NAME` to the file or pass --model NAME")
+        name = next(iter(models))
+    if name not in models:
+        raise ConfigError(f"{path}: no model '{name}'; known: {', '.join(map(str, models))}")
+    return models[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,17 +317,43 @@ class WeightsSource:
     size: int | None = None
 
 
-def load_weights_config(config_dir: str = DEFAULT_CONFIG_DIR, name: str = "gpt2") -> WeightsSource:
-    data, path = _load_yaml(config_dir, "model_weights.yaml")
-    if name not in data:
-        raise ConfigError(f"{path}: no entry for model '{name}'; known: {', '.join(map(str, data))}")
-    where = f"{path}: {name}"
-    entry = data[name]
+def _weights_entries(data: dict, path: str) -> tuple:
+    """(entries, prefix) from either layout of model_weights.yaml."""
+    if "models" in data and isinstance(data["models"], dict) and not set(data["models"]) & set(WEIGHTS_KEYS):
+        others = [k for k in data if k != "models"]
+        if others:
+            raise ConfigError(f"{path}: has both a 'models:' section and top-level entries "
+                              f"({', '.join(map(str, others))}); use one layout for all; {_WEIGHTS_LAYOUTS}")
+        return data["models"], "models."
+    if set(data) & set(WEIGHTS_KEYS):
+        raise ConfigError(f"{path}: {', '.join(k for k in WEIGHTS_KEYS if k in data)} at the top level; "
+                          f"they belong inside an entry named after the model; {_WEIGHTS_LAYOUTS}")
+    return data, ""
+
+
+def _weights_entry(name, entry, where: str) -> WeightsSource:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a mapping with url and filename")
-    return WeightsSource(name=name, url=_get(entry, "url", str, where), filename=_get(entry, "filename", str, where),
-                         sha256=_get(entry, "sha256", str, where, default=None),
-                         size=_get(entry, "size", int, where, default=None))
+    _check_keys(entry, WEIGHTS_KEYS, where)
+    src = WeightsSource(name=str(name), url=_str(entry, "url", where), filename=_str(entry, "filename", where),
+                        sha256=_str(entry, "sha256", where, default=None),
+                        size=_int(entry, "size", where, default=None, lo=0))
+    if src.sha256 is not None and not (len(src.sha256) == 64 and all(c in string.hexdigits for c in src.sha256)):
+        raise ConfigError(f"{where}: 'sha256' must be 64 hex digits, got {src.sha256!r}")
+    return src
+
+
+def load_weights_config(config_dir: str = DEFAULT_CONFIG_DIR, name: str = "gpt2") -> WeightsSource:
+    """Where model `name`'s weights come from; every entry of the file is checked.
+
+    Two layouts are accepted: the guide's, entries under `models:`, and entries at the top level.
+    """
+    data, path = _load_yaml(config_dir, "model_weights.yaml")
+    entries, prefix = _weights_entries(data, path)
+    sources = {key: _weights_entry(key, e, f"{path}: {prefix}{key}") for key, e in entries.items()}
+    if name not in sources:
+        raise ConfigError(f"{path}: no entry for model '{name}'; known: {', '.join(map(str, sources))}")
+    return sources[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,19 +427,32 @@ class ClusterConfig:
 
 
 def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
+    """Who is where. The guide's file works as written:
+
+        host_ip: {mini1: "10.10.0.1", mini2: "10.10.0.2", pi5: "192.168.50.2"}
+        port: 65432
+        num_workers: 2
+        workers: [mini2, pi5]        # or mappings {rank, host, port}
+        server: mini1
+    """
     data, path = _load_yaml(config_dir, "cluster_config.yaml")
+    _check_keys(data, CLUSTER_KEYS, path)
     host_ip = _get(data, "host_ip", dict, path)
-    port = _get(data, "port", int, path)
-    server = _get(data, "server", str, path)
+    for host, ip in host_ip.items():
+        if not isinstance(ip, str) or not ip.strip():
+            raise ConfigError(f"{path}: host_ip.{host} must be an address (a string such as \"10.10.0.2\"), "
+                              f"got {ip!r}")
+    port = _int(data, "port", path, lo=1, hi=65535)
+    server = _str(data, "server", path)
     workers = _get(data, "workers", list, path)
-    num_workers = _get(data, "num_workers", int, path)
+    num_workers = _int(data, "num_workers", path, lo=0)
     if num_workers != len(workers):
         raise ConfigError(f"{path}: num_workers is {num_workers} but 'workers' lists {len(workers)}")
 
     def ip_of(host, where):
         if host not in host_ip:
             raise ConfigError(f"{path}: {where} names host '{host}', which is not in host_ip "
-                              f"(known: {', '.join(map(str, host_ip))})")
+                              f"(known: {', '.join(map(str, host_ip))}){did_you_mean(host, host_ip)}")
         return str(host_ip[host])
 
     nodes = [Node(0, server, ip_of(server, "server"), port)]
@@ -230,13 +462,23 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
             w = {"host": w}
         if not isinstance(w, dict):
             raise ConfigError(f"{where}: expected a host name or a mapping with host (and optional rank, port)")
-        rank = _get(w, "rank", int, where, default=i + 1)
-        host = _get(w, "host", str, where)
-        nodes.append(Node(rank, host, ip_of(host, f"workers[{i}]"), _get(w, "port", int, where, default=port + rank)))
+        _check_keys(w, WORKER_KEYS, where)
+        rank = _int(w, "rank", where, default=i + 1, lo=1)
+        host = _str(w, "host", where)
+        wport = _get(w, "port", int, where, default=None)
+        if wport is None and port + rank > 65535:
+            raise ConfigError(f"{where}: rank {rank} would listen on port {port} + {rank} = {port + rank}, above "
+                              "65535; give it its own 'port' or lower 'port'")
+        nodes.append(Node(rank, host, ip_of(host, f"workers[{i}]"),
+                          _int(w, "port", where, lo=1, hi=65535) if wport is not None else port + rank))
     ranks = sorted(n.rank for n in nodes)
     if ranks != list(range(len(nodes))):
         raise ConfigError(f"{path}: worker ranks must be 1..{len(nodes) - 1}, each once; got {ranks[1:]}")
     nodes.sort(key=lambda n: n.rank)
+    unused = [str(h) for h in host_ip if h not in {n.host for n in nodes}]
+    if unused:
+        raise ConfigError(f"{path}: host_ip lists {', '.join(unused)}, which is neither the server nor in workers; "
+                          "add it to workers (and num_workers) or remove it from host_ip")
     seen = {}
     for n in nodes:
         key = (n.ip, n.port)
@@ -244,18 +486,32 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
             raise ConfigError(f"{path}: ranks {seen[key]} and {n.rank} both listen on {n.ip}:{n.port}; "
                               "give one of them its own 'port'")
         seen[key] = n.rank
-    token = os.environ.get("NANOPIPE_TOKEN") or _get(data, "auth_token", str, path, default=None)
+    token = os.environ.get("NANOPIPE_TOKEN") or _str(data, "auth_token", path, default=None)
     origins = _get(data, "cors_origins", list, path, default=[])
+    for i, o in enumerate(origins):
+        if not isinstance(o, str) or not o.strip():
+            raise ConfigError(f"{path}: cors_origins[{i}] must be an origin such as \"http://localhost:8000\", "
+                              f"got {o!r}")
+    tls_cert, tls_key = _str(data, "tls_cert", path, default=None), _str(data, "tls_key", path, default=None)
+    if tls_key and not tls_cert:
+        raise ConfigError(f"{path}: tls_key is set but tls_cert is not; TLS needs the certificate (tls_cert), "
+                          "the key alone does nothing")
     return ClusterConfig(
-        port=port, nodes=tuple(nodes), bind=_get(data, "bind", str, path, default=None),
-        max_sessions=_get(data, "max_sessions", int, path, default=16),
-        rejoin_grace_s=float(_get(data, "rejoin_grace_s", (int, float), path, default=30.0)),
-        heartbeat_s=float(_get(data, "heartbeat_s", (int, float), path, default=1.0)),
-        auth_token=token, tls_cert=_get(data, "tls_cert", str, path, default=None),
-        tls_key=_get(data, "tls_key", str, path, default=None),
-        api_token=_get(data, "api_token", str, path, default=None),
-        cors_origins=tuple(str(o) for o in origins), path=path,
-        pipeline_depth=_get(data, "pipeline_depth", int, path, default=None),
-        link_delay_ms=float(_get(data, "link_delay_ms", (int, float), path, default=0.0)),
-        link_mbps=float(_get(data, "link_mbps", (int, float), path, default=0.0)),
+        port=port, nodes=tuple(nodes), bind=_str(data, "bind", path, default=None),
+        max_sessions=_int(data, "max_sessions", path, default=16, lo=1),
+        rejoin_grace_s=_real(data, "rejoin_grace_s", path, default=30.0),
+        heartbeat_s=_real(data, "heartbeat_s", path, default=1.0, above=True),
+        auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
+        api_token=_str(data, "api_token", path, default=None),
+        cors_origins=tuple(origins), path=path,
+        pipeline_depth=_int(data, "pipeline_depth", path, default=None, lo=1),
+        link_delay_ms=_real(data, "link_delay_ms", path, default=0.0),
+        link_mbps=_real(data, "link_mbps", path, default=0.0),
     )
+
+
+def check_agree(mc: ModelConfig, cc: ClusterConfig, model_path: str = "model_config.yaml"):
+    """model_config.yaml's num_nodes must be the cluster's size: one rank per node."""
+    if mc.num_nodes != len(cc.nodes):
+        raise ConfigError(f"{model_path}: {mc.name}: num_nodes={mc.num_nodes} but {cc.path} has {len(cc.nodes)} "
+                          f"nodes (server + {cc.num_workers} workers); make them agree")

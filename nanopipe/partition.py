@@ -93,8 +93,20 @@ def balanced(n_layer: int, n_nodes: int, head_cost: float | None = None, n_embd:
     return _ranges(best[1])
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _parse_span(rank: int, value) -> tuple[int, int]:
-    """[4, 7] or "4-7" (inclusive) -> (4, 8) half-open."""
+    """One rank's layers, INCLUSIVE as people write them, -> a half-open (lo, hi).
+
+        [3, 4, 5, 6] -> (3, 7)   every layer listed (the guide's form), consecutive
+        [5]          -> (5, 6)   one layer
+        [4, 7]       -> (4, 8)   [first, last]
+        "4-7"        -> (4, 8)   "first-last"
+
+    Two consecutive numbers, [3, 4], mean the same either way.
+    """
     if isinstance(value, str):
         parts = value.replace(" ", "").split("-")
         try:
@@ -102,12 +114,18 @@ def _parse_span(rank: int, value) -> tuple[int, int]:
         except ValueError:
             raise PartitionError(f"layer_mapping rank {rank}: {value!r} is not \"first-last\", "
                                  "e.g. \"0-3\"") from None
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        first, last = value
+    elif isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value):
+        first, last = value[0], value[-1]
+        if len(value) >= 3:
+            for a, b in zip(value, value[1:]):
+                if b != a + 1:
+                    gap = (f"goes from {a} back to {b}" if b <= a else f"skips layer {a + 1}" if b == a + 2
+                           else f"skips layers {_show(a + 1, b)}")
+                    raise PartitionError(f"layer_mapping rank {rank}: {list(value)} {gap}; a rank holds "
+                                         "consecutive layers: list them all, or write [first, last]")
     else:
-        raise PartitionError(f"layer_mapping rank {rank}: expected [first, last] or \"first-last\" "
-                             f"(inclusive), got {value!r}")
+        raise PartitionError(f"layer_mapping rank {rank}: expected a list of consecutive layers like "
+                             f"[3, 4, 5, 6], [first, last] or \"first-last\" (inclusive), got {value!r}")
     if first > last:
         raise PartitionError(f"layer_mapping rank {rank}: first layer {first} is after last {last}")
     return first, last + 1
@@ -127,14 +145,17 @@ def _show(lo: int, hi: int) -> str:
 
 
 def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
-    """An explicit layer_mapping from YAML, {rank: [first, last]} with INCLUSIVE layers.
+    """An explicit layer_mapping from YAML, {rank: layers} with INCLUSIVE layers (see _parse_span).
 
+    >>> from_mapping({0: [0, 1, 2], 1: [3, 4, 5, 6], 2: [7, 8, 9, 10, 11]}, n_layer=12, n_nodes=3)
+    [(0, 3), (3, 7), (7, 12)]
     >>> from_mapping({0: [0, 1], "1": "2-7", 2: [8, 11]}, n_layer=12, n_nodes=3)
     [(0, 2), (2, 8), (8, 12)]
     """
     _check_sizes(n_layer, n_nodes)
     if not isinstance(mapping, Mapping):
-        raise PartitionError(f"layer_mapping must map rank -> [first, last], got {mapping!r}")
+        raise PartitionError(f"layer_mapping must map rank -> its layers, e.g. {{0: [0, 1, 2], 1: [3, 4, 5]}}, "
+                             f"got {mapping!r}")
     spans: dict[int, tuple[int, int]] = {}
     for key, value in mapping.items():
         rank = _parse_rank(key)

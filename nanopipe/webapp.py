@@ -45,7 +45,7 @@ from flask import Flask, Response, current_app, g, jsonify, request, send_from_d
 from werkzeug.exceptions import HTTPException
 
 from .client import ClientError, LeaderClient
-from .config import ConfigError, load_cluster_config, load_model_config
+from .config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
 from .decoding import (
     EOT,
     STRATEGIES,
@@ -94,7 +94,7 @@ def settings_from_configs(config_dir: str = "configs", model_name: str | None = 
         cc = load_cluster_config(config_dir)
         settings.update(LEADER=leader or f"{cc.leader.ip}:{cc.leader.port}", LEADER_TOKEN=cc.auth_token,
                         LEADER_TLS_CA=cc.tls_cert, API_TOKEN=cc.api_token, CORS_ORIGINS=tuple(cc.cors_origins))
-    except ConfigError:
+    except ConfigNotFound:      # a broken file is an error even with --leader
         if leader is None:
             raise
         settings["LEADER_TOKEN"] = os.environ.get("NANOPIPE_TOKEN")
@@ -103,7 +103,7 @@ def settings_from_configs(config_dir: str = "configs", model_name: str | None = 
     try:
         mc = load_model_config(config_dir, model_name)
         settings.update(MODEL_NAME=mc.name, MODEL_DEFAULTS=mc.decoding_defaults())
-    except ConfigError:
+    except ConfigNotFound:
         if model_name is not None:
             raise
     return settings

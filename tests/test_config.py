@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nanopipe.config import ConfigError, load_cluster_config, load_model_config, load_weights_config
+from nanopipe.config import ConfigError, check_agree, load_cluster_config, load_model_config, load_weights_config
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs"
 
@@ -16,7 +16,7 @@ def shipped(name: str) -> dict:
 
 
 def write(tmp_path, name: str, data) -> str:
-    (tmp_path / name).write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    (tmp_path / name).write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
     return str(tmp_path / name)
 
 
@@ -71,7 +71,7 @@ def test_cluster_lookups_name_the_problem():
 def _model(edit):
     def make():
         data = shipped("model_config.yaml")
-        edit(data, data["models"]["gpt2"])
+        edit(data, data["gpt2"])
         return data
     return make
 
@@ -80,7 +80,8 @@ MODEL_MISTAKES = {
     "missing key": (_model(lambda d, m: m.pop("num_layers")), "missing key 'num_layers'"),
     "wrong type": (_model(lambda d, m: m.update(num_layers="twelve")), "key 'num_layers' must be int"),
     "bool is not int": (_model(lambda d, m: m.update(num_nodes=True)), "key 'num_nodes' must be int"),
-    "unknown model": (_model(lambda d, m: d.update(default_model="gpt5")), "no model 'gpt5'"),
+    "unknown model": (_model(lambda d, m: d.update(default_model="gpt5")),
+                      "default_model 'gpt5' is not one of the models"),
     "active strategy not listed": (_model(lambda d, m: m.update(active_decoding_strategy="beam")),
                                    "active_decoding_strategy 'beam'"),
     "strategy params not a mapping": (_model(lambda d, m: m["decoding_strategies"].update(top_k=5)),
@@ -111,6 +112,7 @@ def test_model_config_unknown_model_lists_known_ones():
 def _cluster(edit):
     def make():
         data = shipped("cluster_config.yaml")
+        data["workers"] = [{"rank": r, "host": h} for r, h in enumerate(data["workers"], start=1)]  # the long form
         edit(data)
         return data
     return make
@@ -179,3 +181,242 @@ def test_invalid_yaml_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML") as e:
         load_cluster_config(str(tmp_path))
     assert str(e.value).startswith(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# both layouts of model_config.yaml and model_weights.yaml
+
+
+ENTRY = {"hf_model_name": "gpt2", "weights_model_name": "gpt2", "num_layers": 12, "num_nodes": 3}
+
+
+def test_model_config_entries_under_models_still_load(tmp_path):
+    write(tmp_path, "model_config.yaml", {"default_model": "b", "models": {"a": ENTRY, "b": dict(ENTRY, num_nodes=2)}})
+    assert (load_model_config(str(tmp_path)).name, load_model_config(str(tmp_path)).num_nodes) == ("b", 2)
+    assert load_model_config(str(tmp_path), "a").num_nodes == 3
+
+
+def test_weights_entries_at_the_top_level_still_load(tmp_path):
+    write(tmp_path, "model_weights.yaml", {"gpt2": {"url": "http://x/m.safetensors", "filename": "g.safetensors"}})
+    assert load_weights_config(str(tmp_path), "gpt2").filename == "g.safetensors"
+
+
+def test_shipped_configs_are_in_the_guides_layout():
+    assert "models" not in shipped("model_config.yaml") and "gpt2" in shipped("model_config.yaml")
+    assert list(shipped("model_weights.yaml")) == ["models"]
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"models": {"a": ENTRY}, "b": ENTRY}, r"model 'b' is at the top level but other models are under 'models:'"),
+    ({"models": ENTRY}, r"'models:' holds model settings \(hf_model_name"),
+    ({"num_layers": 12, "gpt2": ENTRY}, r"'num_layers' is at the top level; it belongs inside a model entry"),
+    ({"gpt2": ENTRY, "nonsense": 3}, r"top-level key 'nonsense' is neither a model entry"),
+])
+def test_model_config_mixing_layouts_shows_both_shapes(tmp_path, data, match):
+    path = write(tmp_path, "model_config.yaml", data)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_model_config(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(path)
+    assert "the two accepted shapes are" in msg and "the guide's: model entries at the top level" in msg
+    assert "entries under 'models:'" in msg
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"models": {"a": {"url": "u", "filename": "f"}}, "b": {"url": "u", "filename": "f"}},
+     r"has both a 'models:' section and top-level entries \(b\)"),
+    ({"url": "u", "filename": "f"}, r"url, filename at the top level"),
+])
+def test_weights_config_mixing_layouts_shows_both_shapes(tmp_path, data, match):
+    path = write(tmp_path, "model_weights.yaml", data)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_weights_config(str(tmp_path), "a")
+    msg = str(e.value)
+    assert msg.startswith(path) and "the two accepted shapes are" in msg
+    assert "the guide's: entries under 'models:'" in msg and "or entries at the top level" in msg
+
+
+def test_one_model_is_the_default_several_need_a_choice(tmp_path):
+    write(tmp_path, "model_config.yaml", {"only": ENTRY})
+    assert load_model_config(str(tmp_path)).name == "only"
+    write(tmp_path, "model_config.yaml", {"a": ENTRY, "b": ENTRY})
+    with pytest.raises(ConfigError, match=r"2 models \(a, b\) and no default_model; add `default_model: NAME` "
+                                          r"to the file or pass --model NAME"):
+        load_model_config(str(tmp_path))
+    assert load_model_config(str(tmp_path), "b").name == "b"            # --model picks
+    write(tmp_path, "model_config.yaml", {"default_model": "b", "a": ENTRY, "b": ENTRY})
+    assert load_model_config(str(tmp_path)).name == "b"                 # default_model picks
+    assert load_model_config(str(tmp_path), "a").name == "a"            # --model wins
+
+
+def test_an_entry_without_decoding_settings_gets_the_guides_defaults(tmp_path):
+    write(tmp_path, "model_config.yaml", {"gpt2_large": dict(ENTRY, num_layers=36, num_nodes=6)})
+    mc = load_model_config(str(tmp_path))
+    assert (mc.max_new_tokens, mc.active_decoding_strategy) == (50, "greedy")
+    assert mc.decoding_strategies["top_k"] == {"temperature": 1.0, "k": 40}
+
+
+# ---------------------------------------------------------------------------------------------
+# no mistake passes silently: unknown keys (with the closest known key) and values out of range
+
+
+def _cluster_with(**changes):
+    data = shipped("cluster_config.yaml")
+    data.update(changes)
+    return data
+
+
+UNKNOWN_KEYS = {
+    "cluster auth_tokn": ("cluster_config.yaml", lambda: _cluster_with(auth_tokn="change-me"),
+                          "cluster_config.yaml: unknown key 'auth_tokn' (did you mean 'auth_token'?)"),
+    "cluster max_sesions": ("cluster_config.yaml", lambda: _cluster_with(max_sesions=4),
+                            "cluster_config.yaml: unknown key 'max_sesions' (did you mean 'max_sessions'?)"),
+    "cluster rejoin_grace": ("cluster_config.yaml", lambda: _cluster_with(rejoin_grace=5),
+                             "cluster_config.yaml: unknown key 'rejoin_grace' (did you mean 'rejoin_grace_s'?)"),
+    "worker entry prot": ("cluster_config.yaml",
+                          lambda: _cluster_with(workers=[{"host": "mini2", "prot": 7001}, "pi1"]),
+                          "cluster_config.yaml: workers[0]: unknown key 'prot' (did you mean 'port'?)"),
+    "model num_layer": ("model_config.yaml", _model(lambda d, m: m.update(num_layer=12)),
+                        "model_config.yaml: gpt2: unknown key 'num_layer' (did you mean 'num_layers'?)"),
+    "model default_modle": ("model_config.yaml", _model(lambda d, m: d.update(default_modle="gpt2")),
+                            "model_config.yaml: unknown key 'default_modle' (did you mean 'default_model'?)"),
+    "decoding tempurature": ("model_config.yaml",
+                             _model(lambda d, m: m["decoding_strategies"].update(sampling={"tempurature": 1})),
+                             "model_config.yaml: gpt2.decoding_strategies.sampling: unknown key 'tempurature' "
+                             "(did you mean 'temperature'?)"),
+    "decoding k in top_p": ("model_config.yaml",
+                            _model(lambda d, m: m["decoding_strategies"]["top_p"].update(k=5)),
+                            "model_config.yaml: gpt2.decoding_strategies.top_p: unknown key 'k' "
+                            "(known: temperature, p, top_p)"),
+    "strategy topk": ("model_config.yaml", _model(lambda d, m: m["decoding_strategies"].update(topk={"k": 5})),
+                      "model_config.yaml: gpt2: decoding_strategies: unknown strategy 'topk' "
+                      "(did you mean 'top_k'?)"),
+    "weights filname": ("model_weights.yaml",
+                        lambda: {"models": {"gpt2": {"url": "http://x", "filname": "g.safetensors"}}},
+                        "model_weights.yaml: models.gpt2: unknown key 'filname' (did you mean 'filename'?)"),
+}
+
+
+@pytest.mark.parametrize("case", UNKNOWN_KEYS)
+def test_unknown_key_is_an_error_naming_file_key_and_closest_known_key(tmp_path, case):
+    name, make, message = UNKNOWN_KEYS[case]
+    write(tmp_path, name, make())
+    loader = {"cluster_config.yaml": load_cluster_config, "model_config.yaml": load_model_config,
+              "model_weights.yaml": load_weights_config}[name]
+    with pytest.raises(ConfigError) as e:
+        loader(str(tmp_path))
+    assert str(e.value) == f"{tmp_path}/{message}"
+
+
+BAD_VALUES = {
+    "port 0": (lambda: _cluster_with(port=0), "'port' must be between 1 and 65535, got 0"),
+    "port too big": (lambda: _cluster_with(port=70000), "'port' must be between 1 and 65535, got 70000"),
+    "worker port past 65535": (lambda: _cluster_with(port=65535), "workers[0]: rank 1 would listen on port"),
+    "max_sessions 0": (lambda: _cluster_with(max_sessions=0), "'max_sessions' must be >= 1, got 0"),
+    "heartbeat 0": (lambda: _cluster_with(heartbeat_s=0), "'heartbeat_s' must be a number > 0, got 0"),
+    "negative grace": (lambda: _cluster_with(rejoin_grace_s=-1), "'rejoin_grace_s' must be a number >= 0"),
+    "pipeline_depth 0": (lambda: _cluster_with(pipeline_depth=0), "'pipeline_depth' must be >= 1"),
+    "link_mbps nan": (lambda: _cluster_with(link_mbps=float("nan")), "'link_mbps' must be a number >= 0"),
+    "ip not a string": (lambda: _cluster_with(host_ip={"mini1": 10, "mini2": "127.0.0.1", "pi1": "127.0.0.1"}),
+                        "host_ip.mini1 must be an address"),
+    "host_ip lists an unused host": (
+        lambda: _cluster_with(host_ip={"mini1": "127.0.0.1", "mini2": "127.0.0.1", "pi1": "127.0.0.1",
+                                       "pi2": "127.0.0.1"}),
+        "host_ip lists pi2, which is neither the server nor in workers"),
+    "worker host misspelled": (lambda: _cluster_with(workers=["mini2", "pi2"]),
+                               "names host 'pi2', which is not in host_ip (known: mini1, mini2, pi1) "
+                               "(did you mean 'pi1'?)"),
+    "tls_key alone": (lambda: _cluster_with(tls_key="k.pem"), "tls_key is set but tls_cert is not"),
+    "cors origin not a string": (lambda: _cluster_with(cors_origins=[5]), "cors_origins[0] must be an origin"),
+    "empty auth_token": (lambda: _cluster_with(auth_token=""), "'auth_token' is empty"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_cluster_values_checked_at_load(tmp_path, case, monkeypatch):
+    monkeypatch.delenv("NANOPIPE_TOKEN", raising=False)
+    make, message = BAD_VALUES[case]
+    path = write(tmp_path, "cluster_config.yaml", make())
+    with pytest.raises(ConfigError) as e:
+        load_cluster_config(str(tmp_path))
+    assert str(e.value).startswith(path) and message in str(e.value), str(e.value)
+
+
+MODEL_VALUES = {
+    "temperature 0": (_model(lambda d, m: m["decoding_strategies"]["sampling"].update(temperature=0)),
+                      "gpt2.decoding_strategies.sampling: 'temperature' must be a number > 0, got 0"),
+    "k 0": (_model(lambda d, m: m["decoding_strategies"]["top_k"].update(k=0)), "'k' must be >= 1, got 0"),
+    "p above 1": (_model(lambda d, m: m["decoding_strategies"]["top_p"].update(p=1.5)),
+                  "'p' must be a number > 0 and <= 1, got 1.5"),
+    "k and top_k": (_model(lambda d, m: m["decoding_strategies"]["top_k"].update(top_k=3)),
+                    "give 'k' or 'top_k'"),
+    "active topp": (_model(lambda d, m: m.update(active_decoding_strategy="topp")),
+                    "active_decoding_strategy 'topp' is not one of decoding_strategies (greedy, sampling, top_p, "
+                    "top_k) (did you mean 'top_p'?)"),
+    "partition misspelled": (_model(lambda d, m: m.update(partition="evne")),
+                             "unknown partition 'evne' (did you mean 'even'?)"),
+    "more nodes than layers": (_model(lambda d, m: m.update(num_nodes=13)),
+                               "num_nodes is 13 but the model has 12 layers"),
+    "mapping with balanced": (_model(lambda d, m: m.update(partition="balanced", layer_mapping={0: [0, 11]})),
+                              "layer_mapping is given but partition is 'balanced'"),
+    "mapping without layer_mapping": (_model(lambda d, m: m.update(partition="mapping")),
+                                      "partition is 'mapping' but there is no layer_mapping"),
+    "mapping with a gap in a list": (
+        _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2], 1: [3, 4, 6], 2: [7, 8, 9, 10, 11]})),
+        "gpt2: layer_mapping rank 1: [3, 4, 6] skips layer 5"),
+    "mapping leaves a layer out": (
+        _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2], 1: [3, 4, 5], 2: [7, 8, 9, 10, 11]})),
+        "gpt2: layer_mapping: layers 6-6 are held by no rank"),
+    "mapping holds a layer twice": (
+        _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [7, 11]})),
+        "gpt2: layer_mapping: ranks 0 and 1 both hold layers 3-3"),
+    "mapping for too few ranks": (_model(lambda d, m: m.update(layer_mapping={0: [0, 5], 1: [6, 11]})),
+                                  "gpt2: layer_mapping has no entry for rank 2"),
+    "empty hf_model_name": (_model(lambda d, m: m.update(hf_model_name=" ")), "'hf_model_name' is empty"),
+    "n_head 0": (_model(lambda d, m: m.update(n_head=0)), "'n_head' must be >= 1, got 0"),
+    "a typo in another entry": (_model(lambda d, m: d["gpt2-xl"].update(num_nodse=6)),
+                                "gpt2-xl: unknown key 'num_nodse' (did you mean 'num_nodes'?)"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_VALUES)
+def test_model_values_checked_at_load(tmp_path, case):
+    make, message = MODEL_VALUES[case]
+    path = write(tmp_path, "model_config.yaml", make())
+    with pytest.raises(ConfigError) as e:
+        load_model_config(str(tmp_path))
+    assert str(e.value).startswith(path) and message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"url": "http://x", "filename": "f", "sha256": "abc"}, "'sha256' must be 64 hex digits"),
+    ({"url": "http://x", "filename": "f", "size": -1}, "'size' must be >= 0"),
+    ({"url": "", "filename": "f"}, "'url' is empty"),
+])
+def test_weights_values_checked_at_load(tmp_path, entry, message):
+    path = write(tmp_path, "model_weights.yaml", {"models": {"gpt2": entry}})
+    with pytest.raises(ConfigError) as e:
+        load_weights_config(str(tmp_path), "gpt2")
+    assert str(e.value).startswith(path) and message in str(e.value), str(e.value)
+
+
+def test_num_nodes_must_match_the_cluster():
+    mc, cc = load_model_config(str(SHIPPED), "gpt2-large"), load_cluster_config(str(SHIPPED))
+    with pytest.raises(ConfigError, match=r"gpt2-large: num_nodes=4 but .*cluster_config.yaml has 3 nodes "
+                                          r"\(server \+ 2 workers\); make them agree"):
+        check_agree(mc, cc)
+    check_agree(load_model_config(str(SHIPPED)), cc)
+
+
+def test_known_strategies_are_decodings_built_ins():
+    """config.STRATEGY_KEYS lists the strategies decoding.py registers (config must not import numpy)."""
+    from nanopipe.config import STRATEGY_KEYS
+    from nanopipe.decoding import STRATEGIES, STRATEGY_USES, make_params
+    assert set(STRATEGY_KEYS) == set(STRATEGIES)
+    for name, keys in STRATEGY_KEYS.items():          # each allowed key sets a field the strategy reads
+        section = {k: (5 if k in ("k", "top_k") else 0.5) for k in keys}
+        params = make_params({"active_decoding_strategy": name, "decoding_strategies": {name: section}})
+        for k in keys:
+            assert {"temperature": "temperature", "k": "top_k", "top_k": "top_k", "p": "top_p",
+                    "top_p": "top_p"}[k] in STRATEGY_USES[name], (name, k)
+        assert params.strategy == name

@@ -126,6 +126,32 @@ def test_from_mapping_accepts_inclusive_lists_strings_and_str_keys(mapping):
 
 def test_single_layer_rank():
     assert from_mapping({0: [0, 0], 1: "1-11"}, 12, 2) == [(0, 1), (1, 12)]
+    assert from_mapping({0: [0], 1: "1-11"}, 12, 2) == [(0, 1), (1, 12)]          # [5]: one layer
+
+
+def test_the_guides_layer_mapping_lists_every_layer():
+    """The guide's custom distribution: 3, 4 and 5 layers, each rank's layers listed."""
+    guide = {0: [0, 1, 2], 1: [3, 4, 5, 6], 2: [7, 8, 9, 10, 11]}
+    assert from_mapping(guide, 12, 3) == [(0, 3), (3, 7), (7, 12)]
+    assert plan(12, 3, mapping=guide) == [(0, 3), (3, 7), (7, 12)]
+
+
+def test_two_consecutive_layers_mean_the_same_either_way():
+    # [3, 4] read as "layers 3 and 4" or as [first, last]: both are layers 3..4
+    assert from_mapping({0: [0, 1, 2], 1: [3, 4], 2: [5, 11]}, 12, 3) == [(0, 3), (3, 5), (5, 12)]
+    assert from_mapping({0: "0-2", 1: "3-4", 2: "5-11"}, 12, 3) == [(0, 3), (3, 5), (5, 12)]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([3, 4, 6, 7], r"rank 1: \[3, 4, 6, 7\] skips layer 5;"),
+    ([3, 6, 7], r"rank 1: \[3, 6, 7\] skips layers 4-5;"),
+    ([3, 4, 4, 5], r"rank 1: \[3, 4, 4, 5\] goes from 4 back to 4;"),
+    ([5, 4, 3], r"rank 1: \[5, 4, 3\] goes from 5 back to 4;"),
+    ([], r"rank 1: expected a list of consecutive layers"),
+])
+def test_a_list_of_three_or_more_must_be_consecutive(layers, message):
+    with pytest.raises(PartitionError, match=message):
+        from_mapping({0: [0, 1, 2], 1: layers, 2: [8, 9, 10, 11]}, 12, 3)
 
 
 @pytest.mark.parametrize("mapping, message", [
@@ -144,9 +170,9 @@ def test_single_layer_rank():
     ({"zero": [0, 3], 1: [4, 7], 2: [8, 11]}, r"key 'zero' is not a rank number"),
     ({0: [3, 0], 1: [4, 7], 2: [8, 11]}, r"rank 0: first layer 3 is after last 0"),
     ({0: [0, 3], 1: "4..7", 2: [8, 11]}, r"rank 1: '4..7' is not \"first-last\""),
-    ({0: [0, 3], 1: [4], 2: [8, 11]}, r"rank 1: expected \[first, last\]"),
-    ({0: [0, 3], 1: [4.0, 7], 2: [8, 11]}, r"rank 1: expected \[first, last\]"),
-    ([[0, 3], [4, 7], [8, 11]], r"must map rank -> \[first, last\]"),
+    ({0: [0, 3], 1: [4], 2: [8, 11]}, r"layers 5-7 are held by no rank"),
+    ({0: [0, 3], 1: [4.0, 7], 2: [8, 11]}, r"rank 1: expected a list of consecutive layers"),
+    ([[0, 3], [4, 7], [8, 11]], r"must map rank -> its layers"),
 ], ids=["gap", "gap-start", "gap-end", "overlap", "overlap-wide", "out-of-range",
         "negative", "non-contiguous-order", "missing-rank", "missing-rank-0-1", "extra-rank",
         "duplicate-rank", "bad-key", "reversed", "bad-string", "short-list", "float", "not-a-dict"])
