@@ -145,6 +145,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                 result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                     on_token=lambda t, _text: t is not None and on_token(t),
                                     on_status=lambda text: click.echo(f"\n[{text}]", err=True))
+                weights = _weights_of(c) if as_json else {}
         except ClientError as e:
             raise UserError(str(e)) from None
     else:
@@ -152,13 +153,21 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         path = resolve_weights(config_dir, model_name, weights_path)
         engine = Engine.load(path, n_head=n_head)
         result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
+        from .weights import synthetic_summary
+        weights = synthetic_summary({0: engine.stage.synthetic})
     if as_json:
-        result = dict(result, text=tok.decode(result["token_ids"]))
+        result = dict(result, text=tok.decode(result["token_ids"]), **weights)
         for key in ("id", "request", "session"):    # bookkeeping of one process or one connection
             result.pop(key, None)
         click.echo(json.dumps(result))
     else:
         click.echo(stream.flush())
+
+
+def _weights_of(client) -> dict:
+    """The cluster's synthetic / weights_mixed / weights_note, from the leader's status."""
+    status = client.status()
+    return {k: status.get(k) for k in ("synthetic", "weights_mixed", "weights_note")}
 
 
 def _leader_auth(config_dir) -> tuple:
@@ -339,11 +348,11 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
                         "--host NAME`")
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0)
     from .leader import Leader  # numpy loads only now, after _share_cores
-    from .weights import load_stage
+    from .weights import load_stage, synthetic_note
     lo, hi = ranges[0]
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
     click.echo(f"[LEADER] Loaded {hi - lo} layers for the leader (layers {lo}-{hi - 1}) plus embeddings and "
-               f"LM head from {path}")
+               f"LM head from {path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges)
     _on_sigterm()
     try:

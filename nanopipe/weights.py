@@ -54,6 +54,11 @@ class StageWeights:
         return self.wte is not None
 
     @property
+    def synthetic(self) -> bool:
+        """Random weights from `init_weights` (or a slice of them): the output is gibberish."""
+        return is_synthetic(self.metadata)
+
+    @property
     def nbytes(self) -> int:
         arrays = [self.wte, self.wpe, self.lm_head]
         arrays += list(self.ln_f.values()) if self.ln_f else []
@@ -225,6 +230,26 @@ def is_synthetic(source) -> bool:
 def synthetic_note(synthetic) -> str:
     """' (SYNTHETIC: random weights, output is gibberish)' to append to a log line, or ''."""
     return f" ({SYNTHETIC_NOTE})" if synthetic else ""
+
+
+def synthetic_summary(flags: dict) -> dict:
+    """What a cluster says about its weights, from each rank's `synthetic` flag (None: not known yet).
+
+        synthetic_summary({0: True, 1: True})  -> {"synthetic": True, "weights_mixed": False,
+                                                    "weights_note": "SYNTHETIC: random weights, ..."}
+        synthetic_summary({0: False, 1: True}) -> {"synthetic": True, "weights_mixed": True,
+                                                    "weights_note": "MIXED: rank 1 runs synthetic ..."}
+    """
+    fake = sorted(r for r, f in flags.items() if f)
+    real = sorted(r for r, f in flags.items() if f is False)
+    note = None
+    if fake and real:
+        note = (f"MIXED: rank {', '.join(map(str, fake))} run{'s' if len(fake) == 1 else ''} synthetic (random) "
+                f"weights, rank {', '.join(map(str, real))} real ones; output is gibberish. "
+                "Give every node the same real weights")
+    elif fake:
+        note = SYNTHETIC_NOTE
+    return {"synthetic": bool(fake), "weights_mixed": bool(fake and real), "weights_note": note}
 
 
 def _shape(size: str, n_layer, n_embd, n_head, n_ctx, n_vocab) -> GPTConfig:

@@ -122,7 +122,7 @@ class Worker:
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
         if self.stage is None or (self.stage.lo, self.stage.hi) != (lo, hi):
-            from .weights import WeightsError, load_stage
+            from .weights import WeightsError, load_stage, synthetic_note
             try:
                 self.stage = load_stage(self.weights_path, lo, hi, rank0=False,
                                         n_head=self.n_head or expect.n_head, expect=expect)
@@ -132,7 +132,7 @@ class Worker:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
             self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
-                     f"{self.stage.nbytes / 1e6:.1f} MB)")
+                     f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
         self.config = expect
         self.next_addr = tuple(welcome["next"])
         self.next_rank = welcome.get("next_rank", 0)
@@ -141,7 +141,8 @@ class Worker:
         self.control_sock = sock
         self._ensure_listening()
         with self.control_lock:
-            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
+            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
+                                         "synthetic": self.stage.synthetic})
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
