@@ -327,8 +327,8 @@ def _planning_shape(config_dir, mc, src):
         return cfg
     import dataclasses
 
-    from .pull import remote_header
     from .gpt2_tensors import base_name
+    from .pull import remote_header
     shapes = {base_name(n): t.shape for n, t in remote_header(src.url).tensors.items()}
     if "wte.weight" not in shapes:
         return cfg
@@ -445,7 +445,7 @@ def demo(nodes, weights_path, config_dir, web, web_port, synthetic):
                             "on a machine with internet (or copy model.safetensors into weights/), or run "
                             "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
         if synthetic:
-            from .weights import ensure_synthetic   # one shared file per shape
+            from .weights import ensure_synthetic  # one shared file per shape
             ensure_synthetic(path, "weights", "gpt2", log=click.echo)
     cl = LocalCluster(path, nodes=nodes, quiet=False)
     click.echo(f"Starting {nodes} nodes on 127.0.0.1 (configs in {cl.config_dir})")

@@ -257,7 +257,8 @@ def test_pull_cli_replaces_synthetic_and_says_ready_without_the_note(server, tmp
     r = CliRunner().invoke(main, ["pull", "m", "--config-dir", str(cfg), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "holds synthetic (random) weights" in r.output
-    assert f"Model weights ready at: {out / 'm.safetensors'}\n" in r.output and not is_synthetic(str(out / "m.safetensors"))
+    assert f"Model weights ready at: {out / 'm.safetensors'}\n" in r.output
+    assert not is_synthetic(str(out / "m.safetensors"))
 
 
 def test_synthetic_summary():

@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from nanopipe import gpt2_tensors
 import nanopipe.weights as weights_mod
+from nanopipe import gpt2_tensors
 from nanopipe.safetensors_io import Header, read_header, read_tensor, write_safetensors
 from nanopipe.weights import (
     BLOCK_PARAMS,
