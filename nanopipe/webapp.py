@@ -381,8 +381,9 @@ WEIGHTS_KEYS = ("synthetic", "weights_mixed", "weights_note")   # are the cluste
 
 
 def weights_info() -> dict:
-    """{"synthetic": bool | None, "weights_mixed": ..., "weights_note": ...}: None until the leader answered."""
-    return {k: state().leader_info.get(k) for k in WEIGHTS_KEYS}
+    """{"synthetic": bool, "weights_mixed": bool, "weights_note": str | None}; {} until the leader said."""
+    info = state().leader_info
+    return {k: info.get(k) for k in WEIGHTS_KEYS} if "synthetic" in info else {}
 
 
 def model_name() -> str:
@@ -643,7 +644,7 @@ def _register_cluster(app: Flask):
         body = {"ok": ok, "leader": {"addr": addr, "reachable": True, "ready": bool(status.get("ready")),
                                      "model": status.get("model")},
                 "nodes": nodes, "live_sessions": status.get("live_sessions"),
-                **{k: status.get(k) for k in WEIGHTS_KEYS}}
+                **{k: status[k] for k in WEIGHTS_KEYS if k in status}}
         if not ok:
             body["error"] = ("not ready: " + ", ".join(f"rank {n['rank']} ({n['host']}) is {n['status']}"
                                                        for n in down)) if down else "the ring is not up yet"
