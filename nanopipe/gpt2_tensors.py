@@ -48,19 +48,26 @@ def block_shapes(n_embd: int) -> dict:
             "mlp.c_proj.bias": (C,)}
 
 
+def head_shapes(n_embd: int, n_vocab: int, n_ctx: int) -> dict:
+    """Rank 0's tensors besides its blocks (hub names) -> shape; lm_head.weight only in untied files."""
+    C = n_embd
+    return {"wte.weight": (n_vocab, C), "wpe.weight": (n_ctx, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
+            "lm_head.weight": (n_vocab, C)}
+
+
 def mask_shape(n_ctx: int) -> tuple:
     return (1, 1, n_ctx, n_ctx)
 
 
 def hub_shapes(n_layer: int, n_embd: int, n_vocab: int, n_ctx: int, masks: bool = True) -> dict:
     """name -> shape of the whole official hub file, in its order: wte, wpe, h.0 .. h.{L-1}, ln_f."""
-    C = n_embd
-    shapes = {"wte.weight": (n_vocab, C), "wpe.weight": (n_ctx, C)}
+    head = head_shapes(n_embd, n_vocab, n_ctx)
+    shapes = {k: head[k] for k in ("wte.weight", "wpe.weight")}
     for i in range(n_layer):
-        shapes.update({f"h.{i}.{k}": s for k, s in block_shapes(C).items()})
+        shapes.update({f"h.{i}.{k}": s for k, s in block_shapes(n_embd).items()})
         if masks:
             shapes[f"h.{i}.attn.bias"] = mask_shape(n_ctx)
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    shapes.update({k: head[k] for k in ("ln_f.weight", "ln_f.bias")})
     return shapes
 
 
@@ -131,4 +138,5 @@ def block_params(n_embd: int) -> int:
 
 def head_params(n_embd: int, n_vocab: int, n_ctx: int) -> int:
     """Parameters rank 0 holds besides its blocks, as stored: wte (V*C), wpe (n_ctx*C), ln_f (2C)."""
-    return n_vocab * n_embd + n_ctx * n_embd + 2 * n_embd
+    head = head_shapes(n_embd, n_vocab, n_ctx)
+    return sum(numel(head[k]) for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"))

@@ -607,7 +607,8 @@ def _slice_ok(path: str, lo: int, hi: int, rank0: bool) -> Header:
     """
     header = verify(path)
     names = {_base(n) for n in header.tensors}
-    missing = [f"h.{i}" for i in range(lo, hi) if f"h.{i}.ln_1.weight" not in names]
+    present = set(gt.block_indices(names))
+    missing = [f"h.{i}" for i in range(lo, hi) if i not in present]
     if rank0 and "wte.weight" not in names:
         missing.append("wte.weight")
     if missing:

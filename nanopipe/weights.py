@@ -189,17 +189,18 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
         raise WeightsError(f"{path}: lacks layers {missing[0]}..{missing[-1]} that this stage needs "
                            f"(it holds {_ranges(sorted(present))}); "
                            f"pull them with `nanopipe pull NAME --layers {lo}-{hi - 1}`")
-    C, V = config.n_embd, config.n_vocab
+    shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
     with open(path, "rb") as f:
         blocks = [_block(f, header, prefix, i, config, path) for i in range(lo, hi)]
         stage = StageWeights(config, lo, hi, blocks, source=path, metadata=dict(header.metadata))
         if rank0:
-            stage.wte = _load(f, header, prefix + "wte.weight", (V, C), path)
-            stage.wpe = _load(f, header, prefix + "wpe.weight", (config.n_ctx, C), path)
-            stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", (C,), path),
-                          "b": _load(f, header, prefix + "ln_f.bias", (C,), path)}
+            stage.wte = _load(f, header, prefix + "wte.weight", shapes["wte.weight"], path)
+            stage.wpe = _load(f, header, prefix + "wpe.weight", shapes["wpe.weight"], path)
+            stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
+                          "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
             if "lm_head.weight" in header.tensors:
-                stage.lm_head = np.ascontiguousarray(_load(f, header, "lm_head.weight", (V, C), path).T)
+                stage.lm_head = np.ascontiguousarray(_load(f, header, "lm_head.weight", shapes["lm_head.weight"],
+                                                           path).T)
             else:  # tied: a transposed contiguous copy makes the per-token (1, C) @ (C, V) ~30% faster
                 stage.lm_head = np.ascontiguousarray(stage.wte.T)
     return stage
