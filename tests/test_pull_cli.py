@@ -44,8 +44,7 @@ def source(tmp_path_factory) -> str:
 
 @pytest.fixture
 def server(source):
-    with open(source, "rb") as f:
-        s = FileServer({"/model.safetensors": f.read()}).start()
+    s = FileServer.serving({"/model.safetensors": source})
     yield s
     s.stop()
 

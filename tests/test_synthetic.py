@@ -68,8 +68,7 @@ def real_file(tmp_path_factory) -> str:
 
 @pytest.fixture
 def server(real_file):
-    with open(real_file, "rb") as f:
-        s = FileServer({"/model.safetensors": f.read()}).start()
+    s = FileServer.serving({"/model.safetensors": real_file})
     yield s
     s.stop()
 
@@ -157,8 +156,7 @@ def test_pull_keeps_a_synthetic_file_its_url_serves(tmp_path):
     """A synthetic file that is what the server holds (a test server) is kept, not fetched over and over."""
     src = str(tmp_path / "src.safetensors")
     init_weights(src, **SMALL)
-    with open(src, "rb") as f:
-        s = FileServer({"/m.safetensors": f.read()}).start()
+    s = FileServer.serving({"/m.safetensors": src})
     try:
         dest = str(tmp_path / "dest.safetensors")
         P.pull(s.url("/m.safetensors"), dest, out=io.StringIO(), timeout=5)
