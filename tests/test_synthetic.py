@@ -290,11 +290,15 @@ def test_mixed_cluster_says_so_on_every_surface(tiny_weights, tmp_path):
             status = c.status()
         web = create_app(settings_from_configs(cl.config_dir, leader=cl.leader_addr)).test_client()
         config, health, models = web.get("/config").get_json(), web.get("/health"), web.get("/v1/models").get_json()
-        logs = {r: open(cl.log_path(r), errors="replace").read() for r in (0, 1, 2)}
+        gen = CliRunner().invoke(main, ["generate", "Hi", "--leader", cl.leader_addr, "--max-tokens", "2", "--json",
+                                        "--config-dir", cl.config_dir])
+        logs = {rank: open(cl.log_path(rank), errors="replace").read() for rank in (0, 1, 2)}
+    assert gen.exit_code == 0, gen.output
+    got = json.loads(gen.output.strip().splitlines()[-1])
     assert [n["synthetic"] for n in status["nodes"]] == [True, True, False]
     assert status["synthetic"] and status["weights_mixed"]
     assert status["weights_note"].startswith("MIXED: rank 0, 1 run synthetic (random) weights, rank 2 real ones")
-    for body in (config, health.get_json(), models["data"][0]):
+    for body in (config, health.get_json(), models["data"][0], got):
         assert body["synthetic"] is True and body["weights_mixed"] is True, body
         assert body["weights_note"] == status["weights_note"]
     assert [n["synthetic"] for n in config["nodes"]] == [True, True, False]
@@ -308,3 +312,43 @@ def test_page_shows_a_synthetic_badge():
     js = open(os.path.join(REPO, "web", "app.js")).read()
     assert 'id="synthetic"' in html
     assert "showSynthetic(r.body)" in js and "c.synthetic" in js and "weights_note" in js
+
+
+def test_offline_worker_hint_writes_the_slice_it_names(tmp_path):
+    """A worker with no weights and no network is told a command; run as a real process, that command
+    writes the slice file the worker then uses (and says is synthetic)."""
+    import shlex
+    import time
+
+    from nanopipe.localcluster import write_configs
+    cfg = tmp_path / "configs"
+    write_configs(str(cfg), weights=str(tmp_path / "small.safetensors"), nodes=2, n_layer=4,
+                  weights_url=f"http://127.0.0.1:{closed_port()}/small.safetensors")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cli = [sys.executable, "-m", "nanopipe.cli"]
+    r = subprocess.run(cli + ["join", "--rank", "1", "--config-dir", str(cfg)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    slice_name = os.path.join("weights", "small.layers-2-3.safetensors")
+    hint = f"nanopipe init-weights {slice_name} --layers 2-3"
+    assert f"`{hint}`" in r.stderr, r.stderr
+    # the hint as printed, with this test model's shape (gpt2's is the default)
+    r = subprocess.run(cli + shlex.split(hint)[1:] + SMALL_ARGS, cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert gt.block_indices(read_header(str(tmp_path / slice_name)).tensors) == [2, 3]
+    assert os.listdir(tmp_path / "weights") == ["small.layers-2-3.safetensors"], "a slice, not a whole model"
+    # the worker now starts: it finds the slice, says it is synthetic, and goes on to dial the leader
+    p = subprocess.Popen(cli + ["join", "--rank", "1", "--config-dir", str(cfg)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            lines.append(line)
+            if not line or line.startswith("Model weights ready at:"):
+                break
+        assert lines[-1].strip() == f"Model weights ready at: {slice_name} {NOTE}", "".join(lines)
+    finally:
+        p.kill()
+        p.wait()
