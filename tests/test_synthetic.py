@@ -99,6 +99,9 @@ def test_one_synthetic_file_per_shape_shared_by_every_name(tmp_path):
     assert sorted(os.listdir(w)) == ["bench.safetensors", "gpt2.safetensors", os.path.basename(shared)]
     assert len(inodes) == 1, "three names, one file on disk"
     assert os.stat(shared).st_nlink == 3
+    from nanopipe import bench, trace
+    assert bench.DEFAULT_WEIGHTS == trace.SYNTHETIC_PATH == os.path.join("weights", "synthetic-gpt2.safetensors"), \
+        "bench, trace and demo share one gpt2 file"
 
 
 def test_slice_hint_writes_a_slice_with_the_full_files_values(tmp_path):
