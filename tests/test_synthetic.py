@@ -6,7 +6,8 @@
                       is complete), moves a damaged file aside to <file>.corrupt, names slices
                       inclusively (gpt2.layers-8-11) and still reads the old half-open names
     every surface     serve/join log lines, the leader's status, /config, /health, /v1/models, the
-                      page, generate --json say when the weights are random, and when they are mixed
+                      page (its badge: tests/test_browser.py), generate --json say when the weights are
+                      random, and when they are mixed
 
 Pulls run against a real HTTP server on 127.0.0.1 (tests/httpserver.py); the cluster is real processes.
 """
@@ -308,13 +309,6 @@ def test_mixed_cluster_says_so_on_every_surface(tiny_weights, tmp_path):
     assert NOTE in logs[0] and "from " + cl.weights + " " + NOTE in logs[0], logs[0]
     assert "Worker 2 joined with real weights. MIXED:" in logs[0], logs[0]
     assert NOTE in logs[1] and NOTE not in logs[2], logs[2]
-
-
-def test_page_shows_a_synthetic_badge():
-    html = open(os.path.join(REPO, "web", "index.html")).read()
-    js = open(os.path.join(REPO, "web", "app.js")).read()
-    assert 'id="synthetic"' in html
-    assert "showSynthetic(r.body)" in js and "c.synthetic" in js and "weights_note" in js
 
 
 def test_offline_worker_hint_writes_the_slice_it_names(tmp_path):
