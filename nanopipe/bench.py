@@ -27,18 +27,20 @@ import numpy as np
 from .decoding import SamplingParams, log_softmax, make_rng, sample
 from .engine import Engine, Request
 from .model import KVCache, blocks_forward, embed, head
-from .weights import init_weights
+from .weights import ensure_synthetic, synthetic_name
 
-DEFAULT_WEIGHTS = os.path.join("weights", "bench-gpt2.safetensors")
+DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers
 TARGET_VS_BOUND = 0.85      # decode tokens/s relative to the memory-bandwidth bound
 
 
 def ensure_weights(path: str = DEFAULT_WEIGHTS, echo=print) -> str:
-    """gpt2-small-shaped synthetic weights at `path`, written once (about 550 MB, a few seconds)."""
-    if not os.path.exists(path):
-        echo(f"writing gpt2-small-shaped synthetic weights to {path} ...")
-        init_weights(path, size="gpt2", seed=0)
+    """gpt2-small-shaped synthetic weights at `path`, written once (about 550 MB, a few seconds).
+
+    The default path is the one synthetic gpt2 file every command shares; another path that
+    already exists is used as it is."""
+    if os.path.abspath(path) == os.path.abspath(DEFAULT_WEIGHTS) or not os.path.exists(path):
+        return ensure_synthetic(path, os.path.dirname(path) or ".", "gpt2", seed=0, log=echo)
     return path
 
 

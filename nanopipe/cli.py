@@ -185,6 +185,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                 result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                     on_token=lambda t, _text: t is not None and on_token(t),
                                     on_status=lambda text: click.echo(f"\n[{text}]", err=True))
+                weights = _weights_of(c) if as_json else {}
         except ClientError as e:
             raise UserError(str(e)) from None
     else:
@@ -192,15 +193,23 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         path = resolve_weights(config_dir, model_name, weights_path)
         engine = Engine.load(path, n_head=n_head)
         result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
+        from .weights import synthetic_summary
+        weights = synthetic_summary({0: engine.stage.synthetic})
     tail = stream.flush()
     if as_json:
         # with stop strings, the text is cut where the generation stopped (the stop string left out)
-        result = dict(result, text=stream.text if params.stop else tok.decode(result["token_ids"]))
+        result = dict(result, text=stream.text if params.stop else tok.decode(result["token_ids"]), **weights)
         for key in ("id", "request", "session", "tail"):    # bookkeeping of one process or one connection
             result.pop(key, None)
         click.echo(json.dumps(result))
     else:
         click.echo(tail)
+
+
+def _weights_of(client) -> dict:
+    """The cluster's synthetic / weights_mixed / weights_note, from the leader's status."""
+    status = client.status()
+    return {k: status.get(k) for k in ("synthetic", "weights_mixed", "weights_note")}
 
 
 def _leader_auth(config_dir) -> tuple:
@@ -224,15 +233,33 @@ def _leader_auth(config_dir) -> tuple:
 @click.option("--n-ctx", type=int, default=None)
 @click.option("--n-vocab", type=int, default=50257, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", default=None,
+              help="Only these blocks, e.g. 8-11 (inclusive): a worker's slice file. Default: all, or the "
+                   "range in OUT's name (NAME.layers-8-11.safetensors).")
 @_fail_clean
-def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed):
+def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, layers):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
-    from .weights import init_weights
-    cfg = init_weights(out, size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx,
-                       n_vocab=n_vocab, seed=seed)
-    click.echo(f"Wrote synthetic weights to {out}: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
+    from .pull import PullError, layers_in_name, layers_text, parse_layers
+    from .weights import SYNTHETIC_NOTE, ensure_synthetic, init_weights, read_config
+    shape = dict(size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx, n_vocab=n_vocab, seed=seed)
+    try:
+        span = parse_layers(layers) if layers else layers_in_name(out)
+    except PullError as e:
+        raise UserError(str(e)) from None
+    named = layers_in_name(out)
+    if layers and named is not None and named != span:
+        raise UserError(f"{out} is named for blocks {layers_text(*named)} but --layers says {layers}; "
+                        "make them agree")
+    if span is not None:
+        cfg = init_weights(out, layers=span, rank0=False, **shape)
+        what = f"blocks {layers_text(*span)} of a synthetic model"
+    else:    # one copy per shape, shared by every command; OUT is a second name for it
+        ensure_synthetic(out, os.path.dirname(out) or ".", log=click.echo, **shape)
+        cfg = read_config(out)[0]
+        what = "synthetic weights"
+    click.echo(f"Wrote {what} to {out}: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
                f"n_head={cfg.n_head} n_ctx={cfg.n_ctx} n_vocab={cfg.n_vocab} "
-               f"({os.path.getsize(out) / 1e6:.1f} MB). They produce gibberish: for real text, `nanopipe pull gpt2`.")
+               f"({os.path.getsize(out) / 1e6:.1f} MB; {SYNTHETIC_NOTE}). For real text, `nanopipe pull gpt2`.")
 
 
 @main.command()
@@ -325,9 +352,9 @@ def _ensure_weights(mc, src, rank, cc, config_dir, log=click.echo):
     """This rank's weights file, pulled if it is not here yet.
 
     Rank 0 needs the whole file, weights/<filename>. A worker uses the whole file if it is here,
-    else only its own blocks lo..hi-1, pulled into weights/<name>.layers-<lo>-<hi>.safetensors
-    (half-open, as in h[lo:hi]; `pull.slice_path`): rank 2 of gpt2 on 3 nodes fetches blocks 8..11,
-    113 of the file's 548 MB, into weights/gpt2.layers-8-12.safetensors.
+    else only its own blocks lo..hi-1, pulled into weights/<name>.layers-<first>-<last>.safetensors
+    (inclusive, like --layers; `pull.slice_path`): rank 2 of gpt2 on 3 nodes fetches blocks 8..11,
+    113 of the file's 548 MB, into weights/gpt2.layers-8-11.safetensors.
     """
     from .pull import PullError, ensure_weights
     entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
@@ -355,9 +382,9 @@ def _planning_shape(config_dir, mc, src):
         return cfg
     import dataclasses
 
+    from .gpt2_tensors import base_name
     from .pull import remote_header
-    shapes = {n[len("transformer."):] if n.startswith("transformer.") else n: t.shape
-              for n, t in remote_header(src.url).tensors.items()}
+    shapes = {base_name(n): t.shape for n, t in remote_header(src.url).tensors.items()}
     if "wte.weight" not in shapes:
         return cfg
     n_vocab, n_embd = shapes["wte.weight"]
@@ -381,11 +408,12 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
     from .leader import Leader  # numpy loads only now, after _share_cores
-    from .weights import load_stage
+    from .weights import load_stage, synthetic_note
     lo, hi = ranges[0]
     log("Loading server's share of model layers (rank 0)...")
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
-    log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from {path}")
+    log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
+        f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges)
     _on_sigterm()
     try:
@@ -487,10 +515,9 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
             raise UserError("no GPT-2 weights here and none can be downloaded offline. Either `nanopipe pull gpt2` "
                             "on a machine with internet (or copy model.safetensors into weights/), or run "
                             "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
-        if not os.path.exists(path):
-            from .weights import init_weights
-            click.echo(f"Writing synthetic weights to {path} (random: the text will be gibberish)")
-            init_weights(path)
+        if synthetic:
+            from .weights import ensure_synthetic  # one shared file per shape
+            ensure_synthetic(path, "weights", "gpt2", log=click.echo)
     try:
         ranges = plan_ranges(mc, _model_shape(config_dir, mc, path), nodes)
         run_demo(path, mc, cc, ranges, web=web, web_port=web_port, restarts=restarts, echo=click.echo)

@@ -39,6 +39,7 @@ from .net import (
     max_act_bytes,
     server_tls,
 )
+from .weights import synthetic_summary
 from .wire import (
     ConnectionClosed,
     Msg,
@@ -81,6 +82,7 @@ class WorkerState:
     sock: object = None
     lock: threading.Lock = field(default_factory=threading.Lock)    # one sender at a time on sock
     ring_epoch: object = None       # the ring epoch it last confirmed (dialed its next hop for)
+    synthetic: object = None        # its weights are random (said in its READY); None until known
 
 
 class Ring:
@@ -398,7 +400,12 @@ class Leader:
             return
         with self.lock:
             w.status = "ready"
+            w.synthetic = meta.get("synthetic")
         self.log(f"Worker {w.rank} ready: loaded layers {w.layers[0]}-{w.layers[1] - 1}")
+        weights = self._weights_summary()
+        if weights["weights_mixed"]:    # the leader must know: real and random slices make gibberish
+            self.log(f"Worker {w.rank} joined with {'synthetic' if w.synthetic else 'real'} weights. "
+                     f"{weights['weights_note']}")
         self._maybe_build_ring()
 
     def _maybe_build_ring(self, retry_after_s: float = 0.0):
@@ -661,18 +668,24 @@ class Leader:
             self.tokenizer = get_tokenizer()
         return self.tokenizer
 
+    def _weights_summary(self) -> dict:
+        """Are the cluster's weights synthetic (random)? Rank 0's and every worker's, as they said."""
+        flags = {0: getattr(self.stage, "synthetic", None)}
+        flags.update({r: w.synthetic for r, w in self.workers.items()})
+        return synthetic_summary(flags)
+
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
         now = time.time()
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
-                  "last_seen_s": 0.0, "rss_mb": rss_mb()}]
+                  "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None)}]
         for r, w in self.workers.items():
             nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
                           "status": "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
                           "last_seen_s": round(now - w.last_seen, 3) if w.last_seen else None,
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
-                          "addr": w.addr})
+                          "addr": w.addr, "synthetic": w.synthetic})
         s = self.scheduler
         return {"model": self.model.name, "ready": self.ring_ready.is_set(), "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
@@ -680,7 +693,8 @@ class Leader:
                 "max_batches_in_flight": s.stats["max_in_flight"],
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
-                "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes()}
+                "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
+                **self._weights_summary()}
 
 
 def _send_timeout(sock, seconds: float):

@@ -52,6 +52,7 @@ from .webapp import (
     sse_comment,
     start_generation,
     tokenizer,
+    weights_info,
 )
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -220,7 +221,7 @@ def models():
         if not current_app.config["MODEL_NAME"]:      # without a leader, the configured model still answers
             raise
     return jsonify(object="list", data=[{"id": model_name(), "object": "model", "created": 0,
-                                         "owned_by": "nanopipe"}])
+                                         "owned_by": "nanopipe", **weights_info()}])
 
 
 @bp.post("/completions")

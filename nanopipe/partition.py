@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import gpt2_tensors as gt
+
 STRATEGIES = ("even", "balanced", "mapping")
 
 
@@ -219,15 +221,12 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
 
 
 def block_params(n_embd: int) -> int:
-    """Parameters in one transformer block: 12*C^2 + 13*C, i.e. 7,087,872 for gpt2 (C=768)."""
-    c = n_embd
-    ln_1 = 2 * c
-    c_attn = c * 3 * c + 3 * c
-    attn_proj = c * c + c
-    ln_2 = 2 * c
-    c_fc = c * 4 * c + 4 * c
-    mlp_proj = 4 * c * c + c
-    return ln_1 + c_attn + attn_proj + ln_2 + c_fc + mlp_proj
+    """Parameters in one transformer block: 12*C^2 + 13*C, i.e. 7,087,872 for gpt2 (C=768).
+
+    ln_1 2C, c_attn 3C^2+3C, attn c_proj C^2+C, ln_2 2C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, summed
+    from the tensor table (gpt2_tensors.block_shapes).
+    """
+    return gt.block_params(n_embd)
 
 
 def stage_bytes(n_layer_slice: int, n_embd: int, n_vocab: int, n_ctx: int, rank0: bool,
@@ -244,7 +243,7 @@ def stage_bytes(n_layer_slice: int, n_embd: int, n_vocab: int, n_ctx: int, rank0
     params = n_layer_slice * block_params(n_embd)
     if rank0:
         c, v = n_embd, n_vocab
-        params += v * c + n_ctx * c + 2 * c + v * c
+        params += gt.head_params(c, v, n_ctx) + v * c     # + the transposed LM-head copy
         if not tied:
             params += v * c
     return 4 * params

@@ -31,7 +31,9 @@ import time
 import urllib.error
 import urllib.request
 
+from . import gpt2_tensors as gt
 from .safetensors_io import Header, SafetensorsError, parse_header, read_header
+from .weights import is_synthetic, synthetic_note
 
 USER_AGENT = "nanopipe-pull/0.1"
 RESUMES = 3           # how many dropped connections one pull() rides out before giving up
@@ -43,8 +45,15 @@ class PullError(RuntimeError):
 
 
 def _what_to_do(dest: str) -> str:
+    """The way out when a download fails. For a slice file, the init-weights command writes that slice.
+
+        _what_to_do("weights/gpt2.layers-8-11.safetensors") -> "... `nanopipe init-weights
+            weights/gpt2.layers-8-11.safetensors --layers 8-11` for synthetic (random) weights"
+    """
+    layers = layers_in_name(dest)
+    flag = f" --layers {layers_text(*layers)}" if layers is not None else ""
     return (f"copy the file to {dest} from a machine that has it, or run "
-            f"`nanopipe init-weights {dest}` for synthetic (random) weights")
+            f"`nanopipe init-weights {dest}{flag}` for synthetic (random) weights")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,34 +78,44 @@ def parse_layers(text: str) -> tuple:
     return first, last + 1
 
 
-def _layers_tag(lo: int, hi: int) -> str:
-    return f"{lo}-{hi}"  # half-open, as in h[lo:hi]
+def layers_text(lo: int, hi: int) -> str:
+    """Half-open (lo, hi) -> the inclusive range people type and read: (4, 8) -> "4-7", (5, 6) -> "5-5"."""
+    return f"{lo}-{hi - 1}"
 
 
 def slice_path(dest: str, lo: int, hi: int) -> str:
-    """Where the slice of blocks lo..hi-1 of `dest` is stored.
+    """Where the slice of blocks lo..hi-1 of `dest` is stored: named inclusively, like --layers.
 
-        slice_path("weights/model.safetensors", 4, 8) -> "weights/model.layers-4-8.safetensors"
+        slice_path("weights/model.safetensors", 4, 8) -> "weights/model.layers-4-7.safetensors"
     """
     root, ext = os.path.splitext(dest)
-    return f"{root}.layers-{_layers_tag(lo, hi)}{ext or '.safetensors'}"
+    return f"{root}.layers-{layers_text(lo, hi)}{ext or '.safetensors'}"
+
+
+def layers_in_name(path: str) -> tuple | None:
+    """The blocks a slice file's name promises, read inclusively as slice_path writes them:
+    "weights/gpt2.layers-8-11.safetensors" -> (8, 12); a name without ".layers-A-B" -> None."""
+    m = re.search(r"\.layers-(\d+)-(\d+)(\.[^.]*)?$", os.path.basename(path))
+    if not m or int(m.group(2)) < int(m.group(1)):
+        return None
+    return int(m.group(1)), int(m.group(2)) + 1
+
+
+def legacy_slice_path(dest: str, lo: int, hi: int) -> str:
+    """The half-open name older versions gave the same slice: "weights/model.layers-4-8.safetensors".
+
+    Read, never written. The same name means blocks 4..8 in today's convention, so a file found
+    under it is used only if its own tensors hold the blocks asked for (see `_slice_ok`).
+    """
+    root, ext = os.path.splitext(dest)
+    return f"{root}.layers-{lo}-{hi}{ext or '.safetensors'}"
 
 
 # ---------------------------------------------------------------------------------------------
 # which tensors a stage needs
 
 
-def _base(name: str) -> str:
-    """'transformer.h.0.ln_1.weight' (save_pretrained) -> 'h.0.ln_1.weight' (hub file)."""
-    return name[len("transformer."):] if name.startswith("transformer.") else name
-
-
-def _block_index(base: str):
-    """'h.7.attn.c_attn.weight' -> (7, 'attn.c_attn.weight'); anything else -> (None, base)."""
-    parts = base.split(".", 2)
-    if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit():
-        return int(parts[1]), parts[2]
-    return None, base
+_base = gt.base_name
 
 
 def wanted(name: str, lo: int, hi: int, rank0: bool) -> bool:
@@ -106,16 +125,12 @@ def wanted(name: str, lo: int, hi: int, rank0: bool) -> bool:
     are skipped: the model builds its mask itself. Both 'h.0.ln_1.weight' and the
     'transformer.h.0.ln_1.weight' of save_pretrained files are understood.
     """
-    base = _base(name)
-    i, rest = _block_index(base)
-    if i is not None:
-        return lo <= i < hi and rest not in ("attn.bias", "attn.masked_bias")
-    return rank0 and (base in ("wte.weight", "wpe.weight", "lm_head.weight") or base.startswith("ln_f."))
+    return gt.stage_needs(name, lo, hi, rank0)
 
 
 def _n_layer(names) -> int:
-    idx = [i for i, _ in map(_block_index, map(_base, names)) if i is not None]
-    return max(idx) + 1 if idx else 0
+    idx = gt.block_indices(names)
+    return idx[-1] + 1 if idx else 0
 
 
 def select_tensors(header: Header, lo: int, hi: int, rank0: bool, source: str = "the file") -> list:
@@ -153,18 +168,7 @@ def total_and_slice_bytes(header: Header, lo: int, hi: int, rank0: bool) -> tupl
 
 def gpt2_tensor_shapes(n_layer: int, n_embd: int, n_vocab: int, n_ctx: int) -> dict:
     """name -> shape of the official hub file (with its [1, 1, n_ctx, n_ctx] mask buffers)."""
-    C = n_embd
-    shapes = {"wte.weight": (n_vocab, C), "wpe.weight": (n_ctx, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(n_layer):
-        shapes.update({
-            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,), f"h.{i}.attn.bias": (1, 1, n_ctx, n_ctx),
-            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-            f"h.{i}.mlp.c_fc.weight": (C, 4 * C), f"h.{i}.mlp.c_fc.bias": (4 * C,),
-            f"h.{i}.mlp.c_proj.weight": (4 * C, C), f"h.{i}.mlp.c_proj.bias": (C,),
-        })
-    return shapes
+    return gt.hub_shapes(n_layer, n_embd, n_vocab, n_ctx)
 
 
 def slice_bytes_for(n_layer: int, n_embd: int, n_vocab: int, n_ctx: int, lo: int, hi: int, rank0: bool,
@@ -177,17 +181,10 @@ def slice_bytes_for(n_layer: int, n_embd: int, n_vocab: int, n_ctx: int, lo: int
     fetches 25 floats (no mask) = 100 bytes.
     """
     shapes = gpt2_tensor_shapes(n_layer, n_embd, n_vocab, n_ctx)
-    size = {name: itemsize * _numel(shape) for name, shape in shapes.items()}
+    size = {name: itemsize * gt.numel(shape) for name, shape in shapes.items()}
     if not 0 <= lo < hi <= n_layer:
         raise PullError(f"blocks {lo}..{hi - 1} asked for, but the model has {n_layer} blocks")
     return sum(size.values()), sum(b for name, b in size.items() if wanted(name, lo, hi, rank0))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +515,8 @@ def _slice_metadata(header: Header, url: str, lo: int, hi: int) -> dict:
         meta.setdefault("n_vocab", str(t["wte.weight"].shape[0]))
     if "wpe.weight" in t:
         meta.setdefault("n_ctx", str(t["wpe.weight"].shape[0]))
-    meta["nanopipe_layers"] = _layers_tag(lo, hi)
+    meta.pop("nanopipe_layers", None)                 # older versions' half-open tag
+    meta["nanopipe_blocks"] = layers_text(lo, hi)     # inclusive, like --layers and the file name
     meta["nanopipe_source"] = url
     return meta
 
@@ -602,18 +600,20 @@ def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out
     return _fetch_verified(fetch, check, url, dest, part, out, _what_to_do(dest))
 
 
-def _slice_ok(path: str, lo: int, hi: int, rank0: bool) -> None:
-    """Raise PullError unless `path` is a verified slice holding blocks lo..hi-1 (and embeddings if rank0)."""
+def _slice_ok(path: str, lo: int, hi: int, rank0: bool) -> Header:
+    """`path`'s header, or PullError unless it holds blocks lo..hi-1 (and embeddings if rank0).
+
+    What counts is the tensors in the file, not its name or tag: a file holding more blocks serves too.
+    """
     header = verify(path)
-    tag = header.metadata.get("nanopipe_layers")
-    if tag is not None and tag != _layers_tag(lo, hi):
-        raise PullError(f"{path}: holds blocks {tag}, not {_layers_tag(lo, hi)}")
     names = {_base(n) for n in header.tensors}
-    missing = [f"h.{i}" for i in range(lo, hi) if f"h.{i}.ln_1.weight" not in names]
+    present = set(gt.block_indices(names))
+    missing = [f"h.{i}" for i in range(lo, hi) if i not in present]
     if rank0 and "wte.weight" not in names:
         missing.append("wte.weight")
     if missing:
         raise PullError(f"{path}: lacks {', '.join(missing)}")
+    return header
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,19 +628,67 @@ def pull(url: str, dest: str, *, sha256: str | None = None, layers: tuple | None
     already verifies is returned at once without touching the network; one that does not is fetched
     again. The bytes go to `dest + ".part"` first and are renamed only when complete and verified.
     `sha256` checks full downloads only (it is the hash of the whole file, not of a slice).
+    A synthetic `dest` (from `nanopipe init-weights`) counts as absent: it is replaced, and kept
+    until the real file is complete. A damaged `dest` is never deleted: it is moved aside to
+    `dest + ".corrupt"` (the path is said) before the download starts.
     Progress and notes go to `out` (sys.stderr as it is at call time, so test runners capture it).
     """
     out = sys.stderr if out is None else out
+    replacing = False
     if os.path.exists(dest):
         try:
             if layers is None:
-                verify(dest, sha256)
+                header = verify(dest, None if _synthetic(dest) else sha256)
             else:
-                _slice_ok(dest, *layers, rank0)
-            return dest
+                header = _slice_ok(dest, *layers, rank0)
+            if not is_synthetic(header) or _served_as_is(url, header, layers, timeout):
+                return dest
+            replacing = True
+            out.write(f"{dest} holds synthetic (random) weights from `nanopipe init-weights`; replacing it "
+                      f"with the real ones from {url or 'the config'} (it stays until they are complete)\n")
         except PullError as e:
-            out.write(f"{e}; deleting it and downloading again\n")
-            os.remove(dest)
+            aside = _move_aside(dest)
+            out.write(f"{e}; moved it to {aside} and downloading again\n")
+    try:
+        return _download(url, dest, sha256=sha256, layers=layers, rank0=rank0, progress=progress, out=out,
+                         timeout=timeout, chunk=chunk)
+    except PullError as e:
+        if replacing:
+            raise PullError(f"{e}. {dest} still holds the synthetic weights") from None
+        raise
+
+
+def _served_as_is(url: str, header: Header, layers, timeout: float) -> bool:
+    """Is this synthetic file what `url` itself serves (a test server, a synthetic model)? Then it is
+    not replaced. A slice remembers its url; for a full file the remote header says (two small reads)."""
+    if header.metadata.get("nanopipe_source") == url:
+        return True
+    if layers is not None or not url:
+        return False
+    try:
+        return is_synthetic(remote_header(url, timeout=timeout))
+    except PullError:
+        return False        # unreachable or no Range: the download says what is wrong
+
+
+def _synthetic(path: str) -> bool:
+    try:
+        return is_synthetic(read_header(path))
+    except (OSError, SafetensorsError):
+        return False
+
+
+def _move_aside(path: str) -> str:
+    """Rename a damaged file to path + ".corrupt" (".corrupt.1", ... if taken); return the new name."""
+    aside, n = path + ".corrupt", 0
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.corrupt.{n}"
+    os.replace(path, aside)
+    return aside
+
+
+def _download(url, dest, *, sha256, layers, rank0, progress, out, timeout, chunk) -> str:
     folder = os.path.dirname(dest)
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -672,8 +720,10 @@ def ensure_weights(name: str, weights_cfg_entry: dict, weights_dir: str = "weigh
     entry = dict(weights_cfg_entry or {})
     full = os.path.join(weights_dir, entry.get("filename") or f"{name}.safetensors")
     url, sha256 = entry.get("url"), entry.get("sha256")
-    path = None
-    if layers is not None and os.path.exists(full):   # a full file serves any stage
+    path = _synthetic_here(full, layers, rank0)   # a node runs synthetic weights it finds; `pull` replaces them
+    if path is None and layers is not None:
+        path = _older_slice(full, layers, rank0, log)
+    if path is None and layers is not None and os.path.exists(full):   # a full file serves any stage
         try:
             verify(full, sha256)
             path = full
@@ -686,5 +736,37 @@ def ensure_weights(name: str, weights_cfg_entry: dict, weights_dir: str = "weigh
                             f"{_what_to_do(target)}")
         path = pull(url or "", target, sha256=sha256 if layers is None else None, layers=layers, rank0=rank0,
                     **pull_options)
-    log(f"Model weights ready at: {path}")
+    log(f"Model weights ready at: {path}{synthetic_note(_synthetic(path))}")
     return path
+
+
+def _synthetic_here(full: str, layers, rank0: bool) -> str | None:
+    """A synthetic file on disk that serves this node (the full file, or its slice), else None."""
+    for path in [full] + ([slice_path(full, *layers)] if layers is not None else []):
+        if os.path.exists(path) and _synthetic(path):
+            try:
+                if path == full:
+                    verify(path)
+                    if layers is not None:
+                        _slice_ok(path, *layers, False)
+                else:
+                    _slice_ok(path, *layers, rank0)
+                return path
+            except PullError:
+                pass        # damaged: pull() moves it aside and fetches the real file
+    return None
+
+
+def _older_slice(full: str, layers: tuple, rank0: bool, log) -> str | None:
+    """A slice saved under the half-open name of older versions, if it holds this stage's blocks."""
+    old = legacy_slice_path(full, *layers)
+    if old == slice_path(full, *layers) or not os.path.exists(old) or os.path.exists(slice_path(full, *layers)):
+        return None
+    try:
+        _slice_ok(old, *layers, rank0)
+    except PullError as e:
+        log(f"{old} does not serve blocks {layers_text(*layers)} ({e}); leaving it alone")
+        return None
+    log(f"Using {old}: it holds blocks {layers_text(*layers)} (the half-open name of older versions; "
+        f"today's name is {slice_path(full, *layers)})")
+    return old

@@ -36,7 +36,7 @@ import numpy as np
 
 from .decoding import is_number
 
-SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")
+SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,18 +117,14 @@ def resolve_weights(path: str | None, log=print) -> str:
             raise TraceError(f"{path}: no such weights file; run `nanopipe pull gpt2`, or leave out --weights "
                              f"to use synthetic weights ({SYNTHETIC_PATH})")
         return path
-    if not os.path.exists(SYNTHETIC_PATH):
-        from .weights import init_weights
-        log(f"No GPT-2 weights found; writing synthetic ones to {SYNTHETIC_PATH} (random: the text will be "
-            "gibberish, but every shape, byte count and hop is the real model's)")
-        init_weights(SYNTHETIC_PATH)
-    return SYNTHETIC_PATH
+    from .weights import ensure_synthetic
+    return ensure_synthetic(SYNTHETIC_PATH, os.path.dirname(SYNTHETIC_PATH), "gpt2", log=log)
 
 
 def is_synthetic(path: str) -> bool:
     """Was this file written by `init_weights` (random weights)?"""
-    from .safetensors_io import read_header
-    return "nanopipe_synthetic" in read_header(path).metadata
+    from .weights import is_synthetic as synthetic
+    return synthetic(path)
 
 
 def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights: str | None = None,

@@ -45,7 +45,7 @@ from flask import Flask, Response, current_app, g, jsonify, request, send_from_d
 from werkzeug.exceptions import HTTPException
 
 from .client import ClientError, LeaderClient
-from .config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
+from .config import ConfigNotFound, load_cluster_config, load_model_config
 from .decoding import (
     EOT,
     STRATEGIES,
@@ -367,8 +367,18 @@ def leader_status(attempts: int = 1) -> dict:
         raise ApiError(503, str(e), kind="unreachable") from None
     finally:
         client.close()
-    state().leader_info.update({k: status[k] for k in ("model", "n_ctx", "defaults") if k in status})
+    state().leader_info.update({k: status[k] for k in ("model", "n_ctx", "defaults") + WEIGHTS_KEYS
+                                if k in status})
     return status
+
+
+WEIGHTS_KEYS = ("synthetic", "weights_mixed", "weights_note")   # are the cluster's weights random? (Leader.status)
+
+
+def weights_info() -> dict:
+    """{"synthetic": bool, "weights_mixed": bool, "weights_note": str | None}; {} until the leader said."""
+    info = state().leader_info
+    return {k: info.get(k) for k in WEIGHTS_KEYS} if "synthetic" in info else {}
 
 
 def model_name() -> str:
@@ -599,7 +609,7 @@ def _chat_events(gen: Generation, params: SamplingParams):
 
 def node_view(node: dict) -> dict:
     return {"rank": node.get("rank"), "host": node.get("host"), "layers": node.get("layers"),
-            "status": node.get("status"), "last_seen_s": node.get("last_seen_s")}
+            "status": node.get("status"), "last_seen_s": node.get("last_seen_s"), "synthetic": node.get("synthetic")}
 
 
 def _register_cluster(app: Flask):
@@ -625,7 +635,7 @@ def _register_cluster(app: Flask):
             strategy_uses={k: list(v) for k, v in STRATEGY_USES.items()},
             model=model_name(), n_ctx=state().leader_info.get("n_ctx"), leader=current_app.config["LEADER"],
             leader_up=down is None, leader_error=down, auth_required=bool(current_app.config["API_TOKEN"]),
-            nodes=[node_view(n) for n in status.get("nodes", [])])
+            nodes=[node_view(n) for n in status.get("nodes", [])], **weights_info())
 
     @app.get("/health")
     def health():
@@ -640,7 +650,8 @@ def _register_cluster(app: Flask):
         ok = bool(status.get("ready")) and not down
         body = {"ok": ok, "leader": {"addr": addr, "reachable": True, "ready": bool(status.get("ready")),
                                      "model": status.get("model")},
-                "nodes": nodes, "live_sessions": status.get("live_sessions")}
+                "nodes": nodes, "live_sessions": status.get("live_sessions"),
+                **{k: status[k] for k in WEIGHTS_KEYS if k in status}}
         if not ok:
             body["error"] = ("not ready: " + ", ".join(f"rank {n['rank']} ({n['host']}) is {n['status']}"
                                                        for n in down)) if down else "the ring is not up yet"

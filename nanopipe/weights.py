@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import gpt2_tensors as gt
 from .model import GPTConfig
 from .safetensors_io import Header, SafetensorsError, read_header, read_tensor, to_float32, write_safetensors
 
@@ -22,9 +23,7 @@ KNOWN_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}   # gpt2, -medium, -large
 SIZES = {  # n_layer, n_embd, n_head
     "gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25),
 }
-BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                "mlp.c_proj.weight", "mlp.c_proj.bias")
+BLOCK_PARAMS = gt.BLOCK_PARAMS
 
 
 class WeightsError(ValueError):
@@ -55,6 +54,11 @@ class StageWeights:
         return self.wte is not None
 
     @property
+    def synthetic(self) -> bool:
+        """Random weights from `init_weights` (or a slice of them): the output is gibberish."""
+        return is_synthetic(self.metadata)
+
+    @property
     def nbytes(self) -> int:
         arrays = [self.wte, self.wpe, self.lm_head]
         arrays += list(self.ln_f.values()) if self.ln_f else []
@@ -72,24 +76,16 @@ def _leaves(d):
 
 
 def _prefix(header: Header, path: str) -> str:
-    for prefix in ("", "transformer."):
-        if prefix + "wte.weight" in header.tensors or prefix + "h.0.ln_1.weight" in header.tensors:
-            return prefix
-    # a slice file may start at any block
-    for name in header.tensors:
-        if name.startswith("transformer.h."):
-            return "transformer."
-        if name.startswith("h."):
-            return ""
+    prefix = gt.file_prefix(header.tensors)
+    if prefix is not None:
+        return prefix
     raise WeightsError(f"{path}: no GPT-2 tensors found (expected names like 'wte.weight' or "
                        f"'h.0.attn.c_attn.weight'); is this a GPT-2 safetensors file?")
 
 
 def layer_indices(header: Header, prefix: str = "") -> list:
     """The block indices present in a file: [0, 1, ..., 11] for gpt2, [4, 5, 6, 7] for a slice."""
-    start = prefix + "h."
-    return sorted({int(n[len(start):].split(".")[0]) for n in header.tensors
-                   if n.startswith(start) and n[len(start):].split(".")[0].isdigit()})
+    return gt.block_indices(header.tensors, prefix)
 
 
 def resolve_n_head(header: Header, path: str, n_embd: int, n_head: int | None = None) -> int:
@@ -144,14 +140,6 @@ def read_config(path: str, n_head: int | None = None) -> tuple:
 # loading a stage
 
 
-def _expected_shapes(c: GPTConfig) -> dict:
-    C = c.n_embd
-    return {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C),
-            "mlp.c_proj.bias": (C,)}
-
-
 def _load(f, header: Header, name: str, shape: tuple, path: str) -> np.ndarray:
     info = header.tensors.get(name)
     if info is None:
@@ -166,9 +154,9 @@ def _load(f, header: Header, name: str, shape: tuple, path: str) -> np.ndarray:
 
 
 def _block(f, header, prefix, i, config, path) -> dict:
-    shapes = _expected_shapes(config)
+    shapes = gt.block_shapes(config.n_embd)
     t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path) for k in BLOCK_PARAMS}
-    for k in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+    for k in gt.MATRICES:
         t[k] = np.asfortranarray(t[k])      # column-major, once, at load: see model.linear
     return {
         "ln_1": {"g": t["ln_1.weight"], "b": t["ln_1.bias"]},
@@ -201,17 +189,18 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
         raise WeightsError(f"{path}: lacks layers {missing[0]}..{missing[-1]} that this stage needs "
                            f"(it holds {_ranges(sorted(present))}); "
                            f"pull them with `nanopipe pull NAME --layers {lo}-{hi - 1}`")
-    C, V = config.n_embd, config.n_vocab
+    shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
     with open(path, "rb") as f:
         blocks = [_block(f, header, prefix, i, config, path) for i in range(lo, hi)]
         stage = StageWeights(config, lo, hi, blocks, source=path, metadata=dict(header.metadata))
         if rank0:
-            stage.wte = _load(f, header, prefix + "wte.weight", (V, C), path)
-            stage.wpe = _load(f, header, prefix + "wpe.weight", (config.n_ctx, C), path)
-            stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", (C,), path),
-                          "b": _load(f, header, prefix + "ln_f.bias", (C,), path)}
+            stage.wte = _load(f, header, prefix + "wte.weight", shapes["wte.weight"], path)
+            stage.wpe = _load(f, header, prefix + "wpe.weight", shapes["wpe.weight"], path)
+            stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
+                          "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
             if "lm_head.weight" in header.tensors:
-                stage.lm_head = np.ascontiguousarray(_load(f, header, "lm_head.weight", (V, C), path).T)
+                stage.lm_head = np.ascontiguousarray(_load(f, header, "lm_head.weight", shapes["lm_head.weight"],
+                                                           path).T)
             else:  # tied: a transposed contiguous copy makes the per-token (1, C) @ (C, V) ~30% faster
                 stage.lm_head = np.ascontiguousarray(stage.wte.T)
     return stage
@@ -224,16 +213,47 @@ def _ranges(idx: list) -> str:
 # ---------------------------------------------------------------------------------------------
 # synthetic weights in the official hub layout
 
+SYNTHETIC_KEY = "nanopipe_synthetic"     # in the safetensors metadata of every file init_weights writes
+SYNTHETIC_NOTE = "SYNTHETIC: random weights, output is gibberish"
 
-def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_embd: int | None = None,
-                 n_head: int | None = None, n_ctx: int | None = None, n_vocab: int = 50257, seed: int = 0,
-                 masks: bool = True) -> GPTConfig:
-    """Write random GPT-2 weights in the official hub layout, deterministic from `seed`.
 
-    GPT-2's init statistics: weights ~ N(0, 0.02), the residual projections (attn.c_proj, mlp.c_proj)
-    scaled by 1/sqrt(2 * n_layer), biases 0, LayerNorm gains 1. The output is gibberish, but every
-    shape, name and dtype is the real file's, so everything can be tested offline.
+def is_synthetic(source) -> bool:
+    """Was this written by `init_weights` (random weights)? `source`: a path, a Header or a metadata dict.
+
+    Files of older versions carry {"nanopipe_synthetic": "seed=0"}, newer ones {"nanopipe_synthetic": "1"}.
     """
+    if isinstance(source, (str, os.PathLike)):
+        source = read_header(os.fspath(source))
+    metadata = source.metadata if isinstance(source, Header) else (source or {})
+    return str(metadata.get(SYNTHETIC_KEY, "0")).strip() not in ("", "0", "false")
+
+
+def synthetic_note(synthetic) -> str:
+    """' (SYNTHETIC: random weights, output is gibberish)' to append to a log line, or ''."""
+    return f" ({SYNTHETIC_NOTE})" if synthetic else ""
+
+
+def synthetic_summary(flags: dict) -> dict:
+    """What a cluster says about its weights, from each rank's `synthetic` flag (None: not known yet).
+
+        synthetic_summary({0: True, 1: True})  -> {"synthetic": True, "weights_mixed": False,
+                                                    "weights_note": "SYNTHETIC: random weights, ..."}
+        synthetic_summary({0: False, 1: True}) -> {"synthetic": True, "weights_mixed": True,
+                                                    "weights_note": "MIXED: rank 1 runs synthetic ..."}
+    """
+    fake = sorted(r for r, f in flags.items() if f)
+    real = sorted(r for r, f in flags.items() if f is False)
+    note = None
+    if fake and real:
+        note = (f"MIXED: rank {', '.join(map(str, fake))} run{'s' if len(fake) == 1 else ''} synthetic (random) "
+                f"weights, rank {', '.join(map(str, real))} real ones; output is gibberish. "
+                "Give every node the same real weights")
+    elif fake:
+        note = SYNTHETIC_NOTE
+    return {"synthetic": bool(fake), "weights_mixed": bool(fake and real), "weights_note": note}
+
+
+def _shape(size: str, n_layer, n_embd, n_head, n_ctx, n_vocab) -> GPTConfig:
     if size not in SIZES:
         raise WeightsError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     L0, C0, H0 = SIZES[size]
@@ -241,28 +261,113 @@ def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_em
     H = n_head or (H0 if C == C0 else KNOWN_N_HEAD.get(C))
     if H is None or C % H:
         raise WeightsError(f"n_head={H} must be given and divide n_embd={C}")
-    T, V = n_ctx or 1024, n_vocab
+    return GPTConfig(n_layer=L, n_embd=C, n_head=H, n_ctx=n_ctx or 1024, n_vocab=n_vocab)
+
+
+def _shape_tag(c: GPTConfig) -> str:
+    return f"n_layer={c.n_layer},n_embd={c.n_embd},n_head={c.n_head},n_ctx={c.n_ctx},n_vocab={c.n_vocab}"
+
+
+def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_embd: int | None = None,
+                 n_head: int | None = None, n_ctx: int | None = None, n_vocab: int = 50257, seed: int = 0,
+                 masks: bool = True, layers: tuple | None = None, rank0: bool | None = None) -> GPTConfig:
+    """Write random GPT-2 weights in the official hub layout, deterministic from `seed`.
+
+    GPT-2's init statistics: weights ~ N(0, 0.02), the residual projections (attn.c_proj, mlp.c_proj)
+    scaled by 1/sqrt(2 * n_layer), biases 0, LayerNorm gains 1. The output is gibberish, but every
+    shape, name and dtype is the real file's, so everything can be tested offline. The metadata
+    says so: {"nanopipe_synthetic": "1", "nanopipe_seed": "0", "nanopipe_shape": "n_layer=12,..."}.
+
+    layers=(lo, hi) writes only blocks lo..hi-1 (plus wte, wpe and ln_f when rank0, by default
+    when lo == 0): a worker's slice file, holding the very values the full file of the same seed
+    holds (the generator runs through the blocks it skips).
+    """
+    c = _shape(size, n_layer, n_embd, n_head, n_ctx, n_vocab)
+    L, C, T, V = c.n_layer, c.n_embd, c.n_ctx, c.n_vocab
+    lo, hi = layers if layers is not None else (0, L)
+    if not 0 <= lo < hi <= L:
+        raise WeightsError(f"blocks {lo}..{hi - 1} asked for, but the model has {L} blocks (0..{L - 1})")
+    rank0 = (lo == 0) if rank0 is None else rank0
     rng = np.random.default_rng(seed)
-
-    def normal(*shape, std=0.02):
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
-
     proj_std = 0.02 / np.sqrt(2 * L)
-    tensors = {"wte.weight": normal(V, C), "wpe.weight": normal(T, C, std=0.01)}
+    std = {"wte.weight": 0.02, "wpe.weight": 0.01}
+    std.update({k: 0.02 for k in gt.MATRICES})
+    std.update({k: proj_std for k in gt.RESIDUAL_PROJECTIONS})
     mask = np.tril(np.ones((T, T), np.float32))[None, None] if masks else None  # (1, 1, T, T)
-    for i in range(L):
-        p = f"h.{i}."
-        tensors.update({
-            p + "ln_1.weight": np.ones(C, np.float32), p + "ln_1.bias": np.zeros(C, np.float32),
-            p + "attn.c_attn.weight": normal(C, 3 * C), p + "attn.c_attn.bias": np.zeros(3 * C, np.float32),
-            p + "attn.c_proj.weight": normal(C, C, std=proj_std), p + "attn.c_proj.bias": np.zeros(C, np.float32),
-            p + "ln_2.weight": np.ones(C, np.float32), p + "ln_2.bias": np.zeros(C, np.float32),
-            p + "mlp.c_fc.weight": normal(C, 4 * C), p + "mlp.c_fc.bias": np.zeros(4 * C, np.float32),
-            p + "mlp.c_proj.weight": normal(4 * C, C, std=proj_std), p + "mlp.c_proj.bias": np.zeros(C, np.float32),
-        })
-        if masks:
-            tensors[p + "attn.bias"] = mask
-    tensors.update({"ln_f.weight": np.ones(C, np.float32), "ln_f.bias": np.zeros(C, np.float32)})
+    tensors = {}
+    for name, shape in gt.hub_shapes(L, C, V, T, masks).items():
+        i, rest = gt.split_block(name)
+        keep = lo <= i < hi if i is not None else rank0
+        if rest in std:      # every normal is drawn, kept or not, so a slice matches the full file
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std[rest])
+        elif rest in gt.MASK_BUFFERS:
+            value = mask
+        elif rest.endswith(".bias"):
+            value = np.zeros(shape, np.float32)
+        else:                # LayerNorm gains
+            value = np.ones(shape, np.float32)
+        if keep:
+            tensors[name] = value
+    meta = {"format": "pt", "n_head": c.n_head, SYNTHETIC_KEY: "1", "nanopipe_seed": seed,
+            "nanopipe_shape": _shape_tag(c)}
+    if layers is not None:   # a slice: what its own tensor shapes cannot say
+        meta.update(n_layer=L, n_vocab=V, n_ctx=T, nanopipe_blocks=f"{lo}-{hi - 1}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_safetensors(path, tensors, {"format": "pt", "n_head": H, "nanopipe_synthetic": f"seed={seed}"})
-    return GPTConfig(n_layer=L, n_embd=C, n_head=H, n_ctx=T, n_vocab=V)
+    write_safetensors(path, tensors, meta)
+    return c
+
+
+def synthetic_name(size: str = "gpt2", n_layer: int | None = None, n_embd: int | None = None,
+                   n_head: int | None = None, n_ctx: int | None = None, n_vocab: int = 50257, seed: int = 0) -> str:
+    """The one shared file name for synthetic weights of a shape and seed.
+
+        synthetic_name() -> "synthetic-gpt2.safetensors"
+        synthetic_name(n_layer=2, n_embd=32, n_head=2) -> "synthetic-L2-C32-H2-T1024-V50257.safetensors"
+    """
+    c = _shape(size, n_layer, n_embd, n_head, n_ctx, n_vocab)
+    if (c.n_layer, c.n_embd, c.n_head, c.n_ctx, c.n_vocab) == (*SIZES[size], 1024, 50257):
+        tag = size
+    else:
+        tag = f"L{c.n_layer}-C{c.n_embd}-H{c.n_head}-T{c.n_ctx}-V{c.n_vocab}"
+    return f"synthetic-{tag}{'' if seed == 0 else f'-seed{seed}'}.safetensors"
+
+
+def _is_shared_synthetic(path: str, c: GPTConfig, seed: int) -> bool:
+    try:
+        meta = read_header(path).metadata
+    except (OSError, SafetensorsError):
+        return False
+    return (is_synthetic(meta) and meta.get("nanopipe_shape") == _shape_tag(c)
+            and meta.get("nanopipe_seed") == str(seed) and "nanopipe_blocks" not in meta)
+
+
+def ensure_synthetic(path: str | None = None, folder: str = "weights", size: str = "gpt2", *,
+                     n_layer: int | None = None, n_embd: int | None = None, n_head: int | None = None,
+                     n_ctx: int | None = None, n_vocab: int = 50257, seed: int = 0, log=print) -> str:
+    """Synthetic weights of this shape, written once per shape and shared by every command.
+
+    The one copy is `folder/synthetic_name(...)`, written on first use. A `path` of another name
+    (`nanopipe init-weights weights/gpt2.safetensors`) becomes a hard link to it: a second name,
+    no second 548 MB. Where a hard link is impossible (another file system) the file is copied.
+    Returns the path to use (`path`, or the shared file when `path` is None).
+    """
+    c = _shape(size, n_layer, n_embd, n_head, n_ctx, n_vocab)
+    if path is not None and folder is None:
+        folder = os.path.dirname(path)
+    shared = os.path.join(folder, synthetic_name(size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed))
+    if not _is_shared_synthetic(shared, c, seed):
+        log(f"Writing synthetic weights to {shared} ({SYNTHETIC_NOTE}; written once, shared by every command)")
+        init_weights(shared, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed)
+    if path is None or os.path.abspath(path) == os.path.abspath(shared):
+        return shared
+    if os.path.exists(path) and os.path.samefile(path, shared):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.link(shared, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(shared, tmp)
+    os.replace(tmp, path)
+    return path

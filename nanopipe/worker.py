@@ -153,7 +153,8 @@ class Worker:
         self._ensure_listening()
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
         with self.control_lock:
-            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port})
+            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
+                                         "synthetic": self.stage.synthetic})
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
@@ -179,8 +180,9 @@ class Worker:
         from .weights import load_stage
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         self.stage = load_stage(self.weights_path, lo, hi, rank0=False, n_head=n_head, expect=expect)
+        from .weights import synthetic_note
         self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
-                 f"{self.stage.nbytes / 1e6:.1f} MB)")
+                 f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
 
     def _heartbeat(self, sock):
         """Tell the leader we're alive (and how big we are) every heartbeat_s."""

@@ -29,6 +29,15 @@ class FileServer:
         self._lock = threading.Lock()
         self._httpd = None
 
+    @classmethod
+    def serving(cls, files: dict):
+        """A started server holding the bytes of local files: FileServer.serving({"/model.safetensors": path})."""
+        data = {}
+        for key, path in files.items():
+            with open(path, "rb") as f:
+                data[key] = f.read()
+        return cls(data).start()
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
 

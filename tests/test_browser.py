@@ -167,6 +167,17 @@ def test_chat_streams_a_greedy_reply_equal_to_a_single_process(browser, web, tin
     assert severe == [], severe
 
 
+def test_synthetic_weights_show_a_badge(browser, web):
+    """The tiny model is random weights from init_weights: the page says so beside the model name."""
+    from nanopipe.weights import SYNTHETIC_NOTE
+    d = browser
+    d.get(web)
+    badge = d.find_element(By.ID, "synthetic")
+    wait(d, lambda d: badge.is_displayed(), 20, "no SYNTHETIC badge")
+    assert badge.text == "SYNTHETIC" and badge.get_attribute("title") == SYNTHETIC_NOTE
+    assert d.find_element(By.ID, "model").text == "local"
+
+
 def test_page_fits_a_phone(browser, web):
     d = browser
     d.set_window_size(390, 844)

@@ -263,12 +263,12 @@ def assert_same_tensors(slice_file, source_file, names):
 def test_worker_slice_has_only_its_blocks(server, source, tmp_path):
     path, _, _ = source
     dest = slice_path(str(tmp_path / "model.safetensors"), 1, 3)
-    assert dest == str(tmp_path / "model.layers-1-3.safetensors")
+    assert dest == str(tmp_path / "model.layers-1-2.safetensors")      # inclusive, like --layers 1-2
     url = server.url("/gpt2/model.safetensors")
     fetch(server, dest, layers=(1, 3), rank0=False)
     assert_same_tensors(dest, path, [f"h.{i}.{n}" for i in (1, 2) for n in block_names()])
     meta = read_header(dest).metadata
-    assert meta["n_head"] == "4" and meta["nanopipe_layers"] == "1-3" and meta["nanopipe_source"] == url
+    assert meta["n_head"] == "4" and meta["nanopipe_blocks"] == "1-2" and meta["nanopipe_source"] == url
     assert (meta["n_layer"], meta["n_vocab"], meta["n_ctx"]) == (str(L), str(V), str(T))
     # header: first 8 bytes, then the JSON; then one request per block (its mask buffer splits the runs)
     n = read_header(path).data_start - 8
@@ -340,7 +340,7 @@ def test_existing_slice_makes_no_request_but_wrong_layers_refetch(server, tmp_pa
     fetch(server, dest, layers=(1, 3), rank0=False)
     assert server.requests == []
     fetch(server, dest, layers=(2, 4), rank0=False)    # same name, other blocks: fetched again
-    assert read_header(dest).metadata["nanopipe_layers"] == "2-4"
+    assert read_header(dest).metadata["nanopipe_blocks"] == "2-3"
 
 
 def test_slice_bytes_match_the_file(files):
@@ -412,8 +412,8 @@ def test_ensure_weights_worker_pulls_a_slice(server, tmp_path):
     wd = str(tmp_path / "weights")
     path = P.ensure_weights("gpt2", entry, wd, layers=(2, 4), rank0=False, log=lambda s: None,
                             out=io.StringIO(), timeout=5)
-    assert path == os.path.join(wd, "model.layers-2-4.safetensors")
-    assert read_header(path).metadata["nanopipe_layers"] == "2-4"
+    assert path == os.path.join(wd, "model.layers-2-3.safetensors")
+    assert read_header(path).metadata["nanopipe_blocks"] == "2-3"
     assert not os.path.exists(os.path.join(wd, "model.safetensors"))
 
 

@@ -1,7 +1,7 @@
 """`nanopipe pull` and the weights check of `serve` / `join`, against a real HTTP server on 127.0.0.1.
 
     nanopipe pull NAME                  the whole file, from model_weights.yaml's url, into --out
-    nanopipe pull NAME --layers 4-7     only blocks 4..7, into NAME's file name + ".layers-4-8"
+    nanopipe pull NAME --layers 4-7     only blocks 4..7, into NAME's file name + ".layers-4-7"
     nanopipe join --rank R              no --weights: checks weights/<filename>, pulls only its slice
 
 The end-to-end test starts a 3-node cluster whose workers have no weights at all: each must pull
@@ -44,8 +44,7 @@ def source(tmp_path_factory) -> str:
 
 @pytest.fixture
 def server(source):
-    with open(source, "rb") as f:
-        s = FileServer({"/model.safetensors": f.read()}).start()
+    s = FileServer.serving({"/model.safetensors": source})
     yield s
     s.stop()
 
@@ -88,9 +87,9 @@ def test_pull_layers_makes_a_slice_a_worker_loads(server, source, tmp_path):
     r = pull_cli("small", "--layers", "4-7", "--config-dir", config_dir(tmp_path, server.url("/model.safetensors")),
                  "--out", str(out))
     assert r.exit_code == 0, r.output
-    dest = out / "small.layers-4-8.safetensors"        # half-open, as in h[4:8]
+    dest = out / "small.layers-4-7.safetensors"        # inclusive, like --layers 4-7
     assert f"Model weights ready at: {dest}" in r.stdout
-    assert sorted(os.listdir(out)) == ["small.layers-4-8.safetensors"]
+    assert sorted(os.listdir(out)) == ["small.layers-4-7.safetensors"]
     assert all(rng is not None for _, rng in server.requests), "a request without Range fetched the whole file"
 
     full, part = read_header(source), read_header(str(dest))
@@ -139,7 +138,7 @@ def test_join_without_weights_pulls_only_its_slice(tiny_weights, tiny_engine, tm
     want_ranges = []
     for rank in (1, 2):
         lo, hi = layers[rank]
-        path = os.path.join("weights", f"tiny.layers-{lo}-{hi}.safetensors")
+        path = os.path.join("weights", f"tiny.layers-{lo}-{hi - 1}.safetensors")
         assert "Checking for model weights (local)..." in logs[rank], logs[rank]
         assert f"Model weights ready at: {path}" in logs[rank], logs[rank]
         assert set(read_header(os.path.join(cl.workdir, path)).tensors) == block_names(header, lo, hi)
@@ -174,7 +173,7 @@ def test_balanced_split_of_an_unknown_model_pulls_the_slice_the_leader_assigns(t
     finally:
         server.stop()
     assert layers == [(0, 1), (1, 10)]
-    assert "Model weights ready at: " + os.path.join("weights", "wide-head.layers-1-10.safetensors") in log, log
+    assert "Model weights ready at: " + os.path.join("weights", "wide-head.layers-1-9.safetensors") in log, log
     assert got["token_ids"] == Engine.load(weights).generate(PROMPT, GREEDY)["token_ids"]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import nanopipe.weights as weights_mod
+from nanopipe import gpt2_tensors
 from nanopipe.safetensors_io import Header, read_header, read_tensor, write_safetensors
 from nanopipe.weights import (
     BLOCK_PARAMS,
@@ -319,8 +320,8 @@ def test_loading_a_slice_peaks_near_the_slice_size(small_weights):
     growth, budget = m["peak"] - m["base"], m["slice"] + 60 * 2 ** 20
     print(f"\nslice {m['slice'] / 2**20:.1f} MB, peak RSS growth {growth / 2**20:.1f} MB, "
           f"budget {budget / 2**20:.1f} MB (RSS after imports {m['base'] / 2**20:.1f} MB)")
-    assert m["slice"] == 4 * sum(int(np.prod(s)) for s in weights_mod._expected_shapes(
-        weights_mod.GPTConfig()).values()) * 4
+    assert m["slice"] == 4 * sum(int(np.prod(s)) for s in gpt2_tensors.block_shapes(
+        weights_mod.GPTConfig().n_embd).values()) * 4
     assert growth <= budget, f"peak RSS grew by {growth / 2**20:.1f} MB loading a {m['slice'] / 2**20:.1f} MB slice"
 
 

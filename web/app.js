@@ -160,6 +160,7 @@
     if (!r.ok) return;
     state.config = r.body;
     $("model").textContent = r.body.model || "";
+    showSynthetic(r.body);
     if (r.body.n_ctx) $("max_tokens").max = r.body.n_ctx;
     const select = $("strategy");
     select.replaceChildren(...Object.keys(r.body.strategies).map((name) => {
@@ -169,6 +170,14 @@
     }));
     if (r.body.nodes && r.body.nodes.length) renderNodes(r.body.nodes);
     resetControls();
+  }
+
+  // Random weights from `nanopipe init-weights` answer gibberish: say so where the model is named.
+  function showSynthetic(c) {
+    const badge = $("synthetic");
+    badge.hidden = !c.synthetic;
+    badge.textContent = c.weights_mixed ? "MIXED WEIGHTS" : "SYNTHETIC";
+    badge.title = c.weights_note || "";
   }
 
   function resetControls() {
