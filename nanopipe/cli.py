@@ -95,7 +95,7 @@ def sampling_options(fn):
         click.option("--top-k", type=int, default=None,
                      help="top_k: sample from the K likeliest.  [default: the strategy's k, 50 as shipped]"),
         click.option("--top-p", type=float, default=None,
-                     help="top_p: sample from the smallest set holding P.  [default: the strategy's p, 0.9 as shipped]"),
+                     help="top_p: sample from the smallest set holding P.  [default: the p, 0.9 as shipped]"),
         click.option("--max-tokens", type=int, default=None,
                      help="Tokens to generate.  [default: the model's max_new_tokens, 50 as shipped]"),
         click.option("--seed", type=int, default=None, help="Same seed, same tokens.  [default: random]"),
@@ -255,13 +255,13 @@ def _leader_auth(config_dir) -> tuple:
 @main.command("init-weights")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--size", default="gpt2", type=click.Choice(["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]),
-              show_default=True)
+              show_default=True, help="GPT-2 size whose shape to use.")
 @click.option("--n-layer", type=int, default=None, help="Blocks.  [default: --size's]")
 @click.option("--n-embd", type=int, default=None, help="Embedding width.  [default: --size's]")
 @click.option("--n-head", type=int, default=None, help="Attention heads.  [default: --size's]")
 @click.option("--n-ctx", type=int, default=None, help="Context length.  [default: --size's, 1024]")
-@click.option("--n-vocab", type=int, default=50257, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-vocab", type=int, default=50257, show_default=True, help="Vocabulary size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
 @_fail_clean
 def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
@@ -459,10 +459,12 @@ def _on_sigterm():
 
 @main.command(short_help="Download NAME's weights (or some --layers) into weights/.")
 @click.argument("name")
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
 @click.option("--layers", default=None, help="Only these blocks, e.g. 4-7 (inclusive), for a worker.  [default: all]")
 @click.option("--rank0/--no-rank0", default=None, help="Include embeddings and ln_f (default: with no --layers).")
-@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to download into.")
 @click.option("--url", default=None, help="Download from here.  [default: NAME's url in model_weights.yaml]")
 def pull(name, config_dir, layers, rank0, out_dir, url):
     """Download NAME's weights (or only --layers A-B of them) into weights/, resumable and verified."""
@@ -487,12 +489,13 @@ def pull(name, config_dir, layers, rank0, out_dir, url):
 
 
 @main.command(short_help="Start a local cluster and the web chat; Ctrl-C stops all.")
-@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--nodes", type=int, default=3, show_default=True, help="Leader + workers to start.")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights file.  [default: the model's, else synthetic with --synthetic]")
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
 @click.option("--web/--no-web", default=True, show_default=True, help="Also start the web chat.")
-@click.option("--web-port", type=int, default=8000, show_default=True)
+@click.option("--web-port", type=int, default=8000, show_default=True, help="Port of the web chat.")
 @click.option("--synthetic", is_flag=True, help="Use synthetic weights (gibberish) if no real ones are here.")
 def demo(nodes, weights_path, config_dir, web, web_port, synthetic):
     """Start a whole local cluster (leader + workers on 127.0.0.1), and the web chat. Ctrl-C stops all."""
@@ -580,11 +583,12 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
 @click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True, help="Nodes of the local cluster.")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights file (default: the model's, else synthetic gpt2 weights, written on first use).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True, help="Tokens to trace.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
               help="Trace on a running cluster.  [default: a local cluster of --nodes]")
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
 @_fail_clean
 def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_dir):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
@@ -609,9 +613,11 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
               help="The leader.  [default: the server's ip:port in cluster_config.yaml]")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve on; 0.0.0.0 opens the chat to the network (set api_token first).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", default=None, help="An entry of model_config.yaml (decoding defaults).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to serve on.")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
+@click.option("--model", "model_name", default=None,
+              help="An entry of model_config.yaml, for its decoding defaults.  [default: its default_model]")
 @_fail_clean
 def web(leader, host, port, config_dir, model_name):
     """Serve the chat page, its JSON API, an OpenAI-compatible API and /metrics in front of the leader."""
