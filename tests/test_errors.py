@@ -177,6 +177,22 @@ def test_rank_down_past_grace_fails_new_requests_at_once(tiny_weights, tmp_path)
         cl.wait_ready(60)
         with cl.client() as c:
             assert len(c.generate([15496, 995], max_tokens=5, strategy="greedy", ignore_eos=True)["token_ids"]) == 5
+
+        # rank 2 just died (within its grace): a new request waits for it, saying so, for the whole grace
+        cl.kill_rank(2, signal.SIGKILL)
+        with cl.client() as watcher:
+            deadline = time.time() + 10
+            while next(n for n in watcher.status()["nodes"] if n["rank"] == 2)["status"] != "down":
+                assert time.time() < deadline, "rank 2 never shown down"
+                time.sleep(0.05)
+        statuses = []
+        t0 = time.time()
+        with pytest.raises(ClientError) as e, cl.client() as c:
+            c.generate([15496, 995], max_tokens=5, strategy="greedy", on_status=statuses.append)
+        waited = time.time() - t0
+        assert statuses and "waiting for rank 2 to join" in statuses[0], statuses
+        assert "rank 2 (node2) did not come back" in str(e.value), str(e.value)
+        assert waited > grace - 0.5, f"a request within rank 2's grace waited only {waited:.1f}s"
     finally:
         cl.stop()
 
