@@ -586,7 +586,7 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
 @click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True, help="Tokens to trace.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
-              help="Trace on a running cluster.  [default: a local cluster of --nodes]")
+              help="Trace on a running cluster (HOST may be a host_ip name).  [default: a local cluster of --nodes]")
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder holding the YAML configs.")
 @_fail_clean
@@ -601,6 +601,7 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
     try:
         path = None if leader else resolve_weights(weights_path or _find_real_weights(config_dir), log=log)
         token, tls_ca = _leader_auth(config_dir) if leader else (None, None)
+        leader = resolve_leader(config_dir, leader) if leader else None
         report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
                            token=token, tls_ca=tls_ca, log=log)
     except (TraceError, ClientError) as e:
@@ -627,6 +628,7 @@ def web(leader, host, port, config_dir, model_name):
     from .tokenizer import get_tokenizer
     from .webapp import create_app, settings_from_configs
     if leader is not None:
+        leader = resolve_leader(config_dir, leader)
         try:
             parse_addr(leader)
         except ValueError as e:

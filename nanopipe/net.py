@@ -48,7 +48,16 @@ class HttpPeer(HandshakeError):
 # A nanopipe node speaks first (CHALLENGE) within milliseconds of a connect; an HTTP server waits for
 # the request. After this long without a byte, `dial(..., sniff_http=True)` asks the port over a
 # second connection whether it talks HTTP, instead of waiting out the handshake timeout.
-SNIFF_AFTER_S = 0.5
+SNIFF_AFTER_S = 1.0
+
+
+def _readable(sock, timeout: float) -> bool:
+    """True once sock has bytes (or is closed) to read, False after timeout seconds of silence."""
+    if hasattr(select, "poll"):         # select.select fails on descriptors >= 1024
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN)
+        return bool(p.poll(int(timeout * 1000)))
+    return bool(select.select([sock], [], [], timeout)[0])
 
 
 def http_status(host: str, port: int, timeout: float = 2.0) -> str | None:
@@ -58,7 +67,7 @@ def http_status(host: str, port: int, timeout: float = 2.0) -> str | None:
     CHALLENGE at once and is left alone."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(0.2)
+            s.settimeout(0.5)
             try:
                 if s.recv(1):
                     return None
@@ -284,7 +293,7 @@ def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str
             if tls is not None:
                 sock = tls_wrap(tls, sock)
             peer = f"{who or 'peer'} at {host}:{port}"
-            if sniff_http and tls is None and not select.select([sock], [], [], SNIFF_AFTER_S)[0]:
+            if sniff_http and tls is None and not _readable(sock, min(SNIFF_AFTER_S, timeout)):
                 status = http_status(host, port)
                 if status is not None:
                     raise HttpPeer(f"{host}:{port} is an HTTP server ({status}), not a nanopipe node")

@@ -103,6 +103,23 @@ def test_leader_given_by_its_host_ip_name(cluster):
         assert r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 1, r.stdout
 
 
+@pytest.mark.parametrize("given, addr", [
+    ("mini1:65432", "127.0.0.1:65432"),     # the README's example, with the shipped configs
+    ("mini1", "127.0.0.1:65432"),           # no port: the leader's from the config
+    ("pi1:7000", "127.0.0.1:7000"),
+    ("10.0.0.9:65432", "10.0.0.9:65432"),   # not a host_ip name: as given
+    ("elsewhere:1234", "elsewhere:1234"),
+])
+def test_resolve_leader_through_host_ip(given, addr):
+    from nanopipe.cli import resolve_leader
+    assert resolve_leader(CONFIGS, given) == addr
+
+
+def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
+    from nanopipe.cli import resolve_leader
+    assert resolve_leader(str(tmp_path), "mini1:65432") == "mini1:65432"
+
+
 def test_a_workers_port_says_whose_it_is_and_where_the_leader_is(cluster, tmp_path):
     worker1 = cluster.cluster["workers"][0]["port"]
     leader = cluster.leader_addr
