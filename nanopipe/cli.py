@@ -60,8 +60,9 @@ def _share_cores(cluster, rank: int):
 def common_options(fn):
     """--config-dir, --model and --weights, shared by every command that runs the model."""
     fn = click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
-                      help="Weights file (overrides model_weights.yaml).")(fn)
-    fn = click.option("--model", "model_name", default=None, help="An entry of model_config.yaml.")(fn)
+                      help="Weights file.  [default: weights/<filename from model_weights.yaml>]")(fn)
+    fn = click.option("--model", "model_name", default=None,
+                      help="An entry of model_config.yaml.  [default: its default_model]")(fn)
     fn = click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
                       help="Folder holding the YAML configs.")(fn)
     return fn
@@ -94,21 +95,26 @@ def main(verbose, quiet):
 def sampling_options(fn):
     for opt in reversed([
         click.option("--strategy", default=None,
-                     help="greedy | sampling | top_k | top_p (default: chosen by the options given, as in "
-                          "the web API, else model_config.yaml's)."),
-        click.option("--temperature", type=float, default=None, help="0 means greedy."),
-        click.option("--top-k", type=int, default=None),
-        click.option("--top-p", type=float, default=None),
-        click.option("--max-tokens", type=int, default=None),
-        click.option("--seed", type=int, default=None, help="Same seed, same tokens."),
+                     help="Decoding: greedy | sampling | top_k | top_p.  [default: inferred from the options "
+                          "given, as in the web API, else the model's (top_p as shipped)]"),
+        click.option("--temperature", type=float, default=None,
+                     help="0 is greedy; higher is more random.  [default: the strategy's, 0.8 as shipped]"),
+        click.option("--top-k", type=int, default=None,
+                     help="top_k: sample from the K likeliest.  [default: the strategy's k, 50 as shipped]"),
+        click.option("--top-p", type=float, default=None,
+                     help="top_p: sample from the smallest set holding P.  [default: the p, 0.9 as shipped]"),
+        click.option("--max-tokens", type=int, default=None,
+                     help="Tokens to generate.  [default: the model's max_new_tokens, 50 as shipped]"),
+        click.option("--seed", type=int, default=None, help="Same seed, same tokens.  [default: random]"),
         click.option("--stop", multiple=True, metavar="TEXT",
                      help="End the reply where this text appears (not printed); up to 4, repeat the option."),
         click.option("--frequency-penalty", type=float, default=None,
-                     help="-2..2: lower a token's score by this much per time it was generated."),
+                     help="-2..2: lower a token's score by this much per time it was generated.  [default: 0]"),
         click.option("--presence-penalty", type=float, default=None,
-                     help="-2..2: lower the score of every token generated at least once."),
+                     help="-2..2: lower the score of every token generated at least once.  [default: 0]"),
         click.option("--repetition-penalty", type=float, default=None,
-                     help="> 0, e.g. 1.3: divide (multiply, if negative) the score of every token seen so far."),
+                     help="> 0, e.g. 1.3: divide (multiply, if negative) the score of every token seen so far.  "
+                          "[default: 1, none]"),
         click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
                      help="Add BIAS (-100..100) to token ID's score, e.g. 50256=-100; repeat the option."),
     ]):
@@ -149,14 +155,17 @@ def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, m
                           repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(logit_bias) or None)
 
 
-@main.command()
+@main.command(short_help="Generate text for PROMPT, here or on a cluster (--leader).")
 @click.argument("prompt")
 @common_options
 @sampling_options
-@click.option("--leader", default=None, metavar="HOST:PORT", help="Generate on a running cluster instead.")
-@click.option("--n-head", type=int, default=None, help="Heads, if the weights file cannot tell.")
+@click.option("--leader", default=None, metavar="HOST:PORT",
+              help="Generate on a running cluster (HOST may be a host_ip name).  [default: in this process]")
+@click.option("--n-head", type=int, default=None,
+              help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-@click.option("--top-logprobs", type=int, default=0, help="With --json: the K most likely ids at each position.")
+@click.option("--top-logprobs", type=int, default=0, show_default=True,
+              help="With --json: the K most likely ids at each position.")
 @click.option("--echo", is_flag=True, help="With --json: also the logprob of every prompt token.")
 @_fail_clean
 def generate(prompt, config_dir, model_name, weights_path, strategy, temperature, top_k, top_p, max_tokens, seed,
@@ -170,31 +179,48 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
     token, tls_ca = _leader_auth(config_dir) if leader else (None, None)   # config errors before any output
     prompt_ids = tok.encode(prompt)
     stream = StopStream(tok, params.stop)      # what is printed: the same cut the generation makes
+    streamed = []           # non-empty once text went to stdout: an error then starts on a new line
 
     def on_token(t):
         piece = stream.push(t)
         if not as_json:
             click.echo(piece, nl=False)
 
-    if not as_json:
-        click.echo(prompt, nl=False)
-    if leader:
-        from .client import ClientError, LeaderClient
-        try:
-            with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
-                result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
-                                    on_token=lambda t, _text: t is not None and on_token(t),
-                                    on_status=lambda text: click.echo(f"\n[{text}]", err=True))
-                weights = _weights_of(c) if as_json else {}
-        except ClientError as e:
-            raise UserError(str(e)) from None
-    else:
-        from .engine import Engine
-        path = resolve_weights(config_dir, model_name, weights_path)
-        engine = Engine.load(path, n_head=n_head)
-        result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
-        from .weights import synthetic_summary
-        weights = synthetic_summary({0: engine.stage.synthetic})
+    def start():
+        """Print the prompt (the streamed text continues it), once it is known to fit."""
+        if not as_json:
+            click.echo(prompt, nl=False)
+            streamed.append(True)
+
+    try:
+        if leader:
+            from .client import ClientError, LeaderClient
+            addr = resolve_leader(config_dir, leader)
+            try:
+                with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
+                    check_prompt_fits(len(prompt_ids), c.welcome.get("n_ctx"))
+                    start()
+                    result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
+                                        on_token=lambda t, _text: t is not None and on_token(t),
+                                        on_status=lambda text: click.echo(f"\n[{text}]", err=True))
+                    weights = _weights_of(c) if as_json else {}
+            except ClientError as e:
+                raise UserError(explain_leader_error(str(e), leader, addr, config_dir)) from None
+        else:
+            from .engine import Engine
+            path = resolve_weights(config_dir, model_name, weights_path)
+            if not os.path.exists(path):
+                raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
+            engine = Engine.load(path, n_head=n_head)
+            check_prompt_fits(len(prompt_ids), engine.config.n_ctx)
+            start()
+            result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
+            from .weights import synthetic_summary
+            weights = synthetic_summary({0: engine.stage.synthetic})
+    except BaseException:
+        if streamed:
+            click.echo()        # end the streamed line: the error (stderr) then stands on a line of its own
+        raise
     tail = stream.flush()
     if as_json:
         # with stop strings, the text is cut where the generation stopped (the stop string left out)
@@ -212,6 +238,61 @@ def _weights_of(client) -> dict:
     return {k: status.get(k) for k in ("synthetic", "weights_mixed", "weights_note")}
 
 
+def check_prompt_fits(n_prompt: int, n_ctx):
+    """A prompt must leave room for at least one new token; the web API's wording (webapp.check_fits)."""
+    if n_ctx and n_prompt >= n_ctx:
+        raise UserError(f"the prompt is {n_prompt} tokens, but the model's context is n_ctx={n_ctx} tokens for "
+                        f"prompt and reply together; shorten the prompt to under {n_ctx} tokens "
+                        "(fewer still for a longer reply: prompt + --max-tokens <= n_ctx)")
+
+
+def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
+    """No weights file at `path`: name the model, the file and the exact command that makes it."""
+    if given:
+        return (f"{path}: no such weights file (--weights); give an existing file, or run "
+                f"`nanopipe init-weights {path}` for synthetic (random, gibberish) weights")
+    from .config import load_model_config
+    mc = load_model_config(config_dir, model_name)
+    return (f"no weights for model {mc.name!r}: {path} does not exist. Run `nanopipe pull {mc.weights_model_name}` "
+            f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE")
+
+
+def resolve_leader(config_dir, addr: str) -> str:
+    """--leader HOST:PORT with HOST a name from host_ip in cluster_config.yaml (`mini1:65432`, as the
+    README writes it) becomes that host's address; anything else is passed on as given."""
+    from .config import load_cluster_config
+    from .net import parse_addr
+    try:
+        host, port = parse_addr(addr, None)
+    except ValueError:
+        host, port = addr, None
+    try:
+        cc = load_cluster_config(config_dir)
+    except ConfigError:
+        return addr
+    ips = {n.host: n.ip for n in cc.nodes}
+    if host not in ips:
+        return addr
+    return f"{ips[host]}:{port if port is not None else cc.leader.port}"
+
+
+def explain_leader_error(message: str, given: str, addr: str, config_dir) -> str:
+    """A failed --leader: say what is listening at that address when the config knows it."""
+    from .config import load_cluster_config
+    try:
+        cc = load_cluster_config(config_dir)
+    except ConfigError:
+        return message
+    leader = f"{cc.leader.ip}:{cc.leader.port}"
+    if "data port" in message:      # the worker said so itself
+        return message
+    for n in cc.nodes[1:]:
+        if f"{n.ip}:{n.port}" == addr and addr != leader:
+            return (f"{message}\n{given} is worker {n.rank}'s data port ({n.host}), not the leader; "
+                    f"the leader listens on {leader}: use --leader {leader}")
+    return message
+
+
 def _leader_auth(config_dir) -> tuple:
     """How to dial the cluster's leader: (auth_token, CA file or None). A cluster with tls_cert
     pins that certificate, so it is the CA a client checks the leader against."""
@@ -226,16 +307,16 @@ def _leader_auth(config_dir) -> tuple:
 @main.command("init-weights")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--size", default="gpt2", type=click.Choice(["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]),
-              show_default=True)
-@click.option("--n-layer", type=int, default=None)
-@click.option("--n-embd", type=int, default=None)
-@click.option("--n-head", type=int, default=None)
-@click.option("--n-ctx", type=int, default=None)
-@click.option("--n-vocab", type=int, default=50257, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+              show_default=True, help="GPT-2 size whose shape to use.")
+@click.option("--n-layer", type=int, default=None, help="Blocks.  [default: --size's]")
+@click.option("--n-embd", type=int, default=None, help="Embedding width.  [default: --size's]")
+@click.option("--n-head", type=int, default=None, help="Attention heads.  [default: --size's]")
+@click.option("--n-ctx", type=int, default=None, help="Context length.  [default: --size's, 1024]")
+@click.option("--n-vocab", type=int, default=50257, show_default=True, help="Vocabulary size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
 @click.option("--layers", default=None,
-              help="Only these blocks, e.g. 8-11 (inclusive): a worker's slice file. Default: all, or the "
-                   "range in OUT's name (NAME.layers-8-11.safetensors).")
+              help="Only these blocks, e.g. 8-11 (inclusive): a worker's slice file.  [default: all, or the "
+                   "range in OUT's name (NAME.layers-8-11.safetensors)]")
 @_fail_clean
 def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, layers):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
@@ -262,13 +343,18 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
                f"({os.path.getsize(out) / 1e6:.1f} MB; {SYNTHETIC_NOTE}). For real text, `nanopipe pull gpt2`.")
 
 
-@main.command()
+@main.command(short_help="Print which node holds which layers, and their MB.")
 @common_options
-@click.option("--nodes", type=int, default=None, help="Number of nodes (default: num_nodes in model_config.yaml).")
-@click.option("--strategy", "partition", default=None, help="even | balanced (default: the model's).")
+@click.option("--nodes", type=int, default=None, help="Number of nodes.  [default: num_nodes in model_config.yaml]")
+@click.option("--partition", default=None, help="Layer split: even | balanced.  [default: the model's partition]")
+@click.option("--strategy", "old_partition", default=None, hidden=True, help="Old name of --partition.")
 @_fail_clean
-def plan(config_dir, model_name, weights_path, nodes, partition):
+def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
     """Print which node holds which layers, and each node's weight MB."""
+    if old_partition is not None:
+        click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
+                   f"in `generate`); taking it as --partition {old_partition}", err=True)
+        partition = partition or old_partition
     from .config import check_agree, load_model_config
     from .partition import format_plan, stage_bytes
     mc = load_model_config(config_dir, model_name)
@@ -391,10 +477,11 @@ def _planning_shape(config_dir, mc, src):
     return dataclasses.replace(cfg, n_embd=n_embd, n_vocab=n_vocab)
 
 
-@main.command()
+@main.command(short_help="Run the leader (rank 0) of a cluster.")
 @click.option("--rank", type=int, default=0, show_default=True, help="Always 0: the leader.")
 @common_options
-@click.option("--n-head", type=int, default=None)
+@click.option("--n-head", type=int, default=None,
+              help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
 def serve(rank, config_dir, model_name, weights_path, n_head):
     """Run the leader (rank 0): tokenizer, embeddings, its blocks, LM head, clients."""
@@ -424,11 +511,13 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
         raise UserError(str(e)) from None
 
 
-@main.command()
+@main.command(short_help="Run a worker (rank 1..N) of a cluster.")
 @click.option("--rank", type=int, required=True, help="This worker's rank (1..num_workers).")
-@click.option("--host", "host", default=None, help="This worker's name in host_ip (checked against the config).")
+@click.option("--host", "host", default=None,
+              help="This worker's name in host_ip, checked against the config.  [default: not checked]")
 @common_options
-@click.option("--n-head", type=int, default=None)
+@click.option("--n-head", type=int, default=None,
+              help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
 def join(rank, host, config_dir, model_name, weights_path, n_head):
     """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
@@ -460,13 +549,15 @@ def _on_sigterm():
     signal.signal(signal.SIGTERM, handler)
 
 
-@main.command()
+@main.command(short_help="Download NAME's weights (or some --layers) into weights/.")
 @click.argument("name")
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
-@click.option("--layers", default=None, help="Only these blocks, e.g. 4-7 (inclusive), for a worker.")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
+@click.option("--layers", default=None, help="Only these blocks, e.g. 4-7 (inclusive), for a worker.  [default: all]")
 @click.option("--rank0/--no-rank0", default=None, help="Include embeddings and ln_f (default: with no --layers).")
-@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False))
-@click.option("--url", default=None, help="Override the URL from model_weights.yaml.")
+@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to download into.")
+@click.option("--url", default=None, help="Download from here.  [default: NAME's url in model_weights.yaml]")
 def pull(name, config_dir, layers, rank0, out_dir, url):
     """Download NAME's weights (or only --layers A-B of them) into weights/, resumable and verified."""
     from .config import load_weights_config
@@ -489,14 +580,17 @@ def pull(name, config_dir, layers, rank0, out_dir, url):
     click.echo(f"Model weights ready at: {path}")
 
 
-@main.command()
+@main.command(short_help="Start a local cluster and the web chat; Ctrl-C stops all.")
 @click.option("--nodes", type=click.IntRange(min=1), default=None,
-              help="Number of nodes (default: num_nodes in model_config.yaml).")
-@click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False))
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", default=None, help="An entry of model_config.yaml (default: default_model).")
+              help="Leader + workers to start.  [default: num_nodes in model_config.yaml]")
+@click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
+              help="Weights file.  [default: the model's, else synthetic with --synthetic]")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
+@click.option("--model", "model_name", default=None, help="An entry of model_config.yaml.  [default: default_model]")
 @click.option("--web/--no-web", default=True, show_default=True, help="Also start the web chat.")
-@click.option("--web-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--web-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port of the web chat.")
 @click.option("--restarts", type=click.IntRange(min=0), default=2, show_default=True,
               help="How many times a node that dies is started again.")
 @click.option("--synthetic", is_flag=True, help="Use synthetic weights (gibberish) if no real ones are here.")
@@ -535,7 +629,7 @@ def _find_real_weights(config_dir, model_name=None):
         return None
 
 
-@main.command()
+@main.command(short_help="Measure tokens/s: one process, a cluster, links.")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights to run (default: gpt2-small-shaped synthetic weights, written on first use).")
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=64, show_default=True,
@@ -545,14 +639,16 @@ def _find_real_weights(config_dir, model_name=None):
               help="Size of the array the memory-bandwidth measurement streams.")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Also run a local cluster of this many nodes next to one process.")
-@click.option("--link-delay-ms", type=click.FloatRange(min=0), default=0.0, help="Simulated latency on every hop.")
-@click.option("--link-mbps", type=click.FloatRange(min=0), default=0.0, help="Simulated bandwidth of every hop.")
+@click.option("--link-delay-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Simulated latency on every hop.")
+@click.option("--link-mbps", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Simulated bandwidth of every hop (0: unlimited).")
 @click.option("--sweep", is_flag=True, help="Concurrency sweep: 1, 2, 4, 8 streams, one process and --nodes.")
 @click.option("--positions", is_flag=True, help="Time per token at context positions 16, 256 and 1000.")
 @click.option("--links", is_flag=True, help="Thunderbolt / Ethernet / WiFi links for 2, 3, 4 and 8 nodes.")
 @click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Write every table as CSV (and the sweep as PNG with matplotlib) into this folder.")
+              help="Write every table as CSV (the sweep also as PNG) here.  [default: print only]")
 @_fail_clean
 def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
           single, out_dir):
@@ -563,15 +659,17 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
             single=single, out_dir=out_dir, echo=click.echo)
 
 
-@main.command("trace")
+@main.command("trace", short_help="Follow each token of PROMPT round the cluster.")
 @click.argument("prompt")
 @click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True, help="Nodes of the local cluster.")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights file (default: the model's, else synthetic gpt2 weights, written on first use).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True, help="Tokens to trace.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
-@click.option("--leader", default=None, metavar="HOST:PORT", help="Trace on a running cluster instead.")
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
+@click.option("--leader", default=None, metavar="HOST:PORT",
+              help="Trace on a running cluster (HOST may be a host_ip name).  [default: a local cluster of --nodes]")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
 @_fail_clean
 def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_dir):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
@@ -584,6 +682,7 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
     try:
         path = None if leader else resolve_weights(weights_path or _find_real_weights(config_dir), log=log)
         token, tls_ca = _leader_auth(config_dir) if leader else (None, None)
+        leader = resolve_leader(config_dir, leader) if leader else None
         report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
                            token=token, tls_ca=tls_ca, log=log)
     except (TraceError, ClientError) as e:
@@ -591,14 +690,16 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
     click.echo(json.dumps(report) if as_json else format_trace(report))
 
 
-@main.command()
+@main.command(short_help="Serve the chat page and APIs in front of the leader.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
-              help="The leader (default: the server's ip:port in cluster_config.yaml).")
+              help="The leader.  [default: the server's ip:port in cluster_config.yaml]")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve on; 0.0.0.0 opens the chat to the network (set api_token first).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", default=None, help="An entry of model_config.yaml (decoding defaults).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to serve on.")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
+@click.option("--model", "model_name", default=None,
+              help="An entry of model_config.yaml, for its decoding defaults.  [default: its default_model]")
 @_fail_clean
 def web(leader, host, port, config_dir, model_name):
     """Serve the chat page, its JSON API, an OpenAI-compatible API and /metrics in front of the leader."""
@@ -608,6 +709,7 @@ def web(leader, host, port, config_dir, model_name):
     from .tokenizer import get_tokenizer
     from .webapp import create_app, settings_from_configs
     if leader is not None:
+        leader = resolve_leader(config_dir, leader)
         try:
             parse_addr(leader)
         except ValueError as e:

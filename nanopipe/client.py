@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from .net import HandshakeError, client_tls, dial, parse_addr
+from .net import HandshakeError, HttpPeer, client_tls, dial, parse_addr
 from .wire import ConnectionClosed, Msg, WireError, recv_frame, send_frame
 
 
@@ -35,7 +35,10 @@ class LeaderClient:
         host, port = parse_addr(addr, 65432)
         try:
             sock, _, welcome = dial(host, port, role="client", token=token, attempts=attempts, who="leader",
-                                    tls=client_tls(tls_ca), timeout=timeout)
+                                    tls=client_tls(tls_ca), timeout=timeout, sniff_http=True)
+        except HttpPeer as e:
+            raise ClientError(f"{e}: the web app? A client wants the leader's own port (`port` in "
+                              "cluster_config.yaml, 65432 as shipped), not the web port", "unreachable") from None
         except HandshakeError as e:
             raise ClientError(str(e), "unreachable") from None
         except OSError as e:

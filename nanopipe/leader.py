@@ -250,6 +250,9 @@ class Leader:
         self.lock = threading.RLock()
         self.ring_ready = threading.Event()
         self.down_since: float | None = None
+        # set when the ring stayed down past rejoin_grace_s: while a rank is still down, a new request
+        # fails at once with the same message instead of waiting a whole grace period again
+        self.grace_over = False
         self.stop_event = threading.Event()
         self.started = time.time()
         self.metrics = {"requests": 0, "errors": 0, "rejected_peers": 0, "bad_frames": 0}
@@ -365,6 +368,7 @@ class Leader:
                          f"config says {w.host!r}", WARNING)
                 return
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
+            self.grace_over = False             # a rank came back: new requests wait for the ring again
             w.stats = {}                    # until its first STATS, nothing is known of this process
         nxt = self.cluster.node(rank + 1 if rank + 1 < len(self.ranges) else 0)
         c = self.config
@@ -469,6 +473,7 @@ class Leader:
             self.scheduler.ring = ring
             replayed = self.scheduler.replay_all()
             self.down_since = None
+            self.grace_over = False
             self.ring_ready.set()
         path = " -> ".join(["0"] + [str(r) for r in self.workers] + ["0"])
         self.log(f"All {len(self.workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
@@ -556,22 +561,32 @@ class Leader:
     def _enforce_grace(self, now: float):
         with self.lock:
             if self.ring_ready.is_set():
-                self.down_since = None
+                self.down_since, self.grace_over = None, False
             since = self.down_since
         if since is None or now - since <= self.cluster.rejoin_grace_s:
             return
-        down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
-        if down:
-            msg = (f"rank {', '.join(down)} did not come back within rejoin_grace_s="
-                   f"{self.cluster.rejoin_grace_s:g}s; restart it with `nanopipe join` and retry")
-        else:
-            msg = (f"the ring could not be rebuilt within rejoin_grace_s={self.cluster.rejoin_grace_s:g}s; "
-                   "see the leader's log")
-        self.down_since = None                  # the next request to arrive starts a new wait
+        msg = self._grace_message()
+        self.down_since = None                  # a request after a rank rejoins starts a new wait
+        self.grace_over = True                  # until then, new requests fail at once (_generate)
         n = len(self.scheduler.sessions) + self.scheduler.waiting.qsize()
         if n:
             self.log(f"Failing {n} request(s): {msg}", WARNING)
         self.scheduler.fail_all(msg)
+
+    def _grace_message(self) -> str:
+        down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
+        if down:
+            return (f"rank {', '.join(down)} did not come back within rejoin_grace_s="
+                    f"{self.cluster.rejoin_grace_s:g}s; restart it with `nanopipe join` and retry")
+        return (f"the ring could not be rebuilt within rejoin_grace_s={self.cluster.rejoin_grace_s:g}s; "
+                "see the leader's log")
+
+    def _past_grace(self) -> bool:
+        """A rank has been down longer than rejoin_grace_s and none has come back since: a new
+        request would only wait for nothing. (A rank that has registered again gets a new grace.)"""
+        with self.lock:
+            return (self.grace_over and not self.ring_ready.is_set()
+                    and any(w.status == "down" for w in self.workers.values()))
 
     # clients ----------------------------------------------------------------------------------
 
@@ -622,6 +637,10 @@ class Leader:
             self.metrics["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid",
                              "field": getattr(e, "field", None)})
+            return
+        if self._past_grace():
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": self._grace_message(), "kind": "cluster"})
             return
         want_text = meta.get("text", True) is not False
         # the stream that cuts the reply at a stop string; also the text a client is sent

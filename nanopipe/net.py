@@ -41,6 +41,46 @@ class HandshakeError(WireError):
     """The peer failed the handshake (wrong secret, wrong version, wrong role); named in the message."""
 
 
+class HttpPeer(HandshakeError):
+    """The peer is an HTTP server (the web app's port, say), not a nanopipe node."""
+
+
+# A nanopipe node speaks first (CHALLENGE) within milliseconds of a connect; an HTTP server waits for
+# the request. After this long without a byte, `dial(..., sniff_http=True)` asks the port over a
+# second connection whether it talks HTTP, instead of waiting out the handshake timeout.
+SNIFF_AFTER_S = 1.0
+
+
+def _readable(sock, timeout: float) -> bool:
+    """True once sock has bytes (or is closed) to read, False after timeout seconds of silence."""
+    if hasattr(select, "poll"):         # select.select fails on descriptors >= 1024
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN)
+        return bool(p.poll(int(timeout * 1000)))
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+def http_status(host: str, port: int, timeout: float = 2.0) -> str | None:
+    """The status line if an HTTP server answers at host:port ("HTTP/1.1 200 OK"), else None.
+
+    Sends `HEAD / HTTP/1.0` only if the port says nothing first: a nanopipe node sends its
+    CHALLENGE at once and is left alone."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(0.5)
+            try:
+                if s.recv(1):
+                    return None
+            except socket.timeout:
+                pass
+            s.settimeout(timeout)
+            s.sendall(b"HEAD / HTTP/1.0\r\nHost: nanopipe-probe\r\n\r\n")
+            reply = s.recv(256)
+    except OSError:
+        return None
+    return reply.split(b"\r\n", 1)[0].decode("latin-1") if reply.startswith(b"HTTP/") else None
+
+
 def parse_addr(addr: str, default_port: int | None = None) -> tuple:
     """'10.0.0.1:65432' -> ('10.0.0.1', 65432)."""
     host, _, port = addr.rpartition(":")
@@ -226,11 +266,13 @@ def server_tls(cert: str | None, key: str | None):
 
 def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str | None = None,
          attempts: int = 1, backoff_s: float = 0.5, max_backoff_s: float = 5.0, log=None, who: str = "",
-         tls=None, extra: dict | None = None, timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple:
+         tls=None, extra: dict | None = None, timeout: float = HANDSHAKE_TIMEOUT_S, sniff_http: bool = False) -> tuple:
     """Connect and pass the handshake, retrying with exponential backoff.
 
     Returns (sock, attempt, welcome meta). Raises OSError after the last attempt, HandshakeError if
     refused. `timeout` bounds the connect and the handshake; the returned socket blocks.
+    `sniff_http`: if the peer stays silent SNIFF_AFTER_S, find out whether it is an HTTP server and
+    raise HttpPeer at once (plain TCP only).
     """
     delay = backoff_s
     for attempt in range(1, attempts + 1):
@@ -250,8 +292,12 @@ def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str
             tune(sock)
             if tls is not None:
                 sock = tls_wrap(tls, sock)
-            welcome = hello(sock, role=role, rank=rank, token=token, peer=f"{who or 'peer'} at {host}:{port}",
-                            extra=extra)
+            peer = f"{who or 'peer'} at {host}:{port}"
+            if sniff_http and tls is None and not _readable(sock, min(SNIFF_AFTER_S, timeout)):
+                status = http_status(host, port)
+                if status is not None:
+                    raise HttpPeer(f"{host}:{port} is an HTTP server ({status}), not a nanopipe node")
+            welcome = hello(sock, role=role, rank=rank, token=token, peer=peer, extra=extra)
             sock.settimeout(None)
             return sock, attempt, welcome
         except BaseException:
@@ -260,19 +306,21 @@ def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str
     raise AssertionError("unreachable")
 
 
-def accept(sock, *, peer: str, tls, token: str | None, roles: tuple) -> tuple:
+def accept(sock, *, peer: str, tls, token: str | None, roles: tuple, here: str = "") -> tuple:
     """The listening side of a new connection, the mirror of `dial`: tune it, bound the handshake in
     time (a peer that connects and says nothing is dropped), TLS if configured, CHALLENGE / HELLO.
 
     Returns (sock, HELLO meta); under TLS, sock is the TLSStream to use from now on. Raises
-    HandshakeError, WireError, OSError or ValueError after closing the connection.
+    HandshakeError, WireError, OSError or ValueError after closing the connection. `here` says
+    what this port is, for a peer that asked for a role not served here ("this is worker 1's data
+    port; the leader listens on 10.0.0.1:65432").
     """
     try:
         tune(sock)
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
         if tls is not None:
             sock = tls_wrap(tls, sock, server_side=True)
-        return sock, challenge(sock, token=token, peer=peer, roles=roles)
+        return sock, challenge(sock, token=token, peer=peer, roles=roles, here=here)
     except BaseException:
         close_now(sock)
         raise
@@ -298,7 +346,7 @@ def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None)
     return reply.meta
 
 
-def challenge(sock, *, token: str | None, peer: str, roles: tuple) -> dict:
+def challenge(sock, *, token: str | None, peer: str, roles: tuple, here: str = "") -> dict:
     """The listening side: send CHALLENGE, check HELLO. Returns the HELLO meta; the caller answers
     WELCOME (with whatever it adds) or REJECT. Raises HandshakeError after sending REJECT."""
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -316,7 +364,8 @@ def challenge(sock, *, token: str | None, peer: str, roles: tuple) -> dict:
         reject(sock, "authentication failed: wrong or missing cluster secret (auth_token / NANOPIPE_TOKEN)")
         raise HandshakeError(f"{peer} failed authentication (wrong or missing auth_token)")
     if meta.get("role") not in roles:
-        reject(sock, f"role {meta.get('role')!r} not accepted here (expected {' or '.join(roles)})")
+        reject(sock, f"role {meta.get('role')!r} not accepted here (expected {' or '.join(roles)})"
+                     + (f": {here}" if here else ""))
         raise HandshakeError(f"{peer} asked for role {meta.get('role')!r}; expected {' or '.join(roles)}")
     sock.settimeout(None)
     return meta

@@ -219,7 +219,10 @@ class Worker:
     def _upstream(self, sock, addr):
         peer = f"{addr[0]}:{addr[1]}"
         try:
-            sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token, roles=("data",))
+            leader = self.cluster.leader
+            sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token, roles=("data",),
+                                 here=f"this is worker {self.rank}'s data port; the leader listens on "
+                                      f"{leader.ip}:{leader.port}")
             if hello.get("rank") != self.rank - 1:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
                                                         f"{self.rank - 1} only"})

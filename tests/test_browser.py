@@ -232,6 +232,8 @@ def test_leader_down_is_shown_and_the_page_reconnects_by_itself(browser, cluster
         d.find_element(By.ID, "send").click()
         reply = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.bot[data-state="error"]'), 20, "no error")[0]
         assert "unreachable" in reply.find_element(By.CSS_SELECTOR, ".error-text").text
+        bubble = reply.find_element(By.CSS_SELECTOR, ".bubble").text
+        assert "unreachable" in bubble, f"the failed reply's bubble shows {bubble!r}, not the error"
         assert reply.find_element(By.CSS_SELECTOR, ".status button").text == "Retry"
 
         app.config["LEADER"] = cluster.leader_addr            # the leader "comes back"

@@ -406,7 +406,7 @@ class ProbedCluster(LocalCluster):
         return cmd if rank == 0 else [sys.executable, "-c", PROBE] + cmd[3:]
 
 
-def test_worker_never_imports_tiktoken_flask_or_torch(weights, reference, tmp_path):
+def test_worker_never_imports_tiktoken_flask_torch_or_prometheus(weights, reference, tmp_path):
     out = tmp_path / "modules.json"
     cl = ProbedCluster(weights, ready_timeout=READY_S, nodes=2, env={"NANOPIPE_PROBE_OUT": str(out)})
     with cl:
@@ -418,7 +418,7 @@ def test_worker_never_imports_tiktoken_flask_or_torch(weights, reference, tmp_pa
         assert cl.procs[1].returncode == 0, cl.logs()
     modules = json.loads(out.read_text())
     assert "nanopipe.worker" in modules and "numpy" in modules       # the dump is the worker's
-    heavy = sorted(m for m in modules if m.split(".")[0] in ("tiktoken", "flask", "torch"))
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("tiktoken", "flask", "torch", "prometheus_client"))
     assert heavy == [], f"a worker imported {heavy}"
 
 

@@ -20,7 +20,7 @@ from nanopipe.client import ClientError
 from nanopipe.decoding import infer_strategy
 from nanopipe.openai_api import chat_prompt
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.web_metrics import Histogram
+from nanopipe.web_metrics import WebMetrics, render_metrics
 from nanopipe.webapp import create_app, settings_from_configs
 
 EOT = 50256
@@ -438,10 +438,20 @@ def test_a_cluster_failure_without_streaming_is_a_503(client, leader):
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
 
+class Samples(dict):
+    """{(name, ((label, value), ...)): value} where the labels' order does not matter, as in Prometheus."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__((key[0], tuple(sorted(key[1]))), value)
+
+    def __getitem__(self, key):
+        return super().__getitem__((key[0], tuple(sorted(key[1]))))
+
+
 def parse_metrics(text: str) -> dict:
     """Prometheus text format -> {(name, ((label, value), ...)): float}, checking every line's syntax
     and that each sample's family was declared by a # TYPE line before it."""
-    declared, out = {}, {}
+    declared, out = {}, Samples()
     for line in text.strip().split("\n"):
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
@@ -483,11 +493,23 @@ def test_metrics_count_requests_tokens_times_and_nodes(client, leader):
 
 
 def test_histogram_buckets_are_cumulative():
-    h = Histogram((0.01, 0.1))
+    m = WebMetrics()
     for v in (0.005, 0.01, 0.05, 3.0):          # 0.01 belongs in le="0.01": buckets are "less or equal"
-        h.observe(v)
-    assert h.lines("t") == ['t_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 3', 't_bucket{le="+Inf"} 4',
-                            "t_sum 3.065", "t_count 4"]
+        m.observe_token(v, first=True)
+    got = parse_metrics(render_metrics(m, None))
+    ttft = "nanopipe_web_ttft_seconds"
+    assert [got[(f"{ttft}_bucket", (("le", le),))] for le in ("0.01", "0.1", "+Inf")] == [2, 3, 4]
+    assert got[(f"{ttft}_sum", ())] == pytest.approx(3.065) and got[(f"{ttft}_count", ())] == 4
+
+
+def test_each_app_has_its_own_metrics():
+    """A registry per app: two apps in one process count apart, and neither touches the global one."""
+    import prometheus_client
+    a, b = WebMetrics(), WebMetrics()
+    a.count_request("chat")
+    assert parse_metrics(render_metrics(a, None))[("nanopipe_web_requests_total", (("route", "chat"),))] == 1
+    assert parse_metrics(render_metrics(b, None))[("nanopipe_web_requests_total", (("route", "chat"),))] == 0
+    assert prometheus_client.REGISTRY.get_sample_value("nanopipe_web_requests_total", {"route": "chat"}) is None
 
 
 # ---------------------------------------------------------------------------------------------

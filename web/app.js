@@ -358,8 +358,12 @@
 
   function showError(reply, message, prompt, retryable) {
     reply.node.dataset.state = "error";
+    // the error is the reply: it goes in the reply's bubble, after whatever text streamed before it
+    const bubble = reply.textEl.parentNode;
+    bubble.querySelectorAll(".error-text").forEach((e) => e.remove());
+    bubble.append(el("span", "error-text", (reply.text.trim() ? "\n" : "") + message));
     const status = reply.node.querySelector(".status");
-    status.replaceChildren(el("span", "error-text", message));
+    status.replaceChildren();
     if (retryable) {
       const again = el("button", "ghost small", "Retry");
       again.type = "button";

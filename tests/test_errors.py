@@ -1,0 +1,269 @@
+"""Errors that point at the fix, and help that says what each option does: each case as a new user
+meets it, through the real `nanopipe` command (a subprocess) and, where ports are involved, against
+real processes listening on 127.0.0.1.
+
+    an error          goes to stderr on a line of its own, never glued to the streamed text
+    a long prompt     is refused before it is echoed, with its length, n_ctx and what to shorten
+    missing weights   the hint names the model, the file and the exact command
+    --leader NAME     a host_ip name resolves through cluster_config.yaml (the README's own example)
+    a wrong port      says what listens there: a worker's data port, or an HTTP server (the web app)
+    a dead rank       once it is down past rejoin_grace_s, a new request fails at once, same message
+    --help            every option has a help line with its default; command summaries fit
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from nanopipe.cli import main
+from nanopipe.client import ClientError, LeaderClient
+from nanopipe.localcluster import LocalCluster, free_ports
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+PROMPT = "Hello world, my name"
+
+
+def nanopipe(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    return subprocess.run([sys.executable, "-m", "nanopipe.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def error_line(stderr: str) -> str:
+    """The one line of stderr that starts with `Error: `; fails if there is none."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("Error: ")]
+    assert lines, f"no line of stderr starts with 'Error: ':\n{stderr}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_weights, tmp_path_factory):
+    with LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path_factory.mktemp("cluster"))) as cl:
+        yield cl
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI's own errors
+
+
+def test_error_is_on_its_own_line_on_stderr(tmp_path):
+    port = free_ports(1)[0]
+    r = nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{port}", "--config-dir", str(tmp_path))
+    assert r.returncode == 1, r
+    assert r.stdout == "" or r.stdout.endswith("\n"), \
+        f"stdout {r.stdout!r} does not end its line: the error would be glued to it on a terminal"
+    assert error_line(r.stderr).startswith(f"Error: leader at 127.0.0.1:{port} is unreachable"), r.stderr
+
+
+def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_config, cluster):
+    from nanopipe.tokenizer import get_tokenizer
+    prompt = "hello " * 200
+    n = len(get_tokenizer().encode(prompt))
+    assert n > tiny_config.n_ctx
+    for where in (["--weights", tiny_weights, "--config-dir", CONFIGS],
+                  ["--leader", cluster.leader_addr, "--config-dir", cluster.config_dir]):
+        r = nanopipe("generate", prompt, *where)
+        assert r.returncode == 1, r
+        assert r.stdout == "", f"the prompt was echoed before the error ({where[0]}): {r.stdout[:80]!r}..."
+        line = error_line(r.stderr)
+        assert f"the prompt is {n} tokens" in line and f"n_ctx={tiny_config.n_ctx}" in line, line
+        assert "shorten the prompt" in line, line
+        assert "max_tokens <= 0" not in r.stderr, r.stderr
+
+
+def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
+    r = nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIGS, cwd=tmp_path)
+    assert r.returncode == 1, r
+    line = error_line(r.stderr)
+    assert "model 'gpt2-medium'" in line, line
+    assert os.path.join("weights", "gpt2-medium.safetensors") in line, line
+    assert "`nanopipe pull gpt2-medium`" in line, line
+    assert "pull gpt2`" not in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# --leader: names from host_ip, and the wrong port
+
+
+def test_leader_given_by_its_host_ip_name(cluster):
+    port = cluster.cluster["port"]
+    for leader in (f"node0:{port}", "node0"):        # the README's `--leader mini1:65432`; the port may go
+        r = nanopipe("generate", PROMPT, "--leader", leader, "--config-dir", cluster.config_dir,
+                     "--strategy", "greedy", "--max-tokens", "3")
+        assert r.returncode == 0, f"--leader {leader}: {r.stderr}"
+        assert r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 1, r.stdout
+
+
+@pytest.mark.parametrize("given, addr", [
+    ("mini1:65432", "127.0.0.1:65432"),     # the README's example, with the shipped configs
+    ("mini1", "127.0.0.1:65432"),           # no port: the leader's from the config
+    ("pi1:7000", "127.0.0.1:7000"),
+    ("10.0.0.9:65432", "10.0.0.9:65432"),   # not a host_ip name: as given
+    ("elsewhere:1234", "elsewhere:1234"),
+])
+def test_resolve_leader_through_host_ip(given, addr):
+    from nanopipe.cli import resolve_leader
+    assert resolve_leader(CONFIGS, given) == addr
+
+
+def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
+    from nanopipe.cli import resolve_leader
+    assert resolve_leader(str(tmp_path), "mini1:65432") == "mini1:65432"
+
+
+def test_a_workers_port_says_whose_it_is_and_where_the_leader_is(cluster, tmp_path):
+    worker1 = cluster.cluster["workers"][0]["port"]
+    leader = cluster.leader_addr
+    # without a config the worker's refusal says it; with the cluster's config, the same
+    for config_dir in (str(tmp_path), cluster.config_dir):
+        r = nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{worker1}", "--config-dir", config_dir)
+        assert r.returncode == 1, r
+        assert "worker 1's data port" in r.stderr and f"the leader listens on {leader}" in r.stderr, r.stderr
+
+
+@pytest.fixture
+def web_port(cluster):
+    from werkzeug.serving import make_server
+
+    from nanopipe.webapp import create_app, settings_from_configs
+    app = create_app(settings_from_configs(cluster.config_dir, leader=cluster.leader_addr))
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_port
+    srv.shutdown()
+
+
+def test_the_web_port_is_recognised_as_http_at_once(web_port, tmp_path):
+    t0 = time.time()
+    with pytest.raises(ClientError) as e:
+        LeaderClient.connect(f"127.0.0.1:{web_port}", timeout=5)
+    waited = time.time() - t0
+    assert "is an HTTP server" in str(e.value) and "the leader's own port" in str(e.value), str(e.value)
+    assert waited < 3, f"took {waited:.1f}s to tell; the handshake timeout (5 s) should not be waited out"
+    r = nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{web_port}", "--config-dir", str(tmp_path))
+    assert r.returncode == 1 and "is an HTTP server" in error_line(r.stderr), r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a rank down past rejoin_grace_s
+
+
+def test_rank_down_past_grace_fails_new_requests_at_once(tiny_weights, tmp_path):
+    grace = 3
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path),
+                      cluster_extra={"rejoin_grace_s": grace, "heartbeat_s": 0.2})
+    try:
+        cl.start()
+        # a CLI generation streams, then rank 1 dies under it: the error waits its grace, on its own line
+        proc = subprocess.Popen([sys.executable, "-m", "nanopipe.cli", "generate", PROMPT, "--leader", cl.leader_addr,
+                                 "--config-dir", cl.config_dir, "--strategy", "greedy", "--max-tokens", "120"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        out = proc.stdout.read(len(PROMPT) + 1)        # the prompt, then the first token's text
+        assert out.startswith(PROMPT.encode()), out
+        cl.kill_rank(1, signal.SIGKILL)
+        t_kill = time.time()
+        rest, err = proc.communicate(timeout=30)
+        in_flight_waited = time.time() - t_kill
+        stdout, stderr = (out + rest).decode(), err.decode()
+        assert proc.returncode == 1, (stdout, stderr)
+        assert stdout.endswith("\n"), f"the streamed text does not end its line: {stdout[-40:]!r}"
+        message = f"rank 1 (node1) did not come back within rejoin_grace_s={grace}s"
+        assert message in error_line(stderr), stderr
+        assert in_flight_waited > grace - 0.5, f"the request in flight waited {in_flight_waited:.1f}s, not its grace"
+
+        # a new request while rank 1 is still down: no second grace period
+        t0 = time.time()
+        with pytest.raises(ClientError) as e, cl.client() as c:
+            c.generate([15496, 995], max_tokens=5, strategy="greedy")
+        waited = time.time() - t0
+        assert message in str(e.value), str(e.value)
+        assert waited < grace / 2, f"a new request waited {waited:.1f}s for a rank down past its grace"
+
+        # rank 1 back: served again
+        cl.start_rank(1)
+        cl.wait_ready(60)
+        with cl.client() as c:
+            assert len(c.generate([15496, 995], max_tokens=5, strategy="greedy", ignore_eos=True)["token_ids"]) == 5
+
+        # rank 2 just died (within its grace): a new request waits for it, saying so, for the whole grace
+        cl.kill_rank(2, signal.SIGKILL)
+        with cl.client() as watcher:
+            deadline = time.time() + 10
+            while next(n for n in watcher.status()["nodes"] if n["rank"] == 2)["status"] != "down":
+                assert time.time() < deadline, "rank 2 never shown down"
+                time.sleep(0.05)
+        statuses = []
+        t0 = time.time()
+        with pytest.raises(ClientError) as e, cl.client() as c:
+            c.generate([15496, 995], max_tokens=5, strategy="greedy", on_status=statuses.append)
+        waited = time.time() - t0
+        assert statuses and "waiting for rank 2 to join" in statuses[0], statuses
+        assert "rank 2 (node2) did not come back" in str(e.value), str(e.value)
+        assert waited > grace - 0.5, f"a request within rank 2's grace waited only {waited:.1f}s"
+    finally:
+        cl.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# help
+
+
+def options(cmd):
+    import click
+    return [p for p in cmd.params if isinstance(p, click.Option) and not p.hidden]
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_option_has_a_help_line_with_its_default(name):
+    import click
+    cmd = main.commands[name]
+    ctx = click.Context(cmd, info_name=name)
+    for p in options(cmd):
+        text = p.get_help_record(ctx)[1]
+        says = re.sub(r"\s*\[[^\]]*\]$", "", text).strip()       # the help without its "[default: ...]"
+        assert says, f"{name} {p.opts[0]} has no help text: {text!r}"
+        if not p.is_flag:
+            assert "default:" in text or "required" in text, f"{name} {p.opts[0]} does not say its default: {text!r}"
+
+
+def test_command_list_fits_without_cut_descriptions():
+    r = CliRunner().invoke(main, ["--help"], terminal_width=80)
+    assert r.exit_code == 0, r.output
+    listing = r.output.split("Commands:")[1].splitlines()[1:]
+    assert len(listing) == len(main.commands), r.output
+    for line in listing:
+        assert not line.rstrip().endswith("..."), f"cut: {line!r}"
+        assert len(line) <= 80, f"too wide: {line!r}"
+
+
+def test_generate_help_quotes_the_shipped_defaults():
+    from nanopipe.config import load_model_config
+    from nanopipe.decoding import make_params
+    d = load_model_config(CONFIGS).decoding_defaults()
+    shipped = make_params(d)
+    top_k = make_params(d, strategy="top_k")
+    text = " ".join(CliRunner().invoke(main, ["generate", "--help"], terminal_width=200).output.split())
+    for said in (f"{shipped.strategy} as shipped", f"{shipped.temperature:g} as shipped",
+                 f"{shipped.top_p:g} as shipped", f"{top_k.top_k} as shipped", f"{shipped.max_tokens} as shipped"):
+        assert said in text, f"generate --help does not say {said!r}: the shipped configs changed?\n{text}"
+
+
+def test_plan_partition_and_the_old_strategy_spelling(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    new = CliRunner().invoke(main, ["plan", "--partition", "balanced", "--config-dir", CONFIGS])
+    old = CliRunner().invoke(main, ["plan", "--strategy", "balanced", "--config-dir", CONFIGS])
+    even = CliRunner().invoke(main, ["plan", "--partition", "even", "--config-dir", CONFIGS])
+    assert new.exit_code == old.exit_code == even.exit_code == 0, (new.output, old.output)
+    assert new.stdout == old.stdout != even.stdout, (new.stdout, old.stdout, even.stdout)
+    assert "`plan --strategy` is now `plan --partition`" in old.stderr, old.stderr
+    assert new.stderr == "", new.stderr
