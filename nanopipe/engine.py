@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoding import DecodingError, SamplingParams, log_softmax, logsumexp, make_rng, most_likely, sample
-from .model import KVCache, blocks_forward, embed, head
+from .model import KVCache, blocks_forward, embed, gpt2, head
 from .trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
@@ -269,7 +269,8 @@ class Scheduler:
         return Batch(next(self._batch_ids), sessions, counts, t0=time.perf_counter())
 
     def _front(self, batch: Batch) -> np.ndarray:
-        """Rank 0's part before the ring: embed the new rows and run its blocks."""
+        """Rank 0's part before the ring: the first two parts of `model.gpt2`, embed and its blocks
+        (`_finish` runs the third, the head, on the rows that come back)."""
         st = self.stage
         ids = np.concatenate([np.asarray(s.pending[:n], np.int64) for s, n in zip(batch.sessions, batch.counts)])
         pos = np.concatenate([np.arange(s.pos, s.pos + n) for s, n in zip(batch.sessions, batch.counts)])
@@ -413,9 +414,8 @@ class Engine:
         """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""
         st = self.stage
         cache = KVCache(len(st.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
-        x = embed(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe)         # (T, C)
-        x = blocks_forward(x, st.blocks, n_head=self.config.n_head, segments=[(cache, len(ids))])
-        return head(x, st.ln_f, st.lm_head)                                     # (T, V)
+        return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
+                    n_head=self.config.n_head, segments=[(cache, len(ids))])    # (T, V)
 
     def generate(self, prompt_ids, params: SamplingParams, on_token=None, echo: bool = False,
                  top_logprobs: int = 0) -> dict:

@@ -9,6 +9,9 @@ attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f), so calls read like the paper's d
         x = block(x, **p, n_head=n_head, ...)                  # (T, C)
     logits = head(x, ln_f, lm_head)                            # (T, V)
 
+`gpt2()` at the end is exactly those three lines; everything that runs the model calls it or its
+three parts (the scheduler cuts it between the blocks and the head to let the ring run in between).
+
 Shape notation used across nanopipe: T rows (tokens) in this step, S positions attended to
 (cached + new), C = n_embd, H = n_head, D = C // H (head size), V = vocabulary size, L = layers.
 """
@@ -199,3 +202,20 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
     for cache, n in segments:
         cache.length += n
     return x                                                    # (T_all, C)
+
+
+def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segments, rows=None):
+    """The forward pass (picoGPT's `gpt2()`): token ids -> embed -> blocks -> head -> logits.
+
+    positions: the position of each id (a sequence continues at its cache's length); segments as
+    for `blocks_forward`. `rows`, when given, picks which rows get logits (the head is (C, V), so
+    a prefill usually wants only its last row). Worked example, a 3-token prompt and a fresh cache:
+
+        gpt2(ids=[464, 3290, 318], positions=[0, 1, 2], ..., segments=[(cache, 3)])  -> (3, V)
+
+    The scheduler runs the same three parts with the ring of workers between `blocks_forward` and
+    `head`: rank 0 holds embed and blocks[0:hi0], the workers blocks[hi0:], rank 0 the head again.
+    """
+    x = embed(ids, positions, wte, wpe)                         # (T, C)
+    x = blocks_forward(x, blocks, n_head=n_head, segments=segments)   # (T, C)
+    return head(x if rows is None else x[rows], ln_f, lm_head)  # (T, V), or (len(rows), V)

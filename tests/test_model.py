@@ -14,6 +14,7 @@ from nanopipe.model import (
     blocks_forward,
     embed,
     gelu,
+    gpt2,
     head,
     layer_norm,
     mlp,
@@ -114,6 +115,25 @@ def test_float32_stays_float32_through_a_cached_decode_step(stage):
         x = blocks_forward(x, stage.blocks, n_head=c.n_head, segments=[(cache, 1)])
         assert x.dtype == np.float32
     assert head(x, stage.ln_f, stage.lm_head).dtype == np.float32
+
+
+def test_gpt2_is_embed_then_blocks_then_head_and_engine_logits_is_gpt2(stage):
+    """One forward pass: gpt2() runs the same three calls in the same order as writing them out,
+    so the logits are equal bit for bit; Engine.logits is gpt2() over a fresh cache."""
+    from nanopipe.engine import Engine
+    c = stage.config
+    ids, pos = np.array([464, 3290, 318, 257]), np.arange(4)
+    new = lambda: KVCache(c.n_layer, c.n_head, c.head_dim, c.n_ctx)  # noqa: E731
+    x = blocks_forward(embed(ids, pos, stage.wte, stage.wpe), stage.blocks, n_head=c.n_head, segments=[(new(), 4)])
+    want = head(x, stage.ln_f, stage.lm_head)                                           # (T, V)
+    got = gpt2(ids, pos, stage.wte, stage.wpe, stage.blocks, stage.ln_f, stage.lm_head, n_head=c.n_head,
+               segments=[(new(), 4)])                                                   # (T, V)
+    assert got.shape == (4, c.n_vocab)
+    assert np.array_equal(got, want), "same calls in the same order must give identical logits"
+    last = gpt2(ids, pos, stage.wte, stage.wpe, stage.blocks, stage.ln_f, stage.lm_head, n_head=c.n_head,
+                segments=[(new(), 4)], rows=slice(-1, None))                            # (1, V)
+    assert np.array_equal(last, want[-1:]), "the head on the last row alone is that row of the full head"
+    assert np.array_equal(Engine(stage).logits(ids.tolist()), want), "Engine.logits runs gpt2()"
 
 
 # ---------------------------------------------------------------------------------------------
