@@ -26,10 +26,11 @@ def _fail_clean(fn):
             # imported here, not before the command runs: `serve` and `join` must be able to set
             # OpenBLAS's environment before anything loads numpy (see _share_cores)
             from .decoding import DecodingError
-            from .model import ContextOverflow
+            from .model import ContextOverflow, KernelChoiceError
             from .safetensors_io import SafetensorsError
             from .weights import WeightsError
-            if isinstance(e, (ConfigError, DecodingError, WeightsError, SafetensorsError, ContextOverflow)):
+            if isinstance(e, (ConfigError, DecodingError, WeightsError, SafetensorsError, ContextOverflow,
+                              KernelChoiceError)):
                 raise UserError(str(e)) from None
             raise
     return wrapper
@@ -327,6 +328,8 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     click.echo(f"[LEADER] Loaded {hi - lo} layers for the leader (layers {lo}-{hi - 1}) plus embeddings and "
                f"LM head from {path}")
     leader = Leader(cc, mc, stage, ranges)
+    from .model import describe_kernels
+    click.echo(f"[LEADER] {describe_kernels()}")
     _on_sigterm()
     try:
         leader.serve_forever()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoding import DecodingError, SamplingParams, log_softmax, logsumexp, make_rng, most_likely, sample
-from .model import KVCache, blocks_forward, embed, gpt2, head
+from .model import KVCache, blocks_forward, choose_gemv_rows, embed, gpt2, head
 from .trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
@@ -93,6 +93,7 @@ class Scheduler:
             raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
         self.stage, self.ring = stage, ring
         self.config = stage.config
+        self.kernels = choose_gemv_rows(stage.blocks)  # once per process, before the first step (model.linear)
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()

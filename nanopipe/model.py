@@ -18,6 +18,8 @@ Shape notation used across nanopipe: T rows (tokens) in this step, S positions a
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,8 +73,118 @@ def linear(x, w, b):
     Written as (w.T @ x.T).T: the loader keeps block weights column-major, so w.T is a row-major
     (out, in) matrix and BLAS streams it once for all T rows. Measured on gpt2-small shapes, that is
     ~10% faster than x @ w for one row and 10-25% faster for 2-16 rows (batched sessions).
+
+    A few rows (2 .. `kernels.gemv_rows`) go through one matrix-vector product (gemv) each instead of
+    one matrix product (gemm): OpenBLAS's sgemm packs the whole matrix on every call, so for a few rows
+    it costs 2-3x a gemv. Measured on the project's machine class (2-core EPYC, OpenBLAS), the 48 block
+    matrices of gpt2-small: 1 row 5.4 ms; 2 rows 16.3 ms as one gemm, 8.7 ms as two gemv; 4 rows 17.9
+    vs 12.7; 8 rows 18.2 vs 20.9: the crossover is between 4 and 8 rows. Where it lies depends on the
+    CPU and BLAS build, so each process measures it once (`choose_gemv_rows`) unless pinned. Each row
+    of the gemv path is computed by the very call a lone row makes, so its result is the lone row's,
+    bit for bit, whatever else is in the batch.
     """
+    T = x.shape[0]
+    if 1 < T <= kernels.gemv_rows:
+        return np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b   # T x (1, out) -> (T, out)
     return (w.T @ x.T).T + b                                    # (out, in) @ (in, T) -> (T, out)
+
+
+class KernelChoiceError(ValueError):
+    """NANOPIPE_GEMV_ROWS holds something other than a whole number >= 1."""
+
+
+@dataclass
+class Kernels:
+    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm.
+
+    One per process (`kernels` below), decided once by `choose_gemv_rows` before the first step:
+    pinned by the environment variable NANOPIPE_GEMV_ROWS (1 = always one gemm, the old path), or
+    measured on the stage's own matrices. `how` says which, for the log and /status.
+    """
+    gemv_rows: int = 1
+    how: str = "not chosen yet"
+    chosen: bool = False
+
+
+kernels = Kernels()
+
+GEMV_ROWS_ENV = "NANOPIPE_GEMV_ROWS"
+MAX_GEMV_ROWS = 16          # never try more rows than this one by one
+
+
+def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:
+    """The largest row count for which a gemv per row beats one gemm, timed on `blocks`' own matrices.
+
+    Times the four matrices of the first `n_blocks` blocks (gpt2-small: 56 MB, more than a server's
+    L3, so each pass reads them from memory as a real step does) for T = 2, 3, ... rows, both ways,
+    interleaved, best of `repeats`; stops at the first T where one gemm is as fast. Returns
+    (gemv_rows, {T: (gemm ms, gemv ms)}). gpt2-small on a 2-core EPYC: ~0.1 s, answer 4-7.
+    """
+    mats = [(p["attn"]["c_attn"]["w"], p["attn"]["c_attn"]["b"]) for p in blocks[:n_blocks]]
+    mats += [(p[g][n]["w"], p[g][n]["b"]) for p in blocks[:n_blocks]
+             for g, n in (("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
+    if not mats:
+        return 1, {}
+    xs = {w.shape[0]: np.ones((max_rows, w.shape[0]), np.float32) for w, _ in mats}
+
+    def run(T, one_by_one):
+        t0 = time.perf_counter()
+        for w, b in mats:
+            x = xs[w.shape[0]][:T]                              # (T, in)
+            if one_by_one:
+                np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b
+            else:
+                (w.T @ x.T).T + b
+        return (time.perf_counter() - t0) * 1000
+
+    run(2, False), run(2, True)                                 # warm-up: BLAS threads, page faults
+    best, times = 1, {}
+    for T in range(2, max_rows + 1):
+        gemm = gemv = float("inf")
+        for _ in range(repeats):
+            gemm = min(gemm, run(T, False))
+            gemv = min(gemv, run(T, True))
+        times[T] = (round(gemm, 3), round(gemv, 3))
+        if gemv >= gemm:
+            break
+        best = T
+    return best, times
+
+
+def choose_gemv_rows(blocks) -> Kernels:
+    """Decide, once per process, up to how many rows `linear` runs a gemv per row (see `linear`).
+
+    NANOPIPE_GEMV_ROWS=N pins it (every node of a cluster, and every test process, then decides the
+    same; N=1 is the old always-gemm path); unset or "auto", it is measured here on `blocks`.
+    Later calls return the first decision: a process never switches kernels mid-run, so a row
+    count always takes the same path and generation stays deterministic.
+    """
+    if kernels.chosen:
+        return kernels
+    raw = os.environ.get(GEMV_ROWS_ENV, "auto").strip()
+    if raw.lower() in ("", "auto"):
+        n, times = measure_gemv_rows(blocks)
+        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
+        how = f"measured (gemm vs gemv per row: {shown})" if times else "no block matrices here to measure"
+    else:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise KernelChoiceError(f"{GEMV_ROWS_ENV}={raw!r} is not a whole number >= 1: give the largest row "
+                                    "count to run as one gemv per row (1 = always one gemm), or 'auto' to measure")
+        how = f"pinned by {GEMV_ROWS_ENV}"
+    kernels.gemv_rows, kernels.how, kernels.chosen = n, how, True
+    return kernels
+
+
+def describe_kernels() -> str:
+    """One log line: what `linear` does with a step of a few rows in this process."""
+    k = kernels
+    if k.gemv_rows <= 1:
+        return f"linear: one gemm for every step of 2+ rows ({k.how})"
+    return f"linear: a gemv per row for steps of 2-{k.gemv_rows} rows, one gemm above ({k.how})"
 
 
 def embed(ids, positions, wte, wpe):
@@ -195,6 +307,8 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
 
     segments: list of (KVCache, n_rows); the caches must belong to this stage (len(blocks) layers).
     """
+    if not kernels.chosen:
+        choose_gemv_rows(blocks)
     for cache, n in segments:
         cache.reserve(n)
     for layer, p in enumerate(blocks):
