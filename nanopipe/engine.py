@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoding import DecodingError, SamplingParams, log_softmax, logsumexp, make_rng, most_likely, sample
-from .model import KVCache, blocks_forward, choose_gemv_rows, embed, gpt2, head
+from .model import KVCache, blocks_forward, choose_prefill_rows, embed, gpt2, head
 from .trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
-PREFILL_CHUNK = 64        # prompt rows per session per step, so a long prompt never stalls the others
+PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see _make_batch)
 EOT = 50256               # <|endoftext|>
 
 
@@ -93,7 +93,8 @@ class Scheduler:
             raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
         self.stage, self.ring = stage, ring
         self.config = stage.config
-        self.kernels = choose_gemv_rows(stage.blocks)  # once per process, before the first step (model.linear)
+        # once per process, before the first step: model.linear's kernels, and a lone prompt's chunk
+        self.kernels = choose_prefill_rows(stage.blocks, stage.config.n_head)
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -265,9 +266,33 @@ class Scheduler:
             sessions.append(s)
             counts.append(n)
             rows += n
+        counts = self._grow_chunks(sessions, counts)
         for s in sessions:
             s.in_flight = True
         return Batch(next(self._batch_ids), sessions, counts, t0=time.perf_counter())
+
+    def _grow_chunks(self, sessions: list, counts: list) -> list:
+        """Let prompt chunks follow the load: every session already has its rows of this step (a
+        decode row, or up to PREFILL_CHUNK prompt rows); while the step holds fewer rows than
+        `kernels.prefill_rows` (measured at start: where a larger chunk stops prefilling faster per
+        row, capped by max_batch_rows), prompts take the spare rows, in batch order.
+
+        So a lone 512-token prompt goes through in a few large steps, while with others waiting a
+        step never holds more rows than before or than prefill_rows, and every session in it keeps
+        its rows: a long prompt still never stalls the others. Worked example, prefill_rows 256:
+        a lone 512-token prompt -> [256], [256]; with 3 decoding sessions -> [253, 1, 1, 1].
+        """
+        budget = min(self.kernels.prefill_rows, self.max_batch_rows)
+        spare = budget - sum(counts)
+        if spare <= 0:
+            return counts
+        grown = list(counts)
+        for i, s in enumerate(sessions):
+            extra = min(spare, len(s.pending) - grown[i])
+            if extra > 0:                   # only a prompt (or a replay) has more than one row pending
+                grown[i] += extra
+                spare -= extra
+        return grown
 
     def _front(self, batch: Batch) -> np.ndarray:
         """Rank 0's part before the ring: the first two parts of `model.gpt2`, embed and its blocks

@@ -89,104 +89,6 @@ def linear(x, w, b):
     return (w.T @ x.T).T + b                                    # (out, in) @ (in, T) -> (T, out)
 
 
-class KernelChoiceError(ValueError):
-    """NANOPIPE_GEMV_ROWS holds something other than a whole number >= 1."""
-
-
-@dataclass
-class Kernels:
-    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm.
-
-    One per process (`kernels` below), decided once by `choose_gemv_rows` before the first step:
-    pinned by the environment variable NANOPIPE_GEMV_ROWS (1 = always one gemm, the old path), or
-    measured on the stage's own matrices. `how` says which, for the log and /status.
-    """
-    gemv_rows: int = 1
-    how: str = "not chosen yet"
-    chosen: bool = False
-
-
-kernels = Kernels()
-
-GEMV_ROWS_ENV = "NANOPIPE_GEMV_ROWS"
-MAX_GEMV_ROWS = 16          # never try more rows than this one by one
-
-
-def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:
-    """The largest row count for which a gemv per row beats one gemm, timed on `blocks`' own matrices.
-
-    Times the four matrices of the first `n_blocks` blocks (gpt2-small: 56 MB, more than a server's
-    L3, so each pass reads them from memory as a real step does) for T = 2, 3, ... rows, both ways,
-    interleaved, best of `repeats`; stops at the first T where one gemm is as fast. Returns
-    (gemv_rows, {T: (gemm ms, gemv ms)}). gpt2-small on a 2-core EPYC: ~0.1 s, answer 4-7.
-    """
-    mats = [(p["attn"]["c_attn"]["w"], p["attn"]["c_attn"]["b"]) for p in blocks[:n_blocks]]
-    mats += [(p[g][n]["w"], p[g][n]["b"]) for p in blocks[:n_blocks]
-             for g, n in (("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
-    if not mats:
-        return 1, {}
-    xs = {w.shape[0]: np.ones((max_rows, w.shape[0]), np.float32) for w, _ in mats}
-
-    def run(T, one_by_one):
-        t0 = time.perf_counter()
-        for w, b in mats:
-            x = xs[w.shape[0]][:T]                              # (T, in)
-            if one_by_one:
-                np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b
-            else:
-                (w.T @ x.T).T + b
-        return (time.perf_counter() - t0) * 1000
-
-    run(2, False), run(2, True)                                 # warm-up: BLAS threads, page faults
-    best, times = 1, {}
-    for T in range(2, max_rows + 1):
-        gemm = gemv = float("inf")
-        for _ in range(repeats):
-            gemm = min(gemm, run(T, False))
-            gemv = min(gemv, run(T, True))
-        times[T] = (round(gemm, 3), round(gemv, 3))
-        if gemv >= gemm:
-            break
-        best = T
-    return best, times
-
-
-def choose_gemv_rows(blocks) -> Kernels:
-    """Decide, once per process, up to how many rows `linear` runs a gemv per row (see `linear`).
-
-    NANOPIPE_GEMV_ROWS=N pins it (every node of a cluster, and every test process, then decides the
-    same; N=1 is the old always-gemm path); unset or "auto", it is measured here on `blocks`.
-    Later calls return the first decision: a process never switches kernels mid-run, so a row
-    count always takes the same path and generation stays deterministic.
-    """
-    if kernels.chosen:
-        return kernels
-    raw = os.environ.get(GEMV_ROWS_ENV, "auto").strip()
-    if raw.lower() in ("", "auto"):
-        n, times = measure_gemv_rows(blocks)
-        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
-        how = f"measured (gemm vs gemv per row: {shown})" if times else "no block matrices here to measure"
-    else:
-        try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise KernelChoiceError(f"{GEMV_ROWS_ENV}={raw!r} is not a whole number >= 1: give the largest row "
-                                    "count to run as one gemv per row (1 = always one gemm), or 'auto' to measure")
-        how = f"pinned by {GEMV_ROWS_ENV}"
-    kernels.gemv_rows, kernels.how, kernels.chosen = n, how, True
-    return kernels
-
-
-def describe_kernels() -> str:
-    """One log line: what `linear` does with a step of a few rows in this process."""
-    k = kernels
-    if k.gemv_rows <= 1:
-        return f"linear: one gemm for every step of 2+ rows ({k.how})"
-    return f"linear: a gemv per row for steps of 2-{k.gemv_rows} rows, one gemm above ({k.how})"
-
-
 def embed(ids, positions, wte, wpe):
     """Token embedding plus learned position embedding: row t is wte[ids[t]] + wpe[positions[t]]."""
     return wte[ids] + wpe[positions]                            # (T, C)
@@ -333,3 +235,170 @@ def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segmen
     x = embed(ids, positions, wte, wpe)                         # (T, C)
     x = blocks_forward(x, blocks, n_head=n_head, segments=segments)   # (T, C)
     return head(x if rows is None else x[rows], ln_f, lm_head)  # (T, V), or (len(rows), V)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing kernels: what `linear` does with a few rows, how big a lone prompt's chunk is
+
+
+class KernelChoiceError(ValueError):
+    """NANOPIPE_GEMV_ROWS holds something other than a whole number >= 1."""
+
+
+@dataclass
+class Kernels:
+    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm.
+
+    One per process (`kernels` below), decided once by `choose_gemv_rows` before the first step:
+    pinned by the environment variable NANOPIPE_GEMV_ROWS (1 = always one gemm, the old path), or
+    measured on the stage's own matrices. `how` says which, for the log and /status.
+    """
+    gemv_rows: int = 1
+    how: str = "not chosen yet"
+    chosen: bool = False
+    prefill_rows: int = 64          # rows of one prompt per step when no other rows wait (engine._make_batch)
+    prefill_how: str = "not chosen yet"
+
+
+kernels = Kernels()
+
+GEMV_ROWS_ENV = "NANOPIPE_GEMV_ROWS"
+PREFILL_ROWS_ENV = "NANOPIPE_PREFILL_ROWS"
+MAX_GEMV_ROWS = 16          # never try more rows than this one by one
+PREFILL_CANDIDATES = (64, 128, 256)
+MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
+
+
+def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:
+    """The largest row count for which a gemv per row beats one gemm, timed on `blocks`' own matrices.
+
+    Times the four matrices of the first `n_blocks` blocks (gpt2-small: 56 MB, more than a server's
+    L3, so each pass reads them from memory as a real step does) for T = 2, 3, ... rows, both ways,
+    interleaved, best of `repeats`; stops at the first T where one gemm is as fast. Returns
+    (gemv_rows, {T: (gemm ms, gemv ms)}). gpt2-small on a 2-core EPYC: ~0.1 s, answer 4-7.
+    """
+    mats = [(p["attn"]["c_attn"]["w"], p["attn"]["c_attn"]["b"]) for p in blocks[:n_blocks]]
+    mats += [(p[g][n]["w"], p[g][n]["b"]) for p in blocks[:n_blocks]
+             for g, n in (("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
+    if not mats:
+        return 1, {}
+    xs = {w.shape[0]: np.ones((max_rows, w.shape[0]), np.float32) for w, _ in mats}
+
+    def run(T, one_by_one):
+        t0 = time.perf_counter()
+        for w, b in mats:
+            x = xs[w.shape[0]][:T]                              # (T, in)
+            if one_by_one:
+                np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b
+            else:
+                (w.T @ x.T).T + b
+        return (time.perf_counter() - t0) * 1000
+
+    run(2, False), run(2, True)                                 # warm-up: BLAS threads, page faults
+    best, times, t_start = 1, {}, time.perf_counter()
+    for T in range(2, max_rows + 1):
+        if time.perf_counter() - t_start > MEASURE_BUDGET_S:
+            break
+        gemm = gemv = float("inf")
+        for _ in range(repeats):
+            gemm = min(gemm, run(T, False))
+            gemv = min(gemv, run(T, True))
+        times[T] = (round(gemm, 3), round(gemv, 3))
+        if gemv >= gemm:
+            break
+        best = T
+    return best, times
+
+
+def measure_prefill_rows(blocks, n_head: int, candidates=PREFILL_CANDIDATES, repeats: int = 2,
+                         within: float = 0.05) -> tuple:
+    """The prompt chunk past which a larger one no longer prefills faster, per row.
+
+    Runs the first block (LayerNorm, both matmuls, attention over a fresh cache: a real prefill
+    step) for each candidate size, best of `repeats`, and returns (the smallest size whose ms per
+    row is within `within` of the best, {size: ms per row}). Larger chunks feed BLAS better until
+    its kernels saturate; beyond that they only make the others wait longer.
+    """
+    if not blocks:
+        return candidates[0], {}
+    p = blocks[0]
+    C = p["ln_1"]["g"].shape[0]
+    x = np.random.default_rng(0).standard_normal((max(candidates), C)).astype(np.float32)   # (T, C)
+    per_row, t_start = {}, time.perf_counter()
+    for T in candidates:
+        if per_row and time.perf_counter() - t_start > MEASURE_BUDGET_S:
+            break
+        best = float("inf")
+        for _ in range(repeats):
+            cache = KVCache(1, n_head, C // n_head, T)
+            t0 = time.perf_counter()
+            blocks_forward(x[:T], [p], n_head=n_head, segments=[(cache, T)])
+            best = min(best, time.perf_counter() - t0)
+        per_row[T] = round(best * 1000 / T, 4)
+    fastest = min(per_row.values())
+    return next(T for T in per_row if per_row[T] <= fastest * (1 + within)), per_row
+
+
+def _pinned(name: str) -> int | None:
+    """A whole number >= 1 from the environment variable `name`; None if unset or 'auto'."""
+    raw = os.environ.get(name, "auto").strip()
+    if raw.lower() in ("", "auto"):
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise KernelChoiceError(f"{name}={raw!r} is not a whole number >= 1: give a row count, or 'auto' to "
+                                "measure it at start (NANOPIPE_GEMV_ROWS=1 is the old always-gemm path)")
+    return n
+
+
+def choose_gemv_rows(blocks) -> Kernels:
+    """Decide, once per process, up to how many rows `linear` runs a gemv per row (see `linear`).
+
+    NANOPIPE_GEMV_ROWS=N pins it (every node of a cluster, and every test process, then decides the
+    same; N=1 is the old always-gemm path); unset or "auto", it is measured here on `blocks`.
+    Later calls return the first decision: a process never switches kernels mid-run, so a row
+    count always takes the same path and generation stays deterministic.
+    """
+    if kernels.chosen:
+        return kernels
+    n = _pinned(GEMV_ROWS_ENV)
+    if n is None:
+        n, times = measure_gemv_rows(blocks)
+        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
+        how = f"measured (gemm vs gemv per row: {shown})" if times else "no block matrices here to measure"
+    else:
+        how = f"pinned by {GEMV_ROWS_ENV}"
+    kernels.gemv_rows, kernels.how, kernels.chosen = n, how, True
+    return kernels
+
+
+def choose_prefill_rows(blocks, n_head: int) -> Kernels:
+    """Decide, once per process, how many rows of a lone prompt go in one step (the scheduler's
+    rank 0 only: it makes the batches). NANOPIPE_PREFILL_ROWS=N pins it, else `measure_prefill_rows`."""
+    if kernels.prefill_how != "not chosen yet":
+        return kernels
+    choose_gemv_rows(blocks)                    # the measurement runs real steps: decide their kernels first
+    n = _pinned(PREFILL_ROWS_ENV)
+    if n is None:
+        n, per_row = measure_prefill_rows(blocks, n_head)
+        shown = ", ".join(f"{T} rows {ms:.3f}" for T, ms in per_row.items())
+        how = f"measured (ms per row of one block: {shown})" if per_row else "no blocks here to measure"
+    else:
+        how = f"pinned by {PREFILL_ROWS_ENV}"
+    kernels.prefill_rows, kernels.prefill_how = n, how
+    return kernels
+
+
+def describe_kernels() -> str:
+    """One log line: what `linear` does with a step of a few rows in this process."""
+    k = kernels
+    if k.gemv_rows <= 1:
+        line = f"linear: one gemm for every step of 2+ rows ({k.how})"
+    else:
+        line = f"linear: a gemv per row for steps of 2-{k.gemv_rows} rows, one gemm above ({k.how})"
+    if k.prefill_how != "not chosen yet":
+        line += f"; a lone prompt prefills {k.prefill_rows} rows a step ({k.prefill_how})"
+    return line

@@ -18,6 +18,8 @@ from nanopipe.weights import init_weights
 # rows as one gemv per row and more as one gemm (model.linear): pinned rather than measured, so the
 # kernels and hence the exact floats never depend on how loaded the machine was at start.
 os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
+# and a lone prompt prefills up to 96 rows a step (engine.Scheduler._grow_chunks), 64 with company
+os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"

@@ -15,6 +15,7 @@ from nanopipe.model import (
     block,
     blocks_forward,
     choose_gemv_rows,
+    choose_prefill_rows,
     describe_kernels,
     embed,
     gelu,
@@ -23,6 +24,7 @@ from nanopipe.model import (
     layer_norm,
     linear,
     measure_gemv_rows,
+    measure_prefill_rows,
     mlp,
     softmax,
 )
@@ -311,3 +313,16 @@ def test_a_bad_gemv_rows_setting_is_a_clear_error(stage, monkeypatch, value):
     monkeypatch.setenv(model.GEMV_ROWS_ENV, value)
     with pytest.raises(KernelChoiceError, match=r"NANOPIPE_GEMV_ROWS=.* whole number >= 1.*'auto'"):
         choose_gemv_rows(stage.blocks)
+
+
+def test_choose_prefill_rows_pinned_or_measured(stage, monkeypatch):
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.PREFILL_ROWS_ENV, "128")
+    k = choose_prefill_rows(stage.blocks, stage.config.n_head)
+    assert k.prefill_rows == 128 and k.chosen and "pinned by NANOPIPE_PREFILL_ROWS" in describe_kernels()
+    n, per_row = measure_prefill_rows(stage.blocks, stage.config.n_head, candidates=(16, 32, 64), repeats=1)
+    assert n in (16, 32, 64) and set(per_row) <= {16, 32, 64} and all(ms > 0 for ms in per_row.values())
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.PREFILL_ROWS_ENV, "none")
+    with pytest.raises(KernelChoiceError, match="NANOPIPE_PREFILL_ROWS='none' is not a whole number"):
+        choose_prefill_rows(stage.blocks, stage.config.n_head)
