@@ -471,7 +471,8 @@ def _find_real_weights(config_dir):
               help="Also run a local cluster of this many nodes next to one process.")
 @click.option("--link-delay-ms", type=click.FloatRange(min=0), default=0.0, help="Simulated latency on every hop.")
 @click.option("--link-mbps", type=click.FloatRange(min=0), default=0.0, help="Simulated bandwidth of every hop.")
-@click.option("--sweep", is_flag=True, help="Concurrency sweep: 1, 2, 4, 8 streams, one process and --nodes.")
+@click.option("--sweep", is_flag=True,
+              help="Concurrency sweep: 1, 2, 3, 4, 8, 16 streams, one process and --nodes, old and new kernels.")
 @click.option("--positions", is_flag=True, help="Time per token at context positions 16, 256 and 1000.")
 @click.option("--links", is_flag=True, help="Thunderbolt / Ethernet / WiFi links for 2, 3, 4 and 8 nodes.")
 @click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")
