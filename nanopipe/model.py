@@ -242,16 +242,21 @@ def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segmen
 
 
 class KernelChoiceError(ValueError):
-    """NANOPIPE_GEMV_ROWS holds something other than a whole number >= 1."""
+    """NANOPIPE_GEMV_ROWS or NANOPIPE_PREFILL_ROWS holds something other than a whole number >= 1."""
 
 
 @dataclass
 class Kernels:
-    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm.
+    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm;
+    and how many rows a prompt may take in a step that has spare rows (`prefill_rows`, rank 0 only).
 
-    One per process (`kernels` below), decided once by `choose_gemv_rows` before the first step:
-    pinned by the environment variable NANOPIPE_GEMV_ROWS (1 = always one gemm, the old path), or
-    measured on the stage's own matrices. `how` says which, for the log and /status.
+    One per process (`kernels` below), decided once before the first step by `choose_gemv_rows` /
+    `choose_prefill_rows`: pinned by NANOPIPE_GEMV_ROWS / NANOPIPE_PREFILL_ROWS (1 / 64 = the old
+    always-gemm path and fixed 64-row chunks), or measured on the stage's own weights. `how` says
+    which, for the log. Why per process, not per cluster: each node's CPU and BLAS cross over at
+    their own row count. The price: two nodes may run a step's rows through different kernels, so a
+    cluster equals one process within float tolerance (greedy tokens the same, as across different
+    CPUs), and bit for bit only when every process is pinned alike (the tests pin both).
     """
     gemv_rows: int = 1
     how: str = "not chosen yet"
@@ -284,29 +289,30 @@ def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n
         return 1, {}
     xs = {w.shape[0]: np.ones((max_rows, w.shape[0]), np.float32) for w, _ in mats}
 
-    def run(T, one_by_one):
+    def run(T, one_by_one):                                     # `linear` itself, made to take one path
+        kernels.gemv_rows = T if one_by_one else 1
         t0 = time.perf_counter()
         for w, b in mats:
-            x = xs[w.shape[0]][:T]                              # (T, in)
-            if one_by_one:
-                np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b
-            else:
-                (w.T @ x.T).T + b
+            linear(xs[w.shape[0]][:T], w, b)                    # (T, in) -> (T, out)
         return (time.perf_counter() - t0) * 1000
 
-    run(2, False), run(2, True)                                 # warm-up: BLAS threads, page faults
-    best, times, t_start = 1, {}, time.perf_counter()
-    for T in range(2, max_rows + 1):
-        if time.perf_counter() - t_start > MEASURE_BUDGET_S:
-            break
-        gemm = gemv = float("inf")
-        for _ in range(repeats):
-            gemm = min(gemm, run(T, False))
-            gemv = min(gemv, run(T, True))
-        times[T] = (round(gemm, 3), round(gemv, 3))
-        if gemv >= gemm:
-            break
-        best = T
+    saved = kernels.gemv_rows
+    try:
+        run(2, False), run(2, True)                             # warm-up: BLAS threads, page faults
+        best, times, t_start = 1, {}, time.perf_counter()
+        for T in range(2, max_rows + 1):
+            if time.perf_counter() - t_start > MEASURE_BUDGET_S:
+                break
+            gemm = gemv = float("inf")
+            for _ in range(repeats):
+                gemm = min(gemm, run(T, False))
+                gemv = min(gemv, run(T, True))
+            times[T] = (round(gemm, 3), round(gemv, 3))
+            if gemv >= gemm:
+                break
+            best = T
+    finally:
+        kernels.gemv_rows = saved
     return best, times
 
 
