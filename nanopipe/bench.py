@@ -26,7 +26,7 @@ import numpy as np
 
 from .decoding import SamplingParams, log_softmax, make_rng, sample
 from .engine import Engine, Request
-from .model import KVCache, blocks_forward, embed, head
+from .model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head
 from .weights import ensure_synthetic, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
@@ -192,6 +192,25 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
     }
 
 
+def bench_prefill(engine: Engine, prompt_len: int = 512, repeats: int = 3) -> dict:
+    """A lone prompt's prefill, tokens/s (best of `repeats`): in 64-row chunks (before issue 16) and
+    in the chunks this process chose (model.kernels.prefill_rows), alternately, in this one run."""
+    from .bench_cluster import kernels_as
+    ids = bench_prompt(min(prompt_len, engine.config.n_ctx - 1), seed=1)
+    k = engine.scheduler.kernels
+    out = {"prompt_len": len(ids), "prefill_rows": k.prefill_rows}
+    generate_fixed(engine, ids[:8], 1)                                  # warm-up
+    best = {"before": float("inf"), "after": float("inf")}
+    for _ in range(repeats):
+        for mode, rows in (("before", 64), ("after", k.prefill_rows)):
+            with kernels_as(k.gemv_rows, rows):
+                r = generate_fixed(engine, ids, 1)
+            best[mode] = min(best[mode], r["token_times"][0] - r["t_start"])
+    for mode, t in best.items():
+        out[f"{mode}_tokens_per_s"] = round(len(ids) / t, 1)
+    return out
+
+
 def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) -> dict:
     """Where one decode step's time goes: median ms per token of embed, blocks, head, log_softmax, sample.
 
@@ -204,9 +223,10 @@ def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) 
     params, rng = SamplingParams("greedy", max_tokens=n_tokens), make_rng(0)
     cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
     ids = bench_prompt(prompt_len)
-    x = blocks_forward(embed(np.asarray(ids), np.arange(prompt_len), st.wte, st.wpe), st.blocks,
-                       n_head=c.n_head, segments=[(cache, prompt_len)])
-    tok = int(np.argmax(head(x[-1:], st.ln_f, st.lm_head)[0]))
+    logits = gpt2(np.asarray(ids), np.arange(prompt_len), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
+                  n_head=c.n_head, segments=[(cache, prompt_len)], rows=slice(-1, None))   # (1, V)
+    tok = int(np.argmax(logits[0]))
+    # then each decode step through gpt2's three parts, timed one by one
     parts = {k: [] for k in ("embed", "blocks", "head", "log_softmax", "sample")}
     for i in range(n_tokens):
         t0 = time.perf_counter()
@@ -262,6 +282,7 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
     gbps, best_gbps = float(np.median(bandwidths)), max(bandwidths)
     bound = gbps * 1e9 / ours["bytes_per_token"]
     engine = Engine.load(weights)
+    prefill = bench_prefill(engine)
     parts = profile_decode(engine, prompt_len, min(n_tokens, 32))
     floor = matmul_floor(engine.stage)
     del engine
@@ -280,7 +301,12 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
          f"(at the best bandwidth {best_gbps * 1e9 / ours['bytes_per_token']:.1f})")
     echo(f"matmuls alone (this model's matrices, nothing else): {floor['ms_per_token']:.2f} ms/token = "
          f"{floor['gb_s']:.1f} GB/s -> {floor['tokens_per_s']:.1f} tok/s")
-    summary = {"rows": rows, "profile_ms": parts, "matmul_floor": floor, "bandwidth_gb_s": round(gbps, 2),
+    echo(f"a lone {prefill['prompt_len']}-token prompt: prefill {prefill['before_tokens_per_s']} tok/s in 64-row "
+         f"chunks, {prefill['after_tokens_per_s']} tok/s in {prefill['prefill_rows']}-row chunks (chosen at start; "
+         "llama.cpp float32: not measured here)")
+    echo(f"kernels: {describe_kernels()}")
+    summary = {"rows": rows, "profile_ms": parts, "prefill": prefill, "matmul_floor": floor,
+               "bandwidth_gb_s": round(gbps, 2),
                "bandwidth_samples_gb_s": [round(b, 2) for b in bandwidths],
                "bound_tokens_per_s": round(bound, 2), "vs_bound": round(ours["decode_tokens_per_s"] / bound, 3)}
     echo(f"decode vs bound:        {summary['vs_bound']:.2f}x (target >= {TARGET_VS_BOUND}x)")

@@ -2,8 +2,9 @@
 
 - `bench_cluster`: one stream through a local N-node cluster next to one process, in the same run,
   with each hop's compute and transit per token;
-- `sweep`: 1, 2, 4, 8 concurrent streams, one process and a cluster: aggregate tokens/s, per-stream
-  tokens/s, p50/p95 time per token (continuous batching is what makes 8 streams cheap);
+- `sweep`: 1, 2, 3, 4, 8, 16 concurrent streams, one process and a cluster, each with the old
+  always-gemm kernels and with the kernels each process chose (model.linear): aggregate tokens/s,
+  per-stream tokens/s, p50/p95 time per token (continuous batching is what makes 8 streams cheap);
 - `positions`: time per token at context positions 16, 256 and 1000 (the KV cache keeps it flat);
 - `links`: a simulated link on every hop (latency + bandwidth) for 2..8 nodes, measured, next to the
   model  time per token = sum of stage compute + hops x (latency + bytes / bandwidth).
@@ -12,11 +13,13 @@ All of it runs the real code: the scheduler of `engine.py`, real `serve`/`join` 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import numpy as np
 
+from . import model
 from .bench import bench_prompt, generate_fixed
 from .decoding import SamplingParams
 from .engine import Engine, Request
@@ -166,25 +169,87 @@ def format_hops(result: dict) -> str:
 # the sweep, the positions, the links
 
 
-def sweep(weights: str, counts=(1, 2, 4, 8), nodes: int = 3, prompt_len: int = 16, n_tokens: int = 48,
-          echo=print) -> list:
-    """Concurrent streams in one process and on a local cluster of `nodes` nodes."""
+OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64"}   # before issue 16: always one gemm
+
+
+@contextlib.contextmanager
+def kernels_as(gemv_rows: int, prefill_rows: int):
+    """Run this process's steps with the given kernel choice (model.kernels), then restore it."""
+    k = model.kernels
+    saved = (k.gemv_rows, k.prefill_rows)
+    k.gemv_rows, k.prefill_rows = gemv_rows, prefill_rows
+    try:
+        yield
+    finally:
+        k.gemv_rows, k.prefill_rows = saved
+
+
+def node_kernels(cluster: LocalCluster) -> list:
+    """Each rank's `linear:` log line: what it chose and what it measured (model.describe_kernels)."""
+    out = []
+    for rank in sorted(cluster.procs):
+        try:
+            with open(cluster.log_path(rank), errors="replace") as f:
+                lines = [ln.strip() for ln in f if "linear:" in ln]
+        except OSError:
+            lines = []
+        out.append({"rank": rank, "line": lines[-1] if lines else "(no kernel line in its log)"})
+    return out
+
+
+def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: int = 16, n_tokens: int = 48,
+          compare_old: bool = True, echo=print) -> list:
+    """Concurrent streams in one process and on a local cluster of `nodes` nodes.
+
+    With compare_old, every point runs twice in this one run: "before", the always-gemm kernels and
+    64-row prompt chunks (NANOPIPE_GEMV_ROWS=1, NANOPIPE_PREFILL_ROWS=64), and "after", what each
+    process chose at start (measured, unless those variables are set). Rows carry "kernels".
+    """
     rows = []
-    engine = Engine.load(weights)
+    engine = Engine.load(weights)                   # its Scheduler chooses this process's kernels
+    chosen = (model.kernels.gemv_rows, model.kernels.prefill_rows)
+    echo(f"  one process: {model.describe_kernels()}")
+    modes = [("before", (1, 64)), ("after", chosen)] if compare_old else [("after", chosen)]
     streams_single(engine, 1, prompt_len, 2)
     for n in counts:
-        rows.append(dict(streams_single(engine, n, prompt_len, n_tokens), setup="1 process"))
-        echo(f"  1 process, {n} stream(s): {rows[-1]['aggregate_tok_s']} tok/s aggregate")
+        for mode, (g, pf) in modes:
+            with kernels_as(g, pf):
+                rows.append(dict(streams_single(engine, n, prompt_len, n_tokens), setup="1 process", kernels=mode,
+                                 gemv_rows=g))
+            echo(f"  1 process, {n} stream(s), {mode}: {rows[-1]['aggregate_tok_s']} tok/s aggregate")
     del engine
     if nodes > 1:
-        with LocalCluster(weights, nodes=nodes) as cl:
-            streams_cluster(cl, 1, prompt_len, 2)
-            for n in counts:
-                r = streams_cluster(cl, n, prompt_len, n_tokens)
-                r.pop("_streams")
-                rows.append(dict(r, setup=f"{nodes} nodes (loopback)"))
-                echo(f"  {nodes} nodes, {n} stream(s): {rows[-1]['aggregate_tok_s']} tok/s aggregate")
+        for mode, _ in modes:
+            with LocalCluster(weights, nodes=nodes, env=OLD_KERNELS if mode == "before" else None) as cl:
+                streams_cluster(cl, 1, prompt_len, 2)
+                with cl.client() as c:
+                    chose = {n["rank"]: n.get("gemv_rows") for n in c.status()["nodes"]}
+                for k in node_kernels(cl):
+                    echo(f"  {nodes} nodes, {mode}: rank {k['rank']}: {k['line']}")
+                for n in counts:
+                    r = streams_cluster(cl, n, prompt_len, n_tokens)
+                    r.pop("_streams")
+                    rows.append(dict(r, setup=f"{nodes} nodes (loopback)", kernels=mode,
+                                     gemv_rows="/".join(str(chose[k]) for k in sorted(chose))))
+                    echo(f"  {nodes} nodes, {n} stream(s), {mode}: {rows[-1]['aggregate_tok_s']} tok/s aggregate")
     return rows
+
+
+def sweep_summary(rows: list) -> list:
+    """Per setup: each point after vs before, and 2 and 4 streams vs 1 (issue 16's targets)."""
+    lines = []
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        got = {(r["kernels"], r["streams"]): r["aggregate_tok_s"] for r in rows if r["setup"] == setup}
+        for mode in ("before", "after"):
+            one = got.get((mode, 1))
+            if one:
+                scale = ", ".join(f"{n} streams {got[(mode, n)] / one:.2f}x" for n in (2, 4) if (mode, n) in got)
+                lines.append(f"{setup}, {mode}: {scale} the aggregate of 1 stream (targets 1.6x and 2.2x)")
+        pairs = [(n, got[("after", n)] / got[("before", n)]) for (m, n) in got if m == "after" and ("before", n) in got]
+        if pairs:
+            lines.append(f"{setup}, after / before: " + ", ".join(f"{n}: {x:.2f}x" for n, x in sorted(pairs))
+                         + ("" if all(x >= 1 for _, x in pairs) else "  (some point slower: noise or a regression)"))
+    return lines
 
 
 def positions(weights: str, at=(16, 256, 1000), n_tokens: int = 16) -> list:
@@ -261,9 +326,10 @@ def plot_sweep(rows: list, path: str) -> str | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for setup in dict.fromkeys(r["setup"] for r in rows):
-        pts = [r for r in rows if r["setup"] == setup]
-        ax.plot([r["streams"] for r in pts], [r["aggregate_tok_s"] for r in pts], marker="o", label=setup)
+    for setup, mode in dict.fromkeys((r["setup"], r.get("kernels", "")) for r in rows):
+        pts = [r for r in rows if r["setup"] == setup and r.get("kernels", "") == mode]
+        ax.plot([r["streams"] for r in pts], [r["aggregate_tok_s"] for r in pts], marker="o",
+                linestyle="--" if mode == "before" else "-", label=f"{setup}, {mode}" if mode else setup)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate tokens/s")
     ax.set_title("nanopipe: continuous batching, gpt2-small shape")
@@ -320,10 +386,13 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         echo(f"== concurrency sweep ({max(nodes, 3)}-node cluster and one process) ==")
         rows = globals()["sweep"](weights, nodes=max(nodes, 3), echo=echo)
         report["sweep"] = rows
-        echo(table(rows, ["setup", "streams", "aggregate_tok_s", "per_stream_tok_s", "p50_ms_per_token",
-                          "p95_ms_per_token"]))
-        one = next(r for r in rows if r["setup"] == "1 process" and r["streams"] == 1)
-        eight = next((r for r in rows if r["setup"] == "1 process" and r["streams"] == 8), None)
+        echo(table(rows, ["setup", "kernels", "gemv_rows", "streams", "aggregate_tok_s", "per_stream_tok_s",
+                          "p50_ms_per_token", "p95_ms_per_token"]))
+        for line in sweep_summary(rows):
+            echo(line)
+        one = next(r for r in rows if r["setup"] == "1 process" and r["streams"] == 1 and r["kernels"] == "after")
+        eight = next((r for r in rows if r["setup"] == "1 process" and r["streams"] == 8
+                      and r["kernels"] == "after"), None)
         if eight:
             echo(f"8 streams vs 1, one process: {eight['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}x aggregate "
                  "(target >= 4x)")

@@ -26,12 +26,12 @@ def _fail_clean(fn):
             # imported here, not before the command runs: `serve` and `join` must be able to set
             # OpenBLAS's environment before anything loads numpy (see _share_cores)
             from .decoding import DecodingError
-            from .model import ContextOverflow
+            from .model import ContextOverflow, KernelChoiceError
             from .partition import PartitionError
             from .safetensors_io import SafetensorsError
             from .weights import WeightsError
             if isinstance(e, (ConfigError, PartitionError, DecodingError, WeightsError, SafetensorsError,
-                              ContextOverflow)):
+                              ContextOverflow, KernelChoiceError)):
                 raise UserError(str(e)) from None
             raise
     return wrapper
@@ -502,6 +502,8 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges)
+    from .model import describe_kernels
+    click.echo(f"[LEADER] {describe_kernels()}")
     _on_sigterm()
     try:
         leader.serve_forever()      # logs "Server listening on <ip>:<port>"
@@ -643,7 +645,8 @@ def _find_real_weights(config_dir, model_name=None):
               help="Simulated latency on every hop.")
 @click.option("--link-mbps", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Simulated bandwidth of every hop (0: unlimited).")
-@click.option("--sweep", is_flag=True, help="Concurrency sweep: 1, 2, 4, 8 streams, one process and --nodes.")
+@click.option("--sweep", is_flag=True,
+              help="Concurrency sweep: 1, 2, 3, 4, 8, 16 streams, one process and --nodes, old and new kernels.")
 @click.option("--positions", is_flag=True, help="Time per token at context positions 16, 256 and 1000.")
 @click.option("--links", is_flag=True, help="Thunderbolt / Ethernet / WiFi links for 2, 3, 4 and 8 nodes.")
 @click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")

@@ -35,11 +35,11 @@ from .decoding import (
     penalize,
     sample,
 )
-from .model import KVCache, blocks_forward, embed, head
+from .model import KVCache, blocks_forward, choose_prefill_rows, embed, gpt2, head
 from .trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
-PREFILL_CHUNK = 64        # prompt rows per session per step, so a long prompt never stalls the others
+PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see _make_batch)
 
 
 @dataclass
@@ -104,6 +104,8 @@ class Scheduler:
             raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
         self.stage, self.ring = stage, ring
         self.config = stage.config
+        # once per process, before the first step: model.linear's kernels, and a lone prompt's chunk
+        self.kernels = choose_prefill_rows(stage.blocks, stage.config.n_head)
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -276,12 +278,37 @@ class Scheduler:
             sessions.append(s)
             counts.append(n)
             rows += n
+        counts = self._grow_chunks(sessions, counts)
         for s in sessions:
             s.in_flight = True
         return Batch(next(self._batch_ids), sessions, counts, t0=time.perf_counter())
 
+    def _grow_chunks(self, sessions: list, counts: list) -> list:
+        """Let prompt chunks follow the load: every session already has its rows of this step (a
+        decode row, or up to PREFILL_CHUNK prompt rows); while the step holds fewer rows than
+        `kernels.prefill_rows` (measured at start: where a larger chunk stops prefilling faster per
+        row, capped by max_batch_rows), prompts take the spare rows, in batch order.
+
+        So a lone 512-token prompt goes through in a few large steps, while with others waiting a
+        step never holds more rows than before or than prefill_rows, and every session in it keeps
+        its rows: a long prompt still never stalls the others. Worked example, prefill_rows 256:
+        a lone 512-token prompt -> [256], [256]; with 3 decoding sessions -> [253, 1, 1, 1].
+        """
+        budget = min(self.kernels.prefill_rows, self.max_batch_rows)
+        spare = budget - sum(counts)
+        if spare <= 0:
+            return counts
+        grown = list(counts)
+        for i, s in enumerate(sessions):
+            extra = min(spare, len(s.pending) - grown[i])
+            if extra > 0:                   # only a prompt (or a replay) has more than one row pending
+                grown[i] += extra
+                spare -= extra
+        return grown
+
     def _front(self, batch: Batch) -> np.ndarray:
-        """Rank 0's part before the ring: embed the new rows and run its blocks."""
+        """Rank 0's part before the ring: the first two parts of `model.gpt2`, embed and its blocks
+        (`_finish` runs the third, the head, on the rows that come back)."""
         st = self.stage
         ids = np.concatenate([np.asarray(s.pending[:n], np.int64) for s, n in zip(batch.sessions, batch.counts)])
         pos = np.concatenate([np.arange(s.pos, s.pos + n) for s, n in zip(batch.sessions, batch.counts)])
@@ -435,9 +462,8 @@ class Engine:
         """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""
         st = self.stage
         cache = KVCache(len(st.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
-        x = embed(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe)         # (T, C)
-        x = blocks_forward(x, st.blocks, n_head=self.config.n_head, segments=[(cache, len(ids))])
-        return head(x, st.ln_f, st.lm_head)                                     # (T, V)
+        return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
+                    n_head=self.config.n_head, segments=[(cache, len(ids))])    # (T, V)
 
     def generate(self, prompt_ids, params: SamplingParams, on_token=None, echo: bool = False,
                  top_logprobs: int = 0, text=None) -> dict:

@@ -697,13 +697,15 @@ class Leader:
         """What /health, /config and /metrics show: every node, up or down."""
         now = time.time()
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
-                  "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None)}]
+                  "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None),
+                  "gemv_rows": self.scheduler.kernels.gemv_rows}]
         for r, w in self.workers.items():
             nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
                           "status": "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
                           "last_seen_s": round(now - w.last_seen, 3) if w.last_seen else None,
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
+                          "gemv_rows": w.stats.get("gemv_rows"),
                           "addr": w.addr, "synthetic": w.synthetic})
         s = self.scheduler
         return {"model": self.model.name, "ready": self.ring_ready.is_set(), "nodes": nodes,

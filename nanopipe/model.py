@@ -9,12 +9,17 @@ attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f), so calls read like the paper's d
         x = block(x, **p, n_head=n_head, ...)                  # (T, C)
     logits = head(x, ln_f, lm_head)                            # (T, V)
 
+`gpt2()` at the end is exactly those three lines; everything that runs the model calls it or its
+three parts (the scheduler cuts it between the blocks and the head to let the ring run in between).
+
 Shape notation used across nanopipe: T rows (tokens) in this step, S positions attended to
 (cached + new), C = n_embd, H = n_head, D = C // H (head size), V = vocabulary size, L = layers.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +73,19 @@ def linear(x, w, b):
     Written as (w.T @ x.T).T: the loader keeps block weights column-major, so w.T is a row-major
     (out, in) matrix and BLAS streams it once for all T rows. Measured on gpt2-small shapes, that is
     ~10% faster than x @ w for one row and 10-25% faster for 2-16 rows (batched sessions).
+
+    A few rows (2 .. `kernels.gemv_rows`) go through one matrix-vector product (gemv) each instead of
+    one matrix product (gemm): OpenBLAS's sgemm packs the whole matrix on every call, so for a few rows
+    it costs 2-3x a gemv. Measured on the project's machine class (2-core EPYC, OpenBLAS), the 48 block
+    matrices of gpt2-small: 1 row 5.4 ms; 2 rows 16.3 ms as one gemm, 8.7 ms as two gemv; 4 rows 17.9
+    vs 12.7; 8 rows 18.2 vs 20.9: the crossover is between 4 and 8 rows. Where it lies depends on the
+    CPU and BLAS build, so each process measures it once (`choose_gemv_rows`) unless pinned. Each row
+    of the gemv path is computed by the very call a lone row makes, so its result is the lone row's,
+    bit for bit, whatever else is in the batch.
     """
+    T = x.shape[0]
+    if 1 < T <= kernels.gemv_rows:
+        return np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b   # T x (1, out) -> (T, out)
     return (w.T @ x.T).T + b                                    # (out, in) @ (in, T) -> (T, out)
 
 
@@ -192,6 +209,8 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
 
     segments: list of (KVCache, n_rows); the caches must belong to this stage (len(blocks) layers).
     """
+    if not kernels.chosen:
+        choose_gemv_rows(blocks)
     for cache, n in segments:
         cache.reserve(n)
     for layer, p in enumerate(blocks):
@@ -199,3 +218,193 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
     for cache, n in segments:
         cache.length += n
     return x                                                    # (T_all, C)
+
+
+def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segments, rows=None):
+    """The forward pass (picoGPT's `gpt2()`): token ids -> embed -> blocks -> head -> logits.
+
+    positions: the position of each id (a sequence continues at its cache's length); segments as
+    for `blocks_forward`. `rows`, when given, picks which rows get logits (the head is (C, V), so
+    a prefill usually wants only its last row). Worked example, a 3-token prompt and a fresh cache:
+
+        gpt2(ids=[464, 3290, 318], positions=[0, 1, 2], ..., segments=[(cache, 3)])  -> (3, V)
+
+    The scheduler runs the same three parts with the ring of workers between `blocks_forward` and
+    `head`: rank 0 holds embed and blocks[0:hi0], the workers blocks[hi0:], rank 0 the head again.
+    """
+    x = embed(ids, positions, wte, wpe)                         # (T, C)
+    x = blocks_forward(x, blocks, n_head=n_head, segments=segments)   # (T, C)
+    return head(x if rows is None else x[rows], ln_f, lm_head)  # (T, V), or (len(rows), V)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing kernels: what `linear` does with a few rows, how big a lone prompt's chunk is
+
+
+class KernelChoiceError(ValueError):
+    """NANOPIPE_GEMV_ROWS or NANOPIPE_PREFILL_ROWS holds something other than a whole number >= 1."""
+
+
+@dataclass
+class Kernels:
+    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm;
+    and how many rows a prompt may take in a step that has spare rows (`prefill_rows`, rank 0 only).
+
+    One per process (`kernels` below), decided once before the first step by `choose_gemv_rows` /
+    `choose_prefill_rows`: pinned by NANOPIPE_GEMV_ROWS / NANOPIPE_PREFILL_ROWS (1 / 64 = the old
+    always-gemm path and fixed 64-row chunks), or measured on the stage's own weights. `how` says
+    which, for the log. Why per process, not per cluster: each node's CPU and BLAS cross over at
+    their own row count. The price: two nodes may run a step's rows through different kernels, so a
+    cluster equals one process within float tolerance (greedy tokens the same, as across different
+    CPUs), and bit for bit only when every process is pinned alike (the tests pin both).
+    """
+    gemv_rows: int = 1
+    how: str = "not chosen yet"
+    chosen: bool = False
+    prefill_rows: int = 64          # rows of one prompt per step when no other rows wait (engine._make_batch)
+    prefill_how: str = "not chosen yet"
+
+
+kernels = Kernels()
+
+GEMV_ROWS_ENV = "NANOPIPE_GEMV_ROWS"
+PREFILL_ROWS_ENV = "NANOPIPE_PREFILL_ROWS"
+MAX_GEMV_ROWS = 16          # never try more rows than this one by one
+PREFILL_CANDIDATES = (64, 128, 256)
+MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
+
+
+def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:
+    """The largest row count for which a gemv per row beats one gemm, timed on `blocks`' own matrices.
+
+    Times the four matrices of the first `n_blocks` blocks (gpt2-small: 56 MB, more than a server's
+    L3, so each pass reads them from memory as a real step does) for T = 2, 3, ... rows, both ways,
+    interleaved, best of `repeats`; stops at the first T where one gemm is as fast. Returns
+    (gemv_rows, {T: (gemm ms, gemv ms)}). gpt2-small on a 2-core EPYC: ~0.1 s, answer 4-7.
+    """
+    mats = [(p["attn"]["c_attn"]["w"], p["attn"]["c_attn"]["b"]) for p in blocks[:n_blocks]]
+    mats += [(p[g][n]["w"], p[g][n]["b"]) for p in blocks[:n_blocks]
+             for g, n in (("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
+    if not mats:
+        return 1, {}
+    xs = {w.shape[0]: np.ones((max_rows, w.shape[0]), np.float32) for w, _ in mats}
+
+    def run(T, one_by_one):                                     # `linear` itself, made to take one path
+        kernels.gemv_rows = T if one_by_one else 1
+        t0 = time.perf_counter()
+        for w, b in mats:
+            linear(xs[w.shape[0]][:T], w, b)                    # (T, in) -> (T, out)
+        return (time.perf_counter() - t0) * 1000
+
+    saved = kernels.gemv_rows
+    try:
+        run(2, False), run(2, True)                             # warm-up: BLAS threads, page faults
+        best, times, t_start = 1, {}, time.perf_counter()
+        for T in range(2, max_rows + 1):
+            if time.perf_counter() - t_start > MEASURE_BUDGET_S:
+                break
+            gemm = gemv = float("inf")
+            for _ in range(repeats):
+                gemm = min(gemm, run(T, False))
+                gemv = min(gemv, run(T, True))
+            times[T] = (round(gemm, 3), round(gemv, 3))
+            if gemv >= gemm:
+                break
+            best = T
+    finally:
+        kernels.gemv_rows = saved
+    return best, times
+
+
+def measure_prefill_rows(blocks, n_head: int, candidates=PREFILL_CANDIDATES, repeats: int = 2,
+                         within: float = 0.05) -> tuple:
+    """The prompt chunk past which a larger one no longer prefills faster, per row.
+
+    Runs the first block (LayerNorm, both matmuls, attention over a fresh cache: a real prefill
+    step) for each candidate size, best of `repeats`, and returns (the smallest size whose ms per
+    row is within `within` of the best, {size: ms per row}). Larger chunks feed BLAS better until
+    its kernels saturate; beyond that they only make the others wait longer.
+    """
+    if not blocks:
+        return candidates[0], {}
+    p = blocks[0]
+    C = p["ln_1"]["g"].shape[0]
+    x = np.random.default_rng(0).standard_normal((max(candidates), C)).astype(np.float32)   # (T, C)
+    per_row, t_start = {}, time.perf_counter()
+    for T in candidates:
+        if per_row and time.perf_counter() - t_start > MEASURE_BUDGET_S:
+            break
+        best = float("inf")
+        for _ in range(repeats):
+            cache = KVCache(1, n_head, C // n_head, T)
+            t0 = time.perf_counter()
+            blocks_forward(x[:T], [p], n_head=n_head, segments=[(cache, T)])
+            best = min(best, time.perf_counter() - t0)
+        per_row[T] = round(best * 1000 / T, 4)
+    fastest = min(per_row.values())
+    return next(T for T in per_row if per_row[T] <= fastest * (1 + within)), per_row
+
+
+def _pinned(name: str) -> int | None:
+    """A whole number >= 1 from the environment variable `name`; None if unset or 'auto'."""
+    raw = os.environ.get(name, "auto").strip()
+    if raw.lower() in ("", "auto"):
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise KernelChoiceError(f"{name}={raw!r} is not a whole number >= 1: give a row count, or 'auto' to "
+                                "measure it at start (NANOPIPE_GEMV_ROWS=1 is the old always-gemm path)")
+    return n
+
+
+def choose_gemv_rows(blocks) -> Kernels:
+    """Decide, once per process, up to how many rows `linear` runs a gemv per row (see `linear`).
+
+    NANOPIPE_GEMV_ROWS=N pins it (every node of a cluster, and every test process, then decides the
+    same; N=1 is the old always-gemm path); unset or "auto", it is measured here on `blocks`.
+    Later calls return the first decision: a process never switches kernels mid-run, so a row
+    count always takes the same path and generation stays deterministic.
+    """
+    if kernels.chosen:
+        return kernels
+    n = _pinned(GEMV_ROWS_ENV)
+    if n is None:
+        n, times = measure_gemv_rows(blocks)
+        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
+        how = f"measured (gemm vs gemv per row: {shown})" if times else "no block matrices here to measure"
+    else:
+        how = f"pinned by {GEMV_ROWS_ENV}"
+    kernels.gemv_rows, kernels.how, kernels.chosen = n, how, True
+    return kernels
+
+
+def choose_prefill_rows(blocks, n_head: int) -> Kernels:
+    """Decide, once per process, how many rows of a lone prompt go in one step (the scheduler's
+    rank 0 only: it makes the batches). NANOPIPE_PREFILL_ROWS=N pins it, else `measure_prefill_rows`."""
+    if kernels.prefill_how != "not chosen yet":
+        return kernels
+    choose_gemv_rows(blocks)                    # the measurement runs real steps: decide their kernels first
+    n = _pinned(PREFILL_ROWS_ENV)
+    if n is None:
+        n, per_row = measure_prefill_rows(blocks, n_head)
+        shown = ", ".join(f"{T} rows {ms:.3f}" for T, ms in per_row.items())
+        how = f"measured (ms per row of one block: {shown})" if per_row else "no blocks here to measure"
+    else:
+        how = f"pinned by {PREFILL_ROWS_ENV}"
+    kernels.prefill_rows, kernels.prefill_how = n, how
+    return kernels
+
+
+def describe_kernels() -> str:
+    """One log line: what `linear` does with a step of a few rows in this process."""
+    k = kernels
+    if k.gemv_rows <= 1:
+        line = f"linear: one gemm for every step of 2+ rows ({k.how})"
+    else:
+        line = f"linear: a gemv per row for steps of 2-{k.gemv_rows} rows, one gemm above ({k.how})"
+    if k.prefill_how != "not chosen yet":
+        line += f"; a lone prompt prefills {k.prefill_rows} rows a step ({k.prefill_how})"
+    return line

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ClusterConfig
 from .logs import worker_logger
-from .model import GPTConfig, KVCache, blocks_forward
+from .model import GPTConfig, KVCache, blocks_forward, kernels
 from .net import (
     HandshakeError,
     accept,
@@ -144,6 +144,13 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
+            from .model import KernelChoiceError, choose_gemv_rows, describe_kernels
+            try:
+                choose_gemv_rows(self.stage.blocks)
+            except KernelChoiceError as e:
+                self.log(str(e), logging.ERROR)
+                raise SystemExit(2) from None
+            self.log(describe_kernels())
         self.config = expect
         self.next_addr = tuple(welcome["next"])
         self.next_rank = welcome.get("next_rank", 0)
@@ -192,7 +199,7 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": rss_mb(),
                                                  "compute_ms": round(self.compute_ms, 3), "frames": self.frames,
-                                                 "sessions": len(self.caches),
+                                                 "sessions": len(self.caches), "gemv_rows": kernels.gemv_rows,
                                                  "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))})
             except OSError:
                 return

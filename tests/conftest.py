@@ -6,12 +6,20 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from nanopipe.model import GPTConfig
 from nanopipe.weights import init_weights
+
+# Every test process and every node a test starts (they inherit the environment) runs a step of 2-4
+# rows as one gemv per row and more as one gemm (model.linear): pinned rather than measured, so the
+# kernels and hence the exact floats never depend on how loaded the machine was at start.
+os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
+# and a lone prompt prefills up to 96 rows a step (engine.Scheduler._grow_chunks), 64 with company
+os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"

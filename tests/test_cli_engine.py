@@ -154,12 +154,16 @@ def test_bench_smoke(runner, weights, tmp_path):
 def test_bench_positions_and_sweep_measure_what_they_say(weights):
     """The context-position rows cover each position asked for; the sweep reports each stream count with
     a token count equal to streams x tokens (every stream generated all of its tokens)."""
-    from nanopipe.bench_cluster import positions, sweep
+    from nanopipe.bench_cluster import positions, sweep, sweep_summary
     rows = positions(weights, at=(8, 32), n_tokens=4)
     assert [r["position"] for r in rows] == [8, 32] and all(r["ms_per_token"] > 0 for r in rows)
     rows = sweep(weights, counts=(1, 3), nodes=1, prompt_len=4, n_tokens=5, echo=lambda *_: None)
-    assert [(r["streams"], r["tokens"]) for r in rows] == [(1, 5), (3, 15)]
+    assert [(r["streams"], r["tokens"], r["kernels"]) for r in rows] == \
+        [(1, 5, "before"), (1, 5, "after"), (3, 15, "before"), (3, 15, "after")]
+    assert [r["gemv_rows"] for r in rows if r["kernels"] == "before"] == [1, 1], "before = always one gemm"
     assert all(r["p95_ms_per_token"] >= r["p50_ms_per_token"] > 0 for r in rows)
+    summary = sweep_summary(rows)
+    assert any(line.startswith("1 process, after / before: 1: ") and "3: " in line for line in summary), summary
 
 
 # ---------------------------------------------------------------------------------------------

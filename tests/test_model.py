@@ -7,16 +7,25 @@ import numpy as np
 import pytest
 from floats import assert_same
 
+from nanopipe import model
 from nanopipe.model import (
     ContextOverflow,
+    KernelChoiceError,
     KVCache,
     attention,
     block,
     blocks_forward,
+    choose_gemv_rows,
+    choose_prefill_rows,
+    describe_kernels,
     embed,
     gelu,
+    gpt2,
     head,
     layer_norm,
+    linear,
+    measure_gemv_rows,
+    measure_prefill_rows,
     mlp,
     softmax,
 )
@@ -117,6 +126,25 @@ def test_float32_stays_float32_through_a_cached_decode_step(stage):
     assert head(x, stage.ln_f, stage.lm_head).dtype == np.float32
 
 
+def test_gpt2_is_embed_then_blocks_then_head_and_engine_logits_is_gpt2(stage):
+    """One forward pass: gpt2() runs the same three calls in the same order as writing them out,
+    so the logits are equal bit for bit; Engine.logits is gpt2() over a fresh cache."""
+    from nanopipe.engine import Engine
+    c = stage.config
+    ids, pos = np.array([464, 3290, 318, 257]), np.arange(4)
+    new = lambda: KVCache(c.n_layer, c.n_head, c.head_dim, c.n_ctx)  # noqa: E731
+    x = blocks_forward(embed(ids, pos, stage.wte, stage.wpe), stage.blocks, n_head=c.n_head, segments=[(new(), 4)])
+    want = head(x, stage.ln_f, stage.lm_head)                                           # (T, V)
+    got = gpt2(ids, pos, stage.wte, stage.wpe, stage.blocks, stage.ln_f, stage.lm_head, n_head=c.n_head,
+               segments=[(new(), 4)])                                                   # (T, V)
+    assert got.shape == (4, c.n_vocab)
+    assert np.array_equal(got, want), "same calls in the same order must give identical logits"
+    last = gpt2(ids, pos, stage.wte, stage.wpe, stage.blocks, stage.ln_f, stage.lm_head, n_head=c.n_head,
+                segments=[(new(), 4)], rows=slice(-1, None))                            # (1, V)
+    assert np.array_equal(last, head(x[-1:], stage.ln_f, stage.lm_head)), "rows= feeds only those rows to the head"
+    assert np.array_equal(Engine(stage).logits(ids.tolist()), want), "Engine.logits runs gpt2()"
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 
@@ -210,3 +238,92 @@ def test_blocks_forward_past_n_ctx_raises(stage):
     with pytest.raises(ContextOverflow, match="n_ctx=128"):
         blocks_forward(x, stage.blocks, n_head=c.n_head, segments=[(cache, 1)])
     assert cache.length == c.n_ctx, "a refused step must not advance the cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# linear: a gemv per row for a few rows, one gemm for more
+
+
+@pytest.fixture
+def pinned(monkeypatch):
+    """Set kernels.gemv_rows for one test (conftest pins NANOPIPE_GEMV_ROWS=4 for the whole run)."""
+    def pin(n):
+        monkeypatch.setattr(model.kernels, "gemv_rows", n)
+        monkeypatch.setattr(model.kernels, "chosen", True)
+    return pin
+
+
+def test_linear_few_rows_equal_each_row_alone_bit_for_bit(stage, pinned):
+    """2..gemv_rows rows run the very call a lone row makes, so each row comes out as it would
+    alone, whatever else is in the batch; above gemv_rows one gemm runs, within float tolerance."""
+    p = stage.blocks[0]["mlp"]["c_fc"]
+    x = np.random.default_rng(0).standard_normal((6, stage.config.n_embd)).astype(np.float32)   # (T, C)
+    alone = np.concatenate([linear(x[t:t + 1], **p) for t in range(6)])                     # (T, 4C)
+    pinned(6)
+    assert np.array_equal(linear(x, **p), alone), "the gemv path must equal the same single-row calls exactly"
+    pinned(1)
+    gemm = linear(x, **p)                                                                  # one sgemm
+    diff = float(np.abs(gemm - alone).max())
+    assert diff <= 1e-5, f"one gemm vs a gemv per row (computed two ways): largest difference {diff:.2e}"
+
+
+def test_batched_decode_rows_equal_each_session_alone_exactly(stage, pinned):
+    """Two sessions decoding together (2 rows a step) get the same activations, bit for bit, as each
+    alone: with 2 <= gemv_rows every weight product is the single-row call (before, one gemm made
+    the last bits differ)."""
+    pinned(4)
+    c = stage.config
+    new = lambda: KVCache(c.n_layer, c.n_head, c.head_dim, c.n_ctx)  # noqa: E731
+    ca, cb, ba, bb = new(), new(), new(), new()
+    for cache, ids in ((ca, [5, 6, 7]), (cb, [8, 9])):
+        blocks_forward(embed(np.array(ids), np.arange(len(ids)), stage.wte, stage.wpe), stage.blocks,
+                       n_head=c.n_head, segments=[(cache, len(ids))])
+    for cache, ids in ((ba, [5, 6, 7]), (bb, [8, 9])):
+        blocks_forward(embed(np.array(ids), np.arange(len(ids)), stage.wte, stage.wpe), stage.blocks,
+                       n_head=c.n_head, segments=[(cache, len(ids))])
+    ya = blocks_forward(embed(np.array([11]), np.array([3]), stage.wte, stage.wpe), stage.blocks,
+                        n_head=c.n_head, segments=[(ca, 1)])                                # (1, C)
+    yb = blocks_forward(embed(np.array([22]), np.array([2]), stage.wte, stage.wpe), stage.blocks,
+                        n_head=c.n_head, segments=[(cb, 1)])                                # (1, C)
+    x = embed(np.array([11, 22]), np.array([3, 2]), stage.wte, stage.wpe)                  # (2, C)
+    y = blocks_forward(x, stage.blocks, n_head=c.n_head, segments=[(ba, 1), (bb, 1)])      # (2, C)
+    assert np.array_equal(y, np.concatenate([ya, yb])), \
+        f"batched vs alone differ by {np.abs(y - np.concatenate([ya, yb])).max():.2e}"
+
+
+def test_choose_gemv_rows_pinned_by_the_environment_measured_otherwise_and_kept(stage, monkeypatch):
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.GEMV_ROWS_ENV, "3")
+    k = choose_gemv_rows(stage.blocks)
+    assert (k.gemv_rows, k.chosen) == (3, True) and "pinned" in k.how
+    monkeypatch.setenv(model.GEMV_ROWS_ENV, "7")
+    assert choose_gemv_rows(stage.blocks).gemv_rows == 3, "a process decides once and keeps it"
+    assert "2-3 rows" in describe_kernels()
+
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.GEMV_ROWS_ENV, "auto")
+    k = choose_gemv_rows(stage.blocks)
+    assert 1 <= k.gemv_rows <= model.MAX_GEMV_ROWS and k.how.startswith("measured")
+    n, times = measure_gemv_rows(stage.blocks, max_rows=4, repeats=1)
+    assert 1 <= n <= 4 and list(times)[0] == 2 and all(g > 0 and v > 0 for g, v in times.values())
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "four", "2.5"])
+def test_a_bad_gemv_rows_setting_is_a_clear_error(stage, monkeypatch, value):
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.GEMV_ROWS_ENV, value)
+    with pytest.raises(KernelChoiceError, match=r"NANOPIPE_GEMV_ROWS=.* whole number >= 1.*'auto'"):
+        choose_gemv_rows(stage.blocks)
+
+
+def test_choose_prefill_rows_pinned_or_measured(stage, monkeypatch):
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.PREFILL_ROWS_ENV, "128")
+    k = choose_prefill_rows(stage.blocks, stage.config.n_head)
+    assert k.prefill_rows == 128 and k.chosen and "pinned by NANOPIPE_PREFILL_ROWS" in describe_kernels()
+    n, per_row = measure_prefill_rows(stage.blocks, stage.config.n_head, candidates=(16, 32, 64), repeats=1)
+    assert n in (16, 32, 64) and set(per_row) <= {16, 32, 64} and all(ms > 0 for ms in per_row.values())
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.PREFILL_ROWS_ENV, "none")
+    with pytest.raises(KernelChoiceError, match="NANOPIPE_PREFILL_ROWS='none' is not a whole number"):
+        choose_prefill_rows(stage.blocks, stage.config.n_head)
