@@ -349,7 +349,7 @@ def test_a_killed_worker_is_started_again_and_the_answer_resumes(demo_of, tmp_pa
     assert events[-1][1]["response"] == whole["response"], "the resumed answer differs from the uninterrupted one"
     assert any(name == "status" and "rejoin" in data["status"] for name, data in events), \
         f"the stream never said it waits for the node: {[e for e in events if e[0] == 'status']}"
-    out = demo.wait_for("[LEADER] Worker 2 is down")
+    out = demo.wait_for("Worker 2 is down")          # the leader's log line, echoed by the demo
     assert "[DEMO] The worker gamma (rank 2) was killed by SIGKILL; starting it again (1 of 1)" in out, out
 
     # the restarts are used up: the next answer fails after the grace period, and says so
