@@ -220,7 +220,10 @@ def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: 
         echo(ready_block(mc, ranges, names, ports, url, restarts))
         _watch(cluster, names, restarts, echo)
     except (Stopped, KeyboardInterrupt) as e:
-        echo(f"Stopping ({e or 'SIGINT'}): every node{' and the web chat' if server else ''}")
+        try:
+            echo(f"Stopping ({e or 'SIGINT'}): every node{' and the web chat' if server else ''}")
+        except OSError:
+            pass                            # SIGHUP: the terminal is gone; stop all the same
     finally:
         for s in stop_signals:           # a second Ctrl-C must not cut the clean-up short
             signal.signal(s, signal.SIG_IGN)

@@ -349,7 +349,7 @@ def test_a_killed_worker_is_started_again_and_the_answer_resumes(demo_of, tmp_pa
     assert events[-1][1]["response"] == whole["response"], "the resumed answer differs from the uninterrupted one"
     assert any(name == "status" and "rejoin" in data["status"] for name, data in events), \
         f"the stream never said it waits for the node: {[e for e in events if e[0] == 'status']}"
-    out = demo.wait_for("[LEADER] Worker 2 is down")
+    out = demo.wait_for("Worker 2 is down")          # the leader's log line, echoed by the demo
     assert "[DEMO] The worker gamma (rank 2) was killed by SIGKILL; starting it again (1 of 1)" in out, out
 
     # the restarts are used up: the next answer fails after the grace period, and says so
@@ -384,3 +384,43 @@ def test_local_cluster_removes_its_folder_and_starts_the_leader_first(tiny_weigh
     with LocalCluster(tiny_weights, nodes=2, workdir=str(kept), ready_timeout=60):
         pass
     assert (kept / "rank0.log").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo's config folder is the user's, read back through config.py
+
+
+def test_demo_configs_keep_the_users_model_plan_and_settings(tmp_path, monkeypatch):
+    from nanopipe.cli import plan_ranges
+    from nanopipe.config import load_cluster_config, load_model_config
+    from nanopipe.demo import demo_configs
+    from nanopipe.localcluster import write_yaml_files
+    from nanopipe.model import GPTConfig
+
+    monkeypatch.chdir(tmp_path)
+    user = write_config_dir(tmp_path / "cfg", [7000, 7001, 7002], auth_token="s3cret", rejoin_grace_s=7,
+                            max_sessions=4, tls_cert="certs/c.pem", tls_key="certs/c.key")
+    with open(os.path.join(user, "model_config.yaml")) as f:
+        model = yaml.safe_load(f)
+    model["models"]["tinygpt"]["layer_mapping"] = {0: [0, 0], 1: [1, 2], 2: [3, 3]}
+    with open(os.path.join(user, "model_config.yaml"), "w") as f:
+        yaml.safe_dump(model, f)
+    mc, cc = load_model_config(user), load_cluster_config(user)
+    shape = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=128, n_vocab=50257)
+    ranges = plan_ranges(mc, shape)
+    assert ranges == [(0, 1), (1, 3), (3, 4)], "the fixture's own layer_mapping"
+
+    out = str(tmp_path / "demo")
+    write_yaml_files(out, demo_configs(mc, cc, "tiny.safetensors", ranges, [9100, 9101, 9102]))
+    mc2, cc2 = load_model_config(out), load_cluster_config(out)
+    assert (mc2.name, mc2.decoding_defaults()) == (mc.name, mc.decoding_defaults())
+    assert plan_ranges(mc2, shape) == ranges, "the nodes would run another plan than the one printed"
+    assert [(n.rank, n.host, n.ip, n.port) for n in cc2.nodes] == [
+        (0, "alpha", "127.0.0.1", 9100), (1, "beta", "127.0.0.1", 9101), (2, "gamma", "127.0.0.1", 9102)]
+    assert (cc2.auth_token, cc2.rejoin_grace_s, cc2.max_sessions) == ("s3cret", 7, 4)
+    assert (cc2.tls_cert, cc2.tls_key) == (str(tmp_path / "certs/c.pem"), str(tmp_path / "certs/c.key")), \
+        "relative TLS paths must survive the nodes running in another folder"
+
+    monkeypatch.setenv("NANOPIPE_TOKEN", "from-env")        # the environment's secret is not written to disk
+    files = demo_configs(mc, load_cluster_config(user), "tiny.safetensors", ranges, [9100, 9101, 9102])
+    assert "auth_token" not in files["cluster_config.yaml"]
