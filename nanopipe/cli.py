@@ -205,7 +205,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                                         on_status=lambda text: click.echo(f"\n[{text}]", err=True))
                     weights = _weights_of(c) if as_json else {}
             except ClientError as e:
-                raise UserError(explain_leader_error(str(e), leader, addr, config_dir)) from None
+                raise UserError(str(e)) from None
         else:
             from .engine import Engine
             path = resolve_weights(config_dir, model_name, weights_path)
@@ -274,23 +274,6 @@ def resolve_leader(config_dir, addr: str) -> str:
     if host not in ips:
         return addr
     return f"{ips[host]}:{port if port is not None else cc.leader.port}"
-
-
-def explain_leader_error(message: str, given: str, addr: str, config_dir) -> str:
-    """A failed --leader: say what is listening at that address when the config knows it."""
-    from .config import load_cluster_config
-    try:
-        cc = load_cluster_config(config_dir)
-    except ConfigError:
-        return message
-    leader = f"{cc.leader.ip}:{cc.leader.port}"
-    if "data port" in message:      # the worker said so itself
-        return message
-    for n in cc.nodes[1:]:
-        if f"{n.ip}:{n.port}" == addr and addr != leader:
-            return (f"{message}\n{given} is worker {n.rank}'s data port ({n.host}), not the leader; "
-                    f"the leader listens on {leader}: use --leader {leader}")
-    return message
 
 
 def _leader_auth(config_dir) -> tuple:
