@@ -252,7 +252,7 @@ def sweep_summary(rows: list) -> list:
             pairs = [(n, got[(mode, n)] / got[("before", n)]) for (m, n) in got if m == mode and ("before", n) in got]
             if mode != "before" and pairs:
                 lines.append(f"{setup}, {mode} / before: " + ", ".join(f"{n}: {x:.2f}x" for n, x in sorted(pairs))
-                             + ("" if all(x >= 1 for _, x in pairs) else "  (some point slower: noise or a regression)"))
+                             + ("" if all(x >= 1 for _, x in pairs) else "  (a point slower: noise or a regression)"))
     return lines
 
 
