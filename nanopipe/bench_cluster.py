@@ -198,12 +198,14 @@ def node_kernels(cluster: LocalCluster) -> list:
 
 
 def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: int = 16, n_tokens: int = 48,
-          compare_old: bool = True, echo=print) -> list:
+          compare_old: bool = True, also: tuple = (), echo=print) -> list:
     """Concurrent streams in one process and on a local cluster of `nodes` nodes.
 
     With compare_old, every point runs twice in this one run: "before", the always-gemm kernels and
     64-row prompt chunks (NANOPIPE_GEMV_ROWS=1, NANOPIPE_PREFILL_ROWS=64), and "after", what each
     process chose at start (measured, unless those variables are set). Rows carry "kernels".
+    `also`: more (name, (gemv_rows, prefill_rows)) modes for the one-process part, e.g. a choice a
+    quiet machine measured, to see it on a loaded one.
     """
     rows = []
     engine = Engine.load(weights)                   # its Scheduler chooses this process's kernels
@@ -212,7 +214,7 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
     modes = [("before", (1, 64)), ("after", chosen)] if compare_old else [("after", chosen)]
     streams_single(engine, 1, prompt_len, 2)
     for n in counts:
-        for mode, (g, pf) in modes:
+        for mode, (g, pf) in modes + list(also):
             with kernels_as(g, pf):
                 rows.append(dict(streams_single(engine, n, prompt_len, n_tokens), setup="1 process", kernels=mode,
                                  gemv_rows=g))
@@ -236,19 +238,21 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
 
 
 def sweep_summary(rows: list) -> list:
-    """Per setup: each point after vs before, and 2 and 4 streams vs 1 (issue 16's targets)."""
+    """Per setup and kernel mode: 2 and 4 streams vs 1 (issue 16's targets), and each point vs "before"."""
     lines = []
     for setup in dict.fromkeys(r["setup"] for r in rows):
         got = {(r["kernels"], r["streams"]): r["aggregate_tok_s"] for r in rows if r["setup"] == setup}
-        for mode in ("before", "after"):
+        modes = list(dict.fromkeys(m for m, _ in got))
+        for mode in modes:
             one = got.get((mode, 1))
             if one:
                 scale = ", ".join(f"{n} streams {got[(mode, n)] / one:.2f}x" for n in (2, 4) if (mode, n) in got)
                 lines.append(f"{setup}, {mode}: {scale} the aggregate of 1 stream (targets 1.6x and 2.2x)")
-        pairs = [(n, got[("after", n)] / got[("before", n)]) for (m, n) in got if m == "after" and ("before", n) in got]
-        if pairs:
-            lines.append(f"{setup}, after / before: " + ", ".join(f"{n}: {x:.2f}x" for n, x in sorted(pairs))
-                         + ("" if all(x >= 1 for _, x in pairs) else "  (some point slower: noise or a regression)"))
+        for mode in modes:
+            pairs = [(n, got[(mode, n)] / got[("before", n)]) for (m, n) in got if m == mode and ("before", n) in got]
+            if mode != "before" and pairs:
+                lines.append(f"{setup}, {mode} / before: " + ", ".join(f"{n}: {x:.2f}x" for n, x in sorted(pairs))
+                             + ("" if all(x >= 1 for _, x in pairs) else "  (a point slower: noise or a regression)"))
     return lines
 
 

@@ -7,8 +7,9 @@ same code hands rank 0's output to `ring.send()` and picks the final activations
 the tests check it anyway.
 
 Continuous batching: every step takes the pending rows of every live session (a prompt chunk of
-up to PREFILL_CHUNK rows, or the one row of the last sampled token), runs them through the stage
-as ONE batch (one matmul per weight; attention per session against its own cache), samples each
+up to PREFILL_CHUNK rows, more while the step has spare rows, or the one row of the last sampled
+token), runs them through the stage as ONE batch (one matmul per weight, or a gemv per row for a
+few rows: model.linear; attention per session against its own cache), samples each
 session's next token, and lets new requests join and finished ones leave between steps. With a
 ring over N machines, up to N batches are in flight (`ring.depth`, see ClusterConfig.depth) so every
 machine has work; stages that share a machine get one batch holding every session.
@@ -292,7 +293,7 @@ class Scheduler:
         So a lone 512-token prompt goes through in a few large steps, while with others waiting a
         step never holds more rows than before or than prefill_rows, and every session in it keeps
         its rows: a long prompt still never stalls the others. Worked example, prefill_rows 256:
-        a lone 512-token prompt -> [256], [256]; with 3 decoding sessions -> [253, 1, 1, 1].
+        a lone 512-token prompt -> [256], [256]; behind 3 decoding sessions -> [1, 1, 1, 253].
         """
         budget = min(self.kernels.prefill_rows, self.max_batch_rows)
         spare = budget - sum(counts)
