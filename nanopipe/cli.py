@@ -107,7 +107,8 @@ def sampling_options(fn):
                      help="Tokens to generate.  [default: the model's max_new_tokens, 50 as shipped]"),
         click.option("--seed", type=int, default=None, help="Same seed, same tokens.  [default: random]"),
         click.option("--stop", multiple=True, metavar="TEXT",
-                     help="End the reply where this text appears (not printed); up to 4, repeat the option."),
+                     help="End the reply where this text appears (not printed); up to 4, repeat the option.  "
+                          "[default: none]"),
         click.option("--frequency-penalty", type=float, default=None,
                      help="-2..2: lower a token's score by this much per time it was generated.  [default: 0]"),
         click.option("--presence-penalty", type=float, default=None,
@@ -116,7 +117,8 @@ def sampling_options(fn):
                      help="> 0, e.g. 1.3: divide (multiply, if negative) the score of every token seen so far.  "
                           "[default: 1, none]"),
         click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
-                     help="Add BIAS (-100..100) to token ID's score, e.g. 50256=-100; repeat the option."),
+                     help="Add BIAS (-100..100) to token ID's score, e.g. 50256=-100; repeat the option.  "
+                          "[default: none]"),
     ]):
         fn = opt(fn)
     return fn

@@ -343,9 +343,9 @@ def test_offline_worker_hint_writes_the_slice_it_names(tmp_path):
         while time.monotonic() < deadline:
             line = p.stdout.readline()
             lines.append(line)
-            if not line or line.startswith("Model weights ready at:"):
+            if not line or "Model weights ready at:" in line:
                 break
-        assert lines[-1].strip() == f"Model weights ready at: {slice_name} {NOTE}", "".join(lines)
+        assert lines[-1].strip() == f"[WORKER-1] Model weights ready at: {slice_name} {NOTE}", "".join(lines)
     finally:
         p.kill()
         p.wait()

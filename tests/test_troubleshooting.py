@@ -74,15 +74,16 @@ class Site:
         with open(path) as f:
             cc = yaml.safe_load(f)
         cc["port"] = self.leader_port
-        for w, port in zip(cc["workers"], self.worker_ports):
-            w["port"] = port
+        # the guide's `workers: [mini2, pi1]`, each with a free port: {rank, host, port}
+        cc["workers"] = [{"rank": r, "host": w if isinstance(w, str) else w["host"], "port": port}
+                         for r, (w, port) in enumerate(zip(cc["workers"], self.worker_ports), start=1)]
         cc.update(rejoin_grace_s=2, heartbeat_s=0.2)
         with open(path, "w") as f:
             yaml.safe_dump(cc, f)
         path = os.path.join(self.configs, "model_weights.yaml")
         with open(path) as f:
             mw = yaml.safe_load(f)
-        mw["gpt2"]["url"] = f"http://127.0.0.1:{self.closed_port}/model.safetensors"
+        mw["models"]["gpt2"]["url"] = f"http://127.0.0.1:{self.closed_port}/model.safetensors"
         with open(path, "w") as f:
             yaml.safe_dump(mw, f)
         from nanopipe.weights import init_weights
