@@ -17,7 +17,9 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
 
     GET  /                      the chat page (web/index.html) and /static/* (no token needed)
     POST /chat                  {"text", "max_tokens", "temperature", "top_k", "top_p",
-                                 "decoding_strategy", "seed", "stream"} -> {"response", "config", "stats"}
+                                 "decoding_strategy", "seed", "stream", "stop", "frequency_penalty",
+                                 "presence_penalty", "repetition_penalty", "logit_bias", "chat"}
+                                 -> {"response", "config", "stats"}
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
@@ -65,7 +67,7 @@ PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
                    "presence_penalty", "repetition_penalty", "logit_bias")
 CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream", "stop",
-               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias")
+               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "chat")
 
 
 def web_dir() -> str:
@@ -323,7 +325,11 @@ def chat_request(body: dict) -> tuple:
     strategy = optional(body, "decoding_strategy", lambda v: v in STRATEGIES,
                         f"one of {', '.join(sorted(STRATEGIES))}")
     stream = flag(body, "stream")
-    return text, resolve(strategy, sampling_fields(body)), stream
+    stop = ()
+    if flag(body, "chat"):      # the page: text is the user's turn, in /v1/chat/completions' template
+        from .openai_api import CHAT_STOP, chat_prompt  # (openai_api builds on this module)
+        text, stop = chat_prompt([{"role": "user", "content": text}]), (CHAT_STOP,)
+    return text, resolve(strategy, sampling_fields(body, stop)), stream
 
 
 def tokenizer():

@@ -371,8 +371,11 @@ def test_stop_string_ends_the_session_and_frees_every_cache(cluster, reference):
     (PROMPT, dict(strategy="greedy", max_tokens=SHAPE["n_ctx"]), "max_tokens"),
     (PROMPT, dict(strategy="top_k", temperature=1.0, top_k=0, max_tokens=5), "top_k"),
     (PROMPT, dict(strategy="beam", max_tokens=5), "strategy"),
+    (PROMPT, dict(strategy="greedy", top_k=40, max_tokens=5), "top_k"),
+    (PROMPT, dict(max_tokens=5, stop=[""]), "stop"),
+    (PROMPT, dict(max_tokens=5, logit_bias={"99999": 1}), "logit_bias"),
 ], ids=["temperature-0", "empty-ids", "empty-text", "id-too-big", "id-negative", "past-n_ctx", "top_k-0",
-        "unknown-strategy"])
+        "unknown-strategy", "greedy-with-top_k", "empty-stop", "bias-id-too-big"])
 def test_bad_request_is_invalid_and_leader_keeps_serving(cluster, reference, prompt, fields, name):
     with cluster.client() as c:
         with pytest.raises(ClientError) as e:

@@ -252,7 +252,7 @@ def test_end_of_text_stops_generation(tiny_weights):
     ([], SamplingParams("greedy"), "prompt is empty"),
     ([1, 2], SamplingParams("greedy", max_tokens=127), r"max_tokens.*n_ctx=128"),
     ([1, 50257], SamplingParams("greedy"), r"token ids must be in 0\.\.50256"),
-    ([1, 2], SamplingParams("nope"), "strategy must be one of"),
+    ([1, 2], SamplingParams("nope"), "strategy: must be one of"),
 ])
 def test_scheduler_validation(tiny_engine, prompt_ids, params, match):
     with pytest.raises(DecodingError, match=match):

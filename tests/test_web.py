@@ -850,6 +850,17 @@ def test_chat_completions_stop_at_the_next_user_turn_by_default(client, leader):
     assert r.status_code == 200 and leader.calls[-1]["params"].stop == (), "completions add no stop of their own"
 
 
+def test_chat_flag_uses_the_chat_template_and_stops_at_the_next_turn(client, leader):
+    # the page sends chat: true, so its replies end where GPT-2 would invent the user's next line
+    r = client.post("/chat", json={"text": "Hi", "chat": True, "stop": "."})
+    assert r.status_code == 200, r.json
+    call = leader.calls[-1]
+    assert call["prompt"] == get_tokenizer().encode("User: Hi\nAssistant:")
+    assert call["params"].stop == ("\nUser:", ".")
+    r = client.post("/chat", json={"text": "Hi"})
+    assert leader.calls[-1]["prompt"] == get_tokenizer().encode("Hi") and leader.calls[-1]["params"].stop == ()
+
+
 @pytest.mark.parametrize("path, body", [
     ("/chat", {"text": "Hi"}),
     ("/v1/completions", {"prompt": "Hi"}),

@@ -298,7 +298,9 @@
   async function streamReply(text, reply, signal) {
     const resp = await fetch("chat", {
       method: "POST", headers: headers(true), signal,
-      body: JSON.stringify({ text, stream: true, ...currentParams() }),
+      // chat: the server wraps the text in the chat template ("User: ...\nAssistant:") and ends the
+      // reply at the next "\nUser:" turn, as /v1/chat/completions does
+      body: JSON.stringify({ text, stream: true, chat: true, ...currentParams() }),
     });
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
