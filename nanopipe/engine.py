@@ -37,7 +37,7 @@ from .decoding import (
     sample,
 )
 from .model import KVCache, blocks_forward, choose_prefill_rows, embed, gpt2, head
-from .trace import step_info, top_probs
+from .tools.trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see _make_batch)

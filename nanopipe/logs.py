@@ -5,7 +5,7 @@
 
 The prefix is part of the message, so a terminal, a log file and pytest's caplog all show the
 guide's lines as written (its troubleshooting says "check server logs for 'Server listening'").
-Records go to the loggers "nanopipe.leader" and "nanopipe.worker"; `nanopipe -v` / `-q` set the
+Records go to the loggers "nanopipe.cluster.leader" and "nanopipe.cluster.worker"; `nanopipe -v` / `-q` set the
 level (setup). Without setup (nanopipe used as a library) Python's defaults apply: warnings only.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ class Prefixed(logging.LoggerAdapter):
 
 
 def leader_logger() -> Prefixed:
-    return Prefixed(logging.getLogger("nanopipe.leader"), {"prefix": "[LEADER]"})
+    return Prefixed(logging.getLogger("nanopipe.cluster.leader"), {"prefix": "[LEADER]"})
 
 
 def worker_logger(rank: int) -> Prefixed:
-    return Prefixed(logging.getLogger("nanopipe.worker"), {"prefix": f"[WORKER-{rank}]"})
+    return Prefixed(logging.getLogger("nanopipe.cluster.worker"), {"prefix": f"[WORKER-{rank}]"})
 
 
 class _Stderr(logging.StreamHandler):

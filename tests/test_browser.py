@@ -15,7 +15,7 @@ import pytest
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.webapp import create_app, settings_from_configs
+from nanopipe.web.app import create_app, settings_from_configs
 
 pytestmark = pytest.mark.browser
 
@@ -36,7 +36,7 @@ EOT = 50256
 
 @pytest.fixture(scope="module")
 def cluster(tiny_weights):
-    from nanopipe.localcluster import LocalCluster
+    from nanopipe.tools.localcluster import LocalCluster
     with LocalCluster(tiny_weights, nodes=3) as cl:
         yield cl
 
@@ -75,7 +75,7 @@ def browser(tmp_path_factory):
 def greedy_text(engine, prompt: str, max_tokens: int) -> tuple:
     """(text, tokens) of what the page asks for: the prompt as a user turn in the chat template,
     greedy, ending at the template's next "\nUser:" turn (issue 14 §2)."""
-    from nanopipe.openai_api import CHAT_STOP, chat_prompt
+    from nanopipe.web.openai import CHAT_STOP, chat_prompt
     tok = get_tokenizer()
     ids = tok.encode(chat_prompt([{"role": "user", "content": prompt}]))
     result = engine.generate(ids, SamplingParams("greedy", max_tokens=max_tokens, stop=(CHAT_STOP,)))
@@ -224,7 +224,7 @@ def test_sse_parser_survives_every_split_of_the_stream(browser, web):
 
 
 def test_leader_down_is_shown_and_the_page_reconnects_by_itself(browser, cluster):
-    from nanopipe.localcluster import free_ports
+    from nanopipe.tools.localcluster import free_ports
     app = create_app(settings_from_configs(cluster.config_dir, leader=f"127.0.0.1:{free_ports(1)[0]}"))
     url, srv = serve(app)
     d = browser

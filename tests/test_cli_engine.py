@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nanopipe.cli import main
 from nanopipe.decoding import log_softmax
 from nanopipe.engine import Engine
+from nanopipe.tools.cli import main
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 PROMPT = "Hello world, distributed computing!"
@@ -154,7 +154,7 @@ def test_bench_smoke(runner, weights, tmp_path):
 def test_bench_positions_and_sweep_measure_what_they_say(weights):
     """The context-position rows cover each position asked for; the sweep reports each stream count with
     a token count equal to streams x tokens (every stream generated all of its tokens)."""
-    from nanopipe.bench_cluster import positions, sweep, sweep_summary
+    from nanopipe.tools.bench_cluster import positions, sweep, sweep_summary
     rows = positions(weights, at=(8, 32), n_tokens=4)
     assert [r["position"] for r in rows] == [8, 32] and all(r["ms_per_token"] > 0 for r in rows)
     rows = sweep(weights, counts=(1, 3), nodes=1, prompt_len=4, n_tokens=5, echo=lambda *_: None)

@@ -24,11 +24,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from nanopipe.cli import main
-from nanopipe.client import ClientError
+from nanopipe.cluster.client import ClientError
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
-from nanopipe.localcluster import LocalCluster, write_configs
+from nanopipe.tools.cli import main
+from nanopipe.tools.localcluster import LocalCluster, write_configs
 from nanopipe.weights import init_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +139,7 @@ def wait_freed(cl: LocalCluster) -> dict:
 
 
 def run_cli(*args, cwd=None, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanopipe.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
 
 
@@ -396,7 +396,7 @@ import atexit, json, os, sys
 out = os.environ["NANOPIPE_PROBE_OUT"]
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
 sys.argv = ["nanopipe"] + sys.argv[1:]
-from nanopipe.cli import main
+from nanopipe.tools.cli import main
 main()
 """
 
@@ -420,7 +420,7 @@ def test_worker_never_imports_tiktoken_flask_torch_or_prometheus(weights, refere
         cl.kill_rank(1, signal.SIGTERM)          # a clean exit runs the probe's atexit
         assert cl.procs[1].returncode == 0, cl.logs()
     modules = json.loads(out.read_text())
-    assert "nanopipe.worker" in modules and "numpy" in modules       # the dump is the worker's
+    assert "nanopipe.cluster.worker" in modules and "numpy" in modules       # the dump is the worker's
     heavy = sorted(m for m in modules if m.split(".")[0] in ("tiktoken", "flask", "torch", "prometheus_client"))
     assert heavy == [], f"a worker imported {heavy}"
 

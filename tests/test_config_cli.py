@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import CONFIG_DIR
 
-from nanopipe.cli import main
+from nanopipe.tools.cli import main
 
 
 def configs(tmp_path, model=None, cluster=None) -> str:
@@ -103,7 +103,7 @@ def test_plan_checks_num_nodes_against_the_cluster(tmp_path, monkeypatch):
 
 
 def run(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanopipe.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=60, env=dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "")))
 
 

@@ -27,7 +27,7 @@ import time
 import pytest
 import yaml
 
-from nanopipe.localcluster import LocalCluster, free_ports
+from nanopipe.tools.localcluster import LocalCluster, free_ports
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="finds a process's children in /proc, and PR_SET_PDEATHSIG is Linux's")
@@ -112,7 +112,7 @@ class Demo:
         self.tmp.mkdir(exist_ok=True)
         self.web_port = web_port or free_ports(1)[0]
         env = dict(os.environ, TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "nanopipe.cli", "demo", "--config-dir", config_dir,
+        self.proc = subprocess.Popen([sys.executable, "-m", "nanopipe", "demo", "--config-dir", config_dir,
                                       "--weights", weights, "--web-port", str(self.web_port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      cwd=str(tmp_path))
@@ -391,11 +391,11 @@ def test_local_cluster_removes_its_folder_and_starts_the_leader_first(tiny_weigh
 
 
 def test_demo_configs_keep_the_users_model_plan_and_settings(tmp_path, monkeypatch):
-    from nanopipe.cli import plan_ranges
     from nanopipe.config import load_cluster_config, load_model_config
-    from nanopipe.demo import demo_configs
-    from nanopipe.localcluster import write_yaml_files
     from nanopipe.model import GPTConfig
+    from nanopipe.tools.cli import plan_ranges
+    from nanopipe.tools.demo import demo_configs
+    from nanopipe.tools.localcluster import write_yaml_files
 
     monkeypatch.chdir(tmp_path)
     user = write_config_dir(tmp_path / "cfg", [7000, 7001, 7002], auth_token="s3cret", rejoin_grace_s=7,

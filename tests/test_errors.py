@@ -23,9 +23,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from nanopipe.cli import main
-from nanopipe.client import ClientError, LeaderClient
-from nanopipe.localcluster import LocalCluster, free_ports
+from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.tools.cli import main
+from nanopipe.tools.localcluster import LocalCluster, free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -34,7 +34,7 @@ PROMPT = "Hello world, my name"
 
 def nanopipe(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     """Run the real command line, as a user would."""
-    return subprocess.run([sys.executable, "-m", "nanopipe.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
@@ -111,12 +111,12 @@ def test_leader_given_by_its_host_ip_name(cluster):
     ("elsewhere:1234", "elsewhere:1234"),
 ])
 def test_resolve_leader_through_host_ip(given, addr):
-    from nanopipe.cli import resolve_leader
+    from nanopipe.tools.cli import resolve_leader
     assert resolve_leader(CONFIGS, given) == addr
 
 
 def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
-    from nanopipe.cli import resolve_leader
+    from nanopipe.tools.cli import resolve_leader
     assert resolve_leader(str(tmp_path), "mini1:65432") == "mini1:65432"
 
 
@@ -134,7 +134,7 @@ def test_a_workers_port_says_whose_it_is_and_where_the_leader_is(cluster, tmp_pa
 def web_port(cluster):
     from werkzeug.serving import make_server
 
-    from nanopipe.webapp import create_app, settings_from_configs
+    from nanopipe.web.app import create_app, settings_from_configs
     app = create_app(settings_from_configs(cluster.config_dir, leader=cluster.leader_addr))
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -164,7 +164,7 @@ def test_rank_down_past_grace_fails_new_requests_at_once(tiny_weights, tmp_path)
     try:
         cl.start()
         # a CLI generation streams, then rank 1 dies under it: the error waits its grace, on its own line
-        proc = subprocess.Popen([sys.executable, "-m", "nanopipe.cli", "generate", PROMPT, "--leader", cl.leader_addr,
+        proc = subprocess.Popen([sys.executable, "-m", "nanopipe", "generate", PROMPT, "--leader", cl.leader_addr,
                                  "--config-dir", cl.config_dir, "--strategy", "greedy", "--max-tokens", "120"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -17,10 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanopipe.client import LeaderClient
-from nanopipe.decoding import SamplingParams
-from nanopipe.localcluster import LocalCluster
-from nanopipe.wire import (
+from nanopipe.cluster.client import LeaderClient
+from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,
     PROTOCOL_VERSION,
@@ -35,6 +33,8 @@ from nanopipe.wire import (
     recv_frame,
     send_frame,
 )
+from nanopipe.decoding import SamplingParams
+from nanopipe.tools.localcluster import LocalCluster
 
 TOKEN = "fuzz secret"
 PROMPT = [15496, 995, 11, 616]

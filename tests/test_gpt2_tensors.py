@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from nanopipe import gpt2_tensors as gt
 from nanopipe.partition import block_params, stage_bytes
-from nanopipe.pull import select_tensors, slice_bytes_for
 from nanopipe.safetensors_io import read_header
+from nanopipe.tools.pull import select_tensors, slice_bytes_for
 from nanopipe.weights import init_weights, load_stage
 
 L, C, H, T, V = 3, 16, 2, 8, 40

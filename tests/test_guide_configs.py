@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nanopipe.cli import main
 from nanopipe.config import ConfigError, check_agree, load_cluster_config, load_model_config, load_weights_config
 from nanopipe.decoding import SamplingParams, make_params
 from nanopipe.engine import Engine
-from nanopipe.localcluster import LocalCluster
+from nanopipe.tools.cli import main
+from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.weights import init_weights
 
 GUIDE = Path(__file__).resolve().parent / "fixtures" / "guide"
@@ -137,7 +137,7 @@ class GuideCluster(LocalCluster):
         self.cluster = {"port": port}
 
     def command(self, rank: int) -> list:
-        base = [sys.executable, "-m", "nanopipe.cli"]
+        base = [sys.executable, "-m", "nanopipe"]
         return base + (["serve", "--rank", "0"] if rank == 0 else
                        ["join", "--rank", str(rank), "--host", {1: "mini2", 2: "pi5"}[rank]])
 

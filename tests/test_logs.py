@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from nanopipe.config import load_cluster_config
-from nanopipe.localcluster import LocalCluster, write_configs
+from nanopipe.tools.localcluster import LocalCluster, write_configs
 
 
 def log_lines(cl: LocalCluster, rank: int) -> list:
@@ -102,14 +102,14 @@ def test_in_order_finds_what_is_missing_or_out_of_order():
 def test_a_worker_logs_through_logging_with_the_guides_prefix(tiny_weights, tmp_path, caplog):
     """In-process, caplog sees a worker's records: it loads its layers, then fails to reach a
     leader that is not there, at ERROR level."""
-    from nanopipe.worker import Worker
+    from nanopipe.cluster.worker import Worker
     write_configs(str(tmp_path), weights=tiny_weights, nodes=2, n_layer=4)
     cc = load_cluster_config(str(tmp_path))
     worker = Worker(cc, 1, tiny_weights, max_attempts=1, layers=(2, 4))
     with caplog.at_level(logging.INFO, logger="nanopipe"), pytest.raises(SystemExit):
         worker.run()
     records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
-    assert records[0][:2] == ("nanopipe.worker", logging.INFO)
+    assert records[0][:2] == ("nanopipe.cluster.worker", logging.INFO)
     assert records[0][2].startswith("[WORKER-1] Loaded 2 layers for worker 1 (layers 2-3, "), records
     assert records[-1][1] == logging.ERROR
     assert records[-1][2].startswith(f"[WORKER-1] cannot reach server at 127.0.0.1:{cc.leader.port}"), records
@@ -118,7 +118,7 @@ def test_a_worker_logs_through_logging_with_the_guides_prefix(tiny_weights, tmp_
 @pytest.mark.parametrize("args, level", [([], logging.INFO), (["-v"], logging.DEBUG), (["-q"], logging.WARNING),
                                          (["-qq"], logging.ERROR), (["-v", "-q"], logging.INFO)])
 def test_v_and_q_on_the_nanopipe_group_set_the_log_level(args, level, tmp_path):
-    from nanopipe.cli import main
+    from nanopipe.tools.cli import main
     result = CliRunner().invoke(main, args + ["init-weights", str(tmp_path / "w.safetensors"), "--n-layer", "1",
                                               "--n-embd", "8", "--n-head", "2", "--n-ctx", "8", "--n-vocab", "16"])
     assert result.exit_code == 0, result.output
@@ -128,7 +128,7 @@ def test_v_and_q_on_the_nanopipe_group_set_the_log_level(args, level, tmp_path):
 def test_q_leader_logs_warnings_only(tiny_weights, tmp_path):
     """`nanopipe -q serve`: the no-auth_token WARNING still shows, the guide's INFO lines do not."""
     cluster = write_configs(str(tmp_path), weights=tiny_weights, nodes=2, n_layer=4)
-    cmd = [sys.executable, "-m", "nanopipe.cli", "-q", "serve", "--config-dir", str(tmp_path),
+    cmd = [sys.executable, "-m", "nanopipe", "-q", "serve", "--config-dir", str(tmp_path),
            "--weights", tiny_weights]
     log_path = tmp_path / "leader.log"
     with open(log_path, "wb") as out:

@@ -23,7 +23,7 @@ import time
 import pytest
 
 from nanopipe.decoding import SamplingParams
-from nanopipe.localcluster import write_configs
+from nanopipe.tools.localcluster import write_configs
 
 pytestmark = pytest.mark.netns
 
@@ -35,7 +35,7 @@ HEARTBEAT_S = 0.5          # the leader drops a silent worker after max(3 s, 3 h
 # another every 0.1 s, everything printed as JSON lines so the test can act on them as they come.
 CLIENT = r"""
 import json, sys, threading, time
-from nanopipe.client import ClientError, LeaderClient
+from nanopipe.cluster.client import ClientError, LeaderClient
 addr, max_tokens = sys.argv[1], int(sys.argv[2])
 prompt = json.loads(sys.argv[3])
 out_lock = threading.Lock()
@@ -160,7 +160,7 @@ def test_nodes_on_separate_hosts_and_a_cut_link(hosts, tiny_weights, tiny_engine
                             cluster_extra={"heartbeat_s": HEARTBEAT_S, "rejoin_grace_s": 30})
     addr = f"{hosts.ips[0]}:{cluster['port']}"
     common = ["--config-dir", config_dir, "--weights", tiny_weights]
-    cli = [sys.executable, "-m", "nanopipe.cli"]
+    cli = [sys.executable, "-m", "nanopipe"]
     logs = [os.path.join(work, f"rank{r}.log") for r in range(3)]
     procs = [hosts.run(0, cli + ["serve", "--rank", "0"] + common, logs[0], work)]
     procs += [hosts.run(r, cli + ["join", "--rank", str(r), "--host", f"node{r}"] + common, logs[r], work)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from nanopipe import pull as P
-from nanopipe.pull import PullError, gpt2_tensor_shapes, parse_layers, pull, slice_path, verify
 from nanopipe.safetensors_io import TensorInfo, read_header, read_tensor, write_safetensors
+from nanopipe.tools.pull import PullError, gpt2_tensor_shapes, parse_layers, pull, slice_path, verify
 
 try:
     from tests.httpserver import FileServer, closed_port

@@ -18,10 +18,10 @@ import yaml
 from click.testing import CliRunner
 
 from nanopipe import pull as P
-from nanopipe.cli import main
 from nanopipe.decoding import SamplingParams
-from nanopipe.localcluster import LocalCluster
 from nanopipe.safetensors_io import read_header, read_tensor
+from nanopipe.tools.cli import main
+from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.weights import init_weights, load_stage
 
 try:

@@ -29,10 +29,8 @@ import urllib.request
 
 import pytest
 
-from nanopipe.client import ClientError, LeaderClient
-from nanopipe.decoding import SamplingParams, make_params
-from nanopipe.localcluster import LocalCluster
-from nanopipe.wire import (
+from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,
     PROTOCOL_VERSION,
@@ -44,6 +42,8 @@ from nanopipe.wire import (
     recv_frame,
     send_frame,
 )
+from nanopipe.decoding import SamplingParams, make_params
+from nanopipe.tools.localcluster import LocalCluster
 
 TOKEN = "correct horse battery staple"
 PROMPT = [15496, 995, 11, 616, 1438]               # "Hello world, my name"
@@ -592,7 +592,7 @@ def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_
     from werkzeug.serving import make_server
 
     from nanopipe.tokenizer import get_tokenizer
-    from nanopipe.webapp import create_app
+    from nanopipe.web.app import create_app
 
     tok = get_tokenizer()
     cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path), cluster_extra={"heartbeat_s": HEARTBEAT_S})

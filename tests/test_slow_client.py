@@ -21,10 +21,10 @@ import time
 
 import pytest
 
+from nanopipe.cluster.leader import CLIENT_QUEUE_MAX, CLIENT_SEND_TIMEOUT_S
+from nanopipe.cluster.wire import PROTOCOL_VERSION, Msg, auth_proof, encode_frame, recv_frame, send_frame
 from nanopipe.decoding import SamplingParams
-from nanopipe.leader import CLIENT_QUEUE_MAX, CLIENT_SEND_TIMEOUT_S
-from nanopipe.localcluster import LocalCluster
-from nanopipe.wire import PROTOCOL_VERSION, Msg, auth_proof, encode_frame, recv_frame, send_frame
+from nanopipe.tools.localcluster import LocalCluster
 
 try:
     from tests.test_cluster import status, wait_until

@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 from nanopipe import gpt2_tensors as gt
 from nanopipe import pull as P
-from nanopipe.cli import main
 from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
+from nanopipe.tools.cli import main
 from nanopipe.weights import (
     SYNTHETIC_NOTE,
     ensure_synthetic,
@@ -185,7 +185,7 @@ def test_damaged_file_is_moved_aside_not_deleted(tmp_path):
 
 def test_serve_offline_with_a_damaged_file_keeps_it(tmp_path):
     """The reported case, as a real `nanopipe serve` process: offline, damaged weights/<file>."""
-    from nanopipe.localcluster import write_configs
+    from nanopipe.tools.localcluster import write_configs
     cfg = tmp_path / "configs"
     weights = tmp_path / "weights" / "model.safetensors"
     weights.parent.mkdir()
@@ -193,7 +193,7 @@ def test_serve_offline_with_a_damaged_file_keeps_it(tmp_path):
     write_configs(str(cfg), weights=str(weights), nodes=1, n_layer=4,
                   weights_url=f"http://127.0.0.1:{closed_port()}/model.safetensors")
     env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "nanopipe.cli", "serve", "--config-dir", str(cfg)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "nanopipe", "serve", "--config-dir", str(cfg)], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     moved = os.path.join("weights", "model.safetensors.corrupt")
@@ -284,8 +284,8 @@ def test_generate_json_says_synthetic(tiny_weights, tmp_path):
 
 def test_mixed_cluster_says_so_on_every_surface(tiny_weights, tmp_path):
     """Leader and worker 1 run synthetic weights, worker 2 finds a real copy in its weights/ folder."""
-    from nanopipe.localcluster import LocalCluster
-    from nanopipe.webapp import create_app, settings_from_configs
+    from nanopipe.tools.localcluster import LocalCluster
+    from nanopipe.web.app import create_app, settings_from_configs
     work = tmp_path / "work"
     (work / "weights").mkdir(parents=True)
     real_copy(tiny_weights, str(work / "weights" / os.path.basename(tiny_weights)))
@@ -317,12 +317,12 @@ def test_offline_worker_hint_writes_the_slice_it_names(tmp_path):
     import shlex
     import time
 
-    from nanopipe.localcluster import write_configs
+    from nanopipe.tools.localcluster import write_configs
     cfg = tmp_path / "configs"
     write_configs(str(cfg), weights=str(tmp_path / "small.safetensors"), nodes=2, n_layer=4,
                   weights_url=f"http://127.0.0.1:{closed_port()}/small.safetensors")
     env = dict(os.environ, PYTHONPATH=REPO)
-    cli = [sys.executable, "-m", "nanopipe.cli"]
+    cli = [sys.executable, "-m", "nanopipe"]
     r = subprocess.run(cli + ["join", "--rank", "1", "--config-dir", str(cfg)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

@@ -16,11 +16,11 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from nanopipe.cli import main
 from nanopipe.decoding import SamplingParams
-from nanopipe.localcluster import LocalCluster
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.webapp import create_app, settings_from_configs
+from nanopipe.tools.cli import main
+from nanopipe.tools.localcluster import LocalCluster
+from nanopipe.web.app import create_app, settings_from_configs
 
 try:
     from tests.test_reliability import self_signed_cert

@@ -24,9 +24,9 @@ import time
 
 import pytest
 
-from nanopipe.leader import _send_timeout
-from nanopipe.net import TLSStream, close_now, tls_wrap
-from nanopipe.wire import ConnectionClosed, Msg, recv_frame, send_frame
+from nanopipe.cluster.leader import _send_timeout
+from nanopipe.cluster.net import TLSStream, close_now, tls_wrap
+from nanopipe.cluster.wire import ConnectionClosed, Msg, recv_frame, send_frame
 
 try:
     from tests.test_reliability import self_signed_cert
@@ -35,7 +35,7 @@ except ImportError:   # pytest run with tests/ itself on sys.path
 
 STRESS = r"""
 import socket, ssl, sys, threading
-from nanopipe.net import tls_wrap, tune
+from nanopipe.cluster.net import tls_wrap, tune
 cert, key, conns = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ROUNDS, BLOCK = 50, 512
 sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); sctx.load_cert_chain(cert, key)

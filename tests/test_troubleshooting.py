@@ -21,7 +21,7 @@ import time
 import pytest
 import yaml
 
-from nanopipe.localcluster import free_ports
+from nanopipe.tools.localcluster import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "TROUBLESHOOTING.md")
@@ -92,7 +92,7 @@ class Site:
         self.procs: dict = {}
 
     def cmd(self, *args) -> list:
-        return [sys.executable, "-m", "nanopipe.cli", *args]
+        return [sys.executable, "-m", "nanopipe", *args]
 
     def run(self, *args, timeout=120) -> str:
         r = subprocess.run(self.cmd(*args), capture_output=True, text=True, cwd=self.root, timeout=timeout,
@@ -171,7 +171,7 @@ def outputs(tmp_path_factory):
 
 def api_error(config_dir) -> str:
     """The web app's answer to a chat while the leader is down."""
-    from nanopipe.webapp import create_app, settings_from_configs
+    from nanopipe.web.app import create_app, settings_from_configs
     client = create_app(settings_from_configs(config_dir)).test_client()
     r = client.post("/chat", json={"text": "Hello"})
     assert r.status_code == 503, r.get_data(as_text=True)
@@ -182,7 +182,7 @@ def web_port_as_leader(site) -> str:
     """`generate --leader` pointed at a running web app."""
     from werkzeug.serving import make_server
 
-    from nanopipe.webapp import create_app, settings_from_configs
+    from nanopipe.web.app import create_app, settings_from_configs
     srv = make_server("127.0.0.1", 0, create_app(settings_from_configs(site.configs)), threaded=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

@@ -22,6 +22,16 @@ import pytest
 from floats import assert_close, assert_same, max_diff
 
 from nanopipe import model
+from nanopipe.cluster.wire import (
+    HEADER,
+    Msg,
+    array_meta,
+    decode_frame,
+    encode_frame,
+    frame_array,
+    recv_frame,
+    send_array,
+)
 from nanopipe.decoding import SamplingParams, make_rng, sample, top_p_ids
 from nanopipe.engine import Engine
 from nanopipe.model import (
@@ -39,7 +49,6 @@ from nanopipe.model import (
 )
 from nanopipe.partition import even
 from nanopipe.weights import init_weights, load_stage
-from nanopipe.wire import HEADER, Msg, array_meta, decode_frame, encode_frame, frame_array, recv_frame, send_array
 
 PROMPT = "Hello world, distributed computing!"
 IDS = [15496, 995, 11, 9387, 14492, 0]
@@ -441,7 +450,7 @@ def test_12_with_the_cache_each_decode_step_feeds_one_row_whatever_the_position(
 @pytest.fixture(scope="module")
 def cluster(weights):
     """A real cluster of 3 processes on 127.0.0.1: `nanopipe serve --rank 0` and two `nanopipe join`."""
-    from nanopipe.localcluster import LocalCluster
+    from nanopipe.tools.localcluster import LocalCluster
     with LocalCluster(weights, nodes=3, ready_timeout=60) as cl:
         yield cl
 
@@ -480,7 +489,7 @@ def test_14_nanopipe_trace_prints_each_tokens_journey(cluster):
     shape and bytes it sends, its compute time and the time in transit; then the top 5."""
     from click.testing import CliRunner
 
-    from nanopipe.cli import main
+    from nanopipe.tools.cli import main
     args = ["trace", "Hello world", "--leader", cluster.leader_addr, "--config-dir", cluster.config_dir,
             "--max-tokens", "3"]
     out = CliRunner().invoke(main, args + ["--json"])
@@ -512,7 +521,7 @@ def test_15_every_link_in_docs_walkthrough_lands_on_its_function():
 
     root = Path(__file__).resolve().parent.parent
     doc = (root / "docs" / "WALKTHROUGH.md").read_text()
-    links = re.findall(r"\[`([\w.]+)`\]\(\.\./(nanopipe/\w+\.py)#L(\d+)\)", doc)
+    links = re.findall(r"\[`([\w.]+)`\]\(\.\./(nanopipe/[\w/]+\.py)#L(\d+)\)", doc)
     assert len(links) >= 30, "docs/WALKTHROUGH.md lost its links to the code"
     stale = []
     for name, path, line in links:

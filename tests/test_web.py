@@ -1,4 +1,4 @@
-"""The web app (webapp.py, openai_api.py, web_metrics.py): every route against a fake leader, then a few against a real
+"""The web app (web/app.py, web/openai.py, web/metrics.py): every route against a fake leader, then a few against a real
 local cluster.
 
 The fake leader stands in for the cluster behind the app's CLIENT_FACTORY: it streams scripted
@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import CONFIG_DIR
 
-from nanopipe.client import ClientError
+from nanopipe.cluster.client import ClientError
 from nanopipe.decoding import infer_strategy
-from nanopipe.openai_api import chat_prompt
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.web_metrics import WebMetrics, render_metrics
-from nanopipe.webapp import create_app, settings_from_configs
+from nanopipe.web.app import create_app, settings_from_configs
+from nanopipe.web.metrics import WebMetrics, render_metrics
+from nanopipe.web.openai import chat_prompt
 
 EOT = 50256
 DEFAULTS = {"active_decoding_strategy": "top_p", "max_new_tokens": 50,
@@ -728,7 +728,7 @@ def test_settings_from_the_repository_configs():
 def test_web_command_serves_on_localhost_by_default(monkeypatch):
     import werkzeug.serving
 
-    from nanopipe.cli import main
+    from nanopipe.tools.cli import main
     seen = {}
     monkeypatch.setattr(werkzeug.serving, "run_simple", lambda host, port, app, **kw: seen.update(
         host=host, port=port, app=app, **kw))
@@ -745,7 +745,7 @@ def test_web_command_serves_on_localhost_by_default(monkeypatch):
 
 
 def test_web_command_rejects_a_malformed_leader_address():
-    from nanopipe.cli import main
+    from nanopipe.tools.cli import main
     r = CliRunner().invoke(main, ["web", "--config-dir", str(CONFIG_DIR), "--leader", "nohost"])
     assert r.exit_code == 1 and "--leader: address 'nohost' must be HOST:PORT" in r.output
 
@@ -756,7 +756,7 @@ def test_web_command_rejects_a_malformed_leader_address():
 
 @pytest.fixture(scope="module")
 def cluster(tiny_weights):
-    from nanopipe.localcluster import LocalCluster
+    from nanopipe.tools.localcluster import LocalCluster
     with LocalCluster(tiny_weights, nodes=3) as cl:
         yield cl
 
@@ -827,7 +827,7 @@ def test_cluster_completion_with_stop_ends_before_it(live, tiny_engine):
 
 
 def test_cluster_streamed_chat_with_stop_never_sends_the_stop_string(live, tiny_engine):
-    from nanopipe.openai_api import chat_prompt
+    from nanopipe.web.openai import chat_prompt
     messages = [{"role": "user", "content": "Tell me about the three computers"}]
     full = seeded_text(tiny_engine, chat_prompt(messages), 40)
     cut = full.split("\nUser:")[0]         # the chat route also stops at the template's next turn

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanopipe.wire import (
+from nanopipe.cluster.wire import (
     HEADER,
     MAX_META_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -284,7 +284,7 @@ def test_bad_frames_raise_protocol_error_naming_the_peer(pair, name):
 
 def test_oversize_header_is_rejected_before_reading_or_allocating(monkeypatch):
     """A 4 GB claim must fail on the header alone: recv_exact is asked for nothing bigger."""
-    import nanopipe.wire as wire
+    import nanopipe.cluster.wire as wire
 
     asked = []
     real = wire.recv_exact

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LINK = re.compile(r"\[`([\w.]+)`\]\(\.\./(nanopipe/\w+\.py)#L(\d+)\)")
+LINK = re.compile(r"\[`([\w.]+)`\]\(\.\./(nanopipe/[\w/]+\.py)#L(\d+)\)")
 
 
 def fix(match):

@@ -1,4 +1,4 @@
-"""HF transformers on the same weights, timed exactly as nanopipe.bench times nanopipe.
+"""HF transformers on the same weights, timed exactly as nanopipe.tools.bench times nanopipe.
 
 Dev-only (needs torch + transformers, installed by `make parity`); `make bench` passes `bench_hf`
 to nanopipe's benchmark as its reference, so nanopipe itself never imports torch.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from nanopipe.bench import bench_prompt, blas_threads, decode_rate
+from nanopipe.tools.bench import bench_prompt, blas_threads, decode_rate
 from nanopipe.weights import load_stage
 
 
@@ -85,6 +85,6 @@ if __name__ == "__main__":
     # `make bench`: every benchmark, with HF transformers as the single-process reference
     import sys
 
-    from nanopipe.bench_cluster import run_all
+    from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
     run_all(nodes=3, sweep=True, positions=True, links=True, out_dir=out, reference=bench_hf)

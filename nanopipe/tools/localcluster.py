@@ -29,7 +29,7 @@ import time
 
 import yaml
 
-from .client import ClientError, LeaderClient
+from ..cluster.client import ClientError, LeaderClient
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list:
@@ -138,7 +138,7 @@ class LocalCluster:
                 write_yaml_files(self.config_dir, configs)
                 self.cluster = configs["cluster_config.yaml"]
             else:
-                from .weights import read_config
+                from ..weights import read_config
                 cfg = read_config(self.weights, n_head)[0]
                 self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
                                              partition=partition, layer_mapping=layer_mapping, n_head=n_head,
@@ -165,7 +165,7 @@ class LocalCluster:
         return os.path.join(self.workdir, f"rank{rank}.log")
 
     def command(self, rank: int) -> list:
-        base = [sys.executable, "-m", "nanopipe.cli"]
+        base = [sys.executable, "-m", "nanopipe"]
         common = ["--config-dir", self.config_dir]
         if rank not in self.pull_ranks:
             common += ["--weights", self.weights]

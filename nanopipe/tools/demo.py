@@ -121,7 +121,7 @@ def decoding_line(mc) -> str:
 
 def ready_block(mc, ranges: list, names: list, ports: list, web_url: str | None, restarts: int) -> str:
     """What the user reads once everything is up: the plan, the URL, how to stop."""
-    from .partition import format_plan
+    from ..partition import format_plan
     rows = format_plan(ranges, names=names).splitlines()
     width = max(len(r) for r in rows)
     rows = [rows[0].ljust(width) + "  Listens on"] + [
@@ -178,8 +178,8 @@ def bind_web(port: int, config_dir: str, model_name: str, leader: str):
 
     from werkzeug.serving import make_server
 
-    from .tokenizer import get_tokenizer
-    from .webapp import create_app, settings_from_configs
+    from ..tokenizer import get_tokenizer
+    from ..web.app import create_app, settings_from_configs
     app = create_app(settings_from_configs(config_dir, model_name, leader))
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
     logging.getLogger("werkzeug").setLevel(logging.WARNING)     # one line per request is noise here

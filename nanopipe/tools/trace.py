@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from .decoding import is_number
+from ..decoding import is_number
 
 SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
 
@@ -117,13 +117,13 @@ def resolve_weights(path: str | None, log=print) -> str:
             raise TraceError(f"{path}: no such weights file; run `nanopipe pull gpt2`, or leave out --weights "
                              f"to use synthetic weights ({SYNTHETIC_PATH})")
         return path
-    from .weights import ensure_synthetic
+    from ..weights import ensure_synthetic
     return ensure_synthetic(SYNTHETIC_PATH, os.path.dirname(SYNTHETIC_PATH), "gpt2", log=log)
 
 
 def is_synthetic(path: str) -> bool:
     """Was this file written by `init_weights` (random weights)?"""
-    from .weights import is_synthetic as synthetic
+    from ..weights import is_synthetic as synthetic
     return synthetic(path)
 
 
@@ -135,13 +135,13 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
     processes on 127.0.0.1 over `weights`, and stops it afterwards. `token` and `tls_ca` (the
     cluster's tls_cert) are what dialing `leader` needs.
     """
-    from .tokenizer import get_tokenizer
+    from ..tokenizer import get_tokenizer
     tok = get_tokenizer()
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise TraceError("the prompt is empty: give some text to trace")
     if leader is not None:
-        from .client import LeaderClient
+        from ..cluster.client import LeaderClient
         with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
             report = _trace(c, prompt_ids, max_tokens)
         report.update(leader=leader, weights=None, synthetic=None)
@@ -153,9 +153,9 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
 def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, log) -> dict:
     import tempfile
 
+    from ..partition import PartitionError, even
+    from ..weights import read_config
     from .localcluster import LocalCluster
-    from .partition import PartitionError, even
-    from .weights import read_config
     n_layer = read_config(weights)[0].n_layer
     try:
         even(n_layer, nodes)

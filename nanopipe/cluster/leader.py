@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import ClusterConfig, ModelConfig
-from .decoding import DecodingError, is_int, request_params
-from .engine import Request, Scheduler
-from .logs import leader_logger
+from ..config import ClusterConfig, ModelConfig
+from ..decoding import DecodingError, is_int, request_params
+from ..engine import Request, Scheduler
+from ..logs import leader_logger
+from ..weights import synthetic_summary
 from .net import (
     HandshakeError,
     accept,
@@ -39,7 +40,6 @@ from .net import (
     max_act_bytes,
     server_tls,
 )
-from .weights import synthetic_summary
 from .wire import (
     ConnectionClosed,
     Msg,
@@ -683,7 +683,7 @@ class Leader:
 
     def _tok(self):
         if self.tokenizer is None:      # get_tokenizer builds one for all, however many clients ask at once
-            from .tokenizer import get_tokenizer
+            from ..tokenizer import get_tokenizer
             self.tokenizer = get_tokenizer()
         return self.tokenizer
 

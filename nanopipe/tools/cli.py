@@ -7,7 +7,7 @@ import platform
 
 import click
 
-from .config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound
+from ..config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound
 
 
 class UserError(click.ClickException):
@@ -25,11 +25,11 @@ def _fail_clean(fn):
         except Exception as e:
             # imported here, not before the command runs: `serve` and `join` must be able to set
             # OpenBLAS's environment before anything loads numpy (see _share_cores)
-            from .decoding import DecodingError
-            from .model import ContextOverflow, KernelChoiceError
-            from .partition import PartitionError
-            from .safetensors_io import SafetensorsError
-            from .weights import WeightsError
+            from ..decoding import DecodingError
+            from ..model import ContextOverflow, KernelChoiceError
+            from ..partition import PartitionError
+            from ..safetensors_io import SafetensorsError
+            from ..weights import WeightsError
             if isinstance(e, (ConfigError, PartitionError, DecodingError, WeightsError, SafetensorsError,
                               ContextOverflow, KernelChoiceError)):
                 raise UserError(str(e)) from None
@@ -72,7 +72,7 @@ def resolve_weights(config_dir: str, model_name: str | None, weights_path: str |
     """--weights if given, else weights/<filename> from model_weights.yaml for the chosen model."""
     if weights_path:
         return weights_path
-    from .config import load_model_config, load_weights_config
+    from ..config import load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     src = load_weights_config(config_dir, mc.weights_model_name)
     return os.path.join("weights", src.filename)
@@ -84,7 +84,7 @@ def resolve_weights(config_dir: str, model_name: str | None, weights_path: str |
 @click.option("-q", "--quiet", count=True, help="Fewer log lines: -q warnings and errors only, -qq errors only.")
 def main(verbose, quiet):
     """nanopipe: GPT-2 split across small machines, in pure numpy."""
-    from .logs import setup
+    from ..logs import setup
     setup(verbose - quiet)
 
 
@@ -126,7 +126,7 @@ def sampling_options(fn):
 
 def parse_logit_bias(items) -> dict:
     """("50256=-100", "13=2.5") -> {"50256": -100.0, "13": 2.5}; the values are checked by SamplingParams."""
-    from .decoding import DecodingError
+    from ..decoding import DecodingError
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -143,8 +143,8 @@ def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, m
                   frequency_penalty=None, presence_penalty=None, repetition_penalty=None, logit_bias=()):
     """The SamplingParams `generate` runs with: the same rule as the web API (decoding.request_params),
     so `--temperature 0` is greedy and `--top-k 40` alone is top_k sampling."""
-    from .config import load_model_config
-    from .decoding import check_stop, request_params
+    from ..config import load_model_config
+    from ..decoding import check_stop, request_params
     try:
         defaults = load_model_config(config_dir, model_name).decoding_defaults()
     except ConfigNotFound:
@@ -174,7 +174,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
              stop, frequency_penalty, presence_penalty, repetition_penalty, logit_bias, leader, n_head, as_json,
              top_logprobs, echo):
     """Generate text for PROMPT, in this process or on a cluster (--leader)."""
-    from .tokenizer import StopStream, get_tokenizer
+    from ..tokenizer import StopStream, get_tokenizer
     tok = get_tokenizer()
     params = make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed, stop,
                            frequency_penalty, presence_penalty, repetition_penalty, logit_bias)
@@ -196,7 +196,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
 
     try:
         if leader:
-            from .client import ClientError, LeaderClient
+            from ..cluster.client import ClientError, LeaderClient
             addr = resolve_leader(config_dir, leader)
             try:
                 with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
@@ -209,7 +209,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
             except ClientError as e:
                 raise UserError(str(e)) from None
         else:
-            from .engine import Engine
+            from ..engine import Engine
             path = resolve_weights(config_dir, model_name, weights_path)
             if not os.path.exists(path):
                 raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
@@ -217,7 +217,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
             check_prompt_fits(len(prompt_ids), engine.config.n_ctx)
             start()
             result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
-            from .weights import synthetic_summary
+            from ..weights import synthetic_summary
             weights = synthetic_summary({0: engine.stage.synthetic})
     except BaseException:
         if streamed:
@@ -241,7 +241,7 @@ def _weights_of(client) -> dict:
 
 
 def check_prompt_fits(n_prompt: int, n_ctx):
-    """A prompt must leave room for at least one new token; the web API's wording (webapp.check_fits)."""
+    """A prompt must leave room for at least one new token; the web API's wording (web.app.check_fits)."""
     if n_ctx and n_prompt >= n_ctx:
         raise UserError(f"the prompt is {n_prompt} tokens, but the model's context is n_ctx={n_ctx} tokens for "
                         f"prompt and reply together; shorten the prompt to under {n_ctx} tokens "
@@ -253,7 +253,7 @@ def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
     if given:
         return (f"{path}: no such weights file (--weights); give an existing file, or run "
                 f"`nanopipe init-weights {path}` for synthetic (random, gibberish) weights")
-    from .config import load_model_config
+    from ..config import load_model_config
     mc = load_model_config(config_dir, model_name)
     return (f"no weights for model {mc.name!r}: {path} does not exist. Run `nanopipe pull {mc.weights_model_name}` "
             f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE")
@@ -262,8 +262,8 @@ def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
 def resolve_leader(config_dir, addr: str) -> str:
     """--leader HOST:PORT with HOST a name from host_ip in cluster_config.yaml (`mini1:65432`, as the
     README writes it) becomes that host's address; anything else is passed on as given."""
-    from .config import load_cluster_config
-    from .net import parse_addr
+    from ..cluster.net import parse_addr
+    from ..config import load_cluster_config
     try:
         host, port = parse_addr(addr, None)
     except ValueError:
@@ -281,7 +281,7 @@ def resolve_leader(config_dir, addr: str) -> str:
 def _leader_auth(config_dir) -> tuple:
     """How to dial the cluster's leader: (auth_token, CA file or None). A cluster with tls_cert
     pins that certificate, so it is the CA a client checks the leader against."""
-    from .config import load_cluster_config
+    from ..config import load_cluster_config
     try:
         cc = load_cluster_config(config_dir)
     except ConfigNotFound:      # no cluster file: the environment's token (a broken file is an error)
@@ -305,8 +305,8 @@ def _leader_auth(config_dir) -> tuple:
 @_fail_clean
 def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, layers):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
+    from ..weights import SYNTHETIC_NOTE, ensure_synthetic, init_weights, read_config
     from .pull import PullError, layers_in_name, layers_text, parse_layers
-    from .weights import SYNTHETIC_NOTE, ensure_synthetic, init_weights, read_config
     shape = dict(size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx, n_vocab=n_vocab, seed=seed)
     try:
         span = parse_layers(layers) if layers else layers_in_name(out)
@@ -340,8 +340,8 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
         click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
                    f"in `generate`); taking it as --partition {old_partition}", err=True)
         partition = partition or old_partition
-    from .config import check_agree, load_model_config
-    from .partition import format_plan, stage_bytes
+    from ..config import check_agree, load_model_config
+    from ..partition import format_plan, stage_bytes
     mc = load_model_config(config_dir, model_name)
     cluster = _cluster_if_any(config_dir)
     if cluster is not None and nodes is None:
@@ -360,8 +360,8 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
 def plan_ranges(mc, cfg, nodes=None, partition=None):
     """The layer ranges per rank: the model's layer_mapping if it has one (for its num_nodes),
     else the `partition` strategy (default: the model's)."""
-    from .partition import PartitionError
-    from .partition import plan as make_plan
+    from ..partition import PartitionError
+    from ..partition import plan as make_plan
     nodes = nodes or mc.num_nodes
     partition = partition or mc.partition
     if mc.layer_mapping and partition in ("even", "mapping"):
@@ -374,8 +374,8 @@ def plan_ranges(mc, cfg, nodes=None, partition=None):
 
 def _model_shape(config_dir, mc, weights_path):
     """The model's shape: from the weights file when there is one, else from the known GPT-2 sizes."""
-    from .model import GPTConfig
-    from .weights import KNOWN_N_HEAD, SIZES, read_config
+    from ..model import GPTConfig
+    from ..weights import KNOWN_N_HEAD, SIZES, read_config
     path = resolve_weights(config_dir, mc.name, weights_path)
     if os.path.exists(path):
         return read_config(path, mc.n_head)[0]
@@ -385,7 +385,7 @@ def _model_shape(config_dir, mc, weights_path):
 
 def _cluster_if_any(config_dir):
     """cluster_config.yaml if the folder has one (None if not); a broken one is an error."""
-    from .config import load_cluster_config
+    from ..config import load_cluster_config
     try:
         return load_cluster_config(config_dir)
     except ConfigNotFound:
@@ -400,7 +400,7 @@ def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
     """Configs, the layer plan, and this rank's weights file (pulled if missing and configured).
 
     `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>"."""
-    from .config import check_agree, load_cluster_config, load_model_config, load_weights_config
+    from ..config import check_agree, load_cluster_config, load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
     _share_cores(cc, rank)
@@ -446,14 +446,14 @@ def _planning_shape(config_dir, mc, src):
     the LM head (n_embd, n_vocab): for a model of no known GPT-2 size, the remote file's header
     (two small Range requests) says what they are.
     """
-    from .weights import SIZES
+    from ..weights import SIZES
     cfg = _model_shape(config_dir, mc, None)
     full = os.path.join("weights", src.filename)
     if mc.partition != "balanced" or os.path.exists(full) or mc.weights_model_name in SIZES:
         return cfg
     import dataclasses
 
-    from .gpt2_tensors import base_name
+    from ..gpt2_tensors import base_name
     from .pull import remote_header
     shapes = {base_name(n): t.shape for n, t in remote_header(src.url).tensors.items()}
     if "wte.weight" not in shapes:
@@ -473,21 +473,21 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     if rank != 0:
         raise UserError(f"`serve` runs rank 0 (the leader); start rank {rank} with `nanopipe join --rank {rank} "
                         "--host NAME`")
-    from .config import load_cluster_config
-    from .logs import leader_logger
+    from ..config import load_cluster_config
+    from ..logs import leader_logger
     log = leader_logger().info
     cc = load_cluster_config(config_dir)
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
-    from .leader import Leader  # numpy loads only now, after _share_cores
-    from .weights import load_stage, synthetic_note
+    from ..cluster.leader import Leader  # numpy loads only now, after _share_cores
+    from ..weights import load_stage, synthetic_note
     lo, hi = ranges[0]
     log("Loading server's share of model layers (rank 0)...")
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
     log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges)
-    from .model import describe_kernels
+    from ..model import describe_kernels
     click.echo(f"[LEADER] {describe_kernels()}")
     _on_sigterm()
     try:
@@ -508,17 +508,17 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
 @_fail_clean
 def join(rank, host, config_dir, model_name, weights_path, n_head):
     """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
-    from .config import load_cluster_config
+    from ..config import load_cluster_config
     cc = load_cluster_config(config_dir)
     if rank < 1 or rank >= len(cc.nodes):
         raise UserError(f"{cc.path}: no worker rank {rank}; workers are ranks 1..{len(cc.nodes) - 1}")
     if host is not None:
         cc.rank_of(host)    # an unknown host name is an error naming the config
-    from .logs import worker_logger
+    from ..logs import worker_logger
     log = worker_logger(rank).info
     log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
-    from .worker import Worker  # numpy loads only now, after _share_cores
+    from ..cluster.worker import Worker  # numpy loads only now, after _share_cores
     worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, layers=ranges[rank])
     _on_sigterm()
     try:
@@ -547,7 +547,7 @@ def _on_sigterm():
 @click.option("--url", default=None, help="Download from here.  [default: NAME's url in model_weights.yaml]")
 def pull(name, config_dir, layers, rank0, out_dir, url):
     """Download NAME's weights (or only --layers A-B of them) into weights/, resumable and verified."""
-    from .config import load_weights_config
+    from ..config import load_weights_config
     from .pull import PullError, parse_layers, slice_path
     from .pull import pull as do_pull
     try:
@@ -584,9 +584,9 @@ def pull(name, config_dir, layers, rank0, out_dir, url):
 @_fail_clean
 def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, synthetic):
     """Run the configs/ cluster on this machine (every address 127.0.0.1) with the web chat."""
-    from .config import load_cluster_config, load_model_config
+    from ..config import load_cluster_config, load_model_config
+    from ..partition import PartitionError
     from .demo import DemoError, run_demo
-    from .partition import PartitionError
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
     path = weights_path or _find_real_weights(config_dir, model_name)
@@ -597,7 +597,7 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
                             "on a machine with internet (or copy model.safetensors into weights/), or run "
                             "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
         if synthetic:
-            from .weights import ensure_synthetic  # one shared file per shape
+            from ..weights import ensure_synthetic  # one shared file per shape
             ensure_synthetic(path, "weights", "gpt2", log=click.echo)
     try:
         ranges = plan_ranges(mc, _model_shape(config_dir, mc, path), nodes)
@@ -608,7 +608,7 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
 
 def _find_real_weights(config_dir, model_name=None):
     try:
-        from .config import load_model_config, load_weights_config
+        from ..config import load_model_config, load_weights_config
         mc = load_model_config(config_dir, model_name)
         path = os.path.join("weights", load_weights_config(config_dir, mc.weights_model_name).filename)
         return path if os.path.exists(path) else None
@@ -661,7 +661,7 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
 @_fail_clean
 def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_dir):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
-    from .client import ClientError
+    from ..cluster.client import ClientError
     from .trace import TraceError, format_trace, resolve_weights, run_trace
 
     def log(msg):       # progress goes to stderr, so stdout stays clean for --json
@@ -693,9 +693,9 @@ def web(leader, host, port, config_dir, model_name):
     """Serve the chat page, its JSON API, an OpenAI-compatible API and /metrics in front of the leader."""
     from werkzeug.serving import run_simple
 
-    from .net import parse_addr
-    from .tokenizer import get_tokenizer
-    from .webapp import create_app, settings_from_configs
+    from ..cluster.net import parse_addr
+    from ..tokenizer import get_tokenizer
+    from ..web.app import create_app, settings_from_configs
     if leader is not None:
         leader = resolve_leader(config_dir, leader)
         try:

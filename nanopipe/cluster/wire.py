@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decoding import is_int
+from ..decoding import is_int
 
 PROTOCOL_VERSION = 1
 MAGIC = b"NPIP"

@@ -23,8 +23,8 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
-    GET  /metrics               Prometheus text format (web_metrics.py)
-    POST /v1/completions        OpenAI-compatible: openai_api.py, a Blueprint that builds on the
+    GET  /metrics               Prometheus text format (web/metrics.py)
+    POST /v1/completions        OpenAI-compatible: web/openai.py, a Blueprint that builds on the
     POST /v1/chat/completions     request checks, leader connection and SSE helpers below
     GET  /v1/models
 
@@ -46,9 +46,9 @@ from pathlib import Path
 from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from .client import ClientError, LeaderClient
-from .config import ConfigNotFound, load_cluster_config, load_model_config
-from .decoding import (
+from ..cluster.client import ClientError, LeaderClient
+from ..config import ConfigNotFound, load_cluster_config, load_model_config
+from ..decoding import (
     EOT,
     STRATEGIES,
     STRATEGY_USES,
@@ -57,7 +57,7 @@ from .decoding import (
     check_stop,
     request_params,
 )
-from .web_metrics import WebMetrics, render_metrics
+from .metrics import WebMetrics, render_metrics
 
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
 RECONNECT_ATTEMPTS = 3
@@ -73,8 +73,8 @@ CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_
 def web_dir() -> str:
     """The page's folder: the repository's web/ next to the package (an editable install uses it in
     place), or share/nanopipe/web under the Python prefix for an installed copy."""
-    here = Path(__file__).resolve().parent.parent / "web"
-    if here.is_dir():
+    here = Path(__file__).resolve().parents[2] / "web"        # nanopipe/web/app.py -> <repo>/web
+    if (here / "index.html").is_file():
         return str(here)
     return os.path.join(sys.prefix, "share", "nanopipe", "web")
 
@@ -157,9 +157,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     _register_pages(app)
     _register_chat(app)
     _register_cluster(app)
-    # imported here, not at the top: openai_api builds on this module
-    from . import openai_api
-    app.register_blueprint(openai_api.bp)
+    # imported here, not at the top: openai builds on this module
+    from . import openai
+    app.register_blueprint(openai.bp)
     return app
 
 
@@ -178,7 +178,7 @@ def state() -> AppState:
 def error_response(status: int, message: str, param: str | None = None):
     """{"error": "..."} for our API; OpenAI's shape under /v1 so its client libraries show the message."""
     if request.path.startswith("/v1/"):
-        from .openai_api import openai_error
+        from .openai import openai_error
         return jsonify(openai_error(status, message, param)), status
     return jsonify(error=message), status
 
@@ -327,7 +327,7 @@ def chat_request(body: dict) -> tuple:
     stream = flag(body, "stream")
     stop = ()
     if flag(body, "chat"):      # the page: text is the user's turn, in /v1/chat/completions' template
-        from .openai_api import CHAT_STOP, chat_prompt  # (openai_api builds on this module)
+        from .openai import CHAT_STOP, chat_prompt  # (openai builds on this module)
         text, stop = chat_prompt([{"role": "user", "content": text}]), (CHAT_STOP,)
     return text, resolve(strategy, sampling_fields(body, stop)), stream
 
@@ -335,7 +335,7 @@ def chat_request(body: dict) -> tuple:
 def tokenizer():
     tok = current_app.config["TOKENIZER"]
     if tok is None:     # many first requests at once: get_tokenizer lets one build, the others wait
-        from .tokenizer import get_tokenizer
+        from ..tokenizer import get_tokenizer
         tok = current_app.config["TOKENIZER"] = get_tokenizer()
     return tok
 

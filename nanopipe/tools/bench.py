@@ -24,10 +24,10 @@ import time
 
 import numpy as np
 
-from .decoding import SamplingParams, log_softmax, make_rng, sample
-from .engine import Engine, Request
-from .model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head
-from .weights import ensure_synthetic, synthetic_name
+from ..decoding import SamplingParams, log_softmax, make_rng, sample
+from ..engine import Engine, Request
+from ..model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head
+from ..weights import ensure_synthetic, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers

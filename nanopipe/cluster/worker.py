@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from .config import ClusterConfig
-from .logs import worker_logger
-from .model import GPTConfig, KVCache, blocks_forward, kernels
+from ..config import ClusterConfig
+from ..logs import worker_logger
+from ..model import GPTConfig, KVCache, blocks_forward, kernels
 from .net import (
     HandshakeError,
     accept,
@@ -53,7 +53,7 @@ class Worker:
             raise ValueError("workers have rank >= 1; rank 0 is the leader (`nanopipe serve --rank 0`)")
         node = cluster.node(rank)
         if host is not None and host != node.host:
-            from .config import ConfigError
+            from ..config import ConfigError
             if host not in {n.host for n in cluster.nodes}:
                 raise ConfigError(f"{cluster.path}: host '{host}' is not in host_ip/workers "
                                   f"(known: {', '.join(n.host for n in cluster.nodes)})")
@@ -94,7 +94,7 @@ class Worker:
         if self.layers is not None and self.stage is None:
             # the guide's order: load, then connect. The leader's welcome has the last word on the
             # range; _session reloads (and reports a failure to the leader) if it differs.
-            from .weights import WeightsError
+            from ..weights import WeightsError
             try:
                 self._load(*self.layers)
             except WeightsError as e:
@@ -136,7 +136,7 @@ class Worker:
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
         have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer)
         if have != (lo, hi, expect.n_embd, expect.n_layer):
-            from .weights import WeightsError
+            from ..weights import WeightsError
             try:
                 self._load(lo, hi, expect)
             except WeightsError as e:
@@ -144,7 +144,7 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
-            from .model import KernelChoiceError, choose_gemv_rows, describe_kernels
+            from ..model import KernelChoiceError, choose_gemv_rows, describe_kernels
             try:
                 choose_gemv_rows(self.stage.blocks)
             except KernelChoiceError as e:
@@ -184,10 +184,10 @@ class Worker:
 
     def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
         """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape)."""
-        from .weights import load_stage
+        from ..weights import load_stage
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         self.stage = load_stage(self.weights_path, lo, hi, rank0=False, n_head=n_head, expect=expect)
-        from .weights import synthetic_note
+        from ..weights import synthetic_note
         self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
                  f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
 
-A Flask Blueprint that create_app registers; it builds on webapp.py's request checks, leader
+A Flask Blueprint that create_app registers; it builds on web/app.py's request checks, leader
 connection and SSE helpers, so OpenAI's client libraries (and curl scripts written for them) can
 talk to the cluster:
 
@@ -36,8 +36,8 @@ import uuid
 
 from flask import Blueprint, current_app, jsonify
 
-from .decoding import EOT, is_int
-from .webapp import (
+from ..decoding import EOT, is_int
+from .app import (
     ApiError,
     Generation,
     event_stream,

@@ -19,12 +19,12 @@ import time
 
 import numpy as np
 
-from . import model
+from .. import model
+from ..cluster.wire import HEADER, Msg, encode_frame
+from ..decoding import SamplingParams
+from ..engine import Engine, Request
 from .bench import bench_prompt, generate_fixed
-from .decoding import SamplingParams
-from .engine import Engine, Request
 from .localcluster import LocalCluster
-from .wire import HEADER, Msg, encode_frame
 
 LINKS = {  # name: (latency ms, Mbit/s)
     "loopback": (0.0, 0.0),

@@ -31,9 +31,9 @@ import time
 import urllib.error
 import urllib.request
 
-from . import gpt2_tensors as gt
-from .safetensors_io import Header, SafetensorsError, parse_header, read_header
-from .weights import is_synthetic, synthetic_note
+from .. import gpt2_tensors as gt
+from ..safetensors_io import Header, SafetensorsError, parse_header, read_header
+from ..weights import is_synthetic, synthetic_note
 
 USER_AGENT = "nanopipe-pull/0.1"
 RESUMES = 3           # how many dropped connections one pull() rides out before giving up

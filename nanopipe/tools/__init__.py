@@ -1,0 +1,1 @@
+"""Commands and tools: the CLI, pull (downloads), a local cluster, trace, benchmarks."""
