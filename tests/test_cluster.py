@@ -181,6 +181,17 @@ def test_split_layers_as_planned(split_cluster):
     assert all(n["status"] == "up" for n in st["nodes"])
 
 
+def test_every_node_reports_its_kernel_choice(split_cluster):
+    """Each node decides once at start how `linear` runs a few rows; conftest pins it to 4 for every
+    process (NANOPIPE_GEMV_ROWS), so each node must report 4 in /status and say so in its log."""
+    st = wait_until(split_cluster, lambda st: all(n.get("gemv_rows") is not None for n in st["nodes"]), 10,
+                    "every node's gemv_rows")
+    assert [n["gemv_rows"] for n in st["nodes"]] == [4] * len(st["nodes"]), st["nodes"]
+    logs = split_cluster.logs()
+    assert logs.count("linear: a gemv per row for steps of 2-4 rows, one gemm above (pinned by "
+                      "NANOPIPE_GEMV_ROWS)") == len(st["nodes"]), logs
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_matches_single_process(split_cluster, reference, case):
     params = CASES[case]

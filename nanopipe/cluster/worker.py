@@ -199,7 +199,8 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": rss_mb(),
                                                  "compute_ms": round(self.compute_ms, 3), "frames": self.frames,
-                                                 "sessions": len(self.caches), "gemv_rows": kernels.gemv_rows,
+                                                 "sessions": len(self.caches),
+                                                 "gemv_rows": kernels.gemv_rows if kernels.chosen else None,
                                                  "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))})
             except OSError:
                 return

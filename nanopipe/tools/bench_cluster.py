@@ -224,8 +224,13 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
         for mode, _ in modes:
             with LocalCluster(weights, nodes=nodes, env=OLD_KERNELS if mode == "before" else None) as cl:
                 streams_cluster(cl, 1, prompt_len, 2)
-                with cl.client() as c:
-                    chose = {n["rank"]: n.get("gemv_rows") for n in c.status()["nodes"]}
+                deadline = time.time() + 10             # a worker reports its choice with its next heartbeat
+                while True:
+                    with cl.client() as c:
+                        chose = {n["rank"]: n.get("gemv_rows") for n in c.status()["nodes"]}
+                    if None not in chose.values() or time.time() > deadline:
+                        break
+                    time.sleep(0.2)
                 for k in node_kernels(cl):
                     echo(f"  {nodes} nodes, {mode}: rank {k['rank']}: {k['line']}")
                 for n in counts:
