@@ -19,7 +19,6 @@ import difflib
 import math
 import os
 import string
-import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -382,7 +381,7 @@ class ClusterConfig:
     api_token: str | None = field(default=None, repr=False)
     cors_origins: tuple = ()
     pipeline_depth: int | None = None  # batches in flight round the ring; None: see depth()
-    link_delay_ms: float = 0.0       # a simulated link on every hop (benchmarks): latency ...
+    link_delay_ms: float = 0.0       # a simulated link on every hop (benchmarks; cluster.node.LinkModel): latency ...
     link_mbps: float = 0.0           # ... and bandwidth (0 = no limit)
     path: str = ""
 
@@ -398,12 +397,6 @@ class ClusterConfig:
         if self.pipeline_depth:
             return self.pipeline_depth
         return len({n.ip for n in self.nodes})
-
-    def link_sleep(self, nbytes: int):
-        """Wait as long as a hop over the simulated link would take: latency + bytes / bandwidth."""
-        t = self.link_delay_ms / 1000 + (nbytes * 8 / (self.link_mbps * 1e6) if self.link_mbps > 0 else 0.0)
-        if t > 0:
-            time.sleep(t)
 
     @property
     def num_workers(self) -> int:

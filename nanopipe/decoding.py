@@ -297,6 +297,23 @@ def most_likely(logits: np.ndarray, k: int) -> np.ndarray:
     return ids[np.argsort(-x[ids], kind="stable")][:k]
 
 
+def top_probs(logprobs: np.ndarray, k: int = 5) -> list:
+    """The k likeliest ids as [[id, probability], ...], likeliest first.
+
+    log_softmax([0.0, 2.0, 1.0]) = [-2.408, -0.408, -1.408] (probabilities 0.090, 0.665, 0.245), k=2
+    -> [[1, 0.665241], [2, 0.244728]]     (6 significant digits: a random model's 2.7e-05 stays readable)
+    """
+    k = min(k, logprobs.shape[-1])
+    ids = np.argpartition(-logprobs, k - 1)[:k]                             # (k,) in no particular order
+    ids = ids[np.lexsort((ids, -logprobs[ids]))]                            # likeliest first, ties by id
+    return [[int(i), round_sig(np.exp(logprobs[i]))] for i in ids]
+
+
+def round_sig(p) -> float:
+    """p rounded to 6 significant digits, as a float: 0.00002712345 -> 2.71235e-05."""
+    return float(f"{float(p):.6g}")
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) as float64: (V,) -> (V,) summing to 1.
 

@@ -29,15 +29,16 @@ from .decoding import (
     EOT,
     DecodingError,
     SamplingParams,
+    is_number,
     log_softmax,
     logsumexp,
     make_rng,
     most_likely,
     penalize,
     sample,
+    top_probs,
 )
 from .model import KVCache, blocks_forward, choose_prefill_rows, embed, gpt2, head
-from .tools.trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see _make_batch)
@@ -53,7 +54,7 @@ class Request:
     top_logprobs: int = 0           # K most likely ids with their logprobs at each generated position
     stop_at_eot: bool = True
     id: str = ""
-    trace: bool = False             # each token event also carries its step's hops and top-5 (nanopipe/trace.py)
+    trace: bool = False             # each token event also carries its step's hops and top-5 (see step_info)
     text: object = None             # a tokenizer.StopStream: token events carry "text"; a stop string ends it
 
 
@@ -412,6 +413,49 @@ def _add_times(node_ms: dict, batch: Batch, trace: list, now: float, t_back: flo
     if trace:
         ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms
         r0["transit"] += max(0.0, ring_ms - remote)
+
+
+def step_info(stage, batch, trace: list, t_back: float) -> dict:
+    """The journey of one batch round the ring, from the scheduler's timings and the workers' trace.
+
+    stage: rank 0's StageWeights; batch: the engine's Batch (t0, front_ms, counts);
+    trace: the workers' entries in ring order, each {"rank", "compute_ms", "layers", "bytes_in", "t_in"},
+    the last one also {"bytes_out", "t_back"}; t_back: perf_counter() when the batch came back.
+    Hop i is node i's compute and the frame it sends on. In one process (no ring, trace == [])
+    there is a single hop and nothing goes on a wire.
+    """
+    now_wall, now_perf = time.time(), time.perf_counter()
+
+    def wall(perf: float) -> float:         # rank 0 times with perf_counter; the workers' stamps are wall clock
+        return now_wall - (now_perf - perf)
+
+    rows, C = sum(batch.counts), stage.config.n_embd
+    front_done = wall(batch.t0) + batch.front_ms / 1000
+    # an older worker leaves out what it does not know: those cells become None ("?" when printed)
+    done = [(0, [stage.lo, stage.hi], batch.front_ms, front_done)]          # (rank, layers, ms, when it ended)
+    done += [(e["rank"], _span(e.get("layers")), e["compute_ms"], _plus_ms(_number(e.get("t_in")), e["compute_ms"]))
+             for e in trace]
+    arrived = [(_number(e.get("bytes_in")), _number(e.get("t_in"))) for e in trace]   # (frame bytes, when it came)
+    arrived += [(_number(trace[-1].get("bytes_out")), _number(trace[-1].get("t_back")))] if trace else [(0, front_done)]
+    hops = [{"rank": rank, "layers": layers, "shape": [rows, C], "bytes": nbytes, "compute_ms": round(ms, 3),
+             "transit_ms": None if t is None or end is None else round((t - end) * 1000, 3)}
+            for (rank, layers, ms, end), (nbytes, t) in zip(done, arrived)]
+    ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms if trace else 0.0
+    return {"hops": hops, "head_ms": round((now_perf - t_back) * 1000, 3),
+            "transit_total_ms": round(max(0.0, ring_ms - sum(e["compute_ms"] for e in trace)), 3)}
+
+
+def _plus_ms(t: float | None, ms: float) -> float | None:
+    return None if t is None else t + ms / 1000
+
+
+def _number(x) -> float | None:
+    """A number a worker reported, or None: a bad value must not stop the scheduler."""
+    return x if is_number(x) else None
+
+
+def _span(x) -> list | None:
+    return x if isinstance(x, list) and len(x) == 2 and all(_number(v) is not None for v in x) else None
 
 
 def result_of(s: Session) -> dict:

@@ -40,6 +40,7 @@ from .net import (
     max_act_bytes,
     server_tls,
 )
+from .node import LinkModel, rss_mb
 from .wire import (
     ConnectionClosed,
     Msg,
@@ -51,7 +52,6 @@ from .wire import (
     send_array,
     send_frame,
 )
-from .worker import rss_mb
 
 # the sampling fields a GENERATE may carry (absent: the model's defaults; see decoding.request_params)
 CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "frequency_penalty",
@@ -464,7 +464,7 @@ class Leader:
             self.log(f"Cannot open the ring to worker 1: {e}", WARNING)
             return False
         ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self._on_ring_break,
-                    link_sleep=self.cluster.link_sleep)
+                    link_sleep=LinkModel.of(self.cluster).wait)
         with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
             if epoch != self.epoch or any(w.status != "ready" for w in workers):
                 ring.close()

@@ -32,6 +32,7 @@ from .net import (
     max_act_bytes,
     server_tls,
 )
+from .node import LinkModel, rss_mb
 from .wire import (
     ConnectionClosed,
     Msg,
@@ -324,7 +325,7 @@ class Worker:
             if time.monotonic() > deadline:
                 raise WireError(f"worker {self.rank}: no link to rank {self.next_rank} to pass activations on")
         if array is not None:
-            self.cluster.link_sleep(array.nbytes)       # a simulated slower link, for benchmarks
+            LinkModel.of(self.cluster).wait(array.nbytes)       # a simulated slower link, for benchmarks
         with self.down_lock:
             if epoch != self.epoch or self.down_sock is None:
                 return
@@ -360,21 +361,3 @@ class Worker:
             if self.down_sock is not None:
                 close_now(self.down_sock)
             self.down_sock = None
-
-
-def rss_mb() -> float | None:
-    """This process's resident memory in MB: what each node reports for /health and /metrics."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    try:                                    # no /proc (macOS): the peak instead, in bytes there
-        import resource
-        import sys
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
-    except (ImportError, OSError):
-        return None

@@ -18,6 +18,7 @@ concurrent clients) can be added to the same table.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
-from ..model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head
+from ..model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head, kernels
 from ..weights import ensure_synthetic, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
@@ -192,10 +193,21 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
     }
 
 
+@contextlib.contextmanager
+def kernels_as(gemv_rows: int, prefill_rows: int):
+    """Run this process's steps with the given kernel choice (model.kernels), then restore it."""
+    k = kernels
+    saved = (k.gemv_rows, k.prefill_rows)
+    k.gemv_rows, k.prefill_rows = gemv_rows, prefill_rows
+    try:
+        yield
+    finally:
+        k.gemv_rows, k.prefill_rows = saved
+
+
 def bench_prefill(engine: Engine, prompt_len: int = 512, repeats: int = 3) -> dict:
     """A lone prompt's prefill, tokens/s (best of `repeats`): in 64-row chunks (before issue 16) and
     in the chunks this process chose (model.kernels.prefill_rows), alternately, in this one run."""
-    from .bench_cluster import kernels_as
     ids = bench_prompt(min(prompt_len, engine.config.n_ctx - 1), seed=1)
     k = engine.scheduler.kernels
     out = {"prompt_len": len(ids), "prefill_rows": k.prefill_rows}

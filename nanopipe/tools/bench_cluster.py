@@ -13,7 +13,6 @@ All of it runs the real code: the scheduler of `engine.py`, real `serve`/`join` 
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -23,7 +22,7 @@ from .. import model
 from ..cluster.wire import HEADER, Msg, encode_frame
 from ..decoding import SamplingParams
 from ..engine import Engine, Request
-from .bench import bench_prompt, generate_fixed
+from .bench import bench_prompt, generate_fixed, kernels_as
 from .localcluster import LocalCluster
 
 LINKS = {  # name: (latency ms, Mbit/s)
@@ -170,18 +169,6 @@ def format_hops(result: dict) -> str:
 
 
 OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64"}   # before issue 16: always one gemm
-
-
-@contextlib.contextmanager
-def kernels_as(gemv_rows: int, prefill_rows: int):
-    """Run this process's steps with the given kernel choice (model.kernels), then restore it."""
-    k = model.kernels
-    saved = (k.gemv_rows, k.prefill_rows)
-    k.gemv_rows, k.prefill_rows = gemv_rows, prefill_rows
-    try:
-        yield
-    finally:
-        k.gemv_rows, k.prefill_rows = saved
 
 
 def node_kernels(cluster: LocalCluster) -> list:

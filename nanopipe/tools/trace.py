@@ -25,81 +25,17 @@ Where the numbers come from:
 
 The leader sends this per token when a GENERATE asks for it (meta "trace": true); each TOKEN frame
 then also carries "hops", "head_ms", "transit_total_ms" and "top" (the 5 likeliest ids with their
-probabilities, before temperature). `step_info` builds it inside the scheduler (engine.py).
+probabilities, before temperature). `engine.step_info` builds it inside the scheduler, `decoding.top_probs` the top 5.
 """
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
-from ..decoding import is_number
+from ..decoding import round_sig
 
 SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
-
-
-# ---------------------------------------------------------------------------------------------
-# what the scheduler records for a traced step
-
-
-def step_info(stage, batch, trace: list, t_back: float) -> dict:
-    """The journey of one batch round the ring, from the scheduler's timings and the workers' trace.
-
-    stage: rank 0's StageWeights; batch: the engine's Batch (t0, front_ms, counts);
-    trace: the workers' entries in ring order, each {"rank", "compute_ms", "layers", "bytes_in", "t_in"},
-    the last one also {"bytes_out", "t_back"}; t_back: perf_counter() when the batch came back.
-    Hop i is node i's compute and the frame it sends on. In one process (no ring, trace == [])
-    there is a single hop and nothing goes on a wire.
-    """
-    now_wall, now_perf = time.time(), time.perf_counter()
-
-    def wall(perf: float) -> float:         # rank 0 times with perf_counter; the workers' stamps are wall clock
-        return now_wall - (now_perf - perf)
-
-    rows, C = sum(batch.counts), stage.config.n_embd
-    front_done = wall(batch.t0) + batch.front_ms / 1000
-    # an older worker leaves out what it does not know: those cells become None ("?" when printed)
-    done = [(0, [stage.lo, stage.hi], batch.front_ms, front_done)]          # (rank, layers, ms, when it ended)
-    done += [(e["rank"], _span(e.get("layers")), e["compute_ms"], _plus_ms(_number(e.get("t_in")), e["compute_ms"]))
-             for e in trace]
-    arrived = [(_number(e.get("bytes_in")), _number(e.get("t_in"))) for e in trace]   # (frame bytes, when it came)
-    arrived += [(_number(trace[-1].get("bytes_out")), _number(trace[-1].get("t_back")))] if trace else [(0, front_done)]
-    hops = [{"rank": rank, "layers": layers, "shape": [rows, C], "bytes": nbytes, "compute_ms": round(ms, 3),
-             "transit_ms": None if t is None or end is None else round((t - end) * 1000, 3)}
-            for (rank, layers, ms, end), (nbytes, t) in zip(done, arrived)]
-    ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms if trace else 0.0
-    return {"hops": hops, "head_ms": round((now_perf - t_back) * 1000, 3),
-            "transit_total_ms": round(max(0.0, ring_ms - sum(e["compute_ms"] for e in trace)), 3)}
-
-
-def _plus_ms(t: float | None, ms: float) -> float | None:
-    return None if t is None else t + ms / 1000
-
-
-def _number(x) -> float | None:
-    """A number a worker reported, or None: a bad value must not stop the scheduler."""
-    return x if is_number(x) else None
-
-
-def _span(x) -> list | None:
-    return x if isinstance(x, list) and len(x) == 2 and all(_number(v) is not None for v in x) else None
-
-
-def top_probs(logprobs: np.ndarray, k: int = 5) -> list:
-    """The k likeliest ids as [[id, probability], ...], likeliest first.
-
-    log_softmax([0.0, 2.0, 1.0]) = [-2.408, -0.408, -1.408] (probabilities 0.090, 0.665, 0.245), k=2
-    -> [[1, 0.665241], [2, 0.244728]]     (6 significant digits: a random model's 2.7e-05 stays readable)
-    """
-    k = min(k, logprobs.shape[-1])
-    ids = np.argpartition(-logprobs, k - 1)[:k]                             # (k,) in no particular order
-    ids = ids[np.lexsort((ids, -logprobs[ids]))]                            # likeliest first, ties by id
-    return [[int(i), _sig(np.exp(logprobs[i]))] for i in ids]
-
-
-def _sig(p) -> float:
-    return float(f"{float(p):.6g}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +132,7 @@ def _describe(raw: dict, prompt: str, tok) -> dict:
     for m in raw.pop("events"):
         hops = [dict(h, node=hosts.get(h["rank"], f"rank{h['rank']}")) for h in m["hops"]]
         tokens.append({"index": len(tokens), "id": m["token"], "piece": tok.pieces([m["token"]])[0],
-                       "logprob": m["logprob"], "prob": _sig(np.exp(m["logprob"])), "hops": hops,
+                       "logprob": m["logprob"], "prob": round_sig(np.exp(m["logprob"])), "hops": hops,
                        "head_ms": m.get("head_ms"), "transit_total_ms": m.get("transit_total_ms"),
                        "top": [{"id": i, "piece": tok.pieces([i])[0], "prob": p} for i, p in m["top"]]})
     return {"prompt": prompt, "prompt_ids": raw["prompt_ids"], "prompt_pieces": tok.pieces(raw["prompt_ids"]),

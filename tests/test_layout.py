@@ -1,0 +1,187 @@
+"""The layout shows the design, and the imports keep it: tools -> web/cluster -> engine -> model.
+
+    nanopipe/          the core: model, decoding, tokenizer, weights, engine, partition, config
+    nanopipe/cluster/  the wire, the handshake, a worker stage, the leader, a client
+    nanopipe/web/      the Flask app, the guide's chat API, the OpenAI-compatible API, metrics
+    nanopipe/tools/    the CLI, pull, a local cluster, trace, benchmarks
+
+Read from the source (ast), so a lazy import inside a function counts as much as one at the top.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "nanopipe"
+# what each layer may import from nanopipe: a layer sees only the layers below it
+ALLOWED = {
+    "core": {"core"},
+    "cluster": {"core", "cluster"},
+    "web": {"core", "cluster", "web"},
+    "tools": {"core", "cluster", "web", "tools"},
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def layer(mod: str) -> str:
+    """nanopipe.cluster.leader -> "cluster"; nanopipe.engine -> "core"; `python -m nanopipe` runs the CLI."""
+    if mod == "nanopipe.__main__":
+        return "tools"
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in ALLOWED else "core"
+
+
+def imports_of(mod: str, path: Path) -> set[str]:
+    """Every nanopipe module `mod` imports, anywhere in the file, as absolute names."""
+    pkg = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("nanopipe")}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[: len(pkg) - (node.level - 1)] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            if not name.startswith("nanopipe"):
+                continue
+            known = modules()
+            for a in node.names:    # `from . import openai` names a module, `from .x import f` does not
+                out.add(f"{name}.{a.name}" if f"{name}.{a.name}" in known else name)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: {i for i in imports_of(m, p) if i in mods and i != m} for m, p in mods.items()}
+
+
+def test_the_layers_import_downwards_only():
+    bad = [f"{m} ({layer(m)}) imports {i} ({layer(i)})"
+           for m, deps in graph().items() for i in sorted(deps) if layer(i) not in ALLOWED[layer(m)]]
+    assert not bad, "imports must point tools -> web/cluster -> core:\n  " + "\n  ".join(bad)
+
+
+def cycles_in(g: dict[str, set[str]]) -> list[str]:
+    """Every back edge of a depth-first walk, as "a -> b -> a" (empty: the graph has no cycle)."""
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(g[m]):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])
+    return cycles
+
+
+# web/app.py and web/openai.py import each other (openai.py inside functions); splitting web/app.py
+# removes it (issue 13, phase 2). Listed so that no NEW cycle gets in meanwhile.
+KNOWN_CYCLES = {"nanopipe.web.app -> nanopipe.web.openai -> nanopipe.web.app"}
+
+
+def test_no_import_cycles():
+    cycles = [c for c in cycles_in(graph()) if c not in KNOWN_CYCLES]
+    assert not cycles, "import cycles:\n  " + "\n  ".join(cycles)
+
+
+def test_the_leader_side_and_the_worker_side_share_only_the_wire():
+    """A leader process runs no stage code of a worker's, and a worker none of the leader's: what both
+    need (the wire, the handshake, a node's memory, the simulated link) lives in wire/net/node."""
+    g = graph()
+    worker, leader_side = "nanopipe.cluster.worker", {"nanopipe.cluster.leader"}
+    bad = [f"{m} imports {worker}" for m in leader_side if worker in g.get(m, ())]
+    bad += [f"{worker} imports {m}" for m in leader_side if m in g[worker]]
+    assert not bad, "\n".join(bad)
+
+
+def test_config_is_data():
+    """config.py reads YAML into frozen dataclasses; waiting, sockets and threads belong to the cluster
+    (the simulated link's sleep is cluster/node.py's LinkModel)."""
+    tree = ast.parse((PKG / "config.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    acting = sorted(names & {"time", "socket", "threading", "subprocess", "select", "ssl"})
+    assert not acting, f"config.py imports {acting}: keep config as data, act on it in cluster/"
+
+
+def test_the_checker_catches_a_core_module_importing_an_edge_one(tmp_path, monkeypatch):
+    """The rule above can fail: a core module importing the web app is reported."""
+    fake = tmp_path / "nanopipe"
+    (fake / "web").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "web" / "__init__.py").write_text("")
+    (fake / "web" / "app.py").write_text("from ..engine import Scheduler\n")
+    (fake / "engine.py").write_text("def f():\n    from .web import app\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
+    g = graph()
+    assert "nanopipe.web.app" in g["nanopipe.engine"] and layer("nanopipe.web.app") == "web"
+    with pytest.raises(AssertionError, match="nanopipe.engine .core. imports nanopipe.web.app"):
+        test_the_layers_import_downwards_only()
+    with pytest.raises(AssertionError, match="import cycles"):
+        test_no_import_cycles()
+    assert cycles_in({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert cycles_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
+
+
+def test_the_checker_reads_relative_and_lazy_imports(tmp_path, monkeypatch):
+    """`from . import x`, `from ..x import f` and an import inside a function all count."""
+    fake = tmp_path / "nanopipe"
+    (fake / "cluster").mkdir(parents=True)
+    for f in ("__init__.py", "model.py", "cluster/__init__.py", "cluster/wire.py"):
+        (fake / f).write_text("")
+    (fake / "cluster" / "worker.py").write_text("from . import wire\n\ndef f():\n    from ..model import gelu\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
+    assert graph()["nanopipe.cluster.worker"] == {"nanopipe.cluster.wire", "nanopipe.model"}
+
+
+@pytest.mark.parametrize("module", ["nanopipe.cluster.worker", "nanopipe.engine", "nanopipe.cluster.leader"])
+def test_a_node_stays_light(module):
+    """A Pi worker needs numpy, PyYAML and the standard library: no tokenizer, web framework, metrics
+    library or CLI gets imported on the way, and nothing from nanopipe's web or tools. The leader
+    loads the tokenizer only when a client sends text, so importing it pulls in none of them either."""
+    code = (f"import sys, {module}; heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tiktoken', "
+            "'flask', 'werkzeug', 'prometheus_client', 'click', 'torch') or m.startswith(('nanopipe.web', "
+            "'nanopipe.tools'))); print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
+
+
+def test_every_test_imports_a_module_of_this_tree():
+    """`from nanopipe import pull` must not quietly find an older checkout's flat nanopipe/pull.py (an
+    editable install of another tree can answer for a module this one no longer has): every nanopipe
+    module a test names exists here, e.g. `from nanopipe.tools import pull`."""
+    known = modules()
+    defined = {p: {t.id for n in ast.parse(known[p].read_text()).body if isinstance(n, ast.Assign)
+                   for t in n.targets if isinstance(t, ast.Name)} for p in known if known[p].name == "__init__.py"}
+    bad = []
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "nanopipe"]
+                bad += [f"{path.name}:{node.lineno} import {n}" for n in names if n not in known]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nanopipe":
+                if node.module not in known:
+                    bad.append(f"{path.name}:{node.lineno} from {node.module}")
+                elif node.module in defined:        # a package: what it gives is its submodules and __init__'s names
+                    bad += [f"{path.name}:{node.lineno} from {node.module} import {a.name}" for a in node.names
+                            if f"{node.module}.{a.name}" not in known and a.name not in defined[node.module]]
+    assert not bad, "tests import nanopipe modules this tree does not have:\n  " + "\n  ".join(bad)
