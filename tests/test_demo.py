@@ -393,9 +393,9 @@ def test_local_cluster_removes_its_folder_and_starts_the_leader_first(tiny_weigh
 def test_demo_configs_keep_the_users_model_plan_and_settings(tmp_path, monkeypatch):
     from nanopipe.config import load_cluster_config, load_model_config
     from nanopipe.model import GPTConfig
-    from nanopipe.tools.cli import plan_ranges
     from nanopipe.tools.demo import demo_configs
     from nanopipe.tools.localcluster import write_yaml_files
+    from nanopipe.tools.planning import plan_ranges
 
     monkeypatch.chdir(tmp_path)
     user = write_config_dir(tmp_path / "cfg", [7000, 7001, 7002], auth_token="s3cret", rejoin_grace_s=7,

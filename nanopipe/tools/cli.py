@@ -8,6 +8,7 @@ import platform
 import click
 
 from ..config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound
+from .planning import SetupError, configured_weights, model_shape, plan_ranges, plan_table, setup_rank
 
 
 class UserError(click.ClickException):
@@ -31,7 +32,7 @@ def _fail_clean(fn):
             from ..safetensors_io import SafetensorsError
             from ..weights import WeightsError
             if isinstance(e, (ConfigError, PartitionError, DecodingError, WeightsError, SafetensorsError,
-                              ContextOverflow, KernelChoiceError)):
+                              ContextOverflow, KernelChoiceError, SetupError)):
                 raise UserError(str(e)) from None
             raise
     return wrapper
@@ -66,16 +67,6 @@ def common_options(fn):
     fn = click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
                       help="Folder holding the YAML configs.")(fn)
     return fn
-
-
-def resolve_weights(config_dir: str, model_name: str | None, weights_path: str | None) -> str:
-    """--weights if given, else weights/<filename> from model_weights.yaml for the chosen model."""
-    if weights_path:
-        return weights_path
-    from ..config import load_model_config, load_weights_config
-    mc = load_model_config(config_dir, model_name)
-    src = load_weights_config(config_dir, mc.weights_model_name)
-    return os.path.join("weights", src.filename)
 
 
 @click.group()
@@ -210,7 +201,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                 raise UserError(str(e)) from None
         else:
             from ..engine import Engine
-            path = resolve_weights(config_dir, model_name, weights_path)
+            path = configured_weights(config_dir, model_name, weights_path)
             if not os.path.exists(path):
                 raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
             engine = Engine.load(path, n_head=n_head)
@@ -340,56 +331,9 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
         click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
                    f"in `generate`); taking it as --partition {old_partition}", err=True)
         partition = partition or old_partition
-    from ..config import check_agree, load_model_config
-    from ..partition import format_plan, stage_bytes
-    mc = load_model_config(config_dir, model_name)
-    cluster = _cluster_if_any(config_dir)
-    if cluster is not None and nodes is None:
-        try:
-            check_agree(mc, cluster, os.path.join(config_dir, "model_config.yaml"))
-        except ConfigError as e:
-            raise UserError(f"{e} (or pass --nodes N to plan for another size)") from None
-    cfg = _model_shape(config_dir, mc, weights_path)
-    ranges = plan_ranges(mc, cfg, nodes, partition)
-    names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
-    sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0))
-             for r, (lo, hi) in enumerate(ranges)]
-    click.echo(format_plan(ranges, names=names, bytes_per_rank=sizes))
-
-
-def plan_ranges(mc, cfg, nodes=None, partition=None):
-    """The layer ranges per rank: the model's layer_mapping if it has one (for its num_nodes),
-    else the `partition` strategy (default: the model's)."""
-    from ..partition import PartitionError
-    from ..partition import plan as make_plan
-    nodes = nodes or mc.num_nodes
-    partition = partition or mc.partition
-    if mc.layer_mapping and partition in ("even", "mapping"):
-        if nodes != mc.num_nodes:
-            raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
-                                 "for another number of nodes pass --strategy even or balanced")
-        return make_plan(cfg.n_layer, nodes, "mapping", mapping=mc.layer_mapping)
-    return make_plan(cfg.n_layer, nodes, partition, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab)
-
-
-def _model_shape(config_dir, mc, weights_path):
-    """The model's shape: from the weights file when there is one, else from the known GPT-2 sizes."""
-    from ..model import GPTConfig
-    from ..weights import KNOWN_N_HEAD, SIZES, read_config
-    path = resolve_weights(config_dir, mc.name, weights_path)
-    if os.path.exists(path):
-        return read_config(path, mc.n_head)[0]
-    L, C, H = SIZES.get(mc.weights_model_name, (mc.num_layers, 768, mc.n_head or KNOWN_N_HEAD[768]))
-    return GPTConfig(n_layer=mc.num_layers, n_embd=C, n_head=mc.n_head or H)
-
-
-def _cluster_if_any(config_dir):
-    """cluster_config.yaml if the folder has one (None if not); a broken one is an error."""
-    from ..config import load_cluster_config
-    try:
-        return load_cluster_config(config_dir)
-    except ConfigNotFound:
-        return None
+    from ..partition import format_plan
+    p = plan_table(config_dir, model_name, weights_path, nodes, partition)
+    click.echo(format_plan(p.ranges, names=p.names, bytes_per_rank=p.bytes_per_rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,69 +341,14 @@ def _cluster_if_any(config_dir):
 
 
 def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
-    """Configs, the layer plan, and this rank's weights file (pulled if missing and configured).
-
-    `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>"."""
-    from ..config import check_agree, load_cluster_config, load_model_config, load_weights_config
+    """Configs, the layer plan, and this rank's weights file (pulled if missing and configured):
+    planning.setup_rank, after _share_cores has set OpenBLAS's environment for this machine."""
+    from ..config import load_cluster_config, load_model_config
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
     _share_cores(cc, rank)
-    check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
-    if weights_path is None:
-        src = load_weights_config(config_dir, mc.weights_model_name)
-        weights_path = _ensure_weights(mc, src, rank, cc, config_dir, log)
-    else:
-        log(f"Checking for model weights ({mc.weights_model_name})...")
-        if not os.path.exists(weights_path):
-            raise UserError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
-                            f"`nanopipe init-weights {weights_path}` for synthetic weights")
-        log(f"Model weights ready at: {weights_path}")
-    cfg = _model_shape(config_dir, mc, weights_path)
-    ranges = plan_ranges(mc, cfg, len(cc.nodes))
-    return mc, cc, cfg, ranges, weights_path
-
-
-def _ensure_weights(mc, src, rank, cc, config_dir, log=click.echo):
-    """This rank's weights file, pulled if it is not here yet.
-
-    Rank 0 needs the whole file, weights/<filename>. A worker uses the whole file if it is here,
-    else only its own blocks lo..hi-1, pulled into weights/<name>.layers-<first>-<last>.safetensors
-    (inclusive, like --layers; `pull.slice_path`): rank 2 of gpt2 on 3 nodes fetches blocks 8..11,
-    113 of the file's 548 MB, into weights/gpt2.layers-8-11.safetensors.
-    """
-    from .pull import PullError, ensure_weights
-    entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
-    try:
-        if rank == 0:
-            return ensure_weights(mc.weights_model_name, entry, "weights", log=log)
-        lo, hi = plan_ranges(mc, _planning_shape(config_dir, mc, src), len(cc.nodes))[rank]
-        return ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False,
-                              log=log)
-    except PullError as e:
-        raise UserError(str(e)) from None
-
-
-def _planning_shape(config_dir, mc, src):
-    """The model's shape, for a worker to work out its slice before it has any weights.
-
-    The even split and a layer_mapping need only the layer count. The balanced split also weighs
-    the LM head (n_embd, n_vocab): for a model of no known GPT-2 size, the remote file's header
-    (two small Range requests) says what they are.
-    """
-    from ..weights import SIZES
-    cfg = _model_shape(config_dir, mc, None)
-    full = os.path.join("weights", src.filename)
-    if mc.partition != "balanced" or os.path.exists(full) or mc.weights_model_name in SIZES:
-        return cfg
-    import dataclasses
-
-    from ..gpt2_tensors import base_name
-    from .pull import remote_header
-    shapes = {base_name(n): t.shape for n, t in remote_header(src.url).tensors.items()}
-    if "wte.weight" not in shapes:
-        return cfg
-    n_vocab, n_embd = shapes["wte.weight"]
-    return dataclasses.replace(cfg, n_embd=n_embd, n_vocab=n_vocab)
+    s = setup_rank(config_dir, mc, cc, weights_path, rank, log=log)
+    return mc, cc, s.cfg, s.ranges, s.weights_path
 
 
 @main.command(short_help="Run the leader (rank 0) of a cluster.")
@@ -600,7 +489,7 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
             from ..weights import ensure_synthetic  # one shared file per shape
             ensure_synthetic(path, "weights", "gpt2", log=click.echo)
     try:
-        ranges = plan_ranges(mc, _model_shape(config_dir, mc, path), nodes)
+        ranges = plan_ranges(mc, model_shape(config_dir, mc, path), nodes)
         run_demo(path, mc, cc, ranges, web=web, web_port=web_port, restarts=restarts, echo=click.echo)
     except (DemoError, PartitionError) as e:
         raise UserError(str(e)) from None

@@ -1,0 +1,168 @@
+"""Which node runs which layers, from which weights file: what `plan`, `serve`, `join` and `demo` work out
+before anything runs, as plain functions (the CLI only prints and exits; tests call these directly).
+
+    mc = load_model_config("configs")                # gpt2, 12 layers, num_nodes 3, partition even
+    ranges = plan_ranges(mc, model_shape("configs", mc, None))          # [(0, 4), (4, 8), (8, 12)]
+    stage = setup_rank("configs", mc, cc, None, rank=2)                 # pulls blocks 8..11 if missing
+    stage.weights_path                                                  # weights/gpt2.layers-8-11.safetensors
+
+A worker can plan its slice before it has any weights: the layer count is in the config, and for the
+balanced split of a model of no known GPT-2 size, the remote file's header (two small Range requests)
+gives n_embd and n_vocab (planning_shape).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from ..config import ConfigError, ConfigNotFound
+
+
+class SetupError(RuntimeError):
+    """A node cannot get ready (its weights are missing and cannot be pulled): the message says what to do."""
+
+
+def configured_weights(config_dir: str, model_name: str | None, weights_path: str | None) -> str:
+    """--weights if given, else weights/<filename> from model_weights.yaml for the chosen model."""
+    if weights_path:
+        return weights_path
+    from ..config import load_model_config, load_weights_config
+    mc = load_model_config(config_dir, model_name)
+    src = load_weights_config(config_dir, mc.weights_model_name)
+    return os.path.join("weights", src.filename)
+
+
+def cluster_if_any(config_dir: str):
+    """cluster_config.yaml if the folder has one (None if not); a broken one is an error."""
+    from ..config import load_cluster_config
+    try:
+        return load_cluster_config(config_dir)
+    except ConfigNotFound:
+        return None
+
+
+def plan_ranges(mc, cfg, nodes=None, partition=None):
+    """The layer ranges per rank: the model's layer_mapping if it has one (for its num_nodes),
+    else the `partition` strategy (default: the model's)."""
+    from ..partition import PartitionError
+    from ..partition import plan as make_plan
+    nodes = nodes or mc.num_nodes
+    partition = partition or mc.partition
+    if mc.layer_mapping and partition in ("even", "mapping"):
+        if nodes != mc.num_nodes:
+            raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
+                                 "for another number of nodes pass --strategy even or balanced")
+        return make_plan(cfg.n_layer, nodes, "mapping", mapping=mc.layer_mapping)
+    return make_plan(cfg.n_layer, nodes, partition, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab)
+
+
+def model_shape(config_dir, mc, weights_path):
+    """The model's shape: from the weights file when there is one, else from the known GPT-2 sizes."""
+    from ..model import GPTConfig
+    from ..weights import KNOWN_N_HEAD, SIZES, read_config
+    path = configured_weights(config_dir, mc.name, weights_path)
+    if os.path.exists(path):
+        return read_config(path, mc.n_head)[0]
+    L, C, H = SIZES.get(mc.weights_model_name, (mc.num_layers, 768, mc.n_head or KNOWN_N_HEAD[768]))
+    return GPTConfig(n_layer=mc.num_layers, n_embd=C, n_head=mc.n_head or H)
+
+
+def planning_shape(config_dir, mc, src):
+    """The model's shape, for a worker to work out its slice before it has any weights.
+
+    The even split and a layer_mapping need only the layer count. The balanced split also weighs
+    the LM head (n_embd, n_vocab): for a model of no known GPT-2 size, the remote file's header
+    (two small Range requests) says what they are.
+    """
+    from ..weights import SIZES
+    cfg = model_shape(config_dir, mc, None)
+    full = os.path.join("weights", src.filename)
+    if mc.partition != "balanced" or os.path.exists(full) or mc.weights_model_name in SIZES:
+        return cfg
+    from ..gpt2_tensors import base_name
+    from .pull import remote_header
+    shapes = {base_name(n): t.shape for n, t in remote_header(src.url).tensors.items()}
+    if "wte.weight" not in shapes:
+        return cfg
+    n_vocab, n_embd = shapes["wte.weight"]
+    return dataclasses.replace(cfg, n_embd=n_embd, n_vocab=n_vocab)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `nanopipe plan` prints: per rank its layers [lo, hi), node name and weight bytes."""
+    ranges: list
+    names: list
+    bytes_per_rank: list
+
+
+def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, partition=None) -> Plan:
+    """The plan of model_config.yaml (and cluster_config.yaml's node names, if there is one).
+
+    Without --nodes the cluster file must agree with the model's num_nodes; with --nodes it plans
+    for another size and names the extra nodes node3, node4, ...
+    """
+    from ..config import check_agree, load_model_config
+    from ..partition import stage_bytes
+    mc = load_model_config(config_dir, model_name)
+    cluster = cluster_if_any(config_dir)
+    if cluster is not None and nodes is None:
+        try:
+            check_agree(mc, cluster, os.path.join(config_dir, "model_config.yaml"))
+        except ConfigError as e:
+            raise SetupError(f"{e} (or pass --nodes N to plan for another size)") from None
+    cfg = model_shape(config_dir, mc, weights_path)
+    ranges = plan_ranges(mc, cfg, nodes, partition)
+    names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
+    sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0))
+             for r, (lo, hi) in enumerate(ranges)]
+    return Plan(ranges, names, sizes)
+
+
+def rank_weights(mc, src, rank, cc, config_dir, log=print) -> str:
+    """This rank's weights file, pulled if it is not here yet.
+
+    Rank 0 needs the whole file, weights/<filename>. A worker uses the whole file if it is here,
+    else only its own blocks lo..hi-1, pulled into weights/<name>.layers-<first>-<last>.safetensors
+    (inclusive, like --layers; `pull.slice_path`): rank 2 of gpt2 on 3 nodes fetches blocks 8..11,
+    113 of the file's 548 MB, into weights/gpt2.layers-8-11.safetensors.
+    """
+    from .pull import PullError, ensure_weights
+    entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
+    try:
+        if rank == 0:
+            return ensure_weights(mc.weights_model_name, entry, "weights", log=log)
+        lo, hi = plan_ranges(mc, planning_shape(config_dir, mc, src), len(cc.nodes))[rank]
+        return ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False,
+                              log=log)
+    except PullError as e:
+        raise SetupError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """What a node needs to start: the model's shape, every rank's layers, and its own weights file."""
+    cfg: object                 # model.GPTConfig
+    ranges: list                # [(lo, hi)] per rank
+    weights_path: str
+
+
+def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
+    """Check the configs agree, find (or pull) this rank's weights, and plan the layers.
+
+    `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>".
+    """
+    from ..config import check_agree, load_weights_config
+    check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
+    if weights_path is None:
+        src = load_weights_config(config_dir, mc.weights_model_name)
+        weights_path = rank_weights(mc, src, rank, cc, config_dir, log)
+    else:
+        log(f"Checking for model weights ({mc.weights_model_name})...")
+        if not os.path.exists(weights_path):
+            raise SetupError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
+                             f"`nanopipe init-weights {weights_path}` for synthetic weights")
+        log(f"Model weights ready at: {weights_path}")
+    cfg = model_shape(config_dir, mc, weights_path)
+    return RankSetup(cfg, plan_ranges(mc, cfg, len(cc.nodes)), weights_path)
