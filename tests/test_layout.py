@@ -185,3 +185,15 @@ def test_every_test_imports_a_module_of_this_tree():
                     bad += [f"{path.name}:{node.lineno} from {node.module} import {a.name}" for a in node.names
                             if f"{node.module}.{a.name}" not in known and a.name not in defined[node.module]]
     assert not bad, "tests import nanopipe modules this tree does not have:\n  " + "\n  ".join(bad)
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    """Every module of nanopipe/ has a line in README.md's Layout section, and every path there exists."""
+    import re
+    readme = (PKG.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout\n"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    named = set(re.findall(r"`((?:nanopipe/)[\w/]+\.py)`", section))
+    files = {str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert not files - named, f"README.md's Layout section does not mention {sorted(files - named)}"
+    assert not named - files, f"README.md's Layout section names files that do not exist: {sorted(named - files)}"
