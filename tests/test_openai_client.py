@@ -1,0 +1,138 @@
+"""The official `openai` Python package against `nanopipe web` in front of a live local cluster.
+
+What evaluation harnesses and OpenAI clients send first: a batch of token-id prompts scored with
+echo + logprobs (max_tokens 0, and 1), n choices with a seed, a streamed batch, an unknown model.
+Answers are checked against the single process (nanopipe.engine.Engine on the same weights): the
+cluster runs the same functions, but batches other rows into each matmul, so logprobs compare with
+a tolerance (printed) and tokens exactly.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai", reason="the `openai` package is in the test extra: pip install -e '.[test]'")
+
+from werkzeug.serving import make_server  # noqa: E402
+
+from nanopipe.decoding import SamplingParams  # noqa: E402
+from nanopipe.engine import EOT  # noqa: E402
+from nanopipe.localcluster import LocalCluster  # noqa: E402
+from nanopipe.tokenizer import get_tokenizer  # noqa: E402
+from nanopipe.webapp import create_app, settings_from_configs  # noqa: E402
+
+PROMPTS = [[15496, 995, 11, 616], [464, 3290, 318], [40, 588, 257, 1310, 286]]
+LP_TOL = 1e-5       # cluster vs one process: same functions, different batch rows per matmul
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_weights):
+    with LocalCluster(tiny_weights, nodes=3) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    """An OpenAI client talking HTTP to the web app, which talks to the cluster's leader."""
+    app = create_app(settings_from_configs(cluster.config_dir, leader=cluster.leader_addr))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused", max_retries=0,
+                            timeout=60)
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def max_live(cluster) -> int:
+    with cluster.client() as c:
+        return c.status()["max_live_sessions"]
+
+
+def test_models_lists_the_config_name_then_the_hub_name(api):
+    assert [m.id for m in api.models.list().data] == ["local", "synthetic"]
+
+
+def test_an_unknown_model_raises_not_found(api):
+    with pytest.raises(openai.NotFoundError) as e:
+        api.completions.create(model="no-such-model", prompt="Hello", max_tokens=1)
+    assert e.value.code == "model_not_found" and "no-such-model" in e.value.message
+
+
+def test_score_a_batch_of_token_id_prompts_with_max_tokens_0(api, tiny_engine):
+    r = api.completions.create(model="local", prompt=PROMPTS, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    assert r.model == "local" and [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.prompt_tokens == sum(map(len, PROMPTS)) and r.usage.completion_tokens == 0
+    tok = get_tokenizer()
+    worst = 0.0
+    for ids, choice in zip(PROMPTS, r.choices):
+        want = tiny_engine.generate(ids, SamplingParams("greedy", max_tokens=1), echo=True, top_logprobs=2,
+                                    score_only=True)
+        lp = choice.logprobs
+        assert choice.text == tok.decode(ids) and lp.tokens == tok.pieces(ids), "the prompt, and nothing more"
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None      # nothing came before token 0
+        worst = max(worst, float(np.max(np.abs(np.subtract(lp.token_logprobs[1:], want["prompt_logprobs"])))))
+        for top, want_top in zip(lp.top_logprobs[1:], want["prompt_top_logprobs"]):
+            assert list(top) == tok.pieces([t["id"] for t in want_top]), "top-2 alternatives, most likely first"
+    print(f"largest logprob difference, cluster vs one process: {worst:.2e}")
+    assert worst <= LP_TOL
+
+
+def test_score_with_max_tokens_1_adds_the_greedy_token(api, tiny_engine):
+    r = api.completions.create(model="synthetic", prompt=PROMPTS, echo=True, logprobs=1, max_tokens=1,
+                               temperature=0)
+    assert r.model == "local" and r.usage.completion_tokens == len(PROMPTS)
+    tok = get_tokenizer()
+    for ids, choice in zip(PROMPTS, r.choices):
+        want = tiny_engine.generate(ids, SamplingParams("greedy", max_tokens=1), echo=True, top_logprobs=1)
+        lp = choice.logprobs
+        assert lp.tokens == tok.pieces(ids + want["token_ids"]) and len(lp.top_logprobs) == len(ids) + 1
+        assert abs(lp.token_logprobs[-1] - want["logprobs"][0]) <= LP_TOL
+        assert list(lp.top_logprobs[-1]) == tok.pieces(want["token_ids"])      # greedy: the top-1 is the token
+
+
+def test_a_batch_runs_as_concurrent_sessions_of_one_scheduler(api, cluster):
+    """12 prompts in one request: the leader admits them all in the same scheduler step, so 12
+    sessions are live at once (one after another, never more than one would be)."""
+    prompts = [[15496 + i, 995, 11] for i in range(12)]
+    before = max_live(cluster)
+    assert before < 12, f"precondition: an earlier test already had {before} sessions live at once"
+    r = api.completions.create(model="local", prompt=prompts, echo=True, logprobs=1, max_tokens=0)
+    assert len(r.choices) == 12
+    assert max_live(cluster) >= 12
+
+
+def test_n_3_with_a_seed_is_reproducible_and_each_choice_uses_seed_plus_its_index(api, tiny_engine):
+    ask = dict(model="local", prompt="Hello, I'm a language model,", n=3, seed=7, temperature=0.9, max_tokens=8)
+    first, again = api.completions.create(**ask), api.completions.create(**ask)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and texts == [c.text for c in again.choices]
+    assert len(set(texts)) > 1, f"three samples of a 50257-token distribution came out identical: {texts}"
+    tok = get_tokenizer()
+    ids = tok.encode(ask["prompt"])
+    sampled = 0
+    for j, text in enumerate(texts):
+        out = tiny_engine.generate(ids, SamplingParams("sampling", temperature=0.9, max_tokens=8, seed=7 + j))
+        assert text == tok.decode([t for t in out["token_ids"] if t != EOT]), f"choice {j} vs seed {7 + j}"
+        sampled += len(out["token_ids"])
+    assert first.usage.prompt_tokens == len(ids) and first.usage.completion_tokens == sampled
+
+
+def test_a_streamed_batch_carries_each_choice_index_and_the_usage(api):
+    prompts = ["Hello", "The three small computers"]
+    whole = api.completions.create(model="local", prompt=prompts, max_tokens=5, temperature=0)
+    want = [c.text for c in whole.choices]
+    chunks = list(api.completions.create(model="local", prompt=prompts, max_tokens=5, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    got = {0: "", 1: ""}
+    for chunk in chunks:
+        for c in chunk.choices:
+            got[c.index] += c.text
+    assert [got[0], got[1]] == want
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    finals = [(c.index, c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason]
+    assert [i for i, _ in finals] == [0, 1]
