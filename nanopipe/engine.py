@@ -117,7 +117,13 @@ class Scheduler:
             raise DecodingError("prompt is empty: give at least one token")
         if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
             raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}")
-        req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n)
+        if req.score_only:          # nothing is generated: the prompt alone must fit, all n_ctx of it
+            if n > self.config.n_ctx:
+                raise DecodingError(f"prompt: {n} tokens do not fit the context of n_ctx={self.config.n_ctx}; "
+                                    "score a shorter window")
+            req.params.validate()
+        else:
+            req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n)
 
     def submit(self, req: Request) -> str:
         self.check(req)

@@ -603,8 +603,13 @@ def start_batch(prompts: list, seeds: list, params: SamplingParams, route: str, 
     """start_generation for several prompts at once (each already repeated n times)."""
     client = connect()
     try:
+        n_ctx = state().leader_info.get("n_ctx")
         for ids in prompts:
-            check_fits(params, ids, state().leader_info.get("n_ctx"), field)
+            if not score_only:
+                check_fits(params, ids, n_ctx, field)
+            elif n_ctx and len(ids) > n_ctx:        # scoring generates nothing: all n_ctx positions may be prompt
+                raise ApiError(400, f"{field}: the prompt is {len(ids)} tokens, but the model's context is "
+                                    f"n_ctx={n_ctx}; score a shorter window", param=field)
     except ApiError:
         client.close()
         raise

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_golden import CASES, HF_DIR
 
-from nanopipe.decoding import SamplingParams, log_softmax
+from nanopipe.decoding import DecodingError, SamplingParams, log_softmax
 from nanopipe.engine import Engine, Request
 
 ATOL = 1e-4
@@ -131,3 +131,16 @@ def test_batched_scoring_equals_scoring_one_at_a_time(engine):
         worst = max(worst, float(np.max(np.abs(np.subtract(alone["prompt_logprobs"], r["prompt_logprobs"])))))
     print(f"largest difference batched vs alone: {worst:.2e}")
     assert worst <= 1e-5
+
+
+def test_scoring_may_fill_the_whole_context_but_not_more(engine):
+    """Nothing is generated, so a window of exactly n_ctx tokens can be scored (harnesses send
+    max_length windows); one token more is refused before anything runs."""
+    n_ctx = engine.config.n_ctx
+    ids = (CASES[3][0] * 2)[:n_ctx]
+    result = score_batch(engine, [ids])[0]
+    assert len(result["prompt_logprobs"]) == n_ctx - 1
+    with pytest.raises(DecodingError, match=f"do not fit the context of n_ctx={n_ctx}"):
+        engine.scheduler.submit_many([Request(ids, SCORE, echo=True, score_only=True),
+                                      Request(ids + [1], SCORE, echo=True, score_only=True)])
+    assert engine.scheduler.waiting.empty(), "a batch with one bad request must queue none of them"

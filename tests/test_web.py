@@ -653,6 +653,15 @@ def test_scoring_only_echoes_the_prompt_with_logprobs_and_no_new_token(client, l
     assert r.json["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
 
 
+def test_scoring_may_use_the_whole_context(client, leader):
+    fits = client.post("/v1/completions", json={"prompt": [11] * 64, "max_tokens": 0, "echo": True})
+    assert fits.status_code == 200, fits.json                                 # n_ctx is 64: nothing is generated
+    too_long = client.post("/v1/completions", json={"prompt": [11] * 65, "max_tokens": 0, "echo": True})
+    assert too_long.status_code == 400 and "n_ctx=64" in too_long.json["error"]["message"]
+    generate = client.post("/v1/completions", json={"prompt": [11] * 64, "max_tokens": 1})
+    assert generate.status_code == 400                                        # 64 + 1 token does not fit
+
+
 def test_chat_reports_usage(client):
     r = client.post("/chat", json={"text": "Hello", "max_tokens": 2})
     assert r.json["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
