@@ -21,6 +21,15 @@ OpenAI sampling fields map onto a decoding strategy: temperature 0 -> greedy; ot
 top_p < 1, else top_k if top_k (an extension) is given, else sampling. A request that sets none of
 temperature, top_p and top_k gets the model's configured default strategy (model_config.yaml).
 
+Batches and scoring (/v1/completions). `prompt` may be a list of prompts, and `n` asks for n
+choices of each; they all go to the leader in one message and run as concurrent sessions of one
+scheduler batch (choice i*n + j is prompt i's choice j, sampled with seed + j when a seed is
+given). `echo` with `max_tokens: 0` scores the prompt, the request evaluation harnesses send:
+
+    {"prompt": [[464, 3290, 318]], "echo": true, "max_tokens": 0, "logprobs": 1}
+    -> tokens ["The", " dog", " is"], token_logprobs [null, log p(" dog" | "The"), log p(" is" | "The dog")],
+       top_logprobs [null, {top-1 after "The": its logprob}, {top-1 after "The dog": its logprob}]
+
 Errors, in a response or mid-stream, have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
@@ -122,11 +131,11 @@ def check_model(body: dict):
     name = body.get("model")
     if name is None:
         return
-    names = served_names()
-    if name not in names:
-        raise ApiError(404, f"The model {json.dumps(name)} does not exist: this server serves "
-                            f"{' (alias '.join(json.dumps(n) for n in names[:2])}{')' if len(names) > 1 else ''}; "
-                            "see GET /v1/models", param="model", kind="not_found", code="model_not_found")
+    served, *aliases = served_names()
+    if name != served and name not in aliases:
+        also = f" (alias {', '.join(json.dumps(a) for a in aliases)})" if aliases else ""
+        raise ApiError(404, f"The model {json.dumps(name)} does not exist: this server serves {json.dumps(served)}"
+                            f"{also}; see GET /v1/models", param="model", kind="not_found", code="model_not_found")
 
 
 def choice_count(body: dict) -> int:
@@ -188,8 +197,8 @@ def chat_prompt(messages) -> str:
 def encode_prompts(prompt, field: str = "prompt") -> list:
     """The `prompt` of /v1/completions -> a list of prompts, each a list of token ids, in order.
 
-    "Hi" -> [[17250]];  [17250, 995] -> [[17250, 995]];  ["Hi", "Bye"] -> [[17250], [33, 5948]];
-    [[17250], [33, 5948]] -> [[17250], [33, 5948]]
+    "Hi" -> [[17250]];  [17250, 995] -> [[17250, 995]];  ["Hi", "Bye"] -> [[17250], [3886, 68]];
+    [[17250], [3886, 68]] -> [[17250], [3886, 68]]
     """
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) > 1 or isinstance(prompt[0], list):
