@@ -88,28 +88,59 @@ def main():
 def sampling_options(fn):
     for opt in reversed([
         click.option("--strategy", default=None,
-                     help="greedy | sampling | top_k | top_p (default: model_config.yaml)."),
-        click.option("--temperature", type=float, default=None),
+                     help="greedy | sampling | top_k | top_p (default: chosen by the options given, as in "
+                          "the web API, else model_config.yaml's)."),
+        click.option("--temperature", type=float, default=None, help="0 means greedy."),
         click.option("--top-k", type=int, default=None),
         click.option("--top-p", type=float, default=None),
         click.option("--max-tokens", type=int, default=None),
         click.option("--seed", type=int, default=None, help="Same seed, same tokens."),
+        click.option("--stop", multiple=True, metavar="TEXT",
+                     help="End the reply where this text appears (not printed); up to 4, repeat the option."),
+        click.option("--frequency-penalty", type=float, default=None,
+                     help="-2..2: lower a token's score by this much per time it was generated."),
+        click.option("--presence-penalty", type=float, default=None,
+                     help="-2..2: lower the score of every token generated at least once."),
+        click.option("--repetition-penalty", type=float, default=None,
+                     help="> 0, e.g. 1.3: divide (multiply, if negative) the score of every token seen so far."),
+        click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
+                     help="Add BIAS (-100..100) to token ID's score, e.g. 50256=-100; repeat the option."),
     ]):
         fn = opt(fn)
     return fn
 
 
-def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed):
+def parse_logit_bias(items) -> dict:
+    """("50256=-100", "13=2.5") -> {"50256": -100.0, "13": 2.5}; the values are checked by SamplingParams."""
+    from .decoding import DecodingError
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise DecodingError(f"--logit-bias: expected ID=BIAS such as 50256=-100 (got {item!r})", field="logit_bias")
+    return out
+
+
+def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed, stop=(),
+                  frequency_penalty=None, presence_penalty=None, repetition_penalty=None, logit_bias=()):
+    """The SamplingParams `generate` runs with: the same rule as the web API (decoding.request_params),
+    so `--temperature 0` is greedy and `--top-k 40` alone is top_k sampling."""
     from .config import load_model_config
-    from .decoding import make_params
+    from .decoding import check_stop, request_params
     try:
         defaults = load_model_config(config_dir, model_name).decoding_defaults()
     except ConfigError:
         if model_name:
             raise
         defaults = None     # no configs folder: built-in defaults
-    return make_params(defaults, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
-                       max_tokens=max_tokens, seed=seed)
+    return request_params(defaults, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+                          max_tokens=max_tokens, seed=seed, stop=list(check_stop(list(stop))),
+                          frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                          repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(logit_bias) or None)
 
 
 @main.command()
@@ -123,17 +154,20 @@ def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, m
 @click.option("--echo", is_flag=True, help="With --json: also the logprob of every prompt token.")
 @_fail_clean
 def generate(prompt, config_dir, model_name, weights_path, strategy, temperature, top_k, top_p, max_tokens, seed,
-             leader, n_head, as_json, top_logprobs, echo):
+             stop, frequency_penalty, presence_penalty, repetition_penalty, logit_bias, leader, n_head, as_json,
+             top_logprobs, echo):
     """Generate text for PROMPT, in this process or on a cluster (--leader)."""
-    from .tokenizer import StreamDecoder, get_tokenizer
+    from .tokenizer import StopStream, get_tokenizer
     tok = get_tokenizer()
-    params = make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed)
+    params = make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed, stop,
+                           frequency_penalty, presence_penalty, repetition_penalty, logit_bias)
     prompt_ids = tok.encode(prompt)
-    stream = StreamDecoder(tok)
+    stream = StopStream(tok, params.stop)      # what is printed: the same cut the generation makes
 
     def on_token(t):
+        piece = stream.push(t)
         if not as_json:
-            click.echo(stream.push(t), nl=False)
+            click.echo(piece, nl=False)
 
     if not as_json:
         click.echo(prompt, nl=False)
@@ -152,13 +186,15 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         path = resolve_weights(config_dir, model_name, weights_path)
         engine = Engine.load(path, n_head=n_head)
         result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
+    tail = stream.flush()
     if as_json:
-        result = dict(result, text=tok.decode(result["token_ids"]))
-        for key in ("id", "request", "session"):    # bookkeeping of one process or one connection
+        # with stop strings, the text is cut where the generation stopped (the stop string left out)
+        result = dict(result, text=stream.text if params.stop else tok.decode(result["token_ids"]))
+        for key in ("id", "request", "session", "tail"):    # bookkeeping of one process or one connection
             result.pop(key, None)
         click.echo(json.dumps(result))
     else:
-        click.echo(stream.flush())
+        click.echo(tail)
 
 
 def _leader_auth(config_dir) -> tuple:

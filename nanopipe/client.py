@@ -17,9 +17,10 @@ from .wire import ConnectionClosed, Msg, WireError, recv_frame, send_frame
 class ClientError(RuntimeError):
     """The leader is unreachable, refused us, or the generation failed; `kind` says which."""
 
-    def __init__(self, message: str, kind: str = "cluster"):
+    def __init__(self, message: str, kind: str = "cluster", field: str | None = None):
         super().__init__(message)
         self.kind = kind        # "unreachable" | "invalid" (bad request) | "cluster" (failed mid-way)
+        self.field = field      # for "invalid": the request field at fault, if one is
 
 
 class LeaderClient:
@@ -66,13 +67,15 @@ class LeaderClient:
                  top_logprobs: int = 0, text: bool = True, on_event=None, **fields) -> dict:
         """Run one generation. `prompt` is token ids (a list) or text (a str, tokenized by the leader).
         `params` is a SamplingParams or None (the leader's defaults); `fields` override single values
-        (strategy, temperature, top_k, top_p, max_tokens, seed, and trace=True for per-hop data).
+        (strategy, temperature, top_k, top_p, max_tokens, seed, stop, frequency_penalty,
+        presence_penalty, repetition_penalty, logit_bias, and trace=True for per-hop data); a
+        field left out means the leader's default, and the leader infers the strategy from the
+        fields sent (decoding.infer_strategy).
         on_token(id, text) sees each token; on_event(meta) sees each TOKEN frame's whole meta."""
         meta = {"request": f"r{next(self._ids)}", "echo": echo, "top_logprobs": top_logprobs, "text": text}
         meta["prompt_ids" if isinstance(prompt, list) else "prompt"] = prompt
         if params is not None:
-            meta.update(strategy=params.strategy, temperature=params.temperature, top_k=params.top_k,
-                        top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed)
+            meta.update(params.sent_fields())
         meta.update({k: v for k, v in fields.items() if v is not None})
         self._send(Msg.GENERATE, meta)
         tail = ""
@@ -94,7 +97,8 @@ class LeaderClient:
                     on_token(None, tail)
                 return m
             elif frame.msg is Msg.ERROR:
-                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"))
+                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"),
+                                  m.get("field"))
 
     def generate_batch(self, prompts: list, params=None, seeds: list | None = None, on_token=None, on_status=None,
                        echo: bool = False, top_logprobs: int = 0, text: bool = True, **fields) -> list:
@@ -108,9 +112,8 @@ class LeaderClient:
         """
         base = f"r{next(self._ids)}"
         meta = {"request": base, "echo": echo, "top_logprobs": top_logprobs, "text": text}
-        if params is not None:
-            meta.update(strategy=params.strategy, temperature=params.temperature, top_k=params.top_k,
-                        top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed)
+        if params is not None:      # stop, penalties and bias too: each generation applies them itself
+            meta.update(params.sent_fields())
         meta.update({k: v for k, v in fields.items() if v is not None})
         items = []
         for i, prompt in enumerate(prompts):
@@ -127,7 +130,8 @@ class LeaderClient:
             m = frame.meta
             i = index.get(m.get("request"))
             if frame.msg is Msg.ERROR:
-                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"))
+                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"),
+                                  m.get("field"))
             if frame.msg is Msg.STATUS and on_status is not None:
                 on_status(m.get("text", ""))
             if i is None:

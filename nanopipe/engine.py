@@ -24,13 +24,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoding import DecodingError, SamplingParams, log_softmax, logsumexp, make_rng, most_likely, sample
+from .decoding import (
+    EOT,
+    DecodingError,
+    SamplingParams,
+    log_softmax,
+    logsumexp,
+    make_rng,
+    most_likely,
+    penalize,
+    sample,
+)
 from .model import KVCache, blocks_forward, embed, head
 from .trace import step_info, top_probs
 from .weights import StageWeights, load_stage
 
 PREFILL_CHUNK = 64        # prompt rows per session per step, so a long prompt never stalls the others
-EOT = 50256               # <|endoftext|>
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Request:
     stop_at_eot: bool = True
     id: str = ""
     trace: bool = False             # each token event also carries its step's hops and top-5 (nanopipe/trace.py)
+    text: object = None             # a tokenizer.StopStream: token events carry "text"; a stop string ends it
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Session:
     in_flight: bool = False
     finished: bool = False
     cancelled: bool = False
+    finish_reason: str = "length"
     t_start: float = 0.0
     t_first: float | None = None
     t_prefill_done: float | None = None
@@ -114,16 +125,17 @@ class Scheduler:
         """Validate a request before it is queued; raises DecodingError with a clear message."""
         n = len(req.prompt_ids)
         if n == 0:
-            raise DecodingError("prompt is empty: give at least one token")
+            raise DecodingError("prompt is empty: give at least one token", field="prompt")
         if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
-            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}")
+            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}", field="prompt")
+        # the checked copy is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers
         if req.score_only:          # nothing is generated: the prompt alone must fit, all n_ctx of it
             if n > self.config.n_ctx:
                 raise DecodingError(f"prompt: {n} tokens do not fit the context of n_ctx={self.config.n_ctx}; "
-                                    "score a shorter window")
-            req.params.validate()
+                                    "score a shorter window", field="prompt")
+            req.params = req.params.validate(n_vocab=self.config.n_vocab)
         else:
-            req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n)
+            req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
 
     def submit(self, req: Request) -> str:
         self.check(req)
@@ -341,7 +353,8 @@ class Scheduler:
                 self._end(s)
 
     def _sample(self, s: Session, logits: np.ndarray, step: dict | None = None):
-        tok = int(sample(logits, s.req.params, s.rng))
+        # penalties and bias change what the strategy sees; the logprobs reported stay the model's
+        tok = int(sample(penalize(logits, s.req.params, s.req.prompt_ids, s.out_ids), s.req.params, s.rng))
         lse = logsumexp(logits)             # logprob(t) = logits[t] - lse: no full (V,) log_softmax per token
         s.out_ids.append(tok)
         s.logprobs.append(float(logits[tok]) - lse)
@@ -352,11 +365,16 @@ class Scheduler:
             s.t_first = time.perf_counter()
         self.stats["tokens"] += 1
         data = {"id": tok, "logprob": s.logprobs[-1], "index": len(s.out_ids) - 1}
+        eot = s.req.stop_at_eot and tok == EOT
+        if s.req.text is not None:      # <|endoftext|> that ends the reply is not text
+            data["text"] = "" if eot else s.req.text.push(tok)
         if step is not None and s.req.trace:
             data.update(step, top=top_probs(log_softmax(logits), 5))
         _emit(s.req, "token", data)
-        eot = s.req.stop_at_eot and tok == EOT
-        if eot or len(s.out_ids) >= s.req.params.max_tokens:
+        stopped = s.req.text is not None and s.req.text.stopped is not None
+        if eot or stopped:
+            s.finished, s.finish_reason = True, "stop"
+        elif len(s.out_ids) >= s.req.params.max_tokens:
             s.finished = True
         else:
             s.pending.append(tok)
@@ -405,7 +423,7 @@ def result_of(s: Session) -> dict:
         "prefill_ms": round(prefill_ms, 3), "ttft_ms": round(prefill_ms, 3),
         "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
         "total_ms": round((end - s.t_start) * 1000, 3),
-        "finish_reason": "stop" if s.out_ids and s.out_ids[-1] == EOT and s.req.stop_at_eot else "length",
+        "finish_reason": s.finish_reason,
         "node_ms": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in sorted(s.node_ms.items())},
         "seed": s.req.params.seed,
     }
@@ -415,6 +433,10 @@ def result_of(s: Session) -> dict:
         out["prompt_logprobs"] = list(s.prompt_logprobs)
         if s.req.top_logprobs:
             out["prompt_top_logprobs"] = [[{"id": t, "logprob": lp} for t, lp in pos] for pos in s.prompt_top_logprobs]
+    if s.req.text is not None:          # the reply's text without a stop string; tail: held back until now
+        out["tail"] = s.req.text.flush()
+        out["text"] = s.req.text.text
+        out["stop"] = s.req.text.stopped
     return out
 
 
@@ -445,8 +467,17 @@ class Engine:
         return head(x, st.ln_f, st.lm_head)                                     # (T, V)
 
     def generate(self, prompt_ids, params: SamplingParams, on_token=None, echo: bool = False,
-                 top_logprobs: int = 0, score_only: bool = False) -> dict:
-        """Generate for one prompt; `on_token(id)` is called as each token is sampled."""
+                 top_logprobs: int = 0, score_only: bool = False, text=None) -> dict:
+        """Generate for one prompt; `on_token(id)` is called as each token is sampled. `score_only`:
+        score the prompt (echo), generate nothing.
+
+        `text`: a tokenizer.StopStream; one is made when params has stop strings. With one, the
+        result also holds "text" (the reply, without the stop string) and "stop" (which one hit).
+        """
+        params = params.validate()          # stop "x" -> ("x",) before a StopStream reads it
+        if text is None and params.stop:
+            from .tokenizer import StopStream
+            text = StopStream(stops=params.stop)
         box = {}
 
         def emit(kind, data):
@@ -456,7 +487,7 @@ class Engine:
                 box[kind] = data
 
         self.scheduler.submit(Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs,
-                                      score_only=score_only))
+                                      score_only=score_only, text=text))
         self.scheduler.run_until_idle()
         if "error" in box:
             raise RuntimeError(box["error"]["error"])

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ClusterConfig, ModelConfig
-from .decoding import DecodingError, make_params
+from .decoding import DecodingError, is_int, request_params
 from .engine import Request, Scheduler
 from .net import (
     HandshakeError,
@@ -50,7 +50,9 @@ from .wire import (
 )
 from .worker import rss_mb
 
-CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed")
+# the sampling fields a GENERATE may carry (absent: the model's defaults; see decoding.request_params)
+CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "frequency_penalty",
+                 "presence_penalty", "repetition_penalty", "logit_bias")
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
 CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while frames wait is dropped
 CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
@@ -594,36 +596,36 @@ class Leader:
             if prompt_ids is None:
                 text = meta.get("prompt")
                 if not isinstance(text, str) or not text:
-                    raise DecodingError("prompt: give a non-empty 'prompt' string or 'prompt_ids'")
+                    raise DecodingError("prompt: give a non-empty 'prompt' string or 'prompt_ids'", field="prompt")
                 prompt_ids = self._tok().encode(text)
-            if not isinstance(prompt_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in prompt_ids):
-                raise DecodingError("prompt_ids: must be a list of token ids")
-            overrides = {k: meta.get(k) for k in CLIENT_FIELDS}
-            params = make_params(self.model.decoding_defaults(), **overrides)
+            if not isinstance(prompt_ids, list) or not all(is_int(t) for t in prompt_ids):
+                raise DecodingError("prompt_ids: must be a list of token ids", field="prompt")
+            params = request_params(self.model.decoding_defaults(), **{k: meta.get(k) for k in CLIENT_FIELDS})
             top = meta.get("top_logprobs", 0) or 0
-            if not isinstance(top, int) or not 0 <= top <= 20:
-                raise DecodingError("top_logprobs: must be an integer in 0..20")
+            if not is_int(top) or not 0 <= top <= 20:
+                raise DecodingError("top_logprobs: must be an integer in 0..20", field="top_logprobs")
             if self.scheduler.waiting.qsize() >= 4 * self.cluster.max_sessions:
                 raise DecodingError(f"busy: {self.scheduler.waiting.qsize()} requests already waiting; retry later")
         except (DecodingError, TypeError, ValueError) as e:     # TypeError: e.g. a list where a name goes
             self.metrics["errors"] += 1
-            send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid"})
+            send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid",
+                             "field": getattr(e, "field", None)})
             return
-        tok = self._tok() if meta.get("text", True) else None
-        stream = tok.stream_decoder() if tok is not None else None
+        want_text = meta.get("text", True) is not False
+        # the stream that cuts the reply at a stop string; also the text a client is sent
+        stream = self._tok().stop_stream(params.stop) if want_text or params.stop else None
 
         def emit(kind, data):
             if kind == "token":
                 traced = {k: data[k] for k in ("hops", "head_ms", "transit_total_ms", "top") if k in data}
                 send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"], "logprob": data["logprob"],
-                                 "text": stream.push(data["id"]) if stream else "", **traced})
+                                 "text": data.get("text", "") if want_text else "", **traced})
             elif kind == "status":
                 send(Msg.STATUS, {"request": req_id, "session": req.id, "text": data["text"]})
             elif kind == "done":
                 mine.discard(req.id)
-                data = dict(data, text=tok.decode(data["token_ids"]) if tok else None,
-                            tail=stream.flush() if stream else "")
+                if not want_text:
+                    data = dict(data, text=None, tail="")
                 send(Msg.DONE, dict(data, request=req_id, session=req.id))
             elif kind == "error":
                 mine.discard(req.id)
@@ -632,12 +634,12 @@ class Leader:
 
         req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
                       trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True,
-                      score_only=meta.get("score_only") is True)
+                      score_only=meta.get("score_only") is True, text=stream)
         try:
             self.scheduler.submit(req)
         except DecodingError as e:
             self.metrics["errors"] += 1
-            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid"})
+            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid", "field": e.field})
             return
         mine.add(req.id)
         self.metrics["requests"] += 1

@@ -17,9 +17,14 @@ that ends where the assistant's reply should start:
      {"role": "user", "content": "Who are you?"}]         User: Who are you?
                                                           Assistant:
 
-OpenAI sampling fields map onto a decoding strategy: temperature 0 -> greedy; otherwise top_p if
-top_p < 1, else top_k if top_k (an extension) is given, else sampling. A request that sets none of
-temperature, top_p and top_k gets the model's configured default strategy (model_config.yaml).
+The reply ends at the template's next turn marker, CHAT_STOP ("\nUser:"), as well as at any `stop`
+the client sends: GPT-2 would otherwise write the user's next line too.
+
+OpenAI sampling fields map onto a decoding strategy by decoding.infer_strategy, the rule /chat
+uses too: temperature 0 -> greedy; top_k (an extension) -> top_k; top_p < 1 -> top_p; else
+sampling; top_k with top_p < 1 is a 400. A request that sets none of temperature, top_p and top_k
+gets the model's configured default strategy (model_config.yaml). stop, frequency_penalty,
+presence_penalty, logit_bias and repetition_penalty (an extension) apply to every strategy.
 
 Batches and scoring (/v1/completions). `prompt` may be a list of prompts, and `n` asks for n
 choices of each; they all go to the leader in one message and run as concurrent sessions of one
@@ -40,14 +45,13 @@ import uuid
 
 from flask import Blueprint, current_app, jsonify
 
+from .decoding import EOT, is_int
 from .webapp import (
-    EOT,
     ApiError,
     BatchGeneration,
     Generation,
     event_stream,
     flag,
-    is_int,
     json_body,
     leader_status,
     model_aliases,
@@ -64,6 +68,7 @@ from .webapp import (
 )
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply ends there
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
 
 # The request fields each route knows; any other is refused, naming it. Sampler fields (stop,
@@ -88,22 +93,6 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 # ---------------------------------------------------------------------------------------------
 # Reading requests
-
-
-def openai_strategy(temperature, top_p, top_k) -> str | None:
-    """OpenAI's knobs -> a strategy name; None means "the model's default".
-
-    (0, *, *) -> greedy;  (0.7, 0.9, None) -> top_p;  (0.7, 1, 40) -> top_k;  (0.7, None, None) -> sampling
-    """
-    if temperature is None and top_p is None and top_k is None:
-        return None
-    if temperature == 0:
-        return "greedy"
-    if top_p is not None and top_p < 1:
-        return "top_p"
-    if top_k is not None:
-        return "top_k"
-    return "sampling"
 
 
 def check_fields(body: dict, known: tuple):
@@ -148,8 +137,10 @@ def choice_count(body: dict) -> int:
     return n
 
 
-def openai_request(body: dict, max_n: int = 1) -> tuple:
-    """The fields /v1/completions and /v1/chat/completions share -> (SamplingParams, stream)."""
+def openai_request(body: dict, stop=(), max_n: int = 1) -> tuple:
+    """The fields /v1/completions and /v1/chat/completions share -> (SamplingParams, stream).
+    `stop`: stop strings the route always adds (the chat template's next turn); `max_n`: the
+    largest n the route takes (the caller checks n itself when it is above 1)."""
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
         body = dict(body, max_tokens=body["max_completion_tokens"])     # the chat API's newer name
     if max_n == 1 and body.get("n") not in (None, 1):
@@ -159,13 +150,8 @@ def openai_request(body: dict, max_n: int = 1) -> tuple:
     if body.get("suffix") not in (None, ""):
         raise ApiError(400, "suffix: not supported (GPT-2 only continues text; it cannot fill in before a suffix)",
                        param="suffix")
-    if body.get("stop") not in (None, [], ""):
-        raise ApiError(400, "stop: stop sequences are not supported; generation ends at <|endoftext|> or "
-                            "max_tokens", param="stop")
     stream = flag(body, "stream")
-    fields = sampling_fields(body)
-    strategy = openai_strategy(fields["temperature"], fields["top_p"], fields["top_k"])
-    return resolve(strategy, fields), stream
+    return resolve(None, sampling_fields(body, stop)), stream
 
 
 def chat_prompt(messages) -> str:
@@ -411,7 +397,7 @@ def chat_completions():
     body = json_body()
     check_fields(body, CHAT_COMPLETION_FIELDS)
     check_model(body)
-    params, stream = openai_request(body)
+    params, stream = openai_request(body, stop=(CHAT_STOP,))
     want_logprobs = flag(body, "logprobs")
     top = optional(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= 20, "an integer in 0..20")
     if stream and want_logprobs:

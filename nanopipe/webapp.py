@@ -17,7 +17,9 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
 
     GET  /                      the chat page (web/index.html) and /static/* (no token needed)
     POST /chat                  {"text", "max_tokens", "temperature", "top_k", "top_p",
-                                 "decoding_strategy", "seed", "stream"} -> {"response", "config", "stats"}
+                                 "decoding_strategy", "seed", "stream", "stop", "frequency_penalty",
+                                 "presence_penalty", "repetition_penalty", "logit_bias", "chat"}
+                                 -> {"response", "config", "stats"}
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import math
 import os
 import queue
 import socket
@@ -47,16 +48,27 @@ from werkzeug.exceptions import HTTPException
 
 from .client import ClientError, LeaderClient
 from .config import ConfigError, load_cluster_config, load_model_config
-from .decoding import STRATEGIES, STRATEGY_USES, DecodingError, SamplingParams, make_params
+from .decoding import (
+    EOT,
+    STRATEGIES,
+    STRATEGY_USES,
+    DecodingError,
+    SamplingParams,
+    check_stop,
+    request_params,
+)
 from .web_metrics import WebMetrics, render_metrics
 
-EOT = 50256                        # <|endoftext|>: ends a reply; it is not shown as text
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
 RECONNECT_ATTEMPTS = 3
 MAX_BODY_BYTES = 1 << 20
 PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: the page asks for it
 MAX_CHOICES = 16                   # prompts x n in one /v1/completions request (NANOPIPE_MAX_CHOICES)
-CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream")
+# the sampling fields /chat and the OpenAI routes share; each is checked once, by SamplingParams.validate
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
+                   "presence_penalty", "repetition_penalty", "logit_bias")
+CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream", "stop",
+               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "chat")
 
 
 def web_dir() -> str:
@@ -124,19 +136,11 @@ class ApiError(Exception):
         self.code = code
 
 
-def named_field(message: str) -> str | None:
-    """The request field an error message starts with, so a client can point at it.
-
-    "max_tokens must be >= 1 (got 0)" -> "max_tokens";  "prompt: too long" -> "prompt";  "lost the leader" -> None
-    """
-    words = message.split(":")[0].split()
-    return words[0] if words and words[0] in CHAT_FIELDS + ("prompt",) else None
-
-
 def leader_error(e: ClientError) -> ApiError:
-    """The leader's refusal of a request is the caller's fault (400); anything else is 503."""
+    """The leader's refusal of a request is the caller's fault (400, naming the field it carries);
+    anything else is 503."""
     if e.kind == "invalid":
-        return ApiError(400, str(e), param=named_field(str(e)))
+        return ApiError(400, str(e), param=getattr(e, "field", None))
     return ApiError(503, str(e), kind=e.kind)
 
 
@@ -267,15 +271,6 @@ def json_body() -> dict:
     return body
 
 
-def is_int(v) -> bool:
-    """True for 3, False for 3.0 and for True (JSON true is not a number here)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def optional(body: dict, field: str, check, what: str):
     """body[field] if present and not null, after `check(value)` passes; else None."""
     value = body.get(field)
@@ -291,16 +286,19 @@ def flag(body: dict, field: str) -> bool:
     return bool(optional(body, field, lambda v: isinstance(v, bool), "true or false"))
 
 
-def sampling_fields(body: dict) -> dict:
-    """The sampling numbers both APIs share, type- and range-checked; absent ones are None."""
-    return {
-        "max_tokens": optional(body, "max_tokens", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-        "temperature": optional(body, "temperature", lambda v: _is_number(v) and math.isfinite(v) and v >= 0,
-                                "a number >= 0"),
-        "top_k": optional(body, "top_k", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-        "top_p": optional(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "seed": optional(body, "seed", lambda v: is_int(v) and v >= 0, "an integer >= 0 or null"),
-    }
+def sampling_fields(body: dict, stop=()) -> dict:
+    """The sampling fields both APIs share, as sent (None: not sent); `resolve` checks them.
+
+    `stop`: stop strings the route adds to the client's own (up to 4), e.g. the chat template's
+    turn marker: {"stop": "."}, stop=("\\nUser:",) -> ["\\nUser:", "."]
+    """
+    fields = {f: body.get(f) for f in SAMPLING_FIELDS}
+    try:
+        sent = check_stop(fields["stop"])           # a client may send up to 4 (OpenAI's limit)
+    except DecodingError as e:
+        raise ApiError(400, str(e), param=e.field) from None
+    fields["stop"] = list(stop) + [s for s in sent if s not in stop]
+    return fields
 
 
 def decoding_defaults() -> dict:
@@ -315,18 +313,20 @@ def decoding_defaults() -> dict:
 
 
 def resolve(strategy: str | None, fields: dict) -> SamplingParams:
-    """The exact SamplingParams a request runs with: config defaults, then the request's values."""
+    """The exact SamplingParams a request runs with: config defaults, then the request's values,
+    the strategy inferred from them when none is named (decoding.request_params)."""
     try:
-        return make_params(decoding_defaults(), strategy=strategy, **fields)
+        return request_params(decoding_defaults(), strategy=strategy, **fields)
     except DecodingError as e:
-        raise ApiError(400, str(e), param=named_field(str(e))) from None
+        raise ApiError(400, str(e), param=e.field) from None
 
 
 def chat_request(body: dict) -> tuple:
     """POST /chat's body -> (prompt text, SamplingParams, stream).
 
-    {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False): temperature 0 without a
-    decoding_strategy means greedy, as in the OpenAI API.
+    Without a decoding_strategy the fields choose one, as in the OpenAI routes:
+    {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False);
+    {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ("Hi", top_k, False), whatever the default.
     """
     unknown = sorted(set(body) - set(CHAT_FIELDS))
     if unknown:
@@ -337,10 +337,11 @@ def chat_request(body: dict) -> tuple:
     strategy = optional(body, "decoding_strategy", lambda v: v in STRATEGIES,
                         f"one of {', '.join(sorted(STRATEGIES))}")
     stream = flag(body, "stream")
-    fields = sampling_fields(body)
-    if strategy is None and fields["temperature"] == 0:
-        strategy = "greedy"
-    return text, resolve(strategy, fields), stream
+    stop = ()
+    if flag(body, "chat"):      # the page: text is the user's turn, in /v1/chat/completions' template
+        from .openai_api import CHAT_STOP, chat_prompt  # (openai_api builds on this module)
+        text, stop = chat_prompt([{"role": "user", "content": text}]), (CHAT_STOP,)
+    return text, resolve(strategy, sampling_fields(body, stop)), stream
 
 
 def tokenizer():
@@ -409,7 +410,7 @@ def check_fits(params: SamplingParams, prompt_ids: list, n_ctx, field: str):
     try:
         params.validate(n_ctx=n_ctx, prompt_len=len(prompt_ids))
     except DecodingError as e:
-        raise ApiError(400, str(e), param="max_tokens") from None
+        raise ApiError(400, str(e), param=e.field) from None
 
 
 def _hang_up(client):
@@ -649,9 +650,21 @@ def usage_of(result: dict, gen: Generation) -> dict:
 
 
 def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
-    """The parameter display the page shows under each reply."""
-    view = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+    """What a reply ran with, in the guide's shape; the page shows it under each reply. A knob the
+    strategy does not use is null (greedy uses none of them); stop, penalties and bias appear
+    when set.
+
+    top_k, T=0.8, k=40, 30 tokens -> {"tokens_generated": 30, "temperature": 0.8, "top_k": 40,
+    "top_p": None, "decoding_strategy": "top_k", "max_tokens": 30, "seed": None}
+    """
+    uses = STRATEGY_USES.get(params.strategy, ())
+    view = {"temperature": params.temperature if "temperature" in uses else None,
+            "top_k": params.top_k if "top_k" in uses else None,
+            "top_p": params.top_p if "top_p" in uses else None,
             "decoding_strategy": params.strategy, "max_tokens": params.max_tokens, "seed": params.seed}
+    extras = {k: v for k, v in params.sent_fields().items()
+              if k in ("stop", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias")}
+    view.update(extras)
     return view if tokens is None else {"tokens_generated": tokens, **view}
 
 

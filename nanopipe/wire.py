@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .decoding import is_int
+
 PROTOCOL_VERSION = 1
 MAGIC = b"NPIP"
 HEADER = struct.Struct("<4sBBHIQ")  # magic, version, msg type, flags, meta length, payload length
@@ -326,4 +328,4 @@ def act_sessions(frame: Frame, peer: str = "peer") -> list[dict]:
 
 
 def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return is_int(x) and x >= 0

@@ -72,10 +72,14 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def greedy_text(engine, prompt: str, max_tokens: int) -> str:
+def greedy_text(engine, prompt: str, max_tokens: int) -> tuple:
+    """(text, tokens) of what the page asks for: the prompt as a user turn in the chat template,
+    greedy, ending at the template's next "\nUser:" turn (issue 14 §2)."""
+    from nanopipe.openai_api import CHAT_STOP, chat_prompt
     tok = get_tokenizer()
-    ids = engine.generate(tok.encode(prompt), SamplingParams("greedy", max_tokens=max_tokens))["token_ids"]
-    return tok.decode([t for t in ids if t != EOT])
+    ids = tok.encode(chat_prompt([{"role": "user", "content": prompt}]))
+    result = engine.generate(ids, SamplingParams("greedy", max_tokens=max_tokens, stop=(CHAT_STOP,)))
+    return result["text"], result["tokens_generated"]
 
 
 def set_field(driver, field_id: str, value):
@@ -131,9 +135,9 @@ def test_chat_streams_a_greedy_reply_equal_to_a_single_process(browser, web, tin
 
     assert reply.get_attribute("data-state") == "done", reply.find_element(By.CSS_SELECTOR, ".status").text
     text = d.execute_script("return arguments[0].querySelector('.text').textContent", reply)
-    expected = greedy_text(tiny_engine, prompt, 24)
+    expected, n = greedy_text(tiny_engine, prompt, 24)
     assert text and text == expected.lstrip()                  # the bubble drops GPT-2's leading space
-    assert reply.get_attribute("data-tokens") == "24"          # one token event per token, none dropped
+    assert reply.get_attribute("data-tokens") == str(n)        # one token event per token, none dropped
 
     snapshots = d.execute_script("return window.__snapshots")
     growing = [s["text"] for s in snapshots if s["state"] == "streaming" and s["text"]]
@@ -142,10 +146,10 @@ def test_chat_streams_a_greedy_reply_equal_to_a_single_process(browser, web, tin
 
     chips = {c.get_attribute("data-param"): c.find_element(By.CSS_SELECTOR, ".value").text
              for c in reply.find_elements(By.CSS_SELECTOR, ".params .chip")}
-    assert chips == {"tokens": "24", "temperature": "0.65", "top_p": "0.85", "top_k": "7", "strategy": "greedy",
-                     "seed": "3"}
+    # greedy uses none of temperature, top_p, top_k: the page does not send them and shows no chip for them
+    assert chips == {"tokens": str(n), "strategy": "greedy", "seed": "3"}
     stats = {s.get_attribute("data-stat"): s.text for s in reply.find_elements(By.CSS_SELECTOR, ".stats .stat")}
-    assert stats["tokens"] == "24 tokens" and stats["ttft"].startswith("first token ") and "tok/s" in stats["tps"]
+    assert stats["tokens"] == f"{n} tokens" and stats["ttft"].startswith("first token ") and "tok/s" in stats["tps"]
     rows = reply.find_elements(By.CSS_SELECTOR, ".nodebar .nb-row")
     assert [r.get_attribute("data-rank") for r in rows] == ["0", "1", "2"]
     widths = [d.execute_script("return arguments[0].querySelector('.nb-compute').getBoundingClientRect().width", r)

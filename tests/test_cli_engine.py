@@ -160,3 +160,77 @@ def test_bench_positions_and_sweep_measure_what_they_say(weights):
     rows = sweep(weights, counts=(1, 3), nodes=1, prompt_len=4, n_tokens=5, echo=lambda *_: None)
     assert [(r["streams"], r["tokens"]) for r in rows] == [(1, 5), (3, 15)]
     assert all(r["p95_ms_per_token"] >= r["p50_ms_per_token"] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields choose the strategy, as in the web API (issue 11 §4); stop, penalties and bias
+
+
+def test_temperature_zero_is_greedy(runner, weights):
+    # it used to be an error here while the APIs treated it as greedy
+    out = generate_json(runner, weights, "--max-tokens", "5", "--temperature", "0")
+    assert out["decoding_strategy"] == "greedy"
+    assert out["token_ids"] == generate_json(runner, weights, "--max-tokens", "5", "--strategy", "greedy")["token_ids"]
+
+
+def test_top_k_alone_means_top_k(runner, weights):
+    out = generate_json(runner, weights, "--max-tokens", "2", "--top-k", "5", "--temperature", "0.7")
+    assert out["decoding_strategy"] == "top_k"
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--strategy", "greedy", "--top-k", "40"], "top_k"),
+    (["--top-k", "40", "--top-p", "0.5"], "top_p"),
+    (["--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"], "stop"),
+    (["--frequency-penalty", "3"], "frequency_penalty"),
+    (["--logit-bias", "50256"], "logit-bias"),
+    (["--logit-bias", "99999=1"], "logit_bias"),
+])
+def test_conflicting_or_bad_fields_are_clean_errors(runner, weights, args, field):
+    result = generate(runner, weights, "--max-tokens", "3", *args)
+    assert result.exit_code != 0 and "Error:" in result.output and field in result.output, result.output
+    assert isinstance(result.exception, SystemExit), f"an exception escaped: {result.exception!r}"
+
+
+def test_stop_ends_the_reply_before_the_stop_string(runner, weights, engine):
+    full = generate_json(runner, weights, "--max-tokens", "12", "--strategy", "greedy")
+    ids = full["token_ids"]
+    from nanopipe.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    stop = tok.decode(ids[4:6])                 # a stop string made of the 5th and 6th tokens
+    assert stop.strip() and "\ufffd" not in stop, "pick weights whose greedy tokens decode cleanly"
+    want = full["text"][:full["text"].index(stop)]
+    out = generate_json(runner, weights, "--max-tokens", "12", "--strategy", "greedy", "--stop", stop)
+    assert out["text"] == want and out["finish_reason"] == "stop"
+    assert out["token_ids"] == ids[:len(out["token_ids"])] and len(out["token_ids"]) <= 6
+    printed = generate(runner, weights, "--max-tokens", "12", "--strategy", "greedy", "--stop", stop)
+    assert printed.exit_code == 0 and printed.stdout == PROMPT + want + "\n"
+
+
+def greedy_with_penalties(engine, prompt, n, rep=1.0, freq=0.0, pres=0.0, bias=None) -> list:
+    """Greedy decoding written out by hand from the definitions, one full forward per token."""
+    out = []
+    for _ in range(n):
+        x = engine.logits(prompt + out)[-1].astype(np.float64)          # (V,)
+        for t, b in (bias or {}).items():
+            x[t] += b
+        for t in set(prompt + out):
+            x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+        for t in set(out):
+            x[t] -= out.count(t) * freq + pres
+        out.append(int(np.argmax(x)))
+    return out
+
+
+@pytest.mark.parametrize("args, kw", [
+    (["--repetition-penalty", "1.5"], {"rep": 1.5}),
+    (["--frequency-penalty", "1.5"], {"freq": 1.5}),
+    (["--presence-penalty", "2"], {"pres": 2.0}),
+    (["--logit-bias", "13=-100", "--logit-bias", "11=7.5"], {"bias": {13: -100, 11: 7.5}}),
+])
+def test_greedy_with_penalties_equals_the_definition(runner, weights, engine, args, kw):
+    out = generate_json(runner, weights, "--max-tokens", "10", "--strategy", "greedy", *args)
+    plain = generate_json(runner, weights, "--max-tokens", "10", "--strategy", "greedy")["token_ids"]
+    want = greedy_with_penalties(engine, PROMPT_IDS, 10, **kw)
+    assert out["token_ids"] == want
+    assert want != plain, "the penalty must change the answer, or this test proves nothing"

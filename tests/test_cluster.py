@@ -337,6 +337,27 @@ def test_client_disconnect_cancels_and_frees(cluster):
     assert 1 <= made < max_tokens, f"{made} tokens made for a client that left after 1 of {max_tokens}"
 
 
+def test_stop_string_ends_the_session_and_frees_every_cache(cluster, reference):
+    from nanopipe.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    full = reference(PROMPT, SamplingParams("greedy", max_tokens=40))
+    assert full["finish_reason"] == "length", "the weights must not end on <|endoftext|> for this test"
+    text = tok.decode(full["token_ids"])
+    stop = next(s for s in (tok.decode(full["token_ids"][i:i + 2]) for i in range(3, 30))
+                if s.strip() and "\ufffd" not in s)          # two tokens' text, from the 4th token on
+    params = SamplingParams("greedy", max_tokens=40, stop=(stop,))
+    before = status(cluster)["tokens"]
+    pieces = []
+    with cluster.client() as c:
+        got = c.generate(PROMPT, params, on_token=lambda _t, piece: pieces.append(piece))
+    assert_same(got, reference(PROMPT, params), "greedy with a stop string")
+    assert got["finish_reason"] == "stop" and got["stop"] == stop
+    assert got["text"] == "".join(pieces) == text[:text.index(stop)], "the stop string is never sent"
+    assert len(got["token_ids"]) < 40
+    st = wait_freed(cluster)            # the FREE went round at once: every stage holds no session
+    assert st["tokens"] - before == len(got["token_ids"]), "tokens were made after the stop"
+
+
 # ---------------------------------------------------------------------------------------------
 # bad requests are refused, and the leader keeps serving
 
@@ -350,14 +371,18 @@ def test_client_disconnect_cancels_and_frees(cluster):
     (PROMPT, dict(strategy="greedy", max_tokens=SHAPE["n_ctx"]), "max_tokens"),
     (PROMPT, dict(strategy="top_k", temperature=1.0, top_k=0, max_tokens=5), "top_k"),
     (PROMPT, dict(strategy="beam", max_tokens=5), "strategy"),
+    (PROMPT, dict(strategy="greedy", top_k=40, max_tokens=5), "top_k"),
+    (PROMPT, dict(max_tokens=5, stop=[""]), "stop"),
+    (PROMPT, dict(max_tokens=5, logit_bias={"99999": 1}), "logit_bias"),
 ], ids=["temperature-0", "empty-ids", "empty-text", "id-too-big", "id-negative", "past-n_ctx", "top_k-0",
-        "unknown-strategy"])
+        "unknown-strategy", "greedy-with-top_k", "empty-stop", "bias-id-too-big"])
 def test_bad_request_is_invalid_and_leader_keeps_serving(cluster, reference, prompt, fields, name):
     with cluster.client() as c:
         with pytest.raises(ClientError) as e:
             c.generate(prompt, **fields)
         assert e.value.kind == "invalid"
         assert name in str(e.value), f"the message should name {name!r}: {e.value}"
+        assert e.value.field == name.split()[0], "the field travels on the error, not only in its text"
         got = c.generate(PROMPT, CASES["greedy"])       # the same connection still works
     assert_same(got, reference(PROMPT, CASES["greedy"]), "after a bad request")
 

@@ -11,10 +11,13 @@ from nanopipe.decoding import (
     DecodingError,
     SamplingParams,
     draw,
+    infer_strategy,
     log_softmax,
     make_params,
     make_rng,
+    penalize,
     register,
+    request_params,
     sample,
     softmax,
     top_k_ids,
@@ -201,18 +204,19 @@ def test_bad_logits(logits, match):
     ({"seed": True}, "seed"),
 ])
 def test_invalid_value_names_the_field(fields, field):
-    with pytest.raises(DecodingError, match=rf"^{field} must"):
+    with pytest.raises(DecodingError, match=rf"^{field}: must") as e:
         SamplingParams(**fields).validate()
+    assert e.value.field == field, "the field is carried on the error, not parsed out of its text"
 
 
 def test_temperature_message():
     with pytest.raises(DecodingError) as e:
         SamplingParams(strategy="top_k", temperature=0).validate()
-    assert str(e.value).startswith("temperature must be > 0 for strategy 'top_k' (got 0)")
+    assert str(e.value).startswith("temperature: must be > 0 for strategy 'top_k' (got 0)")
 
 
 def test_unknown_strategy_lists_known_ones():
-    with pytest.raises(DecodingError, match=r"greedy, sampling, top_k, top_p \(got 'beam'\)"):
+    with pytest.raises(DecodingError, match=r"greedy, sampling, top_k, top_p \(got \"beam\"\)"):
         SamplingParams(strategy="beam").validate()
 
 
@@ -266,9 +270,9 @@ def test_make_params_without_config():
 
 
 def test_make_params_validates():
-    with pytest.raises(DecodingError, match="^temperature must be > 0"):
+    with pytest.raises(DecodingError, match="^temperature: must be > 0"):
         make_params(CONFIG, temperature=0)
-    with pytest.raises(DecodingError, match="^top_p must be in"):
+    with pytest.raises(DecodingError, match="^top_p: must be a number in"):
         make_params({**CONFIG, "decoding_strategies": {"top_p": {"p": 2}}})
 
 
@@ -307,7 +311,7 @@ def test_custom_strategy_is_usable_by_name(min_p_strategy):
     assert (params.strategy, params.top_p) == ("min_p", 0.5)
     # probs 0.5, 0.3, 0.15, 0.05: at least half the top probability keeps ids 0 and 1
     assert set(drawn_ids(NUCLEUS_LOGITS, params, 1000)) == {0, 1}
-    with pytest.raises(DecodingError, match="^temperature must be > 0 for strategy 'min_p'"):
+    with pytest.raises(DecodingError, match="^temperature: must be > 0 for strategy 'min_p'"):
         make_params(strategy="min_p", temperature=0)
 
 
@@ -321,5 +325,134 @@ def test_registry_errors(min_p_strategy):
 
 def test_unregistered_strategy_is_unknown_again():
     assert "min_p" not in STRATEGIES
-    with pytest.raises(DecodingError, match="^strategy must be one of"):
+    with pytest.raises(DecodingError, match="^strategy: must be one of"):
         sample(NUCLEUS_LOGITS, SamplingParams(strategy="min_p"), make_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which strategy a request's fields mean (issue 11 §4), and conflicts named by field
+
+GREEDY_CONFIG = {"active_decoding_strategy": "greedy", "max_new_tokens": 50,
+                 "decoding_strategies": {"greedy": {}, "top_k": {"temperature": 1.0, "k": 50}}}
+
+
+@pytest.mark.parametrize("sent, strategy", [
+    ({}, None),                                              # nothing sent: the model's default
+    ({"temperature": 0.8, "top_k": 40}, "top_k"),            # the guide's /chat request
+    ({"temperature": 0}, "greedy"),
+    ({"temperature": 0, "top_p": 0.5}, "greedy"),
+    ({"temperature": 0.7}, "sampling"),
+    ({"top_p": 0.3}, "top_p"),
+    ({"temperature": 0.7, "top_p": 1}, "sampling"),          # top_p 1 keeps every token
+    ({"top_k": 5, "top_p": 1}, "top_k"),
+    ({"strategy": "top_k", "top_k": 5, "temperature": 0.5}, "top_k"),
+    ({"strategy": "greedy", "temperature": 0}, "greedy"),
+    ({"strategy": "greedy", "top_p": 1}, "greedy"),
+])
+def test_infer_strategy(sent, strategy):
+    fields = {"strategy": None, **sent}
+    assert infer_strategy(fields.pop("strategy"), **fields) == strategy
+
+
+@pytest.mark.parametrize("sent, field", [
+    ({"strategy": "greedy", "top_k": 40}, "top_k"),
+    ({"strategy": "greedy", "temperature": 0.8}, "temperature"),
+    ({"strategy": "greedy", "top_p": 0.9}, "top_p"),
+    ({"strategy": "sampling", "top_k": 40}, "top_k"),
+    ({"strategy": "top_k", "top_p": 0.9}, "top_p"),
+    ({"strategy": "top_p", "top_k": 3}, "top_k"),
+    ({"top_k": 40, "top_p": 0.9}, "top_p"),
+])
+def test_a_field_the_strategy_would_ignore_is_refused(sent, field):
+    fields = {"strategy": None, **sent}
+    with pytest.raises(DecodingError) as e:
+        infer_strategy(fields.pop("strategy"), **fields)
+    assert e.value.field == field and str(e.value).startswith(f"{field}:")
+
+
+def test_guide_chat_request_on_a_greedy_cluster_runs_top_k():
+    # issue 11 §4: this request used to run greedily while claiming temperature 0.8 and top_k 40
+    params = request_params(GREEDY_CONFIG, temperature=0.8, top_k=40, max_tokens=30)
+    assert (params.strategy, params.temperature, params.top_k, params.max_tokens) == ("top_k", 0.8, 40, 30)
+    assert request_params(GREEDY_CONFIG).strategy == "greedy"
+    assert request_params(GREEDY_CONFIG, top_k=7).temperature == 1.0    # the rest from the top_k section
+
+
+def test_sent_fields_round_trip_through_request_params():
+    for params in [SamplingParams("top_k", 0.8, 40, 1.0, 30, 5), SamplingParams("greedy", max_tokens=3),
+                   SamplingParams("top_p", 0.5, top_p=0.9, stop=("\n",), frequency_penalty=0.5,
+                                  logit_bias=((7, -100.0),)).validate()]:
+        assert request_params(GREEDY_CONFIG, **params.sent_fields()) == params.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# stop, penalties and bias: validation
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"stop": list("abcdefghi")}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": 3}, "stop"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -2.01}, "presence_penalty"),
+    ({"presence_penalty": True}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"logit_bias": {"12": 101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": [1, 2]}, "logit_bias"),
+])
+def test_invalid_extra_names_the_field(fields, field):
+    with pytest.raises(DecodingError, match=rf"^{field}: ") as e:
+        SamplingParams(**fields).validate()
+    assert e.value.field == field
+
+
+def test_extras_normalized():
+    p = SamplingParams(stop="\n", logit_bias={"50256": -100, 3: 2}, frequency_penalty=1).validate()
+    assert p.stop == ("\n",) and p.logit_bias == ((3, 2.0), (50256, -100.0)) and p.frequency_penalty == 1.0
+    assert SamplingParams(stop=None).validate().stop == ()
+    with pytest.raises(DecodingError, match=r"logit_bias: 1000 is not a token id \(0..999\)"):
+        SamplingParams(logit_bias={1000: 1}).validate(n_vocab=1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# stop, penalties and bias: what they do to the logits
+
+
+def test_penalize_worked_example():
+    logits = np.array([2.0, 1.0, -1.0], np.float32)
+    prompt, reply = [0], [2, 2]
+
+    def pen(**kw):
+        return penalize(logits, SamplingParams(**kw).validate(), prompt, reply).tolist()
+
+    assert pen(repetition_penalty=2) == [1.0, 1.0, -2.0]
+    assert pen(frequency_penalty=0.5) == [2.0, 1.0, -2.0]
+    assert pen(presence_penalty=0.5) == [2.0, 1.0, -1.5]
+    assert pen(logit_bias={1: 5}) == [2.0, 6.0, -1.0]
+    assert penalize(logits, SamplingParams(), prompt, reply) is logits, "no penalty: no copy"
+    assert logits.tolist() == [2.0, 1.0, -1.0], "the caller's logits are never changed"
+
+
+def test_penalties_apply_to_every_strategy():
+    # token 0 dominates; a bias of -100 bans it for every strategy
+    logits = np.array([10.0, 0.0, 0.0, 0.0], np.float32)
+    for strategy in STRATEGIES:
+        params = SamplingParams(strategy=strategy, logit_bias={0: -100}).validate()
+        picks = {sample(penalize(logits, params), params, make_rng(s)) for s in range(30)}
+        assert 0 not in picks, strategy
+
+
+def test_frequency_penalty_matches_openai_formula():
+    rng = make_rng(3)
+    logits = rng.normal(size=50).astype(np.float32)
+    reply = [3, 3, 3, 7, 9, 9]
+    params = SamplingParams(frequency_penalty=0.7, presence_penalty=-0.4).validate()
+    out = penalize(logits, params, [1, 2], reply)
+    want = logits.astype(np.float64).copy()
+    for t in set(reply):        # mu[j] - c[j] * alpha_frequency - (c[j] > 0) * alpha_presence
+        want[t] -= reply.count(t) * 0.7 + 1 * -0.4
+    diff = float(np.max(np.abs(out - want)))
+    assert diff < 1e-5, f"largest difference {diff}"

@@ -204,7 +204,7 @@ def test_end_of_text_stops_generation(tiny_weights):
     ([], SamplingParams("greedy"), "prompt is empty"),
     ([1, 2], SamplingParams("greedy", max_tokens=127), r"max_tokens.*n_ctx=128"),
     ([1, 50257], SamplingParams("greedy"), r"token ids must be in 0\.\.50256"),
-    ([1, 2], SamplingParams("nope"), "strategy must be one of"),
+    ([1, 2], SamplingParams("nope"), "strategy: must be one of"),
 ])
 def test_scheduler_validation(tiny_engine, prompt_ids, params, match):
     with pytest.raises(DecodingError, match=match):
@@ -249,3 +249,11 @@ def test_most_likely_equals_a_stable_sort_even_with_ties():
     logits = rng.integers(0, 20, 500).astype(np.float32)           # many ties
     for k in (1, 5, 37, 500, 600):
         assert most_likely(logits, k).tolist() == np.argsort(-logits, kind="stable")[:k].tolist()
+
+
+def test_params_are_validated_copies_before_they_run(tiny_engine):
+    # a dict logit_bias (as JSON gives it) and a str stop are normalized by validate(); the engine
+    # runs the validated copy, so callers may pass SamplingParams as they built them
+    params = SamplingParams("greedy", max_tokens=3, logit_bias={"13": -100}, stop=None)
+    ids = tiny_engine.generate([15496, 995], params)["token_ids"]
+    assert 13 not in ids and len(ids) == 3

@@ -140,6 +140,33 @@ def test_greedy_tokens_match_transformers(engines, layout, case):
                          f"transformers at step {first_bad}:\n  nanopipe     {got}\n  transformers {want}")
 
 
+def _penalized_cases():
+    with np.load(GOLDEN / "tiny_golden.npz") as z:
+        return [(z[f"prompt_ids_{i}"].tolist(), z[f"bias_{i}"].tolist(), z[f"greedy_penalized_{i}"].tolist())
+                for i in range(len(CASES))]
+
+
+PENALIZED = _penalized_cases()
+
+
+@pytest.mark.parametrize("case", range(len(PENALIZED)), ids=[f"{len(c[0])}tok" for c in PENALIZED])
+def test_greedy_with_repetition_penalty_and_logit_bias_matches_transformers(engines, case):
+    """transformers' generate(repetition_penalty=1.3, sequence_bias={(t,): b}) == nanopipe's greedy with
+    repetition_penalty=1.3 and logit_bias {t: b}: the penalties, their order and the batched path."""
+    ids, bias, want = PENALIZED[case]
+    penalty = PROVENANCE["penalized"]["repetition_penalty"]
+    params = SamplingParams(strategy="greedy", max_tokens=len(want), repetition_penalty=penalty,
+                            logit_bias={int(t): b for t, b in bias}).validate()
+    engine = engines["transformers"]
+    got = engine.generate(ids, params)["token_ids"]
+    first_bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert got == want, (f"prompt of {len(ids)} tokens, repetition_penalty={penalty}, logit_bias={bias}: greedy "
+                         f"differs from transformers at step {first_bad}:\n  nanopipe     {got}\n  transformers {want}")
+    bias_only = engine.generate(ids, SamplingParams(strategy="greedy", max_tokens=len(want),
+                                                    logit_bias=params.logit_bias))["token_ids"]
+    assert bias_only != want and CASES[case][2] != want, "both the bias and the penalty must change the answer"
+
+
 def test_both_layouts_give_bit_identical_logits(engines):
     """Same float32 weights, same code: the layout must not change a single bit."""
     ids = CASES[-1][0]

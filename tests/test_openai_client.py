@@ -138,3 +138,74 @@ def test_a_streamed_batch_carries_each_choice_index_and_the_usage(api):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     finals = [(c.index, c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason]
     assert [i for i, _ in finals] == [0, 1]
+
+
+# Stop strings and penalties in batches: every choice applies them itself, as one request would.
+
+# top_k (an extension: extra_body) 3: the tiny model repeats itself, so a penalty shows
+STOP_ASK = dict(temperature=0.9, max_tokens=12, seed=11, extra_body={"top_k": 3})
+
+
+def one_process(tiny_engine, ids: list, seed: int, **fields) -> dict:
+    """The single process's run of one choice: same params, the choice's derived seed."""
+    params = SamplingParams("top_k", temperature=0.9, top_k=3, max_tokens=12, seed=seed, **fields)
+    return tiny_engine.generate(ids, params)
+
+
+def pick_stop(tiny_engine, ids: list, seed: int) -> str:
+    """A stop string the choice (ids, seed) really meets: the middle of a token past the first two
+    (so the text before it streams, and the stop begins inside a token's text)."""
+    tok = get_tokenizer()
+    out = one_process(tiny_engine, ids, seed, frequency_penalty=1.5)["token_ids"]
+    for t in out[2:]:
+        piece = tok.decode([t])
+        if len(piece.strip()) >= 3:
+            return piece[1:3]
+    pytest.fail(f"precondition: no token of 3+ characters to stop in among {tok.pieces(out)}")
+
+
+def test_a_batch_with_n_2_applies_stop_and_frequency_penalty_to_each_choice(api, tiny_engine):
+    """2 prompts x n=2 with a stop string and frequency_penalty: each choice is exactly the one-process
+    run with the same params and seed + j; the stop string is never in a reply; usage counts every
+    token sampled (the stop string's too)."""
+    tok = get_tokenizer()
+    prompts = ["Hello, I'm a language model,", "The three small computers"]
+    ids = [tok.encode(p) for p in prompts]
+    stop = pick_stop(tiny_engine, ids[0], STOP_ASK["seed"])
+    r = api.completions.create(model="local", prompt=prompts, n=2, stop=[stop], frequency_penalty=1.5, **STOP_ASK)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    sampled, unpenalized = 0, []
+    for c in r.choices:
+        i, j = divmod(c.index, 2)
+        want = one_process(tiny_engine, ids[i], STOP_ASK["seed"] + j, stop=(stop,), frequency_penalty=1.5)
+        assert (c.text, c.finish_reason) == (want["text"], want["finish_reason"]), \
+            f"choice {c.index} (prompt {i}, seed {STOP_ASK['seed'] + j}) vs one process; exact: the same calls"
+        assert stop not in c.text
+        sampled += len(want["token_ids"])
+        plain = one_process(tiny_engine, ids[i], STOP_ASK["seed"] + j, stop=(stop,))
+        unpenalized.append(plain["token_ids"] != want["token_ids"])
+    assert r.choices[0].finish_reason == "stop", f"choice 0 was to meet {stop!r}: {r.choices[0].text!r}"
+    assert any(unpenalized), "precondition: frequency_penalty=1.5 changed no choice, so it proves nothing"
+    assert r.usage.completion_tokens == sampled and r.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_a_streamed_batch_with_a_stop_never_sends_the_stop_string(api, tiny_engine):
+    """Streamed, a batch's choices end at the stop string with finish_reason "stop": the text
+    streamed for each choice is the reply without the stop string (nothing of it is sent and then
+    taken back), and the usage equals the unstreamed answer's."""
+    tok = get_tokenizer()
+    prompts = ["Hello, I'm a language model,", "The three small computers"]
+    stop = pick_stop(tiny_engine, tok.encode(prompts[0]), STOP_ASK["seed"])
+    ask = dict(model="local", prompt=prompts, n=2, stop=stop, frequency_penalty=1.5, **STOP_ASK)
+    whole = api.completions.create(**ask)
+    chunks = list(api.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    got, finals = {i: "" for i in range(4)}, {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            got[c.index] += c.text
+            assert stop not in got[c.index], f"choice {c.index} streamed the stop string {stop!r}: {got[c.index]!r}"
+            if c.finish_reason:
+                finals[c.index] = c.finish_reason
+    assert [got[i] for i in range(4)] == [c.text for c in whole.choices]
+    assert [finals[i] for i in range(4)] == [c.finish_reason for c in whole.choices] and finals[0] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage

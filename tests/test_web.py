@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from conftest import CONFIG_DIR
 
 from nanopipe.client import ClientError
-from nanopipe.openai_api import chat_prompt, openai_strategy
+from nanopipe.decoding import infer_strategy
+from nanopipe.openai_api import chat_prompt
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.web_metrics import Histogram
 from nanopipe.webapp import create_app, settings_from_configs
@@ -195,11 +196,12 @@ def test_unknown_route_and_wrong_method_answer_json(client):
 
 
 def test_chat_returns_response_config_and_stats(client, leader):
-    r = client.post("/chat", json={"text": "Hello", "max_tokens": 3, "temperature": 0.5, "top_k": 7, "top_p": 0.8,
+    r = client.post("/chat", json={"text": "Hello", "max_tokens": 3, "temperature": 0.5, "top_k": 7,
                                    "decoding_strategy": "top_k", "seed": 11})
     assert r.status_code == 200, r.json
     assert r.json["response"] == "Hello world,"
-    assert r.json["config"] == {"tokens_generated": 3, "temperature": 0.5, "top_k": 7, "top_p": 0.8,
+    # what ran: top_k does not use top_p, so it is null rather than a value that played no part
+    assert r.json["config"] == {"tokens_generated": 3, "temperature": 0.5, "top_k": 7, "top_p": None,
                                 "decoding_strategy": "top_k", "max_tokens": 3, "seed": 11}
     stats = r.json["stats"]
     assert stats["tokens"] == 3 and stats["finish_reason"] == "length" and stats["node_ms"] == NODE_MS
@@ -207,7 +209,35 @@ def test_chat_returns_response_config_and_stats(client, leader):
     (call,) = leader.calls
     assert call["prompt"] == [15496]                                  # tokenized here: "Hello"
     p = call["params"]
-    assert (p.strategy, p.temperature, p.top_k, p.top_p, p.max_tokens, p.seed) == ("top_k", 0.5, 7, 0.8, 3, 11)
+    assert (p.strategy, p.temperature, p.top_k, p.max_tokens, p.seed) == ("top_k", 0.5, 7, 3, 11)
+
+
+def test_guide_chat_request_runs_top_k_on_a_greedy_cluster(leader):
+    # issue 11 §4: the guide's curl, against a cluster whose default is greedy, used to run greedily
+    # while its config claimed temperature 0.8 and top_k 40
+    leader.defaults = {"active_decoding_strategy": "greedy", "max_new_tokens": 50,
+                       "decoding_strategies": {"greedy": {}, "top_k": {"temperature": 1.0, "k": 50}}}
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": None})
+    r = app.test_client().post("/chat", json={"text": "What is distributed computing?", "max_tokens": 30,
+                                               "temperature": 0.8, "top_k": 40})
+    assert r.status_code == 200, r.json
+    p = leader.calls[0]["params"]
+    assert (p.strategy, p.temperature, p.top_k, p.max_tokens) == ("top_k", 0.8, 40, 30), "what ran"
+    config = r.json["config"]
+    assert {k: config[k] for k in ("temperature", "top_k", "decoding_strategy")} == {
+        "temperature": 0.8, "top_k": 40, "decoding_strategy": "top_k"}, "what the response says ran"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"decoding_strategy": "greedy", "top_k": 40}, "top_k"),
+    ({"decoding_strategy": "greedy", "temperature": 0.8}, "temperature"),
+    ({"decoding_strategy": "top_k", "top_p": 0.8}, "top_p"),
+    ({"top_k": 40, "top_p": 0.9}, "top_p"),
+])
+def test_chat_field_the_strategy_would_ignore_is_a_400(client, leader, body, param):
+    r = client.post("/chat", json={"text": "Hello", **body})
+    assert r.status_code == 400 and r.json["error"].startswith(f"{param}:"), r.json
+    assert leader.calls == [], "nothing ran"
 
 
 def test_chat_defaults_come_from_the_model_config(client, leader):
@@ -262,7 +292,7 @@ BAD_CHAT = [
     ({"text": "hi", "max_tokens": 2.5}, "max_tokens: must be an integer >= 1 (got 2.5)"),
     ({"text": "hi", "temperature": -0.1}, "temperature: must be a number >= 0 (got -0.1)"),
     ({"text": "hi", "temperature": True}, "temperature: must be a number >= 0 (got true)"),
-    ({"text": "hi", "decoding_strategy": "sampling", "temperature": 0}, "temperature must be > 0 for strategy"),
+    ({"text": "hi", "decoding_strategy": "sampling", "temperature": 0}, "temperature: must be > 0 for strategy"),
     ({"text": "hi", "top_p": 1.5}, "top_p: must be a number in (0, 1] (got 1.5)"),
     ({"text": "hi", "top_p": 0}, "top_p: must be a number in (0, 1] (got 0)"),
     ({"text": "hi", "top_k": 0}, "top_k: must be an integer >= 1 (got 0)"),
@@ -492,7 +522,6 @@ def test_chat_template_by_hand():
 
 @pytest.mark.parametrize("fields, strategy", [
     ({"temperature": 0, "top_p": 0.5}, "greedy"),
-    ({"temperature": 0.7, "top_p": 0.5, "top_k": 5}, "top_p"),
     ({"temperature": 0.7, "top_p": 1, "top_k": 5}, "top_k"),
     ({"temperature": 0.7}, "sampling"),
     ({"top_p": 0.3}, "top_p"),
@@ -505,7 +534,7 @@ def test_openai_fields_map_to_a_strategy(client, leader, fields, strategy):
     assert p.strategy == strategy
     if "temperature" in fields and strategy != "greedy":
         assert p.temperature == fields["temperature"]
-    assert openai_strategy(fields.get("temperature"), fields.get("top_p"), fields.get("top_k")) == (
+    assert infer_strategy(None, fields.get("temperature"), fields.get("top_k"), fields.get("top_p")) == (
         None if not fields else strategy)
 
 
@@ -688,7 +717,15 @@ BAD_OPENAI = [
      "unknown field 'echo'"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 9}, "logprobs", "logprobs: must be an integer in 0..5"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 1, "stream": True}, "logprobs", "logprobs/echo: not available"),
-    ("/v1/completions", {"prompt": "Hi", "stop": ["\n"]}, "stop", "stop: stop sequences are not supported"),
+    ("/v1/completions", {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop",
+     "stop: must be a string or a list of up to 4 non-empty strings"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stop": list("abcde")}, "stop",
+     "stop: must be a string or a list of up to 4 non-empty strings"),
+    ("/v1/completions", {"prompt": "Hi", "frequency_penalty": 3}, "frequency_penalty",
+     "frequency_penalty: must be a number in [-2, 2]"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"50256": -101}}, "logit_bias",
+     "logit_bias: must be a number in [-100, 100]"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": 0.5, "top_k": 5, "top_p": 0.5}, "top_p", "top_p: top_k=5"),
     ("/v1/completions", {"prompt": "Hi", "temperature": -1}, "temperature", "temperature: must be a number >= 0"),
     ("/v1/completions", {"prompt": "Hi", "top_p": 2}, "top_p", "top_p: must be a number in (0, 1]"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 100}, "max_tokens", "max_tokens too large"),
@@ -845,6 +882,91 @@ def test_cluster_chat_equals_single_process_greedy(live, tiny_engine):
 def test_cluster_openai_completion_equals_single_process_greedy(live, tiny_engine):
     r = live.post("/v1/completions", json={"prompt": "Hello world", "max_tokens": 6, "temperature": 0})
     assert r.json["choices"][0]["text"] == single_process_text(tiny_engine, "Hello world", 6)
+
+
+def _stop_from(text: str) -> str:
+    """A stop string that first occurs in `text` a few words in: two of its words."""
+    words = text.split(" ")
+    for i in range(2, len(words) - 2):
+        stop = " " + " ".join(words[i:i + 2])
+        if words[i] and words[i + 1] and "\ufffd" not in stop and text.index(stop) > 0:
+            return stop
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+SEEDED = {"temperature": 1.0, "seed": 5}        # sampling: greedy on random weights repeats one word
+
+
+def seeded_text(engine, prompt: str, max_tokens: int) -> str:
+    from nanopipe.decoding import SamplingParams
+    tok = get_tokenizer()
+    ids = engine.generate(tok.encode(prompt), SamplingParams("sampling", max_tokens=max_tokens, **SEEDED))["token_ids"]
+    return tok.decode([t for t in ids if t != EOT])
+
+
+def test_cluster_completion_with_stop_ends_before_it(live, tiny_engine):
+    # the issue's curl request: {"prompt": "Hello", "max_tokens": 3, "stop": ["\n"]} used to be a 400
+    r = live.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "stop": ["\n"]})
+    assert r.status_code == 200, r.json
+    full = seeded_text(tiny_engine, "Hello world", 30)
+    stop = _stop_from(full)
+    r = live.post("/v1/completions", json={"prompt": "Hello world", "max_tokens": 30, **SEEDED,
+                                           "stop": [stop, "never appears"]})
+    choice = r.json["choices"][0]
+    assert choice["text"] == full[:full.index(stop)] and choice["finish_reason"] == "stop", (choice, stop)
+    assert r.json["usage"]["completion_tokens"] < 30
+
+
+def test_cluster_streamed_chat_with_stop_never_sends_the_stop_string(live, tiny_engine):
+    from nanopipe.openai_api import chat_prompt
+    messages = [{"role": "user", "content": "Tell me about the three computers"}]
+    full = seeded_text(tiny_engine, chat_prompt(messages), 40)
+    cut = full.split("\nUser:")[0]         # the chat route also stops at the template's next turn
+    stop = _stop_from(cut)
+    events = sse_events(live.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 40, **SEEDED, "stream": True, "stop": stop}).data)
+    chunks = [d for _, d in events if isinstance(d, dict) and d.get("choices")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == cut[:cut.index(stop)], (text, stop)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(stop in c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+def test_chat_completions_stop_at_the_next_user_turn_by_default(client, leader):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200 and leader.calls[-1]["params"].stop == ("\nUser:",)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "stop": ["."]})
+    assert r.status_code == 200 and leader.calls[-1]["params"].stop == ("\nUser:", ".")
+    r = client.post("/v1/completions", json={"prompt": "Hi"})
+    assert r.status_code == 200 and leader.calls[-1]["params"].stop == (), "completions add no stop of their own"
+
+
+def test_chat_flag_uses_the_chat_template_and_stops_at_the_next_turn(client, leader):
+    # the page sends chat: true, so its replies end where GPT-2 would invent the user's next line
+    r = client.post("/chat", json={"text": "Hi", "chat": True, "stop": "."})
+    assert r.status_code == 200, r.json
+    call = leader.calls[-1]
+    assert call["prompt"] == get_tokenizer().encode("User: Hi\nAssistant:")
+    assert call["params"].stop == ("\nUser:", ".")
+    r = client.post("/chat", json={"text": "Hi"})
+    assert leader.calls[-1]["prompt"] == get_tokenizer().encode("Hi") and leader.calls[-1]["params"].stop == ()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/chat", {"text": "Hi"}),
+    ("/v1/completions", {"prompt": "Hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_penalties_bias_and_stop_reach_the_leader(client, leader, path, body):
+    extra = {"stop": ["x"], "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.2,
+             "logit_bias": {"50256": -100}}
+    r = client.post(path, json={**body, **extra})
+    assert r.status_code == 200, r.json
+    p = leader.calls[-1]["params"]
+    assert "x" in p.stop and (p.frequency_penalty, p.presence_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert p.logit_bias == ((50256, -100.0),)
+    if path == "/chat":
+        assert r.json["config"]["logit_bias"] == {"50256": -100.0} and r.json["config"]["stop"] == ["x"]
 
 
 def test_cluster_health_lists_three_nodes(live, cluster):

@@ -208,11 +208,16 @@
     return { temperature: "temperature", top_p: "top-p", top_k: "top-k" }[field] || field;
   }
 
+  /** The request's fields: the strategy, and only the knobs it uses (the server refuses a knob
+   *  the strategy would ignore, e.g. greedy with top_k), plus max_tokens and seed. */
   function currentParams() {
-    const body = { decoding_strategy: $("strategy").value || undefined };
+    const name = $("strategy").value;
+    const body = { decoding_strategy: name || undefined };
+    const uses = (state.config && state.config.strategy_uses[name]) || [];
     for (const f of FIELDS) {
       const raw = $(f).value.trim();
       if (raw === "") continue;
+      if (["temperature", "top_p", "top_k"].includes(f) && name && !uses.includes(f)) continue;
       body[f] = Number(raw);
     }
     return body;
@@ -284,7 +289,9 @@
   async function streamReply(text, reply, signal) {
     const resp = await fetch("chat", {
       method: "POST", headers: headers(true), signal,
-      body: JSON.stringify({ text, stream: true, ...currentParams() }),
+      // chat: the server wraps the text in the chat template ("User: ...\nAssistant:") and ends the
+      // reply at the next "\nUser:" turn, as /v1/chat/completions does
+      body: JSON.stringify({ text, stream: true, chat: true, ...currentParams() }),
     });
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
@@ -363,8 +370,10 @@
 
   /** The parameters a reply ran with: tokens, temperature, top-p, top-k, strategy (and seed). */
   function renderParams(box, config) {
+    // a knob the strategy did not use comes back null: no chip for it
     const chips = [["tokens", config.tokens_generated], ["temperature", config.temperature],
-                   ["top_p", config.top_p], ["top_k", config.top_k], ["strategy", config.decoding_strategy]];
+                   ["top_p", config.top_p], ["top_k", config.top_k], ["strategy", config.decoding_strategy]]
+      .filter(([name, value]) => value != null || name === "tokens");
     if (config.seed != null) chips.push(["seed", config.seed]);
     box.replaceChildren(...chips.map(([name, value]) => {
       const chip = el("span", "chip");

@@ -12,7 +12,10 @@ It writes, into tests/golden/:
     tiny-hf/model.safetensors   a small random GPT2LMHeadModel, as `save_pretrained` writes it
     tiny-hf/config.json         (names behind a `transformer.` prefix, no mask buffers, no lm_head)
     tiny_golden.npz             for each prompt i: prompt_ids_i (T,), logits_i (T, V) float32 at every
-                                position, greedy_i (16,) the greedy continuation from `generate`
+                                position, greedy_i (16,) the greedy continuation from `generate`;
+                                bias_i (2, 2) [[token, bias], ...] and greedy_penalized_i (16,): greedy
+                                with repetition_penalty=REPETITION_PENALTY and that bias
+                                (`sequence_bias`, nanopipe's logit_bias)
     tiny_golden.json            provenance: torch/transformers/numpy versions, seed, config, margins
 
 Running it twice gives byte-identical files (fixed seeds, one thread, fixed zip timestamps), so
@@ -46,6 +49,7 @@ JSON_PATH = os.path.join(HERE, "tiny_golden.json")
 SEED = 1234
 CONFIG = dict(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=1000)
 MAX_NEW_TOKENS = 16
+REPETITION_PENALTY = 1.3  # transformers' (CTRL's) multiplicative penalty, as nanopipe's repetition_penalty
 MIN_GREEDY_MARGIN = 1e-3   # top-1 minus top-2 logit at every greedy step; the test tolerance is 1e-4
 # std of the random draw for each kind of tensor (see the module docstring for why not 0.02)
 SCALES = {"wte": 0.2, "wpe": 0.2, "matrix": 0.15, "bias": 0.05, "ln_gain_noise": 0.2, "ln_bias": 0.1}
@@ -106,6 +110,21 @@ def reference(model: GPT2LMHeadModel, ids: list) -> tuple:
     return logits, greedy, min(margins)
 
 
+def penalized_reference(model: GPT2LMHeadModel, ids: list, bias: list) -> tuple:
+    """Greedy with repetition_penalty and sequence_bias {(token,): bias}: (16 ids, smallest margin).
+    transformers applies the bias first, then the penalty (as nanopipe's decoding.penalize does)."""
+    x = torch.tensor([ids], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, use_cache=True,
+                             max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                             pad_token_id=0, eos_token_id=None, repetition_penalty=REPETITION_PENALTY,
+                             sequence_bias={(int(t),): float(b) for t, b in bias},
+                             output_scores=True, return_dict_in_generate=True)
+    greedy = out.sequences[0, len(ids):].numpy().astype(np.int64)   # (16,)
+    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]   # after the processors
+    return greedy, min(margins)
+
+
 def save_npz(path: str, arrays: dict) -> None:
     """np.savez, but byte-for-byte reproducible: zip entries get a fixed timestamp."""
     tmp = path + ".tmp"
@@ -130,7 +149,7 @@ def main() -> None:
     if os.path.exists(gen_cfg):       # nanopipe never reads it; keep the fixture to two files
         os.remove(gen_cfg)
 
-    arrays, margins = {}, []
+    arrays, margins, penalized_margins = {}, [], []
     for i, ids in enumerate(prompts(CONFIG["vocab_size"])):
         logits, greedy, margin = reference(model, ids)
         if margin < MIN_GREEDY_MARGIN:
@@ -140,6 +159,14 @@ def main() -> None:
         arrays[f"logits_{i}"] = logits.astype(np.float32)
         arrays[f"greedy_{i}"] = greedy
         margins.append(margin)
+        # ban the token plain greedy picks first, favour the one it picks second
+        bias = np.array([[greedy[0], -100.0], [greedy[1], 1.5]], np.float64)       # (2, 2)
+        penalized, margin = penalized_reference(model, ids, bias.tolist())
+        if margin < MIN_GREEDY_MARGIN:
+            raise SystemExit(f"make_golden: prompt {i}, penalized greedy margin {margin:.2e} < {MIN_GREEDY_MARGIN}")
+        arrays[f"bias_{i}"] = bias
+        arrays[f"greedy_penalized_{i}"] = penalized
+        penalized_margins.append(margin)
     save_npz(NPZ_PATH, arrays)
 
     provenance = {
@@ -152,6 +179,8 @@ def main() -> None:
         "generate": {"do_sample": False, "use_cache": True, "max_new_tokens": MAX_NEW_TOKENS,
                      "pad_token_id": 0, "eos_token_id": None},
         "min_greedy_margin_per_prompt": [round(m, 6) for m in margins],
+        "penalized": {"repetition_penalty": REPETITION_PENALTY, "sequence_bias": "bias_i in the npz",
+                      "min_greedy_margin_per_prompt": [round(m, 6) for m in penalized_margins]},
     }
     with open(JSON_PATH, "w") as f:
         json.dump(provenance, f, indent=2, sort_keys=True)

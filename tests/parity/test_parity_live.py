@@ -76,15 +76,16 @@ def reference_logits(model, ids: list) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()        # (T, V)
 
 
-def reference_greedy(model, ids: list, n: int) -> tuple:
+def reference_greedy(model, ids: list, n: int, **processors) -> tuple:
     """transformers' greedy continuation, cut after <|endoftext|> as nanopipe stops there, and the
-    smallest top-1/top-2 logit margin met on the way (how close a step came to a tie)."""
+    smallest top-1/top-2 logit margin met on the way (how close a step came to a tie).
+    `processors`: e.g. repetition_penalty=1.3, sequence_bias={(13,): -100.0}."""
     x = torch.tensor([ids])
     eos = EOT if model.config.vocab_size > EOT else None
     with torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, use_cache=True,
                              max_new_tokens=n, pad_token_id=eos if eos is not None else 0, eos_token_id=eos,
-                             output_scores=True, return_dict_in_generate=True)
+                             output_scores=True, return_dict_in_generate=True, **processors)
     tokens = out.sequences[0, len(ids):].tolist()
     if eos in tokens:
         tokens = tokens[:tokens.index(eos) + 1]
@@ -142,6 +143,22 @@ def test_golden_files_are_what_transformers_computes_today(tiny, case):
     assert tokens == greedy, (f"transformers {transformers.__version__} no longer produces the golden greedy "
                               f"tokens for the {len(ids)}-token prompt (golden made with {made_with}); "
                               "rerun tests/golden/make_golden.py")
+
+
+@pytest.mark.parametrize("case", range(len(TINY_CASES)), ids=TINY_IDS)
+def test_penalized_golden_is_what_transformers_computes_today(tiny, case):
+    ids = TINY_CASES[case][0]
+    with np.load(GOLDEN / "tiny_golden.npz") as z:
+        bias, greedy = z[f"bias_{case}"].tolist(), z[f"greedy_penalized_{case}"].tolist()
+    penalty = json.loads((GOLDEN / "tiny_golden.json").read_text())["penalized"]["repetition_penalty"]
+    model, engine = tiny
+    want, margin = reference_greedy(model, ids, len(greedy), repetition_penalty=penalty,
+                                    sequence_bias={(int(t),): float(b) for t, b in bias})
+    assert want == greedy, "transformers no longer produces the penalized golden tokens; rerun make_golden.py"
+    params = SamplingParams(strategy="greedy", max_tokens=len(greedy), repetition_penalty=penalty,
+                            logit_bias={int(t): b for t, b in bias})
+    compare_greedy(f"tiny, {len(ids)} tokens, repetition_penalty {penalty}, logit_bias {bias}",
+                   engine.generate(ids, params)["token_ids"], want, margin)
 
 
 @pytest.mark.parametrize("case", range(len(TINY_CASES)), ids=TINY_IDS)
@@ -238,3 +255,14 @@ def test_gpt2_small_greedy_live(small):
     params = SamplingParams(strategy="greedy", max_tokens=SMALL_GREEDY_TOKENS)
     got = engine.generate(SENTENCE_IDS, params)["token_ids"]
     compare_greedy(f"gpt2-small synthetic, {len(SENTENCE_IDS)} tokens", got, want, margin)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("penalty", [1.2, 2.0])
+def test_gpt2_small_greedy_with_repetition_penalty_live(small, penalty):
+    """Greedy GPT-2 loops; repetition_penalty is what transformers' users reach for. Same answer."""
+    model, engine = small
+    want, margin = reference_greedy(model, SENTENCE_IDS, SMALL_GREEDY_TOKENS, repetition_penalty=penalty)
+    params = SamplingParams(strategy="greedy", max_tokens=SMALL_GREEDY_TOKENS, repetition_penalty=penalty)
+    got = engine.generate(SENTENCE_IDS, params)["token_ids"]
+    compare_greedy(f"gpt2-small synthetic, repetition_penalty {penalty}", got, want, margin)
