@@ -47,7 +47,7 @@ from flask import Flask, Response, current_app, g, jsonify, request, send_from_d
 from werkzeug.exceptions import HTTPException
 
 from ..cluster.client import ClientError, LeaderClient
-from ..config import ConfigNotFound, load_cluster_config, load_model_config
+from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
 from ..decoding import (
     EOT,
     STRATEGIES,
