@@ -1,5 +1,5 @@
-"""The web app (web/app.py, web/openai.py, web/metrics.py): every route against a fake leader, then a few against a real
-local cluster.
+"""The web app (web/app.py, chat.py, openai.py, api.py, metrics.py): every route against a fake leader,
+then a few against a real local cluster.
 
 The fake leader stands in for the cluster behind the app's CLIENT_FACTORY: it streams scripted
 tokens, answers status, and can be switched to "down", "fails mid-reply" or "refuses the request",

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
 
-A Flask Blueprint that create_app registers; it builds on web/app.py's request checks, leader
+A Flask Blueprint that create_app registers; it builds on web/api.py's request checks, leader
 connection and SSE helpers, so OpenAI's client libraries (and curl scripts written for them) can
 talk to the cluster:
 
@@ -46,7 +46,7 @@ import uuid
 from flask import Blueprint, current_app, jsonify
 
 from ..decoding import EOT, is_int
-from .app import (
+from .api import (
     ApiError,
     BatchGeneration,
     Generation,
@@ -56,6 +56,7 @@ from .app import (
     leader_status,
     model_aliases,
     model_name,
+    openai_error,
     optional,
     resolve,
     sampling_fields,
@@ -70,7 +71,6 @@ from .app import (
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply ends there
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
 
 # The request fields each route knows; any other is refused, naming it. Sampler fields (stop,
 # penalties, logit_bias) are read where sampling is set up; top_k and repetition_penalty are extensions.
@@ -80,16 +80,6 @@ COMPLETION_FIELDS = _SHARED_FIELDS + ("prompt", "logprobs", "echo", "best_of", "
 CHAT_COMPLETION_FIELDS = _SHARED_FIELDS + ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-
-
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """An error body in OpenAI's shape, which its client libraries show to the user.
-
-    (400, "n: only n=1 is supported", "n") -> {"error": {"message": "n: only ...", "type":
-    "invalid_request_error", "param": "n", "code": None}}
-    """
-    kind = "invalid_request_error" if code == "model_not_found" else ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""The SmolCluster guide's API: POST /chat, GET /config, GET /health, POST /reconnect.
+
+    POST /chat {"text": "Hello", "max_tokens": 20, "temperature": 0}
+    -> {"response": " world...", "config": {"decoding_strategy": "greedy", ...}, "stats": {...}, "usage": {...}}
+
+`register(app)` adds the routes; they build on web/api.py (errors, the leader connection, a
+generation as events). With {"chat": true}, /chat wraps the text in /v1/chat/completions' template
+(web/openai.py's chat_prompt), as the page does.
+"""
+from __future__ import annotations
+
+from flask import Flask, current_app, jsonify
+
+from ..decoding import STRATEGIES, STRATEGY_USES, SamplingParams
+from .api import (
+    WEIGHTS_KEYS,
+    ApiError,
+    Generation,
+    decoding_defaults,
+    event_stream,
+    flag,
+    json_body,
+    leader_status,
+    model_name,
+    optional,
+    resolve,
+    sampling_fields,
+    sse,
+    start_generation,
+    state,
+    tokenizer,
+    weights_info,
+)
+from .openai import CHAT_STOP, chat_prompt
+
+RECONNECT_ATTEMPTS = 3
+CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream", "stop",
+               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "chat")
+
+
+def register(app: Flask):
+    """Add /chat, /config, /health and /reconnect to `app`."""
+    _register_chat(app)
+    _register_cluster(app)
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /chat
+
+
+def chat_request(body: dict) -> tuple:
+    """POST /chat's body -> (prompt text, SamplingParams, stream).
+
+    Without a decoding_strategy the fields choose one, as in the OpenAI routes:
+    {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False);
+    {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ("Hi", top_k, False), whatever the default.
+    """
+    unknown = sorted(set(body) - set(CHAT_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(CHAT_FIELDS)}", param=unknown[0])
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "text: give the prompt as a non-empty string", param="text")
+    strategy = optional(body, "decoding_strategy", lambda v: v in STRATEGIES,
+                        f"one of {', '.join(sorted(STRATEGIES))}")
+    stream = flag(body, "stream")
+    stop = ()
+    if flag(body, "chat"):      # the page: text is the user's turn, in /v1/chat/completions' template
+        text, stop = chat_prompt([{"role": "user", "content": text}]), (CHAT_STOP,)
+    return text, resolve(strategy, sampling_fields(body, stop)), stream
+
+
+def usage_of(result: dict, gen: Generation) -> dict:
+    """OpenAI's token counts for one reply: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}."""
+    prompt = len(result.get("prompt_ids") or gen.prompt)
+    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
+
+
+def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
+    """What a reply ran with, in the guide's shape; the page shows it under each reply. A knob the
+    strategy does not use is null (greedy uses none of them); stop, penalties and bias appear
+    when set.
+
+    top_k, T=0.8, k=40, 30 tokens -> {"tokens_generated": 30, "temperature": 0.8, "top_k": 40,
+    "top_p": None, "decoding_strategy": "top_k", "max_tokens": 30, "seed": None}
+    """
+    uses = STRATEGY_USES.get(params.strategy, ())
+    view = {"temperature": params.temperature if "temperature" in uses else None,
+            "top_k": params.top_k if "top_k" in uses else None,
+            "top_p": params.top_p if "top_p" in uses else None,
+            "decoding_strategy": params.strategy, "max_tokens": params.max_tokens, "seed": params.seed}
+    extras = {k: v for k, v in params.sent_fields().items()
+              if k in ("stop", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias")}
+    view.update(extras)
+    return view if tokens is None else {"tokens_generated": tokens, **view}
+
+
+def _register_chat(app: Flask):
+    @app.post("/chat")
+    def chat():
+        text, params, stream = chat_request(json_body())
+        gen = start_generation(tokenizer().encode(text), params, "chat", "text")
+        if not stream:
+            result = gen.run()
+            return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result),
+                           usage=usage_of(result, gen))
+        return event_stream(_chat_events(gen, params), gen)
+
+
+def _chat_events(gen: Generation, params: SamplingParams):
+    """data: {"token": id, "text": piece} per token; `event: status`; then `event: done` or `event: error`."""
+    for event in gen.events():
+        kind = event[0]
+        if kind == "token":
+            yield sse({"token": event[1], "text": event[2]})
+        elif kind == "status":
+            yield sse({"status": event[1]}, event="status")
+        elif kind == "done":
+            yield sse({"response": gen.text, "config": params_view(params, gen.n_tokens),
+                       "stats": gen.stats(event[1]), "usage": usage_of(event[1], gen)}, event="done")
+        else:
+            err = gen.stream_error(event[1])
+            yield sse({"error": err.message, "status": err.status}, event="error")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster: /config, /health, /reconnect
+
+
+def node_view(node: dict) -> dict:
+    return {"rank": node.get("rank"), "host": node.get("host"), "layers": node.get("layers"),
+            "status": node.get("status"), "last_seen_s": node.get("last_seen_s"), "synthetic": node.get("synthetic")}
+
+
+def _register_cluster(app: Flask):
+    @app.get("/config")
+    def config():
+        """Decoding defaults for the page's controls; the leader's nodes if it answers."""
+        try:
+            status, down = leader_status(), None
+        except ApiError as e:
+            status, down = {}, e.message
+        if current_app.config["MODEL_DEFAULTS"] is None and not state().leader_info.get("defaults"):
+            raise ApiError(503, f"no model_config.yaml here and the leader did not answer: {down}",
+                           kind="unreachable")
+        active = resolve(None, {})
+        strategies = {}
+        for name in (decoding_defaults().get("decoding_strategies") or {}):
+            if name in STRATEGIES:
+                p = resolve(name, {})
+                strategies[name] = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p}
+        return jsonify(
+            max_tokens=active.max_tokens, temperature=active.temperature, top_k=active.top_k, top_p=active.top_p,
+            active_strategy=active.strategy, strategies=strategies,
+            strategy_uses={k: list(v) for k, v in STRATEGY_USES.items()},
+            model=model_name(), n_ctx=state().leader_info.get("n_ctx"), leader=current_app.config["LEADER"],
+            leader_up=down is None, leader_error=down, auth_required=bool(current_app.config["API_TOKEN"]),
+            nodes=[node_view(n) for n in status.get("nodes", [])], **weights_info())
+
+    @app.get("/health")
+    def health():
+        """200 when the leader answers and every node is up; 503 (with the reason) otherwise."""
+        addr = current_app.config["LEADER"]
+        try:
+            status = leader_status()
+        except ApiError as e:
+            return jsonify(ok=False, error=e.message, leader={"addr": addr, "reachable": False}, nodes=[]), 503
+        nodes = [node_view(n) for n in status.get("nodes", [])]
+        down = [n for n in nodes if n["status"] != "up"]
+        ok = bool(status.get("ready")) and not down
+        body = {"ok": ok, "leader": {"addr": addr, "reachable": True, "ready": bool(status.get("ready")),
+                                     "model": status.get("model")},
+                "nodes": nodes, "live_sessions": status.get("live_sessions"),
+                **{k: status[k] for k in WEIGHTS_KEYS if k in status}}
+        if not ok:
+            body["error"] = ("not ready: " + ", ".join(f"rank {n['rank']} ({n['host']}) is {n['status']}"
+                                                       for n in down)) if down else "the ring is not up yet"
+        return jsonify(body), 200 if ok else 503
+
+    @app.post("/reconnect")
+    def reconnect():
+        """Dial the leader again (a few attempts, with backoff) and forget what it said before."""
+        state().leader_info.clear()
+        status = leader_status(attempts=RECONNECT_ATTEMPTS)
+        nodes = status.get("nodes", [])
+        up = sum(n.get("status") == "up" for n in nodes)
+        return jsonify(ok=True, leader=current_app.config["LEADER"], model=status.get("model"),
+                       ready=bool(status.get("ready")), nodes_up=up, nodes=len(nodes))
+
