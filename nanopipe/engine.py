@@ -159,12 +159,25 @@ class Scheduler:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run_forever(self):
-        """The leader's scheduler thread."""
+    def run_forever(self, ready: threading.Event | None = None, on_error=None):
+        """The leader's scheduler thread: step while there is work, wait for work, until stop().
+
+        `ready`: step only while it is set (the leader's ring is up); None: always.
+        `on_error(e)`: called with an exception a step raised, and the loop goes on (the leader logs it
+        and fails the live requests); without it the exception ends the loop.
+        """
         while not self._stop.is_set():
-            if not self.step():
-                self._wake.wait(0.05)
-                self._wake.clear()
+            if ready is not None and not ready.is_set():
+                ready.wait(0.2)
+                continue
+            try:
+                if not self.step():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(e)
 
     def stop(self):
         self._stop.set()

@@ -305,3 +305,33 @@ def test_params_are_validated_copies_before_they_run(tiny_engine):
     params = SamplingParams("greedy", max_tokens=3, logit_bias={"13": -100}, stop=None)
     ids = tiny_engine.generate([15496, 995], params)["token_ids"]
     assert 13 not in ids and len(ids) == 3
+
+
+def test_run_forever_steps_only_while_ready_and_hands_errors_to_the_hook(tiny_engine):
+    """The leader runs Scheduler.run_forever itself: `ready` gates the steps (its ring is up), and an
+    exception in a step goes to `on_error` while the loop carries on."""
+    import threading
+
+    sch = Scheduler(tiny_engine.stage)
+    ready, errors, steps = threading.Event(), [], []
+    real_step = sch.step
+
+    def step():
+        steps.append(ready.is_set())
+        if len(steps) == 1:
+            raise RuntimeError("a bug in a step")
+        return real_step()
+
+    sch.step = step
+    loop = threading.Thread(target=sch.run_forever, kwargs={"ready": ready, "on_error": errors.append}, daemon=True)
+    loop.start()
+    done = threading.Event()
+    sch.submit(Request(prompt(3), SamplingParams(strategy="greedy", max_tokens=2),
+                       emit=lambda kind, data: kind in ("done", "error") and done.set()))
+    assert not done.wait(0.3) and steps == [], "no step may run before `ready` is set"
+    ready.set()
+    assert done.wait(30), "the loop did not finish the request after the failed step"
+    sch.stop()
+    loop.join(5)
+    assert not loop.is_alive(), "stop() ends run_forever"
+    assert [str(e) for e in errors] == ["a bug in a step"] and all(steps)

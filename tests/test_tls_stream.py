@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from nanopipe.cluster.leader import _send_timeout
+from nanopipe.cluster.clients import _send_timeout
 from nanopipe.cluster.net import TLSStream, close_now, tls_wrap
 from nanopipe.cluster.wire import ConnectionClosed, Msg, recv_frame, send_frame
 

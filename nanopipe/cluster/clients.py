@@ -1,0 +1,239 @@
+"""The leader's client protocol: one connection per client, GENERATE in, TOKEN / STATUS / DONE out.
+
+    client --GENERATE {"prompt_ids": [15496], "max_tokens": 5, ...}-->  leader
+    client <--TOKEN {"request", "session", "token": 995, "text": " world"} ...  DONE {stats}
+    (also CANCEL {"session"}, STATUS {} -> the cluster's state, PING -> PONG)
+
+A GENERATE is checked once (decoding.request_params: a bad field is an ERROR naming it, kind
+"invalid") and becomes an engine.Request; a GENERATE with "batch" queues several at once so they
+run as one scheduler batch. Frames to a client go through its ClientOutbox, so a client that stops
+reading never stalls the scheduler.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import struct
+import threading
+import time
+
+from ..decoding import DecodingError, is_int, request_params
+from ..engine import Request
+from .net import close_now
+from .wire import Msg, WireError, recv_frame, send_frame
+
+WARNING = logging.WARNING
+
+# the sampling fields a GENERATE may carry (absent: the model's defaults; see decoding.request_params)
+CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "frequency_penalty",
+                 "presence_penalty", "repetition_penalty", "logit_bias")
+CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while frames wait is dropped
+CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
+
+
+class ClientOutbox:
+    """One client's outgoing frames, and the thread that writes them to its socket.
+
+    The scheduler thread emits every session's tokens. If it wrote to client sockets itself, a
+    client that stops reading would, once the socket buffers fill, stall every generation of every
+    client. So it only appends here, which never blocks; this client's own sender thread waits on
+    its socket instead:
+
+        scheduler --put(TOKEN)--> [frames of client A] --sender A--> socket A   (reads: fine)
+                  --put(TOKEN)--> [frames of client B] --sender B--> socket B   (stopped reading)
+
+    A client whose queue passes `limit` frames, or whose socket takes nothing for
+    CLIENT_SEND_TIMEOUT_S, is dropped: its socket is closed, which wakes its connection thread,
+    which then cancels its sessions.
+    """
+
+    def __init__(self, sock, peer: str, log, limit: int = CLIENT_QUEUE_MAX):
+        self.sock, self.peer, self.log, self.limit = sock, peer, log, limit
+        self.frames: collections.deque = collections.deque()       # (msg, meta), oldest first
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"send-{peer}")
+        self.thread.start()
+
+    def put(self, msg, meta: dict):
+        """Queue a frame for this client; never blocks. Frames to a dropped client are discarded."""
+        with self.cond:
+            if self.closed:
+                return
+            if len(self.frames) >= self.limit:
+                self._drop(f"{len(self.frames)} frames are waiting for it (limit {self.limit}); it reads too slowly")
+                return
+            self.frames.append((msg, meta))
+            self.cond.notify()
+
+    def close(self):
+        """The connection is over: stop the sender, discard what was not sent."""
+        with self.cond:
+            self.closed = True
+            self.frames.clear()
+            self.cond.notify()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.frames and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                msg, meta = self.frames.popleft()
+            try:
+                send_frame(self.sock, msg, meta)
+            except OSError as e:
+                with self.cond:
+                    if not self.closed:
+                        stuck = isinstance(e, (BlockingIOError, TimeoutError))
+                        self._drop(f"it read nothing for {CLIENT_SEND_TIMEOUT_S:g}s" if stuck else f"send failed: {e}")
+                return
+            except WireError as e:      # a frame we cannot encode (too big): a bug, but only this frame's
+                self.log(f"Not sent to client {self.peer}: {e}", WARNING)
+
+    def _drop(self, reason: str):
+        """Called with self.cond held."""
+        self.closed = True
+        self.frames.clear()
+        self.cond.notify()
+        self.log(f"Dropping client {self.peer}: {reason}", WARNING)
+        close_now(self.sock)
+
+
+class ClientProtocol:
+    """The Leader's part that serves clients: reads their frames, checks each GENERATE, submits it
+    to the scheduler and sends its events back; cancels a client's sessions when it goes away.
+
+    It uses what Leader.__init__ sets: cluster, model, config, scheduler, workers, metrics, lock,
+    ring_ready, down_since, tokenizer, client_queue_max, log; and Leader.status(),
+    Leader.model_aliases(), Membership._past_grace() / _grace_message().
+    """
+
+    def _client_conn(self, sock, peer):
+        send_frame(sock, Msg.WELCOME, {"model": self.model.name, "aliases": self.model_aliases(),
+                                       "n_ctx": self.config.n_ctx})
+        _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
+        outbox = ClientOutbox(sock, peer, self.log, limit=self.client_queue_max)
+        send = outbox.put                # every frame to this client, from any thread, goes through it
+        mine: set = set()
+        try:
+            while True:
+                frame = recv_frame(sock, f"client {peer}", max_payload=0)
+                if frame.msg is Msg.GENERATE and "batch" in frame.meta:
+                    self._generate_batch(frame.meta, send, mine)
+                elif frame.msg is Msg.GENERATE:
+                    self._generate(frame.meta, send, mine)
+                elif frame.msg is Msg.CANCEL:
+                    sid = frame.meta.get("session")
+                    if isinstance(sid, str) and sid in mine:
+                        self.scheduler.cancel(sid)
+                elif frame.msg is Msg.STATUS:
+                    send(Msg.STATUS, self.status())
+                elif frame.msg is Msg.PING:
+                    send(Msg.PONG, frame.meta)
+                else:
+                    send(Msg.ERROR, {"message": f"a client may not send {frame.msg.name}"})
+        finally:
+            outbox.close()
+            for sid in list(mine):    # the client went away (or was dropped): stop its generations
+                self.scheduler.cancel(sid)
+
+    def _generate(self, meta: dict, send, mine: set):
+        req_id = meta.get("request")
+        try:
+            prompt_ids = meta.get("prompt_ids")
+            if prompt_ids is None:
+                text = meta.get("prompt")
+                if not isinstance(text, str) or not text:
+                    raise DecodingError("prompt: give a non-empty 'prompt' string or 'prompt_ids'", field="prompt")
+                prompt_ids = self._tok().encode(text)
+            if not isinstance(prompt_ids, list) or not all(is_int(t) for t in prompt_ids):
+                raise DecodingError("prompt_ids: must be a list of token ids", field="prompt")
+            params = request_params(self.model.decoding_defaults(), **{k: meta.get(k) for k in CLIENT_FIELDS})
+            top = meta.get("top_logprobs", 0) or 0
+            if not is_int(top) or not 0 <= top <= 20:
+                raise DecodingError("top_logprobs: must be an integer in 0..20", field="top_logprobs")
+            if self.scheduler.waiting.qsize() >= 4 * self.cluster.max_sessions:
+                raise DecodingError(f"busy: {self.scheduler.waiting.qsize()} requests already waiting; retry later")
+        except (DecodingError, TypeError, ValueError) as e:     # TypeError: e.g. a list where a name goes
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid",
+                             "field": getattr(e, "field", None)})
+            return
+        if self._past_grace():
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": self._grace_message(), "kind": "cluster"})
+            return
+        want_text = meta.get("text", True) is not False
+        # the stream that cuts the reply at a stop string; also the text a client is sent
+        stream = self._tok().stop_stream(params.stop) if want_text or params.stop else None
+
+        def emit(kind, data):
+            if kind == "token":
+                traced = {k: data[k] for k in ("hops", "head_ms", "transit_total_ms", "top") if k in data}
+                send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"], "logprob": data["logprob"],
+                                 "text": data.get("text", "") if want_text else "", **traced})
+            elif kind == "status":
+                send(Msg.STATUS, {"request": req_id, "session": req.id, "text": data["text"]})
+            elif kind == "done":
+                mine.discard(req.id)
+                if not want_text:
+                    data = dict(data, text=None, tail="")
+                send(Msg.DONE, dict(data, request=req_id, session=req.id))
+            elif kind == "error":
+                mine.discard(req.id)
+                self.metrics["errors"] += 1
+                send(Msg.ERROR, {"request": req_id, "session": req.id, "message": data["error"], "kind": "cluster"})
+
+        req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
+                      trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True,
+                      score_only=meta.get("score_only") is True, text=stream)
+        try:
+            self.scheduler.submit(req)
+        except DecodingError as e:
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid", "field": e.field})
+            return
+        mine.add(req.id)
+        self.metrics["requests"] += 1
+        if not self.ring_ready.is_set():
+            with self.lock:                     # never wait longer than rejoin_grace_s, even at start-up
+                if self.down_since is None and not self.ring_ready.is_set():
+                    self.down_since = time.time()
+            down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
+            emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
+                                    f"{self.cluster.rejoin_grace_s:g}s)"})
+
+    def _generate_batch(self, meta: dict, send, mine: set):
+        """One GENERATE carrying several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
+        "seed": 7}, ...], <fields shared by all>}. Each item is answered like its own GENERATE (frames
+        carry its request id). They are queued while the scheduler is held, so its next step admits
+        them together: prompts of one API request run as one batch, not one after another."""
+        items = meta.get("batch")
+        limit = 4 * self.cluster.max_sessions
+        if not (isinstance(items, list) and 0 < len(items) <= limit and all(isinstance(i, dict) for i in items)):
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": meta.get("request"), "kind": "invalid",
+                             "message": f"invalid request: batch must be a list of 1..{limit} generations"})
+            return
+        shared = {k: v for k, v in meta.items() if k != "batch"}
+        with self.scheduler.lock:           # no step starts until every item is queued
+            for item in items:
+                self._generate({**shared, **item}, send, mine)
+
+    def _tok(self):
+        if self.tokenizer is None:      # get_tokenizer builds one for all, however many clients ask at once
+            from ..tokenizer import get_tokenizer
+            self.tokenizer = get_tokenizer()
+        return self.tokenizer
+
+
+def _send_timeout(sock, seconds: float):
+    """Make sends on `sock` fail after `seconds` instead of blocking forever; receives still wait."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    except (OSError, struct.error):
+        pass                                # not on this platform: sends block as before
