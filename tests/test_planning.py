@@ -13,14 +13,7 @@ import yaml
 from nanopipe.config import load_cluster_config, load_model_config, load_weights_config
 from nanopipe.partition import PartitionError, stage_bytes
 from nanopipe.tools.localcluster import write_configs
-from nanopipe.tools.planning import (
-    SetupError,
-    model_shape,
-    plan_ranges,
-    plan_table,
-    planning_shape,
-    setup_rank,
-)
+from nanopipe.tools.planning import SetupError, model_shape, plan_ranges, plan_table, planning_shape, setup_rank
 from nanopipe.weights import init_weights
 
 try:
