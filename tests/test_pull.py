@@ -12,15 +12,11 @@ import os
 
 import numpy as np
 import pytest
+from httpserver import FileServer, closed_port
 
 from nanopipe import pull as P
 from nanopipe.safetensors_io import TensorInfo, read_header, read_tensor, write_safetensors
 from nanopipe.tools.pull import PullError, gpt2_tensor_shapes, parse_layers, pull, slice_path, verify
-
-try:
-    from tests.httpserver import FileServer, closed_port
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from httpserver import FileServer, closed_port
 
 L, C, V, T = 4, 32, 100, 16
 

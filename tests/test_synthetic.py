@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from httpserver import FileServer, closed_port
 
 from nanopipe import gpt2_tensors as gt
 from nanopipe import pull as P
@@ -35,11 +36,6 @@ from nanopipe.weights import (
     load_stage,
     synthetic_summary,
 )
-
-try:
-    from tests.httpserver import FileServer, closed_port
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from httpserver import FileServer, closed_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layer=4, n_embd=32, n_head=2, n_ctx=16, n_vocab=100)

@@ -16,10 +16,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import yaml
+from helpers import wait_until
 
 from nanopipe.tools.localcluster import free_ports
 
@@ -109,10 +109,8 @@ class Site:
             return f.read()
 
     def wait_log(self, name, needle, timeout=60) -> str:
-        deadline = time.time() + timeout
-        while needle not in self.log(name):
-            assert time.time() < deadline, f"{needle!r} not in {name}'s log:\n{self.log(name)}"
-            time.sleep(0.05)
+        wait_until(f"{needle!r} in {name}'s log", lambda: needle in self.log(name), timeout,
+                   detail=lambda: self.log(name))
         return self.log(name)
 
     def stop(self, name, sig=signal.SIGTERM):
