@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from httpserver import FileServer, closed_port
 
 from nanopipe import gpt2_tensors as gt
-from nanopipe import pull as P
 from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
+from nanopipe.tools import pull as P
 from nanopipe.tools.cli import main
 from nanopipe.weights import (
     SYNTHETIC_NOTE,
@@ -96,7 +96,7 @@ def test_one_synthetic_file_per_shape_shared_by_every_name(tmp_path):
     assert sorted(os.listdir(w)) == ["bench.safetensors", "gpt2.safetensors", os.path.basename(shared)]
     assert len(inodes) == 1, "three names, one file on disk"
     assert os.stat(shared).st_nlink == 3
-    from nanopipe import bench, trace
+    from nanopipe.tools import bench, trace
     assert bench.DEFAULT_WEIGHTS == trace.SYNTHETIC_PATH == os.path.join("weights", "synthetic-gpt2.safetensors"), \
         "bench, trace and demo share one gpt2 file"
 
@@ -104,7 +104,9 @@ def test_one_synthetic_file_per_shape_shared_by_every_name(tmp_path):
 def test_slice_hint_writes_a_slice_with_the_full_files_values(tmp_path):
     """The hint a worker gets offline names a slice; running it writes that slice, not a whole model."""
     dest = str(tmp_path / "gpt2.layers-2-3.safetensors")
-    hint = P._what_to_do(dest)
+    with pytest.raises(P.PullError) as e:                 # what a worker offline is told
+        P.pull(f"http://127.0.0.1:{closed_port()}/m.safetensors", dest, out=io.StringIO(), timeout=5)
+    hint = str(e.value)
     assert f"`nanopipe init-weights {dest} --layers 2-3`" in hint, hint
     r = CliRunner().invoke(main, ["init-weights", dest, "--layers", "2-3", *SMALL_ARGS])
     assert r.exit_code == 0, r.output
