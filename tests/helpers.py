@@ -4,6 +4,7 @@
     run_nanopipe(*args)                  the real command line, `python -m nanopipe ...`, as a user runs it
     port_free(port), free_port_run(n)    ports on 127.0.0.1
     self_signed_cert(folder)             a throwaway certificate for 127.0.0.1 (openssl), for TLS tests
+    read_tensors(path)                   every tensor of a safetensors file, name -> array as stored
 
 and, for a running LocalCluster `cl`:
 
@@ -44,6 +45,14 @@ def run_nanopipe(*args, cwd=None, timeout: float = 120) -> subprocess.CompletedP
     """Run the real command line, `python -m nanopipe *args`, as a user would (output captured)."""
     return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def read_tensors(path) -> dict:
+    """Every tensor of a safetensors file, read with nanopipe's own reader: name -> array, as stored."""
+    from nanopipe.safetensors_io import read_header, read_tensor
+    header = read_header(str(path))
+    with open(path, "rb") as f:
+        return {name: read_tensor(f, info) for name, info in header.tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------

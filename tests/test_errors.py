@@ -40,12 +40,6 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_weights, tmp_path_factory):
-    with LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path_factory.mktemp("cluster"))) as cl:
-        yield cl
-
-
 # ---------------------------------------------------------------------------------------------
 # the CLI's own errors
 

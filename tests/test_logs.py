@@ -15,7 +15,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from helpers import log_of, wait_until
+from helpers import log_of, status, wait_until
 
 from nanopipe.config import load_cluster_config
 from nanopipe.tools.localcluster import LocalCluster, write_configs
@@ -41,16 +41,14 @@ def wait_in_order(cl: LocalCluster, rank: int, expected: list, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    with LocalCluster(tiny_weights, nodes=3, ready_timeout=60) as cl:
-        with cl.client() as c:
-            cl.layers = {n["rank"]: n["layers"] for n in c.status()["nodes"]}     # [lo, hi) of each rank
-        yield cl
+def layers(cluster) -> dict:
+    """rank -> [lo, hi), the layers each node of conftest's 3-node cluster holds."""
+    return {n["rank"]: n["layers"] for n in status(cluster)["nodes"]}
 
 
-def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, tiny_weights):
+def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, layers, tiny_weights):
     ip, port = "127.0.0.1", cluster.cluster["port"]
-    lo, hi = cluster.layers[0]
+    lo, hi = layers[0]
     wait_in_order(cluster, 0, [
         f"[LEADER] Server will bind to IP: {ip}, Port: {port}",
         "[LEADER] Checking for model weights (local)...",
@@ -62,9 +60,9 @@ def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, tiny_we
 
 
 @pytest.mark.parametrize("rank", [1, 2])
-def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, tiny_weights, rank):
+def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, layers, tiny_weights, rank):
     server = f"127.0.0.1:{cluster.cluster['port']}"
-    lo, hi = cluster.layers[rank]
+    lo, hi = layers[rank]
     tag = f"[WORKER-{rank}]"
     expected = [
         f"{tag} Worker {rank} starting. Connecting to server at {server}",
