@@ -53,13 +53,13 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay flo
 
 def gelu(x):
     """GPT-2's GELU, the tanh approximation: gelu(0) = 0, gelu(1) ~ 0.8412, gelu(-1) ~ -0.1588."""
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))   # x's shape, e.g. (T, 4C)
 
 
 def softmax(x, axis=-1):
     """softmax([1, 2, 3]) = [0.090, 0.245, 0.665]; subtracting the max keeps exp() from overflowing."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))             # x's shape, e.g. (H, T, S)
+    return e / e.sum(axis=axis, keepdims=True)                  # x's shape, each row summing to 1
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):
@@ -117,7 +117,7 @@ def attention(q, k, v, start: int):
     att = q @ k.transpose(0, 2, 1) * (1.0 / math.sqrt(q.shape[-1]))   # (H, T, S)
     if T > 1:  # a single new row may see everything cached: no mask needed
         future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
-        att = np.where(future, np.float32(-1e10), att)
+        att = np.where(future, np.float32(-1e10), att)          # (H, T, S), the future masked out
     return softmax(att) @ v                                     # (H, T, S) @ (H, S, D) -> (H, T, D)
 
 

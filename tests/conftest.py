@@ -12,7 +12,6 @@ Helpers the test files share (polling, cluster status, logs, ports, certificates
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +25,6 @@ os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
 # and a lone prompt prefills up to 96 rows a step (engine.Scheduler._grow_chunks), 64 with company
 os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO / "configs"
 TINY = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=128, n_vocab=50257)
 
 

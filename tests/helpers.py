@@ -5,6 +5,7 @@
     port_free(port), free_port_run(n)    ports on 127.0.0.1
     self_signed_cert(folder)             a throwaway certificate for 127.0.0.1 (openssl), for TLS tests
     read_tensors(path)                   every tensor of a safetensors file, name -> array as stored
+    GOLDEN_CASES, GOLDEN_PROVENANCE      what transformers computed for tests/golden/tiny-hf (HF_DIR)
 
 and, for a running LocalCluster `cl`:
 
@@ -24,7 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -53,6 +56,25 @@ def read_tensors(path) -> dict:
     header = read_header(str(path))
     with open(path, "rb") as f:
         return {name: read_tensor(f, info) for name, info in header.tensors.items()}
+
+
+REPO = str(Path(__file__).resolve().parent.parent)
+CONFIG_DIR = os.path.join(REPO, "configs")             # the shipped configs/
+
+GOLDEN = Path(__file__).parent / "golden"
+HF_DIR = GOLDEN / "tiny-hf"             # the small random GPT-2 transformers saved (save_pretrained)
+
+
+def _golden():
+    """The recorded cases: a list of (prompt ids, logits (T, V), greedy ids (16,)), and the provenance."""
+    with np.load(GOLDEN / "tiny_golden.npz") as z:
+        n = len([k for k in z.files if k.startswith("prompt_ids_")])
+        cases = [(z[f"prompt_ids_{i}"].tolist(), z[f"logits_{i}"], z[f"greedy_{i}"].tolist())
+                 for i in range(n)]
+    return cases, json.loads((GOLDEN / "tiny_golden.json").read_text())
+
+
+GOLDEN_CASES, GOLDEN_PROVENANCE = _golden()    # made by tests/golden/make_golden.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import CONFIG_DIR
-from helpers import run_nanopipe
+from helpers import CONFIG_DIR, run_nanopipe
 
 from nanopipe.tools.cli import main
 

@@ -22,14 +22,12 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from helpers import node, run_nanopipe, wait_status
+from helpers import CONFIG_DIR, node, run_nanopipe, wait_status
 
 from nanopipe.cluster.client import ClientError, LeaderClient
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, free_ports
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
 PROMPT = "Hello world, my name"
 
 
@@ -58,7 +56,7 @@ def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_confi
     prompt = "hello " * 200
     n = len(get_tokenizer().encode(prompt))
     assert n > tiny_config.n_ctx
-    for where in (["--weights", tiny_weights, "--config-dir", CONFIGS],
+    for where in (["--weights", tiny_weights, "--config-dir", CONFIG_DIR],
                   ["--leader", cluster.leader_addr, "--config-dir", cluster.config_dir]):
         r = run_nanopipe("generate", prompt, *where)
         assert r.returncode == 1, r
@@ -70,7 +68,7 @@ def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_confi
 
 
 def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
-    r = run_nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIGS, cwd=tmp_path)
+    r = run_nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIG_DIR, cwd=tmp_path)
     assert r.returncode == 1, r
     line = error_line(r.stderr)
     assert "model 'gpt2-medium'" in line, line
@@ -101,7 +99,7 @@ def test_leader_given_by_its_host_ip_name(cluster):
 ])
 def test_resolve_leader_through_host_ip(given, addr):
     from nanopipe.tools.cli import resolve_leader
-    assert resolve_leader(CONFIGS, given) == addr
+    assert resolve_leader(CONFIG_DIR, given) == addr
 
 
 def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
@@ -234,7 +232,7 @@ def test_command_list_fits_without_cut_descriptions():
 def test_generate_help_quotes_the_shipped_defaults():
     from nanopipe.config import load_model_config
     from nanopipe.decoding import make_params
-    d = load_model_config(CONFIGS).decoding_defaults()
+    d = load_model_config(CONFIG_DIR).decoding_defaults()
     shipped = make_params(d)
     top_k = make_params(d, strategy="top_k")
     text = " ".join(CliRunner().invoke(main, ["generate", "--help"], terminal_width=200).output.split())
@@ -245,9 +243,9 @@ def test_generate_help_quotes_the_shipped_defaults():
 
 def test_plan_partition_and_the_old_strategy_spelling(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    new = CliRunner().invoke(main, ["plan", "--partition", "balanced", "--config-dir", CONFIGS])
-    old = CliRunner().invoke(main, ["plan", "--strategy", "balanced", "--config-dir", CONFIGS])
-    even = CliRunner().invoke(main, ["plan", "--partition", "even", "--config-dir", CONFIGS])
+    new = CliRunner().invoke(main, ["plan", "--partition", "balanced", "--config-dir", CONFIG_DIR])
+    old = CliRunner().invoke(main, ["plan", "--strategy", "balanced", "--config-dir", CONFIG_DIR])
+    even = CliRunner().invoke(main, ["plan", "--partition", "even", "--config-dir", CONFIG_DIR])
     assert new.exit_code == old.exit_code == even.exit_code == 0, (new.output, old.output)
     assert new.stdout == old.stdout != even.stdout, (new.stdout, old.stdout, even.stdout)
     assert "`plan --strategy` is now `plan --partition`" in old.stderr, old.stderr

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import read_tensors
+from helpers import REPO, read_tensors
 from httpserver import FileServer, closed_port
 
 from nanopipe import gpt2_tensors as gt
@@ -38,7 +38,6 @@ from nanopipe.weights import (
     synthetic_summary,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layer=4, n_embd=32, n_head=2, n_ctx=16, n_vocab=100)
 SMALL_ARGS = ["--n-layer", "4", "--n-embd", "32", "--n-head", "2", "--n-ctx", "16", "--n-vocab", "100"]
 NOTE = f"({SYNTHETIC_NOTE})"

@@ -145,7 +145,7 @@ def test_shutdown_from_another_thread_wakes_a_blocked_reader(pair):
 
     t = threading.Thread(target=read)
     t.start()
-    time.sleep(0.2)
+    time.sleep(0.2)         # time to block in recv: nothing to poll for, the point is that it waits
     assert t.is_alive(), "the reader should be waiting for a frame"
     close_now(client)
     t.join(5)
