@@ -287,7 +287,7 @@ def test_caches_freed_after_concurrent_generations(cluster):
 
 
 class _HangUp(Exception):
-    pass
+    """Raised from on_token: the client walks away after its first token, mid-generation."""
 
 
 def test_client_disconnect_cancels_and_frees(cluster):
