@@ -233,17 +233,17 @@ def stage_bytes(n_layer_slice: int, n_embd: int, n_vocab: int, n_ctx: int, rank0
                 tied: bool = True) -> int:
     """float32 bytes of weights a stage holds.
 
-    Rank 0 adds wte (V*C), wpe (n_ctx*C), ln_f (2C) and the transposed LM-head copy (V*C) the
-    engine keeps so the head is one contiguous `x @ W` (C, V) matmul. With tied=False the
-    checkpoint has its own lm_head.weight (V*C) that is held as well.
+    Rank 0 adds wte (V*C), wpe (n_ctx*C) and ln_f (2C); the tied LM head is wte itself (a gemv
+    on wte as stored, no transposed copy). With tied=False the checkpoint has its own
+    lm_head.weight (V*C) that is held as well.
 
-    gpt2, 4 blocks on rank 0: 4*7,087,872 + 2*38,597,376 + 786,432 + 1,536 = 106,334,208 params
-    = 425,336,832 bytes; a worker with 4 blocks holds 4*7,087,872*4 = 113,405,952 bytes.
+    gpt2, 4 blocks on rank 0: 4*7,087,872 + 38,597,376 + 786,432 + 1,536 = 67,736,832 params
+    = 270,947,328 bytes; a worker with 4 blocks holds 4*7,087,872*4 = 113,405,952 bytes.
     """
     params = n_layer_slice * block_params(n_embd)
     if rank0:
         c, v = n_embd, n_vocab
-        params += gt.head_params(c, v, n_ctx) + v * c     # + the transposed LM-head copy
+        params += gt.head_params(c, v, n_ctx)
         if not tied:
             params += v * c
     return 4 * params
