@@ -243,7 +243,6 @@ def bench_lm_head(engine: Engine, prompt_len: int = 32, n_tokens: int = 48, repe
     out = {mode: round(decode_rate(r)[0], 2) for mode, r in runs.items()}
     out["tokens_identical"] = runs["before"][-1]["token_ids"] == runs["after"][-1]["token_ids"]
     out["copy_mb"] = round(copy.nbytes / 1e6, 1)
-    del copy
     return out
 
 
