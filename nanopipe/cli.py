@@ -378,7 +378,7 @@ def plan_ranges(mc, cfg, nodes=None, partition=None):
     from .partition import PartitionError
     from .partition import plan as make_plan
     nodes = nodes or mc.num_nodes
-    partition = partition or mc.partition
+    partition = partition or mc.partition or "even"
     if mc.layer_mapping and partition in ("even", "mapping"):
         if nodes != mc.num_nodes:
             raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
@@ -420,7 +420,12 @@ def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
     cc = load_cluster_config(config_dir)
     _share_cores(cc, rank)
     check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
-    if weights_path is None:
+    if weights_path is None and rank > 0 and planned_by_leader(mc):
+        # the leader says which blocks once every node is measured: pull them then (join's fetch)
+        src = load_weights_config(config_dir, mc.weights_model_name)
+        full = os.path.join("weights", src.filename)
+        weights_path = full if os.path.exists(full) else None
+    elif weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
         weights_path = _ensure_weights(mc, src, rank, cc, config_dir, log)
     else:
@@ -432,6 +437,24 @@ def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
     cfg = _model_shape(config_dir, mc, weights_path)
     ranges = plan_ranges(mc, cfg, len(cc.nodes))
     return mc, cc, cfg, ranges, weights_path
+
+
+def planned_by_leader(mc) -> bool:
+    """partition auto, or none set (even unless the nodes differ): the leader places the layers
+    after every node has measured itself, so a worker learns its blocks only then."""
+    return mc.partition in (None, "auto") and not mc.layer_mapping
+
+
+def slice_fetcher(name: str, entry: dict, log):
+    """fetch(lo, hi) -> the path of a file holding blocks lo..hi-1, pulled if missing."""
+    def fetch(lo, hi):
+        from .pull import PullError, ensure_weights
+        try:
+            return ensure_weights(name, entry, "weights", layers=(lo, hi), rank0=False, log=log)
+        except PullError as e:
+            from .weights import WeightsError
+            raise WeightsError(str(e)) from None
+    return fetch
 
 
 def _ensure_weights(mc, src, rank, cc, config_dir, log=click.echo):
@@ -501,7 +524,17 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
     log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
-    leader = Leader(cc, mc, stage, ranges)
+    from .placement import measure
+    cap = measure(cc.leader.host, cfg.n_embd, override=cc.node_overrides.get(cc.leader.host))
+    log(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
+        f"{cap.memory_mb:.0f} MB usable ({cap.source}); partition: "
+        + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
+        + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
+
+    def load_rank0(lo, hi):
+        return load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
+    leader = Leader(cc, mc, stage, ranges, capacity=cap, load_rank0=load_rank0,
+                    weights_source=_weights_source(config_dir, mc))
     from .model import describe_kernels
     click.echo(f"[LEADER] {describe_kernels()}")
     _on_sigterm()
@@ -510,19 +543,42 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     except KeyboardInterrupt:
         log("Shutting down")
     except OSError as e:
-        raise UserError(str(e)) from None
+        if leader.fatal is None:
+            raise UserError(str(e)) from None
+    if leader.fatal is not None:
+        raise UserError(f"cannot serve the model: {leader.fatal}")
+
+
+def _weights_source(config_dir, mc) -> dict | None:
+    """model_weights.yaml's entry for the model, for workers that join with only --leader."""
+    from .config import load_weights_config
+    try:
+        src = load_weights_config(config_dir, mc.weights_model_name)
+    except ConfigError:
+        return None
+    return {"name": mc.weights_model_name, "url": src.url, "filename": src.filename, "sha256": src.sha256}
 
 
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
-@click.option("--rank", type=int, required=True, help="This worker's rank (1..num_workers).")
+@click.option("--rank", type=int, default=None, help="This worker's rank (1..num_workers); or give --leader.")
 @click.option("--host", "host", default=None,
               help="This worker's name in host_ip, checked against the config.  [default: not checked]")
+@click.option("--leader", "leader_addr", default=None, metavar="HOST:PORT",
+              help="Join the leader there, taking rank, model, layers and weights source from it (no --rank).")
 @common_options
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
-def join(rank, host, config_dir, model_name, weights_path, n_head):
+def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
     """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
+    if leader_addr is not None:
+        if rank is not None or host is not None:
+            raise UserError("--leader takes the rank and host from the leader: give either --leader HOST:PORT, "
+                            "or --rank R (and --host NAME) with the configs")
+        return _join_leader(leader_addr, config_dir, weights_path, n_head)
+    if rank is None:
+        raise UserError("give --rank R (and --host NAME), as in the guide, or --leader HOST:PORT to take both "
+                        "from the leader")
     from .config import load_cluster_config
     cc = load_cluster_config(config_dir)
     if rank < 1 or rank >= len(cc.nodes):
@@ -534,10 +590,80 @@ def join(rank, host, config_dir, model_name, weights_path, n_head):
     log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
     from .worker import Worker  # numpy loads only now, after _share_cores
-    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, layers=ranges[rank])
+    fetch = None
+    if path is None:
+        from .config import load_weights_config
+        src = load_weights_config(config_dir, mc.weights_model_name)
+        fetch = slice_fetcher(mc.weights_model_name, {"url": src.url, "filename": src.filename,
+                                                      "sha256": src.sha256}, log)
+    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, fetch=fetch,
+                    layers=None if planned_by_leader(mc) else ranges[rank])
     _on_sigterm()
     try:
         worker.run()                # logs "Loaded <n> layers for worker R", "Connected to server at ...", ...
+    except KeyboardInterrupt:
+        log("Shutting down")
+
+
+def _join_leader(addr, config_dir, weights_path, n_head):
+    """`join --leader HOST:PORT`: ask the leader for a rank, the cluster and the weights source, then
+    run as that rank. The secret: auth_token (and TLS files) of a local cluster_config.yaml if there
+    is one, else NANOPIPE_TOKEN."""
+    from .config import ClusterConfig, Node, load_cluster_config
+    from .net import HandshakeError, client_tls, dial, parse_addr
+    from .wire import WireError
+    try:
+        host, port = parse_addr(resolve_leader(config_dir, addr))
+    except ValueError as e:
+        raise UserError(f"--leader: {e}") from None
+    try:
+        local = load_cluster_config(config_dir)
+    except ConfigNotFound:
+        local = None
+    token = local.auth_token if local else os.environ.get("NANOPIPE_TOKEN")
+    tls_cert, tls_key = (local.tls_cert, local.tls_key) if local else (None, None)
+    click.echo(f"[WORKER] Asking the leader at {host}:{port} for a rank")
+    try:
+        sock, _, welcome = dial(host, port, role="worker", rank=None, token=token, attempts=30, backoff_s=0.5,
+                                who="leader", tls=client_tls(tls_cert), extra={"enrol": True},
+                                log=lambda m: click.echo(f"[WORKER] {m}"))
+        sock.close()
+    except HandshakeError as e:
+        raise UserError(f"the leader at {host}:{port} refused: {e}") from None
+    except (OSError, WireError) as e:
+        raise UserError(str(e)) from None
+    e = welcome.get("enrol")
+    try:
+        rank, me = int(e["rank"]), str(e["host"])
+        nodes = [Node(int(r), str(h), str(ip), int(p)) for r, h, ip, p in e["nodes"]]
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"the leader at {host}:{port} did not answer as a nanopipe leader that enrols workers "
+                        f"(got {welcome!r}); is it an older version? Use --rank R --host NAME") from None
+    nodes[0] = Node(0, nodes[0].host, host, port)        # the leader where we reached it
+    cc = ClusterConfig(port=port, nodes=tuple(nodes), bind=e.get("bind"), max_sessions=int(e["max_sessions"]),
+                       rejoin_grace_s=float(e["rejoin_grace_s"]), heartbeat_s=float(e["heartbeat_s"]),
+                       auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
+                       link_delay_ms=float(e.get("link_delay_ms") or 0), link_mbps=float(e.get("link_mbps") or 0),
+                       node_overrides=dict(e.get("node_overrides") or {}), path=f"the leader at {host}:{port}")
+    from .logs import worker_logger
+    log = worker_logger(rank).info
+    log(f"Worker {rank} ({me}) starting: enrolled by the leader at {host}:{port} for model {e.get('model')!r}")
+    fetch = None
+    if weights_path is None:
+        src = e.get("weights")
+        if not isinstance(src, dict) or not src.get("url"):
+            raise UserError("the leader has no weights source (model_weights.yaml) to give; pass --weights FILE")
+        full = os.path.join("weights", str(src["filename"]))
+        if os.path.exists(full):
+            weights_path = full
+        else:
+            fetch = slice_fetcher(str(src["name"]), {"url": src["url"], "filename": src["filename"],
+                                                     "sha256": src.get("sha256")}, log)
+    from .worker import Worker
+    worker = Worker(cc, rank, weights_path, host=me, n_head=n_head or e.get("n_head"), fetch=fetch)
+    _on_sigterm()
+    try:
+        worker.run()
     except KeyboardInterrupt:
         log("Shutting down")
 

@@ -15,6 +15,7 @@ machine has work; stages that share a machine get one batch holding every sessio
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import queue
@@ -117,6 +118,9 @@ class Scheduler:
         self._cancel: set = set()
         self.lock = threading.RLock()
         self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0}
+        # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
+        # the leader checks it against the placement's prediction (leader.stage_report)
+        self.decode_ms: collections.deque = collections.deque(maxlen=64)
 
     # -- requests in ------------------------------------------------------------------------
 
@@ -330,7 +334,10 @@ class Scheduler:
                     rows.append(r)
                     owners.append((s, r - row))
             row += n
+        t_head = time.perf_counter()
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (R, V)
+        if len(x) == 1 and rows:
+            self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j) in enumerate(owners):
             p = s.pos + j                       # these logits predict the token at position p + 1

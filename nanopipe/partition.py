@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from . import gpt2_tensors as gt
 
-STRATEGIES = ("even", "balanced", "mapping")
+STRATEGIES = ("even", "balanced", "mapping", "auto")   # auto: placement.solve on measured nodes
 
 
 class PartitionError(ValueError):
@@ -205,7 +205,9 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
          **kw) -> list[tuple[int, int]]:
     """The layer ranges for a cluster: an explicit `mapping` wins, else `strategy`.
 
-    `strategy` is "even", "balanced" (pass head_cost= or n_embd=) or "mapping" (needs `mapping`).
+    `strategy` is "even", "balanced" (pass head_cost= or n_embd=), "mapping" (needs `mapping`) or
+    "auto", which needs every node's measurements (placement.solve, run by the leader once the
+    workers have registered); without them it is the even split, the starting point.
     """
     _check_sizes(n_layer, n_nodes)
     if strategy not in STRATEGIES:
@@ -217,7 +219,7 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
         raise PartitionError("partition strategy 'mapping' needs a layer_mapping")
     if strategy == "balanced":
         return balanced(n_layer, n_nodes, **kw)
-    return even(n_layer, n_nodes)
+    return even(n_layer, n_nodes)     # "even", and "auto" until the nodes are measured
 
 
 def block_params(n_embd: int) -> int:
