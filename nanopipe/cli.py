@@ -343,14 +343,22 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
                f"({os.path.getsize(out) / 1e6:.1f} MB; {SYNTHETIC_NOTE}). For real text, `nanopipe pull gpt2`.")
 
 
-@main.command(short_help="Print which node holds which layers, and their MB.")
+@main.command(short_help="Print which node holds which layers, their MB, speed and predicted tok/s.")
 @common_options
 @click.option("--nodes", type=int, default=None, help="Number of nodes.  [default: num_nodes in model_config.yaml]")
-@click.option("--partition", default=None, help="Layer split: even | balanced.  [default: the model's partition]")
+@click.option("--partition", default=None,
+              help="Layer split: even | balanced | auto.  [default: the model's partition]")
 @click.option("--strategy", "old_partition", default=None, hidden=True, help="Old name of --partition.")
+@click.option("--here", "here", default=None, metavar="NAME",
+              help="Which node (a host_ip name) this machine is; it is measured.  [default: the server]")
+@click.option("--from-cluster", "from_cluster", default=None, metavar="HOST:PORT",
+              help="Ask a running leader for its nodes' measurements, split and predictions instead.")
 @_fail_clean
-def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
-    """Print which node holds which layers, and each node's weight MB."""
+def plan(config_dir, model_name, weights_path, nodes, partition, old_partition, here, from_cluster):
+    """Print which node holds which layers, each node's weight MB, speed and memory, and the
+    predicted tokens/s for 1 and 8 streams beside the even split's."""
+    if from_cluster is not None:
+        return _plan_from_cluster(config_dir, from_cluster)
     if old_partition is not None:
         click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
                    f"in `generate`); taking it as --partition {old_partition}", err=True)
@@ -367,9 +375,117 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
     cfg = _model_shape(config_dir, mc, weights_path)
     ranges = plan_ranges(mc, cfg, nodes, partition)
     names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
+    caps = _plan_capacities(cluster, names, cfg, here)
+    placed, lines = _plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition)
+    ranges = placed or ranges
     sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0))
              for r, (lo, hi) in enumerate(ranges)]
     click.echo(format_plan(ranges, names=names, bytes_per_rank=sizes))
+    click.echo("")
+    click.echo(_format_capacities(names, caps))
+    for line in lines:
+        click.echo(line)
+
+
+def _plan_capacities(cluster, names, cfg, here) -> list:
+    """Each node's Capacity: this machine measured (as `here`, default the server), others from
+    cluster_config.yaml's `nodes:` when it gives both speed and memory, else None (unknown)."""
+    from .placement import Capacity, measure
+    overrides = cluster.node_overrides if cluster else {}
+    here = here or names[0]
+    if here not in names:
+        raise UserError(f"--here {here}: not a node of this cluster ({', '.join(names)})")
+    caps = []
+    for name in names:
+        o = overrides.get(name, {})
+        if name == here:
+            caps.append(measure(name, cfg.n_embd, override=o))
+            caps[-1] = Capacity(name, caps[-1].speed_gbps, caps[-1].speed8_gbps, caps[-1].memory_mb,
+                                caps[-1].source if o else "measured here")
+        elif "speed_gbps" in o and "memory_mb" in o:
+            caps.append(Capacity(name, o["speed_gbps"], o.get("speed8_gbps", o["speed_gbps"]), o["memory_mb"],
+                                 "config"))
+        else:
+            caps.append(None)
+    return caps
+
+
+def _format_capacities(names, caps) -> str:
+    rows = [["Node", "GB/s 1 row", "GB/s 8 rows", "Memory MB", "Source"]]
+    for name, c in zip(names, caps):
+        rows.append([name, "unknown", "unknown", "unknown", "unknown: measured when it joins (or set `nodes:` "
+                     "in cluster_config.yaml)"] if c is None else
+                    [name, f"{c.speed_gbps:.1f}", f"{c.speed8_gbps:.1f}", f"{c.memory_mb:.0f}", c.source])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in (1, 2, 3)] + [r[4]])
+                     for r in rows)
+
+
+def _plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
+    """(ranges the leader would choose, or None to keep `ranges`; lines of predictions)."""
+    from .partition import even
+    from .placement import ModelShape, PlacementError, differ, predict, solve
+    sessions = cluster.max_sessions if cluster else 16
+    hop_s = (cluster.link_delay_ms / 1000 if cluster else 0.0) + 0.0003
+    auto = partition in (None, "auto") and not mc.layer_mapping
+    unknown = [r for r, c in enumerate(caps) if c is None]
+    if unknown:
+        return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown)"
+                      + ("; the leader places the layers once every node has joined and measured itself, so the "
+                         "split above is the even starting point" if auto else "")]
+    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
+    placed, lines, why = None, [], None
+    if auto:
+        why = "partition: auto" if partition == "auto" else differ(caps)
+        if why is not None:
+            try:
+                p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=mc.placement_objective)
+            except PlacementError as e:
+                raise UserError(str(e)) from None
+            placed = p.ranges
+            lines += [f"note: {n}" for n in p.notes]
+    chosen = predict(shape, caps, placed or ranges, hop_s=hop_s)
+    ev = predict(shape, caps, even(cfg.n_layer, len(caps)), hop_s=hop_s)
+    how = (f"auto ({why}), objective {mc.placement_objective}" if placed
+           else "even (the nodes measure within 25%)" if auto else partition or "even")
+    lines.insert(0, f"Split: {how}; max_sessions {sessions}, hops {hop_s * 1000:.1f} ms")
+    lines.insert(1, f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
+                    f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}")
+    return placed, lines
+
+
+def _plan_from_cluster(config_dir, addr):
+    """`plan --from-cluster HOST:PORT`: the running leader's STATUS, as the plan tables."""
+    from .client import ClientError, LeaderClient
+    token, tls_ca = _leader_auth(config_dir)
+    addr = resolve_leader(config_dir, addr)
+    try:
+        with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
+            st = c.status()
+    except ClientError as e:
+        raise UserError(f"--from-cluster {addr}: {e}") from None
+    from .partition import format_plan
+    nodes = st.get("nodes", [])
+    ranges = [tuple(n["layers"]) for n in nodes]
+    click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))
+    click.echo("")
+    from .placement import Capacity
+    caps = [Capacity.from_dict(n["capacity"]) if n.get("capacity") else None for n in nodes]
+    click.echo(_format_capacities([str(n["host"]) for n in nodes], caps))
+    pl = st.get("placement") or {}
+    click.echo(f"Split: {pl.get('note') or pl.get('partition')}; objective {pl.get('objective')}")
+    if pl.get("predicted_tok_s_1") is not None:
+        click.echo(f"Predicted tok/s   this split: {pl['predicted_tok_s_1']:.1f} (1 stream), "
+                   f"{pl['predicted_tok_s_8']:.1f} (8 streams)")
+    for n in pl.get("notes") or []:
+        click.echo(f"note: {n}")
+    stages = pl.get("stages") or []
+    if stages:
+        click.echo("Stage  Host      Predicted ms  Measured ms  Off")
+        for s in stages:
+            meas = "-" if s.get("measured_ms") is None else f"{s['measured_ms']:.2f}"
+            off = "-" if s.get("off") is None else f"{s['off']:+.0%}"
+            click.echo(f"{s['rank']:>5}  {str(s['host']):<8}  {s['predicted_ms']:>12.2f}  {meas:>11}  {off:>4}")
 
 
 def plan_ranges(mc, cfg, nodes=None, partition=None):

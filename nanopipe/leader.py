@@ -552,7 +552,9 @@ class Leader:
                 pass
         self.stop_event.set()
         try:
-            self.srv and self.srv.close()
+            if self.srv is not None:
+                self.srv.shutdown(socket.SHUT_RDWR)     # wakes the accept() in serve_forever (Linux)
+                self.srv.close()
         except OSError:
             pass
 

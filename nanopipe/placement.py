@@ -224,7 +224,10 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
     if "speed_gbps" in override and "memory_mb" in override:
         s = float(override["speed_gbps"])
         return Capacity(name, s, float(override.get("speed8_gbps", s)), float(override["memory_mb"]), "config")
-    mats = probe_matrices(n_embd)
+    # the probe must not be what pushes a small node over its limit: at most a third of its room
+    # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
+    room = usable_memory_bytes()
+    mats = probe_matrices(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
     s1 = measure_speed(n_embd, 1, seconds, mats)
     s8 = measure_speed(n_embd, 8, seconds, mats)
     del mats
