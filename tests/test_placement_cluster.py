@@ -13,15 +13,14 @@ import sys
 import time
 
 import pytest
+from cgroups import CGroup, why_not_writable
+from httpserver import FileServer
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.localcluster import LocalCluster
 from nanopipe.placement import Capacity, ModelShape, max_blocks
 from nanopipe.weights import init_weights
-
-from cgroups import CGroup, why_not_writable
-from httpserver import FileServer
 
 # 12 blocks of 12.6 MB; with max_sessions 64 at n_ctx 256 each block's KV cache is 67 MB, so a
 # memory limit of a few hundred MB really binds
