@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-from cgroups import CGroup, why_not_writable
 from httpserver import FileServer
 
+from nanopipe.cgroups import CGroup, why_not_writable
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.localcluster import LocalCluster

@@ -1,4 +1,5 @@
-"""Child cgroups (v1) for tests: a CPU quota or a memory limit on one process of a local cluster.
+"""Child cgroups (v1) for tests and benchmarks: a CPU quota or a memory limit on one process of a
+local cluster (needs root, or a delegated cgroup; `why_not_writable` says why not).
 
     with CGroup("cpu", {"cpu.cfs_period_us": 100000, "cpu.cfs_quota_us": 25000}) as cpu:
         LocalCluster(..., wrap={1: cpu.wrapper()})      # rank 1 runs at 25% of one core
