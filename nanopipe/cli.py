@@ -473,7 +473,8 @@ def _plan_from_cluster(config_dir, addr):
     caps = [Capacity.from_dict(n["capacity"]) if n.get("capacity") else None for n in nodes]
     click.echo(_format_capacities([str(n["host"]) for n in nodes], caps))
     pl = st.get("placement") or {}
-    click.echo(f"Split: {pl.get('note') or pl.get('partition')}; objective {pl.get('objective')}")
+    click.echo(f"Split: {pl.get('note') or pl.get('partition')}"
+               + ("" if "objective" in (pl.get("note") or "") else f"; objective {pl.get('objective')}"))
     if pl.get("predicted_tok_s_1") is not None:
         click.echo(f"Predicted tok/s   this split: {pl['predicted_tok_s_1']:.1f} (1 stream), "
                    f"{pl['predicted_tok_s_8']:.1f} (8 streams)")

@@ -142,8 +142,9 @@ def _parse_rank(key) -> int:
 
 
 def _show(lo: int, hi: int) -> str:
-    """(4, 8) -> "4-7": layer ranges are shown inclusive, as people write them."""
-    return f"{lo}-{hi - 1}"
+    """(4, 8) -> "4-7": layer ranges are shown inclusive, as people write them; (12, 12), a node
+    the placement left out, -> "none"."""
+    return f"{lo}-{hi - 1}" if hi > lo else "none"
 
 
 def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:

@@ -422,7 +422,7 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     ranges = _ranges_of(counts)
     for i, k in enumerate(counts):
         if i > 0 and k == 0 and cap[i] > 0:
-            notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.1f} GB/s its blocks would "
+            notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.3g} GB/s its blocks would "
                          "only slow the others")
     return Placement(ranges=ranges, objective=objective,
                      stage_s=[cost1(i, k) if (k or i == 0) else 0.0 for i, k in enumerate(counts)],
