@@ -343,7 +343,7 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
                f"({os.path.getsize(out) / 1e6:.1f} MB; {SYNTHETIC_NOTE}). For real text, `nanopipe pull gpt2`.")
 
 
-@main.command(short_help="Print which node holds which layers, their MB, speed and predicted tok/s.")
+@main.command(short_help="Print the layer split, node speeds and tok/s.")
 @common_options
 @click.option("--nodes", type=int, default=None, help="Number of nodes.  [default: num_nodes in model_config.yaml]")
 @click.option("--partition", default=None,
@@ -352,7 +352,8 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
 @click.option("--here", "here", default=None, metavar="NAME",
               help="Which node (a host_ip name) this machine is; it is measured.  [default: the server]")
 @click.option("--from-cluster", "from_cluster", default=None, metavar="HOST:PORT",
-              help="Ask a running leader for its nodes' measurements, split and predictions instead.")
+              help="Ask a running leader for its nodes' measurements, split and predictions.  "
+                   "[default: none: plan from the configs]")
 @_fail_clean
 def plan(config_dir, model_name, weights_path, nodes, partition, old_partition, here, from_cluster):
     """Print which node holds which layers, each node's weight MB, speed and memory, and the
@@ -677,11 +678,13 @@ def _weights_source(config_dir, mc) -> dict | None:
 
 
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
-@click.option("--rank", type=int, default=None, help="This worker's rank (1..num_workers); or give --leader.")
+@click.option("--rank", type=int, default=None,
+              help="This worker's rank (1..num_workers).  [default: none: required unless --leader]")
 @click.option("--host", "host", default=None,
               help="This worker's name in host_ip, checked against the config.  [default: not checked]")
 @click.option("--leader", "leader_addr", default=None, metavar="HOST:PORT",
-              help="Join the leader there, taking rank, model, layers and weights source from it (no --rank).")
+              help="Join the leader there, taking rank, model, layers and weights source from it.  "
+                   "[default: none: the configs' leader, with --rank]")
 @common_options
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")

@@ -95,7 +95,7 @@ def test_the_guides_layer_mapping_plans_3_4_5_layers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)             # no weights/ here: the shape comes from the known gpt2 size
     result = CliRunner().invoke(main, ["plan", "--config-dir", d])
     assert result.exit_code == 0, result.output
-    rows = [line.split()[:4] for line in result.output.strip().splitlines()[1:]]
+    rows = [line.split()[:4] for line in result.output.split("\n\n")[0].strip().splitlines()[1:]]
     assert rows == [["mini1", "0", "0-2", "3"], ["mini2", "1", "3-6", "4"], ["pi5", "2", "7-11", "5"]]
 
 
