@@ -361,7 +361,8 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
     with CGroup("cpu", {"cpu.cfs_period_us": 100000, "cpu.cfs_quota_us": int(100000 * quota)}) as cg:
         for partition in ("even", "auto"):
             with LocalCluster(weights, nodes=3, partition=partition, wrap={slow_rank: cg.wrapper()},
-                              cluster_extra={"heartbeat_s": 0.2}, ready_timeout=180) as cl:
+                              cluster_extra={"heartbeat_s": 0.2}, ready_timeout=180,
+                              env={"NANOPIPE_PROBE_S": "1.0"}) as cl:     # a longer probe: shared cores
                 streams_cluster(cl, 1, prompt_len, 4)                   # warm-up
                 for n in (1, 8):
                     r = streams_cluster(cl, n, prompt_len, n_tokens)

@@ -508,12 +508,15 @@ class Leader:
         caps = self.capacities()
         shape, objective = self.shape(), self.model.placement_objective
         from .partition import even
+        one_machine = len({n.ip for n in self.cluster.nodes}) == 1 and not self.cluster.node_overrides
         if self.model.partition == "auto":
             why = "partition: auto"
         else:
-            why = differ(caps)
+            why = None if one_machine else differ(caps)
             if why is None:
-                self.plan_note = "even: partition not set, and the nodes measure within 25% of each other"
+                self.plan_note = ("even: partition not set, and every node is on the same machine (one address in "
+                                  "host_ip), so their measurements differ only by noise" if one_machine else
+                                  "even: partition not set, and the nodes measure within 25% of each other")
                 self.log(f"Plan: {self.plan_note}")
                 self._apply_plan(even(shape.n_layer, len(caps)), [None] * len(caps))
                 self.placement = predict(shape, caps, self.ranges, hop_s=self.hop_s(), objective=objective)

@@ -218,9 +218,12 @@ def measure_speed(n_embd: int, rows: int = 1, seconds: float = 0.25, mats: list 
 
 
 def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None = None) -> Capacity:
-    """A node's Capacity: measured speed (1 and 8 rows) and memory; `override` (from
+    """A node's Capacity: measured speed (1 and 8 rows, `seconds` each, or NANOPIPE_PROBE_S) and
+    memory; `override` (from
     cluster_config.yaml `nodes: {NAME: {speed_gbps: 9, memory_mb: 3000}}`) replaces what it sets."""
     override = override or {}
+    # NANOPIPE_PROBE_S: a longer probe averages out a busy machine (the tests and `bench --placement`)
+    seconds = float(os.environ.get("NANOPIPE_PROBE_S") or seconds)
     if "speed_gbps" in override and "memory_mb" in override:
         s = float(override["speed_gbps"])
         return Capacity(name, s, float(override.get("speed8_gbps", s)), float(override["memory_mb"]), "config")

@@ -62,7 +62,8 @@ def unequal(weights):
     mem = CGroup("memory", {"memory.limit_in_bytes": MEM_LIMIT_MB << 20})
     with cpu, mem:
         cl = LocalCluster(weights, nodes=3, partition="auto", cluster_extra={"max_sessions": MAX_SESSIONS},
-                          wrap={1: cpu.wrapper(), 2: mem.wrapper()}, ready_timeout=90)
+                          wrap={1: cpu.wrapper(), 2: mem.wrapper()}, ready_timeout=90,
+                          env={"NANOPIPE_PROBE_S": "1.0"})     # 10 quota periods: the machine is shared
         with cl:
             assert cl.procs[1].pid in cpu.pids() and cl.procs[2].pid in mem.pids(), "the wrapper moved them"
             with cl.client() as c:

@@ -3,12 +3,15 @@ cgroups needed (cluster_config.yaml's `nodes:` says rank 1 is very slow, so the 
 out). Also `plan --from-cluster` and /metrics' predicted vs measured per stage."""
 from __future__ import annotations
 
+import re
+
 from click.testing import CliRunner
 
 from nanopipe.cli import main
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.localcluster import LocalCluster
+from nanopipe.partition import even
 from nanopipe.web_metrics import WebMetrics, render_metrics
 
 PROMPT = [15496, 995, 11, 616]
@@ -47,3 +50,25 @@ def test_a_worker_left_out_stands_by_and_the_ring_skips_it(tiny_weights):
         assert 'nanopipe_stage_predicted_seconds{host="node0",rank="0"}' in text, text
         assert 'nanopipe_stage_predicted_seconds{host="node1"' not in text, "a node left out has no stage"
         assert 'nanopipe_predicted_tokens_per_second{streams="8"}' in text, text
+
+
+def test_partition_not_set_is_auto_when_the_nodes_differ(tiny_weights):
+    cl = LocalCluster(tiny_weights, nodes=3, partition=None,
+                      cluster_extra={"nodes": {"node2": {"speed_gbps": 0.001, "speed8_gbps": 0.001}}})
+    with cl:
+        with cl.client() as c:
+            st = c.status()
+        log = cl.logs()
+    assert re.search(r"Plan: auto \(partition not set and the nodes differ: speeds 0\.0-[\d.]+ GB/s \(node2 slowest\) "
+                     r"are more than 25% apart\); objective throughput", log), log
+    assert st["nodes"][2]["status"] == "left out", st["nodes"]
+
+
+def test_partition_not_set_on_one_machine_stays_even(tiny_weights):
+    """Three processes on one address measure apart only by noise: no re-plan."""
+    with LocalCluster(tiny_weights, nodes=3, partition=None) as cl:
+        with cl.client() as c:
+            st = c.status()
+        log = cl.logs()
+    assert "Plan: even: partition not set, and every node is on the same machine" in log, log
+    assert [n["layers"] for n in st["nodes"]] == [list(r) for r in even(st["nodes"][-1]["layers"][1], 3)]
