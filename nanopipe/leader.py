@@ -59,6 +59,7 @@ CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "see
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
 CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while frames wait is dropped
 CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
+ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long for that worker to register
 
 
 _LOG = leader_logger()
@@ -251,6 +252,7 @@ class Leader:
         self.plan_note = ""             # how the split was chosen, for status()
         self.fatal: str | None = None   # set when the model cannot be placed: `serve` exits with it
         self._off_warned: set = set()   # ranks warned about being >25% off their prediction
+        self._enrol_hold: dict = {}     # rank -> until when it is held for a worker that enrolled
         self.config = stage.config
         self.tokenizer = tokenizer
         self.log = log_fn
@@ -367,9 +369,14 @@ class Leader:
         rank (one whose host_ip address is the worker's own, if any), the cluster, the model and
         where the weights come from; it then registers with that rank like any worker."""
         ip = peer.rsplit(":", 1)[0]
+        now = time.time()
         with self.lock:
-            free = [r for r, w in self.workers.items() if w.status == "down"]
+            # a rank given out in the last ENROL_HOLD_S is held for that worker (it registers next),
+            # so two workers enrolling at once never get the same rank
+            free = [r for r, w in self.workers.items() if w.status == "down" and self._enrol_hold.get(r, 0) < now]
             mine = [r for r in free if self.cluster.node(r).ip == ip]
+            if free:
+                self._enrol_hold[(mine or free)[0]] = now + ENROL_HOLD_S
         if not free:
             send_frame(sock, Msg.REJECT, {"reason": f"every worker rank ({', '.join(map(str, self.workers))}) is "
                                                     "already connected; add one to cluster_config.yaml first"})
@@ -409,6 +416,7 @@ class Leader:
                          f"config says {w.host!r}", WARNING)
                 return
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
+            self._enrol_hold.pop(rank, None)
             self.grace_over = False             # a rank came back: new requests wait for the ring again
             w.stats = {}                    # until its first STATS, nothing is known of this process
         c = self.config
