@@ -430,7 +430,7 @@ def test_plan_with_shipped_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)         # no weights/ here: the shape comes from the known GPT-2 sizes
     result = CliRunner().invoke(main, ["plan", "--config-dir", os.path.join(REPO, "configs")])
     assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.strip().splitlines()]
+    rows = [line.split() for line in result.output.split("\n\n")[0].strip().splitlines()]   # the layer table
     assert rows[0][:4] == ["Node", "Rank", "Layers", "Count"]
     assert [r[:4] for r in rows[1:]] == [["mini1", "0", "0-3", "4"], ["mini2", "1", "4-7", "4"],
                                          ["pi1", "2", "8-11", "4"]]
