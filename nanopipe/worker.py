@@ -203,8 +203,12 @@ class Worker:
         memory) and tell the leader, which places the layers with it (partition auto)."""
         if self.capacity is None:
             from .placement import measure
-            self.capacity = measure(self.node.host, expect.n_embd,
-                                    override=self.cluster.node_overrides.get(self.node.host))
+            override = self.cluster.node_overrides.get(self.node.host) or {}
+            self.capacity = measure(self.node.host, expect.n_embd, override=override)
+            if self.stage is not None and "memory_mb" not in override:    # loaded already (the guide's order):
+                import dataclasses                                         # that memory is the model's too
+                self.capacity = dataclasses.replace(self.capacity,
+                                                    memory_mb=self.capacity.memory_mb + self.stage.nbytes / 1e6)
             c = self.capacity
             self.log(f"Measured this node: {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s (8 rows), "
                      f"{c.memory_mb:.0f} MB usable ({c.source})")
