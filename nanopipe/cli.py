@@ -645,7 +645,8 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     from .placement import measure
     cap = measure(cc.leader.host, cfg.n_embd, override=cc.node_overrides.get(cc.leader.host))
     if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}):
-        import dataclasses      # what the loaded stage holds is memory for the model too (the plan may reload it)
+        # what the loaded stage holds is memory for the model too (the plan may reload it)
+        import dataclasses
         cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + stage.nbytes / 1e6)
     log(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
         f"{cap.memory_mb:.0f} MB usable ({cap.source}); partition: "

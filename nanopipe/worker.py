@@ -205,8 +205,9 @@ class Worker:
             from .placement import measure
             override = self.cluster.node_overrides.get(self.node.host) or {}
             self.capacity = measure(self.node.host, expect.n_embd, override=override)
-            if self.stage is not None and "memory_mb" not in override:    # loaded already (the guide's order):
-                import dataclasses                                         # that memory is the model's too
+            if self.stage is not None and "memory_mb" not in override:
+                # loaded already (the guide's order): that memory is the model's too
+                import dataclasses
                 self.capacity = dataclasses.replace(self.capacity,
                                                     memory_mb=self.capacity.memory_mb + self.stage.nbytes / 1e6)
             c = self.capacity
