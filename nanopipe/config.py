@@ -30,7 +30,9 @@ DEFAULT_CONFIG_DIR = "configs"
 # model_config.yaml: the top level holds model entries (any name) and these keys.
 MODEL_FILE_KEYS = ("default_model", "models")
 MODEL_KEYS = ("hf_model_name", "weights_model_name", "num_layers", "num_nodes", "max_new_tokens",
-              "active_decoding_strategy", "decoding_strategies", "n_head", "partition", "layer_mapping")
+              "active_decoding_strategy", "decoding_strategies", "n_head", "partition", "layer_mapping",
+              "placement_objective")
+OBJECTIVES = ("throughput", "latency")     # what `partition: auto` minimises (placement.solve)
 # decoding_strategies: the built-in strategies (decoding.py registers them) and the keys each reads.
 STRATEGY_KEYS = {"greedy": (), "sampling": ("temperature",), "top_k": ("temperature", "k", "top_k"),
                  "top_p": ("temperature", "p", "top_p")}
@@ -42,8 +44,10 @@ DEFAULT_DECODING = {"max_new_tokens": 50, "active_decoding_strategy": "greedy",
 # cluster_config.yaml, and one entry of its `workers` list.
 CLUSTER_KEYS = ("host_ip", "port", "server", "num_workers", "workers", "bind", "max_sessions", "rejoin_grace_s",
                 "heartbeat_s", "auth_token", "tls_cert", "tls_key", "api_token", "cors_origins", "pipeline_depth",
-                "link_delay_ms", "link_mbps")
+                "link_delay_ms", "link_mbps", "nodes")
 WORKER_KEYS = ("rank", "host", "port")
+# cluster_config.yaml `nodes: {HOST: {...}}`: a node's capacity, instead of (or over) what it measures
+NODE_KEYS = ("speed_gbps", "speed8_gbps", "memory_mb")
 # model_weights.yaml: entries under `models:`, each with these keys.
 WEIGHTS_FILE_KEYS = ("models",)
 WEIGHTS_KEYS = ("url", "filename", "sha256", "size")
@@ -151,8 +155,9 @@ class ModelConfig:
     active_decoding_strategy: str
     decoding_strategies: dict
     n_head: int | None = None
-    partition: str = "even"
+    partition: str | None = None     # None: even, or auto when the nodes' measurements differ (leader.py)
     layer_mapping: dict | None = None
+    placement_objective: str = "throughput"
 
     def decoding_defaults(self) -> dict:
         """The dict decoding.make_params() takes as defaults."""
@@ -251,9 +256,13 @@ def _model_entry(name, m, where: str) -> ModelConfig:
                                       default=DEFAULT_DECODING["active_decoding_strategy"]),
         decoding_strategies=strategies,
         n_head=_int(m, "n_head", where, default=None, lo=1),
-        partition=_str(m, "partition", where, default="even"),
+        partition=_str(m, "partition", where, default=None),
         layer_mapping=_get(m, "layer_mapping", dict, where, default=None),
+        placement_objective=_str(m, "placement_objective", where, default="throughput"),
     )
+    if cfg.placement_objective not in OBJECTIVES:
+        raise ConfigError(f"{where}: unknown placement_objective '{cfg.placement_objective}'"
+                          f"{did_you_mean(cfg.placement_objective, OBJECTIVES)}")
     if cfg.active_decoding_strategy not in cfg.decoding_strategies:
         raise ConfigError(f"{where}: active_decoding_strategy '{cfg.active_decoding_strategy}' is not one of "
                           f"decoding_strategies ({', '.join(cfg.decoding_strategies)})"
@@ -261,11 +270,11 @@ def _model_entry(name, m, where: str) -> ModelConfig:
     if cfg.num_nodes > cfg.num_layers:
         raise ConfigError(f"{where}: num_nodes is {cfg.num_nodes} but the model has {cfg.num_layers} layers; "
                           "every node needs at least one layer")
-    if cfg.partition not in _partition.STRATEGIES:
+    if cfg.partition is not None and cfg.partition not in _partition.STRATEGIES:
         raise ConfigError(f"{where}: unknown partition '{cfg.partition}'"
                           f"{did_you_mean(cfg.partition, _partition.STRATEGIES)}")
     if cfg.layer_mapping is not None:
-        if cfg.partition not in ("even", "mapping"):
+        if cfg.partition not in (None, "even", "mapping"):
             raise ConfigError(f"{where}: layer_mapping is given but partition is '{cfg.partition}', which would "
                               "ignore it; remove one of the two (with a layer_mapping, partition may be left out)")
         try:
@@ -383,6 +392,7 @@ class ClusterConfig:
     pipeline_depth: int | None = None  # batches in flight round the ring; None: see depth()
     link_delay_ms: float = 0.0       # a simulated link on every hop (benchmarks; cluster.node.LinkModel): latency ...
     link_mbps: float = 0.0           # ... and bandwidth (0 = no limit)
+    node_overrides: dict = field(default_factory=dict)   # host -> {speed_gbps, speed8_gbps, memory_mb}
     path: str = ""
 
     def depth(self) -> int:
@@ -500,7 +510,24 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
         pipeline_depth=_int(data, "pipeline_depth", path, default=None, lo=1),
         link_delay_ms=_real(data, "link_delay_ms", path, default=0.0),
         link_mbps=_real(data, "link_mbps", path, default=0.0),
+        node_overrides=_node_overrides(data, path, {n.host for n in nodes}),
     )
+
+
+def _node_overrides(data: dict, path: str, hosts: set) -> dict:
+    """`nodes: {pi5: {speed_gbps: 9, memory_mb: 3000}}`: what a node would measure, given instead
+    (a node's own figures are replaced key by key; see placement.measure)."""
+    nodes = _get(data, "nodes", dict, path, default={})
+    out = {}
+    for host, entry in nodes.items():
+        where = f"{path}: nodes.{host}"
+        if host not in hosts:
+            raise ConfigError(f"{where}: no host '{host}' in host_ip{did_you_mean(host, sorted(hosts))}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{speed_gbps: 9, memory_mb: 3000}}")
+        _check_keys(entry, NODE_KEYS, where)
+        out[str(host)] = {k: _real(entry, k, where, above=True) for k in NODE_KEYS if k in entry}
+    return out
 
 
 def check_agree(mc: ModelConfig, cc: ClusterConfig, model_path: str = "model_config.yaml"):

@@ -16,6 +16,7 @@ machine has work; stages that share a machine get one batch holding every sessio
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import queue
@@ -124,6 +125,9 @@ class Scheduler:
         self.lock = threading.RLock()
         # max_live: the most sessions ever live at once (requests batched together show up here)
         self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0}
+        # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
+        # the leader checks it against the placement's prediction (cluster/ring.py stage_report)
+        self.decode_ms: collections.deque = collections.deque(maxlen=64)
 
     # -- requests in ------------------------------------------------------------------------
 
@@ -367,7 +371,10 @@ class Scheduler:
                     rows.append(r)
                     owners.append((s, r - row))
             row += n
+        t_head = time.perf_counter()
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (len(rows), V)
+        if len(x) == 1 and rows:
+            self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j) in enumerate(owners):
             p = s.pos + j                       # these logits predict the token at position p + 1

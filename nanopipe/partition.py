@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from . import gpt2_tensors as gt
 
-STRATEGIES = ("even", "balanced", "mapping")
+STRATEGIES = ("even", "balanced", "mapping", "auto")   # auto: placement.solve on measured nodes
 
 
 class PartitionError(ValueError):
@@ -142,8 +142,9 @@ def _parse_rank(key) -> int:
 
 
 def _show(lo: int, hi: int) -> str:
-    """(4, 8) -> "4-7": layer ranges are shown inclusive, as people write them."""
-    return f"{lo}-{hi - 1}"
+    """(4, 8) -> "4-7": layer ranges are shown inclusive, as people write them; (12, 12), a node
+    the placement left out, -> "none"."""
+    return f"{lo}-{hi - 1}" if hi > lo else "none"
 
 
 def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
@@ -205,7 +206,9 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
          **kw) -> list[tuple[int, int]]:
     """The layer ranges for a cluster: an explicit `mapping` wins, else `strategy`.
 
-    `strategy` is "even", "balanced" (pass head_cost= or n_embd=) or "mapping" (needs `mapping`).
+    `strategy` is "even", "balanced" (pass head_cost= or n_embd=), "mapping" (needs `mapping`) or
+    "auto", which needs every node's measurements (placement.solve, run by the leader once the
+    workers have registered); without them it is the even split, the starting point.
     """
     _check_sizes(n_layer, n_nodes)
     if strategy not in STRATEGIES:
@@ -217,7 +220,7 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
         raise PartitionError("partition strategy 'mapping' needs a layer_mapping")
     if strategy == "balanced":
         return balanced(n_layer, n_nodes, **kw)
-    return even(n_layer, n_nodes)
+    return even(n_layer, n_nodes)     # "even", and "auto" until the nodes are measured
 
 
 def block_params(n_embd: int) -> int:
@@ -233,17 +236,17 @@ def stage_bytes(n_layer_slice: int, n_embd: int, n_vocab: int, n_ctx: int, rank0
                 tied: bool = True) -> int:
     """float32 bytes of weights a stage holds.
 
-    Rank 0 adds wte (V*C), wpe (n_ctx*C), ln_f (2C) and the transposed LM-head copy (V*C) the
-    engine keeps so the head is one contiguous `x @ W` (C, V) matmul. With tied=False the
-    checkpoint has its own lm_head.weight (V*C) that is held as well.
+    Rank 0 adds wte (V*C), wpe (n_ctx*C) and ln_f (2C); the tied LM head is wte itself (a gemv
+    on wte as stored, no transposed copy). With tied=False the checkpoint has its own
+    lm_head.weight (V*C) that is held as well.
 
-    gpt2, 4 blocks on rank 0: 4*7,087,872 + 2*38,597,376 + 786,432 + 1,536 = 106,334,208 params
-    = 425,336,832 bytes; a worker with 4 blocks holds 4*7,087,872*4 = 113,405,952 bytes.
+    gpt2, 4 blocks on rank 0: 4*7,087,872 + 38,597,376 + 786,432 + 1,536 = 67,736,832 params
+    = 270,947,328 bytes; a worker with 4 blocks holds 4*7,087,872*4 = 113,405,952 bytes.
     """
     params = n_layer_slice * block_params(n_embd)
     if rank0:
         c, v = n_embd, n_vocab
-        params += gt.head_params(c, v, n_ctx) + v * c     # + the transposed LM-head copy
+        params += gt.head_params(c, v, n_ctx)
         if not tied:
             params += v * c
     return 4 * params

@@ -67,9 +67,52 @@ class Capacity:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Capacity":
-        return cls(name=str(d["name"]), speed_gbps=float(d["speed_gbps"]),
-                   speed8_gbps=float(d.get("speed8_gbps", d["speed_gbps"])),
-                   memory_mb=float(d["memory_mb"]), source=str(d.get("source", "measured")))
+        """From a peer's JSON (a worker's STATS at registration): every number checked, so a bad
+        one is a ValueError naming the field, never a crash in the solver.
+
+        >>> Capacity.from_dict({"name": "pi5", "speed_gbps": 4.5, "memory_mb": 900}).speed8_gbps
+        4.5
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"capacity must be a JSON object, got {type(d).__name__}")
+
+        def num(key, default=None):
+            v = d.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"capacity field {key!r} must be a positive number, got {v!r}")
+            return float(v)
+        speed = num("speed_gbps")
+        return cls(name=str(d.get("name", "?"))[:64], speed_gbps=speed, speed8_gbps=num("speed8_gbps", speed),
+                   memory_mb=num("memory_mb"), source=str(d.get("source", "measured"))[:32])
+
+    def overridden(self, override: dict | None) -> "Capacity":
+        """This capacity with cluster_config.yaml's `nodes: {NAME: {...}}` figures put in its place."""
+        if not override:
+            return self
+        s1 = float(override.get("speed_gbps", self.speed_gbps))
+        s8 = float(override.get("speed8_gbps", s1 * self.speed8_gbps / self.speed_gbps))
+        mem = float(override.get("memory_mb", self.memory_mb))
+        full = all(k in override for k in ("speed_gbps", "memory_mb"))
+        return Capacity(self.name, s1, s8, mem, "config" if full else "config+measured")
+
+
+def differ(nodes: list, tolerance: float = 0.25) -> str | None:
+    """Why these nodes count as different machines, or None if they are alike: the fastest and
+    slowest (one-row speed), or the largest and smallest memory, more than `tolerance` apart.
+
+    >>> differ([Capacity("a", 10, 20, 4000), Capacity("b", 9, 18, 3800)]) is None
+    True
+    >>> differ([Capacity("a", 10, 20, 4000), Capacity("pi5", 2.5, 5, 3800)])
+    'speeds 2.5-10.0 GB/s (pi5 slowest) are more than 25% apart'
+    """
+    for what, key, unit, fmt in (("speeds", "speed_gbps", "GB/s", ".1f"), ("memory", "memory_mb", "MB", ".0f")):
+        vals = [getattr(n, key) for n in nodes]
+        lo, hi = min(vals), max(vals)
+        if hi > lo * (1 + tolerance):
+            low = nodes[vals.index(lo)].name
+            return (f"{what} {lo:{fmt}}-{hi:{fmt}} {unit} ({low} {'slowest' if what == 'speeds' else 'smallest'}) "
+                    f"are more than {tolerance:.0%} apart")
+    return None
 
 
 def _read(path: str) -> str | None:
@@ -175,13 +218,19 @@ def measure_speed(n_embd: int, rows: int = 1, seconds: float = 0.25, mats: list 
 
 
 def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None = None) -> Capacity:
-    """A node's Capacity: measured speed (1 and 8 rows) and memory; `override` (from
+    """A node's Capacity: measured speed (1 and 8 rows, `seconds` each, or NANOPIPE_PROBE_S) and
+    memory; `override` (from
     cluster_config.yaml `nodes: {NAME: {speed_gbps: 9, memory_mb: 3000}}`) replaces what it sets."""
     override = override or {}
+    # NANOPIPE_PROBE_S: a longer probe averages out a busy machine (the tests and `bench --placement`)
+    seconds = float(os.environ.get("NANOPIPE_PROBE_S") or seconds)
     if "speed_gbps" in override and "memory_mb" in override:
         s = float(override["speed_gbps"])
         return Capacity(name, s, float(override.get("speed8_gbps", s)), float(override["memory_mb"]), "config")
-    mats = probe_matrices(n_embd)
+    # the probe must not be what pushes a small node over its limit: at most a third of its room
+    # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
+    room = usable_memory_bytes()
+    mats = probe_matrices(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
     s1 = measure_speed(n_embd, 1, seconds, mats)
     s8 = measure_speed(n_embd, 8, seconds, mats)
     del mats
@@ -376,7 +425,7 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     ranges = _ranges_of(counts)
     for i, k in enumerate(counts):
         if i > 0 and k == 0 and cap[i] > 0:
-            notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.1f} GB/s its blocks would "
+            notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.3g} GB/s its blocks would "
                          "only slow the others")
     return Placement(ranges=ranges, objective=objective,
                      stage_s=[cost1(i, k) if (k or i == 0) else 0.0 for i, k in enumerate(counts)],

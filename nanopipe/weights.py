@@ -45,7 +45,7 @@ class StageWeights:
     wte: np.ndarray | None = None        # (V, C)
     wpe: np.ndarray | None = None        # (n_ctx, C)
     ln_f: dict | None = None             # {"g": (C,), "b": (C,)}
-    lm_head: np.ndarray | None = None    # (C, V), a contiguous copy of wte.T (or lm_head.weight.T)
+    lm_head: np.ndarray | None = None    # (V, C): wte itself when tied (no copy), else lm_head.weight
     source: str = ""
     metadata: dict = field(default_factory=dict)
 
@@ -60,7 +60,7 @@ class StageWeights:
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.wte, self.wpe, self.lm_head]
+        arrays = [self.wte, self.wpe] + ([self.lm_head] if self.lm_head is not self.wte else [])
         arrays += list(self.ln_f.values()) if self.ln_f else []
         arrays += [a for p in self.blocks for a in _leaves(p)]
         return sum(a.nbytes for a in arrays if a is not None)
@@ -199,10 +199,9 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
             stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
                           "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
             if "lm_head.weight" in header.tensors:
-                stage.lm_head = np.ascontiguousarray(_load(f, header, "lm_head.weight", shapes["lm_head.weight"],
-                                                           path).T)
-            else:  # tied: a transposed contiguous copy makes the per-token (1, C) @ (C, V) ~30% faster
-                stage.lm_head = np.ascontiguousarray(stage.wte.T)
+                stage.lm_head = _load(f, header, "lm_head.weight", shapes["lm_head.weight"], path)   # (V, C)
+            else:  # tied: the head is wte itself (model.head does a gemv on it as stored)
+                stage.lm_head = stage.wte
     return stage
 
 

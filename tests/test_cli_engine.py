@@ -134,7 +134,7 @@ def test_plan_prints_the_shipped_split(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                     # no weights/ here: the plan comes from the config
     result = runner.invoke(main, ["plan", "--config-dir", CONFIG_DIR])
     assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.strip().splitlines()]
+    rows = [line.split() for line in result.output.split("\n\n")[0].strip().splitlines()]   # the layer table
     assert rows[0][:4] == ["Node", "Rank", "Layers", "Count"]
     assert [r[:4] for r in rows[1:]] == [["mini1", "0", "0-3", "4"], ["mini2", "1", "4-7", "4"],
                                          ["pi1", "2", "8-11", "4"]]

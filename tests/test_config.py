@@ -267,6 +267,10 @@ def _cluster_with(**changes):
 
 
 UNKNOWN_KEYS = {
+    "nodes speed_gpbs": ("cluster_config.yaml", lambda: _cluster_with(nodes={"pi1": {"speed_gpbs": 9}}),
+                         "cluster_config.yaml: nodes.pi1: unknown key 'speed_gpbs' (did you mean 'speed_gbps'?)"),
+    "nodse": ("cluster_config.yaml", lambda: _cluster_with(nodse={"pi1": {"speed_gbps": 9}}),
+              "cluster_config.yaml: unknown key 'nodse' (did you mean 'nodes'?)"),
     "cluster auth_tokn": ("cluster_config.yaml", lambda: _cluster_with(auth_tokn="change-me"),
                           "cluster_config.yaml: unknown key 'auth_tokn' (did you mean 'auth_token'?)"),
     "cluster max_sesions": ("cluster_config.yaml", lambda: _cluster_with(max_sesions=4),
@@ -329,7 +333,17 @@ BAD_VALUES = {
     "tls_key alone": (lambda: _cluster_with(tls_key="k.pem"), "tls_key is set but tls_cert is not"),
     "cors origin not a string": (lambda: _cluster_with(cors_origins=[5]), "cors_origins[0] must be an origin"),
     "empty auth_token": (lambda: _cluster_with(auth_token=""), "'auth_token' is empty"),
+    "nodes: unknown host": (lambda: _cluster_with(nodes={"pi5": {"speed_gbps": 9}}),
+                            "nodes.pi5: no host 'pi5' in host_ip (did you mean 'pi1'?)"),
+    "nodes: speed 0": (lambda: _cluster_with(nodes={"pi1": {"speed_gbps": 0}}),
+                       "nodes.pi1: 'speed_gbps' must be a number > 0, got 0"),
+    "nodes: not a mapping": (lambda: _cluster_with(nodes={"pi1": 9}), "nodes.pi1: expected a mapping"),
 }
+
+
+def test_node_overrides_load(tmp_path):
+    write(tmp_path, "cluster_config.yaml", _cluster_with(nodes={"pi1": {"speed_gbps": 9, "memory_mb": 3000}}))
+    assert load_cluster_config(str(tmp_path)).node_overrides == {"pi1": {"speed_gbps": 9.0, "memory_mb": 3000.0}}
 
 
 @pytest.mark.parametrize("case", BAD_VALUES)
@@ -353,6 +367,8 @@ MODEL_VALUES = {
     "active topp": (_model(lambda d, m: m.update(active_decoding_strategy="topp")),
                     "active_decoding_strategy 'topp' is not one of decoding_strategies (greedy, sampling, top_p, "
                     "top_k) (did you mean 'top_p'?)"),
+    "objective misspelled": (_model(lambda d, m: m.update(placement_objective="throughpt")),
+                             "unknown placement_objective 'throughpt' (did you mean 'throughput'?)"),
     "partition misspelled": (_model(lambda d, m: m.update(partition="evne")),
                              "unknown partition 'evne' (did you mean 'even'?)"),
     "more nodes than layers": (_model(lambda d, m: m.update(num_nodes=13)),

@@ -88,7 +88,8 @@ def test_plan_names_nodes_only_from_a_valid_cluster_file(tmp_path):
     os.remove(os.path.join(d, "cluster_config.yaml"))           # no cluster file at all: generic names
     result = invoke("plan", "--config-dir", d)
     assert result.exit_code == 0, result.output
-    assert [row.split()[0] for row in result.output.splitlines()[1:]] == ["node0", "node1", "node2"]
+    table = result.output.split("\n\n")[0]         # the layer table (node speeds follow it)
+    assert [row.split()[0] for row in table.splitlines()[1:]] == ["node0", "node1", "node2"]
 
 
 def test_plan_checks_num_nodes_against_the_cluster(tmp_path, monkeypatch):
@@ -97,7 +98,8 @@ def test_plan_checks_num_nodes_against_the_cluster(tmp_path, monkeypatch):
     assert "gpt2-large: num_nodes=4 but" in line and "has 3 nodes" in line and "--nodes N" in line
     result = invoke("plan", "--config-dir", str(CONFIG_DIR), "--model", "gpt2-large", "--nodes", "4")
     assert result.exit_code == 0, result.output
-    assert [row.split()[:4] for row in result.output.splitlines()[1:]][-1] == ["node3", "3", "27-35", "9"]
+    table = result.output.split("\n\n")[0]         # the layer table (node speeds follow it)
+    assert [row.split()[:4] for row in table.splitlines()[1:]][-1] == ["node3", "3", "27-35", "9"]
 
 
 @pytest.mark.parametrize("command", ["serve", "plan"])

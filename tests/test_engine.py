@@ -243,7 +243,7 @@ def test_end_of_text_stops_generation(tiny_weights):
     st = load_stage(tiny_weights)
     st.ln_f = {"g": np.zeros_like(st.ln_f["g"]), "b": np.ones_like(st.ln_f["b"])}
     st.lm_head = np.zeros_like(st.lm_head)
-    st.lm_head[:, EOT] = 1.0
+    st.lm_head[EOT, :] = 1.0                # (V, C): row EOT
     out = Engine(st).generate([1, 2, 3], SamplingParams("greedy", max_tokens=10))
     assert out["token_ids"] == [EOT] and out["finish_reason"] == "stop"
 

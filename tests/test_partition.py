@@ -217,8 +217,8 @@ def test_block_params_match_gpt2_small():
 def test_stage_bytes_hand_computed():
     c, v, t = 768, 50257, 1024
     assert stage_bytes(4, c, v, t, rank0=False) == 4 * 4 * 7_087_872 == 113_405_952
-    rank0 = 4 * (4 * 7_087_872 + v * c + t * c + 2 * c + v * c)   # + the transposed head copy
-    assert stage_bytes(4, c, v, t, rank0=True) == rank0 == 425_336_832
+    rank0 = 4 * (4 * 7_087_872 + v * c + t * c + 2 * c)   # the tied head is wte itself: no copy
+    assert stage_bytes(4, c, v, t, rank0=True) == rank0 == 270_947_328
     assert stage_bytes(4, c, v, t, rank0=True, tied=False) == rank0 + 4 * v * c
     assert stage_bytes(0, c, v, t, rank0=False) == 0
 
@@ -239,8 +239,8 @@ def test_format_plan_with_weights_and_default_names():
                                               for r, (lo, hi) in enumerate(ranges)])
     lines = text.splitlines()
     assert lines[0].split() == ["Node", "Rank", "Layers", "Count", "Weights", "MB"]
-    # rank 0: 4 * (3 blocks + wte + wpe + ln_f + head copy) = 4 * 99,246,336 bytes
-    assert lines[1].split() == ["rank0", "0", "0-2", "3", "397.0"]
+    # rank 0: 4 * (3 blocks + wte + wpe + ln_f; the tied head is wte itself) = 4 * 60,648,960 bytes
+    assert lines[1].split() == ["rank0", "0", "0-2", "3", "242.6"]
     assert lines[5].split() == ["rank4", "4", "10-11", "2", "56.7"]     # 2 * 7,087,872 * 4 bytes
     with pytest.raises(PartitionError, match="2 names for 5 ranks"):
         format_plan(ranges, names=["a", "b"])

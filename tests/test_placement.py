@@ -15,6 +15,7 @@ from nanopipe.placement import (
     ModelShape,
     PlacementError,
     cgroup_memory_room,
+    differ,
     max_blocks,
     mem_available_bytes,
     predict,
@@ -149,3 +150,77 @@ def test_cgroup_room_v1_and_v2(tmp_path):
     assert cgroup_memory_room(str(v2), str(pc2)) == 750_000_000
     (v2 / "svc" / "memory.max").write_text("max\n")
     assert cgroup_memory_room(str(v2), str(pc2)) is None
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"speed_gbps": "fast", "memory_mb": 900}, "speed_gbps"),
+    ({"speed_gbps": float("nan"), "memory_mb": 900}, "speed_gbps"),
+    ({"speed_gbps": 5, "memory_mb": -1}, "memory_mb"),
+    ({"speed_gbps": 5, "memory_mb": True}, "memory_mb"),
+    ({"speed_gbps": 5}, "memory_mb"),
+])
+def test_a_peers_capacity_is_checked_field_by_field(bad, field):
+    with pytest.raises(ValueError, match=f"capacity field '{field}' must be a positive number"):
+        Capacity.from_dict(dict(bad, name="pi5"))
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        Capacity.from_dict([1, 2])
+
+
+def test_config_overrides_replace_what_a_node_measured():
+    measured = Capacity("pi5", 4.0, 8.0, 900, "measured")
+    assert measured.overridden({"speed_gbps": 9, "memory_mb": 3000}) == Capacity("pi5", 9.0, 18.0, 3000.0, "config")
+    assert measured.overridden({"memory_mb": 500}) == Capacity("pi5", 4.0, 8.0, 500.0, "config+measured")
+    assert measured.overridden({}) is measured
+
+
+def test_nodes_differ_when_speed_or_memory_is_more_than_25_percent_apart():
+    alike = [Capacity("a", 10, 20, 4000), Capacity("b", 8.1, 16, 3300)]
+    assert differ(alike) is None
+    assert differ([Capacity("a", 10, 20, 4000), Capacity("b", 7.9, 16, 4000)]).startswith("speeds 7.9-10.0 GB/s (b")
+    assert differ([Capacity("a", 10, 20, 4000), Capacity("pi", 10, 20, 900)]) == \
+        "memory 900-4000 MB (pi smallest) are more than 25% apart"
+
+
+def test_plan_shows_speeds_the_chosen_split_and_predictions_beside_the_even_split(tmp_path):
+    """Every node's figures from cluster_config.yaml's `nodes:` (so nothing is measured and the
+    output is exact): the docstring's worked example, hops of 1 ms (0.7 ms link + 0.3 ms)."""
+    import os
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from nanopipe.tools.cli import main
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tmp_path / "configs"
+    shutil.copytree(os.path.join(repo, "configs"), d)
+    cc = yaml.safe_load((d / "cluster_config.yaml").read_text())
+    cc["link_delay_ms"] = 0.7
+    cc["nodes"] = {"mini1": {"speed_gbps": 20, "speed8_gbps": 40, "memory_mb": 8000},
+                   "mini2": {"speed_gbps": 20, "speed8_gbps": 40, "memory_mb": 8000},
+                   "pi1": {"speed_gbps": 5, "speed8_gbps": 10, "memory_mb": 8000}}
+    (d / "cluster_config.yaml").write_text(yaml.safe_dump(cc))
+    out = CliRunner().invoke(main, ["plan", "--config-dir", str(d), "--partition", "auto"])
+    assert out.exit_code == 0, out.output
+    lines = [ln.split() for ln in out.output.splitlines()]
+    assert ["mini1", "0", "0-1", "2"] == lines[1][:4] and ["pi1", "2", "10-11", "2"] == lines[3][:4], out.output
+    assert ["pi1", "5.0", "10.0", "8000", "config"] in lines, out.output
+    assert "Split: auto (partition: auto), objective throughput; max_sessions 16, hops 1.0 ms" in out.output
+    assert ("Predicted tok/s   this split: 27.6 (1 stream), 1199.3 (8 streams)   even split: 22.4, 648.3"
+            in out.output), out.output
+
+    even = CliRunner().invoke(main, ["plan", "--config-dir", str(d), "--partition", "even"])
+    assert "Split: even;" in even.output and "this split: 22.4 (1 stream), 648.3 (8 streams)" in even.output
+
+
+def test_plan_with_unknown_nodes_says_so(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+
+    from nanopipe.tools.cli import main
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = CliRunner().invoke(main, ["plan", "--config-dir", os.path.join(repo, "configs")])
+    assert out.exit_code == 0, out.output
+    assert "measured here" in out.output and out.output.count("unknown: measured when it joins") == 2
+    assert "Predicted tok/s: not until every node's speed and memory are known (2 unknown)" in out.output

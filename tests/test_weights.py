@@ -39,7 +39,7 @@ def to_transformers_layout(src, dst, lm_head=None, metadata=None):
 
 def leaves(stage) -> dict:
     """Every array a stage holds, by a readable name."""
-    out = {"wte": stage.wte, "wpe": stage.wpe, "lm_head": stage.lm_head}
+    out = {"wte": stage.wte, "wpe": stage.wpe, "lm_head": None if stage.lm_head is stage.wte else stage.lm_head}
     out.update({f"ln_f.{k}": v for k, v in (stage.ln_f or {}).items()})
 
     def walk(prefix, d):
@@ -80,16 +80,23 @@ def test_transformers_layout_loads_the_same_arrays(tiny_weights, tmp_path):
 def test_lm_head_weight_is_used_when_present(tiny_weights, tmp_path):
     lm = np.random.default_rng(5).standard_normal((V, C)).astype(np.float32)
     st = load_stage(to_transformers_layout(tiny_weights, tmp_path / "model.safetensors", lm_head=lm))
-    assert np.array_equal(st.lm_head, lm.T)
-    assert not np.array_equal(st.lm_head, st.wte.T)
+    assert np.array_equal(st.lm_head, lm)               # (V, C), as stored
+    assert not np.array_equal(st.lm_head, st.wte)
+    assert st.nbytes == load_stage(tiny_weights).nbytes + lm.nbytes      # its own head is held too
 
 
-def test_lm_head_is_a_contiguous_copy_of_wte_transposed(tiny_weights):
+def test_tied_lm_head_is_wte_itself_not_a_copy(tiny_weights):
+    """Issue 15: no transposed copy of wte (154 MB for gpt2); the head is a gemv on wte as stored."""
     st = load_stage(tiny_weights)
-    assert st.lm_head.shape == (C, V)                  # (C, V)
-    assert st.lm_head.flags["C_CONTIGUOUS"]
-    assert not np.shares_memory(st.lm_head, st.wte)
-    assert np.array_equal(st.lm_head, st.wte.T)
+    assert st.lm_head is st.wte and st.lm_head.shape == (V, C)          # (V, C)
+    held = st.wte.nbytes + st.wpe.nbytes + sum(a.nbytes for a in st.ln_f.values())
+    held += sum(a.nbytes for p in st.blocks for a in _all_leaves(p))
+    assert st.nbytes == held, "wte is counted once"
+
+
+def _all_leaves(d):
+    for v in d.values():
+        yield from _all_leaves(v) if isinstance(v, dict) else [v]
 
 
 def test_stage_arrays_are_float32_and_contiguous(tiny_weights):

@@ -25,7 +25,7 @@ from ..weights import synthetic_summary
 from .clients import CLIENT_QUEUE_MAX, ClientProtocol
 from .net import HandshakeError, accept, client_tls, close_now, listen, max_act_bytes, server_tls
 from .node import rss_mb
-from .ring import Membership, Ring, WorkerState
+from .ring import Membership, Ring, WorkerState, _show
 from .wire import ConnectionClosed, WireError
 
 _LOG = leader_logger()
@@ -51,8 +51,20 @@ class Leader(Membership, ClientProtocol):
     """
 
     def __init__(self, cluster: ClusterConfig, model: ModelConfig, stage, ranges: list, tokenizer=None,
-                 log_fn=log):
+                 log_fn=log, capacity=None, load_rank0=None, weights_source=None):
+        """`capacity`: rank 0's own placement.Capacity. With partition auto (or none set) and
+        workers, the leader plans once every worker has registered and sent its measurements
+        (`_plan`); `ranges` is then the starting (even) split, and `load_rank0(lo, hi)` reloads
+        rank 0's stage if the plan gives it other blocks."""
         self.cluster, self.model, self.stage, self.ranges = cluster, model, stage, ranges
+        self.capacity, self.load_rank0 = capacity, load_rank0
+        self.weights_source = weights_source   # {name, url, filename, sha256}, for `join --leader` workers
+        self.plan_pending = model.partition in (None, "auto") and not model.layer_mapping and len(ranges) > 1
+        self.placement = None           # the plan's prediction (placement.Placement), for /metrics and bench
+        self.plan_note = ""             # how the split was chosen, for status()
+        self.fatal: str | None = None   # set when the model cannot be placed: `serve` exits with it
+        self._off_warned: set = set()   # ranks warned about being >25% off their prediction
+        self._enrol_hold: dict = {}     # rank -> until when it is held for a worker that enrolled
         self.config = stage.config
         self.tokenizer = tokenizer
         self.log = log_fn
@@ -94,7 +106,8 @@ class Leader(Membership, ClientProtocol):
                      "read prompts. Set auth_token in cluster_config.yaml or NANOPIPE_TOKEN.", WARNING)
         if self.workers:
             self.log(f"Waiting for {len(self.workers)} worker(s): "
-                     + ", ".join(f"rank {r} ({w.host}, layers {w.layers[0]}-{w.layers[1] - 1})"
+                     + ", ".join(f"rank {r} ({w.host}, layers "
+                                 + ("once every node is measured)" if self.plan_pending else f"{_show(w.layers)})")
                                  for r, w in self.workers.items()))
         threading.Thread(target=self._run_scheduler, daemon=True, name="scheduler").start()
         threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()
@@ -118,8 +131,14 @@ class Leader(Membership, ClientProtocol):
                 pass
 
     def _run_scheduler(self):
-        """The scheduler thread: Scheduler.run_forever, stepping only while the ring is up."""
-        self.scheduler.run_forever(ready=self.ring_ready, on_error=self._on_scheduler_error)
+        """The scheduler thread: Scheduler.run_forever, stepping only while the ring is up. The plan
+        may replace the scheduler once (rank 0's blocks moved, `_apply_plan` stops the old one): the
+        thread then runs the new one."""
+        while not self.stop_event.is_set():
+            sch = self.scheduler
+            sch.run_forever(ready=self.ring_ready, on_error=self._on_scheduler_error)
+            if sch is self.scheduler:
+                break
 
     def _on_scheduler_error(self, e: Exception):
         """A bug in a step must not kill the leader silently: log it, fail what is live, go on."""
@@ -174,10 +193,13 @@ class Leader(Membership, ClientProtocol):
         now = time.time()
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
                   "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None),
-                  "gemv_rows": self.scheduler.kernels.gemv_rows}]
+                  "gemv_rows": self.scheduler.kernels.gemv_rows,
+                  "capacity": self.capacity.as_dict() if self.capacity else None}]
         for r, w in self.workers.items():
             nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
-                          "status": "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
+                          "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
+                          "status": "left out" if w.excluded else
+                          "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
                           "last_seen_s": round(now - w.last_seen, 3) if w.last_seen else None,
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
@@ -192,4 +214,15 @@ class Leader(Membership, ClientProtocol):
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
-                **self._weights_summary()}
+                "placement": self._placement_status(), **self._weights_summary()}
+
+    def _placement_status(self) -> dict:
+        """The plan and its prediction (None until every node is measured), and predicted vs measured
+        per stage after traffic."""
+        p = self.placement
+        out = {"partition": self.model.partition or "default", "objective": self.model.placement_objective,
+               "note": self.plan_note, "pending": self.plan_pending, "stages": self.stage_report()}
+        if p is not None:
+            out.update(predicted_tok_s_1=round(p.tok_s(1), 2), predicted_tok_s_8=round(p.tok_s(8), 2),
+                       hop_ms=round(p.hop_s * 1000, 3), notes=list(p.notes))
+        return out

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..engine import Scheduler
 from .net import close_now, dial
 from .node import LinkModel
 from .wire import (
@@ -37,9 +39,10 @@ from .wire import (
     send_frame,
 )
 
-WARNING = logging.WARNING
+WARNING, ERROR = logging.WARNING, logging.ERROR
 
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
+ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long for that worker to register
 
 
 @dataclass
@@ -55,6 +58,8 @@ class WorkerState:
     lock: threading.Lock = field(default_factory=threading.Lock)    # one sender at a time on sock
     ring_epoch: object = None       # the ring epoch it last confirmed (dialed its next hop for)
     synthetic: object = None        # its weights are random (said in its READY); None until known
+    capacity: object = None         # placement.Capacity it measured (sent at registration), config applied
+    excluded: str | None = None     # why the plan left it out of the ring (it holds no layers), else None
 
 
 class Ring:
@@ -145,7 +150,39 @@ class Membership:
     max_act_bytes, _building, _last_build, _ring_in_epoch, log; and Leader._weights_summary().
     """
 
+    def _enrol(self, sock, peer):
+        """`nanopipe join --leader HOST:PORT`: a worker that knows only our address. Give it a free
+        rank (one whose host_ip address is the worker's own, if any), the cluster, the model and
+        where the weights come from; it then registers with that rank like any worker."""
+        ip = peer.rsplit(":", 1)[0]
+        now = time.time()
+        with self.lock:
+            # a rank given out in the last ENROL_HOLD_S is held for that worker (it registers next),
+            # so two workers enrolling at once never get the same rank
+            free = [r for r, w in self.workers.items() if w.status == "down" and self._enrol_hold.get(r, 0) < now]
+            mine = [r for r in free if self.cluster.node(r).ip == ip]
+            if free:
+                self._enrol_hold[(mine or free)[0]] = now + ENROL_HOLD_S
+        if not free:
+            send_frame(sock, Msg.REJECT, {"reason": f"every worker rank ({', '.join(map(str, self.workers))}) is "
+                                                    "already connected; add one to cluster_config.yaml first"})
+            self.log(f"Rejected a worker from {peer}: no free rank", WARNING)
+            return
+        rank = (mine or free)[0]
+        cc = self.cluster
+        node = cc.node(rank)
+        send_frame(sock, Msg.WELCOME, {"enrol": {
+            "rank": rank, "host": node.host,
+            "nodes": [[n.rank, n.host, n.ip, n.port] for n in cc.nodes], "port": cc.port, "bind": cc.bind,
+            "max_sessions": cc.max_sessions, "heartbeat_s": cc.heartbeat_s, "rejoin_grace_s": cc.rejoin_grace_s,
+            "link_delay_ms": cc.link_delay_ms, "link_mbps": cc.link_mbps,
+            "node_overrides": {node.host: cc.node_overrides[node.host]} if node.host in cc.node_overrides else {},
+            "model": self.model.name, "n_head": self.config.n_head, "weights": self.weights_source}})
+        self.log(f"Worker from {peer} enrolled as rank {rank} ({node.host})")
+
     def _worker_conn(self, sock, peer, hello):
+        if hello.get("enrol") is True:
+            return self._enrol(sock, peer)
         rank = hello.get("rank")
         w = self.workers.get(rank) if type(rank) is int else None
         if w is None:
@@ -165,21 +202,27 @@ class Membership:
                          f"config says {w.host!r}", WARNING)
                 return
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
+            self._enrol_hold.pop(rank, None)
             self.grace_over = False             # a rank came back: new requests wait for the ring again
             w.stats = {}                    # until its first STATS, nothing is known of this process
-        nxt = self.cluster.node(rank + 1 if rank + 1 < len(self.ranges) else 0)
         c = self.config
+        with self.lock:
+            pending = self.plan_pending
+            place = None if pending else self._place_of(rank)
         send_frame(sock, Msg.WELCOME, {
-            "rank": rank, "layers": list(w.layers), "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-            "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model.name, "next": [nxt.ip, nxt.port],
-            "next_rank": nxt.rank, "heartbeat_s": self.cluster.heartbeat_s})
-        self.log(f"Worker {rank} registered from {peer} (host {w.host}, layers {w.layers[0]}-{w.layers[1] - 1})")
+            "rank": rank, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+            "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model.name, "heartbeat_s": self.cluster.heartbeat_s,
+            **(place or {"layers": None})})
+        self.log(f"Worker {rank} registered from {peer} (host {w.host}, "
+                 + ("layers once every node is measured)" if pending else f"layers {_show(w.layers)})"))
         try:
             while True:
                 frame = recv_frame(sock, f"worker {rank} ({peer})", max_payload=0)
                 w.last_seen = time.time()
                 if frame.msg is Msg.READY:
                     self._on_ready(w, frame.meta)
+                elif frame.msg is Msg.STATS and "capacity" in frame.meta:
+                    self._on_capacity(w, frame.meta["capacity"], peer)
                 elif frame.msg is Msg.STATS:
                     w.stats = {k: v for k, v in frame.meta.items() if isinstance(v, (int, float, str))}
                 elif frame.msg is Msg.ERROR:
@@ -195,6 +238,190 @@ class Membership:
             if current:
                 self._on_worker_lost(rank, f"worker {rank} ({w.host}, {peer}) disconnected")
 
+    # -- placement -------------------------------------------------------------------------------
+
+    def ring_ranks(self) -> list:
+        """The workers in the ring, in order: every worker the plan did not leave out."""
+        return [r for r, w in self.workers.items() if not w.excluded]
+
+    def _place_of(self, rank: int) -> dict:
+        """What a worker is told of its place: its layers, the ranks either side, or why it is left out."""
+        w = self.workers[rank]
+        if w.excluded:
+            return {"layers": list(w.layers), "excluded": w.excluded, "prev_rank": None}
+        ring = [0] + self.ring_ranks()
+        i = ring.index(rank)
+        nxt = self.cluster.node(ring[i + 1] if i + 1 < len(ring) else 0)
+        return {"layers": list(w.layers), "next": [nxt.ip, nxt.port], "next_rank": nxt.rank, "prev_rank": ring[i - 1]}
+
+    def _on_capacity(self, w, data, peer):
+        from ..placement import Capacity
+        try:
+            cap = Capacity.from_dict(data)
+        except ValueError as e:
+            self.log(f"Worker {w.rank} ({peer}) sent a bad capacity ({e}); it counts as unknown", WARNING)
+            return
+        w.capacity = cap.overridden(self.cluster.node_overrides.get(w.host))
+        c = w.capacity
+        self.log(f"Worker {w.rank} ({w.host}) measured {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s "
+                 f"(8 rows), {c.memory_mb:.0f} MB usable ({c.source})")
+        with self.lock:
+            go = self.plan_pending and all(x.capacity is not None for x in self.workers.values())
+            if go:
+                self.plan_pending = False       # one plan per leader: a rejoining worker keeps its layers
+        if go:
+            threading.Thread(target=self._plan, daemon=True, name="planner").start()
+        elif self.placement is None and all(x.capacity is not None for x in self.workers.values()):
+            self._predict_current()
+
+    def capacities(self) -> list:
+        """Every node's Capacity in rank order (None where not known yet)."""
+        return [self.capacity] + [w.capacity for w in self.workers.values()]
+
+    def shape(self):
+        from ..placement import ModelShape
+        c = self.config
+        return ModelShape(n_layer=c.n_layer, n_embd=c.n_embd, n_ctx=c.n_ctx, n_vocab=c.n_vocab)
+
+    def hop_s(self) -> float:
+        """One hop's predicted cost: the simulated link's delay, plus ~0.3 ms of loopback/TCP and framing."""
+        return self.cluster.link_delay_ms / 1000 + 0.0003
+
+    def _predict_current(self):
+        """A fixed split (even, balanced, mapping): predict it all the same, to check it against traffic."""
+        from ..placement import predict
+        caps = self.capacities()
+        if self.capacity is None or any(c is None for c in caps):
+            return
+        self.placement = predict(self.shape(), caps, self.ranges, hop_s=self.hop_s(),
+                                 objective=self.model.placement_objective)
+
+    def _plan(self):
+        """Every worker has measured itself: choose the split, tell each worker its layers."""
+        from ..placement import PlacementError, differ, predict, solve
+        caps = self.capacities()
+        shape, objective = self.shape(), self.model.placement_objective
+        from ..partition import even
+        one_machine = len({n.ip for n in self.cluster.nodes}) == 1 and not self.cluster.node_overrides
+        if self.model.partition == "auto":
+            why = "partition: auto"
+        else:
+            why = None if one_machine else differ(caps)
+            if why is None:
+                self.plan_note = ("even: partition not set, and every node is on the same machine (one address in "
+                                  "host_ip), so their measurements differ only by noise" if one_machine else
+                                  "even: partition not set, and the nodes measure within 25% of each other")
+                self.log(f"Plan: {self.plan_note}")
+                self._apply_plan(even(shape.n_layer, len(caps)), [None] * len(caps))
+                self.placement = predict(shape, caps, self.ranges, hop_s=self.hop_s(), objective=objective)
+                return
+            why = f"partition not set and the nodes differ: {why}"
+        try:
+            p = solve(shape, caps, sessions=self.cluster.max_sessions, hop_s=self.hop_s(), objective=objective)
+        except PlacementError as e:
+            self._refuse(str(e))
+            return
+        excluded = [None] * len(caps)
+        for i, (lo, hi) in enumerate(p.ranges):
+            if i > 0 and lo == hi:
+                excluded[i] = next((n for n in p.notes if n.startswith(f"{caps[i].name}:")),
+                                   f"{caps[i].name}: the plan gives it no layers")
+        self.plan_note = f"auto ({why}); objective {objective}"
+        ev = predict(shape, caps, even(shape.n_layer, len(caps)), hop_s=self.hop_s())
+        self.log(f"Plan: {self.plan_note}: " + ", ".join(
+            f"rank {i} ({c.name}) {_show(r)}" for i, (c, r) in enumerate(zip(caps, p.ranges)))
+            + f"; predicted {p.tok_s(1):.1f} tok/s for 1 stream, {p.tok_s(8):.1f} for 8 "
+              f"(even split: {ev.tok_s(1):.1f} and {ev.tok_s(8):.1f})")
+        for n in p.notes:
+            self.log(f"Plan: {n}", WARNING)
+        self._apply_plan(p.ranges, excluded)
+        self.placement = p
+
+    def _refuse(self, message: str):
+        """The model does not fit the cluster: tell every worker, and stop (`serve` exits with it)."""
+        self.fatal = message
+        self.log(f"Cannot place the model: {message}", ERROR)
+        for w in self.workers.values():
+            try:
+                with w.lock:
+                    send_frame(w.sock, Msg.ERROR, {"message": message, "fatal": True})
+            except (OSError, AttributeError):
+                pass
+        self.stop_event.set()
+        try:
+            if self.srv is not None:
+                self.srv.shutdown(socket.SHUT_RDWR)     # wakes the accept() in serve_forever (Linux)
+                self.srv.close()
+        except OSError:
+            pass
+
+    def _apply_plan(self, ranges: list, excluded: list):
+        """Adopt `ranges`: reload rank 0's blocks if they changed, then send each worker its place."""
+        ranges = [tuple(r) for r in ranges]
+        if ranges[0] != tuple(self.ranges[0]) and self.load_rank0 is not None:
+            lo, hi = ranges[0]
+            stage = self.load_rank0(lo, hi)
+            with self.scheduler.lock:
+                old = self.scheduler
+                self.stage = stage
+                self.scheduler = Scheduler(stage, ring=None, max_sessions=self.cluster.max_sessions)
+                self.scheduler._ids = old._ids          # session ids go on counting: no two alike
+                while not old.waiting.empty():          # requests that came in while the nodes were measured
+                    self.scheduler.waiting.put(old.waiting.get())
+                old.stop()
+            self.log(f"Server reloaded its share for the plan: layers {_show(ranges[0])}")
+        with self.lock:
+            self.ranges = ranges
+            for r, w in self.workers.items():
+                w.layers, w.excluded = ranges[r], excluded[r]
+            places = {r: self._place_of(r) for r in self.workers}
+            if not self.ring_ranks():
+                self.ring_ready.set()           # rank 0 holds every block: no ring at all
+        for r, w in self.workers.items():
+            try:
+                with w.lock:
+                    send_frame(w.sock, Msg.STATUS, {"plan": places[r]})
+            except (OSError, AttributeError):
+                pass                            # it left; it gets its place in the WELCOME when it is back
+
+    def check_predictions(self):
+        """After real traffic: warn once per stage whose measured one-row time is >25% off its prediction."""
+        for row in self.stage_report():
+            off = row.get("off")
+            if off is None or row["samples"] < 16:
+                continue
+            rank = row["rank"]
+            if abs(off) > 0.25 and rank not in self._off_warned:
+                self._off_warned.add(rank)
+                self.log(f"Stage {rank} ({row['host']}) takes {row['measured_ms']:.2f} ms per decode step, "
+                         f"{off:+.0%} off its predicted {row['predicted_ms']:.2f} ms (throttled, overloaded, or "
+                         "measured at a better moment)", WARNING)
+            elif abs(off) <= 0.25:
+                self._off_warned.discard(rank)
+
+    def stage_report(self) -> list:
+        """Predicted vs measured milliseconds per one-row decode step, per stage in the ring."""
+        p = self.placement
+        if p is None:
+            return []
+        rows = []
+        sch_ms = self.scheduler.decode_ms if hasattr(self.scheduler, "decode_ms") else []
+        for r in range(len(self.ranges)):
+            if r > 0 and self.workers[r].excluded:
+                continue
+            pred = p.stage_s[r] * 1000
+            if r == 0:
+                samples = sorted(sch_ms)
+                meas = samples[len(samples) // 2] if samples else None
+                n, host = len(samples), self.cluster.leader.host
+            else:
+                w = self.workers[r]
+                meas, n, host = w.stats.get("decode_ms"), w.stats.get("decode_samples", 0) or 0, w.host
+            rows.append({"rank": r, "host": host, "layers": list(self.ranges[r]), "predicted_ms": round(pred, 3),
+                         "measured_ms": meas, "samples": n,
+                         "off": round(meas / pred - 1, 3) if meas and pred > 0 else None})
+        return rows
+
     def _on_ready(self, w, meta):
         if meta.get("epoch") is not None:
             w.ring_epoch = meta["epoch"]    # it has dialed its next hop for the ring of that epoch
@@ -202,7 +429,7 @@ class Membership:
         with self.lock:
             w.status = "ready"
             w.synthetic = meta.get("synthetic")
-        self.log(f"Worker {w.rank} ready: loaded layers {w.layers[0]}-{w.layers[1] - 1}")
+        self.log(f"Worker {w.rank} ready: loaded layers {_show(w.layers)}")
         weights = self._weights_summary()
         if weights["weights_mixed"]:    # the leader must know: real and random slices make gibberish
             self.log(f"Worker {w.rank} joined with {'synthetic' if w.synthetic else 'real'} weights. "
@@ -213,7 +440,8 @@ class Membership:
         """Start closing the ring if every worker is ready and no ring is up or being built."""
         with self.lock:
             if (self.ring_ready.is_set() or self._building or time.time() - self._last_build < retry_after_s
-                    or any(w.status != "ready" for w in self.workers.values())):
+                    or self.plan_pending or self.fatal or not self.ring_ranks()
+                    or any(self.workers[r].status != "ready" for r in self.ring_ranks())):
                 return
             self._building = True
         threading.Thread(target=self._build_ring, daemon=True, name="ring-builder").start()
@@ -232,7 +460,7 @@ class Membership:
         with self.lock:
             self.epoch += 1
             epoch = self.epoch
-        workers = list(self.workers.values())
+        workers = [self.workers[r] for r in self.ring_ranks()]
         socks = {w.rank: w.sock for w in workers}
         for w in workers:
             try:
@@ -252,10 +480,10 @@ class Membership:
                             "leader: check that the leader's address in host_ip is reachable from it"), WARNING)
                 return False
             time.sleep(0.01)
-        first = self.cluster.node(1)
+        first = self.cluster.node(workers[0].rank)
         try:
             sock, _, _ = dial(first.ip, first.port, role="data", rank=0, token=self.cluster.auth_token, attempts=5,
-                              backoff_s=0.1, max_backoff_s=1.0, who="worker 1", tls=self.tls_client,
+                              backoff_s=0.1, max_backoff_s=1.0, who=f"worker {first.rank}", tls=self.tls_client,
                               extra={"epoch": epoch})
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}", WARNING)
@@ -272,14 +500,17 @@ class Membership:
             self.down_since = None
             self.grace_over = False
             self.ring_ready.set()
-        path = " -> ".join(["0"] + [str(r) for r in self.workers] + ["0"])
-        self.log(f"All {len(self.workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
+        path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
+        left = [str(r) for r, w in self.workers.items() if w.excluded]
+        self.log(f"All {len(workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
+                 + (f"; rank {', '.join(left)} left out by the plan" if left else "")
                  + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
         return True
 
     def _data_conn(self, sock, peer, hello):
         """The last worker's link back to the leader: final activations arrive here."""
-        last = len(self.ranges) - 1
+        ring = self.ring_ranks()
+        last = ring[-1] if ring else 0
         if hello.get("rank") != last or last == 0:
             send_frame(sock, Msg.REJECT, {"reason": f"only rank {last} sends activations to the leader"})
             self.log(f"Rejected data link from {peer}: it claims rank {hello.get('rank')!r}; only rank {last} "
@@ -331,6 +562,9 @@ class Membership:
     def _on_worker_lost(self, rank, reason):
         if self.stop_event.is_set():
             return
+        if self.workers[rank].excluded:      # it holds no layers: the ring does not miss it
+            self.log(f"Worker {rank} (left out of the ring) is gone: {reason}")
+            return
         self.log(f"Worker {rank} is down: {reason}", WARNING)
         self._on_ring_break(reason)
 
@@ -354,6 +588,7 @@ class Membership:
                 self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
             self._maybe_build_ring(retry_after_s=1.0)
             self._enforce_grace(now)
+            self.check_predictions()
 
     def _enforce_grace(self, now: float):
         with self.lock:
@@ -371,7 +606,7 @@ class Membership:
         self.scheduler.fail_all(msg)
 
     def _grace_message(self) -> str:
-        down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready"]
+        down = [f"{w.rank} ({w.host})" for w in self.workers.values() if w.status != "ready" and not w.excluded]
         if down:
             return (f"rank {', '.join(down)} did not come back within rejoin_grace_s="
                     f"{self.cluster.rejoin_grace_s:g}s; restart it with `nanopipe join` and retry")
@@ -383,4 +618,10 @@ class Membership:
         request would only wait for nothing. (A rank that has registered again gets a new grace.)"""
         with self.lock:
             return (self.grace_over and not self.ring_ready.is_set()
-                    and any(w.status == "down" for w in self.workers.values()))
+                    and any(w.status == "down" and not w.excluded for w in self.workers.values()))
+
+
+def _show(r) -> str:
+    """(4, 8) -> "4-7"; an empty range (a node left out) -> "none"."""
+    lo, hi = r
+    return f"{lo}-{hi - 1}" if hi > lo else "none"

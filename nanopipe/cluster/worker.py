@@ -12,6 +12,7 @@ backoff, so restarting the leader heals the cluster by itself.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -56,8 +57,10 @@ class Worker:
     the leader goes away.
     """
 
-    def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str, host: str | None = None,
-                 n_head: int | None = None, max_attempts: int = 0, layers: tuple | None = None):
+    def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str | None, host: str | None = None,
+                 n_head: int | None = None, max_attempts: int = 0, layers: tuple | None = None, fetch=None):
+        """`weights_path` None: `fetch(lo, hi)` gets the file holding blocks lo..hi-1 once the
+        leader has said which (`nanopipe join --leader`: pulled from the leader's weights source)."""
         if rank < 1:
             raise ValueError("workers have rank >= 1; rank 0 is the leader (`nanopipe serve --rank 0`)")
         node = cluster.node(rank)
@@ -69,7 +72,10 @@ class Worker:
             raise ConfigError(f"{cluster.path}: rank {rank} runs on host '{node.host}', not '{host}'; "
                               f"check 'workers' or pass --host {node.host}")
         self.cluster, self.rank, self.node = cluster, rank, node
-        self.weights_path, self.n_head = weights_path, n_head
+        self.weights_path, self.n_head, self.fetch = weights_path, n_head, fetch
+        self.capacity = None            # placement.Capacity, measured once the model's shape is known
+        self.prev_rank = rank - 1       # who sends us activations (a rank the solver left out is skipped)
+        self.decode_ms = collections.deque(maxlen=64)   # compute time of recent one-row frames
         self.max_attempts = max_attempts or 10**9
         self.tag = f"[WORKER-{rank}]"
         self.logger = worker_logger(rank)
@@ -136,13 +142,23 @@ class Worker:
             time.sleep(0.5)
 
     def _session(self, sock):
-        welcome = self._last_welcome
-        lo, hi = welcome["layers"]
+        welcome = dict(self._last_welcome)
         # heartbeats start before the weights load: a big slice takes longer to read than the
         # leader waits for a silent worker
         threading.Thread(target=self._heartbeat, args=(sock,), daemon=True).start()
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
+        self._send_capacity(sock, expect)
+        if welcome.get("layers") is None:       # partition auto (or not set): the leader plans once all are in
+            self.log("Waiting for the leader's layer plan (it measures every node first)")
+            welcome.update(self._wait_plan(sock))
+        self.prev_rank = welcome.get("prev_rank", self.rank - 1)
+        if welcome.get("excluded"):
+            self.log(f"Left out of the ring by the leader's plan: {welcome['excluded']}. Standing by "
+                     "(no layers loaded); restart the leader to re-plan.", logging.WARNING)
+            self._stand_by(sock)
+            return
+        lo, hi = welcome["layers"]
         have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer)
         if have != (lo, hi, expect.n_embd, expect.n_layer):
             from ..weights import WeightsError
@@ -172,7 +188,7 @@ class Worker:
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
         with self.control_lock:
             send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
-                                         "synthetic": self.stage.synthetic})
+                                         "synthetic": self.stage.synthetic, "layers": [lo, hi]})
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
@@ -188,8 +204,52 @@ class Worker:
                     continue
                 with self.control_lock:
                     send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
-                self.log(f"Waiting for generation requests... (from rank {self.rank - 1})")
+                self.log(f"Waiting for generation requests... (from rank {self.prev_rank})")
             elif frame.msg is Msg.PING:
+                with self.control_lock:
+                    send_frame(sock, Msg.PONG, frame.meta)
+
+    def _send_capacity(self, sock, expect: GPTConfig):
+        """Measure this node once (placement.measure: speed with the model's own matrix shapes, usable
+        memory) and tell the leader, which places the layers with it (partition auto)."""
+        if self.capacity is None:
+            from ..placement import measure
+            override = self.cluster.node_overrides.get(self.node.host) or {}
+            self.capacity = measure(self.node.host, expect.n_embd, override=override)
+            if self.stage is not None and "memory_mb" not in override:
+                # loaded already (the guide's order): that memory is the model's too
+                import dataclasses
+                self.capacity = dataclasses.replace(self.capacity,
+                                                    memory_mb=self.capacity.memory_mb + self.stage.nbytes / 1e6)
+            c = self.capacity
+            self.log(f"Measured this node: {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s (8 rows), "
+                     f"{c.memory_mb:.0f} MB usable ({c.source})")
+        with self.control_lock:
+            send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
+
+    def _wait_plan(self, sock) -> dict:
+        """The leader's STATUS {"plan": {...}}: this rank's layers, next hop, and whether it is left out."""
+        while True:
+            frame = recv_frame(sock, "leader")
+            if frame.msg is Msg.STATUS and isinstance(frame.meta.get("plan"), dict):
+                plan = frame.meta["plan"]
+                layers = plan.get("layers")
+                if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)):
+                    raise ProtocolError(f"leader: a plan without a valid layer range: {plan!r}")
+                return plan
+            if frame.msg is Msg.PING:
+                with self.control_lock:
+                    send_frame(sock, Msg.PONG, frame.meta)
+            elif frame.msg is Msg.ERROR and frame.meta.get("fatal"):
+                self.log(f"The leader cannot place the model: {frame.meta.get('message')}", logging.ERROR)
+                raise SystemExit(2)
+
+    def _stand_by(self, sock):
+        """Left out: stay registered (heartbeats, PONGs) holding nothing, until the leader goes away."""
+        self.stage = None
+        while True:
+            frame = recv_frame(sock, "leader")
+            if frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
 
@@ -197,7 +257,8 @@ class Worker:
         """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape)."""
         from ..weights import load_stage
         n_head = self.n_head or (expect.n_head if expect is not None else None)
-        self.stage = load_stage(self.weights_path, lo, hi, rank0=False, n_head=n_head, expect=expect)
+        path = self.weights_path or self.fetch(lo, hi)
+        self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
         from ..weights import synthetic_note
         self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
                  f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
@@ -212,6 +273,8 @@ class Worker:
                                                  "compute_ms": round(self.compute_ms, 3), "frames": self.frames,
                                                  "sessions": len(self.caches),
                                                  "gemv_rows": kernels.gemv_rows if kernels.chosen else None,
+                                                 "decode_ms": _median(self.decode_ms),
+                                                 "decode_samples": len(self.decode_ms),
                                                  "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))})
             except OSError:
                 return
@@ -242,10 +305,10 @@ class Worker:
             sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token, roles=("data",),
                                  here=f"this is worker {self.rank}'s data port; the leader listens on "
                                       f"{leader.ip}:{leader.port}")
-            if hello.get("rank") != self.rank - 1:
+            if hello.get("rank") != self.prev_rank:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
-                                                        f"{self.rank - 1} only"})
-                raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.rank - 1}")
+                                                        f"{self.prev_rank} only"})
+                raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.prev_rank}")
             send_frame(sock, Msg.WELCOME, {"rank": self.rank})
         except (WireError, OSError, ValueError) as e:
             self.log(f"Rejected data connection from {peer}: {e}", logging.WARNING)
@@ -253,7 +316,7 @@ class Worker:
             return
         # Each upstream link is served on its own: a second link (a stranger on a cluster without
         # auth_token, or a link from before a ring rebuild) cannot replace or break the current one.
-        name = f"rank {self.rank - 1} ({peer})"
+        name = f"rank {self.prev_rank} ({peer})"
         link_epoch = hello.get("epoch")
         try:
             while True:
@@ -297,6 +360,8 @@ class Worker:
             ms = (time.perf_counter() - t0) * 1000
             self.compute_ms += ms
             self.frames += 1
+            if len(x) == 1:             # one decode row: what the placement predicted this stage takes
+                self.decode_ms.append(ms)
             meta = dict(frame.meta)
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
@@ -371,3 +436,8 @@ class Worker:
             if self.down_sock is not None:
                 close_now(self.down_sock)
             self.down_sock = None
+
+
+def _median(xs) -> float | None:
+    xs = sorted(xs)
+    return round(xs[len(xs) // 2], 3) if xs else None

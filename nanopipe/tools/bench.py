@@ -116,7 +116,7 @@ def matmul_floor(stage, repeats: int = 20) -> dict:
             x @ p["attn"]["c_attn"]["w"], x @ p["attn"]["c_proj"]["w"]
             x @ p["mlp"]["c_fc"]["w"], x4 @ p["mlp"]["c_proj"]["w"]
         if stage.lm_head is not None:
-            x @ stage.lm_head
+            stage.lm_head @ x.T                             # (V, C) @ (C, 1): a gemv on wte as stored
         times.append(time.perf_counter() - t)
     ms = float(np.median(times)) * 1000
     return {"ms_per_token": round(ms, 3), "gb_s": round(bytes_per_token(stage) / ms / 1e6, 2),
@@ -223,6 +223,41 @@ def bench_prefill(engine: Engine, prompt_len: int = 512, repeats: int = 3) -> di
     return out
 
 
+def bench_lm_head(engine: Engine, prompt_len: int = 32, n_tokens: int = 48, repeats: int = 3) -> dict:
+    """Decode tokens/s with the LM head as before issue 15 (a transposed contiguous copy of wte,
+    `x @ copy` (C, V), 154 MB more for gpt2) and as now (a gemv on wte as stored), alternately in
+    this one run, through the real scheduler; also whether the greedy tokens are identical."""
+    import contextlib
+
+    from .. import engine as engine_module
+    from ..model import layer_norm
+    st = engine.stage
+    copy = np.ascontiguousarray(st.lm_head.T)                            # (C, V): the old copy
+
+    def old_head(x, ln_f, lm_head):
+        return layer_norm(x, **ln_f) @ copy                             # (T, C) @ (C, V) -> (T, V)
+
+    @contextlib.contextmanager
+    def head_as(fn):
+        saved = engine_module.head
+        engine_module.head = fn
+        try:
+            yield
+        finally:
+            engine_module.head = saved
+
+    ids = bench_prompt(prompt_len)
+    runs = {"before": [], "after": []}
+    for _ in range(repeats):
+        for mode, fn in (("before", old_head), ("after", head)):
+            with head_as(fn):
+                runs[mode].append(generate_fixed(engine, ids, n_tokens))
+    out = {mode: round(decode_rate(r)[0], 2) for mode, r in runs.items()}
+    out["tokens_identical"] = runs["before"][-1]["token_ids"] == runs["after"][-1]["token_ids"]
+    out["copy_mb"] = round(copy.nbytes / 1e6, 1)
+    return out
+
+
 def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) -> dict:
     """Where one decode step's time goes: median ms per token of embed, blocks, head, log_softmax, sample.
 
@@ -297,6 +332,7 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
     prefill = bench_prefill(engine)
     parts = profile_decode(engine, prompt_len, min(n_tokens, 32))
     floor = matmul_floor(engine.stage)
+    lm_head = bench_lm_head(engine, prompt_len, min(n_tokens, 48))
     del engine
     rows = [ours]
     # the reference (HF transformers, see tests/parity/hf_bench.py) is passed in: nanopipe never imports torch
@@ -316,8 +352,11 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
     echo(f"a lone {prefill['prompt_len']}-token prompt: prefill {prefill['before_tokens_per_s']} tok/s in 64-row "
          f"chunks, {prefill['after_tokens_per_s']} tok/s in {prefill['prefill_rows']}-row chunks (chosen at start; "
          "llama.cpp float32: not measured here)")
+    echo(f"LM head: decode {lm_head['before']} tok/s with a transposed copy of wte ({lm_head['copy_mb']} MB, before "
+         f"issue 15), {lm_head['after']} tok/s with a gemv on wte as stored (now), alternately in this run; greedy "
+         f"tokens {'identical' if lm_head['tokens_identical'] else 'DIFFER'}")
     echo(f"kernels: {describe_kernels()}")
-    summary = {"rows": rows, "profile_ms": parts, "prefill": prefill, "matmul_floor": floor,
+    summary = {"rows": rows, "profile_ms": parts, "prefill": prefill, "matmul_floor": floor, "lm_head": lm_head,
                "bandwidth_gb_s": round(gbps, 2),
                "bandwidth_samples_gb_s": [round(b, 2) for b in bandwidths],
                "bound_tokens_per_s": round(bound, 2), "vs_bound": round(ours["decode_tokens_per_s"] / bound, 3)}

@@ -341,10 +341,60 @@ def plot_sweep(rows: list, path: str) -> str | None:
 # everything, as `nanopipe bench` runs it
 
 
+def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: float = 0.25, slow_rank: int = 2,
+              echo=print) -> list:
+    """3 nodes on loopback, worker `slow_rank` under a CPU quota of `quota` of one core (a cgroup v1
+    child group; needs root), the even split and `partition: auto` in this one run, 1 and 8 streams:
+    measured tok/s beside the leader's prediction, and each stage's predicted vs measured one-row
+    decode time (issue 15). All three nodes share this machine's cores, so the unthrottled nodes'
+    speeds interact: the figures are those of a loaded 2-core machine, not of separate hosts."""
+    from ..cgroups import CGroup, why_not_writable
+    why = why_not_writable("cpu")
+    if why is not None:
+        echo(f"placement bench skipped: {why} (it puts one worker under a CPU quota)")
+        return []
+    rows = []
+    with CGroup("cpu", {"cpu.cfs_period_us": 100000, "cpu.cfs_quota_us": int(100000 * quota)}) as cg:
+        for partition in ("even", "auto"):
+            with LocalCluster(weights, nodes=3, partition=partition, wrap={slow_rank: cg.wrapper()},
+                              cluster_extra={"heartbeat_s": 0.2}, ready_timeout=180,
+                              env={"NANOPIPE_PROBE_S": "1.0"}) as cl:     # a longer probe: shared cores
+                streams_cluster(cl, 1, prompt_len, 4)                   # warm-up
+                for n in (1, 8):
+                    r = streams_cluster(cl, n, prompt_len, n_tokens)
+                    time.sleep(0.5)                                     # the workers' last STATS
+                    with cl.client() as c:
+                        st = c.status()
+                    pl = st.get("placement") or {}
+                    stages = pl.get("stages") or []
+                    rows.append({
+                        "partition": partition, "streams": n,
+                        "split": "/".join(str(hi - lo) for lo, hi in (nd["layers"] for nd in st["nodes"])),
+                        "measured_tok_s": r["aggregate_tok_s"], "predicted_tok_s": pl.get(f"predicted_tok_s_{n}"),
+                        "stage_predicted_ms": "/".join(f"{x['predicted_ms']:.1f}" for x in stages),
+                        "stage_measured_ms": "/".join("-" if x["measured_ms"] is None else f"{x['measured_ms']:.1f}"
+                                                      for x in stages),
+                        "speeds_gbps": "/".join(f"{nd['capacity']['speed_gbps']:.1f}" if nd.get("capacity") else "?"
+                                                for nd in st["nodes"])})
+                    echo(f"  {partition:>5}, {n} stream(s): {rows[-1]}")
+    for n in (1, 8):
+        ev = next(r for r in rows if r["partition"] == "even" and r["streams"] == n)
+        au = next(r for r in rows if r["partition"] == "auto" and r["streams"] == n)
+        echo(f"{n} stream(s): auto {au['measured_tok_s']} tok/s vs even {ev['measured_tok_s']} tok/s: "
+             f"{au['measured_tok_s'] / ev['measured_tok_s']:.2f}x (target >= 1.5x); predicted/measured: even "
+             f"{_ratio(ev)}, auto {_ratio(au)} (target within 25%)")
+    return rows
+
+
+def _ratio(row) -> str:
+    p, m = row.get("predicted_tok_s"), row.get("measured_tok_s")
+    return f"{p / m:.2f}" if p and m else "n/a"
+
+
 def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int = 32, bandwidth_mb: int = 1024,
             nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
             positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
-            reference=None, echo=print) -> dict:
+            reference=None, placement_bench: bool = False, echo=print) -> dict:
     import os
 
     from .bench import DEFAULT_WEIGHTS, ensure_weights, run_bench, write_csv
@@ -409,4 +459,12 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         echo(table(rows, ["nodes", "link", "latency_ms", "mbps", "compute_ms", "measured_ms_per_token",
                           "predicted_ms_per_token", "measured_tok_s", "predicted_tok_s", "error_pct"]))
         save("links", rows)
+    if placement_bench:
+        echo("== placement: 3 nodes, one worker at 25% of a core, even vs auto (loopback, shared cores) ==")
+        rows = placement(weights, echo=echo)
+        report["placement"] = rows
+        if rows:
+            echo(table(rows, ["partition", "streams", "split", "speeds_gbps", "measured_tok_s", "predicted_tok_s",
+                              "stage_predicted_ms", "stage_measured_ms"]))
+        save("placement", rows)
     return report

@@ -8,7 +8,17 @@ import platform
 import click
 
 from ..config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound
-from .planning import SetupError, configured_weights, model_shape, plan_ranges, plan_table, setup_rank
+from .planning import (
+    SetupError,
+    configured_weights,
+    format_capacities,
+    model_shape,
+    plan_ranges,
+    plan_table,
+    planned_by_leader,
+    setup_rank,
+    slice_fetcher,
+)
 
 
 class UserError(click.ClickException):
@@ -319,21 +329,69 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
                f"({os.path.getsize(out) / 1e6:.1f} MB; {SYNTHETIC_NOTE}). For real text, `nanopipe pull gpt2`.")
 
 
-@main.command(short_help="Print which node holds which layers, and their MB.")
+@main.command(short_help="Print the layer split, node speeds and tok/s.")
 @common_options
 @click.option("--nodes", type=int, default=None, help="Number of nodes.  [default: num_nodes in model_config.yaml]")
-@click.option("--partition", default=None, help="Layer split: even | balanced.  [default: the model's partition]")
+@click.option("--partition", default=None,
+              help="Layer split: even | balanced | auto.  [default: the model's partition]")
 @click.option("--strategy", "old_partition", default=None, hidden=True, help="Old name of --partition.")
+@click.option("--here", "here", default=None, metavar="NAME",
+              help="Which node (a host_ip name) this machine is; it is measured.  [default: the server]")
+@click.option("--from-cluster", "from_cluster", default=None, metavar="HOST:PORT",
+              help="Ask a running leader for its nodes' measurements, split and predictions.  "
+                   "[default: none: plan from the configs]")
 @_fail_clean
-def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
-    """Print which node holds which layers, and each node's weight MB."""
+def plan(config_dir, model_name, weights_path, nodes, partition, old_partition, here, from_cluster):
+    """Print which node holds which layers, each node's weight MB, speed and memory, and the
+    predicted tokens/s for 1 and 8 streams beside the even split's."""
+    if from_cluster is not None:
+        return _plan_from_cluster(config_dir, from_cluster)
     if old_partition is not None:
         click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
                    f"in `generate`); taking it as --partition {old_partition}", err=True)
         partition = partition or old_partition
     from ..partition import format_plan
-    p = plan_table(config_dir, model_name, weights_path, nodes, partition)
+    p = plan_table(config_dir, model_name, weights_path, nodes, partition, here=here)
     click.echo(format_plan(p.ranges, names=p.names, bytes_per_rank=p.bytes_per_rank))
+    click.echo("")
+    click.echo(format_capacities(p.names, p.caps))
+    for line in p.lines:
+        click.echo(line)
+
+
+def _plan_from_cluster(config_dir, addr):
+    """`plan --from-cluster HOST:PORT`: the running leader's STATUS, as the plan tables."""
+    from ..cluster.client import ClientError, LeaderClient
+    token, tls_ca = _leader_auth(config_dir)
+    addr = resolve_leader(config_dir, addr)
+    try:
+        with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
+            st = c.status()
+    except ClientError as e:
+        raise UserError(f"--from-cluster {addr}: {e}") from None
+    from ..partition import format_plan
+    nodes = st.get("nodes", [])
+    ranges = [tuple(n["layers"]) for n in nodes]
+    click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))
+    click.echo("")
+    from ..placement import Capacity
+    caps = [Capacity.from_dict(n["capacity"]) if n.get("capacity") else None for n in nodes]
+    click.echo(format_capacities([str(n["host"]) for n in nodes], caps))
+    pl = st.get("placement") or {}
+    click.echo(f"Split: {pl.get('note') or pl.get('partition')}"
+               + ("" if "objective" in (pl.get("note") or "") else f"; objective {pl.get('objective')}"))
+    if pl.get("predicted_tok_s_1") is not None:
+        click.echo(f"Predicted tok/s   this split: {pl['predicted_tok_s_1']:.1f} (1 stream), "
+                   f"{pl['predicted_tok_s_8']:.1f} (8 streams)")
+    for n in pl.get("notes") or []:
+        click.echo(f"note: {n}")
+    stages = pl.get("stages") or []
+    if stages:
+        click.echo("Stage  Host      Predicted ms  Measured ms  Off")
+        for s in stages:
+            meas = "-" if s.get("measured_ms") is None else f"{s['measured_ms']:.2f}"
+            off = "-" if s.get("off") is None else f"{s['off']:+.0%}"
+            click.echo(f"{s['rank']:>5}  {str(s['host']):<8}  {s['predicted_ms']:>12.2f}  {meas:>11}  {off:>4}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +433,9 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
     log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
-    leader = Leader(cc, mc, stage, ranges)
+    leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
+                    load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
+                    weights_source=_weights_source(config_dir, mc))
     from ..model import describe_kernels
     click.echo(f"[LEADER] {describe_kernels()}")
     _on_sigterm()
@@ -384,19 +444,59 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     except KeyboardInterrupt:
         log("Shutting down")
     except OSError as e:
-        raise UserError(str(e)) from None
+        if leader.fatal is None:
+            raise UserError(str(e)) from None
+    if leader.fatal is not None:
+        raise UserError(f"cannot serve the model: {leader.fatal}")
+
+
+def _measure_leader(cc, mc, stage, log):
+    """Rank 0's own placement.Capacity (what its loaded stage holds counts as memory for the model:
+    the plan may reload it), logged."""
+    from ..placement import measure
+    cap = measure(cc.leader.host, stage.config.n_embd, override=cc.node_overrides.get(cc.leader.host))
+    if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}):
+        import dataclasses
+        cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + stage.nbytes / 1e6)
+    log(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
+        f"{cap.memory_mb:.0f} MB usable ({cap.source}); partition: "
+        + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
+        + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
+    return cap
+
+
+def _weights_source(config_dir, mc) -> dict | None:
+    """model_weights.yaml's entry for the model, for workers that join with only --leader."""
+    from ..config import load_weights_config
+    try:
+        src = load_weights_config(config_dir, mc.weights_model_name)
+    except ConfigError:
+        return None
+    return {"name": mc.weights_model_name, "url": src.url, "filename": src.filename, "sha256": src.sha256}
 
 
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
-@click.option("--rank", type=int, required=True, help="This worker's rank (1..num_workers).")
+@click.option("--rank", type=int, default=None,
+              help="This worker's rank (1..num_workers).  [default: none: required unless --leader]")
 @click.option("--host", "host", default=None,
               help="This worker's name in host_ip, checked against the config.  [default: not checked]")
+@click.option("--leader", "leader_addr", default=None, metavar="HOST:PORT",
+              help="Join the leader there, taking rank, model, layers and weights source from it.  "
+                   "[default: none: the configs' leader, with --rank]")
 @common_options
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
-def join(rank, host, config_dir, model_name, weights_path, n_head):
+def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
     """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
+    if leader_addr is not None:
+        if rank is not None or host is not None:
+            raise UserError("--leader takes the rank and host from the leader: give either --leader HOST:PORT, "
+                            "or --rank R (and --host NAME) with the configs")
+        return _join_leader(leader_addr, config_dir, weights_path, n_head)
+    if rank is None:
+        raise UserError("give --rank R (and --host NAME), as in the guide, or --leader HOST:PORT to take both "
+                        "from the leader")
     from ..config import load_cluster_config
     cc = load_cluster_config(config_dir)
     if rank < 1 or rank >= len(cc.nodes):
@@ -408,10 +508,80 @@ def join(rank, host, config_dir, model_name, weights_path, n_head):
     log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
     from ..cluster.worker import Worker  # numpy loads only now, after _share_cores
-    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, layers=ranges[rank])
+    fetch = None
+    if path is None:
+        from ..config import load_weights_config
+        src = load_weights_config(config_dir, mc.weights_model_name)
+        fetch = slice_fetcher(mc.weights_model_name, {"url": src.url, "filename": src.filename,
+                                                      "sha256": src.sha256}, log)
+    worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, fetch=fetch,
+                    layers=None if planned_by_leader(mc) else ranges[rank])
     _on_sigterm()
     try:
         worker.run()                # logs "Loaded <n> layers for worker R", "Connected to server at ...", ...
+    except KeyboardInterrupt:
+        log("Shutting down")
+
+
+def _join_leader(addr, config_dir, weights_path, n_head):
+    """`join --leader HOST:PORT`: ask the leader for a rank, the cluster and the weights source, then
+    run as that rank. The secret: auth_token (and TLS files) of a local cluster_config.yaml if there
+    is one, else NANOPIPE_TOKEN."""
+    from ..cluster.net import HandshakeError, client_tls, dial, parse_addr
+    from ..cluster.wire import WireError
+    from ..config import ClusterConfig, Node, load_cluster_config
+    try:
+        host, port = parse_addr(resolve_leader(config_dir, addr))
+    except ValueError as e:
+        raise UserError(f"--leader: {e}") from None
+    try:
+        local = load_cluster_config(config_dir)
+    except ConfigNotFound:
+        local = None
+    token = local.auth_token if local else os.environ.get("NANOPIPE_TOKEN")
+    tls_cert, tls_key = (local.tls_cert, local.tls_key) if local else (None, None)
+    click.echo(f"[WORKER] Asking the leader at {host}:{port} for a rank")
+    try:
+        sock, _, welcome = dial(host, port, role="worker", rank=None, token=token, attempts=30, backoff_s=0.5,
+                                who="leader", tls=client_tls(tls_cert), extra={"enrol": True},
+                                log=lambda m: click.echo(f"[WORKER] {m}"))
+        sock.close()
+    except HandshakeError as e:
+        raise UserError(f"the leader at {host}:{port} refused: {e}") from None
+    except (OSError, WireError) as e:
+        raise UserError(str(e)) from None
+    e = welcome.get("enrol")
+    try:
+        rank, me = int(e["rank"]), str(e["host"])
+        nodes = [Node(int(r), str(h), str(ip), int(p)) for r, h, ip, p in e["nodes"]]
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"the leader at {host}:{port} did not answer as a nanopipe leader that enrols workers "
+                        f"(got {welcome!r}); is it an older version? Use --rank R --host NAME") from None
+    nodes[0] = Node(0, nodes[0].host, host, port)        # the leader where we reached it
+    cc = ClusterConfig(port=port, nodes=tuple(nodes), bind=e.get("bind"), max_sessions=int(e["max_sessions"]),
+                       rejoin_grace_s=float(e["rejoin_grace_s"]), heartbeat_s=float(e["heartbeat_s"]),
+                       auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
+                       link_delay_ms=float(e.get("link_delay_ms") or 0), link_mbps=float(e.get("link_mbps") or 0),
+                       node_overrides=dict(e.get("node_overrides") or {}), path=f"the leader at {host}:{port}")
+    from ..logs import worker_logger
+    log = worker_logger(rank).info
+    log(f"Worker {rank} ({me}) starting: enrolled by the leader at {host}:{port} for model {e.get('model')!r}")
+    fetch = None
+    if weights_path is None:
+        src = e.get("weights")
+        if not isinstance(src, dict) or not src.get("url"):
+            raise UserError("the leader has no weights source (model_weights.yaml) to give; pass --weights FILE")
+        full = os.path.join("weights", str(src["filename"]))
+        if os.path.exists(full):
+            weights_path = full
+        else:
+            fetch = slice_fetcher(str(src["name"]), {"url": src["url"], "filename": src["filename"],
+                                                     "sha256": src.get("sha256")}, log)
+    from ..cluster.worker import Worker
+    worker = Worker(cc, rank, weights_path, host=me, n_head=n_head or e.get("n_head"), fetch=fetch)
+    _on_sigterm()
+    try:
+        worker.run()
     except KeyboardInterrupt:
         log("Shutting down")
 
@@ -524,16 +694,18 @@ def _find_real_weights(config_dir, model_name=None):
 @click.option("--positions", is_flag=True, help="Time per token at context positions 16, 256 and 1000.")
 @click.option("--links", is_flag=True, help="Thunderbolt / Ethernet / WiFi links for 2, 3, 4 and 8 nodes.")
 @click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")
+@click.option("--placement", "placement_bench", is_flag=True,
+              help="3 nodes, one worker at 25% of a core (cgroup; root): even vs auto, 1 and 8 streams.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write every table as CSV (the sweep also as PNG) here.  [default: print only]")
 @_fail_clean
 def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
-          single, out_dir):
+          single, placement_bench, out_dir):
     """Measure tokens/s: one process against the memory bound, a cluster, concurrency, context, links."""
     from .bench_cluster import run_all
     run_all(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
             link_delay_ms=link_delay_ms, link_mbps=link_mbps, sweep=sweep, positions=positions, links=links,
-            single=single, out_dir=out_dir, echo=click.echo)
+            single=single, out_dir=out_dir, placement_bench=placement_bench, echo=click.echo)
 
 
 @main.command("trace", short_help="Follow each token of PROMPT round the cluster.")

@@ -128,12 +128,15 @@ class LocalCluster:
     def __init__(self, weights: str, nodes: int = 3, *, workdir: str | None = None, partition: str = "even",
                  layer_mapping: dict | None = None, cluster_extra: dict | None = None, n_head: int | None = None,
                  env: dict | None = None, quiet: bool = True, ready_timeout: float = 120.0,
-                 pull_ranks: tuple = (), weights_url: str | None = None, configs: dict | None = None):
+                 pull_ranks: tuple = (), weights_url: str | None = None, configs: dict | None = None,
+                 wrap: dict | None = None):
         """`pull_ranks` start without --weights, as on a fresh machine: each looks for
         weights/<filename> under `workdir` (its working directory) and pulls what it lacks from the
         url in model_weights.yaml (`weights_url`; pulling a slice needs an HTTP server with Range).
 
         `configs` ({file name: data} for the three YAML files) replaces the generated ones.
+        `wrap` ({rank: [argv prefix]}) runs that rank's command through a wrapper, e.g. one that
+        puts it into a cgroup first (tests/cgroups.py).
         Without `workdir`, the cluster works in a temporary folder that stop() removes."""
         self.weights = os.path.abspath(weights)
         self.nodes = nodes
@@ -155,6 +158,7 @@ class LocalCluster:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.pull_ranks = tuple(pull_ranks)
+        self.wrap = dict(wrap or {})
         self.env = dict(os.environ, **(env or {}))
         # the secret its processes use: NANOPIPE_TOKEN wins over auth_token, as in config.py
         self.token = self.env.get("NANOPIPE_TOKEN") or self.cluster.get("auth_token")
@@ -187,7 +191,7 @@ class LocalCluster:
     def start_rank(self, rank: int):
         out = None if not self.quiet else open(self.log_path(rank), "ab")
         try:
-            self.procs[rank] = subprocess.Popen(self.command(rank), stdout=out,
+            self.procs[rank] = subprocess.Popen(self.wrap.get(rank, []) + self.command(rank), stdout=out,
                                                 stderr=subprocess.STDOUT if out else None, env=self.env,
                                                 cwd=self.workdir, preexec_fn=die_with_parent())
         finally:

@@ -48,7 +48,7 @@ def plan_ranges(mc, cfg, nodes=None, partition=None):
     from ..partition import PartitionError
     from ..partition import plan as make_plan
     nodes = nodes or mc.num_nodes
-    partition = partition or mc.partition
+    partition = partition or mc.partition or "even"
     if mc.layer_mapping and partition in ("even", "mapping"):
         if nodes != mc.num_nodes:
             raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
@@ -91,17 +91,23 @@ def planning_shape(config_dir, mc, src):
 
 @dataclass(frozen=True)
 class Plan:
-    """What `nanopipe plan` prints: per rank its layers [lo, hi), node name and weight bytes."""
+    """What `nanopipe plan` prints: per rank its layers [lo, hi), node name and weight bytes; each
+    node's placement.Capacity (None: unknown) and lines of predictions (plan_placement)."""
     ranges: list
     names: list
     bytes_per_rank: list
+    caps: list = dataclasses.field(default_factory=list)
+    lines: list = dataclasses.field(default_factory=list)
 
 
-def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, partition=None) -> Plan:
+def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, partition=None, here=None) -> Plan:
     """The plan of model_config.yaml (and cluster_config.yaml's node names, if there is one).
 
     Without --nodes the cluster file must agree with the model's num_nodes; with --nodes it plans
     for another size and names the extra nodes node3, node4, ...
+    `here`: which node this machine is (measured; default the server); the other nodes' speed and
+    memory come from cluster_config.yaml's `nodes:` or are unknown. With partition auto (or not set)
+    and every node known, the ranges are the ones the leader would choose.
     """
     from ..config import check_agree, load_model_config
     from ..partition import stage_bytes
@@ -115,9 +121,80 @@ def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, parti
     cfg = model_shape(config_dir, mc, weights_path)
     ranges = plan_ranges(mc, cfg, nodes, partition)
     names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
+    caps = plan_capacities(cluster, names, cfg, here)
+    placed, lines = plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition)
+    ranges = placed or ranges
     sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0))
              for r, (lo, hi) in enumerate(ranges)]
-    return Plan(ranges, names, sizes)
+    return Plan(ranges, names, sizes, caps, lines)
+
+
+def plan_capacities(cluster, names, cfg, here) -> list:
+    """Each node's Capacity: this machine measured (as `here`, default the server), others from
+    cluster_config.yaml's `nodes:` when it gives both speed and memory, else None (unknown)."""
+    from ..placement import Capacity, measure
+    overrides = cluster.node_overrides if cluster else {}
+    here = here or names[0]
+    if here not in names:
+        raise SetupError(f"--here {here}: not a node of this cluster ({', '.join(names)})")
+    caps = []
+    for name in names:
+        o = overrides.get(name, {})
+        if name == here:
+            caps.append(measure(name, cfg.n_embd, override=o))
+            caps[-1] = Capacity(name, caps[-1].speed_gbps, caps[-1].speed8_gbps, caps[-1].memory_mb,
+                                caps[-1].source if o else "measured here")
+        elif "speed_gbps" in o and "memory_mb" in o:
+            caps.append(Capacity(name, o["speed_gbps"], o.get("speed8_gbps", o["speed_gbps"]), o["memory_mb"],
+                                 "config"))
+        else:
+            caps.append(None)
+    return caps
+
+
+def format_capacities(names, caps) -> str:
+    """The plan's second table: each node's speed (1 and 8 rows), usable memory and where they come from."""
+    rows = [["Node", "GB/s 1 row", "GB/s 8 rows", "Memory MB", "Source"]]
+    for name, c in zip(names, caps):
+        rows.append([name, "unknown", "unknown", "unknown", "unknown: measured when it joins (or set `nodes:` "
+                     "in cluster_config.yaml)"] if c is None else
+                    [name, f"{c.speed_gbps:.1f}", f"{c.speed8_gbps:.1f}", f"{c.memory_mb:.0f}", c.source])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in (1, 2, 3)] + [r[4]])
+                     for r in rows)
+
+
+def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
+    """(ranges the leader would choose, or None to keep `ranges`; lines of predictions)."""
+    from ..partition import even
+    from ..placement import ModelShape, PlacementError, differ, predict, solve
+    sessions = cluster.max_sessions if cluster else 16
+    hop_s = (cluster.link_delay_ms / 1000 if cluster else 0.0) + 0.0003
+    auto = partition in (None, "auto") and not mc.layer_mapping
+    unknown = [r for r, c in enumerate(caps) if c is None]
+    if unknown:
+        return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown)"
+                      + ("; the leader places the layers once every node has joined and measured itself, so the "
+                         "split above is the even starting point" if auto else "")]
+    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
+    placed, lines, why = None, [], None
+    if auto:
+        why = "partition: auto" if partition == "auto" else differ(caps)
+        if why is not None:
+            try:
+                p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=mc.placement_objective)
+            except PlacementError as e:
+                raise SetupError(str(e)) from None
+            placed = p.ranges
+            lines += [f"note: {n}" for n in p.notes]
+    chosen = predict(shape, caps, placed or ranges, hop_s=hop_s)
+    ev = predict(shape, caps, even(cfg.n_layer, len(caps)), hop_s=hop_s)
+    how = (f"auto ({why}), objective {mc.placement_objective}" if placed
+           else "even (the nodes measure within 25%)" if auto else partition or "even")
+    lines.insert(0, f"Split: {how}; max_sessions {sessions}, hops {hop_s * 1000:.1f} ms")
+    lines.insert(1, f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
+                    f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}")
+    return placed, lines
 
 
 def rank_weights(mc, src, rank, cc, config_dir, log=print) -> str:
@@ -155,7 +232,13 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
     """
     from ..config import check_agree, load_weights_config
     check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
-    if weights_path is None:
+    if weights_path is None and rank > 0 and planned_by_leader(mc):
+        # the leader says which blocks once every node is measured: pull them then (join's fetch);
+        # weights_path stays None unless the whole file is here
+        src = load_weights_config(config_dir, mc.weights_model_name)
+        full = os.path.join("weights", src.filename)
+        weights_path = full if os.path.exists(full) else None
+    elif weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
         weights_path = rank_weights(mc, src, rank, cc, config_dir, log)
     else:
@@ -166,3 +249,21 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
         log(f"Model weights ready at: {weights_path}")
     cfg = model_shape(config_dir, mc, weights_path)
     return RankSetup(cfg, plan_ranges(mc, cfg, len(cc.nodes)), weights_path)
+
+
+def planned_by_leader(mc) -> bool:
+    """partition auto, or none set (even unless the nodes differ): the leader places the layers
+    after every node has measured itself, so a worker learns its blocks only then."""
+    return mc.partition in (None, "auto") and not mc.layer_mapping
+
+
+def slice_fetcher(name: str, entry: dict, log):
+    """fetch(lo, hi) -> the path of a file holding blocks lo..hi-1, pulled if missing."""
+    def fetch(lo, hi):
+        from .pull import PullError, ensure_weights
+        try:
+            return ensure_weights(name, entry, "weights", layers=(lo, hi), rank0=False, log=log)
+        except PullError as e:
+            from ..weights import WeightsError
+            raise WeightsError(str(e)) from None
+    return fetch

@@ -63,6 +63,33 @@ class LeaderCollector:
         if status.get("kv_cache_bytes") is not None:
             yield GaugeMetricFamily("nanopipe_leader_kv_cache_bytes", "Rank 0's KV cache memory.",
                                     value=status["kv_cache_bytes"])
+        yield from placement_metrics(status.get("placement") or {})
+
+
+def placement_metrics(placement: dict):
+    """The plan's prediction against what the stages take (issue 15): per stage, predicted and
+    measured seconds of a one-row decode step, and the plan's predicted tokens/s."""
+    labels = ["rank", "host"]
+    pred = GaugeMetricFamily("nanopipe_stage_predicted_seconds",
+                             "A one-row decode step's predicted time at each stage (placement).", labels=labels)
+    meas = GaugeMetricFamily("nanopipe_stage_measured_seconds",
+                             "A one-row decode step's measured time at each stage (median of recent steps).",
+                             labels=labels)
+    for row in placement.get("stages") or []:
+        lab = [str(row.get("rank")), str(row.get("host"))]
+        if isinstance(row.get("predicted_ms"), (int, float)):
+            pred.add_metric(lab, row["predicted_ms"] / 1000)
+        if isinstance(row.get("measured_ms"), (int, float)):
+            meas.add_metric(lab, row["measured_ms"] / 1000)
+    yield pred
+    yield meas
+    tok = GaugeMetricFamily("nanopipe_predicted_tokens_per_second", "The plan's predicted tokens/s.",
+                            labels=["streams"])
+    for streams in ("1", "8"):
+        v = placement.get(f"predicted_tok_s_{streams}")
+        if isinstance(v, (int, float)):
+            tok.add_metric([streams], v)
+    yield tok
 
 
 class WebMetrics:
