@@ -83,6 +83,7 @@ class WorkerState:
     lock: threading.Lock = field(default_factory=threading.Lock)    # one sender at a time on sock
     ring_epoch: object = None       # the ring epoch it last confirmed (dialed its next hop for)
     synthetic: object = None        # its weights are random (said in its READY); None until known
+    prefix_cache_bytes: object = None   # its budget for kept caches (said in its READY); None: ours
 
 
 class Ring:
@@ -242,7 +243,8 @@ class Leader:
         self.tokenizer = tokenizer
         self.log = log_fn
         self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
-        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions)
+        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions,
+                                   prefix_cache_bytes=cluster.prefix_cache_bytes())
         self.ring: Ring | None = None
         # ring epochs count up from a random start, so a restarted leader never reuses one that a
         # worker may still hold frames of
@@ -405,6 +407,8 @@ class Leader:
         with self.lock:
             w.status = "ready"
             w.synthetic = meta.get("synthetic")
+            budget = meta.get("prefix_cache_bytes")
+            w.prefix_cache_bytes = budget if is_int(budget) and budget >= 0 else None
         self.log(f"Worker {w.rank} ready: loaded layers {w.layers[0]}-{w.layers[1] - 1}")
         weights = self._weights_summary()
         if weights["weights_mixed"]:    # the leader must know: real and random slices make gibberish
@@ -471,6 +475,7 @@ class Leader:
                 return False
             self.ring = ring
             self.scheduler.ring = ring
+            self._set_prefix_budgets(workers)
             replayed = self.scheduler.replay_all()
             self.down_since = None
             self.grace_over = False
@@ -479,6 +484,15 @@ class Leader:
         self.log(f"All {len(self.workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
                  + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
         return True
+
+    def _set_prefix_budgets(self, workers: list):
+        """A new ring: every stage starts with no kept caches; each bounds them by its own budget
+        (nanopipe/prefix.py; a worker that did not say uses the leader's)."""
+        ours = self.scheduler.prefix.stages[0][1]
+        stages = [(len(self.stage.blocks), ours)]
+        stages += [(w.layers[1] - w.layers[0], ours if w.prefix_cache_bytes is None else w.prefix_cache_bytes)
+                   for w in workers]
+        self.scheduler.set_prefix_stages(stages)
 
     def _data_conn(self, sock, peer, hello):
         """The last worker's link back to the leader: final activations arrive here."""
@@ -715,7 +729,16 @@ class Leader:
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
+                **self._prefix_status(),
                 **self._weights_summary()}
+
+    def _prefix_status(self) -> dict:
+        """Prompt tokens reused from kept caches vs computed, and what is kept (nanopipe/prefix.py)."""
+        s = self.scheduler
+        return {"prompt_tokens_cached": s.stats["prompt_tokens_cached"],
+                "prompt_tokens_computed": s.stats["prompt_tokens_computed"],
+                "prefix_hits": s.prefix.stats["hits"], "prefix_evictions": s.prefix.stats["evictions"],
+                "prefix_kept": len(s.prefix.kept), "prefix_cache_bytes": s.prefix_bytes()}
 
 
 def _send_timeout(sock, seconds: float):
