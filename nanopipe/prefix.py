@@ -97,9 +97,10 @@ class PrefixCache:
 
     def match(self, ids) -> tuple:
         """(kept id, n): the kept cache sharing the longest prefix with `ids`, and how many of its
-        positions to reuse (at most len(ids) - 1); (None, 0) if none shares a token."""
+        positions to reuse (at most len(ids) - 1); (None, 0) if none shares a token. A tie goes to
+        the most recently used."""
         best, n = None, 0
-        for k in self.kept.values():
+        for k in reversed(self.kept.values()):
             m = min(common_prefix(k.tokens, ids), len(ids) - 1)
             if m > n:
                 best, n = k, m

@@ -127,15 +127,18 @@ def wait_until(cl: LocalCluster, ok, timeout: float, what: str) -> dict:
 
 
 def all_freed(st: dict) -> bool:
-    return (st["live_sessions"] == 0 and st["kv_cache_bytes"] == 0
-            and all(n["sessions"] == 0 and n["kv_cache_bytes"] == 0 for n in workers(st)))
+    """No live session anywhere; every stage holds exactly the finished sessions' caches the leader
+    keeps for reuse (nanopipe/prefix.py), none more and none fewer."""
+    kept = st["prefix_kept"]
+    return (st["live_sessions"] == 0 and st["kv_cache_bytes"] == st["prefix_cache_bytes"]
+            and all(n["sessions"] == kept and (n["kv_cache_bytes"] > 0) == (kept > 0) for n in workers(st)))
 
 
 def wait_freed(cl: LocalCluster) -> dict:
     # Any report read after 3 heartbeats was sent after the generation ended, so a stale "0 sessions"
     # from before it cannot pass; a FREE that never arrived keeps the count up and fails here.
     time.sleep(3 * HEARTBEAT_S)
-    return wait_until(cl, all_freed, 5, "every cache freed (0 sessions on the leader and every worker)")
+    return wait_until(cl, all_freed, 5, "every cache freed (only the kept ones left, on every stage)")
 
 
 def run_cli(*args, cwd=None, timeout=60) -> subprocess.CompletedProcess:
@@ -311,7 +314,8 @@ def test_worker_caches_fill_then_free(cluster, reference):
     t = threading.Thread(target=run)
     t.start()
     try:
-        busy = wait_until(cluster, lambda st: all(n["sessions"] == 1 and n["kv_cache_bytes"] > 0 for n in workers(st)),
+        busy = wait_until(cluster, lambda st: all(n["sessions"] == st["prefix_kept"] + 1 and n["kv_cache_bytes"] > 0
+                                                  for n in workers(st)),
                           10, "a cache on every worker during the generation")
     finally:
         t.join(60)
