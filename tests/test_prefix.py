@@ -268,3 +268,26 @@ def test_cluster_worker_killed_between_turns_falls_back_to_full_prefill(weights,
         assert t3["cached_tokens"] == len(p2) + len(t2["token_ids"]) - 1, "turn 3 should reuse turn 2 again"
         assert_close(t3, full_prefill(p3, GREEDY), "turn 3")
         wait_agree(cl)
+
+
+def test_openai_chat_reports_cached_tokens_and_metrics_count_them(cluster):
+    from nanopipe.web.app import create_app
+    app = create_app({"LEADER": cluster.leader_addr, "LEADER_TOKEN": None,
+                      "MODEL_DEFAULTS": status(cluster)["defaults"]})
+    web = app.test_client()
+    messages = [{"role": "system", "content": "You answer about boats, rivers and the sea, briefly."},
+                {"role": "user", "content": "What floats?"}]
+    first = web.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0})
+    assert first.status_code == 200, first.json
+    assert first.json["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    messages += [{"role": "assistant", "content": first.json["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And what sinks?"}]
+    second = web.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0})
+    assert second.status_code == 200, second.json
+    usage = second.json["usage"]
+    # the system line and the first question at least (the reply's re-tokenized text may differ)
+    assert first.json["usage"]["prompt_tokens"] <= usage["prompt_tokens_details"]["cached_tokens"] \
+        < usage["prompt_tokens"], usage
+    metrics = web.get("/metrics").get_data(as_text=True)
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("nanopipe_leader_prompt_tokens_cached_total "))
+    assert float(line.split()[1]) >= usage["prompt_tokens_details"]["cached_tokens"], line

@@ -548,7 +548,8 @@ def test_completions(client, leader):
     body = r.json
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "fake-gpt2"
     assert body["choices"] == [{"text": "Hello world", "index": 0, "finish_reason": "length", "logprobs": None}]
-    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert leader.calls[0]["params"].seed == 3
 
 
