@@ -291,3 +291,15 @@ def test_openai_chat_reports_cached_tokens_and_metrics_count_them(cluster):
     metrics = web.get("/metrics").get_data(as_text=True)
     line = next(ln for ln in metrics.splitlines() if ln.startswith("nanopipe_leader_prompt_tokens_cached_total "))
     assert float(line.split()[1]) >= usage["prompt_tokens_details"]["cached_tokens"], line
+
+
+def test_trace_then_shows_the_reused_prefix(cluster):
+    from nanopipe.tools.trace import format_trace, run_trace
+    report = run_trace("The river ran past the old mill and", leader=cluster.leader_addr, max_tokens=3,
+                       then=" then the boat", log=lambda _msg: None)
+    n = len(report["prompt_ids"])
+    assert 0 < report["cached_tokens"] < n, report["cached_tokens"]
+    first = report["tokens"][0]["hops"][0]["shape"][0]
+    assert first <= n - report["cached_tokens"], "the first step prefilled rows that were reused"
+    text = format_trace(report)
+    assert f"prefix: {report['cached_tokens']} of {n} prompt tokens reused" in text, text

@@ -653,13 +653,16 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights file (default: the model's, else synthetic gpt2 weights, written on first use).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True, help="Tokens to trace.")
+@click.option("--then", "then", default=None, metavar="TEXT",
+              help="A second turn: generate for PROMPT first, then trace PROMPT + its reply + TEXT, which "
+                   "reuses the first turn's KV cache on every stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
               help="Trace on a running cluster (HOST may be a host_ip name).  [default: a local cluster of --nodes]")
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder holding the YAML configs.")
 @_fail_clean
-def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_dir):
+def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, config_dir):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
     from ..cluster.client import ClientError
     from .trace import TraceError, format_trace, resolve_weights, run_trace
@@ -672,7 +675,7 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
         token, tls_ca = _leader_auth(config_dir) if leader else (None, None)
         leader = resolve_leader(config_dir, leader) if leader else None
         report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
-                           token=token, tls_ca=tls_ca, log=log)
+                           token=token, tls_ca=tls_ca, log=log, then=then)
     except (TraceError, ClientError) as e:
         raise UserError(str(e)) from None
     click.echo(json.dumps(report) if as_json else format_trace(report))
