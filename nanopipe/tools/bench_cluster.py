@@ -7,7 +7,9 @@
   per-stream tokens/s, p50/p95 time per token (continuous batching is what makes 8 streams cheap);
 - `positions`: time per token at context positions 16, 256 and 1000 (the KV cache keeps it flat);
 - `links`: a simulated link on every hop (latency + bandwidth) for 2..8 nodes, measured, next to the
-  model  time per token = sum of stage compute + hops x (latency + bytes / bandwidth).
+  model  time per token = sum of stage compute + hops x (latency + bytes / bandwidth);
+- `conversation`: a multi-turn chat on a cluster over a simulated WiFi link, first-token time of
+  every turn with prefix reuse (nanopipe/prefix.py) and without (prefix_cache_mb: 0), in one run.
 
 All of it runs the real code: the scheduler of `engine.py`, real `serve`/`join` processes.
 """
@@ -318,6 +320,52 @@ def links(weights: str, node_counts=(2, 3, 4, 8), names=("loopback", "thunderbol
     return rows
 
 
+def conversation_turns(cluster: LocalCluster, n_turns: int, system_len: int, user_len: int,
+                       reply_len: int) -> list:
+    """A chat of n_turns on `cluster`: turn 1 sends a system prompt + a user message; each later
+    turn sends everything so far (prompts and greedy replies) + a new user message, as a chat
+    client does. Per turn: prompt tokens, tokens reused, and the first token's time as the client
+    sees it (request sent -> first TOKEN frame)."""
+    rng = np.random.default_rng(0)          # the same "user messages" in every run
+
+    def words(n: int) -> list:
+        return [int(t) for t in rng.integers(300, 40000, n)]
+    prompt = words(system_len) + words(user_len)
+    rows = []
+    with cluster.client(timeout=120) as c:
+        for turn in range(1, n_turns + 1):
+            first = {}
+            t0 = time.perf_counter()
+            r = c.generate(list(prompt), SamplingParams("greedy", max_tokens=reply_len), text=False, ignore_eos=True,
+                           on_token=lambda _t, _x, first=first: first.setdefault("t", time.perf_counter()))
+            rows.append({"turn": turn, "prompt_tokens": len(prompt), "cached_tokens": r.get("cached_tokens", 0),
+                         "first_token_ms": round((first["t"] - t0) * 1000, 1), "token_ids": r["token_ids"]})
+            prompt = prompt + r["token_ids"] + words(user_len)
+    return rows
+
+
+def conversation(weights: str, nodes: int = 3, n_turns: int = 6, link: str = "wifi", system_len: int = 64,
+                 user_len: int = 24, reply_len: int = 32, echo=print) -> list:
+    """First-token time of each turn of one conversation, with prefix reuse and without, on a
+    `nodes`-node loopback cluster whose every hop is the simulated `link` (LINKS). Target: turn 6's
+    first token >= 5x sooner with reuse. Greedy replies must be the same tokens both ways."""
+    latency, mbps = LINKS[link]
+    runs = {}
+    for mode, extra in (("reuse", {}), ("full prefill", {"prefix_cache_mb": 0})):
+        echo(f"{n_turns}-turn conversation, {nodes} nodes over simulated {link} ({latency} ms, {mbps:g} Mbit/s "
+             f"per hop), {mode} ...")
+        with LocalCluster(weights, nodes=nodes, cluster_extra={"link_delay_ms": latency, "link_mbps": mbps,
+                                                               **extra}) as cl:
+            runs[mode] = conversation_turns(cl, n_turns, system_len, user_len, reply_len)
+    rows = []
+    for a, b in zip(runs["reuse"], runs["full prefill"]):
+        rows.append({"turn": a["turn"], "prompt_tokens": a["prompt_tokens"], "reused_tokens": a["cached_tokens"],
+                     "first_token_ms_reuse": a["first_token_ms"], "first_token_ms_full": b["first_token_ms"],
+                     "speedup": round(b["first_token_ms"] / a["first_token_ms"], 2),
+                     "same_tokens": a["token_ids"] == b["token_ids"]})
+    return rows
+
+
 def table(rows: list, cols: list) -> str:
     """A plain text table of `cols` (key names) for `rows` (dicts)."""
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
@@ -357,7 +405,7 @@ def plot_sweep(rows: list, path: str) -> str | None:
 def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int = 32, bandwidth_mb: int = 1024,
             nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
             positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
-            reference=None, echo=print) -> dict:
+            reference=None, conversation: bool = False, echo=print) -> dict:
     import os
 
     from .bench import DEFAULT_WEIGHTS, ensure_weights, run_bench, write_csv
@@ -422,4 +470,14 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         echo(table(rows, ["nodes", "link", "latency_ms", "mbps", "compute_ms", "measured_ms_per_token",
                           "predicted_ms_per_token", "measured_tok_s", "predicted_tok_s", "error_pct"]))
         save("links", rows)
+    if conversation:
+        echo("== a 6-turn conversation over WiFi: prefix reuse vs full prefill ==")
+        rows = globals()["conversation"](weights, nodes=max(nodes, 3), echo=echo)
+        report["conversation"] = rows
+        echo(table(rows, ["turn", "prompt_tokens", "reused_tokens", "first_token_ms_reuse", "first_token_ms_full",
+                          "speedup", "same_tokens"]))
+        last = rows[-1]
+        echo(f"turn {last['turn']}: first token {last['speedup']:.2f}x sooner with reuse (target >= 5x); greedy "
+             f"replies {'identical' if all(r['same_tokens'] for r in rows) else 'DIFFER'}")
+        save("conversation", rows)
     return report

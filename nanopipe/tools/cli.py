@@ -635,16 +635,18 @@ def _find_real_weights(config_dir, model_name=None):
 @click.option("--positions", is_flag=True, help="Time per token at context positions 16, 256 and 1000.")
 @click.option("--links", is_flag=True, help="Thunderbolt / Ethernet / WiFi links for 2, 3, 4 and 8 nodes.")
 @click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")
+@click.option("--conversation", is_flag=True,
+              help="A 6-turn chat on 3 nodes over simulated WiFi: first-token times with prefix reuse and without.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write every table as CSV (the sweep also as PNG) here.  [default: print only]")
 @_fail_clean
 def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
-          single, out_dir):
+          single, out_dir, conversation):
     """Measure tokens/s: one process against the memory bound, a cluster, concurrency, context, links."""
     from .bench_cluster import run_all
     run_all(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
             link_delay_ms=link_delay_ms, link_mbps=link_mbps, sweep=sweep, positions=positions, links=links,
-            single=single, out_dir=out_dir, echo=click.echo)
+            single=single, out_dir=out_dir, conversation=conversation, echo=click.echo)
 
 
 @main.command("trace", short_help="Follow each token of PROMPT round the cluster.")

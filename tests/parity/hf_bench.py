@@ -87,4 +87,4 @@ if __name__ == "__main__":
 
     from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
-    run_all(nodes=3, sweep=True, positions=True, links=True, out_dir=out, reference=bench_hf)
+    run_all(nodes=3, sweep=True, positions=True, links=True, conversation=True, out_dir=out, reference=bench_hf)
