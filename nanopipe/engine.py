@@ -50,11 +50,12 @@ class Request:
     prompt_ids: list
     params: SamplingParams
     emit: object = None
-    echo: bool = False              # also score the prompt: prompt_logprobs
-    top_logprobs: int = 0           # K most likely ids with their logprobs at each generated position
+    echo: bool = False              # also score the prompt: prompt_logprobs (and, with top_logprobs, its top K)
+    top_logprobs: int = 0           # K most likely ids with their logprobs at each scored or generated position
+    score_only: bool = False        # run the prompt through once and generate nothing (echo scoring)
     stop_at_eot: bool = True
     id: str = ""
-    trace: bool = False             # each token event also carries its step's hops and top-5 (nanopipe/trace.py)
+    trace: bool = False             # each token event also carries its step's hops and top-5 (nanopipe/tools/trace.py)
     text: object = None             # a tokenizer.StopStream: token events carry "text"; a stop string ends it
 
 
@@ -70,6 +71,7 @@ class Session:
     logprobs: list = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
+    prompt_top_logprobs: list = field(default_factory=list)
     in_flight: bool = False
     finished: bool = False
     cancelled: bool = False
@@ -122,7 +124,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._cancel: set = set()
         self.lock = threading.RLock()
-        self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0,
+        # max_live: the most sessions ever live at once (requests batched together show up here)
+        self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0,
                       "prompt_tokens_cached": 0, "prompt_tokens_computed": 0}
         # finished sessions' caches, kept for the next request with the same start: rank 0's
         # stage only, until the leader adds its workers' (set_prefix_stages)
@@ -139,7 +142,13 @@ class Scheduler:
         if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
             raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}", field="prompt")
         # the checked copy is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers
-        req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
+        if req.score_only:          # nothing is generated: the prompt alone must fit, all n_ctx of it
+            if n > self.config.n_ctx:
+                raise DecodingError(f"prompt: {n} tokens do not fit the context of n_ctx={self.config.n_ctx}; "
+                                    "score a shorter window", field="prompt")
+            req.params = req.params.validate(n_vocab=self.config.n_vocab)
+        else:
+            req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
 
     def submit(self, req: Request) -> str:
         self.check(req)
@@ -274,6 +283,16 @@ class Scheduler:
             self.stats["requests"] += 1
             self.stats["prompt_tokens_cached"] += s.cached
             self.stats["prompt_tokens_computed"] += len(req.prompt_ids) - s.cached
+        self.stats["max_live"] = max(self.stats["max_live"], len(self.sessions))
+
+    def submit_many(self, reqs: list) -> list:
+        """Submit several requests as one batch: all are checked first (one bad request refuses them
+        all), then queued while no step runs, so the next step admits them together (up to
+        max_sessions) and they run as concurrent sessions, never one after another."""
+        for req in reqs:
+            self.check(req)
+        with self.lock:
+            return [self.submit(req) for req in reqs]
 
     # -- prefix reuse (nanopipe/prefix.py): the index lives here, the stages obey ------------
 
@@ -406,7 +425,13 @@ class Scheduler:
             known = len(s.req.prompt_ids) + len(s.out_ids)
             if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once
                 if len(s.prompt_logprobs) == p:
-                    s.prompt_logprobs.append(float(logits[i][s.req.prompt_ids[p + 1]]) - logsumexp(logits[i]))
+                    lse = logsumexp(logits[i])
+                    s.prompt_logprobs.append(float(logits[i][s.req.prompt_ids[p + 1]]) - lse)
+                    if s.req.top_logprobs:
+                        top = most_likely(logits[i], s.req.top_logprobs)
+                        s.prompt_top_logprobs.append([(int(t), float(logits[i][t]) - lse) for t in top])
+            elif p + 1 == known and s.req.score_only:   # the prompt is scored: nothing to generate
+                s.finished = True
             elif p + 1 == known:                # the newest token: sample the next one
                 self._sample(s, logits[i], step)
             # else: a replayed position whose next token is already known
@@ -503,6 +528,8 @@ def result_of(s: Session) -> dict:
         out["top_logprobs"] = [[{"id": t, "logprob": lp} for t, lp in pos] for pos in s.top_logprobs]
     if s.req.echo:
         out["prompt_logprobs"] = list(s.prompt_logprobs)
+        if s.req.top_logprobs:
+            out["prompt_top_logprobs"] = [[{"id": t, "logprob": lp} for t, lp in pos] for pos in s.prompt_top_logprobs]
     if s.req.text is not None:          # the reply's text without a stop string; tail: held back until now
         out["tail"] = s.req.text.flush()
         out["text"] = s.req.text.text
@@ -537,8 +564,9 @@ class Engine:
                     n_head=self.config.n_head, segments=[(cache, len(ids))])    # (T, V)
 
     def generate(self, prompt_ids, params: SamplingParams, on_token=None, echo: bool = False,
-                 top_logprobs: int = 0, text=None) -> dict:
-        """Generate for one prompt; `on_token(id)` is called as each token is sampled.
+                 top_logprobs: int = 0, score_only: bool = False, text=None) -> dict:
+        """Generate for one prompt; `on_token(id)` is called as each token is sampled. `score_only`:
+        score the prompt (echo), generate nothing.
 
         `text`: a tokenizer.StopStream; one is made when params has stop strings. With one, the
         result also holds "text" (the reply, without the stop string) and "stop" (which one hit).
@@ -556,7 +584,7 @@ class Engine:
                 box[kind] = data
 
         self.scheduler.submit(Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs,
-                                      text=text))
+                                      score_only=score_only, text=text))
         self.scheduler.run_until_idle()
         if "error" in box:
             raise RuntimeError(box["error"]["error"])

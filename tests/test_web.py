@@ -7,6 +7,7 @@ so each error path is checked without starting processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -41,6 +42,7 @@ class FakeClient:
         self.leader, self.addr, self.token, self.attempts = leader, addr, token, attempts
         self.welcome = {"model": "fake-gpt2", "n_ctx": leader.n_ctx}
         self.calls: list = []
+        self.batches: list = []
         self.closed = threading.Event()
 
     def generate(self, prompt=None, params=None, on_token=None, on_status=None, echo=False, top_logprobs=0,
@@ -69,6 +71,23 @@ class FakeClient:
         if echo:
             result["prompt_logprobs"] = [-2.0] * (len(prompt) - 1)
         return result
+
+    def generate_batch(self, prompts, params=None, seeds=None, on_token=None, on_status=None, echo=False,
+                       top_logprobs=0, text=True, score_only=None, **fields):
+        """The batch as the fake runs it: each prompt in turn (the real leader's batching is tested
+        against a live cluster); score_only scripts no tokens, only the prompt's logprobs."""
+        results = []
+        self.batches.append({"prompts": [list(p) for p in prompts], "seeds": seeds, "score_only": score_only})
+        for i, prompt in enumerate(prompts):
+            seed = seeds[i] if seeds and seeds[i] is not None else params.seed
+            p = dataclasses.replace(params, seed=seed, max_tokens=0 if score_only else params.max_tokens)
+            r = self.generate(prompt, p, lambda t, piece, i=i: on_token(i, t, piece), on_status, echo=echo,
+                              top_logprobs=top_logprobs)
+            if echo and top_logprobs:
+                r["prompt_top_logprobs"] = [[{"id": t, "logprob": -2.0}, {"id": 13, "logprob": -3.0}][:top_logprobs]
+                                            for t in prompt[1:]]
+            results.append(r)
+        return results
 
     def status(self):
         return self.leader.status()
@@ -542,7 +561,7 @@ def test_openai_fields_map_to_a_strategy(client, leader, fields, strategy):
 
 
 def test_completions(client, leader):
-    r = client.post("/v1/completions", json={"model": "gpt2", "prompt": "Hello", "max_tokens": 2, "temperature": 0,
+    r = client.post("/v1/completions", json={"model": "fake-gpt2", "prompt": "Hello", "max_tokens": 2, "temperature": 0,
                                              "seed": 3})
     assert r.status_code == 200
     body = r.json
@@ -581,7 +600,7 @@ def test_completions_stream_in_openai_chunks(client):
 
 def test_chat_completions_use_the_template(client, leader):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    r = client.post("/v1/chat/completions", json={"model": "gpt2", "messages": messages, "max_tokens": 2,
+    r = client.post("/v1/chat/completions", json={"model": "fake-gpt2", "messages": messages, "max_tokens": 2,
                                                   "logprobs": True, "top_logprobs": 1})
     assert r.status_code == 200
     assert get_tokenizer().decode(leader.calls[0]["prompt"]) == "System: Be brief.\nUser: Hi\nAssistant:"
@@ -616,17 +635,111 @@ def test_openai_stream_reports_a_cluster_failure_in_band(client, leader):
 def test_models(client):
     r = client.get("/v1/models")
     assert r.json == {"object": "list", "data": [{"id": "fake-gpt2", "object": "model", "created": 0,
-                                                  "owned_by": "nanopipe"}]}
+                                                  "owned_by": "nanopipe", "root": "fake-gpt2"}]}
+
+
+def test_models_lists_the_hub_name_as_an_alias_that_requests_may_use(leader):
+    c = make_app(leader, MODEL_NAME="fake-gpt2", MODEL_ALIASES=("openai-community/gpt2",))
+    assert [m["id"] for m in c.get("/v1/models").json["data"]] == ["fake-gpt2", "openai-community/gpt2"]
+    r = c.post("/v1/completions", json={"model": "openai-community/gpt2", "prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200 and r.json["model"] == "fake-gpt2"      # the served name, not the alias
+
+
+def test_an_unknown_model_is_a_404_model_not_found(client, leader):
+    for path, body in [("/v1/completions", {"prompt": "Hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]:
+        r = client.post(path, json={"model": "no-such-model", **body})
+        assert r.status_code == 404, r.json
+        err = r.json["error"]
+        assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error" and err["param"] == "model"
+        assert '"no-such-model" does not exist' in err["message"] and '"fake-gpt2"' in err["message"]
+    assert leader.calls == []
+
+
+def test_completions_batch_of_prompts_gives_one_choice_each_in_prompt_order(client, leader):
+    r = client.post("/v1/completions", json={"prompt": ["Hello", "Hi there"], "max_tokens": 2, "user": "u1"})
+    assert r.status_code == 200, r.json
+    tok = get_tokenizer()
+    assert leader.connections[-1].batches[0]["prompts"] == [tok.encode("Hello"), tok.encode("Hi there")]
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in r.json["choices"]] == [
+        (0, "Hello world", "length"), (1, "Hello world", "length")]
+    n_prompt = len(tok.encode("Hello")) + len(tok.encode("Hi there"))
+    assert r.json["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 4, "total_tokens": n_prompt + 4}
+
+
+def test_completions_n_choices_per_prompt_with_derived_seeds(client, leader):
+    r = client.post("/v1/completions", json={"prompt": [[15496], [995]], "n": 3, "best_of": 3, "max_tokens": 1,
+                                             "temperature": 0.7, "seed": 5})
+    assert r.status_code == 200, r.json
+    batch = leader.connections[-1].batches[0]
+    assert batch["prompts"] == [[15496]] * 3 + [[995]] * 3           # choice i*n + j: prompt i, choice j
+    assert batch["seeds"] == [5, 6, 7, 5, 6, 7]                       # choice j samples with seed + j
+    assert [c["index"] for c in r.json["choices"]] == list(range(6))
+    assert r.json["usage"]["prompt_tokens"] == 2 and r.json["usage"]["completion_tokens"] == 6
+
+
+def test_completions_batch_stream_chunks_carry_their_index(client):
+    r = client.post("/v1/completions", json={"prompt": ["Hello", "Hi"], "max_tokens": 2, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    chunks = [data for _, data in sse_events(r.data)[:-1]]
+    text = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c["choices"]:
+            text[ch["index"]] += ch["text"]
+    assert text == {0: "Hello world", 1: "Hello world"}
+    finals = [(ch["index"], ch["finish_reason"]) for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    assert finals == [(0, "length"), (1, "length")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_scoring_only_echoes_the_prompt_with_logprobs_and_no_new_token(client, leader):
+    r = client.post("/v1/completions", json={"prompt": [15496, 995, 11], "max_tokens": 0, "echo": True,
+                                             "logprobs": 2})
+    assert r.status_code == 200, r.json
+    assert leader.connections[-1].batches[0]["score_only"] is True
+    choice = r.json["choices"][0]
+    assert choice["text"] == "Hello world,"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["Hello", " world", ","] and lp["token_logprobs"] == [None, -2.0, -2.0]
+    assert lp["top_logprobs"] == [None, {" world": -2.0, ".": -3.0}, {",": -2.0, ".": -3.0}]
+    assert r.json["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+
+
+def test_scoring_may_use_the_whole_context(client, leader):
+    fits = client.post("/v1/completions", json={"prompt": [11] * 64, "max_tokens": 0, "echo": True})
+    assert fits.status_code == 200, fits.json                                 # n_ctx is 64: nothing is generated
+    too_long = client.post("/v1/completions", json={"prompt": [11] * 65, "max_tokens": 0, "echo": True})
+    assert too_long.status_code == 400 and "n_ctx=64" in too_long.json["error"]["message"]
+    generate = client.post("/v1/completions", json={"prompt": [11] * 64, "max_tokens": 1})
+    assert generate.status_code == 400                                        # 64 + 1 token does not fit
+
+
+def test_chat_reports_usage(client):
+    r = client.post("/chat", json={"text": "Hello", "max_tokens": 2})
+    assert r.json["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    events = sse_events(client.post("/chat", json={"text": "Hello", "max_tokens": 2, "stream": True}).data)
+    assert events[-1][0] == "done" and events[-1][1]["usage"]["completion_tokens"] == 2
 
 
 BAD_OPENAI = [
     ("/v1/completions", {}, "prompt", "prompt: must be a non-empty string or a list of token ids"),
     ("/v1/completions", {"prompt": ""}, "prompt", "prompt: give a non-empty prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "prompt: only one prompt per request"),
+    ("/v1/completions", {"prompt": ["a", ""]}, "prompt", "prompt[1]: give a non-empty prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [99999]]}, "prompt", "prompt[1]: must be a non-empty string"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt", "prompt[1]: must be a non-empty string"),
     ("/v1/completions", {"prompt": [1, 99999]}, "prompt", "prompt: must be a non-empty string or a list of token ids"),
+    ("/v1/completions", {"prompt": ["a"] * 5, "n": 4}, "n", "prompt/n: 5 prompt(s) x n=4 = 20 completions; at most 16"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, "n", "n: must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "Hi", "n": 2, "best_of": 3}, "best_of", "best_of: only best_of == n"),
+    ("/v1/completions", {"prompt": "Hi", "suffix": "!"}, "suffix", "suffix: not supported"),
+    ("/v1/completions", {"prompt": "Hi", "user": 5}, "user", "user: must be a string"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens", "max_tokens: 0 generates nothing"),
+    ("/v1/completions", {"prompt": "Hi", "temprature": 0}, "temprature", "unknown field 'temprature'; known"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "n: only n=1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo",
+     "unknown field 'echo'"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 9}, "logprobs", "logprobs: must be an integer in 0..5"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 1, "stream": True}, "logprobs", "logprobs/echo: not available"),
-    ("/v1/completions", {"prompt": "Hi", "n": 2}, "n", "n: only n=1 is supported"),
     ("/v1/completions", {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop",
      "stop: must be a string or a list of up to 4 non-empty strings"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stop": list("abcde")}, "stop",

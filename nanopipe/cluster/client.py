@@ -103,6 +103,53 @@ class LeaderClient:
                 raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"),
                                   m.get("field"))
 
+    def generate_batch(self, prompts: list, params=None, seeds: list | None = None, on_token=None, on_status=None,
+                       echo: bool = False, top_logprobs: int = 0, text: bool = True, **fields) -> list:
+        """Run several generations as one batch: the leader queues them together, so they are
+        concurrent sessions of one scheduler step. `prompts` are token-id lists; `seeds[i]` (if
+        given) overrides the seed of generation i. on_token(i, id, text) sees generation i's tokens.
+        Returns the results in prompt order; the first error raises ClientError (the caller closes
+        the connection, which cancels the rest).
+
+            c.generate_batch([[15496], [15496]], SamplingParams("sampling", seed=None), seeds=[7, 8])
+        """
+        base = f"r{next(self._ids)}"
+        meta = {"request": base, "echo": echo, "top_logprobs": top_logprobs, "text": text}
+        if params is not None:      # stop, penalties and bias too: each generation applies them itself
+            meta.update(params.sent_fields())
+        meta.update({k: v for k, v in fields.items() if v is not None})
+        items = []
+        for i, prompt in enumerate(prompts):
+            item = {"request": f"{base}.{i}", "prompt_ids": list(prompt)}
+            if seeds is not None and seeds[i] is not None:
+                item["seed"] = seeds[i]
+            items.append(item)
+        index = {item["request"]: i for i, item in enumerate(items)}
+        self._send(Msg.GENERATE, dict(meta, batch=items))
+        results: list = [None] * len(items)
+        left = len(items)
+        while left:
+            frame = self._recv()
+            m = frame.meta
+            i = index.get(m.get("request"))
+            if frame.msg is Msg.ERROR:
+                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"),
+                                  m.get("field"))
+            if frame.msg is Msg.STATUS and on_status is not None:
+                on_status(m.get("text", ""))
+            if i is None:
+                continue
+            if frame.msg is Msg.TOKEN and on_token is not None:
+                on_token(i, m["token"], m.get("text", ""))
+            elif frame.msg is Msg.DONE:
+                tail = m.pop("tail", "") or ""
+                if tail and on_token is not None:
+                    on_token(i, None, tail)
+                if results[i] is None:
+                    left -= 1
+                results[i] = m
+        return results
+
     def cancel(self):
         sid = getattr(self, "session", None)
         if sid:

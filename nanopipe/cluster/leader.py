@@ -605,7 +605,8 @@ class Leader:
     # clients ----------------------------------------------------------------------------------
 
     def _client_conn(self, sock, peer):
-        send_frame(sock, Msg.WELCOME, {"model": self.model.name, "n_ctx": self.config.n_ctx})
+        send_frame(sock, Msg.WELCOME, {"model": self.model.name, "aliases": self.model_aliases(),
+                                       "n_ctx": self.config.n_ctx})
         _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
         outbox = ClientOutbox(sock, peer, self.log, limit=self.client_queue_max)
         send = outbox.put                # every frame to this client, from any thread, goes through it
@@ -613,7 +614,9 @@ class Leader:
         try:
             while True:
                 frame = recv_frame(sock, f"client {peer}", max_payload=0)
-                if frame.msg is Msg.GENERATE:
+                if frame.msg is Msg.GENERATE and "batch" in frame.meta:
+                    self._generate_batch(frame.meta, send, mine)
+                elif frame.msg is Msg.GENERATE:
                     self._generate(frame.meta, send, mine)
                 elif frame.msg is Msg.CANCEL:
                     sid = frame.meta.get("session")
@@ -678,7 +681,8 @@ class Leader:
                 send(Msg.ERROR, {"request": req_id, "session": req.id, "message": data["error"], "kind": "cluster"})
 
         req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
-                      trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True, text=stream)
+                      trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True,
+                      score_only=meta.get("score_only") is True, text=stream)
         try:
             self.scheduler.submit(req)
         except DecodingError as e:
@@ -695,6 +699,23 @@ class Leader:
             emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
                                     f"{self.cluster.rejoin_grace_s:g}s)"})
 
+    def _generate_batch(self, meta: dict, send, mine: set):
+        """One GENERATE carrying several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
+        "seed": 7}, ...], <fields shared by all>}. Each item is answered like its own GENERATE (frames
+        carry its request id). They are queued while the scheduler is held, so its next step admits
+        them together: prompts of one API request run as one batch, not one after another."""
+        items = meta.get("batch")
+        limit = 4 * self.cluster.max_sessions
+        if not (isinstance(items, list) and 0 < len(items) <= limit and all(isinstance(i, dict) for i in items)):
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": meta.get("request"), "kind": "invalid",
+                             "message": f"invalid request: batch must be a list of 1..{limit} generations"})
+            return
+        shared = {k: v for k, v in meta.items() if k != "batch"}
+        with self.scheduler.lock:           # no step starts until every item is queued
+            for item in items:
+                self._generate({**shared, **item}, send, mine)
+
     def _tok(self):
         if self.tokenizer is None:      # get_tokenizer builds one for all, however many clients ask at once
             from ..tokenizer import get_tokenizer
@@ -706,6 +727,11 @@ class Leader:
         flags = {0: getattr(self.stage, "synthetic", None)}
         flags.update({r: w.synthetic for r, w in self.workers.items()})
         return synthetic_summary(flags)
+
+    def model_aliases(self) -> list:
+        """Other names the served model answers to: its hub name (model_config.yaml's hf_model_name)."""
+        hub = self.model.hf_model_name
+        return [hub] if hub and hub != self.model.name else []
 
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
@@ -722,10 +748,11 @@ class Leader:
                           "gemv_rows": w.stats.get("gemv_rows"),
                           "addr": w.addr, "synthetic": w.synthetic})
         s = self.scheduler
-        return {"model": self.model.name, "ready": self.ring_ready.is_set(), "nodes": nodes,
+        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring_ready.is_set(),
+                "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
                 "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],
-                "max_batches_in_flight": s.stats["max_in_flight"],
+                "max_batches_in_flight": s.stats["max_in_flight"], "max_live_sessions": s.stats["max_live"],
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),

@@ -145,7 +145,9 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
-            from ..model import KernelChoiceError, choose_gemv_rows, describe_kernels
+        # the kernel choice, measured once per process on the blocks it holds (model.choose_gemv_rows)
+        from ..model import KernelChoiceError, choose_gemv_rows, describe_kernels, kernels
+        if not kernels.chosen:
             try:
                 choose_gemv_rows(self.stage.blocks)
             except KernelChoiceError as e:

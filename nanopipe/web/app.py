@@ -47,7 +47,7 @@ from flask import Flask, Response, current_app, g, jsonify, request, send_from_d
 from werkzeug.exceptions import HTTPException
 
 from ..cluster.client import ClientError, LeaderClient
-from ..config import ConfigNotFound, load_cluster_config, load_model_config
+from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
 from ..decoding import (
     EOT,
     STRATEGIES,
@@ -63,6 +63,7 @@ STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answe
 RECONNECT_ATTEMPTS = 3
 MAX_BODY_BYTES = 1 << 20
 PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: the page asks for it
+MAX_CHOICES = 16                   # prompts x n in one /v1/completions request (NANOPIPE_MAX_CHOICES)
 # the sampling fields /chat and the OpenAI routes share; each is checked once, by SamplingParams.validate
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
                    "presence_penalty", "repetition_penalty", "logit_bias")
@@ -102,9 +103,16 @@ def settings_from_configs(config_dir: str = "configs", model_name: str | None = 
         settings["LEADER_TOKEN"] = os.environ.get("NANOPIPE_TOKEN")
     if os.environ.get("NANOPIPE_API_TOKEN"):
         settings["API_TOKEN"] = os.environ["NANOPIPE_API_TOKEN"]
+    if os.environ.get("NANOPIPE_MAX_CHOICES"):
+        try:
+            settings["MAX_CHOICES"] = int(os.environ["NANOPIPE_MAX_CHOICES"])
+        except ValueError:
+            raise ConfigError(f"NANOPIPE_MAX_CHOICES={os.environ['NANOPIPE_MAX_CHOICES']!r}: give a whole number "
+                              "(the most prompts x n one /v1/completions request may ask for)") from None
     try:
         mc = load_model_config(config_dir, model_name)
-        settings.update(MODEL_NAME=mc.name, MODEL_DEFAULTS=mc.decoding_defaults())
+        settings.update(MODEL_NAME=mc.name, MODEL_DEFAULTS=mc.decoding_defaults(),
+                        MODEL_ALIASES=(mc.hf_model_name,) if mc.hf_model_name != mc.name else ())
     except ConfigNotFound:
         if model_name is not None:
             raise
@@ -118,11 +126,14 @@ def dial_leader(addr: str, token: str | None, attempts: int = 1, tls_ca: str | N
 
 
 class ApiError(Exception):
-    """An error the API reports as JSON: status 400 names `param`; `kind` is counted in /metrics."""
+    """An error the API reports as JSON: status 400 names `param`; `kind` is counted in /metrics;
+    `code` is OpenAI's machine-readable code (e.g. "model_not_found")."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid",
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.code = code
 
 
 def leader_error(e: ClientError) -> ApiError:
@@ -144,7 +155,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)
     app.config.from_mapping(
         LEADER="127.0.0.1:65432", LEADER_TOKEN=None, LEADER_TLS_CA=None, API_TOKEN=None, CORS_ORIGINS=(),
-        MODEL_NAME=None, MODEL_DEFAULTS=None, CLIENT_FACTORY=dial_leader, WEB_DIR=web_dir(), TOKENIZER=None,
+        MODEL_NAME=None, MODEL_ALIASES=(), MAX_CHOICES=MAX_CHOICES, MODEL_DEFAULTS=None,
+        CLIENT_FACTORY=dial_leader, WEB_DIR=web_dir(), TOKENIZER=None,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     app.json.sort_keys = False          # keep the documented field order in every answer
@@ -175,11 +187,11 @@ def state() -> AppState:
     return current_app.extensions["nanopipe"]
 
 
-def error_response(status: int, message: str, param: str | None = None):
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
     """{"error": "..."} for our API; OpenAI's shape under /v1 so its client libraries show the message."""
     if request.path.startswith("/v1/"):
         from .openai import openai_error
-        return jsonify(openai_error(status, message, param)), status
+        return jsonify(openai_error(status, message, param, code)), status
     return jsonify(error=message), status
 
 
@@ -217,7 +229,7 @@ def _register_guards(app: Flask):
     @app.errorhandler(ApiError)
     def api_error(e: ApiError):
         state().metrics.count_error(e.kind)
-        return error_response(e.status, e.message, e.param)
+        return error_response(e.status, e.message, e.param, e.code)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -357,7 +369,7 @@ def connect(attempts: int = 1):
         raise ApiError(503, f"leader address {cfg['LEADER']!r}: {e}", kind="unreachable") from None
     info = state().leader_info
     welcome = getattr(client, "welcome", None) or {}
-    info.update({k: welcome[k] for k in ("model", "n_ctx") if k in welcome})
+    info.update({k: welcome[k] for k in ("model", "aliases", "n_ctx") if k in welcome})
     return client
 
 
@@ -373,7 +385,7 @@ def leader_status(attempts: int = 1) -> dict:
         raise ApiError(503, str(e), kind="unreachable") from None
     finally:
         client.close()
-    state().leader_info.update({k: status[k] for k in ("model", "n_ctx", "defaults") + WEIGHTS_KEYS
+    state().leader_info.update({k: status[k] for k in ("model", "aliases", "n_ctx", "defaults") + WEIGHTS_KEYS
                                 if k in status})
     return status
 
@@ -389,6 +401,13 @@ def weights_info() -> dict:
 
 def model_name() -> str:
     return state().leader_info.get("model") or current_app.config["MODEL_NAME"] or "gpt2"
+
+
+def model_aliases() -> list:
+    """Other names the served model answers to (its hub name), from the leader or model_config.yaml."""
+    info = state().leader_info
+    names = info["aliases"] if "model" in info and "aliases" in info else current_app.config["MODEL_ALIASES"]
+    return [n for n in names if n and n != model_name()]
 
 
 def check_fits(params: SamplingParams, prompt_ids: list, n_ctx, field: str):
@@ -539,6 +558,77 @@ def start_generation(prompt_ids: list, params: SamplingParams, route: str, field
     return Generation(client, prompt_ids, params, state().metrics, g.t0, echo=echo, top_logprobs=top_logprobs)
 
 
+class BatchGeneration(Generation):
+    """Several generations on one leader connection, run as one batch (LeaderClient.generate_batch):
+    one per prompt and choice of a /v1/completions request. Its events:
+
+        ("status", "waiting for rank 2 to join")
+        ("token", i, 995, " world")            generation i sampled a token (id None: held-back text)
+        ("done", [result_0, result_1, ...])    every generation's result, in order
+     or ("error", ClientError)
+
+    The rest (metrics, hanging up when the reader leaves) is Generation's.
+    """
+
+    def __init__(self, client, prompts: list, seeds: list, params: SamplingParams, metrics, t0: float,
+                 echo: bool = False, top_logprobs: int = 0, score_only: bool = False):
+        super().__init__(client, prompts, params, metrics, t0, echo=echo, top_logprobs=top_logprobs)
+        self.seeds, self.score_only = seeds, score_only
+        self.texts: list = [[] for _ in prompts]        # generation i's pieces
+        self.counts: list = [0] * len(prompts)          # generation i's sampled tokens
+        self._t_last: list = [None] * len(prompts)
+
+    def text_of(self, i: int) -> str:
+        return "".join(self.texts[i])
+
+    def _run(self):
+        try:
+            results = self.client.generate_batch(self.prompt, self.params, seeds=self.seeds, on_token=self._on_token,
+                                                 on_status=lambda text: self._q.put(("status", text)),
+                                                 echo=self.echo, top_logprobs=self.top_logprobs,
+                                                 score_only=True if self.score_only else None)
+            for r in results:
+                self.metrics.observe_nodes(r.get("node_ms") or {})
+            self._q.put(("done", results))
+        except ClientError as e:
+            self._q.put(("error", e))
+        except Exception as e:  # a broken connection must end the response, not hang it
+            self._q.put(("error", ClientError(f"lost the leader mid-reply: {type(e).__name__}: {e}", "cluster")))
+
+    def _on_token(self, i, token_id, text):
+        if token_id is not None:
+            now = time.perf_counter()
+            last = self._t_last[i]
+            self.metrics.observe_token(now - (last if last is not None else self.t0), first=last is None)
+            self._t_last[i] = now
+            self.counts[i] += 1
+            self.n_tokens += 1
+            if token_id == EOT:
+                text = ""
+        self.texts[i].append(text or "")
+        self._q.put(("token", i, token_id, text or ""))
+
+
+def start_batch(prompts: list, seeds: list, params: SamplingParams, route: str, field: str, echo: bool = False,
+                top_logprobs: int = 0, score_only: bool = False) -> BatchGeneration:
+    """start_generation for several prompts at once (each already repeated n times)."""
+    client = connect()
+    try:
+        n_ctx = state().leader_info.get("n_ctx")
+        for ids in prompts:
+            if not score_only:
+                check_fits(params, ids, n_ctx, field)
+            elif n_ctx and len(ids) > n_ctx:        # scoring generates nothing: all n_ctx positions may be prompt
+                raise ApiError(400, f"{field}: the prompt is {len(ids)} tokens, but the model's context is "
+                                    f"n_ctx={n_ctx}; score a shorter window", param=field)
+    except ApiError:
+        client.close()
+        raise
+    state().metrics.count_request(route)
+    return BatchGeneration(client, prompts, seeds, params, state().metrics, g.t0, echo=echo,
+                           top_logprobs=top_logprobs, score_only=score_only)
+
+
 def sse(data, event: str | None = None) -> str:
     """One Server-Sent Event: 'event: done\\ndata: {...}\\n\\n'. JSON never contains a raw newline."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
@@ -561,6 +651,12 @@ def event_stream(chunks, gen: Generation) -> Response:
 
 # ---------------------------------------------------------------------------------------------
 # POST /chat
+
+
+def usage_of(result: dict, gen: Generation) -> dict:
+    """OpenAI's token counts for one reply: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}."""
+    prompt = len(result.get("prompt_ids") or gen.prompt)
+    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
 
 
 def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
@@ -589,7 +685,8 @@ def _register_chat(app: Flask):
         gen = start_generation(tokenizer().encode(text), params, "chat", "text")
         if not stream:
             result = gen.run()
-            return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result))
+            return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result),
+                           usage=usage_of(result, gen))
         return event_stream(_chat_events(gen, params), gen)
 
 
@@ -603,7 +700,7 @@ def _chat_events(gen: Generation, params: SamplingParams):
             yield sse({"status": event[1]}, event="status")
         elif kind == "done":
             yield sse({"response": gen.text, "config": params_view(params, gen.n_tokens),
-                       "stats": gen.stats(event[1])}, event="done")
+                       "stats": gen.stats(event[1]), "usage": usage_of(event[1], gen)}, event="done")
         else:
             err = gen.stream_error(event[1])
             yield sse({"error": err.message, "status": err.status}, event="error")

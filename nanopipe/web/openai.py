@@ -26,6 +26,15 @@ sampling; top_k with top_p < 1 is a 400. A request that sets none of temperature
 gets the model's configured default strategy (model_config.yaml). stop, frequency_penalty,
 presence_penalty, logit_bias and repetition_penalty (an extension) apply to every strategy.
 
+Batches and scoring (/v1/completions). `prompt` may be a list of prompts, and `n` asks for n
+choices of each; they all go to the leader in one message and run as concurrent sessions of one
+scheduler batch (choice i*n + j is prompt i's choice j, sampled with seed + j when a seed is
+given). `echo` with `max_tokens: 0` scores the prompt, the request evaluation harnesses send:
+
+    {"prompt": [[464, 3290, 318]], "echo": true, "max_tokens": 0, "logprobs": 1}
+    -> tokens ["The", " dog", " is"], token_logprobs [null, log p(" dog" | "The"), log p(" is" | "The dog")],
+       top_logprobs [null, {top-1 after "The": its logprob}, {top-1 after "The dog": its logprob}]
+
 Errors, in a response or mid-stream, have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
@@ -39,18 +48,22 @@ from flask import Blueprint, current_app, jsonify
 from ..decoding import EOT, is_int
 from .app import (
     ApiError,
+    BatchGeneration,
     Generation,
     event_stream,
     flag,
     json_body,
     leader_status,
+    model_aliases,
     model_name,
     optional,
     resolve,
     sampling_fields,
     sse,
     sse_comment,
+    start_batch,
     start_generation,
+    state,
     tokenizer,
     weights_info,
 )
@@ -59,30 +72,85 @@ ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assist
 CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply ends there
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
 
+# The request fields each route knows; any other is refused, naming it. Sampler fields (stop,
+# penalties, logit_bias) are read where sampling is set up; top_k and repetition_penalty are extensions.
+_SHARED_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "seed",
+                  "user", "stop", "frequency_penalty", "presence_penalty", "logit_bias", "repetition_penalty")
+COMPLETION_FIELDS = _SHARED_FIELDS + ("prompt", "logprobs", "echo", "best_of", "suffix")
+CHAT_COMPLETION_FIELDS = _SHARED_FIELDS + ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
+
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 
-def openai_error(status: int, message: str, param: str | None = None) -> dict:
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """An error body in OpenAI's shape, which its client libraries show to the user.
 
     (400, "n: only n=1 is supported", "n") -> {"error": {"message": "n: only ...", "type":
     "invalid_request_error", "param": "n", "code": None}}
     """
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": None}}
+    kind = "invalid_request_error" if code == "model_not_found" else ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading requests
 
 
-def openai_request(body: dict, stop=()) -> tuple:
+def check_fields(body: dict, known: tuple):
+    """Refuse a field this route does not know, naming it (a typo must not be silently ignored)."""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(known)}", param=unknown[0])
+
+
+def served_names() -> list:
+    """The names the served model answers to: the cluster's model (config name) first, then its hub name."""
+    if "model" not in state().leader_info:
+        try:
+            leader_status()         # learn the leader's model name; if it is down, the request 503s later
+        except ApiError:
+            pass
+    return [model_name()] + model_aliases()
+
+
+def check_model(body: dict):
+    """An unknown `model` is OpenAI's 404 model_not_found; none given means the served one.
+
+    {"model": "gpt2-xl"} on a cluster serving "gpt2" (hub name "openai-community/gpt2") -> 404
+    """
+    name = body.get("model")
+    if name is None:
+        return
+    served, *aliases = served_names()
+    if name != served and name not in aliases:
+        also = f" (alias {', '.join(json.dumps(a) for a in aliases)})" if aliases else ""
+        raise ApiError(404, f"The model {json.dumps(name)} does not exist: this server serves {json.dumps(served)}"
+                            f"{also}; see GET /v1/models", param="model", kind="not_found", code="model_not_found")
+
+
+def choice_count(body: dict) -> int:
+    """n (choices per prompt) and best_of, which must equal it: nanopipe returns every choice it makes."""
+    n = optional(body, "n", lambda v: is_int(v) and v >= 1, "an integer >= 1") or 1
+    best_of = optional(body, "best_of", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    if best_of is not None and best_of != n:
+        raise ApiError(400, f"best_of: only best_of == n is supported (got best_of={best_of}, n={n}); nanopipe "
+                            "returns every completion it makes, so ask for n instead", param="best_of")
+    return n
+
+
+def openai_request(body: dict, stop=(), max_n: int = 1) -> tuple:
     """The fields /v1/completions and /v1/chat/completions share -> (SamplingParams, stream).
-    `stop`: stop strings the route always adds (the chat template's next turn)."""
+    `stop`: stop strings the route always adds (the chat template's next turn); `max_n`: the
+    largest n the route takes (the caller checks n itself when it is above 1)."""
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
         body = dict(body, max_tokens=body["max_completion_tokens"])     # the chat API's newer name
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "n: only n=1 is supported (one completion per request)", param="n")
+    if max_n == 1 and body.get("n") not in (None, 1):
+        raise ApiError(400, "n: only n=1 is supported here (one completion per request); /v1/completions "
+                            "takes n > 1", param="n")
+    optional(body, "user", lambda v: isinstance(v, str), "a string")   # accepted; nanopipe keeps no per-user state
+    if body.get("suffix") not in (None, ""):
+        raise ApiError(400, "suffix: not supported (GPT-2 only continues text; it cannot fill in before a suffix)",
+                       param="suffix")
     stream = flag(body, "stream")
     return resolve(None, sampling_fields(body, stop)), stream
 
@@ -113,6 +181,18 @@ def chat_prompt(messages) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
+def encode_prompts(prompt, field: str = "prompt") -> list:
+    """The `prompt` of /v1/completions -> a list of prompts, each a list of token ids, in order.
+
+    "Hi" -> [[17250]];  [17250, 995] -> [[17250, 995]];  ["Hi", "Bye"] -> [[17250], [3886, 68]];
+    [[17250], [3886, 68]] -> [[17250], [3886, 68]]
+    """
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1 or isinstance(prompt[0], list):
+            return [encode_prompt(p, f"{field}[{i}]") for i, p in enumerate(prompt)]
+    return [encode_prompt(prompt, field)]
+
+
 def encode_prompt(prompt, field: str) -> list:
     """Text (or a list of token ids, as OpenAI allows) -> token ids, checked.
 
@@ -122,13 +202,12 @@ def encode_prompt(prompt, field: str) -> list:
         prompt = prompt[0]
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ApiError(400, f"{field}: give a non-empty prompt", param=field)
+            raise ApiError(400, f"{field}: give a non-empty prompt", param=field.split("[")[0])
         return tokenizer().encode(prompt)
     if isinstance(prompt, list) and prompt and all(is_int(t) and 0 <= t <= EOT for t in prompt):
         return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, f"{field}: only one prompt per request", param=field)
-    raise ApiError(400, f"{field}: must be a non-empty string or a list of token ids in 0..{EOT}", param=field)
+    raise ApiError(400, f"{field}: must be a non-empty string or a list of token ids in 0..{EOT} (or a list of "
+                        "those, for a batch)", param=field.split("[")[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +218,12 @@ def _meta(id_prefix: str, kind: str) -> dict:
     """The fields every answer and every chunk starts with: id, object, created, model."""
     return {"id": f"{id_prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
             "model": model_name()}
+
+
+def _batch_usage(prompts: list, gen: BatchGeneration) -> dict:
+    """Usage of a batch: each prompt's tokens once (however many choices it has), every choice's tokens."""
+    prompt = sum(len(p) for p in prompts)
+    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
 
 
 def _usage(result: dict, gen: Generation) -> dict:
@@ -157,7 +242,8 @@ def _include_usage(body: dict) -> bool:
 def _completion_logprobs(tok, result: dict, echo: bool) -> dict:
     """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
 
-    With echo the prompt's tokens come first; its first token has no logprob (nothing came before it).
+    With echo the prompt's tokens come first; its first token has no logprob (nothing came before it),
+    so its top_logprobs entry is null too; every other prompt position carries its top alternatives.
     """
     prompt_ids = list(result.get("prompt_ids") or []) if echo else []
     ids = prompt_ids + list(result["token_ids"])
@@ -168,9 +254,13 @@ def _completion_logprobs(tok, result: dict, echo: bool) -> dict:
         offsets.append(pos)
         pos += len(p)
     tops = result.get("top_logprobs")
-    if tops is not None:
-        tops = [None] * len(prompt_ids) + [{tok.pieces([t["id"]])[0]: t["logprob"] for t in pos_top}
-                                           for pos_top in tops]
+    prompt_tops = result.get("prompt_top_logprobs")
+    if tops is not None or prompt_tops is not None:
+        def top_map(pos_top) -> dict:
+            return {tok.pieces([t["id"]])[0]: t["logprob"] for t in pos_top}
+        head = ([None] + [top_map(p) for p in prompt_tops] if prompt_tops is not None else [None] * len(prompt_ids)) \
+            if echo else []
+        tops = head + [top_map(p) for p in tops or []]
     return {"tokens": pieces, "token_logprobs": lps, "text_offset": offsets, "top_logprobs": tops}
 
 
@@ -218,27 +308,64 @@ def _chat_choice(text: str, finish_reason) -> dict:
 
 @bp.get("/models")
 def models():
+    """The model the cluster serves, under its config name, then its hub name (vLLM lists each name it
+    answers to as a model; `root` says which model a name is)."""
     try:
         leader_status()
     except ApiError:
         if not current_app.config["MODEL_NAME"]:      # without a leader, the configured model still answers
             raise
-    return jsonify(object="list", data=[{"id": model_name(), "object": "model", "created": 0,
-                                         "owned_by": "nanopipe", **weights_info()}])
+    served = model_name()
+    return jsonify(object="list", data=[{"id": name, "object": "model", "created": 0, "owned_by": "nanopipe",
+                                         "root": served, **weights_info()} for name in [served] + model_aliases()])
 
 
 @bp.post("/completions")
 def completions():
     body = json_body()
-    params, stream = openai_request(body)
-    logprobs = optional(body, "logprobs", lambda v: is_int(v) and 0 <= v <= 5, "an integer in 0..5 or null")
+    check_fields(body, COMPLETION_FIELDS)
+    check_model(body)
     echo = flag(body, "echo")
+    score_only = is_int(body.get("max_tokens")) and body["max_tokens"] == 0
+    if score_only:                  # echo + max_tokens 0: score the prompt, generate nothing
+        if not echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt with echo=true "
+                                "(and logprobs); otherwise give an integer >= 1", param="max_tokens")
+        body = dict(body, max_tokens=1)
+    cap = current_app.config["MAX_CHOICES"]
+    params, stream = openai_request(body, max_n=cap)
+    n = choice_count(body)
+    logprobs = optional(body, "logprobs", lambda v: is_int(v) and 0 <= v <= 5, "an integer in 0..5 or null")
     if stream and (logprobs is not None or echo):
         raise ApiError(400, "logprobs/echo: not available with stream=true; ask without streaming",
                        param="logprobs" if logprobs is not None else "echo")
-    ids = encode_prompt(body.get("prompt"), "prompt")
-    gen = start_generation(ids, params, "completions", "prompt", echo=echo, top_logprobs=logprobs or 0)
+    prompts = encode_prompts(body.get("prompt"))
+    if len(prompts) * n > cap:
+        raise ApiError(400, f"prompt/n: {len(prompts)} prompt(s) x n={n} = {len(prompts) * n} completions; at most "
+                            f"{cap} per request (NANOPIPE_MAX_CHOICES): split the batch into smaller requests",
+                       param="n" if n > 1 else "prompt")
     meta = _meta("cmpl", "text_completion")
+    if len(prompts) == 1 and n == 1 and not score_only:
+        return _one_completion(body, prompts[0], params, stream, echo, logprobs, meta)
+    # a batch: choice i*n + j is prompt i's choice j; with a seed, choice j samples with seed + j
+    runs = [ids for ids in prompts for _ in range(n)]
+    seeds = [params.seed + j if params.seed is not None and n > 1 else None for _ in prompts for j in range(n)]
+    gen = start_batch(runs, seeds, params, "completions", "prompt", echo=echo, top_logprobs=logprobs or 0,
+                      score_only=score_only)
+    if stream:
+        return event_stream(_batch_chunks(gen, meta, _include_usage(body), len(runs), prompts), gen)
+    results = gen.run()
+    choices = []
+    for i, (ids, result) in enumerate(zip(runs, results)):
+        prompt_text = tokenizer().decode(ids) if echo else ""
+        choices.append({"text": prompt_text + gen.text_of(i), "index": i, "finish_reason": result.get("finish_reason"),
+                        "logprobs": None if logprobs is None else _completion_logprobs(tokenizer(), result, echo)})
+    return jsonify(**meta, choices=choices, usage=_batch_usage(prompts, gen))
+
+
+def _one_completion(body: dict, ids: list, params, stream: bool, echo: bool, logprobs, meta: dict):
+    """One prompt, one choice: a Generation streamed token by token."""
+    gen = start_generation(ids, params, "completions", "prompt", echo=echo, top_logprobs=logprobs or 0)
     if stream:
         return event_stream(_chunks(gen, meta, _include_usage(body), _completion_choice), gen)
     result = gen.run()
@@ -248,9 +375,32 @@ def completions():
     return jsonify(**meta, choices=[choice], usage=_usage(result, gen))
 
 
+def _batch_chunks(gen: BatchGeneration, meta: dict, usage: bool, count: int, prompts: list):
+    """A batch's stream: each token as a chunk carrying its choice's index; once all are done, one
+    finish_reason chunk per choice (in index order), the usage if asked for, then data: [DONE]."""
+    for event in gen.events():
+        if event[0] == "token" and event[3]:
+            yield sse({**meta, "choices": [{"text": event[3], "index": event[1], "logprobs": None,
+                                            "finish_reason": None}]})
+        elif event[0] == "status":
+            yield sse_comment(event[1])
+        elif event[0] == "done":
+            for i, result in enumerate(event[1]):
+                yield sse({**meta, "choices": [{"text": "", "index": i, "logprobs": None,
+                                                "finish_reason": result.get("finish_reason")}]})
+            if usage:
+                yield sse({**meta, "choices": [], "usage": _batch_usage(prompts, gen)})
+        elif event[0] == "error":
+            err = gen.stream_error(event[1])
+            yield sse(openai_error(err.status, err.message, err.param))
+    yield sse("[DONE]")
+
+
 @bp.post("/chat/completions")
 def chat_completions():
     body = json_body()
+    check_fields(body, CHAT_COMPLETION_FIELDS)
+    check_model(body)
     params, stream = openai_request(body, stop=(CHAT_STOP,))
     want_logprobs = flag(body, "logprobs")
     top = optional(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= 20, "an integer in 0..20")

@@ -177,6 +177,44 @@ def test_tiny_greedy_live(tiny, case):
     compare_greedy(f"tiny, {len(ids)} tokens", got, want, margin)
 
 
+def reference_score(model, context: list, continuation: list) -> tuple:
+    """What an evaluation harness computes from transformers for a context/continuation pair:
+    (sum of the continuation's logprobs, is_greedy: every continuation token is the argmax)."""
+    ids = context + continuation
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)      # (T, V)
+    positions = range(len(context) - 1, len(ids) - 1)
+    return (float(sum(lp[j, ids[j + 1]] for j in positions)),
+            all(int(lp[j].argmax()) == ids[j + 1] for j in positions))
+
+
+def test_tiny_scoring_live(tiny):
+    """Scoring-only requests (echo, max_tokens 0, logprobs 1), as harnesses send them: summed
+    continuation logprobs within 1e-4 of transformers', greedy-match flags identical. Pairs cut
+    from the golden prompts, and each prompt followed by transformers' own greedy continuation."""
+    model, engine = tiny
+    pairs = [(ids[:c], ids[c:]) for ids, c in ((TINY_CASES[1][0], 3), (TINY_CASES[2][0], 12),
+                                                 (TINY_CASES[3][0], 1), (TINY_CASES[3][0], 70))]
+    for ids, _, _ in TINY_CASES[:3]:
+        pairs.append((ids, reference_greedy(model, ids, 6)[0]))
+    worst = 0.0
+    for context, continuation in pairs:
+        want, want_greedy = reference_score(model, context, continuation)
+        r = engine.generate(context + continuation, SamplingParams("greedy", max_tokens=1), echo=True,
+                            top_logprobs=1, score_only=True)
+        positions = range(len(context) - 1, len(context) + len(continuation) - 1)
+        got = sum(r["prompt_logprobs"][j] for j in positions)
+        got_greedy = all(r["prompt_top_logprobs"][j][0]["id"] == (context + continuation)[j + 1] for j in positions)
+        worst = max(worst, abs(got - want))
+        print(f"\n[parity scoring] context {len(context)}, continuation {len(continuation)}: {got:.6f} vs "
+              f"{want:.6f}; greedy {got_greedy} vs {want_greedy}")
+        assert abs(got - want) <= ATOL, f"summed logprob {got} vs transformers {want}"
+        assert got_greedy == want_greedy
+        assert r["token_ids"] == []
+    assert any(reference_score(model, c, k)[1] for c, k in pairs), "no pair exercises is_greedy=True"
+    print(f"\n[parity scoring] largest difference of a summed continuation logprob: {worst:.2e}")
+
+
 # ---------------------------------------------------------------------------------------------
 # gpt2-small shaped, synthetic, official hub layout
 
