@@ -320,49 +320,66 @@ def links(weights: str, node_counts=(2, 3, 4, 8), names=("loopback", "thunderbol
     return rows
 
 
-def conversation_turns(cluster: LocalCluster, n_turns: int, system_len: int, user_len: int,
-                       reply_len: int) -> list:
-    """A chat of n_turns on `cluster`: turn 1 sends a system prompt + a user message; each later
-    turn sends everything so far (prompts and greedy replies) + a new user message, as a chat
-    client does. Per turn: prompt tokens, tokens reused, and the first token's time as the client
-    sees it (request sent -> first TOKEN frame)."""
-    rng = np.random.default_rng(0)          # the same "user messages" in every run
+class Conversation:
+    """One chat as a client holds it: turn 1 sends a system prompt + a user message; each later turn
+    sends everything so far (prompts and greedy replies) + a new user message. `seed` picks the
+    (random-id) messages, so two Conversations with one seed send the same turns."""
 
-    def words(n: int) -> list:
-        return [int(t) for t in rng.integers(300, 40000, n)]
-    prompt = words(system_len) + words(user_len)
-    rows = []
-    with cluster.client(timeout=120) as c:
-        for turn in range(1, n_turns + 1):
-            first = {}
-            t0 = time.perf_counter()
-            r = c.generate(list(prompt), SamplingParams("greedy", max_tokens=reply_len), text=False, ignore_eos=True,
-                           on_token=lambda _t, _x, first=first: first.setdefault("t", time.perf_counter()))
-            rows.append({"turn": turn, "prompt_tokens": len(prompt), "cached_tokens": r.get("cached_tokens", 0),
-                         "first_token_ms": round((first["t"] - t0) * 1000, 1), "token_ids": r["token_ids"]})
-            prompt = prompt + r["token_ids"] + words(user_len)
-    return rows
+    def __init__(self, seed: int, system_len: int, user_len: int, reply_len: int):
+        self.rng = np.random.default_rng(seed)
+        self.user_len, self.reply_len = user_len, reply_len
+        self.prompt = self.words(system_len) + self.words(user_len)
+
+    def words(self, n: int) -> list:
+        return [int(t) for t in self.rng.integers(300, 40000, n)]
+
+    def turn(self, client) -> dict:
+        """Send the next turn: prompt tokens, tokens reused, and the first token's time as the client
+        sees it (request sent -> first TOKEN frame)."""
+        first = {}
+        t0 = time.perf_counter()
+        r = client.generate(list(self.prompt), SamplingParams("greedy", max_tokens=self.reply_len), text=False,
+                            ignore_eos=True, on_token=lambda _t, _x: first.setdefault("t", time.perf_counter()))
+        row = {"prompt_tokens": len(self.prompt), "cached_tokens": r.get("cached_tokens", 0),
+               "first_token_ms": (first["t"] - t0) * 1000, "token_ids": r["token_ids"]}
+        self.prompt = self.prompt + r["token_ids"] + self.words(self.user_len)
+        return row
 
 
 def conversation(weights: str, nodes: int = 3, n_turns: int = 6, link: str = "wifi", system_len: int = 64,
-                 user_len: int = 24, reply_len: int = 32, echo=print) -> list:
-    """First-token time of each turn of one conversation, with prefix reuse and without, on a
-    `nodes`-node loopback cluster whose every hop is the simulated `link` (LINKS). Target: turn 6's
-    first token >= 5x sooner with reuse. Greedy replies must be the same tokens both ways."""
+                 user_len: int = 24, reply_len: int = 16, repeats: int = 3, echo=print) -> list:
+    """First-token time of each turn of a conversation, with prefix reuse and without
+    (prefix_cache_mb: 0), on two `nodes`-node loopback clusters whose every hop is the simulated
+    `link` (LINKS). Both clusters run side by side and take turns, the same turn on one right after
+    the other, so a noisy machine slows both alike; `repeats` conversations (new messages each
+    time), median per turn. Target: turn 6's first token >= 5x sooner with reuse; the greedy
+    replies must be the same tokens both ways."""
     latency, mbps = LINKS[link]
-    runs = {}
-    for mode, extra in (("reuse", {}), ("full prefill", {"prefix_cache_mb": 0})):
-        echo(f"{n_turns}-turn conversation, {nodes} nodes over simulated {link} ({latency} ms, {mbps:g} Mbit/s "
-             f"per hop), {mode} ...")
-        with LocalCluster(weights, nodes=nodes, cluster_extra={"link_delay_ms": latency, "link_mbps": mbps,
-                                                               **extra}) as cl:
-            runs[mode] = conversation_turns(cl, n_turns, system_len, user_len, reply_len)
+    extra = {"link_delay_ms": latency, "link_mbps": mbps}
+    echo(f"{repeats} x a {n_turns}-turn conversation, two {nodes}-node clusters over simulated {link} "
+         f"({latency} ms, {mbps:g} Mbit/s per hop): prefix reuse and full prefill, turn by turn ...")
+    times = {"reuse": [[] for _ in range(n_turns)], "full": [[] for _ in range(n_turns)]}
+    first_run, same = {}, True
+    with LocalCluster(weights, nodes=nodes, cluster_extra=extra) as reuse, \
+            LocalCluster(weights, nodes=nodes, cluster_extra={**extra, "prefix_cache_mb": 0}) as full, \
+            reuse.client(timeout=300) as a, full.client(timeout=300) as b:
+        for rep in range(repeats):
+            chats = {"reuse": Conversation(rep, system_len, user_len, reply_len),
+                     "full": Conversation(rep, system_len, user_len, reply_len)}
+            for i in range(n_turns):
+                got = {"reuse": chats["reuse"].turn(a), "full": chats["full"].turn(b)}
+                same = same and got["reuse"]["token_ids"] == got["full"]["token_ids"]
+                for mode in got:
+                    times[mode][i].append(got[mode]["first_token_ms"])
+                if rep == 0:
+                    first_run[i] = got
     rows = []
-    for a, b in zip(runs["reuse"], runs["full prefill"]):
-        rows.append({"turn": a["turn"], "prompt_tokens": a["prompt_tokens"], "reused_tokens": a["cached_tokens"],
-                     "first_token_ms_reuse": a["first_token_ms"], "first_token_ms_full": b["first_token_ms"],
-                     "speedup": round(b["first_token_ms"] / a["first_token_ms"], 2),
-                     "same_tokens": a["token_ids"] == b["token_ids"]})
+    for i in range(n_turns):
+        ms_reuse, ms_full = float(np.median(times["reuse"][i])), float(np.median(times["full"][i]))
+        rows.append({"turn": i + 1, "prompt_tokens": first_run[i]["reuse"]["prompt_tokens"],
+                     "reused_tokens": first_run[i]["reuse"]["cached_tokens"],
+                     "first_token_ms_reuse": round(ms_reuse, 1), "first_token_ms_full": round(ms_full, 1),
+                     "speedup": round(ms_full / ms_reuse, 2), "same_tokens": same})
     return rows
 
 
