@@ -246,6 +246,10 @@ class Scheduler:
                 s.pos = 0
                 s.in_flight = False
                 s.fork = None
+                # its reused prefix is computed again after all: count it as computed
+                self.stats["prompt_tokens_cached"] -= s.cached
+                self.stats["prompt_tokens_computed"] += s.cached
+                s.cached, s.cached_from = 0, None
             return len(self.sessions)
 
     def fail_all(self, message: str):
