@@ -242,7 +242,7 @@ def test_demo_runs_the_config_folder_and_prints_one_ready_block(demo_of, tmp_pat
         assert sorted(nodes) == [0, 1, 2], f"expected leader + 2 workers, found {nodes}:\n{out}"
 
         models = demo.get("/v1/models")
-        assert [m["id"] for m in models["data"]] == ["tinygpt"], models
+        assert [m["id"] for m in models["data"]] == ["tinygpt", "tiny"], models    # name, alias
         config = demo.get("/config")
         assert (config["model"], config["active_strategy"], config["max_tokens"], config["temperature"],
                 config["top_k"]) == ("tinygpt", "top_k", 7, 0.7, 30), config

@@ -13,8 +13,8 @@ import os
 import numpy as np
 import pytest
 
-from nanopipe import pull as P
 from nanopipe.safetensors_io import TensorInfo, read_header, read_tensor, write_safetensors
+from nanopipe.tools import pull as P
 from nanopipe.tools.pull import PullError, gpt2_tensor_shapes, parse_layers, pull, slice_path, verify
 
 try:

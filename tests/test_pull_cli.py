@@ -17,9 +17,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from nanopipe import pull as P
 from nanopipe.decoding import SamplingParams
 from nanopipe.safetensors_io import read_header, read_tensor
+from nanopipe.tools import pull as P
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.weights import init_weights, load_stage

@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from nanopipe import gpt2_tensors as gt
-from nanopipe import pull as P
 from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
+from nanopipe.tools import pull as P
 from nanopipe.tools.cli import main
 from nanopipe.weights import (
     SYNTHETIC_NOTE,
@@ -100,7 +100,7 @@ def test_one_synthetic_file_per_shape_shared_by_every_name(tmp_path):
     assert sorted(os.listdir(w)) == ["bench.safetensors", "gpt2.safetensors", os.path.basename(shared)]
     assert len(inodes) == 1, "three names, one file on disk"
     assert os.stat(shared).st_nlink == 3
-    from nanopipe import bench, trace
+    from nanopipe.tools import bench, trace
     assert bench.DEFAULT_WEIGHTS == trace.SYNTHETIC_PATH == os.path.join("weights", "synthetic-gpt2.safetensors"), \
         "bench, trace and demo share one gpt2 file"
 
