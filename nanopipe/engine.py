@@ -91,6 +91,8 @@ class Session:
 
 @dataclass
 class Batch:
+    """One step's rows in flight: each session's next `counts[i]` pending tokens, in row order
+    (a decoding session gives 1 row, a prompt a chunk); the ring carries it as one (T, C) array."""
     id: int
     sessions: list                  # Session, in row order
     counts: list                    # rows per session
@@ -200,19 +202,19 @@ class Scheduler:
             batch = self._make_batch(depth)
             if batch is None:
                 break
-            x = self._front(batch)
+            x = self._front(batch)                                              # (T, C)
             did = True
             if self.ring is None:
                 self._finish(batch, x, [])
             else:
                 self.in_flight[batch.id] = batch
                 sessions = [self._act_entry(s, n) for s, n in zip(batch.sessions, batch.counts)]
-                self.ring.send(batch.id, sessions, x)
+                self.ring.send(batch.id, sessions, x)                           # (T, C) to rank 1
                 self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(self.in_flight))
         if self.in_flight:
             got = self.ring.recv(timeout=0.5)
             if got is not None:
-                batch_id, x, trace = got
+                batch_id, x, trace = got                                        # x: (T, C) from the last rank
                 batch = self.in_flight.pop(batch_id, None)
                 if batch is not None:
                     self._finish(batch, x, trace)
@@ -402,11 +404,12 @@ class Scheduler:
         """Rank 0's part before the ring: the first two parts of `model.gpt2`, embed and its blocks
         (`_finish` runs the third, the head, on the rows that come back)."""
         st = self.stage
-        ids = np.concatenate([np.asarray(s.pending[:n], np.int64) for s, n in zip(batch.sessions, batch.counts)])
-        pos = np.concatenate([np.arange(s.pos, s.pos + n) for s, n in zip(batch.sessions, batch.counts)])
-        x = embed(ids, pos, st.wte, st.wpe)                                     # (T_all, C)
+        parts = list(zip(batch.sessions, batch.counts))                         # (session, its n rows)
+        ids = np.concatenate([np.asarray(s.pending[:n], np.int64) for s, n in parts])       # (T,)
+        pos = np.concatenate([np.arange(s.pos, s.pos + n) for s, n in parts])                # (T,)
+        x = embed(ids, pos, st.wte, st.wpe)                                     # (T, C)
         x = blocks_forward(x, st.blocks, n_head=self.config.n_head,
-                           segments=[(s.cache, n) for s, n in zip(batch.sessions, batch.counts)])
+                           segments=[(s.cache, n) for s, n in zip(batch.sessions, batch.counts)])   # (T, C)
         batch.front_ms = (time.perf_counter() - batch.t0) * 1000
         return x
 
@@ -422,14 +425,14 @@ class Scheduler:
                     rows.append(r)
                     owners.append((s, r - row))
             row += n
-        logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (R, V)
+        logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (len(rows), V)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j) in enumerate(owners):
             p = s.pos + j                       # these logits predict the token at position p + 1
             known = len(s.req.prompt_ids) + len(s.out_ids)
             if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once
                 if len(s.prompt_logprobs) == p:
-                    lse = logsumexp(logits[i])
+                    lse = logsumexp(logits[i])                                  # logits[i]: (V,)
                     s.prompt_logprobs.append(float(logits[i][s.req.prompt_ids[p + 1]]) - lse)
                     if s.req.top_logprobs:
                         top = most_likely(logits[i], s.req.top_logprobs)
@@ -437,7 +440,7 @@ class Scheduler:
             elif p + 1 == known and s.req.score_only:   # the prompt is scored: nothing to generate
                 s.finished = True
             elif p + 1 == known:                # the newest token: sample the next one
-                self._sample(s, logits[i], step)
+                self._sample(s, logits[i], step)                                # logits[i]: (V,)
             # else: a replayed position whose next token is already known
         now = time.perf_counter()
         for s, n in zip(batch.sessions, batch.counts):
@@ -454,7 +457,7 @@ class Scheduler:
 
     def _sample(self, s: Session, logits: np.ndarray, step: dict | None = None):
         # penalties and bias change what the strategy sees; the logprobs reported stay the model's
-        tok = int(sample(penalize(logits, s.req.params, s.req.prompt_ids, s.out_ids), s.req.params, s.rng))
+        tok = int(sample(penalize(logits, s.req.params, s.req.prompt_ids, s.out_ids), s.req.params, s.rng))  # (V,)
         lse = logsumexp(logits)             # logprob(t) = logits[t] - lse: no full (V,) log_softmax per token
         s.out_ids.append(tok)
         s.logprobs.append(float(logits[tok]) - lse)

@@ -14,6 +14,7 @@ three parts (the scheduler cuts it between the blocks and the head to let the ri
 
 Shape notation used across nanopipe: T rows (tokens) in this step, S positions attended to
 (cached + new), C = n_embd, H = n_head, D = C // H (head size), V = vocabulary size, L = layers.
+A batched step's T rows are its sequences' new rows one after another; one sequence's share is n.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """GPT-2's hyperparameters, read from a weights file: gpt2-small is the defaults (L=12, C=768, H=12)."""
     n_layer: int = 12
     n_embd: int = 768
     n_head: int = 12
@@ -51,13 +53,13 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay flo
 
 def gelu(x):
     """GPT-2's GELU, the tanh approximation: gelu(0) = 0, gelu(1) ~ 0.8412, gelu(-1) ~ -0.1588."""
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))   # x's shape, e.g. (T, 4C)
 
 
 def softmax(x, axis=-1):
     """softmax([1, 2, 3]) = [0.090, 0.245, 0.665]; subtracting the max keeps exp() from overflowing."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))             # x's shape, e.g. (H, T, S)
+    return e / e.sum(axis=axis, keepdims=True)                  # x's shape, each row summing to 1
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):
@@ -115,7 +117,7 @@ def attention(q, k, v, start: int):
     att = q @ k.transpose(0, 2, 1) * (1.0 / math.sqrt(q.shape[-1]))   # (H, T, S)
     if T > 1:  # a single new row may see everything cached: no mask needed
         future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
-        att = np.where(future, np.float32(-1e10), att)
+        att = np.where(future, np.float32(-1e10), att)          # (H, T, S), the future masked out
     return softmax(att) @ v                                     # (H, T, S) @ (H, S, D) -> (H, T, D)
 
 
@@ -177,28 +179,28 @@ def mha(x, c_attn, c_proj, *, n_head: int, layer: int, segments):
     so the big matmuls (c_attn, c_proj) run once for all of them, while each sequence attends only
     to its own cache. Each sequence's new keys/values are written into its cache at `layer`.
     """
-    T_all, C = x.shape
+    T, C = x.shape
     D = C // n_head
-    qkv = linear(x, **c_attn)                                   # (T_all, 3C)
-    out = np.empty((T_all, C), np.float32)                      # (T_all, C)
+    qkv = linear(x, **c_attn)                                   # (T, 3C)
+    out = np.empty((T, C), np.float32)                          # (T, C)
     row = 0
-    for cache, n in segments:
+    for cache, n in segments:                                   # this sequence's n rows; S = end
         start, end = cache.length, cache.length + n
         q, k, v = (qkv[row:row + n, i * C:(i + 1) * C].reshape(n, n_head, D).transpose(1, 0, 2)
-                   for i in range(3))                           # each (H, n, D)
-        cache.k[layer, :, start:end] = k
-        cache.v[layer, :, start:end] = v
+                   for i in range(3))                           # each (n, C) -> (n, H, D) -> (H, n, D)
+        cache.k[layer, :, start:end] = k                        # (H, n, D) into (H, capacity, D)
+        cache.v[layer, :, start:end] = v                        # (H, n, D) into (H, capacity, D)
         y = attention(q, cache.k[layer, :, :end], cache.v[layer, :, :end], start)  # (H, n, D)
-        out[row:row + n] = y.transpose(1, 0, 2).reshape(n, C)
+        out[row:row + n] = y.transpose(1, 0, 2).reshape(n, C)   # (H, n, D) -> (n, H, D) -> (n, C)
         row += n
-    return linear(out, **c_proj)                                # (T_all, C)
+    return linear(out, **c_proj)                                # (T, C)
 
 
 def block(x, ln_1, attn, ln_2, mlp, *, n_head: int, layer: int, segments):
     """One transformer block: two residual lines, attention then MLP (pre-LayerNorm)."""
-    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head, layer=layer, segments=segments)
-    x = x + _mlp(layer_norm(x, **ln_2), **mlp)
-    return x                                                    # (T_all, C)
+    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head, layer=layer, segments=segments)   # (T, C)
+    x = x + _mlp(layer_norm(x, **ln_2), **mlp)                  # (T, C)
+    return x                                                    # (T, C)
 
 
 _mlp = mlp  # `block` takes a parameter named mlp (GPT-2's name); keep the function reachable
@@ -214,10 +216,10 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
     for cache, n in segments:
         cache.reserve(n)
     for layer, p in enumerate(blocks):
-        x = block(x, **p, n_head=n_head, layer=layer, segments=segments)
+        x = block(x, **p, n_head=n_head, layer=layer, segments=segments)   # (T, C)
     for cache, n in segments:
         cache.length += n
-    return x                                                    # (T_all, C)
+    return x                                                    # (T, C)
 
 
 def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segments, rows=None):

@@ -39,6 +39,7 @@ class SafetensorsError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Where one tensor lies in a safetensors file, from the header: name, dtype, shape, byte range."""
     name: str
     dtype: str           # safetensors dtype string, e.g. "F32"
     shape: tuple
@@ -52,6 +53,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Header:
+    """A parsed safetensors header: every tensor's TensorInfo, the metadata, where the data starts."""
     tensors: dict        # name -> TensorInfo
     metadata: dict       # the "__metadata__" dict (str -> str), {} if absent
     data_start: int      # 8 + header length

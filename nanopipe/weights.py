@@ -283,7 +283,7 @@ def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_em
     holds (the generator runs through the blocks it skips).
     """
     c = _shape(size, n_layer, n_embd, n_head, n_ctx, n_vocab)
-    L, C, T, V = c.n_layer, c.n_embd, c.n_ctx, c.n_vocab
+    L, C, V, n_ctx = c.n_layer, c.n_embd, c.n_vocab, c.n_ctx
     lo, hi = layers if layers is not None else (0, L)
     if not 0 <= lo < hi <= L:
         raise WeightsError(f"blocks {lo}..{hi - 1} asked for, but the model has {L} blocks (0..{L - 1})")
@@ -293,9 +293,9 @@ def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_em
     std = {"wte.weight": 0.02, "wpe.weight": 0.01}
     std.update({k: 0.02 for k in gt.MATRICES})
     std.update({k: proj_std for k in gt.RESIDUAL_PROJECTIONS})
-    mask = np.tril(np.ones((T, T), np.float32))[None, None] if masks else None  # (1, 1, T, T)
+    mask = np.tril(np.ones((n_ctx, n_ctx), np.float32))[None, None] if masks else None  # (1, 1, n_ctx, n_ctx)
     tensors = {}
-    for name, shape in gt.hub_shapes(L, C, V, T, masks).items():
+    for name, shape in gt.hub_shapes(L, C, V, n_ctx, masks).items():
         i, rest = gt.split_block(name)
         keep = lo <= i < hi if i is not None else rank0
         if rest in std:      # every normal is drawn, kept or not, so a slice matches the full file
@@ -311,7 +311,7 @@ def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_em
     meta = {"format": "pt", "n_head": c.n_head, SYNTHETIC_KEY: "1", "nanopipe_seed": seed,
             "nanopipe_shape": _shape_tag(c)}
     if layers is not None:   # a slice: what its own tensor shapes cannot say
-        meta.update(n_layer=L, n_vocab=V, n_ctx=T, nanopipe_blocks=f"{lo}-{hi - 1}")
+        meta.update(n_layer=L, n_vocab=V, n_ctx=n_ctx, nanopipe_blocks=f"{lo}-{hi - 1}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_safetensors(path, tensors, meta)
     return c

@@ -3,11 +3,15 @@
     tiny_weights   4 layers, n_embd 64, 4 heads, n_ctx 128, the real 50257-token vocabulary (~14 MB):
                    small enough for every unit test, real enough to run the tokenizer's ids
     small_weights  gpt2-small's exact shapes (~550 MB, a few seconds to write): for tests marked slow
+    tiny_engine    one Engine on tiny_weights, shared by every test that only generates with it
+    cluster        3 real nodes (`nanopipe serve` + 2 `nanopipe join`) on tiny_weights, one per test
+                   module; a module that needs other settings defines its own `cluster`
+
+Helpers the test files share (polling, cluster status, logs, ports, certificates) are in helpers.py.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +25,6 @@ os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
 # and a lone prompt prefills up to 96 rows a step (engine.Scheduler._grow_chunks), 64 with company
 os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO / "configs"
 TINY = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=128, n_vocab=50257)
 
 
@@ -52,3 +54,11 @@ def tiny_engine(tiny_weights):
     """One Engine on the tiny weights; tests only generate with it, never change its weights."""
     from nanopipe.engine import Engine
     return Engine.load(tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_weights):
+    """A LocalCluster of 3 nodes on tiny_weights, up until the module's last test has run."""
+    from nanopipe.tools.localcluster import LocalCluster
+    with LocalCluster(tiny_weights, nodes=3, ready_timeout=60) as cl:
+        yield cl

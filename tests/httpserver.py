@@ -20,6 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FileServer:
+    """A local HTTP server for weights files, in a thread: Range requests (or not, `ranges`), and
+    one-shot faults on demand (a response cut after `cut_after` bytes, a body with flipped bytes)."""
+
     def __init__(self, files: dict):
         self.files = dict(files)        # path -> bytes
         self.ranges = True
@@ -45,6 +48,8 @@ class FileServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            """Hands each GET to this FileServer."""
+
             def do_GET(self):
                 server._serve(self)
 

@@ -34,13 +34,6 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 EOT = 50256
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    from nanopipe.tools.localcluster import LocalCluster
-    with LocalCluster(tiny_weights, nodes=3) as cl:
-        yield cl
-
-
 def serve(app):
     """The app on a free port of 127.0.0.1, in a thread: (url, server)."""
     from werkzeug.serving import make_server

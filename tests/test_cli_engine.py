@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import CONFIG_DIR
 
 from nanopipe.decoding import log_softmax
 from nanopipe.engine import Engine
 from nanopipe.tools.cli import main
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 PROMPT = "Hello world, distributed computing!"
 PROMPT_IDS = [15496, 995, 11, 9387, 14492, 0]
 

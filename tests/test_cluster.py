@@ -17,12 +17,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import run_nanopipe, status, wait_freed, wait_status, workers
 
 from nanopipe.cluster.client import ClientError
 from nanopipe.decoding import SamplingParams
@@ -31,7 +31,6 @@ from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, write_configs
 from nanopipe.weights import init_weights
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(n_layer=7, n_embd=64, n_head=4, n_ctx=256)      # 7 layers: 3 nodes get 3,2,2; 4 nodes 2,2,2,1
 PROMPT = [15496, 995, 11, 616]                                # "Hello world, my"
 HEARTBEAT_S = 0.2                                             # workers report their caches this often
@@ -104,48 +103,6 @@ def assert_same(got: dict, want: dict, what: str):
     assert got["finish_reason"] == want["finish_reason"]
 
 
-def status(cl: LocalCluster) -> dict:
-    with cl.client() as c:
-        return c.status()
-
-
-def workers(st: dict) -> list:
-    return [n for n in st["nodes"] if n["rank"] > 0]
-
-
-def wait_until(cl: LocalCluster, ok, timeout: float, what: str) -> dict:
-    """Poll the leader's status until ok(status); fail naming `what` and the last status."""
-    deadline = time.time() + timeout
-    while True:
-        st = status(cl)
-        if ok(st):
-            return st
-        if time.time() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout}s; last status:\n{json.dumps(st, indent=1)}\n"
-                                 f"{cl.logs()}")
-        time.sleep(0.05)
-
-
-def all_freed(st: dict) -> bool:
-    """No live session anywhere; every stage holds exactly the finished sessions' caches the leader
-    keeps for reuse (nanopipe/prefix.py), none more and none fewer."""
-    kept = st["prefix_kept"]
-    return (st["live_sessions"] == 0 and st["kv_cache_bytes"] == st["prefix_cache_bytes"]
-            and all(n["sessions"] == kept and (n["kv_cache_bytes"] > 0) == (kept > 0) for n in workers(st)))
-
-
-def wait_freed(cl: LocalCluster) -> dict:
-    # Any report read after 3 heartbeats was sent after the generation ended, so a stale "0 sessions"
-    # from before it cannot pass; a FREE that never arrived keeps the count up and fails here.
-    time.sleep(3 * HEARTBEAT_S)
-    return wait_until(cl, all_freed, 5, "every cache freed (only the kept ones left, on every stage)")
-
-
-def run_cli(*args, cwd=None, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-
-
 def concurrently(jobs: list, cl: LocalCluster) -> tuple:
     """Run each (prompt, params) on its own LeaderClient, all released at once.
     Returns (results, streamed token ids) in job order; re-raises the first error."""
@@ -187,7 +144,7 @@ def test_split_layers_as_planned(split_cluster):
 def test_every_node_reports_its_kernel_choice(split_cluster):
     """Each node decides once at start how `linear` runs a few rows; conftest pins it to 4 for every
     process (NANOPIPE_GEMV_ROWS), so each node must report 4 in /status and say so in its log."""
-    st = wait_until(split_cluster, lambda st: all(n.get("gemv_rows") is not None for n in st["nodes"]), 10,
+    st = wait_status(split_cluster, lambda st: all(n.get("gemv_rows") is not None for n in st["nodes"]), 10,
                     "every node's gemv_rows")
     assert [n["gemv_rows"] for n in st["nodes"]] == [4] * len(st["nodes"]), st["nodes"]
     logs = split_cluster.logs()
@@ -285,7 +242,7 @@ def test_bounded_sessions_queue_and_complete(weights, reference):
         def watch():
             while not stop.is_set():
                 seen_live.append(status(cl)["live_sessions"])
-                time.sleep(0.01)
+                stop.wait(0.01)                 # a sample every 10 ms until the jobs are done
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
@@ -314,8 +271,8 @@ def test_worker_caches_fill_then_free(cluster, reference):
     t = threading.Thread(target=run)
     t.start()
     try:
-        busy = wait_until(cluster, lambda st: all(n["sessions"] == st["prefix_kept"] + 1 and n["kv_cache_bytes"] > 0
-                                                  for n in workers(st)),
+        busy = wait_status(cluster, lambda st: all(n["sessions"] == st["prefix_kept"] + 1 and n["kv_cache_bytes"] > 0
+                                                   for n in workers(st)),
                           10, "a cache on every worker during the generation")
     finally:
         t.join(60)
@@ -331,7 +288,7 @@ def test_caches_freed_after_concurrent_generations(cluster):
 
 
 class _HangUp(Exception):
-    pass
+    """Raised from on_token: the client walks away after its first token, mid-generation."""
 
 
 def test_client_disconnect_cancels_and_frees(cluster):
@@ -431,7 +388,7 @@ def test_worker_never_imports_tiktoken_flask_torch_or_prometheus(weights, refere
         with cl.client() as c:
             got = c.generate(PROMPT, CASES["top_p"])
         assert_same(got, reference(PROMPT, CASES["top_p"]), "through the probed worker")
-        wait_until(cl, lambda st: workers(st)[0]["compute_ms"] > 0, 5, "worker 1 reporting the work it did")
+        wait_status(cl, lambda st: workers(st)[0]["compute_ms"] > 0, 5, "worker 1 reporting the work it did")
         cl.kill_rank(1, signal.SIGTERM)          # a clean exit runs the probe's atexit
         assert cl.procs[1].returncode == 0, cl.logs()
     modules = json.loads(out.read_text())
@@ -441,17 +398,7 @@ def test_worker_never_imports_tiktoken_flask_torch_or_prometheus(weights, refere
 
 
 # ---------------------------------------------------------------------------------------------
-# the plan, and bad configurations refused at start
-
-
-def test_plan_with_shipped_configs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)         # no weights/ here: the shape comes from the known GPT-2 sizes
-    result = CliRunner().invoke(main, ["plan", "--config-dir", os.path.join(REPO, "configs")])
-    assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.strip().splitlines()]
-    assert rows[0][:4] == ["Node", "Rank", "Layers", "Count"]
-    assert [r[:4] for r in rows[1:]] == [["mini1", "0", "0-3", "4"], ["mini2", "1", "4-7", "4"],
-                                         ["pi1", "2", "8-11", "4"]]
+# bad configurations refused at start (`nanopipe plan` on the shipped configs: test_cli_engine.py)
 
 
 @pytest.fixture
@@ -479,25 +426,25 @@ def assert_refused(proc: subprocess.CompletedProcess, *needles):
 
 
 def test_join_unknown_host_refused(config_dir, weights):
-    proc = run_cli("join", "--rank", "1", "--host", "nosuchhost", "--config-dir", config_dir, "--weights", weights)
+    proc = run_nanopipe("join", "--rank", "1", "--host", "nosuchhost", "--config-dir", config_dir, "--weights", weights)
     assert_refused(proc, "nosuchhost", os.path.join(config_dir, "cluster_config.yaml"))
 
 
 def test_join_unknown_rank_refused(config_dir, weights):
-    proc = run_cli("join", "--rank", "9", "--host", "node1", "--config-dir", config_dir, "--weights", weights)
+    proc = run_nanopipe("join", "--rank", "9", "--host", "node1", "--config-dir", config_dir, "--weights", weights)
     assert_refused(proc, "rank 9", "cluster_config.yaml")
 
 
 def test_two_ranks_on_one_port_refused(config_dir, weights):
     path = os.path.join(config_dir, "cluster_config.yaml")
     edit_yaml(path, lambda c: c["workers"][1].update(port=c["workers"][0]["port"]))
-    proc = run_cli("serve", "--rank", "0", "--config-dir", config_dir, "--weights", weights)
+    proc = run_nanopipe("serve", "--rank", "0", "--config-dir", config_dir, "--weights", weights)
     assert_refused(proc, path, "ranks 1 and 2", "both listen on")
 
 
 def test_num_nodes_disagreeing_with_cluster_refused(config_dir, weights):
     edit_yaml(os.path.join(config_dir, "model_config.yaml"), lambda m: m["models"]["local"].update(num_nodes=2))
-    proc = run_cli("serve", "--rank", "0", "--config-dir", config_dir, "--weights", weights)
+    proc = run_nanopipe("serve", "--rank", "0", "--config-dir", config_dir, "--weights", weights)
     assert_refused(proc, "num_nodes=2", "3 nodes")
 
 
@@ -507,9 +454,9 @@ def test_worker_with_other_model_size_exits_and_leader_carries_on(weights, refer
     cl = LocalCluster(weights, ready_timeout=READY_S, nodes=2)
     try:
         cl.start_rank(0)
-        wait_for_leader(cl)
+        cl.wait_leader(30)
         assert not status(cl)["ready"], "no worker yet, yet the leader says ready"
-        bad = run_cli("join", "--rank", "1", "--host", "node1", "--config-dir", cl.config_dir, "--weights", other,
+        bad = run_nanopipe("join", "--rank", "1", "--host", "node1", "--config-dir", cl.config_dir, "--weights", other,
                       cwd=cl.workdir)
         assert_refused(bad, other, "n_embd=32", "n_embd=64")
         assert cl.procs[0].poll() is None, f"the leader died:\n{cl.logs()}"
@@ -520,18 +467,6 @@ def test_worker_with_other_model_size_exits_and_leader_carries_on(weights, refer
         assert_same(got, reference(PROMPT, CASES["sampling"]), "after the bad worker left")
     finally:
         cl.stop()
-
-
-def wait_for_leader(cl: LocalCluster, timeout: float = 30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            cl.client().close()
-            return
-        except ClientError:
-            assert cl.procs[0].poll() is None, f"the leader exited:\n{cl.logs()}"
-            time.sleep(0.05)
-    raise AssertionError(f"the leader did not start listening within {timeout}s:\n{cl.logs()}")
 
 
 def test_every_rank_inherits_the_blas_kernel_setting(cluster):

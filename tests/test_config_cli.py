@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import CONFIG_DIR
+from helpers import CONFIG_DIR, run_nanopipe
 
 from nanopipe.tools.cli import main
 
@@ -102,11 +100,6 @@ def test_plan_checks_num_nodes_against_the_cluster(tmp_path, monkeypatch):
     assert [row.split()[:4] for row in result.output.splitlines()[1:]][-1] == ["node3", "3", "27-35", "9"]
 
 
-def run(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=60, env=dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "")))
-
-
 @pytest.mark.parametrize("command", ["serve", "plan"])
 def test_an_unknown_partition_is_an_error_not_a_traceback(tmp_path, tiny_weights, command):
     """Before: PartitionError escaped `serve` and `plan` as a Python traceback."""
@@ -114,7 +107,7 @@ def test_an_unknown_partition_is_an_error_not_a_traceback(tmp_path, tiny_weights
         m["gpt2"].update(partition="evenly")
         del m["gpt2"]["n_head"]         # the tiny weights' own (4): the weights load, the partition is the error
     d = configs(tmp_path, model=evenly)
-    proc = run(command, "--config-dir", d, "--weights", tiny_weights, cwd=tmp_path)
+    proc = run_nanopipe(command, "--config-dir", d, "--weights", tiny_weights, cwd=tmp_path, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "Traceback" not in out, out
     assert f"Error: {d}/model_config.yaml: gpt2: unknown partition 'evenly' (did you mean 'even'?)" in out, out

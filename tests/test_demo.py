@@ -22,10 +22,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import pytest
 import yaml
+from helpers import port_free, wait_until
 
 from nanopipe.tools.localcluster import LocalCluster, free_ports
 
@@ -82,28 +82,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def port_free(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def wait_until(what: str, ok, timeout: float, every: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = ok()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout}s")
-
-
 class Demo:
     """`nanopipe demo` in its own process; its output is collected line by line."""
 
@@ -118,7 +96,8 @@ class Demo:
                                      cwd=str(tmp_path))
         self.lines: list = []
         self.seen: dict = {}                     # every child pid ever seen -> its command line
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self):
         for line in self.proc.stdout:
@@ -129,15 +108,15 @@ class Demo:
         return "\n".join(self.lines)
 
     def wait_for(self, text: str, timeout: float = START_S) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        def seen():
             if any(text in line for line in self.lines):
-                return self.output
+                return True
             if self.proc.poll() is not None:
-                time.sleep(0.2)     # the reader catches up with the last lines
+                self.reader.join(5)     # the reader catches up with the last lines
                 raise AssertionError(f"the demo exited ({self.proc.returncode}) before {text!r}:\n{self.output}")
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not in the demo's output within {timeout}s:\n{self.output}")
+            return False
+        wait_until(f"{text!r} in the demo's output", seen, timeout, detail=lambda: self.output)
+        return self.output
 
     def wait_ready(self) -> str:
         return self.wait_for("Stop: Ctrl-C")
@@ -242,7 +221,8 @@ def test_demo_runs_the_config_folder_and_prints_one_ready_block(demo_of, tmp_pat
         assert sorted(nodes) == [0, 1, 2], f"expected leader + 2 workers, found {nodes}:\n{out}"
 
         models = demo.get("/v1/models")
-        assert [m["id"] for m in models["data"]] == ["tinygpt", "tiny"], models    # name, alias
+        # the config's name, then its hub name (hf_model_name) as an alias: docs/WEB.md, `model`
+        assert [m["id"] for m in models["data"]] == ["tinygpt", "tiny"], models
         config = demo.get("/config")
         assert (config["model"], config["active_strategy"], config["max_tokens"], config["temperature"],
                 config["top_k"]) == ("tinygpt", "top_k", 7, 0.7, 30), config
@@ -316,7 +296,7 @@ def test_a_taken_web_port_fails_at_start(demo_of, tmp_path, ports):
             code = demo.proc.wait(START_S)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the demo kept running without its web port:\n{demo.output}") from None
-        time.sleep(0.2)
+        demo.reader.join(5)                  # the reader has every line the demo printed
         out = demo.output
     assert code != 0, out
     assert f"127.0.0.1:{port}" in out and "in use" in out and "--web-port" in out, out

@@ -22,20 +22,13 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from helpers import CONFIG_DIR, node, run_nanopipe, wait_status
 
 from nanopipe.cluster.client import ClientError, LeaderClient
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, free_ports
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
 PROMPT = "Hello world, my name"
-
-
-def nanopipe(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    """Run the real command line, as a user would."""
-    return subprocess.run([sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 def error_line(stderr: str) -> str:
@@ -45,19 +38,13 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_weights, tmp_path_factory):
-    with LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path_factory.mktemp("cluster"))) as cl:
-        yield cl
-
-
 # ---------------------------------------------------------------------------------------------
 # the CLI's own errors
 
 
 def test_error_is_on_its_own_line_on_stderr(tmp_path):
     port = free_ports(1)[0]
-    r = nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{port}", "--config-dir", str(tmp_path))
+    r = run_nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{port}", "--config-dir", str(tmp_path))
     assert r.returncode == 1, r
     assert r.stdout == "" or r.stdout.endswith("\n"), \
         f"stdout {r.stdout!r} does not end its line: the error would be glued to it on a terminal"
@@ -69,9 +56,9 @@ def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_confi
     prompt = "hello " * 200
     n = len(get_tokenizer().encode(prompt))
     assert n > tiny_config.n_ctx
-    for where in (["--weights", tiny_weights, "--config-dir", CONFIGS],
+    for where in (["--weights", tiny_weights, "--config-dir", CONFIG_DIR],
                   ["--leader", cluster.leader_addr, "--config-dir", cluster.config_dir]):
-        r = nanopipe("generate", prompt, *where)
+        r = run_nanopipe("generate", prompt, *where)
         assert r.returncode == 1, r
         assert r.stdout == "", f"the prompt was echoed before the error ({where[0]}): {r.stdout[:80]!r}..."
         line = error_line(r.stderr)
@@ -81,7 +68,7 @@ def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_confi
 
 
 def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
-    r = nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIGS, cwd=tmp_path)
+    r = run_nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIG_DIR, cwd=tmp_path)
     assert r.returncode == 1, r
     line = error_line(r.stderr)
     assert "model 'gpt2-medium'" in line, line
@@ -97,7 +84,7 @@ def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
 def test_leader_given_by_its_host_ip_name(cluster):
     port = cluster.cluster["port"]
     for leader in (f"node0:{port}", "node0"):        # the README's `--leader mini1:65432`; the port may go
-        r = nanopipe("generate", PROMPT, "--leader", leader, "--config-dir", cluster.config_dir,
+        r = run_nanopipe("generate", PROMPT, "--leader", leader, "--config-dir", cluster.config_dir,
                      "--strategy", "greedy", "--max-tokens", "3")
         assert r.returncode == 0, f"--leader {leader}: {r.stderr}"
         assert r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 1, r.stdout
@@ -112,7 +99,7 @@ def test_leader_given_by_its_host_ip_name(cluster):
 ])
 def test_resolve_leader_through_host_ip(given, addr):
     from nanopipe.tools.cli import resolve_leader
-    assert resolve_leader(CONFIGS, given) == addr
+    assert resolve_leader(CONFIG_DIR, given) == addr
 
 
 def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
@@ -125,7 +112,7 @@ def test_a_workers_port_says_whose_it_is_and_where_the_leader_is(cluster, tmp_pa
     leader = cluster.leader_addr
     # without a config the worker's refusal says it; with the cluster's config, the same
     for config_dir in (str(tmp_path), cluster.config_dir):
-        r = nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{worker1}", "--config-dir", config_dir)
+        r = run_nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{worker1}", "--config-dir", config_dir)
         assert r.returncode == 1, r
         assert "worker 1's data port" in r.stderr and f"the leader listens on {leader}" in r.stderr, r.stderr
 
@@ -149,7 +136,7 @@ def test_the_web_port_is_recognised_as_http_at_once(web_port, tmp_path):
     waited = time.time() - t0
     assert "is an HTTP server" in str(e.value) and "the leader's own port" in str(e.value), str(e.value)
     assert waited < 3, f"took {waited:.1f}s to tell; the handshake timeout (5 s) should not be waited out"
-    r = nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{web_port}", "--config-dir", str(tmp_path))
+    r = run_nanopipe("generate", "Hello", "--leader", f"127.0.0.1:{web_port}", "--config-dir", str(tmp_path))
     assert r.returncode == 1 and "is an HTTP server" in error_line(r.stderr), r.stderr
 
 
@@ -197,11 +184,7 @@ def test_rank_down_past_grace_fails_new_requests_at_once(tiny_weights, tmp_path)
 
         # rank 2 just died (within its grace): a new request waits for it, saying so, for the whole grace
         cl.kill_rank(2, signal.SIGKILL)
-        with cl.client() as watcher:
-            deadline = time.time() + 10
-            while next(n for n in watcher.status()["nodes"] if n["rank"] == 2)["status"] != "down":
-                assert time.time() < deadline, "rank 2 never shown down"
-                time.sleep(0.05)
+        wait_status(cl, lambda st: node(st, 2)["status"] == "down", 10, "rank 2 shown down")
         statuses = []
         t0 = time.time()
         with pytest.raises(ClientError) as e, cl.client() as c:
@@ -249,7 +232,7 @@ def test_command_list_fits_without_cut_descriptions():
 def test_generate_help_quotes_the_shipped_defaults():
     from nanopipe.config import load_model_config
     from nanopipe.decoding import make_params
-    d = load_model_config(CONFIGS).decoding_defaults()
+    d = load_model_config(CONFIG_DIR).decoding_defaults()
     shipped = make_params(d)
     top_k = make_params(d, strategy="top_k")
     text = " ".join(CliRunner().invoke(main, ["generate", "--help"], terminal_width=200).output.split())
@@ -260,9 +243,9 @@ def test_generate_help_quotes_the_shipped_defaults():
 
 def test_plan_partition_and_the_old_strategy_spelling(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    new = CliRunner().invoke(main, ["plan", "--partition", "balanced", "--config-dir", CONFIGS])
-    old = CliRunner().invoke(main, ["plan", "--strategy", "balanced", "--config-dir", CONFIGS])
-    even = CliRunner().invoke(main, ["plan", "--partition", "even", "--config-dir", CONFIGS])
+    new = CliRunner().invoke(main, ["plan", "--partition", "balanced", "--config-dir", CONFIG_DIR])
+    old = CliRunner().invoke(main, ["plan", "--strategy", "balanced", "--config-dir", CONFIG_DIR])
+    even = CliRunner().invoke(main, ["plan", "--partition", "even", "--config-dir", CONFIG_DIR])
     assert new.exit_code == old.exit_code == even.exit_code == 0, (new.output, old.output)
     assert new.stdout == old.stdout != even.stdout, (new.stdout, old.stdout, even.stdout)
     assert "`plan --strategy` is now `plan --partition`" in old.stderr, old.stderr

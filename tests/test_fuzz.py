@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -169,24 +168,10 @@ def test_valid_frames_round_trip():
 
 @pytest.fixture(scope="module")
 def leader(tiny_weights, tmp_path_factory):
-    cl = LocalCluster(tiny_weights, nodes=2, workdir=str(tmp_path_factory.mktemp("fuzz")),
-                      cluster_extra={"auth_token": TOKEN})
-    for rank in range(cl.nodes):
-        cl.start_rank(rank)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                with LeaderClient.connect(cl.leader_addr, token=TOKEN) as c:
-                    if c.status()["ready"]:
-                        break
-            except Exception:
-                if time.time() > deadline or cl.procs[0].poll() is not None:
-                    raise AssertionError(f"the fuzz cluster did not start:\n{cl.logs()}") from None
-            time.sleep(0.05)
+    """2 nodes sharing the secret TOKEN, up once the ring is (LocalCluster dials with that secret)."""
+    with LocalCluster(tiny_weights, nodes=2, workdir=str(tmp_path_factory.mktemp("fuzz")), ready_timeout=30,
+                      cluster_extra={"auth_token": TOKEN}) as cl:
         yield cl
-    finally:
-        cl.stop()
 
 
 def addr_of(cl) -> tuple:

@@ -21,27 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from floats import assert_same
+from helpers import GOLDEN, GOLDEN_CASES, GOLDEN_PROVENANCE, HF_DIR
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
 
-GOLDEN = Path(__file__).parent / "golden"
-HF_DIR = GOLDEN / "tiny-hf"
 ATOL = 1e-4
 LAYOUTS = ("transformers", "hub")
-
-
-def _golden():
-    """The recorded cases: a list of (prompt ids, logits (T, V), greedy ids (16,)), and the provenance."""
-    with np.load(GOLDEN / "tiny_golden.npz") as z:
-        n = len([k for k in z.files if k.startswith("prompt_ids_")])
-        cases = [(z[f"prompt_ids_{i}"].tolist(), z[f"logits_{i}"], z[f"greedy_{i}"].tolist())
-                 for i in range(n)]
-    return cases, json.loads((GOLDEN / "tiny_golden.json").read_text())
-
-
-CASES, PROVENANCE = _golden()
+CASES, PROVENANCE = GOLDEN_CASES, GOLDEN_PROVENANCE        # tests/helpers.py loads them
 
 
 def to_hub_layout(src_dir: Path, dst_dir: Path) -> Path:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import free_port_run
 
 from nanopipe.config import ConfigError, check_agree, load_cluster_config, load_model_config, load_weights_config
 from nanopipe.decoding import SamplingParams, make_params
@@ -103,29 +103,6 @@ def test_the_guides_layer_mapping_plans_3_4_5_layers(tmp_path, monkeypatch):
 # a real cluster on the guide's files
 
 
-def three_free_ports() -> int:
-    """A port p with p, p+1 and p+2 free a moment ago: the guide's workers listen on port + rank."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + 2 > 65535:
-            continue
-        try:
-            socks = []
-            for p in (base, base + 1, base + 2):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no three consecutive free ports")
-
-
 class GuideCluster(LocalCluster):
     """The guide's deployment: in the folder holding configs/ and weights/, `nanopipe serve --rank 0`,
     `nanopipe join --rank 1 --host mini2`, `nanopipe join --rank 2 --host pi5`; no --weights and no
@@ -147,7 +124,7 @@ def guide_cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("guide")
     os.makedirs(work / "weights")
     init_weights(str(work / "weights" / "gpt2.safetensors"), **SHAPE, seed=0)
-    port = three_free_ports()
+    port = free_port_run(3)           # the guide's workers listen on port + rank
     cl = GuideCluster(work, port)
     shutil.rmtree(cl.config_dir)                        # LocalCluster's own configs: replaced by the guide's
     guide_folder(work, "layer_mapping.yaml", port=port)

@@ -12,18 +12,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
+from helpers import log_of, status, wait_until
 
 from nanopipe.config import load_cluster_config
 from nanopipe.tools.localcluster import LocalCluster, write_configs
-
-
-def log_lines(cl: LocalCluster, rank: int) -> list:
-    with open(cl.log_path(rank), errors="replace") as f:
-        return f.read().splitlines()
 
 
 def in_order(lines: list, expected: list) -> list:
@@ -40,24 +35,20 @@ def in_order(lines: list, expected: list) -> list:
 def wait_in_order(cl: LocalCluster, rank: int, expected: list, timeout: float = 15.0):
     """Poll rank's log until every expected line is there in order (a worker logs its last line
     just after the leader sees it ready)."""
-    deadline = time.time() + timeout
-    while (missing := in_order(log_lines(cl, rank), expected)) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not missing, (f"rank {rank}'s log lacks, in the guide's order: {missing}\n"
-                         + "\n".join(log_lines(cl, rank)))
+    wait_until(f"rank {rank}'s log holding, in the guide's order, {expected}",
+               lambda: not in_order(log_of(cl, rank).splitlines(), expected), timeout,
+               detail=lambda: f"missing: {in_order(log_of(cl, rank).splitlines(), expected)}\n{log_of(cl, rank)}")
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    with LocalCluster(tiny_weights, nodes=3, ready_timeout=60) as cl:
-        with cl.client() as c:
-            cl.layers = {n["rank"]: n["layers"] for n in c.status()["nodes"]}     # [lo, hi) of each rank
-        yield cl
+def layers(cluster) -> dict:
+    """rank -> [lo, hi), the layers each node of conftest's 3-node cluster holds."""
+    return {n["rank"]: n["layers"] for n in status(cluster)["nodes"]}
 
 
-def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, tiny_weights):
+def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, layers, tiny_weights):
     ip, port = "127.0.0.1", cluster.cluster["port"]
-    lo, hi = cluster.layers[0]
+    lo, hi = layers[0]
     wait_in_order(cluster, 0, [
         f"[LEADER] Server will bind to IP: {ip}, Port: {port}",
         "[LEADER] Checking for model weights (local)...",
@@ -69,9 +60,9 @@ def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, tiny_we
 
 
 @pytest.mark.parametrize("rank", [1, 2])
-def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, tiny_weights, rank):
+def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, layers, tiny_weights, rank):
     server = f"127.0.0.1:{cluster.cluster['port']}"
-    lo, hi = cluster.layers[rank]
+    lo, hi = layers[rank]
     tag = f"[WORKER-{rank}]"
     expected = [
         f"{tag} Worker {rank} starting. Connecting to server at {server}",
@@ -84,7 +75,7 @@ def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, tiny_we
         f"{tag} Waiting for generation requests...",
     ]
     wait_in_order(cluster, rank, expected)
-    connected = next(line for line in log_lines(cluster, rank) if line.startswith(expected[4]))
+    connected = next(line for line in log_of(cluster, rank).splitlines() if line.startswith(expected[4]))
     assert re.fullmatch(re.escape(expected[4]) + r"[1-9]\d*", connected), connected
 
 
@@ -134,10 +125,10 @@ def test_q_leader_logs_warnings_only(tiny_weights, tmp_path):
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        deadline = time.time() + 30
-        while "WARNING: no auth_token set" not in log_path.read_text() and time.time() < deadline:
+        def warned():
             assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.05)
+            return "WARNING: no auth_token set" in log_path.read_text()
+        wait_until("the leader's WARNING", warned, 30, detail=log_path.read_text)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import pytest
+from helpers import wait_until
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.tools.localcluster import write_configs
@@ -172,11 +173,10 @@ def test_nodes_on_separate_hosts_and_a_cut_link(hosts, tiny_weights, tiny_engine
     try:
         # 1. a greedy answer across three "machines" equals the single process's
         want = tiny_engine.generate(PROMPT, SamplingParams("greedy", max_tokens=100))["token_ids"]
-        deadline = time.time() + 60
-        while "ring 0 -> 1 -> 2 -> 0 is up" not in open(logs[0]).read():
-            assert time.time() < deadline, f"the ring did not come up:\n{all_logs()}"
+        def ring_up():
             assert procs[0].poll() is None, f"the leader exited:\n{all_logs()}"
-            time.sleep(0.1)
+            return "ring 0 -> 1 -> 2 -> 0 is up" in open(logs[0]).read()
+        wait_until("the ring up", ring_up, 60, 0.1, detail=all_logs)
         assert f"Worker 2 registered from {hosts.ips[2]}:" in open(logs[0]).read()
         first = [e for e in events(hosts.client(addr, 100, work), 30)][-1]
         assert first.get("token_ids") == want, f"{first}\n{all_logs()}"

@@ -15,22 +15,16 @@ import pytest
 
 openai = pytest.importorskip("openai", reason="the `openai` package is in the test extra: pip install -e '.[test]'")
 
+from helpers import status  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 from nanopipe.decoding import SamplingParams  # noqa: E402
 from nanopipe.engine import EOT  # noqa: E402
 from nanopipe.tokenizer import get_tokenizer  # noqa: E402
-from nanopipe.tools.localcluster import LocalCluster  # noqa: E402
 from nanopipe.web.app import create_app, settings_from_configs  # noqa: E402
 
 PROMPTS = [[15496, 995, 11, 616], [464, 3290, 318], [40, 588, 257, 1310, 286]]
 LP_TOL = 1e-5       # cluster vs one process: same functions, different batch rows per matmul
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    with LocalCluster(tiny_weights, nodes=3) as cl:
-        yield cl
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +43,7 @@ def api(cluster):
 
 
 def max_live(cluster) -> int:
-    with cluster.client() as c:
-        return c.status()["max_live_sessions"]
+    return status(cluster)["max_live_sessions"]
 
 
 def test_models_lists_the_config_name_then_the_hub_name(api):

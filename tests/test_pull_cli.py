@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from httpserver import FileServer, closed_port
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.safetensors_io import read_header, read_tensor
@@ -23,11 +24,6 @@ from nanopipe.tools import pull as P
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.weights import init_weights, load_stage
-
-try:
-    from tests.httpserver import FileServer, closed_port
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from httpserver import FileServer, closed_port
 
 SHAPE = dict(n_layer=8, n_embd=32, n_head=4, n_ctx=16, n_vocab=100)
 PROMPT = [15496, 995, 11, 616, 1438]               # "Hello world, my name"

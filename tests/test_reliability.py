@@ -18,8 +18,6 @@ The model is tiny and synthetic (4 layers, n_embd 64), so a cluster starts in ab
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +26,7 @@ import time
 import urllib.request
 
 import pytest
+from helpers import log_of, node, self_signed_cert, status, wait_freed, wait_log, wait_until
 
 from nanopipe.cluster.client import ClientError, LeaderClient
 from nanopipe.cluster.wire import (
@@ -68,36 +67,6 @@ def start(cl: LocalCluster, timeout: float = READY_S) -> LocalCluster:
 def client(cl: LocalCluster, token=None, tls_ca=None) -> LeaderClient:
     """A client with exactly the given secret: None to show what a peer without one gets."""
     return LeaderClient.connect(cl.leader_addr, token=token, tls_ca=tls_ca)
-
-
-def wait_until(what: str, ok, timeout: float, interval: float = 0.05):
-    """Poll ok() until it returns something truthy; return that, or fail naming `what`."""
-    deadline = time.time() + timeout
-    while True:
-        got = ok()
-        if got:
-            return got
-        if time.time() > deadline:
-            raise AssertionError(f"{what}: not seen within {timeout}s")
-        time.sleep(interval)
-
-
-def log_of(cl: LocalCluster, rank: int) -> str:
-    with open(cl.log_path(rank), errors="replace") as f:
-        return f.read()
-
-
-def wait_log(cl: LocalCluster, rank: int, *needles: str, timeout: float = 5.0) -> str:
-    """The first line of rank's log holding every needle (the log is written as things happen)."""
-    def find():
-        for line in log_of(cl, rank).splitlines():
-            if all(n in line for n in needles):
-                return line
-        return None
-    try:
-        return wait_until(f"a line with {needles} in rank {rank}'s log", find, timeout)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{cl.logs()}") from None
 
 
 def handshake(addr: tuple, *, token, role="client", rank=None, version=PROTOCOL_VERSION, extra=None):
@@ -165,15 +134,6 @@ def finish(box: dict, timeout: float = 60) -> dict:
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def status(cl: LocalCluster, token=None) -> dict:
-    with client(cl, token) as c:
-        return c.status()
-
-
-def node(st: dict, rank: int) -> dict:
-    return next(n for n in st["nodes"] if n["rank"] == rank)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +213,7 @@ def test_worker_with_the_wrong_secret_is_refused_and_exits(secure):
     assert "Registration refused" in out.stderr and "authentication failed" in out.stderr, out.stderr   # the log
     wait_until("the leader logging the refused worker",
                lambda: log_of(secure, 0).count("failed authentication") > before, 5)
-    assert status(secure, TOKEN)["ready"], "a refused worker disturbed the ring"
+    assert status(secure)["ready"], "a refused worker disturbed the ring"
 
 
 def test_token_from_the_environment(tiny_weights, reference, tmp_path):
@@ -273,17 +233,6 @@ def test_token_from_the_environment(tiny_weights, reference, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # TLS
-
-
-def self_signed_cert(folder) -> tuple:
-    """A throwaway certificate for 127.0.0.1, made with the openssl command line."""
-    if shutil.which("openssl") is None:
-        pytest.skip("TLS test needs the `openssl` command to make a self-signed certificate")
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=nanopipe-test",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 def test_cluster_over_tls(tiny_weights, reference, tmp_path):
@@ -344,7 +293,7 @@ def send_bad(addr, data: bytes, **hello) -> socket.socket:
 
 
 def test_bad_frames_close_only_their_connection(secure, reference):
-    rss_before = node(status(secure, TOKEN), 0)["rss_mb"]
+    rss_before = node(status(secure), 0)["rss_mb"]
     box = run_generation(secure, token=TOKEN)          # another session, going on throughout
     for name, (data, says) in BAD_CLIENT_FRAMES.items():
         with send_bad(leader_addr(secure), data, token=TOKEN) as sock:
@@ -357,7 +306,7 @@ def test_bad_frames_close_only_their_connection(secure, reference):
         assert frames_until_close(sock) == []
         wait_log(secure, 0, "Rejected connection from", local_peer(sock), "bad magic")
     assert finish(box)["token_ids"] == reference(PROMPT, LONG), "the session beside the bad frames changed"
-    st = status(secure, TOKEN)
+    st = status(secure)
     assert st["ready"] and st["bad_frames"] >= len(BAD_CLIENT_FRAMES)
     assert node(st, 0)["rss_mb"] - rss_before < 100, "a 4 GB header made the leader allocate"
     with client(secure, TOKEN) as c:
@@ -414,7 +363,7 @@ def test_bad_activations_close_only_that_data_link(secure, reference):
         assert reply.msg is Msg.REJECT and "from rank 1 only" in reply.meta["reason"]
     assert finish(box)["token_ids"] == reference(PROMPT, LONG)
     assert secure.procs[2].poll() is None, "worker 2 died of a bad frame"
-    st = status(secure, TOKEN)
+    st = status(secure)
     assert st["ready"] and node(st, 2)["status"] == "up"
     assert "Ring broken" not in log_of(secure, 0), "a stranger's bad frames broke the ring"
 
@@ -442,7 +391,7 @@ def test_registration_of_a_rank_that_cannot_join(secure, rank, says):
     with sock:
         assert reply.msg is Msg.REJECT and says in reply.meta["reason"], reply.meta
         wait_log(secure, 0, "Rejected worker from", local_peer(sock))
-    assert status(secure, TOKEN)["ready"]
+    assert status(secure)["ready"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,16 +588,7 @@ def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_
         for i, ((body, want), got) in enumerate(zip(chats, answers)):
             assert got["response"] == want, f"chat {i} ({body}): got {got['response']!r}, one process {want!r}"
             assert got["stats"]["tokens"] == body["max_tokens"] or got["stats"]["finish_reason"] == "stop"
-
-        def freed():
-            s = status(cl)
-            workers = [node(s, r) for r in (1, 2)]
-            # only the finished chats' caches the leader keeps for reuse (nanopipe/prefix.py), on every stage
-            done = s["live_sessions"] == 0 and s["kv_cache_bytes"] == s["prefix_cache_bytes"] and all(
-                w["sessions"] == s["prefix_kept"] for w in workers)
-            return s if done else None
-        time.sleep(3 * HEARTBEAT_S)              # worker reports from after the last chat ended
-        st = wait_until("every KV cache back to zero", freed, 5)
+        st = wait_freed(cl)                      # as workers report after the last chat ended
         peaks = {r: peak_rss_mb(cl.procs[r].pid) for r in range(3)}
         print(f"\n32 chats through the web app in {elapsed:.1f}s; peak RSS MB per rank: "
               + ", ".join(f"{r}: {p:.0f}" for r, p in peaks.items() if p is not None)

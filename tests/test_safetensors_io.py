@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from helpers import read_tensors
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -36,12 +37,6 @@ def sample_tensors() -> dict:
     }
 
 
-def read_ours(path) -> dict:
-    header = read_header(str(path))
-    with open(path, "rb") as f:
-        return {name: read_tensor(f, info) for name, info in header.tensors.items()}
-
-
 def assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
     for name in a:
@@ -66,7 +61,7 @@ def test_ours_written_theirs_read(tmp_path):
 def test_theirs_written_ours_read(tmp_path):
     path = str(tmp_path / "theirs.safetensors")
     save_file(sample_tensors(), path, metadata={"format": "pt"})
-    assert_same(read_ours(path), sample_tensors())
+    assert_same(read_tensors(path), sample_tensors())
     assert read_header(path).metadata == {"format": "pt"}
 
 
@@ -77,7 +72,7 @@ def test_ours_round_trip_and_alignment(tmp_path):
     assert header.data_start % 8 == 0, "the data section should start 8-byte aligned"
     assert header.metadata == {}
     assert header.tensors["f32"].shape == (2, 3, 5) and header.tensors["f32"].nbytes == 120
-    assert_same(read_ours(path), sample_tensors())
+    assert_same(read_tensors(path), sample_tensors())
 
 
 def test_big_endian_arrays_are_stored_little_endian(tmp_path):
@@ -118,7 +113,7 @@ F32_2 = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
 
 def test_valid_hand_made_file(tmp_path):
     path = raw_file(tmp_path / "ok.safetensors", F32_2, np.array([1, 2], "<f4").tobytes())
-    assert read_ours(path)["a"].tolist() == [1.0, 2.0]
+    assert read_tensors(path)["a"].tolist() == [1.0, 2.0]
 
 
 @pytest.mark.parametrize("make, match", [

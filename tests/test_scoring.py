@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_golden import CASES, HF_DIR
+from helpers import GOLDEN_CASES as CASES
+from helpers import HF_DIR
 
 from nanopipe.decoding import DecodingError, SamplingParams, log_softmax
 from nanopipe.engine import Engine, Request

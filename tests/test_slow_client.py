@@ -20,16 +20,12 @@ import socket
 import time
 
 import pytest
+from helpers import log_of, status, wait_log, wait_status
 
 from nanopipe.cluster.leader import CLIENT_QUEUE_MAX, CLIENT_SEND_TIMEOUT_S
 from nanopipe.cluster.wire import PROTOCOL_VERSION, Msg, auth_proof, encode_frame, recv_frame, send_frame
 from nanopipe.decoding import SamplingParams
 from nanopipe.tools.localcluster import LocalCluster
-
-try:
-    from tests.test_cluster import status, wait_until
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from test_cluster import status, wait_until
 
 PROMPT = [15496, 995, 11, 616, 1438]               # "Hello world, my name"
 LONG = 120                                          # tokens: prompt + LONG fills most of n_ctx=128
@@ -72,11 +68,6 @@ def fill_buffers(sock):
         pass
 
 
-def leader_log(cl: LocalCluster) -> str:
-    with open(cl.log_path(0), errors="replace") as f:
-        return f.read()
-
-
 def peer_name(sock) -> str:
     """How the leader names this connection in its log."""
     host, port = sock.getsockname()[:2]
@@ -89,7 +80,7 @@ def test_client_that_stops_reading_stalls_nobody(cluster, tiny_engine):
     try:
         for i in range(STUCK_SESSIONS):
             send_frame(stuck, Msg.GENERATE, long_generate(i, STUCK_TOKENS))
-        wait_until(cluster, lambda st: st["live_sessions"] == STUCK_SESSIONS, 10, "the stuck client's sessions")
+        wait_status(cluster, lambda st: st["live_sessions"] == STUCK_SESSIONS, 10, "the stuck client's sessions")
         fill_buffers(stuck)
 
         params = SamplingParams("greedy", max_tokens=10)
@@ -104,9 +95,9 @@ def test_client_that_stops_reading_stalls_nobody(cluster, tiny_engine):
         # never waited for it. (Had it blocked on that socket, nothing would have moved until the
         # client was dropped, and dropping cancels its sessions: fewer tokens.)
         want = before + STUCK_SESSIONS * STUCK_TOKENS + 10
-        wait_until(cluster, lambda st: st["live_sessions"] == 0 and st["tokens"] >= want,
+        wait_status(cluster, lambda st: st["live_sessions"] == 0 and st["tokens"] >= want,
                    CLIENT_SEND_TIMEOUT_S / 2, f"all {STUCK_SESSIONS * STUCK_TOKENS} tokens of the stuck client made")
-        assert f"Dropping client {peer_name(stuck)}" not in leader_log(cluster)
+        assert f"Dropping client {peer_name(stuck)}" not in log_of(cluster, 0)
     finally:
         stuck.close()
 
@@ -117,16 +108,16 @@ def test_client_whose_queue_overflows_is_dropped_and_its_session_cancelled(clust
     peer = peer_name(stuck)
     try:
         send_frame(stuck, Msg.GENERATE, long_generate(0))
-        wait_until(cluster, lambda st: st["live_sessions"] == 1, 10, "the stuck client's session")
+        wait_status(cluster, lambda st: st["live_sessions"] == 1, 10, "the stuck client's session")
         fill_buffers(stuck)
         # Each PING is answered with a PONG: now they wait in the leader's queue, 3x its bound.
         try:
             stuck.sendall(encode_frame(Msg.PING, {}) * (3 * CLIENT_QUEUE_MAX))
         except OSError:
             pass                                # the leader hung up on us mid-flood: what we want
-        line = wait_until_logged(cluster, f"Dropping client {peer}")
+        line = wait_log(cluster, 0, f"Dropping client {peer}", timeout=10)
         assert f"limit {CLIENT_QUEUE_MAX}" in line, line
-        st = wait_until(cluster, lambda st: st["live_sessions"] == 0, 10, "its session cancelled")
+        st = wait_status(cluster, lambda st: st["live_sessions"] == 0, 10, "its session cancelled")
         made = st["tokens"] - before
         assert made < LONG, f"{made} tokens made for a dropped client (max_tokens={LONG}): not cancelled"
     finally:
@@ -134,12 +125,3 @@ def test_client_whose_queue_overflows_is_dropped_and_its_session_cancelled(clust
     with cluster.client() as c:                 # and the leader serves on
         assert len(c.generate(PROMPT, SamplingParams("greedy", max_tokens=3))["token_ids"]) == 3
 
-
-def wait_until_logged(cl: LocalCluster, needle: str, timeout: float = 10) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for line in leader_log(cl).splitlines():
-            if needle in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} not in the leader's log within {timeout}s:\n{cl.logs()}")

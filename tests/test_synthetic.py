@@ -22,9 +22,11 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import REPO, read_tensors
+from httpserver import FileServer, closed_port
 
 from nanopipe import gpt2_tensors as gt
-from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
+from nanopipe.safetensors_io import read_header, write_safetensors
 from nanopipe.tools import pull as P
 from nanopipe.tools.cli import main
 from nanopipe.weights import (
@@ -36,27 +38,15 @@ from nanopipe.weights import (
     synthetic_summary,
 )
 
-try:
-    from tests.httpserver import FileServer, closed_port
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from httpserver import FileServer, closed_port
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layer=4, n_embd=32, n_head=2, n_ctx=16, n_vocab=100)
 SMALL_ARGS = ["--n-layer", "4", "--n-embd", "32", "--n-head", "2", "--n-ctx", "16", "--n-vocab", "100"]
 NOTE = f"({SYNTHETIC_NOTE})"
 
 
-def tensors_of(path: str) -> dict:
-    header = read_header(path)
-    with open(path, "rb") as f:
-        return {n: read_tensor(f, t) for n, t in header.tensors.items()}
-
-
 def real_copy(src: str, dst: str) -> str:
     """The same tensors without the synthetic marks: what a real checkpoint looks like to nanopipe."""
     meta = {k: v for k, v in read_header(src).metadata.items() if not k.startswith("nanopipe_")}
-    write_safetensors(dst, tensors_of(src), meta)
+    write_safetensors(dst, read_tensors(src), meta)
     return dst
 
 
@@ -108,22 +98,24 @@ def test_one_synthetic_file_per_shape_shared_by_every_name(tmp_path):
 def test_slice_hint_writes_a_slice_with_the_full_files_values(tmp_path):
     """The hint a worker gets offline names a slice; running it writes that slice, not a whole model."""
     dest = str(tmp_path / "gpt2.layers-2-3.safetensors")
-    hint = P._what_to_do(dest)
+    with pytest.raises(P.PullError) as e:                 # what a worker offline is told
+        P.pull(f"http://127.0.0.1:{closed_port()}/m.safetensors", dest, out=io.StringIO(), timeout=5)
+    hint = str(e.value)
     assert f"`nanopipe init-weights {dest} --layers 2-3`" in hint, hint
     r = CliRunner().invoke(main, ["init-weights", dest, "--layers", "2-3", *SMALL_ARGS])
     assert r.exit_code == 0, r.output
-    got = tensors_of(dest)
+    got = read_tensors(dest)
     assert gt.block_indices(got) == [2, 3] and "wte.weight" not in got
     full = str(tmp_path / "full.safetensors")
     init_weights(full, **SMALL)
-    want = tensors_of(full)
+    want = read_tensors(full)
     for name, value in got.items():
         np.testing.assert_array_equal(value, want[name], err_msg=name)   # same seed, same generator calls
     stage = load_stage(dest, 2, 4, rank0=False)
     assert stage.synthetic and stage.config.n_layer == 4
     # the name alone is enough, and a name that disagrees with --layers is refused
     r = CliRunner().invoke(main, ["init-weights", str(tmp_path / "x.layers-0-1.safetensors"), *SMALL_ARGS])
-    assert r.exit_code == 0 and gt.block_indices(tensors_of(str(tmp_path / "x.layers-0-1.safetensors"))) == [0, 1]
+    assert r.exit_code == 0 and gt.block_indices(read_tensors(str(tmp_path / "x.layers-0-1.safetensors"))) == [0, 1]
     r = CliRunner().invoke(main, ["init-weights", str(tmp_path / "y.layers-0-1.safetensors"), "--layers", "2-3",
                                   *SMALL_ARGS])
     assert r.exit_code == 1 and "make them agree" in r.output

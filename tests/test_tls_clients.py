@@ -15,17 +15,13 @@ import threading
 
 import pytest
 from click.testing import CliRunner
+from helpers import self_signed_cert
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.web.app import create_app, settings_from_configs
-
-try:
-    from tests.test_reliability import self_signed_cert
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from test_reliability import self_signed_cert
 
 TEXT = "Hello world, my name"
 GREEDY = SamplingParams("greedy", max_tokens=8)

@@ -23,15 +23,11 @@ import threading
 import time
 
 import pytest
+from helpers import self_signed_cert
 
 from nanopipe.cluster.leader import _send_timeout
 from nanopipe.cluster.net import TLSStream, close_now, tls_wrap
 from nanopipe.cluster.wire import ConnectionClosed, Msg, recv_frame, send_frame
-
-try:
-    from tests.test_reliability import self_signed_cert
-except ImportError:   # pytest run with tests/ itself on sys.path
-    from test_reliability import self_signed_cert
 
 STRESS = r"""
 import socket, ssl, sys, threading
@@ -149,7 +145,7 @@ def test_shutdown_from_another_thread_wakes_a_blocked_reader(pair):
 
     t = threading.Thread(target=read)
     t.start()
-    time.sleep(0.2)
+    time.sleep(0.2)         # time to block in recv: nothing to poll for, the point is that it waits
     assert t.is_alive(), "the reader should be waiting for a frame"
     close_now(client)
     t.join(5)

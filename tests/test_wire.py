@@ -164,6 +164,8 @@ def test_encode_rejects_oversize_meta_and_non_dict_meta():
 # --- one sendall per frame ----------------------------------------------------------------------
 
 class RecordingSocket:
+    """Records each sendall's bytes; a bare send() fails the test (a frame must go out whole)."""
+
     def __init__(self):
         self.sent = []
 

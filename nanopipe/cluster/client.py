@@ -24,6 +24,8 @@ class ClientError(RuntimeError):
 
 
 class LeaderClient:
+    """One handshaken connection to the leader (`connect`): generate, status, cancel; close when done."""
+
     _ids = itertools.count(1)
 
     def __init__(self, sock, addr: str, welcome: dict):

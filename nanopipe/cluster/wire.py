@@ -94,6 +94,8 @@ class ConnectionClosed(WireError):
 
 @dataclass(frozen=True)
 class Frame:
+    """One decoded frame: its message type, its JSON meta, and the raw payload bytes after it
+    (an ACT's (T, C) float32 rows; `frame_array` views them as an array without a copy)."""
     msg: Msg
     meta: dict
     payload: bytes

@@ -4,7 +4,7 @@ It needs numpy, PyYAML and the standard library only (never tiktoken, flask or t
 leader, registers its rank, is told its layer range, loads only those blocks, opens its data port,
 and then, for every ACT frame from the rank before it:
 
-    x = blocks_forward(x, my_blocks, segments=[(cache of each session, its rows)])   # (N, C)
+    x = blocks_forward(x, my_blocks, segments=[(cache of each session, its n rows)])   # (T, C)
 
 and sends x on to the next rank (the last worker sends it back to the leader). Each session has
 its own KV cache here; a FREE frame drops it. If the leader goes away the worker dials again with
@@ -48,6 +48,14 @@ from .wire import (
 
 
 class Worker:
+    """Rank R >= 1 of a cluster: blocks[lo:hi] of the model, one KV cache per live session, two links.
+
+    The control link to the leader carries registration, heartbeats (STATS) and ring rebuilds; the
+    data links take ACT frames from the rank before and pass them, through this stage's blocks, to
+    the rank after. `run()` dials the leader and serves until the process ends, redialling when
+    the leader goes away.
+    """
+
     def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str, host: str | None = None,
                  n_head: int | None = None, max_attempts: int = 0, layers: tuple | None = None):
         if rank < 1:
@@ -278,15 +286,15 @@ class Worker:
         if frame.msg is Msg.ACT:
             t_in = time.time()          # wall clock, so `nanopipe trace` can time the hop that brought it
             sessions = act_sessions(frame, peer)
-            x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)
+            x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)          # (T, C)
             if x.dtype != np.float32 or x.ndim != 2:
-                raise ProtocolError(f"{peer}: ACT must carry float32 rows (N, {self.config.n_embd}), "
+                raise ProtocolError(f"{peer}: ACT must carry float32 rows (T, {self.config.n_embd}), "
                                     f"got {x.dtype} {list(x.shape)}")
             if frame.meta.get("epoch") != self.epoch:
                 return                  # from a ring since rebuilt: the leader replays its sessions
             t0 = time.perf_counter()
-            segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]
-            y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (N, C)
+            segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]  # the n of each sum to T
+            y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
             ms = (time.perf_counter() - t0) * 1000
             self.compute_ms += ms
             self.frames += 1
@@ -294,7 +302,7 @@ class Worker:
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
                 "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6)}]
-            self._send_down(Msg.ACT, meta, y)
+            self._send_down(Msg.ACT, meta, y)                                  # (T, C) to the next rank
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache

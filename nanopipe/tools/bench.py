@@ -70,18 +70,18 @@ def bench_prompt(prompt_len: int, seed: int = 0) -> list:
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """This machine's memory read bandwidth in GB/s, as a decode step sees it.
 
-    The measurement is a decode step's own operation, a (1, K) @ (K, N) product, on a matrix far
-    larger than any cache: every byte comes from memory once, and BLAS uses all its threads.
-    Best of `repeats`.
+    The measurement is a decode step's own operation, one row times a matrix, (1, in) @ (in, out)
+    as in `model.linear`, on a matrix far larger than any cache: every byte comes from memory once,
+    and BLAS uses all its threads. Best of `repeats`.
     """
-    K = 1024
-    N = max(1, nbytes // (4 * K))
-    w = np.full((K, N), 0.5, np.float32)                    # (K, N), touched once so it is resident
-    x = np.ones((1, K), np.float32)
+    n_in = 1024
+    n_out = max(1, nbytes // (4 * n_in))
+    w = np.full((n_in, n_out), 0.5, np.float32)             # (in, out), touched once so it is resident
+    x = np.ones((1, n_in), np.float32)                      # (1, in)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        x @ w                                               # (1, K) @ (K, N) -> (1, N)
+        x @ w                                               # (1, in) @ (in, out) -> (1, out)
         best = min(best, time.perf_counter() - t)
     return w.nbytes / best / 1e9
 

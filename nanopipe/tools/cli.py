@@ -657,7 +657,7 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
 @click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True, help="Tokens to trace.")
 @click.option("--then", "then", default=None, metavar="TEXT",
               help="A second turn: generate for PROMPT first, then trace PROMPT + its reply + TEXT, which "
-                   "reuses the first turn's KV cache on every stage.")
+                   "reuses the first turn's KV cache on every stage.  [default: one turn]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
               help="Trace on a running cluster (HOST may be a host_ip name).  [default: a local cluster of --nodes]")

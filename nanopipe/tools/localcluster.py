@@ -118,6 +118,13 @@ def die_with_parent():
 
 
 class LocalCluster:
+    """A leader and nodes-1 workers as real `nanopipe serve` / `join` processes on 127.0.0.1.
+
+    `with LocalCluster(weights, nodes=3) as cl:` starts them and returns once the ring is up;
+    `cl.client()` dials the leader with the cluster's own secret; `cl.logs()` is every node's log
+    tail (for failure messages); leaving the block stops every node.
+    """
+
     def __init__(self, weights: str, nodes: int = 3, *, workdir: str | None = None, partition: str = "even",
                  layer_mapping: dict | None = None, cluster_extra: dict | None = None, n_head: int | None = None,
                  env: dict | None = None, quiet: bool = True, ready_timeout: float = 120.0,
