@@ -44,7 +44,7 @@ DEFAULT_DECODING = {"max_new_tokens": 50, "active_decoding_strategy": "greedy",
 # cluster_config.yaml, and one entry of its `workers` list.
 CLUSTER_KEYS = ("host_ip", "port", "server", "num_workers", "workers", "bind", "max_sessions", "rejoin_grace_s",
                 "heartbeat_s", "auth_token", "tls_cert", "tls_key", "api_token", "cors_origins", "pipeline_depth",
-                "link_delay_ms", "link_mbps", "nodes")
+                "link_delay_ms", "link_mbps", "nodes", "prefix_cache_mb")
 WORKER_KEYS = ("rank", "host", "port")
 # cluster_config.yaml `nodes: {HOST: {...}}`: a node's capacity, instead of (or over) what it measures
 NODE_KEYS = ("speed_gbps", "speed8_gbps", "memory_mb")
@@ -393,7 +393,16 @@ class ClusterConfig:
     link_delay_ms: float = 0.0       # a simulated link on every hop (benchmarks; cluster.node.LinkModel): latency ...
     link_mbps: float = 0.0           # ... and bandwidth (0 = no limit)
     node_overrides: dict = field(default_factory=dict)   # host -> {speed_gbps, speed8_gbps, memory_mb}
+    prefix_cache_mb: float | None = None   # kept KV caches per stage (nanopipe/prefix.py); None: see below
     path: str = ""
+
+    def prefix_cache_bytes(self) -> int:
+        """This node's budget for finished sessions' KV caches kept for reuse: prefix_cache_mb
+        (0 turns reuse off), or unset, 1/8 of the memory this node can allocate now."""
+        if self.prefix_cache_mb is not None:
+            return int(self.prefix_cache_mb * 2**20)
+        from .prefix import default_prefix_cache_bytes
+        return default_prefix_cache_bytes()
 
     def depth(self) -> int:
         """How many batches the leader keeps in flight round the ring.
@@ -511,6 +520,7 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
         link_delay_ms=_real(data, "link_delay_ms", path, default=0.0),
         link_mbps=_real(data, "link_mbps", path, default=0.0),
         node_overrides=_node_overrides(data, path, {n.host for n in nodes}),
+        prefix_cache_mb=_real(data, "prefix_cache_mb", path, default=None),
     )
 
 

@@ -40,6 +40,7 @@ from .decoding import (
     top_probs,
 )
 from .model import KVCache, blocks_forward, choose_prefill_rows, embed, gpt2, head
+from .prefix import PrefixCache, default_prefix_cache_bytes, fork_cache
 from .weights import StageWeights, load_stage
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see _make_batch)
@@ -81,6 +82,9 @@ class Session:
     t_first: float | None = None
     t_prefill_done: float | None = None
     node_ms: dict = field(default_factory=dict)   # rank -> {"compute": ms, "transit": ms}
+    cached: int = 0                 # prompt tokens reused from a kept cache (nanopipe/prefix.py)
+    cached_from: str | None = None  # the kept cache they came from
+    fork: tuple | None = None       # (kept id, n) the stages must fork from; sent with the first batch
 
     @property
     def id(self) -> str:
@@ -106,7 +110,8 @@ class Scheduler:
     (batch_id, x, trace), ring.free(ids); `ring.depth` is how many batches may be in flight.
     """
 
-    def __init__(self, stage: StageWeights, ring=None, max_sessions: int = 16, max_batch_rows: int = 256):
+    def __init__(self, stage: StageWeights, ring=None, max_sessions: int = 16, max_batch_rows: int = 256,
+                 prefix_cache_bytes: int | None = None):
         if not stage.has_head:
             raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
         self.stage, self.ring = stage, ring
@@ -124,10 +129,15 @@ class Scheduler:
         self._cancel: set = set()
         self.lock = threading.RLock()
         # max_live: the most sessions ever live at once (requests batched together show up here)
-        self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0}
+        self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0,
+                      "prompt_tokens_cached": 0, "prompt_tokens_computed": 0}
         # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
         # the leader checks it against the placement's prediction (cluster/ring.py stage_report)
         self.decode_ms: collections.deque = collections.deque(maxlen=64)
+        # finished sessions' caches, kept for the next request with the same start: rank 0's
+        # stage only, until the leader adds its workers' (set_prefix_stages)
+        budget = default_prefix_cache_bytes() if prefix_cache_bytes is None else prefix_cache_bytes
+        self.prefix = PrefixCache([(self.position_bytes(len(stage.blocks)), budget)])
 
     # -- requests in ------------------------------------------------------------------------
 
@@ -216,7 +226,7 @@ class Scheduler:
                 self._finish(batch, x, [])
             else:
                 self.in_flight[batch.id] = batch
-                sessions = [{"id": s.id, "pos": s.pos, "n": n} for s, n in zip(batch.sessions, batch.counts)]
+                sessions = [self._act_entry(s, n) for s, n in zip(batch.sessions, batch.counts)]
                 self.ring.send(batch.id, sessions, x)                           # (T, C) to rank 1
                 self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(self.in_flight))
         if self.in_flight:
@@ -233,6 +243,7 @@ class Scheduler:
         """The ring broke: batches in flight are lost. Sessions stay, waiting for replay_all()."""
         with self.lock:
             self._drop_in_flight()
+            self.prefix.clear()             # the workers drop every cache when they join the next ring
             for s in self.sessions.values():
                 _emit(s.req, "status", {"text": message})
 
@@ -248,11 +259,17 @@ class Scheduler:
         (prompt + generated so far) again from position 0. Tokens already sampled are not sampled
         again, so a greedy answer comes out exactly as if nothing had happened."""
         with self.lock:
+            self.prefix.clear()             # every worker dropped its kept caches joining this ring
             for s in self.sessions.values():
                 s.cache = self._new_cache()
                 s.pending = list(s.req.prompt_ids) + list(s.out_ids)
                 s.pos = 0
                 s.in_flight = False
+                s.fork = None
+                # its reused prefix is computed again after all: count it as computed
+                self.stats["prompt_tokens_cached"] -= s.cached
+                self.stats["prompt_tokens_computed"] += s.cached
+                s.cached, s.cached_from = 0, None
             return len(self.sessions)
 
     def fail_all(self, message: str):
@@ -267,7 +284,12 @@ class Scheduler:
                 _emit(req, "error", {"error": message})
 
     def cache_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in list(self.sessions.values()) if s.cache is not None)
+        """Rank 0's KV caches: live sessions' and kept ones'."""
+        live = sum(s.cache.nbytes for s in list(self.sessions.values()) if s.cache is not None)
+        return live + self.prefix_bytes()
+
+    def prefix_bytes(self) -> int:
+        return sum(k.cache.nbytes for k in list(self.prefix.kept.values()))
 
     def _new_cache(self) -> KVCache:
         c = self.config
@@ -280,8 +302,11 @@ class Scheduler:
             req = self.waiting.get()
             s = Session(req, self._new_cache(), make_rng(req.params.seed), list(req.prompt_ids),
                         t_start=time.perf_counter())
+            self._reuse_prefix(s)
             self.sessions[req.id] = s
             self.stats["requests"] += 1
+            self.stats["prompt_tokens_cached"] += s.cached
+            self.stats["prompt_tokens_computed"] += len(req.prompt_ids) - s.cached
         self.stats["max_live"] = max(self.stats["max_live"], len(self.sessions))
 
     def submit_many(self, reqs: list) -> list:
@@ -292,6 +317,53 @@ class Scheduler:
             self.check(req)
         with self.lock:
             return [self.submit(req) for req in reqs]
+
+    # -- prefix reuse (nanopipe/prefix.py): the index lives here, the stages obey ------------
+
+    def position_bytes(self, n_layers: int) -> int:
+        """Bytes one cached position takes on a stage of n_layers blocks: k and v, float32."""
+        return n_layers * 2 * self.config.n_embd * 4
+
+    def set_prefix_stages(self, stages: list):
+        """The ring's stages, rank 0 first: (n_layers, budget_bytes) each. Forgets what was kept."""
+        with self.lock:
+            self.prefix.clear()
+            self.prefix.stages = [(self.position_bytes(n), budget) for n, budget in stages]
+
+    def _reuse_prefix(self, s: Session):
+        """Start `s` from the longest kept prefix of its prompt, if any (echo scores every prompt
+        position, so it always prefills in full)."""
+        if s.req.echo:
+            return
+        kept_id, n = self.prefix.match(s.req.prompt_ids)
+        if not n:
+            return
+        s.cache = fork_cache(self.prefix.get(kept_id), n)
+        s.pending = list(s.req.prompt_ids[n:])
+        s.pos = s.cached = n
+        s.cached_from = kept_id
+        s.fork = (kept_id, n)
+
+    def _act_entry(self, s: Session, n: int) -> dict:
+        """A session's entry in an ACT frame; its first one says which kept cache to fork from."""
+        entry = {"id": s.id, "pos": s.pos, "n": n}
+        if s.fork is not None and s.pos == s.fork[1]:
+            entry["fork"] = {"from": s.fork[0], "n": s.fork[1]}
+            s.fork = None
+        return entry
+
+    def _keep_or_free(self, s: Session, keep: bool):
+        """A session has ended: keep its cache on every stage for the next request, or drop it;
+        drop as well whatever the index evicts to make room."""
+        cluster = self.stage.hi != self.config.n_layer
+        if keep and s.pos > 0 and (self.ring is not None or not cluster):
+            tokens = (list(s.req.prompt_ids) + list(s.out_ids))[:s.pos]
+            pinned = {o.fork[0] for o in self.sessions.values() if o.fork is not None}
+            drop = self.prefix.keep(s.id, tokens, s.cache, pinned)
+        else:
+            drop = [s.id]
+        if drop and self.ring is not None:
+            self.ring.free(drop)
 
     def _apply_cancels(self):
         for sid in list(self._cancel):
@@ -434,9 +506,8 @@ class Scheduler:
     def _end(self, s: Session, error: str | None = None):
         self.sessions.pop(s.id, None)
         s.finished = True
-        s.cache = None                                                          # free rank 0's cache
-        if self.ring is not None:
-            self.ring.free([s.id])
+        self._keep_or_free(s, keep=not error and not s.cancelled)
+        s.cache = None                  # rank 0's copy lives on in self.prefix if it was kept
         if error:
             self.stats["errors"] += 1
             _emit(s.req, "error", {"error": error})
@@ -521,6 +592,8 @@ def result_of(s: Session) -> dict:
         "finish_reason": s.finish_reason,
         "node_ms": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in sorted(s.node_ms.items())},
         "seed": s.req.params.seed,
+        "prompt_tokens": len(s.req.prompt_ids), "cached_tokens": s.cached,
+        "cached_from": s.cached_from,
     }
     if s.req.top_logprobs:
         out["top_logprobs"] = [[{"id": t, "logprob": lp} for t, lp in pos] for pos in s.top_logprobs]
@@ -542,12 +615,13 @@ class Engine:
         eng.generate([15496, 995], SamplingParams("greedy", max_tokens=5))["token_ids"]
     """
 
-    def __init__(self, stage: StageWeights):
+    def __init__(self, stage: StageWeights, prefix_cache_bytes: int | None = None):
         if stage.lo != 0 or stage.hi != stage.config.n_layer:
             raise ValueError("an Engine holds the whole model; use load_stage() for a pipeline slice")
         self.stage = stage
         self.config = stage.config
-        self.scheduler = Scheduler(stage)
+        # finished generations' caches are kept for prompts that start the same way (nanopipe/prefix.py)
+        self.scheduler = Scheduler(stage, prefix_cache_bytes=prefix_cache_bytes)
 
     @classmethod
     def load(cls, path: str, n_head: int | None = None) -> "Engine":

@@ -148,9 +148,12 @@ def wait_status(cl, ok, timeout: float, what: str) -> dict:
 
 
 def all_freed(st: dict) -> bool:
-    """No session and no KV cache byte left, on the leader and in every worker's last report."""
-    return (st["live_sessions"] == 0 and st["kv_cache_bytes"] == 0
-            and all(n["sessions"] == 0 and n["kv_cache_bytes"] == 0 for n in workers(st)))
+    """No live session anywhere, and every stage holds exactly the finished sessions' caches the
+    leader keeps for reuse (nanopipe/prefix.py), none more and none fewer, in every worker's last
+    report (with reuse off, or nothing kept: no KV cache byte left at all)."""
+    kept = st.get("prefix_kept", 0)
+    return (st["live_sessions"] == 0 and st["kv_cache_bytes"] == st.get("prefix_cache_bytes", 0)
+            and all(n["sessions"] == kept and (n["kv_cache_bytes"] > 0) == (kept > 0) for n in workers(st)))
 
 
 def reported_since(st: dict, since: float, asked_at: float) -> bool:
@@ -169,7 +172,7 @@ def wait_freed(cl, timeout: float = 5) -> dict:
         asked_at = time.time()
         st = status(cl)
         return st if reported_since(st, since, asked_at) and all_freed(st) else None
-    return wait_until("every cache freed (0 sessions on the leader and every worker, reported after the end)",
+    return wait_until("every cache freed (only the kept ones left, on every stage, reported after the end)",
                       check, timeout, detail=lambda: f"last status:\n{json.dumps(status(cl), indent=1)}\n{cl.logs()}")
 
 

@@ -154,6 +154,13 @@ def test_chat_streams_a_greedy_reply_equal_to_a_single_process(browser, web, tin
     second = send(d, "Once upon a time")
     assert second.get_attribute("data-state") == "done"
     assert second.find_element(By.CSS_SELECTOR, '[data-param="strategy"] .value').text == "greedy"  # the config's
+    # the page holds the conversation: turn 2 sent turn 1 as history, whose KV cache every node kept
+    stats2 = {s.get_attribute("data-stat"): s.text for s in second.find_elements(By.CSS_SELECTOR, ".stats .stat")}
+    reused = int(stats2["reused"].split()[0])
+    prompt_tokens = int(stats2["prompt"].split()[1])
+    first_prompt = len(get_tokenizer().encode(f"User: {prompt}\nAssistant:"))
+    assert first_prompt <= reused < prompt_tokens, stats2
+    assert stats2["prefill"].startswith("prefill ") and stats2["ttft"].startswith("first token "), stats2
 
     ARTIFACTS.mkdir(exist_ok=True)
     d.set_window_size(1280, 1040)
@@ -162,6 +169,10 @@ def test_chat_streams_a_greedy_reply_equal_to_a_single_process(browser, web, tin
     d.set_window_size(1280, 900)
     severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe
+
+    d.find_element(By.ID, "clear").click()          # "New chat": the conversation starts over
+    assert d.find_elements(By.CSS_SELECTOR, "#log .msg") == []
+    assert d.execute_script("return document.getElementById('empty').hidden") is False
 
 
 def test_synthetic_weights_show_a_badge(browser, web):

@@ -271,7 +271,8 @@ def test_worker_caches_fill_then_free(cluster, reference):
     t = threading.Thread(target=run)
     t.start()
     try:
-        busy = wait_status(cluster, lambda st: all(n["sessions"] == 1 and n["kv_cache_bytes"] > 0 for n in workers(st)),
+        busy = wait_status(cluster, lambda st: all(n["sessions"] == st["prefix_kept"] + 1 and n["kv_cache_bytes"] > 0
+                                                   for n in workers(st)),
                           10, "a cache on every worker during the generation")
     finally:
         t.join(60)

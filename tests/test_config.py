@@ -321,6 +321,8 @@ BAD_VALUES = {
     "negative grace": (lambda: _cluster_with(rejoin_grace_s=-1), "'rejoin_grace_s' must be a number >= 0"),
     "pipeline_depth 0": (lambda: _cluster_with(pipeline_depth=0), "'pipeline_depth' must be >= 1"),
     "link_mbps nan": (lambda: _cluster_with(link_mbps=float("nan")), "'link_mbps' must be a number >= 0"),
+    "prefix_cache_mb negative": (lambda: _cluster_with(prefix_cache_mb=-1), "'prefix_cache_mb' must be a number >= 0"),
+    "prefix_cache_mb text": (lambda: _cluster_with(prefix_cache_mb="lots"), "prefix_cache_mb"),
     "ip not a string": (lambda: _cluster_with(host_ip={"mini1": 10, "mini2": "127.0.0.1", "pi1": "127.0.0.1"}),
                         "host_ip.mini1 must be an address"),
     "host_ip lists an unused host": (
@@ -354,6 +356,18 @@ def test_cluster_values_checked_at_load(tmp_path, case, monkeypatch):
     with pytest.raises(ConfigError) as e:
         load_cluster_config(str(tmp_path))
     assert str(e.value).startswith(path) and message in str(e.value), str(e.value)
+
+
+def test_prefix_cache_mb_sets_the_budget_and_defaults_to_a_share_of_free_memory(tmp_path):
+    write(tmp_path, "cluster_config.yaml", _cluster_with(prefix_cache_mb=1.5))
+    assert load_cluster_config(str(tmp_path)).prefix_cache_bytes() == int(1.5 * 2**20)
+    write(tmp_path, "cluster_config.yaml", _cluster_with(prefix_cache_mb=0))
+    assert load_cluster_config(str(tmp_path)).prefix_cache_bytes() == 0, "0 turns prefix reuse off"
+    write(tmp_path, "cluster_config.yaml", _cluster_with())
+    from nanopipe.placement import usable_memory_bytes
+    room = usable_memory_bytes()
+    got = load_cluster_config(str(tmp_path)).prefix_cache_bytes()
+    assert 0 < got <= max(room, 256 << 20), f"default budget {got} bytes, this node can allocate {room}"
 
 
 MODEL_VALUES = {

@@ -504,7 +504,10 @@ def test_14_nanopipe_trace_prints_each_tokens_journey(cluster):
 
     text = CliRunner().invoke(main, args)
     assert text.exit_code == 0, text.output
-    assert "token 1:" in text.output and "prefill: the 2-row prompt" in text.output
+    # the same prompt a second time: every node kept the first run's KV cache (nanopipe/prefix.py),
+    # so only the last prompt token is computed again (its logits give the first new token)
+    assert "token 1:" in text.output and "prefill: the 1-row prompt (the 1 before it reused)" in text.output
+    assert "prefix: 1 of 2 prompt tokens reused" in text.output
     assert "decode: 1 row goes round the ring" in text.output and "top-5:" in text.output
 
 

@@ -566,7 +566,8 @@ def test_completions(client, leader):
     body = r.json
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "fake-gpt2"
     assert body["choices"] == [{"text": "Hello world", "index": 0, "finish_reason": "length", "logprobs": None}]
-    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert leader.calls[0]["params"].seed == 3
 
 
@@ -714,7 +715,8 @@ def test_scoring_may_use_the_whole_context(client, leader):
 
 def test_chat_reports_usage(client):
     r = client.post("/chat", json={"text": "Hello", "max_tokens": 2})
-    assert r.json["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert r.json["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     events = sse_events(client.post("/chat", json={"text": "Hello", "max_tokens": 2, "stream": True}).data)
     assert events[-1][0] == "done" and events[-1][1]["usage"]["completion_tokens"] == 2
 
@@ -1006,3 +1008,46 @@ def test_cluster_stops_generating_when_the_browser_goes_away(live, cluster):
     r.close()                                        # the web app hangs up; the leader cancels the session
     st = wait_status(cluster, lambda st: st["live_sessions"] == 0, 5, "the session cancelled")
     assert st["tokens"] - before < 120, "the leader generated the whole reply for nobody"
+
+
+# ---------------------------------------------------------------------------------------------
+# /chat with a conversation: history and conversation_id (prefix reuse makes sending it cheap)
+
+
+def test_chat_history_sends_the_whole_conversation_in_the_chat_template(client, leader):
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    r = client.post("/chat", json={"text": "Who?", "history": history, "conversation_id": "c1", "max_tokens": 4})
+    assert r.status_code == 200, r.json
+    call = leader.calls[-1]
+    assert call["prompt"] == get_tokenizer().encode("User: Hi\nAssistant: Hello!\nUser: Who?\nAssistant:")
+    assert call["params"].stop == ("\nUser:",), "a conversation's reply ends at the next user turn"
+    assert r.json["conversation_id"] == "c1" and r.json["trimmed_turns"] == 0 and r.json["history_turns"] == 2
+    assert {"prompt_tokens", "cached_tokens", "prefill_ms", "ttft_ms"} <= set(r.json["stats"])
+    events = sse_events(client.post("/chat", json={"text": "Who?", "history": history, "stream": True,
+                                                   "max_tokens": 4}).data)
+    assert events[-1][0] == "done" and events[-1][1]["trimmed_turns"] == 0
+
+
+def test_chat_history_is_trimmed_from_the_oldest_turn_to_fit_n_ctx(client, leader):
+    # n_ctx is 64: the system line stays, the oldest turns go until prompt + max_tokens fit
+    system = {"role": "system", "content": "Be brief."}
+    old = [{"role": "user", "content": " ".join(["word"] * 20)},        # 68 tokens in all; without the
+           {"role": "assistant", "content": " ".join(["word"] * 20)}]   # first turn 45, without both 22
+    recent = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    r = client.post("/chat", json={"text": "Who?", "history": [system] + old + recent, "max_tokens": 20})
+    assert r.status_code == 200, r.json
+    prompt = leader.calls[-1]["prompt"]
+    assert len(prompt) + 20 <= 64
+    assert r.json["trimmed_turns"] == 2, r.json
+    assert prompt == get_tokenizer().encode("System: Be brief.\nUser: Hi\nAssistant: Hello!\nUser: Who?\nAssistant:")
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"history": "Hi"}, "history: give a list"),
+    ({"history": [{"role": "robot", "content": "x"}]}, "history[0]: must be"),
+    ({"history": [{"role": "user", "content": 3}]}, "history[0]: must be"),
+    ({"history": [], "conversation_id": ""}, "conversation_id: give a string"),
+])
+def test_chat_bad_history_is_a_400_naming_it(client, body, says):
+    r = client.post("/chat", json={"text": "Hi", **body})
+    assert r.status_code == 400 and says in r.json["error"], r.json

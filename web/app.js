@@ -1,10 +1,16 @@
 // nanopipe chat page: plain JavaScript, no build step, no network but this server.
 //
+// The page holds a conversation: each turn sends the earlier turns as `history` (the server puts
+// them in the chat template, leaving out the oldest if they do not fit the model's context, and
+// every node still holds the KV cache of the turns before, so only the new ones are prefilled).
+// "New chat" starts over.
+//
 // One reply, as it happens:
-//   POST chat {"text", ..., "stream": true}
+//   POST chat {"text", "history": [{role, content}, ...], "conversation_id", ..., "stream": true}
 //   <- data: {"token": 995, "text": " world"}       appended to the reply as it arrives
 //   <- event: status / data: {"status": "..."}      e.g. "waiting for rank 2 to join"
-//   <- event: done / data: {"response", "config", "stats"}   parameters, timings, per-node bar
+//   <- event: done / data: {"response", "config", "stats", "trimmed_turns"}   parameters, timings,
+//      prompt tokens and how many were reused from the cache, per-node bar
 //   <- event: error / data: {"error", "status"}
 "use strict";
 
@@ -22,7 +28,13 @@
     controller: null,      // AbortController of the reply streaming now
     retryMs: RETRY_MIN_MS,
     healthTimer: null,
+    history: [],           // this conversation's turns so far: [{role: "user" | "assistant", content}]
+    conversationId: newConversationId(),
   };
+
+  function newConversationId() {
+    return "c" + Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
+  }
 
   // ---------------------------------------------------------------------------------------
   // Server-Sent Events, parsed from a fetch() body
@@ -282,10 +294,12 @@
     if (!text || state.controller) return;
     addUserMessage(text);
     const reply = addReply();
+    const history = state.history.slice();     // the turns before this one
+    const conversation = state.conversationId;
     state.controller = new AbortController();
     setBusy(true);
     try {
-      await streamReply(text, reply, state.controller.signal);
+      await streamReply(text, reply, state.controller.signal, history);
     } catch (e) {
       if (e.name === "AbortError") finishReply(reply, "stopped");
       else showError(reply, "the web server is unreachable (" + e.message + ")", text, true);
@@ -293,14 +307,30 @@
       state.controller = null;
       setBusy(false);
     }
+    // a finished or stopped reply joins the conversation (unless "New chat" started another meanwhile)
+    const how = reply.node.dataset.state;
+    if ((how === "done" || how === "stopped") && conversation === state.conversationId) {
+      state.history.push({ role: "user", content: text },
+                         { role: "assistant", content: reply.text.replace(/^\s+/, "") });
+    }
   }
 
-  async function streamReply(text, reply, signal) {
+  function newChat() {
+    if (state.controller) state.controller.abort();
+    state.history = [];
+    state.conversationId = newConversationId();
+    for (const m of $("log").querySelectorAll(".msg")) m.remove();
+    $("empty").hidden = false;
+  }
+
+  async function streamReply(text, reply, signal, history) {
     const resp = await fetch("chat", {
       method: "POST", headers: headers(true), signal,
-      // chat: the server wraps the text in the chat template ("User: ...\nAssistant:") and ends the
-      // reply at the next "\nUser:" turn, as /v1/chat/completions does
-      body: JSON.stringify({ text, stream: true, chat: true, ...currentParams() }),
+      // chat + history: the server wraps the conversation in the chat template ("User: ...\n
+      // Assistant: ...\nUser: <text>\nAssistant:") and ends the reply at the next "\nUser:" turn,
+      // as /v1/chat/completions does
+      body: JSON.stringify({ text, stream: true, chat: true, history, conversation_id: state.conversationId,
+                             ...currentParams() }),
     });
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
@@ -354,6 +384,11 @@
       renderParams(reply.node.querySelector(".params"), done.config);
       renderStats(reply.node.querySelector(".stats"), done.stats);
       renderNodeBar(reply.node.querySelector(".nodebar"), done.stats.node_ms);
+      if (done.trimmed_turns) {
+        reply.node.querySelector(".status").textContent =
+          `${done.trimmed_turns} oldest message${done.trimmed_turns === 1 ? "" : "s"} left out to fit the ` +
+          `model's context (n_ctx ${(state.config && state.config.n_ctx) || "?"} tokens with room for the reply)`;
+      }
     }
     scrollToEnd(false);
   }
@@ -404,6 +439,9 @@
   function renderStats(box, stats) {
     const parts = [
       ["tokens", `${stats.tokens} tokens`],
+      ["prompt", `prompt ${stats.prompt_tokens != null ? stats.prompt_tokens : "–"} tokens`],
+      ["reused", `${stats.cached_tokens || 0} reused from cache`],
+      ["prefill", `prefill ${fmtMs(stats.prefill_ms)}`],
       ["ttft", `first token ${fmtMs(stats.ttft_ms)}`],
       ["tps", stats.tokens_per_s != null ? `${stats.tokens_per_s.toFixed(1)} tok/s` : "– tok/s"],
       ["total", `${fmtMs(stats.total_ms)} total`],
@@ -490,10 +528,7 @@
       }
     });
     $("stop").addEventListener("click", () => state.controller && state.controller.abort());
-    $("clear").addEventListener("click", () => {
-      for (const m of $("log").querySelectorAll(".msg")) m.remove();
-      $("empty").hidden = false;
-    });
+    $("clear").addEventListener("click", newChat);
     $("conn").addEventListener("click", () => { state.retryMs = RETRY_MIN_MS; checkHealth(true); });
     $("token-btn").addEventListener("click", () => {
       const panel = $("token-panel");

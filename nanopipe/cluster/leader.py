@@ -69,7 +69,8 @@ class Leader(Membership, ClientProtocol):
         self.tokenizer = tokenizer
         self.log = log_fn
         self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
-        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions)
+        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions,
+                                   prefix_cache_bytes=cluster.prefix_cache_bytes())
         self.ring: Ring | None = None
         # ring epochs count up from a random start, so a restarted leader never reuses one that a
         # worker may still hold frames of
@@ -214,7 +215,15 @@ class Leader(Membership, ClientProtocol):
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
-                "placement": self._placement_status(), **self._weights_summary()}
+                "placement": self._placement_status(), **self._prefix_status(), **self._weights_summary()}
+
+    def _prefix_status(self) -> dict:
+        """Prompt tokens reused from kept caches vs computed, and what is kept (nanopipe/prefix.py)."""
+        s = self.scheduler
+        return {"prompt_tokens_cached": s.stats["prompt_tokens_cached"],
+                "prompt_tokens_computed": s.stats["prompt_tokens_computed"],
+                "prefix_hits": s.prefix.stats["hits"], "prefix_evictions": s.prefix.stats["evictions"],
+                "prefix_kept": len(s.prefix.kept), "prefix_cache_bytes": s.prefix_bytes()}
 
     def _placement_status(self) -> dict:
         """The plan and its prediction (None until every node is measured), and predicted vs measured

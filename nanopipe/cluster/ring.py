@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..decoding import is_int
 from ..engine import Scheduler
 from .net import close_now, dial
 from .node import LinkModel
@@ -58,6 +59,7 @@ class WorkerState:
     lock: threading.Lock = field(default_factory=threading.Lock)    # one sender at a time on sock
     ring_epoch: object = None       # the ring epoch it last confirmed (dialed its next hop for)
     synthetic: object = None        # its weights are random (said in its READY); None until known
+    prefix_cache_bytes: object = None   # its budget for kept caches (said in its READY); None: ours
     capacity: object = None         # placement.Capacity it measured (sent at registration), config applied
     excluded: str | None = None     # why the plan left it out of the ring (it holds no layers), else None
 
@@ -364,7 +366,8 @@ class Membership:
             with self.scheduler.lock:
                 old = self.scheduler
                 self.stage = stage
-                self.scheduler = Scheduler(stage, ring=None, max_sessions=self.cluster.max_sessions)
+                self.scheduler = Scheduler(stage, ring=None, max_sessions=self.cluster.max_sessions,
+                                           prefix_cache_bytes=self.cluster.prefix_cache_bytes())
                 self.scheduler._ids = old._ids          # session ids go on counting: no two alike
                 while not old.waiting.empty():          # requests that came in while the nodes were measured
                     self.scheduler.waiting.put(old.waiting.get())
@@ -429,6 +432,8 @@ class Membership:
         with self.lock:
             w.status = "ready"
             w.synthetic = meta.get("synthetic")
+            budget = meta.get("prefix_cache_bytes")
+            w.prefix_cache_bytes = budget if is_int(budget) and budget >= 0 else None
         self.log(f"Worker {w.rank} ready: loaded layers {_show(w.layers)}")
         weights = self._weights_summary()
         if weights["weights_mixed"]:    # the leader must know: real and random slices make gibberish
@@ -496,6 +501,7 @@ class Membership:
                 return False
             self.ring = ring
             self.scheduler.ring = ring
+            self._set_prefix_budgets(workers)
             replayed = self.scheduler.replay_all()
             self.down_since = None
             self.grace_over = False
@@ -506,6 +512,15 @@ class Membership:
                  + (f"; rank {', '.join(left)} left out by the plan" if left else "")
                  + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
         return True
+
+    def _set_prefix_budgets(self, workers: list):
+        """A new ring: every stage starts with no kept caches; each bounds them by its own budget
+        (nanopipe/prefix.py; a worker that did not say uses the leader's). `workers`: those in the ring."""
+        ours = self.scheduler.prefix.stages[0][1]
+        stages = [(len(self.stage.blocks), ours)]
+        stages += [(w.layers[1] - w.layers[0], ours if w.prefix_cache_bytes is None else w.prefix_cache_bytes)
+                   for w in workers]
+        self.scheduler.set_prefix_stages(stages)
 
     def _data_conn(self, sock, peer, hello):
         """The last worker's link back to the leader: final activations arrive here."""

@@ -23,6 +23,7 @@ import numpy as np
 from ..config import ClusterConfig
 from ..logs import worker_logger
 from ..model import GPTConfig, KVCache, blocks_forward, kernels
+from ..prefix import fork_cache
 from .net import (
     HandshakeError,
     accept,
@@ -188,7 +189,8 @@ class Worker:
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
         with self.control_lock:
             send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
-                                         "synthetic": self.stage.synthetic, "layers": [lo, hi]})
+                                         "synthetic": self.stage.synthetic, "layers": [lo, hi],
+                                         "prefix_cache_bytes": self.cluster.prefix_cache_bytes()})
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
@@ -379,10 +381,23 @@ class Worker:
             raise ProtocolError(f"{peer}: unexpected {frame.msg.name} on a data link")
 
     def _cache_for(self, s: dict, peer: str) -> KVCache:
-        """pos 0 starts (or, on a replay, restarts) a session; later rows must continue it exactly."""
+        """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
+        positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
         c = self.config
         if s["pos"] == 0:
             cache = self.caches[s["id"]] = KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
+            return cache
+        fork = s.get("fork")
+        if fork is not None:
+            if not (isinstance(fork, dict) and isinstance(fork.get("from"), str) and fork.get("n") == s["pos"]):
+                raise ProtocolError(f"{peer}: session {s['id']!r} has a bad fork {fork!r}; expected "
+                                    f"{{\"from\": kept id, \"n\": {s['pos']}}}")
+            kept = self.caches.get(fork["from"])
+            if kept is None or kept.length < s["pos"] or fork["from"] == s["id"]:
+                have = None if kept is None else kept.length
+                raise ProtocolError(f"{peer}: session {s['id']!r} forks {s['pos']} positions of {fork['from']!r}, "
+                                    f"which this stage holds {have} of; the ring is out of step")
+            cache = self.caches[s["id"]] = fork_cache(kept, s["pos"])
             return cache
         cache = self.caches.get(s["id"])
         if cache is None or cache.length != s["pos"]:

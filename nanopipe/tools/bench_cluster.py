@@ -7,7 +7,9 @@
   per-stream tokens/s, p50/p95 time per token (continuous batching is what makes 8 streams cheap);
 - `positions`: time per token at context positions 16, 256 and 1000 (the KV cache keeps it flat);
 - `links`: a simulated link on every hop (latency + bandwidth) for 2..8 nodes, measured, next to the
-  model  time per token = sum of stage compute + hops x (latency + bytes / bandwidth).
+  model  time per token = sum of stage compute + hops x (latency + bytes / bandwidth);
+- `conversation`: a multi-turn chat on a cluster over a simulated WiFi link, first-token time of
+  every turn with prefix reuse (nanopipe/prefix.py) and without (prefix_cache_mb: 0), in one run.
 
 All of it runs the real code: the scheduler of `engine.py`, real `serve`/`join` processes.
 """
@@ -305,6 +307,69 @@ def links(weights: str, node_counts=(2, 3, 4, 8), names=("loopback", "thunderbol
     return rows
 
 
+class Conversation:
+    """One chat as a client holds it: turn 1 sends a system prompt + a user message; each later turn
+    sends everything so far (prompts and greedy replies) + a new user message. `seed` picks the
+    (random-id) messages, so two Conversations with one seed send the same turns."""
+
+    def __init__(self, seed: int, system_len: int, user_len: int, reply_len: int):
+        self.rng = np.random.default_rng(seed)
+        self.user_len, self.reply_len = user_len, reply_len
+        self.prompt = self.words(system_len) + self.words(user_len)
+
+    def words(self, n: int) -> list:
+        return [int(t) for t in self.rng.integers(300, 40000, n)]
+
+    def turn(self, client) -> dict:
+        """Send the next turn: prompt tokens, tokens reused, and the first token's time as the client
+        sees it (request sent -> first TOKEN frame)."""
+        first = {}
+        t0 = time.perf_counter()
+        r = client.generate(list(self.prompt), SamplingParams("greedy", max_tokens=self.reply_len), text=False,
+                            ignore_eos=True, on_token=lambda _t, _x: first.setdefault("t", time.perf_counter()))
+        row = {"prompt_tokens": len(self.prompt), "cached_tokens": r.get("cached_tokens", 0),
+               "first_token_ms": (first["t"] - t0) * 1000, "token_ids": r["token_ids"]}
+        self.prompt = self.prompt + r["token_ids"] + self.words(self.user_len)
+        return row
+
+
+def conversation(weights: str, nodes: int = 3, n_turns: int = 6, link: str = "wifi", system_len: int = 64,
+                 user_len: int = 24, reply_len: int = 16, repeats: int = 3, echo=print) -> list:
+    """First-token time of each turn of a conversation, with prefix reuse and without
+    (prefix_cache_mb: 0), on two `nodes`-node loopback clusters whose every hop is the simulated
+    `link` (LINKS). Both clusters run side by side and take turns, the same turn on one right after
+    the other, so a noisy machine slows both alike; `repeats` conversations (new messages each
+    time), median per turn. Target: turn 6's first token >= 5x sooner with reuse; the greedy
+    replies must be the same tokens both ways."""
+    latency, mbps = LINKS[link]
+    extra = {"link_delay_ms": latency, "link_mbps": mbps}
+    echo(f"{repeats} x a {n_turns}-turn conversation, two {nodes}-node clusters over simulated {link} "
+         f"({latency} ms, {mbps:g} Mbit/s per hop): prefix reuse and full prefill, turn by turn ...")
+    times = {"reuse": [[] for _ in range(n_turns)], "full": [[] for _ in range(n_turns)]}
+    first_run, same = {}, True
+    with LocalCluster(weights, nodes=nodes, cluster_extra=extra) as reuse, \
+            LocalCluster(weights, nodes=nodes, cluster_extra={**extra, "prefix_cache_mb": 0}) as full, \
+            reuse.client(timeout=300) as a, full.client(timeout=300) as b:
+        for rep in range(repeats):
+            chats = {"reuse": Conversation(rep, system_len, user_len, reply_len),
+                     "full": Conversation(rep, system_len, user_len, reply_len)}
+            for i in range(n_turns):
+                got = {"reuse": chats["reuse"].turn(a), "full": chats["full"].turn(b)}
+                same = same and got["reuse"]["token_ids"] == got["full"]["token_ids"]
+                for mode in got:
+                    times[mode][i].append(got[mode]["first_token_ms"])
+                if rep == 0:
+                    first_run[i] = got
+    rows = []
+    for i in range(n_turns):
+        ms_reuse, ms_full = float(np.median(times["reuse"][i])), float(np.median(times["full"][i]))
+        rows.append({"turn": i + 1, "prompt_tokens": first_run[i]["reuse"]["prompt_tokens"],
+                     "reused_tokens": first_run[i]["reuse"]["cached_tokens"],
+                     "first_token_ms_reuse": round(ms_reuse, 1), "first_token_ms_full": round(ms_full, 1),
+                     "speedup": round(ms_full / ms_reuse, 2), "same_tokens": same})
+    return rows
+
+
 def table(rows: list, cols: list) -> str:
     """A plain text table of `cols` (key names) for `rows` (dicts)."""
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
@@ -394,7 +459,7 @@ def _ratio(row) -> str:
 def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int = 32, bandwidth_mb: int = 1024,
             nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
             positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
-            reference=None, placement_bench: bool = False, echo=print) -> dict:
+            reference=None, placement_bench: bool = False, conversation: bool = False, echo=print) -> dict:
     import os
 
     from .bench import DEFAULT_WEIGHTS, ensure_weights, run_bench, write_csv
@@ -467,4 +532,14 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
             echo(table(rows, ["partition", "streams", "split", "speeds_gbps", "measured_tok_s", "predicted_tok_s",
                               "stage_predicted_ms", "stage_measured_ms"]))
         save("placement", rows)
+    if conversation:
+        echo("== a 6-turn conversation over WiFi: prefix reuse vs full prefill ==")
+        rows = globals()["conversation"](weights, nodes=max(nodes, 3), echo=echo)
+        report["conversation"] = rows
+        echo(table(rows, ["turn", "prompt_tokens", "reused_tokens", "first_token_ms_reuse", "first_token_ms_full",
+                          "speedup", "same_tokens"]))
+        last = rows[-1]
+        echo(f"turn {last['turn']}: first token {last['speedup']:.2f}x sooner with reuse (target >= 5x); greedy "
+             f"replies {'identical' if all(r['same_tokens'] for r in rows) else 'DIFFER'}")
+        save("conversation", rows)
     return report

@@ -696,16 +696,19 @@ def _find_real_weights(config_dir, model_name=None):
 @click.option("--single/--no-single", default=True, show_default=True, help="The single-process bandwidth bench.")
 @click.option("--placement", "placement_bench", is_flag=True,
               help="3 nodes, one worker at 25% of a core (cgroup; root): even vs auto, 1 and 8 streams.")
+@click.option("--conversation", is_flag=True,
+              help="A 6-turn chat on 3 nodes over simulated WiFi: first-token times with prefix reuse and without.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write every table as CSV (the sweep also as PNG) here.  [default: print only]")
 @_fail_clean
 def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
-          single, placement_bench, out_dir):
+          single, placement_bench, out_dir, conversation):
     """Measure tokens/s: one process against the memory bound, a cluster, concurrency, context, links."""
     from .bench_cluster import run_all
     run_all(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
             link_delay_ms=link_delay_ms, link_mbps=link_mbps, sweep=sweep, positions=positions, links=links,
-            single=single, out_dir=out_dir, placement_bench=placement_bench, echo=click.echo)
+            single=single, out_dir=out_dir, placement_bench=placement_bench, conversation=conversation,
+            echo=click.echo)
 
 
 @main.command("trace", short_help="Follow each token of PROMPT round the cluster.")
@@ -714,13 +717,16 @@ def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights file (default: the model's, else synthetic gpt2 weights, written on first use).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=3, show_default=True, help="Tokens to trace.")
+@click.option("--then", "then", default=None, metavar="TEXT",
+              help="A second turn: generate for PROMPT first, then trace PROMPT + its reply + TEXT, which "
+                   "reuses the first turn's KV cache on every stage.  [default: one turn]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for tools.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
               help="Trace on a running cluster (HOST may be a host_ip name).  [default: a local cluster of --nodes]")
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder holding the YAML configs.")
 @_fail_clean
-def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_dir):
+def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, config_dir):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
     from ..cluster.client import ClientError
     from .trace import TraceError, format_trace, resolve_weights, run_trace
@@ -733,7 +739,7 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, as_json, leader, config_d
         token, tls_ca = _leader_auth(config_dir) if leader else (None, None)
         leader = resolve_leader(config_dir, leader) if leader else None
         report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
-                           token=token, tls_ca=tls_ca, log=log)
+                           token=token, tls_ca=tls_ca, log=log, then=then)
     except (TraceError, ClientError) as e:
         raise UserError(str(e)) from None
     click.echo(json.dumps(report) if as_json else format_trace(report))

@@ -64,29 +64,34 @@ def is_synthetic(path: str) -> bool:
 
 
 def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights: str | None = None,
-              max_tokens: int = 3, token: str | None = None, tls_ca: str | None = None, log=print) -> dict:
+              max_tokens: int = 3, token: str | None = None, tls_ca: str | None = None, log=print,
+              then: str | None = None) -> dict:
     """Generate `max_tokens` tokens for `prompt` with tracing on; returns the report `format_trace` prints.
 
     With `leader` ("HOST:PORT") it runs on that cluster; otherwise it starts a LocalCluster of `nodes`
     processes on 127.0.0.1 over `weights`, and stops it afterwards. `token` and `tls_ca` (the
-    cluster's tls_cert) are what dialing `leader` needs.
+    cluster's tls_cert) are what dialing `leader` needs. With `then` (text), a second turn: `prompt`
+    runs first untraced, then prompt + its reply + `then` is traced, reusing the first turn's cache.
     """
     from ..tokenizer import get_tokenizer
     tok = get_tokenizer()
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise TraceError("the prompt is empty: give some text to trace")
+    then_ids = tok.encode(then) if then else None
+    if then is not None and not then_ids:
+        raise TraceError("--then is empty: give the text of the second turn")
     if leader is not None:
         from ..cluster.client import LeaderClient
         with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
-            report = _trace(c, prompt_ids, max_tokens)
+            report = _trace(c, prompt_ids, max_tokens, then_ids)
         report.update(leader=leader, weights=None, synthetic=None)
     else:
-        report = _trace_local(prompt_ids, nodes, weights, max_tokens, log)
-    return _describe(report, prompt, tok)
+        report = _trace_local(prompt_ids, nodes, weights, max_tokens, log, then_ids)
+    return _describe(report, tok.decode(report["prompt_ids"]) if then_ids else prompt, tok)
 
 
-def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, log) -> dict:
+def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, log, then_ids=None) -> dict:
     import tempfile
 
     from ..partition import PartitionError, even
@@ -103,7 +108,7 @@ def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, lo
         try:
             cluster.start()
             with cluster.client() as c:
-                report = _trace(c, prompt_ids, max_tokens)
+                report = _trace(c, prompt_ids, max_tokens, then_ids)
         except (RuntimeError, TimeoutError) as e:
             raise TraceError(f"the local cluster did not run: {e}") from None
         finally:
@@ -112,9 +117,13 @@ def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, lo
     return report
 
 
-def _trace(client, prompt_ids: list, max_tokens: int) -> dict:
-    """One traced generation over an open LeaderClient: the leader's TOKEN metas, as they came."""
+def _trace(client, prompt_ids: list, max_tokens: int, then_ids=None) -> dict:
+    """One traced generation over an open LeaderClient: the leader's TOKEN metas, as they came.
+    With `then_ids`, a first turn runs untraced and prompt + its reply + then_ids is traced."""
     status = client.status()
+    if then_ids:
+        first = client.generate(list(prompt_ids), None, max_tokens=max_tokens, text=False)
+        prompt_ids = list(prompt_ids) + list(first.get("token_ids", [])) + list(then_ids)
     events: list = []
     result = client.generate(prompt_ids, None, max_tokens=max_tokens, trace=True, text=False,
                              on_event=events.append)
@@ -122,7 +131,8 @@ def _trace(client, prompt_ids: list, max_tokens: int) -> dict:
         raise TraceError("the leader sent no trace data; it runs an older nanopipe: update every node")
     nodes = [{"rank": n["rank"], "host": n["host"], "layers": n["layers"]} for n in status["nodes"]]
     return {"prompt_ids": list(prompt_ids), "nodes": nodes, "strategy": result.get("decoding_strategy"),
-            "events": events, "token_ids": result.get("token_ids", [])}
+            "events": events, "token_ids": result.get("token_ids", []),
+            "cached_tokens": result.get("cached_tokens") or 0, "cached_from": result.get("cached_from")}
 
 
 def _describe(raw: dict, prompt: str, tok) -> dict:
@@ -138,6 +148,7 @@ def _describe(raw: dict, prompt: str, tok) -> dict:
     return {"prompt": prompt, "prompt_ids": raw["prompt_ids"], "prompt_pieces": tok.pieces(raw["prompt_ids"]),
             "leader": raw["leader"], "weights": raw["weights"], "synthetic": raw["synthetic"],
             "strategy": raw["strategy"], "nodes": raw["nodes"], "tokens": tokens,
+            "cached_tokens": raw.get("cached_tokens", 0), "cached_from": raw.get("cached_from"),
             "text": tok.decode(raw["token_ids"])}
 
 
@@ -157,10 +168,16 @@ def format_trace(report: dict) -> str:
     lines.append("plan:   " + " | ".join(f"rank {n['rank']} {n['host']} layers {_layers(n['layers'])}"
                                          for n in report["nodes"]))
     lines.append(f"prompt: {report['prompt_pieces']} -> {report['prompt_ids']}")
+    cached = report.get("cached_tokens") or 0
+    if cached:
+        lines.append(f"prefix: {cached} of {len(report['prompt_ids'])} prompt tokens reused from the KV cache "
+                     f"session {report.get('cached_from')} left on every stage; "
+                     f"{len(report['prompt_ids']) - cached} prefilled")
     for t in report["tokens"]:
         rows = t["hops"][0]["shape"][0]
         route = "round the ring" if len(t["hops"]) > 1 else "through rank 0 alone"
-        kind = (f"prefill: the {rows}-row prompt goes {route}" if t["index"] == 0
+        rest = f" (the {cached} before it reused)" if cached else ""
+        kind = (f"prefill: the {rows}-row prompt{rest} goes {route}" if t["index"] == 0
                 else f"decode: {rows} row{'s' if rows != 1 else ''} go{'es' if rows == 1 else ''} {route}")
         lines += ["", f"token {t['index'] + 1}: {t['piece']!r} (id {t['id']}), p={_prob(t['prob'])}    {kind}"]
         lines += _hop_table(t)

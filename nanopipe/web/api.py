@@ -336,6 +336,10 @@ class Generation:
             "total_ms": round((time.perf_counter() - self.t0) * 1000, 1),
             "finish_reason": result.get("finish_reason"),
             "node_ms": result.get("node_ms") or {},
+            # prefix reuse: how much of the prompt every stage still held from an earlier request
+            "prompt_tokens": len(result.get("prompt_ids") or self.prompt),
+            "cached_tokens": result.get("cached_tokens") or 0,
+            "prefill_ms": result.get("prefill_ms"),
         }
 
     def _run(self):
@@ -365,11 +369,14 @@ class Generation:
         self._q.put(("token", token_id, text or ""))
 
 
-def start_generation(prompt_ids: list, params: SamplingParams, route: str, field: str, echo: bool = False,
+def start_generation(prompt_ids, params: SamplingParams, route: str, field: str, echo: bool = False,
                      top_logprobs: int = 0) -> Generation:
-    """Dial the leader, check the prompt fits its context, and return the (not yet started) generation."""
+    """Dial the leader, check the prompt fits its context, and return the (not yet started) generation.
+    `prompt_ids` may be a function of the leader's n_ctx (a conversation trimmed to fit it)."""
     client = connect()
     try:
+        if callable(prompt_ids):
+            prompt_ids = prompt_ids(state().leader_info.get("n_ctx"))
         check_fits(params, prompt_ids, state().leader_info.get("n_ctx"), field)
     except ApiError:
         client.close()

@@ -35,7 +35,8 @@ from .openai import CHAT_STOP, chat_prompt
 
 RECONNECT_ATTEMPTS = 3
 CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream", "stop",
-               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "chat")
+               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "chat", "history",
+               "conversation_id")
 
 
 def register(app: Flask):
@@ -65,7 +66,8 @@ def chat_request(body: dict) -> tuple:
                         f"one of {', '.join(sorted(STRATEGIES))}")
     stream = flag(body, "stream")
     stop = ()
-    if flag(body, "chat"):      # the page: text is the user's turn, in /v1/chat/completions' template
+    # the page: text is the user's turn, in /v1/chat/completions' template (with `history`, after it)
+    if flag(body, "chat") or body.get("history") is not None:
         text, stop = chat_prompt([{"role": "user", "content": text}]), (CHAT_STOP,)
     return text, resolve(strategy, sampling_fields(body, stop)), stream
 
@@ -73,7 +75,8 @@ def chat_request(body: dict) -> tuple:
 def usage_of(result: dict, gen: Generation) -> dict:
     """OpenAI's token counts for one reply: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}."""
     prompt = len(result.get("prompt_ids") or gen.prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens,
+            "prompt_tokens_details": {"cached_tokens": int(result.get("cached_tokens") or 0)}}
 
 
 def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
@@ -95,19 +98,70 @@ def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
     return view if tokens is None else {"tokens_generated": tokens, **view}
 
 
+def conversation_fields(body: dict) -> tuple:
+    """/chat's optional conversation: `history` (the earlier turns, oldest first, as
+    [{"role": "user" | "assistant" | "system", "content": str}]) and `conversation_id` (any string,
+    echoed back). (None, None) without them."""
+    history, conv_id = body.get("history"), body.get("conversation_id")
+    if conv_id is not None and not (isinstance(conv_id, str) and 0 < len(conv_id) <= 128):
+        raise ApiError(400, "conversation_id: give a string of 1 to 128 characters", param="conversation_id")
+    if history is None:
+        return None, conv_id
+    if not isinstance(history, list):
+        raise ApiError(400, "history: give a list of {\"role\", \"content\"} objects, oldest first", param="history")
+    for i, m in enumerate(history):
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) and set(m) <= {"role", "content"}):
+            raise ApiError(400, f"history[{i}]: must be {{\"role\": \"user\" | \"assistant\" | \"system\", "
+                                f"\"content\": a string}}", param="history")
+    return history, conv_id
+
+
+def conversation_ids(history: list, text: str, reply_room: int, n_ctx) -> tuple:
+    """The conversation as one prompt, in /v1/chat/completions' template, trimmed to fit: while the
+    prompt and `reply_room` tokens exceed n_ctx, the oldest turn is left out (a leading system
+    message stays). Returns (token ids, how many turns were left out).
+
+    history [user "Hi", assistant "Hello!"], text "Who are you?" ->
+    "User: Hi\nAssistant: Hello!\nUser: Who are you?\nAssistant:" (0 left out if it fits)
+    """
+    keep_system = 1 if history and history[0]["role"] == "system" else 0
+    turns = list(history)
+    left_out = 0
+    while True:
+        ids = tokenizer().encode(chat_prompt(turns + [{"role": "user", "content": text}]))
+        if not n_ctx or len(ids) + reply_room <= n_ctx or len(turns) <= keep_system:
+            return ids, left_out      # (a prompt that still does not fit is refused by check_fits)
+        del turns[keep_system]
+        left_out += 1
+
+
 def _register_chat(app: Flask):
     @app.post("/chat")
     def chat():
-        text, params, stream = chat_request(json_body())
-        gen = start_generation(tokenizer().encode(text), params, "chat", "text")
+        body = json_body()
+        text, params, stream = chat_request(body)
+        history, conv_id = conversation_fields(body)
+        extra = {} if conv_id is None else {"conversation_id": conv_id}
+        if history is None:
+            gen = start_generation(tokenizer().encode(text), params, "chat", "text")
+        else:
+            trim = {}
+            text = body["text"]         # the user's turn itself; the template wraps the whole conversation
+
+            def prompt_for(n_ctx):
+                ids, trim["left_out"] = conversation_ids(history, text, params.max_tokens or 0, n_ctx)
+                return ids
+            gen = start_generation(prompt_for, params, "chat", "text")
+            extra.update(trimmed_turns=trim["left_out"], history_turns=len(history))
         if not stream:
             result = gen.run()
             return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result),
-                           usage=usage_of(result, gen))
-        return event_stream(_chat_events(gen, params), gen)
+                           usage=usage_of(result, gen), **extra)
+        return event_stream(_chat_events(gen, params, extra), gen)
 
 
-def _chat_events(gen: Generation, params: SamplingParams):
+def _chat_events(gen: Generation, params: SamplingParams, extra: dict | None = None):
     """data: {"token": id, "text": piece} per token; `event: status`; then `event: done` or `event: error`."""
     for event in gen.events():
         kind = event[0]
@@ -117,7 +171,7 @@ def _chat_events(gen: Generation, params: SamplingParams):
             yield sse({"status": event[1]}, event="status")
         elif kind == "done":
             yield sse({"response": gen.text, "config": params_view(params, gen.n_tokens),
-                       "stats": gen.stats(event[1]), "usage": usage_of(event[1], gen)}, event="done")
+                       "stats": gen.stats(event[1]), "usage": usage_of(event[1], gen), **(extra or {})}, event="done")
         else:
             err = gen.stream_error(event[1])
             yield sse({"error": err.message, "status": err.status}, event="error")

@@ -47,7 +47,11 @@ class LeaderCollector:
                                 value=status.get("live_sessions") or 0)
         for key, help_text in (("requests", "Requests the leader has admitted."),
                                ("tokens", "Tokens the leader has sampled."),
-                               ("errors", "Requests the leader failed.")):
+                               ("errors", "Requests the leader failed."),
+                               ("prompt_tokens_cached", "Prompt tokens reused from kept KV caches (prefix reuse)."),
+                               ("prompt_tokens_computed", "Prompt tokens prefilled through the model."),
+                               ("prefix_hits", "Requests that reused a kept KV cache's prefix."),
+                               ("prefix_evictions", "Kept KV caches dropped to stay within prefix_cache_mb.")):
             yield CounterMetricFamily(f"nanopipe_leader_{key}", help_text, value=status.get(key) or 0)
         nodes = status.get("nodes", [])
         up = GaugeMetricFamily("nanopipe_node_up", "1 if the node is up.", labels=["rank", "host"])
@@ -63,6 +67,9 @@ class LeaderCollector:
         if status.get("kv_cache_bytes") is not None:
             yield GaugeMetricFamily("nanopipe_leader_kv_cache_bytes", "Rank 0's KV cache memory.",
                                     value=status["kv_cache_bytes"])
+        if status.get("prefix_kept") is not None:
+            yield GaugeMetricFamily("nanopipe_prefix_kept", "Finished sessions' KV caches kept on every stage.",
+                                    value=status["prefix_kept"])
         yield from placement_metrics(status.get("placement") or {})
 
 

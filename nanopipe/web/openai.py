@@ -217,8 +217,11 @@ def _batch_usage(prompts: list, gen: BatchGeneration) -> dict:
 
 
 def _usage(result: dict, gen: Generation) -> dict:
+    """OpenAI's usage, with prompt_tokens_details.cached_tokens: the prompt tokens whose KV cache a
+    finished request left on every stage (nanopipe/prefix.py), so only the rest was prefilled."""
     prompt = len(result.get("prompt_ids") or gen.prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens,
+            "prompt_tokens_details": {"cached_tokens": int(result.get("cached_tokens") or 0)}}
 
 
 def _include_usage(body: dict) -> bool:

@@ -87,4 +87,5 @@ if __name__ == "__main__":
 
     from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
-    run_all(nodes=3, sweep=True, positions=True, links=True, placement_bench=True, out_dir=out, reference=bench_hf)
+    run_all(nodes=3, sweep=True, positions=True, links=True, placement_bench=True, conversation=True, out_dir=out,
+            reference=bench_hf)
