@@ -340,13 +340,13 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition):
         click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
                    f"in `generate`); taking it as --partition {old_partition}", err=True)
         partition = partition or old_partition
-    from ..config import check_agree, load_model_config
+    from ..config import check_agree, config_path, load_model_config
     from ..partition import format_plan, stage_bytes
     mc = load_model_config(config_dir, model_name)
     cluster = _cluster_if_any(config_dir)
     if cluster is not None and nodes is None:
         try:
-            check_agree(mc, cluster, os.path.join(config_dir, "model_config.yaml"))
+            check_agree(mc, cluster, config_path(config_dir, "model_config.yaml"))
         except ConfigError as e:
             raise UserError(f"{e} (or pass --nodes N to plan for another size)") from None
     cfg = _model_shape(config_dir, mc, weights_path)
@@ -400,11 +400,11 @@ def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
     """Configs, the layer plan, and this rank's weights file (pulled if missing and configured).
 
     `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>"."""
-    from ..config import check_agree, load_cluster_config, load_model_config, load_weights_config
+    from ..config import check_agree, config_path, load_cluster_config, load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     cc = load_cluster_config(config_dir)
     _share_cores(cc, rank)
-    check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
+    check_agree(mc, cc, config_path(config_dir, "model_config.yaml"))  # before anything is downloaded
     if weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
         weights_path = _ensure_weights(mc, src, rank, cc, config_dir, log)
