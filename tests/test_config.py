@@ -385,10 +385,10 @@ MODEL_VALUES = {
         "gpt2: layer_mapping rank 1: [3, 4, 6] skips layer 5"),
     "mapping leaves a layer out": (
         _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2], 1: [3, 4, 5], 2: [7, 8, 9, 10, 11]})),
-        "gpt2: layer_mapping: layers 6-6 are held by no rank"),
+        "gpt2: layer_mapping: layer 6 is held by no rank"),
     "mapping holds a layer twice": (
         _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [7, 11]})),
-        "gpt2: layer_mapping: ranks 0 and 1 both hold layers 3-3"),
+        "gpt2: layer_mapping: ranks 0 and 1 both hold layer 3"),
     "mapping for too few ranks": (_model(lambda d, m: m.update(layer_mapping={0: [0, 5], 1: [6, 11]})),
                                   "gpt2: layer_mapping has no entry for rank 2"),
     "empty hf_model_name": (_model(lambda d, m: m.update(hf_model_name=" ")), "'hf_model_name' is empty"),
