@@ -479,6 +479,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     cc = load_cluster_config(config_dir)
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
+    log(device_line())
     from ..cluster.leader import Leader  # numpy loads only now, after _share_cores
     from ..weights import load_stage, synthetic_note
     lo, hi = ranges[0]
@@ -488,7 +489,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges)
     from ..model import describe_kernels
-    click.echo(f"[LEADER] {describe_kernels()}")
+    log(describe_kernels())
     _on_sigterm()
     try:
         leader.serve_forever()      # logs "Server listening on <ip>:<port>"
@@ -517,6 +518,7 @@ def join(rank, host, config_dir, model_name, weights_path, n_head):
     from ..logs import worker_logger
     log = worker_logger(rank).info
     log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
+    log(device_line())
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
     from ..cluster.worker import Worker  # numpy loads only now, after _share_cores
     worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, layers=ranges[rank])
@@ -525,6 +527,18 @@ def join(rank, host, config_dir, model_name, weights_path, n_head):
         worker.run()                # logs "Loaded <n> layers for worker R", "Connected to server at ...", ...
     except KeyboardInterrupt:
         log("Shutting down")
+
+
+def device_line() -> str:
+    """The guide's "Model initialized on device: mps" line; nanopipe runs on the CPU, through numpy.
+
+    Read from the package metadata: numpy itself must not load before _share_cores has run."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        numpy = f"numpy {version('numpy')}"
+    except PackageNotFoundError:
+        numpy = "numpy"
+    return f"Model initialized on device: cpu ({numpy}; nanopipe uses no GPU)"
 
 
 def _on_sigterm():
