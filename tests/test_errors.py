@@ -88,6 +88,7 @@ def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
     assert os.path.join("weights", "gpt2-medium.safetensors") in line, line
     assert "`nanopipe pull gpt2-medium`" in line, line
     assert "pull gpt2`" not in line, line
+    assert "offline, `nanopipe init-weights weights/gpt2-medium.safetensors` writes synthetic" in line, line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,7 +256,8 @@ def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
     from ..config import load_model_config
     mc = load_model_config(config_dir, model_name)
     return (f"no weights for model {mc.name!r}: {path} does not exist. Run `nanopipe pull {mc.weights_model_name}` "
-            f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE")
+            f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE; "
+            f"offline, `nanopipe init-weights {path}` writes synthetic (random, gibberish) weights")
 
 
 def resolve_leader(config_dir, addr: str) -> str:
