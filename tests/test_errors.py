@@ -116,6 +116,17 @@ def test_resolve_leader_through_host_ip(given, addr):
     assert resolve_leader(CONFIGS, given) == addr
 
 
+def test_a_leader_name_in_no_host_ip_and_no_dns_says_so():
+    from nanopipe.tools.cli import unknown_host_hint
+    for given in ("mini9.invalid:65432", "mini9.invalid"):        # the port may go, as in --leader mini1
+        hint = unknown_host_hint(CONFIGS, given)
+        assert hint.startswith(" Note: 'mini9.invalid' is not a name in host_ip of "), hint
+        assert "cluster_config.yaml" in hint and hint.endswith(", nor a host this machine knows."), hint
+    assert unknown_host_hint(CONFIGS, "mini1:65432") == ""          # a host_ip name
+    assert unknown_host_hint(CONFIGS, "127.0.0.1:65432") == ""      # an address
+    assert unknown_host_hint(CONFIGS, "localhost:65432") == ""      # a name this machine resolves
+
+
 def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
     from nanopipe.tools.cli import resolve_leader
     assert resolve_leader(str(tmp_path), "mini1:65432") == "mini1:65432"

@@ -207,7 +207,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                                         on_status=lambda text: click.echo(f"\n[{text}]", err=True))
                     weights = _weights_of(c) if as_json else {}
             except ClientError as e:
-                raise UserError(str(e)) from None
+                raise UserError(f"{e}{unknown_host_hint(config_dir, leader)}") from None
         else:
             from ..engine import Engine
             path = resolve_weights(config_dir, model_name, weights_path)
@@ -277,6 +277,33 @@ def resolve_leader(config_dir, addr: str) -> str:
     if host not in ips:
         return addr
     return f"{ips[host]}:{port if port is not None else cc.leader.port}"
+
+
+def unknown_host_hint(config_dir, addr: str) -> str:
+    """For a --leader whose host is neither a host_ip name nor a name this machine can resolve:
+
+    "mini9:65432" -> " Note: 'mini9' is not a name in host_ip of configs/cluster_config.yaml (did
+    you mean 'mini2'?), nor a host this machine knows."; otherwise "".
+    """
+    import socket
+
+    from ..cluster.net import parse_addr
+    from ..config import load_cluster_config
+    try:
+        host = parse_addr(addr, 0)[0]
+        cc = load_cluster_config(config_dir)
+    except (ValueError, ConfigError):
+        return ""
+    names = [n.host for n in cc.nodes]
+    if host in names:
+        return ""
+    try:
+        socket.getaddrinfo(host, None)
+        return ""
+    except (OSError, UnicodeError):
+        from ..config import did_you_mean
+        return (f" Note: {host!r} is not a name in host_ip of {cc.path}{did_you_mean(host, names)}, "
+                "nor a host this machine knows.")
 
 
 def _leader_auth(config_dir) -> tuple:
