@@ -80,6 +80,21 @@ def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_confi
         assert "max_tokens <= 0" not in r.stderr, r.stderr
 
 
+def test_a_reply_past_the_context_is_refused_before_the_prompt_is_echoed(tiny_weights, tiny_config, cluster):
+    from nanopipe.tokenizer import get_tokenizer
+    prompt = "hello " * 10
+    n = len(get_tokenizer().encode(prompt))
+    assert n < tiny_config.n_ctx
+    for where in (["--weights", tiny_weights, "--config-dir", CONFIGS],
+                  ["--leader", cluster.leader_addr, "--config-dir", cluster.config_dir]):
+        r = nanopipe("generate", prompt, "--max-tokens", str(tiny_config.n_ctx), *where)
+        assert r.returncode == 1, r
+        assert r.stdout == "", f"the prompt was echoed before the error ({where[0]}): {r.stdout[:80]!r}..."
+        line = error_line(r.stderr)
+        assert f"the prompt is {n} tokens and --max-tokens is {tiny_config.n_ctx}" in line, line
+        assert f"use --max-tokens {tiny_config.n_ctx - n} or less" in line, line
+
+
 def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
     r = nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIGS, cwd=tmp_path)
     assert r.returncode == 1, r

@@ -200,7 +200,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
             addr = resolve_leader(config_dir, leader)
             try:
                 with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
-                    check_prompt_fits(len(prompt_ids), c.welcome.get("n_ctx"))
+                    check_prompt_fits(len(prompt_ids), c.welcome.get("n_ctx"), params.max_tokens)
                     start()
                     result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                         on_token=lambda t, _text: t is not None and on_token(t),
@@ -214,7 +214,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
             if not os.path.exists(path):
                 raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
             engine = Engine.load(path, n_head=n_head)
-            check_prompt_fits(len(prompt_ids), engine.config.n_ctx)
+            check_prompt_fits(len(prompt_ids), engine.config.n_ctx, params.max_tokens)
             start()
             result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
             from ..weights import synthetic_summary
@@ -240,12 +240,17 @@ def _weights_of(client) -> dict:
     return {k: status.get(k) for k in ("synthetic", "weights_mixed", "weights_note")}
 
 
-def check_prompt_fits(n_prompt: int, n_ctx):
-    """A prompt must leave room for at least one new token; the web API's wording (web.app.check_fits)."""
+def check_prompt_fits(n_prompt: int, n_ctx, max_tokens: int | None = None):
+    """Prompt and reply must fit the context, checked before the prompt is echoed; the prompt alone
+    in the web API's wording (web.app.check_fits), then the reply in the option's name."""
     if n_ctx and n_prompt >= n_ctx:
         raise UserError(f"the prompt is {n_prompt} tokens, but the model's context is n_ctx={n_ctx} tokens for "
                         f"prompt and reply together; shorten the prompt to under {n_ctx} tokens "
                         "(fewer still for a longer reply: prompt + --max-tokens <= n_ctx)")
+    if n_ctx and max_tokens and n_prompt + max_tokens > n_ctx:
+        raise UserError(f"the prompt is {n_prompt} tokens and --max-tokens is {max_tokens}: {n_prompt + max_tokens} "
+                        f"tokens, more than the model's context (n_ctx={n_ctx}) for prompt and reply together; "
+                        f"use --max-tokens {n_ctx - n_prompt} or less, or a shorter prompt")
 
 
 def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
