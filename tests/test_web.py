@@ -434,6 +434,7 @@ def test_leader_down_is_a_503_with_a_clear_message(client, leader, method, path,
     assert r.status_code == 503 and r.mimetype == "application/json"
     message = r.json["error"]["message"] if path.startswith("/v1/") else r.json["error"]
     assert "leader at 10.0.0.1:65432 is unreachable" in message
+    assert message.count("nanopipe serve --rank 0") == 1, message      # the hint once, not twice
 
 
 def test_leader_down_still_serves_config_metrics_and_models(client, leader):

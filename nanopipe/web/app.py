@@ -361,8 +361,8 @@ def connect(attempts: int = 1):
     try:
         client = cfg["CLIENT_FACTORY"](cfg["LEADER"], cfg["LEADER_TOKEN"], attempts=attempts, **tls)
     except ClientError as e:
-        raise ApiError(503, f"{e} (the web app keeps retrying; check `nanopipe serve --rank 0`)",
-                       kind="unreachable") from None
+        check = "" if "nanopipe serve --rank 0" in str(e) else "; check `nanopipe serve --rank 0`"
+        raise ApiError(503, f"{e} (the web app keeps retrying{check})", kind="unreachable") from None
     except ValueError as e:        # a malformed leader address
         raise ApiError(503, f"leader address {cfg['LEADER']!r}: {e}", kind="unreachable") from None
     info = state().leader_info
