@@ -86,8 +86,8 @@ def _load_yaml(config_dir: str, name: str) -> tuple:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         guide = f" (or the guide's {GUIDE_FILE_NAMES[name]})" if name in GUIDE_FILE_NAMES else ""
-        raise ConfigNotFound(f"{path}: not found; pass --config-dir pointing at a folder with {name}{guide} "
-                             "(the repository's configs/ is an example)") from None
+        raise ConfigNotFound(f"{path}: not found; pass --config-dir pointing at a folder with {name}{guide}; "
+                             "the repository's configs/ is an example") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except OSError as e:
