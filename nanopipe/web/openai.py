@@ -50,6 +50,7 @@ from .app import (
     ApiError,
     BatchGeneration,
     Generation,
+    check_fields,
     event_stream,
     flag,
     json_body,
@@ -94,13 +95,6 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 # ---------------------------------------------------------------------------------------------
 # Reading requests
-
-
-def check_fields(body: dict, known: tuple):
-    """Refuse a field this route does not know, naming it (a typo must not be silently ignored)."""
-    unknown = sorted(set(body) - set(known))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(known)}", param=unknown[0])
 
 
 def served_names() -> list:
