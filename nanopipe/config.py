@@ -62,14 +62,35 @@ class ConfigNotFound(ConfigError):
     file is never replaced by defaults)."""
 
 
-def _load_yaml(config_dir: str, name: str) -> tuple:
+# The guide keeps two of its files under other names; a folder copied from the guide works as it is.
+GUIDE_FILE_NAMES = {"cluster_config.yaml": "cluster_config_syncps.yaml",
+                    "model_config.yaml": os.path.join("model_parallelism", "model_config.yaml")}
+
+
+def config_path(config_dir: str, name: str) -> str:
+    """config_dir/name, or the guide's name for that file when only the guide's is there.
+
+    configs/cluster_config.yaml, else configs/cluster_config_syncps.yaml; both there is an error
+    (one of them would be silently ignored)."""
     path = os.path.join(config_dir, name)
+    guide = GUIDE_FILE_NAMES.get(name)
+    if guide is None or not os.path.exists(os.path.join(config_dir, guide)):
+        return path
+    if os.path.exists(path):
+        raise ConfigError(f"{path} and {os.path.join(config_dir, guide)} (the guide's name for it) are both "
+                          "there; keep one")
+    return os.path.join(config_dir, guide)
+
+
+def _load_yaml(config_dir: str, name: str) -> tuple:
+    path = config_path(config_dir, name)
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigNotFound(f"{path}: not found; pass --config-dir pointing at a folder with {name} "
-                             "(the repository's configs/ is an example)") from None
+        guide = f" (or the guide's {GUIDE_FILE_NAMES[name]})" if name in GUIDE_FILE_NAMES else ""
+        raise ConfigNotFound(f"{path}: not found; pass --config-dir pointing at a folder with {name}{guide}; "
+                             "the repository's configs/ is an example") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except OSError as e:

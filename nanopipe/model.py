@@ -408,7 +408,8 @@ def describe_kernels() -> str:
     if k.gemv_rows <= 1:
         line = f"linear: one gemm for every step of 2+ rows ({k.how})"
     else:
-        line = f"linear: a gemv per row for steps of 2-{k.gemv_rows} rows, one gemm above ({k.how})"
+        rows = "2" if k.gemv_rows == 2 else f"2-{k.gemv_rows}"
+        line = f"linear: a gemv per row for steps of {rows} rows, one gemm above ({k.how})"
     if k.prefill_how != "not chosen yet":
         line += f"; a lone prompt prefills {k.prefill_rows} rows a step ({k.prefill_how})"
     return line

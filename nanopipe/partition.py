@@ -147,6 +147,11 @@ def _show(lo: int, hi: int) -> str:
     return f"{lo}-{hi - 1}" if hi > lo else "none"
 
 
+def _layers(lo: int, hi: int) -> str:
+    """(4, 8) -> "layers 4-7", (7, 8) -> "layer 7"."""
+    return f"layer {lo}" if hi - lo == 1 else f"layers {_show(lo, hi)}"
+
+
 def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
     """An explicit layer_mapping from YAML, {rank: layers} with INCLUSIVE layers (see _parse_span).
 
@@ -169,11 +174,13 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
     for rank in sorted(spans):
         if not 0 <= rank < n_nodes:
             raise PartitionError(f"layer_mapping lists rank {rank} but the cluster has {n_nodes} "
-                                 f"nodes (ranks 0-{n_nodes - 1})")
+                                 f"nodes (ranks 0-{n_nodes - 1}, num_nodes: {n_nodes}); give each node's "
+                                 "layers once, or make num_nodes agree")
     for rank in range(n_nodes):
         if rank not in spans:
             raise PartitionError(f"layer_mapping has no entry for rank {rank} (it lists ranks "
-                                 f"{sorted(spans)}; the cluster has {n_nodes} nodes)")
+                                 f"{sorted(spans)}; the cluster has {n_nodes} nodes, num_nodes: {n_nodes}); "
+                                 "give each node its layers, or make num_nodes agree")
     for rank, (lo, hi) in spans.items():
         if lo < 0 or hi > n_layer:
             raise PartitionError(f"layer_mapping rank {rank}: layers {_show(lo, hi)} out of range; "
@@ -182,8 +189,8 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
     by_start = sorted(range(n_nodes), key=lambda r: spans[r])
     for a, b in zip(by_start, by_start[1:]):
         if spans[b][0] < spans[a][1]:
-            raise PartitionError(f"layer_mapping: ranks {a} and {b} both hold layers "
-                                 f"{_show(spans[b][0], min(spans[a][1], spans[b][1]))}")
+            raise PartitionError(f"layer_mapping: ranks {a} and {b} both hold "
+                                 f"{_layers(spans[b][0], min(spans[a][1], spans[b][1]))}")
     if by_start != list(range(n_nodes)):
         raise PartitionError(f"layer_mapping ranks are out of order ({_describe(spans)}); "
                              "activations flow rank 0 -> 1 -> 2 ..., so rank r+1 must start where "
@@ -193,7 +200,8 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
     edges = [(0, 0)] + ranges + [(n_layer, n_layer)]
     for prev, nxt in zip(edges, edges[1:]):
         if nxt[0] > prev[1]:
-            raise PartitionError(f"layer_mapping: layers {_show(prev[1], nxt[0])} are held by no "
+            held = "is" if nxt[0] - prev[1] == 1 else "are"
+            raise PartitionError(f"layer_mapping: {_layers(prev[1], nxt[0])} {held} held by no "
                                  f"rank ({_describe(spans)})")
     return ranges
 

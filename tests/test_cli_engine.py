@@ -106,7 +106,7 @@ def test_seed_reproduces_and_different_seeds_differ(runner, weights, strategy):
     (["--top-p", "1.5"], "top_p"),
     (["--strategy", "nope"], "strategy"),
     (["--max-tokens", "0"], "max_tokens"),
-    (["--max-tokens", "100"], "max_tokens"),           # 6 prompt tokens + 100 > n_ctx=64
+    (["--max-tokens", "100"], "--max-tokens 58 or less"),   # 6 prompt tokens + 100 > n_ctx=64
     (["--top-k", "0", "--strategy", "top_k"], "top_k"),
 ])
 def test_bad_values_are_clean_errors(runner, weights, args, field):

@@ -176,6 +176,25 @@ def test_missing_file_says_where_to_point(tmp_path, loader):
         loader(str(tmp_path))
 
 
+def test_the_guides_file_names_load_too(tmp_path):
+    """A folder copied from the guide: its cluster file is cluster_config_syncps.yaml and its model
+    file lives in model_parallelism/ (as in src/smolcluster/configs/)."""
+    (tmp_path / "model_parallelism").mkdir()
+    write(tmp_path, "cluster_config_syncps.yaml", shipped("cluster_config.yaml"))
+    write(tmp_path, "model_parallelism/model_config.yaml", shipped("model_config.yaml"))
+    assert [n.host for n in load_cluster_config(str(tmp_path)).nodes] == ["mini1", "mini2", "pi1"]
+    assert load_model_config(str(tmp_path)).name == "gpt2"
+    write(tmp_path, "cluster_config.yaml", shipped("cluster_config.yaml"))
+    with pytest.raises(ConfigError, match="cluster_config_syncps.yaml .the guide's name for it. are both there; "
+                                          "keep one"):
+        load_cluster_config(str(tmp_path))
+
+
+def test_a_missing_cluster_file_names_the_guides_name_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"with cluster_config.yaml \(or the guide's cluster_config_syncps.yaml\)"):
+        load_cluster_config(str(tmp_path))
+
+
 def test_invalid_yaml_names_the_file(tmp_path):
     path = write(tmp_path, "cluster_config.yaml", "port: [1, 2\nhost_ip: {")
     with pytest.raises(ConfigError, match="not valid YAML") as e:
@@ -396,10 +415,10 @@ MODEL_VALUES = {
         "gpt2: layer_mapping rank 1: [3, 4, 6] skips layer 5"),
     "mapping leaves a layer out": (
         _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2], 1: [3, 4, 5], 2: [7, 8, 9, 10, 11]})),
-        "gpt2: layer_mapping: layers 6-6 are held by no rank"),
+        "gpt2: layer_mapping: layer 6 is held by no rank"),
     "mapping holds a layer twice": (
         _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [7, 11]})),
-        "gpt2: layer_mapping: ranks 0 and 1 both hold layers 3-3"),
+        "gpt2: layer_mapping: ranks 0 and 1 both hold layer 3"),
     "mapping for too few ranks": (_model(lambda d, m: m.update(layer_mapping={0: [0, 5], 1: [6, 11]})),
                                   "gpt2: layer_mapping has no entry for rank 2"),
     "empty hf_model_name": (_model(lambda d, m: m.update(hf_model_name=" ")), "'hf_model_name' is empty"),

@@ -67,6 +67,21 @@ def test_too_long_prompt_is_refused_before_it_is_echoed(tiny_weights, tiny_confi
         assert "max_tokens <= 0" not in r.stderr, r.stderr
 
 
+def test_a_reply_past_the_context_is_refused_before_the_prompt_is_echoed(tiny_weights, tiny_config, cluster):
+    from nanopipe.tokenizer import get_tokenizer
+    prompt = "hello " * 10
+    n = len(get_tokenizer().encode(prompt))
+    assert n < tiny_config.n_ctx
+    for where in (["--weights", tiny_weights, "--config-dir", CONFIG_DIR],
+                  ["--leader", cluster.leader_addr, "--config-dir", cluster.config_dir]):
+        r = run_nanopipe("generate", prompt, "--max-tokens", str(tiny_config.n_ctx), *where)
+        assert r.returncode == 1, r
+        assert r.stdout == "", f"the prompt was echoed before the error ({where[0]}): {r.stdout[:80]!r}..."
+        line = error_line(r.stderr)
+        assert f"the prompt is {n} tokens and --max-tokens is {tiny_config.n_ctx}" in line, line
+        assert f"use --max-tokens {tiny_config.n_ctx - n} or less" in line, line
+
+
 def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
     r = run_nanopipe("generate", "Hello", "--model", "gpt2-medium", "--config-dir", CONFIG_DIR, cwd=tmp_path)
     assert r.returncode == 1, r
@@ -75,6 +90,7 @@ def test_missing_weights_hint_names_the_model_file_and_command(tmp_path):
     assert os.path.join("weights", "gpt2-medium.safetensors") in line, line
     assert "`nanopipe pull gpt2-medium`" in line, line
     assert "pull gpt2`" not in line, line
+    assert "offline, `nanopipe init-weights weights/gpt2-medium.safetensors` writes synthetic" in line, line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +116,17 @@ def test_leader_given_by_its_host_ip_name(cluster):
 def test_resolve_leader_through_host_ip(given, addr):
     from nanopipe.tools.cli import resolve_leader
     assert resolve_leader(CONFIG_DIR, given) == addr
+
+
+def test_a_leader_name_in_no_host_ip_and_no_dns_says_so():
+    from nanopipe.tools.cli import unknown_host_hint
+    for given in ("mini9.invalid:65432", "mini9.invalid"):        # the port may go, as in --leader mini1
+        hint = unknown_host_hint(CONFIG_DIR, given)
+        assert hint.startswith(" Note: 'mini9.invalid' is not a name in host_ip of "), hint
+        assert "cluster_config.yaml" in hint and hint.endswith(", nor a host this machine knows."), hint
+    assert unknown_host_hint(CONFIG_DIR, "mini1:65432") == ""          # a host_ip name
+    assert unknown_host_hint(CONFIG_DIR, "127.0.0.1:65432") == ""      # an address
+    assert unknown_host_hint(CONFIG_DIR, "localhost:65432") == ""      # a name this machine resolves
 
 
 def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):

@@ -53,6 +53,7 @@ def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, layers,
         f"[LEADER] Server will bind to IP: {ip}, Port: {port}",
         "[LEADER] Checking for model weights (local)...",
         f"[LEADER] Model weights ready at: {os.path.abspath(tiny_weights)}",
+        "[LEADER] Model initialized on device: cpu (numpy ",
         "[LEADER] Loading server's share of model layers (rank 0)...",
         f"[LEADER] Server loaded {hi - lo} layers",
         f"[LEADER] Server listening on {ip}:{port}",
@@ -66,6 +67,7 @@ def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, layers,
     tag = f"[WORKER-{rank}]"
     expected = [
         f"{tag} Worker {rank} starting. Connecting to server at {server}",
+        f"{tag} Model initialized on device: cpu (numpy ",
         f"{tag} Checking for model weights (local)...",
         f"{tag} Model weights ready at: {os.path.abspath(tiny_weights)}",
         f"{tag} Loaded {hi - lo} layers for worker {rank}",
@@ -75,8 +77,8 @@ def test_a_real_worker_prints_the_guides_worker_output_in_order(cluster, layers,
         f"{tag} Waiting for generation requests...",
     ]
     wait_in_order(cluster, rank, expected)
-    connected = next(line for line in log_of(cluster, rank).splitlines() if line.startswith(expected[4]))
-    assert re.fullmatch(re.escape(expected[4]) + r"[1-9]\d*", connected), connected
+    connected = next(line for line in log_of(cluster, rank).splitlines() if line.startswith(expected[5]))
+    assert re.fullmatch(re.escape(expected[5]) + r"[1-9]\d*", connected), connected
 
 
 def test_in_order_finds_what_is_missing_or_out_of_order():
@@ -135,4 +137,5 @@ def test_q_leader_logs_warnings_only(tiny_weights, tmp_path):
     text = log_path.read_text()
     assert "[LEADER] WARNING: no auth_token set" in text, text
     assert "Server listening" not in text and "Checking for model weights" not in text, text
+    assert "linear:" not in text and "Model initialized" not in text, text      # every INFO line, kernels too
     assert str(cluster["port"]) not in text, text

@@ -155,15 +155,15 @@ def test_a_list_of_three_or_more_must_be_consecutive(layers, message):
 
 
 @pytest.mark.parametrize("mapping, message", [
-    ({0: [0, 3], 1: [5, 7], 2: [8, 11]}, r"layers 4-4 are held by no rank"),
-    ({0: [1, 3], 1: [4, 7], 2: [8, 11]}, r"layers 0-0 are held by no rank"),
-    ({0: [0, 3], 1: [4, 7], 2: [8, 10]}, r"layers 11-11 are held by no rank"),
-    ({0: [0, 4], 1: [4, 7], 2: [8, 11]}, r"ranks 0 and 1 both hold layers 4-4"),
+    ({0: [0, 3], 1: [5, 7], 2: [8, 11]}, r"layer 4 is held by no rank"),
+    ({0: [1, 3], 1: [4, 7], 2: [8, 11]}, r"layer 0 is held by no rank"),
+    ({0: [0, 3], 1: [4, 7], 2: [8, 10]}, r"layer 11 is held by no rank"),
+    ({0: [0, 4], 1: [4, 7], 2: [8, 11]}, r"ranks 0 and 1 both hold layer 4\b"),
     ({0: [0, 11], 1: [4, 7], 2: [8, 11]}, r"ranks 0 and 1 both hold layers 4-7"),
     ({0: [0, 3], 1: [4, 7], 2: [8, 12]}, r"rank 2: layers 8-12 out of range; the model has 12"),
     ({0: [-1, 3], 1: [4, 7], 2: [8, 11]}, r"rank 0: layers -1-3 out of range"),
     ({0: [0, 3], 1: [8, 11], 2: [4, 7]}, r"out of order .*rank 1: 8-11, rank 2: 4-7"),
-    ({0: [0, 3], 1: [4, 11]}, r"no entry for rank 2"),
+    ({0: [0, 3], 1: [4, 11]}, r"no entry for rank 2 .* 3 nodes, num_nodes: 3\); give each node its layers"),
     ({0: [0, 3], 2: [4, 7], 3: [8, 11]}, r"lists rank 3 but the cluster has 3 nodes"),
     ({0: [0, 3], 1: [4, 7], 2: [8, 9], 3: [10, 11]}, r"lists rank 3 but the cluster has 3 nodes"),
     ({0: [0, 3], "0": [4, 7], 2: [8, 11]}, r"lists rank 0 twice"),

@@ -452,7 +452,8 @@ def test_frozen_worker_is_dropped_after_missed_heartbeats(tiny_weights, referenc
         with client(cl) as watcher:
             wait_until("rank 2 down in status()", lambda: node(watcher.status(), 2)["status"] == "down", 8, 0.05)
         silent_s = time.time() - t_stop["t"]
-        assert 2.5 < silent_s < 5, f"dropped after {silent_s:.1f}s of silence; the watchdog waits 3s"
+        # the watchdog waits 3 s; the bound leaves room for a loaded machine, far below a hang
+        assert 2.5 < silent_s < 10, f"dropped after {silent_s:.1f}s of silence; the watchdog waits 3s"
         wait_log(cl, 0, "Worker 2", "silent for", "dropping it")
         cl.kill_rank(2, signal.SIGKILL)      # its port is still held: only a new process can take it
         cl.start_rank(2)
@@ -473,7 +474,9 @@ def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weigh
         err = box.get("error")
         assert isinstance(err, ClientError), f"expected a ClientError, got {box}"
         assert "rank 1 (node1) did not come back within rejoin_grace_s=3s" in str(err)
-        assert 2.5 < waited < 6, f"failed after {waited:.1f}s with rejoin_grace_s=3"
+        # at least the grace; the upper bound only has to tell "the configured 3 s" from the default 30 s,
+        # with room for a loaded CI machine (measured 6.3-7.4 s at load average 9 on 2 cores)
+        assert 2.5 < waited < 15, f"failed after {waited:.1f}s with rejoin_grace_s=3"
         wait_log(cl, 0, "Failing 1 request(s): rank 1 (node1) did not come back")
         # rank 1 is down past its grace: a new request fails at once with the same message (timed in
         # test_errors.py; a request within a fresh grace waits with a STATUS, shown there too) ...

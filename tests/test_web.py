@@ -298,7 +298,8 @@ BAD_CHAT = [
     ({"text": "hi", "seed": -3}, "seed: must be an integer >= 0 or null (got -3)"),
     ({"text": "hi", "seed": "abc"}, 'seed: must be an integer >= 0 or null (got "abc")'),
     ({"text": "hi", "stream": "yes"}, 'stream: must be true or false (got "yes")'),
-    ({"text": "hi", "temprature": 1}, "unknown field 'temprature'; known fields: text, max_tokens"),
+    ({"text": "hi", "temprature": 1}, "unknown field 'temprature' (did you mean 'temperature'?); known fields: "
+                                      "text, max_tokens"),
     ({"text": "hi", "max_tokens": 64}, "max_tokens too large: prompt length 1 + max_tokens 64 = 65 exceeds the "
                                        "context size n_ctx=64"),
     ({"text": "hi" + " hi" * 69}, "text: the prompt is 70 tokens, but the model's context is n_ctx=64 tokens"),
@@ -432,6 +433,7 @@ def test_leader_down_is_a_503_with_a_clear_message(client, leader, method, path,
     assert r.status_code == 503 and r.mimetype == "application/json"
     message = r.json["error"]["message"] if path.startswith("/v1/") else r.json["error"]
     assert "leader at 10.0.0.1:65432 is unreachable" in message
+    assert message.count("nanopipe serve --rank 0") == 1, message      # the hint once, not twice
 
 
 def test_leader_down_still_serves_config_metrics_and_models(client, leader):
@@ -734,7 +736,8 @@ BAD_OPENAI = [
     ("/v1/completions", {"prompt": "Hi", "suffix": "!"}, "suffix", "suffix: not supported"),
     ("/v1/completions", {"prompt": "Hi", "user": 5}, "user", "user: must be a string"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens", "max_tokens: 0 generates nothing"),
-    ("/v1/completions", {"prompt": "Hi", "temprature": 0}, "temprature", "unknown field 'temprature'; known"),
+    ("/v1/completions", {"prompt": "Hi", "temprature": 0}, "temprature",
+     "unknown field 'temprature' (did you mean 'temperature'?); known"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "n: only n=1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo",
      "unknown field 'echo'"),

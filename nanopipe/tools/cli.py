@@ -201,21 +201,21 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
             addr = resolve_leader(config_dir, leader)
             try:
                 with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
-                    check_prompt_fits(len(prompt_ids), c.welcome.get("n_ctx"))
+                    check_prompt_fits(len(prompt_ids), c.welcome.get("n_ctx"), params.max_tokens)
                     start()
                     result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                         on_token=lambda t, _text: t is not None and on_token(t),
                                         on_status=lambda text: click.echo(f"\n[{text}]", err=True))
                     weights = _weights_of(c) if as_json else {}
             except ClientError as e:
-                raise UserError(str(e)) from None
+                raise UserError(f"{e}{unknown_host_hint(config_dir, leader)}") from None
         else:
             from ..engine import Engine
             path = configured_weights(config_dir, model_name, weights_path)
             if not os.path.exists(path):
                 raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
             engine = Engine.load(path, n_head=n_head)
-            check_prompt_fits(len(prompt_ids), engine.config.n_ctx)
+            check_prompt_fits(len(prompt_ids), engine.config.n_ctx, params.max_tokens)
             start()
             result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
             from ..weights import synthetic_summary
@@ -241,12 +241,17 @@ def _weights_of(client) -> dict:
     return {k: status.get(k) for k in ("synthetic", "weights_mixed", "weights_note")}
 
 
-def check_prompt_fits(n_prompt: int, n_ctx):
-    """A prompt must leave room for at least one new token; the web API's wording (web.app.check_fits)."""
+def check_prompt_fits(n_prompt: int, n_ctx, max_tokens: int | None = None):
+    """Prompt and reply must fit the context, checked before the prompt is echoed; the prompt alone
+    in the web API's wording (web.app.check_fits), then the reply in the option's name."""
     if n_ctx and n_prompt >= n_ctx:
         raise UserError(f"the prompt is {n_prompt} tokens, but the model's context is n_ctx={n_ctx} tokens for "
                         f"prompt and reply together; shorten the prompt to under {n_ctx} tokens "
                         "(fewer still for a longer reply: prompt + --max-tokens <= n_ctx)")
+    if n_ctx and max_tokens and n_prompt + max_tokens > n_ctx:
+        raise UserError(f"the prompt is {n_prompt} tokens and --max-tokens is {max_tokens}: {n_prompt + max_tokens} "
+                        f"tokens, more than the model's context (n_ctx={n_ctx}) for prompt and reply together; "
+                        f"use --max-tokens {n_ctx - n_prompt} or less, or a shorter prompt")
 
 
 def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
@@ -257,7 +262,8 @@ def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
     from ..config import load_model_config
     mc = load_model_config(config_dir, model_name)
     return (f"no weights for model {mc.name!r}: {path} does not exist. Run `nanopipe pull {mc.weights_model_name}` "
-            f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE")
+            f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE; "
+            f"offline, `nanopipe init-weights {path}` writes synthetic (random, gibberish) weights")
 
 
 def resolve_leader(config_dir, addr: str) -> str:
@@ -277,6 +283,33 @@ def resolve_leader(config_dir, addr: str) -> str:
     if host not in ips:
         return addr
     return f"{ips[host]}:{port if port is not None else cc.leader.port}"
+
+
+def unknown_host_hint(config_dir, addr: str) -> str:
+    """For a --leader whose host is neither a host_ip name nor a name this machine can resolve:
+
+    "mini9:65432" -> " Note: 'mini9' is not a name in host_ip of configs/cluster_config.yaml (did
+    you mean 'mini2'?), nor a host this machine knows."; otherwise "".
+    """
+    import socket
+
+    from ..cluster.net import parse_addr
+    from ..config import load_cluster_config
+    try:
+        host = parse_addr(addr, 0)[0]
+        cc = load_cluster_config(config_dir)
+    except (ValueError, ConfigError):
+        return ""
+    names = [n.host for n in cc.nodes]
+    if host in names:
+        return ""
+    try:
+        socket.getaddrinfo(host, None)
+        return ""
+    except (OSError, UnicodeError):
+        from ..config import did_you_mean
+        return (f" Note: {host!r} is not a name in host_ip of {cc.path}{did_you_mean(host, names)}, "
+                "nor a host this machine knows.")
 
 
 def _leader_auth(config_dir) -> tuple:
@@ -426,6 +459,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     cc = load_cluster_config(config_dir)
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
+    log(device_line())
     from ..cluster.leader import Leader  # numpy loads only now, after _share_cores
     from ..weights import load_stage, synthetic_note
     lo, hi = ranges[0]
@@ -437,7 +471,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
                     load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
                     weights_source=_weights_source(config_dir, mc))
     from ..model import describe_kernels
-    click.echo(f"[LEADER] {describe_kernels()}")
+    log(describe_kernels())
     _on_sigterm()
     try:
         leader.serve_forever()      # logs "Server listening on <ip>:<port>"
@@ -506,6 +540,7 @@ def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
     from ..logs import worker_logger
     log = worker_logger(rank).info
     log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
+    log(device_line())
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
     from ..cluster.worker import Worker  # numpy loads only now, after _share_cores
     fetch = None
@@ -584,6 +619,18 @@ def _join_leader(addr, config_dir, weights_path, n_head):
         worker.run()
     except KeyboardInterrupt:
         log("Shutting down")
+
+
+def device_line() -> str:
+    """The guide's "Model initialized on device: mps" line; nanopipe runs on the CPU, through numpy.
+
+    Read from the package metadata: numpy itself must not load before _share_cores has run."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        numpy = f"numpy {version('numpy')}"
+    except PackageNotFoundError:
+        numpy = "numpy"
+    return f"Model initialized on device: cpu ({numpy}; nanopipe uses no GPU)"
 
 
 def _on_sigterm():

@@ -109,13 +109,13 @@ def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, parti
     memory come from cluster_config.yaml's `nodes:` or are unknown. With partition auto (or not set)
     and every node known, the ranges are the ones the leader would choose.
     """
-    from ..config import check_agree, load_model_config
+    from ..config import check_agree, config_path, load_model_config
     from ..partition import stage_bytes
     mc = load_model_config(config_dir, model_name)
     cluster = cluster_if_any(config_dir)
     if cluster is not None and nodes is None:
         try:
-            check_agree(mc, cluster, os.path.join(config_dir, "model_config.yaml"))
+            check_agree(mc, cluster, config_path(config_dir, "model_config.yaml"))
         except ConfigError as e:
             raise SetupError(f"{e} (or pass --nodes N to plan for another size)") from None
     cfg = model_shape(config_dir, mc, weights_path)
@@ -230,8 +230,8 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
 
     `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>".
     """
-    from ..config import check_agree, load_weights_config
-    check_agree(mc, cc, os.path.join(config_dir, "model_config.yaml"))  # before anything is downloaded
+    from ..config import check_agree, config_path, load_weights_config
+    check_agree(mc, cc, config_path(config_dir, "model_config.yaml"))  # before anything is downloaded
     if weights_path is None and rank > 0 and planned_by_leader(mc):
         # the leader says which blocks once every node is measured: pull them then (join's fetch);
         # weights_path stays None unless the whole file is here

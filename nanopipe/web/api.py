@@ -179,8 +179,8 @@ def connect(attempts: int = 1):
     try:
         client = cfg["CLIENT_FACTORY"](cfg["LEADER"], cfg["LEADER_TOKEN"], attempts=attempts, **tls)
     except ClientError as e:
-        raise ApiError(503, f"{e} (the web app keeps retrying; check `nanopipe serve --rank 0`)",
-                       kind="unreachable") from None
+        check = "" if "nanopipe serve --rank 0" in str(e) else "; check `nanopipe serve --rank 0`"
+        raise ApiError(503, f"{e} (the web app keeps retrying{check})", kind="unreachable") from None
     except ValueError as e:        # a malformed leader address
         raise ApiError(503, f"leader address {cfg['LEADER']!r}: {e}", kind="unreachable") from None
     info = state().leader_info
@@ -224,6 +224,19 @@ def model_aliases() -> list:
     info = state().leader_info
     names = info["aliases"] if "model" in info and "aliases" in info else current_app.config["MODEL_ALIASES"]
     return [n for n in names if n and n != model_name()]
+
+
+def check_fields(body: dict, known) -> None:
+    """Refuse a field the route does not know, naming it and the closest known one (a typo must not
+    be silently ignored): {"temprature": 0} -> 400 "unknown field 'temprature' (did you mean
+    'temperature'?); known fields: ..."."""
+    import difflib
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ApiError(400, f"unknown field {unknown[0]!r}{hint}; known fields: {', '.join(known)}",
+                       param=unknown[0])
 
 
 def check_fits(params: SamplingParams, prompt_ids: list, n_ctx, field: str):

@@ -16,6 +16,7 @@ from .api import (
     WEIGHTS_KEYS,
     ApiError,
     Generation,
+    check_fields,
     decoding_defaults,
     event_stream,
     flag,
@@ -56,9 +57,7 @@ def chat_request(body: dict) -> tuple:
     {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False);
     {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ("Hi", top_k, False), whatever the default.
     """
-    unknown = sorted(set(body) - set(CHAT_FIELDS))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(CHAT_FIELDS)}", param=unknown[0])
+    check_fields(body, CHAT_FIELDS)
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, "text: give the prompt as a non-empty string", param="text")

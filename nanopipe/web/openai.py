@@ -50,6 +50,7 @@ from .api import (
     ApiError,
     BatchGeneration,
     Generation,
+    check_fields,
     event_stream,
     flag,
     json_body,
@@ -84,13 +85,6 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 # ---------------------------------------------------------------------------------------------
 # Reading requests
-
-
-def check_fields(body: dict, known: tuple):
-    """Refuse a field this route does not know, naming it (a typo must not be silently ignored)."""
-    unknown = sorted(set(body) - set(known))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; known fields: {', '.join(known)}", param=unknown[0])
 
 
 def served_names() -> list:
