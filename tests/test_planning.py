@@ -6,11 +6,12 @@ server on 127.0.0.1 (tests/httpserver.py).
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import yaml
 
-from nanopipe.config import load_cluster_config, load_model_config, load_weights_config
+from nanopipe.config import ConfigError, load_cluster_config, load_model_config, load_weights_config
 from nanopipe.partition import PartitionError, stage_bytes
 from nanopipe.tools.localcluster import write_configs
 from nanopipe.tools.planning import SetupError, model_shape, plan_ranges, plan_table, planning_shape, setup_rank
@@ -61,6 +62,23 @@ def test_plan_table_for_disagreeing_configs_says_to_pass_nodes(tmp_path, tiny):
     with pytest.raises(SetupError, match=r"\(or pass --nodes N to plan for another size\)"):
         plan_table(d, weights_path=tiny)
     assert plan_table(d, weights_path=tiny, nodes=2).ranges == [(0, 2), (2, 4)]
+
+
+def test_plan_and_setup_under_the_guides_file_names_name_the_guides_file(tmp_path, tiny):
+    """A folder with the guide's names (cluster_config_syncps.yaml, model_parallelism/model_config.yaml)
+    plans as it is, and a disagreement names the model file that is there, not one that is not."""
+    d = configs(tmp_path, tiny)
+    edit_model(d, num_nodes=2)
+    os.rename(os.path.join(d, "cluster_config.yaml"), os.path.join(d, "cluster_config_syncps.yaml"))
+    os.mkdir(os.path.join(d, "model_parallelism"))
+    guide_model = os.path.join(d, "model_parallelism", "model_config.yaml")
+    os.rename(os.path.join(d, "model_config.yaml"), guide_model)
+    with pytest.raises(SetupError, match=re.escape(f"{guide_model}: local: num_nodes=2 but")):
+        plan_table(d, weights_path=tiny)
+    assert plan_table(d, weights_path=tiny, nodes=2).ranges == [(0, 2), (2, 4)]
+    mc, cc = load_model_config(d), load_cluster_config(d)
+    with pytest.raises(ConfigError, match=re.escape(f"{guide_model}: local: num_nodes=2 but")):
+        setup_rank(d, mc, cc, tiny, 1, log=lambda _line: None)
 
 
 def test_plan_ranges_follows_the_layer_mapping_only_for_its_node_count(tmp_path, tiny):
