@@ -18,8 +18,12 @@ PROMPT = [15496, 995, 11, 616]
 
 
 def test_a_worker_left_out_stands_by_and_the_ring_skips_it(tiny_weights):
+    # every speed given (not measured), so the plan does not depend on what else loads this machine:
+    # node2 is fast enough that its blocks beat a hop, node0 slow enough to keep only its one block
     cl = LocalCluster(tiny_weights, nodes=3, partition="auto",
-                      cluster_extra={"nodes": {"node1": {"speed_gbps": 0.001, "speed8_gbps": 0.001}}})
+                      cluster_extra={"nodes": {"node0": {"speed_gbps": 0.01, "speed8_gbps": 0.01},
+                                               "node2": {"speed_gbps": 10, "speed8_gbps": 10},
+                                               "node1": {"speed_gbps": 0.001, "speed8_gbps": 0.001}}})
     with cl:
         with cl.client() as c:
             st = c.status()
