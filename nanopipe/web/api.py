@@ -355,13 +355,19 @@ class Generation:
             "prefill_ms": result.get("prefill_ms"),
         }
 
+    def _call(self) -> tuple:
+        """Ask the leader; (every result, what the "done" event carries)."""
+        result = self.client.generate(self.prompt, self.params, on_token=self._on_token,
+                                      on_status=lambda text: self._q.put(("status", text)),
+                                      echo=self.echo, top_logprobs=self.top_logprobs)
+        return [result], result
+
     def _run(self):
         try:
-            result = self.client.generate(self.prompt, self.params, on_token=self._on_token,
-                                          on_status=lambda text: self._q.put(("status", text)),
-                                          echo=self.echo, top_logprobs=self.top_logprobs)
-            self.metrics.observe_nodes(result.get("node_ms") or {})
-            self._q.put(("done", result))
+            results, done = self._call()
+            for r in results:
+                self.metrics.observe_nodes(r.get("node_ms") or {})
+            self._q.put(("done", done))
         except ClientError as e:
             self._q.put(("error", e))
         except Exception as e:  # a broken connection must end the response, not hang it
@@ -421,19 +427,12 @@ class BatchGeneration(Generation):
     def text_of(self, i: int) -> str:
         return "".join(self.texts[i])
 
-    def _run(self):
-        try:
-            results = self.client.generate_batch(self.prompt, self.params, seeds=self.seeds, on_token=self._on_token,
-                                                 on_status=lambda text: self._q.put(("status", text)),
-                                                 echo=self.echo, top_logprobs=self.top_logprobs,
-                                                 score_only=True if self.score_only else None)
-            for r in results:
-                self.metrics.observe_nodes(r.get("node_ms") or {})
-            self._q.put(("done", results))
-        except ClientError as e:
-            self._q.put(("error", e))
-        except Exception as e:  # a broken connection must end the response, not hang it
-            self._q.put(("error", ClientError(f"lost the leader mid-reply: {type(e).__name__}: {e}", "cluster")))
+    def _call(self) -> tuple:
+        results = self.client.generate_batch(self.prompt, self.params, seeds=self.seeds, on_token=self._on_token,
+                                             on_status=lambda text: self._q.put(("status", text)),
+                                             echo=self.echo, top_logprobs=self.top_logprobs,
+                                             score_only=True if self.score_only else None)
+        return results, results
 
     def _on_token(self, i, token_id, text):
         if token_id is not None:
