@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-engine parity-env parity bench lint golden clean
+.PHONY: install test test-engine parity-env parity bench-env bench lint golden clean
 
 install: $(STAMP)
 
@@ -36,9 +36,13 @@ parity-env:
 parity: parity-env
 	$(PARITY_VENV)/bin/python -m pytest -q -s tests/parity tests/test_golden.py
 
-# every benchmark (one process vs the memory bound and HF transformers, 3 nodes, concurrency,
-# context positions, simulated links); tables as CSV in artifacts/bench. Not part of `make test`.
-bench: parity-env
+# every benchmark (one process vs the memory bound, HF transformers and llama.cpp float32, 3 nodes,
+# concurrency, context positions, simulated links, placement, conversations); tables as CSV in
+# artifacts/bench. Not part of `make test`.
+bench-env: parity-env
+	$(PARITY_VENV)/bin/python -m pip install -q -r requirements-bench.txt
+
+bench: bench-env
 	$(PARITY_VENV)/bin/python tests/parity/hf_bench.py artifacts/bench
 
 lint: install

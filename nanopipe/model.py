@@ -18,6 +18,7 @@ A batched step's T rows are its sequences' new rows one after another; one seque
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -278,6 +279,37 @@ PREFILL_CANDIDATES = (64, 128, 256)
 MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
 
 
+@contextlib.contextmanager
+def measuring_alone(timeout_s: float = 60.0):
+    """Hold this machine's timing lock while measuring: processes on one machine (several nodes
+    started together, the guide's loopback setups, a test cluster) take turns, so none times its
+    kernels or speed while another is timing its own — they would measure each other.
+
+    A file lock (fcntl.flock on <tmp>/nanopipe-measure.lock): released by the kernel if the holder
+    dies. After `timeout_s` of waiting, or where flock does not exist, it measures anyway.
+    """
+    try:
+        import fcntl
+    except ImportError:                         # not on Windows: measure without taking turns
+        yield
+        return
+    import tempfile
+    f = open(os.path.join(tempfile.gettempdir(), "nanopipe-measure.lock"), "a")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        yield
+    finally:
+        f.close()                               # closing the file drops the lock
+
+
 def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:
     """The largest row count for which a gemv per row beats one gemm, timed on `blocks`' own matrices.
 
@@ -376,7 +408,8 @@ def choose_gemv_rows(blocks) -> Kernels:
         return kernels
     n = _pinned(GEMV_ROWS_ENV)
     if n is None:
-        n, times = measure_gemv_rows(blocks)
+        with measuring_alone():
+            n, times = measure_gemv_rows(blocks)
         shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
         how = f"measured (gemm vs gemv per row: {shown})" if times else "no block matrices here to measure"
     else:
@@ -393,7 +426,8 @@ def choose_prefill_rows(blocks, n_head: int) -> Kernels:
     choose_gemv_rows(blocks)                    # the measurement runs real steps: decide their kernels first
     n = _pinned(PREFILL_ROWS_ENV)
     if n is None:
-        n, per_row = measure_prefill_rows(blocks, n_head)
+        with measuring_alone():
+            n, per_row = measure_prefill_rows(blocks, n_head)
         shown = ", ".join(f"{T} rows {ms:.3f}" for T, ms in per_row.items())
         how = f"measured (ms per row of one block: {shown})" if per_row else "no blocks here to measure"
     else:

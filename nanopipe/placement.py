@@ -9,7 +9,10 @@ and the two numbers a node reports are that speed (GB/s, measured with the model
 shapes, for one row and for a batch of 8 rows) and the memory it may use. The leader collects them
 at registration and picks the contiguous split with the best predicted time per token:
 
-    objective "throughput" (many streams): the slowest stage sets the pace of the pipeline;
+    objective "throughput" (many streams): the leader keeps `depth` batches in flight round the
+        ring (one per machine); each batch visits every stage in turn and each stage serves every
+        batch, so a cycle takes max(sum of the stages, depth x the slowest stage) — the slowest
+        stage paces separate machines, the sum paces stages that share one machine (depth 1);
     objective "latency"    (one stream):   the token visits every stage in turn, plus every hop.
 
 Subject to memory: a node must hold its blocks' weights plus their KV cache at max_sessions x n_ctx
@@ -18,13 +21,18 @@ cannot hold a single block, or whose blocks would only slow the others, gets no 
 out (the ring skips it).
 
 Worked example: gpt2 (12 blocks of 28.35 MB; rank 0 also streams wte, 154.4 MB, as the LM head),
-nodes mini1 and mini2 at 20 GB/s (40 GB/s for 8 rows) and pi5 at 5 GB/s (10), hops 1 ms, memory
-to spare. Stage times in ms per token (one row):
+nodes mini1 and mini2 at 20 GB/s (40 GB/s for 8 rows) and pi5 at 5 GB/s (10), three machines
+(depth 3), hops 1 ms, memory to spare. Stage times in ms per token (one row):
 
-    even 4/4/4      13.39 + 5.67 + 22.68 -> one stream 22.4 tok/s; 8 streams: pi5 paces, 648 tok/s
-    throughput      2/8/2: 10.55, 11.34, 11.34 -> 27.6 tok/s; 8 streams 1199 tok/s (1.85x even)
+    even 4/4/4      13.39 + 5.67 + 22.68 + 3 hops -> one stream 22.4 tok/s; 8 streams in 3
+                    batches of 3 rows: pi5 takes 11.34 + 1 ms per batch, 3 batches -> 216 tok/s
+    throughput      2/8/2: 10.55, 11.34, 11.34 -> 27.6 tok/s; 8 streams: every stage 5.3-5.7 ms
+                    per batch (+ 1 ms hop), 3 x 6.67 = 20 ms a cycle -> 400 tok/s (1.85x even)
     latency         12/0/0: 24.73 ms on mini1 alone beats any split plus its hops -> 40.4 tok/s;
                     mini2 and pi5 are left out (for one stream, a hop costs more than it saves)
+
+The same three nodes as processes of one machine (depth 1) would pay the sum for 8 streams too:
+even 335 tok/s, and throughput then also puts all 12 blocks on mini1 (647 tok/s).
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .model import measuring_alone
 from .partition import block_params
 
 GB = 1e9
@@ -231,8 +240,9 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
     # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
     room = usable_memory_bytes()
     mats = probe_matrices(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
-    s1 = measure_speed(n_embd, 1, seconds, mats)
-    s8 = measure_speed(n_embd, 8, seconds, mats)
+    with measuring_alone():                 # nodes sharing this machine take turns (model.measuring_alone)
+        s1 = measure_speed(n_embd, 1, seconds, mats)
+        s8 = measure_speed(n_embd, 8, seconds, mats)
     del mats
     mem = usable_memory_bytes() / MB
     source = "measured"
@@ -292,29 +302,46 @@ class PlacementError(ValueError):
 @dataclass
 class Placement:
     """A solved split. ranges[i] is node i's half-open (lo, hi) block range; lo == hi means the
-    node holds nothing and is left out of the ring."""
+    node holds nothing and is left out of the ring. `depth`: batches the leader keeps in flight
+    round the ring (ClusterConfig.depth(): one per machine; None: one per node)."""
     ranges: list
     objective: str
     stage_s: list                       # predicted seconds per token per node (1 row), 0 if left out
     stage8_s: list                      # predicted seconds per batch of 8 rows
     hop_s: float
     notes: list = field(default_factory=list)
+    depth: int | None = None
 
     @property
     def used(self) -> list:
         return [i for i, (lo, hi) in enumerate(self.ranges) if hi > lo or i == 0]
 
-    def tok_s(self, streams: int = 1) -> float:
-        """Predicted tokens/s. One stream visits every stage and hop in turn. Several streams keep
-        a pipeline of separate machines full: batches of up to 8 rows, and the slowest stage (plus
-        its outgoing hop) sets the pace."""
+    def step_s(self, i: int, rows: int) -> float:
+        """Node i's predicted seconds for one step of `rows` rows: the cheaper of a gemv per row and
+        one gemm per 8 rows (model.linear picks the cheaper kernel the same way)."""
+        if rows == 1:
+            return self.stage_s[i]
+        return min(rows * self.stage_s[i], math.ceil(rows / 8) * self.stage8_s[i])
+
+    def cycle_s(self, streams: int = 1) -> float:
+        """Predicted seconds until each of `streams` streams has one more token.
+
+        The leader splits the streams into g = min(depth, streams) batches in flight round the
+        ring. A batch visits every used stage and hop in turn (the sum), and each stage serves all
+        g batches once per cycle (g x the slowest stage): the larger of the two is the cycle.
+        One stream, or depth 1 (stages sharing one machine), is the sum; a pipeline as deep as
+        the ring on separate machines is paced by its slowest stage.
+        """
         used = self.used
-        hops = self.hop_s * len(used) if len(used) > 1 else 0.0
-        if streams == 1:
-            return 1.0 / (sum(self.stage_s) + hops)
         hop = self.hop_s if len(used) > 1 else 0.0
-        cycle = max(self.stage8_s[i] + hop for i in used)
-        return streams / (cycle * math.ceil(streams / 8))
+        g = max(1, min(self.depth or len(self.ranges), streams))
+        rows = math.ceil(streams / g)
+        t = [self.step_s(i, rows) + hop for i in used]
+        return max(sum(t), g * max(t))
+
+    def tok_s(self, streams: int = 1) -> float:
+        """Predicted tokens/s of `streams` concurrent streams (see cycle_s)."""
+        return streams / self.cycle_s(streams)
 
 
 def stage_seconds(shape: ModelShape, node: Capacity, n_blocks: int, rank0: bool, rows: int = 1) -> float:
@@ -333,13 +360,18 @@ def max_blocks(shape: ModelShape, node: Capacity, rank0: bool, sessions: int) ->
 
 
 def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 0.0,
-          objective: str = "throughput", min_rank0_blocks: int = 1) -> Placement:
+          objective: str = "throughput", min_rank0_blocks: int = 1, depth: int | None = None,
+          streams: int = 8) -> Placement:
     """The contiguous split of shape.n_layer blocks over `nodes` (rank order, rank 0 first) that
     minimises the predicted time per token, by dynamic programming over (nodes, blocks).
 
-    throughput: minimise the slowest stage (8-row batches); among splits that reach it, the one
-    with the smallest one-stream time. latency: minimise the one-stream time (stages + hops).
-    Workers may get no blocks (left out); rank 0 always takes part (it embeds and samples).
+    throughput: minimise the cycle at `streams` streams (Placement.cycle_s: with `depth` batches
+    in flight, the larger of the sum of the stages and depth x the slowest); among splits that
+    reach it, the one with the smallest one-stream time. latency: minimise the one-stream time
+    (stages + hops). Exact: for each candidate slowest stage, a DP keeps the Pareto front of
+    (time at `streams` streams, one-stream time) per (nodes, blocks) — tests/test_placement.py
+    checks it against every split. Workers may get no blocks (left out); rank 0 always takes part
+    (it embeds and samples).
     """
     if objective not in ("throughput", "latency"):
         raise PlacementError(f"unknown placement objective {objective!r}; use throughput or latency")
@@ -371,66 +403,124 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
                          f"{shape.block_bytes / MB:.0f} MB + {shape.kv_bytes(sessions) / MB:.0f} MB KV at "
                          f"{sessions} sessions: it can hold at most {c} blocks")
 
-    def cost1(i, k):
-        return stage_seconds(shape, nodes[i], k, i == 0, 1)
-
-    def cost8(i, k):
-        return stage_seconds(shape, nodes[i], k, i == 0, 8)
-
-    lo_k = [min_rank0_blocks] + [0] * (n - 1)
     INF = float("inf")
+    depth = depth or n
+    probe = Placement([(0, 0)] * n, objective, [0.0] * n, [0.0] * n, hop_s, depth=depth)
+    g = max(1, min(depth, streams))             # batches in flight at `streams` streams
+    rows = math.ceil(streams / g)
 
-    def run(cost, combine, hop: float, bound=None):
-        """f[i][j]: best cost of nodes 0..i-1 holding blocks 0..j-1 (each used node pays `hop`,
-        its outgoing link); `bound`: skip stages whose 8-row time + hop exceeds it."""
-        f = [[INF] * (L + 1) for _ in range(n + 1)]
-        choice = [[0] * (L + 1) for _ in range(n + 1)]
-        f[0][0] = 0.0
+    def cost1(i, k):                            # one stream: a one-row step, plus the outgoing hop
+        return stage_seconds(shape, nodes[i], k, i == 0, 1) + hop_s
+
+    def costn(i, k):                            # `streams` streams: a step of `rows` rows, plus the hop
+        probe.stage_s[i] = stage_seconds(shape, nodes[i], k, i == 0, 1)
+        probe.stage8_s[i] = stage_seconds(shape, nodes[i], k, i == 0, 8)
+        return probe.step_s(i, rows) + hop_s
+
+    choices = [[k for k in range(min_rank0_blocks if i == 0 else 0, min(cap[i], L) + 1)] for i in range(n)]
+    c1 = [{k: cost1(i, k) for k in ks} for i, ks in enumerate(choices)]
+    cn = [{k: costn(i, k) for k in ks} for i, ks in enumerate(choices)]
+
+    def min_sum(bound: float) -> float:
+        """The smallest sum of stage times at `streams` streams over splits whose every stage takes
+        <= `bound` (inf if none): f[i][j] for nodes 0..i-1 holding blocks 0..j-1."""
+        f = [0.0] + [INF] * L
         for i in range(n):
+            g_ = [INF] * (L + 1)
             for j in range(L + 1):
-                if f[i][j] == INF:
+                if f[j] == INF:
                     continue
-                for k in range(lo_k[i], min(cap[i], L - j) + 1):
+                for k in choices[i]:
+                    if j + k > L:
+                        break
                     used = k > 0 or i == 0
-                    if used and bound is not None and cost8(i, k) + hop > bound * (1 + 1e-12):
+                    if used and cn[i][k] > bound * (1 + 1e-12):
                         continue
-                    v = combine(f[i][j], cost(i, k) + hop) if used else f[i][j]
-                    if v < f[i + 1][j + k]:
-                        f[i + 1][j + k], choice[i + 1][j + k] = v, k
-        if f[n][L] == INF:
-            return None, INF
-        counts, j = [], L
-        for i in range(n, 0, -1):
-            counts.append(choice[i][j])
-            j -= choice[i][j]
-        return counts[::-1], f[n][L]
+                    v = f[j] + (cn[i][k] if used else 0.0)
+                    if v < g_[j + k]:
+                        g_[j + k] = v
+            f = g_
+        return f[L]
 
-    def best(hop: float):
-        if objective == "throughput":
-            _, slowest = run(cost8, max, hop)
-            counts, _ = run(cost1, lambda a, b: a + b, hop, bound=slowest)   # fastest one stream among them
-            return counts
-        return run(cost1, lambda a, b: a + b, hop)[0]
+    def pareto(bound: float, limit: float) -> list:
+        """Every split whose stages each take <= `bound` and sum to <= `limit` (at `streams`
+        streams), as the Pareto front of (that sum, one-stream time): [(sum_n, sum_1, counts)].
+        f[i][j]: the front of nodes 0..i-1 holding blocks 0..j-1."""
+        f = [[(0.0, 0.0, ())]] + [[] for _ in range(L)]
+        for i in range(n):
+            g_ = [[] for _ in range(L + 1)]
+            for j in range(L + 1):
+                for sn, s1, counts in f[j]:
+                    for k in choices[i]:
+                        if j + k > L:
+                            break
+                        used = k > 0 or i == 0
+                        if not used:
+                            g_[j].append((sn, s1, counts + (0,)))
+                        elif cn[i][k] <= bound * (1 + 1e-12) and sn + cn[i][k] <= limit * (1 + 1e-12):
+                            g_[j + k].append((sn + cn[i][k], s1 + c1[i][k], counts + (k,)))
+            for j in range(L + 1):                # keep the non-dominated entries only
+                front, best1 = [], INF
+                for e in sorted(g_[j], key=lambda e: (e[0], e[1])):
+                    if e[1] < best1 * (1 - 1e-12):
+                        front.append(e)
+                        best1 = e[1]
+                g_[j] = front
+            f = g_
+        return f[L]
 
-    candidates = [c for c in [best(hop_s)] if c is not None]
+    def key_of(counts) -> tuple:
+        p = predict(shape, nodes, _ranges_of(counts), hop_s=hop_s, depth=depth)
+        one = p.cycle_s(1)
+        return (p.cycle_s(streams), one) if objective == "throughput" else (one,)
+
+    candidates = []
     if cap[0] >= L:     # rank 0 alone pays no hop at all, which the DP (every stage pays one) misses
         candidates.append([L] + [0] * (n - 1))
-
-    def key(counts):
-        p = predict(shape, nodes, _ranges_of(counts), hop_s=hop_s)
-        one = 1.0 / p.tok_s(1)
-        return (_slowest(p), one) if objective == "throughput" else (one,)
-
-    counts = min(candidates, key=key)
+    if objective == "latency" or g == 1:
+        # the cycle is a sum (one stream, or one batch at a time), so the key is additive: one DP
+        # over (time, one-stream time) pairs compared in order
+        pair = [{k: (c1[i][k], 0.0) if objective == "latency" else (cn[i][k], c1[i][k]) for k in choices[i]}
+                for i in range(n)]
+        f = [((0.0, 0.0), ())] + [None] * L
+        for i in range(n):
+            g_ = [None] * (L + 1)
+            for j in range(L + 1):
+                if f[j] is None:
+                    continue
+                (a, b), counts = f[j]
+                for k in choices[i]:
+                    if j + k > L:
+                        break
+                    da, db = pair[i][k] if (k > 0 or i == 0) else (0.0, 0.0)
+                    v = ((a + da, b + db), counts + (k,))
+                    if g_[j + k] is None or v[0] < g_[j + k][0]:
+                        g_[j + k] = v
+            f = g_
+        if f[L] is not None:
+            candidates.append(list(f[L][1]))
+    else:
+        # cycle = max(sum, g x slowest). First its least value C: for each possible slowest stage B
+        # (ascending), the least sum of splits whose stages are all <= B; stop once g x B alone is
+        # worse than the best found. Then every split reaching C has stages <= C / g and a sum
+        # <= C: among those, the Pareto front gives the least one-stream time.
+        bounds = sorted({v for i in range(n) for k, v in cn[i].items() if k > 0 or i == 0})
+        best = INF
+        for bound in bounds:
+            if g * bound > best * (1 + 1e-12):
+                break
+            best = min(best, max(min_sum(bound), g * bound))
+        if best < INF:
+            candidates += [list(c) for _, _, c in pareto(best / g, best)]
+    if not candidates:
+        raise PlacementError("no split of the model fits these nodes")   # cannot happen: fit checked above
+    counts = min(candidates, key=key_of)
     ranges = _ranges_of(counts)
     for i, k in enumerate(counts):
         if i > 0 and k == 0 and cap[i] > 0:
             notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.3g} GB/s its blocks would "
                          "only slow the others")
-    return Placement(ranges=ranges, objective=objective,
-                     stage_s=[cost1(i, k) if (k or i == 0) else 0.0 for i, k in enumerate(counts)],
-                     stage8_s=[cost8(i, k) if (k or i == 0) else 0.0 for i, k in enumerate(counts)],
-                     hop_s=hop_s, notes=notes)
+    return predict(shape, nodes, ranges, hop_s=hop_s, objective=objective, depth=depth, notes=notes)
 
 
 def _ranges_of(counts: list) -> list:
@@ -442,16 +532,13 @@ def _ranges_of(counts: list) -> list:
     return out
 
 
-def _slowest(p: Placement) -> float:
-    hop = p.hop_s if len(p.used) > 1 else 0.0
-    return max(p.stage8_s[i] + hop for i in p.used)
-
-
 def predict(shape: ModelShape, nodes: list, ranges: list, hop_s: float = 0.0,
-            objective: str = "throughput") -> Placement:
+            objective: str = "throughput", depth: int | None = None, notes: list | None = None) -> Placement:
     """The prediction for a given split (e.g. the even one), to compare with the solved one."""
     counts = [hi - lo for lo, hi in ranges]
     return Placement(ranges=list(ranges), objective=objective,
-                     stage_s=[stage_seconds(shape, nd, k, i == 0, 1) for i, (nd, k) in enumerate(zip(nodes, counts))],
-                     stage8_s=[stage_seconds(shape, nd, k, i == 0, 8) for i, (nd, k) in enumerate(zip(nodes, counts))],
-                     hop_s=hop_s)
+                     stage_s=[stage_seconds(shape, nd, k, i == 0, 1) if (k or i == 0) else 0.0
+                              for i, (nd, k) in enumerate(zip(nodes, counts))],
+                     stage8_s=[stage_seconds(shape, nd, k, i == 0, 8) if (k or i == 0) else 0.0
+                               for i, (nd, k) in enumerate(zip(nodes, counts))],
+                     hop_s=hop_s, notes=list(notes or []), depth=depth)

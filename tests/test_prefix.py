@@ -293,6 +293,27 @@ def test_openai_chat_reports_cached_tokens_and_metrics_count_them(cluster):
     assert float(line.split()[1]) >= usage["prompt_tokens_details"]["cached_tokens"], line
 
 
+def test_openai_completions_batch_reports_cached_tokens(cluster):
+    """A batch of prompts (and n > 1) reports prompt_tokens_details.cached_tokens too, each prompt
+    counted once: a second batch that extends the first batch's prompts reuses their caches."""
+    from nanopipe.web.app import create_app
+    app = create_app({"LEADER": cluster.leader_addr, "LEADER_TOKEN": None,
+                      "MODEL_DEFAULTS": status(cluster)["defaults"]})
+    web = app.test_client()
+    a, b = [15496, 995, 11, 314, 716], [464, 1893, 286, 262, 995, 318]
+    first = web.post("/v1/completions", json={"prompt": [a, b], "max_tokens": 2, "temperature": 0})
+    assert first.status_code == 200, first.json
+    assert first.json["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}, first.json["usage"]
+    second = web.post("/v1/completions", json={"prompt": [a + [257], b + [257]], "max_tokens": 2, "temperature": 0,
+                                               "n": 2, "seed": 3})
+    assert second.status_code == 200, second.json
+    usage = second.json["usage"]
+    assert usage["prompt_tokens"] == len(a) + len(b) + 2, usage
+    # each prompt's first batch left its cache (prompt + 2 generated tokens, the last one never fed):
+    # the extended prompt reuses at least the old prompt, at most all but its last token
+    assert len(a) + len(b) <= usage["prompt_tokens_details"]["cached_tokens"] <= len(a) + len(b), usage
+
+
 def test_trace_then_shows_the_reused_prefix(cluster):
     from nanopipe.tools.trace import format_trace, run_trace
     report = run_trace("The river ran past the old mill and", leader=cluster.leader_addr, max_tokens=3,

@@ -204,7 +204,7 @@ class Leader(Membership, ClientProtocol):
                           "last_seen_s": round(now - w.last_seen, 3) if w.last_seen else None,
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
-                          "gemv_rows": w.stats.get("gemv_rows"),
+                          "gemv_rows": w.stats.get("gemv_rows"), "prefix_cache_bytes": w.prefix_cache_bytes,
                           "addr": w.addr, "synthetic": w.synthetic})
         s = self.scheduler
         return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring_ready.is_set(),

@@ -178,6 +178,7 @@ class Membership:
             "nodes": [[n.rank, n.host, n.ip, n.port] for n in cc.nodes], "port": cc.port, "bind": cc.bind,
             "max_sessions": cc.max_sessions, "heartbeat_s": cc.heartbeat_s, "rejoin_grace_s": cc.rejoin_grace_s,
             "link_delay_ms": cc.link_delay_ms, "link_mbps": cc.link_mbps,
+            "prefix_cache_mb": cc.prefix_cache_mb, "pipeline_depth": cc.pipeline_depth,
             "node_overrides": {node.host: cc.node_overrides[node.host]} if node.host in cc.node_overrides else {},
             "model": self.model.name, "n_head": self.config.n_head, "weights": self.weights_source}})
         self.log(f"Worker from {peer} enrolled as rank {rank} ({node.host})")
@@ -296,7 +297,7 @@ class Membership:
         if self.capacity is None or any(c is None for c in caps):
             return
         self.placement = predict(self.shape(), caps, self.ranges, hop_s=self.hop_s(),
-                                 objective=self.model.placement_objective)
+                                 objective=self.model.placement_objective, depth=self.cluster.depth())
 
     def _plan(self):
         """Every worker has measured itself: choose the split, tell each worker its layers."""
@@ -315,11 +316,13 @@ class Membership:
                                   "even: partition not set, and the nodes measure within 25% of each other")
                 self.log(f"Plan: {self.plan_note}")
                 self._apply_plan(even(shape.n_layer, len(caps)), [None] * len(caps))
-                self.placement = predict(shape, caps, self.ranges, hop_s=self.hop_s(), objective=objective)
+                self.placement = predict(shape, caps, self.ranges, hop_s=self.hop_s(), objective=objective,
+                                         depth=self.cluster.depth())
                 return
             why = f"partition not set and the nodes differ: {why}"
         try:
-            p = solve(shape, caps, sessions=self.cluster.max_sessions, hop_s=self.hop_s(), objective=objective)
+            p = solve(shape, caps, sessions=self.cluster.max_sessions, hop_s=self.hop_s(), objective=objective,
+                      depth=self.cluster.depth())
         except PlacementError as e:
             self._refuse(str(e))
             return
@@ -329,7 +332,7 @@ class Membership:
                 excluded[i] = next((n for n in p.notes if n.startswith(f"{caps[i].name}:")),
                                    f"{caps[i].name}: the plan gives it no layers")
         self.plan_note = f"auto ({why}); objective {objective}"
-        ev = predict(shape, caps, even(shape.n_layer, len(caps)), hop_s=self.hop_s())
+        ev = predict(shape, caps, even(shape.n_layer, len(caps)), hop_s=self.hop_s(), depth=self.cluster.depth())
         self.log(f"Plan: {self.plan_note}: " + ", ".join(
             f"rank {i} ({c.name}) {_show(r)}" for i, (c, r) in enumerate(zip(caps, p.ranges)))
             + f"; predicted {p.tok_s(1):.1f} tok/s for 1 stream, {p.tok_s(8):.1f} for 8 "

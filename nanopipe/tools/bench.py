@@ -320,9 +320,20 @@ def write_csv(rows: list, path: str):
         w.writerows(rows)
 
 
+def prompt_logits(engine: Engine, ids: list) -> np.ndarray:
+    """(V,) logits after `ids`, one forward pass in this process (to check another program's)."""
+    st, c = engine.stage, engine.config
+    cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
+    return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
+                n_head=c.n_head, segments=[(cache, len(ids))], rows=slice(-1, None))[0]
+
+
 def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 32, reference=None,
-              csv_path: str | None = None, bandwidth_mb: int = 1024, echo=print) -> dict:
-    """Measure, print the table and the ratios to the targets; return every number measured."""
+              csv_path: str | None = None, bandwidth_mb: int = 1024, llama=None, echo=print) -> dict:
+    """Measure, print the table and the ratios to the targets; return every number measured.
+
+    `reference` (HF transformers) and `llama` (llama.cpp float32) are passed in by the bench
+    tooling (tests/parity): nanopipe itself imports neither."""
     weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
     ours = bench_single(weights, prompt_len, n_tokens, between=lambda: memory_bandwidth(bandwidth_mb << 20, 3))
     bandwidths = ours.pop("between")
@@ -333,12 +344,17 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
     parts = profile_decode(engine, prompt_len, min(n_tokens, 32))
     floor = matmul_floor(engine.stage)
     lm_head = bench_lm_head(engine, prompt_len, min(n_tokens, 48))
+    check = prompt_logits(engine, bench_prompt(prefill["prompt_len"], seed=1)) if llama else None
     del engine
     rows = [ours]
     # the reference (HF transformers, see tests/parity/hf_bench.py) is passed in: nanopipe never imports torch
     ref = reference(weights, prompt_len, n_tokens, threads=ours["threads"]) if reference else None
     if ref is not None:
         rows.append(ref)
+    lcpp = llama(weights, prefill["prompt_len"], n_tokens, threads=ours["threads"], check_against=check) \
+        if llama else None
+    if lcpp is not None:
+        rows.append(lcpp)
 
     echo(f"weights {weights}: prompt {prompt_len} tokens, {n_tokens} generated (greedy)")
     echo(format_table(rows))
@@ -350,8 +366,18 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
     echo(f"matmuls alone (this model's matrices, nothing else): {floor['ms_per_token']:.2f} ms/token = "
          f"{floor['gb_s']:.1f} GB/s -> {floor['tokens_per_s']:.1f} tok/s")
     echo(f"a lone {prefill['prompt_len']}-token prompt: prefill {prefill['before_tokens_per_s']} tok/s in 64-row "
-         f"chunks, {prefill['after_tokens_per_s']} tok/s in {prefill['prefill_rows']}-row chunks (chosen at start; "
-         "llama.cpp float32: not measured here)")
+         f"chunks, {prefill['after_tokens_per_s']} tok/s in {prefill['prefill_rows']}-row chunks (chosen at start)"
+         + ("" if lcpp else "; llama.cpp float32: not measured here (`make bench` builds llama-cpp-python)"))
+    if lcpp is not None:
+        prefill["llama_cpp_tokens_per_s"] = lcpp["prefill_tokens_per_s"]
+        prefill["vs_llama_cpp"] = round(prefill["after_tokens_per_s"] / lcpp["prefill_tokens_per_s"], 3)
+        echo(f"  llama.cpp float32, same weights (GGUF export), same prompt, {lcpp['threads']} threads: "
+             f"{lcpp['prefill_tokens_per_s']} tok/s -> nanopipe {prefill['vs_llama_cpp']:.2f}x (target >= 0.95x); "
+             f"its logits vs nanopipe's: largest difference {lcpp.get('max_logit_diff_vs_nanopipe', float('nan')):.2e},"
+             f" next token {'the same' if lcpp.get('same_next_token') else 'DIFFERENT'}")
+        echo(f"  decode: nanopipe {ours['decode_tokens_per_s']} tok/s, llama.cpp f32 {lcpp['decode_tokens_per_s']} "
+             f"tok/s ({ours['decode_tokens_per_s'] / lcpp['decode_tokens_per_s']:.2f}x); greedy tokens "
+             f"{'identical' if lcpp['token_ids'] == ours['token_ids'] else 'differ'}")
     echo(f"LM head: decode {lm_head['before']} tok/s with a transposed copy of wte ({lm_head['copy_mb']} MB, before "
          f"issue 15), {lm_head['after']} tok/s with a gemv on wte as stored (now), alternately in this run; greedy "
          f"tokens {'identical' if lm_head['tokens_identical'] else 'DIFFER'}")

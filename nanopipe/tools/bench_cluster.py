@@ -451,6 +451,47 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
     return rows
 
 
+def plot_placement(rows: list, path: str) -> str | None:
+    """A PNG of predicted against measured: tokens/s per split and stream count (left), one-row ms
+    per stage (right), with the line predicted = measured and the issue's +-25% band."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, pts, unit in ((a, [(r["measured_tok_s"], r["predicted_tok_s"], f"{r['partition']} {r['split']}, "
+                                f"{r['streams']} stream{'s' if r['streams'] > 1 else ''}")
+                               for r in rows if r.get("predicted_tok_s")], "tokens/s"),
+                          (b, [(float(m), float(p), f"{r['partition']} rank {i}")
+                               for r in rows if r["streams"] == 1
+                               for i, (p, m) in enumerate(zip(r["stage_predicted_ms"].split("/"),
+                                                              r["stage_measured_ms"].split("/"))) if m != "-"],
+                           "ms per one-row step")):
+        if not pts:
+            continue
+        hi = max(max(x, y) for x, y, _ in pts) * 1.15
+        ax.plot([0, hi], [0, hi], color="black", lw=1, label="predicted = measured")
+        ax.fill_between([0, hi], [0, hi * 0.75], [0, hi * 1.25], color="grey", alpha=0.15, label="within 25%")
+        for x, y, label in pts:
+            ax.scatter([x], [y], marker="o" if "even" in label else "s")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlim(0, hi)
+        ax.set_ylim(0, hi)
+        ax.set_xlabel(f"measured {unit}")
+        ax.set_ylabel(f"predicted {unit}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    a.set_title("tokens/s: even vs auto split")
+    b.set_title("each stage's decode step")
+    fig.suptitle("nanopipe placement: prediction vs measurement (3 nodes, one at 25% of a core)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _ratio(row) -> str:
     p, m = row.get("predicted_tok_s"), row.get("measured_tok_s")
     return f"{p / m:.2f}" if p and m else "n/a"
@@ -459,7 +500,8 @@ def _ratio(row) -> str:
 def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int = 32, bandwidth_mb: int = 1024,
             nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
             positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
-            reference=None, placement_bench: bool = False, conversation: bool = False, echo=print) -> dict:
+            reference=None, llama=None, placement_bench: bool = False, conversation: bool = False,
+            echo=print) -> dict:
     import os
 
     from .bench import DEFAULT_WEIGHTS, ensure_weights, run_bench, write_csv
@@ -475,7 +517,7 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
     if single:
         echo("== one process ==")
         report["single"] = run_bench(weights, n_tokens=n_tokens, prompt_len=prompt_len, reference=reference,
-                                     bandwidth_mb=bandwidth_mb, echo=echo)
+                                     bandwidth_mb=bandwidth_mb, llama=llama, echo=echo)
         save("single", report["single"]["rows"])
     if nodes > 1:
         echo(f"== {nodes} nodes on loopback vs one process, 1 stream ==")
@@ -532,6 +574,9 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
             echo(table(rows, ["partition", "streams", "split", "speeds_gbps", "measured_tok_s", "predicted_tok_s",
                               "stage_predicted_ms", "stage_measured_ms"]))
         save("placement", rows)
+        if out_dir and rows:
+            png = plot_placement(rows, os.path.join(out_dir, "placement.png"))
+            echo(f"wrote {png}" if png else "matplotlib not installed: no chart")
     if conversation:
         echo("== a 6-turn conversation over WiFi: prefix reuse vs full prefill ==")
         rows = globals()["conversation"](weights, nodes=max(nodes, 3), echo=echo)

@@ -64,8 +64,31 @@ def _share_cores(cluster, rank: int):
     """
     me = cluster.node(rank).ip
     if sum(n.ip == me for n in cluster.nodes) > 1:
-        x86 = platform.machine().lower() in ("x86_64", "amd64")
-        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20" if x86 else "4")
+        _spin_short()
+
+
+def _spin_short():
+    """OpenBLAS's short spin for a machine shared by several ranks (see _share_cores)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20" if x86 else "4")
+
+
+def _is_this_machine(host: str) -> bool:
+    """True if `host` names an address of this machine: loopback, or one a socket can bind to.
+    Stdlib only (numpy must not load yet: see _share_cores)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for *_, sa in infos:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((sa[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def common_options(fn):
@@ -268,12 +291,11 @@ def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
 
 def resolve_leader(config_dir, addr: str) -> str:
     """--leader HOST:PORT with HOST a name from host_ip in cluster_config.yaml (`mini1:65432`, as the
-    README writes it) becomes that host's address; anything else is passed on as given."""
-    from ..cluster.net import parse_addr
+    README writes it) becomes that host's address; anything else is passed on as given.
+    (No cluster import here: `join --leader` calls it before numpy may load.)"""
     from ..config import load_cluster_config
-    try:
-        host, port = parse_addr(addr, None)
-    except ValueError:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
         host, port = addr, None
     try:
         cc = load_cluster_config(config_dir)
@@ -562,11 +584,14 @@ def _join_leader(addr, config_dir, weights_path, n_head):
     """`join --leader HOST:PORT`: ask the leader for a rank, the cluster and the weights source, then
     run as that rank. The secret: auth_token (and TLS files) of a local cluster_config.yaml if there
     is one, else NANOPIPE_TOKEN."""
+    resolved = resolve_leader(config_dir, addr)
+    if _is_this_machine(resolved.rpartition(":")[0] or resolved):
+        _spin_short()           # the leader runs on this machine: we share its cores (see _share_cores)
     from ..cluster.net import HandshakeError, client_tls, dial, parse_addr
     from ..cluster.wire import WireError
     from ..config import ClusterConfig, Node, load_cluster_config
     try:
-        host, port = parse_addr(resolve_leader(config_dir, addr))
+        host, port = parse_addr(resolved)
     except ValueError as e:
         raise UserError(f"--leader: {e}") from None
     try:
@@ -597,7 +622,9 @@ def _join_leader(addr, config_dir, weights_path, n_head):
                        rejoin_grace_s=float(e["rejoin_grace_s"]), heartbeat_s=float(e["heartbeat_s"]),
                        auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
                        link_delay_ms=float(e.get("link_delay_ms") or 0), link_mbps=float(e.get("link_mbps") or 0),
-                       node_overrides=dict(e.get("node_overrides") or {}), path=f"the leader at {host}:{port}")
+                       node_overrides=dict(e.get("node_overrides") or {}), path=f"the leader at {host}:{port}",
+                       prefix_cache_mb=_real_or_none(e.get("prefix_cache_mb")),
+                       pipeline_depth=int(e["pipeline_depth"]) if _is_whole(e.get("pipeline_depth")) else None)
     from ..logs import worker_logger
     log = worker_logger(rank).info
     log(f"Worker {rank} ({me}) starting: enrolled by the leader at {host}:{port} for model {e.get('model')!r}")
@@ -619,6 +646,15 @@ def _join_leader(addr, config_dir, weights_path, n_head):
         worker.run()
     except KeyboardInterrupt:
         log("Shutting down")
+
+
+def _real_or_none(v):
+    """A leader's number for an optional setting (prefix_cache_mb): a float >= 0, else None (unset)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _is_whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def device_line() -> str:

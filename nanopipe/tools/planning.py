@@ -170,6 +170,7 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
     from ..placement import ModelShape, PlacementError, differ, predict, solve
     sessions = cluster.max_sessions if cluster else 16
     hop_s = (cluster.link_delay_ms / 1000 if cluster else 0.0) + 0.0003
+    depth = cluster.depth() if cluster else len(caps)      # batches in flight: one per machine
     auto = partition in (None, "auto") and not mc.layer_mapping
     unknown = [r for r, c in enumerate(caps) if c is None]
     if unknown:
@@ -182,16 +183,18 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
         why = "partition: auto" if partition == "auto" else differ(caps)
         if why is not None:
             try:
-                p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=mc.placement_objective)
+                p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=mc.placement_objective,
+                          depth=depth)
             except PlacementError as e:
                 raise SetupError(str(e)) from None
             placed = p.ranges
             lines += [f"note: {n}" for n in p.notes]
-    chosen = predict(shape, caps, placed or ranges, hop_s=hop_s)
-    ev = predict(shape, caps, even(cfg.n_layer, len(caps)), hop_s=hop_s)
+    chosen = predict(shape, caps, placed or ranges, hop_s=hop_s, depth=depth)
+    ev = predict(shape, caps, even(cfg.n_layer, len(caps)), hop_s=hop_s, depth=depth)
     how = (f"auto ({why}), objective {mc.placement_objective}" if placed
            else "even (the nodes measure within 25%)" if auto else partition or "even")
-    lines.insert(0, f"Split: {how}; max_sessions {sessions}, hops {hop_s * 1000:.1f} ms")
+    lines.insert(0, f"Split: {how}; max_sessions {sessions}, hops {hop_s * 1000:.1f} ms, "
+                    f"{depth} batch{'es' if depth > 1 else ''} in flight")
     lines.insert(1, f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
                     f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}")
     return placed, lines

@@ -204,10 +204,15 @@ def _meta(id_prefix: str, kind: str) -> dict:
             "model": model_name()}
 
 
-def _batch_usage(prompts: list, gen: BatchGeneration) -> dict:
-    """Usage of a batch: each prompt's tokens once (however many choices it has), every choice's tokens."""
+def _batch_usage(prompts: list, gen: BatchGeneration, results: list) -> dict:
+    """Usage of a batch: each prompt's tokens once (however many choices it has), every choice's
+    tokens; cached_tokens likewise counts each prompt once: the tokens all of its choices reused."""
     prompt = sum(len(p) for p in prompts)
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens}
+    n = len(results) // max(1, len(prompts))
+    cached = sum(min(int(r.get("cached_tokens") or 0) for r in results[i * n:(i + 1) * n])
+                 for i in range(len(prompts))) if n else 0
+    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _usage(result: dict, gen: Generation) -> dict:
@@ -344,7 +349,7 @@ def completions():
         prompt_text = tokenizer().decode(ids) if echo else ""
         choices.append({"text": prompt_text + gen.text_of(i), "index": i, "finish_reason": result.get("finish_reason"),
                         "logprobs": None if logprobs is None else _completion_logprobs(tokenizer(), result, echo)})
-    return jsonify(**meta, choices=choices, usage=_batch_usage(prompts, gen))
+    return jsonify(**meta, choices=choices, usage=_batch_usage(prompts, gen, results))
 
 
 def _one_completion(body: dict, ids: list, params, stream: bool, echo: bool, logprobs, meta: dict):
@@ -373,7 +378,7 @@ def _batch_chunks(gen: BatchGeneration, meta: dict, usage: bool, count: int, pro
                 yield sse({**meta, "choices": [{"text": "", "index": i, "logprobs": None,
                                                 "finish_reason": result.get("finish_reason")}]})
             if usage:
-                yield sse({**meta, "choices": [], "usage": _batch_usage(prompts, gen)})
+                yield sse({**meta, "choices": [], "usage": _batch_usage(prompts, gen, event[1])})
         elif event[0] == "error":
             err = gen.stream_error(event[1])
             yield sse(openai_error(err.status, err.message, err.param))
