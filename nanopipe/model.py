@@ -285,8 +285,9 @@ def measuring_alone(timeout_s: float = 60.0):
     started together, the guide's loopback setups, a test cluster) take turns, so none times its
     kernels or speed while another is timing its own — they would measure each other.
 
-    A file lock (fcntl.flock on <tmp>/nanopipe-measure.lock): released by the kernel if the holder
-    dies. After `timeout_s` of waiting, or where flock does not exist, it measures anyway.
+    The lock is fcntl.flock on the temporary directory itself (nothing is created or left behind;
+    the kernel drops it if the holder dies). After `timeout_s` of waiting, or where flock does not
+    exist, it measures anyway.
     """
     try:
         import fcntl
@@ -294,12 +295,16 @@ def measuring_alone(timeout_s: float = 60.0):
         yield
         return
     import tempfile
-    f = open(os.path.join(tempfile.gettempdir(), "nanopipe-measure.lock"), "a")
+    try:
+        fd = os.open(tempfile.gettempdir(), os.O_RDONLY)
+    except OSError:
+        yield
+        return
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -307,7 +312,7 @@ def measuring_alone(timeout_s: float = 60.0):
                 time.sleep(0.02)
         yield
     finally:
-        f.close()                               # closing the file drops the lock
+        os.close(fd)                            # closing it drops the lock
 
 
 def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:

@@ -243,12 +243,13 @@ def test_processes_on_one_machine_take_turns_measuring(tmp_path, monkeypatch):
     """model.measuring_alone: while another holder has the machine's timing lock, a measurement
     waits; it starts as soon as the lock is released."""
     import fcntl
+    import os
     import tempfile
     import threading
 
     from nanopipe.model import measuring_alone
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
-    other = open(tmp_path / "nanopipe-measure.lock", "a")      # another process's open file
+    other = os.open(tmp_path, os.O_RDONLY)                     # another process holding the lock
     fcntl.flock(other, fcntl.LOCK_EX)
     entered = threading.Event()
 
@@ -258,8 +259,9 @@ def test_processes_on_one_machine_take_turns_measuring(tmp_path, monkeypatch):
     t = threading.Thread(target=measure)
     t.start()
     assert not entered.wait(0.3), "measured while another process held the lock"
-    other.close()                                               # the other process is done
+    os.close(other)                                             # the other process is done
     assert entered.wait(5), "still waiting after the lock was released"
     t.join()
     with measuring_alone(timeout_s=0.1):                        # free again: enters at once
         pass
+    assert os.listdir(tmp_path) == [], "the lock leaves nothing behind"

@@ -665,7 +665,8 @@ def test_completions_batch_of_prompts_gives_one_choice_each_in_prompt_order(clie
     assert [(c["index"], c["text"], c["finish_reason"]) for c in r.json["choices"]] == [
         (0, "Hello world", "length"), (1, "Hello world", "length")]
     n_prompt = len(tok.encode("Hello")) + len(tok.encode("Hi there"))
-    assert r.json["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 4, "total_tokens": n_prompt + 4}
+    assert r.json["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 4, "total_tokens": n_prompt + 4,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completions_n_choices_per_prompt_with_derived_seeds(client, leader):
@@ -703,7 +704,8 @@ def test_scoring_only_echoes_the_prompt_with_logprobs_and_no_new_token(client, l
     lp = choice["logprobs"]
     assert lp["tokens"] == ["Hello", " world", ","] and lp["token_logprobs"] == [None, -2.0, -2.0]
     assert lp["top_logprobs"] == [None, {" world": -2.0, ".": -3.0}, {",": -2.0, ".": -3.0}]
-    assert r.json["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert r.json["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_scoring_may_use_the_whole_context(client, leader):

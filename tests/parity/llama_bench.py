@@ -107,8 +107,15 @@ def bench_llama(weights: str, prompt_len: int = 512, n_tokens: int = 64, threads
         return None
     threads = threads or blas_threads()
     gguf_path = export_gguf(weights, os.path.splitext(weights)[0] + ".f32.gguf")
+    # float32 throughout: the weights, and the KV cache (type 0 = GGML_TYPE_F32; llama.cpp's default is f16)
     llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, logits_all=False, verbose=False)
+                          n_threads_batch=threads, logits_all=False, type_k=0, type_v=0, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():              # (V,): the logits of the last token evaluated (logits_all=False
+        # keeps only those, and llama-cpp-python then leaves its `scores` unfilled)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).copy()
+
     ids = bench_prompt(prompt_len, seed=1)            # bench_prefill's prompt
     llm.reset()
     llm.eval(ids[:8])                                 # warm-up
@@ -118,7 +125,7 @@ def bench_llama(weights: str, prompt_len: int = 512, n_tokens: int = 64, threads
         t = time.perf_counter()
         llm.eval(ids)
         best = min(best, time.perf_counter() - t)
-    last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)           # (V,)
+    last = last_logits()
     out = {"name": f"llama.cpp f32 (llama-cpp-python {llama_cpp.__version__})", "threads": threads,
            "prompt_len": len(ids), "prefill_tokens_per_s": round(len(ids) / best, 1)}
     if check_against is not None:
@@ -131,12 +138,12 @@ def bench_llama(weights: str, prompt_len: int = 512, n_tokens: int = 64, threads
     for _ in range(repeats):
         llm.reset()
         llm.eval(short)
-        tok, times, toks = int(np.argmax(llm.scores[llm.n_tokens - 1])), [], []
+        tok, times, toks = int(np.argmax(last_logits())), [], []
         for _ in range(n_tokens):
             llm.eval([tok])
             times.append(time.perf_counter())
             toks.append(tok)
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         gaps.append(np.diff(times))
         token_ids = toks
     median = 1.0 / float(np.median(np.concatenate(gaps)))
