@@ -267,6 +267,25 @@ def test_linear_few_rows_equal_each_row_alone_bit_for_bit(stage, pinned):
     assert diff <= 1e-5, f"one gemm vs a gemv per row (computed two ways): largest difference {diff:.2e}"
 
 
+def test_head_few_rows_in_slices_close_to_one_gemm_and_one_row_unchanged(stage, pinned, monkeypatch):
+    """2..gemv_rows rows go through wte slice by slice (each slice in cache for every row): the
+    logits equal one gemm's within float tolerance (the sums run in another order) with the same
+    argmax; one row is the plain gemv on all of wte, as before."""
+    from nanopipe.model import head
+    monkeypatch.setattr(model, "HEAD_SLICE_BYTES", 7 * stage.config.n_embd * 4)   # 7 rows of wte a slice: many slices
+    h = np.random.default_rng(1).standard_normal((3, stage.config.n_embd)).astype(np.float32)   # (T, C)
+    pinned(1)
+    gemm = head(h, stage.ln_f, stage.lm_head)                                                # (T, V), one gemm
+    pinned(4)
+    sliced = head(h, stage.ln_f, stage.lm_head)
+    diff = float(np.abs(sliced - gemm).max())
+    assert diff <= 1e-5, f"sliced head vs one gemm (computed two ways): largest difference {diff:.2e}"
+    assert np.array_equal(sliced.argmax(axis=1), gemm.argmax(axis=1))
+    one = head(h[:1], stage.ln_f, stage.lm_head)
+    ln = model.layer_norm(h[:1], **stage.ln_f)
+    assert_same(one, (stage.lm_head @ ln.T).T, "one row takes the plain gemv on wte: the very same call")
+
+
 def test_batched_decode_rows_equal_each_session_alone_exactly(stage, pinned):
     """Two sessions decoding together (2 rows a step) get the same activations, bit for bit, as each
     alone: with 2 <= gemv_rows every weight product is the single-row call (before, one gemm made

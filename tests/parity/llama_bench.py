@@ -148,5 +148,5 @@ def bench_llama(weights: str, prompt_len: int = 512, n_tokens: int = 64, threads
         token_ids = toks
     median = 1.0 / float(np.median(np.concatenate(gaps)))
     out.update(decode_tokens_per_s=round(median, 2), ms_per_token=round(1000 / median, 2), token_ids=token_ids)
-    del llm
+    llm.close()
     return out
