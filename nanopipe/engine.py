@@ -624,8 +624,10 @@ class Engine:
         self.scheduler = Scheduler(stage, prefix_cache_bytes=prefix_cache_bytes)
 
     @classmethod
-    def load(cls, path: str, n_head: int | None = None) -> "Engine":
-        return cls(load_stage(path, n_head=n_head))
+    def load(cls, path: str, n_head: int | None = None, prefix_cache_bytes: int | None = None) -> "Engine":
+        """The whole model from `path`; prefix_cache_bytes=0 turns prefix reuse off (benchmarks
+        that must compute every prompt in full, however often they send it)."""
+        return cls(load_stage(path, n_head=n_head), prefix_cache_bytes=prefix_cache_bytes)
 
     def logits(self, ids) -> np.ndarray:
         """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""

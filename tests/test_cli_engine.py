@@ -150,6 +150,25 @@ def test_bench_smoke(runner, weights, tmp_path):
     assert lines[0].startswith("name,") and len(lines) >= 2
 
 
+def test_bench_times_every_prompt_in_full(weights, monkeypatch):
+    """The benchmarks send the same prompt again and again: each repeat must be prefilled in full,
+    not served from the first one's kept KV cache (prefix reuse would time almost nothing)."""
+    from nanopipe import engine as engine_module
+    from nanopipe.tools import bench
+    engines = []
+    real = engine_module.Engine.load.__func__
+
+    def spy(cls, *a, **kw):
+        engines.append(real(cls, *a, **kw))
+        return engines[-1]
+    monkeypatch.setattr(bench.Engine, "load", classmethod(spy))
+    bench.bench_single(weights, prompt_len=8, n_tokens=3, repeats=3)
+    bench.bench_prefill(bench.Engine.load(weights, prefix_cache_bytes=0), prompt_len=40, repeats=2)
+    for e in engines:
+        st = e.scheduler.stats
+        assert st["prompt_tokens_computed"] > 0 and st["prompt_tokens_cached"] == 0, st
+
+
 def test_bench_positions_and_sweep_measure_what_they_say(weights):
     """The context-position rows cover each position asked for; the sweep reports each stream count with
     a token count equal to streams x tokens (every stream generated all of its tokens)."""

@@ -171,7 +171,7 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
     (on a shared host the bandwidth alone was seen to swing between 30 and 47 GB/s within a minute).
     """
     t = time.perf_counter()
-    engine = Engine.load(weights)
+    engine = Engine.load(weights, prefix_cache_bytes=0)   # every prompt computed in full
     load_s = time.perf_counter() - t
     ids = bench_prompt(prompt_len)
     generate_fixed(engine, ids, 2)                                      # warm-up: BLAS threads, caches
@@ -265,7 +265,8 @@ def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) 
     of their sum is the scheduler's own bookkeeping. log_softmax is timed although the scheduler
     now only takes a logsumexp per token: it is what top_logprobs and traces pay.
     """
-    engine = weights_or_engine if isinstance(weights_or_engine, Engine) else Engine.load(weights_or_engine)
+    engine = weights_or_engine if isinstance(weights_or_engine, Engine) \
+        else Engine.load(weights_or_engine, prefix_cache_bytes=0)
     st, c = engine.stage, engine.config
     params, rng = SamplingParams("greedy", max_tokens=n_tokens), make_rng(0)
     cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
@@ -339,7 +340,7 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
     bandwidths = ours.pop("between")
     gbps, best_gbps = float(np.median(bandwidths)), max(bandwidths)
     bound = gbps * 1e9 / ours["bytes_per_token"]
-    engine = Engine.load(weights)
+    engine = Engine.load(weights, prefix_cache_bytes=0)   # every prompt computed in full
     prefill = bench_prefill(engine)
     parts = profile_decode(engine, prompt_len, min(n_tokens, 32))
     floor = matmul_floor(engine.stage)

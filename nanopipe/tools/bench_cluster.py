@@ -134,12 +134,12 @@ def serialize_cost(n_embd: int, repeats: int = 2000) -> dict:
 def bench_cluster(weights: str, nodes: int, prompt_len: int = 32, n_tokens: int = 64, repeats: int = 3,
                   extra: dict | None = None) -> dict:
     """One stream: a local `nodes`-node cluster and one process, measured alternately in one run."""
-    engine = Engine.load(weights)
+    engine = Engine.load(weights, prefix_cache_bytes=0)   # every prompt computed in full
     ids = bench_prompt(prompt_len)
     generate_fixed(engine, ids, 2)
     single, multi, events = [], [], []
     n_embd = engine.config.n_embd
-    with LocalCluster(weights, nodes=nodes, cluster_extra=extra) as cl:
+    with LocalCluster(weights, nodes=nodes, cluster_extra={**(extra or {}), **NO_REUSE}) as cl:
         streams_cluster(cl, 1, prompt_len, 2)                                   # warm-up
         for _ in range(repeats):
             r = generate_fixed(engine, ids, n_tokens)
@@ -171,6 +171,9 @@ def format_hops(result: dict) -> str:
 
 
 OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64"}   # before issue 16: always one gemm
+# the benchmarks send the same prompts again and again: without this, every repeat after the first
+# would reuse the first one's KV cache (nanopipe/prefix.py) and time almost no prefill at all
+NO_REUSE = {"prefix_cache_mb": 0}
 
 
 def node_kernels(cluster: LocalCluster) -> list:
@@ -197,7 +200,7 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
     quiet machine measured, to see it on a loaded one.
     """
     rows = []
-    engine = Engine.load(weights)                   # its Scheduler chooses this process's kernels
+    engine = Engine.load(weights, prefix_cache_bytes=0)   # chooses this process's kernels; no reuse
     chosen = (model.kernels.gemv_rows, model.kernels.prefill_rows)
     echo(f"  one process: {model.describe_kernels()}")
     modes = [("before", (1, 64)), ("after", chosen)] if compare_old else [("after", chosen)]
@@ -211,7 +214,8 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
     del engine
     if nodes > 1:
         for mode, _ in modes:
-            with LocalCluster(weights, nodes=nodes, env=OLD_KERNELS if mode == "before" else None) as cl:
+            with LocalCluster(weights, nodes=nodes, env=OLD_KERNELS if mode == "before" else None,
+                              cluster_extra=NO_REUSE) as cl:
                 streams_cluster(cl, 1, prompt_len, 2)
                 deadline = time.time() + 10             # a worker reports its choice with its next heartbeat
                 while True:
@@ -252,7 +256,7 @@ def sweep_summary(rows: list) -> list:
 
 def positions(weights: str, at=(16, 256, 1000), n_tokens: int = 16) -> list:
     """Decode time per token once the context holds `at` positions (one process)."""
-    engine = Engine.load(weights)
+    engine = Engine.load(weights, prefix_cache_bytes=0)   # every prompt computed in full
     n_ctx = engine.config.n_ctx
     rows = []
     generate_fixed(engine, bench_prompt(8), 2)
@@ -285,7 +289,7 @@ def links(weights: str, node_counts=(2, 3, 4, 8), names=("loopback", "thunderbol
         for name in names:
             latency, mbps = LINKS[name]
             extra = {"link_delay_ms": latency, "link_mbps": mbps}
-            with LocalCluster(weights, nodes=nodes, cluster_extra=extra) as cl:
+            with LocalCluster(weights, nodes=nodes, cluster_extra={**extra, **NO_REUSE}) as cl:
                 streams_cluster(cl, 1, prompt_len, 2)
                 r = streams_cluster(cl, 1, prompt_len, n_tokens, trace=True)
             s = r["_streams"][0]
@@ -433,7 +437,7 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
     with CGroup("cpu", {"cpu.cfs_period_us": 100000, "cpu.cfs_quota_us": int(100000 * quota)}) as cg:
         for label, partition, extra in setups:
             with LocalCluster(weights, nodes=3, partition=partition, wrap={slow_rank: cg.wrapper()},
-                              cluster_extra={"heartbeat_s": 0.2, **extra}, ready_timeout=180,
+                              cluster_extra={"heartbeat_s": 0.2, **NO_REUSE, **extra}, ready_timeout=180,
                               env={"NANOPIPE_PROBE_S": "1.0"}) as cl:     # 10 quota periods per probe
                 streams_cluster(cl, 1, prompt_len, 4)                   # warm-up
                 for n in (1, 8):
