@@ -54,13 +54,28 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay flo
 
 def gelu(x):
     """GPT-2's GELU, the tanh approximation: gelu(0) = 0, gelu(1) ~ 0.8412, gelu(-1) ~ -0.1588."""
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))   # x's shape, e.g. (T, 4C)
+    if np.ndim(x) == 0:                                         # a number (the docstring's examples)
+        return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+    # the same formula computed in place in that very order (the same float32 results, bit for
+    # bit), so a (T, 4C) prompt chunk makes 2 temporaries, not 8
+    t = 0.044715 * x
+    t *= x
+    t *= x
+    t += x
+    t *= _GELU_C
+    np.tanh(t, out=t)
+    t += 1.0
+    y = 0.5 * x
+    y *= t
+    return y                                                    # x's shape, e.g. (T, 4C)
 
 
 def softmax(x, axis=-1):
     """softmax([1, 2, 3]) = [0.090, 0.245, 0.665]; subtracting the max keeps exp() from overflowing."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))             # x's shape, e.g. (H, T, S)
-    return e / e.sum(axis=axis, keepdims=True)                  # x's shape, each row summing to 1
+    e = x - x.max(axis=axis, keepdims=True)                     # x's shape, e.g. (H, T, S)
+    np.exp(e, out=e)                                            # in place: the same values, one array
+    e /= e.sum(axis=axis, keepdims=True)
+    return e                                                    # x's shape, each row summing to 1
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):
@@ -139,10 +154,11 @@ def attention(q, k, v, start: int):
     Query t may look at keys 0 .. start+t and never at a later position (the causal mask).
     """
     T, S = q.shape[1], k.shape[1]
-    att = q @ k.transpose(0, 2, 1) * (1.0 / math.sqrt(q.shape[-1]))   # (H, T, S)
+    att = q @ k.transpose(0, 2, 1)                              # (H, T, S)
+    att *= 1.0 / math.sqrt(q.shape[-1])                         # scaled in place
     if T > 1:  # a single new row may see everything cached: no mask needed
         future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
-        att = np.where(future, np.float32(-1e10), att)          # (H, T, S), the future masked out
+        att[:, future] = np.float32(-1e10)                      # (H, T, S), the future masked out
     return softmax(att) @ v                                     # (H, T, S) @ (H, S, D) -> (H, T, D)
 
 
