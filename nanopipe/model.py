@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -317,6 +318,10 @@ PREFILL_CANDIDATES = (64, 128, 256)
 MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
 
 
+_measuring = threading.RLock()         # this process's hold on the machine's timing lock
+_measuring_depth = 0
+
+
 @contextlib.contextmanager
 def measuring_alone(timeout_s: float = 60.0):
     """Hold this machine's timing lock while measuring: processes on one machine (several nodes
@@ -324,33 +329,41 @@ def measuring_alone(timeout_s: float = 60.0):
     kernels or speed while another is timing its own — they would measure each other.
 
     The lock is fcntl.flock on the temporary directory itself (nothing is created or left behind;
-    the kernel drops it if the holder dies). After `timeout_s` of waiting, or where flock does not
-    exist, it measures anyway.
+    the kernel drops it if the holder dies). Re-entrant within a process (a speed probe may decide
+    the kernels on the way). After `timeout_s` of waiting, or where flock does not exist, it
+    measures anyway.
     """
-    try:
-        import fcntl
-    except ImportError:                         # not on Windows: measure without taking turns
-        yield
-        return
-    import tempfile
-    try:
-        fd = os.open(tempfile.gettempdir(), os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
+    global _measuring_depth
+    with _measuring:
+        if _measuring_depth:                    # this process holds it already
+            _measuring_depth += 1
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
+                yield
+            finally:
+                _measuring_depth -= 1
+            return
+        try:
+            import fcntl
+            import tempfile
+            fd = os.open(tempfile.gettempdir(), os.O_RDONLY)
+        except (ImportError, OSError):          # no flock (Windows) or no temp dir: measure anyway
+            fd = None
+        try:
+            deadline = time.monotonic() + timeout_s
+            while fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                time.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)                            # closing it drops the lock
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+            _measuring_depth = 1
+            yield
+        finally:
+            _measuring_depth = 0
+            if fd is not None:
+                os.close(fd)                    # closing it drops the lock
 
 
 def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:

@@ -5,8 +5,9 @@ through a matrix-vector product once. So a stage's time per token is, to first o
 
     t_stage = (bytes of the weights it holds) / (how fast the node streams float32 weights)
 
-and the two numbers a node reports are that speed (GB/s, measured with the model's own matrix
-shapes, for one row and for a batch of 8 rows) and the memory it may use. The leader collects them
+and the two numbers a node reports are that speed (GB/s of block weights through real decode
+steps of blocks of the model's width: LayerNorms, matmuls, attention, GELU; for one session and
+for 8 sessions at once) and the memory it may use. The leader collects them
 at registration and picks the contiguous split with the best predicted time per token:
 
     objective "throughput" (many streams): the leader keeps `depth` batches in flight round the
@@ -186,47 +187,66 @@ def usable_memory_bytes() -> int:
     return min(known) if known else 0
 
 
-def probe_matrices(n_embd: int, min_bytes: int = 96 << 20) -> list:
-    """Weight matrices of one GPT-2 block's shapes, stored as the loader stores them, repeated
-    until they total at least `min_bytes` (more than any CPU's last-level cache, so the probe
-    measures memory streaming, not cache hits).
+def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
+    """GPT-2 blocks of the model's width, laid out as the loader lays them out (matrices
+    column-major), as many as make at least `min_bytes` of weights (more than any CPU's last-level
+    cache, so the probe streams them from memory as a real step does).
 
     gpt2 (C=768): one block is c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C),
-    mlp.c_proj (4C, C) = 12 C^2 floats = 28.3 MB, so 4 copies = 113 MB.
+    mlp.c_proj (4C, C) = 12 C^2 floats = 28.3 MB, so 4 blocks = 113 MB. The values do not matter
+    to the speed, but every page must be written (an untouched page reads as zeros from one shared
+    page, which is cache, not memory).
     """
     c = n_embd
-    shapes = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)]
-    per_block = 4 * sum(a * b for a, b in shapes)
-    copies = max(1, math.ceil(min_bytes / per_block))
-    # the loader keeps block weights column-major (w.T is a row-major (out, in) matrix); the values
-    # do not matter to the speed, but the pages must be written (an untouched page reads as zeros
-    # from one shared page, which is cache, not memory)
-    return [np.full(s, 0.01, np.float32, order="F") for _ in range(copies) for s in shapes]
+    per_block = 4 * block_params(c)
+    n = max(1, math.ceil(min_bytes / per_block))
+
+    def lin(i, o):
+        return {"w": np.full((i, o), 0.01, np.float32, order="F"), "b": np.zeros(o, np.float32)}
+
+    def ln():
+        return {"g": np.ones(c, np.float32), "b": np.zeros(c, np.float32)}
+    return [{"ln_1": ln(), "attn": {"c_attn": lin(c, 3 * c), "c_proj": lin(c, c)}, "ln_2": ln(),
+             "mlp": {"c_fc": lin(c, 4 * c), "c_proj": lin(4 * c, c)}} for _ in range(n)]
 
 
-def measure_speed(n_embd: int, rows: int = 1, seconds: float = 0.25, mats: list | None = None) -> float:
-    """GB/s of weights streamed through `x @ w` for `rows` rows, measured over >= `seconds` of wall
-    time in whole passes over the matrices.
+def measure_speed(n_embd: int, rows: int = 1, seconds: float = 0.25, blocks: list | None = None,
+                  n_head: int | None = None, context: int = 32) -> float:
+    """GB/s of block weights through real decode steps: `rows` sessions, each with `context`
+    positions in its KV cache, one new token each, through `model.blocks_forward` (LayerNorms,
+    the kernels `linear` chose, attention, GELU: everything a stage's step does), measured over
+    >= `seconds` of wall time in whole passes over the blocks.
 
     Wall time, not CPU time, on purpose: a CPU quota (cgroup cpu.cfs_quota_us / cpu.max) lets the
     process run only part of every 100 ms period, and a window of a few periods shows it.
     """
-    mats = mats if mats is not None else probe_matrices(n_embd)
-    nbytes = sum(w.nbytes for w in mats)
-    xs = {w.shape[0]: np.ones((rows, w.shape[0]), np.float32) for w in mats}
-    for w in mats[:4]:                      # warm up: page in, BLAS threads up
-        (w.T @ xs[w.shape[0]].T)
+    from .model import KVCache, blocks_forward
+    blocks = blocks if blocks is not None else probe_blocks(n_embd)
+    n_head = n_head or max(1, n_embd // 64)
+    nbytes = sum(p[g][m]["w"].nbytes for p in blocks for g, m in
+                 (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")))
+    caches = [KVCache(len(blocks), n_head, n_embd // n_head, context + 1) for _ in range(rows)]
+    prompt = np.full((context, n_embd), 0.01, np.float32)
+    for cache in caches:                    # fill each session's cache (and page in the weights)
+        blocks_forward(prompt, blocks, n_head=n_head, segments=[(cache, context)])
+    x = np.full((rows, n_embd), 0.01, np.float32)                   # one new row per session
+
+    def step():
+        blocks_forward(x, blocks, n_head=n_head, segments=[(cache, 1) for cache in caches])
+        for cache in caches:
+            cache.length = context          # the same position again next pass
+    step()                                  # warm up: BLAS threads
     passes, t0 = 0, time.perf_counter()
     while True:
-        for w in mats:
-            (w.T @ xs[w.shape[0]].T)        # the engine's linear: (out, in) @ (in, T)
+        step()
         passes += 1
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
             return passes * nbytes / elapsed / GB
 
 
-def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None = None) -> Capacity:
+def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None = None,
+            n_head: int | None = None) -> Capacity:
     """A node's Capacity: measured speed (1 and 8 rows, `seconds` each, or NANOPIPE_PROBE_S) and
     memory; `override` (from
     cluster_config.yaml `nodes: {NAME: {speed_gbps: 9, memory_mb: 3000}}`) replaces what it sets."""
@@ -239,11 +259,11 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
     # the probe must not be what pushes a small node over its limit: at most a third of its room
     # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
     room = usable_memory_bytes()
-    mats = probe_matrices(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
+    blocks = probe_blocks(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
     with measuring_alone():                 # nodes sharing this machine take turns (model.measuring_alone)
-        s1 = measure_speed(n_embd, 1, seconds, mats)
-        s8 = measure_speed(n_embd, 8, seconds, mats)
-    del mats
+        s1 = measure_speed(n_embd, 1, seconds, blocks, n_head)
+        s8 = measure_speed(n_embd, 8, seconds, blocks, n_head)
+    del blocks
     mem = usable_memory_bytes() / MB
     source = "measured"
     if "speed_gbps" in override:

@@ -246,6 +246,7 @@ def test_processes_on_one_machine_take_turns_measuring(tmp_path, monkeypatch):
     import os
     import tempfile
     import threading
+    import time
 
     from nanopipe.model import measuring_alone
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
@@ -265,3 +266,7 @@ def test_processes_on_one_machine_take_turns_measuring(tmp_path, monkeypatch):
     with measuring_alone(timeout_s=0.1):                        # free again: enters at once
         pass
     assert os.listdir(tmp_path) == [], "the lock leaves nothing behind"
+    t0 = time.monotonic()
+    with measuring_alone(), measuring_alone(timeout_s=30):     # re-entrant: a probe may choose kernels inside
+        pass
+    assert time.monotonic() - t0 < 5, "a nested measurement waited for its own process's lock"

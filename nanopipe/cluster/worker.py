@@ -172,13 +172,13 @@ class Worker:
                 raise SystemExit(2) from None
         # the kernel choice, measured once per process on the blocks it holds (model.choose_gemv_rows)
         from ..model import KernelChoiceError, choose_gemv_rows, describe_kernels, kernels
-        if not kernels.chosen:
+        if not kernels.chosen:          # (the speed probe may have decided it already, on blocks of this shape)
             try:
                 choose_gemv_rows(self.stage.blocks)
             except KernelChoiceError as e:
                 self.log(str(e), logging.ERROR)
                 raise SystemExit(2) from None
-            self.log(describe_kernels())
+        self.log(describe_kernels())
         self.config = expect
         self.next_addr = tuple(welcome["next"])
         self.next_rank = welcome.get("next_rank", 0)
@@ -217,7 +217,7 @@ class Worker:
         if self.capacity is None:
             from ..placement import measure
             override = self.cluster.node_overrides.get(self.node.host) or {}
-            self.capacity = measure(self.node.host, expect.n_embd, override=override)
+            self.capacity = measure(self.node.host, expect.n_embd, override=override, n_head=expect.n_head)
             if self.stage is not None and "memory_mb" not in override:
                 # loaded already (the guide's order): that memory is the model's too
                 import dataclasses

@@ -510,7 +510,8 @@ def _measure_leader(cc, mc, stage, log):
     """Rank 0's own placement.Capacity (what its loaded stage holds counts as memory for the model:
     the plan may reload it), logged."""
     from ..placement import measure
-    cap = measure(cc.leader.host, stage.config.n_embd, override=cc.node_overrides.get(cc.leader.host))
+    cap = measure(cc.leader.host, stage.config.n_embd, override=cc.node_overrides.get(cc.leader.host),
+                  n_head=stage.config.n_head)
     if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}):
         import dataclasses
         cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + stage.nbytes / 1e6)

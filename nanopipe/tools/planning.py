@@ -141,7 +141,7 @@ def plan_capacities(cluster, names, cfg, here) -> list:
     for name in names:
         o = overrides.get(name, {})
         if name == here:
-            caps.append(measure(name, cfg.n_embd, override=o))
+            caps.append(measure(name, cfg.n_embd, override=o, n_head=cfg.n_head))
             caps[-1] = Capacity(name, caps[-1].speed_gbps, caps[-1].speed8_gbps, caps[-1].memory_mb,
                                 caps[-1].source if o else "measured here")
         elif "speed_gbps" in o and "memory_mb" in o:
