@@ -39,7 +39,7 @@ from .decoding import (
     sample,
     top_probs,
 )
-from .model import KVCache, blocks_forward, choose_prefill_rows, embed, gpt2, head
+from .model import KVCache, blocks_forward, choose_head_rows, choose_prefill_rows, embed, gpt2, head
 from .prefix import PrefixCache, default_prefix_cache_bytes, fork_cache
 from .weights import StageWeights, load_stage
 
@@ -118,6 +118,8 @@ class Scheduler:
         self.config = stage.config
         # once per process, before the first step: model.linear's kernels, and a lone prompt's chunk
         self.kernels = choose_prefill_rows(stage.blocks, stage.config.n_head)
+        if stage.lm_head is not None:           # and the head's (rank 0 holds it)
+            choose_head_rows(stage.lm_head, stage.ln_f)
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()

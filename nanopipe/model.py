@@ -121,7 +121,7 @@ def head(x, ln_f, lm_head):
     stored: no transposed copy (154 MB for gpt2). For one row this is a gemv on wte's rows,
     which streams the matrix once, as fast as (or faster than) a copy laid out (C, V).
 
-    A few rows (2 .. `kernels.gemv_rows`, as in `linear`) go through wte slice by slice, 4 MB at a
+    A few rows (2 .. `kernels.head_rows`, chosen at start like `linear`'s) go through wte slice by slice, 4 MB at a
     time, each slice taking every row's gemv while it is still in cache: wte (154 MB) is read from
     memory once, not once per row, and never packed as one gemm packs it. Measured on a 2-core EPYC
     (32 MB L3), gpt2's head: 1 row 7.5 ms; 2 rows 28.8 ms as one gemm, 16.3 as a gemv per row over
@@ -131,7 +131,9 @@ def head(x, ln_f, lm_head):
     """
     h = layer_norm(x, **ln_f)                                   # (T, C)
     T, V = h.shape[0], lm_head.shape[0]
-    if 1 < T <= kernels.gemv_rows:
+    if T > 1 and kernels.head_how == "not chosen yet":
+        choose_head_rows(lm_head, ln_f)                         # once per process, before the first
+    if 1 < T <= kernels.head_rows:
         out = np.empty((T, V), np.float32)
         step = max(1, HEAD_SLICE_BYTES // (lm_head.shape[1] * lm_head.itemsize))
         for i in range(0, V, step):
@@ -307,12 +309,15 @@ class Kernels:
     chosen: bool = False
     prefill_rows: int = 64          # rows of one prompt per step when no other rows wait (engine._make_batch)
     prefill_how: str = "not chosen yet"
+    head_rows: int = 1              # up to how many rows `head` runs a gemv per row in slices of wte (rank 0)
+    head_how: str = "not chosen yet"
 
 
 kernels = Kernels()
 
 GEMV_ROWS_ENV = "NANOPIPE_GEMV_ROWS"
 PREFILL_ROWS_ENV = "NANOPIPE_PREFILL_ROWS"
+HEAD_ROWS_ENV = "NANOPIPE_HEAD_ROWS"
 MAX_GEMV_ROWS = 16          # never try more rows than this one by one
 PREFILL_CANDIDATES = (64, 128, 256)
 MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
@@ -437,6 +442,41 @@ def measure_prefill_rows(blocks, n_head: int, candidates=PREFILL_CANDIDATES, rep
     return next(T for T in per_row if per_row[T] <= fastest * (1 + within)), per_row
 
 
+def measure_head_rows(lm_head, ln_f, max_rows: int = MAX_GEMV_ROWS, repeats: int = 2) -> tuple:
+    """The largest row count for which `head` in slices (a gemv per row while each 4 MB slice of wte
+    is in cache) beats one gemm over wte, timed on the model's own wte (V, C): T = 2, 3, ... rows
+    both ways, interleaved, best of `repeats`, stopping at the first T where the gemm is as fast.
+    Returns (head_rows, {T: (gemm ms, sliced ms)}). gpt2 on a 2-core EPYC: sliced wins up to 8+ rows
+    (2 rows 26 vs 12 ms), far past `linear`'s crossover: wte (154 MB) is packed whole by a gemm."""
+    C = lm_head.shape[1]
+    xs = np.random.default_rng(0).standard_normal((max_rows, C)).astype(np.float32)
+
+    def run(T, sliced):
+        kernels.head_rows = T if sliced else 1
+        t0 = time.perf_counter()
+        head(xs[:T], ln_f, lm_head)                             # (T, C) -> (T, V)
+        return (time.perf_counter() - t0) * 1000
+
+    saved = kernels.head_rows
+    try:
+        run(2, False), run(2, True)                             # warm-up: page in wte, BLAS threads
+        best, times, t_start = 1, {}, time.perf_counter()
+        for T in range(2, max_rows + 1):
+            if time.perf_counter() - t_start > MEASURE_BUDGET_S:
+                break
+            gemm = sliced = float("inf")
+            for _ in range(repeats):
+                gemm = min(gemm, run(T, False))
+                sliced = min(sliced, run(T, True))
+            times[T] = (round(gemm, 2), round(sliced, 2))
+            if sliced >= gemm:
+                break
+            best = T
+    finally:
+        kernels.head_rows = saved
+    return best, times
+
+
 def _pinned(name: str) -> int | None:
     """A whole number >= 1 from the environment variable `name`; None if unset or 'auto'."""
     raw = os.environ.get(name, "auto").strip()
@@ -492,6 +532,24 @@ def choose_prefill_rows(blocks, n_head: int) -> Kernels:
     return kernels
 
 
+def choose_head_rows(lm_head, ln_f) -> Kernels:
+    """Decide, once per process, up to how many rows the LM head runs in slices (rank 0 only: it
+    holds the head). NANOPIPE_HEAD_ROWS=N pins it (1: always one gemm), else `measure_head_rows`."""
+    if kernels.head_how != "not chosen yet":
+        return kernels
+    n = _pinned(HEAD_ROWS_ENV)
+    if n is None:
+        kernels.head_how = "being measured"     # head() runs inside the measurement: no second decision
+        with measuring_alone():
+            n, times = measure_head_rows(lm_head, ln_f)
+        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
+        how = f"measured (gemm vs slices: {shown})"
+    else:
+        how = f"pinned by {HEAD_ROWS_ENV}"
+    kernels.head_rows, kernels.head_how = n, how
+    return kernels
+
+
 def describe_kernels() -> str:
     """One log line: what `linear` does with a step of a few rows in this process."""
     k = kernels
@@ -502,4 +560,7 @@ def describe_kernels() -> str:
         line = f"linear: a gemv per row for steps of {rows} rows, one gemm above ({k.how})"
     if k.prefill_how != "not chosen yet":
         line += f"; a lone prompt prefills {k.prefill_rows} rows a step ({k.prefill_how})"
+    if k.head_how != "not chosen yet":
+        line += (f"; the LM head: one gemm for 2+ rows ({k.head_how})" if k.head_rows <= 1 else
+                 f"; the LM head: a gemv per row in slices of wte for 2-{k.head_rows} rows ({k.head_how})")
     return line

@@ -190,7 +190,7 @@ def usable_memory_bytes() -> int:
 def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
     """GPT-2 blocks of the model's width, laid out as the loader lays them out (matrices
     column-major), as many as make at least `min_bytes` of weights (more than any CPU's last-level
-    cache, so the probe streams them from memory as a real step does).
+    cache, so the probe streams them from memory as a real step does), at most 8.
 
     gpt2 (C=768): one block is c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C),
     mlp.c_proj (4C, C) = 12 C^2 floats = 28.3 MB, so 4 blocks = 113 MB. The values do not matter
@@ -199,7 +199,9 @@ def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
     """
     c = n_embd
     per_block = 4 * block_params(c)
-    n = max(1, math.ceil(min_bytes / per_block))
+    # at most 8: a tiny test model's blocks would otherwise number hundreds, and such a model's
+    # stage runs from cache anyway, as the probe then does
+    n = min(8, max(1, math.ceil(min_bytes / per_block)))
 
     def lin(i, o):
         return {"w": np.full((i, o), 0.01, np.float32, order="F"), "b": np.zeros(o, np.float32)}

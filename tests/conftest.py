@@ -24,6 +24,8 @@ from nanopipe.weights import init_weights
 os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
 # and a lone prompt prefills up to 96 rows a step (engine.Scheduler._grow_chunks), 64 with company
 os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
+# and the LM head takes 2-4 rows through wte in slices (model.head), more as one gemm
+os.environ.setdefault("NANOPIPE_HEAD_ROWS", "4")
 
 TINY = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=128, n_vocab=50257)
 

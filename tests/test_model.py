@@ -267,16 +267,16 @@ def test_linear_few_rows_equal_each_row_alone_bit_for_bit(stage, pinned):
     assert diff <= 1e-5, f"one gemm vs a gemv per row (computed two ways): largest difference {diff:.2e}"
 
 
-def test_head_few_rows_in_slices_close_to_one_gemm_and_one_row_unchanged(stage, pinned, monkeypatch):
-    """2..gemv_rows rows go through wte slice by slice (each slice in cache for every row): the
+def test_head_few_rows_in_slices_close_to_one_gemm_and_one_row_unchanged(stage, monkeypatch):
+    """2..head_rows rows go through wte slice by slice (each slice in cache for every row): the
     logits equal one gemm's within float tolerance (the sums run in another order) with the same
     argmax; one row is the plain gemv on all of wte, as before."""
     from nanopipe.model import head
     monkeypatch.setattr(model, "HEAD_SLICE_BYTES", 7 * stage.config.n_embd * 4)   # 7 rows of wte a slice: many slices
     h = np.random.default_rng(1).standard_normal((3, stage.config.n_embd)).astype(np.float32)   # (T, C)
-    pinned(1)
+    monkeypatch.setattr(model.kernels, "head_rows", 1)
     gemm = head(h, stage.ln_f, stage.lm_head)                                                # (T, V), one gemm
-    pinned(4)
+    monkeypatch.setattr(model.kernels, "head_rows", 4)
     sliced = head(h, stage.ln_f, stage.lm_head)
     diff = float(np.abs(sliced - gemm).max())
     assert diff <= 1e-5, f"sliced head vs one gemm (computed two ways): largest difference {diff:.2e}"
@@ -308,6 +308,25 @@ def test_batched_decode_rows_equal_each_session_alone_exactly(stage, pinned):
     y = blocks_forward(x, stage.blocks, n_head=c.n_head, segments=[(ba, 1), (bb, 1)])      # (2, C)
     assert np.array_equal(y, np.concatenate([ya, yb])), \
         f"batched vs alone differ by {np.abs(y - np.concatenate([ya, yb])).max():.2e}"
+
+
+def test_choose_head_rows_pinned_or_measured_on_wte(stage, monkeypatch):
+    """The head's crossover is its own: pinned by NANOPIPE_HEAD_ROWS, else measured on wte itself
+    (sliced vs one gemm, T = 2, 3, ...), and kept once decided."""
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.HEAD_ROWS_ENV, "5")
+    k = model.choose_head_rows(stage.lm_head, stage.ln_f)
+    assert (k.head_rows, "pinned" in k.head_how) == (5, True)
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    monkeypatch.setenv(model.HEAD_ROWS_ENV, "auto")
+    k = model.choose_head_rows(stage.lm_head, stage.ln_f)
+    assert k.head_rows >= 1 and k.head_how.startswith("measured (gemm vs slices: 2 rows"), k.head_how
+    assert "the LM head" in model.describe_kernels()
+    monkeypatch.setenv(model.HEAD_ROWS_ENV, "0")
+    assert model.choose_head_rows(stage.lm_head, stage.ln_f) is k, "a process decides once and keeps it"
+    monkeypatch.setattr(model, "kernels", model.Kernels())
+    with pytest.raises(model.KernelChoiceError, match="NANOPIPE_HEAD_ROWS"):
+        model.choose_head_rows(stage.lm_head, stage.ln_f)
 
 
 def test_choose_gemv_rows_pinned_by_the_environment_measured_otherwise_and_kept(stage, monkeypatch):

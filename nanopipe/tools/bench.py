@@ -194,15 +194,16 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
 
 
 @contextlib.contextmanager
-def kernels_as(gemv_rows: int, prefill_rows: int):
+def kernels_as(gemv_rows: int, prefill_rows: int, head_rows: int | None = None):
     """Run this process's steps with the given kernel choice (model.kernels), then restore it."""
     k = kernels
-    saved = (k.gemv_rows, k.prefill_rows)
+    saved = (k.gemv_rows, k.prefill_rows, k.head_rows)
     k.gemv_rows, k.prefill_rows = gemv_rows, prefill_rows
+    k.head_rows = k.head_rows if head_rows is None else head_rows
     try:
         yield
     finally:
-        k.gemv_rows, k.prefill_rows = saved
+        k.gemv_rows, k.prefill_rows, k.head_rows = saved
 
 
 def bench_prefill(engine: Engine, prompt_len: int = 512, repeats: int = 3) -> dict:

@@ -170,7 +170,8 @@ def format_hops(result: dict) -> str:
 # the sweep, the positions, the links
 
 
-OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64"}   # before issue 16: always one gemm
+OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64",   # before issue 16: always one gemm
+               "NANOPIPE_HEAD_ROWS": "1"}
 # the benchmarks send the same prompts again and again: without this, every repeat after the first
 # would reuse the first one's KV cache (nanopipe/prefix.py) and time almost no prefill at all
 NO_REUSE = {"prefix_cache_mb": 0}
@@ -194,20 +195,20 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
     """Concurrent streams in one process and on a local cluster of `nodes` nodes.
 
     With compare_old, every point runs twice in this one run: "before", the always-gemm kernels and
-    64-row prompt chunks (NANOPIPE_GEMV_ROWS=1, NANOPIPE_PREFILL_ROWS=64), and "after", what each
+    64-row prompt chunks (NANOPIPE_GEMV_ROWS=1, NANOPIPE_PREFILL_ROWS=64, NANOPIPE_HEAD_ROWS=1), and "after", what each
     process chose at start (measured, unless those variables are set). Rows carry "kernels".
     `also`: more (name, (gemv_rows, prefill_rows)) modes for the one-process part, e.g. a choice a
     quiet machine measured, to see it on a loaded one.
     """
     rows = []
     engine = Engine.load(weights, prefix_cache_bytes=0)   # chooses this process's kernels; no reuse
-    chosen = (model.kernels.gemv_rows, model.kernels.prefill_rows)
+    chosen = (model.kernels.gemv_rows, model.kernels.prefill_rows, model.kernels.head_rows)
     echo(f"  one process: {model.describe_kernels()}")
-    modes = [("before", (1, 64)), ("after", chosen)] if compare_old else [("after", chosen)]
+    modes = [("before", (1, 64, 1)), ("after", chosen)] if compare_old else [("after", chosen)]
     streams_single(engine, 1, prompt_len, 2)
     for n in counts:
-        for mode, (g, pf) in modes + list(also):
-            with kernels_as(g, pf):
+        for mode, (g, pf, *h) in modes + list(also):
+            with kernels_as(g, pf, *h):
                 rows.append(dict(streams_single(engine, n, prompt_len, n_tokens), setup="1 process", kernels=mode,
                                  gemv_rows=g))
             echo(f"  1 process, {n} stream(s), {mode}: {rows[-1]['aggregate_tok_s']} tok/s aggregate")
