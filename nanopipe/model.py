@@ -393,24 +393,32 @@ def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n
             linear(xs[w.shape[0]][:T], w, b)                    # (T, in) -> (T, out)
         return (time.perf_counter() - t0) * 1000
 
-    saved = kernels.gemv_rows
+    return _crossover("gemv_rows", run, max_rows, repeats)
+
+
+def _crossover(attr: str, run, max_rows: int, repeats: int) -> tuple:
+    """The largest T for which run(T, True) (row by row) beats run(T, False) (one gemm): T = 2, 3,
+    ... both ways, interleaved, best of `repeats`, until one gemm is as fast or MEASURE_BUDGET_S is
+    spent. Returns (T, {T: (gemm ms, row-by-row ms)}); 1 if row by row never wins. `run` sets
+    kernels.<attr> to take one path; it is restored afterwards."""
+    saved = getattr(kernels, attr)
     try:
         run(2, False), run(2, True)                             # warm-up: BLAS threads, page faults
         best, times, t_start = 1, {}, time.perf_counter()
         for T in range(2, max_rows + 1):
             if time.perf_counter() - t_start > MEASURE_BUDGET_S:
                 break
-            gemm = gemv = float("inf")
+            gemm = rows = float("inf")
             for _ in range(repeats):
                 gemm = min(gemm, run(T, False))
-                gemv = min(gemv, run(T, True))
-            times[T] = (round(gemm, 3), round(gemv, 3))
-            if gemv >= gemm:
+                rows = min(rows, run(T, True))
+            times[T] = (round(gemm, 3), round(rows, 3))
+            if rows >= gemm:
                 break
             best = T
+        return best, times
     finally:
-        kernels.gemv_rows = saved
-    return best, times
+        setattr(kernels, attr, saved)
 
 
 def measure_prefill_rows(blocks, n_head: int, candidates=PREFILL_CANDIDATES, repeats: int = 2,
@@ -457,24 +465,7 @@ def measure_head_rows(lm_head, ln_f, max_rows: int = MAX_GEMV_ROWS, repeats: int
         head(xs[:T], ln_f, lm_head)                             # (T, C) -> (T, V)
         return (time.perf_counter() - t0) * 1000
 
-    saved = kernels.head_rows
-    try:
-        run(2, False), run(2, True)                             # warm-up: page in wte, BLAS threads
-        best, times, t_start = 1, {}, time.perf_counter()
-        for T in range(2, max_rows + 1):
-            if time.perf_counter() - t_start > MEASURE_BUDGET_S:
-                break
-            gemm = sliced = float("inf")
-            for _ in range(repeats):
-                gemm = min(gemm, run(T, False))
-                sliced = min(sliced, run(T, True))
-            times[T] = (round(gemm, 2), round(sliced, 2))
-            if sliced >= gemm:
-                break
-            best = T
-    finally:
-        kernels.head_rows = saved
-    return best, times
+    return _crossover("head_rows", run, max_rows, repeats)
 
 
 def _pinned(name: str) -> int | None:
