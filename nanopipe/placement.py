@@ -339,11 +339,8 @@ class Placement:
         return [i for i, (lo, hi) in enumerate(self.ranges) if hi > lo or i == 0]
 
     def step_s(self, i: int, rows: int) -> float:
-        """Node i's predicted seconds for one step of `rows` rows: the cheaper of a gemv per row and
-        one gemm per 8 rows (model.linear picks the cheaper kernel the same way)."""
-        if rows == 1:
-            return self.stage_s[i]
-        return min(rows * self.stage_s[i], math.ceil(rows / 8) * self.stage8_s[i])
+        """Node i's predicted seconds for one step of `rows` rows (see step_seconds)."""
+        return step_seconds(self.stage_s[i], self.stage8_s[i], rows)
 
     def cycle_s(self, streams: int = 1) -> float:
         """Predicted seconds until each of `streams` streams has one more token.
@@ -364,6 +361,12 @@ class Placement:
     def tok_s(self, streams: int = 1) -> float:
         """Predicted tokens/s of `streams` concurrent streams (see cycle_s)."""
         return streams / self.cycle_s(streams)
+
+
+def step_seconds(t1: float, t8: float, rows: int) -> float:
+    """A step of `rows` rows from a stage's one-row time t1 and 8-row time t8: the cheaper of a gemv
+    per row and one gemm per 8 rows (model.linear picks the cheaper kernel the same way)."""
+    return t1 if rows == 1 else min(rows * t1, math.ceil(rows / 8) * t8)
 
 
 def stage_seconds(shape: ModelShape, node: Capacity, n_blocks: int, rank0: bool, rows: int = 1) -> float:
@@ -390,9 +393,10 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     throughput: minimise the cycle at `streams` streams (Placement.cycle_s: with `depth` batches
     in flight, the larger of the sum of the stages and depth x the slowest); among splits that
     reach it, the one with the smallest one-stream time. latency: minimise the one-stream time
-    (stages + hops). Exact: for each candidate slowest stage, a DP keeps the Pareto front of
-    (time at `streams` streams, one-stream time) per (nodes, blocks) — tests/test_placement.py
-    checks it against every split. Workers may get no blocks (left out); rank 0 always takes part
+    (stages + hops). Exact: a DP over (nodes, blocks) where the cycle is a sum; otherwise one per
+    candidate slowest stage to find the least cycle, then a DP keeping the Pareto front of (time at
+    `streams` streams, one-stream time) for the tie-break — tests/test_placement.py checks it
+    against every split. Workers may get no blocks (left out); rank 0 always takes part
     (it embeds and samples).
     """
     if objective not in ("throughput", "latency"):
@@ -427,68 +431,64 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
 
     INF = float("inf")
     depth = depth or n
-    probe = Placement([(0, 0)] * n, objective, [0.0] * n, [0.0] * n, hop_s, depth=depth)
     g = max(1, min(depth, streams))             # batches in flight at `streams` streams
     rows = math.ceil(streams / g)
 
-    def cost1(i, k):                            # one stream: a one-row step, plus the outgoing hop
-        return stage_seconds(shape, nodes[i], k, i == 0, 1) + hop_s
+    def stage(i, k, r):                         # node i holding k blocks: one step of r rows + its hop
+        return step_seconds(stage_seconds(shape, nodes[i], k, i == 0, 1),
+                            stage_seconds(shape, nodes[i], k, i == 0, 8), r) + hop_s
 
-    def costn(i, k):                            # `streams` streams: a step of `rows` rows, plus the hop
-        probe.stage_s[i] = stage_seconds(shape, nodes[i], k, i == 0, 1)
-        probe.stage8_s[i] = stage_seconds(shape, nodes[i], k, i == 0, 8)
-        return probe.step_s(i, rows) + hop_s
+    choices = [range(min_rank0_blocks if i == 0 else 0, min(cap[i], L) + 1) for i in range(n)]
+    c1 = [{k: stage(i, k, 1) for k in ks} for i, ks in enumerate(choices)]      # one stream
+    cn = [{k: stage(i, k, rows) for k in ks} for i, ks in enumerate(choices)]   # `streams` streams
 
-    choices = [[k for k in range(min_rank0_blocks if i == 0 else 0, min(cap[i], L) + 1)] for i in range(n)]
-    c1 = [{k: cost1(i, k) for k in ks} for i, ks in enumerate(choices)]
-    cn = [{k: costn(i, k) for k in ks} for i, ks in enumerate(choices)]
-
-    def min_sum(bound: float) -> float:
-        """The smallest sum of stage times at `streams` streams over splits whose every stage takes
-        <= `bound` (inf if none): f[i][j] for nodes 0..i-1 holding blocks 0..j-1."""
-        f = [0.0] + [INF] * L
+    def best_split(cost, bound: float = INF):
+        """The split minimising the sum of cost[i][k] (tuples, compared in order) over used nodes,
+        every used node's cn <= `bound`: a DP over f[j], nodes so far holding blocks 0..j-1.
+        Returns (total, counts) or None."""
+        zero = tuple(0.0 for _ in next(iter(cost[0].values())))
+        f = [(zero, ())] + [None] * L
         for i in range(n):
-            g_ = [INF] * (L + 1)
-            for j in range(L + 1):
-                if f[j] == INF:
+            nxt = [None] * (L + 1)
+            for j, entry in enumerate(f):
+                if entry is None:
                     continue
+                total, counts = entry
                 for k in choices[i]:
                     if j + k > L:
                         break
                     used = k > 0 or i == 0
                     if used and cn[i][k] > bound * (1 + 1e-12):
                         continue
-                    v = f[j] + (cn[i][k] if used else 0.0)
-                    if v < g_[j + k]:
-                        g_[j + k] = v
-            f = g_
+                    v = tuple(a + b for a, b in zip(total, cost[i][k])) if used else total
+                    if nxt[j + k] is None or v < nxt[j + k][0]:
+                        nxt[j + k] = (v, counts + (k,))
+            f = nxt
         return f[L]
 
     def pareto(bound: float, limit: float) -> list:
         """Every split whose stages each take <= `bound` and sum to <= `limit` (at `streams`
-        streams), as the Pareto front of (that sum, one-stream time): [(sum_n, sum_1, counts)].
-        f[i][j]: the front of nodes 0..i-1 holding blocks 0..j-1."""
+        streams), as the Pareto front of (that sum, one-stream time): [(sum_n, sum_1, counts)]."""
         f = [[(0.0, 0.0, ())]] + [[] for _ in range(L)]
         for i in range(n):
-            g_ = [[] for _ in range(L + 1)]
+            nxt = [[] for _ in range(L + 1)]
             for j in range(L + 1):
                 for sn, s1, counts in f[j]:
                     for k in choices[i]:
                         if j + k > L:
                             break
-                        used = k > 0 or i == 0
-                        if not used:
-                            g_[j].append((sn, s1, counts + (0,)))
+                        if k == 0 and i > 0:
+                            nxt[j].append((sn, s1, counts + (0,)))
                         elif cn[i][k] <= bound * (1 + 1e-12) and sn + cn[i][k] <= limit * (1 + 1e-12):
-                            g_[j + k].append((sn + cn[i][k], s1 + c1[i][k], counts + (k,)))
+                            nxt[j + k].append((sn + cn[i][k], s1 + c1[i][k], counts + (k,)))
             for j in range(L + 1):                # keep the non-dominated entries only
                 front, best1 = [], INF
-                for e in sorted(g_[j], key=lambda e: (e[0], e[1])):
+                for e in sorted(nxt[j], key=lambda e: (e[0], e[1])):
                     if e[1] < best1 * (1 - 1e-12):
                         front.append(e)
                         best1 = e[1]
-                g_[j] = front
-            f = g_
+                nxt[j] = front
+            f = nxt
         return f[L]
 
     def key_of(counts) -> tuple:
@@ -500,38 +500,23 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     if cap[0] >= L:     # rank 0 alone pays no hop at all, which the DP (every stage pays one) misses
         candidates.append([L] + [0] * (n - 1))
     if objective == "latency" or g == 1:
-        # the cycle is a sum (one stream, or one batch at a time), so the key is additive: one DP
-        # over (time, one-stream time) pairs compared in order
-        pair = [{k: (c1[i][k], 0.0) if objective == "latency" else (cn[i][k], c1[i][k]) for k in choices[i]}
-                for i in range(n)]
-        f = [((0.0, 0.0), ())] + [None] * L
-        for i in range(n):
-            g_ = [None] * (L + 1)
-            for j in range(L + 1):
-                if f[j] is None:
-                    continue
-                (a, b), counts = f[j]
-                for k in choices[i]:
-                    if j + k > L:
-                        break
-                    da, db = pair[i][k] if (k > 0 or i == 0) else (0.0, 0.0)
-                    v = ((a + da, b + db), counts + (k,))
-                    if g_[j + k] is None or v[0] < g_[j + k][0]:
-                        g_[j + k] = v
-            f = g_
-        if f[L] is not None:
-            candidates.append(list(f[L][1]))
+        # the cycle is a sum (one stream, or one batch at a time): additive, one DP
+        found = best_split([{k: (c1[i][k],) if objective == "latency" else (cn[i][k], c1[i][k]) for k in ks}
+                            for i, ks in enumerate(choices)])
+        candidates += [list(found[1])] if found else []
     else:
         # cycle = max(sum, g x slowest). First its least value C: for each possible slowest stage B
         # (ascending), the least sum of splits whose stages are all <= B; stop once g x B alone is
         # worse than the best found. Then every split reaching C has stages <= C / g and a sum
         # <= C: among those, the Pareto front gives the least one-stream time.
-        bounds = sorted({v for i in range(n) for k, v in cn[i].items() if k > 0 or i == 0})
+        sums = [{k: (v,) for k, v in c.items()} for c in cn]
         best = INF
-        for bound in bounds:
+        for bound in sorted({v for i in range(n) for k, v in cn[i].items() if k > 0 or i == 0}):
             if g * bound > best * (1 + 1e-12):
                 break
-            best = min(best, max(min_sum(bound), g * bound))
+            found = best_split(sums, bound)
+            if found:
+                best = min(best, max(found[0][0], g * bound))
         if best < INF:
             candidates += [list(c) for _, _, c in pareto(best / g, best)]
     if not candidates:
