@@ -1,0 +1,181 @@
+"""A block split over m members by heads and MLP columns (the Megatron split) equals the block.
+
+The model here has n_head=12 heads of D=3 columns (C=36, 4C=144), so 5 members hold 3, 3, 2, 2, 2
+heads and 29, 29, 29, 29, 28 MLP columns: uneven both ways. Every comparison of the split with
+`block` prints its largest difference; one member runs the very calls of `block` (bit for bit).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from floats import assert_close, assert_same, max_diff
+
+from nanopipe.model import (
+    KVCache,
+    SplitError,
+    all_reduce,
+    block,
+    block_split,
+    blocks_forward,
+    blocks_forward_split,
+    head,
+    shard_block,
+    share_of,
+    split_evenly,
+)
+from nanopipe.weights import init_weights, load_stage
+
+N_LAYER, C, H, N_CTX, V = 3, 36, 12, 64, 300
+D = C // H
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("split") / "h12.safetensors")
+    init_weights(path, n_layer=N_LAYER, n_embd=C, n_head=H, n_ctx=N_CTX, n_vocab=V, seed=3)
+    st = load_stage(path)
+    rng = np.random.default_rng(7)      # synthetic biases are 0 and gains 1: make them count
+    for p in st.blocks:
+        for arr in (p["ln_1"]["g"], p["ln_1"]["b"], p["ln_2"]["g"], p["ln_2"]["b"], p["attn"]["c_attn"]["b"],
+                    p["attn"]["c_proj"]["b"], p["mlp"]["c_fc"]["b"], p["mlp"]["c_proj"]["b"]):
+            arr += rng.standard_normal(arr.shape).astype(np.float32) * np.float32(0.1)
+    return st
+
+
+def members(stage, m):
+    """Each member's share and its blocks (the block parameters sliced in memory)."""
+    shares = [share_of(r, m, H, C) for r in range(m)]
+    parts = [[shard_block(p, s) for p in stage.blocks] for s in shares]
+    return shares, parts
+
+
+def rows(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, C)).astype(np.float32)   # (n, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# who holds what
+
+
+def test_split_evenly_gives_the_remainder_to_the_first_members():
+    assert split_evenly(12, 5) == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
+    assert split_evenly(144, 5) == [(0, 29), (29, 58), (58, 87), (87, 116), (116, 144)]
+    assert split_evenly(7, 1) == [(0, 7)]
+
+
+def test_share_of_worked_examples():
+    """The docstring's: gpt2-small over 5 members."""
+    s0, s4 = share_of(0, 5, 12, 768), share_of(4, 5, 12, 768)
+    assert (s0.heads, s0.hidden, s0.n_head) == ((0, 3), (0, 615), 3)
+    assert (s4.heads, s4.hidden, s4.n_head) == ((10, 12), (2458, 3072), 2)
+    assert share_of(1, 2, 2, 16).qkv_columns == [(8, 16), (24, 32), (40, 48)]
+    assert s4.attn_rows == (640, 768)
+
+
+@pytest.mark.parametrize("member, m, match", [
+    (0, 13, "13 members but only 12 heads"),
+    (5, 5, "member 5 of 5 does not exist"),
+    (-1, 2, "member -1 of 2 does not exist"),
+])
+def test_a_split_that_cannot_be_is_a_clear_error(member, m, match):
+    with pytest.raises(SplitError, match=match):
+        share_of(member, m, 12, 36)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 12])
+def test_the_shares_tile_the_block_and_the_bias_is_added_once(stage, m):
+    """Laid side by side, the members' columns and rows are the block's matrices, exactly; each
+    c_proj bias is held by member 0 and zeros by the others, so the sum adds it once."""
+    shares, parts = members(stage, m)
+    p = stage.blocks[1]
+    got = [q[1] for q in parts]
+    for i in range(3):                                   # q, k, v: each member's heads, in member order
+        joined = np.concatenate([g["attn"]["c_attn"]["w"][:, i * s.n_head * D:(i + 1) * s.n_head * D]
+                                 for g, s in zip(got, shares)], axis=1)                  # (C, C)
+        assert_same(joined, p["attn"]["c_attn"]["w"][:, i * C:(i + 1) * C], "a slice is a copy")
+    assert_same(np.concatenate([g["attn"]["c_proj"]["w"] for g in got]), p["attn"]["c_proj"]["w"], "a copy")
+    assert_same(np.concatenate([g["mlp"]["c_fc"]["w"] for g in got], axis=1), p["mlp"]["c_fc"]["w"], "a copy")
+    assert_same(np.concatenate([g["mlp"]["c_fc"]["b"] for g in got]), p["mlp"]["c_fc"]["b"], "a copy")
+    assert_same(np.concatenate([g["mlp"]["c_proj"]["w"] for g in got]), p["mlp"]["c_proj"]["w"], "a copy")
+    for name in ("attn", "mlp"):
+        biases = [g[name]["c_proj"]["b"] for g in got]
+        assert_same(biases[0], p[name]["c_proj"]["b"], "member 0 holds the bias")
+        assert all(not b.any() for b in biases[1:]), "the other members hold zeros"
+    assert all(g["ln_1"]["g"] is p["ln_1"]["g"] for g in got), "LayerNorms are the same arrays"
+    assert all(g["attn"]["c_attn"]["w"].flags.f_contiguous for g in got), "column-major, as the loader keeps"
+    assert [s.n_head for s in shares] == [b - a for a, b in split_evenly(H, m)]
+
+
+def test_all_reduce_sums_in_member_order():
+    assert all_reduce([[[1.0, 2.0]], [[10.0, 20.0]]]).tolist() == [[11.0, 22.0]]
+    parts = [rows(4, s) for s in range(3)]
+    assert_same(all_reduce(parts), (parts[0] + parts[1]) + parts[2], "the same additions in the same order")
+    one = rows(2, 9)
+    assert_same(all_reduce([one]), one, "one member: its own partial")
+
+
+# ---------------------------------------------------------------------------------------------
+# the split block equals the block
+
+
+def test_one_member_is_block_bit_for_bit(stage):
+    """m = 1: shard_block copies the block whole, block_split calls mha and mlp as block does."""
+    (share,), parts = members(stage, 1)
+    x = rows(5, 0)
+    want_cache, got_cache = KVCache(1, H, D, N_CTX), KVCache(1, share.n_head, D, N_CTX)
+    want_cache.reserve(5), got_cache.reserve(5)
+    want = block(x, **stage.blocks[0], n_head=H, layer=0, segments=[(want_cache, 5)])
+    got = block_split(x, [parts[0][0]], n_heads=[H], layer=0, segments=[[(got_cache, 5)]])
+    assert_same(got, want, "one member runs block's calls in block's order")
+    assert_same(got_cache.k[0, :, :5], want_cache.k[0, :, :5], "the same keys")
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 7, 12])
+def test_m_members_equal_the_block_prompt_then_decode(stage, m, capsys):
+    """A 6-row prompt, then 4 decode steps of one row, through all 3 blocks: the split stage's rows
+    stay within tolerance of the whole stage's, and each member's KV cache holds its heads of the
+    whole cache (computed by a narrower c_attn matmul: compared with a tolerance)."""
+    shares, parts = members(stage, m)
+    whole = KVCache(N_LAYER, H, D, N_CTX)
+    mine = [KVCache(N_LAYER, s.n_head, D, N_CTX) for s in shares]
+    worst = 0.0
+    for step, n in enumerate([6, 1, 1, 1, 1]):
+        x = rows(n, 100 + step)
+        want = blocks_forward(x, stage.blocks, n_head=H, segments=[(whole, n)])                  # (n, C)
+        got = blocks_forward_split(x, parts, n_heads=[s.n_head for s in shares],
+                                   segments=[[(c, n)] for c in mine])                            # (n, C)
+        assert_close(got, want, f"{m} members, step {step}")
+        worst = max(worst, max_diff(got, want))
+    for s, c in zip(shares, mine):
+        assert c.length == whole.length == 10
+        h0, h1 = s.heads
+        assert_close(c.k[:, :, :10], whole.k[:, h0:h1, :10], f"member {s.member}'s keys")
+        assert_close(c.v[:, :, :10], whole.v[:, h0:h1, :10], f"member {s.member}'s values")
+    with capsys.disabled():
+        print(f"\n{m} members ({[s.n_head for s in shares]} heads), 3 blocks, 5 steps: "
+              f"largest difference from the whole block {worst:.2e} (tolerance 1e-05)")
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_batched_sessions_through_the_split_equal_the_block(stage, m, capsys):
+    """Two sequences in one step (prompts of 4 and 7 rows), then 3 decode steps taking one row of
+    each: each member keeps a cache per sequence for its heads; the head's logits agree too."""
+    shares, parts = members(stage, m)
+    whole = [KVCache(N_LAYER, H, D, N_CTX) for _ in range(2)]
+    mine = [[KVCache(N_LAYER, s.n_head, D, N_CTX) for _ in range(2)] for s in shares]
+    ln_f = {"g": np.ones(C, np.float32), "b": np.zeros(C, np.float32)}
+    lm_head = np.random.default_rng(5).standard_normal((V, C)).astype(np.float32)              # (V, C)
+    worst = 0.0
+    for step, (na, nb) in enumerate([(4, 7), (1, 1), (1, 1), (1, 1)]):
+        x = rows(na + nb, 200 + step)                                                            # (na+nb, C)
+        want = blocks_forward(x, stage.blocks, n_head=H, segments=[(whole[0], na), (whole[1], nb)])
+        got = blocks_forward_split(x, parts, n_heads=[s.n_head for s in shares],
+                                   segments=[[(c[0], na), (c[1], nb)] for c in mine])
+        if m == 1:
+            assert_same(got, want, "one member runs block's calls in block's order")
+        assert_close(got, want, f"{m} members, batched step {step}")
+        assert_close(head(got, ln_f, lm_head), head(want, ln_f, lm_head), f"{m} members, logits", tol=1e-4)
+        worst = max(worst, max_diff(got, want))
+    assert [c.length for c in mine[-1]] == [w.length for w in whole] == [7, 10]
+    with capsys.disabled():
+        print(f"\n{m} members, 2 sessions batched, 4 steps: largest difference {worst:.2e} (tolerance 1e-05)")
