@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from floats import assert_close, assert_same, max_diff
+from helpers import read_tensors
 
 from nanopipe.model import (
     KVCache,
@@ -23,23 +24,32 @@ from nanopipe.model import (
     share_of,
     split_evenly,
 )
-from nanopipe.weights import init_weights, load_stage
+from nanopipe.safetensors_io import read_header, read_part, write_safetensors
+from nanopipe.weights import WeightsError, init_weights, load_stage
 
 N_LAYER, C, H, N_CTX, V = 3, 36, 12, 64, 300
 D = C // H
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory):
+def weights(tmp_path_factory) -> str:
+    """Synthetic weights in the hub layout, with biases and LayerNorms made to count (init_weights
+    writes biases 0 and gains 1, which would hide a bias added twice or sliced wrongly)."""
     path = str(tmp_path_factory.mktemp("split") / "h12.safetensors")
     init_weights(path, n_layer=N_LAYER, n_embd=C, n_head=H, n_ctx=N_CTX, n_vocab=V, seed=3)
-    st = load_stage(path)
-    rng = np.random.default_rng(7)      # synthetic biases are 0 and gains 1: make them count
-    for p in st.blocks:
-        for arr in (p["ln_1"]["g"], p["ln_1"]["b"], p["ln_2"]["g"], p["ln_2"]["b"], p["attn"]["c_attn"]["b"],
-                    p["attn"]["c_proj"]["b"], p["mlp"]["c_fc"]["b"], p["mlp"]["c_proj"]["b"]):
+    raw = read_tensors(path)
+    rng = np.random.default_rng(7)
+    for name, arr in raw.items():
+        if name.startswith("h.") and name.endswith((".bias", "ln_1.weight", "ln_2.weight")) \
+                and not name.endswith("attn.bias"):                   # attn.bias: the causal-mask buffer
             arr += rng.standard_normal(arr.shape).astype(np.float32) * np.float32(0.1)
-    return st
+    write_safetensors(path, raw, read_header(path).metadata)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage(weights):
+    return load_stage(weights)
 
 
 def members(stage, m):
@@ -179,3 +189,100 @@ def test_batched_sessions_through_the_split_equal_the_block(stage, m, capsys):
     assert [c.length for c in mine[-1]] == [w.length for w in whole] == [7, 10]
     with capsys.disabled():
         print(f"\n{m} members, 2 sessions batched, 4 steps: largest difference {worst:.2e} (tolerance 1e-05)")
+
+
+# ---------------------------------------------------------------------------------------------
+# a member loads only its part
+
+
+def test_read_part_worked_example(tmp_path):
+    """read_part's docstring: rows of a (4, 6) tensor holding 0..23, and column ranges of each row."""
+    path = str(tmp_path / "t.safetensors")
+    write_safetensors(path, {"t": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.arange(6, dtype=np.float16)})
+    info = read_header(path).tensors
+    with open(path, "rb") as f:
+        assert read_part(f, info["t"], rows=(1, 3)).tolist() == [list(range(6, 12)), list(range(12, 18))]
+        got = read_part(f, info["t"], cols=[(0, 1), (4, 6)], chunk_bytes=30)      # one row per chunk
+        assert got.tolist() == [[r * 6, r * 6 + 4, r * 6 + 5] for r in range(4)]
+        assert read_part(f, info["t"], rows=(2, 4), cols=[(3, 5)]).tolist() == [[15, 16], [21, 22]]
+        b = read_part(f, info["b"], cols=[(1, 3)])
+        assert b.dtype == np.float16 and b.tolist() == [1, 2]
+        with pytest.raises(ValueError, match=r"'t' has shape \[4, 6\]: rows 0\.\.4 and columns \[\(5, 7\)\]"):
+            read_part(f, info["t"], cols=[(5, 7)])
+
+
+def as_bytes(part, prefix="") -> dict:
+    """Every array of a block's (or a member's) parameters: "attn.c_attn.w" -> (dtype, shape, bytes)."""
+    out = {}
+    for k, v in part.items():
+        if isinstance(v, dict):
+            out.update(as_bytes(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = (v.dtype.str, v.shape, np.ascontiguousarray(v).tobytes())
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_a_member_loads_the_very_bytes_of_its_slices(weights, stage, m):
+    """load_stage(share=(r, m)) reads, for blocks 1..2, the bytes shard_block cuts from the whole
+    block: the same float32 values, shapes and column-major layout. And shard_block's arrays are the
+    file's tensors sliced by hand (checked here against the raw file, not the loader)."""
+    raw = read_tensors(weights)
+    for r in range(m):
+        share = share_of(r, m, H, C)
+        got = load_stage(weights, 1, 3, rank0=False, share=(r, m))
+        assert got.share == share and not got.has_head and len(got.blocks) == 2
+        for i, part in zip((1, 2), got.blocks):
+            want = shard_block(stage.blocks[i], share)
+            assert as_bytes(part) == as_bytes(want), f"member {r} of {m}, block {i}"
+            assert part["attn"]["c_attn"]["w"].flags.f_contiguous and part["mlp"]["c_proj"]["w"].flags.f_contiguous
+            (a0, a1), (f0, f1) = share.attn_rows, share.hidden
+            qkv = np.concatenate([np.arange(a, b) for a, b in share.qkv_columns])
+            t = {k: raw[f"h.{i}.{k}"] for k in ("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                                                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "ln_2.bias")}
+            by_hand = {"attn.c_attn.w": t["attn.c_attn.weight"][:, qkv], "attn.c_attn.b": t["attn.c_attn.bias"][qkv],
+                       "attn.c_proj.w": t["attn.c_proj.weight"][a0:a1], "mlp.c_fc.w": t["mlp.c_fc.weight"][:, f0:f1],
+                       "mlp.c_fc.b": t["mlp.c_fc.bias"][f0:f1], "mlp.c_proj.w": t["mlp.c_proj.weight"][f0:f1],
+                       "ln_2.b": t["ln_2.bias"]}
+            loaded = as_bytes(part)
+            for name, arr in by_hand.items():
+                assert loaded[name][1:] == (arr.shape, np.ascontiguousarray(arr).tobytes()), f"{name}, {r} of {m}"
+
+
+def test_a_members_stage_runs_the_split(weights, stage):
+    """Two members loaded from the file, blocks 0..2, run as a split stage: within tolerance of the
+    whole stage, on a prompt and two decode steps."""
+    shares = [share_of(r, 2, H, C) for r in range(2)]
+    parts = [load_stage(weights, rank0=False, share=(r, 2)).blocks for r in range(2)]
+    whole, mine = KVCache(N_LAYER, H, D, N_CTX), [KVCache(N_LAYER, s.n_head, D, N_CTX) for s in shares]
+    for step, n in enumerate([5, 1, 1]):
+        x = rows(n, 300 + step)
+        want = blocks_forward(x, stage.blocks, n_head=H, segments=[(whole, n)])
+        got = blocks_forward_split(x, parts, n_heads=[6, 6], segments=[[(c, n)] for c in mine])
+        assert_close(got, want, f"2 members loaded from the file, step {step}")
+
+
+def test_a_float16_file_gives_float32_shares(weights, tmp_path):
+    """Half-precision files are converted once, at load, member by member as for a whole stage."""
+    raw = {k: v.astype(np.float16) for k, v in read_tensors(weights).items()}
+    path = str(tmp_path / "half.safetensors")
+    write_safetensors(path, raw, read_header(weights).metadata)
+    whole = load_stage(path, rank0=False)
+    for r in range(3):
+        part = load_stage(path, rank0=False, share=(r, 3))
+        assert part.blocks[0]["mlp"]["c_fc"]["w"].dtype == np.float32
+        assert as_bytes(part.blocks[2]) == as_bytes(shard_block(whole.blocks[2], share_of(r, 3, H, C)))
+
+
+def test_a_wrong_tensor_or_share_is_named(weights, tmp_path):
+    raw = read_tensors(weights)
+    raw["h.1.attn.c_proj.weight"] = raw["h.1.attn.c_proj.weight"][:30].copy()
+    del raw["h.2.mlp.c_proj.bias"]
+    path = str(tmp_path / "bad.safetensors")
+    write_safetensors(path, raw, read_header(weights).metadata)
+    with pytest.raises(WeightsError, match=r"'h\.1\.attn\.c_proj\.weight' has shape \[30, 36\], expected \[36, 36\]"):
+        load_stage(path, 1, 2, rank0=False, share=(1, 2))
+    with pytest.raises(WeightsError, match=r"missing tensor 'h\.2\.mlp\.c_proj\.bias'"):
+        load_stage(path, 2, 3, rank0=False, share=(1, 2))      # member 1 adds no bias, but it must be there
+    with pytest.raises(WeightsError, match=r"cannot load share 0 of 13: 13 members but only 12 heads"):
+        load_stage(weights, rank0=False, share=(0, 13))
