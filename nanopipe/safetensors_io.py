@@ -148,7 +148,7 @@ def _read_into(f, offset: int, out: np.ndarray, name: str):
 
 
 def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None = None,
-              chunk_bytes: int = 4 << 20) -> np.ndarray:
+              chunk_bytes: int = 4 << 20, order: str = "C") -> np.ndarray:
     """Rows r0..r1-1 of a 1-D or 2-D tensor, and of each row only the column ranges `cols` side by
     side, read without ever holding the whole tensor. A 1-D tensor is one row. Worked example, a
     (4, 6) tensor holding 0..23:
@@ -158,7 +158,8 @@ def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None 
 
     Whole rows are one byte range, read straight into the result. Column ranges are strided: the
     rows pass through a buffer of about `chunk_bytes` (the whole tensor is read from the file, only
-    its part is kept), so memory holds the part plus the buffer.
+    its part is kept), so memory holds the part plus the buffer. order="F" lays the result out
+    column-major (as the loader keeps block matrices) on the way, with no second copy.
     """
     shape = tuple(info.shape)
     if len(shape) not in (1, 2):
@@ -172,9 +173,9 @@ def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None 
                                f"{cols} do not lie inside it")
     dtype = DTYPES[info.dtype]
     width = sum(b - a for a, b in cols)
-    out = np.empty((r1 - r0, width), dtype)                     # (rows, its columns)
+    out = np.empty((r1 - r0, width), dtype, order=order)        # (rows, its columns)
     row_bytes = n_cols * dtype.itemsize
-    if cols == [(0, n_cols)]:
+    if cols == [(0, n_cols)] and out.flags.c_contiguous:
         _read_into(f, info.begin + r0 * row_bytes, out, info.name)
     else:
         step = max(1, chunk_bytes // max(1, row_bytes))

@@ -161,13 +161,16 @@ def _checked(header: Header, name: str, shape: tuple, path: str):
     return info
 
 
-def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols=None) -> np.ndarray:
+def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols=None, order="C") -> np.ndarray:
     """The tensor `name`, checked to have `shape`, as float32; only rows r0..r1-1 and the column
-    ranges `cols` of it when given (read_part: the rest is never held in memory)."""
+    ranges `cols` of it when given (read_part: the rest is never held in memory), laid out
+    column-major when order="F"."""
     info = _checked(header, name, shape, path)
     try:
-        raw = read_tensor(f, info) if rows is None and cols is None else read_part(f, info, rows, cols)
-        return np.ascontiguousarray(to_float32(raw, info.dtype))
+        if rows is None and cols is None:
+            return np.ascontiguousarray(to_float32(read_tensor(f, info), info.dtype))
+        raw = to_float32(read_part(f, info, rows, cols, order=order), info.dtype)
+        return np.asfortranarray(raw) if order == "F" else np.ascontiguousarray(raw)
     except SafetensorsError as e:
         raise WeightsError(str(e)) from None
 
@@ -196,6 +199,9 @@ def _block_share(f, header, prefix, i, config, path, share: Share) -> dict:
     def part(k, rows=None, cols=None):
         return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols)
 
+    def matrix(k, rows=None, cols=None):        # column-major, as _block keeps them (see model.linear)
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order="F")
+
     def bias(k):                            # member 0 adds it; the others hold zeros (see shard_block)
         if share.adds_bias:
             return part(k)
@@ -204,14 +210,14 @@ def _block_share(f, header, prefix, i, config, path, share: Share) -> dict:
 
     return {
         "ln_1": {"g": part("ln_1.weight"), "b": part("ln_1.bias")},
-        "attn": {"c_attn": {"w": np.asfortranarray(part("attn.c_attn.weight", cols=share.qkv_columns)),
+        "attn": {"c_attn": {"w": matrix("attn.c_attn.weight", cols=share.qkv_columns),
                             "b": part("attn.c_attn.bias", cols=share.qkv_columns)},
-                 "c_proj": {"w": np.asfortranarray(part("attn.c_proj.weight", rows=(a0, a1))),
+                 "c_proj": {"w": matrix("attn.c_proj.weight", rows=(a0, a1)),
                             "b": bias("attn.c_proj.bias")}},
         "ln_2": {"g": part("ln_2.weight"), "b": part("ln_2.bias")},
-        "mlp": {"c_fc": {"w": np.asfortranarray(part("mlp.c_fc.weight", cols=[(f0, f1)])),
+        "mlp": {"c_fc": {"w": matrix("mlp.c_fc.weight", cols=[(f0, f1)]),
                          "b": part("mlp.c_fc.bias", cols=[(f0, f1)])},
-                "c_proj": {"w": np.asfortranarray(part("mlp.c_proj.weight", rows=(f0, f1))),
+                "c_proj": {"w": matrix("mlp.c_proj.weight", rows=(f0, f1)),
                            "b": bias("mlp.c_proj.bias")}},
     }
 

@@ -6,6 +6,8 @@ heads and 29, 29, 29, 29, 28 MLP columns: uneven both ways. Every comparison of 
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from floats import assert_close, assert_same, max_diff
@@ -25,6 +27,7 @@ from nanopipe.model import (
     split_evenly,
 )
 from nanopipe.safetensors_io import read_header, read_part, write_safetensors
+from nanopipe.tools.bench import load_rss
 from nanopipe.weights import WeightsError, init_weights, load_stage
 
 N_LAYER, C, H, N_CTX, V = 3, 36, 12, 64, 300
@@ -205,6 +208,8 @@ def test_read_part_worked_example(tmp_path):
         got = read_part(f, info["t"], cols=[(0, 1), (4, 6)], chunk_bytes=30)      # one row per chunk
         assert got.tolist() == [[r * 6, r * 6 + 4, r * 6 + 5] for r in range(4)]
         assert read_part(f, info["t"], rows=(2, 4), cols=[(3, 5)]).tolist() == [[15, 16], [21, 22]]
+        f_order = read_part(f, info["t"], rows=(1, 4), order="F")                    # column-major on the way
+        assert f_order.flags.f_contiguous and f_order.tolist() == np.arange(6, 24).reshape(3, 6).tolist()
         b = read_part(f, info["b"], cols=[(1, 3)])
         assert b.dtype == np.float16 and b.tolist() == [1, 2]
         with pytest.raises(ValueError, match=r"'t' has shape \[4, 6\]: rows 0\.\.4 and columns \[\(5, 7\)\]"):
@@ -286,3 +291,22 @@ def test_a_wrong_tensor_or_share_is_named(weights, tmp_path):
         load_stage(path, 2, 3, rank0=False, share=(1, 2))      # member 1 adds no bias, but it must be there
     with pytest.raises(WeightsError, match=r"cannot load share 0 of 13: 13 members but only 12 heads"):
         load_stage(weights, rank0=False, share=(0, 13))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc/self/status (Linux)")
+def test_a_member_of_two_peaks_near_its_half(tmp_path, capsys):
+    """gpt2-medium-shaped blocks (C=1024): a member of 2 never holds the whole tensors on the way,
+    so its peak RSS growth stays near what it keeps (about half the blocks), far below loading them
+    whole. The numbers for 4 blocks: `bench_share_load` (docs/PERFORMANCE.md)."""
+    path = str(tmp_path / "medium2.safetensors")
+    init_weights(path, size="gpt2-medium", n_layer=2, n_vocab=1000, seed=0)
+    whole = load_rss(path, 0, 2)
+    half = load_rss(path, 0, 2, (1, 2))
+    with capsys.disabled():
+        print(f"\n2 gpt2-medium blocks: whole holds {whole['held_mb']} MB, peak growth {whole['peak_mb']} MB; "
+              f"member 1 of 2 holds {half['held_mb']} MB, peak growth {half['peak_mb']} MB")
+    assert abs(half["held_mb"] - whole["held_mb"] / 2) < 1, "a member of 2 keeps half the blocks"
+    # what it keeps plus the 4 MB row buffer and slack; reading each tensor whole and slicing it
+    # would add the largest one, mlp.c_fc (16 MB), on top
+    assert half["peak_mb"] <= half["held_mb"] + 10, "a member's load held more than its part plus a buffer"
+    assert half["peak_mb"] < 0.6 * whole["peak_mb"]
