@@ -299,6 +299,8 @@ def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segmen
 #
 #     x = x + all_reduce([attn_share(x, member r's part) for each member r])    # (T, C)
 #     x = x + all_reduce([mlp_share(x, member r's part) for each member r])     # (T, C)
+#
+# Shapes of a member's part: h of the H heads (h*D columns of q, k and v), f of the 4C hidden columns.
 
 
 class SplitError(ValueError):
@@ -374,6 +376,8 @@ def shard_block(p, share: Share) -> dict:
         mlp.c_proj        w[f0:f1] (f, C)
         c_proj biases     member 0 holds them, the others zeros
 
+    gpt2-small (C=768, H=12) over 2 members: each holds h=6 heads and f=1536 columns, c_attn
+    (768, 1152), attn.c_proj (384, 768), c_fc (768, 1536), mlp.c_proj (1536, 768): half a block.
     Why the bias on member 0 rather than after the sum: a member's part is then `mha` and `mlp`
     themselves, unchanged, the all-reduce is a plain sum with nothing after it, and one member
     (m = 1) is `block` call for call. Adding zeros changes nothing, exactly.
@@ -386,7 +390,7 @@ def shard_block(p, share: Share) -> dict:
     def bias(b):
         return b if share.adds_bias else np.zeros_like(b)                       # (C,)
 
-    attn, mlp_ = p["attn"], p["mlp"]
+    attn, ffn = p["attn"], p["mlp"]
     return {
         "ln_1": p["ln_1"],
         "attn": {"c_attn": {"w": np.asfortranarray(attn["c_attn"]["w"][:, qkv]),  # (C, 3 h*D)
@@ -394,10 +398,10 @@ def shard_block(p, share: Share) -> dict:
                  "c_proj": {"w": np.asfortranarray(attn["c_proj"]["w"][a0:a1]),   # (h*D, C)
                             "b": bias(attn["c_proj"]["b"])}},                     # (C,)
         "ln_2": p["ln_2"],
-        "mlp": {"c_fc": {"w": np.asfortranarray(mlp_["c_fc"]["w"][:, f0:f1]),     # (C, f)
-                         "b": mlp_["c_fc"]["b"][f0:f1].copy()},                   # (f,)
-                "c_proj": {"w": np.asfortranarray(mlp_["c_proj"]["w"][f0:f1]),    # (f, C)
-                           "b": bias(mlp_["c_proj"]["b"])}},                      # (C,)
+        "mlp": {"c_fc": {"w": np.asfortranarray(ffn["c_fc"]["w"][:, f0:f1]),      # (C, f)
+                         "b": ffn["c_fc"]["b"][f0:f1].copy()},                    # (f,)
+                "c_proj": {"w": np.asfortranarray(ffn["c_proj"]["w"][f0:f1]),     # (f, C)
+                           "b": bias(ffn["c_proj"]["b"])}},                       # (C,)
     }
 
 

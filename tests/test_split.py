@@ -310,3 +310,19 @@ def test_a_member_of_two_peaks_near_its_half(tmp_path, capsys):
     # would add the largest one, mlp.c_fc (16 MB), on top
     assert half["peak_mb"] <= half["held_mb"] + 10, "a member's load held more than its part plus a buffer"
     assert half["peak_mb"] < 0.6 * whole["peak_mb"]
+
+
+def test_a_member_loads_from_a_pulled_slice_and_the_transformers_layout(weights, stage, tmp_path):
+    """A slice file holding blocks 1..2 only (what `pull --layers 1-2` writes), in save_pretrained's
+    layout (`transformer.` prefix, no mask buffers): a member reads its part of it all the same."""
+    raw = read_tensors(weights)
+    part = {"transformer." + k: v for k, v in raw.items()
+            if k.startswith(("h.1.", "h.2.")) and not k.endswith(".attn.bias")}           # no mask buffers
+    path = str(tmp_path / "slice.safetensors")
+    write_safetensors(path, part, {"n_head": str(H), "n_layer": str(N_LAYER), "n_ctx": str(N_CTX), "n_vocab": str(V)})
+    for r in range(3):
+        got = load_stage(path, 1, 3, rank0=False, share=(r, 3))
+        for i, block_part in zip((1, 2), got.blocks):
+            assert as_bytes(block_part) == as_bytes(shard_block(stage.blocks[i], share_of(r, 3, H, C))), (r, i)
+    with pytest.raises(WeightsError, match=r"lacks layers 0\.\.0"):
+        load_stage(path, 0, 2, rank0=False, share=(0, 3))
