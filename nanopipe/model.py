@@ -224,8 +224,8 @@ def mha(x, c_attn, c_proj, *, n_head: int, layer: int, segments):
     to its own cache. Each sequence's new keys/values are written into its cache at `layer`.
 
     The heads are c_attn's: its 3C columns are q, k and v of H heads of D columns. A member of a
-    split stage (`shard_block`) runs this same function on its share, n_head = its heads, c_attn
-    (C, 3 * its H*D), c_proj (its H*D, C): "C" below then reads "its H*D" except in x and the result.
+    split stage runs this very function on its part (`shard_block`): n_head = its h heads, c_attn
+    (C, 3hD), c_proj (hD, C); "C" in the comments below then means hD, except in x and the result.
     """
     T = x.shape[0]
     C = c_attn["w"].shape[1] // 3                               # H*D: n_embd, or a member's share of it
