@@ -222,8 +222,13 @@ def mha(x, c_attn, c_proj, *, n_head: int, layer: int, segments):
     x holds the new rows of every sequence in `segments` (a list of (KVCache, n_rows), in row order),
     so the big matmuls (c_attn, c_proj) run once for all of them, while each sequence attends only
     to its own cache. Each sequence's new keys/values are written into its cache at `layer`.
+
+    The heads are c_attn's: its 3C columns are q, k and v of H heads of D columns. A member of a
+    split stage runs this very function on its part (`shard_block`): n_head = its h heads, c_attn
+    (C, 3hD), c_proj (hD, C); "C" in the comments below then means hD, except in x and the result.
     """
-    T, C = x.shape
+    T = x.shape[0]
+    C = c_attn["w"].shape[1] // 3                               # H*D: n_embd, or a member's share of it
     D = C // n_head
     qkv = linear(x, **c_attn)                                   # (T, 3C)
     out = np.empty((T, C), np.float32)                          # (T, C)
@@ -281,6 +286,176 @@ def gpt2(ids, positions, wte, wpe, blocks, ln_f, lm_head, *, n_head: int, segmen
     x = embed(ids, positions, wte, wpe)                         # (T, C)
     x = blocks_forward(x, blocks, n_head=n_head, segments=segments)   # (T, C)
     return head(x if rows is None else x[rows], ln_f, lm_head)  # (T, V), or (len(rows), V)
+
+
+# ---------------------------------------------------------------------------------------------
+# one block over several members: the Megatron split (tensor parallelism)
+#
+# A pipeline stage runs whole blocks one after another; a split stage's m members run every block
+# together, each on a share of it. Attention splits by heads (a head never needs another head's
+# numbers until c_proj mixes them), the MLP by its 4C hidden columns (GELU works column by column).
+# c_proj then makes each member's output a PARTIAL sum: the block's projection is the sum of the
+# members' partials, so a block needs 2 sums across members (an all-reduce), one after each c_proj:
+#
+#     x = x + all_reduce([attn_share(x, member r's part) for each member r])    # (T, C)
+#     x = x + all_reduce([mlp_share(x, member r's part) for each member r])     # (T, C)
+#
+# Shapes of a member's part: h of the H heads (h*D columns of q, k and v), f of the 4C hidden columns.
+
+
+class SplitError(ValueError):
+    """A block cannot be split as asked (more members than heads, a member that does not exist)."""
+
+
+def split_evenly(n: int, m: int) -> list:
+    """n things over m members, as evenly as possible, the remainder to the first members, one each
+    (the rule partition.even follows for layers over nodes):
+
+        split_evenly(12, 5) -> [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
+    """
+    q, r = divmod(n, m)
+    bounds = [i * q + min(i, r) for i in range(m + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclass(frozen=True)
+class Share:
+    """The part of every block that member `member` of `members` holds: heads h0..h1-1 and hidden
+    columns f0..f1-1 of the MLP. Worked example, gpt2-small (C=768, H=12, D=64) over 5 members:
+
+        share_of(0, 5, 12, 768)  -> heads (0, 3), hidden (0, 615)      3 heads, 615 of 3072 columns
+        share_of(4, 5, 12, 768)  -> heads (10, 12), hidden (2458, 3072)  2 heads, 614 columns
+    """
+    member: int
+    members: int
+    heads: tuple            # (h0, h1): its heads
+    hidden: tuple           # (f0, f1): its columns of the MLP's (T, 4C) hidden layer
+    n_embd: int             # C
+    head_dim: int           # D
+
+    @property
+    def n_head(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def attn_rows(self) -> tuple:
+        """Its rows of attn.c_proj (C, C): the D rows of each of its heads, (h0*D, h1*D)."""
+        return self.heads[0] * self.head_dim, self.heads[1] * self.head_dim
+
+    @property
+    def qkv_columns(self) -> list:
+        """Its columns of attn.c_attn (C, 3C): its heads' columns of q, of k and of v. Member 1 of 2
+        with C=16, H=2, D=8: [(8, 16), (24, 32), (40, 48)]."""
+        h0, h1 = self.attn_rows
+        return [(i * self.n_embd + h0, i * self.n_embd + h1) for i in range(3)]
+
+    @property
+    def adds_bias(self) -> bool:
+        """Member 0 adds each c_proj's bias; the others hold zeros (see `shard_block`)."""
+        return self.member == 0
+
+
+def share_of(member: int, members: int, n_head: int, n_embd: int) -> Share:
+    """What `member` of `members` holds of a block with n_head heads and n_embd columns (see Share)."""
+    if not 0 <= member < members:
+        raise SplitError(f"member {member} of {members} does not exist: members are 0..{members - 1}")
+    if members > n_head:
+        raise SplitError(f"{members} members but only {n_head} heads: every member needs at least one "
+                         f"head, so split a block over at most {n_head} members")
+    return Share(member, members, split_evenly(n_head, members)[member],
+                 split_evenly(4 * n_embd, members)[member], n_embd, n_embd // n_head)
+
+
+def shard_block(p, share: Share) -> dict:
+    """A member's part of one block's parameters `p` (as `block` takes them), shaped the same way:
+
+        ln_1, ln_2        the same arrays: every member normalizes the whole row
+        attn.c_attn       w[:, its q, k, v columns] (C, 3 h*D), b likewise
+        attn.c_proj       w[its h*D rows] (h*D, C)
+        mlp.c_fc          w[:, f0:f1] (C, f), b[f0:f1]
+        mlp.c_proj        w[f0:f1] (f, C)
+        c_proj biases     member 0 holds them, the others zeros
+
+    gpt2-small (C=768, H=12) over 2 members: each holds h=6 heads and f=1536 columns, c_attn
+    (768, 1152), attn.c_proj (384, 768), c_fc (768, 1536), mlp.c_proj (1536, 768): half a block.
+    Why the bias on member 0 rather than after the sum: a member's part is then `mha` and `mlp`
+    themselves, unchanged, the all-reduce is a plain sum with nothing after it, and one member
+    (m = 1) is `block` call for call. Adding zeros changes nothing, exactly.
+    The matrices are column-major like the loader's (see `linear`); weights.load_stage(share=...)
+    reads the same arrays straight from the file.
+    """
+    qkv = np.concatenate([np.arange(a, b) for a, b in share.qkv_columns])       # (3 h*D,) column indices
+    (a0, a1), (f0, f1) = share.attn_rows, share.hidden
+
+    def bias(b):
+        return b if share.adds_bias else np.zeros_like(b)                       # (C,)
+
+    attn, ffn = p["attn"], p["mlp"]
+    return {
+        "ln_1": p["ln_1"],
+        "attn": {"c_attn": {"w": np.asfortranarray(attn["c_attn"]["w"][:, qkv]),  # (C, 3 h*D)
+                            "b": attn["c_attn"]["b"][qkv]},                       # (3 h*D,)
+                 "c_proj": {"w": np.asfortranarray(attn["c_proj"]["w"][a0:a1]),   # (h*D, C)
+                            "b": bias(attn["c_proj"]["b"])}},                     # (C,)
+        "ln_2": p["ln_2"],
+        "mlp": {"c_fc": {"w": np.asfortranarray(ffn["c_fc"]["w"][:, f0:f1]),      # (C, f)
+                         "b": ffn["c_fc"]["b"][f0:f1].copy()},                    # (f,)
+                "c_proj": {"w": np.asfortranarray(ffn["c_proj"]["w"][f0:f1]),     # (f, C)
+                           "b": bias(ffn["c_proj"]["b"])}},                       # (C,)
+    }
+
+
+def attn_share(x, p, *, n_head: int, layer: int, segments):
+    """A member's partial of `block`'s first residual line: attention with its n_head heads only,
+    through its rows of c_proj. `p` from `shard_block`; segments' caches hold its heads only,
+    KVCache(L, n_head, D, n_ctx). The members' partials sum to the block's attention output."""
+    return mha(layer_norm(x, **p["ln_1"]), **p["attn"], n_head=n_head, layer=layer, segments=segments)  # (T, C)
+
+
+def mlp_share(x, p):
+    """A member's partial of `block`'s second residual line: its f hidden columns, (T, C) -> (T, f) ->
+    (T, C). The members' partials sum to the block's MLP output."""
+    return _mlp(layer_norm(x, **p["ln_2"]), **p["mlp"])        # (T, C)
+
+
+def all_reduce(partials):
+    """The sum of the members' partial outputs, in member order: what every member gets back.
+
+    all_reduce([[[1., 2.]], [[10., 20.]]]) -> [[11., 22.]]. Every member must receive this very sum
+    (the same additions in the same order), so that their residual streams x stay equal, bit for
+    bit, block after block. This one runs in one process: the reference a wire exchange must equal.
+    """
+    total = np.array(partials[0], np.float32)                   # (T, C), a copy
+    for p in partials[1:]:
+        total += p                                              # (T, C)
+    return total                                                # (T, C)
+
+
+def block_split(x, parts, *, n_heads, layer: int, segments):
+    """`block` computed as m members, here in one process: parts[r], n_heads[r] and segments[r] are
+    member r's parameters (`shard_block`), head count and (KVCache, n_rows) list. 2 sums per block.
+    Within float tolerance of `block` (the sums add in another order); m = 1 is `block` bit for bit.
+    """
+    x = x + all_reduce([attn_share(x, p, n_head=h, layer=layer, segments=s)
+                        for p, h, s in zip(parts, n_heads, segments)])          # (T, C), sum 1
+    x = x + all_reduce([mlp_share(x, p) for p in parts])                        # (T, C), sum 2
+    return x                                                                    # (T, C)
+
+
+def blocks_forward_split(x, parts, *, n_heads, segments):
+    """`blocks_forward` for a split stage: parts[r] is member r's list of blocks (one per layer),
+    segments[r] its (KVCache, n_rows) list; each member's caches advance as blocks_forward's do."""
+    if not kernels.chosen:
+        choose_gemv_rows(parts[0])
+    for member in segments:
+        for cache, n in member:
+            cache.reserve(n)
+    for layer in range(len(parts[0])):
+        x = block_split(x, [p[layer] for p in parts], n_heads=n_heads, layer=layer, segments=segments)  # (T, C)
+    for member in segments:
+        for cache, n in member:
+            cache.length += n
+    return x                                                                    # (T, C)
 
 
 # ---------------------------------------------------------------------------------------------

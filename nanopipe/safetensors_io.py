@@ -129,17 +129,67 @@ def read_tensor(f, info: TensorInfo) -> np.ndarray:
     where mmap + copy would count both the mapped pages and the copy.
     """
     out = np.empty(info.shape, dtype=DTYPES[info.dtype])
-    f.seek(info.begin)
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    got = 0
-    while got < info.nbytes:
-        n = f.readinto(view[got:])
-        if not n:
-            raise SafetensorsError(f"{getattr(f, 'name', '?')}: file ends inside tensor {info.name!r}")
-        got += n
+    _read_into(f, info.begin, out, info.name)
     if not out.dtype.isnative:
         out = out.astype(out.dtype.newbyteorder("="))
     return out
+
+
+def _read_into(f, offset: int, out: np.ndarray, name: str):
+    """Fill the C-contiguous array `out` with the bytes of the file from `offset` on."""
+    f.seek(offset)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < out.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise SafetensorsError(f"{getattr(f, 'name', '?')}: file ends inside tensor {name!r}")
+        got += n
+
+
+def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None = None,
+              chunk_bytes: int = 4 << 20, order: str = "C") -> np.ndarray:
+    """Rows r0..r1-1 of a 1-D or 2-D tensor, and of each row only the column ranges `cols` side by
+    side, read without ever holding the whole tensor. A 1-D tensor is one row. Worked example, a
+    (4, 6) tensor holding 0..23:
+
+        read_part(f, info, rows=(1, 3))               -> [[6..11], [12..17]]        (2, 6)
+        read_part(f, info, cols=[(0, 1), (4, 6)])     -> [[0, 4, 5], [6, 10, 11], ...]  (4, 3)
+
+    Whole rows are one byte range, read straight into the result. Column ranges are strided: the
+    rows pass through a buffer of about `chunk_bytes` (the whole tensor is read from the file, only
+    its part is kept), so memory holds the part plus the buffer. order="F" lays the result out
+    column-major (as the loader keeps block matrices) on the way, with no second copy.
+    """
+    shape = tuple(info.shape)
+    if len(shape) not in (1, 2):
+        raise SafetensorsError(f"tensor {info.name!r} has shape {list(shape)}: "
+                               "only 1-D and 2-D tensors are read in parts")
+    n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape
+    r0, r1 = rows if rows is not None else (0, n_rows)
+    cols = list(cols) if cols is not None else [(0, n_cols)]
+    if not (0 <= r0 <= r1 <= n_rows and all(0 <= a <= b <= n_cols for a, b in cols)):
+        raise SafetensorsError(f"tensor {info.name!r} has shape {list(shape)}: rows {r0}..{r1} and columns "
+                               f"{cols} do not lie inside it")
+    dtype = DTYPES[info.dtype]
+    width = sum(b - a for a, b in cols)
+    out = np.empty((r1 - r0, width), dtype, order=order)        # (rows, its columns)
+    row_bytes = n_cols * dtype.itemsize
+    if cols == [(0, n_cols)] and out.flags.c_contiguous:
+        _read_into(f, info.begin + r0 * row_bytes, out, info.name)
+    else:
+        step = max(1, chunk_bytes // max(1, row_bytes))
+        buf = np.empty((min(step, r1 - r0), n_cols), dtype)    # (step, n_cols): a few whole rows
+        for r in range(r0, r1, step):
+            k = min(step, r1 - r)
+            _read_into(f, info.begin + r * row_bytes, buf[:k], info.name)
+            o = 0
+            for a, b in cols:
+                out[r - r0:r - r0 + k, o:o + b - a] = buf[:k, a:b]
+                o += b - a
+    if not out.dtype.isnative:
+        out = out.astype(out.dtype.newbyteorder("="))
+    return out.reshape(-1) if len(shape) == 1 else out
 
 
 def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> int:

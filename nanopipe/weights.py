@@ -5,7 +5,8 @@ Both layouts of real files are accepted:
     buffers, no `lm_head` (tied to wte);
   - transformers' `save_pretrained`: the same names behind a `transformer.` prefix, no mask buffers.
 A stage reads only its own tensors (blocks lo..hi-1, plus wte/wpe/ln_f when it is rank 0), each
-straight into its final float32 array, so peak memory stays near the slice's size.
+straight into its final float32 array, so peak memory stays near the slice's size. A member of a
+split stage (`load_stage(share=(r, m))`) reads only its columns and rows of those blocks.
 """
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import gpt2_tensors as gt
-from .model import GPTConfig
-from .safetensors_io import Header, SafetensorsError, read_header, read_tensor, to_float32, write_safetensors
+from .model import GPTConfig, Share, SplitError, share_of
+from .safetensors_io import (
+    Header,
+    SafetensorsError,
+    read_header,
+    read_part,
+    read_tensor,
+    to_float32,
+    write_safetensors,
+)
 
 KNOWN_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}   # gpt2, -medium, -large, -xl
 SIZES = {  # n_layer, n_embd, n_head
@@ -48,6 +57,7 @@ class StageWeights:
     lm_head: np.ndarray | None = None    # (V, C): wte itself when tied (no copy), else lm_head.weight
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    share: Share | None = None           # a member's part of every block (model.shard_block), or None: whole
 
     @property
     def has_head(self) -> bool:
@@ -140,15 +150,27 @@ def read_config(path: str, n_head: int | None = None) -> tuple:
 # loading a stage
 
 
-def _load(f, header: Header, name: str, shape: tuple, path: str) -> np.ndarray:
+def _checked(header: Header, name: str, shape: tuple, path: str):
+    """The header's entry for `name`, or an error naming the tensor: missing, or of another shape."""
     info = header.tensors.get(name)
     if info is None:
         raise WeightsError(f"{path}: missing tensor {name!r}")
     if tuple(info.shape) != tuple(shape):
         raise WeightsError(f"{path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} "
                            "(weights of another model size?)")
+    return info
+
+
+def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols=None, order="C") -> np.ndarray:
+    """The tensor `name`, checked to have `shape`, as float32; only rows r0..r1-1 and the column
+    ranges `cols` of it when given (read_part: the rest is never held in memory), laid out
+    column-major when order="F"."""
+    info = _checked(header, name, shape, path)
     try:
-        return np.ascontiguousarray(to_float32(read_tensor(f, info), info.dtype))
+        if rows is None and cols is None:
+            return np.ascontiguousarray(to_float32(read_tensor(f, info), info.dtype))
+        raw = to_float32(read_part(f, info, rows, cols, order=order), info.dtype)
+        return np.asfortranarray(raw) if order == "F" else np.ascontiguousarray(raw)
     except SafetensorsError as e:
         raise WeightsError(str(e)) from None
 
@@ -168,14 +190,56 @@ def _block(f, header, prefix, i, config, path) -> dict:
     }
 
 
+def _block_share(f, header, prefix, i, config, path, share: Share) -> dict:
+    """Member `share.member`'s part of block i, read straight from the file: the arrays
+    model.shard_block cuts from the whole block, without reading the whole block into memory."""
+    shapes = gt.block_shapes(config.n_embd)
+    (a0, a1), (f0, f1) = share.attn_rows, share.hidden
+
+    def part(k, rows=None, cols=None):
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols)
+
+    def matrix(k, rows=None, cols=None):        # column-major, as _block keeps them (see model.linear)
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order="F")
+
+    def bias(k):                            # member 0 adds it; the others hold zeros (see shard_block)
+        if share.adds_bias:
+            return part(k)
+        _checked(header, f"{prefix}h.{i}.{k}", shapes[k], path)                       # checked, not read
+        return np.zeros(shapes[k], np.float32)
+
+    return {
+        "ln_1": {"g": part("ln_1.weight"), "b": part("ln_1.bias")},
+        "attn": {"c_attn": {"w": matrix("attn.c_attn.weight", cols=share.qkv_columns),
+                            "b": part("attn.c_attn.bias", cols=share.qkv_columns)},
+                 "c_proj": {"w": matrix("attn.c_proj.weight", rows=(a0, a1)),
+                            "b": bias("attn.c_proj.bias")}},
+        "ln_2": {"g": part("ln_2.weight"), "b": part("ln_2.bias")},
+        "mlp": {"c_fc": {"w": matrix("mlp.c_fc.weight", cols=[(f0, f1)]),
+                         "b": part("mlp.c_fc.bias", cols=[(f0, f1)])},
+                "c_proj": {"w": matrix("mlp.c_proj.weight", rows=(f0, f1)),
+                           "b": bias("mlp.c_proj.bias")}},
+    }
+
+
 def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = True,
-               n_head: int | None = None, expect: GPTConfig | None = None) -> StageWeights:
+               n_head: int | None = None, expect: GPTConfig | None = None,
+               share: tuple | None = None) -> StageWeights:
     """Load blocks lo..hi-1 (and, for rank 0, wte, wpe, ln_f and the LM head) from `path`.
 
     `expect`, when given, is the configuration the cluster agreed on: a file of another model size
     is refused here, at load, with the tensor and both shapes named.
+
+    `share=(r, m)` loads member r of m's part of every block (model.share_of: its heads' columns of
+    attn.c_attn and rows of attn.c_proj, its columns of mlp.c_fc and rows of mlp.c_proj), reading
+    only those from the file: load_stage(path, 4, 12, rank0=False, share=(1, 2)).
     """
     config, header, prefix = read_config(path, n_head)
+    if share is not None:
+        try:
+            member = share_of(*share, config.n_head, config.n_embd)
+        except SplitError as e:
+            raise WeightsError(f"{path}: cannot load share {share[0]} of {share[1]}: {e}") from None
     hi = config.n_layer if hi is None else hi
     if expect is not None and (config.n_embd, config.n_layer) != (expect.n_embd, expect.n_layer):
         raise WeightsError(f"{path}: holds a model with n_layer={config.n_layer}, n_embd={config.n_embd}, but the "
@@ -191,8 +255,10 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
                            f"pull them with `nanopipe pull NAME --layers {lo}-{hi - 1}`")
     shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
     with open(path, "rb") as f:
-        blocks = [_block(f, header, prefix, i, config, path) for i in range(lo, hi)]
-        stage = StageWeights(config, lo, hi, blocks, source=path, metadata=dict(header.metadata))
+        blocks = [_block(f, header, prefix, i, config, path) if share is None else
+                  _block_share(f, header, prefix, i, config, path, member) for i in range(lo, hi)]
+        stage = StageWeights(config, lo, hi, blocks, source=path, metadata=dict(header.metadata),
+                             share=None if share is None else member)
         if rank0:
             stage.wte = _load(f, header, prefix + "wte.weight", shapes["wte.weight"], path)
             stage.wpe = _load(f, header, prefix + "wpe.weight", shapes["wpe.weight"], path)

@@ -37,7 +37,9 @@ from nanopipe.engine import Engine
 from nanopipe.model import (
     KVCache,
     attention,
+    attn_share,
     block,
+    block_split,
     blocks_forward,
     embed,
     gelu,
@@ -46,6 +48,9 @@ from nanopipe.model import (
     linear,
     mha,
     mlp,
+    mlp_share,
+    shard_block,
+    share_of,
 )
 from nanopipe.partition import even
 from nanopipe.weights import init_weights, load_stage
@@ -331,6 +336,48 @@ def test_09_blocks_are_split_over_nodes_every_layer_exactly_once(weights, stage)
         part = load_stage(weights, lo, hi, rank0=False)
         x = blocks_forward(x, part.blocks, n_head=H, segments=[(new_cache(hi - lo), T)])
     assert_same(x, whole, "3 stages of 2 blocks run the very calls of the 6 blocks, in the same order")
+
+
+def test_09b_a_block_split_in_two_halves_by_heads_and_summed_is_the_block(stage):
+    """The other way to split: not blocks over nodes but every block over two nodes (Megatron's
+    tensor parallelism). Our block has H = 2 heads, so each half holds one head and half the MLP:
+
+        half r   c_attn (C, 3C) -> its head's q, k, v columns (16, 3 * 8)   c_proj (C, C) -> its 8 rows (8, 16)
+                 c_fc (C, 4C)   -> its 32 columns (16, 32)                  c_proj (4C, C) -> its 32 rows (32, 16)
+                 both LayerNorms whole; each c_proj bias on half 0 only (half 1 holds zeros)
+
+    c_proj is a matrix product, and a product splits over its inner dimension:
+    [a0 a1] @ [[W0], [W1]] = a0 @ W0 + a1 @ W1. So each half's output (T, C) is a PARTIAL sum,
+    and the two partials added are the block's: two sums per block, after attention and after the
+    MLP, each a C-wide row per token across the two nodes. The sum adds in another order than
+    one matmul does, so the halves equal the block within float tolerance, not bit for bit.
+    """
+    p = stage.blocks[0]
+    halves = [shard_block(p, share_of(r, 2, H, C)) for r in range(2)]
+    assert halves[1]["attn"]["c_attn"]["w"].shape == (C, 3 * D) and halves[1]["attn"]["c_proj"]["w"].shape == (D, C)
+    assert halves[1]["mlp"]["c_fc"]["w"].shape == (C, 2 * C) and not halves[1]["mlp"]["c_proj"]["b"].any()
+
+    def one_head_caches():                                                         # a KV cache of 1 head each
+        caches = [KVCache(1, 1, D, N_CTX) for _ in halves]
+        for c in caches:
+            c.reserve(T)
+        return caches
+
+    x = prompt_rows(stage)                                                          # (T, C)
+    c0, c1 = one_head_caches()
+    a = x + (attn_share(x, halves[0], n_head=1, layer=0, segments=[(c0, T)])
+             + attn_share(x, halves[1], n_head=1, layer=0, segments=[(c1, T)]))   # (T, C): sum 1
+    by_hand = a + (mlp_share(a, halves[0]) + mlp_share(a, halves[1]))              # (T, C): sum 2
+
+    whole = new_cache(1)
+    whole.reserve(T)
+    want = block(x, **p, n_head=H, layer=0, segments=[(whole, T)])                 # (T, C)
+    print(f"two halves summed vs the block: largest difference {max_diff(by_hand, want):.2e}")
+    assert_close(by_hand, want, "block as two halves summed, vs block")
+    assert_close(c1.k[0, 0, :T], whole.k[0, 1, :T], "half 1 caches the keys of head 1 only")
+    c0, c1 = one_head_caches()
+    assert_same(block_split(x, halves, n_heads=[1, 1], layer=0, segments=[[(c0, T)], [(c1, T)]]), by_hand,
+                "block_split runs these very calls: the two halves, summed in half order")
 
 
 def test_10_one_activation_travels_as_a_frame_on_the_wire(stage):

@@ -400,3 +400,58 @@ def run_bench(weights: str | None = None, n_tokens: int = 64, prompt_len: int = 
         write_csv(rows, csv_path)
         echo(f"wrote {csv_path}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# a member of a split stage loads only its share: peak memory
+
+_LOAD_RSS_CHILD = """
+import json, sys
+from nanopipe.weights import load_stage
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+try:
+    with open("/proc/self/clear_refs", "w") as f:    # reset the peak to what is resident now
+        f.write("5")
+except OSError:
+    pass
+base = status("VmRSS")
+lo, hi, share = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+stage = load_stage(sys.argv[1], lo, hi, rank0=False, share=tuple(share) if share else None)
+print(json.dumps({"base": base, "peak": status("VmHWM"), "held": stage.nbytes}))
+"""
+
+
+def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict:
+    """Peak RSS growth of a fresh process loading blocks lo..hi-1 of `weights`, whole or one member's
+    share=(r, m) of them (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
+    Returns {"held_mb": what the stage keeps, "peak_mb": how far RSS rose on the way}."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _LOAD_RSS_CHILD, weights, str(lo), str(hi),
+                          json.dumps(list(share) if share else None)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    m = json.loads(out.stdout)
+    mb = 2 ** 20
+    return {"held_mb": round(m["held"] / mb, 1), "peak_mb": round((m["peak"] - m["base"]) / mb, 1)}
+
+
+def bench_share_load(folder: str = "weights", size: str = "gpt2-medium", n_layer: int = 4, members: int = 2,
+                     echo=print) -> list:
+    """Peak RSS of loading `n_layer` blocks of `size`-shaped synthetic weights whole, against each of
+    `members` members' share of them (model.share_of; weights.load_stage(share=...)).
+
+        python -c "from nanopipe.tools.bench import bench_share_load; bench_share_load()"
+    """
+    path = ensure_synthetic(folder=folder, size=size, n_layer=n_layer, log=echo)
+    rows = [{"what": f"blocks 0..{n_layer - 1} whole", **load_rss(path, 0, n_layer)}]
+    rows += [{"what": f"member {r} of {members}", **load_rss(path, 0, n_layer, (r, members))} for r in range(members)]
+    echo(f"peak RSS loading {n_layer} blocks of {size}-shaped weights ({path}):")
+    for row in rows:
+        echo(f"  {row['what']:<22} holds {row['held_mb']:7.1f} MB, RSS rose by {row['peak_mb']:7.1f} MB on the way")
+    return rows
