@@ -130,8 +130,8 @@ def serve(app, host: str, port: int, grace_s: float = GRACE_S, echo=print, threa
         echo(f"Stopping the web server ({received[0]}): "
              + (f"{busy} reply(s) in flight get up to {grace_s:g} s to finish" if busy else "no reply in flight"))
         done = server.stop(grace_s)
-        echo(f"Web server stopped: {done['finished']} reply(s) finished, {done['ended']} ended early with a "
-             "final event")
+        echo("Web server stopped" + (f": {done['finished']} reply(s) finished, {done['ended']} ended early with a "
+                                     "final event" if busy or done["ended"] else "."))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
