@@ -273,6 +273,23 @@ def test_demo_stops_everything_it_started_on(sig, demo_of, tmp_path, ports):
 
 
 @linux_only
+def test_sigterm_mid_answer_lets_the_stream_end_before_the_nodes_stop(demo_of, tmp_path, ports):
+    # 20 ms per hop: 40 tokens take ~2.5 s, well inside the web server's grace (demo.WEB_GRACE_S)
+    demo = demo_of(write_config_dir(tmp_path / "cfg", ports, link_delay_ms=20))
+    demo.wait_ready()
+    body = {"text": "Hello world", "max_tokens": 40, "decoding_strategy": "greedy"}
+
+    def sigterm_after_3_tokens(name, data, events):
+        if name == "message" and len(events) == 3:
+            demo.proc.send_signal(signal.SIGTERM)
+
+    events = demo.chat_stream(body, sigterm_after_3_tokens)       # http.client: a cut stream raises
+    assert events[-1][0] == "done" and events[-1][1]["config"]["tokens_generated"] == 40, events[-3:]
+    assert demo.proc.wait(30) == 0, demo.output
+    assert "Stopping (SIGTERM)" in demo.output and "Traceback" not in demo.output, demo.output
+
+
+@linux_only
 def test_a_sigkilled_demo_takes_its_nodes_with_it(demo_of, tmp_path, ports):
     demo = demo_of(write_config_dir(tmp_path / "cfg", ports))
     demo.wait_ready()

@@ -165,7 +165,7 @@ def test_a_node_stays_light(module):
     library or CLI gets imported on the way, and nothing from nanopipe's web or tools. The leader
     loads the tokenizer only when a client sends text, so importing it pulls in none of them either."""
     code = (f"import sys, {module}; heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tiktoken', "
-            "'flask', 'werkzeug', 'prometheus_client', 'click', 'torch') or m.startswith(('nanopipe.web', "
+            "'flask', 'werkzeug', 'waitress', 'prometheus_client', 'click', 'torch') or m.startswith(('nanopipe.web', "
             "'nanopipe.tools'))); print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"

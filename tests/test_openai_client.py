@@ -8,20 +8,18 @@ a tolerance (printed) and tokens exactly.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai", reason="the `openai` package is in the test extra: pip install -e '.[test]'")
 
 from helpers import status  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
 
 from nanopipe.decoding import SamplingParams  # noqa: E402
 from nanopipe.engine import EOT  # noqa: E402
 from nanopipe.tokenizer import get_tokenizer  # noqa: E402
 from nanopipe.web.app import create_app, settings_from_configs  # noqa: E402
+from nanopipe.web.server import WebServer  # noqa: E402
 
 PROMPTS = [[15496, 995, 11, 616], [464, 3290, 318], [40, 588, 257, 1310, 286]]
 LP_TOL = 1e-5       # cluster vs one process: same functions, different batch rows per matmul
@@ -31,15 +29,12 @@ LP_TOL = 1e-5       # cluster vs one process: same functions, different batch ro
 def api(cluster):
     """An OpenAI client talking HTTP to the web app, which talks to the cluster's leader."""
     app = create_app(settings_from_configs(cluster.config_dir, leader=cluster.leader_addr))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = WebServer(app, "127.0.0.1", 0).start()        # what `nanopipe web` serves with
     try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused", max_retries=0,
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0,
                             timeout=60)
     finally:
-        server.shutdown()
-        thread.join(10)
+        server.stop()
 
 
 def max_live(cluster) -> int:

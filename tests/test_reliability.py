@@ -541,10 +541,9 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_path):
-    from werkzeug.serving import make_server
-
     from nanopipe.tokenizer import get_tokenizer
     from nanopipe.web.app import create_app
+    from nanopipe.web.server import WebServer
 
     tok = get_tokenizer()
     cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path), cluster_extra={"heartbeat_s": HEARTBEAT_S})
@@ -553,9 +552,8 @@ def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_
         start(cl)
         defaults = status(cl)["defaults"]
         app = create_app({"LEADER": cl.leader_addr, "LEADER_TOKEN": None, "MODEL_DEFAULTS": defaults})
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_port}/chat"
+        server = WebServer(app, "127.0.0.1", 0).start()         # what `nanopipe web` serves with
+        url = f"http://127.0.0.1:{server.port}/chat"
 
         chats = []
         for i in range(32):
@@ -599,5 +597,5 @@ def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_
         assert st["errors"] == 0 and st["requests"] >= 32
     finally:
         if server is not None:
-            server.shutdown()
+            server.stop()
         cl.stop()

@@ -845,15 +845,14 @@ def test_settings_from_the_repository_configs():
 
 
 def test_web_command_serves_on_localhost_by_default(monkeypatch):
-    import werkzeug.serving
-
+    import nanopipe.web.server
     from nanopipe.tools.cli import main
     seen = {}
-    monkeypatch.setattr(werkzeug.serving, "run_simple", lambda host, port, app, **kw: seen.update(
+    monkeypatch.setattr(nanopipe.web.server, "serve", lambda app, host, port, **kw: seen.update(
         host=host, port=port, app=app, **kw))
     r = CliRunner().invoke(main, ["web", "--config-dir", str(CONFIG_DIR)])
     assert r.exit_code == 0, r.output
-    assert (seen["host"], seen["port"], seen["threaded"]) == ("127.0.0.1", 8000, True)
+    assert (seen["host"], seen["port"], seen["grace_s"]) == ("127.0.0.1", 8000, 10.0)
     assert seen["app"].config["LEADER"] == "127.0.0.1:65432"
     assert "http://127.0.0.1:8000/" in r.output and "WARNING" not in r.output
 

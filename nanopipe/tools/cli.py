@@ -839,14 +839,15 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, co
               help="Folder holding the YAML configs.")
 @click.option("--model", "model_name", default=None,
               help="An entry of model_config.yaml, for its decoding defaults.  [default: its default_model]")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM or Ctrl-C, how long replies in flight may take to finish before they are ended.")
 @_fail_clean
-def web(leader, host, port, config_dir, model_name):
+def web(leader, host, port, config_dir, model_name, shutdown_grace):
     """Serve the chat page, its JSON API, an OpenAI-compatible API and /metrics in front of the leader."""
-    from werkzeug.serving import run_simple
-
     from ..cluster.net import parse_addr
     from ..tokenizer import get_tokenizer
     from ..web.app import create_app, settings_from_configs
+    from ..web.server import serve
     if leader is not None:
         leader = resolve_leader(config_dir, leader)
         try:
@@ -859,7 +860,11 @@ def web(leader, host, port, config_dir, model_name):
         click.echo(f"WARNING: serving on {host} without api_token: anyone who can reach port {port} can use "
                    "the cluster. Set api_token in cluster_config.yaml or NANOPIPE_API_TOKEN.", err=True)
     click.echo(f"Web chat on http://{host}:{port}/  (leader {app.config['LEADER']})")
-    run_simple(host, port, app, threaded=True)
+    try:
+        serve(app, host, port, grace_s=shutdown_grace, echo=click.echo)    # until SIGTERM or Ctrl-C
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}. Is another `nanopipe web` running? "
+                        "Pick a free port with --port.") from None
 
 
 if __name__ == "__main__":

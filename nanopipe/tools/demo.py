@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 
 HOST = "127.0.0.1"
 POLL_S = 0.2            # how often the demo looks at its nodes and their logs
+WEB_GRACE_S = 5.0       # on stopping, replies in flight get this long to finish before they are ended
 
 
 class DemoError(Exception):
@@ -174,18 +174,14 @@ def web_port_taken(port: int) -> DemoError:
 
 def bind_web(port: int, config_dir: str, model_name: str, leader: str):
     """The web app's server, bound (not yet serving): DemoError if the port is taken."""
-    import logging
-
-    from werkzeug.serving import make_server
-
     from ..tokenizer import get_tokenizer
     from ..web.app import create_app, settings_from_configs
+    from ..web.server import WebServer
     app = create_app(settings_from_configs(config_dir, model_name, leader))
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)     # one line per request is noise here
     try:
-        return make_server(HOST, port, app, threaded=True)
-    except (OSError, SystemExit):        # werkzeug exits when the port is taken
+        return WebServer(app, HOST, port)
+    except OSError:
         raise web_port_taken(port) from None
 
 
@@ -195,7 +191,8 @@ def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: 
     from .localcluster import LocalCluster
     stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
     previous = {s: signal.signal(s, _on_signal) for s in stop_signals}
-    cluster = server = web_thread = None
+    cluster = server = None
+    serving = False
     try:
         names = [cc.nodes[r].host if r < len(cc.nodes) else f"node{r}" for r in range(len(ranges))]
         wanted = [cc.nodes[r].port if r < len(cc.nodes) else cc.port + r for r in range(len(ranges))]
@@ -214,8 +211,8 @@ def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: 
             raise DemoError(f"the local cluster did not start: {e}") from None
         url = None
         if server is not None:
-            web_thread = threading.Thread(target=server.serve_forever, daemon=True, name="web")
-            web_thread.start()
+            server.start()
+            serving = True
             url = f"http://{HOST}:{web_port}/"
         echo(ready_block(mc, ranges, names, ports, url, restarts))
         _watch(cluster, names, restarts, echo)
@@ -228,10 +225,8 @@ def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: 
         for s in stop_signals:           # a second Ctrl-C must not cut the clean-up short
             signal.signal(s, signal.SIG_IGN)
         try:
-            if web_thread is not None:
-                server.shutdown()
-            if server is not None:
-                server.server_close()
+            if server is not None:       # replies in flight end with a final event before the nodes stop
+                server.stop(WEB_GRACE_S) if serving else server.close()
             if cluster is not None:
                 cluster.stop()
         finally:

@@ -80,6 +80,48 @@ class AppState:
     def __init__(self):
         self.metrics = WebMetrics()
         self.leader_info: dict = {}         # model, n_ctx, defaults from the last status answer
+        self.generations = Generations()    # the ones running now: a server that stops ends them (web/server.py)
+
+
+class Generations:
+    """The generations running now, so that a server that stops can end each with a final event.
+
+    begin_stop(message) ends every generation that starts from then on at once; stop_all(message)
+    ends those still running (Generation.stop)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: set = set()
+        self._stopping: str | None = None
+
+    def add(self, gen: "Generation"):
+        with self._lock:
+            self._live.add(gen)
+            if self._stopping:
+                gen.stop(self._stopping)
+
+    def discard(self, gen: "Generation"):
+        with self._lock:
+            self._live.discard(gen)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def begin_stop(self, message: str) -> int:
+        """From now on a new generation is ended as it starts; returns how many are running."""
+        with self._lock:
+            self._stopping = message
+            return len(self._live)
+
+    def stop_all(self, message: str) -> int:
+        """End every generation still running; returns how many."""
+        with self._lock:
+            self._stopping = message
+            live = list(self._live)
+        for gen in live:
+            gen.stop(message)
+        return len(live)
 
 
 def state() -> AppState:
@@ -283,7 +325,7 @@ class Generation:
     """
 
     def __init__(self, client, prompt, params: SamplingParams, metrics, t0: float, echo: bool = False,
-                 top_logprobs: int = 0):
+                 top_logprobs: int = 0, registry: Generations | None = None):
         self.client, self.prompt, self.params, self.metrics = client, prompt, params, metrics
         self.echo, self.top_logprobs = echo, top_logprobs
         self.t0 = t0                            # when the HTTP request arrived: TTFT includes the dial
@@ -292,11 +334,21 @@ class Generation:
         self.pieces: list = []
         self._q: queue.Queue = queue.Queue()
         self.started = False
+        self._stopped = False
+        self._registry = registry if registry is not None else Generations()
+        self._registry.add(self)        # from now: a response may have begun (/v1's first chunk) before events()
+
+    def stop(self, message: str):
+        """End this generation now (the web server is stopping): events() yields ("error", ...) with
+        `message` as its last event, and hangs up on the leader, which cancels the generation."""
+        self._stopped = True
+        self._q.put(("error", ClientError(message, "stopping")))
 
     def close(self):
         """Hang up if events() never ran (a response abandoned before its first chunk)."""
         if not self.started:
             self.started = True
+            self._registry.discard(self)
             self.client.close()
 
     def events(self):
@@ -312,8 +364,9 @@ class Generation:
                 if finished:
                     return
         finally:
+            self._registry.discard(self)
             self.metrics.end()
-            if finished:
+            if finished and not self._stopped:
                 self.client.close()
             else:
                 _hang_up(self.client)
@@ -401,7 +454,8 @@ def start_generation(prompt_ids, params: SamplingParams, route: str, field: str,
         client.close()
         raise
     state().metrics.count_request(route)
-    return Generation(client, prompt_ids, params, state().metrics, g.t0, echo=echo, top_logprobs=top_logprobs)
+    return Generation(client, prompt_ids, params, state().metrics, g.t0, echo=echo, top_logprobs=top_logprobs,
+                      registry=state().generations)
 
 
 class BatchGeneration(Generation):
@@ -417,8 +471,10 @@ class BatchGeneration(Generation):
     """
 
     def __init__(self, client, prompts: list, seeds: list, params: SamplingParams, metrics, t0: float,
-                 echo: bool = False, top_logprobs: int = 0, score_only: bool = False):
-        super().__init__(client, prompts, params, metrics, t0, echo=echo, top_logprobs=top_logprobs)
+                 echo: bool = False, top_logprobs: int = 0, score_only: bool = False,
+                 registry: Generations | None = None):
+        super().__init__(client, prompts, params, metrics, t0, echo=echo, top_logprobs=top_logprobs,
+                         registry=registry)
         self.seeds, self.score_only = seeds, score_only
         self.texts: list = [[] for _ in prompts]        # generation i's pieces
         self.counts: list = [0] * len(prompts)          # generation i's sampled tokens
@@ -465,7 +521,7 @@ def start_batch(prompts: list, seeds: list, params: SamplingParams, route: str, 
         raise
     state().metrics.count_request(route)
     return BatchGeneration(client, prompts, seeds, params, state().metrics, g.t0, echo=echo,
-                           top_logprobs=top_logprobs, score_only=score_only)
+                           top_logprobs=top_logprobs, score_only=score_only, registry=state().generations)
 
 
 def sse(data, event: str | None = None) -> str:
