@@ -1056,3 +1056,99 @@ def test_chat_history_is_trimmed_from_the_oldest_turn_to_fit_n_ctx(client, leade
 def test_chat_bad_history_is_a_400_naming_it(client, body, says):
     r = client.post("/chat", json={"text": "Hi", **body})
     assert r.status_code == 400 and says in r.json["error"], r.json
+
+
+# ---------------------------------------------------------------------------------------------
+# A chat's next turn starts with exactly the tokens the last turn computed, so the prefix cache
+# reuses all of them: the reply as the model wrote it, not the text encoded again
+
+
+REPLIES = {     # what the model wrote: (token id, text streamed); "" where a stop string holds the text back
+    "space": [(262, " the"), (260, "re")],          # " there", which the tokenizer makes one token (612)
+    "newline": [(628, "\n\n"), (464, "The")],       # "\n\nThe", which the tokenizer makes [198, 198, 464]
+    "stop": [(17867, " Fine"), (13, "."), (198, ""), (12982, ""), (25, "")],    # ended at "\nUser:"
+}
+
+
+def chat_turn(client, route: str, history: list, text: str) -> str:
+    """One turn on `route`, the way its clients send it; returns the reply's text."""
+    if route == "/chat":
+        r = client.post("/chat", json={"text": text, "chat": True, "history": history, "max_tokens": 10})
+        assert r.status_code == 200, r.json
+        return r.json["response"]
+    messages = history + [{"role": "user", "content": text}]
+    r = client.post(route, json={"messages": messages, "max_tokens": 10})
+    assert r.status_code == 200, r.json
+    return r.json["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("reply", sorted(REPLIES))
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+def test_a_chats_next_turn_starts_with_the_tokens_the_last_one_computed(client, leader, route, reply):
+    leader.tokens = REPLIES[reply]
+    history = [{"role": "system", "content": "Be brief."}]
+    content = chat_turn(client, route, history, "Hi")
+    assert content == "".join(piece for _, piece in REPLIES[reply])
+    computed = leader.calls[-1]["prompt"] + [t for t, _ in REPLIES[reply]]
+    history += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]
+    chat_turn(client, route, history, "And then?")
+    prompt = leader.calls[-1]["prompt"]
+    assert prompt[:len(computed)] == computed, (prompt, computed)
+    assert get_tokenizer().decode(prompt) == chat_prompt(history + [{"role": "user", "content": "And then?"}])
+
+
+def test_chat_template_puts_no_second_space_before_a_reply_that_has_one():
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"},
+                {"role": "user", "content": "\nA poem"}, {"role": "assistant", "content": "\nRoses"}]
+    assert chat_prompt(messages) == "User: Hi\nAssistant: Hello!\nUser:\nA poem\nAssistant:\nRoses\nAssistant:"
+
+
+def test_transcripts_keep_the_longest_prefix_and_forget_the_oldest():
+    from nanopipe.web.api import Transcripts
+    tok = get_tokenizer()
+    kept = Transcripts(max_entries=2)
+    kept.remember("User: Hi", [1, 2])
+    kept.remember("User: Hi\nAssistant: there", [1, 2, 3, 262, 260])
+    assert kept.encode("User: Hi\nAssistant: there\nUser: x", tok) == [1, 2, 3, 262, 260] + tok.encode("\nUser: x")
+    assert kept.encode("User: Hi!", tok) == [1, 2] + tok.encode("!")
+    assert kept.encode("Other", tok) == tok.encode("Other")
+    kept.remember("Third", [9])                      # the least recently used ("...there") goes
+    assert kept.encode("User: Hi\nAssistant: there", tok) == [1, 2] + tok.encode("\nAssistant: there")
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the characters it is asked to encode."""
+
+    def __init__(self):
+        self.tok, self.chars = get_tokenizer(), 0
+
+    def encode(self, text):
+        self.chars += len(text)
+        return self.tok.encode(text)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_long_history_is_trimmed_in_one_pass(leader):
+    """Trimming encodes each message about once, not the whole conversation once per dropped turn."""
+    counting = CountingTokenizer()
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": DEFAULTS, "TOKENIZER": counting})
+    history = [{"role": ("user", "assistant")[i % 2], "content": f"turn number {i} of many"} for i in range(600)]
+    r = app.test_client().post("/chat", json={"text": "Who?", "history": history, "max_tokens": 20})
+    assert r.status_code == 200, r.json
+    assert r.json["trimmed_turns"] > 590 and len(leader.calls[-1]["prompt"]) + 20 <= leader.n_ctx
+    size = len(chat_prompt(history + [{"role": "user", "content": "Who?"}]))
+    assert counting.chars < 3 * size, f"encoded {counting.chars} characters for a {size}-character conversation"
+
+
+@pytest.mark.parametrize("route, many, says", [
+    ("/chat", {"history": [{"role": "user", "content": "x"}] * 1001}, "history: 1001 messages; at most 1000"),
+    ("/chat", {"history": [{"role": "user", "content": "x" * 1000}] * 300}, "history: 300000 characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 1001}, "messages: 1001 messages"),
+])
+def test_a_conversation_too_big_is_a_400_saying_the_limit(client, route, many, says):
+    r = client.post(route, json={"text": "Hi", **many} if route == "/chat" else many)
+    assert r.status_code == 400
+    message = r.json["error"] if route == "/chat" else r.json["error"]["message"]
+    assert says in message and "at most" in message, message

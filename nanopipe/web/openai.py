@@ -181,7 +181,6 @@ def chat_pieces(messages, field: str = "messages") -> list:
     """
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, f"{field}: give a non-empty list of {{\"role\", \"content\"}} objects", param=field)
-    check_chat_size(messages, field)
     lines = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -438,6 +437,8 @@ def chat_completions():
     top = optional(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= 20, "an integer in 0..20")
     if stream and want_logprobs:
         raise ApiError(400, "logprobs: not available with stream=true; ask without streaming", param="logprobs")
+    if isinstance(body.get("messages"), list):
+        check_chat_size(body["messages"], "messages")
     ids = encode_chat(chat_prompt(body.get("messages")))
     gen = start_generation(ids, params, "chat_completions", "messages", top_logprobs=(top or 0) if want_logprobs else 0)
     gen.remember_in(state().transcripts, tokenizer())
