@@ -29,7 +29,8 @@ STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answe
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
                    "presence_penalty", "repetition_penalty", "logit_bias")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error"}
 
 
 # ---------------------------------------------------------------------------------------------
