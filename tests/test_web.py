@@ -176,11 +176,13 @@ def test_page_and_its_files_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and page.mimetype == "text/html"
     html = page.get_data(as_text=True)
-    assert 'src="static/app.js"' in html and 'href="static/style.css"' in html
+    # relative to the page: the same names work served here, from a file and from http.server
+    assert 'src="app.js"' in html and 'href="style.css"' in html
     assert "http://" not in html and "https://" not in html          # no CDN: works offline
     for name, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css")):
-        r = client.get(f"/static/{name}")
-        assert r.status_code == 200 and r.mimetype == mimetype and len(r.data) > 1000
+        for path in (f"/{name}", f"/static/{name}"):
+            r = client.get(path)
+            assert r.status_code == 200 and r.mimetype == mimetype and len(r.data) > 1000
 
 
 def test_unknown_route_and_wrong_method_answer_json(client):
@@ -1118,6 +1120,7 @@ REPLIES = {     # what the model wrote: (token id, text streamed); "" where a st
     "space": [(262, " the"), (260, "re")],          # " there", which the tokenizer makes one token (612)
     "newline": [(628, "\n\n"), (464, "The")],       # "\n\nThe", which the tokenizer makes [198, 198, 464]
     "stop": [(17867, " Fine"), (13, "."), (198, ""), (12982, ""), (25, "")],    # ended at "\nUser:"
+    "no space": [(15496, "Hello"), (995, " world")],  # right after "Assistant:", no space between
 }
 
 
@@ -1145,7 +1148,9 @@ def test_a_chats_next_turn_starts_with_the_tokens_the_last_one_computed(client, 
     chat_turn(client, route, history, "And then?")
     prompt = leader.calls[-1]["prompt"]
     assert prompt[:len(computed)] == computed, (prompt, computed)
-    assert get_tokenizer().decode(prompt) == chat_prompt(history + [{"role": "user", "content": "And then?"}])
+    transcripts = client.application.extensions["nanopipe"].transcripts
+    text = chat_prompt(history + [{"role": "user", "content": "And then?"}], transcripts)
+    assert get_tokenizer().decode(prompt) == text and "\nAssistant:" + content + "\nUser: And then?" in text
 
 
 def test_chat_template_puts_no_second_space_before_a_reply_that_has_one():

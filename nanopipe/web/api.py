@@ -91,6 +91,9 @@ class Transcripts:
         encode("User: Hi\nAssistant: Hello\nUser: Bye\nAssistant:")
         -> [12982, 25, 15902, 198, 48902, 25, 18435] + encode("\nUser: Bye\nAssistant:")
 
+    It also knows the replies that began without whitespace (`bare`): the template writes them
+    right after "Assistant:", as the model did, where a message written by hand gets a space.
+
     Bounded (least recently used dropped first); shared by every request of the app, each entry
     only ever used for a text that starts with it, whose ids decode to that very text.
     """
@@ -100,16 +103,25 @@ class Transcripts:
     def __init__(self, max_entries: int = MAX_ENTRIES):
         self.max_entries = max_entries
         self._kept: OrderedDict = OrderedDict()     # text -> array of token ids
+        self._bare: OrderedDict = OrderedDict()     # replies that began without whitespace -> None
         self._lock = threading.Lock()
 
-    def remember(self, text: str, ids):
+    def remember(self, text: str, ids, reply: str = ""):
         if not text:
             return
         with self._lock:
             self._kept[text] = array("I", ids)
             self._kept.move_to_end(text)
-            while len(self._kept) > self.max_entries:
-                self._kept.popitem(last=False)
+            if reply and not reply[:1].isspace():
+                self._bare[reply] = None
+                self._bare.move_to_end(reply)
+            for kept in (self._kept, self._bare):
+                while len(kept) > self.max_entries:
+                    kept.popitem(last=False)
+
+    def bare(self, reply: str) -> bool:
+        """Was `reply` a chat's reply that began without whitespace?"""
+        return reply in self._bare
 
     def encode(self, text: str, tok) -> list:
         with self._lock:
@@ -443,7 +455,7 @@ class Generation:
             except UnicodeDecodeError:
                 ids.pop()
                 continue
-            transcripts.remember(text, ids)
+            transcripts.remember(text, ids, reply=self.text)
             return
 
     def _on_token(self, token_id, text):

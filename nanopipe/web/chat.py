@@ -128,7 +128,7 @@ def conversation_ids(history: list, text: str, reply_room: int, n_ctx, transcrip
     the history, however many turns must go.
     """
     tok = tokenizer()
-    pieces = chat_pieces(list(history) + [{"role": "user", "content": text}], "history")
+    pieces = chat_pieces(list(history) + [{"role": "user", "content": text}], "history", transcripts)
     whole = "".join(pieces)
     ids = transcripts.encode(whole, tok) if transcripts is not None else tok.encode(whole)
     if not n_ctx or len(ids) + reply_room <= n_ctx or not history:

@@ -150,14 +150,14 @@ def openai_request(body: dict, stop=(), max_n: int = 1) -> tuple:
     return resolve(None, sampling_fields(body, stop)), stream
 
 
-def chat_prompt(messages) -> str:
+def chat_prompt(messages, transcripts=None) -> str:
     """OpenAI messages -> one GPT-2 prompt, with the template in this module's docstring.
 
     [{"role": "user", "content": "Hi"}] -> "User: Hi\\nAssistant:"
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"}, {"role": "user",
      "content": "Bye"}] -> "User: Hi\\nAssistant: Hello!\\nUser: Bye\\nAssistant:"
     """
-    return "".join(chat_pieces(messages))
+    return "".join(chat_pieces(messages, transcripts=transcripts))
 
 
 def check_chat_size(messages: list, field: str):
@@ -172,9 +172,10 @@ def check_chat_size(messages: list, field: str):
                             "model's context holds a few thousand): send the most recent turns", param=field)
 
 
-def chat_pieces(messages, field: str = "messages") -> list:
+def chat_pieces(messages, field: str = "messages", transcripts=None) -> list:
     """The template's text one message at a time, then the reply's cue; they join into the prompt.
-    A content that begins with whitespace (GPT-2's replies do) is not given another space.
+    A content that begins with whitespace (GPT-2's replies do) is not given another space, nor is
+    a reply the model began without one (`transcripts` knows them: web/api.py).
 
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"}]
     -> ["User: Hi", "\\nAssistant: Hello!", "\\nAssistant:"]
@@ -196,7 +197,8 @@ def chat_pieces(messages, field: str = "messages") -> list:
             content = "".join(p for p in parts if isinstance(p, str)) if len(parts) == len(content) else None
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content: must be a string (or a list of text parts)", param="messages")
-        newline, space = "\n" if lines else "", "" if content[:1].isspace() else " "
+        bare = content[:1].isspace() or (role == "assistant" and transcripts is not None and transcripts.bare(content))
+        newline, space = "\n" if lines else "", "" if bare else " "
         lines.append(f"{newline}{ROLE_NAMES[role]}:{space}{content}")
     return lines + ["\nAssistant:"]
 
@@ -439,7 +441,7 @@ def chat_completions():
         raise ApiError(400, "logprobs: not available with stream=true; ask without streaming", param="logprobs")
     if isinstance(body.get("messages"), list):
         check_chat_size(body["messages"], "messages")
-    ids = encode_chat(chat_prompt(body.get("messages")))
+    ids = encode_chat(chat_prompt(body.get("messages"), state().transcripts))
     gen = start_generation(ids, params, "chat_completions", "messages", top_logprobs=(top or 0) if want_logprobs else 0)
     gen.remember_in(state().transcripts, tokenizer())
     meta = _meta("chatcmpl", "chat.completion")
