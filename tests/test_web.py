@@ -1043,6 +1043,36 @@ def test_penalties_bias_and_stop_reach_the_leader(client, leader, path, body):
         assert r.json["config"]["logit_bias"] == {"50256": -100.0} and r.json["config"]["stop"] == ["x"]
 
 
+TURNS = ["Hi there", "Tell me about the three computers", "Why three?", "And the Raspberry Pis?", "How fast is it?",
+         "Thanks"]
+
+
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+def test_cluster_six_turn_chat_reuses_all_the_last_turn_computed(live, route):
+    """A 6-turn greedy chat on the real cluster: each turn's cached_tokens covers the previous turn's
+    prompt and reply (all but its last token, which no stage ever computed keys for)."""
+    history, table, last = [{"role": "system", "content": f"A chat on {route}."}], [], None   # none cached yet
+    for turn, text in enumerate(TURNS, 1):
+        if route == "/chat":
+            r = live.post("/chat", json={"text": text, "history": history, "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200, r.json
+            reply, usage = r.json["response"], r.json["usage"]
+        else:
+            r = live.post(route, json={"messages": history + [{"role": "user", "content": text}], "temperature": 0,
+                                       "max_tokens": 8})
+            assert r.status_code == 200, r.json
+            reply, usage = r.json["choices"][0]["message"]["content"], r.json["usage"]
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        table.append(f"turn {turn}: prompt {prompt}, reply {completion}, cached {cached}"
+                     + (f" (turn {turn - 1} computed {last[0]} + {last[1]})" if last else ""))
+        if last:
+            assert cached >= last[0] + last[1] - 1, "\n".join(table)
+        last = (prompt, completion)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    print(f"{route}, greedy, max_tokens 8:\n" + "\n".join(table))
+
+
 def test_cluster_health_lists_three_nodes(live, cluster):
     r = live.get("/health")
     assert r.status_code == 200 and r.json["ok"] is True
