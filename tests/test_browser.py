@@ -27,6 +27,7 @@ if _missing:
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (only once we know there is a browser to drive)
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -293,7 +294,12 @@ def chat_works_from_here(d, api: str, unreachable: str):
     assert int(reply.get_attribute("data-tokens")) > 0
 
     d.refresh()                 # remembered: connects again without being told
-    wait(d, lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "up", 20, "forgot the API")
+    try:
+        wait(d, lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "up", 30)
+    except TimeoutException:
+        saved = d.execute_script("return localStorage.getItem('nanopipe.apiBase')")
+        raise AssertionError(f"not connected after a reload: {d.find_element(By.ID, 'conn-text').text!r}, "
+                             f"saved API {saved!r}") from None
     d.execute_script("localStorage.clear()")
 
 

@@ -152,7 +152,7 @@
     if (r.status === 401) { setConn("auth", "needs an API token"); return; }
     const body = r.body || {};
     if (body.nodes && body.nodes.length) renderNodes(body.nodes);
-    $("api-panel").dataset.reason = "";
+    if (r.status !== 0) $("api-panel").dataset.reason = "";     // the API answered: next time it is gone, say so again
     if (r.ok) {
       const n = body.nodes.length;
       setConn("up", `connected · ${n}/${n} node${n === 1 ? "" : "s"} up`);
