@@ -1238,3 +1238,20 @@ def test_a_conversation_too_big_is_a_400_saying_the_limit(client, route, many, s
     assert r.status_code == 400
     message = r.json["error"] if route == "/chat" else r.json["error"]["message"]
     assert says in message and "at most" in message, message
+
+
+def test_trimming_keeps_the_first_message_whole_when_the_parts_fit(leader):
+    """The model's own tokens (kept) make the prompt one token longer than its messages encoded
+    apart: too long whole, it fits counted apart, so nothing is left out and nothing is cut."""
+    from nanopipe.web.api import Transcripts
+    from nanopipe.web.chat import conversation_ids
+    tok = get_tokenizer()
+    kept = Transcripts()
+    said = "User: Hi\nAssistant:"
+    kept.remember(said + " there", tok.encode(said) + [262, 260])       # " the" + "re", not " there"
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": DEFAULTS})
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " there"}]
+    with app.app_context():
+        whole, _ = conversation_ids(history, "Who?", 0, None, kept)
+        ids, left_out = conversation_ids(history, "Who?", 1, len(whole), kept)
+    assert left_out == 0 and tok.decode(ids) == tok.decode(whole) and len(ids) == len(whole) - 1

@@ -139,7 +139,7 @@ def conversation_ids(history: list, text: str, reply_room: int, n_ctx, transcrip
     while total + reply_room > n_ctx and first < len(history):
         total -= len(parts[first])
         first += 1
-    if not keep:            # the oldest kept message now opens the prompt: no newline before it
+    if not keep and first:  # the oldest kept message now opens the prompt: no newline before it
         parts[first] = tok.encode(pieces[first][1:])
     return [t for part in parts[:keep] + parts[first:] for t in part], first - keep
 

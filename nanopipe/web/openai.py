@@ -23,9 +23,10 @@ the client sends: GPT-2 would otherwise write the user's next line too.
 A conversation is cheap only if turn N+1's prompt starts with exactly the tokens turn N computed
 (its prompt, then its reply), so the prefix cache reuses all of them. Two rules keep it so. A
 content that begins with whitespace follows its "Assistant:" as it is: GPT-2's replies begin with
-a space (" Hello!"), and a second space would make other tokens. And a chat's prompt starts with
-the ids the last turn computed, kept by their text (web/api.py's Transcripts), since encoding the
-text again may cut it into other tokens than the model wrote.
+a space (" Hello!"), and a second space would make other tokens (so does a reply the model began
+without one; a message written by hand, "Hello!", gets one space). And a chat's prompt starts
+with the ids the last turn computed, kept by their text (web/api.py's Transcripts), since
+encoding the text again may cut it into other tokens than the model wrote.
 
 OpenAI sampling fields map onto a decoding strategy by decoding.infer_strategy, the rule /chat
 uses too: temperature 0 -> greedy; top_k (an extension) -> top_k; top_p < 1 -> top_p; else
