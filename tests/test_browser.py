@@ -27,6 +27,7 @@ if _missing:
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (only once we know there is a browser to drive)
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -159,7 +160,8 @@ def test_chat_streams_a_greedy_reply_equal_to_a_single_process(browser, web, tin
     reused = int(stats2["reused"].split()[0])
     prompt_tokens = int(stats2["prompt"].split()[1])
     first_prompt = len(get_tokenizer().encode(f"User: {prompt}\nAssistant:"))
-    assert first_prompt <= reused < prompt_tokens, stats2
+    # all that turn 1 computed: its prompt and its reply (but the last token, never fed back)
+    assert first_prompt + n - 1 <= reused < prompt_tokens, stats2
     assert stats2["prefill"].startswith("prefill ") and stats2["ttft"].startswith("first token "), stats2
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -252,3 +254,84 @@ def test_leader_down_is_shown_and_the_page_reconnects_by_itself(browser, cluster
         wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.bot[data-state="done"]'), 30, "retry failed")
     finally:
         srv.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The page opened as a file, or served from another origin (python -m http.server), with the API
+# elsewhere: it finds the API (http://localhost:8000/ unless told), says what to start when nothing
+# answers there, and remembers the address it is given
+
+
+def point_page_at(d, api: str):
+    """Give the page the API's address as a user would: the Server panel, Connect."""
+    panel = d.find_element(By.ID, "api-panel")
+    if not panel.is_displayed():
+        d.find_element(By.ID, "api-btn").click()
+    box = d.find_element(By.ID, "api-input")
+    box.clear()
+    box.send_keys(api)
+    panel.find_element(By.CSS_SELECTOR, 'button[type="submit"]').click()
+
+
+def chat_works_from_here(d, api: str, unreachable: str):
+    """The page, loaded from wherever, first says what to start at an address where nothing answers,
+    then chats through the API at `api`, and remembers it across a reload."""
+    assert d.execute_script("return getComputedStyle(document.querySelector('.topbar')).display") == "flex", \
+        "style.css did not load"
+    d.find_element(By.ID, "api-btn").click()
+    assert d.find_element(By.ID, "api-input").get_attribute("value") == "http://localhost:8000/"
+    point_page_at(d, unreachable)
+    wait(d, lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "down", 20, "not shown down")
+    assert f"no API at {unreachable}/" in d.find_element(By.ID, "conn-text").text
+    note = d.find_element(By.ID, "api-note").text
+    assert d.find_element(By.ID, "api-panel").is_displayed() and "nanopipe web" in note and "nanopipe serve" in note
+
+    point_page_at(d, api)
+    wait(d, lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "up", 20, "never connected")
+    wait(d, lambda d: len(Select(d.find_element(By.ID, "strategy")).options) == 4, 10, "no strategies loaded")
+    reply = send(d, "Hello from elsewhere")
+    assert reply.get_attribute("data-state") == "done", reply.find_element(By.CSS_SELECTOR, ".bubble").text
+    assert int(reply.get_attribute("data-tokens")) > 0
+
+    d.refresh()                 # remembered: connects again without being told
+    try:
+        wait(d, lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "up", 30)
+    except TimeoutException:
+        saved = d.execute_script("return localStorage.getItem('nanopipe.apiBase')")
+        raise AssertionError(f"not connected after a reload: {d.find_element(By.ID, 'conn-text').text!r}, "
+                             f"saved API {saved!r}") from None
+    d.execute_script("localStorage.clear()")
+
+
+def test_page_opened_as_a_file_reaches_the_api(browser, web):
+    from nanopipe.tools.localcluster import free_ports
+    from nanopipe.web.app import web_dir
+    d = browser
+    d.get(Path(web_dir(), "index.html").as_uri())
+    chat_works_from_here(d, web.rstrip("/"), f"http://127.0.0.1:{free_ports(1)[0]}")
+
+
+def test_page_served_from_another_origin_reaches_the_api(browser, web):
+    """`cd web && python -m http.server 8080`, the API on another port: cross-origin, admitted by default."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from nanopipe.tools.localcluster import free_ports
+    from nanopipe.web.app import web_dir
+    port, unused = free_ports(2)
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=web_dir(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/app.js", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        d = browser
+        d.get(f"http://localhost:{port}/index.html")
+        chat_works_from_here(d, web.rstrip("/"), f"http://127.0.0.1:{unused}")
+    finally:
+        server.terminate()
+        server.wait(10)

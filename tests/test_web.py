@@ -176,11 +176,13 @@ def test_page_and_its_files_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and page.mimetype == "text/html"
     html = page.get_data(as_text=True)
-    assert 'src="static/app.js"' in html and 'href="static/style.css"' in html
+    # relative to the page: the same names work served here, from a file and from http.server
+    assert 'src="app.js"' in html and 'href="style.css"' in html
     assert "http://" not in html and "https://" not in html          # no CDN: works offline
     for name, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css")):
-        r = client.get(f"/static/{name}")
-        assert r.status_code == 200 and r.mimetype == mimetype and len(r.data) > 1000
+        for path in (f"/{name}", f"/static/{name}"):
+            r = client.get(path)
+            assert r.status_code == 200 and r.mimetype == mimetype and len(r.data) > 1000
 
 
 def test_unknown_route_and_wrong_method_answer_json(client):
@@ -800,6 +802,57 @@ def test_no_cors_by_default_and_never_a_wildcard(client):
     assert "Access-Control-Allow-Origin" not in r.headers
 
 
+@pytest.mark.parametrize("origin", ["http://localhost:8080", "http://127.0.0.1:8080", "http://[::1]:3000",
+                                    "http://localhost", "null"])
+def test_cors_admits_this_machine_and_a_file_page_by_default(client, origin):
+    """The page served by `python -m http.server` or opened as a file (Origin: null) reaches the API."""
+    r = client.options("/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                         "Access-Control-Request-Headers": "content-type"})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == origin
+    assert "Access-Control-Allow-Credentials" not in r.headers
+    r = client.post("/chat", json={"text": "Hi"}, headers={"Origin": origin})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == origin
+
+
+@pytest.mark.parametrize("origin", ["http://localhost.evil.example", "https://localhost:8080", "http://10.0.0.5:8000",
+                                    "https://evil.example"])
+def test_other_origins_are_not_admitted_by_default(client, origin):
+    r = client.get("/config", headers={"Origin": origin})
+    assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_configured_origins_replace_the_defaults(leader):
+    c = make_app(leader, CORS_ORIGINS=("https://chat.example",))
+    for origin in ("http://localhost:8080", "null"):
+        assert c.post("/chat", json={"text": "Hi"}, headers={"Origin": origin}).status_code == 403
+
+
+@pytest.mark.parametrize("path, body", [("/chat", '{"text": "Hi"}'), ("/v1/completions", '{"prompt": "Hi"}'),
+                                        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}]}'),
+                                        ("/reconnect", "{}")])
+def test_a_cross_site_post_is_refused_before_it_runs(client, leader, path, body):
+    """A form or fetch() on another site (text/plain needs no preflight) cannot make the cluster work."""
+    r = client.post(path, data=body, content_type="text/plain", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403, r.data
+    message = r.json["error"]["message"] if path.startswith("/v1/") else r.json["error"]
+    assert "https://evil.example" in message and "cors_origins" in message
+    assert leader.calls == [] and leader.connections == []
+    # the same body from a program (no Origin) or from the app's own page is served
+    assert client.post(path, data=body, content_type="text/plain").status_code == 200
+    own = client.post(path, data=body, content_type="text/plain", headers={"Origin": "http://localhost"})
+    assert own.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/app.js", "/style.css", "/static/app.js", "/config", "/chat"])
+def test_every_answer_says_nosniff_and_the_page_may_not_be_framed(client, path):
+    r = client.get(path) if path != "/chat" else client.post("/chat", json={"text": "Hi"})
+    assert r.status_code == 200, (path, r.status_code)
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["X-Frame-Options"] == "DENY"
+    csp = dict(part.strip().split(" ", 1) for part in r.headers["Content-Security-Policy"].split(";"))
+    assert csp["frame-ancestors"] == "'none'" and csp["script-src"] == "'self'" and csp["default-src"] == "'none'"
+
+
 def test_preflight_needs_no_token_and_allows_the_authorization_header(leader):
     c = make_app(leader, CORS_ORIGINS=("https://chat.example",), API_TOKEN="s3cret")
     r = c.options("/chat", headers={"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
@@ -989,6 +1042,36 @@ def test_penalties_bias_and_stop_reach_the_leader(client, leader, path, body):
         assert r.json["config"]["logit_bias"] == {"50256": -100.0} and r.json["config"]["stop"] == ["x"]
 
 
+TURNS = ["Hi there", "Tell me about the three computers", "Why three?", "And the Raspberry Pis?", "How fast is it?",
+         "Thanks"]
+
+
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+def test_cluster_six_turn_chat_reuses_all_the_last_turn_computed(live, route):
+    """A 6-turn greedy chat on the real cluster: each turn's cached_tokens covers the previous turn's
+    prompt and reply (all but its last token, which no stage ever computed keys for)."""
+    history, table, last = [{"role": "system", "content": f"A chat on {route}."}], [], None   # none cached yet
+    for turn, text in enumerate(TURNS, 1):
+        if route == "/chat":
+            r = live.post("/chat", json={"text": text, "history": history, "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200, r.json
+            reply, usage = r.json["response"], r.json["usage"]
+        else:
+            r = live.post(route, json={"messages": history + [{"role": "user", "content": text}], "temperature": 0,
+                                       "max_tokens": 8})
+            assert r.status_code == 200, r.json
+            reply, usage = r.json["choices"][0]["message"]["content"], r.json["usage"]
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        table.append(f"turn {turn}: prompt {prompt}, reply {completion}, cached {cached}"
+                     + (f" (turn {turn - 1} computed {last[0]} + {last[1]})" if last else ""))
+        if last:
+            assert cached >= last[0] + last[1] - 1, "\n".join(table)
+        last = (prompt, completion)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    print(f"{route}, greedy, max_tokens 8:\n" + "\n".join(table))
+
+
 def test_cluster_health_lists_three_nodes(live, cluster):
     r = live.get("/health")
     assert r.status_code == 200 and r.json["ok"] is True
@@ -1055,3 +1138,119 @@ def test_chat_history_is_trimmed_from_the_oldest_turn_to_fit_n_ctx(client, leade
 def test_chat_bad_history_is_a_400_naming_it(client, body, says):
     r = client.post("/chat", json={"text": "Hi", **body})
     assert r.status_code == 400 and says in r.json["error"], r.json
+
+
+# ---------------------------------------------------------------------------------------------
+# A chat's next turn starts with exactly the tokens the last turn computed, so the prefix cache
+# reuses all of them: the reply as the model wrote it, not the text encoded again
+
+
+REPLIES = {     # what the model wrote: (token id, text streamed); "" where a stop string holds the text back
+    "space": [(262, " the"), (260, "re")],          # " there", which the tokenizer makes one token (612)
+    "newline": [(628, "\n\n"), (464, "The")],       # "\n\nThe", which the tokenizer makes [198, 198, 464]
+    "stop": [(17867, " Fine"), (13, "."), (198, ""), (12982, ""), (25, "")],    # ended at "\nUser:"
+    "no space": [(15496, "Hello"), (995, " world")],  # right after "Assistant:", no space between
+}
+
+
+def chat_turn(client, route: str, history: list, text: str) -> str:
+    """One turn on `route`, the way its clients send it; returns the reply's text."""
+    if route == "/chat":
+        r = client.post("/chat", json={"text": text, "chat": True, "history": history, "max_tokens": 10})
+        assert r.status_code == 200, r.json
+        return r.json["response"]
+    messages = history + [{"role": "user", "content": text}]
+    r = client.post(route, json={"messages": messages, "max_tokens": 10})
+    assert r.status_code == 200, r.json
+    return r.json["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("reply", sorted(REPLIES))
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+def test_a_chats_next_turn_starts_with_the_tokens_the_last_one_computed(client, leader, route, reply):
+    leader.tokens = REPLIES[reply]
+    history = [{"role": "system", "content": "Be brief."}]
+    content = chat_turn(client, route, history, "Hi")
+    assert content == "".join(piece for _, piece in REPLIES[reply])
+    computed = leader.calls[-1]["prompt"] + [t for t, _ in REPLIES[reply]]
+    history += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]
+    chat_turn(client, route, history, "And then?")
+    prompt = leader.calls[-1]["prompt"]
+    assert prompt[:len(computed)] == computed, (prompt, computed)
+    transcripts = client.application.extensions["nanopipe"].transcripts
+    text = chat_prompt(history + [{"role": "user", "content": "And then?"}], transcripts)
+    assert get_tokenizer().decode(prompt) == text and "\nAssistant:" + content + "\nUser: And then?" in text
+
+
+def test_chat_template_puts_no_second_space_before_a_reply_that_has_one():
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"},
+                {"role": "user", "content": "\nA poem"}, {"role": "assistant", "content": "\nRoses"}]
+    assert chat_prompt(messages) == "User: Hi\nAssistant: Hello!\nUser:\nA poem\nAssistant:\nRoses\nAssistant:"
+
+
+def test_transcripts_keep_the_longest_prefix_and_forget_the_oldest():
+    from nanopipe.web.api import Transcripts
+    tok = get_tokenizer()
+    kept = Transcripts(max_entries=2)
+    kept.remember("User: Hi", [1, 2])
+    kept.remember("User: Hi\nAssistant: there", [1, 2, 3, 262, 260])
+    assert kept.encode("User: Hi\nAssistant: there\nUser: x", tok) == [1, 2, 3, 262, 260] + tok.encode("\nUser: x")
+    assert kept.encode("User: Hi!", tok) == [1, 2] + tok.encode("!")
+    assert kept.encode("Other", tok) == tok.encode("Other")
+    kept.remember("Third", [9])                      # the least recently used ("...there") goes
+    assert kept.encode("User: Hi\nAssistant: there", tok) == [1, 2] + tok.encode("\nAssistant: there")
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the characters it is asked to encode."""
+
+    def __init__(self):
+        self.tok, self.chars = get_tokenizer(), 0
+
+    def encode(self, text):
+        self.chars += len(text)
+        return self.tok.encode(text)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_long_history_is_trimmed_in_one_pass(leader):
+    """Trimming encodes each message about once, not the whole conversation once per dropped turn."""
+    counting = CountingTokenizer()
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": DEFAULTS, "TOKENIZER": counting})
+    history = [{"role": ("user", "assistant")[i % 2], "content": f"turn number {i} of many"} for i in range(600)]
+    r = app.test_client().post("/chat", json={"text": "Who?", "history": history, "max_tokens": 20})
+    assert r.status_code == 200, r.json
+    assert r.json["trimmed_turns"] > 590 and len(leader.calls[-1]["prompt"]) + 20 <= leader.n_ctx
+    size = len(chat_prompt(history + [{"role": "user", "content": "Who?"}]))
+    assert counting.chars < 3 * size, f"encoded {counting.chars} characters for a {size}-character conversation"
+
+
+@pytest.mark.parametrize("route, many, says", [
+    ("/chat", {"history": [{"role": "user", "content": "x"}] * 1001}, "history: 1001 messages; at most 1000"),
+    ("/chat", {"history": [{"role": "user", "content": "x" * 1000}] * 300}, "history: 300000 characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 1001}, "messages: 1001 messages"),
+])
+def test_a_conversation_too_big_is_a_400_saying_the_limit(client, route, many, says):
+    r = client.post(route, json={"text": "Hi", **many} if route == "/chat" else many)
+    assert r.status_code == 400
+    message = r.json["error"] if route == "/chat" else r.json["error"]["message"]
+    assert says in message and "at most" in message, message
+
+
+def test_trimming_keeps_the_first_message_whole_when_the_parts_fit(leader):
+    """The model's own tokens (kept) make the prompt one token longer than its messages encoded
+    apart: too long whole, it fits counted apart, so nothing is left out and nothing is cut."""
+    from nanopipe.web.api import Transcripts
+    from nanopipe.web.chat import conversation_ids
+    tok = get_tokenizer()
+    kept = Transcripts()
+    said = "User: Hi\nAssistant:"
+    kept.remember(said + " there", tok.encode(said) + [262, 260])       # " the" + "re", not " there"
+    app = create_app({"CLIENT_FACTORY": leader.connect, "MODEL_DEFAULTS": DEFAULTS})
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " there"}]
+    with app.app_context():
+        whole, _ = conversation_ids(history, "Who?", 0, None, kept)
+        ids, left_out = conversation_ids(history, "Who?", 1, len(whole), kept)
+    assert left_out == 0 and tok.decode(ids) == tok.decode(whole) and len(ids) == len(whole) - 1

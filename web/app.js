@@ -1,4 +1,9 @@
-// nanopipe chat page: plain JavaScript, no build step, no network but this server.
+// nanopipe chat page: plain JavaScript, no build step, no network but the nanopipe web API.
+//
+// Where the API is: the server that served this page, when that is `nanopipe web` (it answers
+// "health" with JSON); else http://localhost:8000/ (the page opened as a file, or served by
+// `python -m http.server 8080`). "Server" changes it, and the browser remembers it (localStorage).
+// The API admits such pages by default (localhost origins and "null", docs/WEB.md).
 //
 // The page holds a conversation: each turn sends the earlier turns as `history` (the server puts
 // them in the chat template, leaving out the oldest if they do not fit the model's context, and
@@ -16,6 +21,8 @@
 
 (() => {
   const TOKEN_KEY = "nanopipe.apiToken";
+  const API_KEY = "nanopipe.apiBase";
+  const DEFAULT_API = "http://localhost:8000/";
   const HEALTH_EVERY_MS = 5000;          // while everything is up
   const RETRY_MIN_MS = 1000;             // while something is down: 1 s, 2 s, 4 s ... up to RETRY_MAX_MS
   const RETRY_MAX_MS = 15000;
@@ -30,6 +37,7 @@
     healthTimer: null,
     history: [],           // this conversation's turns so far: [{role: "user" | "assistant", content}]
     conversationId: newConversationId(),
+    api: null,             // the API's base URL ending in "/", or "" for the server that served this page
   };
 
   function newConversationId() {
@@ -86,10 +94,36 @@
     return h;
   }
 
+  /** "localhost:8000" -> "http://localhost:8000/"; "" stays "" (this page's server). */
+  function normalizeApi(text) {
+    let base = (text || "").trim();
+    if (!base) return "";
+    if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(base)) base = "http://" + base;
+    return base.endsWith("/") ? base : base + "/";
+  }
+
+  /** The API's base: the one saved in this browser; else this page's server if it is nanopipe web;
+   *  else http://localhost:8000/. */
+  async function findApi() {
+    const saved = localStorage.getItem(API_KEY);
+    if (saved !== null) return saved;
+    if (location.protocol === "http:" || location.protocol === "https:") {
+      try {
+        const resp = await fetch("health", { headers: headers(false) });
+        if ((resp.headers.get("Content-Type") || "").includes("application/json")) return "";
+      } catch (_) { /* nothing answers here: try the default */ }
+    }
+    return DEFAULT_API;
+  }
+
+  function apiLabel() {
+    return state.api === "" ? location.origin + "/" : state.api;
+  }
+
   /** fetch + JSON; never throws: {ok, status, body}, status 0 when the web server is unreachable. */
   async function call(path, options = {}) {
     try {
-      const resp = await fetch(path, { ...options, headers: headers(options.body !== undefined) });
+      const resp = await fetch(state.api + path, { ...options, headers: headers(options.body !== undefined) });
       let body = null;
       try { body = await resp.json(); } catch (_) { body = null; }
       if (resp.status === 401) askForToken(body && body.error);
@@ -118,6 +152,7 @@
     if (r.status === 401) { setConn("auth", "needs an API token"); return; }
     const body = r.body || {};
     if (body.nodes && body.nodes.length) renderNodes(body.nodes);
+    if (r.status !== 0) $("api-panel").dataset.reason = "";     // the API answered: next time it is gone, say so again
     if (r.ok) {
       const n = body.nodes.length;
       setConn("up", `connected · ${n}/${n} node${n === 1 ? "" : "s"} up`);
@@ -131,7 +166,9 @@
       const up = body.nodes.filter((n) => n.status === "up").length;
       setConn("degraded", `${up}/${body.nodes.length} nodes up · ${body.error || "not ready"} · checking again in ${secs}s`);
     } else {
-      setConn("down", `${r.status === 0 ? "web server" : "leader"} unreachable · retrying in ${secs}s`);
+      setConn("down", r.status === 0 ? `no API at ${apiLabel()} · retrying in ${secs}s`
+                                      : `leader unreachable · retrying in ${secs}s`);
+      if (r.status === 0) showApiHelp();
       markNodesDown();
     }
     const wait = state.retryMs;
@@ -291,7 +328,7 @@
   }
 
   async function send(text) {
-    if (!text || state.controller) return;
+    if (!text || state.controller || state.api === null) return;
     addUserMessage(text);
     const reply = addReply();
     const history = state.history.slice();     // the turns before this one
@@ -310,8 +347,9 @@
     // a finished or stopped reply joins the conversation (unless "New chat" started another meanwhile)
     const how = reply.node.dataset.state;
     if ((how === "done" || how === "stopped") && conversation === state.conversationId) {
-      state.history.push({ role: "user", content: text },
-                         { role: "assistant", content: reply.text.replace(/^\s+/, "") });
+      // the reply as the model wrote it, leading space and all: the next turn's prompt then
+      // starts with exactly the tokens this one computed, and every node reuses them
+      state.history.push({ role: "user", content: text }, { role: "assistant", content: reply.text });
     }
   }
 
@@ -324,7 +362,7 @@
   }
 
   async function streamReply(text, reply, signal, history) {
-    const resp = await fetch("chat", {
+    const resp = await fetch(state.api + "chat", {
       method: "POST", headers: headers(true), signal,
       // chat + history: the server wraps the conversation in the chat template ("User: ...\n
       // Assistant: ...\nUser: <text>\nAssistant:") and ends the reply at the next "\nUser:" turn,
@@ -481,6 +519,41 @@
   }
 
   // ---------------------------------------------------------------------------------------
+  // Where the API is
+
+  /** Nothing answered at the API's address: say what to start, and where to change the address. */
+  function showApiHelp() {
+    const panel = $("api-panel");
+    if (panel.dataset.reason === "down") return;       // said already; the user may be typing
+    panel.dataset.reason = "down";
+    panel.hidden = false;
+    $("api-input").value = apiLabel();
+    const code = (text) => el("code", "", text);
+    $("api-note").replaceChildren(
+      `Nothing answers at ${apiLabel()}. Start the web app there: `, code("nanopipe web"),
+      " (it serves this page and the API on port 8000), with the cluster behind it (",
+      code("nanopipe serve --rank 0"), " and its workers; ", code("nanopipe demo"),
+      " starts all of it on this machine). Or give the address it runs at, then Connect. A page from ",
+      "elsewhere than this machine needs its origin in cors_origins.");
+  }
+
+  function saveApi(event) {
+    event.preventDefault();
+    state.api = normalizeApi($("api-input").value);
+    localStorage.setItem(API_KEY, state.api);
+    reconnectTo();
+  }
+
+  function reconnectTo() {
+    $("api-panel").hidden = true;
+    $("api-panel").dataset.reason = "";
+    state.config = null;
+    state.retryMs = RETRY_MIN_MS;
+    setConn("unknown", `connecting to ${apiLabel()}…`);
+    checkHealth(false);
+  }
+
+  // ---------------------------------------------------------------------------------------
   // API token
 
   function askForToken(message) {
@@ -536,6 +609,17 @@
       if (!panel.hidden) $("token-input").focus();
     });
     $("token-panel").addEventListener("submit", saveToken);
+    $("api-btn").addEventListener("click", () => {
+      const panel = $("api-panel");
+      panel.hidden = !panel.hidden;
+      if (!panel.hidden) { $("api-input").value = apiLabel(); $("api-input").focus(); }
+    });
+    $("api-panel").addEventListener("submit", saveApi);
+    $("api-reset").addEventListener("click", async () => {
+      localStorage.removeItem(API_KEY);
+      state.api = await findApi();
+      reconnectTo();
+    });
     $("token-clear").addEventListener("click", () => {
       localStorage.removeItem(TOKEN_KEY);
       $("token-note").textContent = "Forgotten.";
@@ -544,8 +628,11 @@
       const open = $("settings").classList.toggle("open");
       $("settings-btn").setAttribute("aria-expanded", String(open));
     });
-    loadConfig();
-    checkHealth(false);
+    findApi().then((api) => {
+      state.api = api;
+      loadConfig();
+      checkHealth(false);
+    });
   }
 
   window.nanopipe = { SSEParser, parseEvent };     // for the browser test and the curious

@@ -16,6 +16,8 @@ import queue
 import socket
 import threading
 import time
+from array import array
+from collections import OrderedDict
 
 from flask import Response, current_app, g, jsonify, request
 
@@ -27,7 +29,8 @@ STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answe
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
                    "presence_penalty", "repetition_penalty", "logit_bias")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,13 +77,71 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 # What the app remembers
 
 
+class Transcripts:
+    """The token ids each finished chat computed, by their text, so the next turn starts with them.
+
+    A chat's turn N+1 is turn N's text plus the reply plus the new turn. Encoding that text again
+    need not give the tokens the model computed: the model may have written " there" as " the" +
+    "re", or "\n\n" as two tokens, and a stop string may end inside a token. Then the prefix cache
+    (nanopipe/prefix.py) matches only up to the first difference. So when a chat finishes, its
+    prompt ids and generated ids are kept under their decoded text, and `encode` starts a prompt
+    with the longest kept text it begins with, encoding only the rest:
+
+        remember("User: Hi\nAssistant: Hello", [12982, 25, 15902, 198, 48902, 25, 18435])
+        encode("User: Hi\nAssistant: Hello\nUser: Bye\nAssistant:")
+        -> [12982, 25, 15902, 198, 48902, 25, 18435] + encode("\nUser: Bye\nAssistant:")
+
+    It also knows the replies that began without whitespace (`bare`): the template writes them
+    right after "Assistant:", as the model did, where a message written by hand gets a space.
+
+    Bounded (least recently used dropped first); shared by every request of the app, each entry
+    only ever used for a text that starts with it, whose ids decode to that very text.
+    """
+
+    MAX_ENTRIES = 256
+
+    def __init__(self, max_entries: int = MAX_ENTRIES):
+        self.max_entries = max_entries
+        self._kept: OrderedDict = OrderedDict()     # text -> array of token ids
+        self._bare: OrderedDict = OrderedDict()     # replies that began without whitespace -> None
+        self._lock = threading.Lock()
+
+    def remember(self, text: str, ids, reply: str = ""):
+        if not text:
+            return
+        with self._lock:
+            self._kept[text] = array("I", ids)
+            self._kept.move_to_end(text)
+            if reply and not reply[:1].isspace():
+                self._bare[reply] = None
+                self._bare.move_to_end(reply)
+            for kept in (self._kept, self._bare):
+                while len(kept) > self.max_entries:
+                    kept.popitem(last=False)
+
+    def bare(self, reply: str) -> bool:
+        """Was `reply` a chat's reply that began without whitespace?"""
+        return reply in self._bare
+
+    def encode(self, text: str, tok) -> list:
+        with self._lock:
+            best = max((k for k in self._kept if text.startswith(k)), key=len, default="")
+            if not best:
+                return tok.encode(text)
+            self._kept.move_to_end(best)
+            ids = list(self._kept[best])
+        return ids + (tok.encode(text[len(best):]) if len(text) > len(best) else [])
+
+
 class AppState:
-    """What the app remembers between requests: its metrics and what the leader last said about itself."""
+    """What the app remembers between requests: its metrics, what the leader last said about
+    itself, and the tokens recent chats computed."""
 
     def __init__(self):
         self.metrics = WebMetrics()
         self.leader_info: dict = {}         # model, n_ctx, defaults from the last status answer
         self.generations = Generations()    # the ones running now: a server that stops ends them (web/server.py)
+        self.transcripts = Transcripts()
 
 
 class Generations:
@@ -335,6 +396,7 @@ class Generation:
         self._q: queue.Queue = queue.Queue()
         self.started = False
         self._stopped = False
+        self.keep = None                        # (Transcripts, tokenizer): remember what a chat computed
         self._registry = registry if registry is not None else Generations()
         self._registry.add(self)        # from now: a response may have begun (/v1's first chunk) before events()
 
@@ -343,6 +405,11 @@ class Generation:
         `message` as its last event, and hangs up on the leader, which cancels the generation."""
         self._stopped = True
         self._q.put(("error", ClientError(message, "stopping")))
+
+    def remember_in(self, transcripts: Transcripts, tok) -> Generation:
+        """When this chat finishes, keep its prompt and generated ids under their text, for the next turn."""
+        self.keep = (transcripts, tok)
+        return self
 
     def close(self):
         """Hang up if events() never ran (a response abandoned before its first chunk)."""
@@ -420,11 +487,29 @@ class Generation:
             results, done = self._call()
             for r in results:
                 self.metrics.observe_nodes(r.get("node_ms") or {})
+            if self.keep is not None:
+                self._remember(done)
             self._q.put(("done", done))
         except ClientError as e:
             self._q.put(("error", e))
         except Exception as e:  # a broken connection must end the response, not hang it
             self._q.put(("error", ClientError(f"lost the leader mid-reply: {type(e).__name__}: {e}", "cluster")))
+
+    def _remember(self, result: dict):
+        """prompt + every generated token (the stop string's too: the next turn's template starts
+        with it), less a closing end-of-text, which no prompt contains."""
+        transcripts, tok = self.keep
+        ids = list(result.get("prompt_ids") or self.prompt) + list(result.get("token_ids") or [])
+        if ids and ids[-1] == EOT:
+            ids.pop()
+        for _ in range(4):      # a reply cut inside a character: keep the ids whose bytes are whole text
+            try:
+                text = tok.decode_bytes(ids).decode("utf-8")
+            except UnicodeDecodeError:
+                ids.pop()
+                continue
+            transcripts.remember(text, ids, reply=self.text)
+            return
 
     def _on_token(self, token_id, text):
         if token_id is not None:

@@ -15,7 +15,8 @@ batches them together). One /chat request, streamed:
 
 Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.yaml sets api_token):
 
-    GET  /                      the chat page (web/index.html) and /static/* (no token needed)
+    GET  /                      the chat page (web/index.html), its app.js and style.css (also under
+                                /static/), with no token needed
     POST /chat                  {"text", "max_tokens", "temperature", "top_k", "top_p",
                                  "decoding_strategy", "seed", "stream", "stop", "frequency_penalty",
                                  "presence_penalty", "repetition_penalty", "logit_bias", "chat"}
@@ -33,6 +34,14 @@ chat.py (the guide's API), openai.py (the OpenAI routes), api.py (what they shar
 bodies, the leader connection, a generation as events), metrics.py (Prometheus). app.py imports the
 others; none imports app.py.
 
+Browsers. A page from another origin may call the API if its origin is allowed: the app's own, then
+`cors_origins` when cluster_config.yaml sets it, else DEFAULT_ORIGINS: http://localhost, 127.0.0.1
+and [::1] on any port, and "null" (the page opened as a file). A POST whose Origin is not allowed
+is a 403 before anything runs: a form or fetch() on some other site cannot make the cluster work
+for it (no cookie is involved; the check is for clusters without an api_token). Programs that send
+no Origin (curl, OpenAI clients) are not browsers and pass. Every answer says nosniff; the page
+may not be framed and runs only its own script (SECURITY_HEADERS).
+
 Errors are JSON, never a traceback: 400 {"error": "..."} naming the field for bad input, 401 for a
 missing API token, 503 when the leader or a worker is down. /v1 routes use OpenAI's error shape.
 """
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,6 +64,17 @@ from .metrics import render_metrics
 
 MAX_BODY_BYTES = 1 << 20
 PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: the page asks for it
+PAGE_FILES = ("app.js", "style.css")            # beside index.html, named relatively by it
+# The origins allowed when cors_origins is not set: pages on this machine, and a page opened as a
+# file ("null"; a sandboxed frame sends it too: set cors_origins or api_token to shut that out).
+DEFAULT_ORIGINS = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?|null")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # the page's own script and style only; it calls the API wherever the user points it (connect-src)
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src *; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+}
 MAX_CHOICES = 16                   # prompts x n in one /v1/completions request (NANOPIPE_MAX_CHOICES)
 
 
@@ -134,10 +155,28 @@ def create_app(test_config: dict | None = None) -> Flask:
     return app
 
 
+def origin_allowed(origin: str) -> bool:
+    """May a page from `origin` call the API? Its own origin may; others as the module docstring says.
+
+    "http://localhost:8080" -> True unless cors_origins is set without it; "https://evil.example" ->
+    False unless cors_origins lists it.
+    """
+    if origin == request.host_url.rstrip("/"):
+        return True
+    configured = current_app.config["CORS_ORIGINS"]
+    return origin in configured if configured else DEFAULT_ORIGINS.fullmatch(origin) is not None
+
+
 def _register_guards(app: Flask):
     @app.before_request
     def start_clock_and_check_token():
         g.t0 = time.perf_counter()
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin is not None and not origin_allowed(origin):
+            state().metrics.count_error("forbidden")
+            return error_response(403, f"a page from {origin} may not call this API (a browser sent the request "
+                                       "from another site): if it is yours, add it to cors_origins in "
+                                       "cluster_config.yaml")
         token = current_app.config["API_TOKEN"]
         if not token or request.method == "OPTIONS" or request.endpoint in PUBLIC_ENDPOINTS:
             return None
@@ -152,13 +191,12 @@ def _register_guards(app: Flask):
         return resp, status
 
     @app.after_request
-    def cors(resp):
-        """Only the configured origins may call the API from another site's page; never '*'."""
-        origins = current_app.config["CORS_ORIGINS"]
+    def cors_and_security_headers(resp):
+        """Only allowed origins may read the API's answers from their pages; never '*', no credentials."""
+        resp.headers.update(SECURITY_HEADERS)
+        resp.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin")
-        if origins:
-            resp.headers.add("Vary", "Origin")
-        if origin and origin in origins:
+        if origin and origin_allowed(origin):
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
             resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
@@ -188,6 +226,7 @@ def _register_pages(app: Flask):
         return send_from_directory(current_app.config["WEB_DIR"], "index.html")
 
     @app.get("/static/<path:name>")
+    @app.get(f"/<any({', '.join(PAGE_FILES)}):name>")
     def static_file(name):
         return send_from_directory(current_app.config["WEB_DIR"], name)
 

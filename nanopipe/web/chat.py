@@ -4,8 +4,8 @@
     -> {"response": " world...", "config": {"decoding_strategy": "greedy", ...}, "stats": {...}, "usage": {...}}
 
 `register(app)` adds the routes; they build on web/api.py (errors, the leader connection, a
-generation as events). With {"chat": true}, /chat wraps the text in /v1/chat/completions' template
-(web/openai.py's chat_prompt), as the page does.
+generation as events). With {"chat": true} (or a `history`), /chat wraps the conversation in
+/v1/chat/completions' template (web/openai.py's chat_prompt), as the page does.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .api import (
     tokenizer,
     weights_info,
 )
-from .openai import CHAT_STOP, chat_prompt
+from .openai import CHAT_STOP, chat_pieces, check_chat_size
 
 RECONNECT_ATTEMPTS = 3
 CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream", "stop",
@@ -51,11 +51,12 @@ def register(app: Flask):
 
 
 def chat_request(body: dict) -> tuple:
-    """POST /chat's body -> (prompt text, SamplingParams, stream).
+    """POST /chat's body -> (text, SamplingParams, stream, chat): `chat` says the text is a user's turn
+    in /v1/chat/completions' template (after the `history`, if any), as the page sends it.
 
     Without a decoding_strategy the fields choose one, as in the OpenAI routes:
-    {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False);
-    {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ("Hi", top_k, False), whatever the default.
+    {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False, False);
+    {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ("Hi", top_k, False, False), whatever the default.
     """
     check_fields(body, CHAT_FIELDS)
     text = body.get("text")
@@ -64,11 +65,8 @@ def chat_request(body: dict) -> tuple:
     strategy = optional(body, "decoding_strategy", lambda v: v in STRATEGIES,
                         f"one of {', '.join(sorted(STRATEGIES))}")
     stream = flag(body, "stream")
-    stop = ()
-    # the page: text is the user's turn, in /v1/chat/completions' template (with `history`, after it)
-    if flag(body, "chat") or body.get("history") is not None:
-        text, stop = chat_prompt([{"role": "user", "content": text}]), (CHAT_STOP,)
-    return text, resolve(strategy, sampling_fields(body, stop)), stream
+    chat = flag(body, "chat") or body.get("history") is not None
+    return text, resolve(strategy, sampling_fields(body, (CHAT_STOP,) if chat else ())), stream, chat
 
 
 def usage_of(result: dict, gen: Generation) -> dict:
@@ -108,6 +106,7 @@ def conversation_fields(body: dict) -> tuple:
         return None, conv_id
     if not isinstance(history, list):
         raise ApiError(400, "history: give a list of {\"role\", \"content\"} objects, oldest first", param="history")
+    check_chat_size(history, "history")
     for i, m in enumerate(history):
         if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                 and isinstance(m.get("content"), str) and set(m) <= {"role", "content"}):
@@ -116,43 +115,54 @@ def conversation_fields(body: dict) -> tuple:
     return history, conv_id
 
 
-def conversation_ids(history: list, text: str, reply_room: int, n_ctx) -> tuple:
-    """The conversation as one prompt, in /v1/chat/completions' template, trimmed to fit: while the
-    prompt and `reply_room` tokens exceed n_ctx, the oldest turn is left out (a leading system
+def conversation_ids(history: list, text: str, reply_room: int, n_ctx, transcripts=None) -> tuple:
+    """The conversation as one prompt, in /v1/chat/completions' template, trimmed to fit: if the
+    prompt and `reply_room` tokens exceed n_ctx, the oldest turns are left out (a leading system
     message stays). Returns (token ids, how many turns were left out).
 
-    history [user "Hi", assistant "Hello!"], text "Who are you?" ->
+    history [user "Hi", assistant " Hello!"], text "Who are you?" ->
     "User: Hi\nAssistant: Hello!\nUser: Who are you?\nAssistant:" (0 left out if it fits)
+
+    Whole, the prompt starts with the ids the last turn computed (`transcripts`, web/api.py). Too
+    long, each message is encoded once and the oldest dropped by their counts: time linear in
+    the history, however many turns must go.
     """
-    keep_system = 1 if history and history[0]["role"] == "system" else 0
-    turns = list(history)
-    left_out = 0
-    while True:
-        ids = tokenizer().encode(chat_prompt(turns + [{"role": "user", "content": text}]))
-        if not n_ctx or len(ids) + reply_room <= n_ctx or len(turns) <= keep_system:
-            return ids, left_out      # (a prompt that still does not fit is refused by check_fits)
-        del turns[keep_system]
-        left_out += 1
+    tok = tokenizer()
+    pieces = chat_pieces(list(history) + [{"role": "user", "content": text}], "history", transcripts)
+    whole = "".join(pieces)
+    ids = transcripts.encode(whole, tok) if transcripts is not None else tok.encode(whole)
+    if not n_ctx or len(ids) + reply_room <= n_ctx or not history:
+        return ids, 0       # (a prompt that still does not fit is refused by check_fits)
+    keep = 1 if history[0]["role"] == "system" else 0
+    parts = [tok.encode(p) for p in pieces]     # message i's tokens; the last two: the user's turn, the cue
+    total, first = sum(map(len, parts)), keep
+    while total + reply_room > n_ctx and first < len(history):
+        total -= len(parts[first])
+        first += 1
+    if not keep and first:  # the oldest kept message now opens the prompt: no newline before it
+        parts[first] = tok.encode(pieces[first][1:])
+    return [t for part in parts[:keep] + parts[first:] for t in part], first - keep
 
 
 def _register_chat(app: Flask):
     @app.post("/chat")
     def chat():
         body = json_body()
-        text, params, stream = chat_request(body)
+        text, params, stream, chat = chat_request(body)
         history, conv_id = conversation_fields(body)
         extra = {} if conv_id is None else {"conversation_id": conv_id}
-        if history is None:
+        if not chat:
             gen = start_generation(tokenizer().encode(text), params, "chat", "text")
         else:
             trim = {}
-            text = body["text"]         # the user's turn itself; the template wraps the whole conversation
 
             def prompt_for(n_ctx):
-                ids, trim["left_out"] = conversation_ids(history, text, params.max_tokens or 0, n_ctx)
+                ids, trim["left_out"] = conversation_ids(history or [], text, params.max_tokens or 0, n_ctx,
+                                                         state().transcripts)
                 return ids
-            gen = start_generation(prompt_for, params, "chat", "text")
-            extra.update(trimmed_turns=trim["left_out"], history_turns=len(history))
+            gen = start_generation(prompt_for, params, "chat", "text").remember_in(state().transcripts, tokenizer())
+            if history is not None:
+                extra.update(trimmed_turns=trim["left_out"], history_turns=len(history))
         if not stream:
             result = gen.run()
             return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result),

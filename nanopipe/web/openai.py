@@ -20,6 +20,14 @@ that ends where the assistant's reply should start:
 The reply ends at the template's next turn marker, CHAT_STOP ("\nUser:"), as well as at any `stop`
 the client sends: GPT-2 would otherwise write the user's next line too.
 
+A conversation is cheap only if turn N+1's prompt starts with exactly the tokens turn N computed
+(its prompt, then its reply), so the prefix cache reuses all of them. Two rules keep it so. A
+content that begins with whitespace follows its "Assistant:" as it is: GPT-2's replies begin with
+a space (" Hello!"), and a second space would make other tokens (so does a reply the model began
+without one; a message written by hand, "Hello!", gets one space). And a chat's prompt starts
+with the ids the last turn computed, kept by their text (web/api.py's Transcripts), since
+encoding the text again may cut it into other tokens than the model wrote.
+
 OpenAI sampling fields map onto a decoding strategy by decoding.infer_strategy, the rule /chat
 uses too: temperature 0 -> greedy; top_k (an extension) -> top_k; top_p < 1 -> top_p; else
 sampling; top_k with top_p < 1 is a 400. A request that sets none of temperature, top_p and top_k
@@ -72,6 +80,10 @@ from .api import (
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply ends there
+# A conversation's size limits: GPT-2's context holds a few thousand characters, so more only costs
+# the web app time (each message is encoded once, but an unbounded body is still unbounded work).
+MAX_CHAT_TURNS = 1000
+MAX_CHAT_CHARS = 256 * 1024
 
 # The request fields each route knows; any other is refused, naming it. Sampler fields (stop,
 # penalties, logit_bias) are read where sampling is set up; top_k and repetition_penalty are extensions.
@@ -139,13 +151,38 @@ def openai_request(body: dict, stop=(), max_n: int = 1) -> tuple:
     return resolve(None, sampling_fields(body, stop)), stream
 
 
-def chat_prompt(messages) -> str:
+def chat_prompt(messages, transcripts=None) -> str:
     """OpenAI messages -> one GPT-2 prompt, with the template in this module's docstring.
 
     [{"role": "user", "content": "Hi"}] -> "User: Hi\\nAssistant:"
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"}, {"role": "user",
+     "content": "Bye"}] -> "User: Hi\\nAssistant: Hello!\\nUser: Bye\\nAssistant:"
+    """
+    return "".join(chat_pieces(messages, transcripts=transcripts))
+
+
+def check_chat_size(messages: list, field: str):
+    """At most MAX_CHAT_TURNS messages and MAX_CHAT_CHARS characters of content, else a 400 saying so."""
+    if len(messages) > MAX_CHAT_TURNS:
+        raise ApiError(400, f"{field}: {len(messages)} messages; at most {MAX_CHAT_TURNS} are accepted (the "
+                            "model's context holds far fewer, the oldest are left out anyway): send the most recent "
+                            "ones", param=field)
+    chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    if chars > MAX_CHAT_CHARS:
+        raise ApiError(400, f"{field}: {chars} characters of content; at most {MAX_CHAT_CHARS} are accepted (the "
+                            "model's context holds a few thousand): send the most recent turns", param=field)
+
+
+def chat_pieces(messages, field: str = "messages", transcripts=None) -> list:
+    """The template's text one message at a time, then the reply's cue; they join into the prompt.
+    A content that begins with whitespace (GPT-2's replies do) is not given another space, nor is
+    a reply the model began without one (`transcripts` knows them: web/api.py).
+
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"}]
+    -> ["User: Hi", "\\nAssistant: Hello!", "\\nAssistant:"]
     """
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: give a non-empty list of {\"role\", \"content\"} objects", param="messages")
+        raise ApiError(400, f"{field}: give a non-empty list of {{\"role\", \"content\"}} objects", param=field)
     lines = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -161,8 +198,16 @@ def chat_prompt(messages) -> str:
             content = "".join(p for p in parts if isinstance(p, str)) if len(parts) == len(content) else None
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content: must be a string (or a list of text parts)", param="messages")
-        lines.append(f"{ROLE_NAMES[role]}: {content}")
-    return "\n".join(lines) + "\nAssistant:"
+        bare = content[:1].isspace() or (role == "assistant" and transcripts is not None and transcripts.bare(content))
+        newline, space = "\n" if lines else "", "" if bare else " "
+        lines.append(f"{newline}{ROLE_NAMES[role]}:{space}{content}")
+    return lines + ["\nAssistant:"]
+
+
+def encode_chat(text: str) -> list:
+    """A chat prompt's token ids: the ids an earlier turn computed for the text it starts with (if
+    this app kept them), then the rest encoded."""
+    return state().transcripts.encode(text, tokenizer())
 
 
 def encode_prompts(prompt, field: str = "prompt") -> list:
@@ -395,8 +440,11 @@ def chat_completions():
     top = optional(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= 20, "an integer in 0..20")
     if stream and want_logprobs:
         raise ApiError(400, "logprobs: not available with stream=true; ask without streaming", param="logprobs")
-    ids = encode_prompt(chat_prompt(body.get("messages")), "messages")
+    if isinstance(body.get("messages"), list):
+        check_chat_size(body["messages"], "messages")
+    ids = encode_chat(chat_prompt(body.get("messages"), state().transcripts))
     gen = start_generation(ids, params, "chat_completions", "messages", top_logprobs=(top or 0) if want_logprobs else 0)
+    gen.remember_in(state().transcripts, tokenizer())
     meta = _meta("chatcmpl", "chat.completion")
     if stream:
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
