@@ -370,10 +370,9 @@ class Membership:
                 old = self.scheduler
                 self.stage = stage
                 self.scheduler = Scheduler(stage, ring=None, max_sessions=self.cluster.max_sessions,
-                                           prefix_cache_bytes=self.cluster.prefix_cache_bytes())
+                                           prefix_cache_bytes=self.cluster.prefix_cache_bytes(), log=self._warn)
                 self.scheduler._ids = old._ids          # session ids go on counting: no two alike
-                while not old.waiting.empty():          # requests that came in while the nodes were measured
-                    self.scheduler.waiting.put(old.waiting.get())
+                self.scheduler.take_waiting(old)        # requests that came in while the nodes were measured
                 old.stop()
             self.log(f"Server reloaded its share for the plan: layers {_show(ranges[0])}")
         with self.lock:
