@@ -337,3 +337,45 @@ def busy_count(web: str) -> float:
             if line.startswith('nanopipe_web_errors_total{kind="busy"}'):
                 return float(line.split()[-1])
     return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# a batch's prompts are tokenized without holding the scheduler
+
+
+def test_batch_prompts_are_tokenized_without_holding_the_scheduler(tiny_weights, tmp_path):
+    """The leader's GENERATE with a batch of text prompts: while each is tokenized, another thread
+    (the scheduler's step) can take the scheduler's lock."""
+    from nanopipe.cluster.leader import Leader
+    from nanopipe.config import load_cluster_config, load_model_config
+    from nanopipe.tools.localcluster import write_configs
+    from nanopipe.weights import load_stage
+
+    write_configs(str(tmp_path), weights=tiny_weights, nodes=1, n_layer=4)
+    stage = load_stage(tiny_weights)
+    leader = Leader(load_cluster_config(str(tmp_path)), load_model_config(str(tmp_path)), stage,
+                    [(0, stage.config.n_layer)], log_fn=lambda *a: None)
+
+    class ProbingTokenizer:         # encodes anything as 3 tokens, and notes whether the lock was free
+        free: list = []
+
+        def encode(self, text):
+            got = []
+
+            def probe():
+                got.append(leader.scheduler.lock.acquire(timeout=2))
+                if got[0]:
+                    leader.scheduler.lock.release()
+            t = threading.Thread(target=probe)
+            t.start()
+            t.join()
+            self.free.append(got[0])
+            return [15496, 995, 11]
+
+    leader.tokenizer = ProbingTokenizer()
+    sent = []
+    leader._generate_batch({"request": "r", "text": False, "max_tokens": 1,
+                            "batch": [{"request": f"r.{i}", "prompt": "Hello world"} for i in range(4)]},
+                           lambda msg, meta: sent.append((msg, meta)), set())
+    assert ProbingTokenizer.free == [True] * 4, "a prompt was tokenized while the scheduler was held"
+    assert sent == [] and leader.scheduler.waiting.qsize() == 4, sent
