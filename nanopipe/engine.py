@@ -663,8 +663,9 @@ def _plus_ms(t: float | None, ms: float) -> float | None:
 
 
 def _number(x) -> float | None:
-    """A number a worker reported, or None: a bad value must not stop the scheduler."""
-    return x if is_number(x) else None
+    """A number a worker reported, or None: a bad value (a string, NaN, inf) must not stop the
+    scheduler or end up in a JSON answer."""
+    return x if is_number(x) and math.isfinite(x) else None
 
 
 def _span(x) -> list | None:
