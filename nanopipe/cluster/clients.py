@@ -147,7 +147,7 @@ class ClientProtocol:
     def _generate(self, meta: dict, send, mine: set):
         req = self._prepare(meta, send, mine)
         if req is not None and not self._refuse_if_busy(1, meta.get("request"), send):
-            self._queue(req, meta.get("request"), send, mine)
+            self._queue(req, mine)
 
     def _prepare(self, meta: dict, send, mine: set) -> Request | None:
         """Check one GENERATE and make its Request, tokenizing a text prompt: everything that does not
@@ -170,6 +170,10 @@ class ClientProtocol:
             self.metrics["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid",
                              "field": getattr(e, "field", None)})
+            return None
+        if self._past_grace():                  # before building anything for it: it would only wait
+            self.metrics["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": self._grace_message(), "kind": "cluster"})
             return None
         want_text = meta.get("text", True) is not False
         # the stream that cuts the reply at a stop string; also the text a client is sent
@@ -216,12 +220,8 @@ class ClientProtocol:
                                     f"retry in {BUSY_RETRY_AFTER_S} s"})
         return True
 
-    def _queue(self, req: Request, req_id, send, mine: set):
-        """Hand a checked Request to the scheduler (unless the ring has been down past its grace)."""
-        if self._past_grace():
-            self.metrics["errors"] += 1
-            send(Msg.ERROR, {"request": req_id, "message": self._grace_message(), "kind": "cluster"})
-            return
+    def _queue(self, req: Request, mine: set):
+        """Hand a checked Request to the scheduler."""
         self.scheduler.submit(req, checked=True)
         mine.add(req.id)
         self.metrics["requests"] += 1
@@ -247,15 +247,14 @@ class ClientProtocol:
                              "message": f"invalid request: batch must be a list of 1..{limit} generations"})
             return
         shared = {k: v for k, v in meta.items() if k != "batch"}
-        metas = [{**shared, **item} for item in items]
-        reqs = [(self._prepare(m, send, mine), m.get("request")) for m in metas]
-        if any(req is None for req, _ in reqs):
+        reqs = [self._prepare({**shared, **item}, send, mine) for item in items]
+        if any(req is None for req in reqs):
             return                          # that item's ERROR is sent; the client gives up on the batch
         with self.scheduler.lock:           # no step starts until every item is queued
             if self._refuse_if_busy(len(reqs), meta.get("request"), send):
                 return
-            for req, req_id in reqs:
-                self._queue(req, req_id, send, mine)
+            for req in reqs:
+                self._queue(req, mine)
 
     def _tok(self):
         if self.tokenizer is None:      # get_tokenizer builds one for all, however many clients ask at once
