@@ -494,7 +494,7 @@ class Scheduler:
                 continue                        # an earlier row of this session failed
             try:
                 self._use_logits(s, j, logits[i], step)                         # logits[i]: (V,)
-            except Exception as e:              # noqa: BLE001 - whatever it is, it is this session's
+            except Exception as e:              # whatever it is, it is this session's alone
                 self._failed(s, "choosing its next token", e)
         now = time.perf_counter()
         for s, n in zip(batch.sessions, batch.counts):
@@ -589,7 +589,7 @@ class Scheduler:
         if not error and not s.cancelled:
             try:
                 done = result_of(s)     # flushes the held-back text: a bad tokenizer state fails here
-            except Exception as e:      # noqa: BLE001 - this session's alone
+            except Exception as e:      # this session's alone
                 error = f"this request failed while finishing its reply: {type(e).__name__}: {e}"
         self._keep_or_free(s, keep=not error and not s.cancelled)
         s.cache = None                  # rank 0's copy lives on in self.prefix if it was kept
@@ -604,7 +604,7 @@ class Scheduler:
         scheduler's other sessions are none the worse."""
         try:
             _emit(req, kind, data)
-        except Exception as e:          # noqa: BLE001
+        except Exception as e:          # a broken callback must not stop the scheduler
             if self.log is not None:
                 self.log(f"session {req.id}: its {kind} event could not be delivered: {type(e).__name__}: {e}")
 

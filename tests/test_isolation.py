@@ -209,10 +209,13 @@ MAX_SESSIONS = 2
 
 @pytest.fixture(scope="module")
 def long_cluster(tmp_path_factory):
-    """Tiny synthetic weights with a 512-token context (a 200-token answer fits), 3 nodes."""
+    """Tiny synthetic weights with a 512-token context (a 200-token answer fits), 3 nodes. Each hop
+    is slowed by 10 ms (a simulated link), so a token takes >= 30 ms and a 300-token answer >= 9 s:
+    a queue filled by such answers stays full while a test looks at it, however fast the machine."""
     path = tmp_path_factory.mktemp("long") / "long.safetensors"
     init_weights(str(path), n_layer=4, n_embd=64, n_head=4, n_ctx=512, n_vocab=50257, seed=0)
-    with LocalCluster(str(path), nodes=3, ready_timeout=60, cluster_extra={"max_sessions": MAX_SESSIONS}) as cl:
+    with LocalCluster(str(path), nodes=3, ready_timeout=60,
+                      cluster_extra={"max_sessions": MAX_SESSIONS, "link_delay_ms": 10}) as cl:
         yield cl
 
 

@@ -45,11 +45,11 @@ from .wire import (
 WARNING, ERROR = logging.WARNING, logging.ERROR
 
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
+ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long for that worker to register
 # a worker's heartbeat (STATS): each of these is a finite number >= 0 or null; anything else is
 # logged once (naming the rank) and left out, so monitoring never computes with a lie
 STATS_NUMBERS = ("rank", "rss_mb", "compute_ms", "frames", "sessions", "gemv_rows", "decode_ms", "decode_samples",
                  "kv_cache_bytes")
-ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long for that worker to register
 
 
 @dataclass
