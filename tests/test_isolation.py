@@ -58,6 +58,18 @@ def test_repetition_penalty_at_its_limits_keeps_the_logits_finite(tiny_engine):
         assert len(out["token_ids"]) == 3 and all(np.isfinite(out["logprobs"]))
 
 
+@pytest.mark.parametrize("fields", [
+    {"strategy": "sampling", "temperature": 1e-300}, {"strategy": "sampling", "temperature": 1e300},
+    {"strategy": "top_k", "temperature": 5e-324, "top_k": 10**9}, {"strategy": "top_p", "top_p": 1e-12},
+    {"frequency_penalty": 2, "presence_penalty": -2, "repetition_penalty": 0.01},
+    {"frequency_penalty": -2, "presence_penalty": 2, "repetition_penalty": 100, "logit_bias": {"11": 100, "13": -100}},
+])
+def test_every_accepted_extreme_generates(tiny_engine, fields):
+    """The edges of what validation lets through: each generates its tokens, with finite logprobs."""
+    out = tiny_engine.generate(PROMPT, SamplingParams(**{"max_tokens": 6, "seed": 1, **fields}))
+    assert len(out["token_ids"]) == 6 and all(np.isfinite(out["logprobs"]))
+
+
 def test_a_tiny_temperature_still_gives_probabilities():
     """x / 1e-306 overflows to inf for logits of ~1000; the shift before the division keeps it finite."""
     probs = softmax(np.array([1000.0, 999.0, -5.0]), 1e-306)
