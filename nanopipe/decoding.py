@@ -39,6 +39,9 @@ EOT = 50256     # GPT-2's <|endoftext|>: the one special token, and the end of a
 MAX_STOPS = 4           # stop strings a client may send, as OpenAI allows (check_stop)
 MAX_STOPS_TOTAL = 8     # with those an API route adds (the chat template's turn marker)
 PENALTY_RANGE = 2.0     # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI)
+# repetition_penalty lies in [1/100, 100]: a logit divided or multiplied by it stays a finite float32
+# (1e-300 would turn a logit of 2 into inf, and the sampler could pick nothing)
+REPETITION_RANGE = (0.01, 100.0)
 BIAS_RANGE = 100.0      # a logit_bias value lies in [-100, 100] (OpenAI)
 
 
@@ -76,7 +79,7 @@ class SamplingParams:
       frequency_penalty   subtracted from a token's logit once per time it was generated (OpenAI)
       presence_penalty    subtracted once from every token generated at least once (OpenAI)
       repetition_penalty  a token seen in prompt or reply: logit / p if positive, * p if negative
-                          (CTRL; transformers' `repetition_penalty`); 1 = off
+                          (CTRL; transformers' `repetition_penalty`); 1 = off, p in [0.01, 100]
       logit_bias          ((token id, bias), ...) added to those logits; -100 bans a token
     """
 
@@ -127,9 +130,10 @@ class SamplingParams:
                     f"use max_tokens <= {max(n_ctx - prompt_len, 0)} or a shorter prompt", field="max_tokens")
         penalties = {name: _ranged(name, getattr(self, name), -PENALTY_RANGE, PENALTY_RANGE)
                      for name in ("frequency_penalty", "presence_penalty")}
-        what = "a number > 0 (1: none, 1.2 is common)"
+        lo, hi = REPETITION_RANGE
+        what = f"a number in [{lo:g}, {hi:g}] (1: none, 1.2 is common)"
         repetition = _real("repetition_penalty", self.repetition_penalty, what)
-        if not (math.isfinite(repetition) and repetition > 0):
+        if not lo <= repetition <= hi:
             raise DecodingError(f"repetition_penalty: must be {what} (got {_show(self.repetition_penalty)})",
                                 field="repetition_penalty")
         return dataclasses.replace(self, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -319,8 +323,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
     [2.0, 1.0, 0.0], temperature 1 -> [0.665, 0.245, 0.090];  temperature 0.5 -> [0.867, 0.117, 0.016]
     """
-    x = np.asarray(logits, dtype=np.float64) / temperature  # (V,)
-    e = np.exp(x - np.max(x))
+    x = np.asarray(logits, dtype=np.float64)                 # (V,)
+    # shift before dividing: (x - max) / T is <= 0 and finite for every T > 0, where x / T alone
+    # overflows to inf for a tiny T (1e-300), and inf - inf would make every probability NaN
+    with np.errstate(over="ignore"):                        # a tiny T: far-off logits go to -inf, exp 0
+        e = np.exp((x - np.max(x)) / temperature)
     return e / np.sum(e)
 
 

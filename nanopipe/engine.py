@@ -85,6 +85,7 @@ class Session:
     cached: int = 0                 # prompt tokens reused from a kept cache (nanopipe/prefix.py)
     cached_from: str | None = None  # the kept cache they came from
     fork: tuple | None = None       # (kept id, n) the stages must fork from; sent with the first batch
+    error: str | None = None        # why this session failed in a step; it ends when the step does
 
     @property
     def id(self) -> str:
@@ -111,11 +112,14 @@ class Scheduler:
     """
 
     def __init__(self, stage: StageWeights, ring=None, max_sessions: int = 16, max_batch_rows: int = 256,
-                 prefix_cache_bytes: int | None = None):
+                 prefix_cache_bytes: int | None = None, log=None):
+        """`log(message)`: where a session that failed on its own (see _finish) is reported, besides
+        its caller; None: nowhere else."""
         if not stage.has_head:
             raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
         self.stage, self.ring = stage, ring
         self.config = stage.config
+        self.log = log
         # once per process, before the first step: model.linear's kernels, and a lone prompt's chunk
         self.kernels = choose_prefill_rows(stage.blocks, stage.config.n_head)
         if stage.lm_head is not None:           # and the head's (rank 0 holds it)
@@ -123,6 +127,7 @@ class Scheduler:
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued: set = set()           # ids of the requests in `waiting`, so a cancel can find them
         self.in_flight: dict = {}
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
@@ -131,8 +136,9 @@ class Scheduler:
         self._cancel: set = set()
         self.lock = threading.RLock()
         # max_live: the most sessions ever live at once (requests batched together show up here)
+        # cancelled_waiting: requests cancelled before they were admitted (they never ran)
         self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0,
-                      "prompt_tokens_cached": 0, "prompt_tokens_computed": 0}
+                      "prompt_tokens_cached": 0, "prompt_tokens_computed": 0, "cancelled_waiting": 0}
         # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
         # the leader checks it against the placement's prediction (cluster/ring.py stage_report)
         self.decode_ms: collections.deque = collections.deque(maxlen=64)
@@ -159,16 +165,32 @@ class Scheduler:
         else:
             req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
 
-    def submit(self, req: Request) -> str:
-        self.check(req)
+    def submit(self, req: Request, checked: bool = False) -> str:
+        """Queue `req` (checked first, unless the caller has just done so: `check`)."""
+        if not checked:
+            self.check(req)
         req.id = req.id or f"s{next(self._ids)}"
+        self._queued.add(req.id)
         self.waiting.put(req)
         self._wake.set()
         return req.id
 
     def cancel(self, session_id: str):
-        """Stop a generation (its client went away); its caches are freed at every stage."""
+        """Stop a generation (its client went away); its caches are freed at every stage. A request
+        still waiting to be admitted is dropped when its turn comes, without running."""
         self._cancel.add(session_id)
+        self._wake.set()
+
+    def take_waiting(self, old: "Scheduler"):
+        """Queue here the requests still waiting in `old` (the leader replaced its scheduler), with
+        the cancels they got meanwhile."""
+        while not old.waiting.empty():
+            req = old.waiting.get()
+            old._queued.discard(req.id)
+            self._queued.add(req.id)
+            self.waiting.put(req)
+            if req.id in old._cancel:
+                self._cancel.add(req.id)
         self._wake.set()
 
     @property
@@ -247,7 +269,7 @@ class Scheduler:
             self._drop_in_flight()
             self.prefix.clear()             # the workers drop every cache when they join the next ring
             for s in self.sessions.values():
-                _emit(s.req, "status", {"text": message})
+                self._emit_safely(s.req, "status", {"text": message})
 
     def _drop_in_flight(self):
         """Forget the batches out on a ring that broke; their sessions may be batched again."""
@@ -282,8 +304,10 @@ class Scheduler:
                 self._end(s, error=message)
             while not self.waiting.empty():
                 req = self.waiting.get()
+                self._queued.discard(req.id)
+                self._cancel.discard(req.id)
                 self.stats["errors"] += 1
-                _emit(req, "error", {"error": message})
+                self._emit_safely(req, "error", {"error": message})
 
     def cache_bytes(self) -> int:
         """Rank 0's KV caches: live sessions' and kept ones'."""
@@ -302,6 +326,11 @@ class Scheduler:
     def _admit(self):
         while len(self.sessions) < self.max_sessions and not self.waiting.empty():
             req = self.waiting.get()
+            self._queued.discard(req.id)
+            if req.id in self._cancel:      # its client went away while it waited: it never runs
+                self._cancel.discard(req.id)
+                self.stats["cancelled_waiting"] += 1
+                continue
             s = Session(req, self._new_cache(), make_rng(req.params.seed), list(req.prompt_ids),
                         t_start=time.perf_counter())
             self._reuse_prefix(s)
@@ -318,7 +347,7 @@ class Scheduler:
         for req in reqs:
             self.check(req)
         with self.lock:
-            return [self.submit(req) for req in reqs]
+            return [self.submit(req, checked=True) for req in reqs]
 
     # -- prefix reuse (nanopipe/prefix.py): the index lives here, the stages obey ------------
 
@@ -371,7 +400,8 @@ class Scheduler:
         for sid in list(self._cancel):
             s = self.sessions.get(sid)
             if s is None:
-                self._cancel.discard(sid)
+                if sid not in self._queued:     # a waiting one is dropped when _admit reaches it
+                    self._cancel.discard(sid)
             elif not s.in_flight:
                 self._cancel.discard(sid)
                 s.cancelled = True
@@ -434,13 +464,22 @@ class Scheduler:
         return x
 
     def _finish(self, batch: Batch, x: np.ndarray, trace: list):
-        """After the last block: head, sample, emit; sessions that are done leave."""
+        """After the last block: head, sample, emit; sessions that are done leave.
+
+        What is done per session (scoring, penalties, sampling, stop strings, detokenizing, emitting)
+        cannot fail the batch: an exception there fails that session alone, with a message saying
+        what went wrong, and every other session goes on.
+        """
         t_back = time.perf_counter()
+        if self.ring is not None:
+            self._check_finite(batch, x)
         rows, owners = [], []                   # which rows of x need logits, and for whom
         row = 0
         for s, n in zip(batch.sessions, batch.counts):
             last_chunk = n == len(s.pending)
-            if s.req.echo or last_chunk:   # echo scores every prompt row; otherwise only the last row
+            if s.error is not None:
+                pass                            # its rows came back unusable: no logits for it
+            elif s.req.echo or last_chunk:   # echo scores every prompt row; otherwise only the last row
                 for r in range(row if s.req.echo else row + n - 1, row + n):
                     rows.append(r)
                     owners.append((s, r - row))
@@ -451,20 +490,12 @@ class Scheduler:
             self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j) in enumerate(owners):
-            p = s.pos + j                       # these logits predict the token at position p + 1
-            known = len(s.req.prompt_ids) + len(s.out_ids)
-            if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once
-                if len(s.prompt_logprobs) == p:
-                    lse = logsumexp(logits[i])                                  # logits[i]: (V,)
-                    s.prompt_logprobs.append(float(logits[i][s.req.prompt_ids[p + 1]]) - lse)
-                    if s.req.top_logprobs:
-                        top = most_likely(logits[i], s.req.top_logprobs)
-                        s.prompt_top_logprobs.append([(int(t), float(logits[i][t]) - lse) for t in top])
-            elif p + 1 == known and s.req.score_only:   # the prompt is scored: nothing to generate
-                s.finished = True
-            elif p + 1 == known:                # the newest token: sample the next one
-                self._sample(s, logits[i], step)                                # logits[i]: (V,)
-            # else: a replayed position whose next token is already known
+            if s.error is not None:
+                continue                        # an earlier row of this session failed
+            try:
+                self._use_logits(s, j, logits[i], step)                         # logits[i]: (V,)
+            except Exception as e:              # whatever it is, it is this session's alone
+                self._failed(s, "choosing its next token", e)
         now = time.perf_counter()
         for s, n in zip(batch.sessions, batch.counts):
             s.in_flight = False
@@ -473,10 +504,56 @@ class Scheduler:
             _add_times(s.node_ms, batch, trace, now, t_back)
             if not s.pending and s.t_prefill_done is None:
                 s.t_prefill_done = now
-            if s.finished or s.id in self._cancel:
+            if s.error is not None:
+                self._cancel.discard(s.id)
+                self._end(s, error=s.error)
+            elif s.finished or s.id in self._cancel:
                 s.cancelled = s.id in self._cancel
                 self._cancel.discard(s.id)
                 self._end(s)
+
+    def _use_logits(self, s: Session, j: int, logits: np.ndarray, step: dict | None):
+        """What row j of this step's rows for `s` gives: a scored prompt position (echo), the end of
+        scoring, the next token, or nothing (a replayed position). logits: (V,)"""
+        p = s.pos + j                       # these logits predict the token at position p + 1
+        known = len(s.req.prompt_ids) + len(s.out_ids)
+        if p + 1 < len(s.req.prompt_ids):   # inside the prompt: score it (echo), once
+            if len(s.prompt_logprobs) == p:
+                lse = logsumexp(logits)
+                s.prompt_logprobs.append(float(logits[s.req.prompt_ids[p + 1]]) - lse)
+                if s.req.top_logprobs:
+                    top = most_likely(logits, s.req.top_logprobs)
+                    s.prompt_top_logprobs.append([(int(t), float(logits[t]) - lse) for t in top])
+        elif p + 1 == known and s.req.score_only:   # the prompt is scored: nothing to generate
+            s.finished = True
+        elif p + 1 == known:                # the newest token: sample the next one
+            self._sample(s, logits, step)
+        # else: a replayed position whose next token is already known
+
+    def _check_finite(self, batch: Batch, x: np.ndarray):
+        """Rows that came back from the ring as NaN or inf fail their sessions, naming who sent them
+        (the ring's last stage; a stage before it may have made them). x: (T, C)"""
+        finite = np.isfinite(x).all(axis=1)                                     # (T,)
+        if finite.all():
+            return
+        source = getattr(self.ring, "source", None) or "the ring"
+        row = 0
+        for s, n in zip(batch.sessions, batch.counts):
+            if not finite[row:row + n].all():
+                self._failed(s, "reading its activations", None,
+                             f"{source} sent non-finite activations (NaN or inf) for this request; check that "
+                             "node's weights (and the ones before it in the ring), then retry")
+            row += n
+
+    def _failed(self, s: Session, doing: str, e: Exception | None, message: str | None = None):
+        """Session `s` failed on its own: it ends when this step does, with a message naming what
+        failed (the field, for a DecodingError); the step goes on for the others."""
+        if message is None:         # a DecodingError's message names its field already
+            detail = str(e) if isinstance(e, DecodingError) else f"{type(e).__name__}: {e}"
+            message = f"this request failed while {doing}: {detail}"
+        s.error = message
+        if self.log is not None:
+            self.log(f"session {s.id} failed alone: {message}")
 
     def _sample(self, s: Session, logits: np.ndarray, step: dict | None = None):
         # penalties and bias change what the strategy sees; the logprobs reported stay the model's
@@ -508,13 +585,28 @@ class Scheduler:
     def _end(self, s: Session, error: str | None = None):
         self.sessions.pop(s.id, None)
         s.finished = True
+        done = None
+        if not error and not s.cancelled:
+            try:
+                done = result_of(s)     # flushes the held-back text: a bad tokenizer state fails here
+            except Exception as e:      # this session's alone
+                error = f"this request failed while finishing its reply: {type(e).__name__}: {e}"
         self._keep_or_free(s, keep=not error and not s.cancelled)
         s.cache = None                  # rank 0's copy lives on in self.prefix if it was kept
         if error:
             self.stats["errors"] += 1
-            _emit(s.req, "error", {"error": error})
-        elif not s.cancelled:
-            _emit(s.req, "done", result_of(s))
+            self._emit_safely(s.req, "error", {"error": error})
+        elif done is not None:
+            self._emit_safely(s.req, "done", done)
+
+    def _emit_safely(self, req: Request, kind: str, data: dict):
+        """An event (status, error, done) whose callback may raise: that is said in the log, and the
+        scheduler's other sessions are none the worse."""
+        try:
+            _emit(req, kind, data)
+        except Exception as e:          # a broken callback must not stop the scheduler
+            if self.log is not None:
+                self.log(f"session {req.id}: its {kind} event could not be delivered: {type(e).__name__}: {e}")
 
 
 def _emit(req: Request, kind: str, data: dict):
@@ -571,8 +663,9 @@ def _plus_ms(t: float | None, ms: float) -> float | None:
 
 
 def _number(x) -> float | None:
-    """A number a worker reported, or None: a bad value must not stop the scheduler."""
-    return x if is_number(x) else None
+    """A number a worker reported, or None: a bad value (a string, NaN, inf) must not stop the
+    scheduler or end up in a JSON answer."""
+    return x if is_number(x) and math.isfinite(x) else None
 
 
 def _span(x) -> list | None:

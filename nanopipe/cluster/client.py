@@ -17,10 +17,20 @@ from .wire import ConnectionClosed, Msg, WireError, recv_frame, send_frame
 class ClientError(RuntimeError):
     """The leader is unreachable, refused us, or the generation failed; `kind` says which."""
 
-    def __init__(self, message: str, kind: str = "cluster", field: str | None = None):
+    def __init__(self, message: str, kind: str = "cluster", field: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
-        self.kind = kind        # "unreachable" | "invalid" (bad request) | "cluster" (failed mid-way)
+        # "unreachable" | "invalid" (bad request) | "busy" (queue full: retry later) | "cluster" (failed mid-way)
+        self.kind = kind
         self.field = field      # for "invalid": the request field at fault, if one is
+        self.retry_after_s = retry_after_s      # for "busy": how long the leader asks us to wait
+
+    @classmethod
+    def of(cls, meta: dict) -> "ClientError":
+        """The leader's ERROR frame as an exception."""
+        retry = meta.get("retry_after_s")
+        return cls(meta.get("message", "the leader reported an error"), meta.get("kind", "cluster"), meta.get("field"),
+                   retry if isinstance(retry, (int, float)) and not isinstance(retry, bool) else None)
 
 
 class LeaderClient:
@@ -102,8 +112,7 @@ class LeaderClient:
                     on_token(None, tail)
                 return m
             elif frame.msg is Msg.ERROR:
-                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"),
-                                  m.get("field"))
+                raise ClientError.of(m)
 
     def generate_batch(self, prompts: list, params=None, seeds: list | None = None, on_token=None, on_status=None,
                        echo: bool = False, top_logprobs: int = 0, text: bool = True, **fields) -> list:
@@ -135,8 +144,7 @@ class LeaderClient:
             m = frame.meta
             i = index.get(m.get("request"))
             if frame.msg is Msg.ERROR:
-                raise ClientError(m.get("message", "the leader reported an error"), m.get("kind", "cluster"),
-                                  m.get("field"))
+                raise ClientError.of(m)
             if frame.msg is Msg.STATUS and on_status is not None:
                 on_status(m.get("text", ""))
             if i is None:

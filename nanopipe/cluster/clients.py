@@ -6,8 +6,10 @@
 
 A GENERATE is checked once (decoding.request_params: a bad field is an ERROR naming it, kind
 "invalid") and becomes an engine.Request; a GENERATE with "batch" queues several at once so they
-run as one scheduler batch. Frames to a client go through its ClientOutbox, so a client that stops
-reading never stalls the scheduler.
+run as one scheduler batch. While more than QUEUE_PER_SESSION x max_sessions requests wait, a new
+one is refused with kind "busy" and "retry_after_s" (the web app answers 429 with Retry-After).
+Frames to a client go through its ClientOutbox, so a client that stops reading never stalls the
+scheduler.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "see
                  "presence_penalty", "repetition_penalty", "logit_bias")
 CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while frames wait is dropped
 CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
+QUEUE_PER_SESSION = 4          # requests that may wait per session slot (max_sessions) before "busy"
+BUSY_RETRY_AFTER_S = 1         # what a "busy" answer tells the client to wait before trying again
 
 
 class ClientOutbox:
@@ -141,6 +145,13 @@ class ClientProtocol:
                 self.scheduler.cancel(sid)
 
     def _generate(self, meta: dict, send, mine: set):
+        req = self._prepare(meta, send, mine)
+        if req is not None and not self._refuse_if_busy(1, meta.get("request"), send):
+            self._queue(req, mine)
+
+    def _prepare(self, meta: dict, send, mine: set) -> Request | None:
+        """Check one GENERATE and make its Request, tokenizing a text prompt: everything that does not
+        need the scheduler, so it runs without holding it. None: refused (the ERROR is sent)."""
         req_id = meta.get("request")
         try:
             prompt_ids = meta.get("prompt_ids")
@@ -155,17 +166,15 @@ class ClientProtocol:
             top = meta.get("top_logprobs", 0) or 0
             if not is_int(top) or not 0 <= top <= 20:
                 raise DecodingError("top_logprobs: must be an integer in 0..20", field="top_logprobs")
-            if self.scheduler.waiting.qsize() >= 4 * self.cluster.max_sessions:
-                raise DecodingError(f"busy: {self.scheduler.waiting.qsize()} requests already waiting; retry later")
         except (DecodingError, TypeError, ValueError) as e:     # TypeError: e.g. a list where a name goes
             self.metrics["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid",
                              "field": getattr(e, "field", None)})
-            return
-        if self._past_grace():
+            return None
+        if self._past_grace():                  # before building anything for it: it would only wait
             self.metrics["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": self._grace_message(), "kind": "cluster"})
-            return
+            return None
         want_text = meta.get("text", True) is not False
         # the stream that cuts the reply at a stop string; also the text a client is sent
         stream = self._tok().stop_stream(params.stop) if want_text or params.stop else None
@@ -191,11 +200,29 @@ class ClientProtocol:
                       trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True,
                       score_only=meta.get("score_only") is True, text=stream)
         try:
-            self.scheduler.submit(req)
+            self.scheduler.check(req)
         except DecodingError as e:
             self.metrics["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid", "field": e.field})
-            return
+            return None
+        return req
+
+    def _refuse_if_busy(self, n: int, req_id, send) -> bool:
+        """Refuse `n` new requests if they would make the queue longer than QUEUE_PER_SESSION per
+        session slot: an ERROR of kind "busy" that says when to retry."""
+        waiting, limit = self.scheduler.waiting.qsize(), QUEUE_PER_SESSION * self.cluster.max_sessions
+        if waiting + n <= limit:
+            return False
+        self.metrics["errors"] += 1
+        send(Msg.ERROR, {"request": req_id, "kind": "busy", "retry_after_s": BUSY_RETRY_AFTER_S,
+                         "message": f"busy: {waiting} requests are already waiting (at most {limit}: "
+                                    f"{QUEUE_PER_SESSION} per session slot, max_sessions={self.cluster.max_sessions}); "
+                                    f"retry in {BUSY_RETRY_AFTER_S} s"})
+        return True
+
+    def _queue(self, req: Request, mine: set):
+        """Hand a checked Request to the scheduler."""
+        self.scheduler.submit(req, checked=True)
         mine.add(req.id)
         self.metrics["requests"] += 1
         if not self.ring_ready.is_set():
@@ -203,25 +230,31 @@ class ClientProtocol:
                 if self.down_since is None and not self.ring_ready.is_set():
                     self.down_since = time.time()
             down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
-            emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
-                                    f"{self.cluster.rejoin_grace_s:g}s)"})
+            req.emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
+                                        f"{self.cluster.rejoin_grace_s:g}s)"})
 
     def _generate_batch(self, meta: dict, send, mine: set):
         """One GENERATE carrying several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
         "seed": 7}, ...], <fields shared by all>}. Each item is answered like its own GENERATE (frames
-        carry its request id). They are queued while the scheduler is held, so its next step admits
-        them together: prompts of one API request run as one batch, not one after another."""
+        carry its request id). Every item is checked and tokenized first, without holding the
+        scheduler; then they are queued while it is held, so its next step admits them together:
+        prompts of one API request run as one batch, not one after another."""
         items = meta.get("batch")
-        limit = 4 * self.cluster.max_sessions
+        limit = QUEUE_PER_SESSION * self.cluster.max_sessions
         if not (isinstance(items, list) and 0 < len(items) <= limit and all(isinstance(i, dict) for i in items)):
             self.metrics["errors"] += 1
             send(Msg.ERROR, {"request": meta.get("request"), "kind": "invalid",
                              "message": f"invalid request: batch must be a list of 1..{limit} generations"})
             return
         shared = {k: v for k, v in meta.items() if k != "batch"}
+        reqs = [self._prepare({**shared, **item}, send, mine) for item in items]
+        if any(req is None for req in reqs):
+            return                          # that item's ERROR is sent; the client gives up on the batch
         with self.scheduler.lock:           # no step starts until every item is queued
-            for item in items:
-                self._generate({**shared, **item}, send, mine)
+            if self._refuse_if_busy(len(reqs), meta.get("request"), send):
+                return
+            for req in reqs:
+                self._queue(req, mine)
 
     def _tok(self):
         if self.tokenizer is None:      # get_tokenizer builds one for all, however many clients ask at once

@@ -70,7 +70,7 @@ class Leader(Membership, ClientProtocol):
         self.log = log_fn
         self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
         self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions,
-                                   prefix_cache_bytes=cluster.prefix_cache_bytes())
+                                   prefix_cache_bytes=cluster.prefix_cache_bytes(), log=self._warn)
         self.ring: Ring | None = None
         # ring epochs count up from a random start, so a restarted leader never reuses one that a
         # worker may still hold frames of
@@ -140,6 +140,9 @@ class Leader(Membership, ClientProtocol):
             sch.run_forever(ready=self.ring_ready, on_error=self._on_scheduler_error)
             if sch is self.scheduler:
                 break
+
+    def _warn(self, msg: str):
+        self.log(msg, WARNING)
 
     def _on_scheduler_error(self, e: Exception):
         """A bug in a step must not kill the leader silently: log it, fail what is live, go on."""
@@ -211,6 +214,7 @@ class Leader(Membership, ClientProtocol):
                 "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
                 "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],
+                "cancelled_waiting": s.stats["cancelled_waiting"],
                 "max_batches_in_flight": s.stats["max_in_flight"], "max_live_sessions": s.stats["max_live"],
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,

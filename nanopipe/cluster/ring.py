@@ -17,15 +17,17 @@ replayed from its tokens (Scheduler.replay_all). Past the grace period, what wai
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..decoding import is_int
+from ..decoding import is_int, is_number
 from ..engine import Scheduler
 from .net import close_now, dial
 from .node import LinkModel
@@ -44,6 +46,10 @@ WARNING, ERROR = logging.WARNING, logging.ERROR
 
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
 ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long for that worker to register
+# a worker's heartbeat (STATS): each of these is a finite number >= 0 or null; anything else is
+# logged once (naming the rank) and left out, so monitoring never computes with a lie
+STATS_NUMBERS = ("rank", "rss_mb", "compute_ms", "frames", "sessions", "gemv_rows", "decode_ms", "decode_samples",
+                 "kv_cache_bytes")
 
 
 @dataclass
@@ -62,6 +68,38 @@ class WorkerState:
     prefix_cache_bytes: object = None   # its budget for kept caches (said in its READY); None: ours
     capacity: object = None         # placement.Capacity it measured (sent at registration), config applied
     excluded: str | None = None     # why the plan left it out of the ring (it holds no layers), else None
+    warned: set = field(default_factory=set)   # the bad STATS fields already logged for this rank
+
+
+def finite(x) -> bool:
+    """A number a peer sent that arithmetic can use: finite, not a bool. 3, 0.5 yes; NaN, "3", True no."""
+    return is_number(x) and math.isfinite(x)
+
+
+def checked_stats(w: WorkerState, meta: dict, log) -> dict:
+    """A worker's STATS, with only the numbers that are finite and >= 0 (or null): a bad one is
+    logged once per rank and field, and left out, as if the worker had not said it.
+
+        {"decode_ms": "abc", "rss_mb": 12.5} -> {"rss_mb": 12.5}, and one log line about decode_ms
+    """
+    out = {}
+    for key in STATS_NUMBERS:
+        if key not in meta:
+            continue
+        v = meta[key]
+        if v is None or (finite(v) and v >= 0):
+            out[key] = v
+        elif key not in w.warned:
+            w.warned.add(key)
+            log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({_value(v)}; expected a number >= 0); "
+                "ignoring it", WARNING)
+    return out
+
+
+def _value(v) -> str:
+    """A peer's value for a log line, cut short: it may be anything, of any size."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Ring:
@@ -71,8 +109,13 @@ class Ring:
     calls send() while holding its lock, and must finish its step with the ring it started with.
     """
 
-    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break, link_sleep=None):
+    def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break, link_sleep=None,
+                 source: str = "the ring", log=None):
+        """`source`: who sends the final activations back (the last rank), named when they are bad;
+        `log(msg, level)`: where a bad number in a trace is reported (once per rank and field)."""
         self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
+        self.source, self.log = source, log
+        self.warned: set = set()                     # (rank, field) of bad trace numbers already logged
         self.link_sleep = link_sleep                 # a simulated slower link, for benchmarks
         self.inbox: queue.Queue = queue.Queue()
         self.on_break = on_break
@@ -122,11 +165,26 @@ class Ring:
             if rows is None or x.ndim != 2 or x.dtype != np.float32 or len(x) != rows:
                 raise ProtocolError(f"{peer}: ACT for batch {batch!r} with {x.dtype} {list(x.shape)} does not "
                                     f"answer a batch in flight ({rows} rows of float32 sent)")
-            trace = _checked_trace(frame.meta.get("trace"), peer)
+            trace = self._clean_trace(_checked_trace(frame.meta.get("trace"), peer))
             if trace:   # the last hop's frame size and arrival time, for `nanopipe trace`
                 nbytes = len(encode_frame(frame.msg, frame.meta)) + len(frame.payload)
                 trace[-1].update(bytes_out=nbytes, t_back=time.time())
             self.inbox.put((batch, x, trace))
+
+    def _clean_trace(self, trace: list) -> list:
+        """The hops whose compute_ms is a finite number >= 0: a hop that lies (-5, NaN) is left out
+        of the timings, and logged once per rank; its batch itself is fine."""
+        good = []
+        for hop in trace:
+            ms = hop["compute_ms"]
+            if finite(ms) and ms >= 0:
+                good.append(hop)
+            elif (hop["rank"], "compute_ms") not in self.warned:
+                self.warned.add((hop["rank"], "compute_ms"))
+                if self.log is not None:
+                    self.log(f"Rank {hop['rank']} reported compute_ms {_value(ms)} in a trace (expected a number "
+                             ">= 0); its timings are ignored", WARNING)
+        return good
 
     def close(self):
         self.broken = True
@@ -227,7 +285,7 @@ class Membership:
                 elif frame.msg is Msg.STATS and "capacity" in frame.meta:
                     self._on_capacity(w, frame.meta["capacity"], peer)
                 elif frame.msg is Msg.STATS:
-                    w.stats = {k: v for k, v in frame.meta.items() if isinstance(v, (int, float, str))}
+                    w.stats = checked_stats(w, frame.meta, self.log)
                 elif frame.msg is Msg.ERROR:
                     self.log(f"Worker {rank} reports: {frame.meta.get('message')}", WARNING)
                     if frame.meta.get("epoch") is not None:     # it closed a data link of that ring
@@ -370,10 +428,9 @@ class Membership:
                 old = self.scheduler
                 self.stage = stage
                 self.scheduler = Scheduler(stage, ring=None, max_sessions=self.cluster.max_sessions,
-                                           prefix_cache_bytes=self.cluster.prefix_cache_bytes())
+                                           prefix_cache_bytes=self.cluster.prefix_cache_bytes(), log=self._warn)
                 self.scheduler._ids = old._ids          # session ids go on counting: no two alike
-                while not old.waiting.empty():          # requests that came in while the nodes were measured
-                    self.scheduler.waiting.put(old.waiting.get())
+                self.scheduler.take_waiting(old)        # requests that came in while the nodes were measured
                 old.stop()
             self.log(f"Server reloaded its share for the plan: layers {_show(ranges[0])}")
         with self.lock:
@@ -423,6 +480,8 @@ class Membership:
             else:
                 w = self.workers[r]
                 meas, n, host = w.stats.get("decode_ms"), w.stats.get("decode_samples", 0) or 0, w.host
+            meas = meas if finite(meas) and meas >= 0 else None     # (checked_stats let only those in)
+            n = n if finite(n) else 0
             rows.append({"rank": r, "host": host, "layers": list(self.ranges[r]), "predicted_ms": round(pred, 3),
                          "measured_ms": meas, "samples": n,
                          "off": round(meas / pred - 1, 3) if meas and pred > 0 else None})
@@ -457,6 +516,9 @@ class Membership:
     def _build_ring(self):
         try:
             self._build_ring_once()
+        except Exception as e:          # a bug must not end the thread unsaid; the watchdog retries
+            self.log(f"Cannot close the ring: internal error: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+                     ERROR)
         finally:
             with self.lock:
                 self._building, self._last_build = False, time.time()
@@ -496,8 +558,9 @@ class Membership:
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}", WARNING)
             return False
+        last = workers[-1]
         ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self._on_ring_break,
-                    link_sleep=LinkModel.of(self.cluster).wait)
+                    link_sleep=LinkModel.of(self.cluster).wait, source=f"rank {last.rank} ({last.host})", log=self.log)
         with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
             if epoch != self.epoch or any(w.status != "ready" for w in workers):
                 ring.close()
@@ -588,25 +651,38 @@ class Membership:
 
     def _watchdog(self):
         """Notice silent workers (a cut cable sends no FIN), rebuild the ring when every worker is
-        ready again, and fail what waited longer than the rejoin grace period."""
-        timeout = max(3.0, 3 * self.cluster.heartbeat_s)
+        ready again, fail what waited longer than the rejoin grace period, and compare the stages'
+        times with the plan. A part that fails is logged (each different error once, with its
+        traceback) and the rest go on, round after round: the watchdog lives as long as the leader."""
+        seen: set = set()
         while not self.stop_event.wait(0.25):
             now = time.time()
-            for w in list(self.workers.values()):
-                sock = w.sock
-                if w.status == "down" or sock is None or now - w.last_seen <= timeout:
+            for doing, part, args in (("dropping silent workers", self._drop_silent, (now,)),
+                                      ("rebuilding the ring", self._maybe_build_ring, (1.0,)),
+                                      ("enforcing rejoin_grace_s", self._enforce_grace, (now,)),
+                                      ("checking the stages' times", self.check_predictions, ())):
+                try:
+                    part(*args)
+                except Exception as e:
+                    what = f"{doing}: {type(e).__name__}: {e}"
+                    if what not in seen and len(seen) < 100:
+                        seen.add(what)
+                        self.log(f"watchdog: {what}; it goes on\n{traceback.format_exc()}", ERROR)
+
+    def _drop_silent(self, now: float):
+        timeout = max(3.0, 3 * self.cluster.heartbeat_s)
+        for w in list(self.workers.values()):
+            sock = w.sock
+            if w.status == "down" or sock is None or now - w.last_seen <= timeout:
+                continue
+            with self.lock:
+                if w.sock is not sock:
                     continue
-                with self.lock:
-                    if w.sock is not sock:
-                        continue
-                    w.status, w.sock = "down", None
-                self.log(f"Worker {w.rank} ({w.host}, {w.addr}) silent for {now - w.last_seen:.1f}s "
-                         f"(heartbeat_s={self.cluster.heartbeat_s:g}); dropping it", WARNING)
-                close_now(sock)                    # wakes its connection thread, which then exits
-                self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
-            self._maybe_build_ring(retry_after_s=1.0)
-            self._enforce_grace(now)
-            self.check_predictions()
+                w.status, w.sock = "down", None
+            self.log(f"Worker {w.rank} ({w.host}, {w.addr}) silent for {now - w.last_seen:.1f}s "
+                     f"(heartbeat_s={self.cluster.heartbeat_s:g}); dropping it", WARNING)
+            close_now(sock)                    # wakes its connection thread, which then exits
+            self._on_worker_lost(w.rank, f"worker {w.rank} ({w.host}) stopped answering")
 
     def _enforce_grace(self, now: float):
         with self.lock:

@@ -206,7 +206,7 @@ def _register_guards(app: Flask):
     @app.errorhandler(ApiError)
     def api_error(e: ApiError):
         state().metrics.count_error(e.kind)
-        return error_response(e.status, e.message, e.param, e.code)
+        return error_response(e.status, e.message, e.param, e.code, e.retry_after_s)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

@@ -14,6 +14,7 @@ by the web edge only; a worker never loads it.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import prometheus_client
@@ -143,9 +144,16 @@ class WebMetrics:
         (self.ttft if first else self.per_token).observe(seconds)
 
     def observe_nodes(self, node_ms: dict):
+        """Add one reply's per-node times: {"1": {"compute": 0.4, "transit": 0.1}, ...} in ms. What is
+        not a finite number >= 0 (a worker that lied, a leader of another version) is skipped:
+        a counter only goes up, and a reply never fails for its statistics."""
+        if not isinstance(node_ms, dict):
+            return
         for rank, times in node_ms.items():
             for part, counter in self.node_s.items():
-                counter.labels(rank=str(rank)).inc(float(times.get(part) or 0.0) / 1000)
+                ms = times.get(part) if isinstance(times, dict) else None
+                if isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0:
+                    counter.labels(rank=str(rank)).inc(ms / 1000)
 
 
 def render_metrics(m: WebMetrics, status: dict | None) -> str:
