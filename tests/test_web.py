@@ -397,7 +397,7 @@ def test_config_lists_defaults_model_and_nodes(client):
 def test_health_is_200_when_every_node_is_up(client):
     r = client.get("/health")
     assert r.status_code == 200 and r.json["ok"] is True
-    assert r.json["leader"] == {"addr": "10.0.0.1:65432", "reachable": True, "ready": True, "model": "fake-gpt2"}
+    assert r.json["leader"] == {"addr": "10.0.0.1:65432", "reachable": True, "authorized": True, "ready": True, "model": "fake-gpt2"}
     assert [(n["rank"], n["host"], n["layers"], n["status"]) for n in r.json["nodes"]] == [
         (0, "mini1", [0, 4], "up"), (1, "mini2", [4, 8], "up"), (2, "pi1", [8, 12], "up")]
     assert r.json["nodes"][2]["last_seen_s"] == 0.7

@@ -480,6 +480,12 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     log = leader_logger().info
     cc = load_cluster_config(config_dir)
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
+    _share_cores(cc, 0)
+    from ..cluster.net import bind
+    try:        # the port first: a taken one fails now, not after minutes of loading and measuring
+        bound = bind(cc.bind or cc.leader.ip, cc.leader.port)
+    except OSError as e:
+        raise UserError(str(e)) from None
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
     log(device_line())
     from ..cluster.leader import Leader  # numpy loads only now, after _share_cores
@@ -496,7 +502,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     log(describe_kernels())
     _on_sigterm()
     try:
-        leader.serve_forever()      # logs "Server listening on <ip>:<port>"
+        leader.serve_forever(bound)     # logs "Server listening on <ip>:<port>"
     except KeyboardInterrupt:
         log("Shutting down")
     except OSError as e:
@@ -533,6 +539,8 @@ def _weights_source(config_dir, mc) -> dict | None:
 
 
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
+@click.argument("rank_arg", metavar="[RANK [HOST]]", type=int, required=False)
+@click.argument("host_arg", metavar="", required=False)
 @click.option("--rank", type=int, default=None,
               help="This worker's rank (1..num_workers).  [default: none: required unless --leader]")
 @click.option("--host", "host", default=None,
@@ -544,8 +552,12 @@ def _weights_source(config_dir, mc) -> dict | None:
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
-def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
-    """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
+def join(rank_arg, host_arg, rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
+    """Run a worker: dial the leader, load only this rank's blocks, pass activations on.
+
+    `nanopipe join 2 pi5` (the guide's `worker RANK HOST` form) is `nanopipe join --rank 2 --host pi5`."""
+    rank = _one_of("rank", rank_arg, rank)
+    host = _one_of("host", host_arg, host)
     if leader_addr is not None:
         if rank is not None or host is not None:
             raise UserError("--leader takes the rank and host from the leader: give either --leader HOST:PORT, "
@@ -581,6 +593,14 @@ def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
         log("Shutting down")
 
 
+def _one_of(name: str, positional, option):
+    """A value given as `join RANK HOST` or as --rank/--host: either form, or both if they agree."""
+    if positional is not None and option is not None and positional != option:
+        raise UserError(f"two different {name}s: {positional} (as an argument) and --{name} {option}; "
+                        f"give it once, e.g. `nanopipe join 2 pi5` or `nanopipe join --rank 2 --host pi5`")
+    return option if option is not None else positional
+
+
 def _join_leader(addr, config_dir, weights_path, n_head):
     """`join --leader HOST:PORT`: ask the leader for a rank, the cluster and the weights source, then
     run as that rank. The secret: auth_token (and TLS files) of a local cluster_config.yaml if there
@@ -602,10 +622,14 @@ def _join_leader(addr, config_dir, weights_path, n_head):
     token = local.auth_token if local else os.environ.get("NANOPIPE_TOKEN")
     tls_cert, tls_key = (local.tls_cert, local.tls_key) if local else (None, None)
     click.echo(f"[WORKER] Asking the leader at {host}:{port} for a rank")
+    import logging
+
+    from ..cluster.worker import retry_log
     try:
         sock, _, welcome = dial(host, port, role="worker", rank=None, token=token, attempts=30, backoff_s=0.5,
                                 who="leader", tls=client_tls(tls_cert), extra={"enrol": True},
-                                log=lambda m: click.echo(f"[WORKER] {m}"))
+                                log=retry_log(lambda m, level: level >= logging.INFO and click.echo(f"[WORKER] {m}"),
+                                              f"{host}:{port}"))
         sock.close()
     except HandshakeError as e:
         raise UserError(f"the leader at {host}:{port} refused: {e}") from None
@@ -853,6 +877,7 @@ def web(leader, host, port, config_dir, model_name):
             parse_addr(leader)
         except ValueError as e:
             raise UserError(f"--leader: {e}") from None
+    check_port_free(host, port)
     app = create_app(settings_from_configs(config_dir, model_name, leader))
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
     if host not in ("127.0.0.1", "localhost", "::1") and not app.config["API_TOKEN"]:
@@ -860,6 +885,23 @@ def web(leader, host, port, config_dir, model_name):
                    "the cluster. Set api_token in cluster_config.yaml or NANOPIPE_API_TOKEN.", err=True)
     click.echo(f"Web chat on http://{host}:{port}/  (leader {app.config['LEADER']})")
     run_simple(host, port, app, threaded=True)
+
+
+def check_port_free(host: str, port: int):
+    """Fail before any banner if host:port cannot be served on (taken, or not an address of this machine)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address this machine can serve on ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server will
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot serve the web chat on {host}:{port}: {e.strerror or e}; is another "
+                            f"`nanopipe web` (or `nanopipe demo`) running? Stop it, or pick another --port") from None
 
 
 if __name__ == "__main__":
