@@ -170,3 +170,21 @@ def test_the_slow_stage_warning_comes_again_after_the_stage_was_back_in_line_or_
     assert [level for level, _ in lines if level >= logging.INFO] == [logging.WARNING, logging.INFO, logging.WARNING]
     lines = _check([0.30, 0.30], layers=[[0, 4], [0, 6]])       # a new plan gave it other layers
     assert [level for level, _ in lines] == [logging.WARNING, logging.WARNING], lines
+
+
+# ---------------------------------------------------------------------------------------------
+# the docs' commands run as written from a fresh clone (make install: the venv is not activated)
+
+
+def test_the_docs_never_say_bare_pytest_where_the_venv_is_not_active():
+    """Plain `pytest` is the system's (No module named 'nanopipe'): the docs give .venv/bin/pytest,
+    or say to activate first on the same line."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    bare = []
+    for name in ("README.md", "docs/WALKTHROUGH.md"):
+        for line in (root / name).read_text().splitlines():
+            if re.search(r"(^|[`$]\s*)pytest\b", line) and "activate" not in line:
+                bare.append(f"{name}: {line.strip()}")
+    assert not bare, "\n".join(bare)
