@@ -853,6 +853,42 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, co
     click.echo(json.dumps(report) if as_json else format_trace(report))
 
 
+@main.command(short_help="Print (or --install) a systemd unit that starts a node, or the web app, at boot.")
+@click.option("--rank", type=int, default=None, help="The node's rank: 0 the leader, 1.. a worker.")
+@click.option("--host", "host", default=None,
+              help="With --rank: the node's name in host_ip (checked).  With --web: the address to serve on.  "
+                   "[default: the rank's name; 127.0.0.1 for --web]")
+@click.option("--web", "web_app", is_flag=True, help="A unit for `nanopipe web` instead of a node.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="With --web: the port to serve on.")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
+@click.option("--user", default=None, help="Who the service runs as.  [default: you (under sudo, who ran sudo)]")
+@click.option("--install", is_flag=True, help="Write the unit to --unit-dir instead of printing it (needs root).")
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
+              help="Where --install writes the unit.")
+@_fail_clean
+def service(rank, host, web_app, port, config_dir, user, install, unit_dir):
+    """Print a systemd unit that runs this node (or the web app) at boot and restarts it on failure.
+
+    \b
+    sudo .venv/bin/nanopipe service --rank 1 --host mini2 --install
+    sudo systemctl daemon-reload
+    sudo systemctl enable --now nanopipe-rank1
+    """
+    from .service import ServiceError, install_unit, unit_for
+    try:
+        name, text = unit_for(rank=rank, host=host, web=web_app, port=port, config_dir=config_dir, user=user)
+        if not install:
+            click.echo(text, nl=False)
+            return
+        path = install_unit(name, text, unit_dir)
+    except ServiceError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"Wrote {path}. Now: sudo systemctl daemon-reload && sudo systemctl enable --now {name[:-8]}  "
+               f"(logs: journalctl -u {name[:-8]} -f)")
+
+
 @main.command(short_help="Serve the chat page and APIs in front of the leader.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
               help="The leader.  [default: the server's ip:port in cluster_config.yaml]")
