@@ -3,6 +3,8 @@ leader, a port that is taken, a cluster token that differs, and the slow-stage w
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -188,3 +190,35 @@ def test_the_docs_never_say_bare_pytest_where_the_venv_is_not_active():
             if re.search(r"(^|[`$]\s*)pytest\b", line) and "activate" not in line:
                 bare.append(f"{name}: {line.strip()}")
     assert not bare, "\n".join(bare)
+
+
+# ---------------------------------------------------------------------------------------------
+# from the demo to hand-run nodes: the synthetic weights the demo wrote are offered, not the hub
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["join", "1", "node1"], ["generate", "Hello", "--max-tokens", "2"]])
+def test_a_node_without_its_weights_offers_the_synthetic_file_of_the_same_shape(tmp_path, tiny_weights, command):
+    from nanopipe.weights import synthetic_name
+    # configs whose weights file (model.safetensors) is missing here and whose url answers nothing
+    write_configs(str(tmp_path / "configs"), weights=str(tmp_path / "elsewhere" / "model.safetensors"), nodes=2,
+                  n_layer=4, n_head=4, weights_url=f"http://127.0.0.1:{_closed_port()}/model.safetensors")
+    stand_in = os.path.join("weights", synthetic_name(n_layer=4, n_embd=64, n_head=4, n_ctx=128))
+    os.makedirs(tmp_path / "weights")
+    os.link(tiny_weights, tmp_path / stand_in)          # as `nanopipe demo --synthetic` leaves it
+    r = run_nanopipe(*command, "--config-dir", "configs", cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"no weights at {os.path.join('weights', 'model.safetensors')}" in r.stderr, r.stderr
+    assert f"--weights {stand_in}" in r.stderr, r.stderr
+    assert "cannot reach" not in r.stderr, r.stderr         # the hub (here: a closed port) was not tried
+    # the offered command works as written: a second name for the same file, no copy
+    offered = re.search(r"`nanopipe (init-weights [^`]*)`", r.stderr)
+    assert offered and offered.group(1).endswith(" weights/model.safetensors"), r.stderr
+    r = run_nanopipe(*shlex.split(offered.group(1)), cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and os.path.samefile(tmp_path / "weights" / "model.safetensors", tmp_path / stand_in), \
+        r.stdout + r.stderr

@@ -236,6 +236,10 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
             from ..engine import Engine
             path = configured_weights(config_dir, model_name, weights_path)
             if not os.path.exists(path):
+                if weights_path is None:    # the demo's synthetic weights are here: offer them
+                    from ..config import load_model_config
+                    from .planning import offer_synthetic
+                    offer_synthetic(load_model_config(config_dir, model_name), path)
                 raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
             engine = Engine.load(path, n_head=n_head)
             check_prompt_fits(len(prompt_ids), engine.config.n_ctx, params.max_tokens)
