@@ -222,3 +222,11 @@ def test_a_node_without_its_weights_offers_the_synthetic_file_of_the_same_shape(
     r = run_nanopipe(*shlex.split(offered.group(1)), cwd=tmp_path, timeout=60)
     assert r.returncode == 0 and os.path.samefile(tmp_path / "weights" / "model.safetensors", tmp_path / stand_in), \
         r.stdout + r.stderr
+
+
+def test_plain_generate_on_synthetic_weights_says_so_on_stderr(tmp_path, tiny_weights):
+    r = run_nanopipe("generate", "Hello", "--weights", tiny_weights, "--max-tokens", "3", "--config-dir",
+                     str(tmp_path / "none"), cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "SYNTHETIC: random weights, output is gibberish" in r.stderr, r.stderr
+    assert "SYNTHETIC" not in r.stdout and r.stdout.startswith("Hello"), r.stdout     # stdout: the text alone

@@ -229,7 +229,7 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                     result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                         on_token=lambda t, _text: t is not None and on_token(t),
                                         on_status=lambda text: click.echo(f"\n[{text}]", err=True))
-                    weights = _weights_of(c) if as_json else {}
+                    weights = _weights_of(c)
             except ClientError as e:
                 raise UserError(f"{e}{unknown_host_hint(config_dir, leader)}") from None
         else:
@@ -260,6 +260,9 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         click.echo(json.dumps(result))
     else:
         click.echo(tail)
+        if weights.get("synthetic"):        # on stderr: stdout stays the text alone
+            click.get_text_stream("stdout").flush()
+            click.echo(f"[{weights.get('weights_note')}]", err=True)
 
 
 def _weights_of(client) -> dict:

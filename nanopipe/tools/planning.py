@@ -130,20 +130,28 @@ def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, parti
 
 
 def plan_capacities(cluster, names, cfg, here) -> list:
-    """Each node's Capacity: this machine measured (as `here`, default the server), others from
+    """Each node's Capacity: this machine measured (as `here`, default the server), once for every
+    node at its address (the shipped configs run all three on 127.0.0.1); others from
     cluster_config.yaml's `nodes:` when it gives both speed and memory, else None (unknown)."""
     from ..placement import Capacity, measure
     overrides = cluster.node_overrides if cluster else {}
     here = here or names[0]
     if here not in names:
         raise SetupError(f"--here {here}: not a node of this cluster ({', '.join(names)})")
+    ips = {n.host: n.ip for n in cluster.nodes} if cluster else {}
+    mine = ips.get(here)
+    measured = None         # this machine, measured once
     caps = []
     for name in names:
         o = overrides.get(name, {})
-        if name == here:
-            caps.append(measure(name, cfg.n_embd, override=o, n_head=cfg.n_head))
-            caps[-1] = Capacity(name, caps[-1].speed_gbps, caps[-1].speed8_gbps, caps[-1].memory_mb,
-                                caps[-1].source if o else "measured here")
+        if name == here or (mine is not None and ips.get(name) == mine and not o):
+            if measured is None or o:
+                m = measure(name, cfg.n_embd, override=o, n_head=cfg.n_head)
+                measured = measured or (None if o else m)
+            else:
+                m = measured
+            source = m.source if o else "measured here" if name == here else f"measured here (same machine as {here})"
+            caps.append(Capacity(name, m.speed_gbps, m.speed8_gbps, m.memory_mb, source))
         elif "speed_gbps" in o and "memory_mb" in o:
             caps.append(Capacity(name, o["speed_gbps"], o.get("speed8_gbps", o["speed_gbps"]), o["memory_mb"],
                                  "config"))
@@ -174,7 +182,9 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
     auto = partition in (None, "auto") and not mc.layer_mapping
     unknown = [r for r, c in enumerate(caps) if c is None]
     if unknown:
-        return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown)"
+        return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown; "
+                      "`nanopipe plan --from-cluster HOST:PORT` asks a running leader, whose nodes measured "
+                      "themselves; or give them in cluster_config.yaml's `nodes:`)"
                       + ("; the leader places the layers once every node has joined and measured itself, so the "
                          "split above is the even starting point" if auto else "")]
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
