@@ -230,3 +230,38 @@ def test_plain_generate_on_synthetic_weights_says_so_on_stderr(tmp_path, tiny_we
     assert r.returncode == 0, r.stderr
     assert "SYNTHETIC: random weights, output is gibberish" in r.stderr, r.stderr
     assert "SYNTHETIC" not in r.stdout and r.stdout.startswith("Hello"), r.stdout     # stdout: the text alone
+
+
+# ---------------------------------------------------------------------------------------------
+# `nanopipe bench` a newcomer can read
+
+
+def test_default_bench_is_one_short_table_with_verdicts(tmp_path, small_weights):
+    """gpt2-small-shaped weights; the CPU time the command used is bounded (wall time would measure
+    the other jobs on a shared machine): the old default spent minutes on profiles and long prompts."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = run_nanopipe("bench", "--weights", small_weights, cwd=tmp_path, timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) <= 12, r.stdout                              # one screen
+    header = next(i for i, line in enumerate(lines) if line.startswith("what was measured"))
+    assert lines[header].split() == ["what", "was", "measured", "figure", "compared", "with", "verdict"], r.stdout
+    decode = lines[header + 1]
+    assert decode.startswith("decode, 1 stream") and "tok/s" in decode and "the memory bound" in decode, decode
+    assert re.search(r"(meets|BELOW) the target \(>= 0\.85x\)$", decode), decode
+    assert "issue" not in r.stdout and "--full" in r.stdout, r.stdout
+    assert "LM head:" not in r.stdout and "matmuls alone" not in r.stdout, r.stdout   # the long parts: --full
+    assert cpu_s < 60, f"the default bench used {cpu_s:.0f} s of CPU"
+
+
+def test_bench_full_keeps_the_whole_report(tmp_path, tiny_weights):
+    r = run_nanopipe("bench", "--full", "--weights", tiny_weights, "--tokens", "4", "--prompt-len", "8",
+                     "--bandwidth-mb", "64", cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for part in ("decode step, ms per token:", "matmuls alone", "LM head: decode", "decode vs bound:"):
+        assert part in r.stdout, r.stdout
+    assert re.search(r"decode vs bound: +[\d.]+x: (meets|BELOW) the target", r.stdout), r.stdout
+    assert "issue" not in r.stdout, r.stdout

@@ -793,11 +793,15 @@ def _find_real_weights(config_dir, model_name=None):
 @main.command(short_help="Measure tokens/s: one process, a cluster, links.")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights to run (default: gpt2-small-shaped synthetic weights, written on first use).")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=64, show_default=True,
-              help="Tokens to generate.")
-@click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True, help="Prompt tokens.")
-@click.option("--bandwidth-mb", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Size of the array the memory-bandwidth measurement streams.")
+@click.option("--full", is_flag=True,
+              help="The whole one-process report: where a decode step's time goes, the kernels' alternatives, "
+                   "the LM head, a 512-token prompt (minutes on a small machine).  [default: the short table]")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=None,
+              help="Tokens to generate.  [default: 24; 64 with --full]")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=None,
+              help="Prompt tokens.  [default: 16; 32 with --full]")
+@click.option("--bandwidth-mb", type=click.IntRange(min=1), default=None,
+              help="Size of the array the memory-bandwidth measurement streams.  [default: 256; 1024 with --full]")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Also run a local cluster of this many nodes next to one process.")
 @click.option("--link-delay-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -816,11 +820,15 @@ def _find_real_weights(config_dir, model_name=None):
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write every table as CSV (the sweep also as PNG) here.  [default: print only]")
 @_fail_clean
-def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
-          single, placement_bench, out_dir, conversation):
-    """Measure tokens/s: one process against the memory bound, a cluster, concurrency, context, links."""
+def bench(weights_path, full, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions,
+          links, single, placement_bench, out_dir, conversation):
+    """Measure tokens/s: one process against the memory bound, in one short table with verdicts; the
+    options add a cluster, concurrency, context positions, links, placement, a conversation."""
     from .bench_cluster import run_all
-    run_all(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
+    n_tokens = n_tokens or (64 if full else 24)
+    prompt_len = prompt_len or (32 if full else 16)
+    bandwidth_mb = bandwidth_mb or (1024 if full else 256)
+    run_all(weights_path, full=full, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
             link_delay_ms=link_delay_ms, link_mbps=link_mbps, sweep=sweep, positions=positions, links=links,
             single=single, out_dir=out_dir, placement_bench=placement_bench, conversation=conversation,
             echo=click.echo)
