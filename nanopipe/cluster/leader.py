@@ -21,6 +21,7 @@ import traceback
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
+from ..partition import first_last
 from ..weights import synthetic_summary
 from .clients import CLIENT_QUEUE_MAX, ClientProtocol
 from .net import HandshakeError, accept, client_tls, close_now, listen, listen_on, max_act_bytes, server_tls
@@ -193,12 +194,13 @@ class Leader(Membership, ClientProtocol):
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
         now = time.time()
-        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
+        # layers: [first, last] inclusive, as the text writes "0-3" (partition.first_last)
+        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.ranges[0]), "status": "up",
                   "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None),
                   "gemv_rows": self.scheduler.kernels.gemv_rows,
                   "capacity": self.capacity.as_dict() if self.capacity else None}]
         for r, w in self.workers.items():
-            nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
+            nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers),
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
                           "status": "left out" if w.excluded else
                           "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),

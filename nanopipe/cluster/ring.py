@@ -27,6 +27,7 @@ import numpy as np
 
 from ..decoding import is_int
 from ..engine import Scheduler
+from ..partition import first_last
 from .net import close_now, dial
 from .node import LinkModel
 from .wire import (
@@ -404,8 +405,9 @@ class Membership:
             pct = round(off * 100)
             figures = (f"Stage {rank} ({row['host']}) takes {row['measured_ms']:.2f} ms per decode step, "
                        f"{off:+.0%} off its predicted {row['predicted_ms']:.2f} ms")
-            if abs(off) > 0.25 and said != (tuple(row["layers"]), "slower" if off > 0 else "faster"):
-                said = (tuple(row["layers"]), "slower" if off > 0 else "faster")
+            condition = (tuple(row["layers"] or ()), "slower" if off > 0 else "faster")
+            if abs(off) > 0.25 and said != condition:
+                said = condition
                 self.log(f"{figures} (throttled, overloaded, or measured at a better moment; said again only "
                          "if that changes, figures at -v)", WARNING)
             elif said is not None and abs(off) < 0.15:
@@ -433,7 +435,7 @@ class Membership:
             else:
                 w = self.workers[r]
                 meas, n, host = w.stats.get("decode_ms"), w.stats.get("decode_samples", 0) or 0, w.host
-            rows.append({"rank": r, "host": host, "layers": list(self.ranges[r]), "predicted_ms": round(pred, 3),
+            rows.append({"rank": r, "host": host, "layers": first_last(*self.ranges[r]), "predicted_ms": round(pred, 3),
                          "measured_ms": meas, "samples": n,
                          "off": round(meas / pred - 1, 3) if meas and pred > 0 else None})
         return rows

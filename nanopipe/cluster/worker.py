@@ -48,7 +48,6 @@ from .wire import (
     send_frame,
 )
 
-
 HINT_AFTER_ATTEMPTS = 3      # failed dials to the leader before the worker asks whether it is running
 
 

@@ -159,7 +159,7 @@ def bench_cluster(weights: str, nodes: int, prompt_len: int = 32, n_tokens: int 
 def format_hops(result: dict) -> str:
     lines = [f"{'rank':>4} {'layers':>8} {'sends':>10} {'bytes':>7} {'compute ms':>10} {'transit ms':>10}"]
     for h in result["hops"]:
-        layers = h["layers"] if isinstance(h["layers"], str) else f"{h['layers'][0]}-{h['layers'][1] - 1}"
+        layers = h["layers"] if isinstance(h["layers"], str) else f"{h['layers'][0]}-{h['layers'][1]}"
         shape = f"({h['shape'][0]}, {h['shape'][1]})" if h.get("shape") else ""
         lines.append(f"{h['rank']:>4} {layers:>8} {shape:>10} {h.get('bytes') or '':>7} {h['compute_ms']:>10.3f} "
                      f"{'' if h['transit_ms'] is None else format(h['transit_ms'], '.3f'):>10}")
@@ -450,7 +450,8 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
                     stages = pl.get("stages") or []
                     rows.append({
                         "partition": label, "streams": n,
-                        "split": "/".join(str(hi - lo) for lo, hi in (nd["layers"] for nd in st["nodes"])),
+                        "split": "/".join(str(nd["layers"][1] - nd["layers"][0] + 1) if nd["layers"] else "0"
+                                          for nd in st["nodes"]),
                         "measured_tok_s": r["aggregate_tok_s"], "predicted_tok_s": pl.get(f"predicted_tok_s_{n}"),
                         "stage_predicted_ms": "/".join(f"{x['predicted_ms']:.1f}" for x in stages),
                         "stage_measured_ms": "/".join("-" if x["measured_ms"] is None else f"{x['measured_ms']:.1f}"
@@ -609,7 +610,8 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         echo(table(rows, ["turn", "prompt_tokens", "reused_tokens", "first_token_ms_reuse", "first_token_ms_full",
                           "speedup", "same_tokens"]))
         last = rows[-1]
-        echo(f"turn {last['turn']}: first token {last['speedup']:.2f}x sooner with reuse: {verdict(last['speedup'], 5)}; greedy "
+        echo(f"turn {last['turn']}: first token {last['speedup']:.2f}x sooner with reuse: "
+             f"{verdict(last['speedup'], 5)}; greedy "
              f"replies {'identical' if all(r['same_tokens'] for r in rows) else 'DIFFER'}")
         save("conversation", rows)
     return report

@@ -433,7 +433,7 @@ def _plan_from_cluster(config_dir, addr):
         raise UserError(f"--from-cluster {addr}: {e}") from None
     from ..partition import format_plan
     nodes = st.get("nodes", [])
-    ranges = [tuple(n["layers"]) for n in nodes]
+    ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
     click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))
     click.echo("")
     from ..placement import Capacity
