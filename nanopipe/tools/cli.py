@@ -868,8 +868,9 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, co
     click.echo(json.dumps(report) if as_json else format_trace(report))
 
 
-@main.command(short_help="Print (or --install) a systemd unit that starts a node, or the web app, at boot.")
-@click.option("--rank", type=int, default=None, help="The node's rank: 0 the leader, 1.. a worker.")
+@main.command(short_help="Print (or --install) a systemd unit that runs a node at boot.")
+@click.option("--rank", type=int, default=None,
+              help="The node's rank: 0 the leader, 1.. a worker.  [default: none: required unless --web]")
 @click.option("--host", "host", default=None,
               help="With --rank: the node's name in host_ip (checked).  With --web: the address to serve on.  "
                    "[default: the rank's name; 127.0.0.1 for --web]")
