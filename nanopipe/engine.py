@@ -40,6 +40,7 @@ from .decoding import (
     top_probs,
 )
 from .model import KVCache, blocks_forward, choose_head_rows, choose_prefill_rows, embed, gpt2, head
+from .partition import first_last
 from .prefix import PrefixCache, default_prefix_cache_bytes, fork_cache
 from .weights import StageWeights, load_stage
 
@@ -650,7 +651,9 @@ def step_info(stage, batch, trace: list, t_back: float) -> dict:
              for e in trace]
     arrived = [(_number(e.get("bytes_in")), _number(e.get("t_in"))) for e in trace]   # (frame bytes, when it came)
     arrived += [(_number(trace[-1].get("bytes_out")), _number(trace[-1].get("t_back")))] if trace else [(0, front_done)]
-    hops = [{"rank": rank, "layers": layers, "shape": [rows, C], "bytes": nbytes, "compute_ms": round(ms, 3),
+    # layers: [first, last] inclusive, as every output shows them (partition.first_last)
+    hops = [{"rank": rank, "layers": layers and first_last(*layers), "shape": [rows, C], "bytes": nbytes,
+             "compute_ms": round(ms, 3),
              "transit_ms": None if t is None or end is None else round((t - end) * 1000, 3)}
             for (rank, layers, ms, end), (nbytes, t) in zip(done, arrived)]
     ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms if trace else 0.0

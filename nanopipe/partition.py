@@ -147,6 +147,13 @@ def _show(lo: int, hi: int) -> str:
     return f"{lo}-{hi - 1}" if hi > lo else "none"
 
 
+def first_last(lo: int, hi: int) -> list | None:
+    """(4, 8) -> [4, 7]: the first and last layer a rank holds, inclusive, the one convention of every
+    output ("4-7" in text, [4, 7] in JSON: /health, /config, STATUS, trace); (12, 12), a node the
+    placement left out, -> None. Inside the code and on the wire between nodes, ranges stay half-open."""
+    return [lo, hi - 1] if hi > lo else None
+
+
 def _layers(lo: int, hi: int) -> str:
     """(4, 8) -> "layers 4-7", (7, 8) -> "layer 7"."""
     return f"layer {lo}" if hi - lo == 1 else f"layers {_show(lo, hi)}"

@@ -44,12 +44,12 @@ CASES = {
 }
 
 # name -> LocalCluster arguments, and the layers [lo, hi) each rank must report holding
-SPLITS = {
-    "2 nodes 4,3": (dict(nodes=2), [[0, 4], [4, 7]]),
-    "3 nodes 3,2,2": (dict(nodes=3), [[0, 3], [3, 5], [5, 7]]),
-    "4 nodes 2,2,2,1": (dict(nodes=4), [[0, 2], [2, 4], [4, 6], [6, 7]]),
+SPLITS = {      # the layers each node reports: [first, last], inclusive, as "0-3" is written
+    "2 nodes 4,3": (dict(nodes=2), [[0, 3], [4, 6]]),
+    "3 nodes 3,2,2": (dict(nodes=3), [[0, 2], [3, 4], [5, 6]]),
+    "4 nodes 2,2,2,1": (dict(nodes=4), [[0, 1], [2, 3], [4, 5], [6, 6]]),
     "3 nodes mapping 1,4,2": (dict(nodes=3, layer_mapping={0: [0, 0], 1: [1, 4], 2: [5, 6]}),
-                              [[0, 1], [1, 5], [5, 7]]),
+                              [[0, 0], [1, 4], [5, 6]]),
 }
 
 

@@ -227,7 +227,7 @@ def test_demo_runs_the_config_folder_and_prints_one_ready_block(demo_of, tmp_pat
         assert (config["model"], config["active_strategy"], config["max_tokens"], config["temperature"],
                 config["top_k"]) == ("tinygpt", "top_k", 7, 0.7, 30), config
         assert [(n["rank"], n["host"], n["layers"], n["status"]) for n in config["nodes"]] == [
-            (0, "alpha", [0, 2], "up"), (1, "beta", [2, 3], "up"), (2, "gamma", [3, 4], "up")], config["nodes"]
+            (0, "alpha", [0, 1], "up"), (1, "beta", [2, 2], "up"), (2, "gamma", [3, 3], "up")], config["nodes"]
 
         moved = [line for line in demo.lines if line.startswith(f"port {ports[1]} (beta, rank 1) is in use; using")]
         assert len(moved) == 1, f"the demo did not say that beta's port {ports[1]} is taken:\n{out}"

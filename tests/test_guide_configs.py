@@ -136,7 +136,7 @@ def test_guide_cluster_holds_3_4_5_layers(guide_cluster):
     with guide_cluster.client() as c:
         st = c.status()
     assert st["model"] == "causal_gpt2"
-    assert [(n["host"], n["layers"]) for n in st["nodes"]] == [("mini1", [0, 3]), ("mini2", [3, 7]), ("pi5", [7, 12])]
+    assert [(n["host"], n["layers"]) for n in st["nodes"]] == [("mini1", [0, 2]), ("mini2", [3, 6]), ("pi5", [7, 11])]
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "top_k"])

@@ -42,8 +42,9 @@ def wait_in_order(cl: LocalCluster, rank: int, expected: list, timeout: float = 
 
 @pytest.fixture(scope="module")
 def layers(cluster) -> dict:
-    """rank -> [lo, hi), the layers each node of conftest's 3-node cluster holds."""
-    return {n["rank"]: n["layers"] for n in status(cluster)["nodes"]}
+    """rank -> (lo, hi), half-open, the layers each node of conftest's 3-node cluster holds (the
+    status reports them [first, last], inclusive)."""
+    return {n["rank"]: (n["layers"][0], n["layers"][1] + 1) for n in status(cluster)["nodes"]}
 
 
 def test_a_real_leader_prints_the_guides_server_output_in_order(cluster, layers, tiny_weights):

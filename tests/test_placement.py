@@ -228,15 +228,41 @@ def test_plan_shows_speeds_the_chosen_split_and_predictions_beside_the_even_spli
 
 def test_plan_with_unknown_nodes_says_so(tmp_path):
     import os
+    import shutil
 
     from click.testing import CliRunner
 
     from nanopipe.tools.cli import main
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = CliRunner().invoke(main, ["plan", "--config-dir", os.path.join(repo, "configs")])
+    shutil.copytree(os.path.join(repo, "configs"), tmp_path / "configs")
+    cluster = tmp_path / "configs" / "cluster_config.yaml"      # the workers on machines of their own
+    cluster.write_text(cluster.read_text().replace('mini2: "127.0.0.1"', 'mini2: "10.9.0.2"')
+                       .replace('pi1: "127.0.0.1"', 'pi1: "10.9.0.3"'))
+    out = CliRunner().invoke(main, ["plan", "--config-dir", str(tmp_path / "configs")])
     assert out.exit_code == 0, out.output
     assert "measured here" in out.output and out.output.count("unknown: measured when it joins") == 2
-    assert "Predicted tok/s: not until every node's speed and memory are known (2 unknown)" in out.output
+    assert "Predicted tok/s: not until every node's speed and memory are known (2 unknown; " in out.output
+    assert "`nanopipe plan --from-cluster HOST:PORT` asks a running leader" in out.output
+
+
+def test_plan_on_the_shipped_single_machine_configs_measures_once_and_predicts(monkeypatch):
+    """Every node of the shipped configs is this machine (127.0.0.1): measured once, for all three."""
+    import os
+
+    from click.testing import CliRunner
+
+    from nanopipe import placement
+    from nanopipe.tools.cli import main
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    calls = []
+    real = placement.measure
+    monkeypatch.setattr(placement, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
+    out = CliRunner().invoke(main, ["plan", "--config-dir", os.path.join(repo, "configs")])
+    assert out.exit_code == 0, out.output
+    assert len(calls) == 1, calls
+    assert "unknown" not in out.output, out.output
+    assert out.output.count("measured here (same machine as mini1)") == 2, out.output
+    assert "Predicted tok/s   this split: " in out.output, out.output
 
 
 def test_processes_on_one_machine_take_turns_measuring(tmp_path, monkeypatch):

@@ -523,7 +523,7 @@ def test_13_the_cluster_answers_token_for_token_what_one_process_answers(weights
     for i, e in enumerate(events):
         rows = T if i == 0 else 1
         assert [h["rank"] for h in e["hops"]] == [0, 1, 2]
-        assert [h["layers"] for h in e["hops"]] == [[0, 2], [2, 4], [4, 6]]
+        assert [h["layers"] for h in e["hops"]] == [[0, 1], [2, 3], [4, 5]]        # [first, last], as "0-1" is written
         assert all(h["shape"] == [rows, C] for h in e["hops"])
         sizes = [h["bytes"] for h in e["hops"]]
         assert all(s > 20 + 4 * rows * C for s in sizes) and sizes == sorted(set(sizes))

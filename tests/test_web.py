@@ -27,9 +27,9 @@ EOT = 50256
 DEFAULTS = {"active_decoding_strategy": "top_p", "max_new_tokens": 50,
             "decoding_strategies": {"greedy": {}, "sampling": {"temperature": 0.8},
                                     "top_p": {"temperature": 0.8, "p": 0.9}, "top_k": {"temperature": 0.8, "k": 40}}}
-NODES = [{"rank": 0, "host": "mini1", "layers": [0, 4], "status": "up", "last_seen_s": 0.0, "rss_mb": 512.0},
-         {"rank": 1, "host": "mini2", "layers": [4, 8], "status": "up", "last_seen_s": 0.4, "rss_mb": 300.5},
-         {"rank": 2, "host": "pi1", "layers": [8, 12], "status": "up", "last_seen_s": 0.7, "rss_mb": 290.0}]
+NODES = [{"rank": 0, "host": "mini1", "layers": [0, 3], "status": "up", "last_seen_s": 0.0, "rss_mb": 512.0},
+         {"rank": 1, "host": "mini2", "layers": [4, 7], "status": "up", "last_seen_s": 0.4, "rss_mb": 300.5},
+         {"rank": 2, "host": "pi1", "layers": [8, 11], "status": "up", "last_seen_s": 0.7, "rss_mb": 290.0}]
 NODE_MS = {"0": {"compute": 6.0, "transit": 2.0}, "1": {"compute": 3.0, "transit": 0.0},
            "2": {"compute": 4.0, "transit": 0.0}}
 
@@ -392,16 +392,17 @@ def test_config_lists_defaults_model_and_nodes(client):
     assert c["strategies"]["top_k"] == {"temperature": 0.8, "top_k": 40, "top_p": 1.0}
     assert c["strategy_uses"]["greedy"] == []
     assert c["model"] == "fake-gpt2" and c["n_ctx"] == 64 and c["leader_up"] is True
-    assert [(n["rank"], n["host"], n["layers"]) for n in c["nodes"]] == [(0, "mini1", [0, 4]), (1, "mini2", [4, 8]),
-                                                                         (2, "pi1", [8, 12])]
+    assert [(n["rank"], n["host"], n["layers"]) for n in c["nodes"]] == [(0, "mini1", [0, 3]), (1, "mini2", [4, 7]),
+                                                                         (2, "pi1", [8, 11])]
 
 
 def test_health_is_200_when_every_node_is_up(client):
     r = client.get("/health")
     assert r.status_code == 200 and r.json["ok"] is True
-    assert r.json["leader"] == {"addr": "10.0.0.1:65432", "reachable": True, "ready": True, "model": "fake-gpt2"}
+    assert r.json["leader"] == {"addr": "10.0.0.1:65432", "reachable": True, "authorized": True, "ready": True,
+                                "model": "fake-gpt2"}
     assert [(n["rank"], n["host"], n["layers"], n["status"]) for n in r.json["nodes"]] == [
-        (0, "mini1", [0, 4], "up"), (1, "mini2", [4, 8], "up"), (2, "pi1", [8, 12], "up")]
+        (0, "mini1", [0, 3], "up"), (1, "mini2", [4, 7], "up"), (2, "pi1", [8, 11], "up")]
     assert r.json["nodes"][2]["last_seen_s"] == 0.7
 
 
@@ -1078,7 +1079,7 @@ def test_cluster_health_lists_three_nodes(live, cluster):
     nodes = r.json["nodes"]
     assert [(n["rank"], n["host"], n["status"]) for n in nodes] == [(0, "node0", "up"), (1, "node1", "up"),
                                                                     (2, "node2", "up")]
-    assert nodes[0]["layers"][0] == 0 and nodes[-1]["layers"][1] == 4          # the 4 layers, split in 3
+    assert nodes[0]["layers"][0] == 0 and nodes[-1]["layers"][1] == 3          # the 4 layers (0-3), split in 3
     m = parse_metrics(live.get("/metrics").get_data(as_text=True))
     assert all(m[("nanopipe_node_up", (("rank", str(r)), ("host", f"node{r}")))] == 1 for r in range(3))
 

@@ -179,8 +179,8 @@
 
   function layersText(layers) {
     if (!layers || layers.length !== 2) return "";
-    const [lo, hi] = layers;                 // half-open [lo, hi) as the leader reports them
-    return hi - lo === 1 ? `layer ${lo}` : `layers ${lo}–${hi - 1}`;
+    const [first, last] = layers;            // [first, last], inclusive, as the leader reports them
+    return first === last ? `layer ${first}` : `layers ${first}–${last}`;
   }
 
   function renderNodes(nodes) {

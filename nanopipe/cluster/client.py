@@ -20,8 +20,8 @@ class ClientError(RuntimeError):
     def __init__(self, message: str, kind: str = "cluster", field: str | None = None,
                  retry_after_s: float | None = None):
         super().__init__(message)
-        # "unreachable" | "invalid" (bad request) | "busy" (queue full: retry later) | "cluster" (failed mid-way)
-        self.kind = kind
+        self.kind = kind        # "unreachable" | "unauthorized" (up, wrong token) | "invalid" (bad request)
+        #                         | "busy" (queue full: retry later) | "cluster" (failed mid-way)
         self.field = field      # for "invalid": the request field at fault, if one is
         self.retry_after_s = retry_after_s      # for "busy": how long the leader asks us to wait
 
@@ -52,6 +52,10 @@ class LeaderClient:
             raise ClientError(f"{e}: the web app? A client wants the leader's own port (`port` in "
                               "cluster_config.yaml, 65432 as shipped), not the web port", "unreachable") from None
         except HandshakeError as e:
+            if e.code == "auth":    # the leader is up and answered: our secret is not its secret
+                raise ClientError(f"{e}: the leader at {addr} is up, but its cluster token differs from this "
+                                  "one; use the same auth_token (cluster_config.yaml) or NANOPIPE_TOKEN here "
+                                  "as on the leader", "unauthorized") from None
             raise ClientError(str(e), "unreachable") from None
         except OSError as e:
             raise ClientError(f"leader at {addr} is unreachable: {e}. Is `nanopipe serve --rank 0` running?",

@@ -21,9 +21,10 @@ import traceback
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
+from ..partition import first_last
 from ..weights import synthetic_summary
 from .clients import CLIENT_QUEUE_MAX, ClientProtocol
-from .net import HandshakeError, accept, client_tls, close_now, listen, max_act_bytes, server_tls
+from .net import HandshakeError, accept, client_tls, close_now, listen, listen_on, max_act_bytes, server_tls
 from .node import rss_mb
 from .ring import Membership, Ring, WorkerState, _show
 from .wire import ConnectionClosed, WireError
@@ -63,7 +64,7 @@ class Leader(Membership, ClientProtocol):
         self.placement = None           # the plan's prediction (placement.Placement), for /metrics and bench
         self.plan_note = ""             # how the split was chosen, for status()
         self.fatal: str | None = None   # set when the model cannot be placed: `serve` exits with it
-        self._off_warned: set = set()   # ranks warned about being >25% off their prediction
+        self._off_warned: dict = {}     # rank -> (((lo, hi), "slower" | "faster") warned about or None, last % off)
         self._enrol_hold: dict = {}     # rank -> until when it is held for a worker that enrolled
         self.config = stage.config
         self.tokenizer = tokenizer
@@ -97,10 +98,11 @@ class Leader(Membership, ClientProtocol):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def serve_forever(self):
+    def serve_forever(self, bound=None):
+        """Accept workers and clients until shutdown. `bound`: the port, already bound (net.bind)."""
         node = self.cluster.leader
         host = self.cluster.bind or node.ip
-        self.srv = listen(host, node.port)
+        self.srv = listen(host, node.port) if bound is None else listen_on(bound)
         self.log(f"Server listening on {host}:{node.port}")
         if not self.cluster.auth_token:
             self.log("WARNING: no auth_token set: anyone who can reach this port can join the cluster or "
@@ -195,12 +197,13 @@ class Leader(Membership, ClientProtocol):
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
         now = time.time()
-        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": list(self.ranges[0]), "status": "up",
+        # layers: [first, last] inclusive, as the text writes "0-3" (partition.first_last)
+        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.ranges[0]), "status": "up",
                   "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None),
                   "gemv_rows": self.scheduler.kernels.gemv_rows,
                   "capacity": self.capacity.as_dict() if self.capacity else None}]
         for r, w in self.workers.items():
-            nodes.append({"rank": r, "host": w.host, "layers": list(w.layers),
+            nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers),
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
                           "status": "left out" if w.excluded else
                           "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),

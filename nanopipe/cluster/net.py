@@ -38,7 +38,12 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class HandshakeError(WireError):
-    """The peer failed the handshake (wrong secret, wrong version, wrong role); named in the message."""
+    """The peer failed the handshake (wrong secret, wrong version, wrong role); named in the message.
+    `code` is "auth" when the secret was wrong (REJECT's `code`), else None."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class HttpPeer(HandshakeError):
@@ -95,6 +100,15 @@ def parse_addr(addr: str, default_port: int | None = None) -> tuple:
 
 
 def listen(host: str, port: int, backlog: int = 64) -> socket.socket:
+    srv = bind(host, port)
+    srv.listen(backlog)
+    return srv
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port but not yet listening: the port is ours (a second nanopipe on it
+    fails here, at once), while a peer that dials it meanwhile is refused and retries. `serve`
+    binds before it spends minutes loading weights and measuring, then listens (`listen_on`)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -103,7 +117,18 @@ def listen(host: str, port: int, backlog: int = 64) -> socket.socket:
         srv.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; is another nanopipe running, or "
                       "is the port taken? Change 'port' in cluster_config.yaml") from None
-    srv.listen(backlog)
+    return srv
+
+
+def listen_on(srv: socket.socket, backlog: int = 64) -> socket.socket:
+    """Start listening on a socket from `bind`; fails like `listen` if another listener got there first."""
+    host, port = srv.getsockname()[:2]
+    try:
+        srv.listen(backlog)
+    except OSError as e:
+        srv.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; is another nanopipe running, or "
+                      "is the port taken? Change 'port' in cluster_config.yaml") from None
     return srv
 
 
@@ -340,7 +365,9 @@ def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None)
     except ConnectionClosed:
         raise HandshakeError(f"{peer} closed the connection during the handshake (wrong auth_token?)") from None
     if reply.msg is Msg.REJECT:
-        raise HandshakeError(f"{peer} refused us: {reply.meta.get('reason', 'no reason given')}")
+        code = reply.meta.get("code")
+        raise HandshakeError(f"{peer} refused us: {reply.meta.get('reason', 'no reason given')}",
+                             code=code if isinstance(code, str) else None)
     if reply.msg is not Msg.WELCOME:
         raise HandshakeError(f"{peer} answered HELLO with {reply.msg.name}, expected WELCOME")
     return reply.meta
@@ -361,8 +388,9 @@ def challenge(sock, *, token: str | None, peer: str, roles: tuple, here: str = "
                      "run the same nanopipe version on every node")
         raise HandshakeError(f"{peer} speaks protocol version {meta.get('version')!r}, we speak {PROTOCOL_VERSION}")
     if not proof_ok(token, nonce, meta.get("proof")):
-        reject(sock, "authentication failed: wrong or missing cluster secret (auth_token / NANOPIPE_TOKEN)")
-        raise HandshakeError(f"{peer} failed authentication (wrong or missing auth_token)")
+        reject(sock, "authentication failed: wrong or missing cluster secret (auth_token / NANOPIPE_TOKEN)",
+               code="auth")
+        raise HandshakeError(f"{peer} failed authentication (wrong or missing auth_token)", code="auth")
     if meta.get("role") not in roles:
         reject(sock, f"role {meta.get('role')!r} not accepted here (expected {' or '.join(roles)})"
                      + (f": {here}" if here else ""))
@@ -371,8 +399,9 @@ def challenge(sock, *, token: str | None, peer: str, roles: tuple, here: str = "
     return meta
 
 
-def reject(sock, reason: str):
+def reject(sock, reason: str, code: str | None = None):
+    """REJECT with the reason; `code` "auth" tells a dialer its secret was wrong (it shows a hint)."""
     try:
-        send_frame(sock, Msg.REJECT, {"reason": reason})
+        send_frame(sock, Msg.REJECT, {"reason": reason, **({"code": code} if code else {})})
     except OSError:
         pass

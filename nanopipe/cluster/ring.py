@@ -29,6 +29,7 @@ import numpy as np
 
 from ..decoding import is_int, is_number
 from ..engine import Scheduler
+from ..partition import first_last
 from .net import close_now, dial
 from .node import LinkModel
 from .wire import (
@@ -42,7 +43,7 @@ from .wire import (
     send_frame,
 )
 
-WARNING, ERROR = logging.WARNING, logging.ERROR
+DEBUG, WARNING, ERROR = logging.DEBUG, logging.WARNING, logging.ERROR
 
 RING_BUILD_TIMEOUT_S = 30.0    # every worker must reach its next hop within this
 ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long for that worker to register
@@ -448,19 +449,30 @@ class Membership:
                 pass                            # it left; it gets its place in the WELCOME when it is back
 
     def check_predictions(self):
-        """After real traffic: warn once per stage whose measured one-row time is >25% off its prediction."""
+        """After real traffic: warn when a stage's measured one-row time goes more than 25% off its
+        prediction, once per condition (rank, its layers, slower or faster), and again only when that
+        changes; it is back in line below 15% (a stage hovering at 25% does not flap). The figures
+        go to the debug log (-v) whenever their whole percent changes."""
         for row in self.stage_report():
             off = row.get("off")
             if off is None or row["samples"] < 16:
                 continue
             rank = row["rank"]
-            if abs(off) > 0.25 and rank not in self._off_warned:
-                self._off_warned.add(rank)
-                self.log(f"Stage {rank} ({row['host']}) takes {row['measured_ms']:.2f} ms per decode step, "
-                         f"{off:+.0%} off its predicted {row['predicted_ms']:.2f} ms (throttled, overloaded, or "
-                         "measured at a better moment)", WARNING)
-            elif abs(off) <= 0.25:
-                self._off_warned.discard(rank)
+            said, last_pct = self._off_warned.get(rank, (None, None))
+            pct = round(off * 100)
+            figures = (f"Stage {rank} ({row['host']}) takes {row['measured_ms']:.2f} ms per decode step, "
+                       f"{off:+.0%} off its predicted {row['predicted_ms']:.2f} ms")
+            condition = (tuple(row["layers"] or ()), "slower" if off > 0 else "faster")
+            if abs(off) > 0.25 and said != condition:
+                said = condition
+                self.log(f"{figures} (throttled, overloaded, or measured at a better moment; said again only "
+                         "if that changes, figures at -v)", WARNING)
+            elif said is not None and abs(off) < 0.15:
+                said = None
+                self.log(f"{figures}: back in line with its prediction")
+            elif pct != last_pct:
+                self.log(figures, DEBUG)
+            self._off_warned[rank] = (said, pct)
 
     def stage_report(self) -> list:
         """Predicted vs measured milliseconds per one-row decode step, per stage in the ring."""
@@ -482,7 +494,7 @@ class Membership:
                 meas, n, host = w.stats.get("decode_ms"), w.stats.get("decode_samples", 0) or 0, w.host
             meas = meas if finite(meas) and meas >= 0 else None     # (checked_stats let only those in)
             n = n if finite(n) else 0
-            rows.append({"rank": r, "host": host, "layers": list(self.ranges[r]), "predicted_ms": round(pred, 3),
+            rows.append({"rank": r, "host": host, "layers": first_last(*self.ranges[r]), "predicted_ms": round(pred, 3),
                          "measured_ms": meas, "samples": n,
                          "off": round(meas / pred - 1, 3) if meas and pred > 0 else None})
         return rows

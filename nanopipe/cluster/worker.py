@@ -48,6 +48,28 @@ from .wire import (
     send_frame,
 )
 
+HINT_AFTER_ATTEMPTS = 3      # failed dials to the leader before the worker asks whether it is running
+
+
+def retry_log(log, addr: str, hint_after: int = HINT_AFTER_ATTEMPTS):
+    """dial()'s `log` for a worker waiting for its leader: the retries go to the debug log (-v), and
+    once, after `hint_after` failures, one warning says what is probably wrong:
+
+        Connection to 10.0.0.1:65432 failed (Connection refused); ... Is the leader (`nanopipe serve
+        --rank 0`) running at 10.0.0.1:65432? Still retrying.
+    """
+    failures = 0
+
+    def on_retry(msg: str):
+        nonlocal failures
+        failures += 1
+        if failures == hint_after:
+            log(f"{msg}. Is the leader (`nanopipe serve --rank 0`) running at {addr}? Still retrying.",
+                logging.WARNING)
+        else:
+            log(msg, logging.DEBUG)
+    return on_retry
+
 
 class Worker:
     """Rank R >= 1 of a cluster: blocks[lo:hi] of the model, one KV cache per live session, two links.
@@ -118,7 +140,8 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 sock, attempt, self._last_welcome = dial(leader.ip, leader.port, role="worker", rank=self.rank,
-                                     token=self.cluster.auth_token, attempts=self.max_attempts, log=self.log,
+                                     token=self.cluster.auth_token, attempts=self.max_attempts,
+                                     log=retry_log(self.log, f"{leader.ip}:{leader.port}"),
                                      who="server", tls=self.tls_client, extra={"host": self.node.host})
             except HandshakeError as e:
                 self.log(f"Registration refused: {e}", logging.ERROR)

@@ -159,7 +159,7 @@ def bench_cluster(weights: str, nodes: int, prompt_len: int = 32, n_tokens: int 
 def format_hops(result: dict) -> str:
     lines = [f"{'rank':>4} {'layers':>8} {'sends':>10} {'bytes':>7} {'compute ms':>10} {'transit ms':>10}"]
     for h in result["hops"]:
-        layers = h["layers"] if isinstance(h["layers"], str) else f"{h['layers'][0]}-{h['layers'][1] - 1}"
+        layers = h["layers"] if isinstance(h["layers"], str) else f"{h['layers'][0]}-{h['layers'][1]}"
         shape = f"({h['shape'][0]}, {h['shape'][1]})" if h.get("shape") else ""
         lines.append(f"{h['rank']:>4} {layers:>8} {shape:>10} {h.get('bytes') or '':>7} {h['compute_ms']:>10.3f} "
                      f"{'' if h['transit_ms'] is None else format(h['transit_ms'], '.3f'):>10}")
@@ -170,7 +170,7 @@ def format_hops(result: dict) -> str:
 # the sweep, the positions, the links
 
 
-OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64",   # before issue 16: always one gemm
+OLD_KERNELS = {"NANOPIPE_GEMV_ROWS": "1", "NANOPIPE_PREFILL_ROWS": "64",   # the old fixed choice: always one gemm
                "NANOPIPE_HEAD_ROWS": "1"}
 # the benchmarks send the same prompts again and again: without this, every repeat after the first
 # would reuse the first one's KV cache (nanopipe/prefix.py) and time almost no prefill at all
@@ -237,7 +237,7 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
 
 
 def sweep_summary(rows: list) -> list:
-    """Per setup and kernel mode: 2 and 4 streams vs 1 (issue 16's targets), and each point vs "before"."""
+    """Per setup and kernel mode: 2 and 4 streams vs 1, and each point vs "before"."""
     lines = []
     for setup in dict.fromkeys(r["setup"] for r in rows):
         got = {(r["kernels"], r["streams"]): r["aggregate_tok_s"] for r in rows if r["setup"] == setup}
@@ -422,7 +422,7 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
     child group; needs root); in this one run: the even split, `partition: auto`, and `auto` with
     rank 0's memory set to hold at most 6 blocks (so the plan must use a worker); 1 and 8 streams:
     measured tok/s beside the leader's prediction, and each stage's predicted vs measured one-row
-    decode time (issue 15).
+    decode time.
 
     The three nodes share this machine, so the leader keeps one batch in flight (depth 1) and
     predicts the sum of the stages; nodes take turns measuring themselves (model.measuring_alone).
@@ -450,7 +450,8 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
                     stages = pl.get("stages") or []
                     rows.append({
                         "partition": label, "streams": n,
-                        "split": "/".join(str(hi - lo) for lo, hi in (nd["layers"] for nd in st["nodes"])),
+                        "split": "/".join(str(nd["layers"][1] - nd["layers"][0] + 1) if nd["layers"] else "0"
+                                          for nd in st["nodes"]),
                         "measured_tok_s": r["aggregate_tok_s"], "predicted_tok_s": pl.get(f"predicted_tok_s_{n}"),
                         "stage_predicted_ms": "/".join(f"{x['predicted_ms']:.1f}" for x in stages),
                         "stage_measured_ms": "/".join("-" if x["measured_ms"] is None else f"{x['measured_ms']:.1f}"
@@ -519,10 +520,12 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
             nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
             positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
             reference=None, llama=None, placement_bench: bool = False, conversation: bool = False,
-            echo=print) -> dict:
+            full: bool = False, echo=print) -> dict:
+    """Every benchmark asked for. The one-process part is the short table (bench.quick_bench) unless
+    `full`, or a reference to compare with (`make bench`), asks for the whole report (bench.run_bench)."""
     import os
 
-    from .bench import DEFAULT_WEIGHTS, ensure_weights, run_bench, write_csv
+    from .bench import DEFAULT_WEIGHTS, ensure_weights, quick_bench, run_bench, verdict, write_csv
     weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
     report = {}
     if out_dir:
@@ -532,7 +535,12 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         if out_dir and rows:
             write_csv(rows, os.path.join(out_dir, f"{name}.csv"))
 
-    if single:
+    if single and not (full or reference or llama):
+        echo("== one process ==")
+        report["single"] = quick_bench(weights, n_tokens=n_tokens, prompt_len=prompt_len,
+                                       bandwidth_mb=bandwidth_mb, echo=echo)
+        save("single", report["single"]["rows"])
+    elif single:
         echo("== one process ==")
         report["single"] = run_bench(weights, n_tokens=n_tokens, prompt_len=prompt_len, reference=reference,
                                      bandwidth_mb=bandwidth_mb, llama=llama, echo=echo)
@@ -545,7 +553,7 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
                                                                         "link_mbps": link_mbps})
         report["cluster"] = r
         echo(f"one process {r['single_tok_s']} tok/s, {nodes} nodes {r['cluster_tok_s']} tok/s: "
-             f"{r['ratio']:.2f}x (target >= 0.9x on loopback); greedy tokens "
+             f"{r['ratio']:.2f}x: {verdict(r['ratio'], 0.9)} on loopback; greedy tokens "
              f"{'identical' if r['identical_tokens'] else 'DIFFER'}")
         echo("per token (median of decode steps):")
         echo(format_hops(r))
@@ -565,8 +573,8 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         eight = next((r for r in rows if r["setup"] == "1 process" and r["streams"] == 8
                       and r["kernels"] == "after"), None)
         if eight:
-            echo(f"8 streams vs 1, one process: {eight['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}x aggregate "
-                 "(target >= 4x)")
+            ratio = eight['aggregate_tok_s'] / one['aggregate_tok_s']
+            echo(f"8 streams vs 1, one process: {ratio:.2f}x aggregate: {verdict(ratio, 4)}")
         save("sweep", rows)
         if out_dir:
             png = plot_sweep(rows, os.path.join(out_dir, "sweep.png"))
@@ -602,7 +610,8 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         echo(table(rows, ["turn", "prompt_tokens", "reused_tokens", "first_token_ms_reuse", "first_token_ms_full",
                           "speedup", "same_tokens"]))
         last = rows[-1]
-        echo(f"turn {last['turn']}: first token {last['speedup']:.2f}x sooner with reuse (target >= 5x); greedy "
+        echo(f"turn {last['turn']}: first token {last['speedup']:.2f}x sooner with reuse: "
+             f"{verdict(last['speedup'], 5)}; greedy "
              f"replies {'identical' if all(r['same_tokens'] for r in rows) else 'DIFFER'}")
         save("conversation", rows)
     return report

@@ -229,13 +229,17 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
                     result = c.generate(prompt_ids, params, echo=echo, top_logprobs=top_logprobs, text=False,
                                         on_token=lambda t, _text: t is not None and on_token(t),
                                         on_status=lambda text: click.echo(f"\n[{text}]", err=True))
-                    weights = _weights_of(c) if as_json else {}
+                    weights = _weights_of(c)
             except ClientError as e:
                 raise UserError(f"{e}{unknown_host_hint(config_dir, leader)}") from None
         else:
             from ..engine import Engine
             path = configured_weights(config_dir, model_name, weights_path)
             if not os.path.exists(path):
+                if weights_path is None:    # the demo's synthetic weights are here: offer them
+                    from ..config import load_model_config
+                    from .planning import offer_synthetic
+                    offer_synthetic(load_model_config(config_dir, model_name), path)
                 raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
             engine = Engine.load(path, n_head=n_head)
             check_prompt_fits(len(prompt_ids), engine.config.n_ctx, params.max_tokens)
@@ -256,6 +260,9 @@ def generate(prompt, config_dir, model_name, weights_path, strategy, temperature
         click.echo(json.dumps(result))
     else:
         click.echo(tail)
+        if weights.get("synthetic"):        # on stderr: stdout stays the text alone
+            click.get_text_stream("stdout").flush()
+            click.echo(f"[{weights.get('weights_note')}]", err=True)
 
 
 def _weights_of(client) -> dict:
@@ -426,7 +433,7 @@ def _plan_from_cluster(config_dir, addr):
         raise UserError(f"--from-cluster {addr}: {e}") from None
     from ..partition import format_plan
     nodes = st.get("nodes", [])
-    ranges = [tuple(n["layers"]) for n in nodes]
+    ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
     click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))
     click.echo("")
     from ..placement import Capacity
@@ -480,6 +487,12 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     log = leader_logger().info
     cc = load_cluster_config(config_dir)
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
+    _share_cores(cc, 0)
+    from ..cluster.net import bind
+    try:        # the port first: a taken one fails now, not after minutes of loading and measuring
+        bound = bind(cc.bind or cc.leader.ip, cc.leader.port)
+    except OSError as e:
+        raise UserError(str(e)) from None
     mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
     log(device_line())
     from ..cluster.leader import Leader  # numpy loads only now, after _share_cores
@@ -496,7 +509,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     log(describe_kernels())
     _on_sigterm()
     try:
-        leader.serve_forever()      # logs "Server listening on <ip>:<port>"
+        leader.serve_forever(bound)     # logs "Server listening on <ip>:<port>"
     except KeyboardInterrupt:
         log("Shutting down")
     except OSError as e:
@@ -533,6 +546,8 @@ def _weights_source(config_dir, mc) -> dict | None:
 
 
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
+@click.argument("rank_arg", metavar="[RANK [HOST]]", type=int, required=False)
+@click.argument("host_arg", metavar="", required=False)
 @click.option("--rank", type=int, default=None,
               help="This worker's rank (1..num_workers).  [default: none: required unless --leader]")
 @click.option("--host", "host", default=None,
@@ -544,8 +559,12 @@ def _weights_source(config_dir, mc) -> dict | None:
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
-def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
-    """Run a worker: dial the leader, load only this rank's blocks, pass activations on."""
+def join(rank_arg, host_arg, rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
+    """Run a worker: dial the leader, load only this rank's blocks, pass activations on.
+
+    `nanopipe join 2 pi5` (the guide's `worker RANK HOST` form) is `nanopipe join --rank 2 --host pi5`."""
+    rank = _one_of("rank", rank_arg, rank)
+    host = _one_of("host", host_arg, host)
     if leader_addr is not None:
         if rank is not None or host is not None:
             raise UserError("--leader takes the rank and host from the leader: give either --leader HOST:PORT, "
@@ -581,6 +600,14 @@ def join(rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
         log("Shutting down")
 
 
+def _one_of(name: str, positional, option):
+    """A value given as `join RANK HOST` or as --rank/--host: either form, or both if they agree."""
+    if positional is not None and option is not None and positional != option:
+        raise UserError(f"two different {name}s: {positional} (as an argument) and --{name} {option}; "
+                        f"give it once, e.g. `nanopipe join 2 pi5` or `nanopipe join --rank 2 --host pi5`")
+    return option if option is not None else positional
+
+
 def _join_leader(addr, config_dir, weights_path, n_head):
     """`join --leader HOST:PORT`: ask the leader for a rank, the cluster and the weights source, then
     run as that rank. The secret: auth_token (and TLS files) of a local cluster_config.yaml if there
@@ -602,10 +629,14 @@ def _join_leader(addr, config_dir, weights_path, n_head):
     token = local.auth_token if local else os.environ.get("NANOPIPE_TOKEN")
     tls_cert, tls_key = (local.tls_cert, local.tls_key) if local else (None, None)
     click.echo(f"[WORKER] Asking the leader at {host}:{port} for a rank")
+    import logging
+
+    from ..cluster.worker import retry_log
     try:
         sock, _, welcome = dial(host, port, role="worker", rank=None, token=token, attempts=30, backoff_s=0.5,
                                 who="leader", tls=client_tls(tls_cert), extra={"enrol": True},
-                                log=lambda m: click.echo(f"[WORKER] {m}"))
+                                log=retry_log(lambda m, level: level >= logging.INFO and click.echo(f"[WORKER] {m}"),
+                                              f"{host}:{port}"))
         sock.close()
     except HandshakeError as e:
         raise UserError(f"the leader at {host}:{port} refused: {e}") from None
@@ -762,11 +793,15 @@ def _find_real_weights(config_dir, model_name=None):
 @main.command(short_help="Measure tokens/s: one process, a cluster, links.")
 @click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
               help="Weights to run (default: gpt2-small-shaped synthetic weights, written on first use).")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=64, show_default=True,
-              help="Tokens to generate.")
-@click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True, help="Prompt tokens.")
-@click.option("--bandwidth-mb", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Size of the array the memory-bandwidth measurement streams.")
+@click.option("--full", is_flag=True,
+              help="The whole one-process report: where a decode step's time goes, the kernels' alternatives, "
+                   "the LM head, a 512-token prompt (minutes on a small machine).  [default: the short table]")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=2), default=None,
+              help="Tokens to generate.  [default: 24; 64 with --full]")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=None,
+              help="Prompt tokens.  [default: 16; 32 with --full]")
+@click.option("--bandwidth-mb", type=click.IntRange(min=1), default=None,
+              help="Size of the array the memory-bandwidth measurement streams.  [default: 256; 1024 with --full]")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Also run a local cluster of this many nodes next to one process.")
 @click.option("--link-delay-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -785,11 +820,15 @@ def _find_real_weights(config_dir, model_name=None):
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write every table as CSV (the sweep also as PNG) here.  [default: print only]")
 @_fail_clean
-def bench(weights_path, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions, links,
-          single, placement_bench, out_dir, conversation):
-    """Measure tokens/s: one process against the memory bound, a cluster, concurrency, context, links."""
+def bench(weights_path, full, n_tokens, prompt_len, bandwidth_mb, nodes, link_delay_ms, link_mbps, sweep, positions,
+          links, single, placement_bench, out_dir, conversation):
+    """Measure tokens/s: one process against the memory bound, in one short table with verdicts; the
+    options add a cluster, concurrency, context positions, links, placement, a conversation."""
     from .bench_cluster import run_all
-    run_all(weights_path, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
+    n_tokens = n_tokens or (64 if full else 24)
+    prompt_len = prompt_len or (32 if full else 16)
+    bandwidth_mb = bandwidth_mb or (1024 if full else 256)
+    run_all(weights_path, full=full, n_tokens=n_tokens, prompt_len=prompt_len, bandwidth_mb=bandwidth_mb, nodes=nodes,
             link_delay_ms=link_delay_ms, link_mbps=link_mbps, sweep=sweep, positions=positions, links=links,
             single=single, out_dir=out_dir, placement_bench=placement_bench, conversation=conversation,
             echo=click.echo)
@@ -829,6 +868,43 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, co
     click.echo(json.dumps(report) if as_json else format_trace(report))
 
 
+@main.command(short_help="Print (or --install) a systemd unit that runs a node at boot.")
+@click.option("--rank", type=int, default=None,
+              help="The node's rank: 0 the leader, 1.. a worker.  [default: none: required unless --web]")
+@click.option("--host", "host", default=None,
+              help="With --rank: the node's name in host_ip (checked).  With --web: the address to serve on.  "
+                   "[default: the rank's name; 127.0.0.1 for --web]")
+@click.option("--web", "web_app", is_flag=True, help="A unit for `nanopipe web` instead of a node.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="With --web: the port to serve on.")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder holding the YAML configs.")
+@click.option("--user", default=None, help="Who the service runs as.  [default: you (under sudo, who ran sudo)]")
+@click.option("--install", is_flag=True, help="Write the unit to --unit-dir instead of printing it (needs root).")
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
+              help="Where --install writes the unit.")
+@_fail_clean
+def service(rank, host, web_app, port, config_dir, user, install, unit_dir):
+    """Print a systemd unit that runs this node (or the web app) at boot and restarts it on failure.
+
+    \b
+    sudo .venv/bin/nanopipe service --rank 1 --host mini2 --install
+    sudo systemctl daemon-reload
+    sudo systemctl enable --now nanopipe-rank1
+    """
+    from .service import ServiceError, install_unit, unit_for
+    try:
+        name, text = unit_for(rank=rank, host=host, web=web_app, port=port, config_dir=config_dir, user=user)
+        if not install:
+            click.echo(text, nl=False)
+            return
+        path = install_unit(name, text, unit_dir)
+    except ServiceError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"Wrote {path}. Now: sudo systemctl daemon-reload && sudo systemctl enable --now {name[:-8]}  "
+               f"(logs: journalctl -u {name[:-8]} -f)")
+
+
 @main.command(short_help="Serve the chat page and APIs in front of the leader.")
 @click.option("--leader", default=None, metavar="HOST:PORT",
               help="The leader.  [default: the server's ip:port in cluster_config.yaml]")
@@ -854,6 +930,7 @@ def web(leader, host, port, config_dir, model_name, shutdown_grace):
             parse_addr(leader)
         except ValueError as e:
             raise UserError(f"--leader: {e}") from None
+    check_port_free(host, port)
     app = create_app(settings_from_configs(config_dir, model_name, leader))
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
     if host not in ("127.0.0.1", "localhost", "::1") and not app.config["API_TOKEN"]:
@@ -865,6 +942,23 @@ def web(leader, host, port, config_dir, model_name, shutdown_grace):
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}. Is another `nanopipe web` running? "
                         "Pick a free port with --port.") from None
+
+
+def check_port_free(host: str, port: int):
+    """Fail before any banner if host:port cannot be served on (taken, or not an address of this machine)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address this machine can serve on ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server will
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot serve the web chat on {host}:{port}: {e.strerror or e}; is another "
+                            f"`nanopipe web` (or `nanopipe demo`) running? Stop it, or pick another --port") from None
 
 
 if __name__ == "__main__":

@@ -130,20 +130,28 @@ def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, parti
 
 
 def plan_capacities(cluster, names, cfg, here) -> list:
-    """Each node's Capacity: this machine measured (as `here`, default the server), others from
+    """Each node's Capacity: this machine measured (as `here`, default the server), once for every
+    node at its address (the shipped configs run all three on 127.0.0.1); others from
     cluster_config.yaml's `nodes:` when it gives both speed and memory, else None (unknown)."""
     from ..placement import Capacity, measure
     overrides = cluster.node_overrides if cluster else {}
     here = here or names[0]
     if here not in names:
         raise SetupError(f"--here {here}: not a node of this cluster ({', '.join(names)})")
+    ips = {n.host: n.ip for n in cluster.nodes} if cluster else {}
+    mine = ips.get(here)
+    measured = None         # this machine, measured once
     caps = []
     for name in names:
         o = overrides.get(name, {})
-        if name == here:
-            caps.append(measure(name, cfg.n_embd, override=o, n_head=cfg.n_head))
-            caps[-1] = Capacity(name, caps[-1].speed_gbps, caps[-1].speed8_gbps, caps[-1].memory_mb,
-                                caps[-1].source if o else "measured here")
+        if name == here or (mine is not None and ips.get(name) == mine and not o):
+            if measured is None or o:
+                m = measure(name, cfg.n_embd, override=o, n_head=cfg.n_head)
+                measured = measured or (None if o else m)
+            else:
+                m = measured
+            source = m.source if o else "measured here" if name == here else f"measured here (same machine as {here})"
+            caps.append(Capacity(name, m.speed_gbps, m.speed8_gbps, m.memory_mb, source))
         elif "speed_gbps" in o and "memory_mb" in o:
             caps.append(Capacity(name, o["speed_gbps"], o.get("speed8_gbps", o["speed_gbps"]), o["memory_mb"],
                                  "config"))
@@ -174,7 +182,9 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
     auto = partition in (None, "auto") and not mc.layer_mapping
     unknown = [r for r, c in enumerate(caps) if c is None]
     if unknown:
-        return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown)"
+        return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown; "
+                      "`nanopipe plan --from-cluster HOST:PORT` asks a running leader, whose nodes measured "
+                      "themselves; or give them in cluster_config.yaml's `nodes:`)"
                       + ("; the leader places the layers once every node has joined and measured itself, so the "
                          "split above is the even starting point" if auto else "")]
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
@@ -241,8 +251,11 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
         src = load_weights_config(config_dir, mc.weights_model_name)
         full = os.path.join("weights", src.filename)
         weights_path = full if os.path.exists(full) else None
+        if weights_path is None:
+            offer_synthetic(mc, full)
     elif weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
+        offer_synthetic(mc, os.path.join("weights", src.filename))
         weights_path = rank_weights(mc, src, rank, cc, config_dir, log)
     else:
         log(f"Checking for model weights ({mc.weights_model_name})...")
@@ -252,6 +265,54 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
         log(f"Model weights ready at: {weights_path}")
     cfg = model_shape(config_dir, mc, weights_path)
     return RankSetup(cfg, plan_ranges(mc, cfg, len(cc.nodes)), weights_path)
+
+
+def synthetic_stand_in(mc, folder: str = "weights") -> str | None:
+    """A whole synthetic file in `folder` with the model's shape (what `nanopipe demo --synthetic` or
+    `init-weights` wrote, e.g. weights/synthetic-gpt2.safetensors for gpt2), else None."""
+    import glob
+
+    from ..safetensors_io import SafetensorsError, read_header
+    from ..weights import SIZES, WeightsError, is_synthetic, read_config
+    want = SIZES.get(mc.weights_model_name)
+    for path in sorted(glob.glob(os.path.join(folder, "synthetic-*.safetensors"))):
+        try:
+            header = read_header(path)
+            if not is_synthetic(header) or "nanopipe_blocks" in header.metadata:     # a slice serves one rank only
+                continue
+            cfg = read_config(path)[0]
+        except (OSError, SafetensorsError, WeightsError):
+            continue
+        if (cfg.n_layer, cfg.n_embd, cfg.n_head) == want if want else (
+                cfg.n_layer == mc.num_layers and (mc.n_head is None or cfg.n_head == mc.n_head)):
+            return path
+    return None
+
+
+def offer_synthetic(mc, full: str):
+    """The configured weights file is missing: if nothing of the model is here (neither the file nor a
+    slice of it) but synthetic weights of its shape are, say so and how to use them (or get the real
+    ones) instead of trying the hub. Returns quietly otherwise, and the node pulls as usual."""
+    import glob
+    stem = full[:-len(".safetensors")] if full.endswith(".safetensors") else full
+    if os.path.exists(full) or glob.glob(f"{glob.escape(stem)}.layers-*.safetensors"):
+        return
+    stand_in = synthetic_stand_in(mc, os.path.dirname(full) or ".")
+    if stand_in is None:
+        return
+    from ..weights import SIZES, read_config, synthetic_name
+    c = read_config(stand_in)[0]
+    size = next((name for name, shape in SIZES.items() if (c.n_layer, c.n_embd, c.n_head) == shape
+                 and os.path.basename(stand_in) == synthetic_name(name)), None)
+    shape = ("" if size == "gpt2" else f" --size {size}" if size else
+             f" --n-layer {c.n_layer} --n-embd {c.n_embd} --n-head {c.n_head} --n-ctx {c.n_ctx}"
+             + (f" --n-vocab {c.n_vocab}" if c.n_vocab != 50257 else ""))
+    raise SetupError(
+        f"no weights at {full} (model {mc.name!r}), but {stand_in} is here: synthetic weights of the same "
+        "shape (random, the text is gibberish), as `nanopipe demo --synthetic` or `init-weights` wrote them. "
+        f"To run on them, give `--weights {stand_in}`, or `nanopipe init-weights{shape} {full}` (a second name "
+        f"for the same file, no copy). For the real weights: `nanopipe pull {mc.weights_model_name}` on a "
+        f"machine with internet, or copy the file to {full} (README, \"On real machines\")")
 
 
 def planned_by_leader(mc) -> bool:

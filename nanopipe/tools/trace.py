@@ -210,8 +210,8 @@ def _hop_table(t: dict) -> list:
 
 
 def _layers(layers) -> str:
-    """[4, 8] (half-open) -> "4-7", as people write layer ranges."""
-    return "?" if not layers else f"{layers[0]}-{layers[1] - 1}"
+    """[4, 7] (first, last) -> "4-7", as people write layer ranges."""
+    return "?" if not layers else f"{layers[0]}-{layers[1]}"
 
 
 def _prob(p: float) -> str:

@@ -294,6 +294,8 @@ def connect(attempts: int = 1):
     try:
         client = cfg["CLIENT_FACTORY"](cfg["LEADER"], cfg["LEADER_TOKEN"], attempts=attempts, **tls)
     except ClientError as e:
+        if e.kind == "unauthorized":    # up, and said no: a hint about the token, not about `serve`
+            raise ApiError(503, str(e), kind="unauthorized") from None
         check = "" if "nanopipe serve --rank 0" in str(e) else "; check `nanopipe serve --rank 0`"
         raise ApiError(503, f"{e} (the web app keeps retrying{check})", kind="unreachable") from None
     except ValueError as e:        # a malformed leader address

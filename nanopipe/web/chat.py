@@ -227,11 +227,15 @@ def _register_cluster(app: Flask):
         try:
             status = leader_status()
         except ApiError as e:
-            return jsonify(ok=False, error=e.message, leader={"addr": addr, "reachable": False}, nodes=[]), 503
+            # refused our token: it is up (reachable), we are not let in (authorized false)
+            leader = ({"addr": addr, "reachable": True, "authorized": False} if e.kind == "unauthorized"
+                      else {"addr": addr, "reachable": False})
+            return jsonify(ok=False, error=e.message, leader=leader, nodes=[]), 503
         nodes = [node_view(n) for n in status.get("nodes", [])]
         down = [n for n in nodes if n["status"] != "up"]
         ok = bool(status.get("ready")) and not down
-        body = {"ok": ok, "leader": {"addr": addr, "reachable": True, "ready": bool(status.get("ready")),
+        body = {"ok": ok, "leader": {"addr": addr, "reachable": True, "authorized": True,
+                                     "ready": bool(status.get("ready")),
                                      "model": status.get("model")},
                 "nodes": nodes, "live_sessions": status.get("live_sessions"),
                 **{k: status[k] for k in WEIGHTS_KEYS if k in status}}
