@@ -88,10 +88,10 @@ def _loaded_library():
     """A handle through which dlsym sees numpy's extension module and every library it loaded
     (the BLAS among them), or None."""
     try:
-        from numpy.core import _multiarray_umath as m
-    except ImportError:                         # numpy 2 moved it
+        from numpy._core import _multiarray_umath as m  # numpy 2
+    except ImportError:
         try:
-            from numpy._core import _multiarray_umath as m
+            from numpy.core import _multiarray_umath as m  # numpy 1.x
         except ImportError:
             return None
     try:

@@ -487,11 +487,13 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
         raise PlacementError(f"speed unknown for {', '.join(slow)}: no split can be predicted (plan it even)")
     # a node whose memory is unknown (no /proc on macOS, a container) may hold its even share and no
     # more: the plan goes ahead with what is known, and says which figures it did without
-    share = math.ceil(L / n)
-    cap = [max_blocks(shape, nd, i == 0, sessions) if nd.memory_mb is not None else share
-           for i, nd in enumerate(nodes)]
+    # (or what the known nodes cannot hold, if that is more: an unknown figure never refuses a model)
+    known = [max_blocks(shape, nd, i == 0, sessions) if nd.memory_mb is not None else None
+             for i, nd in enumerate(nodes)]
+    share = max(math.ceil(L / n), L - sum(max(c, 0) for c in known if c is not None))
+    cap = [share if c is None else c for c in known]
     notes = [f"{nd.name}: memory unknown (it could not read it; set nodes: {{{nd.name}: {{memory_mb: N}}}} in "
-             f"cluster_config.yaml): planned to hold at most its even share, {share} blocks"
+             f"cluster_config.yaml): planned to hold at most {share} blocks"
              for nd in nodes if nd.memory_mb is None]
     if cap[0] < 0:
         raise PlacementError(
