@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+from click.testing import CliRunner
 from helpers import log_of, node, status, wait_log
 
 from nanopipe import blas, placement
@@ -20,6 +21,7 @@ from nanopipe.cluster import node as node_mod
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.placement import Capacity, ModelShape, memory_probe, solve
+from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, die_with_parent
 from nanopipe.weights import init_weights
 
@@ -247,6 +249,13 @@ def test_a_worker_that_cannot_read_its_memory_gets_its_layers_at_once(weights, t
         assert got["token_ids"] == Engine.load(weights).generate(PROMPT, GREEDY)["token_ids"]
         from nanopipe.web.chat import node_view
         assert node_view(w)["unknown"] == ["memory_mb"] and node_view(w)["blas"] == w["blas"]
+        out = CliRunner().invoke(main, ["plan", "--from-cluster", cl.leader_addr, "--config-dir", cl.config_dir])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    mine = blas.current().summary      # both nodes run this venv's numpy
+    assert f"BLAS  node0     {mine}" in lines and f"BLAS  node1     {mine}" in lines, out.output
+    node1 = next(line for line in lines if line.startswith("node1") and "unknown" in line)
+    assert "(memory_mb unknown: planned without)" in node1, out.output
 
 
 def test_a_lean_worker_joins_and_answers(weights, tmp_path):
