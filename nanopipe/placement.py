@@ -137,11 +137,10 @@ def differ(nodes: list, tolerance: float = 0.25) -> str | None:
         known = [n for n in nodes if getattr(n, key) is not None]
         if len(known) < 2:
             continue
-        vals = [getattr(n, key) for n in known]
-        nodes_k = known
+        vals = [getattr(n, key) for n in known]     # an unknown figure differs from nothing
         lo, hi = min(vals), max(vals)
         if hi > lo * (1 + tolerance):
-            low = nodes_k[vals.index(lo)].name
+            low = known[vals.index(lo)].name
             return (f"{what} {lo:{fmt}}-{hi:{fmt}} {unit} ({low} {'slowest' if what == 'speeds' else 'smallest'}) "
                     f"are more than {tolerance:.0%} apart")
     return None
