@@ -258,6 +258,29 @@ def test_a_worker_that_cannot_read_its_memory_gets_its_layers_at_once(weights, t
     assert "(memory_mb unknown: planned without)" in node1, out.output
 
 
+# a worker from before unknown figures existed: it reports 0 MB when it cannot tell
+OLD_ZERO = """
+import nanopipe.placement as p
+_as_dict = p.Capacity.as_dict
+p.Capacity.as_dict = lambda self: dict(_as_dict(self), memory_mb=0.0)
+"""
+
+
+def test_a_bad_capacity_report_gives_an_even_plan_at_once(weights, tmp_path):
+    """The leader cannot use the report (memory_mb 0.0): that node counts as unknown, the plan is
+    even (no split can be predicted without its speed), and the worker answers."""
+    with LocalCluster(weights, nodes=2, partition="auto", wrap={1: site(tmp_path, "zero", OLD_ZERO)},
+                      ready_timeout=60) as cl:
+        st = status(cl)
+        assert [n["layers"] for n in st["nodes"]] == [[0, 3], [3, 6]], st["nodes"]
+        assert node(st, 1)["unknown"] == ["speed_gbps", "memory_mb"]
+        wait_log(cl, 0, "sent a bad capacity", "counts as unknown")
+        wait_log(cl, 0, "Plan: even: a node's speed is unknown")
+        with cl.client() as c:
+            got = c.generate(PROMPT, GREEDY)
+        assert got["token_ids"] == Engine.load(weights).generate(PROMPT, GREEDY)["token_ids"]
+
+
 def test_a_lean_worker_joins_and_answers(weights, tmp_path):
     """A worker with only numpy, PyYAML and click (and nanopipe on PYTHONPATH): no safetensors package,
     tokenizer, Flask or metrics library is imported on its way, and its answers equal one process's."""
