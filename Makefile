@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-engine parity-env parity bench-env bench lint golden clean
+.PHONY: install test test-engine test-arm64 parity-env parity bench-env bench lint golden clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ ENGINE_TESTS := tests/test_model.py tests/test_weights.py tests/test_decoding.py
                 tests/test_golden.py tests/test_safetensors_io.py
 test-engine: install
 	$(PYTEST) -q $(ENGINE_TESTS)
+
+# a Raspberry Pi's software, emulated: an arm64 Debian bookworm root under qemu-user (root only; built once
+# and cached in /var/cache/nanopipe, or NANOPIPE_ARM64_ROOT), the engine tests in it and an x86 leader with
+# arm64 workers (tests/arm64/run.sh says why when it skips)
+test-arm64: install
+	bash tests/arm64/run.sh
 
 # live comparison against HF transformers, in its own venv so the main one never holds torch
 # (pip takes the CPU build of torch 2.13.0 that lies on this machine class's disk)

@@ -63,17 +63,31 @@ class Capacity:
     speed8_gbps  the same for a batch of 8 rows (bytes of weights per second per batch of 8)
     memory_mb    memory the node may use: min(MemAvailable, its cgroup's limit - usage)
     source       "measured" or "config" (cluster_config.yaml's `nodes:` overrides)
+
+    A figure the node could not find out (no /proc on macOS or in a container; a bad report) is
+    None: unknown. The leader plans without it (solve) and says so; it never waits for it.
     """
     name: str
-    speed_gbps: float
-    speed8_gbps: float
-    memory_mb: float
+    speed_gbps: float | None
+    speed8_gbps: float | None
+    memory_mb: float | None
     source: str = "measured"
 
+    @classmethod
+    def unknown(cls, name: str, source: str = "unknown") -> "Capacity":
+        """Nothing known: a node whose report was bad, or that sent none."""
+        return cls(name, None, None, None, source)
+
+    @property
+    def unknowns(self) -> list:
+        """The figures not known, by field name: ["memory_mb"] for a Mac without vm_stat."""
+        return [k for k in ("speed_gbps", "memory_mb") if getattr(self, k) is None]
+
     def as_dict(self) -> dict:
-        return {"name": self.name, "speed_gbps": round(self.speed_gbps, 3),
-                "speed8_gbps": round(self.speed8_gbps, 3), "memory_mb": round(self.memory_mb, 1),
-                "source": self.source}
+        def r(v, n):
+            return None if v is None else round(v, n)
+        return {"name": self.name, "speed_gbps": r(self.speed_gbps, 3), "speed8_gbps": r(self.speed8_gbps, 3),
+                "memory_mb": r(self.memory_mb, 1), "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Capacity":
@@ -88,6 +102,8 @@ class Capacity:
 
         def num(key, default=None):
             v = d.get(key, default)
+            if key == "memory_mb" and key in d and v is None:
+                return None                 # the node could not tell: unknown, planned without
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"capacity field {key!r} must be a positive number, got {v!r}")
             return float(v)
@@ -99,9 +115,11 @@ class Capacity:
         """This capacity with cluster_config.yaml's `nodes: {NAME: {...}}` figures put in its place."""
         if not override:
             return self
-        s1 = float(override.get("speed_gbps", self.speed_gbps))
-        s8 = float(override.get("speed8_gbps", s1 * self.speed8_gbps / self.speed_gbps))
-        mem = float(override.get("memory_mb", self.memory_mb))
+        s1 = override.get("speed_gbps", self.speed_gbps)
+        s8 = override.get("speed8_gbps", s1 * self.speed8_gbps / self.speed_gbps
+                          if None not in (s1, self.speed8_gbps, self.speed_gbps) else s1)
+        mem = override.get("memory_mb", self.memory_mb)
+        s1, s8, mem = (None if v is None else float(v) for v in (s1, s8, mem))
         full = all(k in override for k in ("speed_gbps", "memory_mb"))
         return Capacity(self.name, s1, s8, mem, "config" if full else "config+measured")
 
@@ -116,10 +134,13 @@ def differ(nodes: list, tolerance: float = 0.25) -> str | None:
     'speeds 2.5-10.0 GB/s (pi5 slowest) are more than 25% apart'
     """
     for what, key, unit, fmt in (("speeds", "speed_gbps", "GB/s", ".1f"), ("memory", "memory_mb", "MB", ".0f")):
-        vals = [getattr(n, key) for n in nodes]
+        known = [n for n in nodes if getattr(n, key) is not None]
+        if len(known) < 2:
+            continue
+        vals = [getattr(n, key) for n in known]     # an unknown figure differs from nothing
         lo, hi = min(vals), max(vals)
         if hi > lo * (1 + tolerance):
-            low = nodes[vals.index(lo)].name
+            low = known[vals.index(lo)].name
             return (f"{what} {lo:{fmt}}-{hi:{fmt}} {unit} ({low} {'slowest' if what == 'speeds' else 'smallest'}) "
                     f"are more than {tolerance:.0%} apart")
     return None
@@ -181,10 +202,67 @@ def cgroup_memory_room(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/s
     return None
 
 
-def usable_memory_bytes() -> int:
-    """The smaller of MemAvailable and the cgroup's room: what this node can really allocate."""
-    known = [b for b in (mem_available_bytes(), cgroup_memory_room()) if b is not None]
-    return min(known) if known else 0
+def darwin_memory_bytes(run=None) -> int | None:
+    """macOS (no /proc, no cgroups): what `vm_stat` counts as free, inactive, speculative and
+    purgeable pages (what the kernel hands out without paging anyone out), times the page size in
+    its first line; None if it cannot be run or read. `run(argv) -> stdout`: for tests.
+
+        Mach Virtual Memory Statistics: (page size of 16384 bytes)
+        Pages free:                               61234.
+        Pages inactive:                          240123.      -> (61234 + 240123 + ...) x 16384
+    """
+    import re
+    import subprocess
+    if run is None:
+        def run(argv):
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
+    try:
+        text = run(["vm_stat"])
+    except (OSError, subprocess.SubprocessError):
+        return None
+    page = re.search(r"page size of (\d+) bytes", text or "")
+    counts = dict(re.findall(r"^Pages (free|inactive|speculative|purgeable):\s+(\d+)\.", text or "", re.M))
+    if page is None or "free" not in counts:
+        return None
+    return sum(int(v) for v in counts.values()) * int(page.group(1))
+
+
+def sysconf_free_bytes() -> int | None:
+    """Free physical pages times the page size (os.sysconf; glibc asks the kernel's sysinfo(), no
+    /proc needed): an underestimate of what can be had (page cache counts as used), so only the
+    fallback when MemAvailable cannot be read. None where the system does not say (macOS)."""
+    try:
+        n, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return n * size if n > 0 and size > 0 else None
+
+
+def memory_probe(platform: str | None = None) -> tuple:
+    """(bytes this node can really allocate, or None if unknown; how that was found).
+
+    Linux: the smaller of MemAvailable and the cgroup's room; without /proc (a container, a chroot)
+    the cgroup's room or free pages (sysconf). macOS: vm_stat. Elsewhere, or when every probe
+    fails: (None, "unknown: ..."), and the leader plans without it (placement.solve).
+    """
+    import sys
+    platform = platform or sys.platform
+    if platform == "darwin":
+        b = darwin_memory_bytes()
+        return (b, "vm_stat") if b else (None, "unknown: vm_stat could not be read")
+    avail, room = mem_available_bytes(), cgroup_memory_room()
+    if avail is not None:
+        return (min(avail, room), "cgroup room") if room is not None and room < avail else (avail, "MemAvailable")
+    free = sysconf_free_bytes()
+    known = [(b, how) for b, how in ((room, "cgroup room"), (free, "free pages (no /proc/meminfo)")) if b]
+    if known:
+        return min(known)
+    return None, "unknown: no /proc/meminfo, no cgroup limit, and sysconf gave nothing"
+
+
+def usable_memory_bytes() -> int | None:
+    """What this node can really allocate (memory_probe), or None if it cannot tell."""
+    return memory_probe()[0]
 
 
 def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
@@ -260,13 +338,14 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
         return Capacity(name, s, float(override.get("speed8_gbps", s)), float(override["memory_mb"]), "config")
     # the probe must not be what pushes a small node over its limit: at most a third of its room
     # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
-    room = usable_memory_bytes()
+    room = usable_memory_bytes() or 0
     blocks = probe_blocks(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
     with measuring_alone():                 # nodes sharing this machine take turns (model.measuring_alone)
         s1 = measure_speed(n_embd, 1, seconds, blocks, n_head)
         s8 = measure_speed(n_embd, 8, seconds, blocks, n_head)
     del blocks
-    mem = usable_memory_bytes() / MB
+    room = usable_memory_bytes()
+    mem = None if room is None else room / MB
     source = "measured"
     if "speed_gbps" in override:
         s1 = float(override["speed_gbps"])
@@ -402,8 +481,19 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     if objective not in ("throughput", "latency"):
         raise PlacementError(f"unknown placement objective {objective!r}; use throughput or latency")
     n, L = len(nodes), shape.n_layer
-    cap = [max_blocks(shape, nd, i == 0, sessions) for i, nd in enumerate(nodes)]
-    notes = []
+    slow = [nd.name for nd in nodes if nd.speed_gbps is None or nd.speed8_gbps is None]
+    if slow:
+        raise PlacementError(f"speed unknown for {', '.join(slow)}: no split can be predicted (plan it even)")
+    # a node whose memory is unknown (no /proc on macOS, a container) may hold its even share and no
+    # more: the plan goes ahead with what is known, and says which figures it did without
+    # (or what the known nodes cannot hold, if that is more: an unknown figure never refuses a model)
+    known = [max_blocks(shape, nd, i == 0, sessions) if nd.memory_mb is not None else None
+             for i, nd in enumerate(nodes)]
+    share = max(math.ceil(L / n), L - sum(max(c, 0) for c in known if c is not None))
+    cap = [share if c is None else c for c in known]
+    notes = [f"{nd.name}: memory unknown (it could not read it; set nodes: {{{nd.name}: {{memory_mb: N}}}} in "
+             f"cluster_config.yaml): planned to hold at most {share} blocks"
+             for nd in nodes if nd.memory_mb is None]
     if cap[0] < 0:
         raise PlacementError(
             f"{nodes[0].name} (rank 0): {nodes[0].memory_mb:.0f} MB usable, but the embeddings and LM head "
@@ -411,15 +501,17 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     total_room = sum(max(c, 0) for c in cap)
     if total_room < L or cap[0] < min_rank0_blocks:
         need = L * (shape.block_bytes + shape.kv_bytes(sessions)) + shape.rank0_bytes
-        have = sum(nd.memory_mb for nd in nodes) * MB
+        have = sum(nd.memory_mb or 0 for nd in nodes) * MB
         raise PlacementError(
             f"the model does not fit the cluster: {L} blocks x ({shape.block_bytes / MB:.0f} MB + "
             f"{shape.kv_bytes(sessions) / MB:.0f} MB KV at {sessions} sessions) + "
             f"{shape.rank0_bytes / MB:.0f} MB on rank 0 = {need / MB:.0f} MB needed, "
             f"{have / MB:.0f} MB usable in all ("
-            + ", ".join(f"{nd.name}: {nd.memory_mb:.0f} MB, at most {max(c, 0)} blocks" for nd, c in zip(nodes, cap))
+            + ", ".join(f"{nd.name}: {_mb(nd.memory_mb)}, at most {max(c, 0)} blocks" for nd, c in zip(nodes, cap))
             + "); add a node, lower max_sessions, or use a smaller model")
     for i, (nd, c) in enumerate(zip(nodes, cap)):
+        if nd.memory_mb is None:
+            continue
         if i > 0 and c == 0:
             notes.append(f"{nd.name}: {nd.memory_mb:.0f} MB usable, one block needs "
                          f"{shape.block_bytes / MB:.0f} MB + {shape.kv_bytes(sessions) / MB:.0f} MB KV at "
@@ -528,6 +620,11 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
             notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.3g} GB/s its blocks would "
                          "only slow the others")
     return predict(shape, nodes, ranges, hop_s=hop_s, objective=objective, depth=depth, notes=notes)
+
+
+def _mb(v) -> str:
+    """900.4 -> '900 MB'; None -> 'memory unknown'."""
+    return "memory unknown" if v is None else f"{v:.0f} MB"
 
 
 def _ranges_of(counts: list) -> list:

@@ -38,7 +38,7 @@ def default_prefix_cache_bytes() -> int:
     now (placement.usable_memory_bytes: MemAvailable or the cgroup's room), or 256 MB if unknown."""
     from .placement import usable_memory_bytes
     room = usable_memory_bytes()
-    return int(room * DEFAULT_FRACTION) if room > 0 else 256 << 20
+    return int(room * DEFAULT_FRACTION) if room else 256 << 20
 
 
 def fork_cache(cache: KVCache, n: int) -> KVCache:

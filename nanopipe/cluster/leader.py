@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 
+from ..blas import current as current_blas
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
@@ -201,7 +202,8 @@ class Leader(Membership, ClientProtocol):
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.ranges[0]), "status": "up",
                   "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None),
                   "gemv_rows": self.scheduler.kernels.gemv_rows,
-                  "capacity": self.capacity.as_dict() if self.capacity else None}]
+                  "capacity": self.capacity.as_dict() if self.capacity else None,
+                  "unknown": self.capacity.unknowns if self.capacity else None, "blas": current_blas().summary}]
         for r, w in self.workers.items():
             nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers),
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
@@ -211,7 +213,8 @@ class Leader(Membership, ClientProtocol):
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
                           "gemv_rows": w.stats.get("gemv_rows"), "prefix_cache_bytes": w.prefix_cache_bytes,
-                          "addr": w.addr, "synthetic": w.synthetic})
+                          "addr": w.addr, "synthetic": w.synthetic, "blas": w.stats.get("blas"),
+                          "unknown": w.capacity.unknowns if w.capacity else None})
         s = self.scheduler
         return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring_ready.is_set(),
                 "nodes": nodes,
@@ -237,7 +240,8 @@ class Leader(Membership, ClientProtocol):
         per stage after traffic."""
         p = self.placement
         out = {"partition": self.model.partition or "default", "objective": self.model.placement_objective,
-               "note": self.plan_note, "pending": self.plan_pending, "stages": self.stage_report()}
+               "note": self.plan_note, "pending": self.plan_pending, "stages": self.stage_report(),
+               "unknown": [f"{c.name}: {', '.join(c.unknowns)}" for c in self.capacities() if c and c.unknowns]}
         if p is not None:
             out.update(predicted_tok_s_1=round(p.tok_s(1), 2), predicted_tok_s_8=round(p.tok_s(8), 2),
                        hop_ms=round(p.hop_s * 1000, 3), notes=list(p.notes))

@@ -321,12 +321,14 @@ class Membership:
         try:
             cap = Capacity.from_dict(data)
         except ValueError as e:
+            # unknown, not missing: the plan goes ahead without its figures rather than wait for them
             self.log(f"Worker {w.rank} ({peer}) sent a bad capacity ({e}); it counts as unknown", WARNING)
-            return
+            cap = Capacity.unknown(w.host, "unknown (bad report)")
         w.capacity = cap.overridden(self.cluster.node_overrides.get(w.host))
         c = w.capacity
-        self.log(f"Worker {w.rank} ({w.host}) measured {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s "
-                 f"(8 rows), {c.memory_mb:.0f} MB usable ({c.source})")
+        self.log(f"Worker {w.rank} ({w.host}) measured {_figure(c.speed_gbps, 'GB/s')} (1 row), "
+                 f"{_figure(c.speed8_gbps, 'GB/s')} (8 rows), {_figure(c.memory_mb, 'MB usable', '.0f')} ({c.source})"
+                 + (f"; unknown: {', '.join(c.unknowns)}" if c.unknowns else ""))
         with self.lock:
             go = self.plan_pending and all(x.capacity is not None for x in self.workers.values())
             if go:
@@ -353,8 +355,8 @@ class Membership:
         """A fixed split (even, balanced, mapping): predict it all the same, to check it against traffic."""
         from ..placement import predict
         caps = self.capacities()
-        if self.capacity is None or any(c is None for c in caps):
-            return
+        if self.capacity is None or any(c is None or c.speed_gbps is None for c in caps):
+            return                          # a speed unknown: nothing to predict with
         self.placement = predict(self.shape(), caps, self.ranges, hop_s=self.hop_s(),
                                  objective=self.model.placement_objective, depth=self.cluster.depth())
 
@@ -365,6 +367,14 @@ class Membership:
         shape, objective = self.shape(), self.model.placement_objective
         from ..partition import even
         one_machine = len({n.ip for n in self.cluster.nodes}) == 1 and not self.cluster.node_overrides
+        unknown = [f"{c.name}: {', '.join(c.unknowns)}" for c in caps if c is not None and c.unknowns]
+        if unknown:
+            self.log(f"Plan: figures unknown ({'; '.join(unknown)}); planning with what is known", WARNING)
+        if any(c.speed_gbps is None for c in caps):
+            self.plan_note = f"even: a node's speed is unknown ({'; '.join(unknown)}), so no split can be predicted"
+            self.log(f"Plan: {self.plan_note}")
+            self._apply_plan(even(shape.n_layer, len(caps)), [None] * len(caps))
+            return
         if self.model.partition == "auto":
             why = "partition: auto"
         else:
@@ -725,6 +735,11 @@ class Membership:
         with self.lock:
             return (self.grace_over and not self.ring_ready.is_set()
                     and any(w.status == "down" and not w.excluded for w in self.workers.values()))
+
+
+def _figure(v, unit: str, fmt: str = ".1f") -> str:
+    """A measured figure for the log: (9.04, "GB/s") -> "9.0 GB/s"; None -> "unknown GB/s"."""
+    return f"unknown {unit}" if v is None else f"{v:{fmt}} {unit}"
 
 
 def _show(r) -> str:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ..blas import current as current_blas
 from ..config import ClusterConfig
 from ..logs import worker_logger
 from ..model import GPTConfig, KVCache, blocks_forward, kernels
@@ -241,14 +242,19 @@ class Worker:
             from ..placement import measure
             override = self.cluster.node_overrides.get(self.node.host) or {}
             self.capacity = measure(self.node.host, expect.n_embd, override=override, n_head=expect.n_head)
-            if self.stage is not None and "memory_mb" not in override:
+            if self.stage is not None and "memory_mb" not in override and self.capacity.memory_mb is not None:
                 # loaded already (the guide's order): that memory is the model's too
                 import dataclasses
                 self.capacity = dataclasses.replace(self.capacity,
                                                     memory_mb=self.capacity.memory_mb + self.stage.nbytes / 1e6)
             c = self.capacity
+            mem = "memory unknown (the leader plans without it)" if c.memory_mb is None else \
+                f"{c.memory_mb:.0f} MB usable"
             self.log(f"Measured this node: {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s (8 rows), "
-                     f"{c.memory_mb:.0f} MB usable ({c.source})")
+                     f"{mem} ({c.source})")
+            from ..blas import report
+            for level, line in report(c.speed_gbps):
+                self.log(line, level)
         with self.control_lock:
             send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
 
@@ -300,7 +306,8 @@ class Worker:
                                                  "gemv_rows": kernels.gemv_rows if kernels.chosen else None,
                                                  "decode_ms": _median(self.decode_ms),
                                                  "decode_samples": len(self.decode_ms),
-                                                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))})
+                                                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
+                                                 "blas": current_blas().summary})
             except OSError:
                 return
             time.sleep(period)

@@ -439,6 +439,8 @@ def _plan_from_cluster(config_dir, addr):
     from ..placement import Capacity
     caps = [Capacity.from_dict(n["capacity"]) if n.get("capacity") else None for n in nodes]
     click.echo(format_capacities([str(n["host"]) for n in nodes], caps))
+    for n in nodes:                         # which BLAS each node's numpy runs (nanopipe/blas.py)
+        click.echo(f"BLAS  {str(n['host']):<8}  {n.get('blas') or 'not reported yet'}")
     pl = st.get("placement") or {}
     click.echo(f"Split: {pl.get('note') or pl.get('partition')}"
                + ("" if "objective" in (pl.get("note") or "") else f"; objective {pl.get('objective')}"))
@@ -525,13 +527,18 @@ def _measure_leader(cc, mc, stage, log):
     from ..placement import measure
     cap = measure(cc.leader.host, stage.config.n_embd, override=cc.node_overrides.get(cc.leader.host),
                   n_head=stage.config.n_head)
-    if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}):
+    if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}) and cap.memory_mb is not None:
         import dataclasses
         cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + stage.nbytes / 1e6)
+    mem = "memory unknown (planned without it)" if cap.memory_mb is None else f"{cap.memory_mb:.0f} MB usable"
     log(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
-        f"{cap.memory_mb:.0f} MB usable ({cap.source}); partition: "
+        f"{mem} ({cap.source}); partition: "
         + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
         + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
+    from ..blas import report
+    from ..logs import leader_logger
+    for level, line in report(cap.speed_gbps):
+        leader_logger().log(level, line)
     return cap
 
 

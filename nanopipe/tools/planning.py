@@ -166,10 +166,15 @@ def format_capacities(names, caps) -> str:
     for name, c in zip(names, caps):
         rows.append([name, "unknown", "unknown", "unknown", "unknown: measured when it joins (or set `nodes:` "
                      "in cluster_config.yaml)"] if c is None else
-                    [name, f"{c.speed_gbps:.1f}", f"{c.speed8_gbps:.1f}", f"{c.memory_mb:.0f}", c.source])
+                    [name, _fig(c.speed_gbps, ".1f"), _fig(c.speed8_gbps, ".1f"), _fig(c.memory_mb, ".0f"),
+                     c.source + (f" ({', '.join(c.unknowns)} unknown: planned without)" if c.unknowns else "")])
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join([r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in (1, 2, 3)] + [r[4]])
                      for r in rows)
+
+
+def _fig(v, fmt: str) -> str:
+    return "unknown" if v is None else f"{v:{fmt}}"
 
 
 def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:

@@ -192,7 +192,8 @@ def _chat_events(gen: Generation, params: SamplingParams, extra: dict | None = N
 
 def node_view(node: dict) -> dict:
     return {"rank": node.get("rank"), "host": node.get("host"), "layers": node.get("layers"),
-            "status": node.get("status"), "last_seen_s": node.get("last_seen_s"), "synthetic": node.get("synthetic")}
+            "status": node.get("status"), "last_seen_s": node.get("last_seen_s"), "synthetic": node.get("synthetic"),
+            "blas": node.get("blas"), "unknown": node.get("unknown")}
 
 
 def _register_cluster(app: Flask):
