@@ -430,7 +430,7 @@ def test_no_token_means_no_proof():
 
 
 def test_non_hex_nonce_is_a_protocol_error():
-    with pytest.raises(ProtocolError, match="not hex"):
+    with pytest.raises(ProtocolError, match="not 64 hex digits"):
         auth_proof("s3cret", "zz")
 
 

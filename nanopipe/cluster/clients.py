@@ -20,7 +20,7 @@ import time
 
 from ..decoding import DecodingError, is_int, request_params
 from ..engine import Request
-from .net import close_now
+from .net import close_now, welcome
 from .wire import Msg, WireError, recv_frame, send_frame
 
 WARNING = logging.WARNING
@@ -111,9 +111,8 @@ class ClientProtocol:
     Leader.model_aliases(), Membership._past_grace() / _grace_message().
     """
 
-    def _client_conn(self, sock, peer):
-        send_frame(sock, Msg.WELCOME, {"model": self.model.name, "aliases": self.model_aliases(),
-                                       "n_ctx": self.config.n_ctx})
+    def _client_conn(self, sock, peer, hello):
+        welcome(sock, hello, {"model": self.model.name, "aliases": self.model_aliases(), "n_ctx": self.config.n_ctx})
         _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
         outbox = ClientOutbox(sock, peer, self.log, limit=self.client_queue_max)
         send = outbox.put                # every frame to this client, from any thread, goes through it
