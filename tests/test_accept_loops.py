@@ -8,15 +8,17 @@ that trickle their handshake, and more pending handshakes than a port takes.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
+import threading
 import time
 
 import pytest
 from helpers import log_of, wait_until
 
-from nanopipe.cluster.net import HANDSHAKE_TIMEOUT_S, MAX_PENDING_HANDSHAKES
+from nanopipe.cluster.net import HANDSHAKE_TIMEOUT_S, MAX_PENDING_HANDSHAKES, serve_accepts
 from nanopipe.cluster.wire import PROTOCOL_VERSION, Msg, WireError, auth_proof, encode_frame, recv_frame
 from nanopipe.decoding import SamplingParams
 from nanopipe.tools.localcluster import LocalCluster
@@ -203,3 +205,58 @@ def test_pending_handshakes_are_capped(leader):
     # the places free as soon as those peers hang up: a real client gets in
     wait_until("a client passing the handshake", lambda: _try(lambda: client_handshake(leader)), 10, detail=leader.logs)
     assert greedy(leader, 2)
+
+
+class ScriptedListener:
+    """A listening socket whose accept() follows a script: OSErrors to raise, then real socket pairs."""
+
+    def __init__(self, script):
+        self.script, self.kept = list(script), []
+
+    def accept(self):
+        step = self.script.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        a, b = socket.socketpair()
+        self.kept.append(b)
+        return a, ("10.0.0.9", step)
+
+
+def test_the_accept_loop_waits_out_transient_errors_and_says_so_once():
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    srv = ScriptedListener([emfile] * 5 + [1001, OSError(errno.ECONNABORTED, "aborted"), 1002,
+                                            OSError(errno.EBADF, "Bad file descriptor")])
+    lines, served = [], []
+
+    def handle(sock, addr, slot):
+        slot()
+        served.append(addr[1])
+        sock.close()
+    with pytest.raises(OSError, match="the test port stopped accepting connections: Bad file descriptor"):
+        serve_accepts(srv, handle, stopped=lambda: False, log=lambda m, level=None: lines.append(m),
+                      what="the test port")
+    wait_until("both connections served", lambda: sorted(served) == [1001, 1002], 5)
+    assert len(lines) == 4, lines           # one line when it starts failing, one when it works again
+    assert lines[0].startswith("Cannot accept connections on the test port: Too many open files; this process "
+                               "is out of file descriptors"), lines
+    assert "the test port again, after 5 failed attempt(s)" in lines[1], lines
+    assert lines[2].startswith("Cannot accept connections on the test port: aborted"), lines
+    assert "the test port again, after 1 failed attempt(s)" in lines[3], lines
+
+
+def test_the_accept_loop_closes_what_is_past_the_pending_cap():
+    srv = ScriptedListener([1, 2, 3, 4, 5, OSError(errno.EBADF, "closed")])
+    held, lines = [], []
+    release = threading.Event()
+
+    def handle(sock, addr, slot):          # handshakes that never end (until released)
+        held.append(addr[1])
+        release.wait(5)
+        slot()
+    with pytest.raises(OSError):
+        serve_accepts(srv, handle, stopped=lambda: False, log=lambda m, level=None: lines.append(m),
+                      what="p", max_pending=3)
+    release.set()
+    assert sorted(held) == [1, 2, 3]
+    assert [peer.recv(1) for peer in srv.kept[3:]] == [b"", b""]          # 4 and 5 closed at once
+    assert len([m for m in lines if m.startswith("Refused")]) == 1, lines   # one line for both
