@@ -329,7 +329,11 @@ def accept(sock, *, peer: str, tls, token: str | None, roles: tuple, here: str =
     after closing the connection. `here` says what this port is, for a peer that asked for a role
     not served here ("this is worker 1's data port; the leader listens on 10.0.0.1:65432").
     """
-    clock = _Deadline(deadline_s, sock)
+    try:
+        clock = _Deadline(deadline_s, sock)
+    except RuntimeError:                    # no thread for the timer: as if the deadline had passed
+        close_now(sock)
+        raise
     try:
         tune(sock)
         sock.settimeout(deadline_s)
