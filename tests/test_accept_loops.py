@@ -82,6 +82,7 @@ def test_leader_out_of_file_descriptors_keeps_serving(tiny_weights, tiny_engine,
         finally:
             close_all(held)
         assert len(held) >= IDLE_CONNECTIONS * 0.9, f"only {len(held)} connections were taken"
+        print(f"held {len(held)} idle connections to a leader limited to {FD_LIMIT} descriptors")
         log = log_of(cl, 0)
         assert "Too many open files" in log and "out of file descriptors" in log, log[-3000:]
         # logged once per episode, not once per retry (the deadline frees descriptors, so a second
