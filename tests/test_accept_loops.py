@@ -222,6 +222,12 @@ class ScriptedListener:
         self.kept.append(b)
         return a, ("10.0.0.9", step)
 
+    def shutdown(self, how):
+        pass
+
+    def close(self):
+        pass
+
 
 def test_the_accept_loop_waits_out_transient_errors_and_says_so_once():
     emfile = OSError(errno.EMFILE, "Too many open files")
@@ -261,3 +267,21 @@ def test_the_accept_loop_closes_what_is_past_the_pending_cap():
     assert sorted(held) == [1, 2, 3]
     assert [peer.recv(1) for peer in srv.kept[3:]] == [b"", b""]          # 4 and 5 closed at once
     assert len([m for m in lines if m.startswith("Refused")]) == 1, lines   # one line for both
+
+
+def test_a_worker_whose_data_port_fails_stops_saying_why(tiny_weights, tmp_path, caplog):
+    """Not a transient error: the worker is of no use to the ring, so it stops, logs why, and
+    `run` exits non-zero (it used to stay up with a dead port, "up" in /health)."""
+    from nanopipe.cluster.worker import Worker
+    from nanopipe.config import load_cluster_config
+    from nanopipe.tools.localcluster import write_configs
+    write_configs(str(tmp_path), weights=tiny_weights, nodes=2, n_layer=4)
+    worker = Worker(load_cluster_config(str(tmp_path)), 1, tiny_weights)
+    worker.srv = ScriptedListener([OSError(errno.EBADF, "Bad file descriptor")])
+    with caplog.at_level("ERROR", logger="nanopipe.cluster.worker"):
+        worker._accept_loop()
+    assert worker.stop_event.is_set() and "stopped accepting connections: Bad file descriptor" in worker.fatal
+    assert any("Stopping: worker 1's data port" in r.getMessage() for r in caplog.records), caplog.text
+    with pytest.raises(SystemExit) as e:
+        worker.run()
+    assert e.value.code == 2

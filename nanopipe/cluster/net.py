@@ -426,7 +426,7 @@ def serve_accepts(srv: socket.socket, handle, *, stopped, log, what: str,
             if stopped():
                 return
             if e.errno not in TRANSIENT_ACCEPT_ERRORS:
-                raise OSError(e.errno, f"{what} stopped accepting connections: {e.strerror or e}") from None
+                raise OSError(f"{what} stopped accepting connections: {e.strerror or e}") from None
             if failing is None:
                 failing = (e.errno, time.monotonic(), 0)
                 log(f"Cannot accept connections on {what}: {e.strerror or e}"
