@@ -360,6 +360,35 @@ def _weights_entries(data: dict, path: str) -> tuple:
     return data, ""
 
 
+WEIGHTS_DIR = "weights"      # where every node keeps its weights files, relative to where it runs
+
+
+def weights_file(name, folder: str = WEIGHTS_DIR, what: str = "weights file name") -> str:
+    """`folder/name`, for a file name that came from outside (a config, a leader, a server), once it
+    is certain to be a plain file name: the one rule for turning such a name into a path.
+
+        weights_file("gpt2.safetensors")               -> "weights/gpt2.safetensors"
+        weights_file("../../escape/evil.safetensors")  -> ConfigError (it names a path, not a file)
+
+    Refused (ConfigError saying why; `what` says where the name came from): anything but a string,
+    empty, "." or "..", a separator of either system ("/" or "\\"), a drive or stream (":"), NUL or
+    another control character, more than 255 characters. Nothing is cleaned up quietly: a name
+    that needs cleaning is not one a real config or leader sends.
+    """
+    shown = repr(name) if not isinstance(name, str) else repr(name[:80] + ("..." if len(name) > 80 else ""))
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} {shown} must be a non-empty file name")
+    bad = ("is a directory name" if name in (".", "..") else
+           "holds a path separator" if "/" in name or "\\" in name else
+           "holds ':' (a drive or stream on Windows)" if ":" in name else
+           "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
+           "is longer than 255 characters" if len(name) > 255 else None)
+    if bad is not None:
+        raise ConfigError(f"{what} {shown} {bad}; it must be a plain file name inside {folder}/ "
+                          "(e.g. gpt2.safetensors)")
+    return os.path.join(folder, name)
+
+
 def _weights_entry(name, entry, where: str) -> WeightsSource:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a mapping with url and filename")
@@ -367,6 +396,7 @@ def _weights_entry(name, entry, where: str) -> WeightsSource:
     src = WeightsSource(name=str(name), url=_str(entry, "url", where), filename=_str(entry, "filename", where),
                         sha256=_str(entry, "sha256", where, default=None),
                         size=_int(entry, "size", where, default=None, lo=0))
+    weights_file(src.filename, what=f"{where}: 'filename'")
     if src.sha256 is not None and not (len(src.sha256) == 64 and all(c in string.hexdigits for c in src.sha256)):
         raise ConfigError(f"{where}: 'sha256' must be 64 hex digits, got {src.sha256!r}")
     return src

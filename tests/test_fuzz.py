@@ -5,10 +5,12 @@
                                         never stops answering everyone else
 
 Every example is derived from a fixed seed (derandomize=True), so CI runs the same ~12,500 cases
-each time. A failure prints the smallest frame hypothesis could shrink it to.
+each time (and a few hundred hostile shapes: non-ASCII proofs, JSON nested past the parser's
+limit, lone surrogates). A failure prints the smallest frame hypothesis could shrink it to.
 """
 from __future__ import annotations
 
+import json
 import socket
 import struct
 
@@ -268,6 +270,106 @@ def test_live_leader_answers_every_well_formed_generate(leader, meta):
                 break
         send_frame(sock, Msg.PING, {"still": "here"})
         assert recv_frame(sock, "leader").msg is Msg.PONG
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile shapes that once raised instead of answering: a non-ASCII proof (TypeError in
+# hmac.compare_digest), JSON nested past the parser's recursion limit (RecursionError), a lone
+# surrogate in a string (it could never be encoded back: the client's sender thread died)
+
+
+def raw_frame(msg: Msg, meta: bytes) -> bytes:
+    """A frame around meta bytes as given (encode_frame refuses what these tests must send)."""
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg), 0, len(meta), 0) + meta
+
+
+def nested(depth: int, kind: str = "[") -> str:
+    """JSON `depth` levels deep: [[[...]]] or {"a":{"a":...0}}."""
+    return '{"a":' * depth + "0" + "}" * depth if kind == "{" else "[" * depth + "]" * depth
+
+
+lone = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)          # a lone UTF-16 surrogate
+surrogate_text = st.builds(lambda a, c, b: a + c + b, text, lone, text)
+non_ascii = st.builds(lambda a, c, b: a + c + b, text,
+                      st.characters(min_codepoint=0x80, blacklist_categories=("Cs",)), text)
+deep = st.builds(nested, st.integers(2_000, 200_000), st.sampled_from(["[", "{"]))
+
+
+def hostile_json(meta: dict, field: str, shape) -> bytes:
+    """`meta` with `field` set to `shape`: a str (ASCII-escaped, so a lone surrogate stays one) or a
+    ("deep", json text) pair spliced in as it is."""
+    if isinstance(shape, tuple):
+        body = json.dumps({k: v for k, v in meta.items() if k != field})
+        return (body[:-1] + (", " if len(body) > 2 else "") + json.dumps(field) + ": " + shape[1] + "}").encode()
+    return json.dumps({**meta, field: shape}).encode()            # ensure_ascii: "\ud800" escapes
+
+
+shapes = non_ascii | surrogate_text | deep.map(lambda d: ("deep", d))
+
+
+@settings(max_examples=150, **FUZZ)
+@given(st.sampled_from(["proof", "role", "rank", "nonce", "version", "host"]), shapes)
+def test_live_leader_hostile_hello(leader, field, shape):
+    """Each ends in a REJECT or a close of this connection, at once."""
+    with socket.create_connection(addr_of(leader), timeout=5) as sock:
+        nonce = recv_frame(sock, "leader").meta["nonce"]
+        hello = {"role": "client", "rank": None, "version": PROTOCOL_VERSION, "proof": auth_proof(TOKEN, nonce)}
+        send_and_hang_up(sock, raw_frame(Msg.HELLO, hostile_json(hello, field, shape)))
+
+
+@settings(max_examples=150, **FUZZ)
+@given(st.sampled_from(["request", "prompt", "stop", "strategy", "seed", "logit_bias", "batch"]), shapes)
+def test_live_leader_hostile_generate(leader, field, shape):
+    """After the handshake: an ERROR for this request (or for the frame, then a close), never silence."""
+    with open_client(leader) as sock:
+        sock.sendall(raw_frame(Msg.GENERATE, hostile_json({"request": "h", "prompt_ids": PROMPT, "max_tokens": 1},
+                                                          field, shape)))
+        sock.settimeout(10)
+        try:
+            while (frame := recv_frame(sock, "leader")).msg not in (Msg.ERROR, Msg.DONE):
+                pass
+        except socket.timeout:
+            raise AssertionError(f"no answer in 10 s to a GENERATE with a hostile {field!r}") from None
+        assert frame.msg is Msg.DONE or frame.meta.get("message"), frame
+
+
+def test_a_non_ascii_proof_is_a_failed_authentication(leader):
+    with socket.create_connection(addr_of(leader), timeout=5) as sock:
+        recv_frame(sock, "leader")
+        send_frame(sock, Msg.HELLO, {"role": "client", "rank": None, "version": PROTOCOL_VERSION, "proof": "é" * 64})
+        reply = recv_frame(sock, "leader")
+    assert reply.msg is Msg.REJECT and "authentication failed" in reply.meta["reason"], reply
+
+
+def test_a_hello_nested_too_deeply_closes_that_connection(leader):
+    with socket.create_connection(addr_of(leader), timeout=5) as sock:
+        recv_frame(sock, "leader")
+        sock.sendall(raw_frame(Msg.HELLO, ('{"role": ' + nested(100_000) + "}").encode()))
+        assert frames_until_closed(sock) == []
+    with open(leader.log_path(0), errors="replace") as f:
+        assert "nested too deeply" in f.read()
+
+
+def test_a_lone_surrogate_request_id_is_an_error_for_that_client(leader):
+    """It used to kill the client's sender thread: the client then waited forever."""
+    with open_client(leader) as sock:
+        sock.sendall(raw_frame(Msg.GENERATE, b'{"request": "\\ud800", "prompt_ids": [15496], "max_tokens": 1}'))
+        got = frames_until_closed(sock)
+    assert [f.msg for f in got] == [Msg.ERROR] and "lone UTF-16 surrogate" in got[0].meta["message"], got
+    with LeaderClient.connect(leader.leader_addr, token=TOKEN) as c:
+        assert c.generate(PROMPT, SamplingParams("greedy", max_tokens=2))["token_ids"]
+
+
+def frames_until_closed(sock, timeout: float = 10) -> list:
+    sock.settimeout(timeout)
+    got = []
+    try:
+        while True:
+            got.append(recv_frame(sock, "leader"))
+    except (WireError, ConnectionResetError):
+        return got
+    except socket.timeout:
+        raise AssertionError(f"the leader kept the connection open {timeout}s (sent {got})") from None
 
 
 def test_leader_survived_the_fuzzing(leader, tiny_engine):

@@ -430,7 +430,7 @@ def test_no_token_means_no_proof():
 
 
 def test_non_hex_nonce_is_a_protocol_error():
-    with pytest.raises(ProtocolError, match="not hex"):
+    with pytest.raises(ProtocolError, match="not 64 hex digits"):
         auth_proof("s3cret", "zz")
 
 
@@ -448,3 +448,28 @@ def test_numbers_quoted_in_protocol_doc():
     header = " ".join(f"{b:02x}" for b in encode_frame(Msg.ACT, one, b"\0" * 3072)[:20])
     assert header.replace(" ", "") in doc.replace(" ", "")
     assert f"is {len(encode_frame(Msg.FREE, {'sessions': ['s1']}))} bytes" in doc
+
+
+def _raw(meta: bytes) -> bytes:
+    return HEADER.pack(b"NPIP", PROTOCOL_VERSION, int(Msg.GENERATE), 0, len(meta), 0) + meta
+
+
+@pytest.mark.parametrize("meta, message", [
+    (b'{"request": "\\ud800"}', "lone UTF-16 surrogate"),
+    (b'{"a": ["x", {"b": "\\udfff!"}]}', "lone UTF-16 surrogate"),
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+])
+def test_meta_that_is_not_text_or_too_deep_is_a_protocol_error(meta, message):
+    """Both used to escape as other exceptions: RecursionError from the parser; a lone surrogate
+    parsed fine and then broke whoever tried to send it on (UnicodeEncodeError)."""
+    with pytest.raises(ProtocolError, match=message):
+        decode_frame(_raw(meta))
+
+
+def test_a_surrogate_pair_escape_is_text():
+    assert decode_frame(_raw(b'{"t": "\\ud83d\\ude00 \\\\ud800"}')).meta == {"t": "\U0001F600 \\ud800"}
+
+
+def test_a_meta_that_cannot_be_encoded_is_a_wire_error():
+    with pytest.raises(WireError, match="cannot be sent as UTF-8 JSON"):
+        encode_frame(Msg.TOKEN, {"text": "\ud800"})

@@ -22,8 +22,8 @@ import time
 
 from ..decoding import DecodingError, is_int, request_params
 from ..engine import Request
-from .net import close_now
-from .wire import Msg, WireError, recv_frame, send_frame
+from .net import close_now, welcome
+from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame
 
 WARNING = logging.WARNING
 
@@ -57,6 +57,7 @@ class ClientOutbox:
         self.frames: collections.deque = collections.deque()       # (msg, meta), oldest first
         self.cond = threading.Condition()
         self.closed = False
+        self.sending = False            # a frame is out of the queue, being written
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"send-{peer}")
         self.thread.start()
 
@@ -69,14 +70,19 @@ class ClientOutbox:
                 self._drop(f"{len(self.frames)} frames are waiting for it (limit {self.limit}); it reads too slowly")
                 return
             self.frames.append((msg, meta))
-            self.cond.notify()
+            self.cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued frame is written (True), at most `timeout` s (False)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.closed or (not self.frames and not self.sending), timeout)
 
     def close(self):
         """The connection is over: stop the sender, discard what was not sent."""
         with self.cond:
             self.closed = True
             self.frames.clear()
-            self.cond.notify()
+            self.cond.notify_all()
 
     def _run(self):
         while True:
@@ -86,6 +92,7 @@ class ClientOutbox:
                 if self.closed:
                     return
                 msg, meta = self.frames.popleft()
+                self.sending = True
             try:
                 send_frame(self.sock, msg, meta)
             except OSError as e:
@@ -96,12 +103,15 @@ class ClientOutbox:
                 return
             except WireError as e:      # a frame we cannot encode (too big): a bug, but only this frame's
                 self.log(f"Not sent to client {self.peer}: {e}", WARNING)
+            with self.cond:
+                self.sending = False
+                self.cond.notify_all()
 
     def _drop(self, reason: str):
         """Called with self.cond held."""
         self.closed = True
         self.frames.clear()
-        self.cond.notify()
+        self.cond.notify_all()
         self.log(f"Dropping client {self.peer}: {reason}", WARNING)
         close_now(self.sock)
 
@@ -115,16 +125,20 @@ class ClientProtocol:
     Leader.model_aliases(), Membership._past_grace() / _grace_message().
     """
 
-    def _client_conn(self, sock, peer):
-        send_frame(sock, Msg.WELCOME, {"model": self.model.name, "aliases": self.model_aliases(),
-                                       "n_ctx": self.config.n_ctx})
+    def _client_conn(self, sock, peer, hello):
+        welcome(sock, hello, {"model": self.model.name, "aliases": self.model_aliases(), "n_ctx": self.config.n_ctx})
         _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
         outbox = ClientOutbox(sock, peer, self.log, limit=self.client_queue_max)
         send = outbox.put                # every frame to this client, from any thread, goes through it
         mine: set = set()
         try:
             while True:
-                frame = recv_frame(sock, f"client {peer}", max_payload=0)
+                try:
+                    frame = recv_frame(sock, f"client {peer}", max_payload=0)
+                except ProtocolError as e:      # say why before the connection closes
+                    send(Msg.ERROR, {"message": f"bad frame, closing the connection: {e}", "kind": "invalid"})
+                    outbox.flush(2.0)
+                    raise
                 if frame.msg is Msg.GENERATE and "batch" in frame.meta:
                     self._generate_batch(frame.meta, send, mine)
                 elif frame.msg is Msg.GENERATE:

@@ -25,7 +25,17 @@ from ..logs import leader_logger
 from ..partition import first_last
 from ..weights import synthetic_summary
 from .clients import CLIENT_QUEUE_MAX, ClientProtocol
-from .net import HandshakeError, accept, client_tls, close_now, listen, listen_on, max_act_bytes, server_tls
+from .net import (
+    HandshakeError,
+    accept,
+    client_tls,
+    close_now,
+    listen,
+    listen_on,
+    max_act_bytes,
+    serve_accepts,
+    server_tls,
+)
 from .node import rss_mb
 from .ring import Membership, Ring, WorkerState, _show
 from .wire import ConnectionClosed, WireError
@@ -116,12 +126,11 @@ class Leader(Membership, ClientProtocol):
         threading.Thread(target=self._run_scheduler, daemon=True, name="scheduler").start()
         threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()
         try:
-            while not self.stop_event.is_set():
-                try:
-                    sock, addr = self.srv.accept()
-                except OSError:
-                    break
-                threading.Thread(target=self._handle, args=(sock, addr), daemon=True).start()
+            serve_accepts(self.srv, self._handle, stopped=self.stop_event.is_set, log=self.log,
+                          what=f"the leader's port {host}:{node.port}")
+        except OSError as e:
+            self.log(f"Stopping: {e}", ERROR)
+            raise
         finally:
             self.shutdown()
 
@@ -154,15 +163,18 @@ class Leader(Membership, ClientProtocol):
 
     # -- connections, by role ---------------------------------------------------------------
 
-    def _handle(self, sock, addr):
+    def _handle(self, sock, addr, slot=lambda: None):
+        """One connection: the handshake (slot() frees its place among those pending), then its role."""
         peer = f"{addr[0]}:{addr[1]}"
         try:
             sock, hello = accept(sock, peer=peer, tls=self.tls, token=self.cluster.auth_token,
                                  roles=("worker", "data", "client"))
-        except (HandshakeError, WireError, OSError, ValueError) as e:
+        except (HandshakeError, WireError, OSError, ValueError, RuntimeError) as e:
             self.metrics["rejected_peers"] += 1
             self.log(f"Rejected connection from {peer}: {e}", WARNING)
             return
+        finally:
+            slot()
         role = hello["role"]
         try:
             if role == "worker":
@@ -170,7 +182,7 @@ class Leader(Membership, ClientProtocol):
             elif role == "data":
                 self._data_conn(sock, peer, hello)
             else:
-                self._client_conn(sock, peer)
+                self._client_conn(sock, peer, hello)
         except (WireError, OSError, ValueError) as e:
             if not isinstance(e, ConnectionClosed):
                 self.metrics["bad_frames"] += 1

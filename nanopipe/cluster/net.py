@@ -1,19 +1,27 @@
-"""Connections between nodes: listen, dial with backoff, and the handshake every connection makes.
+"""Connections between nodes: listen, accept, dial with backoff, and the handshake every connection makes.
 
-    peer dials  ->  listener sends CHALLENGE {nonce}
-                <-  peer sends HELLO {role, rank, version, proof = HMAC(token, nonce)}
-    listener checks version and proof, then carries on by role (worker, data, client).
+    peer dials  ->  listener sends CHALLENGE {nonce A}
+                <-  peer sends HELLO {role, rank, version, proof = HMAC(token, A), nonce B}
+    listener checks version and proof, then answers by role: WELCOME {..., proof = HMAC(token,
+    "nanopipe-acceptor" + A + B)} or REJECT; the peer checks WELCOME's proof before it trusts a word.
 
-Nothing about a prompt, a token or an activation is sent before the proof checks out.
+Nothing about a prompt, a token or an activation is sent before the proofs check out, and with a
+token each side has proved to the other that it knows it (wire.py's auth_proof, acceptor_proof).
 
 Without an auth_token every proof passes: anyone who can reach a port can join as a worker, open
-a data link as rank r-1 and feed (or read) activations, or generate. That is fine on a private
-network of your own machines only; the leader says so at start. With a token, a stranger gets
-the CHALLENGE, then a REJECT, and nothing else.
+a data link as rank r-1 and feed (or read) activations, or generate; and a worker trusts whatever
+answers at the leader's address. That is fine on a private network of your own machines only; the
+leader says so at start. With a token, a stranger gets the CHALLENGE, then a REJECT, and nothing
+else, and a node that dials a stranger refuses it.
+
+A listening port serves through `serve_accepts`: running out of file descriptors (EMFILE) or a
+connection aborted before accept() only pauses it; a connection gets HANDSHAKE_TIMEOUT_S in all to
+finish the handshake, and at most MAX_PENDING_HANDSHAKES may be in it at once.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import socket
 import ssl
@@ -27,14 +35,18 @@ from .wire import (
     Msg,
     ProtocolError,
     WireError,
+    acceptor_proof,
+    acceptor_proof_ok,
     auth_proof,
+    is_nonce,
     make_nonce,
     proof_ok,
     recv_frame,
     send_frame,
 )
 
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0     # a dialer's bound on connect + handshake; a listener's on the whole handshake
+MAX_PENDING_HANDSHAKES = 64    # connections a port holds in the handshake at once; more are closed at once
 
 
 class HandshakeError(WireError):
@@ -331,24 +343,160 @@ def dial(host: str, port: int, *, role: str, rank: int | None = None, token: str
     raise AssertionError("unreachable")
 
 
-def accept(sock, *, peer: str, tls, token: str | None, roles: tuple, here: str = "") -> tuple:
-    """The listening side of a new connection, the mirror of `dial`: tune it, bound the handshake in
-    time (a peer that connects and says nothing is dropped), TLS if configured, CHALLENGE / HELLO.
+def accept(sock, *, peer: str, tls, token: str | None, roles: tuple, here: str = "",
+           deadline_s: float = HANDSHAKE_TIMEOUT_S) -> tuple:
+    """The listening side of a new connection, the mirror of `dial`: tune it, TLS if configured,
+    CHALLENGE / HELLO, all within `deadline_s` in total (a peer that connects and says nothing, or
+    says a byte every few seconds, is dropped when it runs out).
 
-    Returns (sock, HELLO meta); under TLS, sock is the TLSStream to use from now on. Raises
-    HandshakeError, WireError, OSError or ValueError after closing the connection. `here` says
-    what this port is, for a peer that asked for a role not served here ("this is worker 1's data
-    port; the leader listens on 10.0.0.1:65432").
+    Returns (sock, HELLO meta); under TLS, sock is the TLSStream to use from now on. Answer with
+    `welcome(sock, hello, meta)` or REJECT. Raises HandshakeError, WireError, OSError or ValueError
+    after closing the connection. `here` says what this port is, for a peer that asked for a role
+    not served here ("this is worker 1's data port; the leader listens on 10.0.0.1:65432").
     """
     try:
-        tune(sock)
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        if tls is not None:
-            sock = tls_wrap(tls, sock, server_side=True)
-        return sock, challenge(sock, token=token, peer=peer, roles=roles, here=here)
-    except BaseException:
+        clock = _Deadline(deadline_s, sock)
+    except RuntimeError:                    # no thread for the timer: as if the deadline had passed
         close_now(sock)
         raise
+    try:
+        tune(sock)
+        sock.settimeout(deadline_s)
+        if tls is not None:
+            sock = clock.watch(tls_wrap(tls, sock, server_side=True))
+        hello = challenge(sock, token=token, peer=peer, roles=roles, here=here)
+        if not clock.stop():
+            raise OSError(errno.ETIMEDOUT, "handshake deadline")
+        return sock, hello
+    except BaseException as e:
+        close_now(sock)
+        if clock.stop() is False and isinstance(e, (OSError, WireError)):
+            raise HandshakeError(f"{peer} did not finish the handshake within {deadline_s:g}s (a stalled or "
+                                 "trickling peer); closed it") from None
+        raise
+
+
+class _Deadline:
+    """Close a socket if the handshake on it is not over after `seconds`, however the peer trickles
+    its bytes (a per-read timeout restarts with every byte). `stop()` ends the wait: True if it was
+    in time, False if the socket was closed for being late."""
+
+    def __init__(self, seconds: float, sock):
+        self.sock, self.lock, self.done, self.expired = sock, threading.Lock(), False, False
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, sock):
+        """From now on close this one (the TLS stream that took the socket over)."""
+        self.sock = sock
+        return sock
+
+    def _expire(self):
+        with self.lock:
+            if self.done:
+                return
+            self.done = self.expired = True
+        close_now(self.sock)
+
+    def stop(self) -> bool:
+        with self.lock:
+            self.done = True
+        self.timer.cancel()
+        return not self.expired
+
+
+class Hello(dict):
+    """A HELLO's meta, plus `answer`: the proof this side owes the dialer in its WELCOME (None
+    without a token, or for a dialer that sent no nonce of its own)."""
+    answer: str | None = None
+
+
+def welcome(sock, hello: Hello, meta: dict | None = None):
+    """Accept the peer: WELCOME with `meta` and this side's proof that it knows the token."""
+    meta = dict(meta or {})
+    if getattr(hello, "answer", None) is not None:
+        meta["proof"] = hello.answer
+    send_frame(sock, Msg.WELCOME, meta)
+
+
+# errors from accept() that say nothing about the listening socket: wait and accept again
+TRANSIENT_ACCEPT_ERRORS = {getattr(errno, name) for name in (
+    "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "ECONNABORTED", "ECONNRESET", "EPROTO", "EPERM", "EINTR",
+    "EAGAIN", "ETIMEDOUT", "ENETDOWN", "ENETUNREACH", "EHOSTDOWN", "EHOSTUNREACH") if hasattr(errno, name)}
+_WHY = {errno.EMFILE: "this process is out of file descriptors (raise `ulimit -n`, or find what holds them)",
+        errno.ENFILE: "the system is out of file descriptors"}
+
+
+def serve_accepts(srv: socket.socket, handle, *, stopped, log, what: str,
+                  max_pending: int = MAX_PENDING_HANDSHAKES, refusal_log_s: float = 10.0):
+    """Accept connections on `srv` until stopped(), each served on its own thread by
+    handle(sock, addr, slot); the handler runs `accept` (the handshake) and calls slot() when it is
+    over, however it ended.
+
+    A transient accept() error (out of file descriptors, a connection aborted in the backlog) is
+    logged once, then accept() is retried with a backoff of 0.05 s doubling to 1 s, and a line says
+    when it works again. With `max_pending` connections still in the handshake a new one is closed
+    at once (logged at most once per `refusal_log_s`). Returns when stopped(); raises OSError if the
+    listening socket itself fails.
+    """
+    pending = threading.Semaphore(max_pending)
+    failing = None                          # (first errno, since when, how many) while accept() fails
+    backoff = 0.05
+    refused, refused_logged = 0, -refusal_log_s
+    while not stopped():
+        try:
+            sock, addr = srv.accept()
+        except OSError as e:
+            if stopped():
+                return
+            if e.errno not in TRANSIENT_ACCEPT_ERRORS:
+                raise OSError(f"{what} stopped accepting connections: {e.strerror or e}") from None
+            if failing is None:
+                failing = (e.errno, time.monotonic(), 0)
+                log(f"Cannot accept connections on {what}: {e.strerror or e}"
+                    + (f"; {_WHY[e.errno]}" if e.errno in _WHY else "")
+                    + "; still serving the connections it has, and retrying", logging.WARNING)
+            failing = (failing[0], failing[1], failing[2] + 1)
+            time.sleep(backoff)
+            backoff = min(1.0, backoff * 2)
+            continue
+        if failing is not None:
+            log(f"Accepting connections on {what} again, after {failing[2]} failed attempt(s) over "
+                f"{time.monotonic() - failing[1]:.1f}s")
+            failing, backoff = None, 0.05
+        if not pending.acquire(blocking=False):
+            close_now(sock)
+            refused += 1
+            if time.monotonic() - refused_logged >= refusal_log_s:
+                log(f"Refused {refused} connection(s) on {what} (the last from {addr[0]}:{addr[1]}): "
+                    f"{max_pending} others are still in the handshake (at most {HANDSHAKE_TIMEOUT_S:g}s each)",
+                    logging.WARNING)
+                refused, refused_logged = 0, time.monotonic()
+            continue
+        slot = _Slot(pending)
+        try:
+            threading.Thread(target=handle, args=(sock, addr, slot), daemon=True,
+                             name=f"conn-{addr[0]}:{addr[1]}").start()
+        except RuntimeError as e:           # can't start new thread: as transient as EMFILE
+            slot()
+            close_now(sock)
+            log(f"Dropped a connection on {what} from {addr[0]}:{addr[1]}: {e}", logging.WARNING)
+            time.sleep(backoff)
+
+
+class _Slot:
+    """One place among the connections in the handshake; calling it frees the place (once)."""
+
+    def __init__(self, sem: threading.Semaphore):
+        self.sem, self.lock, self.freed = sem, threading.Lock(), False
+
+    def __call__(self):
+        with self.lock:
+            if self.freed:
+                return
+            self.freed = True
+        self.sem.release()
 
 
 def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None) -> dict:
@@ -357,8 +505,11 @@ def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None)
         challenge = recv_frame(sock, peer)
         if challenge.msg is not Msg.CHALLENGE:
             raise HandshakeError(f"{peer} opened with {challenge.msg.name}, expected CHALLENGE; is it a nanopipe node?")
-        meta = {"role": role, "rank": rank, "version": PROTOCOL_VERSION,
-                "proof": auth_proof(token, str(challenge.meta.get("nonce", "")))}
+        nonce, mine = challenge.meta.get("nonce"), make_nonce()
+        if token and not is_nonce(nonce):
+            raise HandshakeError(f"{peer} sent a CHALLENGE without a valid nonce; is it a nanopipe node?")
+        meta = {"role": role, "rank": rank, "version": PROTOCOL_VERSION, "proof": auth_proof(token, nonce),
+                "nonce": mine}
         meta.update(extra or {})
         send_frame(sock, Msg.HELLO, meta)
         reply = recv_frame(sock, peer)
@@ -370,13 +521,17 @@ def hello(sock, *, role: str, rank, token, peer: str, extra: dict | None = None)
                              code=code if isinstance(code, str) else None)
     if reply.msg is not Msg.WELCOME:
         raise HandshakeError(f"{peer} answered HELLO with {reply.msg.name}, expected WELCOME")
+    if not acceptor_proof_ok(token, nonce, mine, reply.meta.get("proof")):
+        raise HandshakeError(f"{peer} did not prove that it knows the cluster secret (auth_token / NANOPIPE_TOKEN): "
+                             "it is not a node of this cluster, has no secret set, or runs an older nanopipe; "
+                             "refusing to trust it")
     return reply.meta
 
 
 def challenge(sock, *, token: str | None, peer: str, roles: tuple, here: str = "") -> dict:
-    """The listening side: send CHALLENGE, check HELLO. Returns the HELLO meta; the caller answers
-    WELCOME (with whatever it adds) or REJECT. Raises HandshakeError after sending REJECT."""
-    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    """The listening side: send CHALLENGE, check HELLO. Returns the HELLO meta (a Hello, carrying the
+    proof this side owes); the caller answers `welcome(sock, hello, ...)` or REJECT. Raises
+    HandshakeError after sending REJECT."""
     nonce = make_nonce()
     send_frame(sock, Msg.CHALLENGE, {"nonce": nonce, "version": PROTOCOL_VERSION})
     frame = recv_frame(sock, peer, max_payload=0)
@@ -396,7 +551,10 @@ def challenge(sock, *, token: str | None, peer: str, roles: tuple, here: str = "
                      + (f": {here}" if here else ""))
         raise HandshakeError(f"{peer} asked for role {meta.get('role')!r}; expected {' or '.join(roles)}")
     sock.settimeout(None)
-    return meta
+    hello = Hello(meta)
+    if token and is_nonce(meta.get("nonce")):       # a dialer of an older version sends none, checks none
+        hello.answer = acceptor_proof(token, nonce, meta["nonce"])
+    return hello
 
 
 def reject(sock, reason: str, code: str | None = None):

@@ -30,7 +30,7 @@ import numpy as np
 from ..decoding import is_int, is_number
 from ..engine import Scheduler
 from ..partition import first_last
-from .net import close_now, dial
+from .net import close_now, dial, welcome
 from .node import LinkModel
 from .wire import (
     Msg,
@@ -211,7 +211,7 @@ class Membership:
     max_act_bytes, _building, _last_build, _ring_in_epoch, log; and Leader._weights_summary().
     """
 
-    def _enrol(self, sock, peer):
+    def _enrol(self, sock, peer, hello):
         """`nanopipe join --leader HOST:PORT`: a worker that knows only our address. Give it a free
         rank (one whose host_ip address is the worker's own, if any), the cluster, the model and
         where the weights come from; it then registers with that rank like any worker."""
@@ -232,7 +232,7 @@ class Membership:
         rank = (mine or free)[0]
         cc = self.cluster
         node = cc.node(rank)
-        send_frame(sock, Msg.WELCOME, {"enrol": {
+        welcome(sock, hello, {"enrol": {
             "rank": rank, "host": node.host,
             "nodes": [[n.rank, n.host, n.ip, n.port] for n in cc.nodes], "port": cc.port, "bind": cc.bind,
             "max_sessions": cc.max_sessions, "heartbeat_s": cc.heartbeat_s, "rejoin_grace_s": cc.rejoin_grace_s,
@@ -244,7 +244,7 @@ class Membership:
 
     def _worker_conn(self, sock, peer, hello):
         if hello.get("enrol") is True:
-            return self._enrol(sock, peer)
+            return self._enrol(sock, peer, hello)
         rank = hello.get("rank")
         w = self.workers.get(rank) if type(rank) is int else None
         if w is None:
@@ -271,7 +271,7 @@ class Membership:
         with self.lock:
             pending = self.plan_pending
             place = None if pending else self._place_of(rank)
-        send_frame(sock, Msg.WELCOME, {
+        welcome(sock, hello, {
             "rank": rank, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
             "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model.name, "heartbeat_s": self.cluster.heartbeat_s,
             **(place or {"layers": None})})
@@ -620,7 +620,7 @@ class Membership:
                      "sends activations to the leader", WARNING)
             return
         epoch = hello.get("epoch")
-        send_frame(sock, Msg.WELCOME, {})
+        welcome(sock, hello)
         self._ring_in_epoch = epoch
         name = f"worker {last} ({peer}, data)"
         try:

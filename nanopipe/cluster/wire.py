@@ -32,8 +32,10 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 import socket
+import string
 import struct
 from dataclasses import dataclass
 
@@ -116,7 +118,10 @@ def encode_frame(msg: Msg, meta: dict | None = None, payload: bytes | np.ndarray
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
         raise TypeError(f"{Msg(msg).name} meta must be a dict, got {type(meta).__name__}")
-    meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError, ValueError) as e:   # a lone surrogate; nesting too deep
+        raise WireError(f"{Msg(msg).name} meta cannot be sent as UTF-8 JSON: {type(e).__name__}: {e}") from None
     if len(meta_bytes) > MAX_META_BYTES:
         raise WireError(f"{Msg(msg).name} meta is {len(meta_bytes)} bytes, over the "
                         f"{MAX_META_BYTES}-byte limit; send bulk data as the payload")
@@ -227,45 +232,104 @@ def _parse_header(header: bytes, peer: str, max_payload: int) -> tuple[Msg, int,
     return msg, meta_len, payload_len
 
 
+# a JSON escape of a UTF-16 surrogate (\ud800 to \udfff): only then can a lone one hide in the meta
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _parse_meta(raw: bytes, msg: Msg, peer: str) -> dict:
+    """The meta's JSON object. Refused: bytes that are not UTF-8 JSON, nesting deeper than the
+    parser's recursion limit, and strings with a lone surrogate (`"\\ud800"` is valid JSON but not
+    text: it could never be sent on, so a request id like that would break its answer)."""
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"{peer}: {msg.name} frame meta is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise ProtocolError(f"{peer}: {msg.name} frame meta is nested too deeply to parse") from None
     if not isinstance(meta, dict):
         raise ProtocolError(f"{peer}: {msg.name} frame meta must be a JSON object, "
                             f"got {type(meta).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(f"{peer}: {msg.name} frame meta holds a lone UTF-16 surrogate "
+                                "(a \\ud800-\\udfff escape not in a pair), which is not text") from None
+        except RecursionError:
+            raise ProtocolError(f"{peer}: {msg.name} frame meta is nested too deeply to parse") from None
     return meta
 
 
 # ---------------------------------------------------------------------------------------------
-# the handshake's proof: the peer shows it knows the cluster token without sending it
+# the handshake's proofs: each side shows it knows the cluster token without sending it
+#
+#   listener --CHALLENGE {nonce: A}-->  dialer           A, B: 32 fresh random bytes, as 64 hex digits
+#   listener <--HELLO {proof: HMAC(token, A), nonce: B}--  dialer          (auth_proof)
+#   listener --WELCOME {proof: HMAC(token, "nanopipe-acceptor" + A + B)}-->  dialer   (acceptor_proof)
+#
+# The two messages differ in length (32 bytes, 17 + 64 bytes) and a dialer signs only a 32-byte
+# nonce, so one side's proof can never be passed off as the other's.
+
+NONCE_BYTES = 32
+ACCEPTOR_TAG = b"nanopipe-acceptor"
+
 
 def make_nonce() -> str:
-    """A fresh CHALLENGE nonce: 32 random bytes as 64 hex characters."""
-    return secrets.token_hex(32)
+    """A fresh nonce (CHALLENGE's, or the dialer's in HELLO): 32 random bytes as 64 hex characters."""
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def is_nonce(x) -> bool:
+    """Exactly 64 hex digits, as make_nonce makes."""
+    return isinstance(x, str) and len(x) == 2 * NONCE_BYTES and all(c in string.hexdigits for c in x)
+
+
+def _hmac(token: str, message: bytes) -> str:
+    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def _nonce_bytes(nonce, what: str) -> bytes:
+    if not is_nonce(nonce):
+        raise ProtocolError(f"{what} nonce {str(nonce)[:80]!r} is not {2 * NONCE_BYTES} hex digits")
+    return bytes.fromhex(nonce)
 
 
 def auth_proof(token: str | None, nonce: str) -> str | None:
-    """HELLO's "proof": HMAC-SHA256 keyed by the token over the nonce's bytes, as hex.
+    """HELLO's "proof": HMAC-SHA256 keyed by the token over the CHALLENGE nonce's bytes, as hex.
 
     None when the cluster runs without a token. A new nonce per connection means a proof
     overheard on the network cannot be replayed.
     """
     if not token:
         return None
-    try:
-        message = bytes.fromhex(nonce)
-    except (TypeError, ValueError):
-        raise ProtocolError(f"CHALLENGE nonce {nonce!r} is not hex") from None
-    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+    return _hmac(token, _nonce_bytes(nonce, "CHALLENGE"))
+
+
+def acceptor_proof(token: str | None, nonce: str, hello_nonce: str) -> str | None:
+    """WELCOME's "proof": the listening side's answer to the dialer's own nonce, HMAC-SHA256 keyed by
+    the token over b"nanopipe-acceptor" + CHALLENGE nonce + HELLO nonce. None without a token."""
+    if not token:
+        return None
+    return _hmac(token, ACCEPTOR_TAG + _nonce_bytes(nonce, "CHALLENGE") + _nonce_bytes(hello_nonce, "HELLO"))
+
+
+def _same(proof, expected: str) -> bool:
+    # compare_digest raises TypeError on a non-ASCII str: such a proof is simply wrong
+    return isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
 
 
 def proof_ok(token: str | None, nonce: str, proof) -> bool:
     """Does HELLO's proof match? Always true when the cluster has no token."""
     if not token:
         return True
-    return isinstance(proof, str) and hmac.compare_digest(proof, auth_proof(token, nonce))
+    return _same(proof, auth_proof(token, nonce))
+
+
+def acceptor_proof_ok(token: str | None, nonce: str, hello_nonce: str, proof) -> bool:
+    """Does WELCOME's proof match? Always true when this side has no token (nothing to check with)."""
+    if not token:
+        return True
+    return _same(proof, acceptor_proof(token, nonce, hello_nonce))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ from .net import (
     dial,
     listen,
     max_act_bytes,
+    serve_accepts,
     server_tls,
+    welcome,
 )
 from .node import LinkModel, rss_mb
 from .wire import (
@@ -117,6 +119,7 @@ class Worker:
         self.compute_ms = 0.0
         self.frames = 0
         self.stop_event = threading.Event()
+        self.fatal: str | None = None   # why the worker stopped by itself (`join` exits non-zero with it)
         self.srv = None
         self.tls_server = server_tls(cluster.tls_cert, cluster.tls_key)
         self.tls_client = client_tls(cluster.tls_cert)
@@ -154,8 +157,12 @@ class Worker:
             try:
                 self._session(sock)
             except (WireError, OSError) as e:
-                if not isinstance(e, ConnectionClosed):
+                if not isinstance(e, ConnectionClosed) and not self.stop_event.is_set():
                     self.log(f"Lost the leader: {e}", logging.WARNING)
+            except (KeyError, TypeError, ValueError) as e:     # a WELCOME or plan missing a field, or of a wrong type
+                self.log(f"The leader at {leader.ip}:{leader.port} sent what this worker cannot use "
+                         f"({type(e).__name__}: {e}); is it the same nanopipe version?", logging.ERROR)
+                raise SystemExit(2) from None
             finally:
                 sock.close()
                 self.control_sock = self.epoch = None
@@ -165,6 +172,8 @@ class Worker:
                 break
             self.log("Leader connection closed; reconnecting", logging.WARNING)
             time.sleep(0.5)
+        if self.fatal is not None:
+            raise SystemExit(2)             # stop() logged why
 
     def _session(self, sock):
         welcome = dict(self._last_welcome)
@@ -323,26 +332,39 @@ class Worker:
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     def _accept_loop(self):
-        while not self.stop_event.is_set():
-            try:
-                sock, addr = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._upstream, args=(sock, addr), daemon=True).start()
+        """The data port's accept loop (net.serve_accepts: EMFILE and the like only pause it). If the
+        port itself fails the worker is of no use to the ring: it stops, saying why (`fatal`)."""
+        try:
+            serve_accepts(self.srv, self._upstream, stopped=self.stop_event.is_set, log=self.log,
+                          what=f"worker {self.rank}'s data port {self.node.port}")
+        except Exception as e:
+            self.stop(f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e))
 
-    def _upstream(self, sock, addr):
+    def stop(self, fatal: str | None = None):
+        """Stop serving; with `fatal`, the reason `run` then exits with (logged here)."""
+        if fatal is not None:
+            self.fatal = fatal
+            self.log(f"Stopping: {fatal}", logging.ERROR)
+        self.stop_event.set()
+        close_now(self.control_sock)            # wakes run(), which sees stop_event and returns
+        close_now(self.srv)
+
+    def _upstream(self, sock, addr, slot=lambda: None):
         peer = f"{addr[0]}:{addr[1]}"
         try:
             leader = self.cluster.leader
-            sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token, roles=("data",),
-                                 here=f"this is worker {self.rank}'s data port; the leader listens on "
-                                      f"{leader.ip}:{leader.port}")
+            try:
+                sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token,
+                                     roles=("data",), here=f"this is worker {self.rank}'s data port; the leader "
+                                                           f"listens on {leader.ip}:{leader.port}")
+            finally:
+                slot()
             if hello.get("rank") != self.prev_rank:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
                                                         f"{self.prev_rank} only"})
                 raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.prev_rank}")
-            send_frame(sock, Msg.WELCOME, {"rank": self.rank})
-        except (WireError, OSError, ValueError) as e:
+            welcome(sock, hello, {"rank": self.rank})
+        except (WireError, OSError, ValueError, RuntimeError) as e:
             self.log(f"Rejected data connection from {peer}: {e}", logging.WARNING)
             close_now(sock)
             return

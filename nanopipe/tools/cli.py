@@ -7,7 +7,7 @@ import platform
 
 import click
 
-from ..config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound
+from ..config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound, weights_file
 from .planning import (
     SetupError,
     configured_weights,
@@ -646,7 +646,7 @@ def _join_leader(addr, config_dir, weights_path, n_head):
                                               f"{host}:{port}"))
         sock.close()
     except HandshakeError as e:
-        raise UserError(f"the leader at {host}:{port} refused: {e}") from None
+        raise UserError(f"cannot join the leader at {host}:{port}: {e}") from None
     except (OSError, WireError) as e:
         raise UserError(str(e)) from None
     e = welcome.get("enrol")
@@ -672,7 +672,10 @@ def _join_leader(addr, config_dir, weights_path, n_head):
         src = e.get("weights")
         if not isinstance(src, dict) or not src.get("url"):
             raise UserError("the leader has no weights source (model_weights.yaml) to give; pass --weights FILE")
-        full = os.path.join("weights", str(src["filename"]))
+        try:
+            full = weights_file(src.get("filename"), what=f"the weights file name the leader at {host}:{port} sent")
+        except ConfigError as e:
+            raise UserError(f"{e}; refusing to write anywhere for this leader") from None
         if os.path.exists(full):
             weights_path = full
         else:
@@ -735,7 +738,7 @@ def pull(name, config_dir, layers, rank0, out_dir, url):
         src = load_weights_config(config_dir, name)
     except ConfigError as e:
         raise UserError(str(e)) from None
-    dest = os.path.join(out_dir, src.filename)
+    dest = weights_file(src.filename, out_dir)
     try:
         if layers:
             lo, hi = parse_layers(layers)
@@ -791,7 +794,7 @@ def _find_real_weights(config_dir, model_name=None):
     try:
         from ..config import load_model_config, load_weights_config
         mc = load_model_config(config_dir, model_name)
-        path = os.path.join("weights", load_weights_config(config_dir, mc.weights_model_name).filename)
+        path = weights_file(load_weights_config(config_dir, mc.weights_model_name).filename)
         return path if os.path.exists(path) else None
     except ConfigNotFound:      # no configs here: synthetic weights (a broken config is an error)
         return None

@@ -16,7 +16,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..config import ConfigError, ConfigNotFound
+from ..config import ConfigError, ConfigNotFound, weights_file
 
 
 class SetupError(RuntimeError):
@@ -30,7 +30,7 @@ def configured_weights(config_dir: str, model_name: str | None, weights_path: st
     from ..config import load_model_config, load_weights_config
     mc = load_model_config(config_dir, model_name)
     src = load_weights_config(config_dir, mc.weights_model_name)
-    return os.path.join("weights", src.filename)
+    return weights_file(src.filename)
 
 
 def cluster_if_any(config_dir: str):
@@ -77,7 +77,7 @@ def planning_shape(config_dir, mc, src):
     """
     from ..weights import SIZES
     cfg = model_shape(config_dir, mc, None)
-    full = os.path.join("weights", src.filename)
+    full = weights_file(src.filename)
     if mc.partition != "balanced" or os.path.exists(full) or mc.weights_model_name in SIZES:
         return cfg
     from ..gpt2_tensors import base_name
@@ -254,7 +254,7 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
         # the leader says which blocks once every node is measured: pull them then (join's fetch);
         # weights_path stays None unless the whole file is here
         src = load_weights_config(config_dir, mc.weights_model_name)
-        full = os.path.join("weights", src.filename)
+        full = weights_file(src.filename)
         weights_path = full if os.path.exists(full) else None
         if weights_path is None:
             offer_synthetic(mc, full)

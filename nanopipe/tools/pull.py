@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 
 from .. import gpt2_tensors as gt
+from ..config import ConfigError, weights_file
 from ..safetensors_io import Header, SafetensorsError, parse_header, read_header
 from ..weights import is_synthetic, synthetic_note
 
@@ -718,7 +719,10 @@ def ensure_weights(name: str, weights_cfg_entry: dict, weights_dir: str = "weigh
     """
     log(f"Checking for model weights ({name})...")
     entry = dict(weights_cfg_entry or {})
-    full = os.path.join(weights_dir, entry.get("filename") or f"{name}.safetensors")
+    try:       # the name may come from a leader (`join --leader`): a plain file name in weights_dir, or nothing
+        full = weights_file(entry.get("filename") or f"{name}.safetensors", weights_dir)
+    except ConfigError as e:
+        raise PullError(str(e)) from None
     url, sha256 = entry.get("url"), entry.get("sha256")
     path = _synthetic_here(full, layers, rank0)   # a node runs synthetic weights it finds; `pull` replaces them
     if path is None and layers is not None:
