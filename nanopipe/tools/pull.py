@@ -32,8 +32,8 @@ import urllib.error
 import urllib.request
 
 from .. import gpt2_tensors as gt
-from ..safetensors_io import Header, SafetensorsError, parse_header, read_header
-from ..weights import is_synthetic, synthetic_note
+from ..safetensors_io import MAX_HEADER_BYTES, Header, SafetensorsError, parse_header, read_header
+from ..weights import WeightsError, check_metadata, is_synthetic, synthetic_note
 
 USER_AGENT = "nanopipe-pull/0.1"
 RESUMES = 3           # how many dropped connections one pull() rides out before giving up
@@ -208,8 +208,11 @@ def verify(path: str, sha256: str | None = None, expected_size: int | None = Non
     """
     try:
         header = read_header(path)
+        check_metadata(header, path)
     except (SafetensorsError, OSError) as e:
         raise PullError(f"{path}: not a valid safetensors file ({e})") from None
+    except WeightsError as e:
+        raise PullError(str(e)) from None
     size = os.path.getsize(path)
     if expected_size is not None and size != expected_size:
         raise PullError(f"{path}: has {size} bytes but the server announced {expected_size} "
@@ -286,16 +289,59 @@ class _Dropped(Exception):
     """The connection ended before the announced number of bytes arrived."""
 
 
-def _open(url: str, start: int = 0, end: int | None = None, *, timeout: float, dest: str):
-    """GET url, with `Range: bytes=start-(end-1)` unless start == 0 and end is None.
+class _KeepLinkedEtag(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib's own handler, and keeps the `X-Linked-Etag` a hop carried.
+
+    The hub answers a file stored in LFS with a redirect to its CDN whose `X-Linked-Etag` is the
+    file's sha256; the CDN's own answer may not repeat it, so it is read off the redirect.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        origin = getattr(req, "origin", req)
+        if headers.get("X-Linked-Etag"):
+            origin.linked_etag = headers["X-Linked-Etag"]
+        if new is not None:
+            new.origin = origin
+        return new
+
+
+_OPENER = urllib.request.build_opener(_KeepLinkedEtag)
+
+
+def published_sha256(resp) -> str | None:
+    """The sha256 the server publishes for the file, if it does: the hub's `X-Linked-Etag`
+    ('"9f3c...64 hex digits"', quotes and all), on the answer or on a redirect before it."""
+    value = resp.headers.get("X-Linked-Etag") or getattr(resp, "linked_etag", None) or ""
+    value = value.strip().removeprefix("W/").strip('"').lower()
+    return value if re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def validator(resp) -> str | None:
+    """What identifies this version of the file for `If-Range`: a strong ETag, else Last-Modified."""
+    etag = (resp.headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/"):       # If-Range takes strong validators only
+        return etag
+    return (resp.headers.get("Last-Modified") or "").strip() or None
+
+
+def _open(url: str, start: int = 0, end: int | None = None, *, timeout: float, dest: str,
+          if_range: str | None = None):
+    """GET url, with `Range: bytes=start-(end-1)` unless start == 0 and end is None, and with
+    `If-Range: if_range` (the server sends the whole file, 200, if it changed since) when given.
 
     Returns the response; network failures and HTTP errors other than 416 become PullErrors.
     """
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if start or end is not None:
         headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if if_range:
+            headers["If-Range"] = if_range
+    req = urllib.request.Request(url, headers=headers)
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        resp = _OPENER.open(req, timeout=timeout)
+        resp.linked_etag = getattr(req, "linked_etag", None)
+        return resp
     except urllib.error.HTTPError as e:
         if e.code == 416:
             raise
@@ -365,12 +411,44 @@ def _size(path: str) -> int:
 # the whole file
 
 
+def _seen_path(part: str) -> str:
+    return part + ".seen"
+
+
+def _read_seen(part: str) -> dict:
+    """What the server said about the file when `part` was begun: {"if_range": ETag or
+    Last-Modified, "sha256": its published checksum}, kept beside the part file ({} if unknown)."""
+    try:
+        with open(_seen_path(part)) as f:
+            seen = json.load(f)
+        return {k: v for k, v in seen.items() if k in ("if_range", "sha256") and isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _write_seen(part: str, resp) -> None:
+    seen = {"if_range": validator(resp), "sha256": published_sha256(resp)}
+    with open(_seen_path(part), "w") as f:
+        json.dump({k: v for k, v in seen.items() if v}, f)
+
+
+def _forget_seen(part: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(_seen_path(part))
+
+
 def _open_resumed(url: str, part: str, *, timeout: float, out, dest: str):
     """Open a GET that continues `part`. Returns (response or None if part is already whole,
-    offset the body starts at, total file size or None)."""
+    offset the body starts at, total file size or None).
+
+    The resume carries `If-Range` with the ETag (or Last-Modified) the first answer gave, so a file
+    that changed on the server in between comes whole from byte 0 (200) instead of its second half
+    being glued to the old first half.
+    """
     have = _size(part)
+    seen = _read_seen(part) if have else {}
     try:
-        resp = _open(url, have, timeout=timeout, dest=dest)
+        resp = _open(url, have, timeout=timeout, dest=dest, if_range=seen.get("if_range"))
     except urllib.error.HTTPError as e:   # 416: nothing left past `have`
         e.close()
         total = _content_range_total(e.headers.get("Content-Range"))
@@ -385,10 +463,17 @@ def _open_resumed(url: str, part: str, *, timeout: float, out, dest: str):
             resp.close()
             raise PullError(f"{url}: asked to resume at byte {have} but the server answered from byte "
                             f"{start}; delete {part} and run again")
+        if not seen:
+            _write_seen(part, resp)
         return resp, have, total
-    if have:
+    if have and seen.get("if_range"):
+        out.write(f"{url}: the file changed on the server since {part} was begun (it was "
+                  f"{seen['if_range'][:80]}, now {(validator(resp) or 'unknown')[:80]}); "
+                  f"restarting from zero, discarding {have} bytes\n")
+    elif have:
         out.write(f"{url}: the server does not support resuming (no HTTP Range); "
                   f"restarting from zero, discarding {have} bytes of {part}\n")
+    _write_seen(part, resp)
     return resp, 0, _length(resp)
 
 
@@ -452,11 +537,15 @@ def _fetch_verified(fetch, check, url, dest, part, out, advice: str) -> str:
             check(part)
             break
         except PullError as e:
-            os.remove(part)
+            aside = dest + ".corrupt"        # one kept for a look, replaced by the next: no disk filling up
+            os.replace(part, aside)
+            _forget_seen(part)
             if attempt == 2:
-                raise PullError(f"{url}: the download failed verification twice ({e}); {advice}") from None
-            out.write(f"{e}; deleted it, downloading again\n")
+                raise PullError(f"{url}: the download failed verification twice ({e}); moved it to {aside}; "
+                                f"{advice}") from None
+            out.write(f"{e}; moved it to {aside}, downloading again\n")
     os.replace(part, dest)
+    _forget_seen(part)
     return dest
 
 
@@ -465,8 +554,18 @@ def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> st
 
     def fetch():
         got["total"] = _fetch_whole(url, part, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+        got["published"] = _read_seen(part).get("sha256")
 
-    return _fetch_verified(fetch, lambda path: verify(path, sha256, got["total"]), url, dest, part, out,
+    def check(path):
+        verify(path, sha256, got["total"])
+        published = got["published"]
+        actual = sha256_of(path) if published and not sha256 else published
+        if actual != published:
+            raise PullError(f"{path}: sha256 is {actual}, but the server publishes {published} "
+                            "for this file (X-Linked-Etag): the download is damaged, or the file changed "
+                            "on the server while it was being fetched")
+
+    return _fetch_verified(fetch, check, url, dest, part, out,
                            f"check the url and sha256 for this model in the config, or {_what_to_do(dest)}")
 
 
@@ -497,12 +596,17 @@ def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/") -> H
     """Read a remote file's safetensors header with two small Range requests."""
     head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest)
     (n,) = struct.unpack("<Q", head8)
+    if n > MAX_HEADER_BYTES:     # asked for before the size is known ('/*'): read no more than the format allows
+        raise PullError(f"{url}: header claims {n} bytes (a safetensors header has at most {MAX_HEADER_BYTES}); "
+                        "not a safetensors file; check the url for this model in the config")
     if total is not None and 8 + n > total:
         raise PullError(f"{url}: header claims {n} bytes but the file has {total}; not a safetensors file")
     try:
         blob, _ = _get_range(url, 8, 8 + n, timeout=timeout, dest=dest)
-        return parse_header(head8 + blob, url, file_size=total)
-    except SafetensorsError as e:
+        header = parse_header(head8 + blob, url, file_size=total)
+        check_metadata(header, url)
+        return header
+    except (SafetensorsError, WeightsError) as e:
         raise PullError(f"{e}; check the url for this model in the config") from None
 
 
