@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import reprlib
 import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from .logs import shown
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
 
@@ -33,10 +34,6 @@ DTYPES = {
 NUMPY_TO_DTYPE = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
                   np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<i2"): "I16",
                   np.dtype("i1"): "I8", np.dtype("u1"): "U8", np.dtype("?"): "BOOL"}
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 40, 40, 4, 4, 2
 
 
 class SafetensorsError(ValueError):
@@ -98,13 +95,6 @@ def parse_header(prefix: bytes, source: str, file_size: int | None = None) -> He
         tensors[name] = _tensor_info(name, info, data_start, source, file_size)
     _check_overlaps(tensors.values(), source)
     return Header(tensors, dict(metadata), data_start, file_size)
-
-
-def shown(value, limit: int = 60) -> str:
-    """repr(value) cut to about `limit` characters, for error messages about untrusted values:
-    shown("x" * 1000) -> "'xxxxxxxx...xxxx' (1002 characters)". Never builds a long repr of a big list."""
-    r = _SHORT.repr(value)
-    return r if len(r) <= limit else f"{r[:limit - 3]}..."
 
 
 def _is_count(x) -> bool:

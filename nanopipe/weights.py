@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import gpt2_tensors as gt
+from .logs import shown
 from .model import GPTConfig
-from .safetensors_io import Header, SafetensorsError, read_header, read_tensor, shown, to_float32, write_safetensors
+from .safetensors_io import Header, SafetensorsError, read_header, read_tensor, to_float32, write_safetensors
 
 KNOWN_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}   # gpt2, -medium, -large, -xl
 SIZES = {  # n_layer, n_embd, n_head
