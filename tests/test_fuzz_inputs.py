@@ -140,6 +140,13 @@ def test_bodies_the_app_once_failed_on_are_a_400(web, path, body, says):
     assert_still_serves(web)
 
 
+@pytest.mark.parametrize("body", [{"prompt": "x", "q" * 100_000: 1}, {"prompt": "x", "stream": "y" * 100_000},
+                                  {"prompt": "x", "echo": [list(range(50))] * 30}])
+def test_messages_about_long_values_are_cut(web, body):
+    status, text = post(web, "/v1/completions", body)
+    assert status == 400 and len(json.loads(text)["error"]["message"]) < 1000, text[:2000]
+
+
 ROUTES = {"/v1/completions": ("prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stop", "seed",
                               "logprobs", "echo", "logit_bias", "frequency_penalty", "presence_penalty",
                               "repetition_penalty", "best_of", "suffix", "user", "model", "stream_options"),

@@ -556,3 +556,35 @@ def test_slice_header_claiming_a_terabyte_is_refused_before_reading_it(server, s
     with pytest.raises(PullError, match=r"header claims 1099511627776 bytes \(a safetensors header has at most"):
         fetch(server, slice_path(str(tmp_path / "model.safetensors"), 0, 1), path="/huge/model.safetensors",
               layers=(0, 1))
+
+
+def test_slice_of_a_file_that_changed_between_runs_is_fetched_again(server, source, tmp_path):
+    """The slice's header records the source's ETag, so a part begun from the old version no longer
+    matches and is started again: the slice holds only the new version's bytes."""
+    _, data, _ = source
+    dest = str(tmp_path / "s.safetensors")
+    server.cut_after, server.cuts = 10_000, P.RESUMES + 1
+    with pytest.raises(PullError, match="run the same command again to resume"):
+        fetch(server, dest, layers=(1, 3), rank0=False)
+    server.cuts = 0
+    new = changed(data)
+    server.files["/gpt2/model.safetensors"] = new
+    fetch(server, dest, layers=(1, 3), rank0=False)
+    fresh = tmp_path / "new.safetensors"
+    fresh.write_bytes(new)
+    assert_same_tensors(dest, str(fresh), [f"h.{i}.{n}" for i in (1, 2) for n in block_names()])
+    assert read_header(dest).metadata["nanopipe_source_version"] == f'"{hashlib.sha256(new).hexdigest()}"'
+
+
+def test_slice_source_changing_mid_fetch_is_a_clear_error(server, source, tmp_path):
+    _, data, _ = source
+    original = server._serve
+
+    def serve_then_change(h):          # the header's two requests see the old file, the blocks the new
+        original(h)
+        if len(server.requests) == 2:
+            server.files["/gpt2/model.safetensors"] = changed(data)
+
+    server._serve = serve_then_change
+    with pytest.raises(PullError, match="the file changed on the server while its blocks were being fetched"):
+        fetch(server, str(tmp_path / "s.safetensors"), layers=(1, 3), rank0=False)

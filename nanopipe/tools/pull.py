@@ -573,10 +573,13 @@ def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> st
 # a slice: header by Range, then only the stage's tensors
 
 
-def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str) -> tuple:
-    """Bytes [start, end) of url and the file's total size; insists on a 206 answer."""
+def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str, seen: dict | None = None) -> tuple:
+    """Bytes [start, end) of url and the file's total size; insists on a 206 answer. `seen`, when
+    given, gets the answer's validator (ETag or Last-Modified) under "if_range"."""
     resp = _open(url, start, end, timeout=timeout, dest=dest)
     with resp:
+        if seen is not None:
+            seen["if_range"] = validator(resp)
         if resp.status != 206:
             raise PullError(f"{url}: the server does not support HTTP Range requests, so a slice cannot be "
                             "fetched; download the full file instead (`nanopipe pull NAME` without --layers)")
@@ -592,9 +595,9 @@ def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str) -> 
     return data, total
 
 
-def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/") -> Header:
-    """Read a remote file's safetensors header with two small Range requests."""
-    head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest)
+def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/", seen: dict | None = None) -> Header:
+    """Read a remote file's safetensors header with two small Range requests (`seen`: see _get_range)."""
+    head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest, seen=seen)
     (n,) = struct.unpack("<Q", head8)
     if n > MAX_HEADER_BYTES:     # asked for before the size is known ('/*'): read no more than the format allows
         raise PullError(f"{url}: header claims {n} bytes (a safetensors header has at most {MAX_HEADER_BYTES}); "
@@ -610,9 +613,13 @@ def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/") -> H
         raise PullError(f"{e}; check the url for this model in the config") from None
 
 
-def _slice_metadata(header: Header, url: str, lo: int, hi: int) -> dict:
-    """The source's metadata, plus what a loader cannot read off a slice's own tensor shapes."""
+def _slice_metadata(header: Header, url: str, lo: int, hi: int, version: str | None = None) -> dict:
+    """The source's metadata, plus what a loader cannot read off a slice's own tensor shapes, and
+    the version of the source (its ETag) the bytes come from: a part file begun from another
+    version has another header, so it is started again rather than continued."""
     meta = dict(header.metadata)
+    if version:
+        meta["nanopipe_source_version"] = version
     t = {_base(n): v for n, v in header.tensors.items()}
     meta.setdefault("n_layer", str(_n_layer(t)))
     if "wte.weight" in t:
@@ -639,7 +646,7 @@ def _header_bytes(infos, metadata: dict) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
-def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, out, dest) -> None:
+def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, out, dest, if_range=None) -> None:
     """Write prefix + the bytes of each run into part, resuming a part that has the same prefix."""
     need = len(prefix) + sum(e - b for b, e in runs)
 
@@ -659,7 +666,8 @@ def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, ou
                         if skip >= e - b:
                             skip -= e - b
                             continue
-                        _fetch_run(url, b + skip, e, f, bar, timeout=timeout, chunk=chunk, dest=dest)
+                        _fetch_run(url, b + skip, e, f, bar, timeout=timeout, chunk=chunk, dest=dest,
+                                   if_range=if_range)
                         skip = 0
             finally:
                 bar.finish()
@@ -672,10 +680,14 @@ def _read_prefix(path: str, n: int) -> bytes:
         return f.read(n)
 
 
-def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest) -> None:
-    resp = _open(url, b, e, timeout=timeout, dest=dest)
+def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest, if_range=None) -> None:
+    resp = _open(url, b, e, timeout=timeout, dest=dest, if_range=if_range)
     with resp:
         start, _ = _content_range(resp)
+        if resp.status == 200 and if_range:
+            raise PullError(f"{url}: the file changed on the server while its blocks were being fetched (it was "
+                            f"{if_range[:80]}, now {(validator(resp) or 'unknown')[:80]}); run the same command "
+                            "again to fetch the new version")
         if resp.status != 206 or start != b:
             sent = "the whole file" if resp.status == 200 else f"HTTP {resp.status} from byte {start}"
             raise PullError(f"{url}: asked for bytes {b}-{e - 1} but the server sent {sent}; "
@@ -684,9 +696,10 @@ def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest) -> None:
 
 
 def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out) -> str:
-    header = remote_header(url, timeout=timeout, dest=dest)
+    seen = {}
+    header = remote_header(url, timeout=timeout, dest=dest, seen=seen)
     infos = select_tensors(header, lo, hi, rank0, source=url)
-    prefix = _header_bytes(infos, _slice_metadata(header, url, lo, hi))
+    prefix = _header_bytes(infos, _slice_metadata(header, url, lo, hi, seen.get("if_range")))
     runs = merge_ranges(infos)
     size = len(prefix) + sum(t.nbytes for t in infos)
     if progress:
@@ -695,7 +708,8 @@ def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out
         out.write(f"{url}: blocks {lo}..{hi - 1}{extra}: {len(infos)} tensors, "
                   f"{_mb(size)} of {_mb(total)} in {len(runs)} range requests\n")
     def fetch():
-        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest,
+                     if_range=seen.get("if_range"))
 
     def check(path):
         if set(verify(path, expected_size=size).tensors) != {t.name for t in infos}:

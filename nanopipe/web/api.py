@@ -21,6 +21,7 @@ from flask import Response, current_app, g, jsonify, request
 
 from ..cluster.client import ClientError, LeaderClient
 from ..decoding import EOT, DecodingError, SamplingParams, check_stop, request_params
+from ..logs import shown
 from .metrics import WebMetrics
 
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
@@ -152,7 +153,9 @@ def optional(body: dict, field: str, check, what: str):
     if value is None:
         return None
     if not check(value):
-        raise ApiError(400, f"{field}: must be {what} (got {json.dumps(value)})", param=field)
+        got = json.dumps(value)
+        raise ApiError(400, f"{field}: must be {what} (got {got if len(got) <= 80 else got[:77] + '...'})",
+                       param=field)
     return value
 
 
@@ -277,7 +280,7 @@ def check_fields(body: dict, known) -> None:
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ApiError(400, f"unknown field {unknown[0]!r}{hint}; known fields: {', '.join(known)}",
+        raise ApiError(400, f"unknown field {shown(unknown[0])}{hint}; known fields: {', '.join(known)}",
                        param=unknown[0])
 
 
