@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import gpt2_tensors as gt
-from .logs import shown
 from .model import GPTConfig
-from .safetensors_io import Header, SafetensorsError, read_header, read_tensor, to_float32, write_safetensors
+from .safetensors_io import Header, SafetensorsError, read_header, read_tensor, shown, to_float32, write_safetensors
 
 KNOWN_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}   # gpt2, -medium, -large, -xl
 SIZES = {  # n_layer, n_embd, n_head
@@ -111,46 +110,6 @@ def resolve_n_head(header: Header, path: str, n_embd: int, n_head: int | None = 
     return n_head
 
 
-# What a file's metadata may claim about the model, checked before anything is sized from it. Where
-# the file's own tensors can say (the blocks it holds, wte's and wpe's shapes), the claim must agree;
-# where they cannot (a worker's slice holds neither the other blocks nor wte), it must be at most this.
-METADATA_LIMITS = {"n_layer": 4096, "n_head": 4096, "n_ctx": 1 << 16, "n_vocab": 1 << 20}
-
-
-def check_metadata(header: Header, path: str) -> dict:
-    """The model sizes a file's metadata claims, as ints, checked against the tensors present.
-
-        {"n_layer": "12", "n_head": "12"} in a file holding blocks 0..3 -> {"n_layer": 12, "n_head": 12}
-        {"n_layer": "1000000000"} -> WeightsError (no GPT-2 has that many blocks)
-        {"n_layer": "2"} in a file holding blocks 0..3 -> WeightsError (it holds more than that)
-    """
-    meta, claims = header.metadata, {}
-    for key, limit in METADATA_LIMITS.items():
-        if key not in meta:
-            continue
-        text = meta[key].strip()
-        if not (text.isascii() and text.isdigit() and len(text) < 12 and 1 <= int(text) <= limit):
-            raise WeightsError(f"{path}: metadata says {key}={shown(meta[key])}, which is not a whole number in "
-                               f"1..{limit}; the file is damaged or not a GPT-2 file: pull it again")
-        claims[key] = int(text)
-    prefix = gt.file_prefix(header.tensors)
-    if prefix is None:
-        return claims
-    layers = layer_indices(header, prefix)
-    if layers and layers[-1] >= METADATA_LIMITS["n_layer"]:
-        raise WeightsError(f"{path}: holds a block h.{layers[-1]}, past the {METADATA_LIMITS['n_layer']} "
-                           "blocks any GPT-2 has; the file is damaged: pull it again")
-    if layers and claims.get("n_layer", layers[-1] + 1) <= layers[-1]:
-        raise WeightsError(f"{path}: metadata says n_layer={claims['n_layer']} but the file holds block "
-                           f"h.{layers[-1]}; the file is damaged: pull it again")
-    for key, tensor, dim in (("n_vocab", "wte.weight", 0), ("n_ctx", "wpe.weight", 0)):
-        info = header.tensors.get(prefix + tensor)
-        if key in claims and info is not None and info.shape and info.shape[dim] != claims[key]:
-            raise WeightsError(f"{path}: metadata says {key}={claims[key]} but {prefix}{tensor} has shape "
-                               f"{list(info.shape)}; the file is damaged: pull it again")
-    return claims
-
-
 def read_config(path: str, n_head: int | None = None) -> tuple:
     """Infer (GPTConfig, Header, prefix) from a file's tensor shapes. n_layer counts the blocks the
     file holds unless its metadata records the full model's ('n_layer'), as slice files do."""
@@ -161,8 +120,7 @@ def read_config(path: str, n_head: int | None = None) -> tuple:
                            f"`nanopipe init-weights {path}` for synthetic weights") from None
     except SafetensorsError as e:
         raise WeightsError(str(e)) from None
-    prefix = _prefix(header, path)
-    claims = check_metadata(header, path)
+    prefix, claims = _prefix(header, path), check_metadata(header, path)
     t = header.tensors
     layers = layer_indices(header, prefix)
     if not layers:
@@ -176,15 +134,6 @@ def read_config(path: str, n_head: int | None = None) -> tuple:
     config = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=resolve_n_head(header, path, n_embd, n_head),
                        n_ctx=n_ctx, n_vocab=n_vocab)
     return config, header, prefix
-
-
-def _dim(tensors: dict, name: str, path: str) -> int:
-    """The first dimension of a tensor the sizes are read from, or a clear error."""
-    info = tensors.get(name)
-    if info is None or len(info.shape) < 1 or info.shape[0] < 1:
-        raise WeightsError(f"{path}: tensor {shown(name)} is missing or has shape "
-                           f"{list(info.shape) if info else None}; the file is damaged or not a GPT-2 file")
-    return info.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,3 +370,56 @@ def ensure_synthetic(path: str | None = None, folder: str = "weights", size: str
         shutil.copyfile(shared, tmp)
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# what a header claims, checked against the tensors it holds
+
+
+# What a file's metadata may claim about the model, checked before anything is sized from it. Where
+# the file's own tensors can say (the blocks it holds, wte's and wpe's shapes), the claim must agree;
+# where they cannot (a worker's slice holds neither the other blocks nor wte), it must be at most this.
+METADATA_LIMITS = {"n_layer": 4096, "n_head": 4096, "n_ctx": 1 << 16, "n_vocab": 1 << 20}
+
+
+def check_metadata(header: Header, path: str) -> dict:
+    """The model sizes a file's metadata claims, as ints, checked against the tensors present.
+
+        {"n_layer": "12", "n_head": "12"} in a file holding blocks 0..3 -> {"n_layer": 12, "n_head": 12}
+        {"n_layer": "1000000000"} -> WeightsError (no GPT-2 has that many blocks)
+        {"n_layer": "2"} in a file holding blocks 0..3 -> WeightsError (it holds more than that)
+    """
+    meta, claims = header.metadata, {}
+    for key, limit in METADATA_LIMITS.items():
+        if key not in meta:
+            continue
+        text = meta[key].strip()
+        if not (text.isascii() and text.isdigit() and len(text) < 12 and 1 <= int(text) <= limit):
+            raise WeightsError(f"{path}: metadata says {key}={shown(meta[key])}, which is not a whole number in "
+                               f"1..{limit}; the file is damaged or not a GPT-2 file: pull it again")
+        claims[key] = int(text)
+    prefix = gt.file_prefix(header.tensors)
+    if prefix is None:
+        return claims
+    layers = layer_indices(header, prefix)
+    if layers and layers[-1] >= METADATA_LIMITS["n_layer"]:
+        raise WeightsError(f"{path}: holds a block h.{layers[-1]}, past the {METADATA_LIMITS['n_layer']} "
+                           "blocks any GPT-2 has; the file is damaged: pull it again")
+    if layers and claims.get("n_layer", layers[-1] + 1) <= layers[-1]:
+        raise WeightsError(f"{path}: metadata says n_layer={claims['n_layer']} but the file holds block "
+                           f"h.{layers[-1]}; the file is damaged: pull it again")
+    for key, tensor, dim in (("n_vocab", "wte.weight", 0), ("n_ctx", "wpe.weight", 0)):
+        info = header.tensors.get(prefix + tensor)
+        if key in claims and info is not None and info.shape and info.shape[dim] != claims[key]:
+            raise WeightsError(f"{path}: metadata says {key}={claims[key]} but {prefix}{tensor} has shape "
+                               f"{list(info.shape)}; the file is damaged: pull it again")
+    return claims
+
+
+def _dim(tensors: dict, name: str, path: str) -> int:
+    """The first dimension of a tensor the sizes are read from, or a clear error."""
+    info = tensors.get(name)
+    if info is None or len(info.shape) < 1 or info.shape[0] < 1:
+        raise WeightsError(f"{path}: tensor {shown(name)} is missing or has shape "
+                           f"{list(info.shape) if info else None}; the file is damaged or not a GPT-2 file")
+    return info.shape[0]
