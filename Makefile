@@ -51,6 +51,13 @@ bench-env: parity-env
 bench: bench-env
 	$(PARITY_VENV)/bin/python tests/parity/hf_bench.py artifacts/bench
 
+# bounded, derandomized fuzzing of what comes from outside: cluster-port frames (test_fuzz.py), web
+# request bodies, safetensors headers and YAML configs (test_fuzz_inputs.py); a few thousand cases,
+# the same each run. Both files are also part of `make test`; -s prints the cases run per surface.
+.PHONY: fuzz
+fuzz: install
+	$(PYTEST) -q -s -p no:randomly tests/test_fuzz.py tests/test_fuzz_inputs.py
+
 lint: install
 	$(BIN)/ruff check nanopipe tests
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import partition as _partition
+from .logs import shown
 
 DEFAULT_CONFIG_DIR = "configs"
 
@@ -82,17 +83,82 @@ def config_path(config_dir: str, name: str) -> str:
     return os.path.join(config_dir, guide)
 
 
+MAX_CONFIG_BYTES = 1 << 20      # the shipped files are a few KB; a config never needs megabytes
+MAX_CONFIG_VALUES = 100_000     # values in a config with every alias written out (the shipped ones: < 300)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a document whose aliases expand past MAX_CONFIG_VALUES values.
+
+    An alias (`*a`) repeats what its anchor (`&a`) names; yaml.safe_dump writes them for a value
+    used twice, so they are allowed. But aliases of aliases multiply: nine lines of
+    `&b [*a, *a, *a, *a, *a, *a, *a, *a, *a]` expand to 9**9 values (a "billion laughs" bomb) that
+    anything walking or printing the config would go through. The size is counted on the composed
+    graph, where each anchor is one node however often it is used, so the count itself is cheap.
+    """
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root) -> int:
+    """Values in a composed YAML document with every alias written out: [&a [1, 2], *a] -> 7
+    (the outer list, two inner lists, four numbers). Refuses more than MAX_CONFIG_VALUES, and an
+    alias inside its own anchor (&a [*a]: never ends), with a yaml error pointing at it."""
+    size, open_ = {}, set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in _children(node))
+            if size[id(node)] > MAX_CONFIG_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases here expand to more than {MAX_CONFIG_VALUES} values; a nanopipe config "
+                    "needs a few hundred: write the values out instead of nesting aliases", node.start_mark)
+            continue
+        if id(node) in size:
+            continue
+        open_.add(id(node))
+        stack.append((node, True))
+        for kid in _children(node):
+            if id(kid) in open_:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias inside its own anchor (a value that contains itself)", kid.start_mark)
+            if id(kid) not in size:
+                stack.append((kid, False))
+    return size[id(root)]
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 def _load_yaml(config_dir: str, name: str) -> tuple:
     path = config_path(config_dir, name)
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            if os.fstat(f.fileno()).st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a nanopipe config is a few KB: "
+                                  "is this the right file?")
+            data = yaml.load(f, Loader=_BoundedLoader)
     except FileNotFoundError:
         guide = f" (or the guide's {GUIDE_FILE_NAMES[name]})" if name in GUIDE_FILE_NAMES else ""
         raise ConfigNotFound(f"{path}: not found; pass --config-dir pointing at a folder with {name}{guide}; "
                              "the repository's configs/ is an example") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not text ({e.reason} at byte {e.start}); a config is a UTF-8 YAML file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a nanopipe config") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
     if not isinstance(data, dict):
@@ -100,33 +166,41 @@ def _load_yaml(config_dir: str, name: str) -> tuple:
     return data, path
 
 
+def _names(names, most: int = 10) -> str:
+    """Names from a config file for a message, at most `most` of them, each cut:
+    _names(["mini1", "mini2"]) -> "mini1, mini2"; 30 hosts -> "h0, h1, ..., h9, ... (30 in all)"."""
+    names = [str(n) for n in names]
+    text = ", ".join(shown(n, 40).strip("'\"") for n in names[:most])
+    return text if len(names) <= most else f"{text}, ... ({len(names)} in all)"
+
+
 def did_you_mean(word, known) -> str:
     """" (did you mean 'auth_token'?)" for a near miss, else the list of what is known."""
     known = [str(k) for k in known]
     close = difflib.get_close_matches(str(word), known, n=1)
     if close:
-        return f" (did you mean '{close[0]}'?)"
-    return f" (known: {', '.join(known)})" if known else ""
+        return f" (did you mean {shown(close[0])}?)"
+    return f" (known: {_names(known)})" if known else ""
 
 
 def _check_keys(d: dict, known, where: str):
     """Refuse any key of `d` not in `known`: a misspelled key must never be silently ignored."""
     for key in d:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, known)}")
+            raise ConfigError(f"{where}: unknown key {shown(key)}{did_you_mean(key, known)}")
 
 
 def _get(d: dict, key: str, kind, where: str, default=...):
     """d[key] checked against `kind` (a type or tuple of types); `default` makes it optional."""
     if key not in d or d[key] is None:
         if default is ...:
-            raise ConfigError(f"{where}: missing key '{key}'")
+            raise ConfigError(f"{where}: missing key {shown(key)}")
         return default
     value = d[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
+        raise ConfigError(f"{where}: key {shown(key)} must be {names}, got {shown(value)}")
     return value
 
 
@@ -135,7 +209,7 @@ def _int(d: dict, key: str, where: str, default=..., lo: int | None = None, hi: 
     value = _get(d, key, int, where, default)
     if value is not None and (lo is not None and value < lo or hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConfigError(f"{where}: '{key}' must be {bound}, got {value}")
+        raise ConfigError(f"{where}: {shown(key)} must be {bound}, got {shown(value)}")
     return value
 
 
@@ -149,7 +223,7 @@ def _real(d: dict, key: str, where: str, default=..., lo: float = 0.0, above: bo
     low_ok = value > lo if above else value >= lo
     if not (math.isfinite(value) and low_ok and (hi is None or value <= hi)):
         bound = f"{'>' if above else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        raise ConfigError(f"{where}: '{key}' must be a number {bound}, got {d[key]!r}")
+        raise ConfigError(f"{where}: {shown(key)} must be a number {bound}, got {shown(d[key])}")
     return value
 
 
@@ -157,7 +231,7 @@ def _str(d: dict, key: str, where: str, default=...):
     """A non-empty string key."""
     value = _get(d, key, str, where, default)
     if value is not None and not value.strip():
-        raise ConfigError(f"{where}: '{key}' is empty")
+        raise ConfigError(f"{where}: {shown(key)} is empty")
     return value
 
 
@@ -210,7 +284,7 @@ def _model_entries(data: dict, path: str) -> tuple:
             if key in MODEL_FILE_KEYS:
                 continue
             if isinstance(value, dict):
-                raise ConfigError(f"{path}: model '{key}' is at the top level but other models are under "
+                raise ConfigError(f"{path}: model {shown(key)} is at the top level but other models are under "
                                   f"'models:'; use one layout for all; {_MODEL_LAYOUTS}")
             _check_keys({key: value}, MODEL_FILE_KEYS, path)
         if any(key in MODEL_KEYS for key in models):
@@ -225,12 +299,12 @@ def _model_entries(data: dict, path: str) -> tuple:
         if isinstance(value, dict):
             entries[key] = value
         elif key in MODEL_KEYS:
-            raise ConfigError(f"{path}: '{key}' is at the top level; it belongs inside a model entry "
+            raise ConfigError(f"{path}: {shown(key)} is at the top level; it belongs inside a model entry "
                               f"(indent it under the model's name); {_MODEL_LAYOUTS}")
         elif difflib.get_close_matches(str(key), MODEL_FILE_KEYS, n=1):
-            raise ConfigError(f"{path}: unknown key '{key}'{did_you_mean(key, MODEL_FILE_KEYS)}")
+            raise ConfigError(f"{path}: unknown key {shown(key)}{did_you_mean(key, MODEL_FILE_KEYS)}")
         else:
-            raise ConfigError(f"{path}: top-level key '{key}' is neither a model entry (a mapping of settings) "
+            raise ConfigError(f"{path}: top-level key {shown(key)} is neither a model entry (a mapping of settings) "
                               f"nor one of {', '.join(MODEL_FILE_KEYS)}; {_MODEL_LAYOUTS}")
     return entries, ""
 
@@ -239,9 +313,9 @@ def _decoding_strategies(value: dict, where: str) -> dict:
     """Check each strategy's section: a known strategy, known keys, values in range."""
     out = {}
     for name, params in value.items():
-        here = f"{where}.decoding_strategies.{name}"
+        here = f"{where}.decoding_strategies.{_names([name])}"
         if name not in STRATEGY_KEYS:
-            raise ConfigError(f"{where}: decoding_strategies: unknown strategy '{name}'"
+            raise ConfigError(f"{where}: decoding_strategies: unknown strategy {shown(name)}"
                               f"{did_you_mean(name, STRATEGY_KEYS)}")
         if params is None:
             params = {}
@@ -282,21 +356,21 @@ def _model_entry(name, m, where: str) -> ModelConfig:
         placement_objective=_str(m, "placement_objective", where, default="throughput"),
     )
     if cfg.placement_objective not in OBJECTIVES:
-        raise ConfigError(f"{where}: unknown placement_objective '{cfg.placement_objective}'"
+        raise ConfigError(f"{where}: unknown placement_objective {shown(cfg.placement_objective)}"
                           f"{did_you_mean(cfg.placement_objective, OBJECTIVES)}")
     if cfg.active_decoding_strategy not in cfg.decoding_strategies:
-        raise ConfigError(f"{where}: active_decoding_strategy '{cfg.active_decoding_strategy}' is not one of "
+        raise ConfigError(f"{where}: active_decoding_strategy {shown(cfg.active_decoding_strategy)} is not one of "
                           f"decoding_strategies ({', '.join(cfg.decoding_strategies)})"
                           f"{did_you_mean(cfg.active_decoding_strategy, cfg.decoding_strategies)}")
     if cfg.num_nodes > cfg.num_layers:
         raise ConfigError(f"{where}: num_nodes is {cfg.num_nodes} but the model has {cfg.num_layers} layers; "
                           "every node needs at least one layer")
     if cfg.partition is not None and cfg.partition not in _partition.STRATEGIES:
-        raise ConfigError(f"{where}: unknown partition '{cfg.partition}'"
+        raise ConfigError(f"{where}: unknown partition {shown(cfg.partition)}"
                           f"{did_you_mean(cfg.partition, _partition.STRATEGIES)}")
     if cfg.layer_mapping is not None:
         if cfg.partition not in (None, "even", "mapping"):
-            raise ConfigError(f"{where}: layer_mapping is given but partition is '{cfg.partition}', which would "
+            raise ConfigError(f"{where}: layer_mapping is given but partition is {shown(cfg.partition)}, which would "
                               "ignore it; remove one of the two (with a layer_mapping, partition may be left out)")
         try:
             _partition.from_mapping(cfg.layer_mapping, cfg.num_layers, cfg.num_nodes)
@@ -317,19 +391,19 @@ def load_model_config(config_dir: str = DEFAULT_CONFIG_DIR, name: str | None = N
     entries, prefix = _model_entries(data, path)
     if not entries:
         raise ConfigError(f"{path}: no model entries; {_MODEL_LAYOUTS}")
-    models = {key: _model_entry(key, m, f"{path}: {prefix}{key}") for key, m in entries.items()}
+    models = {key: _model_entry(key, m, f"{path}: {prefix}{_names([key])}") for key, m in entries.items()}
     default = _str(data, "default_model", path, default=None)
     if default is not None and default not in models:
-        raise ConfigError(f"{path}: default_model '{default}' is not one of the models "
-                          f"({', '.join(map(str, models))}){did_you_mean(default, models)}")
+        raise ConfigError(f"{path}: default_model {shown(default)} is not one of the models "
+                          f"({_names(models)}){did_you_mean(default, models)}")
     name = name or default
     if name is None:
         if len(models) > 1:
-            raise ConfigError(f"{path}: {len(models)} models ({', '.join(map(str, models))}) and no default_model; "
+            raise ConfigError(f"{path}: {len(models)} models ({_names(models)}) and no default_model; "
                               "add `default_model: NAME` to the file or pass --model NAME")
         name = next(iter(models))
     if name not in models:
-        raise ConfigError(f"{path}: no model '{name}'; known: {', '.join(map(str, models))}")
+        raise ConfigError(f"{path}: no model {shown(name)}; known: {_names(models)}")
     return models[name]
 
 
@@ -352,7 +426,7 @@ def _weights_entries(data: dict, path: str) -> tuple:
         others = [k for k in data if k != "models"]
         if others:
             raise ConfigError(f"{path}: has both a 'models:' section and top-level entries "
-                              f"({', '.join(map(str, others))}); use one layout for all; {_WEIGHTS_LAYOUTS}")
+                              f"({_names(others)}); use one layout for all; {_WEIGHTS_LAYOUTS}")
         return data["models"], "models."
     if set(data) & set(WEIGHTS_KEYS):
         raise ConfigError(f"{path}: {', '.join(k for k in WEIGHTS_KEYS if k in data)} at the top level; "
@@ -398,7 +472,7 @@ def _weights_entry(name, entry, where: str) -> WeightsSource:
                         size=_int(entry, "size", where, default=None, lo=0))
     weights_file(src.filename, what=f"{where}: 'filename'")
     if src.sha256 is not None and not (len(src.sha256) == 64 and all(c in string.hexdigits for c in src.sha256)):
-        raise ConfigError(f"{where}: 'sha256' must be 64 hex digits, got {src.sha256!r}")
+        raise ConfigError(f"{where}: 'sha256' must be 64 hex digits, got {shown(src.sha256)}")
     return src
 
 
@@ -409,9 +483,9 @@ def load_weights_config(config_dir: str = DEFAULT_CONFIG_DIR, name: str = "gpt2"
     """
     data, path = _load_yaml(config_dir, "model_weights.yaml")
     entries, prefix = _weights_entries(data, path)
-    sources = {key: _weights_entry(key, e, f"{path}: {prefix}{key}") for key, e in entries.items()}
+    sources = {key: _weights_entry(key, e, f"{path}: {prefix}{_names([key])}") for key, e in entries.items()}
     if name not in sources:
-        raise ConfigError(f"{path}: no entry for model '{name}'; known: {', '.join(map(str, sources))}")
+        raise ConfigError(f"{path}: no entry for model {shown(name)}; known: {_names(sources)}")
     return sources[name]
 
 
@@ -484,8 +558,8 @@ class ClusterConfig:
     def rank_of(self, host: str) -> int:
         ranks = [n.rank for n in self.nodes if n.host == host]
         if not ranks:
-            raise ConfigError(f"{self.path}: host '{host}' is not in host_ip/workers; "
-                              f"known: {', '.join(n.host for n in self.nodes)}")
+            raise ConfigError(f"{self.path}: host {shown(host)} is not in host_ip/workers; "
+                              f"known: {_names(n.host for n in self.nodes)}")
         return ranks[0]
 
 
@@ -503,8 +577,8 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
     host_ip = _get(data, "host_ip", dict, path)
     for host, ip in host_ip.items():
         if not isinstance(ip, str) or not ip.strip():
-            raise ConfigError(f"{path}: host_ip.{host} must be an address (a string such as \"10.10.0.2\"), "
-                              f"got {ip!r}")
+            raise ConfigError(f"{path}: host_ip.{_names([host])} must be an address (a string such as \"10.10.0.2\"), "
+                              f"got {shown(ip)}")
     port = _int(data, "port", path, lo=1, hi=65535)
     server = _str(data, "server", path)
     workers = _get(data, "workers", list, path)
@@ -514,8 +588,8 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
 
     def ip_of(host, where):
         if host not in host_ip:
-            raise ConfigError(f"{path}: {where} names host '{host}', which is not in host_ip "
-                              f"(known: {', '.join(map(str, host_ip))}){did_you_mean(host, host_ip)}")
+            raise ConfigError(f"{path}: {where} names host {shown(host)}, which is not in host_ip "
+                              f"(known: {_names(host_ip)}){did_you_mean(host, host_ip)}")
         return str(host_ip[host])
 
     nodes = [Node(0, server, ip_of(server, "server"), port)]
@@ -536,11 +610,11 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
                           _int(w, "port", where, lo=1, hi=65535) if wport is not None else port + rank))
     ranks = sorted(n.rank for n in nodes)
     if ranks != list(range(len(nodes))):
-        raise ConfigError(f"{path}: worker ranks must be 1..{len(nodes) - 1}, each once; got {ranks[1:]}")
+        raise ConfigError(f"{path}: worker ranks must be 1..{len(nodes) - 1}, each once; got {shown(ranks[1:])}")
     nodes.sort(key=lambda n: n.rank)
     unused = [str(h) for h in host_ip if h not in {n.host for n in nodes}]
     if unused:
-        raise ConfigError(f"{path}: host_ip lists {', '.join(unused)}, which is neither the server nor in workers; "
+        raise ConfigError(f"{path}: host_ip lists {_names(unused)}, which is neither the server nor in workers; "
                           "add it to workers (and num_workers) or remove it from host_ip")
     seen = {}
     for n in nodes:
@@ -554,7 +628,7 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
     for i, o in enumerate(origins):
         if not isinstance(o, str) or not o.strip():
             raise ConfigError(f"{path}: cors_origins[{i}] must be an origin such as \"http://localhost:8000\", "
-                              f"got {o!r}")
+                              f"got {shown(o)}")
     tls_cert, tls_key = _str(data, "tls_cert", path, default=None), _str(data, "tls_key", path, default=None)
     if tls_key and not tls_cert:
         raise ConfigError(f"{path}: tls_key is set but tls_cert is not; TLS needs the certificate (tls_cert), "
@@ -581,9 +655,9 @@ def _node_overrides(data: dict, path: str, hosts: set) -> dict:
     nodes = _get(data, "nodes", dict, path, default={})
     out = {}
     for host, entry in nodes.items():
-        where = f"{path}: nodes.{host}"
+        where = f"{path}: nodes.{_names([host])}"
         if host not in hosts:
-            raise ConfigError(f"{where}: no host '{host}' in host_ip{did_you_mean(host, sorted(hosts))}")
+            raise ConfigError(f"{where}: no host {shown(host)} in host_ip{did_you_mean(host, sorted(hosts))}")
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping such as {{speed_gbps: 9, memory_mb: 3000}}")
         _check_keys(entry, NODE_KEYS, where)

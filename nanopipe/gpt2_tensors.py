@@ -79,7 +79,7 @@ def base_name(name: str) -> str:
 def split_block(base: str) -> tuple:
     """'h.7.attn.c_attn.weight' -> (7, 'attn.c_attn.weight'); anything else -> (None, base)."""
     parts = base.split(".", 2)
-    if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit():
+    if len(parts) == 3 and parts[0] == "h" and parts[1].isascii() and parts[1].isdigit():
         return int(parts[1]), parts[2]
     return None, base
 

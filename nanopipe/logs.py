@@ -11,7 +11,22 @@ level (setup). Without setup (nanopipe used as a library) Python's defaults appl
 from __future__ import annotations
 
 import logging
+import reprlib
 import sys
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 40, 40, 4, 4, 2
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value), cut to at most `limit` characters, for messages about values from outside
+    (a config file, a request, a file header): never the repr of a huge or deeply nested value.
+
+        shown("x" * 1000)            -> "'xxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxx'"
+        shown([[1, 2, 3, 4, 5]] * 9) -> "[[1, 2, 3, 4, ...], [1, 2, 3, 4, ...], [1, 2, 3, 4, ...],..."
+    """
+    r = _SHORT.repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 3]}..."
 
 
 class Prefixed(logging.LoggerAdapter):

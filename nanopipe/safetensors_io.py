@@ -15,11 +15,14 @@ The tests check that files written here load with the official `safetensors` pac
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from .logs import shown
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
 
@@ -76,29 +79,66 @@ def parse_header(prefix: bytes, source: str, file_size: int | None = None) -> He
         raise SafetensorsError(f"{source}: truncated header (need {8 + n} bytes, have {len(prefix)})")
     try:
         raw = json.loads(prefix[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{source}: header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError) as e:      # ValueError: also an integer of 5000 digits
+        raise SafetensorsError(f"{source}: header is not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise SafetensorsError(f"{source}: header is not a safetensors header (JSON nested too deep)") from None
     if not isinstance(raw, dict):
         raise SafetensorsError(f"{source}: header is not a JSON object")
     data_start = 8 + n
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{source}: __metadata__ must map names to strings, got {shown(metadata)}")
     tensors = {}
     for name, info in raw.items():
-        try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{source}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in DTYPES:
-            raise SafetensorsError(f"{source}: tensor {name!r} has unsupported dtype {dtype}")
-        want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
-        if not (0 <= b <= e) or e - b != want:
-            raise SafetensorsError(f"{source}: tensor {name!r} {dtype}{list(shape)} needs {want} bytes "
-                                   f"but its offsets are [{b}, {e})")
-        if file_size is not None and data_start + e > file_size:
-            raise SafetensorsError(f"{source}: tensor {name!r} ends at byte {data_start + e} but the file "
-                                   f"has {file_size} bytes (truncated download?)")
-        tensors[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+        tensors[name] = _tensor_info(name, info, data_start, source, file_size)
+    _check_overlaps(tensors.values(), source)
     return Header(tensors, dict(metadata), data_start, file_size)
+
+
+def _is_count(x) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as 64.5 or 64.0)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_info(name: str, info, data_start: int, source: str, file_size: int | None) -> TensorInfo:
+    """One header entry checked the way the safetensors format defines it, as a TensorInfo.
+
+        {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]} -> TensorInfo(name, "F32", (2, 3), ...)
+    """
+    what = f"{source}: tensor {shown(name)}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise SafetensorsError(f"{what} has a malformed header entry (want dtype, shape, data_offsets), "
+                               f"got {shown(info)}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        said = dtype[:40] if isinstance(dtype, str) else shown(dtype)
+        raise SafetensorsError(f"{what} has unsupported dtype {said} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise SafetensorsError(f"{what}: shape must be a list of whole numbers >= 0, got {shown(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise SafetensorsError(f"{what}: data_offsets must be two whole numbers >= 0, got {shown(offsets)}")
+    shape, (b, e) = tuple(shape), offsets
+    want = math.prod(shape) * DTYPES[dtype].itemsize
+    if not b <= e or e - b != want:
+        raise SafetensorsError(f"{what} {dtype}{shown(list(shape))} needs {want} bytes "
+                               f"but its offsets are [{b}, {e})")
+    if file_size is not None and data_start + e > file_size:
+        raise SafetensorsError(f"{what} ends at byte {data_start + e} but the file "
+                               f"has {file_size} bytes (truncated download?)")
+    return TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+
+
+def _check_overlaps(infos, source: str) -> None:
+    """No two tensors may share bytes (each one's bytes are its own, as the format requires)."""
+    last = None
+    for t in sorted(infos, key=lambda t: (t.begin, t.end)):
+        if last is not None and t.begin < last.end and t.nbytes:
+            raise SafetensorsError(f"{source}: tensors {shown(last.name)} and {shown(t.name)} overlap "
+                                   f"(bytes [{last.begin}, {last.end}) and [{t.begin}, {t.end}))")
+        if last is None or t.end >= last.end:
+            last = t
 
 
 def read_header(path: str) -> Header:

@@ -24,6 +24,7 @@ from .safetensors_io import (
     read_header,
     read_part,
     read_tensor,
+    shown,
     to_float32,
     write_safetensors,
 )
@@ -103,7 +104,7 @@ def resolve_n_head(header: Header, path: str, n_embd: int, n_head: int | None = 
     a config.json beside the file, the four known GPT-2 sizes; otherwise a clear error."""
     source = "the caller"
     if n_head is None and "n_head" in header.metadata:
-        n_head, source = int(header.metadata["n_head"]), f"{path} metadata"
+        n_head, source = check_metadata(header, path)["n_head"], f"{path} metadata"
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if n_head is None and os.path.exists(cfg_path):
         with open(cfg_path) as f:
@@ -130,17 +131,17 @@ def read_config(path: str, n_head: int | None = None) -> tuple:
                            f"`nanopipe init-weights {path}` for synthetic weights") from None
     except SafetensorsError as e:
         raise WeightsError(str(e)) from None
-    prefix = _prefix(header, path)
+    prefix, claims = _prefix(header, path), check_metadata(header, path)
     t = header.tensors
     layers = layer_indices(header, prefix)
     if not layers:
         raise WeightsError(f"{path}: holds no transformer blocks ('{prefix}h.N.*')")
-    n_embd = t[f"{prefix}h.{layers[0]}.ln_1.weight"].shape[0]
-    n_layer = int(header.metadata.get("n_layer", layers[-1] + 1))
+    n_embd = _dim(t, f"{prefix}h.{layers[0]}.ln_1.weight", path)
+    n_layer = claims.get("n_layer", layers[-1] + 1)
     if f"{prefix}wte.weight" in t:
-        n_vocab, n_ctx = t[f"{prefix}wte.weight"].shape[0], t[f"{prefix}wpe.weight"].shape[0]
+        n_vocab, n_ctx = _dim(t, f"{prefix}wte.weight", path), _dim(t, f"{prefix}wpe.weight", path)
     else:  # a worker's slice file: the sizes come from its metadata
-        n_vocab, n_ctx = int(header.metadata.get("n_vocab", 50257)), int(header.metadata.get("n_ctx", 1024))
+        n_vocab, n_ctx = claims.get("n_vocab", 50257), claims.get("n_ctx", 1024)
     config = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=resolve_n_head(header, path, n_embd, n_head),
                        n_ctx=n_ctx, n_vocab=n_vocab)
     return config, header, prefix
@@ -248,7 +249,7 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
     if not 0 <= lo <= hi <= config.n_layer:
         raise WeightsError(f"{path}: layers {lo}..{hi - 1} requested, but the model has {config.n_layer} layers")
     present = set(layer_indices(header, prefix))
-    missing = [i for i in range(lo, hi) if i not in present]
+    missing = [i for i in range(lo, hi) if i not in present]     # hi <= n_layer <= METADATA_LIMITS
     if missing:
         raise WeightsError(f"{path}: lacks layers {missing[0]}..{missing[-1]} that this stage needs "
                            f"(it holds {_ranges(sorted(present))}); "
@@ -436,3 +437,56 @@ def ensure_synthetic(path: str | None = None, folder: str = "weights", size: str
         shutil.copyfile(shared, tmp)
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# what a header claims, checked against the tensors it holds
+
+
+# What a file's metadata may claim about the model, checked before anything is sized from it. Where
+# the file's own tensors can say (the blocks it holds, wte's and wpe's shapes), the claim must agree;
+# where they cannot (a worker's slice holds neither the other blocks nor wte), it must be at most this.
+METADATA_LIMITS = {"n_layer": 4096, "n_head": 4096, "n_ctx": 1 << 16, "n_vocab": 1 << 20}
+
+
+def check_metadata(header: Header, path: str) -> dict:
+    """The model sizes a file's metadata claims, as ints, checked against the tensors present.
+
+        {"n_layer": "12", "n_head": "12"} in a file holding blocks 0..3 -> {"n_layer": 12, "n_head": 12}
+        {"n_layer": "1000000000"} -> WeightsError (no GPT-2 has that many blocks)
+        {"n_layer": "2"} in a file holding blocks 0..3 -> WeightsError (it holds more than that)
+    """
+    meta, claims = header.metadata, {}
+    for key, limit in METADATA_LIMITS.items():
+        if key not in meta:
+            continue
+        text = meta[key].strip()
+        if not (text.isascii() and text.isdigit() and len(text) < 12 and 1 <= int(text) <= limit):
+            raise WeightsError(f"{path}: metadata says {key}={shown(meta[key])}, which is not a whole number in "
+                               f"1..{limit}; the file is damaged or not a GPT-2 file: pull it again")
+        claims[key] = int(text)
+    prefix = gt.file_prefix(header.tensors)
+    if prefix is None:
+        return claims
+    layers = layer_indices(header, prefix)
+    if layers and layers[-1] >= METADATA_LIMITS["n_layer"]:
+        raise WeightsError(f"{path}: holds a block h.{layers[-1]}, past the {METADATA_LIMITS['n_layer']} "
+                           "blocks any GPT-2 has; the file is damaged: pull it again")
+    if layers and claims.get("n_layer", layers[-1] + 1) <= layers[-1]:
+        raise WeightsError(f"{path}: metadata says n_layer={claims['n_layer']} but the file holds block "
+                           f"h.{layers[-1]}; the file is damaged: pull it again")
+    for key, tensor, dim in (("n_vocab", "wte.weight", 0), ("n_ctx", "wpe.weight", 0)):
+        info = header.tensors.get(prefix + tensor)
+        if key in claims and info is not None and info.shape and info.shape[dim] != claims[key]:
+            raise WeightsError(f"{path}: metadata says {key}={claims[key]} but {prefix}{tensor} has shape "
+                               f"{list(info.shape)}; the file is damaged: pull it again")
+    return claims
+
+
+def _dim(tensors: dict, name: str, path: str) -> int:
+    """The first dimension of a tensor the sizes are read from, or a clear error."""
+    info = tensors.get(name)
+    if info is None or len(info.shape) < 1 or info.shape[0] < 1:
+        raise WeightsError(f"{path}: tensor {shown(name)} is missing or has shape "
+                           f"{list(info.shape) if info else None}; the file is damaged or not a GPT-2 file")
+    return info.shape[0]

@@ -469,3 +469,78 @@ def test_known_strategies_are_decodings_built_ins():
             assert {"temperature": "temperature", "k": "top_k", "top_k": "top_k", "p": "top_p",
                     "top_p": "top_p"}[k] in STRATEGY_USES[name], (name, k)
         assert params.strategy == name
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile YAML: alias bombs, huge values, things that are not YAML text
+
+
+def alias_bomb(key: str = "auth_token") -> str:
+    """About 1 KB that expands to 9**9 (387 million) strings: each line repeats the one before nine times."""
+    words = ", ".join(['"lol lol lol lol lol lol lol lol lol lol lol lol lol lol lol lol lol lol lol lol"'] * 9)
+    lines = [f"{key}: [&a [{words}],"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"  &{name} [{', '.join('*' + prev for _ in range(9))}],")
+    lines[-1] = lines[-1].rstrip(",") + "]"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name, loader", [("cluster_config.yaml", "load_cluster_config"),
+                                          ("model_config.yaml", "load_model_config"),
+                                          ("model_weights.yaml", "load_weights_config")])
+def test_alias_bomb_is_refused_quickly_naming_the_file(tmp_path, name, loader):
+    """In a child process capped at 2 GB and 60 s: before the cap, expanding the bomb took 80 s and
+    ended in a MemoryError; now it is refused at once (the child says how long it took)."""
+    import subprocess
+    import sys
+    import textwrap
+    for other in ("cluster_config.yaml", "model_config.yaml", "model_weights.yaml"):
+        (tmp_path / other).write_text((SHIPPED / other).read_text())
+    bomb = alias_bomb("auth_token" if name == "cluster_config.yaml" else "gpt2")
+    assert 900 <= len(bomb) <= 1200
+    (tmp_path / name).write_text(bomb + (SHIPPED / name).read_text().replace("auth_token:", "#"))
+    script = textwrap.dedent(f"""
+        import resource, time
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        from nanopipe import config
+        t = time.monotonic()
+        try:
+            config.{loader}({str(tmp_path)!r})
+        except config.ConfigError as e:
+            print(f"{{time.monotonic() - t:.3f}}", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout, done.stderr[-1500:]
+    seconds, message = done.stdout.split(" ", 1)
+    assert float(seconds) < 2.0, done.stdout
+    assert str(tmp_path / name) in message and "aliases here expand to more than 100000 values" in message
+    assert len(message) < 600, message
+
+
+def test_an_alias_used_a_few_times_still_loads(tmp_path):
+    """yaml.safe_dump writes an anchor and aliases for a value used twice: that stays valid."""
+    path = write(tmp_path, "model_config.yaml", {"default_model": "a", "a": ENTRY, "b": ENTRY})
+    assert "*id001" in open(path).read()
+    assert load_model_config(str(tmp_path)).num_layers == 12
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    write(tmp_path, "model_weights.yaml", "gpt2: &x {url: x, filename: y, size: [*x]}\n")
+    with pytest.raises(ConfigError, match="alias inside its own anchor"):
+        load_weights_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("host_ip: {mini1: 10.0.0.1}\nport: " + "x" * 100_000 + "\n", "must be int, got 'xxxx"),
+    ("host_ip: {mini1: 10.0.0.1}\nport: [" + ", ".join(["1"] * 50_000) + "]\n", "must be int, got [1, 1, 1, 1, ...]"),
+    ("host_ip: {mini1: [" + ", ".join(["1"] * 50_000) + "]}\n", "host_ip.mini1 must be an address"),
+    ("[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("\x00\x01\xff\xfe binary", "not"),
+    ("a" * 2_000_000 + ": 1\n", "larger than 1048576 bytes"),
+])
+def test_hostile_cluster_config_is_a_short_clear_error(tmp_path, text, says):
+    path = tmp_path / "cluster_config.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogateescape") if "\xff" not in text else text.encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_cluster_config(str(tmp_path))
+    assert str(path) in str(e.value) and says in str(e.value) and len(str(e.value)) < 600, str(e.value)[:1000]

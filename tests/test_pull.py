@@ -418,3 +418,173 @@ def test_ensure_weights_without_url_says_what_to_do(tmp_path):
     with pytest.raises(PullError, match=r"no url for 'gpt2'.*init-weights"):
         P.ensure_weights("gpt2", {"filename": "model.safetensors"}, str(tmp_path), log=lambda s: None)
     assert not os.path.exists(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# a file that changed on the server, a published checksum, headers that claim too much
+
+
+def changed(data: bytes) -> bytes:
+    """The same header, other tensor values: a new version of the file, byte for byte as long."""
+    start = read_header_bytes_len(data)
+    return data[:start] + bytes(b ^ 0x55 for b in data[start:])
+
+
+def read_header_bytes_len(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def cut_every_attempt(server, dest):
+    server.cut_after, server.cuts = 30_000, P.RESUMES + 1
+    with pytest.raises(PullError, match="run the same command again to resume"):
+        fetch(server, dest)
+    server.cuts = 0
+    return os.path.getsize(str(dest) + ".part")
+
+
+def test_file_changed_between_cut_and_resume_is_fetched_whole_again(server, source, tmp_path):
+    _, data, sha = source
+    dest = tmp_path / "model.safetensors"
+    cut_every_attempt(server, dest)
+    new = changed(data)
+    server.files["/gpt2/model.safetensors"] = new
+    server.requests.clear()
+    server.if_ranges.clear()
+    out = io.StringIO()
+    fetch(server, dest, out=out)
+    assert read_bytes(dest) == new, "the result must be the new file whole, not half of each"
+    assert server.if_ranges == [f'"{sha}"'], "the resume must carry If-Range with the first answer's ETag"
+    assert "changed on the server" in out.getvalue() and "restarting from zero" in out.getvalue()
+    assert not os.path.exists(str(dest) + ".part.seen")
+
+
+def test_unchanged_file_resumes_with_if_range(server, source, tmp_path):
+    _, data, sha = source
+    dest = tmp_path / "model.safetensors"
+    have = cut_every_attempt(server, dest)
+    server.requests.clear()
+    server.if_ranges.clear()
+    fetch(server, dest)
+    assert read_bytes(dest) == data
+    assert server.requests == [("/gpt2/model.safetensors", f"bytes={have}-")]
+    assert server.if_ranges == [f'"{sha}"']
+
+
+def test_server_ignoring_if_range_is_caught_by_its_published_checksum(server, source, tmp_path):
+    _, data, _ = source
+    server.if_range, server.publish_sha256 = False, True   # a cache that answers 206 from the new file
+    dest = tmp_path / "model.safetensors"
+    cut_every_attempt(server, dest)
+    new = changed(data)
+    server.files["/gpt2/model.safetensors"] = new
+    out = io.StringIO()
+    fetch(server, dest, out=out)
+    assert read_bytes(dest) == new
+    said = out.getvalue()
+    assert "server publishes" in said and "X-Linked-Etag" in said and f"moved it to {dest}.corrupt" in said
+    spliced = read_bytes(str(dest) + ".corrupt")
+    assert spliced[:30_000] == data[:30_000] and spliced[-1000:] == new[-1000:]
+
+
+def test_published_checksum_mismatch_moves_the_file_to_corrupt(server, source, tmp_path):
+    server.publish_sha256, server.corrupt = True, 10
+    dest = tmp_path / "model.safetensors"
+    with pytest.raises(PullError, match="failed verification twice") as e:
+        fetch(server, dest)
+    assert "X-Linked-Etag" in str(e.value) and f"{dest}.corrupt" in str(e.value)
+    assert not dest.exists() and os.path.exists(f"{dest}.corrupt")
+
+
+def test_checksum_published_on_a_redirect_is_checked(server, source, tmp_path):
+    """The hub puts X-Linked-Etag on its 302 to the CDN, not on the CDN's answer."""
+    _, data, _ = source
+    server.redirects = {"/resolve/model.safetensors": "/gpt2/model.safetensors"}
+    dest = tmp_path / "model.safetensors"
+    assert read_bytes(fetch(server, dest, path="/resolve/model.safetensors")) == data
+    server.corrupt = 10
+    with pytest.raises(PullError, match="X-Linked-Etag"):
+        fetch(server, tmp_path / "again.safetensors", path="/resolve/model.safetensors")
+
+
+def with_metadata(data: bytes, **meta) -> bytes:
+    """The file `data` with its __metadata__ extended by `meta` (the header re-padded to 8 bytes)."""
+    import json
+    import struct
+    n = read_header_bytes_len(data)
+    header = json.loads(data[8:n])
+    header["__metadata__"].update(meta)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + data[n:]
+
+
+def test_header_claiming_a_billion_layers_is_moved_aside_and_fetched_again(server, source, tmp_path):
+    _, data, _ = source
+    dest = tmp_path / "model.safetensors"
+    dest.write_bytes(with_metadata(data, n_layer="1000000000"))
+    out = io.StringIO()
+    fetch(server, dest, out=out)
+    assert read_bytes(dest) == data
+    assert "n_layer='1000000000'" in out.getvalue() and f"moved it to {dest}.corrupt" in out.getvalue()
+
+
+@pytest.mark.parametrize("entry, says", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}, "data_offsets must be two whole numbers"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0.0, 16.0]}, "data_offsets must be two whole numbers"),
+    ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, "unsupported dtype"),
+    ({"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}, "shape must be a list of whole numbers"),
+])
+def test_malformed_header_on_disk_is_moved_to_corrupt(server, source, tmp_path, entry, says):
+    import json
+    import struct
+    _, data, _ = source
+    blob = json.dumps({"wte.weight": entry}).encode()
+    dest = tmp_path / "model.safetensors"
+    dest.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 16)
+    out = io.StringIO()
+    fetch(server, dest, out=out)
+    assert read_bytes(dest) == data
+    assert says in out.getvalue() and f"moved it to {dest}.corrupt" in out.getvalue()
+
+
+def test_slice_header_claiming_a_terabyte_is_refused_before_reading_it(server, source, tmp_path):
+    """Content-Range '/*' gives no file size to check the claim against: the format's own cap must."""
+    import struct
+    _, data, _ = source
+    server.files["/huge/model.safetensors"] = struct.pack("<Q", 2 ** 40) + data[8:]
+    server.sizes, server.lengths = False, False
+    with pytest.raises(PullError, match=r"header claims 1099511627776 bytes \(a safetensors header has at most"):
+        fetch(server, slice_path(str(tmp_path / "model.safetensors"), 0, 1), path="/huge/model.safetensors",
+              layers=(0, 1))
+
+
+def test_slice_of_a_file_that_changed_between_runs_is_fetched_again(server, source, tmp_path):
+    """The slice's header records the source's ETag, so a part begun from the old version no longer
+    matches and is started again: the slice holds only the new version's bytes."""
+    _, data, _ = source
+    dest = str(tmp_path / "s.safetensors")
+    server.cut_after, server.cuts = 10_000, P.RESUMES + 1
+    with pytest.raises(PullError, match="run the same command again to resume"):
+        fetch(server, dest, layers=(1, 3), rank0=False)
+    server.cuts = 0
+    new = changed(data)
+    server.files["/gpt2/model.safetensors"] = new
+    fetch(server, dest, layers=(1, 3), rank0=False)
+    fresh = tmp_path / "new.safetensors"
+    fresh.write_bytes(new)
+    assert_same_tensors(dest, str(fresh), [f"h.{i}.{n}" for i in (1, 2) for n in block_names()])
+    assert read_header(dest).metadata["nanopipe_source_version"] == f'"{hashlib.sha256(new).hexdigest()}"'
+
+
+def test_slice_source_changing_mid_fetch_is_a_clear_error(server, source, tmp_path):
+    _, data, _ = source
+    original = server._serve
+
+    def serve_then_change(h):          # the header's two requests see the old file, the blocks the new
+        original(h)
+        if len(server.requests) == 2:
+            server.files["/gpt2/model.safetensors"] = changed(data)
+
+    server._serve = serve_then_change
+    with pytest.raises(PullError, match="the file changed on the server while its blocks were being fetched"):
+        fetch(server, str(tmp_path / "s.safetensors"), layers=(1, 3), rank0=False)

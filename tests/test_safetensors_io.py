@@ -160,3 +160,35 @@ def test_file_ending_inside_a_tensor_while_reading(tmp_path):
 def test_parse_header_names_its_source():
     with pytest.raises(SafetensorsError, match="^https://example/x.safetensors: truncated header"):
         parse_header(struct.pack("<Q", 100) + b"{}", "https://example/x.safetensors")
+
+
+@pytest.mark.parametrize("header, match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, r"data_offsets must be two whole numbers"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, r"data_offsets must be two whole numbers"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}}, r"data_offsets must be two whole numbers"),
+    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, r"unsupported dtype \['F32'\]"),
+    ({"a": {"dtype": "F32", "shape": [64.5], "data_offsets": [0, 8]}}, r"shape must be a list of whole numbers"),
+    ({"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, r"shape must be a list of whole numbers"),
+    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, r"shape must be a list of whole numbers"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, r"shape must be a list of whole numbers"),
+    ({"a": ["F32", [2], [0, 8]]}, r"malformed header entry"),
+    ({"__metadata__": ["n_layer", "4"], **F32_2}, r"__metadata__ must map names to strings"),
+    ({"__metadata__": "n_layer=4", **F32_2}, r"__metadata__ must map names to strings"),
+    ({"__metadata__": {"n_layer": 4}, **F32_2}, r"__metadata__ must map names to strings"),
+    ({**F32_2, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, r"tensors 'a' and 'b' overlap"),
+    ({**F32_2, "b": {"dtype": "I8", "shape": [8], "data_offsets": [0, 8]}}, r"tensors 'a' and 'b' overlap"),
+    (b"[" * 100_000, r"nested too deep"),
+    (b'{"a": ' + b"9" * 5000 + b"}", r"not valid JSON"),
+])
+def test_malformed_header_field_is_a_safetensors_error(tmp_path, header, match):
+    path = raw_file(tmp_path / "broken.safetensors", header, b"\0" * 8)
+    with pytest.raises(SafetensorsError, match=match) as e:
+        read_header(path)
+    assert str(e.value).startswith(path) and len(str(e.value)) < 500, e.value
+
+
+def test_long_values_are_cut_in_messages(tmp_path):
+    path = raw_file(tmp_path / "broken.safetensors", {"x" * 100_000: {"dtype": "Q" * 100_000}}, b"")
+    with pytest.raises(SafetensorsError, match="malformed header entry") as e:
+        read_header(path)
+    assert len(str(e.value)) < 500

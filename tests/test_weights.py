@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -383,3 +384,54 @@ def test_init_weights_bad_sizes(tmp_path):
         init_weights(str(tmp_path / "x.safetensors"), size="gpt5")
     with pytest.raises(WeightsError, match="n_head=5 must be given and divide n_embd=64"):
         init_weights(str(tmp_path / "x.safetensors"), n_embd=64, n_head=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata is checked against the tensors before anything is sized from it
+
+
+def with_metadata(tiny_weights, path, **meta) -> str:
+    tensors = read_tensors(tiny_weights)
+    write_safetensors(str(path), tensors, {**read_header(tiny_weights).metadata, **meta})
+    return str(path)
+
+
+def test_a_billion_layers_claimed_is_a_clear_error_without_a_huge_allocation(tiny_weights, tmp_path):
+    """Run under a 3 GB address-space limit: building anything n_layer long would be a MemoryError."""
+    path = with_metadata(tiny_weights, tmp_path / "claims.safetensors", n_layer="1000000000")
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        from nanopipe.weights import WeightsError, load_stage
+        try:
+            load_stage({path!r}, 0, 1)
+        except WeightsError as e:
+            print("WeightsError:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "WeightsError:" in done.stdout and "n_layer='1000000000'" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("meta, says", [
+    ({"n_layer": "2"}, "metadata says n_layer=2 but the file holds block h.3"),
+    ({"n_layer": "twelve"}, "n_layer='twelve', which is not a whole number"),
+    ({"n_layer": "-4"}, "n_layer='-4', which is not a whole number"),
+    ({"n_ctx": "4096"}, "metadata says n_ctx=4096 but wpe.weight has shape [128, 64]"),
+    ({"n_vocab": "7"}, "metadata says n_vocab=7 but wte.weight has shape [50257, 64]"),
+    ({"n_head": "0"}, "n_head='0', which is not a whole number"),
+])
+def test_metadata_that_disagrees_with_the_tensors_is_refused(tiny_weights, tmp_path, meta, says):
+    path = with_metadata(tiny_weights, tmp_path / "claims.safetensors", **meta)
+    with pytest.raises(WeightsError, match=re.escape(says)) as e:
+        load_stage(path, 0, 1)
+    assert path in str(e.value)
+
+
+def test_a_block_number_past_any_gpt2_is_refused(tiny_weights, tmp_path):
+    tensors = read_tensors(tiny_weights)
+    tensors["h.1000000000.ln_1.weight"] = tensors["h.0.ln_1.weight"]
+    path = str(tmp_path / "far.safetensors")
+    write_safetensors(path, tensors, read_header(tiny_weights).metadata)
+    with pytest.raises(WeightsError, match=r"holds a block h.1000000000, past the 4096 blocks"):
+        load_stage(path, 0, 1)

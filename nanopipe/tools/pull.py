@@ -33,8 +33,8 @@ import urllib.request
 
 from .. import gpt2_tensors as gt
 from ..config import ConfigError, weights_file
-from ..safetensors_io import Header, SafetensorsError, parse_header, read_header
-from ..weights import is_synthetic, synthetic_note
+from ..safetensors_io import MAX_HEADER_BYTES, Header, SafetensorsError, parse_header, read_header
+from ..weights import WeightsError, check_metadata, is_synthetic, synthetic_note
 
 USER_AGENT = "nanopipe-pull/0.1"
 RESUMES = 3           # how many dropped connections one pull() rides out before giving up
@@ -209,8 +209,11 @@ def verify(path: str, sha256: str | None = None, expected_size: int | None = Non
     """
     try:
         header = read_header(path)
+        check_metadata(header, path)
     except (SafetensorsError, OSError) as e:
         raise PullError(f"{path}: not a valid safetensors file ({e})") from None
+    except WeightsError as e:
+        raise PullError(str(e)) from None
     size = os.path.getsize(path)
     if expected_size is not None and size != expected_size:
         raise PullError(f"{path}: has {size} bytes but the server announced {expected_size} "
@@ -287,16 +290,59 @@ class _Dropped(Exception):
     """The connection ended before the announced number of bytes arrived."""
 
 
-def _open(url: str, start: int = 0, end: int | None = None, *, timeout: float, dest: str):
-    """GET url, with `Range: bytes=start-(end-1)` unless start == 0 and end is None.
+class _KeepLinkedEtag(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib's own handler, and keeps the `X-Linked-Etag` a hop carried.
+
+    The hub answers a file stored in LFS with a redirect to its CDN whose `X-Linked-Etag` is the
+    file's sha256; the CDN's own answer may not repeat it, so it is read off the redirect.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        origin = getattr(req, "origin", req)
+        if headers.get("X-Linked-Etag"):
+            origin.linked_etag = headers["X-Linked-Etag"]
+        if new is not None:
+            new.origin = origin
+        return new
+
+
+_OPENER = urllib.request.build_opener(_KeepLinkedEtag)
+
+
+def published_sha256(resp) -> str | None:
+    """The sha256 the server publishes for the file, if it does: the hub's `X-Linked-Etag`
+    ('"9f3c...64 hex digits"', quotes and all), on the answer or on a redirect before it."""
+    value = resp.headers.get("X-Linked-Etag") or getattr(resp, "linked_etag", None) or ""
+    value = value.strip().removeprefix("W/").strip('"').lower()
+    return value if re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def validator(resp) -> str | None:
+    """What identifies this version of the file for `If-Range`: a strong ETag, else Last-Modified."""
+    etag = (resp.headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/"):       # If-Range takes strong validators only
+        return etag
+    return (resp.headers.get("Last-Modified") or "").strip() or None
+
+
+def _open(url: str, start: int = 0, end: int | None = None, *, timeout: float, dest: str,
+          if_range: str | None = None):
+    """GET url, with `Range: bytes=start-(end-1)` unless start == 0 and end is None, and with
+    `If-Range: if_range` (the server sends the whole file, 200, if it changed since) when given.
 
     Returns the response; network failures and HTTP errors other than 416 become PullErrors.
     """
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if start or end is not None:
         headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if if_range:
+            headers["If-Range"] = if_range
+    req = urllib.request.Request(url, headers=headers)
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        resp = _OPENER.open(req, timeout=timeout)
+        resp.linked_etag = getattr(req, "linked_etag", None)
+        return resp
     except urllib.error.HTTPError as e:
         if e.code == 416:
             raise
@@ -366,12 +412,44 @@ def _size(path: str) -> int:
 # the whole file
 
 
+def _seen_path(part: str) -> str:
+    return part + ".seen"
+
+
+def _read_seen(part: str) -> dict:
+    """What the server said about the file when `part` was begun: {"if_range": ETag or
+    Last-Modified, "sha256": its published checksum}, kept beside the part file ({} if unknown)."""
+    try:
+        with open(_seen_path(part)) as f:
+            seen = json.load(f)
+        return {k: v for k, v in seen.items() if k in ("if_range", "sha256") and isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _write_seen(part: str, resp) -> None:
+    seen = {"if_range": validator(resp), "sha256": published_sha256(resp)}
+    with open(_seen_path(part), "w") as f:
+        json.dump({k: v for k, v in seen.items() if v}, f)
+
+
+def _forget_seen(part: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(_seen_path(part))
+
+
 def _open_resumed(url: str, part: str, *, timeout: float, out, dest: str):
     """Open a GET that continues `part`. Returns (response or None if part is already whole,
-    offset the body starts at, total file size or None)."""
+    offset the body starts at, total file size or None).
+
+    The resume carries `If-Range` with the ETag (or Last-Modified) the first answer gave, so a file
+    that changed on the server in between comes whole from byte 0 (200) instead of its second half
+    being glued to the old first half.
+    """
     have = _size(part)
+    seen = _read_seen(part) if have else {}
     try:
-        resp = _open(url, have, timeout=timeout, dest=dest)
+        resp = _open(url, have, timeout=timeout, dest=dest, if_range=seen.get("if_range"))
     except urllib.error.HTTPError as e:   # 416: nothing left past `have`
         e.close()
         total = _content_range_total(e.headers.get("Content-Range"))
@@ -386,10 +464,17 @@ def _open_resumed(url: str, part: str, *, timeout: float, out, dest: str):
             resp.close()
             raise PullError(f"{url}: asked to resume at byte {have} but the server answered from byte "
                             f"{start}; delete {part} and run again")
+        if not seen:
+            _write_seen(part, resp)
         return resp, have, total
-    if have:
+    if have and seen.get("if_range"):
+        out.write(f"{url}: the file changed on the server since {part} was begun (it was "
+                  f"{seen['if_range'][:80]}, now {(validator(resp) or 'unknown')[:80]}); "
+                  f"restarting from zero, discarding {have} bytes\n")
+    elif have:
         out.write(f"{url}: the server does not support resuming (no HTTP Range); "
                   f"restarting from zero, discarding {have} bytes of {part}\n")
+    _write_seen(part, resp)
     return resp, 0, _length(resp)
 
 
@@ -453,11 +538,15 @@ def _fetch_verified(fetch, check, url, dest, part, out, advice: str) -> str:
             check(part)
             break
         except PullError as e:
-            os.remove(part)
+            aside = dest + ".corrupt"        # one kept for a look, replaced by the next: no disk filling up
+            os.replace(part, aside)
+            _forget_seen(part)
             if attempt == 2:
-                raise PullError(f"{url}: the download failed verification twice ({e}); {advice}") from None
-            out.write(f"{e}; deleted it, downloading again\n")
+                raise PullError(f"{url}: the download failed verification twice ({e}); moved it to {aside}; "
+                                f"{advice}") from None
+            out.write(f"{e}; moved it to {aside}, downloading again\n")
     os.replace(part, dest)
+    _forget_seen(part)
     return dest
 
 
@@ -466,8 +555,18 @@ def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> st
 
     def fetch():
         got["total"] = _fetch_whole(url, part, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+        got["published"] = _read_seen(part).get("sha256")
 
-    return _fetch_verified(fetch, lambda path: verify(path, sha256, got["total"]), url, dest, part, out,
+    def check(path):
+        verify(path, sha256, got["total"])
+        published = got["published"]
+        actual = sha256_of(path) if published and not sha256 else published
+        if actual != published:
+            raise PullError(f"{path}: sha256 is {actual}, but the server publishes {published} "
+                            "for this file (X-Linked-Etag): the download is damaged, or the file changed "
+                            "on the server while it was being fetched")
+
+    return _fetch_verified(fetch, check, url, dest, part, out,
                            f"check the url and sha256 for this model in the config, or {_what_to_do(dest)}")
 
 
@@ -475,10 +574,13 @@ def _pull_whole(url, dest, part, *, sha256, timeout, chunk, progress, out) -> st
 # a slice: header by Range, then only the stage's tensors
 
 
-def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str) -> tuple:
-    """Bytes [start, end) of url and the file's total size; insists on a 206 answer."""
+def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str, seen: dict | None = None) -> tuple:
+    """Bytes [start, end) of url and the file's total size; insists on a 206 answer. `seen`, when
+    given, gets the answer's validator (ETag or Last-Modified) under "if_range"."""
     resp = _open(url, start, end, timeout=timeout, dest=dest)
     with resp:
+        if seen is not None:
+            seen["if_range"] = validator(resp)
         if resp.status != 206:
             raise PullError(f"{url}: the server does not support HTTP Range requests, so a slice cannot be "
                             "fetched; download the full file instead (`nanopipe pull NAME` without --layers)")
@@ -494,22 +596,31 @@ def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str) -> 
     return data, total
 
 
-def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/") -> Header:
-    """Read a remote file's safetensors header with two small Range requests."""
-    head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest)
+def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/", seen: dict | None = None) -> Header:
+    """Read a remote file's safetensors header with two small Range requests (`seen`: see _get_range)."""
+    head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest, seen=seen)
     (n,) = struct.unpack("<Q", head8)
+    if n > MAX_HEADER_BYTES:     # asked for before the size is known ('/*'): read no more than the format allows
+        raise PullError(f"{url}: header claims {n} bytes (a safetensors header has at most {MAX_HEADER_BYTES}); "
+                        "not a safetensors file; check the url for this model in the config")
     if total is not None and 8 + n > total:
         raise PullError(f"{url}: header claims {n} bytes but the file has {total}; not a safetensors file")
     try:
         blob, _ = _get_range(url, 8, 8 + n, timeout=timeout, dest=dest)
-        return parse_header(head8 + blob, url, file_size=total)
-    except SafetensorsError as e:
+        header = parse_header(head8 + blob, url, file_size=total)
+        check_metadata(header, url)
+        return header
+    except (SafetensorsError, WeightsError) as e:
         raise PullError(f"{e}; check the url for this model in the config") from None
 
 
-def _slice_metadata(header: Header, url: str, lo: int, hi: int) -> dict:
-    """The source's metadata, plus what a loader cannot read off a slice's own tensor shapes."""
+def _slice_metadata(header: Header, url: str, lo: int, hi: int, version: str | None = None) -> dict:
+    """The source's metadata, plus what a loader cannot read off a slice's own tensor shapes, and
+    the version of the source (its ETag) the bytes come from: a part file begun from another
+    version has another header, so it is started again rather than continued."""
     meta = dict(header.metadata)
+    if version:
+        meta["nanopipe_source_version"] = version
     t = {_base(n): v for n, v in header.tensors.items()}
     meta.setdefault("n_layer", str(_n_layer(t)))
     if "wte.weight" in t:
@@ -536,7 +647,7 @@ def _header_bytes(infos, metadata: dict) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
-def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, out, dest) -> None:
+def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, out, dest, if_range=None) -> None:
     """Write prefix + the bytes of each run into part, resuming a part that has the same prefix."""
     need = len(prefix) + sum(e - b for b, e in runs)
 
@@ -556,7 +667,8 @@ def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, ou
                         if skip >= e - b:
                             skip -= e - b
                             continue
-                        _fetch_run(url, b + skip, e, f, bar, timeout=timeout, chunk=chunk, dest=dest)
+                        _fetch_run(url, b + skip, e, f, bar, timeout=timeout, chunk=chunk, dest=dest,
+                                   if_range=if_range)
                         skip = 0
             finally:
                 bar.finish()
@@ -569,10 +681,14 @@ def _read_prefix(path: str, n: int) -> bytes:
         return f.read(n)
 
 
-def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest) -> None:
-    resp = _open(url, b, e, timeout=timeout, dest=dest)
+def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest, if_range=None) -> None:
+    resp = _open(url, b, e, timeout=timeout, dest=dest, if_range=if_range)
     with resp:
         start, _ = _content_range(resp)
+        if resp.status == 200 and if_range:
+            raise PullError(f"{url}: the file changed on the server while its blocks were being fetched (it was "
+                            f"{if_range[:80]}, now {(validator(resp) or 'unknown')[:80]}); run the same command "
+                            "again to fetch the new version")
         if resp.status != 206 or start != b:
             sent = "the whole file" if resp.status == 200 else f"HTTP {resp.status} from byte {start}"
             raise PullError(f"{url}: asked for bytes {b}-{e - 1} but the server sent {sent}; "
@@ -581,9 +697,10 @@ def _fetch_run(url, b, e, f, bar, *, timeout, chunk, dest) -> None:
 
 
 def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out) -> str:
-    header = remote_header(url, timeout=timeout, dest=dest)
+    seen = {}
+    header = remote_header(url, timeout=timeout, dest=dest, seen=seen)
     infos = select_tensors(header, lo, hi, rank0, source=url)
-    prefix = _header_bytes(infos, _slice_metadata(header, url, lo, hi))
+    prefix = _header_bytes(infos, _slice_metadata(header, url, lo, hi, seen.get("if_range")))
     runs = merge_ranges(infos)
     size = len(prefix) + sum(t.nbytes for t in infos)
     if progress:
@@ -592,7 +709,8 @@ def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out
         out.write(f"{url}: blocks {lo}..{hi - 1}{extra}: {len(infos)} tensors, "
                   f"{_mb(size)} of {_mb(total)} in {len(runs)} range requests\n")
     def fetch():
-        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest)
+        _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest,
+                     if_range=seen.get("if_range"))
 
     def check(path):
         if set(verify(path, expected_size=size).tensors) != {t.name for t in infos}:

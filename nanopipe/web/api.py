@@ -24,6 +24,7 @@ from flask import Response, current_app, g, jsonify, request
 
 from ..cluster.client import ClientError, LeaderClient
 from ..decoding import EOT, DecodingError, SamplingParams, check_stop, request_params
+from ..logs import shown
 from .metrics import WebMetrics
 
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
@@ -205,18 +206,60 @@ def state() -> AppState:
 # Reading requests
 
 
+MAX_JSON_DEPTH = 32       # no route takes anything nested deeper than a few levels
+
+
 def json_body() -> dict:
-    """The request body as a JSON object, whatever Content-Type the caller sent."""
+    """The request body as a JSON object, whatever Content-Type the caller sent.
+
+    Refused with a 400 before any route reads it: a body nested deeper than MAX_JSON_DEPTH (deep
+    enough to exhaust Python's recursion in the parser, or later in whatever walks it), and a string
+    holding a lone surrogate ("\\ud800": valid JSON, but not Unicode text, so it cannot be encoded
+    to send to the leader).
+    """
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise ApiError(400, "request body: expected a JSON object, got an empty body")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"request body: nested deeper than {MAX_JSON_DEPTH} levels; "
+                            "send a flat JSON object") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body: not valid JSON ({e})") from None
+        raise ApiError(400, f"request body: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body: expected a JSON object, got {type(body).__name__}")
+    _check_json_value(body)
     return body
+
+
+def _check_json_value(body) -> None:
+    """Walk a parsed body without recursion: depth at most MAX_JSON_DEPTH, every string (keys too)
+    encodable as UTF-8.
+
+        {"stop": "\\ud800"} -> ApiError 400 "stop: ... lone surrogate ..."
+    """
+    stack = [(body, 1, None)]           # (value, depth, top-level field it sits under)
+    while stack:
+        value, depth, field = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, f"request body: nested deeper than {MAX_JSON_DEPTH} levels; "
+                                    "send a flat JSON object", param=field)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                where = field if field is not None else k
+                if isinstance(k, str):
+                    stack.append((k, depth, where))
+                stack.append((v, depth + 1, where))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                name = field if isinstance(field, str) else "request body"
+                raise ApiError(400, f"{name[:64]}: holds a lone surrogate (\\u{ord(value[e.start]):04x}), which "
+                                    "is not Unicode text; send each character as itself or as a "
+                                    "surrogate pair", param=field if isinstance(field, str) else None) from None
 
 
 def optional(body: dict, field: str, check, what: str):
@@ -225,7 +268,9 @@ def optional(body: dict, field: str, check, what: str):
     if value is None:
         return None
     if not check(value):
-        raise ApiError(400, f"{field}: must be {what} (got {json.dumps(value)})", param=field)
+        got = json.dumps(value)
+        raise ApiError(400, f"{field}: must be {what} (got {got if len(got) <= 80 else got[:77] + '...'})",
+                       param=field)
     return value
 
 
@@ -352,7 +397,7 @@ def check_fields(body: dict, known) -> None:
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ApiError(400, f"unknown field {unknown[0]!r}{hint}; known fields: {', '.join(known)}",
+        raise ApiError(400, f"unknown field {shown(unknown[0])}{hint}; known fields: {', '.join(known)}",
                        param=unknown[0])
 
 

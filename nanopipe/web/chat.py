@@ -62,7 +62,7 @@ def chat_request(body: dict) -> tuple:
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, "text: give the prompt as a non-empty string", param="text")
-    strategy = optional(body, "decoding_strategy", lambda v: v in STRATEGIES,
+    strategy = optional(body, "decoding_strategy", lambda v: isinstance(v, str) and v in STRATEGIES,
                         f"one of {', '.join(sorted(STRATEGIES))}")
     stream = flag(body, "stream")
     chat = flag(body, "chat") or body.get("history") is not None
