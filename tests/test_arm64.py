@@ -91,7 +91,7 @@ def generate_and_compare(cl, reference, what: str) -> float:
 def test_an_arm64_worker_answers_as_one_x86_process(weights, workdir, reference, proc_mounted):
     with MixedCluster(weights, nodes=2, workdir=os.path.join(workdir, "b"), ready_timeout=READY_S) as cl:
         st = status(cl)
-        assert node(st, 1)["status"] == "up" and node(st, 1)["layers"] == [3, 6]
+        assert node(st, 1)["status"] == "up" and node(st, 1)["layers"] == [3, 5]
         generate_and_compare(cl, reference, "x86 leader + arm64 worker (Debian numpy)")
         log = log_of(cl, 1)
     blas = next(line for line in log.splitlines() if "BLAS: " in line)
@@ -112,7 +112,7 @@ def test_an_arm64_worker_without_proc_joins_and_answers(weights, workdir, refere
                       cluster_extra={"nodes": nodes}, ready_timeout=READY_S) as cl:
         st = status(cl)
         w = node(st, 1)
-        assert w["status"] == "up" and w["layers"][1] == 6 and w["layers"][0] < 6, w
+        assert w["status"] == "up" and w["layers"][1] == 5 and w["layers"][0] <= 5, w
         generate_and_compare(cl, reference, "x86 leader + arm64 worker without /proc")
         log = log_of(cl, 1)
     measured = next(line for line in log.splitlines() if "Measured this node" in line)

@@ -23,7 +23,6 @@ import urllib.request
 import numpy as np
 import pytest
 from helpers import status, wait_status
-from werkzeug.serving import make_server
 
 from nanopipe import engine as engine_mod
 from nanopipe.cluster.client import ClientError
@@ -32,6 +31,7 @@ from nanopipe.decoding import DecodingError, SamplingParams, softmax
 from nanopipe.engine import Request, Scheduler
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.web.app import create_app, settings_from_configs
+from nanopipe.web.server import WebServer
 from nanopipe.weights import init_weights
 
 PROMPT = [15496, 995, 11, 616, 1438]        # "Hello world, my name"
@@ -235,12 +235,11 @@ def long_cluster(tmp_path_factory):
 def web(long_cluster):
     """The web app's base URL, talking to long_cluster's leader."""
     app = create_app(settings_from_configs(long_cluster.config_dir, leader=long_cluster.leader_addr))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    server = WebServer(app, "127.0.0.1", 0).start()        # what `nanopipe web` serves with
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
 
 
 def post(url: str, body: dict, timeout: float = 60):

@@ -141,3 +141,22 @@ def test_a_heartbeat_that_lies_leaves_status_and_the_watchdog_working(liar):
     LyingWorker.lie = set()                         # and it comes back: the ring heals
     wait_until("the ring back up", lambda: status(cl)["ready"], 30, detail=cl.logs)
     assert len(generate(cl)["token_ids"]) == 8
+
+
+def test_heartbeat_keeps_good_figures_and_its_blas_text_and_drops_bad_ones():
+    """checked_stats by itself: numbers must be finite and >= 0, the BLAS line a short printable
+    string; anything else is left out and logged once per field."""
+    from nanopipe.cluster.ring import WorkerState, checked_stats
+    logged = []
+    w = WorkerState(rank=1, host="node1", layers=(0, 1))
+    good = checked_stats(w, {"rss_mb": 12.5, "decode_ms": None, "blas": "OpenBLAS 0.3.21 (Haswell), 4 threads"},
+                         lambda msg, *level: logged.append(msg))
+    assert good == {"rss_mb": 12.5, "decode_ms": None, "blas": "OpenBLAS 0.3.21 (Haswell), 4 threads"}
+    assert logged == []
+    for _ in range(2):
+        bad = checked_stats(w, {"rss_mb": -1, "decode_ms": "abc", "blas": ["x"] * 3},
+                            lambda msg, *level: logged.append(msg))
+        assert bad == {}
+    assert checked_stats(w, {"blas": "x" * 201}, lambda msg, *level: logged.append(msg)) == {}
+    assert len(logged) == 3, logged             # once per field, not per heartbeat
+    assert any("bad blas" in m and "Worker 1" in m for m in logged), logged

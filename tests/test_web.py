@@ -899,11 +899,14 @@ def test_settings_from_the_repository_configs():
 
 
 def test_web_command_serves_on_localhost_by_default(monkeypatch):
+    import nanopipe.tools.cli
     import nanopipe.web.server
     from nanopipe.tools.cli import main
     seen = {}
     monkeypatch.setattr(nanopipe.web.server, "serve", lambda app, host, port, **kw: seen.update(
         host=host, port=port, app=app, **kw))
+    # nothing is served here: whether port 8000 happens to be taken on this machine is not the question
+    monkeypatch.setattr(nanopipe.tools.cli, "check_port_free", lambda host, port: None)
     r = CliRunner().invoke(main, ["web", "--config-dir", str(CONFIG_DIR)])
     assert r.exit_code == 0, r.output
     assert (seen["host"], seen["port"], seen["grace_s"]) == ("127.0.0.1", 8000, 10.0)

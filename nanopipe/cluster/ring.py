@@ -51,6 +51,7 @@ ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long
 # logged once (naming the rank) and left out, so monitoring never computes with a lie
 STATS_NUMBERS = ("rank", "rss_mb", "compute_ms", "frames", "sessions", "gemv_rows", "decode_ms", "decode_samples",
                  "kv_cache_bytes")
+STATS_TEXTS = {"blas": 200}     # text a STATS may carry, and its longest accepted length
 
 
 @dataclass
@@ -78,8 +79,9 @@ def finite(x) -> bool:
 
 
 def checked_stats(w: WorkerState, meta: dict, log) -> dict:
-    """A worker's STATS, with only the numbers that are finite and >= 0 (or null): a bad one is
-    logged once per rank and field, and left out, as if the worker had not said it.
+    """A worker's STATS, with only the numbers that are finite and >= 0 (or null) and the texts
+    (its BLAS) that are short printable strings: a bad one is logged once per rank and field, and
+    left out, as if the worker had not said it.
 
         {"decode_ms": "abc", "rss_mb": 12.5} -> {"rss_mb": 12.5}, and one log line about decode_ms
     """
@@ -94,6 +96,16 @@ def checked_stats(w: WorkerState, meta: dict, log) -> dict:
             w.warned.add(key)
             log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({_value(v)}; expected a number >= 0); "
                 "ignoring it", WARNING)
+    for key, longest in STATS_TEXTS.items():
+        v = meta.get(key)
+        if v is None:
+            continue
+        if isinstance(v, str) and len(v) <= longest and v.isprintable():
+            out[key] = v
+        elif key not in w.warned:
+            w.warned.add(key)
+            log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({_value(v)}; expected text of at most "
+                f"{longest} characters); ignoring it", WARNING)
     return out
 
 
