@@ -339,6 +339,16 @@ def test_busy_is_429_with_retry_after_which_openai_clients_retry(long_cluster, w
             client.completions.create(model="local", prompt="x", max_tokens=2)
         assert busy_count(web) - busy_before == 2, "the openai client did not retry the 429"
         assert time.monotonic() - t0 >= 0.9, "the openai client did not wait for Retry-After"
+        # streamed, on every route: the refusal comes before the 200, so it is the same 429
+        for route, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": True}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 2, "stream": True}),
+                            ("/chat", {"text": "x", "max_tokens": 2})):
+            code, headers, answer = post(f"{web}{route}", body)
+            assert code == 429 and headers["Retry-After"] == "1", (route, code, dict(headers), answer)
+        with pytest.raises(openai.RateLimitError):
+            for _ in client.completions.create(model="local", prompt="x", max_tokens=2, stream=True):
+                pass
     finally:
         for c in full:
             c.close()

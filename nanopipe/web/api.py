@@ -27,6 +27,7 @@ from ..decoding import EOT, DecodingError, SamplingParams, check_stop, request_p
 from ..logs import shown
 from .metrics import WebMetrics
 
+REFUSAL_WAIT_S = 0.25              # how long a stream waits for the leader's at-once refusal before its 200
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
                    "presence_penalty", "repetition_penalty", "logit_bias")
@@ -456,6 +457,8 @@ class Generation:
         self.started = False
         self._stopped = False
         self.keep = None                        # (Transcripts, tokenizer): remember what a chat computed
+        self._thread: threading.Thread | None = None
+        self._first = None                      # an event taken early by refused_at_once, still to be yielded
         self._registry = registry if registry is not None else Generations()
         self._registry.add(self)        # from now: a response may have begun (/v1's first chunk) before events()
 
@@ -477,14 +480,35 @@ class Generation:
             self._registry.discard(self)
             self.client.close()
 
+    def start(self):
+        """Ask the leader now (events() does it on its first step otherwise)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="generation")
+            self._thread.start()
+
+    def refused_at_once(self, wait_s: float = REFUSAL_WAIT_S) -> ClientError | None:
+        """Before a stream's 200 goes out: the leader's refusal (a full queue, a bad field), if it
+        comes within wait_s, so that it can be a 429 or 400 that clients retry or show. The leader
+        refuses at once, so wait_s only delays the headers of a reply whose first event is slower;
+        never its first token. Whatever event came stays first in line for events()."""
+        self.start()
+        try:
+            event = self._q.get(timeout=wait_s)
+        except queue.Empty:
+            return None
+        self._first = event
+        if event[0] == "error" and event[1].kind in ("busy", "invalid"):
+            return event[1]
+        return None
+
     def events(self):
         self.started = True
         self.metrics.begin()
-        threading.Thread(target=self._run, daemon=True, name="generation").start()
+        self.start()
         finished = False
         try:
             while True:
-                event = self._q.get()
+                event, self._first = (self._first, None) if self._first is not None else (self._q.get(), None)
                 finished = event[0] in ("done", "error")
                 yield event
                 if finished:
@@ -681,7 +705,13 @@ def sse_comment(text: str) -> str:
 
 def event_stream(chunks, gen: Generation) -> Response:
     """A streamed text/event-stream response. However it ends (finished, or the client left before
-    the first chunk), closing it also closes `gen`'s leader connection."""
+    the first chunk), closing it also closes `gen`'s leader connection. A leader that refuses the
+    request at once (busy, a bad field) gets the status a request without streaming gets: 429 with
+    Retry-After, or 400, not a 200 with an error event that OpenAI's clients would not retry."""
+    refused = gen.refused_at_once()
+    if refused is not None:
+        gen.close()
+        raise leader_error(refused)
     resp = Response(chunks, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     resp.call_on_close(gen.close)
