@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -265,3 +266,20 @@ def test_bench_full_keeps_the_whole_report(tmp_path, tiny_weights):
         assert part in r.stdout, r.stdout
     assert re.search(r"decode vs bound: +[\d.]+x: (meets|BELOW) the target", r.stdout), r.stdout
     assert "issue" not in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# a node asked to stop says what asked it, and exits 0
+
+
+@pytest.mark.parametrize("sig, said", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_node_asked_to_stop_says_what_asked_it(tiny_weights, sig, said):
+    from helpers import log_of
+    with LocalCluster(tiny_weights, nodes=2, ready_timeout=60) as cl:
+        cl.kill_rank(1, sig)
+        assert cl.procs[1].returncode == 0, log_of(cl, 1)
+        assert f"Shutting down: asked to stop ({said})" in log_of(cl, 1), log_of(cl, 1)
+        cl.kill_rank(0, sig)
+        assert cl.procs[0].returncode == 0, log_of(cl, 0)
+        assert f"Shutting down: asked to stop ({said})" in log_of(cl, 0), log_of(cl, 0)

@@ -537,7 +537,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     try:
         leader.serve_forever(bound)     # logs "Server listening on <ip>:<port>"
     except KeyboardInterrupt:
-        log("Shutting down")
+        log(_stopping())
     except OSError as e:
         if leader.fatal is None:
             raise UserError(str(e)) from None
@@ -628,7 +628,7 @@ def join(rank_arg, host_arg, rank, host, leader_addr, config_dir, model_name, we
     try:
         worker.run()                # logs "Loaded <n> layers for worker R", "Connected to server at ...", ...
     except KeyboardInterrupt:
-        log("Shutting down")
+        log(_stopping())
 
 
 def _one_of(name: str, positional, option):
@@ -711,7 +711,7 @@ def _join_leader(addr, config_dir, weights_path, n_head):
     try:
         worker.run()
     except KeyboardInterrupt:
-        log("Shutting down")
+        log(_stopping())
 
 
 def _real_or_none(v):
@@ -735,13 +735,22 @@ def device_line() -> str:
     return f"Model initialized on device: cpu ({numpy}; nanopipe uses no GPU)"
 
 
+_stop_asked = {"by": "Ctrl-C (SIGINT)"}     # what asked this node to stop, for its last log line
+
+
 def _on_sigterm():
-    """SIGTERM (what `demo` and process managers send) stops as cleanly as Ctrl-C."""
+    """SIGTERM (what `demo`, systemd and other process managers send) stops as cleanly as Ctrl-C."""
     import signal
 
     def handler(signum, frame):
+        _stop_asked["by"] = "SIGTERM"
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+
+
+def _stopping() -> str:
+    """The last line of a node asked to stop: what asked it."""
+    return f"Shutting down: asked to stop ({_stop_asked['by']})"
 
 
 @main.command(short_help="Download NAME's weights (or some --layers) into weights/.")
