@@ -490,3 +490,65 @@ def _dim(tensors: dict, name: str, path: str) -> int:
         raise WeightsError(f"{path}: tensor {shown(name)} is missing or has shape "
                            f"{list(info.shape) if info else None}; the file is damaged or not a GPT-2 file")
     return info.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic weights a leader can describe and a worker can remake: a seed and a shape
+
+
+RECIPE_LIMITS = dict(METADATA_LIMITS, n_embd=1 << 14)
+
+
+def synthetic_recipe(path: str) -> dict | None:
+    """The seed and shape a synthetic file was made from (its metadata), or None when it does not
+    say (not synthetic, or not made by init_weights):
+
+        synthetic_recipe("weights/synthetic-gpt2.safetensors")
+            -> {"seed": 0, "shape": "n_layer=12,n_embd=768,n_head=12,n_ctx=1024,n_vocab=50257"}
+    """
+    try:
+        meta = read_header(path).metadata
+    except (OSError, SafetensorsError):
+        return None
+    if not is_synthetic(meta) or "nanopipe_seed" not in meta or "nanopipe_shape" not in meta:
+        return None
+    recipe = {"seed": meta["nanopipe_seed"], "shape": meta["nanopipe_shape"]}
+    try:
+        seed, _ = parse_recipe(recipe)
+    except WeightsError:
+        return None
+    return {"seed": seed, "shape": recipe["shape"]}
+
+
+def parse_recipe(recipe) -> tuple:
+    """A recipe from a peer -> (seed, init_weights' shape keywords), every number checked:
+
+        {"seed": 0, "shape": "n_layer=2,n_embd=32,n_head=2,n_ctx=64,n_vocab=50257"}
+            -> (0, {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_ctx": 64, "n_vocab": 50257})
+    """
+    if not isinstance(recipe, dict):
+        raise WeightsError(f"expected {{seed, shape}}, got {shown(recipe)}")
+    seed, tag = recipe.get("seed"), recipe.get("shape")
+    if isinstance(seed, str) and seed.isascii() and seed.isdigit() and len(seed) < 12:
+        seed = int(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        raise WeightsError(f"seed must be a whole number in 0..2^32-1, got {shown(seed)}")
+    if not isinstance(tag, str) or len(tag) > 200:
+        raise WeightsError(f"shape must be text like 'n_layer=12,n_embd=768,...', got {shown(tag)}")
+    shape = {}
+    for part in tag.split(","):
+        key, _, text = part.partition("=")
+        limit = RECIPE_LIMITS.get(key)
+        if limit is None or key in shape or not (text.isascii() and text.isdigit() and len(text) < 12
+                                                  and 1 <= int(text) <= limit):
+            raise WeightsError(f"shape {shown(tag)}: {shown(part)} is not one of n_layer, n_embd, n_head, "
+                               "n_ctx, n_vocab with a sensible whole number")
+        shape[key] = int(text)
+    if set(shape) != set(RECIPE_LIMITS):
+        raise WeightsError(f"shape {shown(tag)} must give each of {', '.join(RECIPE_LIMITS)} once")
+    if shape["n_embd"] % shape["n_head"]:
+        raise WeightsError(f"shape {shown(tag)}: n_embd must be a multiple of n_head")
+    # making a slice draws every tensor once (wte the largest): at most gpt2-xl's order of size
+    if shape["n_vocab"] * shape["n_embd"] > 1 << 27 or 12 * shape["n_layer"] * shape["n_embd"] ** 2 > 1 << 32:
+        raise WeightsError(f"shape {shown(tag)} is far larger than any GPT-2 (gpt2-xl has 1.5 billion parameters)")
+    return seed, shape

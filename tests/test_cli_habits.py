@@ -283,3 +283,39 @@ def test_a_node_asked_to_stop_says_what_asked_it(tiny_weights, sig, said):
         cl.kill_rank(0, sig)
         assert cl.procs[0].returncode == 0, log_of(cl, 0)
         assert f"Shutting down: asked to stop ({said})" in log_of(cl, 0), log_of(cl, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# join --leader when the leader runs on synthetic weights: the worker makes the same blocks
+
+
+class JoinByLeader(LocalCluster):
+    """Workers started as `nanopipe join --leader 127.0.0.1:PORT` in an empty folder: no configs, no
+    weights, and the configured download address refuses every connection."""
+
+    def command(self, rank: int) -> list:
+        if rank == 0:
+            return super().command(0)
+        return [sys.executable, "-m", "nanopipe", "join", "--leader", self.leader_addr,
+                "--config-dir", os.path.join(self.workdir, "no-configs-here")]
+
+
+def test_join_leader_on_synthetic_weights_makes_the_same_blocks_offline(tmp_path, tiny_weights):
+    """Before: the worker downloaded the model_weights.yaml url (the real model, online; here an
+    address that refuses) and mixed it with the leader's random blocks, or died offline."""
+    from nanopipe.decoding import SamplingParams
+    from nanopipe.engine import Engine
+    os.makedirs(tmp_path / "weights")
+    cl = JoinByLeader(tiny_weights, nodes=3, workdir=str(tmp_path), ready_timeout=90,
+                      weights_url=f"http://127.0.0.1:{_closed_port()}/gpt2.safetensors")
+    params = SamplingParams("greedy", max_tokens=8)
+    prompt = [15496, 995, 11, 616]
+    with cl:
+        with cl.client(timeout=60) as c:
+            got = c.generate(prompt, params)["token_ids"]
+        logs = cl.logs()
+    assert got == Engine.load(tiny_weights).generate(list(prompt), params)["token_ids"], "cluster == one process"
+    assert "runs on SYNTHETIC weights (seed 0): making blocks" in logs, logs
+    assert "Downloading" not in logs and "cannot reach" not in logs, logs
+    made = sorted(f for f in os.listdir(tmp_path / "weights") if ".layers-" in f)
+    assert len(made) == 2, made                 # one slice per worker, nothing else

@@ -163,8 +163,21 @@ class JoinByLeader(LocalCluster):
                 "--config-dir", os.path.join(self.workdir, "no-configs-here")]
 
 
+def _unmarked(weights: str, path: str) -> str:
+    """The same tensors without the synthetic marker: a leader on real weights, as far as it can
+    tell (on synthetic ones it would tell workers to make them, not to pull them)."""
+    from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
+    from nanopipe.weights import SYNTHETIC_KEY
+    header = read_header(weights)
+    with open(weights, "rb") as f:
+        tensors = {name: read_tensor(f, info) for name, info in header.tensors.items()}
+    meta = {k: v for k, v in header.metadata.items() if k not in (SYNTHETIC_KEY, "nanopipe_seed", "nanopipe_shape")}
+    write_safetensors(path, tensors, meta)
+    return path
+
+
 def test_join_with_only_the_leaders_address_and_rejoin_with_the_same_layers(tmp_path, reference):
-    weights = reference.stage.source
+    weights = _unmarked(reference.stage.source, str(tmp_path / "real-looking.safetensors"))
     with open(weights, "rb") as f:
         server = FileServer({"/w.safetensors": f.read()}).start()      # with Range: workers pull slices
     cl = JoinByLeader(weights, nodes=3, partition="auto", workdir=str(tmp_path),

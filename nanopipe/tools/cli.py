@@ -7,7 +7,7 @@ import platform
 
 import click
 
-from ..config import DEFAULT_CONFIG_DIR, ConfigError, ConfigNotFound, weights_file
+from ..config import DEFAULT_CONFIG_DIR, WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
 from .planning import (
     SetupError,
     configured_weights,
@@ -530,7 +530,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
                     load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
-                    weights_source=_weights_source(config_dir, mc))
+                    weights_source=_weights_source(config_dir, mc, path, stage.synthetic))
     from ..model import describe_kernels
     log(describe_kernels())
     _on_sigterm()
@@ -566,14 +566,43 @@ def _measure_leader(cc, mc, stage, log):
     return cap
 
 
-def _weights_source(config_dir, mc) -> dict | None:
-    """model_weights.yaml's entry for the model, for workers that join with only --leader."""
+def _weights_source(config_dir, mc, path: str | None = None, synthetic: bool = False) -> dict | None:
+    """What a worker that joins with only --leader is told of the weights: model_weights.yaml's entry
+    for the model, or, when the leader itself runs on synthetic weights (`path`), their seed and
+    shape, from which the worker makes the very same blocks (a real download would mix real blocks
+    with random ones)."""
+    if synthetic and path is not None:
+        from ..weights import synthetic_recipe
+        recipe = synthetic_recipe(path)
+        if recipe is not None:
+            return {"name": mc.weights_model_name, "url": None, "filename": os.path.basename(path), "sha256": None,
+                    "synthetic": recipe}
     from ..config import load_weights_config
     try:
         src = load_weights_config(config_dir, mc.weights_model_name)
     except ConfigError:
         return None
     return {"name": mc.weights_model_name, "url": src.url, "filename": src.filename, "sha256": src.sha256}
+
+
+def synthetic_fetcher(recipe, filename: str, log):
+    """fetch(lo, hi) -> a slice file of the leader's synthetic weights (`recipe`: its seed and shape,
+    as a leader sends it), made here: the same seed gives the very values the leader's file holds."""
+    from ..weights import WeightsError, init_weights, parse_recipe
+    try:
+        seed, shape = parse_recipe(recipe)
+    except WeightsError as e:
+        raise UserError(f"the leader's synthetic weights: {e}") from None
+
+    def fetch(lo, hi):
+        from .pull import slice_path
+        path = slice_path(os.path.join(WEIGHTS_DIR, filename), lo, hi)
+        if not os.path.exists(path):
+            log(f"The leader runs on SYNTHETIC weights (seed {seed}): making blocks {lo}-{hi - 1} here "
+                f"({path}), the very values its file holds")
+            init_weights(path, **shape, seed=seed, layers=(lo, hi), rank0=False)
+        return path
+    return fetch
 
 
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
@@ -694,7 +723,8 @@ def _join_leader(addr, config_dir, weights_path, n_head):
     fetch = None
     if weights_path is None:
         src = e.get("weights")
-        if not isinstance(src, dict) or not src.get("url"):
+        synthetic = src.get("synthetic") if isinstance(src, dict) else None
+        if not isinstance(src, dict) or not (src.get("url") or synthetic):
             raise UserError("the leader has no weights source (model_weights.yaml) to give; pass --weights FILE")
         try:
             full = weights_file(src.get("filename"), what=f"the weights file name the leader at {host}:{port} sent")
@@ -702,6 +732,8 @@ def _join_leader(addr, config_dir, weights_path, n_head):
             raise UserError(f"{e}; refusing to write anywhere for this leader") from None
         if os.path.exists(full):
             weights_path = full
+        elif synthetic:
+            fetch = synthetic_fetcher(synthetic, os.path.basename(full), log)
         else:
             fetch = slice_fetcher(str(src["name"]), {"url": src["url"], "filename": src["filename"],
                                                      "sha256": src.get("sha256")}, log)
