@@ -76,3 +76,20 @@ def test_install_without_permission_says_to_use_sudo(tmp_path):
     r = run_nanopipe("service", "--rank", "0", "--config-dir", CONFIG_DIR, "--install", "--unit-dir", str(locked),
                      cwd=tmp_path, timeout=60)
     assert r.returncode == 1 and "permission denied; run it with sudo" in r.stderr, r.stderr
+
+
+def test_weights_go_into_the_node_unit_by_absolute_path_and_must_exist(tmp_path):
+    """The demo's synthetic file, say: without --weights the unit's node looks for model_weights.yaml's
+    file and, missing it, fails and restarts forever."""
+    w = tmp_path / "weights" / "synthetic-gpt2.safetensors"
+    w.parent.mkdir()
+    w.write_bytes(b"not checked here")
+    r = run_nanopipe("service", "--rank", "1", "--config-dir", CONFIG_DIR, "--weights",
+                     "weights/synthetic-gpt2.safetensors", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert _fields(r.stdout)["ExecStart"].split()[-2:] == ["--weights", str(w)], r.stdout
+    r = run_nanopipe("service", "--rank", "1", "--config-dir", CONFIG_DIR, "--weights", "weights/none.safetensors",
+                     cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and "no such file here" in r.stderr, r.stderr
+    r = run_nanopipe("service", "--web", "--config-dir", CONFIG_DIR, "--weights", str(w), cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and "the web app holds no weights" in r.stderr, r.stderr

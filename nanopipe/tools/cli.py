@@ -955,11 +955,14 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, co
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder holding the YAML configs.")
 @click.option("--user", default=None, help="Who the service runs as.  [default: you (under sudo, who ran sudo)]")
+@click.option("--weights", "weights_path", default=None, type=click.Path(dir_okay=False),
+              help="With --rank: the node's weights file, e.g. the demo's weights/synthetic-gpt2.safetensors.  "
+                   "[default: model_weights.yaml's file under weights/]")
 @click.option("--install", is_flag=True, help="Write the unit to --unit-dir instead of printing it (needs root).")
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
               help="Where --install writes the unit.")
 @_fail_clean
-def service(rank, host, web_app, port, config_dir, user, install, unit_dir):
+def service(rank, host, web_app, port, config_dir, user, weights_path, install, unit_dir):
     """Print a systemd unit that runs this node (or the web app) at boot and restarts it on failure.
 
     \b
@@ -969,7 +972,8 @@ def service(rank, host, web_app, port, config_dir, user, install, unit_dir):
     """
     from .service import ServiceError, install_unit, unit_for
     try:
-        name, text = unit_for(rank=rank, host=host, web=web_app, port=port, config_dir=config_dir, user=user)
+        name, text = unit_for(rank=rank, host=host, web=web_app, port=port, config_dir=config_dir, user=user,
+                              weights=weights_path)
         if not install:
             click.echo(text, nl=False)
             return

@@ -38,12 +38,17 @@ def service_user(user: str | None) -> str:
 
 
 def unit_for(*, rank: int | None, host: str | None, web: bool, port: int = 8000, config_dir: str = "configs",
-             user: str | None = None, workdir: str | None = None) -> tuple:
-    """(unit file name, unit text) for rank `rank` of the cluster in `config_dir`, or for the web app."""
+             user: str | None = None, workdir: str | None = None, weights: str | None = None) -> tuple:
+    """(unit file name, unit text) for rank `rank` of the cluster in `config_dir`, or for the web app.
+    `weights`: the node's weights file (passed on as an absolute --weights; it must exist)."""
     config_dir = os.path.abspath(config_dir)
     workdir = os.path.abspath(workdir or os.getcwd())
     if web == (rank is not None):
         raise ServiceError("give --rank R for a node (0 the leader, 1.. a worker) or --web for the web app")
+    if weights is not None and web:
+        raise ServiceError("--weights is for a node (--rank R); the web app holds no weights")
+    if weights is not None and not os.path.isfile(weights):
+        raise ServiceError(f"--weights {weights}: no such file here; the service would fail at every start")
     from ..config import ConfigError, load_cluster_config
     try:
         cc = load_cluster_config(config_dir)
@@ -67,6 +72,8 @@ def unit_for(*, rank: int | None, host: str | None, web: bool, port: int = 8000,
         else:
             what = f"nanopipe worker rank {rank} ({node.host})"
             args = ["join", "--rank", str(rank), "--host", node.host] + config
+        if weights is not None:
+            args += ["--weights", os.path.abspath(weights)]
     lines = [
         "[Unit]",
         f"Description={what}",
