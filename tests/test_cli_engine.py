@@ -256,3 +256,9 @@ def test_greedy_with_penalties_equals_the_definition(runner, weights, engine, ar
     want = greedy_with_penalties(engine, PROMPT_IDS, 10, **kw)
     assert out["token_ids"] == want
     assert want != plain, "the penalty must change the answer, or this test proves nothing"
+
+
+def test_bench_says_when_the_machine_was_busy():
+    from nanopipe.tools.bench import machine_busy
+    assert "busy (load average 4.8 on 2 cores)" in machine_busy(4.8, 2)
+    assert machine_busy(0.3, 2) is None and machine_busy(1.0, 2) is None

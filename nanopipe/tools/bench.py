@@ -341,11 +341,32 @@ def quick_bench(weights: str | None = None, n_tokens: int = 24, prompt_len: int 
         ("loading the weights", f"{ours['load_s']:.1f} s", "", ""),
     ]
     echo(format_rows(rows))
+    busy = machine_busy()
+    if busy:
+        echo(busy)
     echo("more: --full (where a step's time goes, kernel choices, LM head, long prompts), --nodes 3 (a local "
          "cluster vs one process), --sweep, --positions, --links, --placement, --conversation; "
          "`make bench` adds HF transformers and llama.cpp")
     return {"rows": [ours], "bandwidth_gb_s": round(gbps, 2), "bound_tokens_per_s": round(bound, 2),
             "vs_bound": round(vs_bound, 3)}
+
+
+def machine_busy(load=None, cores=None) -> str | None:
+    """A warning when something else ran during the benchmark (the load average above half the
+    cores), since every figure above is then low for reasons of its own:
+
+        machine_busy(4.8, 2) -> "note: this machine was busy (load average 4.8 on 2 cores): ..."
+        machine_busy(0.3, 2) -> None
+    """
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (OSError, AttributeError):       # not on every OS
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores / 2:
+        return None
+    return (f"note: this machine was busy (load average {load:.1f} on {cores} cores): other programs shared it, "
+            "so these figures are low; measure again when it is quiet")
 
 
 def format_table(rows: list) -> str:
