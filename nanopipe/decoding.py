@@ -20,7 +20,8 @@ Strategies live in a registry, so adding one is a function plus a decorator:
         ids = np.flatnonzero(probs >= params.top_p * probs.max())
         return draw(ids, probs[ids], rng)
 
-after which SamplingParams(strategy="min_p") validates and `sample` dispatches to it.
+after which SamplingParams(strategy="min_p") validates, `sample` dispatches to it, and model_config.yaml
+may name it under decoding_strategies (with the keys for the knobs it uses: temperature, p or top_p).
 Everything random goes through one np.random.Generator, so a seed reproduces a generation exactly.
 """
 from __future__ import annotations
@@ -31,11 +32,9 @@ from typing import Callable
 import numpy as np
 
 # What a request may ask for (fields, ranges, defaults, strategy names) is sampling_params.py's, which
-# holds no numpy; these are re-exported so that code that samples imports one module.
+# holds no numpy; SamplingParams and its helpers are re-exported so that code that samples imports one module.
 from .sampling_params import (  # noqa: F401
     BUILT_IN,
-    MAX_STOPS,
-    MAX_STOPS_TOTAL,
     STRATEGY_USES,
     TUNABLE,
     DecodingError,

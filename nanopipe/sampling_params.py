@@ -15,6 +15,8 @@ decoding.py; this module holds no numpy, so config can import it on a node that 
     DEFAULT_DECODING       the decoding settings of a model entry that leaves them out
 
     request_params(cfg, temperature=0.8, top_k=40)  -> SamplingParams("top_k", 0.8, top_k=40, ...)
+
+(Named after the type it owns: "sampling" alone is already a strategy, decoding.sampling.)
 """
 from __future__ import annotations
 
