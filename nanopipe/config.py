@@ -251,7 +251,7 @@ class ModelConfig:
     placement_objective: str = "throughput"
 
     def decoding_defaults(self) -> dict:
-        """The dict decoding.make_params() takes as defaults."""
+        """The dict sampling_params.make_params() takes as defaults."""
         return {"active_decoding_strategy": self.active_decoding_strategy, "max_new_tokens": self.max_new_tokens,
                 "decoding_strategies": self.decoding_strategies}
 

@@ -4,7 +4,7 @@
     client <--TOKEN {"request", "session", "token": 995, "text": " world"} ...  DONE {stats}
     (also CANCEL {"session"}, STATUS {} -> the cluster's state, PING -> PONG)
 
-A GENERATE is checked once (decoding.request_params: a bad field is an ERROR naming it, kind
+A GENERATE is checked once (sampling_params.request_params: a bad field is an ERROR naming it, kind
 "invalid") and becomes an engine.Request; a GENERATE with "batch" queues several at once so they
 run as one scheduler batch. While more than QUEUE_PER_SESSION x max_sessions requests wait, a new
 one is refused with kind "busy" and "retry_after_s" (the web app answers 429 with Retry-After).

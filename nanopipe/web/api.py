@@ -307,7 +307,7 @@ def decoding_defaults() -> dict:
 
 def resolve(strategy: str | None, fields: dict) -> SamplingParams:
     """The exact SamplingParams a request runs with: config defaults, then the request's values,
-    the strategy inferred from them when none is named (decoding.request_params)."""
+    the strategy inferred from them when none is named (sampling_params.request_params)."""
     try:
         return request_params(decoding_defaults(), strategy=strategy, **fields)
     except DecodingError as e:

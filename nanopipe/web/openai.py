@@ -28,7 +28,7 @@ without one; a message written by hand, "Hello!", gets one space). And a chat's 
 with the ids the last turn computed, kept by their text (web/api.py's Transcripts), since
 encoding the text again may cut it into other tokens than the model wrote.
 
-OpenAI sampling fields map onto a decoding strategy by decoding.infer_strategy, the rule /chat
+OpenAI sampling fields map onto a decoding strategy by sampling_params.infer_strategy, the rule /chat
 uses too: temperature 0 -> greedy; top_k (an extension) -> top_k; top_p < 1 -> top_p; else
 sampling; top_k with top_p < 1 is a 400. A request that sets none of temperature, top_p and top_k
 gets the model's configured default strategy (model_config.yaml). stop, frequency_penalty,
