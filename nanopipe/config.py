@@ -25,6 +25,7 @@ import yaml
 
 from . import partition as _partition
 from .logs import shown
+from .sampling_params import DEFAULT_DECODING, STRATEGY_USES, section_keys
 
 DEFAULT_CONFIG_DIR = "configs"
 
@@ -34,14 +35,9 @@ MODEL_KEYS = ("hf_model_name", "weights_model_name", "num_layers", "num_nodes", 
               "active_decoding_strategy", "decoding_strategies", "n_head", "partition", "layer_mapping",
               "placement_objective")
 OBJECTIVES = ("throughput", "latency")     # what `partition: auto` minimises (placement.solve)
-# decoding_strategies: the built-in strategies (decoding.py registers them) and the keys each reads.
-STRATEGY_KEYS = {"greedy": (), "sampling": ("temperature",), "top_k": ("temperature", "k", "top_k"),
-                 "top_p": ("temperature", "p", "top_p")}
-# A model entry that leaves out its decoding settings gets the guide's.
-DEFAULT_DECODING = {"max_new_tokens": 50, "active_decoding_strategy": "greedy",
-                    "decoding_strategies": {"greedy": {}, "sampling": {"temperature": 1.0},
-                                            "top_p": {"temperature": 1.0, "p": 0.9},
-                                            "top_k": {"temperature": 1.0, "k": 40}}}
+# decoding_strategies: the strategies, the keys each section may hold, and the settings of an entry
+# that leaves them out are sampling_params.py's (STRATEGY_USES, section_keys, DEFAULT_DECODING); a
+# strategy registered with decoding.register can be named here as soon as it is registered.
 # cluster_config.yaml, and one entry of its `workers` list.
 CLUSTER_KEYS = ("host_ip", "port", "server", "num_workers", "workers", "bind", "max_sessions", "rejoin_grace_s",
                 "heartbeat_s", "auth_token", "tls_cert", "tls_key", "api_token", "cors_origins", "pipeline_depth",
@@ -255,7 +251,7 @@ class ModelConfig:
     placement_objective: str = "throughput"
 
     def decoding_defaults(self) -> dict:
-        """The dict decoding.make_params() takes as defaults."""
+        """The dict sampling_params.make_params() takes as defaults."""
         return {"active_decoding_strategy": self.active_decoding_strategy, "max_new_tokens": self.max_new_tokens,
                 "decoding_strategies": self.decoding_strategies}
 
@@ -314,14 +310,14 @@ def _decoding_strategies(value: dict, where: str) -> dict:
     out = {}
     for name, params in value.items():
         here = f"{where}.decoding_strategies.{_names([name])}"
-        if name not in STRATEGY_KEYS:
+        if name not in STRATEGY_USES:
             raise ConfigError(f"{where}: decoding_strategies: unknown strategy {shown(name)}"
-                              f"{did_you_mean(name, STRATEGY_KEYS)}")
+                              f"{did_you_mean(name, STRATEGY_USES)}")
         if params is None:
             params = {}
         if not isinstance(params, dict):
             raise ConfigError(f"{here}: expected a mapping of parameters, e.g. {{temperature: 1.0}}")
-        _check_keys(params, STRATEGY_KEYS[name], here)
+        _check_keys(params, section_keys(name), here)
         if "k" in params and "top_k" in params or "p" in params and "top_p" in params:
             raise ConfigError(f"{here}: give 'k' or 'top_k' ('p' or 'top_p'), not both")
         _real(params, "temperature", here, default=None, above=True)

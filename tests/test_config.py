@@ -272,7 +272,9 @@ def test_an_entry_without_decoding_settings_gets_the_guides_defaults(tmp_path):
     write(tmp_path, "model_config.yaml", {"gpt2_large": dict(ENTRY, num_layers=36, num_nodes=6)})
     mc = load_model_config(str(tmp_path))
     assert (mc.max_new_tokens, mc.active_decoding_strategy) == (50, "greedy")
-    assert mc.decoding_strategies["top_k"] == {"temperature": 1.0, "k": 40}
+    # the guide's temperature and p; k is nanopipe's one top_k default, as in SamplingParams and the shipped file
+    assert mc.decoding_strategies["top_k"] == {"temperature": 1.0, "k": 50}
+    assert mc.decoding_strategies["top_p"] == {"temperature": 1.0, "p": 0.9}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,17 +460,20 @@ def test_num_nodes_must_match_the_cluster():
 
 
 def test_known_strategies_are_decodings_built_ins():
-    """config.STRATEGY_KEYS lists the strategies decoding.py registers (config must not import numpy)."""
-    from nanopipe.config import STRATEGY_KEYS
-    from nanopipe.decoding import STRATEGIES, STRATEGY_USES, make_params
-    assert set(STRATEGY_KEYS) == set(STRATEGIES)
-    for name, keys in STRATEGY_KEYS.items():          # each allowed key sets a field the strategy reads
-        section = {k: (5 if k in ("k", "top_k") else 0.5) for k in keys}
-        params = make_params({"active_decoding_strategy": name, "decoding_strategies": {name: section}})
+    """The strategies config accepts (sampling_params, no numpy) are those decoding.py registers, and
+    each key a strategy's section may hold sets a field that strategy reads."""
+    from nanopipe.decoding import STRATEGIES, make_params
+    from nanopipe.sampling_params import SECTION_KEYS, STRATEGY_USES, section_keys
+    assert set(STRATEGY_USES) == set(STRATEGIES)
+    assert section_keys("top_k") == ("temperature", "k", "top_k") and section_keys("greedy") == ()
+    for name in STRATEGY_USES:                         # each allowed key sets a field the strategy reads
+        keys = section_keys(name)
         for k in keys:
-            assert {"temperature": "temperature", "k": "top_k", "top_k": "top_k", "p": "top_p",
-                    "top_p": "top_p"}[k] in STRATEGY_USES[name], (name, k)
-        assert params.strategy == name
+            value = 5 if k in ("k", "top_k") else 0.5
+            params = make_params({"active_decoding_strategy": name, "decoding_strategies": {name: {k: value}}})
+            assert SECTION_KEYS[k] in STRATEGY_USES[name], (name, k)
+            assert getattr(params, SECTION_KEYS[k]) == value, (name, k)
+            assert params.strategy == name
 
 
 # ---------------------------------------------------------------------------------------------

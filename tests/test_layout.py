@@ -203,3 +203,21 @@ def test_the_readme_layout_table_matches_the_tree():
     files = {str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert not files - named, f"README.md's Layout section does not mention {sorted(files - named)}"
     assert not named - files, f"README.md's Layout section names files that do not exist: {sorted(named - files)}"
+
+
+def test_the_sampling_fields_are_written_once():
+    """sampling_params.py lists the sampling fields; every other module imports them. A literal
+    tuple, list or set of strings (or dict keys) naming 3 or more of them anywhere else is a second copy."""
+    from nanopipe.sampling_params import FIELDS
+    fields = set(FIELDS) | {"strategy"}
+    copies = []
+    for mod, path in modules().items():
+        if mod == "nanopipe.sampling_params":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                elts = node.keys if isinstance(node, ast.Dict) else node.elts
+                named = {e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                if len(named & fields) >= 3:
+                    copies.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {sorted(named & fields)}")
+    assert not copies, "sampling fields written out again (import sampling_params.FIELDS):\n  " + "\n  ".join(copies)

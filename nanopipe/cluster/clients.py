@@ -4,7 +4,7 @@
     client <--TOKEN {"request", "session", "token": 995, "text": " world"} ...  DONE {stats}
     (also CANCEL {"session"}, STATUS {} -> the cluster's state, PING -> PONG)
 
-A GENERATE is checked once (decoding.request_params: a bad field is an ERROR naming it, kind
+A GENERATE is checked once (sampling_params.request_params: a bad field is an ERROR naming it, kind
 "invalid") and becomes an engine.Request; a GENERATE with "batch" queues several at once so they
 run as one scheduler batch. While more than QUEUE_PER_SESSION x max_sessions requests wait, a new
 one is refused with kind "busy" and "retry_after_s" (the web app answers 429 with Retry-After).
@@ -20,16 +20,15 @@ import struct
 import threading
 import time
 
-from ..decoding import DecodingError, is_int, request_params
 from ..engine import Request
+from ..sampling_params import FIELDS, DecodingError, is_int, request_params
 from .net import close_now, welcome
 from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame
 
 WARNING = logging.WARNING
 
-# the sampling fields a GENERATE may carry (absent: the model's defaults; see decoding.request_params)
-CLIENT_FIELDS = ("strategy", "temperature", "top_k", "top_p", "max_tokens", "seed", "stop", "frequency_penalty",
-                 "presence_penalty", "repetition_penalty", "logit_bias")
+# the sampling fields a GENERATE may carry (absent: the model's defaults; see sampling_params.request_params)
+CLIENT_FIELDS = ("strategy",) + FIELDS
 CLIENT_SEND_TIMEOUT_S = 10.0   # a client that reads nothing this long while frames wait is dropped
 CLIENT_QUEUE_MAX = 10_000      # frames waiting for one client; past this it is dropped
 QUEUE_PER_SESSION = 4          # requests that may wait per session slot (max_sessions) before "busy"

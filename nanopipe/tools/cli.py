@@ -8,6 +8,15 @@ import platform
 import click
 
 from ..config import DEFAULT_CONFIG_DIR, WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
+from ..sampling_params import (
+    BIAS_RANGE,
+    PENALTY_RANGE,
+    REPETITION_RANGE,
+    STRATEGY_USES,
+    DecodingError,
+    check_stop,
+    request_params,
+)
 from .planning import (
     SetupError,
     configured_weights,
@@ -36,7 +45,6 @@ def _fail_clean(fn):
         except Exception as e:
             # imported here, not before the command runs: `serve` and `join` must be able to set
             # OpenBLAS's environment before anything loads numpy (see _share_cores)
-            from ..decoding import DecodingError
             from ..model import ContextOverflow, KernelChoiceError
             from ..partition import PartitionError
             from ..safetensors_io import SafetensorsError
@@ -141,9 +149,11 @@ def main(verbose, quiet):
 
 
 def sampling_options(fn):
+    """One option per sampling field (sampling_params.FIELDS, and --strategy), named as the field."""
+    lo, hi = REPETITION_RANGE
     for opt in reversed([
         click.option("--strategy", default=None,
-                     help="Decoding: greedy | sampling | top_k | top_p.  [default: inferred from the options "
+                     help=f"Decoding: {' | '.join(STRATEGY_USES)}.  [default: inferred from the options "
                           "given, as in the web API, else the model's (top_p as shipped)]"),
         click.option("--temperature", type=float, default=None,
                      help="0 is greedy; higher is more random.  [default: the strategy's, 0.8 as shipped]"),
@@ -158,14 +168,17 @@ def sampling_options(fn):
                      help="End the reply where this text appears (not printed); up to 4, repeat the option.  "
                           "[default: none]"),
         click.option("--frequency-penalty", type=float, default=None,
-                     help="-2..2: lower a token's score by this much per time it was generated.  [default: 0]"),
+                     help=f"-{PENALTY_RANGE:g}..{PENALTY_RANGE:g}: lower a token's score by this much per time "
+                          "it was generated.  [default: 0]"),
         click.option("--presence-penalty", type=float, default=None,
-                     help="-2..2: lower the score of every token generated at least once.  [default: 0]"),
+                     help=f"-{PENALTY_RANGE:g}..{PENALTY_RANGE:g}: lower the score of every token generated at "
+                          "least once.  [default: 0]"),
         click.option("--repetition-penalty", type=float, default=None,
-                     help="> 0, e.g. 1.3: divide (multiply, if negative) the score of every token seen so far.  "
-                          "[default: 1, none]"),
+                     help=f"{lo:g}..{hi:g}, e.g. 1.3: divide (multiply, if negative) the score of every token "
+                          "seen so far.  [default: 1, none]"),
         click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
-                     help="Add BIAS (-100..100) to token ID's score, e.g. 50256=-100; repeat the option.  "
+                     help=f"Add BIAS (-{BIAS_RANGE:g}..{BIAS_RANGE:g}) to token ID's score, e.g. 50256=-100; "
+                          "repeat the option.  "
                           "[default: none]"),
     ]):
         fn = opt(fn)
@@ -174,7 +187,6 @@ def sampling_options(fn):
 
 def parse_logit_bias(items) -> dict:
     """("50256=-100", "13=2.5") -> {"50256": -100.0, "13": 2.5}; the values are checked by SamplingParams."""
-    from ..decoding import DecodingError
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -187,22 +199,20 @@ def parse_logit_bias(items) -> dict:
     return out
 
 
-def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed, stop=(),
-                  frequency_penalty=None, presence_penalty=None, repetition_penalty=None, logit_bias=()):
-    """The SamplingParams `generate` runs with: the same rule as the web API (decoding.request_params),
-    so `--temperature 0` is greedy and `--top-k 40` alone is top_k sampling."""
+def make_sampling(config_dir, model_name, **sent):
+    """The SamplingParams `generate` runs with, from the sampling options `sent` (None: not given):
+    the same rule as the web API (sampling_params.request_params), so `--temperature 0` is greedy
+    and `--top-k 40` alone is top_k sampling."""
     from ..config import load_model_config
-    from ..decoding import check_stop, request_params
     try:
         defaults = load_model_config(config_dir, model_name).decoding_defaults()
     except ConfigNotFound:
         if model_name:
             raise
         defaults = None     # no model_config.yaml at all: built-in defaults (a broken one is an error)
-    return request_params(defaults, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
-                          max_tokens=max_tokens, seed=seed, stop=list(check_stop(list(stop))),
-                          frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                          repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(logit_bias) or None)
+    sent.update(stop=list(check_stop(list(sent.get("stop") or ()))),
+                logit_bias=parse_logit_bias(sent.get("logit_bias") or ()) or None)
+    return request_params(defaults, **sent)
 
 
 @main.command(short_help="Generate text for PROMPT, here or on a cluster (--leader).")
@@ -218,14 +228,11 @@ def make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, m
               help="With --json: the K most likely ids at each position.")
 @click.option("--echo", is_flag=True, help="With --json: also the logprob of every prompt token.")
 @_fail_clean
-def generate(prompt, config_dir, model_name, weights_path, strategy, temperature, top_k, top_p, max_tokens, seed,
-             stop, frequency_penalty, presence_penalty, repetition_penalty, logit_bias, leader, n_head, as_json,
-             top_logprobs, echo):
+def generate(prompt, config_dir, model_name, weights_path, leader, n_head, as_json, top_logprobs, echo, **sampling):
     """Generate text for PROMPT, in this process or on a cluster (--leader)."""
     from ..tokenizer import StopStream, get_tokenizer
     tok = get_tokenizer()
-    params = make_sampling(config_dir, model_name, strategy, temperature, top_k, top_p, max_tokens, seed, stop,
-                           frequency_penalty, presence_penalty, repetition_penalty, logit_bias)
+    params = make_sampling(config_dir, model_name, **sampling)     # sampling: --strategy and FIELDS
     token, tls_ca = _leader_auth(config_dir) if leader else (None, None)   # config errors before any output
     prompt_ids = tok.encode(prompt)
     stream = StopStream(tok, params.stop)      # what is printed: the same cut the generation makes

@@ -23,14 +23,13 @@ from collections import OrderedDict
 from flask import Response, current_app, g, jsonify, request
 
 from ..cluster.client import ClientError, LeaderClient
-from ..decoding import EOT, DecodingError, SamplingParams, check_stop, request_params
+from ..decoding import EOT
 from ..logs import shown
+from ..sampling_params import FIELDS, DecodingError, SamplingParams, check_stop, request_params
 from .metrics import WebMetrics
 
 REFUSAL_WAIT_S = 0.25              # how long a stream waits for the leader's at-once refusal before its 200
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "frequency_penalty",
-                   "presence_penalty", "repetition_penalty", "logit_bias")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 429: "rate_limit_error"}
@@ -286,7 +285,7 @@ def sampling_fields(body: dict, stop=()) -> dict:
     `stop`: stop strings the route adds to the client's own (up to 4), e.g. the chat template's
     turn marker: {"stop": "."}, stop=("\\nUser:",) -> ["\\nUser:", "."]
     """
-    fields = {f: body.get(f) for f in SAMPLING_FIELDS}
+    fields = {f: body.get(f) for f in FIELDS}
     try:
         sent = check_stop(fields["stop"])           # a client may send up to 4 (OpenAI's limit)
     except DecodingError as e:
@@ -308,7 +307,7 @@ def decoding_defaults() -> dict:
 
 def resolve(strategy: str | None, fields: dict) -> SamplingParams:
     """The exact SamplingParams a request runs with: config defaults, then the request's values,
-    the strategy inferred from them when none is named (decoding.request_params)."""
+    the strategy inferred from them when none is named (sampling_params.request_params)."""
     try:
         return request_params(decoding_defaults(), strategy=strategy, **fields)
     except DecodingError as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flask import Flask, current_app, jsonify
 
-from ..decoding import STRATEGIES, STRATEGY_USES, SamplingParams
+from ..sampling_params import FIELDS, SAMPLER_FIELDS, STRATEGY_USES, TUNABLE, SamplingParams
 from .api import (
     WEIGHTS_KEYS,
     ApiError,
@@ -35,9 +35,7 @@ from .api import (
 from .openai import CHAT_STOP, chat_pieces, check_chat_size
 
 RECONNECT_ATTEMPTS = 3
-CHAT_FIELDS = ("text", "max_tokens", "temperature", "top_k", "top_p", "decoding_strategy", "seed", "stream", "stop",
-               "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "chat", "history",
-               "conversation_id")
+CHAT_FIELDS = ("text",) + FIELDS + ("decoding_strategy", "stream", "chat", "history", "conversation_id")
 
 
 def register(app: Flask):
@@ -62,8 +60,8 @@ def chat_request(body: dict) -> tuple:
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, "text: give the prompt as a non-empty string", param="text")
-    strategy = optional(body, "decoding_strategy", lambda v: isinstance(v, str) and v in STRATEGIES,
-                        f"one of {', '.join(sorted(STRATEGIES))}")
+    strategy = optional(body, "decoding_strategy", lambda v: isinstance(v, str) and v in STRATEGY_USES,
+                        f"one of {', '.join(sorted(STRATEGY_USES))}")
     stream = flag(body, "stream")
     chat = flag(body, "chat") or body.get("history") is not None
     return text, resolve(strategy, sampling_fields(body, (CHAT_STOP,) if chat else ())), stream, chat
@@ -85,12 +83,9 @@ def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
     "top_p": None, "decoding_strategy": "top_k", "max_tokens": 30, "seed": None}
     """
     uses = STRATEGY_USES.get(params.strategy, ())
-    view = {"temperature": params.temperature if "temperature" in uses else None,
-            "top_k": params.top_k if "top_k" in uses else None,
-            "top_p": params.top_p if "top_p" in uses else None,
-            "decoding_strategy": params.strategy, "max_tokens": params.max_tokens, "seed": params.seed}
-    extras = {k: v for k, v in params.sent_fields().items()
-              if k in ("stop", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias")}
+    view = {k: getattr(params, k) if k in uses else None for k in TUNABLE}
+    view.update(decoding_strategy=params.strategy, max_tokens=params.max_tokens, seed=params.seed)
+    extras = {k: v for k, v in params.sent_fields().items() if k in SAMPLER_FIELDS}
     view.update(extras)
     return view if tokens is None else {"tokens_generated": tokens, **view}
 
@@ -210,9 +205,9 @@ def _register_cluster(app: Flask):
         active = resolve(None, {})
         strategies = {}
         for name in (decoding_defaults().get("decoding_strategies") or {}):
-            if name in STRATEGIES:
+            if name in STRATEGY_USES:
                 p = resolve(name, {})
-                strategies[name] = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p}
+                strategies[name] = {k: getattr(p, k) for k in TUNABLE}
         return jsonify(
             max_tokens=active.max_tokens, temperature=active.temperature, top_k=active.top_k, top_p=active.top_p,
             active_strategy=active.strategy, strategies=strategies,

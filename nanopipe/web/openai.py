@@ -28,7 +28,7 @@ without one; a message written by hand, "Hello!", gets one space). And a chat's 
 with the ids the last turn computed, kept by their text (web/api.py's Transcripts), since
 encoding the text again may cut it into other tokens than the model wrote.
 
-OpenAI sampling fields map onto a decoding strategy by decoding.infer_strategy, the rule /chat
+OpenAI sampling fields map onto a decoding strategy by sampling_params.infer_strategy, the rule /chat
 uses too: temperature 0 -> greedy; top_k (an extension) -> top_k; top_p < 1 -> top_p; else
 sampling; top_k with top_p < 1 is a 400. A request that sets none of temperature, top_p and top_k
 gets the model's configured default strategy (model_config.yaml). stop, frequency_penalty,
@@ -53,7 +53,8 @@ import uuid
 
 from flask import Blueprint, current_app, jsonify
 
-from ..decoding import EOT, is_int
+from ..decoding import EOT
+from ..sampling_params import FIELDS, is_int
 from .api import (
     ApiError,
     BatchGeneration,
@@ -85,10 +86,9 @@ CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply 
 MAX_CHAT_TURNS = 1000
 MAX_CHAT_CHARS = 256 * 1024
 
-# The request fields each route knows; any other is refused, naming it. Sampler fields (stop,
-# penalties, logit_bias) are read where sampling is set up; top_k and repetition_penalty are extensions.
-_SHARED_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "seed",
-                  "user", "stop", "frequency_penalty", "presence_penalty", "logit_bias", "repetition_penalty")
+# The request fields each route knows; any other is refused, naming it. The sampling fields are
+# sampling_params.FIELDS (top_k and repetition_penalty are extensions to OpenAI's).
+_SHARED_FIELDS = ("model",) + FIELDS + ("n", "stream", "stream_options", "user")
 COMPLETION_FIELDS = _SHARED_FIELDS + ("prompt", "logprobs", "echo", "best_of", "suffix")
 CHAT_COMPLETION_FIELDS = _SHARED_FIELDS + ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
 
