@@ -689,7 +689,8 @@ class Decision:
 
     ranges     the split to run: the solved one, the even one, or the one asked for
     solved     True when placement.solve chose `ranges` (auto, and the nodes differ or auto was asked)
-    why        why it solved: "partition: auto" or what differs (differ()); None if it did not
+    why        in a few words: why it solved ("partition: auto", or what differs: differ()), or why
+               auto stayed even ("the nodes measure within 25%"); None for a split as configured
     note       the same in a sentence, for the leader's log and status
     placement  the prediction for `ranges` (None while a node or its speed is unknown)
     even       the prediction for the even split, to set beside it (None likewise)
@@ -728,9 +729,9 @@ def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, par
     unknown = unknown_figures(caps)
     even_ranges = even(shape.n_layer, len(caps))
 
-    def made(chosen, note, why=None, placement=None):
+    def made(chosen, note, why=None, placement=None, solved=False):
         placement = placement or forecast(shape, caps, chosen, cluster, objective)
-        return Decision([tuple(r) for r in chosen], why is not None, why, note, placement,
+        return Decision([tuple(r) for r in chosen], solved, why, note, placement,
                         forecast(shape, caps, even_ranges, cluster, objective), unknown, hop_s, sessions, depth)
 
     if not planned_by_leader(model, partition):
@@ -739,17 +740,20 @@ def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, par
         return made(ranges, "not every node is known yet: the even starting point")
     if any(c.speed_gbps is None for c in caps):
         return made(even_ranges, f"even: a node's speed is unknown ({'; '.join(unknown)}), "
-                                 "so no split can be predicted")
+                                 "so no split can be predicted", "a node's speed is unknown")
     if partition == "auto":
         why = note = "partition: auto"
     else:
         one_machine = (cluster is not None and len({n.ip for n in cluster.nodes}) == 1
                        and not cluster.node_overrides)
-        why = None if one_machine else differ(caps)
-        if why is None:
+        if one_machine:
             return made(even_ranges, "even: partition not set, and every node is on the same machine (one address "
-                                     "in host_ip), so their measurements differ only by noise" if one_machine else
-                                     "even: partition not set, and the nodes measure within 25% of each other")
+                                     "in host_ip), so their measurements differ only by noise",
+                        "every node on one machine")
+        why = differ(caps)
+        if why is None:
+            return made(even_ranges, "even: partition not set, and the nodes measure within 25% of each other",
+                        "the nodes measure within 25%")
         note = f"partition not set and the nodes differ: {why}"
     p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=objective, depth=depth)
-    return made(p.ranges, f"auto ({note}); objective {objective}", why, p)
+    return made(p.ranges, f"auto ({note}); objective {objective}", why, p, solved=True)

@@ -199,7 +199,7 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
         return d.ranges, [f"Split: {d.note}"]
     placed = d.ranges if d.solved else None
     how = (f"auto ({d.why}), objective {mc.placement_objective}" if placed
-           else "even (the nodes measure within 25%)" if auto else partition or "even")
+           else f"even ({d.why})" if auto else partition or "even")
     chosen, ev = d.placement, d.even
     lines = [f"Split: {how}; max_sessions {d.sessions}, hops {d.hop_s * 1000:.1f} ms, "
              f"{d.depth} batch{'es' if d.depth > 1 else ''} in flight",
