@@ -34,6 +34,9 @@ nodes mini1 and mini2 at 20 GB/s (40 GB/s for 8 rows) and pi5 at 5 GB/s (10), th
 
 The same three nodes as processes of one machine (depth 1) would pay the sum for 8 streams too:
 even 335 tok/s, and throughput then also puts all 12 blocks on mini1 (647 tok/s).
+
+Whether to solve at all (auto, or partition not set and the nodes differ), what unknown figures
+do, and what a hop costs are decided once, by decide(): `nanopipe plan` and the leader both call it.
 """
 from __future__ import annotations
 
