@@ -293,3 +293,10 @@ def format_plan(ranges: list[tuple[int, int]], names: list[str] | None = None,
                        for i, (x, w) in enumerate(zip(line, widths))).rstrip()
              for line in [header] + rows]
     return "\n".join(lines)
+
+
+def planned_by_leader(model, partition: str | None = None) -> bool:
+    """partition auto, or none set (even unless the nodes differ): the leader places the layers
+    after every node has measured itself, so a worker learns its blocks only then. `partition`:
+    `nanopipe plan --partition`, in place of the model's."""
+    return (partition or model.partition) in (None, "auto") and not model.layer_mapping

@@ -34,6 +34,9 @@ nodes mini1 and mini2 at 20 GB/s (40 GB/s for 8 rows) and pi5 at 5 GB/s (10), th
 
 The same three nodes as processes of one machine (depth 1) would pay the sum for 8 streams too:
 even 335 tok/s, and throughput then also puts all 12 blocks on mini1 (647 tok/s).
+
+Whether to solve at all (auto, or partition not set and the nodes differ), what unknown figures
+do, and what a hop costs are decided once, by decide(): `nanopipe plan` and the leader both call it.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import measuring_alone
-from .partition import block_params
+from .partition import block_params, even, planned_by_leader
 
 GB = 1e9
 MB = 1e6
@@ -646,3 +649,114 @@ def predict(shape: ModelShape, nodes: list, ranges: list, hop_s: float = 0.0,
                      stage8_s=[stage_seconds(shape, nd, k, i == 0, 8) if (k or i == 0) else 0.0
                                for i, (nd, k) in enumerate(zip(nodes, counts))],
                      hop_s=hop_s, notes=list(notes or []), depth=depth)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decision: `nanopipe plan` and the leader both ask decide(), so they cannot disagree
+
+HOP_OVERHEAD_S = 0.0003
+"""What one hop costs beyond the link's own delay: loopback/TCP, the wake-up and the framing (~0.3 ms)."""
+
+
+def hop_seconds(link_delay_ms: float = 0.0) -> float:
+    """One hop's predicted cost: the (simulated) link's delay plus HOP_OVERHEAD_S."""
+    return link_delay_ms / 1000 + HOP_OVERHEAD_S
+
+
+def cluster_figures(cluster, n_nodes: int) -> tuple:
+    """(max_sessions, one hop's seconds, batches in flight) from cluster_config.yaml (a
+    config.ClusterConfig), or for `nanopipe plan` without one: 16 sessions, no link delay, and one
+    batch per node."""
+    if cluster is None:
+        return 16, hop_seconds(), n_nodes
+    return cluster.max_sessions, hop_seconds(cluster.link_delay_ms), cluster.depth()
+
+
+def unknown_figures(caps: list) -> list:
+    """The figures nodes could not find out, one "name: fields" each: ["node1: memory_mb"]."""
+    return [f"{c.name}: {', '.join(c.unknowns)}" for c in caps if c is not None and c.unknowns]
+
+
+def forecast(shape: ModelShape, caps: list, ranges: list, cluster=None, objective: str = "throughput"):
+    """The prediction (Placement) for `ranges` with the cluster's sessions, hop and depth; None while
+    a node, or its speed, is unknown (nothing to predict with). Unknown memory does not matter here."""
+    if any(c is None or c.speed_gbps is None for c in caps):
+        return None
+    _, hop_s, depth = cluster_figures(cluster, len(caps))
+    return predict(shape, caps, ranges, hop_s=hop_s, objective=objective, depth=depth)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What decide() chose.
+
+    ranges     the split to run: the solved one, the even one, or the one asked for
+    solved     True when placement.solve chose `ranges` (auto, and the nodes differ or auto was asked)
+    why        in a few words: why it solved ("partition: auto", or what differs: differ()), or why
+               auto stayed even ("the nodes measure within 25%"); None for a split as configured
+    note       the same in a sentence, for the leader's log and status
+    placement  the prediction for `ranges` (None while a node or its speed is unknown)
+    even       the prediction for the even split, to set beside it (None likewise)
+    unknown    figures planned without (unknown_figures)
+    hop_s, sessions, depth: what the predictions assumed
+    """
+    ranges: list
+    solved: bool
+    why: str | None
+    note: str
+    placement: Placement | None
+    even: Placement | None
+    unknown: list
+    hop_s: float
+    sessions: int
+    depth: int
+
+
+def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, partition: str | None = None) -> Decision:
+    """The one placement decision, for `nanopipe plan` and for the leader once every node has measured itself.
+
+    `caps`: each node's Capacity in rank order (None: not known at all); `ranges`: the split asked for
+    (under auto, the even starting point); `model`: a config.ModelConfig (partition, layer_mapping,
+    placement_objective); `cluster`: a config.ClusterConfig or None; `partition`: plan's --partition.
+
+    Not auto (planned_by_leader): the split asked for stays. Auto: unknown figures never block the
+    plan — a node not known at all keeps the split asked for, an unknown speed gives the even split
+    (nothing to predict with), unknown memory is planned around by solve (an even share at most).
+    partition auto solves; partition not set solves only when the nodes differ by more than 25%
+    (differ) and are not all one machine (one address in host_ip, no `nodes:` figures: they would
+    differ by noise only). Raises PlacementError when the model does not fit.
+    """
+    sessions, hop_s, depth = cluster_figures(cluster, len(caps))
+    partition = partition or model.partition
+    objective = model.placement_objective
+    unknown = unknown_figures(caps)
+    even_ranges = even(shape.n_layer, len(caps))
+
+    def made(chosen, note, why=None, placement=None, solved=False):
+        placement = placement or forecast(shape, caps, chosen, cluster, objective)
+        return Decision([tuple(r) for r in chosen], solved, why, note, placement,
+                        forecast(shape, caps, even_ranges, cluster, objective), unknown, hop_s, sessions, depth)
+
+    if not planned_by_leader(model, partition):
+        return made(ranges, f"{partition or 'even'}: as configured")
+    if any(c is None for c in caps):
+        return made(ranges, "not every node is known yet: the even starting point")
+    if any(c.speed_gbps is None for c in caps):
+        return made(even_ranges, f"even: a node's speed is unknown ({'; '.join(unknown)}), "
+                                 "so no split can be predicted", "a node's speed is unknown")
+    if partition == "auto":
+        why = note = "partition: auto"
+    else:
+        one_machine = (cluster is not None and len({n.ip for n in cluster.nodes}) == 1
+                       and not cluster.node_overrides)
+        if one_machine:
+            return made(even_ranges, "even: partition not set, and every node is on the same machine (one address "
+                                     "in host_ip), so their measurements differ only by noise",
+                        "every node on one machine")
+        why = differ(caps)
+        if why is None:
+            return made(even_ranges, "even: partition not set, and the nodes measure within 25% of each other",
+                        "the nodes measure within 25%")
+        note = f"partition not set and the nodes differ: {why}"
+    p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=objective, depth=depth)
+    return made(p.ranges, f"auto ({note}); objective {objective}", why, p, solved=True)

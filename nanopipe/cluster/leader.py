@@ -22,7 +22,8 @@ from ..blas import current as current_blas
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
-from ..partition import first_last
+from ..partition import first_last, planned_by_leader
+from ..placement import unknown_figures
 from ..weights import synthetic_summary
 from .clients import CLIENT_QUEUE_MAX, ClientProtocol
 from .net import (
@@ -71,7 +72,7 @@ class Leader(Membership, ClientProtocol):
         self.cluster, self.model, self.stage, self.ranges = cluster, model, stage, ranges
         self.capacity, self.load_rank0 = capacity, load_rank0
         self.weights_source = weights_source   # {name, url, filename, sha256}, for `join --leader` workers
-        self.plan_pending = model.partition in (None, "auto") and not model.layer_mapping and len(ranges) > 1
+        self.plan_pending = planned_by_leader(model) and len(ranges) > 1
         self.placement = None           # the plan's prediction (placement.Placement), for /metrics and bench
         self.plan_note = ""             # how the split was chosen, for status()
         self.fatal: str | None = None   # set when the model cannot be placed: `serve` exits with it
@@ -253,7 +254,7 @@ class Leader(Membership, ClientProtocol):
         p = self.placement
         out = {"partition": self.model.partition or "default", "objective": self.model.placement_objective,
                "note": self.plan_note, "pending": self.plan_pending, "stages": self.stage_report(),
-               "unknown": [f"{c.name}: {', '.join(c.unknowns)}" for c in self.capacities() if c and c.unknowns]}
+               "unknown": unknown_figures(self.capacities())}
         if p is not None:
             out.update(predicted_tok_s_1=round(p.tok_s(1), 2), predicted_tok_s_8=round(p.tok_s(8), 2),
                        hop_ms=round(p.hop_s * 1000, 3), notes=list(p.notes))

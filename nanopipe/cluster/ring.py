@@ -359,61 +359,41 @@ class Membership:
         c = self.config
         return ModelShape(n_layer=c.n_layer, n_embd=c.n_embd, n_ctx=c.n_ctx, n_vocab=c.n_vocab)
 
-    def hop_s(self) -> float:
-        """One hop's predicted cost: the simulated link's delay, plus ~0.3 ms of loopback/TCP and framing."""
-        return self.cluster.link_delay_ms / 1000 + 0.0003
-
     def _predict_current(self):
         """A fixed split (even, balanced, mapping): predict it all the same, to check it against traffic."""
-        from ..placement import predict
-        caps = self.capacities()
-        if self.capacity is None or any(c is None or c.speed_gbps is None for c in caps):
-            return                          # a speed unknown: nothing to predict with
-        self.placement = predict(self.shape(), caps, self.ranges, hop_s=self.hop_s(),
-                                 objective=self.model.placement_objective, depth=self.cluster.depth())
+        from ..placement import forecast
+        if self.capacity is None:
+            return
+        p = forecast(self.shape(), self.capacities(), self.ranges, self.cluster, self.model.placement_objective)
+        if p is not None:                   # None: a speed unknown, nothing to predict with
+            self.placement = p
 
     def _plan(self):
-        """Every worker has measured itself: choose the split, tell each worker its layers."""
-        from ..placement import PlacementError, differ, predict, solve
+        """Every worker has measured itself: placement.decide chooses the split (as `nanopipe plan`
+        does); tell each worker its layers."""
+        from ..placement import PlacementError, decide, unknown_figures
         caps = self.capacities()
-        shape, objective = self.shape(), self.model.placement_objective
-        from ..partition import even
-        one_machine = len({n.ip for n in self.cluster.nodes}) == 1 and not self.cluster.node_overrides
-        unknown = [f"{c.name}: {', '.join(c.unknowns)}" for c in caps if c is not None and c.unknowns]
+        unknown = unknown_figures(caps)
         if unknown:
             self.log(f"Plan: figures unknown ({'; '.join(unknown)}); planning with what is known", WARNING)
-        if any(c.speed_gbps is None for c in caps):
-            self.plan_note = f"even: a node's speed is unknown ({'; '.join(unknown)}), so no split can be predicted"
-            self.log(f"Plan: {self.plan_note}")
-            self._apply_plan(even(shape.n_layer, len(caps)), [None] * len(caps))
-            return
-        if self.model.partition == "auto":
-            why = "partition: auto"
-        else:
-            why = None if one_machine else differ(caps)
-            if why is None:
-                self.plan_note = ("even: partition not set, and every node is on the same machine (one address in "
-                                  "host_ip), so their measurements differ only by noise" if one_machine else
-                                  "even: partition not set, and the nodes measure within 25% of each other")
-                self.log(f"Plan: {self.plan_note}")
-                self._apply_plan(even(shape.n_layer, len(caps)), [None] * len(caps))
-                self.placement = predict(shape, caps, self.ranges, hop_s=self.hop_s(), objective=objective,
-                                         depth=self.cluster.depth())
-                return
-            why = f"partition not set and the nodes differ: {why}"
         try:
-            p = solve(shape, caps, sessions=self.cluster.max_sessions, hop_s=self.hop_s(), objective=objective,
-                      depth=self.cluster.depth())
+            d = decide(self.shape(), caps, self.ranges, self.model, self.cluster)
         except PlacementError as e:
             self._refuse(str(e))
             return
+        self.plan_note = d.note
+        if not d.solved:
+            self.log(f"Plan: {self.plan_note}")
+            self._apply_plan(d.ranges, [None] * len(caps))
+            if d.placement is not None:
+                self.placement = d.placement
+            return
+        p, ev = d.placement, d.even
         excluded = [None] * len(caps)
         for i, (lo, hi) in enumerate(p.ranges):
             if i > 0 and lo == hi:
                 excluded[i] = next((n for n in p.notes if n.startswith(f"{caps[i].name}:")),
                                    f"{caps[i].name}: the plan gives it no layers")
-        self.plan_note = f"auto ({why}); objective {objective}"
-        ev = predict(shape, caps, even(shape.n_layer, len(caps)), hop_s=self.hop_s(), depth=self.cluster.depth())
         self.log(f"Plan: {self.plan_note}: " + ", ".join(
             f"rank {i} ({c.name}) {_show(r)}" for i, (c, r) in enumerate(zip(caps, p.ranges)))
             + f"; predicted {p.tok_s(1):.1f} tok/s for 1 stream, {p.tok_s(8):.1f} for 8 "

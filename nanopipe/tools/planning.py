@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import ConfigError, ConfigNotFound, weights_file
+from ..partition import planned_by_leader
 
 
 class SetupError(RuntimeError):
@@ -178,13 +179,15 @@ def _fig(v, fmt: str) -> str:
 
 
 def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
-    """(ranges the leader would choose, or None to keep `ranges`; lines of predictions)."""
-    from ..partition import even
-    from ..placement import ModelShape, PlacementError, differ, predict, solve
-    sessions = cluster.max_sessions if cluster else 16
-    hop_s = (cluster.link_delay_ms / 1000 if cluster else 0.0) + 0.0003
-    depth = cluster.depth() if cluster else len(caps)      # batches in flight: one per machine
-    auto = partition in (None, "auto") and not mc.layer_mapping
+    """(ranges the leader would choose, or None to keep `ranges`; lines of predictions):
+    placement.decide, the leader's own decision, put in words."""
+    from ..placement import ModelShape, PlacementError, decide
+    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
+    try:
+        d = decide(shape, caps, ranges, mc, cluster, partition)
+    except PlacementError as e:
+        raise SetupError(str(e)) from None
+    auto = planned_by_leader(mc, partition)
     unknown = [r for r, c in enumerate(caps) if c is None]
     if unknown:
         return None, [f"Predicted tok/s: not until every node's speed and memory are known ({len(unknown)} unknown; "
@@ -192,27 +195,17 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
                       "themselves; or give them in cluster_config.yaml's `nodes:`)"
                       + ("; the leader places the layers once every node has joined and measured itself, so the "
                          "split above is the even starting point" if auto else "")]
-    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
-    placed, lines, why = None, [], None
-    if auto:
-        why = "partition: auto" if partition == "auto" else differ(caps)
-        if why is not None:
-            try:
-                p = solve(shape, caps, sessions=sessions, hop_s=hop_s, objective=mc.placement_objective,
-                          depth=depth)
-            except PlacementError as e:
-                raise SetupError(str(e)) from None
-            placed = p.ranges
-            lines += [f"note: {n}" for n in p.notes]
-    chosen = predict(shape, caps, placed or ranges, hop_s=hop_s, depth=depth)
-    ev = predict(shape, caps, even(cfg.n_layer, len(caps)), hop_s=hop_s, depth=depth)
-    how = (f"auto ({why}), objective {mc.placement_objective}" if placed
-           else "even (the nodes measure within 25%)" if auto else partition or "even")
-    lines.insert(0, f"Split: {how}; max_sessions {sessions}, hops {hop_s * 1000:.1f} ms, "
-                    f"{depth} batch{'es' if depth > 1 else ''} in flight")
-    lines.insert(1, f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
-                    f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}")
-    return placed, lines
+    if d.placement is None:                 # a speed unknown: the leader runs the even split, unpredicted
+        return d.ranges, [f"Split: {d.note}"]
+    placed = d.ranges if d.solved else None
+    how = (f"auto ({d.why}), objective {mc.placement_objective}" if placed
+           else f"even ({d.why})" if auto else partition or "even")
+    chosen, ev = d.placement, d.even
+    lines = [f"Split: {how}; max_sessions {d.sessions}, hops {d.hop_s * 1000:.1f} ms, "
+             f"{d.depth} batch{'es' if d.depth > 1 else ''} in flight",
+             f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
+             f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}"]
+    return placed, lines + [f"note: {n}" for n in (chosen.notes if placed else [])]
 
 
 def rank_weights(mc, src, rank, cc, config_dir, log=print) -> str:
@@ -318,12 +311,6 @@ def offer_synthetic(mc, full: str):
         f"To run on them, give `--weights {stand_in}`, or `nanopipe init-weights{shape} {full}` (a second name "
         f"for the same file, no copy). For the real weights: `nanopipe pull {mc.weights_model_name}` on a "
         f"machine with internet, or copy the file to {full} (README, \"On real machines\")")
-
-
-def planned_by_leader(mc) -> bool:
-    """partition auto, or none set (even unless the nodes differ): the leader places the layers
-    after every node has measured itself, so a worker learns its blocks only then."""
-    return mc.partition in (None, "auto") and not mc.layer_mapping
 
 
 def slice_fetcher(name: str, entry: dict, log):
