@@ -39,7 +39,8 @@ from .decoding import (
     sample,
     top_probs,
 )
-from .model import KVCache, blocks_forward, choose_head_rows, choose_prefill_rows, embed, gpt2, head
+from .kernels import PREFILL_CANDIDATES, choose_gemv_rows, choose_head_rows, choose_prefill_rows
+from .model import KVCache, blocks_forward, embed, gpt2, head
 from .partition import first_last
 from .prefix import PrefixCache, default_prefix_cache_bytes, fork_cache
 from .weights import StageWeights, load_stage
@@ -104,6 +105,19 @@ class Batch:
     front_ms: float = 0.0
 
 
+def prefill_step(blocks, n_head: int):
+    """What kernels.choose_prefill_rows times: step(T) runs the stage's first block over T rows and a
+    fresh cache, a real prefill step. None when the stage holds no blocks."""
+    if not blocks:
+        return None
+    p, C = blocks[0], blocks[0]["ln_1"]["g"].shape[0]
+    x = np.random.default_rng(0).standard_normal((max(PREFILL_CANDIDATES), C)).astype(np.float32)   # (T, C)
+
+    def step(T: int):
+        blocks_forward(x[:T], [p], n_head=n_head, segments=[(KVCache(1, n_head, C // n_head, T), T)])
+    return step
+
+
 class Scheduler:
     """Runs every live session forward, one batched step at a time.
 
@@ -121,10 +135,12 @@ class Scheduler:
         self.stage, self.ring = stage, ring
         self.config = stage.config
         self.log = log
-        # once per process, before the first step: model.linear's kernels, and a lone prompt's chunk
-        self.kernels = choose_prefill_rows(stage.blocks, stage.config.n_head)
-        if stage.lm_head is not None:           # and the head's (rank 0 holds it)
-            choose_head_rows(stage.lm_head, stage.ln_f)
+        # once per process, before the first step (nanopipe/kernels.py): model.linear's kernels, then
+        # a lone prompt's chunk (its measured steps run those kernels), and the head's (rank 0 holds it)
+        choose_gemv_rows(stage.blocks)
+        self.kernels = choose_prefill_rows(prefill_step(stage.blocks, stage.config.n_head))
+        if stage.lm_head is not None:
+            choose_head_rows(stage.lm_head)
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
-from ..model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head, kernels
+from ..kernels import describe_kernels, kernels
+from ..model import KVCache, blocks_forward, embed, gpt2, head
 from ..weights import ensure_synthetic, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
@@ -196,7 +197,7 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
 
 @contextlib.contextmanager
 def kernels_as(gemv_rows: int, prefill_rows: int, head_rows: int | None = None):
-    """Run this process's steps with the given kernel choice (model.kernels), then restore it."""
+    """Run this process's steps with the given kernel choice (kernels.kernels), then restore it."""
     k = kernels
     saved = (k.gemv_rows, k.prefill_rows, k.head_rows)
     k.gemv_rows, k.prefill_rows = gemv_rows, prefill_rows
@@ -209,7 +210,7 @@ def kernels_as(gemv_rows: int, prefill_rows: int, head_rows: int | None = None):
 
 def bench_prefill(engine: Engine, prompt_len: int = 512, repeats: int = 3) -> dict:
     """A lone prompt's prefill, tokens/s (best of `repeats`): in 64-row chunks (the old fixed
-    choice) and in the chunks this process chose (model.kernels.prefill_rows), alternately, in this one run."""
+    choice) and in the chunks this process chose (kernels.prefill_rows), alternately, in this one run."""
     ids = bench_prompt(min(prompt_len, engine.config.n_ctx - 1), seed=1)
     k = engine.scheduler.kernels
     out = {"prompt_len": len(ids), "prefill_rows": k.prefill_rows}
