@@ -53,7 +53,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay flo
 
 def gelu(x):
     """GPT-2's GELU, the tanh approximation: gelu(0) = 0, gelu(1) ~ 0.8412, gelu(-1) ~ -0.1588."""
-    if np.ndim(x) == 0:                                         # a number (the docstring's examples)
+    if not isinstance(x, np.ndarray) or x.ndim == 0:            # a number (the docstring's examples)
         return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
     # the same formula computed in place in that very order (the same float32 results, bit for
     # bit), so a (T, 4C) prompt chunk makes 2 temporaries, not 8
@@ -80,8 +80,15 @@ def softmax(x, axis=-1):
 def layer_norm(x, g, b, eps: float = 1e-5):
     """Normalize each row to mean 0 and variance 1, then scale by g and shift by b."""
     mean = x.mean(axis=-1, keepdims=True)                       # (T, 1)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)        # (T, 1)
-    return g * (x - mean) / np.sqrt(var + eps) + b              # (T, C)
+    d = x - mean                                                # (T, C), each row centred
+    var = np.square(d).mean(axis=-1, keepdims=True)             # (T, 1)
+    var += eps
+    # g * d / sqrt(var + eps) + b, computed in place in that very order (the same float32 results,
+    # bit for bit): one (T, C) array instead of five
+    d *= g
+    d /= np.sqrt(var, out=var)
+    d += b
+    return d                                                    # (T, C)
 
 
 def linear(x, w, b):
@@ -204,21 +211,19 @@ def mha(x, c_attn, c_proj, *, n_head: int, layer: int, segments):
     split stage runs this very function on its part (`shard_block`): n_head = its h heads, c_attn
     (C, 3hD), c_proj (hD, C); "C" in the comments below then means hD, except in x and the result.
     """
-    T = x.shape[0]
     C = c_attn["w"].shape[1] // 3                               # H*D: n_embd, or a member's share of it
     D = C // n_head
     qkv = linear(x, **c_attn)                                   # (T, 3C)
-    out = np.empty((T, C), np.float32)                          # (T, C)
-    row = 0
+    ys, row = [], 0
     for cache, n in segments:                                   # this sequence's n rows; S = end
         start, end = cache.length, cache.length + n
-        q, k, v = (qkv[row:row + n, i * C:(i + 1) * C].reshape(n, n_head, D).transpose(1, 0, 2)
-                   for i in range(3))                           # each (n, C) -> (n, H, D) -> (H, n, D)
+        q, k, v = qkv[row:row + n].reshape(n, 3, n_head, D).transpose(1, 2, 0, 3)  # (n, 3C) -> 3 x (H, n, D)
         cache.k[layer, :, start:end] = k                        # (H, n, D) into (H, capacity, D)
         cache.v[layer, :, start:end] = v                        # (H, n, D) into (H, capacity, D)
         y = attention(q, cache.k[layer, :, :end], cache.v[layer, :, :end], start)  # (H, n, D)
-        out[row:row + n] = y.transpose(1, 0, 2).reshape(n, C)   # (H, n, D) -> (n, H, D) -> (n, C)
+        ys.append(y.transpose(1, 0, 2).reshape(n, C))           # (H, n, D) -> (n, H, D) -> (n, C)
         row += n
+    out = ys[0] if len(ys) == 1 else np.concatenate(ys)         # (T, C)
     return linear(out, **c_proj)                                # (T, C)
 
 
