@@ -335,8 +335,7 @@ class Scheduler:
         return sum(k.cache.nbytes for k in list(self.prefix.kept.values()))
 
     def _new_cache(self) -> KVCache:
-        c = self.config
-        return KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
+        return KVCache.for_model(self.config, len(self.stage.blocks))
 
     # -- the pieces of a step ----------------------------------------------------------------
 
@@ -746,7 +745,7 @@ class Engine:
     def logits(self, ids) -> np.ndarray:
         """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""
         st = self.stage
-        cache = KVCache(len(st.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
+        cache = KVCache.for_model(self.config, len(st.blocks))
         return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
                     n_head=self.config.n_head, segments=[(cache, len(ids))])    # (T, V)
 

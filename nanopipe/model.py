@@ -170,6 +170,11 @@ class KVCache:
         self.k = np.empty(self._shape, np.float32)
         self.v = np.empty(self._shape, np.float32)
 
+    @classmethod
+    def for_model(cls, config: GPTConfig, n_layers: int) -> "KVCache":
+        """An empty cache for one sequence through n_layers blocks of a model shaped `config`."""
+        return cls(n_layers, config.n_head, config.head_dim, config.n_ctx)
+
     @property
     def capacity(self) -> int:
         return self.k.shape[2]

@@ -86,8 +86,10 @@ def decode_step_calls(n_layer: int = L, n_head: int = H, n_embd: int = 96, promp
 
     def ln():
         return {"g": np.ones(C, np.float32).view(Counted), "b": np.zeros(C, np.float32).view(Counted)}
-    blocks = [{"ln_1": ln(), "attn": {"c_attn": {"w": w(C, 3 * C), "b": w(3 * C)}, "c_proj": {"w": w(C, C), "b": w(C)}},
-               "ln_2": ln(), "mlp": {"c_fc": {"w": w(C, 4 * C), "b": w(4 * C)}, "c_proj": {"w": w(4 * C, C), "b": w(C)}}}
+    blocks = [{"ln_1": ln(),
+               "attn": {"c_attn": {"w": w(C, 3 * C), "b": w(3 * C)}, "c_proj": {"w": w(C, C), "b": w(C)}},
+               "ln_2": ln(),
+               "mlp": {"c_fc": {"w": w(C, 4 * C), "b": w(4 * C)}, "c_proj": {"w": w(4 * C, C), "b": w(C)}}}
               for _ in range(n_layer)]
     wte, wpe, ln_f = w(500, C), w(64, C), ln()
     cache = KVCache(n_layer, n_head, C // n_head, 64)

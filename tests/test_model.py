@@ -188,6 +188,13 @@ def test_attention_by_hand_scaled_scores():
 # the KV cache
 
 
+def test_kv_cache_for_a_model_has_its_heads_head_size_and_context(tiny_config):
+    cache = KVCache.for_model(tiny_config, n_layers=3)
+    assert (cache.k.shape, cache.n_ctx, cache.length) == ((3, 4, 0, 16), 128, 0)
+    cache.reserve(5)
+    assert cache.k.shape == cache.v.shape == (3, tiny_config.n_head, KVCache.CHUNK, tiny_config.head_dim)
+
+
 def test_kv_cache_grows_in_chunks_and_keeps_its_rows():
     cache = KVCache(n_layers=2, n_head=2, head_dim=4, n_ctx=300)
     assert cache.capacity == 0 and cache.length == 0

@@ -272,7 +272,7 @@ def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) 
         else Engine.load(weights_or_engine, prefix_cache_bytes=0)
     st, c = engine.stage, engine.config
     params, rng = SamplingParams("greedy", max_tokens=n_tokens), make_rng(0)
-    cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
+    cache = KVCache.for_model(c, len(st.blocks))
     ids = bench_prompt(prompt_len)
     logits = gpt2(np.asarray(ids), np.arange(prompt_len), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
                   n_head=c.n_head, segments=[(cache, prompt_len)], rows=slice(-1, None))   # (1, V)
@@ -393,7 +393,7 @@ def write_csv(rows: list, path: str):
 def prompt_logits(engine: Engine, ids: list) -> np.ndarray:
     """(V,) logits after `ids`, one forward pass in this process (to check another program's)."""
     st, c = engine.stage, engine.config
-    cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
+    cache = KVCache.for_model(c, len(st.blocks))
     return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
                 n_head=c.n_head, segments=[(cache, len(ids))], rows=slice(-1, None))[0]
 
