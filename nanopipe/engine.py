@@ -39,7 +39,8 @@ from .decoding import (
     sample,
     top_probs,
 )
-from .model import KVCache, blocks_forward, choose_head_rows, choose_prefill_rows, embed, gpt2, head
+from .kernels import PREFILL_CANDIDATES, choose_gemv_rows, choose_head_rows, choose_prefill_rows
+from .model import KVCache, blocks_forward, embed, gpt2, head
 from .partition import first_last
 from .prefix import PrefixCache, default_prefix_cache_bytes, fork_cache
 from .weights import StageWeights, load_stage
@@ -104,6 +105,19 @@ class Batch:
     front_ms: float = 0.0
 
 
+def prefill_step(blocks, n_head: int):
+    """What kernels.choose_prefill_rows times: step(T) runs the stage's first block over T rows and a
+    fresh cache, a real prefill step. None when the stage holds no blocks."""
+    if not blocks:
+        return None
+    p, C = blocks[0], blocks[0]["ln_1"]["g"].shape[0]
+    x = np.random.default_rng(0).standard_normal((max(PREFILL_CANDIDATES), C)).astype(np.float32)   # (T, C)
+
+    def step(T: int):
+        blocks_forward(x[:T], [p], n_head=n_head, segments=[(KVCache(1, n_head, C // n_head, T), T)])
+    return step
+
+
 class Scheduler:
     """Runs every live session forward, one batched step at a time.
 
@@ -121,10 +135,12 @@ class Scheduler:
         self.stage, self.ring = stage, ring
         self.config = stage.config
         self.log = log
-        # once per process, before the first step: model.linear's kernels, and a lone prompt's chunk
-        self.kernels = choose_prefill_rows(stage.blocks, stage.config.n_head)
-        if stage.lm_head is not None:           # and the head's (rank 0 holds it)
-            choose_head_rows(stage.lm_head, stage.ln_f)
+        # once per process, before the first step (nanopipe/kernels.py): model.linear's kernels, then
+        # a lone prompt's chunk (its measured steps run those kernels), and the head's (rank 0 holds it)
+        choose_gemv_rows(stage.blocks)
+        self.kernels = choose_prefill_rows(prefill_step(stage.blocks, stage.config.n_head))
+        if stage.lm_head is not None:
+            choose_head_rows(stage.lm_head)
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -319,8 +335,7 @@ class Scheduler:
         return sum(k.cache.nbytes for k in list(self.prefix.kept.values()))
 
     def _new_cache(self) -> KVCache:
-        c = self.config
-        return KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
+        return KVCache.for_model(self.config, len(self.stage.blocks))
 
     # -- the pieces of a step ----------------------------------------------------------------
 
@@ -730,7 +745,7 @@ class Engine:
     def logits(self, ids) -> np.ndarray:
         """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""
         st = self.stage
-        cache = KVCache(len(st.blocks), self.config.n_head, self.config.head_dim, self.config.n_ctx)
+        cache = KVCache.for_model(self.config, len(st.blocks))
         return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
                     n_head=self.config.n_head, segments=[(cache, len(ids))])    # (T, V)
 

@@ -18,14 +18,12 @@ A batched step's T rows are its sequences' new rows one after another; one seque
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from .kernels import choose_untimed, gemv_per_row, head_in_slices, kernels
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 arrays stay flo
 
 def gelu(x):
     """GPT-2's GELU, the tanh approximation: gelu(0) = 0, gelu(1) ~ 0.8412, gelu(-1) ~ -0.1588."""
-    if np.ndim(x) == 0:                                         # a number (the docstring's examples)
+    if not isinstance(x, np.ndarray) or x.ndim == 0:            # a number (the docstring's examples)
         return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
     # the same formula computed in place in that very order (the same float32 results, bit for
     # bit), so a (T, 4C) prompt chunk makes 2 temporaries, not 8
@@ -82,29 +80,29 @@ def softmax(x, axis=-1):
 def layer_norm(x, g, b, eps: float = 1e-5):
     """Normalize each row to mean 0 and variance 1, then scale by g and shift by b."""
     mean = x.mean(axis=-1, keepdims=True)                       # (T, 1)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)        # (T, 1)
-    return g * (x - mean) / np.sqrt(var + eps) + b              # (T, C)
+    d = x - mean                                                # (T, C), each row centred
+    var = np.square(d).mean(axis=-1, keepdims=True)             # (T, 1)
+    var += eps
+    # g * d / sqrt(var + eps) + b, computed in place in that very order (the same float32 results,
+    # bit for bit): one (T, C) array instead of five
+    d *= g
+    d /= np.sqrt(var, out=var)
+    d += b
+    return d                                                    # (T, C)
 
 
 def linear(x, w, b):
     """x @ w + b, with w (in, out) as GPT-2's Conv1D stores it.
 
     Written as (w.T @ x.T).T: the loader keeps block weights column-major, so w.T is a row-major
-    (out, in) matrix and BLAS streams it once for all T rows. Measured on gpt2-small shapes, that is
-    ~10% faster than x @ w for one row and 10-25% faster for 2-16 rows (batched sessions).
-
-    A few rows (2 .. `kernels.gemv_rows`) go through one matrix-vector product (gemv) each instead of
-    one matrix product (gemm): OpenBLAS's sgemm packs the whole matrix on every call, so for a few rows
-    it costs 2-3x a gemv. Measured on the project's machine class (2-core EPYC, OpenBLAS), the 48 block
-    matrices of gpt2-small: 1 row 5.4 ms; 2 rows 16.3 ms as one gemm, 8.7 ms as two gemv; 4 rows 17.9
-    vs 12.7; 8 rows 18.2 vs 20.9: the crossover is between 4 and 8 rows. Where it lies depends on the
-    CPU and BLAS build, so each process measures it once (`choose_gemv_rows`) unless pinned. Each row
-    of the gemv path is computed by the very call a lone row makes, so its result is the lone row's,
-    bit for bit, whatever else is in the batch.
+    (out, in) matrix and BLAS streams it once for all T rows (faster than x @ w: docs/PERFORMANCE.md).
+    A few rows (2 .. `kernels.gemv_rows`, chosen at start for this machine: nanopipe/kernels.py) go
+    through one matrix-vector product each instead of one matrix product; each such row is then
+    computed by the very call a lone row makes, bit for bit.
     """
     T = x.shape[0]
     if 1 < T <= kernels.gemv_rows:
-        return np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(T)]) + b   # T x (1, out) -> (T, out)
+        return gemv_per_row(x, w) + b                           # T x (1, in) @ (in, out) -> (T, out)
     return (w.T @ x.T).T + b                                    # (out, in) @ (in, T) -> (T, out)
 
 
@@ -113,34 +111,20 @@ def embed(ids, positions, wte, wpe):
     return wte[ids] + wpe[positions]                            # (T, C)
 
 
-HEAD_SLICE_BYTES = 4 << 20     # a slice of wte that stays in cache while every row of a step uses it
-
-
 def head(x, ln_f, lm_head):
     """Final LayerNorm, then the LM head: lm_head is wte itself (tied weights), shape (V, C), as
     stored: no transposed copy (154 MB for gpt2). For one row this is a gemv on wte's rows,
     which streams the matrix once, as fast as (or faster than) a copy laid out (C, V).
 
-    A few rows (2 .. `kernels.head_rows`, chosen at start like `linear`'s) go through wte slice by slice, 4 MB at a
-    time, each slice taking every row's gemv while it is still in cache: wte (154 MB) is read from
-    memory once, not once per row, and never packed as one gemm packs it. Measured on a 2-core EPYC
-    (32 MB L3), gpt2's head: 1 row 7.5 ms; 2 rows 28.8 ms as one gemm, 16.3 as a gemv per row over
-    all of wte, 13.8 in 4 MB slices (0.5 / 1 / 2 / 8 MB slices: 19.8 / 16.8 / 14.0 / 15.2); 4 rows
-    26.5 / 32.3 / 16.6. A slice's gemv sums in a different order than a whole-wte gemv, so these
-    logits differ from a lone row's in the last bits (greedy tokens do not change: tested).
+    A few rows (2 .. `kernels.head_rows`, chosen at start like `linear`'s) go through wte in
+    cache-sized slices (`kernels.head_in_slices`): wte is read from memory once, not once per row.
     """
     h = layer_norm(x, **ln_f)                                   # (T, C)
-    T, V = h.shape[0], lm_head.shape[0]
-    if T > 1 and kernels.head_how == "not chosen yet":
-        choose_head_rows(lm_head, ln_f)                         # once per process, before the first
+    T = h.shape[0]
+    if T > 1 and kernels.head_how is None:
+        choose_untimed()                                        # nobody chose at start: pinned or one gemm
     if 1 < T <= kernels.head_rows:
-        out = np.empty((T, V), np.float32)
-        step = max(1, HEAD_SLICE_BYTES // (lm_head.shape[1] * lm_head.itemsize))
-        for i in range(0, V, step):
-            rows = lm_head[i:i + step]                          # (step, C), a slice of wte in cache
-            for t in range(T):
-                np.matmul(rows, h[t], out=out[t, i:i + step])  # (step, C) @ (C,) -> (step,)
-        return out
+        return head_in_slices(h, lm_head)                       # (T, C) -> (T, V)
     return (lm_head @ h.T).T                                    # (V, C) @ (C, T) -> (V, T) -> (T, V)
 
 
@@ -186,6 +170,11 @@ class KVCache:
         self.k = np.empty(self._shape, np.float32)
         self.v = np.empty(self._shape, np.float32)
 
+    @classmethod
+    def for_model(cls, config: GPTConfig, n_layers: int) -> "KVCache":
+        """An empty cache for one sequence through n_layers blocks of a model shaped `config`."""
+        return cls(n_layers, config.n_head, config.head_dim, config.n_ctx)
+
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
@@ -227,21 +216,19 @@ def mha(x, c_attn, c_proj, *, n_head: int, layer: int, segments):
     split stage runs this very function on its part (`shard_block`): n_head = its h heads, c_attn
     (C, 3hD), c_proj (hD, C); "C" in the comments below then means hD, except in x and the result.
     """
-    T = x.shape[0]
     C = c_attn["w"].shape[1] // 3                               # H*D: n_embd, or a member's share of it
     D = C // n_head
     qkv = linear(x, **c_attn)                                   # (T, 3C)
-    out = np.empty((T, C), np.float32)                          # (T, C)
-    row = 0
+    ys, row = [], 0
     for cache, n in segments:                                   # this sequence's n rows; S = end
         start, end = cache.length, cache.length + n
-        q, k, v = (qkv[row:row + n, i * C:(i + 1) * C].reshape(n, n_head, D).transpose(1, 0, 2)
-                   for i in range(3))                           # each (n, C) -> (n, H, D) -> (H, n, D)
+        q, k, v = qkv[row:row + n].reshape(n, 3, n_head, D).transpose(1, 2, 0, 3)  # (n, 3C) -> 3 x (H, n, D)
         cache.k[layer, :, start:end] = k                        # (H, n, D) into (H, capacity, D)
         cache.v[layer, :, start:end] = v                        # (H, n, D) into (H, capacity, D)
         y = attention(q, cache.k[layer, :, :end], cache.v[layer, :, :end], start)  # (H, n, D)
-        out[row:row + n] = y.transpose(1, 0, 2).reshape(n, C)   # (H, n, D) -> (n, H, D) -> (n, C)
+        ys.append(y.transpose(1, 0, 2).reshape(n, C))           # (H, n, D) -> (n, H, D) -> (n, C)
         row += n
+    out = ys[0] if len(ys) == 1 else np.concatenate(ys)         # (T, C)
     return linear(out, **c_proj)                                # (T, C)
 
 
@@ -261,7 +248,7 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
     segments: list of (KVCache, n_rows); the caches must belong to this stage (len(blocks) layers).
     """
     if not kernels.chosen:
-        choose_gemv_rows(blocks)
+        choose_untimed()                        # nobody chose at start: the pinned value or one gemm
     for cache, n in segments:
         cache.reserve(n)
     for layer, p in enumerate(blocks):
@@ -446,7 +433,7 @@ def blocks_forward_split(x, parts, *, n_heads, segments):
     """`blocks_forward` for a split stage: parts[r] is member r's list of blocks (one per layer),
     segments[r] its (KVCache, n_rows) list; each member's caches advance as blocks_forward's do."""
     if not kernels.chosen:
-        choose_gemv_rows(parts[0])
+        choose_untimed()
     for member in segments:
         for cache, n in member:
             cache.reserve(n)
@@ -456,277 +443,3 @@ def blocks_forward_split(x, parts, *, n_heads, segments):
         for cache, n in member:
             cache.length += n
     return x                                                                    # (T, C)
-
-
-# ---------------------------------------------------------------------------------------------
-# choosing kernels: what `linear` does with a few rows, how big a lone prompt's chunk is
-
-
-class KernelChoiceError(ValueError):
-    """NANOPIPE_GEMV_ROWS or NANOPIPE_PREFILL_ROWS holds something other than a whole number >= 1."""
-
-
-@dataclass
-class Kernels:
-    """How `linear` runs a step of T rows: one gemv per row while 2 <= T <= gemv_rows, else one gemm;
-    and how many rows a prompt may take in a step that has spare rows (`prefill_rows`, rank 0 only).
-
-    One per process (`kernels` below), decided once before the first step by `choose_gemv_rows` /
-    `choose_prefill_rows`: pinned by NANOPIPE_GEMV_ROWS / NANOPIPE_PREFILL_ROWS (1 / 64 = the old
-    always-gemm path and fixed 64-row chunks), or measured on the stage's own weights. `how` says
-    which, for the log. Why per process, not per cluster: each node's CPU and BLAS cross over at
-    their own row count. The price: two nodes may run a step's rows through different kernels, so a
-    cluster equals one process within float tolerance (greedy tokens the same, as across different
-    CPUs), and bit for bit only when every process is pinned alike (the tests pin both).
-    """
-    gemv_rows: int = 1
-    how: str = "not chosen yet"
-    chosen: bool = False
-    prefill_rows: int = 64          # rows of one prompt per step when no other rows wait (engine._make_batch)
-    prefill_how: str = "not chosen yet"
-    head_rows: int = 1              # up to how many rows `head` runs a gemv per row in slices of wte (rank 0)
-    head_how: str = "not chosen yet"
-
-
-kernels = Kernels()
-
-GEMV_ROWS_ENV = "NANOPIPE_GEMV_ROWS"
-PREFILL_ROWS_ENV = "NANOPIPE_PREFILL_ROWS"
-HEAD_ROWS_ENV = "NANOPIPE_HEAD_ROWS"
-MAX_GEMV_ROWS = 16          # never try more rows than this one by one
-PREFILL_CANDIDATES = (64, 128, 256)
-MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
-
-
-_measuring = threading.RLock()         # this process's hold on the machine's timing lock
-_measuring_depth = 0
-
-
-@contextlib.contextmanager
-def measuring_alone(timeout_s: float = 60.0):
-    """Hold this machine's timing lock while measuring: processes on one machine (several nodes
-    started together, the guide's loopback setups, a test cluster) take turns, so none times its
-    kernels or speed while another is timing its own — they would measure each other.
-
-    The lock is fcntl.flock on the temporary directory itself (nothing is created or left behind;
-    the kernel drops it if the holder dies). Re-entrant within a process (a speed probe may decide
-    the kernels on the way). After `timeout_s` of waiting, or where flock does not exist, it
-    measures anyway.
-    """
-    global _measuring_depth
-    with _measuring:
-        if _measuring_depth:                    # this process holds it already
-            _measuring_depth += 1
-            try:
-                yield
-            finally:
-                _measuring_depth -= 1
-            return
-        try:
-            import fcntl
-            import tempfile
-            fd = os.open(tempfile.gettempdir(), os.O_RDONLY)
-        except (ImportError, OSError):          # no flock (Windows) or no temp dir: measure anyway
-            fd = None
-        try:
-            deadline = time.monotonic() + timeout_s
-            while fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.02)
-            _measuring_depth = 1
-            yield
-        finally:
-            _measuring_depth = 0
-            if fd is not None:
-                os.close(fd)                    # closing it drops the lock
-
-
-def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n_blocks: int = 2) -> tuple:
-    """The largest row count for which a gemv per row beats one gemm, timed on `blocks`' own matrices.
-
-    Times the four matrices of the first `n_blocks` blocks (gpt2-small: 56 MB, more than a server's
-    L3, so each pass reads them from memory as a real step does) for T = 2, 3, ... rows, both ways,
-    interleaved, best of `repeats`; stops at the first T where one gemm is as fast. Returns
-    (gemv_rows, {T: (gemm ms, gemv ms)}). gpt2-small on a 2-core EPYC: ~0.1 s, answer 4-7.
-    """
-    mats = [(p["attn"]["c_attn"]["w"], p["attn"]["c_attn"]["b"]) for p in blocks[:n_blocks]]
-    mats += [(p[g][n]["w"], p[g][n]["b"]) for p in blocks[:n_blocks]
-             for g, n in (("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
-    if not mats:
-        return 1, {}
-    xs = {w.shape[0]: np.ones((max_rows, w.shape[0]), np.float32) for w, _ in mats}
-
-    def run(T, one_by_one):                                     # `linear` itself, made to take one path
-        kernels.gemv_rows = T if one_by_one else 1
-        t0 = time.perf_counter()
-        for w, b in mats:
-            linear(xs[w.shape[0]][:T], w, b)                    # (T, in) -> (T, out)
-        return (time.perf_counter() - t0) * 1000
-
-    return _crossover("gemv_rows", run, max_rows, repeats)
-
-
-def _crossover(attr: str, run, max_rows: int, repeats: int) -> tuple:
-    """The largest T for which run(T, True) (row by row) beats run(T, False) (one gemm): T = 2, 3,
-    ... both ways, interleaved, best of `repeats`, until one gemm is as fast or MEASURE_BUDGET_S is
-    spent. Returns (T, {T: (gemm ms, row-by-row ms)}); 1 if row by row never wins. `run` sets
-    kernels.<attr> to take one path; it is restored afterwards."""
-    saved = getattr(kernels, attr)
-    try:
-        run(2, False), run(2, True)                             # warm-up: BLAS threads, page faults
-        best, times, t_start = 1, {}, time.perf_counter()
-        for T in range(2, max_rows + 1):
-            if time.perf_counter() - t_start > MEASURE_BUDGET_S:
-                break
-            gemm = rows = float("inf")
-            for _ in range(repeats):
-                gemm = min(gemm, run(T, False))
-                rows = min(rows, run(T, True))
-            times[T] = (round(gemm, 3), round(rows, 3))
-            if rows >= gemm:
-                break
-            best = T
-        return best, times
-    finally:
-        setattr(kernels, attr, saved)
-
-
-def measure_prefill_rows(blocks, n_head: int, candidates=PREFILL_CANDIDATES, repeats: int = 2,
-                         within: float = 0.05) -> tuple:
-    """The prompt chunk past which a larger one no longer prefills faster, per row.
-
-    Runs the first block (LayerNorm, both matmuls, attention over a fresh cache: a real prefill
-    step) for each candidate size, best of `repeats`, and returns (the smallest size whose ms per
-    row is within `within` of the best, {size: ms per row}). Larger chunks feed BLAS better until
-    its kernels saturate; beyond that they only make the others wait longer.
-    """
-    if not blocks:
-        return candidates[0], {}
-    p = blocks[0]
-    C = p["ln_1"]["g"].shape[0]
-    x = np.random.default_rng(0).standard_normal((max(candidates), C)).astype(np.float32)   # (T, C)
-    per_row, t_start = {}, time.perf_counter()
-    for T in candidates:
-        if per_row and time.perf_counter() - t_start > MEASURE_BUDGET_S:
-            break
-        best = float("inf")
-        for _ in range(repeats):
-            cache = KVCache(1, n_head, C // n_head, T)
-            t0 = time.perf_counter()
-            blocks_forward(x[:T], [p], n_head=n_head, segments=[(cache, T)])
-            best = min(best, time.perf_counter() - t0)
-        per_row[T] = round(best * 1000 / T, 4)
-    fastest = min(per_row.values())
-    return next(T for T in per_row if per_row[T] <= fastest * (1 + within)), per_row
-
-
-def measure_head_rows(lm_head, ln_f, max_rows: int = MAX_GEMV_ROWS, repeats: int = 2) -> tuple:
-    """The largest row count for which `head` in slices (a gemv per row while each 4 MB slice of wte
-    is in cache) beats one gemm over wte, timed on the model's own wte (V, C): T = 2, 3, ... rows
-    both ways, interleaved, best of `repeats`, stopping at the first T where the gemm is as fast.
-    Returns (head_rows, {T: (gemm ms, sliced ms)}). gpt2 on a 2-core EPYC: sliced wins up to 8+ rows
-    (2 rows 26 vs 12 ms), far past `linear`'s crossover: wte (154 MB) is packed whole by a gemm."""
-    C = lm_head.shape[1]
-    xs = np.random.default_rng(0).standard_normal((max_rows, C)).astype(np.float32)
-
-    def run(T, sliced):
-        kernels.head_rows = T if sliced else 1
-        t0 = time.perf_counter()
-        head(xs[:T], ln_f, lm_head)                             # (T, C) -> (T, V)
-        return (time.perf_counter() - t0) * 1000
-
-    return _crossover("head_rows", run, max_rows, repeats)
-
-
-def _pinned(name: str) -> int | None:
-    """A whole number >= 1 from the environment variable `name`; None if unset or 'auto'."""
-    raw = os.environ.get(name, "auto").strip()
-    if raw.lower() in ("", "auto"):
-        return None
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise KernelChoiceError(f"{name}={raw!r} is not a whole number >= 1: give a row count, or 'auto' to "
-                                "measure it at start (NANOPIPE_GEMV_ROWS=1 is the old always-gemm path)")
-    return n
-
-
-def choose_gemv_rows(blocks) -> Kernels:
-    """Decide, once per process, up to how many rows `linear` runs a gemv per row (see `linear`).
-
-    NANOPIPE_GEMV_ROWS=N pins it (every node of a cluster, and every test process, then decides the
-    same; N=1 is the old always-gemm path); unset or "auto", it is measured here on `blocks`.
-    Later calls return the first decision: a process never switches kernels mid-run, so a row
-    count always takes the same path and generation stays deterministic.
-    """
-    if kernels.chosen:
-        return kernels
-    n = _pinned(GEMV_ROWS_ENV)
-    if n is None:
-        with measuring_alone():
-            n, times = measure_gemv_rows(blocks)
-        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
-        how = f"measured (gemm vs gemv per row: {shown})" if times else "no block matrices here to measure"
-    else:
-        how = f"pinned by {GEMV_ROWS_ENV}"
-    kernels.gemv_rows, kernels.how, kernels.chosen = n, how, True
-    return kernels
-
-
-def choose_prefill_rows(blocks, n_head: int) -> Kernels:
-    """Decide, once per process, how many rows of a lone prompt go in one step (the scheduler's
-    rank 0 only: it makes the batches). NANOPIPE_PREFILL_ROWS=N pins it, else `measure_prefill_rows`."""
-    if kernels.prefill_how != "not chosen yet":
-        return kernels
-    choose_gemv_rows(blocks)                    # the measurement runs real steps: decide their kernels first
-    n = _pinned(PREFILL_ROWS_ENV)
-    if n is None:
-        with measuring_alone():
-            n, per_row = measure_prefill_rows(blocks, n_head)
-        shown = ", ".join(f"{T} rows {ms:.3f}" for T, ms in per_row.items())
-        how = f"measured (ms per row of one block: {shown})" if per_row else "no blocks here to measure"
-    else:
-        how = f"pinned by {PREFILL_ROWS_ENV}"
-    kernels.prefill_rows, kernels.prefill_how = n, how
-    return kernels
-
-
-def choose_head_rows(lm_head, ln_f) -> Kernels:
-    """Decide, once per process, up to how many rows the LM head runs in slices (rank 0 only: it
-    holds the head). NANOPIPE_HEAD_ROWS=N pins it (1: always one gemm), else `measure_head_rows`."""
-    if kernels.head_how != "not chosen yet":
-        return kernels
-    n = _pinned(HEAD_ROWS_ENV)
-    if n is None:
-        kernels.head_how = "being measured"     # head() runs inside the measurement: no second decision
-        with measuring_alone():
-            n, times = measure_head_rows(lm_head, ln_f)
-        shown = ", ".join(f"{T} rows {g:.1f} vs {v:.1f} ms" for T, (g, v) in times.items())
-        how = f"measured (gemm vs slices: {shown})"
-    else:
-        how = f"pinned by {HEAD_ROWS_ENV}"
-    kernels.head_rows, kernels.head_how = n, how
-    return kernels
-
-
-def describe_kernels() -> str:
-    """One log line: what `linear` does with a step of a few rows in this process."""
-    k = kernels
-    if k.gemv_rows <= 1:
-        line = f"linear: one gemm for every step of 2+ rows ({k.how})"
-    else:
-        rows = "2" if k.gemv_rows == 2 else f"2-{k.gemv_rows}"
-        line = f"linear: a gemv per row for steps of {rows} rows, one gemm above ({k.how})"
-    if k.prefill_how != "not chosen yet":
-        line += f"; a lone prompt prefills {k.prefill_rows} rows a step ({k.prefill_how})"
-    if k.head_how != "not chosen yet":
-        line += (f"; the LM head: one gemm for 2+ rows ({k.head_how})" if k.head_rows <= 1 else
-                 f"; the LM head: a gemv per row in slices of wte for 2-{k.head_rows} rows ({k.head_how})")
-    return line

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import measuring_alone
+from .kernels import choose_gemv_rows, measuring_alone
 from .partition import block_params, even, planned_by_leader
 
 GB = 1e9
@@ -305,6 +305,7 @@ def measure_speed(n_embd: int, rows: int = 1, seconds: float = 0.25, blocks: lis
     """
     from .model import KVCache, blocks_forward
     blocks = blocks if blocks is not None else probe_blocks(n_embd)
+    choose_gemv_rows(blocks)                # the steps below run the kernels this process keeps: decide them first
     n_head = n_head or max(1, n_embd // 64)
     nbytes = sum(p[g][m]["w"].nbytes for p in blocks for g, m in
                  (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")))
@@ -343,7 +344,7 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
     # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
     room = usable_memory_bytes() or 0
     blocks = probe_blocks(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
-    with measuring_alone():                 # nodes sharing this machine take turns (model.measuring_alone)
+    with measuring_alone():                 # nodes sharing this machine take turns (kernels.measuring_alone)
         s1 = measure_speed(n_embd, 1, seconds, blocks, n_head)
         s8 = measure_speed(n_embd, 8, seconds, blocks, n_head)
     del blocks

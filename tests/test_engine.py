@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from floats import assert_same
 
-from nanopipe import model
+from nanopipe import kernels
 from nanopipe.decoding import DecodingError, SamplingParams, log_softmax
 from nanopipe.engine import EOT, PREFILL_CHUNK, Engine, Request, Scheduler
 from nanopipe.model import KVCache, blocks_forward, embed, head
@@ -133,7 +133,7 @@ def test_batched_sessions_equal_each_alone(tiny_engine):
 
 
 def test_scheduler_batches_concurrent_requests_without_mixing_them(tiny_engine, monkeypatch):
-    monkeypatch.setattr(model.kernels, "prefill_rows", PREFILL_CHUNK)   # no spare rows to grow chunks into
+    monkeypatch.setattr(kernels.kernels, "prefill_rows", PREFILL_CHUNK)   # no spare rows to grow chunks into
     params = SamplingParams("greedy", max_tokens=6)
     prompts = [prompt(5, seed=4), prompt(70, seed=5), prompt(1, seed=6)]   # one longer than PREFILL_CHUNK
     alone = [tiny_engine.generate(p, params)["token_ids"] for p in prompts]
@@ -169,7 +169,7 @@ def test_a_lone_prompt_prefills_in_larger_chunks_and_answers_the_same(tiny_engin
     """With nobody else waiting, a prompt takes up to kernels.prefill_rows rows a step; the answer
     is the one of 64-row chunks (greedy tokens equal, logprobs within float tolerance: other chunks
     are other matmuls)."""
-    monkeypatch.setattr(model.kernels, "prefill_rows", prefill_rows)
+    monkeypatch.setattr(kernels.kernels, "prefill_rows", prefill_rows)
     ids, params = prompt(120, seed=9), SamplingParams("greedy", max_tokens=3)
     sched = Scheduler(tiny_engine.stage)
     steps, box = record_steps(sched), {}
@@ -178,7 +178,7 @@ def test_a_lone_prompt_prefills_in_larger_chunks_and_answers_the_same(tiny_engin
     first = -(-120 // prefill_rows) * [prefill_rows]
     first[-1] = 120 - prefill_rows * (len(first) - 1)
     assert steps == [[n] for n in first] + [[1], [1]]
-    monkeypatch.setattr(model.kernels, "prefill_rows", PREFILL_CHUNK)
+    monkeypatch.setattr(kernels.kernels, "prefill_rows", PREFILL_CHUNK)
     want = tiny_engine.generate(ids, params)
     assert box["done"]["token_ids"] == want["token_ids"]
     diff = max(abs(a - b) for a, b in zip(box["done"]["logprobs"], want["logprobs"]))
@@ -189,7 +189,7 @@ def test_with_others_waiting_a_prompt_chunk_only_takes_the_spare_rows(tiny_engin
     """The fairness guarantee: a step never holds more than max(prefill_rows, what it held before),
     and every live session keeps its rows in every step. Three 2-token prompts and a 120-token one,
     prefill_rows 96: the long prompt gets its 64 rows plus the 26 spare, then the rest."""
-    monkeypatch.setattr(model.kernels, "prefill_rows", 96)
+    monkeypatch.setattr(kernels.kernels, "prefill_rows", 96)
     params = SamplingParams("greedy", max_tokens=4)
     prompts = [prompt(2, seed=20), prompt(2, seed=21), prompt(2, seed=22), prompt(120, seed=9)]
     sched = Scheduler(tiny_engine.stage)
@@ -220,7 +220,7 @@ def test_greedy_logprobs_equal_log_softmax_of_recomputed_logits(tiny_engine):
 
 
 def test_echo_scores_every_prompt_token_across_prefill_chunks(tiny_engine):
-    ids = prompt(model.kernels.prefill_rows + 10, seed=8)              # two prefill chunks, even alone
+    ids = prompt(kernels.kernels.prefill_rows + 10, seed=8)              # two prefill chunks, even alone
     out = tiny_engine.generate(ids, SamplingParams("greedy", max_tokens=2), echo=True, top_logprobs=4)
     lp = log_softmax(tiny_engine.logits(ids))
     want = [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)]

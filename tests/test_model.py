@@ -7,25 +7,19 @@ import numpy as np
 import pytest
 from floats import assert_same
 
-from nanopipe import model
+from nanopipe import kernels, model
 from nanopipe.model import (
     ContextOverflow,
-    KernelChoiceError,
     KVCache,
     attention,
     block,
     blocks_forward,
-    choose_gemv_rows,
-    choose_prefill_rows,
-    describe_kernels,
     embed,
     gelu,
     gpt2,
     head,
     layer_norm,
     linear,
-    measure_gemv_rows,
-    measure_prefill_rows,
     mlp,
     softmax,
 )
@@ -194,6 +188,13 @@ def test_attention_by_hand_scaled_scores():
 # the KV cache
 
 
+def test_kv_cache_for_a_model_has_its_heads_head_size_and_context(tiny_config):
+    cache = KVCache.for_model(tiny_config, n_layers=3)
+    assert (cache.k.shape, cache.n_ctx, cache.length) == ((3, 4, 0, 16), 128, 0)
+    cache.reserve(5)
+    assert cache.k.shape == cache.v.shape == (3, tiny_config.n_head, KVCache.CHUNK, tiny_config.head_dim)
+
+
 def test_kv_cache_grows_in_chunks_and_keeps_its_rows():
     cache = KVCache(n_layers=2, n_head=2, head_dim=4, n_ctx=300)
     assert cache.capacity == 0 and cache.length == 0
@@ -248,8 +249,8 @@ def test_blocks_forward_past_n_ctx_raises(stage):
 def pinned(monkeypatch):
     """Set kernels.gemv_rows for one test (conftest pins NANOPIPE_GEMV_ROWS=4 for the whole run)."""
     def pin(n):
-        monkeypatch.setattr(model.kernels, "gemv_rows", n)
-        monkeypatch.setattr(model.kernels, "chosen", True)
+        monkeypatch.setattr(kernels.kernels, "gemv_rows", n)
+        monkeypatch.setattr(kernels.kernels, "chosen", True)
     return pin
 
 
@@ -272,11 +273,11 @@ def test_head_few_rows_in_slices_close_to_one_gemm_and_one_row_unchanged(stage, 
     logits equal one gemm's within float tolerance (the sums run in another order) with the same
     argmax; one row is the plain gemv on all of wte, as before."""
     from nanopipe.model import head
-    monkeypatch.setattr(model, "HEAD_SLICE_BYTES", 7 * stage.config.n_embd * 4)   # 7 rows of wte a slice: many slices
+    monkeypatch.setattr(kernels, "HEAD_SLICE_BYTES", 7 * stage.config.n_embd * 4)   # 7 rows of wte a slice: many slices
     h = np.random.default_rng(1).standard_normal((3, stage.config.n_embd)).astype(np.float32)   # (T, C)
-    monkeypatch.setattr(model.kernels, "head_rows", 1)
+    monkeypatch.setattr(kernels.kernels, "head_rows", 1)
     gemm = head(h, stage.ln_f, stage.lm_head)                                                # (T, V), one gemm
-    monkeypatch.setattr(model.kernels, "head_rows", 4)
+    monkeypatch.setattr(kernels.kernels, "head_rows", 4)
     sliced = head(h, stage.ln_f, stage.lm_head)
     diff = float(np.abs(sliced - gemm).max())
     assert diff <= 1e-5, f"sliced head vs one gemm (computed two ways): largest difference {diff:.2e}"
@@ -308,60 +309,3 @@ def test_batched_decode_rows_equal_each_session_alone_exactly(stage, pinned):
     y = blocks_forward(x, stage.blocks, n_head=c.n_head, segments=[(ba, 1), (bb, 1)])      # (2, C)
     assert np.array_equal(y, np.concatenate([ya, yb])), \
         f"batched vs alone differ by {np.abs(y - np.concatenate([ya, yb])).max():.2e}"
-
-
-def test_choose_head_rows_pinned_or_measured_on_wte(stage, monkeypatch):
-    """The head's crossover is its own: pinned by NANOPIPE_HEAD_ROWS, else measured on wte itself
-    (sliced vs one gemm, T = 2, 3, ...), and kept once decided."""
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.HEAD_ROWS_ENV, "5")
-    k = model.choose_head_rows(stage.lm_head, stage.ln_f)
-    assert (k.head_rows, "pinned" in k.head_how) == (5, True)
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.HEAD_ROWS_ENV, "auto")
-    k = model.choose_head_rows(stage.lm_head, stage.ln_f)
-    assert k.head_rows >= 1 and k.head_how.startswith("measured (gemm vs slices: 2 rows"), k.head_how
-    assert "the LM head" in model.describe_kernels()
-    monkeypatch.setenv(model.HEAD_ROWS_ENV, "0")
-    assert model.choose_head_rows(stage.lm_head, stage.ln_f) is k, "a process decides once and keeps it"
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    with pytest.raises(model.KernelChoiceError, match="NANOPIPE_HEAD_ROWS"):
-        model.choose_head_rows(stage.lm_head, stage.ln_f)
-
-
-def test_choose_gemv_rows_pinned_by_the_environment_measured_otherwise_and_kept(stage, monkeypatch):
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.GEMV_ROWS_ENV, "3")
-    k = choose_gemv_rows(stage.blocks)
-    assert (k.gemv_rows, k.chosen) == (3, True) and "pinned" in k.how
-    monkeypatch.setenv(model.GEMV_ROWS_ENV, "7")
-    assert choose_gemv_rows(stage.blocks).gemv_rows == 3, "a process decides once and keeps it"
-    assert "2-3 rows" in describe_kernels()
-
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.GEMV_ROWS_ENV, "auto")
-    k = choose_gemv_rows(stage.blocks)
-    assert 1 <= k.gemv_rows <= model.MAX_GEMV_ROWS and k.how.startswith("measured")
-    n, times = measure_gemv_rows(stage.blocks, max_rows=4, repeats=1)
-    assert 1 <= n <= 4 and list(times)[0] == 2 and all(g > 0 and v > 0 for g, v in times.values())
-
-
-@pytest.mark.parametrize("value", ["0", "-2", "four", "2.5"])
-def test_a_bad_gemv_rows_setting_is_a_clear_error(stage, monkeypatch, value):
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.GEMV_ROWS_ENV, value)
-    with pytest.raises(KernelChoiceError, match=r"NANOPIPE_GEMV_ROWS=.* whole number >= 1.*'auto'"):
-        choose_gemv_rows(stage.blocks)
-
-
-def test_choose_prefill_rows_pinned_or_measured(stage, monkeypatch):
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.PREFILL_ROWS_ENV, "128")
-    k = choose_prefill_rows(stage.blocks, stage.config.n_head)
-    assert k.prefill_rows == 128 and k.chosen and "pinned by NANOPIPE_PREFILL_ROWS" in describe_kernels()
-    n, per_row = measure_prefill_rows(stage.blocks, stage.config.n_head, candidates=(16, 32, 64), repeats=1)
-    assert n in (16, 32, 64) and set(per_row) <= {16, 32, 64} and all(ms > 0 for ms in per_row.values())
-    monkeypatch.setattr(model, "kernels", model.Kernels())
-    monkeypatch.setenv(model.PREFILL_ROWS_ENV, "none")
-    with pytest.raises(KernelChoiceError, match="NANOPIPE_PREFILL_ROWS='none' is not a whole number"):
-        choose_prefill_rows(stage.blocks, stage.config.n_head)

@@ -263,36 +263,3 @@ def test_plan_on_the_shipped_single_machine_configs_measures_once_and_predicts(m
     assert "unknown" not in out.output, out.output
     assert out.output.count("measured here (same machine as mini1)") == 2, out.output
     assert "Predicted tok/s   this split: " in out.output, out.output
-
-
-def test_processes_on_one_machine_take_turns_measuring(tmp_path, monkeypatch):
-    """model.measuring_alone: while another holder has the machine's timing lock, a measurement
-    waits; it starts as soon as the lock is released."""
-    import fcntl
-    import os
-    import tempfile
-    import threading
-    import time
-
-    from nanopipe.model import measuring_alone
-    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
-    other = os.open(tmp_path, os.O_RDONLY)                     # another process holding the lock
-    fcntl.flock(other, fcntl.LOCK_EX)
-    entered = threading.Event()
-
-    def measure():
-        with measuring_alone():
-            entered.set()
-    t = threading.Thread(target=measure)
-    t.start()
-    assert not entered.wait(0.3), "measured while another process held the lock"
-    os.close(other)                                             # the other process is done
-    assert entered.wait(5), "still waiting after the lock was released"
-    t.join()
-    with measuring_alone(timeout_s=0.1):                        # free again: enters at once
-        pass
-    assert os.listdir(tmp_path) == [], "the lock leaves nothing behind"
-    t0 = time.monotonic()
-    with measuring_alone(), measuring_alone(timeout_s=30):     # re-entrant: a probe may choose kernels inside
-        pass
-    assert time.monotonic() - t0 < 5, "a nested measurement waited for its own process's lock"

@@ -22,8 +22,9 @@ import numpy as np
 
 from ..blas import current as current_blas
 from ..config import ClusterConfig
+from ..kernels import kernels
 from ..logs import worker_logger
-from ..model import GPTConfig, KVCache, blocks_forward, kernels
+from ..model import GPTConfig, KVCache, blocks_forward
 from ..prefix import fork_cache
 from .net import (
     HandshakeError,
@@ -203,8 +204,8 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
-        # the kernel choice, measured once per process on the blocks it holds (model.choose_gemv_rows)
-        from ..model import KernelChoiceError, choose_gemv_rows, describe_kernels, kernels
+        # the kernel choice, measured once per process on the blocks it holds (kernels.choose_gemv_rows)
+        from ..kernels import KernelChoiceError, choose_gemv_rows, describe_kernels
         if not kernels.chosen:          # (the speed probe may have decided it already, on blocks of this shape)
             try:
                 choose_gemv_rows(self.stage.blocks)

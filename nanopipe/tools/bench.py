@@ -28,7 +28,8 @@ import numpy as np
 
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
-from ..model import KVCache, blocks_forward, describe_kernels, embed, gpt2, head, kernels
+from ..kernels import describe_kernels, kernels
+from ..model import KVCache, blocks_forward, embed, gpt2, head
 from ..weights import ensure_synthetic, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
@@ -196,7 +197,7 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
 
 @contextlib.contextmanager
 def kernels_as(gemv_rows: int, prefill_rows: int, head_rows: int | None = None):
-    """Run this process's steps with the given kernel choice (model.kernels), then restore it."""
+    """Run this process's steps with the given kernel choice (kernels.kernels), then restore it."""
     k = kernels
     saved = (k.gemv_rows, k.prefill_rows, k.head_rows)
     k.gemv_rows, k.prefill_rows = gemv_rows, prefill_rows
@@ -209,7 +210,7 @@ def kernels_as(gemv_rows: int, prefill_rows: int, head_rows: int | None = None):
 
 def bench_prefill(engine: Engine, prompt_len: int = 512, repeats: int = 3) -> dict:
     """A lone prompt's prefill, tokens/s (best of `repeats`): in 64-row chunks (the old fixed
-    choice) and in the chunks this process chose (model.kernels.prefill_rows), alternately, in this one run."""
+    choice) and in the chunks this process chose (kernels.prefill_rows), alternately, in this one run."""
     ids = bench_prompt(min(prompt_len, engine.config.n_ctx - 1), seed=1)
     k = engine.scheduler.kernels
     out = {"prompt_len": len(ids), "prefill_rows": k.prefill_rows}
@@ -271,7 +272,7 @@ def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) 
         else Engine.load(weights_or_engine, prefix_cache_bytes=0)
     st, c = engine.stage, engine.config
     params, rng = SamplingParams("greedy", max_tokens=n_tokens), make_rng(0)
-    cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
+    cache = KVCache.for_model(c, len(st.blocks))
     ids = bench_prompt(prompt_len)
     logits = gpt2(np.asarray(ids), np.arange(prompt_len), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
                   n_head=c.n_head, segments=[(cache, prompt_len)], rows=slice(-1, None))   # (1, V)
@@ -392,7 +393,7 @@ def write_csv(rows: list, path: str):
 def prompt_logits(engine: Engine, ids: list) -> np.ndarray:
     """(V,) logits after `ids`, one forward pass in this process (to check another program's)."""
     st, c = engine.stage, engine.config
-    cache = KVCache(len(st.blocks), c.n_head, c.head_dim, c.n_ctx)
+    cache = KVCache.for_model(c, len(st.blocks))
     return gpt2(np.asarray(ids), np.arange(len(ids)), st.wte, st.wpe, st.blocks, st.ln_f, st.lm_head,
                 n_head=c.n_head, segments=[(cache, len(ids))], rows=slice(-1, None))[0]
 

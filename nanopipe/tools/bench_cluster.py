@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .. import model
+from .. import kernels
 from ..cluster.wire import HEADER, Msg, encode_frame
 from ..decoding import SamplingParams
 from ..engine import Engine, Request
@@ -178,7 +178,7 @@ NO_REUSE = {"prefix_cache_mb": 0}
 
 
 def node_kernels(cluster: LocalCluster) -> list:
-    """Each rank's `linear:` log line: what it chose and what it measured (model.describe_kernels)."""
+    """Each rank's `linear:` log line: what it chose and what it measured (kernels.describe_kernels)."""
     out = []
     for rank in sorted(cluster.procs):
         try:
@@ -202,8 +202,9 @@ def sweep(weights: str, counts=(1, 2, 3, 4, 8, 16), nodes: int = 3, prompt_len: 
     """
     rows = []
     engine = Engine.load(weights, prefix_cache_bytes=0)   # chooses this process's kernels; no reuse
-    chosen = (model.kernels.gemv_rows, model.kernels.prefill_rows, model.kernels.head_rows)
-    echo(f"  one process: {model.describe_kernels()}")
+    k = kernels.kernels
+    chosen = (k.gemv_rows, k.prefill_rows, k.head_rows)
+    echo(f"  one process: {kernels.describe_kernels()}")
     modes = [("before", (1, 64, 1)), ("after", chosen)] if compare_old else [("after", chosen)]
     streams_single(engine, 1, prompt_len, 2)
     for n in counts:
@@ -425,7 +426,7 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
     decode time.
 
     The three nodes share this machine, so the leader keeps one batch in flight (depth 1) and
-    predicts the sum of the stages; nodes take turns measuring themselves (model.measuring_alone).
+    predicts the sum of the stages; nodes take turns measuring themselves (kernels.measuring_alone).
     """
     from ..cgroups import CGroup, why_not_writable
     why = why_not_writable("cpu")

@@ -45,7 +45,8 @@ def _fail_clean(fn):
         except Exception as e:
             # imported here, not before the command runs: `serve` and `join` must be able to set
             # OpenBLAS's environment before anything loads numpy (see _share_cores)
-            from ..model import ContextOverflow, KernelChoiceError
+            from ..kernels import KernelChoiceError
+            from ..model import ContextOverflow
             from ..partition import PartitionError
             from ..safetensors_io import SafetensorsError
             from ..weights import WeightsError
@@ -538,7 +539,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
                     load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
                     weights_source=_weights_source(config_dir, mc, path, stage.synthetic))
-    from ..model import describe_kernels
+    from ..kernels import describe_kernels
     log(describe_kernels())
     _on_sigterm()
     try:
