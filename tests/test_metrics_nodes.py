@@ -1,0 +1,115 @@
+"""/metrics against a real 3-node cluster: each node's transit agrees with `nanopipe trace`, and the
+per-node memory and status gauges and the cluster events counter say what the leader says."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from nanopipe.tools.cli import main
+from nanopipe.tools.localcluster import LocalCluster
+from nanopipe.web.app import create_app, settings_from_configs
+from nanopipe.web.metrics import WebMetrics, render_metrics
+
+from helpers import node, wait_status
+
+DELAY_MS = 20.0        # the simulated link on every hop: transit is this and a little more
+MAX_TOKENS = 8
+
+
+def samples(text: str) -> dict:
+    """/metrics text -> {(sample name, ((label, value), ...)): value}, parsed by prometheus_client."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(m: dict, name: str, **labels) -> float | None:
+    return m.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture(scope="module")
+def delayed(tiny_weights, tmp_path_factory):
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path_factory.mktemp("metricsnodes")),
+                      cluster_extra={"link_delay_ms": DELAY_MS})
+    with cl:
+        yield cl
+
+
+def test_per_node_transit_in_metrics_agrees_with_the_trace(delayed):
+    web = create_app(settings_from_configs(delayed.config_dir, leader=delayed.leader_addr)).test_client()
+    r = web.post("/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": MAX_TOKENS,
+                                          "temperature": 0})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    steps = r.json["usage"]["completion_tokens"]
+    assert steps >= 3, r.json
+    m = samples(web.get("/metrics").get_data(as_text=True))
+
+    out = CliRunner().invoke(main, ["trace", "The quick brown fox", "--leader", delayed.leader_addr,
+                                    "--config-dir", delayed.config_dir, "--max-tokens", str(MAX_TOKENS), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    for rank in (0, 1, 2):
+        traced = [h["transit_ms"] for t in report["tokens"] for h in t["hops"]
+                  if h["rank"] == rank and h["transit_ms"] is not None]
+        assert traced, f"the trace has no transit for rank {rank}: {report}"
+        trace_ms = statistics.mean(traced)
+        # one prompt chunk, then one step per further token: `steps` trips round the ring
+        total_s = value(m, "nanopipe_node_transit_seconds_total", rank=str(rank)) or 0.0
+        metrics_ms = total_s * 1000 / steps
+        print(f"rank {rank}: /metrics transit {metrics_ms:.3f} ms per step (total {total_s * 1000:.3f} ms over "
+              f"{steps} steps), trace {trace_ms:.3f} ms per hop (mean of {len(traced)}); "
+              f"difference {abs(metrics_ms - trace_ms):.3f} ms")
+        assert metrics_ms > DELAY_MS / 2, f"rank {rank}'s transit in /metrics is {metrics_ms} ms per step"
+        assert abs(metrics_ms - trace_ms) < max(10.0, 0.5 * trace_ms), (rank, metrics_ms, trace_ms)
+
+
+def test_node_memory_status_and_events_follow_a_worker_leaving_and_rejoining(delayed):
+    web = create_app(settings_from_configs(delayed.config_dir, leader=delayed.leader_addr)).test_client()
+    m = samples(web.get("/metrics").get_data(as_text=True))
+    for rank in range(3):
+        lab = {"rank": str(rank), "host": f"node{rank}"}
+        assert value(m, "nanopipe_node_rss_bytes", **lab) > 10 * 2**20, (rank, m)
+        assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="up") == 1, (rank, m)
+        assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="down") == 0, (rank, m)
+    assert value(m, "nanopipe_cluster_events_total", kind="joined") == 2, m     # the two workers
+    assert value(m, "nanopipe_cluster_events_total", kind="left") == 0, m
+    assert value(m, "nanopipe_cluster_events_total", kind="rejoined") == 0, m
+
+    delayed.kill_rank(2)
+    wait_status(delayed, lambda st: node(st, 2)["status"] == "down", 30, "rank 2 down")
+    m = samples(web.get("/metrics").get_data(as_text=True))
+    lab = {"rank": "2", "host": "node2"}
+    assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="down") == 1, m
+    assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="up") == 0, m
+    assert value(m, "nanopipe_node_up", **lab) == 0, m
+    assert value(m, "nanopipe_cluster_events_total", kind="left") == 1, m
+
+    delayed.start_rank(2)
+    st = wait_status(delayed, lambda st: st["ready"], 60, "the ring whole again")
+    assert st["events"]["rejoined"] == 1 and st["events"]["joined"] == 2, st["events"]
+    m = samples(web.get("/metrics").get_data(as_text=True))
+    assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="up") == 1, m
+    assert value(m, "nanopipe_cluster_events_total", kind="rejoined") == 1, m
+
+
+def test_node_gauges_from_a_status():
+    status = {"ready": True, "events": {"joined": 2, "left": 1, "slow_stage": "x"},
+              "nodes": [{"rank": 0, "host": "a", "status": "up", "rss_mb": 10, "capacity": {"memory_mb": 100}},
+                        {"rank": 1, "host": "b", "status": "left out", "rss_mb": float("nan"), "capacity": None},
+                        {"rank": 2, "host": "c", "status": "joining", "capacity": {"memory_mb": -3}}]}
+    m = samples(render_metrics(WebMetrics(), status))
+    assert value(m, "nanopipe_node_rss_bytes", rank="0", host="a") == 10 * 2**20
+    assert value(m, "nanopipe_node_memory_usable_bytes", rank="0", host="a") == 100 * 2**20
+    assert value(m, "nanopipe_node_rss_bytes", rank="1", host="b") is None, "NaN is not shown"
+    assert value(m, "nanopipe_node_memory_usable_bytes", rank="2", host="c") is None, "nor a negative size"
+    states = {dict(k[1])["nanopipe_node_status"]: v for k, v in m.items()
+              if k[0] == "nanopipe_node_status" and dict(k[1])["rank"] == "1"}
+    assert states == {"up": 0, "joining": 0, "down": 0, "left out": 1}, states
+    assert value(m, "nanopipe_node_status", rank="2", host="c", nanopipe_node_status="joining") == 1
+    assert value(m, "nanopipe_cluster_events_total", kind="joined") == 2
+    assert value(m, "nanopipe_cluster_events_total", kind="left") == 1
+    assert value(m, "nanopipe_cluster_events_total", kind="rejoined") == 0, "every kind is shown from 0"
+    assert value(m, "nanopipe_cluster_events_total", kind="slow_stage") == 0, "a bad count shows 0"
