@@ -7,14 +7,14 @@ import statistics
 
 import pytest
 from click.testing import CliRunner
+from helpers import node, status, wait_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from nanopipe.decoding import SamplingParams
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.web.app import create_app, settings_from_configs
 from nanopipe.web.metrics import WebMetrics, render_metrics
-
-from helpers import node, wait_status
 
 DELAY_MS = 20.0        # the simulated link on every hop: transit is this and a little more
 MAX_TOKENS = 8
@@ -68,9 +68,14 @@ def test_per_node_transit_in_metrics_agrees_with_the_trace(delayed):
 
 def test_node_memory_status_and_events_follow_a_worker_leaving_and_rejoining(delayed):
     web = create_app(settings_from_configs(delayed.config_dir, leader=delayed.leader_addr)).test_client()
+    st = status(delayed)
     m = samples(web.get("/metrics").get_data(as_text=True))
     for rank in range(3):
         lab = {"rank": str(rank), "host": f"node{rank}"}
+        usable_mb = (node(st, rank)["capacity"] or {}).get("memory_mb")
+        print(f"rank {rank}: rss {node(st, rank)['rss_mb']} MB, usable {usable_mb} MB")
+        assert usable_mb, f"rank {rank} measured no usable memory: {node(st, rank)}"
+        assert value(m, "nanopipe_node_memory_usable_bytes", **lab) == int(usable_mb * 2**20), (rank, m)
         assert value(m, "nanopipe_node_rss_bytes", **lab) > 10 * 2**20, (rank, m)
         assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="up") == 1, (rank, m)
         assert value(m, "nanopipe_node_status", **lab, nanopipe_node_status="down") == 0, (rank, m)
@@ -113,3 +118,20 @@ def test_node_gauges_from_a_status():
     assert value(m, "nanopipe_cluster_events_total", kind="left") == 1
     assert value(m, "nanopipe_cluster_events_total", kind="rejoined") == 0, "every kind is shown from 0"
     assert value(m, "nanopipe_cluster_events_total", kind="slow_stage") == 0, "a bad count shows 0"
+
+
+def test_planned_and_slow_stage_events_are_counted(tiny_weights):
+    # every node claims to be far faster than it is: the plan predicts microseconds a step, the
+    # stages take much longer, and the leader warns that they run slow
+    fast = {"speed_gbps": 1000, "speed8_gbps": 1000}
+    cl = LocalCluster(tiny_weights, nodes=3, partition="auto",
+                      cluster_extra={"nodes": {f"node{r}": fast for r in range(3)}})
+    with cl:
+        with cl.client() as c:
+            c.generate([464, 2068, 7586], SamplingParams("greedy", max_tokens=40))
+        st = wait_status(cl, lambda st: st["events"]["slow_stage"] >= 1, 30, "a slow stage warned about")
+        m = samples(render_metrics(WebMetrics(), st))
+        print(st["events"])
+        assert value(m, "nanopipe_cluster_events_total", kind="planned") == st["events"]["planned"] >= 1, m
+        assert value(m, "nanopipe_cluster_events_total", kind="slow_stage") == st["events"]["slow_stage"], m
+        assert "off its predicted" in cl.logs(), cl.logs()
