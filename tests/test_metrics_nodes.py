@@ -135,3 +135,23 @@ def test_planned_and_slow_stage_events_are_counted(tiny_weights):
         assert value(m, "nanopipe_cluster_events_total", kind="planned") == st["events"]["planned"] >= 1, m
         assert value(m, "nanopipe_cluster_events_total", kind="slow_stage") == st["events"]["slow_stage"], m
         assert "off its predicted" in cl.logs(), cl.logs()
+
+
+def test_transit_without_the_workers_clocks_goes_to_rank_0():
+    # a worker that sends no "t_in" (an older one), or clocks that disagree (a hop that comes out
+    # negative): each hop cannot be timed, so the ring's clock-free transit (round trip minus the
+    # workers' compute) goes to rank 0, as before, and no worker gets a made-up one
+    import time
+
+    from nanopipe.engine import Batch, _add_times
+    for stamps in ({}, {"t_in": time.time() + 60}):       # no clock; a clock a minute ahead
+        t0 = time.perf_counter() - 0.100                  # the batch left 100 ms ago, 10 ms of it rank 0's
+        trace = [{"rank": 1, "compute_ms": 30.0, **stamps}, {"rank": 2, "compute_ms": 20.0, **stamps}]
+        trace[-1]["t_back"] = time.time()
+        node_ms = {}
+        t_back = time.perf_counter()
+        _add_times(node_ms, Batch(id=0, sessions=[], counts=[], t0=t0, front_ms=10.0), trace, t_back, t_back)
+        print(stamps, node_ms)
+        assert node_ms[1] == {"compute": 30.0, "transit": 0.0} and node_ms[2] == {"compute": 20.0, "transit": 0.0}
+        # 100 - 10 - 30 - 20 ms, and the time these lines take (generous: a loaded machine)
+        assert 40.0 <= node_ms[0]["transit"] < 60.0, node_ms
