@@ -631,7 +631,12 @@ def _emit(req: Request, kind: str, data: dict):
 
 
 def _add_times(node_ms: dict, batch: Batch, trace: list, now: float, t_back: float):
-    """Accumulate each node's compute and transit time for one session's share of a batch."""
+    """Accumulate each node's compute and transit time for one session's share of a batch.
+
+    A node's transit is that of the frame it sends on, as `nanopipe trace` shows it (step_info):
+    from the end of its compute to the frame's arrival at the next node, on wall clocks. When a
+    hop cannot be timed that way (an older worker left out its stamps, or the nodes' clocks
+    disagree and a hop comes out negative), the ring's clock-free transit goes to rank 0 alone."""
     r0 = node_ms.setdefault(0, {"compute": 0.0, "transit": 0.0})
     r0["compute"] += batch.front_ms + (now - t_back) * 1000
     remote = 0.0
@@ -640,8 +645,24 @@ def _add_times(node_ms: dict, batch: Batch, trace: list, now: float, t_back: flo
         t["compute"] += hop["compute_ms"]
         remote += hop["compute_ms"]
     if trace:
-        ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms
-        r0["transit"] += max(0.0, ring_ms - remote)
+        hops = _hop_transits(batch, trace, t_back)
+        if all(ms is not None and ms >= 0 for _, ms in hops):
+            for rank, ms in hops:
+                node_ms[rank]["transit"] += ms
+        else:
+            ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms
+            r0["transit"] += max(0.0, ring_ms - remote)
+
+
+def _hop_transits(batch: Batch, trace: list, t_back: float) -> list:
+    """[(rank, ms or None)] in ring order: each node's compute end to the next node's frame arrival
+    (the last worker's frame arrives back at rank 0 at trace[-1]["t_back"]), as step_info times them."""
+    now_wall, now_perf = time.time(), time.perf_counter()
+    front_done = now_wall - (now_perf - batch.t0) + batch.front_ms / 1000
+    ends = [(0, front_done)] + [(e["rank"], _plus_ms(_number(e.get("t_in")), e["compute_ms"])) for e in trace]
+    arrivals = [_number(e.get("t_in")) for e in trace] + [_number(trace[-1].get("t_back"))]
+    return [(rank, None if end is None or t is None else (t - end) * 1000)
+            for (rank, end), t in zip(ends, arrivals)]
 
 
 def step_info(stage, batch, trace: list, t_back: float) -> dict:

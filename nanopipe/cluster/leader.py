@@ -97,6 +97,8 @@ class Leader(Membership, ClientProtocol):
         self.stop_event = threading.Event()
         self.started = time.time()
         self.metrics = {"requests": 0, "errors": 0, "rejected_peers": 0, "bad_frames": 0}
+        # cluster events as logged, by kind (joined, rejoined, left, planned, slow_stage), for /metrics
+        self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0}
         self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
         self.tls_client = client_tls(cluster.tls_cert)      # for dialing worker 1
         self.max_act_bytes = max_act_bytes(self.config, cluster.max_sessions)
@@ -238,7 +240,8 @@ class Leader(Membership, ClientProtocol):
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
-                "placement": self._placement_status(), **self._prefix_status(), **self._weights_summary()}
+                "placement": self._placement_status(), **self._prefix_status(), **self._weights_summary(),
+                "events": dict(self.events)}
 
     def _prefix_status(self) -> dict:
         """Prompt tokens reused from kept caches vs computed, and what is kept (nanopipe/prefix.py)."""

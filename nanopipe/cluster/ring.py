@@ -73,6 +73,15 @@ class WorkerState:
     warned: set = field(default_factory=set)   # the bad STATS fields already logged for this rank
 
 
+def _count_event(membership, kind: str):
+    """Count one cluster event of the kind the leader's status() reports under "events" (/metrics
+    shows them). Only a Leader keeps the counts; a bare Membership (the tests') counts nothing."""
+    events = getattr(membership, "events", None)
+    if isinstance(events, dict):
+        with membership.lock:           # an RLock: some callers hold it already
+            events[kind] = events.get(kind, 0) + 1
+
+
 def finite(x) -> bool:
     """A number a peer sent that arithmetic can use: finite, not a bool. 3, 0.5 yes; NaN, "3", True no."""
     return is_number(x) and math.isfinite(x)
@@ -275,6 +284,7 @@ class Membership:
                 self.log(f"Rejected worker from {peer}: rank {rank} claims host {hello.get('host')!r}, "
                          f"config says {w.host!r}", WARNING)
                 return
+            _count_event(self, "rejoined" if w.addr else "joined")     # addr: it registered before
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
             self._enrol_hold.pop(rank, None)
             self.grace_over = False             # a rank came back: new requests wait for the ring again
@@ -382,6 +392,7 @@ class Membership:
             self._refuse(str(e))
             return
         self.plan_note = d.note
+        _count_event(self, "planned")
         if not d.solved:
             self.log(f"Plan: {self.plan_note}")
             self._apply_plan(d.ranges, [None] * len(caps))
@@ -467,6 +478,7 @@ class Membership:
             condition = (tuple(row["layers"] or ()), "slower" if off > 0 else "faster")
             if abs(off) > 0.25 and said != condition:
                 said = condition
+                _count_event(self, "slow_stage")
                 self.log(f"{figures} (throttled, overloaded, or measured at a better moment; said again only "
                          "if that changes, figures at -v)", WARNING)
             elif said is not None and abs(off) < 0.15:
@@ -657,6 +669,7 @@ class Membership:
     def _on_worker_lost(self, rank, reason):
         if self.stop_event.is_set():
             return
+        _count_event(self, "left")
         if self.workers[rank].excluded:      # it holds no layers: the ring does not miss it
             self.log(f"Worker {rank} (left out of the ring) is gone: {reason}")
             return

@@ -19,13 +19,17 @@ import threading
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
 
 # Without this every counter also gets a `<name>_created` timestamp series; the metric names stay
 # those nanopipe always had.
 prometheus_client.disable_created_metrics()
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# every status the leader gives a node (/health): each node's nanopipe_node_status has all of them, 1 for its own
+NODE_STATES = ("up", "joining", "down", "left out")
+# the cluster events the leader counts (its status' "events"): each is shown, 0 until it happens
+EVENT_KINDS = ("joined", "rejoined", "left", "planned", "slow_stage")
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -58,13 +62,34 @@ class LeaderCollector:
         up = GaugeMetricFamily("nanopipe_node_up", "1 if the node is up.", labels=["rank", "host"])
         rss = GaugeMetricFamily("nanopipe_node_rss_bytes", "Each node's resident memory as it last reported.",
                                 labels=["rank", "host"])
+        usable = GaugeMetricFamily("nanopipe_node_memory_usable_bytes",
+                                   "The memory each node found usable for the model when it measured itself.",
+                                   labels=["rank", "host"])
+        state = StateSetMetricFamily("nanopipe_node_status", "Each node's status as /health gives it: "
+                                     "up, joining, down or left out (a standby the plan gave no layers).",
+                                     labels=["rank", "host"])
         for n in nodes:
             labels = [str(n.get("rank")), str(n.get("host"))]
             up.add_metric(labels, int(n.get("status") == "up"))
-            if isinstance(n.get("rss_mb"), (int, float)):
+            if _number(n.get("rss_mb")):
                 rss.add_metric(labels, int(n["rss_mb"] * 1024 * 1024))
+            cap = n.get("capacity") if isinstance(n.get("capacity"), dict) else {}
+            if _number(cap.get("memory_mb")):
+                usable.add_metric(labels, int(cap["memory_mb"] * 1024 * 1024))
+            states = NODE_STATES + ((n.get("status"),) if n.get("status") not in NODE_STATES else ())
+            state.add_metric(labels, {str(k): k == n.get("status") for k in states})
         yield up
         yield rss
+        yield usable
+        yield state
+        events = status.get("events") if isinstance(status.get("events"), dict) else {}
+        counter = CounterMetricFamily("nanopipe_cluster_events", "Cluster events the leader logged, by kind: a "
+                                      "worker joined, rejoined or left, the leader planned the split, a stage "
+                                      "ran slow.", labels=["kind"])
+        for kind in sorted(set(EVENT_KINDS) | set(map(str, events))):
+            v = events.get(kind, 0)
+            counter.add_metric([kind], v if _number(v) else 0)
+        yield counter
         if status.get("kv_cache_bytes") is not None:
             yield GaugeMetricFamily("nanopipe_leader_kv_cache_bytes", "Rank 0's KV cache memory.",
                                     value=status["kv_cache_bytes"])
@@ -72,6 +97,11 @@ class LeaderCollector:
             yield GaugeMetricFamily("nanopipe_prefix_kept", "Finished sessions' KV caches kept on every stage.",
                                     value=status["prefix_kept"])
         yield from placement_metrics(status.get("placement") or {})
+
+
+def _number(x) -> bool:
+    """A finite number >= 0 (not a bool): what a gauge of bytes or a count may show."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
 def placement_metrics(placement: dict):
