@@ -64,3 +64,28 @@ def cluster(tiny_weights):
     from nanopipe.tools.localcluster import LocalCluster
     with LocalCluster(tiny_weights, nodes=3, ready_timeout=60) as cl:
         yield cl
+
+
+# The web app against a fake leader (helpers.FakeLeader): no processes, every error path scriptable.
+
+@pytest.fixture
+def leader():
+    """A FakeLeader: the cluster behind the web app's CLIENT_FACTORY, scripted."""
+    from helpers import FakeLeader
+    return FakeLeader()
+
+
+@pytest.fixture
+def app(leader):
+    """The web app with `leader` as its cluster."""
+    from helpers import DEFAULTS
+
+    from nanopipe.web.app import create_app
+    return create_app({"TESTING": True, "CLIENT_FACTORY": leader.connect, "LEADER": "10.0.0.1:65432",
+                       "MODEL_NAME": "gpt2", "MODEL_DEFAULTS": DEFAULTS})
+
+
+@pytest.fixture
+def client(app):
+    """A Flask test client of `app`."""
+    return app.test_client()
