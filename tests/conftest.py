@@ -6,6 +6,8 @@
     tiny_engine    one Engine on tiny_weights, shared by every test that only generates with it
     cluster        3 real nodes (`nanopipe serve` + 2 `nanopipe join`) on tiny_weights, one per test
                    module; a module that needs other settings defines its own `cluster`
+    leader, app, client   the web app on a fake leader (helpers.FakeLeader, checked against the real
+                   LeaderClient): scripted tokens, no processes; a module may define its own
 
 Helpers the test files share (polling, cluster status, logs, ports, certificates) are in helpers.py.
 """

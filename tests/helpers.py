@@ -13,6 +13,10 @@ and, for a running LocalCluster `cl`:
     wait_status(cl, ok, timeout, what)          poll the status until ok(status)
     wait_freed(cl)                              every KV cache freed, as reported after the generations ended
     log_of(cl, rank), wait_log(cl, rank, ...)   a node's log, and waiting for a line in it
+    leader_addr(cl), worker_addr(cl, rank)      (host, port) to dial by hand
+    handshake(addr, token=...)                  a handshake by hand: (sock, CHALLENGE, reply to HELLO)
+    frames_until_close(sock), local_peer(sock)  what a peer sends until it hangs up; how a node logs us
+    peak_rss_mb(pid)                            a process's resident-memory high-water mark, from /proc
 
 and, for the web app without a cluster (fixtures `leader`, `app`, `client` in conftest.py):
 
@@ -395,3 +399,63 @@ def parse_metrics(text: str) -> dict:
         labels = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
         out[(name, labels)] = float(m.group(3))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Speaking the protocol by hand to a LocalCluster, and what a process used
+
+
+def leader_addr(cl) -> tuple:
+    """Where a LocalCluster's leader listens, to dial by hand."""
+    return "127.0.0.1", cl.cluster["port"]
+
+
+def worker_addr(cl, rank: int) -> tuple:
+    """Where a LocalCluster's rank `rank` listens for data links."""
+    return "127.0.0.1", cl.cluster["workers"][rank - 1]["port"]
+
+
+def local_peer(sock) -> str:
+    """How the node names us in its log: 127.0.0.1:<our port>."""
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def handshake(addr: tuple, *, token, role="client", rank=None, version=None, extra=None):
+    """Do the handshake by hand: (sock, CHALLENGE frame, the reply to our HELLO); version None is
+    this tree's PROTOCOL_VERSION."""
+    from nanopipe.cluster.wire import PROTOCOL_VERSION, Msg, auth_proof, recv_frame, send_frame
+    version = PROTOCOL_VERSION if version is None else version
+    sock = socket.create_connection(addr, timeout=5)
+    challenge = recv_frame(sock, "node")
+    meta = {"role": role, "rank": rank, "version": version, "proof": auth_proof(token, challenge.meta["nonce"])}
+    send_frame(sock, Msg.HELLO, {**meta, **(extra or {})})
+    return sock, challenge, recv_frame(sock, "node")
+
+
+def frames_until_close(sock, timeout: float = 5.0) -> list:
+    """Every frame the peer sends until it closes the connection; fails if it never does."""
+    from nanopipe.cluster.wire import ConnectionClosed, WireError, recv_frame
+    sock.settimeout(timeout)
+    got = []
+    while True:
+        try:
+            got.append(recv_frame(sock, "node").msg)
+        except (ConnectionClosed, ConnectionResetError):
+            return got
+        except socket.timeout:
+            raise AssertionError(f"the node kept the connection open for {timeout}s (got {got})") from None
+        except WireError:           # it closed in the middle of something: closed all the same
+            return got
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's high-water mark of resident memory (VmHWM), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

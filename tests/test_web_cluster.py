@@ -7,7 +7,6 @@ from helpers import EOT, parse_metrics, sse_events, status, wait_status
 
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.web.app import create_app, settings_from_configs
-from nanopipe.web.openai import chat_prompt
 
 # ---------------------------------------------------------------------------------------------
 # Against a real local cluster: 3 processes on 127.0.0.1, the tiny synthetic model
@@ -79,6 +78,7 @@ def test_cluster_completion_with_stop_ends_before_it(live, tiny_engine):
 
 
 def test_cluster_streamed_chat_with_stop_never_sends_the_stop_string(live, tiny_engine):
+    from nanopipe.web.openai import chat_prompt
     messages = [{"role": "user", "content": "Tell me about the three computers"}]
     full = seeded_text(tiny_engine, chat_prompt(messages), 40)
     cut = full.split("\nUser:")[0]         # the chat route also stops at the template's next turn
