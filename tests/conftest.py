@@ -6,6 +6,8 @@
     tiny_engine    one Engine on tiny_weights, shared by every test that only generates with it
     cluster        3 real nodes (`nanopipe serve` + 2 `nanopipe join`) on tiny_weights, one per test
                    module; a module that needs other settings defines its own `cluster`
+    leader, app, client   the web app on a fake leader (helpers.FakeLeader, checked against the real
+                   LeaderClient): scripted tokens, no processes; a module may define its own
 
 Helpers the test files share (polling, cluster status, logs, ports, certificates) are in helpers.py.
 """
@@ -64,3 +66,28 @@ def cluster(tiny_weights):
     from nanopipe.tools.localcluster import LocalCluster
     with LocalCluster(tiny_weights, nodes=3, ready_timeout=60) as cl:
         yield cl
+
+
+# The web app against a fake leader (helpers.FakeLeader): no processes, every error path scriptable.
+
+@pytest.fixture
+def leader():
+    """A FakeLeader: the cluster behind the web app's CLIENT_FACTORY, scripted."""
+    from helpers import FakeLeader
+    return FakeLeader()
+
+
+@pytest.fixture
+def app(leader):
+    """The web app with `leader` as its cluster."""
+    from helpers import DEFAULTS
+
+    from nanopipe.web.app import create_app
+    return create_app({"TESTING": True, "CLIENT_FACTORY": leader.connect, "LEADER": "10.0.0.1:65432",
+                       "MODEL_NAME": "gpt2", "MODEL_DEFAULTS": DEFAULTS})
+
+
+@pytest.fixture
+def client(app):
+    """A Flask test client of `app`."""
+    return app.test_client()

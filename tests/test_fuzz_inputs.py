@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DEFAULTS, FakeClient, FakeLeader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_web import DEFAULTS, FakeClient, FakeLeader
 
 from nanopipe import config as nconfig
 from nanopipe.cluster.wire import Msg, encode_frame

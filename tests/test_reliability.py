@@ -26,20 +26,30 @@ import time
 import urllib.request
 
 import pytest
-from helpers import log_of, node, self_signed_cert, status, wait_freed, wait_log, wait_until
+from helpers import (
+    frames_until_close,
+    handshake,
+    leader_addr,
+    local_peer,
+    log_of,
+    node,
+    peak_rss_mb,
+    self_signed_cert,
+    status,
+    wait_freed,
+    wait_log,
+    wait_until,
+    worker_addr,
+)
 
 from nanopipe.cluster.client import ClientError, LeaderClient
 from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,
     PROTOCOL_VERSION,
-    ConnectionClosed,
     Msg,
-    WireError,
-    auth_proof,
     encode_frame,
     recv_frame,
-    send_frame,
 )
 from nanopipe.decoding import SamplingParams, make_params
 from nanopipe.tools.localcluster import LocalCluster
@@ -67,44 +77,6 @@ def start(cl: LocalCluster, timeout: float = READY_S) -> LocalCluster:
 def client(cl: LocalCluster, token=None, tls_ca=None) -> LeaderClient:
     """A client with exactly the given secret: None to show what a peer without one gets."""
     return LeaderClient.connect(cl.leader_addr, token=token, tls_ca=tls_ca)
-
-
-def handshake(addr: tuple, *, token, role="client", rank=None, version=PROTOCOL_VERSION, extra=None):
-    """Do the handshake by hand: (sock, CHALLENGE frame, the reply to our HELLO)."""
-    sock = socket.create_connection(addr, timeout=5)
-    challenge = recv_frame(sock, "node")
-    meta = {"role": role, "rank": rank, "version": version, "proof": auth_proof(token, challenge.meta["nonce"])}
-    send_frame(sock, Msg.HELLO, {**meta, **(extra or {})})
-    return sock, challenge, recv_frame(sock, "node")
-
-
-def frames_until_close(sock, timeout: float = 5.0) -> list:
-    """Every frame the peer sends until it closes the connection; fails if it never does."""
-    sock.settimeout(timeout)
-    got = []
-    while True:
-        try:
-            got.append(recv_frame(sock, "node").msg)
-        except (ConnectionClosed, ConnectionResetError):
-            return got
-        except socket.timeout:
-            raise AssertionError(f"the node kept the connection open for {timeout}s (got {got})") from None
-        except WireError:           # it closed in the middle of something: closed all the same
-            return got
-
-
-def local_peer(sock) -> str:
-    """How the node names us in its log: 127.0.0.1:<our port>."""
-    host, port = sock.getsockname()[:2]
-    return f"{host}:{port}"
-
-
-def worker_addr(cl: LocalCluster, rank: int) -> tuple:
-    return "127.0.0.1", cl.cluster["workers"][rank - 1]["port"]
-
-
-def leader_addr(cl: LocalCluster) -> tuple:
-    return "127.0.0.1", cl.cluster["port"]
 
 
 def run_generation(cl: LocalCluster, params=LONG, token=None, tls_ca=None, on_token=None, prompt=PROMPT) -> dict:
@@ -526,18 +498,6 @@ def test_leader_restart_workers_find_it_again_with_fresh_caches(tiny_weights, re
 
 # ---------------------------------------------------------------------------------------------
 # load: 32 chats at once, through the web app
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's high-water mark of resident memory (VmHWM), from /proc."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def test_32_concurrent_chats_through_the_web_app(tiny_weights, tiny_engine, tmp_path):
