@@ -292,34 +292,15 @@ def test_rank0_reads_its_blocks_embeddings_and_final_norm(tiny_weights, reads):
     assert not any(n.endswith(".attn.bias") for n in reads), "the causal-mask buffers are never needed"
 
 
-_RSS_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import numpy, nanopipe.weights
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    try:
-        with open("/proc/self/clear_refs", "w") as f:    # reset the peak to what is resident now
-            f.write("5")
-    except OSError:
-        pass
-    base = status("VmRSS")
-    stage = nanopipe.weights.load_stage(sys.argv[1], 4, 8, rank0=False)
-    print(json.dumps({"base": base, "peak": status("VmHWM"), "slice": stage.nbytes}))
-""")
 
 
 @pytest.mark.slow
 def test_loading_a_slice_peaks_near_the_slice_size(small_weights):
     """Blocks 4..7 of gpt2-small (113 MB) must load without ever holding more than slice + 60 MB."""
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, small_weights], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    m = json.loads(out.stdout)
-    growth, budget = m["peak"] - m["base"], m["slice"] + 60 * 2 ** 20
+    from nanopipe.tools.bench import load_rss
+    m = load_rss(small_weights, 4, 8)                   # a fresh process: peak RSS growth while it loads
+    m["slice"] = m["held"]
+    growth, budget = m["growth"], m["slice"] + 60 * 2 ** 20
     print(f"\nslice {m['slice'] / 2**20:.1f} MB, peak RSS growth {growth / 2**20:.1f} MB, "
           f"budget {budget / 2**20:.1f} MB (RSS after imports {m['base'] / 2**20:.1f} MB)")
     assert m["slice"] == 4 * sum(int(np.prod(s)) for s in gpt2_tensors.block_shapes(

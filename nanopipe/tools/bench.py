@@ -497,7 +497,8 @@ print(json.dumps({"base": base, "peak": status("VmHWM"), "held": stage.nbytes}))
 def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict:
     """Peak RSS growth of a fresh process loading blocks lo..hi-1 of `weights`, whole or one member's
     share=(r, m) of them (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
-    Returns {"held_mb": what the stage keeps, "peak_mb": how far RSS rose on the way}."""
+    Returns {"held_mb": what the stage keeps, "peak_mb": how far RSS rose on the way}, and the same
+    in bytes ("held", "growth") with the RSS after imports ("base")."""
     import json
     import subprocess
     import sys
@@ -505,8 +506,9 @@ def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict
                           json.dumps(list(share) if share else None)],
                          capture_output=True, text=True, timeout=300, check=True)
     m = json.loads(out.stdout)
-    mb = 2 ** 20
-    return {"held_mb": round(m["held"] / mb, 1), "peak_mb": round((m["peak"] - m["base"]) / mb, 1)}
+    mb, growth = 2 ** 20, m["peak"] - m["base"]
+    return {"held_mb": round(m["held"] / mb, 1), "peak_mb": round(growth / mb, 1),
+            "held": m["held"], "growth": growth, "base": m["base"]}
 
 
 def bench_share_load(folder: str = "weights", size: str = "gpt2-medium", n_layer: int = 4, members: int = 2,
