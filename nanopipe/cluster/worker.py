@@ -25,6 +25,7 @@ from ..config import ClusterConfig
 from ..kernels import kernels
 from ..logs import worker_logger
 from ..model import GPTConfig, KVCache, blocks_forward
+from ..partition import layers_text
 from ..prefix import fork_cache
 from .net import (
     HandshakeError,
@@ -200,7 +201,7 @@ class Worker:
             try:
                 self._load(lo, hi, expect)
             except WeightsError as e:
-                self.log(f"Cannot load layers {lo}-{hi - 1}: {e}", logging.ERROR)
+                self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
@@ -301,7 +302,7 @@ class Worker:
         path = self.weights_path or self.fetch(lo, hi)
         self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
         from ..weights import synthetic_note
-        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
+        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}, "
                  f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
 
     def _heartbeat(self, sock):

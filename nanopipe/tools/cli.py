@@ -8,6 +8,7 @@ import platform
 import click
 
 from ..config import DEFAULT_CONFIG_DIR, WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
+from ..partition import layers_text
 from ..sampling_params import (
     BIAS_RANGE,
     PENALTY_RANGE,
@@ -401,7 +402,7 @@ def _leader_auth(config_dir) -> tuple:
 def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, layers):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
     from ..weights import SYNTHETIC_NOTE, ensure_synthetic, init_weights, read_config
-    from .pull import PullError, layers_in_name, layers_text, parse_layers
+    from .pull import PullError, layers_in_name, parse_layers
     shape = dict(size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx, n_vocab=n_vocab, seed=seed)
     try:
         span = parse_layers(layers) if layers else layers_in_name(out)
@@ -534,7 +535,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     lo, hi = ranges[0]
     log("Loading server's share of model layers (rank 0)...")
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
-    log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
+    log(f"Server loaded {hi - lo} layers (layers {layers_text(lo, hi)}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
                     load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
@@ -606,7 +607,7 @@ def synthetic_fetcher(recipe, filename: str, log):
         from .pull import slice_path
         path = slice_path(os.path.join(WEIGHTS_DIR, filename), lo, hi)
         if not os.path.exists(path):
-            log(f"The leader runs on SYNTHETIC weights (seed {seed}): making blocks {lo}-{hi - 1} here "
+            log(f"The leader runs on SYNTHETIC weights (seed {seed}): making blocks {layers_text(lo, hi)} here "
                 f"({path}), the very values its file holds")
             init_weights(path, **shape, seed=seed, layers=(lo, hi), rank0=False)
         return path

@@ -33,6 +33,7 @@ import urllib.request
 
 from .. import gpt2_tensors as gt
 from ..config import ConfigError, weights_file
+from ..partition import layers_text
 from ..safetensors_io import MAX_HEADER_BYTES, Header, SafetensorsError, parse_header, read_header
 from ..weights import WeightsError, check_metadata, is_synthetic, synthetic_note
 
@@ -77,11 +78,6 @@ def parse_layers(text: str) -> tuple:
         raise PullError(f"--layers {text!r}: the range is backwards; write the lower block first, "
                         f"e.g. '{last}-{first}'")
     return first, last + 1
-
-
-def layers_text(lo: int, hi: int) -> str:
-    """Half-open (lo, hi) -> the inclusive range people type and read: (4, 8) -> "4-7", (5, 6) -> "5-5"."""
-    return f"{lo}-{hi - 1}"
 
 
 def slice_path(dest: str, lo: int, hi: int) -> str:
