@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import gpt2_tensors as gt
+from .config import WEIGHTS_DIR
 from .model import GPTConfig, Share, SplitError, share_of
 from .partition import layers_text
 from .safetensors_io import (
@@ -408,7 +409,7 @@ def _is_shared_synthetic(path: str, c: GPTConfig, seed: int) -> bool:
             and meta.get("nanopipe_seed") == str(seed) and "nanopipe_blocks" not in meta)
 
 
-def ensure_synthetic(path: str | None = None, folder: str = "weights", size: str = "gpt2", *,
+def ensure_synthetic(path: str | None = None, folder: str = WEIGHTS_DIR, size: str = "gpt2", *,
                      n_layer: int | None = None, n_embd: int | None = None, n_head: int | None = None,
                      n_ctx: int | None = None, n_vocab: int = 50257, seed: int = 0, log=print) -> str:
     """Synthetic weights of this shape, written once per shape and shared by every command.

@@ -800,7 +800,7 @@ def _stopping() -> str:
               help="Folder holding the YAML configs.")
 @click.option("--layers", default=None, help="Only these blocks, e.g. 4-7 (inclusive), for a worker.  [default: all]")
 @click.option("--rank0/--no-rank0", default=None, help="Include embeddings and ln_f (default: with no --layers).")
-@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=WEIGHTS_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder to download into.")
 @click.option("--url", default=None, help="Download from here.  [default: NAME's url in model_weights.yaml]")
 def pull(name, config_dir, layers, rank0, out_dir, url):
@@ -849,14 +849,14 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
     cc = load_cluster_config(config_dir)
     path = weights_path or _find_real_weights(config_dir, model_name)
     if path is None:
-        path = os.path.join("weights", "synthetic-gpt2.safetensors")
+        path = os.path.join(WEIGHTS_DIR, "synthetic-gpt2.safetensors")
         if not synthetic and not os.path.exists(path):
             raise UserError("no GPT-2 weights here and none can be downloaded offline. Either `nanopipe pull gpt2` "
                             "on a machine with internet (or copy model.safetensors into weights/), or run "
                             "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
         if synthetic:
             from ..weights import ensure_synthetic  # one shared file per shape
-            ensure_synthetic(path, "weights", "gpt2", log=click.echo)
+            ensure_synthetic(path, WEIGHTS_DIR, "gpt2", log=click.echo)
     try:
         ranges = plan_ranges(mc, model_shape(config_dir, mc, path), nodes)
         run_demo(path, mc, cc, ranges, web=web, web_port=web_port, restarts=restarts, echo=click.echo)

@@ -33,10 +33,11 @@ import os
 
 import numpy as np
 
+from ..config import WEIGHTS_DIR
 from ..decoding import round_sig
 from ..partition import layers_text
 
-SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
+SYNTHETIC_PATH = os.path.join(WEIGHTS_DIR, "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
 
 
 # ---------------------------------------------------------------------------------------------
