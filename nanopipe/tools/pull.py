@@ -592,7 +592,8 @@ def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str, see
     return data, total
 
 
-def remote_header(url: str, *, timeout: float = 30, dest: str = os.path.join(WEIGHTS_DIR, ""), seen: dict | None = None) -> Header:
+def remote_header(url: str, *, timeout: float = 30, dest: str = os.path.join(WEIGHTS_DIR, ""),
+                  seen: dict | None = None) -> Header:
     """Read a remote file's safetensors header with two small Range requests (`seen`: see _get_range)."""
     head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest, seen=seen)
     (n,) = struct.unpack("<Q", head8)
