@@ -250,22 +250,11 @@ class Worker:
         """Measure this node once (placement.measure: speed with the model's own matrix shapes, usable
         memory) and tell the leader, which places the layers with it (partition auto)."""
         if self.capacity is None:
-            from ..placement import measure
-            override = self.cluster.node_overrides.get(self.node.host) or {}
-            self.capacity = measure(self.node.host, expect.n_embd, override=override, n_head=expect.n_head)
-            if self.stage is not None and "memory_mb" not in override and self.capacity.memory_mb is not None:
-                # loaded already (the guide's order): that memory is the model's too
-                import dataclasses
-                self.capacity = dataclasses.replace(self.capacity,
-                                                    memory_mb=self.capacity.memory_mb + self.stage.nbytes / 1e6)
-            c = self.capacity
-            mem = "memory unknown (the leader plans without it)" if c.memory_mb is None else \
-                f"{c.memory_mb:.0f} MB usable"
-            self.log(f"Measured this node: {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s (8 rows), "
-                     f"{mem} ({c.source})")
-            from ..blas import report
-            for level, line in report(c.speed_gbps):
-                self.log(line, level)
+            from ..placement import measure_node
+            # self.stage: loaded already (the guide's order), that memory is the model's too
+            self.capacity = measure_node(self.node.host, expect, self.logger,
+                                         override=self.cluster.node_overrides.get(self.node.host),
+                                         holding=self.stage)
         with self.control_lock:
             send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
 

@@ -557,22 +557,12 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
 def _measure_leader(cc, mc, stage, log):
     """Rank 0's own placement.Capacity (what its loaded stage holds counts as memory for the model:
     the plan may reload it), logged."""
-    from ..placement import measure
-    cap = measure(cc.leader.host, stage.config.n_embd, override=cc.node_overrides.get(cc.leader.host),
-                  n_head=stage.config.n_head)
-    if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}) and cap.memory_mb is not None:
-        import dataclasses
-        cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + stage.nbytes / 1e6)
-    mem = "memory unknown (planned without it)" if cap.memory_mb is None else f"{cap.memory_mb:.0f} MB usable"
-    log(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
-        f"{mem} ({cap.source}); partition: "
-        + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
-        + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
-    from ..blas import report
     from ..logs import leader_logger
-    for level, line in report(cap.speed_gbps):
-        leader_logger().log(level, line)
-    return cap
+    from ..placement import measure_node
+    note = ("; partition: " + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
+            + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
+    return measure_node(cc.leader.host, stage.config, leader_logger(), override=cc.node_overrides.get(cc.leader.host),
+                        holding=stage, note=note)
 
 
 def _weights_source(config_dir, mc, path: str | None = None, synthetic: bool = False) -> dict | None:
