@@ -142,7 +142,7 @@ class Worker:
             try:
                 self._load(*self.layers)
             except WeightsError as e:
-                self.log(f"Cannot load layers {self.layers[0]}-{self.layers[1] - 1} yet: {e}", logging.WARNING)
+                self.log(f"Cannot load layers {layers_text(*self.layers)} yet: {e}", logging.WARNING)
         while not self.stop_event.is_set():
             try:
                 sock, attempt, self._last_welcome = dial(leader.ip, leader.port, role="worker", rank=self.rank,
@@ -426,9 +426,8 @@ class Worker:
     def _cache_for(self, s: dict, peer: str) -> KVCache:
         """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
         positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
-        c = self.config
         if s["pos"] == 0:
-            cache = self.caches[s["id"]] = KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
+            cache = self.caches[s["id"]] = KVCache.for_model(self.config, len(self.stage.blocks))
             return cache
         fork = s.get("fork")
         if fork is not None:
