@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def test_usage_of_is_one_reply_count_for_chat_and_the_openai_routes():
     from types import SimpleNamespace
 
