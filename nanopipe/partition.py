@@ -122,7 +122,7 @@ def _parse_span(rank: int, value) -> tuple[int, int]:
             for a, b in zip(value, value[1:]):
                 if b != a + 1:
                     gap = (f"goes from {a} back to {b}" if b <= a else f"skips layer {a + 1}" if b == a + 2
-                           else f"skips layers {_show(a + 1, b)}")
+                           else f"skips layers {layers_text(a + 1, b)}")
                     raise PartitionError(f"layer_mapping rank {rank}: {list(value)} {gap}; a rank holds "
                                          "consecutive layers: list them all, or write [first, last]")
     else:
@@ -141,9 +141,10 @@ def _parse_rank(key) -> int:
     raise PartitionError(f"layer_mapping key {key!r} is not a rank number")
 
 
-def _show(lo: int, hi: int) -> str:
-    """(4, 8) -> "4-7": layer ranges are shown inclusive, as people write them; (12, 12), a node
-    the placement left out, -> "none"."""
+def layers_text(lo: int, hi: int) -> str:
+    """Half-open (lo, hi) -> the inclusive text people type and read, the one text form of a layer
+    range (--layers, file names, logs, tables): (4, 8) -> "4-7", (5, 6) -> "5-5"; (12, 12), a node
+    the placement left out, -> "none". JSON shows the same range as first_last: [4, 7]."""
     return f"{lo}-{hi - 1}" if hi > lo else "none"
 
 
@@ -156,7 +157,7 @@ def first_last(lo: int, hi: int) -> list | None:
 
 def _layers(lo: int, hi: int) -> str:
     """(4, 8) -> "layers 4-7", (7, 8) -> "layer 7"."""
-    return f"layer {lo}" if hi - lo == 1 else f"layers {_show(lo, hi)}"
+    return f"layer {lo}" if hi - lo == 1 else f"layers {layers_text(lo, hi)}"
 
 
 def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
@@ -190,7 +191,7 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
                                  "give each node its layers, or make num_nodes agree")
     for rank, (lo, hi) in spans.items():
         if lo < 0 or hi > n_layer:
-            raise PartitionError(f"layer_mapping rank {rank}: layers {_show(lo, hi)} out of range; "
+            raise PartitionError(f"layer_mapping rank {rank}: layers {layers_text(lo, hi)} out of range; "
                                  f"the model has {n_layer} layers (0-{n_layer - 1})")
 
     by_start = sorted(range(n_nodes), key=lambda r: spans[r])
@@ -214,7 +215,7 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
 
 
 def _describe(spans: dict) -> str:
-    return ", ".join(f"rank {r}: {_show(*spans[r])}" for r in sorted(spans))
+    return ", ".join(f"rank {r}: {layers_text(*spans[r])}" for r in sorted(spans))
 
 
 def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | None = None,
@@ -283,7 +284,7 @@ def format_plan(ranges: list[tuple[int, int]], names: list[str] | None = None,
     header = ["Node", "Rank", "Layers", "Count"] + (["Weights MB"] if bytes_per_rank else [])
     rows = []
     for r, (lo, hi) in enumerate(ranges):
-        row = [names[r], str(r), _show(lo, hi), str(hi - lo)]
+        row = [names[r], str(r), layers_text(lo, hi), str(hi - lo)]
         if bytes_per_rank:
             row.append(f"{bytes_per_rank[r] / 1e6:.1f}")
         rows.append(row)

@@ -40,6 +40,7 @@ do, and what a hop costs are decided once, by decide(): `nanopipe plan` and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -359,6 +360,26 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
         mem = float(override["memory_mb"])
         source = "config+measured"
     return Capacity(name, s1, s8, mem, source)
+
+
+def measure_node(name: str, config, logger, *, override: dict | None = None, holding=None,
+                 note: str = "") -> Capacity:
+    """What the leader and every worker do once at start: measure() this node with the model's
+    shape (`config`: n_embd, n_head), count the memory its loaded stage `holding` already takes as
+    the model's (the plan may reload it; not when the config sets memory_mb), and log the result,
+    then the BLAS report, to `logger` ("Measured this node: ..." + `note`)."""
+    override = override or {}
+    cap = measure(name, config.n_embd, override=override, n_head=config.n_head)
+    if holding is not None and "memory_mb" not in override and cap.memory_mb is not None:
+        cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + holding.nbytes / 1e6)
+    mem = "memory unknown (the leader plans without it)" if cap.memory_mb is None else \
+        f"{cap.memory_mb:.0f} MB usable"
+    logger.info(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
+                f"{mem} ({cap.source}){note}")
+    from .blas import report
+    for level, line in report(cap.speed_gbps):
+        logger.log(level, line)
+    return cap
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import gpt2_tensors as gt
+from .config import WEIGHTS_DIR
 from .model import GPTConfig, Share, SplitError, share_of
+from .partition import layers_text
 from .safetensors_io import (
     Header,
     SafetensorsError,
@@ -253,7 +255,7 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
     if missing:
         raise WeightsError(f"{path}: lacks layers {missing[0]}..{missing[-1]} that this stage needs "
                            f"(it holds {_ranges(sorted(present))}); "
-                           f"pull them with `nanopipe pull NAME --layers {lo}-{hi - 1}`")
+                           f"pull them with `nanopipe pull NAME --layers {layers_text(lo, hi)}`")
     shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
     with open(path, "rb") as f:
         blocks = [_block(f, header, prefix, i, config, path) if share is None else
@@ -377,7 +379,7 @@ def init_weights(path: str, size: str = "gpt2", n_layer: int | None = None, n_em
     meta = {"format": "pt", "n_head": c.n_head, SYNTHETIC_KEY: "1", "nanopipe_seed": seed,
             "nanopipe_shape": _shape_tag(c)}
     if layers is not None:   # a slice: what its own tensor shapes cannot say
-        meta.update(n_layer=L, n_vocab=V, n_ctx=n_ctx, nanopipe_blocks=f"{lo}-{hi - 1}")
+        meta.update(n_layer=L, n_vocab=V, n_ctx=n_ctx, nanopipe_blocks=layers_text(lo, hi))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_safetensors(path, tensors, meta)
     return c
@@ -407,7 +409,7 @@ def _is_shared_synthetic(path: str, c: GPTConfig, seed: int) -> bool:
             and meta.get("nanopipe_seed") == str(seed) and "nanopipe_blocks" not in meta)
 
 
-def ensure_synthetic(path: str | None = None, folder: str = "weights", size: str = "gpt2", *,
+def ensure_synthetic(path: str | None = None, folder: str = WEIGHTS_DIR, size: str = "gpt2", *,
                      n_layer: int | None = None, n_embd: int | None = None, n_head: int | None = None,
                      n_ctx: int | None = None, n_vocab: int = 50257, seed: int = 0, log=print) -> str:
     """Synthetic weights of this shape, written once per shape and shared by every command.

@@ -244,3 +244,12 @@ def test_format_plan_with_weights_and_default_names():
     assert lines[5].split() == ["rank4", "4", "10-11", "2", "56.7"]     # 2 * 7,087,872 * 4 bytes
     with pytest.raises(PartitionError, match="2 names for 5 ranks"):
         format_plan(ranges, names=["a", "b"])
+
+
+def test_layers_text_is_the_one_inclusive_text_form():
+    from nanopipe.partition import first_last, layers_text
+    assert layers_text(0, 4) == "0-3"
+    assert layers_text(4, 12) == "4-11"
+    assert layers_text(5, 6) == "5-5"           # one layer: still a range, as --layers takes it
+    assert layers_text(12, 12) == "none"        # a node the placement left out
+    assert layers_text(4, 12) == "-".join(map(str, first_last(4, 12)))   # the JSON form, same range

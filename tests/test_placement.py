@@ -263,3 +263,22 @@ def test_plan_on_the_shipped_single_machine_configs_measures_once_and_predicts(m
     assert "unknown" not in out.output, out.output
     assert out.output.count("measured here (same machine as mini1)") == 2, out.output
     assert "Predicted tok/s   this split: " in out.output, out.output
+
+
+def test_measure_node_counts_the_loaded_stage_as_the_models_memory_and_logs_it(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from nanopipe import placement
+    monkeypatch.setattr(placement, "measure", lambda name, n_embd, override=None, n_head=None:
+                        placement.Capacity(name, 9.0, 18.0, 1000.0, "measured"))
+    shape, stage, logger = SimpleNamespace(n_embd=64, n_head=4), SimpleNamespace(nbytes=500e6), logging.getLogger("t")
+    with caplog.at_level(logging.INFO, logger="t"):
+        cap = placement.measure_node("mini1", shape, logger, holding=stage, note="; partition: auto")
+    assert cap.memory_mb == 1500.0 and cap.speed_gbps == 9.0
+    assert "Measured this node: 9.0 GB/s (1 row), 18.0 GB/s (8 rows), 1500 MB usable (measured); partition: auto" \
+        in caplog.text
+    # memory_mb set in the config is the answer as it stands; nothing loaded, nothing added
+    assert placement.measure_node("mini1", shape, logger, override={"memory_mb": 800}, holding=stage).memory_mb \
+        == 1000.0
+    assert placement.measure_node("mini1", shape, logger).memory_mb == 1000.0

@@ -22,7 +22,7 @@ from ..blas import current as current_blas
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
-from ..partition import first_last, planned_by_leader
+from ..partition import first_last, layers_text, planned_by_leader
 from ..placement import unknown_figures
 from ..weights import synthetic_summary
 from .clients import CLIENT_QUEUE_MAX, ClientProtocol
@@ -38,7 +38,7 @@ from .net import (
     server_tls,
 )
 from .node import rss_mb
-from .ring import Membership, Ring, WorkerState, _show
+from .ring import Membership, Ring, WorkerState
 from .wire import ConnectionClosed, WireError
 
 _LOG = leader_logger()
@@ -124,7 +124,8 @@ class Leader(Membership, ClientProtocol):
         if self.workers:
             self.log(f"Waiting for {len(self.workers)} worker(s): "
                      + ", ".join(f"rank {r} ({w.host}, layers "
-                                 + ("once every node is measured)" if self.plan_pending else f"{_show(w.layers)})")
+                                 + ("once every node is measured)" if self.plan_pending
+                                    else f"{layers_text(*w.layers)})")
                                  for r, w in self.workers.items()))
         threading.Thread(target=self._run_scheduler, daemon=True, name="scheduler").start()
         threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()

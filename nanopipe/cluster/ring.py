@@ -29,7 +29,7 @@ import numpy as np
 
 from ..decoding import is_int, is_number
 from ..engine import Scheduler
-from ..partition import first_last
+from ..partition import first_last, layers_text
 from .net import close_now, dial, welcome
 from .node import LinkModel
 from .wire import (
@@ -298,7 +298,7 @@ class Membership:
             "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model.name, "heartbeat_s": self.cluster.heartbeat_s,
             **(place or {"layers": None})})
         self.log(f"Worker {rank} registered from {peer} (host {w.host}, "
-                 + ("layers once every node is measured)" if pending else f"layers {_show(w.layers)})"))
+                 + ("layers once every node is measured)" if pending else f"layers {layers_text(*w.layers)})"))
         try:
             while True:
                 frame = recv_frame(sock, f"worker {rank} ({peer})", max_payload=0)
@@ -406,7 +406,7 @@ class Membership:
                 excluded[i] = next((n for n in p.notes if n.startswith(f"{caps[i].name}:")),
                                    f"{caps[i].name}: the plan gives it no layers")
         self.log(f"Plan: {self.plan_note}: " + ", ".join(
-            f"rank {i} ({c.name}) {_show(r)}" for i, (c, r) in enumerate(zip(caps, p.ranges)))
+            f"rank {i} ({c.name}) {layers_text(*r)}" for i, (c, r) in enumerate(zip(caps, p.ranges)))
             + f"; predicted {p.tok_s(1):.1f} tok/s for 1 stream, {p.tok_s(8):.1f} for 8 "
               f"(even split: {ev.tok_s(1):.1f} and {ev.tok_s(8):.1f})")
         for n in p.notes:
@@ -446,7 +446,7 @@ class Membership:
                 self.scheduler._ids = old._ids          # session ids go on counting: no two alike
                 self.scheduler.take_waiting(old)        # requests that came in while the nodes were measured
                 old.stop()
-            self.log(f"Server reloaded its share for the plan: layers {_show(ranges[0])}")
+            self.log(f"Server reloaded its share for the plan: layers {layers_text(*ranges[0])}")
         with self.lock:
             self.ranges = ranges
             for r, w in self.workers.items():
@@ -522,7 +522,7 @@ class Membership:
             w.synthetic = meta.get("synthetic")
             budget = meta.get("prefix_cache_bytes")
             w.prefix_cache_bytes = budget if is_int(budget) and budget >= 0 else None
-        self.log(f"Worker {w.rank} ready: loaded layers {_show(w.layers)}")
+        self.log(f"Worker {w.rank} ready: loaded layers {layers_text(*w.layers)}")
         weights = self._weights_summary()
         if weights["weights_mixed"]:    # the leader must know: real and random slices make gibberish
             self.log(f"Worker {w.rank} joined with {'synthetic' if w.synthetic else 'real'} weights. "
@@ -745,9 +745,3 @@ class Membership:
 def _figure(v, unit: str, fmt: str = ".1f") -> str:
     """A measured figure for the log: (9.04, "GB/s") -> "9.0 GB/s"; None -> "unknown GB/s"."""
     return f"unknown {unit}" if v is None else f"{v:{fmt}} {unit}"
-
-
-def _show(r) -> str:
-    """(4, 8) -> "4-7"; an empty range (a node left out) -> "none"."""
-    lo, hi = r
-    return f"{lo}-{hi - 1}" if hi > lo else "none"

@@ -25,6 +25,7 @@ from ..config import ClusterConfig
 from ..kernels import kernels
 from ..logs import worker_logger
 from ..model import GPTConfig, KVCache, blocks_forward
+from ..partition import layers_text
 from ..prefix import fork_cache
 from .net import (
     HandshakeError,
@@ -141,7 +142,7 @@ class Worker:
             try:
                 self._load(*self.layers)
             except WeightsError as e:
-                self.log(f"Cannot load layers {self.layers[0]}-{self.layers[1] - 1} yet: {e}", logging.WARNING)
+                self.log(f"Cannot load layers {layers_text(*self.layers)} yet: {e}", logging.WARNING)
         while not self.stop_event.is_set():
             try:
                 sock, attempt, self._last_welcome = dial(leader.ip, leader.port, role="worker", rank=self.rank,
@@ -200,7 +201,7 @@ class Worker:
             try:
                 self._load(lo, hi, expect)
             except WeightsError as e:
-                self.log(f"Cannot load layers {lo}-{hi - 1}: {e}", logging.ERROR)
+                self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
@@ -249,22 +250,11 @@ class Worker:
         """Measure this node once (placement.measure: speed with the model's own matrix shapes, usable
         memory) and tell the leader, which places the layers with it (partition auto)."""
         if self.capacity is None:
-            from ..placement import measure
-            override = self.cluster.node_overrides.get(self.node.host) or {}
-            self.capacity = measure(self.node.host, expect.n_embd, override=override, n_head=expect.n_head)
-            if self.stage is not None and "memory_mb" not in override and self.capacity.memory_mb is not None:
-                # loaded already (the guide's order): that memory is the model's too
-                import dataclasses
-                self.capacity = dataclasses.replace(self.capacity,
-                                                    memory_mb=self.capacity.memory_mb + self.stage.nbytes / 1e6)
-            c = self.capacity
-            mem = "memory unknown (the leader plans without it)" if c.memory_mb is None else \
-                f"{c.memory_mb:.0f} MB usable"
-            self.log(f"Measured this node: {c.speed_gbps:.1f} GB/s (1 row), {c.speed8_gbps:.1f} GB/s (8 rows), "
-                     f"{mem} ({c.source})")
-            from ..blas import report
-            for level, line in report(c.speed_gbps):
-                self.log(line, level)
+            from ..placement import measure_node
+            # self.stage: loaded already (the guide's order), that memory is the model's too
+            self.capacity = measure_node(self.node.host, expect, self.logger,
+                                         override=self.cluster.node_overrides.get(self.node.host),
+                                         holding=self.stage)
         with self.control_lock:
             send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
 
@@ -301,7 +291,7 @@ class Worker:
         path = self.weights_path or self.fetch(lo, hi)
         self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
         from ..weights import synthetic_note
-        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {lo}-{hi - 1}, "
+        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}, "
                  f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
 
     def _heartbeat(self, sock):
@@ -436,9 +426,8 @@ class Worker:
     def _cache_for(self, s: dict, peer: str) -> KVCache:
         """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
         positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
-        c = self.config
         if s["pos"] == 0:
-            cache = self.caches[s["id"]] = KVCache(len(self.stage.blocks), c.n_head, c.head_dim, c.n_ctx)
+            cache = self.caches[s["id"]] = KVCache.for_model(self.config, len(self.stage.blocks))
             return cache
         fork = s.get("fork")
         if fork is not None:

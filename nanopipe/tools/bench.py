@@ -26,13 +26,14 @@ import time
 
 import numpy as np
 
+from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
 from ..kernels import describe_kernels, kernels
 from ..model import KVCache, blocks_forward, embed, gpt2, head
 from ..weights import ensure_synthetic, synthetic_name
 
-DEFAULT_WEIGHTS = os.path.join("weights", synthetic_name("gpt2"))   # shared with demo, trace, init-weights
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, synthetic_name("gpt2"))   # shared with demo, trace, init-weights
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers
 TARGET_VS_BOUND = 0.85      # decode tokens/s relative to the memory-bandwidth bound
 
@@ -511,7 +512,7 @@ def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict
             "held": m["held"], "growth": growth, "base": m["base"]}
 
 
-def bench_share_load(folder: str = "weights", size: str = "gpt2-medium", n_layer: int = 4, members: int = 2,
+def bench_share_load(folder: str = WEIGHTS_DIR, size: str = "gpt2-medium", n_layer: int = 4, members: int = 2,
                      echo=print) -> list:
     """Peak RSS of loading `n_layer` blocks of `size`-shaped synthetic weights whole, against each of
     `members` members' share of them (model.share_of; weights.load_stage(share=...)).

@@ -24,6 +24,7 @@ from .. import kernels
 from ..cluster.wire import HEADER, Msg, encode_frame
 from ..decoding import SamplingParams
 from ..engine import Engine, Request
+from ..partition import layers_text
 from .bench import bench_prompt, generate_fixed, kernels_as
 from .localcluster import LocalCluster
 
@@ -159,7 +160,7 @@ def bench_cluster(weights: str, nodes: int, prompt_len: int = 32, n_tokens: int 
 def format_hops(result: dict) -> str:
     lines = [f"{'rank':>4} {'layers':>8} {'sends':>10} {'bytes':>7} {'compute ms':>10} {'transit ms':>10}"]
     for h in result["hops"]:
-        layers = h["layers"] if isinstance(h["layers"], str) else f"{h['layers'][0]}-{h['layers'][1]}"
+        layers = h["layers"] if isinstance(h["layers"], str) else layers_text(h["layers"][0], h["layers"][1] + 1)
         shape = f"({h['shape'][0]}, {h['shape'][1]})" if h.get("shape") else ""
         lines.append(f"{h['rank']:>4} {layers:>8} {shape:>10} {h.get('bytes') or '':>7} {h['compute_ms']:>10.3f} "
                      f"{'' if h['transit_ms'] is None else format(h['transit_ms'], '.3f'):>10}")

@@ -8,6 +8,7 @@ import platform
 import click
 
 from ..config import DEFAULT_CONFIG_DIR, WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
+from ..partition import layers_text
 from ..sampling_params import (
     BIAS_RANGE,
     PENALTY_RANGE,
@@ -401,7 +402,7 @@ def _leader_auth(config_dir) -> tuple:
 def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, layers):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
     from ..weights import SYNTHETIC_NOTE, ensure_synthetic, init_weights, read_config
-    from .pull import PullError, layers_in_name, layers_text, parse_layers
+    from .pull import PullError, layers_in_name, parse_layers
     shape = dict(size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx, n_vocab=n_vocab, seed=seed)
     try:
         span = parse_layers(layers) if layers else layers_in_name(out)
@@ -534,7 +535,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
     lo, hi = ranges[0]
     log("Loading server's share of model layers (rank 0)...")
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
-    log(f"Server loaded {hi - lo} layers (layers {lo}-{hi - 1}) plus embeddings and LM head from "
+    log(f"Server loaded {hi - lo} layers (layers {layers_text(lo, hi)}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
                     load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
@@ -556,22 +557,12 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
 def _measure_leader(cc, mc, stage, log):
     """Rank 0's own placement.Capacity (what its loaded stage holds counts as memory for the model:
     the plan may reload it), logged."""
-    from ..placement import measure
-    cap = measure(cc.leader.host, stage.config.n_embd, override=cc.node_overrides.get(cc.leader.host),
-                  n_head=stage.config.n_head)
-    if "memory_mb" not in cc.node_overrides.get(cc.leader.host, {}) and cap.memory_mb is not None:
-        import dataclasses
-        cap = dataclasses.replace(cap, memory_mb=cap.memory_mb + stage.nbytes / 1e6)
-    mem = "memory unknown (planned without it)" if cap.memory_mb is None else f"{cap.memory_mb:.0f} MB usable"
-    log(f"Measured this node: {cap.speed_gbps:.1f} GB/s (1 row), {cap.speed8_gbps:.1f} GB/s (8 rows), "
-        f"{mem} ({cap.source}); partition: "
-        + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
-        + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
-    from ..blas import report
     from ..logs import leader_logger
-    for level, line in report(cap.speed_gbps):
-        leader_logger().log(level, line)
-    return cap
+    from ..placement import measure_node
+    note = ("; partition: " + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
+            + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
+    return measure_node(cc.leader.host, stage.config, leader_logger(), override=cc.node_overrides.get(cc.leader.host),
+                        holding=stage, note=note)
 
 
 def _weights_source(config_dir, mc, path: str | None = None, synthetic: bool = False) -> dict | None:
@@ -606,7 +597,7 @@ def synthetic_fetcher(recipe, filename: str, log):
         from .pull import slice_path
         path = slice_path(os.path.join(WEIGHTS_DIR, filename), lo, hi)
         if not os.path.exists(path):
-            log(f"The leader runs on SYNTHETIC weights (seed {seed}): making blocks {lo}-{hi - 1} here "
+            log(f"The leader runs on SYNTHETIC weights (seed {seed}): making blocks {layers_text(lo, hi)} here "
                 f"({path}), the very values its file holds")
             init_weights(path, **shape, seed=seed, layers=(lo, hi), rank0=False)
         return path
@@ -799,7 +790,7 @@ def _stopping() -> str:
               help="Folder holding the YAML configs.")
 @click.option("--layers", default=None, help="Only these blocks, e.g. 4-7 (inclusive), for a worker.  [default: all]")
 @click.option("--rank0/--no-rank0", default=None, help="Include embeddings and ln_f (default: with no --layers).")
-@click.option("--out", "out_dir", default="weights", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=WEIGHTS_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder to download into.")
 @click.option("--url", default=None, help="Download from here.  [default: NAME's url in model_weights.yaml]")
 def pull(name, config_dir, layers, rank0, out_dir, url):
@@ -848,14 +839,14 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
     cc = load_cluster_config(config_dir)
     path = weights_path or _find_real_weights(config_dir, model_name)
     if path is None:
-        path = os.path.join("weights", "synthetic-gpt2.safetensors")
+        path = os.path.join(WEIGHTS_DIR, "synthetic-gpt2.safetensors")
         if not synthetic and not os.path.exists(path):
             raise UserError("no GPT-2 weights here and none can be downloaded offline. Either `nanopipe pull gpt2` "
                             "on a machine with internet (or copy model.safetensors into weights/), or run "
                             "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
         if synthetic:
             from ..weights import ensure_synthetic  # one shared file per shape
-            ensure_synthetic(path, "weights", "gpt2", log=click.echo)
+            ensure_synthetic(path, WEIGHTS_DIR, "gpt2", log=click.echo)
     try:
         ranges = plan_ranges(mc, model_shape(config_dir, mc, path), nodes)
         run_demo(path, mc, cc, ranges, web=web, web_port=web_port, restarts=restarts, echo=click.echo)

@@ -16,7 +16,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..config import ConfigError, ConfigNotFound, weights_file
+from ..config import WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
 from ..partition import planned_by_leader
 
 
@@ -220,9 +220,9 @@ def rank_weights(mc, src, rank, cc, config_dir, log=print) -> str:
     entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
     try:
         if rank == 0:
-            return ensure_weights(mc.weights_model_name, entry, "weights", log=log)
+            return ensure_weights(mc.weights_model_name, entry, WEIGHTS_DIR, log=log)
         lo, hi = plan_ranges(mc, planning_shape(config_dir, mc, src), len(cc.nodes))[rank]
-        return ensure_weights(mc.weights_model_name, entry, "weights", layers=(lo, hi), rank0=False,
+        return ensure_weights(mc.weights_model_name, entry, WEIGHTS_DIR, layers=(lo, hi), rank0=False,
                               log=log)
     except PullError as e:
         raise SetupError(str(e)) from None
@@ -253,7 +253,7 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
             offer_synthetic(mc, full)
     elif weights_path is None:
         src = load_weights_config(config_dir, mc.weights_model_name)
-        offer_synthetic(mc, os.path.join("weights", src.filename))
+        offer_synthetic(mc, os.path.join(WEIGHTS_DIR, src.filename))
         weights_path = rank_weights(mc, src, rank, cc, config_dir, log)
     else:
         log(f"Checking for model weights ({mc.weights_model_name})...")
@@ -265,7 +265,7 @@ def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
     return RankSetup(cfg, plan_ranges(mc, cfg, len(cc.nodes)), weights_path)
 
 
-def synthetic_stand_in(mc, folder: str = "weights") -> str | None:
+def synthetic_stand_in(mc, folder: str = WEIGHTS_DIR) -> str | None:
     """A whole synthetic file in `folder` with the model's shape (what `nanopipe demo --synthetic` or
     `init-weights` wrote, e.g. weights/synthetic-gpt2.safetensors for gpt2), else None."""
     import glob
@@ -318,7 +318,7 @@ def slice_fetcher(name: str, entry: dict, log):
     def fetch(lo, hi):
         from .pull import PullError, ensure_weights
         try:
-            return ensure_weights(name, entry, "weights", layers=(lo, hi), rank0=False, log=log)
+            return ensure_weights(name, entry, WEIGHTS_DIR, layers=(lo, hi), rank0=False, log=log)
         except PullError as e:
             from ..weights import WeightsError
             raise WeightsError(str(e)) from None

@@ -32,7 +32,8 @@ import urllib.error
 import urllib.request
 
 from .. import gpt2_tensors as gt
-from ..config import ConfigError, weights_file
+from ..config import WEIGHTS_DIR, ConfigError, weights_file
+from ..partition import layers_text
 from ..safetensors_io import MAX_HEADER_BYTES, Header, SafetensorsError, parse_header, read_header
 from ..weights import WeightsError, check_metadata, is_synthetic, synthetic_note
 
@@ -77,11 +78,6 @@ def parse_layers(text: str) -> tuple:
         raise PullError(f"--layers {text!r}: the range is backwards; write the lower block first, "
                         f"e.g. '{last}-{first}'")
     return first, last + 1
-
-
-def layers_text(lo: int, hi: int) -> str:
-    """Half-open (lo, hi) -> the inclusive range people type and read: (4, 8) -> "4-7", (5, 6) -> "5-5"."""
-    return f"{lo}-{hi - 1}"
 
 
 def slice_path(dest: str, lo: int, hi: int) -> str:
@@ -596,7 +592,8 @@ def _get_range(url: str, start: int, end: int, *, timeout: float, dest: str, see
     return data, total
 
 
-def remote_header(url: str, *, timeout: float = 30, dest: str = "weights/", seen: dict | None = None) -> Header:
+def remote_header(url: str, *, timeout: float = 30, dest: str = os.path.join(WEIGHTS_DIR, ""),
+                  seen: dict | None = None) -> Header:
     """Read a remote file's safetensors header with two small Range requests (`seen`: see _get_range)."""
     head8, total = _get_range(url, 0, 8, timeout=timeout, dest=dest, seen=seen)
     (n,) = struct.unpack("<Q", head8)
@@ -821,7 +818,7 @@ def _download(url, dest, *, sha256, layers, rank0, progress, out, timeout, chunk
     return _pull_slice(url, dest, part, lo, hi, rank0, **opts)
 
 
-def ensure_weights(name: str, weights_cfg_entry: dict, weights_dir: str = "weights",
+def ensure_weights(name: str, weights_cfg_entry: dict, weights_dir: str = WEIGHTS_DIR,
                    layers: tuple | None = None, rank0: bool = True, log=print, **pull_options) -> str:
     """Make sure the weights a node needs are on disk, pulling what is missing; return their path.
 

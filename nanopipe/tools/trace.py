@@ -33,9 +33,11 @@ import os
 
 import numpy as np
 
+from ..config import WEIGHTS_DIR
 from ..decoding import round_sig
+from ..partition import layers_text
 
-SYNTHETIC_PATH = os.path.join("weights", "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
+SYNTHETIC_PATH = os.path.join(WEIGHTS_DIR, "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +212,8 @@ def _hop_table(t: dict) -> list:
 
 
 def _layers(layers) -> str:
-    """[4, 7] (first, last) -> "4-7", as people write layer ranges."""
-    return "?" if not layers else f"{layers[0]}-{layers[1]}"
+    """[4, 7] (first, last, as JSON shows them) -> "4-7", partition.layers_text's form."""
+    return "?" if not layers else layers_text(layers[0], layers[1] + 1)
 
 
 def _prob(p: float) -> str:

@@ -32,7 +32,7 @@ from .api import (
     tokenizer,
     weights_info,
 )
-from .openai import CHAT_STOP, chat_pieces, check_chat_size
+from .openai import CHAT_STOP, chat_pieces, check_chat_size, usage_of
 
 RECONNECT_ATTEMPTS = 3
 CHAT_FIELDS = ("text",) + FIELDS + ("decoding_strategy", "stream", "chat", "history", "conversation_id")
@@ -65,13 +65,6 @@ def chat_request(body: dict) -> tuple:
     stream = flag(body, "stream")
     chat = flag(body, "chat") or body.get("history") is not None
     return text, resolve(strategy, sampling_fields(body, (CHAT_STOP,) if chat else ())), stream, chat
-
-
-def usage_of(result: dict, gen: Generation) -> dict:
-    """OpenAI's token counts for one reply: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}."""
-    prompt = len(result.get("prompt_ids") or gen.prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens,
-            "prompt_tokens_details": {"cached_tokens": int(result.get("cached_tokens") or 0)}}
 
 
 def params_view(params: SamplingParams, tokens: int | None = None) -> dict:

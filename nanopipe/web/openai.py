@@ -256,16 +256,19 @@ def _batch_usage(prompts: list, gen: BatchGeneration, results: list) -> dict:
     n = len(results) // max(1, len(prompts))
     cached = sum(min(int(r.get("cached_tokens") or 0) for r in results[i * n:(i + 1) * n])
                  for i in range(len(prompts))) if n else 0
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens,
+    return _counts(prompt, gen.n_tokens, cached)
+
+
+def usage_of(result: dict, gen: Generation) -> dict:
+    """OpenAI's usage for one reply (here and on /chat), with prompt_tokens_details.cached_tokens: the
+    prompt tokens whose KV cache a finished request left on every stage (nanopipe/prefix.py), so only
+    the rest was prefilled: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, ...}."""
+    return _counts(len(result.get("prompt_ids") or gen.prompt), gen.n_tokens, int(result.get("cached_tokens") or 0))
+
+
+def _counts(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _usage(result: dict, gen: Generation) -> dict:
-    """OpenAI's usage, with prompt_tokens_details.cached_tokens: the prompt tokens whose KV cache a
-    finished request left on every stage (nanopipe/prefix.py), so only the rest was prefilled."""
-    prompt = len(result.get("prompt_ids") or gen.prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": gen.n_tokens, "total_tokens": prompt + gen.n_tokens,
-            "prompt_tokens_details": {"cached_tokens": int(result.get("cached_tokens") or 0)}}
 
 
 def _include_usage(body: dict) -> bool:
@@ -321,7 +324,7 @@ def _chunks(gen: Generation, meta: dict, usage: bool, choice, first: dict | None
         elif event[0] == "done":
             yield sse({**meta, "choices": [choice("", event[1].get("finish_reason"))]})
             if usage:
-                yield sse({**meta, "choices": [], "usage": _usage(event[1], gen)})
+                yield sse({**meta, "choices": [], "usage": usage_of(event[1], gen)})
         elif event[0] == "error":
             err = gen.stream_error(event[1])
             yield sse(openai_error(err.status, err.message, err.param))
@@ -406,7 +409,7 @@ def _one_completion(body: dict, ids: list, params, stream: bool, echo: bool, log
     prompt_text = tokenizer().decode(ids) if echo else ""
     choice = {"text": prompt_text + gen.text, "index": 0, "finish_reason": result.get("finish_reason"),
               "logprobs": None if logprobs is None else _completion_logprobs(tokenizer(), result, echo)}
-    return jsonify(**meta, choices=[choice], usage=_usage(result, gen))
+    return jsonify(**meta, choices=[choice], usage=usage_of(result, gen))
 
 
 def _batch_chunks(gen: BatchGeneration, meta: dict, usage: bool, count: int, prompts: list):
@@ -454,4 +457,4 @@ def chat_completions():
     choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
               "logprobs": _chat_logprobs(tokenizer(), result) if want_logprobs else None,
               "finish_reason": result.get("finish_reason")}
-    return jsonify(**meta, choices=[choice], usage=_usage(result, gen))
+    return jsonify(**meta, choices=[choice], usage=usage_of(result, gen))
