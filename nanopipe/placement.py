@@ -640,11 +640,28 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
         raise PlacementError("no split of the model fits these nodes")   # cannot happen: fit checked above
     counts = min(candidates, key=key_of)
     ranges = _ranges_of(counts)
+    holding = [nodes[j].speed_gbps for j, k in enumerate(counts) if k > 0]
     for i, k in enumerate(counts):
         if i > 0 and k == 0 and cap[i] > 0:
-            notes.append(f"{nodes[i].name}: left out — at {nodes[i].speed_gbps:.3g} GB/s its blocks would "
-                         "only slow the others")
+            why = _why_left_out(nodes[i].speed_gbps, max(holding), hop_s, depth)
+            notes.append(f"{nodes[i].name}: left out — {why}")
     return predict(shape, nodes, ranges, hop_s=hop_s, objective=objective, depth=depth, notes=notes)
+
+
+def _why_left_out(speed: float, fastest: float, hop_s: float, depth) -> str:
+    """Why a node that could hold blocks got none: it is slow, or (as fast as the others) a stage of
+    its own costs a hop and gains nothing, as on one machine, where the stages take turns anyway.
+
+        _why_left_out(0.5, 20, 0.001, 3) -> "at 0.5 GB/s its blocks would only slow the others"
+        _why_left_out(0.9, 0.92, 0.0003, 1) -> "as fast as the nodes that hold blocks (0.9 vs 0.92
+            GB/s), but a stage of its own adds a hop (0.3 ms per token), and nodes on one machine take
+            turns, so splitting gains nothing"
+    """
+    if speed < 0.8 * fastest:
+        return f"at {speed:.3g} GB/s its blocks would only slow the others"
+    why = (f"as fast as the nodes that hold blocks ({speed:.3g} vs {fastest:.3g} GB/s), but a stage of its own "
+           f"adds a hop ({hop_s * 1000:.2g} ms per token)")
+    return why + (", and nodes on one machine take turns, so splitting gains nothing" if depth == 1 else "")
 
 
 def _mb(v) -> str:

@@ -105,6 +105,11 @@ def test_worked_example_in_the_docstring():
     one_machine = solve(GPT2, nodes, hop_s=0.001, objective="throughput", depth=1)
     assert round(predict(GPT2, nodes, even.ranges, hop_s=0.001, depth=1).tok_s(8)) == 335
     assert one_machine.ranges == [(0, 12), (12, 12), (12, 12)] and round(one_machine.tok_s(8)) == 647
+    # why each is left out: mini2 is as fast as mini1 (the hop and the turn-taking decide), pi5 is slow
+    assert ("mini2: left out — as fast as the nodes that hold blocks (20 vs 20 GB/s), but a stage of its own "
+            "adds a hop (1 ms per token), and nodes on one machine take turns, so splitting gains nothing"
+            in one_machine.notes), one_machine.notes
+    assert "pi5: left out — at 5 GB/s its blocks would only slow the others" in one_machine.notes, one_machine.notes
     lat = solve(GPT2, nodes, hop_s=0.001, objective="latency")
     assert lat.ranges == [(0, 12), (12, 12), (12, 12)] and round(lat.tok_s(1), 1) == 40.4
     assert any("pi5: left out" in n for n in lat.notes)
