@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,6 +242,9 @@ def test_demo_runs_the_config_folder_and_prints_one_ready_block(demo_of, tmp_pat
         assert row in demo.lines, f"plan row {row!r} missing:\n{out}"
     assert f"Web chat: http://127.0.0.1:{demo.web_port}/" in out
     assert f"kill {demo.proc.pid}" in out
+    logs = re.search(r"Each node's whole log: (\S+)/rank<N>\.log", out)
+    assert logs, f"the demo does not say where the nodes' logs are:\n{out}"
+    assert os.path.exists(os.path.join(logs.group(1), "rank0.log")), out     # where it says, while it runs
     # ... and nothing else: no dial retries, no second URL, no Flask banner
     for noise in ("retrying", "Connection refused", "development server", "Serving Flask", "Debug mode",
                   "Web chat on"):

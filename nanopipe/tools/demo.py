@@ -119,8 +119,10 @@ def decoding_line(mc) -> str:
     return f"{mc.active_decoding_strategy} decoding{shown if params else ''}, up to {mc.max_new_tokens} new tokens"
 
 
-def ready_block(mc, ranges: list, names: list, ports: list, web_url: str | None, restarts: int) -> str:
-    """What the user reads once everything is up: the plan, the URL, how to stop."""
+def ready_block(mc, ranges: list, names: list, ports: list, web_url: str | None, restarts: int,
+                logs: str | None = None) -> str:
+    """What the user reads once everything is up: the plan, the URL, how to stop, where each node's
+    whole log is (`logs`, the folder; the demo shows their new lines as they come)."""
     from ..partition import format_plan
     rows = format_plan(ranges, names=names).splitlines()
     width = max(len(r) for r in rows)
@@ -130,7 +132,8 @@ def ready_block(mc, ranges: list, names: list, ports: list, web_url: str | None,
     if web_url:
         lines.append(f"Web chat: {web_url}  (OpenAI API: {web_url}v1)")
     again = f" A node that dies is started again (up to {restarts} times)." if restarts else ""
-    lines.append(f"Stop: Ctrl-C (or `kill {os.getpid()}`) stops every process.{again}")
+    where = f" Each node's whole log: {logs}/rank<N>.log (removed on stop)." if logs else ""
+    lines.append(f"Stop: Ctrl-C (or `kill {os.getpid()}`) stops every process.{again}{where}")
     return "\n".join(lines)
 
 
@@ -214,7 +217,7 @@ def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: 
             server.start()
             serving = True
             url = f"http://{HOST}:{web_port}/"
-        echo(ready_block(mc, ranges, names, ports, url, restarts))
+        echo(ready_block(mc, ranges, names, ports, url, restarts, os.path.dirname(cluster.log_path(0))))
         _watch(cluster, names, restarts, echo)
     except (Stopped, KeyboardInterrupt) as e:
         try:
