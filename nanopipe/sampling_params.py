@@ -26,6 +26,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .logs import shown
+
 MAX_STOPS = 4           # stop strings a client may send, as OpenAI allows (check_stop)
 MAX_STOPS_TOTAL = 8     # with those an API route adds (the chat template's turn marker)
 PENALTY_RANGE = 2.0     # frequency_penalty and presence_penalty lie in [-2, 2] (OpenAI)
@@ -182,12 +184,14 @@ class SamplingParams:
         return out
 
 
-def _show(value) -> str:
-    """A value as the caller wrote it: JSON where it can be (true, "5"), else repr."""
+def _show(value, limit: int = 60) -> str:
+    """A value as the caller wrote it: JSON where it can be (true, "5"), else repr; cut to `limit`
+    characters, since a request may send anything of any size."""
     try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return shown(value, limit)          # reprlib: bounded in depth and length
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def _real(field: str, value, what: str = "a number") -> float:

@@ -20,6 +20,7 @@ from nanopipe.sampling_params import (
     DEFAULT_DECODING,
     FIELDS,
     STRATEGY_USES,
+    DecodingError,
     SamplingParams,
     request_params,
     section_keys,
@@ -125,3 +126,12 @@ def test_what_a_request_sends_resolves_to_the_same_params():
     p = request_params(None, temperature=0.9, top_k=5, seed=3, stop=["x"], repetition_penalty=1.2,
                        logit_bias={"7": -100})
     assert request_params(None, **p.sent_fields()) == p
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, list(range(50_000)), {"a": [[[1] * 1000] * 10]}],
+                         ids=["long text", "long list", "nested"])
+def test_a_bad_value_is_quoted_short_in_the_error(value):
+    """A request may send anything, of any size: its error quotes the value cut short, never whole."""
+    with pytest.raises(DecodingError) as e:
+        request_params(DEFAULT_DECODING, temperature=value)
+    assert "temperature" in str(e.value) and len(str(e.value)) < 300, str(e.value)[:400]

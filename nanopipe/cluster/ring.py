@@ -29,6 +29,7 @@ import numpy as np
 
 from ..decoding import is_int, is_number
 from ..engine import Scheduler
+from ..logs import shown
 from ..partition import first_last, layers_text
 from .net import close_now, dial, welcome
 from .node import LinkModel
@@ -103,7 +104,7 @@ def checked_stats(w: WorkerState, meta: dict, log) -> dict:
             out[key] = v
         elif key not in w.warned:
             w.warned.add(key)
-            log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({_value(v)}; expected a number >= 0); "
+            log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({shown(v)}; expected a number >= 0); "
                 "ignoring it", WARNING)
     for key, longest in STATS_TEXTS.items():
         v = meta.get(key)
@@ -113,15 +114,9 @@ def checked_stats(w: WorkerState, meta: dict, log) -> dict:
             out[key] = v
         elif key not in w.warned:
             w.warned.add(key)
-            log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({_value(v)}; expected text of at most "
+            log(f"Worker {w.rank} sent a bad {key} in its heartbeat ({shown(v)}; expected text of at most "
                 f"{longest} characters); ignoring it", WARNING)
     return out
-
-
-def _value(v) -> str:
-    """A peer's value for a log line, cut short: it may be anything, of any size."""
-    text = repr(v)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Ring:
@@ -204,7 +199,7 @@ class Ring:
             elif (hop["rank"], "compute_ms") not in self.warned:
                 self.warned.add((hop["rank"], "compute_ms"))
                 if self.log is not None:
-                    self.log(f"Rank {hop['rank']} reported compute_ms {_value(ms)} in a trace (expected a number "
+                    self.log(f"Rank {hop['rank']} reported compute_ms {shown(ms)} in a trace (expected a number "
                              ">= 0); its timings are ignored", WARNING)
         return good
 
