@@ -135,12 +135,7 @@ class Scheduler:
         self.stage, self.ring = stage, ring
         self.config = stage.config
         self.log = log
-        # once per process, before the first step (nanopipe/kernels.py): model.linear's kernels, then
-        # a lone prompt's chunk (its measured steps run those kernels), and the head's (rank 0 holds it)
-        choose_gemv_rows(stage.blocks)
-        self.kernels = choose_prefill_rows(prefill_step(stage.blocks, stage.config.n_head))
-        if stage.lm_head is not None:
-            choose_head_rows(stage.lm_head)
+        self._choose_kernels()
         self.max_sessions, self.max_batch_rows = max_sessions, max_batch_rows
         self.sessions: dict = {}
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -157,12 +152,21 @@ class Scheduler:
         self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0,
                       "prompt_tokens_cached": 0, "prompt_tokens_computed": 0, "cancelled_waiting": 0}
         # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
-        # the leader checks it against the placement's prediction (cluster/ring.py stage_report)
+        # the leader checks it against the placement's prediction (cluster/planner.py stage_report)
         self.decode_ms: collections.deque = collections.deque(maxlen=64)
         # finished sessions' caches, kept for the next request with the same start: rank 0's
         # stage only, until the leader adds its workers' (set_prefix_stages)
         budget = default_prefix_cache_bytes() if prefix_cache_bytes is None else prefix_cache_bytes
         self.prefix = PrefixCache([(self.position_bytes(len(stage.blocks)), budget)])
+
+    def _choose_kernels(self):
+        """Once per process, before the first step (nanopipe/kernels.py): model.linear's kernels, then
+        a lone prompt's chunk (its measured steps run those kernels), and the head's (rank 0 holds it)."""
+        st = self.stage
+        choose_gemv_rows(st.blocks)
+        self.kernels = choose_prefill_rows(prefill_step(st.blocks, st.config.n_head))
+        if st.lm_head is not None:
+            choose_head_rows(st.lm_head)
 
     # -- requests in ------------------------------------------------------------------------
 
@@ -198,17 +202,19 @@ class Scheduler:
         self._cancel.add(session_id)
         self._wake.set()
 
-    def take_waiting(self, old: "Scheduler"):
-        """Queue here the requests still waiting in `old` (the leader replaced its scheduler), with
-        the cancels they got meanwhile."""
-        while not old.waiting.empty():
-            req = old.waiting.get()
-            old._queued.discard(req.id)
-            self._queued.add(req.id)
-            self.waiting.put(req)
-            if req.id in old._cancel:
-                self._cancel.add(req.id)
-        self._wake.set()
+    def use_stage(self, stage: StageWeights):
+        """Run on other blocks from now on (the leader's plan moved rank 0's share): kernels are chosen
+        for them, kept caches are dropped, and every live session replays from its tokens. Requests
+        waiting, cancels and session ids carry on: nothing queued is lost or renamed."""
+        if not stage.has_head:
+            raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
+        with self.lock:
+            budget = self.prefix.stages[0][1]
+            self.stage, self.config = stage, stage.config
+            self._choose_kernels()
+            self.prefix = PrefixCache([(self.position_bytes(len(stage.blocks)), budget)])
+            self.decode_ms.clear()          # times of the old blocks
+            self.replay_all()
 
     @property
     def busy(self) -> bool:

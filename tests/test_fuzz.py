@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanopipe.cluster.client import LeaderClient
+from nanopipe.cluster.leader_client import LeaderClient
 from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,

@@ -25,7 +25,7 @@ import pytest
 from helpers import status, wait_status
 
 from nanopipe import engine as engine_mod
-from nanopipe.cluster.client import ClientError
+from nanopipe.cluster.leader_client import ClientError
 from nanopipe.cluster.wire import Msg
 from nanopipe.decoding import DecodingError, SamplingParams, softmax
 from nanopipe.engine import Request, Scheduler
@@ -396,10 +396,10 @@ def test_batch_prompts_are_tokenized_without_holding_the_scheduler(tiny_weights,
             self.free.append(got[0])
             return [15496, 995, 11]
 
-    leader.tokenizer = ProbingTokenizer()
+    leader.clients.tokenizer = ProbingTokenizer()
     sent = []
-    leader._generate_batch({"request": "r", "text": False, "max_tokens": 1,
-                            "batch": [{"request": f"r.{i}", "prompt": "Hello world"} for i in range(4)]},
-                           lambda msg, meta: sent.append((msg, meta)), set())
+    leader.clients.generate_batch({"request": "r", "text": False, "max_tokens": 1,
+                                   "batch": [{"request": f"r.{i}", "prompt": "Hello world"} for i in range(4)]},
+                                  lambda msg, meta: sent.append((msg, meta)), set())
     assert ProbingTokenizer.free == [True] * 4, "a prompt was tokenized while the scheduler was held"
     assert sent == [] and leader.scheduler.waiting.qsize() == 4, sent

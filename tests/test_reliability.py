@@ -42,7 +42,7 @@ from helpers import (
     worker_addr,
 )
 
-from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.cluster.leader_client import ClientError, LeaderClient
 from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,

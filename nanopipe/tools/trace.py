@@ -84,7 +84,7 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
     if then is not None and not then_ids:
         raise TraceError("--then is empty: give the text of the second turn")
     if leader is not None:
-        from ..cluster.client import LeaderClient
+        from ..cluster.leader_client import LeaderClient
         with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
             report = _trace(c, prompt_ids, max_tokens, then_ids)
         report.update(leader=leader, weights=None, synthetic=None)
