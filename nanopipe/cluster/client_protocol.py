@@ -2,10 +2,10 @@
 
     client --GENERATE {"prompt_ids": [15496], "max_tokens": 5, ...}-->  leader
     client <--TOKEN {"request", "session", "token": 995, "text": " world"} ...  DONE {stats}
-    (also CANCEL {"session"}, STATUS {} -> the cluster's state, PING -> PONG)
+    (also GENERATE_BATCH, CANCEL {"session"}, STATE_REQUEST -> STATE: the cluster's state, PING -> PONG)
 
 A GENERATE is checked once (sampling_params.request_params: a bad field is an ERROR naming it, kind
-"invalid") and becomes an engine.Request; a GENERATE with "batch" queues several at once so they
+"invalid") and becomes an engine.Request; a GENERATE_BATCH queues several at once so they
 run as one scheduler batch. While more than QUEUE_PER_SESSION x max_sessions requests wait, a new
 one is refused with kind "busy" and "retry_after_s" (the web app answers 429 with Retry-After).
 Frames to a client go through its ClientOutbox, so a client that stops reading never stalls the
@@ -22,7 +22,7 @@ import threading
 from ..engine import Request
 from ..sampling_params import FIELDS, DecodingError, is_int, request_params
 from .net import close_now, welcome
-from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame
+from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame, state, status_text
 
 WARNING = logging.WARNING
 
@@ -147,7 +147,7 @@ class ClientProtocol:
                     send(Msg.ERROR, {"message": f"bad frame, closing the connection: {e}", "kind": "invalid"})
                     outbox.flush(2.0)
                     raise
-                if frame.msg is Msg.GENERATE and "batch" in frame.meta:
+                if frame.msg is Msg.GENERATE_BATCH:
                     self.generate_batch(frame.meta, send, mine)
                 elif frame.msg is Msg.GENERATE:
                     self._generate(frame.meta, send, mine)
@@ -155,8 +155,8 @@ class ClientProtocol:
                     sid = frame.meta.get("session")
                     if isinstance(sid, str) and sid in mine:
                         self.scheduler.cancel(sid)
-                elif frame.msg is Msg.STATUS:
-                    send(Msg.STATUS, self.status())
+                elif frame.msg is Msg.STATE_REQUEST:
+                    send(*state(self.status()))
                 elif frame.msg is Msg.PING:
                     send(Msg.PONG, frame.meta)
                 else:
@@ -207,7 +207,7 @@ class ClientProtocol:
                 send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"], "logprob": data["logprob"],
                                  "text": data.get("text", "") if want_text else "", **traced})
             elif kind == "status":
-                send(Msg.STATUS, {"request": req_id, "session": req.id, "text": data["text"]})
+                send(*status_text(req_id, req.id, data["text"]))
             elif kind == "done":
                 mine.discard(req.id)
                 if not want_text:
@@ -253,7 +253,7 @@ class ClientProtocol:
                                         f"{self.cluster.rejoin_grace_s:g}s)"})
 
     def generate_batch(self, meta: dict, send, mine: set):
-        """One GENERATE carrying several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
+        """A GENERATE_BATCH, several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
         "seed": 7}, ...], <fields shared by all>}. Each item is answered like its own GENERATE (frames
         carry its request id). Every item is checked and tokenized first, without holding the
         scheduler; then they are queued while it is held, so its next step admits them together:

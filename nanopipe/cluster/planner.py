@@ -13,7 +13,7 @@ import threading
 
 from ..partition import first_last, layers_text, planned_by_leader
 from .registry import finite
-from .wire import Msg
+from .wire import Msg, plan
 
 DEBUG, WARNING, ERROR = logging.DEBUG, logging.WARNING, logging.ERROR
 
@@ -153,7 +153,7 @@ class Planner:
         self.on_applied()
         for r, w in self.registry.workers.items():
             # one that left gets its place in the WELCOME when it is back
-            self.registry.tell(w, Msg.STATUS, {"plan": places[r]})
+            self.registry.tell(w, *plan(places[r]))
 
     # -- the prediction against traffic -----------------------------------------------------------
 

@@ -4,7 +4,7 @@ A worker's control connection, as the leader serves it (`WorkerRegistry.serve`):
 
     worker --HELLO {role "worker", rank, host}-->  leader    refused if the rank is unknown or taken
     worker <--WELCOME {its layers, next hop}--     leader    (layers null: its place comes once planned)
-    worker --STATS {capacity}-->                   leader    what it measured (the planner's input)
+    worker --CAPACITY-->                           leader    what it measured (the planner's input)
     worker --READY-->                              leader    its slice is loaded, its data port listens
     worker --STATS-->  ... every heartbeat_s       leader    a worker silent for 3 of them is dropped
 
@@ -19,11 +19,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..decoding import is_int, is_number
+from ..decoding import is_number
 from ..logs import shown
 from ..partition import layers_text
 from .net import close_now, welcome
-from .wire import Msg, recv_frame, send_frame
+from .wire import Msg, read_capacity, read_epoch, read_ready, recv_frame, send_frame
 
 WARNING = logging.WARNING
 
@@ -99,11 +99,11 @@ class WorkerRegistry:
     What it learns goes to the callbacks it is given (the leader wires them to its other parts):
 
         on_ready(w)                     w loaded its layers and listens (READY)
-        on_capacity(w, data, peer)      w measured itself (STATS {"capacity"}); data as sent
+        on_capacity(w, data, peer)      w measured itself (CAPACITY); data as sent
         on_joined(w)                    w registered (again): a rank is back
         on_lost(w, reason)              w disconnected or went silent; it is marked down already
         on_ring_error(reason, epoch)    w closed a data link of the ring of `epoch`
-        place_of_pending() -> bool      True while the plan waits for measurements (WELCOME says layers null)
+        plan_pending() -> bool          True while the plan waits for measurements (WELCOME says layers null)
 
     `lock` is the leader's lock, shared with the ring builder and the planner: membership and the
     ring change together. `count(kind)` counts a cluster event (joined, rejoined, left).
@@ -181,17 +181,17 @@ class WorkerRegistry:
         w = self._register(sock, peer, hello)
         if w is None:
             return
-        rank = w.rank
+        rank, name = w.rank, f"worker {w.rank} ({peer})"
         try:
             while True:
-                frame = recv_frame(sock, f"worker {rank} ({peer})", max_payload=0)
+                frame = recv_frame(sock, name, max_payload=0)
                 w.last_seen = time.time()
-                if frame.msg is Msg.READY and frame.meta.get("epoch") is not None:
-                    w.ring_epoch = frame.meta["epoch"]  # it has dialed its next hop for the ring of that epoch
+                if frame.msg is Msg.RING_JOINED:
+                    w.ring_epoch = read_epoch(frame, name)      # it has dialed its next hop for that ring
                 elif frame.msg is Msg.READY:
-                    self._on_ready(w, frame.meta)
-                elif frame.msg is Msg.STATS and "capacity" in frame.meta:
-                    self.on_capacity(w, frame.meta["capacity"], peer)
+                    self._on_ready(w, read_ready(frame))
+                elif frame.msg is Msg.CAPACITY:
+                    self.on_capacity(w, read_capacity(frame), peer)
                 elif frame.msg is Msg.STATS:
                     w.stats = checked_stats(w, frame.meta, self.log)
                 elif frame.msg is Msg.ERROR:
@@ -275,12 +275,11 @@ class WorkerRegistry:
             "model": self.model_name, "n_head": self.config.n_head, "weights": self.weights_source}})
         self.log(f"Worker from {peer} enrolled as rank {rank} ({node.host})")
 
-    def _on_ready(self, w: WorkerState, meta: dict):
+    def _on_ready(self, w: WorkerState, said: dict):
+        """w's READY (wire.read_ready: what it said, checked)."""
         with self.lock:
             w.status = "ready"
-            w.synthetic = meta.get("synthetic")
-            budget = meta.get("prefix_cache_bytes")
-            w.prefix_cache_bytes = budget if is_int(budget) and budget >= 0 else None
+            w.synthetic, w.prefix_cache_bytes = said["synthetic"], said["prefix_cache_bytes"]
         self.log(f"Worker {w.rank} ready: loaded layers {layers_text(*w.layers)}")
         self.on_ready(w)
 

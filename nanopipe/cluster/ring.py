@@ -36,6 +36,7 @@ from .wire import (
     recv_frame,
     send_array,
     send_frame,
+    start_inference,
 )
 
 WARNING, ERROR = logging.WARNING, logging.ERROR
@@ -216,7 +217,7 @@ class RingBuilder:
         for w in workers:
             try:
                 with w.lock:
-                    send_frame(socks[w.rank], Msg.STATUS, {"ring": "connect", "epoch": epoch})
+                    send_frame(socks[w.rank], *start_inference(epoch))
             except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
                 self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away", WARNING)
                 return False

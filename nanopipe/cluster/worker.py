@@ -36,9 +36,13 @@ from .node import rss_mb
 from .wire import (
     ConnectionClosed,
     Msg,
-    ProtocolError,
     WireError,
+    capacity,
+    read_epoch,
+    read_plan,
+    ready,
     recv_frame,
+    ring_joined,
     send_frame,
 )
 
@@ -184,9 +188,8 @@ class Worker:
         self.data.ensure_listening()
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
         with self.control_lock:
-            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
-                                         "synthetic": self.stage.synthetic, "layers": [lo, hi],
-                                         "prefix_cache_bytes": self.cluster.prefix_cache_bytes()})
+            send_frame(sock, *ready(self.rank, self.node.port, self.stage.synthetic, [lo, hi],
+                                    self.cluster.prefix_cache_bytes()))
         self._follow(sock)
 
     def _load_place(self, sock, lo: int, hi: int, expect: GPTConfig):
@@ -213,14 +216,15 @@ class Worker:
         self.log(describe_kernels())
 
     def _follow(self, sock):
-        """READY is sent: join each ring the leader builds, answer its PINGs, until it goes away."""
+        """READY is sent: join each ring the leader builds (START_INFERENCE, answered by RING_JOINED),
+        answer its PINGs, until it goes away."""
         while True:
             frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
-                epoch = frame.meta.get("epoch")
+            if frame.msg is Msg.START_INFERENCE:
+                epoch = read_epoch(frame, "leader")
                 down = self.data.down
-                self.log(f"Received start_inference command from server. (ring epoch {epoch}: passing "
-                         f"activations to rank {down.next_rank} at {down.addr[0]}:{down.addr[1]})")
+                self.log(f"Received start_inference command from server. (START_INFERENCE, ring epoch {epoch}: "
+                         f"passing activations to rank {down.next_rank} at {down.addr[0]}:{down.addr[1]})")
                 try:
                     self.data.join_ring(epoch)
                 except (WireError, OSError) as e:
@@ -229,7 +233,7 @@ class Worker:
                     self._report(f"worker {self.rank}: cannot reach rank {down.next_rank}: {e}")
                     continue
                 with self.control_lock:
-                    send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
+                    send_frame(sock, *ring_joined(self.rank, epoch))
                 self.log(f"Waiting for generation requests... (from rank {self.data.prev_rank})")
             elif frame.msg is Msg.PING:
                 with self.control_lock:
@@ -245,18 +249,14 @@ class Worker:
                                          override=self.cluster.node_overrides.get(self.node.host),
                                          holding=self.stage)
         with self.control_lock:
-            send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
+            send_frame(sock, *capacity(self.rank, self.capacity.as_dict()))
 
     def _wait_plan(self, sock) -> dict:
-        """The leader's STATUS {"plan": {...}}: this rank's layers, next hop, and whether it is left out."""
+        """The leader's PLAN: this rank's layers, next hop, and whether it is left out."""
         while True:
             frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.STATUS and isinstance(frame.meta.get("plan"), dict):
-                plan = frame.meta["plan"]
-                layers = plan.get("layers")
-                if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)):
-                    raise ProtocolError(f"leader: a plan without a valid layer range: {plan!r}")
-                return plan
+            if frame.msg is Msg.PLAN:
+                return read_plan(frame)
             if frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)

@@ -25,7 +25,7 @@ Where the numbers come from:
 
 The leader sends this per token when a GENERATE asks for it (meta "trace": true); each TOKEN frame
 then also carries "hops", "head_ms", "transit_total_ms" and "top" (the 5 likeliest ids with their
-probabilities, before temperature). `engine.step_info` builds it inside the scheduler, `decoding.top_probs` the top 5.
+probabilities, before temperature). `sessions.step_info` builds it inside the scheduler, `decoding.top_probs` the top 5.
 """
 from __future__ import annotations
 
