@@ -43,6 +43,7 @@ from .kernels import PREFILL_CANDIDATES, choose_gemv_rows, choose_head_rows, cho
 from .model import KVCache, blocks_forward, embed, gpt2, head
 from .partition import first_last
 from .prefix import PrefixCache, default_prefix_cache_bytes, fork_cache
+from .sampling_params import check_request
 from .weights import StageWeights, load_stage
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see _make_batch)
@@ -167,20 +168,11 @@ class Scheduler:
     # -- requests in ------------------------------------------------------------------------
 
     def check(self, req: Request):
-        """Validate a request before it is queued; raises DecodingError with a clear message."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise DecodingError("prompt is empty: give at least one token", field="prompt")
-        if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
-            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}", field="prompt")
-        # the checked copy is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers
-        if req.score_only:          # nothing is generated: the prompt alone must fit, all n_ctx of it
-            if n > self.config.n_ctx:
-                raise DecodingError(f"prompt: {n} tokens do not fit the context of n_ctx={self.config.n_ctx}; "
-                                    "score a shorter window", field="prompt")
-            req.params = req.params.validate(n_vocab=self.config.n_vocab)
-        else:
-            req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
+        """Validate a request before it is queued (sampling_params.check_request, the check the leader
+        runs on a GENERATE too); raises DecodingError with a clear message. The checked copy of its
+        params is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers."""
+        req.params = check_request(req.params, req.prompt_ids, n_ctx=self.config.n_ctx, n_vocab=self.config.n_vocab,
+                                   score_only=req.score_only)
 
     def submit(self, req: Request, checked: bool = False) -> str:
         """Queue `req` (checked first, unless the caller has just done so: `check`)."""
@@ -778,10 +770,6 @@ class Engine:
         `text`: a tokenizer.StopStream; one is made when params has stop strings. With one, the
         result also holds "text" (the reply, without the stop string) and "stop" (which one hit).
         """
-        params = params.validate()          # stop "x" -> ("x",) before a StopStream reads it
-        if text is None and params.stop:
-            from .tokenizer import StopStream
-            text = StopStream(stops=params.stop)
         box = {}
 
         def emit(kind, data):
@@ -790,8 +778,13 @@ class Engine:
             elif kind in ("done", "error"):
                 box[kind] = data
 
-        self.scheduler.submit(Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs,
-                                      score_only=score_only, text=text))
+        req = Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs, score_only=score_only)
+        self.scheduler.check(req)           # once: stop "x" -> ("x",) before a StopStream reads it
+        if text is None and req.params.stop:
+            from .tokenizer import StopStream
+            text = StopStream(stops=req.params.stop)
+        req.text = text
+        self.scheduler.submit(req, checked=True)
         self.scheduler.run_until_idle()
         if "error" in box:
             raise RuntimeError(box["error"]["error"])

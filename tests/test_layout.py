@@ -111,12 +111,25 @@ def test_the_leader_side_and_the_worker_side_share_only_the_wire():
 
 
 def test_the_web_app_factory_sits_on_top_of_the_web_modules():
-    """web/app.py (create_app) registers chat, openai and metrics; they share web/api.py, and none of them
-    imports app.py back (the cycle web/app.py <-> web/openai.py was dodged with imports inside functions)."""
+    """web/app.py (create_app) registers chat, openai and metrics; they share errors, body, connection,
+    generation, stream and state, and none of them imports app.py back (the cycle web/app.py <->
+    web/openai.py was dodged with imports inside functions)."""
     g = graph()
     web = [m for m in g if layer(m) == "web" and m != "nanopipe.web.app"]
     assert not [m for m in web if "nanopipe.web.app" in g[m]], "a web module imports web/app.py"
-    assert {"nanopipe.web.chat", "nanopipe.web.openai", "nanopipe.web.api"} <= g["nanopipe.web.app"]
+    assert {"nanopipe.web.chat", "nanopipe.web.openai", "nanopipe.web.errors", "nanopipe.web.state"} <= g["nanopipe.web.app"]
+    for route in ("nanopipe.web.chat", "nanopipe.web.openai"):
+        assert set(WEB_SHARED) <= g[route], (route, sorted(set(WEB_SHARED) - g[route]))
+
+
+# what the web routes share, one module per thing it holds (no grab-bag): each small enough to read at once
+WEB_SHARED = [f"nanopipe.web.{m}" for m in ("errors", "body", "connection", "generation", "stream", "state")]
+
+
+@pytest.mark.parametrize("module", WEB_SHARED)
+def test_what_the_web_routes_share_is_in_small_modules(module):
+    lines = len(modules()[module].read_text().splitlines())
+    assert lines <= 310, f"{module} is {lines} lines: split it along what it holds"
 
 
 def test_config_is_data():

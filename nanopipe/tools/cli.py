@@ -306,7 +306,7 @@ def _weights_of(client) -> dict:
 
 def check_prompt_fits(n_prompt: int, n_ctx, max_tokens: int | None = None):
     """Prompt and reply must fit the context, checked before the prompt is echoed; the prompt alone
-    in the web API's wording (web.api.check_fits), then the reply in the option's name."""
+    in the web API's wording (sampling_params.check_fits), then the reply in the option's name."""
     if n_ctx and n_prompt >= n_ctx:
         raise UserError(f"the prompt is {n_prompt} tokens, but the model's context is n_ctx={n_ctx} tokens for "
                         f"prompt and reply together; shorten the prompt to under {n_ctx} tokens "

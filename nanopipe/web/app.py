@@ -30,9 +30,11 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
     GET  /v1/models
 
 The modules: app.py (this one: create_app, the guards every request passes, the page, /metrics),
-chat.py (the guide's API), openai.py (the OpenAI routes), api.py (what they share: errors, request
-bodies, the leader connection, a generation as events), metrics.py (Prometheus). app.py imports the
-others; none imports app.py.
+chat.py (the guide's API), openai.py (the OpenAI routes), and what they share: errors.py (ApiError
+and its JSON answers), body.py (reading a body into a route's typed request), connection.py (the
+leader connection and what the leader said), generation.py (a generation as events), stream.py
+(Server-Sent Events), state.py (what the app remembers between requests); metrics.py (Prometheus).
+app.py imports the others; none imports app.py.
 
 Browsers. A page from another origin may call the API if its origin is allowed: the app's own, then
 `cors_origins` when cluster_config.yaml sets it, else DEFAULT_ORIGINS: http://localhost, 127.0.0.1
@@ -59,8 +61,10 @@ from werkzeug.exceptions import HTTPException
 
 from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
 from . import chat, openai
-from .api import ApiError, AppState, dial_leader, error_response, leader_status, state
+from .connection import dial_leader, leader_status
+from .errors import ApiError, error_response
 from .metrics import render_metrics
+from .state import AppState, state
 
 MAX_BODY_BYTES = 1 << 20
 PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: the page asks for it
