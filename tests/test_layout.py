@@ -10,6 +10,7 @@ Read from the source (ast), so a lazy import inside a function counts as much as
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def test_the_web_app_factory_sits_on_top_of_the_web_modules():
     g = graph()
     web = [m for m in g if layer(m) == "web" and m != "nanopipe.web.app"]
     assert not [m for m in web if "nanopipe.web.app" in g[m]], "a web module imports web/app.py"
-    assert {"nanopipe.web.chat", "nanopipe.web.openai", "nanopipe.web.errors", "nanopipe.web.state"} <= g["nanopipe.web.app"]
+    assert {"nanopipe.web.chat", "nanopipe.web.openai", "nanopipe.web.errors", "nanopipe.web.state"} \
+        <= g["nanopipe.web.app"]
     for route in ("nanopipe.web.chat", "nanopipe.web.openai"):
         assert set(WEB_SHARED) <= g[route], (route, sorted(set(WEB_SHARED) - g[route]))
 
@@ -234,3 +236,35 @@ def test_the_sampling_fields_are_written_once():
                 if len(named & fields) >= 3:
                     copies.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {sorted(named & fields)}")
     assert not copies, "sampling fields written out again (import sampling_params.FIELDS):\n  " + "\n  ".join(copies)
+
+
+def test_the_page_is_found_one_way_in_a_checkout_and_in_an_installed_copy(tmp_path):
+    """web_dir() is the package's web/static: in this checkout the repository's web/ (a symlink), in
+    an installed copy (what setup.cfg's build puts in a wheel, built here by its build_py) the files
+    themselves. Both serve the same page; neither looks anywhere else."""
+    from setuptools.dist import Distribution
+
+    from nanopipe.web.app import web_dir
+    page = PKG.parent / "web"
+    names = sorted(p.name for p in page.iterdir() if p.is_file())
+    assert {"index.html", "app.js", "style.css"} <= set(names)
+    assert Path(web_dir()) == page.resolve()
+
+    dist = Distribution({"script_name": "setup.py"})
+    here = Path.cwd()
+    try:
+        os.chdir(PKG.parent)                # setup.cfg's paths are relative to the repository
+        dist.parse_config_files(["setup.cfg"])
+        build = dist.get_command_obj("build_py")
+        build.build_lib, build.compile = str(tmp_path), False
+        dist.run_command("build_py")
+    finally:
+        os.chdir(here)
+    code = "from nanopipe.web.app import web_dir; print(web_dir())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    installed = Path(out.stdout.strip())
+    assert installed == (tmp_path / "nanopipe" / "web" / "static").resolve(), out.stdout
+    assert not installed.is_symlink() and sorted(p.name for p in installed.iterdir()) == names
+    for name in names:
+        assert (installed / name).read_bytes() == (page / name).read_bytes(), name

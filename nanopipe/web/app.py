@@ -52,7 +52,6 @@ from __future__ import annotations
 import hmac
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -83,12 +82,11 @@ MAX_CHOICES = 16                   # prompts x n in one /v1/completions request 
 
 
 def web_dir() -> str:
-    """The page's folder: the repository's web/ next to the package (an editable install uses it in
-    place), or share/nanopipe/web under the Python prefix for an installed copy."""
-    here = Path(__file__).resolve().parents[2] / "web"        # nanopipe/web/app.py -> <repo>/web
-    if (here / "index.html").is_file():
-        return str(here)
-    return os.path.join(sys.prefix, "share", "nanopipe", "web")
+    """The chat page's folder, found one way: the package's web/static. In the repository that is a
+    symlink to the top-level web/ (where the page lives, and `cd web && python -m http.server` serves
+    it), so an editable install serves the files in place; an installed copy carries the files
+    themselves there (setup.cfg's package_data)."""
+    return str((Path(__file__).parent / "static").resolve())
 
 
 # ---------------------------------------------------------------------------------------------
