@@ -17,10 +17,9 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
 
     GET  /                      the chat page (web/index.html), its app.js and style.css (also under
                                 /static/), with no token needed
-    POST /chat                  {"text", "max_tokens", "temperature", "top_k", "top_p",
-                                 "decoding_strategy", "seed", "stream", "stop", "frequency_penalty",
-                                 "presence_penalty", "repetition_penalty", "logit_bias", "chat"}
-                                 -> {"response", "config", "stats"}
+    POST /chat                  {"text", the sampling fields (sampling_params.FIELDS), "decoding_strategy",
+                                 "stream", "chat", "history", "conversation_id"} (chat.CHAT_FIELDS)
+                                 -> {"response", "config", "stats", "usage"}
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
