@@ -202,13 +202,12 @@ def check_fits(prompt_len: int, max_tokens: int, n_ctx: int | None, field: str =
     if score_only:
         raise DecodingError(f"{field}: the prompt's {prompt_len} tokens do not fit the context of n_ctx={n_ctx}; "
                             "score a shorter window", field=field)
-    if prompt_len >= n_ctx:
+    if not fits(prompt_len, 1, n_ctx):      # the prompt alone leaves no room: no max_tokens would do
         raise DecodingError(f"{field}: the prompt is {prompt_len} tokens, but the model's context is n_ctx={n_ctx} "
                             "tokens for prompt and reply together; shorten it", field=field)
-    if prompt_len + max_tokens > n_ctx:
-        raise DecodingError(f"max_tokens too large: prompt length {prompt_len} + max_tokens {max_tokens} = "
-                            f"{prompt_len + max_tokens} exceeds the context size n_ctx={n_ctx}; "
-                            f"use max_tokens <= {max(n_ctx - prompt_len, 0)} or a shorter prompt", field="max_tokens")
+    raise DecodingError(f"max_tokens too large: prompt length {prompt_len} + max_tokens {max_tokens} = "
+                        f"{prompt_len + max_tokens} exceeds the context size n_ctx={n_ctx}; "
+                        f"use max_tokens <= {n_ctx - prompt_len} or a shorter prompt", field="max_tokens")
 
 
 def check_request(params: SamplingParams, prompt_ids, n_ctx: int | None = None, n_vocab: int | None = None,

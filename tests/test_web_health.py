@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from helpers import CONFIG_DIR, FakeClient, FakeLeader, parse_metrics, signature_drift
 
 from nanopipe.cluster.client import ClientError, LeaderClient
-from nanopipe.web.connection import dial_leader
 from nanopipe.web.app import settings_from_configs
+from nanopipe.web.connection import dial_leader
 from nanopipe.web.metrics import WebMetrics, render_metrics
 
 # ---------------------------------------------------------------------------------------------
