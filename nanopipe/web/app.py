@@ -31,8 +31,9 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
 The modules: app.py (this one: create_app, the guards every request passes, the page, /metrics),
 chat.py (the guide's API), openai.py (the OpenAI routes), and what they share: errors.py (ApiError
 and its JSON answers), body.py (reading a body into a route's typed request), connection.py (the
-leader connection and what the leader said), generation.py (a generation as events), stream.py
-(Server-Sent Events), state.py (what the app remembers between requests); metrics.py (Prometheus).
+leader connection and what the leader said), generation.py (a generation as events, streamed as
+Server-Sent Events), batch.py (several in one leader message), state.py (what the app remembers
+between requests); metrics.py (Prometheus).
 app.py imports the others; none imports app.py.
 
 Browsers. A page from another origin may call the API if its origin is allowed: the app's own, then

@@ -5,7 +5,7 @@
 
 `register(app)` adds the routes. A request's body is parsed once into a ChatRequest (parse_chat,
 with web/body.py's checks), which carries the final SamplingParams; web/generation.py runs it on
-the leader (web/connection.py) and web/stream.py streams its events. With {"chat": true} (or a
+the leader (web/connection.py) and streams its events. With {"chat": true} (or a
 `history`), /chat wraps the conversation in /v1/chat/completions' template (web/openai.py's
 chat_prompt), as the page does.
 """
@@ -19,10 +19,9 @@ from ..sampling_params import FIELDS, SAMPLER_FIELDS, STRATEGY_USES, TUNABLE, Sa
 from .body import check_fields, flag, json_body, optional, sampling
 from .connection import WEIGHTS_STATUS_KEYS, leader_status, model_defaults, model_name, weights_info
 from .errors import ApiError
-from .generation import Generation, start_generation
+from .generation import Generation, event_stream, sse, start_generation
 from .openai import CHAT_STOP, chat_pieces, check_chat_size, usage_of
 from .state import state, tokenizer
-from .stream import event_stream, sse
 
 RECONNECT_ATTEMPTS = 3
 CHAT_FIELDS = ("text",) + FIELDS + ("decoding_strategy", "stream", "chat", "history", "conversation_id")

@@ -1,21 +1,27 @@
-"""A generation on the leader as events (web/stream.py streams them as Server-Sent Events).
+"""A generation on the leader as events, and streaming them as Server-Sent Events.
 
     gen = start_generation(tokenizer().encode("Hello"), params, "chat", "text")
     for event in gen.events():      # ("token", 995, " world"), ..., ("done", result)
         ...
+    return event_stream(sse(...) for each event, gen)       # a text/event-stream response
 
-start_generation / start_batch dial the leader (connection.connect), check that each prompt and
-its reply fit the leader's context (sampling_params.check_fits, the check the leader runs too) and
-return a Generation (one prompt) or a BatchGeneration (several, one leader message).
+start_generation dials the leader (connection.connect), checks that the prompt and its reply fit
+the leader's context (sampling_params.check_fits, the rule the leader runs too) and returns the
+Generation; several prompts in one leader message are web/batch.py's BatchGeneration.
+
+    sse({"token": 995, "text": " world"})     -> 'data: {"token":995,"text":" world"}\n\n'
+    sse({"response": "..."}, event="done")    -> 'event: done\ndata: {...}\n\n'
+    sse_comment("waiting for rank 2")         -> ': waiting for rank 2\n\n'
 """
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import threading
 import time
 
-from flask import g
+from flask import Response, g
 
 from ..cluster.client import ClientError
 from ..decoding import EOT
@@ -27,8 +33,9 @@ from .state import Generations, Transcripts, state
 REFUSAL_WAIT_S = 0.25              # how long a stream waits for the leader's at-once refusal before its 200
 
 
-def _check_fits(params: SamplingParams, prompts: list, field: str, score_only: bool = False):
-    """Every prompt and its reply fit the context the leader said it has (n_ctx, from its welcome)."""
+def check_fits_all(params: SamplingParams, prompts: list, field: str, score_only: bool = False):
+    """Every prompt and its reply fit the context the leader said it has (n_ctx, from its welcome),
+    else a 400 naming `field`: sampling_params.check_fits, once per request, before it is sent."""
     n_ctx = state().leader_info.get("n_ctx")
     try:
         for ids in prompts:
@@ -235,7 +242,7 @@ def start_generation(prompt_ids, params: SamplingParams, route: str, field: str,
     try:
         if callable(prompt_ids):
             prompt_ids = prompt_ids(state().leader_info.get("n_ctx"))
-        _check_fits(params, [prompt_ids], field)
+        check_fits_all(params, [prompt_ids], field)
     except ApiError:
         client.close()
         raise
@@ -244,61 +251,27 @@ def start_generation(prompt_ids, params: SamplingParams, route: str, field: str,
                       registry=state().generations)
 
 
-class BatchGeneration(Generation):
-    """Several generations on one leader connection, run as one batch (LeaderClient.generate_batch):
-    one per prompt and choice of a /v1/completions request. Its events:
-
-        ("status", "waiting for rank 2 to join")
-        ("token", i, 995, " world")            generation i sampled a token (id None: held-back text)
-        ("done", [result_0, result_1, ...])    every generation's result, in order
-     or ("error", ClientError)
-
-    The rest (metrics, hanging up when the reader leaves) is Generation's.
-    """
-
-    def __init__(self, client, prompts: list, seeds: list, params: SamplingParams, metrics, t0: float,
-                 echo: bool = False, top_logprobs: int = 0, score_only: bool = False,
-                 registry: Generations | None = None):
-        super().__init__(client, prompts, params, metrics, t0, echo=echo, top_logprobs=top_logprobs,
-                         registry=registry)
-        self.seeds, self.score_only = seeds, score_only
-        self.texts: list = [[] for _ in prompts]        # generation i's pieces
-        self.counts: list = [0] * len(prompts)          # generation i's sampled tokens
-        self._t_last: list = [None] * len(prompts)
-
-    def text_of(self, i: int) -> str:
-        return "".join(self.texts[i])
-
-    def _call(self) -> tuple:
-        results = self.client.generate_batch(self.prompt, self.params, seeds=self.seeds, on_token=self._on_token,
-                                             on_status=lambda text: self._q.put(("status", text)),
-                                             echo=self.echo, top_logprobs=self.top_logprobs,
-                                             score_only=True if self.score_only else None)
-        return results, results
-
-    def _on_token(self, i, token_id, text):
-        if token_id is not None:
-            now = time.perf_counter()
-            last = self._t_last[i]
-            self.metrics.observe_token(now - (last if last is not None else self.t0), first=last is None)
-            self._t_last[i] = now
-            self.counts[i] += 1
-            self.n_tokens += 1
-            if token_id == EOT:
-                text = ""
-        self.texts[i].append(text or "")
-        self._q.put(("token", i, token_id, text or ""))
+def sse(data, event: str | None = None) -> str:
+    """One Server-Sent Event: 'event: done\\ndata: {...}\\n\\n'. JSON never contains a raw newline."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
-def start_batch(prompts: list, seeds: list, params: SamplingParams, route: str, field: str, echo: bool = False,
-                top_logprobs: int = 0, score_only: bool = False) -> BatchGeneration:
-    """start_generation for several prompts at once (each already repeated n times)."""
-    client = connect()
-    try:
-        _check_fits(params, prompts, field, score_only=score_only)   # scoring: all n_ctx positions may be prompt
-    except ApiError:
-        client.close()
-        raise
-    state().metrics.count_request(route)
-    return BatchGeneration(client, prompts, seeds, params, state().metrics, g.t0, echo=echo,
-                           top_logprobs=top_logprobs, score_only=score_only, registry=state().generations)
+def sse_comment(text: str) -> str:
+    """': waiting for rank 2\\n\\n': clients skip comments; a person reading the stream sees why it waits."""
+    return ": " + " ".join(str(text).splitlines()) + "\n\n"
+
+
+def event_stream(chunks, gen: Generation) -> Response:
+    """A streamed text/event-stream response. However it ends (finished, or the client left before
+    the first chunk), closing it also closes `gen`'s leader connection. A leader that refuses the
+    request at once (busy, a bad field) gets the status a request without streaming gets: 429 with
+    Retry-After, or 400, not a 200 with an error event that OpenAI's clients would not retry."""
+    refused = gen.refused_at_once()
+    if refused is not None:
+        gen.close()
+        raise leader_error(refused)
+    resp = Response(chunks, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp.call_on_close(gen.close)
+    return resp

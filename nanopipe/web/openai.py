@@ -1,7 +1,7 @@
 """The OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
 
 A Flask Blueprint that create_app registers; each route parses its body once into a typed request
-(CompletionRequest, ChatCompletionRequest) and runs it with web/generation.py and web/stream.py, so
+(CompletionRequest, ChatCompletionRequest) and runs it with web/generation.py (web/batch.py for several), so
 OpenAI's client libraries (and curl scripts written for them) can talk to the cluster:
 
     from openai import OpenAI
@@ -56,12 +56,12 @@ from flask import Blueprint, current_app, jsonify
 
 from ..decoding import EOT
 from ..sampling_params import FIELDS, SamplingParams, is_int
+from .batch import BatchGeneration, start_batch
 from .body import check_fields, flag, json_body, optional, sampling
 from .connection import leader_status, model_aliases, model_defaults, model_name, weights_info
 from .errors import ApiError, openai_error
-from .generation import BatchGeneration, Generation, start_batch, start_generation
+from .generation import Generation, event_stream, sse, sse_comment, start_generation
 from .state import state, tokenizer
-from .stream import event_stream, sse, sse_comment
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply ends there
