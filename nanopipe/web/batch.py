@@ -15,7 +15,7 @@ from ..decoding import EOT
 from ..sampling_params import SamplingParams
 from .connection import connect
 from .errors import ApiError
-from .generation import Generation, check_fits_all
+from .generation import Generation, check_fits_all, usage_counts
 from .state import Generations, state
 
 
@@ -77,3 +77,13 @@ def start_batch(prompts: list, seeds: list, params: SamplingParams, route: str, 
     state().metrics.count_request(route)
     return BatchGeneration(client, prompts, seeds, params, state().metrics, g.t0, echo=echo,
                            top_logprobs=top_logprobs, score_only=score_only, registry=state().generations)
+
+
+def batch_usage(prompts: list, gen: BatchGeneration, results: list) -> dict:
+    """Usage of a batch: each prompt's tokens once (however many choices it has), every choice's
+    tokens; cached_tokens likewise counts each prompt once: the tokens all of its choices reused."""
+    prompt = sum(len(p) for p in prompts)
+    n = len(results) // max(1, len(prompts))
+    cached = sum(min(int(r.get("cached_tokens") or 0) for r in results[i * n:(i + 1) * n])
+                 for i in range(len(prompts))) if n else 0
+    return usage_counts(prompt, gen.n_tokens, cached)

@@ -19,8 +19,8 @@ from ..sampling_params import FIELDS, SAMPLER_FIELDS, STRATEGY_USES, TUNABLE, Sa
 from .body import check_fields, flag, json_body, optional, sampling
 from .connection import WEIGHTS_STATUS_KEYS, leader_status, model_defaults, model_name, weights_info
 from .errors import ApiError
-from .generation import Generation, event_stream, sse, start_generation
-from .openai import CHAT_STOP, chat_pieces, check_chat_size, usage_of
+from .generation import Generation, event_stream, sse, start_generation, usage_of
+from .openai import CHAT_STOP, chat_pieces, check_chat_size
 from .state import state, tokenizer
 
 RECONNECT_ATTEMPTS = 3

@@ -251,6 +251,20 @@ def start_generation(prompt_ids, params: SamplingParams, route: str, field: str,
                       registry=state().generations)
 
 
+def usage_of(result: dict, gen: Generation) -> dict:
+    """OpenAI's usage for one reply (/chat and the OpenAI routes), with prompt_tokens_details.cached_tokens: the
+    prompt tokens whose KV cache a finished request left on every stage (nanopipe/prefix.py), so only
+    the rest was prefilled: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, ...}."""
+    prompt = len(result.get("prompt_ids") or gen.prompt)
+    return usage_counts(prompt, gen.n_tokens, int(result.get("cached_tokens") or 0))
+
+
+def usage_counts(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage object from its three counts (a batch's too: web/batch.py)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
 def sse(data, event: str | None = None) -> str:
     """One Server-Sent Event: 'event: done\\ndata: {...}\\n\\n'. JSON never contains a raw newline."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))

@@ -56,11 +56,11 @@ from flask import Blueprint, current_app, jsonify
 
 from ..decoding import EOT
 from ..sampling_params import FIELDS, SamplingParams, is_int
-from .batch import BatchGeneration, start_batch
+from .batch import BatchGeneration, batch_usage, start_batch
 from .body import check_fields, flag, json_body, optional, sampling
 from .connection import leader_status, model_aliases, model_defaults, model_name, weights_info
 from .errors import ApiError, openai_error
-from .generation import Generation, event_stream, sse, sse_comment, start_generation
+from .generation import Generation, event_stream, sse, sse_comment, start_generation, usage_of
 from .state import state, tokenizer
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -303,28 +303,6 @@ def _meta(id_prefix: str, kind: str) -> dict:
             "model": model_name()}
 
 
-def _batch_usage(prompts: list, gen: BatchGeneration, results: list) -> dict:
-    """Usage of a batch: each prompt's tokens once (however many choices it has), every choice's
-    tokens; cached_tokens likewise counts each prompt once: the tokens all of its choices reused."""
-    prompt = sum(len(p) for p in prompts)
-    n = len(results) // max(1, len(prompts))
-    cached = sum(min(int(r.get("cached_tokens") or 0) for r in results[i * n:(i + 1) * n])
-                 for i in range(len(prompts))) if n else 0
-    return _counts(prompt, gen.n_tokens, cached)
-
-
-def usage_of(result: dict, gen: Generation) -> dict:
-    """OpenAI's usage for one reply (here and on /chat), with prompt_tokens_details.cached_tokens: the
-    prompt tokens whose KV cache a finished request left on every stage (nanopipe/prefix.py), so only
-    the rest was prefilled: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, ...}."""
-    return _counts(len(result.get("prompt_ids") or gen.prompt), gen.n_tokens, int(result.get("cached_tokens") or 0))
-
-
-def _counts(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def _include_usage(body: dict) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
@@ -433,7 +411,7 @@ def completions():
         choices.append({"text": prompt_text + gen.text_of(i), "index": i, "finish_reason": result.get("finish_reason"),
                         "logprobs": None if req.logprobs is None else _completion_logprobs(tokenizer(), result,
                                                                                            req.echo)})
-    return jsonify(**meta, choices=choices, usage=_batch_usage(req.prompts, gen, results))
+    return jsonify(**meta, choices=choices, usage=batch_usage(req.prompts, gen, results))
 
 
 def _one_completion(req: CompletionRequest, meta: dict):
@@ -463,7 +441,7 @@ def _batch_chunks(gen: BatchGeneration, meta: dict, usage: bool, count: int, pro
                 yield sse({**meta, "choices": [{"text": "", "index": i, "logprobs": None,
                                                 "finish_reason": result.get("finish_reason")}]})
             if usage:
-                yield sse({**meta, "choices": [], "usage": _batch_usage(prompts, gen, event[1])})
+                yield sse({**meta, "choices": [], "usage": batch_usage(prompts, gen, event[1])})
         elif event[0] == "error":
             err = gen.stream_error(event[1])
             yield sse(openai_error(err.status, err.message, err.param))
