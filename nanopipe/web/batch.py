@@ -14,7 +14,6 @@ from flask import g
 from ..decoding import EOT
 from ..sampling_params import SamplingParams
 from .connection import connect
-from .errors import ApiError
 from .generation import Generation, check_fits_all, usage_counts
 from .state import Generations, state
 
@@ -71,7 +70,7 @@ def start_batch(prompts: list, seeds: list, params: SamplingParams, route: str, 
     client = connect()
     try:
         check_fits_all(params, prompts, field, score_only=score_only)   # scoring: all n_ctx positions may be prompt
-    except ApiError:
+    except Exception:               # a 400, or a prompt that could not be made: hang up first
         client.close()
         raise
     state().metrics.count_request(route)

@@ -243,7 +243,7 @@ def start_generation(prompt_ids, params: SamplingParams, route: str, field: str,
         if callable(prompt_ids):
             prompt_ids = prompt_ids(state().leader_info.get("n_ctx"))
         check_fits_all(params, [prompt_ids], field)
-    except ApiError:
+    except Exception:               # a 400, or a prompt that could not be made: hang up first
         client.close()
         raise
     state().metrics.count_request(route)
@@ -252,9 +252,9 @@ def start_generation(prompt_ids, params: SamplingParams, route: str, field: str,
 
 
 def usage_of(result: dict, gen: Generation) -> dict:
-    """OpenAI's usage for one reply (/chat and the OpenAI routes), with prompt_tokens_details.cached_tokens: the
-    prompt tokens whose KV cache a finished request left on every stage (nanopipe/prefix.py), so only
-    the rest was prefilled: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, ...}."""
+    """OpenAI's usage for one reply (/chat and the OpenAI routes), with prompt_tokens_details.cached_tokens:
+    the prompt tokens whose KV cache a finished request left on every stage (nanopipe/prefix.py), so
+    only the rest was prefilled: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, ...}."""
     prompt = len(result.get("prompt_ids") or gen.prompt)
     return usage_counts(prompt, gen.n_tokens, int(result.get("cached_tokens") or 0))
 
