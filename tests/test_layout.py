@@ -268,3 +268,23 @@ def test_the_page_is_found_one_way_in_a_checkout_and_in_an_installed_copy(tmp_pa
     assert not installed.is_symlink() and sorted(p.name for p in installed.iterdir()) == names
     for name in names:
         assert (installed / name).read_bytes() == (page / name).read_bytes(), name
+
+
+def test_the_sampling_tables_are_assigned_only_in_sampling_params():
+    """The field lists, the strategy registry, the YAML section keys and the defaults are assigned in
+    sampling_params.py alone; a module that needs one imports it (a second `STRATEGY_KEYS = {...}`
+    in config.py once kept @register'd strategies out of model_config.yaml)."""
+    import nanopipe.sampling_params as sp
+    owned = {"FIELDS", "SAMPLER_FIELDS", "TUNABLE", "BUILT_IN", "STRATEGY_USES", "SECTION_KEYS", "DEFAULT_DECODING",
+             "TOP_P_DEFAULT", "MAX_STOPS", "PENALTY_RANGE", "REPETITION_RANGE", "BIAS_RANGE"}
+    assert owned <= set(vars(sp)), sorted(owned - set(vars(sp)))
+    again = []
+    for mod, path in modules().items():
+        if mod == "nanopipe.sampling_params":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            again += [f"{path.relative_to(PKG.parent)}:{node.lineno} {t.id}" for t in targets
+                      if isinstance(t, ast.Name) and t.id in owned]
+    assert not again, "sampling tables assigned outside sampling_params.py (import them):\n  " + "\n  ".join(again)
