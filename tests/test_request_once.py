@@ -135,3 +135,11 @@ def test_the_leader_checks_what_any_client_sends(live_leader, fields, field, wor
     with pytest.raises(ClientError) as e:
         client.generate([464] * 40, None, **fields)
     assert e.value.kind == "invalid" and e.value.field == field and words in str(e.value), str(e.value)
+
+
+def test_the_engine_validates_a_request_once(tiny_engine, validations):
+    """In one process too: Engine.generate checks through Scheduler.check alone (check_request)."""
+    out = tiny_engine.generate([464, 3290], SamplingParams("top_k", temperature=0.8, top_k=5, max_tokens=2, seed=1,
+                                                           stop="zzz"))
+    assert len(out["token_ids"]) == 2
+    assert len(validations) == 1, f"validated {len(validations)} times: {validations}"
