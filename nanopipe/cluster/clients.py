@@ -176,7 +176,7 @@ class ClientProtocol:
             # the one validation (the same function Scheduler.check runs): fields, prompt, the context
             params = check_request(resolve_request(self.model.decoding_defaults(),
                                                    **{k: meta.get(k) for k in CLIENT_FIELDS}),
-                                   prompt_ids, n_ctx=self.config.n_ctx, n_vocab=self.config.n_vocab,
+                                   prompt_ids, n_ctx=self.scheduler.config.n_ctx, n_vocab=self.scheduler.config.n_vocab,
                                    score_only=meta.get("score_only") is True)
             top = meta.get("top_logprobs", 0) or 0
             if not is_int(top) or not 0 <= top <= 20:
