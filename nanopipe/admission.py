@@ -10,9 +10,7 @@ from __future__ import annotations
 import itertools
 import queue
 
-import numpy as np
-
-from .decoding import DecodingError
+from .sampling_params import check_request
 
 
 class Admission:
@@ -34,20 +32,11 @@ class Admission:
         self._ids = itertools.count(1)
 
     def check(self, req):
-        """Validate a request before it is queued; raises DecodingError with a clear message."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise DecodingError("prompt is empty: give at least one token", field="prompt")
-        if any((not isinstance(t, (int, np.integer))) or not 0 <= t < self.config.n_vocab for t in req.prompt_ids):
-            raise DecodingError(f"prompt token ids must be in 0..{self.config.n_vocab - 1}", field="prompt")
-        # the checked copy is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers
-        if req.score_only:          # nothing is generated: the prompt alone must fit, all n_ctx of it
-            if n > self.config.n_ctx:
-                raise DecodingError(f"prompt: {n} tokens do not fit the context of n_ctx={self.config.n_ctx}; "
-                                    "score a shorter window", field="prompt")
-            req.params = req.params.validate(n_vocab=self.config.n_vocab)
-        else:
-            req.params = req.params.validate(n_ctx=self.config.n_ctx, prompt_len=n, n_vocab=self.config.n_vocab)
+        """Validate a request before it is queued (sampling_params.check_request, the check the leader
+        runs on a GENERATE too); raises DecodingError with a clear message. The checked copy of its
+        params is what runs: stop as a tuple, logit_bias as (id, bias) pairs, plain numbers."""
+        req.params = check_request(req.params, req.prompt_ids, n_ctx=self.config.n_ctx, n_vocab=self.config.n_vocab,
+                                   score_only=req.score_only)
 
     def submit(self, req, checked: bool = False) -> str:
         """Queue `req` (checked first, unless the caller has just done so: `check`); returns its id."""

@@ -398,10 +398,6 @@ class Engine:
         `text`: a tokenizer.StopStream; one is made when params has stop strings. With one, the
         result also holds "text" (the reply, without the stop string) and "stop" (which one hit).
         """
-        params = params.validate()          # stop "x" -> ("x",) before a StopStream reads it
-        if text is None and params.stop:
-            from .tokenizer import StopStream
-            text = StopStream(stops=params.stop)
         box = {}
 
         def emit(kind, data):
@@ -410,8 +406,13 @@ class Engine:
             elif kind in ("done", "error"):
                 box[kind] = data
 
-        self.scheduler.submit(Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs,
-                                      score_only=score_only, text=text))
+        req = Request(list(prompt_ids), params, emit, echo=echo, top_logprobs=top_logprobs, score_only=score_only)
+        self.scheduler.check(req)           # once: stop "x" -> ("x",) before a StopStream reads it
+        if text is None and req.params.stop:
+            from .tokenizer import StopStream
+            text = StopStream(stops=req.params.stop)
+        req.text = text
+        self.scheduler.submit(req, checked=True)
         self.scheduler.run_until_idle()
         if "error" in box:
             raise RuntimeError(box["error"]["error"])

@@ -121,13 +121,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple = ()
 
-    def validate(self, n_ctx: int | None = None, prompt_len: int = 0, n_vocab: int | None = None) -> SamplingParams:
+    def validate(self, n_ctx: int | None = None, prompt_len: int = 0, n_vocab: int | None = None,
+                 score_only: bool = False) -> SamplingParams:
         """Check every field; return a copy with numbers as plain Python int/float, `stop` as a
         tuple of strings and `logit_bias` as sorted (id, bias) pairs.
 
         With `n_ctx` (the model's context size), also check that the prompt plus the tokens to
-        generate fit: 1000 prompt tokens + max_tokens=50 > n_ctx=1024 is an error. With
-        `n_vocab`, also that every logit_bias id is a token of the model.
+        generate fit (check_fits): 1000 prompt tokens + max_tokens=50 > n_ctx=1024 is an error.
+        With `n_vocab`, also that every logit_bias id is a token of the model.
         """
         if self.strategy not in STRATEGY_USES:
             raise unknown_strategy(self.strategy)
@@ -147,12 +148,7 @@ class SamplingParams:
         max_tokens = _integer("max_tokens", self.max_tokens, minimum=1)
         seed = None if self.seed is None else _integer("seed", self.seed, minimum=0, what="an integer >= 0 or null")
         if n_ctx is not None:
-            prompt_len = _integer("prompt_len", prompt_len, minimum=0)
-            if prompt_len + max_tokens > n_ctx:
-                raise DecodingError(
-                    f"max_tokens too large: prompt length {prompt_len} + max_tokens {max_tokens} = "
-                    f"{prompt_len + max_tokens} exceeds the context size n_ctx={n_ctx}; "
-                    f"use max_tokens <= {max(n_ctx - prompt_len, 0)} or a shorter prompt", field="max_tokens")
+            check_fits(_integer("prompt_len", prompt_len, minimum=0), max_tokens, n_ctx, score_only=score_only)
         penalties = {name: _ranged(name, getattr(self, name), -PENALTY_RANGE, PENALTY_RANGE)
                      for name in ("frequency_penalty", "presence_penalty")}
         lo, hi = REPETITION_RANGE
@@ -182,6 +178,57 @@ class SamplingParams:
                 out[f] = (list(value) if f == "stop" else {str(t): b for t, b in dict(value).items()}
                           if f == "logit_bias" else value)
         return out
+
+
+def fits(prompt_len: int, max_tokens: int, n_ctx: int | None) -> bool:
+    """The context rule: a prompt and the tokens to generate after it fit in n_ctx positions
+    (None or 0: the context is not known, so anything fits). fits(1000, 24, 1024) -> True; fits(1000, 25, 1024)
+    -> False. check_fits says what is wrong when it does not hold."""
+    return not n_ctx or prompt_len + max_tokens <= n_ctx
+
+
+def check_fits(prompt_len: int, max_tokens: int, n_ctx: int | None, field: str = "prompt",
+               score_only: bool = False) -> None:
+    """Do a prompt and its reply fit the model's context? The one place that says so: the web app
+    asks before it sends a request, the leader and Engine (check_request) for whatever arrives.
+    `field` names where the caller's API holds the prompt ("text", "messages", "prompt").
+
+        prompt 1000 + max_tokens 50, n_ctx 1024 -> DecodingError "max_tokens too large: ...", field max_tokens
+        prompt 1024, n_ctx 1024                 -> DecodingError "prompt: the prompt is 1024 tokens, ...", field prompt
+        score_only (nothing generated)          -> the prompt alone may fill all n_ctx positions
+    """
+    if fits(prompt_len, 0 if score_only else max_tokens, n_ctx):
+        return
+    if score_only:
+        raise DecodingError(f"{field}: the prompt's {prompt_len} tokens do not fit the context of n_ctx={n_ctx}; "
+                            "score a shorter window", field=field)
+    if not fits(prompt_len, 1, n_ctx):      # the prompt alone leaves no room: no max_tokens would do
+        raise DecodingError(f"{field}: the prompt is {prompt_len} tokens, but the model's context is n_ctx={n_ctx} "
+                            "tokens for prompt and reply together; shorten it", field=field)
+    raise DecodingError(f"max_tokens too large: prompt length {prompt_len} + max_tokens {max_tokens} = "
+                        f"{prompt_len + max_tokens} exceeds the context size n_ctx={n_ctx}; "
+                        f"use max_tokens <= {n_ctx - prompt_len} or a shorter prompt", field="max_tokens")
+
+
+def check_request(params: SamplingParams, prompt_ids, n_ctx: int | None = None, n_vocab: int | None = None,
+                  score_only: bool = False) -> SamplingParams:
+    """The one check a request passes before it runs; returns the checked params, which are what
+    runs. The leader calls it on every GENERATE (whatever client sent it), Scheduler.check on a
+    request made in-process; both with the model's n_ctx and n_vocab.
+
+    The prompt: a non-empty list of token ids in 0..n_vocab-1; then every sampling field and that
+    prompt and reply fit the context (SamplingParams.validate, check_fits).
+
+        check_request(SamplingParams("greedy", max_tokens=5), [15496, 995], n_ctx=1024, n_vocab=50257) -> greedy, 5
+        check_request(SamplingParams(), [], n_ctx=1024)                      -> DecodingError "prompt is empty ..."
+    """
+    if not isinstance(prompt_ids, (list, tuple)) or not all(is_int(t) for t in prompt_ids):
+        raise DecodingError("prompt_ids: must be a list of token ids", field="prompt")
+    if not prompt_ids:
+        raise DecodingError("prompt is empty: give at least one token", field="prompt")
+    if n_vocab is not None and not all(0 <= t < n_vocab for t in prompt_ids):
+        raise DecodingError(f"prompt token ids must be in 0..{n_vocab - 1}", field="prompt")
+    return params.validate(n_ctx=n_ctx, prompt_len=len(prompt_ids), n_vocab=n_vocab, score_only=score_only)
 
 
 def _show(value, limit: int = 60) -> str:
@@ -321,8 +368,14 @@ def request_params(defaults: dict | None = None, **sent) -> SamplingParams:
         request_params(cfg, temperature=0.8, top_k=40, max_tokens=30) -> top_k, T=0.8, k=40, 30 tokens
         request_params(cfg)                                           -> greedy (the default)
     """
+    return resolve_request(defaults, **sent).validate()
+
+
+def resolve_request(defaults: dict | None = None, **sent) -> SamplingParams:
+    """request_params without the validation: for a caller that validates once, later, with the
+    prompt and the model in hand (the leader: check_request)."""
     strategy = infer_strategy(sent.get("strategy"), sent.get("temperature"), sent.get("top_k"), sent.get("top_p"))
-    return make_params(defaults, **dict(sent, strategy=strategy))
+    return _merge(defaults, **dict(sent, strategy=strategy))
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -345,6 +398,11 @@ def make_params(defaults: dict | None = None, **overrides) -> SamplingParams:
 
     The result is validated (without the context-size check, which needs the prompt).
     """
+    return _merge(defaults, **overrides).validate()
+
+
+def _merge(defaults: dict | None = None, **overrides) -> SamplingParams:
+    """make_params' precedence, not yet validated."""
     unknown = set(overrides) - set(_FIELDS)
     if unknown:
         raise DecodingError(f"unknown sampling parameter(s) {sorted(unknown)}; known: {list(_FIELDS)}",
@@ -368,4 +426,4 @@ def make_params(defaults: dict | None = None, **overrides) -> SamplingParams:
                                 f"known: {sorted(SECTION_KEYS)}", field="decoding_strategies")
         values[SECTION_KEYS[key]] = value
     values.update(given)
-    return SamplingParams(**values).validate()
+    return SamplingParams(**values)

@@ -207,7 +207,7 @@ def wait_log(cl, rank: int, *needles: str, timeout: float = 5.0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# A fake leader for the web app: FakeLeader.connect is the app's CLIENT_FACTORY (web.api.dial_leader's
+# A fake leader for the web app: FakeLeader.connect is the app's CLIENT_FACTORY (web.connection.dial_leader's
 # place) and returns a FakeClient (LeaderClient's place, minus the socket). Their signatures are checked
 # against the real ones (test_web_health.py::test_the_fake_leader_client_has_the_real_signatures), so
 # the fake cannot drift from what the app calls. The fixtures `leader`, `app`, `client` are in conftest.py.

@@ -10,6 +10,7 @@ Read from the source (ast), so a lazy import inside a function counts as much as
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,12 +113,26 @@ def test_the_leader_side_and_the_worker_side_share_only_the_wire():
 
 
 def test_the_web_app_factory_sits_on_top_of_the_web_modules():
-    """web/app.py (create_app) registers chat, openai and metrics; they share web/api.py, and none of them
-    imports app.py back (the cycle web/app.py <-> web/openai.py was dodged with imports inside functions)."""
+    """web/app.py (create_app) registers chat, openai and metrics; they share errors, body, connection,
+    generation and state, and none of them imports app.py back (the cycle web/app.py <->
+    web/openai.py was dodged with imports inside functions)."""
     g = graph()
     web = [m for m in g if layer(m) == "web" and m != "nanopipe.web.app"]
     assert not [m for m in web if "nanopipe.web.app" in g[m]], "a web module imports web/app.py"
-    assert {"nanopipe.web.chat", "nanopipe.web.openai", "nanopipe.web.api"} <= g["nanopipe.web.app"]
+    assert {"nanopipe.web.chat", "nanopipe.web.openai", "nanopipe.web.errors", "nanopipe.web.state"} \
+        <= g["nanopipe.web.app"]
+    for route in ("nanopipe.web.chat", "nanopipe.web.openai"):
+        assert set(WEB_SHARED) <= g[route], (route, sorted(set(WEB_SHARED) - g[route]))
+
+
+# what the web routes share, one module per thing it holds (no grab-bag): each small enough to read at once
+WEB_SHARED = [f"nanopipe.web.{m}" for m in ("errors", "body", "connection", "generation", "state")]
+
+
+@pytest.mark.parametrize("module", WEB_SHARED + ["nanopipe.web.batch"])
+def test_what_the_web_routes_share_is_in_small_modules(module):
+    lines = len(modules()[module].read_text().splitlines())
+    assert lines <= 310, f"{module} is {lines} lines: split it along what it holds"
 
 
 def test_config_is_data():
@@ -296,3 +311,55 @@ def test_the_shape_checks_can_fail(tmp_path):
     assert class_lengths(fake)[0] == (301, "nanopipe/cluster/wire.py:Big")
     assert private_imports(fake) == ["nanopipe/cluster/net.py:1 imports _parse from nanopipe.cluster.wire",
                                      "nanopipe/cluster/net.py:4 uses wire._parse"]
+
+
+def test_the_page_is_found_one_way_in_a_checkout_and_in_an_installed_copy(tmp_path):
+    """web_dir() is the package's web/static: in this checkout the repository's web/ (a symlink), in
+    an installed copy (what setup.cfg's build puts in a wheel, built here by its build_py) the files
+    themselves. Both serve the same page; neither looks anywhere else."""
+    from setuptools.dist import Distribution
+
+    from nanopipe.web.app import web_dir
+    page = PKG.parent / "web"
+    names = sorted(p.name for p in page.iterdir() if p.is_file())
+    assert {"index.html", "app.js", "style.css"} <= set(names)
+    assert Path(web_dir()) == page.resolve()
+
+    dist = Distribution({"script_name": "setup.py"})
+    here = Path.cwd()
+    try:
+        os.chdir(PKG.parent)                # setup.cfg's paths are relative to the repository
+        dist.parse_config_files(["setup.cfg"])
+        build = dist.get_command_obj("build_py")
+        build.build_lib, build.compile = str(tmp_path), False
+        dist.run_command("build_py")
+    finally:
+        os.chdir(here)
+    code = "from nanopipe.web.app import web_dir; print(web_dir())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    installed = Path(out.stdout.strip())
+    assert installed == (tmp_path / "nanopipe" / "web" / "static").resolve(), out.stdout
+    assert not installed.is_symlink() and sorted(p.name for p in installed.iterdir()) == names
+    for name in names:
+        assert (installed / name).read_bytes() == (page / name).read_bytes(), name
+
+
+def test_the_sampling_tables_are_assigned_only_in_sampling_params():
+    """The field lists, the strategy registry, the YAML section keys and the defaults are assigned in
+    sampling_params.py alone; a module that needs one imports it (a second `STRATEGY_KEYS = {...}`
+    in config.py once kept @register'd strategies out of model_config.yaml)."""
+    import nanopipe.sampling_params as sp
+    owned = {"FIELDS", "SAMPLER_FIELDS", "TUNABLE", "BUILT_IN", "STRATEGY_USES", "SECTION_KEYS", "DEFAULT_DECODING",
+             "TOP_P_DEFAULT", "MAX_STOPS", "PENALTY_RANGE", "REPETITION_RANGE", "BIAS_RANGE"}
+    assert owned <= set(vars(sp)), sorted(owned - set(vars(sp)))
+    again = []
+    for mod, path in modules().items():
+        if mod == "nanopipe.sampling_params":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            again += [f"{path.relative_to(PKG.parent)}:{node.lineno} {t.id}" for t in targets
+                      if isinstance(t, ast.Name) and t.id in owned]
+    assert not again, "sampling tables assigned outside sampling_params.py (import them):\n  " + "\n  ".join(again)

@@ -1,4 +1,4 @@
-"""One usage count for a reply: /chat and the OpenAI routes share web.openai.usage_of."""
+"""One usage count for a reply: /chat and the OpenAI routes share web.generation.usage_of."""
 
 from __future__ import annotations
 

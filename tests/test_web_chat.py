@@ -320,7 +320,7 @@ def test_chat_template_puts_no_second_space_before_a_reply_that_has_one():
 
 
 def test_transcripts_keep_the_longest_prefix_and_forget_the_oldest():
-    from nanopipe.web.api import Transcripts
+    from nanopipe.web.state import Transcripts
     tok = get_tokenizer()
     kept = Transcripts(max_entries=2)
     kept.remember("User: Hi", [1, 2])
@@ -373,8 +373,8 @@ def test_a_conversation_too_big_is_a_400_saying_the_limit(client, route, many, s
 def test_trimming_keeps_the_first_message_whole_when_the_parts_fit(leader):
     """The model's own tokens (kept) make the prompt one token longer than its messages encoded
     apart: too long whole, it fits counted apart, so nothing is left out and nothing is cut."""
-    from nanopipe.web.api import Transcripts
     from nanopipe.web.chat import conversation_ids
+    from nanopipe.web.state import Transcripts
     tok = get_tokenizer()
     kept = Transcripts()
     said = "User: Hi\nAssistant:"

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from helpers import CONFIG_DIR, FakeClient, FakeLeader, parse_metrics, signature_drift
 
 from nanopipe.cluster.leader_client import ClientError, LeaderClient
-from nanopipe.web.api import dial_leader
 from nanopipe.web.app import settings_from_configs
+from nanopipe.web.connection import dial_leader
 from nanopipe.web.metrics import WebMetrics, render_metrics
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_web_command_rejects_a_malformed_leader_address():
 
 
 def test_the_fake_leader_client_has_the_real_signatures():
-    # the factory: the app calls CLIENT_FACTORY as it calls web.api.dial_leader
+    # the factory: the app calls CLIENT_FACTORY as it calls web.connection.dial_leader
     drift = signature_drift(FakeLeader.connect, dial_leader)
     # the connection: every public method the real client has, with the same parameters
     public = sorted(name for name in vars(LeaderClient) if not name.startswith("_") and name != "connect")

@@ -4,7 +4,7 @@
     client <--TOKEN {"request", "session", "token": 995, "text": " world"} ...  DONE {stats}
     (also GENERATE_BATCH, CANCEL {"session"}, STATE_REQUEST -> STATE: the cluster's state, PING -> PONG)
 
-A GENERATE is checked once (sampling_params.request_params: a bad field is an ERROR naming it, kind
+A GENERATE is checked once (sampling_params.check_request: a bad field is an ERROR naming it, kind
 "invalid") and becomes an engine.Request; a GENERATE_BATCH queues several at once so they
 run as one scheduler batch. While more than QUEUE_PER_SESSION x max_sessions requests wait, a new
 one is refused with kind "busy" and "retry_after_s" (the web app answers 429 with Retry-After).
@@ -20,7 +20,7 @@ import struct
 import threading
 
 from ..engine import Request
-from ..sampling_params import FIELDS, DecodingError, is_int, request_params
+from ..sampling_params import FIELDS, DecodingError, check_request, is_int, resolve_request
 from .net import close_now, welcome
 from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame, state, status_text
 
@@ -182,9 +182,11 @@ class ClientProtocol:
                 if not isinstance(text, str) or not text:
                     raise DecodingError("prompt: give a non-empty 'prompt' string or 'prompt_ids'", field="prompt")
                 prompt_ids = self._tok().encode(text)
-            if not isinstance(prompt_ids, list) or not all(is_int(t) for t in prompt_ids):
-                raise DecodingError("prompt_ids: must be a list of token ids", field="prompt")
-            params = request_params(self.model.decoding_defaults(), **{k: meta.get(k) for k in CLIENT_FIELDS})
+            # the one validation (the same function Scheduler.check runs): fields, prompt, the context
+            params = check_request(resolve_request(self.model.decoding_defaults(),
+                                                   **{k: meta.get(k) for k in CLIENT_FIELDS}),
+                                   prompt_ids, n_ctx=self.scheduler.config.n_ctx, n_vocab=self.scheduler.config.n_vocab,
+                                   score_only=meta.get("score_only") is True)
             top = meta.get("top_logprobs", 0) or 0
             if not is_int(top) or not 0 <= top <= 20:
                 raise DecodingError("top_logprobs: must be an integer in 0..20", field="top_logprobs")
@@ -221,12 +223,6 @@ class ClientProtocol:
         req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
                       trace=meta.get("trace") is True, stop_at_eot=meta.get("ignore_eos") is not True,
                       score_only=meta.get("score_only") is True, text=stream)
-        try:
-            self.scheduler.check(req)
-        except DecodingError as e:
-            self.counts["errors"] += 1
-            send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid", "field": e.field})
-            return None
         return req
 
     def _refuse_if_busy(self, n: int, req_id, send) -> bool:

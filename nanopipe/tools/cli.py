@@ -16,6 +16,7 @@ from ..sampling_params import (
     STRATEGY_USES,
     DecodingError,
     check_stop,
+    fits,
     request_params,
 )
 from .planning import (
@@ -306,15 +307,16 @@ def _weights_of(client) -> dict:
 
 def check_prompt_fits(n_prompt: int, n_ctx, max_tokens: int | None = None):
     """Prompt and reply must fit the context, checked before the prompt is echoed; the prompt alone
-    in the web API's wording (web.api.check_fits), then the reply in the option's name."""
-    if n_ctx and n_prompt >= n_ctx:
+    in the web API's wording (sampling_params.check_fits), then the reply in the option's name."""
+    if fits(n_prompt, max_tokens or 1, n_ctx):        # the one rule: sampling_params.fits
+        return
+    if not fits(n_prompt, 1, n_ctx):
         raise UserError(f"the prompt is {n_prompt} tokens, but the model's context is n_ctx={n_ctx} tokens for "
                         f"prompt and reply together; shorten the prompt to under {n_ctx} tokens "
                         "(fewer still for a longer reply: prompt + --max-tokens <= n_ctx)")
-    if n_ctx and max_tokens and n_prompt + max_tokens > n_ctx:
-        raise UserError(f"the prompt is {n_prompt} tokens and --max-tokens is {max_tokens}: {n_prompt + max_tokens} "
-                        f"tokens, more than the model's context (n_ctx={n_ctx}) for prompt and reply together; "
-                        f"use --max-tokens {n_ctx - n_prompt} or less, or a shorter prompt")
+    raise UserError(f"the prompt is {n_prompt} tokens and --max-tokens is {max_tokens}: {n_prompt + max_tokens} "
+                    f"tokens, more than the model's context (n_ctx={n_ctx}) for prompt and reply together; "
+                    f"use --max-tokens {n_ctx - n_prompt} or less, or a shorter prompt")
 
 
 def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:

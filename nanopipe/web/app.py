@@ -17,10 +17,9 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
 
     GET  /                      the chat page (web/index.html), its app.js and style.css (also under
                                 /static/), with no token needed
-    POST /chat                  {"text", "max_tokens", "temperature", "top_k", "top_p",
-                                 "decoding_strategy", "seed", "stream", "stop", "frequency_penalty",
-                                 "presence_penalty", "repetition_penalty", "logit_bias", "chat"}
-                                 -> {"response", "config", "stats"}
+    POST /chat                  {"text", the sampling fields (sampling_params.FIELDS), "decoding_strategy",
+                                 "stream", "chat", "history", "conversation_id"} (chat.CHAT_FIELDS)
+                                 -> {"response", "config", "stats", "usage"}
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
@@ -30,9 +29,12 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
     GET  /v1/models
 
 The modules: app.py (this one: create_app, the guards every request passes, the page, /metrics),
-chat.py (the guide's API), openai.py (the OpenAI routes), api.py (what they share: errors, request
-bodies, the leader connection, a generation as events), metrics.py (Prometheus). app.py imports the
-others; none imports app.py.
+chat.py (the guide's API), openai.py (the OpenAI routes), and what they share: errors.py (ApiError
+and its JSON answers), body.py (reading a body into a route's typed request), connection.py (the
+leader connection and what the leader said), generation.py (a generation as events, streamed as
+Server-Sent Events), batch.py (several in one leader message), state.py (what the app remembers
+between requests); metrics.py (Prometheus).
+app.py imports the others; none imports app.py.
 
 Browsers. A page from another origin may call the API if its origin is allowed: the app's own, then
 `cors_origins` when cluster_config.yaml sets it, else DEFAULT_ORIGINS: http://localhost, 127.0.0.1
@@ -50,7 +52,6 @@ from __future__ import annotations
 import hmac
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -59,8 +60,10 @@ from werkzeug.exceptions import HTTPException
 
 from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
 from . import chat, openai
-from .api import ApiError, AppState, dial_leader, error_response, leader_status, state
+from .connection import dial_leader, leader_status
+from .errors import ApiError, error_response
 from .metrics import render_metrics
+from .state import AppState, state
 
 MAX_BODY_BYTES = 1 << 20
 PUBLIC_ENDPOINTS = {"page", "static_file"}      # served without the API token: the page asks for it
@@ -79,12 +82,11 @@ MAX_CHOICES = 16                   # prompts x n in one /v1/completions request 
 
 
 def web_dir() -> str:
-    """The page's folder: the repository's web/ next to the package (an editable install uses it in
-    place), or share/nanopipe/web under the Python prefix for an installed copy."""
-    here = Path(__file__).resolve().parents[2] / "web"        # nanopipe/web/app.py -> <repo>/web
-    if (here / "index.html").is_file():
-        return str(here)
-    return os.path.join(sys.prefix, "share", "nanopipe", "web")
+    """The chat page's folder, found one way: the package's web/static. In the repository that is a
+    symlink to the top-level web/ (where the page lives, and `cd web && python -m http.server` serves
+    it), so an editable install serves the files in place; an installed copy carries the files
+    themselves there (setup.cfg's package_data)."""
+    return str((Path(__file__).parent / "static").resolve())
 
 
 # ---------------------------------------------------------------------------------------------

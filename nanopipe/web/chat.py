@@ -3,36 +3,25 @@
     POST /chat {"text": "Hello", "max_tokens": 20, "temperature": 0}
     -> {"response": " world...", "config": {"decoding_strategy": "greedy", ...}, "stats": {...}, "usage": {...}}
 
-`register(app)` adds the routes; they build on web/api.py (errors, the leader connection, a
-generation as events). With {"chat": true} (or a `history`), /chat wraps the conversation in
-/v1/chat/completions' template (web/openai.py's chat_prompt), as the page does.
+`register(app)` adds the routes. A request's body is parsed once into a ChatRequest (parse_chat,
+with web/body.py's checks), which carries the final SamplingParams; web/generation.py runs it on
+the leader (web/connection.py) and streams its events. With {"chat": true} (or a
+`history`), /chat wraps the conversation in /v1/chat/completions' template (web/openai.py's
+chat_prompt), as the page does.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flask import Flask, current_app, jsonify
 
-from ..sampling_params import FIELDS, SAMPLER_FIELDS, STRATEGY_USES, TUNABLE, SamplingParams
-from .api import (
-    WEIGHTS_KEYS,
-    ApiError,
-    Generation,
-    check_fields,
-    decoding_defaults,
-    event_stream,
-    flag,
-    json_body,
-    leader_status,
-    model_name,
-    optional,
-    resolve,
-    sampling_fields,
-    sse,
-    start_generation,
-    state,
-    tokenizer,
-    weights_info,
-)
-from .openai import CHAT_STOP, chat_pieces, check_chat_size, usage_of
+from ..sampling_params import FIELDS, SAMPLER_FIELDS, STRATEGY_USES, TUNABLE, SamplingParams, fits
+from .body import check_fields, flag, json_body, optional, sampling
+from .connection import WEIGHTS_STATUS_KEYS, leader_status, model_defaults, model_name, weights_info
+from .errors import ApiError
+from .generation import Generation, event_stream, sse, start_generation, usage_of
+from .openai import CHAT_STOP, chat_pieces, check_chat_size
+from .state import state, tokenizer
 
 RECONNECT_ATTEMPTS = 3
 CHAT_FIELDS = ("text",) + FIELDS + ("decoding_strategy", "stream", "chat", "history", "conversation_id")
@@ -48,13 +37,36 @@ def register(app: Flask):
 # POST /chat
 
 
-def chat_request(body: dict) -> tuple:
-    """POST /chat's body -> (text, SamplingParams, stream, chat): `chat` says the text is a user's turn
-    in /v1/chat/completions' template (after the `history`, if any), as the page sends it.
+@dataclass(frozen=True)
+class ChatRequest:
+    """POST /chat's body, parsed once (parse_chat): the final SamplingParams it runs with, and how
+    to make its prompt (prompt_ids). `chat` says `text` is a user's turn in /v1/chat/completions'
+    template, after the `history` (the earlier turns, oldest first), as the page sends it."""
+    text: str
+    params: SamplingParams
+    stream: bool = False
+    chat: bool = False
+    history: list | None = None
+    conversation_id: str | None = None      # any string, echoed back
+
+    def prompt_ids(self, n_ctx, transcripts=None) -> tuple:
+        """(token ids, turns of the history left out to fit n_ctx: None without a history).
+
+        Plain text is encoded as it is; a chat turn goes into the template (conversation_ids),
+        starting with the ids the last turn computed (`transcripts`)."""
+        if not self.chat:
+            return tokenizer().encode(self.text), None
+        ids, left_out = conversation_ids(self.history or [], self.text, self.params.max_tokens, n_ctx, transcripts)
+        return ids, None if self.history is None else left_out
+
+
+def parse_chat(body: dict, defaults: dict | None) -> ChatRequest:
+    """POST /chat's body -> a ChatRequest, every field checked (a bad one is a 400 naming it), its
+    sampling resolved on top of `defaults` (model_config.yaml's decoding section, or the leader's).
 
     Without a decoding_strategy the fields choose one, as in the OpenAI routes:
-    {"text": "Hello", "temperature": 0} -> ("Hello", greedy, False, False);
-    {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ("Hi", top_k, False, False), whatever the default.
+    {"text": "Hello", "temperature": 0} -> ChatRequest("Hello", greedy);
+    {"text": "Hi", "temperature": 0.8, "top_k": 40} -> ChatRequest("Hi", top_k, T=0.8, k=40), whatever the default.
     """
     check_fields(body, CHAT_FIELDS)
     text = body.get("text")
@@ -64,7 +76,9 @@ def chat_request(body: dict) -> tuple:
                         f"one of {', '.join(sorted(STRATEGY_USES))}")
     stream = flag(body, "stream")
     chat = flag(body, "chat") or body.get("history") is not None
-    return text, resolve(strategy, sampling_fields(body, (CHAT_STOP,) if chat else ())), stream, chat
+    params = sampling(body, defaults, strategy, (CHAT_STOP,) if chat else ())
+    history, conv_id = conversation_fields(body)
+    return ChatRequest(text, params, stream, chat, history, conv_id)
 
 
 def params_view(params: SamplingParams, tokens: int | None = None) -> dict:
@@ -111,7 +125,7 @@ def conversation_ids(history: list, text: str, reply_room: int, n_ctx, transcrip
     history [user "Hi", assistant " Hello!"], text "Who are you?" ->
     "User: Hi\nAssistant: Hello!\nUser: Who are you?\nAssistant:" (0 left out if it fits)
 
-    Whole, the prompt starts with the ids the last turn computed (`transcripts`, web/api.py). Too
+    Whole, the prompt starts with the ids the last turn computed (`transcripts`, web/state.py). Too
     long, each message is encoded once and the oldest dropped by their counts: time linear in
     the history, however many turns must go.
     """
@@ -119,12 +133,12 @@ def conversation_ids(history: list, text: str, reply_room: int, n_ctx, transcrip
     pieces = chat_pieces(list(history) + [{"role": "user", "content": text}], "history", transcripts)
     whole = "".join(pieces)
     ids = transcripts.encode(whole, tok) if transcripts is not None else tok.encode(whole)
-    if not n_ctx or len(ids) + reply_room <= n_ctx or not history:
+    if fits(len(ids), reply_room, n_ctx) or not history:
         return ids, 0       # (a prompt that still does not fit is refused by check_fits)
     keep = 1 if history[0]["role"] == "system" else 0
     parts = [tok.encode(p) for p in pieces]     # message i's tokens; the last two: the user's turn, the cue
     total, first = sum(map(len, parts)), keep
-    while total + reply_room > n_ctx and first < len(history):
+    while not fits(total, reply_room, n_ctx) and first < len(history):
         total -= len(parts[first])
         first += 1
     if not keep and first:  # the oldest kept message now opens the prompt: no newline before it
@@ -135,27 +149,23 @@ def conversation_ids(history: list, text: str, reply_room: int, n_ctx, transcrip
 def _register_chat(app: Flask):
     @app.post("/chat")
     def chat():
-        body = json_body()
-        text, params, stream, chat = chat_request(body)
-        history, conv_id = conversation_fields(body)
-        extra = {} if conv_id is None else {"conversation_id": conv_id}
-        if not chat:
-            gen = start_generation(tokenizer().encode(text), params, "chat", "text")
-        else:
-            trim = {}
+        req = parse_chat(json_body(), model_defaults())
+        trim = {}
 
-            def prompt_for(n_ctx):
-                ids, trim["left_out"] = conversation_ids(history or [], text, params.max_tokens or 0, n_ctx,
-                                                         state().transcripts)
-                return ids
-            gen = start_generation(prompt_for, params, "chat", "text").remember_in(state().transcripts, tokenizer())
-            if history is not None:
-                extra.update(trimmed_turns=trim["left_out"], history_turns=len(history))
-        if not stream:
+        def prompt_for(n_ctx):          # the leader's n_ctx, learnt as the generation dials it
+            ids, trim["left_out"] = req.prompt_ids(n_ctx, state().transcripts)
+            return ids
+        gen = start_generation(prompt_for, req.params, "chat", "text")
+        if req.chat:
+            gen.remember_in(state().transcripts, tokenizer())
+        extra = {} if req.conversation_id is None else {"conversation_id": req.conversation_id}
+        if req.history is not None:
+            extra.update(trimmed_turns=trim["left_out"], history_turns=len(req.history))
+        if not req.stream:
             result = gen.run()
-            return jsonify(response=gen.text, config=params_view(params, gen.n_tokens), stats=gen.stats(result),
+            return jsonify(response=gen.text, config=params_view(req.params, gen.n_tokens), stats=gen.stats(result),
                            usage=usage_of(result, gen), **extra)
-        return event_stream(_chat_events(gen, params, extra), gen)
+        return event_stream(_chat_events(gen, req.params, extra), gen)
 
 
 def _chat_events(gen: Generation, params: SamplingParams, extra: dict | None = None):
@@ -195,11 +205,12 @@ def _register_cluster(app: Flask):
         if current_app.config["MODEL_DEFAULTS"] is None and not state().leader_info.get("defaults"):
             raise ApiError(503, f"no model_config.yaml here and the leader did not answer: {down}",
                            kind="unreachable")
-        active = resolve(None, {})
+        defaults = model_defaults()
+        active = sampling({}, defaults)
         strategies = {}
-        for name in (decoding_defaults().get("decoding_strategies") or {}):
+        for name in (defaults.get("decoding_strategies") or {}):
             if name in STRATEGY_USES:
-                p = resolve(name, {})
+                p = sampling({}, defaults, name)
                 strategies[name] = {k: getattr(p, k) for k in TUNABLE}
         return jsonify(
             max_tokens=active.max_tokens, temperature=active.temperature, top_k=active.top_k, top_p=active.top_p,
@@ -227,7 +238,7 @@ def _register_cluster(app: Flask):
                                      "ready": bool(status.get("ready")),
                                      "model": status.get("model")},
                 "nodes": nodes, "live_sessions": status.get("live_sessions"),
-                **{k: status[k] for k in WEIGHTS_KEYS if k in status}}
+                **{k: status[k] for k in WEIGHTS_STATUS_KEYS if k in status}}
         if not ok:
             body["error"] = ("not ready: " + ", ".join(f"rank {n['rank']} ({n['host']}) is {n['status']}"
                                                        for n in down)) if down else "the ring is not up yet"

@@ -1,8 +1,8 @@
 """The OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
 
-A Flask Blueprint that create_app registers; it builds on web/api.py's request checks, leader
-connection and SSE helpers, so OpenAI's client libraries (and curl scripts written for them) can
-talk to the cluster:
+A Flask Blueprint that create_app registers; each route parses its body once into a typed request
+(CompletionRequest, ChatCompletionRequest) and runs it with web/generation.py (web/batch.py for several), so
+OpenAI's client libraries (and curl scripts written for them) can talk to the cluster:
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="<api_token or anything>")
@@ -25,7 +25,7 @@ A conversation is cheap only if turn N+1's prompt starts with exactly the tokens
 content that begins with whitespace follows its "Assistant:" as it is: GPT-2's replies begin with
 a space (" Hello!"), and a second space would make other tokens (so does a reply the model began
 without one; a message written by hand, "Hello!", gets one space). And a chat's prompt starts
-with the ids the last turn computed, kept by their text (web/api.py's Transcripts), since
+with the ids the last turn computed, kept by their text (web/state.py's Transcripts), since
 encoding the text again may cut it into other tokens than the model wrote.
 
 OpenAI sampling fields map onto a decoding strategy by sampling_params.infer_strategy, the rule /chat
@@ -50,34 +50,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from flask import Blueprint, current_app, jsonify
 
 from ..decoding import EOT
-from ..sampling_params import FIELDS, is_int
-from .api import (
-    ApiError,
-    BatchGeneration,
-    Generation,
-    check_fields,
-    event_stream,
-    flag,
-    json_body,
-    leader_status,
-    model_aliases,
-    model_name,
-    openai_error,
-    optional,
-    resolve,
-    sampling_fields,
-    sse,
-    sse_comment,
-    start_batch,
-    start_generation,
-    state,
-    tokenizer,
-    weights_info,
-)
+from ..sampling_params import FIELDS, SamplingParams, is_int
+from .batch import BatchGeneration, batch_usage, start_batch
+from .body import check_fields, flag, json_body, optional, sampling
+from .connection import leader_status, model_aliases, model_defaults, model_name, weights_info
+from .errors import ApiError, openai_error
+from .generation import Generation, event_stream, sse, sse_comment, start_generation, usage_of
+from .state import state, tokenizer
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"     # where the template's next turn starts: a chat reply ends there
@@ -109,12 +93,12 @@ def served_names() -> list:
     return [model_name()] + model_aliases()
 
 
-def check_model(body: dict):
-    """An unknown `model` is OpenAI's 404 model_not_found; none given means the served one.
+def check_model(name):
+    """An unknown `model` is OpenAI's 404 model_not_found; none given (None) means the served one.
+    Checked after the body is parsed: the names may need the leader's word (served_names).
 
-    {"model": "gpt2-xl"} on a cluster serving "gpt2" (hub name "openai-community/gpt2") -> 404
+    "gpt2-xl" on a cluster serving "gpt2" (hub name "openai-community/gpt2") -> 404
     """
-    name = body.get("model")
     if name is None:
         return
     served, *aliases = served_names()
@@ -134,7 +118,7 @@ def choice_count(body: dict) -> int:
     return n
 
 
-def openai_request(body: dict, stop=(), max_n: int = 1) -> tuple:
+def openai_request(body: dict, defaults: dict | None, stop=(), max_n: int = 1) -> tuple:
     """The fields /v1/completions and /v1/chat/completions share -> (SamplingParams, stream).
     `stop`: stop strings the route always adds (the chat template's next turn); `max_n`: the
     largest n the route takes (the caller checks n itself when it is above 1)."""
@@ -148,7 +132,77 @@ def openai_request(body: dict, stop=(), max_n: int = 1) -> tuple:
         raise ApiError(400, "suffix: not supported (GPT-2 only continues text; it cannot fill in before a suffix)",
                        param="suffix")
     stream = flag(body, "stream")
-    return resolve(None, sampling_fields(body, stop)), stream
+    return sampling(body, defaults, stop=stop), stream
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """POST /v1/completions' body, parsed once (parse_completion): the prompts as token ids, the final
+    SamplingParams, and what to send back. Choice i*n + j is prompt i's choice j."""
+    model: str | None
+    prompts: list
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+    score_only: bool = False        # echo with max_tokens 0: score the prompts, generate nothing
+    include_usage: bool = False
+
+
+def parse_completion(body: dict, defaults: dict | None, max_choices: int) -> CompletionRequest:
+    """POST /v1/completions' body -> a CompletionRequest, every field checked (a bad one is a 400
+    naming it), the sampling resolved on top of `defaults`. `max_choices`: prompts x n at most."""
+    check_fields(body, COMPLETION_FIELDS)
+    echo = flag(body, "echo")
+    score_only = is_int(body.get("max_tokens")) and body["max_tokens"] == 0
+    if score_only:                  # echo + max_tokens 0: score the prompt, generate nothing
+        if not echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt with echo=true "
+                                "(and logprobs); otherwise give an integer >= 1", param="max_tokens")
+        body = dict(body, max_tokens=1)
+    params, stream = openai_request(body, defaults, max_n=max_choices)
+    n = choice_count(body)
+    logprobs = optional(body, "logprobs", lambda v: is_int(v) and 0 <= v <= 5, "an integer in 0..5 or null")
+    if stream and (logprobs is not None or echo):
+        raise ApiError(400, "logprobs/echo: not available with stream=true; ask without streaming",
+                       param="logprobs" if logprobs is not None else "echo")
+    prompts = encode_prompts(body.get("prompt"))
+    if len(prompts) * n > max_choices:
+        raise ApiError(400, f"prompt/n: {len(prompts)} prompt(s) x n={n} = {len(prompts) * n} completions; at most "
+                            f"{max_choices} per request (NANOPIPE_MAX_CHOICES): split the batch into smaller requests",
+                       param="n" if n > 1 else "prompt")
+    return CompletionRequest(body.get("model"), prompts, params, n, stream, echo, logprobs, score_only,
+                             _include_usage(body))
+
+
+@dataclass(frozen=True)
+class ChatCompletionRequest:
+    """POST /v1/chat/completions' body, parsed once (parse_chat_completion): the conversation as one
+    prompt in the chat template (token ids), the final SamplingParams, and what to send back."""
+    model: str | None
+    prompt_ids: list
+    params: SamplingParams
+    stream: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0           # with logprobs: the K most likely alternatives of each token
+    include_usage: bool = False
+
+
+def parse_chat_completion(body: dict, defaults: dict | None) -> ChatCompletionRequest:
+    """POST /v1/chat/completions' body -> a ChatCompletionRequest (a bad field is a 400 naming it).
+    The prompt starts with the ids the last turn of this conversation computed, if this app kept them."""
+    check_fields(body, CHAT_COMPLETION_FIELDS)
+    params, stream = openai_request(body, defaults, stop=(CHAT_STOP,))
+    want_logprobs = flag(body, "logprobs")
+    top = optional(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= 20, "an integer in 0..20")
+    if stream and want_logprobs:
+        raise ApiError(400, "logprobs: not available with stream=true; ask without streaming", param="logprobs")
+    if isinstance(body.get("messages"), list):
+        check_chat_size(body["messages"], "messages")
+    ids = encode_chat(chat_prompt(body.get("messages"), state().transcripts))
+    return ChatCompletionRequest(body.get("model"), ids, params, stream, want_logprobs,
+                                 (top or 0) if want_logprobs else 0, _include_usage(body))
 
 
 def chat_prompt(messages, transcripts=None) -> str:
@@ -176,7 +230,7 @@ def check_chat_size(messages: list, field: str):
 def chat_pieces(messages, field: str = "messages", transcripts=None) -> list:
     """The template's text one message at a time, then the reply's cue; they join into the prompt.
     A content that begins with whitespace (GPT-2's replies do) is not given another space, nor is
-    a reply the model began without one (`transcripts` knows them: web/api.py).
+    a reply the model began without one (`transcripts` knows them: web/state.py).
 
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!"}]
     -> ["User: Hi", "\\nAssistant: Hello!", "\\nAssistant:"]
@@ -247,28 +301,6 @@ def _meta(id_prefix: str, kind: str) -> dict:
     """The fields every answer and every chunk starts with: id, object, created, model."""
     return {"id": f"{id_prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
             "model": model_name()}
-
-
-def _batch_usage(prompts: list, gen: BatchGeneration, results: list) -> dict:
-    """Usage of a batch: each prompt's tokens once (however many choices it has), every choice's
-    tokens; cached_tokens likewise counts each prompt once: the tokens all of its choices reused."""
-    prompt = sum(len(p) for p in prompts)
-    n = len(results) // max(1, len(prompts))
-    cached = sum(min(int(r.get("cached_tokens") or 0) for r in results[i * n:(i + 1) * n])
-                 for i in range(len(prompts))) if n else 0
-    return _counts(prompt, gen.n_tokens, cached)
-
-
-def usage_of(result: dict, gen: Generation) -> dict:
-    """OpenAI's usage for one reply (here and on /chat), with prompt_tokens_details.cached_tokens: the
-    prompt tokens whose KV cache a finished request left on every stage (nanopipe/prefix.py), so only
-    the rest was prefilled: {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6, ...}."""
-    return _counts(len(result.get("prompt_ids") or gen.prompt), gen.n_tokens, int(result.get("cached_tokens") or 0))
-
-
-def _counts(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _include_usage(body: dict) -> bool:
@@ -359,56 +391,39 @@ def models():
 
 @bp.post("/completions")
 def completions():
-    body = json_body()
-    check_fields(body, COMPLETION_FIELDS)
-    check_model(body)
-    echo = flag(body, "echo")
-    score_only = is_int(body.get("max_tokens")) and body["max_tokens"] == 0
-    if score_only:                  # echo + max_tokens 0: score the prompt, generate nothing
-        if not echo:
-            raise ApiError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt with echo=true "
-                                "(and logprobs); otherwise give an integer >= 1", param="max_tokens")
-        body = dict(body, max_tokens=1)
-    cap = current_app.config["MAX_CHOICES"]
-    params, stream = openai_request(body, max_n=cap)
-    n = choice_count(body)
-    logprobs = optional(body, "logprobs", lambda v: is_int(v) and 0 <= v <= 5, "an integer in 0..5 or null")
-    if stream and (logprobs is not None or echo):
-        raise ApiError(400, "logprobs/echo: not available with stream=true; ask without streaming",
-                       param="logprobs" if logprobs is not None else "echo")
-    prompts = encode_prompts(body.get("prompt"))
-    if len(prompts) * n > cap:
-        raise ApiError(400, f"prompt/n: {len(prompts)} prompt(s) x n={n} = {len(prompts) * n} completions; at most "
-                            f"{cap} per request (NANOPIPE_MAX_CHOICES): split the batch into smaller requests",
-                       param="n" if n > 1 else "prompt")
+    req = parse_completion(json_body(), model_defaults(), current_app.config["MAX_CHOICES"])
+    check_model(req.model)
     meta = _meta("cmpl", "text_completion")
-    if len(prompts) == 1 and n == 1 and not score_only:
-        return _one_completion(body, prompts[0], params, stream, echo, logprobs, meta)
+    if len(req.prompts) == 1 and req.n == 1 and not req.score_only:
+        return _one_completion(req, meta)
     # a batch: choice i*n + j is prompt i's choice j; with a seed, choice j samples with seed + j
-    runs = [ids for ids in prompts for _ in range(n)]
-    seeds = [params.seed + j if params.seed is not None and n > 1 else None for _ in prompts for j in range(n)]
-    gen = start_batch(runs, seeds, params, "completions", "prompt", echo=echo, top_logprobs=logprobs or 0,
-                      score_only=score_only)
-    if stream:
-        return event_stream(_batch_chunks(gen, meta, _include_usage(body), len(runs), prompts), gen)
+    params, n = req.params, req.n
+    runs = [ids for ids in req.prompts for _ in range(n)]
+    seeds = [params.seed + j if params.seed is not None and n > 1 else None for _ in req.prompts for j in range(n)]
+    gen = start_batch(runs, seeds, params, "completions", "prompt", echo=req.echo, top_logprobs=req.logprobs or 0,
+                      score_only=req.score_only)
+    if req.stream:
+        return event_stream(_batch_chunks(gen, meta, req.include_usage, len(runs), req.prompts), gen)
     results = gen.run()
     choices = []
     for i, (ids, result) in enumerate(zip(runs, results)):
-        prompt_text = tokenizer().decode(ids) if echo else ""
+        prompt_text = tokenizer().decode(ids) if req.echo else ""
         choices.append({"text": prompt_text + gen.text_of(i), "index": i, "finish_reason": result.get("finish_reason"),
-                        "logprobs": None if logprobs is None else _completion_logprobs(tokenizer(), result, echo)})
-    return jsonify(**meta, choices=choices, usage=_batch_usage(prompts, gen, results))
+                        "logprobs": None if req.logprobs is None else _completion_logprobs(tokenizer(), result,
+                                                                                           req.echo)})
+    return jsonify(**meta, choices=choices, usage=batch_usage(req.prompts, gen, results))
 
 
-def _one_completion(body: dict, ids: list, params, stream: bool, echo: bool, logprobs, meta: dict):
+def _one_completion(req: CompletionRequest, meta: dict):
     """One prompt, one choice: a Generation streamed token by token."""
-    gen = start_generation(ids, params, "completions", "prompt", echo=echo, top_logprobs=logprobs or 0)
-    if stream:
-        return event_stream(_chunks(gen, meta, _include_usage(body), _completion_choice), gen)
+    ids = req.prompts[0]
+    gen = start_generation(ids, req.params, "completions", "prompt", echo=req.echo, top_logprobs=req.logprobs or 0)
+    if req.stream:
+        return event_stream(_chunks(gen, meta, req.include_usage, _completion_choice), gen)
     result = gen.run()
-    prompt_text = tokenizer().decode(ids) if echo else ""
+    prompt_text = tokenizer().decode(ids) if req.echo else ""
     choice = {"text": prompt_text + gen.text, "index": 0, "finish_reason": result.get("finish_reason"),
-              "logprobs": None if logprobs is None else _completion_logprobs(tokenizer(), result, echo)}
+              "logprobs": None if req.logprobs is None else _completion_logprobs(tokenizer(), result, req.echo)}
     return jsonify(**meta, choices=[choice], usage=usage_of(result, gen))
 
 
@@ -426,7 +441,7 @@ def _batch_chunks(gen: BatchGeneration, meta: dict, usage: bool, count: int, pro
                 yield sse({**meta, "choices": [{"text": "", "index": i, "logprobs": None,
                                                 "finish_reason": result.get("finish_reason")}]})
             if usage:
-                yield sse({**meta, "choices": [], "usage": _batch_usage(prompts, gen, event[1])})
+                yield sse({**meta, "choices": [], "usage": batch_usage(prompts, gen, event[1])})
         elif event[0] == "error":
             err = gen.stream_error(event[1])
             yield sse(openai_error(err.status, err.message, err.param))
@@ -435,26 +450,17 @@ def _batch_chunks(gen: BatchGeneration, meta: dict, usage: bool, count: int, pro
 
 @bp.post("/chat/completions")
 def chat_completions():
-    body = json_body()
-    check_fields(body, CHAT_COMPLETION_FIELDS)
-    check_model(body)
-    params, stream = openai_request(body, stop=(CHAT_STOP,))
-    want_logprobs = flag(body, "logprobs")
-    top = optional(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= 20, "an integer in 0..20")
-    if stream and want_logprobs:
-        raise ApiError(400, "logprobs: not available with stream=true; ask without streaming", param="logprobs")
-    if isinstance(body.get("messages"), list):
-        check_chat_size(body["messages"], "messages")
-    ids = encode_chat(chat_prompt(body.get("messages"), state().transcripts))
-    gen = start_generation(ids, params, "chat_completions", "messages", top_logprobs=(top or 0) if want_logprobs else 0)
+    req = parse_chat_completion(json_body(), model_defaults())
+    check_model(req.model)
+    gen = start_generation(req.prompt_ids, req.params, "chat_completions", "messages", top_logprobs=req.top_logprobs)
     gen.remember_in(state().transcripts, tokenizer())
     meta = _meta("chatcmpl", "chat.completion")
-    if stream:
+    if req.stream:
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        chunks = _chunks(gen, dict(meta, object="chat.completion.chunk"), _include_usage(body), _chat_choice, role)
+        chunks = _chunks(gen, dict(meta, object="chat.completion.chunk"), req.include_usage, _chat_choice, role)
         return event_stream(chunks, gen)
     result = gen.run()
     choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
-              "logprobs": _chat_logprobs(tokenizer(), result) if want_logprobs else None,
+              "logprobs": _chat_logprobs(tokenizer(), result) if req.logprobs else None,
               "finish_reason": result.get("finish_reason")}
     return jsonify(**meta, choices=[choice], usage=usage_of(result, gen))
