@@ -558,6 +558,21 @@ class ClusterConfig:
                               f"known: {_names(n.host for n in self.nodes)}")
         return ranks[0]
 
+    def resolve(self, addr: str) -> str:
+        """A --leader HOST:PORT whose HOST is a name in host_ip (`mini1:65432`, as the README writes
+        it) -> that host's address; a name alone gets the leader's port; anything else as given.
+
+            resolve("mini1:65432") -> "10.10.0.1:65432"     resolve("mini1") -> "10.10.0.1:65432"
+            resolve("10.0.0.9:7000") -> "10.0.0.9:7000"
+        """
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = addr, None
+        ips = {n.host: n.ip for n in self.nodes}
+        if host not in ips:
+            return addr
+        return f"{ips[host]}:{port if port is not None else self.leader.port}"
+
     def to_wire(self, for_host: str | None = None) -> dict:
         """The cluster as the leader tells it to a worker that joins with only its address
         (`nanopipe join --leader`); ClusterConfig.from_wire reads it back. JSON-able, and never the
@@ -597,7 +612,8 @@ class ClusterConfig:
         if not nodes:
             raise ConfigError(f"{where}: 'nodes' is empty; a cluster has at least its leader")
         return cls(
-            port=_int(data, "port", where, lo=1, hi=65535), nodes=tuple(nodes), bind=_str(data, "bind", where, default=None),
+            port=_int(data, "port", where, lo=1, hi=65535), nodes=tuple(nodes),
+            bind=_str(data, "bind", where, default=None),
             max_sessions=_int(data, "max_sessions", where, default=16, lo=1),
             rejoin_grace_s=_real(data, "rejoin_grace_s", where, default=30.0),
             heartbeat_s=_real(data, "heartbeat_s", where, default=1.0, above=True),
@@ -744,6 +760,14 @@ class Configs:
         self.dir = config_dir
         self.model_name = model_name
         self._loaded: dict = {}         # what -> the config, or the ConfigError loading it raised
+
+    def for_model(self, model_name: str | None) -> Configs:
+        """These configs with model entry `model_name` chosen (what is read already is kept)."""
+        if model_name == self.model_name:
+            return self
+        other = Configs(self.dir, model_name)
+        other._loaded = {k: v for k, v in self._loaded.items() if k != "model"}
+        return other
 
     def _once(self, what, load):
         if what not in self._loaded:

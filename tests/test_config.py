@@ -627,5 +627,5 @@ def test_configs_read_each_file_once_and_only_when_asked(tmp_path, monkeypatch):
     for _ in range(2):
         assert empty.cluster_or_none() is None
         with pytest.raises(config.ConfigNotFound):
-            empty.model
+            empty.model  # noqa: B018 (the property reads the file)
     assert reads[3:] == ["cluster_config.yaml", "model_config.yaml"], reads    # a missing file is looked for once
