@@ -221,3 +221,90 @@ def test_the_sampling_fields_are_written_once():
                 if len(named & fields) >= 3:
                     copies.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {sorted(named & fields)}")
     assert not copies, "sampling fields written out again (import sampling_params.FIELDS):\n  " + "\n  ".join(copies)
+
+
+def private_imports(mod: str, path: Path) -> list[str]:
+    """Private names (`_x`, not `__x__`) this module takes from another nanopipe module: imported by
+    name (`from .config import _get`), or read off an imported module (`from . import kernels` then
+    `kernels._chosen`). A name private to its module is that module's business alone."""
+    pkg = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    known, tree = modules(), ast.parse(path.read_text())
+    found, module_names = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = pkg[: len(pkg) - (node.level - 1)] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            if not name.startswith("nanopipe"):
+                continue
+            for a in node.names:
+                if f"{name}.{a.name}" in known:
+                    module_names[a.asname or a.name] = f"{name}.{a.name}"
+                elif a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append(f"{path.relative_to(PKG.parent)}:{node.lineno} from {name} import {a.name}")
+        elif isinstance(node, ast.Import):
+            module_names |= {a.asname: a.name for a in node.names if a.asname and a.name.startswith("nanopipe")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_names
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {module_names[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_private_imports_across_modules():
+    """What one module uses of another is public: a helper two modules need loses its underscore (or
+    moves to the module that owns it)."""
+    bad = [f for mod, path in modules().items() for f in private_imports(mod, path)]
+    assert not bad, "private names used from another module:\n  " + "\n  ".join(bad)
+
+
+def test_the_private_import_checker_catches_both_forms(tmp_path, monkeypatch):
+    fake = tmp_path / "nanopipe"
+    (fake / "tools").mkdir(parents=True)
+    for f in ("__init__.py", "tools/__init__.py", "config.py", "kernels.py"):
+        (fake / f).write_text("")
+    (fake / "tools" / "cli.py").write_text("from ..config import _get, load\nfrom .. import kernels as k\n\n"
+                                           "def f():\n    return k._chosen, k.describe, k.__name__\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
+    assert private_imports("nanopipe.tools.cli", fake / "tools" / "cli.py") == [
+        "nanopipe/tools/cli.py:1 from nanopipe.config import _get", "nanopipe/tools/cli.py:5 nanopipe.kernels._chosen"]
+    with pytest.raises(AssertionError, match="private names used from another module"):
+        test_no_private_imports_across_modules()
+
+
+def unexplained_local_imports(path: Path) -> list[str]:
+    """Imports inside functions with no comment saying why: on the import's line, or on the line just
+    above the block of imports it belongs to (`# imported here: ...`, or `try:  # ...`)."""
+    lines = path.read_text().splitlines()
+    out = []
+
+    def visit(node, in_function):
+        for c in ast.iter_child_nodes(node):
+            if isinstance(c, (ast.Import, ast.ImportFrom)) and in_function:
+                i = c.lineno - 2                # the line above, 0-based
+                while i >= 0 and lines[i].strip().startswith(("import ", "from ")):
+                    i -= 1
+                own = any("#" in line for line in lines[c.lineno - 1:c.end_lineno])
+                if not own and not (i >= 0 and "#" in lines[i]):
+                    out.append(f"{path.relative_to(PKG.parent)}:{c.lineno} {lines[c.lineno - 1].strip()}")
+            visit(c, in_function or isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    visit(ast.parse("\n".join(lines)), False)
+    return out
+
+
+def test_imports_inside_the_commands_functions_say_why():
+    """tools/bootstrap.py sets numpy's environment before the CLI loads, so tools/ imports at the top.
+    An import left inside a function has a reason (an optional package, a leader's package a worker's
+    lean install lacks, the bootstrap's own wait for the environment), and says it in a comment."""
+    bad = [f for path in sorted((PKG / "tools").glob("*.py")) for f in unexplained_local_imports(path)]
+    assert not bad, "imports inside functions without a comment saying why (or move them to the top):\n  " + \
+        "\n  ".join(bad)
+
+
+def test_the_local_import_checker_wants_a_reason(tmp_path, monkeypatch):
+    fake = tmp_path / "nanopipe"
+    fake.mkdir()
+    (fake / "m.py").write_text("import os\n\ndef f():\n    import json\n    return json\n\n"
+                               "def g():\n    # imported here: optional\n    import yaml\n    from x import y\n"
+                               "    return yaml, y\n\ndef h():\n    import csv  # the reason\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
+    assert unexplained_local_imports(fake / "m.py") == ["nanopipe/m.py:4 import json"]

@@ -402,7 +402,7 @@ def plot_sweep(rows: list, path: str) -> str | None:
     try:    # imported here: matplotlib is optional (the plot extra); without it, no PNG
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): draws to files, no display
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -489,7 +489,7 @@ def plot_placement(rows: list, path: str) -> str | None:
     try:    # imported here: matplotlib is optional (the plot extra); without it, no PNG
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): draws to files, no display
     except ImportError:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
