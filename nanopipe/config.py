@@ -531,7 +531,7 @@ class ClusterConfig:
         Stages on separate machines work at the same time, so with one batch per machine every
         stage has work (sessions are split into that many groups). Stages that share a machine
         share its cores: splitting then only makes more, smaller matmuls, which cost more per row
-        (measured on 2 cores, 8 streams on a 3-node loopback cluster: 46 tok/s split three ways).
+        (on 2 cores, about 3x slower than one batch: docs/PERFORMANCE.md, "Concurrency").
         So the default is the number of distinct hosts; `pipeline_depth` overrides it.
         """
         if self.pipeline_depth:

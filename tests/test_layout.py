@@ -308,3 +308,39 @@ def test_the_local_import_checker_wants_a_reason(tmp_path, monkeypatch):
                                "    return yaml, y\n\ndef h():\n    import csv  # the reason\n")
     monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
     assert unexplained_local_imports(fake / "m.py") == ["nanopipe/m.py:4 import json"]
+
+
+ISSUE_REF = r"\bissue ?#?[0-9]+|(?<![\w/])#[0-9]{2}\b"     # "issue N", "issue #N", "#NN"; not "exo#NN"
+
+
+def issue_numbers(root: Path) -> list[str]:
+    """Lines of code, tests and docs that name a tracker's issue by number ("issue N", "#NN"): they mean
+    nothing to a reader without the tracker; say the point instead. (A peer's issue, exo#NN, is fine.)"""
+    import re
+    found = []
+    for sub in ("nanopipe", "tests", "docs", ".ci", "web", "Makefile"):
+        paths = [root / sub] if (root / sub).is_file() else sorted((root / sub).rglob("*"))
+        for path in paths:
+            if not path.is_file() or path.suffix in (".png", ".npz", ".safetensors", ".pyc", ".json", ".bin"):
+                continue
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                continue
+            found += [f"{path.relative_to(root)}:{i} {line.strip()[:100]}"
+                      for i, line in enumerate(text.splitlines(), 1) if re.search(ISSUE_REF, line, re.I)]
+    return found
+
+
+def test_no_issue_numbers_in_code_tests_or_docs():
+    bad = issue_numbers(PKG.parent)
+    assert not bad, "issue numbers (say what the issue was instead):\n  " + "\n  ".join(bad)
+
+
+def test_the_issue_number_checker_catches_the_spellings(tmp_path):
+    (tmp_path / "nanopipe").mkdir()
+    n = 11      # the numbers are made up here, so this file holds none written out
+    (tmp_path / "nanopipe" / "m.py").write_text(f"# see issue {n}\n# Issue #{n + 1} too\n# fixed in #{n + 2}.\n"
+                                                f"# exo#{n + 5} and colour #fff, 0x#1 and issue: the engine\n")
+    assert [f.split(" ")[0] for f in issue_numbers(tmp_path)] == ["nanopipe/m.py:1", "nanopipe/m.py:2",
+                                                                  "nanopipe/m.py:3"]

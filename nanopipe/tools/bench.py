@@ -175,7 +175,7 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
     decode tokens/s = 1 / the median time between two generated tokens (see `decode_rate`).
     `between()`, when given, is called before each run and its results are returned as "between":
     run_bench measures the memory bandwidth there, so that speed and bound see the same machine
-    (on a shared host the bandwidth alone was seen to swing between 30 and 47 GB/s within a minute).
+    (on a shared host the bandwidth alone swings by half within minutes: docs/PERFORMANCE.md, "One process").
     """
     t = time.perf_counter()
     engine = Engine.load(weights, prefix_cache_bytes=0)   # every prompt computed in full

@@ -66,7 +66,7 @@ def shares_cores(configs: Configs, leader: str | None = None) -> bool:
     sleep (default 2**28, about 0.1 s). With one process per machine that is what you want. When
     several stages share a machine (the shipped configs, `nanopipe demo`, the tests), an idle
     stage's spinning threads steal the cores from the busy one; too short a spin costs too, a
-    wake-up per call (docs/PERFORMANCE.md, "OpenBLAS's spin on a shared machine", has the figures).
+    wake-up per call (the figures: docs/PERFORMANCE.md, "A cluster on loopback").
     """
     if leader is not None:
         cc = configs.cluster_or_none()
