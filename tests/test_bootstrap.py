@@ -129,3 +129,26 @@ def test_the_console_script_and_python_m_start_at_the_bootstrap():
         assert "nanopipe = nanopipe.tools.bootstrap:main" in f.read()
     with open(os.path.join(ROOT, "nanopipe", "__main__.py")) as f:
         assert "from .tools.bootstrap import main" in f.read()
+
+
+def test_the_command_goes_on_with_the_configs_the_bootstrap_read(tmp_path, monkeypatch):
+    """`serve` through the bootstrap: cluster_config.yaml is read once, by the bootstrap, and the
+    command uses that reading (click's context object), not a second one."""
+    import collections
+
+    import nanopipe.config as config
+    from nanopipe.cluster.leader import Leader
+    from nanopipe.tools import bootstrap
+    from nanopipe.weights import init_weights
+    (tmp_path / "weights").mkdir()
+    init_weights(str(tmp_path / "weights" / "w.safetensors"), n_layer=4, n_embd=64, n_head=4, n_ctx=64)
+    d = configs_at(tmp_path, ["127.0.0.1"] * 3)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NANOPIPE_PROBE_S", "0.05")
+    reads, real = collections.Counter(), config._load_yaml
+    monkeypatch.setattr(config, "_load_yaml", lambda folder, name: reads.update([name]) or real(folder, name))
+    monkeypatch.setattr(Leader, "serve_forever", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        bootstrap.main(["serve", "--config-dir", d])
+    assert e.value.code == 0
+    assert reads == {"cluster_config.yaml": 1, "model_config.yaml": 1, "model_weights.yaml": 1}, dict(reads)
