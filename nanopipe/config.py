@@ -531,7 +531,7 @@ class ClusterConfig:
         Stages on separate machines work at the same time, so with one batch per machine every
         stage has work (sessions are split into that many groups). Stages that share a machine
         share its cores: splitting then only makes more, smaller matmuls, which cost more per row
-        (measured on 2 cores, 8 streams on a 3-node loopback cluster: 46 tok/s split three ways).
+        (on 2 cores, about 3x slower than one batch: docs/PERFORMANCE.md, "Concurrency").
         So the default is the number of distinct hosts; `pipeline_depth` overrides it.
         """
         if self.pipeline_depth:
@@ -557,6 +557,76 @@ class ClusterConfig:
             raise ConfigError(f"{self.path}: host {shown(host)} is not in host_ip/workers; "
                               f"known: {_names(n.host for n in self.nodes)}")
         return ranks[0]
+
+    def resolve(self, addr: str) -> str:
+        """A --leader HOST:PORT whose HOST is a name in host_ip (`mini1:65432`, as the README writes
+        it) -> that host's address; a name alone gets the leader's port; anything else as given.
+
+            resolve("mini1:65432") -> "10.10.0.1:65432"     resolve("mini1") -> "10.10.0.1:65432"
+            resolve("10.0.0.9:7000") -> "10.0.0.9:7000"
+        """
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = addr, None
+        ips = {n.host: n.ip for n in self.nodes}
+        if host not in ips:
+            return addr
+        return f"{ips[host]}:{port if port is not None else self.leader.port}"
+
+    def to_wire(self, for_host: str | None = None) -> dict:
+        """The cluster as the leader tells it to a worker that joins with only its address
+        (`nanopipe join --leader`); ClusterConfig.from_wire reads it back. JSON-able, and never the
+        secrets or this machine's own files (auth_token, api_token, tls_cert, tls_key, cors_origins):
+        the worker has its own. `for_host`: send only that node's entry of node_overrides.
+
+            {"nodes": [[0, "mini1", "10.10.0.1", 65432], [1, "mini2", "10.10.0.2", 65433]],
+             "port": 65432, "bind": None, "max_sessions": 16, ...}
+        """
+        overrides = self.node_overrides if for_host is None else \
+            {h: o for h, o in self.node_overrides.items() if h == for_host}
+        return {"nodes": [[n.rank, n.host, n.ip, n.port] for n in self.nodes], "port": self.port, "bind": self.bind,
+                "max_sessions": self.max_sessions, "rejoin_grace_s": self.rejoin_grace_s,
+                "heartbeat_s": self.heartbeat_s, "pipeline_depth": self.pipeline_depth,
+                "link_delay_ms": self.link_delay_ms, "link_mbps": self.link_mbps,
+                "node_overrides": {h: dict(o) for h, o in overrides.items()}, "prefix_cache_mb": self.prefix_cache_mb}
+
+    @classmethod
+    def from_wire(cls, data, where: str) -> ClusterConfig:
+        """The ClusterConfig a leader sent (to_wire's dict), checked as cluster_config.yaml is:
+        a missing, unknown, mistyped or out-of-range field is a ConfigError naming `where` (who sent
+        it) and the field. The secrets are not in it: the caller adds its own (dataclasses.replace)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: the cluster must be a mapping, got {shown(data)}")
+        _check_keys(data, WIRE_KEYS, where)
+        nodes = []
+        for i, entry in enumerate(_get(data, "nodes", list, where)):
+            here = f"{where}: nodes[{i}]"
+            if not isinstance(entry, list) or len(entry) != 4:
+                raise ConfigError(f"{here}: expected [rank, host, ip, port], got {shown(entry)}")
+            n = dict(zip(("rank", "host", "ip", "port"), entry))
+            node = Node(_int(n, "rank", here, lo=0), _str(n, "host", here), _str(n, "ip", here),
+                        _int(n, "port", here, lo=1, hi=65535))
+            if node.rank != i:
+                raise ConfigError(f"{here}: rank {node.rank} in place {i}; the nodes go by rank, 0 (the leader) first")
+            nodes.append(node)
+        if not nodes:
+            raise ConfigError(f"{where}: 'nodes' is empty; a cluster has at least its leader")
+        return cls(
+            port=_int(data, "port", where, lo=1, hi=65535), nodes=tuple(nodes),
+            bind=_str(data, "bind", where, default=None),
+            max_sessions=_int(data, "max_sessions", where, default=16, lo=1),
+            rejoin_grace_s=_real(data, "rejoin_grace_s", where, default=30.0),
+            heartbeat_s=_real(data, "heartbeat_s", where, default=1.0, above=True),
+            pipeline_depth=_int(data, "pipeline_depth", where, default=None, lo=1),
+            link_delay_ms=_real(data, "link_delay_ms", where, default=0.0),
+            link_mbps=_real(data, "link_mbps", where, default=0.0),
+            node_overrides=_node_overrides(data, where, {n.host for n in nodes}, key="node_overrides"),
+            prefix_cache_mb=_real(data, "prefix_cache_mb", where, default=None), path=where)
+
+
+# what ClusterConfig.to_wire sends: the cluster without its secrets and local files
+WIRE_KEYS = ("nodes", "port", "bind", "max_sessions", "rejoin_grace_s", "heartbeat_s", "pipeline_depth",
+             "link_delay_ms", "link_mbps", "node_overrides", "prefix_cache_mb")
 
 
 def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
@@ -645,13 +715,14 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
     )
 
 
-def _node_overrides(data: dict, path: str, hosts: set) -> dict:
+def _node_overrides(data: dict, path: str, hosts: set, key: str = "nodes") -> dict:
     """`nodes: {pi5: {speed_gbps: 9, memory_mb: 3000}}`: what a node would measure, given instead
-    (a node's own figures are replaced key by key; see placement.measure)."""
-    nodes = _get(data, "nodes", dict, path, default={})
+    (a node's own figures are replaced key by key; see placement.measure). On the wire the key is
+    `node_overrides` (`nodes` there is the list of nodes)."""
+    nodes = _get(data, key, dict, path, default={})
     out = {}
     for host, entry in nodes.items():
-        where = f"{path}: nodes.{_names([host])}"
+        where = f"{path}: {key}.{_names([host])}"
         if host not in hosts:
             raise ConfigError(f"{where}: no host {shown(host)} in host_ip{did_you_mean(host, sorted(hosts))}")
         if not isinstance(entry, dict):
@@ -666,3 +737,69 @@ def check_agree(mc: ModelConfig, cc: ClusterConfig, model_path: str = "model_con
     if mc.num_nodes != len(cc.nodes):
         raise ConfigError(f"{model_path}: {mc.name}: num_nodes={mc.num_nodes} but {cc.path} has {len(cc.nodes)} "
                           f"nodes (server + {cc.num_workers} workers); make them agree")
+
+
+# ---------------------------------------------------------------------------------------------
+# one command's configs
+
+
+class Configs:
+    """The configs one command works from: each file read once, when first needed, then passed on
+    as this object (the CLI keeps it in click's context; planning and the setup of a node take it).
+
+        configs = Configs("configs")                 # nothing read yet
+        configs.model                                # model_config.yaml's entry (--model, else the default)
+        configs.cluster                              # cluster_config.yaml
+        configs.cluster_or_none()                    # None without a cluster file (a broken one: ConfigError)
+        configs.weights()                            # model_weights.yaml's entry for the model's weights
+
+    A file that failed to load fails the same way when asked again, without being read again.
+    """
+
+    def __init__(self, config_dir: str = DEFAULT_CONFIG_DIR, model_name: str | None = None):
+        self.dir = config_dir
+        self.model_name = model_name
+        self._loaded: dict = {}         # what -> the config, or the ConfigError loading it raised
+
+    def for_model(self, model_name: str | None) -> Configs:
+        """These configs with model entry `model_name` chosen (what is read already is kept)."""
+        if model_name == self.model_name:
+            return self
+        other = Configs(self.dir, model_name)
+        other._loaded = {k: v for k, v in self._loaded.items() if k != "model"}
+        return other
+
+    def _once(self, what, load):
+        if what not in self._loaded:
+            try:
+                self._loaded[what] = load()
+            except ConfigError as e:
+                self._loaded[what] = e
+        got = self._loaded[what]
+        if isinstance(got, ConfigError):
+            raise got
+        return got
+
+    @property
+    def model(self) -> ModelConfig:
+        return self._once("model", lambda: load_model_config(self.dir, self.model_name))
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self._once("cluster", lambda: load_cluster_config(self.dir))
+
+    def cluster_or_none(self) -> ClusterConfig | None:
+        """cluster_config.yaml if the folder has one, else None; a broken one is an error."""
+        try:
+            return self.cluster
+        except ConfigNotFound:
+            return None
+
+    def weights(self, name: str | None = None) -> WeightsSource:
+        """Where model `name`'s weights come from (default: the model's weights_model_name)."""
+        name = name or self.model.weights_model_name
+        return self._once(("weights", name), lambda: load_weights_config(self.dir, name))
+
+    def path(self, name: str) -> str:
+        """Where file `name` is read from (config_path): for messages."""
+        return config_path(self.dir, name)

@@ -68,7 +68,7 @@ def browser(tmp_path_factory):
 
 def greedy_text(engine, prompt: str, max_tokens: int) -> tuple:
     """(text, tokens) of what the page asks for: the prompt as a user turn in the chat template,
-    greedy, ending at the template's next "\nUser:" turn (issue 14 §2)."""
+    greedy, ending at the template's next "\nUser:" turn."""
     from nanopipe.web.openai import CHAT_STOP, chat_prompt
     tok = get_tokenizer()
     ids = tok.encode(chat_prompt([{"role": "user", "content": prompt}]))

@@ -185,7 +185,7 @@ def test_bench_positions_and_sweep_measure_what_they_say(weights):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fields choose the strategy, as in the web API (issue 11 §4); stop, penalties and bias
+# The fields choose the strategy, as in the web API; stop, penalties and bias
 
 
 def test_temperature_zero_is_greedy(runner, weights):

@@ -549,3 +549,83 @@ def test_hostile_cluster_config_is_a_short_clear_error(tmp_path, text, says):
     with pytest.raises(ConfigError) as e:
         load_cluster_config(str(tmp_path))
     assert str(path) in str(e.value) and says in str(e.value) and len(str(e.value)) < 600, str(e.value)[:1000]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster on the wire (what a leader tells `nanopipe join --leader`), and one command's configs
+
+
+def test_a_cluster_goes_over_the_wire_and_back_whole_without_its_secrets(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from nanopipe.config import ClusterConfig
+    monkeypatch.delenv("NANOPIPE_TOKEN", raising=False)
+    write(tmp_path, "cluster_config.yaml", _cluster_with(
+        nodes={"pi1": {"speed_gbps": 9, "memory_mb": 3000}}, bind="0.0.0.0", max_sessions=4, heartbeat_s=0.5,
+        rejoin_grace_s=5, pipeline_depth=2, link_delay_ms=1.5, link_mbps=100, prefix_cache_mb=64,
+        auth_token="s3cret", api_token="web-secret", cors_origins=["http://x"]))
+    cc = load_cluster_config(str(tmp_path))
+    sent = json.dumps(cc.to_wire())
+    assert "s3cret" not in sent and "web-secret" not in sent and "http://x" not in sent, sent
+    back = ClusterConfig.from_wire(json.loads(sent), "the leader at 10.0.0.1:65432")
+    assert back.path == "the leader at 10.0.0.1:65432" and back.auth_token is None and back.api_token is None
+    assert dataclasses.replace(back, path=cc.path, auth_token=cc.auth_token, api_token=cc.api_token,
+                               cors_origins=cc.cors_origins) == cc
+    assert cc.to_wire(for_host="mini2")["node_overrides"] == {}          # only the joining node's entry
+    assert cc.to_wire(for_host="pi1")["node_overrides"] == {"pi1": {"speed_gbps": 9.0, "memory_mb": 3000.0}}
+
+
+def _wire(**changes):
+    wire = load_cluster_config(str(SHIPPED)).to_wire()
+    wire.update(changes)
+    return {k: v for k, v in wire.items() if v is not ...}
+
+
+BAD_WIRE = {
+    "not a mapping": ([1, 2], "the cluster must be a mapping"),
+    "no nodes": (_wire(nodes=...), "missing key 'nodes'"),
+    "unknown field": (_wire(max_sesions=3), "unknown key 'max_sesions' (did you mean 'max_sessions'?)"),
+    "node not a list": (_wire(nodes=[[0, "mini1", "127.0.0.1", 65432], "mini2"]),
+                        "nodes[1]: expected [rank, host, ip, port], got 'mini2'"),
+    "node port a string": (_wire(nodes=[[0, "mini1", "127.0.0.1", "65432"]]),
+                           "nodes[0]: key 'port' must be int, got '65432'"),
+    "ranks out of order": (_wire(nodes=[[1, "mini2", "127.0.0.1", 65433]]), "nodes[0]: rank 1 in place 0"),
+    "empty host": (_wire(nodes=[[0, " ", "127.0.0.1", 65432]]), "nodes[0]: 'host' is empty"),
+    "max_sessions 0": (_wire(max_sessions=0), "'max_sessions' must be >= 1, got 0"),
+    "heartbeat a bool": (_wire(heartbeat_s=True), "key 'heartbeat_s' must be int or float, got True"),
+    "depth a float": (_wire(pipeline_depth=2.5), "key 'pipeline_depth' must be int, got 2.5"),
+    "negative cache": (_wire(prefix_cache_mb=-1), "'prefix_cache_mb' must be a number >= 0, got -1"),
+    "override of no node": (_wire(node_overrides={"pi5": {"memory_mb": 1}}), "node_overrides.pi5: no host 'pi5'"),
+    "override key": (_wire(node_overrides={"pi1": {"speed": 1}}),
+                     "node_overrides.pi1: unknown key 'speed' (did you mean 'speed_gbps'?)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WIRE)
+def test_a_cluster_from_the_wire_is_checked_like_the_yaml_naming_the_field(case):
+    from nanopipe.config import ClusterConfig
+    data, message = BAD_WIRE[case]
+    with pytest.raises(ConfigError) as e:
+        ClusterConfig.from_wire(data, "the leader at 10.0.0.1:65432")
+    assert str(e.value).startswith("the leader at 10.0.0.1:65432: ") and message in str(e.value), str(e.value)
+
+
+def test_configs_read_each_file_once_and_only_when_asked(tmp_path, monkeypatch):
+    import nanopipe.config as config
+    reads = []
+    real = config._load_yaml
+    monkeypatch.setattr(config, "_load_yaml", lambda d, name: reads.append(name) or real(d, name))
+    configs = config.Configs(str(SHIPPED))
+    assert reads == []
+    for _ in range(3):
+        assert configs.model.name == "gpt2" and configs.cluster.leader.host == "mini1"
+        assert configs.weights().filename == configs.weights("gpt2").filename
+        assert configs.cluster_or_none() is configs.cluster
+    assert sorted(reads) == ["cluster_config.yaml", "model_config.yaml", "model_weights.yaml"], reads
+    empty = config.Configs(str(tmp_path))
+    for _ in range(2):
+        assert empty.cluster_or_none() is None
+        with pytest.raises(config.ConfigNotFound):
+            empty.model  # noqa: B018 (the property reads the file)
+    assert reads[3:] == ["cluster_config.yaml", "model_config.yaml"], reads    # a missing file is looked for once

@@ -127,3 +127,27 @@ def test_a_layer_mapping_with_a_gap_stops_serve(tmp_path, tiny_weights):
     line = error_line(invoke("serve", "--config-dir", d, "--weights", tiny_weights))
     assert line == f"Error: {d}/model_config.yaml: gpt2: layer_mapping rank 1: [3, 4, 6] skips layer 5; a rank " \
                    "holds consecutive layers: list them all, or write [first, last]"
+
+
+@pytest.mark.parametrize("command", [["plan"], ["generate", "Hi", "--max-tokens", "2"], ["serve"]])
+def test_a_command_reads_each_config_file_once(tmp_path, monkeypatch, command):
+    """The configs are read once per command (config.Configs in click's context) and passed on as
+    objects: `serve` read cluster_config.yaml twice, `plan` and `generate` model_config.yaml twice."""
+    import collections
+
+    import nanopipe.config as config
+    from nanopipe.cluster.leader import Leader
+    from nanopipe.tools.localcluster import write_configs
+    from nanopipe.weights import init_weights
+    (tmp_path / "weights").mkdir()
+    init_weights(str(tmp_path / "weights" / "tiny.safetensors"), n_layer=4, n_embd=64, n_head=4, n_ctx=64)
+    d = str(tmp_path / "cfg")
+    write_configs(d, weights=str(tmp_path / "weights" / "tiny.safetensors"), nodes=3, n_layer=4, n_head=4)
+    monkeypatch.chdir(tmp_path)
+    reads, real = collections.Counter(), config._load_yaml
+    monkeypatch.setattr(config, "_load_yaml", lambda folder, name: reads.update([name]) or real(folder, name))
+    monkeypatch.setattr(Leader, "serve_forever", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setenv("NANOPIPE_PROBE_S", "0.05")
+    result = invoke(*command, "--config-dir", d)
+    assert result.exit_code == 0, result.output
+    assert reads and set(reads.values()) == {1}, dict(reads)

@@ -330,7 +330,7 @@ def test_unregistered_strategy_is_unknown_again():
 
 
 # ---------------------------------------------------------------------------------------------
-# Which strategy a request's fields mean (issue 11 §4), and conflicts named by field
+# Which strategy a request's fields mean, and conflicts named by field
 
 GREEDY_CONFIG = {"active_decoding_strategy": "greedy", "max_new_tokens": 50,
                  "decoding_strategies": {"greedy": {}, "top_k": {"temperature": 1.0, "k": 50}}}
@@ -371,7 +371,7 @@ def test_a_field_the_strategy_would_ignore_is_refused(sent, field):
 
 
 def test_guide_chat_request_on_a_greedy_cluster_runs_top_k():
-    # issue 11 §4: this request used to run greedily while claiming temperature 0.8 and top_k 40
+    # the guide's request: it used to run greedily while claiming temperature 0.8 and top_k 40
     params = request_params(GREEDY_CONFIG, temperature=0.8, top_k=40, max_tokens=30)
     assert (params.strategy, params.temperature, params.top_k, params.max_tokens) == ("top_k", 0.8, 40, 30)
     assert request_params(GREEDY_CONFIG).strategy == "greedy"

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from helpers import CONFIG_DIR, node, run_nanopipe, wait_status
 
 from nanopipe.cluster.leader_client import ClientError, LeaderClient
+from nanopipe.config import Configs
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, free_ports
 
@@ -115,23 +116,23 @@ def test_leader_given_by_its_host_ip_name(cluster):
 ])
 def test_resolve_leader_through_host_ip(given, addr):
     from nanopipe.tools.cli import resolve_leader
-    assert resolve_leader(CONFIG_DIR, given) == addr
+    assert resolve_leader(Configs(CONFIG_DIR), given) == addr
 
 
 def test_a_leader_name_in_no_host_ip_and_no_dns_says_so():
     from nanopipe.tools.cli import unknown_host_hint
     for given in ("mini9.invalid:65432", "mini9.invalid"):        # the port may go, as in --leader mini1
-        hint = unknown_host_hint(CONFIG_DIR, given)
+        hint = unknown_host_hint(Configs(CONFIG_DIR), given)
         assert hint.startswith(" Note: 'mini9.invalid' is not a name in host_ip of "), hint
         assert "cluster_config.yaml" in hint and hint.endswith(", nor a host this machine knows."), hint
-    assert unknown_host_hint(CONFIG_DIR, "mini1:65432") == ""          # a host_ip name
-    assert unknown_host_hint(CONFIG_DIR, "127.0.0.1:65432") == ""      # an address
-    assert unknown_host_hint(CONFIG_DIR, "localhost:65432") == ""      # a name this machine resolves
+    assert unknown_host_hint(Configs(CONFIG_DIR), "mini1:65432") == ""          # a host_ip name
+    assert unknown_host_hint(Configs(CONFIG_DIR), "127.0.0.1:65432") == ""      # an address
+    assert unknown_host_hint(Configs(CONFIG_DIR), "localhost:65432") == ""      # a name this machine resolves
 
 
 def test_resolve_leader_without_configs_passes_the_address_on(tmp_path):
     from nanopipe.tools.cli import resolve_leader
-    assert resolve_leader(str(tmp_path), "mini1:65432") == "mini1:65432"
+    assert resolve_leader(Configs(str(tmp_path)), "mini1:65432") == "mini1:65432"
 
 
 def test_a_workers_port_says_whose_it_is_and_where_the_leader_is(cluster, tmp_path):

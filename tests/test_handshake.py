@@ -164,10 +164,11 @@ class FakeLeader:
     it with layers 2..3 of a tiny model, so the worker goes on to fetch its weights.
 
     `knows_token`: answers with the proof a real leader gives (as docs/PROTOCOL.md says to compute
-    it), else with none; `filename`: the weights file name it hands out."""
+    it), else with none; `filename`: the weights file name it hands out; `cluster`: fields that replace
+    those of the cluster it sends (ClusterConfig.to_wire's form)."""
 
-    def __init__(self, knows_token: bool, filename: str):
-        self.knows_token, self.filename = knows_token, filename
+    def __init__(self, knows_token: bool, filename: str, cluster: dict | None = None):
+        self.knows_token, self.filename, self.cluster = knows_token, filename, cluster or {}
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
         self.hellos, self.errors = [], []
@@ -195,11 +196,11 @@ class FakeLeader:
                     proof = hmac.new(TOKEN.encode(), b"nanopipe-acceptor" + bytes.fromhex(nonce)
                                      + bytes.fromhex(hello["nonce"]), hashlib.sha256).hexdigest()
                 if hello.get("enrol"):
+                    cluster = {"nodes": [[0, "lead", "127.0.0.1", self.port], [1, "w1", "127.0.0.1", 9]],
+                               "port": self.port, "bind": None, "max_sessions": 4, "heartbeat_s": 1.0,
+                               "rejoin_grace_s": 10.0, **self.cluster}
                     send_frame(conn, Msg.WELCOME, {"proof": proof, "enrol": {
-                        "rank": 1, "host": "w1",
-                        "nodes": [[0, "lead", "127.0.0.1", self.port], [1, "w1", "127.0.0.1", 9]],
-                        "port": self.port, "bind": None, "max_sessions": 4, "heartbeat_s": 1.0,
-                        "rejoin_grace_s": 10.0, "model": "local", "n_head": 4,
+                        "rank": 1, "host": "w1", "cluster": cluster, "model": "local", "n_head": 4,
                         "weights": {"name": "local", "url": "http://127.0.0.1:9/m.safetensors",
                                     "filename": self.filename, "sha256": None}}})
                     return
@@ -256,3 +257,23 @@ def test_a_weights_name_from_the_leader_never_leaves_weights(tmp_path):
     assert r.returncode != 0, out
     assert repr(EVIL) in out and "holds a path separator" in out and "Traceback" not in out, out
 
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("heartbeat_s", "1s", "the leader at 127.0.0.1:PORT: key 'heartbeat_s' must be int or float, got '1s'"),
+    ("nodes", [[0, "lead", "127.0.0.1", 0]], "the leader at 127.0.0.1:PORT: nodes[0]: 'port' must be between 1 and "
+                                             "65535, got 0"),
+    ("max_sesions", 4, "the leader at 127.0.0.1:PORT: unknown key 'max_sesions' (did you mean 'max_sessions'?)"),
+])
+def test_a_cluster_the_leader_sends_is_checked_naming_the_field(tmp_path, field, value, says):
+    """The cluster a leader enrols a worker with is read back by ClusterConfig.from_wire: a bad field
+    is one line naming the leader and the field, not a traceback, and nothing is downloaded."""
+    fake = FakeLeader(knows_token=True, filename="local.safetensors", cluster={field: value})
+    try:
+        r = join_fake(fake, tmp_path)
+    finally:
+        fake.close()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out, out
+    assert says.replace("PORT", str(fake.port)) in out and "Run the same version on every node" in out, out
+    assert not os.path.exists(tmp_path / "node" / "weights"), files_under(tmp_path)

@@ -1,4 +1,4 @@
-"""The guide's log lines (issue 11 §3) through the standard logging module (issue 13 §6).
+"""The guide's log lines through the standard logging module.
 
 The SmolCluster guide tells users what a healthy start looks like ("Server Output", "Worker
 Output") and its troubleshooting says to look for those lines. A real `nanopipe serve` and real

@@ -80,7 +80,7 @@ def test_score_with_max_tokens_1_adds_the_greedy_token(api, tiny_engine):
         lp = choice.logprobs
         assert lp.tokens == tok.pieces(ids + want["token_ids"]) and len(lp.top_logprobs) == len(ids) + 1
         assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:]), \
-            "every prompt position after the first carries its top alternative (issue 12)"
+            "every prompt position after the first carries its top alternative"
         assert abs(lp.token_logprobs[-1] - want["logprobs"][0]) <= LP_TOL
         assert list(lp.top_logprobs[-1]) == tok.pieces(want["token_ids"])      # greedy: the top-1 is the token
 

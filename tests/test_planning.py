@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from nanopipe.config import ConfigError, load_cluster_config, load_model_config, load_weights_config
+from nanopipe.config import ConfigError, Configs, load_model_config
 from nanopipe.partition import PartitionError, stage_bytes
 from nanopipe.tools.localcluster import write_configs
 from nanopipe.tools.planning import SetupError, model_shape, plan_ranges, plan_table, planning_shape, setup_rank
@@ -49,10 +49,10 @@ def edit_model(config_dir, **fields):
 
 def test_plan_table_names_the_nodes_and_sizes_each_stage(tmp_path, tiny):
     d = configs(tmp_path, tiny)
-    p = plan_table(d, weights_path=tiny)
+    p = plan_table(Configs(d), weights_path=tiny)
     assert p.ranges == [(0, 2), (2, 3), (3, 4)] and p.names == ["node0", "node1", "node2"]
     assert p.bytes_per_rank == [stage_bytes(hi - lo, C, V, 32, rank0=(r == 0)) for r, (lo, hi) in enumerate(p.ranges)]
-    more = plan_table(d, weights_path=tiny, nodes=4)
+    more = plan_table(Configs(d), weights_path=tiny, nodes=4)
     assert more.names == ["node0", "node1", "node2", "node3"], "a node the cluster file does not have"
 
 
@@ -60,8 +60,8 @@ def test_plan_table_for_disagreeing_configs_says_to_pass_nodes(tmp_path, tiny):
     d = configs(tmp_path, tiny)
     edit_model(d, num_nodes=2)
     with pytest.raises(SetupError, match=r"\(or pass --nodes N to plan for another size\)"):
-        plan_table(d, weights_path=tiny)
-    assert plan_table(d, weights_path=tiny, nodes=2).ranges == [(0, 2), (2, 4)]
+        plan_table(Configs(d), weights_path=tiny)
+    assert plan_table(Configs(d), weights_path=tiny, nodes=2).ranges == [(0, 2), (2, 4)]
 
 
 def test_plan_and_setup_under_the_guides_file_names_name_the_guides_file(tmp_path, tiny):
@@ -74,18 +74,17 @@ def test_plan_and_setup_under_the_guides_file_names_name_the_guides_file(tmp_pat
     guide_model = os.path.join(d, "model_parallelism", "model_config.yaml")
     os.rename(os.path.join(d, "model_config.yaml"), guide_model)
     with pytest.raises(SetupError, match=re.escape(f"{guide_model}: local: num_nodes=2 but")):
-        plan_table(d, weights_path=tiny)
-    assert plan_table(d, weights_path=tiny, nodes=2).ranges == [(0, 2), (2, 4)]
-    mc, cc = load_model_config(d), load_cluster_config(d)
+        plan_table(Configs(d), weights_path=tiny)
+    assert plan_table(Configs(d), weights_path=tiny, nodes=2).ranges == [(0, 2), (2, 4)]
     with pytest.raises(ConfigError, match=re.escape(f"{guide_model}: local: num_nodes=2 but")):
-        setup_rank(d, mc, cc, tiny, 1, log=lambda _line: None)
+        setup_rank(Configs(d), tiny, 1, log=lambda _line: None)
 
 
 def test_plan_ranges_follows_the_layer_mapping_only_for_its_node_count(tmp_path, tiny):
     d = configs(tmp_path, tiny)
     edit_model(d, layer_mapping={0: [0, 0], 1: [1, 2], 2: [3, 3]})
     mc = load_model_config(d)
-    cfg = model_shape(d, mc, tiny)
+    cfg = model_shape(Configs(d), tiny)
     assert plan_ranges(mc, cfg) == [(0, 1), (1, 3), (3, 4)]
     with pytest.raises(PartitionError, match="layer_mapping is for 3 nodes, not 2"):
         plan_ranges(mc, cfg, nodes=2)
@@ -95,10 +94,9 @@ def test_plan_ranges_follows_the_layer_mapping_only_for_its_node_count(tmp_path,
 
 def test_model_shape_reads_the_file_else_the_config(tmp_path, tiny, monkeypatch):
     d = configs(tmp_path, tiny)
-    mc = load_model_config(d)
-    assert (model_shape(d, mc, tiny).n_embd, model_shape(d, mc, tiny).n_vocab) == (C, V)
+    assert (model_shape(Configs(d), tiny).n_embd, model_shape(Configs(d), tiny).n_vocab) == (C, V)
     monkeypatch.chdir(tmp_path)         # weights/tiny.safetensors is not here: the config's layer count
-    shape = model_shape(d, mc, None)
+    shape = model_shape(Configs(d), None)
     assert (shape.n_layer, shape.n_head) == (L, H)
 
 
@@ -110,14 +108,13 @@ def test_a_worker_plans_its_balanced_slice_from_the_remote_header(tmp_path, tiny
     try:
         d = configs(tmp_path, tiny, partition="balanced", weights_url=server.url("/tiny.safetensors"))
         monkeypatch.chdir(tmp_path)
-        mc, src = load_model_config(d), load_weights_config(d, "local")
-        assert model_shape(d, mc, None).n_embd != C, "without the header the shape is a guess"
-        shape = planning_shape(d, mc, src)
+        assert model_shape(Configs(d), None).n_embd != C, "without the header the shape is a guess"
+        shape = planning_shape(Configs(d))
         assert (shape.n_layer, shape.n_embd, shape.n_vocab) == (L, C, V)
         assert [r for _, r in server.requests] == ["bytes=0-7", f"bytes=8-{8 + _header_len(tiny) - 1}"]
         edit_model(d, partition="even")
         server.requests.clear()
-        planning_shape(d, load_model_config(d), src)
+        planning_shape(Configs(d))
         assert server.requests == [], "the even split needs only the layer count"
     finally:
         server.stop()
@@ -130,12 +127,11 @@ def _header_len(path) -> int:
 
 def test_setup_rank_with_a_missing_weights_file_says_how_to_make_one(tmp_path, tiny):
     d = configs(tmp_path, tiny)
-    mc, cc = load_model_config(d), load_cluster_config(d)
     lines = []
     with pytest.raises(SetupError, match=r"nope.safetensors: no such weights file; run `nanopipe pull local` or "
                                          r"`nanopipe init-weights .*nope.safetensors` for synthetic weights"):
-        setup_rank(d, mc, cc, str(tmp_path / "nope.safetensors"), 1, log=lines.append)
+        setup_rank(Configs(d), str(tmp_path / "nope.safetensors"), 1, log=lines.append)
     assert lines == ["Checking for model weights (local)..."]
-    s = setup_rank(d, mc, cc, tiny, 2, log=lines.append)
+    s = setup_rank(Configs(d), tiny, 2, log=lines.append)
     assert (s.ranges, s.weights_path, s.cfg.n_embd) == ([(0, 2), (2, 3), (3, 4)], tiny, C)
     assert lines[-1] == f"Model weights ready at: {tiny}"

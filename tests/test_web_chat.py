@@ -63,7 +63,7 @@ def test_chat_returns_response_config_and_stats(client, leader):
 
 
 def test_guide_chat_request_runs_top_k_on_a_greedy_cluster(leader):
-    # issue 11 §4: the guide's curl, against a cluster whose default is greedy, used to run greedily
+    # the guide's curl, against a cluster whose default is greedy, used to run greedily
     # while its config claimed temperature 0.8 and top_k 40
     leader.defaults = {"active_decoding_strategy": "greedy", "max_new_tokens": 50,
                        "decoding_strategies": {"greedy": {}, "top_k": {"temperature": 1.0, "k": 50}}}

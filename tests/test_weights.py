@@ -87,7 +87,7 @@ def test_lm_head_weight_is_used_when_present(tiny_weights, tmp_path):
 
 
 def test_tied_lm_head_is_wte_itself_not_a_copy(tiny_weights):
-    """Issue 15: no transposed copy of wte (154 MB for gpt2); the head is a gemv on wte as stored."""
+    """No transposed copy of wte (154 MB for gpt2); the head is a gemv on wte as stored."""
     st = load_stage(tiny_weights)
     assert st.lm_head is st.wte and st.lm_head.shape == (V, C)          # (V, C)
     held = st.wte.nbytes + st.wpe.nbytes + sum(a.nbytes for a in st.ln_f.values())

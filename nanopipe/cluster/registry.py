@@ -266,12 +266,7 @@ class WorkerRegistry:
         cc = self.cluster
         node = cc.node(rank)
         welcome(sock, hello, {"enrol": {
-            "rank": rank, "host": node.host,
-            "nodes": [[n.rank, n.host, n.ip, n.port] for n in cc.nodes], "port": cc.port, "bind": cc.bind,
-            "max_sessions": cc.max_sessions, "heartbeat_s": cc.heartbeat_s, "rejoin_grace_s": cc.rejoin_grace_s,
-            "link_delay_ms": cc.link_delay_ms, "link_mbps": cc.link_mbps,
-            "prefix_cache_mb": cc.prefix_cache_mb, "pipeline_depth": cc.pipeline_depth,
-            "node_overrides": {node.host: cc.node_overrides[node.host]} if node.host in cc.node_overrides else {},
+            "rank": rank, "host": node.host, "cluster": cc.to_wire(for_host=node.host),     # ClusterConfig.from_wire
             "model": self.model_name, "n_head": self.config.n_head, "weights": self.weights_source}})
         self.log(f"Worker from {peer} enrolled as rank {rank} ({node.host})")
 

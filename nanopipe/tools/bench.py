@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 
+from .. import batching  # the scheduler's head runs in batching.Batcher.back
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
 from ..kernels import describe_kernels, kernels
-from ..model import KVCache, blocks_forward, embed, gpt2, head
-from ..weights import ensure_synthetic, synthetic_name
+from ..model import KVCache, blocks_forward, embed, gpt2, head, layer_norm
+from ..weights import ensure_synthetic, is_synthetic, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, synthetic_name("gpt2"))   # shared with demo, trace, init-weights
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers
@@ -50,7 +54,7 @@ def ensure_weights(path: str = DEFAULT_WEIGHTS, echo=print) -> str:
 
 def blas_threads() -> int:
     """The threads numpy's BLAS uses: threadpoolctl's answer if installed, else the usual variables."""
-    try:
+    try:    # imported here: threadpoolctl is optional (not a nanopipe package), the variables are the fallback
         from threadpoolctl import threadpool_info
         counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
         if counts:
@@ -171,7 +175,7 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
     decode tokens/s = 1 / the median time between two generated tokens (see `decode_rate`).
     `between()`, when given, is called before each run and its results are returned as "between":
     run_bench measures the memory bandwidth there, so that speed and bound see the same machine
-    (on a shared host the bandwidth alone was seen to swing between 30 and 47 GB/s within a minute).
+    (on a shared host the bandwidth alone swings by half within minutes: docs/PERFORMANCE.md, "One process").
     """
     t = time.perf_counter()
     engine = Engine.load(weights, prefix_cache_bytes=0)   # every prompt computed in full
@@ -231,10 +235,6 @@ def bench_lm_head(engine: Engine, prompt_len: int = 32, n_tokens: int = 48, repe
     """Decode tokens/s with the old LM head (a transposed contiguous copy of wte,
     `x @ copy` (C, V), 154 MB more for gpt2) and as now (a gemv on wte as stored), alternately in
     this one run, through the real scheduler; also whether the greedy tokens are identical."""
-    import contextlib
-
-    from .. import batching  # the scheduler's head runs in batching.Batcher.back
-    from ..model import layer_norm
     st = engine.stage
     copy = np.ascontiguousarray(st.lm_head.T)                            # (C, V): the old copy
 
@@ -322,7 +322,6 @@ def quick_bench(weights: str | None = None, n_tokens: int = 24, prompt_len: int 
     """`nanopipe bench`: one process's decode and prefill speed and this machine's memory bound, as one
     short table with verdicts (gpt2-small: some 10-30 s). The long measurements are `--full` and the
     other options."""
-    from ..weights import is_synthetic
     weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
     echo(f"measuring {weights}{' (synthetic: as fast as real weights)' if is_synthetic(weights) else ''}: "
          f"a {prompt_len}-token prompt, {n_tokens} tokens generated (greedy), twice ...")
@@ -500,9 +499,6 @@ def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict
     share=(r, m) of them (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
     Returns {"held_mb": what the stage keeps, "peak_mb": how far RSS rose on the way}, and the same
     in bytes ("held", "growth") with the RSS after imports ("base")."""
-    import json
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, "-c", _LOAD_RSS_CHILD, weights, str(lo), str(hi),
                           json.dumps(list(share) if share else None)],
                          capture_output=True, text=True, timeout=300, check=True)

@@ -15,17 +15,29 @@ All of it runs the real code: the scheduler of `engine.py`, real `serve`/`join` 
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import numpy as np
 
 from .. import kernels
+from ..cgroups import CGroup, why_not_writable
 from ..cluster.wire import HEADER, Msg, encode_frame
 from ..decoding import SamplingParams
 from ..engine import Engine, Request
 from ..partition import layers_text
-from .bench import bench_prompt, generate_fixed, kernels_as
+from .bench import (
+    DEFAULT_WEIGHTS,
+    bench_prompt,
+    ensure_weights,
+    generate_fixed,
+    kernels_as,
+    quick_bench,
+    run_bench,
+    verdict,
+    write_csv,
+)
 from .localcluster import LocalCluster
 
 LINKS = {  # name: (latency ms, Mbit/s)
@@ -387,10 +399,10 @@ def table(rows: list, cols: list) -> str:
 
 def plot_sweep(rows: list, path: str) -> str | None:
     """A PNG of aggregate tokens/s against streams, when matplotlib is installed (the plot extra)."""
-    try:
+    try:    # imported here: matplotlib is optional (the plot extra); without it, no PNG
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): draws to files, no display
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -429,7 +441,6 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
     The three nodes share this machine, so the leader keeps one batch in flight (depth 1) and
     predicts the sum of the stages; nodes take turns measuring themselves (kernels.measuring_alone).
     """
-    from ..cgroups import CGroup, why_not_writable
     why = why_not_writable("cpu")
     if why is not None:
         echo(f"placement bench skipped: {why} (it puts one worker under a CPU quota)")
@@ -474,11 +485,11 @@ def placement(weights: str, n_tokens: int = 32, prompt_len: int = 16, quota: flo
 
 def plot_placement(rows: list, path: str) -> str | None:
     """A PNG of predicted against measured: tokens/s per split and stream count (left), one-row ms
-    per stage (right), with the line predicted = measured and the issue's +-25% band."""
-    try:
+    per stage (right), with the line predicted = measured and a +-25% band."""
+    try:    # imported here: matplotlib is optional (the plot extra); without it, no PNG
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): draws to files, no display
     except ImportError:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -525,9 +536,6 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
             full: bool = False, echo=print) -> dict:
     """Every benchmark asked for. The one-process part is the short table (bench.quick_bench) unless
     `full`, or a reference to compare with (`make bench`), asks for the whole report (bench.run_bench)."""
-    import os
-
-    from .bench import DEFAULT_WEIGHTS, ensure_weights, quick_bench, run_bench, verdict, write_csv
     weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
     report = {}
     if out_dir:

@@ -1,14 +1,49 @@
-"""The `nanopipe` command: one click group, short commands whose docstrings are the help."""
+"""The `nanopipe` command: one click group, short commands whose docstrings are the help.
+
+It starts in tools/bootstrap.py, which sets the environment numpy reads at load (OpenBLAS's spin)
+and then imports this module: so modules import at the top here. The imports left inside functions
+are the leader's packages (the tokenizer, the web app), which a worker's lean install lacks: a
+command that needs one says so in a line (Group) rather than failing to start.
+
+Each command reads its configs once, into a config.Configs kept in click's context (pass_configs),
+and passes that object on.
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import os
-import platform
+import signal
+import socket
+from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from ..config import DEFAULT_CONFIG_DIR, WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
-from ..partition import layers_text
+from ..cluster.leader import Leader
+from ..cluster.leader_client import ClientError, LeaderClient
+from ..cluster.net import HandshakeError, bind, client_tls, dial, parse_addr
+from ..cluster.wire import WireError
+from ..cluster.worker import Worker, retry_log
+from ..config import (
+    DEFAULT_CONFIG_DIR,
+    WEIGHTS_DIR,
+    ClusterConfig,
+    ConfigError,
+    ConfigNotFound,
+    Configs,
+    Node,
+    did_you_mean,
+    weights_file,
+)
+from ..engine import Engine
+from ..kernels import KernelChoiceError, describe_kernels
+from ..logs import leader_logger, setup, worker_logger
+from ..model import ContextOverflow
+from ..partition import PartitionError, format_plan, layers_text
+from ..placement import Capacity, measure_node
+from ..safetensors_io import SafetensorsError
 from ..sampling_params import (
     BIAS_RANGE,
     PENALTY_RANGE,
@@ -19,17 +54,36 @@ from ..sampling_params import (
     fits,
     request_params,
 )
+from ..weights import (
+    SYNTHETIC_NOTE,
+    WeightsError,
+    ensure_synthetic,
+    init_weights,
+    load_stage,
+    parse_recipe,
+    read_config,
+    synthetic_note,
+    synthetic_recipe,
+    synthetic_summary,
+)
+from .bench_cluster import run_all
+from .demo import DemoError, run_demo
 from .planning import (
     SetupError,
     configured_weights,
     format_capacities,
     model_shape,
+    offer_synthetic,
     plan_ranges,
     plan_table,
     planned_by_leader,
     setup_rank,
     slice_fetcher,
 )
+from .pull import PullError, layers_in_name, parse_layers, slice_path
+from .pull import pull as do_pull
+from .service import ServiceError, install_unit, unit_for
+from .trace import TraceError, format_trace, resolve_weights, run_trace
 
 
 class UserError(click.ClickException):
@@ -38,20 +92,12 @@ class UserError(click.ClickException):
 
 def _fail_clean(fn):
     """Turn the project's clear errors into CLI messages instead of tracebacks."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            # imported here, not before the command runs: `serve` and `join` must be able to set
-            # OpenBLAS's environment before anything loads numpy (see _share_cores)
-            from ..kernels import KernelChoiceError
-            from ..model import ContextOverflow
-            from ..partition import PartitionError
-            from ..safetensors_io import SafetensorsError
-            from ..weights import WeightsError
             if isinstance(e, (ConfigError, PartitionError, DecodingError, WeightsError, SafetensorsError,
                               ContextOverflow, KernelChoiceError, SetupError)):
                 raise UserError(str(e)) from None
@@ -59,47 +105,19 @@ def _fail_clean(fn):
     return wrapper
 
 
-def _share_cores(cluster, rank: int):
-    """When other ranks run on this same machine, make idle OpenBLAS threads sleep sooner.
-
-    After each call, OpenBLAS threads spin for 2**OPENBLAS_THREAD_TIMEOUT timer ticks before they
-    sleep (default 2**28, about 0.1 s). With one process per machine that is what you want. When
-    several stages share a machine (the shipped configs, `nanopipe demo`, the tests), an idle
-    stage's spinning threads steal the cores from the busy one: a 3-node cluster on 2 cores made
-    10 tok/s with the default. Too short a spin costs too: the threads then fall asleep between the
-    back-to-back matmuls of one stage and each call pays a wake-up. Measured on x86-64 (2 cores, 3
-    nodes, side by side in one session): 2**4 ticks 43-44 tok/s, 2**20 (~0.4 ms) 48-50 tok/s,
-    2**24 34-37 tok/s, 2**26 17 tok/s. On ARM the timer ticks some 50x slower than on x86, so
-    there the short setting stays. Must run before numpy loads OpenBLAS; an explicit
-    OPENBLAS_THREAD_TIMEOUT wins.
-    """
-    me = cluster.node(rank).ip
-    if sum(n.ip == me for n in cluster.nodes) > 1:
-        _spin_short()
-
-
-def _spin_short():
-    """OpenBLAS's short spin for a machine shared by several ranks (see _share_cores)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20" if x86 else "4")
-
-
-def _is_this_machine(host: str) -> bool:
-    """True if `host` names an address of this machine: loopback, or one a socket can bind to.
-    Stdlib only (numpy must not load yet: see _share_cores)."""
-    import socket
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
-    except OSError:
-        return False
-    for *_, sa in infos:
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind((sa[0], 0))
-            return True
-        except OSError:
-            continue
-    return False
+def pass_configs(fn):
+    """Give the command `configs` (config.Configs) in place of its --config-dir and --model: the
+    command's configs, each file read once, kept in click's context. The bootstrap may have read
+    the cluster file already (to set OpenBLAS's environment): the command goes on with those."""
+    @functools.wraps(fn)
+    def wrapper(*args, config_dir, model_name=None, **kwargs):
+        ctx = click.get_current_context()
+        given = ctx.find_object(Configs)
+        configs = given.for_model(model_name) if given is not None and given.dir == config_dir else \
+            Configs(config_dir, model_name)
+        ctx.obj = configs
+        return fn(*args, configs=configs, **kwargs)
+    return wrapper
 
 
 def common_options(fn):
@@ -143,7 +161,6 @@ class Group(click.Group):
 @click.option("-q", "--quiet", count=True, help="Fewer log lines: -q warnings and errors only, -qq errors only.")
 def main(verbose, quiet):
     """nanopipe: GPT-2 split across small machines, in pure numpy."""
-    from ..logs import setup
     setup(verbose - quiet)
 
 
@@ -202,15 +219,14 @@ def parse_logit_bias(items) -> dict:
     return out
 
 
-def make_sampling(config_dir, model_name, **sent):
+def make_sampling(configs: Configs, **sent):
     """The SamplingParams `generate` runs with, from the sampling options `sent` (None: not given):
     the same rule as the web API (sampling_params.request_params), so `--temperature 0` is greedy
     and `--top-k 40` alone is top_k sampling."""
-    from ..config import load_model_config
     try:
-        defaults = load_model_config(config_dir, model_name).decoding_defaults()
+        defaults = configs.model.decoding_defaults()
     except ConfigNotFound:
-        if model_name:
+        if configs.model_name:
             raise
         defaults = None     # no model_config.yaml at all: built-in defaults (a broken one is an error)
     sent.update(stop=list(check_stop(list(sent.get("stop") or ()))),
@@ -231,12 +247,14 @@ def make_sampling(config_dir, model_name, **sent):
               help="With --json: the K most likely ids at each position.")
 @click.option("--echo", is_flag=True, help="With --json: also the logprob of every prompt token.")
 @_fail_clean
-def generate(prompt, config_dir, model_name, weights_path, leader, n_head, as_json, top_logprobs, echo, **sampling):
+@pass_configs
+def generate(prompt, configs, weights_path, leader, n_head, as_json, top_logprobs, echo, **sampling):
     """Generate text for PROMPT, in this process or on a cluster (--leader)."""
+    # imported here: the tokenizer needs tiktoken, a leader's package a worker's lean install lacks (Group)
     from ..tokenizer import StopStream, get_tokenizer
     tok = get_tokenizer()
-    params = make_sampling(config_dir, model_name, **sampling)     # sampling: --strategy and FIELDS
-    token, tls_ca = _leader_auth(config_dir) if leader else (None, None)   # config errors before any output
+    params = make_sampling(configs, **sampling)     # sampling: --strategy and FIELDS
+    token, tls_ca = _leader_auth(configs) if leader else (None, None)   # config errors before any output
     prompt_ids = tok.encode(prompt)
     stream = StopStream(tok, params.stop)      # what is printed: the same cut the generation makes
     streamed = []           # non-empty once text went to stdout: an error then starts on a new line
@@ -254,8 +272,7 @@ def generate(prompt, config_dir, model_name, weights_path, leader, n_head, as_js
 
     try:
         if leader:
-            from ..cluster.leader_client import ClientError, LeaderClient
-            addr = resolve_leader(config_dir, leader)
+            addr = resolve_leader(configs, leader)
             try:
                 with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
                     check_prompt_fits(len(prompt_ids), c.welcome.get("n_ctx"), params.max_tokens)
@@ -265,21 +282,17 @@ def generate(prompt, config_dir, model_name, weights_path, leader, n_head, as_js
                                         on_status=lambda text: click.echo(f"\n[{text}]", err=True))
                     weights = _weights_of(c)
             except ClientError as e:
-                raise UserError(f"{e}{unknown_host_hint(config_dir, leader)}") from None
+                raise UserError(f"{e}{unknown_host_hint(configs, leader)}") from None
         else:
-            from ..engine import Engine
-            path = configured_weights(config_dir, model_name, weights_path)
+            path = configured_weights(configs, weights_path)
             if not os.path.exists(path):
                 if weights_path is None:    # the demo's synthetic weights are here: offer them
-                    from ..config import load_model_config
-                    from .planning import offer_synthetic
-                    offer_synthetic(load_model_config(config_dir, model_name), path)
-                raise UserError(missing_weights_hint(config_dir, model_name, path, given=weights_path is not None))
+                    offer_synthetic(configs.model, path)
+                raise UserError(missing_weights_hint(configs, path, given=weights_path is not None))
             engine = Engine.load(path, n_head=n_head)
             check_prompt_fits(len(prompt_ids), engine.config.n_ctx, params.max_tokens)
             start()
             result = engine.generate(prompt_ids, params, on_token=on_token, echo=echo, top_logprobs=top_logprobs)
-            from ..weights import synthetic_summary
             weights = synthetic_summary({0: engine.stage.synthetic})
     except BaseException:
         if streamed:
@@ -319,49 +332,36 @@ def check_prompt_fits(n_prompt: int, n_ctx, max_tokens: int | None = None):
                     f"use --max-tokens {n_ctx - n_prompt} or less, or a shorter prompt")
 
 
-def missing_weights_hint(config_dir, model_name, path: str, given: bool) -> str:
+def missing_weights_hint(configs: Configs, path: str, given: bool) -> str:
     """No weights file at `path`: name the model, the file and the exact command that makes it."""
     if given:
         return (f"{path}: no such weights file (--weights); give an existing file, or run "
                 f"`nanopipe init-weights {path}` for synthetic (random, gibberish) weights")
-    from ..config import load_model_config
-    mc = load_model_config(config_dir, model_name)
+    mc = configs.model
     return (f"no weights for model {mc.name!r}: {path} does not exist. Run `nanopipe pull {mc.weights_model_name}` "
             f"to download them (model_weights.yaml entry {mc.weights_model_name!r}), or give --weights FILE; "
             f"offline, `nanopipe init-weights {path}` writes synthetic (random, gibberish) weights")
 
 
-def resolve_leader(config_dir, addr: str) -> str:
+def resolve_leader(configs: Configs, addr: str) -> str:
     """--leader HOST:PORT with HOST a name from host_ip in cluster_config.yaml (`mini1:65432`, as the
-    README writes it) becomes that host's address; anything else is passed on as given.
-    (No cluster import here: `join --leader` calls it before numpy may load.)"""
-    from ..config import load_cluster_config
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        host, port = addr, None
+    README writes it) becomes that host's address (ClusterConfig.resolve); anything else, or without
+    a readable cluster file, is passed on as given."""
     try:
-        cc = load_cluster_config(config_dir)
+        return configs.cluster.resolve(addr)
     except ConfigError:
         return addr
-    ips = {n.host: n.ip for n in cc.nodes}
-    if host not in ips:
-        return addr
-    return f"{ips[host]}:{port if port is not None else cc.leader.port}"
 
 
-def unknown_host_hint(config_dir, addr: str) -> str:
+def unknown_host_hint(configs: Configs, addr: str) -> str:
     """For a --leader whose host is neither a host_ip name nor a name this machine can resolve:
 
     "mini9:65432" -> " Note: 'mini9' is not a name in host_ip of configs/cluster_config.yaml (did
     you mean 'mini2'?), nor a host this machine knows."; otherwise "".
     """
-    import socket
-
-    from ..cluster.net import parse_addr
-    from ..config import load_cluster_config
     try:
         host = parse_addr(addr, 0)[0]
-        cc = load_cluster_config(config_dir)
+        cc = configs.cluster
     except (ValueError, ConfigError):
         return ""
     names = [n.host for n in cc.nodes]
@@ -371,18 +371,15 @@ def unknown_host_hint(config_dir, addr: str) -> str:
         socket.getaddrinfo(host, None)
         return ""
     except (OSError, UnicodeError):
-        from ..config import did_you_mean
         return (f" Note: {host!r} is not a name in host_ip of {cc.path}{did_you_mean(host, names)}, "
                 "nor a host this machine knows.")
 
 
-def _leader_auth(config_dir) -> tuple:
+def _leader_auth(configs: Configs) -> tuple:
     """How to dial the cluster's leader: (auth_token, CA file or None). A cluster with tls_cert
     pins that certificate, so it is the CA a client checks the leader against."""
-    from ..config import load_cluster_config
-    try:
-        cc = load_cluster_config(config_dir)
-    except ConfigNotFound:      # no cluster file: the environment's token (a broken file is an error)
+    cc = configs.cluster_or_none()
+    if cc is None:      # no cluster file: the environment's token (a broken file is an error)
         return os.environ.get("NANOPIPE_TOKEN"), None
     return cc.auth_token, cc.tls_cert
 
@@ -403,8 +400,6 @@ def _leader_auth(config_dir) -> tuple:
 @_fail_clean
 def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, layers):
     """Write synthetic GPT-2 weights (official hub layout) to OUT. They produce gibberish."""
-    from ..weights import SYNTHETIC_NOTE, ensure_synthetic, init_weights, read_config
-    from .pull import PullError, layers_in_name, parse_layers
     shape = dict(size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx, n_vocab=n_vocab, seed=seed)
     try:
         span = parse_layers(layers) if layers else layers_in_name(out)
@@ -438,17 +433,17 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
               help="Ask a running leader for its nodes' measurements, split and predictions.  "
                    "[default: none: plan from the configs]")
 @_fail_clean
-def plan(config_dir, model_name, weights_path, nodes, partition, old_partition, here, from_cluster):
+@pass_configs
+def plan(configs, weights_path, nodes, partition, old_partition, here, from_cluster):
     """Print which node holds which layers, each node's weight MB, speed and memory, and the
     predicted tokens/s for 1 and 8 streams beside the even split's."""
     if from_cluster is not None:
-        return _plan_from_cluster(config_dir, from_cluster)
+        return _plan_from_cluster(configs, from_cluster)
     if old_partition is not None:
         click.echo("note: `plan --strategy` is now `plan --partition` (--strategy names the decoding strategy "
                    f"in `generate`); taking it as --partition {old_partition}", err=True)
         partition = partition or old_partition
-    from ..partition import format_plan
-    p = plan_table(config_dir, model_name, weights_path, nodes, partition, here=here)
+    p = plan_table(configs, weights_path, nodes, partition, here=here)
     click.echo(format_plan(p.ranges, names=p.names, bytes_per_rank=p.bytes_per_rank))
     click.echo("")
     click.echo(format_capacities(p.names, p.caps))
@@ -456,22 +451,19 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition, 
         click.echo(line)
 
 
-def _plan_from_cluster(config_dir, addr):
+def _plan_from_cluster(configs: Configs, addr):
     """`plan --from-cluster HOST:PORT`: the running leader's STATUS, as the plan tables."""
-    from ..cluster.leader_client import ClientError, LeaderClient
-    token, tls_ca = _leader_auth(config_dir)
-    addr = resolve_leader(config_dir, addr)
+    token, tls_ca = _leader_auth(configs)
+    addr = resolve_leader(configs, addr)
     try:
         with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
             st = c.status()
     except ClientError as e:
         raise UserError(f"--from-cluster {addr}: {e}") from None
-    from ..partition import format_plan
     nodes = st.get("nodes", [])
     ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
     click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))
     click.echo("")
-    from ..placement import Capacity
     caps = [Capacity.from_dict(n["capacity"]) if n.get("capacity") else None for n in nodes]
     click.echo(format_capacities([str(n["host"]) for n in nodes], caps))
     for n in nodes:                         # which BLAS each node's numpy runs (nanopipe/blas.py)
@@ -497,15 +489,12 @@ def _plan_from_cluster(config_dir, addr):
 # the cluster
 
 
-def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
+def _cluster_setup(configs: Configs, weights_path, rank, log=click.echo):
     """Configs, the layer plan, and this rank's weights file (pulled if missing and configured):
-    planning.setup_rank, after _share_cores has set OpenBLAS's environment for this machine."""
-    from ..config import load_cluster_config, load_model_config
-    mc = load_model_config(config_dir, model_name)
-    cc = load_cluster_config(config_dir)
-    _share_cores(cc, rank)
-    s = setup_rank(config_dir, mc, cc, weights_path, rank, log=log)
-    return mc, cc, s.cfg, s.ranges, s.weights_path
+    planning.setup_rank. (OpenBLAS's environment for this machine was set before numpy loaded:
+    tools/bootstrap.py.)"""
+    s = setup_rank(configs, weights_path, rank, log=log)
+    return configs.model, configs.cluster, s.cfg, s.ranges, s.weights_path
 
 
 @main.command(short_help="Run the leader (rank 0) of a cluster.")
@@ -514,26 +503,21 @@ def _cluster_setup(config_dir, model_name, weights_path, rank, log=click.echo):
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
-def serve(rank, config_dir, model_name, weights_path, n_head):
+@pass_configs
+def serve(rank, configs, weights_path, n_head):
     """Run the leader (rank 0): tokenizer, embeddings, its blocks, LM head, clients."""
     if rank != 0:
         raise UserError(f"`serve` runs rank 0 (the leader); start rank {rank} with `nanopipe join --rank {rank} "
                         "--host NAME`")
-    from ..config import load_cluster_config
-    from ..logs import leader_logger
     log = leader_logger().info
-    cc = load_cluster_config(config_dir)
+    cc = configs.cluster
     log(f"Server will bind to IP: {cc.bind or cc.leader.ip}, Port: {cc.leader.port}")   # the guide's lines, in order
-    _share_cores(cc, 0)
-    from ..cluster.net import bind
     try:        # the port first: a taken one fails now, not after minutes of loading and measuring
         bound = bind(cc.bind or cc.leader.ip, cc.leader.port)
     except OSError as e:
         raise UserError(str(e)) from None
-    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, 0, log=log)
+    mc, cc, cfg, ranges, path = _cluster_setup(configs, weights_path, 0, log=log)
     log(device_line())
-    from ..cluster.leader import Leader  # numpy loads only now, after _share_cores
-    from ..weights import load_stage, synthetic_note
     lo, hi = ranges[0]
     log("Loading server's share of model layers (rank 0)...")
     stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
@@ -541,8 +525,7 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
                     load_rank0=lambda lo, hi: load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head),
-                    weights_source=_weights_source(config_dir, mc, path, stage.synthetic))
-    from ..kernels import describe_kernels
+                    weights_source=_weights_source(configs, path, stage.synthetic))
     log(describe_kernels())
     _on_sigterm()
     try:
@@ -559,28 +542,25 @@ def serve(rank, config_dir, model_name, weights_path, n_head):
 def _measure_leader(cc, mc, stage, log):
     """Rank 0's own placement.Capacity (what its loaded stage holds counts as memory for the model:
     the plan may reload it), logged."""
-    from ..logs import leader_logger
-    from ..placement import measure_node
     note = ("; partition: " + (mc.partition or "not set (even unless the nodes measure more than 25% apart)")
             + (f", objective {mc.placement_objective}" if planned_by_leader(mc) else ""))
     return measure_node(cc.leader.host, stage.config, leader_logger(), override=cc.node_overrides.get(cc.leader.host),
                         holding=stage, note=note)
 
 
-def _weights_source(config_dir, mc, path: str | None = None, synthetic: bool = False) -> dict | None:
+def _weights_source(configs: Configs, path: str | None = None, synthetic: bool = False) -> dict | None:
     """What a worker that joins with only --leader is told of the weights: model_weights.yaml's entry
     for the model, or, when the leader itself runs on synthetic weights (`path`), their seed and
     shape, from which the worker makes the very same blocks (a real download would mix real blocks
     with random ones)."""
+    mc = configs.model
     if synthetic and path is not None:
-        from ..weights import synthetic_recipe
         recipe = synthetic_recipe(path)
         if recipe is not None:
             return {"name": mc.weights_model_name, "url": None, "filename": os.path.basename(path), "sha256": None,
                     "synthetic": recipe}
-    from ..config import load_weights_config
     try:
-        src = load_weights_config(config_dir, mc.weights_model_name)
+        src = configs.weights()
     except ConfigError:
         return None
     return {"name": mc.weights_model_name, "url": src.url, "filename": src.filename, "sha256": src.sha256}
@@ -589,14 +569,12 @@ def _weights_source(config_dir, mc, path: str | None = None, synthetic: bool = F
 def synthetic_fetcher(recipe, filename: str, log):
     """fetch(lo, hi) -> a slice file of the leader's synthetic weights (`recipe`: its seed and shape,
     as a leader sends it), made here: the same seed gives the very values the leader's file holds."""
-    from ..weights import WeightsError, init_weights, parse_recipe
     try:
         seed, shape = parse_recipe(recipe)
     except WeightsError as e:
         raise UserError(f"the leader's synthetic weights: {e}") from None
 
     def fetch(lo, hi):
-        from .pull import slice_path
         path = slice_path(os.path.join(WEIGHTS_DIR, filename), lo, hi)
         if not os.path.exists(path):
             log(f"The leader runs on SYNTHETIC weights (seed {seed}): making blocks {layers_text(lo, hi)} here "
@@ -620,7 +598,8 @@ def synthetic_fetcher(recipe, filename: str, log):
 @click.option("--n-head", type=int, default=None,
               help="Attention heads, if the weights cannot tell.  [default: the model's n_head]")
 @_fail_clean
-def join(rank_arg, host_arg, rank, host, leader_addr, config_dir, model_name, weights_path, n_head):
+@pass_configs
+def join(rank_arg, host_arg, rank, host, leader_addr, configs, weights_path, n_head):
     """Run a worker: dial the leader, load only this rank's blocks, pass activations on.
 
     `nanopipe join 2 pi5` (the guide's `worker RANK HOST` form) is `nanopipe join --rank 2 --host pi5`."""
@@ -630,26 +609,22 @@ def join(rank_arg, host_arg, rank, host, leader_addr, config_dir, model_name, we
         if rank is not None or host is not None:
             raise UserError("--leader takes the rank and host from the leader: give either --leader HOST:PORT, "
                             "or --rank R (and --host NAME) with the configs")
-        return _join_leader(leader_addr, config_dir, weights_path, n_head)
+        return _join_leader(leader_addr, configs, weights_path, n_head)
     if rank is None:
         raise UserError("give --rank R (and --host NAME), as in the guide, or --leader HOST:PORT to take both "
                         "from the leader")
-    from ..config import load_cluster_config
-    cc = load_cluster_config(config_dir)
+    cc = configs.cluster
     if rank < 1 or rank >= len(cc.nodes):
         raise UserError(f"{cc.path}: no worker rank {rank}; workers are ranks 1..{len(cc.nodes) - 1}")
     if host is not None:
         cc.rank_of(host)    # an unknown host name is an error naming the config
-    from ..logs import worker_logger
     log = worker_logger(rank).info
     log(f"Worker {rank} starting. Connecting to server at {cc.leader.ip}:{cc.leader.port}")    # the guide's lines
     log(device_line())
-    mc, cc, cfg, ranges, path = _cluster_setup(config_dir, model_name, weights_path, rank, log=log)
-    from ..cluster.worker import Worker  # numpy loads only now, after _share_cores
+    mc, cc, cfg, ranges, path = _cluster_setup(configs, weights_path, rank, log=log)
     fetch = None
     if path is None:
-        from ..config import load_weights_config
-        src = load_weights_config(config_dir, mc.weights_model_name)
+        src = configs.weights()
         fetch = slice_fetcher(mc.weights_model_name, {"url": src.url, "filename": src.filename,
                                                       "sha256": src.sha256}, log)
     worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, fetch=fetch,
@@ -669,30 +644,20 @@ def _one_of(name: str, positional, option):
     return option if option is not None else positional
 
 
-def _join_leader(addr, config_dir, weights_path, n_head):
-    """`join --leader HOST:PORT`: ask the leader for a rank, the cluster and the weights source, then
-    run as that rank. The secret: auth_token (and TLS files) of a local cluster_config.yaml if there
-    is one, else NANOPIPE_TOKEN."""
-    resolved = resolve_leader(config_dir, addr)
-    if _is_this_machine(resolved.rpartition(":")[0] or resolved):
-        _spin_short()           # the leader runs on this machine: we share its cores (see _share_cores)
-    from ..cluster.net import HandshakeError, client_tls, dial, parse_addr
-    from ..cluster.wire import WireError
-    from ..config import ClusterConfig, Node, load_cluster_config
+def _join_leader(addr, configs: Configs, weights_path, n_head):
+    """`join --leader HOST:PORT`: ask the leader for a rank, the cluster (ClusterConfig.to_wire) and the
+    weights source, then run as that rank. The secret: auth_token (and TLS files) of a local
+    cluster_config.yaml if there is one, else NANOPIPE_TOKEN. (When the leader runs on this machine,
+    tools/bootstrap.py shortened OpenBLAS's spin before numpy loaded: we share its cores.)"""
+    resolved = resolve_leader(configs, addr)
     try:
         host, port = parse_addr(resolved)
     except ValueError as e:
         raise UserError(f"--leader: {e}") from None
-    try:
-        local = load_cluster_config(config_dir)
-    except ConfigNotFound:
-        local = None
+    local = configs.cluster_or_none()
     token = local.auth_token if local else os.environ.get("NANOPIPE_TOKEN")
     tls_cert, tls_key = (local.tls_cert, local.tls_key) if local else (None, None)
     click.echo(f"[WORKER] Asking the leader at {host}:{port} for a rank")
-    import logging
-
-    from ..cluster.worker import retry_log
     try:
         sock, _, welcome = dial(host, port, role="worker", rank=None, token=token, attempts=30, backoff_s=0.5,
                                 who="leader", tls=client_tls(tls_cert), extra={"enrol": True},
@@ -705,20 +670,17 @@ def _join_leader(addr, config_dir, weights_path, n_head):
         raise UserError(str(e)) from None
     e = welcome.get("enrol")
     try:
-        rank, me = int(e["rank"]), str(e["host"])
-        nodes = [Node(int(r), str(h), str(ip), int(p)) for r, h, ip, p in e["nodes"]]
+        rank, me, sent = int(e["rank"]), str(e["host"]), e["cluster"]
     except (TypeError, KeyError, ValueError):
         raise UserError(f"the leader at {host}:{port} did not answer as a nanopipe leader that enrols workers "
                         f"(got {welcome!r}); is it an older version? Use --rank R --host NAME") from None
-    nodes[0] = Node(0, nodes[0].host, host, port)        # the leader where we reached it
-    cc = ClusterConfig(port=port, nodes=tuple(nodes), bind=e.get("bind"), max_sessions=int(e["max_sessions"]),
-                       rejoin_grace_s=float(e["rejoin_grace_s"]), heartbeat_s=float(e["heartbeat_s"]),
-                       auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
-                       link_delay_ms=float(e.get("link_delay_ms") or 0), link_mbps=float(e.get("link_mbps") or 0),
-                       node_overrides=dict(e.get("node_overrides") or {}), path=f"the leader at {host}:{port}",
-                       prefix_cache_mb=_real_or_none(e.get("prefix_cache_mb")),
-                       pipeline_depth=int(e["pipeline_depth"]) if _is_whole(e.get("pipeline_depth")) else None)
-    from ..logs import worker_logger
+    try:
+        cc = ClusterConfig.from_wire(sent, f"the leader at {host}:{port}")
+    except ConfigError as err:
+        raise UserError(f"{err}; is it another version of nanopipe? Run the same version on every node, or use "
+                        "--rank R --host NAME with the configs") from None
+    cc = dataclasses.replace(cc, port=port, nodes=(Node(0, cc.leader.host, host, port),) + cc.nodes[1:],
+                             auth_token=token, tls_cert=tls_cert, tls_key=tls_key)   # the leader where we reached it
     log = worker_logger(rank).info
     log(f"Worker {rank} ({me}) starting: enrolled by the leader at {host}:{port} for model {e.get('model')!r}")
     fetch = None
@@ -738,7 +700,6 @@ def _join_leader(addr, config_dir, weights_path, n_head):
         else:
             fetch = slice_fetcher(str(src["name"]), {"url": src["url"], "filename": src["filename"],
                                                      "sha256": src.get("sha256")}, log)
-    from ..cluster.worker import Worker
     worker = Worker(cc, rank, weights_path, host=me, n_head=n_head or e.get("n_head"), fetch=fetch)
     _on_sigterm()
     try:
@@ -747,20 +708,9 @@ def _join_leader(addr, config_dir, weights_path, n_head):
         log(_stopping())
 
 
-def _real_or_none(v):
-    """A leader's number for an optional setting (prefix_cache_mb): a float >= 0, else None (unset)."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
-
-
-def _is_whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
 def device_line() -> str:
-    """The guide's "Model initialized on device: mps" line; nanopipe runs on the CPU, through numpy.
-
-    Read from the package metadata: numpy itself must not load before _share_cores has run."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The guide's "Model initialized on device: mps" line; nanopipe runs on the CPU, through numpy
+    (its version from the package metadata)."""
     try:
         numpy = f"numpy {version('numpy')}"
     except PackageNotFoundError:
@@ -773,7 +723,6 @@ _stop_asked = {"by": "Ctrl-C (SIGINT)"}     # what asked this node to stop, for 
 
 def _on_sigterm():
     """SIGTERM (what `demo`, systemd and other process managers send) stops as cleanly as Ctrl-C."""
-    import signal
 
     def handler(signum, frame):
         _stop_asked["by"] = "SIGTERM"
@@ -795,13 +744,11 @@ def _stopping() -> str:
 @click.option("--out", "out_dir", default=WEIGHTS_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder to download into.")
 @click.option("--url", default=None, help="Download from here.  [default: NAME's url in model_weights.yaml]")
-def pull(name, config_dir, layers, rank0, out_dir, url):
+@pass_configs
+def pull(name, configs, layers, rank0, out_dir, url):
     """Download NAME's weights (or only --layers A-B of them) into weights/, resumable and verified."""
-    from ..config import load_weights_config
-    from .pull import PullError, parse_layers, slice_path
-    from .pull import pull as do_pull
     try:
-        src = load_weights_config(config_dir, name)
+        src = configs.weights(name)
     except ConfigError as e:
         raise UserError(str(e)) from None
     dest = weights_file(src.filename, out_dir)
@@ -832,14 +779,11 @@ def pull(name, config_dir, layers, rank0, out_dir, url):
               help="How many times a node that dies is started again.")
 @click.option("--synthetic", is_flag=True, help="Use synthetic weights (gibberish) if no real ones are here.")
 @_fail_clean
-def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, synthetic):
+@pass_configs
+def demo(nodes, weights_path, configs, web, web_port, restarts, synthetic):
     """Run the configs/ cluster on this machine (every address 127.0.0.1) with the web chat."""
-    from ..config import load_cluster_config, load_model_config
-    from ..partition import PartitionError
-    from .demo import DemoError, run_demo
-    mc = load_model_config(config_dir, model_name)
-    cc = load_cluster_config(config_dir)
-    path = weights_path or _find_real_weights(config_dir, model_name)
+    mc, cc = configs.model, configs.cluster
+    path = weights_path or _find_real_weights(configs)
     if path is None:
         path = os.path.join(WEIGHTS_DIR, "synthetic-gpt2.safetensors")
         if not synthetic and not os.path.exists(path):
@@ -847,20 +791,18 @@ def demo(nodes, weights_path, config_dir, model_name, web, web_port, restarts, s
                             "on a machine with internet (or copy model.safetensors into weights/), or run "
                             "`nanopipe demo --synthetic` to use synthetic weights (they produce gibberish).")
         if synthetic:
-            from ..weights import ensure_synthetic  # one shared file per shape
             ensure_synthetic(path, WEIGHTS_DIR, "gpt2", log=click.echo)
     try:
-        ranges = plan_ranges(mc, model_shape(config_dir, mc, path), nodes)
+        ranges = plan_ranges(mc, model_shape(configs, path), nodes)
         run_demo(path, mc, cc, ranges, web=web, web_port=web_port, restarts=restarts, echo=click.echo)
     except (DemoError, PartitionError) as e:
         raise UserError(str(e)) from None
 
 
-def _find_real_weights(config_dir, model_name=None):
+def _find_real_weights(configs: Configs):
+    """The model's configured weights file if it is here, else None."""
     try:
-        from ..config import load_model_config, load_weights_config
-        mc = load_model_config(config_dir, model_name)
-        path = weights_file(load_weights_config(config_dir, mc.weights_model_name).filename)
+        path = weights_file(configs.weights().filename)
         return path if os.path.exists(path) else None
     except ConfigNotFound:      # no configs here: synthetic weights (a broken config is an error)
         return None
@@ -900,7 +842,6 @@ def bench(weights_path, full, n_tokens, prompt_len, bandwidth_mb, nodes, link_de
           links, single, placement_bench, out_dir, conversation):
     """Measure tokens/s: one process against the memory bound, in one short table with verdicts; the
     options add a cluster, concurrency, context positions, links, placement, a conversation."""
-    from .bench_cluster import run_all
     n_tokens = n_tokens or (64 if full else 24)
     prompt_len = prompt_len or (32 if full else 16)
     bandwidth_mb = bandwidth_mb or (1024 if full else 256)
@@ -925,18 +866,17 @@ def bench(weights_path, full, n_tokens, prompt_len, bandwidth_mb, nodes, link_de
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder holding the YAML configs.")
 @_fail_clean
-def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, config_dir):
+@pass_configs
+def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, configs):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
-    from ..cluster.leader_client import ClientError
-    from .trace import TraceError, format_trace, resolve_weights, run_trace
 
     def log(msg):       # progress goes to stderr, so stdout stays clean for --json
         click.echo(msg, err=True)
 
     try:
-        path = None if leader else resolve_weights(weights_path or _find_real_weights(config_dir), log=log)
-        token, tls_ca = _leader_auth(config_dir) if leader else (None, None)
-        leader = resolve_leader(config_dir, leader) if leader else None
+        path = None if leader else resolve_weights(weights_path or _find_real_weights(configs), log=log)
+        token, tls_ca = _leader_auth(configs) if leader else (None, None)
+        leader = resolve_leader(configs, leader) if leader else None
         report = run_trace(prompt, leader=leader, nodes=nodes, weights=path, max_tokens=max_tokens,
                            token=token, tls_ca=tls_ca, log=log, then=then)
     except (TraceError, ClientError) as e:
@@ -963,7 +903,8 @@ def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, co
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
               help="Where --install writes the unit.")
 @_fail_clean
-def service(rank, host, web_app, port, config_dir, user, weights_path, install, unit_dir):
+@pass_configs
+def service(rank, host, web_app, port, configs, user, weights_path, install, unit_dir):
     """Print a systemd unit that runs this node (or the web app) at boot and restarts it on failure.
 
     \b
@@ -971,9 +912,8 @@ def service(rank, host, web_app, port, config_dir, user, weights_path, install, 
     sudo systemctl daemon-reload
     sudo systemctl enable --now nanopipe-rank1
     """
-    from .service import ServiceError, install_unit, unit_for
     try:
-        name, text = unit_for(rank=rank, host=host, web=web_app, port=port, config_dir=config_dir, user=user,
+        name, text = unit_for(rank=rank, host=host, web=web_app, port=port, configs=configs, user=user,
                               weights=weights_path)
         if not install:
             click.echo(text, nl=False)
@@ -998,20 +938,21 @@ def service(rank, host, web_app, port, config_dir, user, weights_path, install, 
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
               help="On SIGTERM or Ctrl-C, how long replies in flight may take to finish before they are ended.")
 @_fail_clean
-def web(leader, host, port, config_dir, model_name, shutdown_grace):
+@pass_configs
+def web(leader, host, port, configs, shutdown_grace):
     """Serve the chat page, its JSON API, an OpenAI-compatible API and /metrics in front of the leader."""
-    from ..cluster.net import parse_addr
+    # imported here: tiktoken, Flask and waitress are a leader's packages a worker's lean install lacks (Group)
     from ..tokenizer import get_tokenizer
     from ..web.app import create_app, settings_from_configs
     from ..web.server import serve
     if leader is not None:
-        leader = resolve_leader(config_dir, leader)
+        leader = resolve_leader(configs, leader)
         try:
             parse_addr(leader)
         except ValueError as e:
             raise UserError(f"--leader: {e}") from None
     check_port_free(host, port)
-    app = create_app(settings_from_configs(config_dir, model_name, leader))
+    app = create_app(settings_from_configs(configs.dir, configs.model_name, leader))
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
     if host not in ("127.0.0.1", "localhost", "::1") and not app.config["API_TOKEN"]:
         click.echo(f"WARNING: serving on {host} without api_token: anyone who can reach port {port} can use "
@@ -1026,7 +967,6 @@ def web(leader, host, port, config_dir, model_name, shutdown_grace):
 
 def check_port_free(host: str, port: int):
     """Fail before any banner if host:port cannot be served on (taken, or not an address of this machine)."""
-    import socket
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:

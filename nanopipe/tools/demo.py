@@ -25,6 +25,9 @@ import signal
 import socket
 import time
 
+from ..partition import format_plan
+from .localcluster import LocalCluster, free_ports
+
 HOST = "127.0.0.1"
 POLL_S = 0.2            # how often the demo looks at its nodes and their logs
 WEB_GRACE_S = 5.0       # on stopping, replies in flight get this long to finish before they are ended
@@ -57,7 +60,6 @@ def choose_ports(wanted: list, names: list, avoid: set = frozenset()) -> tuple:
     Returns (ports, notes), e.g. ([65432, 40117, 65434], ["port 65433 (mini2, rank 1) is in use;
     using 40117"]).
     """
-    from .localcluster import free_ports
     ports, notes = [], []
     for rank, (port, name) in enumerate(zip(wanted, names)):
         if port in ports or port in avoid or not port_free(port):
@@ -123,7 +125,6 @@ def ready_block(mc, ranges: list, names: list, ports: list, web_url: str | None,
                 logs: str | None = None) -> str:
     """What the user reads once everything is up: the plan, the URL, how to stop, where each node's
     whole log is (`logs`, the folder; the demo shows their new lines as they come)."""
-    from ..partition import format_plan
     rows = format_plan(ranges, names=names).splitlines()
     width = max(len(r) for r in rows)
     rows = [rows[0].ljust(width) + "  Listens on"] + [
@@ -177,6 +178,7 @@ def web_port_taken(port: int) -> DemoError:
 
 def bind_web(port: int, config_dir: str, model_name: str, leader: str):
     """The web app's server, bound (not yet serving): DemoError if the port is taken."""
+    # imported here: tiktoken, Flask and waitress are a leader's packages a worker's lean install lacks
     from ..tokenizer import get_tokenizer
     from ..web.app import create_app, settings_from_configs
     from ..web.server import WebServer
@@ -191,7 +193,6 @@ def bind_web(port: int, config_dir: str, model_name: str, leader: str):
 def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: int = 8000, restarts: int = 2,
              echo=print) -> None:
     """Start the cluster of `mc`/`cc` on 127.0.0.1 with `ranges`, and the web chat; return when stopped."""
-    from .localcluster import LocalCluster
     stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
     previous = {s: signal.signal(s, _on_signal) for s in stop_signals}
     cluster = server = None

@@ -17,6 +17,7 @@ given, as `nanopipe demo` does) and runs exactly the commands a user runs on rea
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ import time
 import yaml
 
 from ..cluster.leader_client import ClientError, LeaderClient
+from ..weights import read_config
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list:
@@ -91,7 +93,6 @@ def _linux_prctl():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes
         return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
@@ -148,7 +149,6 @@ class LocalCluster:
                 write_yaml_files(self.config_dir, configs)
                 self.cluster = configs["cluster_config.yaml"]
             else:
-                from ..weights import read_config
                 cfg = read_config(self.weights, n_head)[0]
                 self.cluster = write_configs(self.config_dir, weights=self.weights, nodes=nodes, n_layer=cfg.n_layer,
                                              partition=partition, layer_mapping=layer_mapping, n_head=n_head,

@@ -1,10 +1,12 @@
 """Which node runs which layers, from which weights file: what `plan`, `serve`, `join` and `demo` work out
 before anything runs, as plain functions (the CLI only prints and exits; tests call these directly).
 
-    mc = load_model_config("configs")                # gpt2, 12 layers, num_nodes 3, partition even
-    ranges = plan_ranges(mc, model_shape("configs", mc, None))          # [(0, 4), (4, 8), (8, 12)]
-    stage = setup_rank("configs", mc, cc, None, rank=2)                 # pulls blocks 8..11 if missing
+    configs = Configs("configs")                      # gpt2, 12 layers, num_nodes 3, partition even
+    ranges = plan_ranges(configs.model, model_shape(configs, None))     # [(0, 4), (4, 8), (8, 12)]
+    stage = setup_rank(configs, None, rank=2)                           # pulls blocks 8..11 if missing
     stage.weights_path                                                  # weights/gpt2.layers-8-11.safetensors
+
+Every function takes the command's `Configs` (config.py), which reads each file once.
 
 A worker can plan its slice before it has any weights: the layer count is in the config, and for the
 balanced split of a model of no known GPT-2 size, the remote file's header (two small Range requests)
@@ -13,41 +15,33 @@ gives n_embd and n_vocab (planning_shape).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from dataclasses import dataclass
 
-from ..config import WEIGHTS_DIR, ConfigError, ConfigNotFound, weights_file
-from ..partition import planned_by_leader
+from ..config import WEIGHTS_DIR, ConfigError, Configs, check_agree, weights_file
+from ..gpt2_tensors import base_name
+from ..model import GPTConfig
+from ..partition import PartitionError, planned_by_leader, stage_bytes
+from ..partition import plan as make_plan
+from ..placement import Capacity, ModelShape, PlacementError, decide, measure
+from ..safetensors_io import SafetensorsError, read_header
+from ..weights import KNOWN_N_HEAD, SIZES, WeightsError, is_synthetic, read_config, synthetic_name
+from .pull import PullError, ensure_weights, remote_header
 
 
 class SetupError(RuntimeError):
     """A node cannot get ready (its weights are missing and cannot be pulled): the message says what to do."""
 
 
-def configured_weights(config_dir: str, model_name: str | None, weights_path: str | None) -> str:
+def configured_weights(configs: Configs, weights_path: str | None) -> str:
     """--weights if given, else weights/<filename> from model_weights.yaml for the chosen model."""
-    if weights_path:
-        return weights_path
-    from ..config import load_model_config, load_weights_config
-    mc = load_model_config(config_dir, model_name)
-    src = load_weights_config(config_dir, mc.weights_model_name)
-    return weights_file(src.filename)
-
-
-def cluster_if_any(config_dir: str):
-    """cluster_config.yaml if the folder has one (None if not); a broken one is an error."""
-    from ..config import load_cluster_config
-    try:
-        return load_cluster_config(config_dir)
-    except ConfigNotFound:
-        return None
+    return weights_path or weights_file(configs.weights().filename)
 
 
 def plan_ranges(mc, cfg, nodes=None, partition=None):
     """The layer ranges per rank: the model's layer_mapping if it has one (for its num_nodes),
     else the `partition` strategy (default: the model's)."""
-    from ..partition import PartitionError
-    from ..partition import plan as make_plan
     nodes = nodes or mc.num_nodes
     partition = partition or mc.partition or "even"
     if mc.layer_mapping and partition in ("even", "mapping"):
@@ -58,31 +52,28 @@ def plan_ranges(mc, cfg, nodes=None, partition=None):
     return make_plan(cfg.n_layer, nodes, partition, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab)
 
 
-def model_shape(config_dir, mc, weights_path):
+def model_shape(configs: Configs, weights_path):
     """The model's shape: from the weights file when there is one, else from the known GPT-2 sizes."""
-    from ..model import GPTConfig
-    from ..weights import KNOWN_N_HEAD, SIZES, read_config
-    path = configured_weights(config_dir, mc.name, weights_path)
+    mc = configs.model
+    path = configured_weights(configs, weights_path)
     if os.path.exists(path):
         return read_config(path, mc.n_head)[0]
     L, C, H = SIZES.get(mc.weights_model_name, (mc.num_layers, 768, mc.n_head or KNOWN_N_HEAD[768]))
     return GPTConfig(n_layer=mc.num_layers, n_embd=C, n_head=mc.n_head or H)
 
 
-def planning_shape(config_dir, mc, src):
+def planning_shape(configs: Configs):
     """The model's shape, for a worker to work out its slice before it has any weights.
 
     The even split and a layer_mapping need only the layer count. The balanced split also weighs
     the LM head (n_embd, n_vocab): for a model of no known GPT-2 size, the remote file's header
     (two small Range requests) says what they are.
     """
-    from ..weights import SIZES
-    cfg = model_shape(config_dir, mc, None)
+    mc, src = configs.model, configs.weights()
+    cfg = model_shape(configs, None)
     full = weights_file(src.filename)
     if mc.partition != "balanced" or os.path.exists(full) or mc.weights_model_name in SIZES:
         return cfg
-    from ..gpt2_tensors import base_name
-    from .pull import remote_header
     shapes = {base_name(n): t.shape for n, t in remote_header(src.url).tensors.items()}
     if "wte.weight" not in shapes:
         return cfg
@@ -101,7 +92,7 @@ class Plan:
     lines: list = dataclasses.field(default_factory=list)
 
 
-def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, partition=None, here=None) -> Plan:
+def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, here=None) -> Plan:
     """The plan of model_config.yaml (and cluster_config.yaml's node names, if there is one).
 
     Without --nodes the cluster file must agree with the model's num_nodes; with --nodes it plans
@@ -110,16 +101,14 @@ def plan_table(config_dir, model_name=None, weights_path=None, nodes=None, parti
     memory come from cluster_config.yaml's `nodes:` or are unknown. With partition auto (or not set)
     and every node known, the ranges are the ones the leader would choose.
     """
-    from ..config import check_agree, config_path, load_model_config
-    from ..partition import stage_bytes
-    mc = load_model_config(config_dir, model_name)
-    cluster = cluster_if_any(config_dir)
+    mc = configs.model
+    cluster = configs.cluster_or_none()
     if cluster is not None and nodes is None:
         try:
-            check_agree(mc, cluster, config_path(config_dir, "model_config.yaml"))
+            check_agree(mc, cluster, configs.path("model_config.yaml"))
         except ConfigError as e:
             raise SetupError(f"{e} (or pass --nodes N to plan for another size)") from None
-    cfg = model_shape(config_dir, mc, weights_path)
+    cfg = model_shape(configs, weights_path)
     ranges = plan_ranges(mc, cfg, nodes, partition)
     names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
     caps = plan_capacities(cluster, names, cfg, here)
@@ -134,7 +123,6 @@ def plan_capacities(cluster, names, cfg, here) -> list:
     """Each node's Capacity: this machine measured (as `here`, default the server), once for every
     node at its address (the shipped configs run all three on 127.0.0.1); others from
     cluster_config.yaml's `nodes:` when it gives both speed and memory, else None (unknown)."""
-    from ..placement import Capacity, measure
     overrides = cluster.node_overrides if cluster else {}
     here = here or names[0]
     if here not in names:
@@ -181,7 +169,6 @@ def _fig(v, fmt: str) -> str:
 def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
     """(ranges the leader would choose, or None to keep `ranges`; lines of predictions):
     placement.decide, the leader's own decision, put in words."""
-    from ..placement import ModelShape, PlacementError, decide
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
     try:
         d = decide(shape, caps, ranges, mc, cluster, partition)
@@ -208,7 +195,7 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
     return placed, lines + [f"note: {n}" for n in (chosen.notes if placed else [])]
 
 
-def rank_weights(mc, src, rank, cc, config_dir, log=print) -> str:
+def rank_weights(configs: Configs, rank, log=print) -> str:
     """This rank's weights file, pulled if it is not here yet.
 
     Rank 0 needs the whole file, weights/<filename>. A worker uses the whole file if it is here,
@@ -216,12 +203,12 @@ def rank_weights(mc, src, rank, cc, config_dir, log=print) -> str:
     (inclusive, like --layers; `pull.slice_path`): rank 2 of gpt2 on 3 nodes fetches blocks 8..11,
     113 of the file's 548 MB, into weights/gpt2.layers-8-11.safetensors.
     """
-    from .pull import PullError, ensure_weights
+    mc, src = configs.model, configs.weights()
     entry = {"url": src.url, "filename": src.filename, "sha256": src.sha256}
     try:
         if rank == 0:
             return ensure_weights(mc.weights_model_name, entry, WEIGHTS_DIR, log=log)
-        lo, hi = plan_ranges(mc, planning_shape(config_dir, mc, src), len(cc.nodes))[rank]
+        lo, hi = plan_ranges(mc, planning_shape(configs), len(configs.cluster.nodes))[rank]
         return ensure_weights(mc.weights_model_name, entry, WEIGHTS_DIR, layers=(lo, hi), rank0=False,
                               log=log)
     except PullError as e:
@@ -236,42 +223,36 @@ class RankSetup:
     weights_path: str
 
 
-def setup_rank(config_dir, mc, cc, weights_path, rank, log=print) -> RankSetup:
+def setup_rank(configs: Configs, weights_path, rank, log=print) -> RankSetup:
     """Check the configs agree, find (or pull) this rank's weights, and plan the layers.
 
     `log` gets the guide's "Checking for model weights (<name>)..." and "Model weights ready at: <path>".
     """
-    from ..config import check_agree, config_path, load_weights_config
-    check_agree(mc, cc, config_path(config_dir, "model_config.yaml"))  # before anything is downloaded
+    mc, cc = configs.model, configs.cluster
+    check_agree(mc, cc, configs.path("model_config.yaml"))  # before anything is downloaded
     if weights_path is None and rank > 0 and planned_by_leader(mc):
         # the leader says which blocks once every node is measured: pull them then (join's fetch);
         # weights_path stays None unless the whole file is here
-        src = load_weights_config(config_dir, mc.weights_model_name)
-        full = weights_file(src.filename)
+        full = weights_file(configs.weights().filename)
         weights_path = full if os.path.exists(full) else None
         if weights_path is None:
             offer_synthetic(mc, full)
     elif weights_path is None:
-        src = load_weights_config(config_dir, mc.weights_model_name)
-        offer_synthetic(mc, os.path.join(WEIGHTS_DIR, src.filename))
-        weights_path = rank_weights(mc, src, rank, cc, config_dir, log)
+        offer_synthetic(mc, os.path.join(WEIGHTS_DIR, configs.weights().filename))
+        weights_path = rank_weights(configs, rank, log)
     else:
         log(f"Checking for model weights ({mc.weights_model_name})...")
         if not os.path.exists(weights_path):
             raise SetupError(f"{weights_path}: no such weights file; run `nanopipe pull {mc.weights_model_name}` or "
                              f"`nanopipe init-weights {weights_path}` for synthetic weights")
         log(f"Model weights ready at: {weights_path}")
-    cfg = model_shape(config_dir, mc, weights_path)
+    cfg = model_shape(configs, weights_path)
     return RankSetup(cfg, plan_ranges(mc, cfg, len(cc.nodes)), weights_path)
 
 
 def synthetic_stand_in(mc, folder: str = WEIGHTS_DIR) -> str | None:
     """A whole synthetic file in `folder` with the model's shape (what `nanopipe demo --synthetic` or
     `init-weights` wrote, e.g. weights/synthetic-gpt2.safetensors for gpt2), else None."""
-    import glob
-
-    from ..safetensors_io import SafetensorsError, read_header
-    from ..weights import SIZES, WeightsError, is_synthetic, read_config
     want = SIZES.get(mc.weights_model_name)
     for path in sorted(glob.glob(os.path.join(folder, "synthetic-*.safetensors"))):
         try:
@@ -291,14 +272,12 @@ def offer_synthetic(mc, full: str):
     """The configured weights file is missing: if nothing of the model is here (neither the file nor a
     slice of it) but synthetic weights of its shape are, say so and how to use them (or get the real
     ones) instead of trying the hub. Returns quietly otherwise, and the node pulls as usual."""
-    import glob
     stem = full[:-len(".safetensors")] if full.endswith(".safetensors") else full
     if os.path.exists(full) or glob.glob(f"{glob.escape(stem)}.layers-*.safetensors"):
         return
     stand_in = synthetic_stand_in(mc, os.path.dirname(full) or ".")
     if stand_in is None:
         return
-    from ..weights import SIZES, read_config, synthetic_name
     c = read_config(stand_in)[0]
     size = next((name for name, shape in SIZES.items() if (c.n_layer, c.n_embd, c.n_head) == shape
                  and os.path.basename(stand_in) == synthetic_name(name)), None)
@@ -316,10 +295,8 @@ def offer_synthetic(mc, full: str):
 def slice_fetcher(name: str, entry: dict, log):
     """fetch(lo, hi) -> the path of a file holding blocks lo..hi-1, pulled if missing."""
     def fetch(lo, hi):
-        from .pull import PullError, ensure_weights
         try:
             return ensure_weights(name, entry, WEIGHTS_DIR, layers=(lo, hi), rank0=False, log=log)
         except PullError as e:
-            from ..weights import WeightsError
             raise WeightsError(str(e)) from None
     return fetch

@@ -1,7 +1,7 @@
 """`nanopipe service`: a systemd unit that starts a node (or the web app) at boot, restarts it on
 failure, and runs it as you, from this checkout, with this venv and this configs/ folder.
 
-    unit_for(rank=1, host="mini2", config_dir="configs")   # ("nanopipe-rank1.service", "[Unit]\\n...")
+    unit_for(rank=1, host="mini2", configs=Configs("configs"))   # ("nanopipe-rank1.service", "[Unit]\\n...")
 
     [Service]
     User=pi
@@ -9,7 +9,7 @@ failure, and runs it as you, from this checkout, with this venv and this configs
     ExecStart=/home/pi/nanopipe/.venv/bin/nanopipe join --rank 1 --host mini2 --config-dir /home/pi/nanopipe/configs
     Restart=on-failure
 
-Standard library only: it runs before anything heavy, often under sudo.
+The standard library and config.py only: it runs before anything heavy, often under sudo.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import getpass
 import os
 import shlex
 import sys
+
+from ..config import ConfigError, Configs
 
 RESTART_SEC = 5         # a node that failed waits this long before systemd starts it again
 STOP_TIMEOUT_S = 30     # SIGTERM first (a node stops cleanly on it), SIGKILL after this long
@@ -37,11 +39,11 @@ def service_user(user: str | None) -> str:
     return user or os.environ.get("SUDO_USER") or getpass.getuser()
 
 
-def unit_for(*, rank: int | None, host: str | None, web: bool, port: int = 8000, config_dir: str = "configs",
+def unit_for(*, rank: int | None, host: str | None, web: bool, port: int = 8000, configs: Configs,
              user: str | None = None, workdir: str | None = None, weights: str | None = None) -> tuple:
-    """(unit file name, unit text) for rank `rank` of the cluster in `config_dir`, or for the web app.
+    """(unit file name, unit text) for rank `rank` of the cluster in `configs`, or for the web app.
     `weights`: the node's weights file (passed on as an absolute --weights; it must exist)."""
-    config_dir = os.path.abspath(config_dir)
+    config_dir = os.path.abspath(configs.dir)
     workdir = os.path.abspath(workdir or os.getcwd())
     if web == (rank is not None):
         raise ServiceError("give --rank R for a node (0 the leader, 1.. a worker) or --web for the web app")
@@ -49,9 +51,8 @@ def unit_for(*, rank: int | None, host: str | None, web: bool, port: int = 8000,
         raise ServiceError("--weights is for a node (--rank R); the web app holds no weights")
     if weights is not None and not os.path.isfile(weights):
         raise ServiceError(f"--weights {weights}: no such file here; the service would fail at every start")
-    from ..config import ConfigError, load_cluster_config
     try:
-        cc = load_cluster_config(config_dir)
+        cc = configs.cluster
     except ConfigError as e:
         raise ServiceError(f"{e}; the unit runs with --config-dir {config_dir}, so it must hold the configs") from None
     nanopipe = nanopipe_command()

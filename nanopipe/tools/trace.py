@@ -30,12 +30,16 @@ probabilities, before temperature). `sessions.step_info` builds it inside the sc
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 
+from ..cluster.leader_client import LeaderClient
 from ..config import WEIGHTS_DIR
 from ..decoding import round_sig
-from ..partition import layers_text
+from ..partition import PartitionError, even, layers_text
+from ..weights import ensure_synthetic, is_synthetic, read_config
+from .localcluster import LocalCluster
 
 SYNTHETIC_PATH = os.path.join(WEIGHTS_DIR, "synthetic-gpt2.safetensors")   # weights.synthetic_name("gpt2"), shared
 
@@ -55,14 +59,7 @@ def resolve_weights(path: str | None, log=print) -> str:
             raise TraceError(f"{path}: no such weights file; run `nanopipe pull gpt2`, or leave out --weights "
                              f"to use synthetic weights ({SYNTHETIC_PATH})")
         return path
-    from ..weights import ensure_synthetic
     return ensure_synthetic(SYNTHETIC_PATH, os.path.dirname(SYNTHETIC_PATH), "gpt2", log=log)
-
-
-def is_synthetic(path: str) -> bool:
-    """Was this file written by `init_weights` (random weights)?"""
-    from ..weights import is_synthetic as synthetic
-    return synthetic(path)
 
 
 def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights: str | None = None,
@@ -75,7 +72,7 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
     cluster's tls_cert) are what dialing `leader` needs. With `then` (text), a second turn: `prompt`
     runs first untraced, then prompt + its reply + `then` is traced, reusing the first turn's cache.
     """
-    from ..tokenizer import get_tokenizer
+    from ..tokenizer import get_tokenizer  # here: tiktoken is a leader's package a worker's lean install lacks
     tok = get_tokenizer()
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
@@ -84,7 +81,6 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
     if then is not None and not then_ids:
         raise TraceError("--then is empty: give the text of the second turn")
     if leader is not None:
-        from ..cluster.leader_client import LeaderClient
         with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
             report = _trace(c, prompt_ids, max_tokens, then_ids)
         report.update(leader=leader, weights=None, synthetic=None)
@@ -94,11 +90,6 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
 
 
 def _trace_local(prompt_ids: list, nodes: int, weights: str, max_tokens: int, log, then_ids=None) -> dict:
-    import tempfile
-
-    from ..partition import PartitionError, even
-    from ..weights import read_config
-    from .localcluster import LocalCluster
     n_layer = read_config(weights)[0].n_layer
     try:
         even(n_layer, nodes)

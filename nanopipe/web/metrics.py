@@ -105,7 +105,7 @@ def _number(x) -> bool:
 
 
 def placement_metrics(placement: dict):
-    """The plan's prediction against what the stages take (issue 15): per stage, predicted and
+    """The plan's prediction against what the stages take: per stage, predicted and
     measured seconds of a one-row decode step, and the plan's predicted tokens/s."""
     labels = ["rank", "host"]
     pred = GaugeMetricFamily("nanopipe_stage_predicted_seconds",
