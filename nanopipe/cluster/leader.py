@@ -39,6 +39,7 @@ from .net import (
 )
 from .node import rss_mb
 from .ring import Membership, Ring, WorkerState
+from .slices import serve_slice
 from .wire import ConnectionClosed, WireError
 
 _LOG = leader_logger()
@@ -172,7 +173,7 @@ class Leader(Membership, ClientProtocol):
         peer = f"{addr[0]}:{addr[1]}"
         try:
             sock, hello = accept(sock, peer=peer, tls=self.tls, token=self.cluster.auth_token,
-                                 roles=("worker", "data", "client"))
+                                 roles=("worker", "data", "client", "weights"))
         except (HandshakeError, WireError, OSError, ValueError, RuntimeError) as e:
             self.metrics["rejected_peers"] += 1
             self.log(f"Rejected connection from {peer}: {e}", WARNING)
@@ -185,6 +186,8 @@ class Leader(Membership, ClientProtocol):
                 self._worker_conn(sock, peer, hello)
             elif role == "data":
                 self._data_conn(sock, peer, hello)
+            elif role == "weights":         # a worker fetching its slice (cluster/slices.py)
+                serve_slice(sock, peer, hello, getattr(self.stage, "source", None), self.weights_source, self.log)
             else:
                 self._client_conn(sock, peer, hello)
         except (WireError, OSError, ValueError) as e:

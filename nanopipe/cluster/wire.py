@@ -76,6 +76,10 @@ class Msg(enum.IntEnum):
     STATS = 14      # worker -> leader: rss, compute times
     CANCEL = 15     # client -> leader
     STATUS = 16     # leader -> client: status text, e.g. waiting for a rank to rejoin
+    SLICE_ASK = 17  # worker -> node holding the weights: which blocks (cluster/slices.py)
+    SLICE_INFO = 18  # node -> worker: the slice file's name, size and sha256
+    SLICE_FROM = 19  # worker -> node: send from this byte on (what its .part file already holds)
+    SLICE_DATA = 20  # node -> worker: the slice file's bytes from "offset" on, one chunk per frame
 
 
 class WireError(Exception):
