@@ -155,6 +155,40 @@ def test_a_node_without_those_blocks_says_so(tmp_path, model_file):
     assert not os.path.exists(tmp_path / "weights") or not os.listdir(tmp_path / "weights")
 
 
+def test_join_leader_asks_the_leader_first_and_the_hub_only_when_it_has_nothing(tmp_path, model_file, monkeypatch):
+    from httpserver import FileServer
+
+    from nanopipe.tools.cli import leader_fetcher
+    from nanopipe.weights import WeightsError
+    monkeypatch.chdir(tmp_path)
+    server = FileServer.serving({"/model.safetensors": model_file})
+    src = {"name": "local", "url": server.url("/model.safetensors"), "filename": "model.safetensors"}
+    full = os.path.join("weights", "model.safetensors")
+    logs: list = []
+    holder, empty = Node(model_file), Node(None)
+    try:
+        # the leader holds the blocks: they come from it, the hub is not asked
+        path = leader_fetcher("127.0.0.1", holder.port, TOKEN, None, src, full, logs.append)(2, 4)
+        assert path == slice_path(full, 2, 4) and server.requests == [], (server.requests, logs)
+        os.remove(path)
+        # a leader with nothing for that range says so, and the hub serves
+        path = leader_fetcher("127.0.0.1", empty.port, TOKEN, None, src, full, logs.append)(2, 4)
+        assert path == slice_path(full, 2, 4) and server.requests, logs
+        said = "\n".join(logs)
+        assert re.search(r"the leader holds no file with blocks 2-3 .*; downloading them from http://\S+ instead",
+                         said), said
+        os.remove(path)
+        # ... and with no url either, the worker is told what to do
+        with pytest.raises(WeightsError, match=r"holds no file with blocks 2-3 .*gives no url to download them "
+                                               r"from; copy the weights file"):
+            leader_fetcher("127.0.0.1", empty.port, TOKEN, None, {"filename": "model.safetensors"}, full,
+                           logs.append)(2, 4)
+    finally:
+        holder.close()
+        empty.close()
+        server.stop()
+
+
 def _liar(path, filename="model.safetensors", size_delta=0, sha=None, extra=b"", trailing=b""):
     """A node that serves the real slice of blocks 2..3 of `path`, with one lie told."""
     def serve(sock, peer, hello):

@@ -173,6 +173,12 @@ def serve_slice(sock, peer: str, hello, own: str | None, source: dict | None, lo
                             f"{str(start.meta)[:80]}")
     log(f"Sending blocks {layers_text(lo, hi)} to the worker at {peer}: {s.size / 1e6:.1f} MB from {s.path}"
         + (f", resuming at byte {offset}" if offset else ""))
-    for piece in s.pieces(offset):
-        sock.sendall(encode_frame(Msg.SLICE_DATA, {"offset": offset}, piece))
-        offset += len(piece)
+    try:
+        for piece in s.pieces(offset):
+            sock.sendall(encode_frame(Msg.SLICE_DATA, {"offset": offset}, piece))
+            offset += len(piece)
+    except (BrokenPipeError, ConnectionResetError) as e:
+        log(f"The worker at {peer} hung up at byte {offset} of {s.size} ({e.strerror or e}); asked again, "
+            "it resumes from what it has")
+        return
+    log(f"Sent blocks {layers_text(lo, hi)} to the worker at {peer}")

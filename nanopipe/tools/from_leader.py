@@ -24,7 +24,7 @@ from ..cluster.slices import MAX_CHUNK_BYTES
 from ..cluster.wire import ConnectionClosed, Msg, ProtocolError, TruncatedFrame, WireError, recv_frame, send_frame
 from ..config import WEIGHTS_DIR, ConfigError, weights_file
 from ..partition import layers_text
-from .pull import PullError, _check_space, _disk_errors, _slice_ok, sha256_of, slice_path
+from .pull import Progress, PullError, _check_space, _disk_errors, _slice_ok, sha256_of, slice_path
 
 ATTEMPTS = 4             # connections one fetch may use: a cut one is resumed up to 3 times
 READ_TIMEOUT_S = 60.0    # a leader silent this long mid-transfer is given up on (and the transfer resumed)
@@ -47,19 +47,21 @@ def _mb(n: int) -> str:
 
 
 def fetch_from_leader(host: str, port: int, lo: int, hi: int, *, token: str | None, tls=None,
-                      folder: str = WEIGHTS_DIR, log=print, attempts: int = ATTEMPTS) -> str:
+                      folder: str = WEIGHTS_DIR, log=print, attempts: int = ATTEMPTS, progress: bool = True) -> str:
     """Blocks lo..hi-1 as a slice file in `folder`, fetched from the node at host:port; its path.
 
         fetch_from_leader("10.0.0.1", 65432, 6, 12, token=...)  ->  "weights/model.layers-6-11.safetensors"
 
     Raises NothingThere if the node holds no file with those blocks, PullError for anything else
     (unreachable, a lying node, a checksum wrong twice), with a message saying what to do.
+    `progress`: a progress line on stderr, as `nanopipe pull` draws.
     """
     where = f"the leader at {host}:{port}"
     mismatches = 0
     for attempt in range(1, attempts + 1):
         try:
-            path = _attempt(host, port, lo, hi, token=token, tls=tls, folder=folder, log=log, where=where)
+            path = _attempt(host, port, lo, hi, token=token, tls=tls, folder=folder, log=log, where=where,
+                            progress=progress)
         except _Cut as e:
             if attempt == attempts:
                 raise PullError(f"the transfer of blocks {layers_text(lo, hi)} from {where} kept breaking off "
@@ -78,7 +80,7 @@ def fetch_from_leader(host: str, port: int, lo: int, hi: int, *, token: str | No
     raise AssertionError("unreachable")
 
 
-def _attempt(host, port, lo, hi, *, token, tls, folder, log, where) -> str:
+def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) -> str:
     try:
         sock, _, _ = dial(host, port, role="weights", token=token, tls=tls, attempts=3, who="leader")
     except WireError as e:
@@ -108,9 +110,14 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where) -> str:
         log(f"Fetching blocks {layers_text(lo, hi)} from {where}: {_mb(size)} into {dest}"
             + (f", resuming at byte {have} ({_mb(have)} already here)" if have else ""))
         started, pos = time.monotonic(), have
-        with open(part, "ab") as f:
-            while pos < size:
-                pos = _receive(sock, f, pos, size, where, part)
+        bar = Progress(size, have, enabled=progress)
+        try:
+            with open(part, "ab") as f:
+                while pos < size:
+                    pos = _receive(sock, f, pos, size, where, part)
+                    bar.update(pos - bar.done)
+        finally:
+            bar.finish()
         took = time.monotonic() - started
         log(f"Received {pos - have} bytes from {where} in {took:.1f}s"
             + (f" ({(pos - have) / max(took, 1e-6) / 1e6:.0f} MB/s)" if pos > have else ""))
