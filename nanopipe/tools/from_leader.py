@@ -24,10 +24,11 @@ from ..cluster.slices import MAX_CHUNK_BYTES
 from ..cluster.wire import ConnectionClosed, Msg, ProtocolError, TruncatedFrame, WireError, recv_frame, send_frame
 from ..config import WEIGHTS_DIR, ConfigError, weights_file
 from ..partition import layers_text
-from .pull import Progress, PullError, _check_space, _disk_errors, _slice_ok, sha256_of, slice_path
+from .pull import Progress, PullError, _check_space, _disk_errors, _mb, _size, _slice_ok, sha256_of, slice_path
 
 ATTEMPTS = 4             # connections one fetch may use: a cut one is resumed up to 3 times
 READ_TIMEOUT_S = 60.0    # a leader silent this long mid-transfer is given up on (and the transfer resumed)
+INFO_TIMEOUT_S = 600.0   # its first answer may wait for one read of the slice (its sha256): 2 GB off an SD card
 
 
 class NothingThere(PullError):
@@ -40,10 +41,6 @@ class _Cut(Exception):
 
 class _Mismatch(Exception):
     """The assembled part's sha256 is not the leader's (the part is deleted)."""
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def fetch_from_leader(host: str, port: int, lo: int, hi: int, *, token: str | None, tls=None,
@@ -89,9 +86,10 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) ->
         raise _Cut(str(e)) from None
     part = None
     try:
-        sock.settimeout(READ_TIMEOUT_S)
+        sock.settimeout(INFO_TIMEOUT_S)
         send_frame(sock, Msg.SLICE_ASK, {"layers": [lo, hi]})
         info = recv_frame(sock, where, max_payload=0)
+        sock.settimeout(READ_TIMEOUT_S)
         if info.msg is Msg.ERROR and info.meta.get("code") == "no_slice":
             raise NothingThere(str(info.meta.get("message") or f"{where} holds no file with blocks "
                                                             f"{layers_text(lo, hi)}")[:300])
@@ -199,10 +197,6 @@ def _resumable(part: str, sha: str, size: int) -> int:
             m.write(sha + "\n")
         return 0
     return have
-
-
-def _size(path: str) -> int:
-    return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def _forget(part: str):
