@@ -15,6 +15,7 @@ order) is refused at once and nothing is written outside weights/.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import string
 import time
@@ -108,11 +109,12 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) ->
         log(f"Fetching blocks {layers_text(lo, hi)} from {where}: {_mb(size)} into {dest}"
             + (f", resuming at byte {have} ({_mb(have)} already here)" if have else ""))
         started, pos = time.monotonic(), have
+        digest = _sha256_of_first(part, have)     # the bytes already here, then each chunk as it is written
         bar = Progress(size, have, enabled=progress)
         try:
             with open(part, "ab") as f:
                 while pos < size:
-                    pos = _receive(sock, f, pos, size, where, part)
+                    pos = _receive(sock, f, pos, size, where, part, digest)
                     bar.update(pos - bar.done)
         finally:
             bar.finish()
@@ -128,7 +130,7 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) ->
         raise PullError(f"fetching blocks {layers_text(lo, hi)} from {where}: {e}") from None
     finally:
         sock.close()
-    got = sha256_of(part)
+    got = digest.hexdigest()
     if got != sha:
         _forget(part)
         raise _Mismatch(f"{part}: its sha256 is {got}, not the {sha} {where} computed over the bytes it sent "
@@ -162,7 +164,7 @@ def _checked_info(meta: dict, lo: int, hi: int, folder: str, where: str) -> tupl
     return slice_path(full, lo, hi), size, sha.lower()
 
 
-def _receive(sock, f, pos: int, size: int, where: str, part: str) -> int:
+def _receive(sock, f, pos: int, size: int, where: str, part: str, digest) -> int:
     """One SLICE_DATA frame, checked (its offset is where we are, it ends by `size`), appended to f."""
     frame = recv_frame(sock, where, max_payload=MAX_CHUNK_BYTES)
     if frame.msg is Msg.ERROR:
@@ -178,7 +180,21 @@ def _receive(sock, f, pos: int, size: int, where: str, part: str) -> int:
     with _disk_errors(part, size):
         f.write(frame.payload)
         f.flush()
+    digest.update(frame.payload)
     return pos + len(frame.payload)
+
+
+def _sha256_of_first(path: str, n: int, chunk: int = 1 << 20):
+    """A running sha256 of the first n bytes of path (n = 0: of nothing yet)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while n > 0:
+            block = f.read(min(chunk, n))
+            if not block:
+                break
+            h.update(block)
+            n -= len(block)
+    return h
 
 
 def _resumable(part: str, sha: str, size: int) -> int:
