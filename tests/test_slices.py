@@ -1,6 +1,7 @@
 """A worker gets its slice of the weights from the leader (cluster/slices.py, tools/from_leader.py).
 
-    in process    a node serves blocks 2..3 of a file: the slice holds exactly those tensors, byte for byte;
+    in process    a node serves blocks 2..3 of a file (plain and under TLS): the slice holds exactly those
+                  tensors, byte for byte;
                   a .part with half the bytes resumes (fewer bytes fetched than the whole); a flipped
                   byte in the .part is caught (deleted, fetched again from 0); a node that holds
                   nothing says so; a lying node (a name with a path, a wrong checksum, more bytes than
@@ -21,10 +22,10 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import log_of, read_tensors, wait_until
+from helpers import log_of, read_tensors, self_signed_cert, wait_until
 
 from nanopipe.cluster import slices
-from nanopipe.cluster.net import accept, listen, welcome
+from nanopipe.cluster.net import accept, client_tls, listen, server_tls, welcome
 from nanopipe.cluster.wire import Msg, recv_frame, send_frame
 from nanopipe.safetensors_io import read_header, read_tensor, write_safetensors
 from nanopipe.tools.from_leader import NothingThere, fetch_from_leader
@@ -58,7 +59,8 @@ class Node:
     """A listening node that answers role "weights" with `serve(sock, peer, hello)` (default: the real
     serve_slice on `own`), one connection at a time, in a thread."""
 
-    def __init__(self, own: str | None = None, serve=None, filename: str = "model.safetensors"):
+    def __init__(self, own: str | None = None, serve=None, filename: str = "model.safetensors", tls=None):
+        self.tls = tls                  # (cert, key): the node listens with TLS, the fetch pins the cert
         self.srv = listen("127.0.0.1", 0)
         self.port = self.srv.getsockname()[1]
         self.logs: list = []
@@ -73,7 +75,8 @@ class Node:
             except OSError:
                 return
             try:
-                sock, hello = accept(sock, peer=f"{addr[0]}:{addr[1]}", tls=None, token=TOKEN, roles=("weights",))
+                sock, hello = accept(sock, peer=f"{addr[0]}:{addr[1]}", tls=self.tls and server_tls(*self.tls),
+                                     token=TOKEN, roles=("weights",))
                 self.serve(sock, f"{addr[0]}:{addr[1]}", hello)
             except Exception as e:        # the worker hung up mid-way: the next connection is served
                 self.logs.append(f"closed: {type(e).__name__}: {e}")
@@ -82,7 +85,7 @@ class Node:
 
     def fetch(self, folder, lo=2, hi=4, **kw):
         return fetch_from_leader("127.0.0.1", self.port, lo, hi, token=TOKEN, folder=str(folder),
-                                 log=self.logs.append, **kw)
+                                 tls=self.tls and client_tls(self.tls[0]), log=self.logs.append, **kw)
 
     def close(self):
         self.srv.close()
@@ -93,8 +96,9 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(slices, "CHUNK_BYTES", 64 * 1024)
 
 
-def test_the_slice_holds_exactly_its_blocks_byte_for_byte(tmp_path, model_file, small_chunks):
-    node = Node(model_file)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_slice_holds_exactly_its_blocks_byte_for_byte(tmp_path, model_file, small_chunks, tls):
+    node = Node(model_file, tls=self_signed_cert(str(tmp_path)) if tls else None)
     try:
         path = node.fetch(tmp_path / "weights")
     finally:
