@@ -238,27 +238,40 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
     Tensors are laid out in the order given; the header is padded with spaces to a multiple of 8
     bytes, as the reference writer does, so the data section is aligned.
     """
-    header, offset = {}, 0
-    arrays = []
+    entries, arrays = [], []
     for name, arr in tensors.items():
         # .reshape: ascontiguousarray turns a 0-d array (a scalar tensor, shape []) into shape [1]
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(np.shape(arr))
         if arr.dtype not in NUMPY_TO_DTYPE:
             raise SafetensorsError(f"{path}: tensor {name!r} has dtype {arr.dtype}, which safetensors "
                                    "cannot store")
-        header[name] = {"dtype": NUMPY_TO_DTYPE[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+        entries.append((name, NUMPY_TO_DTYPE[arr.dtype], arr.shape, arr.nbytes))
         arrays.append(arr)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
+    prefix = header_prefix(entries, metadata or None)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(prefix)
         for arr in arrays:
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
     os.replace(tmp, path)
-    return 8 + len(blob) + offset
+    return len(prefix) + sum(arr.nbytes for arr in arrays)
+
+
+def header_prefix(entries, metadata: dict | None = None) -> bytes:
+    """The first bytes of a file holding `entries` ((name, dtype, shape, nbytes), in the order
+    their bytes follow): the 8-byte length and the JSON header, padded with spaces to a multiple
+    of 8 bytes as the reference writer does, so the data section is aligned. A slice file (`pull
+    --layers`, or a slice a node serves a worker) is this prefix, then its tensors' bytes streamed in.
+
+        header_prefix([("b", "F32", (2,), 8)])
+            -> (56).to_bytes(8, "little") + b'{"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}  '
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob

@@ -485,6 +485,33 @@ def check_metadata(header: Header, path: str) -> dict:
     return claims
 
 
+def slice_metadata(header: Header, source: str, lo: int, hi: int, version: str | None = None) -> dict:
+    """The metadata of a slice file cut from `header`'s file (blocks lo..hi-1): the source's own,
+    plus what a loader cannot read off the slice's tensor shapes (n_layer, n_vocab, n_ctx, which
+    check_metadata checks), the blocks, and where they came from (a url, or a node of the cluster):
+
+        gpt2's header, "http://hub/model.safetensors", 4, 8
+            -> {..., "n_layer": "12", "n_vocab": "50257", "n_ctx": "1024", "nanopipe_blocks": "4-7",
+                "nanopipe_source": "http://hub/model.safetensors"}
+
+    `version` (the source's ETag) goes in too: a part file begun from another version has another
+    header, so it is started again rather than continued."""
+    meta = dict(header.metadata)
+    if version:
+        meta["nanopipe_source_version"] = version
+    t = {gt.base_name(n): v for n, v in header.tensors.items()}
+    idx = gt.block_indices(t)
+    meta.setdefault("n_layer", str(idx[-1] + 1 if idx else 0))
+    if "wte.weight" in t:
+        meta.setdefault("n_vocab", str(t["wte.weight"].shape[0]))
+    if "wpe.weight" in t:
+        meta.setdefault("n_ctx", str(t["wpe.weight"].shape[0]))
+    meta.pop("nanopipe_layers", None)                 # older versions' half-open tag
+    meta["nanopipe_blocks"] = layers_text(lo, hi)     # inclusive, like --layers and the file name
+    meta["nanopipe_source"] = source
+    return meta
+
+
 def _dim(tensors: dict, name: str, path: str) -> int:
     """The first dimension of a tensor the sizes are read from, or a clear error."""
     info = tensors.get(name)

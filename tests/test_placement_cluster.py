@@ -215,7 +215,7 @@ def test_join_with_only_the_leaders_address_and_rejoin_with_the_same_layers(tmp_
         log = cl.logs()
         assert log_of(cl, 0).count(f"enrolled as rank {mine}") == 2, log
         assert log.count(f"enrolled as rank {other}") == 1, log
-        # it pulled only its own blocks from the leader's weights source (file:// url)
+        # it got only its own blocks (from the leader, which holds them: the url is not needed)
         pulled = [f for f in os.listdir(os.path.join(str(tmp_path), "weights")) if ".layers-" in f]
         assert pulled, os.listdir(os.path.join(str(tmp_path), "weights"))
 

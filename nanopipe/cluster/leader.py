@@ -48,6 +48,7 @@ from .node import rss_mb
 from .planner import Planner
 from .registry import WorkerRegistry
 from .ring import RingBuilder
+from .slices import serve_slice
 from .wire import ConnectionClosed, WireError
 
 _LOG = leader_logger()
@@ -223,7 +224,7 @@ class Leader:
         peer = f"{addr[0]}:{addr[1]}"
         try:
             sock, hello = accept(sock, peer=peer, tls=self.tls, token=self.cluster.auth_token,
-                                 roles=("worker", "data", "client"))
+                                 roles=("worker", "data", "client", "weights"))
         except (HandshakeError, WireError, OSError, ValueError, RuntimeError) as e:
             self.metrics["rejected_peers"] += 1
             self.log(f"Rejected connection from {peer}: {e}", WARNING)
@@ -236,6 +237,8 @@ class Leader:
                 self.registry.serve(sock, peer, hello)
             elif role == "data":
                 self.ring.data_link(sock, peer, hello)
+            elif role == "weights":         # a worker fetching its slice (cluster/slices.py)
+                serve_slice(sock, peer, hello, getattr(self.stage, "source", None), self.registry.weights_source, self.log)
             else:
                 self.clients.serve(sock, peer, hello)
         except (WireError, OSError, ValueError) as e:

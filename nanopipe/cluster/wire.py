@@ -88,6 +88,10 @@ class Msg(enum.IntEnum):
     RING_JOINED = 21        # worker -> leader: it has dialed its next hop for the ring of `epoch`
     CAPACITY = 22           # worker -> leader: what the node measured of itself
     GENERATE_BATCH = 23     # client -> leader: several prompts to run as one batch
+    SLICE_ASK = 24          # worker -> node holding the weights: which blocks (cluster/slices.py)
+    SLICE_INFO = 25         # node -> worker: the slice file's name, size and sha256
+    SLICE_FROM = 26         # worker -> node: send from this byte on (what its .part file already holds)
+    SLICE_DATA = 27         # node -> worker: the slice file's bytes from "offset" on, one chunk per frame
 
 
 class WireError(Exception):

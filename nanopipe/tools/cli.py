@@ -68,6 +68,7 @@ from ..weights import (
 )
 from .bench_cluster import run_all
 from .demo import DemoError, run_demo
+from .from_leader import NothingThere, fetch_from_leader
 from .planning import (
     SetupError,
     configured_weights,
@@ -80,7 +81,7 @@ from .planning import (
     setup_rank,
     slice_fetcher,
 )
-from .pull import PullError, layers_in_name, parse_layers, slice_path
+from .pull import PullError, layers_in_name, parse_layers, slice_ok, slice_path
 from .pull import pull as do_pull
 from .service import ServiceError, install_unit, unit_for
 from .trace import TraceError, format_trace, resolve_weights, run_trace
@@ -584,6 +585,33 @@ def synthetic_fetcher(recipe, filename: str, log):
     return fetch
 
 
+def leader_fetcher(host: str, port: int, token, tls_cert, src: dict, full: str | None, log):
+    """fetch(lo, hi) -> a slice file of blocks lo..hi-1: one already here, else from the leader over
+    the cluster's connection (nanopipe/tools/from_leader.py), else, if the leader holds no file with
+    those blocks, pulled from the url it gave (model_weights.yaml's)."""
+    hub = slice_fetcher(str(src.get("name")), {"url": src["url"], "filename": src.get("filename"),
+                                               "sha256": src.get("sha256")}, log) if src.get("url") else None
+
+    def fetch(lo, hi):
+        if full is not None and os.path.exists(slice_path(full, lo, hi)):
+            try:
+                slice_ok(slice_path(full, lo, hi), lo, hi, rank0=False)
+                return slice_path(full, lo, hi)
+            except PullError as e:
+                log(f"{e}; fetching it again")
+        try:
+            return fetch_from_leader(host, port, lo, hi, token=token, tls=client_tls(tls_cert), log=log)
+        except NothingThere as e:
+            if hub is None:
+                raise WeightsError(f"{e}, and gives no url to download them from; copy the weights file into "
+                                   f"weights/ here, or pass --weights FILE") from None
+            log(f"{e}; downloading them from {src['url']} instead")
+            return hub(lo, hi)
+        except PullError as e:
+            raise WeightsError(str(e)) from None
+    return fetch
+
+
 @main.command(short_help="Run a worker (rank 1..N) of a cluster.")
 @click.argument("rank_arg", metavar="[RANK [HOST]]", type=int, required=False)
 @click.argument("host_arg", metavar="", required=False)
@@ -685,21 +713,20 @@ def _join_leader(addr, configs: Configs, weights_path, n_head):
     log(f"Worker {rank} ({me}) starting: enrolled by the leader at {host}:{port} for model {e.get('model')!r}")
     fetch = None
     if weights_path is None:
-        src = e.get("weights")
-        synthetic = src.get("synthetic") if isinstance(src, dict) else None
-        if not isinstance(src, dict) or not (src.get("url") or synthetic):
-            raise UserError("the leader has no weights source (model_weights.yaml) to give; pass --weights FILE")
-        try:
-            full = weights_file(src.get("filename"), what=f"the weights file name the leader at {host}:{port} sent")
-        except ConfigError as e:
-            raise UserError(f"{e}; refusing to write anywhere for this leader") from None
-        if os.path.exists(full):
+        src = e.get("weights") if isinstance(e.get("weights"), dict) else {}
+        synthetic = src.get("synthetic")
+        full = None
+        if src.get("filename") is not None:
+            try:
+                full = weights_file(src["filename"], what=f"the weights file name the leader at {host}:{port} sent")
+            except ConfigError as err:
+                raise UserError(f"{err}; refusing to write anywhere for this leader") from None
+        if full and os.path.exists(full):
             weights_path = full
-        elif synthetic:
+        elif synthetic and full:
             fetch = synthetic_fetcher(synthetic, os.path.basename(full), log)
-        else:
-            fetch = slice_fetcher(str(src["name"]), {"url": src["url"], "filename": src["filename"],
-                                                     "sha256": src.get("sha256")}, log)
+        else:       # its slice from the leader; from the hub only if the leader holds nothing for it
+            fetch = leader_fetcher(host, port, token, tls_cert, src, full, log)
     worker = Worker(cc, rank, weights_path, host=me, n_head=n_head or e.get("n_head"), fetch=fetch)
     _on_sigterm()
     try:

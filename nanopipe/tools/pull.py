@@ -34,8 +34,8 @@ import urllib.request
 from .. import gpt2_tensors as gt
 from ..config import WEIGHTS_DIR, ConfigError, weights_file
 from ..partition import layers_text
-from ..safetensors_io import MAX_HEADER_BYTES, Header, SafetensorsError, parse_header, read_header
-from ..weights import WeightsError, check_metadata, is_synthetic, synthetic_note
+from ..safetensors_io import MAX_HEADER_BYTES, Header, SafetensorsError, header_prefix, parse_header, read_header
+from ..weights import WeightsError, check_metadata, is_synthetic, slice_metadata, synthetic_note
 
 USER_AGENT = "nanopipe-pull/0.1"
 RESUMES = 3           # how many dropped connections one pull() rides out before giving up
@@ -102,7 +102,7 @@ def legacy_slice_path(dest: str, lo: int, hi: int) -> str:
     """The half-open name older versions gave the same slice: "weights/model.layers-4-8.safetensors".
 
     Read, never written. The same name means blocks 4..8 in today's convention, so a file found
-    under it is used only if its own tensors hold the blocks asked for (see `_slice_ok`).
+    under it is used only if its own tensors hold the blocks asked for (see `slice_ok`).
     """
     root, ext = os.path.splitext(dest)
     return f"{root}.layers-{lo}-{hi}{ext or '.safetensors'}"
@@ -615,33 +615,13 @@ def _slice_metadata(header: Header, url: str, lo: int, hi: int, version: str | N
     """The source's metadata, plus what a loader cannot read off a slice's own tensor shapes, and
     the version of the source (its ETag) the bytes come from: a part file begun from another
     version has another header, so it is started again rather than continued."""
-    meta = dict(header.metadata)
-    if version:
-        meta["nanopipe_source_version"] = version
-    t = {_base(n): v for n, v in header.tensors.items()}
-    meta.setdefault("n_layer", str(_n_layer(t)))
-    if "wte.weight" in t:
-        meta.setdefault("n_vocab", str(t["wte.weight"].shape[0]))
-    if "wpe.weight" in t:
-        meta.setdefault("n_ctx", str(t["wpe.weight"].shape[0]))
-    meta.pop("nanopipe_layers", None)                 # older versions' half-open tag
-    meta["nanopipe_blocks"] = layers_text(lo, hi)     # inclusive, like --layers and the file name
-    meta["nanopipe_source"] = url
-    return meta
+    return slice_metadata(header, url, lo, hi, version)
 
 
 def _header_bytes(infos, metadata: dict) -> bytes:
-    """The slice file's prefix (8-byte length + JSON), laid out as safetensors_io.write_safetensors
-    does, with tensors in the order given so their bytes can be streamed in after it."""
-    header, offset = {}, 0
-    for t in infos:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob
+    """The slice file's prefix (8-byte length + JSON), with tensors in the order given so their
+    bytes can be streamed in after it."""
+    return header_prefix([(t.name, t.dtype, t.shape, t.nbytes) for t in infos], metadata)
 
 
 def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, out, dest, if_range=None) -> None:
@@ -716,7 +696,7 @@ def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out
     return _fetch_verified(fetch, check, url, dest, part, out, _what_to_do(dest))
 
 
-def _slice_ok(path: str, lo: int, hi: int, rank0: bool) -> Header:
+def slice_ok(path: str, lo: int, hi: int, rank0: bool) -> Header:
     """`path`'s header, or PullError unless it holds blocks lo..hi-1 (and embeddings if rank0).
 
     What counts is the tensors in the file, not its name or tag: a file holding more blocks serves too.
@@ -756,7 +736,7 @@ def pull(url: str, dest: str, *, sha256: str | None = None, layers: tuple | None
             if layers is None:
                 header = verify(dest, None if _synthetic(dest) else sha256)
             else:
-                header = _slice_ok(dest, *layers, rank0)
+                header = slice_ok(dest, *layers, rank0)
             if not is_synthetic(header) or _served_as_is(url, header, layers, timeout):
                 return dest
             replacing = True
@@ -867,9 +847,9 @@ def _synthetic_here(full: str, layers, rank0: bool) -> str | None:
                 if path == full:
                     verify(path)
                     if layers is not None:
-                        _slice_ok(path, *layers, False)
+                        slice_ok(path, *layers, False)
                 else:
-                    _slice_ok(path, *layers, rank0)
+                    slice_ok(path, *layers, rank0)
                 return path
             except PullError:
                 pass        # damaged: pull() moves it aside and fetches the real file
@@ -882,7 +862,7 @@ def _older_slice(full: str, layers: tuple, rank0: bool, log) -> str | None:
     if old == slice_path(full, *layers) or not os.path.exists(old) or os.path.exists(slice_path(full, *layers)):
         return None
     try:
-        _slice_ok(old, *layers, rank0)
+        slice_ok(old, *layers, rank0)
     except PullError as e:
         log(f"{old} does not serve blocks {layers_text(*layers)} ({e}); leaving it alone")
         return None
