@@ -581,9 +581,9 @@ def test_slice_source_changing_mid_fetch_is_a_clear_error(server, source, tmp_pa
     original = server._serve
 
     def serve_then_change(h):          # the header's two requests see the old file, the blocks the new
+        if len(server.requests) == 2:  # changed before the third is served (the server answers each
+            server.files["/gpt2/model.safetensors"] = changed(data)     # request in its own thread)
         original(h)
-        if len(server.requests) == 2:
-            server.files["/gpt2/model.safetensors"] = changed(data)
 
     server._serve = serve_then_change
     with pytest.raises(PullError, match="the file changed on the server while its blocks were being fetched"):

@@ -238,7 +238,8 @@ class Leader:
             elif role == "data":
                 self.ring.data_link(sock, peer, hello)
             elif role == "weights":         # a worker fetching its slice (cluster/slices.py)
-                serve_slice(sock, peer, hello, getattr(self.stage, "source", None), self.registry.weights_source, self.log)
+                serve_slice(sock, peer, hello, getattr(self.stage, "source", None), self.registry.weights_source,
+                            self.log)
             else:
                 self.clients.serve(sock, peer, hello)
         except (WireError, OSError, ValueError) as e:
