@@ -532,7 +532,7 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
             f"{shape.kv_bytes(sessions) / MB:.0f} MB KV at {sessions} sessions) + "
             f"{shape.rank0_bytes / MB:.0f} MB on rank 0 = {need / MB:.0f} MB needed, "
             f"{have / MB:.0f} MB usable in all ("
-            + ", ".join(f"{nd.name}: {_mb(nd.memory_mb)}, at most {max(c, 0)} blocks" for nd, c in zip(nodes, cap))
+            + ", ".join(f"{nd.name}: {mb(nd.memory_mb)}, at most {max(c, 0)} blocks" for nd, c in zip(nodes, cap))
             + "); add a node, lower max_sessions, or use a smaller model")
     for i, (nd, c) in enumerate(zip(nodes, cap)):
         if nd.memory_mb is None:
@@ -664,7 +664,7 @@ def _why_left_out(speed: float, fastest: float, hop_s: float, depth) -> str:
     return why + (", and nodes on one machine take turns, so splitting gains nothing" if depth == 1 else "")
 
 
-def _mb(v) -> str:
+def mb(v) -> str:
     """900.4 -> '900 MB'; None -> 'memory unknown'."""
     return "memory unknown" if v is None else f"{v:.0f} MB"
 

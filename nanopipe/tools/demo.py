@@ -143,10 +143,10 @@ class LogTail:
 
     def __init__(self, paths: dict):
         self.paths = paths
-        self.offsets = {rank: self._size(p) for rank, p in paths.items()}
+        self.offsets = {rank: self.part_size(p) for rank, p in paths.items()}
 
     @staticmethod
-    def _size(path: str) -> int:
+    def part_size(path: str) -> int:
         try:
             return os.path.getsize(path)
         except OSError:

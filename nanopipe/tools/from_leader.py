@@ -25,7 +25,7 @@ from ..cluster.slices import MAX_CHUNK_BYTES
 from ..cluster.wire import ConnectionClosed, Msg, ProtocolError, TruncatedFrame, WireError, recv_frame, send_frame
 from ..config import WEIGHTS_DIR, ConfigError, weights_file
 from ..partition import layers_text
-from .pull import Progress, PullError, _check_space, _disk_errors, _mb, _size, sha256_of, slice_ok, slice_path
+from .pull import Progress, PullError, check_space, disk_errors, mb, part_size, sha256_of, slice_ok, slice_path
 
 ATTEMPTS = 4             # connections one fetch may use: a cut one is resumed up to 3 times
 READ_TIMEOUT_S = 60.0    # a leader silent this long mid-transfer is given up on (and the transfer resumed)
@@ -101,13 +101,13 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) ->
             log(f"{dest} is already here, the very bytes {where} would send")
             return dest
         part = dest + ".part"
-        with _disk_errors(part, size):
+        with disk_errors(part, size):
             os.makedirs(folder, exist_ok=True)      # the name is checked: it lies in `folder`
             have = _resumable(part, sha, size)
-            _check_space(part, size - have)
+            check_space(part, size - have)
         send_frame(sock, Msg.SLICE_FROM, {"offset": have})
-        log(f"Fetching blocks {layers_text(lo, hi)} from {where}: {_mb(size)} into {dest}"
-            + (f", resuming at byte {have} ({_mb(have)} already here)" if have else ""))
+        log(f"Fetching blocks {layers_text(lo, hi)} from {where}: {mb(size)} into {dest}"
+            + (f", resuming at byte {have} ({mb(have)} already here)" if have else ""))
         started, pos = time.monotonic(), have
         digest = _sha256_of_first(part, have)     # the bytes already here, then each chunk as it is written
         bar = Progress(size, have, enabled=progress)
@@ -122,7 +122,7 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) ->
         log(f"Received {pos - have} bytes from {where} in {took:.1f}s"
             + (f" ({(pos - have) / max(took, 1e-6) / 1e6:.0f} MB/s)" if pos > have else ""))
     except (ConnectionClosed, TruncatedFrame, OSError) as e:
-        kept = f"; {_size(part)} bytes kept in {part}" if part else ""
+        kept = f"; {part_size(part)} bytes kept in {part}" if part else ""
         raise _Cut(f"{e}{kept}") from None
     except ProtocolError as e:
         raise PullError(f"refusing what {where} sent: {e}; nothing was renamed into place") from None
@@ -177,7 +177,7 @@ def _receive(sock, f, pos: int, size: int, where: str, part: str, digest) -> int
     if pos + len(frame.payload) > size:
         raise ProtocolError(f"more bytes than the {size} it announced (a frame ends at byte "
                             f"{pos + len(frame.payload)})")
-    with _disk_errors(part, size):
+    with disk_errors(part, size):
         f.write(frame.payload)
         f.flush()
     digest.update(frame.payload)
@@ -205,7 +205,7 @@ def _resumable(part: str, sha: str, size: int) -> int:
             begun_for = m.read().strip()
     except OSError:
         begun_for = None
-    have = _size(part)
+    have = part_size(part)
     if begun_for != sha or have > size:
         with open(part, "wb"):
             pass

@@ -226,7 +226,7 @@ def verify(path: str, sha256: str | None = None, expected_size: int | None = Non
 # progress line
 
 
-def _mb(n) -> str:
+def mb(n) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
@@ -258,11 +258,11 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self.t0, 1e-6)
         rate = (self.done - self.start_done) / elapsed                  # bytes/s
-        text = _mb(self.done)
+        text = mb(self.done)
         if self.total:
             left = max(self.total - self.done, 0)
             eta = _clock(left / rate) if rate > 0 else "?"
-            text += f" / {_mb(self.total)}  {100 * self.done // self.total:3d}%"
+            text += f" / {mb(self.total)}  {100 * self.done // self.total:3d}%"
         else:
             eta = "?"
         return f"{text}  {rate / 1e6:.1f} MB/s  ETA {eta}"
@@ -384,23 +384,23 @@ def _copy(resp, f, n: int | None, bar: Progress, chunk: int) -> None:
         raise _Dropped(f"connection closed after {got} of {n} bytes")
 
 
-def _check_space(path: str, need: int | None) -> None:
+def check_space(path: str, need: int | None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
     if need and free < need:
-        raise PullError(f"not enough disk space for {path}: it needs {_mb(need)} more, {folder} has "
-                        f"{_mb(free)} free; free some space or use another weights directory")
+        raise PullError(f"not enough disk space for {path}: it needs {mb(need)} more, {folder} has "
+                        f"{mb(free)} free; free some space or use another weights directory")
 
 
 def _disk_full(path: str, need: int | None) -> PullError:
     folder = os.path.dirname(os.path.abspath(path))
-    need_text = f"it needs {_mb(need)} in total" if need else "the file needs more space"
+    need_text = f"it needs {mb(need)} in total" if need else "the file needs more space"
     return PullError(f"disk full while writing {path}: {need_text}, {folder} has "
-                     f"{_mb(shutil.disk_usage(folder).free)} free; free some space and run the same "
+                     f"{mb(shutil.disk_usage(folder).free)} free; free some space and run the same "
                      f"command again to resume, or use another weights directory")
 
 
-def _size(path: str) -> int:
+def part_size(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
@@ -442,7 +442,7 @@ def _open_resumed(url: str, part: str, *, timeout: float, out, dest: str):
     that changed on the server in between comes whole from byte 0 (200) instead of its second half
     being glued to the old first half.
     """
-    have = _size(part)
+    have = part_size(part)
     seen = _read_seen(part) if have else {}
     try:
         resp = _open(url, have, timeout=timeout, dest=dest, if_range=seen.get("if_range"))
@@ -487,13 +487,13 @@ def _resuming(url: str, part: str, attempt, out) -> None:
             return attempt()
         except _Dropped as e:
             if drops == RESUMES:
-                raise PullError(f"{url}: the connection kept dropping ({e}); {_size(part)} bytes are kept in "
+                raise PullError(f"{url}: the connection kept dropping ({e}); {part_size(part)} bytes are kept in "
                                 f"{part}, run the same command again to resume") from None
-            out.write(f"{url}: {e}; resuming at byte {_size(part)}\n")
+            out.write(f"{url}: {e}; resuming at byte {part_size(part)}\n")
 
 
 @contextlib.contextmanager
-def _disk_errors(part: str, need: int | None):
+def disk_errors(part: str, need: int | None):
     """Writing `part`: a full disk says how much is needed and where; other errors name the file."""
     try:
         yield
@@ -513,10 +513,10 @@ def _fetch_whole(url: str, part: str, *, timeout: float, chunk: int, progress: b
         if resp is None:
             return
         with resp:
-            _check_space(part, total - start if total else None)
+            check_space(part, total - start if total else None)
             bar = Progress(total, start, out, progress)
             try:
-                with _disk_errors(part, total), open(part, "ab" if start else "wb") as f:
+                with disk_errors(part, total), open(part, "ab" if start else "wb") as f:
                     _copy(resp, f, total - start if total is not None else _length(resp), bar, chunk)
             finally:
                 bar.finish()
@@ -629,13 +629,13 @@ def _fetch_slice(url, part, prefix: bytes, runs, *, timeout, chunk, progress, ou
     need = len(prefix) + sum(e - b for b, e in runs)
 
     def attempt():
-        with _disk_errors(part, need):
-            have = _size(part)
+        with disk_errors(part, need):
+            have = part_size(part)
             if have < len(prefix) or have > need or _read_prefix(part, len(prefix)) != prefix:
                 with open(part, "wb") as f:
                     f.write(prefix)
                 have = len(prefix)
-            _check_space(part, need - have)
+            check_space(part, need - have)
             skip = have - len(prefix)   # data bytes already in part
             bar = Progress(need, have, out, progress)
             try:
@@ -684,7 +684,7 @@ def _pull_slice(url, dest, part, lo, hi, rank0, *, timeout, chunk, progress, out
         total, _ = total_and_slice_bytes(header, lo, hi, rank0)
         extra = " + embeddings/head" if rank0 else ""
         out.write(f"{url}: blocks {lo}..{hi - 1}{extra}: {len(infos)} tensors, "
-                  f"{_mb(size)} of {_mb(total)} in {len(runs)} range requests\n")
+                  f"{mb(size)} of {mb(total)} in {len(runs)} range requests\n")
     def fetch():
         _fetch_slice(url, part, prefix, runs, timeout=timeout, chunk=chunk, progress=progress, out=out, dest=dest,
                      if_range=seen.get("if_range"))
