@@ -19,12 +19,13 @@ import glob
 import os
 from dataclasses import dataclass
 
+from .. import placement  # placement.measure / .decide looked up at the call: tests count the calls
 from ..config import WEIGHTS_DIR, ConfigError, Configs, check_agree, weights_file
 from ..gpt2_tensors import base_name
 from ..model import GPTConfig
 from ..partition import PartitionError, planned_by_leader, stage_bytes
 from ..partition import plan as make_plan
-from ..placement import Capacity, ModelShape, PlacementError, decide, measure
+from ..placement import Capacity, ModelShape, PlacementError
 from ..safetensors_io import SafetensorsError, read_header
 from ..weights import KNOWN_N_HEAD, SIZES, WeightsError, is_synthetic, read_config, synthetic_name
 from .pull import PullError, ensure_weights, remote_header
@@ -135,7 +136,7 @@ def plan_capacities(cluster, names, cfg, here) -> list:
         o = overrides.get(name, {})
         if name == here or (mine is not None and ips.get(name) == mine and not o):
             if measured is None or o:
-                m = measure(name, cfg.n_embd, override=o, n_head=cfg.n_head)
+                m = placement.measure(name, cfg.n_embd, override=o, n_head=cfg.n_head)
                 measured = measured or (None if o else m)
             else:
                 m = measured
@@ -171,7 +172,7 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
     placement.decide, the leader's own decision, put in words."""
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
     try:
-        d = decide(shape, caps, ranges, mc, cluster, partition)
+        d = placement.decide(shape, caps, ranges, mc, cluster, partition)
     except PlacementError as e:
         raise SetupError(str(e)) from None
     auto = planned_by_leader(mc, partition)
