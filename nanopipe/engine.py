@@ -159,6 +159,8 @@ class Scheduler:
         # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
         # the leader checks it against the placement's prediction (cluster/ring.py stage_report)
         self.decode_ms: collections.deque = collections.deque(maxlen=64)
+        # each rank's link transit on those steps, in ms (_hop_transits): {rank: deque}, for the cluster page
+        self.transit_ms: dict = collections.defaultdict(lambda: collections.deque(maxlen=64))
         # finished sessions' caches, kept for the next request with the same start: rank 0's
         # stage only, until the leader adds its workers' (set_prefix_stages)
         budget = default_prefix_cache_bytes() if prefix_cache_bytes is None else prefix_cache_bytes
@@ -504,6 +506,9 @@ class Scheduler:
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (len(rows), V)
         if len(x) == 1 and rows:
             self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
+            for rank, ms in _hop_transits(batch, trace, t_back) if trace else ():
+                if ms is not None and ms >= 0:
+                    self.transit_ms[rank].append(ms)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j) in enumerate(owners):
             if s.error is not None:

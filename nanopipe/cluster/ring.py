@@ -74,13 +74,24 @@ class WorkerState:
     warned: set = field(default_factory=set)   # the bad STATS fields already logged for this rank
 
 
-def _count_event(membership, kind: str):
+def _count_event(membership, kind: str, rank=None, text: str = "", shown_as: str | None = None):
     """Count one cluster event of the kind the leader's status() reports under "events" (/metrics
-    shows them). Only a Leader keeps the counts; a bare Membership (the tests') counts nothing."""
+    shows them), and note it in the event log (`_note_event`) as `shown_as` (default: `kind`).
+    Only a Leader keeps the counts; a bare Membership (the tests') counts nothing."""
     events = getattr(membership, "events", None)
     if isinstance(events, dict):
         with membership.lock:           # an RLock: some callers hold it already
             events[kind] = events.get(kind, 0) + 1
+    _note_event(membership, shown_as or kind, rank, text)
+
+
+def _note_event(membership, kind: str, rank=None, text: str = ""):
+    """Add one line to the leader's event log (status()'s "event_log", the cluster page's log):
+    {"t": 1765000000.0, "kind": "died", "rank": 2, "text": "Worker 2 (node2) is down: ..."}."""
+    log = getattr(membership, "event_log", None)
+    if log is not None:
+        with membership.lock:
+            log.append({"t": time.time(), "kind": kind, "rank": rank, "text": text})
 
 
 def finite(x) -> bool:
@@ -279,7 +290,8 @@ class Membership:
                 self.log(f"Rejected worker from {peer}: rank {rank} claims host {hello.get('host')!r}, "
                          f"config says {w.host!r}", WARNING)
                 return
-            _count_event(self, "rejoined" if w.addr else "joined")     # addr: it registered before
+            kind = "rejoined" if w.addr else "joined"       # addr: it registered before
+            _count_event(self, kind, rank, f"Worker {rank} ({w.host}) {kind} from {peer}")
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
             self._enrol_hold.pop(rank, None)
             self.grace_over = False             # a rank came back: new requests wait for the ring again
@@ -387,7 +399,7 @@ class Membership:
             self._refuse(str(e))
             return
         self.plan_note = d.note
-        _count_event(self, "planned")
+        _count_event(self, "planned", None, f"Plan: {d.note}")
         if not d.solved:
             self.log(f"Plan: {self.plan_note}")
             self._apply_plan(d.ranges, [None] * len(caps))
@@ -473,7 +485,7 @@ class Membership:
             condition = (tuple(row["layers"] or ()), "slower" if off > 0 else "faster")
             if abs(off) > 0.25 and said != condition:
                 said = condition
-                _count_event(self, "slow_stage")
+                _count_event(self, "slow_stage", rank, figures)
                 self.log(f"{figures} (throttled, overloaded, or measured at a better moment; said again only "
                          "if that changes, figures at -v)", WARNING)
             elif said is not None and abs(off) < 0.15:
@@ -595,6 +607,8 @@ class Membership:
             self.ring_ready.set()
         path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
         left = [str(r) for r, w in self.workers.items() if w.excluded]
+        _note_event(self, "ring_up", None,
+                    f"Ring {path} is up" + (f"; {replayed} session(s) replayed" if replayed else ""))
         self.log(f"All {len(workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
                  + (f"; rank {', '.join(left)} left out by the plan" if left else "")
                  + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
@@ -664,7 +678,8 @@ class Membership:
     def _on_worker_lost(self, rank, reason):
         if self.stop_event.is_set():
             return
-        _count_event(self, "left")
+        # counted as "left" (/metrics); logged as "died": it went without being told to
+        _count_event(self, "left", rank, f"Worker {rank} ({self.workers[rank].host}) is down: {reason}", "died")
         if self.workers[rank].excluded:      # it holds no layers: the ring does not miss it
             self.log(f"Worker {rank} (left out of the ring) is gone: {reason}")
             return
