@@ -546,9 +546,9 @@
     const r = await call("cluster");
     if (document.body.dataset.view !== "cluster") return;
     renderCluster(r);
-    // the top bar's indicator polls /health more slowly: tell it at once when the cluster changed
-    const conn = $("conn").dataset.state;
-    if (r.body && r.body.ok !== undefined && (r.body.ok !== (conn === "up")) && conn !== "auth") checkHealth(false);
+    // the top bar's indicator polls /health every 5 s while all is well: when a node went, ask it now
+    // (while something is down it retries by itself every 1, 2, 4 ... s)
+    if (r.body && r.body.ok === false && $("conn").dataset.state === "up") checkHealth(false);
     state.clusterTimer = setTimeout(pollCluster, CLUSTER_EVERY_MS);
   }
 
