@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_browser import ARTIFACTS, browser, serve, wait  # noqa: F401  (browser: the fixture)
+from test_browser import ARTIFACTS, chromium, serve, wait
 
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.web.app import create_app, settings_from_configs
@@ -24,6 +24,13 @@ from selenium.webdriver.common.by import By  # noqa: E402  (test_browser skipped
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / os.environ["NANOPIPE_SCREENSHOTS"] if os.environ.get("NANOPIPE_SCREENSHOTS") else ARTIFACTS
 GRACE_S = 120           # long enough that a killed worker is "rejoining" for the whole test, never "gone"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
+    yield driver
+    driver.quit()
 
 
 @pytest.fixture(scope="module")

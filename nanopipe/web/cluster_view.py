@@ -103,8 +103,7 @@ def cluster_view(status: dict, addr: str, tokens_per_s_now: float | None = None)
         "live_sessions": status.get("live_sessions"), "tokens": status.get("tokens"),
         "requests": status.get("requests"), "errors": status.get("errors"),
         "rejoin_grace_s": grace,
-        "plan": {k: placement.get(k) for k in ("partition", "objective", "note", "pending", "notes", "hop_ms",
-                                               "unknown") if k in placement},
+        "plan": placement,          # the leader's own: split, objective, note, predictions, stages
         "ring": [n["rank"] for n in ring],
         "nodes": nodes,
         "events": [{"t": e.get("t"), "ago_s": round(now - e["t"], 1) if _number(e.get("t")) else None,
