@@ -162,13 +162,23 @@ def cluster_json(web) -> dict:
     return r.json
 
 
+def wait_cluster(web, what: str, ok, timeout: float) -> dict:
+    """Poll GET /cluster until ok(body); return that body."""
+    seen = {}
+
+    def check():
+        seen["body"] = cluster_json(web)
+        return seen["body"] if ok(seen["body"]) else None
+    return wait_until(what, check, timeout, interval=0.25, detail=lambda: seen.get("body"))
+
+
 def test_real_cluster_shows_each_node_measured(real):
     cl, web, _ = real
     for prompt in ("The three small computers on my desk", "Once upon a time"):
         r = web.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0})
         assert r.status_code == 200, r.get_data(as_text=True)
-    body = wait_until("every stage measured", lambda: (lambda b: b if all(
-        n["ms_per_step"]["measured"] is not None for n in b["nodes"]) else None)(cluster_json(web)), 30, interval=0.25)
+    body = wait_cluster(web, "every stage measured",
+                        lambda b: all(n["ms_per_step"]["measured"] is not None for n in b["nodes"]), 30)
     assert body["ok"] and body["ready"] and body["ring"] == [0, 1, 2], body
     for rank, n in enumerate(body["nodes"]):
         print(f"rank {rank}: {n['ms_per_step']} transit {n['transit_ms']} ms, memory {n['memory_mb']}")
@@ -186,20 +196,17 @@ def test_real_cluster_shows_each_node_measured(real):
 def test_real_cluster_worker_dies_is_gone_after_the_grace_and_comes_back(real):
     cl, web, _ = real
     cl.kill_rank(2)
-    body = wait_until("rank 2 rejoining", lambda: (lambda b: b if b["nodes"][2]["status"] != "up" else None)(
-        cluster_json(web)), 30, interval=0.25)
+    body = wait_cluster(web, "rank 2 not up", lambda b: b["nodes"][2]["status"] != "up", 30)
     assert body["nodes"][2]["status"] == "rejoining", body["nodes"][2]
     assert body["nodes"][2]["down_s"] < REAL_GRACE_S and body["ok"] is False
     died = [e for e in body["events"] if e["kind"] == "died"]
     assert len(died) == 1 and died[0]["rank"] == 2 and "Worker 2 (node2) is down" in died[0]["text"], died
 
-    body = wait_until("rank 2 gone", lambda: (lambda b: b if b["nodes"][2]["status"] == "gone" else None)(
-        cluster_json(web)), REAL_GRACE_S + 30, interval=0.25)
+    body = wait_cluster(web, "rank 2 gone", lambda b: b["nodes"][2]["status"] == "gone", REAL_GRACE_S + 30)
     assert body["nodes"][2]["down_s"] > REAL_GRACE_S, body["nodes"][2]
 
     cl.start_rank(2)
-    body = wait_until("rank 2 back up", lambda: (lambda b: b if b["ok"] else None)(cluster_json(web)), 90,
-                      interval=0.25)
+    body = wait_cluster(web, "rank 2 back up", lambda b: b["ok"], 90)
     assert [n["status"] for n in body["nodes"]] == ["up", "up", "up"]
     kinds = [e["kind"] for e in body["events"]]
     assert kinds.index("rejoined") > kinds.index("died") and kinds[-1] == "ring_up", kinds
@@ -207,7 +214,7 @@ def test_real_cluster_worker_dies_is_gone_after_the_grace_and_comes_back(real):
 
 def test_plan_from_cluster_reads_the_page_json(real):
     cl, web, url = real
-    wait_until("the ring up", lambda: cluster_json(web)["ok"], 90, interval=0.25)
+    wait_cluster(web, "the ring up", lambda b: b["ok"], 90)
     out = CliRunner().invoke(main, ["plan", "--from-cluster", url, "--config-dir", cl.config_dir])
     assert out.exit_code == 0, out.output
     print(out.output)
