@@ -8,7 +8,9 @@ cluster-page-rejoining.png, the ones docs/WEB.md shows; without it they go to ar
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,12 +42,32 @@ def ring(tiny_weights):
         app = create_app(settings_from_configs(cl.config_dir, leader=cl.leader_addr))
         url, srv = serve(app)
         # some traffic, so every stage has measured ms per step and link transit to show
-        client = app.test_client()
         for prompt in ("The three small computers on my desk", "Once upon a time"):
-            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0})
-            assert r.status_code == 200, r.get_data(as_text=True)
-        yield cl, url
+            complete(app, prompt)
+        yield cl, url, app
         srv.shutdown()
+
+
+def complete(app, prompt: str, max_tokens: int = 24):
+    r = app.test_client().post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.get_data(as_text=True)
+
+
+@contextlib.contextmanager
+def traffic(app):
+    """Requests one after another in a thread while the block runs: the cluster's tokens/s "now"."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            complete(app, "The three small computers on my desk", 96)
+    t = threading.Thread(target=run, daemon=True, name="traffic")
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(60)
 
 
 # What the Cluster view shows, read in one go: the view redraws itself at every poll, so elements
@@ -67,6 +89,17 @@ return {
 """
 
 
+def figures(d) -> dict:
+    return d.execute_script("""return Object.fromEntries([...document.querySelectorAll("#cl-figures .stat")]
+                                       .map((s) => [s.dataset.figure, s.textContent]));""")
+
+
+def now_tok_s(d) -> float:
+    """The cluster's tokens/s now as the page shows it ("11.8 tok/s now"); 0 while it shows "–"."""
+    text = figures(d).get("now", "–").split()[0]
+    return 0.0 if text == "–" else float(text)
+
+
 def snapshot(d) -> dict:
     return d.execute_script(SNAPSHOT)
 
@@ -85,7 +118,7 @@ def shoot(d, name: str):
 
 
 def test_cluster_view_shows_the_three_nodes_up(browser, ring):
-    cl, url = ring
+    cl, url, app = ring
     d = browser
     d.set_window_size(1280, 900)
     d.get(url + "#cluster")
@@ -107,13 +140,15 @@ def test_cluster_view_shows_the_three_nodes_up(browser, ring):
     kinds = [e["kind"] for e in shown["events"]]
     assert kinds.count("joined") == 2 and "ring_up" in kinds, kinds
     assert "0 → 1 → 2 → 0" in shown["back"], shown["back"]
-    shoot(d, "cluster-page.png")
+    with traffic(app):
+        wait(d, lambda d: now_tok_s(d) > 0, 30, f"no tokens/s now while requests run: {figures(d)}")
+        shoot(d, "cluster-page.png")
     severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe
 
 
 def test_cluster_view_fits_a_phone(browser, ring):
-    _, url = ring
+    _, url, _ = ring
     d = browser
     d.set_window_size(390, 844)
     try:
@@ -134,7 +169,7 @@ def test_cluster_view_fits_a_phone(browser, ring):
 
 
 def test_a_killed_worker_is_shown_rejoining_then_back_up(browser, ring):
-    cl, url = ring
+    cl, url, app = ring
     d = browser
     d.set_window_size(1280, 900)
     d.get(url + "#cluster")
@@ -160,4 +195,6 @@ def test_a_killed_worker_is_shown_rejoining_then_back_up(browser, ring):
     d.find_element(By.ID, "tab-chat").click()
     wait(d, lambda d: d.find_element(By.ID, "log").is_displayed(), 5, "the chat did not come back")
     assert not d.find_element(By.ID, "cluster-view").is_displayed()
-    assert [n.get_attribute("data-status") for n in d.find_elements(By.CSS_SELECTOR, "#nodes .node")] == ["up"] * 3
+    strip = 'return [...document.querySelectorAll("#nodes .node")].map((n) => n.dataset.status)'
+    # its node strip follows /health, which it checks again 1, 2, 4 ... s apart while a node is down
+    wait(d, lambda d: d.execute_script(strip) == ["up"] * 3, 30, f"the chat's node strip: {d.execute_script(strip)}")
