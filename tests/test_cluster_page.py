@@ -241,3 +241,29 @@ def test_plan_from_cluster_says_what_is_wrong_with_the_url(leader, tmp_path):
         assert "mini2" in out.output and "pi1" in out.output, out.output
     finally:
         srv.shutdown()
+
+
+def test_a_node_the_plan_leaves_out_is_standby_and_plan_reads_the_same_either_way(tiny_weights):
+    # as in test_placement_ring: node1 so slow (as configured) that the plan leaves it out
+    cl = LocalCluster(tiny_weights, nodes=3, partition="auto", ready_timeout=90,
+                      cluster_extra={"nodes": {"node0": {"speed_gbps": 0.01, "speed8_gbps": 0.01},
+                                               "node2": {"speed_gbps": 10, "speed8_gbps": 10},
+                                               "node1": {"speed_gbps": 0.001, "speed8_gbps": 0.001}}})
+    with cl:
+        app = create_app(settings_from_configs(cl.config_dir, leader=cl.leader_addr))
+        body = wait_cluster(app.test_client(), "the ring up", lambda b: b["ready"], 60)
+        assert [n["status"] for n in body["nodes"]] == ["up", "standby", "up"], body["nodes"]
+        assert body["ok"] and body["ring"] == [0, 2], body
+        assert "only slow the others" in body["nodes"][1]["standby_reason"], body["nodes"][1]
+        assert body["nodes"][1]["layers"] is None
+
+        url, srv = serve(app)
+        try:
+            by_url = CliRunner().invoke(main, ["plan", "--from-cluster", url, "--config-dir", cl.config_dir])
+        finally:
+            srv.shutdown()
+        by_leader = CliRunner().invoke(main, ["plan", "--from-cluster", cl.leader_addr, "--config-dir", cl.config_dir])
+        assert by_url.exit_code == 0 and by_leader.exit_code == 0, (by_url.output, by_leader.output)
+        # no traffic in between: the same nodes, measurements, split and predictions, line for line
+        assert by_url.output == by_leader.output
+        assert "note: node1: left out" in by_url.output, by_url.output

@@ -543,6 +543,10 @@
 
   async function pollCluster() {
     clearTimeout(state.clusterTimer);
+    if (document.hidden) {                   // a background tab does not keep the leader busy
+      state.clusterTimer = setTimeout(pollCluster, CLUSTER_EVERY_MS);
+      return;
+    }
     const r = await call("cluster");
     if (document.body.dataset.view !== "cluster") return;
     renderCluster(r);
