@@ -78,6 +78,7 @@ return {
   state: document.getElementById("cl-state").dataset.state,
   stateText: document.getElementById("cl-state-text").textContent,
   back: text(document, "#cl-ring .cl-link.back"),
+  links: [...document.querySelectorAll("#cl-ring .cl-link:not(.back) .ms")].map((e) => e.textContent),
   cards: [...document.querySelectorAll("#cl-ring .cnode")].map((c) => ({
     rank: c.dataset.rank, status: c.dataset.status, host: text(c, ".cn-host"), layers: text(c, ".cn-layers"),
     memory: text(c, ".cn-mem-text"), ms: text(c, ".cn-ms"), transit: text(c, ".cn-transit"),
@@ -139,7 +140,8 @@ def test_cluster_view_shows_the_three_nodes_up(browser, ring):
     # the log: both workers joined, then the ring came up
     kinds = [e["kind"] for e in shown["events"]]
     assert kinds.count("joined") == 2 and "ring_up" in kinds, kinds
-    assert "0 → 1 → 2 → 0" in shown["back"], shown["back"]
+    assert "0 → 1 → 2 → 0" in shown["back"] and shown["back"].endswith(" ms"), shown["back"]
+    assert len(shown["links"]) == 2 and all(t.endswith(" ms") for t in shown["links"]), shown["links"]
     with traffic(app):
         wait(d, lambda d: now_tok_s(d) > 0, 30, f"no tokens/s now while requests run: {figures(d)}")
         shoot(d, "cluster-page.png")

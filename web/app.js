@@ -599,23 +599,32 @@
     renderEvents(body.events || []);
   }
 
+  /** The ring's nodes in ring order, an arrow with the link's transit between each and the next,
+   *  then the nodes outside the ring (standby: they hold no layers). */
   function renderRing(nodes, ring) {
-    const cards = [];
-    nodes.forEach((n, i) => {
-      if (i > 0) {
-        const prev = nodes[i - 1];
-        const arrow = el("div", "cl-link", "→");
-        arrow.title = `rank ${prev.rank} → rank ${n.rank}: ${fmtMs(prev.transit_ms)} link transit`;
-        cards.push(arrow);
-      }
-      cards.push(nodeCard(n));
+    const inRing = ring.map((r) => nodes.find((n) => n.rank === r)).filter(Boolean);
+    const outside = nodes.filter((n) => !inRing.includes(n));
+    const parts = [];
+    inRing.forEach((n, i) => {
+      if (i > 0) parts.push(linkArrow(inRing[i - 1], n));
+      parts.push(nodeCard(n));
     });
-    if (ring.length > 1) {
-      const back = el("div", "cl-link back", `↩ ${ring.join(" → ")} → ${ring[0]}`);
+    if (inRing.length > 1) {
+      const last = inRing[inRing.length - 1];
+      const back = el("div", "cl-link back",
+                      `↩ ${ring.join(" → ")} → ${ring[0]} · back to rank ${ring[0]}: ${fmtMs(last.transit_ms)}`);
       back.title = "the ring's order: activations go round it and back to rank 0";
-      cards.push(back);
+      parts.push(back);
     }
-    $("cl-ring").replaceChildren(...cards);
+    parts.push(...outside.map(nodeCard));
+    $("cl-ring").replaceChildren(...parts);
+  }
+
+  function linkArrow(from, to) {
+    const link = el("div", "cl-link");
+    link.title = `rank ${from.rank} → rank ${to.rank}: ${fmtMs(from.transit_ms)} link transit (median of recent steps)`;
+    link.append(el("span", "arr", "→"), el("span", "ms", from.transit_ms != null ? fmtMs(from.transit_ms) : ""));
+    return link;
   }
 
   function nodeCard(n) {
