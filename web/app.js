@@ -528,8 +528,9 @@
   //                   events: [{t, kind, rank, text}, ...]}          (docs/WEB.md lists every field)
 
   const STATUS_TEXT = { up: "up", joining: "joining", rejoining: "rejoining", standby: "standby", gone: "gone" };
-  const EVENT_TEXT = { joined: "joined", rejoined: "rejoined", left: "left", died: "died", planned: "planned",
-                       replanned: "re-planned", slow_stage: "stage timing", ring_up: "ring up" };
+  const EVENT_TEXT = { joined: "joined", rejoined: "rejoined", left: "left", died: "died", gone: "gone",
+                       drained: "left (drained)", planned: "planned", replanned: "re-planned",
+                       slow_stage: "stage timing", ring_up: "ring up" };
 
   function showView() {
     const view = location.hash === "#cluster" ? "cluster" : "chat";
