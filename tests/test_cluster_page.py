@@ -209,7 +209,7 @@ def test_real_cluster_worker_dies_is_gone_after_the_grace_and_comes_back(real):
     body = wait_cluster(web, "rank 2 back up", lambda b: b["ok"], 90)
     assert [n["status"] for n in body["nodes"]] == ["up", "up", "up"]
     kinds = [e["kind"] for e in body["events"]]
-    assert kinds.index("rejoined") > kinds.index("died") and kinds[-1] == "ring_up", kinds
+    assert kinds.index("rejoined") > kinds.index("died") and "ring_up" in kinds[kinds.index("rejoined"):], kinds
 
 
 def test_plan_from_cluster_reads_the_page_json(real):

@@ -219,8 +219,8 @@ class Leader(Membership, ClientProtocol):
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
         now = time.time()
-        with self.lock:
-            event_log = list(self.event_log)
+        with self.lock:         # the ring comes up with the lock held: its event and `ready` agree
+            event_log, ready = list(self.event_log), self.ring_ready.is_set()
         down_at = {e["rank"]: e["t"] for e in event_log if e["kind"] == "died"}     # the latest, per rank
         # each rank's link transit: median ms of recent one-row steps, from its compute's end to the next node
         transit = {r: round(statistics.median(list(ms)), 3) for r, ms in dict(self.scheduler.transit_ms).items() if ms}
@@ -244,7 +244,7 @@ class Leader(Membership, ClientProtocol):
                           "addr": w.addr, "synthetic": w.synthetic, "blas": w.stats.get("blas"),
                           "unknown": w.capacity.unknowns if w.capacity else None})
         s = self.scheduler
-        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring_ready.is_set(),
+        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": ready,
                 "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
                 "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],

@@ -604,11 +604,12 @@ class Membership:
             replayed = self.scheduler.replay_all()
             self.down_since = None
             self.grace_over = False
+            path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
+            # with the lock held, as status() reads them: never "ready" without the event saying so
+            _note_event(self, "ring_up", None,
+                        f"Ring {path} is up" + (f"; {replayed} session(s) replayed" if replayed else ""))
             self.ring_ready.set()
-        path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
         left = [str(r) for r, w in self.workers.items() if w.excluded]
-        _note_event(self, "ring_up", None,
-                    f"Ring {path} is up" + (f"; {replayed} session(s) replayed" if replayed else ""))
         self.log(f"All {len(workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
                  + (f"; rank {', '.join(left)} left out by the plan" if left else "")
                  + (f"; replaying {replayed} interrupted session(s)" if replayed else ""))
