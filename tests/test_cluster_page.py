@@ -82,7 +82,20 @@ def test_a_node_says_what_the_page_shows(scripted):
     assert n1["ms_per_step"]["measured"] is None and n1["tokens_per_s"] is None, "not measured yet: not made up"
     assert n1["heads"] == [0, 5], "a split stage's heads are shown"
     assert "heads" not in n0, "a whole stage has no heads field"
+    assert "split" not in n0 and "split" not in n1, "no two nodes hold the same layers"
     assert nodes[2]["down_s"] == 3.0 and nodes[2]["leader_status"] == "down"
+
+
+def test_a_stage_split_between_nodes_is_marked(leader):
+    """Two nodes with the very same layers share that stage (each a part of the heads)."""
+    st = scripted_status()
+    st["nodes"] = [dict(n) for n in st["nodes"][:3]]
+    st["nodes"][2].update(layers=[1, 1], status="up")
+    leader.status = lambda: st
+    nodes = make_app(leader).get("/cluster").json["nodes"]
+    assert "split" not in nodes[0]
+    assert nodes[1]["split"] == {"members": [1, 2], "member": 0}
+    assert nodes[2]["split"] == {"members": [1, 2], "member": 1}
 
 
 def test_the_cluster_figures_and_events(scripted):

@@ -623,7 +623,8 @@
 
   function linkArrow(from, to) {
     const link = el("div", "cl-link");
-    link.title = `rank ${from.rank} → rank ${to.rank}: ${fmtMs(from.transit_ms)} link transit (median of recent steps)`;
+    link.title = `rank ${from.rank} → rank ${to.rank}: ${fmtMs(from.transit_ms)} link transit ` +
+                 "(median of recent steps)";
     link.append(el("span", "arr", "→"), el("span", "ms", from.transit_ms != null ? fmtMs(from.transit_ms) : ""));
     return link;
   }
@@ -638,10 +639,15 @@
     q(".cn-status").textContent = STATUS_TEXT[n.status] || n.status || "?";
     let layers = layersText(n.layers) || "none";
     if (n.heads) layers += ` · heads ${Array.isArray(n.heads) ? n.heads.join("–") : n.heads}`;
+    if (n.split) {
+      const { member, members } = n.split;            // a stage split between nodes: each holds a share
+      layers += ` · split ${member + 1} of ${members.length} (ranks ${members.join(", ")})`;
+    }
     q(".cn-layers").textContent = layers;
     const mem = n.memory_mb || {};
     q(".cn-mem-text").textContent = `${fmtMb(mem.used)} of ${fmtMb(mem.usable)}`;
-    q(".cn-mem-used").style.width = (mem.used != null && mem.usable ? Math.min(100, 100 * mem.used / mem.usable) : 0) + "%";
+    const share = mem.used != null && mem.usable ? Math.min(100, 100 * mem.used / mem.usable) : 0;
+    q(".cn-mem-used").style.width = share + "%";
     const ms = n.ms_per_step || {};
     q(".cn-ms").textContent = ms.measured == null && ms.predicted == null ? "–"
       : `${fmtMs(ms.measured)} measured · ${fmtMs(ms.predicted)} predicted` +
@@ -651,8 +657,9 @@
     q(".cn-transit").textContent = n.transit_ms != null ? `${fmtMs(n.transit_ms)} to the next node` : "–";
     q(".cn-blas").textContent = n.blas || "not reported yet";
     let note = "";
-    if (n.status === "rejoining") note = n.down_s != null ? `down for ${n.down_s.toFixed(0)} s; requests wait for it` : "back, loading its layers";
-    else if (n.status === "gone") note = `down for ${n.down_s != null ? n.down_s.toFixed(0) : "?"} s, past the rejoin grace`;
+    const downFor = n.down_s != null ? `down for ${n.down_s.toFixed(0)} s` : null;
+    if (n.status === "rejoining") note = downFor ? `${downFor}; requests wait for it` : "back, loading its layers";
+    else if (n.status === "gone") note = `${downFor || "down"}, past the rejoin grace`;
     else if (n.status === "standby") note = n.standby_reason || "the plan gives it no layers";
     else if (n.last_seen_s != null && n.rank !== 0) note = `last heard ${n.last_seen_s.toFixed(1)} s ago`;
     q(".cn-note").textContent = note;
@@ -664,7 +671,8 @@
       const li = el("li", "cl-event");
       li.dataset.kind = e.kind || "";
       const when = e.t != null ? new Date(e.t * 1000).toLocaleTimeString() : "";
-      li.append(el("time", "", when), el("span", "kind", EVENT_TEXT[e.kind] || e.kind || "?"), el("span", "text", e.text || ""));
+      li.append(el("time", "", when), el("span", "kind", EVENT_TEXT[e.kind] || e.kind || "?"),
+                el("span", "text", e.text || ""));
       return li;
     });
     if (!items.length) items.push(el("li", "cl-event none", "nothing yet"));

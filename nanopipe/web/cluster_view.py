@@ -86,6 +86,7 @@ def cluster_view(status: dict, addr: str, tokens_per_s_now: float | None = None)
     died = {e.get("rank") for e in events if e.get("kind") == "died"}
     nodes = [node_view(n, stages.get(n.get("rank")), n.get("rank") in died, grace)
              for n in status.get("nodes") or [] if isinstance(n, dict)]
+    mark_split_stages(nodes)
     ring = [n for n in nodes if n["layers"] and n["status"] != "standby"]
     measured = [n["ms_per_step"]["measured"] for n in ring]
     transit = [n["transit_ms"] for n in ring]
@@ -136,6 +137,23 @@ def node_view(n: dict, stage: dict | None, died_before: bool, grace) -> dict:
         "standby_reason": n.get("excluded"), "capacity": n.get("capacity"), "unknown": n.get("unknown"),
     })
     return view
+
+
+def mark_split_stages(nodes: list):
+    """Nodes that hold the very same layers split that stage between them (tensor parallel, each a
+    share of the heads): each gets "split": {"members": [ranks], "member": its index}.
+
+        layers [0, 1], [2, 3], [2, 3] -> ranks 1 and 2 get {"members": [1, 2], "member": 0} and 1
+    """
+    by_layers: dict = {}
+    for n in nodes:
+        if n["layers"] and n["status"] != "standby":
+            by_layers.setdefault(tuple(n["layers"]), []).append(n)
+    for group in by_layers.values():
+        if len(group) > 1:
+            ranks = [n["rank"] for n in group]
+            for i, n in enumerate(group):
+                n["split"] = {"members": ranks, "member": i}
 
 
 def page_status(leader_said, died_before: bool, down_s, grace) -> str:
