@@ -58,6 +58,11 @@ bench: bench-env
 fuzz: install
 	$(PYTEST) -q -s -p no:randomly tests/test_fuzz.py tests/test_fuzz_inputs.py
 
+# the cluster page's screenshots in docs/ (docs/WEB.md shows them), from a real 3-node cluster in Chromium
+.PHONY: screenshots
+screenshots: install
+	NANOPIPE_SCREENSHOTS=docs $(PYTEST) -q -p no:randomly tests/test_browser_cluster.py
+
 lint: install
 	$(BIN)/ruff check nanopipe tests
 

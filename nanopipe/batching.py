@@ -19,7 +19,7 @@ import numpy as np
 
 from .decoding import DecodingError
 from .model import blocks_forward, embed, head
-from .sessions import Batch, add_times, step_info, use_logits
+from .sessions import Batch, add_times, hop_transits, step_info, use_logits
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see make)
 
@@ -38,6 +38,8 @@ class Batcher:
         # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
         # the leader checks it against the placement's prediction (cluster/planner.py stage_report)
         self.decode_ms: collections.deque = collections.deque(maxlen=64)
+        # each rank's link transit on those steps, in ms (sessions.hop_transits): {rank: deque}
+        self.transit_ms: dict = collections.defaultdict(lambda: collections.deque(maxlen=64))
 
     def make(self, sessions: dict, depth: int) -> Batch | None:
         """This step's next batch from the live `sessions` ({id: Session}), or None if none has rows
@@ -124,6 +126,9 @@ class Batcher:
         logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (len(rows), V)
         if len(x) == 1 and rows:
             self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
+            for rank, ms in hop_transits(batch, trace, t_back) if trace else ():
+                if ms is not None and ms >= 0:
+                    self.transit_ms[rank].append(ms)
         step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
         for i, (s, j) in enumerate(owners):
             if s.error is not None:

@@ -193,7 +193,7 @@ def add_times(node_ms: dict, batch: Batch, trace: list, now: float, t_back: floa
         t["compute"] += hop["compute_ms"]
         remote += hop["compute_ms"]
     if trace:
-        hops = _hop_transits(batch, trace, t_back)
+        hops = hop_transits(batch, trace, t_back)
         if all(ms is not None and ms >= 0 for _, ms in hops):
             for rank, ms in hops:
                 node_ms[rank]["transit"] += ms
@@ -202,7 +202,7 @@ def add_times(node_ms: dict, batch: Batch, trace: list, now: float, t_back: floa
             r0["transit"] += max(0.0, ring_ms - remote)
 
 
-def _hop_transits(batch: Batch, trace: list, t_back: float) -> list:
+def hop_transits(batch: Batch, trace: list, t_back: float) -> list:
     """[(rank, ms or None)] in ring order: each node's compute end to the next node's frame arrival
     (the last worker's frame arrives back at rank 0 at trace[-1]["t_back"]), as step_info times them."""
     now_wall, now_perf = time.time(), time.perf_counter()

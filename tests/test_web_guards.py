@@ -92,7 +92,8 @@ def test_preflight_needs_no_token_and_allows_the_authorization_header(leader):
 API_ROUTES = [("get", "/config", None), ("get", "/health", None), ("post", "/reconnect", None),
               ("get", "/metrics", None), ("post", "/chat", {"text": "Hello"}), ("get", "/v1/models", None),
               ("post", "/v1/completions", {"prompt": "Hello"}),
-              ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
+              ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+              ("get", "/cluster", None)]
 
 
 @pytest.mark.parametrize("method, path, body", API_ROUTES)

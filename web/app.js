@@ -27,6 +27,7 @@
   const RETRY_MIN_MS = 1000;             // while something is down: 1 s, 2 s, 4 s ... up to RETRY_MAX_MS
   const RETRY_MAX_MS = 15000;
   const FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed"];
+  const CLUSTER_EVERY_MS = 2000;         // the Cluster view polls GET cluster this often while it is shown
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -38,6 +39,7 @@
     history: [],           // this conversation's turns so far: [{role: "user" | "assistant", content}]
     conversationId: newConversationId(),
     api: null,             // the API's base URL ending in "/", or "" for the server that served this page
+    clusterTimer: null,    // the Cluster view's next poll
   };
 
   function newConversationId() {
@@ -519,6 +521,165 @@
   }
 
   // ---------------------------------------------------------------------------------------
+  // The Cluster view (#cluster): the ring live, from GET cluster every CLUSTER_EVERY_MS
+  //
+  //   GET cluster -> {ready, tokens_per_s: {now, predicted_1, ...}, nodes: [{rank, host, status,
+  //                   layers, memory_mb: {used, usable}, ms_per_step: {measured, predicted}, ...}],
+  //                   events: [{t, kind, rank, text}, ...]}          (docs/WEB.md lists every field)
+
+  const STATUS_TEXT = { up: "up", joining: "joining", rejoining: "rejoining", standby: "standby", gone: "gone" };
+  const EVENT_TEXT = { joined: "joined", rejoined: "rejoined", left: "left", died: "died", gone: "gone",
+                       drained: "left (drained)", planned: "planned", replanned: "re-planned",
+                       slow_stage: "stage timing", ring_up: "ring up" };
+
+  function showView() {
+    const view = location.hash === "#cluster" ? "cluster" : "chat";
+    document.body.dataset.view = view;
+    $("cluster-view").hidden = view !== "cluster";
+    $("tab-chat").setAttribute("aria-current", String(view === "chat"));
+    $("tab-cluster").setAttribute("aria-current", String(view === "cluster"));
+    clearTimeout(state.clusterTimer);
+    if (view === "cluster" && state.api !== null) pollCluster();
+  }
+
+  async function pollCluster() {
+    clearTimeout(state.clusterTimer);
+    if (document.hidden) {                   // a background tab does not keep the leader busy
+      state.clusterTimer = setTimeout(pollCluster, CLUSTER_EVERY_MS);
+      return;
+    }
+    const r = await call("cluster");
+    if (document.body.dataset.view !== "cluster") return;
+    renderCluster(r);
+    // the top bar's indicator polls /health every 5 s while all is well: when a node went, ask it now
+    // (while something is down it retries by itself every 1, 2, 4 ... s)
+    if (r.body && r.body.ok === false && $("conn").dataset.state === "up") checkHealth(false);
+    state.clusterTimer = setTimeout(pollCluster, CLUSTER_EVERY_MS);
+  }
+
+  function fmtNum(x, digits) {
+    return x == null ? "–" : Number(x).toFixed(digits);
+  }
+
+  function fmtMb(mb) {
+    if (mb == null) return "?";
+    return mb >= 1024 ? (mb / 1024).toFixed(1) + " GB" : mb.toFixed(0) + " MB";
+  }
+
+  function renderCluster(r) {
+    const body = r.body || {};
+    const box = $("cl-state");
+    if (!r.ok && !(body.nodes && body.nodes.length)) {
+      box.dataset.state = r.status === 401 ? "auth" : "down";
+      $("cl-state-text").textContent = r.status === 401 ? "needs an API token"
+        : (body.error || `no answer from the API (HTTP ${r.status})`);
+      $("cl-figures").replaceChildren();
+      for (const card of $("cl-ring").children) card.dataset.status = "unknown";
+      return;
+    }
+    const nodes = body.nodes || [];
+    const up = nodes.filter((n) => n.status === "up").length;
+    box.dataset.state = body.ok ? "up" : "degraded";
+    $("cl-state-text").textContent = `${body.ready ? "ring up" : "ring down"} · ${up}/${nodes.length} nodes up` +
+      (body.model ? ` · ${body.model}` : "");
+    const t = body.tokens_per_s || {};
+    const figures = [
+      ["now", `${fmtNum(t.now, 1)} tok/s now`],
+      ["one_stream", `${fmtNum(t.one_stream_measured, 1)} tok/s one stream, measured`],
+      ["predicted", `predicted ${fmtNum(t.predicted_1, 1)} (1 stream) · ${fmtNum(t.predicted_8, 1)} (8)`],
+      ["sessions", `${body.live_sessions != null ? body.live_sessions : "–"} live`],
+    ];
+    $("cl-figures").replaceChildren(...figures.map(([name, text]) => {
+      const s = el("span", "stat", text);
+      s.dataset.figure = name;
+      return s;
+    }));
+    const plan = body.plan || {};
+    $("cl-plan").textContent = plan.note ? `Split: ${plan.note}` : (plan.partition ? `Split: ${plan.partition}` : "");
+    renderRing(nodes, body.ring || []);
+    renderEvents(body.events || []);
+  }
+
+  /** The ring's nodes in ring order, an arrow with the link's transit between each and the next,
+   *  then the nodes outside the ring (standby: they hold no layers). */
+  function renderRing(nodes, ring) {
+    const inRing = ring.map((r) => nodes.find((n) => n.rank === r)).filter(Boolean);
+    const outside = nodes.filter((n) => !inRing.includes(n));
+    const parts = [];
+    inRing.forEach((n, i) => {
+      if (i > 0) parts.push(linkArrow(inRing[i - 1], n));
+      parts.push(nodeCard(n));
+    });
+    if (inRing.length > 1) {
+      const last = inRing[inRing.length - 1];
+      const back = el("div", "cl-link back",
+                      `↩ ${ring.join(" → ")} → ${ring[0]} · back to rank ${ring[0]}: ${fmtMs(last.transit_ms)}`);
+      back.title = "the ring's order: activations go round it and back to rank 0";
+      parts.push(back);
+    }
+    parts.push(...outside.map(nodeCard));
+    $("cl-ring").replaceChildren(...parts);
+  }
+
+  function linkArrow(from, to) {
+    const link = el("div", "cl-link");
+    link.title = `rank ${from.rank} → rank ${to.rank}: ${fmtMs(from.transit_ms)} link transit ` +
+                 "(median of recent steps)";
+    link.append(el("span", "arr", "→"), el("span", "ms", from.transit_ms != null ? fmtMs(from.transit_ms) : ""));
+    return link;
+  }
+
+  function nodeCard(n) {
+    const card = $("cnode-template").content.firstElementChild.cloneNode(true);
+    const q = (cls) => card.querySelector(cls);
+    card.dataset.rank = String(n.rank);
+    card.dataset.status = n.status || "unknown";
+    q(".cn-rank").textContent = String(n.rank);
+    q(".cn-host").textContent = n.host || "?";
+    q(".cn-status").textContent = STATUS_TEXT[n.status] || n.status || "?";
+    let layers = layersText(n.layers) || "none";
+    if (n.heads) layers += ` · heads ${Array.isArray(n.heads) ? n.heads.join("–") : n.heads}`;
+    if (n.split) {
+      const { member, members } = n.split;            // a stage split between nodes: each holds a share
+      layers += ` · split ${member + 1} of ${members.length} (ranks ${members.join(", ")})`;
+    }
+    q(".cn-layers").textContent = layers;
+    const mem = n.memory_mb || {};
+    q(".cn-mem-text").textContent = `${fmtMb(mem.used)} of ${fmtMb(mem.usable)}`;
+    const share = mem.used != null && mem.usable ? Math.min(100, 100 * mem.used / mem.usable) : 0;
+    q(".cn-mem-used").style.width = share + "%";
+    const ms = n.ms_per_step || {};
+    q(".cn-ms").textContent = ms.measured == null && ms.predicted == null ? "–"
+      : `${fmtMs(ms.measured)} measured · ${fmtMs(ms.predicted)} predicted` +
+        (ms.off != null ? ` (${ms.off > 0 ? "+" : ""}${Math.round(ms.off * 100)}%)` : "");
+    q(".cn-ms").classList.toggle("off", ms.off != null && Math.abs(ms.off) > 0.25);
+    q(".cn-tps").textContent = n.tokens_per_s != null ? `${fmtNum(n.tokens_per_s, 1)} (this stage alone)` : "–";
+    q(".cn-transit").textContent = n.transit_ms != null ? `${fmtMs(n.transit_ms)} to the next node` : "–";
+    q(".cn-blas").textContent = n.blas || "not reported yet";
+    let note = "";
+    const downFor = n.down_s != null ? `down for ${n.down_s.toFixed(0)} s` : null;
+    if (n.status === "rejoining") note = downFor ? `${downFor}; requests wait for it` : "back, loading its layers";
+    else if (n.status === "gone") note = `${downFor || "down"}, past the rejoin grace`;
+    else if (n.status === "standby") note = n.standby_reason || "the plan gives it no layers";
+    else if (n.last_seen_s != null && n.rank !== 0) note = `last heard ${n.last_seen_s.toFixed(1)} s ago`;
+    q(".cn-note").textContent = note;
+    return card;
+  }
+
+  function renderEvents(events) {
+    const items = events.slice().reverse().map((e) => {
+      const li = el("li", "cl-event");
+      li.dataset.kind = e.kind || "";
+      const when = e.t != null ? new Date(e.t * 1000).toLocaleTimeString() : "";
+      li.append(el("time", "", when), el("span", "kind", EVENT_TEXT[e.kind] || e.kind || "?"),
+                el("span", "text", e.text || ""));
+      return li;
+    });
+    if (!items.length) items.push(el("li", "cl-event none", "nothing yet"));
+    $("cl-events").replaceChildren(...items);
+  }
+
+  // ---------------------------------------------------------------------------------------
   // Where the API is
 
   /** Nothing answered at the API's address: say what to start, and where to change the address. */
@@ -628,10 +789,13 @@
       const open = $("settings").classList.toggle("open");
       $("settings-btn").setAttribute("aria-expanded", String(open));
     });
+    window.addEventListener("hashchange", showView);
+    showView();
     findApi().then((api) => {
       state.api = api;
       loadConfig();
       checkHealth(false);
+      showView();
     });
   }
 

@@ -20,8 +20,10 @@ The leader is built from parts, each owning its state and talking to the others 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
+import statistics
 import threading
 import time
 import traceback
@@ -52,6 +54,7 @@ from .slices import serve_slice
 from .wire import ConnectionClosed, WireError
 
 _LOG = leader_logger()
+EVENT_LOG_MAX = 100         # the cluster events status() lists, newest last (older ones are dropped)
 WARNING, ERROR = logging.WARNING, logging.ERROR
 
 
@@ -86,6 +89,8 @@ class Leader:
         self.metrics = {"rejected_peers": 0, "bad_frames": 0}
         # cluster events as logged, by kind (joined, rejoined, left, planned, slow_stage), for /metrics
         self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0}
+        # and each one as it happened, for the cluster page: {"t", "kind", "rank", "text"} (ring._note_event)
+        self.event_log: collections.deque = collections.deque(maxlen=EVENT_LOG_MAX)
         self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
         self.srv = None
         self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions,
@@ -268,14 +273,20 @@ class Leader:
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
         now, cap = time.time(), self.planner.capacity
+        with self.lock:         # the ring comes up with the lock held: its event and `ready` agree
+            event_log, ready = list(self.event_log), self.ring.ready.is_set()
+        down_at = {e["rank"]: e["t"] for e in event_log if e["kind"] == "died"}     # the latest, per rank
+        # each rank's link transit: median ms of recent one-row steps, from its compute's end to the next node
+        transit = {r: round(statistics.median(list(ms)), 3) for r, ms in dict(self.scheduler.transit_ms).items() if ms}
         # layers: [first, last] inclusive, as the text writes "0-3" (partition.first_last)
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.planner.ranges[0]),
                   "status": "up", "last_seen_s": 0.0, "rss_mb": rss_mb(),
                   "synthetic": getattr(self.stage, "synthetic", None), "gemv_rows": self.scheduler.kernels.gemv_rows,
                   "capacity": cap.as_dict() if cap else None, "unknown": cap.unknowns if cap else None,
-                  "blas": current_blas().summary}]
+                  "blas": current_blas().summary, "transit_ms": transit.get(0)}]
         for r, w in self.workers.items():
-            nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers),
+            nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers), "transit_ms": transit.get(r),
+                          "down_s": round(now - down_at[r], 1) if w.status == "down" and r in down_at else None,
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
                           "status": "left out" if w.excluded else
                           "up" if w.status == "ready" else ("joining" if w.status == "joined" else "down"),
@@ -286,7 +297,7 @@ class Leader:
                           "addr": w.addr, "synthetic": w.synthetic, "blas": w.stats.get("blas"),
                           "unknown": w.capacity.unknowns if w.capacity else None})
         s = self.scheduler
-        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring.ready.is_set(),
+        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": ready,
                 "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
                 "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],
@@ -296,7 +307,8 @@ class Leader:
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
                 "placement": self.planner.status(), **self._prefix_status(), **self._weights_summary(),
-                "events": dict(self.events)}
+                "events": dict(self.events), "event_log": event_log, "now": now,
+                "rejoin_grace_s": self.cluster.rejoin_grace_s}
 
     def _prefix_status(self) -> dict:
         """Prompt tokens reused from kept caches vs computed, and what is kept (nanopipe/prefix.py)."""

@@ -37,7 +37,8 @@ class Planner:
     """
 
     def __init__(self, cluster, model, config, ranges: list, registry, scheduler, log, *, capacity=None,
-                 load_rank0=None, count=lambda kind: None, on_fatal=lambda message: None, on_applied=lambda: None):
+                 load_rank0=None, count=lambda kind, *about: None, on_fatal=lambda message: None,
+                 on_applied=lambda: None):
         """`capacity`: rank 0's own placement.Capacity. With partition auto (or none set) and workers,
         the plan waits for every worker's measurements; `ranges` is then the starting (even) split."""
         self.cluster, self.model, self.config, self.ranges = cluster, model, config, ranges
@@ -110,7 +111,7 @@ class Planner:
             self._refuse(str(e))
             return
         self.plan_note = d.note
-        self.count("planned")
+        self.count("planned", None, f"Plan: {d.note}")
         if not d.solved:
             self.log(f"Plan: {self.plan_note}")
             self._apply_plan(d.ranges, [None] * len(caps))
@@ -174,7 +175,7 @@ class Planner:
             condition = (tuple(row["layers"] or ()), "slower" if off > 0 else "faster")
             if abs(off) > 0.25 and said != condition:
                 said = condition
-                self.count("slow_stage")
+                self.count("slow_stage", rank, figures)
                 self.log(f"{figures} (throttled, overloaded, or measured at a better moment; said again only "
                          "if that changes, figures at -v)", WARNING)
             elif said is not None and abs(off) < 0.15:

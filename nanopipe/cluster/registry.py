@@ -109,7 +109,7 @@ class WorkerRegistry:
     ring change together. `count(kind)` counts a cluster event (joined, rejoined, left).
     """
 
-    def __init__(self, cluster, config, ranges: list, lock, log, *, model_name: str, count=lambda kind: None,
+    def __init__(self, cluster, config, ranges: list, lock, log, *, model_name: str, count=lambda kind, *about: None,
                  weights_source: dict | None = None, stopped=lambda: False):
         self.cluster, self.config, self.lock, self.log, self.count = cluster, config, lock, log, count
         self.model_name, self.weights_source, self.stopped = model_name, weights_source, stopped
@@ -227,7 +227,8 @@ class WorkerRegistry:
                 self.log(f"Rejected worker from {peer}: rank {rank} claims host {hello.get('host')!r}, "
                          f"config says {w.host!r}", WARNING)
                 return None
-            self.count("rejoined" if w.addr else "joined")     # addr: it registered before
+            kind = "rejoined" if w.addr else "joined"       # addr: it registered before
+            self.count(kind, rank, f"Worker {rank} ({w.host}) {kind} from {peer}")
             w.status, w.addr, w.sock, w.last_seen, w.ring_epoch = "joined", peer, sock, time.time(), None
             self._enrol_hold.pop(rank, None)
             self.on_joined(w)
@@ -281,7 +282,8 @@ class WorkerRegistry:
     def _lost(self, w: WorkerState, reason: str):
         if self.stopped():
             return
-        self.count("left")
+        # counted as "left" (/metrics); logged as "died": it went without being told to
+        self.count("left", w.rank, f"Worker {w.rank} ({w.host}) is down: {reason}", "died")
         if w.excluded:      # it holds no layers: the ring does not miss it
             self.log(f"Worker {w.rank} (left out of the ring) is gone: {reason}")
             return

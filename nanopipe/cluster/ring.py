@@ -156,11 +156,12 @@ class RingBuilder:
     """
 
     def __init__(self, cluster, config, registry, scheduler, lock, log, *, tls_client, max_act_bytes: int,
-                 may_build=lambda: True, alone: bool = False):
-        """`alone`: rank 0 holds every block, there is no ring to wait for."""
+                 may_build=lambda: True, alone: bool = False, note_event=lambda kind, rank, text: None):
+        """`alone`: rank 0 holds every block, there is no ring to wait for. `note_event(kind, rank,
+        text)`: the leader's event log (the ring coming up is noted there)."""
         self.cluster, self.config, self.registry, self.scheduler = cluster, config, registry, scheduler
         self.lock, self.log, self.tls_client, self.max_act_bytes = lock, log, tls_client, max_act_bytes
-        self.may_build = may_build
+        self.may_build, self.note_event = may_build, note_event
         self.ring: Ring | None = None
         # ring epochs count up from a random start, so a restarted leader never reuses one that a
         # worker may still hold frames of
@@ -253,8 +254,11 @@ class RingBuilder:
             replayed = self.scheduler.replay_all()
             self.down_since = None
             self.grace_over = False
+            path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
+            # with the lock held, as status() reads them: never "ready" without the event saying so
+            self.note_event("ring_up", None,
+                            f"Ring {path} is up" + (f"; {replayed} session(s) replayed" if replayed else ""))
             self.ready.set()
-        path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
         left = [str(r) for r, w in self.registry.workers.items() if w.excluded]
         self.log(f"All {len(workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
                  + (f"; rank {', '.join(left)} left out by the plan" if left else "")

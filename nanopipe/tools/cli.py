@@ -78,6 +78,7 @@ from .planning import (
     plan_ranges,
     plan_table,
     planned_by_leader,
+    read_cluster_page,
     setup_rank,
     slice_fetcher,
 )
@@ -430,9 +431,9 @@ def init_weights_cmd(out, size, n_layer, n_embd, n_head, n_ctx, n_vocab, seed, l
 @click.option("--strategy", "old_partition", default=None, hidden=True, help="Old name of --partition.")
 @click.option("--here", "here", default=None, metavar="NAME",
               help="Which node (a host_ip name) this machine is; it is measured.  [default: the server]")
-@click.option("--from-cluster", "from_cluster", default=None, metavar="HOST:PORT",
-              help="Ask a running leader for its nodes' measurements, split and predictions.  "
-                   "[default: none: plan from the configs]")
+@click.option("--from-cluster", "from_cluster", default=None, metavar="HOST:PORT|URL",
+              help="Ask a running leader (HOST:PORT) or its web app (http://HOST:8000, GET /cluster) for its "
+                   "nodes' measurements, split and predictions.  [default: none: plan from the configs]")
 @_fail_clean
 @pass_configs
 def plan(configs, weights_path, nodes, partition, old_partition, here, from_cluster):
@@ -453,14 +454,28 @@ def plan(configs, weights_path, nodes, partition, old_partition, here, from_clus
 
 
 def _plan_from_cluster(configs: Configs, addr):
-    """`plan --from-cluster HOST:PORT`: the running leader's STATUS, as the plan tables."""
+    """`plan --from-cluster HOST:PORT`: the running leader's STATUS, as the plan tables. With a URL
+    (http://HOST:8000), the web app's GET /cluster instead: the same nodes and plan, as the page shows."""
+    if addr and addr.startswith(("http://", "https://")):
+        cc = configs.cluster_or_none()
+        page = read_cluster_page(addr, os.environ.get("NANOPIPE_API_TOKEN") or (cc.api_token if cc else None))
+        st = {"nodes": page["nodes"], "placement": page.get("plan") or {}}
+    else:
+        st = _leader_status_for_plan(configs, addr)
+    _print_cluster_plan(st)
+
+
+def _leader_status_for_plan(configs: Configs, addr) -> dict:
     token, tls_ca = _leader_auth(configs)
     addr = resolve_leader(configs, addr)
     try:
         with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
-            st = c.status()
+            return c.status()
     except ClientError as e:
         raise UserError(f"--from-cluster {addr}: {e}") from None
+
+
+def _print_cluster_plan(st: dict):
     nodes = st.get("nodes", [])
     ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
     click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))

@@ -301,3 +301,41 @@ def slice_fetcher(name: str, entry: dict, log):
         except PullError as e:
             raise WeightsError(str(e)) from None
     return fetch
+
+
+def read_cluster_page(url: str, api_token: str | None = None, timeout: float = 10.0) -> dict:
+    """`plan --from-cluster URL`: the web app's GET /cluster (nanopipe/web/cluster_view.py) as JSON.
+
+    "http://pi1:8000" -> GET http://pi1:8000/cluster; a URL that names a path is used as it is.
+    Sends the API token (api_token / NANOPIPE_API_TOKEN) when there is one."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in ("", "/"):
+        url = url.rstrip("/") + "/cluster"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_token}"} if api_token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        try:
+            said = json.loads(e.read()).get("error")
+        except (ValueError, AttributeError):
+            said = None
+        hint = (": give the web app's API token (api_token in cluster_config.yaml, or NANOPIPE_API_TOKEN)"
+                if e.code == 401 else "")
+        raise SetupError(f"--from-cluster {url}: HTTP {e.code}" + (f": {said}" if said else "") + hint) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise SetupError(f"--from-cluster {url}: cannot reach it ({reason}); is `nanopipe web` running there? "
+                         "(HOST:PORT without http:// asks the leader itself)") from None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("nodes"), list):
+        raise SetupError(f"--from-cluster {url}: not the web app's cluster JSON (GET /cluster); "
+                         "give the address `nanopipe web` serves, e.g. http://HOST:8000")
+    return body

@@ -24,6 +24,7 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
     GET  /metrics               Prometheus text format (web/metrics.py)
+    GET  /cluster               the ring as the page's Cluster view draws it (web/cluster_view.py)
     POST /v1/completions        OpenAI-compatible: web/openai.py, a Blueprint
     POST /v1/chat/completions
     GET  /v1/models
@@ -59,7 +60,7 @@ from flask import Flask, Response, current_app, g, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
-from . import chat, openai
+from . import chat, cluster_view, openai
 from .connection import dial_leader, leader_status
 from .errors import ApiError, error_response
 from .metrics import render_metrics
@@ -153,6 +154,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     _register_pages(app)
     _register_metrics(app)
     chat.register(app)
+    cluster_view.register(app)
     app.register_blueprint(openai.bp)
     return app
 
