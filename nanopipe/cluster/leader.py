@@ -105,7 +105,7 @@ class Leader:
                                 tls_client=client_tls(cluster.tls_cert),     # for dialing worker 1
                                 max_act_bytes=max_act_bytes(self.config, cluster.max_sessions),
                                 may_build=lambda: not self.planner.pending and self.planner.fatal is None,
-                                alone=len(ranges) == 1)
+                                alone=len(ranges) == 1, note_event=self._note)
         self.clients = ClientProtocol(cluster, model, self.config, self.scheduler, self.ring, self.registry, log_fn,
                                       status=self.status, aliases=self.model_aliases, tokenizer=tokenizer)
         # what the registry learns, the other parts act on
@@ -189,10 +189,18 @@ class Leader:
         self.log(f"scheduler error: {type(e).__name__}: {e}", ERROR)
         self.scheduler.fail_all(f"internal error in the leader: {e}")
 
-    def _count(self, kind: str):
-        """Count one cluster event of the kind status() reports under "events" (/metrics shows them)."""
+    def _count(self, kind: str, rank=None, text: str = "", shown_as: str | None = None):
+        """Count one cluster event of the kind status() reports under "events" (/metrics shows them),
+        and note it in the event log as `shown_as` (default: `kind`)."""
         with self.lock:
             self.events[kind] = self.events.get(kind, 0) + 1
+            self._note(shown_as or kind, rank, text)
+
+    def _note(self, kind: str, rank=None, text: str = ""):
+        """One line of the event log (status()'s "event_log", the cluster page's log):
+        {"t": 1765000000.0, "kind": "died", "rank": 2, "text": "Worker 2 (node2) is down: ..."}."""
+        with self.lock:
+            self.event_log.append({"t": time.time(), "kind": kind, "rank": rank, "text": text})
 
     def _worker_ready(self, w):
         """A worker loaded its slice: warn if real and random weights now mix, then try to close the ring."""
