@@ -136,12 +136,6 @@ class Scheduler:
         return self.batcher.decode_ms
 
     @property
-    def transit_ms(self):
-        """Each rank's link transit on recent one-row decode steps, in ms: {rank: deque} (Batcher.back),
-        for the cluster page."""
-        return self.batcher.transit_ms
-
-    @property
     def waiting(self):
         """The requests not admitted yet (a queue.SimpleQueue: qsize(), empty())."""
         return self.admission.waiting
