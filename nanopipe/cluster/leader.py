@@ -285,7 +285,8 @@ class Leader:
             event_log, ready = list(self.event_log), self.ring.ready.is_set()
         down_at = {e["rank"]: e["t"] for e in event_log if e["kind"] == "died"}     # the latest, per rank
         # each rank's link transit: median ms of recent one-row steps, from its compute's end to the next node
-        transit = {r: round(statistics.median(list(ms)), 3) for r, ms in dict(self.scheduler.batcher.transit_ms).items() if ms}
+        transit = {r: round(statistics.median(list(ms)), 3)
+                   for r, ms in dict(self.scheduler.batcher.transit_ms).items() if ms}
         # layers: [first, last] inclusive, as the text writes "0-3" (partition.first_last)
         nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.planner.ranges[0]),
                   "status": "up", "last_seen_s": 0.0, "rss_mb": rss_mb(),

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 
 from .. import placement  # placement.measure / .decide looked up at the call: tests count the calls
@@ -308,10 +312,6 @@ def read_cluster_page(url: str, api_token: str | None = None, timeout: float = 1
 
     "http://pi1:8000" -> GET http://pi1:8000/cluster; a URL that names a path is used as it is.
     Sends the API token (api_token / NANOPIPE_API_TOKEN) when there is one."""
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
     parts = urllib.parse.urlsplit(url)
     if parts.path in ("", "/"):
         url = url.rstrip("/") + "/cluster"
