@@ -313,6 +313,17 @@ class Scheduler:
                 s.cached, s.cached_from = 0, None
             return len(self.sessions)
 
+    def use_stage(self, stage: StageWeights):
+        """Run rank 0's part on `stage` from now on: the leader re-planned a running cluster and rank 0
+        holds other blocks. Call with the ring down; replay_all() then rebuilds every live session's
+        caches for the new blocks (a cache's depth is its stage's number of blocks)."""
+        if not stage.has_head:
+            raise ValueError("the scheduler runs on rank 0, whose stage must hold wte, wpe, ln_f and the head")
+        with self.lock:
+            self._drop_in_flight()
+            self.stage = stage
+            self.decode_ms.clear()          # rank 0's step times were of the old blocks
+
     def fail_all(self, message: str):
         """Every live and waiting request ends with `message` (the ring did not heal in time)."""
         with self.lock:

@@ -150,6 +150,12 @@ class ClientProtocol:
                     send(Msg.STATUS, self.status())
                 elif frame.msg is Msg.PING:
                     send(Msg.PONG, frame.meta)
+                elif frame.msg is Msg.LEAVE:     # `nanopipe leave`: answered once the node is drained
+                    ok, text = self.replanner.leave(frame.meta.get("rank"))
+                    if ok:
+                        send(Msg.DONE, {"left": frame.meta.get("rank"), "message": text})
+                    else:
+                        send(Msg.ERROR, {"message": text, "kind": "invalid"})
                 else:
                     send(Msg.ERROR, {"message": f"a client may not send {frame.msg.name}"})
         finally:
@@ -242,7 +248,7 @@ class ClientProtocol:
             with self.lock:                     # never wait longer than rejoin_grace_s, even at start-up
                 if self.down_since is None and not self.ring_ready.is_set():
                     self.down_since = time.time()
-            down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
+            down = [str(r) for r, w in self.workers.items() if w.status != "ready" and not w.excluded]
             req.emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
                                         f"{self.cluster.rejoin_grace_s:g}s)"})
 

@@ -38,6 +38,7 @@ from .net import (
     server_tls,
 )
 from .node import rss_mb
+from .replan import Replanner
 from .ring import Membership, Ring, WorkerState
 from .wire import ConnectionClosed, WireError
 
@@ -98,7 +99,8 @@ class Leader(Membership, ClientProtocol):
         self.started = time.time()
         self.metrics = {"requests": 0, "errors": 0, "rejected_peers": 0, "bad_frames": 0}
         # cluster events as logged, by kind (joined, rejoined, left, planned, slow_stage), for /metrics
-        self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0}
+        self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0, "gone": 0, "drained": 0,
+                       "replanned": 0}
         self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
         self.tls_client = client_tls(cluster.tls_cert)      # for dialing worker 1
         self.max_act_bytes = max_act_bytes(self.config, cluster.max_sessions)
@@ -109,6 +111,7 @@ class Leader(Membership, ClientProtocol):
         self._ring_in_epoch = None
         if len(ranges) == 1:
             self.ring_ready.set()
+        self.replanner = Replanner(self)    # a node joins, leaves or is gone: a new plan (cluster/replan.py)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -221,6 +224,8 @@ class Leader(Membership, ClientProtocol):
                   "capacity": self.capacity.as_dict() if self.capacity else None,
                   "unknown": self.capacity.unknowns if self.capacity else None, "blas": current_blas().summary}]
         for r, w in self.workers.items():
+            if self.replanner.is_gone(r):
+                continue                        # not part of the cluster any more (nor of /health)
             nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers),
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
                           "status": "left out" if w.excluded else

@@ -528,7 +528,7 @@ class Membership:
         """Start closing the ring if every worker is ready and no ring is up or being built."""
         with self.lock:
             if (self.ring_ready.is_set() or self._building or time.time() - self._last_build < retry_after_s
-                    or self.plan_pending or self.fatal or not self.ring_ranks()
+                    or self.plan_pending or self.fatal or not self.ring_ranks() or self.replanner.holds_ring()
                     or any(self.workers[r].status != "ready" for r in self.ring_ranks())):
                 return
             self._building = True
@@ -556,7 +556,7 @@ class Membership:
         for w in workers:
             try:
                 with w.lock:
-                    send_frame(socks[w.rank], Msg.STATUS, {"ring": "connect", "epoch": epoch})
+                    send_frame(socks[w.rank], Msg.STATUS, {"ring": "connect", "epoch": epoch, "layers": list(w.layers)})
             except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
                 self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away", WARNING)
                 return False
@@ -661,6 +661,15 @@ class Membership:
                      WARNING)
             self.scheduler.interrupt(f"{reason}; waiting up to {self.cluster.rejoin_grace_s:g}s for it to rejoin")
 
+    def close_ring(self):
+        """Close the current ring on purpose (a re-plan, cluster/replan.py). Call with the scheduler's
+        lock and ours held: no step is running, and none starts until a new ring is up."""
+        if self.ring is not None:
+            self.ring.close()
+        self.ring = None
+        self.scheduler.ring = None
+        self.ring_ready.clear()
+
     def _on_worker_lost(self, rank, reason):
         if self.stop_event.is_set():
             return
@@ -681,6 +690,7 @@ class Membership:
             now = time.time()
             for doing, part, args in (("dropping silent workers", self._drop_silent, (now,)),
                                       ("rebuilding the ring", self._maybe_build_ring, (1.0,)),
+                                      ("re-planning", self.replanner.tick, (now,)),
                                       ("enforcing rejoin_grace_s", self._enforce_grace, (now,)),
                                       ("checking the stages' times", self.check_predictions, ())):
                 try:
@@ -711,8 +721,8 @@ class Membership:
             if self.ring_ready.is_set():
                 self.down_since, self.grace_over = None, False
             since = self.down_since
-        if since is None or now - since <= self.cluster.rejoin_grace_s:
-            return
+        if since is None or now - since <= self.cluster.rejoin_grace_s or self.replanner.pending():
+            return                              # (a re-plan under way brings the ring back)
         msg = self._grace_message()
         self.down_since = None                  # a request after a rank rejoins starts a new wait
         self.grace_over = True                  # until then, new requests fail at once (_generate)

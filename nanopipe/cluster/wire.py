@@ -76,6 +76,7 @@ class Msg(enum.IntEnum):
     STATS = 14      # worker -> leader: rss, compute times
     CANCEL = 15     # client -> leader
     STATUS = 16     # leader -> client: status text, e.g. waiting for a rank to rejoin
+    LEAVE = 17      # client -> leader: drain rank R (`nanopipe leave`); leader -> worker: you are drained, stop
 
 
 class WireError(Exception):

@@ -109,6 +109,7 @@ class Worker:
         self.logger = worker_logger(rank)
         self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
         self.stage = None
+        self.next_stage = None          # a re-plan's slice, loaded while the current ring runs on self.stage
         self.caches: dict = {}
         self.down_sock = None
         self.down_lock = threading.Lock()
@@ -140,7 +141,7 @@ class Worker:
             # range; _session reloads (and reports a failure to the leader) if it differs.
             from ..weights import WeightsError
             try:
-                self._load(*self.layers)
+                self.stage = self._load(*self.layers)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(*self.layers)} yet: {e}", logging.WARNING)
         while not self.stop_event.is_set():
@@ -185,66 +186,113 @@ class Worker:
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
         self._send_capacity(sock, expect)
+        self.config = expect
+        self.caches.clear()                 # a (re)started leader starts every session from scratch
+        self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
+        self.control_sock = sock
         if welcome.get("layers") is None:       # partition auto (or not set): the leader plans once all are in
             self.log("Waiting for the leader's layer plan (it measures every node first)")
-            welcome.update(self._wait_plan(sock))
-        self.prev_rank = welcome.get("prev_rank", self.rank - 1)
-        if welcome.get("excluded"):
-            self.log(f"Left out of the ring by the leader's plan: {welcome['excluded']}. Standing by "
-                     "(no layers loaded); restart the leader to re-plan.", logging.WARNING)
-            self._stand_by(sock)
+        else:
+            self._take_place(sock, welcome, expect)
+        while True:
+            frame = recv_frame(sock, "leader")
+            if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
+                self._join_ring(sock, frame.meta)
+            elif frame.msg is Msg.STATUS and "plan" in frame.meta:
+                self._take_place(sock, _checked_plan(frame.meta["plan"]), expect)
+            elif frame.msg is Msg.PING:
+                with self.control_lock:
+                    send_frame(sock, Msg.PONG, frame.meta)
+            elif frame.msg is Msg.LEAVE:
+                self.log(f"The leader has drained this node ({frame.meta.get('reason') or 'nanopipe leave'}): the "
+                         "ring runs without it now; stopping")
+                self.stop()
+                return
+            elif frame.msg is Msg.ERROR and frame.meta.get("fatal"):
+                self.log(f"The leader cannot place the model: {frame.meta.get('message')}", logging.ERROR)
+                raise SystemExit(2)
+
+    def _take_place(self, sock, place: dict, expect: GPTConfig):
+        """The leader says where this rank sits: its layers, the ranks either side (or that it is left
+        out). At start and again whenever the leader re-plans a running cluster (a node joined, left
+        or is gone): the new slice loads while the current ring goes on with the old one, which is
+        swapped out only when the leader closes the new ring (`_join_ring`). Then READY says so."""
+        self.prev_rank = place.get("prev_rank", self.rank - 1)
+        if place.get("excluded"):
+            with self.work_lock:            # the leader sends this once the ring runs without us
+                self.stage = self.next_stage = None
+                self.caches.clear()
+            self.epoch = None
+            self._drop_downstream()
+            self.log(f"Left out of the ring by the leader's plan: {place['excluded']}. Standing by (no layers "
+                     "loaded); the leader brings this node in when a re-plan gives it layers.", logging.WARNING)
             return
-        lo, hi = welcome["layers"]
-        have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer)
-        if have != (lo, hi, expect.n_embd, expect.n_layer):
+        lo, hi = place["layers"]
+        want = (lo, hi, expect.n_embd, expect.n_layer)
+        have = [s for s in (self.stage, self.next_stage)
+                if s is not None and (s.lo, s.hi, s.config.n_embd, s.config.n_layer) == want]
+        if have:
+            stage = have[0]
+        else:
             from ..weights import WeightsError
             try:
-                self._load(lo, hi, expect)
+                stage = self._load(lo, hi, expect)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
                 with self.control_lock:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
+        with self.work_lock:
+            if self.stage is None or self.epoch is None:
+                self.stage, self.next_stage = stage, None      # not in a ring yet: use it now
+            else:
+                self.next_stage = stage     # the current ring goes on with self.stage until the next one
         # the kernel choice, measured once per process on the blocks it holds (kernels.choose_gemv_rows)
         from ..kernels import KernelChoiceError, choose_gemv_rows, describe_kernels
         if not kernels.chosen:          # (the speed probe may have decided it already, on blocks of this shape)
             try:
-                choose_gemv_rows(self.stage.blocks)
+                choose_gemv_rows(stage.blocks)
             except KernelChoiceError as e:
                 self.log(str(e), logging.ERROR)
                 raise SystemExit(2) from None
-        self.log(describe_kernels())
-        self.config = expect
-        self.next_addr = tuple(welcome["next"])
-        self.next_rank = welcome.get("next_rank", 0)
-        self.caches.clear()                 # a (re)started leader starts every session from scratch
-        self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
-        self.control_sock = sock
+            self.log(describe_kernels())
+        self.next_addr = tuple(place["next"])
+        self.next_rank = place.get("next_rank", 0)
         self._ensure_listening()
-        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
+        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
+                 f"{layers_text(lo, hi)})")
         with self.control_lock:
             send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
-                                         "synthetic": self.stage.synthetic, "layers": [lo, hi],
+                                         "synthetic": stage.synthetic, "layers": [lo, hi],
                                          "prefix_cache_bytes": self.cluster.prefix_cache_bytes()})
-        while True:
-            frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
-                epoch = frame.meta.get("epoch")
-                self.log(f"Received start_inference command from server. (ring epoch {epoch}: passing "
-                         f"activations to rank {self.next_rank} at {self.next_addr[0]}:{self.next_addr[1]})")
-                try:
-                    self._connect_downstream(epoch)
-                except (WireError, OSError) as e:
-                    # not fatal: the leader sees no READY for this epoch and tries again
-                    self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
-                    self._report(f"worker {self.rank}: cannot reach rank {self.next_rank}: {e}")
-                    continue
-                with self.control_lock:
-                    send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
-                self.log(f"Waiting for generation requests... (from rank {self.prev_rank})")
-            elif frame.msg is Msg.PING:
-                with self.control_lock:
-                    send_frame(sock, Msg.PONG, frame.meta)
+
+    def _join_ring(self, sock, meta: dict):
+        """STATUS {"ring": "connect", "epoch", "layers"}: a new ring. Take up the slice it is built for
+        (the one loaded for a re-plan, if that is it), drop every cache, dial the next hop."""
+        epoch = meta.get("epoch")
+        layers = meta.get("layers")
+        with self.work_lock:
+            nxt = self.next_stage
+            if nxt is not None and (layers is None or [nxt.lo, nxt.hi] == layers):
+                self.stage, self.next_stage = nxt, None
+        if self.stage is None or (layers is not None and [self.stage.lo, self.stage.hi] != layers):
+            held = "none" if self.stage is None else layers_text(self.stage.lo, self.stage.hi)
+            self.log(f"Cannot join the ring (epoch {epoch}): it wants layers {layers}, this node holds {held}",
+                     logging.WARNING)
+            self._report(f"worker {self.rank}: asked to join a ring with layers {layers}, holds {held}")
+            return
+        self.log(f"Received start_inference command from server. (ring epoch {epoch}: passing "
+                 f"activations to rank {self.next_rank} at {self.next_addr[0]}:{self.next_addr[1]})")
+        try:
+            self._connect_downstream(epoch)
+        except (WireError, OSError) as e:
+            # not fatal: the leader sees no READY for this epoch and tries again
+            self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
+            self._report(f"worker {self.rank}: cannot reach rank {self.next_rank}: {e}")
+            return
+        with self.control_lock:
+            send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
+        self.log(f"Waiting for generation requests... (from rank {self.prev_rank})")
 
     def _send_capacity(self, sock, expect: GPTConfig):
         """Measure this node once (placement.measure: speed with the model's own matrix shapes, usable
@@ -258,41 +306,17 @@ class Worker:
         with self.control_lock:
             send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
 
-    def _wait_plan(self, sock) -> dict:
-        """The leader's STATUS {"plan": {...}}: this rank's layers, next hop, and whether it is left out."""
-        while True:
-            frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.STATUS and isinstance(frame.meta.get("plan"), dict):
-                plan = frame.meta["plan"]
-                layers = plan.get("layers")
-                if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)):
-                    raise ProtocolError(f"leader: a plan without a valid layer range: {plan!r}")
-                return plan
-            if frame.msg is Msg.PING:
-                with self.control_lock:
-                    send_frame(sock, Msg.PONG, frame.meta)
-            elif frame.msg is Msg.ERROR and frame.meta.get("fatal"):
-                self.log(f"The leader cannot place the model: {frame.meta.get('message')}", logging.ERROR)
-                raise SystemExit(2)
-
-    def _stand_by(self, sock):
-        """Left out: stay registered (heartbeats, PONGs) holding nothing, until the leader goes away."""
-        self.stage = None
-        while True:
-            frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.PING:
-                with self.control_lock:
-                    send_frame(sock, Msg.PONG, frame.meta)
-
     def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
-        """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape)."""
-        from ..weights import load_stage
+        """Blocks lo..hi-1 of the weights (checked against `expect`, the cluster's shape), as a new
+        StageWeights. The one place a worker gets a slice, at start and at every re-plan: from its
+        weights file, else `fetch(lo, hi)` (the hub, the leader's synthetic recipe)."""
+        from ..weights import load_stage, synthetic_note
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         path = self.weights_path or self.fetch(lo, hi)
-        self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
-        from ..weights import synthetic_note
+        stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
         self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}, "
-                 f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
+                 f"{stage.nbytes / 1e6:.1f} MB){synthetic_note(stage.synthetic)}")
+        return stage
 
     def _heartbeat(self, sock):
         """Tell the leader we're alive (and how big we are) every heartbeat_s."""
@@ -493,6 +517,14 @@ class Worker:
             if self.down_sock is not None:
                 close_now(self.down_sock)
             self.down_sock = None
+
+
+def _checked_plan(plan) -> dict:
+    """The leader's STATUS {"plan": {...}}: this rank's layers, next hop, and whether it is left out."""
+    layers = plan.get("layers") if isinstance(plan, dict) else None
+    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)):
+        raise ProtocolError(f"leader: a plan without a valid layer range: {plan!r}")
+    return plan
 
 
 def _median(xs) -> float | None:

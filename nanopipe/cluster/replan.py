@@ -1,0 +1,352 @@
+"""Re-planning a running cluster: a node joins, is drained, or is gone for good.
+
+The plan (which rank holds which blocks) is made when the leader starts; here it changes while
+requests run. The leader re-plans when
+
+    a node joins        a configured rank that was absent (or gone) registers and measures itself
+    a node is drained   `nanopipe leave --rank R`, or POST /cluster/leave: LEAVE {"rank": R}
+    a node is gone      a rank down longer than rejoin_grace_s (or absent that long since the start)
+
+and each re-plan goes the same four steps:
+
+    1. decide the split over the nodes that are there (placement.decide, as at the start; a
+       standby the last plan left out counts again, and is used if it helps)
+    2. tell each node of the new ring its place: it loads its new slice while the current ring
+       goes on with the old one (Worker._take_place); rank 0 loads its own
+    3. once every one is READY with its new slice, between two scheduler steps: close the old
+       ring, rank 0 takes its new blocks (Scheduler.use_stage), close the new ring, and replay
+       every live session from its tokens (Scheduler.replay_all): what happens after a worker dies
+    4. tell the nodes left out that they stand by, and a drained node that it may stop (LEAVE)
+
+so no request fails: one in flight pauses for the ring change and its replay, then goes on, and
+its tokens are those one process gives. A rank that is gone is not listed in the status (/health).
+
+    replanner = Replanner(leader)      # the leader's watchdog calls replanner.tick(now) 4 times a second
+    replanner.leave(2)                 # -> (True, "rank 2 (pi1) drained: ring 0 -> 1 -> 0")
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..partition import PartitionError, even, layers_text
+from .wire import Msg, send_frame
+
+WARNING, ERROR = logging.WARNING, logging.ERROR
+
+LOAD_TIMEOUT_S = 300.0      # every node of a new plan must have loaded its slice within this
+LEAVE_TIMEOUT_S = LOAD_TIMEOUT_S + 60.0   # how long `nanopipe leave` waits for the drain
+
+
+class ReplanFailed(Exception):
+    """A re-plan could not be made or carried out; `retry`: worth trying again (a node went away
+    meanwhile), else not (the model does not fit the nodes that would be left)."""
+
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+class Replanner:
+    """The leader's part that changes the plan of a running cluster. It owns who is gone, who is
+    leaving and whether a re-plan is due; it works through the leader's explicit calls: its
+    workers and lock, `decide`-ing a split, `load_rank0`, the scheduler, `close_ring` and
+    `_build_ring_once` (cluster/ring.py), `_place_of`, `log` and the event counts.
+    """
+
+    def __init__(self, leader):
+        self.leader = leader
+        self.configured = [tuple(r) for r in leader.ranges]     # the split asked for, with every rank there
+        self.gone: dict = {}        # rank -> why it is no longer part of the cluster (status leaves it out)
+        self.leaving: dict = {}     # rank -> who asked; drained by the next re-plan
+        self.refused: dict = {}     # rank -> why its drain could not be done (for the `leave` waiting)
+        self.down_at: dict = {}     # rank -> when it was first seen down (the leader's start: never seen)
+        self.wanted: str | None = None      # why a re-plan is due, until one starts
+        self.running = False        # a re-plan is under way: the ring builder waits for it (holds_ring)
+        self.cond = threading.Condition()
+
+    # -- what the leader asks ------------------------------------------------------------------
+
+    def holds_ring(self) -> bool:
+        """A re-plan is due or under way: nobody else should (re)build the ring meanwhile."""
+        return self.running
+
+    def pending(self) -> bool:
+        """A re-plan is due or under way: requests waiting for the ring wait for it, not fail."""
+        return self.running or self.wanted is not None
+
+    def is_gone(self, rank: int) -> bool:
+        return rank in self.gone
+
+    def want(self, reason: str):
+        with self.cond:
+            self.wanted = reason if self.wanted is None else f"{self.wanted}; {reason}"
+
+    def leave(self, rank, timeout: float = LEAVE_TIMEOUT_S) -> tuple:
+        """Drain `rank`: re-plan without it, then tell it to stop. Waits for that re-plan.
+        Returns (True, what happened) or (False, why not)."""
+        L = self.leader
+        if rank == 0:
+            return False, ("rank 0 is the leader: it cannot leave its own cluster (stop `nanopipe serve` to stop "
+                           "the cluster)")
+        w = L.workers.get(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
+        if w is None:
+            return False, (f"no worker rank {rank!r} in this cluster (ranks "
+                           f"{', '.join(map(str, L.workers)) or 'none'})")
+        if rank in self.gone:
+            return False, f"rank {rank} ({w.host}) is not in the cluster: {self.gone[rank]}"
+        with self.cond:
+            self.refused.pop(rank, None)
+            self.leaving[rank] = "drained by `nanopipe leave`"
+        L.log(f"Rank {rank} ({w.host}) asked to leave: re-planning without it")
+        self.want(f"rank {rank} ({w.host}) leaves")
+        with self.cond:
+            done = self.cond.wait_for(lambda: rank in self.gone or rank in self.refused, timeout)
+            if not done:
+                return False, f"rank {rank} was not drained within {timeout:g}s; see the leader's log"
+            if rank in self.refused:
+                return False, f"rank {rank} ({w.host}) cannot leave: {self.refused.pop(rank)}"
+        return True, f"rank {rank} ({w.host}) drained: {self._ring_text()}"
+
+    # -- the watchdog's round --------------------------------------------------------------------
+
+    def tick(self, now: float):
+        """Called by the leader's watchdog: note who went down, who is gone past rejoin_grace_s and who
+        came back, and start a re-plan when one is due and every node it needs has measured itself."""
+        L = self.leader
+        grace = L.cluster.rejoin_grace_s
+        news = []
+        with L.lock:
+            for r, w in L.workers.items():
+                if w.status != "down":
+                    self.down_at.pop(r, None)
+                    if r in self.gone and w.capacity is not None and r not in self.leaving:
+                        news.append((r, None))                  # back after it was gone: bring it in
+                    continue
+                if r in self.gone:
+                    continue
+                # first seen down now; a rank never seen is absent since the leader started
+                since = self.down_at.setdefault(r, now if w.addr else L.started)
+                if r in self.leaving:
+                    news.append((r, "drained while down (`nanopipe leave`)"))
+                elif now - since > grace:
+                    news.append((r, f"down for more than rejoin_grace_s={grace:g}s" if w.addr else
+                                 f"absent for more than rejoin_grace_s={grace:g}s since the leader started"))
+        for r, why in news:
+            host = L.workers[r].host
+            if why is None:
+                self.gone.pop(r, None)
+                L.log(f"Rank {r} ({host}) is back: re-planning to bring it in")
+                self.want(f"rank {r} ({host}) joined")
+            else:
+                self.gone[r] = why
+                self.leaving.pop(r, None)
+                L.log(f"Rank {r} ({host}) is gone: {why}; re-planning over the rest", WARNING)
+                _count(L, "gone")
+                self.want(f"rank {r} ({host}) is gone")
+        if news:
+            with self.cond:
+                self.cond.notify_all()
+        if self.wanted is not None and not self.running and self._ready_to_plan():
+            with self.cond:
+                reason, self.wanted = self.wanted, None
+                self.running = True
+            threading.Thread(target=self._run, args=(reason,), daemon=True, name="replanner").start()
+
+    def _ready_to_plan(self) -> bool:
+        """Every connected node has measured itself, none that the plan counts on is down within its
+        grace (wait for it: it may come back), and the first plan is made or waits only for the gone."""
+        L = self.leader
+        if L.fatal or L.stop_event.is_set() or L._building:
+            return False
+        with L.lock:
+            for r, w in L.workers.items():
+                if r in self.gone:
+                    continue
+                if w.status == "down" or w.capacity is None:
+                    return False
+        return not L.plan_pending or bool(self.gone)
+
+    def _run(self, reason: str):
+        try:
+            self._replan(reason)
+        except ReplanFailed as e:
+            self._failed(reason, str(e), e.retry)
+        except Exception as e:          # a bug must not end the thread unsaid, nor leave the ring held
+            import traceback
+            self._failed(reason, f"internal error: {type(e).__name__}: {e}\n{traceback.format_exc()}", False)
+        finally:
+            with self.cond:
+                self.running = False
+                self.cond.notify_all()
+
+    def _failed(self, reason: str, message: str, retry: bool):
+        L = self.leader
+        L.log(f"Cannot re-plan ({reason}): {message}" + ("; trying again" if retry else ""), WARNING)
+        with self.cond:
+            if retry:
+                self.wanted = reason if self.wanted is None else self.wanted
+            else:
+                for r in list(self.leaving):
+                    self.refused[r] = message
+                    self.leaving.pop(r)
+            self.cond.notify_all()
+
+    # -- one re-plan -------------------------------------------------------------------------------
+
+    def _replan(self, reason: str):
+        L = self.leader
+        ranges, excluded, note, placement = self._decide()
+        with L.lock:
+            old = [tuple(r) for r in L.ranges]
+            in_ring = {r for r, w in L.workers.items() if not w.excluded}
+            same = (ranges == old and all(bool(excluded[r]) == bool(w.excluded) for r, w in L.workers.items()))
+            if same:
+                for r, w in L.workers.items():
+                    w.excluded = excluded[r]
+        if same:
+            L.log(f"Re-plan ({reason}): the split stays ({self._split_text(ranges, excluded)})")
+            self._finish(dropped=set())
+            return
+        t_start = time.time()
+        L.log(f"Re-planning ({reason}): {self._split_text(ranges, excluded)}; {note}")
+        ring = [r for r in L.workers if not excluded[r]]
+        with L.lock:
+            L.plan_pending = False          # this is the plan now: a first plan still waited for the gone
+            for r, w in L.workers.items():
+                w.layers, w.excluded = ranges[r], excluded[r]
+            places = {r: L._place_of(r) for r in ring}
+            for r in ring:
+                L.workers[r].status = "joined"      # ready again once its new slice is loaded (READY)
+        for r in ring:      # 2. each loads its new slice; the current ring goes on meanwhile
+            if not self._tell(r, Msg.STATUS, {"plan": places[r]}):
+                raise ReplanFailed(f"rank {r} went away before it was told its new place", retry=True)
+        stage0 = None
+        if ranges[0] != old[0]:
+            if L.load_rank0 is None:
+                raise ReplanFailed("rank 0 cannot load other blocks (no weights file to load them from)", retry=False)
+            stage0 = L.load_rank0(*ranges[0])   # the one place rank 0 loads a slice (cli.serve gives it)
+            L.log(f"Server loaded layers {layers_text(*ranges[0])} for the new plan")
+        deadline = time.time() + LOAD_TIMEOUT_S
+        while not all(L.workers[r].status == "ready" for r in ring):
+            lost = [str(r) for r in ring if L.workers[r].status == "down"]
+            if lost or time.time() > deadline:
+                raise ReplanFailed(f"rank {', '.join(lost)} went down while loading its new slice" if lost else
+                                   f"not every node loaded its new slice within {LOAD_TIMEOUT_S:g}s", retry=True)
+            time.sleep(0.01)
+        t_loaded = time.time()
+        self._switch(ranges, stage0, reason)    # 3. between two steps: the old ring closes
+        if ring and not L._build_ring_once():
+            L.log("The new ring did not close at once; the watchdog tries again", WARNING)
+        if placement is not None or L.placement is not None:
+            L.placement = placement
+        L.plan_note = note
+        _count(L, "replanned")
+        L.log(f"Re-planned ({reason}) in {time.time() - t_start:.1f}s (loading {t_loaded - t_start:.1f}s, "
+              f"ring change {time.time() - t_loaded:.2f}s): {self._ring_text()}")
+        self._finish(dropped=in_ring - set(ring))
+
+    def _decide(self) -> tuple:
+        """The split over the nodes that are there: (ranges per configured rank, excluded reason per
+        rank or None, a note, the prediction). Ranks not there hold no layers ((0, 0))."""
+        from ..placement import PlacementError, decide
+        L = self.leader
+        with L.lock:
+            there = [r for r, w in L.workers.items() if r not in self.gone and r not in self.leaving
+                     and w.status != "down"]
+            caps = [L.capacity] + [L.workers[r].capacity for r in there]
+            everyone = len(there) == len(L.workers)
+        n_layer = L.config.n_layer
+        try:
+            asked = self.configured if everyone else even(n_layer, 1 + len(there))
+            d = decide(L.shape(), caps, asked, L.model, L.cluster)
+        except (PlacementError, PartitionError) as e:
+            raise ReplanFailed(str(e), retry=False) from None
+        note = d.note if everyone or d.solved else f"even over the {1 + len(there)} nodes there"
+        ranges = [(0, 0)] * (1 + len(L.workers))
+        excluded = {}
+        ranges[0] = tuple(d.ranges[0])
+        for i, r in enumerate(there, start=1):
+            lo, hi = d.ranges[i]
+            ranges[r] = (lo, hi)
+            if lo == hi:
+                excluded[r] = next((n for n in (d.placement.notes if d.placement else ()) if
+                                    n.startswith(f"{caps[i].name}:")), f"{caps[i].name}: the plan gives it no layers")
+        for r in L.workers:
+            if r not in there:
+                excluded[r] = self.gone.get(r) or self.leaving.get(r) or "not connected"
+            excluded.setdefault(r, None)
+        return [tuple(x) for x in ranges], excluded, note, d.placement
+
+    def _switch(self, ranges: list, stage0, reason: str):
+        """Between two scheduler steps: the old ring closes (batches in flight are dropped, to be
+        replayed), rank 0 takes its new blocks, the new split is the leader's."""
+        L = self.leader
+        with L.scheduler.lock, L.lock:
+            L.close_ring()
+            L.scheduler.interrupt(f"re-planning the cluster ({reason}); the answer goes on in a moment")
+            if stage0 is not None:
+                L.scheduler.use_stage(stage0)
+                L.stage = stage0
+            L.ranges = list(ranges)
+            if L.down_since is None:
+                L.down_since = time.time()     # if the new ring never closes, rejoin_grace_s still holds
+            if not L.ring_ranks():          # rank 0 holds every block: no ring at all
+                ours = L.scheduler.prefix.stages[0][1]
+                L.scheduler.set_prefix_stages([(len(L.stage.blocks), ours)])
+                n = L.scheduler.replay_all()
+                L.down_since = None
+                L.ring_ready.set()
+                L.log("Rank 0 holds every block now: no ring" + (f"; replaying {n} session(s)" if n else ""))
+
+    def _finish(self, dropped: set):
+        """After a re-plan: a drained node is told it may stop; the others the new ring leaves out
+        (`dropped`: they were in the old one) that they stand by."""
+        L = self.leader
+        for r, w in L.workers.items():
+            if w.status == "down" or not w.excluded:
+                continue
+            if r in self.leaving:
+                with self.cond:
+                    self.gone[r] = self.leaving.pop(r)
+                _count(L, "drained")
+                L.log(f"Rank {r} ({w.host}) drained: telling it to stop")
+                self._tell(r, Msg.LEAVE, {"reason": self.gone[r]})
+            elif r in dropped:
+                self._tell(r, Msg.STATUS, {"plan": L._place_of(r)})
+        with self.cond:
+            self.cond.notify_all()
+
+    # -- small helpers -----------------------------------------------------------------------------
+
+    def _tell(self, rank: int, msg: Msg, meta: dict) -> bool:
+        w = self.leader.workers[rank]
+        try:
+            with w.lock:
+                send_frame(w.sock, msg, meta)
+            return True
+        except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
+            return False
+
+    def _split_text(self, ranges: list, excluded: dict) -> str:
+        L = self.leader
+        parts = [f"rank 0 ({L.cluster.leader.host}) {layers_text(*ranges[0])}"]
+        for r, w in L.workers.items():
+            if r in self.gone:
+                continue
+            parts.append(f"rank {r} ({w.host}) " + (f"left out ({excluded[r]})" if excluded[r]
+                                                    else layers_text(*ranges[r])))
+        return ", ".join(parts)
+
+    def _ring_text(self) -> str:
+        ring = self.leader.ring_ranks()
+        return "ring " + " -> ".join(["0"] + [str(r) for r in ring] + ["0"]) if ring else "rank 0 alone"
+
+
+def _count(leader, kind: str):
+    """One cluster event of `kind` in the leader's status "events" (/metrics shows them)."""
+    events = getattr(leader, "events", None)
+    if isinstance(events, dict):
+        with leader.lock:
+            events[kind] = events.get(kind, 0) + 1
