@@ -24,10 +24,10 @@ import threading
 import time
 
 import pytest
-from helpers import log_of, node, status, wait_log, wait_status, wait_until
+from helpers import log_of, node, run_nanopipe, status, wait_log, wait_status, wait_until
 
 from nanopipe.sampling_params import SamplingParams
-from nanopipe.tools.localcluster import LocalCluster
+from nanopipe.tools.localcluster import LocalCluster, free_ports
 
 PROMPT = [15496, 995, 11, 616, 1438]               # "Hello world, my name"
 LONG = SamplingParams("greedy", max_tokens=120)     # 5 + 120 positions: within the tiny model's n_ctx of 128
@@ -151,6 +151,15 @@ def test_a_node_drained_mid_stream_with_nanopipe_leave(tiny_weights, reference, 
             r = subprocess.run([sys.executable, "-m", "nanopipe", "leave", "--rank", str(rank), "--config-dir",
                                 cl.config_dir], capture_output=True, text=True, timeout=60, env=cl.env)
             assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, (rank, r.stderr)
+        # the page's way, POST /cluster/leave with the API token, gets the leader's own answer
+        from nanopipe.web.app import create_app
+        web = create_app({"TESTING": True, "LEADER": cl.leader_addr, "LEADER_TOKEN": cl.token,
+                          "API_TOKEN": "page-secret"}).test_client()
+        r = web.post("/cluster/leave", json={"rank": 2}, headers={"Authorization": "Bearer page-secret"})
+        assert r.status_code == 400 and "rank 2 (node2) is not in the cluster" in r.get_json()["error"], r.get_json()
+        metrics = web.get("/metrics", headers={"Authorization": "Bearer page-secret"}).get_data(as_text=True)
+        for kind in ("drained", "replanned"):
+            assert f'nanopipe_cluster_events_total{{kind="{kind}"}} 1.0' in metrics, metrics
         with cl.client() as c:
             assert c.generate(PROMPT, LONG)["token_ids"] == reference
     finally:
@@ -192,14 +201,64 @@ def test_a_node_gone_for_good_the_rest_replan_after_the_grace(tiny_weights, refe
 
 
 def test_leave_without_a_leader_says_what_to_do(tmp_path):
-    from helpers import run_nanopipe
     r = run_nanopipe("leave", "--rank", "1", "--config-dir", str(tmp_path))
     assert r.returncode == 1 and "pass --leader HOST:PORT" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_leave_asks_a_leader_that_is_not_there(tmp_path):
-    from helpers import run_nanopipe
-    from nanopipe.tools.localcluster import free_ports
     port = free_ports(1)[0]
     r = run_nanopipe("leave", "--rank", "1", "--leader", f"127.0.0.1:{port}", "--config-dir", str(tmp_path))
     assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /cluster/leave against the fake leader: the route's own checks
+
+
+def test_the_leave_route_drains_through_the_leader(leader):
+    from helpers import make_app
+    web = make_app(leader, API_TOKEN="page-secret")
+    assert web.post("/cluster/leave", json={"rank": 2}).status_code == 401, "the API token is required"
+    r = web.post("/cluster/leave", json={"rank": 2}, headers={"Authorization": "Bearer page-secret"})
+    assert r.status_code == 200 and r.get_json() == {"left": 2, "message": "rank 2 drained: ring 0 -> 1 -> 0"}
+    assert leader.calls == [{"leave": 2}]
+
+
+@pytest.mark.parametrize("body, says", [({"rank": "2"}, "rank: must be a worker's rank"),
+                                        ({"rank": 0}, "rank: must be a worker's rank"),
+                                        ({"rank": True}, "rank: must be a worker's rank"),
+                                        ({"rnak": 2}, "unknown field 'rnak' (did you mean 'rank'?)")])
+def test_the_leave_route_refuses_a_bad_rank(leader, body, says):
+    from helpers import make_app
+    r = make_app(leader).post("/cluster/leave", json=body)
+    assert r.status_code == 400 and says in r.get_json()["error"], r.get_json()
+    assert leader.calls == [], "a bad request reached the leader"
+
+
+def test_the_leave_route_passes_the_leaders_refusal_and_absence(leader):
+    from helpers import make_app
+
+    from nanopipe.cluster.client import ClientError
+    leader.fail = ClientError("rank 2 (pi1) is not in the cluster: drained by `nanopipe leave`", "invalid")
+    r = make_app(leader).post("/cluster/leave", json={"rank": 2})
+    assert r.status_code == 400 and r.get_json()["error"].startswith("rank 2 (pi1) is not in the cluster"), r.get_json()
+    leader.down = True
+    r = make_app(leader).post("/cluster/leave", json={"rank": 2})
+    assert r.status_code == 503 and "unreachable" in r.get_json()["error"], r.get_json()
+
+
+# ---------------------------------------------------------------------------------------------
+# a node whose new plan gives it fewer of its blocks loads nothing
+
+
+def test_a_stage_narrows_to_fewer_of_its_blocks_sharing_their_arrays(tiny_weights):
+    from nanopipe.weights import load_stage
+    whole = load_stage(tiny_weights, 0, 4, rank0=True)
+    part = whole.narrowed(0, 2)
+    assert (part.lo, part.hi, len(part.blocks), part.has_head) == (0, 2, 2, True)
+    assert part.blocks[1] is whole.blocks[1] and part.wte is whole.wte, "narrowing copied what it holds"
+    loaded = load_stage(tiny_weights, 0, 2, rank0=True)
+    assert part.nbytes == loaded.nbytes
+    with pytest.raises(ValueError, match="a stage of blocks 0..3 cannot narrow to 2..4"):
+        whole.narrowed(2, 5)
+    assert whole.narrowed(2, 4).blocks == whole.blocks[2:4] and not whole.holds(3, 3)

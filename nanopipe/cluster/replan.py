@@ -26,6 +26,7 @@ its tokens are those one process gives. A rank that is gone is not listed in the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -223,7 +224,9 @@ class Replanner:
             if not self._tell(r, Msg.STATUS, {"plan": places[r]}):
                 raise ReplanFailed(f"rank {r} went away before it was told its new place", retry=True)
         stage0 = None
-        if ranges[0] != old[0]:
+        if ranges[0] != old[0] and L.stage.holds(*ranges[0]):
+            stage0 = L.stage.narrowed(*ranges[0])       # fewer of its blocks: nothing to load
+        elif ranges[0] != old[0]:
             if L.load_rank0 is None:
                 raise ReplanFailed("rank 0 cannot load other blocks (no weights file to load them from)", retry=False)
             stage0 = L.load_rank0(*ranges[0])   # the one place rank 0 loads a slice (cli.serve gives it)
@@ -277,7 +280,7 @@ class Replanner:
             if r not in there:
                 excluded[r] = self.gone.get(r) or self.leaving.get(r) or "not connected"
             excluded.setdefault(r, None)
-        return [tuple(x) for x in ranges], excluded, note, d.placement
+        return [tuple(x) for x in ranges], excluded, note, _by_rank(d.placement, [0] + there, len(ranges))
 
     def _switch(self, ranges: list, stage0, reason: str):
         """Between two scheduler steps: the old ring closes (batches in flight are dropped, to be
@@ -342,6 +345,21 @@ class Replanner:
     def _ring_text(self) -> str:
         ring = self.leader.ring_ranks()
         return "ring " + " -> ".join(["0"] + [str(r) for r in ring] + ["0"]) if ring else "rank 0 alone"
+
+
+def _by_rank(p, ranks: list, n: int):
+    """A prediction made over the nodes there (node i is rank ranks[i]) as one over all n configured
+    ranks, those not there holding nothing (what stage_report and /metrics index by rank)."""
+    if p is None:
+        return None
+
+    def spread(xs, empty):
+        out = [empty] * n
+        for i, r in enumerate(ranks):
+            out[r] = xs[i]
+        return out
+    return dataclasses.replace(p, ranges=spread(p.ranges, (0, 0)), stage_s=spread(p.stage_s, 0.0),
+                               stage8_s=spread(p.stage8_s, 0.0))
 
 
 def _count(leader, kind: str):

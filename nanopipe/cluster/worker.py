@@ -233,6 +233,9 @@ class Worker:
                 if s is not None and (s.lo, s.hi, s.config.n_embd, s.config.n_layer) == want]
         if have:
             stage = have[0]
+        elif self.stage is not None and self.stage.holds(lo, hi) and self.stage.config.n_layer == expect.n_layer:
+            stage = self.stage.narrowed(lo, hi)      # fewer of the blocks it holds: nothing to load
+            self.log(f"Keeping layers {layers_text(lo, hi)} of those it holds for the new plan")
         else:
             from ..weights import WeightsError
             try:
