@@ -17,6 +17,7 @@ machine has work; stages that share a machine get one batch holding every sessio
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import math
 import queue
@@ -152,6 +153,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._cancel: set = set()
         self.lock = threading.RLock()
+        self._holds = 0                     # threads waiting in between_steps
+        self._holds_lock = threading.Lock()
         # max_live: the most sessions ever live at once (requests batched together show up here)
         # cancelled_waiting: requests cancelled before they were admitted (they never ran)
         self.stats = {"requests": 0, "tokens": 0, "errors": 0, "max_in_flight": 0, "max_live": 0,
@@ -227,6 +230,9 @@ class Scheduler:
             if ready is not None and not ready.is_set():
                 ready.wait(0.2)
                 continue
+            if self._holds:                 # someone waits between two steps (between_steps)
+                self._wake.wait(0.005)
+                continue
             try:
                 if not self.step():
                     self._wake.wait(0.05)
@@ -239,6 +245,20 @@ class Scheduler:
     def stop(self):
         self._stop.set()
         self._wake.set()
+
+    @contextlib.contextmanager
+    def between_steps(self):
+        """Hold the scheduler between two steps for the `with` block (the leader changes the ring and
+        rank 0's blocks in one). Taking `lock` alone could wait many steps: a lock is not fair, and
+        run_forever takes it again at once; here it starts no new step while someone waits."""
+        with self._holds_lock:
+            self._holds += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._holds_lock:
+                self._holds -= 1
 
     def run_until_idle(self):
         """Single-process generation: step until every request has finished."""
@@ -265,6 +285,7 @@ class Scheduler:
             did = True
             if self.ring is None:
                 self._finish(batch, x, [])
+                break                       # one batch a step: new requests join, and the lock comes free
             else:
                 self.in_flight[batch.id] = batch
                 sessions = [self._act_entry(s, n) for s, n in zip(batch.sessions, batch.counts)]

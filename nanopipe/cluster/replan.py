@@ -74,8 +74,12 @@ class Replanner:
         return self.running
 
     def pending(self) -> bool:
-        """A re-plan is due or under way: requests waiting for the ring wait for it, not fail."""
-        return self.running or self.wanted is not None
+        """A re-plan is due or under way, or will be once a rank down now is past its grace: requests
+        waiting for the ring wait for it rather than fail."""
+        L = self.leader
+        with L.lock:
+            down = any(w.status == "down" and not w.excluded and r not in self.gone for r, w in L.workers.items())
+        return self.running or self.wanted is not None or down
 
     def is_gone(self, rank: int) -> bool:
         return rank in self.gone
@@ -267,6 +271,7 @@ class Replanner:
         except (PlacementError, PartitionError) as e:
             raise ReplanFailed(str(e), retry=False) from None
         note = d.note if everyone or d.solved else f"even over the {1 + len(there)} nodes there"
+        self._check_memory(caps, d.ranges)
         ranges = [(0, 0)] * (1 + len(L.workers))
         excluded = {}
         ranges[0] = tuple(d.ranges[0])
@@ -282,11 +287,25 @@ class Replanner:
             excluded.setdefault(r, None)
         return [tuple(x) for x in ranges], excluded, note, _by_rank(d.placement, [0] + there, len(ranges))
 
+    def _check_memory(self, caps: list, ranges: list):
+        """A split as configured (even, balanced) is not solved within memory: refuse one that gives a
+        node more blocks than it has room for (its weights and KV cache at max_sessions), rather than
+        have it die loading them. Node i holds ranges[i]; rank 0 also the embeddings and head."""
+        from ..placement import max_blocks
+        L = self.leader
+        for i, (cap, (lo, hi)) in enumerate(zip(caps, ranges)):
+            if cap is None or cap.memory_mb is None or hi == lo:
+                continue
+            room = max_blocks(L.shape(), cap, rank0=i == 0, sessions=L.cluster.max_sessions)
+            if hi - lo > room:
+                raise ReplanFailed(f"{cap.name} would hold {hi - lo} blocks ({layers_text(lo, hi)}), and its "
+                                   f"{cap.memory_mb:.0f} MB usable have room for {max(room, 0)}", retry=False)
+
     def _switch(self, ranges: list, stage0, reason: str):
         """Between two scheduler steps: the old ring closes (batches in flight are dropped, to be
         replayed), rank 0 takes its new blocks, the new split is the leader's."""
         L = self.leader
-        with L.scheduler.lock, L.lock:
+        with L.scheduler.between_steps(), L.lock:
             L.close_ring()
             L.scheduler.interrupt(f"re-planning the cluster ({reason}); the answer goes on in a moment")
             if stage0 is not None:
