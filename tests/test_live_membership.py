@@ -7,6 +7,8 @@ Real processes on 127.0.0.1 (LocalCluster), each test a generation streaming whi
                       node -> re-planned over three, the stream's tokens equal one process's
     a node is drained mid-stream `nanopipe leave --rank 2` -> re-planned over two, same tokens,
                       rank 2 stops saying why, the leave command returns once it is drained
+    a standby helps   partition auto leaves a slow node out; once a node is drained and rank 0 has no
+                      room for its blocks, the re-plan gives the standby layers
     a node is gone    rank 2 killed for good mid-stream -> after rejoin_grace_s the cluster re-plans
                       over the rest and the answer goes on, same tokens; the status (and so /health)
                       stops listing rank 2
@@ -160,6 +162,36 @@ def test_a_node_drained_mid_stream_with_nanopipe_leave(tiny_weights, reference, 
         metrics = web.get("/metrics", headers={"Authorization": "Bearer page-secret"}).get_data(as_text=True)
         for kind in ("drained", "replanned"):
             assert f'nanopipe_cluster_events_total{{kind="{kind}"}} 1.0' in metrics, metrics
+        with cl.client() as c:
+            assert c.generate(PROMPT, LONG)["token_ids"] == reference
+    finally:
+        cl.stop()
+
+
+def test_a_standby_takes_blocks_when_a_node_leaves_and_rank_0_cannot_hold_them(tiny_weights, reference, tmp_path):
+    """partition auto, speeds and rank 0's memory given: node1 is too slow to help while node2 runs
+    (left out, standing by), but once node2 is drained rank 0 has room for 2 of the 4 blocks only,
+    so the re-plan gives node1 the rest."""
+    nodes = {"node0": {"speed_gbps": 0.01, "speed8_gbps": 0.01, "memory_mb": 16},
+             "node1": {"speed_gbps": 0.001, "speed8_gbps": 0.001}, "node2": {"speed_gbps": 10, "speed8_gbps": 10}}
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path), partition="auto", ready_timeout=READY_S,
+                      cluster_extra={**EXTRA, "nodes": nodes})
+    try:
+        cl.start()
+        st = status(cl)
+        assert node(st, 1)["status"] == "left out" and node(st, 1)["layers"] is None, st["nodes"]
+        started = threading.Event()
+        box = stream(cl, on_token=lambda n: n == 3 and started.set())
+        assert started.wait(60), "the stream never started"
+        with cl.client() as c:
+            c.leave(2)
+        got = finish(box)
+        assert got["token_ids"] == reference, "the answer across the re-plan differs from one process's"
+        st = status(cl)
+        assert ranks(st) == [0, 1] and node(st, 1)["status"] == "up", st["nodes"]
+        first, last = node(st, 1)["layers"]
+        assert node(st, 0)["layers"][1] + 1 == first and last == 3 and last - first + 1 >= 2, st["nodes"]
+        wait_log(cl, 1, "Loaded")
         with cl.client() as c:
             assert c.generate(PROMPT, LONG)["token_ids"] == reference
     finally:

@@ -163,7 +163,7 @@ def outputs(tmp_path_factory):
         got["drained"] = site.wait_log("worker1", "The leader has drained this node")
         site.stop("worker2", signal.SIGKILL)          # what the kernel's OOM killer sends
         got["worker-lost"] = site.wait_log("leader", "Worker 2 is down")
-        got["past-grace"] = site.wait_log("leader", "is gone")
+        got["past-grace"] = site.wait_log("leader", "Rank 2 (pi1) is gone")
     finally:
         site.stop_all()
     return got

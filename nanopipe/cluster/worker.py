@@ -110,6 +110,7 @@ class Worker:
         self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
         self.stage = None
         self.next_stage = None          # a re-plan's slice, loaded while the current ring runs on self.stage
+        self._kernels_said = False      # describe_kernels logged (once a process)
         self.caches: dict = {}
         self.down_sock = None
         self.down_lock = threading.Lock()
@@ -233,7 +234,8 @@ class Worker:
                 if s is not None and (s.lo, s.hi, s.config.n_embd, s.config.n_layer) == want]
         if have:
             stage = have[0]
-        elif self.stage is not None and self.stage.holds(lo, hi) and self.stage.config.n_layer == expect.n_layer:
+        elif (self.stage is not None and self.stage.holds(lo, hi)
+              and (self.stage.config.n_embd, self.stage.config.n_layer) == want[2:]):
             stage = self.stage.narrowed(lo, hi)      # fewer of the blocks it holds: nothing to load
             self.log(f"Keeping layers {layers_text(lo, hi)} of those it holds for the new plan")
         else:
@@ -258,6 +260,8 @@ class Worker:
             except KernelChoiceError as e:
                 self.log(str(e), logging.ERROR)
                 raise SystemExit(2) from None
+        if not self._kernels_said:
+            self._kernels_said = True
             self.log(describe_kernels())
         self.next_addr = tuple(place["next"])
         self.next_rank = place.get("next_rank", 0)
