@@ -270,7 +270,7 @@ def test_the_leave_route_refuses_a_bad_rank(leader, body, says):
 def test_the_leave_route_passes_the_leaders_refusal_and_absence(leader):
     from helpers import make_app
 
-    from nanopipe.cluster.client import ClientError
+    from nanopipe.cluster.leader_client import ClientError
     leader.fail = ClientError("rank 2 (pi1) is not in the cluster: drained by `nanopipe leave`", "invalid")
     r = make_app(leader).post("/cluster/leave", json={"rank": 2})
     assert r.status_code == 400 and r.get_json()["error"].startswith("rank 2 (pi1) is not in the cluster"), r.get_json()

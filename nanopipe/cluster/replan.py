@@ -21,7 +21,8 @@ and each re-plan goes the same four steps:
 so no request fails: one in flight pauses for the ring change and its replay, then goes on, and
 its tokens are those one process gives. A rank that is gone is not listed in the status (/health).
 
-    replanner = Replanner(leader)      # the leader's watchdog calls replanner.tick(now) 4 times a second
+    replanner = Replanner(cluster, model, registry, planner, ring, scheduler, lock, log, ...)
+    replanner.tick(now)                # the leader's watchdog, 4 times a second
     replanner.leave(2)                 # -> (True, "rank 2 (pi1) drained: ring 0 -> 1 -> 0")
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import threading
 import time
 
 from ..partition import PartitionError, even, layers_text
-from .wire import Msg, send_frame
+from .wire import drained, plan
 
 WARNING, ERROR = logging.WARNING, logging.ERROR
 
@@ -51,14 +52,19 @@ class ReplanFailed(Exception):
 
 class Replanner:
     """The leader's part that changes the plan of a running cluster. It owns who is gone, who is
-    leaving and whether a re-plan is due; it works through the leader's explicit calls: its
-    workers and lock, `decide`-ing a split, `load_rank0`, the scheduler, `close_ring` and
-    `_build_ring_once` (cluster/ring.py), `_place_of`, `log` and the event counts.
+    leaving, and whether a re-plan is due or under way; it changes nothing itself but through the
+    other parts' calls: the registry (who is there, their places, `tell`), the planner (the split
+    in force, its figures, `load_rank0`), the ring builder (`take_down`, `build_once`) and the
+    scheduler (its lock, `use_stage`, `interrupt`). `count(kind)` counts a cluster event;
+    `started` is when the leader started (a rank never seen is absent since then).
     """
 
-    def __init__(self, leader):
-        self.leader = leader
-        self.configured = [tuple(r) for r in leader.ranges]     # the split asked for, with every rank there
+    def __init__(self, cluster, model, registry, planner, ring, scheduler, lock, log, *, count=lambda kind: None,
+                 started: float | None = None, stopped=lambda: False):
+        self.cluster, self.model, self.registry, self.planner = cluster, model, registry, planner
+        self.ring, self.scheduler, self.lock, self.log, self.count = ring, scheduler, lock, log, count
+        self.started, self.stopped = started or time.time(), stopped
+        self.configured = [tuple(r) for r in planner.ranges]    # the split asked for, with every rank there
         self.gone: dict = {}        # rank -> why it is no longer part of the cluster (status leaves it out)
         self.leaving: dict = {}     # rank -> who asked; drained by the next re-plan
         self.refused: dict = {}     # rank -> why its drain could not be done (for the `leave` waiting)
@@ -69,16 +75,19 @@ class Replanner:
 
     # -- what the leader asks ------------------------------------------------------------------
 
+    @property
+    def workers(self) -> dict:
+        return self.registry.workers
+
     def holds_ring(self) -> bool:
-        """A re-plan is due or under way: nobody else should (re)build the ring meanwhile."""
+        """A re-plan is under way: nobody else should (re)build the ring meanwhile."""
         return self.running
 
     def pending(self) -> bool:
         """A re-plan is due or under way, or will be once a rank down now is past its grace: requests
         waiting for the ring wait for it rather than fail."""
-        L = self.leader
-        with L.lock:
-            down = any(w.status == "down" and not w.excluded and r not in self.gone for r, w in L.workers.items())
+        with self.lock:
+            down = any(w.status == "down" and not w.excluded and r not in self.gone for r, w in self.workers.items())
         return self.running or self.wanted is not None or down
 
     def is_gone(self, rank: int) -> bool:
@@ -91,20 +100,19 @@ class Replanner:
     def leave(self, rank, timeout: float = LEAVE_TIMEOUT_S) -> tuple:
         """Drain `rank`: re-plan without it, then tell it to stop. Waits for that re-plan.
         Returns (True, what happened) or (False, why not)."""
-        L = self.leader
         if rank == 0:
             return False, ("rank 0 is the leader: it cannot leave its own cluster (stop `nanopipe serve` to stop "
                            "the cluster)")
-        w = L.workers.get(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
+        w = self.workers.get(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
         if w is None:
-            return False, (f"no worker rank {rank!r} in this cluster (ranks "
-                           f"{', '.join(map(str, L.workers)) or 'none'})")
+            return False, (f"no worker rank {rank!r:.40} in this cluster (ranks "
+                           f"{', '.join(map(str, self.workers)) or 'none'})")
         if rank in self.gone:
             return False, f"rank {rank} ({w.host}) is not in the cluster: {self.gone[rank]}"
         with self.cond:
             self.refused.pop(rank, None)
             self.leaving[rank] = "drained by `nanopipe leave`"
-        L.log(f"Rank {rank} ({w.host}) asked to leave: re-planning without it")
+        self.log(f"Rank {rank} ({w.host}) asked to leave: re-planning without it")
         self.want(f"rank {rank} ({w.host}) leaves")
         with self.cond:
             done = self.cond.wait_for(lambda: rank in self.gone or rank in self.refused, timeout)
@@ -119,11 +127,10 @@ class Replanner:
     def tick(self, now: float):
         """Called by the leader's watchdog: note who went down, who is gone past rejoin_grace_s and who
         came back, and start a re-plan when one is due and every node it needs has measured itself."""
-        L = self.leader
-        grace = L.cluster.rejoin_grace_s
+        grace = self.cluster.rejoin_grace_s
         news = []
-        with L.lock:
-            for r, w in L.workers.items():
+        with self.lock:
+            for r, w in self.workers.items():
                 if w.status != "down":
                     self.down_at.pop(r, None)
                     if r in self.gone and w.capacity is not None and r not in self.leaving:
@@ -132,23 +139,23 @@ class Replanner:
                 if r in self.gone:
                     continue
                 # first seen down now; a rank never seen is absent since the leader started
-                since = self.down_at.setdefault(r, now if w.addr else L.started)
+                since = self.down_at.setdefault(r, now if w.addr else self.started)
                 if r in self.leaving:
                     news.append((r, "drained while down (`nanopipe leave`)"))
                 elif now - since > grace:
                     news.append((r, f"down for more than rejoin_grace_s={grace:g}s" if w.addr else
                                  f"absent for more than rejoin_grace_s={grace:g}s since the leader started"))
         for r, why in news:
-            host = L.workers[r].host
+            host = self.workers[r].host
             if why is None:
                 self.gone.pop(r, None)
-                L.log(f"Rank {r} ({host}) is back: re-planning to bring it in")
+                self.log(f"Rank {r} ({host}) is back: re-planning to bring it in")
                 self.want(f"rank {r} ({host}) joined")
             else:
                 self.gone[r] = why
                 self.leaving.pop(r, None)
-                L.log(f"Rank {r} ({host}) is gone: {why}; re-planning over the rest", WARNING)
-                _count(L, "gone")
+                self.log(f"Rank {r} ({host}) is gone: {why}; re-planning over the rest", WARNING)
+                self.count("gone")
                 self.want(f"rank {r} ({host}) is gone")
         if news:
             with self.cond:
@@ -161,17 +168,15 @@ class Replanner:
 
     def _ready_to_plan(self) -> bool:
         """Every connected node has measured itself, none that the plan counts on is down within its
-        grace (wait for it: it may come back), and the first plan is made or waits only for the gone."""
-        L = self.leader
-        if L.fatal or L.stop_event.is_set() or L._building:
+        grace (wait for it: it may come back), no ring is being built, and the first plan is made or
+        waits only for the gone."""
+        if self.planner.fatal or self.stopped() or self.ring.building:
             return False
-        with L.lock:
-            for r, w in L.workers.items():
-                if r in self.gone:
-                    continue
-                if w.status == "down" or w.capacity is None:
+        with self.lock:
+            for r, w in self.workers.items():
+                if r not in self.gone and (w.status == "down" or w.capacity is None):
                     return False
-        return not L.plan_pending or bool(self.gone)
+        return not self.planner.pending or bool(self.gone)
 
     def _run(self, reason: str):
         try:
@@ -187,8 +192,7 @@ class Replanner:
                 self.cond.notify_all()
 
     def _failed(self, reason: str, message: str, retry: bool):
-        L = self.leader
-        L.log(f"Cannot re-plan ({reason}): {message}" + ("; trying again" if retry else ""), WARNING)
+        self.log(f"Cannot re-plan ({reason}): {message}" + ("; trying again" if retry else ""), WARNING)
         with self.cond:
             if retry:
                 self.wanted = reason if self.wanted is None else self.wanted
@@ -201,78 +205,80 @@ class Replanner:
     # -- one re-plan -------------------------------------------------------------------------------
 
     def _replan(self, reason: str):
-        L = self.leader
         ranges, excluded, note, placement = self._decide()
-        with L.lock:
-            old = [tuple(r) for r in L.ranges]
-            in_ring = {r for r, w in L.workers.items() if not w.excluded}
-            same = (ranges == old and all(bool(excluded[r]) == bool(w.excluded) for r, w in L.workers.items()))
+        with self.lock:
+            old = [tuple(r) for r in self.planner.ranges]
+            in_ring = {r for r, w in self.workers.items() if not w.excluded}
+            same = ranges == old and all(bool(excluded[r]) == bool(w.excluded) for r, w in self.workers.items())
             if same:
-                for r, w in L.workers.items():
+                for r, w in self.workers.items():
                     w.excluded = excluded[r]
         if same:
-            L.log(f"Re-plan ({reason}): the split stays ({self._split_text(ranges, excluded)})")
+            self.log(f"Re-plan ({reason}): the split stays ({self._split_text(ranges, excluded)})")
             self._finish(dropped=set())
             return
         t_start = time.time()
-        L.log(f"Re-planning ({reason}): {self._split_text(ranges, excluded)}; {note}")
-        ring = [r for r in L.workers if not excluded[r]]
-        with L.lock:
-            L.plan_pending = False          # this is the plan now: a first plan still waited for the gone
-            for r, w in L.workers.items():
-                w.layers, w.excluded = ranges[r], excluded[r]
-            places = {r: L._place_of(r) for r in ring}
+        self.log(f"Re-planning ({reason}): {self._split_text(ranges, excluded)}; {note}")
+        ring = [r for r in self.workers if not excluded[r]]
+        with self.lock:
+            self.planner.pending = False        # this is the plan now: a first plan still waited for the gone
+            places = self.registry.assign(ranges, [excluded.get(r) for r in range(len(ranges))])
             for r in ring:
-                L.workers[r].status = "joined"      # ready again once its new slice is loaded (READY)
+                self.workers[r].status = "joined"   # ready again once its new slice is loaded (READY)
         for r in ring:      # 2. each loads its new slice; the current ring goes on meanwhile
-            if not self._tell(r, Msg.STATUS, {"plan": places[r]}):
+            if not self.registry.tell(self.workers[r], *plan(places[r])):
                 raise ReplanFailed(f"rank {r} went away before it was told its new place", retry=True)
-        stage0 = None
-        if ranges[0] != old[0] and L.stage.holds(*ranges[0]):
-            stage0 = L.stage.narrowed(*ranges[0])       # fewer of its blocks: nothing to load
-        elif ranges[0] != old[0]:
-            if L.load_rank0 is None:
-                raise ReplanFailed("rank 0 cannot load other blocks (no weights file to load them from)", retry=False)
-            stage0 = L.load_rank0(*ranges[0])   # the one place rank 0 loads a slice (cli.serve gives it)
-            L.log(f"Server loaded layers {layers_text(*ranges[0])} for the new plan")
+        stage0 = self._rank0_stage(ranges[0], old[0])
         deadline = time.time() + LOAD_TIMEOUT_S
-        while not all(L.workers[r].status == "ready" for r in ring):
-            lost = [str(r) for r in ring if L.workers[r].status == "down"]
+        while not all(self.workers[r].status == "ready" for r in ring):
+            lost = [str(r) for r in ring if self.workers[r].status == "down"]
             if lost or time.time() > deadline:
                 raise ReplanFailed(f"rank {', '.join(lost)} went down while loading its new slice" if lost else
                                    f"not every node loaded its new slice within {LOAD_TIMEOUT_S:g}s", retry=True)
             time.sleep(0.01)
         t_loaded = time.time()
         self._switch(ranges, stage0, reason)    # 3. between two steps: the old ring closes
-        if ring and not L._build_ring_once():
-            L.log("The new ring did not close at once; the watchdog tries again", WARNING)
-        if placement is not None or L.placement is not None:
-            L.placement = placement
-        L.plan_note = note
-        _count(L, "replanned")
-        L.log(f"Re-planned ({reason}) in {time.time() - t_start:.1f}s (loading {t_loaded - t_start:.1f}s, "
-              f"ring change {time.time() - t_loaded:.2f}s): {self._ring_text()}")
+        if ring and not self.ring.build_once():
+            self.log("The new ring did not close at once; the watchdog tries again", WARNING)
+        if placement is not None or self.planner.placement is not None:
+            self.planner.placement = placement
+        self.planner.plan_note = note
+        self.count("replanned")
+        self.log(f"Re-planned ({reason}) in {time.time() - t_start:.1f}s (loading {t_loaded - t_start:.1f}s, "
+                 f"ring change {time.time() - t_loaded:.2f}s): {self._ring_text()}")
         self._finish(dropped=in_ring - set(ring))
 
+    def _rank0_stage(self, new: tuple, old: tuple):
+        """Rank 0's blocks for the new plan (None: they stay): fewer of those it holds need no loading;
+        else `load_rank0` (cli.serve gives it: the one place rank 0 loads a slice)."""
+        stage = self.scheduler.stage
+        if new == old:
+            return None
+        if stage.holds(*new):
+            return stage.narrowed(*new)
+        if self.planner.load_rank0 is None:
+            raise ReplanFailed("rank 0 cannot load other blocks (no weights file to load them from)", retry=False)
+        loaded = self.planner.load_rank0(*new)
+        self.log(f"Server loaded layers {layers_text(*new)} for the new plan")
+        return loaded
+
     def _decide(self) -> tuple:
-        """The split over the nodes that are there: (ranges per configured rank, excluded reason per
-        rank or None, a note, the prediction). Ranks not there hold no layers ((0, 0))."""
+        """The split over the nodes that are there: (ranges per configured rank, {rank: why it is left
+        out, or None}, a note, the prediction). Ranks not there hold no layers ((0, 0))."""
         from ..placement import PlacementError, decide
-        L = self.leader
-        with L.lock:
-            there = [r for r, w in L.workers.items() if r not in self.gone and r not in self.leaving
+        with self.lock:
+            there = [r for r, w in self.workers.items() if r not in self.gone and r not in self.leaving
                      and w.status != "down"]
-            caps = [L.capacity] + [L.workers[r].capacity for r in there]
-            everyone = len(there) == len(L.workers)
-        n_layer = L.config.n_layer
+            caps = [self.planner.capacity] + [self.workers[r].capacity for r in there]
+            everyone = len(there) == len(self.workers)
         try:
-            asked = self.configured if everyone else even(n_layer, 1 + len(there))
-            d = decide(L.shape(), caps, asked, L.model, L.cluster)
+            asked = self.configured if everyone else even(self.planner.config.n_layer, 1 + len(there))
+            d = decide(self.planner.shape(), caps, asked, self.model, self.cluster)
         except (PlacementError, PartitionError) as e:
             raise ReplanFailed(str(e), retry=False) from None
         note = d.note if everyone or d.solved else f"even over the {1 + len(there)} nodes there"
-        self._check_memory(caps, d.ranges)
-        ranges = [(0, 0)] * (1 + len(L.workers))
+        check_memory(self.planner.shape(), caps, d.ranges, self.cluster.max_sessions)
+        ranges = [(0, 0)] * (1 + len(self.workers))
         excluded = {}
         ranges[0] = tuple(d.ranges[0])
         for i, r in enumerate(there, start=1):
@@ -281,80 +287,52 @@ class Replanner:
             if lo == hi:
                 excluded[r] = next((n for n in (d.placement.notes if d.placement else ()) if
                                     n.startswith(f"{caps[i].name}:")), f"{caps[i].name}: the plan gives it no layers")
-        for r in L.workers:
+        for r in self.workers:
             if r not in there:
                 excluded[r] = self.gone.get(r) or self.leaving.get(r) or "not connected"
             excluded.setdefault(r, None)
+        excluded[0] = None
         return [tuple(x) for x in ranges], excluded, note, _by_rank(d.placement, [0] + there, len(ranges))
-
-    def _check_memory(self, caps: list, ranges: list):
-        """A split as configured (even, balanced) is not solved within memory: refuse one that gives a
-        node more blocks than it has room for (its weights and KV cache at max_sessions), rather than
-        have it die loading them. Node i holds ranges[i]; rank 0 also the embeddings and head."""
-        from ..placement import max_blocks
-        L = self.leader
-        for i, (cap, (lo, hi)) in enumerate(zip(caps, ranges)):
-            if cap is None or cap.memory_mb is None or hi == lo:
-                continue
-            room = max_blocks(L.shape(), cap, rank0=i == 0, sessions=L.cluster.max_sessions)
-            if hi - lo > room:
-                raise ReplanFailed(f"{cap.name} would hold {hi - lo} blocks ({layers_text(lo, hi)}), and its "
-                                   f"{cap.memory_mb:.0f} MB usable have room for {max(room, 0)}", retry=False)
 
     def _switch(self, ranges: list, stage0, reason: str):
         """Between two scheduler steps: the old ring closes (batches in flight are dropped, to be
-        replayed), rank 0 takes its new blocks, the new split is the leader's."""
-        L = self.leader
-        with L.scheduler.between_steps(), L.lock:
-            L.close_ring()
-            L.scheduler.interrupt(f"re-planning the cluster ({reason}); the answer goes on in a moment")
+        replayed), rank 0 takes its new blocks, the new split is the planner's."""
+        self.ring.ready.clear()     # the scheduler starts no new step, and the lock below comes free
+        with self.scheduler.lock, self.lock:
+            self.ring.take_down()
+            self.scheduler.interrupt(f"re-planning the cluster ({reason}); the answer goes on in a moment")
             if stage0 is not None:
-                L.scheduler.use_stage(stage0)
-                L.stage = stage0
-            L.ranges = list(ranges)
-            if L.down_since is None:
-                L.down_since = time.time()     # if the new ring never closes, rejoin_grace_s still holds
-            if not L.ring_ranks():          # rank 0 holds every block: no ring at all
-                ours = L.scheduler.prefix.stages[0][1]
-                L.scheduler.set_prefix_stages([(len(L.stage.blocks), ours)])
-                n = L.scheduler.replay_all()
-                L.down_since = None
-                L.ring_ready.set()
-                L.log("Rank 0 holds every block now: no ring" + (f"; replaying {n} session(s)" if n else ""))
+                self.scheduler.use_stage(stage0)
+            self.planner.ranges = list(ranges)
+            if not self.registry.ring_ranks():      # rank 0 holds every block: no ring at all
+                ours = self.scheduler.prefix.stages[0][1]
+                self.scheduler.set_prefix_stages([(len(self.scheduler.stage.blocks), ours)])
+                n = self.scheduler.replay_all()
+                self.ring.no_ring_needed()
+                self.log("Rank 0 holds every block now: no ring" + (f"; replaying {n} session(s)" if n else ""))
 
     def _finish(self, dropped: set):
         """After a re-plan: a drained node is told it may stop; the others the new ring leaves out
         (`dropped`: they were in the old one) that they stand by."""
-        L = self.leader
-        for r, w in L.workers.items():
+        for r, w in self.workers.items():
             if w.status == "down" or not w.excluded:
                 continue
             if r in self.leaving:
                 with self.cond:
                     self.gone[r] = self.leaving.pop(r)
-                _count(L, "drained")
-                L.log(f"Rank {r} ({w.host}) drained: telling it to stop")
-                self._tell(r, Msg.LEAVE, {"reason": self.gone[r]})
+                self.count("drained")
+                self.log(f"Rank {r} ({w.host}) drained: telling it to stop")
+                self.registry.tell(w, *drained(self.gone[r]))
             elif r in dropped:
-                self._tell(r, Msg.STATUS, {"plan": L._place_of(r)})
+                self.registry.tell(w, *plan(self.registry.place_of(r)))
         with self.cond:
             self.cond.notify_all()
 
     # -- small helpers -----------------------------------------------------------------------------
 
-    def _tell(self, rank: int, msg: Msg, meta: dict) -> bool:
-        w = self.leader.workers[rank]
-        try:
-            with w.lock:
-                send_frame(w.sock, msg, meta)
-            return True
-        except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
-            return False
-
     def _split_text(self, ranges: list, excluded: dict) -> str:
-        L = self.leader
-        parts = [f"rank 0 ({L.cluster.leader.host}) {layers_text(*ranges[0])}"]
-        for r, w in L.workers.items():
+        parts = [f"rank 0 ({self.cluster.leader.host}) {layers_text(*ranges[0])}"]
+        for r, w in self.workers.items():
             if r in self.gone:
                 continue
             parts.append(f"rank {r} ({w.host}) " + (f"left out ({excluded[r]})" if excluded[r]
@@ -362,8 +340,22 @@ class Replanner:
         return ", ".join(parts)
 
     def _ring_text(self) -> str:
-        ring = self.leader.ring_ranks()
+        ring = self.registry.ring_ranks()
         return "ring " + " -> ".join(["0"] + [str(r) for r in ring] + ["0"]) if ring else "rank 0 alone"
+
+
+def check_memory(shape, caps: list, ranges: list, sessions: int):
+    """A split as configured (even, balanced) is not solved within memory: refuse one that gives a
+    node more blocks than it has room for (its weights and KV cache at `sessions`), rather than have
+    it die loading them. Node i (Capacity caps[i]) holds ranges[i]; rank 0 also the embeddings and head."""
+    from ..placement import max_blocks
+    for i, (cap, (lo, hi)) in enumerate(zip(caps, ranges)):
+        if cap is None or cap.memory_mb is None or hi == lo:
+            continue
+        room = max_blocks(shape, cap, rank0=i == 0, sessions=sessions)
+        if hi - lo > room:
+            raise ReplanFailed(f"{cap.name} would hold {hi - lo} blocks ({layers_text(lo, hi)}), and its "
+                               f"{cap.memory_mb:.0f} MB usable have room for {max(room, 0)}", retry=False)
 
 
 def _by_rank(p, ranks: list, n: int):
@@ -379,11 +371,3 @@ def _by_rank(p, ranks: list, n: int):
         return out
     return dataclasses.replace(p, ranges=spread(p.ranges, (0, 0)), stage_s=spread(p.stage_s, 0.0),
                                stage8_s=spread(p.stage8_s, 0.0))
-
-
-def _count(leader, kind: str):
-    """One cluster event of `kind` in the leader's status "events" (/metrics shows them)."""
-    events = getattr(leader, "events", None)
-    if isinstance(events, dict):
-        with leader.lock:
-            events[kind] = events.get(kind, 0) + 1

@@ -8,48 +8,42 @@ and then, for every ACT frame from the rank before it:
 
 and sends x on to the next rank (the last worker sends it back to the leader). Each session has
 its own KV cache here; a FREE frame drops it. If the leader goes away the worker dials again with
-backoff, so restarting the leader heals the cluster by itself.
+backoff, so restarting the leader heals the cluster by itself. This module is the control side;
+the data side (the data port, the blocks, the caches, the link on) is cluster/data_path.py.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import socket
 import threading
 import time
-
-import numpy as np
 
 from ..blas import current as current_blas
 from ..config import ClusterConfig
 from ..kernels import kernels
 from ..logs import worker_logger
-from ..model import GPTConfig, KVCache, blocks_forward
+from ..model import GPTConfig
 from ..partition import layers_text
-from ..prefix import fork_cache
+from .data_path import DataPath
 from .net import (
     HandshakeError,
-    accept,
     client_tls,
     close_now,
     dial,
-    listen,
     max_act_bytes,
-    serve_accepts,
     server_tls,
-    welcome,
 )
-from .node import LinkModel, rss_mb
+from .node import rss_mb
 from .wire import (
     ConnectionClosed,
     Msg,
-    ProtocolError,
     WireError,
-    act_sessions,
-    encode_frame,
-    frame_array,
+    capacity,
+    read_epoch,
+    read_plan,
+    read_ring_layers,
+    ready,
     recv_frame,
-    send_array,
+    ring_joined,
     send_frame,
 )
 
@@ -79,10 +73,11 @@ def retry_log(log, addr: str, hint_after: int = HINT_AFTER_ATTEMPTS):
 class Worker:
     """Rank R >= 1 of a cluster: blocks[lo:hi] of the model, one KV cache per live session, two links.
 
-    The control link to the leader carries registration, heartbeats (STATS) and ring rebuilds; the
-    data links take ACT frames from the rank before and pass them, through this stage's blocks, to
-    the rank after. `run()` dials the leader and serves until the process ends, redialling when
-    the leader goes away.
+    This class is the control side: it dials the leader, registers, measures the node, loads the
+    blocks the leader places here, sends heartbeats (STATS), and joins each ring the leader builds.
+    The data side (cluster/data_path.py, `self.data`) takes ACT frames from the rank before and
+    passes them, through this stage's blocks, to the rank after. `run()` dials the leader and serves
+    until the process ends, redialling when the leader goes away.
     """
 
     def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str | None, host: str | None = None,
@@ -102,31 +97,20 @@ class Worker:
         self.cluster, self.rank, self.node = cluster, rank, node
         self.weights_path, self.n_head, self.fetch = weights_path, n_head, fetch
         self.capacity = None            # placement.Capacity, measured once the model's shape is known
-        self.prev_rank = rank - 1       # who sends us activations (a rank the solver left out is skipped)
-        self.decode_ms = collections.deque(maxlen=64)   # compute time of recent one-row frames
         self.max_attempts = max_attempts or 10**9
-        self.tag = f"[WORKER-{rank}]"
         self.logger = worker_logger(rank)
         self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
         self.stage = None
-        self.next_stage = None          # a re-plan's slice, loaded while the current ring runs on self.stage
         self._kernels_said = False      # describe_kernels logged (once a process)
-        self.caches: dict = {}
-        self.down_sock = None
-        self.down_lock = threading.Lock()
-        self.down_ready = threading.Event()
-        self.work_lock = threading.Lock()
         self.control_lock = threading.Lock()
         self.control_sock = None
-        self.epoch = None               # the ring this worker is part of; frames of other rings are stale
         self._last_welcome: dict = {}
-        self.compute_ms = 0.0
-        self.frames = 0
         self.stop_event = threading.Event()
         self.fatal: str | None = None   # why the worker stopped by itself (`join` exits non-zero with it)
-        self.srv = None
-        self.tls_server = server_tls(cluster.tls_cert, cluster.tls_key)
         self.tls_client = client_tls(cluster.tls_cert)
+        self.data = DataPath(cluster, rank, node, self.log, tls_server=server_tls(cluster.tls_cert, cluster.tls_key),
+                             tls_client=self.tls_client, report=self._report, on_port_failed=self.stop,
+                             stopped=self.stop_event.is_set)
 
     def log(self, msg: str, level: int = logging.INFO):
         """One line of this worker's log: `[WORKER-R] msg` (nanopipe/logs.py)."""
@@ -169,9 +153,8 @@ class Worker:
                 raise SystemExit(2) from None
             finally:
                 sock.close()
-                self.control_sock = self.epoch = None
-                self._drop_downstream()
-                self.caches.clear()         # the sessions they hold died with that leader
+                self.control_sock = None
+                self.data.reset()           # the sessions it held died with that leader
             if self.stop_event.is_set():
                 break
             self.log("Leader connection closed; reconnecting", logging.WARNING)
@@ -180,6 +163,10 @@ class Worker:
             raise SystemExit(2)             # stop() logged why
 
     def _session(self, sock):
+        """One registration with the leader: learn this rank's place, load its blocks, say READY,
+        then follow the leader's orders until the connection ends: a new place whenever the leader
+        re-plans (a node joined, left or is gone), each ring it builds, and at last, if it drains
+        this node, DRAINED."""
         welcome = dict(self._last_welcome)
         # heartbeats start before the weights load: a big slice takes longer to read than the
         # leader waits for a silent worker
@@ -187,24 +174,97 @@ class Worker:
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
         self._send_capacity(sock, expect)
-        self.config = expect
-        self.caches.clear()                 # a (re)started leader starts every session from scratch
-        self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
         self.control_sock = sock
         if welcome.get("layers") is None:       # partition auto (or not set): the leader plans once all are in
             self.log("Waiting for the leader's layer plan (it measures every node first)")
         else:
             self._take_place(sock, welcome, expect)
+        self._follow(sock, expect)
+
+    def _take_place(self, sock, place: dict, expect: GPTConfig):
+        """The leader says where this rank sits: its layers and the ranks either side, or that it is
+        left out. At the start, and again whenever the leader re-plans the running cluster: the new
+        slice loads while the current ring goes on with the old one (the data path swaps it in when
+        the leader closes the new ring), then READY says it is loaded."""
+        if place.get("excluded"):
+            self.data.stand_by(place.get("prev_rank"))
+            self.stage = None
+            self.log(f"Left out of the ring by the leader's plan: {place['excluded']}. Standing by (no layers "
+                     "loaded); the leader brings this node in when a re-plan gives it layers.", logging.WARNING)
+            return
+        lo, hi = place["layers"]
+        self._load_place(sock, lo, hi, expect)
+        self.data.place(self.stage, expect, prev_rank=place.get("prev_rank", self.rank - 1),
+                        next_addr=tuple(place["next"]), next_rank=place.get("next_rank", 0),
+                        max_act_bytes=max_act_bytes(expect, self.cluster.max_sessions))
+        self.data.ensure_listening()
+        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
+                 f"{layers_text(lo, hi)})")
+        with self.control_lock:
+            send_frame(sock, *ready(self.rank, self.node.port, self.stage.synthetic, [lo, hi],
+                                    self.cluster.prefix_cache_bytes()))
+
+    def _load_place(self, sock, lo: int, hi: int, expect: GPTConfig):
+        """Hold blocks lo..hi-1 of the cluster's model as `self.stage`: what is held already if it is
+        that, fewer of the blocks held (nothing to load), else loaded. And the kernels chosen for them.
+        A slice that cannot load is told to the leader, and the worker exits."""
+        shape = (expect.n_embd, expect.n_layer)
+        held = [s for s in (self.stage, self.data.stage, self.data.next_stage)
+                if s is not None and (s.config.n_embd, s.config.n_layer) == shape]
+        same = [s for s in held if (s.lo, s.hi) == (lo, hi)]
+        part = [s for s in held if s.holds(lo, hi)]
+        if same:
+            self.stage = same[0]
+        elif part:
+            self.stage = part[0].narrowed(lo, hi)       # fewer of the blocks it holds: nothing to load
+            self.log(f"Keeping layers {layers_text(lo, hi)} of those it holds for the new plan")
+        else:
+            from ..weights import WeightsError
+            try:
+                self.stage = self._load(lo, hi, expect)
+            except WeightsError as e:
+                self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
+                with self.control_lock:
+                    send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
+                raise SystemExit(2) from None
+        # the kernel choice, measured once per process on the blocks it holds (kernels.choose_gemv_rows)
+        from ..kernels import KernelChoiceError, choose_gemv_rows, describe_kernels
+        if not kernels.chosen:          # (the speed probe may have decided it already, on blocks of this shape)
+            try:
+                choose_gemv_rows(self.stage.blocks)
+            except KernelChoiceError as e:
+                self.log(str(e), logging.ERROR)
+                raise SystemExit(2) from None
+        if not self._kernels_said:
+            self._kernels_said = True
+            self.log(describe_kernels())
+
+    def _follow(self, sock, expect: GPTConfig):
+        """Follow the leader until it goes away: its PLANs (the first, or a re-plan's), each ring it
+        builds (START_INFERENCE, answered by RING_JOINED), its PINGs, and DRAINED (stop)."""
         while True:
             frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
-                self._join_ring(sock, frame.meta)
-            elif frame.msg is Msg.STATUS and "plan" in frame.meta:
-                self._take_place(sock, _checked_plan(frame.meta["plan"]), expect)
+            if frame.msg is Msg.START_INFERENCE:
+                epoch = read_epoch(frame, "leader")
+                down = self.data.down
+                self.log(f"Received start_inference command from server. (START_INFERENCE, ring epoch {epoch}: "
+                         f"passing activations to rank {down.next_rank} at {down.addr[0]}:{down.addr[1]})")
+                try:
+                    self.data.join_ring(epoch, read_ring_layers(frame))
+                except (WireError, OSError) as e:
+                    # not fatal: the leader sees no RING_JOINED for this epoch and tries again
+                    self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
+                    self._report(f"worker {self.rank}: cannot join the ring of epoch {epoch}: {e}")
+                    continue
+                with self.control_lock:
+                    send_frame(sock, *ring_joined(self.rank, epoch))
+                self.log(f"Waiting for generation requests... (from rank {self.data.prev_rank})")
+            elif frame.msg is Msg.PLAN:
+                self._take_place(sock, read_plan(frame), expect)
             elif frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
-            elif frame.msg is Msg.LEAVE:
+            elif frame.msg is Msg.DRAINED:
                 self.log(f"The leader has drained this node ({frame.meta.get('reason') or 'nanopipe leave'}): the "
                          "ring runs without it now; stopping")
                 self.stop()
@@ -212,94 +272,6 @@ class Worker:
             elif frame.msg is Msg.ERROR and frame.meta.get("fatal"):
                 self.log(f"The leader cannot place the model: {frame.meta.get('message')}", logging.ERROR)
                 raise SystemExit(2)
-
-    def _take_place(self, sock, place: dict, expect: GPTConfig):
-        """The leader says where this rank sits: its layers, the ranks either side (or that it is left
-        out). At start and again whenever the leader re-plans a running cluster (a node joined, left
-        or is gone): the new slice loads while the current ring goes on with the old one, which is
-        swapped out only when the leader closes the new ring (`_join_ring`). Then READY says so."""
-        self.prev_rank = place.get("prev_rank", self.rank - 1)
-        if place.get("excluded"):
-            with self.work_lock:            # the leader sends this once the ring runs without us
-                self.stage = self.next_stage = None
-                self.caches.clear()
-            self.epoch = None
-            self._drop_downstream()
-            self.log(f"Left out of the ring by the leader's plan: {place['excluded']}. Standing by (no layers "
-                     "loaded); the leader brings this node in when a re-plan gives it layers.", logging.WARNING)
-            return
-        lo, hi = place["layers"]
-        want = (lo, hi, expect.n_embd, expect.n_layer)
-        have = [s for s in (self.stage, self.next_stage)
-                if s is not None and (s.lo, s.hi, s.config.n_embd, s.config.n_layer) == want]
-        if have:
-            stage = have[0]
-        elif (self.stage is not None and self.stage.holds(lo, hi)
-              and (self.stage.config.n_embd, self.stage.config.n_layer) == want[2:]):
-            stage = self.stage.narrowed(lo, hi)      # fewer of the blocks it holds: nothing to load
-            self.log(f"Keeping layers {layers_text(lo, hi)} of those it holds for the new plan")
-        else:
-            from ..weights import WeightsError
-            try:
-                stage = self._load(lo, hi, expect)
-            except WeightsError as e:
-                self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
-                with self.control_lock:
-                    send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
-                raise SystemExit(2) from None
-        with self.work_lock:
-            if self.stage is None or self.epoch is None:
-                self.stage, self.next_stage = stage, None      # not in a ring yet: use it now
-            else:
-                self.next_stage = stage     # the current ring goes on with self.stage until the next one
-        # the kernel choice, measured once per process on the blocks it holds (kernels.choose_gemv_rows)
-        from ..kernels import KernelChoiceError, choose_gemv_rows, describe_kernels
-        if not kernels.chosen:          # (the speed probe may have decided it already, on blocks of this shape)
-            try:
-                choose_gemv_rows(stage.blocks)
-            except KernelChoiceError as e:
-                self.log(str(e), logging.ERROR)
-                raise SystemExit(2) from None
-        if not self._kernels_said:
-            self._kernels_said = True
-            self.log(describe_kernels())
-        self.next_addr = tuple(place["next"])
-        self.next_rank = place.get("next_rank", 0)
-        self._ensure_listening()
-        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
-                 f"{layers_text(lo, hi)})")
-        with self.control_lock:
-            send_frame(sock, Msg.READY, {"rank": self.rank, "data_port": self.node.port,
-                                         "synthetic": stage.synthetic, "layers": [lo, hi],
-                                         "prefix_cache_bytes": self.cluster.prefix_cache_bytes()})
-
-    def _join_ring(self, sock, meta: dict):
-        """STATUS {"ring": "connect", "epoch", "layers"}: a new ring. Take up the slice it is built for
-        (the one loaded for a re-plan, if that is it), drop every cache, dial the next hop."""
-        epoch = meta.get("epoch")
-        layers = meta.get("layers")
-        with self.work_lock:
-            nxt = self.next_stage
-            if nxt is not None and (layers is None or [nxt.lo, nxt.hi] == layers):
-                self.stage, self.next_stage = nxt, None
-        if self.stage is None or (layers is not None and [self.stage.lo, self.stage.hi] != layers):
-            held = "none" if self.stage is None else layers_text(self.stage.lo, self.stage.hi)
-            self.log(f"Cannot join the ring (epoch {epoch}): it wants layers {layers}, this node holds {held}",
-                     logging.WARNING)
-            self._report(f"worker {self.rank}: asked to join a ring with layers {layers}, holds {held}")
-            return
-        self.log(f"Received start_inference command from server. (ring epoch {epoch}: passing "
-                 f"activations to rank {self.next_rank} at {self.next_addr[0]}:{self.next_addr[1]})")
-        try:
-            self._connect_downstream(epoch)
-        except (WireError, OSError) as e:
-            # not fatal: the leader sees no READY for this epoch and tries again
-            self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
-            self._report(f"worker {self.rank}: cannot reach rank {self.next_rank}: {e}")
-            return
-        with self.control_lock:
-            send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
-        self.log(f"Waiting for generation requests... (from rank {self.prev_rank})")
 
     def _send_capacity(self, sock, expect: GPTConfig):
         """Measure this node once (placement.measure: speed with the model's own matrix shapes, usable
@@ -311,11 +283,11 @@ class Worker:
                                          override=self.cluster.node_overrides.get(self.node.host),
                                          holding=self.stage)
         with self.control_lock:
-            send_frame(sock, Msg.STATS, {"rank": self.rank, "capacity": self.capacity.as_dict()})
+            send_frame(sock, *capacity(self.rank, self.capacity.as_dict()))
 
     def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
         """Blocks lo..hi-1 of the weights (checked against `expect`, the cluster's shape), as a new
-        StageWeights. The one place a worker gets a slice, at start and at every re-plan: from its
+        StageWeights. The one place a worker gets a slice, at the start and at every re-plan: from its
         weights file, else `fetch(lo, hi)` (the hub, the leader's synthetic recipe)."""
         from ..weights import load_stage, synthetic_note
         n_head = self.n_head or (expect.n_head if expect is not None else None)
@@ -331,36 +303,14 @@ class Worker:
         while True:
             try:
                 with self.control_lock:
-                    send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": rss_mb(),
-                                                 "compute_ms": round(self.compute_ms, 3), "frames": self.frames,
-                                                 "sessions": len(self.caches),
+                    send_frame(sock, Msg.STATS, {"rank": self.rank, "rss_mb": rss_mb(), **self.data.heartbeat(),
                                                  "gemv_rows": kernels.gemv_rows if kernels.chosen else None,
-                                                 "decode_ms": _median(self.decode_ms),
-                                                 "decode_samples": len(self.decode_ms),
-                                                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
                                                  "blas": current_blas().summary})
             except OSError:
                 return
             time.sleep(period)
 
-    # -- the data links: upstream in, downstream out -----------------------------------------
-
-    def _ensure_listening(self):
-        if self.srv is not None:
-            return
-        host = self.cluster.bind or self.node.ip
-        self.srv = listen(host, self.node.port)
-        self.log(f"Listening for activations on {host}:{self.node.port}")
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _accept_loop(self):
-        """The data port's accept loop (net.serve_accepts: EMFILE and the like only pause it). If the
-        port itself fails the worker is of no use to the ring: it stops, saying why (`fatal`)."""
-        try:
-            serve_accepts(self.srv, self._upstream, stopped=self.stop_event.is_set, log=self.log,
-                          what=f"worker {self.rank}'s data port {self.node.port}")
-        except Exception as e:
-            self.stop(f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e))
+    # -- stopping, and what goes wrong -------------------------------------------------------
 
     def stop(self, fatal: str | None = None):
         """Stop serving; with `fatal`, the reason `run` then exits with (logged here)."""
@@ -369,45 +319,7 @@ class Worker:
             self.log(f"Stopping: {fatal}", logging.ERROR)
         self.stop_event.set()
         close_now(self.control_sock)            # wakes run(), which sees stop_event and returns
-        close_now(self.srv)
-
-    def _upstream(self, sock, addr, slot=lambda: None):
-        peer = f"{addr[0]}:{addr[1]}"
-        try:
-            leader = self.cluster.leader
-            try:
-                sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token,
-                                     roles=("data",), here=f"this is worker {self.rank}'s data port; the leader "
-                                                           f"listens on {leader.ip}:{leader.port}")
-            finally:
-                slot()
-            if hello.get("rank") != self.prev_rank:
-                send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
-                                                        f"{self.prev_rank} only"})
-                raise HandshakeError(f"{peer} claims rank {hello.get('rank')!r}, expected {self.prev_rank}")
-            welcome(sock, hello, {"rank": self.rank})
-        except (WireError, OSError, ValueError, RuntimeError) as e:
-            self.log(f"Rejected data connection from {peer}: {e}", logging.WARNING)
-            close_now(sock)
-            return
-        # Each upstream link is served on its own: a second link (a stranger on a cluster without
-        # auth_token, or a link from before a ring rebuild) cannot replace or break the current one.
-        name = f"rank {self.prev_rank} ({peer})"
-        link_epoch = hello.get("epoch")
-        try:
-            while True:
-                frame = recv_frame(sock, name, max_payload=self.max_act_bytes)
-                with self.work_lock:
-                    self._on_frame(frame, name)
-        except ConnectionClosed:
-            pass
-        except Exception as e:      # a bad frame (WireError, ValueError), a dead next hop (OSError), a bug
-            self.log(f"Closed data connection from {name}: {type(e).__name__}: {e}", logging.WARNING)
-            if link_epoch is not None and link_epoch == self.epoch:
-                # the current ring has lost this hop: tell the leader, which rebuilds it
-                self._report(f"worker {self.rank} closed its data link from {name}: {e}", epoch=link_epoch)
-        finally:
-            close_now(sock)
+        self.data.close()
 
     def _report(self, message: str, epoch=None):
         """An ERROR to the leader on the control link; with `epoch`, that ring is broken."""
@@ -419,121 +331,3 @@ class Worker:
                 send_frame(sock, Msg.ERROR, {"message": message, "epoch": epoch})
         except OSError:
             pass
-
-    def _on_frame(self, frame, peer):
-        if frame.msg is Msg.ACT:
-            t_in = time.time()          # wall clock, so `nanopipe trace` can time the hop that brought it
-            sessions = act_sessions(frame, peer)
-            x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)          # (T, C)
-            if x.dtype != np.float32 or x.ndim != 2:
-                raise ProtocolError(f"{peer}: ACT must carry float32 rows (T, {self.config.n_embd}), "
-                                    f"got {x.dtype} {list(x.shape)}")
-            if frame.meta.get("epoch") != self.epoch:
-                return                  # from a ring since rebuilt: the leader replays its sessions
-            t0 = time.perf_counter()
-            segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]  # the n of each sum to T
-            y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
-            ms = (time.perf_counter() - t0) * 1000
-            self.compute_ms += ms
-            self.frames += 1
-            if len(x) == 1:             # one decode row: what the placement predicted this stage takes
-                self.decode_ms.append(ms)
-            meta = dict(frame.meta)
-            meta["trace"] = list(meta.get("trace", [])) + [{
-                "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
-                "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6)}]
-            self._send_down(Msg.ACT, meta, y)                                  # (T, C) to the next rank
-        elif frame.msg is Msg.FREE:
-            if frame.meta.get("epoch") != self.epoch:
-                return                  # the rebuild that made the current ring dropped every cache
-            ids = frame.meta.get("sessions", [])
-            for sid in ids if isinstance(ids, list) else []:
-                if isinstance(sid, str):
-                    self.caches.pop(sid, None)
-            self._send_down(Msg.FREE, frame.meta, None)
-        else:
-            raise ProtocolError(f"{peer}: unexpected {frame.msg.name} on a data link")
-
-    def _cache_for(self, s: dict, peer: str) -> KVCache:
-        """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
-        positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
-        if s["pos"] == 0:
-            cache = self.caches[s["id"]] = KVCache.for_model(self.config, len(self.stage.blocks))
-            return cache
-        fork = s.get("fork")
-        if fork is not None:
-            if not (isinstance(fork, dict) and isinstance(fork.get("from"), str) and fork.get("n") == s["pos"]):
-                raise ProtocolError(f"{peer}: session {s['id']!r} has a bad fork {fork!r}; expected "
-                                    f"{{\"from\": kept id, \"n\": {s['pos']}}}")
-            kept = self.caches.get(fork["from"])
-            if kept is None or kept.length < s["pos"] or fork["from"] == s["id"]:
-                have = None if kept is None else kept.length
-                raise ProtocolError(f"{peer}: session {s['id']!r} forks {s['pos']} positions of {fork['from']!r}, "
-                                    f"which this stage holds {have} of; the ring is out of step")
-            cache = self.caches[s["id"]] = fork_cache(kept, s["pos"])
-            return cache
-        cache = self.caches.get(s["id"])
-        if cache is None or cache.length != s["pos"]:
-            have = None if cache is None else cache.length
-            raise ProtocolError(f"{peer}: session {s['id']!r} at position {s['pos']} but this stage's cache "
-                                f"holds {have} positions; the ring is out of step")
-        return cache
-
-    def _send_down(self, msg, meta, array):
-        epoch = meta.get("epoch")
-        deadline = time.monotonic() + 10
-        while not self.down_ready.wait(0.1):
-            if epoch != self.epoch:
-                return                  # the ring was rebuilt meanwhile: this frame is stale
-            if time.monotonic() > deadline:
-                raise WireError(f"worker {self.rank}: no link to rank {self.next_rank} to pass activations on")
-        if array is not None:
-            LinkModel.of(self.cluster).wait(array.nbytes)       # a simulated slower link, for benchmarks
-        with self.down_lock:
-            if epoch != self.epoch or self.down_sock is None:
-                return
-            if array is None:
-                send_frame(self.down_sock, msg, meta)
-            else:
-                send_array(self.down_sock, msg, meta, array)
-
-    def _connect_downstream(self, epoch):
-        """Join the ring of `epoch`: drop the old link and every cache (the leader replays each live
-        session from position 0 on a new ring), then dial the next rank."""
-        self.epoch = epoch              # from now on, frames of older rings are dropped
-        self._drop_downstream()
-        with self.work_lock:
-            self.caches.clear()
-        host, port = self.next_addr
-        sock, _, _ = dial(host, port, role="data", rank=self.rank, token=self.cluster.auth_token, attempts=20,
-                          backoff_s=0.1, max_backoff_s=1.0, who=f"rank {self.next_rank}", tls=self.tls_client,
-                          extra={"epoch": epoch})
-        with self.down_lock:
-            self.down_sock = sock
-        self.down_ready.set()
-
-    def _drop_downstream(self):
-        self.down_ready.clear()
-        sock = self.down_sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)     # wakes a sender blocked on a dead link (it holds down_lock)
-            except OSError:
-                pass
-        with self.down_lock:
-            if self.down_sock is not None:
-                close_now(self.down_sock)
-            self.down_sock = None
-
-
-def _checked_plan(plan) -> dict:
-    """The leader's STATUS {"plan": {...}}: this rank's layers, next hop, and whether it is left out."""
-    layers = plan.get("layers") if isinstance(plan, dict) else None
-    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)):
-        raise ProtocolError(f"leader: a plan without a valid layer range: {plan!r}")
-    return plan
-
-
-def _median(xs) -> float | None:
-    xs = sorted(xs)
-    return round(xs[len(xs) // 2], 3) if xs else None

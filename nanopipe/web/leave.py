@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flask import Flask, jsonify
 
-from ..cluster.client import ClientError
+from ..cluster.leader_client import ClientError
 from ..decoding import is_int
 from .api import ApiError, check_fields, connect, json_body, leader_error
 
