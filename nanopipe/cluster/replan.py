@@ -16,7 +16,7 @@ and each re-plan goes the same four steps:
     3. once every one is READY with its new slice, between two scheduler steps: close the old
        ring, rank 0 takes its new blocks (Scheduler.use_stage), close the new ring, and replay
        every live session from its tokens (Scheduler.replay_all): what happens after a worker dies
-    4. tell the nodes left out that they stand by, and a drained node that it may stop (LEAVE)
+    4. tell the nodes left out that they stand by (PLAN), and a drained node that it may stop (DRAINED)
 
 so no request fails: one in flight pauses for the ring change and its replay, then goes on, and
 its tokens are those one process gives. A rank that is gone is not listed in the status (/health).
@@ -35,7 +35,7 @@ import time
 from ..partition import PartitionError, even, layers_text
 from .wire import drained, plan
 
-WARNING, ERROR = logging.WARNING, logging.ERROR
+WARNING = logging.WARNING
 
 LOAD_TIMEOUT_S = 300.0      # every node of a new plan must have loaded its slice within this
 LEAVE_TIMEOUT_S = LOAD_TIMEOUT_S + 60.0   # how long `nanopipe leave` waits for the drain
@@ -71,6 +71,7 @@ class Replanner:
         self.down_at: dict = {}     # rank -> when it was first seen down (the leader's start: never seen)
         self.wanted: str | None = None      # why a re-plan is due, until one starts
         self.running = False        # a re-plan is under way: the ring builder waits for it (holds_ring)
+        self.dirty = False          # the workers were told a new split that is not in force yet
         self.cond = threading.Condition()
 
     # -- what the leader asks ------------------------------------------------------------------
@@ -80,8 +81,9 @@ class Replanner:
         return self.registry.workers
 
     def holds_ring(self) -> bool:
-        """A re-plan is under way: nobody else should (re)build the ring meanwhile."""
-        return self.running
+        """A re-plan is under way, or one told the workers a split not in force yet (it failed half-way
+        and is tried again): nobody else should (re)build the ring meanwhile."""
+        return self.running or self.dirty
 
     def pending(self) -> bool:
         """A re-plan is due or under way, or will be once a rank down now is past its grace: requests
@@ -100,10 +102,11 @@ class Replanner:
     def leave(self, rank, timeout: float = LEAVE_TIMEOUT_S) -> tuple:
         """Drain `rank`: re-plan without it, then tell it to stop. Waits for that re-plan.
         Returns (True, what happened) or (False, why not)."""
-        if rank == 0:
+        is_rank = isinstance(rank, int) and not isinstance(rank, bool)
+        if is_rank and rank == 0:
             return False, ("rank 0 is the leader: it cannot leave its own cluster (stop `nanopipe serve` to stop "
                            "the cluster)")
-        w = self.workers.get(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
+        w = self.workers.get(rank) if is_rank else None
         if w is None:
             return False, (f"no worker rank {rank!r:.40} in this cluster (ranks "
                            f"{', '.join(map(str, self.workers)) or 'none'})")
@@ -120,7 +123,7 @@ class Replanner:
                 return False, f"rank {rank} was not drained within {timeout:g}s; see the leader's log"
             if rank in self.refused:
                 return False, f"rank {rank} ({w.host}) cannot leave: {self.refused.pop(rank)}"
-        return True, f"rank {rank} ({w.host}) drained: {self._ring_text()}"
+        return True, f"rank {rank} ({w.host}) drained: {ring_text(self.registry.ring_ranks())}"
 
     # -- the watchdog's round --------------------------------------------------------------------
 
@@ -194,7 +197,7 @@ class Replanner:
     def _failed(self, reason: str, message: str, retry: bool):
         self.log(f"Cannot re-plan ({reason}): {message}" + ("; trying again" if retry else ""), WARNING)
         with self.cond:
-            if retry:
+            if retry or self.dirty:     # the workers hold a split not in force: carry one out
                 self.wanted = reason if self.wanted is None else self.wanted
             else:
                 for r in list(self.leaving):
@@ -220,7 +223,9 @@ class Replanner:
         t_start = time.time()
         self.log(f"Re-planning ({reason}): {self._split_text(ranges, excluded)}; {note}")
         ring = [r for r in self.workers if not excluded[r]]
+        stage0 = self._rank0_stage(ranges[0], old[0])     # before any worker is told: it may fail
         with self.lock:
+            self.dirty = True
             self.planner.pending = False        # this is the plan now: a first plan still waited for the gone
             places = self.registry.assign(ranges, [excluded.get(r) for r in range(len(ranges))])
             for r in ring:
@@ -228,7 +233,6 @@ class Replanner:
         for r in ring:      # 2. each loads its new slice; the current ring goes on meanwhile
             if not self.registry.tell(self.workers[r], *plan(places[r])):
                 raise ReplanFailed(f"rank {r} went away before it was told its new place", retry=True)
-        stage0 = self._rank0_stage(ranges[0], old[0])
         deadline = time.time() + LOAD_TIMEOUT_S
         while not all(self.workers[r].status == "ready" for r in ring):
             lost = [str(r) for r in ring if self.workers[r].status == "down"]
@@ -245,7 +249,7 @@ class Replanner:
         self.planner.plan_note = note
         self.count("replanned")
         self.log(f"Re-planned ({reason}) in {time.time() - t_start:.1f}s (loading {t_loaded - t_start:.1f}s, "
-                 f"ring change {time.time() - t_loaded:.2f}s): {self._ring_text()}")
+                 f"ring change {time.time() - t_loaded:.2f}s): {ring_text(self.registry.ring_ranks())}")
         self._finish(dropped=in_ring - set(ring))
 
     def _rank0_stage(self, new: tuple, old: tuple):
@@ -258,7 +262,11 @@ class Replanner:
             return stage.narrowed(*new)
         if self.planner.load_rank0 is None:
             raise ReplanFailed("rank 0 cannot load other blocks (no weights file to load them from)", retry=False)
-        loaded = self.planner.load_rank0(*new)
+        from ..weights import WeightsError
+        try:
+            loaded = self.planner.load_rank0(*new)
+        except (WeightsError, OSError) as e:
+            raise ReplanFailed(f"rank 0 cannot load layers {layers_text(*new)}: {e}", retry=False) from None
         self.log(f"Server loaded layers {layers_text(*new)} for the new plan")
         return loaded
 
@@ -304,6 +312,7 @@ class Replanner:
             if stage0 is not None:
                 self.scheduler.use_stage(stage0)
             self.planner.ranges = list(ranges)
+            self.dirty = False
             if not self.registry.ring_ranks():      # rank 0 holds every block: no ring at all
                 ours = self.scheduler.prefix.stages[0][1]
                 self.scheduler.set_prefix_stages([(len(self.scheduler.stage.blocks), ours)])
@@ -339,9 +348,10 @@ class Replanner:
                                                     else layers_text(*ranges[r])))
         return ", ".join(parts)
 
-    def _ring_text(self) -> str:
-        ring = self.registry.ring_ranks()
-        return "ring " + " -> ".join(["0"] + [str(r) for r in ring] + ["0"]) if ring else "rank 0 alone"
+
+def ring_text(ring: list) -> str:
+    """[1, 2] -> "ring 0 -> 1 -> 2 -> 0"; [] -> "rank 0 alone"."""
+    return "ring " + " -> ".join(["0"] + [str(r) for r in ring] + ["0"]) if ring else "rank 0 alone"
 
 
 def check_memory(shape, caps: list, ranges: list, sessions: int):
