@@ -204,6 +204,7 @@ class Scheduler:
             did = True
             if self.ring is None:
                 self._finish(batch, x, [])
+                break                       # one batch a step: new requests join, and the lock comes free
             else:
                 self.in_flight[batch.id] = batch
                 sessions = [act_entry(s, n) for s, n in zip(batch.sessions, batch.counts)]

@@ -10,6 +10,7 @@ split stage (`load_stage(share=(r, m))`) reads only its columns and rows of thos
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -77,6 +78,20 @@ class StageWeights:
         arrays += list(self.ln_f.values()) if self.ln_f else []
         arrays += [a for p in self.blocks for a in _leaves(p)]
         return sum(a.nbytes for a in arrays if a is not None)
+
+    def holds(self, lo: int, hi: int) -> bool:
+        """Does this stage hold blocks lo..hi-1 (and so can narrow to them without loading)?"""
+        return self.lo <= lo < hi <= self.hi
+
+    def narrowed(self, lo: int, hi: int) -> "StageWeights":
+        """Blocks lo..hi-1 of this stage's, sharing their arrays (and rank 0's embeddings and head):
+        a node whose new plan gives it fewer of the blocks it holds loads nothing.
+
+            StageWeights(lo=0, hi=6, ...).narrowed(0, 4) -> StageWeights(lo=0, hi=4), blocks[0:4] the same dicts
+        """
+        if not self.holds(lo, hi):
+            raise ValueError(f"a stage of blocks {self.lo}..{self.hi - 1} cannot narrow to {lo}..{hi - 1}")
+        return dataclasses.replace(self, lo=lo, hi=hi, blocks=self.blocks[lo - self.lo:hi - self.lo])
 
 
 def _leaves(d):

@@ -285,6 +285,13 @@ class FakeClient:
     def cancel(self):
         """Nothing runs past the scripted tokens, so there is nothing to cancel."""
 
+    def leave(self, rank: int, timeout: float = 420.0) -> dict:
+        """Drain `rank`: refused with the leader's `fail` (a ClientError) when one is set."""
+        self.calls.append({"leave": rank})
+        if self.leader.fail is not None:
+            raise self.leader.fail
+        return {"rank": rank, "message": f"rank {rank} drained: ring 0 -> 1 -> 0"}
+
     def close(self):
         self.closed.set()
 

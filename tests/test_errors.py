@@ -7,7 +7,7 @@ real processes listening on 127.0.0.1.
     missing weights   the hint names the model, the file and the exact command
     --leader NAME     a host_ip name resolves through cluster_config.yaml (the README's own example)
     a wrong port      says what listens there: a worker's data port, or an HTTP server (the web app)
-    a dead rank       once it is down past rejoin_grace_s, a new request fails at once, same message
+    a dead rank       the stream says so on stderr, on lines of their own, and past rejoin_grace_s goes on
     --help            every option has a help line with its default; command summaries fit
 """
 from __future__ import annotations
@@ -172,13 +172,14 @@ def test_the_web_port_is_recognised_as_http_at_once(web_port, tmp_path):
 # a rank down past rejoin_grace_s
 
 
-def test_rank_down_past_grace_fails_new_requests_at_once(tiny_weights, tmp_path):
+def test_rank_down_past_grace_the_stream_goes_on_saying_so(tiny_weights, tmp_path):
     grace = 3
     cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path),
                       cluster_extra={"rejoin_grace_s": grace, "heartbeat_s": 0.2})
     try:
         cl.start()
-        # a CLI generation streams, then rank 1 dies under it: the error waits its grace, on its own line
+        # a CLI generation streams, then rank 1 dies under it for good: past its grace the leader
+        # re-plans over the rest and the answer goes on; what happened is said on stderr, each on its line
         proc = subprocess.Popen([sys.executable, "-m", "nanopipe", "generate", PROMPT, "--leader", cl.leader_addr,
                                  "--config-dir", cl.config_dir, "--strategy", "greedy", "--max-tokens", "120"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -187,40 +188,31 @@ def test_rank_down_past_grace_fails_new_requests_at_once(tiny_weights, tmp_path)
         assert out.startswith(PROMPT.encode()), out
         cl.kill_rank(1, signal.SIGKILL)
         t_kill = time.time()
-        rest, err = proc.communicate(timeout=30)
+        rest, err = proc.communicate(timeout=60)
         in_flight_waited = time.time() - t_kill
         stdout, stderr = (out + rest).decode(), err.decode()
-        assert proc.returncode == 1, (stdout, stderr)
-        assert stdout.endswith("\n"), f"the streamed text does not end its line: {stdout[-40:]!r}"
-        message = f"rank 1 (node1) did not come back within rejoin_grace_s={grace}s"
-        assert message in error_line(stderr), stderr
+        assert proc.returncode == 0, (stdout, stderr)
+        lines = stderr.splitlines()
+        assert any(ln.startswith("[worker 1 (node1") and "waiting up to 3s for it to rejoin]" in ln
+                   for ln in lines), stderr
+        assert "[re-planning the cluster (rank 1 (node1) is gone); the answer goes on in a moment]" in lines, stderr
         assert in_flight_waited > grace - 0.5, f"the request in flight waited {in_flight_waited:.1f}s, not its grace"
 
-        # a new request while rank 1 is still down: no second grace period
-        t0 = time.time()
-        with pytest.raises(ClientError) as e, cl.client() as c:
-            c.generate([15496, 995], max_tokens=5, strategy="greedy")
-        waited = time.time() - t0
-        assert message in str(e.value), str(e.value)
-        assert waited < grace / 2, f"a new request waited {waited:.1f}s for a rank down past its grace"
-
-        # rank 1 back: served again
-        cl.start_rank(1)
-        cl.wait_ready(60)
-        with cl.client() as c:
-            assert len(c.generate([15496, 995], max_tokens=5, strategy="greedy", ignore_eos=True)["token_ids"]) == 5
-
-        # rank 2 just died (within its grace): a new request waits for it, saying so, for the whole grace
+        # rank 2 just died (within its grace): a new request waits for it, saying so, for the whole grace;
+        # then rank 0, alone, holds every block and answers
         cl.kill_rank(2, signal.SIGKILL)
         wait_status(cl, lambda st: node(st, 2)["status"] == "down", 10, "rank 2 shown down")
         statuses = []
         t0 = time.time()
-        with pytest.raises(ClientError) as e, cl.client() as c:
-            c.generate([15496, 995], max_tokens=5, strategy="greedy", on_status=statuses.append)
+        with cl.client() as c:
+            got = c.generate([15496, 995], max_tokens=5, strategy="greedy", ignore_eos=True,
+                             on_status=statuses.append)
         waited = time.time() - t0
+        assert len(got["token_ids"]) == 5
         assert statuses and "waiting for rank 2 to join" in statuses[0], statuses
-        assert "rank 2 (node2) did not come back" in str(e.value), str(e.value)
         assert waited > grace - 0.5, f"a request within rank 2's grace waited only {waited:.1f}s"
+        with cl.client() as c:
+            assert [n["rank"] for n in c.status()["nodes"]] == [0]
     finally:
         cl.stop()
 

@@ -7,7 +7,8 @@ What must hold, each checked below against live processes:
     bad frames     each closes only its own connection, with a log line naming the peer and the fault;
                    the generation running meanwhile comes out exactly as in one process.
     a worker dies  the leader notices at once, generations wait up to rejoin_grace_s, then either go
-                   on where they stopped (greedy answer unchanged) or fail with a clear ClientError.
+                   on where they stopped (greedy answer unchanged), or, past the grace, on a new plan
+                   over the nodes that are left (cluster/replan.py; more in test_live_membership.py).
     the leader     restarted, it is found again by every worker on its own.
     load           32 chats at once through the web app: each answer is its single-process answer,
                    and every KV cache is freed afterwards.
@@ -437,32 +438,30 @@ def test_frozen_worker_is_dropped_after_missed_heartbeats(tiny_weights, referenc
         cl.stop()
 
 
-def test_worker_not_back_within_grace_fails_cleanly_then_serves_again(tiny_weights, reference, tmp_path):
+def test_worker_not_back_within_grace_the_rest_replan_then_it_comes_back(tiny_weights, reference, tmp_path):
+    """Past rejoin_grace_s the leader stops waiting: it re-plans over the nodes that are left and the
+    answer goes on (cluster/replan.py). The rank restarted later is brought back in by a re-plan."""
     cl = failover_cluster(tiny_weights, grace=3, workdir=tmp_path)
     try:
         start(cl)
         box = run_generation(cl, on_token=lambda n: n == 5 and cl.kill_rank(1, signal.SIGKILL))
+        wait_until("rank 1 killed", lambda: len(box["tokens"]) >= 5, 30)
         t0 = time.time()
-        box["thread"].join(15)
+        got = finish(box)
         waited = time.time() - t0
-        assert not box["thread"].is_alive(), "the client hung after the grace period"
-        err = box.get("error")
-        assert isinstance(err, ClientError), f"expected a ClientError, got {box}"
-        assert "rank 1 (node1) did not come back within rejoin_grace_s=3s" in str(err)
+        assert got["token_ids"] == reference(PROMPT, LONG), "the answer re-planned over the rest differs"
         # at least the grace; the upper bound only has to tell "the configured 3 s" from the default 30 s,
-        # with room for a loaded CI machine (measured 6.3-7.4 s at load average 9 on 2 cores)
-        assert 2.5 < waited < 15, f"failed after {waited:.1f}s with rejoin_grace_s=3"
-        wait_log(cl, 0, "Failing 1 request(s): rank 1 (node1) did not come back")
-        # rank 1 is down past its grace: a new request fails at once with the same message (timed in
-        # test_errors.py; a request within a fresh grace waits with a STATUS, shown there too) ...
-        with pytest.raises(ClientError, match="rank 1 \\(node1\\) did not come back"), client(cl) as c:
-            c.generate(PROMPT, SamplingParams("greedy", max_tokens=20))
-        # ... and once rank 1 is back, requests are served again
-        cl.start_rank(1)
+        # with room for a loaded CI machine
+        assert 2.5 < waited < 25, f"answered {waited:.1f}s after the kill with rejoin_grace_s=3"
+        wait_log(cl, 0, "Rank 1 (node1) is gone: down for more than rejoin_grace_s=3s; re-planning over the rest")
         with client(cl) as watcher:
-            wait_until("rank 1 back", lambda: node(watcher.status(), 1)["status"] != "down", READY_S, 0.05)
-        late = run_generation(cl, params=SamplingParams("greedy", max_tokens=20))
-        assert finish(late)["token_ids"] == reference(PROMPT, SamplingParams("greedy", max_tokens=20))
+            assert [n["rank"] for n in watcher.status()["nodes"]] == [0, 2], "a gone rank is still listed"
+        # ... and once rank 1 is back, a re-plan takes it in again
+        cl.start_rank(1)
+        wait_log(cl, 0, "Re-planned (rank 1 (node1) joined)", timeout=READY_S)
+        with client(cl) as watcher:
+            st = watcher.status()
+        assert [(n["rank"], n["status"]) for n in st["nodes"]] == [(0, "up"), (1, "up"), (2, "up")], st["nodes"]
         with client(cl) as c:
             assert c.generate(PROMPT, LONG)["token_ids"] == reference(PROMPT, LONG)
     finally:

@@ -158,9 +158,12 @@ def outputs(tmp_path_factory):
         got["worker-port-as-leader"] = site.run("generate", "Hello", "--leader", f"127.0.0.1:{site.worker_ports[0]}",
                                                 "--config-dir", site.configs)
         got["web-port-as-leader"] = web_port_as_leader(site)
+        got["leave"] = site.run("leave", "--rank", "1", "--config-dir", site.configs)
+        got["replanned"] = site.wait_log("leader", "Re-planned")
+        got["drained"] = site.wait_log("worker1", "The leader has drained this node")
         site.stop("worker2", signal.SIGKILL)          # what the kernel's OOM killer sends
         got["worker-lost"] = site.wait_log("leader", "Worker 2 is down")
-        got["past-grace"] = site.run("generate", "Hello", "--leader", "mini1", "--config-dir", site.configs)
+        got["past-grace"] = site.wait_log("leader", "Rank 2 (pi1) is gone")
     finally:
         site.stop_all()
     return got

@@ -500,6 +500,12 @@ BUILT = {       # every control builder, with what its reader returns (None: the
               {"synthetic": False, "prefix_cache_bytes": 1 << 20}),
     "capacity": (wire.capacity(1, {"name": "pi1", "speed_gbps": 2.5}), Msg.CAPACITY, wire.read_capacity,
                  {"name": "pi1", "speed_gbps": 2.5}),
+    "start_inference, layers": (wire.start_inference(7, [2, 4]), Msg.START_INFERENCE, wire.read_ring_layers, [2, 4]),
+    "leave": (wire.leave(2), Msg.LEAVE, wire.read_leave, 2),
+    "left": (wire.left(2, "rank 2 (pi1) drained: ring 0 -> 1 -> 0"), Msg.LEFT, None,
+             {"rank": 2, "message": "rank 2 (pi1) drained: ring 0 -> 1 -> 0"}),
+    "drained": (wire.drained("drained by `nanopipe leave`"), Msg.DRAINED, None,
+                {"reason": "drained by `nanopipe leave`"}),
 }
 
 
@@ -513,7 +519,8 @@ def test_each_control_message_reads_back_what_its_builder_wrote(name):
 
 def test_no_two_builders_share_a_message_type():
     """One meaning per type: each builder makes its own type (plan's two forms are one meaning, a place)."""
-    types = {name: built[0] for name, (built, *_) in BUILT.items() if name != "plan, left out"}
+    types = {name: built[0] for name, (built, *_) in BUILT.items()
+             if name not in ("plan, left out", "start_inference, layers")}
     assert len(set(types.values())) == len(types), types
 
 
@@ -532,6 +539,12 @@ def test_a_bad_plan_is_a_protocol_error_naming_the_field(meta, message):
 def test_an_epoch_must_be_an_int(epoch):
     with pytest.raises(ProtocolError, match="START_INFERENCE has epoch"):
         wire.read_epoch(_through((Msg.START_INFERENCE, {"epoch": epoch})), peer="leader")
+
+
+def test_ring_layers_are_optional_but_checked():
+    assert wire.read_ring_layers(_through(wire.start_inference(7))) is None
+    with pytest.raises(ProtocolError, match="START_INFERENCE has layers '2-4'"):
+        wire.read_ring_layers(_through((Msg.START_INFERENCE, {"epoch": 7, "layers": "2-4"})), peer="leader")
 
 
 def test_a_ready_value_of_the_wrong_kind_counts_as_not_said():

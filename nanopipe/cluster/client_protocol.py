@@ -22,7 +22,7 @@ import threading
 from ..engine import Request
 from ..sampling_params import FIELDS, DecodingError, check_request, is_int, resolve_request
 from .net import close_now, welcome
-from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame, state, status_text
+from .wire import Msg, ProtocolError, WireError, left, read_leave, recv_frame, send_frame, state, status_text
 
 WARNING = logging.WARNING
 
@@ -126,9 +126,11 @@ class ClientProtocol:
     """
 
     def __init__(self, cluster, model, config, scheduler, ring, registry, log, *, status, aliases,
-                 tokenizer=None, queue_max: int = CLIENT_QUEUE_MAX):
+                 tokenizer=None, queue_max: int = CLIENT_QUEUE_MAX, leave=None):
+        """`leave(rank)` -> (drained, what happened): drain a worker (LEAVE, cluster/replan.py)."""
         self.cluster, self.model, self.config, self.scheduler = cluster, model, config, scheduler
         self.ring, self.registry, self.log, self.status, self.aliases = ring, registry, log, status, aliases
+        self.leave = leave or (lambda rank: (False, "this leader cannot drain nodes"))
         self.tokenizer, self.queue_max = tokenizer, queue_max
         self.counts = {"requests": 0, "errors": 0}
 
@@ -159,6 +161,13 @@ class ClientProtocol:
                     send(*state(self.status()))
                 elif frame.msg is Msg.PING:
                     send(Msg.PONG, frame.meta)
+                elif frame.msg is Msg.LEAVE:     # `nanopipe leave`: answered once the node is drained
+                    rank = read_leave(frame)
+                    ok, text = self.leave(rank)
+                    if ok:
+                        send(*left(rank, text))
+                    else:
+                        send(Msg.ERROR, {"message": text, "kind": "invalid"})
                 else:
                     send(Msg.ERROR, {"message": f"a client may not send {frame.msg.name}"})
         finally:
@@ -244,7 +253,7 @@ class ClientProtocol:
         mine.add(req.id)
         self.counts["requests"] += 1
         if not self.ring.waiting_since_now():   # never wait longer than rejoin_grace_s, even at start-up
-            down = [str(w.rank) for w in self.registry.not_ready()]
+            down = [str(w.rank) for w in self.registry.not_ready(left_out_too=False)]
             req.emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
                                         f"{self.cluster.rejoin_grace_s:g}s)"})
 

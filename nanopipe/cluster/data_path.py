@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ..model import KVCache, blocks_forward
+from ..partition import layers_text
 from ..prefix import fork_cache
 from .net import HandshakeError, accept, close_now, dial, listen, serve_accepts, welcome
 from .node import LinkModel
@@ -108,6 +109,7 @@ class DataPath:
         self.tls_server, self.report, self.on_port_failed, self.stopped = tls_server, report, on_port_failed, stopped
         self.down = Downstream(cluster, rank, tls_client)
         self.stage = self.config = None
+        self.next_stage = None          # a re-plan's blocks, taken up when the leader closes the new ring
         self.prev_rank = rank - 1       # who sends us activations (a rank the solver left out is skipped)
         self.max_act_bytes = 0
         self.caches: dict = {}
@@ -122,14 +124,38 @@ class DataPath:
         return self.down.epoch
 
     def place(self, stage, config, *, prev_rank: int, next_addr: tuple, next_rank: int, max_act_bytes: int):
-        """Where this stage sits: its blocks (stage), the cluster's shape, who sends to it, who it sends to."""
-        self.stage, self.config, self.prev_rank, self.max_act_bytes = stage, config, prev_rank, max_act_bytes
-        self.down.addr, self.down.next_rank = next_addr, next_rank
-        self.caches.clear()                 # a (re)started leader starts every session from scratch
+        """Where this stage sits: its blocks (stage), the cluster's shape, who sends to it, who it sends to.
+        Outside a ring (at the start) the blocks are used at once; in a running ring (the leader
+        re-plans) they wait for the next join_ring, and the current ring goes on with the old ones."""
+        with self.work_lock:
+            self.config, self.prev_rank, self.max_act_bytes = config, prev_rank, max_act_bytes
+            self.down.addr, self.down.next_rank = next_addr, next_rank    # dialed at the next join_ring
+            if self.epoch is None or self.stage is None:
+                self.stage, self.next_stage = stage, None
+                self.caches.clear()         # a (re)started leader starts every session from scratch
+            else:
+                self.next_stage = stage
 
-    def join_ring(self, epoch):
-        """Join the ring of `epoch`: drop the old link and every cache (the leader replays each live
-        session from position 0 on a new ring), then dial the next rank."""
+    def stand_by(self, prev_rank):
+        """Left out by the plan: no ring, no blocks, no caches (sent once the ring runs without us)."""
+        self.down.epoch = None
+        self.down.drop()
+        with self.work_lock:
+            self.stage = self.next_stage = None
+            self.prev_rank = prev_rank
+            self.caches.clear()
+
+    def join_ring(self, epoch, layers: list | None = None):
+        """Join the ring of `epoch`, running `layers` [lo, hi] (None: the blocks held): take up the
+        blocks a re-plan placed here if they are those, drop the old link and every cache (the leader
+        replays each live session from position 0 on a new ring), then dial the next rank."""
+        with self.work_lock:
+            nxt = self.next_stage
+            if nxt is not None and (layers is None or [nxt.lo, nxt.hi] == list(layers)):
+                self.stage, self.next_stage = nxt, None
+        if self.stage is None or (layers is not None and [self.stage.lo, self.stage.hi] != list(layers)):
+            held = "none" if self.stage is None else layers_text(self.stage.lo, self.stage.hi)
+            raise WireError(f"worker {self.rank}: the ring is built for layers {layers}, this node holds {held}")
         self.down.epoch = epoch             # from now on, frames of older rings are dropped
         self.down.drop()
         with self.work_lock:

@@ -49,6 +49,7 @@ from .net import (
 from .node import rss_mb
 from .planner import Planner
 from .registry import WorkerRegistry
+from .replan import Replanner
 from .ring import RingBuilder
 from .slices import serve_slice
 from .wire import ConnectionClosed, WireError
@@ -88,8 +89,9 @@ class Leader:
         self.started = time.time()
         self.metrics = {"rejected_peers": 0, "bad_frames": 0}
         # cluster events as logged, by kind (joined, rejoined, left, planned, slow_stage), for /metrics
-        self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0}
-        # and each one as it happened, for the cluster page: {"t", "kind", "rank", "text"} (ring._note_event)
+        self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0, "gone": 0, "drained": 0,
+                       "replanned": 0}
+        # and each one as it happened, for the cluster page: {"t", "kind", "rank", "text"} (Leader._note)
         self.event_log: collections.deque = collections.deque(maxlen=EVENT_LOG_MAX)
         self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
         self.srv = None
@@ -104,10 +106,15 @@ class Leader:
         self.ring = RingBuilder(cluster, self.config, self.registry, self.scheduler, self.lock, log_fn,
                                 tls_client=client_tls(cluster.tls_cert),     # for dialing worker 1
                                 max_act_bytes=max_act_bytes(self.config, cluster.max_sessions),
-                                may_build=lambda: not self.planner.pending and self.planner.fatal is None,
+                                may_build=lambda: (not self.planner.pending and self.planner.fatal is None
+                                                   and not self.replanner.holds_ring()),
                                 alone=len(ranges) == 1, note_event=self._note)
+        # a node joins, is drained or is gone: a new plan for the running cluster
+        self.replanner = Replanner(cluster, model, self.registry, self.planner, self.ring, self.scheduler, self.lock,
+                                   log_fn, count=self._count, started=self.started, stopped=self.stop_event.is_set)
         self.clients = ClientProtocol(cluster, model, self.config, self.scheduler, self.ring, self.registry, log_fn,
-                                      status=self.status, aliases=self.model_aliases, tokenizer=tokenizer)
+                                      status=self.status, aliases=self.model_aliases, tokenizer=tokenizer,
+                                      leave=self.replanner.leave)
         # what the registry learns, the other parts act on
         self.registry.on_ready = self._worker_ready
         self.registry.on_joined = lambda w: self.ring.rank_back()
@@ -220,7 +227,8 @@ class Leader:
             now = time.time()
             for doing, part, args in (("dropping silent workers", self.registry.drop_silent, (now,)),
                                       ("rebuilding the ring", self.ring.maybe_build, (1.0,)),
-                                      ("enforcing rejoin_grace_s", self.ring.enforce_grace, (now,)),
+                                      ("re-planning", self.replanner.tick, (now,)),
+                                      ("enforcing rejoin_grace_s", self._enforce_grace, (now,)),
                                       ("checking the stages' times", self.planner.check_predictions, ())):
                 try:
                     part(*args)
@@ -229,6 +237,12 @@ class Leader:
                     if what not in seen and len(seen) < 100:
                         seen.add(what)
                         self.log(f"watchdog: {what}; it goes on\n{traceback.format_exc()}", ERROR)
+
+    def _enforce_grace(self, now: float):
+        """Fail what waited longer than rejoin_grace_s for the ring, unless a re-plan brings it back:
+        one is due, under way, or will be once a rank down now is past its grace (cluster/replan.py)."""
+        if not self.replanner.pending():
+            self.ring.enforce_grace(now)
 
     # -- connections, by role ---------------------------------------------------------------
 
@@ -294,6 +308,8 @@ class Leader:
                   "capacity": cap.as_dict() if cap else None, "unknown": cap.unknowns if cap else None,
                   "blas": current_blas().summary, "transit_ms": transit.get(0)}]
         for r, w in self.workers.items():
+            if self.replanner.is_gone(r):
+                continue                        # not part of the cluster any more (nor of /health)
             nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers), "transit_ms": transit.get(r),
                           "down_s": round(now - down_at[r], 1) if w.status == "down" and r in down_at else None,
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,

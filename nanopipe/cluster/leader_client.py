@@ -165,6 +165,19 @@ class LeaderClient:
                 results[i] = m
         return results
 
+    def leave(self, rank: int, timeout: float = 420.0) -> dict:
+        """Drain worker `rank` (`nanopipe leave`): the leader re-plans without it, requests in flight
+        go on, then the worker stops. Returns once it is drained: {"rank": rank, "message": ...};
+        ClientError (kind "invalid") if it cannot leave, saying why."""
+        self._send(*wire.leave(rank))
+        self.sock.settimeout(timeout)
+        while True:
+            frame = self._recv()
+            if frame.msg is Msg.LEFT:
+                return frame.meta
+            if frame.msg is Msg.ERROR:
+                raise ClientError.of(frame.meta)
+
     def cancel(self):
         sid = getattr(self, "session", None)
         if sid:

@@ -190,6 +190,23 @@ class RingBuilder:
             self._building = True
         threading.Thread(target=self._build, daemon=True, name="ring-builder").start()
 
+    @property
+    def building(self) -> bool:
+        """A ring build is under way (its thread is running)."""
+        return self._building
+
+    def take_down(self):
+        """Close the current ring on purpose (the leader re-plans, cluster/replan.py). Call between two
+        scheduler steps (Scheduler.between_steps) with the leader's lock held; build_once then closes
+        the new one. Until it is up, rejoin_grace_s holds as after a break."""
+        if self.ring is not None:
+            self.ring.close()
+        self.ring = None
+        self.scheduler.ring = None
+        self.ready.clear()
+        if self.down_since is None:
+            self.down_since = time.time()
+
     def no_ring_needed(self):
         """The plan gave rank 0 every block: requests run without a ring."""
         with self.lock:
@@ -218,7 +235,7 @@ class RingBuilder:
         for w in workers:
             try:
                 with w.lock:
-                    send_frame(socks[w.rank], *start_inference(epoch))
+                    send_frame(socks[w.rank], *start_inference(epoch, w.layers))
             except (OSError, AttributeError):       # AttributeError: its sock is None, it just left
                 self.log(f"Cannot close the ring (epoch {epoch}): worker {w.rank} went away", WARNING)
                 return False

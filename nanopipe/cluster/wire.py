@@ -92,6 +92,9 @@ class Msg(enum.IntEnum):
     SLICE_INFO = 25         # node -> worker: the slice file's name, size and sha256
     SLICE_FROM = 26         # worker -> node: send from this byte on (what its .part file already holds)
     SLICE_DATA = 27         # node -> worker: the slice file's bytes from "offset" on, one chunk per frame
+    LEAVE = 28              # client -> leader: drain worker `rank` (`nanopipe leave`)
+    LEFT = 29               # leader -> client: that worker is drained, the ring runs without it
+    DRAINED = 30            # leader -> worker: the ring runs without you now; stop
 
 
 class WireError(Exception):
@@ -471,10 +474,19 @@ def read_plan(frame: Frame, peer: str = "leader") -> dict:
     return dict(frame.meta)
 
 
-def start_inference(epoch: int) -> tuple:
+def start_inference(epoch: int, layers: list | None = None) -> tuple:
     """leader -> worker: the guide's start_inference command: join the ring of `epoch` by dialing
-    your next hop (for a new ring, after a rebuild too); answered by RING_JOINED."""
-    return Msg.START_INFERENCE, {"epoch": epoch}
+    your next hop (for a new ring, after a rebuild too), running `layers` [lo, hi] (the slice that
+    ring is built for: after a re-plan, the new one); answered by RING_JOINED."""
+    return Msg.START_INFERENCE, {"epoch": epoch, **({"layers": list(layers)} if layers is not None else {})}
+
+
+def read_ring_layers(frame: Frame, peer: str = "leader") -> list | None:
+    """START_INFERENCE's `layers` [lo, hi], or None when it names none (any slice held will do)."""
+    if frame.meta.get("layers") is None:
+        return None
+    return _need(frame, peer, "layers", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v),
+                 "[lo, hi]: two ints")
 
 
 def ring_joined(rank: int, epoch: int) -> tuple:
@@ -511,3 +523,24 @@ def capacity(rank: int, figures: dict) -> tuple:
 def read_capacity(frame: Frame):
     """A CAPACITY's figures, as sent: placement.Capacity.from_dict checks each (a bad one counts as unknown)."""
     return frame.meta.get("capacity")
+
+
+def leave(rank: int) -> tuple:
+    """client -> leader: drain worker `rank` (`nanopipe leave`, POST /cluster/leave); answered by
+    LEFT once the ring runs without it, or by ERROR (kind "invalid") saying why it cannot leave."""
+    return Msg.LEAVE, {"rank": rank}
+
+
+def read_leave(frame: Frame):
+    """LEAVE's rank, as sent (the leader checks it is a worker of its cluster, and says so if not)."""
+    return frame.meta.get("rank")
+
+
+def left(rank: int, message: str) -> tuple:
+    """leader -> client: `rank` is drained; `message` says what the ring is now."""
+    return Msg.LEFT, {"rank": rank, "message": message}
+
+
+def drained(reason: str) -> tuple:
+    """leader -> worker: the ring runs without you now (you were drained): stop."""
+    return Msg.DRAINED, {"reason": reason}

@@ -40,6 +40,7 @@ from .wire import (
     capacity,
     read_epoch,
     read_plan,
+    read_ring_layers,
     ready,
     recv_frame,
     ring_joined,
@@ -100,6 +101,7 @@ class Worker:
         self.logger = worker_logger(rank)
         self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
         self.stage = None
+        self._kernels_said = False      # describe_kernels logged (once a process)
         self.control_lock = threading.Lock()
         self.control_sock = None
         self._last_welcome: dict = {}
@@ -124,7 +126,7 @@ class Worker:
             # range; _session reloads (and reports a failure to the leader) if it differs.
             from ..weights import WeightsError
             try:
-                self._load(*self.layers)
+                self.stage = self._load(*self.layers)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(*self.layers)} yet: {e}", logging.WARNING)
         while not self.stop_event.is_set():
@@ -162,7 +164,9 @@ class Worker:
 
     def _session(self, sock):
         """One registration with the leader: learn this rank's place, load its blocks, say READY,
-        then follow the leader's orders until the connection ends."""
+        then follow the leader's orders until the connection ends: a new place whenever the leader
+        re-plans (a node joined, left or is gone), each ring it builds, and at last, if it drains
+        this node, DRAINED."""
         welcome = dict(self._last_welcome)
         # heartbeats start before the weights load: a big slice takes longer to read than the
         # leader waits for a silent worker
@@ -170,36 +174,54 @@ class Worker:
         expect = GPTConfig(n_layer=welcome["n_layer"], n_embd=welcome["n_embd"], n_head=welcome["n_head"],
                            n_ctx=welcome["n_ctx"], n_vocab=welcome["n_vocab"])
         self._send_capacity(sock, expect)
+        self.control_sock = sock
         if welcome.get("layers") is None:       # partition auto (or not set): the leader plans once all are in
             self.log("Waiting for the leader's layer plan (it measures every node first)")
-            welcome.update(self._wait_plan(sock))
-        if welcome.get("excluded"):
-            self.data.prev_rank = welcome.get("prev_rank")
-            self.log(f"Left out of the ring by the leader's plan: {welcome['excluded']}. Standing by "
-                     "(no layers loaded); restart the leader to re-plan.", logging.WARNING)
-            self._stand_by(sock)
+        else:
+            self._take_place(sock, welcome, expect)
+        self._follow(sock, expect)
+
+    def _take_place(self, sock, place: dict, expect: GPTConfig):
+        """The leader says where this rank sits: its layers and the ranks either side, or that it is
+        left out. At the start, and again whenever the leader re-plans the running cluster: the new
+        slice loads while the current ring goes on with the old one (the data path swaps it in when
+        the leader closes the new ring), then READY says it is loaded."""
+        if place.get("excluded"):
+            self.data.stand_by(place.get("prev_rank"))
+            self.stage = None
+            self.log(f"Left out of the ring by the leader's plan: {place['excluded']}. Standing by (no layers "
+                     "loaded); the leader brings this node in when a re-plan gives it layers.", logging.WARNING)
             return
-        lo, hi = welcome["layers"]
+        lo, hi = place["layers"]
         self._load_place(sock, lo, hi, expect)
-        self.data.place(self.stage, expect, prev_rank=welcome.get("prev_rank", self.rank - 1),
-                        next_addr=tuple(welcome["next"]), next_rank=welcome.get("next_rank", 0),
+        self.data.place(self.stage, expect, prev_rank=place.get("prev_rank", self.rank - 1),
+                        next_addr=tuple(place["next"]), next_rank=place.get("next_rank", 0),
                         max_act_bytes=max_act_bytes(expect, self.cluster.max_sessions))
-        self.control_sock = sock
         self.data.ensure_listening()
-        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
+        self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
+                 f"{layers_text(lo, hi)})")
         with self.control_lock:
             send_frame(sock, *ready(self.rank, self.node.port, self.stage.synthetic, [lo, hi],
                                     self.cluster.prefix_cache_bytes()))
-        self._follow(sock)
 
     def _load_place(self, sock, lo: int, hi: int, expect: GPTConfig):
-        """Hold blocks lo..hi-1 of the cluster's model (reloading if what is loaded differs), and the
-        kernels chosen for them. A slice that cannot load is told to the leader, and the worker exits."""
-        have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer)
-        if have != (lo, hi, expect.n_embd, expect.n_layer):
+        """Hold blocks lo..hi-1 of the cluster's model as `self.stage`: what is held already if it is
+        that, fewer of the blocks held (nothing to load), else loaded. And the kernels chosen for them.
+        A slice that cannot load is told to the leader, and the worker exits."""
+        shape = (expect.n_embd, expect.n_layer)
+        held = [s for s in (self.stage, self.data.stage, self.data.next_stage)
+                if s is not None and (s.config.n_embd, s.config.n_layer) == shape]
+        same = [s for s in held if (s.lo, s.hi) == (lo, hi)]
+        part = [s for s in held if s.holds(lo, hi)]
+        if same:
+            self.stage = same[0]
+        elif part:
+            self.stage = part[0].narrowed(lo, hi)       # fewer of the blocks it holds: nothing to load
+            self.log(f"Keeping layers {layers_text(lo, hi)} of those it holds for the new plan")
+        else:
             from ..weights import WeightsError
             try:
-                self._load(lo, hi, expect)
+                self.stage = self._load(lo, hi, expect)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
                 with self.control_lock:
@@ -213,11 +235,13 @@ class Worker:
             except KernelChoiceError as e:
                 self.log(str(e), logging.ERROR)
                 raise SystemExit(2) from None
-        self.log(describe_kernels())
+        if not self._kernels_said:
+            self._kernels_said = True
+            self.log(describe_kernels())
 
-    def _follow(self, sock):
-        """READY is sent: join each ring the leader builds (START_INFERENCE, answered by RING_JOINED),
-        answer its PINGs, until it goes away."""
+    def _follow(self, sock, expect: GPTConfig):
+        """Follow the leader until it goes away: its PLANs (the first, or a re-plan's), each ring it
+        builds (START_INFERENCE, answered by RING_JOINED), its PINGs, and DRAINED (stop)."""
         while True:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.START_INFERENCE:
@@ -226,18 +250,28 @@ class Worker:
                 self.log(f"Received start_inference command from server. (START_INFERENCE, ring epoch {epoch}: "
                          f"passing activations to rank {down.next_rank} at {down.addr[0]}:{down.addr[1]})")
                 try:
-                    self.data.join_ring(epoch)
+                    self.data.join_ring(epoch, read_ring_layers(frame))
                 except (WireError, OSError) as e:
-                    # not fatal: the leader sees no READY for this epoch and tries again
+                    # not fatal: the leader sees no RING_JOINED for this epoch and tries again
                     self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
-                    self._report(f"worker {self.rank}: cannot reach rank {down.next_rank}: {e}")
+                    self._report(f"worker {self.rank}: cannot join the ring of epoch {epoch}: {e}")
                     continue
                 with self.control_lock:
                     send_frame(sock, *ring_joined(self.rank, epoch))
                 self.log(f"Waiting for generation requests... (from rank {self.data.prev_rank})")
+            elif frame.msg is Msg.PLAN:
+                self._take_place(sock, read_plan(frame), expect)
             elif frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
+            elif frame.msg is Msg.DRAINED:
+                self.log(f"The leader has drained this node ({frame.meta.get('reason') or 'nanopipe leave'}): the "
+                         "ring runs without it now; stopping")
+                self.stop()
+                return
+            elif frame.msg is Msg.ERROR and frame.meta.get("fatal"):
+                self.log(f"The leader cannot place the model: {frame.meta.get('message')}", logging.ERROR)
+                raise SystemExit(2)
 
     def _send_capacity(self, sock, expect: GPTConfig):
         """Measure this node once (placement.measure: speed with the model's own matrix shapes, usable
@@ -251,37 +285,17 @@ class Worker:
         with self.control_lock:
             send_frame(sock, *capacity(self.rank, self.capacity.as_dict()))
 
-    def _wait_plan(self, sock) -> dict:
-        """The leader's PLAN: this rank's layers, next hop, and whether it is left out."""
-        while True:
-            frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.PLAN:
-                return read_plan(frame)
-            if frame.msg is Msg.PING:
-                with self.control_lock:
-                    send_frame(sock, Msg.PONG, frame.meta)
-            elif frame.msg is Msg.ERROR and frame.meta.get("fatal"):
-                self.log(f"The leader cannot place the model: {frame.meta.get('message')}", logging.ERROR)
-                raise SystemExit(2)
-
-    def _stand_by(self, sock):
-        """Left out: stay registered (heartbeats, PONGs) holding nothing, until the leader goes away."""
-        self.stage = None
-        while True:
-            frame = recv_frame(sock, "leader")
-            if frame.msg is Msg.PING:
-                with self.control_lock:
-                    send_frame(sock, Msg.PONG, frame.meta)
-
     def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
-        """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape)."""
-        from ..weights import load_stage
+        """Blocks lo..hi-1 of the weights (checked against `expect`, the cluster's shape), as a new
+        StageWeights. The one place a worker gets a slice, at the start and at every re-plan: from its
+        weights file, else `fetch(lo, hi)` (the hub, the leader's synthetic recipe)."""
+        from ..weights import load_stage, synthetic_note
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         path = self.weights_path or self.fetch(lo, hi)
-        self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
-        from ..weights import synthetic_note
+        stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
         self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}, "
-                 f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
+                 f"{stage.nbytes / 1e6:.1f} MB){synthetic_note(stage.synthetic)}")
+        return stage
 
     def _heartbeat(self, sock):
         """Tell the leader we're alive (and how big we are) every heartbeat_s."""

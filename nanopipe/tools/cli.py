@@ -750,6 +750,36 @@ def _join_leader(addr, configs: Configs, weights_path, n_head):
         log(_stopping())
 
 
+@main.command(short_help="Drain a worker: the cluster re-plans without it, then it stops.")
+@click.option("--rank", type=int, required=True, help="The worker to drain (1..num_workers).")
+@click.option("--leader", "leader_addr", default=None, metavar="HOST:PORT",
+              help="The leader to ask.  [default: the configs' leader]")
+@click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="Folder with cluster_config.yaml (the leader's address and the cluster's secret).")
+@_fail_clean
+@pass_configs
+def leave(rank, leader_addr, configs):
+    """Drain worker RANK from the running cluster: the leader re-plans over the other nodes between
+    two steps (requests in flight go on), then tells the worker to stop. Returns once it is drained."""
+    token, tls_ca = _leader_auth(configs)
+    if leader_addr is None:
+        try:
+            cc = configs.cluster
+        except ConfigNotFound:
+            raise UserError(f"no {configs.dir}/cluster_config.yaml to find the leader in: pass --leader "
+                            "HOST:PORT") from None
+        addr = f"{cc.leader.ip}:{cc.leader.port}"
+    else:
+        addr = resolve_leader(configs, leader_addr)
+    click.echo(f"Asking the leader at {addr} to drain rank {rank} (it re-plans without it first)...")
+    try:
+        with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
+            done = c.leave(rank)
+    except ClientError as e:
+        raise UserError(str(e)) from None
+    click.echo(done.get("message") or f"rank {rank} drained")
+
+
 def device_line() -> str:
     """The guide's "Model initialized on device: mps" line; nanopipe runs on the CPU, through numpy
     (its version from the package metadata)."""

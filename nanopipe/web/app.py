@@ -23,6 +23,7 @@ Routes (API routes need `Authorization: Bearer <api_token>` when cluster_config.
     GET  /config                decoding defaults, model, and each node's rank, host and layers
     GET  /health                leader reachability and every node's status; 503 unless all are up
     POST /reconnect             dial the leader again and report
+    POST /cluster/leave         {"rank": R}: drain a worker, as `nanopipe leave` (web/leave.py)
     GET  /metrics               Prometheus text format (web/metrics.py)
     GET  /cluster               the ring as the page's Cluster view draws it (web/cluster_view.py)
     POST /v1/completions        OpenAI-compatible: web/openai.py, a Blueprint
@@ -60,7 +61,7 @@ from flask import Flask, Response, current_app, g, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
-from . import chat, cluster_view, openai
+from . import chat, cluster_view, leave, openai
 from .connection import dial_leader, leader_status
 from .errors import ApiError, error_response
 from .metrics import render_metrics
@@ -155,6 +156,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     _register_metrics(app)
     chat.register(app)
     cluster_view.register(app)
+    leave.register(app)                 # POST /cluster/leave (web/leave.py)
     app.register_blueprint(openai.bp)
     return app
 

@@ -29,7 +29,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # every status the leader gives a node (/health): each node's nanopipe_node_status has all of them, 1 for its own
 NODE_STATES = ("up", "joining", "down", "left out")
 # the cluster events the leader counts (its status' "events"): each is shown, 0 until it happens
-EVENT_KINDS = ("joined", "rejoined", "left", "planned", "slow_stage")
+EVENT_KINDS = ("joined", "rejoined", "left", "planned", "slow_stage", "gone", "drained", "replanned")
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
