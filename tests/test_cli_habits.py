@@ -149,7 +149,7 @@ def _check(offs, layers=None):
     return the lines it logged, with their levels."""
     import logging
     lines = []
-    state = SimpleNamespace(_off_warned={}, count=lambda kind: None,
+    state = SimpleNamespace(_off_warned={}, count=lambda kind, *about: None,
                             log=lambda msg, level=logging.INFO: lines.append((level, msg)))
     for i, off in enumerate(offs):
         row = {"rank": 0, "host": "mini1", "layers": (layers or [[0, 4]] * len(offs))[i], "samples": 64,

@@ -56,11 +56,12 @@ class Replanner:
     other parts' calls: the registry (who is there, their places, `tell`), the planner (the split
     in force, its figures, `load_rank0`), the ring builder (`take_down`, `build_once`) and the
     scheduler (its lock, `use_stage`, `interrupt`). `count(kind, rank, text)` counts a cluster
-    event and notes it in the leader's event log; `started` is when the leader started (a rank never seen is absent since then).
+    event and notes it in the leader's event log; `started` is when the leader started (a rank
+    never seen is absent since then).
     """
 
-    def __init__(self, cluster, model, registry, planner, ring, scheduler, lock, log, *, count=lambda kind, *about: None,
-                 started: float | None = None, stopped=lambda: False):
+    def __init__(self, cluster, model, registry, planner, ring, scheduler, lock, log, *,
+                 count=lambda kind, *about: None, started: float | None = None, stopped=lambda: False):
         self.cluster, self.model, self.registry, self.planner = cluster, model, registry, planner
         self.ring, self.scheduler, self.lock, self.log, self.count = ring, scheduler, lock, log, count
         self.started, self.stopped = started or time.time(), stopped
