@@ -421,6 +421,9 @@ MODEL_VALUES = {
     "mapping holds a layer twice": (
         _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [7, 11]})),
         "gpt2: layer_mapping: ranks 0 and 1 both hold layer 3"),
+    "mapping shares layers unevenly": (
+        _model(lambda d, m: m.update(layer_mapping={0: [0, 3], 1: [4, 11], 2: [4, 9]})),
+        "gpt2: layer_mapping: ranks 1 and 2 both hold layers 4-9 but not the same layers"),
     "mapping for too few ranks": (_model(lambda d, m: m.update(layer_mapping={0: [0, 5], 1: [6, 11]})),
                                   "gpt2: layer_mapping has no entry for rank 2"),
     "empty hf_model_name": (_model(lambda d, m: m.update(hf_model_name=" ")), "'hf_model_name' is empty"),
@@ -549,3 +552,10 @@ def test_hostile_cluster_config_is_a_short_clear_error(tmp_path, text, says):
     with pytest.raises(ConfigError) as e:
         load_cluster_config(str(tmp_path))
     assert str(path) in str(e.value) and says in str(e.value) and len(str(e.value)) < 600, str(e.value)[:1000]
+
+
+def test_a_split_stage_is_spelled_by_giving_two_ranks_the_same_layers(tmp_path):
+    make = _model(lambda d, m: m.update(layer_mapping={0: [0, 3], 1: [4, 11], 2: [4, 11]}))
+    write(tmp_path, "model_config.yaml", make())
+    mc = load_model_config(str(tmp_path))
+    assert mc.layer_mapping == {0: [0, 3], 1: [4, 11], 2: [4, 11]}
