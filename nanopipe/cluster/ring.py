@@ -31,6 +31,7 @@ from ..decoding import is_int, is_number
 from ..engine import Scheduler
 from ..logs import shown
 from ..partition import first_last, layers_text
+from . import group
 from .net import close_now, dial, welcome
 from .node import LinkModel
 from .wire import (
@@ -323,15 +324,18 @@ class Membership:
         """The workers in the ring, in order: every worker the plan did not leave out."""
         return [r for r, w in self.workers.items() if not w.excluded]
 
+    def ring_hops(self) -> list:
+        """The workers activations pass through, in order: one per stage (a split stage's first
+        member; the others get its rows from it, cluster/group.py)."""
+        return group.hops(self.ranges, [0] + self.ring_ranks())[1:]
+
     def _place_of(self, rank: int) -> dict:
-        """What a worker is told of its place: its layers, the ranks either side, or why it is left out."""
+        """What a worker is told of its place: its layers, the ranks either side (its split stage's
+        members, if it is one), or why it is left out."""
         w = self.workers[rank]
         if w.excluded:
             return {"layers": list(w.layers), "excluded": w.excluded, "prev_rank": None}
-        ring = [0] + self.ring_ranks()
-        i = ring.index(rank)
-        nxt = self.cluster.node(ring[i + 1] if i + 1 < len(ring) else 0)
-        return {"layers": list(w.layers), "next": [nxt.ip, nxt.port], "next_rank": nxt.rank, "prev_rank": ring[i - 1]}
+        return group.place(self.ranges, [0] + self.ring_ranks(), rank, self.cluster.node)
 
     def _on_capacity(self, w, data, peer):
         from ..placement import Capacity
@@ -571,7 +575,8 @@ class Membership:
                             "leader: check that the leader's address in host_ip is reachable from it"), WARNING)
                 return False
             time.sleep(0.01)
-        first = self.cluster.node(workers[0].rank)
+        hops = [self.workers[r] for r in self.ring_hops()]
+        first = self.cluster.node(hops[0].rank)
         try:
             sock, _, _ = dial(first.ip, first.port, role="data", rank=0, token=self.cluster.auth_token, attempts=5,
                               backoff_s=0.1, max_backoff_s=1.0, who=f"worker {first.rank}", tls=self.tls_client,
@@ -579,7 +584,7 @@ class Membership:
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}", WARNING)
             return False
-        last = workers[-1]
+        last = hops[-1]
         ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self._on_ring_break,
                     link_sleep=LinkModel.of(self.cluster).wait, source=f"rank {last.rank} ({last.host})", log=self.log)
         with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
@@ -588,12 +593,13 @@ class Membership:
                 return False
             self.ring = ring
             self.scheduler.ring = ring
-            self._set_prefix_budgets(workers)
+            self._set_prefix_budgets(hops)
             replayed = self.scheduler.replay_all()
             self.down_since = None
             self.grace_over = False
             self.ring_ready.set()
-        path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
+        stages = group.stages_in_ring(self.ranges, [0] + self.ring_ranks())[1:]     # a split stage shows as 1+2
+        path = " -> ".join(["0"] + ["+".join(map(str, g)) for g in stages] + ["0"])
         left = [str(r) for r, w in self.workers.items() if w.excluded]
         self.log(f"All {len(workers)} worker(s) ready; ring {path} is up (epoch {epoch})"
                  + (f"; rank {', '.join(left)} left out by the plan" if left else "")
@@ -611,7 +617,7 @@ class Membership:
 
     def _data_conn(self, sock, peer, hello):
         """The last worker's link back to the leader: final activations arrive here."""
-        ring = self.ring_ranks()
+        ring = self.ring_hops()
         last = ring[-1] if ring else 0
         if hello.get("rank") != last or last == 0:
             send_frame(sock, Msg.REJECT, {"reason": f"only rank {last} sends activations to the leader"})

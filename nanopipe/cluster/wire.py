@@ -76,6 +76,7 @@ class Msg(enum.IntEnum):
     STATS = 14      # worker -> leader: rss, compute times
     CANCEL = 15     # client -> leader
     STATUS = 16     # leader -> client: status text, e.g. waiting for a rank to rejoin
+    PARTIAL = 17    # member <-> member of a split stage: its partial sum of a block's c_proj (all-reduce)
 
 
 class WireError(Exception):

@@ -24,9 +24,10 @@ from ..blas import current as current_blas
 from ..config import ClusterConfig
 from ..kernels import kernels
 from ..logs import worker_logger
-from ..model import GPTConfig, KVCache, blocks_forward
+from ..model import GPTConfig, KVCache, blocks_forward, blocks_forward_member
 from ..partition import layers_text
 from ..prefix import fork_cache
+from .group import GroupLinks, GroupPlace
 from .net import (
     HandshakeError,
     accept,
@@ -109,6 +110,7 @@ class Worker:
         self.logger = worker_logger(rank)
         self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
         self.stage = None
+        self.group: GroupLinks | None = None    # a split stage's links to the other members (cluster/group.py)
         self.caches: dict = {}
         self.down_sock = None
         self.down_lock = threading.Lock()
@@ -169,6 +171,8 @@ class Worker:
                 sock.close()
                 self.control_sock = self.epoch = None
                 self._drop_downstream()
+                if self.group is not None:
+                    self.group.close()
                 self.caches.clear()         # the sessions they hold died with that leader
             if self.stop_event.is_set():
                 break
@@ -195,11 +199,14 @@ class Worker:
             self._stand_by(sock)
             return
         lo, hi = welcome["layers"]
-        have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer)
-        if have != (lo, hi, expect.n_embd, expect.n_layer):
+        place = GroupPlace(welcome["group"]) if welcome.get("group") else None
+        share = (place.member, place.size) if place else None
+        have = self.stage and (self.stage.lo, self.stage.hi, self.stage.config.n_embd, self.stage.config.n_layer,
+                               self.stage.share and (self.stage.share.member, self.stage.share.members))
+        if have != (lo, hi, expect.n_embd, expect.n_layer, share):
             from ..weights import WeightsError
             try:
-                self._load(lo, hi, expect)
+                self._load(lo, hi, expect, share=share)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
                 with self.control_lock:
@@ -215,10 +222,13 @@ class Worker:
                 raise SystemExit(2) from None
         self.log(describe_kernels())
         self.config = expect
-        self.next_addr = tuple(welcome["next"])
+        self.next_addr = tuple(welcome["next"]) if welcome.get("next") else None   # None: a later member
         self.next_rank = welcome.get("next_rank", 0)
         self.caches.clear()                 # a (re)started leader starts every session from scratch
         self.max_act_bytes = max_act_bytes(expect, self.cluster.max_sessions)
+        if self.group is not None:
+            self.group.close()
+        self.group = GroupLinks(place, self.max_act_bytes) if place else None
         self.control_sock = sock
         self._ensure_listening()
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port})")
@@ -230,18 +240,25 @@ class Worker:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.STATUS and frame.meta.get("ring") == "connect":
                 epoch = frame.meta.get("epoch")
-                self.log(f"Received start_inference command from server. (ring epoch {epoch}: passing "
-                         f"activations to rank {self.next_rank} at {self.next_addr[0]}:{self.next_addr[1]})")
+                self.log(f"Received start_inference command from server. (ring epoch {epoch}: "
+                         + (f"passing activations to rank {self.next_rank} at {self.next_addr[0]}:{self.next_addr[1]}"
+                            if self.next_addr else f"member {self.group.place.member} of a split stage")
+                         + (f", splitting layers {layers_text(lo, hi)} with ranks "
+                            f"{', '.join(str(r) for r in self.group.place.ranks if r != self.rank)})"
+                            if self.group else ")"))
                 try:
                     self._connect_downstream(epoch)
+                    if self.group is not None:
+                        self._connect_group(epoch)
                 except (WireError, OSError) as e:
                     # not fatal: the leader sees no READY for this epoch and tries again
                     self.log(f"Cannot join the ring (epoch {epoch}): {e}", logging.WARNING)
-                    self._report(f"worker {self.rank}: cannot reach rank {self.next_rank}: {e}")
+                    self._report(f"worker {self.rank}: cannot join the ring of epoch {epoch}: {e}")
                     continue
                 with self.control_lock:
                     send_frame(sock, Msg.READY, {"rank": self.rank, "epoch": epoch})
-                self.log(f"Waiting for generation requests... (from rank {self.prev_rank})")
+                self.log("Waiting for generation requests... (from "
+                         + (f"rank {self.prev_rank})" if self.next_addr else "member 0 of the split stage)"))
             elif frame.msg is Msg.PING:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
@@ -284,14 +301,20 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
 
-    def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
-        """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape)."""
+    def _load(self, lo: int, hi: int, expect: GPTConfig | None = None, share: tuple | None = None):
+        """Load blocks lo..hi-1 of the weights file (checked against `expect`, the cluster's shape);
+        `share` (r, m): member r of m's part of each (a split stage, model.share_of)."""
         from ..weights import load_stage
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         path = self.weights_path or self.fetch(lo, hi)
-        self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
+        self.stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect, share=share)
         from ..weights import synthetic_note
-        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}, "
+        part = ""
+        if share is not None:
+            sh = self.stage.share
+            part = (f", member {sh.member} of {sh.members}: heads {sh.heads[0]}-{sh.heads[1] - 1}, "
+                    f"MLP columns {sh.hidden[0]}-{sh.hidden[1] - 1}")
+        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}{part}, "
                  f"{self.stage.nbytes / 1e6:.1f} MB){synthetic_note(self.stage.synthetic)}")
 
     def _heartbeat(self, sock):
@@ -346,10 +369,13 @@ class Worker:
             leader = self.cluster.leader
             try:
                 sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token,
-                                     roles=("data",), here=f"this is worker {self.rank}'s data port; the leader "
-                                                           f"listens on {leader.ip}:{leader.port}")
+                                     roles=("data", "member"), here=f"this is worker {self.rank}'s data port; the "
+                                                                     f"leader listens on {leader.ip}:{leader.port}")
             finally:
                 slot()
+            if hello["role"] == "member":
+                self._member_conn(sock, peer, hello)
+                return
             if hello.get("rank") != self.prev_rank:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
                                                         f"{self.prev_rank} only"})
@@ -378,6 +404,63 @@ class Worker:
         finally:
             close_now(sock)
 
+    def _member_conn(self, sock, peer, hello):
+        """A later member of our split stage dialled us for a ring epoch: keep the link for it."""
+        group = self.group
+        index = group.place.index_of(hello.get("rank")) if group is not None else None
+        if index is None or index <= group.place.member:
+            send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes member links only from the later "
+                                                    f"members of its split stage"})
+            raise HandshakeError(f"{peer} claims to be member rank {hello.get('rank')!r} of this split stage; "
+                                 f"it is not a later member ({group.place.ranks if group else 'no group here'})")
+        welcome(sock, hello, {"rank": self.rank})
+        group.offer(hello.get("epoch"), index, sock, f"member {index} (rank {hello['rank']}, {peer})")
+
+    def _connect_group(self, epoch):
+        """Link up with the other members of our split stage for `epoch` (cluster/group.py). A later
+        member then serves what member 0 forwards, on a thread of its own."""
+        def dial_member(rank, ip, port):
+            sock, _, _ = dial(ip, port, role="member", rank=self.rank, token=self.cluster.auth_token, attempts=20,
+                              backoff_s=0.1, max_backoff_s=1.0, who=f"member rank {rank}", tls=self.tls_client,
+                              extra={"epoch": epoch})
+            return sock
+        self.group.connect(epoch, dial_member)
+        if not self.group.place.first:
+            threading.Thread(target=self._serve_member, args=(self.group, epoch), daemon=True,
+                             name=f"member-{epoch}").start()
+
+    def _serve_member(self, group: GroupLinks, epoch):
+        """A later member: compute our part of each ACT member 0 forwards (summing with the others
+        after each c_proj), and drop the sessions a FREE names; until the link to member 0 closes."""
+        link = group.first_link
+        try:
+            while True:
+                frame = link.recv()
+                with self.work_lock:
+                    if self.epoch != epoch:
+                        return
+                    if frame.msg is Msg.ACT:
+                        t0 = time.perf_counter()
+                        y = self._compute(frame, link.name)
+                        ms = (time.perf_counter() - t0) * 1000
+                        self.compute_ms += ms
+                        self.frames += 1
+                        if y is not None and len(y) == 1:
+                            self.decode_ms.append(ms)
+                    elif frame.msg is Msg.FREE:
+                        self._free(frame)
+                    else:
+                        raise ProtocolError(f"{link.name}: unexpected {frame.msg.name} from member 0")
+        except ConnectionClosed:
+            pass
+        except Exception as e:
+            if self.epoch == epoch:
+                self.log(f"Closed the link from {link.name}: {type(e).__name__}: {e}", logging.WARNING)
+                self._report(f"worker {self.rank} (a member of a split stage) lost {link.name}: {e}", epoch=epoch)
+        finally:
+            if self.epoch == epoch:
+                group.close()
+
     def _report(self, message: str, epoch=None):
         """An ERROR to the leader on the control link; with `epoch`, that ring is broken."""
         sock = self.control_sock
@@ -399,9 +482,10 @@ class Worker:
                                     f"got {x.dtype} {list(x.shape)}")
             if frame.meta.get("epoch") != self.epoch:
                 return                  # from a ring since rebuilt: the leader replays its sessions
+            if self.group is not None:
+                self.group.forward(Msg.ACT, frame.meta, frame.payload)          # the same rows to every member
             t0 = time.perf_counter()
-            segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]  # the n of each sum to T
-            y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
+            y = self._compute(frame, peer, x, sessions)                        # (T, C)
             ms = (time.perf_counter() - t0) * 1000
             self.compute_ms += ms
             self.frames += 1
@@ -415,19 +499,47 @@ class Worker:
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache
-            ids = frame.meta.get("sessions", [])
-            for sid in ids if isinstance(ids, list) else []:
-                if isinstance(sid, str):
-                    self.caches.pop(sid, None)
+            if self.group is not None:
+                self.group.forward(Msg.FREE, frame.meta)
+            self._free(frame)
             self._send_down(Msg.FREE, frame.meta, None)
         else:
             raise ProtocolError(f"{peer}: unexpected {frame.msg.name} on a data link")
+
+    def _compute(self, frame, peer, x=None, sessions=None):
+        """This stage's blocks over an ACT's rows: all of each block, or, in a split stage, our
+        part of each, summed with the other members' after each c_proj (model.blocks_forward_member)."""
+        if sessions is None:            # a later member: the frame member 0 forwarded, checked here too
+            sessions = act_sessions(frame, peer)
+            x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)      # (T, C)
+            if x.dtype != np.float32 or x.ndim != 2:
+                raise ProtocolError(f"{peer}: ACT must carry float32 rows, got {x.dtype} {list(x.shape)}")
+            if frame.meta.get("epoch") != self.epoch:
+                return None
+        segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]      # the n of each sum to T
+        if self.group is None:
+            return blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
+        return blocks_forward_member(x, self.stage.blocks, n_head=self.stage.share.n_head, segments=segments,
+                                     reduce=self.group.all_reduce)                                 # (T, C)
+
+    def _free(self, frame):
+        ids = frame.meta.get("sessions", [])
+        for sid in ids if isinstance(ids, list) else []:
+            if isinstance(sid, str):
+                self.caches.pop(sid, None)
+
+    def _new_cache(self) -> KVCache:
+        """An empty cache for one session: of every head, or in a split stage of ours only."""
+        share = self.stage.share
+        if share is None:
+            return KVCache.for_model(self.config, len(self.stage.blocks))
+        return KVCache(len(self.stage.blocks), share.n_head, self.config.head_dim, self.config.n_ctx)
 
     def _cache_for(self, s: dict, peer: str) -> KVCache:
         """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
         positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
         if s["pos"] == 0:
-            cache = self.caches[s["id"]] = KVCache.for_model(self.config, len(self.stage.blocks))
+            cache = self.caches[s["id"]] = self._new_cache()
             return cache
         fork = s.get("fork")
         if fork is not None:
@@ -471,8 +583,12 @@ class Worker:
         session from position 0 on a new ring), then dial the next rank."""
         self.epoch = epoch              # from now on, frames of older rings are dropped
         self._drop_downstream()
+        if self.group is not None:
+            self.group.close()          # wakes a member blocked in an all-reduce of the old ring
         with self.work_lock:
             self.caches.clear()
+        if self.next_addr is None:
+            return                      # a later member of a split stage: member 0 passes our rows on
         host, port = self.next_addr
         sock, _, _ = dial(host, port, role="data", rank=self.rank, token=self.cluster.auth_token, attempts=20,
                           backoff_s=0.1, max_backoff_s=1.0, who=f"rank {self.next_rank}", tls=self.tls_client,
