@@ -329,6 +329,8 @@ class Worker:
                                                  "gemv_rows": kernels.gemv_rows if kernels.chosen else None,
                                                  "decode_ms": _median(self.decode_ms),
                                                  "decode_samples": len(self.decode_ms),
+                                                 "reduce_ms": (round(self.group.reduce_s * 1000, 3)
+                                                               if self.group is not None else None),
                                                  "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
                                                  "blas": current_blas().summary})
             except OSError:
@@ -485,6 +487,7 @@ class Worker:
             if self.group is not None:
                 self.group.forward(Msg.ACT, frame.meta, frame.payload)          # the same rows to every member
             t0 = time.perf_counter()
+            reduce_s = self.group.reduce_s if self.group is not None else 0.0
             y = self._compute(frame, peer, x, sessions)                        # (T, C)
             ms = (time.perf_counter() - t0) * 1000
             self.compute_ms += ms
@@ -494,7 +497,9 @@ class Worker:
             meta = dict(frame.meta)
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
-                "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6)}]
+                "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6),
+                # a split stage: of compute_ms, the time in its all-reduces (waiting for the other members)
+                **({"reduce_ms": round((self.group.reduce_s - reduce_s) * 1000, 3)} if self.group else {})}]
             self._send_down(Msg.ACT, meta, y)                                  # (T, C) to the next rank
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
