@@ -1,0 +1,163 @@
+"""Tensor parallelism measured: one conversation on one core, on a split stage over two, on a pipeline over two.
+
+Each node is a real `nanopipe serve`/`join` process pinned to one core (`taskset -c`), with one BLAS
+thread: each core stands for a machine. The weights are gpt2-medium shaped (24 blocks of C=1024,
+16 heads; ~1.4 GB of float32, far larger than a last-level cache, so every token streams them from
+memory) and synthetic. Three setups, measured in turn, round after round, in one run:
+
+    (a) one node   rank 0 on core 0 holds every block and the head
+    (b) split      rank 0 (embed, block 0, head) and member 0 of the split stage on core 0, member 1
+                   on core 1; blocks 1-23 split by heads and MLP columns (layer_mapping
+                   {0: [0, 0], 1: [1, 23], 2: [1, 23]}). For one conversation rank 0 and member 0
+                   never run at once (the ring is sequential), so they share core 0 as one machine.
+    (c) pipeline   rank 0 (blocks 0-11 and the head) on core 0, rank 1 (blocks 12-23) on core 1
+
+Per token it reports where the time goes: rank 0's blocks and LM head, each member's compute and
+the part of it spent in all-reduces (waiting for the other member and adding), and the ring's hops.
+`predict_split` is the link model for a split stage (what `nanopipe plan` prints).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+
+from ..weights import WEIGHTS_DIR, ensure_synthetic
+from .bench_cluster import streams_cluster
+
+BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "VECLIB_MAXIMUM_THREADS": "1"}
+
+
+def setups(n_layer: int) -> dict:
+    """name -> (nodes, layer_mapping or None, {rank: core})"""
+    last, half = n_layer - 1, n_layer // 2
+    return {
+        "a: 1 node, 1 core": (1, None, {0: 0}),
+        "b: split stage, 2 cores": (3, {0: [0, 0], 1: [1, last], 2: [1, last]}, {0: 0, 1: 0, 2: 1}),
+        "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}),
+    }
+
+
+def _status(cl) -> dict:
+    with cl.client(timeout=30) as c:
+        return c.status()
+
+
+def _worker_totals(st: dict) -> dict:
+    return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0)
+            for n in st["nodes"] if n["rank"] > 0}
+
+
+def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
+    """One greedy stream: median ms per decode token, and per token where it went."""
+    time.sleep(3 * heartbeat_s)
+    before = _worker_totals(_status(cl))
+    load0 = os.getloadavg()[0]
+    r = streams_cluster(cl, 1, prompt_len, n_tokens, trace=True)
+    load1 = os.getloadavg()[0]
+    time.sleep(3 * heartbeat_s)                     # the workers' next heartbeats carry this run's totals
+    after = _worker_totals(_status(cl))
+    s = r["_streams"][0]
+    ms = float(np.median(np.diff(s["token_times"]))) * 1000
+    decode = [e for e in s["events"][1:] if e.get("hops")]
+    parts = {}
+    if decode:
+        parts["rank 0 blocks"] = float(np.median([e["hops"][0]["compute_ms"] for e in decode]))
+        parts["rank 0 head"] = float(np.median([e["head_ms"] for e in decode if e.get("head_ms") is not None]))
+        for i in range(1, len(decode[0]["hops"])):
+            hop = decode[0]["hops"][i]
+            parts[f"rank {hop['rank']} compute"] = float(np.median([e["hops"][i]["compute_ms"] for e in decode]))
+            if "reduce_ms" in hop:
+                parts[f"rank {hop['rank']} all-reduce"] = float(np.median([e["hops"][i].get("reduce_ms", 0)
+                                                                           for e in decode]))
+        known = sum(v for k, v in parts.items() if "all-reduce" not in k)
+        parts["hops and scheduler"] = ms - known
+    for rank, (c1, f1, r1) in after.items():        # every worker, the members without a hop of their own too
+        c0, f0, r0 = before.get(rank, (0.0, 0, 0.0))
+        if f1 > f0 and f"rank {rank} compute" not in parts:
+            parts[f"rank {rank} compute (mean)"] = (c1 - c0) / (f1 - f0)
+            if r1 > r0:
+                parts[f"rank {rank} all-reduce (mean)"] = (r1 - r0) / (f1 - f0)
+    return {"ms_per_token": round(ms, 2), "tok_s": round(1000 / ms, 2), "token_ids": s["done"]["token_ids"],
+            "parts": {k: round(v, 2) for k, v in parts.items()}, "load": round(max(load0, load1), 2)}
+
+
+def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens: int = 48, prompt_len: int = 16,
+             rounds: int = 2, echo=print) -> list:
+    """(a), (b) and (c) side by side: all three clusters up at once, measured in turn, `rounds` times."""
+    from .localcluster import LocalCluster
+    weights = weights or ensure_synthetic(folder=WEIGHTS_DIR, size=size, log=echo)
+    from ..weights import read_config
+    cfg = read_config(weights)[0]
+    pin = shutil.which("taskset")
+    if pin is None:
+        echo("note: no taskset here: the nodes are not pinned to cores, so (a) may use both")
+    heartbeat_s = 0.2
+    clusters = {}
+    rows = []
+    try:
+        for name, (nodes, mapping, cores) in setups(cfg.n_layer).items():
+            wrap = {r: [pin, "-c", str(c)] for r, c in cores.items()} if pin else {}
+            echo(f"starting {name}: {nodes} node(s)" + (f", layer_mapping {mapping}" if mapping else ""))
+            cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
+                              cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0})
+            clusters[name] = cl.start()
+            streams_cluster(cl, 1, prompt_len, 4)                                # warm-up
+        for rnd in range(1, rounds + 1):
+            for name, cl in clusters.items():
+                m = measure(cl, prompt_len, n_tokens, heartbeat_s)
+                rows.append({"round": rnd, "setup": name, **m})
+                echo(f"round {rnd} {name}: {m['ms_per_token']} ms/token ({m['tok_s']} tok/s), load {m['load']}")
+    finally:
+        for cl in clusters.values():
+            cl.stop()
+    one = {r["round"]: r for r in rows if r["setup"].startswith("a:")}
+    for r in rows:
+        base = one[r["round"]]
+        r["speedup_vs_a"] = round(base["ms_per_token"] / r["ms_per_token"], 3)
+        r["same_tokens_as_a"] = r["token_ids"] == base["token_ids"]
+    return rows
+
+
+def format_rows(rows: list) -> str:
+    lines = [f"{'round':>5}  {'setup':<26} {'ms/token':>8} {'tok/s':>7} {'vs (a)':>7} {'same':>5} {'load':>5}  "
+             "where a token's time goes (ms)"]
+    for r in rows:
+        parts = ", ".join(f"{k} {v}" for k, v in r["parts"].items())
+        lines.append(f"{r['round']:>5}  {r['setup']:<26} {r['ms_per_token']:>8.2f} {r['tok_s']:>7.2f} "
+                     f"{r['speedup_vs_a']:>6.2f}x {str(r['same_tokens_as_a']):>5} {r['load']:>5}  {parts}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the link model for a split stage
+
+
+def all_reduce_ms(members: int, rows: int, n_embd: int, delay_ms: float, mbps: float, how: str = "direct") -> float:
+    """One all-reduce of (rows, C) float32 partials over links of `delay_ms` latency and `mbps`:
+
+        direct: every member sends m-1 frames at once (one latency; its m-1 frames share its link)
+        gather: m-1 frames into member 0, the sum back out to m-1 members (two latencies)
+
+    all_reduce_ms(2, 1, 1024, 0.2, 940) = 0.2 + 4096 * 8 / 940e3 = 0.2349 ms (one gpt2-medium row, 1 GbE).
+    """
+    send = rows * n_embd * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0                # ms for one frame's payload
+    if how == "direct" or members == 2:
+        return delay_ms + (members - 1) * send
+    return 2 * (delay_ms + (members - 1) * send)
+
+
+def predict_split(stage_ms: float, members: int, n_blocks: int, n_embd: int, delay_ms: float, mbps: float,
+                  rows: int = 1, how: str = "direct") -> dict:
+    """A split stage's time per step, from the same stage's time on one node (`stage_ms`): each
+    member computes 1/m of it, then 2 all-reduces per block.
+
+        predict_split(300, 2, 24, 1024, 0.2, 940) -> compute 150 ms + 48 x 0.235 ms = 161.3 ms
+    """
+    reduce = all_reduce_ms(members, rows, n_embd, delay_ms, mbps, how)
+    compute = stage_ms / members
+    return {"compute_ms": round(compute, 3), "all_reduces": 2 * n_blocks, "all_reduce_ms": round(reduce, 4),
+            "stage_ms": round(compute + 2 * n_blocks * reduce, 3)}
