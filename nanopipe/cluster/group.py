@@ -19,8 +19,12 @@ member i < j. The sum is always p0 + p1 + ... in member order, so every member g
     "gather": members send their partials to member 0, which adds them up and sends the sum back.
               Two hops; member 0 sends and receives m-1 frames, the others one each.
 
-Which is faster for m >= 3 was measured on loopback (docs/PERFORMANCE.md, "Tensor parallelism"):
-`REDUCE_HOW` holds the choice per group size.
+Which is faster for m >= 3 depends on what costs most (docs/PERFORMANCE.md, "Tensor parallelism").
+Members on one machine (loopback, cores shared): CPU time per frame, and gather moves 2(m-1) frames
+against direct's m(m-1); measured, gather was faster for 3 and 4 members (160 against 185-240 us
+for one row of 3; 200 against 410-460 us for 4). Members on separate machines: the link's latency,
+paid once by direct and twice by gather (the link model, bench_tp.all_reduce_ms). `reduce_how`
+picks by group size and by whether the members share a machine.
 
 The leader's side is small: `place(...)` says what a worker is told of its place (its layers, its
 group, and, for the first member only, the ranks either side in the ring); `hops(...)` are the
@@ -38,15 +42,19 @@ from ..partition import groups
 from .net import close_now
 from .wire import Msg, ProtocolError, WireError, encode_frame, frame_array, recv_frame
 
-REDUCE_HOW = {2: "direct"}          # group size -> how it all-reduces; others: DEFAULT_HOW
 DEFAULT_HOW = "direct"
 INLINE_BYTES = 64 * 1024            # a frame this small is sent by the caller; bigger ones by the link's sender
 LINK_TIMEOUT_S = 20.0               # every member must link up within this, once the ring is being built
 
 
-def reduce_how(members: int) -> str:
-    """How a group of `members` all-reduces: "direct" or "gather" (module docstring)."""
-    return REDUCE_HOW.get(members, DEFAULT_HOW)
+def reduce_how(members: int, one_machine: bool) -> str:
+    """How a group of `members` all-reduces (module docstring): two members exchange directly; more
+    gather at member 0 when they share one machine (fewer frames), else exchange directly (one
+    latency, not two).
+
+        reduce_how(2, True) -> "direct"    reduce_how(3, True) -> "gather"    reduce_how(3, False) -> "direct"
+    """
+    return "gather" if members > 2 and one_machine else "direct"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +84,7 @@ def place(ranges: list, ring: list, rank: int, node) -> dict:
     out: dict = {"layers": list(ranges[rank])}
     if len(group) > 1:
         out["group"] = {"members": [[r, node(r).ip, node(r).port] for r in group], "member": group.index(rank),
-                        "how": reduce_how(len(group))}
+                        "how": reduce_how(len(group), len({node(r).ip for r in group}) == 1)}
     if rank != group[0]:
         out["prev_rank"] = None                 # it takes no activations from the ring: member 0 forwards them
         return out

@@ -161,3 +161,83 @@ def predict_split(stage_ms: float, members: int, n_blocks: int, n_embd: int, del
     compute = stage_ms / members
     return {"compute_ms": round(compute, 3), "all_reduces": 2 * n_blocks, "all_reduce_ms": round(reduce, 4),
             "stage_ms": round(compute + 2 * n_blocks * reduce, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# direct or gather: the all-reduce alone, m processes on loopback
+
+
+def _reduce_member(index: int, ports: list, how: str, rows: int, n_embd: int, repeats: int, out):
+    """One member of `reduce_bench`: link up with the others (member j dials each member i < j),
+    then time `repeats` all-reduces of a (rows, C) partial through GroupLinks."""
+    import socket
+
+    from ..cluster.group import GroupLinks, GroupPlace, Link
+    from ..cluster.net import tune
+    m = len(ports)
+    srv = socket.create_server(("127.0.0.1", ports[index]), backlog=m)
+    links = {}
+    for i in range(index):
+        for _ in range(200):
+            try:
+                s = socket.create_connection(("127.0.0.1", ports[i]))
+                break
+            except OSError:
+                time.sleep(0.05)
+        tune(s)
+        s.sendall(bytes([index]))
+        links[i] = Link(s, f"member {i}", 1 << 30)
+    for _ in range(index + 1, m):
+        s, _ = srv.accept()
+        tune(s)
+        j = s.recv(1)[0]
+        links[j] = Link(s, f"member {j}", 1 << 30)
+    g = GroupLinks(GroupPlace({"members": [[r, "127.0.0.1", p] for r, p in enumerate(ports)], "member": index,
+                               "how": how}), 1 << 30)
+    g.links, g.epoch = links, 1
+    x = np.full((rows, n_embd), index + 1, np.float32)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total = g.all_reduce(x)
+        times.append(time.perf_counter() - t)
+    out.send((float(np.median(times[repeats // 10:])) * 1e6, float(total.sum())))
+    for link in links.values():
+        link.close()
+    srv.close()
+
+
+def reduce_bench(members: int, how: str, rows: int = 1, n_embd: int = 1024, repeats: int = 400) -> dict:
+    """Median microseconds per all-reduce, seen by member 0, of m processes on loopback."""
+    import multiprocessing as mp
+
+    from .localcluster import free_ports
+    ctx = mp.get_context("fork")
+    ports = free_ports(members)
+    pipes, procs = [], []
+    for i in range(members):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_reduce_member, args=(i, ports, how, rows, n_embd, repeats, b), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    got = [a.recv() if a.poll(120) else (float("nan"), float("nan")) for a in pipes]
+    for p in procs:
+        p.join(10)
+    sums = {s for _, s in got}
+    return {"members": members, "how": how, "rows": rows, "us_per_all_reduce": round(got[0][0], 1),
+            "same_sum_everywhere": len(sums) == 1, "load": round(os.getloadavg()[0], 2)}
+
+
+def compare_reduce(sizes=(2, 3, 4), rows=(1, 16), rounds: int = 2, echo=print) -> list:
+    """direct vs gather, side by side, `rounds` times: the numbers behind group.REDUCE_HOW."""
+    out = []
+    for rnd in range(1, rounds + 1):
+        for m in sizes:
+            for r in rows:
+                for how in ("direct", "gather") if m > 2 else ("direct",):
+                    row = {"round": rnd, **reduce_bench(m, how, rows=r)}
+                    out.append(row)
+                    echo(f"round {rnd}: {m} members, {r} row(s), {how}: {row['us_per_all_reduce']} us "
+                         f"(load {row['load']})")
+    return out
