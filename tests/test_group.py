@@ -105,3 +105,18 @@ def test_what_the_leader_tells_the_members_and_the_ring_hops():
     assert second["group"]["member"] == 1 and second["prev_rank"] is None and "next" not in second
     last = place(ranges, ring, 3, Node)
     assert last["prev_rank"] == 1 and last["next_rank"] == 0 and "group" not in last
+
+
+def test_plan_predicts_a_split_stage_with_the_link_model():
+    """gpt2-medium's 24 blocks (12,596,224 parameters each) on 4 GB/s nodes: one node streams
+    1,209,237,504 bytes per token, 302.3 ms; two members 151.2 ms each, plus 48 all-reduces of one
+    4096-byte row over 1 GbE, 0.2 + 4096 * 8 / 940e3 = 0.2349 ms each: 162.4 ms, 1.86x."""
+    from nanopipe.cluster.group import all_reduce_ms, plan_lines
+    assert abs(all_reduce_ms(2, 1, 1024, 0.2, 940) - 0.23486) < 1e-4
+    ranges = [(0, 1), (1, 25), (1, 25)]
+    [line] = plan_lines(ranges, ["pi0", "pi1", "pi2"], [None, 4.0, 4.0], 1024, None, ["a", "b", "c"])
+    assert line.startswith("Split stage pi1+pi2 (layers 1-24, 2 members, all-reduce direct): one node 302.3 ms"), line
+    assert "each member 151.2 ms + 48 all-reduces x 0.235 ms (0.2 ms, 940 Mbit/s) = 162.4 ms: 1.86x" in line, line
+    [unknown] = plan_lines(ranges, ["pi0", "pi1", "pi2"], [None, None, 4.0], 1024, (3.0, 100.0), None)
+    assert "48 all-reduces add 48 x 3.328 ms" in unknown and "once every member's speed is known" in unknown, unknown
+    assert plan_lines([(0, 4), (4, 8)], ["a", "b"], [1.0, 1.0], 64) == []

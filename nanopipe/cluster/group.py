@@ -23,7 +23,7 @@ Which is faster for m >= 3 depends on what costs most (docs/PERFORMANCE.md, "Ten
 Members on one machine (loopback, cores shared): CPU time per frame, and gather moves 2(m-1) frames
 against direct's m(m-1); measured, gather was faster for 3 and 4 members (160 against 185-240 us
 for one row of 3; 200 against 410-460 us for 4). Members on separate machines: the link's latency,
-paid once by direct and twice by gather (the link model, bench_tp.all_reduce_ms). `reduce_how`
+paid once by direct and twice by gather (the link model, all_reduce_ms). `reduce_how`
 picks by group size and by whether the members share a machine.
 
 The leader's side is small: `place(...)` says what a worker is told of its place (its layers, its
@@ -92,6 +92,75 @@ def place(ranges: list, ring: list, rank: int, node) -> dict:
     i = path.index(rank)
     nxt = node(path[i + 1] if i + 1 < len(path) else 0)
     out.update({"next": [nxt.ip, nxt.port], "next_rank": nxt.rank, "prev_rank": path[i - 1]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the link model for a split stage: what `nanopipe plan` predicts
+
+
+def all_reduce_ms(members: int, rows: int, n_embd: int, delay_ms: float, mbps: float, how: str = "direct") -> float:
+    """One all-reduce of (rows, C) float32 partials over links of `delay_ms` latency and `mbps`:
+
+        direct: every member sends m-1 frames at once (one latency; its m-1 frames share its link)
+        gather: m-1 frames into member 0, the sum back out to m-1 members (two latencies)
+
+    all_reduce_ms(2, 1, 1024, 0.2, 940) = 0.2 + 4096 * 8 / 940e3 = 0.2349 ms (one gpt2-medium row, 1 GbE).
+    """
+    send = rows * n_embd * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0                # ms for one frame's payload
+    if how == "direct" or members == 2:
+        return delay_ms + (members - 1) * send
+    return 2 * (delay_ms + (members - 1) * send)
+
+
+def predict_split(stage_ms: float, members: int, n_blocks: int, n_embd: int, delay_ms: float, mbps: float,
+                  rows: int = 1, how: str = "direct") -> dict:
+    """A split stage's time per step, from the same stage's time on one node (`stage_ms`): each
+    member computes 1/m of it, then 2 all-reduces per block.
+
+        predict_split(300, 2, 24, 1024, 0.2, 940) -> compute 150 ms + 48 x 0.235 ms = 161.3 ms
+    """
+    reduce = all_reduce_ms(members, rows, n_embd, delay_ms, mbps, how)
+    compute = stage_ms / members
+    return {"compute_ms": round(compute, 3), "all_reduces": 2 * n_blocks, "all_reduce_ms": round(reduce, 4),
+            "stage_ms": round(compute + 2 * n_blocks * reduce, 3)}
+
+
+GIGABIT = (0.2, 940.0)     # the link a split stage is predicted on when the cluster sets none: 1 GbE
+
+
+def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple | None = None,
+               ips: list | None = None) -> list:
+    """What `nanopipe plan` says of each split stage: its members, and the link model's time per
+    decode step beside one node's. `speeds`: each rank's GB/s for one row (None: unknown); `link`:
+    (delay ms, Mbit/s), the cluster's simulated link or else 1 GbE; `ips`: each rank's address.
+
+        Split stage node1+node2 (layers 1-23, 2 members, all-reduce direct): one node 300.0 ms per
+        decode step; each member 150.0 ms + 46 all-reduces x 0.235 ms (0.2 ms, 940 Mbit/s) = 160.8 ms: 1.87x
+    """
+    from ..partition import block_params, layers_text
+    delay, mbps = link if link and (link[0] or link[1]) else GIGABIT
+    out = []
+    for g in groups(ranges):
+        if len(g) < 2:
+            continue
+        lo, hi = ranges[g[0]]
+        m, n = len(g), hi - lo
+        how = reduce_how(m, ips is not None and len({ips[r] for r in g}) == 1)
+        who = "+".join(names[r] for r in g)
+        head = f"Split stage {who} (layers {layers_text(lo, hi)}, {m} members, all-reduce {how}): "
+        reduce = all_reduce_ms(m, 1, n_embd, delay, mbps, how)
+        known = [speeds[r] for r in g if speeds[r]]
+        if len(known) < m:
+            out.append(head + f"each member computes 1/{m} of the stage; its {2 * n} all-reduces add "
+                       f"{2 * n} x {reduce:.3f} ms = {2 * n * reduce:.1f} ms per decode step ({delay:g} ms, "
+                       f"{mbps:g} Mbit/s); the compute is predicted once every member's speed is known")
+            continue
+        one = n * block_params(n_embd) * 4 / (min(known) * 1e9) * 1000        # ms: the stage's bytes, streamed once
+        p = predict_split(one, m, n, n_embd, delay, mbps, how=how)
+        out.append(head + f"one node {one:.1f} ms per decode step; each member {p['compute_ms']:.1f} ms + "
+                   f"{p['all_reduces']} all-reduces x {p['all_reduce_ms']:.3f} ms ({delay:g} ms, {mbps:g} Mbit/s) "
+                   f"= {p['stage_ms']:.1f} ms: {one / p['stage_ms']:.2f}x")
     return out
 
 

@@ -14,7 +14,7 @@ memory) and synthetic. Three setups, measured in turn, round after round, in one
 
 Per token it reports where the time goes: rank 0's blocks and LM head, each member's compute and
 the part of it spent in all-reduces (waiting for the other member and adding), and the ring's hops.
-`predict_split` is the link model for a split stage (what `nanopipe plan` prints).
+The link model for a split stage (what `nanopipe plan` prints) is cluster/group.py's predict_split.
 """
 from __future__ import annotations
 
@@ -130,37 +130,6 @@ def format_rows(rows: list) -> str:
         lines.append(f"{r['round']:>5}  {r['setup']:<26} {r['ms_per_token']:>8.2f} {r['tok_s']:>7.2f} "
                      f"{r['speedup_vs_a']:>6.2f}x {str(r['same_tokens_as_a']):>5} {r['load']:>5}  {parts}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# the link model for a split stage
-
-
-def all_reduce_ms(members: int, rows: int, n_embd: int, delay_ms: float, mbps: float, how: str = "direct") -> float:
-    """One all-reduce of (rows, C) float32 partials over links of `delay_ms` latency and `mbps`:
-
-        direct: every member sends m-1 frames at once (one latency; its m-1 frames share its link)
-        gather: m-1 frames into member 0, the sum back out to m-1 members (two latencies)
-
-    all_reduce_ms(2, 1, 1024, 0.2, 940) = 0.2 + 4096 * 8 / 940e3 = 0.2349 ms (one gpt2-medium row, 1 GbE).
-    """
-    send = rows * n_embd * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0                # ms for one frame's payload
-    if how == "direct" or members == 2:
-        return delay_ms + (members - 1) * send
-    return 2 * (delay_ms + (members - 1) * send)
-
-
-def predict_split(stage_ms: float, members: int, n_blocks: int, n_embd: int, delay_ms: float, mbps: float,
-                  rows: int = 1, how: str = "direct") -> dict:
-    """A split stage's time per step, from the same stage's time on one node (`stage_ms`): each
-    member computes 1/m of it, then 2 all-reduces per block.
-
-        predict_split(300, 2, 24, 1024, 0.2, 940) -> compute 150 ms + 48 x 0.235 ms = 161.3 ms
-    """
-    reduce = all_reduce_ms(members, rows, n_embd, delay_ms, mbps, how)
-    compute = stage_ms / members
-    return {"compute_ms": round(compute, 3), "all_reduces": 2 * n_blocks, "all_reduce_ms": round(reduce, 4),
-            "stage_ms": round(compute + 2 * n_blocks * reduce, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
