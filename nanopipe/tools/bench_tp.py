@@ -210,3 +210,22 @@ def compare_reduce(sizes=(2, 3, 4), rows=(1, 16), rounds: int = 2, echo=print) -
                     echo(f"round {rnd}: {m} members, {r} row(s), {how}: {row['us_per_all_reduce']} us "
                          f"(load {row['load']})")
     return out
+
+
+def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
+    """`make bench-tp`: (a), (b), (c) twice, then direct vs gather; CSVs in out_dir."""
+    from .bench import write_csv
+    os.makedirs(out_dir, exist_ok=True)
+    echo(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    rows = bench_tp(echo=echo)
+    echo(format_rows(rows))
+    write_csv([{k: v for k, v in r.items() if k != "token_ids"} for r in rows], os.path.join(out_dir, "tp.csv"))
+    reduce = compare_reduce(echo=echo)
+    write_csv(reduce, os.path.join(out_dir, "reduce.csv"))
+    echo(f"load average after: {os.getloadavg()[0]:.2f}")
+    return {"tp": rows, "reduce": reduce}
+
+
+if __name__ == "__main__":
+    import sys
+    main(*sys.argv[1:2])
