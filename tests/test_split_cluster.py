@@ -168,8 +168,9 @@ def test_stop_sequence_ends_the_answer_and_the_members_free_it(split_cluster, re
                detail=lambda: status(split_cluster)["nodes"])
 
 
-def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights, reference, tmp_path):
-    """Kill the split stage's second member while an answer streams: the whole stage drops out of the
+@pytest.mark.parametrize("victim", [2, 1], ids=["the second member", "the first member (the ring's hop)"])
+def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights, reference, tmp_path, victim):
+    """Kill a member of the split stage while an answer streams: the whole stage drops out of the
     ring, the answer waits; the member restarts, the ring (and the member links) are rebuilt, the
     session is replayed, and the answer is one process's."""
     mapping = {0: [0, 0], 1: [1, 3], 2: [1, 3], 3: [4, 4]}
@@ -182,7 +183,7 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
             if t is not None:
                 seen.append(t)
                 if len(seen) == 5:
-                    cl.kill_rank(2, signal.SIGKILL)
+                    cl.kill_rank(victim, signal.SIGKILL)
                     killed.set()
 
         def run():
@@ -194,9 +195,9 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
         t = threading.Thread(target=run, daemon=True)
         t.start()
         assert killed.wait(60), "the answer never reached 5 tokens"
-        wait_log(cl, 0, "Worker 2 is down", timeout=10)
+        wait_log(cl, 0, f"Worker {victim} is down", timeout=10)
         assert "result" not in box, "the answer finished without the killed member"
-        cl.start_rank(2)
+        cl.start_rank(victim)
         t.join(120)
         assert not t.is_alive(), "the answer hung after the member came back"
         assert "error" not in box, box.get("error")

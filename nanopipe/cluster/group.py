@@ -236,6 +236,12 @@ class Link:
     def recv(self):
         return recv_frame(self.sock, self.name, max_payload=self.max_payload)
 
+    def flush(self, timeout: float = 30.0):
+        """Wait until every frame given to `send` is out (before closing a link on purpose)."""
+        deadline = time.monotonic() + timeout
+        while self.q.unfinished_tasks and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     def close(self):
         close_now(self.sock)
         if self._sender is not None:

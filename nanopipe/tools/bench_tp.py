@@ -86,8 +86,10 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
 
 
 def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens: int = 48, prompt_len: int = 16,
-             rounds: int = 2, echo=print) -> list:
-    """(a), (b) and (c) side by side: all three clusters up at once, measured in turn, `rounds` times."""
+             rounds: int = 2, nice: int = 0, echo=print) -> list:
+    """(a), (b) and (c) side by side: all three clusters up at once, measured in turn, `rounds` times.
+    `nice` < 0 runs the nodes at that priority (root only): on a machine that others load, a node
+    then waits less for its core, as a machine of its own would not wait at all."""
     from .localcluster import LocalCluster
     weights = weights or ensure_synthetic(folder=WEIGHTS_DIR, size=size, log=echo)
     from ..weights import read_config
@@ -100,7 +102,8 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
     rows = []
     try:
         for name, (nodes, mapping, cores) in setups(cfg.n_layer).items():
-            wrap = {r: [pin, "-c", str(c)] for r, c in cores.items()} if pin else {}
+            wrap = {r: (["nice", "-n", str(nice)] if nice else []) + ([pin, "-c", str(c)] if pin else [])
+                    for r, c in cores.items()}
             echo(f"starting {name}: {nodes} node(s)" + (f", layer_mapping {mapping}" if mapping else ""))
             cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
                               cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0})
@@ -172,6 +175,9 @@ def _reduce_member(index: int, ports: list, how: str, rows: int, n_embd: int, re
         times.append(time.perf_counter() - t)
     out.send((float(np.median(times[repeats // 10:])) * 1e6, float(total.sum())))
     for link in links.values():
+        link.flush()
+    time.sleep(0.5)                         # the others read their last frames before the links close
+    for link in links.values():
         link.close()
     srv.close()
 
@@ -190,7 +196,12 @@ def reduce_bench(members: int, how: str, rows: int = 1, n_embd: int = 1024, repe
         p.start()
         pipes.append(a)
         procs.append(p)
-    got = [a.recv() if a.poll(120) else (float("nan"), float("nan")) for a in pipes]
+    got = []
+    for a in pipes:
+        try:
+            got.append(a.recv() if a.poll(120) else (float("nan"), float("nan")))
+        except EOFError:                    # that member failed (its traceback is on stderr)
+            got.append((float("nan"), float("nan")))
     for p in procs:
         p.join(10)
     sums = {s for _, s in got}
