@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers", reason=_NEEDS.format("transfo
 transformers.utils.logging.disable_progress_bar()
 
 from test_parity_live import (  # noqa: E402
-    SENTENCE_IDS,
+    TINY_CASES,
     compare_greedy,
     compare_logits,
     load_reference,
@@ -37,6 +37,7 @@ from nanopipe.weights import load_stage  # noqa: E402
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "golden" / "tiny-hf"
 WEIGHTS = TINY_DIR / "model.safetensors"
+IDS = max((ids for ids, _, _ in TINY_CASES), key=len)       # the golden prompts' longest
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def model():
 
 @pytest.mark.parametrize("members", [2, 3])
 def test_split_logits_match_transformers(model, members):
-    ids = SENTENCE_IDS
+    ids = IDS
     whole = load_stage(str(WEIGHTS))                                    # embed and head
     parts = [load_stage(str(WEIGHTS), rank0=False, share=(r, members)) for r in range(members)]
     c = whole.config
@@ -61,8 +62,8 @@ def test_split_logits_match_transformers(model, members):
 
 def test_split_cluster_greedy_matches_transformers(model, tmp_path):
     mapping = {0: [0, 0], 1: [1, 2], 2: [1, 2], 3: [3, 3]}
-    want, margin = reference_greedy(model, SENTENCE_IDS, 16)
+    want, margin = reference_greedy(model, IDS, 16)
     with LocalCluster(str(WEIGHTS), nodes=4, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=120) as cl:
         with cl.client(timeout=60) as c:
-            got = c.generate(SENTENCE_IDS, SamplingParams("greedy", max_tokens=16))["token_ids"]
+            got = c.generate(IDS, SamplingParams("greedy", max_tokens=16))["token_ids"]
     compare_greedy("tiny, a cluster with layers 1-2 split over ranks 1 and 2", got, want, margin)
