@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from ..weights import WEIGHTS_DIR, ensure_synthetic
-from .bench_cluster import streams_cluster
+from .bench import bench_prompt
 
 BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "VECLIB_MAXIMUM_THREADS": "1"}
@@ -39,6 +39,18 @@ def setups(n_layer: int) -> dict:
         "b: split stage, 2 cores": (3, {0: [0, 0], 1: [1, last], 2: [1, last]}, {0: 0, 1: 0, 2: 1}),
         "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}),
     }
+
+
+def one_stream(cl, prompt_len: int, n_tokens: int) -> dict:
+    """One greedy stream with per-hop traces: {"token_times", "events", "done"} (bench_cluster's
+    streams_cluster for one stream; that module runs this one, so it is not imported here)."""
+    s = {"token_times": [], "events": []}
+    with cl.client(timeout=60) as c:
+        s["t_start"] = time.perf_counter()
+        s["done"] = c.generate(bench_prompt(prompt_len), strategy="greedy", max_tokens=n_tokens, ignore_eos=True,
+                               text=False, trace=True, on_event=s["events"].append,
+                               on_token=lambda t, _x: t is not None and s["token_times"].append(time.perf_counter()))
+    return s
 
 
 def _status(cl) -> dict:
@@ -56,11 +68,10 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
     time.sleep(3 * heartbeat_s)
     before = _worker_totals(_status(cl))
     load0 = os.getloadavg()[0]
-    r = streams_cluster(cl, 1, prompt_len, n_tokens, trace=True)
+    s = one_stream(cl, prompt_len, n_tokens)
     load1 = os.getloadavg()[0]
     time.sleep(3 * heartbeat_s)                     # the workers' next heartbeats carry this run's totals
     after = _worker_totals(_status(cl))
-    s = r["_streams"][0]
     ms = float(np.median(np.diff(s["token_times"]))) * 1000
     decode = [e for e in s["events"][1:] if e.get("hops")]
     parts = {}
@@ -108,7 +119,7 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
             cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
                               cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0})
             clusters[name] = cl.start()
-            streams_cluster(cl, 1, prompt_len, 4)                                # warm-up
+            one_stream(cl, prompt_len, 4)                                        # warm-up
         for rnd in range(1, rounds + 1):
             for name, cl in clusters.items():
                 m = measure(cl, prompt_len, n_tokens, heartbeat_s)
