@@ -83,7 +83,7 @@ class Kernels:
     gemv_rows: int = 1
     how: str | None = None
     chosen: bool = False            # gemv_rows decided (pinned, measured, or the untimed default)
-    prefill_rows: int = 64          # rows of one prompt per step when no other rows wait (engine._make_batch)
+    prefill_rows: int = 64          # rows of one prompt per step when no other rows wait (batching.Batcher.make)
     prefill_how: str | None = None
     head_rows: int = 1              # up to how many rows `head` runs in slices of wte (rank 0)
     head_how: str | None = None

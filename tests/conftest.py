@@ -24,7 +24,7 @@ from nanopipe.weights import init_weights
 # rows as one gemv per row and more as one gemm (model.linear): pinned rather than measured, so the
 # kernels and hence the exact floats never depend on how loaded the machine was at start.
 os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
-# and a lone prompt prefills up to 96 rows a step (engine.Scheduler._grow_chunks), 64 with company
+# and a lone prompt prefills up to 96 rows a step (batching.Batcher._grow_chunks), 64 with company
 os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
 # and the LM head takes 2-4 rows through wte in slices (model.head), more as one gemm
 os.environ.setdefault("NANOPIPE_HEAD_ROWS", "4")

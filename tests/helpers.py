@@ -235,7 +235,7 @@ class FakeClient:
 
     def generate(self, prompt=None, params=None, on_token=None, on_status=None, echo=False, top_logprobs=0,
                  text=True, on_event=None, **fields):
-        from nanopipe.cluster.client import ClientError
+        from nanopipe.cluster.leader_client import ClientError
         lead = self.leader
         self.calls.append({"prompt": prompt, "params": params, "echo": echo, "top_logprobs": top_logprobs})
         for s in lead.statuses:
@@ -305,7 +305,7 @@ class FakeLeader:
         self.connections: list = []
 
     def connect(self, addr, token, attempts=1, tls_ca=None):
-        from nanopipe.cluster.client import ClientError
+        from nanopipe.cluster.leader_client import ClientError
         if self.down:
             raise ClientError(f"leader at {addr} is unreachable: [Errno 111] Connection refused. "
                               "Is `nanopipe serve --rank 0` running?", "unreachable")

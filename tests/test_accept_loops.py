@@ -277,9 +277,9 @@ def test_a_worker_whose_data_port_fails_stops_saying_why(tiny_weights, tmp_path,
     from nanopipe.tools.localcluster import write_configs
     write_configs(str(tmp_path), weights=tiny_weights, nodes=2, n_layer=4)
     worker = Worker(load_cluster_config(str(tmp_path)), 1, tiny_weights)
-    worker.srv = ScriptedListener([OSError(errno.EBADF, "Bad file descriptor")])
+    worker.data.srv = ScriptedListener([OSError(errno.EBADF, "Bad file descriptor")])
     with caplog.at_level("ERROR", logger="nanopipe.cluster.worker"):
-        worker._accept_loop()
+        worker.data.serve_port()
     assert worker.stop_event.is_set() and "stopped accepting connections: Bad file descriptor" in worker.fatal
     assert any("Stopping: worker 1's data port" in r.getMessage() for r in caplog.records), caplog.text
     with pytest.raises(SystemExit) as e:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import run_nanopipe, wait_until
 
-from nanopipe.cluster.ring import Membership
+from nanopipe.cluster.planner import Planner
 from nanopipe.tools.localcluster import LocalCluster, write_configs
 
 
@@ -145,16 +145,17 @@ def test_web_on_a_taken_port_fails_before_its_banner(tmp_path):
 
 
 def _check(offs, layers=None):
-    """Run Membership.check_predictions over a sequence of one stage's measured/predicted - 1 values;
+    """Run Planner.check_predictions over a sequence of one stage's measured/predicted - 1 values;
     return the lines it logged, with their levels."""
     import logging
     lines = []
-    state = SimpleNamespace(_off_warned={}, log=lambda msg, level=logging.INFO: lines.append((level, msg)))
+    state = SimpleNamespace(_off_warned={}, count=lambda kind: None,
+                            log=lambda msg, level=logging.INFO: lines.append((level, msg)))
     for i, off in enumerate(offs):
         row = {"rank": 0, "host": "mini1", "layers": (layers or [[0, 4]] * len(offs))[i], "samples": 64,
                "predicted_ms": 100.0, "measured_ms": 100.0 * (1 + off), "off": off}
         state.stage_report = lambda row=row: [row]
-        Membership.check_predictions(state)
+        Planner.check_predictions(state)
     return lines
 
 

@@ -24,7 +24,7 @@ import yaml
 from click.testing import CliRunner
 from helpers import run_nanopipe, status, wait_freed, wait_status, workers
 
-from nanopipe.cluster.client import ClientError
+from nanopipe.cluster.leader_client import ClientError
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.tools.cli import main

@@ -139,8 +139,8 @@ def test_scheduler_batches_concurrent_requests_without_mixing_them(tiny_engine, 
     alone = [tiny_engine.generate(p, params)["token_ids"] for p in prompts]
     results, batches = {}, []
     sched = Scheduler(tiny_engine.stage)
-    front = sched._front
-    sched._front = lambda batch: (batches.append(batch.counts), front(batch))[1]   # record each step's rows
+    front = sched.batcher.front
+    sched.batcher.front = lambda batch: (batches.append(batch.counts), front(batch))[1]   # record each step's rows
 
     def collector(i):
         def emit(kind, data):
@@ -159,8 +159,8 @@ def test_scheduler_batches_concurrent_requests_without_mixing_them(tiny_engine, 
 
 def record_steps(sched: Scheduler) -> list:
     """Each step's rows per session, as the scheduler batches them."""
-    steps, front = [], sched._front
-    sched._front = lambda batch: (steps.append(list(batch.counts)), front(batch))[1]
+    steps, front = [], sched.batcher.front
+    sched.batcher.front = lambda batch: (steps.append(list(batch.counts)), front(batch))[1]
     return steps
 
 

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import CONFIG_DIR, node, run_nanopipe, wait_status
 
-from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.cluster.leader_client import ClientError, LeaderClient
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, free_ports
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanopipe.cluster.client import LeaderClient
+from nanopipe.cluster.leader_client import LeaderClient
 from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,
@@ -54,11 +54,17 @@ metas = st.dictionaries(text | st.sampled_from(["dtype", "shape", "sessions", "e
 valid_frames = st.builds(encode_frame, st.sampled_from(list(Msg)), metas, st.binary(max_size=64))
 # real frames of every kind, as the nodes send them: the seeds the mutation fuzzers start from
 SEED_FRAMES = [
-    encode_frame(Msg.HELLO, {"role": "worker", "rank": 1, "version": 1, "proof": "ab" * 32, "host": "node1"}),
-    encode_frame(Msg.CHALLENGE, {"nonce": "cd" * 32, "version": 1}),
+    encode_frame(Msg.HELLO, {"role": "worker", "rank": 1, "version": PROTOCOL_VERSION, "proof": "ab" * 32,
+                             "host": "node1"}),
+    encode_frame(Msg.CHALLENGE, {"nonce": "cd" * 32, "version": PROTOCOL_VERSION}),
     encode_frame(Msg.WELCOME, {"rank": 1, "layers": [2, 3], "n_layer": 4, "n_embd": 4, "next": ["127.0.0.1", 9]}),
     encode_frame(Msg.REJECT, {"reason": "authentication failed"}),
-    encode_frame(Msg.READY, {"rank": 1, "epoch": 7}),
+    encode_frame(Msg.READY, {"rank": 1, "data_port": 9, "synthetic": False, "layers": [2, 3],
+                             "prefix_cache_bytes": 1000}),
+    encode_frame(Msg.RING_JOINED, {"rank": 1, "epoch": 7}),
+    encode_frame(Msg.START_INFERENCE, {"epoch": 7}),
+    encode_frame(Msg.PLAN, {"layers": [2, 3], "next": ["127.0.0.1", 9], "next_rank": 0, "prev_rank": 0}),
+    encode_frame(Msg.CAPACITY, {"rank": 1, "capacity": {"name": "node1", "speed_gbps": 9.0, "memory_mb": 900}}),
     encode_frame(Msg.ACT, {"batch": 3, "epoch": 7, "sessions": [{"id": "s1", "pos": 0, "n": 2}], "trace": [],
                            "dtype": "float32", "shape": [2, 4]}, bytes(range(32))),
     encode_frame(Msg.FREE, {"sessions": ["s1", "s2"], "epoch": 7}),
@@ -69,6 +75,9 @@ SEED_FRAMES = [
     encode_frame(Msg.PING), encode_frame(Msg.PONG, {"t": 1.5}),
     encode_frame(Msg.STATS, {"rank": 2, "rss_mb": 40.1, "sessions": 0}),
     encode_frame(Msg.CANCEL, {"session": "s1"}), encode_frame(Msg.STATUS, {"text": "waiting for rank 2"}),
+    encode_frame(Msg.STATE_REQUEST), encode_frame(Msg.STATE, {"model": "gpt2", "ready": True, "nodes": []}),
+    encode_frame(Msg.GENERATE_BATCH, {"request": "r2", "max_tokens": 2, "batch": [{"request": "r2.0",
+                                                                                  "prompt_ids": [15496]}]}),
 ]
 array_frames = st.builds(                  # ACT frames whose meta is nearly right, for frame_array
     lambda dtype, shape, payload, sessions: encode_frame(Msg.ACT, {"dtype": dtype, "shape": shape,
@@ -211,7 +220,9 @@ client_frames = st.sampled_from([
     encode_frame(Msg.GENERATE, {"request": "f", "prompt_ids": PROMPT, "max_tokens": 2, "strategy": "greedy"}),
     encode_frame(Msg.GENERATE, {"prompt": "Hi there", "max_tokens": 1, "strategy": "top_k", "temperature": 0.9,
                                 "top_k": 5, "seed": 3}),
-    encode_frame(Msg.STATUS, {}),
+    encode_frame(Msg.STATE_REQUEST, {}),
+    encode_frame(Msg.GENERATE_BATCH, {"request": "b", "max_tokens": 1, "strategy": "greedy",
+                                      "batch": [{"request": "b.0", "prompt_ids": PROMPT}]}),
     encode_frame(Msg.PING, {"t": 1}),
     encode_frame(Msg.CANCEL, {"session": "s1"}),
 ])

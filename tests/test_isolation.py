@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from helpers import status, wait_status
 
-from nanopipe import engine as engine_mod
-from nanopipe.cluster.client import ClientError
+from nanopipe import sessions as sessions_mod
+from nanopipe.cluster.leader_client import ClientError
 from nanopipe.cluster.wire import Msg
 from nanopipe.decoding import DecodingError, SamplingParams, softmax
 from nanopipe.engine import Request, Scheduler
@@ -97,14 +97,14 @@ def run_three(stage, monkeypatch=None, bad_seed=None, where=None) -> dict:
         return emit
 
     if where in ("sample", "penalize"):
-        real = getattr(engine_mod, where)
+        real = getattr(sessions_mod, where)
 
         def failing(*args):
             params = args[1]
             if params.seed == bad_seed:
                 raise FloatingPointError(f"{where} blew up")
             return real(*args)
-        monkeypatch.setattr(engine_mod, where, failing)
+        monkeypatch.setattr(sessions_mod, where, failing)
 
     class BrokenText:               # a detokenizer that breaks on the third token
         text, stopped = "", None
@@ -210,7 +210,7 @@ def test_cancelling_a_waiting_request_removes_it(tiny_engine):
     assert sched.stats["requests"] == 2, "a cancelled waiting request was admitted and ran for nobody"
     assert sched.stats["cancelled_waiting"] == 4 and sched.stats["tokens"] <= 2
     assert not [e for e in events if e[0] >= 2], f"a cancelled waiting request emitted: {events}"
-    assert not sched._cancel and not sched._queued, "cancels or queued ids left behind"
+    assert not sched.admission.cancels and not sched.admission.queued, "cancels or queued ids left behind"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +291,8 @@ def open_batch(cl, n: int, max_tokens: int = 300, first_token: bool = True):
     """One client connection that queues `n` long greedy generations as one batch; returns it once
     its first token has come (so the first MAX_SESSIONS are running, the rest waiting)."""
     c = cl.client()
-    c._send(Msg.GENERATE, {"request": "b", "strategy": "greedy", "max_tokens": max_tokens, "ignore_eos": True,
-                           "batch": [{"request": f"b.{i}", "prompt_ids": prompt(4, i)} for i in range(n)]})
+    c._send(Msg.GENERATE_BATCH, {"request": "b", "strategy": "greedy", "max_tokens": max_tokens, "ignore_eos": True,
+                                 "batch": [{"request": f"b.{i}", "prompt_ids": prompt(4, i)} for i in range(n)]})
     while first_token:
         frame = c._recv()
         assert frame.msg is not Msg.ERROR, frame.meta
@@ -396,10 +396,10 @@ def test_batch_prompts_are_tokenized_without_holding_the_scheduler(tiny_weights,
             self.free.append(got[0])
             return [15496, 995, 11]
 
-    leader.tokenizer = ProbingTokenizer()
+    leader.clients.tokenizer = ProbingTokenizer()
     sent = []
-    leader._generate_batch({"request": "r", "text": False, "max_tokens": 1,
-                            "batch": [{"request": f"r.{i}", "prompt": "Hello world"} for i in range(4)]},
-                           lambda msg, meta: sent.append((msg, meta)), set())
+    leader.clients.generate_batch({"request": "r", "text": False, "max_tokens": 1,
+                                   "batch": [{"request": f"r.{i}", "prompt": "Hello world"} for i in range(4)]},
+                                  lambda msg, meta: sent.append((msg, meta)), set())
     assert ProbingTokenizer.free == [True] * 4, "a prompt was tokenized while the scheduler was held"
     assert sent == [] and leader.scheduler.waiting.qsize() == 4, sent

@@ -102,11 +102,12 @@ def test_the_leader_side_and_the_worker_side_share_only_the_wire():
     """A leader process runs no stage code of a worker's, and a worker none of the leader's: what both
     need (the wire, the handshake, a node's memory, the simulated link) lives in wire/net/node."""
     g = graph()
-    worker = "nanopipe.cluster.worker"
-    leader_side = {"nanopipe.cluster.leader", "nanopipe.cluster.ring", "nanopipe.cluster.clients"}
-    assert leader_side <= set(g), "the leader's parts moved: update this test"
-    bad = [f"{m} imports {worker}" for m in leader_side if worker in g.get(m, ())]
-    bad += [f"{worker} imports {m}" for m in leader_side if m in g[worker]]
+    worker_side = {"nanopipe.cluster.worker", "nanopipe.cluster.data_path"}
+    leader_side = {"nanopipe.cluster.leader", "nanopipe.cluster.registry", "nanopipe.cluster.planner",
+                   "nanopipe.cluster.ring", "nanopipe.cluster.client_protocol"}
+    assert leader_side | worker_side <= set(g), "the leader's or the worker's parts moved: update this test"
+    bad = [f"{m} imports {w}" for m in leader_side for w in worker_side if w in g.get(m, ())]
+    bad += [f"{w} imports {m}" for w in worker_side for m in leader_side if m in g[w]]
     assert not bad, "\n".join(bad)
 
 
@@ -221,3 +222,77 @@ def test_the_sampling_fields_are_written_once():
                 if len(named & fields) >= 3:
                     copies.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {sorted(named & fields)}")
     assert not copies, "sampling fields written out again (import sampling_params.FIELDS):\n  " + "\n  ".join(copies)
+
+
+LONGEST_CLASS = 300     # lines from `class` to its last line: a class a reader can hold in mind at once
+
+
+def class_lengths(root: Path) -> list:
+    """[(lines, "path:Class")] of every class under root, longest first."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                out.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(root.parent)}:{node.name}"))
+    return sorted(out, reverse=True)
+
+
+def test_no_class_is_longer_than_a_reader_can_hold():
+    """A class that grows past ~300 lines holds more than one idea: split it into parts that talk
+    through calls (as the leader is: registry, planner, ring builder, client protocol)."""
+    long = [f"{where}: {n} lines" for n, where in class_lengths(PKG) if n > LONGEST_CLASS]
+    assert not long, f"classes over {LONGEST_CLASS} lines:\n  " + "\n  ".join(long)
+
+
+def private_imports(root: Path) -> list:
+    """Every place a module of the package under `root` takes a private name (`_x`, not `__x__`) from
+    another of its modules: `from .wire import _parse_header`, or `wire._parse_header` after
+    `from . import wire` / `import nanopipe.cluster.wire as wire`."""
+    package = root.name
+    mods = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    found = []
+    for mod, path in mods.items():
+        pkg = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        tree = ast.parse(path.read_text())
+        aliases = set()                 # local names bound to a module of the package
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases |= {a.asname for a in node.names if a.asname and a.name.startswith(package)}
+            elif isinstance(node, ast.ImportFrom):
+                base = pkg[: len(pkg) - (node.level - 1)] if node.level else []
+                name = ".".join(base + ([node.module] if node.module else []))
+                if not name.startswith(package) or name == mod:
+                    continue
+                for a in node.names:
+                    if f"{name}.{a.name}" in mods:
+                        aliases.add(a.asname or a.name)
+                    elif a.name.startswith("_") and not a.name.endswith("__"):
+                        found.append(f"{path.relative_to(root.parent)}:{node.lineno} imports {a.name} from {name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.endswith("__")):
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_imports_across_modules():
+    """A name with a leading underscore is its module's own business: another module that needs it
+    needs a public name (or the thing belongs elsewhere)."""
+    found = private_imports(PKG)
+    assert not found, "private names used across modules:\n  " + "\n  ".join(found)
+
+
+def test_the_shape_checks_can_fail(tmp_path):
+    """Both checks above catch what they are for, on a package made for the purpose."""
+    fake = tmp_path / "nanopipe"
+    (fake / "cluster").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cluster" / "__init__.py").write_text("")
+    (fake / "cluster" / "wire.py").write_text("def _parse(): pass\n\nclass Big:\n" + "    x = 1\n" * 300)
+    (fake / "cluster" / "net.py").write_text("from .wire import _parse\nfrom . import wire\n\nwire._parse()\n")
+    assert class_lengths(fake)[0] == (301, "nanopipe/cluster/wire.py:Big")
+    assert private_imports(fake) == ["nanopipe/cluster/net.py:1 imports _parse from nanopipe.cluster.wire",
+                                     "nanopipe/cluster/net.py:4 uses wire._parse"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import log_of, node, status, wait_log, wait_status, wait_until
 
-from nanopipe.cluster.client import ClientError
+from nanopipe.cluster.leader_client import ClientError
 from nanopipe.cluster.wire import Msg, send_frame
 from nanopipe.cluster.worker import Worker
 from nanopipe.config import load_cluster_config
@@ -36,10 +36,22 @@ class LyingWorker(Worker):
 
     lie: set = set()
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        send = self.data.down.send              # every frame this stage passes on goes through it
+
+        def lying_send(msg, meta, array):
+            if msg is Msg.ACT and "trace" in self.lie:
+                meta = dict(meta, trace=[dict(h, compute_ms=-5.0) for h in meta["trace"]])
+            if msg is Msg.ACT and "nan" in self.lie:
+                array = np.full_like(array, np.nan)
+            return send(msg, meta, array)
+        self.data.down.send = lying_send
+
     def _heartbeat(self, sock):
         while not self.stop_event.is_set():
             if "silent" not in self.lie:
-                meta = {"rank": self.rank, "rss_mb": 12.5, "compute_ms": 1.0, "sessions": len(self.caches),
+                meta = {"rank": self.rank, "rss_mb": 12.5, "compute_ms": 1.0, "sessions": len(self.data.caches),
                         "decode_ms": 0.1, "decode_samples": 1, "kv_cache_bytes": 0}
                 if "stats" in self.lie:
                     meta.update(decode_ms="abc", decode_samples=20, rss_mb=-3, kv_cache_bytes=float("nan"))
@@ -49,13 +61,6 @@ class LyingWorker(Worker):
                 except OSError:
                     return
             self.stop_event.wait(HEARTBEAT_S)
-
-    def _send_down(self, msg, meta, array):
-        if msg is Msg.ACT and "trace" in self.lie:
-            meta = dict(meta, trace=[dict(h, compute_ms=-5.0) for h in meta["trace"]])
-        if msg is Msg.ACT and "nan" in self.lie:
-            array = np.full_like(array, np.nan)
-        return super()._send_down(msg, meta, array)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +151,7 @@ def test_a_heartbeat_that_lies_leaves_status_and_the_watchdog_working(liar):
 def test_heartbeat_keeps_good_figures_and_its_blas_text_and_drops_bad_ones():
     """checked_stats by itself: numbers must be finite and >= 0, the BLAS line a short printable
     string; anything else is left out and logged once per field."""
-    from nanopipe.cluster.ring import WorkerState, checked_stats
+    from nanopipe.cluster.registry import WorkerState, checked_stats
     logged = []
     w = WorkerState(rank=1, host="node1", layers=(0, 1))
     good = checked_stats(w, {"rss_mb": 12.5, "decode_ms": None, "blas": "OpenBLAS 0.3.21 (Haswell), 4 threads"},

@@ -143,14 +143,14 @@ def test_transit_without_the_workers_clocks_goes_to_rank_0():
     # workers' compute) goes to rank 0, as before, and no worker gets a made-up one
     import time
 
-    from nanopipe.engine import Batch, _add_times
+    from nanopipe.sessions import Batch, add_times
     for stamps in ({}, {"t_in": time.time() + 60}):       # no clock; a clock a minute ahead
         t0 = time.perf_counter() - 0.100                  # the batch left 100 ms ago, 10 ms of it rank 0's
         trace = [{"rank": 1, "compute_ms": 30.0, **stamps}, {"rank": 2, "compute_ms": 20.0, **stamps}]
         trace[-1]["t_back"] = time.time()
         node_ms = {}
         t_back = time.perf_counter()
-        _add_times(node_ms, Batch(id=0, sessions=[], counts=[], t0=t0, front_ms=10.0), trace, t_back, t_back)
+        add_times(node_ms, Batch(id=0, sessions=[], counts=[], t0=t0, front_ms=10.0), trace, t_back, t_back)
         print(stamps, node_ms)
         assert node_ms[1] == {"compute": 30.0, "transit": 0.0} and node_ms[2] == {"compute": 20.0, "transit": 0.0}
         # 100 - 10 - 30 - 20 ms, and the time these lines take (generous: a loaded machine)

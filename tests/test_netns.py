@@ -36,7 +36,7 @@ HEARTBEAT_S = 0.5          # the leader drops a silent worker after max(3 s, 3 h
 # another every 0.1 s, everything printed as JSON lines so the test can act on them as they come.
 CLIENT = r"""
 import json, sys, threading, time
-from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.cluster.leader_client import ClientError, LeaderClient
 addr, max_tokens = sys.argv[1], int(sys.argv[2])
 prompt = json.loads(sys.argv[3])
 out_lock = threading.Lock()

@@ -95,10 +95,10 @@ def test_the_plan_goes_ahead_with_unknown_memory():
 
 
 def test_a_bad_report_counts_as_unknown_not_as_missing():
-    from nanopipe.cluster.ring import _figure
+    from nanopipe.cluster.planner import figure
     c = Capacity.unknown("node1")
     assert c.unknowns == ["speed_gbps", "memory_mb"]
-    assert _figure(c.memory_mb, "MB") == "unknown MB" and _figure(9.04, "GB/s") == "9.0 GB/s"
+    assert figure(c.memory_mb, "MB") == "unknown MB" and figure(9.04, "GB/s") == "9.0 GB/s"
     assert c.overridden({"speed_gbps": 3, "memory_mb": 900}).unknowns == []
 
 

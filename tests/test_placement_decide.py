@@ -1,8 +1,8 @@
 """One placement decision: `nanopipe plan` (tools/planning.plan_placement) and the leader
-(cluster/ring.Membership._plan) both ask placement.decide, so for the same nodes and configs they
+(cluster/planner.Planner._plan) both ask placement.decide, so for the same nodes and configs they
 choose the same split with the same prediction; and the hop's cost is written in one place.
 
-The leader's side runs Membership._plan itself, on an object carrying only what _plan reads (the
+The leader's side runs Planner._plan itself, on an object carrying only what _plan reads (the
 configs, the capacities, the current split) and recording what it would send the workers.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nanopipe.placement as placement
-from nanopipe.cluster.ring import Membership
+from nanopipe.cluster.planner import Planner
 from nanopipe.config import load_cluster_config, load_model_config
 from nanopipe.model import GPTConfig
 from nanopipe.partition import even
@@ -27,11 +27,11 @@ GPT2 = GPTConfig(n_layer=12, n_embd=768, n_head=12)
 SHAPE = ModelShape(n_layer=12, n_embd=768, n_ctx=1024, n_vocab=50257)
 
 
-class PlanningLeader(Membership):
-    """Membership with only what _plan reads; _apply_plan records the split instead of sending it."""
+class PlanningLeader(Planner):
+    """The leader's Planner with only what _plan reads; _apply_plan records the split instead of sending it."""
 
     def __init__(self, model, cluster, caps):
-        self.model, self.cluster, self._caps = model, cluster, caps
+        self.model, self.cluster, self._caps, self.count = model, cluster, caps, lambda kind: None
         self.ranges = even(SHAPE.n_layer, len(caps))
         self.placement, self.plan_note, self.applied, self.refused, self.logged = None, "", None, None, []
 

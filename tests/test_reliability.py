@@ -42,7 +42,7 @@ from helpers import (
     worker_addr,
 )
 
-from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.cluster.leader_client import ClientError, LeaderClient
 from nanopipe.cluster.wire import (
     HEADER,
     MAGIC,
@@ -161,7 +161,7 @@ def test_peer_skipping_the_handshake_gets_nothing_but_the_challenge(secure):
     with sock:
         first = recv_frame(sock, "leader")
         sock.sendall(encode_frame(Msg.GENERATE, {"prompt_ids": PROMPT, "max_tokens": 5})
-                     + encode_frame(Msg.STATUS, {}))
+                     + encode_frame(Msg.STATE_REQUEST, {}))
         rest = frames_until_close(sock)
         assert first.msg is Msg.CHALLENGE and set(first.meta) == {"nonce", "version"}
         assert set(rest) <= {Msg.REJECT}, f"a peer without the secret was sent {rest}"
@@ -231,6 +231,9 @@ def test_cluster_over_tls(tiny_weights, reference, tmp_path):
 # hardened frames: each bad frame closes only its own connection
 
 
+OLDER = PROTOCOL_VERSION - 1      # a node of the nanopipe before this one
+
+
 def header(msg=Msg.PING, meta_len=2, payload_len=0, magic=MAGIC, version=PROTOCOL_VERSION, flags=0) -> bytes:
     return HEADER.pack(magic, version, int(msg), flags, meta_len, payload_len)
 
@@ -238,7 +241,7 @@ def header(msg=Msg.PING, meta_len=2, payload_len=0, magic=MAGIC, version=PROTOCO
 # name -> (bytes a client sends after a good handshake, what the leader's log line must say)
 BAD_CLIENT_FRAMES = {
     "bad magic": (header(magic=b"HTTP") + b"{}", "bad magic"),
-    "wrong version": (header(version=2) + b"{}", "protocol version 2"),
+    "wrong version": (header(version=OLDER) + b"{}", f"protocol version {OLDER}"),
     "unknown type": (HEADER.pack(MAGIC, PROTOCOL_VERSION, 99, 0, 2, 0) + b"{}", "unknown message type 99"),
     "4 GB payload": (header(Msg.GENERATE, payload_len=1 << 32) + b"{}", "4294967296-byte payload"),
     "4 GB meta": (header(Msg.GENERATE, meta_len=(1 << 32) - 1), "4294967295 bytes of meta"),
@@ -341,19 +344,19 @@ def test_bad_activations_close_only_that_data_link(secure, reference):
 
 
 def test_other_protocol_version_is_refused_at_registration(secure):
-    """A worker of another nanopipe version: its HELLO says version 2 (its frames still parse)."""
-    sock, _, reply = handshake(leader_addr(secure), token=TOKEN, role="worker", rank=2, version=2,
+    """A worker of an older nanopipe version: its HELLO says version OLDER (its frames still parse)."""
+    sock, _, reply = handshake(leader_addr(secure), token=TOKEN, role="worker", rank=2, version=OLDER,
                                extra={"host": "node2"})
     with sock:
-        assert reply.msg is Msg.REJECT and "protocol version 2" in reply.meta["reason"]
-        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "protocol version 2")
-    # and one whose very frames are version 2
+        assert reply.msg is Msg.REJECT and f"protocol version {OLDER}" in reply.meta["reason"]
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), f"protocol version {OLDER}")
+    # and one whose very frames are version OLDER
     with socket.create_connection(leader_addr(secure), timeout=5) as sock:
         recv_frame(sock, "leader")
-        body = json.dumps({"role": "worker", "rank": 2, "version": 2}).encode()
-        sock.sendall(header(Msg.HELLO, meta_len=len(body), version=2) + body)
+        body = json.dumps({"role": "worker", "rank": 2, "version": OLDER}).encode()
+        sock.sendall(header(Msg.HELLO, meta_len=len(body), version=OLDER) + body)
         assert frames_until_close(sock) == []
-        wait_log(secure, 0, "Rejected connection from", local_peer(sock), "protocol version 2")
+        wait_log(secure, 0, "Rejected connection from", local_peer(sock), f"protocol version {OLDER}")
 
 
 @pytest.mark.parametrize("rank, says", [(7, "no worker rank 7"), (2, "already connected"),

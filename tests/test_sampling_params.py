@@ -112,7 +112,7 @@ def test_one_top_k_default_everywhere():
 
 
 def test_every_route_and_the_wire_accept_every_field():
-    from nanopipe.cluster.clients import CLIENT_FIELDS
+    from nanopipe.cluster.client_protocol import CLIENT_FIELDS
     from nanopipe.tools.cli import generate
     from nanopipe.web.chat import CHAT_FIELDS
     from nanopipe.web.openai import CHAT_COMPLETION_FIELDS, COMPLETION_FIELDS

@@ -22,7 +22,7 @@ import time
 import pytest
 from helpers import log_of, status, wait_log, wait_status
 
-from nanopipe.cluster.clients import CLIENT_QUEUE_MAX, CLIENT_SEND_TIMEOUT_S
+from nanopipe.cluster.client_protocol import CLIENT_QUEUE_MAX, CLIENT_SEND_TIMEOUT_S
 from nanopipe.cluster.wire import PROTOCOL_VERSION, Msg, auth_proof, encode_frame, recv_frame, send_frame
 from nanopipe.decoding import SamplingParams
 from nanopipe.tools.localcluster import LocalCluster

@@ -25,7 +25,7 @@ import time
 import pytest
 from helpers import self_signed_cert
 
-from nanopipe.cluster.clients import _send_timeout
+from nanopipe.cluster.client_protocol import _send_timeout
 from nanopipe.cluster.net import TLSStream, close_now, tls_wrap
 from nanopipe.cluster.wire import ConnectionClosed, Msg, recv_frame, send_frame
 

@@ -12,7 +12,7 @@ import json
 import pytest
 from helpers import DEFAULTS, EOT, NODE_MS, sse_events
 
-from nanopipe.cluster.client import ClientError
+from nanopipe.cluster.leader_client import ClientError
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.web.app import create_app
 from nanopipe.web.openai import chat_prompt

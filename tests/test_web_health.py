@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import CONFIG_DIR, FakeClient, FakeLeader, parse_metrics, signature_drift
 
-from nanopipe.cluster.client import ClientError, LeaderClient
+from nanopipe.cluster.leader_client import ClientError, LeaderClient
 from nanopipe.web.api import dial_leader
 from nanopipe.web.app import settings_from_configs
 from nanopipe.web.metrics import WebMetrics, render_metrics

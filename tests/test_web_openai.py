@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from helpers import make_app, sse_events
 
-from nanopipe.cluster.client import ClientError
+from nanopipe.cluster.leader_client import ClientError
 from nanopipe.decoding import infer_strategy
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.web.openai import chat_prompt

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nanopipe.cluster.wire as wire
 from nanopipe.cluster.wire import (
     HEADER,
     MAX_META_BYTES,
@@ -256,7 +257,7 @@ def test_decode_frame_truncated_and_trailing_bytes():
 
 BAD_FRAMES = {
     "magic": (raw_header(magic=b"HTTP") + b"{}", "bad magic b'HTTP'"),
-    "version": (raw_header(version=2) + b"{}", "protocol version 2, this node speaks 1"),
+    "version": (raw_header(version=1) + b"{}", "protocol version 1, this node speaks 2"),
     "type 0": (raw_header(msg=0) + b"{}", "unknown message type 0"),
     "type 99": (raw_header(msg=99) + b"{}", "unknown message type 99"),
     "flags": (raw_header(flags=1) + b"{}", "flags are reserved"),
@@ -286,8 +287,6 @@ def test_bad_frames_raise_protocol_error_naming_the_peer(pair, name):
 
 def test_oversize_header_is_rejected_before_reading_or_allocating(monkeypatch):
     """A 4 GB claim must fail on the header alone: recv_exact is asked for nothing bigger."""
-    import nanopipe.cluster.wire as wire
-
     asked = []
     real = wire.recv_exact
 
@@ -473,3 +472,118 @@ def test_a_surrogate_pair_escape_is_text():
 def test_a_meta_that_cannot_be_encoded_is_a_wire_error():
     with pytest.raises(WireError, match="cannot be sent as UTF-8 JSON"):
         encode_frame(Msg.TOKEN, {"text": "\ud800"})
+
+
+# --- one meaning per message type ------------------------------------------------------------------
+
+def _through(built: tuple) -> Frame:
+    """A builder's (Msg, meta) encoded and decoded again, as a receiver gets it."""
+    return decode_frame(encode_frame(*built), peer=PEER)
+
+
+PLACE = {"layers": [2, 4], "next": ["10.0.0.3", 65433], "next_rank": 2, "prev_rank": 0}
+LEFT_OUT = {"layers": [4, 4], "excluded": "pi1: too slow to help", "prev_rank": None}
+BUILT = {       # every control builder, with what its reader returns (None: the meta itself)
+    "state_request": (wire.state_request(), Msg.STATE_REQUEST, None, {}),
+    "state": (wire.state({"model": "gpt2", "ready": True, "nodes": []}), Msg.STATE, None,
+              {"model": "gpt2", "ready": True, "nodes": []}),
+    "status_text": (wire.status_text("r1", "s1", "waiting for rank 2"), Msg.STATUS, wire.read_status_text,
+                    "waiting for rank 2"),
+    "generate_batch": (wire.generate_batch({"request": "r", "max_tokens": 2}, [{"request": "r.0", "prompt_ids": [1]}]),
+                       Msg.GENERATE_BATCH, None,
+                       {"request": "r", "max_tokens": 2, "batch": [{"request": "r.0", "prompt_ids": [1]}]}),
+    "plan": (wire.plan(PLACE), Msg.PLAN, wire.read_plan, PLACE),
+    "plan, left out": (wire.plan(LEFT_OUT), Msg.PLAN, wire.read_plan, LEFT_OUT),
+    "start_inference": (wire.start_inference(7), Msg.START_INFERENCE, wire.read_epoch, 7),
+    "ring_joined": (wire.ring_joined(1, 7), Msg.RING_JOINED, wire.read_epoch, 7),
+    "ready": (wire.ready(1, 65433, False, [2, 4], 1 << 20), Msg.READY, wire.read_ready,
+              {"synthetic": False, "prefix_cache_bytes": 1 << 20}),
+    "capacity": (wire.capacity(1, {"name": "pi1", "speed_gbps": 2.5}), Msg.CAPACITY, wire.read_capacity,
+                 {"name": "pi1", "speed_gbps": 2.5}),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILT))
+def test_each_control_message_reads_back_what_its_builder_wrote(name):
+    built, msg, read, want = BUILT[name]
+    frame = _through(built)
+    assert frame.msg is msg
+    assert (frame.meta if read is None else read(frame)) == want
+
+
+def test_no_two_builders_share_a_message_type():
+    """One meaning per type: each builder makes its own type (plan's two forms are one meaning, a place)."""
+    types = {name: built[0] for name, (built, *_) in BUILT.items() if name != "plan, left out"}
+    assert len(set(types.values())) == len(types), types
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"layers": "2-4", "next": ["h", 1]}, "PLAN has layers '2-4'; expected [lo, hi]"),
+    ({"layers": [2, 4.5], "next": ["h", 1]}, "PLAN has layers"),
+    ({"layers": [2, 4]}, "PLAN has next None; expected [host, port]"),
+    ({"layers": [2, 4], "next": [1, "h"]}, "PLAN has next"),
+])
+def test_a_bad_plan_is_a_protocol_error_naming_the_field(meta, message):
+    with pytest.raises(ProtocolError, match=re.escape(message)):
+        wire.read_plan(_through((Msg.PLAN, meta)), peer="leader")
+
+
+@pytest.mark.parametrize("epoch", ["7", None, 7.5, True])
+def test_an_epoch_must_be_an_int(epoch):
+    with pytest.raises(ProtocolError, match="START_INFERENCE has epoch"):
+        wire.read_epoch(_through((Msg.START_INFERENCE, {"epoch": epoch})), peer="leader")
+
+
+def test_a_ready_value_of_the_wrong_kind_counts_as_not_said():
+    frame = _through((Msg.READY, {"rank": 1, "synthetic": "yes", "prefix_cache_bytes": -5}))
+    assert wire.read_ready(frame) == {"synthetic": None, "prefix_cache_bytes": None}
+    assert wire.read_status_text(_through((Msg.STATUS, {"text": ["x"]}))) == ""
+
+
+def _dispatches(tree) -> list:
+    """Every if/elif chain's tests of `X.msg is Msg.NAME`, as [(line, [NAME, ...])]."""
+    import ast
+
+    def names(test) -> list:
+        found = []
+        for node in ast.walk(test):
+            if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr == "msg"
+                    and len(node.comparators) == 1 and isinstance(node.comparators[0], ast.Attribute)
+                    and isinstance(node.comparators[0].value, ast.Name) and node.comparators[0].value.id == "Msg"):
+                found.append(node.comparators[0].attr)
+        return found
+
+    chains, inner = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and id(node) not in inner:
+            tested, branch = [], node
+            while isinstance(branch, ast.If):
+                tested += names(branch.test)
+                if len(branch.orelse) == 1 and isinstance(branch.orelse[0], ast.If):
+                    inner.add(id(branch.orelse[0]))
+                    branch = branch.orelse[0]
+                else:
+                    break
+            chains.append((node.lineno, tested))
+    return chains
+
+
+def test_no_receiver_tells_two_meanings_of_one_type_apart_by_its_meta():
+    """A dispatch (an if/elif chain over frame.msg) tests each type once: were a type tested twice,
+    the branches would be telling meanings apart by meta keys ("nodes" in meta, "epoch" in meta)."""
+    import ast
+    root = Path(__file__).resolve().parent.parent / "nanopipe"
+    twice = []
+    for path in sorted(root.rglob("*.py")):
+        for line, tested in _dispatches(ast.parse(path.read_text())):
+            twice += [f"{path.relative_to(root.parent)}:{line} tests {n} twice" for n in set(tested)
+                      if tested.count(n) > 1]
+    assert not twice, "\n".join(twice)
+
+
+def test_the_dispatch_check_catches_sniffing():
+    """The check above can fail: the leader's old dispatch of READY (loaded, or joined a ring)."""
+    import ast
+    old = ("if frame.msg is Msg.READY and frame.meta.get('epoch') is not None:\n    pass\n"
+           "elif frame.msg is Msg.READY:\n    pass\nelif frame.msg is Msg.STATS:\n    pass\n")
+    assert _dispatches(ast.parse(old)) == [(1, ["READY", "READY", "STATS"])]

@@ -9,11 +9,19 @@ and its scheduler (nanopipe/engine.py, the same one a single process uses) start
 round it. If a worker drops out, generations in progress wait up to `rejoin_grace_s` for that rank
 to come back; then every session is replayed from its tokens so all caches are rebuilt, and
 generation continues where it stopped.
+
+The leader is built from parts, each owning its state and talking to the others through calls:
+
+    registry   cluster/registry.py         the workers: registration, READY, heartbeats, silence
+    planner    cluster/planner.py          where the layers go, and the prediction against traffic
+    ring       cluster/ring.py             closing, breaking and rebuilding the ring; rejoin grace
+    clients    cluster/client_protocol.py  the clients' connections: GENERATE in, tokens out
+    scheduler  engine.py                   rank 0's stage and every live session
 """
 from __future__ import annotations
 
 import logging
-import secrets
+import socket
 import threading
 import time
 import traceback
@@ -22,10 +30,9 @@ from ..blas import current as current_blas
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
-from ..partition import first_last, layers_text, planned_by_leader
-from ..placement import unknown_figures
+from ..partition import first_last, layers_text
 from ..weights import synthetic_summary
-from .clients import CLIENT_QUEUE_MAX, ClientProtocol
+from .client_protocol import ClientProtocol
 from .net import (
     HandshakeError,
     accept,
@@ -38,7 +45,9 @@ from .net import (
     server_tls,
 )
 from .node import rss_mb
-from .ring import Membership, Ring, WorkerState
+from .planner import Planner
+from .registry import WorkerRegistry
+from .ring import RingBuilder
 from .wire import ConnectionClosed, WireError
 
 _LOG = leader_logger()
@@ -50,14 +59,13 @@ def log(msg: str, level: int = logging.INFO):
     _LOG.log(level, msg)
 
 
-class Leader(Membership, ClientProtocol):
-    """Rank 0 of a cluster: its stage, its scheduler, and every connection to it.
+class Leader:
+    """Rank 0 of a cluster: composes its parts (see the module docstring) and runs them.
 
-    This class owns the lifecycle (serve_forever, shutdown), the accept loop that hands each
-    connection to its role (worker: Membership._worker_conn, data: Membership._data_conn, client:
-    ClientProtocol._client_conn), and the status every client and the web app ask for. The
-    shared state lives here, set in __init__: the workers and the ring (cluster/ring.py), the
-    clients' requests (cluster/clients.py) and the scheduler both serve.
+    The leader itself owns the lifecycle (serve_forever, shutdown), the accept loop that hands each
+    connection to the part for its role (worker: registry.serve, data: ring.data_link, client:
+    clients.serve), the watchdog that drives the parts' periodic work, the cluster events counted
+    for /metrics, and status(), what every client and the web app ask for.
 
         leader = Leader(cluster_config, model_config, stage, ranges)   # stage: rank 0's StageWeights
         leader.serve_forever()                                          # until shutdown()
@@ -67,48 +75,54 @@ class Leader(Membership, ClientProtocol):
                  log_fn=log, capacity=None, load_rank0=None, weights_source=None):
         """`capacity`: rank 0's own placement.Capacity. With partition auto (or none set) and
         workers, the leader plans once every worker has registered and sent its measurements
-        (`_plan`); `ranges` is then the starting (even) split, and `load_rank0(lo, hi)` reloads
-        rank 0's stage if the plan gives it other blocks."""
-        self.cluster, self.model, self.stage, self.ranges = cluster, model, stage, ranges
-        self.capacity, self.load_rank0 = capacity, load_rank0
-        self.weights_source = weights_source   # {name, url, filename, sha256}, for `join --leader` workers
-        self.plan_pending = planned_by_leader(model) and len(ranges) > 1
-        self.placement = None           # the plan's prediction (placement.Placement), for /metrics and bench
-        self.plan_note = ""             # how the split was chosen, for status()
-        self.fatal: str | None = None   # set when the model cannot be placed: `serve` exits with it
-        self._off_warned: dict = {}     # rank -> (((lo, hi), "slower" | "faster") warned about or None, last % off)
-        self._enrol_hold: dict = {}     # rank -> until when it is held for a worker that enrolled
-        self.config = stage.config
-        self.tokenizer = tokenizer
-        self.log = log_fn
-        self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
-        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions,
-                                   prefix_cache_bytes=cluster.prefix_cache_bytes(), log=self._warn)
-        self.ring: Ring | None = None
-        # ring epochs count up from a random start, so a restarted leader never reuses one that a
-        # worker may still hold frames of
-        self.epoch = secrets.randbelow(1 << 30)
-        self.lock = threading.RLock()
-        self.ring_ready = threading.Event()
-        self.down_since: float | None = None
-        # set when the ring stayed down past rejoin_grace_s: while a rank is still down, a new request
-        # fails at once with the same message instead of waiting a whole grace period again
-        self.grace_over = False
+        (planner.Planner); `ranges` is then the starting (even) split, and `load_rank0(lo, hi)`
+        reloads rank 0's stage if the plan gives it other blocks. `weights_source`: {name, url,
+        filename, sha256}, told to `join --leader` workers."""
+        self.cluster, self.model, self.config, self.log = cluster, model, stage.config, log_fn
+        self.lock = threading.RLock()       # membership and the ring change together (registry, ring)
         self.stop_event = threading.Event()
         self.started = time.time()
-        self.metrics = {"requests": 0, "errors": 0, "rejected_peers": 0, "bad_frames": 0}
+        self.metrics = {"rejected_peers": 0, "bad_frames": 0}
         # cluster events as logged, by kind (joined, rejoined, left, planned, slow_stage), for /metrics
         self.events = {"joined": 0, "rejoined": 0, "left": 0, "planned": 0, "slow_stage": 0}
         self.tls = server_tls(cluster.tls_cert, cluster.tls_key)
-        self.tls_client = client_tls(cluster.tls_cert)      # for dialing worker 1
-        self.max_act_bytes = max_act_bytes(self.config, cluster.max_sessions)
         self.srv = None
-        self.client_queue_max = CLIENT_QUEUE_MAX
-        self._building = False
-        self._last_build = 0.0
-        self._ring_in_epoch = None
-        if len(ranges) == 1:
-            self.ring_ready.set()
+        self.scheduler = Scheduler(stage, ring=None, max_sessions=cluster.max_sessions,
+                                   prefix_cache_bytes=cluster.prefix_cache_bytes(), log=self._warn)
+        self.registry = WorkerRegistry(cluster, self.config, ranges, self.lock, log_fn, model_name=model.name,
+                                       count=self._count, weights_source=weights_source,
+                                       stopped=self.stop_event.is_set)
+        self.planner = Planner(cluster, model, self.config, ranges, self.registry, self.scheduler, log_fn,
+                               capacity=capacity, load_rank0=load_rank0, count=self._count,
+                               on_fatal=self._stop_for, on_applied=lambda: self.ring.no_ring_needed())
+        self.ring = RingBuilder(cluster, self.config, self.registry, self.scheduler, self.lock, log_fn,
+                                tls_client=client_tls(cluster.tls_cert),     # for dialing worker 1
+                                max_act_bytes=max_act_bytes(self.config, cluster.max_sessions),
+                                may_build=lambda: not self.planner.pending and self.planner.fatal is None,
+                                alone=len(ranges) == 1)
+        self.clients = ClientProtocol(cluster, model, self.config, self.scheduler, self.ring, self.registry, log_fn,
+                                      status=self.status, aliases=self.model_aliases, tokenizer=tokenizer)
+        # what the registry learns, the other parts act on
+        self.registry.on_ready = self._worker_ready
+        self.registry.on_joined = lambda w: self.ring.rank_back()
+        self.registry.on_capacity = self.planner.on_capacity
+        self.registry.on_lost = lambda w, reason: self.ring.on_break(reason)
+        self.registry.on_ring_error = self.ring.on_break
+        self.registry.plan_pending = lambda: self.planner.pending
+
+    @property
+    def fatal(self) -> str | None:
+        """Why the model cannot be placed (`serve` exits with it), else None."""
+        return self.planner.fatal
+
+    @property
+    def stage(self):
+        """Rank 0's StageWeights (the plan may have reloaded them: the scheduler holds the current ones)."""
+        return self.scheduler.stage
+
+    @property
+    def workers(self) -> dict:
+        return self.registry.workers
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -122,10 +136,10 @@ class Leader(Membership, ClientProtocol):
             self.log("WARNING: no auth_token set: anyone who can reach this port can join the cluster or "
                      "read prompts. Set auth_token in cluster_config.yaml or NANOPIPE_TOKEN.", WARNING)
         if self.workers:
+            pending = self.planner.pending
             self.log(f"Waiting for {len(self.workers)} worker(s): "
                      + ", ".join(f"rank {r} ({w.host}, layers "
-                                 + ("once every node is measured)" if self.plan_pending
-                                    else f"{layers_text(*w.layers)})")
+                                 + ("once every node is measured)" if pending else f"{layers_text(*w.layers)})")
                                  for r, w in self.workers.items()))
         threading.Thread(target=self._run_scheduler, daemon=True, name="scheduler").start()
         threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()
@@ -141,21 +155,25 @@ class Leader(Membership, ClientProtocol):
     def shutdown(self):
         self.stop_event.set()
         self.scheduler.stop()
-        for s in (self.srv, self.ring.out_sock if self.ring else None):
-            try:
-                s and s.close()
-            except OSError:
-                pass
+        self.ring.close()
+        try:
+            self.srv and self.srv.close()
+        except OSError:
+            pass
+
+    def _stop_for(self, message: str):
+        """A part cannot go on (the model fits nowhere): stop serving; `serve` exits with `fatal`."""
+        self.stop_event.set()
+        try:
+            if self.srv is not None:
+                self.srv.shutdown(socket.SHUT_RDWR)     # wakes the accept() in serve_forever (Linux)
+                self.srv.close()
+        except OSError:
+            pass
 
     def _run_scheduler(self):
-        """The scheduler thread: Scheduler.run_forever, stepping only while the ring is up. The plan
-        may replace the scheduler once (rank 0's blocks moved, `_apply_plan` stops the old one): the
-        thread then runs the new one."""
-        while not self.stop_event.is_set():
-            sch = self.scheduler
-            sch.run_forever(ready=self.ring_ready, on_error=self._on_scheduler_error)
-            if sch is self.scheduler:
-                break
+        """The scheduler thread: Scheduler.run_forever, stepping only while the ring is up."""
+        self.scheduler.run_forever(ready=self.ring.ready, on_error=self._on_scheduler_error)
 
     def _warn(self, msg: str):
         self.log(msg, WARNING)
@@ -164,6 +182,39 @@ class Leader(Membership, ClientProtocol):
         """A bug in a step must not kill the leader silently: log it, fail what is live, go on."""
         self.log(f"scheduler error: {type(e).__name__}: {e}", ERROR)
         self.scheduler.fail_all(f"internal error in the leader: {e}")
+
+    def _count(self, kind: str):
+        """Count one cluster event of the kind status() reports under "events" (/metrics shows them)."""
+        with self.lock:
+            self.events[kind] = self.events.get(kind, 0) + 1
+
+    def _worker_ready(self, w):
+        """A worker loaded its slice: warn if real and random weights now mix, then try to close the ring."""
+        weights = self._weights_summary()
+        if weights["weights_mixed"]:    # the leader must know: real and random slices make gibberish
+            self.log(f"Worker {w.rank} joined with {'synthetic' if w.synthetic else 'real'} weights. "
+                     f"{weights['weights_note']}")
+        self.ring.maybe_build()
+
+    def _watchdog(self):
+        """Notice silent workers (a cut cable sends no FIN), rebuild the ring when every worker is
+        ready again, fail what waited longer than the rejoin grace period, and compare the stages'
+        times with the plan. A part that fails is logged (each different error once, with its
+        traceback) and the rest go on, round after round: the watchdog lives as long as the leader."""
+        seen: set = set()
+        while not self.stop_event.wait(0.25):
+            now = time.time()
+            for doing, part, args in (("dropping silent workers", self.registry.drop_silent, (now,)),
+                                      ("rebuilding the ring", self.ring.maybe_build, (1.0,)),
+                                      ("enforcing rejoin_grace_s", self.ring.enforce_grace, (now,)),
+                                      ("checking the stages' times", self.planner.check_predictions, ())):
+                try:
+                    part(*args)
+                except Exception as e:
+                    what = f"{doing}: {type(e).__name__}: {e}"
+                    if what not in seen and len(seen) < 100:
+                        seen.add(what)
+                        self.log(f"watchdog: {what}; it goes on\n{traceback.format_exc()}", ERROR)
 
     # -- connections, by role ---------------------------------------------------------------
 
@@ -182,11 +233,11 @@ class Leader(Membership, ClientProtocol):
         role = hello["role"]
         try:
             if role == "worker":
-                self._worker_conn(sock, peer, hello)
+                self.registry.serve(sock, peer, hello)
             elif role == "data":
-                self._data_conn(sock, peer, hello)
+                self.ring.data_link(sock, peer, hello)
             else:
-                self._client_conn(sock, peer, hello)
+                self.clients.serve(sock, peer, hello)
         except (WireError, OSError, ValueError) as e:
             if not isinstance(e, ConnectionClosed):
                 self.metrics["bad_frames"] += 1
@@ -202,8 +253,7 @@ class Leader(Membership, ClientProtocol):
 
     def _weights_summary(self) -> dict:
         """Are the cluster's weights synthetic (random)? Rank 0's and every worker's, as they said."""
-        flags = {0: getattr(self.stage, "synthetic", None)}
-        flags.update({r: w.synthetic for r, w in self.workers.items()})
+        flags = {0: getattr(self.stage, "synthetic", None), **self.registry.synthetic_flags()}
         return synthetic_summary(flags)
 
     def model_aliases(self) -> list:
@@ -213,13 +263,13 @@ class Leader(Membership, ClientProtocol):
 
     def status(self) -> dict:
         """What /health, /config and /metrics show: every node, up or down."""
-        now = time.time()
+        now, cap = time.time(), self.planner.capacity
         # layers: [first, last] inclusive, as the text writes "0-3" (partition.first_last)
-        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.ranges[0]), "status": "up",
-                  "last_seen_s": 0.0, "rss_mb": rss_mb(), "synthetic": getattr(self.stage, "synthetic", None),
-                  "gemv_rows": self.scheduler.kernels.gemv_rows,
-                  "capacity": self.capacity.as_dict() if self.capacity else None,
-                  "unknown": self.capacity.unknowns if self.capacity else None, "blas": current_blas().summary}]
+        nodes = [{"rank": 0, "host": self.cluster.leader.host, "layers": first_last(*self.planner.ranges[0]),
+                  "status": "up", "last_seen_s": 0.0, "rss_mb": rss_mb(),
+                  "synthetic": getattr(self.stage, "synthetic", None), "gemv_rows": self.scheduler.kernels.gemv_rows,
+                  "capacity": cap.as_dict() if cap else None, "unknown": cap.unknowns if cap else None,
+                  "blas": current_blas().summary}]
         for r, w in self.workers.items():
             nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers),
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
@@ -233,7 +283,7 @@ class Leader(Membership, ClientProtocol):
                           "addr": w.addr, "synthetic": w.synthetic, "blas": w.stats.get("blas"),
                           "unknown": w.capacity.unknowns if w.capacity else None})
         s = self.scheduler
-        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring_ready.is_set(),
+        return {"model": self.model.name, "aliases": self.model_aliases(), "ready": self.ring.ready.is_set(),
                 "nodes": nodes,
                 "live_sessions": len(s.sessions), "waiting": s.waiting.qsize(),
                 "requests": s.stats["requests"], "tokens": s.stats["tokens"], "errors": s.stats["errors"],
@@ -242,7 +292,7 @@ class Leader(Membership, ClientProtocol):
                 "rejected_peers": self.metrics["rejected_peers"], "bad_frames": self.metrics["bad_frames"],
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
-                "placement": self._placement_status(), **self._prefix_status(), **self._weights_summary(),
+                "placement": self.planner.status(), **self._prefix_status(), **self._weights_summary(),
                 "events": dict(self.events)}
 
     def _prefix_status(self) -> dict:
@@ -252,15 +302,3 @@ class Leader(Membership, ClientProtocol):
                 "prompt_tokens_computed": s.stats["prompt_tokens_computed"],
                 "prefix_hits": s.prefix.stats["hits"], "prefix_evictions": s.prefix.stats["evictions"],
                 "prefix_kept": len(s.prefix.kept), "prefix_cache_bytes": s.prefix_bytes()}
-
-    def _placement_status(self) -> dict:
-        """The plan and its prediction (None until every node is measured), and predicted vs measured
-        per stage after traffic."""
-        p = self.placement
-        out = {"partition": self.model.partition or "default", "objective": self.model.placement_objective,
-               "note": self.plan_note, "pending": self.plan_pending, "stages": self.stage_report(),
-               "unknown": unknown_figures(self.capacities())}
-        if p is not None:
-            out.update(predicted_tok_s_1=round(p.tok_s(1), 2), predicted_tok_s_8=round(p.tok_s(8), 2),
-                       hop_ms=round(p.hop_s * 1000, 3), notes=list(p.notes))
-        return out

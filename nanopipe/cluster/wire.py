@@ -8,7 +8,7 @@ and the header says how long the other two parts are:
 
     offset  size  field            type       value
     0       4     magic            4s         b"NPIP"
-    4       1     version          u8         PROTOCOL_VERSION (1)
+    4       1     version          u8         PROTOCOL_VERSION (2)
     5       1     message type     u8         a Msg, e.g. 6 = ACT
     6       2     flags            u16        0 (reserved)
     8       4     meta length      u32        bytes of JSON that follow the header
@@ -42,8 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..decoding import is_int
+from ..logs import shown
 
-PROTOCOL_VERSION = 1
+# 2: each meaning its own message type (STATE, PLAN, START_INFERENCE, RING_JOINED, CAPACITY,
+# GENERATE_BATCH took over meanings that STATUS, STATS, READY and GENERATE had carried in 1, told
+# apart by their meta keys): a version-1 node would misread them, so the handshake refuses it
+PROTOCOL_VERSION = 2
 MAGIC = b"NPIP"
 HEADER = struct.Struct("<4sBBHIQ")  # magic, version, msg type, flags, meta length, payload length
 MAX_META_BYTES = 1024 * 1024              # 1 MiB: meta is small JSON (ids, sampling params, stats)
@@ -59,24 +63,32 @@ DTYPES = {
 
 
 class Msg(enum.IntEnum):
-    """Message types; docs/PROTOCOL.md gives each one's direction, meta keys and payload."""
+    """Message types, one meaning each; docs/PROTOCOL.md gives each one's direction, meta keys and
+    payload. The control messages have a builder and a reader below ("one meaning each")."""
     HELLO = 1       # peer -> leader: role, rank, version, auth proof
     CHALLENGE = 2   # leader -> peer: nonce for HMAC auth
     WELCOME = 3     # leader -> peer: accepted (+ layer range, model info, next hop for a worker)
     REJECT = 4      # leader -> peer: reason
-    READY = 5       # worker -> leader: slice loaded, listening
+    READY = 5       # worker -> leader: slice loaded, data port listening
     ACT = 6         # activations of one or more sessions, round the ring
     FREE = 7        # free these sessions' KV caches at every stage
-    GENERATE = 8    # client -> leader: prompt + sampling params
+    GENERATE = 8    # client -> leader: one prompt + sampling params
     TOKEN = 9       # leader -> client: one token id + text piece
     DONE = 10       # leader -> client: stats
     ERROR = 11      # either way: message
     PING = 12
     PONG = 13
-    STATS = 14      # worker -> leader: rss, compute times
+    STATS = 14      # worker -> leader: the heartbeat (rss, compute times)
     CANCEL = 15     # client -> leader
-    STATUS = 16     # leader -> client: status text, e.g. waiting for a rank to rejoin
-    PARTIAL = 17    # member <-> member of a split stage: its partial sum of a block's c_proj (all-reduce)
+    STATUS = 16     # leader -> client: a request's status text, e.g. waiting for a rank to rejoin
+    STATE_REQUEST = 17      # client -> leader: what is the cluster's state?
+    STATE = 18              # leader -> client: the cluster's state (nodes, counters, placement)
+    PLAN = 19               # leader -> worker: its place, once the leader has planned
+    START_INFERENCE = 20    # leader -> worker: join the ring of `epoch` (dial the next hop)
+    RING_JOINED = 21        # worker -> leader: it has dialed its next hop for the ring of `epoch`
+    CAPACITY = 22           # worker -> leader: what the node measured of itself
+    GENERATE_BATCH = 23     # client -> leader: several prompts to run as one batch
+    PARTIAL = 24            # member <-> member of a split stage: its partial sum of a block's c_proj
 
 
 class WireError(Exception):
@@ -223,7 +235,7 @@ def _parse_header(header: bytes, peer: str, max_payload: int) -> tuple[Msg, int,
         raise ProtocolError(f"{peer}: unknown message type {msg_type}") from None
     if flags != 0:
         raise ProtocolError(f"{peer}: {msg.name} frame has flags {flags:#06x}; flags are reserved "
-                            "and must be 0 in protocol version 1")
+                            f"and must be 0 in protocol version {PROTOCOL_VERSION}")
     if meta_len > MAX_META_BYTES:
         raise ProtocolError(f"{peer}: {msg.name} frame claims {meta_len} bytes of meta, over the "
                             f"{MAX_META_BYTES}-byte limit")
@@ -396,3 +408,103 @@ def act_sessions(frame: Frame, peer: str = "peer") -> list[dict]:
 
 def _is_count(x) -> bool:
     return is_int(x) and x >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the control messages, one meaning each: a builder gives (Msg, meta) to send,
+#
+#     send_frame(sock, *start_inference(epoch))
+#
+# and a reader checks a received frame of that type and returns what it says, or raises
+# ProtocolError naming the peer and what is wrong (the receiver closes that connection).
+
+def _need(frame: Frame, peer: str, key: str, ok, expected: str):
+    v = frame.meta.get(key)
+    if not ok(v):
+        raise ProtocolError(f"{peer}: {frame.msg.name} has {key} {shown(v)}; expected {expected}")
+    return v
+
+
+def state_request() -> tuple:
+    """client -> leader: ask for the cluster's state (answered by STATE)."""
+    return Msg.STATE_REQUEST, {}
+
+
+def state(status: dict) -> tuple:
+    """leader -> client: the cluster's state, Leader.status() (every node, counters, placement)."""
+    return Msg.STATE, status
+
+
+def status_text(request, session: str, text: str) -> tuple:
+    """leader -> client: how a request is doing, e.g. "waiting for rank 2 to join (at most 60s)"."""
+    return Msg.STATUS, {"request": request, "session": session, "text": text}
+
+
+def read_status_text(frame: Frame) -> str:
+    """A STATUS's text ("" if it carries none a person could read)."""
+    text = frame.meta.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def generate_batch(shared: dict, items: list) -> tuple:
+    """client -> leader: several generations run as one batch; `items` [{"request", "prompt_ids",
+    optional "seed"}, ...], `shared`: the fields every item has (sampling, echo, text, ...)."""
+    return Msg.GENERATE_BATCH, {**shared, "batch": items}
+
+
+def plan(place: dict) -> tuple:
+    """leader -> worker: its place once planned: {"layers", "next", "next_rank", "prev_rank"}, or
+    {"layers": [h, h], "excluded": why, "prev_rank": None} for a worker the plan leaves out."""
+    return Msg.PLAN, dict(place)
+
+
+def read_plan(frame: Frame, peer: str = "leader") -> dict:
+    """A PLAN's place, checked: layers [lo, hi]; unless excluded, next [host, port]."""
+    _need(frame, peer, "layers", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v),
+          "[lo, hi]: two ints")
+    if not frame.meta.get("excluded") and frame.meta.get("prev_rank", 0) is not None:   # a later member: no next
+        _need(frame, peer, "next", lambda v: isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+              and is_int(v[1]), "[host, port]")
+    return dict(frame.meta)
+
+
+def start_inference(epoch: int) -> tuple:
+    """leader -> worker: the guide's start_inference command: join the ring of `epoch` by dialing
+    your next hop (for a new ring, after a rebuild too); answered by RING_JOINED."""
+    return Msg.START_INFERENCE, {"epoch": epoch}
+
+
+def ring_joined(rank: int, epoch: int) -> tuple:
+    """worker -> leader: it has dialed its next hop for the ring of `epoch`."""
+    return Msg.RING_JOINED, {"rank": rank, "epoch": epoch}
+
+
+def read_epoch(frame: Frame, peer: str = "peer") -> int:
+    """START_INFERENCE's or RING_JOINED's ring epoch."""
+    return _need(frame, peer, "epoch", is_int, "an int")
+
+
+def ready(rank: int, data_port: int, synthetic: bool, layers: list, prefix_cache_bytes: int) -> tuple:
+    """worker -> leader: its slice (`layers`) is loaded and its data port listens; `synthetic`: the
+    weights are random; `prefix_cache_bytes`: its budget for kept caches."""
+    return Msg.READY, {"rank": rank, "data_port": data_port, "synthetic": synthetic, "layers": list(layers),
+                       "prefix_cache_bytes": prefix_cache_bytes}
+
+
+def read_ready(frame: Frame) -> dict:
+    """What a READY says that the leader uses: {"synthetic": True/False/None, "prefix_cache_bytes":
+    int >= 0 or None}; a value of the wrong kind counts as not said."""
+    synthetic = frame.meta.get("synthetic")
+    budget = frame.meta.get("prefix_cache_bytes")
+    return {"synthetic": synthetic if isinstance(synthetic, bool) else None,
+            "prefix_cache_bytes": budget if is_int(budget) and budget >= 0 else None}
+
+
+def capacity(rank: int, figures: dict) -> tuple:
+    """worker -> leader: what the node measured (placement.Capacity.as_dict), once, after WELCOME."""
+    return Msg.CAPACITY, {"rank": rank, "capacity": figures}
+
+
+def read_capacity(frame: Frame):
+    """A CAPACITY's figures, as sent: placement.Capacity.from_dict checks each (a bad one counts as unknown)."""
+    return frame.meta.get("capacity")

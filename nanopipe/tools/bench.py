@@ -233,7 +233,7 @@ def bench_lm_head(engine: Engine, prompt_len: int = 32, n_tokens: int = 48, repe
     this one run, through the real scheduler; also whether the greedy tokens are identical."""
     import contextlib
 
-    from .. import engine as engine_module
+    from .. import batching  # the scheduler's head runs in batching.Batcher.back
     from ..model import layer_norm
     st = engine.stage
     copy = np.ascontiguousarray(st.lm_head.T)                            # (C, V): the old copy
@@ -243,12 +243,12 @@ def bench_lm_head(engine: Engine, prompt_len: int = 32, n_tokens: int = 48, repe
 
     @contextlib.contextmanager
     def head_as(fn):
-        saved = engine_module.head
-        engine_module.head = fn
+        saved = batching.head
+        batching.head = fn
         try:
             yield
         finally:
-            engine_module.head = saved
+            batching.head = saved
 
     ids = bench_prompt(prompt_len)
     runs = {"before": [], "after": []}

@@ -253,7 +253,7 @@ def generate(prompt, config_dir, model_name, weights_path, leader, n_head, as_js
 
     try:
         if leader:
-            from ..cluster.client import ClientError, LeaderClient
+            from ..cluster.leader_client import ClientError, LeaderClient
             addr = resolve_leader(config_dir, leader)
             try:
                 with LeaderClient.connect(addr, token=token, tls_ca=tls_ca) as c:
@@ -456,7 +456,7 @@ def plan(config_dir, model_name, weights_path, nodes, partition, old_partition, 
 
 def _plan_from_cluster(config_dir, addr):
     """`plan --from-cluster HOST:PORT`: the running leader's STATUS, as the plan tables."""
-    from ..cluster.client import ClientError, LeaderClient
+    from ..cluster.leader_client import ClientError, LeaderClient
     token, tls_ca = _leader_auth(config_dir)
     addr = resolve_leader(config_dir, addr)
     try:
@@ -925,7 +925,7 @@ def bench(weights_path, full, n_tokens, prompt_len, bandwidth_mb, nodes, link_de
 @_fail_clean
 def trace_cmd(prompt, nodes, weights_path, max_tokens, then, as_json, leader, config_dir):
     """Follow each new token of PROMPT round the cluster: every hop's node, layers, bytes and times."""
-    from ..cluster.client import ClientError
+    from ..cluster.leader_client import ClientError
     from .trace import TraceError, format_trace, resolve_weights, run_trace
 
     def log(msg):       # progress goes to stderr, so stdout stays clean for --json

@@ -29,7 +29,7 @@ import time
 
 import yaml
 
-from ..cluster.client import ClientError, LeaderClient
+from ..cluster.leader_client import ClientError, LeaderClient
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list:

@@ -25,7 +25,7 @@ Where the numbers come from:
 
 The leader sends this per token when a GENERATE asks for it (meta "trace": true); each TOKEN frame
 then also carries "hops", "head_ms", "transit_total_ms" and "top" (the 5 likeliest ids with their
-probabilities, before temperature). `engine.step_info` builds it inside the scheduler, `decoding.top_probs` the top 5.
+probabilities, before temperature). `sessions.step_info` builds it inside the scheduler, `decoding.top_probs` the top 5.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def run_trace(prompt: str, *, leader: str | None = None, nodes: int = 3, weights
     if then is not None and not then_ids:
         raise TraceError("--then is empty: give the text of the second turn")
     if leader is not None:
-        from ..cluster.client import LeaderClient
+        from ..cluster.leader_client import LeaderClient
         with LeaderClient.connect(leader, token=token, tls_ca=tls_ca) as c:
             report = _trace(c, prompt_ids, max_tokens, then_ids)
         report.update(leader=leader, weights=None, synthetic=None)

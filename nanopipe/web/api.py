@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 from flask import Response, current_app, g, jsonify, request
 
-from ..cluster.client import ClientError, LeaderClient
+from ..cluster.leader_client import ClientError, LeaderClient
 from ..decoding import EOT
 from ..logs import shown
 from ..sampling_params import FIELDS, DecodingError, SamplingParams, check_stop, request_params

@@ -2,10 +2,10 @@
 
     client --GENERATE {"prompt_ids": [15496], "max_tokens": 5, ...}-->  leader
     client <--TOKEN {"request", "session", "token": 995, "text": " world"} ...  DONE {stats}
-    (also CANCEL {"session"}, STATUS {} -> the cluster's state, PING -> PONG)
+    (also GENERATE_BATCH, CANCEL {"session"}, STATE_REQUEST -> STATE: the cluster's state, PING -> PONG)
 
 A GENERATE is checked once (sampling_params.request_params: a bad field is an ERROR naming it, kind
-"invalid") and becomes an engine.Request; a GENERATE with "batch" queues several at once so they
+"invalid") and becomes an engine.Request; a GENERATE_BATCH queues several at once so they
 run as one scheduler batch. While more than QUEUE_PER_SESSION x max_sessions requests wait, a new
 one is refused with kind "busy" and "retry_after_s" (the web app answers 429 with Retry-After).
 Frames to a client go through its ClientOutbox, so a client that stops reading never stalls the
@@ -18,12 +18,11 @@ import logging
 import socket
 import struct
 import threading
-import time
 
 from ..engine import Request
 from ..sampling_params import FIELDS, DecodingError, is_int, request_params
 from .net import close_now, welcome
-from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame
+from .wire import Msg, ProtocolError, WireError, recv_frame, send_frame, state, status_text
 
 WARNING = logging.WARNING
 
@@ -116,18 +115,28 @@ class ClientOutbox:
 
 
 class ClientProtocol:
-    """The Leader's part that serves clients: reads their frames, checks each GENERATE, submits it
-    to the scheduler and sends its events back; cancels a client's sessions when it goes away.
+    """The leader's side of its clients: reads their frames, checks each GENERATE, submits it to the
+    scheduler and sends its events back; cancels a client's sessions when it goes away.
 
-    It uses what Leader.__init__ sets: cluster, model, config, scheduler, workers, metrics, lock,
-    ring_ready, down_since, tokenizer, client_queue_max, log; and Leader.status(),
-    Leader.model_aliases(), Membership._past_grace() / _grace_message().
+    It owns each client's connection and outbox, the tokenizer (built on the first text prompt) and
+    its own counts (`counts`: requests queued, requests refused or failed). It asks the ring builder
+    whether the ring is up or past its grace (`ring.waiting_since_now`, `ring.past_grace`,
+    `ring.grace_message`), the registry who is not ready yet, and the leader for `status()` and the
+    model's other names (`aliases()`).
     """
 
-    def _client_conn(self, sock, peer, hello):
-        welcome(sock, hello, {"model": self.model.name, "aliases": self.model_aliases(), "n_ctx": self.config.n_ctx})
+    def __init__(self, cluster, model, config, scheduler, ring, registry, log, *, status, aliases,
+                 tokenizer=None, queue_max: int = CLIENT_QUEUE_MAX):
+        self.cluster, self.model, self.config, self.scheduler = cluster, model, config, scheduler
+        self.ring, self.registry, self.log, self.status, self.aliases = ring, registry, log, status, aliases
+        self.tokenizer, self.queue_max = tokenizer, queue_max
+        self.counts = {"requests": 0, "errors": 0}
+
+    def serve(self, sock, peer, hello):
+        """One client's connection, from its HELLO until it goes away."""
+        welcome(sock, hello, {"model": self.model.name, "aliases": self.aliases(), "n_ctx": self.config.n_ctx})
         _send_timeout(sock, CLIENT_SEND_TIMEOUT_S)
-        outbox = ClientOutbox(sock, peer, self.log, limit=self.client_queue_max)
+        outbox = ClientOutbox(sock, peer, self.log, limit=self.queue_max)
         send = outbox.put                # every frame to this client, from any thread, goes through it
         mine: set = set()
         try:
@@ -138,16 +147,16 @@ class ClientProtocol:
                     send(Msg.ERROR, {"message": f"bad frame, closing the connection: {e}", "kind": "invalid"})
                     outbox.flush(2.0)
                     raise
-                if frame.msg is Msg.GENERATE and "batch" in frame.meta:
-                    self._generate_batch(frame.meta, send, mine)
+                if frame.msg is Msg.GENERATE_BATCH:
+                    self.generate_batch(frame.meta, send, mine)
                 elif frame.msg is Msg.GENERATE:
                     self._generate(frame.meta, send, mine)
                 elif frame.msg is Msg.CANCEL:
                     sid = frame.meta.get("session")
                     if isinstance(sid, str) and sid in mine:
                         self.scheduler.cancel(sid)
-                elif frame.msg is Msg.STATUS:
-                    send(Msg.STATUS, self.status())
+                elif frame.msg is Msg.STATE_REQUEST:
+                    send(*state(self.status()))
                 elif frame.msg is Msg.PING:
                     send(Msg.PONG, frame.meta)
                 else:
@@ -180,13 +189,13 @@ class ClientProtocol:
             if not is_int(top) or not 0 <= top <= 20:
                 raise DecodingError("top_logprobs: must be an integer in 0..20", field="top_logprobs")
         except (DecodingError, TypeError, ValueError) as e:     # TypeError: e.g. a list where a name goes
-            self.metrics["errors"] += 1
+            self.counts["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": f"invalid request: {e}", "kind": "invalid",
                              "field": getattr(e, "field", None)})
             return None
-        if self._past_grace():                  # before building anything for it: it would only wait
-            self.metrics["errors"] += 1
-            send(Msg.ERROR, {"request": req_id, "message": self._grace_message(), "kind": "cluster"})
+        if self.ring.past_grace():              # before building anything for it: it would only wait
+            self.counts["errors"] += 1
+            send(Msg.ERROR, {"request": req_id, "message": self.ring.grace_message(), "kind": "cluster"})
             return None
         want_text = meta.get("text", True) is not False
         # the stream that cuts the reply at a stop string; also the text a client is sent
@@ -198,7 +207,7 @@ class ClientProtocol:
                 send(Msg.TOKEN, {"request": req_id, "session": req.id, "token": data["id"], "logprob": data["logprob"],
                                  "text": data.get("text", "") if want_text else "", **traced})
             elif kind == "status":
-                send(Msg.STATUS, {"request": req_id, "session": req.id, "text": data["text"]})
+                send(*status_text(req_id, req.id, data["text"]))
             elif kind == "done":
                 mine.discard(req.id)
                 if not want_text:
@@ -206,7 +215,7 @@ class ClientProtocol:
                 send(Msg.DONE, dict(data, request=req_id, session=req.id))
             elif kind == "error":
                 mine.discard(req.id)
-                self.metrics["errors"] += 1
+                self.counts["errors"] += 1
                 send(Msg.ERROR, {"request": req_id, "session": req.id, "message": data["error"], "kind": "cluster"})
 
         req = Request(prompt_ids, params, emit, echo=bool(meta.get("echo")), top_logprobs=top,
@@ -215,7 +224,7 @@ class ClientProtocol:
         try:
             self.scheduler.check(req)
         except DecodingError as e:
-            self.metrics["errors"] += 1
+            self.counts["errors"] += 1
             send(Msg.ERROR, {"request": req_id, "message": str(e), "kind": "invalid", "field": e.field})
             return None
         return req
@@ -226,7 +235,7 @@ class ClientProtocol:
         waiting, limit = self.scheduler.waiting.qsize(), QUEUE_PER_SESSION * self.cluster.max_sessions
         if waiting + n <= limit:
             return False
-        self.metrics["errors"] += 1
+        self.counts["errors"] += 1
         send(Msg.ERROR, {"request": req_id, "kind": "busy", "retry_after_s": BUSY_RETRY_AFTER_S,
                          "message": f"busy: {waiting} requests are already waiting (at most {limit}: "
                                     f"{QUEUE_PER_SESSION} per session slot, max_sessions={self.cluster.max_sessions}); "
@@ -237,17 +246,14 @@ class ClientProtocol:
         """Hand a checked Request to the scheduler."""
         self.scheduler.submit(req, checked=True)
         mine.add(req.id)
-        self.metrics["requests"] += 1
-        if not self.ring_ready.is_set():
-            with self.lock:                     # never wait longer than rejoin_grace_s, even at start-up
-                if self.down_since is None and not self.ring_ready.is_set():
-                    self.down_since = time.time()
-            down = [str(r) for r, w in self.workers.items() if w.status != "ready"]
+        self.counts["requests"] += 1
+        if not self.ring.waiting_since_now():   # never wait longer than rejoin_grace_s, even at start-up
+            down = [str(w.rank) for w in self.registry.not_ready()]
             req.emit("status", {"text": f"waiting for rank {', '.join(down) or '?'} to join (at most "
                                         f"{self.cluster.rejoin_grace_s:g}s)"})
 
-    def _generate_batch(self, meta: dict, send, mine: set):
-        """One GENERATE carrying several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
+    def generate_batch(self, meta: dict, send, mine: set):
+        """A GENERATE_BATCH, several generations: {"batch": [{"request": "r1.0", "prompt_ids": [...],
         "seed": 7}, ...], <fields shared by all>}. Each item is answered like its own GENERATE (frames
         carry its request id). Every item is checked and tokenized first, without holding the
         scheduler; then they are queued while it is held, so its next step admits them together:
@@ -255,7 +261,7 @@ class ClientProtocol:
         items = meta.get("batch")
         limit = QUEUE_PER_SESSION * self.cluster.max_sessions
         if not (isinstance(items, list) and 0 < len(items) <= limit and all(isinstance(i, dict) for i in items)):
-            self.metrics["errors"] += 1
+            self.counts["errors"] += 1
             send(Msg.ERROR, {"request": meta.get("request"), "kind": "invalid",
                              "message": f"invalid request: batch must be a list of 1..{limit} generations"})
             return

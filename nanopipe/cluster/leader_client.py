@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 
+from . import wire
 from .net import HandshakeError, HttpPeer, client_tls, dial, parse_addr
-from .wire import ConnectionClosed, Msg, WireError, recv_frame, send_frame
+from .wire import ConnectionClosed, Msg, WireError, read_status_text, recv_frame, send_frame, state_request
 
 
 class ClientError(RuntimeError):
@@ -76,10 +77,10 @@ class LeaderClient:
 
     def status(self) -> dict:
         """Every node's state, live sessions and counters (see Leader.status)."""
-        self._send(Msg.STATUS, {})
+        self._send(*state_request())
         while True:
             frame = self._recv()
-            if frame.msg is Msg.STATUS and "nodes" in frame.meta:
+            if frame.msg is Msg.STATE:
                 return frame.meta
 
     def generate(self, prompt=None, params=None, on_token=None, on_status=None, echo: bool = False,
@@ -109,7 +110,7 @@ class LeaderClient:
                     on_event(m)
             elif frame.msg is Msg.STATUS:
                 if on_status is not None:
-                    on_status(m.get("text", ""))
+                    on_status(read_status_text(frame))
             elif frame.msg is Msg.DONE:
                 tail = m.pop("tail", "") or ""
                 if tail and on_token is not None:
@@ -140,7 +141,7 @@ class LeaderClient:
                 item["seed"] = seeds[i]
             items.append(item)
         index = {item["request"]: i for i, item in enumerate(items)}
-        self._send(Msg.GENERATE, dict(meta, batch=items))
+        self._send(*wire.generate_batch(meta, items))
         results: list = [None] * len(items)
         left = len(items)
         while left:
@@ -150,7 +151,7 @@ class LeaderClient:
             if frame.msg is Msg.ERROR:
                 raise ClientError.of(m)
             if frame.msg is Msg.STATUS and on_status is not None:
-                on_status(m.get("text", ""))
+                on_status(read_status_text(frame))
             if i is None:
                 continue
             if frame.msg is Msg.TOKEN and on_token is not None:

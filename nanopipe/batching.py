@@ -1,0 +1,166 @@
+"""Forming each step's batch, and rank 0's part of it before the ring.
+
+Every step takes the pending rows of live sessions: a decoding session gives 1 row (its last
+token), a prompt a chunk of up to PREFILL_CHUNK rows, more while the step has spare rows
+(`kernels.prefill_rows`, measured at start). They run through rank 0's blocks as ONE (T, C) batch,
+each session's rows against its own cache:
+
+    sessions  a (decoding)  b (prompt, 70 tokens left)  c (decoding)
+    batch     [1 row of a | 64 rows of b | 1 row of c]  -> (66, C) -> embed, blocks[lo0:hi0] -> the ring
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import time
+
+import numpy as np
+
+from .decoding import DecodingError
+from .model import blocks_forward, embed, head
+from .sessions import Batch, add_times, step_info, use_logits
+
+PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see make)
+
+
+class Batcher:
+    """Owns how a step's rows are chosen (`make`: which sessions, how many rows each, capped by
+    max_batch_rows) and rank 0's compute on them: before the ring (`front`: embed and its blocks)
+    and after it (`back`: the head, then each session's logits), with its one-row times (decode_ms).
+    `stage`: rank 0's StageWeights; `kernels`: the chosen kernels (kernels.choose_prefill_rows),
+    whose prefill_rows bound how far prompt chunks grow. The batch ids it hands out count up."""
+
+    def __init__(self, stage, kernels, max_batch_rows: int = 256, log=None):
+        """`log(message)`: where a session that failed on its own is reported (see back); None: nowhere."""
+        self.stage, self.kernels, self.max_batch_rows, self.log = stage, kernels, max_batch_rows, log
+        self._ids = itertools.count(1)
+        # rank 0's own time (embed, its blocks, the head) of recent one-row decode steps, in ms:
+        # the leader checks it against the placement's prediction (cluster/planner.py stage_report)
+        self.decode_ms: collections.deque = collections.deque(maxlen=64)
+
+    def make(self, sessions: dict, depth: int) -> Batch | None:
+        """This step's next batch from the live `sessions` ({id: Session}), or None if none has rows
+        waiting; with a ring of `depth` stages, about 1/depth of the sessions go in each batch."""
+        ready = [s for s in sessions.values() if not s.in_flight and s.pending and not s.finished]
+        if not ready:
+            return None
+        # with a ring of `depth` stages, split the live sessions into about `depth` groups so
+        # every stage has a batch to work on
+        cap = max(1, math.ceil(len(sessions) / depth))
+        chosen, counts, rows = [], [], 0
+        for s in ready[:cap]:
+            n = min(len(s.pending), PREFILL_CHUNK)
+            if rows and rows + n > self.max_batch_rows:
+                break
+            chosen.append(s)
+            counts.append(n)
+            rows += n
+        counts = self._grow_chunks(chosen, counts)
+        for s in chosen:
+            s.in_flight = True
+        return Batch(next(self._ids), chosen, counts, t0=time.perf_counter())
+
+    def _grow_chunks(self, sessions: list, counts: list) -> list:
+        """Let prompt chunks follow the load: every session already has its rows of this step (a
+        decode row, or up to PREFILL_CHUNK prompt rows); while the step holds fewer rows than
+        `kernels.prefill_rows` (measured at start: where a larger chunk stops prefilling faster per
+        row, capped by max_batch_rows), prompts take the spare rows, in batch order.
+
+        So a lone 512-token prompt goes through in a few large steps, while with others waiting a
+        step never holds more rows than before or than prefill_rows, and every session in it keeps
+        its rows: a long prompt still never stalls the others. Worked example, prefill_rows 256:
+        a lone 512-token prompt -> [256], [256]; behind 3 decoding sessions -> [1, 1, 1, 253].
+        """
+        budget = min(self.kernels.prefill_rows, self.max_batch_rows)
+        spare = budget - sum(counts)
+        if spare <= 0:
+            return counts
+        grown = list(counts)
+        for i, s in enumerate(sessions):
+            extra = min(spare, len(s.pending) - grown[i])
+            if extra > 0:                   # only a prompt (or a replay) has more than one row pending
+                grown[i] += extra
+                spare -= extra
+        return grown
+
+    def front(self, batch: Batch) -> np.ndarray:
+        """Rank 0's part before the ring: the first two parts of `model.gpt2`, embed and its blocks
+        (`back` runs the third, the head, on the rows that come back)."""
+        st = self.stage
+        parts = list(zip(batch.sessions, batch.counts))                         # (session, its n rows)
+        ids = np.concatenate([np.asarray(s.pending[:n], np.int64) for s, n in parts])       # (T,)
+        pos = np.concatenate([np.arange(s.pos, s.pos + n) for s, n in parts])                # (T,)
+        x = embed(ids, pos, st.wte, st.wpe)                                     # (T, C)
+        x = blocks_forward(x, st.blocks, n_head=st.config.n_head,
+                           segments=[(s.cache, n) for s, n in zip(batch.sessions, batch.counts)])   # (T, C)
+        batch.front_ms = (time.perf_counter() - batch.t0) * 1000
+        return x
+
+    def back(self, batch: Batch, x: np.ndarray, trace: list, source: str | None = None, counted=lambda: None):
+        """After the last block: head, then each session's rows (sessions.use_logits: score, sample,
+        emit); every session of the batch moves on by its rows. `source`: who sent x back (the ring's
+        last stage; None: no ring). x: (T, C)
+
+        What is done per session (scoring, penalties, sampling, stop strings, detokenizing, emitting)
+        cannot fail the batch: an exception there fails that session alone (s.error, a message saying
+        what went wrong), and every other session goes on. The caller ends the sessions that are done.
+        """
+        t_back = time.perf_counter()
+        if source is not None:
+            self._check_finite(batch, x, source)
+        rows, owners = [], []                   # which rows of x need logits, and for whom
+        row = 0
+        for s, n in zip(batch.sessions, batch.counts):
+            last_chunk = n == len(s.pending)
+            if s.error is not None:
+                pass                            # its rows came back unusable: no logits for it
+            elif s.req.echo or last_chunk:   # echo scores every prompt row; otherwise only the last row
+                for r in range(row if s.req.echo else row + n - 1, row + n):
+                    rows.append(r)
+                    owners.append((s, r - row))
+            row += n
+        t_head = time.perf_counter()
+        logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (len(rows), V)
+        if len(x) == 1 and rows:
+            self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
+        step = step_info(self.stage, batch, trace, t_back) if any(o[0].req.trace for o in owners) else None
+        for i, (s, j) in enumerate(owners):
+            if s.error is not None:
+                continue                        # an earlier row of this session failed
+            try:
+                use_logits(s, j, logits[i], step, counted)                    # logits[i]: (V,)
+            except Exception as e:              # whatever it is, it is this session's alone
+                self._failed(s, "choosing its next token", e)
+        now = time.perf_counter()
+        for s, n in zip(batch.sessions, batch.counts):
+            s.in_flight = False
+            del s.pending[:n]
+            s.pos += n
+            add_times(s.node_ms, batch, trace, now, t_back)
+            if not s.pending and s.t_prefill_done is None:
+                s.t_prefill_done = now
+
+    def _check_finite(self, batch: Batch, x: np.ndarray, source: str):
+        """Rows that came back from the ring as NaN or inf fail their sessions, naming who sent them
+        (the ring's last stage; a stage before it may have made them). x: (T, C)"""
+        finite = np.isfinite(x).all(axis=1)                                     # (T,)
+        if finite.all():
+            return
+        row = 0
+        for s, n in zip(batch.sessions, batch.counts):
+            if not finite[row:row + n].all():
+                self._failed(s, "reading its activations", None,
+                             f"{source} sent non-finite activations (NaN or inf) for this request; check that "
+                             "node's weights (and the ones before it in the ring), then retry")
+            row += n
+
+    def _failed(self, s, doing: str, e: Exception | None, message: str | None = None):
+        """Session `s` failed on its own: it ends when this step does, with a message naming what
+        failed (the field, for a DecodingError); the step goes on for the others."""
+        if message is None:         # a DecodingError's message names its field already
+            detail = str(e) if isinstance(e, DecodingError) else f"{type(e).__name__}: {e}"
+            message = f"this request failed while {doing}: {detail}"
+        s.error = message
+        if self.log is not None:
+            self.log(f"session {s.id} failed alone: {message}")
