@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 import pytest
-from helpers import log_of, read_tensors, wait_log, wait_until
+from helpers import handshake, log_of, read_tensors, wait_log, wait_until, worker_addr
 
+from nanopipe.cluster.wire import Msg
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.safetensors_io import read_header, write_safetensors
@@ -204,3 +205,25 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
         assert_same(box["result"], reference(PROMPT, LONG), "after a member died and came back")
         log = log_of(cl, 0)
         assert "replaying 1 interrupted session" in log, log[-3000:]
+
+
+def test_member_links_use_the_clusters_secret(weights, reference, tmp_path):
+    """With auth_token set the members link up through the same HMAC handshake as every other link,
+    and the answer is one process's; a stranger without the token, or a rank that is not a later
+    member of the stage, cannot open a member link to member 0."""
+    mapping = {0: [0, 1], 1: [2, 4], 2: [2, 4]}
+    cl = LocalCluster(weights, nodes=3, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=READY_S,
+                      cluster_extra={"auth_token": "s3cret", "heartbeat_s": 0.2})
+    with cl:
+        with cl.client() as c:
+            assert_same(c.generate(PROMPT, CASES["greedy"]), reference(PROMPT, CASES["greedy"]), "with a token")
+        addr = worker_addr(cl, 1)
+        sock, _, reply = handshake(addr, token="wrong", role="member", rank=2, extra={"epoch": 1})
+        sock.close()
+        assert reply.msg is Msg.REJECT, reply
+        sock, _, reply = handshake(addr, token="s3cret", role="member", rank=0, extra={"epoch": 1})
+        assert reply.msg is Msg.REJECT and "later members" in reply.meta.get("reason", ""), reply
+        sock.close()
+        wait_log(cl, 1, "Rejected a member link", timeout=10)
+        with cl.client() as c:          # the stage still answers
+            assert_same(c.generate(PROMPT, CASES["sampling"]), reference(PROMPT, CASES["sampling"]), "after")
