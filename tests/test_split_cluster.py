@@ -227,3 +227,34 @@ def test_member_links_use_the_clusters_secret(weights, reference, tmp_path):
         wait_log(cl, 1, "Rejected a member link", timeout=10)
         with cl.client() as c:          # the stage still answers
             assert_same(c.generate(PROMPT, CASES["sampling"]), reference(PROMPT, CASES["sampling"]), "after")
+
+
+def test_member_links_over_tls(weights, reference, tmp_path):
+    """tls_cert/tls_key: member links are TLS like every link (net.TLSStream, which a member's sender
+    thread and its reader share); two long prompts at once send partials of up to 400 rows (over
+    the size a member sends inline, so the sender thread carries them)."""
+    from helpers import self_signed_cert
+    cert, key = self_signed_cert(str(tmp_path))
+    mapping = {0: [0, 1], 1: [2, 4], 2: [2, 4]}
+    cl = LocalCluster(weights, nodes=3, layer_mapping=mapping, workdir=str(tmp_path / "cl"), ready_timeout=READY_S,
+                      cluster_extra={"tls_cert": cert, "tls_key": key, "heartbeat_s": 0.2})
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 50000, 200).tolist() for _ in range(2)]
+    params = SamplingParams("greedy", max_tokens=4)
+    with cl:
+        results, errors = [None, None], []
+
+        def run(i):
+            try:
+                with cl.client() as c:
+                    results[i] = c.generate(prompts[i], params)
+            except Exception as e:
+                errors.append(e)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    for i in range(2):
+        assert_same(results[i], reference(prompts[i], params), f"TLS, 200-token prompt {i}")
