@@ -42,7 +42,8 @@ CASES = {
 # name -> layer_mapping (inclusive), and the stages the leader's log must show
 SPLITS = {
     "2 members between plain stages": ({0: [0, 0], 1: [1, 3], 2: [1, 3], 3: [4, 4]}, "ring 0 -> 1+2 -> 3 -> 0"),
-    "3 members, uneven heads": ({0: [0, 1], 1: [2, 4], 2: [2, 4], 3: [2, 4]}, "ring 0 -> 1+2+3 -> 0"),
+    "3 members, uneven heads": ({0: [0, 0], 1: [1, 3], 2: [1, 3], 3: [1, 3], 4: [4, 4]},
+                                "ring 0 -> 1+2+3 -> 4 -> 0"),
 }
 
 
