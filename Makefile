@@ -51,6 +51,12 @@ bench-env: parity-env
 bench: bench-env
 	$(PARITY_VENV)/bin/python tests/parity/hf_bench.py artifacts/bench
 
+# tensor parallelism alone (also part of `make bench`): one conversation on 1 pinned core vs a split
+# stage and a pipeline on 2, gpt2-medium shaped; docs/PERFORMANCE.md, "Tensor parallelism"
+.PHONY: bench-tp
+bench-tp: install
+	$(BIN)/python -m nanopipe.tools.bench_tp artifacts/bench
+
 # bounded, derandomized fuzzing of what comes from outside: cluster-port frames (test_fuzz.py), web
 # request bodies, safetensors headers and YAML configs (test_fuzz_inputs.py); a few thousand cases,
 # the same each run. Both files are also part of `make test`; -s prints the cases run per surface.

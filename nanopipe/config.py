@@ -358,7 +358,7 @@ def _model_entry(name, m, where: str) -> ModelConfig:
         raise ConfigError(f"{where}: active_decoding_strategy {shown(cfg.active_decoding_strategy)} is not one of "
                           f"decoding_strategies ({', '.join(cfg.decoding_strategies)})"
                           f"{did_you_mean(cfg.active_decoding_strategy, cfg.decoding_strategies)}")
-    if cfg.num_nodes > cfg.num_layers:
+    if cfg.num_nodes > cfg.num_layers and cfg.layer_mapping is None:      # (a mapping may split layers)
         raise ConfigError(f"{where}: num_nodes is {cfg.num_nodes} but the model has {cfg.num_layers} layers; "
                           "every node needs at least one layer")
     if cfg.partition is not None and cfg.partition not in _partition.STRATEGIES:

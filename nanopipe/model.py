@@ -443,3 +443,25 @@ def blocks_forward_split(x, parts, *, n_heads, segments):
         for cache, n in member:
             cache.length += n
     return x                                                                    # (T, C)
+
+
+def blocks_forward_member(x, blocks, *, n_head: int, segments, reduce):
+    """One member's side of `blocks_forward_split`, for members in separate processes: its part of
+    every block (`shard_block`), its own caches, and `reduce(partial) -> sum` doing the all-reduce
+    with the other members (nanopipe/cluster/group.py sums over the wire, in member order):
+
+        x = x + reduce(attn_share(x, p, ...))       # (T, C), sum 1
+        x = x + reduce(mlp_share(x, p))             # (T, C), sum 2
+
+    With reduce = lambda p: all_reduce([p, other members' partials ...]) this is block_split's
+    arithmetic exactly; every member gets the same sums, so their x stay equal bit for bit."""
+    if not kernels.chosen:
+        choose_untimed()
+    for cache, n in segments:
+        cache.reserve(n)
+    for layer, p in enumerate(blocks):
+        x = x + reduce(attn_share(x, p, n_head=n_head, layer=layer, segments=segments))   # (T, C)
+        x = x + reduce(mlp_share(x, p))                                                    # (T, C)
+    for cache, n in segments:
+        cache.length += n
+    return x                                                                    # (T, C)

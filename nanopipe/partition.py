@@ -167,8 +167,15 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
     [(0, 3), (3, 7), (7, 12)]
     >>> from_mapping({0: [0, 1], "1": "2-7", 2: [8, 11]}, n_layer=12, n_nodes=3)
     [(0, 2), (2, 8), (8, 12)]
+
+    Two ranks given the very same layers share them, a split stage (`groups`): each holds part of
+    every block (its heads and MLP columns, model.share_of), so one token's step is shared out:
+
+    >>> from_mapping({0: [0, 3], 1: [4, 11], 2: [4, 11]}, n_layer=12, n_nodes=3)
+    [(0, 4), (4, 12), (4, 12)]
     """
-    _check_sizes(n_layer, n_nodes)
+    if n_nodes < 1 or n_layer < 1:
+        _check_sizes(n_layer, n_nodes)         # (more nodes than layers is fine when some share them)
     if not isinstance(mapping, Mapping):
         raise PartitionError(f"layer_mapping must map rank -> its layers, e.g. {{0: [0, 1, 2], 1: [3, 4, 5]}}, "
                              f"got {mapping!r}")
@@ -194,24 +201,61 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
             raise PartitionError(f"layer_mapping rank {rank}: layers {layers_text(lo, hi)} out of range; "
                                  f"the model has {n_layer} layers (0-{n_layer - 1})")
 
-    by_start = sorted(range(n_nodes), key=lambda r: spans[r])
+    _check_shared(spans, n_nodes)
+    stages = sorted(set(spans.values()))                    # a group's members hold one span
+    by_start = sorted(range(n_nodes), key=lambda r: (spans[r], r))
     for a, b in zip(by_start, by_start[1:]):
-        if spans[b][0] < spans[a][1]:
-            raise PartitionError(f"layer_mapping: ranks {a} and {b} both hold "
-                                 f"{_layers(spans[b][0], min(spans[a][1], spans[b][1]))}")
+        if spans[a] != spans[b] and spans[b][0] < spans[a][1]:
+            raise PartitionError(f"layer_mapping: ranks {min(a, b)} and {max(a, b)} both hold "
+                                 f"{_layers(spans[b][0], min(spans[a][1], spans[b][1]))} but not the same "
+                                 f"layers ({_describe(spans)}); two ranks either hold different layers, or "
+                                 "share the very same ones (a split stage: give both the same list)")
     if by_start != list(range(n_nodes)):
         raise PartitionError(f"layer_mapping ranks are out of order ({_describe(spans)}); "
                              "activations flow rank 0 -> 1 -> 2 ..., so rank r+1 must start where "
-                             "rank r ends")
+                             "rank r ends (or hold the same layers as rank r, to split them)")
 
     ranges = [spans[r] for r in range(n_nodes)]
-    edges = [(0, 0)] + ranges + [(n_layer, n_layer)]
+    edges = [(0, 0)] + stages + [(n_layer, n_layer)]
     for prev, nxt in zip(edges, edges[1:]):
         if nxt[0] > prev[1]:
             held = "is" if nxt[0] - prev[1] == 1 else "are"
             raise PartitionError(f"layer_mapping: {_layers(prev[1], nxt[0])} {held} held by no "
                                  f"rank ({_describe(spans)})")
     return ranges
+
+
+def _check_shared(spans: dict, n_nodes: int) -> None:
+    """Ranks that share layers (a split stage) must be workers: rank 0 runs the scheduler, which
+    computes its blocks alone. (Order and overlaps are checked by the caller.)"""
+    shared_with_0 = [r for r in range(1, n_nodes) if spans.get(r) == spans.get(0)]
+    if shared_with_0:
+        raise PartitionError(f"layer_mapping: rank 0 (the leader) and rank {shared_with_0[0]} both hold "
+                             f"{_layers(*spans[0])}; the leader cannot share its layers yet: give the "
+                             "shared layers to two or more workers, e.g. {0: [0, 1], 1: [2, 11], 2: [2, 11]}")
+
+
+def groups(ranges: list) -> list:
+    """The stages of a plan, each the ranks that hold it, in ring order: ranks given the very same
+    layers form one split stage (a group; `model.share_of` says which part each member holds).
+
+        groups([(0, 4), (4, 12), (4, 12)]) -> [[0], [1, 2]]
+        groups([(0, 4), (4, 8), (8, 12)])  -> [[0], [1], [2]]
+
+    A rank the placement left out, (lo, lo) with no layers, is a stage of its own (of nothing).
+    """
+    out: list = []
+    for r, span in enumerate(ranges):
+        if out and r > 0 and tuple(ranges[out[-1][0]]) == tuple(span) and span[1] > span[0]:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def group_of(ranges: list, rank: int) -> list:
+    """The ranks of `rank`'s stage: [rank] alone, or its group's members in rank order."""
+    return next(g for g in groups(ranges) if rank in g)
 
 
 def _describe(spans: dict) -> str:
@@ -226,7 +270,8 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
     "auto", which needs every node's measurements (placement.solve, run by the leader once the
     workers have registered); without them it is the even split, the starting point.
     """
-    _check_sizes(n_layer, n_nodes)
+    if mapping is None:
+        _check_sizes(n_layer, n_nodes)
     if strategy not in STRATEGIES:
         raise PartitionError(f"unknown partition strategy {strategy!r}; use one of "
                              f"{', '.join(STRATEGIES)}")

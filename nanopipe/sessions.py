@@ -240,6 +240,9 @@ def step_info(stage, batch, trace: list, t_back: float) -> dict:
              "compute_ms": round(ms, 3),
              "transit_ms": None if t is None or end is None else round((t - end) * 1000, 3)}
             for (rank, layers, ms, end), (nbytes, t) in zip(done, arrived)]
+    for hop, e in zip(hops[1:], trace):     # a split stage's first member: of its compute, the all-reduces
+        if _number(e.get("reduce_ms")) is not None:
+            hop["reduce_ms"] = e["reduce_ms"]
     ring_ms = (t_back - batch.t0) * 1000 - batch.front_ms if trace else 0.0
     return {"hops": hops, "head_ms": round((now_perf - t_back) * 1000, 3),
             "transit_total_ms": round(max(0.0, ring_ms - sum(e["compute_ms"] for e in trace)), 3)}

@@ -421,6 +421,9 @@ MODEL_VALUES = {
     "mapping holds a layer twice": (
         _model(lambda d, m: m.update(layer_mapping={0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [7, 11]})),
         "gpt2: layer_mapping: ranks 0 and 1 both hold layer 3"),
+    "mapping shares layers unevenly": (
+        _model(lambda d, m: m.update(layer_mapping={0: [0, 3], 1: [4, 11], 2: [4, 9]})),
+        "gpt2: layer_mapping: ranks 1 and 2 both hold layers 4-9 but not the same layers"),
     "mapping for too few ranks": (_model(lambda d, m: m.update(layer_mapping={0: [0, 5], 1: [6, 11]})),
                                   "gpt2: layer_mapping has no entry for rank 2"),
     "empty hf_model_name": (_model(lambda d, m: m.update(hf_model_name=" ")), "'hf_model_name' is empty"),
@@ -629,3 +632,10 @@ def test_configs_read_each_file_once_and_only_when_asked(tmp_path, monkeypatch):
         with pytest.raises(config.ConfigNotFound):
             empty.model  # noqa: B018 (the property reads the file)
     assert reads[3:] == ["cluster_config.yaml", "model_config.yaml"], reads    # a missing file is looked for once
+
+
+def test_a_split_stage_is_spelled_by_giving_two_ranks_the_same_layers(tmp_path):
+    make = _model(lambda d, m: m.update(layer_mapping={0: [0, 3], 1: [4, 11], 2: [4, 11]}))
+    write(tmp_path, "model_config.yaml", make())
+    mc = load_model_config(str(tmp_path))
+    assert mc.layer_mapping == {0: [0, 3], 1: [4, 11], 2: [4, 11]}

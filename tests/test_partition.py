@@ -12,6 +12,8 @@ from nanopipe.partition import (
     even,
     format_plan,
     from_mapping,
+    group_of,
+    groups,
     head_cost_blocks,
     plan,
     stage_bytes,
@@ -198,11 +200,37 @@ def test_plan_errors(kwargs, message):
         plan(**kwargs)
 
 
-def test_more_nodes_than_layers_fails_in_every_strategy():
-    for fn in (lambda: even(2, 3), lambda: balanced(2, 3, head_cost=1.0),
-               lambda: from_mapping({0: [0, 0], 1: [1, 1], 2: [1, 1]}, 2, 3)):
+def test_more_nodes_than_layers_fails_in_every_strategy_that_gives_each_its_own():
+    for fn in (lambda: even(2, 3), lambda: balanced(2, 3, head_cost=1.0)):
         with pytest.raises(PartitionError, match="3 nodes but only 2 layers"):
             fn()
+    # a mapping may give two nodes the same layers (they split them): 3 nodes on 2 layers is fine
+    assert from_mapping({0: [0, 0], 1: [1, 1], 2: [1, 1]}, 2, 3) == [(0, 1), (1, 2), (1, 2)]
+
+
+# --- split stages: ranks given the very same layers share them ---------------------------------
+
+def test_ranks_given_the_same_layers_form_one_stage():
+    ranges = from_mapping({0: [0, 1, 2, 3], 1: list(range(4, 12)), 2: list(range(4, 12))}, 12, 3)
+    assert ranges == [(0, 4), (4, 12), (4, 12)]
+    assert groups(ranges) == [[0], [1, 2]]
+    assert group_of(ranges, 2) == [1, 2] and group_of(ranges, 0) == [0]
+    ranges = from_mapping({0: "0-1", 1: "2-5", 2: "2-5", 3: "2-5", 4: "6-11"}, 12, 5)
+    assert groups(ranges) == [[0], [1, 2, 3], [4]]
+    assert groups(plan(12, 3)) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ({0: [0, 3], 1: [4, 11], 2: [4, 10]},
+     r"ranks 1 and 2 both hold layers 4-10 but not the same layers .*share the very same ones"),
+    ({0: [0, 3], 1: [4, 9], 2: [6, 11]}, r"ranks 1 and 2 both hold layers 6-9 but not the same"),
+    ({0: [0, 3], 1: [0, 3], 2: [4, 11]}, r"rank 0 \(the leader\) and rank 1 both hold layers 0-3; the leader "
+                                         r"cannot share its layers yet"),
+    ({0: [0, 3], 1: [4, 7], 2: [8, 11], 3: [4, 7]}, r"out of order .*or hold the same layers as rank r"),
+], ids=["overlap-not-equal", "overlap-shifted", "leader-shares", "members-not-consecutive"])
+def test_bad_split_stages(mapping, message):
+    with pytest.raises(PartitionError, match=message):
+        from_mapping(mapping, 12, len(mapping))
 
 
 # --- bytes -------------------------------------------------------------------------------------

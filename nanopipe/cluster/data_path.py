@@ -3,6 +3,10 @@
     rank r-1 --ACT {sessions, epoch, trace}--> [data port] --blocks_forward--> --ACT--> rank r+1
                                                 (one KV cache per session)             (or the leader)
 
+A member of a split stage (cluster/group.py) holds part of every block: its first member forwards
+each ACT and FREE to the others over member links, and every member runs its part, summing partials
+with the others after each c_proj; only the first member passes the result on.
+
 Each ACT carries the rows of several sessions; every session's rows run against its own cache. A
 FREE drops caches and is passed on, so every stage frees the same ids in the same order as the ACT
 frames that used them. Frames of another ring build (`epoch`) are stale and dropped: the leader
@@ -18,9 +22,10 @@ import time
 
 import numpy as np
 
-from ..model import KVCache, blocks_forward
+from ..model import KVCache, blocks_forward, blocks_forward_member
 from ..partition import layers_text
 from ..prefix import fork_cache
+from .group import GroupLinks, GroupPlace
 from .net import HandshakeError, accept, close_now, dial, listen, serve_accepts, welcome
 from .node import LinkModel
 from .wire import (
@@ -110,6 +115,7 @@ class DataPath:
         self.down = Downstream(cluster, rank, tls_client)
         self.stage = self.config = None
         self.next_stage = None          # a re-plan's blocks, taken up when the leader closes the new ring
+        self.group: GroupLinks | None = None    # a split stage's links to the other members
         self.prev_rank = rank - 1       # who sends us activations (a rank the solver left out is skipped)
         self.max_act_bytes = 0
         self.caches: dict = {}
@@ -123,8 +129,10 @@ class DataPath:
     def epoch(self):
         return self.down.epoch
 
-    def place(self, stage, config, *, prev_rank: int, next_addr: tuple, next_rank: int, max_act_bytes: int):
-        """Where this stage sits: its blocks (stage), the cluster's shape, who sends to it, who it sends to.
+    def place(self, stage, config, *, prev_rank: int, next_addr: tuple | None, next_rank: int, max_act_bytes: int,
+              group: GroupPlace | None = None):
+        """Where this stage sits: its blocks (stage), the cluster's shape, who sends to it, who it sends to;
+        in a split stage its group (a later member has no next_addr: member 0 passes its rows on).
         Outside a ring (at the start) the blocks are used at once; in a running ring (the leader
         re-plans) they wait for the next join_ring, and the current ring goes on with the old ones."""
         with self.work_lock:
@@ -135,6 +143,9 @@ class DataPath:
                 self.caches.clear()         # a (re)started leader starts every session from scratch
             else:
                 self.next_stage = stage
+            if self.group is not None:
+                self.group.close()
+            self.group = GroupLinks(group, max_act_bytes) if group else None
 
     def stand_by(self, prev_rank):
         """Left out by the plan: no ring, no blocks, no caches (sent once the ring runs without us)."""
@@ -158,21 +169,29 @@ class DataPath:
             raise WireError(f"worker {self.rank}: the ring is built for layers {layers}, this node holds {held}")
         self.down.epoch = epoch             # from now on, frames of older rings are dropped
         self.down.drop()
+        if self.group is not None:
+            self.group.close()              # wakes a member blocked in an all-reduce of the old ring
         with self.work_lock:
             self.caches.clear()
-        self.down.connect(epoch)
+        if self.down.addr is not None:      # (a later member of a split stage passes nothing on)
+            self.down.connect(epoch)
+        if self.group is not None:
+            self._connect_group(epoch)
 
     def reset(self):
         """The leader is gone: no ring, no link on, no sessions (they died with that leader)."""
         self.down.epoch = None
         self.down.drop()
+        if self.group is not None:
+            self.group.close()
         self.caches.clear()
 
     def heartbeat(self) -> dict:
         """What the heartbeat reports of the data path."""
         return {"compute_ms": round(self.compute_ms, 3), "frames": self.frames, "sessions": len(self.caches),
                 "decode_ms": _median(self.decode_ms), "decode_samples": len(self.decode_ms),
-                "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values()))}
+                "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
+                "reduce_ms": round(self.group.reduce_s * 1000, 3) if self.group is not None else None}
 
     # -- the data port: upstream links in ---------------------------------------------------------
 
@@ -202,10 +221,13 @@ class DataPath:
             leader = self.cluster.leader
             try:
                 sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token,
-                                     roles=("data",), here=f"this is worker {self.rank}'s data port; the leader "
-                                                           f"listens on {leader.ip}:{leader.port}")
+                                     roles=("data", "member"), here=f"this is worker {self.rank}'s data port; the "
+                                                                     f"leader listens on {leader.ip}:{leader.port}")
             finally:
                 slot()
+            if hello["role"] == "member":
+                self._member_conn(sock, peer, hello)
+                return
             if hello.get("rank") != self.prev_rank:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
                                                         f"{self.prev_rank} only"})
@@ -246,9 +268,11 @@ class DataPath:
                                     f"got {x.dtype} {list(x.shape)}")
             if frame.meta.get("epoch") != self.epoch:
                 return                  # from a ring since rebuilt: the leader replays its sessions
+            if self.group is not None:
+                self.group.forward(Msg.ACT, frame.meta, frame.payload)          # the same rows to every member
             t0 = time.perf_counter()
-            segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]  # the n of each sum to T
-            y = blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
+            reduce_s = self.group.reduce_s if self.group is not None else 0.0
+            y = self.compute(frame, peer, x, sessions)                          # (T, C)
             ms = (time.perf_counter() - t0) * 1000
             self.compute_ms += ms
             self.frames += 1
@@ -257,24 +281,115 @@ class DataPath:
             meta = dict(frame.meta)
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
-                "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6)}]
+                "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6),
+                # a split stage: of compute_ms, the time in its all-reduces (waiting for the other members)
+                **({"reduce_ms": round((self.group.reduce_s - reduce_s) * 1000, 3)} if self.group else {})}]
             self.down.send(Msg.ACT, meta, y)                                  # (T, C) to the next rank
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache
-            ids = frame.meta.get("sessions", [])
-            for sid in ids if isinstance(ids, list) else []:
-                if isinstance(sid, str):
-                    self.caches.pop(sid, None)
+            if self.group is not None:
+                self.group.forward(Msg.FREE, frame.meta)
+            self._free(frame)
             self.down.send(Msg.FREE, frame.meta, None)
         else:
             raise ProtocolError(f"{peer}: unexpected {frame.msg.name} on a data link")
+
+    def compute(self, frame, peer, x=None, sessions=None):
+        """This stage's blocks over an ACT's rows: all of each block, or, in a split stage, our
+        part of each, summed with the other members' after each c_proj (model.blocks_forward_member)."""
+        if sessions is None:            # a later member: the frame member 0 forwarded, checked here too
+            sessions = act_sessions(frame, peer)
+            x = frame_array(frame, expect_cols=self.config.n_embd, peer=peer)      # (T, C)
+            if x.dtype != np.float32 or x.ndim != 2:
+                raise ProtocolError(f"{peer}: ACT must carry float32 rows, got {x.dtype} {list(x.shape)}")
+            if frame.meta.get("epoch") != self.epoch:
+                return None
+        segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]      # the n of each sum to T
+        if self.group is None:
+            return blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
+        return blocks_forward_member(x, self.stage.blocks, n_head=self.stage.share.n_head, segments=segments,
+                                     reduce=self.group.all_reduce)                                 # (T, C)
+
+    def _free(self, frame):
+        ids = frame.meta.get("sessions", [])
+        for sid in ids if isinstance(ids, list) else []:
+            if isinstance(sid, str):
+                self.caches.pop(sid, None)
+
+    def _new_cache(self) -> KVCache:
+        """An empty cache for one session: of every head, or in a split stage of ours only."""
+        share = self.stage.share
+        if share is None:
+            return KVCache.for_model(self.config, len(self.stage.blocks))
+        return KVCache(len(self.stage.blocks), share.n_head, self.config.head_dim, self.config.n_ctx)
+
+    # -- a split stage: the member links ---------------------------------------------------------
+
+    def _member_conn(self, sock, peer, hello):
+        """A later member of our split stage dialled us for a ring epoch: keep the link for it."""
+        group = self.group
+        index = group.place.index_of(hello.get("rank")) if group is not None else None
+        if index is None or index <= group.place.member:
+            send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes member links only from the later "
+                                                    f"members of its split stage"})
+            self.log(f"Rejected a member link from {peer}: it claims rank {hello.get('rank')!r}, not a later member "
+                     f"of this split stage ({group.place.ranks if group else 'no split stage here'})", logging.WARNING)
+            close_now(sock)
+            return
+        welcome(sock, hello, {"rank": self.rank})
+        group.offer(hello.get("epoch"), index, sock, f"member {index} (rank {hello['rank']}, {peer})")
+
+    def _connect_group(self, epoch):
+        """Link up with the other members of our split stage for `epoch` (cluster/group.py). A later
+        member then serves what member 0 forwards, on a thread of its own."""
+        def dial_member(rank, ip, port):
+            sock, _, _ = dial(ip, port, role="member", rank=self.rank, token=self.cluster.auth_token, attempts=20,
+                              backoff_s=0.1, max_backoff_s=1.0, who=f"member rank {rank}",
+                              tls=self.down.tls_client, extra={"epoch": epoch})
+            return sock
+        self.group.connect(epoch, dial_member)
+        if not self.group.place.first:
+            threading.Thread(target=self._serve_member, args=(self.group, epoch), daemon=True,
+                             name=f"member-{epoch}").start()
+
+    def _serve_member(self, group: GroupLinks, epoch):
+        """A later member: compute our part of each ACT member 0 forwards (summing with the others
+        after each c_proj), and drop the sessions a FREE names; until the link to member 0 closes."""
+        link = group.first_link
+        try:
+            while True:
+                frame = link.recv()
+                with self.work_lock:
+                    if self.epoch != epoch:
+                        return
+                    if frame.msg is Msg.ACT:
+                        t0 = time.perf_counter()
+                        y = self.compute(frame, link.name)
+                        ms = (time.perf_counter() - t0) * 1000
+                        self.compute_ms += ms
+                        self.frames += 1
+                        if y is not None and len(y) == 1:
+                            self.decode_ms.append(ms)
+                    elif frame.msg is Msg.FREE:
+                        self._free(frame)
+                    else:
+                        raise ProtocolError(f"{link.name}: unexpected {frame.msg.name} from member 0")
+        except ConnectionClosed:
+            pass
+        except Exception as e:
+            if self.epoch == epoch:
+                self.log(f"Closed the link from {link.name}: {type(e).__name__}: {e}", logging.WARNING)
+                self.report(f"worker {self.rank} (a member of a split stage) lost {link.name}: {e}", epoch=epoch)
+        finally:
+            if self.epoch == epoch:
+                group.close()
 
     def _cache_for(self, s: dict, peer: str) -> KVCache:
         """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
         positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
         if s["pos"] == 0:
-            cache = self.caches[s["id"]] = KVCache.for_model(self.config, len(self.stage.blocks))
+            cache = self.caches[s["id"]] = self._new_cache()
             return cache
         fork = s.get("fork")
         if fork is not None:

@@ -89,8 +89,9 @@ class Planner:
     def _predict_current(self):
         """A fixed split (even, balanced, mapping): predict it all the same, to check it against traffic."""
         from ..placement import forecast
-        if self.capacity is None:
-            return
+        from .group import hops
+        if self.capacity is None or len(hops(self.ranges, list(range(len(self.ranges))))) < len(self.ranges):
+            return                          # a split stage: the placement model runs stages in turn (`plan` says)
         p = forecast(self.shape(), self.capacities(), self.ranges, self.cluster, self.model.placement_objective)
         if p is not None:                   # None: a speed unknown, nothing to predict with
             self.placement = p

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..decoding import is_number
 from ..logs import shown
 from ..partition import layers_text
+from . import group
 from .net import close_now, welcome
 from .wire import Msg, read_capacity, read_epoch, read_ready, recv_frame, send_frame
 
@@ -31,7 +32,7 @@ ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long
 # a worker's heartbeat (STATS): each of these is a finite number >= 0 or null; anything else is
 # logged once (naming the rank) and left out, so monitoring never computes with a lie
 STATS_NUMBERS = ("rank", "rss_mb", "compute_ms", "frames", "sessions", "gemv_rows", "decode_ms", "decode_samples",
-                 "kv_cache_bytes")
+                 "kv_cache_bytes", "reduce_ms")
 STATS_TEXTS = {"blas": 200}     # text a STATS may carry, and its longest accepted length
 
 
@@ -127,15 +128,26 @@ class WorkerRegistry:
         """The workers in the ring, in order: every worker the plan did not leave out."""
         return [r for r, w in self.workers.items() if not w.excluded]
 
+    def _ranges(self) -> list:
+        """Every rank's layers as the registry knows them (rank 0 never shares its own: (0, 0) here)."""
+        return [(0, 0)] + [tuple(self.workers[r].layers) for r in sorted(self.workers)]
+
+    def ring_hops(self) -> list:
+        """The workers activations pass through, in order: one per stage (a split stage's first
+        member; the others get its rows from it, cluster/group.py)."""
+        return group.hops(self._ranges(), [0] + self.ring_ranks())[1:]
+
+    def stages(self) -> list:
+        """The ring's worker stages, each its ranks: [[1, 2], [3]] when ranks 1 and 2 share layers."""
+        return group.stages_in_ring(self._ranges(), [0] + self.ring_ranks())[1:]
+
     def place_of(self, rank: int) -> dict:
-        """What a worker is told of its place: its layers, the ranks either side, or why it is left out."""
+        """What a worker is told of its place: its layers, the ranks either side (its split stage's
+        members, if it is one), or why it is left out."""
         w = self.workers[rank]
         if w.excluded:
             return {"layers": list(w.layers), "excluded": w.excluded, "prev_rank": None}
-        ring = [0] + self.ring_ranks()
-        i = ring.index(rank)
-        nxt = self.cluster.node(ring[i + 1] if i + 1 < len(ring) else 0)
-        return {"layers": list(w.layers), "next": [nxt.ip, nxt.port], "next_rank": nxt.rank, "prev_rank": ring[i - 1]}
+        return group.place(self._ranges(), [0] + self.ring_ranks(), rank, self.cluster.node)
 
     def assign(self, ranges: list, excluded: list) -> dict:
         """The plan's split: each worker's layers (ranges[rank]) and why it is left out (or None).

@@ -250,7 +250,8 @@ class RingBuilder:
                             "leader: check that the leader's address in host_ip is reachable from it"), WARNING)
                 return False
             time.sleep(0.01)
-        first = self.cluster.node(workers[0].rank)
+        hops = [self.registry.workers[r] for r in self.registry.ring_hops()]
+        first = self.cluster.node(hops[0].rank)
         try:
             sock, _, _ = dial(first.ip, first.port, role="data", rank=0, token=self.cluster.auth_token, attempts=5,
                               backoff_s=0.1, max_backoff_s=1.0, who=f"worker {first.rank}", tls=self.tls_client,
@@ -258,7 +259,7 @@ class RingBuilder:
         except (OSError, WireError) as e:
             self.log(f"Cannot open the ring to worker 1: {e}", WARNING)
             return False
-        last = workers[-1]
+        last = hops[-1]
         ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self.on_break,
                     link_sleep=LinkModel.of(self.cluster).wait, source=f"rank {last.rank} ({last.host})", log=self.log)
         with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
@@ -267,11 +268,11 @@ class RingBuilder:
                 return False
             self.ring = ring
             self.scheduler.ring = ring
-            self._set_prefix_budgets(workers)
+            self._set_prefix_budgets(hops)
             replayed = self.scheduler.replay_all()
             self.down_since = None
             self.grace_over = False
-            path = " -> ".join(["0"] + [str(w.rank) for w in workers] + ["0"])
+            path = " -> ".join(["0"] + ["+".join(map(str, g)) for g in self.registry.stages()] + ["0"])   # 1+2: split
             # with the lock held, as status() reads them: never "ready" without the event saying so
             self.note_event("ring_up", None,
                             f"Ring {path} is up" + (f"; {replayed} session(s) replayed" if replayed else ""))
@@ -293,7 +294,7 @@ class RingBuilder:
 
     def data_link(self, sock, peer, hello):
         """The last worker's link back to the leader: final activations arrive here."""
-        ring = self.registry.ring_ranks()
+        ring = self.registry.ring_hops()
         last = ring[-1] if ring else 0
         if hello.get("rank") != last or last == 0:
             send_frame(sock, Msg.REJECT, {"reason": f"only rank {last} sends activations to the leader"})

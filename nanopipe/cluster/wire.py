@@ -95,6 +95,7 @@ class Msg(enum.IntEnum):
     LEAVE = 28              # client -> leader: drain worker `rank` (`nanopipe leave`)
     LEFT = 29               # leader -> client: that worker is drained, the ring runs without it
     DRAINED = 30            # leader -> worker: the ring runs without you now; stop
+    PARTIAL = 31            # member <-> member of a split stage: its partial sum of a block's c_proj
 
 
 class WireError(Exception):
@@ -468,7 +469,7 @@ def read_plan(frame: Frame, peer: str = "leader") -> dict:
     """A PLAN's place, checked: layers [lo, hi]; unless excluded, next [host, port]."""
     _need(frame, peer, "layers", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v),
           "[lo, hi]: two ints")
-    if not frame.meta.get("excluded"):
+    if not frame.meta.get("excluded") and frame.meta.get("prev_rank", 0) is not None:   # a later member: no next
         _need(frame, peer, "next", lambda v: isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
               and is_int(v[1]), "[host, port]")
     return dict(frame.meta)

@@ -24,6 +24,7 @@ from ..logs import worker_logger
 from ..model import GPTConfig
 from ..partition import layers_text
 from .data_path import DataPath
+from .group import GroupPlace
 from .net import (
     HandshakeError,
     client_tls,
@@ -193,10 +194,12 @@ class Worker:
                      "loaded); the leader brings this node in when a re-plan gives it layers.", logging.WARNING)
             return
         lo, hi = place["layers"]
-        self._load_place(sock, lo, hi, expect)
+        group = GroupPlace(place["group"]) if place.get("group") else None     # a split stage's member
+        self._load_place(sock, lo, hi, expect, share=(group.member, group.size) if group else None)
         self.data.place(self.stage, expect, prev_rank=place.get("prev_rank", self.rank - 1),
-                        next_addr=tuple(place["next"]), next_rank=place.get("next_rank", 0),
-                        max_act_bytes=max_act_bytes(expect, self.cluster.max_sessions))
+                        next_addr=tuple(place["next"]) if place.get("next") else None,
+                        next_rank=place.get("next_rank", 0),
+                        max_act_bytes=max_act_bytes(expect, self.cluster.max_sessions), group=group)
         self.data.ensure_listening()
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
                  f"{layers_text(lo, hi)})")
@@ -204,15 +207,19 @@ class Worker:
             send_frame(sock, *ready(self.rank, self.node.port, self.stage.synthetic, [lo, hi],
                                     self.cluster.prefix_cache_bytes()))
 
-    def _load_place(self, sock, lo: int, hi: int, expect: GPTConfig):
+    def _load_place(self, sock, lo: int, hi: int, expect: GPTConfig, share: tuple | None = None):
         """Hold blocks lo..hi-1 of the cluster's model as `self.stage`: what is held already if it is
         that, fewer of the blocks held (nothing to load), else loaded. And the kernels chosen for them.
+        `share` (r, m): member r of m's part of each block (a split stage; held only if the very same).
         A slice that cannot load is told to the leader, and the worker exits."""
         shape = (expect.n_embd, expect.n_layer)
+
+        def share_of(s):
+            return s.share and (s.share.member, s.share.members)
         held = [s for s in (self.stage, self.data.stage, self.data.next_stage)
-                if s is not None and (s.config.n_embd, s.config.n_layer) == shape]
+                if s is not None and (s.config.n_embd, s.config.n_layer) == shape and share_of(s) == share]
         same = [s for s in held if (s.lo, s.hi) == (lo, hi)]
-        part = [s for s in held if s.holds(lo, hi)]
+        part = [s for s in held if s.holds(lo, hi)] if share is None else []
         if same:
             self.stage = same[0]
         elif part:
@@ -221,7 +228,7 @@ class Worker:
         else:
             from ..weights import WeightsError
             try:
-                self.stage = self._load(lo, hi, expect)
+                self.stage = self._load(lo, hi, expect, share)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(lo, hi)}: {e}", logging.ERROR)
                 with self.control_lock:
@@ -246,9 +253,12 @@ class Worker:
             frame = recv_frame(sock, "leader")
             if frame.msg is Msg.START_INFERENCE:
                 epoch = read_epoch(frame, "leader")
-                down = self.data.down
+                down, group = self.data.down, self.data.group
                 self.log(f"Received start_inference command from server. (START_INFERENCE, ring epoch {epoch}: "
-                         f"passing activations to rank {down.next_rank} at {down.addr[0]}:{down.addr[1]})")
+                         + (f"passing activations to rank {down.next_rank} at {down.addr[0]}:{down.addr[1]}"
+                            if down.addr else f"member {group.place.member} of a split stage")
+                         + (f", splitting its layers with rank(s) "
+                            f"{', '.join(str(r) for r in group.place.ranks if r != self.rank)})" if group else ")"))
                 try:
                     self.data.join_ring(epoch, read_ring_layers(frame))
                 except (WireError, OSError) as e:
@@ -258,7 +268,8 @@ class Worker:
                     continue
                 with self.control_lock:
                     send_frame(sock, *ring_joined(self.rank, epoch))
-                self.log(f"Waiting for generation requests... (from rank {self.data.prev_rank})")
+                self.log("Waiting for generation requests... (from "
+                         + (f"rank {self.data.prev_rank})" if down.addr else "member 0 of the split stage)"))
             elif frame.msg is Msg.PLAN:
                 self._take_place(sock, read_plan(frame), expect)
             elif frame.msg is Msg.PING:
@@ -285,15 +296,21 @@ class Worker:
         with self.control_lock:
             send_frame(sock, *capacity(self.rank, self.capacity.as_dict()))
 
-    def _load(self, lo: int, hi: int, expect: GPTConfig | None = None):
+    def _load(self, lo: int, hi: int, expect: GPTConfig | None = None, share: tuple | None = None):
         """Blocks lo..hi-1 of the weights (checked against `expect`, the cluster's shape), as a new
-        StageWeights. The one place a worker gets a slice, at the start and at every re-plan: from its
-        weights file, else `fetch(lo, hi)` (the hub, the leader's synthetic recipe)."""
+        StageWeights; `share` (r, m): member r of m's part of each (a split stage, model.share_of).
+        The one place a worker gets a slice, at the start and at every re-plan: from its weights
+        file, else `fetch(lo, hi)` (the leader, the hub, the leader's synthetic recipe)."""
         from ..weights import load_stage, synthetic_note
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         path = self.weights_path or self.fetch(lo, hi)
-        stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect)
-        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}, "
+        stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect, share=share)
+        part = ""
+        if share is not None:
+            sh = stage.share
+            part = (f", member {sh.member} of {sh.members}: heads {sh.heads[0]}-{sh.heads[1] - 1}, "
+                    f"MLP columns {sh.hidden[0]}-{sh.hidden[1] - 1}")
+        self.log(f"Loaded {hi - lo} layers for worker {self.rank} (layers {layers_text(lo, hi)}{part}, "
                  f"{stage.nbytes / 1e6:.1f} MB){synthetic_note(stage.synthetic)}")
         return stage
 

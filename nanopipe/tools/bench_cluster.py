@@ -533,7 +533,7 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
             nodes: int = 1, link_delay_ms: float = 0.0, link_mbps: float = 0.0, sweep: bool = False,
             positions: bool = False, links: bool = False, single: bool = True, out_dir: str | None = None,
             reference=None, llama=None, placement_bench: bool = False, conversation: bool = False,
-            full: bool = False, echo=print) -> dict:
+            full: bool = False, tp: bool = False, echo=print) -> dict:
     """Every benchmark asked for. The one-process part is the short table (bench.quick_bench) unless
     `full`, or a reference to compare with (`make bench`), asks for the whole report (bench.run_bench)."""
     weights = weights or ensure_weights(DEFAULT_WEIGHTS, echo)
@@ -613,6 +613,17 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
         if out_dir and rows:
             png = plot_placement(rows, os.path.join(out_dir, "placement.png"))
             echo(f"wrote {png}" if png else "matplotlib not installed: no chart")
+    if tp:
+        from .bench_tp import bench_tp, compare_reduce
+        from .bench_tp import format_rows as format_tp
+        echo("== tensor parallelism: gpt2-medium, one conversation: 1 core vs a split stage vs a pipeline on 2 ==")
+        rows = bench_tp(echo=echo)
+        report["tp"] = rows
+        echo(format_tp(rows))
+        save("tp", [{k: v for k, v in r.items() if k != "token_ids"} for r in rows])
+        echo("== the all-reduce alone, members on loopback: direct vs gather ==")
+        report["reduce"] = compare_reduce(echo=echo)
+        save("reduce", report["reduce"])
     if conversation:
         echo("== a 6-turn conversation over WiFi: prefix reuse vs full prefill ==")
         rows = globals()["conversation"](weights, nodes=max(nodes, 3), echo=echo)

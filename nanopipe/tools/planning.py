@@ -119,7 +119,15 @@ def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, 
     caps = plan_capacities(cluster, names, cfg, here)
     placed, lines = plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition)
     ranges = placed or ranges
-    sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0))
+    from ..cluster.group import plan_lines
+    from ..partition import group_of
+    split = plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd,
+                       (cluster.link_delay_ms, cluster.link_mbps) if cluster else None,
+                       [n.ip for n in cluster.nodes] if cluster else None)
+    if split:       # the placement model runs stages one after another: it does not know split stages yet
+        lines = [ln for ln in lines if not ln.startswith("Predicted tok/s")] + split
+    # a member of a split stage holds 1/m of its blocks (its LayerNorms whole: a few KB more)
+    sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0)) // len(group_of(ranges, r))
              for r, (lo, hi) in enumerate(ranges)]
     return Plan(ranges, names, sizes, caps, lines)
 

@@ -84,17 +84,19 @@ def bench_hf(weights: str, prompt_len: int = 32, n_tokens: int = 64, threads: in
 if __name__ == "__main__":
     # `make bench`: every benchmark, with HF transformers and llama.cpp as the single-process references.
     # `python tests/parity/hf_bench.py OUT_DIR [PART ...]` runs only the parts named (single, cluster,
-    # sweep, positions, links, placement, conversation).
+    # sweep, positions, links, placement, conversation, tp).
     import sys
 
     from llama_bench import bench_llama  # this folder (run as a script)
 
     from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
-    parts = set(sys.argv[2:]) or {"single", "cluster", "sweep", "positions", "links", "placement", "conversation"}
-    unknown = parts - {"single", "cluster", "sweep", "positions", "links", "placement", "conversation"}
+    every = {"single", "cluster", "sweep", "positions", "links", "placement", "conversation", "tp"}
+    parts = set(sys.argv[2:]) or every
+    unknown = parts - every
     if unknown:
         sys.exit(f"unknown part(s) {sorted(unknown)}")
     run_all(nodes=3 if "cluster" in parts else 1, single="single" in parts, sweep="sweep" in parts,
             positions="positions" in parts, links="links" in parts, placement_bench="placement" in parts,
-            conversation="conversation" in parts, out_dir=out, reference=bench_hf, llama=bench_llama)
+            conversation="conversation" in parts, tp="tp" in parts, out_dir=out, reference=bench_hf,
+            llama=bench_llama)

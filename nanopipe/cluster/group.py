@@ -1,0 +1,367 @@
+"""A split stage: two or more workers that share the same layers, each holding part of every block.
+
+A layer_mapping that gives ranks the very same layers makes them one stage (partition.groups), a
+group of members in rank order. Each member holds its heads and MLP columns of every block
+(model.share_of); the first member is the ring's hop:
+
+    rank before --ACT--> member 0 --ACT (the same rows, forwarded)--> members 1 .. m-1
+                         every member: x = blocks_forward_member(x, its part, reduce=all_reduce)
+                         member 0 --ACT--> rank after
+
+Per block each member's two c_proj outputs are PARTIAL sums of the block's; `GroupLinks.all_reduce`
+sums them across the members (2 per block), over member links: authenticated connections like the
+data links (the same handshake, HMAC and frames), made for every ring epoch, member j dialling each
+member i < j. The sum is always p0 + p1 + ... in member order, so every member gets the same bits
+(their residual streams stay equal) and the result equals model.all_reduce in one process:
+
+    "direct" (two members, and the default): each member sends its partial to every other member
+              and adds all m up itself. One hop of latency; m-1 frames out per member.
+    "gather": members send their partials to member 0, which adds them up and sends the sum back.
+              Two hops; member 0 sends and receives m-1 frames, the others one each.
+
+Which is faster for m >= 3 depends on what costs most (docs/PERFORMANCE.md, "Tensor parallelism").
+Members on one machine (loopback, cores shared): CPU time per frame, and gather moves 2(m-1) frames
+against direct's m(m-1); measured, gather was faster for 3 and 4 members (160 against 185-240 us
+for one row of 3; 200 against 410-460 us for 4). Members on separate machines: the link's latency,
+paid once by direct and twice by gather (the link model, all_reduce_ms). `reduce_how`
+picks by group size and by whether the members share a machine.
+
+The leader's side is small: `place(...)` says what a worker is told of its place (its layers, its
+group, and, for the first member only, the ranks either side in the ring); `hops(...)` are the
+ranks the ring's activations pass through (one per stage).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from ..partition import groups
+from .net import close_now
+from .wire import Msg, ProtocolError, WireError, encode_frame, frame_array, recv_frame
+
+DEFAULT_HOW = "direct"
+INLINE_BYTES = 64 * 1024            # a frame this small is sent by the caller; bigger ones by the link's sender
+LINK_TIMEOUT_S = 20.0               # every member must link up within this, once the ring is being built
+
+
+def reduce_how(members: int, one_machine: bool) -> str:
+    """How a group of `members` all-reduces (module docstring): two members exchange directly; more
+    gather at member 0 when they share one machine (fewer frames), else exchange directly (one
+    latency, not two).
+
+        reduce_how(2, True) -> "direct"    reduce_how(3, True) -> "gather"    reduce_how(3, False) -> "direct"
+    """
+    return "gather" if members > 2 and one_machine else "direct"
+
+
+# ---------------------------------------------------------------------------------------------
+# the leader's side: who is a hop, and what each member is told
+
+
+def stages_in_ring(ranges: list, ring: list) -> list:
+    """The stages the ring passes through, each its ranks: `ring` is [0] + the workers in it.
+
+        stages_in_ring([(0, 4), (4, 12), (4, 12)], [0, 1, 2]) -> [[0], [1, 2]]
+    """
+    return [g for g in groups(ranges) if g[0] in ring]
+
+
+def hops(ranges: list, ring: list) -> list:
+    """The ranks activations pass through, one per stage (a group's first member): [0, 1] above."""
+    return [g[0] for g in stages_in_ring(ranges, ring)]
+
+
+def place(ranges: list, ring: list, rank: int, node) -> dict:
+    """What worker `rank` is told of its place in the ring: its layers; for a stage's first member
+    (every plain stage's only one) the ranks either side and the next one's address; for a member
+    of a group its group: [[rank, ip, port], ...] in member order, its index, how it all-reduces.
+    `node(rank)` -> the cluster's NodeConfig (ip, port)."""
+    stages = stages_in_ring(ranges, ring)
+    group = next(g for g in stages if rank in g)
+    out: dict = {"layers": list(ranges[rank])}
+    if len(group) > 1:
+        out["group"] = {"members": [[r, node(r).ip, node(r).port] for r in group], "member": group.index(rank),
+                        "how": reduce_how(len(group), len({node(r).ip for r in group}) == 1)}
+    if rank != group[0]:
+        out["prev_rank"] = None                 # it takes no activations from the ring: member 0 forwards them
+        return out
+    path = [g[0] for g in stages]
+    i = path.index(rank)
+    nxt = node(path[i + 1] if i + 1 < len(path) else 0)
+    out.update({"next": [nxt.ip, nxt.port], "next_rank": nxt.rank, "prev_rank": path[i - 1]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the link model for a split stage: what `nanopipe plan` predicts
+
+
+def all_reduce_ms(members: int, rows: int, n_embd: int, delay_ms: float, mbps: float, how: str = "direct") -> float:
+    """One all-reduce of (rows, C) float32 partials over links of `delay_ms` latency and `mbps`:
+
+        direct: every member sends m-1 frames at once (one latency; its m-1 frames share its link)
+        gather: m-1 frames into member 0, the sum back out to m-1 members (two latencies)
+
+    all_reduce_ms(2, 1, 1024, 0.2, 940) = 0.2 + 4096 * 8 / 940e3 = 0.2349 ms (one gpt2-medium row, 1 GbE).
+    """
+    send = rows * n_embd * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0                # ms for one frame's payload
+    if how == "direct" or members == 2:
+        return delay_ms + (members - 1) * send
+    return 2 * (delay_ms + (members - 1) * send)
+
+
+def predict_split(stage_ms: float, members: int, n_blocks: int, n_embd: int, delay_ms: float, mbps: float,
+                  rows: int = 1, how: str = "direct") -> dict:
+    """A split stage's time per step, from the same stage's time on one node (`stage_ms`): each
+    member computes 1/m of it, then 2 all-reduces per block.
+
+        predict_split(300, 2, 24, 1024, 0.2, 940) -> compute 150 ms + 48 x 0.235 ms = 161.3 ms
+    """
+    reduce = all_reduce_ms(members, rows, n_embd, delay_ms, mbps, how)
+    compute = stage_ms / members
+    return {"compute_ms": round(compute, 3), "all_reduces": 2 * n_blocks, "all_reduce_ms": round(reduce, 4),
+            "stage_ms": round(compute + 2 * n_blocks * reduce, 3)}
+
+
+GIGABIT = (0.2, 940.0)     # the link a split stage is predicted on when the cluster sets none: 1 GbE
+
+
+def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple | None = None,
+               ips: list | None = None) -> list:
+    """What `nanopipe plan` says of each split stage: its members, and the link model's time per
+    decode step beside one node's. `speeds`: each rank's GB/s for one row (None: unknown); `link`:
+    (delay ms, Mbit/s), the cluster's simulated link or else 1 GbE; `ips`: each rank's address.
+
+        Split stage node1+node2 (layers 1-23, 2 members, all-reduce direct): one node 300.0 ms per
+        decode step; each member 150.0 ms + 46 all-reduces x 0.235 ms (0.2 ms, 940 Mbit/s) = 160.8 ms: 1.87x
+    """
+    from ..partition import block_params, layers_text
+    delay, mbps = link if link and (link[0] or link[1]) else GIGABIT
+    out = []
+    for g in groups(ranges):
+        if len(g) < 2:
+            continue
+        lo, hi = ranges[g[0]]
+        m, n = len(g), hi - lo
+        how = reduce_how(m, ips is not None and len({ips[r] for r in g}) == 1)
+        who = "+".join(names[r] for r in g)
+        head = f"Split stage {who} (layers {layers_text(lo, hi)}, {m} members, all-reduce {how}): "
+        reduce = all_reduce_ms(m, 1, n_embd, delay, mbps, how)
+        known = [speeds[r] for r in g if speeds[r]]
+        if len(known) < m:
+            out.append(head + f"each member computes 1/{m} of the stage; its {2 * n} all-reduces add "
+                       f"{2 * n} x {reduce:.3f} ms = {2 * n * reduce:.1f} ms per decode step ({delay:g} ms, "
+                       f"{mbps:g} Mbit/s); the compute is predicted once every member's speed is known")
+            continue
+        one = n * block_params(n_embd) * 4 / (min(known) * 1e9) * 1000        # ms: the stage's bytes, streamed once
+        p = predict_split(one, m, n, n_embd, delay, mbps, how=how)
+        out.append(head + f"one node {one:.1f} ms per decode step; each member {p['compute_ms']:.1f} ms + "
+                   f"{p['all_reduces']} all-reduces x {p['all_reduce_ms']:.3f} ms ({delay:g} ms, {mbps:g} Mbit/s) "
+                   f"= {p['stage_ms']:.1f} ms: {one / p['stage_ms']:.2f}x")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# a member's side: its links to the other members, and the all-reduce over them
+
+
+class GroupPlace:
+    """A worker's group as its WELCOME says: members [(rank, ip, port)], its index, how it reduces."""
+
+    def __init__(self, meta: dict):
+        members = meta["members"]
+        if not (isinstance(members, list) and len(members) >= 2
+                and all(isinstance(m, list) and len(m) == 3 for m in members)):
+            raise ValueError(f"a group needs a list of [rank, ip, port] members, got {members!r}")
+        self.members = [(int(r), str(ip), int(port)) for r, ip, port in members]
+        self.member = int(meta["member"])
+        self.how = meta.get("how", DEFAULT_HOW)
+        if self.how not in ("direct", "gather") or not 0 <= self.member < len(self.members):
+            raise ValueError(f"a bad group place {meta!r}")
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def ranks(self) -> list:
+        return [r for r, _, _ in self.members]
+
+    @property
+    def first(self) -> bool:
+        return self.member == 0
+
+    def index_of(self, rank) -> int | None:
+        return self.ranks.index(rank) if rank in self.ranks else None
+
+
+class Link:
+    """One member link: frames out through `send` (a big one by a sender thread, so two members
+    sending each other megabytes at once never both block with full buffers), frames in by `recv`.
+    Frames go out in the order `send` was called."""
+
+    def __init__(self, sock, name: str, max_payload: int):
+        self.sock, self.name, self.max_payload = sock, name, max_payload
+        self.q: queue.Queue = queue.Queue()
+        self.error: Exception | None = None
+        self._sender = None
+
+    def send(self, data: bytes):
+        if self.error is not None:
+            raise WireError(f"the link to {self.name} failed: {self.error}")
+        if len(data) <= INLINE_BYTES and self.q.unfinished_tasks == 0:
+            self.sock.sendall(data)
+            return
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, daemon=True, name=f"to {self.name}")
+            self._sender.start()
+        self.q.put(data)
+
+    def _send_loop(self):
+        while True:
+            data = self.q.get()
+            try:
+                if data is None:
+                    return
+                if self.error is None:
+                    self.sock.sendall(data)
+            except OSError as e:
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def recv(self):
+        return recv_frame(self.sock, self.name, max_payload=self.max_payload)
+
+    def flush(self, timeout: float = 30.0):
+        """Wait until every frame given to `send` is out (before closing a link on purpose)."""
+        deadline = time.monotonic() + timeout
+        while self.q.unfinished_tasks and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def close(self):
+        close_now(self.sock)
+        if self._sender is not None:
+            self.q.put(None)
+
+
+class GroupLinks:
+    """This member's links to the others for one ring epoch, and the all-reduce over them.
+
+    `offer(epoch, index, sock)` takes a link a higher member dialled (the data port's accept loop
+    calls it); `connect(epoch, dial)` dials the lower members and waits for the higher ones.
+    """
+
+    def __init__(self, place: GroupPlace, max_payload: int):
+        self.place, self.max_payload = place, max_payload
+        self.epoch = None
+        self.links: dict = {}           # member index -> Link, for self.epoch
+        self.offered: dict = {}         # (epoch, member index) -> (sock, name): dialled in, not yet taken
+        self.cond = threading.Condition()
+        self.seq = 0                    # all-reduces done in this epoch: both sides must agree
+        self.reduce_s = 0.0             # time spent in all_reduce (waiting for the others, and adding)
+        self.reduces = 0
+
+    def offer(self, epoch, index: int, sock, name: str):
+        with self.cond:
+            old = self.offered.pop((epoch, index), None)
+            if old is not None:
+                close_now(old[0])
+            self.offered[(epoch, index)] = (sock, name)
+            self.cond.notify_all()
+
+    def connect(self, epoch, dial, timeout: float = LINK_TIMEOUT_S):
+        """Link up for `epoch`: dial(rank, ip, port) -> sock for each lower member, then wait for
+        each higher one to dial in. Raises WireError if one does not within `timeout`."""
+        self.close()
+        links = {}
+        me = self.place.member
+        try:
+            for i, (rank, ip, port) in enumerate(self.place.members[:me]):
+                links[i] = Link(dial(rank, ip, port), f"member {i} (rank {rank})", self.max_payload)
+            deadline = time.monotonic() + timeout
+            with self.cond:
+                for i in range(me + 1, self.place.size):
+                    while (epoch, i) not in self.offered:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise WireError(f"member {i} (rank {self.place.members[i][0]}) of this split stage did "
+                                            f"not link up within {timeout:g}s (ring epoch {epoch})")
+                        self.cond.wait(min(left, 0.5))
+                    sock, name = self.offered.pop((epoch, i))
+                    links[i] = Link(sock, name, self.max_payload)
+                for key in [k for k in self.offered if k[0] != epoch]:   # older epochs' leftovers
+                    close_now(self.offered.pop(key)[0])
+        except BaseException:
+            for link in links.values():
+                link.close()
+            raise
+        self.links, self.epoch, self.seq = links, epoch, 0
+
+    def close(self):
+        """Drop every link: a thread blocked reading one wakes with an error."""
+        links, self.links = self.links, {}
+        for link in links.values():
+            link.close()
+
+    @property
+    def first_link(self) -> Link:
+        """A later member's link to member 0, which forwards it the ring's frames."""
+        return self.links[0]
+
+    def forward(self, msg: Msg, meta: dict, payload: bytes = b""):
+        """Member 0: pass a frame from the ring (an ACT's rows, a FREE) on to every other member."""
+        data = encode_frame(msg, meta, payload)
+        for i in range(1, self.place.size):
+            self.links[i].send(data)
+
+    def all_reduce(self, partial: np.ndarray) -> np.ndarray:
+        """partial (T, C) float32, this member's -> the sum of every member's, added in member order
+        (model.all_reduce's order: the same bits on every member)."""
+        t0 = time.perf_counter()
+        self.seq += 1
+        partial = np.ascontiguousarray(partial, np.float32)
+        me, m = self.place.member, self.place.size
+        meta = {"seq": self.seq, "dtype": "float32", "shape": list(partial.shape)}
+        if self.place.how == "direct" or m == 2:
+            data = encode_frame(Msg.PARTIAL, meta, partial)
+            for i in range(m):
+                if i != me:
+                    self.links[i].send(data)
+            parts = [partial if i == me else self._recv_partial(i, partial.shape) for i in range(m)]
+            total = _sum(parts)
+        elif me == 0:                                       # gather at member 0, then broadcast the sum
+            total = _sum([partial] + [self._recv_partial(i, partial.shape) for i in range(1, m)])
+            data = encode_frame(Msg.PARTIAL, meta, total)
+            for i in range(1, m):
+                self.links[i].send(data)
+        else:
+            self.links[0].send(encode_frame(Msg.PARTIAL, meta, partial))
+            total = self._recv_partial(0, partial.shape)
+        self.reduce_s += time.perf_counter() - t0
+        self.reduces += 1
+        return total
+
+    def _recv_partial(self, i: int, shape) -> np.ndarray:
+        link = self.links[i]
+        frame = link.recv()
+        if frame.msg is not Msg.PARTIAL:
+            raise ProtocolError(f"{link.name}: expected a PARTIAL in the all-reduce, got {frame.msg.name}")
+        if frame.meta.get("seq") != self.seq:
+            raise ProtocolError(f"{link.name}: PARTIAL number {frame.meta.get('seq')!r}, expected {self.seq}: "
+                                "the members are out of step")
+        x = frame_array(frame, expect_cols=shape[-1], peer=link.name)
+        if x.dtype != np.float32 or tuple(x.shape) != tuple(shape):
+            raise ProtocolError(f"{link.name}: PARTIAL of {x.dtype} {list(x.shape)}, expected float32 {list(shape)}")
+        return x
+
+
+def _sum(parts: list) -> np.ndarray:
+    """parts[0] + parts[1] + ..., in that order (model.all_reduce)."""
+    total = np.array(parts[0], np.float32)                      # (T, C), a copy
+    for p in parts[1:]:
+        total += p
+    return total

@@ -1,0 +1,253 @@
+"""Tensor parallelism measured: one conversation on one core, on a split stage over two, on a pipeline over two.
+
+Each node is a real `nanopipe serve`/`join` process pinned to one core (`taskset -c`), with one BLAS
+thread: each core stands for a machine. The weights are gpt2-medium shaped (24 blocks of C=1024,
+16 heads; ~1.4 GB of float32, far larger than a last-level cache, so every token streams them from
+memory) and synthetic. Three setups, measured in turn, round after round, in one run:
+
+    (a) one node   rank 0 on core 0 holds every block and the head
+    (b) split      rank 0 (embed, block 0, head) and member 0 of the split stage on core 0, member 1
+                   on core 1; blocks 1-23 split by heads and MLP columns (layer_mapping
+                   {0: [0, 0], 1: [1, 23], 2: [1, 23]}). For one conversation rank 0 and member 0
+                   never run at once (the ring is sequential), so they share core 0 as one machine.
+    (c) pipeline   rank 0 (blocks 0-11 and the head) on core 0, rank 1 (blocks 12-23) on core 1
+
+Per token it reports where the time goes: rank 0's blocks and LM head, each member's compute and
+the part of it spent in all-reduces (waiting for the other member and adding), and the ring's hops.
+The link model for a split stage (what `nanopipe plan` prints) is cluster/group.py's predict_split.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+
+from ..weights import WEIGHTS_DIR, ensure_synthetic
+from .bench import bench_prompt
+
+BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "VECLIB_MAXIMUM_THREADS": "1"}
+
+
+def setups(n_layer: int) -> dict:
+    """name -> (nodes, layer_mapping or None, {rank: core})"""
+    last, half = n_layer - 1, n_layer // 2
+    return {
+        "a: 1 node, 1 core": (1, None, {0: 0}),
+        "b: split stage, 2 cores": (3, {0: [0, 0], 1: [1, last], 2: [1, last]}, {0: 0, 1: 0, 2: 1}),
+        "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}),
+    }
+
+
+def one_stream(cl, prompt_len: int, n_tokens: int) -> dict:
+    """One greedy stream with per-hop traces: {"token_times", "events", "done"} (bench_cluster's
+    streams_cluster for one stream; that module runs this one, so it is not imported here)."""
+    s = {"token_times": [], "events": []}
+    with cl.client(timeout=60) as c:
+        s["t_start"] = time.perf_counter()
+        s["done"] = c.generate(bench_prompt(prompt_len), strategy="greedy", max_tokens=n_tokens, ignore_eos=True,
+                               text=False, trace=True, on_event=s["events"].append,
+                               on_token=lambda t, _x: t is not None and s["token_times"].append(time.perf_counter()))
+    return s
+
+
+def _status(cl) -> dict:
+    with cl.client(timeout=30) as c:
+        return c.status()
+
+
+def _worker_totals(st: dict) -> dict:
+    return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0)
+            for n in st["nodes"] if n["rank"] > 0}
+
+
+def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
+    """One greedy stream: median ms per decode token, and per token where it went."""
+    time.sleep(3 * heartbeat_s)
+    before = _worker_totals(_status(cl))
+    load0 = os.getloadavg()[0]
+    s = one_stream(cl, prompt_len, n_tokens)
+    load1 = os.getloadavg()[0]
+    time.sleep(3 * heartbeat_s)                     # the workers' next heartbeats carry this run's totals
+    after = _worker_totals(_status(cl))
+    ms = float(np.median(np.diff(s["token_times"]))) * 1000
+    decode = [e for e in s["events"][1:] if e.get("hops")]
+    parts = {}
+    if decode:
+        parts["rank 0 blocks"] = float(np.median([e["hops"][0]["compute_ms"] for e in decode]))
+        parts["rank 0 head"] = float(np.median([e["head_ms"] for e in decode if e.get("head_ms") is not None]))
+        for i in range(1, len(decode[0]["hops"])):
+            hop = decode[0]["hops"][i]
+            parts[f"rank {hop['rank']} compute"] = float(np.median([e["hops"][i]["compute_ms"] for e in decode]))
+            if "reduce_ms" in hop:
+                parts[f"rank {hop['rank']} all-reduce"] = float(np.median([e["hops"][i].get("reduce_ms", 0)
+                                                                           for e in decode]))
+        known = sum(v for k, v in parts.items() if "all-reduce" not in k)
+        parts["hops and scheduler"] = ms - known
+    for rank, (c1, f1, r1) in after.items():        # every worker, the members without a hop of their own too
+        c0, f0, r0 = before.get(rank, (0.0, 0, 0.0))
+        if f1 > f0 and f"rank {rank} compute" not in parts:
+            parts[f"rank {rank} compute (mean)"] = (c1 - c0) / (f1 - f0)
+            if r1 > r0:
+                parts[f"rank {rank} all-reduce (mean)"] = (r1 - r0) / (f1 - f0)
+    return {"ms_per_token": round(ms, 2), "tok_s": round(1000 / ms, 2), "token_ids": s["done"]["token_ids"],
+            "parts": {k: round(v, 2) for k, v in parts.items()}, "load": round(max(load0, load1), 2)}
+
+
+def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens: int = 48, prompt_len: int = 16,
+             rounds: int = 2, nice: int = 0, echo=print) -> list:
+    """(a), (b) and (c) side by side: all three clusters up at once, measured in turn, `rounds` times.
+    `nice` < 0 runs the nodes at that priority (root only): on a machine that others load, a node
+    then waits less for its core, as a machine of its own would not wait at all."""
+    from .localcluster import LocalCluster
+    weights = weights or ensure_synthetic(folder=WEIGHTS_DIR, size=size, log=echo)
+    from ..weights import read_config
+    cfg = read_config(weights)[0]
+    pin = shutil.which("taskset")
+    if pin is None:
+        echo("note: no taskset here: the nodes are not pinned to cores, so (a) may use both")
+    heartbeat_s = 0.2
+    clusters = {}
+    rows = []
+    try:
+        for name, (nodes, mapping, cores) in setups(cfg.n_layer).items():
+            wrap = {r: (["nice", "-n", str(nice)] if nice else []) + ([pin, "-c", str(c)] if pin else [])
+                    for r, c in cores.items()}
+            echo(f"starting {name}: {nodes} node(s)" + (f", layer_mapping {mapping}" if mapping else ""))
+            cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
+                              cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0})
+            clusters[name] = cl.start()
+            one_stream(cl, prompt_len, 4)                                        # warm-up
+        for rnd in range(1, rounds + 1):
+            for name, cl in clusters.items():
+                m = measure(cl, prompt_len, n_tokens, heartbeat_s)
+                rows.append({"round": rnd, "setup": name, **m})
+                echo(f"round {rnd} {name}: {m['ms_per_token']} ms/token ({m['tok_s']} tok/s), load {m['load']}")
+    finally:
+        for cl in clusters.values():
+            cl.stop()
+    one = {r["round"]: r for r in rows if r["setup"].startswith("a:")}
+    for r in rows:
+        base = one[r["round"]]
+        r["speedup_vs_a"] = round(base["ms_per_token"] / r["ms_per_token"], 3)
+        r["same_tokens_as_a"] = r["token_ids"] == base["token_ids"]
+    return rows
+
+
+def format_rows(rows: list) -> str:
+    lines = [f"{'round':>5}  {'setup':<26} {'ms/token':>8} {'tok/s':>7} {'vs (a)':>7} {'same':>5} {'load':>5}  "
+             "where a token's time goes (ms)"]
+    for r in rows:
+        parts = ", ".join(f"{k} {v}" for k, v in r["parts"].items())
+        lines.append(f"{r['round']:>5}  {r['setup']:<26} {r['ms_per_token']:>8.2f} {r['tok_s']:>7.2f} "
+                     f"{r['speedup_vs_a']:>6.2f}x {str(r['same_tokens_as_a']):>5} {r['load']:>5}  {parts}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# direct or gather: the all-reduce alone, m processes on loopback
+
+
+def _reduce_member(index: int, ports: list, how: str, rows: int, n_embd: int, repeats: int, out):
+    """One member of `reduce_bench`: link up with the others (member j dials each member i < j),
+    then time `repeats` all-reduces of a (rows, C) partial through GroupLinks."""
+    import socket
+
+    from ..cluster.group import GroupLinks, GroupPlace, Link
+    from ..cluster.net import tune
+    m = len(ports)
+    srv = socket.create_server(("127.0.0.1", ports[index]), backlog=m)
+    links = {}
+    for i in range(index):
+        for _ in range(200):
+            try:
+                s = socket.create_connection(("127.0.0.1", ports[i]))
+                break
+            except OSError:
+                time.sleep(0.05)
+        tune(s)
+        s.sendall(bytes([index]))
+        links[i] = Link(s, f"member {i}", 1 << 30)
+    for _ in range(index + 1, m):
+        s, _ = srv.accept()
+        tune(s)
+        j = s.recv(1)[0]
+        links[j] = Link(s, f"member {j}", 1 << 30)
+    g = GroupLinks(GroupPlace({"members": [[r, "127.0.0.1", p] for r, p in enumerate(ports)], "member": index,
+                               "how": how}), 1 << 30)
+    g.links, g.epoch = links, 1
+    x = np.full((rows, n_embd), index + 1, np.float32)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total = g.all_reduce(x)
+        times.append(time.perf_counter() - t)
+    out.send((float(np.median(times[repeats // 10:])) * 1e6, float(total.sum())))
+    for link in links.values():
+        link.flush()
+    time.sleep(0.5)                         # the others read their last frames before the links close
+    for link in links.values():
+        link.close()
+    srv.close()
+
+
+def reduce_bench(members: int, how: str, rows: int = 1, n_embd: int = 1024, repeats: int = 400) -> dict:
+    """Median microseconds per all-reduce, seen by member 0, of m processes on loopback."""
+    import multiprocessing as mp
+
+    from .localcluster import free_ports
+    ctx = mp.get_context("fork")
+    ports = free_ports(members)
+    pipes, procs = [], []
+    for i in range(members):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_reduce_member, args=(i, ports, how, rows, n_embd, repeats, b), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    got = []
+    for a in pipes:
+        try:
+            got.append(a.recv() if a.poll(120) else (float("nan"), float("nan")))
+        except EOFError:                    # that member failed (its traceback is on stderr)
+            got.append((float("nan"), float("nan")))
+    for p in procs:
+        p.join(10)
+    sums = {s for _, s in got}
+    return {"members": members, "how": how, "rows": rows, "us_per_all_reduce": round(got[0][0], 1),
+            "same_sum_everywhere": len(sums) == 1, "load": round(os.getloadavg()[0], 2)}
+
+
+def compare_reduce(sizes=(2, 3, 4), rows=(1, 16), rounds: int = 2, echo=print) -> list:
+    """direct vs gather, side by side, `rounds` times: the numbers behind group.REDUCE_HOW."""
+    out = []
+    for rnd in range(1, rounds + 1):
+        for m in sizes:
+            for r in rows:
+                for how in ("direct", "gather") if m > 2 else ("direct",):
+                    row = {"round": rnd, **reduce_bench(m, how, rows=r)}
+                    out.append(row)
+                    echo(f"round {rnd}: {m} members, {r} row(s), {how}: {row['us_per_all_reduce']} us "
+                         f"(load {row['load']})")
+    return out
+
+
+def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
+    """`make bench-tp`: (a), (b), (c) twice, then direct vs gather; CSVs in out_dir."""
+    from .bench import write_csv
+    os.makedirs(out_dir, exist_ok=True)
+    echo(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    rows = bench_tp(echo=echo)
+    echo(format_rows(rows))
+    write_csv([{k: v for k, v in r.items() if k != "token_ids"} for r in rows], os.path.join(out_dir, "tp.csv"))
+    reduce = compare_reduce(echo=echo)
+    write_csv(reduce, os.path.join(out_dir, "reduce.csv"))
+    echo(f"load average after: {os.getloadavg()[0]:.2f}")
+    return {"tp": rows, "reduce": reduce}
+
+
+if __name__ == "__main__":
+    import sys
+    main(*sys.argv[1:2])
