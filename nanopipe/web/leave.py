@@ -14,7 +14,9 @@ from flask import Flask, jsonify
 
 from ..cluster.leader_client import ClientError
 from ..decoding import is_int
-from .api import ApiError, check_fields, connect, json_body, leader_error
+from .body import check_fields, json_body
+from .connection import connect
+from .errors import ApiError, leader_error
 
 
 def register(app: Flask):
