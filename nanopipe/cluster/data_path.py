@@ -305,7 +305,8 @@ class DataPath:
                 raise ProtocolError(f"{peer}: ACT must carry float32 rows, got {x.dtype} {list(x.shape)}")
             if frame.meta.get("epoch") != self.epoch:
                 return None
-        segments = [(self._cache_for(s, peer), s["n"]) for s in sessions]      # the n of each sum to T
+        # the n of each sum to T
+        segments = [(cache_for(self.caches, s, peer, self._new_cache), s["n"]) for s in sessions]
         if self.group is None:
             return blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
         return blocks_forward_member(x, self.stage.blocks, n_head=self.stage.share.n_head, segments=segments,
@@ -385,32 +386,34 @@ class DataPath:
             if self.epoch == epoch:
                 group.close()
 
-    def _cache_for(self, s: dict, peer: str) -> KVCache:
-        """pos 0 starts (or, on a replay, restarts) a session; `fork` starts it from the first n
-        positions of a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
-        if s["pos"] == 0:
-            cache = self.caches[s["id"]] = self._new_cache()
-            return cache
-        fork = s.get("fork")
-        if fork is not None:
-            if not (isinstance(fork, dict) and isinstance(fork.get("from"), str) and fork.get("n") == s["pos"]):
-                raise ProtocolError(f"{peer}: session {s['id']!r} has a bad fork {fork!r}; expected "
-                                    f"{{\"from\": kept id, \"n\": {s['pos']}}}")
-            kept = self.caches.get(fork["from"])
-            if kept is None or kept.length < s["pos"] or fork["from"] == s["id"]:
-                have = None if kept is None else kept.length
-                raise ProtocolError(f"{peer}: session {s['id']!r} forks {s['pos']} positions of {fork['from']!r}, "
-                                    f"which this stage holds {have} of; the ring is out of step")
-            cache = self.caches[s["id"]] = fork_cache(kept, s["pos"])
-            return cache
-        cache = self.caches.get(s["id"])
-        if cache is None or cache.length != s["pos"]:
-            have = None if cache is None else cache.length
-            raise ProtocolError(f"{peer}: session {s['id']!r} at position {s['pos']} but this stage's cache "
-                                f"holds {have} positions; the ring is out of step")
-        return cache
-
 
 def _median(xs) -> float | None:
     xs = sorted(xs)
     return round(xs[len(xs) // 2], 3) if xs else None
+
+
+def cache_for(caches: dict, s: dict, peer: str, new_cache) -> KVCache:
+    """The KV cache of session `s` (an ACT's {id, pos, n, fork}) in `caches`: pos 0 starts (or, on
+    a replay, restarts) a session with `new_cache()`; `fork` starts it from the first n positions of
+    a kept cache (nanopipe/prefix.py); later rows must continue it exactly."""
+    if s["pos"] == 0:
+        cache = caches[s["id"]] = new_cache()
+        return cache
+    fork = s.get("fork")
+    if fork is not None:
+        if not (isinstance(fork, dict) and isinstance(fork.get("from"), str) and fork.get("n") == s["pos"]):
+            raise ProtocolError(f"{peer}: session {s['id']!r} has a bad fork {fork!r}; expected "
+                                f"{{\"from\": kept id, \"n\": {s['pos']}}}")
+        kept = caches.get(fork["from"])
+        if kept is None or kept.length < s["pos"] or fork["from"] == s["id"]:
+            have = None if kept is None else kept.length
+            raise ProtocolError(f"{peer}: session {s['id']!r} forks {s['pos']} positions of {fork['from']!r}, "
+                                f"which this stage holds {have} of; the ring is out of step")
+        cache = caches[s["id"]] = fork_cache(kept, s["pos"])
+        return cache
+    cache = caches.get(s["id"])
+    if cache is None or cache.length != s["pos"]:
+        have = None if cache is None else cache.length
+        raise ProtocolError(f"{peer}: session {s['id']!r} at position {s['pos']} but this stage's cache "
+                            f"holds {have} positions; the ring is out of step")
+    return cache
