@@ -51,6 +51,13 @@ bench-env: parity-env
 bench: bench-env
 	$(PARITY_VENV)/bin/python tests/parity/hf_bench.py artifacts/bench
 
+# llama.cpp's llama-bench, built once from PyPI's llama-cpp-python source into /var/cache/nanopipe/llama.cpp
+# (or $NANOPIPE_LLAMA_CPP), ~20 min on 2 cores: `make bench` then adds single-stream decode against it
+# (float32, tg128, 1 and 2 threads, side by side) and says so when the build is absent
+.PHONY: llama-cpp
+llama-cpp: parity-env
+	bash tests/parity/build_llama_cpp.sh $(PARITY_VENV)/bin/python
+
 # bounded, derandomized fuzzing of what comes from outside: cluster-port frames (test_fuzz.py), web
 # request bodies, safetensors headers and YAML configs (test_fuzz_inputs.py); a few thousand cases,
 # the same each run. Both files are also part of `make test`; -s prints the cases run per surface.
