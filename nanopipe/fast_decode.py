@@ -44,33 +44,31 @@ class Step:
         A = p["attn"]["c_attn"]["w"].shape[1] // 3
         F = p["mlp"]["c_fc"]["w"].shape[1]
         D = A // n_head
-        self.C, self.eps, self.scale = C, eps, 1.0 / math.sqrt(D)
+        # the scalars as float32 numbers: a Python float costs a ufunc call ~1-5 us more (numpy
+        # decides its type by value each time) and rounds to the very same float32 first
+        self.C, self.eps, self.scale = np.float32(C), np.float32(eps), np.float32(1.0 / math.sqrt(D))
         def new(*shape):                            # like x (a subclass of ndarray stays one)
             return np.empty_like(x, np.float32, shape=shape)
         self.x = np.array(x, np.float32, subok=True)    # (T, C) the residual stream, updated in place
-        self.h = new(T, C)                          # (T, C) a LayerNorm's output
-        self.sq = new(T, C)                         # (T, C) its squares
-        self.mean = new(T, 1)                       # (T, 1)
-        self.var = new(T, 1)                        # (T, 1)
+        self.h, self.sq, self.proj = new(3, T, C)   # (T, C) each: a LayerNorm's output, its squares, a c_proj's output
+        self.mean, self.var = new(2, T, 1)          # (T, 1) each
         self.qkv = new(T, 3 * A)                    # (T, 3A) c_attn's output
         self.y = new(T, A)                          # (T, A) the heads' outputs, as c_proj reads them
-        self.proj = new(T, C)                       # (T, C) either c_proj's output
-        self.f = new(T, F)                          # (T, F) c_fc's output, then GELU's
-        self.t = new(T, F)                          # (T, F) GELU's inner term
+        self.f, self.t = new(2, T, F)               # (T, F) each: c_fc's output (then GELU's), GELU's inner term
         qkv = self.qkv.reshape(T, 3, n_head, D)     # views, made once: row i's q, k, v (H, D)
         heads = self.y.reshape(T, n_head, 1, D)     # row i's heads' outputs (H, 1, D), inside y
         self.seqs = []
         for i, (cache, _) in enumerate(segments):
             pos, S = cache.length, cache.length + 1
+            top, total = new(2, n_head, 1, 1)                       # (H, 1, 1) each: softmax's max and sum
             self.seqs.append({
+                "max": top, "sum": total,
                 "cache": cache, "pos": pos,
                 "q": qkv[i, 0][:, None, :],                         # (H, 1, D)
                 "k": qkv[i, 1], "v": qkv[i, 2],                     # (H, D) each, this row's
                 "keys": cache.k[:, :, :S].transpose(0, 1, 3, 2),    # (L, H, D, S) all layers' keys
                 "values": cache.v[:, :, :S],                        # (L, H, S, D)
                 "att": new(n_head, 1, S),                           # (H, 1, S) the scores
-                "max": new(n_head, 1, 1),                           # (H, 1, 1)
-                "sum": new(n_head, 1, 1),                           # (H, 1, 1)
                 "out": heads[i]})                                   # (H, 1, D), rows of y
 
     def layer_norm(self, ln):
@@ -82,7 +80,7 @@ class Step:
         np.square(h, out=sq)
         np.add.reduce(sq, -1, None, var, True)      # (T, 1)
         np.divide(var, self.C, out=var)
-        var += self.eps
+        np.add(var, self.eps, out=var)
         h *= ln["g"]
         h /= np.sqrt(var, out=var)
         h += ln["b"]
@@ -127,17 +125,19 @@ def decode_blocks(x, blocks, *, n_head: int, segments):
         x += _linear(y, **attn["c_proj"], out=proj)                                 # (T, C)
         # MLP: x + c_proj(gelu(c_fc(ln_2(x)))), GELU as model.gelu computes it, in place
         _linear(st.layer_norm(p["ln_2"]), **ffn["c_fc"], out=f)                     # (T, F)
-        np.multiply(f, 0.044715, out=t)
+        np.multiply(f, _GELU_A, out=t)
         t *= f
         t *= f
         t += f
         t *= _GELU_C
         np.tanh(t, out=t)
-        t += 1.0
-        f *= 0.5
+        t += _ONE
+        f *= _HALF
         f *= t                                                                      # (T, F) gelu(f)
         x += _linear(f, **ffn["c_proj"], out=proj)                                  # (T, C)
     return x                                                                        # (T, C)
 
 
-_GELU_C = math.sqrt(2.0 / math.pi)      # model.gelu's constant, a Python float
+# model.gelu's constants, as the float32 numbers its Python floats round to
+_GELU_A, _GELU_C = np.float32(0.044715), np.float32(math.sqrt(2.0 / math.pi))
+_ONE, _HALF = np.float32(1.0), np.float32(0.5)
