@@ -20,7 +20,7 @@ test: install
 	$(PYTEST) -q tests --ignore=tests/parity
 
 # the engine alone: what .ci/run also runs under the oldest numpy we support (a Pi's)
-ENGINE_TESTS := tests/test_model.py tests/test_weights.py tests/test_decoding.py tests/test_engine.py \
+ENGINE_TESTS := tests/test_model.py tests/test_fast_decode.py tests/test_weights.py tests/test_decoding.py tests/test_engine.py \
                 tests/test_golden.py tests/test_safetensors_io.py
 test-engine: install
 	$(PYTEST) -q $(ENGINE_TESTS)
