@@ -265,7 +265,7 @@ def llama_bench_decode(exe: str, gguf_path: str, threads: int, n_gen: int = 128,
                        cpus: str | None = None) -> dict:
     """llama-bench's single-stream decode: `-p 0 -n n_gen` (tg128 by default: n_gen tokens, one per
     llama_decode, from an empty cache), float32 weights, `threads` threads. The KV cache is llama-bench's
-    default f16 (its -ctk takes no f32): at most 128 positions, 2.4 MB against 498 MB of weights per
+    default f16 (its -ctk takes no f32): 128 positions are 3.1 MB against 498 MB of weights per
     token. tokens/s is llama-bench's own avg_ts (the mean of `reps` timed runs, after its warm-up)."""
     import subprocess
     cmd = _taskset(cpus) + [exe, "-m", gguf_path, "-p", "0", "-n", str(n_gen), "-t", str(threads),
@@ -292,6 +292,40 @@ def nanopipe_decode(weights: str, threads: int, n_gen: int = 128, reps: int = 5,
             "median_gap_tokens_per_s": r["decode_tokens_per_s"], "threads": r["threads"]}
 
 
+def _child_cpu_s(cmd: list, env=None) -> float:
+    """CPU seconds (user + system) a child process used, start to end."""
+    import resource
+    import subprocess
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, capture_output=True, timeout=1800, check=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, cpus: str | None = None) -> dict:
+    """One thread each: CPU milliseconds per decoded token, nanopipe and llama.cpp, from each program
+    run with 1 and with 4 timed repetitions of n_gen tokens (the difference is 3 x n_gen tokens:
+    loading, warm-up and start-up cancel out). On a loaded machine wall time measures the other
+    programs' share of the core; the CPU time a token takes is what the program itself spends (cache
+    and memory-bandwidth interference stay in it). Not for 2 threads: a spinning wait is CPU time too."""
+    import sys
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+    def ours(reps):
+        return _child_cpu_s(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1",
+                                              str(n_gen), str(reps)], env=env)
+
+    def theirs(reps):
+        return _child_cpu_s(_taskset(cpus) + [exe, "-m", gguf_path, "-p", "0", "-n", str(n_gen), "-t", "1",
+                                              "-r", str(reps), "-o", "json"])
+    out = {}
+    for name, run in (("nanopipe", ours), ("llama_cpp", theirs)):
+        small, big = run(1), run(4)
+        out[f"{name}_cpu_ms_per_token"] = round((big - small) * 1000 / (3 * n_gen), 2)
+    out["cpu_ratio"] = round(out["llama_cpp_cpu_ms_per_token"] / out["nanopipe_cpu_ms_per_token"], 3)
+    return out
+
+
 def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 128, reps: int = 3,
                    cpus: dict | None = None, echo=print) -> dict | None:
     """nanopipe against llama.cpp float32 (llama-bench tg128) on the same weights, single-stream
@@ -306,6 +340,10 @@ def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 1
     diff = check_gguf(gguf_path, weights)
     echo(f"llama.cpp: {exe}; {gguf_path} made by llama.cpp's convert_hf_to_gguf.py (float32; its tensors "
          f"equal nanopipe's weights: largest difference {diff:.1e})")
+    same = greedy_check(gguf_path, weights)
+    echo("  greedy text after the same prompt: " + (same["skipped"] if "skipped" in same else
+         ("identical" if same["same"] else "DIFFERENT") + f" (nanopipe {same['nanopipe'][:60]!r}, "
+         f"llama.cpp {same['llama_cpp'][:60]!r})"))
     rows = []
     for rnd in range(rounds):
         for t in threads:
@@ -324,7 +362,16 @@ def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 1
                  f"tok/s (median gap {ours['median_gap_tokens_per_s']}), llama.cpp f32 tg{n_gen} "
                  f"{theirs['tokens_per_s']} ± {theirs['stddev']} tok/s -> {ratio:.3f}x (target >= 0.95x); "
                  f"load average {row['load_before']} -> {row['load_after']}")
-    return {"rows": rows, "gguf": gguf_path, "gguf_max_diff": diff, "llama_bench": exe}
+    cpu = []
+    if 1 in threads:
+        for rnd in range(rounds):
+            load = os.getloadavg()[0]
+            c = cpu_ms_per_token(exe, gguf_path, weights, n_gen, cpus=(cpus or {}).get(1))
+            cpu.append(dict(c, round=rnd + 1, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2)))
+            echo(f"  round {rnd + 1}, 1 thread, CPU time per token: nanopipe {c['nanopipe_cpu_ms_per_token']} ms, "
+                 f"llama.cpp f32 {c['llama_cpp_cpu_ms_per_token']} ms -> nanopipe at {c['cpu_ratio']:.3f}x "
+                 f"llama.cpp's speed; load average {cpu[-1]['load_before']} -> {cpu[-1]['load_after']}")
+    return {"rows": rows, "cpu": cpu, "gguf": gguf_path, "gguf_max_diff": diff, "llama_bench": exe, "greedy": same}
 
 
 def greedy_check(gguf_path: str, weights: str, prompt: str = "The quick brown fox jumps over the",
