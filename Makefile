@@ -20,7 +20,7 @@ test: install
 	$(PYTEST) -q tests --ignore=tests/parity
 
 # the engine alone: what .ci/run also runs under the oldest numpy we support (a Pi's)
-ENGINE_TESTS := tests/test_model.py tests/test_weights.py tests/test_decoding.py tests/test_engine.py \
+ENGINE_TESTS := tests/test_model.py tests/test_fast_decode.py tests/test_weights.py tests/test_decoding.py tests/test_engine.py \
                 tests/test_golden.py tests/test_safetensors_io.py
 test-engine: install
 	$(PYTEST) -q $(ENGINE_TESTS)
@@ -56,6 +56,13 @@ bench: bench-env
 .PHONY: bench-tp
 bench-tp: install
 	$(BIN)/python -m nanopipe.tools.bench_tp artifacts/bench
+
+# llama.cpp's llama-bench, built once from PyPI's llama-cpp-python source into /var/cache/nanopipe/llama.cpp
+# (or $NANOPIPE_LLAMA_CPP), ~20 min on 2 cores: `make bench` then adds single-stream decode against it
+# (float32, tg128, 1 and 2 threads, side by side) and says so when the build is absent
+.PHONY: llama-cpp
+llama-cpp: parity-env
+	bash tests/parity/build_llama_cpp.sh $(PARITY_VENV)/bin/python
 
 # bounded, derandomized fuzzing of what comes from outside: cluster-port frames (test_fuzz.py), web
 # request bodies, safetensors headers and YAML configs (test_fuzz_inputs.py); a few thousand cases,

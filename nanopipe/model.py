@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .fast_decode import decode_blocks
 from .kernels import choose_untimed, gemv_per_row, head_in_slices, kernels
 
 
@@ -251,8 +252,11 @@ def blocks_forward(x, blocks, *, n_head: int, segments):
         choose_untimed()                        # nobody chose at start: the pinned value or one gemm
     for cache, n in segments:
         cache.reserve(n)
-    for layer, p in enumerate(blocks):
-        x = block(x, **p, n_head=n_head, layer=layer, segments=segments)   # (T, C)
+    if blocks and all(n == 1 for _, n in segments):  # a decode step: the same arithmetic as block's,
+        x = decode_blocks(x, blocks, n_head=n_head, segments=segments)   # with fewer calls (fast_decode.py)
+    else:
+        for layer, p in enumerate(blocks):
+            x = block(x, **p, n_head=n_head, layer=layer, segments=segments)   # (T, C)
     for cache, n in segments:
         cache.length += n
     return x                                                    # (T, C)

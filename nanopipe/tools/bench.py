@@ -194,6 +194,8 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
         "load_s": round(load_s, 3), "prefill_ms": round(ttft * 1000, 2),
         "prefill_tokens_per_s": round(prompt_len / ttft, 1),
         "decode_tokens_per_s": round(median, 2), "decode_tokens_per_s_best_run": round(best_mean, 2),
+        "run_tokens_per_s": [round((len(r["token_times"]) - 1) / (r["token_times"][-1] - r["token_times"][0]), 2)
+                             for r in runs],                # each run's mean, as llama-bench reports its runs
         "ms_per_token": round(1000 / median, 2),
         "threads": blas_threads(), "bytes_per_token": bytes_per_token(engine.stage),
         "token_ids": runs[-1]["token_ids"],

@@ -5,6 +5,7 @@ to nanopipe's benchmark as its reference, so nanopipe itself never imports torch
 """
 from __future__ import annotations
 
+import os
 import time
 
 from nanopipe.tools.bench import bench_prompt, blas_threads, decode_rate
@@ -87,15 +88,28 @@ if __name__ == "__main__":
     # sweep, positions, links, placement, conversation, tp).
     import sys
 
-    from llama_bench import bench_llama  # this folder (run as a script)
+    from llama_bench import bench_llama, compare_decode  # this folder (run as a script)
 
+    from nanopipe.tools.bench import ensure_weights, write_csv
     from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
-    every = {"single", "cluster", "sweep", "positions", "links", "placement", "conversation", "tp"}
+    every = {"single", "llama", "cluster", "sweep", "positions", "links", "placement", "conversation", "tp"}
     parts = set(sys.argv[2:]) or every
     unknown = parts - every
     if unknown:
         sys.exit(f"unknown part(s) {sorted(unknown)}")
+    if "llama" in parts:
+        # single-stream decode against llama.cpp's own llama-bench (float32, tg128), 1 and 2 threads,
+        # twice, interleaved; NANOPIPE_BENCH_PIN=1 pins 1 thread to cpu 1 and 2 threads to cpus 0,1
+        print("== nanopipe vs llama.cpp float32 (llama-bench), single-stream decode ==")
+        pin = {1: "1", 2: "0,1"} if os.environ.get("NANOPIPE_BENCH_PIN") == "1" else None
+        cmp = compare_decode(ensure_weights(), cpus=pin)
+        if cmp is not None:
+            os.makedirs(out, exist_ok=True)
+            write_csv(cmp["rows"], os.path.join(out, "llama_cpp_decode.csv"))
+        parts.discard("llama")
+        if not parts:
+            sys.exit(0)
     run_all(nodes=3 if "cluster" in parts else 1, single="single" in parts, sweep="sweep" in parts,
             positions="positions" in parts, links="links" in parts, placement_bench="placement" in parts,
             conversation="conversation" in parts, tp="tp" in parts, out_dir=out, reference=bench_hf,

