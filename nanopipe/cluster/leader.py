@@ -307,9 +307,12 @@ class Leader:
                   "synthetic": getattr(self.stage, "synthetic", None), "gemv_rows": self.scheduler.kernels.gemv_rows,
                   "capacity": cap.as_dict() if cap else None, "unknown": cap.unknowns if cap else None,
                   "blas": current_blas().summary, "transit_ms": transit.get(0)}]
+        gone = []       # not part of the cluster any more (nor of /health); the cluster page shows them
         for r, w in self.workers.items():
             if self.replanner.is_gone(r):
-                continue                        # not part of the cluster any more (nor of /health)
+                gone.append({"rank": r, "host": w.host, "status": "gone", "why": self.replanner.gone.get(r),
+                             "down_s": round(now - down_at[r], 1) if r in down_at else None})
+                continue
             nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers), "transit_ms": transit.get(r),
                           "down_s": round(now - down_at[r], 1) if w.status == "down" and r in down_at else None,
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
@@ -333,7 +336,7 @@ class Leader:
                 "uptime_s": round(now - self.started, 1), "n_ctx": self.config.n_ctx,
                 "defaults": self.model.decoding_defaults(), "kv_cache_bytes": s.cache_bytes(),
                 "placement": self.planner.status(), **self._prefix_status(), **self._weights_summary(),
-                "events": dict(self.events), "event_log": event_log, "now": now,
+                "events": dict(self.events), "event_log": event_log, "now": now, "gone": gone,
                 "rejoin_grace_s": self.cluster.rejoin_grace_s}
 
     def _prefix_status(self) -> dict:

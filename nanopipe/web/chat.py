@@ -17,7 +17,7 @@ from flask import Flask, current_app, jsonify
 
 from ..sampling_params import FIELDS, SAMPLER_FIELDS, STRATEGY_USES, TUNABLE, SamplingParams, fits
 from .body import check_fields, flag, json_body, optional, sampling
-from .connection import WEIGHTS_STATUS_KEYS, leader_status, model_defaults, model_name, weights_info
+from .connection import WEIGHTS_STATUS_KEYS, leader_status, model_defaults, model_name, status_or_503, weights_info
 from .errors import ApiError
 from .generation import Generation, event_stream, sse, start_generation, usage_of
 from .openai import CHAT_STOP, chat_pieces, check_chat_size
@@ -223,18 +223,13 @@ def _register_cluster(app: Flask):
     @app.get("/health")
     def health():
         """200 when the leader answers and every node is up; 503 (with the reason) otherwise."""
-        addr = current_app.config["LEADER"]
-        try:
-            status = leader_status()
-        except ApiError as e:
-            # refused our token: it is up (reachable), we are not let in (authorized false)
-            leader = ({"addr": addr, "reachable": True, "authorized": False} if e.kind == "unauthorized"
-                      else {"addr": addr, "reachable": False})
-            return jsonify(ok=False, error=e.message, leader=leader, nodes=[]), 503
+        status, answer = status_or_503(nodes=[])
+        if answer is not None:
+            return answer
         nodes = [node_view(n) for n in status.get("nodes", [])]
         down = [n for n in nodes if n["status"] != "up"]
         ok = bool(status.get("ready")) and not down
-        body = {"ok": ok, "leader": {"addr": addr, "reachable": True, "authorized": True,
+        body = {"ok": ok, "leader": {"addr": current_app.config["LEADER"], "reachable": True, "authorized": True,
                                      "ready": bool(status.get("ready")),
                                      "model": status.get("model")},
                 "nodes": nodes, "live_sessions": status.get("live_sessions"),

@@ -30,8 +30,7 @@ from collections import deque
 
 from flask import Flask, current_app, jsonify
 
-from .connection import leader_status
-from .errors import ApiError
+from .connection import status_or_503
 
 RATE_WINDOW_S = 10.0        # tokens/s "now": the leader's token count over about this long
 RATE_MIN_SPAN_S = 1.0       # ... measured over at least this long, else not known yet
@@ -66,15 +65,11 @@ def register(app: Flask):
 
     @app.get("/cluster")
     def cluster():
-        addr = current_app.config["LEADER"]
-        try:
-            status = leader_status()
-        except ApiError as e:
-            leader = ({"addr": addr, "reachable": True, "authorized": False} if e.kind == "unauthorized"
-                      else {"addr": addr, "reachable": False})
-            return jsonify(ok=False, error=e.message, leader=leader, nodes=[], events=[]), 503
+        status, down = status_or_503(nodes=[], events=[])
+        if down is not None:
+            return down
         rate = current_app.extensions["nanopipe_token_rate"].add(time.monotonic(), status.get("tokens"))
-        return jsonify(cluster_view(status, addr, rate))
+        return jsonify(cluster_view(status, current_app.config["LEADER"], rate))
 
 
 def cluster_view(status: dict, addr: str, tokens_per_s_now: float | None = None) -> dict:
@@ -85,8 +80,10 @@ def cluster_view(status: dict, addr: str, tokens_per_s_now: float | None = None)
     now = status.get("now") if _number(status.get("now")) else time.time()
     events = [e for e in status.get("event_log") or [] if isinstance(e, dict)]
     died = {e.get("rank") for e in events if e.get("kind") == "died"}
-    nodes = [node_view(n, stages.get(n.get("rank")), n.get("rank") in died, grace)
-             for n in status.get("nodes") or [] if isinstance(n, dict)]
+    # the ring's nodes, and those gone for good (the leader re-planned without them; not in /health)
+    listed = [n for n in (status.get("nodes") or []) + (status.get("gone") or []) if isinstance(n, dict)]
+    nodes = sorted((node_view(n, stages.get(n.get("rank")), n.get("rank") in died, grace) for n in listed),
+                   key=lambda n: n["rank"] if isinstance(n["rank"], int) else 1 << 30)
     mark_split_stages(nodes)
     ring = [n for n in nodes if n["layers"] and n["status"] != "standby"]
     measured = [n["ms_per_step"]["measured"] for n in ring]
@@ -95,7 +92,7 @@ def cluster_view(status: dict, addr: str, tokens_per_s_now: float | None = None)
                   if ring and all(map(_number, measured + transit)) and sum(measured) + sum(transit) > 0 else None)
     up = [n for n in nodes if n["status"] in ("up", "standby")]
     return {
-        "ok": bool(status.get("ready")) and len(up) == len(nodes),
+        "ok": bool(status.get("ready")) and len(up) == len([n for n in nodes if n["status"] != "gone"]),
         "leader": {"addr": addr, "reachable": True, "authorized": True},
         "model": status.get("model"), "ready": bool(status.get("ready")), "uptime_s": status.get("uptime_s"),
         "synthetic": status.get("synthetic"),

@@ -6,12 +6,13 @@ answer updates state().leader_info, which the routes read back:
 
     connect()            a LeaderClient; leader_info learns model, aliases, n_ctx from its welcome
     leader_status()      the leader's STATUS; leader_info also learns its decoding defaults and weights
+    status_or_503()      the same, or the 503 a status route answers when the leader is not there
     model_defaults()     model_config.yaml's decoding section, else the defaults the leader gave
     model_name(), model_aliases(), weights_info()
 """
 from __future__ import annotations
 
-from flask import current_app
+from flask import current_app, jsonify
 
 from ..cluster.leader_client import ClientError, LeaderClient
 from .errors import ApiError
@@ -62,6 +63,19 @@ def leader_status(attempts: int = 1) -> dict:
     state().leader_info.update({k: status[k] for k in ("model", "aliases", "n_ctx", "defaults") + WEIGHTS_STATUS_KEYS
                                 if k in status})
     return status
+
+
+def status_or_503(**empty) -> tuple:
+    """(the leader's status, None), or (None, the 503 answer of a route that shows it: why, and
+    whether the leader is reachable at all; `empty`: the route's own empty fields, e.g. nodes=[])."""
+    addr = current_app.config["LEADER"]
+    try:
+        return leader_status(), None
+    except ApiError as e:
+        # refused our token: it is up (reachable), we are not let in (authorized false)
+        leader = ({"addr": addr, "reachable": True, "authorized": False} if e.kind == "unauthorized"
+                  else {"addr": addr, "reachable": False})
+        return None, (jsonify(ok=False, error=e.message, leader=leader, **empty), 503)
 
 
 def model_defaults() -> dict:
