@@ -38,6 +38,8 @@ from .bench import (
     verdict,
     write_csv,
 )
+from .bench_tp import bench_tp, compare_reduce
+from .bench_tp import format_rows as format_tp
 from .localcluster import LocalCluster
 
 LINKS = {  # name: (latency ms, Mbit/s)
@@ -614,8 +616,6 @@ def run_all(weights: str | None = None, *, n_tokens: int = 64, prompt_len: int =
             png = plot_placement(rows, os.path.join(out_dir, "placement.png"))
             echo(f"wrote {png}" if png else "matplotlib not installed: no chart")
     if tp:
-        from .bench_tp import bench_tp, compare_reduce
-        from .bench_tp import format_rows as format_tp
         echo("== tensor parallelism: gpt2-medium, one conversation: 1 core vs a split stage vs a pipeline on 2 ==")
         rows = bench_tp(echo=echo)
         report["tp"] = rows

@@ -18,14 +18,19 @@ The link model for a split stage (what `nanopipe plan` prints) is cluster/group.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
 
-from ..weights import WEIGHTS_DIR, ensure_synthetic
-from .bench import bench_prompt
+from ..cluster.group import GroupLinks, GroupPlace, Link
+from ..cluster.net import tune
+from ..weights import WEIGHTS_DIR, ensure_synthetic, read_config
+from .bench import bench_prompt, write_csv
+from .localcluster import LocalCluster, free_ports
 
 BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "VECLIB_MAXIMUM_THREADS": "1"}
@@ -101,9 +106,7 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
     """(a), (b) and (c) side by side: all three clusters up at once, measured in turn, `rounds` times.
     `nice` < 0 runs the nodes at that priority (root only): on a machine that others load, a node
     then waits less for its core, as a machine of its own would not wait at all."""
-    from .localcluster import LocalCluster
     weights = weights or ensure_synthetic(folder=WEIGHTS_DIR, size=size, log=echo)
-    from ..weights import read_config
     cfg = read_config(weights)[0]
     pin = shutil.which("taskset")
     if pin is None:
@@ -153,10 +156,7 @@ def format_rows(rows: list) -> str:
 def _reduce_member(index: int, ports: list, how: str, rows: int, n_embd: int, repeats: int, out):
     """One member of `reduce_bench`: link up with the others (member j dials each member i < j),
     then time `repeats` all-reduces of a (rows, C) partial through GroupLinks."""
-    import socket
 
-    from ..cluster.group import GroupLinks, GroupPlace, Link
-    from ..cluster.net import tune
     m = len(ports)
     srv = socket.create_server(("127.0.0.1", ports[index]), backlog=m)
     links = {}
@@ -195,9 +195,7 @@ def _reduce_member(index: int, ports: list, how: str, rows: int, n_embd: int, re
 
 def reduce_bench(members: int, how: str, rows: int = 1, n_embd: int = 1024, repeats: int = 400) -> dict:
     """Median microseconds per all-reduce, seen by member 0, of m processes on loopback."""
-    import multiprocessing as mp
 
-    from .localcluster import free_ports
     ctx = mp.get_context("fork")
     ports = free_ports(members)
     pipes, procs = [], []
@@ -236,7 +234,6 @@ def compare_reduce(sizes=(2, 3, 4), rows=(1, 16), rounds: int = 2, echo=print) -
 
 def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
     """`make bench-tp`: (a), (b), (c) twice, then direct vs gather; CSVs in out_dir."""
-    from .bench import write_csv
     os.makedirs(out_dir, exist_ok=True)
     echo(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     rows = bench_tp(echo=echo)

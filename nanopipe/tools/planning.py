@@ -24,10 +24,11 @@ import urllib.request
 from dataclasses import dataclass
 
 from .. import placement  # placement.measure / .decide looked up at the call: tests count the calls
+from ..cluster.group import plan_lines
 from ..config import WEIGHTS_DIR, ConfigError, Configs, check_agree, weights_file
 from ..gpt2_tensors import base_name
 from ..model import GPTConfig
-from ..partition import PartitionError, planned_by_leader, stage_bytes
+from ..partition import PartitionError, group_of, planned_by_leader, stage_bytes
 from ..partition import plan as make_plan
 from ..placement import Capacity, ModelShape, PlacementError
 from ..safetensors_io import SafetensorsError, read_header
@@ -119,8 +120,6 @@ def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, 
     caps = plan_capacities(cluster, names, cfg, here)
     placed, lines = plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition)
     ranges = placed or ranges
-    from ..cluster.group import plan_lines
-    from ..partition import group_of
     split = plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd,
                        (cluster.link_delay_ms, cluster.link_mbps) if cluster else None,
                        [n.ip for n in cluster.nodes] if cluster else None)
