@@ -94,6 +94,15 @@ def split_cluster(request, weights):
         yield cl
 
 
+def test_the_status_says_which_heads_each_member_holds(split_cluster):
+    """What the cluster page shows of a split stage: each member's heads ([first, last] of the 4),
+    the uneven split giving the first member the extra head; a plain stage has none."""
+    heads = {n["rank"]: n["heads"] for n in status(split_cluster)["nodes"] if n["rank"] > 0}
+    members = len(split_cluster.ring_path.split("+")) if "+" in split_cluster.ring_path else 1
+    want = {2: {1: [0, 1], 2: [2, 3], 3: None}, 3: {1: [0, 1], 2: [2, 2], 3: [3, 3], 4: None}}[members]
+    assert heads == want, heads
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_stage_gives_the_tokens_of_one_process(split_cluster, reference, case):
     with split_cluster.client() as c:

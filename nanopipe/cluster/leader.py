@@ -32,6 +32,7 @@ from ..blas import current as current_blas
 from ..config import ClusterConfig, ModelConfig
 from ..engine import Scheduler
 from ..logs import leader_logger
+from ..model import share_of
 from ..partition import first_last, layers_text
 from ..weights import synthetic_summary
 from .client_protocol import ClientProtocol
@@ -308,12 +309,18 @@ class Leader:
                   "capacity": cap.as_dict() if cap else None, "unknown": cap.unknowns if cap else None,
                   "blas": current_blas().summary, "transit_ms": transit.get(0)}]
         gone = []       # not part of the cluster any more (nor of /health); the cluster page shows them
+        heads = {}      # a split stage's members: the heads each holds, [first, last]
+        for members in self.registry.stages():
+            for i, r in enumerate(members if len(members) > 1 else ()):
+                lo, hi = share_of(i, len(members), self.config.n_head, self.config.n_embd).heads
+                heads[r] = [lo, hi - 1]
         for r, w in self.workers.items():
             if self.replanner.is_gone(r):
                 gone.append({"rank": r, "host": w.host, "status": "gone", "why": self.replanner.gone.get(r),
                              "down_s": round(now - down_at[r], 1) if r in down_at else None})
                 continue
             nodes.append({"rank": r, "host": w.host, "layers": first_last(*w.layers), "transit_ms": transit.get(r),
+                          "heads": heads.get(r),
                           "down_s": round(now - down_at[r], 1) if w.status == "down" and r in down_at else None,
                           "capacity": w.capacity.as_dict() if w.capacity else None, "excluded": w.excluded,
                           "status": "left out" if w.excluded else
