@@ -1032,7 +1032,7 @@ def web(leader, host, port, configs, shutdown_grace):
         except ValueError as e:
             raise UserError(f"--leader: {e}") from None
     check_port_free(host, port)
-    app = create_app(settings_from_configs(configs.dir, configs.model_name, leader))
+    app = create_app(settings_from_configs(configs, leader=leader))    # each file read once
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
     if host not in ("127.0.0.1", "localhost", "::1") and not app.config["API_TOKEN"]:
         click.echo(f"WARNING: serving on {host} without api_token: anyone who can reach port {port} can use "
