@@ -478,3 +478,16 @@ def test_sampling_defaults_and_weights_keys_are_not_written_again():
                 again += [f"{where}:{node.lineno} {t.id}" for t in node.targets
                           if isinstance(t, ast.Name) and t.id == "WEIGHTS_STATUS_KEYS"]
     assert not again, "sampling defaults or weights keys written again (import them):\n  " + "\n  ".join(again)
+
+
+def test_test_files_import_the_shared_helpers_rather_than_copy_them():
+    """A helper tests/helpers.py defines (status, finish, generate_in_background, ...) is imported,
+    never defined again in a test file: two copies drift (one waits 60 s, the other 120 s)."""
+    tests = Path(__file__).resolve().parent
+
+    def functions(path):
+        return {n.name: n.lineno for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+    shared = functions(tests / "helpers.py")
+    again = [f"{path.name}:{line} {name}" for path in sorted(tests.glob("test_*.py"))
+             for name, line in functions(path).items() if name in shared]
+    assert not again, "helpers.py's functions defined again (import them from helpers):\n  " + "\n  ".join(again)
