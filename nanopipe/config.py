@@ -25,7 +25,7 @@ import yaml
 
 from . import partition as _partition
 from .logs import shown
-from .sampling_params import DEFAULT_DECODING, STRATEGY_USES, section_keys
+from .sampling_params import DEFAULT_DECODING, KNOB_RANGES, SECTION_KEYS, STRATEGY_USES, section_keys
 
 DEFAULT_CONFIG_DIR = "configs"
 
@@ -320,11 +320,12 @@ def _decoding_strategies(value: dict, where: str) -> dict:
         _check_keys(params, section_keys(name), here)
         if "k" in params and "top_k" in params or "p" in params and "top_p" in params:
             raise ConfigError(f"{here}: give 'k' or 'top_k' ('p' or 'top_p'), not both")
-        _real(params, "temperature", here, default=None, above=True)
-        for key in ("k", "top_k"):
-            _int(params, key, here, default=None, lo=1)
-        for key in ("p", "top_p"):
-            _real(params, key, here, default=None, above=True, hi=1.0)
+        for key in params:          # each in its knob's range (sampling_params.KNOB_RANGES), top_k an integer
+            knob = KNOB_RANGES[SECTION_KEYS[key]]
+            if SECTION_KEYS[key] == "top_k":
+                _int(params, key, here, default=None, lo=int(knob.lo), hi=knob.hi)
+            else:
+                _real(params, key, here, default=None, lo=knob.lo, above=knob.above, hi=knob.hi)
         out[name] = dict(params)
     return out
 

@@ -76,6 +76,29 @@ BUILT_IN = {"greedy": (), "sampling": ("temperature",), "top_k": ("temperature",
             "top_p": ("temperature", "top_p")}
 STRATEGY_USES: dict[str, tuple[str, ...]] = dict(BUILT_IN)
 
+
+@dataclass(frozen=True)
+class Range:
+    """Where a knob's value may lie when its strategy reads it: lo (excluded with above=True) to hi."""
+
+    lo: float
+    above: bool = False
+    hi: float | None = None
+
+    def holds(self, x: float) -> bool:
+        return math.isfinite(x) and (x > self.lo if self.above else x >= self.lo) and (self.hi is None or x <= self.hi)
+
+    def __str__(self) -> str:
+        """'a number in (0, 1]', 'a number > 0', 'a number >= 1': what an error says is allowed."""
+        if self.hi is None:
+            return f"a number {'>' if self.above else '>='} {self.lo:g}"
+        return f"a number in {'(' if self.above else '['}{self.lo:g}, {self.hi:g}]"
+
+
+# The knobs' ranges: SamplingParams.validate checks a request by them, config.py model_config.yaml's sections.
+# (temperature 0 is allowed where a strategy does not read it: greedy with temperature 0 is still greedy.)
+KNOB_RANGES = {"temperature": Range(0.0, above=True), "top_k": Range(1), "top_p": Range(0.0, above=True, hi=1.0)}
+
 # model_config.yaml's keys in a strategy's section, and the SamplingParams field each sets
 # (the guide writes `k` and `p`; `top_k` and `top_p` are accepted too).
 SECTION_KEYS = {"temperature": "temperature", "k": "top_k", "top_k": "top_k", "p": "top_p", "top_p": "top_p"}
@@ -137,14 +160,14 @@ class SamplingParams:
         if not (math.isfinite(temperature) and temperature >= 0):
             raise DecodingError(f"temperature: must be a number >= 0 (got {_show(self.temperature)})",
                                 field="temperature")
-        if "temperature" in uses and temperature == 0:
+        if "temperature" in uses and not KNOB_RANGES["temperature"].holds(temperature):
             raise DecodingError(f"temperature: must be > 0 for strategy {self.strategy!r} "
                                 f"(got {_show(self.temperature)}); use strategy 'greedy' for the argmax",
                                 field="temperature")
-        top_p = _real("top_p", self.top_p, "a number in (0, 1]")
-        if not 0 < top_p <= 1:
-            raise DecodingError(f"top_p: must be a number in (0, 1] (got {_show(self.top_p)})", field="top_p")
-        top_k = _integer("top_k", self.top_k, minimum=1)
+        top_p = _real("top_p", self.top_p, str(KNOB_RANGES["top_p"]))
+        if not KNOB_RANGES["top_p"].holds(top_p):
+            raise DecodingError(f"top_p: must be {KNOB_RANGES['top_p']} (got {_show(self.top_p)})", field="top_p")
+        top_k = _integer("top_k", self.top_k, minimum=int(KNOB_RANGES["top_k"].lo))
         max_tokens = _integer("max_tokens", self.max_tokens, minimum=1)
         seed = None if self.seed is None else _integer("seed", self.seed, minimum=0, what="an integer >= 0 or null")
         if n_ctx is not None:

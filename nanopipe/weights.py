@@ -316,6 +316,10 @@ def synthetic_note(synthetic) -> str:
     return f" ({SYNTHETIC_NOTE})" if synthetic else ""
 
 
+# what a cluster says of its weights (synthetic_summary; the leader's status carries them): random, or mixed?
+WEIGHTS_STATUS_KEYS = ("synthetic", "weights_mixed", "weights_note")
+
+
 def synthetic_summary(flags: dict) -> dict:
     """What a cluster says about its weights, from each rank's `synthetic` flag (None: not known yet).
 
@@ -333,7 +337,7 @@ def synthetic_summary(flags: dict) -> dict:
                 "Give every node the same real weights")
     elif fake:
         note = SYNTHETIC_NOTE
-    return {"synthetic": bool(fake), "weights_mixed": bool(fake and real), "weights_note": note}
+    return dict(zip(WEIGHTS_STATUS_KEYS, (bool(fake), bool(fake and real), note)))
 
 
 def _shape(size: str, n_layer, n_embd, n_head, n_ctx, n_vocab) -> GPTConfig:

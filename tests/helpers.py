@@ -17,6 +17,7 @@ and, for a running LocalCluster `cl`:
     handshake(addr, token=...)                  a handshake by hand: (sock, CHALLENGE, reply to HELLO)
     frames_until_close(sock), local_peer(sock)  what a peer sends until it hangs up; how a node logs us
     peak_rss_mb(pid)                            a process's resident-memory high-water mark, from /proc
+    generate_in_background(connect, prompt, params), finish(box)   a generation on its own thread, and its end
 
 and, for the web app without a cluster (fixtures `leader`, `app`, `client` in conftest.py):
 
@@ -191,6 +192,39 @@ def wait_freed(cl, timeout: float = 5) -> dict:
         return st if reported_since(st, since, asked_at) and all_freed(st) else None
     return wait_until("every cache freed (only the kept ones left, on every stage, reported after the end)",
                       check, timeout, detail=lambda: f"last status:\n{json.dumps(status(cl), indent=1)}\n{cl.logs()}")
+
+
+def generate_in_background(connect, prompt, params, on_token=None) -> dict:
+    """A generation on its own thread, through the client connect() returns (cl.client, or one with
+    a chosen secret): box["tokens"] and box["times"] (perf_counter of each) as they come, box["status"]
+    texts, then box["result"] or box["error"]. on_token(n) is called with the count after each token."""
+    box = {"tokens": [], "times": [], "status": []}
+
+    def tokens(t, _text):
+        if t is not None:
+            box["tokens"].append(t)
+            box["times"].append(time.perf_counter())
+            if on_token is not None:
+                on_token(len(box["tokens"]))
+
+    def run():
+        try:
+            with connect() as c:
+                box["result"] = c.generate(prompt, params, on_token=tokens, on_status=box["status"].append)
+        except Exception as e:   # the test thread looks at it
+            box["error"] = e
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def finish(box: dict, timeout: float = 60) -> dict:
+    """generate_in_background's result once its thread ends; its error raised; a hang fails the test."""
+    box["thread"].join(timeout)
+    assert not box["thread"].is_alive(), f"the generation hung for {timeout}s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def log_of(cl, rank: int) -> str:

@@ -479,6 +479,27 @@ def test_known_strategies_are_decodings_built_ins():
             assert params.strategy == name
 
 
+def test_config_and_requests_check_the_one_table_of_knob_ranges(tmp_path, monkeypatch):
+    """model_config.yaml's sections and a request's fields are checked against one table
+    (sampling_params.KNOB_RANGES): narrow a range there and both refuse what it leaves out."""
+    import nanopipe.sampling_params as sp
+    write(tmp_path, "model_config.yaml", _model(lambda d, m: m["decoding_strategies"]["top_p"].update(p=0.9))())
+    assert load_model_config(str(tmp_path)).decoding_strategies["top_p"]["p"] == 0.9
+    assert sp.SamplingParams("top_p", top_p=0.9).validate().top_p == 0.9
+    monkeypatch.setitem(sp.KNOB_RANGES, "top_p", sp.Range(0.0, above=True, hi=0.5))
+    monkeypatch.setitem(sp.KNOB_RANGES, "top_k", sp.Range(60))
+    with pytest.raises(ConfigError, match="'p' must be a number > 0 and <= 0.5, got 0.9"):
+        load_model_config(str(tmp_path))
+    with pytest.raises(sp.DecodingError, match=r"top_p: must be a number in \(0, 0.5\] \(got 0.9\)"):
+        sp.SamplingParams("top_p", top_p=0.9).validate()
+    write(tmp_path, "model_config.yaml", _model(lambda d, m: (m["decoding_strategies"]["top_p"].update(p=0.4),
+                                                              m["decoding_strategies"]["top_k"].update(k=50)))())
+    with pytest.raises(ConfigError, match="'k' must be >= 60, got 50"):
+        load_model_config(str(tmp_path))
+    with pytest.raises(sp.DecodingError, match="top_k: must be an integer >= 60"):
+        sp.SamplingParams("top_k", top_k=50, top_p=0.4).validate()
+
+
 # ---------------------------------------------------------------------------------------------
 # hostile YAML: alias bombs, huge values, things that are not YAML text
 

@@ -151,3 +151,25 @@ def test_a_command_reads_each_config_file_once(tmp_path, monkeypatch, command):
     result = invoke(*command, "--config-dir", d)
     assert result.exit_code == 0, result.output
     assert reads and set(reads.values()) == {1}, dict(reads)
+
+
+def test_web_with_a_leader_name_reads_each_config_file_once(tmp_path, monkeypatch):
+    """`nanopipe web --leader NAME:PORT` resolves NAME in cluster_config.yaml and takes the app's
+    settings from the same files: each is read once (the app's settings read cluster_config.yaml again)."""
+    import collections
+
+    import nanopipe.config as config
+    import nanopipe.tokenizer
+    import nanopipe.web.server
+    from nanopipe.tools.localcluster import free_ports, write_configs
+    d = str(tmp_path / "cfg")
+    write_configs(d, weights=str(tmp_path / "tiny.safetensors"), nodes=2, n_layer=2, n_head=4)
+    served, port = {}, free_ports(1)[0]
+    monkeypatch.setattr(nanopipe.web.server, "serve", lambda app, host, port, **kw: served.update(app.config))
+    monkeypatch.setattr(nanopipe.tokenizer, "get_tokenizer", lambda: None)     # no tiktoken download here
+    reads, real = collections.Counter(), config._load_yaml
+    monkeypatch.setattr(config, "_load_yaml", lambda folder, name: reads.update([name]) or real(folder, name))
+    result = invoke("web", "--leader", "node0:65432", "--port", str(port), "--config-dir", d)
+    assert result.exit_code == 0, result.output
+    assert served["LEADER"] == "127.0.0.1:65432" and served["MODEL_NAME"] == "local", served
+    assert reads["cluster_config.yaml"] == 1 and set(reads.values()) == {1}, dict(reads)

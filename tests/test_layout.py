@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -430,7 +431,7 @@ def test_the_sampling_tables_are_assigned_only_in_sampling_params():
     in config.py once kept @register'd strategies out of model_config.yaml)."""
     import nanopipe.sampling_params as sp
     owned = {"FIELDS", "SAMPLER_FIELDS", "TUNABLE", "BUILT_IN", "STRATEGY_USES", "SECTION_KEYS", "DEFAULT_DECODING",
-             "TOP_P_DEFAULT", "MAX_STOPS", "PENALTY_RANGE", "REPETITION_RANGE", "BIAS_RANGE"}
+             "TOP_P_DEFAULT", "KNOB_RANGES", "MAX_STOPS", "PENALTY_RANGE", "REPETITION_RANGE", "BIAS_RANGE"}
     assert owned <= set(vars(sp)), sorted(owned - set(vars(sp)))
     again = []
     for mod, path in modules().items():
@@ -442,3 +443,51 @@ def test_the_sampling_tables_are_assigned_only_in_sampling_params():
             again += [f"{path.relative_to(PKG.parent)}:{node.lineno} {t.id}" for t in targets
                       if isinstance(t, ast.Name) and t.id in owned]
     assert not again, "sampling tables assigned outside sampling_params.py (import them):\n  " + "\n  ".join(again)
+
+
+def test_sampling_defaults_and_weights_keys_are_not_written_again():
+    """No module but sampling_params.py writes a decoding section's values as numbers (a local cluster's
+    {"temperature": 0.8} once differed from the defaults), no sampling option's help writes the shipped
+    file's defaults by hand ("0.8 as shipped" drifts when the file changes), and the keys of what a
+    cluster says of its weights are listed once (weights.WEIGHTS_STATUS_KEYS)."""
+    from nanopipe.sampling_params import FIELDS, SECTION_KEYS
+    knobs = set(SECTION_KEYS) | {"max_new_tokens"}
+    options = {"--" + f.replace("_", "-") for f in FIELDS} | {"--strategy"}
+    status_keys = {"synthetic", "weights_mixed", "weights_note"}
+    again = []
+    for mod, path in modules().items():
+        if mod == "nanopipe.sampling_params":
+            continue
+        where = path.relative_to(PKG.parent)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Dict):
+                again += [f"{where}:{node.lineno} {k.value}: {v.value}" for k, v in zip(node.keys, node.values)
+                          if isinstance(k, ast.Constant) and k.value in knobs and isinstance(v, ast.Constant)
+                          and isinstance(v.value, (int, float)) and not isinstance(v.value, bool)]
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "option" and node.args
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value in options):
+                text = "".join(c.value for h in node.keywords if h.arg == "help" for c in ast.walk(h.value)
+                               if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                if re.search(r"\[default:[^\]]*(\d|as shipped)", text):
+                    again.append(f"{where}:{node.lineno} {node.args[0].value} help {text!r}")
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and mod != "nanopipe.weights":
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if status_keys <= words:
+                    again.append(f"{where}:{node.lineno} the weights status keys (weights.WEIGHTS_STATUS_KEYS)")
+            if isinstance(node, ast.Assign) and mod != "nanopipe.weights":
+                again += [f"{where}:{node.lineno} {t.id}" for t in node.targets
+                          if isinstance(t, ast.Name) and t.id == "WEIGHTS_STATUS_KEYS"]
+    assert not again, "sampling defaults or weights keys written again (import them):\n  " + "\n  ".join(again)
+
+
+def test_test_files_import_the_shared_helpers_rather_than_copy_them():
+    """A helper tests/helpers.py defines (status, finish, generate_in_background, ...) is imported,
+    never defined again in a test file: two copies drift (one waits 60 s, the other 120 s)."""
+    tests = Path(__file__).resolve().parent
+
+    def functions(path):
+        return {n.name: n.lineno for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+    shared = functions(tests / "helpers.py")
+    again = [f"{path.name}:{line} {name}" for path in sorted(tests.glob("test_*.py"))
+             for name, line in functions(path).items() if name in shared]
+    assert not again, "helpers.py's functions defined again (import them from helpers):\n  " + "\n  ".join(again)

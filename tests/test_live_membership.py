@@ -26,7 +26,17 @@ import threading
 import time
 
 import pytest
-from helpers import log_of, node, run_nanopipe, status, wait_log, wait_status, wait_until
+from helpers import (
+    finish,
+    generate_in_background,
+    log_of,
+    node,
+    run_nanopipe,
+    status,
+    wait_log,
+    wait_status,
+    wait_until,
+)
 
 from nanopipe.sampling_params import SamplingParams
 from nanopipe.tools.localcluster import LocalCluster, free_ports
@@ -44,33 +54,9 @@ def reference(tiny_engine):
 
 
 def stream(cl: LocalCluster, on_token=None) -> dict:
-    """A generation on its own thread: box["times"] (perf_counter of each token), then box["result"]
-    or box["error"]."""
-    box = {"times": [], "status": []}
-
-    def tokens(t, _text):
-        if t is not None:
-            box["times"].append(time.perf_counter())
-            if on_token is not None:
-                on_token(len(box["times"]))
-
-    def run():
-        try:
-            with cl.client() as c:
-                box["result"] = c.generate(PROMPT, LONG, on_token=tokens, on_status=box["status"].append)
-        except Exception as e:       # the test thread looks at it
-            box["error"] = e
-    box["thread"] = threading.Thread(target=run, daemon=True)
-    box["thread"].start()
-    return box
-
-
-def finish(box: dict, timeout: float = 120) -> dict:
-    box["thread"].join(timeout)
-    assert not box["thread"].is_alive(), f"the generation hung for {timeout}s"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    """A generation on its own thread (helpers.generate_in_background): box["times"] (perf_counter of
+    each token), then box["result"] or box["error"]."""
+    return generate_in_background(cl.client, PROMPT, LONG, on_token)
 
 
 def pause_report(box: dict, what: str) -> tuple:
@@ -109,7 +95,7 @@ def test_a_node_joins_mid_stream_and_the_cluster_replans_over_three(tiny_weights
                                            env=cl.env, cwd=cl.workdir)
         wait_log(cl, 0, "Re-planned (rank 2 (node2) joined)", timeout=READY_S)
         in_flight = len(box["times"])
-        got = finish(box)
+        got = finish(box, timeout=120)
         assert in_flight < len(got["token_ids"]), (f"the stream had ended ({in_flight} tokens) before the re-plan: "
                                                    "the test saw no join mid-stream")
         assert got["token_ids"] == reference, "the answer across the join differs from one process's"
@@ -137,7 +123,7 @@ def test_a_node_drained_mid_stream_with_nanopipe_leave(tiny_weights, reference, 
         assert left.returncode == 0, (left.stdout, left.stderr, cl.logs())
         assert "rank 2 (node2) drained: ring 0 -> 1 -> 0" in left.stdout, left.stdout
         in_flight = len(box["times"])
-        got = finish(box)
+        got = finish(box, timeout=120)
         assert in_flight < len(got["token_ids"]), "the stream had ended before the drain: nothing was tested"
         assert got["token_ids"] == reference, "the answer across the drain differs from one process's"
         pause_report(box, "a node left")
@@ -185,7 +171,7 @@ def test_a_standby_takes_blocks_when_a_node_leaves_and_rank_0_cannot_hold_them(t
         assert started.wait(60), "the stream never started"
         with cl.client() as c:
             c.leave(2)
-        got = finish(box)
+        got = finish(box, timeout=120)
         assert got["token_ids"] == reference, "the answer across the re-plan differs from one process's"
         st = status(cl)
         assert ranks(st) == [0, 1] and node(st, 1)["status"] == "up", st["nodes"]
@@ -211,7 +197,7 @@ def test_a_node_gone_for_good_the_rest_replan_after_the_grace(tiny_weights, refe
         box = stream(cl, on_token=kill_at_5)
         wait_until("rank 2 killed", lambda: t_kill, 60)
         wait_status(cl, lambda st: node(st, 2)["status"] == "down", 10, "rank 2 shown down within its grace")
-        got = finish(box)
+        got = finish(box, timeout=120)
         waited = time.time() - t_kill["t"]
         assert got["token_ids"] == reference, "the answer across the re-plan differs from one process's"
         assert waited > GRACE - 0.5, f"the answer ended {waited:.1f}s after the kill: it did not wait for the grace"

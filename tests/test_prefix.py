@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import status
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
@@ -150,11 +151,6 @@ def test_engine_echo_prefills_in_full(weights):
 
 # ---------------------------------------------------------------------------------------------
 # a real local cluster: 3 nodes, layers 3, 2, 2
-
-
-def status(cl) -> dict:
-    with cl.client() as c:
-        return c.status()
 
 
 def wait_agree(cl, timeout: float = 5) -> dict:

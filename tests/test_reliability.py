@@ -28,7 +28,9 @@ import urllib.request
 
 import pytest
 from helpers import (
+    finish,
     frames_until_close,
+    generate_in_background,
     handshake,
     leader_addr,
     local_peer,
@@ -81,32 +83,8 @@ def client(cl: LocalCluster, token=None, tls_ca=None) -> LeaderClient:
 
 
 def run_generation(cl: LocalCluster, params=LONG, token=None, tls_ca=None, on_token=None, prompt=PROMPT) -> dict:
-    """Start a generation on its own thread; box["result"] or box["error"] when it ends, box["status"] texts."""
-    box = {"status": [], "tokens": []}
-
-    def tokens(t, text):
-        if t is not None:
-            box["tokens"].append(t)
-            if on_token is not None:
-                on_token(len(box["tokens"]))
-
-    def run():
-        try:
-            with client(cl, token, tls_ca) as c:
-                box["result"] = c.generate(prompt, params, on_token=tokens, on_status=box["status"].append)
-        except Exception as e:   # the test thread looks at it
-            box["error"] = e
-    box["thread"] = threading.Thread(target=run, daemon=True)
-    box["thread"].start()
-    return box
-
-
-def finish(box: dict, timeout: float = 60) -> dict:
-    box["thread"].join(timeout)
-    assert not box["thread"].is_alive(), f"the generation hung for {timeout}s"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    """Start a generation on its own thread (helpers.generate_in_background), with exactly the given secret."""
+    return generate_in_background(lambda: client(cl, token, tls_ca), prompt, params, on_token)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import handshake, log_of, read_tensors, wait_log, wait_until, worker_addr
+from helpers import handshake, log_of, read_tensors, status, wait_log, wait_until, worker_addr
 
 from nanopipe.cluster.wire import Msg
 from nanopipe.decoding import SamplingParams
@@ -116,11 +116,6 @@ def test_reference_tokens_vary(reference):
     """The fixture's point: greedy must not repeat one token, or equality would prove little."""
     ids = reference(PROMPT, CASES["greedy"])["token_ids"]
     assert len(set(ids)) >= 6, ids
-
-
-def status(cl) -> dict:
-    with cl.client() as c:
-        return c.status()
 
 
 def test_batched_sessions_through_the_split_stage(split_cluster, reference):

@@ -46,16 +46,19 @@ from ..placement import Capacity, measure_node
 from ..safetensors_io import SafetensorsError
 from ..sampling_params import (
     BIAS_RANGE,
+    MAX_STOPS,
     PENALTY_RANGE,
     REPETITION_RANGE,
     STRATEGY_USES,
     DecodingError,
+    SamplingParams,
     check_stop,
     fits,
     request_params,
 )
 from ..weights import (
     SYNTHETIC_NOTE,
+    WEIGHTS_STATUS_KEYS,
     WeightsError,
     ensure_synthetic,
     init_weights,
@@ -170,34 +173,39 @@ def main(verbose, quiet):
 # single process
 
 
+MODEL_DEFAULTS = "the model's decoding defaults in model_config.yaml"
+
+
 def sampling_options(fn):
-    """One option per sampling field (sampling_params.FIELDS, and --strategy), named as the field."""
+    """One option per sampling field (sampling_params.FIELDS, and --strategy), named as the field.
+    The model's own defaults live in model_config.yaml (and sampling_params.DEFAULT_DECODING for a model
+    that leaves them out): the help names where, never a number that could drift from the file."""
     lo, hi = REPETITION_RANGE
     for opt in reversed([
         click.option("--strategy", default=None,
                      help=f"Decoding: {' | '.join(STRATEGY_USES)}.  [default: inferred from the options "
-                          "given, as in the web API, else the model's (top_p as shipped)]"),
+                          f"given, as in the web API, else {MODEL_DEFAULTS}]"),
         click.option("--temperature", type=float, default=None,
-                     help="0 is greedy; higher is more random.  [default: the strategy's, 0.8 as shipped]"),
+                     help=f"0 is greedy; higher is more random.  [default: {MODEL_DEFAULTS}]"),
         click.option("--top-k", type=int, default=None,
-                     help="top_k: sample from the K likeliest.  [default: the strategy's k, 50 as shipped]"),
+                     help=f"top_k: sample from the K likeliest.  [default: {MODEL_DEFAULTS}]"),
         click.option("--top-p", type=float, default=None,
-                     help="top_p: sample from the smallest set holding P.  [default: the p, 0.9 as shipped]"),
+                     help=f"top_p: sample from the smallest set holding P.  [default: {MODEL_DEFAULTS}]"),
         click.option("--max-tokens", type=int, default=None,
-                     help="Tokens to generate.  [default: the model's max_new_tokens, 50 as shipped]"),
+                     help=f"Tokens to generate.  [default: {MODEL_DEFAULTS}]"),
         click.option("--seed", type=int, default=None, help="Same seed, same tokens.  [default: random]"),
         click.option("--stop", multiple=True, metavar="TEXT",
-                     help="End the reply where this text appears (not printed); up to 4, repeat the option.  "
-                          "[default: none]"),
+                     help=f"End the reply where this text appears (not printed); up to {MAX_STOPS}, repeat the "
+                          "option.  [default: none]"),
         click.option("--frequency-penalty", type=float, default=None,
                      help=f"-{PENALTY_RANGE:g}..{PENALTY_RANGE:g}: lower a token's score by this much per time "
-                          "it was generated.  [default: 0]"),
+                          f"it was generated.  [default: {SamplingParams.frequency_penalty:g}]"),
         click.option("--presence-penalty", type=float, default=None,
                      help=f"-{PENALTY_RANGE:g}..{PENALTY_RANGE:g}: lower the score of every token generated at "
-                          "least once.  [default: 0]"),
+                          f"least once.  [default: {SamplingParams.presence_penalty:g}]"),
         click.option("--repetition-penalty", type=float, default=None,
                      help=f"{lo:g}..{hi:g}, e.g. 1.3: divide (multiply, if negative) the score of every token "
-                          "seen so far.  [default: 1, none]"),
+                          f"seen so far.  [default: {SamplingParams.repetition_penalty:g}, none]"),
         click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
                      help=f"Add BIAS (-{BIAS_RANGE:g}..{BIAS_RANGE:g}) to token ID's score, e.g. 50256=-100; "
                           "repeat the option.  "
@@ -317,7 +325,7 @@ def generate(prompt, configs, weights_path, leader, n_head, as_json, top_logprob
 def _weights_of(client) -> dict:
     """The cluster's synthetic / weights_mixed / weights_note, from the leader's status."""
     status = client.status()
-    return {k: status.get(k) for k in ("synthetic", "weights_mixed", "weights_note")}
+    return {k: status.get(k) for k in WEIGHTS_STATUS_KEYS}
 
 
 def check_prompt_fits(n_prompt: int, n_ctx, max_tokens: int | None = None):
@@ -1024,7 +1032,7 @@ def web(leader, host, port, configs, shutdown_grace):
         except ValueError as e:
             raise UserError(f"--leader: {e}") from None
     check_port_free(host, port)
-    app = create_app(settings_from_configs(configs.dir, configs.model_name, leader))
+    app = create_app(settings_from_configs(configs, leader=leader))    # each file read once
     app.config["TOKENIZER"] = get_tokenizer()      # load it now, not during the first chat
     if host not in ("127.0.0.1", "localhost", "::1") and not app.config["API_TOKEN"]:
         click.echo(f"WARNING: serving on {host} without api_token: anyone who can reach port {port} can use "

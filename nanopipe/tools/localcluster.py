@@ -17,6 +17,7 @@ given, as `nanopipe demo` does) and runs exactly the commands a user runs on rea
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import shutil
@@ -31,6 +32,7 @@ import time
 import yaml
 
 from ..cluster.leader_client import ClientError, LeaderClient
+from ..sampling_params import DEFAULT_DECODING
 from ..weights import read_config
 
 
@@ -61,9 +63,8 @@ def write_configs(config_dir: str, *, weights: str, nodes: int, n_layer: int, pa
     ips = hosts or [host] * nodes
     model = {"hf_model_name": "synthetic", "weights_model_name": "local", "num_layers": n_layer,
              "num_nodes": nodes, "partition": partition, "max_new_tokens": max_new_tokens,
-             "active_decoding_strategy": "greedy",
-             "decoding_strategies": {"greedy": {}, "sampling": {"temperature": 0.8},
-                                     "top_p": {"temperature": 0.8, "p": 0.9}, "top_k": {"temperature": 0.8, "k": 50}}}
+             "active_decoding_strategy": DEFAULT_DECODING["active_decoding_strategy"],
+             "decoding_strategies": copy.deepcopy(DEFAULT_DECODING["decoding_strategies"])}
     if n_head:
         model["n_head"] = n_head
     if layer_mapping:

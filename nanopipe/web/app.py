@@ -60,7 +60,7 @@ from pathlib import Path
 from flask import Flask, Response, current_app, g, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from ..config import ConfigError, ConfigNotFound, load_cluster_config, load_model_config
+from ..config import ConfigError, ConfigNotFound, Configs
 from . import chat, cluster_view, leave, openai
 from .connection import dial_leader, leader_status
 from .errors import ApiError, error_response
@@ -95,17 +95,23 @@ def web_dir() -> str:
 # Settings
 
 
-def settings_from_configs(config_dir: str = "configs", model_name: str | None = None,
+def settings_from_configs(configs: Configs | str = "configs", model_name: str | None = None,
                           leader: str | None = None) -> dict:
     """The app's settings from the YAML configs: where the leader is, the cluster secret (and, on a
     TLS cluster, the certificate) to dial it with, the API token, CORS origins, and the decoding
     defaults of model_config.yaml.
 
     With --leader given, missing config files are fine: defaults then come from the leader itself.
+    `configs` is the command's config.Configs (what it read already is not read again; `model_name`,
+    if given, picks another entry) or a folder.
     """
-    settings = {"LEADER": leader, "CONFIG_DIR": config_dir}
+    if isinstance(configs, str):
+        configs = Configs(configs, model_name)
+    elif model_name is not None:
+        configs = configs.for_model(model_name)
+    settings = {"LEADER": leader, "CONFIG_DIR": configs.dir}
     try:
-        cc = load_cluster_config(config_dir)
+        cc = configs.cluster
         settings.update(LEADER=leader or f"{cc.leader.ip}:{cc.leader.port}", LEADER_TOKEN=cc.auth_token,
                         LEADER_TLS_CA=cc.tls_cert, API_TOKEN=cc.api_token, CORS_ORIGINS=tuple(cc.cors_origins))
     except ConfigNotFound:      # a broken file is an error even with --leader
@@ -121,7 +127,7 @@ def settings_from_configs(config_dir: str = "configs", model_name: str | None = 
             raise ConfigError(f"NANOPIPE_MAX_CHOICES={os.environ['NANOPIPE_MAX_CHOICES']!r}: give a whole number "
                               "(the most prompts x n one /v1/completions request may ask for)") from None
     try:
-        mc = load_model_config(config_dir, model_name)
+        mc = configs.model
         settings.update(MODEL_NAME=mc.name, MODEL_DEFAULTS=mc.decoding_defaults(),
                         MODEL_ALIASES=(mc.hf_model_name,) if mc.hf_model_name != mc.name else ())
     except ConfigNotFound:

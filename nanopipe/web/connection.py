@@ -15,12 +15,11 @@ from __future__ import annotations
 from flask import current_app, jsonify
 
 from ..cluster.leader_client import ClientError, LeaderClient
+from ..weights import WEIGHTS_STATUS_KEYS
 from .errors import ApiError
 from .state import state
 
 STATUS_TIMEOUT_S = 5.0             # a status question the leader does not answer in this long is "down"
-# what the leader's status says of the cluster's weights (Leader.status): are they random, or mixed?
-WEIGHTS_STATUS_KEYS = ("synthetic", "weights_mixed", "weights_note")
 
 
 def dial_leader(addr: str, token: str | None, attempts: int = 1, tls_ca: str | None = None) -> LeaderClient:
