@@ -31,7 +31,8 @@ class PlanningLeader(Planner):
     """The leader's Planner with only what _plan reads; _apply_plan records the split instead of sending it."""
 
     def __init__(self, model, cluster, caps):
-        self.model, self.cluster, self._caps, self.count = model, cluster, caps, lambda kind: None
+        self.model, self.cluster, self._caps = model, cluster, caps
+        self.count = lambda kind, rank=None, text="": None        # Leader._count's signature
         self.ranges = even(SHAPE.n_layer, len(caps))
         self.placement, self.plan_note, self.applied, self.refused, self.logged = None, "", None, None, []
 
