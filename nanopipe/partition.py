@@ -341,6 +341,13 @@ def format_plan(ranges: list[tuple[int, int]], names: list[str] | None = None,
     return "\n".join(lines)
 
 
+def uses_mapping(model, partition: str | None = None) -> bool:
+    """The model's layer_mapping decides the split: it has one, and `partition` (`nanopipe plan
+    --partition`) names no other strategy. (The model's own `partition: even` beside a layer_mapping
+    is the default the mapping overrides.)"""
+    return bool(model.layer_mapping) and partition in (None, "mapping")
+
+
 def planned_by_leader(model, partition: str | None = None) -> bool:
     """partition auto, or none set (even unless the nodes differ): the leader places the layers
     after every node has measured itself, so a worker learns its blocks only then. `partition`:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .kernels import choose_gemv_rows, measuring_alone
-from .partition import block_params, even, planned_by_leader
+from .partition import block_params, even, planned_by_leader, uses_mapping
 
 GB = 1e9
 MB = 1e6
@@ -766,6 +766,7 @@ def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, par
     differ by noise only). Raises PlacementError when the model does not fit.
     """
     sessions, hop_s, depth = cluster_figures(cluster, len(caps))
+    configured = "layer_mapping" if uses_mapping(model, partition) else partition or model.partition or "even"
     partition = partition or model.partition
     objective = model.placement_objective
     unknown = unknown_figures(caps)
@@ -777,7 +778,7 @@ def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, par
                         forecast(shape, caps, even_ranges, cluster, objective), unknown, hop_s, sessions, depth)
 
     if not planned_by_leader(model, partition):
-        return made(ranges, f"{partition or 'even'}: as configured")
+        return made(ranges, f"{configured}: as configured")
     if any(c is None for c in caps):
         return made(ranges, "not every node is known yet: the even starting point")
     if any(c.speed_gbps is None for c in caps):

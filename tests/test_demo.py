@@ -367,6 +367,22 @@ def test_a_killed_worker_is_started_again_and_the_answer_resumes(demo_of, tmp_pa
     assert demo.proc.poll() is None, "the demo exited when a node died"
 
 
+def test_a_worker_drained_by_nanopipe_leave_is_not_started_again(demo_of, tmp_path, ports):
+    # the demo restarts a node that dies; a node drained on purpose must stay gone, or the leave is undone
+    cfg = write_config_dir(tmp_path / "cfg", ports, heartbeat_s=0.2)
+    demo = demo_of(cfg)
+    demo.wait_ready()
+    left = subprocess.run([sys.executable, "-m", "nanopipe", "leave", "--rank", "2", "--config-dir", cfg,
+                           "--leader", f"127.0.0.1:{ports[0]}"],
+                          capture_output=True, text=True, timeout=START_S)
+    assert left.returncode == 0, left.stdout + left.stderr
+    out = demo.wait_for("[DEMO] The worker gamma (rank 2)")
+    assert "drained by `nanopipe leave`; not starting it again" in out, out
+    assert "starting it again (1 of" not in out, out
+    wait_until("the drained worker to stay gone", lambda: sorted(demo.nodes()) == [0, 1], timeout=START_S)
+    assert demo.proc.poll() is None, "the demo exited when a node was drained"
+
+
 # ---------------------------------------------------------------------------------------------
 # LocalCluster, as the tests and the bench use it
 

@@ -133,6 +133,9 @@ def test_a_node_drained_mid_stream_with_nanopipe_leave(tiny_weights, reference, 
         st = status(cl)
         assert ranks(st) == [0, 1] and st["ready"], st["nodes"]
         assert st["events"]["drained"] == 1 and st["events"]["replanned"] == 1, st["events"]
+        # the page's log: rank 2 was drained and went, as told; it did not die
+        kinds = [(e["kind"], e["text"]) for e in st["event_log"] if e["rank"] == 2]
+        assert [k for k, _ in kinds][-2:] == ["drained", "left"], kinds
         # asking again, or for the leader, or for a rank there is not: a clear answer, no traceback
         for rank, says in ((2, "rank 2 (node2) is not in the cluster: drained by `nanopipe leave`"),
                            (0, "rank 0 is the leader"), (7, "no worker rank 7")):

@@ -92,6 +92,27 @@ def test_plan_ranges_follows_the_layer_mapping_only_for_its_node_count(tmp_path,
     assert len(other) == 2 and other[0][0] == 0 and other[-1][1] == L and other[0][1] == other[1][0]
 
 
+def test_the_layer_mapping_hint_names_a_flag_that_works(tmp_path, tiny):
+    # the error for another node count says which --partition to pass; passing it plans that split
+    d = configs(tmp_path, tiny)
+    edit_model(d, layer_mapping={0: [0, 0], 1: [1, 2], 2: [3, 3]})
+    mc = load_model_config(d)
+    cfg = model_shape(Configs(d), tiny)
+    with pytest.raises(PartitionError, match=re.escape("pass --partition even or balanced")):
+        plan_ranges(mc, cfg, nodes=2)
+    assert plan_ranges(mc, cfg, nodes=2, partition="even") == [(0, 2), (2, 4)]
+
+
+def test_plan_says_the_split_is_the_layer_mapping(tmp_path, tiny):
+    known = {"speed_gbps": 5, "speed8_gbps": 5, "memory_mb": 1000}      # every node's figures: a prediction
+    d = configs(tmp_path, tiny, cluster_extra={"nodes": {f"node{r}": known for r in range(3)}})
+    edit_model(d, layer_mapping={0: [0, 0], 1: [1, 2], 2: [3, 3]}, partition="even")
+    p = plan_table(Configs(d), weights_path=tiny)
+    assert p.ranges == [(0, 1), (1, 3), (3, 4)]
+    split = [ln for ln in p.lines if ln.startswith("Split:")]
+    assert split and split[0].startswith("Split: layer_mapping"), p.lines
+
+
 def test_model_shape_reads_the_file_else_the_config(tmp_path, tiny, monkeypatch):
     d = configs(tmp_path, tiny)
     assert (model_shape(Configs(d), tiny).n_embd, model_shape(Configs(d), tiny).n_vocab) == (C, V)

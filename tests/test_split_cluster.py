@@ -13,6 +13,8 @@ decoding picks a different token at most steps (a repeated token would hide a wr
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -210,6 +212,23 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
         assert_same(box["result"], reference(PROMPT, LONG), "after a member died and came back")
         log = log_of(cl, 0)
         assert "replaying 1 interrupted session" in log, log[-3000:]
+
+
+def test_a_replan_names_the_split_stage_in_the_ring(weights, tmp_path):
+    """Drain a member (the leader re-plans over two), bring it back (the layer_mapping's split stage
+    again): the re-plan's line names the ring as the ring-up line does, 0 -> 1+2 -> 0."""
+    mapping = {0: [0, 0], 1: [1, 4], 2: [1, 4]}
+    cl = LocalCluster(weights, nodes=3, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=READY_S,
+                      cluster_extra={"heartbeat_s": 0.2})
+    with cl:
+        left = subprocess.run([sys.executable, "-m", "nanopipe", "leave", "--rank", "2", "--config-dir",
+                               cl.config_dir], capture_output=True, text=True, timeout=300, env=cl.env)
+        assert left.returncode == 0, (left.stdout, left.stderr)
+        wait_until("the drained member to stop", lambda: cl.procs[2].poll() is not None, timeout=READY_S)
+        cl.start_rank(2)
+        wait_log(cl, 0, "Re-planned (rank 2 (node2) joined)", timeout=READY_S)
+        line = [ln for ln in log_of(cl, 0).splitlines() if "Re-planned (rank 2 (node2) joined)" in ln][0]
+        assert line.endswith("ring 0 -> 1+2 -> 0"), line
 
 
 def test_member_links_use_the_clusters_secret(weights, reference, tmp_path):

@@ -294,11 +294,12 @@ class WorkerRegistry:
     def _lost(self, w: WorkerState, reason: str):
         if self.stopped():
             return
-        # counted as "left" (/metrics); logged as "died": it went without being told to
-        self.count("left", w.rank, f"Worker {w.rank} ({w.host}) is down: {reason}", "died")
-        if w.excluded:      # it holds no layers: the ring does not miss it
+        if w.excluded:      # it holds no layers (drained, or left out by the plan): the ring does not miss it
+            self.count("left", w.rank, f"Worker {w.rank} ({w.host}), out of the ring, is gone: {reason}")
             self.log(f"Worker {w.rank} (left out of the ring) is gone: {reason}")
             return
+        # counted as "left" (/metrics); logged as "died": it went without being told to
+        self.count("left", w.rank, f"Worker {w.rank} ({w.host}) is down: {reason}", "died")
         self.log(f"Worker {w.rank} is down: {reason}", WARNING)
         self.on_lost(w, reason)
 

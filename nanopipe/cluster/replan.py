@@ -124,7 +124,7 @@ class Replanner:
                 return False, f"rank {rank} was not drained within {timeout:g}s; see the leader's log"
             if rank in self.refused:
                 return False, f"rank {rank} ({w.host}) cannot leave: {self.refused.pop(rank)}"
-        return True, f"rank {rank} ({w.host}) drained: {ring_text(self.registry.ring_ranks())}"
+        return True, f"rank {rank} ({w.host}) drained: {ring_text(self.registry.stages())}"
 
     # -- the watchdog's round --------------------------------------------------------------------
 
@@ -248,9 +248,9 @@ class Replanner:
         if placement is not None or self.planner.placement is not None:
             self.planner.placement = placement
         self.planner.plan_note = note
-        self.count("replanned", None, f"Re-planned ({reason}): {ring_text(self.registry.ring_ranks())}")
+        self.count("replanned", None, f"Re-planned ({reason}): {ring_text(self.registry.stages())}")
         self.log(f"Re-planned ({reason}) in {time.time() - t_start:.1f}s (loading {t_loaded - t_start:.1f}s, "
-                 f"ring change {time.time() - t_loaded:.2f}s): {ring_text(self.registry.ring_ranks())}")
+                 f"ring change {time.time() - t_loaded:.2f}s): {ring_text(self.registry.stages())}")
         self._finish(dropped=in_ring - set(ring))
 
     def _rank0_stage(self, new: tuple, old: tuple):
@@ -350,9 +350,11 @@ class Replanner:
         return ", ".join(parts)
 
 
-def ring_text(ring: list) -> str:
-    """[1, 2] -> "ring 0 -> 1 -> 2 -> 0"; [] -> "rank 0 alone"."""
-    return "ring " + " -> ".join(["0"] + [str(r) for r in ring] + ["0"]) if ring else "rank 0 alone"
+def ring_text(stages: list) -> str:
+    """The ring's worker stages (Registry.stages) in words, a split stage's members joined by +:
+    [[1], [2]] -> "ring 0 -> 1 -> 2 -> 0"; [[1, 2]] -> "ring 0 -> 1+2 -> 0"; [] -> "rank 0 alone"."""
+    return ("ring " + " -> ".join(["0"] + ["+".join(map(str, g)) for g in stages] + ["0"])
+            if stages else "rank 0 alone")
 
 
 def check_memory(shape, caps: list, ranges: list, sessions: int):

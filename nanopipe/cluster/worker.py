@@ -48,6 +48,7 @@ from .wire import (
     send_frame,
 )
 
+DRAINED_LINE = "The leader has drained this node"    # logged as it stops; the demo does not start it again
 HINT_AFTER_ATTEMPTS = 3      # failed dials to the leader before the worker asks whether it is running
 
 
@@ -276,7 +277,7 @@ class Worker:
                 with self.control_lock:
                     send_frame(sock, Msg.PONG, frame.meta)
             elif frame.msg is Msg.DRAINED:
-                self.log(f"The leader has drained this node ({frame.meta.get('reason') or 'nanopipe leave'}): the "
+                self.log(f"{DRAINED_LINE} ({frame.meta.get('reason') or 'nanopipe leave'}): the "
                          "ring runs without it now; stopping")
                 self.stop()
                 return

@@ -25,6 +25,7 @@ import signal
 import socket
 import time
 
+from ..cluster.worker import DRAINED_LINE
 from ..partition import format_plan
 from .localcluster import LocalCluster, free_ports
 
@@ -239,18 +240,31 @@ def run_demo(weights: str, mc, cc, ranges: list, *, web: bool = True, web_port: 
 
 
 def _watch(cluster, names: list, restarts: int, echo):
-    """Echo the nodes' log lines; start a node that died again, up to `restarts` times."""
+    """Echo the nodes' log lines; start a node that died again, up to `restarts` times (never one that
+    `nanopipe leave` drained: starting it again would undo the leave)."""
     tail = LogTail({r: cluster.log_path(r) for r in range(cluster.nodes)})
     restarted = {r: 0 for r in range(cluster.nodes)}
     gone: set = set()
-    while True:
+    drained: set = set()
+
+    def echo_lines():
         for line in tail.lines():
             echo(line)
+            rank = line[len("[WORKER-"):].split("]", 1)[0]         # "[WORKER-2] The leader has drained ..."
+            if DRAINED_LINE in line and line.startswith("[WORKER-") and rank.isdigit():
+                drained.add(int(rank))
+    while True:
+        echo_lines()
         for rank, proc in list(cluster.procs.items()):
             if rank in gone or proc.poll() is None:
                 continue
+            echo_lines()                        # its last lines, written before it exited: drained?
             who = f"{'leader' if rank == 0 else 'worker'} {names[rank]} (rank {rank})"
-            if restarted[rank] < restarts:
+            if rank in drained and proc.returncode == 0:
+                gone.add(rank)
+                echo(f"[DEMO] The {who} was drained by `nanopipe leave`; not starting it again "
+                     "(the ring runs without it).")
+            elif restarted[rank] < restarts:
                 restarted[rank] += 1
                 echo(f"[DEMO] The {who} {describe_exit(proc.returncode)}; starting it again "
                      f"({restarted[rank]} of {restarts})")

@@ -28,7 +28,7 @@ from ..cluster.group import plan_lines
 from ..config import WEIGHTS_DIR, ConfigError, Configs, check_agree, weights_file
 from ..gpt2_tensors import base_name
 from ..model import GPTConfig
-from ..partition import PartitionError, group_of, planned_by_leader, stage_bytes
+from ..partition import PartitionError, group_of, planned_by_leader, stage_bytes, uses_mapping
 from ..partition import plan as make_plan
 from ..placement import Capacity, ModelShape, PlacementError
 from ..safetensors_io import SafetensorsError, read_header
@@ -49,12 +49,12 @@ def plan_ranges(mc, cfg, nodes=None, partition=None):
     """The layer ranges per rank: the model's layer_mapping if it has one (for its num_nodes),
     else the `partition` strategy (default: the model's)."""
     nodes = nodes or mc.num_nodes
-    partition = partition or mc.partition or "even"
-    if mc.layer_mapping and partition in ("even", "mapping"):
+    if uses_mapping(mc, partition):
         if nodes != mc.num_nodes:
             raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
-                                 "for another number of nodes pass --strategy even or balanced")
+                                 "for another number of nodes pass --partition even or balanced")
         return make_plan(cfg.n_layer, nodes, "mapping", mapping=mc.layer_mapping)
+    partition = partition or mc.partition or "even"
     return make_plan(cfg.n_layer, nodes, partition, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab)
 
 
@@ -118,7 +118,7 @@ def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, 
     ranges = plan_ranges(mc, cfg, nodes, partition)
     names = [cluster.nodes[r].host if cluster and r < len(cluster.nodes) else f"node{r}" for r in range(len(ranges))]
     caps = plan_capacities(cluster, names, cfg, here)
-    placed, lines = plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition)
+    placed, lines = plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition, asked=partition)
     ranges = placed or ranges
     split = plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd,
                        (cluster.link_delay_ms, cluster.link_mbps) if cluster else None,
@@ -178,9 +178,9 @@ def _fig(v, fmt: str) -> str:
     return "unknown" if v is None else f"{v:{fmt}}"
 
 
-def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
+def plan_placement(mc, cluster, cfg, caps, ranges, partition, asked=None) -> tuple:
     """(ranges the leader would choose, or None to keep `ranges`; lines of predictions):
-    placement.decide, the leader's own decision, put in words."""
+    placement.decide, the leader's own decision, put in words. `asked`: plan's --partition, if given."""
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
     try:
         d = placement.decide(shape, caps, ranges, mc, cluster, partition)
@@ -198,7 +198,7 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition) -> tuple:
         return d.ranges, [f"Split: {d.note}"]
     placed = d.ranges if d.solved else None
     how = (f"auto ({d.why}), objective {mc.placement_objective}" if placed
-           else f"even ({d.why})" if auto else partition or "even")
+           else f"even ({d.why})" if auto else "layer_mapping" if uses_mapping(mc, asked) else partition or "even")
     chosen, ev = d.placement, d.even
     lines = [f"Split: {how}; max_sessions {d.sessions}, hops {d.hop_s * 1000:.1f} ms, "
              f"{d.depth} batch{'es' if d.depth > 1 else ''} in flight",
