@@ -207,7 +207,7 @@ class Planner:
             meas = meas if finite(meas) and meas >= 0 else None     # (checked_stats let only those in)
             n = n if finite(n) else 0
             rows.append({"rank": r, "host": host, "layers": first_last(*self.ranges[r]), "predicted_ms": round(pred, 3),
-                         "measured_ms": meas, "samples": n,
+                         "measured_ms": None if meas is None else round(meas, 3), "samples": n,
                          "off": round(meas / pred - 1, 3) if meas and pred > 0 else None})
         return rows
 

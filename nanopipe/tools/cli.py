@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import click
@@ -318,7 +319,7 @@ def generate(prompt, configs, weights_path, leader, n_head, as_json, top_logprob
     else:
         click.echo(tail)
         if weights.get("synthetic"):        # on stderr: stdout stays the text alone
-            click.get_text_stream("stdout").flush()
+            sys.stdout.flush()
             click.echo(f"[{weights.get('weights_note')}]", err=True)
 
 
