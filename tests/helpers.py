@@ -24,6 +24,7 @@ and, for the web app without a cluster (fixtures `leader`, `app`, `client` in co
     FakeLeader, FakeClient              the leader behind CLIENT_FACTORY, scripted; checked against LeaderClient
     DEFAULTS, NODES, NODE_MS, EOT       what the fake serves
     make_app(leader, **settings)        a test client of an app on a FakeLeader with these settings
+    serve_app(app)                      an app served for real on a free port, in a thread: (url, server)
     sse_events(body)                    a text/event-stream body as [(event, data)], framing checked
     signature_drift(fake, real)         how two callables' parameters differ ([] when they match)
     parse_metrics(text)                 GET /metrics' Prometheus text, every line checked
@@ -500,3 +501,12 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def serve_app(app):
+    """The app on a free port of 127.0.0.1, in a thread (as `nanopipe web` serves it): (url, server),
+    the url without a trailing slash; `server.shutdown()` stops it."""
+    from werkzeug.serving import make_server
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True, name="web").start()
+    return f"http://127.0.0.1:{srv.server_port}", srv

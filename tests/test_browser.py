@@ -7,11 +7,11 @@ Screenshots go to artifacts/ (git-ignored): browser-chat.png, browser-chat-phone
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import serve_app
 
 from nanopipe.decoding import SamplingParams
 from nanopipe.tokenizer import get_tokenizer
@@ -36,11 +36,9 @@ EOT = 50256
 
 
 def serve(app):
-    """The app on a free port of 127.0.0.1, in a thread: (url, server)."""
-    from werkzeug.serving import make_server
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=srv.serve_forever, daemon=True, name="web").start()
-    return f"http://127.0.0.1:{srv.server_port}/", srv
+    """The app on a free port of 127.0.0.1, in a thread: (url of the page, server)."""
+    url, srv = serve_app(app)
+    return url + "/", srv
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ scripted leader status (every node status the page knows), guarded like the othe
 against a real 3-node cluster whose worker dies, stays away past the grace, and comes back."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 from click.testing import CliRunner
-from helpers import make_app, wait_until
+from helpers import make_app, serve_app, wait_until
 
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, free_ports
@@ -152,19 +150,11 @@ def test_cluster_when_the_leader_is_down(leader):
 REAL_GRACE_S = 15.0
 
 
-def serve(app):
-    """The app on a free port of 127.0.0.1, in a thread (as `nanopipe web` serves it): (url, server)."""
-    from werkzeug.serving import make_server
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=srv.serve_forever, daemon=True, name="web").start()
-    return f"http://127.0.0.1:{srv.server_port}", srv
-
-
 @pytest.fixture(scope="module")
 def real(tiny_weights):
     with LocalCluster(tiny_weights, nodes=3, ready_timeout=90, cluster_extra={"rejoin_grace_s": REAL_GRACE_S}) as cl:
         app = create_app(settings_from_configs(cl.config_dir, leader=cl.leader_addr))
-        url, srv = serve(app)
+        url, srv = serve_app(app)
         yield cl, app.test_client(), url
         srv.shutdown()
 
@@ -245,7 +235,7 @@ def test_plan_from_cluster_says_what_is_wrong_with_the_url(leader, tmp_path):
     assert out.exit_code != 0 and "cannot reach it" in out.output and "nanopipe web" in out.output, out.output
     assert "Traceback" not in out.output
 
-    url, srv = serve(create_app({"CLIENT_FACTORY": leader.connect, "API_TOKEN": "s3cret", "MODEL_DEFAULTS": {}}))
+    url, srv = serve_app(create_app({"CLIENT_FACTORY": leader.connect, "API_TOKEN": "s3cret", "MODEL_DEFAULTS": {}}))
     try:
         out = CliRunner().invoke(main, ["plan", "--from-cluster", url, "--config-dir", str(tmp_path)])
         assert out.exit_code != 0 and "HTTP 401" in out.output and "NANOPIPE_API_TOKEN" in out.output, out.output
@@ -271,7 +261,7 @@ def test_a_node_the_plan_leaves_out_is_standby_and_plan_reads_the_same_either_wa
         assert "only slow the others" in body["nodes"][1]["standby_reason"], body["nodes"][1]
         assert body["nodes"][1]["layers"] is None
 
-        url, srv = serve(app)
+        url, srv = serve_app(app)
         try:
             by_url = CliRunner().invoke(main, ["plan", "--from-cluster", url, "--config-dir", cl.config_dir])
         finally:
