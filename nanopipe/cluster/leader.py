@@ -118,7 +118,7 @@ class Leader:
                                       leave=self.replanner.leave)
         # what the registry learns, the other parts act on
         self.registry.on_ready = self._worker_ready
-        self.registry.on_joined = lambda w: self.ring.rank_back()
+        self.registry.on_joined = lambda w: (self.replanner.on_joined(w), self.ring.rank_back())
         self.registry.on_capacity = self.planner.on_capacity
         self.registry.on_lost = lambda w, reason: self.ring.on_break(reason)
         self.registry.on_ring_error = self.ring.on_break

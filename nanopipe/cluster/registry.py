@@ -254,7 +254,9 @@ class WorkerRegistry:
             "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model_name, "heartbeat_s": self.cluster.heartbeat_s,
             **(place or {"layers": None})})
         self.log(f"Worker {rank} registered from {peer} (host {w.host}, "
-                 + ("layers once every node is measured)" if pending else f"layers {layers_text(*w.layers)})"))
+                 + ("layers once every node is measured)" if pending else
+                    f"standing by: {place['excluded']})" if place.get("excluded") else
+                    f"layers {layers_text(*w.layers)})"))
         return w
 
     def _enrol(self, sock, peer, hello):

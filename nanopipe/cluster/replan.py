@@ -96,6 +96,14 @@ class Replanner:
     def is_gone(self, rank: int) -> bool:
         return rank in self.gone
 
+    def on_joined(self, w):
+        """w registers (again), under the registry's lock, before it is told its place. A rank that was
+        gone (drained, or down past its grace) still holds the plan's reason for leaving it out; it is
+        back now, standing by until the re-plan that `tick` starts, and is told so."""
+        why = self.gone.get(w.rank)
+        if why is not None and w.excluded:
+            w.excluded = f"back after it was {why}; the next re-plan places it"
+
     def want(self, reason: str):
         with self.cond:
             self.wanted = reason if self.wanted is None else f"{self.wanted}; {reason}"
