@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 
@@ -400,3 +401,132 @@ def test_a_bare_worker_joins_through_the_leader_and_resumes_a_cut_transfer(tmp_p
         assert "deleted it, fetching it again from byte 0" in log, log
         assert len(proxy.weights_bytes) == 3 and proxy.weights_bytes[2] >= total, proxy.weights_bytes
     assert sorted(os.listdir(work / "weights")) == ["model.layers-2-3.safetensors"], os.listdir(work / "weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# real processes: a worker serves the blocks it holds, when the leader holds no file with them
+
+
+def _leader_slice(src: str, path: str, hi: int) -> str:
+    """Rank 0's own slice of `src` (blocks 0..hi-1, the embeddings and the head), as a leader that
+    downloaded only its share holds: no other block is in it, nor in its weights/ folder."""
+    from nanopipe import gpt2_tensors as gt
+    from nanopipe.weights import slice_metadata
+    header = read_header(src)
+    with open(src, "rb") as f:
+        tensors = {n: read_tensor(f, t) for n, t in header.tensors.items() if gt.stage_needs(n, 0, hi, rank0=True)}
+    write_safetensors(path, tensors, slice_metadata(header, "test", 0, hi))
+    return path
+
+
+def _cut_to_file(src: str, path: str, lo: int, hi: int) -> str:
+    """The slice file of blocks lo..hi-1 a node would send, written whole (a worker's slice on disk)."""
+    with open(path, "wb") as f:
+        for piece in slices.cut(src, lo, hi).pieces(0):
+            f.write(piece)
+    return path
+
+
+class FilesPerRank(LocalCluster):
+    """Rank 0 on its own slice, rank 1 on its own slice (`files`: {rank: path}); rank 2, started by
+    the test, is a bare `nanopipe join --leader` in a folder of its own."""
+
+    files: dict = {}
+
+    def command(self, rank: int) -> list:
+        cmd = super().command(rank)
+        at = cmd.index("--weights")
+        return cmd[:at + 1] + [self.files[rank]] + cmd[at + 2:]
+
+
+def _ask(port: int, frames: list, token: str = TOKEN) -> list:
+    """Dial a node's port with role "weights", send `frames` ((msg, meta) each, the next once the
+    previous is answered) and return what came back: [(msg name, meta)], "closed" where it hung up."""
+    from nanopipe.cluster.net import dial
+    from nanopipe.cluster.wire import ConnectionClosed
+    sock, _, _ = dial("127.0.0.1", port, role="weights", token=token, attempts=3, who="node")
+    got = []
+    try:
+        sock.settimeout(60)
+        for msg, meta in frames:
+            send_frame(sock, msg, meta)
+            try:
+                f = recv_frame(sock, "node", max_payload=slices.MAX_CHUNK_BYTES)
+                got.append((f.msg.name, {k: v for k, v in f.meta.items() if k != "message"}))
+            except (ConnectionClosed, OSError):
+                got.append("closed")
+                break
+    finally:
+        sock.close()
+    return got
+
+
+def test_a_worker_serves_its_blocks_when_the_leader_holds_none(tmp_path, model_file):
+    """Ranks 0 and 1 each hold only their own slice (0-1 and 2-3); rank 2, configured but absent,
+    joins with `nanopipe join --leader` on a bare machine (empty weights/, the url unreachable). The
+    re-plan gives it block 3: the leader holds no file with it and names its workers; rank 1's slice
+    file holds it, and rank 1 sends it from its data port. The answer equals one process's. Then the
+    same bad asks go to the leader and to rank 1, and both refuse them the same way."""
+    from nanopipe.decoding import SamplingParams
+    from nanopipe.engine import Engine
+    srcs = tmp_path / "files"
+    srcs.mkdir()
+    cl = FilesPerRank(model_file, nodes=3, workdir=str(tmp_path / "cluster"), ready_timeout=120,
+                      env={"NANOPIPE_TOKEN": TOKEN}, cluster_extra={"rejoin_grace_s": 2, "heartbeat_s": 0.2},
+                      weights_url=f"http://127.0.0.1:{_closed_port()}/model.safetensors")
+    cl.files = {0: _leader_slice(model_file, str(srcs / "leader.safetensors"), 2),
+                1: _cut_to_file(model_file, str(srcs / "rank1.safetensors"), 2, 4)}
+    bare = tmp_path / "bare"
+    (bare / "weights").mkdir(parents=True)
+    params = SamplingParams("greedy", max_tokens=8)
+    prompt = [15496, 995, 11, 616]
+    try:
+        cl.start_rank(0)
+        cl.wait_leader()
+        cl.start_rank(1)
+        wait_until("rank 2 gone and the ring 0 -> 1 up", lambda: "Re-planned (rank 2 (node2) is gone)" in log_of(cl, 0),
+                   90, detail=cl.logs)
+        with open(cl.log_path(2), "ab") as out:
+            cl.procs[2] = subprocess.Popen([sys.executable, "-m", "nanopipe", "join", "--leader", cl.leader_addr,
+                                            "--config-dir", str(bare / "no-configs-here")], stdout=out,
+                                           stderr=subprocess.STDOUT, env=cl.env, cwd=str(bare))
+        wait_until("the re-plan over three", lambda: "Re-planned (rank 2 (node2) joined)" in log_of(cl, 0), 120,
+                   detail=cl.logs)
+        with cl.client(timeout=60) as c:
+            got = c.generate(prompt, params)["token_ids"]
+        log2, log1, log0 = log_of(cl, 2), log_of(cl, 1), log_of(cl, 0)
+        rank1_port = cl.cluster["workers"][0]["port"]
+        bad = {     # each node asked for blocks it holds (the leader 0-1, rank 1 2-3), then wrongly
+            "layers backwards": lambda held: [(Msg.SLICE_ASK, {"layers": [3, 1]})],
+            "layers not numbers": lambda held: [(Msg.SLICE_ASK, {"layers": ["a", "b"]})],
+            "not an ask": lambda held: [(Msg.PING, {})],
+            "offset past the end": lambda held: [(Msg.SLICE_ASK, {"layers": held}),
+                                                 (Msg.SLICE_FROM, {"offset": 10**12})],
+            "negative offset": lambda held: [(Msg.SLICE_ASK, {"layers": held}), (Msg.SLICE_FROM, {"offset": -1})],
+            "no SLICE_FROM": lambda held: [(Msg.SLICE_ASK, {"layers": held}), (Msg.PING, {})],
+        }
+        answers = {what: (_ask(cl.cluster["port"], frames([0, 2])), _ask(rank1_port, frames([2, 4])))
+                   for what, frames in bad.items()}
+        nothing = (_ask(cl.cluster["port"], [(Msg.SLICE_ASK, {"layers": [0, 4]})]),
+                   _ask(rank1_port, [(Msg.SLICE_ASK, {"layers": [0, 4]})]))
+        from nanopipe.cluster.net import HandshakeError
+        for port in (cl.cluster["port"], rank1_port):
+            with pytest.raises(HandshakeError):
+                _ask(port, [(Msg.SLICE_ASK, {"layers": [2, 4]})], token="wrong")
+        after = log_of(cl, 1)
+    finally:
+        cl.stop()
+    assert got == Engine.load(model_file).generate(list(prompt), params)["token_ids"], "cluster == one process"
+    assert re.search(r"Got blocks 3-3 from worker 1 at 127\.0\.0\.1:\d+ \(the leader holds no file", log2), log2
+    assert "holds no file with blocks 3-3" in log2 and "Downloading" not in log2, log2
+    assert "Sending blocks 3-3 to the worker at" in log1 and "Sent blocks 3-3" in log1, log1
+    assert "Sending" not in log0, log0
+    # stored under the model's name, as a slice from the leader is (rank 1's file is named otherwise)
+    assert sorted(os.listdir(bare / "weights")) == ["model.layers-3-3.safetensors"], os.listdir(bare / "weights")
+    for what, (leader, worker) in answers.items():
+        kinds = [x if x == "closed" else x[0] for x in leader], [x if x == "closed" else x[0] for x in worker]
+        assert kinds[0] == kinds[1] and leader[-1] == "closed", (what, leader, worker)
+    assert nothing[0][0][0] == nothing[1][0][0] == "ERROR", nothing
+    assert nothing[0][0][1]["code"] == nothing[1][0][1]["code"] == "no_slice", nothing
+    assert [p["rank"] for p in nothing[0][0][1]["peers"]] == [1, 2], nothing      # the leader names its workers
+    assert "SLICE_ASK needs \"layers\": [lo, hi]" in after and "expected SLICE_FROM" in after, after

@@ -167,6 +167,13 @@ class WorkerRegistry:
         """A worker the ring needs is down (not merely registering)."""
         return any(w.status == "down" and not w.excluded for w in self.workers.values())
 
+    def peers(self) -> list:
+        """Where a worker may ask for blocks the leader holds no file for: every worker that is
+        connected, at its data port (cluster/slices.py), [{"rank": 1, "ip": "10.0.0.2", "port": 5001}]."""
+        with self.lock:
+            up = [r for r, w in self.workers.items() if w.status != "down"]
+        return [{"rank": r, "ip": self.cluster.node(r).ip, "port": self.cluster.node(r).port} for r in up]
+
     def synthetic_flags(self) -> dict:
         """{rank: its weights are random (True/False), None until it said}."""
         return {r: w.synthetic for r, w in self.workers.items()}
