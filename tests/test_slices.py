@@ -194,6 +194,41 @@ def test_join_leader_asks_the_leader_first_and_the_hub_only_when_it_has_nothing(
         server.stop()
 
 
+def test_a_leader_with_nothing_names_its_workers_and_a_lying_one_is_passed_over(tmp_path, model_file, monkeypatch):
+    """The leader holds no file with blocks 2..3 and names three peers: the asker itself (not asked),
+    one that lies (more bytes than it announced: refused, said, and the next one asked), one that
+    holds them. Entries that are not peers are left out. The hub is never asked."""
+    from httpserver import FileServer
+
+    from nanopipe.tools.cli import leader_fetcher
+    from nanopipe.tools.from_leader import named_peers
+    monkeypatch.chdir(tmp_path)
+    server = FileServer.serving({"/model.safetensors": model_file})
+    src = {"name": "local", "url": server.url("/model.safetensors"), "filename": "model.safetensors"}
+    full = os.path.join("weights", "model.safetensors")
+    liar, holder = Node(serve=_liar(model_file, extra=b"more")), Node(model_file, filename="elsewhere.safetensors")
+    named = [{"rank": 3, "ip": "127.0.0.1", "port": 1}, {"rank": 1, "ip": "127.0.0.1", "port": liar.port},
+             {"rank": "x", "ip": 5}, "junk", {"rank": 2, "ip": "127.0.0.1", "port": holder.port}]
+    leader = Node(serve=lambda sock, peer, hello: slices.serve_slice(sock, peer, hello, None, None, leader.logs.append,
+                                                                     peers=lambda: named))
+    logs: list = []
+    try:
+        assert named_peers(named) == [(3, "127.0.0.1", 1), (1, "127.0.0.1", liar.port), (2, "127.0.0.1", holder.port)]
+        path = leader_fetcher("127.0.0.1", leader.port, TOKEN, None, src, full, logs.append, rank=3)(2, 4)
+    finally:
+        for n in (liar, holder, leader):
+            n.close()
+        server.stop()
+    said = "\n".join(logs)
+    assert path == slice_path(full, 2, 4) and server.requests == [], (server.requests, said)
+    assert "the leader holds no file with blocks 2-3" in said and "asking the workers it names" in said, said
+    assert re.search(r"Not from worker 1 at 127\.0\.0\.1:\d+: refusing what worker 1 .* more bytes than", said), said
+    assert re.search(r"Got blocks 2-3 from worker 2 at 127\.0\.0\.1:\d+", said), said
+    assert ":1:" not in said and "worker 3" not in said, said          # itself: not asked
+    with open(path, "rb") as got, open(_cut_to_file(model_file, str(tmp_path / "want"), 2, 4), "rb") as want:
+        assert got.read() == want.read(), "the slice is not the holder's bytes"
+
+
 def _liar(path, filename="model.safetensors", size_delta=0, sha=None, extra=b"", trailing=b""):
     """A node that serves the real slice of blocks 2..3 of `path`, with one lie told."""
     def serve(sock, peer, hello):
