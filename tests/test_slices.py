@@ -507,7 +507,7 @@ def test_a_worker_serves_its_blocks_when_the_leader_holds_none(tmp_path, model_f
     srcs = tmp_path / "files"
     srcs.mkdir()
     cl = FilesPerRank(model_file, nodes=3, workdir=str(tmp_path / "cluster"), ready_timeout=120,
-                      env={"NANOPIPE_TOKEN": TOKEN}, cluster_extra={"rejoin_grace_s": 2, "heartbeat_s": 0.2},
+                      env={"NANOPIPE_TOKEN": TOKEN}, cluster_extra={"rejoin_grace_s": 10, "heartbeat_s": 0.2},
                       weights_url=f"http://127.0.0.1:{_closed_port()}/model.safetensors")
     cl.files = {0: _leader_slice(model_file, str(srcs / "leader.safetensors"), 2),
                 1: _cut_to_file(model_file, str(srcs / "rank1.safetensors"), 2, 4)}
@@ -519,8 +519,9 @@ def test_a_worker_serves_its_blocks_when_the_leader_holds_none(tmp_path, model_f
         cl.start_rank(0)
         cl.wait_leader()
         cl.start_rank(1)
+        # (the grace is long enough for rank 1 to start on a loaded machine: rank 0 cannot hold blocks 2-3)
         wait_until("rank 2 gone and the ring 0 -> 1 up", lambda: "Re-planned (rank 2 (node2) is gone)" in log_of(cl, 0),
-                   90, detail=cl.logs)
+                   120, detail=cl.logs)
         with open(cl.log_path(2), "ab") as out:
             cl.procs[2] = subprocess.Popen([sys.executable, "-m", "nanopipe", "join", "--leader", cl.leader_addr,
                                             "--config-dir", str(bare / "no-configs-here")], stdout=out,

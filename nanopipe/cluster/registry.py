@@ -169,9 +169,10 @@ class WorkerRegistry:
 
     def peers(self) -> list:
         """Where a worker may ask for blocks the leader holds no file for: every worker that is
-        connected, at its data port (cluster/slices.py), [{"rank": 1, "ip": "10.0.0.2", "port": 5001}]."""
+        connected and not standing by (one holds no blocks), at its data port (cluster/slices.py):
+        [{"rank": 1, "ip": "10.0.0.2", "port": 5001}]."""
         with self.lock:
-            up = [r for r, w in self.workers.items() if w.status != "down"]
+            up = [r for r, w in self.workers.items() if w.status != "down" and not w.excluded]
         return [{"rank": r, "ip": self.cluster.node(r).ip, "port": self.cluster.node(r).port} for r in up]
 
     def synthetic_flags(self) -> dict:

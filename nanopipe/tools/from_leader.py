@@ -105,7 +105,8 @@ def fetch_from_leader(host: str, port: int, lo: int, hi: int, *, token: str | No
 
 def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress, filename=None) -> str:
     try:
-        sock, _, _ = dial(host, port, role="weights", token=token, tls=tls, attempts=3, who="leader")
+        sock, _, _ = dial(host, port, role="weights", token=token, tls=tls, attempts=3,
+                          who="leader" if where.startswith("the leader") else "node")
     except WireError as e:
         raise PullError(f"cannot fetch blocks {layers_text(lo, hi)} from {where}: {e}") from None
     except OSError as e:
