@@ -1,6 +1,7 @@
 """How long a bare worker takes to get its slice: from the leader over the cluster's connection
-(nanopipe/cluster/slices.py) vs `nanopipe pull --layers` from a local HTTP server (tests/httpserver.py,
-with Range), both over loopback. Not a test: a measurement, run by hand (docs/PERFORMANCE.md has
+(nanopipe/cluster/slices.py), from another worker's data port (the same server code, in a `nanopipe
+join` process that runs blocks 6-11), vs `nanopipe pull --layers` from a local HTTP server
+(tests/httpserver.py, with Range), all over loopback. Not a test: a measurement, run by hand (docs/PERFORMANCE.md has
 the figures).
 
     .venv/bin/python tests/bench_slice_transfer.py            # blocks 6-11 of gpt2-small-shaped weights
@@ -8,7 +9,8 @@ the figures).
 Each run is a fresh process in an empty folder, timed from start to exit (Python's start and imports
 included, as a worker pays them). The leader is a real `nanopipe serve` process; the HTTP server runs
 in a process of its own. The leader's first answer also reads the slice once to compute its sha256
-(kept afterwards): that run is shown apart as "cold".
+(kept afterwards): that run is shown apart as "cold"; so is the worker's. The load average is
+printed before and after (the machine is shared).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ FROM_LEADER = """
 import sys
 from nanopipe.tools.from_leader import fetch_from_leader
 print(fetch_from_leader("127.0.0.1", int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), token=None,
-                        log=lambda m: None))
+                        log=lambda m: None, progress=False))
 """
 
 HTTP_SERVER = """
@@ -70,28 +72,36 @@ def main():
         http = subprocess.Popen([sys.executable, "-c", HTTP_SERVER, weights, HERE], stdout=subprocess.PIPE, text=True)
         try:
             url = http.stdout.readline().strip()
-            cl.start_rank(0)
-            cl.wait_leader(300)
+            load_before = os.getloadavg()
+            cl.start()
             port = cl.cluster["port"]
             worker = os.path.join(tmp, "worker")
             leader_cmd = [sys.executable, "-c", FROM_LEADER, str(port), str(first), str(last + 1)]
             pull_cmd = [sys.executable, "-m", "nanopipe", "pull", "local", "--layers", args.layers, "--url", url,
                         "--out", "weights", "--config-dir", cl.config_dir]
+            peer_cmd = [sys.executable, "-c", FROM_LEADER, str(cl.cluster["workers"][0]["port"]), str(first),
+                        str(last + 1)]
             cold = timed(leader_cmd, fresh(worker))
+            peer_cold = timed(peer_cmd, fresh(worker))
             size = sum(os.path.getsize(os.path.join(worker, "weights", f)) for f in os.listdir(os.path.join(worker,
                                                                                                           "weights")))
-            leader_s, http_s = [], []
+            leader_s, peer_s, http_s = [], [], []
             for _ in range(args.runs):
                 leader_s.append(timed(leader_cmd, fresh(worker)))
+                peer_s.append(timed(peer_cmd, fresh(worker)))
                 http_s.append(timed(pull_cmd, fresh(worker)))
+            load_after = os.getloadavg()
         finally:
             http.kill()
             cl.stop()
         print(f"blocks {args.layers} of gpt2-small: {size / 1e6:.1f} MB, loopback, median of {args.runs} runs, "
-              "each a fresh process in an empty folder")
+              "each a fresh process in an empty folder; load average (1 min) "
+              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
         print(f"{'source':<44} {'s':>6} {'MB/s':>6}")
         for name, s in (("leader (cluster connection), cold: +sha256", cold),
                         ("leader (cluster connection)", statistics.median(leader_s)),
+                        ("worker's data port, cold: +sha256", peer_cold),
+                        ("worker's data port", statistics.median(peer_s)),
                         ("HTTP server with Range (`nanopipe pull`)", statistics.median(http_s))):
             print(f"{name:<44} {s:6.2f} {size / s / 1e6:6.0f}")
     finally:

@@ -157,6 +157,36 @@ def test_a_node_drained_mid_stream_with_nanopipe_leave(tiny_weights, reference, 
         cl.stop()
 
 
+def test_a_drained_node_that_joins_again_is_not_told_the_old_reason(tiny_weights, reference, tmp_path):
+    """Rank 2 drained, then the same machine runs `nanopipe join --leader`: it registers as rank 2
+    again and stands by for a moment until the re-plan gives it layers. What the leader logs and
+    tells it in that moment is that it is back, not the drain that is over."""
+    cl = LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path), cluster_extra=EXTRA, ready_timeout=READY_S)
+    try:
+        cl.start()
+        with cl.client() as c:
+            c.leave(2)
+        assert cl.procs[2].wait(30) == 0, log_of(cl, 2)
+        before = len(log_of(cl, 2))
+        with open(cl.log_path(2), "ab") as out:
+            cl.procs[2] = subprocess.Popen([sys.executable, "-m", "nanopipe", "join", "--leader", cl.leader_addr,
+                                            "--weights", cl.weights], stdout=out, stderr=subprocess.STDOUT,
+                                           env=cl.env, cwd=cl.workdir)
+        wait_log(cl, 0, "Re-planned (rank 2 (node2) joined)", timeout=READY_S)
+        line = wait_log(cl, 0, "Worker 2 registered from", "standing by")
+        assert "back after it was drained by `nanopipe leave`; the next re-plan places it" in line, line
+        rejoined = log_of(cl, 2)[before:]
+        told = [x for x in rejoined.splitlines() if "Left out of the ring" in x]
+        assert told and all("back after it was drained" in x for x in told), rejoined
+        assert "Left out of the ring by the leader's plan: drained by" not in rejoined, rejoined
+        st = status(cl)
+        assert ranks(st) == [0, 1, 2] and node(st, 2)["status"] == "up" and node(st, 2)["excluded"] is None, st
+        with cl.client() as c:
+            assert c.generate(PROMPT, LONG)["token_ids"] == reference
+    finally:
+        cl.stop()
+
+
 def test_a_standby_takes_blocks_when_a_node_leaves_and_rank_0_cannot_hold_them(tiny_weights, reference, tmp_path):
     """partition auto, speeds and rank 0's memory given: node1 is too slow to help while node2 runs
     (left out, standing by), but once node2 is drained rank 0 has room for 2 of the 4 blocks only,

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 
@@ -191,6 +192,41 @@ def test_join_leader_asks_the_leader_first_and_the_hub_only_when_it_has_nothing(
         holder.close()
         empty.close()
         server.stop()
+
+
+def test_a_leader_with_nothing_names_its_workers_and_a_lying_one_is_passed_over(tmp_path, model_file, monkeypatch):
+    """The leader holds no file with blocks 2..3 and names three peers: the asker itself (not asked),
+    one that lies (more bytes than it announced: refused, said, and the next one asked), one that
+    holds them. Entries that are not peers are left out. The hub is never asked."""
+    from httpserver import FileServer
+
+    from nanopipe.tools.cli import leader_fetcher
+    from nanopipe.tools.from_leader import named_peers
+    monkeypatch.chdir(tmp_path)
+    server = FileServer.serving({"/model.safetensors": model_file})
+    src = {"name": "local", "url": server.url("/model.safetensors"), "filename": "model.safetensors"}
+    full = os.path.join("weights", "model.safetensors")
+    liar, holder = Node(serve=_liar(model_file, extra=b"more")), Node(model_file, filename="elsewhere.safetensors")
+    named = [{"rank": 3, "ip": "127.0.0.1", "port": 1}, {"rank": 1, "ip": "127.0.0.1", "port": liar.port},
+             {"rank": "x", "ip": 5}, "junk", {"rank": 2, "ip": "127.0.0.1", "port": holder.port}]
+    leader = Node(serve=lambda sock, peer, hello: slices.serve_slice(sock, peer, hello, None, None, leader.logs.append,
+                                                                     peers=lambda: named))
+    logs: list = []
+    try:
+        assert named_peers(named) == [(3, "127.0.0.1", 1), (1, "127.0.0.1", liar.port), (2, "127.0.0.1", holder.port)]
+        path = leader_fetcher("127.0.0.1", leader.port, TOKEN, None, src, full, logs.append, rank=3)(2, 4)
+    finally:
+        for n in (liar, holder, leader):
+            n.close()
+        server.stop()
+    said = "\n".join(logs)
+    assert path == slice_path(full, 2, 4) and server.requests == [], (server.requests, said)
+    assert "the leader holds no file with blocks 2-3" in said and "asking the workers it names" in said, said
+    assert re.search(r"Not from worker 1 at 127\.0\.0\.1:\d+: refusing what worker 1 .* more bytes than", said), said
+    assert re.search(r"Got blocks 2-3 from worker 2 at 127\.0\.0\.1:\d+", said), said
+    assert ":1:" not in said and "worker 3" not in said, said          # itself: not asked
+    with open(path, "rb") as got, open(_cut_to_file(model_file, str(tmp_path / "want"), 2, 4), "rb") as want:
+        assert got.read() == want.read(), "the slice is not the holder's bytes"
 
 
 def _liar(path, filename="model.safetensors", size_delta=0, sha=None, extra=b"", trailing=b""):
@@ -400,3 +436,133 @@ def test_a_bare_worker_joins_through_the_leader_and_resumes_a_cut_transfer(tmp_p
         assert "deleted it, fetching it again from byte 0" in log, log
         assert len(proxy.weights_bytes) == 3 and proxy.weights_bytes[2] >= total, proxy.weights_bytes
     assert sorted(os.listdir(work / "weights")) == ["model.layers-2-3.safetensors"], os.listdir(work / "weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# real processes: a worker serves the blocks it holds, when the leader holds no file with them
+
+
+def _leader_slice(src: str, path: str, hi: int) -> str:
+    """Rank 0's own slice of `src` (blocks 0..hi-1, the embeddings and the head), as a leader that
+    downloaded only its share holds: no other block is in it, nor in its weights/ folder."""
+    from nanopipe import gpt2_tensors as gt
+    from nanopipe.weights import slice_metadata
+    header = read_header(src)
+    with open(src, "rb") as f:
+        tensors = {n: read_tensor(f, t) for n, t in header.tensors.items() if gt.stage_needs(n, 0, hi, rank0=True)}
+    write_safetensors(path, tensors, slice_metadata(header, "test", 0, hi))
+    return path
+
+
+def _cut_to_file(src: str, path: str, lo: int, hi: int) -> str:
+    """The slice file of blocks lo..hi-1 a node would send, written whole (a worker's slice on disk)."""
+    with open(path, "wb") as f:
+        for piece in slices.cut(src, lo, hi).pieces(0):
+            f.write(piece)
+    return path
+
+
+class FilesPerRank(LocalCluster):
+    """Rank 0 on its own slice, rank 1 on its own slice (`files`: {rank: path}); rank 2, started by
+    the test, is a bare `nanopipe join --leader` in a folder of its own."""
+
+    files: dict = {}
+
+    def command(self, rank: int) -> list:
+        cmd = super().command(rank)
+        at = cmd.index("--weights")
+        return cmd[:at + 1] + [self.files[rank]] + cmd[at + 2:]
+
+
+def _ask(port: int, frames: list, token: str = TOKEN) -> list:
+    """Dial a node's port with role "weights", send `frames` ((msg, meta) each, the next once the
+    previous is answered) and return what came back: [(msg name, meta)], "closed" where it hung up."""
+    from nanopipe.cluster.net import dial
+    from nanopipe.cluster.wire import ConnectionClosed
+    sock, _, _ = dial("127.0.0.1", port, role="weights", token=token, attempts=3, who="node")
+    got = []
+    try:
+        sock.settimeout(60)
+        for msg, meta in frames:
+            send_frame(sock, msg, meta)
+            try:
+                f = recv_frame(sock, "node", max_payload=slices.MAX_CHUNK_BYTES)
+                got.append((f.msg.name, {k: v for k, v in f.meta.items() if k != "message"}))
+            except (ConnectionClosed, OSError):
+                got.append("closed")
+                break
+    finally:
+        sock.close()
+    return got
+
+
+def test_a_worker_serves_its_blocks_when_the_leader_holds_none(tmp_path, model_file):
+    """Ranks 0 and 1 each hold only their own slice (0-1 and 2-3); rank 2, configured but absent,
+    joins with `nanopipe join --leader` on a bare machine (empty weights/, the url unreachable). The
+    re-plan gives it block 3: the leader holds no file with it and names its workers; rank 1's slice
+    file holds it, and rank 1 sends it from its data port. The answer equals one process's. Then the
+    same bad asks go to the leader and to rank 1, and both refuse them the same way."""
+    from nanopipe.decoding import SamplingParams
+    from nanopipe.engine import Engine
+    srcs = tmp_path / "files"
+    srcs.mkdir()
+    cl = FilesPerRank(model_file, nodes=3, workdir=str(tmp_path / "cluster"), ready_timeout=120,
+                      env={"NANOPIPE_TOKEN": TOKEN}, cluster_extra={"rejoin_grace_s": 10, "heartbeat_s": 0.2},
+                      weights_url=f"http://127.0.0.1:{_closed_port()}/model.safetensors")
+    cl.files = {0: _leader_slice(model_file, str(srcs / "leader.safetensors"), 2),
+                1: _cut_to_file(model_file, str(srcs / "rank1.safetensors"), 2, 4)}
+    bare = tmp_path / "bare"
+    (bare / "weights").mkdir(parents=True)
+    params = SamplingParams("greedy", max_tokens=8)
+    prompt = [15496, 995, 11, 616]
+    try:
+        cl.start_rank(0)
+        cl.wait_leader()
+        cl.start_rank(1)
+        # (the grace is long enough for rank 1 to start on a loaded machine: rank 0 cannot hold blocks 2-3)
+        wait_until("rank 2 gone and the ring 0 -> 1 up", lambda: "Re-planned (rank 2 (node2) is gone)" in log_of(cl, 0),
+                   120, detail=cl.logs)
+        with open(cl.log_path(2), "ab") as out:
+            cl.procs[2] = subprocess.Popen([sys.executable, "-m", "nanopipe", "join", "--leader", cl.leader_addr,
+                                            "--config-dir", str(bare / "no-configs-here")], stdout=out,
+                                           stderr=subprocess.STDOUT, env=cl.env, cwd=str(bare))
+        wait_until("the re-plan over three", lambda: "Re-planned (rank 2 (node2) joined)" in log_of(cl, 0), 120,
+                   detail=cl.logs)
+        with cl.client(timeout=60) as c:
+            got = c.generate(prompt, params)["token_ids"]
+        log2, log1, log0 = log_of(cl, 2), log_of(cl, 1), log_of(cl, 0)
+        rank1_port = cl.cluster["workers"][0]["port"]
+        bad = {     # each node asked for blocks it holds (the leader 0-1, rank 1 2-3), then wrongly
+            "layers backwards": lambda held: [(Msg.SLICE_ASK, {"layers": [3, 1]})],
+            "layers not numbers": lambda held: [(Msg.SLICE_ASK, {"layers": ["a", "b"]})],
+            "not an ask": lambda held: [(Msg.PING, {})],
+            "offset past the end": lambda held: [(Msg.SLICE_ASK, {"layers": held}),
+                                                 (Msg.SLICE_FROM, {"offset": 10**12})],
+            "negative offset": lambda held: [(Msg.SLICE_ASK, {"layers": held}), (Msg.SLICE_FROM, {"offset": -1})],
+            "no SLICE_FROM": lambda held: [(Msg.SLICE_ASK, {"layers": held}), (Msg.PING, {})],
+        }
+        answers = {what: (_ask(cl.cluster["port"], frames([0, 2])), _ask(rank1_port, frames([2, 4])))
+                   for what, frames in bad.items()}
+        nothing = (_ask(cl.cluster["port"], [(Msg.SLICE_ASK, {"layers": [0, 4]})]),
+                   _ask(rank1_port, [(Msg.SLICE_ASK, {"layers": [0, 4]})]))
+        from nanopipe.cluster.net import HandshakeError
+        for port in (cl.cluster["port"], rank1_port):
+            with pytest.raises(HandshakeError):
+                _ask(port, [(Msg.SLICE_ASK, {"layers": [2, 4]})], token="wrong")
+        after = log_of(cl, 1)
+    finally:
+        cl.stop()
+    assert got == Engine.load(model_file).generate(list(prompt), params)["token_ids"], "cluster == one process"
+    assert re.search(r"Got blocks 3-3 from worker 1 at 127\.0\.0\.1:\d+ \(the leader holds no file", log2), log2
+    assert "holds no file with blocks 3-3" in log2 and "Downloading" not in log2, log2
+    assert "Sending blocks 3-3 to the worker at" in log1 and "Sent blocks 3-3" in log1, log1
+    assert "Sending" not in log0, log0
+    # stored under the model's name, as a slice from the leader is (rank 1's file is named otherwise)
+    assert sorted(os.listdir(bare / "weights")) == ["model.layers-3-3.safetensors"], os.listdir(bare / "weights")
+    for what, (leader, worker) in answers.items():
+        kinds = [x if x == "closed" else x[0] for x in leader], [x if x == "closed" else x[0] for x in worker]
+        assert kinds[0] == kinds[1] and leader[-1] == "closed", (what, leader, worker)
+    assert nothing[0][0][0] == nothing[1][0][0] == "ERROR", nothing
+    assert nothing[0][0][1]["code"] == nothing[1][0][1]["code"] == "no_slice", nothing
+    assert [p["rank"] for p in nothing[0][0][1]["peers"]] == [1, 2], nothing      # the leader names its workers
+    assert "SLICE_ASK needs \"layers\": [lo, hi]" in after and "expected SLICE_FROM" in after, after

@@ -40,6 +40,8 @@
     conversationId: newConversationId(),
     api: null,             // the API's base URL ending in "/", or "" for the server that served this page
     clusterTimer: null,    // the Cluster view's next poll
+    leaving: new Set(),    // ranks whose leave (drain) the page asked for and the leader has not answered
+    leaveSaid: {},         // rank -> {kind: busy | ok | error, text}: the answer, kept across refreshes
   };
 
   function newConversationId() {
@@ -662,8 +664,43 @@
     else if (n.status === "gone") note = `${downFor || "down"}, past the rejoin grace`;
     else if (n.status === "standby") note = n.standby_reason || "the plan gives it no layers";
     else if (n.last_seen_s != null && n.rank !== 0) note = `last heard ${n.last_seen_s.toFixed(1)} s ago`;
+    if (n.status === "gone" && n.gone_reason) note = n.gone_reason;
     q(".cn-note").textContent = note;
+    const leave = q(".cn-leave");
+    leave.hidden = n.rank === 0 || n.status === "gone";     // rank 0 is the leader: it cannot leave
+    leave.disabled = state.leaving.has(n.rank);
+    leave.addEventListener("click", () => leaveNode(n.rank, n.host));
+    const said = state.leaveSaid[n.rank];
+    q(".cn-leave-msg").textContent = said ? said.text : "";
+    q(".cn-leave-msg").dataset.kind = said ? said.kind : "";
     return card;
+  }
+
+  /** A card's "leave" button: drain that worker (POST cluster/leave {rank}, with the API token the
+   *  page keeps, as chat sends it). The leader re-plans without the node, then it stops; the answer
+   *  comes once it is drained and shows on the card, whose status turns "gone" at the next refresh. */
+  async function leaveNode(rank, host) {
+    const who = `rank ${rank}` + (host ? ` (${host})` : "");
+    if (!window.confirm(`Drain ${who} from the cluster? The leader re-plans without it (requests in flight ` +
+                        "go on), then the node stops.")) return;
+    state.leaving.add(rank);
+    sayLeave(rank, "busy", `draining ${who}…`);
+    const r = await call("cluster/leave", { method: "POST", body: JSON.stringify({ rank }) });
+    state.leaving.delete(rank);
+    const error = (r.body && r.body.error) || `HTTP ${r.status}`;
+    if (r.ok) sayLeave(rank, "ok", (r.body && r.body.message) || `${who} drained`);
+    else if (r.status === 401) sayLeave(rank, "error", `${error}: give the API token (above), then leave again`);
+    else sayLeave(rank, "error", `cannot drain ${who}: ${error}`);
+    if (document.body.dataset.view === "cluster") pollCluster();
+  }
+
+  function sayLeave(rank, kind, text) {
+    state.leaveSaid[rank] = { kind, text };
+    const card = document.querySelector(`#cl-ring .cnode[data-rank="${rank}"]`);
+    if (!card) return;
+    card.querySelector(".cn-leave-msg").textContent = text;
+    card.querySelector(".cn-leave-msg").dataset.kind = kind;
+    card.querySelector(".cn-leave").disabled = kind === "busy";
   }
 
   function renderEvents(events) {
@@ -799,6 +836,6 @@
     });
   }
 
-  window.nanopipe = { SSEParser, parseEvent };     // for the browser test and the curious
+  window.nanopipe = { SSEParser, parseEvent, leaveNode };     // for the browser test and the curious
   start();
 })();

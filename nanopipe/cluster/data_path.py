@@ -28,6 +28,7 @@ from ..prefix import fork_cache
 from .group import GroupLinks, GroupPlace
 from .net import HandshakeError, accept, close_now, dial, listen, serve_accepts, welcome
 from .node import LinkModel
+from .slices import serve_held
 from .wire import (
     ConnectionClosed,
     Msg,
@@ -221,13 +222,16 @@ class DataPath:
             leader = self.cluster.leader
             try:
                 sock, hello = accept(sock, peer=peer, tls=self.tls_server, token=self.cluster.auth_token,
-                                     roles=("data", "member"), here=f"this is worker {self.rank}'s data port; the "
-                                                                     f"leader listens on {leader.ip}:{leader.port}")
+                                     roles=("data", "member", "weights"),
+                                     here=f"this is worker {self.rank}'s data port; the leader listens on "
+                                          f"{leader.ip}:{leader.port}")
             finally:
                 slot()
             if hello["role"] == "member":
                 self._member_conn(sock, peer, hello)
                 return
+            if hello["role"] == "weights":      # a worker fetching blocks this one holds (cluster/slices.py)
+                return serve_held(sock, peer, hello, (self.stage, self.next_stage), f"worker {self.rank}", self.log)
             if hello.get("rank") != self.prev_rank:
                 send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes activations from rank "
                                                         f"{self.prev_rank} only"})

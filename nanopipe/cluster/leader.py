@@ -50,7 +50,7 @@ from .net import (
 from .node import rss_mb
 from .planner import Planner
 from .registry import WorkerRegistry
-from .replan import Replanner
+from .replan import Replanner, back_from_gone
 from .ring import RingBuilder
 from .slices import serve_slice
 from .wire import ConnectionClosed, WireError
@@ -118,7 +118,7 @@ class Leader:
                                       leave=self.replanner.leave)
         # what the registry learns, the other parts act on
         self.registry.on_ready = self._worker_ready
-        self.registry.on_joined = lambda w: self.ring.rank_back()
+        self.registry.on_joined = lambda w: (back_from_gone(w, self.replanner.gone), self.ring.rank_back())
         self.registry.on_capacity = self.planner.on_capacity
         self.registry.on_lost = lambda w, reason: self.ring.on_break(reason)
         self.registry.on_ring_error = self.ring.on_break
@@ -267,7 +267,7 @@ class Leader:
                 self.ring.data_link(sock, peer, hello)
             elif role == "weights":         # a worker fetching its slice (cluster/slices.py)
                 serve_slice(sock, peer, hello, getattr(self.stage, "source", None), self.registry.weights_source,
-                            self.log)
+                            self.log, peers=self.registry.peers)
             else:
                 self.clients.serve(sock, peer, hello)
         except (WireError, OSError, ValueError) as e:

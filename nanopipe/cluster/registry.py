@@ -167,6 +167,14 @@ class WorkerRegistry:
         """A worker the ring needs is down (not merely registering)."""
         return any(w.status == "down" and not w.excluded for w in self.workers.values())
 
+    def peers(self) -> list:
+        """Where a worker may ask for blocks the leader holds no file for: every worker that is
+        connected and not standing by (one holds no blocks), at its data port (cluster/slices.py):
+        [{"rank": 1, "ip": "10.0.0.2", "port": 5001}]."""
+        with self.lock:
+            up = [r for r, w in self.workers.items() if w.status != "down" and not w.excluded]
+        return [{"rank": r, "ip": self.cluster.node(r).ip, "port": self.cluster.node(r).port} for r in up]
+
     def synthetic_flags(self) -> dict:
         """{rank: its weights are random (True/False), None until it said}."""
         return {r: w.synthetic for r, w in self.workers.items()}
@@ -254,7 +262,9 @@ class WorkerRegistry:
             "n_ctx": c.n_ctx, "n_vocab": c.n_vocab, "model": self.model_name, "heartbeat_s": self.cluster.heartbeat_s,
             **(place or {"layers": None})})
         self.log(f"Worker {rank} registered from {peer} (host {w.host}, "
-                 + ("layers once every node is measured)" if pending else f"layers {layers_text(*w.layers)})"))
+                 + ("layers once every node is measured)" if pending else
+                    f"standing by: {place['excluded']})" if place.get("excluded") else
+                    f"layers {layers_text(*w.layers)})"))
         return w
 
     def _enrol(self, sock, peer, hello):

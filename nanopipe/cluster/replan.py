@@ -384,3 +384,12 @@ def _by_rank(p, ranks: list, n: int):
         return out
     return dataclasses.replace(p, ranges=spread(p.ranges, (0, 0)), stage_s=spread(p.stage_s, 0.0),
                                stage8_s=spread(p.stage8_s, 0.0))
+
+
+def back_from_gone(w, gone: dict):
+    """w registers (again), under the registry's lock, before it is told its place. A rank that was
+    gone (`gone`: rank -> why; drained, or down past its grace) still holds the plan's reason for
+    leaving it out; it is back now, standing by until the re-plan Replanner.tick starts, and is told so."""
+    why = gone.get(w.rank)
+    if why is not None and w.excluded:
+        w.excluded = f"back after it was {why}; the next re-plan places it"

@@ -12,7 +12,14 @@ The model crosses the internet once, to the leader; a worker with no file and no
                                                   <-  SLICE_DATA {"offset": 52428800} + 262144 bytes
                                                   <-  SLICE_DATA {"offset": 52690944} + 262144 bytes
                                                       ... until "size"; then the worker hangs up
-    (a node that holds no file with blocks 6..11 answers SLICE_ASK with ERROR {"code": "no_slice"})
+    (a node that holds no file with blocks 6..11 answers SLICE_ASK with ERROR {"code": "no_slice"};
+     the leader's also lists the workers that are up, "peers": [{"rank": 2, "ip": ..., "port": ...}],
+     and the worker asks each at its data port, where a worker answers role "weights" the same way
+     from the files its blocks were loaded from: cluster/data_path.py)
+
+Why the leader names peers rather than the blocks each holds: what it knows of a worker is the plan's
+range, which during a re-plan is the new one (not what is on disk), and a worker's file may hold
+more than it loaded (the whole model). Asking is cheap (a header read) and each node knows its files.
 
 The bytes are a slice file in the usual layout, what `nanopipe pull --layers 6-11` writes: a
 safetensors header listing only the stage's tensors, then their bytes, cut here from the node's own
@@ -23,7 +30,9 @@ Frames stay far below MAX_PAYLOAD_BYTES: the data goes CHUNK_BYTES at a time.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import threading
 
 from .. import gpt2_tensors as gt
@@ -32,8 +41,8 @@ from ..decoding import is_int
 from ..partition import layers_text
 from ..safetensors_io import SafetensorsError, header_prefix, read_header
 from ..weights import WeightsError, check_metadata, slice_metadata
-from .net import welcome
-from .wire import Msg, ProtocolError, encode_frame, recv_frame, send_frame
+from .net import close_now, welcome
+from .wire import ConnectionClosed, Msg, ProtocolError, WireError, encode_frame, recv_frame, send_frame
 
 CHUNK_BYTES = 256 * 1024         # one SLICE_DATA frame's payload
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most a worker accepts in one SLICE_DATA (a header claiming more is refused)
@@ -111,10 +120,10 @@ def cut(path: str, lo: int, hi: int) -> Slice | None:
     return s
 
 
-def holding(own: str | None, filename: str | None, folder: str = WEIGHTS_DIR) -> list:
-    """The files a node may cut slices from: the one it runs on (`own`), the model's file in
-    `folder`, and the slices of it there (weights/model.layers-4-7.safetensors), each once."""
-    paths = [own] if own else []
+def holding(own, filename: str | None, folder: str = WEIGHTS_DIR) -> list:
+    """The files a node may cut slices from: the one(s) it runs on (`own`: a path or a list), the
+    model's file in `folder`, and the slices of it there (weights/model.layers-4-7.safetensors), each once."""
+    paths = [p for p in ([own] if isinstance(own, str) else list(own or ())) if p]
     try:
         full = weights_file(filename, folder) if filename else None
     except ConfigError:
@@ -136,6 +145,12 @@ def holding(own: str | None, filename: str | None, folder: str = WEIGHTS_DIR) ->
     return out
 
 
+def model_name(path: str) -> str:
+    """The model's file name a slice file was cut from, as the asker names what it writes:
+    "weights/model.layers-2-3.safetensors" -> "model.safetensors" (pull.slice_path's naming undone)."""
+    return re.sub(r"\.layers-\d+-\d+(?=\.[^.]*$|$)", "", os.path.basename(path))
+
+
 def _layers(meta) -> tuple:
     layers = meta.get("layers")
     if not (isinstance(layers, list) and len(layers) == 2 and all(is_int(v) for v in layers)
@@ -144,11 +159,14 @@ def _layers(meta) -> tuple:
     return tuple(layers)
 
 
-def serve_slice(sock, peer: str, hello, own: str | None, source: dict | None, log) -> None:
+def serve_slice(sock, peer: str, hello, own, source: dict | None, log, *, who: str = "the leader",
+                peers=lambda: []) -> None:
     """Welcome a worker that dialed with role "weights" (`hello`: its HELLO, checked by net.accept)
     and answer its SLICE_ASK: the slice's name, size and sha256, then its bytes from the offset the
-    worker asks for. `own`: the file this node runs on; `source`: the model's weights entry
-    ({"filename": ...}), whose file and slices in weights/ serve too.
+    worker asks for. `own`: the file (or files) this node runs on; `source`: the model's weights entry
+    ({"filename": ...}), whose file and slices in weights/ serve too. `who`: this node, as the asker's
+    messages name it; `peers()`: the nodes to ask instead when this one holds nothing for the range
+    (the leader's workers that are up: [{"rank", "ip", "port"}]).
     Raises WireError / OSError when the worker sends nonsense or goes away (the caller logs it)."""
     welcome(sock, hello)
     ask = recv_frame(sock, f"worker at {peer}", max_payload=0)
@@ -161,10 +179,11 @@ def serve_slice(sock, peer: str, hello, own: str | None, source: dict | None, lo
     if s is None:
         log(f"A worker at {peer} asked for blocks {layers_text(lo, hi)}: no file here holds them "
             f"(looked in {', '.join(paths) or 'nothing'})")
-        send_frame(sock, Msg.ERROR, {"code": "no_slice", "message": f"the leader holds no file with blocks "
-                                     f"{layers_text(lo, hi)} (it looked in {', '.join(paths) or 'nothing'})"})
+        send_frame(sock, Msg.ERROR, {"code": "no_slice", "message": f"{who} holds no file with blocks "
+                                     f"{layers_text(lo, hi)} (it looked in {', '.join(paths) or 'nothing'})",
+                                     "peers": peers()})
         return
-    name = filename or os.path.basename(own or s.path)
+    name = filename or model_name(s.path)
     send_frame(sock, Msg.SLICE_INFO, {"filename": name, "layers": [lo, hi], "size": s.size, "sha256": s.sha256})
     start = recv_frame(sock, f"worker at {peer}", max_payload=0)
     offset = start.meta.get("offset")
@@ -182,3 +201,17 @@ def serve_slice(sock, peer: str, hello, own: str | None, source: dict | None, lo
             "it resumes from what it has")
         return
     log(f"Sent blocks {layers_text(lo, hi)} to the worker at {peer}")
+
+
+def serve_held(sock, peer: str, hello, stages, who: str, log) -> None:
+    """A worker's data port answering role "weights": blocks cut from the files its `stages` (the one
+    it runs, the next a re-plan gave it) were loaded from, as the leader serves them. Errors cost
+    this connection only, and are logged."""
+    own = [s.source for s in stages if s is not None and getattr(s, "source", None)]
+    try:
+        serve_slice(sock, peer, hello, own, None, log, who=who)
+    except (WireError, OSError, ValueError) as e:
+        if not isinstance(e, ConnectionClosed):
+            log(f"Closed connection from {peer} (weights): {e}", logging.WARNING)
+    finally:
+        close_now(sock)

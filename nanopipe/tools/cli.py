@@ -609,10 +609,11 @@ def synthetic_fetcher(recipe, filename: str, log):
     return fetch
 
 
-def leader_fetcher(host: str, port: int, token, tls_cert, src: dict, full: str | None, log):
+def leader_fetcher(host: str, port: int, token, tls_cert, src: dict, full: str | None, log, rank: int | None = None):
     """fetch(lo, hi) -> a slice file of blocks lo..hi-1: one already here, else from the leader over
     the cluster's connection (nanopipe/tools/from_leader.py), else, if the leader holds no file with
-    those blocks, pulled from the url it gave (model_weights.yaml's)."""
+    those blocks, from a worker that holds them (the leader names its workers; `rank`, this one, is
+    not asked), else pulled from the url the leader gave (model_weights.yaml's)."""
     hub = slice_fetcher(str(src.get("name")), {"url": src["url"], "filename": src.get("filename"),
                                                "sha256": src.get("sha256")}, log) if src.get("url") else None
 
@@ -626,6 +627,9 @@ def leader_fetcher(host: str, port: int, token, tls_cert, src: dict, full: str |
         try:
             return fetch_from_leader(host, port, lo, hi, token=token, tls=client_tls(tls_cert), log=log)
         except NothingThere as e:
+            got = from_peers(e, lo, hi)
+            if got is not None:
+                return got
             if hub is None:
                 raise WeightsError(f"{e}, and gives no url to download them from; copy the weights file into "
                                    f"weights/ here, or pass --weights FILE") from None
@@ -633,6 +637,26 @@ def leader_fetcher(host: str, port: int, token, tls_cert, src: dict, full: str |
             return hub(lo, hi)
         except PullError as e:
             raise WeightsError(str(e)) from None
+
+    def from_peers(nothing: NothingThere, lo, hi):
+        """The slice from the first worker the leader named that holds it (None: none did)."""
+        if any(r != rank for r, _, _ in nothing.peers):
+            log(f"{nothing}; asking the workers it names")
+        for r, ip, p in nothing.peers:
+            if r == rank:
+                continue
+            where = f"worker {r} at {ip}:{p}"
+            try:
+                got = fetch_from_leader(ip, p, lo, hi, token=token, tls=client_tls(tls_cert), log=log, where=where,
+                                        attempts=2, filename=os.path.basename(full) if full else None)
+            except NothingThere:
+                continue
+            except PullError as err:
+                log(f"Not from {where}: {err}")
+                continue
+            log(f"Got blocks {layers_text(lo, hi)} from {where} (the leader holds no file with them)")
+            return got
+        return None
     return fetch
 
 
@@ -750,7 +774,7 @@ def _join_leader(addr, configs: Configs, weights_path, n_head):
         elif synthetic and full:
             fetch = synthetic_fetcher(synthetic, os.path.basename(full), log)
         else:       # its slice from the leader; from the hub only if the leader holds nothing for it
-            fetch = leader_fetcher(host, port, token, tls_cert, src, full, log)
+            fetch = leader_fetcher(host, port, token, tls_cert, src, full, log, rank=rank)
     worker = Worker(cc, rank, weights_path, host=me, n_head=n_head or e.get("n_head"), fetch=fetch)
     _on_sigterm()
     try:

@@ -33,7 +33,29 @@ INFO_TIMEOUT_S = 600.0   # its first answer may wait for one read of the slice (
 
 
 class NothingThere(PullError):
-    """The node holds no file with the blocks asked for (its message says where it looked)."""
+    """The node holds no file with the blocks asked for (its message says where it looked). `peers`:
+    the nodes it names to ask instead (a leader's workers that are up), each (rank, ip, port)."""
+
+    def __init__(self, message: str, peers: list = ()):
+        super().__init__(message)
+        self.peers = list(peers)
+
+
+def named_peers(said) -> list:
+    """The peers a no_slice answer names, as (rank, ip, port); entries that are not that are left out
+    (a node's word is only a hint: each peer is asked, and checked, like the leader).
+
+        [{"rank": 2, "ip": "10.0.0.3", "port": 5002}, {"rank": "x"}] -> [(2, "10.0.0.3", 5002)]
+    """
+    out = []
+    for p in said if isinstance(said, list) else []:
+        if not isinstance(p, dict):
+            continue
+        rank, ip, port = p.get("rank"), p.get("ip"), p.get("port")
+        if (type(rank) is int and type(port) is int and 0 < port < 65536 and isinstance(ip, str)
+                and 0 < len(ip) <= 255 and ip.isprintable()):
+            out.append((rank, ip, port))
+    return out[:64]
 
 
 class _Cut(Exception):
@@ -45,21 +67,24 @@ class _Mismatch(Exception):
 
 
 def fetch_from_leader(host: str, port: int, lo: int, hi: int, *, token: str | None, tls=None,
-                      folder: str = WEIGHTS_DIR, log=print, attempts: int = ATTEMPTS, progress: bool = True) -> str:
+                      folder: str = WEIGHTS_DIR, log=print, attempts: int = ATTEMPTS, progress: bool = True,
+                      where: str | None = None, filename: str | None = None) -> str:
     """Blocks lo..hi-1 as a slice file in `folder`, fetched from the node at host:port; its path.
 
         fetch_from_leader("10.0.0.1", 65432, 6, 12, token=...)  ->  "weights/model.layers-6-11.safetensors"
 
     Raises NothingThere if the node holds no file with those blocks, PullError for anything else
     (unreachable, a lying node, a checksum wrong twice), with a message saying what to do.
-    `progress`: a progress line on stderr, as `nanopipe pull` draws.
+    `progress`: a progress line on stderr, as `nanopipe pull` draws. `where`: the node in messages
+    (a worker asked instead of the leader: "worker 1 at 10.0.0.2:5001"). `filename`: the model's file
+    name to store the slice under (slice_path), instead of the one the node sends.
     """
-    where = f"the leader at {host}:{port}"
+    where = where or f"the leader at {host}:{port}"
     mismatches = 0
     for attempt in range(1, attempts + 1):
         try:
             path = _attempt(host, port, lo, hi, token=token, tls=tls, folder=folder, log=log, where=where,
-                            progress=progress)
+                            progress=progress, filename=filename)
         except _Cut as e:
             if attempt == attempts:
                 raise PullError(f"the transfer of blocks {layers_text(lo, hi)} from {where} kept breaking off "
@@ -78,9 +103,10 @@ def fetch_from_leader(host: str, port: int, lo: int, hi: int, *, token: str | No
     raise AssertionError("unreachable")
 
 
-def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) -> str:
+def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress, filename=None) -> str:
     try:
-        sock, _, _ = dial(host, port, role="weights", token=token, tls=tls, attempts=3, who="leader")
+        sock, _, _ = dial(host, port, role="weights", token=token, tls=tls, attempts=3,
+                          who="leader" if where.startswith("the leader") else "node")
     except WireError as e:
         raise PullError(f"cannot fetch blocks {layers_text(lo, hi)} from {where}: {e}") from None
     except OSError as e:
@@ -93,10 +119,12 @@ def _attempt(host, port, lo, hi, *, token, tls, folder, log, where, progress) ->
         sock.settimeout(READ_TIMEOUT_S)
         if info.msg is Msg.ERROR and info.meta.get("code") == "no_slice":
             raise NothingThere(str(info.meta.get("message") or f"{where} holds no file with blocks "
-                                                            f"{layers_text(lo, hi)}")[:300])
+                                                            f"{layers_text(lo, hi)}")[:300],
+                               named_peers(info.meta.get("peers")))
         if info.msg is not Msg.SLICE_INFO:
             raise ProtocolError(f"{where} answered SLICE_ASK with {info.msg.name} {str(info.meta)[:120]}")
-        dest, size, sha = _checked_info(info.meta, lo, hi, folder, where)
+        dest, size, sha = _checked_info(dict(info.meta, **({"filename": filename} if filename else {})), lo, hi,
+                                        folder, where)
         if os.path.exists(dest) and sha256_of(dest) == sha:
             log(f"{dest} is already here, the very bytes {where} would send")
             return dest

@@ -132,7 +132,8 @@ def node_view(n: dict, stage: dict | None, died_before: bool, grace) -> dict:
         "transit_ms": n.get("transit_ms") if _number(n.get("transit_ms")) else None,
         "last_seen_s": n.get("last_seen_s"), "down_s": n.get("down_s"),
         "sessions": n.get("sessions"), "kv_cache_bytes": n.get("kv_cache_bytes"), "synthetic": n.get("synthetic"),
-        "standby_reason": n.get("excluded"), "capacity": n.get("capacity"), "unknown": n.get("unknown"),
+        "standby_reason": n.get("excluded"), "gone_reason": n.get("why"), "capacity": n.get("capacity"),
+        "unknown": n.get("unknown"),
     })
     return view
 
