@@ -242,14 +242,18 @@ def groups(ranges: list) -> list:
         groups([(0, 4), (4, 12), (4, 12)]) -> [[0], [1, 2]]
         groups([(0, 4), (4, 8), (8, 12)])  -> [[0], [1], [2]]
 
-    A rank the placement left out, (lo, lo) with no layers, is a stage of its own (of nothing).
+    A rank the placement left out, (lo, lo) with no layers, is a stage of its own (of nothing), and
+    does not part a group: with rank 2 gone, [(0, 4), (4, 12), (0, 0), (4, 12)] -> [[0], [1, 3], [2]].
     """
     out: list = []
+    last = None                         # the group of the last worker that holds layers
     for r, span in enumerate(ranges):
-        if out and r > 0 and tuple(ranges[out[-1][0]]) == tuple(span) and span[1] > span[0]:
-            out[-1].append(r)
+        held = span[1] > span[0]
+        if r > 0 and held and last is not None and tuple(ranges[last[0]]) == tuple(span):
+            last.append(r)
         else:
             out.append([r])
+            last = out[-1] if r > 0 and held else last if not held else None
     return out
 
 
