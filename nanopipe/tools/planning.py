@@ -209,11 +209,11 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition, asked=None) -> tup
                       "themselves; or give them in cluster_config.yaml's `nodes:`)"
                       + ("; the leader places the layers once every node has joined and measured itself, so the "
                          "split above is the even starting point" if auto else "")]
+    if d.split is not None:                 # a split stage, predicted for one conversation (split_plan)
+        return d.ranges, [f"Split: {d.note}"] + split_lines(d.split, [c.name for c in caps])
     if d.placement is None:                 # a speed unknown: the leader runs the even split, unpredicted
         return d.ranges, [f"Split: {d.note}"]
     placed = d.ranges if d.solved else None
-    if d.split is not None:
-        return placed, [f"Split: {d.note}"] + split_lines(d.split, [c.name for c in caps])
     how = (f"auto ({d.why}), objective {mc.placement_objective}" if placed
            else f"even ({d.why})" if auto else "layer_mapping" if uses_mapping(mc, asked) else partition or "even")
     chosen, ev = d.placement, d.even
