@@ -17,7 +17,6 @@ from nanopipe.cluster.replan import ReplanFailed, check_memory, without
 from nanopipe.cluster.split_plan import (
     conversation_ms,
     decide_with_split,
-    member_fraction,
     split_lines,
     split_link,
     split_stage,
