@@ -230,3 +230,24 @@ def test_a_rank_holding_nothing_does_not_part_a_split_stage():
     assert groups([(0, 4), (4, 12), (0, 0), (4, 12)]) == [[0], [1, 3], [2]]
     assert groups([(0, 1), (1, 1), (1, 5), (1, 5), (5, 5)]) == [[0], [1], [2, 3], [4]]
     assert groups([(0, 4), (4, 8), (8, 8), (8, 12)]) == [[0], [1], [2], [3]]
+
+
+def test_a_running_clusters_split_stage_is_one_row_of_the_plan():
+    from nanopipe.partition import format_plan
+    from nanopipe.tools.planning import cluster_stages
+    nodes = [{"rank": 0, "host": "mini1", "layers": [0, 0]},
+             {"rank": 1, "host": "pi1", "layers": None},                           # left out
+             {"rank": 2, "host": "pi2", "layers": [1, 4], "heads": [0, 1]},
+             {"rank": 4, "host": "pi4", "layers": [1, 4], "heads": [2, 3]}]        # rank 3 gone: not listed
+    stages = cluster_stages(nodes)
+    assert stages == ([(0, 1), (0, 0), (1, 5)], ["mini1", "pi1", "pi2+pi4"], ["0", "1", "2+4"],
+                      ["", "", "0-1 + 2-3"]), stages
+    ranges, names, ranks, heads = stages
+    assert format_plan(ranges, names=names, ranks=ranks, heads=heads).splitlines() == [
+        "Node     Rank  Layers  Count  Heads",
+        "mini1       0  0-0         1",
+        "pi1         1  none        0",
+        "pi2+pi4   2+4  1-4         4  0-1 + 2-3"]
+    # a pipeline's table is what it was
+    plain = [{"rank": r, "host": f"n{r}", "layers": [4 * r, 4 * r + 3]} for r in range(3)]
+    assert format_plan(*cluster_stages(plain)[:2]) == format_plan([(0, 4), (4, 8), (8, 12)], ["n0", "n1", "n2"])

@@ -27,11 +27,23 @@ import time
 import numpy as np
 import pytest
 import yaml
-from helpers import finish, generate_in_background, log_of, read_tensors, status, wait_log, wait_status, wait_until
+from click.testing import CliRunner
+from helpers import (
+    finish,
+    generate_in_background,
+    log_of,
+    read_tensors,
+    serve_app,
+    status,
+    wait_log,
+    wait_status,
+    wait_until,
+)
 
 from nanopipe.engine import Engine
 from nanopipe.safetensors_io import read_header, write_safetensors
 from nanopipe.sampling_params import SamplingParams
+from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, write_configs
 from nanopipe.weights import init_weights
 
@@ -102,6 +114,21 @@ def test_auto_picks_a_split_stage_and_answers_as_one_process(weights, reference,
         with cl.client() as c:
             got = c.generate(PROMPT, LONG)
         assert got["token_ids"] == reference, "the auto-chosen split stage answers differently from one process"
+
+        # `plan --from-cluster`, from the leader (HOST:PORT) and from the web app (URL): the members one stage
+        from nanopipe.web.app import create_app
+        url, server = serve_app(create_app({"LEADER": cl.leader_addr, "LEADER_TOKEN": cl.token}))
+        try:
+            for addr in (cl.leader_addr, url):
+                out = CliRunner().invoke(main, ["plan", "--from-cluster", addr, "--config-dir", cl.config_dir])
+                assert out.exit_code == 0, out.output
+                table = out.output.split("\n\n")[0].splitlines()
+                assert [row.split() for row in table] == [
+                    ["Node", "Rank", "Layers", "Count", "Heads"], ["node0", "0", "0-0", "1"],
+                    ["node1+node2", "1+2", "1-4", "4", "0-1", "+", "2-3"]], out.output
+                assert "split stage ranks 1-2 (layers 1-4), predicted" in out.output, out.output
+        finally:
+            server.shutdown()
 
 
 def test_a_member_drained_mid_stream_leaves_the_other_members_as_the_split_stage(weights, reference, tmp_path):

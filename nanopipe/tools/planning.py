@@ -331,6 +331,26 @@ def slice_fetcher(name: str, entry: dict, log):
     return fetch
 
 
+def cluster_stages(nodes: list) -> tuple:
+    """A running cluster's nodes (its STATUS, or GET /cluster) as the stages of its ring: a split
+    stage's members (the same layers, each its heads) one row. -> (ranges, names, ranks, heads),
+    a label each, for partition.format_plan:
+
+        nodes 0: [0, 0]; 1: [1, 4] heads [0, 1]; 2: [1, 4] heads [2, 3]
+        -> [(0, 1), (1, 5)], ["node0", "node1+node2"], ["0", "1+2"], ["", "0-1 + 2-3"]
+    """
+    ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
+    out: tuple = ([], [], [], [])
+    for g in groups(ranges):
+        members = [nodes[i] for i in g]
+        heads = [m.get("heads") for m in members]
+        out[0].append(ranges[g[0]])
+        out[1].append("+".join(str(m["host"]) for m in members))
+        out[2].append("+".join(str(m["rank"]) for m in members))
+        out[3].append(" + ".join(f"{h[0]}-{h[1]}" for h in heads) if len(g) > 1 and all(heads) else "")
+    return out
+
+
 def read_cluster_page(url: str, api_token: str | None = None, timeout: float = 10.0) -> dict:
     """`plan --from-cluster URL`: the web app's GET /cluster (nanopipe/web/cluster_view.py) as JSON.
 
