@@ -251,3 +251,29 @@ def test_a_running_clusters_split_stage_is_one_row_of_the_plan():
     # a pipeline's table is what it was
     plain = [{"rank": r, "host": f"n{r}", "layers": [4 * r, 4 * r + 3]} for r in range(3)]
     assert format_plan(*cluster_stages(plain)[:2]) == format_plan([(0, 4), (4, 8), (8, 12)], ["n0", "n1", "n2"])
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["speeds given", "speeds unknown"])
+def test_plan_of_a_layer_mapping_with_a_split_stage(tmp_path, given):
+    """`nanopipe plan` on a configured split stage: with every node's figures, one conversation
+    predicted beside the even pipeline; without, what the all-reduces alone cost on the link."""
+    from nanopipe.config import Configs
+    from nanopipe.tools.localcluster import write_configs
+    from nanopipe.tools.planning import plan_table
+    from nanopipe.weights import init_weights
+    weights = str(tmp_path / "tiny5.safetensors")
+    init_weights(weights, n_layer=5, n_embd=64, n_head=4, n_ctx=256, seed=0)
+    nodes = {f"node{i}": {"speed_gbps": 1.0, "memory_mb": 4000} for i in range(3)} if given else {}
+    write_configs(str(tmp_path / "configs"), weights=weights, nodes=3, n_layer=5, partition="even",
+                  layer_mapping={0: [0, 0], 1: [1, 4], 2: [1, 4]}, hosts=THREE,
+                  cluster_extra={"link_delay_ms": 0.2, "link_mbps": 940, **({"nodes": nodes} if nodes else {})})
+    p = plan_table(Configs(str(tmp_path / "configs")), weights)      # unknown: node0 measured, the others not
+    text = "\n".join(p.lines)
+    assert p.ranges == [(0, 1), (1, 5), (1, 5)], p.ranges
+    if given:
+        assert "Split stage node1+node2 (layers 1-4, all-reduce direct): heads 2+2; compute node1 " in text, text
+        assert "8 all-reduces x 0.202 ms" in text and "the even pipeline: " in text, text
+        assert "Predicted tok/s" not in text, "the placement model cannot predict a split stage"
+    else:
+        assert ("Split stage node1+node2 (layers 1-4, 2 members, all-reduce direct): each member computes 1/2"
+                in text), text
