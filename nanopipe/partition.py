@@ -242,14 +242,18 @@ def groups(ranges: list) -> list:
         groups([(0, 4), (4, 12), (4, 12)]) -> [[0], [1, 2]]
         groups([(0, 4), (4, 8), (8, 12)])  -> [[0], [1], [2]]
 
-    A rank the placement left out, (lo, lo) with no layers, is a stage of its own (of nothing).
+    A rank the placement left out, (lo, lo) with no layers, is a stage of its own (of nothing), and
+    does not part a group: with rank 2 gone, [(0, 4), (4, 12), (0, 0), (4, 12)] -> [[0], [1, 3], [2]].
     """
     out: list = []
+    last = None                         # the group of the last worker that holds layers
     for r, span in enumerate(ranges):
-        if out and r > 0 and tuple(ranges[out[-1][0]]) == tuple(span) and span[1] > span[0]:
-            out[-1].append(r)
+        held = span[1] > span[0]
+        if r > 0 and held and last is not None and tuple(ranges[last[0]]) == tuple(span):
+            last.append(r)
         else:
             out.append([r])
+            last = out[-1] if r > 0 and held else last if not held else None
     return out
 
 
@@ -314,27 +318,38 @@ def stage_bytes(n_layer_slice: int, n_embd: int, n_vocab: int, n_ctx: int, rank0
 
 
 def format_plan(ranges: list[tuple[int, int]], names: list[str] | None = None,
-                bytes_per_rank: list[int] | None = None) -> str:
+                bytes_per_rank: list[int] | None = None, ranks: list[str] | None = None,
+                heads: list[str] | None = None) -> str:
     """The plan as a table, one row per rank:
 
         Node    Rank  Layers  Count
         leader     0  0-3         4
         pi-1       1  4-7         4
         pi-2       2  8-11        4
+
+    or per stage, a split stage's members one row (`ranks` and `heads`: each row's labels):
+
+        Node       Rank  Layers  Count  Heads
+        leader        0  0-3         4
+        pi-1+pi-2   1+2  4-11        8  0-5 + 6-11
     """
     names = names or [f"rank{r}" for r in range(len(ranges))]
-    for what, xs in (("names", names), ("bytes_per_rank", bytes_per_rank)):
+    for what, xs in (("names", names), ("bytes_per_rank", bytes_per_rank), ("ranks", ranks), ("heads", heads)):
         if xs is not None and len(xs) != len(ranges):
             raise PartitionError(f"format_plan: {len(xs)} {what} for {len(ranges)} ranks")
-    header = ["Node", "Rank", "Layers", "Count"] + (["Weights MB"] if bytes_per_rank else [])
+    heads = heads if heads and any(heads) else None
+    header = ["Node", "Rank", "Layers", "Count"] + (["Weights MB"] if bytes_per_rank else []) + \
+        (["Heads"] if heads else [])
     rows = []
     for r, (lo, hi) in enumerate(ranges):
-        row = [names[r], str(r), layers_text(lo, hi), str(hi - lo)]
+        row = [names[r], ranks[r] if ranks else str(r), layers_text(lo, hi), str(hi - lo)]
         if bytes_per_rank:
             row.append(f"{bytes_per_rank[r] / 1e6:.1f}")
+        if heads:
+            row.append(heads[r] or "")
         rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    right = {1, 3, 4}   # numbers right-aligned
+    right = {1, 3, 4} if bytes_per_rank else {1, 3}   # numbers right-aligned
     lines = ["  ".join(x.rjust(w) if i in right else x.ljust(w)
                        for i, (x, w) in enumerate(zip(line, widths))).rstrip()
              for line in [header] + rows]

@@ -393,6 +393,7 @@ class ModelShape:
     n_embd: int
     n_ctx: int = 1024
     n_vocab: int = 50257
+    n_head: int | None = None       # how a split stage shares a block (cluster/split_plan.py); None: C / 64
 
     @property
     def block_bytes(self) -> int:
@@ -648,6 +649,12 @@ def solve(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 
     return predict(shape, nodes, ranges, hop_s=hop_s, objective=objective, depth=depth, notes=notes)
 
 
+def fastest_one_stream_s(shape: ModelShape, nodes: list, *, sessions: int = 16, hop_s: float = 0.0) -> float:
+    """The least time per token any pipeline of these nodes gives one stream (solve, objective
+    latency): what a split stage must beat (cluster/split_plan.py), whatever the objective chose."""
+    return solve(shape, nodes, sessions=sessions, hop_s=hop_s, objective="latency").cycle_s(1)
+
+
 def _why_left_out(speed: float, fastest: float, hop_s: float, depth) -> str:
     """Why a node that could hold blocks got none: it is slow, or (as fast as the others) a stage of
     its own costs a hop and gains nothing, as on one machine, where the stages take turns anyway.
@@ -738,6 +745,7 @@ class Decision:
     even       the prediction for the even split, to set beside it (None likewise)
     unknown    figures planned without (unknown_figures)
     hop_s, sessions, depth: what the predictions assumed
+    split      a split stage chosen for one conversation (cluster/split_plan.py's Conversation), or None
     """
     ranges: list
     solved: bool
@@ -749,6 +757,7 @@ class Decision:
     hop_s: float
     sessions: int
     depth: int
+    split: object = None
 
 
 def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, partition: str | None = None) -> Decision:

@@ -32,6 +32,7 @@ class PlanningLeader(Planner):
 
     def __init__(self, model, cluster, caps):
         self.model, self.cluster, self._caps, self.count = model, cluster, caps, lambda kind, *about: None
+        self.scheduler = None           # no traffic: no hop transit measured
         self.ranges = even(SHAPE.n_layer, len(caps))
         self.placement, self.plan_note, self.applied, self.refused, self.logged = None, "", None, None, []
 

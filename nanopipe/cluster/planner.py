@@ -60,7 +60,7 @@ class Planner:
     def shape(self):
         from ..placement import ModelShape
         c = self.config
-        return ModelShape(n_layer=c.n_layer, n_embd=c.n_embd, n_ctx=c.n_ctx, n_vocab=c.n_vocab)
+        return ModelShape(n_layer=c.n_layer, n_embd=c.n_embd, n_ctx=c.n_ctx, n_vocab=c.n_vocab, n_head=c.n_head)
 
     def on_capacity(self, w, data, peer: str):
         """Worker w measured itself (its STATS {"capacity"}): note it; plan once every worker has."""
@@ -98,21 +98,34 @@ class Planner:
 
     # -- the plan ------------------------------------------------------------------------------
 
+    def transits(self) -> list:
+        """Every hop transit measured on real traffic so far, in ms (for split_plan.split_link)."""
+        batcher = getattr(self.scheduler, "batcher", None)
+        return [ms for q in dict(batcher.transit_ms if batcher else {}).values() for ms in list(q)]
+
     def _plan(self):
-        """Every worker has measured itself: placement.decide chooses the split (as `nanopipe plan`
-        does); tell each worker its layers."""
-        from ..placement import PlacementError, decide, unknown_figures
+        """Every worker has measured itself: split_plan.decide_with_split chooses the split (as
+        `nanopipe plan` does); tell each worker its layers."""
+        from ..placement import PlacementError, unknown_figures
+        from .split_plan import decide_with_split
         caps = self.capacities()
         unknown = unknown_figures(caps)
         if unknown:
             self.log(f"Plan: figures unknown ({'; '.join(unknown)}); planning with what is known", WARNING)
         try:
-            d = decide(self.shape(), caps, self.ranges, self.model, self.cluster)
+            d = decide_with_split(self.shape(), caps, self.ranges, self.model, self.cluster, transit_ms=self.transits())
         except PlacementError as e:
             self._refuse(str(e))
             return
         self.plan_note = d.note
         self.count("planned", None, f"Plan: {d.note}")
+        if d.split is not None:             # a split stage: the placement model (stages in turn) cannot predict it
+            excluded = [None] + [f"{caps[i].name}: not in the split stage, which predicts one conversation faster"
+                                 if lo == hi else None for i, (lo, hi) in enumerate(d.ranges) if i > 0]
+            self.log("Plan: " + ", ".join(f"rank {i} ({c.name}) {layers_text(*r)}" for i, (c, r) in
+                                          enumerate(zip(caps, d.ranges))) + f"; planned: {self.plan_note}")
+            self._apply_plan(d.ranges, excluded)
+            return
         if not d.solved:
             self.log(f"Plan: {self.plan_note}")
             self._apply_plan(d.ranges, [None] * len(caps))

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 
-from ..partition import PartitionError, even, layers_text
+from ..partition import PartitionError, even, group_of, layers_text
 from .wire import drained, plan
 
 WARNING = logging.WARNING
@@ -274,18 +274,11 @@ class Replanner:
     def _decide(self) -> tuple:
         """The split over the nodes that are there: (ranges per configured rank, {rank: why it is left
         out, or None}, a note, the prediction). Ranks not there hold no layers ((0, 0))."""
-        from ..placement import PlacementError, decide
         with self.lock:
             there = [r for r, w in self.workers.items() if r not in self.gone and r not in self.leaving
                      and w.status != "down"]
             caps = [self.planner.capacity] + [self.workers[r].capacity for r in there]
-            everyone = len(there) == len(self.workers)
-        try:
-            asked = self.configured if everyone else even(self.planner.config.n_layer, 1 + len(there))
-            d = decide(self.planner.shape(), caps, asked, self.model, self.cluster)
-        except (PlacementError, PartitionError) as e:
-            raise ReplanFailed(str(e), retry=False) from None
-        note = d.note if everyone or d.solved else f"even over the {1 + len(there)} nodes there"
+        d, note = decide_over(self.planner, self.model, self.cluster, self.configured, caps, there)
         check_memory(self.planner.shape(), caps, d.ranges, self.cluster.max_sessions)
         ranges = [(0, 0)] * (1 + len(self.workers))
         excluded = {}
@@ -360,15 +353,60 @@ def ring_text(stages: list) -> str:
 def check_memory(shape, caps: list, ranges: list, sessions: int):
     """A split as configured (even, balanced) is not solved within memory: refuse one that gives a
     node more blocks than it has room for (its weights and KV cache at `sessions`), rather than have
-    it die loading them. Node i (Capacity caps[i]) holds ranges[i]; rank 0 also the embeddings and head."""
+    it die loading them. Node i (Capacity caps[i]) holds ranges[i]; rank 0 also the embeddings and head;
+    a member of a split stage its share of every block (split_plan.member_fraction)."""
     from ..placement import max_blocks
+    from .split_plan import member_fraction
     for i, (cap, (lo, hi)) in enumerate(zip(caps, ranges)):
         if cap is None or cap.memory_mb is None or hi == lo:
             continue
-        room = max_blocks(shape, cap, rank0=i == 0, sessions=sessions)
+        group = group_of(ranges, i)
+        share = 1.0 if len(group) == 1 else member_fraction(shape.n_head or max(1, shape.n_embd // 64), shape.n_embd,
+                                                             group.index(i), len(group))
+        room = max_blocks(shape, dataclasses.replace(cap, memory_mb=cap.memory_mb / share), rank0=i == 0,
+                          sessions=sessions)
         if hi - lo > room:
-            raise ReplanFailed(f"{cap.name} would hold {hi - lo} blocks ({layers_text(lo, hi)}), and its "
+            held = f"{hi - lo} blocks" if share == 1.0 else f"{share:.0%} of {hi - lo} blocks (a split stage's member)"
+            raise ReplanFailed(f"{cap.name} would hold {held} ({layers_text(lo, hi)}), and its "
                                f"{cap.memory_mb:.0f} MB usable have room for {max(room, 0)}", retry=False)
+
+
+def decide_over(planner, model, cluster, configured: list, caps: list, there: list) -> tuple:
+    """(split_plan.decide_with_split's Decision, a note) over rank 0 and the workers `there`: the
+    configured split when everyone is there, or it without those not there while it still holds
+    every layer (`without`), else the even split over the rest, as the starting point."""
+    from ..placement import PlacementError
+    from .split_plan import decide_with_split
+    everyone = len(there) == len(cluster.nodes) - 1
+    kept = None if everyone else without(configured, there, planner.config.n_layer)
+    try:
+        asked = configured if everyone else kept or even(planner.config.n_layer, 1 + len(there))
+        # the cluster's nodes by position in `caps`, for which members share a machine
+        view = dataclasses.replace(cluster, nodes=tuple(cluster.nodes[r] for r in [0] + there))
+        d = decide_with_split(planner.shape(), caps, asked, model, view, transit_ms=planner.transits())
+    except (PlacementError, PartitionError) as e:
+        raise ReplanFailed(str(e), retry=False) from None
+    return d, (d.note if everyone or d.solved else
+               "as configured, without the ranks not there (each of their layers is still held)" if kept else
+               f"even over the {1 + len(there)} nodes there")
+
+
+def without(configured: list, there: list, n_layer: int) -> list | None:
+    """The configured split over rank 0 and the workers `there` (rank order), when it still holds
+    every layer: a split stage that lost a member goes on with the others (one left: a plain stage
+    of the whole blocks). None when a layer was held by ranks not there alone.
+
+        without([(0, 1), (1, 5), (1, 5)], [1], 5) -> [(0, 1), (1, 5)]
+        without([(0, 1), (1, 3), (3, 5)], [1], 5) -> None
+    """
+    kept = [tuple(configured[0])] + [tuple(configured[r]) for r in there]
+    edges = sorted({r for r in kept if r[1] > r[0]})
+    end = 0
+    for lo, hi in edges:
+        if lo > end:
+            return None
+        end = max(end, hi)
+    return kept if end == n_layer else None
 
 
 def _by_rank(p, ranks: list, n: int):

@@ -75,6 +75,7 @@ from .demo import DemoError, run_demo
 from .from_leader import NothingThere, fetch_from_leader
 from .planning import (
     SetupError,
+    cluster_stages,
     configured_weights,
     format_capacities,
     model_shape,
@@ -486,8 +487,8 @@ def _leader_status_for_plan(configs: Configs, addr) -> dict:
 
 def _print_cluster_plan(st: dict):
     nodes = st.get("nodes", [])
-    ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
-    click.echo(format_plan(ranges, names=[str(n["host"]) for n in nodes]))
+    ranges, names, ranks, heads = cluster_stages(nodes)     # a split stage's members: one row
+    click.echo(format_plan(ranges, names=names, ranks=ranks, heads=heads))
     click.echo("")
     caps = [Capacity.from_dict(n["capacity"]) if n.get("capacity") else None for n in nodes]
     click.echo(format_capacities([str(n["host"]) for n in nodes], caps))

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 from .. import placement  # placement.measure / .decide looked up at the call: tests count the calls
 from ..cluster.group import plan_lines
+from ..cluster.split_plan import conversation_ms, decide_with_split, split_lines, split_link
 from ..config import WEIGHTS_DIR, ConfigError, Configs, check_agree, weights_file
 from ..gpt2_tensors import base_name
 from ..model import GPTConfig
-from ..partition import PartitionError, group_of, planned_by_leader, stage_bytes, uses_mapping
+from ..partition import PartitionError, group_of, groups, planned_by_leader, stage_bytes, uses_mapping
 from ..partition import plan as make_plan
-from ..placement import Capacity, ModelShape, PlacementError
+from ..placement import Capacity, ModelShape, PlacementError, forecast, hop_seconds
 from ..safetensors_io import SafetensorsError, read_header
 from ..weights import KNOWN_N_HEAD, SIZES, WeightsError, is_synthetic, read_config, synthetic_name
 from .pull import PullError, ensure_weights, remote_header
@@ -120,15 +121,29 @@ def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, 
     caps = plan_capacities(cluster, names, cfg, here)
     placed, lines = plan_placement(mc, cluster, cfg, caps, ranges, partition or mc.partition, asked=partition)
     ranges = placed or ranges
-    split = plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd,
-                       (cluster.link_delay_ms, cluster.link_mbps) if cluster else None,
-                       [n.ip for n in cluster.nodes] if cluster else None)
-    if split:       # the placement model runs stages one after another: it does not know split stages yet
-        lines = [ln for ln in lines if not ln.startswith("Predicted tok/s")] + split
+    if any(len(g) > 1 for g in groups(ranges)) and not any(ln.startswith("Split stage") for ln in lines):
+        # a layer_mapping's split stage: the placement model runs stages one after another, so the
+        # split is predicted by split_plan (one conversation), beside the even pipeline's prediction
+        lines = [ln for ln in lines if not ln.startswith("Predicted tok/s")] + \
+            split_stage_lines(cfg, caps, ranges, names, cluster)
     # a member of a split stage holds 1/m of its blocks (its LayerNorms whole: a few KB more)
     sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0)) // len(group_of(ranges, r))
              for r, (lo, hi) in enumerate(ranges)]
     return Plan(ranges, names, sizes, caps, lines)
+
+
+def split_stage_lines(cfg, caps, ranges, names, cluster) -> list:
+    """A configured split stage, predicted for one conversation (split_plan.split_lines) beside the
+    even pipeline; while a member's speed is unknown, what the link alone costs (group.plan_lines)."""
+    link = split_link(cluster)
+    if any(c is None or c.speed_gbps is None for c in caps):
+        return plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd, link[:2],
+                          [n.ip for n in cluster.nodes] if cluster else None)
+    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab, n_head=cfg.n_head)
+    hop_s = hop_seconds(cluster.link_delay_ms if cluster else 0.0)
+    pred = conversation_ms(shape, caps, ranges, link, hop_s, [n.ip for n in cluster.nodes] if cluster else None)
+    even = forecast(shape, caps, make_plan(cfg.n_layer, len(ranges), "even"), cluster, "latency")
+    return split_lines(pred, names, even.cycle_s(1) * 1000 if even else None, "the even pipeline")
 
 
 def plan_capacities(cluster, names, cfg, here) -> list:
@@ -181,9 +196,9 @@ def _fig(v, fmt: str) -> str:
 def plan_placement(mc, cluster, cfg, caps, ranges, partition, asked=None) -> tuple:
     """(ranges the leader would choose, or None to keep `ranges`; lines of predictions):
     placement.decide, the leader's own decision, put in words. `asked`: plan's --partition, if given."""
-    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab)
+    shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab, n_head=cfg.n_head)
     try:
-        d = placement.decide(shape, caps, ranges, mc, cluster, partition)
+        d = decide_with_split(shape, caps, ranges, mc, cluster, partition)
     except PlacementError as e:
         raise SetupError(str(e)) from None
     auto = planned_by_leader(mc, partition)
@@ -194,6 +209,8 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition, asked=None) -> tup
                       "themselves; or give them in cluster_config.yaml's `nodes:`)"
                       + ("; the leader places the layers once every node has joined and measured itself, so the "
                          "split above is the even starting point" if auto else "")]
+    if d.split is not None:                 # a split stage, predicted for one conversation (split_plan)
+        return d.ranges, [f"Split: {d.note}"] + split_lines(d.split, [c.name for c in caps])
     if d.placement is None:                 # a speed unknown: the leader runs the even split, unpredicted
         return d.ranges, [f"Split: {d.note}"]
     placed = d.ranges if d.solved else None
@@ -312,6 +329,26 @@ def slice_fetcher(name: str, entry: dict, log):
         except PullError as e:
             raise WeightsError(str(e)) from None
     return fetch
+
+
+def cluster_stages(nodes: list) -> tuple:
+    """A running cluster's nodes (its STATUS, or GET /cluster) as the stages of its ring: a split
+    stage's members (the same layers, each its heads) one row. -> (ranges, names, ranks, heads),
+    a label each, for partition.format_plan:
+
+        nodes 0: [0, 0]; 1: [1, 4] heads [0, 1]; 2: [1, 4] heads [2, 3]
+        -> [(0, 1), (1, 5)], ["node0", "node1+node2"], ["0", "1+2"], ["", "0-1 + 2-3"]
+    """
+    ranges = [(n["layers"][0], n["layers"][1] + 1) if n.get("layers") else (0, 0) for n in nodes]   # [first, last]
+    out: tuple = ([], [], [], [])
+    for g in groups(ranges):
+        members = [nodes[i] for i in g]
+        heads = [m.get("heads") for m in members]
+        out[0].append(ranges[g[0]])
+        out[1].append("+".join(str(m["host"]) for m in members))
+        out[2].append("+".join(str(m["rank"]) for m in members))
+        out[3].append(" + ".join(f"{h[0]}-{h[1]}" for h in heads) if len(g) > 1 and all(heads) else "")
+    return out
 
 
 def read_cluster_page(url: str, api_token: str | None = None, timeout: float = 10.0) -> dict:
