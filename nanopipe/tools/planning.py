@@ -122,7 +122,8 @@ def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, 
     ranges = placed or ranges
     split = plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd,
                        (cluster.link_delay_ms, cluster.link_mbps) if cluster else None,
-                       [n.ip for n in cluster.nodes] if cluster else None)
+                       [n.ip for n in cluster.nodes] if cluster else None, n_vocab=cfg.n_vocab,
+                       head=cluster.split_lm_head if cluster else True)
     if split:       # the placement model runs stages one after another: it does not know split stages yet
         lines = [ln for ln in lines if not ln.startswith("Predicted tok/s")] + split
     # a member of a split stage holds 1/m of its blocks (its LayerNorms whole: a few KB more)
