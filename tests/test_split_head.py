@@ -15,25 +15,14 @@ split stage (imported below: the same checks, this module's fixture).
 from __future__ import annotations
 
 import signal
-import time
 import threading
+import time
 
 import numpy as np
 import pytest
+import test_split_cluster as plain
 from helpers import log_of, read_tensors, status, wait_log
-from test_split_cluster import (  # noqa: F401  (fixtures, and tests run again on this module's clusters)
-    CASES,
-    LONG,
-    PROMPT,
-    READY_S,
-    assert_same,
-    reference,
-    test_batched_sessions_through_the_split_stage,
-    test_prefix_reuse_through_the_split_stage,
-    test_split_stage_gives_the_tokens_of_one_process,
-    test_stop_sequence_ends_the_answer_and_the_members_free_it,
-    weights,
-)
+from test_split_cluster import CASES, LONG, PROMPT, READY_S, assert_same
 
 from nanopipe.cluster.group import place, plan_lines, predict_head_split, splits_head
 from nanopipe.decoding import SamplingParams
@@ -41,6 +30,14 @@ from nanopipe.model import gather_logits, head, head_share, vocab_share
 from nanopipe.safetensors_io import read_header, write_safetensors
 from nanopipe.tools.localcluster import LocalCluster
 from nanopipe.weights import WeightsError, load_head_share, load_stage
+
+# the fixtures of tests/test_split_cluster.py, and its tests that take a split_cluster, run again here
+weights, reference = plain.weights, plain.reference
+test_split_stage_gives_the_tokens_of_one_process = plain.test_split_stage_gives_the_tokens_of_one_process
+test_batched_sessions_through_the_split_stage = plain.test_batched_sessions_through_the_split_stage
+test_prefix_reuse_through_the_split_stage = plain.test_prefix_reuse_through_the_split_stage
+test_stop_sequence_ends_the_answer_and_the_members_free_it = \
+    plain.test_stop_sequence_ends_the_answer_and_the_members_free_it
 
 V = 50257
 # name -> layer_mapping (inclusive), the ring the leader's log shows, each member's rows of the vocabulary

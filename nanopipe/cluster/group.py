@@ -183,17 +183,17 @@ def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple
         m, n = len(g), hi - lo
         how = reduce_how(m, ips is not None and len({ips[r] for r in g}) == 1)
         who = "+".join(names[r] for r in g)
-        head = f"Split stage {who} (layers {layers_text(lo, hi)}, {m} members, all-reduce {how}): "
+        title = f"Split stage {who} (layers {layers_text(lo, hi)}, {m} members, all-reduce {how}): "
         reduce = all_reduce_ms(m, 1, n_embd, delay, mbps, how)
         known = [speeds[r] for r in g if speeds[r]]
         if len(known) < m:
-            out.append(head + f"each member computes 1/{m} of the stage; its {2 * n} all-reduces add "
+            out.append(title + f"each member computes 1/{m} of the stage; its {2 * n} all-reduces add "
                        f"{2 * n} x {reduce:.3f} ms = {2 * n * reduce:.1f} ms per decode step ({delay:g} ms, "
                        f"{mbps:g} Mbit/s); the compute is predicted once every member's speed is known")
             continue
         one = n * block_params(n_embd) * 4 / (min(known) * 1e9) * 1000        # ms: the stage's bytes, streamed once
         p = predict_split(one, m, n, n_embd, delay, mbps, how=how)
-        out.append(head + f"one node {one:.1f} ms per decode step; each member {p['compute_ms']:.1f} ms + "
+        out.append(title + f"one node {one:.1f} ms per decode step; each member {p['compute_ms']:.1f} ms + "
                    f"{p['all_reduces']} all-reduces x {p['all_reduce_ms']:.3f} ms ({delay:g} ms, {mbps:g} Mbit/s) "
                    f"= {p['stage_ms']:.1f} ms: {one / p['stage_ms']:.2f}x")
     last = groups(ranges)[-1]
