@@ -8,8 +8,11 @@ memory) and synthetic. Three setups, measured in turn, round after round, in one
     (a) one node   rank 0 on core 0 holds every block and the head
     (b) split      rank 0 (embed, block 0, head) and member 0 of the split stage on core 0, member 1
                    on core 1; blocks 1-23 split by heads and MLP columns (layer_mapping
-                   {0: [0, 0], 1: [1, 23], 2: [1, 23]}). For one conversation rank 0 and member 0
-                   never run at once (the ring is sequential), so they share core 0 as one machine.
+                   {0: [0, 0], 1: [1, 23], 2: [1, 23]}), `split_lm_head: false`: the head on rank 0.
+                   For one conversation rank 0 and member 0 never run at once (the ring is
+                   sequential), so they share core 0 as one machine.
+    (b+h) split head  (b) with the LM head split by vocabulary over the two members (the default):
+                   each computes the logits of half the vocabulary, member 0 sends rank 0 logits.
     (c) pipeline   rank 0 (blocks 0-11 and the head) on core 0, rank 1 (blocks 12-23) on core 1
 
 Per token it reports where the time goes: rank 0's blocks and LM head, each member's compute and
@@ -37,12 +40,14 @@ BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREAD
 
 
 def setups(n_layer: int) -> dict:
-    """name -> (nodes, layer_mapping or None, {rank: core})"""
+    """name -> (nodes, layer_mapping or None, {rank: core}, cluster_config extras)"""
     last, half = n_layer - 1, n_layer // 2
+    split = {0: [0, 0], 1: [1, last], 2: [1, last]}
     return {
-        "a: 1 node, 1 core": (1, None, {0: 0}),
-        "b: split stage, 2 cores": (3, {0: [0, 0], 1: [1, last], 2: [1, last]}, {0: 0, 1: 0, 2: 1}),
-        "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}),
+        "a: 1 node, 1 core": (1, None, {0: 0}, {}),
+        "b: split, head on rank 0": (3, split, {0: 0, 1: 0, 2: 1}, {"split_lm_head": False}),
+        "b+h: split, head split": (3, split, {0: 0, 1: 0, 2: 1}, {"split_lm_head": True}),
+        "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}, {}),
     }
 
 
@@ -64,8 +69,8 @@ def _status(cl) -> dict:
 
 
 def _worker_totals(st: dict) -> dict:
-    return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0)
-            for n in st["nodes"] if n["rank"] > 0}
+    return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0,
+                        n.get("head_ms") or 0.0) for n in st["nodes"] if n["rank"] > 0}
 
 
 def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
@@ -82,7 +87,7 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
     parts = {}
     if decode:
         parts["rank 0 blocks"] = float(np.median([e["hops"][0]["compute_ms"] for e in decode]))
-        parts["rank 0 head"] = float(np.median([e["head_ms"] for e in decode if e.get("head_ms") is not None]))
+        parts["rank 0 head+sampling"] = float(np.median([e["head_ms"] for e in decode if e.get("head_ms") is not None]))
         for i in range(1, len(decode[0]["hops"])):
             hop = decode[0]["hops"][i]
             parts[f"rank {hop['rank']} compute"] = float(np.median([e["hops"][i]["compute_ms"] for e in decode]))
@@ -91,12 +96,16 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
                                                                            for e in decode]))
         known = sum(v for k, v in parts.items() if "all-reduce" not in k)
         parts["hops and scheduler"] = ms - known
-    for rank, (c1, f1, r1) in after.items():        # every worker, the members without a hop of their own too
-        c0, f0, r0 = before.get(rank, (0.0, 0, 0.0))
+    for rank, (c1, f1, r1, h1) in after.items():    # every worker, the members without a hop of their own too
+        c0, f0, r0, h0 = before.get(rank, (0.0, 0, 0.0, 0.0))
         if f1 > f0 and f"rank {rank} compute" not in parts:
             parts[f"rank {rank} compute (mean)"] = (c1 - c0) / (f1 - f0)
             if r1 > r0:
                 parts[f"rank {rank} all-reduce (mean)"] = (r1 - r0) / (f1 - f0)
+        if f1 > f0 and h1 > h0:     # a member's share of the LM head (and, on the hop, gathering the others')
+            parts[f"rank {rank} head (mean)"] = (h1 - h0) / (f1 - f0)
+            if f"rank {rank} compute" in parts and "hops and scheduler" in parts:
+                parts["hops and scheduler"] -= parts[f"rank {rank} head (mean)"]
     return {"ms_per_token": round(ms, 2), "tok_s": round(1000 / ms, 2), "token_ids": s["done"]["token_ids"],
             "parts": {k: round(v, 2) for k, v in parts.items()}, "load": round(max(load0, load1), 2)}
 
@@ -115,12 +124,12 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
     clusters = {}
     rows = []
     try:
-        for name, (nodes, mapping, cores) in setups(cfg.n_layer).items():
+        for name, (nodes, mapping, cores, extra) in setups(cfg.n_layer).items():
             wrap = {r: (["nice", "-n", str(nice)] if nice else []) + ([pin, "-c", str(c)] if pin else [])
                     for r, c in cores.items()}
             echo(f"starting {name}: {nodes} node(s)" + (f", layer_mapping {mapping}" if mapping else ""))
             cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
-                              cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0})
+                              cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0, **extra})
             clusters[name] = cl.start()
             one_stream(cl, prompt_len, 4)                                        # warm-up
         for rnd in range(1, rounds + 1):
