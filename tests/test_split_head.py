@@ -199,3 +199,34 @@ def test_plan_prints_the_split_head_with_the_link_model():
     assert "201 KB a row (+1.68 ms over 0.2 ms, 940 Mbit/s): rank 0 saves 23.0 ms" in lines[1], lines[1]
     assert len(plan_lines([(0, 1), (1, 25), (1, 25)], ["a", "b", "c"], [None, 4.0, 4.0], 1024, n_vocab=V,
                           head=False)) == 1
+
+
+def test_a_member_without_a_share_sends_why_and_member_0_gets_none():
+    """gather_logits over real socket pairs: 3 members, shares in member order side by side; when
+    one member has no share (its file holds no head) member 0 gets None (it then passes its rows on
+    and rank 0 runs the head), and every link is still read to the end of the step."""
+    import socket
+
+    from nanopipe.cluster.group import GroupLinks, GroupPlace, Link
+    members = [[r, "127.0.0.1", 7000 + r] for r in range(3)]
+    pairs = {i: socket.socketpair() for i in (1, 2)}
+    g = [GroupLinks(GroupPlace({"members": members, "member": i}), 1 << 24) for i in range(3)]
+    g[0].links = {i: Link(pairs[i][0], f"member {i}", 1 << 24) for i in (1, 2)}
+    for i in (1, 2):
+        g[i].links = {0: Link(pairs[i][1], "member 0", 1 << 24)}
+    x = np.arange(2 * 7, dtype=np.float32).reshape(2, 7)                     # (R, V): 2 rows, V = 7
+    cuts = [vocab_share(r, 3, 7) for r in range(3)]                          # (0, 3), (3, 5), (5, 7)
+    try:
+        for i in (1, 2):
+            assert g[i].gather_logits(x[:, slice(*cuts[i])]) is None
+        assert np.array_equal(g[0].gather_logits(x[:, slice(*cuts[0])]), x)
+        g[1].gather_logits(None, why_not="its file holds no head")
+        g[2].gather_logits(x[:, slice(*cuts[2])])
+        assert g[0].gather_logits(x[:, slice(*cuts[0])]) is None
+        g[1].gather_logits(x[:, slice(*cuts[1])])
+        g[2].gather_logits(x[:, slice(*cuts[2])])
+        assert np.array_equal(g[0].gather_logits(x[:, slice(*cuts[0])]), x), "the links are out of step"
+    finally:
+        for a, b in pairs.values():
+            a.close()
+            b.close()
