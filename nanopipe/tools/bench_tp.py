@@ -241,6 +241,67 @@ def compare_reduce(sizes=(2, 3, 4), rows=(1, 16), rounds: int = 2, echo=print) -
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# the LM head alone: one core for all of it, or m cores for a share each at once
+
+
+def _head_member(path: str, member: int, members: int, repeats: int, barrier, out):
+    """One member of `head_bench` (a fresh process, one BLAS thread): pinned to core member % cores,
+    its rows of the head read from `path`; times `repeats` one-row head_shares, each started with
+    the other members' at once (a barrier)."""
+    os.sched_setaffinity(0, {member % os.cpu_count()})
+    from ..model import head_share, vocab_share
+    from ..weights import load_head_share, read_config
+    part = load_head_share(path, vocab_share(member, members, read_config(path)[0].n_vocab))
+    x = np.random.default_rng(0).standard_normal((1, part["lm_head"].shape[1])).astype(np.float32)   # (1, C)
+    times = []
+    for _ in range(repeats):
+        barrier.wait()
+        t = time.perf_counter()
+        head_share(x, part["ln_f"], part["lm_head"])                                   # (1, v1-v0)
+        times.append(time.perf_counter() - t)
+    out.send(float(np.median(times[repeats // 5:])) * 1000)
+
+
+def head_bench(path: str, members: int, repeats: int = 60) -> dict:
+    """Median ms of one row's LM head: `members` processes on their own cores, each with its share
+    of the vocabulary, started at once (members=1: the whole head on one core). The slowest
+    member's median is what a split head costs before its gather."""
+    ctx = mp.get_context("spawn")                  # fresh processes: their BLAS starts with one thread
+    saved = {k: os.environ.get(k) for k in BLAS_ONE}
+    os.environ.update(BLAS_ONE)
+    barrier = ctx.Barrier(members)
+    pipes, procs = [], []
+    for i in range(members):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_head_member, args=(path, i, members, repeats, barrier, b), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    got = [a.recv() if a.poll(300) else float("nan") for a in pipes]
+    for p in procs:
+        p.join(10)
+    return {"members": members, "ms_per_member": [round(g, 2) for g in got], "slowest_ms": round(max(got), 2),
+            "load": round(os.getloadavg()[0], 2)}
+
+
+def compare_head(path: str | None = None, rounds: int = 3, echo=print) -> list:
+    """The LM head on one core against split over two, side by side, `rounds` times."""
+    path = path or ensure_synthetic(folder=WEIGHTS_DIR, size="gpt2-medium", log=echo)
+    out = []
+    for rnd in range(1, rounds + 1):
+        for m in (1, 2):
+            row = {"round": rnd, **head_bench(path, m)}
+            out.append(row)
+            echo(f"round {rnd}: LM head over {m} core(s): {row['ms_per_member']} ms (load {row['load']})")
+    return out
+
+
 def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
     """`make bench-tp`: (a), (b), (c) twice, then direct vs gather; CSVs in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
@@ -250,8 +311,11 @@ def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
     write_csv([{k: v for k, v in r.items() if k != "token_ids"} for r in rows], os.path.join(out_dir, "tp.csv"))
     reduce = compare_reduce(echo=echo)
     write_csv(reduce, os.path.join(out_dir, "reduce.csv"))
+    heads = compare_head(echo=echo)
+    write_csv([{**r, "ms_per_member": " ".join(map(str, r["ms_per_member"]))} for r in heads],
+              os.path.join(out_dir, "head.csv"))
     echo(f"load average after: {os.getloadavg()[0]:.2f}")
-    return {"tp": rows, "reduce": reduce}
+    return {"tp": rows, "reduce": reduce, "head": heads}
 
 
 if __name__ == "__main__":
