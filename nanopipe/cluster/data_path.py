@@ -116,10 +116,8 @@ class DataPath:
         self.stage = self.config = None
         self.next_stage = None          # a re-plan's blocks, taken up when the leader closes the new ring
         self.group: GroupLinks | None = None    # a split stage's links to the other members
-        # a last split stage that runs the LM head: this member's share (weights.load_head_share), or
-        # why it has none (a string: member 0 then passes the rows on and rank 0 runs the head)
-        self.head_part: dict | str | None = None
-        self.head_s = 0.0                       # time spent on the head's share and its gathering
+        self.head_part: dict | str | None = None    # a last split stage's share of the LM head (head_step)
+        self.head_s = 0.0
         self.prev_rank = rank - 1       # who sends us activations (a rank the solver left out is skipped)
         self.max_act_bytes = 0
         self.caches: dict = {}
@@ -286,18 +284,16 @@ class DataPath:
                 self.decode_ms.append(ms)
             meta = dict(frame.meta)
             head_s = self.head_s
-            logits = self._head_step(frame.meta, y, peer) if self.group is not None else None   # (R, V) or None
+            logits = head_step(self, frame.meta, y, peer) if self.group is not None else None   # (R, V) or None
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
                 "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6),
                 # a split stage: of compute_ms, the time in its all-reduces (waiting for the other members)
                 **({"reduce_ms": round((self.group.reduce_s - reduce_s) * 1000, 3)} if self.group else {}),
                 **({"head_ms": round((self.head_s - head_s) * 1000, 3)} if self.head_s != head_s else {})}]
-            if logits is not None:      # the LM head ran here, split by vocabulary: logits to rank 0
+            if logits is not None:      # the LM head ran here, split by vocabulary: logits (R, V) to rank 0
                 meta["nonfinite"] = np.flatnonzero(~np.isfinite(y).all(axis=1)).tolist()
-                self.down.send(Msg.LOGITS, meta, logits)                      # (R, V) to rank 0
-            else:
-                self.down.send(Msg.ACT, meta, y)                              # (T, C) to the next rank
+            self.down.send(*((Msg.ACT, meta, y) if logits is None else (Msg.LOGITS, meta, logits)))
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache
@@ -324,26 +320,6 @@ class DataPath:
             return blocks_forward(x, self.stage.blocks, n_head=self.config.n_head, segments=segments)  # (T, C)
         return blocks_forward_member(x, self.stage.blocks, n_head=self.stage.share.n_head, segments=segments,
                                      reduce=self.group.all_reduce)                                 # (T, C)
-
-    def _head_step(self, meta: dict, y: np.ndarray, peer: str) -> np.ndarray | None:
-        """A split stage that ends the ring and runs the LM head (group.place.head), after its last
-        all-reduce: every member has the whole rows y, so each computes the logits of its rows of the
-        vocabulary (model.head_share) for the rows rank 0 asked for (the ACT's `logits`), and member
-        0 gathers them in vocabulary order (GroupLinks.gather_logits). Member 0 gets (R, V); None
-        when rank 0 asked for none (a step too big for a frame of logits) or a member holds no
-        share: member 0 then passes y on and rank 0 runs the head. The other members get None."""
-        rows = meta.get("logits")
-        if not self.group.place.head or rows is None:
-            return None
-        if not (isinstance(rows, list) and rows and all(isinstance(r, int) and 0 <= r < len(y) for r in rows)):
-            raise ProtocolError(f"{peer}: ACT asks logits of rows {rows!r}; expected a list of its rows "
-                                f"0..{len(y) - 1}")
-        t0 = time.perf_counter()
-        part = self.head_part
-        share = head_share(y[rows], part["ln_f"], part["lm_head"]) if isinstance(part, dict) else None   # (R, v1-v0)
-        logits = self.group.gather_logits(share, why_not=part if isinstance(part, str) else "no share loaded")
-        self.head_s += time.perf_counter() - t0
-        return logits                                                           # (R, V), or None
 
     def _free(self, frame):
         ids = frame.meta.get("sessions", [])
@@ -406,7 +382,7 @@ class DataPath:
                         if y is not None and len(y) == 1:
                             self.decode_ms.append(ms)
                         if y is not None:
-                            self._head_step(frame.meta, y, link.name)     # its share of the logits to member 0
+                            head_step(self, frame.meta, y, link.name)     # its share of the logits to member 0
                     elif frame.msg is Msg.FREE:
                         self._free(frame)
                     else:
@@ -420,6 +396,29 @@ class DataPath:
         finally:
             if self.epoch == epoch:
                 group.close()
+
+
+def head_step(data: DataPath, meta: dict, y: np.ndarray, peer: str) -> np.ndarray | None:
+    """A member's last step in a split stage that ends the ring and runs the LM head
+    (group.place.head), after its last all-reduce: every member has the whole rows y, so each
+    computes the logits of its rows of the vocabulary (model.head_share; `data.head_part`, from
+    weights.load_head_share, or why it has none) for the rows rank 0 asked for (the ACT's
+    `logits`), and member 0 gathers them in vocabulary order (GroupLinks.gather_logits).
+
+    Member 0 gets (R, V); None when rank 0 asked for none (a step too big for a frame of logits)
+    or a member holds no share: member 0 then passes y on and rank 0 runs the head. The other
+    members get None. The time goes to data.head_s (the heartbeat's head_ms)."""
+    rows = meta.get("logits")
+    if not data.group.place.head or rows is None:
+        return None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, int) and 0 <= r < len(y) for r in rows)):
+        raise ProtocolError(f"{peer}: ACT asks logits of rows {rows!r}; expected a list of its rows 0..{len(y) - 1}")
+    t0 = time.perf_counter()
+    part = data.head_part
+    share = head_share(y[rows], part["ln_f"], part["lm_head"]) if isinstance(part, dict) else None   # (R, v1-v0)
+    logits = data.group.gather_logits(share, why_not=part if isinstance(part, str) else "no share loaded")
+    data.head_s += time.perf_counter() - t0
+    return logits                                                               # (R, V), or None
 
 
 def _median(xs) -> float | None:

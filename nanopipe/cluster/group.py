@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from ..model import gather_logits
 from ..partition import groups
 from .net import close_now
 from .wire import Msg, ProtocolError, WireError, encode_frame, frame_array, recv_frame
@@ -397,7 +398,6 @@ class GroupLinks:
             parts.append(x)
         if any(p is None for p in parts):
             return None
-        from ..model import gather_logits
         return gather_logits(parts)                                             # (R, V)
 
     def all_reduce(self, partial: np.ndarray) -> np.ndarray:

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..cluster.group import GroupLinks, GroupPlace, Link
 from ..cluster.net import tune
-from ..weights import WEIGHTS_DIR, ensure_synthetic, read_config
+from ..model import head_share, vocab_share
+from ..weights import WEIGHTS_DIR, ensure_synthetic, load_head_share, read_config
 from .bench import bench_prompt, write_csv
 from .localcluster import LocalCluster, free_ports
 
@@ -250,8 +251,6 @@ def _head_member(path: str, member: int, members: int, repeats: int, barrier, ou
     its rows of the head read from `path`; times `repeats` one-row head_shares, each started with
     the other members' at once (a barrier)."""
     os.sched_setaffinity(0, {member % os.cpu_count()})
-    from ..model import head_share, vocab_share
-    from ..weights import load_head_share, read_config
     part = load_head_share(path, vocab_share(member, members, read_config(path)[0].n_vocab))
     x = np.random.default_rng(0).standard_normal((1, part["lm_head"].shape[1])).astype(np.float32)   # (1, C)
     times = []
