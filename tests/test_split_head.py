@@ -230,3 +230,95 @@ def test_a_member_without_a_share_sends_why_and_member_0_gets_none():
         for a, b in pairs.values():
             a.close()
             b.close()
+
+
+def test_rank_0_samples_from_split_logits_and_a_bad_row_fails_its_session_alone(tiny_engine):
+    """Rank 0's side in one process: a ring that answers with SplitLogits (the head run by "the
+    members", here model.head on the rows the ACT asked for, in 2 uneven shares) gives every session
+    the tokens and logprobs it gets without a ring; a row the stage reports non-finite fails its
+    session alone, naming the sender."""
+    from nanopipe.batching import SplitLogits
+    from nanopipe.engine import Request, Scheduler
+    st = tiny_engine.stage
+    V_ = st.config.n_vocab
+    cuts = [vocab_share(r, 2, V_) for r in range(2)]
+
+    class HeadSplitRing:
+        depth, source = 1, "rank 2 (node2)"
+
+        def __init__(self):
+            self.inbox, self.asked = [], []
+
+        def send(self, batch_id, sessions, x, logits=None):
+            self.asked.append(list(logits))
+            shares = [head_share(x[logits], st.ln_f, st.lm_head[v0:v1]) for v0, v1 in cuts]
+            bad, row = [], 0
+            for s in sessions:
+                if s["id"] == "poisoned":
+                    bad += list(range(row, row + s["n"]))
+                row += s["n"]
+            self.inbox.append((batch_id, SplitLogits(gather_logits(shares), list(logits), bad), []))
+
+        def recv(self, timeout):
+            return self.inbox.pop(0) if self.inbox else None
+
+        def free(self, ids):
+            pass
+
+    greedy, seeded = SamplingParams("greedy", max_tokens=8), SamplingParams("sampling", max_tokens=8, seed=3)
+    prompts = {1: [11, 22, 33], 2: [5, 6, 7, 8], 3: [40, 41]}
+    want = {1: tiny_engine.generate(prompts[1], greedy), 3: tiny_engine.generate(prompts[3], seeded)}
+    ring = HeadSplitRing()
+    sched = Scheduler(st, ring=ring)
+    got = {}
+    for i, sid, params in ((1, "a", greedy), (2, "poisoned", greedy), (3, "b", seeded)):
+        sched.submit(Request(prompts[i], params, lambda kind, data, i=i: kind in ("done", "error")
+                             and got.setdefault(i, (kind, data)), id=sid))
+    for _ in range(200):
+        if not (sched.busy or sched.in_flight):
+            break
+        sched.step()
+    assert got[2][0] == "error" and got[2][1]["error"].startswith("rank 2 (node2) sent non-finite"), got[2]
+    for i in (1, 3):
+        assert got[i][0] == "done" and got[i][1]["token_ids"] == want[i]["token_ids"], (got[i], want[i])
+        diff = float(np.max(np.abs(np.subtract(got[i][1]["logprobs"], want[i]["logprobs"]))))
+        print(f"session {i}: tokens equal, logprobs within {diff:.3g} of one process")
+        assert diff <= 1e-5
+    assert ring.asked[0] == [2, 6, 8], ring.asked[0]          # each prompt's last row of the first step
+
+
+def test_the_ring_asks_for_logits_that_fit_and_refuses_logits_it_did_not_ask_for():
+    import socket
+
+    from nanopipe.batching import SplitLogits
+    from nanopipe.cluster.ring import Ring
+    from nanopipe.cluster.wire import Msg, ProtocolError, decode_frame, encode_frame, recv_frame
+    a, b = socket.socketpair()
+    try:
+        ring = Ring(a, 4, depth=1, epoch=7, on_break=lambda *args: None, n_vocab=10, max_logits_bytes=80)
+        x = np.zeros((3, 4), np.float32)
+        sessions = [{"id": "s", "pos": 0, "n": 3}]
+        ring.send(1, sessions, x, logits=[2])
+        ring.send(2, sessions, x, logits=[0, 1, 2])             # 3 x 10 x 4 = 120 bytes > 80: rows back
+        assert recv_frame(b, "ring").meta["logits"] == [2]
+        assert "logits" not in recv_frame(b, "ring").meta
+
+        def logits(batch, rows, nonfinite=()):
+            meta = {"batch": batch, "epoch": 7, "trace": [], "nonfinite": list(nonfinite), "dtype": "float32",
+                    "shape": [rows, 10]}
+            return decode_frame(encode_frame(Msg.LOGITS, meta, np.ones((rows, 10), np.float32)))
+        with pytest.raises(ProtocolError, match="does not answer a batch in flight"):
+            ring.deliver(logits(2, 3), "rank 2")                # batch 2 asked for no logits
+        with pytest.raises(ProtocolError, match="nonfinite"):
+            ring.send(3, sessions, x, logits=[2])
+            ring.deliver(logits(3, 1, nonfinite=[5]), "rank 2")   # there is no row 5
+        with pytest.raises(ProtocolError, match="does not answer"):
+            ring.send(4, sessions, x, logits=[2])
+            ring.deliver(logits(4, 2), "rank 2")                # 2 rows of logits, 1 asked
+        ring.deliver(logits(1, 1, nonfinite=[0]), "rank 2")
+        batch, got, _ = ring.recv(1)
+        assert batch == 1 and isinstance(got, SplitLogits) and got.rows == [2] and got.nonfinite == [0]
+        assert got.logits.shape == (1, 10)
+    finally:
+        a.close()
+        b.close()
