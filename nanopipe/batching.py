@@ -14,6 +14,7 @@ import collections
 import itertools
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +23,17 @@ from .model import blocks_forward, embed, head
 from .sessions import Batch, add_times, hop_transits, step_info, use_logits
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see make)
+
+
+@dataclass(frozen=True)
+class SplitLogits:
+    """What comes back instead of a step's rows when the ring's last stage is a split stage that runs
+    the LM head (cluster/group.py, split_lm_head): the logits of the rows asked for (`rows`, rows of
+    the step's x, in order: Batcher.logit_rows), gathered by its first member in vocabulary order,
+    and the rows of x that were not finite there (their sessions fail, as rank 0's own check does)."""
+    logits: np.ndarray          # (len(rows), V)
+    rows: list
+    nonfinite: list
 
 
 class Batcher:
@@ -99,32 +111,50 @@ class Batcher:
         batch.front_ms = (time.perf_counter() - batch.t0) * 1000
         return x
 
-    def back(self, batch: Batch, x: np.ndarray, trace: list, source: str | None = None, counted=lambda: None):
+    def logit_rows(self, batch: Batch) -> list:
+        """The rows of the step's x that need logits, in order: every row of an echo request (each
+        prompt token is scored), else a session's last row once its prompt is all in this step.
+        Sessions a (decoding, 1 row), b (a prompt chunk of 64, more to come), c (its last 3 prompt
+        rows): [0, 67]."""
+        rows, row = [], 0
+        for s, n in zip(batch.sessions, batch.counts):
+            if s.req.echo or n == len(s.pending):
+                rows.extend(range(row if s.req.echo else row + n - 1, row + n))
+            row += n
+        return rows
+
+    def back(self, batch: Batch, x, trace: list, source: str | None = None, counted=lambda: None):
         """After the last block: head, then each session's rows (sessions.use_logits: score, sample,
         emit); every session of the batch moves on by its rows. `source`: who sent x back (the ring's
-        last stage; None: no ring). x: (T, C)
+        last stage; None: no ring). x: (T, C), or the SplitLogits a last split stage sent, whose
+        members ran the head (rank 0 then only samples).
 
         What is done per session (scoring, penalties, sampling, stop strings, detokenizing, emitting)
         cannot fail the batch: an exception there fails that session alone (s.error, a message saying
         what went wrong), and every other session goes on. The caller ends the sessions that are done.
         """
         t_back = time.perf_counter()
+        split = isinstance(x, SplitLogits)
+        T = sum(batch.counts)
         if source is not None:
-            self._check_finite(batch, x, source)
-        rows, owners = [], []                   # which rows of x need logits, and for whom
-        row = 0
-        for s, n in zip(batch.sessions, batch.counts):
-            last_chunk = n == len(s.pending)
-            if s.error is not None:
-                pass                            # its rows came back unusable: no logits for it
-            elif s.req.echo or last_chunk:   # echo scores every prompt row; otherwise only the last row
-                for r in range(row if s.req.echo else row + n - 1, row + n):
-                    rows.append(r)
-                    owners.append((s, r - row))
-            row += n
+            finite = np.isfinite(x).all(axis=1) if not split else np.ones(T, bool)      # (T,)
+            if split:
+                finite[x.nonfinite] = False
+                finite[x.rows] &= np.isfinite(x.logits).all(axis=1)
+            self._check_finite(batch, finite, source)
+        asked = x.rows if split else self.logit_rows(batch)
+        starts = np.cumsum([0] + list(batch.counts))
+        at = np.searchsorted(starts, asked, side="right") - 1                   # the session of each row
+        keep = [i for i, k in enumerate(at) if batch.sessions[k].error is None]   # not of a failed session
+        owners = [(batch.sessions[at[i]], int(asked[i] - starts[at[i]])) for i in keep]   # (session, its row)
         t_head = time.perf_counter()
-        logits = head(x[rows], self.stage.ln_f, self.stage.lm_head) if rows else None   # (len(rows), V)
-        if len(x) == 1 and rows:
+        if not keep:
+            logits = None
+        elif split:
+            logits = x.logits if len(keep) == len(asked) else x.logits[keep]                # (len(keep), V)
+        else:
+            logits = head(x[[asked[i] for i in keep]], self.stage.ln_f, self.stage.lm_head)  # (len(keep), V)
+        if T == 1 and owners:
             self.decode_ms.append(batch.front_ms + (time.perf_counter() - t_head) * 1000)
             for rank, ms in hop_transits(batch, trace, t_back) if trace else ():
                 if ms is not None and ms >= 0:
@@ -146,10 +176,10 @@ class Batcher:
             if not s.pending and s.t_prefill_done is None:
                 s.t_prefill_done = now
 
-    def _check_finite(self, batch: Batch, x: np.ndarray, source: str):
+    def _check_finite(self, batch: Batch, finite: np.ndarray, source: str):
         """Rows that came back from the ring as NaN or inf fail their sessions, naming who sent them
-        (the ring's last stage; a stage before it may have made them). x: (T, C)"""
-        finite = np.isfinite(x).all(axis=1)                                     # (T,)
+        (the ring's last stage; a stage before it may have made them). finite: (T,) bool, a row's
+        activations (and its logits, when the ring sent logits) all finite"""
         if finite.all():
             return
         row = 0

@@ -41,7 +41,8 @@ OBJECTIVES = ("throughput", "latency")     # what `partition: auto` minimises (p
 # cluster_config.yaml, and one entry of its `workers` list.
 CLUSTER_KEYS = ("host_ip", "port", "server", "num_workers", "workers", "bind", "max_sessions", "rejoin_grace_s",
                 "heartbeat_s", "auth_token", "tls_cert", "tls_key", "api_token", "cors_origins", "pipeline_depth",
-                "link_delay_ms", "link_mbps", "nodes", "prefix_cache_mb", "split_stages")
+                "link_delay_ms", "link_mbps", "nodes", "prefix_cache_mb", "split_stages",
+                "split_lm_head")
 WORKER_KEYS = ("rank", "host", "port")
 # cluster_config.yaml `nodes: {HOST: {...}}`: a node's capacity, instead of (or over) what it measures
 NODE_KEYS = ("speed_gbps", "speed8_gbps", "memory_mb")
@@ -517,6 +518,9 @@ class ClusterConfig:
     node_overrides: dict = field(default_factory=dict)   # host -> {speed_gbps, speed8_gbps, memory_mb}
     prefix_cache_mb: float | None = None   # kept KV caches per stage (nanopipe/prefix.py); None: see below
     split_stages: bool = True        # partition auto may make workers a split stage (cluster/split_plan.py)
+    # a ring that ends in a split stage: its members run the LM head, each for its share of the
+    # vocabulary (cluster/group.py); False keeps the head on rank 0. Only the leader reads it.
+    split_lm_head: bool = True
     path: str = ""
 
     def prefix_cache_bytes(self) -> int:
@@ -715,6 +719,7 @@ def load_cluster_config(config_dir: str = DEFAULT_CONFIG_DIR) -> ClusterConfig:
         node_overrides=_node_overrides(data, path, {n.host for n in nodes}),
         prefix_cache_mb=_real(data, "prefix_cache_mb", path, default=None),
         split_stages=_get(data, "split_stages", bool, path, default=True),
+        split_lm_head=_get(data, "split_lm_head", bool, path, default=True),
     )
 
 

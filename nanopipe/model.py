@@ -469,3 +469,39 @@ def blocks_forward_member(x, blocks, *, n_head: int, segments, reduce):
     for cache, n in segments:
         cache.length += n
     return x                                                                    # (T, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# the LM head over several members: split by vocabulary
+#
+# A split stage that ends the ring may also run the head. Every member holds the whole row after
+# the last all-reduce, so each can compute the logits of its share of the vocabulary, rows v0..v1-1
+# of wte (tied: wte is the head), with no sum across members; the shares side by side are the logits:
+#
+#     logits = concatenate([head(x, ln_f, wte[v0:v1]) for each member's (v0, v1)], axis=1)   # (T, V)
+#
+# Each logit is one row of wte times the same normalized row, so a share's logits are the whole
+# head's logits for those columns (up to how BLAS blocks the product: compare within a tolerance).
+
+
+def vocab_share(member: int, members: int, n_vocab: int) -> tuple:
+    """The rows of wte (the columns of the logits) member `member` of `members` holds, contiguous,
+    the remainder to the first members (split_evenly):
+
+        vocab_share(0, 2, 50257) -> (0, 25129)      vocab_share(1, 2, 50257) -> (25129, 50257)
+    """
+    if not 0 <= member < members:
+        raise SplitError(f"member {member} of {members} does not exist: members are 0..{members - 1}")
+    return split_evenly(n_vocab, members)[member]
+
+
+def head_share(x, ln_f, lm_head_rows):
+    """A member's part of `head`: the logits of its rows of the vocabulary. lm_head_rows (v1-v0, C),
+    rows v0..v1-1 of wte. (T, C) -> (T, v1-v0)."""
+    return head(x, ln_f, lm_head_rows)                          # (T, v1-v0)
+
+
+def gather_logits(shares):
+    """The members' logit shares side by side, in member (vocabulary) order: [(T, V0), (T, V1), ...]
+    -> (T, V). gather_logits([[[1., 2.]], [[3.]]]) -> [[1., 2., 3.]]."""
+    return np.concatenate(shares, axis=1)                       # (T, V)

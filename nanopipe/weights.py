@@ -289,6 +289,32 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
     return stage
 
 
+def load_head_share(path: str, vocab: tuple, n_head: int | None = None,
+                    expect: GPTConfig | None = None) -> dict:
+    """A split stage member's part of the LM head (model.head_share): ln_f and rows v0..v1-1 of the
+    head (lm_head.weight when the file has one, else wte: tied), read straight from the file, only
+    those rows (the rest is never held in memory):
+
+        load_head_share(path, (0, 25129)) -> {"ln_f": {"g": (C,), "b": (C,)}, "lm_head": (25129, C),
+                                              "vocab": (0, 25129)}
+
+    A file without the head (a worker's slice of blocks) raises WeightsError naming the tensor."""
+    config, header, prefix = read_config(path, n_head)
+    if expect is not None and (config.n_embd, config.n_vocab) != (expect.n_embd, expect.n_vocab):
+        raise WeightsError(f"{path}: holds a head of n_vocab={config.n_vocab}, n_embd={config.n_embd}, but the "
+                           f"cluster runs n_vocab={expect.n_vocab}, n_embd={expect.n_embd}")
+    v0, v1 = vocab
+    if not 0 <= v0 < v1 <= config.n_vocab:
+        raise WeightsError(f"{path}: vocabulary rows {v0}..{v1 - 1} requested, the model has {config.n_vocab}")
+    shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
+    name = "lm_head.weight" if "lm_head.weight" in header.tensors else prefix + "wte.weight"
+    with open(path, "rb") as f:
+        ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
+                "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
+        rows = _load(f, header, name, shapes["lm_head.weight"], path, rows=(v0, v1))          # (v1-v0, C)
+    return {"ln_f": ln_f, "lm_head": rows, "vocab": (v0, v1)}
+
+
 def _ranges(idx: list) -> str:
     return f"{idx[0]}..{idx[-1]}" if idx else "none"
 

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from ..model import KVCache, blocks_forward, blocks_forward_member
+from ..model import KVCache, blocks_forward, blocks_forward_member, head_share
 from ..partition import layers_text
 from ..prefix import fork_cache
 from .group import GroupLinks, GroupPlace
@@ -117,6 +117,8 @@ class DataPath:
         self.stage = self.config = None
         self.next_stage = None          # a re-plan's blocks, taken up when the leader closes the new ring
         self.group: GroupLinks | None = None    # a split stage's links to the other members
+        self.head_part: dict | str | None = None    # a last split stage's share of the LM head (head_step)
+        self.head_s = 0.0
         self.prev_rank = rank - 1       # who sends us activations (a rank the solver left out is skipped)
         self.max_act_bytes = 0
         self.caches: dict = {}
@@ -131,7 +133,7 @@ class DataPath:
         return self.down.epoch
 
     def place(self, stage, config, *, prev_rank: int, next_addr: tuple | None, next_rank: int, max_act_bytes: int,
-              group: GroupPlace | None = None):
+              group: GroupPlace | None = None, head_part: dict | str | None = None):
         """Where this stage sits: its blocks (stage), the cluster's shape, who sends to it, who it sends to;
         in a split stage its group (a later member has no next_addr: member 0 passes its rows on).
         Outside a ring (at the start) the blocks are used at once; in a running ring (the leader
@@ -147,6 +149,7 @@ class DataPath:
             if self.group is not None:
                 self.group.close()
             self.group = GroupLinks(group, max_act_bytes) if group else None
+            self.head_part = head_part
 
     def stand_by(self, prev_rank):
         """Left out by the plan: no ring, no blocks, no caches (sent once the ring runs without us)."""
@@ -192,7 +195,8 @@ class DataPath:
         return {"compute_ms": round(self.compute_ms, 3), "frames": self.frames, "sessions": len(self.caches),
                 "decode_ms": _median(self.decode_ms), "decode_samples": len(self.decode_ms),
                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
-                "reduce_ms": round(self.group.reduce_s * 1000, 3) if self.group is not None else None}
+                "reduce_ms": round(self.group.reduce_s * 1000, 3) if self.group is not None else None,
+                "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head else None}
 
     # -- the data port: upstream links in ---------------------------------------------------------
 
@@ -283,12 +287,17 @@ class DataPath:
             if len(x) == 1:             # one decode row: what the placement predicted this stage takes
                 self.decode_ms.append(ms)
             meta = dict(frame.meta)
+            head_s = self.head_s
+            logits = head_step(self, frame.meta, y, peer) if self.group is not None else None   # (R, V) or None
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
                 "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6),
                 # a split stage: of compute_ms, the time in its all-reduces (waiting for the other members)
-                **({"reduce_ms": round((self.group.reduce_s - reduce_s) * 1000, 3)} if self.group else {})}]
-            self.down.send(Msg.ACT, meta, y)                                  # (T, C) to the next rank
+                **({"reduce_ms": round((self.group.reduce_s - reduce_s) * 1000, 3)} if self.group else {}),
+                **({"head_ms": round((self.head_s - head_s) * 1000, 3)} if self.head_s != head_s else {})}]
+            if logits is not None:      # the LM head ran here, split by vocabulary: logits (R, V) to rank 0
+                meta["nonfinite"] = np.flatnonzero(~np.isfinite(y).all(axis=1)).tolist()
+            self.down.send(*((Msg.ACT, meta, y) if logits is None else (Msg.LOGITS, meta, logits)))
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache
@@ -376,6 +385,8 @@ class DataPath:
                         self.frames += 1
                         if y is not None and len(y) == 1:
                             self.decode_ms.append(ms)
+                        if y is not None:
+                            head_step(self, frame.meta, y, link.name)     # its share of the logits to member 0
                     elif frame.msg is Msg.FREE:
                         self._free(frame)
                     else:
@@ -389,6 +400,29 @@ class DataPath:
         finally:
             if self.epoch == epoch:
                 group.close()
+
+
+def head_step(data: DataPath, meta: dict, y: np.ndarray, peer: str) -> np.ndarray | None:
+    """A member's last step in a split stage that ends the ring and runs the LM head
+    (group.place.head), after its last all-reduce: every member has the whole rows y, so each
+    computes the logits of its rows of the vocabulary (model.head_share; `data.head_part`, from
+    weights.load_head_share, or why it has none) for the rows rank 0 asked for (the ACT's
+    `logits`), and member 0 gathers them in vocabulary order (GroupLinks.gather_logits).
+
+    Member 0 gets (R, V); None when rank 0 asked for none (a step too big for a frame of logits)
+    or a member holds no share: member 0 then passes y on and rank 0 runs the head. The other
+    members get None. The time goes to data.head_s (the heartbeat's head_ms)."""
+    rows = meta.get("logits")
+    if not data.group.place.head or rows is None:
+        return None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, int) and 0 <= r < len(y) for r in rows)):
+        raise ProtocolError(f"{peer}: ACT asks logits of rows {rows!r}; expected a list of its rows 0..{len(y) - 1}")
+    t0 = time.perf_counter()
+    part = data.head_part
+    share = head_share(y[rows], part["ln_f"], part["lm_head"]) if isinstance(part, dict) else None   # (R, v1-v0)
+    logits = data.group.gather_logits(share, why_not=part if isinstance(part, str) else "no share loaded")
+    data.head_s += time.perf_counter() - t0
+    return logits                                                               # (R, V), or None
 
 
 def _median(xs) -> float | None:

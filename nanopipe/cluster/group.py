@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from ..model import gather_logits
 from ..partition import groups
 from .net import close_now
 from .wire import Msg, ProtocolError, WireError, encode_frame, frame_array, recv_frame
@@ -69,15 +70,28 @@ def stages_in_ring(ranges: list, ring: list) -> list:
     return [g for g in groups(ranges) if g[0] in ring]
 
 
+def splits_head(ranges: list, ring: list, enabled: bool = True) -> bool:
+    """Does the ring end in a split stage (whose output returns to rank 0), so that its members run
+    the LM head, each for its share of the vocabulary? Rank 0 cannot be a member of a group
+    (partition refuses it), so the head is split where the last all-reduce leaves the whole rows.
+
+        splits_head([(0, 1), (1, 24), (1, 24)], [0, 1, 2]) -> True     [(0, 12), (12, 24)] -> False
+    """
+    stages = stages_in_ring(ranges, ring)
+    return enabled and len(stages) > 1 and len(stages[-1]) > 1
+
+
 def hops(ranges: list, ring: list) -> list:
     """The ranks activations pass through, one per stage (a group's first member): [0, 1] above."""
     return [g[0] for g in stages_in_ring(ranges, ring)]
 
 
-def place(ranges: list, ring: list, rank: int, node) -> dict:
+def place(ranges: list, ring: list, rank: int, node, head: bool = True) -> dict:
     """What worker `rank` is told of its place in the ring: its layers; for a stage's first member
     (every plain stage's only one) the ranks either side and the next one's address; for a member
-    of a group its group: [[rank, ip, port], ...] in member order, its index, how it all-reduces.
+    of a group its group: [[rank, ip, port], ...] in member order, its index, how it all-reduces,
+    and, when the group is the ring's last stage and `head` (cluster_config's split_lm_head), that
+    its members run the LM head too, each for its share of the vocabulary (`head: true`).
     `node(rank)` -> the cluster's NodeConfig (ip, port)."""
     stages = stages_in_ring(ranges, ring)
     group = next(g for g in stages if rank in g)
@@ -85,6 +99,8 @@ def place(ranges: list, ring: list, rank: int, node) -> dict:
     if len(group) > 1:
         out["group"] = {"members": [[r, node(r).ip, node(r).port] for r in group], "member": group.index(rank),
                         "how": reduce_how(len(group), len({node(r).ip for r in group}) == 1)}
+        if head and splits_head(ranges, ring):
+            out["group"]["head"] = True
     if rank != group[0]:
         out["prev_rank"] = None                 # it takes no activations from the ring: member 0 forwards them
         return out
@@ -126,14 +142,34 @@ def predict_split(stage_ms: float, members: int, n_blocks: int, n_embd: int, del
             "stage_ms": round(compute + 2 * n_blocks * reduce, 3)}
 
 
+def predict_head_split(head_ms: float, members: int, n_vocab: int, n_embd: int, delay_ms: float, mbps: float,
+                       rows: int = 1) -> dict:
+    """The LM head split by vocabulary over the last split stage's members, from the head's time on
+    one node (`head_ms`, rank 0's today): each member computes 1/m of it; the m-1 other shares reach
+    member 0 (one latency, their (m-1)/m of V floats a row over its link); the hop back to rank 0
+    then carries V logits a row instead of C activations (its latency is paid either way).
+
+        predict_head_split(25.7, 2, 50257, 1024, 0.2, 940): each member 12.9 ms, gather 0.2 + 100514
+        bytes = 1.06 ms, logits 50257 x 4 - 4096 = 197 KB more: 1.68 ms; rank 0 saves 25.7 ms
+    """
+    per_ms = rows * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0          # ms per float32 column of the rows
+    gather = delay_ms + (members - 1) / members * n_vocab * per_ms
+    logits = (n_vocab - n_embd) * per_ms
+    member = head_ms / members
+    return {"member_ms": round(member, 3), "gather_ms": round(gather, 3), "logits_ms": round(logits, 3),
+            "logits_bytes": rows * n_vocab * 4, "saved_ms": round(head_ms - member - gather - logits, 3)}
+
+
 GIGABIT = (0.2, 940.0)     # the link a split stage is predicted on when the cluster sets none: 1 GbE
 
 
 def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple | None = None,
-               ips: list | None = None) -> list:
+               ips: list | None = None, n_vocab: int | None = None, head: bool = True) -> list:
     """What `nanopipe plan` says of each split stage: its members, and the link model's time per
     decode step beside one node's. `speeds`: each rank's GB/s for one row (None: unknown); `link`:
     (delay ms, Mbit/s), the cluster's simulated link or else 1 GbE; `ips`: each rank's address.
+    With `n_vocab` and `head` (split_lm_head), a ring that ends in a split stage gets a line for
+    the LM head split by vocabulary over its members (predict_head_split).
 
         Split stage node1+node2 (layers 1-23, 2 members, all-reduce direct): one node 300.0 ms per
         decode step; each member 150.0 ms + 46 all-reduces x 0.235 ms (0.2 ms, 940 Mbit/s) = 160.8 ms: 1.87x
@@ -148,19 +184,32 @@ def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple
         m, n = len(g), hi - lo
         how = reduce_how(m, ips is not None and len({ips[r] for r in g}) == 1)
         who = "+".join(names[r] for r in g)
-        head = f"Split stage {who} (layers {layers_text(lo, hi)}, {m} members, all-reduce {how}): "
+        title = f"Split stage {who} (layers {layers_text(lo, hi)}, {m} members, all-reduce {how}): "
         reduce = all_reduce_ms(m, 1, n_embd, delay, mbps, how)
         known = [speeds[r] for r in g if speeds[r]]
         if len(known) < m:
-            out.append(head + f"each member computes 1/{m} of the stage; its {2 * n} all-reduces add "
+            out.append(title + f"each member computes 1/{m} of the stage; its {2 * n} all-reduces add "
                        f"{2 * n} x {reduce:.3f} ms = {2 * n * reduce:.1f} ms per decode step ({delay:g} ms, "
                        f"{mbps:g} Mbit/s); the compute is predicted once every member's speed is known")
             continue
         one = n * block_params(n_embd) * 4 / (min(known) * 1e9) * 1000        # ms: the stage's bytes, streamed once
         p = predict_split(one, m, n, n_embd, delay, mbps, how=how)
-        out.append(head + f"one node {one:.1f} ms per decode step; each member {p['compute_ms']:.1f} ms + "
+        out.append(title + f"one node {one:.1f} ms per decode step; each member {p['compute_ms']:.1f} ms + "
                    f"{p['all_reduces']} all-reduces x {p['all_reduce_ms']:.3f} ms ({delay:g} ms, {mbps:g} Mbit/s) "
                    f"= {p['stage_ms']:.1f} ms: {one / p['stage_ms']:.2f}x")
+    last = groups(ranges)[-1]
+    if n_vocab and splits_head(ranges, list(range(len(ranges))), head):
+        m, who = len(last), "+".join(names[r] for r in last)
+        known = [speeds[r] for r in last if speeds[r]]
+        head_ms = n_vocab * n_embd * 4 / (min(known) * 1e9) * 1000 if len(known) == m else None
+        h = predict_head_split(head_ms or 0.0, m, n_vocab, n_embd, delay, mbps)
+        out.append(f"LM head split by vocabulary over {who} (split_lm_head): "
+                   + (f"each member {h['member_ms']:.1f} ms of one node's {head_ms:.1f} ms, " if head_ms else
+                      f"each member 1/{m} of the head, ")
+                   + f"gathered at the first member ({h['gather_ms']:.2f} ms), logits back to rank 0 "
+                   f"{h['logits_bytes'] / 1e3:.0f} KB a row (+{h['logits_ms']:.2f} ms over {delay:g} ms, "
+                   f"{mbps:g} Mbit/s)"
+                   + (f": rank 0 saves {h['saved_ms']:.1f} ms per decode step" if head_ms else ""))
     return out
 
 
@@ -179,7 +228,9 @@ class GroupPlace:
         self.members = [(int(r), str(ip), int(port)) for r, ip, port in members]
         self.member = int(meta["member"])
         self.how = meta.get("how", DEFAULT_HOW)
-        if self.how not in ("direct", "gather") or not 0 <= self.member < len(self.members):
+        self.head = meta.get("head", False)         # the members run the LM head too, by vocabulary
+        if self.how not in ("direct", "gather") or not 0 <= self.member < len(self.members) \
+                or not isinstance(self.head, bool):
             raise ValueError(f"a bad group place {meta!r}")
 
     @property
@@ -317,6 +368,37 @@ class GroupLinks:
         data = encode_frame(msg, meta, payload)
         for i in range(1, self.place.size):
             self.links[i].send(data)
+
+    def gather_logits(self, share: np.ndarray | None, why_not: str = "") -> np.ndarray | None:
+        """The LM head split by vocabulary: every member's logits for its rows of the vocabulary,
+        (R, v1-v0) float32, go to member 0, which puts them side by side in member order
+        (model.gather_logits) -> (R, V); the others get None. A member that has no share (its file
+        holds no head) sends `why_not` instead, and member 0 then gets None too: it passes the
+        hidden rows on and rank 0 runs the head, as without the split."""
+        me, m = self.place.member, self.place.size
+        if me != 0:
+            meta = {"seq": self.seq, "missing": why_not} if share is None else \
+                {"seq": self.seq, "dtype": "float32", "shape": list(share.shape)}
+            self.links[0].send(encode_frame(Msg.LOGITS, meta, b"" if share is None else np.ascontiguousarray(share)))
+            return None
+        parts = [share]
+        for i in range(1, m):                       # every share is read, so the links stay in step
+            link = self.links[i]
+            frame = link.recv()
+            if frame.msg is not Msg.LOGITS or frame.meta.get("seq") != self.seq:
+                raise ProtocolError(f"{link.name}: expected its LOGITS share after all-reduce {self.seq}, got "
+                                    f"{frame.msg.name} (seq {frame.meta.get('seq')!r}): the members are out of step")
+            if "missing" in frame.meta:
+                parts.append(None)
+                continue
+            x = frame_array(frame, peer=link.name)
+            if x.dtype != np.float32 or x.ndim != 2 or share is not None and len(x) != len(share):
+                raise ProtocolError(f"{link.name}: a LOGITS share of {x.dtype} {list(x.shape)}, expected float32 "
+                                    f"({'?' if share is None else len(share)}, its share of the vocabulary)")
+            parts.append(x)
+        if any(p is None for p in parts):
+            return None
+        return gather_logits(parts)                                             # (R, V)
 
     def all_reduce(self, partial: np.ndarray) -> np.ndarray:
         """partial (T, C) float32, this member's -> the sum of every member's, added in member order

@@ -32,7 +32,7 @@ ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long
 # a worker's heartbeat (STATS): each of these is a finite number >= 0 or null; anything else is
 # logged once (naming the rank) and left out, so monitoring never computes with a lie
 STATS_NUMBERS = ("rank", "rss_mb", "compute_ms", "frames", "sessions", "gemv_rows", "decode_ms", "decode_samples",
-                 "kv_cache_bytes", "reduce_ms")
+                 "kv_cache_bytes", "reduce_ms", "head_ms")
 STATS_TEXTS = {"blas": 200}     # text a STATS may carry, and its longest accepted length
 
 
@@ -137,6 +137,10 @@ class WorkerRegistry:
         member; the others get its rows from it, cluster/group.py)."""
         return group.hops(self._ranges(), [0] + self.ring_ranks())[1:]
 
+    def splits_head(self) -> bool:
+        """Does the ring end in a split stage whose members run the LM head (group.splits_head)?"""
+        return group.splits_head(self._ranges(), [0] + self.ring_ranks(), self.cluster.split_lm_head)
+
     def stages(self) -> list:
         """The ring's worker stages, each its ranks: [[1, 2], [3]] when ranks 1 and 2 share layers."""
         return group.stages_in_ring(self._ranges(), [0] + self.ring_ranks())[1:]
@@ -147,7 +151,8 @@ class WorkerRegistry:
         w = self.workers[rank]
         if w.excluded:
             return {"layers": list(w.layers), "excluded": w.excluded, "prev_rank": None}
-        return group.place(self._ranges(), [0] + self.ring_ranks(), rank, self.cluster.node)
+        return group.place(self._ranges(), [0] + self.ring_ranks(), rank, self.cluster.node,
+                           head=self.cluster.split_lm_head)
 
     def assign(self, ranges: list, excluded: list) -> dict:
         """The plan's split: each worker's layers (ranges[rank]) and why it is left out (or None).

@@ -23,6 +23,7 @@ import traceback
 
 import numpy as np
 
+from ..batching import SplitLogits
 from ..logs import shown
 from .net import close_now, dial, welcome
 from .node import LinkModel
@@ -52,10 +53,15 @@ class Ring:
     """
 
     def __init__(self, out_sock, n_embd: int, depth: int, epoch: int, on_break, link_sleep=None,
-                 source: str = "the ring", log=None):
+                 source: str = "the ring", log=None, n_vocab: int = 0, max_logits_bytes: int = 0):
         """`source`: who sends the final activations back (the last rank), named when they are bad;
-        `log(msg, level)`: where a bad number in a trace is reported (once per rank and field)."""
+        `log(msg, level)`: where a bad number in a trace is reported (once per rank and field).
+        `max_logits_bytes` > 0: the ring ends in a split stage that runs the LM head (group.splits_head):
+        each ACT asks it for the logits of the rows the step samples from (`logits`), as long as
+        they fit in that many bytes (rows x n_vocab float32); a bigger step gets its rows back."""
         self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
+        self.n_vocab, self.max_logits_bytes = n_vocab, max_logits_bytes
+        self.logits_asked: dict = {}                 # batch id -> the rows it asked logits of
         self.source, self.log = source, log
         self.warned: set = set()                     # (rank, field) of bad trace numbers already logged
         self.link_sleep = link_sleep                 # a simulated slower link, for benchmarks
@@ -64,15 +70,19 @@ class Ring:
         self.broken = False
         self.rows_sent: dict = {}                    # batch id -> rows, to check what comes back
 
-    def send(self, batch_id, sessions, x):
+    def send(self, batch_id, sessions, x, logits=None):
+        """Batch `batch_id`'s rows x (T, C) to worker 1; `logits`: the rows the step needs logits of
+        (Batcher.logit_rows), asked of a last split stage that runs the head (see __init__)."""
         if self.broken:
             return                                   # the batch is replayed once the ring is rebuilt
         self.rows_sent[batch_id] = len(x)
+        meta = {"batch": batch_id, "epoch": self.epoch, "sessions": sessions, "trace": []}
+        if logits and len(logits) * self.n_vocab * 4 <= self.max_logits_bytes:
+            meta["logits"] = self.logits_asked[batch_id] = list(logits)
         if self.link_sleep is not None:
             self.link_sleep(x.nbytes)
         try:
-            send_array(self.out_sock, Msg.ACT, {"batch": batch_id, "epoch": self.epoch, "sessions": sessions,
-                                                "trace": []}, np.ascontiguousarray(x, np.float32))
+            send_array(self.out_sock, Msg.ACT, meta, np.ascontiguousarray(x, np.float32))
         except OSError as e:
             self._broke(f"lost the link to worker 1: {e}")
 
@@ -100,7 +110,10 @@ class Ring:
         frame cannot be the answer to a batch we sent (the caller closes that link)."""
         if frame.meta.get("epoch") != self.epoch:
             return                                   # a frame from before a rebuild
+        if frame.msg is Msg.LOGITS:
+            self._deliver_logits(frame, peer)
         if frame.msg is Msg.ACT:
+            self.logits_asked.pop(frame.meta.get("batch"), None)    # (the head's share was missing somewhere)
             x = frame_array(frame, expect_cols=self.n_embd, peer=peer)                  # (N, C)
             batch = frame.meta.get("batch")
             rows = self.rows_sent.pop(batch, None) if isinstance(batch, int) else None
@@ -112,6 +125,25 @@ class Ring:
                 nbytes = len(encode_frame(frame.msg, frame.meta)) + len(frame.payload)
                 trace[-1].update(bytes_out=nbytes, t_back=time.time())
             self.inbox.put((batch, x, trace))
+
+    def _deliver_logits(self, frame, peer):
+        """The last split stage ran the head: the logits of the rows this batch asked for, (R, V),
+        and which of its hidden rows were not finite (rank 0 fails those sessions)."""
+        batch = frame.meta.get("batch")
+        rows = self.rows_sent.pop(batch, None) if isinstance(batch, int) else None
+        asked = self.logits_asked.pop(batch, None) if isinstance(batch, int) else None
+        x = frame_array(frame, expect_cols=self.n_vocab, peer=peer)                      # (R, V)
+        bad = frame.meta.get("nonfinite", [])
+        if rows is None or asked is None or x.ndim != 2 or x.dtype != np.float32 or len(x) != len(asked):
+            raise ProtocolError(f"{peer}: LOGITS for batch {batch!r} with {x.dtype} {list(x.shape)} does not answer "
+                                f"a batch in flight ({'no' if asked is None else len(asked)} rows of logits asked)")
+        if not (isinstance(bad, list) and all(isinstance(r, int) and 0 <= r < rows for r in bad)):
+            raise ProtocolError(f"{peer}: LOGITS has a bad \"nonfinite\" list {bad!r}; expected rows 0..{rows - 1}")
+        trace = self._clean_trace(_checked_trace(frame.meta.get("trace"), peer))
+        if trace:
+            nbytes = len(encode_frame(frame.msg, frame.meta)) + len(frame.payload)
+            trace[-1].update(bytes_out=nbytes, t_back=time.time())
+        self.inbox.put((batch, SplitLogits(x, asked, bad), trace))
 
     def _clean_trace(self, trace: list) -> list:
         """The hops whose compute_ms is a finite number >= 0: a hop that lies (-5, NaN) is left out
@@ -261,7 +293,9 @@ class RingBuilder:
             return False
         last = hops[-1]
         ring = Ring(sock, self.config.n_embd, depth=self.cluster.depth(), epoch=epoch, on_break=self.on_break,
-                    link_sleep=LinkModel.of(self.cluster).wait, source=f"rank {last.rank} ({last.host})", log=self.log)
+                    link_sleep=LinkModel.of(self.cluster).wait, source=f"rank {last.rank} ({last.host})", log=self.log,
+                    n_vocab=self.config.n_vocab,
+                    max_logits_bytes=self.max_act_bytes if self.registry.splits_head() else 0)
         with self.scheduler.lock, self.lock:     # no scheduler step runs while the ring changes
             if epoch != self.epoch or any(w.status != "ready" for w in workers):
                 ring.close()
@@ -309,7 +343,7 @@ class RingBuilder:
             while True:
                 frame = recv_frame(sock, name, max_payload=self.max_act_bytes)
                 ring = self.ring
-                if frame.msg is Msg.ACT:
+                if frame.msg in (Msg.ACT, Msg.LOGITS):
                     if ring is not None and frame.meta.get("epoch") == ring.epoch:
                         ring.deliver(frame, name)
                 elif frame.msg is Msg.FREE:

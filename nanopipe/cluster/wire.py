@@ -96,6 +96,7 @@ class Msg(enum.IntEnum):
     LEFT = 29               # leader -> client: that worker is drained, the ring runs without it
     DRAINED = 30            # leader -> worker: the ring runs without you now; stop
     PARTIAL = 31            # member <-> member of a split stage: its partial sum of a block's c_proj
+    LOGITS = 32             # the ring's last split stage -> rank 0 (and member -> member 0): logits rows
 
 
 class WireError(Exception):

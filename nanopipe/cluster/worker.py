@@ -197,10 +197,12 @@ class Worker:
         lo, hi = place["layers"]
         group = GroupPlace(place["group"]) if place.get("group") else None     # a split stage's member
         self._load_place(sock, lo, hi, expect, share=(group.member, group.size) if group else None)
+        head_part = load_head_part(self, group, expect) if group and group.head else None
         self.data.place(self.stage, expect, prev_rank=place.get("prev_rank", self.rank - 1),
                         next_addr=tuple(place["next"]) if place.get("next") else None,
                         next_rank=place.get("next_rank", 0),
-                        max_act_bytes=max_act_bytes(expect, self.cluster.max_sessions), group=group)
+                        max_act_bytes=max_act_bytes(expect, self.cluster.max_sessions), group=group,
+                        head_part=head_part)
         self.data.ensure_listening()
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
                  f"{layers_text(lo, hi)})")
@@ -349,3 +351,29 @@ class Worker:
                 send_frame(sock, Msg.ERROR, {"message": message, "epoch": epoch})
         except OSError:
             pass
+
+
+def load_head_part(worker: Worker, group: GroupPlace, expect: GPTConfig):
+    """The ring's last split stage runs the LM head: this member's rows of the vocabulary
+    (model.vocab_share) and ln_f, read from its weights file (weights.load_head_share), kept across
+    re-plans that give it the same rows. A worker whose file holds no head (it fetched a slice of
+    blocks) gets why, as a string: the stage then sends its rows to rank 0, which runs the head, as
+    with split_lm_head: false."""
+    from ..model import vocab_share
+    from ..weights import WeightsError, load_head_share
+    vocab = vocab_share(group.member, group.size, expect.n_vocab)
+    held = worker.data.head_part
+    if isinstance(held, dict) and held["vocab"] == vocab:
+        return held
+    if worker.weights_path is None:
+        why = f"worker {worker.rank} fetched a slice of blocks, which holds no LM head"
+    else:
+        try:
+            part = load_head_share(worker.weights_path, vocab, worker.n_head or expect.n_head, expect)
+            worker.log(f"Loaded the LM head's rows {vocab[0]}-{vocab[1] - 1} of {expect.n_vocab} for worker "
+                       f"{worker.rank} ({part['lm_head'].nbytes / 1e6:.1f} MB): the split stage runs the head")
+            return part
+        except WeightsError as e:
+            why = str(e)
+    worker.log(f"Cannot run a share of the LM head ({why}); rank 0 runs the head", logging.WARNING)
+    return why

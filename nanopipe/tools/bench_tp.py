@@ -8,8 +8,11 @@ memory) and synthetic. Three setups, measured in turn, round after round, in one
     (a) one node   rank 0 on core 0 holds every block and the head
     (b) split      rank 0 (embed, block 0, head) and member 0 of the split stage on core 0, member 1
                    on core 1; blocks 1-23 split by heads and MLP columns (layer_mapping
-                   {0: [0, 0], 1: [1, 23], 2: [1, 23]}). For one conversation rank 0 and member 0
-                   never run at once (the ring is sequential), so they share core 0 as one machine.
+                   {0: [0, 0], 1: [1, 23], 2: [1, 23]}), `split_lm_head: false`: the head on rank 0.
+                   For one conversation rank 0 and member 0 never run at once (the ring is
+                   sequential), so they share core 0 as one machine.
+    (b+h) split head  (b) with the LM head split by vocabulary over the two members (the default):
+                   each computes the logits of half the vocabulary, member 0 sends rank 0 logits.
     (c) pipeline   rank 0 (blocks 0-11 and the head) on core 0, rank 1 (blocks 12-23) on core 1
 
 Per token it reports where the time goes: rank 0's blocks and LM head, each member's compute and
@@ -28,7 +31,8 @@ import numpy as np
 
 from ..cluster.group import GroupLinks, GroupPlace, Link
 from ..cluster.net import tune
-from ..weights import WEIGHTS_DIR, ensure_synthetic, read_config
+from ..model import head_share, vocab_share
+from ..weights import WEIGHTS_DIR, ensure_synthetic, load_head_share, read_config
 from .bench import bench_prompt, write_csv
 from .localcluster import LocalCluster, free_ports
 
@@ -37,12 +41,14 @@ BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREAD
 
 
 def setups(n_layer: int) -> dict:
-    """name -> (nodes, layer_mapping or None, {rank: core})"""
+    """name -> (nodes, layer_mapping or None, {rank: core}, cluster_config extras)"""
     last, half = n_layer - 1, n_layer // 2
+    split = {0: [0, 0], 1: [1, last], 2: [1, last]}
     return {
-        "a: 1 node, 1 core": (1, None, {0: 0}),
-        "b: split stage, 2 cores": (3, {0: [0, 0], 1: [1, last], 2: [1, last]}, {0: 0, 1: 0, 2: 1}),
-        "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}),
+        "a: 1 node, 1 core": (1, None, {0: 0}, {}),
+        "b: split, head on rank 0": (3, split, {0: 0, 1: 0, 2: 1}, {"split_lm_head": False}),
+        "b+h: split, head split": (3, split, {0: 0, 1: 0, 2: 1}, {"split_lm_head": True}),
+        "c: pipeline, 2 cores": (2, {0: [0, half - 1], 1: [half, last]}, {0: 0, 1: 1}, {}),
     }
 
 
@@ -64,8 +70,8 @@ def _status(cl) -> dict:
 
 
 def _worker_totals(st: dict) -> dict:
-    return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0)
-            for n in st["nodes"] if n["rank"] > 0}
+    return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0,
+                        n.get("head_ms") or 0.0) for n in st["nodes"] if n["rank"] > 0}
 
 
 def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
@@ -82,7 +88,7 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
     parts = {}
     if decode:
         parts["rank 0 blocks"] = float(np.median([e["hops"][0]["compute_ms"] for e in decode]))
-        parts["rank 0 head"] = float(np.median([e["head_ms"] for e in decode if e.get("head_ms") is not None]))
+        parts["rank 0 head+sampling"] = float(np.median([e["head_ms"] for e in decode if e.get("head_ms") is not None]))
         for i in range(1, len(decode[0]["hops"])):
             hop = decode[0]["hops"][i]
             parts[f"rank {hop['rank']} compute"] = float(np.median([e["hops"][i]["compute_ms"] for e in decode]))
@@ -91,12 +97,16 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
                                                                            for e in decode]))
         known = sum(v for k, v in parts.items() if "all-reduce" not in k)
         parts["hops and scheduler"] = ms - known
-    for rank, (c1, f1, r1) in after.items():        # every worker, the members without a hop of their own too
-        c0, f0, r0 = before.get(rank, (0.0, 0, 0.0))
+    for rank, (c1, f1, r1, h1) in after.items():    # every worker, the members without a hop of their own too
+        c0, f0, r0, h0 = before.get(rank, (0.0, 0, 0.0, 0.0))
         if f1 > f0 and f"rank {rank} compute" not in parts:
             parts[f"rank {rank} compute (mean)"] = (c1 - c0) / (f1 - f0)
             if r1 > r0:
                 parts[f"rank {rank} all-reduce (mean)"] = (r1 - r0) / (f1 - f0)
+        if f1 > f0 and h1 > h0:     # a member's share of the LM head (and, on the hop, gathering the others')
+            parts[f"rank {rank} head (mean)"] = (h1 - h0) / (f1 - f0)
+            if f"rank {rank} compute" in parts and "hops and scheduler" in parts:
+                parts["hops and scheduler"] -= parts[f"rank {rank} head (mean)"]
     return {"ms_per_token": round(ms, 2), "tok_s": round(1000 / ms, 2), "token_ids": s["done"]["token_ids"],
             "parts": {k: round(v, 2) for k, v in parts.items()}, "load": round(max(load0, load1), 2)}
 
@@ -115,12 +125,12 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
     clusters = {}
     rows = []
     try:
-        for name, (nodes, mapping, cores) in setups(cfg.n_layer).items():
+        for name, (nodes, mapping, cores, extra) in setups(cfg.n_layer).items():
             wrap = {r: (["nice", "-n", str(nice)] if nice else []) + ([pin, "-c", str(c)] if pin else [])
                     for r, c in cores.items()}
             echo(f"starting {name}: {nodes} node(s)" + (f", layer_mapping {mapping}" if mapping else ""))
             cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
-                              cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0})
+                              cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0, **extra})
             clusters[name] = cl.start()
             one_stream(cl, prompt_len, 4)                                        # warm-up
         for rnd in range(1, rounds + 1):
@@ -232,6 +242,65 @@ def compare_reduce(sizes=(2, 3, 4), rows=(1, 16), rounds: int = 2, echo=print) -
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# the LM head alone: one core for all of it, or m cores for a share each at once
+
+
+def _head_member(path: str, member: int, members: int, repeats: int, barrier, out):
+    """One member of `head_bench` (a fresh process, one BLAS thread): pinned to core member % cores,
+    its rows of the head read from `path`; times `repeats` one-row head_shares, each started with
+    the other members' at once (a barrier)."""
+    os.sched_setaffinity(0, {member % os.cpu_count()})
+    part = load_head_share(path, vocab_share(member, members, read_config(path)[0].n_vocab))
+    x = np.random.default_rng(0).standard_normal((1, part["lm_head"].shape[1])).astype(np.float32)   # (1, C)
+    times = []
+    for _ in range(repeats):
+        barrier.wait()
+        t = time.perf_counter()
+        head_share(x, part["ln_f"], part["lm_head"])                                   # (1, v1-v0)
+        times.append(time.perf_counter() - t)
+    out.send(float(np.median(times[repeats // 5:])) * 1000)
+
+
+def head_bench(path: str, members: int, repeats: int = 60) -> dict:
+    """Median ms of one row's LM head: `members` processes on their own cores, each with its share
+    of the vocabulary, started at once (members=1: the whole head on one core). The slowest
+    member's median is what a split head costs before its gather."""
+    ctx = mp.get_context("spawn")                  # fresh processes: their BLAS starts with one thread
+    saved = {k: os.environ.get(k) for k in BLAS_ONE}
+    os.environ.update(BLAS_ONE)
+    barrier = ctx.Barrier(members)
+    pipes, procs = [], []
+    for i in range(members):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_head_member, args=(path, i, members, repeats, barrier, b), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    got = [a.recv() if a.poll(300) else float("nan") for a in pipes]
+    for p in procs:
+        p.join(10)
+    return {"members": members, "ms_per_member": [round(g, 2) for g in got], "slowest_ms": round(max(got), 2),
+            "load": round(os.getloadavg()[0], 2)}
+
+
+def compare_head(path: str | None = None, rounds: int = 3, echo=print) -> list:
+    """The LM head on one core against split over two, side by side, `rounds` times."""
+    path = path or ensure_synthetic(folder=WEIGHTS_DIR, size="gpt2-medium", log=echo)
+    out = []
+    for rnd in range(1, rounds + 1):
+        for m in (1, 2):
+            row = {"round": rnd, **head_bench(path, m)}
+            out.append(row)
+            echo(f"round {rnd}: LM head over {m} core(s): {row['ms_per_member']} ms (load {row['load']})")
+    return out
+
+
 def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
     """`make bench-tp`: (a), (b), (c) twice, then direct vs gather; CSVs in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
@@ -241,8 +310,11 @@ def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
     write_csv([{k: v for k, v in r.items() if k != "token_ids"} for r in rows], os.path.join(out_dir, "tp.csv"))
     reduce = compare_reduce(echo=echo)
     write_csv(reduce, os.path.join(out_dir, "reduce.csv"))
+    heads = compare_head(echo=echo)
+    write_csv([{**r, "ms_per_member": " ".join(map(str, r["ms_per_member"]))} for r in heads],
+              os.path.join(out_dir, "head.csv"))
     echo(f"load average after: {os.getloadavg()[0]:.2f}")
-    return {"tp": rows, "reduce": reduce}
+    return {"tp": rows, "reduce": reduce, "head": heads}
 
 
 if __name__ == "__main__":

@@ -136,14 +136,17 @@ def split_stage_lines(cfg, caps, ranges, names, cluster) -> list:
     """A configured split stage, predicted for one conversation (split_plan.split_lines) beside the
     even pipeline; while a member's speed is unknown, what the link alone costs (group.plan_lines)."""
     link = split_link(cluster)
+    by_link = plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd, link[:2],
+                         [n.ip for n in cluster.nodes] if cluster else None, n_vocab=cfg.n_vocab,
+                         head=cluster.split_lm_head if cluster else True)
     if any(c is None or c.speed_gbps is None for c in caps):
-        return plan_lines(ranges, names, [c.speed_gbps if c else None for c in caps], cfg.n_embd, link[:2],
-                          [n.ip for n in cluster.nodes] if cluster else None)
+        return by_link
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab, n_head=cfg.n_head)
     hop_s = hop_seconds(cluster.link_delay_ms if cluster else 0.0)
     pred = conversation_ms(shape, caps, ranges, link, hop_s, [n.ip for n in cluster.nodes] if cluster else None)
     even = forecast(shape, caps, make_plan(cfg.n_layer, len(ranges), "even"), cluster, "latency")
-    return split_lines(pred, names, even.cycle_s(1) * 1000 if even else None, "the even pipeline")
+    return split_lines(pred, names, even.cycle_s(1) * 1000 if even else None, "the even pipeline") + \
+        [ln for ln in by_link if ln.startswith("LM head split")]
 
 
 def plan_capacities(cluster, names, cfg, here) -> list:

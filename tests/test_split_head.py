@@ -1,0 +1,324 @@
+"""The LM head split by vocabulary over the members of the ring's last split stage.
+
+When the ring ends in a split stage, its members hold the whole rows after their last all-reduce;
+each computes the logits of its rows of the vocabulary (wte's rows v0..v1-1, read alone from the
+file), member 0 gathers them in vocabulary order and sends LOGITS back, and rank 0 only samples
+(cluster/group.py; `split_lm_head: false` keeps the head on rank 0). GPT-2's 50257 tokens split
+unevenly over 2 members (25129 + 25128) and over 3 (16753 + 16752 + 16752).
+
+Real `nanopipe serve` / `join` processes (LocalCluster), compared with one process (Engine): the
+tokens, greedy and seeded, must be the very same; logprobs within a tolerance (a share's gemv may
+block its sums unlike the whole head's), the largest difference printed. The tests of
+tests/test_split_cluster.py that take a `split_cluster` run here too, on clusters that end in a
+split stage (imported below: the same checks, this module's fixture).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import test_split_cluster as plain
+from helpers import log_of, read_tensors, status, wait_log
+from test_split_cluster import CASES, LONG, PROMPT, READY_S, assert_same
+
+from nanopipe.cluster.group import place, plan_lines, predict_head_split, splits_head
+from nanopipe.decoding import SamplingParams
+from nanopipe.model import gather_logits, head, head_share, vocab_share
+from nanopipe.safetensors_io import read_header, write_safetensors
+from nanopipe.tools.localcluster import LocalCluster
+from nanopipe.weights import WeightsError, load_head_share, load_stage
+
+# the fixtures of tests/test_split_cluster.py, and its tests that take a split_cluster, run again here
+weights, reference = plain.weights, plain.reference
+test_split_stage_gives_the_tokens_of_one_process = plain.test_split_stage_gives_the_tokens_of_one_process
+test_batched_sessions_through_the_split_stage = plain.test_batched_sessions_through_the_split_stage
+test_prefix_reuse_through_the_split_stage = plain.test_prefix_reuse_through_the_split_stage
+test_stop_sequence_ends_the_answer_and_the_members_free_it = \
+    plain.test_stop_sequence_ends_the_answer_and_the_members_free_it
+
+V = 50257
+# name -> layer_mapping (inclusive), the ring the leader's log shows, each member's rows of the vocabulary
+ENDS_SPLIT = {
+    "2 members end the ring": ({0: [0, 0], 1: [1, 4], 2: [1, 4]}, "ring 0 -> 1+2 -> 0",
+                               {1: (0, 25129), 2: (25129, V)}),
+    "3 members after a plain stage": ({0: [0, 0], 1: [1, 1], 2: [2, 4], 3: [2, 4], 4: [2, 4]},
+                                      "ring 0 -> 1 -> 2+3+4 -> 0",
+                                      {2: (0, 16753), 3: (16753, 33505), 4: (33505, V)}),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENDS_SPLIT))
+def split_cluster(request, weights):
+    mapping, path, vocab = ENDS_SPLIT[request.param]
+    cl = LocalCluster(weights, nodes=len(mapping), layer_mapping=mapping, ready_timeout=READY_S,
+                      cluster_extra={"heartbeat_s": 0.2})
+    cl.ring_path, cl.vocab = path, vocab
+    with cl:
+        yield cl
+
+
+def test_each_member_runs_its_rows_of_the_head(split_cluster, reference):
+    """Every member loaded its rows of the vocabulary (uneven: the first member one more) and spent
+    time on the head; the answer is one process's."""
+    for rank, (v0, v1) in split_cluster.vocab.items():
+        wait_log(split_cluster, rank, f"Loaded the LM head's rows {v0}-{v1 - 1} of {V}", timeout=10)
+    with split_cluster.client() as c:
+        got = c.generate(PROMPT, CASES["greedy"])
+    assert_same(got, reference(PROMPT, CASES["greedy"]), "greedy")
+    time.sleep(0.6)                     # the next heartbeats carry the head's time
+    head_ms = {n["rank"]: n["head_ms"] for n in status(split_cluster)["nodes"] if n["rank"] > 0}
+    assert all(head_ms[r] and head_ms[r] > 0 for r in split_cluster.vocab), head_ms
+    assert all(head_ms[r] is None for r in head_ms if r not in split_cluster.vocab), head_ms
+
+
+def test_echo_scores_every_prompt_row_through_the_split_head(split_cluster, reference, weights):
+    """An echo request asks logits of every prompt row: several rows of logits in one LOGITS frame."""
+    from nanopipe.engine import Engine
+    params = SamplingParams("greedy", max_tokens=3)
+    want = Engine.load(weights).generate(PROMPT, params, echo=True, top_logprobs=2)
+    with split_cluster.client() as c:
+        got = c.generate(PROMPT, params, echo=True, top_logprobs=2)
+    assert got["token_ids"] == want["token_ids"]
+    diff = float(np.max(np.abs(np.subtract(got["prompt_logprobs"][1:], want["prompt_logprobs"][1:]))))
+    print(f"echo: prompt logprobs within {diff:.3g} of one process")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("victim", [2, 1], ids=["the second member", "the first member (the ring's hop)"])
+def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights, reference, tmp_path, victim):
+    """A member of the last split stage dies while an answer streams: the stage drops out, the
+    member restarts, the ring and the member links are rebuilt, the session is replayed, and the
+    answer is one process's, the head split again."""
+    mapping = {0: [0, 0], 1: [1, 4], 2: [1, 4]}
+    cl = LocalCluster(weights, nodes=3, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=READY_S,
+                      cluster_extra={"heartbeat_s": 0.2, "rejoin_grace_s": 60, "link_delay_ms": 15})
+    with cl:
+        box, seen, killed = {}, [], threading.Event()
+
+        def on_token(t, _text):
+            if t is not None:
+                seen.append(t)
+                if len(seen) == 5:
+                    cl.kill_rank(victim, signal.SIGKILL)
+                    killed.set()
+
+        def run():
+            try:
+                with cl.client(timeout=120) as c:
+                    box["result"] = c.generate(PROMPT, LONG, on_token=on_token)
+            except Exception as e:
+                box["error"] = e
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert killed.wait(60), "the answer never reached 5 tokens"
+        wait_log(cl, 0, f"Worker {victim} is down", timeout=10)
+        assert "result" not in box, "the answer finished without the killed member"
+        cl.start_rank(victim)
+        t.join(120)
+        assert not t.is_alive(), "the answer hung after the member came back"
+        assert "error" not in box, box.get("error")
+        assert_same(box["result"], reference(PROMPT, LONG), "after a member died and came back")
+        assert "replaying 1 interrupted session" in log_of(cl, 0), log_of(cl, 0)[-3000:]
+        assert log_of(cl, victim).count("Loaded the LM head's rows") == 2, "the restarted member runs no head"
+
+
+def test_split_lm_head_false_keeps_the_head_on_rank_0(weights, reference, tmp_path):
+    """The switch off: the members load no head and send their rows back, as before."""
+    mapping = {0: [0, 0], 1: [1, 4], 2: [1, 4]}
+    cl = LocalCluster(weights, nodes=3, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=READY_S,
+                      cluster_extra={"heartbeat_s": 0.2, "split_lm_head": False})
+    with cl:
+        with cl.client() as c:
+            for case in ("greedy", "sampling"):
+                assert_same(c.generate(PROMPT, CASES[case]), reference(PROMPT, CASES[case]), f"{case}, head on rank 0")
+        nodes = status(cl)["nodes"]
+        assert all(n["head_ms"] is None for n in nodes if n["rank"] > 0), nodes
+        assert not any("LM head" in log_of(cl, r) for r in (1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces, in one process
+
+
+def test_head_shares_side_by_side_are_the_head(weights):
+    """model.head_share over 2 and 3 uneven shares of the vocabulary, gathered, is model.head."""
+    st = load_stage(weights)
+    x = np.random.default_rng(0).standard_normal((3, st.config.n_embd)).astype(np.float32)      # (T, C)
+    want = head(x, st.ln_f, st.lm_head)                                                          # (T, V)
+    for m in (2, 3):
+        shares = [vocab_share(r, m, V) for r in range(m)]
+        assert shares[0][0] == 0 and shares[-1][1] == V and all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+        got = gather_logits([head_share(x, st.ln_f, st.lm_head[v0:v1]) for v0, v1 in shares])
+        diff = float(np.max(np.abs(got - want)))
+        print(f"{m} shares {shares}: logits within {diff:.3g} of the whole head")
+        assert got.shape == want.shape and diff <= 1e-4
+        assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+
+
+def test_load_head_share_reads_its_rows_only(weights, tmp_path):
+    part = load_head_share(weights, (25129, V))
+    raw = read_tensors(weights)
+    assert part["lm_head"].shape == (V - 25129, raw["wte.weight"].shape[1])
+    assert np.array_equal(part["lm_head"], raw["wte.weight"][25129:])
+    assert np.array_equal(part["ln_f"]["g"], raw["ln_f.weight"])
+    blocks_only = str(tmp_path / "blocks.safetensors")
+    write_safetensors(blocks_only, {k: v for k, v in raw.items() if k.startswith("h.")}, read_header(weights).metadata)
+    with pytest.raises(WeightsError, match="wte|ln_f"):
+        load_head_share(blocks_only, (0, 10))
+    with pytest.raises(WeightsError, match="vocabulary rows"):
+        load_head_share(weights, (0, V + 1))
+
+
+def test_only_the_last_split_stage_runs_the_head():
+    class Node:
+        def __init__(self, r):
+            self.ip, self.port, self.rank = "10.0.0.1", 7000 + r, r
+    last = [(0, 1), (1, 5), (1, 5)]
+    middle = [(0, 1), (1, 3), (1, 3), (3, 5)]
+    assert splits_head(last, [0, 1, 2]) and not splits_head(last, [0, 1, 2], enabled=False)
+    assert not splits_head(middle, [0, 1, 2, 3]) and not splits_head([(0, 3), (3, 5)], [0, 1])
+    assert place(last, [0, 1, 2], 2, Node)["group"]["head"] is True
+    assert "head" not in place(last, [0, 1, 2], 2, Node, head=False)["group"]
+    assert "head" not in place(middle, [0, 1, 2, 3], 1, Node)["group"]
+
+
+def test_plan_prints_the_split_head_with_the_link_model():
+    """gpt2-medium's head (50257 x 1024 float32, 205.9 MB) on 4 GB/s nodes: 51.5 ms on one node,
+    25.7 ms per member of 2; gathering member 1's 25128 columns over 1 GbE 0.2 + 25128 x 32 / 940e3
+    = 1.055 ms; logits back 50257 x 4 bytes a row instead of 4096: (50257 - 1024) x 32 / 940e3 = 1.676 ms; rank 0 saves
+    51.46 - 25.73 - 1.06 - 1.68 = 23.0 ms."""
+    h = predict_head_split(51.47, 2, V, 1024, 0.2, 940)
+    assert (h["member_ms"], h["gather_ms"], h["logits_ms"], h["logits_bytes"]) == (25.735, 1.055, 1.676, 201028), h
+    lines = plan_lines([(0, 1), (1, 25), (1, 25)], ["pi0", "pi1", "pi2"], [None, 4.0, 4.0], 1024, None,
+                       ["a", "b", "c"], n_vocab=V)
+    assert len(lines) == 2 and lines[1].startswith("LM head split by vocabulary over pi1+pi2 (split_lm_head): "
+                                                   "each member 25.7 ms of one node's 51.5 ms"), lines
+    assert "201 KB a row (+1.68 ms over 0.2 ms, 940 Mbit/s): rank 0 saves 23.0 ms" in lines[1], lines[1]
+    assert len(plan_lines([(0, 1), (1, 25), (1, 25)], ["a", "b", "c"], [None, 4.0, 4.0], 1024, n_vocab=V,
+                          head=False)) == 1
+
+
+def test_a_member_without_a_share_sends_why_and_member_0_gets_none():
+    """gather_logits over real socket pairs: 3 members, shares in member order side by side; when
+    one member has no share (its file holds no head) member 0 gets None (it then passes its rows on
+    and rank 0 runs the head), and every link is still read to the end of the step."""
+    import socket
+
+    from nanopipe.cluster.group import GroupLinks, GroupPlace, Link
+    members = [[r, "127.0.0.1", 7000 + r] for r in range(3)]
+    pairs = {i: socket.socketpair() for i in (1, 2)}
+    g = [GroupLinks(GroupPlace({"members": members, "member": i}), 1 << 24) for i in range(3)]
+    g[0].links = {i: Link(pairs[i][0], f"member {i}", 1 << 24) for i in (1, 2)}
+    for i in (1, 2):
+        g[i].links = {0: Link(pairs[i][1], "member 0", 1 << 24)}
+    x = np.arange(2 * 7, dtype=np.float32).reshape(2, 7)                     # (R, V): 2 rows, V = 7
+    cuts = [vocab_share(r, 3, 7) for r in range(3)]                          # (0, 3), (3, 5), (5, 7)
+    try:
+        for i in (1, 2):
+            assert g[i].gather_logits(x[:, slice(*cuts[i])]) is None
+        assert np.array_equal(g[0].gather_logits(x[:, slice(*cuts[0])]), x)
+        g[1].gather_logits(None, why_not="its file holds no head")
+        g[2].gather_logits(x[:, slice(*cuts[2])])
+        assert g[0].gather_logits(x[:, slice(*cuts[0])]) is None
+        g[1].gather_logits(x[:, slice(*cuts[1])])
+        g[2].gather_logits(x[:, slice(*cuts[2])])
+        assert np.array_equal(g[0].gather_logits(x[:, slice(*cuts[0])]), x), "the links are out of step"
+    finally:
+        for a, b in pairs.values():
+            a.close()
+            b.close()
+
+
+def test_rank_0_samples_from_split_logits_and_a_bad_row_fails_its_session_alone(tiny_engine):
+    """Rank 0's side in one process: a ring that answers with SplitLogits (the head run by "the
+    members", here model.head on the rows the ACT asked for, in 2 uneven shares) gives every session
+    the tokens and logprobs it gets without a ring; a row the stage reports non-finite fails its
+    session alone, naming the sender."""
+    from nanopipe.batching import SplitLogits
+    from nanopipe.engine import Request, Scheduler
+    st = tiny_engine.stage
+    V_ = st.config.n_vocab
+    cuts = [vocab_share(r, 2, V_) for r in range(2)]
+
+    class HeadSplitRing:
+        depth, source = 1, "rank 2 (node2)"
+
+        def __init__(self):
+            self.inbox, self.asked = [], []
+
+        def send(self, batch_id, sessions, x, logits=None):
+            self.asked.append(list(logits))
+            shares = [head_share(x[logits], st.ln_f, st.lm_head[v0:v1]) for v0, v1 in cuts]
+            bad, row = [], 0
+            for s in sessions:
+                if s["id"] == "poisoned":
+                    bad += list(range(row, row + s["n"]))
+                row += s["n"]
+            self.inbox.append((batch_id, SplitLogits(gather_logits(shares), list(logits), bad), []))
+
+        def recv(self, timeout):
+            return self.inbox.pop(0) if self.inbox else None
+
+        def free(self, ids):
+            pass
+
+    greedy, seeded = SamplingParams("greedy", max_tokens=8), SamplingParams("sampling", max_tokens=8, seed=3)
+    prompts = {1: [11, 22, 33], 2: [5, 6, 7, 8], 3: [40, 41]}
+    want = {1: tiny_engine.generate(prompts[1], greedy), 3: tiny_engine.generate(prompts[3], seeded)}
+    ring = HeadSplitRing()
+    sched = Scheduler(st, ring=ring)
+    got = {}
+    for i, sid, params in ((1, "a", greedy), (2, "poisoned", greedy), (3, "b", seeded)):
+        sched.submit(Request(prompts[i], params, lambda kind, data, i=i: kind in ("done", "error")
+                             and got.setdefault(i, (kind, data)), id=sid))
+    for _ in range(200):
+        if not (sched.busy or sched.in_flight):
+            break
+        sched.step()
+    assert got[2][0] == "error" and got[2][1]["error"].startswith("rank 2 (node2) sent non-finite"), got[2]
+    for i in (1, 3):
+        assert got[i][0] == "done" and got[i][1]["token_ids"] == want[i]["token_ids"], (got[i], want[i])
+        diff = float(np.max(np.abs(np.subtract(got[i][1]["logprobs"], want[i]["logprobs"]))))
+        print(f"session {i}: tokens equal, logprobs within {diff:.3g} of one process")
+        assert diff <= 1e-5
+    assert ring.asked[0] == [2, 6, 8], ring.asked[0]          # each prompt's last row of the first step
+
+
+def test_the_ring_asks_for_logits_that_fit_and_refuses_logits_it_did_not_ask_for():
+    import socket
+
+    from nanopipe.batching import SplitLogits
+    from nanopipe.cluster.ring import Ring
+    from nanopipe.cluster.wire import Msg, ProtocolError, decode_frame, encode_frame, recv_frame
+    a, b = socket.socketpair()
+    try:
+        ring = Ring(a, 4, depth=1, epoch=7, on_break=lambda *args: None, n_vocab=10, max_logits_bytes=80)
+        x = np.zeros((3, 4), np.float32)
+        sessions = [{"id": "s", "pos": 0, "n": 3}]
+        ring.send(1, sessions, x, logits=[2])
+        ring.send(2, sessions, x, logits=[0, 1, 2])             # 3 x 10 x 4 = 120 bytes > 80: rows back
+        assert recv_frame(b, "ring").meta["logits"] == [2]
+        assert "logits" not in recv_frame(b, "ring").meta
+
+        def logits(batch, rows, nonfinite=()):
+            meta = {"batch": batch, "epoch": 7, "trace": [], "nonfinite": list(nonfinite), "dtype": "float32",
+                    "shape": [rows, 10]}
+            return decode_frame(encode_frame(Msg.LOGITS, meta, np.ones((rows, 10), np.float32)))
+        with pytest.raises(ProtocolError, match="does not answer a batch in flight"):
+            ring.deliver(logits(2, 3), "rank 2")                # batch 2 asked for no logits
+        with pytest.raises(ProtocolError, match="nonfinite"):
+            ring.send(3, sessions, x, logits=[2])
+            ring.deliver(logits(3, 1, nonfinite=[5]), "rank 2")   # there is no row 5
+        with pytest.raises(ProtocolError, match="does not answer"):
+            ring.send(4, sessions, x, logits=[2])
+            ring.deliver(logits(4, 2), "rank 2")                # 2 rows of logits, 1 asked
+        ring.deliver(logits(1, 1, nonfinite=[0]), "rank 2")
+        batch, got, _ = ring.recv(1)
+        assert batch == 1 and isinstance(got, SplitLogits) and got.rows == [2] and got.nonfinite == [0]
+        assert got.logits.shape == (1, 10)
+    finally:
+        a.close()
+        b.close()
