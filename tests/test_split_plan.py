@@ -133,7 +133,15 @@ def test_decide_with_split_says_it_in_the_plans_words_and_can_be_forbidden():
     mc, cc = configs()
     d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
     assert d.ranges == [(0, 1), (1, 24), (1, 24)] and d.placement is None and d.split is not None, d
+    # split_lm_head (the default): the ring ends in the split stage, so its members run the LM head.
+    # By hand: 116.3 with the head on rank 0 (below), less rank 0's 25.7 ms head, plus each member's
+    # half 12.9, the gather 0.2 + 100514 B at 940 Mbit/s = 1.06 and the logits frame's 197 KB more 1.68
+    assert "split stage ranks 1-2 (layers 1-23), predicted 106.1 ms/token vs pipeline 176.9" in d.note, d.note
+    assert d.split.head_on == "the split stage", d.split
+    mc, cc = configs(split_lm_head=False)
+    d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
     assert "split stage ranks 1-2 (layers 1-23), predicted 116.3 ms/token vs pipeline 176.9" in d.note, d.note
+    assert d.split.head_on == "rank 0", d.split
     # split_stages: false: the guide's pure pipeline, as placement.decide alone gives it
     mc, cc = configs(split_stages=False)
     d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
@@ -180,7 +188,7 @@ def test_the_leader_applies_the_split_and_logs_the_prediction():
     leader._plan()
     assert leader.applied == [(0, 1), (1, 24), (1, 24)] and leader.excluded == [None, None, None]
     line = [m for m in leader.logged if "planned:" in m]
-    assert line and "split stage ranks 1-2 (layers 1-23), predicted 116.3 ms/token vs pipeline 176.9" in line[0], \
+    assert line and "split stage ranks 1-2 (layers 1-23), predicted 106.1 ms/token vs pipeline 176.9" in line[0], \
         leader.logged
     assert line[0].startswith("Plan: rank 0 (n0) 0-0, rank 1 (n1) 1-23, rank 2 (n2) 1-23"), line[0]
 
@@ -194,8 +202,9 @@ def test_plan_prints_members_heads_compute_all_reduces_and_the_head():
     assert placed == [(0, 1), (1, 24), (1, 24)], placed
     assert ("Split stage n1+n2 (layers 1-23, all-reduce direct): heads 8+8; compute n1 72.4 ms, n2 72.4 ms; "
             "46 all-reduces x 0.235 ms = 10.8 ms (0.2 ms, 940 Mbit/s, link_delay_ms/link_mbps)") in text, text
-    assert ("One conversation: 116.3 ms/token (8.6 tok/s): rank 0 32.0 ms (LM head 25.7), split stage 83.2 ms, "
-            "2 hops 1.0 ms; the pipeline: 176.9 ms (1.52x)") in text, text
+    # the head on the split stage (split_lm_head): rank 0 32.0 - 25.7; the stage 83.2 + 12.9 + 1.06 + 1.68
+    assert ("One conversation: 106.1 ms/token (9.4 tok/s): rank 0 6.3 ms (LM head on the split stage, 12.9 each), "
+            "split stage 98.8 ms, 2 hops 1.0 ms; the pipeline: 176.9 ms (1.67x)") in text, text
 
 
 def test_split_lines_of_three_members_with_uneven_heads():

@@ -37,7 +37,7 @@ from .. import placement  # placement.decide looked up at the call: tests count 
 from ..model import split_evenly
 from ..partition import groups, layers_text
 from ..placement import GB, MB, Decision
-from .group import GIGABIT, predict_split, reduce_how
+from .group import GIGABIT, predict_head_split, predict_split, reduce_how
 
 SPLIT_GAIN = 0.10       # a split stage must predict a token at least this much sooner than the pipeline
 
@@ -89,6 +89,7 @@ class Conversation:
     ms: float
     link: tuple
     pipeline_ms: float | None = None
+    head_on: str = "rank 0"        # or "the split stage": split_lm_head moved the head to its members
 
     @property
     def split(self):
@@ -97,10 +98,12 @@ class Conversation:
 
 
 def conversation_ms(shape, caps: list, ranges: list, link: tuple, hop_s: float, ips: list | None = None,
-                    n_head: int | None = None) -> Conversation:
+                    n_head: int | None = None, head_split: bool = False) -> Conversation:
     """The predicted ms per token of one conversation through `ranges` (split stages included):
     each stage in turn, one hop each (none when rank 0 is alone). `caps`: each rank's Capacity,
-    speeds known; `link`: (delay ms, Mbit/s, ...) for the all-reduces; `ips`: each rank's address."""
+    speeds known; `link`: (delay ms, Mbit/s, ...) for the all-reduces; `ips`: each rank's address.
+    `head_split` (split_lm_head): a ring that ends in a split stage runs the LM head there, 1/m on
+    each member plus the gather and the logits frame (group.predict_head_split), not on rank 0."""
     n_head = n_head or shape.n_head or max(1, shape.n_embd // 64)
     delay, mbps = link[0], link[1]
     stages, head_ms = [], 0.0
@@ -123,8 +126,17 @@ def conversation_ms(shape, caps: list, ranges: list, link: tuple, hop_s: float, 
         p = predict_split(max(each) * m, m, hi - lo, shape.n_embd, delay, mbps, how=how)
         heads = [b - a for a, b in split_evenly(n_head, m)]
         stages.append(Stage(g, (lo, hi), p["stage_ms"], each, heads, p["all_reduces"], p["all_reduce_ms"], how))
+    head_on = "rank 0"
+    last = stages[-1]
+    if head_split and len(last.ranks) > 1 and head_ms:
+        slowest = min(caps[r].speed_gbps for r in last.ranks)
+        h = predict_head_split(shape.head_stream_bytes / (slowest * GB) * 1000, len(last.ranks), shape.n_vocab,
+                               shape.n_embd, delay, mbps)
+        stages[0] = dataclasses.replace(stages[0], ms=stages[0].ms - head_ms)
+        stages[-1] = dataclasses.replace(last, ms=last.ms + h["member_ms"] + h["gather_ms"] + h["logits_ms"])
+        head_ms, head_on = h["member_ms"], "the split stage"
     hops = hop_s * 1000 * len(stages) if len(stages) > 1 else 0.0
-    return Conversation(stages, head_ms, hops, sum(s.ms for s in stages) + hops, tuple(link))
+    return Conversation(stages, head_ms, hops, sum(s.ms for s in stages) + hops, tuple(link), head_on=head_on)
 
 
 def _fits(shape, cap, blocks: float, rank0: bool, sessions: int) -> bool:
@@ -136,7 +148,7 @@ def _fits(shape, cap, blocks: float, rank0: bool, sessions: int) -> bool:
 
 
 def split_stage(shape, caps: list, pipeline_ms: float, *, link: tuple, hop_s: float, sessions: int,
-                ips: list | None = None, margin: float = SPLIT_GAIN):
+                ips: list | None = None, margin: float = SPLIT_GAIN, head_split: bool = False):
     """The split the rule chooses (module docstring): (ranges, Conversation), or None when no split
     of consecutive workers predicts a token `margin` sooner than `pipeline_ms`, or none fits."""
     n, L = len(caps), shape.n_layer
@@ -156,7 +168,7 @@ def split_stage(shape, caps: list, pipeline_ms: float, *, link: tuple, hop_s: fl
                                  False, sessions) for i, r in enumerate(members)):
                     continue
                 ranges = [(0, c0)] + [(c0, c0) if r < a else (c0, L) if r <= b else (L, L) for r in range(1, n)]
-                pred = conversation_ms(shape, caps, ranges, link, hop_s, ips, n_head)
+                pred = conversation_ms(shape, caps, ranges, link, hop_s, ips, n_head, head_split)
                 if best is None or pred.ms < best[1].ms:
                     best = (ranges, pred)
     if best is None or best[1].ms > (1 - margin) * pipeline_ms:
@@ -178,7 +190,8 @@ def decide_with_split(shape, caps: list, ranges: list, model, cluster=None, part
     # the pipeline to beat: the fastest for one conversation, whatever the objective chose
     pipeline_ms = min(d.placement.cycle_s(1), placement.fastest_one_stream_s(
         shape, caps, sessions=d.sessions, hop_s=d.hop_s)) * 1000
-    found = split_stage(shape, caps, pipeline_ms, link=link, hop_s=d.hop_s, sessions=d.sessions, ips=ips)
+    found = split_stage(shape, caps, pipeline_ms, link=link, hop_s=d.hop_s, sessions=d.sessions, ips=ips,
+                        head_split=cluster is None or cluster.split_lm_head)
     if found is None:
         return d
     chosen, pred = found
@@ -211,7 +224,8 @@ def split_lines(pred: Conversation, names: list, pipeline_ms: float | None = Non
                    + f"; {s.all_reduces} all-reduces x {s.all_reduce_ms:.3f} ms = "
                    f"{s.all_reduces * s.all_reduce_ms:.1f} ms ({delay:g} ms, {mbps:g} Mbit/s"
                    + (f", {where})" if where else ")"))
-    parts = [f"rank 0 {pred.stages[0].ms:.1f} ms (LM head {pred.head_ms:.1f})"]
+    parts = [f"rank 0 {pred.stages[0].ms:.1f} ms" + (f" (LM head {pred.head_ms:.1f})" if pred.head_on == "rank 0" else
+                                                      f" (LM head on the split stage, {pred.head_ms:.1f} each)")]
     parts += [("split stage" if len(s.ranks) > 1 else f"rank {s.ranks[0]}") + f" {s.ms:.1f} ms"
               for s in pred.stages[1:]]
     if pred.hops_ms:

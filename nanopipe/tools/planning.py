@@ -143,7 +143,8 @@ def split_stage_lines(cfg, caps, ranges, names, cluster) -> list:
         return by_link
     shape = ModelShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_ctx=cfg.n_ctx, n_vocab=cfg.n_vocab, n_head=cfg.n_head)
     hop_s = hop_seconds(cluster.link_delay_ms if cluster else 0.0)
-    pred = conversation_ms(shape, caps, ranges, link, hop_s, [n.ip for n in cluster.nodes] if cluster else None)
+    pred = conversation_ms(shape, caps, ranges, link, hop_s, [n.ip for n in cluster.nodes] if cluster else None,
+                           head_split=cluster.split_lm_head if cluster else True)
     even = forecast(shape, caps, make_plan(cfg.n_layer, len(ranges), "even"), cluster, "latency")
     return split_lines(pred, names, even.cycle_s(1) * 1000 if even else None, "the even pipeline") + \
         [ln for ln in by_link if ln.startswith("LM head split")]
