@@ -15,7 +15,7 @@ from helpers import read_tensors
 
 import nanopipe.weights as weights_mod
 from nanopipe import gpt2_tensors
-from nanopipe.safetensors_io import Header, read_header, read_tensor, write_safetensors
+from nanopipe.safetensors_io import Header, read_header, read_part, read_tensor, write_safetensors
 from nanopipe.weights import (
     BLOCK_PARAMS,
     WeightsError,
@@ -270,13 +270,18 @@ def test_not_gpt2_names_the_file(tmp_path):
 
 @pytest.fixture
 def reads(monkeypatch):
-    """The names of the tensors the loader reads."""
+    """The names of the tensors the loader reads (whole, or through read_part: a column-major matrix)."""
     names = []
 
     def recording(f, info):
         names.append(info.name)
         return read_tensor(f, info)
+
+    def recording_part(f, info, *args, **kwargs):
+        names.append(info.name)
+        return read_part(f, info, *args, **kwargs)
     monkeypatch.setattr(weights_mod, "read_tensor", recording)
+    monkeypatch.setattr(weights_mod, "read_part", recording_part)
     return names
 
 

@@ -33,7 +33,7 @@ from .. import batching  # the scheduler's head runs in batching.Batcher.back
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
-from ..kernels import describe_kernels, kernels
+from ..kernels import describe_kernels, kernels, product
 from ..model import KVCache, blocks_forward, embed, gpt2, head, layer_norm
 from ..weights import ensure_synthetic, is_synthetic, synthetic_name
 
@@ -119,11 +119,11 @@ def matmul_floor(stage, repeats: int = 20) -> dict:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        for p in stage.blocks:
-            x @ p["attn"]["c_attn"]["w"], x @ p["attn"]["c_proj"]["w"]
-            x @ p["mlp"]["c_fc"]["w"], x4 @ p["mlp"]["c_proj"]["w"]
+        for p in stage.blocks:                              # the products model.linear runs, bias aside
+            product(x, p["attn"]["c_attn"]["w"]), product(x, p["attn"]["c_proj"]["w"])
+            product(x, p["mlp"]["c_fc"]["w"]), product(x4, p["mlp"]["c_proj"]["w"])
         if stage.lm_head is not None:
-            stage.lm_head @ x.T                             # (V, C) @ (C, 1): a gemv on wte as stored
+            product(x, stage.lm_head.T)                     # (1, C) @ (C, V): a gemv on wte as kept
         times.append(time.perf_counter() - t)
     ms = float(np.median(times)) * 1000
     return {"ms_per_token": round(ms, 3), "gb_s": round(bytes_per_token(stage) / ms / 1e6, 2),
