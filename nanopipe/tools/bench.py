@@ -490,19 +490,20 @@ try:
 except OSError:
     pass
 base = status("VmRSS")
-lo, hi, share = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-stage = load_stage(sys.argv[1], lo, hi, rank0=False, share=tuple(share) if share else None)
+lo, hi, share, rank0 = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5:] == ["rank0"]
+stage = load_stage(sys.argv[1], lo, hi, rank0=rank0, share=tuple(share) if share else None)
 print(json.dumps({"base": base, "peak": status("VmHWM"), "held": stage.nbytes}))
 """
 
 
-def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict:
+def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None, rank0: bool = False) -> dict:
     """Peak RSS growth of a fresh process loading blocks lo..hi-1 of `weights`, whole or one member's
-    share=(r, m) of them (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
+    share=(r, m) of them, and with rank0 wte, wpe and ln_f too (in the memory orders its environment
+    pins: kernels.layout_orders) (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
     Returns {"held_mb": what the stage keeps, "peak_mb": how far RSS rose on the way}, and the same
     in bytes ("held", "growth") with the RSS after imports ("base")."""
     out = subprocess.run([sys.executable, "-c", _LOAD_RSS_CHILD, weights, str(lo), str(hi),
-                          json.dumps(list(share) if share else None)],
+                          json.dumps(list(share) if share else None)] + (["rank0"] if rank0 else []),
                          capture_output=True, text=True, timeout=300, check=True)
     m = json.loads(out.stdout)
     mb, growth = 2 ** 20, m["peak"] - m["base"]
