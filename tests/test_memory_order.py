@@ -139,6 +139,7 @@ def test_a_node_with_a_bad_order_setting_says_so_and_exits(tiny_weights, tmp_pat
     """A real `nanopipe join` whose NANOPIPE_BLOCK_ORDER is wrong: the message, exit 2, no traceback."""
     import os
     import subprocess
+
     from nanopipe.tools.localcluster import LocalCluster
     cl = LocalCluster(tiny_weights, nodes=2, workdir=str(tmp_path))
     env = dict(os.environ, NANOPIPE_BLOCK_ORDER="rows")
@@ -320,7 +321,8 @@ def test_a_cluster_pinned_alike_equals_one_process_bit_for_bit(tiny_weights, pin
     from nanopipe.tools.localcluster import LocalCluster
     pin(*orders)
     engine = Engine.load(tiny_weights)
-    cases = [SamplingParams("greedy", max_tokens=10), SamplingParams("sampling", temperature=0.8, max_tokens=10, seed=3)]
+    cases = [SamplingParams("greedy", max_tokens=10),
+             SamplingParams("sampling", temperature=0.8, max_tokens=10, seed=3)]
     want = [engine.generate([15496, 995, 11, 616], p) for p in cases]
     env = {kernels.BLOCK_ORDER_ENV: orders[0], kernels.HEAD_ORDER_ENV: orders[1]}
     with LocalCluster(tiny_weights, nodes=3, workdir=str(tmp_path), env=env, ready_timeout=60) as cl:
