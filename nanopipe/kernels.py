@@ -478,12 +478,14 @@ def _time_pass(mats, xs) -> float:
 
 
 def measure_layout(n_embd: int, n_vocab: int | None, which=("blocks", "head"), repeats: int = 5,
-                   time_pass=None) -> dict:
+                   time_pass=None, budget_s: float = 0.5) -> dict:
     """{what: {"C": (ms, ms), "F": (ms, ms)}} for what in `which` ("blocks", "head"): the products a
     decode step runs (`product`) on `layout_probe`'s matrices kept in each order, for a step of 1 row
-    and of 4 rows; each the best of `repeats`, both orders interleaved, the 4-row time per row. One
-    probe at a time (64-85 MB for gpt2, freed before the next), at the process's own BLAS thread count.
-    `time_pass(mats, xs) -> ms` times one pass (the tests pass a fake)."""
+    and of 4 rows; each the best of `repeats` or more (rounds go on while `budget_s` lasts, at most
+    50: on a busy machine more samples give each cell a better chance of an undisturbed one), both
+    orders interleaved, the 4-row time per row. One probe at a time (64-85 MB for gpt2, freed before
+    the next), at the process's own BLAS thread count. `time_pass(mats, xs) -> ms` times one pass
+    (the tests pass a fake)."""
     time_pass = time_pass or _time_pass
     out = {}
     for what in which:
@@ -493,7 +495,10 @@ def measure_layout(n_embd: int, n_vocab: int | None, which=("blocks", "head"), r
         best = {(o, T): float("inf") for o in mats for T in LAYOUT_PROBE_ROWS}
         for o in mats:                                          # warm-up: BLAS threads, page faults
             time_pass(mats[o], xs[1])
-        for _ in range(repeats):
+        t_start = time.perf_counter()
+        for i in range(50):
+            if i >= repeats and time.perf_counter() - t_start > budget_s:
+                break
             for T in LAYOUT_PROBE_ROWS:
                 for o in mats:
                     best[o, T] = min(best[o, T], time_pass(mats[o], xs[T]) / T)
