@@ -129,7 +129,6 @@ BLOCK_ORDER_ENV = "NANOPIPE_BLOCK_ORDER"
 HEAD_ORDER_ENV = "NANOPIPE_HEAD_ORDER"
 UNTIMED_ORDERS = ("F", "C")     # blocks column-major, wte as stored: what nobody-chose keeps (and nanopipe kept before)
 LAYOUT_PROBE_BYTES = 64 << 20   # each probe's matrices: twice this machine's 32 MB L3, so they stream from memory
-LAYOUT_PROBE_ROWS = (1, 4)      # a lone conversation's decode step, and four conversations' together
 
 
 def _pinned(name: str) -> int | None:
@@ -219,14 +218,13 @@ def choose_layout(n_embd: int, n_vocab: int | None = None, *, time_pass=None) ->
             hows.append(f"{what} pinned by {env}")
         elif what in times:
             t = times[what]
-            orders[what] = min(("C", "F"), key=lambda o: sum(t[o]))     # a tie keeps C
-            hows.append(f"{what} C {sum(t['C']):.2f} vs F {sum(t['F']):.2f} ms "
-                        f"({t['C'][0]:.2f}+{t['C'][1]:.2f} vs {t['F'][0]:.2f}+{t['F'][1]:.2f})")
+            orders[what] = min(("C", "F"), key=t.get)                 # a tie keeps C
+            hows.append(f"{what} C {t['C']:.2f} vs F {t['F']:.2f} ms")
         else:
             orders[what] = untimed
             hows.append(f"{what}: no LM head in this process")
     kernels.block_order, kernels.head_order = orders["blocks"], orders["head"]
-    kernels.layout_how = ("measured, ms per row of a 1-row step + a 4-row step: " if times else "") + "; ".join(hows)
+    kernels.layout_how = ("measured, one row: " if times else "") + "; ".join(hows)
     return kernels
 
 
@@ -479,29 +477,30 @@ def _time_pass(mats, xs) -> float:
 
 def measure_layout(n_embd: int, n_vocab: int | None, which=("blocks", "head"), repeats: int = 5,
                    time_pass=None, budget_s: float = 0.5) -> dict:
-    """{what: {"C": (ms, ms), "F": (ms, ms)}} for what in `which` ("blocks", "head"): the products a
-    decode step runs (`product`) on `layout_probe`'s matrices kept in each order, for a step of 1 row
-    and of 4 rows; each the best of `repeats` or more (rounds go on while `budget_s` lasts, at most
-    50: on a busy machine more samples give each cell a better chance of an undisturbed one), both
-    orders interleaved, the 4-row time per row. One probe at a time (64-85 MB for gpt2, freed before
-    the next), at the process's own BLAS thread count. `time_pass(mats, xs) -> ms` times one pass
-    (the tests pass a fake)."""
+    """{what: {"C": ms, "F": ms}} for what in `which` ("blocks", "head"): one row through the products
+    a decode step runs (`product`) on `layout_probe`'s matrices kept in each order, the best of
+    `repeats` or more (rounds go on while `budget_s` lasts, at most 50: on a busy machine more
+    samples give each order a better chance of an undisturbed one), both orders interleaved.
+
+    One row because that is a lone conversation's decode step, and what a step of a few rows runs
+    for each of its rows (`gemv_per_row`, up to the crossover measured next, on the loaded weights);
+    the gemms of many rows differ less between the orders (docs/PERFORMANCE.md). One probe at a time
+    (64-85 MB for gpt2, freed before the next), at the process's own BLAS thread count.
+    `time_pass(mats, xs) -> ms` times one pass (the tests pass a fake)."""
     time_pass = time_pass or _time_pass
     out = {}
     for what in which:
         mats = layout_probe(n_embd, n_vocab, what)
-        xs = {T: {w.shape[0]: np.full((T, w.shape[0]), 0.01, np.float32) for w in mats["C"]}
-              for T in LAYOUT_PROBE_ROWS}
-        best = {(o, T): float("inf") for o in mats for T in LAYOUT_PROBE_ROWS}
+        xs = {w.shape[0]: np.full((1, w.shape[0]), 0.01, np.float32) for w in mats["C"]}   # (1, in)
+        best = {o: float("inf") for o in mats}
         for o in mats:                                          # warm-up: BLAS threads, page faults
-            time_pass(mats[o], xs[1])
+            time_pass(mats[o], xs)
         t_start = time.perf_counter()
         for i in range(50):
             if i >= repeats and time.perf_counter() - t_start > budget_s:
                 break
-            for T in LAYOUT_PROBE_ROWS:
-                for o in mats:
-                    best[o, T] = min(best[o, T], time_pass(mats[o], xs[T]) / T)
-        out[what] = {o: tuple(round(best[o, T], 3) for T in LAYOUT_PROBE_ROWS) for o in mats}
+            for o in mats:
+                best[o] = min(best[o], time_pass(mats[o], xs))
+        out[what] = {o: round(ms, 3) for o, ms in best.items()}
         del mats
     return out
