@@ -33,9 +33,9 @@ from .. import batching  # the scheduler's head runs in batching.Batcher.back
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
-from ..kernels import describe_kernels, kernels, product
+from ..kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV, describe_kernels, kernels, product
 from ..model import KVCache, blocks_forward, embed, gpt2, head, layer_norm
-from ..weights import ensure_synthetic, is_synthetic, synthetic_name
+from ..weights import ensure_synthetic, is_synthetic, load_stage, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, synthetic_name("gpt2"))   # shared with demo, trace, init-weights
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers
@@ -104,6 +104,53 @@ def bytes_per_token(stage) -> int:
             yield from leaves(v) if isinstance(v, dict) else [v]
     blocks = sum(a.nbytes for p in stage.blocks for a in leaves(p))
     return blocks + (stage.lm_head.nbytes if stage.lm_head is not None else 0)
+
+
+def compare_orders(weights: str | None = None, steps: int = 100, position: int = 32, echo=print) -> dict:
+    """The weights' memory orders (kernels.choose_layout) side by side in one process: the model loaded
+    once per (blocks, head) order, then one decode step of each in turn (embed, the blocks through
+    `decode_blocks`, the LM head; one row at `position`), `steps` rounds, each step timed in wall ms
+    and in this thread's CPU ms (all of it with one BLAS thread). Step by step, so every layout sees
+    the same moments of a busy machine. {(blocks, head): {"cpu_min", "cpu_median", "wall_min", ...}}
+
+        OPENBLAS_NUM_THREADS=1 python -c "from nanopipe.tools.bench import compare_orders; compare_orders()"
+    """
+    weights = ensure_weights(weights or DEFAULT_WEIGHTS, echo=echo)
+    saved = {k: os.environ.get(k) for k in (BLOCK_ORDER_ENV, HEAD_ORDER_ENV)}
+    saved_layout = (kernels.block_order, kernels.head_order, kernels.layout_how)
+    runs = {}
+    try:
+        for orders in (("F", "C"), ("C", "C"), ("F", "F"), ("C", "F")):
+            os.environ[BLOCK_ORDER_ENV], os.environ[HEAD_ORDER_ENV] = orders
+            kernels.layout_how = None                               # decided again: pinned to these
+            st = load_stage(weights)
+            cache = KVCache.for_model(st.config, len(st.blocks))
+            blocks_forward(embed(np.arange(position) % st.config.n_vocab, np.arange(position), st.wte, st.wpe),
+                           st.blocks, n_head=st.config.n_head, segments=[(cache, position)])
+            runs[orders] = (st, cache)
+    finally:
+        kernels.block_order, kernels.head_order, kernels.layout_how = saved_layout
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    times = {o: ([], []) for o in runs}
+    load = os.getloadavg()[0]
+    for _ in range(steps):
+        for o, (st, cache) in runs.items():
+            cache.length = position                                 # the same position every round
+            w0, c0 = time.perf_counter(), time.thread_time()
+            x = embed(np.array([7]), np.array([position]), st.wte, st.wpe)                 # (1, C)
+            x = blocks_forward(x, st.blocks, n_head=st.config.n_head, segments=[(cache, 1)])
+            head(x, st.ln_f, st.lm_head)                                                    # (1, V)
+            times[o][0].append((time.perf_counter() - w0) * 1000)
+            times[o][1].append((time.thread_time() - c0) * 1000)
+    out = {}
+    echo(f"decode steps, {blas_threads()} BLAS thread(s), load average {load:.2f} -> {os.getloadavg()[0]:.2f}:")
+    for o, (wall, cpu) in times.items():
+        out[o] = {"cpu_min": round(min(cpu), 2), "cpu_median": round(float(np.median(cpu)), 2),
+                  "wall_min": round(min(wall), 2), "wall_median": round(float(np.median(wall)), 2)}
+        echo(f"  blocks {o[0]}, head {o[1]}: CPU ms min {out[o]['cpu_min']} median {out[o]['cpu_median']}; "
+             f"wall ms min {out[o]['wall_min']} median {out[o]['wall_median']}")
+    return out
 
 
 def matmul_floor(stage, repeats: int = 20) -> dict:
