@@ -48,10 +48,10 @@ def product(x, w, out=None):
         w kept row-major (in, out)                      x @ w
         w kept column-major: w.T is row-major (out, in) (w.T @ x.T).T
 
-    Which order streams faster depends on the CPU, its BLAS kernels and the thread count (one
-    EPYC at 1 thread: row-major blocks 22% faster for one row; at 2 threads the same; for 4 rows
-    column-major: docs/PERFORMANCE.md), so `choose_layout` picks it per process and the loader
-    keeps it. The LM head is product(h, wte.T). `out` (T, out): the result, written in place.
+    Which order streams faster depends on the CPU, its BLAS kernels and the thread count, so
+    `choose_layout` picks it per process and the loader keeps it; the expression follows the order
+    because a gemm of a few rows on a weight passed transposed packs it more slowly (both measured:
+    docs/PERFORMANCE.md). The LM head is product(h, wte.T). `out` (T, out): written in place.
     """
     if w.flags.c_contiguous:
         return np.matmul(x, w, out=out)                         # (T, in) @ (in, out)
