@@ -334,3 +334,26 @@ def test_a_cluster_pinned_alike_equals_one_process_bit_for_bit(tiny_weights, pin
         assert_same(g["logprobs"], w["logprobs"], f"{p}: a stage is a slice of the model, pinned alike")
     kept = "weights kept: block matrices row-major (C), the LM head column-major (F)"
     assert all(kept in log for log in logs), "every node says which orders it keeps:\n" + logs[1][-1500:]
+
+
+def test_the_crossovers_are_measured_after_the_layout_on_weights_kept_in_it(tiny_weights, monkeypatch, fresh):
+    """Engine.load decides the orders first (before the weights load), then the gemv and head
+    crossovers on the loaded weights, which are in the chosen orders (fakes stand for the timing)."""
+    for env in (kernels.BLOCK_ORDER_ENV, kernels.HEAD_ORDER_ENV, kernels.GEMV_ROWS_ENV, kernels.HEAD_ROWS_ENV):
+        monkeypatch.setenv(env, "auto")
+    calls = []
+    monkeypatch.setattr(kernels, "measure_layout", lambda *a, **k: calls.append("layout") or
+                        {"blocks": {"C": 1.0, "F": 2.0}, "head": {"C": 2.0, "F": 1.0}})
+
+    def gemv_rows(blocks, *a, **k):
+        calls.append(("gemv", "C" if blocks[0]["mlp"]["c_fc"]["w"].flags.c_contiguous else "F"))
+        return 3, {}
+
+    def head_rows(lm_head, *a, **k):
+        calls.append(("head", "F" if lm_head.flags.f_contiguous else "C"))
+        return 2, {}
+    monkeypatch.setattr(kernels, "measure_gemv_rows", gemv_rows)
+    monkeypatch.setattr(kernels, "measure_head_rows", head_rows)
+    eng = Engine.load(tiny_weights)
+    assert calls == ["layout", ("gemv", "C"), ("head", "F")], calls
+    assert is_order(eng.stage.blocks[0]["attn"]["c_attn"]["w"], "C") and is_order(eng.stage.lm_head, "F")
