@@ -381,8 +381,9 @@ class Engine:
     @classmethod
     def load(cls, path: str, n_head: int | None = None, prefix_cache_bytes: int | None = None) -> "Engine":
         """The whole model from `path`; prefix_cache_bytes=0 turns prefix reuse off (benchmarks
-        that must compute every prompt in full, however often they send it)."""
-        return cls(load_stage(path, n_head=n_head), prefix_cache_bytes=prefix_cache_bytes)
+        that must compute every prompt in full, however often they send it). The process's memory
+        orders are decided first (kernels.choose_layout), then its kernels on the loaded weights."""
+        return cls(load_stage(path, n_head=n_head, choose_order=True), prefix_cache_bytes=prefix_cache_bytes)
 
     def logits(self, ids) -> np.ndarray:
         """Logits at every position of `ids`, through the same cached prefill path: (T, V)."""

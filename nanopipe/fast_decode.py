@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from .kernels import gemv_per_row, kernels
+from .kernels import gemv_per_row, kernels, product
 
 
 class Step:
@@ -93,11 +93,11 @@ def _linear(x, w, b, out):
     """model.linear(x, w, b) into `out`: the same kernel for the same row count, then the bias."""
     T = x.shape[0]
     if T == 1:
-        np.matmul(w.T, x.T, out=out.T)                              # (out, in) @ (in, 1): a gemv
+        product(x, w, out=out)                                      # (1, in) @ (in, out): a gemv
     elif T <= kernels.gemv_rows:
         out[:] = gemv_per_row(x, w)                                 # T x (1, in) @ (in, out)
     else:
-        out[:] = (w.T @ x.T).T                                      # (out, in) @ (in, T): one gemm
+        out[:] = product(x, w)                                      # (T, in) @ (in, out): one gemm
     out += b
     return out                                                      # (T, out)
 

@@ -2,11 +2,18 @@
 
 model.py is the math; this module owns what the math leaves to the machine:
 
+    product                        x @ w as the BLAS call that reads w in the memory order it is kept
     gemv_per_row, head_in_slices   the two ways of running a few rows besides one gemm
-    Kernels, kernels               this process's choice: up to how many rows each way is taken,
+    Kernels, kernels               this process's choice: the memory order the loader keeps the block
+                                   matrices and the LM head in, up to how many rows each way is taken,
                                    and how many rows a lone prompt prefills per step (rank 0)
-    choose_*                       the choice, made once per process at start by whoever runs the
-                                   model (engine.Scheduler, cluster.worker, bench): pinned by
+    choose_layout                  the memory orders, chosen first, before the weights load (the
+                                   loader keeps them: weights.load_stage(choose_order=True)): pinned by
+                                   NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER (C or F), else measured
+                                   on synthetic matrices of the model's shapes
+    choose_*                       the rest, made once per process at start by whoever runs the
+                                   model (engine.Scheduler, cluster.worker, bench), after the weights
+                                   load in the chosen order (the crossovers depend on it): pinned by
                                    NANOPIPE_GEMV_ROWS / NANOPIPE_HEAD_ROWS / NANOPIPE_PREFILL_ROWS,
                                    else measured on the process's own weights
     choose_untimed                 what the math falls back on when nobody chose (a unit test, a
@@ -18,7 +25,7 @@ model.py is the math; this module owns what the math leaves to the machine:
 Why per process, not per cluster: each node's CPU and BLAS cross over at their own row count. The
 price: two nodes may run a step's rows through different kernels, so a cluster equals one process
 within float tolerance (greedy tokens the same, as across different CPUs), and bit for bit only
-when every process is pinned alike (the tests pin all three). Measurements: docs/PERFORMANCE.md.
+when every process is pinned alike (the tests pin all five). Measurements: docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
@@ -34,6 +41,23 @@ import numpy as np
 # the kernels
 
 
+def product(x, w, out=None):
+    """x @ w, (T, in) @ (in, out) -> (T, out), written so that BLAS reads the weight w as the
+    row-major matrix its memory holds, never as a transposed one:
+
+        w kept row-major (in, out)                      x @ w
+        w kept column-major: w.T is row-major (out, in) (w.T @ x.T).T
+
+    Which order streams faster depends on the CPU, its BLAS kernels and the thread count, so
+    `choose_layout` picks it per process and the loader keeps it; the expression follows the order
+    because a gemm of a few rows on a weight passed transposed packs it more slowly (both measured:
+    docs/PERFORMANCE.md). The LM head is product(h, wte.T). `out` (T, out): written in place.
+    """
+    if w.flags.c_contiguous:
+        return np.matmul(x, w, out=out)                         # (T, in) @ (in, out)
+    return np.matmul(w.T, x.T, out=None if out is None else out.T).T   # (out, in) @ (in, T) -> (T, out)
+
+
 def gemv_per_row(x, w):
     """x @ w as one matrix-vector product (gemv) per row: (T, in) @ (in, out) -> (T, out).
 
@@ -42,7 +66,7 @@ def gemv_per_row(x, w):
     very call `model.linear` makes for a lone row, so its result is the lone row's, bit for bit,
     whatever else is in the batch.
     """
-    return np.concatenate([(w.T @ x[t:t + 1].T).T for t in range(x.shape[0])])   # T x (1, out) -> (T, out)
+    return np.concatenate([product(x[t:t + 1], w) for t in range(x.shape[0])])   # T x (1, out) -> (T, out)
 
 
 HEAD_SLICE_BYTES = 4 << 20     # a slice of wte that stays in cache while every row of a step uses it
@@ -53,7 +77,8 @@ def head_in_slices(h, lm_head):
     gemv while it is still in cache: wte is read from memory once, not once per row, and never
     packed as one gemm packs it. (T, C) -> (T, V). A slice's gemv sums in a different order than a
     whole-wte gemv, so these logits differ from a lone row's in the last bits (greedy tokens do not
-    change: tested)."""
+    change: tested). wte kept column-major works as well: a slice of its rows is then a strided
+    view (step, C) that BLAS reads in place, not a copy (tested)."""
     T, V = h.shape[0], lm_head.shape[0]
     out = np.empty((T, V), np.float32)
     step = max(1, HEAD_SLICE_BYTES // (lm_head.shape[1] * lm_head.itemsize))
@@ -70,7 +95,7 @@ def head_in_slices(h, lm_head):
 
 class KernelChoiceError(ValueError):
     """NANOPIPE_GEMV_ROWS, NANOPIPE_HEAD_ROWS or NANOPIPE_PREFILL_ROWS holds something other than a
-    whole number >= 1."""
+    whole number >= 1, or NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER something other than C or F."""
 
 
 @dataclass
@@ -87,6 +112,9 @@ class Kernels:
     prefill_how: str | None = None
     head_rows: int = 1              # up to how many rows `head` runs in slices of wte (rank 0)
     head_how: str | None = None
+    block_order: str = "F"          # the block matrices w (in, out): "F" column-major, "C" row-major
+    head_order: str = "C"           # the LM head wte (V, C): "C" as stored, "F" the bytes of a (C, V) row-major
+    layout_how: str | None = None   # how both orders were decided; None: not yet (weights.load_stage asks)
 
 
 kernels = Kernels()                 # one per process: decided once, before the first step
@@ -97,6 +125,10 @@ HEAD_ROWS_ENV = "NANOPIPE_HEAD_ROWS"
 MAX_GEMV_ROWS = 16          # never try more rows than this one by one
 PREFILL_CANDIDATES = (64, 128, 256)
 MEASURE_BUDGET_S = 1.0      # a loaded machine makes timing slow: stop trying larger sizes after this
+BLOCK_ORDER_ENV = "NANOPIPE_BLOCK_ORDER"
+HEAD_ORDER_ENV = "NANOPIPE_HEAD_ORDER"
+UNTIMED_ORDERS = ("F", "C")     # blocks column-major, wte as stored: what nobody-chose keeps (and nanopipe kept before)
+LAYOUT_PROBE_BYTES = 64 << 20   # each probe's matrices: twice this machine's 32 MB L3, so they stream from memory
 
 
 def _pinned(name: str) -> int | None:
@@ -112,6 +144,34 @@ def _pinned(name: str) -> int | None:
         raise KernelChoiceError(f"{name}={raw!r} is not a whole number >= 1: give a row count, or 'auto' to "
                                 "measure it at start (NANOPIPE_GEMV_ROWS=1 is the old always-gemm path)")
     return n
+
+
+def _pinned_order(name: str) -> str | None:
+    """"C" or "F" from the environment variable `name`; None if unset or 'auto'."""
+    raw = os.environ.get(name, "auto").strip()
+    if raw.lower() in ("", "auto"):
+        return None
+    if raw.upper() not in ("C", "F"):
+        raise KernelChoiceError(f"{name}={raw!r} is not a memory order: give C (row-major), F (column-major), "
+                                "or 'auto' to measure which is faster at start")
+    return raw.upper()
+
+
+def _layout_untimed():
+    """The orders with nothing timed: each pinned by its variable, else nanopipe's old ones (F, C)."""
+    pins = (_pinned_order(BLOCK_ORDER_ENV), _pinned_order(HEAD_ORDER_ENV))
+    kernels.block_order, kernels.head_order = (p or d for p, d in zip(pins, UNTIMED_ORDERS))
+    named = [env for env, p in zip((BLOCK_ORDER_ENV, HEAD_ORDER_ENV), pins) if p]
+    kernels.layout_how = (f"pinned by {' and '.join(named)}" if len(named) == 2 else
+                          "nobody chose at start: the untimed default" + (f", {named[0]} pinned" if named else ""))
+
+
+def layout_orders() -> tuple:
+    """(block order, head order) for the loader: this process's choice (`choose_layout`), else, when
+    nobody chose (a unit test, a notebook calling load_stage), the pinned or untimed ones, never timed."""
+    if kernels.layout_how is None:
+        _layout_untimed()
+    return kernels.block_order, kernels.head_order
 
 
 def choose_untimed() -> Kernels:
@@ -130,6 +190,41 @@ def choose_untimed() -> Kernels:
         n = _pinned(PREFILL_ROWS_ENV)
         kernels.prefill_rows, kernels.prefill_how = ((64, default) if n is None else
                                                      (n, f"pinned by {PREFILL_ROWS_ENV}"))
+    layout_orders()
+    return kernels
+
+
+def choose_layout(n_embd: int, n_vocab: int | None = None, *, time_pass=None) -> Kernels:
+    """Decide, once per process and before the weights load, the memory order the loader keeps the
+    block matrices in and (n_vocab given: this process holds the LM head) wte's.
+
+    NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER = C or F pin them (every node of a cluster, and every
+    test process, then runs the same BLAS calls: bit for bit); unset or "auto", `measure_layout`
+    times both orders on synthetic matrices of the model's shapes (`time_pass`: its timer, for tests).
+    Without the head (a worker) the head keeps "C". Later calls return the first decision.
+    """
+    if kernels.layout_how is not None:
+        return kernels
+    pins = {"blocks": _pinned_order(BLOCK_ORDER_ENV), "head": _pinned_order(HEAD_ORDER_ENV)}
+    todo = [w for w in ("blocks", "head") if pins[w] is None and (w == "blocks" or n_vocab)]
+    times = {}
+    if todo:
+        with measuring_alone():
+            times = measure_layout(n_embd, n_vocab, todo, time_pass=time_pass)
+    hows, orders = [], {}
+    for what, env, untimed in zip(("blocks", "head"), (BLOCK_ORDER_ENV, HEAD_ORDER_ENV), UNTIMED_ORDERS):
+        if pins[what]:
+            orders[what] = pins[what]
+            hows.append(f"{what} pinned by {env}")
+        elif what in times:
+            t = times[what]
+            orders[what] = min(("C", "F"), key=t.get)                 # a tie keeps C
+            hows.append(f"{what} C {t['C']:.2f} vs F {t['F']:.2f} ms")
+        else:
+            orders[what] = untimed
+            hows.append(f"{what}: no LM head in this process")
+    kernels.block_order, kernels.head_order = orders["blocks"], orders["head"]
+    kernels.layout_how = ("measured, one row: " if times else "") + "; ".join(hows)
     return kernels
 
 
@@ -204,7 +299,13 @@ def describe_kernels() -> str:
     if k.head_how is not None:
         line += (f"; the LM head: one gemm for 2+ rows ({k.head_how})" if k.head_rows <= 1 else
                  f"; the LM head: a gemv per row in slices of wte for 2-{k.head_rows} rows ({k.head_how})")
+    if k.layout_how is not None:
+        line += (f"; weights kept: block matrices {_ORDER_NAMES[k.block_order]}, the LM head "
+                 f"{_ORDER_NAMES[k.head_order]} ({k.layout_how})")
     return line
+
+
+_ORDER_NAMES = {"C": "row-major (C)", "F": "column-major (F)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +379,7 @@ def measure_gemv_rows(blocks, max_rows: int = MAX_GEMV_ROWS, repeats: int = 3, n
         t0 = time.perf_counter()
         for w in mats:
             x = xs[w.shape[0]][:T]                              # (T, in)
-            gemv_per_row(x, w) if one_by_one else (w.T @ x.T).T   # (T, in) -> (T, out)
+            gemv_per_row(x, w) if one_by_one else product(x, w)   # (T, in) -> (T, out)
         return (time.perf_counter() - t0) * 1000
 
     return _crossover(run, max_rows, repeats)
@@ -337,7 +438,69 @@ def measure_head_rows(lm_head, max_rows: int = MAX_GEMV_ROWS, repeats: int = 2) 
 
     def run(T, sliced):                                         # `model.head`'s two paths, LayerNorm aside
         t0 = time.perf_counter()
-        head_in_slices(hs[:T], lm_head) if sliced else (lm_head @ hs[:T].T).T   # (T, C) -> (T, V)
+        head_in_slices(hs[:T], lm_head) if sliced else product(hs[:T], lm_head.T)   # (T, C) -> (T, V)
         return (time.perf_counter() - t0) * 1000
 
     return _crossover(run, max_rows, repeats)
+
+
+def layout_probe(n_embd: int, n_vocab: int | None, what: str, budget: int = LAYOUT_PROBE_BYTES) -> dict:
+    """Synthetic weight matrices for `measure_layout`, as `product` takes them, in both orders:
+    {"C": [...], "F": [...]}, each order a view of the same bytes (one probe's memory, not two):
+
+        "blocks"  GPT-2 blocks of width C = n_embd, each c_attn (C, 3C), attn.c_proj (C, C),
+                  mlp.c_fc (C, 4C), mlp.c_proj (4C, C), as many as make `budget` bytes (at most 8:
+                  a tiny test model's stay in cache anyway); gpt2: 3 blocks, 85 MB
+        "head"    wte.T (C, V') for V' <= n_vocab rows of wte (V', C) kept in that order, making
+                  `budget` bytes; gpt2: 21845 of its 50257 rows, 64 MB
+
+    Every page is written (an untouched page reads as zeros from one shared page: cache, not memory).
+    """
+    C = n_embd
+    if what == "head":
+        V = min(n_vocab, max(1, budget // (4 * C)))
+        wte = np.full(V * C, 0.01, np.float32)
+        return {"C": [wte.reshape(V, C).T], "F": [wte.reshape(C, V)]}      # wte (V, C) C / F -> wte.T (C, V)
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * min(8, max(1, -(-budget // (4 * 12 * C * C))))
+    bufs = [np.full(i * o, 0.01, np.float32) for i, o in shapes]
+    return {"C": [b.reshape(i, o) for b, (i, o) in zip(bufs, shapes)],
+            "F": [b.reshape(o, i).T for b, (i, o) in zip(bufs, shapes)]}       # (in, out), column-major
+
+
+def _time_pass(mats, xs) -> float:
+    """ms of one pass of `product` over the matrices, each with the rows of xs of its input width."""
+    t0 = time.perf_counter()
+    for w in mats:
+        product(xs[w.shape[0]], w)                              # (T, in) @ (in, out) -> (T, out)
+    return (time.perf_counter() - t0) * 1000
+
+
+def measure_layout(n_embd: int, n_vocab: int | None, which=("blocks", "head"), repeats: int = 5,
+                   time_pass=None, budget_s: float = 0.5) -> dict:
+    """{what: {"C": ms, "F": ms}} for what in `which` ("blocks", "head"): one row through the products
+    a decode step runs (`product`) on `layout_probe`'s matrices kept in each order, the best of
+    `repeats` or more (rounds go on while `budget_s` lasts, at most 50: on a busy machine more
+    samples give each order a better chance of an undisturbed one), both orders interleaved.
+
+    One row because that is a lone conversation's decode step, and what a step of a few rows runs
+    for each of its rows (`gemv_per_row`, up to the crossover measured next, on the loaded weights);
+    the gemms of many rows differ less between the orders (docs/PERFORMANCE.md). One probe at a time
+    (64-85 MB for gpt2, freed before the next), at the process's own BLAS thread count.
+    `time_pass(mats, xs) -> ms` times one pass (the tests pass a fake)."""
+    time_pass = time_pass or _time_pass
+    out = {}
+    for what in which:
+        mats = layout_probe(n_embd, n_vocab, what)
+        xs = {w.shape[0]: np.full((1, w.shape[0]), 0.01, np.float32) for w in mats["C"]}   # (1, in)
+        best = {o: float("inf") for o in mats}
+        for o in mats:                                          # warm-up: BLAS threads, page faults
+            time_pass(mats[o], xs)
+        t_start = time.perf_counter()
+        for i in range(50):
+            if i >= repeats and time.perf_counter() - t_start > budget_s:
+                break
+            for o in mats:
+                best[o] = min(best[o], time_pass(mats[o], xs))
+        out[what] = {o: round(ms, 3) for o, ms in best.items()}
+        del mats
+    return out

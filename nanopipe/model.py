@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .fast_decode import decode_blocks
-from .kernels import choose_untimed, gemv_per_row, head_in_slices, kernels
+from .kernels import choose_untimed, gemv_per_row, head_in_slices, kernels, product
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,17 @@ def layer_norm(x, g, b, eps: float = 1e-5):
 def linear(x, w, b):
     """x @ w + b, with w (in, out) as GPT-2's Conv1D stores it.
 
-    Written as (w.T @ x.T).T: the loader keeps block weights column-major, so w.T is a row-major
-    (out, in) matrix and BLAS streams it once for all T rows (faster than x @ w: docs/PERFORMANCE.md).
-    A few rows (2 .. `kernels.gemv_rows`, chosen at start for this machine: nanopipe/kernels.py) go
-    through one matrix-vector product each instead of one matrix product; each such row is then
-    computed by the very call a lone row makes, bit for bit.
+    The loader keeps w in the memory order this process found faster at start (row-major, or
+    column-major: w.T a row-major (out, in) matrix; `kernels.choose_layout`), and `kernels.product`
+    hands it to BLAS as the row-major matrix its memory holds: x @ w, or (w.T @ x.T).T. Either way
+    BLAS streams it once for all T rows. A few rows (2 .. `kernels.gemv_rows`, chosen at start for
+    this machine: nanopipe/kernels.py) go through one matrix-vector product each instead of one
+    matrix product; each such row is then computed by the very call a lone row makes, bit for bit.
     """
     T = x.shape[0]
     if 1 < T <= kernels.gemv_rows:
         return gemv_per_row(x, w) + b                           # T x (1, in) @ (in, out) -> (T, out)
-    return (w.T @ x.T).T + b                                    # (out, in) @ (in, T) -> (T, out)
+    return product(x, w) + b                                    # (T, in) @ (in, out) -> (T, out)
 
 
 def embed(ids, positions, wte, wpe):
@@ -113,9 +114,11 @@ def embed(ids, positions, wte, wpe):
 
 
 def head(x, ln_f, lm_head):
-    """Final LayerNorm, then the LM head: lm_head is wte itself (tied weights), shape (V, C), as
-    stored: no transposed copy (154 MB for gpt2). For one row this is a gemv on wte's rows,
-    which streams the matrix once, as fast as (or faster than) a copy laid out (C, V).
+    """Final LayerNorm, then the LM head: lm_head is wte itself (tied weights), shape (V, C), no
+    second copy (154 MB for gpt2), kept as stored (row-major) or column-major (the bytes of a (C, V)
+    row-major matrix), whichever this process found faster at start (`kernels.choose_layout`);
+    `kernels.product` hands it to BLAS as the row-major matrix it is. For one row this is a gemv
+    that streams the matrix once.
 
     A few rows (2 .. `kernels.head_rows`, chosen at start like `linear`'s) go through wte in
     cache-sized slices (`kernels.head_in_slices`): wte is read from memory once, not once per row.
@@ -126,7 +129,7 @@ def head(x, ln_f, lm_head):
         choose_untimed()                                        # nobody chose at start: pinned or one gemm
     if 1 < T <= kernels.head_rows:
         return head_in_slices(h, lm_head)                       # (T, C) -> (T, V)
-    return (lm_head @ h.T).T                                    # (V, C) @ (C, T) -> (V, T) -> (T, V)
+    return product(h, lm_head.T)                                # (T, C) @ (C, V) -> (T, V)
 
 
 def mlp(x, c_fc, c_proj):
@@ -372,7 +375,7 @@ def shard_block(p, share: Share) -> dict:
     Why the bias on member 0 rather than after the sum: a member's part is then `mha` and `mlp`
     themselves, unchanged, the all-reduce is a plain sum with nothing after it, and one member
     (m = 1) is `block` call for call. Adding zeros changes nothing, exactly.
-    The matrices are column-major like the loader's (see `linear`); weights.load_stage(share=...)
+    The matrices keep the memory order of p's (the loader's: see `linear`); weights.load_stage(share=...)
     reads the same arrays straight from the file.
     """
     qkv = np.concatenate([np.arange(a, b) for a, b in share.qkv_columns])       # (3 h*D,) column indices
@@ -381,17 +384,20 @@ def shard_block(p, share: Share) -> dict:
     def bias(b):
         return b if share.adds_bias else np.zeros_like(b)                       # (C,)
 
+    def kept(part, w):                                                          # in w's memory order
+        return np.asfortranarray(part) if np.isfortran(w) else np.ascontiguousarray(part)
+
     attn, ffn = p["attn"], p["mlp"]
     return {
         "ln_1": p["ln_1"],
-        "attn": {"c_attn": {"w": np.asfortranarray(attn["c_attn"]["w"][:, qkv]),  # (C, 3 h*D)
+        "attn": {"c_attn": {"w": kept(attn["c_attn"]["w"][:, qkv], attn["c_attn"]["w"]),  # (C, 3 h*D)
                             "b": attn["c_attn"]["b"][qkv]},                       # (3 h*D,)
-                 "c_proj": {"w": np.asfortranarray(attn["c_proj"]["w"][a0:a1]),   # (h*D, C)
+                 "c_proj": {"w": kept(attn["c_proj"]["w"][a0:a1], attn["c_proj"]["w"]),   # (h*D, C)
                             "b": bias(attn["c_proj"]["b"])}},                     # (C,)
         "ln_2": p["ln_2"],
-        "mlp": {"c_fc": {"w": np.asfortranarray(ffn["c_fc"]["w"][:, f0:f1]),      # (C, f)
+        "mlp": {"c_fc": {"w": kept(ffn["c_fc"]["w"][:, f0:f1], ffn["c_fc"]["w"]),      # (C, f)
                          "b": ffn["c_fc"]["b"][f0:f1].copy()},                    # (f,)
-                "c_proj": {"w": np.asfortranarray(ffn["c_proj"]["w"][f0:f1]),     # (f, C)
+                "c_proj": {"w": kept(ffn["c_proj"]["w"][f0:f1], ffn["c_proj"]["w"]),     # (f, C)
                            "b": bias(ffn["c_proj"]["b"])}},                       # (C,)
     }
 

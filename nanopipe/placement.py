@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kernels import choose_gemv_rows, measuring_alone
+from .kernels import choose_gemv_rows, choose_layout, layout_orders, measuring_alone
 from .partition import block_params, even, planned_by_leader, uses_mapping
 
 GB = 1e9
@@ -270,9 +270,9 @@ def usable_memory_bytes() -> int | None:
 
 
 def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
-    """GPT-2 blocks of the model's width, laid out as the loader lays them out (matrices
-    column-major), as many as make at least `min_bytes` of weights (more than any CPU's last-level
-    cache, so the probe streams them from memory as a real step does), at most 8.
+    """GPT-2 blocks of the model's width, laid out as the loader lays them out (matrices in this
+    process's order: kernels.layout_orders), as many as make at least `min_bytes` of weights (more
+    than any CPU's last-level cache, so the probe streams them from memory as a real step does), at most 8.
 
     gpt2 (C=768): one block is c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C),
     mlp.c_proj (4C, C) = 12 C^2 floats = 28.3 MB, so 4 blocks = 113 MB. The values do not matter
@@ -284,9 +284,10 @@ def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
     # at most 8: a tiny test model's blocks would otherwise number hundreds, and such a model's
     # stage runs from cache anyway, as the probe then does
     n = min(8, max(1, math.ceil(min_bytes / per_block)))
+    order = layout_orders()[0]
 
     def lin(i, o):
-        return {"w": np.full((i, o), 0.01, np.float32, order="F"), "b": np.zeros(o, np.float32)}
+        return {"w": np.full((i, o), 0.01, np.float32, order=order), "b": np.zeros(o, np.float32)}
 
     def ln():
         return {"g": np.ones(c, np.float32), "b": np.zeros(c, np.float32)}
@@ -344,6 +345,7 @@ def measure(name: str, n_embd: int, seconds: float = 0.25, override: dict | None
     # the probe must not be what pushes a small node over its limit: at most a third of its room
     # (96 MB is more than any CPU's last-level cache; below ~32 MB a big cache flatters the speed)
     room = usable_memory_bytes() or 0
+    choose_layout(n_embd)                   # the order the weights will load in, first (a no-op once loaded)
     blocks = probe_blocks(n_embd, min_bytes=int(min(96 << 20, max(16 << 20, room // 3))) if room else 96 << 20)
     with measuring_alone():                 # nodes sharing this machine take turns (kernels.measuring_alone)
         s1 = measure_speed(n_embd, 1, seconds, blocks, n_head)

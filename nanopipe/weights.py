@@ -19,6 +19,7 @@ import numpy as np
 
 from . import gpt2_tensors as gt
 from .config import WEIGHTS_DIR
+from .kernels import choose_layout, layout_orders
 from .model import GPTConfig, Share, SplitError, share_of
 from .partition import layers_text
 from .safetensors_io import (
@@ -182,10 +183,10 @@ def _checked(header: Header, name: str, shape: tuple, path: str):
 def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols=None, order="C") -> np.ndarray:
     """The tensor `name`, checked to have `shape`, as float32; only rows r0..r1-1 and the column
     ranges `cols` of it when given (read_part: the rest is never held in memory), laid out
-    column-major when order="F"."""
+    column-major when order="F" (on the way, through read_part's small buffer: never a second copy)."""
     info = _checked(header, name, shape, path)
     try:
-        if rows is None and cols is None:
+        if rows is None and cols is None and order == "C":
             return np.ascontiguousarray(to_float32(read_tensor(f, info), info.dtype))
         raw = to_float32(read_part(f, info, rows, cols, order=order), info.dtype)
         return np.asfortranarray(raw) if order == "F" else np.ascontiguousarray(raw)
@@ -193,11 +194,11 @@ def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols
         raise WeightsError(str(e)) from None
 
 
-def _block(f, header, prefix, i, config, path) -> dict:
+def _block(f, header, prefix, i, config, path, order: str) -> dict:
+    """Block i, its matrices kept in `order` (this process's choice, at load, once: see model.linear)."""
     shapes = gt.block_shapes(config.n_embd)
-    t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path) for k in BLOCK_PARAMS}
-    for k in gt.MATRICES:
-        t[k] = np.asfortranarray(t[k])      # column-major, once, at load: see model.linear
+    t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, order=order if k in gt.MATRICES else "C")
+         for k in BLOCK_PARAMS}
     return {
         "ln_1": {"g": t["ln_1.weight"], "b": t["ln_1.bias"]},
         "attn": {"c_attn": {"w": t["attn.c_attn.weight"], "b": t["attn.c_attn.bias"]},
@@ -208,7 +209,7 @@ def _block(f, header, prefix, i, config, path) -> dict:
     }
 
 
-def _block_share(f, header, prefix, i, config, path, share: Share) -> dict:
+def _block_share(f, header, prefix, i, config, path, share: Share, order: str) -> dict:
     """Member `share.member`'s part of block i, read straight from the file: the arrays
     model.shard_block cuts from the whole block, without reading the whole block into memory."""
     shapes = gt.block_shapes(config.n_embd)
@@ -217,8 +218,8 @@ def _block_share(f, header, prefix, i, config, path, share: Share) -> dict:
     def part(k, rows=None, cols=None):
         return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols)
 
-    def matrix(k, rows=None, cols=None):        # column-major, as _block keeps them (see model.linear)
-        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order="F")
+    def matrix(k, rows=None, cols=None):        # in `order`, as _block keeps them (see model.linear)
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order=order)
 
     def bias(k):                            # member 0 adds it; the others hold zeros (see shard_block)
         if share.adds_bias:
@@ -242,7 +243,7 @@ def _block_share(f, header, prefix, i, config, path, share: Share) -> dict:
 
 def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = True,
                n_head: int | None = None, expect: GPTConfig | None = None,
-               share: tuple | None = None) -> StageWeights:
+               share: tuple | None = None, choose_order: bool = False) -> StageWeights:
     """Load blocks lo..hi-1 (and, for rank 0, wte, wpe, ln_f and the LM head) from `path`.
 
     `expect`, when given, is the configuration the cluster agreed on: a file of another model size
@@ -251,6 +252,11 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
     `share=(r, m)` loads member r of m's part of every block (model.share_of: its heads' columns of
     attn.c_attn and rows of attn.c_proj, its columns of mlp.c_fc and rows of mlp.c_proj), reading
     only those from the file: load_stage(path, 4, 12, rank0=False, share=(1, 2)).
+
+    The block matrices and the LM head are kept in this process's memory orders (kernels.layout_orders).
+    `choose_order=True` (a process's start: the engine, a node) first decides them if nobody has,
+    measured on synthetic matrices of this model's shapes (kernels.choose_layout); without it an
+    undecided process keeps the pinned or untimed orders, never timing the machine (a unit test).
     """
     config, header, prefix = read_config(path, n_head)
     if share is not None:
@@ -272,18 +278,25 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
                            f"(it holds {_ranges(sorted(present))}); "
                            f"pull them with `nanopipe pull NAME --layers {layers_text(lo, hi)}`")
     shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
+    if choose_order:
+        choose_layout(config.n_embd, config.n_vocab if rank0 else None)
+    block_order, head_order = layout_orders()
     with open(path, "rb") as f:
-        blocks = [_block(f, header, prefix, i, config, path) if share is None else
-                  _block_share(f, header, prefix, i, config, path, member) for i in range(lo, hi)]
+        blocks = [_block(f, header, prefix, i, config, path, block_order) if share is None else
+                  _block_share(f, header, prefix, i, config, path, member, block_order) for i in range(lo, hi)]
         stage = StageWeights(config, lo, hi, blocks, source=path, metadata=dict(header.metadata),
                              share=None if share is None else member)
         if rank0:
-            stage.wte = _load(f, header, prefix + "wte.weight", shapes["wte.weight"], path)
+            tied = "lm_head.weight" not in header.tensors
+            # wte is the embedding and, tied, the head: kept in the head's order (a lookup takes either)
+            stage.wte = _load(f, header, prefix + "wte.weight", shapes["wte.weight"], path,
+                              order=head_order if tied else "C")
             stage.wpe = _load(f, header, prefix + "wpe.weight", shapes["wpe.weight"], path)
             stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
                           "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
-            if "lm_head.weight" in header.tensors:
-                stage.lm_head = _load(f, header, "lm_head.weight", shapes["lm_head.weight"], path)   # (V, C)
+            if not tied:
+                stage.lm_head = _load(f, header, "lm_head.weight", shapes["lm_head.weight"], path,
+                                      order=head_order)                                  # (V, C)
             else:  # tied: the head is wte itself (model.head does a gemv on it as stored)
                 stage.lm_head = stage.wte
     return stage

@@ -28,6 +28,9 @@ os.environ.setdefault("NANOPIPE_GEMV_ROWS", "4")
 os.environ.setdefault("NANOPIPE_PREFILL_ROWS", "96")
 # and the LM head takes 2-4 rows through wte in slices (model.head), more as one gemm
 os.environ.setdefault("NANOPIPE_HEAD_ROWS", "4")
+# and the loader keeps block matrices column-major and wte as stored (kernels.choose_layout)
+os.environ.setdefault("NANOPIPE_BLOCK_ORDER", "F")
+os.environ.setdefault("NANOPIPE_HEAD_ORDER", "C")
 
 TINY = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=128, n_vocab=50257)
 

@@ -15,7 +15,8 @@ from helpers import read_tensors
 
 import nanopipe.weights as weights_mod
 from nanopipe import gpt2_tensors
-from nanopipe.safetensors_io import Header, read_header, read_tensor, write_safetensors
+from nanopipe.kernels import layout_orders
+from nanopipe.safetensors_io import Header, read_header, read_part, read_tensor, write_safetensors
 from nanopipe.weights import (
     BLOCK_PARAMS,
     WeightsError,
@@ -101,12 +102,15 @@ def _all_leaves(d):
 
 
 def test_stage_arrays_are_float32_and_contiguous(tiny_weights):
-    """Arranged once at load: float32 everywhere; block matrices column-major (model.linear streams
-    w.T row by row), everything else row-major, so the per-token path never converts or copies."""
+    """Arranged once at load: float32 everywhere; block matrices and wte (the tied head) in this
+    process's orders (column-major and as stored, as the tests pin them, or the other way round:
+    kernels.choose_layout), everything else row-major, so the per-token path never converts or copies."""
+    flag = {"C": "C_CONTIGUOUS", "F": "F_CONTIGUOUS"}
+    blocks, head = (flag[o] for o in layout_orders())
     for name, a in leaves(load_stage(tiny_weights)).items():
         matrix = name.endswith(".w") and "c_" in name and a.ndim == 2
         assert a.dtype == np.float32, name
-        assert a.flags["F_CONTIGUOUS" if matrix else "C_CONTIGUOUS"], name
+        assert a.flags[blocks if matrix else head if name == "wte" else "C_CONTIGUOUS"], name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,13 +274,18 @@ def test_not_gpt2_names_the_file(tmp_path):
 
 @pytest.fixture
 def reads(monkeypatch):
-    """The names of the tensors the loader reads."""
+    """The names of the tensors the loader reads (whole, or through read_part: a column-major matrix)."""
     names = []
 
     def recording(f, info):
         names.append(info.name)
         return read_tensor(f, info)
+
+    def recording_part(f, info, *args, **kwargs):
+        names.append(info.name)
+        return read_part(f, info, *args, **kwargs)
     monkeypatch.setattr(weights_mod, "read_tensor", recording)
+    monkeypatch.setattr(weights_mod, "read_part", recording_part)
     return names
 
 

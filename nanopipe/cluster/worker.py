@@ -304,10 +304,15 @@ class Worker:
         StageWeights; `share` (r, m): member r of m's part of each (a split stage, model.share_of).
         The one place a worker gets a slice, at the start and at every re-plan: from its weights
         file, else `fetch(lo, hi)` (the leader, the hub, the leader's synthetic recipe)."""
+        from ..kernels import KernelChoiceError
         from ..weights import load_stage, synthetic_note
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         path = self.weights_path or self.fetch(lo, hi)
-        stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect, share=share)
+        try:        # the first load decides the process's memory orders (kernels.choose_layout)
+            stage = load_stage(path, lo, hi, rank0=False, n_head=n_head, expect=expect, share=share, choose_order=True)
+        except KernelChoiceError as e:
+            self.log(str(e), logging.ERROR)
+            raise SystemExit(2) from None
         part = ""
         if share is not None:
             sh = stage.share

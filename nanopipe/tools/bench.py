@@ -33,9 +33,9 @@ from .. import batching  # the scheduler's head runs in batching.Batcher.back
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
-from ..kernels import describe_kernels, kernels
+from ..kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV, describe_kernels, kernels, product
 from ..model import KVCache, blocks_forward, embed, gpt2, head, layer_norm
-from ..weights import ensure_synthetic, is_synthetic, synthetic_name
+from ..weights import ensure_synthetic, is_synthetic, load_stage, synthetic_name
 
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, synthetic_name("gpt2"))   # shared with demo, trace, init-weights
 TARGET_VS_HF = 1.8          # decode tokens/s relative to transformers
@@ -106,6 +106,53 @@ def bytes_per_token(stage) -> int:
     return blocks + (stage.lm_head.nbytes if stage.lm_head is not None else 0)
 
 
+def compare_orders(weights: str | None = None, steps: int = 100, position: int = 32, echo=print) -> dict:
+    """The weights' memory orders (kernels.choose_layout) side by side in one process: the model loaded
+    once per (blocks, head) order, then one decode step of each in turn (embed, the blocks through
+    `decode_blocks`, the LM head; one row at `position`), `steps` rounds, each step timed in wall ms
+    and in this thread's CPU ms (all of it with one BLAS thread). Step by step, so every layout sees
+    the same moments of a busy machine. {(blocks, head): {"cpu_min", "cpu_median", "wall_min", ...}}
+
+        OPENBLAS_NUM_THREADS=1 python -c "from nanopipe.tools.bench import compare_orders; compare_orders()"
+    """
+    weights = ensure_weights(weights or DEFAULT_WEIGHTS, echo=echo)
+    saved = {k: os.environ.get(k) for k in (BLOCK_ORDER_ENV, HEAD_ORDER_ENV)}
+    saved_layout = (kernels.block_order, kernels.head_order, kernels.layout_how)
+    runs = {}
+    try:
+        for orders in (("F", "C"), ("C", "C"), ("F", "F"), ("C", "F")):
+            os.environ[BLOCK_ORDER_ENV], os.environ[HEAD_ORDER_ENV] = orders
+            kernels.layout_how = None                               # decided again: pinned to these
+            st = load_stage(weights)
+            cache = KVCache.for_model(st.config, len(st.blocks))
+            blocks_forward(embed(np.arange(position) % st.config.n_vocab, np.arange(position), st.wte, st.wpe),
+                           st.blocks, n_head=st.config.n_head, segments=[(cache, position)])
+            runs[orders] = (st, cache)
+    finally:
+        kernels.block_order, kernels.head_order, kernels.layout_how = saved_layout
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    times = {o: ([], []) for o in runs}
+    load = os.getloadavg()[0]
+    for _ in range(steps):
+        for o, (st, cache) in runs.items():
+            cache.length = position                                 # the same position every round
+            w0, c0 = time.perf_counter(), time.thread_time()
+            x = embed(np.array([7]), np.array([position]), st.wte, st.wpe)                 # (1, C)
+            x = blocks_forward(x, st.blocks, n_head=st.config.n_head, segments=[(cache, 1)])
+            head(x, st.ln_f, st.lm_head)                                                    # (1, V)
+            times[o][0].append((time.perf_counter() - w0) * 1000)
+            times[o][1].append((time.thread_time() - c0) * 1000)
+    out = {}
+    echo(f"decode steps, {blas_threads()} BLAS thread(s), load average {load:.2f} -> {os.getloadavg()[0]:.2f}:")
+    for o, (wall, cpu) in times.items():
+        out[o] = {"cpu_min": round(min(cpu), 2), "cpu_median": round(float(np.median(cpu)), 2),
+                  "wall_min": round(min(wall), 2), "wall_median": round(float(np.median(wall)), 2)}
+        echo(f"  blocks {o[0]}, head {o[1]}: CPU ms min {out[o]['cpu_min']} median {out[o]['cpu_median']}; "
+             f"wall ms min {out[o]['wall_min']} median {out[o]['wall_median']}")
+    return out
+
+
 def matmul_floor(stage, repeats: int = 20) -> dict:
     """The time one token's weight matmuls alone take, nothing else: (1, C) @ every block matrix,
     then @ the LM head. Median of `repeats`, in ms, with the GB/s that is.
@@ -119,11 +166,11 @@ def matmul_floor(stage, repeats: int = 20) -> dict:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        for p in stage.blocks:
-            x @ p["attn"]["c_attn"]["w"], x @ p["attn"]["c_proj"]["w"]
-            x @ p["mlp"]["c_fc"]["w"], x4 @ p["mlp"]["c_proj"]["w"]
+        for p in stage.blocks:                              # the products model.linear runs, bias aside
+            product(x, p["attn"]["c_attn"]["w"]), product(x, p["attn"]["c_proj"]["w"])
+            product(x, p["mlp"]["c_fc"]["w"]), product(x4, p["mlp"]["c_proj"]["w"])
         if stage.lm_head is not None:
-            stage.lm_head @ x.T                             # (V, C) @ (C, 1): a gemv on wte as stored
+            product(x, stage.lm_head.T)                     # (1, C) @ (C, V): a gemv on wte as kept
         times.append(time.perf_counter() - t)
     ms = float(np.median(times)) * 1000
     return {"ms_per_token": round(ms, 3), "gb_s": round(bytes_per_token(stage) / ms / 1e6, 2),
@@ -490,19 +537,20 @@ try:
 except OSError:
     pass
 base = status("VmRSS")
-lo, hi, share = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-stage = load_stage(sys.argv[1], lo, hi, rank0=False, share=tuple(share) if share else None)
+lo, hi, share, rank0 = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5:] == ["rank0"]
+stage = load_stage(sys.argv[1], lo, hi, rank0=rank0, share=tuple(share) if share else None)
 print(json.dumps({"base": base, "peak": status("VmHWM"), "held": stage.nbytes}))
 """
 
 
-def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None) -> dict:
+def load_rss(weights: str, lo: int, hi: int, share: tuple | None = None, rank0: bool = False) -> dict:
     """Peak RSS growth of a fresh process loading blocks lo..hi-1 of `weights`, whole or one member's
-    share=(r, m) of them (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
+    share=(r, m) of them, and with rank0 wte, wpe and ln_f too (in the memory orders its environment
+    pins: kernels.layout_orders) (Linux: /proc/self/status VmHWM after resetting it with clear_refs).
     Returns {"held_mb": what the stage keeps, "peak_mb": how far RSS rose on the way}, and the same
     in bytes ("held", "growth") with the RSS after imports ("base")."""
     out = subprocess.run([sys.executable, "-c", _LOAD_RSS_CHILD, weights, str(lo), str(hi),
-                          json.dumps(list(share) if share else None)],
+                          json.dumps(list(share) if share else None)] + (["rank0"] if rank0 else []),
                          capture_output=True, text=True, timeout=300, check=True)
     m = json.loads(out.stdout)
     mb, growth = 2 ** 20, m["peak"] - m["base"]

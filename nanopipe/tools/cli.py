@@ -546,7 +546,7 @@ def serve(rank, configs, weights_path, n_head):
     log(device_line())
     lo, hi = ranges[0]
     log("Loading server's share of model layers (rank 0)...")
-    stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head)
+    stage = load_stage(path, lo, hi, rank0=True, n_head=n_head or mc.n_head, choose_order=True)
     log(f"Server loaded {hi - lo} layers (layers {layers_text(lo, hi)}) plus embeddings and LM head from "
         f"{path}{synthetic_note(stage.synthetic)}")
     leader = Leader(cc, mc, stage, ranges, capacity=_measure_leader(cc, mc, stage, log),
