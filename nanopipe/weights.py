@@ -279,7 +279,8 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
                            f"pull them with `nanopipe pull NAME --layers {layers_text(lo, hi)}`")
     shapes = gt.head_shapes(config.n_embd, config.n_vocab, config.n_ctx)
     if choose_order:
-        choose_layout(config.n_embd, config.n_vocab if rank0 else None)
+        # rank 0 holds the LM head; a split stage's member may run its share of it (load_head_share)
+        choose_layout(config.n_embd, config.n_vocab if rank0 or share is not None else None)
     block_order, head_order = layout_orders()
     with open(path, "rb") as f:
         blocks = [_block(f, header, prefix, i, config, path, block_order) if share is None else
@@ -306,7 +307,7 @@ def load_head_share(path: str, vocab: tuple, n_head: int | None = None,
                     expect: GPTConfig | None = None) -> dict:
     """A split stage member's part of the LM head (model.head_share): ln_f and rows v0..v1-1 of the
     head (lm_head.weight when the file has one, else wte: tied), read straight from the file, only
-    those rows (the rest is never held in memory):
+    those rows (the rest is never held in memory), in this process's head order (kernels.layout_orders):
 
         load_head_share(path, (0, 25129)) -> {"ln_f": {"g": (C,), "b": (C,)}, "lm_head": (25129, C),
                                               "vocab": (0, 25129)}
@@ -324,7 +325,8 @@ def load_head_share(path: str, vocab: tuple, n_head: int | None = None,
     with open(path, "rb") as f:
         ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
                 "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
-        rows = _load(f, header, name, shapes["lm_head.weight"], path, rows=(v0, v1))          # (v1-v0, C)
+        rows = _load(f, header, name, shapes["lm_head.weight"], path, rows=(v0, v1),
+                     order=layout_orders()[1])                                                # (v1-v0, C)
     return {"ln_f": ln_f, "lm_head": rows, "vocab": (v0, v1)}
 
 
