@@ -62,7 +62,11 @@ from .wire import (
 DEFAULT_HOW = "direct"
 INLINE_BYTES = 64 * 1024            # a frame this small is sent by the caller; bigger ones by the link's sender
 LINK_TIMEOUT_S = 20.0               # every member must link up within this, once the ring is being built
-SPIN_S = 0.002                      # how long a member polls for another's partial before it sleeps (Link.recv_into)
+# How long a member polls for another's partial before it sleeps (Link.recv_into). Measured on a
+# 2-core machine that other jobs loaded (docs/PERFORMANCE.md, "Where a member's time goes"): 2 ms
+# of polling cut the sleeps per token from ~25 to 4-13 but cost more CPU and no wall time there; so
+# 0: one read that does not wait, then sleep. A member alone on its machine may gain from polling.
+SPIN_S = 0.0
 _yield = getattr(os, "sched_yield", lambda: None)
 
 
@@ -266,13 +270,14 @@ class Link:
         it had to sleep for them.
 
         An all-reduce waits for the other members at every c_proj, 46 times a gpt2-medium token,
-        usually for well under a millisecond. Sleeping in recv for that long costs more than the
+        usually for well under a millisecond. Sleeping in recv for that long can cost more than the
         wait: the kernel must wake this process again (on a virtual machine, an interrupt to a
         halted core), and on a shared core it then waits for its next time slice, milliseconds
-        under load. So it first polls (recv with MSG_DONTWAIT) for up to `spin_s`, giving the core
-        to anything else runnable between polls (sched_yield: on a core of its own that returns at
-        once), and only then sleeps in recv as usual. Returns whether it slept: the heartbeat's
-        reduce_sleeps, a count that does not depend on how loaded the machine is."""
+        under load. So it can first poll (recv with MSG_DONTWAIT) for up to `spin_s` (SPIN_S),
+        giving the core to anything else runnable between polls (sched_yield: on a core of its own
+        that returns at once), and only then sleep in recv as usual. With spin_s 0 it reads once
+        without waiting, then sleeps. Returns whether it slept: the heartbeat's reduce_sleeps, a
+        count that depends less on how loaded the machine is than any time does."""
         n, got, sock = len(view), 0, self.sock
         spin_s = SPIN_S if spin_s is None else spin_s
         if self.pollable:
