@@ -102,10 +102,15 @@ def _linear(x, w, b, out):
     return out                                                      # (T, out)
 
 
-def decode_blocks(x, blocks, *, n_head: int, segments):
+def decode_blocks(x, blocks, *, n_head: int, segments, reduce=None):
     """`model.blocks_forward`'s loop over `blocks` for a step whose segments each have one new row:
     x (T, C) -> (T, C), identical bit for bit. The caller reserves each cache's row and advances
-    its length afterwards, as for `block`."""
+    its length afterwards, as for `block`.
+
+    `reduce`, for a member of a split stage (`model.blocks_forward_member`, identical bit for bit
+    to it): each c_proj's output is this member's partial, and `reduce(partial) -> the members'
+    sum` is added to x instead (x += reduce(proj)). The partial is a buffer reused by the next
+    c_proj: `reduce` must not keep it."""
     st = Step(x, blocks, n_head=n_head, segments=segments)
     x, y, proj, f, t = st.x, st.y, st.proj, st.f, st.t
     for layer, p in enumerate(blocks):
@@ -124,7 +129,8 @@ def decode_blocks(x, blocks, *, n_head: int, segments):
             np.add.reduce(att, -1, None, s["sum"], True)
             att /= s["sum"]                                                         # (H, 1, S)
             np.matmul(att, s["values"][layer], out=s["out"])                        # (H, 1, S) @ (H, S, D)
-        x += _linear(y, **attn["c_proj"], out=proj)                                 # (T, C)
+        _linear(y, **attn["c_proj"], out=proj)                                      # (T, C)
+        x += proj if reduce is None else reduce(proj)                               # a split stage: the sum
         # MLP: x + c_proj(gelu(c_fc(ln_2(x)))), GELU as model.gelu computes it, in place
         _linear(st.layer_norm(p["ln_2"]), **ffn["c_fc"], out=f)                     # (T, F)
         np.multiply(f, _GELU_A, out=t)
@@ -136,7 +142,8 @@ def decode_blocks(x, blocks, *, n_head: int, segments):
         t += _ONE
         f *= _HALF
         f *= t                                                                      # (T, F) gelu(f)
-        x += _linear(f, **ffn["c_proj"], out=proj)                                  # (T, C)
+        _linear(f, **ffn["c_proj"], out=proj)                                       # (T, C)
+        x += proj if reduce is None else reduce(proj)
     return x                                                                        # (T, C)
 
 

@@ -469,9 +469,12 @@ def blocks_forward_member(x, blocks, *, n_head: int, segments, reduce):
         choose_untimed()
     for cache, n in segments:
         cache.reserve(n)
-    for layer, p in enumerate(blocks):
-        x = x + reduce(attn_share(x, p, n_head=n_head, layer=layer, segments=segments))   # (T, C)
-        x = x + reduce(mlp_share(x, p))                                                    # (T, C)
+    if blocks and all(n == 1 for _, n in segments):     # a decode step: the same arithmetic, fewer calls
+        x = decode_blocks(x, blocks, n_head=n_head, segments=segments, reduce=reduce)     # (fast_decode.py)
+    else:
+        for layer, p in enumerate(blocks):
+            x = x + reduce(attn_share(x, p, n_head=n_head, layer=layer, segments=segments))   # (T, C)
+            x = x + reduce(mlp_share(x, p))                                                    # (T, C)
     for cache, n in segments:
         cache.length += n
     return x                                                                    # (T, C)

@@ -130,3 +130,48 @@ def test_the_fast_path_leaves_its_input_alone():
     y = decode_blocks(x, blocks, n_head=4, segments=[(cache, 1)])
     assert_same(x, before, "the input row after the step")
     assert y is not x and max_diff(y, x) > 0
+
+
+@pytest.mark.parametrize("lengths", [[6], [6, 11]], ids=["1 sequence", "2 sequences"])
+def test_a_split_members_decode_step_takes_the_fast_path_bit_for_bit(lengths, gemv_rows, monkeypatch):
+    """blocks_forward_member (a split stage's member, summing with the others after each c_proj)
+    sends a decode step through decode_blocks with its `reduce`: the same partials go to reduce in
+    the same order, and x and the caches come out as the lesson's loop (attn_share, mlp_share)
+    makes them. The other member's partials are stood in for by fixed rows, one per all-reduce."""
+    gemv_rows(4)
+    share = share_of(0, 2, 12, 768)
+    blocks = [shard_block(p, share) for p in random_blocks(2, 768, seed=4)]
+    rng = np.random.default_rng(9)
+    others = [rng.standard_normal((len(lengths), 768)).astype(np.float32) for _ in range(2 * len(blocks))]
+
+    def reducer(seen):
+        def reduce(partial):
+            seen.append(partial.copy())
+            return model.all_reduce([partial, others[len(seen) - 1]])
+        return reduce
+    caches = caches_after_prompts(blocks, share.n_head, 64, lengths)
+    twins = copy.deepcopy(caches)
+    x = np.random.default_rng(2).standard_normal((len(lengths), 768)).astype(np.float32)
+    fast_seen, plain_seen, used = [], [], []
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("reduce") is not None)
+        return decode_blocks(*args, **kwargs)
+    monkeypatch.setattr(model, "decode_blocks", spy)
+    fast = model.blocks_forward_member(x, blocks, n_head=share.n_head, segments=[(c, 1) for c in caches],
+                                       reduce=reducer(fast_seen))
+    assert used == [True], "a member's decode step goes through decode_blocks, with its reduce"
+    plain, reduce = x, reducer(plain_seen)
+    for c in twins:
+        c.reserve(1)
+    for layer, p in enumerate(blocks):
+        plain = plain + reduce(model.attn_share(plain, p, n_head=share.n_head, layer=layer,
+                                                segments=[(c, 1) for c in twins]))
+        plain = plain + reduce(model.mlp_share(plain, p))
+    assert len(fast_seen) == len(plain_seen) == 2 * len(blocks)
+    for i, (f, p) in enumerate(zip(fast_seen, plain_seen)):
+        assert_same(f, p, f"the partial handed to all-reduce number {i + 1}")
+    assert_same(fast, plain, "a member's decode step, fast path vs the lesson's loop")
+    for c, t in zip(caches, twins):
+        assert_same(c.k[:, :, :c.length], t.k[:, :, :c.length], "the member's keys")
+        assert_same(c.v[:, :, :c.length], t.v[:, :, :c.length], "the member's values")

@@ -120,3 +120,86 @@ def test_plan_predicts_a_split_stage_with_the_link_model():
     [unknown] = plan_lines(ranges, ["pi0", "pi1", "pi2"], [None, None, 4.0], 1024, (3.0, 100.0), None)
     assert "48 all-reduces add 48 x 3.328 ms" in unknown and "once every member's speed is known" in unknown, unknown
     assert plan_lines([(0, 4), (4, 8)], ["a", "b"], [1.0, 1.0], 64) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# how a member reads a partial: its own frame's header and meta as the pattern, polling first
+
+
+@pytest.mark.parametrize("seq, shape", [(1, (1, 1024)), (47, (3, 768)), (123456, (16, 64))])
+def test_a_members_partial_frame_is_what_encode_frame_makes(seq, shape):
+    """The all-reduce builds its PARTIAL's header and meta without JSON (partial_head); a member
+    reads the others' by comparing with its own, so they must be encode_frame's very bytes."""
+    from nanopipe.cluster.group import partial_head
+    from nanopipe.cluster.wire import Msg, encode_frame
+    x = np.arange(shape[0] * shape[1], dtype=np.float32).reshape(shape)
+    want = encode_frame(Msg.PARTIAL, {"seq": seq, "dtype": "float32", "shape": list(shape)}, x)
+    assert partial_head(seq, shape) + x.tobytes() == want
+
+
+def test_a_partial_whose_meta_is_spelt_otherwise_is_still_taken():
+    """A sender whose JSON differs (its key order) but says the same, in as many bytes:
+    checked as any frame is, and summed."""
+    from nanopipe.cluster.wire import HEADER, MAGIC, PROTOCOL_VERSION, Msg
+    a, b = make_group(2, "direct")
+    other = np.full((1, 8), 2.0, np.float32)
+    meta = b'{"shape":[1,8],"seq":1,"dtype":"float32"}'
+    assert len(meta) == len(b'{"seq":1,"dtype":"float32","shape":[1,8]}')
+    b.links[0].sock.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, int(Msg.PARTIAL), 0, len(meta), 32) + meta
+                            + other.tobytes())
+    mine = np.full((1, 8), 1.0, np.float32)
+    assert np.array_equal(a.all_reduce(mine), all_reduce([mine, other]))
+
+
+@pytest.mark.parametrize("what", ["another message", "out of step, longer meta", "another shape"])
+def test_a_frame_that_is_not_the_expected_partial_is_a_clear_protocol_error(what):
+    """The fast read compares headers; anything else is read whole and said plainly, never a hang
+    (a later seq has a longer meta: the header differs in its meta length)."""
+    from nanopipe.cluster.wire import Msg, encode_frame
+    a, b = make_group(2, "direct")
+    frame = {"another message": encode_frame(Msg.ACT, {"dtype": "float32", "shape": [1, 8]},
+                                             np.zeros((1, 8), np.float32)),
+             "out of step, longer meta": encode_frame(Msg.PARTIAL, {"seq": 10, "dtype": "float32", "shape": [1, 8]},
+                                                      np.zeros((1, 8), np.float32)),
+             "another shape": encode_frame(Msg.PARTIAL, {"seq": 1, "dtype": "float32", "shape": [2, 8]},
+                                           np.zeros((2, 8), np.float32))}[what]
+    b.links[0].sock.sendall(frame)
+    with pytest.raises(ProtocolError) as e:
+        a.all_reduce(np.zeros((1, 8), np.float32))
+    said = {"another message": "expected a PARTIAL in the all-reduce, got ACT",
+            "out of step, longer meta": "out of step", "another shape": "expected float32 [1, 8]"}[what]
+    assert said in str(e.value), str(e.value)
+
+
+def test_a_member_polls_for_a_partial_before_it_sleeps(monkeypatch):
+    """A partial already there is read without sleeping; one that comes a second late, after the
+    poll window, is waited for asleep (reduce_sleeps counts those: a count, not a time)."""
+    import time
+
+    from nanopipe.cluster import group
+    monkeypatch.setattr(group, "SPIN_S", 0.05)
+    a, b = make_group(2, "direct")
+    x = np.ones((1, 16), np.float32)
+    b.links[0].send(group.partial_head(1, x.shape) + x.tobytes())       # b's partial waits in a's socket
+    assert np.array_equal(a.all_reduce(x), all_reduce([x, x])) and a.sleeps == 0
+    b.seq = 1
+    b._recv_partial(0, group.partial_head(1, x.shape), x.shape)            # (b takes a's, as it would)
+    late = threading.Timer(1.0, lambda: b.all_reduce(x))
+    late.start()
+    t0 = time.monotonic()
+    a.all_reduce(x)
+    late.join()
+    assert time.monotonic() - t0 >= 0.9 and a.sleeps >= 1, (a.sleeps, time.monotonic() - t0)
+
+
+def test_a_partial_framed_with_a_longer_meta_is_read_whole_and_taken():
+    """Meta that says the same in more bytes (a space): the header differs, so it is read as any
+    frame is and, being this all-reduce's PARTIAL, summed."""
+    from nanopipe.cluster.wire import HEADER, MAGIC, PROTOCOL_VERSION, Msg
+    a, b = make_group(2, "direct")
+    other = np.full((1, 8), 3.0, np.float32)
+    meta = b'{"seq": 1, "dtype": "float32", "shape": [1, 8]}'
+    b.links[0].sock.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, int(Msg.PARTIAL), 0, len(meta), 32) + meta
+                            + other.tobytes())
+    mine = np.full((1, 8), 1.0, np.float32)
+    assert np.array_equal(a.all_reduce(mine), all_reduce([mine, other]))

@@ -125,6 +125,7 @@ class DataPath:
         self.work_lock = threading.Lock()
         self.decode_ms = collections.deque(maxlen=64)   # compute time of recent one-row frames
         self.compute_ms = 0.0
+        self.compute_cpu_ms = 0.0       # of compute_ms, on the CPU (the rest: waiting for other members, or preempted)
         self.frames = 0
         self.srv = None
 
@@ -195,8 +196,11 @@ class DataPath:
         return {"compute_ms": round(self.compute_ms, 3), "frames": self.frames, "sessions": len(self.caches),
                 "decode_ms": _median(self.decode_ms), "decode_samples": len(self.decode_ms),
                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
-                "reduce_ms": round(self.group.reduce_s * 1000, 3) if self.group is not None else None,
-                "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head else None}
+                "compute_cpu_ms": round(self.compute_cpu_ms, 3),
+                "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head else None,
+                **({"reduce_ms": round(self.group.reduce_s * 1000, 3), "reduce_sleeps": self.group.sleeps,
+                    "reduce_wait_ms": round(self.group.wait_s * 1000, 3)} if self.group is not None
+                   else {"reduce_ms": None})}
 
     # -- the data port: upstream links in ---------------------------------------------------------
 
@@ -278,11 +282,12 @@ class DataPath:
                 return                  # from a ring since rebuilt: the leader replays its sessions
             if self.group is not None:
                 self.group.forward(Msg.ACT, frame.meta, frame.payload)          # the same rows to every member
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             reduce_s = self.group.reduce_s if self.group is not None else 0.0
             y = self.compute(frame, peer, x, sessions)                          # (T, C)
             ms = (time.perf_counter() - t0) * 1000
             self.compute_ms += ms
+            self.compute_cpu_ms += (time.thread_time() - cpu0) * 1000
             self.frames += 1
             if len(x) == 1:             # one decode row: what the placement predicted this stage takes
                 self.decode_ms.append(ms)
@@ -378,10 +383,11 @@ class DataPath:
                     if self.epoch != epoch:
                         return
                     if frame.msg is Msg.ACT:
-                        t0 = time.perf_counter()
+                        t0, cpu0 = time.perf_counter(), time.thread_time()
                         y = self.compute(frame, link.name)
                         ms = (time.perf_counter() - t0) * 1000
                         self.compute_ms += ms
+                        self.compute_cpu_ms += (time.thread_time() - cpu0) * 1000
                         self.frames += 1
                         if y is not None and len(y) == 1:
                             self.decode_ms.append(ms)

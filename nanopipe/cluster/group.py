@@ -32,7 +32,10 @@ ranks the ring's activations pass through (one per stage).
 """
 from __future__ import annotations
 
+import os
 import queue
+import socket
+import ssl
 import threading
 import time
 
@@ -41,11 +44,31 @@ import numpy as np
 from ..model import gather_logits
 from ..partition import groups
 from .net import close_now
-from .wire import Msg, ProtocolError, WireError, encode_frame, frame_array, recv_frame
+from .wire import (
+    HEADER,
+    MAGIC,
+    PROTOCOL_VERSION,
+    ConnectionClosed,
+    Frame,
+    Msg,
+    ProtocolError,
+    TruncatedFrame,
+    WireError,
+    decode_frame,
+    encode_frame,
+    frame_array,
+    recv_frame,
+)
 
 DEFAULT_HOW = "direct"
 INLINE_BYTES = 64 * 1024            # a frame this small is sent by the caller; bigger ones by the link's sender
 LINK_TIMEOUT_S = 20.0               # every member must link up within this, once the ring is being built
+# How long a member polls for another's partial before it sleeps (Link.recv_into). Measured on a
+# 2-core machine that other jobs loaded (docs/PERFORMANCE.md, "Where a member's time goes"): 2 ms
+# of polling cut the sleeps per token from ~25 to 4-13 but cost more CPU and no wall time there; so
+# 0: one read that does not wait, then sleep. A member alone on its machine may gain from polling.
+SPIN_S = 0.0
+_yield = getattr(os, "sched_yield", lambda: None)
 
 
 def reduce_how(members: int, one_machine: bool) -> str:
@@ -251,7 +274,8 @@ class GroupPlace:
 
 class Link:
     """One member link: frames out through `send` (a big one by a sender thread, so two members
-    sending each other megabytes at once never both block with full buffers), frames in by `recv`.
+    sending each other megabytes at once never both block with full buffers), frames in by `recv`,
+    and an all-reduce's partials in by `recv_into` (polling before it sleeps: see `recv_into`).
     Frames go out in the order `send` was called."""
 
     def __init__(self, sock, name: str, max_payload: int):
@@ -259,6 +283,11 @@ class Link:
         self.q: queue.Queue = queue.Queue()
         self.error: Exception | None = None
         self._sender = None
+        # a plain blocking socket can be polled (MSG_DONTWAIT; with a timeout Python would wait in
+        # poll() first); a TLS one is read as it is, sleeping
+        self.pollable = (isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+                         and sock.gettimeout() is None)
+        self.buf = bytearray(0)         # where GroupLinks reads partials into (reused, grown as needed)
 
     def send(self, data: bytes):
         if self.error is not None:
@@ -287,6 +316,50 @@ class Link:
     def recv(self):
         return recv_frame(self.sock, self.name, max_payload=self.max_payload)
 
+    def recv_into(self, view, spin_s: float | None = None, at_boundary: bool = False) -> bool:
+        """Fill `view` (a writable memoryview) with the next len(view) bytes from the link; True if
+        it had to sleep for them.
+
+        An all-reduce waits for the other members at every c_proj, 46 times a gpt2-medium token,
+        usually for well under a millisecond. Sleeping in recv for that long can cost more than the
+        wait: the kernel must wake this process again (on a virtual machine, an interrupt to a
+        halted core), and on a shared core it then waits for its next time slice, milliseconds
+        under load. So it can first poll (recv with MSG_DONTWAIT) for up to `spin_s` (SPIN_S),
+        giving the core to anything else runnable between polls (sched_yield: on a core of its own
+        that returns at once), and only then sleep in recv as usual. With spin_s 0 it reads once
+        without waiting, then sleeps. Returns whether it slept: the heartbeat's reduce_sleeps, a
+        count that depends less on how loaded the machine is than any time does."""
+        n, got, sock = len(view), 0, self.sock
+        spin_s = SPIN_S if spin_s is None else spin_s
+        if self.pollable:
+            deadline = None
+            while got < n:
+                try:
+                    k = sock.recv_into(view[got:], n - got, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    now = time.perf_counter()
+                    if deadline is None:
+                        deadline = now + spin_s
+                    if now >= deadline:
+                        break
+                    _yield()            # a core shared with others: let them run meanwhile
+                    continue
+                if k == 0:
+                    self._closed(got, n, at_boundary)
+                got += k
+        slept = got < n
+        while got < n:
+            k = sock.recv_into(view[got:], n - got)
+            if k == 0:
+                self._closed(got, n, at_boundary)
+            got += k
+        return slept
+
+    def _closed(self, got: int, n: int, at_boundary: bool):
+        if got == 0 and at_boundary:
+            raise ConnectionClosed(f"{self.name} closed the connection")
+        raise TruncatedFrame(f"truncated frame from {self.name}: connection closed after {got} of {n} bytes")
+
     def flush(self, timeout: float = 30.0):
         """Wait until every frame given to `send` is out (before closing a link on purpose)."""
         deadline = time.monotonic() + timeout
@@ -314,6 +387,8 @@ class GroupLinks:
         self.cond = threading.Condition()
         self.seq = 0                    # all-reduces done in this epoch: both sides must agree
         self.reduce_s = 0.0             # time spent in all_reduce (waiting for the others, and adding)
+        self.wait_s = 0.0               # of it, reading the others' partials (mostly waiting for them)
+        self.sleeps = 0                 # reads of a partial that slept (it took longer than SPIN_S to come)
         self.reduces = 0
 
     def offer(self, epoch, index: int, sock, name: str):
@@ -402,34 +477,69 @@ class GroupLinks:
 
     def all_reduce(self, partial: np.ndarray) -> np.ndarray:
         """partial (T, C) float32, this member's -> the sum of every member's, added in member order
-        (model.all_reduce's order: the same bits on every member)."""
+        (model.all_reduce's order: the same bits on every member).
+
+        Every member's PARTIAL frame of one all-reduce has the very same header and meta bytes
+        (seq, dtype, shape), so a member builds its own once (`partial_head`, equal to what
+        encode_frame makes) and reads the others' partials straight into a buffer kept per link,
+        checking their header and meta against its own: one send and two reads a frame, no JSON."""
         t0 = time.perf_counter()
         self.seq += 1
-        partial = np.ascontiguousarray(partial, np.float32)
+        partial = np.ascontiguousarray(partial, "<f4")
         me, m = self.place.member, self.place.size
-        meta = {"seq": self.seq, "dtype": "float32", "shape": list(partial.shape)}
+        head = partial_head(self.seq, partial.shape)
         if self.place.how == "direct" or m == 2:
-            data = encode_frame(Msg.PARTIAL, meta, partial)
+            data = head + partial.tobytes()
             for i in range(m):
                 if i != me:
                     self.links[i].send(data)
-            parts = [partial if i == me else self._recv_partial(i, partial.shape) for i in range(m)]
-            total = _sum(parts)
+            total = _sum([partial if i == me else self._recv_partial(i, head, partial.shape) for i in range(m)])
         elif me == 0:                                       # gather at member 0, then broadcast the sum
-            total = _sum([partial] + [self._recv_partial(i, partial.shape) for i in range(1, m)])
-            data = encode_frame(Msg.PARTIAL, meta, total)
+            total = _sum([partial] + [self._recv_partial(i, head, partial.shape) for i in range(1, m)])
+            data = head + np.ascontiguousarray(total, "<f4").tobytes()
             for i in range(1, m):
                 self.links[i].send(data)
         else:
-            self.links[0].send(encode_frame(Msg.PARTIAL, meta, partial))
-            total = self._recv_partial(0, partial.shape)
+            self.links[0].send(head + partial.tobytes())
+            total = _sum([self._recv_partial(0, head, partial.shape)])
         self.reduce_s += time.perf_counter() - t0
         self.reduces += 1
         return total
 
-    def _recv_partial(self, i: int, shape) -> np.ndarray:
+    def _recv_partial(self, i: int, head: bytes, shape) -> np.ndarray:
+        """Member i's PARTIAL for this all-reduce, (T, C) float32: a view into its link's buffer,
+        good until the next read from that link. `head`: this member's own frame's header and meta."""
         link = self.links[i]
-        frame = link.recv()
+        n = len(head) + 4 * shape[0] * shape[1]
+        if len(link.buf) < n:
+            link.buf = bytearray(max(n, 2 * len(link.buf)))
+        view = memoryview(link.buf)
+        t0 = time.perf_counter()
+        self.sleeps += link.recv_into(view[:HEADER.size], at_boundary=True)
+        if view[:HEADER.size] != head[:HEADER.size]:        # another frame, or framed otherwise: read it whole
+            return self._read_whole(link, bytes(view[:HEADER.size]), shape)
+        self.sleeps += link.recv_into(view[HEADER.size:n])
+        self.wait_s += time.perf_counter() - t0
+        if view[HEADER.size:len(head)] != head[HEADER.size:]:
+            # the same lengths but other meta: checked as any frame is (this member's own meta is
+            # compact JSON; another sender's may be spelt otherwise and still say the same)
+            self._check_partial(link, decode_frame(bytes(view[:n]), link.name, link.max_payload), shape)
+        return np.frombuffer(link.buf, "<f4", count=shape[0] * shape[1], offset=len(head)).reshape(shape)
+
+    def _read_whole(self, link: Link, header: bytes, shape) -> np.ndarray:
+        """A frame whose header is not this member's own PARTIAL's: read as any frame is, then
+        either a PARTIAL of this all-reduce (spelt otherwise) or a ProtocolError saying what it is."""
+        try:
+            decode_frame(header, link.name, link.max_payload)     # a bad header: ProtocolError saying why
+        except TruncatedFrame:
+            pass                                                    # a good one: its meta and payload follow
+        rest = bytearray(sum(HEADER.unpack(header)[-2:]))
+        link.recv_into(memoryview(rest), spin_s=0)
+        frame = decode_frame(header + bytes(rest), link.name, link.max_payload)
+        self._check_partial(link, frame, shape)
+        return frame_array(frame)
+
+    def _check_partial(self, link: Link, frame: Frame, shape):
         if frame.msg is not Msg.PARTIAL:
             raise ProtocolError(f"{link.name}: expected a PARTIAL in the all-reduce, got {frame.msg.name}")
         if frame.meta.get("seq") != self.seq:
@@ -438,7 +548,13 @@ class GroupLinks:
         x = frame_array(frame, expect_cols=shape[-1], peer=link.name)
         if x.dtype != np.float32 or tuple(x.shape) != tuple(shape):
             raise ProtocolError(f"{link.name}: PARTIAL of {x.dtype} {list(x.shape)}, expected float32 {list(shape)}")
-        return x
+
+
+def partial_head(seq: int, shape) -> bytes:
+    """The header and meta of a PARTIAL frame, as encode_frame(Msg.PARTIAL, {"seq": seq, "dtype":
+    "float32", "shape": [T, C]}, (T, C) float32) begins: compact JSON, keys in that order."""
+    meta = b'{"seq":%d,"dtype":"float32","shape":[%d,%d]}' % (seq, shape[0], shape[1])
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(Msg.PARTIAL), 0, len(meta), 4 * shape[0] * shape[1]) + meta
 
 
 def _sum(parts: list) -> np.ndarray:

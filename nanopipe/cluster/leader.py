@@ -329,6 +329,7 @@ class Leader:
                           "rss_mb": w.stats.get("rss_mb"), "compute_ms": w.stats.get("compute_ms"),
                           "frames": w.stats.get("frames"), "reduce_ms": w.stats.get("reduce_ms"),
                           "head_ms": w.stats.get("head_ms"),
+                          **{k: w.stats.get(k) for k in ("compute_cpu_ms", "reduce_wait_ms", "reduce_sleeps")},
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
                           "gemv_rows": w.stats.get("gemv_rows"), "prefix_cache_bytes": w.prefix_cache_bytes,
                           "addr": w.addr, "synthetic": w.synthetic, "blas": w.stats.get("blas"),

@@ -71,7 +71,8 @@ def _status(cl) -> dict:
 
 def _worker_totals(st: dict) -> dict:
     return {n["rank"]: (n.get("compute_ms") or 0.0, n.get("frames") or 0, n.get("reduce_ms") or 0.0,
-                        n.get("head_ms") or 0.0) for n in st["nodes"] if n["rank"] > 0}
+                        n.get("head_ms") or 0.0, n.get("compute_cpu_ms") or 0.0, n.get("reduce_sleeps") or 0)
+            for n in st["nodes"] if n["rank"] > 0}
 
 
 def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
@@ -97,8 +98,8 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
                                                                            for e in decode]))
         known = sum(v for k, v in parts.items() if "all-reduce" not in k)
         parts["hops and scheduler"] = ms - known
-    for rank, (c1, f1, r1, h1) in after.items():    # every worker, the members without a hop of their own too
-        c0, f0, r0, h0 = before.get(rank, (0.0, 0, 0.0, 0.0))
+    for rank, (c1, f1, r1, h1, u1, s1) in after.items():     # every worker, the members without a hop of their own too
+        c0, f0, r0, h0, u0, s0 = before.get(rank, (0.0, 0, 0.0, 0.0, 0.0, 0))
         if f1 > f0 and f"rank {rank} compute" not in parts:
             parts[f"rank {rank} compute (mean)"] = (c1 - c0) / (f1 - f0)
             if r1 > r0:
@@ -107,6 +108,10 @@ def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
             parts[f"rank {rank} head (mean)"] = (h1 - h0) / (f1 - f0)
             if f"rank {rank} compute" in parts and "hops and scheduler" in parts:
                 parts["hops and scheduler"] -= parts[f"rank {rank} head (mean)"]
+        if f1 > f0:                                 # load-independent: CPU time in compute, sleeps in all-reduces
+            parts[f"rank {rank} compute on CPU (mean)"] = (u1 - u0) / (f1 - f0)
+            if s1 > s0:
+                parts[f"rank {rank} all-reduce sleeps (mean)"] = (s1 - s0) / (f1 - f0)
     return {"ms_per_token": round(ms, 2), "tok_s": round(1000 / ms, 2), "token_ids": s["done"]["token_ids"],
             "parts": {k: round(v, 2) for k, v in parts.items()}, "load": round(max(load0, load1), 2)}
 
