@@ -236,7 +236,7 @@ class DataPath:
             finally:
                 slot()
             if hello["role"] == "member":
-                self._member_conn(sock, peer, hello)
+                accept_member(self, sock, peer, hello)
                 return
             if hello["role"] == "weights":      # a worker fetching blocks this one holds (cluster/slices.py)
                 return serve_held(sock, peer, hello, (self.stage, self.next_stage), f"worker {self.rank}", self.log)
@@ -345,20 +345,6 @@ class DataPath:
 
     # -- a split stage: the member links ---------------------------------------------------------
 
-    def _member_conn(self, sock, peer, hello):
-        """A later member of our split stage dialled us for a ring epoch: keep the link for it."""
-        group = self.group
-        index = group.place.index_of(hello.get("rank")) if group is not None else None
-        if index is None or index <= group.place.member:
-            send_frame(sock, Msg.REJECT, {"reason": f"worker {self.rank} takes member links only from the later "
-                                                    f"members of its split stage"})
-            self.log(f"Rejected a member link from {peer}: it claims rank {hello.get('rank')!r}, not a later member "
-                     f"of this split stage ({group.place.ranks if group else 'no split stage here'})", logging.WARNING)
-            close_now(sock)
-            return
-        welcome(sock, hello, {"rank": self.rank})
-        group.offer(hello.get("epoch"), index, sock, f"member {index} (rank {hello['rank']}, {peer})")
-
     def _connect_group(self, epoch):
         """Link up with the other members of our split stage for `epoch` (cluster/group.py). A later
         member then serves what member 0 forwards, on a thread of its own."""
@@ -406,6 +392,22 @@ class DataPath:
         finally:
             if self.epoch == epoch:
                 group.close()
+
+
+def accept_member(data: DataPath, sock, peer, hello):
+    """A later member of `data`'s split stage dialled it for a ring epoch: keep the link for it
+    (cluster/group.py); anyone else is refused and told why."""
+    group = data.group
+    index = group.place.index_of(hello.get("rank")) if group is not None else None
+    if index is None or index <= group.place.member:
+        send_frame(sock, Msg.REJECT, {"reason": f"worker {data.rank} takes member links only from the later "
+                                                f"members of its split stage"})
+        data.log(f"Rejected a member link from {peer}: it claims rank {hello.get('rank')!r}, not a later member "
+                 f"of this split stage ({group.place.ranks if group else 'no split stage here'})", logging.WARNING)
+        close_now(sock)
+        return
+    welcome(sock, hello, {"rank": data.rank})
+    group.offer(hello.get("epoch"), index, sock, f"member {index} (rank {hello['rank']}, {peer})")
 
 
 def head_step(data: DataPath, meta: dict, y: np.ndarray, peer: str) -> np.ndarray | None:
