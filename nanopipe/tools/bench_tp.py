@@ -25,12 +25,15 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 from ..cluster.group import GroupLinks, GroupPlace, Link
 from ..cluster.net import tune
+from ..kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
 from ..model import head_share, vocab_share
 from ..weights import WEIGHTS_DIR, ensure_synthetic, load_head_share, read_config
 from .bench import bench_prompt, write_csv
@@ -38,6 +41,24 @@ from .localcluster import LocalCluster, free_ports
 
 BLAS_ONE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "VECLIB_MAXIMUM_THREADS": "1"}
+
+
+def one_core_orders(cfg, pin: str | None, echo=print) -> dict:
+    """The memory orders (kernels.choose_layout) one pinned core with one BLAS thread finds faster,
+    measured once in a child process on core 0, and pinned for every node of every setup: nine nodes
+    each timing itself at start, while the others start, would not all choose alike. The caller's
+    NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER win."""
+    if os.environ.get(BLOCK_ORDER_ENV) and os.environ.get(HEAD_ORDER_ENV):
+        return {}
+    code = ("from nanopipe.kernels import choose_layout; "
+            f"k = choose_layout({cfg.n_embd}, {cfg.n_vocab}); print(k.block_order, k.head_order, '|', k.layout_how)")
+    out = subprocess.run(([pin, "-c", "0"] if pin else []) + [sys.executable, "-c", code],
+                         env={**os.environ, **BLAS_ONE}, capture_output=True, text=True, timeout=300,
+                         check=True).stdout.strip()
+    (block, head), how = out.split("|")[0].split(), out.split("|", 1)[1].strip()
+    echo(f"memory orders for every node (one core, one BLAS thread): blocks {block}, head {head} ({how})")
+    return {BLOCK_ORDER_ENV: os.environ.get(BLOCK_ORDER_ENV) or block,
+            HEAD_ORDER_ENV: os.environ.get(HEAD_ORDER_ENV) or head}
 
 
 def setups(n_layer: int) -> dict:
@@ -127,6 +148,7 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
     if pin is None:
         echo("note: no taskset here: the nodes are not pinned to cores, so (a) may use both")
     heartbeat_s = 0.2
+    env = {**BLAS_ONE, **one_core_orders(cfg, pin, echo)}
     clusters = {}
     rows = []
     try:
@@ -134,7 +156,7 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
             wrap = {r: (["nice", "-n", str(nice)] if nice else []) + ([pin, "-c", str(c)] if pin else [])
                     for r, c in cores.items()}
             echo(f"starting {name}: {nodes} node(s)" + (f", layer_mapping {mapping}" if mapping else ""))
-            cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=BLAS_ONE, wrap=wrap, ready_timeout=600,
+            cl = LocalCluster(weights, nodes=nodes, layer_mapping=mapping, env=env, wrap=wrap, ready_timeout=600,
                               cluster_extra={"heartbeat_s": heartbeat_s, "prefix_cache_mb": 0, **extra})
             clusters[name] = cl.start()
             one_stream(cl, prompt_len, 4)                                        # warm-up
