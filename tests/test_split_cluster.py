@@ -185,31 +185,7 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
     cl = LocalCluster(weights, nodes=4, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=READY_S,
                       cluster_extra={"heartbeat_s": 0.2, "rejoin_grace_s": 60, "link_delay_ms": 15})
     with cl:
-        box, seen, killed = {}, [], threading.Event()
-
-        def on_token(t, _text):
-            if t is not None:
-                seen.append(t)
-                if len(seen) == 5:
-                    cl.kill_rank(victim, signal.SIGKILL)
-                    killed.set()
-
-        def run():
-            try:
-                with cl.client(timeout=120) as c:
-                    box["result"] = c.generate(PROMPT, LONG, on_token=on_token)
-            except Exception as e:
-                box["error"] = e
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        assert killed.wait(60), "the answer never reached 5 tokens"
-        wait_log(cl, 0, f"Worker {victim} is down", timeout=10)
-        assert "result" not in box, "the answer finished without the killed member"
-        cl.start_rank(victim)
-        t.join(120)
-        assert not t.is_alive(), "the answer hung after the member came back"
-        assert "error" not in box, box.get("error")
-        assert_same(box["result"], reference(PROMPT, LONG), "after a member died and came back")
+        kill_member_mid_answer(cl, victim, reference)
         log = log_of(cl, 0)
         assert "replaying 1 interrupted session" in log, log[-3000:]
 
@@ -282,3 +258,33 @@ def test_member_links_over_tls(weights, reference, tmp_path):
         assert not errors, errors
     for i in range(2):
         assert_same(results[i], reference(prompts[i], params), f"TLS, 200-token prompt {i}")
+
+
+def kill_member_mid_answer(cl, victim: int, reference):
+    """Kill split-stage member `victim` (SIGKILL) at the answer's 5th token, check the answer waits,
+    restart it, and check the answer then completes as one process's (the session replayed)."""
+    box, seen, killed = {}, [], threading.Event()
+
+    def on_token(t, _text):
+        if t is not None:
+            seen.append(t)
+            if len(seen) == 5:
+                cl.kill_rank(victim, signal.SIGKILL)
+                killed.set()
+
+    def run():
+        try:
+            with cl.client(timeout=120) as c:
+                box["result"] = c.generate(PROMPT, LONG, on_token=on_token)
+        except Exception as e:
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert killed.wait(60), "the answer never reached 5 tokens"
+    wait_log(cl, 0, f"Worker {victim} is down", timeout=10)
+    assert "result" not in box, "the answer finished without the killed member"
+    cl.start_rank(victim)
+    t.join(120)
+    assert not t.is_alive(), "the answer hung after the member came back"
+    assert "error" not in box, box.get("error")
+    assert_same(box["result"], reference(PROMPT, LONG), "after a member died and came back")

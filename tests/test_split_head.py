@@ -14,15 +14,13 @@ split stage (imported below: the same checks, this module's fixture).
 """
 from __future__ import annotations
 
-import signal
-import threading
 import time
 
 import numpy as np
 import pytest
 import test_split_cluster as plain
 from helpers import log_of, read_tensors, status, wait_log
-from test_split_cluster import CASES, LONG, PROMPT, READY_S, assert_same
+from test_split_cluster import CASES, PROMPT, READY_S, assert_same
 
 from nanopipe.cluster.group import place, plan_lines, predict_head_split, splits_head
 from nanopipe.decoding import SamplingParams
@@ -96,31 +94,7 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
     cl = LocalCluster(weights, nodes=3, layer_mapping=mapping, workdir=str(tmp_path), ready_timeout=READY_S,
                       cluster_extra={"heartbeat_s": 0.2, "rejoin_grace_s": 60, "link_delay_ms": 15})
     with cl:
-        box, seen, killed = {}, [], threading.Event()
-
-        def on_token(t, _text):
-            if t is not None:
-                seen.append(t)
-                if len(seen) == 5:
-                    cl.kill_rank(victim, signal.SIGKILL)
-                    killed.set()
-
-        def run():
-            try:
-                with cl.client(timeout=120) as c:
-                    box["result"] = c.generate(PROMPT, LONG, on_token=on_token)
-            except Exception as e:
-                box["error"] = e
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        assert killed.wait(60), "the answer never reached 5 tokens"
-        wait_log(cl, 0, f"Worker {victim} is down", timeout=10)
-        assert "result" not in box, "the answer finished without the killed member"
-        cl.start_rank(victim)
-        t.join(120)
-        assert not t.is_alive(), "the answer hung after the member came back"
-        assert "error" not in box, box.get("error")
-        assert_same(box["result"], reference(PROMPT, LONG), "after a member died and came back")
+        plain.kill_member_mid_answer(cl, victim, reference)
         assert "replaying 1 interrupted session" in log_of(cl, 0), log_of(cl, 0)[-3000:]
         assert log_of(cl, victim).count("Loaded the LM head's rows") == 2, "the restarted member runs no head"
 

@@ -56,16 +56,24 @@ def model():
     return load_reference(TINY_DIR, WEIGHTS)
 
 
-@pytest.mark.parametrize("members", [2, 3])
-def test_split_logits_match_transformers(model, members):
+def split_rows(members: int):
+    """IDS through the tiny model's blocks split over `members` (model.blocks_forward_split): the
+    whole stage (for embed and head), each member's heads, and the rows (T, C) before the head."""
     ids = IDS
-    whole = load_stage(str(WEIGHTS))                                    # embed and head
+    whole = load_stage(str(WEIGHTS))
     parts = [load_stage(str(WEIGHTS), rank0=False, share=(r, members)) for r in range(members)]
     c = whole.config
     heads = [p.share.n_head for p in parts]
     segments = [[(KVCache(c.n_layer, h, c.head_dim, c.n_ctx), len(ids))] for h in heads]
     x = embed(np.array(ids), np.arange(len(ids)), whole.wte, whole.wpe)                     # (T, C)
     x = blocks_forward_split(x, [p.blocks for p in parts], n_heads=heads, segments=segments)  # (T, C)
+    return whole, heads, x
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_split_logits_match_transformers(model, members):
+    ids = IDS
+    whole, heads, x = split_rows(members)
     got = head(x, whole.ln_f, whole.lm_head)                                               # (T, V)
     compare_logits(f"tiny split over {members} members (heads {heads}), {len(ids)} tokens", got,
                    reference_logits(model, ids))
@@ -83,13 +91,8 @@ def test_split_cluster_greedy_matches_transformers(model, tmp_path):
 @pytest.mark.parametrize("members", [2, 3])
 def test_split_head_logits_match_transformers(model, members):
     ids = IDS
-    whole = load_stage(str(WEIGHTS))                                    # embed
-    parts = [load_stage(str(WEIGHTS), rank0=False, share=(r, members)) for r in range(members)]
+    whole, heads, x = split_rows(members)
     c = whole.config
-    heads = [p.share.n_head for p in parts]
-    segments = [[(KVCache(c.n_layer, h, c.head_dim, c.n_ctx), len(ids))] for h in heads]
-    x = embed(np.array(ids), np.arange(len(ids)), whole.wte, whole.wpe)                     # (T, C)
-    x = blocks_forward_split(x, [p.blocks for p in parts], n_heads=heads, segments=segments)  # (T, C)
     shares = [load_head_share(str(WEIGHTS), vocab_share(r, members, c.n_vocab)) for r in range(members)]
     got = gather_logits([head_share(x, h["ln_f"], h["lm_head"]) for h in shares])          # (T, V)
     compare_logits(f"tiny split over {members} members, the head split by vocabulary "
