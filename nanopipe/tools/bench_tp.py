@@ -328,8 +328,98 @@ def compare_head(path: str | None = None, rounds: int = 3, echo=print) -> list:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# the ceiling: what the cores' shared memory allows a split stage, with no exchange at all
+
+
+def _blocks_member(path: str, lo: int, hi: int, member: int, members: int, core: int, repeats: int,
+                   position: int, barrier, out):
+    """One process of `blocks_bench` (fresh, one BLAS thread) pinned to `core`: blocks lo..hi-1, its
+    share of them (member of members; members=1: whole blocks), one decode row at `position` through
+    fast_decode.decode_blocks `repeats` times; with `barrier`, each repetition starts with the others'.
+    The all-reduce is left out (`reduce` returns the partial itself): what is timed is what the
+    member's core and memory do, nothing the wire does."""
+    from ..fast_decode import decode_blocks
+    from ..model import KVCache
+    from ..weights import load_stage
+    os.sched_setaffinity(0, {core % os.cpu_count()})
+    st = load_stage(path, lo, hi, rank0=False, share=None if members == 1 else (member, members))
+    c = st.config
+    n_head = c.n_head if st.share is None else st.share.n_head
+    cache = KVCache(hi - lo, n_head, c.head_dim, position + 1)
+    cache.reserve(position + 1)
+    cache.k[:], cache.v[:] = 0.5, 0.25                                               # any finite keys, values
+    x = np.random.default_rng(0).standard_normal((1, c.n_embd)).astype(np.float32)   # (1, C)
+    times = []
+    for _ in range(repeats):
+        if barrier is not None:
+            barrier.wait()
+        cache.length = position                                                     # the same position each time
+        t = time.perf_counter()
+        decode_blocks(x, st.blocks, n_head=n_head, segments=[(cache, 1)], reduce=lambda part: part)
+        times.append(time.perf_counter() - t)
+    out.send(float(np.median(times[repeats // 5:])) * 1000)
+
+
+def blocks_bench(path: str, lo: int, hi: int, members: int, at_once: bool, repeats: int = 40,
+                 position: int = 32) -> list:
+    """Median ms per token of blocks lo..hi-1 for each of `members` processes, member i pinned to core
+    i: members=1 the whole blocks on core 0; at_once=False each member alone (one after another),
+    True all started together every repetition (a barrier), as a split stage runs them."""
+    ctx = mp.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in BLAS_ONE}
+    os.environ.update(BLAS_ONE)
+    try:
+        def run(which):
+            barrier = ctx.Barrier(len(which)) if len(which) > 1 else None
+            pipes, procs = [], []
+            for i in which:
+                a, b = ctx.Pipe()
+                p = ctx.Process(target=_blocks_member, daemon=True,
+                                args=(path, lo, hi, i, members, i, repeats, position, barrier, b))
+                p.start()
+                pipes.append(a)
+                procs.append(p)
+            got = [a.recv() if a.poll(600) else float("nan") for a in pipes]
+            for p in procs:
+                p.join(10)
+            return got
+        if at_once:
+            return [round(g, 2) for g in run(list(range(members)))]
+        return [round(run([i])[0], 2) for i in range(members)]
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def compare_ceiling(path: str | None = None, rounds: int = 2, echo=print) -> list:
+    """What this machine allows (b) at best, measured: blocks 1-23 (the split stage's) on one core,
+    then each member's half alone, then both halves at once on two cores, no exchange. On two
+    machines each half would run as fast as alone; on one machine's two cores the halves share its
+    memory bandwidth, and best-alone / whole is the split's ceiling here."""
+    path = path or ensure_synthetic(folder=WEIGHTS_DIR, size="gpt2-medium", log=echo)
+    n_layer = read_config(path)[0].n_layer
+    out = []
+    for rnd in range(1, rounds + 1):
+        load = os.getloadavg()[0]
+        whole = blocks_bench(path, 1, n_layer, 1, False)[0]
+        alone = blocks_bench(path, 1, n_layer, 2, False)
+        together = blocks_bench(path, 1, n_layer, 2, True)
+        row = {"round": rnd, "whole_ms": whole, "halves_alone_ms": " ".join(map(str, alone)),
+               "halves_at_once_ms": " ".join(map(str, together)),
+               "ceiling_two_machines": round(whole / max(alone), 3),
+               "ceiling_this_machine": round(whole / max(together), 3),
+               "load": round(max(load, os.getloadavg()[0]), 2)}
+        out.append(row)
+        echo(f"round {rnd}: blocks 1-{n_layer - 1}, one row, no exchange: whole on 1 core {whole} ms; halves alone "
+             f"{alone} ms; halves at once on 2 cores {together} ms -> at most {row['ceiling_this_machine']:.2f}x "
+             f"here, {row['ceiling_two_machines']:.2f}x on two machines (load {row['load']})")
+    return out
+
+
 def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
-    """`make bench-tp`: (a), (b), (c) twice, then direct vs gather; CSVs in out_dir."""
+    """`make bench-tp`: (a), (b), (c) twice, then direct vs gather, the LM head alone and the
+    ceiling (blocks with no exchange); CSVs in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     echo(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     rows = bench_tp(echo=echo)
@@ -340,8 +430,10 @@ def main(out_dir: str = "artifacts/bench", echo=print) -> dict:
     heads = compare_head(echo=echo)
     write_csv([{**r, "ms_per_member": " ".join(map(str, r["ms_per_member"]))} for r in heads],
               os.path.join(out_dir, "head.csv"))
+    ceiling = compare_ceiling(echo=echo)
+    write_csv(ceiling, os.path.join(out_dir, "tp_ceiling.csv"))
     echo(f"load average after: {os.getloadavg()[0]:.2f}")
-    return {"tp": rows, "reduce": reduce, "head": heads}
+    return {"tp": rows, "reduce": reduce, "head": heads, "ceiling": ceiling}
 
 
 if __name__ == "__main__":

@@ -160,9 +160,11 @@ LLAMA_CPP_DEFAULT = "/var/cache/nanopipe/llama.cpp"
 
 _NANOPIPE_DECODE_CHILD = """
 import json, sys, time
+from nanopipe.kernels import kernels
 from nanopipe.tools.bench import bench_single
 r = bench_single(sys.argv[1], prompt_len=int(sys.argv[2]), n_tokens=int(sys.argv[3]), repeats=int(sys.argv[4]))
-print(json.dumps({k: r[k] for k in ("decode_tokens_per_s", "run_tokens_per_s", "threads")}))
+r["orders"] = [kernels.block_order, kernels.head_order]
+print(json.dumps({k: r[k] for k in ("decode_tokens_per_s", "run_tokens_per_s", "threads", "orders")}))
 """
 
 
@@ -289,7 +291,8 @@ def nanopipe_decode(weights: str, threads: int, n_gen: int = 128, reps: int = 5,
                          env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return {"tokens_per_s": round(float(np.mean(r["run_tokens_per_s"])), 2),
-            "median_gap_tokens_per_s": r["decode_tokens_per_s"], "threads": r["threads"]}
+            "median_gap_tokens_per_s": r["decode_tokens_per_s"], "threads": r["threads"],
+            "orders": tuple(r["orders"])}
 
 
 def _child_cpu_s(cmd: list, env=None) -> float:
@@ -302,14 +305,19 @@ def _child_cpu_s(cmd: list, env=None) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, cpus: str | None = None) -> dict:
+def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, cpus: str | None = None,
+                     orders: tuple = ("C", "F")) -> dict:
     """One thread each: CPU milliseconds per decoded token, nanopipe and llama.cpp, from each program
     run with 1 and with 4 timed repetitions of n_gen tokens (the difference is 3 x n_gen tokens:
-    loading, warm-up and start-up cancel out). On a loaded machine wall time measures the other
+    loading, warm-up and start-up cancel out). nanopipe runs with its memory `orders` (blocks, head)
+    pinned, as its 1-thread decode chose them: timing them at start takes a different time in each
+    run, which would not cancel. On a loaded machine wall time measures the other
     programs' share of the core; the CPU time a token takes is what the program itself spends (cache
     and memory-bandwidth interference stay in it). Not for 2 threads: a spinning wait is CPU time too."""
     import sys
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    from nanopipe.kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               **{BLOCK_ORDER_ENV: orders[0], HEAD_ORDER_ENV: orders[1]})
 
     def ours(reps):
         return _child_cpu_s(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1",
@@ -344,29 +352,32 @@ def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 1
     echo("  greedy text after the same prompt: " + (same["skipped"] if "skipped" in same else
          ("identical" if same["same"] else "DIFFERENT") + f" (nanopipe {same['nanopipe'][:60]!r}, "
          f"llama.cpp {same['llama_cpp'][:60]!r})"))
-    rows = []
+    rows, orders = [], {}
     for rnd in range(rounds):
         for t in threads:
             pin = (cpus or {}).get(t)
             load = os.getloadavg()[0]
             ours = nanopipe_decode(weights, t, n_gen, reps, cpus=pin)
+            orders.setdefault(t, ours["orders"])
             theirs = llama_bench_decode(exe, gguf_path, t, n_gen, reps, cpus=pin)
             ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
             row = {"round": rnd + 1, "threads": t, "pinned": pin or "", "load_before": round(load, 2),
                    "load_after": round(os.getloadavg()[0], 2), "nanopipe_tokens_per_s": ours["tokens_per_s"],
                    "nanopipe_median_gap_tokens_per_s": ours["median_gap_tokens_per_s"],
                    "llama_cpp_tokens_per_s": theirs["tokens_per_s"], "llama_cpp_stddev": theirs["stddev"],
-                   "ratio": round(ratio, 3)}
+                   "ratio": round(ratio, 3), "orders": "".join(ours["orders"])}
             rows.append(row)
             echo(f"  round {rnd + 1}, {t} thread(s){' on cpus ' + pin if pin else ''}: nanopipe {ours['tokens_per_s']} "
                  f"tok/s (median gap {ours['median_gap_tokens_per_s']}), llama.cpp f32 tg{n_gen} "
-                 f"{theirs['tokens_per_s']} ± {theirs['stddev']} tok/s -> {ratio:.3f}x (target >= 0.95x); "
+                 f"{theirs['tokens_per_s']} ± {theirs['stddev']} tok/s -> {ratio:.3f}x (target >= 0.95x); memory "
+                 f"orders {ours['orders'][0]} {ours['orders'][1]}; "
                  f"load average {row['load_before']} -> {row['load_after']}")
     cpu = []
     if 1 in threads:
         for rnd in range(rounds):
             load = os.getloadavg()[0]
-            c = cpu_ms_per_token(exe, gguf_path, weights, n_gen, cpus=(cpus or {}).get(1))
+            c = cpu_ms_per_token(exe, gguf_path, weights, n_gen, cpus=(cpus or {}).get(1),
+                                 orders=orders.get(1, ("C", "F")))
             cpu.append(dict(c, round=rnd + 1, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2)))
             echo(f"  round {rnd + 1}, 1 thread, CPU time per token: nanopipe {c['nanopipe_cpu_ms_per_token']} ms, "
                  f"llama.cpp f32 {c['llama_cpp_cpu_ms_per_token']} ms -> nanopipe at {c['cpu_ratio']:.3f}x "
