@@ -34,8 +34,9 @@ import numpy as np
 from ..cluster.group import GroupLinks, GroupPlace, Link
 from ..cluster.net import tune
 from ..kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
-from ..model import head_share, vocab_share
-from ..weights import WEIGHTS_DIR, ensure_synthetic, load_head_share, read_config
+from ..fast_decode import decode_blocks
+from ..model import KVCache, head_share, vocab_share
+from ..weights import WEIGHTS_DIR, ensure_synthetic, load_head_share, load_stage, read_config
 from .bench import bench_prompt, write_csv
 from .localcluster import LocalCluster, free_ports
 
@@ -339,9 +340,6 @@ def _blocks_member(path: str, lo: int, hi: int, member: int, members: int, core:
     fast_decode.decode_blocks `repeats` times; with `barrier`, each repetition starts with the others'.
     The all-reduce is left out (`reduce` returns the partial itself): what is timed is what the
     member's core and memory do, nothing the wire does."""
-    from ..fast_decode import decode_blocks
-    from ..model import KVCache
-    from ..weights import load_stage
     os.sched_setaffinity(0, {core % os.cpu_count()})
     st = load_stage(path, lo, hi, rank0=False, share=None if members == 1 else (member, members))
     c = st.config

@@ -315,6 +315,7 @@ def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, c
     programs' share of the core; the CPU time a token takes is what the program itself spends (cache
     and memory-bandwidth interference stay in it). Not for 2 threads: a spinning wait is CPU time too."""
     import sys
+
     from nanopipe.kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                **{BLOCK_ORDER_ENV: orders[0], HEAD_ORDER_ENV: orders[1]})
