@@ -33,8 +33,8 @@ import numpy as np
 
 from ..cluster.group import GroupLinks, GroupPlace, Link
 from ..cluster.net import tune
-from ..kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
 from ..fast_decode import decode_blocks
+from ..kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
 from ..model import KVCache, head_share, vocab_share
 from ..weights import WEIGHTS_DIR, ensure_synthetic, load_head_share, load_stage, read_config
 from .bench import bench_prompt, write_csv
