@@ -371,7 +371,7 @@ def _model_entry(name, m, where: str) -> ModelConfig:
             raise ConfigError(f"{where}: layer_mapping is given but partition is {shown(cfg.partition)}, which would "
                               "ignore it; remove one of the two (with a layer_mapping, partition may be left out)")
         try:
-            _partition.from_mapping(cfg.layer_mapping, cfg.num_layers, cfg.num_nodes)
+            _partition.from_mapping(cfg.layer_mapping, cfg.num_layers, cfg.num_nodes, n_head=cfg.n_head)
         except _partition.PartitionError as e:
             raise ConfigError(f"{where}: {e}") from None
     elif cfg.partition == "mapping":
