@@ -197,7 +197,8 @@ def _get(d: dict, key: str, kind, where: str, default=...):
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ConfigError(f"{where}: key {shown(key)} must be {names}, got {shown(value)}")
+        hint = (f" (write {key}: true or {key}: false, without quotes)" if kinds == (bool,) else "")
+        raise ConfigError(f"{where}: key {shown(key)} must be {names}, got {shown(value)}{hint}")
     return value
 
 
