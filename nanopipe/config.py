@@ -197,7 +197,8 @@ def _get(d: dict, key: str, kind, where: str, default=...):
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ConfigError(f"{where}: key {shown(key)} must be {names}, got {shown(value)}")
+        hint = (f" (write {key}: true or {key}: false, without quotes)" if kinds == (bool,) else "")
+        raise ConfigError(f"{where}: key {shown(key)} must be {names}, got {shown(value)}{hint}")
     return value
 
 
@@ -371,7 +372,7 @@ def _model_entry(name, m, where: str) -> ModelConfig:
             raise ConfigError(f"{where}: layer_mapping is given but partition is {shown(cfg.partition)}, which would "
                               "ignore it; remove one of the two (with a layer_mapping, partition may be left out)")
         try:
-            _partition.from_mapping(cfg.layer_mapping, cfg.num_layers, cfg.num_nodes)
+            _partition.from_mapping(cfg.layer_mapping, cfg.num_layers, cfg.num_nodes, n_head=cfg.n_head)
         except _partition.PartitionError as e:
             raise ConfigError(f"{where}: {e}") from None
     elif cfg.partition == "mapping":

@@ -160,7 +160,7 @@ def _layers(lo: int, hi: int) -> str:
     return f"layer {lo}" if hi - lo == 1 else f"layers {layers_text(lo, hi)}"
 
 
-def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int, int]]:
+def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int, n_head: int | None = None) -> list[tuple[int, int]]:
     """An explicit layer_mapping from YAML, {rank: layers} with INCLUSIVE layers (see _parse_span).
 
     >>> from_mapping({0: [0, 1, 2], 1: [3, 4, 5, 6], 2: [7, 8, 9, 10, 11]}, n_layer=12, n_nodes=3)
@@ -173,6 +173,8 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
 
     >>> from_mapping({0: [0, 3], 1: [4, 11], 2: [4, 11]}, n_layer=12, n_nodes=3)
     [(0, 4), (4, 12), (4, 12)]
+
+    Every member holds at least one head, so with `n_head` known a stage has at most n_head members.
     """
     if n_nodes < 1 or n_layer < 1:
         _check_sizes(n_layer, n_nodes)         # (more nodes than layers is fine when some share them)
@@ -222,7 +224,18 @@ def from_mapping(mapping: Mapping, n_layer: int, n_nodes: int) -> list[tuple[int
             held = "is" if nxt[0] - prev[1] == 1 else "are"
             raise PartitionError(f"layer_mapping: {_layers(prev[1], nxt[0])} {held} held by no "
                                  f"rank ({_describe(spans)})")
+    if n_head is not None:
+        _check_heads(ranges, n_head)
     return ranges
+
+
+def _check_heads(ranges: list, n_head: int) -> None:
+    """A split stage's members each hold at least one head: no more members than heads."""
+    for g in groups(ranges):
+        if len(g) > n_head:
+            raise PartitionError(f"layer_mapping: ranks {g[0]}-{g[-1]} share {_layers(*ranges[g[0]])} ({len(g)} "
+                                 f"members) but the model has only {n_head} heads, and each member holds at least "
+                                 f"one: give those layers to at most {n_head} ranks, the others layers of their own")
 
 
 def _check_shared(spans: dict, n_nodes: int) -> None:
@@ -280,7 +293,7 @@ def plan(n_layer: int, n_nodes: int, strategy: str = "even", mapping: Mapping | 
         raise PartitionError(f"unknown partition strategy {strategy!r}; use one of "
                              f"{', '.join(STRATEGIES)}")
     if mapping is not None:
-        return from_mapping(mapping, n_layer, n_nodes)
+        return from_mapping(mapping, n_layer, n_nodes, n_head=kw.get("n_head"))
     if strategy == "mapping":
         raise PartitionError("partition strategy 'mapping' needs a layer_mapping")
     if strategy == "balanced":

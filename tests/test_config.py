@@ -134,6 +134,9 @@ CLUSTER_MISTAKES = {
     "worker without host": (_cluster(lambda d: d["workers"][0].pop("host")), r"workers\[0\]: missing key 'host'"),
     "worker not a mapping": (_cluster(lambda d: d["workers"].__setitem__(0, 7)), r"workers\[0\]: expected"),
     "top level a list": (lambda: ["port", 1], "expected a mapping at the top level"),
+    "a yes/no key quoted": (_cluster(lambda d: d.update(split_lm_head="yes")),
+                            r"key 'split_lm_head' must be bool, got 'yes' \(write split_lm_head: true or "
+                            r"split_lm_head: false, without quotes\)"),
 }
 
 

@@ -27,7 +27,7 @@ from helpers import CONFIG_DIR, node, run_nanopipe, wait_status
 from nanopipe.cluster.leader_client import ClientError, LeaderClient
 from nanopipe.config import Configs
 from nanopipe.tools.cli import main
-from nanopipe.tools.localcluster import LocalCluster, free_ports
+from nanopipe.tools.localcluster import LocalCluster, free_ports, write_configs
 
 PROMPT = "Hello world, my name"
 
@@ -275,3 +275,18 @@ def test_plan_partition_and_the_old_strategy_spelling(tmp_path, monkeypatch):
     assert split(new.stdout) == split(old.stdout) != split(even.stdout), (new.stdout, old.stdout, even.stdout)
     assert "`plan --strategy` is now `plan --partition`" in old.stderr, old.stderr
     assert new.stderr == "", new.stderr
+
+
+def test_a_split_stage_with_more_members_than_heads_stops_serve_and_plan(tiny_weights, tiny_config, tmp_path):
+    # the heads are read from the weights (no n_head in model_config.yaml): one member more than heads
+    members = tiny_config.n_head + 1
+    mapping = {0: [0, 1], **{r: [2, tiny_config.n_layer - 1] for r in range(1, members + 1)}}
+    configs = str(tmp_path / "configs")
+    write_configs(configs, weights=tiny_weights, nodes=members + 1, n_layer=tiny_config.n_layer,
+                  layer_mapping=mapping)
+    want = (f"share layers 2-{tiny_config.n_layer - 1} ({members} members) but the model has only "
+            f"{tiny_config.n_head} heads")
+    for args in (["serve", "--rank", "0"], ["plan"], ["join", "--rank", "1", "--host", "node1"]):
+        r = run_nanopipe(*args, "--config-dir", configs, "--weights", tiny_weights, cwd=tmp_path, timeout=90)
+        assert r.returncode != 0, (args, r.stdout, r.stderr)
+        assert want in error_line(r.stderr) and "Traceback" not in r.stderr, (args, r.stderr)

@@ -281,3 +281,11 @@ def test_layers_text_is_the_one_inclusive_text_form():
     assert layers_text(5, 6) == "5-5"           # one layer: still a range, as --layers takes it
     assert layers_text(12, 12) == "none"        # a node the placement left out
     assert layers_text(4, 12) == "-".join(map(str, first_last(4, 12)))   # the JSON form, same range
+
+
+def test_a_split_stage_with_more_members_than_heads_is_refused():
+    mapping = {0: [0, 1], 1: [2, 3], 2: [2, 3], 3: [2, 3]}
+    assert from_mapping(mapping, 4, 4, n_head=3) == [(0, 2), (2, 4), (2, 4), (2, 4)]
+    with pytest.raises(PartitionError, match=r"ranks 1-3 share layers 2-3 \(3 members\) but the model has only 2 "
+                                             r"heads.*at most 2 ranks"):
+        from_mapping(mapping, 4, 4, n_head=2)

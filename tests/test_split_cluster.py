@@ -105,6 +105,21 @@ def test_the_status_says_which_heads_each_member_holds(split_cluster):
     assert heads == want, heads
 
 
+def test_the_status_says_the_split_is_the_layer_mapping(split_cluster):
+    """`plan --from-cluster` and the page print the leader's plan: a layer_mapping is what placed it."""
+    assert status(split_cluster)["placement"]["partition"] == "layer_mapping"
+
+
+def test_a_member_loads_only_its_share_never_the_whole_blocks_first(split_cluster):
+    """A worker whose configs make it a member loads its part of the blocks before it dials the
+    leader, as a plain worker loads its blocks: its memory never holds the whole blocks."""
+    ranks = [n["rank"] for n in status(split_cluster)["nodes"] if n.get("heads")]
+    assert len(ranks) >= 2, ranks
+    for r in ranks:
+        loads = [ln for ln in log_of(split_cluster, r).splitlines() if f"layers for worker {r} (" in ln]
+        assert loads and all(" member " in ln for ln in loads), (r, loads)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_stage_gives_the_tokens_of_one_process(split_cluster, reference, case):
     with split_cluster.client() as c:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..partition import first_last, layers_text, planned_by_leader
+from ..partition import first_last, layers_text, planned_by_leader, uses_mapping
 from .registry import finite
 from .wire import Msg, plan
 
@@ -229,7 +229,8 @@ class Planner:
         per stage after traffic: the leader's status()["placement"]."""
         from ..placement import unknown_figures
         p = self.placement
-        out = {"partition": self.model.partition or "default", "objective": self.model.placement_objective,
+        how = "layer_mapping" if uses_mapping(self.model) else self.model.partition or "default"
+        out = {"partition": how, "objective": self.model.placement_objective,
                "note": self.plan_note, "pending": self.pending, "stages": self.stage_report(),
                "unknown": unknown_figures(self.capacities())}
         if p is not None:

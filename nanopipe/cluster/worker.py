@@ -83,9 +83,12 @@ class Worker:
     """
 
     def __init__(self, cluster: ClusterConfig, rank: int, weights_path: str | None, host: str | None = None,
-                 n_head: int | None = None, max_attempts: int = 0, layers: tuple | None = None, fetch=None):
+                 n_head: int | None = None, max_attempts: int = 0, layers: tuple | None = None, fetch=None,
+                 share: tuple | None = None):
         """`weights_path` None: `fetch(lo, hi)` gets the file holding blocks lo..hi-1 once the
-        leader has said which (`nanopipe join --leader`: pulled from the leader's weights source)."""
+        leader has said which (`nanopipe join --leader`: pulled from the leader's weights source).
+        `share` (r, m): the configs make this rank member r of m of a split stage, so only its part
+        of `layers` is loaded before dialing (never the whole blocks first)."""
         if rank < 1:
             raise ValueError("workers have rank >= 1; rank 0 is the leader (`nanopipe serve --rank 0`)")
         node = cluster.node(rank)
@@ -102,6 +105,7 @@ class Worker:
         self.max_attempts = max_attempts or 10**9
         self.logger = worker_logger(rank)
         self.layers = layers            # the blocks (lo, hi) this rank expects: loaded before dialing
+        self.share = share              # its part of them, when the configs make it a split stage's member
         self.stage = None
         self._kernels_said = False      # describe_kernels logged (once a process)
         self.control_lock = threading.Lock()
@@ -128,7 +132,7 @@ class Worker:
             # range; _session reloads (and reports a failure to the leader) if it differs.
             from ..weights import WeightsError
             try:
-                self.stage = self._load(*self.layers)
+                self.stage = self._load(*self.layers, share=self.share)
             except WeightsError as e:
                 self.log(f"Cannot load layers {layers_text(*self.layers)} yet: {e}", logging.WARNING)
         while not self.stop_event.is_set():

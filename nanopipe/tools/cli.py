@@ -42,7 +42,7 @@ from ..engine import Engine
 from ..kernels import KernelChoiceError, describe_kernels
 from ..logs import leader_logger, setup, worker_logger
 from ..model import ContextOverflow
-from ..partition import PartitionError, format_plan, layers_text
+from ..partition import PartitionError, format_plan, group_of, layers_text
 from ..placement import Capacity, measure_node
 from ..safetensors_io import SafetensorsError
 from ..sampling_params import (
@@ -704,8 +704,10 @@ def join(rank_arg, host_arg, rank, host, leader_addr, configs, weights_path, n_h
         src = configs.weights()
         fetch = slice_fetcher(mc.weights_model_name, {"url": src.url, "filename": src.filename,
                                                       "sha256": src.sha256}, log)
+    members = [] if planned_by_leader(mc) else group_of(ranges, rank)    # a split stage's ranks, from the configs
     worker = Worker(cc, rank, path, host=host, n_head=n_head or mc.n_head, fetch=fetch,
-                    layers=None if planned_by_leader(mc) else ranges[rank])
+                    layers=None if planned_by_leader(mc) else ranges[rank],
+                    share=(members.index(rank), len(members)) if len(members) > 1 else None)
     _on_sigterm()
     try:
         worker.run()                # logs "Loaded <n> layers for worker R", "Connected to server at ...", ...

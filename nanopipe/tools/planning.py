@@ -54,7 +54,7 @@ def plan_ranges(mc, cfg, nodes=None, partition=None):
         if nodes != mc.num_nodes:
             raise PartitionError(f"the model's layer_mapping is for {mc.num_nodes} nodes, not {nodes}; "
                                  "for another number of nodes pass --partition even or balanced")
-        return make_plan(cfg.n_layer, nodes, "mapping", mapping=mc.layer_mapping)
+        return make_plan(cfg.n_layer, nodes, "mapping", mapping=mc.layer_mapping, n_head=cfg.n_head)
     partition = partition or mc.partition or "even"
     return make_plan(cfg.n_layer, nodes, partition, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab)
 
