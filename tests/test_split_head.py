@@ -223,7 +223,7 @@ def test_rank_0_samples_from_split_logits_and_a_bad_row_fails_its_session_alone(
         def __init__(self):
             self.inbox, self.asked = [], []
 
-        def send(self, batch_id, sessions, x, logits=None):
+        def send(self, batch_id, sessions, x, logits=None, greedy=False):
             self.asked.append(list(logits))
             shares = [head_share(x[logits], st.ln_f, st.lm_head[v0:v1]) for v0, v1 in cuts]
             bad, row = [], 0

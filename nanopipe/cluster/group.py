@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from ..model import gather_logits
+from ..model import combine_tops, gather_logits
 from ..partition import groups
 from .net import close_now
 from .wire import (
@@ -458,11 +458,7 @@ class GroupLinks:
             return None
         parts = [share]
         for i in range(1, m):                       # every share is read, so the links stay in step
-            link = self.links[i]
-            frame = link.recv()
-            if frame.msg is not Msg.LOGITS or frame.meta.get("seq") != self.seq:
-                raise ProtocolError(f"{link.name}: expected its LOGITS share after all-reduce {self.seq}, got "
-                                    f"{frame.msg.name} (seq {frame.meta.get('seq')!r}): the members are out of step")
+            link, frame = self._share_frame(i, Msg.LOGITS)
             if "missing" in frame.meta:
                 parts.append(None)
                 continue
@@ -474,6 +470,35 @@ class GroupLinks:
         if any(p is None for p in parts):
             return None
         return gather_logits(parts)                                             # (R, V)
+
+    def gather_tops(self, top: tuple | None, why_not: str = "") -> tuple | None:
+        """The split head's compact reply for greedy rows: every member's rows of its share reduced
+        to (max, argmax, logsumexp) (model.share_top: (R,) each) go to member 0, which combines them
+        in member order (model.combine_tops) into the whole rows' -> (max, argmax, logsumexp); the
+        others get None. A member without a share sends `why_not`, and member 0 gets None (as
+        gather_logits). On the link: TOP, `argmax` in the meta, (R, 2) float64 [max, logsumexp]."""
+        me, m = self.place.member, self.place.size
+        if me != 0:
+            meta = {"seq": self.seq, "missing": why_not} if top is None else {"seq": self.seq, **top_meta(top)}
+            self.links[0].send(encode_frame(Msg.TOP, meta, b"" if top is None else top_payload(top)))
+            return None
+        parts = [top]
+        for i in range(1, m):                       # every share is read, so the links stay in step
+            link, frame = self._share_frame(i, Msg.TOP)
+            parts.append(None if "missing" in frame.meta else
+                         read_top(frame, link.name, None if top is None else len(top[0])))
+        if any(p is None for p in parts):
+            return None
+        return combine_tops(parts)                                              # (R,) each
+
+    def _share_frame(self, i: int, msg: Msg):
+        """Member i's share of the head after this step's last all-reduce: (its link, a `msg` frame)."""
+        link = self.links[i]
+        frame = link.recv()
+        if frame.msg is not msg or frame.meta.get("seq") != self.seq:
+            raise ProtocolError(f"{link.name}: expected its {msg.name} share after all-reduce {self.seq}, got "
+                                f"{frame.msg.name} (seq {frame.meta.get('seq')!r}): the members are out of step")
+        return link, frame
 
     def all_reduce(self, partial: np.ndarray) -> np.ndarray:
         """partial (T, C) float32, this member's -> the sum of every member's, added in member order
@@ -563,3 +588,33 @@ def _sum(parts: list) -> np.ndarray:
     for p in parts[1:]:
         total += p
     return total
+
+
+def top_meta(top: tuple) -> dict:
+    """A TOP frame's meta for rows reduced to (max, argmax, logsumexp): the tokens, and the payload's
+    dtype and shape (top_payload)."""
+    return {"argmax": [int(t) for t in top[1]], "dtype": "float64", "shape": [len(top[0]), 2]}
+
+
+def top_payload(top: tuple) -> np.ndarray:
+    """(R, 2) float64: each row's max and logsumexp (its token's logprob is their difference)."""
+    return np.stack([np.asarray(top[0], np.float64), np.asarray(top[2], np.float64)], axis=1)
+
+
+def read_top(frame: Frame, peer: str, rows: int | None = None) -> tuple:
+    """A TOP frame's (max, argmax, logsumexp), (R,) each, checked: float64 (R, 2) (R = `rows` when
+    given) and `argmax` R ints. Raises ProtocolError saying what is wrong. (Whether each token is
+    in the vocabulary, each max and logsumexp finite, is the reader's to judge: it fails that row.)"""
+    x = frame_array(frame, expect_cols=2, peer=peer)                                # (R, 2)
+    idx = frame.meta.get("argmax")
+    if x.dtype != np.float64 or x.ndim != 2 or rows is not None and len(x) != rows:
+        raise ProtocolError(f"{peer}: TOP of {x.dtype} {list(x.shape)}, expected float64 "
+                            f"({'R' if rows is None else rows}, 2): each row's max and logsumexp")
+    if not (isinstance(idx, list) and len(idx) == len(x) and all(type(t) is int for t in idx)):
+        raise ProtocolError(f"{peer}: TOP's \"argmax\" must list {len(x)} token ids, got {shown_list(idx)}")
+    return x[:, 0], np.array(idx, np.int64), x[:, 1]
+
+
+def shown_list(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
