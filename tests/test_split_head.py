@@ -296,3 +296,128 @@ def test_the_ring_asks_for_logits_that_fit_and_refuses_logits_it_did_not_ask_for
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the compact greedy reply: each row's top (max, argmax, logsumexp) instead of its logits
+
+
+def head_replies(cl) -> dict:
+    """Member 0 of the last split stage's count of LOGITS and TOP answers to rank 0, and their bytes
+    (its heartbeat, in the status)."""
+    first = min(cl.vocab)
+    node = next(n for n in status(cl)["nodes"] if n["rank"] == first)
+    return {k: node[k] for k in ("logits_frames", "logits_bytes", "top_frames", "top_bytes")}
+
+
+def wait_replies(cl, done, timeout: float = 10.0) -> dict:
+    """The counts once a heartbeat says `done(counts)` (they only grow), or the last seen after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = head_replies(cl)
+        if done(now) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
+def test_greedy_answers_come_back_as_tops_and_sampled_ones_as_logits(split_cluster, reference):
+    """Greedy: every step's rows need only their argmax and its logprob, so member 0 sends TOP
+    frames (24 bytes a row and the meta) and no LOGITS; the tokens are one process's, the logprobs
+    within the tolerance. Sampling needs whole rows: LOGITS, ~201 KB a row. Bytes per token on the
+    link from member 0 to rank 0 are printed for both."""
+    before = wait_replies(split_cluster, lambda r: r["top_frames"] is not None)
+    n = CASES["greedy"].max_tokens
+    with split_cluster.client() as c:
+        got = c.generate(PROMPT, CASES["greedy"])
+    assert_same(got, reference(PROMPT, CASES["greedy"]), "greedy through the compact reply")
+    greedy = wait_replies(split_cluster, lambda r: r["top_frames"] >= before["top_frames"] + n)
+    assert greedy["logits_frames"] == before["logits_frames"], (before, greedy)
+    assert greedy["top_frames"] - before["top_frames"] == n, (before, greedy)     # one step a token
+    top_per_token = (greedy["top_bytes"] - before["top_bytes"]) / n
+    with split_cluster.client() as c:
+        got = c.generate(PROMPT, CASES["sampling"])
+    assert_same(got, reference(PROMPT, CASES["sampling"]), "sampling through whole logits")
+    sampled = wait_replies(split_cluster, lambda r: r["logits_frames"] >= greedy["logits_frames"] + n)
+    assert sampled["top_frames"] == greedy["top_frames"], (greedy, sampled)
+    assert sampled["logits_frames"] - greedy["logits_frames"] == n, (greedy, sampled)
+    logits_per_token = (sampled["logits_bytes"] - greedy["logits_bytes"]) / n
+    print(f"member 0 -> rank 0 per token: LOGITS {logits_per_token:.0f} bytes, TOP {top_per_token:.0f} bytes")
+    assert logits_per_token > V * 4 > 400 * top_per_token     # the meta (sessions, trace) is most of a TOP
+
+
+def test_a_greedy_and_a_sampled_session_at_once_both_stay_correct(split_cluster, reference):
+    """Two clients at once, one greedy and one seeded sampling: whatever steps they share (a
+    step that mixes them asks whole logits of every row), both get one process's answer."""
+    import threading
+    got = {}
+
+    def run(case):
+        with split_cluster.client() as c:
+            got[case] = c.generate(PROMPT, CASES[case])
+    threads = [threading.Thread(target=run, args=(case,)) for case in ("greedy", "sampling")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for case in ("greedy", "sampling"):
+        assert_same(got[case], reference(PROMPT, CASES[case]), f"{case}, beside the other")
+
+
+def test_share_tops_combined_are_the_whole_rows_argmax_and_logsumexp(weights):
+    """model.share_top over 2 and 3 uneven shares, combined (model.combine_tops): the token is
+    np.argmax of the whole row, also when the max is tied across a share boundary (the lower id
+    wins, as np.argmax), and the logprob max - logsumexp is decoding's of the whole row."""
+    from floats import assert_close
+
+    from nanopipe.decoding import logsumexp
+    from nanopipe.model import combine_tops, share_top
+    st = load_stage(weights)
+    x = np.random.default_rng(1).standard_normal((4, st.config.n_embd)).astype(np.float32)      # (T, C)
+    logits = head(x, st.ln_f, st.lm_head)                                                        # (T, V)
+    logits[1, [7, 30000, 40000]] = logits[1].max() + 1      # a tie across shares: 7 < 30000 < 40000
+    logits[2, [25128, 25129]] = logits[2].max() + 1         # a tie across the 2-member boundary
+    want_tok = np.argmax(logits, axis=1)
+    want_lp = [float(logits[r, t]) - logsumexp(logits[r]) for r, t in enumerate(want_tok)]
+    for m in (2, 3):
+        shares = [vocab_share(r, m, V) for r in range(m)]
+        top, tok, lse = combine_tops([share_top(logits[:, v0:v1], v0) for v0, v1 in shares])
+        assert tok.tolist() == want_tok.tolist() and tok[1] == 7 and tok[2] == 25128, (m, tok, want_tok)
+        assert_close(top - lse, want_lp, f"{m} shares: logprobs")
+        print(f"{m} shares: logprobs within {float(np.max(np.abs(top - lse - want_lp))):.3g} of the whole row's")
+    bad = logits[:2].copy()
+    bad[0, 5], bad[1, 9] = np.nan, -np.inf
+    assert np.isnan(share_top(bad)[2]).all(), "a row holding NaN or inf must not give a usable logsumexp"
+
+
+def test_gather_tops_over_member_links():
+    """GroupLinks.gather_tops over real socket pairs, 3 members: member 0 gets the combined tops,
+    the others None; a member without a share sends why and member 0 gets None, the links in step."""
+    import socket
+
+    from nanopipe.cluster.group import GroupLinks, GroupPlace, Link
+    from nanopipe.model import share_top
+    members = [[r, "127.0.0.1", 7000 + r] for r in range(3)]
+    pairs = {i: socket.socketpair() for i in (1, 2)}
+    g = [GroupLinks(GroupPlace({"members": members, "member": i}), 1 << 24) for i in range(3)]
+    g[0].links = {i: Link(pairs[i][0], f"member {i}", 1 << 24) for i in (1, 2)}
+    for i in (1, 2):
+        g[i].links = {0: Link(pairs[i][1], "member 0", 1 << 24)}
+    x = np.array([[0., 5., 1., 2., 9., 3., 9.], [4., 1., 2., 0., 1., 3., 2.]], np.float32)   # (R, V): V = 7
+    cuts = [vocab_share(r, 3, 7) for r in range(3)]                          # (0, 3), (3, 5), (5, 7)
+    tops = [share_top(x[:, v0:v1], v0) for v0, v1 in cuts]
+    try:
+        for i in (1, 2):
+            assert g[i].gather_tops(tops[i]) is None
+        top, tok, lse = g[0].gather_tops(tops[0])
+        assert tok.tolist() == [4, 0] and top.tolist() == [9., 4.], (tok, top)
+        assert np.allclose(lse, np.log(np.exp(x.astype(np.float64)).sum(axis=1)))
+        g[1].gather_tops(None, why_not="its file holds no head")
+        g[2].gather_tops(tops[2])
+        assert g[0].gather_tops(tops[0]) is None
+        g[1].gather_tops(tops[1])
+        g[2].gather_tops(tops[2])
+        assert g[0].gather_tops(tops[0])[1].tolist() == [4, 0], "the links are out of step"
+    finally:
+        for a, b in pairs.values():
+            a.close()
+            b.close()
