@@ -96,6 +96,9 @@ def test_a_member_killed_mid_answer_rejoins_and_the_answer_is_unchanged(weights,
     with cl:
         plain.kill_member_mid_answer(cl, victim, reference)
         assert "replaying 1 interrupted session" in log_of(cl, 0), log_of(cl, 0)[-3000:]
+        cl.vocab = {1: (0, 25129), 2: (25129, V)}
+        replies = wait_replies(cl, lambda r: (r["top_frames"] or 0) > 0)     # the answer is greedy: tops only
+        assert replies["top_frames"] > 0 and replies["logits_frames"] == 0, replies
         assert log_of(cl, victim).count("Loaded the LM head's rows") == 2, "the restarted member runs no head"
 
 
@@ -421,3 +424,127 @@ def test_gather_tops_over_member_links():
         for a, b in pairs.values():
             a.close()
             b.close()
+
+
+class HeadSplitStage:
+    """The ring's last split stage, played in this process behind rank 0's real Ring (over a socket
+    pair): it reads each ACT rank 0 sends and answers as 2 members would, LOGITS or, when the ACT
+    says `greedy`, TOP (model.share_top per share, combined); `corrupt(meta, payload)` spoils the
+    answers of session "poisoned". Notes each ACT's `greedy`."""
+
+    def __init__(self, stage, sock, ring, corrupt=None):
+        import threading
+        self.st, self.sock, self.ring, self.corrupt = stage, sock, ring, corrupt
+        self.cuts = [vocab_share(r, 2, stage.config.n_vocab) for r in range(2)]
+        self.greedy: list = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        from nanopipe.cluster.wire import Msg, WireError, recv_frame
+        while True:
+            try:
+                frame = recv_frame(self.sock, "rank 0")
+            except (WireError, OSError):
+                return
+            if frame.msg is Msg.ACT:
+                self.ring.deliver(self.answer(frame), "rank 2 (node2)")
+
+    def answer(self, frame):
+        from nanopipe.cluster.group import top_meta, top_payload
+        from nanopipe.cluster.wire import Msg, decode_frame, encode_frame, frame_array
+        from nanopipe.model import combine_tops, share_top
+        st, rows, greedy = self.st, frame.meta["logits"], frame.meta.get("greedy", False)
+        self.greedy.append(greedy)
+        x = frame_array(frame)[rows]                                                  # (R, C)
+        shares = [head_share(x, st.ln_f, st.lm_head[v0:v1]) for v0, v1 in self.cuts]
+        meta = {"batch": frame.meta["batch"], "epoch": frame.meta["epoch"], "trace": [], "nonfinite": []}
+        if greedy:
+            top = combine_tops([share_top(s, v0) for s, (v0, _) in zip(shares, self.cuts)])
+            msg, payload = Msg.TOP, top_payload(top)
+            meta.update(top_meta(top))
+        else:
+            msg, payload = Msg.LOGITS, gather_logits(shares)
+            meta.update(dtype="float32", shape=list(payload.shape))
+        if self.corrupt and any(s["id"] == "poisoned" for s in frame.meta["sessions"]):
+            payload = self.corrupt(meta, payload.copy())
+        return decode_frame(encode_frame(msg, meta, payload))
+
+
+def run_behind_ring(engine, jobs: dict, depth: int, corrupt=None):
+    """Rank 0's scheduler with a real Ring whose far end is a HeadSplitStage; `jobs`: {session id:
+    (prompt, params)} submitted at once -> ({id: (kind, data)}, the stage)."""
+    import socket
+
+    from nanopipe.cluster.ring import Ring
+    from nanopipe.engine import Request, Scheduler
+    st = engine.stage
+    a, b = socket.socketpair()
+    ring = Ring(a, st.config.n_embd, depth=depth, epoch=7, on_break=lambda *args: None, source="rank 2 (node2)",
+                n_vocab=st.config.n_vocab, max_logits_bytes=1 << 24)
+    stage = HeadSplitStage(st, b, ring, corrupt)
+    sched = Scheduler(st, ring=ring)
+    got = {}
+    try:
+        for sid, (prompt, params) in jobs.items():
+            sched.submit(Request(prompt, params, lambda kind, data, sid=sid: kind in ("done", "error")
+                                 and got.setdefault(sid, (kind, data)), id=sid))
+        deadline = time.monotonic() + 60
+        while (sched.busy or sched.in_flight) and time.monotonic() < deadline:
+            sched.step()
+    finally:
+        a.close()
+        b.close()
+    return got, stage
+
+
+def test_a_step_mixing_greedy_and_sampled_rows_asks_whole_logits(tiny_engine):
+    """One step holding a greedy and a seeded sampling session (a ring of depth 1 batches them
+    together) asks whole logits of both rows; two greedy sessions get tops only. Every answer is
+    the one process's."""
+    greedy, seeded = SamplingParams("greedy", max_tokens=6), SamplingParams("sampling", max_tokens=6, seed=3)
+    jobs = {"g": ([11, 22, 33], greedy), "s": ([40, 41], seeded)}
+    for mixed in (True, False):
+        if not mixed:
+            jobs["s"] = ([40, 41], greedy)
+        got, stage = run_behind_ring(tiny_engine, jobs, depth=1)
+        assert stage.greedy == [not mixed] * 6, stage.greedy        # 6 steps, each holding both sessions
+        for sid, (prompt, params) in jobs.items():
+            want = tiny_engine.generate(prompt, params)
+            assert got[sid][0] == "done" and got[sid][1]["token_ids"] == want["token_ids"], (got[sid], want)
+            diff = float(np.max(np.abs(np.subtract(got[sid][1]["logprobs"], want["logprobs"]))))
+            print(f"{'mixed' if mixed else 'all greedy'}, {sid}: tokens equal, logprobs within {diff:.3g}")
+            assert diff <= 1e-5
+
+
+def _wrong_shape(meta, payload):
+    meta["shape"] = [len(payload), 1]
+    return payload[:, :1].copy()
+
+
+def _nan_logprob(meta, payload):
+    payload[:, 1] = np.nan
+    return payload
+
+
+def _outside_vocabulary(meta, payload):
+    meta["argmax"] = [meta["argmax"][0] + 10 ** 6] + meta["argmax"][1:]
+    return payload
+
+
+@pytest.mark.parametrize("corrupt, says", [
+    (_wrong_shape, "malformed greedy reply (TOP) for this request: TOP of float64 [1, 1], expected float64 (1, 2)"),
+    (_nan_logprob, "rank 2 (node2) sent non-finite activations (NaN or inf) for this request"),
+    (_outside_vocabulary, "not a token of the vocabulary 0..")], ids=["wrong shape", "NaN logprob", "index out of vocabulary"])
+def test_a_malformed_top_fails_its_session_alone(tiny_engine, corrupt, says):
+    """A TOP answer that is malformed (a wrong shape), says NaN or names no token of the vocabulary
+    fails the session it answers, with a message naming the sender; the other session (another
+    step in flight on the same ring) goes on to one process's answer."""
+    greedy = SamplingParams("greedy", max_tokens=6)
+    got, stage = run_behind_ring(tiny_engine, {"a": ([11, 22, 33], greedy), "poisoned": ([5, 6, 7], greedy)},
+                                 depth=2, corrupt=corrupt)
+    assert all(stage.greedy), stage.greedy
+    kind, data = got["poisoned"]
+    assert kind == "error" and says in data["error"], data
+    print(data["error"])
+    assert got["a"][0] == "done" and got["a"][1]["token_ids"] == tiny_engine.generate([11, 22, 33], greedy)["token_ids"]

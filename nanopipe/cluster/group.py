@@ -605,9 +605,9 @@ def read_top(frame: Frame, peer: str, rows: int | None = None) -> tuple:
     """A TOP frame's (max, argmax, logsumexp), (R,) each, checked: float64 (R, 2) (R = `rows` when
     given) and `argmax` R ints. Raises ProtocolError saying what is wrong. (Whether each token is
     in the vocabulary, each max and logsumexp finite, is the reader's to judge: it fails that row.)"""
-    x = frame_array(frame, expect_cols=2, peer=peer)                                # (R, 2)
+    x = frame_array(frame, peer=peer)                                               # (R, 2)
     idx = frame.meta.get("argmax")
-    if x.dtype != np.float64 or x.ndim != 2 or rows is not None and len(x) != rows:
+    if x.dtype != np.float64 or x.ndim != 2 or x.shape[1] != 2 or rows is not None and len(x) != rows:
         raise ProtocolError(f"{peer}: TOP of {x.dtype} {list(x.shape)}, expected float64 "
                             f"({'R' if rows is None else rows}, 2): each row's max and logsumexp")
     if not (isinstance(idx, list) and len(idx) == len(x) and all(type(t) is int for t in idx)):

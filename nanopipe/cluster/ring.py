@@ -170,7 +170,7 @@ class Ring:
             top, token, lse = read_top(frame, peer, len(asked))
         except ProtocolError as e:
             zeros = np.zeros(len(asked))
-            return SplitTop(zeros, zeros.astype(np.int64), zeros, asked, [], bad=str(e))
+            return SplitTop(zeros, zeros.astype(np.int64), zeros, asked, [], bad=str(e).removeprefix(f"{peer}: "))
         return SplitTop(top, token, lse, asked, frame.meta.get("nonfinite", []))
 
     def _clean_trace(self, trace: list) -> list:
