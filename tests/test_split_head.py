@@ -535,7 +535,8 @@ def _outside_vocabulary(meta, payload):
 @pytest.mark.parametrize("corrupt, says", [
     (_wrong_shape, "malformed greedy reply (TOP) for this request: TOP of float64 [1, 1], expected float64 (1, 2)"),
     (_nan_logprob, "rank 2 (node2) sent non-finite activations (NaN or inf) for this request"),
-    (_outside_vocabulary, "not a token of the vocabulary 0..")], ids=["wrong shape", "NaN logprob", "index out of vocabulary"])
+    (_outside_vocabulary, "not a token of the vocabulary 0..")],
+    ids=["wrong shape", "NaN logprob", "index out of vocabulary"])
 def test_a_malformed_top_fails_its_session_alone(tiny_engine, corrupt, says):
     """A TOP answer that is malformed (a wrong shape), says NaN or names no token of the vocabulary
     fails the session it answers, with a message naming the sender; the other session (another
