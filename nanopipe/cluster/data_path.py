@@ -308,14 +308,8 @@ class DataPath:
                 **({"head_ms": round((self.head_s - head_s) * 1000, 3)} if self.head_s != head_s else {})}]
             if reply is None:
                 self.down.send(Msg.ACT, meta, y)
-                return
-            # the LM head ran here, split by vocabulary: logits (R, V), or greedy rows' tops, to rank 0
-            msg, extra, rows = reply
-            meta.update(extra, nonfinite=np.flatnonzero(~np.isfinite(y).all(axis=1)).tolist())
-            kind = msg.name.lower()                 # the heartbeat's logits_/top_frames and _bytes
-            self.replies[kind + "_frames"] += 1
-            self.replies[kind + "_bytes"] += len(encode_frame(msg, array_meta(rows, meta))) + rows.nbytes
-            self.down.send(msg, meta, rows)
+            else:               # the LM head ran here, split by vocabulary: logits, or greedy rows' tops
+                send_head_reply(self, meta, y, *reply)
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache
@@ -456,6 +450,16 @@ def head_step(data: DataPath, meta: dict, y: np.ndarray, peer: str) -> tuple | N
         reply = None if logits is None else (Msg.LOGITS, {}, logits)
     data.head_s += time.perf_counter() - t0
     return reply
+
+
+def send_head_reply(data: DataPath, meta: dict, y: np.ndarray, msg: Msg, extra: dict, rows: np.ndarray):
+    """Member 0: send rank 0 what head_step gathered (LOGITS or TOP, `extra` added to the ACT's
+    meta) and which rows of y were not finite; count it (the heartbeat's logits_/top_ frames, bytes)."""
+    meta.update(extra, nonfinite=np.flatnonzero(~np.isfinite(y).all(axis=1)).tolist())
+    kind = msg.name.lower()
+    data.replies[kind + "_frames"] += 1
+    data.replies[kind + "_bytes"] += len(encode_frame(msg, array_meta(rows, meta))) + rows.nbytes
+    data.down.send(msg, meta, rows)
 
 
 def _median(xs) -> float | None:
