@@ -323,12 +323,23 @@ def wait_replies(cl, done, timeout: float = 10.0) -> dict:
         time.sleep(0.2)
 
 
+def settled_replies(cl, timeout: float = 10.0) -> dict:
+    """The counts once two heartbeats 0.6 s apart agree (what earlier tests sent has been counted)."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        now = head_replies(cl)
+        if (now == last and now["top_frames"] is not None) or time.monotonic() > deadline:
+            return now
+        last = now
+        time.sleep(0.6)
+
+
 def test_greedy_answers_come_back_as_tops_and_sampled_ones_as_logits(split_cluster, reference):
     """Greedy: every step's rows need only their argmax and its logprob, so member 0 sends TOP
     frames (24 bytes a row and the meta) and no LOGITS; the tokens are one process's, the logprobs
     within the tolerance. Sampling needs whole rows: LOGITS, ~201 KB a row. Bytes per token on the
     link from member 0 to rank 0 are printed for both."""
-    before = wait_replies(split_cluster, lambda r: r["top_frames"] is not None)
+    before = settled_replies(split_cluster)
     n = CASES["greedy"].max_tokens
     with split_cluster.client() as c:
         got = c.generate(PROMPT, CASES["greedy"])
