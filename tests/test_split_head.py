@@ -174,6 +174,9 @@ def test_plan_prints_the_split_head_with_the_link_model():
     assert len(lines) == 2 and lines[1].startswith("LM head split by vocabulary over pi1+pi2 (split_lm_head): "
                                                    "each member 25.7 ms of one node's 51.5 ms"), lines
     assert "201 KB a row (+1.68 ms over 0.2 ms, 940 Mbit/s): rank 0 saves 23.0 ms" in lines[1], lines[1]
+    # greedy: 24 bytes a row both ways: 1.055 + 1.676 - (0.2 + 24 x 8 / 940e3) + (4096 - 24) x 8 / 940e3 = 2.566
+    assert h["top_less_ms"] == 2.566 and lines[1].endswith("a greedy step sends each row's top instead (24 bytes): "
+                                                           "2.57 ms less"), (h, lines[1])
     assert len(plan_lines([(0, 1), (1, 25), (1, 25)], ["a", "b", "c"], [None, 4.0, 4.0], 1024, n_vocab=V,
                           head=False)) == 1
 

@@ -170,17 +170,29 @@ def predict_head_split(head_ms: float, members: int, n_vocab: int, n_embd: int, 
     """The LM head split by vocabulary over the last split stage's members, from the head's time on
     one node (`head_ms`, rank 0's today): each member computes 1/m of it; the m-1 other shares reach
     member 0 (one latency, their (m-1)/m of V floats a row over its link); the hop back to rank 0
-    then carries V logits a row instead of C activations (its latency is paid either way).
+    then carries V logits a row instead of C activations (its latency is paid either way). A greedy
+    step sends each row's top instead (about TOP_ROW_BYTES a row, both hops): `top_less_ms` less.
 
         predict_head_split(25.7, 2, 50257, 1024, 0.2, 940): each member 12.9 ms, gather 0.2 + 100514
-        bytes = 1.06 ms, logits 50257 x 4 - 4096 = 197 KB more: 1.68 ms; rank 0 saves 25.7 ms
+        bytes = 1.06 ms, logits 50257 x 4 - 4096 = 197 KB more: 1.68 ms; rank 0 saves 25.7 ms;
+        greedy: a 24-byte top a row both ways, gathered in 0.2 ms, and back 4072 bytes fewer than
+        the C activations (-0.035 ms): top_less_ms = 1.055 + 1.676 - 0.2 + 0.035 = 2.57 ms
     """
     per_ms = rows * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0          # ms per float32 column of the rows
     gather = delay_ms + (members - 1) / members * n_vocab * per_ms
     logits = (n_vocab - n_embd) * per_ms
     member = head_ms / members
+    # a greedy step's compact reply (Msg.TOP): each row's top, TOP_ROW_BYTES, from every member and
+    # back to rank 0 instead of logits; the hop back then carries less than the C activations it replaces
+    top_gather = delay_ms + (members - 1) * TOP_ROW_BYTES / 4 * per_ms
+    top = (TOP_ROW_BYTES / 4 - n_embd) * per_ms
     return {"member_ms": round(member, 3), "gather_ms": round(gather, 3), "logits_ms": round(logits, 3),
-            "logits_bytes": rows * n_vocab * 4, "saved_ms": round(head_ms - member - gather - logits, 3)}
+            "logits_bytes": rows * n_vocab * 4, "saved_ms": round(head_ms - member - gather - logits, 3),
+            "greedy_saved_ms": round(head_ms - member - top_gather - top, 3),
+            "top_less_ms": round(gather + logits - top_gather - top, 3)}
+
+
+TOP_ROW_BYTES = 24          # a row of a TOP frame: its max and logsumexp (float64), and its argmax in the meta
 
 
 GIGABIT = (0.2, 940.0)     # the link a split stage is predicted on when the cluster sets none: 1 GbE
@@ -232,7 +244,9 @@ def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple
                    + f"gathered at the first member ({h['gather_ms']:.2f} ms), logits back to rank 0 "
                    f"{h['logits_bytes'] / 1e3:.0f} KB a row (+{h['logits_ms']:.2f} ms over {delay:g} ms, "
                    f"{mbps:g} Mbit/s)"
-                   + (f": rank 0 saves {h['saved_ms']:.1f} ms per decode step" if head_ms else ""))
+                   + (f": rank 0 saves {h['saved_ms']:.1f} ms per decode step" if head_ms else "")
+                   + f"; a greedy step sends each row's top instead ({TOP_ROW_BYTES} bytes): "
+                   f"{h['top_less_ms']:.2f} ms less")
     return out
 
 
