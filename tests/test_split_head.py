@@ -563,3 +563,43 @@ def test_a_malformed_top_fails_its_session_alone(tiny_engine, corrupt, says):
     assert kind == "error" and says in data["error"], data
     print(data["error"])
     assert got["a"][0] == "done" and got["a"][1]["token_ids"] == tiny_engine.generate([11, 22, 33], greedy)["token_ids"]
+
+
+def test_the_ring_asks_tops_of_greedy_steps_whatever_their_size_and_refuses_tops_it_did_not_ask_for():
+    """A greedy step asks tops even where its rows' logits would not fit a frame (24 bytes a row);
+    a TOP answering a step that asked logits closes the link (ProtocolError); logits answering a
+    step that asked tops (a member that does not know TOP) are used as they are."""
+    import socket
+
+    from nanopipe.batching import SplitLogits, SplitTop
+    from nanopipe.cluster.group import top_meta, top_payload
+    from nanopipe.cluster.ring import Ring
+    from nanopipe.cluster.wire import Msg, ProtocolError, decode_frame, encode_frame, recv_frame
+    a, b = socket.socketpair()
+    try:
+        ring = Ring(a, 4, depth=1, epoch=7, on_break=lambda *args: None, n_vocab=10, max_logits_bytes=80)
+        x = np.zeros((3, 4), np.float32)
+        sessions = [{"id": "s", "pos": 0, "n": 3}]
+        ring.send(1, sessions, x, logits=[0, 1, 2], greedy=True)   # logits 120 bytes > 80: tops all the same
+        ring.send(2, sessions, x, logits=[2])
+        ring.send(3, sessions, x, logits=[2], greedy=True)
+        first = recv_frame(b, "ring").meta
+        assert first["logits"] == [0, 1, 2] and first["greedy"] is True, first
+        assert "greedy" not in recv_frame(b, "ring").meta
+        top = (np.array([1.0, 2.0, 3.0]), np.array([4, 5, 6]), np.array([1.5, 2.5, 3.5]))
+
+        def reply(msg, batch, payload, extra):
+            meta = {"batch": batch, "epoch": 7, "trace": [], "nonfinite": [], **extra}
+            return decode_frame(encode_frame(msg, meta, payload))
+        with pytest.raises(ProtocolError, match="TOP for batch 2 does not answer"):
+            ring.deliver(reply(Msg.TOP, 2, top_payload(top)[:1], top_meta([t[:1] for t in top])), "rank 2")
+        ring.deliver(reply(Msg.TOP, 1, top_payload(top), top_meta(top)), "rank 2")
+        ring.deliver(reply(Msg.LOGITS, 3, np.ones((1, 10), np.float32), {"dtype": "float32", "shape": [1, 10]}),
+                     "rank 2")
+        (_, got, _), (_, old, _) = ring.recv(1), ring.recv(1)
+        assert isinstance(got, SplitTop) and got.bad is None and got.token.tolist() == [4, 5, 6]
+        assert got.rows == [0, 1, 2] and (got.top - got.lse).tolist() == [-0.5] * 3
+        assert isinstance(old, SplitLogits) and old.rows == [2]
+    finally:
+        a.close()
+        b.close()

@@ -136,12 +136,13 @@ class Ring:
         """The last split stage ran the head: the logits of the rows this batch asked for, (R, V), or
         for a greedy step each row's top (TOP), and which of its hidden rows were not finite (rank 0
         fails those sessions). A TOP that answers a batch in flight but cannot be read fails that
-        batch's sessions alone (SplitTop.bad); a frame that answers none closes the link."""
+        batch's sessions alone (SplitTop.bad); a frame that answers none closes the link. Logits
+        where tops were asked are used as they are (a member that does not know TOP)."""
         batch = frame.meta.get("batch")
         rows = self.rows_sent.pop(batch, None) if isinstance(batch, int) else None
         asked, greedy = self.logits_asked.pop(batch, (None, False)) if isinstance(batch, int) else (None, False)
         bad = frame.meta.get("nonfinite", [])
-        if rows is None or asked is None or greedy != (frame.msg is Msg.TOP):
+        if rows is None or asked is None or frame.msg is Msg.TOP and not greedy:     # (tops asked, logits are fine)
             raise ProtocolError(f"{peer}: {frame.msg.name} for batch {batch!r} does not answer a batch in flight "
                                 f"({'no' if asked is None else len(asked)} rows of "
                                 f"{'tops' if greedy else 'logits'} asked)")
