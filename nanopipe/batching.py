@@ -155,7 +155,8 @@ class Batcher:
         """After the last block: head, then each session's rows (sessions.use_logits: score, sample,
         emit); every session of the batch moves on by its rows. `source`: who sent x back (the ring's
         last stage; None: no ring). x: (T, C), or the SplitLogits a last split stage sent, whose
-        members ran the head (rank 0 then only samples).
+        members ran the head (rank 0 then only samples), or its SplitTop for a greedy step (rank 0
+        then takes each row's token and logprob: sessions.use_top).
 
         What is done per session (scoring, penalties, sampling, stop strings, detokenizing, emitting)
         cannot fail the batch: an exception there fails that session alone (s.error, a message saying
