@@ -20,7 +20,7 @@ import numpy as np
 
 from .decoding import DecodingError
 from .model import blocks_forward, embed, head
-from .sessions import Batch, add_times, hop_transits, step_info, use_logits
+from .sessions import Batch, add_times, hop_transits, step_info, takes_argmax, use_logits, use_top
 
 PREFILL_CHUNK = 64        # prompt rows per session per step while others have rows waiting (see make)
 
@@ -34,6 +34,27 @@ class SplitLogits:
     logits: np.ndarray          # (len(rows), V)
     rows: list
     nonfinite: list
+
+    def finite_rows(self) -> np.ndarray:
+        return np.isfinite(self.logits).all(axis=1)                             # (R,)
+
+
+@dataclass(frozen=True)
+class SplitTop:
+    """The compact form of SplitLogits, for a step whose rows asked for logits all take their argmax
+    (sessions.takes_argmax; Batcher.greedy): each of those rows reduced by the last split stage to
+    its max, the token holding it and its logsumexp (model.combine_tops), so the token's logprob is
+    max - logsumexp. `bad`: why the reply as a whole could not be read (every session of the step
+    fails with it; the ring goes on)."""
+    top: np.ndarray             # (len(rows),) float64: each row's max
+    token: np.ndarray           # (len(rows),) int64: its argmax
+    lse: np.ndarray             # (len(rows),) float64: its logsumexp
+    rows: list
+    nonfinite: list
+    bad: str | None = None
+
+    def finite_rows(self) -> np.ndarray:
+        return np.isfinite(self.top) & np.isfinite(self.lse)                    # (R,)
 
 
 class Batcher:
@@ -118,37 +139,48 @@ class Batcher:
         rows): [0, 67]."""
         rows, row = [], 0
         for s, n in zip(batch.sessions, batch.counts):
-            if s.req.echo or n == len(s.pending):
+            if _asks(s, n):
                 rows.extend(range(row if s.req.echo else row + n - 1, row + n))
             row += n
         return rows
+
+    def greedy(self, batch: Batch) -> bool:
+        """Does every session with a row in logit_rows take its argmax (sessions.takes_argmax)? Then
+        a last split stage that runs the head sends each such row's top, not its logits (SplitTop).
+        A step that mixes greedy and other sessions asks logits of every row: one kind of reply a
+        step, and the greedy rows' tokens from whole logits are the same."""
+        return all(takes_argmax(s) for s, n in zip(batch.sessions, batch.counts) if _asks(s, n))
 
     def back(self, batch: Batch, x, trace: list, source: str | None = None, counted=lambda: None):
         """After the last block: head, then each session's rows (sessions.use_logits: score, sample,
         emit); every session of the batch moves on by its rows. `source`: who sent x back (the ring's
         last stage; None: no ring). x: (T, C), or the SplitLogits a last split stage sent, whose
-        members ran the head (rank 0 then only samples).
+        members ran the head (rank 0 then only samples), or its SplitTop for a greedy step (rank 0
+        then takes each row's token and logprob: sessions.use_top).
 
         What is done per session (scoring, penalties, sampling, stop strings, detokenizing, emitting)
         cannot fail the batch: an exception there fails that session alone (s.error, a message saying
         what went wrong), and every other session goes on. The caller ends the sessions that are done.
         """
         t_back = time.perf_counter()
-        split = isinstance(x, SplitLogits)
+        split, compact = isinstance(x, (SplitLogits, SplitTop)), isinstance(x, SplitTop)
         T = sum(batch.counts)
         if source is not None:
             finite = np.isfinite(x).all(axis=1) if not split else np.ones(T, bool)      # (T,)
             if split:
                 finite[x.nonfinite] = False
-                finite[x.rows] &= np.isfinite(x.logits).all(axis=1)
-            self._check_finite(batch, finite, source)
+                finite[x.rows] &= x.finite_rows()
+            self._fail_rows(batch, finite, f"{source} sent non-finite activations (NaN or inf) for this request; "
+                            "check that node's weights (and the ones before it in the ring), then retry")
+        if compact:
+            self._check_top(batch, x, source)
         asked = x.rows if split else self.logit_rows(batch)
         starts = np.cumsum([0] + list(batch.counts))
         at = np.searchsorted(starts, asked, side="right") - 1                   # the session of each row
         keep = [i for i, k in enumerate(at) if batch.sessions[k].error is None]   # not of a failed session
         owners = [(batch.sessions[at[i]], int(asked[i] - starts[at[i]])) for i in keep]   # (session, its row)
         t_head = time.perf_counter()
-        if not keep:
+        if not keep or compact:
             logits = None
         elif split:
             logits = x.logits if len(keep) == len(asked) else x.logits[keep]                # (len(keep), V)
@@ -164,7 +196,11 @@ class Batcher:
             if s.error is not None:
                 continue                        # an earlier row of this session failed
             try:
-                use_logits(s, j, logits[i], step, counted)                    # logits[i]: (V,)
+                if compact:                     # the token and its logprob, from the row's top
+                    k = keep[i]
+                    use_top(s, j, int(x.token[k]), float(x.top[k] - x.lse[k]), counted)
+                else:
+                    use_logits(s, j, logits[i], step, counted)                # logits[i]: (V,)
             except Exception as e:              # whatever it is, it is this session's alone
                 self._failed(s, "choosing its next token", e)
         now = time.perf_counter()
@@ -176,18 +212,34 @@ class Batcher:
             if not s.pending and s.t_prefill_done is None:
                 s.t_prefill_done = now
 
-    def _check_finite(self, batch: Batch, finite: np.ndarray, source: str):
-        """Rows that came back from the ring as NaN or inf fail their sessions, naming who sent them
-        (the ring's last stage; a stage before it may have made them). finite: (T,) bool, a row's
-        activations (and its logits, when the ring sent logits) all finite"""
-        if finite.all():
+    def _check_top(self, batch: Batch, x: SplitTop, source: str):
+        """A compact reply's rows must name tokens of the vocabulary with a logprob <= 0 (max <=
+        logsumexp); a row that does not, or a reply that could not be read at all (x.bad), fails its
+        sessions alone, naming the sender."""
+        T, V = sum(batch.counts), self.stage.config.n_vocab
+        ok = np.ones(T, bool)
+        if x.bad is not None:
+            self._fail_rows(batch, ~ok, f"{source} sent a malformed greedy reply (TOP) for this request: {x.bad}; "
+                            "check that node runs this version of nanopipe, then retry")
+            return
+        good = (x.token >= 0) & (x.token < V) & ~(x.top > x.lse)                  # (R,)
+        for r in np.flatnonzero(~good):
+            ok = np.ones(T, bool)
+            ok[x.rows[r]] = False
+            self._fail_rows(batch, ok, f"{source} sent a greedy reply (TOP) naming token {int(x.token[r])} with "
+                            f"logprob {float(x.top[r] - x.lse[r]):.4g}, not a token of the vocabulary 0..{V - 1} "
+                            "with a logprob <= 0; check that node's weights and version, then retry")
+
+    def _fail_rows(self, batch: Batch, ok: np.ndarray, message: str):
+        """Fail the sessions of every row that is not `ok` ((T,) bool) with `message`; the others go on.
+        (Rows that came back from the ring as NaN or inf fail their sessions this way, naming who
+        sent them: the ring's last stage, though a stage before it may have made them.)"""
+        if ok.all():
             return
         row = 0
         for s, n in zip(batch.sessions, batch.counts):
-            if not finite[row:row + n].all():
-                self._failed(s, "reading its activations", None,
-                             f"{source} sent non-finite activations (NaN or inf) for this request; check that "
-                             "node's weights (and the ones before it in the ring), then retry")
+            if not ok[row:row + n].all() and s.error is None:
+                self._failed(s, "reading its activations", None, message)
             row += n
 
     def _failed(self, s, doing: str, e: Exception | None, message: str | None = None):
@@ -199,3 +251,9 @@ class Batcher:
         s.error = message
         if self.log is not None:
             self.log(f"session {s.id} failed alone: {message}")
+
+
+def _asks(s, n: int) -> bool:
+    """Does session `s`, with n rows in a step, need logits of any: an echo request (it scores every
+    prompt row), or its prompt's last row is in this step (its next token)."""
+    return s.req.echo or n == len(s.pending)

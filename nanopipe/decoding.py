@@ -226,6 +226,12 @@ def top_p(logits: np.ndarray, rng: np.random.Generator, params: SamplingParams) 
 # Penalties and bias: applied to the logits before any strategy picks a token
 
 
+def penalized(params: SamplingParams) -> bool:
+    """Does `params` set any logit_bias or penalty (so that penalize changes the logits)?"""
+    p = params
+    return bool(p.logit_bias or p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty)
+
+
 def penalize(logits: np.ndarray, params: SamplingParams, prompt_ids=(), output_ids=()) -> np.ndarray:
     """The logits a strategy sees for one position (V,), after logit_bias and the penalties.
 
@@ -243,7 +249,7 @@ def penalize(logits: np.ndarray, params: SamplingParams, prompt_ids=(), output_i
     Returns `logits` itself when nothing is set (no copy on the common path).
     """
     p = params
-    if not (p.logit_bias or p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty):
+    if not penalized(p):
         return logits
     x = np.array(logits, dtype=np.float32)                                      # (V,) a copy
     for token, bias in p.logit_bias:

@@ -208,7 +208,8 @@ class Scheduler:
             else:
                 self.in_flight[batch.id] = batch
                 sessions = [act_entry(s, n) for s, n in zip(batch.sessions, batch.counts)]
-                self.ring.send(batch.id, sessions, x, logits=self.batcher.logit_rows(batch))   # (T, C) to rank 1
+                self.ring.send(batch.id, sessions, x, logits=self.batcher.logit_rows(batch),   # (T, C) to rank 1
+                               greedy=self.batcher.greedy(batch))
                 self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(self.in_flight))
         if self.in_flight:
             got = self.ring.recv(timeout=0.5)

@@ -514,3 +514,46 @@ def gather_logits(shares):
     """The members' logit shares side by side, in member (vocabulary) order: [(T, V0), (T, V1), ...]
     -> (T, V). gather_logits([[[1., 2.]], [[3.]]]) -> [[1., 2., 3.]]."""
     return np.concatenate(shares, axis=1)                       # (T, V)
+
+
+# Greedy decoding needs no whole row of logits: the token is the argmax, its logprob the max minus
+# the row's logsumexp, and both combine across shares of the vocabulary. Each member reduces its
+# share's rows to (max, argmax, logsumexp); the shares' tops, in vocabulary order, give the row's:
+#
+#     max = max of the maxima        argmax = the argmax of the first share holding that max
+#     logsumexp = logaddexp over the shares' logsumexps
+#
+# The first share holding the max has the lowest such index (shares are contiguous, in order, and
+# each share's argmax is its lowest), so the token is np.argmax's over the whole row, ties included.
+
+
+def share_top(logits, v0: int = 0):
+    """Each row of a share of the logits (its columns are tokens v0..) reduced to its max, the
+    token holding it (the lowest on ties, as np.argmax) and its logsumexp: (R, v) -> (R,) float64,
+    (R,) int64, (R,) float64. A row holding any NaN or inf gets a NaN logsumexp (not a token to take).
+
+        share_top([[1., 3., 3.]], v0=10) -> max [3.], argmax [11], logsumexp [3 + log(e^-2 + 1 + 1)] = [3.759]
+    """
+    x = np.asarray(logits)                                              # (R, v)
+    idx = np.argmax(x, axis=1)                                          # (R,)
+    top = x[np.arange(len(x)), idx]                                     # (R,) as decoding.logsumexp: exp in
+    with np.errstate(invalid="ignore", over="ignore"):                  # the logits' dtype, the sum in float64
+        s = np.sum(np.exp(x - top[:, None]), axis=1, dtype=np.float64)  # (R,)
+        lse = top.astype(np.float64) + np.log(s)                        # (R,)
+    lse[~np.isfinite(x).all(axis=1)] = np.nan
+    return top.astype(np.float64), idx.astype(np.int64) + v0, lse
+
+
+def combine_tops(tops):
+    """The members' share_top results, in member (vocabulary) order -> the whole row's (max,
+    argmax, logsumexp), each (R,):
+
+        combine_tops([([3.], [1], [3.5]), ([3.], [7], [3.2])]) -> max [3.], argmax [1] (the lower),
+        logsumexp [logaddexp(3.5, 3.2)] = [4.054]
+    """
+    maxes = np.array([t[0] for t in tops], np.float64)                  # (m, R)
+    first = np.argmax(maxes, axis=0)                                    # (R,) the first share with the max
+    rows = np.arange(maxes.shape[1])
+    idx = np.array([t[1] for t in tops], np.int64)[first, rows]          # (R,)
+    lse = np.logaddexp.reduce(np.array([t[2] for t in tops], np.float64), axis=0)   # (R,)
+    return maxes[first, rows], idx, lse

@@ -18,12 +18,15 @@ import numpy as np
 
 from .decoding import (
     EOT,
+    STRATEGIES,
     SamplingParams,
+    greedy,
     is_number,
     log_softmax,
     logsumexp,
     most_likely,
     penalize,
+    penalized,
     sample,
     top_probs,
 )
@@ -115,11 +118,35 @@ def sample_next(s: Session, logits: np.ndarray, step: dict | None = None, counte
     # penalties and bias change what the strategy sees; the logprobs reported stay the model's
     tok = int(sample(penalize(logits, s.req.params, s.req.prompt_ids, s.out_ids), s.req.params, s.rng))  # (V,)
     lse = logsumexp(logits)             # logprob(t) = logits[t] - lse: no full (V,) log_softmax per token
-    s.out_ids.append(tok)
-    s.logprobs.append(float(logits[tok]) - lse)
     if s.req.top_logprobs:
         top = most_likely(logits, s.req.top_logprobs)
         s.top_logprobs.append([(int(t), float(logits[t]) - lse) for t in top])
+    extra = dict(step, top=top_probs(log_softmax(logits), 5)) if step is not None and s.req.trace else {}
+    take_token(s, tok, float(logits[tok]) - lse, extra, counted)
+
+
+def takes_argmax(s: Session) -> bool:
+    """Does `s` need no more of a row of logits than its argmax and that token's logprob? Greedy
+    (the built-in one), no penalty or logit_bias (decoding.penalized), and nothing reported but the
+    token's logprob: no echo, score_only, top_logprobs or trace. Then a last split stage may send the
+    row's top (max, argmax, logsumexp) instead of its logits (use_top; cluster/group.py)."""
+    r = s.req
+    return (STRATEGIES.get(r.params.strategy) is greedy and not penalized(r.params)
+            and not (r.echo or r.score_only or r.top_logprobs or r.trace))
+
+
+def use_top(s: Session, j: int, tok: int, logprob: float, counted=lambda: None):
+    """use_logits for a session that takes_argmax, given row j's argmax `tok` and its logprob (the
+    row's max minus its logsumexp) instead of the row: the next token, or nothing (a replayed position)."""
+    if s.pos + j + 1 == len(s.req.prompt_ids) + len(s.out_ids):
+        take_token(s, tok, logprob, {}, counted)
+
+
+def take_token(s: Session, tok: int, logprob: float, extra: dict, counted=lambda: None):
+    """Record `s`'s next token and its logprob, emit it (with `extra` in the event), and note
+    whether the session is done (end of text, a stop string, max_tokens)."""
+    s.out_ids.append(tok)
+    s.logprobs.append(logprob)
     if s.t_first is None:
         s.t_first = time.perf_counter()
     counted()
@@ -127,8 +154,7 @@ def sample_next(s: Session, logits: np.ndarray, step: dict | None = None, counte
     eot = s.req.stop_at_eot and tok == EOT
     if s.req.text is not None:      # <|endoftext|> that ends the reply is not text
         data["text"] = "" if eot else s.req.text.push(tok)
-    if step is not None and s.req.trace:
-        data.update(step, top=top_probs(log_softmax(logits), 5))
+    data.update(extra)
     emit(s.req, "token", data)
     stopped = s.req.text is not None and s.req.text.stopped is not None
     if eot or stopped:

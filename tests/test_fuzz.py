@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nanopipe.cluster.group import read_top
 from nanopipe.cluster.leader_client import LeaderClient
 from nanopipe.cluster.wire import (
     HEADER,
@@ -78,6 +79,8 @@ SEED_FRAMES = [
     encode_frame(Msg.STATE_REQUEST), encode_frame(Msg.STATE, {"model": "gpt2", "ready": True, "nodes": []}),
     encode_frame(Msg.GENERATE_BATCH, {"request": "r2", "max_tokens": 2, "batch": [{"request": "r2.0",
                                                                                   "prompt_ids": [15496]}]}),
+    encode_frame(Msg.TOP, {"batch": 3, "epoch": 7, "trace": [], "nonfinite": [], "argmax": [11, 50256],
+                           "dtype": "float64", "shape": [2, 2]}, struct.pack("<4d", -1.5, 2.0, -3.0, -2.5)),
 ]
 array_frames = st.builds(                  # ACT frames whose meta is nearly right, for frame_array
     lambda dtype, shape, payload, sessions: encode_frame(Msg.ACT, {"dtype": dtype, "shape": shape,
@@ -133,6 +136,9 @@ def parse_everything(data: bytes):
         x = frame_array(frame, expect_cols=4)
         assert x.nbytes == len(frame.payload)
         act_sessions(frame)
+    if frame.msg is Msg.TOP:                # rank 0's read of the split head's greedy reply
+        top, token, lse = read_top(frame, "fuzz")
+        assert len(top) == len(token) == len(lse) and token.dtype.kind == "i"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_non_finite_activations_from_the_ring_fail_only_their_session(tiny_engin
         def __init__(self):
             self.inbox = []
 
-        def send(self, batch_id, sessions, x, logits=None):
+        def send(self, batch_id, sessions, x, logits=None, greedy=False):
             x = x.copy()
             row = 0
             for s in sessions:

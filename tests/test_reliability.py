@@ -284,7 +284,7 @@ def act(shape, dtype="float32", sessions=None, nbytes=None, epoch=0) -> bytes:
 # name -> (what rank 1 sends worker 2 on its data port, what worker 2's log line must say)
 BAD_ACTS = {
     "float16 rows": (act([1, 64], "float16"), "ACT must carry float32 rows"),
-    "float64": (act([1, 64], "float64"), "has dtype 'float64'"),
+    "float64": (act([1, 64], "float64"), "ACT must carry float32 rows"),       # a wire dtype (TOP's), not an ACT's
     "wrong width": (act([1, 32]), "rows of width 32 but this model has n_embd=64"),
     "3-d": (act([1, 1, 64]), "ACT must carry float32 rows"),
     "payload shorter than shape": (act([2, 64], nbytes=256), "carries 256 payload bytes"),

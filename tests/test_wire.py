@@ -318,7 +318,7 @@ def act(meta: dict, payload: bytes) -> Frame:
 
 BAD_ARRAYS = {
     "no dtype": (act({"shape": [1]}, b"\0" * 4), "dtype None"),
-    "float64": (act({"dtype": "float64", "shape": [1]}, b"\0" * 8), "dtype 'float64'; allowed"),
+    "complex64": (act({"dtype": "complex64", "shape": [1]}, b"\0" * 8), "dtype 'complex64'; allowed"),
     "object": (act({"dtype": "object", "shape": [1]}, b"\0" * 8), "dtype 'object'"),
     "no shape": (act({"dtype": "float32"}, b""), "shape None"),
     "negative dim": (act({"dtype": "float32", "shape": [-1, 4]}, b""), "non-negative ints"),

@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from ..model import KVCache, blocks_forward, blocks_forward_member, head_share
+from ..model import KVCache, blocks_forward, blocks_forward_member, head_share, share_top
 from ..partition import layers_text
 from ..prefix import fork_cache
-from .group import GroupLinks, GroupPlace
+from .group import GroupLinks, GroupPlace, top_meta, top_payload
 from .net import HandshakeError, accept, close_now, dial, listen, serve_accepts, welcome
 from .node import LinkModel
 from .slices import serve_held
@@ -35,12 +35,15 @@ from .wire import (
     ProtocolError,
     WireError,
     act_sessions,
+    array_meta,
     encode_frame,
     frame_array,
     recv_frame,
     send_array,
     send_frame,
 )
+
+REPLY_STATS = ("logits_frames", "logits_bytes", "top_frames", "top_bytes")
 
 
 class Downstream:
@@ -127,6 +130,8 @@ class DataPath:
         self.compute_ms = 0.0
         self.compute_cpu_ms = 0.0       # of compute_ms, on the CPU (the rest: waiting for other members, or preempted)
         self.frames = 0
+        # the split head's answers to rank 0 (member 0): LOGITS and TOP frames, and their bytes
+        self.replies = collections.Counter({k: 0 for k in REPLY_STATS})
         self.srv = None
 
     @property
@@ -198,6 +203,7 @@ class DataPath:
                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
                 "compute_cpu_ms": round(self.compute_cpu_ms, 3),
                 "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head else None,
+                **dict(self.replies),
                 **({"reduce_ms": round(self.group.reduce_s * 1000, 3), "reduce_sleeps": self.group.sleeps,
                     "reduce_wait_ms": round(self.group.wait_s * 1000, 3)} if self.group is not None
                    else {"reduce_ms": None})}
@@ -293,16 +299,17 @@ class DataPath:
                 self.decode_ms.append(ms)
             meta = dict(frame.meta)
             head_s = self.head_s
-            logits = head_step(self, frame.meta, y, peer) if self.group is not None else None   # (R, V) or None
+            reply = head_step(self, frame.meta, y, peer) if self.group is not None else None     # (msg, meta, rows)
             meta["trace"] = list(meta.get("trace", [])) + [{
                 "rank": self.rank, "compute_ms": round(ms, 3), "layers": [self.stage.lo, self.stage.hi],
                 "bytes_in": len(encode_frame(frame.msg, frame.meta)) + len(frame.payload), "t_in": round(t_in, 6),
                 # a split stage: of compute_ms, the time in its all-reduces (waiting for the other members)
                 **({"reduce_ms": round((self.group.reduce_s - reduce_s) * 1000, 3)} if self.group else {}),
                 **({"head_ms": round((self.head_s - head_s) * 1000, 3)} if self.head_s != head_s else {})}]
-            if logits is not None:      # the LM head ran here, split by vocabulary: logits (R, V) to rank 0
-                meta["nonfinite"] = np.flatnonzero(~np.isfinite(y).all(axis=1)).tolist()
-            self.down.send(*((Msg.ACT, meta, y) if logits is None else (Msg.LOGITS, meta, logits)))
+            if reply is None:
+                self.down.send(Msg.ACT, meta, y)
+            else:               # the LM head ran here, split by vocabulary: logits, or greedy rows' tops
+                send_head_reply(self, meta, y, *reply)
         elif frame.msg is Msg.FREE:
             if frame.meta.get("epoch") != self.epoch:
                 return                  # the rebuild that made the current ring dropped every cache
@@ -410,27 +417,49 @@ def accept_member(data: DataPath, sock, peer, hello):
     group.offer(hello.get("epoch"), index, sock, f"member {index} (rank {hello['rank']}, {peer})")
 
 
-def head_step(data: DataPath, meta: dict, y: np.ndarray, peer: str) -> np.ndarray | None:
+def head_step(data: DataPath, meta: dict, y: np.ndarray, peer: str) -> tuple | None:
     """A member's last step in a split stage that ends the ring and runs the LM head
     (group.place.head), after its last all-reduce: every member has the whole rows y, so each
     computes the logits of its rows of the vocabulary (model.head_share; `data.head_part`, from
     weights.load_head_share, or why it has none) for the rows rank 0 asked for (the ACT's
-    `logits`), and member 0 gathers them in vocabulary order (GroupLinks.gather_logits).
+    `logits`), and member 0 gathers them in vocabulary order (GroupLinks.gather_logits). When rank
+    0 says every such row is greedy (the ACT's `greedy`: it needs each row's token and logprob
+    only), each member reduces its logits to (max, argmax, logsumexp) per row (model.share_top) and
+    member 0 combines those instead (GroupLinks.gather_tops): 24 bytes a row back, not 4 V.
 
-    Member 0 gets (R, V); None when rank 0 asked for none (a step too big for a frame of logits)
+    Member 0 gets what it sends rank 0: (Msg.LOGITS, {}, (R, V) float32) or (Msg.TOP, {"argmax":
+    [...]}, (R, 2) float64); None when rank 0 asked for none (a step too big for a frame of logits)
     or a member holds no share: member 0 then passes y on and rank 0 runs the head. The other
     members get None. The time goes to data.head_s (the heartbeat's head_ms)."""
-    rows = meta.get("logits")
+    rows, greedy = meta.get("logits"), meta.get("greedy", False)
     if not data.group.place.head or rows is None:
         return None
     if not (isinstance(rows, list) and rows and all(isinstance(r, int) and 0 <= r < len(y) for r in rows)):
         raise ProtocolError(f"{peer}: ACT asks logits of rows {rows!r}; expected a list of its rows 0..{len(y) - 1}")
+    if not isinstance(greedy, bool):
+        raise ProtocolError(f"{peer}: ACT has \"greedy\": {greedy!r}; expected true or false")
     t0 = time.perf_counter()
     part = data.head_part
     share = head_share(y[rows], part["ln_f"], part["lm_head"]) if isinstance(part, dict) else None   # (R, v1-v0)
-    logits = data.group.gather_logits(share, why_not=part if isinstance(part, str) else "no share loaded")
+    why_not = part if isinstance(part, str) else "no share loaded"
+    if greedy:
+        top = data.group.gather_tops(None if share is None else share_top(share, part["vocab"][0]), why_not)
+        reply = None if top is None else (Msg.TOP, top_meta(top), top_payload(top))     # (R, 2) float64
+    else:
+        logits = data.group.gather_logits(share, why_not)                                  # (R, V)
+        reply = None if logits is None else (Msg.LOGITS, {}, logits)
     data.head_s += time.perf_counter() - t0
-    return logits                                                               # (R, V), or None
+    return reply
+
+
+def send_head_reply(data: DataPath, meta: dict, y: np.ndarray, msg: Msg, extra: dict, rows: np.ndarray):
+    """Member 0: send rank 0 what head_step gathered (LOGITS or TOP, `extra` added to the ACT's
+    meta) and which rows of y were not finite; count it (the heartbeat's logits_/top_ frames, bytes)."""
+    meta.update(extra, nonfinite=np.flatnonzero(~np.isfinite(y).all(axis=1)).tolist())
+    kind = msg.name.lower()
+    data.replies[kind + "_frames"] += 1
+    data.replies[kind + "_bytes"] += len(encode_frame(msg, array_meta(rows, meta))) + rows.nbytes
+    data.down.send(msg, meta, rows)
 
 
 def _median(xs) -> float | None:

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from ..model import gather_logits
+from ..model import combine_tops, gather_logits
 from ..partition import groups
 from .net import close_now
 from .wire import (
@@ -170,17 +170,29 @@ def predict_head_split(head_ms: float, members: int, n_vocab: int, n_embd: int, 
     """The LM head split by vocabulary over the last split stage's members, from the head's time on
     one node (`head_ms`, rank 0's today): each member computes 1/m of it; the m-1 other shares reach
     member 0 (one latency, their (m-1)/m of V floats a row over its link); the hop back to rank 0
-    then carries V logits a row instead of C activations (its latency is paid either way).
+    then carries V logits a row instead of C activations (its latency is paid either way). A greedy
+    step sends each row's top instead (about TOP_ROW_BYTES a row, both hops): `top_less_ms` less.
 
         predict_head_split(25.7, 2, 50257, 1024, 0.2, 940): each member 12.9 ms, gather 0.2 + 100514
-        bytes = 1.06 ms, logits 50257 x 4 - 4096 = 197 KB more: 1.68 ms; rank 0 saves 25.7 ms
+        bytes = 1.06 ms, logits 50257 x 4 - 4096 = 197 KB more: 1.68 ms; rank 0 saves 25.7 ms;
+        greedy: a 24-byte top a row both ways, gathered in 0.2 ms, and back 4072 bytes fewer than
+        the C activations (-0.035 ms): top_less_ms = 1.055 + 1.676 - 0.2 + 0.035 = 2.57 ms
     """
     per_ms = rows * 4 * 8 / (mbps * 1e3) if mbps > 0 else 0.0          # ms per float32 column of the rows
     gather = delay_ms + (members - 1) / members * n_vocab * per_ms
     logits = (n_vocab - n_embd) * per_ms
     member = head_ms / members
+    # a greedy step's compact reply (Msg.TOP): each row's top, TOP_ROW_BYTES, from every member and
+    # back to rank 0 instead of logits; the hop back then carries less than the C activations it replaces
+    top_gather = delay_ms + (members - 1) * TOP_ROW_BYTES / 4 * per_ms
+    top = (TOP_ROW_BYTES / 4 - n_embd) * per_ms
     return {"member_ms": round(member, 3), "gather_ms": round(gather, 3), "logits_ms": round(logits, 3),
-            "logits_bytes": rows * n_vocab * 4, "saved_ms": round(head_ms - member - gather - logits, 3)}
+            "logits_bytes": rows * n_vocab * 4, "saved_ms": round(head_ms - member - gather - logits, 3),
+            "greedy_saved_ms": round(head_ms - member - top_gather - top, 3),
+            "top_less_ms": round(gather + logits - top_gather - top, 3)}
+
+
+TOP_ROW_BYTES = 24          # a row of a TOP frame: its max and logsumexp (float64), and its argmax in the meta
 
 
 GIGABIT = (0.2, 940.0)     # the link a split stage is predicted on when the cluster sets none: 1 GbE
@@ -232,7 +244,9 @@ def plan_lines(ranges: list, names: list, speeds: list, n_embd: int, link: tuple
                    + f"gathered at the first member ({h['gather_ms']:.2f} ms), logits back to rank 0 "
                    f"{h['logits_bytes'] / 1e3:.0f} KB a row (+{h['logits_ms']:.2f} ms over {delay:g} ms, "
                    f"{mbps:g} Mbit/s)"
-                   + (f": rank 0 saves {h['saved_ms']:.1f} ms per decode step" if head_ms else ""))
+                   + (f": rank 0 saves {h['saved_ms']:.1f} ms per decode step" if head_ms else "")
+                   + f"; a greedy step sends each row's top instead ({TOP_ROW_BYTES} bytes): "
+                   f"{h['top_less_ms']:.2f} ms less")
     return out
 
 
@@ -458,11 +472,7 @@ class GroupLinks:
             return None
         parts = [share]
         for i in range(1, m):                       # every share is read, so the links stay in step
-            link = self.links[i]
-            frame = link.recv()
-            if frame.msg is not Msg.LOGITS or frame.meta.get("seq") != self.seq:
-                raise ProtocolError(f"{link.name}: expected its LOGITS share after all-reduce {self.seq}, got "
-                                    f"{frame.msg.name} (seq {frame.meta.get('seq')!r}): the members are out of step")
+            link, frame = self._share_frame(i, Msg.LOGITS)
             if "missing" in frame.meta:
                 parts.append(None)
                 continue
@@ -474,6 +484,35 @@ class GroupLinks:
         if any(p is None for p in parts):
             return None
         return gather_logits(parts)                                             # (R, V)
+
+    def gather_tops(self, top: tuple | None, why_not: str = "") -> tuple | None:
+        """The split head's compact reply for greedy rows: every member's rows of its share reduced
+        to (max, argmax, logsumexp) (model.share_top: (R,) each) go to member 0, which combines them
+        in member order (model.combine_tops) into the whole rows' -> (max, argmax, logsumexp); the
+        others get None. A member without a share sends `why_not`, and member 0 gets None (as
+        gather_logits). On the link: TOP, `argmax` in the meta, (R, 2) float64 [max, logsumexp]."""
+        me, m = self.place.member, self.place.size
+        if me != 0:
+            meta = {"seq": self.seq, "missing": why_not} if top is None else {"seq": self.seq, **top_meta(top)}
+            self.links[0].send(encode_frame(Msg.TOP, meta, b"" if top is None else top_payload(top)))
+            return None
+        parts = [top]
+        for i in range(1, m):                       # every share is read, so the links stay in step
+            link, frame = self._share_frame(i, Msg.TOP)
+            parts.append(None if "missing" in frame.meta else
+                         read_top(frame, link.name, None if top is None else len(top[0])))
+        if any(p is None for p in parts):
+            return None
+        return combine_tops(parts)                                              # (R,) each
+
+    def _share_frame(self, i: int, msg: Msg):
+        """Member i's share of the head after this step's last all-reduce: (its link, a `msg` frame)."""
+        link = self.links[i]
+        frame = link.recv()
+        if frame.msg is not msg or frame.meta.get("seq") != self.seq:
+            raise ProtocolError(f"{link.name}: expected its {msg.name} share after all-reduce {self.seq}, got "
+                                f"{frame.msg.name} (seq {frame.meta.get('seq')!r}): the members are out of step")
+        return link, frame
 
     def all_reduce(self, partial: np.ndarray) -> np.ndarray:
         """partial (T, C) float32, this member's -> the sum of every member's, added in member order
@@ -563,3 +602,33 @@ def _sum(parts: list) -> np.ndarray:
     for p in parts[1:]:
         total += p
     return total
+
+
+def top_meta(top: tuple) -> dict:
+    """A TOP frame's meta for rows reduced to (max, argmax, logsumexp): the tokens, and the payload's
+    dtype and shape (top_payload)."""
+    return {"argmax": [int(t) for t in top[1]], "dtype": "float64", "shape": [len(top[0]), 2]}
+
+
+def top_payload(top: tuple) -> np.ndarray:
+    """(R, 2) float64: each row's max and logsumexp (its token's logprob is their difference)."""
+    return np.stack([np.asarray(top[0], np.float64), np.asarray(top[2], np.float64)], axis=1)
+
+
+def read_top(frame: Frame, peer: str, rows: int | None = None) -> tuple:
+    """A TOP frame's (max, argmax, logsumexp), (R,) each, checked: float64 (R, 2) (R = `rows` when
+    given) and `argmax` R ints. Raises ProtocolError saying what is wrong. (Whether each token is
+    in the vocabulary, each max and logsumexp finite, is the reader's to judge: it fails that row.)"""
+    x = frame_array(frame, peer=peer)                                               # (R, 2)
+    idx = frame.meta.get("argmax")
+    if x.dtype != np.float64 or x.ndim != 2 or x.shape[1] != 2 or rows is not None and len(x) != rows:
+        raise ProtocolError(f"{peer}: TOP of {x.dtype} {list(x.shape)}, expected float64 "
+                            f"({'R' if rows is None else rows}, 2): each row's max and logsumexp")
+    if not (isinstance(idx, list) and len(idx) == len(x) and all(type(t) is int for t in idx)):
+        raise ProtocolError(f"{peer}: TOP's \"argmax\" must list {len(x)} token ids, got {shown_list(idx)}")
+    return x[:, 0], np.array(idx, np.int64), x[:, 1]
+
+
+def shown_list(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."

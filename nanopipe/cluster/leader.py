@@ -330,6 +330,8 @@ class Leader:
                           "frames": w.stats.get("frames"), "reduce_ms": w.stats.get("reduce_ms"),
                           "head_ms": w.stats.get("head_ms"),
                           **{k: w.stats.get(k) for k in ("compute_cpu_ms", "reduce_wait_ms", "reduce_sleeps")},
+                          # a last split stage's first member: its LOGITS and TOP answers to rank 0
+                          **{k: w.stats.get(k) for k in ("logits_frames", "logits_bytes", "top_frames", "top_bytes")},
                           "sessions": w.stats.get("sessions"), "kv_cache_bytes": w.stats.get("kv_cache_bytes"),
                           "gemv_rows": w.stats.get("gemv_rows"), "prefix_cache_bytes": w.prefix_cache_bytes,
                           "addr": w.addr, "synthetic": w.synthetic, "blas": w.stats.get("blas"),

@@ -32,7 +32,8 @@ ENROL_HOLD_S = 30.0            # a rank given to `join --leader` waits this long
 # a worker's heartbeat (STATS): each of these is a finite number >= 0 or null; anything else is
 # logged once (naming the rank) and left out, so monitoring never computes with a lie
 STATS_NUMBERS = ("rank", "rss_mb", "compute_ms", "frames", "sessions", "gemv_rows", "decode_ms", "decode_samples",
-                 "kv_cache_bytes", "reduce_ms", "head_ms", "compute_cpu_ms", "reduce_wait_ms", "reduce_sleeps")
+                 "kv_cache_bytes", "reduce_ms", "head_ms", "compute_cpu_ms", "reduce_wait_ms", "reduce_sleeps",
+                 "logits_frames", "logits_bytes", "top_frames", "top_bytes")
 STATS_TEXTS = {"blas": 200}     # text a STATS may carry, and its longest accepted length
 
 

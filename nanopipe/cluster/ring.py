@@ -23,8 +23,9 @@ import traceback
 
 import numpy as np
 
-from ..batching import SplitLogits
+from ..batching import SplitLogits, SplitTop
 from ..logs import shown
+from .group import read_top
 from .net import close_now, dial, welcome
 from .node import LinkModel
 from .registry import finite
@@ -61,7 +62,7 @@ class Ring:
         they fit in that many bytes (rows x n_vocab float32); a bigger step gets its rows back."""
         self.out_sock, self.n_embd, self.depth, self.epoch = out_sock, n_embd, depth, epoch
         self.n_vocab, self.max_logits_bytes = n_vocab, max_logits_bytes
-        self.logits_asked: dict = {}                 # batch id -> the rows it asked logits of
+        self.logits_asked: dict = {}                 # batch id -> (the rows it asked logits of, greedy: tops)
         self.source, self.log = source, log
         self.warned: set = set()                     # (rank, field) of bad trace numbers already logged
         self.link_sleep = link_sleep                 # a simulated slower link, for benchmarks
@@ -70,15 +71,20 @@ class Ring:
         self.broken = False
         self.rows_sent: dict = {}                    # batch id -> rows, to check what comes back
 
-    def send(self, batch_id, sessions, x, logits=None):
+    def send(self, batch_id, sessions, x, logits=None, greedy=False):
         """Batch `batch_id`'s rows x (T, C) to worker 1; `logits`: the rows the step needs logits of
-        (Batcher.logit_rows), asked of a last split stage that runs the head (see __init__)."""
+        (Batcher.logit_rows), asked of a last split stage that runs the head (see __init__); `greedy`:
+        those rows need only their top (Batcher.greedy), which it then sends instead (Msg.TOP, 24
+        bytes a row: asked whatever the rows' logits would weigh)."""
         if self.broken:
             return                                   # the batch is replayed once the ring is rebuilt
         self.rows_sent[batch_id] = len(x)
         meta = {"batch": batch_id, "epoch": self.epoch, "sessions": sessions, "trace": []}
-        if logits and len(logits) * self.n_vocab * 4 <= self.max_logits_bytes:
-            meta["logits"] = self.logits_asked[batch_id] = list(logits)
+        if logits and self.max_logits_bytes and (greedy or len(logits) * self.n_vocab * 4 <= self.max_logits_bytes):
+            meta["logits"] = list(logits)
+            self.logits_asked[batch_id] = (list(logits), bool(greedy))
+            if greedy:
+                meta["greedy"] = True
         if self.link_sleep is not None:
             self.link_sleep(x.nbytes)
         try:
@@ -110,8 +116,8 @@ class Ring:
         frame cannot be the answer to a batch we sent (the caller closes that link)."""
         if frame.meta.get("epoch") != self.epoch:
             return                                   # a frame from before a rebuild
-        if frame.msg is Msg.LOGITS:
-            self._deliver_logits(frame, peer)
+        if frame.msg in (Msg.LOGITS, Msg.TOP):
+            self._deliver_head(frame, peer)
         if frame.msg is Msg.ACT:
             self.logits_asked.pop(frame.meta.get("batch"), None)    # (the head's share was missing somewhere)
             x = frame_array(frame, expect_cols=self.n_embd, peer=peer)                  # (N, C)
@@ -126,24 +132,47 @@ class Ring:
                 trace[-1].update(bytes_out=nbytes, t_back=time.time())
             self.inbox.put((batch, x, trace))
 
-    def _deliver_logits(self, frame, peer):
-        """The last split stage ran the head: the logits of the rows this batch asked for, (R, V),
-        and which of its hidden rows were not finite (rank 0 fails those sessions)."""
+    def _deliver_head(self, frame, peer):
+        """The last split stage ran the head: the logits of the rows this batch asked for, (R, V), or
+        for a greedy step each row's top (TOP), and which of its hidden rows were not finite (rank 0
+        fails those sessions). A TOP that answers a batch in flight but cannot be read fails that
+        batch's sessions alone (SplitTop.bad); a frame that answers none closes the link. Logits
+        where tops were asked are used as they are (a member that does not know TOP)."""
         batch = frame.meta.get("batch")
         rows = self.rows_sent.pop(batch, None) if isinstance(batch, int) else None
-        asked = self.logits_asked.pop(batch, None) if isinstance(batch, int) else None
-        x = frame_array(frame, expect_cols=self.n_vocab, peer=peer)                      # (R, V)
+        asked, greedy = self.logits_asked.pop(batch, (None, False)) if isinstance(batch, int) else (None, False)
         bad = frame.meta.get("nonfinite", [])
-        if rows is None or asked is None or x.ndim != 2 or x.dtype != np.float32 or len(x) != len(asked):
-            raise ProtocolError(f"{peer}: LOGITS for batch {batch!r} with {x.dtype} {list(x.shape)} does not answer "
-                                f"a batch in flight ({'no' if asked is None else len(asked)} rows of logits asked)")
+        if rows is None or asked is None or frame.msg is Msg.TOP and not greedy:     # (tops asked, logits are fine)
+            raise ProtocolError(f"{peer}: {frame.msg.name} for batch {batch!r} does not answer a batch in flight "
+                                f"({'no' if asked is None else len(asked)} rows of "
+                                f"{'tops' if greedy else 'logits'} asked)")
+        if frame.msg is Msg.LOGITS:
+            x = frame_array(frame, expect_cols=self.n_vocab, peer=peer)                  # (R, V)
+            if x.ndim != 2 or x.dtype != np.float32 or len(x) != len(asked):
+                raise ProtocolError(f"{peer}: LOGITS for batch {batch!r} with {x.dtype} {list(x.shape)} does not "
+                                    f"answer a batch in flight ({len(asked)} rows of logits asked)")
+            answer = SplitLogits(x, asked, bad)
+        else:
+            answer = self._read_top(frame, peer, asked, rows)
         if not (isinstance(bad, list) and all(isinstance(r, int) and 0 <= r < rows for r in bad)):
-            raise ProtocolError(f"{peer}: LOGITS has a bad \"nonfinite\" list {bad!r}; expected rows 0..{rows - 1}")
+            raise ProtocolError(f"{peer}: {frame.msg.name} has a bad \"nonfinite\" list {bad!r}; expected rows "
+                                f"0..{rows - 1}")
         trace = self._clean_trace(_checked_trace(frame.meta.get("trace"), peer))
         if trace:
             nbytes = len(encode_frame(frame.msg, frame.meta)) + len(frame.payload)
             trace[-1].update(bytes_out=nbytes, t_back=time.time())
-        self.inbox.put((batch, SplitLogits(x, asked, bad), trace))
+        self.inbox.put((batch, answer, trace))
+
+    @staticmethod
+    def _read_top(frame, peer: str, asked: list, rows: int) -> SplitTop:
+        """A TOP frame for a batch in flight as a SplitTop; one that cannot be read, a SplitTop that
+        says why (its sessions fail; its link and the ring go on: the frame itself was well framed)."""
+        try:
+            top, token, lse = read_top(frame, peer, len(asked))
+        except ProtocolError as e:
+            zeros = np.zeros(len(asked))
+            return SplitTop(zeros, zeros.astype(np.int64), zeros, asked, [], bad=str(e).removeprefix(f"{peer}: "))
+        return SplitTop(top, token, lse, asked, frame.meta.get("nonfinite", []))
 
     def _clean_trace(self, trace: list) -> list:
         """The hops whose compute_ms is a finite number >= 0: a hop that lies (-5, NaN) is left out
@@ -343,7 +372,7 @@ class RingBuilder:
             while True:
                 frame = recv_frame(sock, name, max_payload=self.max_act_bytes)
                 ring = self.ring
-                if frame.msg in (Msg.ACT, Msg.LOGITS):
+                if frame.msg in (Msg.ACT, Msg.LOGITS, Msg.TOP):
                     if ring is not None and frame.meta.get("epoch") == ring.epoch:
                         ring.deliver(frame, name)
                 elif frame.msg is Msg.FREE:

@@ -59,6 +59,7 @@ DTYPES = {
     "float16": np.dtype("<f2"),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
+    "float64": np.dtype("<f8"),         # TOP's maxima and logsumexps (a logprob is their difference)
 }
 
 
@@ -97,6 +98,7 @@ class Msg(enum.IntEnum):
     DRAINED = 30            # leader -> worker: the ring runs without you now; stop
     PARTIAL = 31            # member <-> member of a split stage: its partial sum of a block's c_proj
     LOGITS = 32             # the ring's last split stage -> rank 0 (and member -> member 0): logits rows
+    TOP = 33                # the same, for greedy rows: each reduced to its max, argmax and logsumexp
 
 
 class WireError(Exception):
