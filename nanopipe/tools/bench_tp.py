@@ -15,8 +15,11 @@ memory) and synthetic. Three setups, measured in turn, round after round, in one
                    each computes the logits of half the vocabulary, member 0 sends rank 0 logits.
     (c) pipeline   rank 0 (blocks 0-11 and the head) on core 0, rank 1 (blocks 12-23) on core 1
 
-Per token it reports where the time goes: rank 0's blocks and LM head, each member's compute and
-the part of it spent in all-reduces (waiting for the other member and adding), and the ring's hops.
+Each setup runs two greedy streams a round. The untraced one gives the ms/token compared (what a
+client's greedy chat gets; with the split head, the members' compact reply). The traced one (its
+trace asks top-5 logprobs, so a split head sends whole logits) says where a token's time goes:
+rank 0's blocks and LM head, each member's compute and the part of it spent in all-reduces (waiting
+for the other member and adding), and the ring's hops.
 The link model for a split stage (what `nanopipe plan` prints) is cluster/group.py's predict_split.
 """
 from __future__ import annotations
@@ -74,14 +77,16 @@ def setups(n_layer: int) -> dict:
     }
 
 
-def one_stream(cl, prompt_len: int, n_tokens: int) -> dict:
-    """One greedy stream with per-hop traces: {"token_times", "events", "done"} (bench_cluster's
-    streams_cluster for one stream; that module runs this one, so it is not imported here)."""
+def one_stream(cl, prompt_len: int, n_tokens: int, trace: bool = True) -> dict:
+    """One greedy stream, with per-hop traces or without: {"token_times", "events", "done"}
+    (bench_cluster's streams_cluster for one stream; that module runs this one, so it is not
+    imported here). A trace asks each step's top-5 logprobs, so a split head then sends whole
+    logits; untraced, a greedy step gets the members' compact reply (TOP)."""
     s = {"token_times": [], "events": []}
     with cl.client(timeout=60) as c:
         s["t_start"] = time.perf_counter()
         s["done"] = c.generate(bench_prompt(prompt_len), strategy="greedy", max_tokens=n_tokens, ignore_eos=True,
-                               text=False, trace=True, on_event=s["events"].append,
+                               text=False, trace=trace, on_event=s["events"].append,
                                on_token=lambda t, _x: t is not None and s["token_times"].append(time.perf_counter()))
     return s
 
@@ -98,7 +103,20 @@ def _worker_totals(st: dict) -> dict:
 
 
 def measure(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
-    """One greedy stream: median ms per decode token, and per token where it went."""
+    """Two greedy streams: median ms per decode token untraced (the figure compared: what a
+    client's greedy chat gets), then traced, and per token where the traced one's time went."""
+    time.sleep(3 * heartbeat_s)
+    plain = one_stream(cl, prompt_len, n_tokens, trace=False)
+    m = _measure_traced(cl, prompt_len, n_tokens, heartbeat_s)
+    m["traced_ms_per_token"] = m["ms_per_token"]
+    m["ms_per_token"] = round(float(np.median(np.diff(plain["token_times"]))) * 1000, 2)
+    m["tok_s"] = round(1000 / m["ms_per_token"], 2)
+    m["same_tokens_traced"] = plain["done"]["token_ids"] == m["token_ids"]
+    return m
+
+
+def _measure_traced(cl, prompt_len: int, n_tokens: int, heartbeat_s: float) -> dict:
+    """One traced greedy stream: median ms per decode token, and per token where it went."""
     time.sleep(3 * heartbeat_s)
     before = _worker_totals(_status(cl))
     load0 = os.getloadavg()[0]
@@ -165,7 +183,8 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
             for name, cl in clusters.items():
                 m = measure(cl, prompt_len, n_tokens, heartbeat_s)
                 rows.append({"round": rnd, "setup": name, **m})
-                echo(f"round {rnd} {name}: {m['ms_per_token']} ms/token ({m['tok_s']} tok/s), load {m['load']}")
+                echo(f"round {rnd} {name}: {m['ms_per_token']} ms/token ({m['tok_s']} tok/s; traced "
+                     f"{m['traced_ms_per_token']}), load {m['load']}")
     finally:
         for cl in clusters.values():
             cl.stop()
@@ -173,17 +192,18 @@ def bench_tp(weights: str | None = None, *, size: str = "gpt2-medium", n_tokens:
     for r in rows:
         base = one[r["round"]]
         r["speedup_vs_a"] = round(base["ms_per_token"] / r["ms_per_token"], 3)
-        r["same_tokens_as_a"] = r["token_ids"] == base["token_ids"]
+        r["same_tokens_as_a"] = r["token_ids"] == base["token_ids"] and r["same_tokens_traced"]
     return rows
 
 
 def format_rows(rows: list) -> str:
-    lines = [f"{'round':>5}  {'setup':<26} {'ms/token':>8} {'tok/s':>7} {'vs (a)':>7} {'same':>5} {'load':>5}  "
-             "where a token's time goes (ms)"]
+    lines = [f"{'round':>5}  {'setup':<26} {'ms/token':>8} {'tok/s':>7} {'vs (a)':>7} {'same':>5} {'traced':>7} "
+             f"{'load':>5}  where a traced token's time goes (ms)"]
     for r in rows:
         parts = ", ".join(f"{k} {v}" for k, v in r["parts"].items())
         lines.append(f"{r['round']:>5}  {r['setup']:<26} {r['ms_per_token']:>8.2f} {r['tok_s']:>7.2f} "
-                     f"{r['speedup_vs_a']:>6.2f}x {str(r['same_tokens_as_a']):>5} {r['load']:>5}  {parts}")
+                     f"{r['speedup_vs_a']:>6.2f}x {str(r['same_tokens_as_a']):>5} {r['traced_ms_per_token']:>7.2f} "
+                     f"{r['load']:>5}  {parts}")
     return "\n".join(lines)
 
 
