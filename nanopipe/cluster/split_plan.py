@@ -240,7 +240,8 @@ def decide_with_split(shape, caps: list, ranges: list, model, cluster=None, part
     chosen, pred = found
     s = pred.split
     note = (f"{d.note}; split stage ranks {s.ranks[0]}-{s.ranks[-1]} (layers {layers_text(*s.layers)}), predicted "
-            f"{pred.ms:.1f} ms/token vs pipeline {pipeline_ms:.1f} for one conversation, the LM head {pred.head_text()}")
+            f"{pred.ms:.1f} ms/token vs pipeline {pipeline_ms:.1f} for one conversation, "
+            f"the LM head {pred.head_text()}")
     return dataclasses.replace(d, ranges=[tuple(r) for r in chosen], note=note, placement=None,
                                split=dataclasses.replace(pred, pipeline_ms=round(pipeline_ms, 3)))
 
