@@ -519,8 +519,9 @@ class ClusterConfig:
     node_overrides: dict = field(default_factory=dict)   # host -> {speed_gbps, speed8_gbps, memory_mb}
     prefix_cache_mb: float | None = None   # kept KV caches per stage (nanopipe/prefix.py); None: see below
     split_stages: bool = True        # partition auto may make workers a split stage (cluster/split_plan.py)
-    # a ring that ends in a split stage: its members run the LM head, each for its share of the
-    # vocabulary (cluster/group.py); False keeps the head on rank 0. Only the leader reads it.
+    # a ring that ends in a split stage: its members MAY run the LM head, each for its share of the
+    # vocabulary (cluster/group.py): partition auto puts it there if predicted sooner than on rank 0
+    # (cluster/split_plan.py), a layer_mapping does; False keeps it on rank 0. Only the leader reads it.
     split_lm_head: bool = True
     path: str = ""
 

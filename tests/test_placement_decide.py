@@ -45,7 +45,7 @@ class PlanningLeader(Planner):
     def log(self, message, level=None):
         self.logged.append(message)
 
-    def _apply_plan(self, ranges, excluded):
+    def _apply_plan(self, ranges, excluded, head_on_members):
         self.applied = self.ranges = [tuple(r) for r in ranges]
 
     def _refuse(self, message):

@@ -137,7 +137,7 @@ def test_decide_with_split_says_it_in_the_plans_words_and_can_be_forbidden():
     # By hand: 116.3 with the head on rank 0 (below), less rank 0's 25.7 ms head, plus each member's
     # half 12.9, the gather 0.2 + 100514 B at 940 Mbit/s = 1.06 and the logits frame's 197 KB more 1.68
     assert "split stage ranks 1-2 (layers 1-23), predicted 106.1 ms/token vs pipeline 176.9" in d.note, d.note
-    assert d.split.head_on == "the split stage", d.split
+    assert d.split.head_on_members and "the LM head on the members (on rank 0: 116.3 ms)" in d.note, d.split
     mc, cc = configs(split_lm_head=False)
     d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
     assert "split stage ranks 1-2 (layers 1-23), predicted 116.3 ms/token vs pipeline 176.9" in d.note, d.note
@@ -167,6 +167,7 @@ class PlanningLeader(Planner):
         self.scheduler = None
         self.ranges = even(MEDIUM.n_layer, len(caps))
         self.placement, self.plan_note, self.applied, self.logged, self.excluded = None, "", None, [], None
+        self.head_on_members = None
 
     def capacities(self):
         return list(self._caps)
@@ -177,8 +178,8 @@ class PlanningLeader(Planner):
     def log(self, message, level=None):
         self.logged.append(message)
 
-    def _apply_plan(self, ranges, excluded):
-        self.applied, self.excluded = [tuple(r) for r in ranges], excluded
+    def _apply_plan(self, ranges, excluded, head_on_members):
+        self.applied, self.excluded, self.head_on_members = [tuple(r) for r in ranges], excluded, head_on_members
 
 
 def test_the_leader_applies_the_split_and_logs_the_prediction():
@@ -203,7 +204,7 @@ def test_plan_prints_members_heads_compute_all_reduces_and_the_head():
     assert ("Split stage n1+n2 (layers 1-23, all-reduce direct): heads 8+8; compute n1 72.4 ms, n2 72.4 ms; "
             "46 all-reduces x 0.235 ms = 10.8 ms (0.2 ms, 940 Mbit/s, link_delay_ms/link_mbps)") in text, text
     # the head on the split stage (split_lm_head): rank 0 32.0 - 25.7; the stage 83.2 + 12.9 + 1.06 + 1.68
-    assert ("One conversation: 106.1 ms/token (9.4 tok/s): rank 0 6.3 ms (LM head on the split stage, 12.9 each), "
+    assert ("One conversation: 106.1 ms/token (9.4 tok/s): rank 0 6.3 ms (LM head on the members, 12.9 each), "
             "split stage 98.8 ms, 2 hops 1.0 ms; the pipeline: 176.9 ms (1.67x)") in text, text
 
 
@@ -211,9 +212,10 @@ def test_split_lines_of_three_members_with_uneven_heads():
     caps = nodes(8, 8, 8, 8)
     pred = conversation_ms(MEDIUM, caps, [(0, 4), (4, 24), (4, 24), (4, 24)], GIGABIT, 0.0005,
                            ["a", "b", "c", "d"])
-    [stage, total] = split_lines(pred, ["r0", "r1", "r2", "r3"])
+    [stage, total, head] = split_lines(pred, ["r0", "r1", "r2", "r3"])
     assert "heads 6+5+5" in stage and "40 all-reduces" in stage and "r3 " in stage, stage
     assert total.startswith(f"One conversation: {pred.ms:.1f} ms/token"), total
+    assert head == "LM head: on rank 0", head           # predicted there alone: nothing to weigh it against
 
 
 def test_a_replan_keeps_a_split_stages_remaining_members_while_every_layer_is_held():

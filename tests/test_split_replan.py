@@ -7,7 +7,10 @@ the workers are slow, so the link model predicts the split a conversation's toke
 than any pipeline. A simulated 50 ms link on every hop keeps a stream running (~0.1 s a token)
 while a node is drained, killed or started. Every answer's tokens must equal one process's.
 
-    auto picks the split       3 nodes: ranks 1+2 share blocks 1-4; greedy tokens as one process
+    auto picks the split       3 nodes: ranks 1+2 share blocks 1-4, the LM head left on rank 0 (the
+                               workers are too slow for it); greedy tokens as one process
+    auto gives them the head   the same with workers as fast as rank 0 and no simulated delay: the
+                               members run the LM head too, split by vocabulary
     a member drained           4 nodes, ranks 1+2+3 split: `nanopipe leave --rank 3` mid-stream ->
                                ranks 1+2 go on as the split stage
     a member gone for good     3 nodes: rank 2 killed mid-stream -> after rejoin_grace_s rank 1
@@ -51,16 +54,18 @@ SHAPE = dict(n_layer=5, n_embd=64, n_head=4, n_ctx=256)
 PROMPT = [15496, 995, 11, 616]
 LONG = SamplingParams("greedy", max_tokens=80)
 GRACE = 3
-# split_lm_head off: these workers are given 2000x rank 0's slowness, so with the LM head on them
-# (split_lm_head on) the prediction rightly finds a split slower than the pipeline; the head stays
-# on rank 0 here, as the split-stage rule is what these tests are about
-EXTRA = {"rejoin_grace_s": GRACE, "heartbeat_s": 0.2, "link_delay_ms": 50, "split_lm_head": False}
+# split_lm_head as by default: these workers are given 2000x rank 0's slowness, so auto splits the
+# blocks over them and keeps the LM head on rank 0 (on them it would take 14 s a token)
+EXTRA = {"rejoin_grace_s": GRACE, "heartbeat_s": 0.2, "link_delay_ms": 50}
 READY_S = 90
 # rank 0: fast, but room for its embeddings and LM head (12.9 MB) and one block (2.3 MB with its KV
 # cache at 16 sessions) only; the workers slow (a block 400 ms): one worker alone 1.6 s a token,
 # two members 0.8 s + 8 all-reduces x 50 ms
 FAST0 = {"speed_gbps": 1.0, "speed8_gbps": 1.0, "memory_mb": 16.5}
 SLOW = {"speed_gbps": 0.0005, "speed8_gbps": 0.0005, "memory_mb": 4000}
+# as fast as rank 0: on 1 GbE (assumed: no link set) half the head each (6.4 ms) and 2.8 ms on the
+# link beat the whole head on rank 0 (12.9 ms): 12.0 ms a token against 15.7, the pipeline 14.5
+FAST = {"speed_gbps": 1.0, "speed8_gbps": 1.0, "memory_mb": 4000}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +93,14 @@ def reference(weights) -> list:
     return tokens
 
 
-def machines(weights: str, workdir: str, n: int, *, partition: str = "auto", layer_mapping=None) -> LocalCluster:
+def machines(weights: str, workdir: str, n: int, *, partition: str = "auto", layer_mapping=None,
+             workers: dict = SLOW, extra: dict | None = None) -> LocalCluster:
     """A LocalCluster of n nodes at 127.0.0.1 .. 127.0.0.n, the speeds and memory above given."""
     config_dir = os.path.join(workdir, "written")
     hosts = [f"127.0.0.{i + 1}" for i in range(n)]
-    nodes = {f"node{i}": (FAST0 if i == 0 else SLOW) for i in range(n)}
+    nodes = {f"node{i}": (FAST0 if i == 0 else workers) for i in range(n)}
     write_configs(config_dir, weights=weights, nodes=n, n_layer=SHAPE["n_layer"], partition=partition,
-                  layer_mapping=layer_mapping, hosts=hosts, cluster_extra={**EXTRA, "nodes": nodes})
+                  layer_mapping=layer_mapping, hosts=hosts, cluster_extra={**EXTRA, **(extra or {}), "nodes": nodes})
     files = {}
     for name in ("model_config.yaml", "cluster_config.yaml", "model_weights.yaml"):
         with open(os.path.join(config_dir, name)) as f:
@@ -106,17 +112,30 @@ def layers(st: dict) -> dict:
     return {n["rank"]: n["layers"] for n in st["nodes"]}
 
 
+def head_on_rank_0(cl, ranks=(1, 2)):
+    """The LM head runs on rank 0: the plan in force says so, and no worker loaded or ran a share of it."""
+    st = status(cl)
+    assert st["placement"]["lm_head_ranks"] == [0], st["placement"]
+    assert all(n.get("head_ms") is None for n in st["nodes"] if n["rank"] > 0), st["nodes"]
+    assert not any("Loaded the LM head's rows" in log_of(cl, r) for r in ranks)
+
+
 def test_auto_picks_a_split_stage_and_answers_as_one_process(weights, reference, tmp_path):
     cl = machines(weights, str(tmp_path), 3)
     with cl:
         line = wait_log(cl, 0, "planned:")
-        assert "split stage ranks 1-2 (layers 1-4), predicted" in line and "ms/token vs pipeline" in line, line
+        # worked out in tests/test_split_head_place.py: 1313.4 ms with the head on rank 0, 14216.3 on the
+        # members, 1713.2 for the pipeline
+        assert ("split stage ranks 1-2 (layers 1-4), predicted 1313.4 ms/token vs pipeline 1713.2 for one "
+                "conversation, the LM head on rank 0 (on the members: 14216.3 ms)") in line, line
         st = status(cl)
         assert layers(st) == {0: [0, 0], 1: [1, 4], 2: [1, 4]}, st["nodes"]
         wait_log(cl, 0, "ring 0 -> 1+2 -> 0")
         with cl.client() as c:
             got = c.generate(PROMPT, LONG)
         assert got["token_ids"] == reference, "the auto-chosen split stage answers differently from one process"
+        time.sleep(0.6)                     # the next heartbeats would carry a head's time
+        head_on_rank_0(cl)
 
         # `plan --from-cluster`, from the leader (HOST:PORT) and from the web app (URL): the members one stage
         from nanopipe.web.app import create_app
@@ -130,8 +149,30 @@ def test_auto_picks_a_split_stage_and_answers_as_one_process(weights, reference,
                     ["Node", "Rank", "Layers", "Count", "Heads"], ["node0", "0", "0-0", "1"],
                     ["node1+node2", "1+2", "1-4", "4", "0-1", "+", "2-3"]], out.output
                 assert "split stage ranks 1-2 (layers 1-4), predicted" in out.output, out.output
+                assert "LM head: on rank 0 (node0)" in out.output, out.output
         finally:
             server.shutdown()
+
+
+def test_auto_gives_fast_members_the_head_too(weights, reference, tmp_path):
+    cl = machines(weights, str(tmp_path), 3, workers=FAST, extra={"link_delay_ms": 0})
+    with cl:
+        line = wait_log(cl, 0, "planned:")
+        assert ("split stage ranks 1-2 (layers 1-4), predicted 12.0 ms/token vs pipeline 14.5 for one "
+                "conversation, the LM head on the members (on rank 0: 15.7 ms)") in line, line
+        wait_log(cl, 0, "ring 0 -> 1+2 -> 0")
+        for rank, rows in ((1, "0-25128"), (2, "25129-50256")):
+            wait_log(cl, rank, f"Loaded the LM head's rows {rows} of 50257", timeout=10)
+        with cl.client() as c:
+            got = c.generate(PROMPT, LONG)
+        assert got["token_ids"] == reference, "the split stage running the head answers differently from one process"
+        time.sleep(0.6)                     # the next heartbeats carry the head's time
+        st = status(cl)
+        assert st["placement"]["lm_head_ranks"] == [1, 2], st["placement"]
+        assert all(n["head_ms"] and n["head_ms"] > 0 for n in st["nodes"] if n["rank"] > 0), st["nodes"]
+        out = CliRunner().invoke(main, ["plan", "--from-cluster", cl.leader_addr, "--config-dir", cl.config_dir])
+        assert out.exit_code == 0 and "LM head: split by vocabulary over ranks 1+2 (node1+node2), measured " \
+            in out.output, out.output
 
 
 def test_a_member_drained_mid_stream_leaves_the_other_members_as_the_split_stage(weights, reference, tmp_path):
@@ -154,6 +195,8 @@ def test_a_member_drained_mid_stream_leaves_the_other_members_as_the_split_stage
         assert layers(st) == {0: [0, 0], 1: [1, 4], 2: [1, 4]}, st["nodes"]
         line = [ln for ln in log_of(cl, 0).splitlines() if "Re-planning (rank 3 (node3) leaves)" in ln]
         assert line and "split stage ranks 1-2" in line[0], line
+        assert "the LM head on rank 0 (on the members: " in line[0], line
+        head_on_rank_0(cl, ranks=(1, 2, 3))
 
 
 def test_a_member_gone_for_good_leaves_a_plain_stage_after_the_grace(weights, reference, tmp_path):
@@ -176,6 +219,7 @@ def test_a_member_gone_for_good_leaves_a_plain_stage_after_the_grace(weights, re
         assert layers(st) == {0: [0, 0], 1: [1, 4]}, st["nodes"]
         with cl.client() as c:
             assert c.generate(PROMPT, LONG)["token_ids"] == reference
+        assert status(cl)["placement"]["lm_head_ranks"] == [0]
 
 
 def test_a_worker_joining_a_mapping_with_a_split_stage_mid_stream(weights, reference, tmp_path):
@@ -198,6 +242,11 @@ def test_a_worker_joining_a_mapping_with_a_split_stage_mid_stream(weights, refer
         assert got["token_ids"] == reference, "the answer across the join differs from one process's"
         line = [ln for ln in log_of(cl, 0).splitlines() if "Re-planned (rank 2 (node2) joined)" in ln][0]
         assert line.endswith("ring 0 -> 1+2 -> 0"), line
-        assert layers(status(cl)) == {0: [0, 0], 1: [1, 4], 2: [1, 4]}
+        st = status(cl)
+        assert layers(st) == {0: [0, 0], 1: [1, 4], 2: [1, 4]}
+        # a hand-written mapping with split_lm_head (the default): the members run the head once split again
+        assert st["placement"]["lm_head_ranks"] == [1, 2], st["placement"]
+        for rank in (1, 2):
+            wait_log(cl, rank, "Loaded the LM head's rows")
     finally:
         cl.stop()

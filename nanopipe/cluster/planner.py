@@ -107,7 +107,7 @@ class Planner:
         """Every worker has measured itself: split_plan.decide_with_split chooses the split (as
         `nanopipe plan` does); tell each worker its layers."""
         from ..placement import PlacementError, unknown_figures
-        from .split_plan import decide_with_split
+        from .split_plan import decide_with_split, members_run_head
         caps = self.capacities()
         unknown = unknown_figures(caps)
         if unknown:
@@ -118,17 +118,18 @@ class Planner:
             self._refuse(str(e))
             return
         self.plan_note = d.note
+        head = members_run_head(d, self.cluster)
         self.count("planned", None, f"Plan: {d.note}")
         if d.split is not None:             # a split stage: the placement model (stages in turn) cannot predict it
             excluded = [None] + [f"{caps[i].name}: not in the split stage, which predicts one conversation faster"
                                  if lo == hi else None for i, (lo, hi) in enumerate(d.ranges) if i > 0]
             self.log("Plan: " + ", ".join(f"rank {i} ({c.name}) {layers_text(*r)}" for i, (c, r) in
                                           enumerate(zip(caps, d.ranges))) + f"; planned: {self.plan_note}")
-            self._apply_plan(d.ranges, excluded)
+            self._apply_plan(d.ranges, excluded, head)
             return
         if not d.solved:
             self.log(f"Plan: {self.plan_note}")
-            self._apply_plan(d.ranges, [None] * len(caps))
+            self._apply_plan(d.ranges, [None] * len(caps), head)
             if d.placement is not None:
                 self.placement = d.placement
             return
@@ -144,7 +145,7 @@ class Planner:
               f"(even split: {ev.tok_s(1):.1f} and {ev.tok_s(8):.1f})")
         for n in p.notes:
             self.log(f"Plan: {n}", WARNING)
-        self._apply_plan(p.ranges, excluded)
+        self._apply_plan(p.ranges, excluded, head)
         self.placement = p
 
     def _refuse(self, message: str):
@@ -155,8 +156,9 @@ class Planner:
             self.registry.tell(w, Msg.ERROR, {"message": message, "fatal": True})
         self.on_fatal(message)
 
-    def _apply_plan(self, ranges: list, excluded: list):
-        """Adopt `ranges`: reload rank 0's blocks if they changed, then send each worker its place."""
+    def _apply_plan(self, ranges: list, excluded: list, head_on_members: bool):
+        """Adopt `ranges` (and where the LM head runs, if they end in a split stage): reload rank 0's
+        blocks if they changed, then send each worker its place."""
         ranges = [tuple(r) for r in ranges]
         if ranges[0] != tuple(self.ranges[0]) and self.load_rank0 is not None:
             lo, hi = ranges[0]
@@ -164,7 +166,7 @@ class Planner:
             self.scheduler.use_stage(self.load_rank0(lo, hi))
             self.log(f"Server reloaded its share for the plan: layers {layers_text(*ranges[0])}")
         self.ranges = ranges
-        places = self.registry.assign(ranges, excluded)
+        places = self.registry.assign(ranges, excluded, head_on_members)
         self.on_applied()
         for r, w in self.registry.workers.items():
             # one that left gets its place in the WELCOME when it is back
@@ -224,6 +226,11 @@ class Planner:
                          "off": round(meas / pred - 1, 3) if meas and pred > 0 else None})
         return rows
 
+    def lm_head_ranks(self) -> list:
+        """Who runs the LM head in the ring in force: [0], or the members of the split stage that
+        ends it when they run it, each its share of the vocabulary ([1, 2])."""
+        return self.registry.stages()[-1] if self.registry.splits_head() else [0]
+
     def status(self) -> dict:
         """The plan and its prediction (None until every node is measured), and predicted vs measured
         per stage after traffic: the leader's status()["placement"]."""
@@ -232,7 +239,8 @@ class Planner:
         how = "layer_mapping" if uses_mapping(self.model) else self.model.partition or "default"
         out = {"partition": how, "objective": self.model.placement_objective,
                "note": self.plan_note, "pending": self.pending, "stages": self.stage_report(),
-               "unknown": unknown_figures(self.capacities())}
+               "unknown": unknown_figures(self.capacities()),
+               "lm_head_ranks": self.lm_head_ranks()}
         if p is not None:
             out.update(predicted_tok_s_1=round(p.tok_s(1), 2), predicted_tok_s_8=round(p.tok_s(8), 2),
                        hop_ms=round(p.hop_s * 1000, 3), notes=list(p.notes))

@@ -116,6 +116,10 @@ class WorkerRegistry:
         self.cluster, self.config, self.lock, self.log, self.count = cluster, config, lock, log, count
         self.model_name, self.weights_source, self.stopped = model_name, weights_source, stopped
         self.workers = {r: WorkerState(r, cluster.node(r).host, ranges[r]) for r in range(1, len(ranges))}
+        # the split in force is each worker's layers and this: do the members of a split stage that
+        # ends the ring run the LM head? A hand-written layer_mapping: split_lm_head says; a plan
+        # (partition auto, a re-plan) says its own with `assign` (split_plan.members_run_head)
+        self.head_on_members = cluster.split_lm_head
         self._enrol_hold: dict = {}     # rank -> until when it is held for a worker that enrolled
         self.on_ready = self.on_joined = lambda w: None
         self.on_capacity = lambda w, data, peer: None
@@ -139,8 +143,9 @@ class WorkerRegistry:
         return group.hops(self._ranges(), [0] + self.ring_ranks())[1:]
 
     def splits_head(self) -> bool:
-        """Does the ring end in a split stage whose members run the LM head (group.splits_head)?"""
-        return group.splits_head(self._ranges(), [0] + self.ring_ranks(), self.cluster.split_lm_head)
+        """Does the ring end in a split stage whose members run the LM head (group.splits_head), as
+        the split in force says (`head_on_members`)?"""
+        return group.splits_head(self._ranges(), [0] + self.ring_ranks(), self.head_on_members)
 
     def stages(self) -> list:
         """The ring's worker stages, each its ranks: [[1, 2], [3]] when ranks 1 and 2 share layers."""
@@ -153,12 +158,14 @@ class WorkerRegistry:
         if w.excluded:
             return {"layers": list(w.layers), "excluded": w.excluded, "prev_rank": None}
         return group.place(self._ranges(), [0] + self.ring_ranks(), rank, self.cluster.node,
-                           head=self.cluster.split_lm_head)
+                           head=self.head_on_members)
 
-    def assign(self, ranges: list, excluded: list) -> dict:
-        """The plan's split: each worker's layers (ranges[rank]) and why it is left out (or None).
+    def assign(self, ranges: list, excluded: list, head_on_members: bool) -> dict:
+        """The plan's split: each worker's layers (ranges[rank]), why it is left out (or None), and
+        whether a split stage that ends the ring runs the LM head (split_plan.members_run_head).
         Returns {rank: its place} to tell it."""
         with self.lock:
+            self.head_on_members = head_on_members
             for r, w in self.workers.items():
                 w.layers, w.excluded = ranges[r], excluded[r]
             return {r: self.place_of(r) for r in self.workers}

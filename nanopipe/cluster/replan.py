@@ -209,11 +209,12 @@ class Replanner:
     # -- one re-plan -------------------------------------------------------------------------------
 
     def _replan(self, reason: str):
-        ranges, excluded, note, placement = self._decide()
+        ranges, excluded, note, placement, head = self._decide()
         with self.lock:
             old = [tuple(r) for r in self.planner.ranges]
             in_ring = {r for r, w in self.workers.items() if not w.excluded}
-            same = ranges == old and all(bool(excluded[r]) == bool(w.excluded) for r, w in self.workers.items())
+            same = ranges == old and head == self.registry.head_on_members and \
+                all(bool(excluded[r]) == bool(w.excluded) for r, w in self.workers.items())
             if same:
                 for r, w in self.workers.items():
                     w.excluded = excluded[r]
@@ -228,7 +229,7 @@ class Replanner:
         with self.lock:
             self.dirty = True
             self.planner.pending = False        # this is the plan now: a first plan still waited for the gone
-            places = self.registry.assign(ranges, [excluded.get(r) for r in range(len(ranges))])
+            places = self.registry.assign(ranges, [excluded.get(r) for r in range(len(ranges))], head)
             for r in ring:
                 self.workers[r].status = "joined"   # ready again once its new slice is loaded (READY)
         for r in ring:      # 2. each loads its new slice; the current ring goes on meanwhile
@@ -273,7 +274,9 @@ class Replanner:
 
     def _decide(self) -> tuple:
         """The split over the nodes that are there: (ranges per configured rank, {rank: why it is left
-        out, or None}, a note, the prediction). Ranks not there hold no layers ((0, 0))."""
+        out, or None}, a note, the prediction, whether a split stage ending the ring runs the LM head
+        (split_plan.members_run_head)). Ranks not there hold no layers ((0, 0))."""
+        from .split_plan import members_run_head
         with self.lock:
             there = [r for r, w in self.workers.items() if r not in self.gone and r not in self.leaving
                      and w.status != "down"]
@@ -294,7 +297,8 @@ class Replanner:
                 excluded[r] = self.gone.get(r) or self.leaving.get(r) or "not connected"
             excluded.setdefault(r, None)
         excluded[0] = None
-        return [tuple(x) for x in ranges], excluded, note, _by_rank(d.placement, [0] + there, len(ranges))
+        return ([tuple(x) for x in ranges], excluded, note, _by_rank(d.placement, [0] + there, len(ranges)),
+                members_run_head(d, self.cluster))
 
     def _switch(self, ranges: list, stage0, reason: str):
         """Between two scheduler steps: the old ring closes (batches in flight are dropped, to be

@@ -16,12 +16,21 @@ latency); else the pipeline `placement.decide` chose stays. The rule weighs one 
 many at once are served by a pipeline's batches in flight as well.
 `split_stages: false` in cluster_config.yaml keeps the guide's pure pipeline.
 
+Where the LM head goes is part of the choice. With `split_lm_head: true` (the default) each
+candidate is predicted twice, the head on rank 0 and the head split by vocabulary over the members
+(group.predict_head_split: 1/m each, the gather, the logits frame), and takes the sooner
+(head_placed); the 10% rule then weighs the best of all. Slow members with a big head split the
+blocks and leave the head on rank 0; fast ones take it. `split_lm_head: false`: rank 0 only. The
+choice is the plan's (Conversation.head_on), and the running cluster follows it (head_on_members).
+
 Worked example: gpt2-medium shape (24 blocks of 50.4 MB, a 206 MB LM head), three machines at
 8 GB/s, 1 GbE (0.2 ms, 940 Mbit/s, hops 0.5 ms):
 
     pipeline (latency)  rank 0 all 24 blocks and the head: 176.9 ms (a hop costs more than it saves)
     split ranks 1-2     rank 0 block 0 + head 32.0 ms, members 23 blocks / 2 = 72.4 ms,
-                        46 all-reduces x 0.235 ms = 10.8 ms, 2 hops 1.0 ms -> 116.3 ms: 1.52x, chosen
+                        46 all-reduces x 0.235 ms = 10.8 ms, 2 hops 1.0 ms -> 116.3 ms: 1.52x
+      head on members   rank 0 6.3 ms; each member 12.9 ms of the head, gather 1.06, logits 1.68
+                        -> 106.1 ms: 1.67x, chosen (and the head goes to the members)
     the same on WiFi    (5 ms, 100 Mbit/s): 46 x 5.33 ms = 245 ms of all-reduces alone: pipeline stays
 
 Members on one address share one machine's memory bus, so the split is predicted no gain there
@@ -40,6 +49,7 @@ from ..placement import GB, MB, Decision
 from .group import GIGABIT, predict_head_split, predict_split, reduce_how
 
 SPLIT_GAIN = 0.10       # a split stage must predict a token at least this much sooner than the pipeline
+MEMBERS = "the members"  # Conversation.head_on when the last split stage's members run the LM head
 
 
 def member_fraction(n_head: int, n_embd: int, member: int, members: int) -> float:
@@ -89,12 +99,24 @@ class Conversation:
     ms: float
     link: tuple
     pipeline_ms: float | None = None
-    head_on: str = "rank 0"        # or "the split stage": split_lm_head moved the head to its members
+    head_on: str = "rank 0"        # or MEMBERS: the last split stage's members run the LM head
+    other_ms: float | None = None  # the same split with the LM head in the other place, when both were weighed
 
     @property
     def split(self):
         """The split stage, or None for a pipeline."""
         return next((s for s in self.stages if len(s.ranks) > 1), None)
+
+    @property
+    def head_on_members(self) -> bool:
+        """The LM head runs on the members of the ring's last (split) stage, each its share of the vocabulary."""
+        return self.head_on == MEMBERS
+
+    def head_text(self) -> str:
+        """Where the LM head runs, and the other place's prediction when both were weighed:
+        "on rank 0 (on the members: 120.4 ms)"."""
+        other = "rank 0" if self.head_on_members else "the members"
+        return f"on {self.head_on}" + (f" (on {other}: {self.other_ms:.1f} ms)" if self.other_ms is not None else "")
 
 
 def conversation_ms(shape, caps: list, ranges: list, link: tuple, hop_s: float, ips: list | None = None,
@@ -134,9 +156,28 @@ def conversation_ms(shape, caps: list, ranges: list, link: tuple, hop_s: float, 
                                shape.n_embd, delay, mbps)
         stages[0] = dataclasses.replace(stages[0], ms=stages[0].ms - head_ms)
         stages[-1] = dataclasses.replace(last, ms=last.ms + h["member_ms"] + h["gather_ms"] + h["logits_ms"])
-        head_ms, head_on = h["member_ms"], "the split stage"
+        head_ms, head_on = h["member_ms"], MEMBERS
     hops = hop_s * 1000 * len(stages) if len(stages) > 1 else 0.0
     return Conversation(stages, head_ms, hops, sum(s.ms for s in stages) + hops, tuple(link), head_on=head_on)
+
+
+def head_placed(shape, caps: list, ranges: list, link: tuple, hop_s: float, ips: list | None = None,
+                n_head: int | None = None, may_split: bool = True) -> Conversation:
+    """conversation_ms with the LM head where the token is predicted sooner: on rank 0, or (when
+    `may_split`: split_lm_head) on the members of the split stage that ends the ring; the other
+    place's prediction kept as `other_ms`. Slow members with a big head keep it on rank 0 while
+    they split the blocks; fast ones take it over. A ring that ends in no split stage: rank 0.
+
+        gpt2-medium, 3 nodes at 8 GB/s, 1 GbE: members 106.1 ms/token, rank 0 116.3 -> the members
+    """
+    on_rank0 = conversation_ms(shape, caps, ranges, link, hop_s, ips, n_head, head_split=False)
+    if not may_split:
+        return on_rank0
+    on_members = conversation_ms(shape, caps, ranges, link, hop_s, ips, n_head, head_split=True)
+    if not on_members.head_on_members:
+        return on_rank0
+    best, other = (on_members, on_rank0) if on_members.ms <= on_rank0.ms else (on_rank0, on_members)
+    return dataclasses.replace(best, other_ms=round(other.ms, 3))
 
 
 def _fits(shape, cap, blocks: float, rank0: bool, sessions: int) -> bool:
@@ -150,7 +191,9 @@ def _fits(shape, cap, blocks: float, rank0: bool, sessions: int) -> bool:
 def split_stage(shape, caps: list, pipeline_ms: float, *, link: tuple, hop_s: float, sessions: int,
                 ips: list | None = None, margin: float = SPLIT_GAIN, head_split: bool = False):
     """The split the rule chooses (module docstring): (ranges, Conversation), or None when no split
-    of consecutive workers predicts a token `margin` sooner than `pipeline_ms`, or none fits."""
+    of consecutive workers predicts a token `margin` sooner than `pipeline_ms`, or none fits. Each
+    candidate is weighed with the LM head in its best place (head_placed; `head_split`:
+    split_lm_head, the head may go to the members), and the best of them all meets the margin."""
     n, L = len(caps), shape.n_layer
     n_head = shape.n_head or max(1, shape.n_embd // 64)
     if n < 3 or L < 2 or any(c is None or c.speed_gbps is None for c in caps):
@@ -168,7 +211,7 @@ def split_stage(shape, caps: list, pipeline_ms: float, *, link: tuple, hop_s: fl
                                  False, sessions) for i, r in enumerate(members)):
                     continue
                 ranges = [(0, c0)] + [(c0, c0) if r < a else (c0, L) if r <= b else (L, L) for r in range(1, n)]
-                pred = conversation_ms(shape, caps, ranges, link, hop_s, ips, n_head, head_split)
+                pred = head_placed(shape, caps, ranges, link, hop_s, ips, n_head, may_split=head_split)
                 if best is None or pred.ms < best[1].ms:
                     best = (ranges, pred)
     if best is None or best[1].ms > (1 - margin) * pipeline_ms:
@@ -197,9 +240,20 @@ def decide_with_split(shape, caps: list, ranges: list, model, cluster=None, part
     chosen, pred = found
     s = pred.split
     note = (f"{d.note}; split stage ranks {s.ranks[0]}-{s.ranks[-1]} (layers {layers_text(*s.layers)}), predicted "
-            f"{pred.ms:.1f} ms/token vs pipeline {pipeline_ms:.1f} for one conversation")
+            f"{pred.ms:.1f} ms/token vs pipeline {pipeline_ms:.1f} for one conversation, "
+            f"the LM head {pred.head_text()}")
     return dataclasses.replace(d, ranges=[tuple(r) for r in chosen], note=note, placement=None,
                                split=dataclasses.replace(pred, pipeline_ms=round(pipeline_ms, 3)))
+
+
+def members_run_head(d: Decision, cluster) -> bool:
+    """Do the members of a split stage that ends the ring run the LM head under decision `d`? The
+    plan's choice when `partition: auto` chose the split (its Conversation.head_on); else, for a
+    hand-written layer_mapping, cluster_config's split_lm_head (true: they do). What the leader's
+    registry holds as the head's place in force (WorkerRegistry.assign)."""
+    if d.split is not None:
+        return d.split.head_on_members
+    return cluster is None or cluster.split_lm_head
 
 
 def split_lines(pred: Conversation, names: list, pipeline_ms: float | None = None,
@@ -209,8 +263,9 @@ def split_lines(pred: Conversation, names: list, pipeline_ms: float | None = Non
 
         Split stage node1+node2 (layers 1-23, all-reduce direct): heads 8+8; compute node1 72.4 ms,
             node2 72.4 ms; 46 all-reduces x 0.235 ms = 10.8 ms (0.2 ms, 940 Mbit/s, 1 GbE assumed)
-        One conversation: 116.3 ms/token (8.6 tok/s): rank 0 32.0 ms (LM head 25.7), split stage
-            83.2 ms, 2 hops 1.0 ms; the pipeline: 176.9 ms (1.52x)
+        One conversation: 106.1 ms/token (9.4 tok/s): rank 0 6.3 ms (LM head on the members, 12.9
+            each), split stage 98.8 ms, 2 hops 1.0 ms; the pipeline: 176.9 ms (1.67x)
+        LM head: on the members (on rank 0: 116.3 ms)
     """
     delay, mbps, where = (list(pred.link) + ["", ""])[:3]
     out = []
@@ -224,8 +279,8 @@ def split_lines(pred: Conversation, names: list, pipeline_ms: float | None = Non
                    + f"; {s.all_reduces} all-reduces x {s.all_reduce_ms:.3f} ms = "
                    f"{s.all_reduces * s.all_reduce_ms:.1f} ms ({delay:g} ms, {mbps:g} Mbit/s"
                    + (f", {where})" if where else ")"))
-    parts = [f"rank 0 {pred.stages[0].ms:.1f} ms" + (f" (LM head {pred.head_ms:.1f})" if pred.head_on == "rank 0" else
-                                                      f" (LM head on the split stage, {pred.head_ms:.1f} each)")]
+    parts = [f"rank 0 {pred.stages[0].ms:.1f} ms" + (f" (LM head on the members, {pred.head_ms:.1f} each)"
+                                                      if pred.head_on_members else f" (LM head {pred.head_ms:.1f})")]
     parts += [("split stage" if len(s.ranks) > 1 else f"rank {s.ranks[0]}") + f" {s.ms:.1f} ms"
               for s in pred.stages[1:]]
     if pred.hops_ms:
@@ -234,4 +289,4 @@ def split_lines(pred: Conversation, names: list, pipeline_ms: float | None = Non
     pipeline_ms = pipeline_ms or pred.pipeline_ms
     if pipeline_ms:
         line += f"; {against}: {pipeline_ms:.1f} ms ({pipeline_ms / pred.ms:.2f}x)"
-    return out + [line]
+    return out + [line, "LM head: " + pred.head_text()]

@@ -78,6 +78,7 @@ from .planning import (
     cluster_stages,
     configured_weights,
     format_capacities,
+    lm_head_line,
     model_shape,
     offer_synthetic,
     plan_ranges,
@@ -497,6 +498,9 @@ def _print_cluster_plan(st: dict):
     pl = st.get("placement") or {}
     click.echo(f"Split: {pl.get('note') or pl.get('partition')}"
                + ("" if "objective" in (pl.get("note") or "") else f"; objective {pl.get('objective')}"))
+    head = lm_head_line(nodes, pl.get("lm_head_ranks"))
+    if head:
+        click.echo(head)
     if pl.get("predicted_tok_s_1") is not None:
         click.echo(f"Predicted tok/s   this split: {pl['predicted_tok_s_1']:.1f} (1 stream), "
                    f"{pl['predicted_tok_s_8']:.1f} (8 streams)")

@@ -355,6 +355,25 @@ def cluster_stages(nodes: list) -> tuple:
     return out
 
 
+def lm_head_line(nodes: list, ranks: list | None) -> str | None:
+    """Where a running cluster's LM head runs (its plan's `lm_head_ranks`), in words, with the time
+    each member said its share takes (its heartbeat's head_ms) once it has run; None if not said.
+
+        [0] -> "LM head: on rank 0 (mini1)"
+        [1, 2] -> "LM head: split by vocabulary over ranks 1+2 (pi1+pi2), measured 6.1 + 6.0 ms per step"
+    """
+    if not ranks:
+        return None
+    by_rank = {n.get("rank"): n for n in nodes}
+    who = "+".join(str(by_rank.get(r, {}).get("host", "?")) for r in ranks)
+    if ranks == [0]:
+        return f"LM head: on rank 0 ({who})"
+    ms = [by_rank.get(r, {}).get("head_ms") for r in ranks]
+    measured = all(isinstance(m, (int, float)) and m > 0 for m in ms)
+    return (f"LM head: split by vocabulary over ranks {'+'.join(map(str, ranks))} ({who})"
+            + (f", measured {' + '.join(f'{m:.1f}' for m in ms)} ms per step" if measured else ""))
+
+
 def read_cluster_page(url: str, api_token: str | None = None, timeout: float = 10.0) -> dict:
     """`plan --from-cluster URL`: the web app's GET /cluster (nanopipe/web/cluster_view.py) as JSON.
 
