@@ -288,3 +288,38 @@ def test_plan_of_a_layer_mapping_with_a_split_stage(tmp_path, given):
     else:
         assert ("Split stage node1+node2 (layers 1-4, 2 members, all-reduce direct): each member computes 1/2"
                 in text), text
+    # what each member holds: half of 4 blocks (C=64: 12C^2 + 13C floats each, LayerNorms whole, so
+    # a few hundred bytes off) and, running the LM head (split_lm_head's default), its rows of wte
+    # and ln_f; 50257 rows split 25129 + 25128
+    block = (12 * 64 * 64 + 13 * 64) * 4
+    for rank, rows in ((1, 25129), (2, 25128)):
+        want = 4 * block / 2 + (rows * 64 + 2 * 64) * 4
+        assert abs(p.bytes_per_rank[rank] - want) <= 4 * 64 * 4, (rank, p.bytes_per_rank[rank], want)
+
+
+def test_auto_says_why_it_kept_the_pipeline():
+    """A split weighed and turned down is said, with the best candidate's prediction (checked
+    against conversation_ms for the layers named) and the pipeline's; members that would share an
+    address are said as such; `nanopipe plan` prints the same reason."""
+    import re
+
+    from nanopipe.tools.planning import plan_placement
+    caps = nodes(8, 8, 8)
+    mc, cc = configs(link_delay_ms=5.0, link_mbps=100.0)
+    d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
+    assert d.split is None, d
+    m = re.search(r"no split stage: the best, ranks 1-2 \(layers (\d+)-23\), predicts ([\d.]+) ms/token against "
+                  r"the pipeline's ([\d.]+): not 10% sooner", d.note)
+    assert m, d.note
+    first, best_ms, pipeline_ms = int(m.group(1)), float(m.group(2)), float(m.group(3))
+    ranges = [(0, first), (first, 24), (first, 24)]
+    again = min(conversation_ms(MEDIUM, caps, ranges, split_link(cc), d.hop_s, THREE, head_split=h).ms
+                for h in (False, True))                 # the LM head in its better place, as auto weighs it
+    assert best_ms == pytest.approx(again, abs=0.05) and best_ms > 0.9 * pipeline_ms, (again, d.note)
+    # the same machine for both workers: not weighed at all, and the reason names the address
+    mc, cc = configs(ips=["10.0.0.1", "10.0.0.2", "10.0.0.2"])
+    d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
+    assert d.split is None and "no split stage: the workers share one address" in d.note, d.note
+    cfg = GPTConfig(n_vocab=MEDIUM.n_vocab, n_ctx=MEDIUM.n_ctx, n_embd=MEDIUM.n_embd, n_head=16, n_layer=24)
+    _, lines = plan_placement(mc, cc, cfg, caps, even(24, 3), "auto")
+    assert any(ln.startswith("Split stage: none, the workers share one address") for ln in lines), lines

@@ -39,6 +39,7 @@ Members on one address share one machine's memory bus, so the split is predicted
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -233,10 +234,14 @@ def decide_with_split(shape, caps: list, ranges: list, model, cluster=None, part
     # the pipeline to beat: the fastest for one conversation, whatever the objective chose
     pipeline_ms = min(d.placement.cycle_s(1), placement.fastest_one_stream_s(
         shape, caps, sessions=d.sessions, hop_s=d.hop_s)) * 1000
-    found = split_stage(shape, caps, pipeline_ms, link=link, hop_s=d.hop_s, sessions=d.sessions, ips=ips,
-                        head_split=cluster is None or cluster.split_lm_head)
+    weigh = dict(link=link, hop_s=d.hop_s, sessions=d.sessions, ips=ips,
+                 head_split=cluster is None or cluster.split_lm_head)
+    found = split_stage(shape, caps, pipeline_ms, **weigh)
     if found is None:
-        return d
+        if len(caps) < 3:           # nothing to weigh: the guide's 2 nodes keep their log line as it was
+            return d
+        best = split_stage(shape, caps, pipeline_ms, margin=-math.inf, **weigh)
+        return dataclasses.replace(d, note=f"{d.note}; no split stage: {no_split_why(pipeline_ms, ips, best)}")
     chosen, pred = found
     s = pred.split
     note = (f"{d.note}; split stage ranks {s.ranks[0]}-{s.ranks[-1]} (layers {layers_text(*s.layers)}), predicted "
@@ -244,6 +249,23 @@ def decide_with_split(shape, caps: list, ranges: list, model, cluster=None, part
             f"the LM head {pred.head_text()}")
     return dataclasses.replace(d, ranges=[tuple(r) for r in chosen], note=note, placement=None,
                                split=dataclasses.replace(pred, pipeline_ms=round(pipeline_ms, 3)))
+
+
+def no_split_why(pipeline_ms: float, ips: list | None, best) -> str:
+    """Why `partition: auto` kept the pipeline, in words for the leader's log and `nanopipe plan`:
+    `best` is split_stage's best candidate with no margin (None: there was none to weigh).
+
+        no_split_why(...) -> "the best, ranks 1-2 (layers 1-23), predicts 62.0 ms/token against the
+                              pipeline's 64.1: not 10% sooner"
+    """
+    if best is not None:
+        s = best[1].split
+        return (f"the best, ranks {s.ranks[0]}-{s.ranks[-1]} (layers {layers_text(*s.layers)}), predicts "
+                f"{best[1].ms:.1f} ms/token against the pipeline's {pipeline_ms:.1f}: not {SPLIT_GAIN:.0%} sooner")
+    if ips is not None and len(set(ips[1:])) < 2:
+        return ("the workers share one address, so members would share one machine's memory bus (give each "
+                "its host_ip, or write the split in layer_mapping to run it anyway)")
+    return "no run of workers has the memory for its share beside rank 0's blocks"
 
 
 def members_run_head(d: Decision, cluster) -> bool:

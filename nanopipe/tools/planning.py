@@ -28,7 +28,7 @@ from ..cluster.group import plan_lines
 from ..cluster.split_plan import conversation_ms, decide_with_split, split_lines, split_link
 from ..config import WEIGHTS_DIR, ConfigError, Configs, check_agree, weights_file
 from ..gpt2_tensors import base_name
-from ..model import GPTConfig
+from ..model import GPTConfig, vocab_share
 from ..partition import PartitionError, group_of, groups, planned_by_leader, stage_bytes, uses_mapping
 from ..partition import plan as make_plan
 from ..placement import Capacity, ModelShape, PlacementError, forecast, hop_seconds
@@ -126,10 +126,25 @@ def plan_table(configs: Configs, weights_path=None, nodes=None, partition=None, 
         # split is predicted by split_plan (one conversation), beside the even pipeline's prediction
         lines = [ln for ln in lines if not ln.startswith("Predicted tok/s")] + \
             split_stage_lines(cfg, caps, ranges, names, cluster)
-    # a member of a split stage holds 1/m of its blocks (its LayerNorms whole: a few KB more)
+    # a member of a split stage holds 1/m of its blocks (its LayerNorms whole: a few KB more), and
+    # when the members run the LM head (the lines above say so), its rows of wte and ln_f
+    head_members = any(ln.startswith(("LM head: on the members", "LM head split by vocabulary")) for ln in lines)
     sizes = [stage_bytes(hi - lo, cfg.n_embd, cfg.n_vocab, cfg.n_ctx, rank0=(r == 0)) // len(group_of(ranges, r))
-             for r, (lo, hi) in enumerate(ranges)]
+             + (head_share_bytes(r, ranges, cfg) if head_members else 0) for r, (lo, hi) in enumerate(ranges)]
     return Plan(ranges, names, sizes, caps, lines)
+
+
+def head_share_bytes(rank: int, ranges: list, cfg) -> int:
+    """float32 bytes of the LM head a member of the ring's last split stage holds when the members
+    run it: its rows of wte (model.vocab_share) and ln_f; 0 for any other rank.
+
+        gpt2, ranks 1 and 2 sharing blocks 4-11: rank 1 25129 x 768 x 4 + 2 x 768 x 4 = 77,202,432
+    """
+    group = group_of(ranges, rank)
+    if rank == 0 or len(group) < 2 or ranges[rank][1] != max(hi for _, hi in ranges):
+        return 0
+    v0, v1 = vocab_share(group.index(rank), len(group), cfg.n_vocab)
+    return ((v1 - v0) * cfg.n_embd + 2 * cfg.n_embd) * 4
 
 
 def split_stage_lines(cfg, caps, ranges, names, cluster) -> list:
@@ -225,6 +240,8 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition, asked=None) -> tup
              f"{d.depth} batch{'es' if d.depth > 1 else ''} in flight",
              f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
              f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}"]
+    if "; no split stage: " in d.note:      # auto weighed a split stage and kept the pipeline: say why
+        lines.append("Split stage: none, " + d.note.split("; no split stage: ", 1)[1])
     return placed, lines + [f"note: {n}" for n in (chosen.notes if placed else [])]
 
 
