@@ -229,11 +229,13 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
     load_s = time.perf_counter() - t
     ids = bench_prompt(prompt_len)
     generate_fixed(engine, ids, 2)                                      # warm-up: BLAS threads, caches
-    runs, probes = [], []
+    runs, probes, cpu = [], [], []
     for _ in range(repeats):
         if between is not None:
             probes.append(between())
+        c = time.process_time()                                         # every thread of this process
         runs.append(generate_fixed(engine, ids, n_tokens))
+        cpu.append((time.process_time() - c) * 1000 / n_tokens)
     ttft = min(r["token_times"][0] - r["t_start"] for r in runs)
     median, best_mean = decode_rate(runs)
     return {
@@ -244,6 +246,7 @@ def bench_single(weights: str, prompt_len: int = 32, n_tokens: int = 64, repeats
         "run_tokens_per_s": [round((len(r["token_times"]) - 1) / (r["token_times"][-1] - r["token_times"][0]), 2)
                              for r in runs],                # each run's mean, as llama-bench reports its runs
         "ms_per_token": round(1000 / median, 2),
+        "run_cpu_ms_per_token": [round(c, 2) for c in cpu],   # each run's CPU time (all threads) per token
         "threads": blas_threads(), "bytes_per_token": bytes_per_token(engine.stage),
         "token_ids": runs[-1]["token_ids"],
     }

@@ -164,7 +164,8 @@ from nanopipe.kernels import kernels
 from nanopipe.tools.bench import bench_single
 r = bench_single(sys.argv[1], prompt_len=int(sys.argv[2]), n_tokens=int(sys.argv[3]), repeats=int(sys.argv[4]))
 r["orders"] = [kernels.block_order, kernels.head_order]
-print(json.dumps({k: r[k] for k in ("decode_tokens_per_s", "run_tokens_per_s", "threads", "orders")}))
+print(json.dumps({k: r[k] for k in ("decode_tokens_per_s", "run_tokens_per_s", "run_cpu_ms_per_token", "threads",
+                                     "orders")}))
 """
 
 
@@ -307,30 +308,32 @@ def _child_cpu_s(cmd: list, env=None) -> float:
 
 def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, cpus: str | None = None,
                      orders: tuple = ("C", "F")) -> dict:
-    """One thread each: CPU milliseconds per decoded token, nanopipe and llama.cpp, from each program
-    run with 1 and with 4 timed repetitions of n_gen tokens (the difference is 3 x n_gen tokens:
-    loading, warm-up and start-up cancel out). nanopipe runs with its memory `orders` (blocks, head)
-    pinned, as its 1-thread decode chose them: timing them at start takes a different time in each
-    run, which would not cancel. On a loaded machine wall time measures the other
-    programs' share of the core; the CPU time a token takes is what the program itself spends (cache
-    and memory-bandwidth interference stay in it). Not for 2 threads: a spinning wait is CPU time too."""
+    """One thread each: CPU milliseconds per decoded token, nanopipe and llama.cpp. On a loaded
+    machine wall time measures the other programs' share of the core; the CPU time a token takes is
+    what the program itself spends (cache and memory-bandwidth interference stay in it). Not for
+    2 threads: a spinning wait is CPU time too.
+
+    nanopipe times itself: its CPU time (time.process_time) around each of 3 timed runs of n_gen
+    tokens, the median (its start-up, which times kernels and varies by seconds from run to run, is
+    outside). llama.cpp cannot be timed inside, so it runs with 1 and with 4 repetitions of tg128 and
+    the difference of its CPU time is 3 x n_gen tokens (its loading and warm-up cancel out).
+    `orders`: nanopipe's memory orders pinned, as its 1-thread decode chose them."""
+    import subprocess
     import sys
 
     from nanopipe.kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                **{BLOCK_ORDER_ENV: orders[0], HEAD_ORDER_ENV: orders[1]})
-
-    def ours(reps):
-        return _child_cpu_s(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1",
-                                              str(n_gen), str(reps)], env=env)
+    got = subprocess.run(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1", str(n_gen), "3"],
+                         capture_output=True, text=True, timeout=900, check=True, env=env)
+    ours = json.loads(got.stdout.strip().splitlines()[-1])["run_cpu_ms_per_token"]
 
     def theirs(reps):
         return _child_cpu_s(_taskset(cpus) + [exe, "-m", gguf_path, "-p", "0", "-n", str(n_gen), "-t", "1",
                                               "-r", str(reps), "-o", "json"])
-    out = {}
-    for name, run in (("nanopipe", ours), ("llama_cpp", theirs)):
-        small, big = run(1), run(4)
-        out[f"{name}_cpu_ms_per_token"] = round((big - small) * 1000 / (3 * n_gen), 2)
+    small, big = theirs(1), theirs(4)
+    out = {"nanopipe_cpu_ms_per_token": round(float(np.median(ours)), 2),
+           "llama_cpp_cpu_ms_per_token": round((big - small) * 1000 / (3 * n_gen), 2)}
     out["cpu_ratio"] = round(out["llama_cpp_cpu_ms_per_token"] / out["nanopipe_cpu_ms_per_token"], 3)
     return out
 
