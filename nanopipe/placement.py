@@ -748,6 +748,7 @@ class Decision:
     unknown    figures planned without (unknown_figures)
     hop_s, sessions, depth: what the predictions assumed
     split      a split stage chosen for one conversation (cluster/split_plan.py's Conversation), or None
+    no_split   with partition auto and 3+ nodes, why no split stage was chosen (split_plan.no_split_why)
     """
     ranges: list
     solved: bool
@@ -760,6 +761,7 @@ class Decision:
     sessions: int
     depth: int
     split: object = None
+    no_split: str = ""
 
 
 def decide(shape: ModelShape, caps: list, ranges: list, model, cluster=None, partition: str | None = None) -> Decision:

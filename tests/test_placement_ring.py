@@ -41,6 +41,8 @@ def test_a_worker_left_out_stands_by_and_the_ring_skips_it(tiny_weights):
         log = cl.logs()
         assert "ring 0 -> 2 -> 0 is up" in log and "rank 1 left out by the plan" in log, log
         assert "[WORKER-1] Left out of the ring by the leader's plan: node1: left out" in log, log
+        # auto weighed a split stage too, and says why not: three nodes on one address
+        assert "Plan: no split stage: the workers share one address" in log, log
 
         out = CliRunner().invoke(main, ["plan", "--from-cluster", cl.leader_addr,
                                         "--config-dir", cl.config_dir])

@@ -308,18 +308,18 @@ def test_auto_says_why_it_kept_the_pipeline():
     mc, cc = configs(link_delay_ms=5.0, link_mbps=100.0)
     d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
     assert d.split is None, d
-    m = re.search(r"no split stage: the best, ranks 1-2 \(layers (\d+)-23\), predicts ([\d.]+) ms/token against "
-                  r"the pipeline's ([\d.]+): not 10% sooner", d.note)
-    assert m, d.note
+    m = re.search(r"^the best, ranks 1-2 \(layers (\d+)-23\), predicts ([\d.]+) ms/token against "
+                  r"the pipeline's ([\d.]+): not 10% sooner$", d.no_split)
+    assert m, d.no_split
     first, best_ms, pipeline_ms = int(m.group(1)), float(m.group(2)), float(m.group(3))
     ranges = [(0, first), (first, 24), (first, 24)]
     again = min(conversation_ms(MEDIUM, caps, ranges, split_link(cc), d.hop_s, THREE, head_split=h).ms
                 for h in (False, True))                 # the LM head in its better place, as auto weighs it
-    assert best_ms == pytest.approx(again, abs=0.05) and best_ms > 0.9 * pipeline_ms, (again, d.note)
+    assert best_ms == pytest.approx(again, abs=0.05) and best_ms > 0.9 * pipeline_ms, (again, d.no_split)
     # the same machine for both workers: not weighed at all, and the reason names the address
     mc, cc = configs(ips=["10.0.0.1", "10.0.0.2", "10.0.0.2"])
     d = decide_with_split(MEDIUM, caps, even(24, 3), mc, cc)
-    assert d.split is None and "no split stage: the workers share one address" in d.note, d.note
+    assert d.split is None and d.no_split.startswith("the workers share one address"), d.no_split
     cfg = GPTConfig(n_vocab=MEDIUM.n_vocab, n_ctx=MEDIUM.n_ctx, n_embd=MEDIUM.n_embd, n_head=16, n_layer=24)
     _, lines = plan_placement(mc, cc, cfg, caps, even(24, 3), "auto")
     assert any(ln.startswith("Split stage: none, the workers share one address") for ln in lines), lines

@@ -120,6 +120,8 @@ class Planner:
         self.plan_note = d.note
         head = members_run_head(d, self.cluster)
         self.count("planned", None, f"Plan: {d.note}")
+        if d.no_split:
+            self.log(f"Plan: no split stage: {d.no_split}")
         if d.split is not None:             # a split stage: the placement model (stages in turn) cannot predict it
             excluded = [None] + [f"{caps[i].name}: not in the split stage, which predicts one conversation faster"
                                  if lo == hi else None for i, (lo, hi) in enumerate(d.ranges) if i > 0]

@@ -241,7 +241,7 @@ def decide_with_split(shape, caps: list, ranges: list, model, cluster=None, part
         if len(caps) < 3:           # nothing to weigh: the guide's 2 nodes keep their log line as it was
             return d
         best = split_stage(shape, caps, pipeline_ms, margin=-math.inf, **weigh)
-        return dataclasses.replace(d, note=f"{d.note}; no split stage: {no_split_why(pipeline_ms, ips, best)}")
+        return dataclasses.replace(d, no_split=no_split_why(pipeline_ms, ips, best))
     chosen, pred = found
     s = pred.split
     note = (f"{d.note}; split stage ranks {s.ranks[0]}-{s.ranks[-1]} (layers {layers_text(*s.layers)}), predicted "

@@ -240,8 +240,8 @@ def plan_placement(mc, cluster, cfg, caps, ranges, partition, asked=None) -> tup
              f"{d.depth} batch{'es' if d.depth > 1 else ''} in flight",
              f"Predicted tok/s   this split: {chosen.tok_s(1):.1f} (1 stream), {chosen.tok_s(8):.1f} (8 streams)"
              f"   even split: {ev.tok_s(1):.1f}, {ev.tok_s(8):.1f}"]
-    if "; no split stage: " in d.note:      # auto weighed a split stage and kept the pipeline: say why
-        lines.append("Split stage: none, " + d.note.split("; no split stage: ", 1)[1])
+    if d.no_split:                          # auto weighed a split stage and kept the pipeline: say why
+        lines.append(f"Split stage: none, {d.no_split}")
     return placed, lines + [f"note: {n}" for n in (chosen.notes if placed else [])]
 
 
