@@ -14,6 +14,7 @@ split stage (imported below: the same checks, this module's fixture).
 """
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ import test_split_cluster as plain
 from helpers import log_of, read_tensors, status, wait_log
 from test_split_cluster import CASES, PROMPT, READY_S, assert_same
 
-from nanopipe.cluster.group import place, plan_lines, predict_head_split, splits_head
+from nanopipe.cluster.group import GroupLinks, GroupPlace, Link, place, plan_lines, predict_head_split, splits_head
 from nanopipe.decoding import SamplingParams
 from nanopipe.model import gather_logits, head, head_share, vocab_share
 from nanopipe.safetensors_io import read_header, write_safetensors
@@ -181,19 +182,23 @@ def test_plan_prints_the_split_head_with_the_link_model():
                           head=False)) == 1
 
 
+def member_links(m: int):
+    """m members' GroupLinks joined by socket pairs (member 0 to each other member), no listening
+    port: (links per member, the socket pairs by member)."""
+    members = [[r, "127.0.0.1", 7000 + r] for r in range(m)]
+    pairs = {i: socket.socketpair() for i in range(1, m)}
+    g = [GroupLinks(GroupPlace({"members": members, "member": i}), 1 << 24) for i in range(m)]
+    g[0].links = {i: Link(pairs[i][0], f"member {i}", 1 << 24) for i in range(1, m)}
+    for i in range(1, m):
+        g[i].links = {0: Link(pairs[i][1], "member 0", 1 << 24)}
+    return g, pairs
+
+
 def test_a_member_without_a_share_sends_why_and_member_0_gets_none():
     """gather_logits over real socket pairs: 3 members, shares in member order side by side; when
     one member has no share (its file holds no head) member 0 gets None (it then passes its rows on
     and rank 0 runs the head), and every link is still read to the end of the step."""
-    import socket
-
-    from nanopipe.cluster.group import GroupLinks, GroupPlace, Link
-    members = [[r, "127.0.0.1", 7000 + r] for r in range(3)]
-    pairs = {i: socket.socketpair() for i in (1, 2)}
-    g = [GroupLinks(GroupPlace({"members": members, "member": i}), 1 << 24) for i in range(3)]
-    g[0].links = {i: Link(pairs[i][0], f"member {i}", 1 << 24) for i in (1, 2)}
-    for i in (1, 2):
-        g[i].links = {0: Link(pairs[i][1], "member 0", 1 << 24)}
+    g, pairs = member_links(3)
     x = np.arange(2 * 7, dtype=np.float32).reshape(2, 7)                     # (R, V): 2 rows, V = 7
     cuts = [vocab_share(r, 3, 7) for r in range(3)]                          # (0, 3), (3, 5), (5, 7)
     try:
@@ -409,16 +414,8 @@ def test_share_tops_combined_are_the_whole_rows_argmax_and_logsumexp(weights):
 def test_gather_tops_over_member_links():
     """GroupLinks.gather_tops over real socket pairs, 3 members: member 0 gets the combined tops,
     the others None; a member without a share sends why and member 0 gets None, the links in step."""
-    import socket
-
-    from nanopipe.cluster.group import GroupLinks, GroupPlace, Link
     from nanopipe.model import share_top
-    members = [[r, "127.0.0.1", 7000 + r] for r in range(3)]
-    pairs = {i: socket.socketpair() for i in (1, 2)}
-    g = [GroupLinks(GroupPlace({"members": members, "member": i}), 1 << 24) for i in range(3)]
-    g[0].links = {i: Link(pairs[i][0], f"member {i}", 1 << 24) for i in (1, 2)}
-    for i in (1, 2):
-        g[i].links = {0: Link(pairs[i][1], "member 0", 1 << 24)}
+    g, pairs = member_links(3)
     x = np.array([[0., 5., 1., 2., 9., 3., 9.], [4., 1., 2., 0., 1., 3., 2.]], np.float32)   # (R, V): V = 7
     cuts = [vocab_share(r, 3, 7) for r in range(3)]                          # (0, 3), (3, 5), (5, 7)
     tops = [share_top(x[:, v0:v1], v0) for v0, v1 in cuts]
