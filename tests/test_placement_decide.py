@@ -30,23 +30,26 @@ SHAPE = ModelShape(n_layer=12, n_embd=768, n_ctx=1024, n_vocab=50257)
 class PlanningLeader(Planner):
     """The leader's Planner with only what _plan reads; _apply_plan records the split instead of sending it."""
 
-    def __init__(self, model, cluster, caps):
+    def __init__(self, model, cluster, caps, shape=SHAPE):
         self.model, self.cluster, self._caps, self.count = model, cluster, caps, lambda kind, *about: None
         self.scheduler = None           # no traffic: no hop transit measured
-        self.ranges = even(SHAPE.n_layer, len(caps))
+        self._shape = shape
+        self.ranges = even(shape.n_layer, len(caps))
         self.placement, self.plan_note, self.applied, self.refused, self.logged = None, "", None, None, []
+        self.excluded = self.head_on_members = None
 
     def capacities(self):
         return list(self._caps)
 
     def shape(self):
-        return SHAPE
+        return self._shape
 
     def log(self, message, level=None):
         self.logged.append(message)
 
     def _apply_plan(self, ranges, excluded, head_on_members):
         self.applied = self.ranges = [tuple(r) for r in ranges]
+        self.excluded, self.head_on_members = excluded, head_on_members
 
     def _refuse(self, message):
         self.refused = message

@@ -51,7 +51,12 @@ SPLITS = {
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("splitcluster") / "tiny5.safetensors")
+    return lively_weights(str(tmp_path_factory.mktemp("splitcluster") / "tiny5.safetensors"))
+
+
+def lively_weights(path: str) -> str:
+    """SHAPE's synthetic weights at `path`, biases and gains made to count and the blocks scaled up,
+    so that greedy decoding picks a different token at most steps (a wrong split cannot hide)."""
     init_weights(path, **SHAPE, seed=0)
     raw = read_tensors(path)
     rng = np.random.default_rng(5)

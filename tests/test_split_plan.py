@@ -10,9 +10,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from test_placement_decide import PlanningLeader  # the leader's Planner, recording what it applies
 
 import nanopipe.placement as placement
-from nanopipe.cluster.planner import Planner
 from nanopipe.cluster.replan import ReplanFailed, check_memory, without
 from nanopipe.cluster.split_plan import (
     conversation_ms,
@@ -159,33 +159,10 @@ def test_the_link_the_all_reduces_are_predicted_on():
     assert split_link(cc, []) == (0.2, 940.0, "1 GbE assumed") == split_link(None)
 
 
-class PlanningLeader(Planner):
-    """The leader's Planner with only what _plan reads; _apply_plan records the split."""
-
-    def __init__(self, model, cluster, caps):
-        self.model, self.cluster, self._caps, self.count = model, cluster, caps, lambda kind, *about: None
-        self.scheduler = None
-        self.ranges = even(MEDIUM.n_layer, len(caps))
-        self.placement, self.plan_note, self.applied, self.logged, self.excluded = None, "", None, [], None
-        self.head_on_members = None
-
-    def capacities(self):
-        return list(self._caps)
-
-    def shape(self):
-        return MEDIUM
-
-    def log(self, message, level=None):
-        self.logged.append(message)
-
-    def _apply_plan(self, ranges, excluded, head_on_members):
-        self.applied, self.excluded, self.head_on_members = [tuple(r) for r in ranges], excluded, head_on_members
-
-
 def test_the_leader_applies_the_split_and_logs_the_prediction():
     mc, cc = configs()
     caps = nodes(8, 8, 8)
-    leader = PlanningLeader(mc, cc, caps)
+    leader = PlanningLeader(mc, cc, caps, shape=MEDIUM)
     leader._plan()
     assert leader.applied == [(0, 1), (1, 24), (1, 24)] and leader.excluded == [None, None, None]
     line = [m for m in leader.logged if "planned:" in m]

@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -35,22 +34,19 @@ from helpers import (
     finish,
     generate_in_background,
     log_of,
-    read_tensors,
     serve_app,
     status,
     wait_log,
     wait_status,
     wait_until,
 )
+from test_split_cluster import SHAPE, lively_weights
 
 from nanopipe.engine import Engine
-from nanopipe.safetensors_io import read_header, write_safetensors
 from nanopipe.sampling_params import SamplingParams
 from nanopipe.tools.cli import main
 from nanopipe.tools.localcluster import LocalCluster, write_configs
-from nanopipe.weights import init_weights
 
-SHAPE = dict(n_layer=5, n_embd=64, n_head=4, n_ctx=256)
 PROMPT = [15496, 995, 11, 616]
 LONG = SamplingParams("greedy", max_tokens=80)
 GRACE = 3
@@ -70,20 +66,8 @@ FAST = {"speed_gbps": 1.0, "speed8_gbps": 1.0, "memory_mb": 4000}
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    """5 blocks of 4 heads, biases and gains made to count, the blocks scaled up so that greedy
-    decoding picks a different token at most steps (as tests/test_split_cluster.py makes them)."""
-    path = str(tmp_path_factory.mktemp("splitreplan") / "tiny5.safetensors")
-    init_weights(path, **SHAPE, seed=0)
-    raw = read_tensors(path)
-    rng = np.random.default_rng(5)
-    for name, arr in raw.items():
-        if name.startswith("h.") and name.endswith((".bias", "ln_1.weight", "ln_2.weight")) \
-                and not name.endswith("attn.bias"):
-            arr += rng.standard_normal(arr.shape).astype(np.float32) * np.float32(0.1)
-        if name.startswith("h.") and name.endswith(".weight") and arr.ndim == 2:
-            arr *= np.float32(8)
-    write_safetensors(path, raw, read_header(path).metadata)
-    return path
+    """5 blocks of 4 heads, made so that greedy decoding picks a different token at most steps."""
+    return lively_weights(str(tmp_path_factory.mktemp("splitreplan") / "tiny5.safetensors"))
 
 
 @pytest.fixture(scope="module")
