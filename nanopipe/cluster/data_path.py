@@ -202,7 +202,9 @@ class DataPath:
                 "decode_ms": _median(self.decode_ms), "decode_samples": len(self.decode_ms),
                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
                 "compute_cpu_ms": round(self.compute_cpu_ms, 3),
-                "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head else None,
+                # (None: it runs no share of the head, or holds none: then rank 0 runs it)
+                "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head
+                and isinstance(self.head_part, dict) else None,
                 **dict(self.replies),
                 **({"reduce_ms": round(self.group.reduce_s * 1000, 3), "reduce_sleeps": self.group.sleeps,
                     "reduce_wait_ms": round(self.group.wait_s * 1000, 3)} if self.group is not None
