@@ -11,6 +11,9 @@ model.py is the math; this module owns what the math leaves to the machine:
                                    loader keeps them: weights.load_stage(choose_order=True)): pinned by
                                    NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER (C or F), else measured
                                    on synthetic matrices of the model's shapes
+    choose_head_order              the LM head's order, when a process first holds a share of the head
+                                   after its start (a worker a re-plan puts in a split stage that runs
+                                   the head): pinned or measured as choose_layout would have
     choose_*                       the rest, made once per process at start by whoever runs the
                                    model (engine.Scheduler, cluster.worker, bench), after the weights
                                    load in the chosen order (the crossovers depend on it): pinned by
@@ -115,6 +118,11 @@ class Kernels:
     block_order: str = "F"          # the block matrices w (in, out): "F" column-major, "C" row-major
     head_order: str = "C"           # the LM head wte (V, C): "C" as stored, "F" the bytes of a (C, V) row-major
     layout_how: str | None = None   # how both orders were decided; None: not yet (weights.load_stage asks)
+    # how head_order was decided for an LM head this process holds; None: it has held none yet (a
+    # plain worker keeps the untimed or pinned order, unused, until a re-plan gives it a share: choose_head_order)
+    head_order_how: str | None = None
+    block_order_how: str | None = None  # how block_order was decided (choose_layout), for the log
+    layout_timed: bool = False          # either order was measured (not pinned), for the log
 
 
 kernels = Kernels()                 # one per process: decided once, before the first step
@@ -162,6 +170,9 @@ def _layout_untimed():
     pins = (_pinned_order(BLOCK_ORDER_ENV), _pinned_order(HEAD_ORDER_ENV))
     kernels.block_order, kernels.head_order = (p or d for p, d in zip(pins, UNTIMED_ORDERS))
     named = [env for env, p in zip((BLOCK_ORDER_ENV, HEAD_ORDER_ENV), pins) if p]
+    kernels.block_order_how = f"blocks pinned by {BLOCK_ORDER_ENV}" if pins[0] else \
+        "blocks: nobody chose at start, the untimed default"
+    kernels.head_order_how = f"head pinned by {HEAD_ORDER_ENV}" if pins[1] else None     # (choose_head_order)
     kernels.layout_how = (f"pinned by {' and '.join(named)}" if len(named) == 2 else
                           "nobody chose at start: the untimed default" + (f", {named[0]} pinned" if named else ""))
 
@@ -211,21 +222,59 @@ def choose_layout(n_embd: int, n_vocab: int | None = None, *, time_pass=None) ->
     if todo:
         with measuring_alone():
             times = measure_layout(n_embd, n_vocab, todo, time_pass=time_pass)
-    hows, orders = [], {}
+    hows, orders = {}, {}
     for what, env, untimed in zip(("blocks", "head"), (BLOCK_ORDER_ENV, HEAD_ORDER_ENV), UNTIMED_ORDERS):
         if pins[what]:
-            orders[what] = pins[what]
-            hows.append(f"{what} pinned by {env}")
+            orders[what], hows[what] = pins[what], f"{what} pinned by {env}"
         elif what in times:
-            t = times[what]
-            orders[what] = min(("C", "F"), key=t.get)                 # a tie keeps C
-            hows.append(f"{what} C {t['C']:.2f} vs F {t['F']:.2f} ms")
+            orders[what], hows[what] = _faster(what, times[what])
         else:
-            orders[what] = untimed
-            hows.append(f"{what}: no LM head in this process")
+            orders[what], hows[what] = untimed, None             # no LM head here (yet): choose_head_order
     kernels.block_order, kernels.head_order = orders["blocks"], orders["head"]
-    kernels.layout_how = ("measured, one row: " if times else "") + "; ".join(hows)
+    kernels.block_order_how, kernels.head_order_how = hows["blocks"], hows["head"]
+    kernels.layout_timed = bool(times)
+    _say_layout()
     return kernels
+
+
+def choose_head_order(n_embd: int, n_vocab: int, *, time_pass=None) -> Kernels:
+    """Decide the LM head's memory order the first time this process holds a head, or a share of one
+    (a split stage's members run the head by vocabulary, weights.load_head_share), as choose_layout
+    decides it for a process that holds the head from the start: pinned by NANOPIPE_HEAD_ORDER, else
+    timed on synthetic matrices of the head's shape (`measure_layout`, one process at a time).
+
+    A worker decides its orders at start; one that held no head then keeps the untimed head order
+    ("C"), never measured: when a re-plan first gives it a share of the head it is decided here,
+    before the share loads. Later calls keep the first decision (`head_order_how` says it was made).
+    """
+    if kernels.layout_how is None:
+        return choose_layout(n_embd, n_vocab, time_pass=time_pass)
+    if kernels.head_order_how is not None:
+        return kernels
+    pin = _pinned_order(HEAD_ORDER_ENV)
+    if pin:
+        kernels.head_order, kernels.head_order_how = pin, f"head pinned by {HEAD_ORDER_ENV}"
+    else:
+        with measuring_alone():
+            t = measure_layout(n_embd, n_vocab, ("head",), time_pass=time_pass)["head"]
+        kernels.head_order, kernels.head_order_how = _faster("head", t)
+        kernels.layout_timed = True
+    _say_layout()
+    return kernels
+
+
+def _faster(what: str, t: dict) -> tuple:
+    """(the faster order, how it was decided) from {"C": ms, "F": ms}; a tie keeps C."""
+    return min(("C", "F"), key=t.get), f"{what} C {t['C']:.2f} vs F {t['F']:.2f} ms"
+
+
+def _say_layout():
+    """kernels.layout_how, the log's words for both orders, from how each was decided:
+    "measured, one row: blocks C 10.00 vs F 13.00 ms; head: no LM head in this process"."""
+    k = kernels
+    hows = [k.block_order_how or "blocks: nobody chose at start, the untimed default",
+            k.head_order_how or "head: no LM head in this process"]
+    k.layout_how = ("measured, one row: " if k.layout_timed else "") + "; ".join(hows)
 
 
 def choose_gemv_rows(blocks) -> Kernels:

@@ -497,7 +497,10 @@ BUILT = {       # every control builder, with what its reader returns (None: the
     "start_inference": (wire.start_inference(7), Msg.START_INFERENCE, wire.read_epoch, 7),
     "ring_joined": (wire.ring_joined(1, 7), Msg.RING_JOINED, wire.read_epoch, 7),
     "ready": (wire.ready(1, 65433, False, [2, 4], 1 << 20), Msg.READY, wire.read_ready,
-              {"synthetic": False, "prefix_cache_bytes": 1 << 20}),
+              {"synthetic": False, "prefix_cache_bytes": 1 << 20, "lm_head_missing": None}),
+    "ready, no head share": (wire.ready(2, 65434, False, [2, 4], 0, lm_head_missing="no wte"), Msg.READY,
+                                   wire.read_ready,
+                                   {"synthetic": False, "prefix_cache_bytes": 0, "lm_head_missing": "no wte"}),
     "capacity": (wire.capacity(1, {"name": "pi1", "speed_gbps": 2.5}), Msg.CAPACITY, wire.read_capacity,
                  {"name": "pi1", "speed_gbps": 2.5}),
     "start_inference, layers": (wire.start_inference(7, [2, 4]), Msg.START_INFERENCE, wire.read_ring_layers, [2, 4]),
@@ -518,9 +521,10 @@ def test_each_control_message_reads_back_what_its_builder_wrote(name):
 
 
 def test_no_two_builders_share_a_message_type():
-    """One meaning per type: each builder makes its own type (plan's two forms are one meaning, a place)."""
+    """One meaning per type: each builder makes its own type (plan's two forms are one meaning, a place;
+    so are ready's, a loaded slice)."""
     types = {name: built[0] for name, (built, *_) in BUILT.items()
-             if name not in ("plan, left out", "start_inference, layers")}
+             if name not in ("plan, left out", "start_inference, layers", "ready, no head share")}
     assert len(set(types.values())) == len(types), types
 
 
@@ -549,7 +553,7 @@ def test_ring_layers_are_optional_but_checked():
 
 def test_a_ready_value_of_the_wrong_kind_counts_as_not_said():
     frame = _through((Msg.READY, {"rank": 1, "synthetic": "yes", "prefix_cache_bytes": -5}))
-    assert wire.read_ready(frame) == {"synthetic": None, "prefix_cache_bytes": None}
+    assert wire.read_ready(frame) == {"synthetic": None, "prefix_cache_bytes": None, "lm_head_missing": None}
     assert wire.read_status_text(_through((Msg.STATUS, {"text": ["x"]}))) == ""
 
 

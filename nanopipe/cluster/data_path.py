@@ -202,7 +202,7 @@ class DataPath:
                 "decode_ms": _median(self.decode_ms), "decode_samples": len(self.decode_ms),
                 "kv_cache_bytes": sum(c.nbytes for c in list(self.caches.values())),
                 "compute_cpu_ms": round(self.compute_cpu_ms, 3),
-                "head_ms": round(self.head_s * 1000, 3) if self.group is not None and self.group.place.head else None,
+                "head_ms": head_ms(self),
                 **dict(self.replies),
                 **({"reduce_ms": round(self.group.reduce_s * 1000, 3), "reduce_sleeps": self.group.sleeps,
                     "reduce_wait_ms": round(self.group.wait_s * 1000, 3)} if self.group is not None
@@ -492,3 +492,10 @@ def cache_for(caches: dict, s: dict, peer: str, new_cache) -> KVCache:
         raise ProtocolError(f"{peer}: session {s['id']!r} at position {s['pos']} but this stage's cache "
                             f"holds {have} positions; the ring is out of step")
     return cache
+
+
+def head_ms(data: DataPath) -> float | None:
+    """The heartbeat's head_ms: the time this member spent on its share of the LM head; None when
+    it runs no share (no split stage, one that does not end the ring, or it holds none: rank 0 runs it)."""
+    runs = data.group is not None and data.group.place.head and isinstance(data.head_part, dict)
+    return round(data.head_s * 1000, 3) if runs else None

@@ -230,7 +230,8 @@ class Planner:
 
     def lm_head_ranks(self) -> list:
         """Who runs the LM head in the ring in force: [0], or the members of the split stage that
-        ends it when they run it, each its share of the vocabulary ([1, 2])."""
+        ends it when they run it, each its share of the vocabulary ([1, 2]); [0] when the plan
+        gave them the head but a member holds no share of it (its READY said why: registry.splits_head)."""
         return self.registry.stages()[-1] if self.registry.splits_head() else [0]
 
     def status(self) -> dict:
@@ -242,7 +243,9 @@ class Planner:
         out = {"partition": how, "objective": self.model.placement_objective,
                "note": self.plan_note, "pending": self.pending, "stages": self.stage_report(),
                "unknown": unknown_figures(self.capacities()),
-               "lm_head_ranks": self.lm_head_ranks()}
+               "lm_head_ranks": self.lm_head_ranks(),
+               # the members that were to run a share of the LM head and hold none, and why
+               "lm_head_missing": [{"rank": r, "why": why} for r, why in self.registry.head_missing().items()]}
         if p is not None:
             out.update(predicted_tok_s_1=round(p.tok_s(1), 2), predicted_tok_s_8=round(p.tok_s(8), 2),
                        hop_ms=round(p.hop_s * 1000, 3), notes=list(p.notes))

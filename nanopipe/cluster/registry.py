@@ -53,6 +53,10 @@ class WorkerState:
     prefix_cache_bytes: object = None   # its budget for kept caches (said in its READY); None: ours
     capacity: object = None         # placement.Capacity it measured (sent at registration), config applied
     excluded: str | None = None     # why the plan left it out of the ring (it holds no layers), else None
+    # why it holds no share of the LM head although its place says its split stage runs it (said in
+    # its READY): the head then runs on rank 0 (WorkerRegistry.splits_head); None: it holds its share, or needs none
+    lm_head_missing: str | None = None
+    lm_head_warned: str | None = None   # the lm_head_missing already logged, so a rejoin does not repeat it
     warned: set = field(default_factory=set)   # the bad STATS fields already logged for this rank
 
 
@@ -144,8 +148,17 @@ class WorkerRegistry:
 
     def splits_head(self) -> bool:
         """Does the ring end in a split stage whose members run the LM head (group.splits_head), as
-        the split in force says (`head_on_members`)?"""
-        return group.splits_head(self._ranges(), [0] + self.ring_ranks(), self.head_on_members)
+        the split in force says (`head_on_members`), and does every member hold its share of it?
+        One that said in its READY it holds none (`lm_head_missing`: a file of blocks only) leaves
+        the head to rank 0: the ring then asks the stage for no logits, and the status says rank 0."""
+        return (group.splits_head(self._ranges(), [0] + self.ring_ranks(), self.head_on_members)
+                and not self.head_missing())
+
+    def head_missing(self) -> dict:
+        """{rank: why} for the members of the ring's last stage that hold no share of the LM head."""
+        stages = self.stages()
+        last = stages[-1] if stages else []
+        return {r: self.workers[r].lm_head_missing for r in last if self.workers[r].lm_head_missing is not None}
 
     def stages(self) -> list:
         """The ring's worker stages, each its ranks: [[1, 2], [3]] when ranks 1 and 2 share layers."""
@@ -311,7 +324,14 @@ class WorkerRegistry:
         with self.lock:
             w.status = "ready"
             w.synthetic, w.prefix_cache_bytes = said["synthetic"], said["prefix_cache_bytes"]
+            w.lm_head_missing = missing = said["lm_head_missing"]
+            warn, w.lm_head_warned = missing is not None and missing != w.lm_head_warned, missing
         self.log(f"Worker {w.rank} ready: loaded layers {layers_text(*w.layers)}")
+        if warn:            # once per reason: a member restarted with the same file says it again
+            self.log(f"Member rank {w.rank} of the split stage holds no share of the LM head ({missing}): the LM "
+                     f"head runs on rank 0. To split it over the members, give rank {w.rank} the whole weights "
+                     "file (`nanopipe pull` without --layers); to keep it on rank 0, set split_lm_head: false "
+                     "in cluster_config.yaml", WARNING)
         self.on_ready(w)
 
     def _lost(self, w: WorkerState, reason: str):

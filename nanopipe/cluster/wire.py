@@ -503,20 +503,35 @@ def read_epoch(frame: Frame, peer: str = "peer") -> int:
     return _need(frame, peer, "epoch", is_int, "an int")
 
 
-def ready(rank: int, data_port: int, synthetic: bool, layers: list, prefix_cache_bytes: int) -> tuple:
+def ready(rank: int, data_port: int, synthetic: bool, layers: list, prefix_cache_bytes: int,
+          lm_head_missing: str | None = None) -> tuple:
     """worker -> leader: its slice (`layers`) is loaded and its data port listens; `synthetic`: the
-    weights are random; `prefix_cache_bytes`: its budget for kept caches."""
-    return Msg.READY, {"rank": rank, "data_port": data_port, "synthetic": synthetic, "layers": list(layers),
-                       "prefix_cache_bytes": prefix_cache_bytes}
+    weights are random; `prefix_cache_bytes`: its budget for kept caches; `lm_head_missing`: why it
+    holds no share of the LM head although its place says its split stage runs the head (then rank
+    0 runs it: the leader asks the stage for no logits)."""
+    meta = {"rank": rank, "data_port": data_port, "synthetic": synthetic, "layers": list(layers),
+            "prefix_cache_bytes": prefix_cache_bytes}
+    if lm_head_missing is not None:
+        meta["lm_head_missing"] = lm_head_missing
+    return Msg.READY, meta
+
+
+MISSING_WHY_CHARS = 500     # the longest reason a READY's lm_head_missing is shown with
 
 
 def read_ready(frame: Frame) -> dict:
     """What a READY says that the leader uses: {"synthetic": True/False/None, "prefix_cache_bytes":
-    int >= 0 or None}; a value of the wrong kind counts as not said."""
+    int >= 0 or None, "lm_head_missing": why (text) or None}; a value of the wrong kind counts as
+    not said, except a reason that is not text: the share is missing all the same, the reason unknown."""
     synthetic = frame.meta.get("synthetic")
     budget = frame.meta.get("prefix_cache_bytes")
+    missing = frame.meta.get("lm_head_missing")
+    if missing is not None:
+        missing = (missing[:MISSING_WHY_CHARS] if isinstance(missing, str) and missing and missing.isprintable()
+                   else "it gave no readable reason")
     return {"synthetic": synthetic if isinstance(synthetic, bool) else None,
-            "prefix_cache_bytes": budget if is_int(budget) and budget >= 0 else None}
+            "prefix_cache_bytes": budget if is_int(budget) and budget >= 0 else None,
+            "lm_head_missing": missing}
 
 
 def capacity(rank: int, figures: dict) -> tuple:

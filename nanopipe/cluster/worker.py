@@ -19,7 +19,7 @@ import time
 
 from ..blas import current as current_blas
 from ..config import ClusterConfig
-from ..kernels import kernels
+from ..kernels import KernelChoiceError, kernels
 from ..logs import worker_logger
 from ..model import GPTConfig
 from ..partition import layers_text
@@ -210,9 +210,10 @@ class Worker:
         self.data.ensure_listening()
         self.log(f"Registering as worker {self.rank} with server... (data port {self.node.port}, layers "
                  f"{layers_text(lo, hi)})")
-        with self.control_lock:
+        with self.control_lock:     # a share of the head it was asked to run and cannot: the leader learns why
             send_frame(sock, *ready(self.rank, self.node.port, self.stage.synthetic, [lo, hi],
-                                    self.cluster.prefix_cache_bytes()))
+                                    self.cluster.prefix_cache_bytes(),
+                                    lm_head_missing=head_part if isinstance(head_part, str) else None))
 
     def _load_place(self, sock, lo: int, hi: int, expect: GPTConfig, share: tuple | None = None):
         """Hold blocks lo..hi-1 of the cluster's model as `self.stage`: what is held already if it is
@@ -242,7 +243,7 @@ class Worker:
                     send_frame(sock, Msg.ERROR, {"message": f"worker {self.rank}: {e}"})
                 raise SystemExit(2) from None
         # the kernel choice, measured once per process on the blocks it holds (kernels.choose_gemv_rows)
-        from ..kernels import KernelChoiceError, choose_gemv_rows, describe_kernels
+        from ..kernels import choose_gemv_rows, describe_kernels
         if not kernels.chosen:          # (the speed probe may have decided it already, on blocks of this shape)
             try:
                 choose_gemv_rows(self.stage.blocks)
@@ -308,7 +309,6 @@ class Worker:
         StageWeights; `share` (r, m): member r of m's part of each (a split stage, model.share_of).
         The one place a worker gets a slice, at the start and at every re-plan: from its weights
         file, else `fetch(lo, hi)` (the leader, the hub, the leader's synthetic recipe)."""
-        from ..kernels import KernelChoiceError
         from ..weights import load_stage, synthetic_note
         n_head = self.n_head or (expect.n_head if expect is not None else None)
         path = self.weights_path or self.fetch(lo, hi)
@@ -365,24 +365,54 @@ class Worker:
 def load_head_part(worker: Worker, group: GroupPlace, expect: GPTConfig):
     """The ring's last split stage runs the LM head: this member's rows of the vocabulary
     (model.vocab_share) and ln_f, read from its weights file (weights.load_head_share), kept across
-    re-plans that give it the same rows. A worker whose file holds no head (it fetched a slice of
-    blocks) gets why, as a string: the stage then sends its rows to rank 0, which runs the head, as
-    with split_lm_head: false."""
+    re-plans that give it the same rows, in the head's memory order, decided the first time this
+    process holds a head (kernels.choose_head_order: a worker that started plain has not yet). A
+    worker whose file holds no head (it fetched or was given a slice of blocks) gets why, as a
+    string: its READY tells the leader, which then asks the stage for no logits and runs the head
+    on rank 0, as with split_lm_head: false."""
     from ..model import vocab_share
     from ..weights import WeightsError, load_head_share
     vocab = vocab_share(group.member, group.size, expect.n_vocab)
     held = worker.data.head_part
     if isinstance(held, dict) and held["vocab"] == vocab:
         return held
-    if worker.weights_path is None:
-        why = f"worker {worker.rank} fetched a slice of blocks, which holds no LM head"
-    else:
+    why = no_head_in(worker.weights_path)
+    if why is None:
         try:
+            head_order(worker, expect)
             part = load_head_share(worker.weights_path, vocab, worker.n_head or expect.n_head, expect)
             worker.log(f"Loaded the LM head's rows {vocab[0]}-{vocab[1] - 1} of {expect.n_vocab} for worker "
-                       f"{worker.rank} ({part['lm_head'].nbytes / 1e6:.1f} MB): the split stage runs the head")
+                       f"{worker.rank} ({part['lm_head'].nbytes / 1e6:.1f} MB, kept "
+                       f"{'row-major (C)' if part['lm_head'].flags.c_contiguous else 'column-major (F)'}): the "
+                       "split stage runs the head")
             return part
-        except WeightsError as e:
+        except (WeightsError, KernelChoiceError, OSError) as e:
             why = str(e)
     worker.log(f"Cannot run a share of the LM head ({why}); rank 0 runs the head", logging.WARNING)
     return why
+
+
+def no_head_in(path: str | None) -> str | None:
+    """Why the weights file at `path` cannot give this worker a share of the LM head, if it plainly
+    cannot: none (it fetched its blocks), or one of blocks only (`nanopipe pull --layers`), with
+    neither wte nor lm_head. None: it has a head to read (load_head_share checks the rest)."""
+    if path is None:
+        return "it fetched a slice of blocks, which holds no LM head (no wte)"
+    from ..gpt2_tensors import base_name
+    from ..safetensors_io import SafetensorsError, read_header
+    try:
+        names = {base_name(n) for n in read_header(path).tensors}
+    except (OSError, SafetensorsError) as e:
+        return f"cannot read {path}: {e}"
+    if not names & {"wte.weight", "lm_head.weight"}:
+        return f"its weights file {path} has no wte: it holds blocks only (as `nanopipe pull --layers` writes)"
+    return None
+
+
+def head_order(worker: Worker, expect: GPTConfig):
+    """The LM head's memory order, decided before this process's first share of the head loads
+    (kernels.choose_head_order); said in the log as the start says the kernels, when it is new."""
+    from ..kernels import choose_head_order, describe_kernels
+    if kernels.head_order_how is None:
+        choose_head_order(expect.n_embd, expect.n_vocab)
+        worker.log(describe_kernels())
