@@ -86,7 +86,8 @@ def test_a_member_without_wte_leaves_the_head_on_rank_0_and_the_cluster_says_so(
         assert "`nanopipe pull` without --layers" in line, line
 
         out = CliRunner().invoke(main, ["plan", "--from-cluster", cl.leader_addr, "--config-dir", cl.config_dir])
-        assert out.exit_code == 0 and "LM head: on rank 0 (node0)" in out.output, out.output
+        assert out.exit_code == 0 and "LM head: on rank 0 (node0): member rank 2 holds no share (" in out.output \
+            and "has no wte" in out.output, out.output
 
         # the member comes back with the same file: the head stays on rank 0, said once only
         cl.kill_rank(2)

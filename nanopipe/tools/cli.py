@@ -498,7 +498,7 @@ def _print_cluster_plan(st: dict):
     pl = st.get("placement") or {}
     click.echo(f"Split: {pl.get('note') or pl.get('partition')}"
                + ("" if "objective" in (pl.get("note") or "") else f"; objective {pl.get('objective')}"))
-    head = lm_head_line(nodes, pl.get("lm_head_ranks"))
+    head = lm_head_line(nodes, pl.get("lm_head_ranks"), pl.get("lm_head_missing"))
     if head:
         click.echo(head)
     if pl.get("predicted_tok_s_1") is not None:

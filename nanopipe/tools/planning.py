@@ -372,11 +372,14 @@ def cluster_stages(nodes: list) -> tuple:
     return out
 
 
-def lm_head_line(nodes: list, ranks: list | None) -> str | None:
+def lm_head_line(nodes: list, ranks: list | None, missing: list | None = None) -> str | None:
     """Where a running cluster's LM head runs (its plan's `lm_head_ranks`), in words, with the time
     each member said its share takes (its heartbeat's head_ms) once it has run; None if not said.
+    `missing`: the plan's `lm_head_missing`, the members that hold no share of it and why.
 
         [0] -> "LM head: on rank 0 (mini1)"
+        [0], [{rank: 2, why: "its weights file ... has no wte"}]
+            -> "LM head: on rank 0 (mini1): member rank 2 holds no share (its weights file ... has no wte)"
         [1, 2] -> "LM head: split by vocabulary over ranks 1+2 (pi1+pi2), measured 6.1 + 6.0 ms per step"
     """
     if not ranks:
@@ -384,7 +387,8 @@ def lm_head_line(nodes: list, ranks: list | None) -> str | None:
     by_rank = {n.get("rank"): n for n in nodes}
     who = "+".join(str(by_rank.get(r, {}).get("host", "?")) for r in ranks)
     if ranks == [0]:
-        return f"LM head: on rank 0 ({who})"
+        why = "; ".join(f"member rank {m.get('rank')} holds no share ({m.get('why')})" for m in missing or ())
+        return f"LM head: on rank 0 ({who})" + (f": {why}" if why else "")
     ms = [by_rank.get(r, {}).get("head_ms") for r in ranks]
     measured = all(isinstance(m, (int, float)) and m > 0 for m in ms)
     return (f"LM head: split by vocabulary over ranks {'+'.join(map(str, ranks))} ({who})"
