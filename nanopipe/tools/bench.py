@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from .. import batching  # the scheduler's head runs in batching.Batcher.back
+from .. import batching, fast_decode, model  # the head runs in batching.Batcher.back; timing_decode_blocks
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
@@ -320,7 +320,6 @@ def timing_decode_blocks(steps: list):
     "position" (what its first sequence's cache held before it), "blocks_s" (the call's time) and
     "matmul_s" (the part inside its weight matmuls, fast_decode.product); blocks_s - matmul_s is
     "the rest": attention over the KV cache, LayerNorm, GELU, the adds."""
-    from .. import fast_decode, model     # the two module globals a decode step calls through
     inner, blocks = fast_decode.product, model.decode_blocks
     spent = [0.0]
 
