@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from .. import batching  # the scheduler's head runs in batching.Batcher.back
+from .. import batching, fast_decode, model  # the head runs in batching.Batcher.back; timing_decode_blocks
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
@@ -312,6 +312,66 @@ def bench_lm_head(engine: Engine, prompt_len: int = 32, n_tokens: int = 48, repe
     out["tokens_identical"] = runs["before"][-1]["token_ids"] == runs["after"][-1]["token_ids"]
     out["copy_mb"] = round(copy.nbytes / 1e6, 1)
     return out
+
+
+@contextlib.contextmanager
+def timing_decode_blocks(steps: list):
+    """While inside, each decode step's blocks (model.decode_blocks) appends to `steps` a dict:
+    "position" (what its first sequence's cache held before it), "blocks_s" (the call's time) and
+    "matmul_s" (the part inside its weight matmuls, fast_decode.product); blocks_s - matmul_s is
+    "the rest": attention over the KV cache, LayerNorm, GELU, the adds."""
+    inner, blocks = fast_decode.product, model.decode_blocks
+    spent = [0.0]
+
+    def timed_product(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    def timed_blocks(x, *args, segments, **kwargs):
+        spent[0], position = 0.0, segments[0][0].length
+        t = time.perf_counter()
+        out = blocks(x, *args, segments=segments, **kwargs)
+        steps.append({"position": position, "blocks_s": time.perf_counter() - t, "matmul_s": spent[0]})
+        return out
+    fast_decode.product, model.decode_blocks = timed_product, timed_blocks
+    try:
+        yield steps
+    finally:
+        fast_decode.product, model.decode_blocks = inner, blocks
+
+
+def decode_by_position(engine: Engine, at=(1, 64, 128, 256, 512, 900), n_tokens: int = 8) -> list:
+    """Decode time per token against the position (the tokens already in the cache), through the real
+    scheduler, and where it goes: the blocks' weight matmuls (which do not grow with the position),
+    the rest of the blocks (attention reads every cached key and value: `kv_mb` per token, which
+    does), and the step outside the blocks (embed, the LM head, sampling, the scheduler).
+
+    Per position p: a p-token prompt of its own (no prefix to reuse), then n_tokens greedy tokens;
+    each figure is the median over those decode steps. Positions past n_ctx - n_tokens are skipped.
+    Worked example, gpt2-small (12 layers, C = 768): at p = 900 attention reads
+    12 x 2 x 900 x 768 x 4 bytes = 66 MB per token, some 3 ms at 20 GB/s."""
+    c, L = engine.config, len(engine.stage.blocks)
+    generate_fixed(engine, bench_prompt(8, seed=1), 2)                          # warm-up
+    rows = []
+    for p in at:
+        if p + n_tokens >= c.n_ctx:
+            continue
+        steps = []
+        with timing_decode_blocks(steps):
+            r = generate_fixed(engine, bench_prompt(p, seed=1000 + p), n_tokens)
+        steps = [s for s in steps if s["position"] >= p]                       # the decode steps
+        gaps = np.diff(r["token_times"])
+        blocks = np.array([s["blocks_s"] for s in steps])
+        matmul = np.array([s["matmul_s"] for s in steps])
+        rows.append({"position": p, "ms_per_token": round(float(np.median(gaps)) * 1000, 3),
+                     "blocks_ms": round(float(np.median(blocks)) * 1000, 3),
+                     "matmul_ms": round(float(np.median(matmul)) * 1000, 3),
+                     "rest_ms": round(float(np.median(blocks - matmul)) * 1000, 3),
+                     "kv_mb": round(L * 2 * (p + 1) * c.n_embd * 4 / 1e6, 2)})
+    return rows
 
 
 def profile_decode(weights_or_engine, prompt_len: int = 32, n_tokens: int = 32) -> dict:
