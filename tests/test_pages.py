@@ -1,0 +1,90 @@
+"""The stage's memory (nanopipe/pages.py): arrays carved from 2 MB-aligned mappings that Linux backs
+with huge pages, and plain np.empty where the OS has no such advice."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import nanopipe.pages as pages
+from nanopipe.pages import Arena
+from nanopipe.weights import load_stage
+
+
+def thp_mode() -> str | None:
+    """Linux's transparent huge page policy ("always", "madvise", "never"), None where it is not said."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+needs_thp = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or thp_mode() not in ("always", "madvise") or not pages.huge_pages_possible(),
+    reason="transparent huge pages are off or absent here (Linux with THP 'madvise' or 'always' shows them)")
+
+
+def mapping_of(a: np.ndarray) -> dict:
+    """The /proc/self/smaps entry of the mapping that holds array a's first byte: its fields in kB."""
+    addr = a.__array_interface__["data"][0]
+    entry = None
+    with open(f"/proc/{os.getpid()}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                entry = {"range": (lo, hi)} if lo <= addr < hi else None
+            elif entry is not None and head[0] == "VmFlags:":          # the entry's last line
+                break
+            elif entry is not None and head[0].endswith(":") and len(head) >= 2 and head[1].isdigit():
+                entry[head[0][:-1]] = int(head[1])
+    if entry is None or "Rss" not in entry:
+        raise AssertionError(f"no mapping holds address {addr:#x}")
+    return entry
+
+
+def test_arena_arrays_are_what_np_empty_gives_aligned_and_apart():
+    arena = Arena(chunk=1 << 20)
+    a = arena.empty((64, 48), np.float32, order="F")
+    b = arena.empty((100,), np.float32)
+    c = arena.empty((300, 1024), np.float32)              # larger than a chunk: a mapping of its own
+    assert (a.shape, a.dtype, a.flags.f_contiguous) == ((64, 48), np.float32, True)
+    assert (b.shape, c.shape) == ((100,), (300, 1024)) and c.flags.c_contiguous
+    for x in (a, b, c):
+        assert x.flags.writeable and x.flags.aligned
+        assert x.__array_interface__["data"][0] % pages.ALIGN == 0, "an array must start on a cache line"
+    a[...], b[...], c[...] = 1.0, 2.0, 3.0                 # no two arrays share a byte
+    assert (a == 1).all() and (b == 2).all() and (c == 3).all()
+    assert not np.shares_memory(a, b)
+
+
+def test_without_the_advice_an_arena_is_plain_np_empty(monkeypatch):
+    monkeypatch.setattr(pages, "huge_pages_possible", lambda: False)     # macOS, Windows
+    a = Arena().empty((4, 4), np.float32, order="F")
+    assert a.flags.owndata and a.flags.f_contiguous, "without huge pages the arrays are numpy's own"
+
+
+@needs_thp
+def test_a_loaded_stage_lies_in_huge_pages(tmp_path):
+    """Before pages.py a small model's matrices lay in malloc's heap, in 4 KB pages (AnonHugePages 0);
+    now the mapping that holds them is in 2 MB pages."""
+    from nanopipe.weights import init_weights
+    path = str(tmp_path / "tiny.safetensors")
+    init_weights(path, n_layer=2, n_embd=64, n_head=4, n_ctx=64, seed=0)
+    st = load_stage(path)
+    w = st.blocks[0]["attn"]["c_attn"]["w"]
+    got = mapping_of(w)
+    assert got.get("AnonHugePages", 0) >= 2048, f"c_attn's mapping is not in huge pages: {got}"
+    lo, hi = got["range"]
+    assert lo <= st.blocks[1]["mlp"]["c_proj"]["w"].__array_interface__["data"][0] < hi, \
+        "the stage's small matrices share one chunk"
+
+
+@needs_thp
+def test_an_arena_makes_resident_only_what_it_carved_plus_one_huge_page():
+    arena = Arena(chunk=64 << 20)
+    a = arena.empty((3 << 20,), np.uint8)                   # 3 MB of a 64 MB chunk
+    a[...] = 1
+    got = mapping_of(a)
+    assert got["Rss"] <= (3 << 10) + 2048, f"64 MB mapped, 3 MB written: {got['Rss']} kB resident"
