@@ -19,8 +19,9 @@ each aligned to 2 MB and asked for huge pages once:
 
 Where the OS has no such advice (macOS, Windows) or refuses it, `empty` is plain np.empty. A chunk
 is freed when the last array carved from it is (each view keeps its mapping alive). Memory: an
-untouched part of a mapping is not resident; at most the one 2 MB page the carving stops in is
-touched beyond the arrays, per chunk.
+untouched part of a mapping is not resident; at most the one huge page the carving stops in is
+touched beyond the arrays, per chunk. The huge page is the kernel's (`huge_page_size`: 2 MB here,
+32 MB on a Raspberry Pi 5's 16 KB-page kernel).
 """
 from __future__ import annotations
 
@@ -29,9 +30,20 @@ import mmap
 
 import numpy as np
 
-HUGE_PAGE = 2 << 20             # the x86-64 and arm64 (4 KB granule) transparent huge page
+HUGE_PAGE = 2 << 20             # x86-64's and arm64's (4 KB pages) transparent huge page, when Linux does not say
 CHUNK = 64 << 20                # one mapping holds ~2 gpt2-small blocks; a larger array gets its own
 ALIGN = 64                      # every array starts on a cache line
+PMD_SIZE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+
+
+def huge_page_size() -> int:
+    """The size of this kernel's transparent huge page: 2 MB on x86-64 and on arm64 with 4 KB pages,
+    32 MB on a Raspberry Pi 5's 16 KB-page kernel (Linux says it in PMD_SIZE)."""
+    try:
+        with open(PMD_SIZE) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return HUGE_PAGE
 
 
 def huge_pages_possible() -> bool:
@@ -39,18 +51,19 @@ def huge_pages_possible() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE")
 
 
-def _mapping(nbytes: int) -> np.ndarray | None:
-    """An anonymous mapping of at least `nbytes` starting on a 2 MB boundary, advised to use huge
-    pages, as a (nbytes,) uint8 array; None where the advice is refused (then use np.empty)."""
+def _mapping(nbytes: int, page: int) -> np.ndarray | None:
+    """An anonymous mapping of at least `nbytes` starting on a boundary of `page` (the huge page),
+    advised to use huge pages, as a (nbytes,) uint8 array; None where the advice is refused (then
+    use np.empty)."""
     # private: a shared anonymous mapping is shmem, which takes huge pages only where shmem_enabled says
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # + 2 MB to align
+    m = mmap.mmap(-1, nbytes + page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)      # + a page to align
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
     except OSError:                                 # THP compiled out, or disabled for this process
         m.close()
         return None
     raw = np.frombuffer(m, np.uint8)                # the view keeps m alive (and m keeps its pages)
-    start = -raw.ctypes.data % HUGE_PAGE
+    start = -raw.ctypes.data % page
     return raw[start:start + nbytes]
 
 
@@ -61,9 +74,10 @@ class Arena:
     stage frees its memory whole."""
 
     def __init__(self, chunk: int = CHUNK):
-        self.chunk = chunk
-        self.free = None            # the current chunk's uncarved rest, (n,) uint8
         self.enabled = huge_pages_possible()
+        self.page = huge_page_size() if self.enabled else HUGE_PAGE
+        self.chunk = max(chunk, 2 * self.page)
+        self.free = None            # the current chunk's uncarved rest, (n,) uint8
 
     def empty(self, shape, dtype=np.float32, order: str = "C") -> np.ndarray:
         """np.empty(shape, dtype, order=order), in huge-page memory where the OS allows it."""
@@ -73,10 +87,10 @@ class Arena:
             return np.empty(shape, dtype, order=order)
         size = -(-nbytes // ALIGN) * ALIGN
         if size > self.chunk:                       # a large array (the LM head): a mapping of its own
-            raw = _mapping(size)
+            raw = _mapping(size, self.page)
         else:
             if self.free is None or self.free.size < size:
-                self.free = _mapping(self.chunk)
+                self.free = _mapping(self.chunk, self.page)
             raw = self.free
             if raw is not None:
                 self.free = raw[size:]
