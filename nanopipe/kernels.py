@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pages import Arena
+from .pages import Arena, describe_pages
 
 # ---------------------------------------------------------------------------------------------
 # the kernels
@@ -304,7 +304,8 @@ def describe_kernels() -> str:
     if k.layout_how is not None:
         line += (f"; weights kept: block matrices {_ORDER_NAMES[k.block_order]}, the LM head "
                  f"{_ORDER_NAMES[k.head_order]} ({k.layout_how})")
-    return line
+    said = describe_pages()
+    return line if said is None else f"{line}; {said}"
 
 
 _ORDER_NAMES = {"C": "row-major (C)", "F": "column-major (F)"}

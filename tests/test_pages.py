@@ -89,3 +89,18 @@ def test_an_arena_makes_resident_only_what_it_carved_plus_one_huge_page():
     got = mapping_of(a)
     page_kb = pages.huge_page_size() >> 10
     assert got["Rss"] <= (3 << 10) + page_kb, f"{arena.chunk >> 20} MB mapped, 3 MB written: {got['Rss']} kB resident"
+
+
+def test_the_kernels_line_says_how_much_memory_is_in_huge_pages_and_why_none(tmp_path, monkeypatch):
+    from nanopipe.kernels import describe_kernels
+    monkeypatch.setattr(pages, "huge_page_bytes", lambda: 482 << 20)
+    monkeypatch.setattr(pages, "huge_page_size", lambda: 2 << 20)
+    knob = tmp_path / "enabled"
+    knob.write_text("always [madvise] never\n")
+    monkeypatch.setattr(pages, "THP_ENABLED", str(knob))
+    assert describe_kernels().endswith("; memory in 2 MB pages: 505 MB")
+    knob.write_text("always madvise [never]\n")
+    line = describe_kernels()
+    assert "memory in 2 MB pages: none (transparent huge pages are 'never' in " in line and "madvise" in line
+    monkeypatch.setattr(pages, "huge_page_bytes", lambda: None)        # no /proc: macOS says nothing
+    assert "pages" not in describe_kernels()
