@@ -104,3 +104,22 @@ def test_the_kernels_line_says_how_much_memory_is_in_huge_pages_and_why_none(tmp
     assert "memory in 2 MB pages: none (transparent huge pages are 'never' in " in line and "madvise" in line
     monkeypatch.setattr(pages, "huge_page_bytes", lambda: None)        # no /proc: macOS says nothing
     assert "pages" not in describe_kernels()
+
+
+@needs_thp
+def test_the_bench_compares_huge_pages_with_numpys_own_in_one_process(tmp_path):
+    """bench.compare_pages loads the weights twice, once as the loader does and once where numpy's
+    allocator puts them, and times decode steps of both in turn. A tiny model's block arrays are all
+    under numpy's 4 MB threshold and its 12.9 MB wte starts anywhere, so numpy's copy holds fewer
+    huge pages than the loader's (wte whole, and the blocks' chunk)."""
+    from nanopipe.tools.bench import compare_pages
+    from nanopipe.weights import init_weights
+    path = str(tmp_path / "tiny.safetensors")
+    init_weights(path, n_layer=2, n_embd=64, n_head=4, n_ctx=64, seed=0)
+    lines = []
+    got = compare_pages(path, steps=3, position=4, echo=lines.append)
+    assert set(got) == {"numpy", "huge"}
+    assert got["huge"]["pages_mb"] > got["numpy"]["pages_mb"], got
+    for row in got.values():
+        assert row["wall_min"] > 0 and row["floor_ms"] > 0
+    assert any("weights in huge's pages" in ln for ln in lines), lines
