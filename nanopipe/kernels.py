@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .pages import Arena, describe_pages
+
 # ---------------------------------------------------------------------------------------------
 # the kernels
 
@@ -351,7 +353,8 @@ def describe_kernels() -> str:
     if k.layout_how is not None:
         line += (f"; weights kept: block matrices {_ORDER_NAMES[k.block_order]}, the LM head "
                  f"{_ORDER_NAMES[k.head_order]} ({k.layout_how})")
-    return line
+    said = describe_pages()
+    return line if said is None else f"{line}; {said}"
 
 
 _ORDER_NAMES = {"C": "row-major (C)", "F": "column-major (F)"}
@@ -503,15 +506,23 @@ def layout_probe(n_embd: int, n_vocab: int | None, what: str, budget: int = LAYO
         "head"    wte.T (C, V') for V' <= n_vocab rows of wte (V', C) kept in that order, making
                   `budget` bytes; gpt2: 21845 of its 50257 rows, 64 MB
 
-    Every page is written (an untouched page reads as zeros from one shared page: cache, not memory).
+    Every page is written (an untouched page reads as zeros from one shared page: cache, not memory),
+    and the pages are the loader's kind (2 MB where the OS allows: pages.Arena), so the probe streams
+    its matrices as the weights will be streamed.
     """
     C = n_embd
+    arena = Arena()
+
+    def filled(n):
+        a = arena.empty((n,), np.float32)
+        a[...] = 0.01
+        return a
     if what == "head":
         V = min(n_vocab, max(1, budget // (4 * C)))
-        wte = np.full(V * C, 0.01, np.float32)
+        wte = filled(V * C)
         return {"C": [wte.reshape(V, C).T], "F": [wte.reshape(C, V)]}      # wte (V, C) C / F -> wte.T (C, V)
     shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * min(8, max(1, -(-budget // (4 * 12 * C * C))))
-    bufs = [np.full(i * o, 0.01, np.float32) for i, o in shapes]
+    bufs = [filled(i * o) for i, o in shapes]
     return {"C": [b.reshape(i, o) for b, (i, o) in zip(bufs, shapes)],
             "F": [b.reshape(o, i).T for b, (i, o) in zip(bufs, shapes)]}       # (in, out), column-major
 

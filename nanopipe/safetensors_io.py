@@ -162,13 +162,14 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32, copy=False)
 
 
-def read_tensor(f, info: TensorInfo) -> np.ndarray:
+def read_tensor(f, info: TensorInfo, empty=np.empty) -> np.ndarray:
     """Read one tensor from an open file straight into a fresh array: one copy, no mmap.
 
     Reading with readinto() keeps peak memory at the size of what we keep (page cache is not RSS),
-    where mmap + copy would count both the mapped pages and the copy.
+    where mmap + copy would count both the mapped pages and the copy. `empty(shape, dtype)` makes
+    the array (the loader's: pages.Arena.empty, memory in 2 MB pages).
     """
-    out = np.empty(info.shape, dtype=DTYPES[info.dtype])
+    out = empty(tuple(info.shape), DTYPES[info.dtype])
     _read_into(f, info.begin, out, info.name)
     if not out.dtype.isnative:
         out = out.astype(out.dtype.newbyteorder("="))
@@ -188,7 +189,7 @@ def _read_into(f, offset: int, out: np.ndarray, name: str):
 
 
 def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None = None,
-              chunk_bytes: int = 4 << 20, order: str = "C") -> np.ndarray:
+              chunk_bytes: int = 4 << 20, order: str = "C", empty=np.empty) -> np.ndarray:
     """Rows r0..r1-1 of a 1-D or 2-D tensor, and of each row only the column ranges `cols` side by
     side, read without ever holding the whole tensor. A 1-D tensor is one row. Worked example, a
     (4, 6) tensor holding 0..23:
@@ -199,7 +200,8 @@ def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None 
     Whole rows are one byte range, read straight into the result. Column ranges are strided: the
     rows pass through a buffer of about `chunk_bytes` (the whole tensor is read from the file, only
     its part is kept), so memory holds the part plus the buffer. order="F" lays the result out
-    column-major (as the loader keeps block matrices) on the way, with no second copy.
+    column-major (as the loader keeps block matrices) on the way, with no second copy. The result
+    is made by `empty(shape, dtype, order=order)`, as read_tensor's.
     """
     shape = tuple(info.shape)
     if len(shape) not in (1, 2):
@@ -213,7 +215,7 @@ def read_part(f, info: TensorInfo, rows: tuple | None = None, cols: list | None 
                                f"{cols} do not lie inside it")
     dtype = DTYPES[info.dtype]
     width = sum(b - a for a, b in cols)
-    out = np.empty((r1 - r0, width), dtype, order=order)        # (rows, its columns)
+    out = empty((r1 - r0, width), dtype, order=order)           # (rows, its columns)
     row_bytes = n_cols * dtype.itemsize
     if cols == [(0, n_cols)] and out.flags.c_contiguous:
         _read_into(f, info.begin + r0 * row_bytes, out, info.name)

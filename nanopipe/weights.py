@@ -21,6 +21,7 @@ from . import gpt2_tensors as gt
 from .config import WEIGHTS_DIR
 from .kernels import choose_layout, layout_orders
 from .model import GPTConfig, Share, SplitError, share_of
+from .pages import Arena
 from .partition import layers_text
 from .safetensors_io import (
     Header,
@@ -180,24 +181,35 @@ def _checked(header: Header, name: str, shape: tuple, path: str):
     return info
 
 
-def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols=None, order="C") -> np.ndarray:
+def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols=None, order="C",
+          arena: Arena | None = None) -> np.ndarray:
     """The tensor `name`, checked to have `shape`, as float32; only rows r0..r1-1 and the column
     ranges `cols` of it when given (read_part: the rest is never held in memory), laid out
-    column-major when order="F" (on the way, through read_part's small buffer: never a second copy)."""
+    column-major when order="F" (on the way, through read_part's small buffer: never a second copy).
+    `arena`: the stage's memory in 2 MB pages (pages.Arena); a float32 tensor is read straight
+    into it, another dtype converted into it."""
     info = _checked(header, name, shape, path)
+    kept = np.empty if arena is None else arena.empty
+    read_empty = kept if info.dtype == "F32" else np.empty       # float16/bfloat16: converted below
     try:
         if rows is None and cols is None and order == "C":
-            return np.ascontiguousarray(to_float32(read_tensor(f, info), info.dtype))
-        raw = to_float32(read_part(f, info, rows, cols, order=order), info.dtype)
-        return np.asfortranarray(raw) if order == "F" else np.ascontiguousarray(raw)
+            raw = read_tensor(f, info, empty=read_empty)
+        else:
+            raw = read_part(f, info, rows, cols, order=order, empty=read_empty)
     except SafetensorsError as e:
         raise WeightsError(str(e)) from None
+    if info.dtype == "F32" and raw.dtype.isnative:
+        return raw
+    out = kept(raw.shape, np.float32, order=order)
+    out[...] = to_float32(raw, info.dtype)
+    return out
 
 
-def _block(f, header, prefix, i, config, path, order: str) -> dict:
+def _block(f, header, prefix, i, config, path, order: str, arena: Arena | None = None) -> dict:
     """Block i, its matrices kept in `order` (this process's choice, at load, once: see model.linear)."""
     shapes = gt.block_shapes(config.n_embd)
-    t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, order=order if k in gt.MATRICES else "C")
+    t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, order=order if k in gt.MATRICES else "C",
+                  arena=arena)
          for k in BLOCK_PARAMS}
     return {
         "ln_1": {"g": t["ln_1.weight"], "b": t["ln_1.bias"]},
@@ -209,17 +221,17 @@ def _block(f, header, prefix, i, config, path, order: str) -> dict:
     }
 
 
-def _block_share(f, header, prefix, i, config, path, share: Share, order: str) -> dict:
+def _block_share(f, header, prefix, i, config, path, share: Share, order: str, arena: Arena | None = None) -> dict:
     """Member `share.member`'s part of block i, read straight from the file: the arrays
     model.shard_block cuts from the whole block, without reading the whole block into memory."""
     shapes = gt.block_shapes(config.n_embd)
     (a0, a1), (f0, f1) = share.attn_rows, share.hidden
 
     def part(k, rows=None, cols=None):
-        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols)
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, arena=arena)
 
     def matrix(k, rows=None, cols=None):        # in `order`, as _block keeps them (see model.linear)
-        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order=order)
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order=order, arena=arena)
 
     def bias(k):                            # member 0 adds it; the others hold zeros (see shard_block)
         if share.adds_bias:
@@ -282,22 +294,24 @@ def load_stage(path: str, lo: int = 0, hi: int | None = None, *, rank0: bool = T
         # rank 0 holds the LM head; a split stage's member may run its share of it (load_head_share)
         choose_layout(config.n_embd, config.n_vocab if rank0 or share is not None else None)
     block_order, head_order = layout_orders()
+    arena = Arena()                 # this stage's memory, in 2 MB pages where the OS allows (pages.py)
     with open(path, "rb") as f:
-        blocks = [_block(f, header, prefix, i, config, path, block_order) if share is None else
-                  _block_share(f, header, prefix, i, config, path, member, block_order) for i in range(lo, hi)]
+        blocks = [_block(f, header, prefix, i, config, path, block_order, arena) if share is None else
+                  _block_share(f, header, prefix, i, config, path, member, block_order, arena)
+                  for i in range(lo, hi)]
         stage = StageWeights(config, lo, hi, blocks, source=path, metadata=dict(header.metadata),
                              share=None if share is None else member)
         if rank0:
             tied = "lm_head.weight" not in header.tensors
             # wte is the embedding and, tied, the head: kept in the head's order (a lookup takes either)
             stage.wte = _load(f, header, prefix + "wte.weight", shapes["wte.weight"], path,
-                              order=head_order if tied else "C")
-            stage.wpe = _load(f, header, prefix + "wpe.weight", shapes["wpe.weight"], path)
+                              order=head_order if tied else "C", arena=arena)
+            stage.wpe = _load(f, header, prefix + "wpe.weight", shapes["wpe.weight"], path, arena=arena)
             stage.ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
                           "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
             if not tied:
                 stage.lm_head = _load(f, header, "lm_head.weight", shapes["lm_head.weight"], path,
-                                      order=head_order)                                  # (V, C)
+                                      order=head_order, arena=arena)                     # (V, C)
             else:  # tied: the head is wte itself (model.head does a gemv on it as stored)
                 stage.lm_head = stage.wte
     return stage
@@ -326,7 +340,7 @@ def load_head_share(path: str, vocab: tuple, n_head: int | None = None,
         ln_f = {"g": _load(f, header, prefix + "ln_f.weight", shapes["ln_f.weight"], path),
                 "b": _load(f, header, prefix + "ln_f.bias", shapes["ln_f.bias"], path)}
         rows = _load(f, header, name, shapes["lm_head.weight"], path, rows=(v0, v1),
-                     order=layout_orders()[1])                                                # (v1-v0, C)
+                     order=layout_orders()[1], arena=Arena())                                 # (v1-v0, C)
     return {"ln_f": ln_f, "lm_head": rows, "vocab": (v0, v1)}
 
 

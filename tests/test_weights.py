@@ -277,9 +277,9 @@ def reads(monkeypatch):
     """The names of the tensors the loader reads (whole, or through read_part: a column-major matrix)."""
     names = []
 
-    def recording(f, info):
+    def recording(f, info, **kwargs):
         names.append(info.name)
-        return read_tensor(f, info)
+        return read_tensor(f, info, **kwargs)
 
     def recording_part(f, info, *args, **kwargs):
         names.append(info.name)

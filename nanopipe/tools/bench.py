@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from .. import batching, fast_decode, model  # the head runs in batching.Batcher.back; timing_decode_blocks
+from .. import batching, fast_decode, model, pages  # batching.Batcher.back runs the head; timing_decode_blocks
 from ..config import WEIGHTS_DIR
 from ..decoding import SamplingParams, log_softmax, make_rng, sample
 from ..engine import Engine, Request
@@ -108,48 +108,95 @@ def bytes_per_token(stage) -> int:
 
 def compare_orders(weights: str | None = None, steps: int = 100, position: int = 32, echo=print) -> dict:
     """The weights' memory orders (kernels.choose_layout) side by side in one process: the model loaded
-    once per (blocks, head) order, then one decode step of each in turn (embed, the blocks through
-    `decode_blocks`, the LM head; one row at `position`), `steps` rounds, each step timed in wall ms
-    and in this thread's CPU ms (all of it with one BLAS thread). Step by step, so every layout sees
-    the same moments of a busy machine. {(blocks, head): {"cpu_min", "cpu_median", "wall_min", ...}}
+    once per (blocks, head) order, then one decode step of each in turn (`step_by_step`).
+    {(blocks, head): {"cpu_min", "cpu_median", "wall_min", ...}}
 
         OPENBLAS_NUM_THREADS=1 python -c "from nanopipe.tools.bench import compare_orders; compare_orders()"
     """
     weights = ensure_weights(weights or DEFAULT_WEIGHTS, echo=echo)
     saved = {k: os.environ.get(k) for k in (BLOCK_ORDER_ENV, HEAD_ORDER_ENV)}
     saved_layout = (kernels.block_order, kernels.head_order, kernels.layout_how)
-    runs = {}
+    stages = {}
     try:
         for orders in (("F", "C"), ("C", "C"), ("F", "F"), ("C", "F")):
             os.environ[BLOCK_ORDER_ENV], os.environ[HEAD_ORDER_ENV] = orders
             kernels.layout_how = None                               # decided again: pinned to these
-            st = load_stage(weights)
-            cache = KVCache.for_model(st.config, len(st.blocks))
-            blocks_forward(embed(np.arange(position) % st.config.n_vocab, np.arange(position), st.wte, st.wpe),
-                           st.blocks, n_head=st.config.n_head, segments=[(cache, position)])
-            runs[orders] = (st, cache)
+            stages[orders] = load_stage(weights)
     finally:
         kernels.block_order, kernels.head_order, kernels.layout_how = saved_layout
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    times = {o: ([], []) for o in runs}
+    return step_by_step(stages, steps, position, lambda o: f"blocks {o[0]}, head {o[1]}", echo)
+
+
+def compare_pages(weights: str | None = None, steps: int = 100, position: int = 32, echo=print) -> dict:
+    """The weights in huge pages (pages.Arena, what the loader does) against the same weights where
+    numpy's own allocator puts them (what it did before: numpy asks for huge pages only for arrays of
+    4 MB and more, and a malloc'd array's first and last partial 2 MB stay in 4 KB pages), side by
+    side in one process, one decode step of each in turn (`step_by_step`), and each one's matmul
+    floor, interleaved. {"huge": {...}, "numpy": {...}} with "pages_mb" (how much of each copy is
+    in huge pages) and "floor_ms".
+
+        OPENBLAS_NUM_THREADS=1 python -c "from nanopipe.tools.bench import compare_pages; compare_pages()"
+    """
+    weights = ensure_weights(weights or DEFAULT_WEIGHTS, echo=echo)
+    stages, held = {}, {}
+    for name, possible in (("numpy", lambda: False), ("huge", pages.huge_pages_possible)):
+        before = pages.huge_page_bytes() or 0
+        with _swapped(pages, "huge_pages_possible", possible):
+            stages[name] = load_stage(weights, choose_order=True)
+        held[name] = round(((pages.huge_page_bytes() or 0) - before) / 1e6, 1)
+    out = step_by_step(stages, steps, position, lambda name: f"weights in {name}'s pages", echo)
+    floors = {name: [] for name in stages}
+    for _ in range(max(5, steps // 10)):
+        for name, st in stages.items():
+            floors[name].append(matmul_floor(st, repeats=3)["ms_per_token"])
+    for name in stages:
+        out[name].update(pages_mb=held[name], floor_ms=round(float(np.median(floors[name])), 2))
+        echo(f"  weights in {name}'s pages: {held[name]} MB of them in huge pages; matmuls alone "
+             f"{out[name]['floor_ms']} ms a token (median)")
+    return out
+
+
+@contextlib.contextmanager
+def _swapped(obj, name: str, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def step_by_step(stages: dict, steps: int, position: int, label, echo=print) -> dict:
+    """One decode step of each stage in turn (embed, the blocks through `decode_blocks`, the LM head;
+    one row at `position` after a `position`-token prompt), `steps` rounds, each step timed in wall ms
+    and in this thread's CPU ms (all of it with one BLAS thread). Step by step, so every variant sees
+    the same moments of a busy machine. {key: {"cpu_min", "cpu_median", "wall_min", "wall_median"}}"""
+    runs = {}
+    for key, st in stages.items():
+        cache = KVCache.for_model(st.config, len(st.blocks))
+        blocks_forward(embed(np.arange(position) % st.config.n_vocab, np.arange(position), st.wte, st.wpe),
+                       st.blocks, n_head=st.config.n_head, segments=[(cache, position)])
+        runs[key] = (st, cache)
+    times = {key: ([], []) for key in runs}
     load = os.getloadavg()[0]
     for _ in range(steps):
-        for o, (st, cache) in runs.items():
+        for key, (st, cache) in runs.items():
             cache.length = position                                 # the same position every round
             w0, c0 = time.perf_counter(), time.thread_time()
             x = embed(np.array([7]), np.array([position]), st.wte, st.wpe)                 # (1, C)
             x = blocks_forward(x, st.blocks, n_head=st.config.n_head, segments=[(cache, 1)])
             head(x, st.ln_f, st.lm_head)                                                    # (1, V)
-            times[o][0].append((time.perf_counter() - w0) * 1000)
-            times[o][1].append((time.thread_time() - c0) * 1000)
+            times[key][0].append((time.perf_counter() - w0) * 1000)
+            times[key][1].append((time.thread_time() - c0) * 1000)
     out = {}
     echo(f"decode steps, {blas_threads()} BLAS thread(s), load average {load:.2f} -> {os.getloadavg()[0]:.2f}:")
-    for o, (wall, cpu) in times.items():
-        out[o] = {"cpu_min": round(min(cpu), 2), "cpu_median": round(float(np.median(cpu)), 2),
-                  "wall_min": round(min(wall), 2), "wall_median": round(float(np.median(wall)), 2)}
-        echo(f"  blocks {o[0]}, head {o[1]}: CPU ms min {out[o]['cpu_min']} median {out[o]['cpu_median']}; "
-             f"wall ms min {out[o]['wall_min']} median {out[o]['wall_median']}")
+    for key, (wall, cpu) in times.items():
+        out[key] = {"cpu_min": round(min(cpu), 2), "cpu_median": round(float(np.median(cpu)), 2),
+                    "wall_min": round(min(wall), 2), "wall_median": round(float(np.median(wall)), 2)}
+        echo(f"  {label(key)}: CPU ms min {out[key]['cpu_min']} median {out[key]['cpu_median']}; "
+             f"wall ms min {out[key]['wall_min']} median {out[key]['wall_median']}")
     return out
 
 

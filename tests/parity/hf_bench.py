@@ -85,7 +85,7 @@ def bench_hf(weights: str, prompt_len: int = 32, n_tokens: int = 64, threads: in
 if __name__ == "__main__":
     # `make bench`: every benchmark, with HF transformers and llama.cpp as the single-process references.
     # `python tests/parity/hf_bench.py OUT_DIR [PART ...]` runs only the parts named (single, cluster,
-    # sweep, positions, links, placement, conversation, tp).
+    # sweep, positions, links, placement, conversation, tp, llama, pages).
     import sys
 
     from llama_bench import bench_llama, compare_decode  # this folder (run as a script)
@@ -93,11 +93,22 @@ if __name__ == "__main__":
     from nanopipe.tools.bench import ensure_weights, write_csv
     from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
-    every = {"single", "llama", "cluster", "sweep", "positions", "links", "placement", "conversation", "tp"}
+    every = {"single", "llama", "pages", "cluster", "sweep", "positions", "links", "placement", "conversation", "tp"}
     parts = set(sys.argv[2:]) or every
     unknown = parts - every
     if unknown:
         sys.exit(f"unknown part(s) {sorted(unknown)}")
+    if "pages" in parts:
+        # the weights in huge pages (the loader's pages.Arena) against numpy's own allocation, decode steps
+        # interleaved in one process with 1 BLAS thread (pinned to cpu 1 with NANOPIPE_BENCH_PIN=1)
+        import subprocess
+        print("== the weights in huge pages vs numpy's own allocation, one process, 1 thread ==")
+        pin = ["taskset", "-c", "1"] if os.environ.get("NANOPIPE_BENCH_PIN") == "1" else []
+        subprocess.run(pin + [sys.executable, "-c", "from nanopipe.tools.bench import compare_pages; compare_pages()"],
+                       check=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"))
+        parts.discard("pages")
+        if not parts:
+            sys.exit(0)
     if "llama" in parts:
         # single-stream decode against llama.cpp's own llama-bench (float32, tg128), 1 and 2 threads,
         # twice, interleaved; NANOPIPE_BENCH_PIN=1 pins 1 thread to cpu 1 and 2 threads to cpus 0,1

@@ -306,6 +306,29 @@ def _child_cpu_s(cmd: list, env=None) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+_LLAMA_DECODE_CHILD = """
+import json, sys, time
+import numpy as np
+import llama_cpp
+path, first, n_gen, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=1, n_threads_batch=1, logits_all=False,
+                      type_k=0, type_v=0, verbose=False)
+n_vocab = llm.n_vocab()
+cpu = []
+for r in range(reps + 1):                       # the first run warms up, untimed
+    llm.reset()
+    llm.eval([first])
+    tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+    c = time.process_time()
+    for _ in range(n_gen):
+        llm.eval([tok])
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+    if r:
+        cpu.append((time.process_time() - c) * 1000 / n_gen)
+print(json.dumps({"run_cpu_ms_per_token": cpu}))
+"""
+
+
 def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, cpus: str | None = None,
                      orders: tuple = ("C", "F")) -> dict:
     """One thread each: CPU milliseconds per decoded token, nanopipe and llama.cpp. On a loaded
@@ -313,27 +336,36 @@ def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, c
     what the program itself spends (cache and memory-bandwidth interference stay in it). Not for
     2 threads: a spinning wait is CPU time too.
 
-    nanopipe times itself: its CPU time (time.process_time) around each of 3 timed runs of n_gen
-    tokens, the median (its start-up, which times kernels and varies by seconds from run to run, is
-    outside). llama.cpp cannot be timed inside, so it runs with 1 and with 4 repetitions of tg128 and
-    the difference of its CPU time is 3 x n_gen tokens (its loading and warm-up cancel out).
-    `orders`: nanopipe's memory orders pinned, as its 1-thread decode chose them."""
+    Both are timed inside their runs, alike: time.process_time around each of 3 timed runs of n_gen
+    greedy tokens after a 1-token prompt, one token per step, the median (start-up, which varies by
+    seconds from run to run, is outside). nanopipe through its scheduler (bench_single), with its
+    memory orders pinned as its 1-thread decode chose them (`orders`); llama.cpp through
+    llama-cpp-python (the same llama.cpp source as llama-bench, float32 weights and, like nanopipe,
+    a float32 KV cache), each token's argmax taken in Python as nanopipe's is. Beside them, as
+    before, llama-bench's CPU time with 4 repetitions of tg{n_gen} minus with 1 (its loading and
+    warm-up cancel out, its run-to-run swings do not: noisy by ~30% here, docs/PERFORMANCE.md)."""
     import subprocess
     import sys
 
     from nanopipe.kernels import BLOCK_ORDER_ENV, HEAD_ORDER_ENV
+    from nanopipe.tools.bench import bench_prompt
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                **{BLOCK_ORDER_ENV: orders[0], HEAD_ORDER_ENV: orders[1]})
     got = subprocess.run(_taskset(cpus) + [sys.executable, "-c", _NANOPIPE_DECODE_CHILD, weights, "1", str(n_gen), "3"],
                          capture_output=True, text=True, timeout=900, check=True, env=env)
     ours = json.loads(got.stdout.strip().splitlines()[-1])["run_cpu_ms_per_token"]
+    got = subprocess.run(_taskset(cpus) + [sys.executable, "-c", _LLAMA_DECODE_CHILD, gguf_path,
+                                           str(bench_prompt(1)[0]), str(n_gen), "3"],
+                         capture_output=True, text=True, timeout=900, check=True, env=env)
+    inside = json.loads(got.stdout.strip().splitlines()[-1])["run_cpu_ms_per_token"]
 
     def theirs(reps):
         return _child_cpu_s(_taskset(cpus) + [exe, "-m", gguf_path, "-p", "0", "-n", str(n_gen), "-t", "1",
                                               "-r", str(reps), "-o", "json"])
     small, big = theirs(1), theirs(4)
     out = {"nanopipe_cpu_ms_per_token": round(float(np.median(ours)), 2),
-           "llama_cpp_cpu_ms_per_token": round((big - small) * 1000 / (3 * n_gen), 2)}
+           "llama_cpp_cpu_ms_per_token": round(float(np.median(inside)), 2),
+           "llama_bench_difference_cpu_ms_per_token": round((big - small) * 1000 / (3 * n_gen), 2)}
     out["cpu_ratio"] = round(out["llama_cpp_cpu_ms_per_token"] / out["nanopipe_cpu_ms_per_token"], 3)
     return out
 
@@ -383,9 +415,11 @@ def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 1
             c = cpu_ms_per_token(exe, gguf_path, weights, n_gen, cpus=(cpus or {}).get(1),
                                  orders=orders.get(1, ("C", "F")))
             cpu.append(dict(c, round=rnd + 1, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2)))
-            echo(f"  round {rnd + 1}, 1 thread, CPU time per token: nanopipe {c['nanopipe_cpu_ms_per_token']} ms, "
-                 f"llama.cpp f32 {c['llama_cpp_cpu_ms_per_token']} ms -> nanopipe at {c['cpu_ratio']:.3f}x "
-                 f"llama.cpp's speed; load average {cpu[-1]['load_before']} -> {cpu[-1]['load_after']}")
+            echo(f"  round {rnd + 1}, 1 thread, CPU time per token, each timed inside its runs: nanopipe "
+                 f"{c['nanopipe_cpu_ms_per_token']} ms, llama.cpp f32 {c['llama_cpp_cpu_ms_per_token']} ms -> nanopipe "
+                 f"at {c['cpu_ratio']:.3f}x llama.cpp's speed (target >= 0.95x; llama-bench's 4-minus-1 difference: "
+                 f"{c['llama_bench_difference_cpu_ms_per_token']} ms); load average {cpu[-1]['load_before']} -> "
+                 f"{cpu[-1]['load_after']}")
     return {"rows": rows, "cpu": cpu, "gguf": gguf_path, "gguf_max_diff": diff, "llama_bench": exe, "greedy": same}
 
 
