@@ -115,7 +115,8 @@ def compare_orders(weights: str | None = None, steps: int = 100, position: int =
     """
     weights = ensure_weights(weights or DEFAULT_WEIGHTS, echo=echo)
     saved = {k: os.environ.get(k) for k in (BLOCK_ORDER_ENV, HEAD_ORDER_ENV)}
-    saved_layout = (kernels.block_order, kernels.head_order, kernels.layout_how)
+    layout = ("block_order", "head_order", "layout_how", "block_order_how", "head_order_how", "layout_timed")
+    saved_layout = {name: getattr(kernels, name) for name in layout}
     stages = {}
     try:
         for orders in (("F", "C"), ("C", "C"), ("F", "F"), ("C", "F")):
@@ -123,7 +124,8 @@ def compare_orders(weights: str | None = None, steps: int = 100, position: int =
             kernels.layout_how = None                               # decided again: pinned to these
             stages[orders] = load_stage(weights)
     finally:
-        kernels.block_order, kernels.head_order, kernels.layout_how = saved_layout
+        for name, value in saved_layout.items():
+            setattr(kernels, name, value)
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return step_by_step(stages, steps, position, lambda o: f"blocks {o[0]}, head {o[1]}", echo)
