@@ -8,10 +8,10 @@ them (madvise MADV_HUGEPAGE) over a range that covers whole 2 MB-aligned pages.
 
 numpy already asks for its large arrays, but only for arrays of 4 MB and more, and a malloc'd
 array starts anywhere: its first and last partial 2 MB stay in 4 KB pages, and gpt2's 2.4 MB
-attn.c_proj matrices get none. Measured here: 385 of gpt2-small's 498 MB of matrices were in 2 MB
-pages, and the same matrices all in 2 MB pages made a token's matmuls 8% faster (docs/PERFORMANCE.md,
-"Huge pages"). So the loader carves the arrays it keeps out of a few large mappings (`Arena`),
-each aligned to 2 MB and asked for huge pages once:
+attn.c_proj matrices get none. Measured here: 380-390 of gpt2-small's 498 MB of matrices were in
+2 MB pages, and the same matrices all in 2 MB pages made a token's matmuls 6-11% faster and a
+decode step 7% (docs/PERFORMANCE.md, "Huge pages"). So the loader carves the arrays it keeps out
+of a few large mappings (`Arena`), each aligned to 2 MB and asked for huge pages once:
 
     arena = Arena()
     w = arena.empty((768, 2304), np.float32, order="F")       # a view into the current chunk
@@ -130,5 +130,5 @@ def describe_pages() -> str | None:
         mode = None
     if mode == "never":
         return (f"memory in {size} pages: none (transparent huge pages are 'never' in {THP_ENABLED}: decode "
-                "streams the weights up to ~8% slower; `echo madvise > ...` as root turns them on)")
+                "streams the weights ~7% slower; `echo madvise > ...` as root turns them on)")
     return f"memory in {size} pages: {held / 1e6:.0f} MB"
