@@ -15,9 +15,9 @@ import dataclasses
 import re
 
 import pytest
-from helpers import log_of, status, wait_log, wait_status
+from helpers import log_of, status, wait_log
 from test_memory_order import fake_timer
-from test_split_replan import FAST, LONG, PROMPT, READY_S, layers, machines, reference, weights  # noqa: F401
+from test_split_replan import FAST, LONG, PROMPT, READY_S, machines, reference, started_without_rank_2, weights  # noqa: F401
 
 from nanopipe import kernels
 from nanopipe.kernels import choose_head_order, choose_layout, describe_kernels
@@ -104,12 +104,7 @@ def test_a_plain_worker_made_a_member_at_a_replan_times_the_heads_order_and_keep
     cl = machines(weights, str(tmp_path), 3, workers=FAST, extra={"link_delay_ms": 0})
     cl.wrap = {r: ["env", f"{kernels.HEAD_ORDER_ENV}=auto"] for r in (1, 2)}    # the workers measure it
     try:
-        cl.start_rank(0)
-        cl.wait_leader()
-        cl.start_rank(1)
-        wait_log(cl, 0, "Rank 2 (node2) is gone", timeout=READY_S)
-        st = wait_status(cl, lambda st: st["ready"], READY_S, "the ring 0 -> 1 -> 0 without rank 2")
-        assert layers(st) == {0: [0, 0], 1: [1, 4]}, st["nodes"]
+        started_without_rank_2(cl)
         start = wait_log(cl, 1, "weights kept:")
         assert "head: no LM head in this process" in start, start
 

@@ -96,6 +96,18 @@ def layers(st: dict) -> dict:
     return {n["rank"]: n["layers"] for n in st["nodes"]}
 
 
+def started_without_rank_2(cl, gone: str = "Rank 2 (node2) is gone") -> dict:
+    """Ranks 0 and 1 started, rank 2 not: wait for the leader's `gone` line about it and a ready
+    ring 0 -> 1 -> 0, rank 1 alone on blocks 1-4; that status."""
+    cl.start_rank(0)
+    cl.wait_leader()
+    cl.start_rank(1)
+    wait_log(cl, 0, gone, timeout=READY_S)
+    st = wait_status(cl, lambda st: st["ready"], READY_S, "the ring 0 -> 1 -> 0 without rank 2")
+    assert layers(st) == {0: [0, 0], 1: [1, 4]}, st["nodes"]
+    return st
+
+
 def head_on_rank_0(cl, ranks=(1, 2)):
     """The LM head runs on rank 0: the plan in force says so, and no worker loaded or ran a share of it."""
     st = status(cl)
@@ -208,13 +220,8 @@ def test_a_member_gone_for_good_leaves_a_plain_stage_after_the_grace(weights, re
 
 def test_a_worker_joining_a_mapping_with_a_split_stage_mid_stream(weights, reference, tmp_path):
     cl = machines(weights, str(tmp_path), 3, partition="even", layer_mapping={0: [0, 0], 1: [1, 4], 2: [1, 4]})
-    try:
-        cl.start_rank(0)
-        cl.wait_leader()
-        cl.start_rank(1)
-        wait_log(cl, 0, "Rank 2 (node2) is gone: absent for more than rejoin_grace_s=3s", timeout=READY_S)
-        st = wait_status(cl, lambda st: st["ready"], READY_S, "the ring 0 -> 1 -> 0 without rank 2")
-        assert layers(st) == {0: [0, 0], 1: [1, 4]}, st["nodes"]      # the mapping without rank 2: rank 1 alone
+    try:           # the mapping without rank 2: rank 1 alone
+        started_without_rank_2(cl, "Rank 2 (node2) is gone: absent for more than rejoin_grace_s=3s")
         started = threading.Event()
         box = generate_in_background(cl.client, PROMPT, LONG, lambda n: n == 3 and started.set())
         assert started.wait(60), "the stream never started"
