@@ -116,9 +116,11 @@ def test_a_plain_worker_made_a_member_at_a_replan_times_the_heads_order_and_keep
         assert len(said) == 1, "rank 1 said no head order when it got its share (or said it twice):\n" + \
             "\n".join(ln for ln in lines if "weights kept" in ln)
         order, c_ms, f_ms = said[0].groups()
-        faster = "row-major (C)" if float(c_ms) <= float(f_ms) else "column-major (F)"
+        # the log rounds to 0.01 ms: equal figures there may still have been F ahead, so either is right
+        faster = {"row-major (C)", "column-major (F)"} if float(c_ms) == float(f_ms) else \
+            {"row-major (C)" if float(c_ms) < float(f_ms) else "column-major (F)"}
         print(said[0].group(0), "|", loaded)
-        assert order == faster and f"kept {faster}" in loaded, (said[0].group(0), loaded)
+        assert order in faster and f"kept {order}" in loaded, (said[0].group(0), loaded)
         assert lines.index(said[0].string) < lines.index(loaded), "decided after the share loaded"
 
         assert status(cl)["placement"]["lm_head_ranks"] == [1, 2]
