@@ -34,6 +34,7 @@ HUGE_PAGE = 2 << 20             # x86-64's and arm64's (4 KB pages) transparent 
 CHUNK = 64 << 20                # one mapping holds ~2 gpt2-small blocks; a larger array gets its own
 ALIGN = 64                      # every array starts on a cache line
 PMD_SIZE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def huge_page_size() -> int:
@@ -113,7 +114,14 @@ def huge_page_bytes() -> int | None:
     return None
 
 
-THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+def thp_mode() -> str | None:
+    """Linux's transparent huge page policy, the bracketed word of THP_ENABLED ("always", "madvise",
+    "never"); None where the kernel does not say."""
+    try:
+        with open(THP_ENABLED) as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
 
 
 def describe_pages() -> str | None:
@@ -123,12 +131,7 @@ def describe_pages() -> str | None:
     if held is None:
         return None
     size = f"{huge_page_size() >> 20} MB"
-    try:
-        with open(THP_ENABLED) as f:
-            mode = f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        mode = None
-    if mode == "never":
+    if thp_mode() == "never":
         return (f"memory in {size} pages: none (transparent huge pages are 'never' in {THP_ENABLED}: decode "
                 "streams the weights ~7% slower; `echo madvise > ...` as root turns them on)")
     return f"memory in {size} pages: {held / 1e6:.0f} MB"

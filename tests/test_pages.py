@@ -10,18 +10,9 @@ import nanopipe.pages as pages
 from nanopipe.pages import Arena
 from nanopipe.weights import load_stage
 
-
-def thp_mode() -> str | None:
-    """Linux's transparent huge page policy ("always", "madvise", "never"), None where it is not said."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return None
-
-
 needs_thp = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or thp_mode() not in ("always", "madvise") or not pages.huge_pages_possible(),
+    not sys.platform.startswith("linux") or pages.thp_mode() not in ("always", "madvise")
+    or not pages.huge_pages_possible(),
     reason="transparent huge pages are off or absent here (Linux with THP 'madvise' or 'always' shows them)")
 
 
