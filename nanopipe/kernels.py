@@ -9,8 +9,10 @@ model.py is the math; this module owns what the math leaves to the machine:
                                    and how many rows a lone prompt prefills per step (rank 0)
     choose_layout                  the memory orders, chosen first, before the weights load (the
                                    loader keeps them: weights.load_stage(choose_order=True)): pinned by
-                                   NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER (C or F), else measured
-                                   on synthetic matrices of the model's shapes
+                                   NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER (C or F; the blocks' also
+                                   one letter per matrix, CCCF), else measured on synthetic matrices of
+                                   the model's shapes, each of a block's four matrices on its own
+    matrix_order                   the order one block matrix is kept in
     choose_head_order              the LM head's order, when a process first holds a share of the head
                                    after its start (a worker a re-plan puts in a split stage that runs
                                    the head): pinned or measured as choose_layout would have
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .gpt2_tensors import MATRICES
 from .pages import Arena, describe_pages
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +120,9 @@ class Kernels:
     prefill_how: str | None = None
     head_rows: int = 1              # up to how many rows `head` runs in slices of wte (rank 0)
     head_how: str | None = None
-    block_order: str = "F"          # the block matrices w (in, out): "F" column-major, "C" row-major
+    # the block matrices w (in, out): "F" column-major, "C" row-major, or one letter for each of
+    # gpt2_tensors.MATRICES (c_attn, attn.c_proj, c_fc, mlp.c_proj): "CCCF" (matrix_order)
+    block_order: str = "F"
     head_order: str = "C"           # the LM head wte (V, C): "C" as stored, "F" the bytes of a (C, V) row-major
     layout_how: str | None = None   # how both orders were decided; None: not yet (weights.load_stage asks)
     # how head_order was decided for an LM head this process holds; None: it has held none yet (a
@@ -157,14 +162,33 @@ def _pinned(name: str) -> int | None:
 
 
 def _pinned_order(name: str) -> str | None:
-    """"C" or "F" from the environment variable `name`; None if unset or 'auto'."""
+    """"C" or "F" from the environment variable `name` (the blocks': also four letters, one per
+    matrix, "CCCF"); None if unset or 'auto'."""
     raw = os.environ.get(name, "auto").strip()
     if raw.lower() in ("", "auto"):
         return None
-    if raw.upper() not in ("C", "F"):
-        raise KernelChoiceError(f"{name}={raw!r} is not a memory order: give C (row-major), F (column-major), "
-                                "or 'auto' to measure which is faster at start")
-    return raw.upper()
+    order = raw.upper()
+    if order in ("C", "F") or (name == BLOCK_ORDER_ENV and len(order) == len(MATRICES) and set(order) <= {"C", "F"}):
+        return _one_letter_if_alike(order)
+    each = (", or one letter per block matrix (c_attn, attn.c_proj, c_fc, mlp.c_proj) such as CCCF"
+            if name == BLOCK_ORDER_ENV else "")
+    raise KernelChoiceError(f"{name}={raw!r} is not a memory order: give C (row-major), F (column-major){each}, "
+                            "or 'auto' to measure which is faster at start")
+
+
+def _one_letter_if_alike(order: str) -> str:
+    """"CCCC" -> "C": four matrices in one order are said with one letter; "CCCF" stays."""
+    return order[0] if len(set(order)) == 1 else order
+
+
+def matrix_order(block_order: str, name: str) -> str:
+    """The memory order block matrix `name` (one of gpt2_tensors.MATRICES) is kept in, from a block
+    order: one letter for all four matrices, or one each in MATRICES' order.
+
+        >>> matrix_order("CCCF", "mlp.c_proj.weight"), matrix_order("C", "mlp.c_proj.weight")
+        ('F', 'C')
+    """
+    return block_order if len(block_order) == 1 else block_order[MATRICES.index(name)]
 
 
 def _layout_untimed():
@@ -213,8 +237,10 @@ def choose_layout(n_embd: int, n_vocab: int | None = None, *, time_pass=None) ->
 
     NANOPIPE_BLOCK_ORDER / NANOPIPE_HEAD_ORDER = C or F pin them (every node of a cluster, and every
     test process, then runs the same BLAS calls: bit for bit); unset or "auto", `measure_layout`
-    times both orders on synthetic matrices of the model's shapes (`time_pass`: its timer, for tests).
-    Without the head (a worker) the head keeps "C". Later calls return the first decision.
+    times both orders on synthetic matrices of the model's shapes (`time_pass`: its timer, for tests)
+    and each block matrix keeps the faster of its own (one thread may read c_fc (C, 4C) faster
+    row-major and mlp.c_proj (4C, C) faster column-major: docs/PERFORMANCE.md). Without the head
+    (a worker) the head keeps "C". Later calls return the first decision.
     """
     if kernels.layout_how is not None:
         return kernels
@@ -229,7 +255,7 @@ def choose_layout(n_embd: int, n_vocab: int | None = None, *, time_pass=None) ->
         if pins[what]:
             orders[what], hows[what] = pins[what], f"{what} pinned by {env}"
         elif what in times:
-            orders[what], hows[what] = _faster(what, times[what])
+            orders[what], hows[what] = (_faster_blocks if what == "blocks" else _faster)(what, times[what])
         else:
             orders[what], hows[what] = untimed, None             # no LM head here (yet): choose_head_order
     kernels.block_order, kernels.head_order = orders["blocks"], orders["head"]
@@ -268,6 +294,24 @@ def choose_head_order(n_embd: int, n_vocab: int, *, time_pass=None) -> Kernels:
 def _faster(what: str, t: dict) -> tuple:
     """(the faster order, how it was decided) from {"C": ms, "F": ms}; a tie keeps C."""
     return min(("C", "F"), key=t.get), f"{what} C {t['C']:.2f} vs F {t['F']:.2f} ms"
+
+
+def _faster_blocks(what: str, t: dict) -> tuple:
+    """(the block order, how it was decided) from {matrix name: {"C": ms, "F": ms}}: each matrix
+    its faster order, a tie keeping C. One order for all four is said as before, with the sums
+    ("blocks C 10.00 vs F 13.00 ms"); mixed ones name each matrix's times ("blocks CCCF: c_attn
+    C 3.00 vs F 4.50, ..., mlp.c_proj C 5.20 vs F 4.30 ms")."""
+    order = _one_letter_if_alike("".join(min(("C", "F"), key=t[name].get) for name in MATRICES))
+    if len(order) == 1:
+        return order, f"{what} C {sum(m['C'] for m in t.values()):.2f} vs F {sum(m['F'] for m in t.values()):.2f} ms"
+    each = ", ".join(f"{_short(name)} C {t[name]['C']:.2f} vs F {t[name]['F']:.2f}" for name in MATRICES)
+    return order, f"{what} {order}: {each} ms"
+
+
+def _short(name: str) -> str:
+    """"attn.c_attn.weight" -> "c_attn", "mlp.c_proj.weight" -> "mlp.c_proj": the matrix, said briefly."""
+    stem = name.removesuffix(".weight")
+    return stem if stem.endswith("c_proj") else stem.split(".")[-1]
 
 
 def _say_layout():
@@ -351,8 +395,9 @@ def describe_kernels() -> str:
         line += (f"; the LM head: one gemm for 2+ rows ({k.head_how})" if k.head_rows <= 1 else
                  f"; the LM head: a gemv per row in slices of wte for 2-{k.head_rows} rows ({k.head_how})")
     if k.layout_how is not None:
-        line += (f"; weights kept: block matrices {_ORDER_NAMES[k.block_order]}, the LM head "
-                 f"{_ORDER_NAMES[k.head_order]} ({k.layout_how})")
+        blocks = _ORDER_NAMES.get(k.block_order) or \
+            ", ".join(f"{_short(n)} {matrix_order(k.block_order, n)}" for n in MATRICES)
+        line += f"; weights kept: block matrices {blocks}, the LM head {_ORDER_NAMES[k.head_order]} ({k.layout_how})"
     said = describe_pages()
     return line if said is None else f"{line}; {said}"
 
@@ -527,32 +572,39 @@ def layout_probe(n_embd: int, n_vocab: int | None, what: str, budget: int = LAYO
             "F": [b.reshape(o, i).T for b, (i, o) in zip(bufs, shapes)]}       # (in, out), column-major
 
 
-def _time_pass(mats, xs) -> float:
-    """ms of one pass of `product` over the matrices, each with the rows of xs of its input width."""
-    t0 = time.perf_counter()
+def _time_pass(mats, xs) -> list:
+    """ms of each `product` in one pass over the matrices, each with the rows of xs of its input
+    width: one pass over all of them, so every matrix is read from memory as in a decode step,
+    and each timed on its own."""
+    ms = []
     for w in mats:
+        t0 = time.perf_counter()
         product(xs[w.shape[0]], w)                              # (T, in) @ (in, out) -> (T, out)
-    return (time.perf_counter() - t0) * 1000
+        ms.append((time.perf_counter() - t0) * 1000)
+    return ms
 
 
 def measure_layout(n_embd: int, n_vocab: int | None, which=("blocks", "head"), repeats: int = 5,
                    time_pass=None, budget_s: float = 0.5) -> dict:
-    """{what: {"C": ms, "F": ms}} for what in `which` ("blocks", "head"): one row through the products
-    a decode step runs (`product`) on `layout_probe`'s matrices kept in each order, the best of
-    `repeats` or more (rounds go on while `budget_s` lasts, at most 50: on a busy machine more
-    samples give each order a better chance of an undisturbed one), both orders interleaved.
+    """{"blocks": {matrix name: {"C": ms, "F": ms}}, "head": {"C": ms, "F": ms}} for what is in
+    `which`: one row through the products a decode step runs (`product`) on `layout_probe`'s
+    matrices kept in each order, each block matrix (gpt2_tensors.MATRICES) timed on its own within
+    passes over all of them, the best of `repeats` passes or more (they go on while `budget_s`
+    lasts, at most 50: on a busy machine more samples give each order a better chance of an
+    undisturbed one), both orders interleaved.
 
     One row because that is a lone conversation's decode step, and what a step of a few rows runs
     for each of its rows (`gemv_per_row`, up to the crossover measured next, on the loaded weights);
     the gemms of many rows differ less between the orders (docs/PERFORMANCE.md). One probe at a time
     (64-85 MB for gpt2, freed before the next), at the process's own BLAS thread count.
-    `time_pass(mats, xs) -> ms` times one pass (the tests pass a fake)."""
+    `time_pass(mats, xs) -> [ms of each matrix]` times one pass (the tests pass a fake)."""
     time_pass = time_pass or _time_pass
     out = {}
     for what in which:
         mats = layout_probe(n_embd, n_vocab, what)
         xs = {w.shape[0]: np.full((1, w.shape[0]), 0.01, np.float32) for w in mats["C"]}   # (1, in)
-        best = {o: float("inf") for o in mats}
+        kinds = MATRICES if what == "blocks" else ("head",)       # the probe's blocks: MATRICES, repeated
+        best = {(k, o): float("inf") for k in kinds for o in mats}
         for o in mats:                                          # warm-up: BLAS threads, page faults
             time_pass(mats[o], xs)
         t_start = time.perf_counter()
@@ -560,7 +612,10 @@ def measure_layout(n_embd: int, n_vocab: int | None, which=("blocks", "head"), r
             if i >= repeats and time.perf_counter() - t_start > budget_s:
                 break
             for o in mats:
-                best[o] = min(best[o], time_pass(mats[o], xs))
-        out[what] = {o: round(ms, 3) for o, ms in best.items()}
+                ms = time_pass(mats[o], xs)
+                for j, k in enumerate(kinds):
+                    best[k, o] = min(best[k, o], sum(ms[j::len(kinds)]))
+        each = {k: {o: round(best[k, o], 3) for o in mats} for k in kinds}
+        out[what] = each if what == "blocks" else each["head"]
         del mats
     return out

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kernels import choose_gemv_rows, choose_layout, layout_orders, measuring_alone
+from .kernels import choose_gemv_rows, choose_layout, layout_orders, matrix_order, measuring_alone
 from .partition import block_params, even, planned_by_leader, uses_mapping
 
 GB = 1e9
@@ -286,13 +286,15 @@ def probe_blocks(n_embd: int, min_bytes: int = 96 << 20) -> list:
     n = min(8, max(1, math.ceil(min_bytes / per_block)))
     order = layout_orders()[0]
 
-    def lin(i, o):
-        return {"w": np.full((i, o), 0.01, np.float32, order=order), "b": np.zeros(o, np.float32)}
+    def lin(i, o, name):
+        return {"w": np.full((i, o), 0.01, np.float32, order=matrix_order(order, name)), "b": np.zeros(o, np.float32)}
 
     def ln():
         return {"g": np.ones(c, np.float32), "b": np.zeros(c, np.float32)}
-    return [{"ln_1": ln(), "attn": {"c_attn": lin(c, 3 * c), "c_proj": lin(c, c)}, "ln_2": ln(),
-             "mlp": {"c_fc": lin(c, 4 * c), "c_proj": lin(4 * c, c)}} for _ in range(n)]
+    return [{"ln_1": ln(), "attn": {"c_attn": lin(c, 3 * c, "attn.c_attn.weight"),
+                                    "c_proj": lin(c, c, "attn.c_proj.weight")}, "ln_2": ln(),
+             "mlp": {"c_fc": lin(c, 4 * c, "mlp.c_fc.weight"), "c_proj": lin(4 * c, c, "mlp.c_proj.weight")}}
+            for _ in range(n)]
 
 
 def measure_speed(n_embd: int, rows: int = 1, seconds: float = 0.25, blocks: list | None = None,

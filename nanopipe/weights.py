@@ -19,7 +19,7 @@ import numpy as np
 
 from . import gpt2_tensors as gt
 from .config import WEIGHTS_DIR
-from .kernels import choose_layout, layout_orders
+from .kernels import choose_layout, layout_orders, matrix_order
 from .model import GPTConfig, Share, SplitError, share_of
 from .pages import Arena
 from .partition import layers_text
@@ -206,10 +206,11 @@ def _load(f, header: Header, name: str, shape: tuple, path: str, rows=None, cols
 
 
 def _block(f, header, prefix, i, config, path, order: str, arena: Arena | None = None) -> dict:
-    """Block i, its matrices kept in `order` (this process's choice, at load, once: see model.linear)."""
+    """Block i, its matrices kept in `order` (this process's choice, at load, once: one letter, or one
+    per matrix: kernels.matrix_order; see kernels.product)."""
     shapes = gt.block_shapes(config.n_embd)
-    t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, order=order if k in gt.MATRICES else "C",
-                  arena=arena)
+    t = {k: _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path,
+                  order=matrix_order(order, k) if k in gt.MATRICES else "C", arena=arena)
          for k in BLOCK_PARAMS}
     return {
         "ln_1": {"g": t["ln_1.weight"], "b": t["ln_1.bias"]},
@@ -230,8 +231,9 @@ def _block_share(f, header, prefix, i, config, path, share: Share, order: str, a
     def part(k, rows=None, cols=None):
         return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, arena=arena)
 
-    def matrix(k, rows=None, cols=None):        # in `order`, as _block keeps them (see model.linear)
-        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order=order, arena=arena)
+    def matrix(k, rows=None, cols=None):        # in its order, as _block keeps them
+        return _load(f, header, f"{prefix}h.{i}.{k}", shapes[k], path, rows, cols, order=matrix_order(order, k),
+                     arena=arena)
 
     def bias(k):                            # member 0 adds it; the others hold zeros (see shard_block)
         if share.adds_bias:

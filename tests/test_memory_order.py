@@ -3,10 +3,12 @@ LM head row-major (C) or column-major (F), pinned by NANOPIPE_BLOCK_ORDER / NANO
 measured at start, before the weights load. Every order gives the same model: logits within float
 tolerance of each other (BLAS sums in another order), a cluster bit for bit one process when both
 are pinned alike; the loader keeps the order everywhere without a second copy; a bad setting is a
-clear error; the measurement picks the faster order (a fake timer: nothing here is timed)."""
+clear error; the measurement picks the faster order, for each block matrix on its own (CCCF: a fake
+timer, nothing here is timed)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import tracemalloc
 
@@ -19,11 +21,20 @@ from nanopipe import kernels
 from nanopipe.decoding import SamplingParams
 from nanopipe.engine import Engine
 from nanopipe.fast_decode import decode_blocks
-from nanopipe.kernels import KernelChoiceError, choose_layout, describe_kernels, head_in_slices, layout_orders
+from nanopipe.gpt2_tensors import MATRICES
+from nanopipe.kernels import (
+    KernelChoiceError,
+    choose_layout,
+    describe_kernels,
+    head_in_slices,
+    layout_orders,
+    matrix_order,
+)
 from nanopipe.model import KVCache, block, blocks_forward, gpt2, shard_block, share_of
 from nanopipe.weights import init_weights, load_stage
 
-ORDERS = [("F", "C"), ("C", "F"), ("C", "C"), ("F", "F")]       # (blocks, head); the first is the untimed default
+# (blocks, head); the first is the untimed default; CFCF: each block matrix in an order of its own
+ORDERS = [("F", "C"), ("C", "F"), ("C", "C"), ("F", "F"), ("CFCF", "F")]
 
 
 @pytest.fixture
@@ -55,20 +66,31 @@ def matrices(blocks) -> list:
                                                        ("mlp", "c_proj"))]
 
 
+def kept_in(blocks, block_order: str) -> bool:
+    """Every block matrix in its order: one letter for all, or one each (kernels.matrix_order)."""
+    return all(is_order(w, matrix_order(block_order, MATRICES[i % 4])) for i, w in enumerate(matrices(blocks)))
+
+
 # ---------------------------------------------------------------------------------------------
 # the choice
 
 
 def fake_timer(ms: dict, seen: list):
-    """A time_pass that times nothing: ms[what][order] per row, told apart by the matrices' own
-    memory order (the head's probe is wte.T: wte column-major is wte.T row-major)."""
+    """A time_pass that times nothing: ms[what][order] a pass (the blocks': spread evenly over the
+    matrices, or {matrix name: ms} for each block matrix's own, spread over that matrix's copies),
+    told apart by the matrices' own memory order (the head's probe is wte.T: wte column-major is
+    wte.T row-major). Returns each matrix's ms, as kernels._time_pass does."""
     def time_pass(mats, xs):
         w = mats[0]
         what = "head" if len(mats) == 1 else "blocks"
         order = ("C" if w.flags.c_contiguous else "F") if what == "blocks" else ("F" if w.flags.c_contiguous else "C")
         seen.append((what, order))
         assert all(x.shape[0] == 1 for x in xs.values()), "one row: a decode step"
-        return ms[what][order]
+        per = ms[what][order]
+        if not isinstance(per, dict):
+            return [per / len(mats)] * len(mats)
+        assert len(mats) % 4 == 0, "the probe's blocks: c_attn, attn.c_proj, c_fc, mlp.c_proj, repeated"
+        return [per[MATRICES[i % 4]] / (len(mats) // 4) for i in range(len(mats))]
     return time_pass
 
 
@@ -89,6 +111,32 @@ def test_the_measured_choice_picks_the_faster_order(monkeypatch, fresh, fast):
     monkeypatch.setenv(kernels.BLOCK_ORDER_ENV, slow[fast[0]])
     assert choose_layout(64, 1000, time_pass=fake_timer(ms, seen)) is k and k.block_order == fast[0], \
         "a process decides once and keeps it"
+
+
+def test_each_block_matrix_keeps_the_order_measured_faster_for_it(monkeypatch, fresh, tiny_weights):
+    """One BLAS thread may read c_fc (C, 4C) faster row-major and mlp.c_proj (4C, C) faster
+    column-major: each matrix keeps its own faster order, the log names each one's times, the loader
+    keeps each matrix so, and NANOPIPE_BLOCK_ORDER pins four letters as it pins one."""
+    monkeypatch.setenv(kernels.BLOCK_ORDER_ENV, "auto")
+    monkeypatch.setenv(kernels.HEAD_ORDER_ENV, "auto")
+    each = {"attn.c_attn.weight": {"C": 3.0, "F": 3.5}, "attn.c_proj.weight": {"C": 1.25, "F": 1.0},
+            "mlp.c_fc.weight": {"C": 4.0, "F": 5.0}, "mlp.c_proj.weight": {"C": 5.5, "F": 4.5}}
+    ms = {"blocks": {o: {n: t[o] for n, t in each.items()} for o in "CF"}, "head": {"C": 5.0, "F": 6.0}}
+    k = choose_layout(64, 1000, time_pass=fake_timer(ms, []))
+    assert (k.block_order, k.head_order) == ("CFCF", "C"), k.layout_how
+    line = describe_kernels()
+    print(line)
+    assert ("blocks CFCF: c_attn C 3.00 vs F 3.50, attn.c_proj C 1.25 vs F 1.00, c_fc C 4.00 vs F 5.00, "
+            "mlp.c_proj C 5.50 vs F 4.50 ms") in line
+    assert "block matrices c_attn C, attn.c_proj F, c_fc C, mlp.c_proj F, the LM head row-major (C)" in line
+    assert kept_in(load_stage(tiny_weights).blocks, "CFCF") and not kept_in(load_stage(tiny_weights).blocks, "C")
+    assert kept_in(load_stage(tiny_weights, rank0=False, share=(0, 2)).blocks, "CFCF"), "a member's share too"
+    for pinned, kept in (("cccf", "CCCF"), ("FFFF", "F"), ("C", "C")):
+        for f in dataclasses.fields(kernels.Kernels):
+            monkeypatch.setattr(kernels.kernels, f.name, f.default)
+        monkeypatch.setenv(kernels.BLOCK_ORDER_ENV, pinned)
+        k = choose_layout(64, 1000, time_pass=fake_timer(ms, []))
+        assert k.block_order == kept and "blocks pinned by NANOPIPE_BLOCK_ORDER" in k.layout_how, (pinned, k)
 
 
 def test_pinned_orders_time_nothing_and_a_worker_keeps_the_heads_untimed(monkeypatch, fresh):
@@ -121,14 +169,17 @@ def test_the_real_measurement_runs_both_orders_on_matrices_of_the_models_shapes(
     head = kernels.layout_probe(64, 1000, "head", budget=1 << 20)
     assert head["C"][0].shape == (64, 1000) and head["F"][0].flags.c_contiguous, "wte.T; wte F is wte.T C"
     times = kernels.measure_layout(64, 1000, repeats=1)
-    assert set(times) == {"blocks", "head"} and all(ms > 0 for t in times.values() for ms in t.values())
+    assert set(times) == {"blocks", "head"} and set(times["blocks"]) == set(MATRICES), "each block matrix on its own"
+    assert all(ms > 0 for t in [times["head"], *times["blocks"].values()] for ms in t.values())
 
 
-@pytest.mark.parametrize("value", ["G", "row-major", "1", "CF"])
+@pytest.mark.parametrize("value", ["G", "row-major", "1", "CF", "CCCX", "CCCFC"])
 @pytest.mark.parametrize("env", ["NANOPIPE_BLOCK_ORDER", "NANOPIPE_HEAD_ORDER"])
 def test_a_bad_order_setting_is_a_clear_error(monkeypatch, fresh, tiny_weights, env, value):
     monkeypatch.setenv(env, value)
-    want = rf"{env}='{value}' is not a memory order: give C \(row-major\), F \(column-major\), or 'auto'"
+    each = r", or one letter per block matrix \(c_attn, attn.c_proj, c_fc, mlp.c_proj\) such as CCCF" \
+        if env == "NANOPIPE_BLOCK_ORDER" else ""
+    want = rf"{env}='{value}' is not a memory order: give C \(row-major\), F \(column-major\){each}, or 'auto'"
     with pytest.raises(KernelChoiceError, match=want):
         choose_layout(64, 1000)
     with pytest.raises(KernelChoiceError, match=want):
@@ -157,13 +208,13 @@ def test_a_node_with_a_bad_order_setting_says_so_and_exits(tiny_weights, tmp_pat
 def test_the_loader_keeps_the_chosen_order_whole_and_shared(tiny_weights, pin, orders):
     pin(*orders)
     st = load_stage(tiny_weights)
-    assert all(is_order(w, orders[0]) for w in matrices(st.blocks)), "every block matrix"
+    assert kept_in(st.blocks, orders[0]), "every block matrix"
     assert is_order(st.lm_head, orders[1]) and st.lm_head is st.wte, "wte, tied: one array"
     assert st.wpe.flags.c_contiguous and st.blocks[0]["ln_1"]["g"].flags.c_contiguous
     share = share_of(1, 2, st.config.n_head, st.config.n_embd)
     part = load_stage(tiny_weights, rank0=False, share=(1, 2))
     cut = [shard_block(p, share) for p in st.blocks]
-    assert all(is_order(w, orders[0]) for w in matrices(part.blocks) + matrices(cut)), "a member's share too"
+    assert kept_in(part.blocks, orders[0]) and kept_in(cut, orders[0]), "a member's share too"
     for got, want in zip(matrices(part.blocks), matrices(cut)):
         assert_same(got, want, "the file's share and the cut block: the same bytes")
     pin("F", "C")
@@ -176,7 +227,7 @@ def test_the_loader_keeps_the_chosen_order_whole_and_shared(tiny_weights, pin, o
 def test_the_placement_probe_runs_the_loaders_order(pin, orders):
     from nanopipe.placement import probe_blocks
     pin(*orders)
-    assert all(is_order(w, orders[0]) for w in matrices(probe_blocks(64, min_bytes=1 << 20)))
+    assert kept_in(probe_blocks(64, min_bytes=1 << 20), orders[0])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc/self/status (Linux)")
@@ -228,7 +279,7 @@ def test_a_slice_of_a_column_major_wte_is_read_in_place():
 
 def gpt2_small_width(order: str, head_order: str, n_layer: int = 2, V: int = 8000, seed: int = 0):
     """Blocks at gpt2-small's width (C=768, H=12: the BLAS paths real weights take) and a wte of V
-    rows, GPT-2-like magnitudes, the matrices kept in `order` and wte in `head_order`."""
+    rows, GPT-2-like magnitudes, the matrices kept in `order` (kernels.matrix_order) and wte in `head_order`."""
     rng = np.random.default_rng(seed)
     C = 768
 
@@ -238,10 +289,11 @@ def gpt2_small_width(order: str, head_order: str, n_layer: int = 2, V: int = 800
 
     def ln():
         return {"g": 1 + w(C, scale=0.1), "b": w(C, scale=0.1)}
-    blocks = [{"ln_1": ln(), "attn": {"c_attn": {"w": w(C, 3 * C, keep=order), "b": w(3 * C)},
-                                      "c_proj": {"w": w(C, C, keep=order), "b": w(C)}},
-               "ln_2": ln(), "mlp": {"c_fc": {"w": w(C, 4 * C, keep=order), "b": w(4 * C)},
-                                     "c_proj": {"w": w(4 * C, C, keep=order), "b": w(C)}}}
+    kept = [matrix_order(order, n) for n in MATRICES]
+    blocks = [{"ln_1": ln(), "attn": {"c_attn": {"w": w(C, 3 * C, keep=kept[0]), "b": w(3 * C)},
+                                      "c_proj": {"w": w(C, C, keep=kept[1]), "b": w(C)}},
+               "ln_2": ln(), "mlp": {"c_fc": {"w": w(C, 4 * C, keep=kept[2]), "b": w(4 * C)},
+                                     "c_proj": {"w": w(4 * C, C, keep=kept[3]), "b": w(C)}}}
               for _ in range(n_layer)]
     return blocks, w(V, C, scale=0.1, keep=head_order), w(64, C, scale=0.01), ln()
 
@@ -274,7 +326,7 @@ def test_every_order_gives_the_logits_of_the_default_within_tolerance(monkeypatc
         assert (a.argmax(-1) == b.argmax(-1)).all(), f"step {step}: greedy tokens differ"
 
 
-@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("order", ["C", "F", "CFCF"])
 @pytest.mark.parametrize("lengths", [[5], [5, 9, 3], [2, 3, 4, 5, 6, 7]], ids=["1", "3 (a gemv each)", "6 (one gemm)"])
 def test_the_decode_fast_path_equals_block_bit_for_bit_in_either_order(monkeypatch, fresh, order, lengths):
     monkeypatch.setattr(kernels.kernels, "gemv_rows", 4)
@@ -306,7 +358,7 @@ def test_greedy_tokens_are_the_same_in_every_order(tiny_weights, pin):
     for orders in ORDERS:
         pin(*orders)
         eng = Engine.load(tiny_weights)
-        assert is_order(eng.stage.blocks[0]["mlp"]["c_fc"]["w"], orders[0]) and is_order(eng.stage.wte, orders[1])
+        assert kept_in(eng.stage.blocks, orders[0]) and is_order(eng.stage.wte, orders[1])
         got[orders] = eng.generate([15496, 995, 11], SamplingParams("greedy", max_tokens=12))
     want = got[ORDERS[0]]
     for orders, r in got.items():
@@ -343,7 +395,7 @@ def test_the_crossovers_are_measured_after_the_layout_on_weights_kept_in_it(tiny
         monkeypatch.setenv(env, "auto")
     calls = []
     monkeypatch.setattr(kernels, "measure_layout", lambda *a, **k: calls.append("layout") or
-                        {"blocks": {"C": 1.0, "F": 2.0}, "head": {"C": 2.0, "F": 1.0}})
+                        {"blocks": {n: {"C": 1.0, "F": 2.0} for n in MATRICES}, "head": {"C": 2.0, "F": 1.0}})
 
     def gemv_rows(blocks, *a, **k):
         calls.append(("gemv", "C" if blocks[0]["mlp"]["c_fc"]["w"].flags.c_contiguous else "F"))
@@ -357,3 +409,30 @@ def test_the_crossovers_are_measured_after_the_layout_on_weights_kept_in_it(tiny
     eng = Engine.load(tiny_weights)
     assert calls == ["layout", ("gemv", "C"), ("head", "F")], calls
     assert is_order(eng.stage.blocks[0]["attn"]["c_attn"]["w"], "C") and is_order(eng.stage.lm_head, "F")
+
+
+def test_the_bench_runs_each_order_and_the_measured_one_side_by_side(tmp_path, monkeypatch, fresh):
+    """bench.compare_orders (`make bench`, part "orders"): the four one-letter layouts, plus the one
+    this process measures (each block matrix its own: a fake timer makes it CFCF here), decode steps
+    of each in turn; the process's own choice and the pinned settings are as they were after."""
+    from nanopipe.tools.bench import compare_orders
+    path = str(tmp_path / "tiny.safetensors")
+    init_weights(path, n_layer=2, n_embd=64, n_head=4, n_ctx=64, seed=0)
+    each = {"attn.c_attn.weight": {"C": 1.0, "F": 2.0}, "attn.c_proj.weight": {"C": 2.0, "F": 1.0},
+            "mlp.c_fc.weight": {"C": 1.0, "F": 2.0}, "mlp.c_proj.weight": {"C": 2.0, "F": 1.0}}
+    ms = {"blocks": {o: {n: t[o] for n, t in each.items()} for o in "CF"}, "head": {"C": 1.0, "F": 2.0}}
+    real = kernels.measure_layout
+    monkeypatch.setattr(kernels, "measure_layout", lambda *a, **k: real(*a, **dict(k, time_pass=fake_timer(ms, []))))
+    monkeypatch.setenv(kernels.BLOCK_ORDER_ENV, "F")
+    layout = ("block_order", "head_order", "layout_how", "block_order_how", "head_order_how", "layout_timed")
+    choose_layout(64, 1000)                                     # pinned: F blocks, the tests' head
+    before = {name: getattr(kernels.kernels, name) for name in layout}
+    lines = []
+    got = compare_orders(path, steps=2, position=4, echo=lines.append)
+    assert set(got) == {("F", "C"), ("C", "C"), ("F", "F"), ("C", "F"), ("CFCF", "C")}, got
+    assert all(row["wall_min"] > 0 for row in got.values())
+    assert any(ln.startswith("the orders this process measures faster: measured, one row: blocks CFCF: c_attn C 1.00")
+               for ln in lines), lines
+    assert any("blocks CFCF, head C: CPU ms min" in ln for ln in lines), lines
+    assert {name: getattr(kernels.kernels, name) for name in layout} == before and layout_orders()[0] == "F"
+    assert os.environ[kernels.BLOCK_ORDER_ENV] == "F"

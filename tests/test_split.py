@@ -13,7 +13,7 @@ import pytest
 from floats import assert_close, assert_same, max_diff
 from helpers import read_tensors
 
-from nanopipe.kernels import layout_orders
+from nanopipe.kernels import layout_orders, matrix_order
 from nanopipe.model import (
     KVCache,
     SplitError,
@@ -116,7 +116,7 @@ def test_the_shares_tile_the_block_and_the_bias_is_added_once(stage, m):
         assert_same(biases[0], p[name]["c_proj"]["b"], "member 0 holds the bias")
         assert all(not b.any() for b in biases[1:]), "the other members hold zeros"
     assert all(g["ln_1"]["g"] is p["ln_1"]["g"] for g in got), "LayerNorms are the same arrays"
-    kept = "f_contiguous" if layout_orders()[0] == "F" else "c_contiguous"
+    kept = "f_contiguous" if matrix_order(layout_orders()[0], "attn.c_attn.weight") == "F" else "c_contiguous"
     assert all(getattr(g["attn"]["c_attn"]["w"].flags, kept) for g in got), "in the order the loader keeps"
     assert [s.n_head for s in shares] == [b - a for a, b in split_evenly(H, m)]
 
@@ -242,8 +242,10 @@ def test_a_member_loads_the_very_bytes_of_its_slices(weights, stage, m):
         for i, part in zip((1, 2), got.blocks):
             want = shard_block(stage.blocks[i], share)
             assert as_bytes(part) == as_bytes(want), f"member {r} of {m}, block {i}"
-            kept = "f_contiguous" if layout_orders()[0] == "F" else "c_contiguous"
-            assert getattr(part["attn"]["c_attn"]["w"].flags, kept) and getattr(part["mlp"]["c_proj"]["w"].flags, kept)
+            kept = {n: "f_contiguous" if matrix_order(layout_orders()[0], n) == "F" else "c_contiguous"
+                    for n in ("attn.c_attn.weight", "mlp.c_proj.weight")}
+            assert getattr(part["attn"]["c_attn"]["w"].flags, kept["attn.c_attn.weight"]) and \
+                getattr(part["mlp"]["c_proj"]["w"].flags, kept["mlp.c_proj.weight"])
             (a0, a1), (f0, f1) = share.attn_rows, share.hidden
             qkv = np.concatenate([np.arange(a, b) for a, b in share.qkv_columns])
             t = {k: raw[f"h.{i}.{k}"] for k in ("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",

@@ -15,7 +15,7 @@ from helpers import read_tensors
 
 import nanopipe.weights as weights_mod
 from nanopipe import gpt2_tensors
-from nanopipe.kernels import layout_orders
+from nanopipe.kernels import layout_orders, matrix_order
 from nanopipe.safetensors_io import Header, read_header, read_part, read_tensor, write_safetensors
 from nanopipe.weights import (
     BLOCK_PARAMS,
@@ -106,11 +106,14 @@ def test_stage_arrays_are_float32_and_contiguous(tiny_weights):
     process's orders (column-major and as stored, as the tests pin them, or the other way round:
     kernels.choose_layout), everything else row-major, so the per-token path never converts or copies."""
     flag = {"C": "C_CONTIGUOUS", "F": "F_CONTIGUOUS"}
-    blocks, head = (flag[o] for o in layout_orders())
+    blocks, head = layout_orders()
     for name, a in leaves(load_stage(tiny_weights)).items():
         matrix = name.endswith(".w") and "c_" in name and a.ndim == 2
         assert a.dtype == np.float32, name
-        assert a.flags[blocks if matrix else head if name == "wte" else "C_CONTIGUOUS"], name
+        # a leaf's name: "h.0.attn.c_attn.w" -> the file's "attn.c_attn.weight"
+        order = (matrix_order(blocks, name.split(".", 2)[2][:-2] + ".weight") if matrix else
+                 head if name == "wte" else "C")
+        assert a.flags[flag[order]], name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,7 +108,9 @@ def bytes_per_token(stage) -> int:
 
 def compare_orders(weights: str | None = None, steps: int = 100, position: int = 32, echo=print) -> dict:
     """The weights' memory orders (kernels.choose_layout) side by side in one process: the model loaded
-    once per (blocks, head) order, then one decode step of each in turn (`step_by_step`).
+    once per (blocks, head) order, each block matrix in one order (C or F) and then as this process
+    measures them (each block matrix its own faster order, "CCCF"; a fifth copy only when that is
+    not one of the four), then one decode step of each in turn (`step_by_step`).
     {(blocks, head): {"cpu_min", "cpu_median", "wall_min", ...}}
 
         OPENBLAS_NUM_THREADS=1 python -c "from nanopipe.tools.bench import compare_orders; compare_orders()"
@@ -117,17 +119,21 @@ def compare_orders(weights: str | None = None, steps: int = 100, position: int =
     saved = {k: os.environ.get(k) for k in (BLOCK_ORDER_ENV, HEAD_ORDER_ENV)}
     layout = ("block_order", "head_order", "layout_how", "block_order_how", "head_order_how", "layout_timed")
     saved_layout = {name: getattr(kernels, name) for name in layout}
-    stages = {}
+    stages, measured = {}, None
     try:
-        for orders in (("F", "C"), ("C", "C"), ("F", "F"), ("C", "F")):
+        for orders in (("F", "C"), ("C", "C"), ("F", "F"), ("C", "F"), ("auto", "auto")):
             os.environ[BLOCK_ORDER_ENV], os.environ[HEAD_ORDER_ENV] = orders
-            kernels.layout_how = None                               # decided again: pinned to these
-            stages[orders] = load_stage(weights)
+            kernels.layout_how = None                               # decided again: pinned to these, or measured
+            st = load_stage(weights, choose_order=True)
+            if orders == ("auto", "auto"):
+                measured, orders = kernels.layout_how, (kernels.block_order, kernels.head_order)
+            stages.setdefault(orders, st)
     finally:
         for name, value in saved_layout.items():
             setattr(kernels, name, value)
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    echo(f"the orders this process measures faster: {measured}")
     return step_by_step(stages, steps, position, lambda o: f"blocks {o[0]}, head {o[1]}", echo)
 
 

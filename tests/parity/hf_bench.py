@@ -85,7 +85,7 @@ def bench_hf(weights: str, prompt_len: int = 32, n_tokens: int = 64, threads: in
 if __name__ == "__main__":
     # `make bench`: every benchmark, with HF transformers and llama.cpp as the single-process references.
     # `python tests/parity/hf_bench.py OUT_DIR [PART ...]` runs only the parts named (single, cluster,
-    # sweep, positions, links, placement, conversation, tp, llama, pages).
+    # sweep, positions, links, placement, conversation, tp, llama, pages, orders).
     import sys
 
     from llama_bench import bench_llama, compare_decode  # this folder (run as a script)
@@ -93,7 +93,8 @@ if __name__ == "__main__":
     from nanopipe.tools.bench import ensure_weights, write_csv
     from nanopipe.tools.bench_cluster import run_all
     out = sys.argv[1] if len(sys.argv) > 1 else "artifacts/bench"
-    every = {"single", "llama", "pages", "cluster", "sweep", "positions", "links", "placement", "conversation", "tp"}
+    every = {"single", "llama", "pages", "orders", "cluster", "sweep", "positions", "links", "placement",
+             "conversation", "tp"}
     parts = set(sys.argv[2:]) or every
     unknown = parts - every
     if unknown:
@@ -107,6 +108,20 @@ if __name__ == "__main__":
         subprocess.run(pin + [sys.executable, "-c", "from nanopipe.tools.bench import compare_pages; compare_pages()"],
                        check=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"))
         parts.discard("pages")
+        if not parts:
+            sys.exit(0)
+    if "orders" in parts:
+        # the weights' memory orders, each block matrix in one order and each in its own measured one,
+        # decode steps interleaved in one process, at 1 and at 2 BLAS threads (1 pinned to cpu 1 with
+        # NANOPIPE_BENCH_PIN=1)
+        import subprocess
+        for threads in ("1", "2"):
+            print(f"== the weights' memory orders, one process, {threads} BLAS thread(s) ==")
+            pin = ["taskset", "-c", "1"] if os.environ.get("NANOPIPE_BENCH_PIN") == "1" and threads == "1" else []
+            subprocess.run(pin + [sys.executable, "-c", "from nanopipe.tools.bench import compare_orders; "
+                                  "compare_orders()"], check=True,
+                           env=dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads))
+        parts.discard("orders")
         if not parts:
             sys.exit(0)
     if "llama" in parts:
