@@ -126,10 +126,12 @@ if __name__ == "__main__":
             sys.exit(0)
     if "llama" in parts:
         # single-stream decode against llama.cpp's own llama-bench (float32, tg128), 1 and 2 threads,
-        # twice, interleaved; NANOPIPE_BENCH_PIN=1 pins 1 thread to cpu 1 and 2 threads to cpus 0,1
+        # four rounds, interleaved (llama.cpp's own rate moves by 10-40% between rounds minutes apart on
+        # this machine class: the median ratio says more than any one round); NANOPIPE_BENCH_PIN=1 pins
+        # 1 thread to cpu 1 and 2 threads to cpus 0,1
         print("== nanopipe vs llama.cpp float32 (llama-bench), single-stream decode ==")
         pin = {1: "1", 2: "0,1"} if os.environ.get("NANOPIPE_BENCH_PIN") == "1" else None
-        cmp = compare_decode(ensure_weights(), cpus=pin)
+        cmp = compare_decode(ensure_weights(), rounds=4, cpus=pin)
         if cmp is not None:
             os.makedirs(out, exist_ok=True)
             write_csv(cmp["rows"], os.path.join(out, "llama_cpp_decode.csv"))

@@ -371,11 +371,13 @@ def cpu_ms_per_token(exe: str, gguf_path: str, weights: str, n_gen: int = 128, c
 
 
 def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 128, reps: int = 3,
-                   cpus: dict | None = None, echo=print) -> dict | None:
+                   cpus: dict | None = None, cpu_rounds: int = 2, echo=print) -> dict | None:
     """nanopipe against llama.cpp float32 (llama-bench tg128) on the same weights, single-stream
     decode, each thread count in turn, `rounds` times, interleaved (nanopipe, llama.cpp, nanopipe, ...)
-    so both see the same machine; the load average is printed with each pair. None, saying why,
-    when the llama.cpp build is absent. `cpus` {threads: "0" or "0,1"} pins both with taskset."""
+    so both see the same machine; the load average is printed with each pair, and each thread
+    count's median ratio over the rounds at the end; then `cpu_rounds` of CPU time per token at 1
+    thread. None, saying why, when the llama.cpp build is absent. `cpus` {threads: "0" or "0,1"}
+    pins both with taskset."""
     exe, why = find_llama_bench()
     if exe is None:
         echo(f"llama.cpp float32 decode comparison: skipped: {why}")
@@ -408,9 +410,13 @@ def compare_decode(weights: str, threads=(1, 2), rounds: int = 2, n_gen: int = 1
                  f"{theirs['tokens_per_s']} ± {theirs['stddev']} tok/s -> {ratio:.3f}x (target >= 0.95x); memory "
                  f"orders {ours['orders'][0]} {ours['orders'][1]}; "
                  f"load average {row['load_before']} -> {row['load_after']}")
+    for t in threads:
+        ratios = sorted(r["ratio"] for r in rows if r["threads"] == t)
+        echo(f"  {t} thread(s), {len(ratios)} rounds: nanopipe at {float(np.median(ratios)):.3f}x llama.cpp's tok/s "
+             f"(median; {ratios[0]:.3f}-{ratios[-1]:.3f}x; target >= 0.95x)")
     cpu = []
     if 1 in threads:
-        for rnd in range(rounds):
+        for rnd in range(cpu_rounds):
             load = os.getloadavg()[0]
             c = cpu_ms_per_token(exe, gguf_path, weights, n_gen, cpus=(cpus or {}).get(1),
                                  orders=orders.get(1, ("C", "F")))
