@@ -13,6 +13,7 @@ Real `nanopipe serve` / `join` processes (LocalCluster), rank 2 started on a blo
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -99,6 +100,42 @@ def test_a_member_without_wte_leaves_the_head_on_rank_0_and_the_cluster_says_so(
         with cl.client() as c:
             assert_same(c.generate(PROMPT, CASES["greedy"]), reference(PROMPT, CASES["greedy"]), "after the rejoin")
         assert log_of(cl, 0).count(SAID) == 1, "the same reason was logged again"
+
+
+# A leader from before READY carried `lm_head_missing` (37d88f5) never read it: the same leader with
+# its READY reader made to drop the field, started as `nanopipe serve` is (the CLI's main)
+OLDER_LEADER = ("import nanopipe.cluster.registry as r; said = r.read_ready; "
+                "r.read_ready = lambda frame: dict(said(frame), lm_head_missing=None); "
+                "from nanopipe.tools.cli import main; main(prog_name='nanopipe')")
+
+
+class OlderLeader(SliceFor):
+    def command(self, rank: int) -> list:
+        argv = super().command(rank)
+        return [sys.executable, "-c", OLDER_LEADER] + argv[3:] if rank == 0 else argv     # argv[:3]: python -m nanopipe
+
+
+def test_a_leader_that_ignores_the_field_still_gets_one_process_answers(weights, reference, tmp_path):
+    """Mixed versions: a leader that does not know READY's lm_head_missing keeps asking the split
+    stage for logits. Member 0 then finds a member without its share, passes the rows on instead
+    (data_path.head_step) and rank 0 runs the head: one process's answers all the same. What such a
+    leader cannot do is say so: it reports the head on the members, wrongly."""
+    slice_file = blocks_only(weights, str(tmp_path / "tiny5-1-4.safetensors"), 1, 5)
+    cl = OlderLeader(weights, nodes=3, layer_mapping=MAPPING, workdir=str(tmp_path / "cluster"), ready_timeout=READY_S,
+                     cluster_extra={"heartbeat_s": 0.2}, files={2: slice_file})
+    with cl:
+        wait_log(cl, 2, "Cannot run a share of the LM head (", "has no wte")
+        with cl.client() as c:
+            for case in ("greedy", "sampling"):
+                assert_same(c.generate(PROMPT, CASES[case]), reference(PROMPT, CASES[case]), case)
+        # the next heartbeats carry what the members did
+        st = wait_status(cl, lambda st: node(st, 1)["head_ms"], 10, "rank 1's heartbeat with its head time")
+        assert st["placement"]["lm_head_ranks"] == [1, 2] and not st["placement"].get("lm_head_missing"), \
+            st["placement"]
+        # it asked for logits: member 0 ran its share of the head each step, then passed the rows on
+        assert node(st, 1)["head_ms"] and not node(st, 1)["logits_frames"] and not node(st, 1)["top_frames"], \
+            node(st, 1)
+        assert SAID not in log_of(cl, 0), "this leader never read why"
 
 
 # ---------------------------------------------------------------------------------------------
