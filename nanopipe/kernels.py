@@ -303,7 +303,7 @@ def _faster_blocks(what: str, t: dict) -> tuple:
     C 3.00 vs F 4.50, ..., mlp.c_proj C 5.20 vs F 4.30 ms")."""
     order = _one_letter_if_alike("".join(min(("C", "F"), key=t[name].get) for name in MATRICES))
     if len(order) == 1:
-        return order, f"{what} C {sum(m['C'] for m in t.values()):.2f} vs F {sum(m['F'] for m in t.values()):.2f} ms"
+        return order, _faster(what, {o: sum(m[o] for m in t.values()) for o in ("C", "F")})[1]
     each = ", ".join(f"{_short(name)} C {t[name]['C']:.2f} vs F {t[name]['F']:.2f}" for name in MATRICES)
     return order, f"{what} {order}: {each} ms"
 

@@ -99,28 +99,29 @@ if __name__ == "__main__":
     unknown = parts - every
     if unknown:
         sys.exit(f"unknown part(s) {sorted(unknown)}")
+    def one_process(title: str, code: str, threads: str = "1"):
+        """A comparison inside one child process with `threads` BLAS threads (1 thread pinned to cpu 1
+        with NANOPIPE_BENCH_PIN=1), its lines printed as they come."""
+        import subprocess
+        print(f"== {title}, one process, {threads} BLAS thread(s) ==")
+        pin = ["taskset", "-c", "1"] if os.environ.get("NANOPIPE_BENCH_PIN") == "1" and threads == "1" else []
+        subprocess.run(pin + [sys.executable, "-c", code], check=True,
+                       env=dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads))
+
     if "pages" in parts:
         # the weights in huge pages (the loader's pages.Arena) against numpy's own allocation, decode steps
-        # interleaved in one process with 1 BLAS thread (pinned to cpu 1 with NANOPIPE_BENCH_PIN=1)
-        import subprocess
-        print("== the weights in huge pages vs numpy's own allocation, one process, 1 thread ==")
-        pin = ["taskset", "-c", "1"] if os.environ.get("NANOPIPE_BENCH_PIN") == "1" else []
-        subprocess.run(pin + [sys.executable, "-c", "from nanopipe.tools.bench import compare_pages; compare_pages()"],
-                       check=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"))
+        # interleaved in one process with 1 BLAS thread
+        one_process("the weights in huge pages vs numpy's own allocation",
+                    "from nanopipe.tools.bench import compare_pages; compare_pages()")
         parts.discard("pages")
         if not parts:
             sys.exit(0)
     if "orders" in parts:
         # the weights' memory orders, each block matrix in one order and each in its own measured one,
-        # decode steps interleaved in one process, at 1 and at 2 BLAS threads (1 pinned to cpu 1 with
-        # NANOPIPE_BENCH_PIN=1)
-        import subprocess
+        # decode steps interleaved in one process, at 1 and at 2 BLAS threads
         for threads in ("1", "2"):
-            print(f"== the weights' memory orders, one process, {threads} BLAS thread(s) ==")
-            pin = ["taskset", "-c", "1"] if os.environ.get("NANOPIPE_BENCH_PIN") == "1" and threads == "1" else []
-            subprocess.run(pin + [sys.executable, "-c", "from nanopipe.tools.bench import compare_orders; "
-                                  "compare_orders()"], check=True,
-                           env=dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads))
+            one_process("the weights' memory orders", "from nanopipe.tools.bench import compare_orders; "
+                        "compare_orders()", threads)
         parts.discard("orders")
         if not parts:
             sys.exit(0)
